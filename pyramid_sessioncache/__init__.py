@@ -1,0 +1,121 @@
+"""pyramid_sessioncache: SQLAlchemy ORM query results cached in Beaker regions.
+
+Include it in a Pyramid application::
+
+    config.include("pyramid_sessioncache")
+
+then, in a view::
+
+    people = request.cached_query(select(Person).where(Person.name == name)).scalars().all()
+
+The caching engine (``FromCache``, ``RelationshipCache``, ``SessionCache``,
+``ScopedSessionNamespace``) also works in any SQLAlchemy program.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyramid.exceptions import ConfigurationError
+from pyramid.interfaces import PHASE3_CONFIG, IRequestExtensions
+from pyramid.util import InstancePropertyHelper
+from sqlalchemy import engine_from_config
+from sqlalchemy.orm import sessionmaker
+
+from . import orm
+from .cache import SessionCache, cache_of
+from .errors import (
+    NoRegionsError,
+    NotCacheableError,
+    SessionCacheError,
+    UnknownRegionError,
+    UnpicklableResultError,
+)
+from .interfaces import IDBSessionFactory, ISessionCache
+from .invalidation import cache_parameters, invalidate, invalidate_all, invalidate_region
+from .local import ScopedSessionNamespace
+from .options import FromCache, RelationshipCache
+from .regions import CacheRegions, Region
+from .request import RequestCache, cached_query
+from .session import Session, dbsession
+from .settings import Settings, parse_settings
+
+__all__ = [
+    "CacheRegions",
+    "FromCache",
+    "NoRegionsError",
+    "NotCacheableError",
+    "Region",
+    "RelationshipCache",
+    "RequestCache",
+    "ScopedSessionNamespace",
+    "Session",
+    "SessionCache",
+    "SessionCacheError",
+    "Settings",
+    "UnknownRegionError",
+    "UnpicklableResultError",
+    "cache_of",
+    "cache_parameters",
+    "get_session_cache",
+    "includeme",
+    "invalidate",
+    "invalidate_all",
+    "invalidate_region",
+    "parse_settings",
+]
+
+orm.install()
+
+
+def get_session_cache(registry: Any) -> SessionCache:
+    """Return the :class:`SessionCache` of the application owning ``registry``."""
+    return registry.getUtility(ISessionCache)
+
+
+def includeme(config: Any) -> None:
+    """Set up caching from the settings of ``config``.
+
+    Reads ``cache.*`` (regions), ``sessioncache.*`` (add-on options) and
+    ``sqlalchemy.*`` (the engine), and adds ``request.dbsession``,
+    ``request.cached_query()`` and ``request.sessioncache``.  Includes
+    ``pyramid_tm``.  A bad setting raises
+    :class:`pyramid.exceptions.ConfigurationError` naming it.
+    """
+    config.include("pyramid_tm")
+    settings = parse_settings(config.registry.settings)
+    try:
+        cache = SessionCache(settings.regions, settings.default_region)
+    except Exception as exc:  # Beaker reports bad options in many ways
+        raise ConfigurationError(f"cannot build the cache regions from the cache.* settings: {exc}") from exc
+    factory = sessionmaker(bind=_engine(config.registry.settings), info=cache.session_info())
+
+    def register() -> None:
+        config.registry.registerUtility(cache, ISessionCache)
+        config.registry.registerUtility(factory, IDBSessionFactory)
+
+    config.action(ISessionCache, register)
+    config.add_request_method(cached_query, "cached_query")
+    config.add_request_method(RequestCache, "sessioncache", reify=True)
+    # An application that defines request.dbsession (as the cookiecutter
+    # does) keeps its own: ours is added last, and only if none exists.
+    config.action(
+        ("pyramid_sessioncache", "dbsession"), _add_dbsession, args=(config.registry,), order=PHASE3_CONFIG + 1
+    )
+
+
+def _engine(settings: Any) -> Any:
+    if not settings.get("sqlalchemy.url"):
+        return None
+    try:
+        return engine_from_config(settings, "sqlalchemy.")
+    except Exception as exc:
+        raise ConfigurationError(f"invalid setting sqlalchemy.url = {settings['sqlalchemy.url']!r}: {exc}") from exc
+
+
+def _add_dbsession(registry: Any) -> None:
+    extensions = registry.queryUtility(IRequestExtensions)
+    if "dbsession" in extensions.descriptors or "dbsession" in extensions.methods:
+        return
+    name, prop = InstancePropertyHelper.make_property(dbsession, name="dbsession", reify=True)
+    extensions.descriptors[name] = prop

@@ -1,0 +1,66 @@
+"""The private SQLAlchemy names the add-on relies on, in one place.
+
+Each function says why it needs what it touches.  All of it is checked
+against SQLAlchemy 2.0 and 2.1 by the test suite.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Query
+
+
+def add_loaded(session: Any, state: Any, identity_key: Any) -> None:
+    """Make a new ``state`` persistent in ``session`` as if a query loaded it.
+
+    These are the steps ``sqlalchemy.orm.loading._instance`` takes for a row
+    whose identity is not in the identity map yet (2.0, 2.1); the public
+    alternatives, ``make_transient_to_detached()`` then ``Session.add()``,
+    cascade through relationships and fire attach events, which costs more
+    than the query a cache hit replaces.
+    """
+    state.key = identity_key
+    state.identity_token = identity_key[2]
+    state.session_id = session.hash_key
+    session.identity_map._add_unpresent(state, identity_key)
+
+
+def commit_loaded(state: Any, keys: Any) -> None:
+    """Mark ``keys`` of ``state`` as loaded from the database (no history)."""
+    state._commit(state.dict, keys)
+
+
+def expire_missing(state: Any, keys: Any) -> None:
+    """Mark column ``keys`` that a cached row lacks as expired, so they load on access."""
+    state._expire_attributes(state.dict, keys)
+
+
+def is_single_entity(frozen: Any) -> bool:
+    """Whether a frozen ORM result selects one entity (``Query.all()`` gives objects).
+
+    The ORM records it in the result's private ``_attributes``, which is
+    also what ``Query._iter()`` reads.
+    """
+    return bool(frozen._attributes.get("is_single_entity"))
+
+
+def query_statement(query: Query) -> Any:
+    """Return the statement a legacy ``Query`` executes, and its parameters.
+
+    ``Query.statement`` is not it: it is built for embedding and labelled
+    differently; ``_statement_20()`` is what ``Query._iter()`` runs.
+    """
+    return query._statement_20(), query._params
+
+
+def legacy_bypass(execution_options: Any) -> bool:
+    """Whether a legacy ``Query`` asked for ``populate_existing()`` or ``yield_per()``.
+
+    ``Query`` keeps those in its private load options, passed to the
+    execution as ``_sa_orm_load_options``, not as execution options.
+    """
+    load_options = execution_options.get("_sa_orm_load_options")
+    if load_options is None:
+        return False
+    return bool(getattr(load_options, "_populate_existing", False) or getattr(load_options, "_yield_per", None))

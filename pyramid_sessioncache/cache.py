@@ -1,0 +1,69 @@
+"""``SessionCache``: one application's caching set-up, as its Sessions see it.
+
+A Session caches into the ``SessionCache`` found in its ``info``
+(``session.info["sessioncache"]``); Sessions made by the Pyramid add-on find
+it through the request they carry (``session.info["request"]``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from .keys import KeyMaker
+from .regions import CacheRegions, Region
+
+#: The ``Session.info`` key holding a Session's :class:`SessionCache`.
+INFO_KEY = "sessioncache"
+
+
+class SessionCache:
+    """The regions of an application and the means to key queries into them.
+
+    :param regions: a :class:`~pyramid_sessioncache.regions.CacheRegions`, or
+        a mapping of region name to Beaker options to build one from.
+    :param default_region: the region used when a query names none; the
+        first region by default.
+
+    Outside Pyramid, hand it to your Sessions::
+
+        cache = SessionCache({"local_session": {"type": "ext:local_session"}})
+        Session = scoped_session(sessionmaker(bind=engine, info=cache.session_info()))
+    """
+
+    def __init__(self, regions: CacheRegions | Mapping[str, Mapping[str, Any]], default_region: str | None = None):
+        self.regions = regions if isinstance(regions, CacheRegions) else CacheRegions(regions)
+        self.default_region = default_region or next(iter(self.regions), None)
+        if self.default_region is not None:
+            self.regions[self.default_region]  # an unknown name raises here
+        self.keys = KeyMaker()
+
+    def __repr__(self) -> str:
+        return f"<SessionCache regions={list(self.regions)} default={self.default_region!r}>"
+
+    def region(self, name: str | None = None) -> Region:
+        """Return the region called ``name`` (default: the default region).
+
+        Raises :class:`~pyramid_sessioncache.UnknownRegionError`.
+        """
+        return self.regions[name or self.default_region]
+
+    def session_info(self) -> dict[str, Any]:
+        """Return an ``info`` dictionary for ``sessionmaker(info=...)``."""
+        return {INFO_KEY: self}
+
+    def key(
+        self, statement: Any, parameters: Any, execution_options: Any, bind: Any, label: str | None = None
+    ) -> str | None:
+        """Return the cache key of ``statement``, or None when it cannot be keyed."""
+        return self.keys.key(statement, parameters, execution_options, bind, label)
+
+
+def cache_of(session: Any) -> SessionCache | None:
+    """Return the :class:`SessionCache` a Session caches into, or None."""
+    info = session.info
+    cache = info.get(INFO_KEY)
+    if cache is None:
+        helper = getattr(info.get("request"), "sessioncache", None)
+        cache = getattr(helper, "cache", None)
+    return cache

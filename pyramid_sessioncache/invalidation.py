@@ -1,0 +1,95 @@
+"""Explicit invalidation, and finding where a query's result is stored.
+
+A query is named the way it runs: a legacy ``Query`` (which knows its
+Session), or a ``select()`` with the Session given.  A ``Query`` and the
+equivalent ``select()`` share their key, so either reaches the entry the
+other stored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from beaker.cache import Cache
+from sqlalchemy.orm import Query
+from sqlalchemy.sql import Executable
+
+from . import _sqlalchemy
+from .cache import SessionCache, cache_of
+from .errors import NoRegionsError, NotCacheableError
+from .options import FromCache
+
+
+def _statement(query: Any, session: Any) -> tuple[Any, Any, Any]:
+    if isinstance(query, Query):
+        statement, parameters = _sqlalchemy.query_statement(query)
+        return statement, parameters, session or query.session
+    if isinstance(query, Executable) and getattr(query, "is_select", False):
+        if session is None:
+            raise TypeError("a select() needs the Session it runs in: pass session=")
+        return query, None, session
+    raise NotCacheableError(f"expected a select() or a Query, got {query!r}")
+
+
+def _option(statement: Any) -> FromCache | None:
+    for option in getattr(statement, "_with_options", ()):
+        if isinstance(option, FromCache) and type(option) is FromCache:
+            return option
+    return None
+
+
+def _cache(session: Any) -> SessionCache:
+    cache = cache_of(session)
+    if cache is None:
+        raise NoRegionsError("this Session has no cache regions")
+    return cache
+
+
+def cache_parameters(
+    query: Any,
+    session: Any = None,
+    region: str | None = None,
+    cache_key: str | None = None,
+    parameters: Any = None,
+    execution_options: Any = None,
+) -> tuple[Cache, str]:
+    """Return ``(beaker_cache, key)``: where ``query``'s result is stored.
+
+    ``beaker_cache.get(key)`` then reads the stored value.  The region and
+    ``cache_key`` default to those of the query's ``FromCache`` option, then
+    to the default region.  For a ``select()``, pass the ``session``.
+
+    Raises :class:`~pyramid_sessioncache.NotCacheableError` for a statement
+    that cannot be keyed.
+    """
+    statement, query_parameters, session = _statement(query, session)
+    option = _option(statement)
+    cache = _cache(session)
+    chosen = cache.region(region or (option.region if option else None))
+    if cache_key is None and option is not None:
+        cache_key = option.cache_key
+    options = {**statement.get_execution_options(), **(execution_options or {})}
+    bind = session.get_bind(clause=statement)
+    key = cache.key(statement, parameters or query_parameters, options, bind, cache_key)
+    if key is None:
+        raise NotCacheableError(f"this statement has no cache key (it is never cached): {statement}")
+    return chosen.cache_for(session), key
+
+
+def invalidate(
+    query: Any, session: Any = None, region: str | None = None, cache_key: str | None = None, **kw: Any
+) -> None:
+    """Forget the cached result of ``query`` (arguments as for :func:`cache_parameters`)."""
+    beaker_cache, key = cache_parameters(query, session, region, cache_key, **kw)
+    beaker_cache.remove_value(key)
+
+
+def invalidate_region(cache: SessionCache, name: str | None = None, session: Any = None) -> None:
+    """Forget every entry of region ``name`` (of ``session``, for a local region)."""
+    cache.region(name).clear(session)
+
+
+def invalidate_all(cache: SessionCache, session: Any = None) -> None:
+    """Forget every entry of every region of ``cache``."""
+    for name in cache.regions:
+        cache.region(name).clear(session)

@@ -1,0 +1,199 @@
+"""Cache keys for SQL statements.
+
+A key must differ whenever two executions can return different rows, and
+must be the same in every process, so that processes share entries.  It is
+a digest of four parts:
+
+- the statement's *structure*, from SQLAlchemy's own cache key
+  (``statement._generate_cache_key()``), which covers the SQL, the
+  entities and the ORM loader options.  That key holds ``Mapper`` and
+  ``Table`` objects whose ``repr()`` includes memory addresses, so it is
+  rewritten here into a stable text (class paths, table names); the text is
+  memoized per structure, so a statement shape is described once.
+- every bound value, in statement order: ``execute()`` parameters first,
+  then the values bound in the statement (``LIMIT``/``OFFSET``, the members
+  of ``in_()`` lists).  Values of types that have no stable text (arbitrary
+  objects) make the statement unkeyable.
+- the public execution options (``schema_translate_map``, ...).
+- the bind: the engine's URL (password hidden) and its execution options.
+
+A statement that cannot be keyed gets ``None`` and runs uncached.  Unlike
+``CacheKey.to_offline_string()`` used by SQLAlchemy's dogpile example, the
+loader options, execution options and bind are part of the key.
+"""
+
+from __future__ import annotations
+
+import datetime
+import decimal
+import enum
+import hashlib
+import types
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from sqlalchemy.orm import Mapper
+from sqlalchemy.sql.expression import TableClause
+from sqlalchemy.sql.selectable import SelectLabelStyle
+
+#: Execution options that never change the rows a statement returns.
+NEUTRAL_OPTIONS = frozenset({"compiled_cache", "logging_token", "autoflush", "max_row_buffer"})
+
+#: Execution options under which a result must not come from the cache:
+#: streamed results, and loads meant to overwrite the identity map.
+BYPASS_OPTIONS = frozenset({"yield_per", "stream_results", "populate_existing"})
+
+_PLAIN = (str, int, float, bytes, decimal.Decimal, datetime.date, datetime.time, datetime.timedelta, uuid.UUID)
+_DEFAULT_LABELS = frozenset({SelectLabelStyle.LABEL_STYLE_LEGACY_ORM, SelectLabelStyle.LABEL_STYLE_DISAMBIGUATE_ONLY})
+# Compile options that only say which API built the statement: a legacy
+# Query and the equivalent select() read the same rows and share a key.
+_API_ONLY_COMPILE_OPTIONS = frozenset({("_for_statement", False), ("_use_legacy_query_style", True)})
+
+_MEMO_SIZE = 2000
+
+
+class Unkeyable(Exception):
+    """Raised inside this module for what has no stable key text."""
+
+
+def _qualified(obj: Any) -> str:
+    return f"{obj.__module__}.{obj.__qualname__}"
+
+
+def _structure_text(element: Any, out: list[str]) -> None:
+    if isinstance(element, tuple):
+        out.append("(")
+        previous = None
+        for item in element:
+            if previous == "_label_style" and item in _DEFAULT_LABELS:
+                out.append("labels")
+            elif previous == "_compile_options" and _api_only(item):
+                out.append("compile")
+            else:
+                _structure_text(item, out)
+            out.append(",")
+            previous = item if isinstance(item, str) else None
+        out.append(")")
+    elif element is None or isinstance(element, (str, int, float, bytes)):
+        out.append(repr(_plain(element)))
+    elif isinstance(element, enum.Enum):
+        out.append(f"{_qualified(type(element))}.{element.name}")
+    elif isinstance(element, (type, types.FunctionType, types.BuiltinFunctionType)):
+        out.append(_qualified(element))
+    elif isinstance(element, Mapper):
+        out.append(f"mapper:{_qualified(element.class_)}")
+    elif isinstance(element, TableClause):
+        out.append(f"table:{getattr(element, 'schema', None)}.{element.name}")
+    else:
+        raise Unkeyable(element)
+
+
+def _plain(value: Any) -> Any:
+    # str/int subclasses such as quoted_name or IntEnum: keep the base value.
+    for base in (bool, int, float, str, bytes):
+        if isinstance(value, base):
+            return base(value)
+    return value
+
+
+def _api_only(options: Any) -> bool:
+    if not (isinstance(options, tuple) and options and isinstance(options[0], type)):
+        return False
+    items = options[1] if len(options) > 1 else ()
+    return all(isinstance(item, tuple) and item in _API_ONLY_COMPILE_OPTIONS for item in items)
+
+
+def value_text(value: Any) -> str:
+    """Return a stable text for a bound value, or raise :class:`Unkeyable`."""
+    if value is None or isinstance(value, bool):
+        return repr(value)
+    if isinstance(value, enum.Enum):
+        return f"{_qualified(type(value))}.{value.name}"
+    if isinstance(value, _PLAIN):
+        return f"{type(value).__name__}:{value!r}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(value_text(item) for item in value) + "]"
+    if isinstance(value, (set, frozenset)):
+        return "{" + ",".join(sorted(value_text(item) for item in value)) + "}"
+    if isinstance(value, Mapping):
+        return "{" + ",".join(sorted(f"{value_text(k)}:{value_text(v)}" for k, v in value.items())) + "}"
+    raise Unkeyable(value)
+
+
+class KeyMaker:
+    """Builds cache keys; remembers what it learnt about statement shapes and binds."""
+
+    def __init__(self) -> None:
+        self._structures: dict[Any, str | None] = {}
+        self._binds: dict[Any, str] = {}
+
+    def structure(self, cache_key: Any) -> str | None:
+        """Return the stable digest of a ``CacheKey``'s structure, or None."""
+        try:
+            return self._structures[cache_key.key]
+        except KeyError:
+            pass
+        out: list[str] = []
+        try:
+            _structure_text(cache_key.key, out)
+            digest = hashlib.blake2b("".join(out).encode(), digest_size=16).hexdigest()
+        except Unkeyable:
+            digest = None
+        if len(self._structures) >= _MEMO_SIZE:
+            self._structures.clear()
+        self._structures[cache_key.key] = digest
+        return digest
+
+    def bind(self, bind: Any) -> str:
+        """Return a stable text naming the database ``bind`` reads from."""
+        try:
+            return self._binds[bind]
+        except KeyError:
+            pass
+        engine = getattr(bind, "engine", bind)
+        try:
+            options = value_text(dict(bind.get_execution_options()))
+        except Unkeyable:
+            options = f"unkeyable:{id(bind)}"
+        text = f"{engine.url.render_as_string(hide_password=True)}|{options}"
+        if len(self._binds) >= _MEMO_SIZE:
+            self._binds.clear()
+        self._binds[bind] = text
+        return text
+
+    def key(
+        self,
+        statement: Any,
+        parameters: Mapping[str, Any] | None,
+        execution_options: Mapping[str, Any],
+        bind: Any,
+        label: str | None = None,
+    ) -> str | None:
+        """Return the cache key of ``statement`` run with these arguments, or None.
+
+        ``label`` (a ``FromCache`` ``cache_key``) is a readable prefix; it
+        never replaces the parameters, so it cannot make two different
+        results share a key.
+        """
+        cache_key = statement._generate_cache_key()
+        if cache_key is None:
+            return None
+        structure = self.structure(cache_key)
+        if structure is None:
+            return None
+        parameters = parameters or {}
+        parts = [structure, self.bind(bind)]
+        try:
+            for bindparam in cache_key.bindparams:
+                if bindparam.key in parameters:
+                    parts.append(value_text(parameters[bindparam.key]))
+                else:
+                    parts.append(value_text(bindparam.effective_value))
+            options = {k: v for k, v in execution_options.items() if not k.startswith("_") and k not in NEUTRAL_OPTIONS}
+            if options:
+                parts.append(value_text(options))
+        except Unkeyable:
+            return None
+        digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=20).hexdigest()
+        return f"{label}:{digest}" if label else digest

@@ -1,0 +1,98 @@
+"""The ORM options that ask for caching: ``FromCache`` and ``RelationshipCache``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm.interfaces import UserDefinedOption
+
+
+class FromCache(UserDefinedOption):
+    """Load a query's result from a cache region, storing it there on a miss.
+
+    :param region: the name of a configured region; ``None`` means the
+        application's default region (``sessioncache.default_region``).
+    :param cache_key: an optional readable prefix for the entry's key.  The
+        statement and its parameters are always part of the key as well.
+    :param expire: seconds to keep a new entry, instead of the region's
+        ``expire``.
+
+    Works on a 2.0 ``select()`` and on a legacy ``Query``::
+
+        stmt = select(Person).where(Person.name == name).options(FromCache("short_term"))
+        people = session.execute(stmt).scalars().all()
+    """
+
+    propagate_to_loaders = False
+
+    def __init__(self, region: str | None = None, cache_key: str | None = None, expire: int | None = None):
+        self.region = region
+        self.cache_key = cache_key
+        self.expire = expire
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(region={self.region!r}, cache_key={self.cache_key!r}, expire={self.expire!r})"
+
+    def for_execution(self, orm_execute_state: Any) -> FromCache | None:
+        """Return the option that applies to this execution, or None."""
+        if orm_execute_state.is_relationship_load:
+            return None
+        return self
+
+
+class RelationshipCache(FromCache):
+    """Load the lazy loads of a relationship from a cache region.
+
+    :param attribute: the relationship, e.g. ``Person.addresses``.
+    :param region: as for :class:`FromCache`.
+
+    Chain several with :meth:`and_`; put the option on the query that loads
+    the parents::
+
+        opts = RelationshipCache(Person.addresses, "short_term").and_(
+            RelationshipCache(Address.postal_code, "short_term"))
+        session.scalars(select(Person).options(opts))
+    """
+
+    propagate_to_loaders = True
+
+    def __init__(
+        self, attribute: Any, region: str | None = None, cache_key: str | None = None, expire: int | None = None
+    ):
+        super().__init__(region, cache_key, expire)
+        prop = attribute.property
+        self._relationships = {(prop.parent.class_, prop.key): self}
+
+    def __repr__(self) -> str:
+        names = ", ".join(f"{cls.__name__}.{key}" for cls, key in self._relationships)
+        return f"RelationshipCache({names})"
+
+    def and_(self, option: RelationshipCache) -> RelationshipCache:
+        """Return a copy of this option that also caches ``option``'s relationships."""
+        chained = RelationshipCache.__new__(RelationshipCache)
+        chained.__dict__.update(self.__dict__)
+        chained._relationships = {**self._relationships, **option._relationships}
+        return chained
+
+    def for_execution(self, orm_execute_state: Any) -> FromCache | None:
+        if not orm_execute_state.is_relationship_load:
+            return None
+        path = orm_execute_state.loader_strategy_path
+        if not path or len(path) < 2:
+            return None
+        mapper, prop = path[-2], path[-1]
+        for cls in mapper.class_.__mro__:
+            option = self._relationships.get((cls, prop.key))
+            if option is not None:
+                return option
+        return None
+
+
+def caching_option(orm_execute_state: Any) -> FromCache | None:
+    """Return the caching option that applies to an ORM execution, or None."""
+    for option in orm_execute_state.user_defined_options:
+        if isinstance(option, FromCache):
+            applies = option.for_execution(orm_execute_state)
+            if applies is not None:
+                return applies
+    return None

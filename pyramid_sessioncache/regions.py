@@ -1,0 +1,212 @@
+"""Cache regions: named Beaker caches with their options, for one application.
+
+A :class:`Region` stores opaque values under string keys; it knows nothing
+of queries or requests.  Entries use Beaker's own stored format,
+``(stored_time, expire, value)``, so ``beaker.cache.Cache.get(key)`` reads
+what a region wrote, while a look-up costs one backend read (Beaker's
+``Cache.get`` makes two: ``EXISTS`` then ``GET`` on Redis).
+
+In-process namespaces (``memory``, ``ext:local_session``) are named with a
+token unique to each :class:`CacheRegions`, because Beaker keeps memory
+namespaces in a module global: two applications in one process never see
+each other's entries.  Out-of-process namespaces are named after the region
+alone, so every process of an application shares them.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from beaker.cache import Cache
+
+from . import _beaker
+from .errors import UnknownRegionError, UnpicklableResultError
+from .local import ScopedSessionNamespace
+
+#: Bumped when the format of stored values changes, so that processes
+#: running different versions never read each other's entries.
+FORMAT = "v1"
+
+_MISSING = object()
+
+
+def _namespace_class(kind: str) -> Any:
+    if kind == "ext:local_session":
+        try:
+            return _beaker.backend(kind)
+        except KeyError:  # running from a source tree without entry points
+            _beaker.register_backend(kind, ScopedSessionNamespace)
+    return _beaker.backend(kind)
+
+
+class Region:
+    """One named cache region.
+
+    :param name: the region's name, as in ``cache.regions``.
+    :param options: Beaker options (``type``, ``expire``, ``url``, ...),
+        already converted to Python values.
+    :param token: a string unique to the owning :class:`CacheRegions`.
+    """
+
+    def __init__(self, name: str, options: Mapping[str, Any], token: str) -> None:
+        nsargs = dict(options)
+        self.name = name
+        self.type: str = nsargs.pop("type", "memory")
+        self.expire: int | None = nsargs.pop("expire", None)
+        self.enabled: bool = nsargs.pop("enabled", True)
+        backend = _namespace_class(self.type)
+        self.is_local = isinstance(backend, type) and issubclass(backend, ScopedSessionNamespace)
+        #: True when values leave the process (and so are pickled).
+        self.out_of_process = not (self.is_local or self.type == "memory")
+        if self.out_of_process:
+            self.namespace_name = f"sessioncache.{FORMAT}.{name}"
+        else:
+            self.namespace_name = f"sessioncache.{FORMAT}.{token}.{name}"
+        self._nsargs = nsargs
+        self._shared = None if self.is_local else self._cache(nsargs)
+
+    def __repr__(self) -> str:
+        return f"<Region {self.name!r} type={self.type!r} expire={self.expire!r}>"
+
+    def _cache(self, nsargs: Mapping[str, Any]) -> Cache:
+        return Cache(self.namespace_name, type=self.type, expire=self.expire, **nsargs)
+
+    def cache_for(self, session: Any = None) -> Cache:
+        """Return the Beaker ``Cache`` of this region (bound to ``session`` if local)."""
+        if self._shared is not None:
+            return self._shared
+        return self._cache({**self._nsargs, "session": session})
+
+    def _namespace(self, session: Any) -> Any:
+        if self._shared is not None:
+            return self._shared.namespace
+        return ScopedSessionNamespace(self.namespace_name, session=session)
+
+    @staticmethod
+    def _read(namespace: Any, key: bytes) -> tuple[Any, bool] | None:
+        namespace.acquire_read_lock()
+        try:
+            stored = namespace[key]
+        except KeyError:
+            return None
+        finally:
+            namespace.release_read_lock()
+        try:
+            stored_at, expire, value = stored
+        except (TypeError, ValueError):
+            return None
+        fresh = expire is None or time.time() < stored_at + expire
+        return value, fresh
+
+    def _write(self, namespace: Any, key: bytes, value: Any, expire: int | None) -> None:
+        namespace.acquire_write_lock()
+        try:
+            namespace.set_value(key, (time.time(), expire, value), expiretime=expire)
+        except (pickle.PicklingError, TypeError, AttributeError) as exc:
+            raise UnpicklableResultError(
+                f"cannot store a value in cache region {self.name!r} (type {self.type}): it cannot be pickled: {exc}"
+            ) from exc
+        finally:
+            namespace.release_write_lock()
+
+    def get(self, key: str, session: Any = None, default: Any = None) -> Any:
+        """Return the fresh value stored under ``key``, or ``default``."""
+        found = self._read(self._namespace(session), _encode(key))
+        if found is None or not found[1]:
+            return default
+        return found[0]
+
+    def put(self, key: str, value: Any, session: Any = None, expire: int | None = None) -> None:
+        """Store ``value`` under ``key`` for ``expire`` seconds (default: the region's)."""
+        self._write(self._namespace(session), _encode(key), value, expire or self.expire)
+
+    def remove(self, key: str, session: Any = None) -> None:
+        """Forget the value stored under ``key``."""
+        self.cache_for(session).remove_value(key)
+
+    def clear(self, session: Any = None) -> None:
+        """Forget every value of this region (of ``session``, for a local region)."""
+        if self.is_local and session is None:
+            return
+        self.cache_for(session).clear()
+
+    def get_or_create(
+        self,
+        key: str,
+        create: Callable[[], Any],
+        session: Any = None,
+        expire: int | None = None,
+        store: Callable[[Any], bool] = lambda value: True,
+    ) -> tuple[Any, bool]:
+        """Return ``(value, hit)``: the stored value, or ``create()`` stored.
+
+        When the value has expired, one caller regenerates it under
+        Beaker's creation lock while the others are served the previous
+        value; when there is none, the others wait for it.  ``store(value)``
+        may refuse to store what ``create()`` returned.
+        """
+        namespace = self._namespace(session)
+        bkey = _encode(key)
+        found = self._read(namespace, bkey)
+        if found is not None and found[1]:
+            return found[0], True
+        if self.is_local:  # one Session, one thread: no lock to take
+            return self._create(namespace, bkey, create, expire, store), False
+        lock = namespace.get_creation_lock(bkey)
+        if found is not None and not lock.acquire(wait=False):
+            return found[0], True
+        if found is None:
+            lock.acquire()
+        try:
+            again = self._read(namespace, bkey)
+            if again is not None and again[1]:
+                return again[0], True
+            return self._create(namespace, bkey, create, expire, store), False
+        finally:
+            lock.release()
+
+    def _create(self, namespace, bkey, create, expire, store) -> Any:
+        value = create()
+        if store(value):
+            self._write(namespace, bkey, value, expire or self.expire)
+        return value
+
+
+def _encode(key: str) -> bytes:
+    # Beaker's Cache encodes keys this way; so must we, to share entries.
+    return key.encode("ascii", "backslashreplace")
+
+
+class CacheRegions(Mapping[str, Region]):
+    """The cache regions of one application, by name.
+
+    :param regions: region name -> Beaker options, e.g.
+        ``{"local_session": {"type": "ext:local_session"},
+        "short_term": {"type": "memory", "expire": 60}}``.
+
+    Looking up a name that is not configured raises
+    :class:`~pyramid_sessioncache.UnknownRegionError`.
+    """
+
+    def __init__(self, regions: Mapping[str, Mapping[str, Any]]) -> None:
+        token = uuid.uuid4().hex[:12]
+        self._regions = {name: Region(name, options, token) for name, options in regions.items()}
+
+    def __getitem__(self, name: str) -> Region:
+        try:
+            return self._regions[name]
+        except KeyError:
+            raise UnknownRegionError(name, list(self._regions)) from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._regions
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._regions)
+
+    def __len__(self) -> int:
+        return len(self._regions)

@@ -1,0 +1,77 @@
+"""What a view uses: ``request.cached_query`` and ``request.sessioncache``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Query
+from sqlalchemy.sql import Executable
+
+from . import invalidation
+from .cache import SessionCache
+from .errors import NotCacheableError
+from .interfaces import ISessionCache
+from .options import FromCache
+
+
+class RequestCache:
+    """``request.sessioncache``: the application's cache, seen from a request.
+
+    Its ``cache`` is the application's
+    :class:`~pyramid_sessioncache.SessionCache`; the invalidation methods
+    act on the request's ``dbsession`` for local regions.
+    """
+
+    def __init__(self, request: Any) -> None:
+        self.request = request
+        self.cache: SessionCache = request.registry.getUtility(ISessionCache)
+
+    def cache_parameters(self, query: Any, region: str | None = None, **kw: Any):
+        """Return ``(beaker_cache, key)`` for ``query``, as :func:`~pyramid_sessioncache.cache_parameters`."""
+        return invalidation.cache_parameters(query, self._session(query), region, **kw)
+
+    def invalidate(self, query: Any, region: str | None = None, **kw: Any) -> None:
+        """Forget the cached result of ``query`` in ``region`` (default: its option's, or the default)."""
+        invalidation.invalidate(query, self._session(query), region, **kw)
+
+    def invalidate_region(self, name: str | None = None) -> None:
+        """Forget every entry of region ``name`` (default: the default region)."""
+        invalidation.invalidate_region(self.cache, name, self.request.dbsession)
+
+    def invalidate_all(self) -> None:
+        """Forget every entry of every region."""
+        invalidation.invalidate_all(self.cache, self.request.dbsession)
+
+    def _session(self, query: Any) -> Any:
+        return query.session if isinstance(query, Query) else self.request.dbsession
+
+
+def cached_query(
+    request: Any, query: Any, region: str | None = None, cache_key: str | None = None, expire: int | None = None
+) -> Any:
+    """Run ``query`` through the cache region ``region``.
+
+    :param query: a 2.0 ``select()``, executed on ``request.dbsession`` and
+        returned as its ``Result`` (``.scalars()``, ``.one()``, ``.all()``);
+        or a legacy ``Query``, returned with the caching option applied
+        (``.one()``, ``.all()``, iteration).
+    :param region: a configured region name; default
+        ``sessioncache.default_region``.
+    :param cache_key: a readable prefix for the entry's key.
+    :param expire: seconds to keep a new entry, instead of the region's.
+
+    Raises :class:`~pyramid_sessioncache.UnknownRegionError` for an unknown
+    region and :class:`~pyramid_sessioncache.NotCacheableError` for anything
+    but a SELECT, before anything is executed.
+    """
+    cache = request.sessioncache.cache
+    name = region or cache.default_region
+    cache.region(name)
+    option = FromCache(name, cache_key, expire)
+    if isinstance(query, Query):
+        return query.options(option)
+    if isinstance(query, Executable) and getattr(query, "is_select", False):
+        return request.dbsession.execute(query.options(option))
+    if isinstance(query, Executable):
+        raise NotCacheableError(f"only SELECT statements can be cached, not {type(query).__name__}: {query}")
+    raise NotCacheableError(f"cached_query() expects a select() or a Query, got {query!r}")

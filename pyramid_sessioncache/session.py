@@ -1,0 +1,63 @@
+"""The request's SQLAlchemy Session and its end-of-request clean-up.
+
+``request.dbsession`` is a Session per request, joined to the request's
+transaction (``request.tm``) through zope.sqlalchemy, and closed when the
+request finishes, error or not.  :data:`Session` is a ``scoped_session``
+for code in the style of ``meta.Session``: scoped to the current request,
+it hands out that request's ``dbsession`` (the application's own, when it
+defines one), and is removed when the request finishes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zope.sqlalchemy
+from pyramid.threadlocal import get_current_request
+from sqlalchemy.orm import scoped_session
+
+from . import local
+from .errors import SessionCacheError
+from .interfaces import IDBSessionFactory
+
+
+def _request() -> Any:
+    request = get_current_request()
+    if request is None:
+        raise SessionCacheError("pyramid_sessioncache.Session is scoped to a request, and no request is active")
+    return request
+
+
+def _request_session() -> Any:
+    request = _request()
+    request.add_finished_callback(_remove)
+    return request.dbsession
+
+
+#: A ``scoped_session`` registry scoped to the current Pyramid request.
+Session = scoped_session(_request_session, scopefunc=_request)
+
+
+def _remove(request: Any) -> None:
+    Session.remove()
+
+
+def dbsession(request: Any) -> Any:
+    """Return a new Session for ``request``, joined to ``request.tm``.
+
+    Registered as the reified request property ``request.dbsession``
+    unless the application registers its own.
+    """
+    factory = request.registry.queryUtility(IDBSessionFactory)
+    if factory is None or factory.kw.get("bind") is None:
+        raise SessionCacheError("request.dbsession needs an engine: set sqlalchemy.url in the settings")
+    session = factory(info={"request": request})
+    zope.sqlalchemy.register(session, transaction_manager=request.tm)
+    request.add_finished_callback(lambda request: close(session))
+    return session
+
+
+def close(session: Any) -> None:
+    """Close ``session`` and forget its local cache."""
+    session.close()
+    local.drop(session)

