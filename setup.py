@@ -12,7 +12,9 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["pyramid_sessioncache", "pyramid_sessioncache.*"]),
+    packages=find_packages(include=["pyramid_sessioncache", "pyramid_sessioncache.*", "demo", "demo.*"]),
+    include_package_data=True,
+    package_data={"demo": ["templates/*.jinja2", "static/*"]},
     install_requires=[
         "pyramid>=2.0",
         "pyramid_tm>=2.5",
@@ -23,6 +25,7 @@ setup(
     ],
     extras_require={
         "redis": ["redis>=4"],
+        "demo": ["pyramid_jinja2", "pyramid_debugtoolbar", "waitress"],
         "testing": [
             "pytest",
             "pytest-cov",
@@ -33,9 +36,14 @@ setup(
             "pgserver",
             "psycopg[binary]",
             "ruff",
+            "pyramid_jinja2",
+            "pyramid_debugtoolbar",
+            "selenium",
         ],
     },
     entry_points={
+        "paste.app_factory": ["main = demo:main"],
+        "console_scripts": ["sessioncache-demo-seed = demo.seed:main"],
         "beaker.backends": [
             "ext:local_session = pyramid_sessioncache.local:ScopedSessionNamespace",
         ],

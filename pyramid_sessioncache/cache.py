@@ -12,6 +12,7 @@ from typing import Any
 
 from .keys import KeyMaker
 from .regions import CacheRegions, Region
+from .stats import Stats
 
 #: The ``Session.info`` key holding a Session's :class:`SessionCache`.
 INFO_KEY = "sessioncache"
@@ -37,6 +38,7 @@ class SessionCache:
         if self.default_region is not None:
             self.regions[self.default_region]  # an unknown name raises here
         self.keys = KeyMaker()
+        self.stats = Stats()
 
     def __repr__(self) -> str:
         return f"<SessionCache regions={list(self.regions)} default={self.default_region!r}>"

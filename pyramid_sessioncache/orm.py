@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 
-from . import _sqlalchemy, local
+from . import _sqlalchemy, local, stats
 from .cache import cache_of
 from .errors import NoRegionsError, NotCacheableError
 from .keys import BYPASS_OPTIONS
@@ -92,6 +92,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     else:
         value, hit = region.get_or_create(key, lambda: _snapshot(state), session, option.expire)
         result = value.result(session)
+    stats.record(cache.stats, session, region.name, hit, key)
     log.debug("cache %s: region %s key %s", "hit" if hit else "miss", region.name, key)
     return result
 

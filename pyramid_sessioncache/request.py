@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy.orm import Query
 from sqlalchemy.sql import Executable
 
-from . import invalidation
+from . import invalidation, stats
 from .cache import SessionCache
 from .errors import NotCacheableError
 from .interfaces import ISessionCache
@@ -25,6 +25,11 @@ class RequestCache:
     def __init__(self, request: Any) -> None:
         self.request = request
         self.cache: SessionCache = request.registry.getUtility(ISessionCache)
+
+    @property
+    def lookups(self) -> list:
+        """The cache look-ups of this request's ``dbsession`` so far (:class:`~pyramid_sessioncache.stats.Lookup`)."""
+        return list(stats.lookups(self.request.dbsession))
 
     def cache_parameters(self, query: Any, region: str | None = None, **kw: Any):
         """Return ``(beaker_cache, key)`` for ``query``, as :func:`~pyramid_sessioncache.cache_parameters`."""

@@ -1,0 +1,64 @@
+"""Hit and miss counters: per region, and the look-ups of one Session."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+#: ``session.info`` key of the Session's recent look-ups.
+INFO_KEY = "sessioncache.lookups"
+#: How many look-ups a Session remembers.
+MAX_LOOKUPS = 500
+
+
+class Lookup(NamedTuple):
+    """One cache look-up: the region, whether it hit, and the key."""
+
+    region: str
+    hit: bool
+    key: str
+
+
+@dataclass
+class RegionStats:
+    """Counters of one region, for this process."""
+
+    hits: int = 0
+    misses: int = 0
+    invalidations: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {"hits": self.hits, "misses": self.misses, "invalidations": self.invalidations}
+
+
+@dataclass
+class Stats:
+    """The counters of every region of one application."""
+
+    regions: dict[str, RegionStats] = field(default_factory=dict)
+
+    def region(self, name: str) -> RegionStats:
+        """Return the counters of region ``name``."""
+        try:
+            return self.regions[name]
+        except KeyError:
+            return self.regions.setdefault(name, RegionStats())
+
+
+def record(stats: Stats, session: Any, region: str, hit: bool, key: str) -> None:
+    """Count a look-up in ``stats`` and remember it on ``session``."""
+    counters = stats.region(region)
+    if hit:
+        counters.hits += 1
+    else:
+        counters.misses += 1
+    lookups(session).append(Lookup(region, hit, key))
+
+
+def lookups(session: Any) -> deque:
+    """Return the recent look-ups of ``session``, oldest first."""
+    found = session.info.get(INFO_KEY)
+    if found is None:
+        found = session.info[INFO_KEY] = deque(maxlen=MAX_LOOKUPS)
+    return found
