@@ -26,6 +26,19 @@ def add_loaded(session: Any, state: Any, identity_key: Any) -> None:
     session.identity_map._add_unpresent(state, identity_key)
 
 
+def propagate_options(state: Any, options: tuple) -> None:
+    """Give a new ``state`` the loader options a query propagates to its objects.
+
+    The ORM sets ``load_options`` and ``load_path`` on every object it
+    loads, so that the object's own lazy loads carry the query's
+    propagating options (``RelationshipCache`` among them).  The path is
+    the object's mapper alone: path-specific options of the original query
+    that reach deeper than one level do not follow a cached object.
+    """
+    state.load_options = options
+    state.load_path = state.mapper._path_registry
+
+
 def commit_loaded(state: Any, keys: Any) -> None:
     """Mark ``keys`` of ``state`` as loaded from the database (no history)."""
     state._commit(state.dict, keys)

@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy.orm import Mapper
+from sqlalchemy.orm import Mapper, MapperProperty
 from sqlalchemy.sql.expression import TableClause
 from sqlalchemy.sql.selectable import SelectLabelStyle
 
@@ -81,12 +81,23 @@ def _structure_text(element: Any, out: list[str]) -> None:
         out.append(f"{_qualified(type(element))}.{element.name}")
     elif isinstance(element, (type, types.FunctionType, types.BuiltinFunctionType)):
         out.append(_qualified(element))
+    elif isinstance(element, types.CodeType):
+        out.append(_code_text(element))
     elif isinstance(element, Mapper):
         out.append(f"mapper:{_qualified(element.class_)}")
+    elif isinstance(element, MapperProperty):
+        out.append(f"property:{_qualified(element.parent.class_)}.{element.key}")
     elif isinstance(element, TableClause):
         out.append(f"table:{getattr(element, 'schema', None)}.{element.name}")
     else:
         raise Unkeyable(element)
+
+
+def _code_text(code: types.CodeType) -> str:
+    # Lambda statements (the ORM's lazy loads use them) key on their code
+    # object: where it is, and what it does, constants included.
+    consts = ",".join(_code_text(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts)
+    return f"code:{code.co_filename}:{code.co_firstlineno}:{code.co_qualname}:{code.co_code.hex()}:{code.co_names}:{consts}"
 
 
 def _plain(value: Any) -> Any:

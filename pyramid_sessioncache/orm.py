@@ -91,10 +91,14 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         result = value.result()
     else:
         value, hit = region.get_or_create(key, lambda: _snapshot(state), session, option.expire)
-        result = value.result(session)
+        result = value.result(session, _propagating(state.statement))
     stats.record(cache.stats, session, region.name, hit, key)
     log.debug("cache %s: region %s key %s", "hit" if hit else "miss", region.name, key)
     return result
+
+
+def _propagating(statement: Any) -> tuple:
+    return tuple(opt for opt in statement._with_options if opt.propagate_to_loaders)
 
 
 def _snapshot(state: ORMExecuteState) -> CachedRows:

