@@ -77,3 +77,22 @@ def legacy_bypass(execution_options: Any) -> bool:
     if load_options is None:
         return False
     return bool(getattr(load_options, "_populate_existing", False) or getattr(load_options, "_yield_per", None))
+
+
+def autoflush(session: Any, execution_options: Any) -> None:
+    """Flush pending changes as the ORM does before running a query.
+
+    ``do_orm_execute`` listeners run *before* the ORM's autoflush, so a
+    cache look-up must flush first or it would serve results that ignore
+    the Session's own pending inserts, updates and deletes.  This mirrors
+    ``ORMCompileState.orm_pre_session_exec`` (2.0, 2.1): the ``autoflush``
+    execution option, a legacy ``Query.autoflush(False)`` (private load
+    options), then ``Session._autoflush()``, which honours ``no_autoflush``
+    and adds the ORM's "Query-invoked autoflush" note to errors.
+    """
+    if not execution_options.get("autoflush", True):
+        return
+    load_options = execution_options.get("_sa_orm_load_options")
+    if load_options is not None and not getattr(load_options, "_autoflush", True):
+        return
+    session._autoflush()

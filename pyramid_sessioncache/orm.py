@@ -26,20 +26,37 @@ from .rows import LOADER_FLAG, CachedRows, LocalResult
 
 log = logging.getLogger(__name__)
 
+#: ``session.info`` flag: the current transaction has written to the database.
+WROTE_KEY = "sessioncache.wrote"
+
 
 def install() -> None:
     """Install the add-on's Session and mapper listeners (once per process)."""
     if event.contains(Session, "do_orm_execute", _do_orm_execute):
         return
     event.listen(Session, "do_orm_execute", _do_orm_execute)
-    for name in ("after_transaction_end", "after_soft_rollback", "after_flush"):
-        event.listen(Session, name, _drop_local)
+    event.listen(Session, "after_flush", _wrote)
+    event.listen(Session, "after_transaction_end", _transaction_ended)
+    event.listen(Session, "after_soft_rollback", _drop_local)
     event.listen(Session, "persistent_to_detached", _drop_local)
     event.listen(Mapper, "expire", _drop_local_of_state, raw=True)
 
 
 def _drop_local(session: Session, *args: Any) -> None:
     session.info.pop(local.INFO_KEY, None)
+
+
+def _wrote(session: Session, *args: Any) -> None:
+    # What this transaction wrote is in no shared entry: until it ends, the
+    # Session reads around shared regions (and stores nothing in them).
+    session.info[WROTE_KEY] = True
+    session.info.pop(local.INFO_KEY, None)
+
+
+def _transaction_ended(session: Session, transaction: Any) -> None:
+    session.info.pop(local.INFO_KEY, None)
+    if transaction.parent is None:
+        session.info.pop(WROTE_KEY, None)
 
 
 def _drop_local_of_state(state: Any, attrs: Any) -> None:
@@ -62,7 +79,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     if not state.is_select:
         # A write through the Session may change what any cached query of
         # this Session returns.
-        session.info.pop(local.INFO_KEY, None)
+        _wrote(session)
         if _has_cache_option(state.statement):
             raise NotCacheableError(f"only SELECT statements can be cached, not {type(state.statement).__name__}")
         return None
@@ -79,10 +96,13 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     options = state.execution_options
     if not region.enabled or state.is_column_load or _bypassed(options):
         return None
+    _sqlalchemy.autoflush(session, options)
     bind = session.get_bind(**state.bind_arguments)
     key = cache.key(state.statement, state.parameters, options, bind, option.cache_key)
     if key is None:
         log.debug("uncached: statement cannot be keyed (region %s)", region.name)
+        return None
+    if not region.is_local and WROTE_KEY in session.info:
         return None
     if region.is_local:
         value, hit = region.get_or_create(

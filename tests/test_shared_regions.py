@@ -180,3 +180,20 @@ def test_two_apps_do_not_share_memory_entries(engine, sql):
         with sessionmaker(bind=engine, info=cache.session_info())() as session:
             session.scalars(by_name("person 1", "memory")).one()
     assert sql.count == 2
+
+
+def test_a_transaction_that_wrote_reads_around_shared_regions(Session, sql, region):
+    with Session() as first:
+        first.scalars(by_name("person 7", region)).one()
+    with Session() as second:
+        second.get(Person, 7).name = "person 7b"
+        sql.reset()
+        assert second.scalars(by_name("person 7", region)).all() == []  # sees its own write
+        assert sql.count == 2  # the autoflush UPDATE, then the query itself
+        assert second.scalars(by_name("person 7b", region)).one().id == 7
+        second.rollback()
+        sql.reset()
+        assert second.scalars(by_name("person 7", region)).one().name == "person 7"
+        assert sql.count == 0  # the transaction ended: the shared entry serves again
+    with Session() as third:
+        assert third.scalars(by_name("person 7b", region)).all() == []  # nothing uncommitted was stored

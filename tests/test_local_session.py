@@ -1,0 +1,145 @@
+"""ext:local_session: entries on the Session, the Session's own objects, dropped in time."""
+
+from __future__ import annotations
+
+import importlib.metadata
+
+import pytest
+from beaker.cache import Cache
+from sqlalchemy import delete, select, text, update
+from sqlalchemy.orm import scoped_session
+
+from pyramid_sessioncache import FromCache, ScopedSessionNamespace, SessionCacheError, cache_parameters
+from pyramid_sessioncache.local import INFO_KEY
+
+from .models import Address, Person
+
+
+def by_name(name):
+    return select(Person).where(Person.name == name).options(FromCache("local"))
+
+
+def test_same_query_twice_runs_once_and_returns_the_same_objects(Session, sql):
+    with Session() as session:
+        first = session.scalars(by_name("person 10")).one()
+        second = session.scalars(by_name("person 10")).one()
+        assert sql.count == 1
+        assert first is second
+
+
+def test_hit_returns_the_object_in_the_cache(Session):
+    with Session() as session:
+        person = session.query(Person).options(FromCache("local")).filter(Person.name == "person 10").one()
+        beaker_cache, key = cache_parameters(
+            session.query(Person).options(FromCache("local")).filter(Person.name == "person 10")
+        )
+        assert beaker_cache.get(key)[0] is person
+        assert len(beaker_cache.get(key)) == 1
+        assert INFO_KEY in session.info
+
+
+def test_entries_live_on_the_session_only(Session, sql):
+    with Session() as one, Session() as two:
+        one.scalars(by_name("person 1")).one()
+        two.scalars(by_name("person 1")).one()
+        assert sql.count == 2
+        assert one.info[INFO_KEY] is not two.info[INFO_KEY]
+
+
+@pytest.mark.parametrize("end", ["commit", "rollback", "close"])
+def test_dropped_when_the_transaction_ends(Session, sql, end):
+    with Session() as session:
+        person = session.scalars(by_name("person 2")).one()
+        getattr(session, end)()
+        assert INFO_KEY not in session.info
+        again = session.scalars(by_name("person 2")).one()
+        assert sql.count == 2
+        assert again.name == "person 2"
+        if end == "close":
+            assert again is not person
+
+
+def test_dropped_by_scoped_session_remove(engine, cache, sql):
+    from sqlalchemy.orm import sessionmaker
+
+    Session = scoped_session(sessionmaker(bind=engine, info=cache.session_info()))
+    Session.scalars(by_name("person 3")).one()
+    Session.scalars(by_name("person 3")).one()
+    assert sql.count == 1
+    Session.remove()
+    Session.scalars(by_name("person 3")).one()
+    assert sql.count == 2
+    Session.remove()
+
+
+def test_never_returns_expired_or_detached_objects(Session, sql):
+    with Session() as session:
+        person = session.scalars(by_name("person 4")).one()
+        session.expire(person)
+        assert session.scalars(by_name("person 4")).one() is person
+        assert sql.count == 2  # the miss after expire() reloads the object
+        assert person.name == "person 4"
+        assert sql.count == 2
+        session.expunge(person)
+        again = session.scalars(by_name("person 4")).one()
+        assert again is not person and again in session
+
+
+def test_writes_in_the_session_drop_it(Session, sql):
+    with Session() as session:
+        everyone = select(Person).order_by(Person.id).options(FromCache("local"))
+        assert len(session.scalars(everyone).all()) == 20
+        doomed = session.get(Person, 20)
+        for address in doomed.addresses:
+            session.delete(address)
+        session.delete(doomed)
+        assert len(session.scalars(everyone).all()) == 19  # autoflush, then a miss
+        session.add(Person(id=21, name="new"))
+        assert [p.name for p in session.scalars(everyone).all()][-1] == "new"
+        session.execute(update(Person).where(Person.id == 1).values(name="bulk"))
+        assert session.scalars(everyone).first().name == "bulk"
+        session.execute(delete(Address).where(Address.person_id == 1))
+        assert INFO_KEY not in session.info
+        session.scalars(everyone).all()
+        session.execute(text("UPDATE person SET name = 'raw' WHERE id = 2"))
+        assert INFO_KEY not in session.info
+        session.rollback()
+
+
+def test_namespace_registered_through_beaker_entry_point():
+    names = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="beaker.backends")}
+    assert names["ext:local_session"] == "pyramid_sessioncache.local:ScopedSessionNamespace"
+
+
+def test_create_session_container_on_todays_beaker(engine, cache):
+    from sqlalchemy.orm import sessionmaker
+
+    Session = scoped_session(sessionmaker(bind=engine))
+    container = ScopedSessionNamespace.create_session_container("ext:test_local", Session)
+    beaker_cache = Cache("people", type="ext:test_local")
+    assert isinstance(beaker_cache.namespace, container)
+    beaker_cache.put("key", "value")
+    assert beaker_cache.get("key") == "value"
+    assert Session().info[INFO_KEY]["people"]
+    Session.remove()
+    assert INFO_KEY not in Session().info
+    with pytest.raises(KeyError):
+        beaker_cache.get("key")
+    Session.remove()
+
+
+def test_namespace_without_a_session_says_so():
+    beaker_cache = Cache("people", type="ext:local_session")
+    with pytest.raises(SessionCacheError, match="has no Session"):
+        beaker_cache.get("key")
+
+
+def test_no_autoflush_is_honoured(Session, sql):
+    with Session() as session:
+        person = session.scalars(by_name("person 5")).one()
+        with session.no_autoflush:
+            person.name = "pending"
+            assert session.scalars(by_name("person 5")).one() is person
+        assert sql.count == 1
+        assert person in session.dirty
+        session.rollback()
