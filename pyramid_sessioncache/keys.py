@@ -34,6 +34,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy.orm import Mapper, MapperProperty
+from sqlalchemy.orm.path_registry import RootRegistry  # the empty loader path, 2.0 and 2.1
 from sqlalchemy.sql.expression import TableClause
 from sqlalchemy.sql.selectable import SelectLabelStyle
 
@@ -48,7 +49,15 @@ _PLAIN = (str, int, float, bytes, decimal.Decimal, datetime.date, datetime.time,
 _DEFAULT_LABELS = frozenset({SelectLabelStyle.LABEL_STYLE_LEGACY_ORM, SelectLabelStyle.LABEL_STYLE_DISAMBIGUATE_ONLY})
 # Compile options that only say which API built the statement: a legacy
 # Query and the equivalent select() read the same rows and share a key.
-_API_ONLY_COMPILE_OPTIONS = frozenset({("_for_statement", False), ("_use_legacy_query_style", True)})
+_API_ONLY_COMPILE_OPTIONS = frozenset(
+    {
+        ("_for_statement", False),
+        ("_use_legacy_query_style", True),
+        ("_bake_ok", True),
+        ("_enable_single_crit", True),
+        ("_enable_eagerloads", True),
+    }
+)
 
 _MEMO_SIZE = 2000
 
@@ -109,10 +118,26 @@ def _plain(value: Any) -> Any:
 
 
 def _api_only(options: Any) -> bool:
-    if not (isinstance(options, tuple) and options and isinstance(options[0], type)):
+    # Compile options appear in a cache key as (index, class, name, value,
+    # ...) or (class, ()).  A legacy Query spells out the defaults that a
+    # select() leaves implicit; only those are "API only".
+    items = list(options) if isinstance(options, tuple) else []
+    if items and type(items[0]) is int:
+        items = items[1:]
+    if not items or not isinstance(items[0], type):
         return False
-    items = options[1] if len(options) > 1 else ()
-    return all(isinstance(item, tuple) and item in _API_ONLY_COMPILE_OPTIONS for item in items)
+    pairs = items[1:]
+    if pairs == [()]:
+        return True
+    if len(pairs) % 2:
+        return False
+    for name, value in zip(pairs[::2], pairs[1::2], strict=True):
+        if name == "_current_path":
+            if not (isinstance(value, tuple) and RootRegistry in value):
+                return False
+        elif (name, value) not in _API_ONLY_COMPILE_OPTIONS:
+            return False
+    return True
 
 
 def value_text(value: Any) -> str:
@@ -130,6 +155,15 @@ def value_text(value: Any) -> str:
     if isinstance(value, Mapping):
         return "{" + ",".join(sorted(f"{value_text(k)}:{value_text(v)}" for k, v in value.items())) + "}"
     raise Unkeyable(value)
+
+
+def _normalized(options: dict[str, Any]) -> dict[str, Any]:
+    translate = options.get("schema_translate_map")
+    if translate and "_none" in translate:
+        # SQLAlchemy adds "_none" (its spelling of the None key) to the
+        # caller's map in place when it first compiles with it.
+        options = {**options, "schema_translate_map": {k: v for k, v in translate.items() if k != "_none"}}
+    return options
 
 
 class KeyMaker:
@@ -164,7 +198,7 @@ class KeyMaker:
             pass
         engine = getattr(bind, "engine", bind)
         try:
-            options = value_text(dict(bind.get_execution_options()))
+            options = value_text(_normalized(dict(bind.get_execution_options())))
         except Unkeyable:
             options = f"unkeyable:{id(bind)}"
         text = f"{engine.url.render_as_string(hide_password=True)}|{options}"
@@ -203,7 +237,7 @@ class KeyMaker:
                     parts.append(value_text(bindparam.effective_value))
             options = {k: v for k, v in execution_options.items() if not k.startswith("_") and k not in NEUTRAL_OPTIONS}
             if options:
-                parts.append(value_text(options))
+                parts.append(value_text(_normalized(options)))
         except Unkeyable:
             return None
         digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=20).hexdigest()
