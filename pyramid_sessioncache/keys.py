@@ -74,7 +74,14 @@ def _structure_text(element: Any, out: list[str]) -> None:
     if isinstance(element, tuple):
         out.append("(")
         previous = None
-        for item in element:
+        skip = False
+        for index, item in enumerate(element):
+            if skip:
+                skip = False
+                continue
+            if isinstance(item, str) and item == "_with_options" and element[index + 1 : index + 2] == ((),):
+                skip = True  # options that are all ours: the same as no options
+                continue
             if previous == "_label_style" and item in _DEFAULT_LABELS:
                 out.append("labels")
             elif previous == "_compile_options" and _api_only(item):

@@ -110,7 +110,11 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         )
         result = value.result()
     else:
-        value, hit = region.get_or_create(key, lambda: _snapshot(state), session, option.expire)
+        # Begin the Session's transaction on this bind as the query would
+        # have: whatever joins on after_begin (zope.sqlalchemy, so pyramid_tm
+        # commits the changes made to these objects) must see it.
+        connection = session.connection(bind_arguments=state.bind_arguments)
+        value, hit = region.get_or_create(key, lambda: _snapshot(state, connection), session, option.expire)
         result = value.result(session, _propagating(state.statement))
     stats.record(cache.stats, session, region.name, hit, key)
     log.debug("cache %s: region %s key %s", "hit" if hit else "miss", region.name, key)
@@ -121,13 +125,12 @@ def _propagating(statement: Any) -> tuple:
     return tuple(opt for opt in statement._with_options if opt.propagate_to_loaders)
 
 
-def _snapshot(state: ORMExecuteState) -> CachedRows:
+def _snapshot(state: ORMExecuteState, connection: Any) -> CachedRows:
     """Run the statement in a fresh Session on the caller's connection.
 
     The fresh Session's objects hold exactly what the database returned in
     the caller's transaction, whatever the caller's Session has in memory.
     """
-    connection = state.session.connection(bind_arguments=state.bind_arguments)
     loader = Session(bind=connection, info={LOADER_FLAG: True}, autoflush=False, expire_on_commit=False)
     try:
         result = loader.execute(state.statement, state.parameters, execution_options=state.local_execution_options)

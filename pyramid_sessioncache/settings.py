@@ -16,7 +16,7 @@ from types import MappingProxyType
 from typing import Any
 
 from pyramid.exceptions import ConfigurationError
-from pyramid.settings import asbool, aslist
+from pyramid.settings import aslist, falsey, truthy
 
 #: Region types whose namespace lives outside the process and so needs a URL.
 URL_TYPES = frozenset({"ext:redis", "ext:rediscluster", "ext:memcached", "ext:database", "ext:mongodb"})
@@ -32,6 +32,15 @@ def _positive_int(value: str) -> int:
     if number <= 0:
         raise ValueError("must be a positive whole number of seconds")
     return number
+
+
+def _boolean(value: str) -> bool:
+    word = value.strip().lower()
+    if word in truthy:
+        return True
+    if word in falsey:
+        return False
+    raise ValueError("must be true or false")
 
 
 def _region_type(value: str) -> str:
@@ -65,7 +74,7 @@ REGION_OPTIONS: Mapping[str, Callable[[str], Any]] = MappingProxyType(
     {
         "type": _region_type,
         "expire": _positive_int,
-        "enabled": asbool,
+        "enabled": _boolean,
         "url": _text,
         "data_dir": _text,
         "lock_dir": _text,

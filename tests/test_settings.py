@@ -1,0 +1,114 @@
+"""Settings: read once at start-up; every bad value stops it, naming key and value."""
+
+from __future__ import annotations
+
+import pytest
+from pyramid.config import Configurator
+from pyramid.exceptions import ConfigurationError
+
+from pyramid_sessioncache import get_session_cache, parse_settings
+
+GOOD = {
+    "cache.regions": "local_session, short_term, long_term",
+    "cache.type": "memory",
+    "cache.local_session.type": "ext:local_session",
+    "cache.short_term.expire": "60",
+    "cache.long_term.type": "ext:redis",
+    "cache.long_term.url": "redis://127.0.0.1:6379/0",
+    "cache.long_term.expire": "3600",
+    "sessioncache.default_region": "local_session",
+}
+
+
+def test_design_settings_parse():
+    settings = parse_settings(GOOD)
+    assert list(settings.regions) == ["local_session", "short_term", "long_term"]
+    assert settings.regions["short_term"] == {"type": "memory", "expire": 60}
+    assert settings.regions["long_term"]["type"] == "ext:redis"
+    assert settings.regions["long_term"]["expire"] == 3600
+    assert settings.default_region == "local_session"
+    with pytest.raises(TypeError):
+        settings.regions["x"] = {}
+
+
+def test_defaults_without_regions():
+    settings = parse_settings({})
+    assert dict(settings.regions) == {"local_session": {"type": "ext:local_session"}}
+    assert settings.default_region == "local_session"
+
+
+def test_region_defaults_apply_to_every_region(tmp_path):
+    settings = parse_settings(
+        {"cache.regions": "a b", "cache.type": "file", "cache.data_dir": str(tmp_path), "cache.b.type": "memory"}
+    )
+    assert settings.regions["a"] == {"type": "file", "data_dir": str(tmp_path)}
+    assert settings.regions["b"]["type"] == "memory"
+    assert settings.default_region == "a"
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("cache.short_term.type", "memroy", "unknown cache type"),
+        ("cache.short_term.expire", "soon", "invalid literal"),
+        ("cache.short_term.expire", "-5", "positive"),
+        ("sessioncache.default_region", "nowhere", "not a configured region"),
+        ("cache.long_term.url", None, "needs a url"),
+        ("sessioncache.default_regoin", "short_term", "unknown option 'default_regoin'"),
+        ("cache.short_term.expier", "60", "unknown option 'expier'"),
+        ("cache.medium.expire", "60", "not listed in cache.regions"),
+        ("cache.short_term.enabled", "perhaps", "must be true or false"),
+        ("cache.short_term.type", "ext:sqla", "ext:database"),
+    ],
+)
+def test_bad_settings_name_key_and_value(key, value, message):
+    settings = dict(GOOD)
+    if value is None:
+        settings.pop(key)
+    else:
+        settings[key] = value
+    with pytest.raises(ConfigurationError) as raised:
+        parse_settings(settings)
+    assert key in str(raised.value)
+    assert message in str(raised.value)
+    if value is not None:
+        assert repr(value) in str(raised.value)
+
+
+def test_file_region_needs_a_directory():
+    with pytest.raises(ConfigurationError, match="cache.f.data_dir"):
+        parse_settings({"cache.regions": "f", "cache.f.type": "file"})
+
+
+def test_include_stops_startup_on_bad_settings():
+    config = Configurator(settings={**GOOD, "cache.short_term.expire": "soon"})
+    with pytest.raises(ConfigurationError, match="cache.short_term.expire"):
+        config.include("pyramid_sessioncache")
+
+
+def test_include_stops_startup_on_a_bad_engine_url():
+    config = Configurator(settings={"sqlalchemy.url": "nosuchdb://x"})
+    with pytest.raises(ConfigurationError, match="sqlalchemy.url"):
+        config.include("pyramid_sessioncache")
+
+
+def test_including_twice_is_harmless():
+    config = Configurator(settings=GOOD)
+    config.include("pyramid_sessioncache")
+    config.include("pyramid_sessioncache")
+    config.commit()
+    assert list(get_session_cache(config.registry).regions) == ["local_session", "short_term", "long_term"]
+
+
+def test_two_apps_keep_their_own_regions():
+    first = Configurator(settings={"cache.regions": "a", "cache.a.expire": "5"})
+    second = Configurator(settings={"cache.regions": "a, b", "cache.a.expire": "9"})
+    for config in (first, second):
+        config.include("pyramid_sessioncache")
+        config.commit()
+    one, two = get_session_cache(first.registry), get_session_cache(second.registry)
+    assert list(one.regions) == ["a"] and list(two.regions) == ["a", "b"]
+    assert one.region("a").expire == 5 and two.region("a").expire == 9
+    one.region("a").put("k", "first")
+    assert two.region("a").get("k") is None
+    assert one.region("a").get("k") == "first"
