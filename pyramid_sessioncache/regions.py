@@ -103,13 +103,20 @@ class Region:
         return value, fresh
 
     def _write(self, namespace: Any, key: bytes, value: Any, expire: int | None) -> None:
+        if self.out_of_process:
+            # Check first: a backend that fails half-way through pickling
+            # (Beaker's file namespace rewrites one file per namespace) would
+            # lose the region's other entries.
+            try:
+                pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+            except (pickle.PicklingError, TypeError, AttributeError) as exc:
+                raise UnpicklableResultError(
+                    f"cannot store a value in cache region {self.name!r} "
+                    f"(type {self.type}): it cannot be pickled: {exc}"
+                ) from exc
         namespace.acquire_write_lock()
         try:
             namespace.set_value(key, (time.time(), expire, value), expiretime=expire)
-        except (pickle.PicklingError, TypeError, AttributeError) as exc:
-            raise UnpicklableResultError(
-                f"cannot store a value in cache region {self.name!r} (type {self.type}): it cannot be pickled: {exc}"
-            ) from exc
         finally:
             namespace.release_write_lock()
 
