@@ -37,6 +37,10 @@ ADDRESS_CACHE = (
 )
 
 
+class NotFound(HTTPNotFound):
+    """A 404 raised by a view, whose detail tells the visitor what is missing."""
+
+
 @view_config(route_name="home", renderer="home.jinja2")
 def home(request: Any) -> dict:
     """What the demo shows, with links to its pages."""
@@ -57,7 +61,7 @@ def person(request: Any) -> dict:
     second = request.cached_query(query, region="local_session").scalar_one_or_none()
     statements = request.sql_log.since(mark)
     if first is None:
-        raise HTTPNotFound(f"There is no person with id {person_id}.")
+        raise NotFound(f"There is no person with id {person_id}.")
     addresses = request.dbsession.scalars(
         select(Address)
         .where(Address.person_id == person_id)
@@ -85,7 +89,7 @@ def people(request: Any) -> dict:
     total = request.cached_query(select(func.count()).select_from(Person), region="short_term").scalar_one()
     pages = max(1, math.ceil(total / PAGE_SIZE))
     if page > pages:
-        raise HTTPNotFound(f"There is no page {page}: the list has {pages} page(s).")
+        raise NotFound(f"There is no page {page}: the list has {pages} page(s).")
     query = select(Person).order_by(Person.id).limit(PAGE_SIZE).offset((page - 1) * PAGE_SIZE).options(ADDRESS_CACHE)
     return {
         "people": request.cached_query(query, region="short_term").scalars().all(),
@@ -150,8 +154,8 @@ def stats(request: Any) -> dict:
 def not_found(request: Any) -> dict:
     """The 404 page."""
     request.response.status_int = 404
-    # A view's own 404 says what is missing; the router's names only the path.
-    if request.matched_route is not None and request.exception.detail:
+    # Other 404s (no route, no static file) carry the URL or debug text as detail.
+    if isinstance(request.exception, NotFound):
         return {"message": request.exception.detail}
     return {"message": "There is no page at this address."}
 
@@ -175,7 +179,7 @@ def invalidate_after_write(request: Any) -> None:
 def _person_id(request: Any) -> int:
     person_id = int(request.matchdict["id"])  # the route allows digits only
     if person_id > MAX_ID:
-        raise HTTPNotFound(f"There is no person with id {person_id}.")
+        raise NotFound(f"There is no person with id {person_id}.")
     return person_id
 
 
@@ -183,14 +187,14 @@ def _get_person(request: Any) -> Person:
     person_id = _person_id(request)
     found = request.dbsession.get(Person, person_id)
     if found is None:
-        raise HTTPNotFound(f"There is no person with id {person_id}.")
+        raise NotFound(f"There is no person with id {person_id}.")
     return found
 
 
 def _page_number(request: Any) -> int:
     raw = request.GET.get("page", "1")
     if not _PAGE.fullmatch(raw) or int(raw) < 1:
-        raise HTTPNotFound(f"{raw!r} is not a page number: use 1, 2, 3…")
+        raise NotFound(f"{raw!r} is not a page number: use 1, 2, 3…")
     return int(raw)
 
 

@@ -77,7 +77,9 @@ def test_unknown_person_is_404(testapp, path):
     assert "There is no person with id" in page.html.select_one("#not-found-message").text
 
 
-@pytest.mark.parametrize("path", ["/people/abc", "/people/-1", "/people/1.5", "/people/%D9%A3", "/nowhere"])
+@pytest.mark.parametrize(
+    "path", ["/people/abc", "/people/-1", "/people/1.5", "/people/%D9%A3", "/nowhere", "/static/nope.css"]
+)
 def test_unknown_address_is_404(testapp, path):
     page = testapp.get(path, status=404)
     assert page.html.select_one("#not-found-message").text == "There is no page at this address."
