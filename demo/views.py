@@ -134,7 +134,7 @@ def edit(request: Any) -> Any:
 
 @view_config(route_name="stats", renderer="stats.jinja2")
 def stats(request: Any) -> dict:
-    """This process's hit and miss counters, per region."""
+    """This process's hit, miss and invalidation counters, per region."""
     cache = request.sessioncache.cache
     rows = []
     for name, region in cache.regions.items():

@@ -130,3 +130,19 @@ def test_editing_an_unknown_person_is_404(testapp, method, path):
         testapp.get(path, status=404)
     else:
         testapp.post(path, {"name": "Nobody", "csrf_token": token}, status=404)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="pyramid_sessioncache bug: RegionStats.invalidations is never incremented (DESIGN 5, observability)",
+)
+def test_rename_counts_an_invalidation_on_the_stats_page(testapp):
+    def invalidations() -> int:
+        page = testapp.get("/stats")
+        return int(page.html.select_one('tr[data-region="short_term"] .invalidations').text)
+
+    before = invalidations()
+    form = testapp.get("/people/53/edit").forms["edit-form"]
+    form["name"] = "Dorothy Vaughan"
+    form.submit(status=303)
+    assert invalidations() == before + 1
