@@ -45,6 +45,21 @@ def _cache(session: Any) -> SessionCache:
     return cache
 
 
+def _locate(query, session, region, cache_key, parameters, execution_options):
+    statement, query_parameters, session = _statement(query, session)
+    option = _option(statement)
+    cache = _cache(session)
+    chosen = cache.region(region or (option.region if option else None))
+    if cache_key is None and option is not None:
+        cache_key = option.cache_key
+    options = {**statement.get_execution_options(), **(execution_options or {})}
+    bind = session.get_bind(clause=statement)
+    key = cache.key(statement, parameters or query_parameters, options, bind, cache_key)
+    if key is None:
+        raise NotCacheableError(f"this statement has no cache key (it is never cached): {statement}")
+    return cache, chosen, session, key
+
+
 def cache_parameters(
     query: Any,
     session: Any = None,
@@ -62,34 +77,32 @@ def cache_parameters(
     Raises :class:`~pyramid_sessioncache.NotCacheableError` for a statement
     that cannot be keyed.
     """
-    statement, query_parameters, session = _statement(query, session)
-    option = _option(statement)
-    cache = _cache(session)
-    chosen = cache.region(region or (option.region if option else None))
-    if cache_key is None and option is not None:
-        cache_key = option.cache_key
-    options = {**statement.get_execution_options(), **(execution_options or {})}
-    bind = session.get_bind(clause=statement)
-    key = cache.key(statement, parameters or query_parameters, options, bind, cache_key)
-    if key is None:
-        raise NotCacheableError(f"this statement has no cache key (it is never cached): {statement}")
+    _, chosen, session, key = _locate(query, session, region, cache_key, parameters, execution_options)
     return chosen.cache_for(session), key
 
 
 def invalidate(
-    query: Any, session: Any = None, region: str | None = None, cache_key: str | None = None, **kw: Any
+    query: Any,
+    session: Any = None,
+    region: str | None = None,
+    cache_key: str | None = None,
+    parameters: Any = None,
+    execution_options: Any = None,
 ) -> None:
     """Forget the cached result of ``query`` (arguments as for :func:`cache_parameters`)."""
-    beaker_cache, key = cache_parameters(query, session, region, cache_key, **kw)
-    beaker_cache.remove_value(key)
+    cache, chosen, session, key = _locate(query, session, region, cache_key, parameters, execution_options)
+    chosen.remove(key, session)
+    cache.stats.region(chosen.name).invalidations += 1
 
 
 def invalidate_region(cache: SessionCache, name: str | None = None, session: Any = None) -> None:
     """Forget every entry of region ``name`` (of ``session``, for a local region)."""
-    cache.region(name).clear(session)
+    region = cache.region(name)
+    region.clear(session)
+    cache.stats.region(region.name).invalidations += 1
 
 
 def invalidate_all(cache: SessionCache, session: Any = None) -> None:
     """Forget every entry of every region of ``cache``."""
     for name in cache.regions:
-        cache.region(name).clear(session)
+        invalidate_region(cache, name, session)
