@@ -132,10 +132,6 @@ def test_editing_an_unknown_person_is_404(testapp, method, path):
         testapp.post(path, {"name": "Nobody", "csrf_token": token}, status=404)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="pyramid_sessioncache bug: RegionStats.invalidations is never incremented (DESIGN 5, observability)",
-)
 def test_rename_counts_an_invalidation_on_the_stats_page(testapp):
     def invalidations() -> int:
         page = testapp.get("/stats")
