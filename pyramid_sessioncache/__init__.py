@@ -32,7 +32,7 @@ from .errors import (
     UnpicklableResultError,
 )
 from .interfaces import IDBSessionFactory, ISessionCache
-from .invalidation import cache_parameters, invalidate, invalidate_all, invalidate_region
+from .invalidation import cache_parameters, invalidate, invalidate_all, invalidate_region, invalidate_tables
 from .local import ScopedSessionNamespace
 from .options import FromCache, RelationshipCache
 from .regions import CacheRegions, Region
@@ -57,11 +57,13 @@ __all__ = [
     "UnpicklableResultError",
     "cache_of",
     "cache_parameters",
+    "get_engine",
     "get_session_cache",
     "includeme",
     "invalidate",
     "invalidate_all",
     "invalidate_region",
+    "invalidate_tables",
     "parse_settings",
 ]
 
@@ -71,6 +73,11 @@ orm.install()
 def get_session_cache(registry: Any) -> SessionCache:
     """Return the :class:`SessionCache` of the application owning ``registry``."""
     return registry.getUtility(ISessionCache)
+
+
+def get_engine(registry: Any) -> Any:
+    """Return the engine built from the ``sqlalchemy.*`` settings (None without ``sqlalchemy.url``)."""
+    return registry.getUtility(IDBSessionFactory).kw.get("bind")
 
 
 def includeme(config: Any) -> None:
@@ -85,7 +92,7 @@ def includeme(config: Any) -> None:
     config.include("pyramid_tm")
     settings = parse_settings(config.registry.settings)
     try:
-        cache = SessionCache(settings.regions, settings.default_region)
+        cache = SessionCache(settings.regions, settings.default_region, settings.invalidation)
     except Exception as exc:  # Beaker reports bad options in many ways
         raise ConfigurationError(f"cannot build the cache regions from the cache.* settings: {exc}") from exc
     factory = sessionmaker(bind=_engine(config.registry.settings), info=cache.session_info())

@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .keys import KeyMaker
+from .keys import EntryKey, KeyMaker
 from .regions import CacheRegions, Region
 from .stats import Stats
 
 #: The ``Session.info`` key holding a Session's :class:`SessionCache`.
 INFO_KEY = "sessioncache"
+#: The pseudo-table every entry depends on: bumping it invalidates them all.
+ALL_TABLES = "*"
 
 
 class SessionCache:
@@ -32,13 +34,25 @@ class SessionCache:
         Session = scoped_session(sessionmaker(bind=engine, info=cache.session_info()))
     """
 
-    def __init__(self, regions: CacheRegions | Mapping[str, Mapping[str, Any]], default_region: str | None = None):
+    def __init__(
+        self,
+        regions: CacheRegions | Mapping[str, Mapping[str, Any]],
+        default_region: str | None = None,
+        invalidation: str = "auto",
+    ):
+        if invalidation not in ("auto", "manual"):
+            raise ValueError(f"invalidation must be 'auto' or 'manual', not {invalidation!r}")
+        #: ``"auto"``: committed writes invalidate the entries that read the
+        #: written tables; ``"manual"``: only explicit invalidation.
+        self.invalidation = invalidation
         self.regions = regions if isinstance(regions, CacheRegions) else CacheRegions(regions)
         self.default_region = default_region or next(iter(self.regions), None)
         if self.default_region is not None:
             self.regions[self.default_region]  # an unknown name raises here
         self.keys = KeyMaker()
         self.stats = Stats()
+        #: Statement shape -> the tables its results were found to read.
+        self.tables_read: dict[str, frozenset[str]] = {}
 
     def __repr__(self) -> str:
         return f"<SessionCache regions={list(self.regions)} default={self.default_region!r}>"
@@ -56,9 +70,25 @@ class SessionCache:
 
     def key(
         self, statement: Any, parameters: Any, execution_options: Any, bind: Any, label: str | None = None
-    ) -> str | None:
+    ) -> EntryKey | None:
         """Return the cache key of ``statement``, or None when it cannot be keyed."""
         return self.keys.key(statement, parameters, execution_options, bind, label)
+
+    @property
+    def shared_regions(self) -> list[Region]:
+        """The regions whose entries outlive a Session."""
+        return [region for region in self.regions.values() if not region.is_local]
+
+    def invalidate_tables(self, *tables: str) -> None:
+        """Invalidate, now and in every process, the entries that read ``tables``.
+
+        With no table, every entry of every shared region.  For writes made
+        outside any Session (a migration, a cron job); inside a transaction,
+        use :func:`pyramid_sessioncache.invalidate_tables` with the Session,
+        so that it happens when the transaction commits.
+        """
+        for region in self.shared_regions:
+            region.bump(tables or (ALL_TABLES,))
 
 
 def cache_of(session: Any) -> SessionCache | None:

@@ -11,11 +11,12 @@ from __future__ import annotations
 from typing import Any
 
 from beaker.cache import Cache
-from sqlalchemy.orm import Query
-from sqlalchemy.sql import Executable
+from sqlalchemy.orm import Query, attributes
+from sqlalchemy.sql import Executable, visitors
+from sqlalchemy.sql.expression import TableClause
 
 from . import _sqlalchemy
-from .cache import SessionCache, cache_of
+from .cache import ALL_TABLES, SessionCache, cache_of
 from .errors import NoRegionsError, NotCacheableError
 from .options import FromCache
 
@@ -57,7 +58,7 @@ def _locate(query, session, region, cache_key, parameters, execution_options):
     key = cache.key(statement, parameters or query_parameters, options, bind, cache_key)
     if key is None:
         raise NotCacheableError(f"this statement has no cache key (it is never cached): {statement}")
-    return cache, chosen, session, key
+    return cache, chosen, session, key.text
 
 
 def cache_parameters(
@@ -106,3 +107,127 @@ def invalidate_all(cache: SessionCache, session: Any = None) -> None:
     """Forget every entry of every region of ``cache``."""
     for name in cache.regions:
         invalidate_region(cache, name, session)
+
+
+# Automatic invalidation ----------------------------------------------------
+#
+# Every shared entry records the tables its result read, and the version
+# token each of those tables had *before* the query ran.  A hit reads the
+# current tokens (one backend read: MGET on Redis) and is served only if
+# none changed.  When a transaction that wrote to tables commits, each
+# written table gets a new random token in every shared region, so every
+# process sharing the backend stops serving entries that read it; nothing
+# has to list or flush keys.  Reading the tokens before the query means a
+# write that commits while the query runs leaves the entry already stale.
+
+#: ``session.info`` key: the tables the current transaction wrote (a set,
+#: present as soon as it wrote anything, even if which tables is unknown).
+WRITTEN_KEY = "sessioncache.written"
+
+
+def _table_name(table: Any) -> str:
+    return table.fullname
+
+
+def _tables_under(element: Any) -> set[str]:
+    names: set[str] = set()
+    for node in visitors.iterate(element):
+        if isinstance(node, TableClause):
+            names.add(_table_name(node))
+        table = getattr(node, "table", None)
+        while table is not None and not isinstance(table, TableClause):
+            table = getattr(table, "element", None)
+        if table is not None:
+            names.add(_table_name(table))
+    return names
+
+
+def statement_tables(statement: Any) -> frozenset[str]:
+    """Return the names of the tables ``statement`` reads: FROMs, joins, subqueries, CTEs."""
+    return frozenset(_tables_under(statement))
+
+
+def mapper_tables(mapper: Any) -> set[str]:
+    """Return the names of the tables a mapped class is stored in."""
+    return {_table_name(table) for table in mapper.tables}
+
+
+def _relationship_tables(prop: Any) -> set[str]:
+    if prop.secondary is not None:
+        return {_table_name(prop.secondary)}
+    return mapper_tables(prop.mapper) if prop.uselist else set()
+
+
+def flushed_tables(session: Any) -> set[str]:
+    """Return the tables a flush about to be written writes (call from ``after_flush``).
+
+    Inserted and deleted objects write their mapper's tables, and deleted
+    ones the association tables and one-to-many children they hold.  A
+    changed object writes its tables if a column changed, and the tables
+    behind any relationship whose membership changed.
+    """
+    names: set[str] = set()
+    for obj in session.new:
+        state = attributes.instance_state(obj)
+        names |= mapper_tables(state.mapper)
+        for prop in state.mapper.relationships:
+            if state.attrs[prop.key].history.has_changes():
+                names |= _relationship_tables(prop)
+    for obj in session.deleted:
+        mapper = attributes.instance_state(obj).mapper
+        names |= mapper_tables(mapper)
+        for prop in mapper.relationships:
+            names |= _relationship_tables(prop)
+    for obj in session.dirty:
+        state = attributes.instance_state(obj)
+        if session.is_modified(obj, include_collections=False):
+            names |= mapper_tables(state.mapper)
+        for prop in state.mapper.relationships:
+            if state.attrs[prop.key].history.has_changes():
+                names |= _relationship_tables(prop)
+    return names
+
+
+def written(session: Any) -> set[str]:
+    """Return the set of tables the Session's current transaction wrote, marking that it wrote."""
+    found = session.info.get(WRITTEN_KEY)
+    if found is None:
+        found = session.info[WRITTEN_KEY] = set()
+    return found
+
+
+def invalidate_tables(session: Any, *tables: str) -> None:
+    """Invalidate the entries that read ``tables`` when ``session``'s transaction commits.
+
+    For writes the add-on cannot see: SQL run through ``text()`` or
+    ``session.connection()``.  With no table, every entry of every shared
+    region.  Like zope.sqlalchemy's ``mark_changed()``, call it after such
+    a write; in a Pyramid request, ``request.sessioncache.mark_changed()``
+    does both.  A Session that has written reads around the shared regions
+    until its transaction ends.
+    """
+    written(session).update(tables or (ALL_TABLES,))
+
+
+def commit_written(session: Any) -> None:
+    """Publish the writes of a committed transaction: bump the versions of its tables."""
+    tables = session.info.pop(WRITTEN_KEY, None)
+    if not tables:
+        return
+    cache = cache_of(session)
+    if cache is None or cache.invalidation != "auto":
+        return
+    for region in cache.shared_regions:
+        region.bump(sorted(tables))
+
+
+def record_tables(records: Any) -> set[str]:
+    """Return the tables behind the objects of a cached result and the relationships they hold."""
+    names: set[str] = set()
+    for cls in {record[0] for record in records}:
+        mapper = attributes.manager_of_class(cls).mapper
+        names |= mapper_tables(mapper)
+        for prop in mapper.relationships:
+            if prop.secondary is not None and any(prop.key in record[3] for record in records if record[0] is cls):
+                names.add(_table_name(prop.secondary))
+    return names

@@ -31,7 +31,7 @@ import hashlib
 import types
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy.orm import Mapper, MapperProperty
 from sqlalchemy.orm.path_registry import RootRegistry  # the empty loader path, 2.0 and 2.1
@@ -173,6 +173,13 @@ def _normalized(options: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+class EntryKey(NamedTuple):
+    """A cache key, and the digest of its statement's shape (parameters aside)."""
+
+    text: str
+    shape: str
+
+
 class KeyMaker:
     """Builds cache keys; remembers what it learnt about statement shapes and binds."""
 
@@ -221,7 +228,7 @@ class KeyMaker:
         execution_options: Mapping[str, Any],
         bind: Any,
         label: str | None = None,
-    ) -> str | None:
+    ) -> EntryKey | None:
         """Return the cache key of ``statement`` run with these arguments, or None.
 
         ``label`` (a ``FromCache`` ``cache_key``) is a readable prefix; it
@@ -248,4 +255,4 @@ class KeyMaker:
         except Unkeyable:
             return None
         digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=20).hexdigest()
-        return f"{label}:{digest}" if label else digest
+        return EntryKey(f"{label}:{digest}" if label else digest, structure)

@@ -6,7 +6,8 @@ every Session of the process; it does nothing for statements without a
 :class:`~pyramid_sessioncache.RelationshipCache` option, and finds the
 regions of the Session that runs the statement in ``session.info`` (see
 ``cache.py``).  Other Session events drop the Session's local cache when
-what it holds may no longer be what a query would return.
+what it holds may no longer be what a query would return, and record the
+tables a transaction writes (see ``invalidation.py``).
 """
 
 from __future__ import annotations
@@ -17,17 +18,20 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 
-from . import _sqlalchemy, local, stats
-from .cache import cache_of
+from . import _sqlalchemy, invalidation, local, stats
+from .cache import ALL_TABLES, SessionCache, cache_of
 from .errors import NoRegionsError, NotCacheableError
 from .keys import BYPASS_OPTIONS
 from .options import FromCache, caching_option
+from .regions import Region
 from .rows import LOADER_FLAG, CachedRows, LocalResult
 
 log = logging.getLogger(__name__)
 
-#: ``session.info`` flag: the current transaction has written to the database.
-WROTE_KEY = "sessioncache.wrote"
+#: ``session.info`` key of a loader Session: the tables its statements read.
+LOADER_TABLES = "sessioncache.loader.tables"
+#: Isolation levels whose snapshot may predate the versions a query reads.
+SNAPSHOT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT"})
 
 
 def install() -> None:
@@ -35,7 +39,8 @@ def install() -> None:
     if event.contains(Session, "do_orm_execute", _do_orm_execute):
         return
     event.listen(Session, "do_orm_execute", _do_orm_execute)
-    event.listen(Session, "after_flush", _wrote)
+    event.listen(Session, "after_flush", _flushed)
+    event.listen(Session, "after_commit", invalidation.commit_written)
     event.listen(Session, "after_transaction_end", _transaction_ended)
     event.listen(Session, "after_soft_rollback", _drop_local)
     event.listen(Session, "persistent_to_detached", _drop_local)
@@ -46,23 +51,22 @@ def _drop_local(session: Session, *args: Any) -> None:
     session.info.pop(local.INFO_KEY, None)
 
 
-def _wrote(session: Session, *args: Any) -> None:
-    # What this transaction wrote is in no shared entry: until it ends, the
-    # Session reads around shared regions (and stores nothing in them).
-    session.info[WROTE_KEY] = True
-    session.info.pop(local.INFO_KEY, None)
+def _flushed(session: Session, flush_context: Any) -> None:
+    invalidation.written(session).update(invalidation.flushed_tables(session))
+    _drop_local(session)
 
 
 def _transaction_ended(session: Session, transaction: Any) -> None:
-    session.info.pop(local.INFO_KEY, None)
+    _drop_local(session)
     if transaction.parent is None:
-        session.info.pop(WROTE_KEY, None)
+        # Committed writes were published by after_commit; these are rolled back.
+        session.info.pop(invalidation.WRITTEN_KEY, None)
 
 
 def _drop_local_of_state(state: Any, attrs: Any) -> None:
     session = state.session
     if session is not None:
-        session.info.pop(local.INFO_KEY, None)
+        _drop_local(session)
 
 
 def _has_cache_option(statement: Any) -> bool:
@@ -74,17 +78,30 @@ def _bypassed(options: Any) -> bool:
     return any(options.get(name) for name in BYPASS_OPTIONS) or _sqlalchemy.legacy_bypass(options)
 
 
+def _write(state: ORMExecuteState) -> None:
+    session = state.session
+    if _has_cache_option(state.statement):
+        raise NotCacheableError(f"only SELECT statements can be cached, not {type(state.statement).__name__}")
+    tables = invalidation.written(session)
+    if state.is_update or state.is_delete or state.is_insert:
+        tables |= invalidation.statement_tables(state.statement.table)
+        if state.bind_mapper is not None:
+            tables |= invalidation.mapper_tables(state.bind_mapper)
+    _drop_local(session)
+
+
 def _do_orm_execute(state: ORMExecuteState) -> Any:
     session = state.session
     if not state.is_select:
         # A write through the Session may change what any cached query of
-        # this Session returns.
-        _wrote(session)
-        if _has_cache_option(state.statement):
-            raise NotCacheableError(f"only SELECT statements can be cached, not {type(state.statement).__name__}")
+        # this Session returns; text() may be anything, so it counts too.
+        _write(state)
+        return None
+    if LOADER_FLAG in session.info:
+        session.info[LOADER_TABLES] |= invalidation.statement_tables(state.statement)
         return None
     option = caching_option(state)
-    if option is None or LOADER_FLAG in session.info:
+    if option is None:
         return None
     cache = cache_of(session)
     if cache is None:
@@ -97,28 +114,82 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     if not region.enabled or state.is_column_load or _bypassed(options):
         return None
     _sqlalchemy.autoflush(session, options)
+    if not region.is_local and invalidation.WRITTEN_KEY in session.info:
+        # What this transaction wrote is in no shared entry: until it ends,
+        # the Session reads around shared regions and stores nothing there.
+        return None
     bind = session.get_bind(**state.bind_arguments)
     key = cache.key(state.statement, state.parameters, options, bind, option.cache_key)
     if key is None:
         log.debug("uncached: statement cannot be keyed (region %s)", region.name)
         return None
-    if not region.is_local and WROTE_KEY in session.info:
-        return None
     if region.is_local:
         value, hit = region.get_or_create(
-            key, lambda: LocalResult(state.invoke_statement().freeze()), session, option.expire
+            key.text, lambda: LocalResult(state.invoke_statement().freeze()), session, option.expire
         )
         result = value.result()
     else:
-        # Begin the Session's transaction on this bind as the query would
-        # have: whatever joins on after_begin (zope.sqlalchemy, so pyramid_tm
-        # commits the changes made to these objects) must see it.
-        connection = session.connection(bind_arguments=state.bind_arguments)
-        value, hit = region.get_or_create(key, lambda: _snapshot(state, connection), session, option.expire)
+        value, hit = _shared(state, cache, region, key, option.expire)
         result = value.result(session, _propagating(state.statement))
-    stats.record(cache.stats, session, region.name, hit, key)
-    log.debug("cache %s: region %s key %s", "hit" if hit else "miss", region.name, key)
+    stats.record(cache.stats, session, region.name, hit, key.text)
+    log.debug("cache %s: region %s key %s", "hit" if hit else "miss", region.name, key.text)
     return result
+
+
+def _shared(state: ORMExecuteState, cache: SessionCache, region: Region, key: Any, expire: int | None):
+    session = state.session
+    # Begin the Session's transaction on this bind as the query would have:
+    # whatever joins on after_begin (zope.sqlalchemy, so that pyramid_tm
+    # commits changes made to these objects) must see it.
+    connection = session.connection(bind_arguments=state.bind_arguments)
+    if cache.invalidation != "auto":
+        return region.get_or_create(key.text, lambda: _snapshot(state, connection), session, expire)
+
+    tables = cache.tables_read.get(key.shape)
+    if tables is None:
+        tables = _learn(cache, key.shape, invalidation.statement_tables(state.statement))
+    verdict = {"store": True}
+
+    def create() -> CachedRows:
+        versions = region.versions(tables)  # before the query: see invalidation.py
+        value = _snapshot(state, connection)
+        if not value.tables <= frozenset(tables):
+            # Eager loads read tables the statement does not name; versions
+            # were not read for them in time, so keep this one result only.
+            _learn(cache, key.shape, value.tables.union(tables))
+            verdict["store"] = False
+        elif _snapshot_isolated(connection):
+            verdict["store"] = False
+        value.tables, value.versions = tables, versions
+        return value
+
+    return region.get_or_create(
+        key.text,
+        create,
+        session,
+        expire,
+        store=lambda value: verdict["store"],
+        valid=lambda value: region.versions(value.tables) == value.versions,
+    )
+
+
+def _learn(cache: SessionCache, shape: str, tables: Any) -> tuple[str, ...]:
+    known = tuple(sorted({ALL_TABLES, *tables}))
+    if len(cache.tables_read) >= 2000:
+        cache.tables_read.clear()
+    cache.tables_read[shape] = known
+    return known
+
+
+def _snapshot_isolated(connection: Any) -> bool:
+    # Under REPEATABLE READ or SERIALIZABLE a transaction reads from a
+    # snapshot that can be older than the versions read just now; storing
+    # its result could tag old rows with new versions.  pysqlite starts no
+    # transaction for a SELECT, so SQLite reads the latest data regardless.
+    if connection.dialect.name == "sqlite":
+        return False
+    level = connection.get_execution_options().get("isolation_level") or connection.default_isolation_level
+    return str(level).upper() in SNAPSHOT_LEVELS
 
 
 def _propagating(statement: Any) -> tuple:
@@ -131,9 +202,16 @@ def _snapshot(state: ORMExecuteState, connection: Any) -> CachedRows:
     The fresh Session's objects hold exactly what the database returned in
     the caller's transaction, whatever the caller's Session has in memory.
     """
-    loader = Session(bind=connection, info={LOADER_FLAG: True}, autoflush=False, expire_on_commit=False)
+    loader = Session(
+        bind=connection,
+        info={LOADER_FLAG: True, LOADER_TABLES: set()},
+        autoflush=False,
+        expire_on_commit=False,
+    )
     try:
         result = loader.execute(state.statement, state.parameters, execution_options=state.local_execution_options)
-        return CachedRows.from_result(result)
+        value = CachedRows.from_result(result)
+        value.tables = frozenset(loader.info[LOADER_TABLES] | invalidation.record_tables(value.objects))
+        return value
     finally:
         loader.close()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import pickle
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from beaker.cache import Cache
@@ -68,6 +68,9 @@ class Region:
             self.namespace_name = f"sessioncache.{FORMAT}.{token}.{name}"
         self._nsargs = nsargs
         self._shared = None if self.is_local else self._cache(nsargs)
+        # Version tokens of the tables entries depend on (see invalidation.py),
+        # kept beside the entries, in the same backend.
+        self._versions = None if self.is_local else Cache(f"{self.namespace_name}.versions", type=self.type, **nsargs)
 
     def __repr__(self) -> str:
         return f"<Region {self.name!r} type={self.type!r} expire={self.expire!r}>"
@@ -87,7 +90,7 @@ class Region:
         return ScopedSessionNamespace(self.namespace_name, session=session)
 
     @staticmethod
-    def _read(namespace: Any, key: bytes) -> tuple[Any, bool] | None:
+    def _read(namespace: Any, key: bytes, valid: Callable[[Any], bool] = lambda value: True) -> tuple[Any, bool] | None:
         namespace.acquire_read_lock()
         try:
             stored = namespace[key]
@@ -98,6 +101,8 @@ class Region:
         try:
             stored_at, expire, value = stored
         except (TypeError, ValueError):
+            return None
+        if not valid(value):
             return None
         fresh = expire is None or time.time() < stored_at + expire
         return value, fresh
@@ -141,6 +146,15 @@ class Region:
             return
         self.cache_for(session).clear()
 
+    def versions(self, names: tuple[str, ...]) -> tuple:
+        """Return the current version tokens of ``names`` (None for never bumped), in one read."""
+        return tuple(_beaker.read_many(self._versions.namespace, [_encode(name) for name in names]))
+
+    def bump(self, names: Iterable[str]) -> None:
+        """Give ``names`` a new version token, so entries that saw the old one are invalid."""
+        token = uuid.uuid4().hex
+        _beaker.write_many(self._versions.namespace, {_encode(name): token for name in names})
+
     def get_or_create(
         self,
         key: str,
@@ -148,17 +162,19 @@ class Region:
         session: Any = None,
         expire: int | None = None,
         store: Callable[[Any], bool] = lambda value: True,
+        valid: Callable[[Any], bool] = lambda value: True,
     ) -> tuple[Any, bool]:
         """Return ``(value, hit)``: the stored value, or ``create()`` stored.
 
         When the value has expired, one caller regenerates it under
         Beaker's creation lock while the others are served the previous
-        value; when there is none, the others wait for it.  ``store(value)``
-        may refuse to store what ``create()`` returned.
+        value; when there is none, the others wait for it.  A value that
+        ``valid(value)`` rejects is never served.  ``store(value)`` may
+        refuse to store what ``create()`` returned.
         """
         namespace = self._namespace(session)
         bkey = _encode(key)
-        found = self._read(namespace, bkey)
+        found = self._read(namespace, bkey, valid)
         if found is not None and found[1]:
             return found[0], True
         if self.is_local:  # one Session, one thread: no lock to take
@@ -169,7 +185,7 @@ class Region:
         if found is None:
             lock.acquire()
         try:
-            again = self._read(namespace, bkey)
+            again = self._read(namespace, bkey, valid)
             if again is not None and again[1]:
                 return again[0], True
             return self._create(namespace, bkey, create, expire, store), False

@@ -43,6 +43,20 @@ class RequestCache:
         """Forget every entry of region ``name`` (default: the default region)."""
         invalidation.invalidate_region(self.cache, name, self.request.dbsession)
 
+    def mark_changed(self, *tables: str) -> None:
+        """Say that SQL the add-on cannot see wrote ``tables`` (all tables if none).
+
+        Call it after ``text()`` DML or ``dbsession.connection().execute(...)``:
+        it is zope.sqlalchemy's ``mark_changed()`` (so pyramid_tm commits the
+        work) plus :func:`~pyramid_sessioncache.invalidate_tables` (so the
+        entries that read those tables are invalid once it commits).
+        """
+        import zope.sqlalchemy
+
+        session = self.request.dbsession
+        zope.sqlalchemy.mark_changed(session, transaction_manager=self.request.tm)
+        invalidation.invalidate_tables(session, *tables)
+
     def invalidate_all(self) -> None:
         """Forget every entry of every region."""
         invalidation.invalidate_all(self.cache, self.request.dbsession)

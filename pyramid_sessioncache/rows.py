@@ -68,22 +68,26 @@ class CachedRows:
 
     ``objects`` is a list of ``(class, identity_key, columns, relationships)``;
     ``rows`` are tuples where the columns flagged in ``entity_columns``
-    hold an index into ``objects`` (or None).
+    hold an index into ``objects`` (or None).  ``tables`` names the tables
+    the result was read from and ``versions`` their version tokens when it
+    was read (see ``invalidation.py``).
     """
 
-    __slots__ = ("shell", "entity_columns", "objects", "rows")
+    __slots__ = ("shell", "entity_columns", "objects", "rows", "tables", "versions")
 
-    def __init__(self, shell, entity_columns, objects, rows):
+    def __init__(self, shell, entity_columns, objects, rows, tables=(), versions=()):
         self.shell = shell
         self.entity_columns = entity_columns
         self.objects = objects
         self.rows = rows
+        self.tables = tables
+        self.versions = versions
 
     def __getstate__(self):
-        return (self.shell, self.entity_columns, self.objects, self.rows)
+        return (self.shell, self.entity_columns, self.objects, self.rows, self.tables, self.versions)
 
     def __setstate__(self, state):
-        self.shell, self.entity_columns, self.objects, self.rows = state
+        self.shell, self.entity_columns, self.objects, self.rows, self.tables, self.versions = state
 
     @classmethod
     def from_result(cls, result: Result) -> CachedRows:

@@ -11,7 +11,7 @@ start-up, into a frozen :class:`Settings`; a bad value raises
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
@@ -89,10 +89,19 @@ REGION_OPTIONS: Mapping[str, Callable[[str], Any]] = MappingProxyType(
     }
 )
 
+
+def _invalidation(value: str) -> str:
+    value = value.strip().lower()
+    if value not in ("auto", "manual"):
+        raise ValueError("must be auto or manual")
+    return value
+
+
 #: The add-on's own options: name -> converter.
 ADDON_OPTIONS: Mapping[str, Callable[[str], Any]] = MappingProxyType(
     {
         "default_region": _text,
+        "invalidation": _invalidation,
     }
 )
 
@@ -107,7 +116,7 @@ class Settings:
 
     regions: Mapping[str, Mapping[str, Any]]
     default_region: str
-    options: Mapping[str, Any] = field(default_factory=dict)
+    invalidation: str = "auto"
 
 
 def _fail(key: str, value: Any, why: str) -> ConfigurationError:
@@ -174,7 +183,7 @@ def parse_settings(settings: Mapping[str, Any]) -> Settings:
             default_region,
             f"not a configured region (cache.regions = {', '.join(regions)})",
         )
-    return Settings(regions=regions, default_region=default_region, options=MappingProxyType(addon))
+    return Settings(regions=regions, default_region=default_region, invalidation=addon.pop("invalidation", "auto"))
 
 
 def _check_region(name: str, options: Mapping[str, Any]) -> None:
