@@ -1,0 +1,116 @@
+"""Real processes and threads: invalidation crosses processes; no stale read after a write returns."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import waitress
+
+from .app import make_app
+
+ROOT = Path(__file__).parent.parent
+
+
+def get(base: str, path: str) -> dict:
+    with urllib.request.urlopen(base + urllib.parse.quote(path), timeout=10) as response:
+        return json.load(response)
+
+
+def post(base: str, path: str, **params) -> dict:
+    data = urllib.parse.urlencode(params).encode()
+    with urllib.request.urlopen(base + path, data=data, timeout=10) as response:
+        return json.load(response)
+
+
+@pytest.fixture(params=["file", "redis"])
+def shared_region(request, tmp_path):
+    if request.param == "redis":
+        return {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
+    return {"type": "file", "data_dir": str(tmp_path / "cache"), "lock_dir": str(tmp_path / "locks")}
+
+
+class Process:
+    """tests/serve.py in a process of its own."""
+
+    def __init__(self, db_url: str, region: dict) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.serve", db_url, json.dumps(region)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        port = self.process.stdout.readline().strip()
+        assert port, "the server process did not start"
+        self.base = f"http://127.0.0.1:{port}"
+
+    def stop(self) -> None:
+        self.process.stdin.close()
+        self.process.wait(timeout=20)
+
+
+def test_a_write_in_one_process_is_seen_by_the_next_request_of_another(db_url, shared_region):
+    one, two = Process(db_url, shared_region), Process(db_url, shared_region)
+    try:
+        for _ in range(3):  # both processes have the list cached
+            assert get(one.base, "/names")["1"] == "person 1"
+            assert get(two.base, "/names")["1"] == "person 1"
+            assert get(two.base, "/people/1") == {"name": "person 1"}
+        post(one.base, "/people/1/rename", name="written by one")
+        assert get(two.base, "/names")["1"] == "written by one"
+        assert get(two.base, "/people/1") == {"name": "written by one"}
+        post(two.base, "/people/1/rename", name="written by two")
+        assert get(one.base, "/names")["1"] == "written by two"
+    finally:
+        one.stop()
+        two.stop()
+
+
+def test_no_read_after_a_write_returns_sees_the_old_value(db_url, redis_url):
+    app = make_app(db_url, {"type": "ext:redis", "url": redis_url})
+    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=6)
+    base = f"http://127.0.0.1:{server.effective_port}"
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    committed = {"version": 0}
+    stale: list[tuple[int, int]] = []
+    done = threading.Event()
+    reads = {"count": 0}
+
+    def reader(path: str, name_of) -> None:
+        deadline = time.monotonic() + 60
+        while not done.is_set() and time.monotonic() < deadline:
+            floor = committed["version"]  # every write acknowledged before this read
+            seen = int(name_of(get(base, path)).split()[-1])
+            reads["count"] += 1
+            if seen < floor:
+                stale.append((seen, floor))
+
+    readers = [
+        threading.Thread(target=reader, args=("/names", lambda body: body["2"])),
+        threading.Thread(target=reader, args=("/people/2", lambda body: body["name"])),
+        threading.Thread(target=reader, args=("/names", lambda body: body["2"])),
+    ]
+    try:
+        post(base, "/people/2/rename", name="version 0")
+        for thread_ in readers:
+            thread_.start()
+        for version in range(1, 41):
+            post(base, "/people/2/rename", name=f"version {version}")
+            committed["version"] = version
+            time.sleep(0.005)
+    finally:
+        done.set()
+        for thread_ in readers:
+            thread_.join(timeout=30)
+        server.close()
+    assert reads["count"] > 40
+    assert stale == []
