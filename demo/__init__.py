@@ -19,8 +19,7 @@ from pyramid.csrf import CookieCSRFStoragePolicy
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy import Engine
 
-from pyramid_sessioncache import get_session_cache
-from pyramid_sessioncache.interfaces import IDBSessionFactory
+from pyramid_sessioncache import get_engine, get_session_cache
 
 from . import seed, sqlcount
 
@@ -73,10 +72,7 @@ def main(global_config: Any, **settings: Any) -> Any:
 
 def engine_of(registry: Any) -> Engine:
     """Return the engine behind ``request.dbsession``."""
-    # pyramid_sessioncache builds the engine from the sqlalchemy.* settings
-    # and has no public accessor for it (yet): read it off the sessionmaker
-    # it registers.
-    return registry.getUtility(IDBSessionFactory).kw["bind"]
+    return get_engine(registry)
 
 
 def _people(value: Any) -> int:

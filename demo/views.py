@@ -124,9 +124,9 @@ def edit(request: Any) -> Any:
             "error": error,
             "max_length": NAME_MAX_LENGTH,
         }
-    if name != found.name:
-        found.name = name
-        invalidate_after_write(request)
+    # No invalidation here: when the transaction commits, pyramid_sessioncache
+    # invalidates every cached entry that read the person table, in every process.
+    found.name = name
     return HTTPSeeOther(
         request.route_url("people", _query={"page": _page_of(request, found.id)}, _anchor=f"person-{found.id}")
     )
@@ -158,22 +158,6 @@ def not_found(request: Any) -> dict:
     if isinstance(request.exception, NotFound):
         return {"message": request.exception.detail}
     return {"message": "There is no page at this address."}
-
-
-def invalidate_after_write(request: Any) -> None:
-    """Forget the cached list pages once this request's transaction commits.
-
-    pyramid_sessioncache does not yet invalidate by itself when a
-    transaction writes (DESIGN section 5, another issue); until it does,
-    this is the one place the demo invalidates.  Delete it, and its call in
-    :func:`edit`, when automatic invalidation lands.
-    """
-
-    def forget(committed: bool) -> None:
-        if committed:
-            request.sessioncache.invalidate_region("short_term")
-
-    request.tm.get().addAfterCommitHook(forget)
 
 
 def _person_id(request: Any) -> int:

@@ -219,6 +219,7 @@ def commit_written(session: Any) -> None:
         return
     for region in cache.shared_regions:
         region.bump(sorted(tables))
+        cache.stats.region(region.name).invalidations += 1
 
 
 def record_tables(records: Any) -> set[str]:
