@@ -196,3 +196,74 @@ def test_manual_mode_never_invalidates(engine, region_options):
     assert dict(read(Session, stmt)[0])[10] == "person 10"
     with pytest.raises(ValueError, match="auto' or 'manual"):
         SessionCache(region_options, invalidation="sometimes")
+
+
+def test_tables_are_found_in_joins_subqueries_and_ctes():
+    from sqlalchemy import exists
+
+    from pyramid_sessioncache.invalidation import statement_tables
+
+    from .models import City
+
+    moved = select(Address.person_id).where(Address.street.like("%High%")).cte("moved")
+    stmt = (
+        select(Person.name)
+        .join(moved, moved.c.person_id == Person.id)
+        .where(exists().where(person_tag.c.person_id == Person.id))
+        .where(Person.id.in_(select(Address.person_id).join(City).where(City.name == "x").scalar_subquery()))
+    )
+    assert statement_tables(stmt) == {"person", "address", "person_tag", "city"}
+
+
+@pytest.mark.parametrize("loader", ["joinedload", "subqueryload"])
+def test_other_eager_loaders(Session, region, loader):
+    from sqlalchemy import orm
+
+    stmt = select(Person).where(Person.id == 5).options(FromCache(region), getattr(orm, loader)(Person.addresses))
+
+    def streets():
+        with Session() as session:
+            return [a.street for a in session.scalars(stmt).unique().one().addresses]
+
+    streets(), streets()
+    with Session() as session:
+        session.get(Address, 9).street = "elsewhere"  # person 5's first address
+        session.commit()
+    assert streets() == ["elsewhere", "5 High St"]
+
+
+def test_subquery_in_where_is_a_dependency(Session, region):
+    stmt = (
+        select(Person.id)
+        .where(Person.id.in_(select(Address.person_id).where(Address.street == "moved here")))
+        .options(FromCache(region))
+    )
+    assert read(Session, stmt)[0] == []
+    with Session() as session:
+        session.get(Address, 1).street = "moved here"
+        session.commit()
+    assert read(Session, stmt)[0] == [(1,)]
+
+
+def test_a_redis_hit_costs_two_commands(engine, redis_url):
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    cache = SessionCache({"redis": {"type": "ext:redis", "url": redis_url}})
+    Session = sessionmaker(bind=engine, info=cache.session_info())
+    stmt = select(Person).where(Person.id == 1).options(FromCache("redis"))
+    for _ in range(2):
+        with Session() as session:
+            session.scalars(stmt).one()
+
+    def calls() -> dict:
+        stats = client.info("commandstats")
+        return {name: value["calls"] for name, value in stats.items()}
+
+    before = calls()
+    with Session() as session:
+        session.scalars(stmt).one()
+    after = calls()
+    spent = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
+    spent.pop("cmdstat_info", None)
+    assert spent == {"cmdstat_get": 1, "cmdstat_mget": 1}  # the entry, then its tables' versions

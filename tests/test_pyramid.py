@@ -6,7 +6,7 @@ import pytest
 import zope.sqlalchemy
 from pyramid.config import Configurator
 from pyramid.httpexceptions import HTTPInternalServerError
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import sessionmaker
 from webtest import TestApp
 
@@ -107,7 +107,17 @@ def invalidations(request):
     return {"lookups": [(lookup.region, lookup.hit) for lookup in cache.lookups]}
 
 
+def raw(request):
+    request.dbsession.connection().execute(
+        text("UPDATE person SET name = :name WHERE name = :old"), {"name": "raw", "old": request.matchdict["name"]}
+    )
+    if request.params.get("mark"):
+        request.sessioncache.mark_changed("person")
+    return {}
+
+
 VIEWS = {
+    "raw": raw,
     "twice": twice,
     "legacy": legacy,
     "shared": shared,
@@ -246,3 +256,13 @@ def test_invalidation(app, app_sql, how, second_hit):
     assert web.get("/invalidations/person 9", params={"how": how}).json["lookups"] == [["short_term", False]]
     assert web.get("/invalidations/person 9", params={"how": how}).json["lookups"] == [["short_term", second_hit]]
     assert app_sql.count == (1 if second_hit else 2)
+
+
+def test_raw_sql_with_mark_changed_commits_and_invalidates(app):
+    web = TestApp(app)
+    assert web.get("/shared/person 11").json == {"names": ["person 11"]}
+    web.get("/raw/person 11")  # no mark_changed: zope.sqlalchemy rolls the raw write back
+    assert web.get("/shared/person 11").json == {"names": ["person 11"]}
+    web.get("/raw/person 11", params={"mark": "1"})
+    assert web.get("/shared/person 11").json == {"names": []}
+    assert web.get("/shared/raw").json == {"names": ["raw"]}
