@@ -222,13 +222,13 @@ def commit_written(session: Any) -> None:
         cache.stats.region(region.name).invalidations += 1
 
 
-def record_tables(records: Any) -> set[str]:
+def record_tables(value: Any) -> set[str]:
     """Return the tables behind the objects of a cached result and the relationships they hold."""
     names: set[str] = set()
-    for cls in {record[0] for record in records}:
-        mapper = attributes.manager_of_class(cls).mapper
-        names |= mapper_tables(mapper)
-        for prop in mapper.relationships:
-            if prop.secondary is not None and any(prop.key in record[3] for record in records if record[0] is cls):
-                names.add(_table_name(prop.secondary))
+    for cls, _, _ in value.classes:
+        names |= mapper_tables(attributes.manager_of_class(cls).mapper)
+    for cls, key in value.loaded_relationships():
+        secondary = attributes.manager_of_class(cls).mapper.relationships[key].secondary
+        if secondary is not None:
+            names.add(_table_name(secondary))
     return names

@@ -211,7 +211,7 @@ def _snapshot(state: ORMExecuteState, connection: Any) -> CachedRows:
     try:
         result = loader.execute(state.statement, state.parameters, execution_options=state.local_execution_options)
         value = CachedRows.from_result(result)
-        value.tables = frozenset(loader.info[LOADER_TABLES] | invalidation.record_tables(value.objects))
+        value.tables = frozenset(loader.info[LOADER_TABLES] | invalidation.record_tables(value))
         return value
     finally:
         loader.close()

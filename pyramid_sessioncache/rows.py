@@ -63,31 +63,50 @@ def _is_entity(value: Any) -> bool:
     return getattr(type(value), "_sa_class_manager", None) is not None
 
 
+class _NotLoaded:
+    """Marks an attribute the loaded object did not have; pickles as itself."""
+
+    def __reduce__(self) -> str:
+        return "NOT_LOADED"
+
+    def __repr__(self) -> str:
+        return "NOT_LOADED"
+
+
+NOT_LOADED = _NotLoaded()
+
+
 class CachedRows:
     """A result as plain data: rows, and the objects they refer to.
 
-    ``objects`` is a list of ``(class, identity_key, columns, relationships)``;
+    ``classes`` lists, per mapped class, ``(class, column_keys,
+    relationship_keys)``; ``objects`` lists ``(class_index, identity_key,
+    values, relationships)``, the values and relationships aligned with
+    their class's keys (:data:`NOT_LOADED` where the object had none), a
+    relationship holding an object index, a list of them, or None.
     ``rows`` are tuples where the columns flagged in ``entity_columns``
-    hold an index into ``objects`` (or None).  ``tables`` names the tables
-    the result was read from and ``versions`` their version tokens when it
-    was read (see ``invalidation.py``).
+    hold an object index (or None).  ``tables`` names the tables the result
+    was read from and ``versions`` their version tokens when it was read
+    (see ``invalidation.py``).
     """
 
-    __slots__ = ("shell", "entity_columns", "objects", "rows", "tables", "versions")
+    __slots__ = ("shell", "entity_columns", "classes", "objects", "rows", "tables", "versions")
 
-    def __init__(self, shell, entity_columns, objects, rows, tables=(), versions=()):
+    def __init__(self, shell, entity_columns, classes, objects, rows, tables=(), versions=()):
         self.shell = shell
         self.entity_columns = entity_columns
+        self.classes = classes
         self.objects = objects
         self.rows = rows
         self.tables = tables
         self.versions = versions
 
     def __getstate__(self):
-        return (self.shell, self.entity_columns, self.objects, self.rows, self.tables, self.versions)
+        return tuple(getattr(self, name) for name in self.__slots__)
 
     def __setstate__(self, state):
-        self.shell, self.entity_columns, self.objects, self.rows, self.tables, self.versions = state
+        for name, value in zip(self.__slots__, state, strict=True):
+            setattr(self, name, value)
 
     @classmethod
     def from_result(cls, result: Result) -> CachedRows:
@@ -96,25 +115,23 @@ class CachedRows:
         rows = [tuple(row) for row in frozen()]
         width = len(rows[0]) if rows else 0
         entity_columns = tuple(any(_is_entity(row[i]) for row in rows) for i in range(width))
-        objects: list[tuple] = []
-        index: dict[int, int] = {}
-
-        def ref(obj: Any) -> int:
-            position = index.get(id(obj))
-            if position is None:
-                position = index[id(obj)] = len(objects)
-                objects.append(())  # reserved: children may refer back to it
-                objects[position] = _record(obj, ref)
-            return position
-
+        snapshot = _Snapshot()
         plain_rows = [
             tuple(
-                ref(value) if flag and value is not None else value
-                for value, flag in zip(row, entity_columns, strict=False)
+                snapshot.ref(value) if flag and value is not None else value
+                for value, flag in zip(row, entity_columns, strict=True)
             )
             for row in rows
         ]
-        return cls(frozen.with_new_rows([]), entity_columns, objects, plain_rows)
+        return cls(frozen.with_new_rows([]), entity_columns, snapshot.classes, snapshot.objects, plain_rows)
+
+    def loaded_relationships(self) -> set[tuple[type, str]]:
+        """Return ``(class, key)`` of every relationship some cached object holds."""
+        found = set()
+        for class_index, _, _, relationships in self.objects:
+            cls, _, keys = self.classes[class_index]
+            found.update((cls, key) for key, value in zip(keys, relationships, strict=True) if value is not NOT_LOADED)
+        return found
 
     def result(self, session: Session, load_options: tuple = ()) -> Result:
         """Return a Result whose objects belong to ``session``.
@@ -122,83 +139,139 @@ class CachedRows:
         ``load_options`` are the propagating loader options of the query,
         given to each new object as the ORM would.
         """
-        objects = _hydrate(session, self.objects, load_options)
+        objects = _hydrate(session, self.classes, self.objects, load_options)
         flags = self.entity_columns
         rows = [
             tuple(
-                objects[value] if flag and value is not None else value for value, flag in zip(row, flags, strict=False)
+                objects[value] if flag and value is not None else value for value, flag in zip(row, flags, strict=True)
             )
             for row in self.rows
         ]
         return self.shell.with_new_rows(rows)()
 
 
-def _record(obj: Any, ref) -> tuple:
-    state = attributes.instance_state(obj)
-    mapper = state.mapper
-    loaded = state.dict
-    columns = {prop.key: loaded[prop.key] for prop in mapper.column_attrs if prop.key in loaded}
-    relationships = {}
-    for prop in mapper.relationships:
-        if prop.key not in loaded:
-            continue
-        value = loaded[prop.key]
+class _Snapshot:
+    """Collects the objects of a result, each once, with their loaded state."""
+
+    def __init__(self) -> None:
+        self.classes: list[tuple] = []
+        self.objects: list[tuple] = []
+        self._class_index: dict[type, int] = {}
+        self._index: dict[int, int] = {}
+
+    def _layout(self, cls: type, mapper: Any) -> int:
+        position = self._class_index.get(cls)
+        if position is None:
+            columns = tuple(prop.key for prop in mapper.column_attrs)
+            relationships = tuple(prop.key for prop in mapper.relationships)
+            position = self._class_index[cls] = len(self.classes)
+            self.classes.append((cls, columns, relationships))
+        return position
+
+    def ref(self, obj: Any) -> int:
+        """Return the index of ``obj``, recording it (and what it holds) the first time."""
+        position = self._index.get(id(obj))
+        if position is not None:
+            return position
+        position = self._index[id(obj)] = len(self.objects)
+        self.objects.append(())  # reserved: what it holds may refer back to it
+        state = attributes.instance_state(obj)
+        class_index = self._layout(type(obj), state.mapper)
+        _, columns, relationships = self.classes[class_index]
+        loaded = state.dict
+        values = tuple(loaded.get(key, NOT_LOADED) for key in columns)
+        props = state.mapper.relationships
+        held = tuple(
+            self._held(loaded[key], props[key].uselist) if key in loaded else NOT_LOADED for key in relationships
+        )
+        self.objects[position] = (class_index, state.key, values, held)
+        return position
+
+    def _held(self, value: Any, collection: bool) -> Any:
         if value is None:
-            relationships[prop.key] = None
-        elif prop.uselist:
-            members = value.values() if isinstance(value, dict) else value
-            relationships[prop.key] = [ref(member) for member in members]
-        else:
-            relationships[prop.key] = ref(value)
-    return (type(obj), state.key, columns, relationships)
+            return None
+        if not collection:
+            return self.ref(value)
+        members = value.values() if isinstance(value, dict) else value
+        return [self.ref(member) for member in members]
 
 
-def _hydrate(session: Session, records: list[tuple], load_options: tuple) -> list[Any]:
-    identity_map = session.identity_map
+class _Plan:
+    """What hydrating objects of one class needs, worked out once per hit."""
+
+    __slots__ = ("manager", "columns", "column_set", "relationships", "relationship_set", "expire", "load_event")
+
+    def __init__(self, cls: type, columns: tuple, relationships: tuple) -> None:
+        self.manager = instrumentation.manager_of_class(cls)
+        mapper = self.manager.mapper
+        self.columns = columns
+        self.column_set = frozenset(columns)
+        self.relationships = relationships
+        self.relationship_set = frozenset(relationships)
+        # Columns the class has now but the entry does not know (a model
+        # changed since it was stored): expired, so they load on access.
+        self.expire = [prop.key for prop in mapper.column_attrs if prop.key not in columns]
+        self.load_event = bool(self.manager.dispatch.load)
+
+
+def _hydrate(session: Session, classes: list, records: list, load_options: tuple) -> list[Any]:
+    plans = [_Plan(*layout) for layout in classes]
+    lookup = session.identity_map.get
     objects: list[Any] = []
-    fill: list[tuple[Any, dict]] = []
-    created = []
-    for cls, identity_key, columns, relationships in records:
-        obj = identity_map.get(identity_key)
+    append = objects.append
+    fill: list[tuple] = []
+    created: list[Any] = []
+    for class_index, identity_key, values, held in records:
+        plan = plans[class_index]
+        obj = lookup(identity_key)
         if obj is None:
-            obj = _new_object(session, cls, identity_key, columns)
-            if load_options:
-                _sqlalchemy.propagate_options(attributes.instance_state(obj), load_options)
-            created.append(obj)
-            fill.append((obj, relationships))
-        else:
+            obj = plan.manager.new_instance()
             state = attributes.instance_state(obj)
-            missing = [key for key in columns if key not in state.dict]
+            _sqlalchemy.add_loaded(session, state, identity_key)
+            loaded = obj.__dict__
+            missing = plan.expire.copy()
+            for key, value in zip(plan.columns, values, strict=True):
+                if value is NOT_LOADED:
+                    missing.append(key)
+                else:
+                    loaded[key] = value
             if missing:
-                for key in missing:
-                    state.dict[key] = columns[key]
-                _sqlalchemy.commit_loaded(state, missing)
-            fill.append((obj, relationships))
-        objects.append(obj)
-    for obj, relationships in fill:
-        loaded = attributes.instance_state(obj).dict
-        for key, value in relationships.items():
-            if key in loaded:
-                continue  # loaded (and maybe changed) in this session: keep it
+                _sqlalchemy.expire_missing(state, missing)
+            if load_options:
+                _sqlalchemy.propagate_options(state, load_options)
+            created.append((state, plan))
+        else:
+            loaded = obj.__dict__
+            if not plan.column_set.issubset(loaded):  # expired or unloaded: fill as a query would
+                unloaded = [
+                    key
+                    for key, value in zip(plan.columns, values, strict=True)
+                    if key not in loaded and value is not NOT_LOADED
+                ]
+                for key, value in zip(plan.columns, values, strict=True):
+                    if key in unloaded:
+                        loaded[key] = value
+                _sqlalchemy.commit_loaded(attributes.instance_state(obj), unloaded)
+            if plan.relationship_set.issubset(loaded):
+                append(obj)
+                continue
+        if plan.relationships:
+            fill.append((obj, plan.relationships, held))
+        append(obj)
+    for obj, keys, held in fill:
+        loaded = obj.__dict__
+        for key, value in zip(keys, held, strict=True):
+            if value is NOT_LOADED or key in loaded:
+                continue  # not in the entry, or loaded (and maybe changed) in this session
             if isinstance(value, list):
                 value = [objects[i] for i in value]
             elif value is not None:
                 value = objects[value]
             attributes.set_committed_value(obj, key, value)
-    for obj in created:
-        state = attributes.instance_state(obj)
-        state.manager.dispatch.load(state, None)
-        session.dispatch.loaded_as_persistent(session, state)
+    for state, plan in created:
+        if plan.load_event:
+            state.manager.dispatch.load(state, None)
+    if created and session.dispatch.loaded_as_persistent:
+        for state, _ in created:
+            session.dispatch.loaded_as_persistent(session, state)
     return objects
-
-
-def _new_object(session: Session, cls: type, identity_key: Any, columns: dict) -> Any:
-    manager = instrumentation.manager_of_class(cls)
-    obj = manager.new_instance()
-    state = attributes.instance_state(obj)
-    _sqlalchemy.add_loaded(session, state, identity_key)
-    state.dict.update(columns)
-    missing = [prop.key for prop in state.mapper.column_attrs if prop.key not in columns]
-    if missing:
-        _sqlalchemy.expire_missing(state, missing)
-    return obj

@@ -63,7 +63,8 @@ def test_pending_changes_never_reach_the_shared_region(Session, cache, region):
         value = beaker_cache.get(key)
         first.rollback()
     assert isinstance(value, CachedRows)
-    assert [columns["name"] for _, _, columns, _ in value.objects] == ["person 5"]
+    ((cls, columns, _),) = value.classes
+    assert [values[columns.index("name")] for _, _, values, _ in value.objects] == ["person 5"]
 
 
 def test_eager_loaded_children_come_from_the_cache(Session, sql, region):
