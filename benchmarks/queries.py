@@ -19,14 +19,16 @@ does), executes it and fetches its objects or rows (``.scalars().all()``,
   ``dogpile.cache.memory`` or ``dogpile.cache.redis`` region (see
   ``dogpile_example.py``).
 
-After each row, one more call runs with the engine's statements counted,
-and reads every attribute and child a page would show: a hit that emitted
-SQL (a query, or a lazy load of something the cache did not bring) is
-flagged in the table, since it was not a pure hit.
+The rows of one query are timed together, interleaved (see ``timing.py``).
+After that, each row runs one more call with the engine's statements
+counted, and reads every attribute and child a page would show: a hit that
+emitted SQL (a query, or a lazy load of something the cache did not bring)
+is flagged in the table, since it was not a pure hit.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -36,7 +38,7 @@ from sqlalchemy.orm import sessionmaker
 from pyramid_sessioncache import FromCache, SessionCache
 
 from . import model
-from .timing import Budget, Timing, measure
+from .timing import Budget, Timing, measure_many
 
 #: (row id, label); a row id ending in ``_same``/``_new`` says which Session it uses.
 VARIANTS = (
@@ -113,15 +115,30 @@ class _Runner:
 
     def run(self) -> DatabaseResults:
         for query, (_title, build, fetch, touch) in model.QUERIES.items():
-            for variant, _label in VARIANTS:
-                self.results.timings[(variant, query)] = self._one(variant, query, build, fetch, touch)
+            with contextlib.ExitStack() as stack:
+                rows = {}
+                for variant, _label in VARIANTS:
+                    row = self._row(variant, build, fetch, touch, stack)
+                    if row is not None:
+                        rows[variant] = row
+                timings = measure_many({variant: call for variant, (call, _check) in rows.items()}, self.budget)
+                for variant, _label in VARIANTS:
+                    self.results.timings[(variant, query)] = timings.get(variant)
+                for variant, (_call, check) in rows.items():
+                    if check is None:
+                        continue
+                    self.sql.count = 0
+                    check()
+                    if self.sql.count and not variant.startswith("uncached"):
+                        self.results.emitted_sql[(variant, query)] = self.sql.count
         return self.results
 
-    def _one(self, variant: str, query: str, build, fetch, touch) -> Timing | None:
+    def _row(self, variant: str, build, fetch, touch, stack: contextlib.ExitStack):
+        """``(timed call, check call)`` for one row, its cache filled; None when it cannot run."""
         sizes = self.sizes
         if variant == "floor":
             options_factory = _ours("memory")
-            return measure(lambda: build(sizes, options_factory())._generate_cache_key(), self.budget)
+            return lambda: build(sizes, options_factory())._generate_cache_key(), None
         kind, _, session = variant.rpartition("_")
         if kind == "uncached":
             factory, options_factory = self.plain, tuple
@@ -134,12 +151,25 @@ class _Runner:
             if self.dogpile is None or region not in self.dogpile.regions:
                 return None
             factory, options_factory = self.dogpile_sessions, _theirs(self.dogpile, region)
-        timing, emitted = (_same_session if session == "same" else _new_session)(
-            factory, lambda: build(sizes, options_factory()), fetch, touch, self.budget, self.sql
-        )
-        if kind != "uncached" and emitted:
-            self.results.emitted_sql[(variant, query)] = emitted
-        return timing
+
+        def statement():
+            return build(sizes, options_factory())
+
+        if session == "same":
+            same = stack.enter_context(factory())
+            held = fetch(same, statement())  # the miss; its objects stay in the identity map
+            touch(held)
+            # The check call refers to ``held``, which keeps the objects alive until the end.
+            return (lambda: fetch(same, statement())), (lambda: (held, touch(fetch(same, statement()))))
+
+        def call(check=False):
+            with factory() as new:
+                result = fetch(new, statement())
+                if check:
+                    touch(result)
+
+        call(check=True)  # the miss, stored by a Session of its own
+        return call, lambda: call(check=True)
 
 
 def _ours(region: str) -> Callable[[], tuple]:
@@ -148,31 +178,3 @@ def _ours(region: str) -> Callable[[], tuple]:
 
 def _theirs(dogpile, region: str) -> Callable[[], tuple]:
     return lambda: (dogpile.from_cache(region),)
-
-
-def _same_session(factory, statement, fetch, touch, budget: Budget, sql: SQLCounter) -> tuple[Timing, int]:
-    session = factory()
-    try:
-        held = fetch(session, statement())  # the miss; its objects stay in the identity map
-        touch(held)
-        timing = measure(lambda: fetch(session, statement()), budget)
-        sql.count = 0
-        touch(fetch(session, statement()))
-        del held
-        return timing, sql.count
-    finally:
-        session.close()
-
-
-def _new_session(factory, statement, fetch, touch, budget: Budget, sql: SQLCounter) -> tuple[Timing, int]:
-    def call(check=False):
-        with factory() as session:
-            result = fetch(session, statement())
-            if check:
-                touch(result)
-
-    call(check=True)  # the miss, stored by a Session of its own
-    timing = measure(call, budget)
-    sql.count = 0
-    call(check=True)
-    return timing, sql.count

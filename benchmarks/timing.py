@@ -1,16 +1,21 @@
-"""Timing one callable: warm-up, many timed calls, median and p90.
+"""Timing callables side by side: warm-up, many timed calls, median and p90.
 
-Every figure of every table is measured by :func:`measure`, so every column
-is treated alike:
+Every figure of every table is measured by :func:`measure_many`, which
+times the rows of one table column (or one table) *together*, so that
+whatever else the machine does at the time weighs on all of them alike:
 
-- warm-up calls first (untimed), until :attr:`Budget.warmup_calls` calls or
-  :attr:`Budget.warmup_s` seconds, whichever comes first;
-- then each call is timed on its own with ``time.perf_counter_ns``, until
-  :attr:`Budget.max_calls` calls or :attr:`Budget.measure_s` seconds, but
-  never fewer than :attr:`Budget.min_calls`;
+- warm-up calls first (untimed), for each callable, until
+  :attr:`Budget.warmup_calls` calls or :attr:`Budget.warmup_s` seconds;
+- then rounds: in each round every callable in turn gets a slice of
+  :data:`SLICE_S` seconds (at least one call), the order rotating from
+  round to round, until each has had :attr:`Budget.measure_s` seconds and
+  :attr:`Budget.min_calls` calls.  Each call is timed on its own with
+  ``time.perf_counter_ns``.  On a machine whose speed drifts (a shared
+  virtual machine), this keeps the ratios between rows honest where
+  measuring one row after another would not;
 - the garbage collector is off inside timed calls; a young-generation
   collection runs, untimed, every :data:`GC_EVERY` calls, and a full one
-  before each measurement, so no column pays for another's garbage.  (Timings
+  before the rounds start, so no row pays for another's garbage.  (Timings
   therefore leave out cyclic garbage collection, which weighs more on paths
   that allocate more: the uncached query and the dogpile example.)
 
@@ -23,10 +28,11 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 GC_EVERY = 16
+SLICE_S = 0.01
 
 
 @dataclass(frozen=True)
@@ -36,12 +42,11 @@ class Budget:
     warmup_calls: int = 30
     warmup_s: float = 0.15
     min_calls: int = 15
-    max_calls: int = 3000
-    measure_s: float = 0.6
+    measure_s: float = 1.0
 
 
 #: Tiny budgets for ``--quick``: the figures mean nothing, the code runs.
-QUICK = Budget(warmup_calls=2, warmup_s=0.01, min_calls=3, max_calls=5, measure_s=0.01)
+QUICK = Budget(warmup_calls=2, warmup_s=0.01, min_calls=3, measure_s=0.001)
 
 
 @dataclass(frozen=True)
@@ -65,29 +70,62 @@ class Timing:
 
 
 def measure(call: Callable[[], object], budget: Budget) -> Timing:
-    """Time ``call()`` as the module docstring says; return its :class:`Timing`."""
-    clock = time.perf_counter_ns
-    deadline = clock() + int(budget.warmup_s * 1e9)
+    """Time ``call()`` alone; see :func:`measure_many`."""
+    return measure_many({"call": call}, budget)["call"]
+
+
+def measure_many(calls: Mapping[str, Callable[[], object]], budget: Budget) -> dict[str, Timing]:
+    """Time each of ``calls`` as the module docstring says; return name -> :class:`Timing`."""
+    for call in calls.values():
+        warm_up(call, budget)
+    names = list(calls)
+    samples: dict[str, list[int]] = {name: [] for name in names}
+    spent = dict.fromkeys(names, 0)
+    wanted = int(budget.measure_s * 1e9)
+    gc.collect()
+    rounds = 0
+    while any(spent[name] < wanted or len(samples[name]) < budget.min_calls for name in names):
+        shift = rounds % len(names)
+        rounds += 1
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter_ns()
+            samples[name] += time_slice(calls[name], SLICE_S)
+            spent[name] += time.perf_counter_ns() - start
+    return {name: Timing(tuple(samples[name])) for name in names}
+
+
+def warm_up(call: Callable[[], object], budget: Budget) -> None:
+    """Call ``call()`` untimed, :attr:`Budget.warmup_calls` times or for :attr:`Budget.warmup_s`."""
+    deadline = time.perf_counter_ns() + int(budget.warmup_s * 1e9)
     for _ in range(budget.warmup_calls):
         call()
-        if clock() > deadline:
+        if time.perf_counter_ns() > deadline:
             break
-    gc.collect()
-    samples: list[int] = []
+
+
+def time_slice(call: Callable[[], object], seconds: float) -> list[int]:
+    """Time single calls of ``call()`` for ``seconds`` (at least one); return their times in ns.
+
+    The garbage collector is off during the calls; a young-generation
+    collection runs between them, untimed, every :data:`GC_EVERY` calls.
+    """
+    clock = time.perf_counter_ns
+    out: list[int] = []
     enabled = gc.isenabled()
     gc.disable()
     try:
-        deadline = clock() + int(budget.measure_s * 1e9)
-        while len(samples) < budget.max_calls and (len(samples) < budget.min_calls or clock() < deadline):
+        end_of_slice = clock() + int(seconds * 1e9)
+        while True:
             start = clock()
             call()
-            samples.append(clock() - start)
-            if len(samples) % GC_EVERY == 0:
+            out.append(clock() - start)
+            if len(out) % GC_EVERY == 0:
                 gc.collect(0)
+            if clock() >= end_of_slice:
+                return out
     finally:
         if enabled:
             gc.enable()
-    return Timing(tuple(samples))
 
 
 def cell(timing: Timing | None, width: int = 18) -> str:

@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from pyramid.config import Configurator
@@ -36,7 +36,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from . import model
-from .timing import Budget, Timing, measure
+from .timing import SLICE_S, Budget, Timing, measure_many
 from .wsgi_overhead import VIEWS, render_people, request
 
 #: (path, label)
@@ -85,7 +85,7 @@ def make_app(url: str, sizes: model.Sizes):
 
 
 def run(url: str, sizes: model.Sizes, budget: Budget) -> dict[str, tuple[Timing, float]]:
-    """Time every row; return path -> (timing, SQL statements per request)."""
+    """Time every row, interleaved; return path -> (timing, SQL statements per request)."""
     app = make_app(url, sizes)
     statements = [0]
 
@@ -95,28 +95,28 @@ def run(url: str, sizes: model.Sizes, budget: Budget) -> dict[str, tuple[Timing,
     # The add-on builds its engine from sqlalchemy.url: count on every engine.
     event.listen(Engine, "before_cursor_execute", count)
     try:
+        timings = measure_many({path: lambda path=path: request(app, path) for path, _label in ROWS}, budget)
         results = {}
         for path, _label in ROWS:
-            timing = measure(lambda path=path: request(app, path), budget)
             statements[0] = 0
             checks = 3
             for _ in range(checks):
                 request(app, path)
-            results[path] = (timing, statements[0] / checks)
+            results[path] = (timings[path], statements[0] / checks)
         return results
     finally:
         event.remove(Engine, "before_cursor_execute", count)
 
 
-def overhead(url: str, sizes: model.Sizes, slices: int, seconds: float) -> dict[str, dict[bool, list[float]]]:
+def overhead(url: str, sizes: model.Sizes, budget: Budget) -> dict[str, dict[bool, Timing]]:
     """Time the views of ``wsgi_overhead.py`` without and with the add-on, interleaved.
 
-    Two child processes (without, with) serve side by side; each view is
-    timed ``slices`` times in each, for ``seconds`` a slice, alternating
-    which goes first.  Returns view -> {include: [median of each slice, us]}.
+    Two child processes (without, with) serve side by side; as in
+    :func:`~benchmarks.timing.measure_many`, each (view, side) in turn gets
+    a slice of :data:`~benchmarks.timing.SLICE_S`, the order rotating, until
+    each has had ``budget.measure_s``.  Returns view -> {include: timing}.
     """
     script = Path(__file__).with_name("wsgi_overhead.py")
-    medians: dict[str, dict[bool, list[float]]] = {view: {False: [], True: []} for view in VIEWS}
     with contextlib.ExitStack() as stack:
         children = {}
         for include in (False, True):
@@ -127,14 +127,28 @@ def overhead(url: str, sizes: model.Sizes, slices: int, seconds: float) -> dict[
             stack.callback(_stop, child)
             children[include] = (child, errors)
             _answer(child, errors, command)  # "ready"
-        for index in range(slices):
-            for view in VIEWS:
-                for include in (False, True) if index % 2 == 0 else (True, False):
-                    child, errors = children[include]
-                    child.stdin.write(f"{view} {seconds}\n")
-                    child.stdin.flush()
-                    medians[view][include].append(json.loads(_answer(child, errors, view))["median_us"])
-    return medians
+
+        def ask(view: str, include: bool, seconds: float) -> list[int]:
+            child, errors = children[include]
+            child.stdin.write(f"{view} {seconds}\n")
+            child.stdin.flush()
+            return json.loads(_answer(child, errors, view))
+
+        pairs = [(view, include) for view in VIEWS for include in (False, True)]
+        for view, include in pairs:
+            ask(view, include, budget.warmup_s)
+        samples: dict[tuple[str, bool], list[int]] = {pair: [] for pair in pairs}
+        spent = dict.fromkeys(pairs, 0)
+        wanted = int(budget.measure_s * 1e9)
+        rounds = 0
+        while any(spent[pair] < wanted or len(samples[pair]) < budget.min_calls for pair in pairs):
+            shift = rounds % len(pairs)
+            rounds += 1
+            for pair in pairs[shift:] + pairs[:shift]:
+                start = time.perf_counter_ns()
+                samples[pair] += ask(*pair, SLICE_S)
+                spent[pair] += time.perf_counter_ns() - start
+    return {view: {include: Timing(tuple(samples[(view, include)])) for include in (False, True)} for view in VIEWS}
 
 
 def _answer(child, errors, what) -> str:
@@ -153,10 +167,3 @@ def _stop(child) -> None:
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
-
-
-def overhead_summary(medians: dict[bool, list[float]]) -> tuple[float, float, float]:
-    """(without, with, overhead in %) from one view's medians: the median of each side's slice medians."""
-    without = statistics.median(medians[False])
-    with_ = statistics.median(medians[True])
-    return without, with_, (with_ / without - 1) * 100

@@ -2,8 +2,8 @@
 
 Run by ``run.py``: one process without the add-on and one with it, kept
 running side by side while ``run.py`` asks each in turn to time a view for
-a short slice of time (``--serve``), many times over, so that whatever else
-the machine does weighs on both alike.  By hand::
+a slice of 10 ms (``--serve``), hundreds of times over, so that whatever
+else the machine does weighs on both alike.  By hand::
 
     .venv/bin/python benchmarks/wsgi_overhead.py sqlite:////tmp/bench.sqlite [--include] [--quick]
 
@@ -18,8 +18,8 @@ uncached.  The database must hold the benchmark's data (``model.create``).
 Without ``--include`` the process never imports ``pyramid_sessioncache``,
 whose Session listeners would otherwise be installed (they are process-wide)
 and timed on both sides.  Each request is a ``webob.Request.blank`` sent
-straight to the WSGI application, no network.  Prints one JSON object:
-view -> {"median_us", "p90_us", "calls"}.
+straight to the WSGI application, no network.  By hand, it prints one JSON
+object: view -> {"median_us", "p90_us", "calls"}.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from sqlalchemy.orm import sessionmaker  # noqa: E402
 from webob import Request  # noqa: E402
 
 from benchmarks import model  # noqa: E402
-from benchmarks.timing import QUICK, Budget, measure  # noqa: E402
+from benchmarks.timing import QUICK, Budget, measure, time_slice  # noqa: E402
 
 VIEWS = ("nodb", "point", "page")
 
@@ -94,12 +94,12 @@ def request(app, path: str) -> None:
 
 
 def serve(app, stdin, stdout) -> None:
-    """Answer ``VIEW SECONDS`` lines: time ``/VIEW`` for that long, print its figures as JSON."""
+    """Answer ``VIEW SECONDS`` lines: time ``GET /VIEW`` for that long, print the times (ns) as JSON."""
     print("ready", file=stdout, flush=True)
     for line in stdin:
         view, seconds = line.split()
-        budget = Budget(warmup_calls=5, warmup_s=0.02, min_calls=5, max_calls=1_000_000, measure_s=float(seconds))
-        print(json.dumps(_figures(app, view, budget)), file=stdout, flush=True)
+        samples = time_slice(lambda view=view: request(app, f"/{view}"), float(seconds))
+        print(json.dumps(samples), file=stdout, flush=True)
 
 
 def _figures(app, view: str, budget: Budget) -> dict:
