@@ -53,7 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/run.py` from anywhere
 
 from benchmarks import dogpile_example, model, queries, servers, wsgi  # noqa: E402
-from benchmarks.timing import QUICK, Budget, Timing, cell  # noqa: E402
+from benchmarks.timing import QUICK, SLICE_S, Budget, Timing, cell  # noqa: E402
 from benchmarks.wsgi_overhead import VIEWS  # noqa: E402
 
 QUICK_SIZES = model.Sizes(people=60, addresses=3, purchases=2)
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         pg_url = pg_version = None
         if not args.no_postgresql:
             pg_url, pg_version = _server(stack, servers.postgresql_url, "PostgreSQL", args.require_servers, notes)
-        print(_header(args, sizes, redis_version, pg_version, notes), flush=True)
+        print(_header(args, sizes, budget, redis_version, pg_version, notes), flush=True)
 
         databases = []
         sqlite_url = stack.enter_context(servers.sqlite_url())
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_overhead_table(overhead, overhead_budget), flush=True)
         progress("stopping the servers")
 
-    checks = _checks(databases, overhead, args)
+    checks = _checks(databases, overhead)
     print(_checks_text(checks, args.quick))
     print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {_load()} at the end")
     return 0
@@ -166,7 +166,7 @@ def _load() -> str:
         return "unknown"
 
 
-def _header(args, sizes: model.Sizes, redis_version, pg_version, notes) -> str:
+def _header(args, sizes: model.Sizes, budget: Budget, redis_version, pg_version, notes) -> str:
     cores = os.cpu_count()
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
     versions = [
@@ -194,6 +194,8 @@ def _header(args, sizes: model.Sizes, redis_version, pg_version, notes) -> str:
         f"data: {sizes.people} people, {sizes.addresses} addresses each, {sizes.purchases} purchases each; "
         f"page: {model.PAGE_SIZE} people from offset {sizes.page_offset}, with their addresses (selectinload)",
         "cells: median [p90] of single calls, microseconds (1000 us = 1 ms); lower is better",
+        f"timing: the rows of a table interleaved in {SLICE_S * 1000:.0f} ms slices, {budget.measure_s} s per cell "
+        "after warm-up; no garbage collection inside timed calls (see benchmarks/timing.py)",
     ]
     if args.dogpile:
         lines.append(f"dogpile example: {Path(args.dogpile).resolve()}")
@@ -273,7 +275,7 @@ def _ratio(a: Timing | None, b: Timing | None) -> float | None:
     return a.median_us / b.median_us
 
 
-def _checks(databases, overhead, args) -> list[Check]:
+def _checks(databases, overhead) -> list[Check]:
     checks: list[Check] = []
 
     def at_most(text, ratio, limit, verdict=True):
