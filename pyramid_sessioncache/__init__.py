@@ -92,7 +92,7 @@ def includeme(config: Any) -> None:
     config.include("pyramid_tm")
     settings = parse_settings(config.registry.settings)
     try:
-        cache = SessionCache(settings.regions, settings.default_region, settings.invalidation)
+        cache = SessionCache(settings.regions, settings.default_region, settings.invalidation, settings.retry_after)
     except Exception as exc:  # Beaker reports bad options in many ways
         raise ConfigurationError(f"cannot build the cache regions from the cache.* settings: {exc}") from exc
     factory = sessionmaker(bind=_engine(config.registry.settings), info=cache.session_info())

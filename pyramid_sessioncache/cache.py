@@ -27,6 +27,10 @@ class SessionCache:
         a mapping of region name to Beaker options to build one from.
     :param default_region: the region used when a query names none; the
         first region by default.
+    :param invalidation: ``"auto"`` (committed writes invalidate what read
+        the written tables) or ``"manual"``.
+    :param retry_after: seconds a region whose backend failed is skipped
+        (its queries go to the database) before it is tried again.
 
     Outside Pyramid, hand it to your Sessions::
 
@@ -39,13 +43,14 @@ class SessionCache:
         regions: CacheRegions | Mapping[str, Mapping[str, Any]],
         default_region: str | None = None,
         invalidation: str = "auto",
+        retry_after: float = 5.0,
     ):
         if invalidation not in ("auto", "manual"):
             raise ValueError(f"invalidation must be 'auto' or 'manual', not {invalidation!r}")
         #: ``"auto"``: committed writes invalidate the entries that read the
         #: written tables; ``"manual"``: only explicit invalidation.
         self.invalidation = invalidation
-        self.regions = regions if isinstance(regions, CacheRegions) else CacheRegions(regions)
+        self.regions = regions if isinstance(regions, CacheRegions) else CacheRegions(regions, retry_after)
         self.default_region = default_region or next(iter(self.regions), None)
         if self.default_region is not None:
             self.regions[self.default_region]  # an unknown name raises here

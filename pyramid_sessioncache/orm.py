@@ -153,7 +153,9 @@ def _shared(state: ORMExecuteState, cache: SessionCache, region: Region, key: An
     def create() -> CachedRows:
         versions = region.versions(tables)  # before the query: see invalidation.py
         value = _snapshot(state, connection)
-        if not value.tables <= frozenset(tables):
+        if versions is None:  # the backend failed: nothing to tag the result with
+            verdict["store"] = False
+        elif not value.tables <= frozenset(tables):
             # Eager loads read tables the statement does not name; versions
             # were not read for them in time, so keep this one result only.
             _learn(cache, key.shape, value.tables.union(tables))

@@ -15,6 +15,7 @@ alone, so every process of an application shares them.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import time
 import uuid
@@ -31,7 +32,23 @@ from .local import ScopedSessionNamespace
 #: running different versions never read each other's entries.
 FORMAT = "v1"
 
-_MISSING = object()
+log = logging.getLogger(__name__)
+
+
+def _backend_errors() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [OSError, EOFError, pickle.UnpicklingError]
+    try:
+        import redis
+    except ImportError:  # pragma: no cover - redis is optional
+        pass
+    else:
+        errors.append(redis.RedisError)
+    return tuple(errors)
+
+
+#: Errors that say a backend is unreachable or its data unreadable: the
+#: region is skipped for a while and queries go to the database.
+BACKEND_ERRORS = _backend_errors()
 
 
 def _namespace_class(kind: str) -> Any:
@@ -50,11 +67,18 @@ class Region:
     :param options: Beaker options (``type``, ``expire``, ``url``, ...),
         already converted to Python values.
     :param token: a string unique to the owning :class:`CacheRegions`.
+    :param retry_after: seconds a region whose backend failed is left alone
+        before it is tried again.
     """
 
-    def __init__(self, name: str, options: Mapping[str, Any], token: str) -> None:
+    def __init__(self, name: str, options: Mapping[str, Any], token: str, retry_after: float = 5.0) -> None:
         nsargs = dict(options)
         self.name = name
+        self.retry_after = retry_after
+        self._down_until = 0.0
+        # Table versions a commit could not bump while the backend was down:
+        # bumped before this process uses the region again.
+        self._pending: set[str] = set()
         self.type: str = nsargs.pop("type", "memory")
         self.expire: int | None = nsargs.pop("expire", None)
         self.enabled: bool = nsargs.pop("enabled", True)
@@ -89,15 +113,44 @@ class Region:
             return self._shared.namespace
         return ScopedSessionNamespace(self.namespace_name, session=session)
 
-    @staticmethod
-    def _read(namespace: Any, key: bytes, valid: Callable[[Any], bool] = lambda value: True) -> tuple[Any, bool] | None:
-        namespace.acquire_read_lock()
+    def _down(self) -> bool:
+        return bool(self._down_until) and time.monotonic() < self._down_until
+
+    def available(self) -> bool:
+        """Whether the backend may be used now (not failed within ``retry_after``)."""
+        if self._down():
+            return False
+        if self._pending:
+            pending, self._pending = self._pending, set()
+            self.bump(pending)
+            return not self._pending
+        return True
+
+    def _failed(self, exc: BaseException, doing: str) -> None:
+        self._down_until = time.monotonic() + self.retry_after
+        log.warning(
+            "cache region %r (%s) failed while %s: %s; queries go to the database, retrying in %ss",
+            self.name,
+            self.type,
+            doing,
+            exc,
+            self.retry_after,
+        )
+
+    def _read(
+        self, namespace: Any, key: bytes, valid: Callable[[Any], bool] = lambda value: True
+    ) -> tuple[Any, bool] | None:
         try:
-            stored = namespace[key]
+            namespace.acquire_read_lock()
+            try:
+                stored = namespace[key]
+            finally:
+                namespace.release_read_lock()
         except KeyError:
             return None
-        finally:
-            namespace.release_read_lock()
+        except BACKEND_ERRORS as exc:
+            self._failed(exc, "reading")
+            return None
         try:
             stored_at, expire, value = stored
         except (TypeError, ValueError):
@@ -119,11 +172,16 @@ class Region:
                     f"cannot store a value in cache region {self.name!r} "
                     f"(type {self.type}): it cannot be pickled: {exc}"
                 ) from exc
-        namespace.acquire_write_lock()
+        if self._down():
+            return
         try:
-            namespace.set_value(key, (time.time(), expire, value), expiretime=expire)
-        finally:
-            namespace.release_write_lock()
+            namespace.acquire_write_lock()
+            try:
+                namespace.set_value(key, (time.time(), expire, value), expiretime=expire)
+            finally:
+                namespace.release_write_lock()
+        except BACKEND_ERRORS as exc:
+            self._failed(exc, "writing")
 
     def get(self, key: str, session: Any = None, default: Any = None) -> Any:
         """Return the fresh value stored under ``key``, or ``default``."""
@@ -146,14 +204,35 @@ class Region:
             return
         self.cache_for(session).clear()
 
-    def versions(self, names: tuple[str, ...]) -> tuple:
-        """Return the current version tokens of ``names`` (None for never bumped), in one read."""
-        return tuple(_beaker.read_many(self._versions.namespace, [_encode(name) for name in names]))
+    def versions(self, names: tuple[str, ...]) -> tuple | None:
+        """Return the current version tokens of ``names`` (None for never bumped), in one read.
+
+        Returns None itself when the backend fails.
+        """
+        if self._down():
+            return None
+        try:
+            return tuple(_beaker.read_many(self._versions.namespace, [_encode(name) for name in names]))
+        except BACKEND_ERRORS as exc:
+            self._failed(exc, "reading table versions")
+            return None
 
     def bump(self, names: Iterable[str]) -> None:
-        """Give ``names`` a new version token, so entries that saw the old one are invalid."""
+        """Give ``names`` a new version token, so entries that saw the old one are invalid.
+
+        When the backend fails, the names are kept and bumped before this
+        process uses the region again.
+        """
+        names = set(names)
+        if self._down():
+            self._pending |= names
+            return
         token = uuid.uuid4().hex
-        _beaker.write_many(self._versions.namespace, {_encode(name): token for name in names})
+        try:
+            _beaker.write_many(self._versions.namespace, {_encode(name): token for name in names})
+        except BACKEND_ERRORS as exc:
+            self._pending |= names
+            self._failed(exc, "invalidating tables " + ", ".join(sorted(names)))
 
     def get_or_create(
         self,
@@ -172,25 +251,34 @@ class Region:
         ``valid(value)`` rejects is never served.  ``store(value)`` may
         refuse to store what ``create()`` returned.
         """
+        if not self.is_local and not self.available():
+            return create(), False
         namespace = self._namespace(session)
         bkey = _encode(key)
         found = self._read(namespace, bkey, valid)
         if found is not None and found[1]:
             return found[0], True
-        if self.is_local:  # one Session, one thread: no lock to take
+        if self.is_local or self._down():  # one Session, or a failing backend: no lock
             return self._create(namespace, bkey, create, expire, store), False
         lock = namespace.get_creation_lock(bkey)
-        if found is not None and not lock.acquire(wait=False):
-            return found[0], True
-        if found is None:
-            lock.acquire()
+        try:
+            if found is not None and not lock.acquire(wait=False):
+                return found[0], True
+            if found is None:
+                lock.acquire()
+        except BACKEND_ERRORS as exc:
+            self._failed(exc, "locking")
+            return create(), False
         try:
             again = self._read(namespace, bkey, valid)
             if again is not None and again[1]:
                 return again[0], True
             return self._create(namespace, bkey, create, expire, store), False
         finally:
-            lock.release()
+            try:
+                lock.release()
+            except BACKEND_ERRORS as exc:
+                self._failed(exc, "unlocking")
 
     def _create(self, namespace, bkey, create, expire, store) -> Any:
         value = create()
@@ -215,9 +303,9 @@ class CacheRegions(Mapping[str, Region]):
     :class:`~pyramid_sessioncache.UnknownRegionError`.
     """
 
-    def __init__(self, regions: Mapping[str, Mapping[str, Any]]) -> None:
+    def __init__(self, regions: Mapping[str, Mapping[str, Any]], retry_after: float = 5.0) -> None:
         token = uuid.uuid4().hex[:12]
-        self._regions = {name: Region(name, options, token) for name, options in regions.items()}
+        self._regions = {name: Region(name, options, token, retry_after) for name, options in regions.items()}
 
     def __getitem__(self, name: str) -> Region:
         try:

@@ -34,6 +34,13 @@ def _positive_int(value: str) -> int:
     return number
 
 
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be a positive number of seconds")
+    return number
+
+
 def _boolean(value: str) -> bool:
     word = value.strip().lower()
     if word in truthy:
@@ -102,6 +109,7 @@ ADDON_OPTIONS: Mapping[str, Callable[[str], Any]] = MappingProxyType(
     {
         "default_region": _text,
         "invalidation": _invalidation,
+        "retry_after": _positive_float,
     }
 )
 
@@ -117,6 +125,7 @@ class Settings:
     regions: Mapping[str, Mapping[str, Any]]
     default_region: str
     invalidation: str = "auto"
+    retry_after: float = 5.0
 
 
 def _fail(key: str, value: Any, why: str) -> ConfigurationError:
@@ -183,7 +192,12 @@ def parse_settings(settings: Mapping[str, Any]) -> Settings:
             default_region,
             f"not a configured region (cache.regions = {', '.join(regions)})",
         )
-    return Settings(regions=regions, default_region=default_region, invalidation=addon.pop("invalidation", "auto"))
+    return Settings(
+        regions=regions,
+        default_region=default_region,
+        invalidation=addon.pop("invalidation", "auto"),
+        retry_after=addon.pop("retry_after", 5.0),
+    )
 
 
 def _check_region(name: str, options: Mapping[str, Any]) -> None:
