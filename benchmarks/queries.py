@@ -106,7 +106,7 @@ class _Runner:
         regions = {"local": {"type": "ext:local_session"}, "memory": {"type": "memory"}}
         if redis_url:
             regions["redis"] = {"type": "ext:redis", "url": redis_url}
-        self.cache = SessionCache(regions)
+        self.cache = SessionCache(regions, secret="benchmark secret, not for production")
         self.cached = sessionmaker(bind=engine, info=self.cache.session_info())
         self.plain = sessionmaker(bind=engine)
         self.redis = bool(redis_url)

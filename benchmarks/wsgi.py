@@ -24,10 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pyramid.config import Configurator
@@ -108,47 +111,100 @@ def run(url: str, sizes: model.Sizes, budget: Budget) -> dict[str, tuple[Timing,
         event.remove(Engine, "before_cursor_execute", count)
 
 
-def overhead(url: str, sizes: model.Sizes, budget: Budget) -> dict[str, dict[bool, Timing]]:
+#: The processes of one group: the application without the add-on, a twin of
+#: it (the control: its "overhead" shows how precise the figure is), and the
+#: application with the add-on.
+SIDES = ("without", "control", "with")
+
+
+@dataclass
+class Overhead:
+    """One view, without and with the add-on: every call's time, and the paired estimates."""
+
+    without: Timing
+    with_: Timing
+    #: The add-on's overhead, in percent: the median, over every round, of
+    #: (median of the round's "with" slice) / (median of its "without" slice), minus 1.
+    percent: float
+    #: The same for the control process against "without": what two identical
+    #: processes differ by on this machine now (ideally 0).
+    control_percent: float
+
+
+def overhead(url: str, sizes: model.Sizes, budget: Budget, groups: int = 1) -> dict[str, Overhead]:
     """Time the views of ``wsgi_overhead.py`` without and with the add-on, interleaved.
 
-    Two child processes (without, with) serve side by side; as in
+    ``groups`` times over, three new child processes (:data:`SIDES`) serve
+    side by side, all with ``PYTHONHASHSEED=0``; as in
     :func:`~benchmarks.timing.measure_many`, each (view, side) in turn gets
     a slice of :data:`~benchmarks.timing.SLICE_S`, the order rotating, until
-    each has had ``budget.measure_s``.  Returns view -> {include: timing}.
+    each has had ``budget.measure_s / groups``.  Several groups of
+    processes average out what makes one process faster than its twin
+    (memory layout); the fixed hash seed removes another such cause.
+
+    The overhead is estimated from slices run a few milliseconds apart, in
+    the same round: their ratio is little affected by what else the
+    machine does, which on a shared machine shifts whole seconds' worth of
+    calls; the estimate is the median of those ratios.
     """
+    runs = [_overhead_group(url, sizes, budget, groups) for _ in range(groups)]
+    out = {}
+    for view in VIEWS:
+        timings = {side: Timing(tuple(t for samples, _rounds in runs for t in samples[(view, side)])) for side in SIDES}
+
+        def paired(side: str, view: str = view) -> float:
+            ratios = [
+                statistics.median(slices[(view, side)]) / statistics.median(slices[(view, "without")])
+                for _samples, rounds in runs
+                for slices in rounds
+            ]
+            return (statistics.median(ratios) - 1) * 100
+
+        out[view] = Overhead(timings["without"], timings["with"], paired("with"), paired("control"))
+    return out
+
+
+def _overhead_group(url: str, sizes: model.Sizes, budget: Budget, groups: int):
+    """One group of processes: (samples by (view, side), [slices by (view, side), per round])."""
     script = Path(__file__).with_name("wsgi_overhead.py")
+    environment = {**os.environ, "PYTHONHASHSEED": "0"}
     with contextlib.ExitStack() as stack:
         children = {}
-        for include in (False, True):
+        for side in SIDES:
             command = [sys.executable, str(script), url, "--people", str(sizes.people), "--serve"]
-            command += ["--include"] * include
+            command += ["--include"] * (side == "with")
             errors = stack.enter_context(tempfile.TemporaryFile("w+"))
-            child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True)
+            child = subprocess.Popen(
+                command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors, text=True, env=environment
+            )
             stack.callback(_stop, child)
-            children[include] = (child, errors)
+            children[side] = (child, errors, command)
+        for child, errors, command in children.values():
             _answer(child, errors, command)  # "ready"
 
-        def ask(view: str, include: bool, seconds: float) -> list[int]:
-            child, errors = children[include]
+        def ask(view: str, side: str, seconds: float) -> list[int]:
+            child, errors, _command = children[side]
             child.stdin.write(f"{view} {seconds}\n")
             child.stdin.flush()
             return json.loads(_answer(child, errors, view))
 
-        pairs = [(view, include) for view in VIEWS for include in (False, True)]
-        for view, include in pairs:
-            ask(view, include, budget.warmup_s)
-        samples: dict[tuple[str, bool], list[int]] = {pair: [] for pair in pairs}
-        spent = dict.fromkeys(pairs, 0)
-        wanted = int(budget.measure_s * 1e9)
-        rounds = 0
-        while any(spent[pair] < wanted or len(samples[pair]) < budget.min_calls for pair in pairs):
-            shift = rounds % len(pairs)
-            rounds += 1
-            for pair in pairs[shift:] + pairs[:shift]:
+        keys = [(view, side) for view in VIEWS for side in SIDES]
+        for view, side in keys:
+            ask(view, side, budget.warmup_s)
+        samples: dict[tuple[str, str], list[int]] = {key: [] for key in keys}
+        rounds: list[dict[tuple[str, str], list[int]]] = []
+        spent = dict.fromkeys(keys, 0)
+        wanted = int(budget.measure_s / groups * 1e9)
+        while any(spent[key] < wanted or len(samples[key]) < budget.min_calls for key in keys):
+            shift = len(rounds) % len(keys)
+            slices = {}
+            for key in keys[shift:] + keys[:shift]:
                 start = time.perf_counter_ns()
-                samples[pair] += ask(*pair, SLICE_S)
-                spent[pair] += time.perf_counter_ns() - start
-    return {view: {include: Timing(tuple(samples[(view, include)])) for include in (False, True)} for view in VIEWS}
+                slices[key] = ask(*key, SLICE_S)
+                spent[key] += time.perf_counter_ns() - start
+                samples[key] += slices[key]
+            rounds.append(slices)
+        return samples, rounds
 
 
 def _answer(child, errors, what) -> str:

@@ -1,9 +1,11 @@
 """What ``config.include('pyramid_sessioncache')`` costs a view that caches nothing.
 
-Run by ``run.py``: one process without the add-on and one with it, kept
-running side by side while ``run.py`` asks each in turn to time a view for
-a slice of 10 ms (``--serve``), hundreds of times over, so that whatever
-else the machine does weighs on both alike.  By hand::
+Run by ``run.py``: one process without the add-on, a twin of it (a
+control, to show how precise the comparison is) and one with the add-on,
+kept running side by side while ``run.py`` asks each in turn to time a view
+for a slice of 10 ms (``--serve``), hundreds of times over, so that
+whatever else the machine does weighs on all alike; and that with several
+groups of processes (see ``wsgi.overhead``).  By hand::
 
     .venv/bin/python benchmarks/wsgi_overhead.py sqlite:////tmp/bench.sqlite [--include] [--quick]
 
