@@ -22,7 +22,7 @@ from pyramid.util import InstancePropertyHelper
 from sqlalchemy import engine_from_config
 from sqlalchemy.orm import sessionmaker
 
-from . import orm
+from . import orm, signing
 from .cache import SessionCache, cache_of
 from .errors import (
     NoRegionsError,
@@ -65,6 +65,7 @@ __all__ = [
     "invalidate_region",
     "invalidate_tables",
     "parse_settings",
+    "signing",
 ]
 
 orm.install()
@@ -92,7 +93,9 @@ def includeme(config: Any) -> None:
     config.include("pyramid_tm")
     settings = parse_settings(config.registry.settings)
     try:
-        cache = SessionCache(settings.regions, settings.default_region, settings.invalidation, settings.retry_after)
+        cache = SessionCache(
+            settings.regions, settings.default_region, settings.invalidation, settings.retry_after, settings.secret
+        )
     except Exception as exc:  # Beaker reports bad options in many ways
         raise ConfigurationError(f"cannot build the cache regions from the cache.* settings: {exc}") from exc
     factory = sessionmaker(bind=_engine(config.registry.settings), info=cache.session_info())

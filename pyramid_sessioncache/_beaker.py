@@ -1,19 +1,29 @@
-"""The few places where we reach into Beaker's module globals.
+"""Where we go beyond Beaker's public API, in one place.
 
-Beaker keeps its backends in ``beaker.cache.clsmap``, a lazily filled
-registry that no longer accepts item assignment (Beaker 1.13 turned it into
-``beaker.cache._backends``).  Registering a backend at run time, as the old
-``create_session_container`` did with ``clsmap[name] = ...``, now means
-writing to its private ``_clsmap`` dictionary.  That is isolated here.
+- Beaker keeps its backends in ``beaker.cache.clsmap``, a lazily filled
+  registry that no longer accepts item assignment (Beaker 1.13 turned it
+  into ``beaker.cache._backends``).  Registering a backend at run time, as
+  the old ``create_session_container`` did with ``clsmap[name] = ...``, now
+  means writing to its private ``_clsmap`` dictionary.
+- A ``Cache`` over a namespace manager we built ourselves (a signed Redis
+  namespace) is made without registering a type in that global registry.
+- Beaker reads and writes one key at a time; Redis gets ``MGET``/``MSET``
+  on keys spelled as Beaker's ``RedisNamespaceManager._format_key`` spells
+  them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any
 
 from beaker import cache as beaker_cache
 from beaker.ext.redisnm import RedisNamespaceManager
+
+from . import signing
+
+log = logging.getLogger(__name__)
 
 
 def _load_entry_points() -> None:
@@ -70,3 +80,51 @@ def _get(namespace: Any, key: bytes) -> Any:
         return namespace[key]
     except KeyError:
         return None
+
+
+class SignedRedisNamespaceManager(RedisNamespaceManager):
+    """Beaker's Redis namespace, with every value signed (HMAC-SHA256) before it is stored.
+
+    A value is unpickled only after its signature checks, so an entry
+    written by anyone without the secret (tampered, or of another
+    application) is never unpickled: it reads as missing, and is logged.
+    """
+
+    def __init__(self, namespace: str, url: Any, secret: bytes, **kw: Any) -> None:
+        super().__init__(namespace, url, **kw)
+        self._secret = secret
+
+    def __getitem__(self, key: Any) -> Any:
+        entry = self.client.get(self._format_key(key))
+        if entry is None:
+            raise KeyError(key)
+        value = signing.loads(self._secret, entry)
+        if value is signing.INVALID:
+            log.warning("ignored an entry with a bad signature in cache namespace %r", self.namespace)
+            raise KeyError(key)
+        return value
+
+    def set_value(self, key: Any, value: Any, expiretime: int | None = None) -> None:
+        data = signing.dumps(self._secret, value)
+        if expiretime is None and self.timeout is not None:
+            expiretime = self.timeout
+        if expiretime is not None:
+            self.client.set(self._format_key(key), data, ex=int(expiretime))
+        else:
+            self.client.set(self._format_key(key), data)
+
+
+def cache_on(namespace: Any, expire: int | None) -> beaker_cache.Cache:
+    """Return a Beaker ``Cache`` over an already built namespace manager.
+
+    ``Cache.__init__`` only builds namespaces from a type name in the
+    process-wide ``clsmap``; this sets the same attributes it sets
+    (Beaker 1.13, 1.14) without registering anything globally.
+    """
+    cache = beaker_cache.Cache.__new__(beaker_cache.Cache)
+    cache.namespace_name = namespace.namespace
+    cache.namespace = namespace
+    cache.expiretime = expire
+    cache.starttime = None
+    cache.nsargs = {}
+    return cache

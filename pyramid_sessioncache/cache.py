@@ -31,6 +31,8 @@ class SessionCache:
         the written tables) or ``"manual"``.
     :param retry_after: seconds a region whose backend failed is skipped
         (its queries go to the database) before it is tried again.
+    :param secret: the key that signs values stored in Redis; required by
+        ``ext:redis`` regions, the same in every process that shares them.
 
     Outside Pyramid, hand it to your Sessions::
 
@@ -44,13 +46,16 @@ class SessionCache:
         default_region: str | None = None,
         invalidation: str = "auto",
         retry_after: float = 5.0,
+        secret: str | bytes | None = None,
     ):
         if invalidation not in ("auto", "manual"):
             raise ValueError(f"invalidation must be 'auto' or 'manual', not {invalidation!r}")
         #: ``"auto"``: committed writes invalidate the entries that read the
         #: written tables; ``"manual"``: only explicit invalidation.
         self.invalidation = invalidation
-        self.regions = regions if isinstance(regions, CacheRegions) else CacheRegions(regions, retry_after)
+        if isinstance(secret, str):
+            secret = secret.encode()
+        self.regions = regions if isinstance(regions, CacheRegions) else CacheRegions(regions, retry_after, secret)
         self.default_region = default_region or next(iter(self.regions), None)
         if self.default_region is not None:
             self.regions[self.default_region]  # an unknown name raises here

@@ -28,6 +28,9 @@ from . import _beaker
 from .errors import UnknownRegionError, UnpicklableResultError
 from .local import ScopedSessionNamespace
 
+#: Types whose values cross the network: signed, and checked before unpickling.
+SIGNED_TYPES = frozenset({"ext:redis"})
+
 #: Bumped when the format of stored values changes, so that processes
 #: running different versions never read each other's entries.
 FORMAT = "v1"
@@ -71,7 +74,14 @@ class Region:
         before it is tried again.
     """
 
-    def __init__(self, name: str, options: Mapping[str, Any], token: str, retry_after: float = 5.0) -> None:
+    def __init__(
+        self,
+        name: str,
+        options: Mapping[str, Any],
+        token: str,
+        retry_after: float = 5.0,
+        secret: bytes | None = None,
+    ) -> None:
         nsargs = dict(options)
         self.name = name
         self.retry_after = retry_after
@@ -91,7 +101,16 @@ class Region:
         else:
             self.namespace_name = f"sessioncache.{FORMAT}.{token}.{name}"
         self._nsargs = nsargs
-        self._shared = None if self.is_local else self._cache(nsargs)
+        if self.type in SIGNED_TYPES:
+            if not secret:
+                raise ValueError(
+                    f"cache region {name!r} is {self.type}: its values are unpickled only after their "
+                    "signature checks, so it needs a secret (sessioncache.secret)"
+                )
+            namespace = _beaker.SignedRedisNamespaceManager(self.namespace_name, secret=secret, **nsargs)
+            self._shared = _beaker.cache_on(namespace, self.expire)
+        else:
+            self._shared = None if self.is_local else self._cache(nsargs)
         # Version tokens of the tables entries depend on (see invalidation.py),
         # kept beside the entries, in the same backend.
         self._versions = None if self.is_local else Cache(f"{self.namespace_name}.versions", type=self.type, **nsargs)
@@ -303,9 +322,11 @@ class CacheRegions(Mapping[str, Region]):
     :class:`~pyramid_sessioncache.UnknownRegionError`.
     """
 
-    def __init__(self, regions: Mapping[str, Mapping[str, Any]], retry_after: float = 5.0) -> None:
+    def __init__(
+        self, regions: Mapping[str, Mapping[str, Any]], retry_after: float = 5.0, secret: bytes | None = None
+    ) -> None:
         token = uuid.uuid4().hex[:12]
-        self._regions = {name: Region(name, options, token, retry_after) for name, options in regions.items()}
+        self._regions = {name: Region(name, options, token, retry_after, secret) for name, options in regions.items()}
 
     def __getitem__(self, name: str) -> Region:
         try:

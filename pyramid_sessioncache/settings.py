@@ -23,6 +23,8 @@ URL_TYPES = frozenset({"ext:redis", "ext:rediscluster", "ext:memcached", "ext:da
 #: Region types that keep their data in files and so need a directory.
 DIRECTORY_TYPES = frozenset({"file", "dbm"})
 LOCAL_TYPE = "ext:local_session"
+#: Region types whose values are signed (see ``signing.py``): they need a secret.
+SIGNED_TYPES = frozenset({"ext:redis"})
 
 DEFAULT_REGIONS = MappingProxyType({"local_session": MappingProxyType({"type": LOCAL_TYPE})})
 
@@ -32,6 +34,13 @@ def _positive_int(value: str) -> int:
     if number <= 0:
         raise ValueError("must be a positive whole number of seconds")
     return number
+
+
+def _secret(value: str) -> str:
+    value = value.strip()
+    if len(value) < 16:
+        raise ValueError("must be at least 16 characters: a long random string, the same in every process")
+    return value
 
 
 def _positive_float(value: str) -> float:
@@ -110,6 +119,7 @@ ADDON_OPTIONS: Mapping[str, Callable[[str], Any]] = MappingProxyType(
         "default_region": _text,
         "invalidation": _invalidation,
         "retry_after": _positive_float,
+        "secret": _secret,
     }
 )
 
@@ -126,6 +136,7 @@ class Settings:
     default_region: str
     invalidation: str = "auto"
     retry_after: float = 5.0
+    secret: str | None = None
 
 
 def _fail(key: str, value: Any, why: str) -> ConfigurationError:
@@ -185,6 +196,14 @@ def parse_settings(settings: Mapping[str, Any]) -> Settings:
             regions[name] = MappingProxyType(options)
         regions = MappingProxyType(regions)
 
+    signed = [name for name, options in regions.items() if options["type"] in SIGNED_TYPES]
+    if signed and "secret" not in addon:
+        raise _fail(
+            "sessioncache.secret",
+            None,
+            f"region {signed[0]!r} is {regions[signed[0]]['type']}: its values are signed, "
+            "set a long random secret, the same in every process",
+        )
     default_region = addon.pop("default_region", None) or next(iter(regions))
     if default_region not in regions:
         raise _fail(
@@ -197,6 +216,7 @@ def parse_settings(settings: Mapping[str, Any]) -> Settings:
         default_region=default_region,
         invalidation=addon.pop("invalidation", "auto"),
         retry_after=addon.pop("retry_after", 5.0),
+        secret=addon.pop("secret", None),
     )
 
 

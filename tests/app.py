@@ -33,6 +33,7 @@ def make_app(db_url: str, region: dict) -> object:
         "sqlalchemy.url": db_url,
         "cache.regions": "local_session, shared",
         "cache.local_session.type": "ext:local_session",
+        "sessioncache.secret": "a test secret, long enough",
         **{f"cache.shared.{key}": value for key, value in region.items()},
     }
     config = Configurator(settings=settings)

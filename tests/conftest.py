@@ -17,6 +17,8 @@ from pyramid_sessioncache import SessionCache
 from . import models
 
 IN_CI = os.environ.get("CI") == "true"
+#: The key that signs values stored in Redis, in every test.
+SECRET = "a test secret, long enough"
 
 
 class SQLCounter:
@@ -72,7 +74,7 @@ def region_options(tmp_path) -> dict:
 
 @pytest.fixture
 def cache(region_options) -> SessionCache:
-    return SessionCache(region_options, default_region="local")
+    return SessionCache(region_options, default_region="local", secret=SECRET)
 
 
 @pytest.fixture

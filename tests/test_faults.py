@@ -14,7 +14,7 @@ from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
 
-from .conftest import _server_package
+from .conftest import SECRET, _server_package
 from .models import Person
 
 
@@ -53,7 +53,7 @@ def redis_server():
 
 
 def test_backend_down_then_back(engine, sql, redis_server, caplog):
-    cache = SessionCache({"redis": {"type": "ext:redis", "url": redis_server.url}}, retry_after=0.3)
+    cache = SessionCache({"redis": {"type": "ext:redis", "url": redis_server.url}}, retry_after=0.3, secret=SECRET)
     Session = sessionmaker(bind=engine, info=cache.session_info())
     stmt = select(Person.name).where(Person.id == 1).options(FromCache("redis"))
 

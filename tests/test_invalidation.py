@@ -8,12 +8,13 @@ from sqlalchemy.orm import selectinload, sessionmaker
 
 from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, invalidate_tables
 
+from .conftest import SECRET
 from .models import Address, Person, Tag, person_tag
 
 
 @pytest.fixture
 def cache(region_options, region):
-    return SessionCache(region_options, default_region=region)
+    return SessionCache(region_options, default_region=region, secret=SECRET)
 
 
 def read(Session, stmt, sql=None):
@@ -242,7 +243,7 @@ def test_a_redis_hit_costs_two_commands(engine, redis_url):
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    cache = SessionCache({"redis": {"type": "ext:redis", "url": redis_url}})
+    cache = SessionCache({"redis": {"type": "ext:redis", "url": redis_url}}, secret=SECRET)
     Session = sessionmaker(bind=engine, info=cache.session_info())
     stmt = select(Person).where(Person.id == 1).options(FromCache("redis"))
     for _ in range(2):

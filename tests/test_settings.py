@@ -17,6 +17,7 @@ GOOD = {
     "cache.long_term.url": "redis://127.0.0.1:6379/0",
     "cache.long_term.expire": "3600",
     "sessioncache.default_region": "local_session",
+    "sessioncache.secret": "a long random string",
 }
 
 
@@ -59,6 +60,8 @@ def test_region_defaults_apply_to_every_region(tmp_path):
         ("cache.medium.expire", "60", "not listed in cache.regions"),
         ("cache.short_term.enabled", "perhaps", "must be true or false"),
         ("cache.short_term.type", "ext:sqla", "ext:database"),
+        ("sessioncache.secret", None, "its values are signed"),
+        ("sessioncache.secret", "short", "at least 16 characters"),
     ],
 )
 def test_bad_settings_name_key_and_value(key, value, message):

@@ -11,12 +11,13 @@ from sqlalchemy.orm import joinedload, selectinload
 from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cache_parameters
 from pyramid_sessioncache.rows import CachedRows
 
+from .conftest import SECRET
 from .models import Address, Person
 
 
 @pytest.fixture
 def cache(region_options, region):
-    return SessionCache(region_options, default_region="local")
+    return SessionCache(region_options, default_region="local", secret=SECRET)
 
 
 def by_name(name, region, *options):

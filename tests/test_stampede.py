@@ -11,6 +11,7 @@ from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
 
+from .conftest import SECRET
 from .models import Person
 
 THREADS = 8
@@ -71,7 +72,7 @@ def test_redis_region_regenerates_once(engine, slow_sql, redis_url):
     # Redis drops an entry when it expires (Beaker stores it with a TTL), so
     # there is no previous value to serve: every caller waits for the one
     # that regenerates, on Beaker's lock in Redis.
-    cache = SessionCache({"r": {"type": "ext:redis", "url": redis_url, "expire": 60}})
+    cache = SessionCache({"r": {"type": "ext:redis", "url": redis_url, "expire": 60}}, secret=SECRET)
     Session = sessionmaker(bind=engine, info=cache.session_info())
     stmt = select(Person.name).where(Person.id == 2).options(FromCache("r"))
     results = run_together(Session, stmt)
