@@ -6,11 +6,13 @@ of queries or requests.  Entries use Beaker's own stored format,
 what a region wrote, while a look-up costs one backend read (Beaker's
 ``Cache.get`` makes two: ``EXISTS`` then ``GET`` on Redis).
 
-In-process namespaces (``memory``, ``ext:local_session``) are named with a
-token unique to each :class:`CacheRegions`, because Beaker keeps memory
-namespaces in a module global: two applications in one process never see
-each other's entries.  Out-of-process namespaces are named after the region
-alone, so every process of an application shares them.
+In-process namespaces belong to their region (``memory``: a bounded
+dictionary of its own, not Beaker's module-global one) or to a Session
+(``ext:local_session``), and are named with a token unique to each
+:class:`CacheRegions`: two applications in one process never see each
+other's entries.  Out-of-process namespaces are named after the region
+alone, so every process of an application shares them.  Failures of a
+backend are contained here (see :meth:`Region.available`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from beaker.cache import Cache
 from . import _beaker
 from .errors import UnknownRegionError, UnpicklableResultError
 from .local import ScopedSessionNamespace
+from .memory import DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
 
 #: Types whose values cross the network: signed, and checked before unpickling.
 SIGNED_TYPES = frozenset({"ext:redis"})
@@ -92,6 +95,7 @@ class Region:
         self.type: str = nsargs.pop("type", "memory")
         self.expire: int | None = nsargs.pop("expire", None)
         self.enabled: bool = nsargs.pop("enabled", True)
+        max_items = nsargs.pop("max_items", DEFAULT_MAX_ITEMS)
         backend = _namespace_class(self.type)
         self.is_local = isinstance(backend, type) and issubclass(backend, ScopedSessionNamespace)
         #: True when values leave the process (and so are pickled).
@@ -109,11 +113,18 @@ class Region:
                 )
             namespace = _beaker.SignedRedisNamespaceManager(self.namespace_name, secret=secret, **nsargs)
             self._shared = _beaker.cache_on(namespace, self.expire)
+        elif self.type == "memory":
+            self._shared = _beaker.cache_on(BoundedMemoryNamespace(self.namespace_name, max_items), self.expire)
         else:
             self._shared = None if self.is_local else self._cache(nsargs)
         # Version tokens of the tables entries depend on (see invalidation.py),
         # kept beside the entries, in the same backend.
-        self._versions = None if self.is_local else Cache(f"{self.namespace_name}.versions", type=self.type, **nsargs)
+        if self.is_local:
+            self._versions = None
+        elif self.type == "memory":
+            self._versions = _beaker.cache_on(BoundedMemoryNamespace(f"{self.namespace_name}.versions", None), None)
+        else:
+            self._versions = Cache(f"{self.namespace_name}.versions", type=self.type, **nsargs)
 
     def __repr__(self) -> str:
         return f"<Region {self.name!r} type={self.type!r} expire={self.expire!r}>"

@@ -95,6 +95,7 @@ REGION_OPTIONS: Mapping[str, Callable[[str], Any]] = MappingProxyType(
         "data_dir": _text,
         "lock_dir": _text,
         "key_length": _positive_int,
+        "max_items": _positive_int,
         "timeout": _positive_int,
         "memcache_module": _text,
         "protocol": _text,

@@ -25,6 +25,7 @@ def test_design_settings_parse():
     settings = parse_settings(GOOD)
     assert list(settings.regions) == ["local_session", "short_term", "long_term"]
     assert settings.regions["short_term"] == {"type": "memory", "expire": 60}
+    assert parse_settings({"cache.regions": "a", "cache.a.max_items": "50"}).regions["a"]["max_items"] == 50
     assert settings.regions["long_term"]["type"] == "ext:redis"
     assert settings.regions["long_term"]["expire"] == 3600
     assert settings.default_region == "local_session"

@@ -191,3 +191,21 @@ def test_a_transaction_that_wrote_reads_around_shared_regions(Session, sql, regi
         assert sql.count == 0  # the transaction ended: the shared entry serves again
     with Session() as third:
         assert third.scalars(by_name("person 7b", region)).all() == []  # nothing uncommitted was stored
+
+
+def test_memory_regions_are_bounded(engine, sql):
+    from beaker.container import MemoryNamespaceManager
+    from sqlalchemy.orm import sessionmaker
+
+    cache = SessionCache({"small": {"type": "memory", "max_items": 5}})
+    Session = sessionmaker(bind=engine, info=cache.session_info())
+    with Session() as session:
+        for i in range(1, 11):
+            session.execute(select(Person.name).where(Person.id == i).options(FromCache("small"))).all()
+        namespace = cache.region("small").cache_for().namespace
+        assert len(namespace.dictionary) == 5
+        sql.reset()
+        session.execute(select(Person.name).where(Person.id == 10).options(FromCache("small"))).all()
+        session.execute(select(Person.name).where(Person.id == 1).options(FromCache("small"))).all()
+        assert sql.count == 1  # the newest entry stayed, the oldest went
+    assert not any(str(name).startswith("sessioncache") for name in MemoryNamespaceManager.namespaces.dict)

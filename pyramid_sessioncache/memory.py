@@ -1,0 +1,67 @@
+"""A bounded in-process Beaker namespace for ``memory`` regions.
+
+Beaker's own ``memory`` namespaces live in a module-global dictionary and
+grow without bound: a flood of distinct query parameters would fill the
+process.  This one belongs to its region and keeps at most ``max_items``
+entries, dropping the least recently used.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from typing import Any
+
+from beaker.container import AbstractDictionaryNSManager
+
+#: Entries a ``memory`` region keeps unless ``max_items`` says otherwise.
+DEFAULT_MAX_ITEMS = 10_000
+
+
+class LRUDict:
+    """A thread-safe mapping of at most ``max_items`` entries, least recently used out first."""
+
+    def __init__(self, max_items: int | None) -> None:
+        self.max_items = max_items
+        self._data: OrderedDict = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __getitem__(self, key: Any) -> Any:
+        with self._lock:
+            value = self._data[key]
+            self._data.move_to_end(key)
+            return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            if self.max_items is not None:
+                while len(self._data) > self.max_items:
+                    self._data.popitem(last=False)
+
+    def __delitem__(self, key: Any) -> None:
+        with self._lock:
+            del self._data[key]
+
+    def __contains__(self, key: Any) -> bool:
+        return key in self._data
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def keys(self) -> list:
+        with self._lock:
+            return list(self._data)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._data.clear()
+
+
+class BoundedMemoryNamespace(AbstractDictionaryNSManager):
+    """A Beaker namespace in this process's memory, of at most ``max_items`` entries."""
+
+    def __init__(self, namespace: str, max_items: int | None = DEFAULT_MAX_ITEMS, **kw: Any) -> None:
+        AbstractDictionaryNSManager.__init__(self, namespace)
+        self.dictionary = LRUDict(max_items)
