@@ -14,7 +14,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pyramid_sessioncache", "pyramid_sessioncache.*", "demo", "demo.*"]),
     include_package_data=True,
-    package_data={"demo": ["templates/*.jinja2", "static/*"]},
+    package_data={"demo": ["templates/*.jinja2", "static/*"], "pyramid_sessioncache": ["templates/*.dbtmako"]},
     install_requires=[
         "pyramid>=2.0",
         "pyramid_tm>=2.5",
