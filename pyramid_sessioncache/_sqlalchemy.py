@@ -26,7 +26,12 @@ def add_loaded(session: Any, state: Any, identity_key: Any) -> None:
     session.identity_map._add_unpresent(state, identity_key)
 
 
-def propagate_options(state: Any, options: tuple) -> None:
+def load_path(mapper: Any) -> Any:
+    """The loader path of objects loaded as ``mapper``'s entity (see :func:`propagate_options`)."""
+    return mapper._path_registry
+
+
+def propagate_options(state: Any, options: tuple, path: Any) -> None:
     """Give a new ``state`` the loader options a query propagates to its objects.
 
     The ORM sets ``load_options`` and ``load_path`` on every object it
@@ -36,7 +41,7 @@ def propagate_options(state: Any, options: tuple) -> None:
     that reach deeper than one level do not follow a cached object.
     """
     state.load_options = options
-    state.load_path = state.mapper._path_registry
+    state.load_path = path
 
 
 def commit_loaded(state: Any, keys: Any) -> None:

@@ -75,7 +75,9 @@ def _has_cache_option(statement: Any) -> bool:
 
 def _bypassed(options: Any) -> bool:
     # Streamed results cannot be kept, and populate_existing asks for fresh rows.
-    return any(options.get(name) for name in BYPASS_OPTIONS) or _sqlalchemy.legacy_bypass(options)
+    if not BYPASS_OPTIONS.isdisjoint(options) and any(options.get(name) for name in BYPASS_OPTIONS):
+        return True
+    return "_sa_orm_load_options" in options and _sqlalchemy.legacy_bypass(options)
 
 
 def _write(state: ORMExecuteState) -> None:
@@ -130,20 +132,45 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         result = value.result()
     else:
         value, hit = _shared(state, cache, region, key, option.expire)
-        result = value.result(session, _propagating(state.statement))
+        result = _objects_of(session, region, key.text, value, state.statement)
     stats.record(cache.stats, session, region.name, hit, key.text)
-    log.debug("cache %s: region %s key %s", "hit" if hit else "miss", region.name, key.text)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("cache %s: region %s key %s", "hit" if hit else "miss", region.name, key.text)
     return result
+
+
+def _objects_of(session: Session, region: Region, key: str, value: CachedRows, statement: Any) -> Any:
+    """Return ``value`` as a Result of ``session``'s objects.
+
+    An in-process region hands back the same stored value until it
+    changes; the objects built from it the first time are remembered with
+    the Session's local cache (and dropped with it), so hitting the same
+    entry again in one Session costs what a local hit costs.
+    """
+    if region.out_of_process:
+        return value.result(session, _propagating(statement))
+    built = local.entries(session).setdefault(region.namespace_name + ".objects", {})
+    seen = built.get(key)
+    if seen is not None and seen[0] is value:
+        return seen[1]()
+    frozen = value.result(session, _propagating(statement)).freeze()
+    built[key] = (value, frozen)
+    return frozen()
 
 
 def _shared(state: ORMExecuteState, cache: SessionCache, region: Region, key: Any, expire: int | None):
     session = state.session
-    # Begin the Session's transaction on this bind as the query would have:
-    # whatever joins on after_begin (zope.sqlalchemy, so that pyramid_tm
-    # commits changes made to these objects) must see it.
-    connection = session.connection(bind_arguments=state.bind_arguments)
+    if session.dispatch.after_begin:
+        # Begin the Session's transaction on this bind as the query would
+        # have: whatever joins on after_begin (zope.sqlalchemy, so that
+        # pyramid_tm commits changes made to these objects) must see it.
+        session.connection(bind_arguments=state.bind_arguments)
+
+    def connection() -> Any:
+        return session.connection(bind_arguments=state.bind_arguments)
+
     if cache.invalidation != "auto":
-        return region.get_or_create(key.text, lambda: _snapshot(state, connection), session, expire)
+        return region.get_or_create(key.text, lambda: _snapshot(state, connection()), session, expire)
 
     tables = cache.tables_read.get(key.shape)
     if tables is None:
@@ -152,7 +179,7 @@ def _shared(state: ORMExecuteState, cache: SessionCache, region: Region, key: An
 
     def create() -> CachedRows:
         versions = region.versions(tables)  # before the query: see invalidation.py
-        value = _snapshot(state, connection)
+        value = _snapshot(state, connection())
         if versions is None:  # the backend failed: nothing to tag the result with
             verdict["store"] = False
         elif not value.tables <= frozenset(tables):
@@ -160,7 +187,7 @@ def _shared(state: ORMExecuteState, cache: SessionCache, region: Region, key: An
             # were not read for them in time, so keep this one result only.
             _learn(cache, key.shape, value.tables.union(tables))
             verdict["store"] = False
-        elif _snapshot_isolated(connection):
+        elif _snapshot_isolated(connection()):
             verdict["store"] = False
         value.tables, value.versions = tables, versions
         return value

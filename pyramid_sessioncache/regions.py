@@ -26,7 +26,7 @@ from typing import Any
 
 from beaker.cache import Cache
 
-from . import _beaker
+from . import _beaker, local
 from .errors import UnknownRegionError, UnpicklableResultError
 from .local import ScopedSessionNamespace
 from .memory import DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
@@ -281,14 +281,16 @@ class Region:
         ``valid(value)`` rejects is never served.  ``store(value)`` may
         refuse to store what ``create()`` returned.
         """
-        if not self.is_local and not self.available():
+        if self.is_local:
+            return self._local(key, create, session, expire, store)
+        if not self.available():
             return create(), False
         namespace = self._namespace(session)
         bkey = _encode(key)
         found = self._read(namespace, bkey, valid)
         if found is not None and found[1]:
             return found[0], True
-        if self.is_local or self._down():  # one Session, or a failing backend: no lock
+        if self._down():  # a failing backend: no lock
             return self._create(namespace, bkey, create, expire, store), False
         lock = namespace.get_creation_lock(bkey)
         try:
@@ -309,6 +311,22 @@ class Region:
                 lock.release()
             except BACKEND_ERRORS as exc:
                 self._failed(exc, "unlocking")
+
+    def _local(self, key: str, create, session: Any, expire: int | None, store) -> tuple[Any, bool]:
+        # The Session's own dictionary, read directly: no namespace object,
+        # no lock (one Session is one thread); same format as Beaker's.
+        entries = local.entries(session).setdefault(self.namespace_name, {})
+        bkey = _encode(key)
+        stored = entries.get(bkey)
+        if stored is not None:
+            stored_at, expire_in, value = stored
+            if expire_in is None or time.time() < stored_at + expire_in:
+                return value, True
+        value = create()
+        if store(value):
+            expire = expire or self.expire
+            entries[bkey] = (time.time(), expire, value)
+        return value, False
 
     def _create(self, namespace, bkey, create, expire, store) -> Any:
         value = create()

@@ -199,19 +199,31 @@ class _Snapshot:
 class _Plan:
     """What hydrating objects of one class needs, worked out once per hit."""
 
-    __slots__ = ("manager", "columns", "column_set", "relationships", "relationship_set", "expire", "load_event")
+    __slots__ = (
+        "manager",
+        "columns",
+        "column_set",
+        "relationships",
+        "relationship_set",
+        "impls",
+        "expire",
+        "load_event",
+        "load_path",
+    )
 
     def __init__(self, cls: type, columns: tuple, relationships: tuple) -> None:
-        self.manager = instrumentation.manager_of_class(cls)
-        mapper = self.manager.mapper
+        self.manager = manager = instrumentation.manager_of_class(cls)
+        mapper = manager.mapper
         self.columns = columns
         self.column_set = frozenset(columns)
         self.relationships = relationships
         self.relationship_set = frozenset(relationships)
+        self.impls = tuple(manager[key].impl for key in relationships)
         # Columns the class has now but the entry does not know (a model
         # changed since it was stored): expired, so they load on access.
         self.expire = [prop.key for prop in mapper.column_attrs if prop.key not in columns]
-        self.load_event = bool(self.manager.dispatch.load)
+        self.load_event = bool(manager.dispatch.load)
+        self.load_path = _sqlalchemy.load_path(mapper)
 
 
 def _hydrate(session: Session, classes: list, records: list, load_options: tuple) -> list[Any]:
@@ -229,16 +241,18 @@ def _hydrate(session: Session, classes: list, records: list, load_options: tuple
             state = attributes.instance_state(obj)
             _sqlalchemy.add_loaded(session, state, identity_key)
             loaded = obj.__dict__
-            missing = plan.expire.copy()
-            for key, value in zip(plan.columns, values, strict=True):
-                if value is NOT_LOADED:
-                    missing.append(key)
-                else:
-                    loaded[key] = value
-            if missing:
+            if plan.expire or any(value is NOT_LOADED for value in values):
+                missing = plan.expire.copy()
+                for key, value in zip(plan.columns, values, strict=True):
+                    if value is NOT_LOADED:
+                        missing.append(key)
+                    else:
+                        loaded[key] = value
                 _sqlalchemy.expire_missing(state, missing)
+            else:
+                loaded.update(zip(plan.columns, values))
             if load_options:
-                _sqlalchemy.propagate_options(state, load_options)
+                _sqlalchemy.propagate_options(state, load_options, plan.load_path)
             created.append((state, plan))
         else:
             loaded = obj.__dict__
@@ -255,19 +269,19 @@ def _hydrate(session: Session, classes: list, records: list, load_options: tuple
             if plan.relationship_set.issubset(loaded):
                 append(obj)
                 continue
+            state = attributes.instance_state(obj)
         if plan.relationships:
-            fill.append((obj, plan.relationships, held))
+            fill.append((state, loaded, plan.impls, held))
         append(obj)
-    for obj, keys, held in fill:
-        loaded = obj.__dict__
-        for key, value in zip(keys, held, strict=True):
-            if value is NOT_LOADED or key in loaded:
+    for state, loaded, impls, held in fill:
+        for impl, value in zip(impls, held, strict=True):
+            if value is NOT_LOADED or impl.key in loaded:
                 continue  # not in the entry, or loaded (and maybe changed) in this session
-            if isinstance(value, list):
+            if value.__class__ is list:
                 value = [objects[i] for i in value]
             elif value is not None:
                 value = objects[value]
-            attributes.set_committed_value(obj, key, value)
+            impl.set_committed_value(state, loaded, value)
     for state, plan in created:
         if plan.load_event:
             state.manager.dispatch.load(state, None)
