@@ -250,7 +250,7 @@ def _hydrate(session: Session, classes: list, records: list, load_options: tuple
                         loaded[key] = value
                 _sqlalchemy.expire_missing(state, missing)
             else:
-                loaded.update(zip(plan.columns, values))
+                loaded.update(zip(plan.columns, values, strict=True))
             if load_options:
                 _sqlalchemy.propagate_options(state, load_options, plan.load_path)
             created.append((state, plan))
