@@ -27,21 +27,16 @@ def add_loaded(session: Any, state: Any, identity_key: Any) -> None:
 
 
 def load_path(mapper: Any) -> Any:
-    """The loader path of objects loaded as ``mapper``'s entity (see :func:`propagate_options`)."""
-    return mapper._path_registry
+    """The loader path to give objects of ``mapper`` built from a cached row.
 
-
-def propagate_options(state: Any, options: tuple, path: Any) -> None:
-    """Give a new ``state`` the loader options a query propagates to its objects.
-
-    The ORM sets ``load_options`` and ``load_path`` on every object it
-    loads, so that the object's own lazy loads carry the query's
-    propagating options (``RelationshipCache`` among them).  The path is
-    the object's mapper alone: path-specific options of the original query
-    that reach deeper than one level do not follow a cached object.
+    The ORM sets ``state.load_options`` and ``state.load_path`` on every
+    object it loads, so that the object's own lazy loads carry the query's
+    propagating options (``RelationshipCache`` among them); ``rows.py``
+    does the same.  The path is the object's mapper alone
+    (``Mapper._path_registry``): path-specific options of the original
+    query that reach deeper than one level do not follow a cached object.
     """
-    state.load_options = options
-    state.load_path = path
+    return mapper._path_registry
 
 
 def commit_loaded(state: Any, keys: Any) -> None:

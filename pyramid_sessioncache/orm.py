@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.orm import ORMExecuteState, Session
 
 from . import _sqlalchemy, invalidation, local, stats
 from .cache import ALL_TABLES, SessionCache, cache_of
@@ -43,8 +43,6 @@ def install() -> None:
     event.listen(Session, "after_commit", invalidation.commit_written)
     event.listen(Session, "after_transaction_end", _transaction_ended)
     event.listen(Session, "after_soft_rollback", _drop_local)
-    event.listen(Session, "persistent_to_detached", _drop_local)
-    event.listen(Mapper, "expire", _drop_local_of_state, raw=True)
 
 
 def _drop_local(session: Session, *args: Any) -> None:
@@ -61,12 +59,6 @@ def _transaction_ended(session: Session, transaction: Any) -> None:
     if transaction.parent is None:
         # Committed writes were published by after_commit; these are rolled back.
         session.info.pop(invalidation.WRITTEN_KEY, None)
-
-
-def _drop_local_of_state(state: Any, attrs: Any) -> None:
-    session = state.session
-    if session is not None:
-        _drop_local(session)
 
 
 def _has_cache_option(statement: Any) -> bool:
@@ -127,7 +119,11 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         return None
     if region.is_local:
         value, hit = region.get_or_create(
-            key.text, lambda: LocalResult(state.invoke_statement().freeze()), session, option.expire
+            key.text,
+            lambda: LocalResult(state.invoke_statement().freeze()),
+            session,
+            option.expire,
+            valid=lambda value: value.current(session),
         )
         result = value.result()
     else:
@@ -151,11 +147,11 @@ def _objects_of(session: Session, region: Region, key: str, value: CachedRows, s
         return value.result(session, _propagating(statement))
     built = local.entries(session).setdefault(region.namespace_name + ".objects", {})
     seen = built.get(key)
-    if seen is not None and seen[0] is value:
-        return seen[1]()
-    frozen = value.result(session, _propagating(statement)).freeze()
-    built[key] = (value, frozen)
-    return frozen()
+    if seen is not None and seen[0] is value and seen[1].current(session):
+        return seen[1].result()
+    objects = LocalResult(value.result(session, _propagating(statement)).freeze())
+    built[key] = (value, objects)
+    return objects.result()
 
 
 def _shared(state: ORMExecuteState, cache: SessionCache, region: Region, key: Any, expire: int | None):

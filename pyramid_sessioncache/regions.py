@@ -282,7 +282,7 @@ class Region:
         refuse to store what ``create()`` returned.
         """
         if self.is_local:
-            return self._local(key, create, session, expire, store)
+            return self._local(key, create, session, expire, store, valid)
         if not self.available():
             return create(), False
         namespace = self._namespace(session)
@@ -312,7 +312,7 @@ class Region:
             except BACKEND_ERRORS as exc:
                 self._failed(exc, "unlocking")
 
-    def _local(self, key: str, create, session: Any, expire: int | None, store) -> tuple[Any, bool]:
+    def _local(self, key: str, create, session: Any, expire: int | None, store, valid) -> tuple[Any, bool]:
         # The Session's own dictionary, read directly: no namespace object,
         # no lock (one Session is one thread); same format as Beaker's.
         entries = local.entries(session).setdefault(self.namespace_name, {})
@@ -320,7 +320,7 @@ class Region:
         stored = entries.get(bkey)
         if stored is not None:
             stored_at, expire_in, value = stored
-            if expire_in is None or time.time() < stored_at + expire_in:
+            if (expire_in is None or time.time() < stored_at + expire_in) and valid(value):
                 return value, True
         value = create()
         if store(value):

@@ -41,12 +41,22 @@ class LocalResult(Sequence):
     ``person10 is cache.get(key)[0]`` holds.
     """
 
-    __slots__ = ("frozen", "_items")
+    __slots__ = ("frozen", "_items", "_states")
 
     def __init__(self, frozen: FrozenResult) -> None:
         self.frozen = frozen
         rows = frozen().all()
         self._items = [row[0] for row in rows] if _sqlalchemy.is_single_entity(frozen) else rows
+        self._states = tuple(attributes.instance_state(value) for row in rows for value in row if _is_entity(value))
+
+    def current(self, session: Session) -> bool:
+        """Whether every object is still in ``session``, none of it expired.
+
+        Checked on each hit, rather than by listening to every expiry and
+        expunge of every Session in the process.
+        """
+        session_id = session.hash_key
+        return all(state.session_id == session_id and not state.expired_attributes for state in self._states)
 
     def __getitem__(self, index):  # type: ignore[override]
         return self._items[index]
@@ -81,9 +91,10 @@ class CachedRows:
 
     ``classes`` lists, per mapped class, ``(class, column_keys,
     relationship_keys)``; ``objects`` lists ``(class_index, identity_key,
-    values, relationships)``, the values and relationships aligned with
-    their class's keys (:data:`NOT_LOADED` where the object had none), a
-    relationship holding an object index, a list of them, or None.
+    values, relationships, complete)``, the values and relationships aligned
+    with their class's keys (:data:`NOT_LOADED` where the object had none,
+    ``complete`` saying it had every column), a relationship holding an
+    object index, a list of them, or None.
     ``rows`` are tuples where the columns flagged in ``entity_columns``
     hold an object index (or None).  ``tables`` names the tables the result
     was read from and ``versions`` their version tokens when it was read
@@ -128,7 +139,7 @@ class CachedRows:
     def loaded_relationships(self) -> set[tuple[type, str]]:
         """Return ``(class, key)`` of every relationship some cached object holds."""
         found = set()
-        for class_index, _, _, relationships in self.objects:
+        for class_index, _, _, relationships, _ in self.objects:
             cls, _, keys = self.classes[class_index]
             found.update((cls, key) for key, value in zip(keys, relationships, strict=True) if value is not NOT_LOADED)
         return found
@@ -180,11 +191,12 @@ class _Snapshot:
         _, columns, relationships = self.classes[class_index]
         loaded = state.dict
         values = tuple(loaded.get(key, NOT_LOADED) for key in columns)
+        complete = all(key in loaded for key in columns)
         props = state.mapper.relationships
         held = tuple(
             self._held(loaded[key], props[key].uselist) if key in loaded else NOT_LOADED for key in relationships
         )
-        self.objects[position] = (class_index, state.key, values, held)
+        self.objects[position] = (class_index, state.key, values, held, complete)
         return position
 
     def _held(self, value: Any, collection: bool) -> Any:
@@ -233,7 +245,7 @@ def _hydrate(session: Session, classes: list, records: list, load_options: tuple
     append = objects.append
     fill: list[tuple] = []
     created: list[Any] = []
-    for class_index, identity_key, values, held in records:
+    for class_index, identity_key, values, held, complete in records:
         plan = plans[class_index]
         obj = lookup(identity_key)
         if obj is None:
@@ -241,7 +253,7 @@ def _hydrate(session: Session, classes: list, records: list, load_options: tuple
             state = attributes.instance_state(obj)
             _sqlalchemy.add_loaded(session, state, identity_key)
             loaded = obj.__dict__
-            if plan.expire or any(value is NOT_LOADED for value in values):
+            if plan.expire or not complete:
                 missing = plan.expire.copy()
                 for key, value in zip(plan.columns, values, strict=True):
                     if value is NOT_LOADED:
@@ -251,8 +263,9 @@ def _hydrate(session: Session, classes: list, records: list, load_options: tuple
                 _sqlalchemy.expire_missing(state, missing)
             else:
                 loaded.update(zip(plan.columns, values, strict=True))
-            if load_options:
-                _sqlalchemy.propagate_options(state, load_options, plan.load_path)
+            if load_options:  # as the ORM gives them (see _sqlalchemy.propagate_options)
+                state.load_options = load_options
+                state.load_path = plan.load_path
             created.append((state, plan))
         else:
             loaded = obj.__dict__
