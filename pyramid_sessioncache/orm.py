@@ -143,7 +143,7 @@ def _objects_of(session: Session, region: Region, key: str, value: CachedRows, s
     the Session's local cache (and dropped with it), so hitting the same
     entry again in one Session costs what a local hit costs.
     """
-    if region.out_of_process:
+    if region.out_of_process or not any(value.entity_columns):  # nothing to build twice
         return value.result(session, _propagating(statement))
     built = local.entries(session).setdefault(region.namespace_name + ".objects", {})
     seen = built.get(key)
