@@ -209,3 +209,45 @@ def test_memory_regions_are_bounded(engine, sql):
         session.execute(select(Person.name).where(Person.id == 1).options(FromCache("small"))).all()
         assert sql.count == 1  # the newest entry stayed, the oldest went
     assert not any(str(name).startswith("sessioncache") for name in MemoryNamespaceManager.namespaces.dict)
+
+
+def test_deferred_and_expired_columns(Session, sql, region):
+    from sqlalchemy.orm import defer
+
+    stmt = select(Person).where(Person.id == 8).options(FromCache(region), defer(Person.name))
+    with Session() as first:
+        first.scalars(stmt).one()
+    with Session() as second:
+        sql.reset()
+        person = second.scalars(stmt).one()
+        assert sql.count == 0
+        assert person.name == "person 8"  # not in the entry: loaded on access, as a deferred column is
+        assert sql.count == 1
+    plain = select(Person).where(Person.id == 8).options(FromCache(region))
+    with Session() as third:
+        third.scalars(plain).one()
+        person = third.get(Person, 8)
+        third.expire(person, ["name"])
+        sql.reset()
+        assert third.scalars(plain).one() is person
+        assert person.name == "person 8" and sql.count == 0  # filled from the entry, as a query would
+
+
+def test_many_to_one_relationships_come_back(Session, sql, region):
+    from sqlalchemy.orm import joinedload
+
+    from .models import Address
+
+    stmt = select(Address).where(Address.id.in_([1, 2])).order_by(Address.id)
+    stmt = stmt.options(FromCache(region), joinedload(Address.person), joinedload(Address.city))
+    for _ in range(2):
+        with Session() as session:
+            session.scalars(stmt).all()
+    with Session() as session:
+        sql.reset()
+        first, second = session.scalars(stmt).all()
+        assert first.person is second.person and first.person.name == "person 1"
+        assert first.city.name == "City 1" and second.city.name == "City 2"
+        assert sql.count == 0
+    assert "FromCache(region=" in repr(FromCache(region))
+    assert "Person.addresses" in repr(RelationshipCache(Person.addresses, region))
