@@ -147,7 +147,11 @@ def _objects_of(session: Session, region: Region, key: str, value: CachedRows, s
         return value.result(session, _propagating(statement))
     built = local.entries(session).setdefault(region.namespace_name + ".objects", {})
     seen = built.get(key)
-    if seen is not None and seen[0] is value and seen[1].current(session):
+    if seen is None or seen[0] is not value:
+        # First use in this Session (most requests have no second): just build.
+        built[key] = (value, None)
+        return value.result(session, _propagating(statement))
+    if seen[1] is not None and seen[1].current(session):
         return seen[1].result()
     objects = LocalResult(value.result(session, _propagating(statement)).freeze())
     built[key] = (value, objects)
