@@ -88,20 +88,35 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
     A value is unpickled only after its signature checks, so an entry
     written by anyone without the secret (tampered, or of another
     application) is never unpickled: it reads as missing, and is logged.
+
+    The last values read are remembered with the exact bytes they came
+    from: reading the same bytes again returns the same (immutable) value
+    without checking or unpickling them again.
     """
+
+    #: How many decoded values a namespace remembers.
+    REMEMBERED = 128
 
     def __init__(self, namespace: str, url: Any, secret: bytes, **kw: Any) -> None:
         super().__init__(namespace, url, **kw)
         self._secret = secret
+        self._decoded: dict[bytes, tuple[bytes, Any]] = {}
 
     def __getitem__(self, key: Any) -> Any:
         entry = self.client.get(self._format_key(key))
         if entry is None:
             raise KeyError(key)
+        signature = signing.signature(entry)
+        known = self._decoded.get(signature)
+        if known is not None and known[0] == entry:
+            return known[1]
         value = signing.loads(self._secret, entry)
         if value is signing.INVALID:
             log.warning("ignored an entry with a bad signature in cache namespace %r", self.namespace)
             raise KeyError(key)
+        if len(self._decoded) >= self.REMEMBERED:
+            self._decoded.clear()
+        self._decoded[signature] = (entry, value)
         return value
 
     def set_value(self, key: Any, value: Any, expiretime: int | None = None) -> None:

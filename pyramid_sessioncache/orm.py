@@ -138,12 +138,13 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
 def _objects_of(session: Session, region: Region, key: str, value: CachedRows, statement: Any) -> Any:
     """Return ``value`` as a Result of ``session``'s objects.
 
-    An in-process region hands back the same stored value until it
-    changes; the objects built from it the first time are remembered with
-    the Session's local cache (and dropped with it), so hitting the same
-    entry again in one Session costs what a local hit costs.
+    A region hands back the same stored value until it changes (Redis
+    too: see ``_beaker.SignedRedisNamespaceManager``); the objects built from
+    it are remembered with the Session's local cache (and dropped with it),
+    so hitting the same entry again in one Session costs what a local hit
+    costs.
     """
-    if region.out_of_process or not any(value.entity_columns):  # nothing to build twice
+    if not any(value.entity_columns):  # plain rows: nothing to build twice
         return value.result(session, _propagating(statement))
     built = local.entries(session).setdefault(region.namespace_name + ".objects", {})
     seen = built.get(key)

@@ -20,6 +20,11 @@ def dumps(secret: bytes, value: Any) -> bytes:
     return PREFIX + hmac.new(secret, payload, hashlib.sha256).digest() + payload
 
 
+def signature(data: bytes) -> bytes:
+    """Return the signature part of ``data`` as :func:`dumps` wrote it (unchecked)."""
+    return data[len(PREFIX) : len(PREFIX) + _DIGEST]
+
+
 def loads(secret: bytes, data: bytes) -> Any:
     """Return the value :func:`dumps` signed, or :data:`INVALID` if the signature does not check."""
     if not data.startswith(PREFIX):

@@ -71,3 +71,24 @@ def test_a_redis_region_needs_a_secret(redis_url):
     with pytest.raises(ValueError, match="needs a secret"):
         SessionCache({"redis": {"type": "ext:redis", "url": redis_url}})
     assert redis.Redis.from_url(redis_url).ping()
+
+
+def test_the_same_bytes_are_checked_and_unpickled_once(engine, sql, redis_cache, monkeypatch):
+    calls = []
+    original = signing.loads
+
+    def counting_loads(secret, data):
+        calls.append(len(data))
+        return original(secret, data)
+
+    monkeypatch.setattr(signing, "loads", counting_loads)
+    Session = sessionmaker(bind=engine, info=redis_cache.session_info())
+    stmt = select(Person).where(Person.id < 4).options(FromCache("redis"))
+    with Session() as session:
+        first = session.scalars(stmt).all()
+    with Session() as session:
+        calls.clear()
+        second = session.scalars(stmt).all()
+        third = session.scalars(stmt).all()
+        assert second == third and [p.name for p in second] == [p.name for p in first]
+    assert calls == []  # the bytes read were those already checked and unpickled
