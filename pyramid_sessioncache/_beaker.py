@@ -114,13 +114,17 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
         if value is signing.INVALID:
             log.warning("ignored an entry with a bad signature in cache namespace %r", self.namespace)
             raise KeyError(key)
+        self._remember(entry, value)
+        return value
+
+    def _remember(self, data: bytes, value: Any) -> None:
         if len(self._decoded) >= self.REMEMBERED:
             self._decoded.clear()
-        self._decoded[signature] = (entry, value)
-        return value
+        self._decoded[signing.signature(data)] = (data, value)
 
     def set_value(self, key: Any, value: Any, expiretime: int | None = None) -> None:
         data = signing.dumps(self._secret, value)
+        self._remember(data, value)
         if expiretime is None and self.timeout is not None:
             expiretime = self.timeout
         if expiretime is not None:
