@@ -62,6 +62,18 @@ def read_many(namespace: Any, keys: list[bytes]) -> list[Any]:
         namespace.release_read_lock()
 
 
+def get_with(namespace: Any, key: bytes, versions: Any, version_keys: Any) -> tuple[Any, tuple]:
+    """Read an entry of a signed Redis ``namespace`` and values of ``versions``, in one round trip.
+
+    Raises ``KeyError`` when the entry is missing or its signature fails.
+    """
+    pipe = namespace.client.pipeline(transaction=False)
+    pipe.get(namespace._format_key(key))
+    pipe.mget([versions._format_key(name) for name in version_keys])
+    entry, raw = pipe.execute()
+    return namespace.decode(key, entry), tuple(None if value is None else value.decode() for value in raw)
+
+
 def write_many(namespace: Any, values: dict[bytes, str]) -> None:
     """Store ``values`` in ``namespace``, in one write (``MSET`` on Redis)."""
     if isinstance(namespace, RedisNamespaceManager):
@@ -103,7 +115,10 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
         self._decoded: dict[bytes, tuple[bytes, Any]] = {}
 
     def __getitem__(self, key: Any) -> Any:
-        entry = self.client.get(self._format_key(key))
+        return self.decode(key, self.client.get(self._format_key(key)))
+
+    def decode(self, key: Any, entry: bytes | None) -> Any:
+        """Return the value stored as ``entry`` under ``key``; ``KeyError`` if none or forged."""
         if entry is None:
             raise KeyError(key)
         signature = signing.signature(entry)

@@ -123,7 +123,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
             lambda: LocalResult(state.invoke_statement().freeze()),
             session,
             option.expire,
-            valid=lambda value: value.current(session),
+            valid=lambda value, versions: value.current(session),
         )
         result = value.result()
     else:
@@ -199,7 +199,10 @@ def _shared(state: ORMExecuteState, cache: SessionCache, region: Region, key: An
         session,
         expire,
         store=lambda value: verdict["store"],
-        valid=lambda value: region.versions(value.tables) == value.versions,
+        valid=lambda value, now: (
+            (now if now is not None and value.tables == tables else region.versions(value.tables)) == value.versions
+        ),
+        tables=tables,
     )
 
 

@@ -40,6 +40,9 @@ FORMAT = "v1"
 
 log = logging.getLogger(__name__)
 
+#: ``valid(value, versions)``: whether a stored value may be served.
+Validator = Callable[[Any, Any], bool]
+
 
 def _backend_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [OSError, EOFError, pickle.UnpicklingError]
@@ -168,14 +171,19 @@ class Region:
         )
 
     def _read(
-        self, namespace: Any, key: bytes, valid: Callable[[Any], bool] = lambda value: True
+        self, namespace: Any, key: bytes, valid: Validator = lambda value, versions: True, tables: tuple = ()
     ) -> tuple[Any, bool] | None:
+        versions = None
         try:
-            namespace.acquire_read_lock()
-            try:
-                stored = namespace[key]
-            finally:
-                namespace.release_read_lock()
+            if tables and isinstance(namespace, _beaker.SignedRedisNamespaceManager):
+                # The entry and its tables' versions in one round trip.
+                stored, versions = _beaker.get_with(namespace, key, self._versions.namespace, map(_encode, tables))
+            else:
+                namespace.acquire_read_lock()
+                try:
+                    stored = namespace[key]
+                finally:
+                    namespace.release_read_lock()
         except KeyError:
             return None
         except BACKEND_ERRORS as exc:
@@ -185,7 +193,7 @@ class Region:
             stored_at, expire, value = stored
         except (TypeError, ValueError):
             return None
-        if not valid(value):
+        if not valid(value, versions):
             return None
         fresh = expire is None or time.time() < stored_at + expire
         return value, fresh
@@ -271,14 +279,17 @@ class Region:
         session: Any = None,
         expire: int | None = None,
         store: Callable[[Any], bool] = lambda value: True,
-        valid: Callable[[Any], bool] = lambda value: True,
+        valid: Validator = lambda value, versions: True,
+        tables: tuple = (),
     ) -> tuple[Any, bool]:
         """Return ``(value, hit)``: the stored value, or ``create()`` stored.
 
         When the value has expired, one caller regenerates it under
         Beaker's creation lock while the others are served the previous
         value; when there is none, the others wait for it.  A value that
-        ``valid(value)`` rejects is never served.  ``store(value)`` may
+        ``valid(value, versions)`` rejects is never served; ``versions`` are
+        the version tokens of ``tables`` when the backend could read them
+        with the entry (Redis), else None.  ``store(value)`` may
         refuse to store what ``create()`` returned.
         """
         if self.is_local:
@@ -287,7 +298,7 @@ class Region:
             return create(), False
         namespace = self._namespace(session)
         bkey = _encode(key)
-        found = self._read(namespace, bkey, valid)
+        found = self._read(namespace, bkey, valid, tables)
         if found is not None and found[1]:
             return found[0], True
         if self._down():  # a failing backend: no lock
@@ -320,7 +331,7 @@ class Region:
         stored = entries.get(bkey)
         if stored is not None:
             stored_at, expire_in, value = stored
-            if (expire_in is None or time.time() < stored_at + expire_in) and valid(value):
+            if (expire_in is None or time.time() < stored_at + expire_in) and valid(value, None):
                 return value, True
         value = create()
         if store(value):
