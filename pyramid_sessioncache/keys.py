@@ -113,7 +113,8 @@ def _code_text(code: types.CodeType) -> str:
     # Lambda statements (the ORM's lazy loads use them) key on their code
     # object: where it is, and what it does, constants included.
     consts = ",".join(_code_text(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts)
-    return f"code:{code.co_filename}:{code.co_firstlineno}:{code.co_qualname}:{code.co_code.hex()}:{code.co_names}:{consts}"
+    name = getattr(code, "co_qualname", code.co_name)  # co_qualname: Python 3.11+
+    return f"code:{code.co_filename}:{code.co_firstlineno}:{name}:{code.co_code.hex()}:{code.co_names}:{consts}"
 
 
 def _plain(value: Any) -> Any:
