@@ -130,7 +130,7 @@ def _api_only(options: Any) -> bool:
     # ...) or (class, ()).  A legacy Query spells out the defaults that a
     # select() leaves implicit; only those are "API only".
     items = list(options) if isinstance(options, tuple) else []
-    if items and type(items[0]) is int:
+    if items and isinstance(items[0], (int, str)):  # the index: an int in 2.1, a str in 2.0
         items = items[1:]
     if not items or not isinstance(items[0], type):
         return False
