@@ -96,3 +96,22 @@ def autoflush(session: Any, execution_options: Any) -> None:
     if load_options is not None and not getattr(load_options, "_autoflush", True):
         return
     session._autoflush()
+
+
+def statement_options(statement: Any) -> tuple:
+    """Return the ORM options given to ``statement`` with ``.options()``.
+
+    ``Executable._with_options`` holds them (1.4 to 2.1); the public
+    ``ORMExecuteState.user_defined_options`` exists only during an execution.
+    """
+    return getattr(statement, "_with_options", ())
+
+
+def attribute_impl(manager: Any, key: str) -> Any:
+    """Return the attribute implementation behind ``manager[key]``.
+
+    ``impl.set_committed_value(state, dict_, value)`` is what the public
+    ``attributes.set_committed_value()`` calls, without looking the state
+    and the manager up again for every object of a cached result.
+    """
+    return manager[key].impl

@@ -33,7 +33,7 @@ def _statement(query: Any, session: Any) -> tuple[Any, Any, Any]:
 
 
 def _option(statement: Any) -> FromCache | None:
-    for option in getattr(statement, "_with_options", ()):
+    for option in _sqlalchemy.statement_options(statement):
         if isinstance(option, FromCache) and type(option) is FromCache:
             return option
     return None

@@ -62,7 +62,7 @@ def _transaction_ended(session: Session, transaction: Any) -> None:
 
 
 def _has_cache_option(statement: Any) -> bool:
-    return any(isinstance(option, FromCache) for option in getattr(statement, "_with_options", ()))
+    return any(isinstance(option, FromCache) for option in _sqlalchemy.statement_options(statement))
 
 
 def _bypassed(options: Any) -> bool:
@@ -226,7 +226,7 @@ def _snapshot_isolated(connection: Any) -> bool:
 
 
 def _propagating(statement: Any) -> tuple:
-    return tuple(opt for opt in statement._with_options if opt.propagate_to_loaders)
+    return tuple(opt for opt in _sqlalchemy.statement_options(statement) if opt.propagate_to_loaders)
 
 
 def _snapshot(state: ORMExecuteState, connection: Any) -> CachedRows:

@@ -230,7 +230,7 @@ class _Plan:
         self.column_set = frozenset(columns)
         self.relationships = relationships
         self.relationship_set = frozenset(relationships)
-        self.impls = tuple(manager[key].impl for key in relationships)
+        self.impls = tuple(_sqlalchemy.attribute_impl(manager, key) for key in relationships)
         # Columns the class has now but the entry does not know (a model
         # changed since it was stored): expired, so they load on access.
         self.expire = [prop.key for prop in mapper.column_attrs if prop.key not in columns]
