@@ -18,7 +18,7 @@ from sqlalchemy.sql.expression import TableClause
 from . import _sqlalchemy
 from .cache import ALL_TABLES, SessionCache, cache_of
 from .errors import NoRegionsError, NotCacheableError
-from .options import FromCache
+from .options import statement_option
 
 
 def _statement(query: Any, session: Any) -> tuple[Any, Any, Any]:
@@ -32,13 +32,6 @@ def _statement(query: Any, session: Any) -> tuple[Any, Any, Any]:
     raise NotCacheableError(f"expected a select() or a Query, got {query!r}")
 
 
-def _option(statement: Any) -> FromCache | None:
-    for option in _sqlalchemy.statement_options(statement):
-        if isinstance(option, FromCache) and type(option) is FromCache:
-            return option
-    return None
-
-
 def _cache(session: Any) -> SessionCache:
     cache = cache_of(session)
     if cache is None:
@@ -48,7 +41,7 @@ def _cache(session: Any) -> SessionCache:
 
 def _locate(query, session, region, cache_key, parameters, execution_options):
     statement, query_parameters, session = _statement(query, session)
-    option = _option(statement)
+    option = statement_option(statement)
     cache = _cache(session)
     chosen = cache.region(region or (option.region if option else None))
     if cache_key is None and option is not None:

@@ -6,6 +6,8 @@ from typing import Any
 
 from sqlalchemy.orm.interfaces import UserDefinedOption
 
+from . import _sqlalchemy
+
 
 class FromCache(UserDefinedOption):
     """Load a query's result from a cache region, storing it there on a miss.
@@ -95,4 +97,16 @@ def caching_option(orm_execute_state: Any) -> FromCache | None:
             applies = option.for_execution(orm_execute_state)
             if applies is not None:
                 return applies
+    return None
+
+
+def statement_option(statement: Any, kind: type = FromCache) -> FromCache | None:
+    """Return the first option of exactly ``kind`` given to ``statement``, or None.
+
+    ``kind=FromCache`` is the option a query names its region with;
+    pass ``kind=None`` for any caching option, relationship ones included.
+    """
+    for option in _sqlalchemy.statement_options(statement):
+        if isinstance(option, FromCache) and (kind is None or type(option) is kind):
+            return option
     return None

@@ -22,7 +22,7 @@ from . import _sqlalchemy, invalidation, local, stats
 from .cache import ALL_TABLES, SessionCache, cache_of
 from .errors import NoRegionsError, NotCacheableError
 from .keys import BYPASS_OPTIONS
-from .options import FromCache, caching_option
+from .options import caching_option, statement_option
 from .regions import Region
 from .rows import LOADER_FLAG, CachedRows, LocalResult
 
@@ -46,7 +46,7 @@ def install() -> None:
 
 
 def _drop_local(session: Session, *args: Any) -> None:
-    session.info.pop(local.INFO_KEY, None)
+    local.drop(session)
 
 
 def _flushed(session: Session, flush_context: Any) -> None:
@@ -61,10 +61,6 @@ def _transaction_ended(session: Session, transaction: Any) -> None:
         session.info.pop(invalidation.WRITTEN_KEY, None)
 
 
-def _has_cache_option(statement: Any) -> bool:
-    return any(isinstance(option, FromCache) for option in _sqlalchemy.statement_options(statement))
-
-
 def _bypassed(options: Any) -> bool:
     # Streamed results cannot be kept, and populate_existing asks for fresh rows.
     if not BYPASS_OPTIONS.isdisjoint(options) and any(options.get(name) for name in BYPASS_OPTIONS):
@@ -74,7 +70,7 @@ def _bypassed(options: Any) -> bool:
 
 def _write(state: ORMExecuteState) -> None:
     session = state.session
-    if _has_cache_option(state.statement):
+    if statement_option(state.statement, kind=None) is not None:
         raise NotCacheableError(f"only SELECT statements can be cached, not {type(state.statement).__name__}")
     tables = invalidation.written(session)
     if state.is_update or state.is_delete or state.is_insert:

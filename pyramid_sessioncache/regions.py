@@ -189,14 +189,7 @@ class Region:
         except BACKEND_ERRORS as exc:
             self._failed(exc, "reading")
             return None
-        try:
-            stored_at, expire, value = stored
-        except (TypeError, ValueError):
-            return None
-        if not valid(value, versions):
-            return None
-        fresh = expire is None or time.time() < stored_at + expire
-        return value, fresh
+        return _unpack(stored, valid, versions)
 
     def _write(self, namespace: Any, key: bytes, value: Any, expire: int | None) -> None:
         if self.out_of_process:
@@ -326,24 +319,29 @@ class Region:
     def _local(self, key: str, create, session: Any, expire: int | None, store, valid) -> tuple[Any, bool]:
         # The Session's own dictionary, read directly: no namespace object,
         # no lock (one Session is one thread); same format as Beaker's.
-        entries = local.entries(session).setdefault(self.namespace_name, {})
         bkey = _encode(key)
-        stored = entries.get(bkey)
-        if stored is not None:
-            stored_at, expire_in, value = stored
-            if (expire_in is None or time.time() < stored_at + expire_in) and valid(value, None):
-                return value, True
-        value = create()
-        if store(value):
-            expire = expire or self.expire
-            entries[bkey] = (time.time(), expire, value)
-        return value, False
+        stored = local.entries(session).get(self.namespace_name, {}).get(bkey)
+        found = None if stored is None else _unpack(stored, valid, None)
+        if found is not None and found[1]:
+            return found[0], True
+        return self._create(self._namespace(session), bkey, create, expire, store), False
 
     def _create(self, namespace, bkey, create, expire, store) -> Any:
         value = create()
         if store(value):
             self._write(namespace, bkey, value, expire or self.expire)
         return value
+
+
+def _unpack(stored: Any, valid: Validator, versions: Any) -> tuple[Any, bool] | None:
+    """``(value, fresh)`` from an entry in Beaker's stored format, or None if unusable."""
+    try:
+        stored_at, expire, value = stored
+    except (TypeError, ValueError):
+        return None
+    if not valid(value, versions):
+        return None
+    return value, expire is None or time.time() < stored_at + expire
 
 
 def _encode(key: str) -> bytes:

@@ -18,13 +18,13 @@ from typing import Any
 from pyramid.exceptions import ConfigurationError
 from pyramid.settings import aslist, falsey, truthy
 
+from .regions import SIGNED_TYPES
+
 #: Region types whose namespace lives outside the process and so needs a URL.
 URL_TYPES = frozenset({"ext:redis", "ext:rediscluster", "ext:memcached", "ext:database", "ext:mongodb"})
 #: Region types that keep their data in files and so need a directory.
 DIRECTORY_TYPES = frozenset({"file", "dbm"})
 LOCAL_TYPE = "ext:local_session"
-#: Region types whose values are signed (see ``signing.py``): they need a secret.
-SIGNED_TYPES = frozenset({"ext:redis"})
 
 DEFAULT_REGIONS = MappingProxyType({"local_session": MappingProxyType({"type": LOCAL_TYPE})})
 

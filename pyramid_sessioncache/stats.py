@@ -28,9 +28,6 @@ class RegionStats:
     misses: int = 0
     invalidations: int = 0
 
-    def as_dict(self) -> dict[str, int]:
-        return {"hits": self.hits, "misses": self.misses, "invalidations": self.invalidations}
-
 
 @dataclass
 class Stats:
