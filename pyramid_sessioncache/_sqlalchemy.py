@@ -95,16 +95,48 @@ def autoflush(session: Any, execution_options: Any) -> None:
     load_options = execution_options.get("_sa_orm_load_options")
     if load_options is not None and not getattr(load_options, "_autoflush", True):
         return
-    session._autoflush()
+    if session.autoflush and not session._is_clean():
+        session._autoflush()
 
 
 def statement_options(statement: Any) -> tuple:
     """Return the ORM options given to ``statement`` with ``.options()``.
 
-    ``Executable._with_options`` holds them (1.4 to 2.1); the public
-    ``ORMExecuteState.user_defined_options`` exists only during an execution.
+    ``Executable._with_options`` holds them (2.0, 2.1), and the entities a
+    ``with_only_columns()`` replaced keep theirs in
+    ``_memoized_select_entities``: this is what the public
+    ``ORMExecuteState.user_defined_options`` reads, without building a list
+    on every execution, and it works outside one.
     """
-    return getattr(statement, "_with_options", ())
+    options = getattr(statement, "_with_options", ())
+    for entities in getattr(statement, "_memoized_select_entities", ()):
+        options += entities._with_options
+    return options
+
+
+def _orm_compile_options(statement: Any) -> Any:
+    # What ORMExecuteState._orm_compile_options() reads (2.0, 2.1); the
+    # properties built on it look it up again on every access.
+    options = getattr(statement, "_compile_options", None)
+    return options if hasattr(options, "_for_refresh_state") else None
+
+
+def relationship_load_path(statement: Any) -> Any:
+    """The loader path when ``statement`` loads a relationship, else None.
+
+    What ``ORMExecuteState.loader_strategy_path`` gives when
+    ``is_relationship_load`` is true: the path ends with the mapper and the
+    relationship being loaded.
+    """
+    options = _orm_compile_options(statement)
+    path = getattr(options, "_current_path", None)
+    return None if path is None or path.is_root else path
+
+
+def is_column_load(statement: Any) -> bool:
+    """``ORMExecuteState.is_column_load``: a refresh or an unexpire of an object's columns."""
+    options = _orm_compile_options(statement)
+    return bool(options is not None and options._for_refresh_state)
 
 
 def attribute_impl(manager: Any, key: str) -> Any:
@@ -115,3 +147,25 @@ def attribute_impl(manager: Any, key: str) -> Any:
     and the manager up again for every object of a cached result.
     """
     return manager[key].impl
+
+
+def later_listeners(orm_execute_state: Any) -> bool:
+    """Whether ``do_orm_execute`` listeners remain to run after the current one."""
+    return len(orm_execute_state._events_todo) > orm_execute_state._starting_event_idx + 1
+
+
+def run_later_listeners(orm_execute_state: Any) -> Any:
+    """Run the ``do_orm_execute`` listeners after the current one, as the ORM would.
+
+    Returns the first result one of them returns (it executed the statement
+    itself), else None.  Afterwards none remain: ``invoke_statement()``
+    runs none of them again.  This is the loop of ``Session._execute_internal``
+    over ``ORMExecuteState._events_todo`` (2.0, 2.1).
+    """
+    events = orm_execute_state._events_todo
+    for index in range(orm_execute_state._starting_event_idx + 1, len(events)):
+        orm_execute_state._starting_event_idx = index
+        result = events[index](orm_execute_state)
+        if result:
+            return result
+    return None

@@ -60,6 +60,7 @@ _API_ONLY_COMPILE_OPTIONS = frozenset(
 )
 
 _MEMO_SIZE = 2000
+_UNSEEN = object()
 
 
 class Unkeyable(Exception):
@@ -150,6 +151,9 @@ def _api_only(options: Any) -> bool:
 
 def value_text(value: Any) -> str:
     """Return a stable text for a bound value, or raise :class:`Unkeyable`."""
+    kind = type(value)
+    if kind is int or kind is str:  # most values: the same text as _PLAIN's, sooner
+        return f"{kind.__name__}:{value!r}"
     if value is None or isinstance(value, bool):
         return repr(value)
     if isinstance(value, enum.Enum):
@@ -190,10 +194,9 @@ class KeyMaker:
 
     def structure(self, cache_key: Any) -> str | None:
         """Return the stable digest of a ``CacheKey``'s structure, or None."""
-        try:
-            return self._structures[cache_key.key]
-        except KeyError:
-            pass
+        digest = self._structures.get(cache_key.key, _UNSEEN)
+        if digest is not _UNSEEN:
+            return digest
         out: list[str] = []
         try:
             _structure_text(cache_key.key, out)
@@ -242,18 +245,24 @@ class KeyMaker:
         structure = self.structure(cache_key)
         if structure is None:
             return None
-        parameters = parameters or {}
-        parts = [structure, self.bind(bind)]
+        bind_text = self._binds.get(bind) or self.bind(bind)
+        parts = [structure, bind_text]
         try:
             for bindparam in cache_key.bindparams:
-                if bindparam.key in parameters:
+                if parameters and bindparam.key in parameters:
                     parts.append(value_text(parameters[bindparam.key]))
                 else:
                     parts.append(value_text(bindparam.effective_value))
-            options = {k: v for k, v in execution_options.items() if not k.startswith("_") and k not in NEUTRAL_OPTIONS}
-            if options:
-                parts.append(value_text(_normalized(options)))
+            for name in execution_options:
+                if name[:1] != "_" and name not in NEUTRAL_OPTIONS:
+                    parts.append(value_text(_normalized(_keyed_options(execution_options))))
+                    break
         except Unkeyable:
             return None
         digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=20).hexdigest()
         return EntryKey(f"{label}:{digest}" if label else digest, structure)
+
+
+def _keyed_options(execution_options: Mapping[str, Any]) -> dict[str, Any]:
+    # The public options that may change the rows: part of the key.
+    return {k: v for k, v in execution_options.items() if not k.startswith("_") and k not in NEUTRAL_OPTIONS}

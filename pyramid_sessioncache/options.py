@@ -35,11 +35,10 @@ class FromCache(UserDefinedOption):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(region={self.region!r}, cache_key={self.cache_key!r}, expire={self.expire!r})"
 
-    def for_execution(self, orm_execute_state: Any) -> FromCache | None:
-        """Return the option that applies to this execution, or None."""
-        if orm_execute_state.is_relationship_load:
-            return None
-        return self
+    def _applies(self, loader_path: Any) -> FromCache | None:
+        # The option caches the statement it was given, not the relationship
+        # loads its objects run later (``loader_path``: see caching_option).
+        return None if loader_path is not None else self
 
 
 class RelationshipCache(FromCache):
@@ -76,13 +75,10 @@ class RelationshipCache(FromCache):
         chained._relationships = {**self._relationships, **option._relationships}
         return chained
 
-    def for_execution(self, orm_execute_state: Any) -> FromCache | None:
-        if not orm_execute_state.is_relationship_load:
+    def _applies(self, loader_path: Any) -> FromCache | None:
+        if loader_path is None or len(loader_path) < 2:
             return None
-        path = orm_execute_state.loader_strategy_path
-        if not path or len(path) < 2:
-            return None
-        mapper, prop = path[-2], path[-1]
+        mapper, prop = loader_path[-2], loader_path[-1]
         for cls in mapper.class_.__mro__:
             option = self._relationships.get((cls, prop.key))
             if option is not None:
@@ -90,11 +86,19 @@ class RelationshipCache(FromCache):
         return None
 
 
-def caching_option(orm_execute_state: Any) -> FromCache | None:
-    """Return the caching option that applies to an ORM execution, or None."""
-    for option in orm_execute_state.user_defined_options:
+def caching_option(statement: Any) -> FromCache | None:
+    """Return the caching option that applies to executing ``statement``, or None.
+
+    ``statement`` is what an ORM execution runs (``ORMExecuteState.statement``):
+    ``FromCache`` applies to the statement it was given, a
+    ``RelationshipCache`` to the relationship loads it names.
+    """
+    loader_path = False  # not looked up yet: most statements have no caching option
+    for option in _sqlalchemy.statement_options(statement):
         if isinstance(option, FromCache):
-            applies = option.for_execution(orm_execute_state)
+            if loader_path is False:
+                loader_path = _sqlalchemy.relationship_load_path(statement)
+            applies = option._applies(loader_path)
             if applies is not None:
                 return applies
     return None

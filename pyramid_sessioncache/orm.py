@@ -81,16 +81,35 @@ def _write(state: ORMExecuteState) -> None:
 
 
 def _do_orm_execute(state: ORMExecuteState) -> Any:
-    session = state.session
-    if not state.is_select:
+    statement = state.statement
+    if not statement.is_select:
         # A write through the Session may change what any cached query of
         # this Session returns; text() may be anything, so it counts too.
         _write(state)
         return None
+    session = state.session
     if LOADER_FLAG in session.info:
-        session.info[LOADER_TABLES] |= invalidation.statement_tables(state.statement)
+        session.info[LOADER_TABLES] |= invalidation.statement_tables(statement)
         return None
-    option = caching_option(state)
+    if caching_option(statement) is None:
+        return None
+    if not _sqlalchemy.later_listeners(state):
+        return _cached(state)
+    # The application's listeners that come after this one may still change
+    # the statement (with_loader_criteria per tenant, say): run them now, so
+    # that what is keyed and stored is what would run.  They have run, so
+    # the ORM must not run them again after this listener: return a result.
+    result = _sqlalchemy.run_later_listeners(state)
+    if result is None:
+        result = _cached(state)
+    return state.invoke_statement() if result is None else result
+
+
+def _cached(state: ORMExecuteState) -> Any:
+    """Return the cached result of ``state``'s statement, or None to run it uncached."""
+    statement = state.statement
+    session = state.session
+    option = caching_option(statement)
     if option is None:
         return None
     cache = cache_of(session)
@@ -101,7 +120,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         )
     region = cache.region(option.region)
     options = state.execution_options
-    if not region.enabled or state.is_column_load or _bypassed(options):
+    if not region.enabled or _bypassed(options) or _sqlalchemy.is_column_load(statement):
         return None
     _sqlalchemy.autoflush(session, options)
     if not region.is_local and invalidation.WRITTEN_KEY in session.info:
@@ -109,7 +128,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         # the Session reads around shared regions and stores nothing there.
         return None
     bind = session.get_bind(**state.bind_arguments)
-    key = cache.key(state.statement, state.parameters, options, bind, option.cache_key)
+    key = cache.key(statement, state.parameters, options, bind, option.cache_key)
     if key is None:
         log.debug("uncached: statement cannot be keyed (region %s)", region.name)
         return None
@@ -124,7 +143,7 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         result = value.result()
     else:
         value, hit = _shared(state, cache, region, key, option.expire)
-        result = _objects_of(session, region, key.text, value, state.statement)
+        result = _objects_of(session, region, key.text, value, statement)
     stats.record(cache.stats, session, region.name, hit, key.text)
     if log.isEnabledFor(logging.DEBUG):
         log.debug("cache %s: region %s key %s", "hit" if hit else "miss", region.name, key.text)
