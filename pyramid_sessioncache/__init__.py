@@ -9,7 +9,8 @@ then, in a view::
     people = request.cached_query(select(Person).where(Person.name == name)).scalars().all()
 
 The caching engine (``FromCache``, ``RelationshipCache``, ``SessionCache``,
-``ScopedSessionNamespace``) also works in any SQLAlchemy program.
+``cached_query(session, ...)``, ``ScopedSessionNamespace``) also works in
+any SQLAlchemy program.
 """
 
 from __future__ import annotations
@@ -35,8 +36,10 @@ from .interfaces import IDBSessionFactory, ISessionCache
 from .invalidation import cache_parameters, invalidate, invalidate_all, invalidate_region, invalidate_tables
 from .local import ScopedSessionNamespace
 from .options import FromCache, RelationshipCache
+from .orm import cached_query
 from .regions import CacheRegions, Region
-from .request import RequestCache, cached_query
+from .request import RequestCache
+from .request import cached_query as request_cached_query
 from .session import Session, dbsession
 from .settings import Settings, parse_settings
 
@@ -57,6 +60,7 @@ __all__ = [
     "UnpicklableResultError",
     "cache_of",
     "cache_parameters",
+    "cached_query",
     "get_engine",
     "get_session_cache",
     "includeme",
@@ -105,7 +109,7 @@ def includeme(config: Any) -> None:
         config.registry.registerUtility(factory, IDBSessionFactory)
 
     config.action(ISessionCache, register)
-    config.add_request_method(cached_query, "cached_query")
+    config.add_request_method(request_cached_query, "cached_query")
     config.add_request_method(RequestCache, "sessioncache", reify=True)
     # An application that defines request.dbsession (as the cookiecutter
     # does) keeps its own: ours is added last, and only if none exists.

@@ -169,3 +169,13 @@ def run_later_listeners(orm_execute_state: Any) -> Any:
         if result:
             return result
     return None
+
+
+def bind_of(session: Any, statement: Any) -> Any:
+    """The bind ``session.execute(statement)`` would use.
+
+    ``ORMCompileState.orm_pre_session_exec`` (2.0, 2.1) passes the
+    statement's mapper, its private ``plugin_subject``, to ``get_bind``.
+    """
+    subject = statement._propagate_attrs.get("plugin_subject")
+    return session.get_bind(mapper=subject.mapper if subject else None, clause=statement)

@@ -16,13 +16,14 @@ import logging
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm import ORMExecuteState, Query, Session
+from sqlalchemy.sql import Executable
 
 from . import _sqlalchemy, invalidation, local, stats
 from .cache import ALL_TABLES, SessionCache, cache_of
 from .errors import NoRegionsError, NotCacheableError
 from .keys import BYPASS_OPTIONS
-from .options import caching_option, statement_option
+from .options import FromCache, caching_option, statement_option
 from .regions import Region
 from .rows import LOADER_FLAG, CachedRows, LocalResult
 
@@ -112,12 +113,7 @@ def _cached(state: ORMExecuteState) -> Any:
     option = caching_option(statement)
     if option is None:
         return None
-    cache = cache_of(session)
-    if cache is None:
-        raise NoRegionsError(
-            "this Session has no cache regions: make it with "
-            "sessionmaker(info=session_cache.session_info()), or through pyramid_sessioncache"
-        )
+    cache = _cache_of(session)
     region = cache.region(option.region)
     options = state.execution_options
     if not region.enabled or _bypassed(options) or _sqlalchemy.is_column_load(statement):
@@ -138,7 +134,7 @@ def _cached(state: ORMExecuteState) -> Any:
             lambda: LocalResult(state.invoke_statement().freeze()),
             session,
             option.expire,
-            valid=lambda value, versions: value.current(session),
+            valid=_current_in(session),
         )
         result = value.result()
     else:
@@ -148,6 +144,74 @@ def _cached(state: ORMExecuteState) -> Any:
     if log.isEnabledFor(logging.DEBUG):
         log.debug("cache %s: region %s key %s", "hit" if hit else "miss", region.name, key.text)
     return result
+
+
+def cached_query(
+    session: Session, query: Any, region: str | None = None, cache_key: str | None = None, expire: int | None = None
+) -> Any:
+    """Run ``query`` through the cache region ``region`` of ``session``.
+
+    :param query: a 2.0 ``select()``, executed on ``session`` and returned
+        as its ``Result`` (``.scalars()``, ``.one()``, ``.all()``); or a
+        legacy ``Query`` (of ``session``), returned with the caching option
+        applied (``.one()``, ``.all()``, iteration).
+    :param region: a configured region name; default: the cache's default region.
+    :param cache_key: a readable prefix for the entry's key.
+    :param expire: seconds to keep a new entry, instead of the region's.
+
+    The same as ``session.execute(query.options(FromCache(region, ...)))``,
+    except that a hit in an ``ext:local_session`` region is served before
+    the Session's execution machinery runs, which costs as much as the
+    look-up itself.  Raises :class:`~pyramid_sessioncache.UnknownRegionError`
+    for an unknown region, :class:`~pyramid_sessioncache.NoRegionsError` for
+    a Session that caches nowhere and
+    :class:`~pyramid_sessioncache.NotCacheableError` for anything but a
+    SELECT, before anything is executed.
+    """
+    cache = _cache_of(session)
+    name = region or cache.default_region
+    found = cache.region(name)
+    option = FromCache(name, cache_key, expire)
+    if isinstance(query, Query):
+        return query.options(option)
+    if isinstance(query, Executable) and getattr(query, "is_select", False):
+        result = _local_hit(session, cache, found, query, option) if found.is_local else None
+        return session.execute(query.options(option)) if result is None else result
+    if isinstance(query, Executable):
+        raise NotCacheableError(f"only SELECT statements can be cached, not {type(query).__name__}: {query}")
+    raise NotCacheableError(f"cached_query() expects a select() or a Query, got {query!r}")
+
+
+def _cache_of(session: Session) -> SessionCache:
+    cache = cache_of(session)
+    if cache is None:
+        raise NoRegionsError(
+            "this Session has no cache regions: make it with "
+            "sessionmaker(info=session_cache.session_info()), or through pyramid_sessioncache"
+        )
+    return cache
+
+
+def _local_hit(session: Session, cache: SessionCache, region: Region, statement: Any, option: FromCache) -> Any:
+    # The checks of _cached(), for what it can see before an execution: the
+    # caller gives a statement only, so no other listener may change it and
+    # no Session-wide execution option may apply; else the ORM path decides.
+    if len(session.dispatch.do_orm_execute) != 1 or getattr(session, "execution_options", None):
+        return None
+    options = statement.get_execution_options()
+    if not region.enabled or _bypassed(options):
+        return None
+    _sqlalchemy.autoflush(session, options)
+    key = cache.key(statement, None, options, _sqlalchemy.bind_of(session, statement), option.cache_key)
+    value = None if key is None else region.peek(key.text, session, _current_in(session))
+    if value is None:
+        return None
+    stats.record(cache.stats, session, region.name, True, key.text)
+    return value.result()
+
+
+def _current_in(session: Session):
+    return lambda value, versions: value.current(session)
 
 
 def _objects_of(session: Session, region: Region, key: str, value: CachedRows, statement: Any) -> Any:

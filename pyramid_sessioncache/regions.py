@@ -316,21 +316,29 @@ class Region:
             except BACKEND_ERRORS as exc:
                 self._failed(exc, "unlocking")
 
-    def _local(self, key: str, create, session: Any, expire: int | None, store, valid) -> tuple[Any, bool]:
+    def peek(self, key: str, session: Any, valid: Validator) -> Any:
+        """Return the fresh value ``valid`` accepts under ``key`` in a local region, or None."""
         # The Session's own dictionary, read directly: no namespace object,
         # no lock (one Session is one thread); same format as Beaker's.
-        bkey = _encode(key)
-        stored = local.entries(session).get(self.namespace_name, {}).get(bkey)
+        namespaces = session.info.get(local.INFO_KEY)
+        stored = None if namespaces is None else namespaces.get(self.namespace_name, _NOTHING).get(_encode(key))
         found = None if stored is None else _unpack(stored, valid, None)
-        if found is not None and found[1]:
-            return found[0], True
-        return self._create(self._namespace(session), bkey, create, expire, store), False
+        return found[0] if found is not None and found[1] else None
+
+    def _local(self, key: str, create, session: Any, expire: int | None, store, valid) -> tuple[Any, bool]:
+        value = self.peek(key, session, valid)
+        if value is not None:
+            return value, True
+        return self._create(self._namespace(session), _encode(key), create, expire, store), False
 
     def _create(self, namespace, bkey, create, expire, store) -> Any:
         value = create()
         if store(value):
             self._write(namespace, bkey, value, expire or self.expire)
         return value
+
+
+_NOTHING: dict = {}
 
 
 def _unpack(stored: Any, valid: Validator, versions: Any) -> tuple[Any, bool] | None:

@@ -5,13 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.orm import Query
-from sqlalchemy.sql import Executable
 
-from . import invalidation, stats
+from . import invalidation, orm, stats
 from .cache import SessionCache
-from .errors import NotCacheableError
 from .interfaces import ISessionCache
-from .options import FromCache
 
 
 class RequestCache:
@@ -68,7 +65,7 @@ class RequestCache:
 def cached_query(
     request: Any, query: Any, region: str | None = None, cache_key: str | None = None, expire: int | None = None
 ) -> Any:
-    """Run ``query`` through the cache region ``region``.
+    """Run ``query`` through the cache region ``region``, on ``request.dbsession``.
 
     :param query: a 2.0 ``select()``, executed on ``request.dbsession`` and
         returned as its ``Result`` (``.scalars()``, ``.one()``, ``.all()``);
@@ -81,16 +78,8 @@ def cached_query(
 
     Raises :class:`~pyramid_sessioncache.UnknownRegionError` for an unknown
     region and :class:`~pyramid_sessioncache.NotCacheableError` for anything
-    but a SELECT, before anything is executed.
+    but a SELECT, before anything is executed.  See
+    :func:`pyramid_sessioncache.cached_query`.
     """
-    cache = request.sessioncache.cache
-    name = region or cache.default_region
-    cache.region(name)
-    option = FromCache(name, cache_key, expire)
-    if isinstance(query, Query):
-        return query.options(option)
-    if isinstance(query, Executable) and getattr(query, "is_select", False):
-        return request.dbsession.execute(query.options(option))
-    if isinstance(query, Executable):
-        raise NotCacheableError(f"only SELECT statements can be cached, not {type(query).__name__}: {query}")
-    raise NotCacheableError(f"cached_query() expects a select() or a Query, got {query!r}")
+    session = query.session if isinstance(query, Query) else request.dbsession
+    return orm.cached_query(session, query, region, cache_key, expire)

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import event, select
 from sqlalchemy.orm import sessionmaker, with_loader_criteria
 
-from pyramid_sessioncache import FromCache, SessionCache
+from pyramid_sessioncache import FromCache, SessionCache, cached_query
 
 from .conftest import SECRET
 from .models import Person
@@ -45,19 +45,24 @@ def tenants(request, engine, region_options, region):
     event.remove(target, "do_orm_execute", visible_to_tenant)
 
 
-def everyone(region):
-    return select(Person).order_by(Person.id).options(FromCache(region))
+@pytest.fixture(params=["FromCache option", "cached_query()"])
+def ids(request, region):
+    """``ids(session)``: the ids of everyone the session sees, through ``region``, either way."""
+    everyone = select(Person).order_by(Person.id)
+    if request.param == "cached_query()":
+        return lambda session: [p.id for p in cached_query(session, everyone, region).scalars()]
+    return lambda session: [p.id for p in session.scalars(everyone.options(FromCache(region)))]
 
 
-def test_a_tenant_is_never_served_another_tenants_rows(tenants, sql, region):
+def test_a_tenant_is_never_served_another_tenants_rows(tenants, ids, sql, region):
     with tenants(2) as first:
-        assert [p.id for p in first.scalars(everyone(region))] == [1, 2]
+        assert ids(first) == [1, 2]
         sql.reset()
-        assert [p.id for p in first.scalars(everyone(region))] == [1, 2]
+        assert ids(first) == [1, 2]
         assert sql.count == 0  # still cached
     with tenants(5) as second:
-        assert [p.id for p in second.scalars(everyone(region))] == [1, 2, 3, 4, 5]
+        assert ids(second) == [1, 2, 3, 4, 5]
     with tenants(2) as third:
         sql.reset()
-        assert [p.id for p in third.scalars(everyone(region))] == [1, 2]
+        assert ids(third) == [1, 2]
         assert sql.count == (1 if region == "local" else 0)

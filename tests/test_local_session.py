@@ -9,7 +9,7 @@ from beaker.cache import Cache
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import scoped_session
 
-from pyramid_sessioncache import FromCache, ScopedSessionNamespace, SessionCacheError, cache_parameters
+from pyramid_sessioncache import FromCache, ScopedSessionNamespace, SessionCacheError, cache_parameters, cached_query
 from pyramid_sessioncache.local import INFO_KEY
 
 from .models import Address, Person
@@ -19,10 +19,26 @@ def by_name(name):
     return select(Person).where(Person.name == name).options(FromCache("local"))
 
 
-def test_same_query_twice_runs_once_and_returns_the_same_objects(Session, sql):
+@pytest.fixture(params=["FromCache option", "cached_query()"])
+def scalars(request):
+    """``scalars(session, statement)``: run a statement through the ``local`` region, either way.
+
+    ``cached_query()`` reads a local hit before ``Session.execute()``; the
+    behaviour must be the same.
+    """
+    if request.param == "cached_query()":
+        return lambda session, statement: cached_query(session, statement, "local").scalars()
+    return lambda session, statement: session.scalars(statement.options(FromCache("local")))
+
+
+def named(name):
+    return select(Person).where(Person.name == name)
+
+
+def test_same_query_twice_runs_once_and_returns_the_same_objects(Session, sql, scalars):
     with Session() as session:
-        first = session.scalars(by_name("person 10")).one()
-        second = session.scalars(by_name("person 10")).one()
+        first = scalars(session, named("person 10")).one()
+        second = scalars(session, named("person 10")).one()
         assert sql.count == 1
         assert first is second
 
@@ -47,12 +63,12 @@ def test_entries_live_on_the_session_only(Session, sql):
 
 
 @pytest.mark.parametrize("end", ["commit", "rollback", "close"])
-def test_dropped_when_the_transaction_ends(Session, sql, end):
+def test_dropped_when_the_transaction_ends(Session, sql, scalars, end):
     with Session() as session:
-        person = session.scalars(by_name("person 2")).one()
+        person = scalars(session, named("person 2")).one()
         getattr(session, end)()
         assert INFO_KEY not in session.info
-        again = session.scalars(by_name("person 2")).one()
+        again = scalars(session, named("person 2")).one()
         assert sql.count == 2
         assert again.name == "person 2"
         if end == "close":
@@ -72,35 +88,35 @@ def test_dropped_by_scoped_session_remove(engine, cache, sql):
     Session.remove()
 
 
-def test_never_returns_expired_or_detached_objects(Session, sql):
+def test_never_returns_expired_or_detached_objects(Session, sql, scalars):
     with Session() as session:
-        person = session.scalars(by_name("person 4")).one()
+        person = scalars(session, named("person 4")).one()
         session.expire(person)
-        assert session.scalars(by_name("person 4")).one() is person
+        assert scalars(session, named("person 4")).one() is person
         assert sql.count == 2  # the miss after expire() reloads the object
         assert person.name == "person 4"
         assert sql.count == 2
         session.expunge(person)
-        again = session.scalars(by_name("person 4")).one()
+        again = scalars(session, named("person 4")).one()
         assert again is not person and again in session
 
 
-def test_writes_in_the_session_drop_it(Session, sql):
+def test_writes_in_the_session_drop_it(Session, sql, scalars):
     with Session() as session:
-        everyone = select(Person).order_by(Person.id).options(FromCache("local"))
-        assert len(session.scalars(everyone).all()) == 20
+        everyone = select(Person).order_by(Person.id)
+        assert len(scalars(session, everyone).all()) == 20
         doomed = session.get(Person, 20)
         for address in doomed.addresses:
             session.delete(address)
         session.delete(doomed)
-        assert len(session.scalars(everyone).all()) == 19  # autoflush, then a miss
+        assert len(scalars(session, everyone).all()) == 19  # autoflush, then a miss
         session.add(Person(id=21, name="new"))
-        assert [p.name for p in session.scalars(everyone).all()][-1] == "new"
+        assert [p.name for p in scalars(session, everyone).all()][-1] == "new"
         session.execute(update(Person).where(Person.id == 1).values(name="bulk"))
-        assert session.scalars(everyone).first().name == "bulk"
+        assert scalars(session, everyone).first().name == "bulk"
         session.execute(delete(Address).where(Address.person_id == 1))
         assert INFO_KEY not in session.info
-        session.scalars(everyone).all()
+        scalars(session, everyone).all()
         session.execute(text("UPDATE person SET name = 'raw' WHERE id = 2"))
         assert INFO_KEY not in session.info
         session.rollback()
@@ -134,12 +150,45 @@ def test_namespace_without_a_session_says_so():
         beaker_cache.get("key")
 
 
-def test_no_autoflush_is_honoured(Session, sql):
+def test_no_autoflush_is_honoured(Session, sql, scalars):
     with Session() as session:
-        person = session.scalars(by_name("person 5")).one()
+        person = scalars(session, named("person 5")).one()
         with session.no_autoflush:
             person.name = "pending"
-            assert session.scalars(by_name("person 5")).one() is person
+            assert scalars(session, named("person 5")).one() is person
         assert sql.count == 1
         assert person in session.dirty
         session.rollback()
+
+
+def test_cached_query_and_the_option_share_entries(Session, sql):
+    with Session() as session:
+        first = cached_query(session, named("person 6"), "local").scalars().one()
+        assert session.scalars(named("person 6").options(FromCache("local"))).one() is first
+        assert cached_query(session, named("person 7"), "local").scalars().one().name == "person 7"
+        assert session.scalars(named("person 7").options(FromCache("local"))).one().name == "person 7"
+        assert sql.count == 2
+
+
+def test_cached_query_honours_populate_existing(Session, sql):
+    with Session() as session:
+        person = cached_query(session, named("person 8"), "local").scalars().one()
+        person.name = "unflushed"
+        fresh = named("person 8").execution_options(populate_existing=True, autoflush=False)
+        assert cached_query(session, fresh, "local").scalars().one() is person
+        assert sql.count == 2
+        assert person.name == "person 8"  # overwritten from the row, as asked
+
+
+def test_cached_query_checks_its_arguments(Session, engine):
+    from sqlalchemy.orm import Session as PlainSession
+
+    from pyramid_sessioncache import NoRegionsError, NotCacheableError, UnknownRegionError
+
+    with Session() as session:
+        with pytest.raises(UnknownRegionError):
+            cached_query(session, named("person 1"), "nowhere")
+        with pytest.raises(NotCacheableError, match="only SELECT"):
+            cached_query(session, update(Person).values(name="x"), "local")
+    with PlainSession(engine) as plain, pytest.raises(NoRegionsError):
+        cached_query(plain, named("person 1"), "local")
