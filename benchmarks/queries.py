@@ -13,7 +13,14 @@ does), executes it and fetches its objects or rows (``.scalars().all()``,
 - *floor*: building the statement (with its caching option) and computing
   SQLAlchemy's cache key, ``stmt._generate_cache_key()``; nothing runs.  No
   cache look-up can cost less than that, because every cache keys on it.
-- *local_session*: the add-on's ``ext:local_session`` region.
+- *local_session*: the add-on's ``ext:local_session`` region, through the
+  ``FromCache`` option and ``Session.execute()``, or through
+  ``cached_query(session, statement, region)`` (what ``request.cached_query``
+  runs), which reads a local hit before ``Session.execute()``.
+- *bound*: the least any ``do_orm_execute`` cache can cost: a listener
+  that returns a stored ``FrozenResult`` from a dictionary keyed by
+  SQLAlchemy's cache key, nothing else (no region, no checks: not a usable
+  cache).  The rest of the figure is ``Session.execute()`` itself.
 - *memory*, *redis*: the add-on's shared regions (``memory``, ``ext:redis``).
 - *dogpile example*: SQLAlchemy's ``examples/dogpile_caching`` with a
   ``dogpile.cache.memory`` or ``dogpile.cache.redis`` region (see
@@ -35,7 +42,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import create_engine, event
 from sqlalchemy.orm import sessionmaker
 
-from pyramid_sessioncache import FromCache, SessionCache
+from pyramid_sessioncache import FromCache, SessionCache, cached_query
 
 from . import model
 from .timing import Budget, Timing, measure_many
@@ -46,6 +53,8 @@ VARIANTS = (
     ("uncached_new", "uncached, new session"),
     ("floor", "floor: statement + cache key"),
     ("local_same", "local_session hit, same session"),
+    ("localquery_same", "  the same, by cached_query()"),
+    ("bound_same", "bound: Session.execute + dict hit"),
     ("memory_same", "memory hit, same session"),
     ("memory_new", "memory hit, new session"),
     ("redis_same", "redis hit, same session"),
@@ -146,6 +155,10 @@ class _Runner:
             if kind == "redis" and not self.redis:
                 return None
             factory, options_factory = self.cached, _ours(kind)
+        elif kind == "bound":
+            factory, options_factory = _bound(self.plain), tuple
+        elif kind == "localquery":
+            factory, options_factory = _CachedQuery.factory(self.cached, "local"), tuple
         else:  # dogpile_memory, dogpile_redis
             region = kind.split("_", 1)[1]
             if self.dogpile is None or region not in self.dogpile.regions:
@@ -170,6 +183,45 @@ class _Runner:
 
         call(check=True)  # the miss, stored by a Session of its own
         return call, lambda: call(check=True)
+
+
+def _bound(sessionmaker):
+    """A ``sessionmaker`` stand-in whose Sessions serve every query from a dictionary (the *bound* row)."""
+    stored: dict = {}
+
+    def serve(state):
+        key = state.statement._generate_cache_key().key
+        frozen = stored.get(key)
+        if frozen is None:
+            frozen = stored[key] = state.invoke_statement().freeze()
+        return frozen()
+
+    def new():
+        session = sessionmaker()
+        event.listen(session, "do_orm_execute", serve)
+        return session
+
+    return new
+
+
+class _CachedQuery:
+    """A Session stand-in whose ``execute(statement)`` is ``cached_query(session, statement, region)``."""
+
+    def __init__(self, session, region: str) -> None:
+        self.session = session
+        self.region = region
+
+    @classmethod
+    def factory(cls, sessionmaker, region: str):
+        @contextlib.contextmanager
+        def new():
+            with sessionmaker() as session:
+                yield cls(session, region)
+
+        return new
+
+    def execute(self, statement):
+        return cached_query(self.session, statement, self.region)
 
 
 def _ours(region: str) -> Callable[[], tuple]:

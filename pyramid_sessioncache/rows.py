@@ -150,14 +150,20 @@ class CachedRows:
         ``load_options`` are the propagating loader options of the query,
         given to each new object as the ORM would.
         """
-        objects = _hydrate(session, self.classes, self.objects, load_options)
         flags = self.entity_columns
-        rows = [
-            tuple(
-                objects[value] if flag and value is not None else value for value, flag in zip(row, flags, strict=True)
-            )
-            for row in self.rows
-        ]
+        if not any(flags):  # plain values only: the stored tuples serve as they are
+            return self.shell.with_new_rows(self.rows)()
+        objects = _hydrate(session, self.classes, self.objects, load_options)
+        if flags == (True,):  # one entity per row, the commonest
+            rows = [(None if index is None else objects[index],) for (index,) in self.rows]
+        else:
+            rows = [
+                tuple(
+                    objects[value] if flag and value is not None else value
+                    for value, flag in zip(row, flags, strict=True)
+                )
+                for row in self.rows
+            ]
         return self.shell.with_new_rows(rows)()
 
 
