@@ -63,14 +63,14 @@ def read_many(namespace: Any, keys: list[bytes]) -> list[Any]:
 
 
 def get_with(namespace: Any, key: bytes, versions: Any, version_keys: Any) -> tuple[Any, tuple]:
-    """Read an entry of a signed Redis ``namespace`` and values of ``versions``, in one round trip.
+    """Read an entry of a signed Redis ``namespace`` and values of ``versions``, in one command.
 
-    Raises ``KeyError`` when the entry is missing or its signature fails.
+    Both namespaces belong to one region, so one server: a single ``MGET``
+    reads the entry and the versions together.  Raises ``KeyError`` when the
+    entry is missing or its signature fails.
     """
-    pipe = namespace.client.pipeline(transaction=False)
-    pipe.get(namespace._format_key(key))
-    pipe.mget([versions._format_key(name) for name in version_keys])
-    entry, raw = pipe.execute()
+    keys = [namespace._format_key(key), *(versions._format_key(name) for name in version_keys)]
+    entry, *raw = namespace.client.mget(keys)
     return namespace.decode(key, entry), tuple(None if value is None else value.decode() for value in raw)
 
 
