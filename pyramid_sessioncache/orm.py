@@ -27,6 +27,13 @@ from .options import FromCache, caching_option, statement_option
 from .regions import Region
 from .rows import LOADER_FLAG, CachedRows, LocalResult
 
+try:
+    from zope.sqlalchemy.datamanager import ZopeTransactionEvents
+except ImportError:  # pragma: no cover - a dependency; the engine does not need it
+    _ZOPE_DO_ORM_EXECUTE = None
+else:
+    _ZOPE_DO_ORM_EXECUTE = getattr(ZopeTransactionEvents, "do_orm_execute", None)
+
 log = logging.getLogger(__name__)
 
 #: ``session.info`` key of a loader Session: the tables its statements read.
@@ -160,9 +167,8 @@ def cached_query(
     :param expire: seconds to keep a new entry, instead of the region's.
 
     The same as ``session.execute(query.options(FromCache(region, ...)))``,
-    except that a hit in an ``ext:local_session`` region is served before
-    the Session's execution machinery runs, which costs as much as the
-    look-up itself.  Raises :class:`~pyramid_sessioncache.UnknownRegionError`
+    except that a hit is served before the Session's execution machinery
+    runs, which costs as much as a local look-up itself.  Raises :class:`~pyramid_sessioncache.UnknownRegionError`
     for an unknown region, :class:`~pyramid_sessioncache.NoRegionsError` for
     a Session that caches nowhere and
     :class:`~pyramid_sessioncache.NotCacheableError` for anything but a
@@ -175,7 +181,7 @@ def cached_query(
     if isinstance(query, Query):
         return query.options(option)
     if isinstance(query, Executable) and getattr(query, "is_select", False):
-        result = _local_hit(session, cache, found, query, option) if found.is_local else None
+        result = _early_hit(session, cache, found, query, option)
         return session.execute(query.options(option)) if result is None else result
     if isinstance(query, Executable):
         raise NotCacheableError(f"only SELECT statements can be cached, not {type(query).__name__}: {query}")
@@ -192,22 +198,51 @@ def _cache_of(session: Session) -> SessionCache:
     return cache
 
 
-def _local_hit(session: Session, cache: SessionCache, region: Region, statement: Any, option: FromCache) -> Any:
-    # The checks of _cached(), for what it can see before an execution: the
-    # caller gives a statement only, so no other listener may change it and
-    # no Session-wide execution option may apply; else the ORM path decides.
-    if len(session.dispatch.do_orm_execute) != 1 or getattr(session, "execution_options", None):
+def _early_hit(session: Session, cache: SessionCache, region: Region, statement: Any, option: FromCache) -> Any:
+    """Return a hit read before ``Session.execute()`` runs, or None to let the ORM path decide.
+
+    The checks of :func:`_cached`, on what can be seen before an execution:
+    the caller gives a statement alone, so no other listener may change it,
+    and no Session-wide execution option may apply.  Anything but a plain
+    hit (a miss, an entry to regenerate, a shape whose tables are not known
+    yet, a transaction that wrote) goes the ORM way.
+    """
+    if not all(map(_leaves_selects_alone, session.dispatch.do_orm_execute)):
+        return None
+    if getattr(session, "execution_options", None):
         return None
     options = statement.get_execution_options()
     if not region.enabled or _bypassed(options):
         return None
     _sqlalchemy.autoflush(session, options)
-    key = cache.key(statement, None, options, _sqlalchemy.bind_of(session, statement), option.cache_key)
-    value = None if key is None else region.peek(key.text, session, _current_in(session))
-    if value is None:
+    if not region.is_local and invalidation.WRITTEN_KEY in session.info:
         return None
+    bind = _sqlalchemy.bind_of(session, statement)
+    key = cache.key(statement, None, options, bind, option.cache_key)
+    if key is None:
+        return None
+    if region.is_local:
+        value = region.peek(key.text, session, _current_in(session))
+        if value is None:
+            return None
+        result = value.result()
+    else:
+        tables = cache.tables_read.get(key.shape) if cache.invalidation == "auto" else ()
+        if tables is None:
+            return None
+        value = region.peek(key.text, session, _versions_valid(region, tables), tables)
+        if value is None:
+            return None
+        _begin(session, {"bind": bind})
+        result = _objects_of(session, region, key.text, value, statement)
     stats.record(cache.stats, session, region.name, True, key.text)
-    return value.result()
+    return result
+
+
+def _leaves_selects_alone(listener: Any) -> bool:
+    # This module's listener, and zope.sqlalchemy's, which only marks the
+    # Session changed after ORM DML: neither changes a SELECT.
+    return listener is _do_orm_execute or getattr(listener, "__func__", None) is _ZOPE_DO_ORM_EXECUTE
 
 
 def _current_in(session: Session):
@@ -240,11 +275,7 @@ def _objects_of(session: Session, region: Region, key: str, value: CachedRows, s
 
 def _shared(state: ORMExecuteState, cache: SessionCache, region: Region, key: Any, expire: int | None):
     session = state.session
-    if session.dispatch.after_begin:
-        # Begin the Session's transaction on this bind as the query would
-        # have: whatever joins on after_begin (zope.sqlalchemy, so that
-        # pyramid_tm commits changes made to these objects) must see it.
-        session.connection(bind_arguments=state.bind_arguments)
+    _begin(session, state.bind_arguments)
 
     def connection() -> Any:
         return session.connection(bind_arguments=state.bind_arguments)
@@ -278,11 +309,26 @@ def _shared(state: ORMExecuteState, cache: SessionCache, region: Region, key: An
         session,
         expire,
         store=lambda value: verdict["store"],
-        valid=lambda value, now: (
-            (now if now is not None and value.tables == tables else region.versions(value.tables)) == value.versions
-        ),
+        valid=_versions_valid(region, tables),
         tables=tables,
     )
+
+
+def _versions_valid(region: Region, tables: tuple[str, ...]):
+    # An entry is valid while the versions of the tables it read are those
+    # it was stored with; ``now`` are those versions when the backend read
+    # them with the entry (Redis).
+    return lambda value, now: (
+        (now if now is not None and value.tables == tables else region.versions(value.tables)) == value.versions
+    )
+
+
+def _begin(session: Session, bind_arguments: dict) -> None:
+    if session.dispatch.after_begin:
+        # Begin the Session's transaction on this bind as the query would
+        # have: whatever joins on after_begin (zope.sqlalchemy, so that
+        # pyramid_tm commits changes made to these objects) must see it.
+        session.connection(bind_arguments=bind_arguments)
 
 
 def _learn(cache: SessionCache, shape: str, tables: Any) -> tuple[str, ...]:

@@ -316,13 +316,19 @@ class Region:
             except BACKEND_ERRORS as exc:
                 self._failed(exc, "unlocking")
 
-    def peek(self, key: str, session: Any, valid: Validator) -> Any:
-        """Return the fresh value ``valid`` accepts under ``key`` in a local region, or None."""
-        # The Session's own dictionary, read directly: no namespace object,
-        # no lock (one Session is one thread); same format as Beaker's.
-        namespaces = session.info.get(local.INFO_KEY)
-        stored = None if namespaces is None else namespaces.get(self.namespace_name, _NOTHING).get(_encode(key))
-        found = None if stored is None else _unpack(stored, valid, None)
+    def peek(self, key: str, session: Any, valid: Validator, tables: tuple = ()) -> Any:
+        """Return the fresh value that ``valid`` accepts under ``key``, or None; never waits, never creates.
+
+        ``valid`` and ``tables`` are as for :meth:`get_or_create`.
+        """
+        if self.is_local:
+            # The Session's own dictionary, read directly: no namespace
+            # object, no lock (one Session is one thread); Beaker's format.
+            namespaces = session.info.get(local.INFO_KEY)
+            stored = None if namespaces is None else namespaces.get(self.namespace_name, _NOTHING).get(_encode(key))
+            found = None if stored is None else _unpack(stored, valid, None)
+        else:
+            found = self._read(self._namespace(session), _encode(key), valid, tables) if self.available() else None
         return found[0] if found is not None and found[1] else None
 
     def _local(self, key: str, create, session: Any, expire: int | None, store, valid) -> tuple[Any, bool]:
