@@ -13,15 +13,16 @@ does), executes it and fetches its objects or rows (``.scalars().all()``,
 - *floor*: building the statement (with its caching option) and computing
   SQLAlchemy's cache key, ``stmt._generate_cache_key()``; nothing runs.  No
   cache look-up can cost less than that, because every cache keys on it.
-- *local_session*: the add-on's ``ext:local_session`` region, through the
-  ``FromCache`` option and ``Session.execute()``, or through
-  ``cached_query(session, statement, region)`` (what ``request.cached_query``
-  runs), which reads a local hit before ``Session.execute()``.
+- *local_session*, *memory*, *redis*: the add-on's regions
+  (``ext:local_session``, ``memory``, ``ext:redis``), through
+  ``cached_query(session, statement, region)``, which is what
+  ``request.cached_query`` runs: it reads a hit before ``Session.execute()``.
+  One more row runs the ``ext:local_session`` hit through the ``FromCache``
+  option and ``Session.execute()``.
 - *bound*: the least any ``do_orm_execute`` cache can cost: a listener
   that returns a stored ``FrozenResult`` from a dictionary keyed by
   SQLAlchemy's cache key, nothing else (no region, no checks: not a usable
   cache).  The rest of the figure is ``Session.execute()`` itself.
-- *memory*, *redis*: the add-on's shared regions (``memory``, ``ext:redis``).
 - *dogpile example*: SQLAlchemy's ``examples/dogpile_caching`` with a
   ``dogpile.cache.memory`` or ``dogpile.cache.redis`` region (see
   ``dogpile_example.py``).
@@ -52,9 +53,9 @@ VARIANTS = (
     ("uncached_same", "uncached, same session"),
     ("uncached_new", "uncached, new session"),
     ("floor", "floor: statement + cache key"),
-    ("local_same", "local_session hit, same session"),
-    ("localquery_same", "  the same, by cached_query()"),
     ("bound_same", "bound: Session.execute + dict hit"),
+    ("local_same", "local_session hit, same session"),
+    ("localoption_same", "  the same, by FromCache option"),
     ("memory_same", "memory hit, same session"),
     ("memory_new", "memory hit, new session"),
     ("redis_same", "redis hit, same session"),
@@ -154,11 +155,11 @@ class _Runner:
         elif kind in ("local", "memory", "redis"):
             if kind == "redis" and not self.redis:
                 return None
-            factory, options_factory = self.cached, _ours(kind)
+            factory, options_factory = _CachedQuery.factory(self.cached, kind), tuple
+        elif kind == "localoption":
+            factory, options_factory = self.cached, _ours("local")
         elif kind == "bound":
             factory, options_factory = _bound(self.plain), tuple
-        elif kind == "localquery":
-            factory, options_factory = _CachedQuery.factory(self.cached, "local"), tuple
         else:  # dogpile_memory, dogpile_redis
             region = kind.split("_", 1)[1]
             if self.dogpile is None or region not in self.dogpile.regions:

@@ -237,8 +237,8 @@ def _request_table(requests) -> str:
 SHORT = {"point": "point lookup", "page": "page of 50", "report": "report", "report_once": "report built once"}
 #: The same-session hit rows compared with the floor (Redis and the bound row: info only).
 SAME_SESSION_HITS = {
-    "localquery_same": "local_session hit by cached_query()",
-    "local_same": "local_session hit by FromCache",
+    "local_same": "local_session hit",
+    "localoption_same": "local_session hit by FromCache",
     "memory_same": "memory hit",
     "redis_same": "redis hit",
     "bound_same": "any do_orm_execute hit (bound)",
@@ -341,7 +341,7 @@ def _checks(databases, overhead) -> list[Check]:
                     None,
                 )
             )
-            for variant in ("local_same", "localquery_same", "memory_same", "memory_new", "redis_same", "redis_new"):
+            for variant in ("local_same", "localoption_same", "memory_same", "memory_new", "redis_same", "redis_new"):
                 region, _, session = variant.partition("_")
                 faster(
                     f"{name}, {SHORT[query]}, {session} session: {region} hit vs uncached",
