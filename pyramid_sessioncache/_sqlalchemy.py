@@ -171,11 +171,11 @@ def run_later_listeners(orm_execute_state: Any) -> Any:
     return None
 
 
-def bind_of(session: Any, statement: Any) -> Any:
-    """The bind ``session.execute(statement)`` would use.
+def bind_arguments(statement: Any) -> dict:
+    """The ``bind_arguments`` that ``session.execute(statement)`` gives ``Session.get_bind()``.
 
     ``ORMCompileState.orm_pre_session_exec`` (2.0, 2.1) passes the
-    statement's mapper, its private ``plugin_subject``, to ``get_bind``.
+    statement and its mapper, the private ``plugin_subject``.
     """
     subject = statement._propagate_attrs.get("plugin_subject")
-    return session.get_bind(mapper=subject.mapper if subject else None, clause=statement)
+    return {"clause": statement, "mapper": subject.mapper if subject else None}

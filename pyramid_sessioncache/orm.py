@@ -22,7 +22,7 @@ from sqlalchemy.sql import Executable
 from . import _sqlalchemy, invalidation, local, stats
 from .cache import ALL_TABLES, SessionCache, cache_of
 from .errors import NoRegionsError, NotCacheableError
-from .keys import BYPASS_OPTIONS
+from .keys import BYPASS_OPTIONS, EntryKey
 from .options import FromCache, caching_option, statement_option
 from .regions import Region
 from .rows import LOADER_FLAG, CachedRows, LocalResult
@@ -122,18 +122,12 @@ def _cached(state: ORMExecuteState) -> Any:
         return None
     cache = _cache_of(session)
     region = cache.region(option.region)
-    options = state.execution_options
-    if not region.enabled or _bypassed(options) or _sqlalchemy.is_column_load(statement):
+    if _sqlalchemy.is_column_load(statement):
         return None
-    _sqlalchemy.autoflush(session, options)
-    if not region.is_local and invalidation.WRITTEN_KEY in session.info:
-        # What this transaction wrote is in no shared entry: until it ends,
-        # the Session reads around shared regions and stores nothing there.
-        return None
-    bind = session.get_bind(**state.bind_arguments)
-    key = cache.key(statement, state.parameters, options, bind, option.cache_key)
+    key = _entry_key(
+        cache, region, session, statement, state.parameters, state.execution_options, state.bind_arguments, option
+    )
     if key is None:
-        log.debug("uncached: statement cannot be keyed (region %s)", region.name)
         return None
     if region.is_local:
         value, hit = region.get_or_create(
@@ -198,6 +192,34 @@ def _cache_of(session: Session) -> SessionCache:
     return cache
 
 
+def _entry_key(
+    cache: SessionCache,
+    region: Region,
+    session: Session,
+    statement: Any,
+    parameters: Any,
+    options: Any,
+    bind_arguments: dict,
+    option: FromCache,
+) -> EntryKey | None:
+    """Return the key of ``statement``'s entry in ``region``, or None when it must run uncached.
+
+    Autoflushes first, as the query would: a look-up must not ignore the
+    Session's pending inserts, updates and deletes.
+    """
+    if not region.enabled or _bypassed(options):
+        return None
+    _sqlalchemy.autoflush(session, options)
+    if not region.is_local and invalidation.WRITTEN_KEY in session.info:
+        # What this transaction wrote is in no shared entry: until it ends,
+        # the Session reads around shared regions and stores nothing there.
+        return None
+    key = cache.key(statement, parameters, options, session.get_bind(**bind_arguments), option.cache_key)
+    if key is None:
+        log.debug("uncached: statement cannot be keyed (region %s)", region.name)
+    return key
+
+
 def _early_hit(session: Session, cache: SessionCache, region: Region, statement: Any, option: FromCache) -> Any:
     """Return a hit read before ``Session.execute()`` runs, or None to let the ORM path decide.
 
@@ -205,20 +227,14 @@ def _early_hit(session: Session, cache: SessionCache, region: Region, statement:
     the caller gives a statement alone, so no other listener may change it,
     and no Session-wide execution option may apply.  Anything but a plain
     hit (a miss, an entry to regenerate, a shape whose tables are not known
-    yet, a transaction that wrote) goes the ORM way.
+    yet) goes the ORM way.
     """
     if not all(map(_leaves_selects_alone, session.dispatch.do_orm_execute)):
         return None
     if getattr(session, "execution_options", None):
         return None
-    options = statement.get_execution_options()
-    if not region.enabled or _bypassed(options):
-        return None
-    _sqlalchemy.autoflush(session, options)
-    if not region.is_local and invalidation.WRITTEN_KEY in session.info:
-        return None
-    bind = _sqlalchemy.bind_of(session, statement)
-    key = cache.key(statement, None, options, bind, option.cache_key)
+    bind_arguments = _sqlalchemy.bind_arguments(statement)
+    key = _entry_key(cache, region, session, statement, None, statement.get_execution_options(), bind_arguments, option)
     if key is None:
         return None
     if region.is_local:
@@ -233,7 +249,7 @@ def _early_hit(session: Session, cache: SessionCache, region: Region, statement:
         value = region.peek(key.text, session, _versions_valid(region, tables), tables)
         if value is None:
             return None
-        _begin(session, {"bind": bind})
+        _begin(session, bind_arguments)
         result = _objects_of(session, region, key.text, value, statement)
     stats.record(cache.stats, session, region.name, True, key.text)
     return result
