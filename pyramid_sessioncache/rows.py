@@ -56,7 +56,10 @@ class LocalResult(Sequence):
         expunge of every Session in the process.
         """
         session_id = session.hash_key
-        return all(state.session_id == session_id and not state.expired_attributes for state in self._states)
+        for state in self._states:
+            if state.session_id != session_id or state.expired_attributes:
+                return False
+        return True
 
     def __getitem__(self, index):  # type: ignore[override]
         return self._items[index]
