@@ -141,9 +141,7 @@ def _cached(state: ORMExecuteState) -> Any:
     else:
         value, hit = _shared(state, cache, region, key, option.expire)
         result = _objects_of(session, region, key.text, value, statement)
-    stats.record(cache.stats, session, region.name, hit, key.text)
-    if log.isEnabledFor(logging.DEBUG):
-        log.debug("cache %s: region %s key %s", "hit" if hit else "miss", region.name, key.text)
+    _record(cache, session, region, hit, key)
     return result
 
 
@@ -251,8 +249,14 @@ def _early_hit(session: Session, cache: SessionCache, region: Region, statement:
             return None
         _begin(session, bind_arguments)
         result = _objects_of(session, region, key.text, value, statement)
-    stats.record(cache.stats, session, region.name, True, key.text)
+    _record(cache, session, region, True, key)
     return result
+
+
+def _record(cache: SessionCache, session: Session, region: Region, hit: bool, key: EntryKey) -> None:
+    stats.record(cache.stats, session, region.name, hit, key.text)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("cache %s: region %s key %s", "hit" if hit else "miss", region.name, key.text)
 
 
 def _leaves_selects_alone(listener: Any) -> bool:

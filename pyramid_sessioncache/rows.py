@@ -56,7 +56,7 @@ class LocalResult(Sequence):
         expunge of every Session in the process.
         """
         session_id = session.hash_key
-        for state in self._states:
+        for state in self._states:  # noqa: SIM110 - no generator: this runs on every local hit
             if state.session_id != session_id or state.expired_attributes:
                 return False
         return True

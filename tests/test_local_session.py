@@ -192,3 +192,14 @@ def test_cached_query_checks_its_arguments(Session, engine):
             cached_query(session, update(Person).values(name="x"), "local")
     with PlainSession(engine) as plain, pytest.raises(NoRegionsError):
         cached_query(plain, named("person 1"), "local")
+
+
+def test_each_lookup_is_logged_at_debug(Session, scalars, caplog):
+    import logging
+
+    with caplog.at_level(logging.DEBUG, logger="pyramid_sessioncache"), Session() as session:
+        scalars(session, named("person 9")).one()
+        scalars(session, named("person 9")).one()
+    messages = [r.getMessage() for r in caplog.records if r.name == "pyramid_sessioncache.orm"]
+    assert [m.split(":")[0] for m in messages] == ["cache miss", "cache hit"]
+    assert all("region local key " in m for m in messages)
