@@ -249,6 +249,7 @@ class _Plan:
 
 def _hydrate(session: Session, classes: list, records: list, load_options: tuple) -> list[Any]:
     plans = [_Plan(*layout) for layout in classes]
+    notify = bool(session.dispatch.loaded_as_persistent) or any(plan.load_event for plan in plans)
     lookup = session.identity_map.get
     objects: list[Any] = []
     append = objects.append
@@ -275,7 +276,8 @@ def _hydrate(session: Session, classes: list, records: list, load_options: tuple
             if load_options:  # as the ORM gives them (see _sqlalchemy.propagate_options)
                 state.load_options = load_options
                 state.load_path = plan.load_path
-            created.append((state, plan))
+            if notify:
+                created.append((state, plan))
         else:
             loaded = obj.__dict__
             if not plan.column_set.issubset(loaded):  # expired or unloaded: fill as a query would
@@ -292,7 +294,7 @@ def _hydrate(session: Session, classes: list, records: list, load_options: tuple
                 append(obj)
                 continue
             state = attributes.instance_state(obj)
-        if plan.relationships:
+        if held.count(NOT_LOADED) != len(held):  # it holds something: a relationship to set
             fill.append((state, loaded, plan.impls, held))
         append(obj)
     for state, loaded, impls, held in fill:
