@@ -142,6 +142,31 @@ def test_objects_from_a_hit_are_loaded_persistent_and_clean(Session, sql, region
         assert third.get(Person, 6).name == "changed"
 
 
+def test_a_hit_sends_the_events_a_query_sends(Session, region):
+    from sqlalchemy import event
+
+    statement = select(Person).where(Person.id <= 3).options(FromCache(region), selectinload(Person.addresses))
+    with Session() as first:
+        first.scalars(statement).all()
+    with Session() as first:  # the shape's tables are known now: this one stores
+        first.scalars(statement).all()
+    with Session() as second:
+        persistent, loaded = [], []
+
+        def on_load(target, context):
+            loaded.append((target, context))
+
+        event.listen(second, "loaded_as_persistent", lambda session, obj: persistent.append(obj))
+        event.listen(Address, "load", on_load)
+        try:
+            people = second.scalars(statement).all()
+        finally:
+            event.remove(Address, "load", on_load)
+        addresses = [a for p in people for a in p.addresses]
+        assert {id(o) for o in persistent} == {id(o) for o in [*people, *addresses]}
+        assert [target for target, _ in loaded] == addresses and {c for _, c in loaded} == {None}
+
+
 def test_stored_values_pickle_small(Session, cache, region):
     with Session() as session:
         stmt = select(Person).options(FromCache(region), selectinload(Person.addresses))
