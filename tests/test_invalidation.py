@@ -239,7 +239,7 @@ def test_subquery_in_where_is_a_dependency(Session, region):
     assert read(Session, stmt)[0] == [(1,)]
 
 
-def test_a_redis_hit_costs_two_commands(engine, redis_url):
+def test_a_redis_hit_costs_one_command(engine, redis_url):
     import redis
 
     client = redis.Redis.from_url(redis_url)
