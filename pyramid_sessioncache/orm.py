@@ -241,10 +241,13 @@ def _early_hit(session: Session, cache: SessionCache, region: Region, statement:
             return None
         result = value.result()
     else:
-        tables = cache.tables_read.get(key.shape) if cache.invalidation == "auto" else ()
-        if tables is None:
-            return None
-        value = region.peek(key.text, session, _versions_valid(region, tables), tables)
+        if cache.invalidation == "auto":
+            tables = cache.tables_read.get(key.shape)
+            if tables is None:
+                return None
+            value = region.peek(key.text, session, _versions_valid(region, tables), tables)
+        else:  # entries have no versions to check, as in _shared()
+            value = region.peek(key.text, session, _always_valid)
         if value is None:
             return None
         _begin(session, bind_arguments)
@@ -332,6 +335,10 @@ def _shared(state: ORMExecuteState, cache: SessionCache, region: Region, key: An
         valid=_versions_valid(region, tables),
         tables=tables,
     )
+
+
+def _always_valid(value: Any, versions: Any) -> bool:
+    return True
 
 
 def _versions_valid(region: Region, tables: tuple[str, ...]):

@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import selectinload, sessionmaker
 
-from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, invalidate_tables
+from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cached_query, invalidate_tables
 
 from .conftest import SECRET
 from .models import Address, Person, Tag, person_tag
@@ -239,25 +239,41 @@ def test_subquery_in_where_is_a_dependency(Session, region):
     assert read(Session, stmt)[0] == [(1,)]
 
 
-def test_a_redis_hit_costs_one_command(engine, redis_url):
+@pytest.mark.parametrize(
+    ("invalidation", "how", "commands"),
+    [
+        # The entry and its tables' versions, in one command.
+        ("auto", "FromCache option", {"cmdstat_mget": 1}),
+        ("auto", "cached_query()", {"cmdstat_mget": 1}),
+        # No versions to check: the entry alone.
+        ("manual", "FromCache option", {"cmdstat_get": 1}),
+        ("manual", "cached_query()", {"cmdstat_get": 1}),
+    ],
+)
+def test_a_redis_hit_costs_one_command(engine, redis_url, invalidation, how, commands):
     import redis
 
     client = redis.Redis.from_url(redis_url)
-    cache = SessionCache({"redis": {"type": "ext:redis", "url": redis_url}}, secret=SECRET)
+    cache = SessionCache({"redis": {"type": "ext:redis", "url": redis_url}}, secret=SECRET, invalidation=invalidation)
     Session = sessionmaker(bind=engine, info=cache.session_info())
-    stmt = select(Person).where(Person.id == 1).options(FromCache("redis"))
-    for _ in range(2):
+    stmt = select(Person).where(Person.id == 1)
+
+    def hit() -> None:
         with Session() as session:
-            session.scalars(stmt).one()
+            if how == "cached_query()":
+                cached_query(session, stmt, "redis").scalars().one()
+            else:
+                session.scalars(stmt.options(FromCache("redis"))).one()
 
     def calls() -> dict:
         stats = client.info("commandstats")
         return {name: value["calls"] for name, value in stats.items()}
 
+    hit()
+    hit()
     before = calls()
-    with Session() as session:
-        session.scalars(stmt).one()
+    hit()
     after = calls()
     spent = {name: after[name] - before.get(name, 0) for name in after if after[name] != before.get(name, 0)}
     spent.pop("cmdstat_info", None)
-    assert spent == {"cmdstat_mget": 1}  # the entry and its tables' versions, in one command
+    assert spent == commands
