@@ -154,6 +154,23 @@ def later_listeners(orm_execute_state: Any) -> bool:
     return len(orm_execute_state._events_todo) > orm_execute_state._starting_event_idx + 1
 
 
+def invoke_skipping_later_listeners(orm_execute_state: Any) -> Any:
+    """Execute the statement now, without the ``do_orm_execute`` listeners after the current one."""
+    orm_execute_state._starting_event_idx = len(orm_execute_state._events_todo) - 1
+    return orm_execute_state.invoke_statement()
+
+
+def execution_options(orm_execute_state: Any) -> Any:
+    """The execution options the statement will run with, listeners' updates included.
+
+    ``ORMExecuteState.update_execution_options()`` leaves
+    ``execution_options`` as it was and records the updates in private
+    ``_update_execution_options``, which ``Session._execute_internal`` adds
+    to them before it runs the statement (2.0, 2.1).
+    """
+    return orm_execute_state.execution_options.union(orm_execute_state._update_execution_options)
+
+
 def run_later_listeners(orm_execute_state: Any) -> Any:
     """Run the ``do_orm_execute`` listeners after the current one, as the ORM would.
 

@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 #: ``session.info`` key of a loader Session: the tables its statements read.
 LOADER_TABLES = "sessioncache.loader.tables"
+#: ``session.info`` key of a loader Session: the statement it was made to run.
+LOADER_STATEMENT = "sessioncache.loader.statement"
 #: Isolation levels whose snapshot may predate the versions a query reads.
 SNAPSHOT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT"})
 
@@ -98,6 +100,10 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     session = state.session
     if LOADER_FLAG in session.info:
         session.info[LOADER_TABLES] |= invalidation.statement_tables(statement)
+        if statement is session.info.get(LOADER_STATEMENT) and _sqlalchemy.later_listeners(state):
+            # The caller's listeners made this statement what it is: running
+            # them again (those on the Session class) would apply them twice.
+            return _sqlalchemy.invoke_skipping_later_listeners(state)
         return None
     if caching_option(statement) is None:
         return None
@@ -124,9 +130,8 @@ def _cached(state: ORMExecuteState) -> Any:
     region = cache.region(option.region)
     if _sqlalchemy.is_column_load(statement):
         return None
-    key = _entry_key(
-        cache, region, session, statement, state.parameters, state.execution_options, state.bind_arguments, option
-    )
+    options = _sqlalchemy.execution_options(state)
+    key = _entry_key(cache, region, session, statement, state.parameters, options, state.bind_arguments, option)
     if key is None:
         return None
     if region.is_local:
@@ -169,6 +174,12 @@ def cached_query(
     cache = _cache_of(session)
     name = region or cache.default_region
     found = cache.region(name)
+    given = statement_option(query)
+    if given is not None:
+        raise NotCacheableError(
+            f"cached_query() got a statement that has a caching option already, {given!r}: "
+            "name the region in one place, the statement's option or cached_query()"
+        )
     option = FromCache(name, cache_key, expire)
     if isinstance(query, Query):
         return query.options(option)
@@ -387,12 +398,12 @@ def _snapshot(state: ORMExecuteState, connection: Any) -> CachedRows:
     The fresh Session's objects hold exactly what the database returned in
     the caller's transaction, whatever the caller's Session has in memory.
     """
-    loader = Session(
-        bind=connection,
-        info={LOADER_FLAG: True, LOADER_TABLES: set()},
-        autoflush=False,
-        expire_on_commit=False,
-    )
+    # The application's listeners on the Session class run for the loads
+    # this Session makes (relationships): they see the caller's info, as
+    # they would have for the caller; the add-on's own keys stay behind.
+    info = {key: value for key, value in state.session.info.items() if not key.startswith("sessioncache")}
+    info.update({LOADER_FLAG: True, LOADER_TABLES: set(), LOADER_STATEMENT: state.statement})
+    loader = Session(bind=connection, info=info, autoflush=False, expire_on_commit=False)
     try:
         result = loader.execute(state.statement, state.parameters, execution_options=state.local_execution_options)
         value = CachedRows.from_result(result)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import event, select
-from sqlalchemy.orm import sessionmaker, with_loader_criteria
+from sqlalchemy.orm import Session, sessionmaker, with_loader_criteria
 
 from pyramid_sessioncache import FromCache, SessionCache, cached_query
 
@@ -19,9 +19,9 @@ from .models import Person
 
 
 def visible_to_tenant(state) -> None:
-    """The application's listener: a Session sees the people up to its ``max_id``."""
-    max_id = state.session.info.get("max_id")
-    if state.is_select and max_id is not None:
+    """The application's listener: a Session sees the people up to its ``max_id`` (3 without one)."""
+    if state.is_select:
+        max_id = state.session.info.get("max_id", 3)
         state.statement = state.statement.options(
             with_loader_criteria(Person, Person.id <= max_id, include_aliases=True)
         )
@@ -34,12 +34,16 @@ def region(request, region_options) -> str:
     return request.param
 
 
-@pytest.fixture(params=["Session class", "sessionmaker"])
+@pytest.fixture(params=["sqlalchemy.orm.Session", "the factory's class", "sessionmaker"])
 def tenants(request, engine, region_options, region):
-    """A sessionmaker whose Sessions take a ``max_id``, with the listener on the class or the factory."""
+    """A sessionmaker whose Sessions take a ``max_id``, with the listener on either class or the factory.
+
+    On ``sqlalchemy.orm.Session`` it also runs for the add-on's loader
+    Session, which must neither apply it twice nor without the caller's ``info``.
+    """
     cache = SessionCache(region_options, secret=SECRET)
     factory = sessionmaker(bind=engine, info=cache.session_info())
-    target = factory if request.param == "sessionmaker" else factory.class_
+    target = {"sqlalchemy.orm.Session": Session, "the factory's class": factory.class_}.get(request.param, factory)
     event.listen(target, "do_orm_execute", visible_to_tenant)
     yield lambda max_id: factory(info={**cache.session_info(), "max_id": max_id})
     event.remove(target, "do_orm_execute", visible_to_tenant)
@@ -66,3 +70,52 @@ def test_a_tenant_is_never_served_another_tenants_rows(tenants, ids, sql, region
         sql.reset()
         assert ids(third) == [1, 2]
         assert sql.count == (1 if region == "local" else 0)
+
+
+def test_the_listeners_run_once_per_execution(tenants, region):
+    calls = []
+
+    def count(state):
+        calls.append(state.session.info.get("max_id"))
+
+    event.listen(Session, "do_orm_execute", count)
+    try:
+        with tenants(4) as session:
+            session.scalars(select(Person).order_by(Person.id).options(FromCache(region))).all()
+    finally:
+        event.remove(Session, "do_orm_execute", count)
+    assert calls == [4]  # the miss: once, with the caller's info, also when a loader Session reads the rows
+
+
+@pytest.mark.parametrize("how", ["FromCache option", "cached_query()"])
+def test_execution_options_set_by_a_later_listener_count(engine, region_options, region, sql, how):
+    """``update_execution_options()`` in a later listener: bypass options are obeyed, the others keyed."""
+    cache = SessionCache(region_options, secret=SECRET)
+    factory = sessionmaker(bind=engine, info=cache.session_info())
+
+    def options_of_the_session(state):
+        if state.is_select:
+            state.update_execution_options(**state.session.info.get("options", {}))
+
+    def run(options):
+        with factory(info={**cache.session_info(), "options": options}) as session:
+            statement = select(Person).where(Person.id == 1)
+            if how == "cached_query()":
+                return cached_query(session, statement, region).scalars().one().name
+            return session.scalars(statement.options(FromCache(region))).one().name
+
+    event.listen(factory, "do_orm_execute", options_of_the_session)
+    try:
+        run({"tenant": "a"})
+        run({"tenant": "a"})
+        sql.reset()
+        run({"tenant": "a"})
+        assert sql.count == (1 if region == "local" else 0)
+        run({"tenant": "b"})  # another key
+        assert sql.count == (2 if region == "local" else 1)
+        sql.reset()
+        run({"tenant": "a", "populate_existing": True})  # no cache at all
+        run({"tenant": "a", "populate_existing": True})
+        assert sql.count == 2
+    finally:
+        event.remove(factory, "do_orm_execute", options_of_the_session)

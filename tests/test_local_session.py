@@ -9,7 +9,14 @@ from beaker.cache import Cache
 from sqlalchemy import delete, select, text, update
 from sqlalchemy.orm import scoped_session
 
-from pyramid_sessioncache import FromCache, ScopedSessionNamespace, SessionCacheError, cache_parameters, cached_query
+from pyramid_sessioncache import (
+    FromCache,
+    RelationshipCache,
+    ScopedSessionNamespace,
+    SessionCacheError,
+    cache_parameters,
+    cached_query,
+)
 from pyramid_sessioncache.local import INFO_KEY
 
 from .models import Address, Person
@@ -192,6 +199,14 @@ def test_cached_query_checks_its_arguments(Session, engine):
             cached_query(session, update(Person).values(name="x"), "local")
     with PlainSession(engine) as plain, pytest.raises(NoRegionsError):
         cached_query(plain, named("person 1"), "local")
+    with Session() as session:
+        # Two regions named for one statement: which one was meant?
+        for statement in (named("person 1").options(FromCache("local")), session.query(Person).options(FromCache())):
+            with pytest.raises(NotCacheableError, match="has a caching option already"):
+                cached_query(session, statement, "local")
+        # A RelationshipCache names the region of the lazy loads, not of the statement.
+        addresses = RelationshipCache(Person.addresses, "local")
+        assert cached_query(session, named("person 1").options(addresses), "local").scalars().one().id == 1
 
 
 def test_each_lookup_is_logged_at_debug(Session, scalars, caplog):
