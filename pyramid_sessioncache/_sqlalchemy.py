@@ -154,21 +154,40 @@ def later_listeners(orm_execute_state: Any) -> bool:
     return len(orm_execute_state._events_todo) > orm_execute_state._starting_event_idx + 1
 
 
-def invoke_skipping_later_listeners(orm_execute_state: Any) -> Any:
-    """Execute the statement now, without the ``do_orm_execute`` listeners after the current one."""
-    orm_execute_state._starting_event_idx = len(orm_execute_state._events_todo) - 1
-    return orm_execute_state.invoke_statement()
-
-
 def execution_options(orm_execute_state: Any) -> Any:
-    """The execution options the statement will run with, listeners' updates included.
+    """The execution options the statement will run with, as the listeners left them.
 
-    ``ORMExecuteState.update_execution_options()`` leaves
-    ``execution_options`` as it was and records the updates in private
-    ``_update_execution_options``, which ``Session._execute_internal`` adds
-    to them before it runs the statement (2.0, 2.1).
+    Those of the execution as it began, then those of the statement a
+    listener may have put in its place, then the execution's own and what
+    listeners added with ``update_execution_options()`` (which
+    ``local_execution_options`` holds): the order in which
+    ``Session._execute_internal`` and ``Connection`` let them override each
+    other (2.0, 2.1).
     """
-    return orm_execute_state.execution_options.union(orm_execute_state._update_execution_options)
+    return orm_execute_state.execution_options.union(orm_execute_state.statement.get_execution_options()).union(
+        orm_execute_state.local_execution_options
+    )
+
+
+class _NoListeners:
+    # What Session._execute_internal asks a parent execution for: the
+    # do_orm_execute listeners still to run (2.0, 2.1).
+    @staticmethod
+    def _remaining_events() -> list:
+        return []
+
+
+def execute_without_listeners(session: Any, statement: Any, parameters: Any, execution_options: Any) -> Any:
+    """``session.execute(statement, ...)`` without running any ``do_orm_execute`` listener.
+
+    For a statement that has been through the listeners of another
+    execution already.  It is what ``ORMExecuteState.invoke_statement()``
+    does for the listeners that already ran: ``Session.execute`` takes the
+    execution it continues as the private ``_parent_execute_state``.
+    """
+    return session.execute(
+        statement, parameters, execution_options=execution_options, _parent_execute_state=_NoListeners()
+    )
 
 
 def run_later_listeners(orm_execute_state: Any) -> Any:

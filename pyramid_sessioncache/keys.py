@@ -254,7 +254,7 @@ class KeyMaker:
                 else:
                     parts.append(value_text(bindparam.effective_value))
             for name in execution_options:
-                if name[:1] != "_" and name not in NEUTRAL_OPTIONS:
+                if _public(name):
                     parts.append(value_text(_normalized(_keyed_options(execution_options))))
                     break
         except Unkeyable:
@@ -265,4 +265,10 @@ class KeyMaker:
 
 def _keyed_options(execution_options: Mapping[str, Any]) -> dict[str, Any]:
     # The public options that may change the rows: part of the key.
-    return {k: v for k, v in execution_options.items() if not k.startswith("_") and k not in NEUTRAL_OPTIONS}
+    return {k: v for k, v in execution_options.items() if _public(k)}
+
+
+def _public(name: Any) -> bool:
+    # SQLAlchemy's own options start with "_" or are not strings at all
+    # (subqueryload's ("orig_query", loader) tuples).
+    return isinstance(name, str) and not name.startswith("_") and name not in NEUTRAL_OPTIONS

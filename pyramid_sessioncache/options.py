@@ -26,6 +26,8 @@ class FromCache(UserDefinedOption):
     """
 
     propagate_to_loaders = False
+    #: Whether the option caches relationship loads only (not the statement it is given to).
+    relationships_only = False
 
     def __init__(self, region: str | None = None, cache_key: str | None = None, expire: int | None = None):
         self.region = region
@@ -53,9 +55,14 @@ class RelationshipCache(FromCache):
         opts = RelationshipCache(Person.addresses, "short_term").and_(
             RelationshipCache(Address.postal_code, "short_term"))
         session.scalars(select(Person).options(opts))
+
+    Eager loads (``selectinload``, ``subqueryload``) of those relationships
+    are not cached on their own: the entry of the query that asked for them
+    holds them.
     """
 
     propagate_to_loaders = True
+    relationships_only = True
 
     def __init__(
         self, attribute: Any, region: str | None = None, cache_key: str | None = None, expire: int | None = None
@@ -104,13 +111,12 @@ def caching_option(statement: Any) -> FromCache | None:
     return None
 
 
-def statement_option(statement: Any, kind: type = FromCache) -> FromCache | None:
-    """Return the first option of exactly ``kind`` given to ``statement``, or None.
+def statement_option(statement: Any, relationships: bool = False) -> FromCache | None:
+    """Return the first ``FromCache`` given to ``statement`` (the one naming its region), or None.
 
-    ``kind=FromCache`` is the option a query names its region with;
-    pass ``kind=None`` for any caching option, relationship ones included.
+    With ``relationships=True``, a ``RelationshipCache`` counts too.
     """
     for option in _sqlalchemy.statement_options(statement):
-        if isinstance(option, FromCache) and (kind is None or type(option) is kind):
+        if isinstance(option, FromCache) and (relationships or not option.relationships_only):
             return option
     return None

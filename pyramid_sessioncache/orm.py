@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 
 #: ``session.info`` key of a loader Session: the tables its statements read.
 LOADER_TABLES = "sessioncache.loader.tables"
-#: ``session.info`` key of a loader Session: the statement it was made to run.
-LOADER_STATEMENT = "sessioncache.loader.statement"
 #: Isolation levels whose snapshot may predate the versions a query reads.
 SNAPSHOT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT"})
 
@@ -80,7 +78,7 @@ def _bypassed(options: Any) -> bool:
 
 def _write(state: ORMExecuteState) -> None:
     session = state.session
-    if statement_option(state.statement, kind=None) is not None:
+    if statement_option(state.statement, relationships=True) is not None:
         raise NotCacheableError(f"only SELECT statements can be cached, not {type(state.statement).__name__}")
     tables = invalidation.written(session)
     if state.is_update or state.is_delete or state.is_insert:
@@ -100,10 +98,6 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     session = state.session
     if LOADER_FLAG in session.info:
         session.info[LOADER_TABLES] |= invalidation.statement_tables(statement)
-        if statement is session.info.get(LOADER_STATEMENT) and _sqlalchemy.later_listeners(state):
-            # The caller's listeners made this statement what it is: running
-            # them again (those on the Session class) would apply them twice.
-            return _sqlalchemy.invoke_skipping_later_listeners(state)
         return None
     if caching_option(statement) is None:
         return None
@@ -126,6 +120,8 @@ def _cached(state: ORMExecuteState) -> Any:
     option = caching_option(statement)
     if option is None:
         return None
+    if option.relationships_only and state.lazy_loaded_from is None:
+        return None  # an eager load (selectin, subquery): the parent's entry holds it
     cache = _cache_of(session)
     region = cache.region(option.region)
     if _sqlalchemy.is_column_load(statement):
@@ -388,6 +384,10 @@ def _snapshot_isolated(connection: Any) -> bool:
     return str(level).upper() in SNAPSHOT_LEVELS
 
 
+def _own_key(key: Any) -> bool:
+    return isinstance(key, str) and key.startswith("sessioncache")
+
+
 def _propagating(statement: Any) -> tuple:
     return tuple(opt for opt in _sqlalchemy.statement_options(statement) if opt.propagate_to_loaders)
 
@@ -398,16 +398,20 @@ def _snapshot(state: ORMExecuteState, connection: Any) -> CachedRows:
     The fresh Session's objects hold exactly what the database returned in
     the caller's transaction, whatever the caller's Session has in memory.
     """
-    # The application's listeners on the Session class run for the loads
-    # this Session makes (relationships): they see the caller's info, as
-    # they would have for the caller; the add-on's own keys stay behind.
-    info = {key: value for key, value in state.session.info.items() if not key.startswith("sessioncache")}
-    info.update({LOADER_FLAG: True, LOADER_TABLES: set(), LOADER_STATEMENT: state.statement})
+    # The statement has been through the caller's listeners: it runs
+    # without them.  The relationship loads it makes go through those on the
+    # Session class, with the caller's info as they would have seen it (the
+    # add-on's own keys stay behind).
+    info = {key: value for key, value in state.session.info.items() if not _own_key(key)}
+    info.update({LOADER_FLAG: True, LOADER_TABLES: set()})
     loader = Session(bind=connection, info=info, autoflush=False, expire_on_commit=False)
     try:
-        result = loader.execute(state.statement, state.parameters, execution_options=state.local_execution_options)
+        result = _sqlalchemy.execute_without_listeners(
+            loader, state.statement, state.parameters, state.local_execution_options
+        )
         value = CachedRows.from_result(result)
-        value.tables = frozenset(loader.info[LOADER_TABLES] | invalidation.record_tables(value))
+        read = loader.info[LOADER_TABLES] | invalidation.statement_tables(state.statement)
+        value.tables = frozenset(read | invalidation.record_tables(value))
         return value
     finally:
         loader.close()

@@ -72,30 +72,46 @@ def test_a_tenant_is_never_served_another_tenants_rows(tenants, ids, sql, region
         assert sql.count == (1 if region == "local" else 0)
 
 
-def test_the_listeners_run_once_per_execution(tenants, region):
+@pytest.mark.parametrize("first", [False, True], ids=["after the add-on's", "before the add-on's"])
+def test_the_listeners_run_once_per_execution(tenants, region, first):
     calls = []
 
     def count(state):
         calls.append(state.session.info.get("max_id"))
 
-    event.listen(Session, "do_orm_execute", count)
+    event.listen(Session, "do_orm_execute", count, insert=first)
     try:
         with tenants(4) as session:
-            session.scalars(select(Person).order_by(Person.id).options(FromCache(region))).all()
+            people = session.scalars(select(Person).order_by(Person.id).options(FromCache(region))).all()
     finally:
         event.remove(Session, "do_orm_execute", count)
+    assert [p.id for p in people] == [1, 2, 3, 4]
     assert calls == [4]  # the miss: once, with the caller's info, also when a loader Session reads the rows
 
 
+def test_a_session_info_with_keys_of_any_kind(tenants, region):
+    marker = object()
+    with tenants(2) as session:
+        session.info[marker] = "the application's"
+        session.info[("a", "tuple")] = True
+        assert [p.id for p in session.scalars(select(Person).order_by(Person.id).options(FromCache(region)))] == [1, 2]
+
+
+@pytest.mark.parametrize("setting", ["update_execution_options()", "a new statement"])
 @pytest.mark.parametrize("how", ["FromCache option", "cached_query()"])
-def test_execution_options_set_by_a_later_listener_count(engine, region_options, region, sql, how):
-    """``update_execution_options()`` in a later listener: bypass options are obeyed, the others keyed."""
+def test_execution_options_set_by_a_later_listener_count(engine, region_options, region, sql, how, setting):
+    """Options a later listener sets: bypass options are obeyed, the others keyed."""
     cache = SessionCache(region_options, secret=SECRET)
     factory = sessionmaker(bind=engine, info=cache.session_info())
 
     def options_of_the_session(state):
-        if state.is_select:
-            state.update_execution_options(**state.session.info.get("options", {}))
+        options = state.session.info.get("options", {})
+        if not state.is_select:
+            return
+        if setting == "a new statement":
+            state.statement = state.statement.execution_options(**options)
+        else:
+            state.update_execution_options(**options)
 
     def run(options):
         with factory(info={**cache.session_info(), "options": options}) as session:

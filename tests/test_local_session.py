@@ -204,6 +204,12 @@ def test_cached_query_checks_its_arguments(Session, engine):
         for statement in (named("person 1").options(FromCache("local")), session.query(Person).options(FromCache())):
             with pytest.raises(NotCacheableError, match="has a caching option already"):
                 cached_query(session, statement, "local")
+
+        class MyFromCache(FromCache):
+            pass
+
+        with pytest.raises(NotCacheableError, match="has a caching option already"):
+            cached_query(session, named("person 1").options(MyFromCache("local")), "local")
         # A RelationshipCache names the region of the lazy loads, not of the statement.
         addresses = RelationshipCache(Person.addresses, "local")
         assert cached_query(session, named("person 1").options(addresses), "local").scalars().one().id == 1

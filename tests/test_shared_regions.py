@@ -6,9 +6,9 @@ import pickle
 
 import pytest
 from sqlalchemy import func, select
-from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy.orm import joinedload, selectinload, subqueryload
 
-from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cache_parameters
+from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cache_parameters, stats
 from pyramid_sessioncache.rows import CachedRows
 
 from .conftest import SECRET
@@ -276,3 +276,15 @@ def test_many_to_one_relationships_come_back(Session, sql, region):
         assert sql.count == 0
     assert "FromCache(region=" in repr(FromCache(region))
     assert "Person.addresses" in repr(RelationshipCache(Person.addresses, region))
+
+
+@pytest.mark.parametrize("loader", [selectinload, subqueryload])
+def test_relationship_cache_leaves_eager_loads_to_their_query(Session, sql, region, loader):
+    addresses = RelationshipCache(Person.addresses, region)
+    statement = select(Person).where(Person.id <= 2).order_by(Person.id).options(loader(Person.addresses), addresses)
+    for _ in range(2):
+        with Session() as session:
+            people = session.scalars(statement).all()
+            assert [len(p.addresses) for p in people] == [2, 2]
+            assert list(stats.lookups(session)) == []  # neither the query nor its eager load is cached
+    assert sql.count == 4
