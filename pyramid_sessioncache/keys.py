@@ -245,8 +245,7 @@ class KeyMaker:
         structure = self.structure(cache_key)
         if structure is None:
             return None
-        bind_text = self._binds.get(bind) or self.bind(bind)
-        parts = [structure, bind_text]
+        parts = [structure, self.bind(bind)]
         try:
             for bindparam in cache_key.bindparams:
                 if parameters and bindparam.key in parameters:

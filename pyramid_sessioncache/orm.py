@@ -99,27 +99,26 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     if LOADER_FLAG in session.info:
         session.info[LOADER_TABLES] |= invalidation.statement_tables(statement)
         return None
-    if caching_option(statement) is None:
+    option = caching_option(statement)
+    if option is None:
         return None
     if not _sqlalchemy.later_listeners(state):
-        return _cached(state)
+        return _cached(state, option)
     # The application's listeners that come after this one may still change
     # the statement (with_loader_criteria per tenant, say): run them now, so
     # that what is keyed and stored is what would run.  They have run, so
     # the ORM must not run them again after this listener: return a result.
     result = _sqlalchemy.run_later_listeners(state)
     if result is None:
-        result = _cached(state)
+        option = caching_option(state.statement)  # they may have changed it
+        result = None if option is None else _cached(state, option)
     return state.invoke_statement() if result is None else result
 
 
-def _cached(state: ORMExecuteState) -> Any:
-    """Return the cached result of ``state``'s statement, or None to run it uncached."""
+def _cached(state: ORMExecuteState, option: FromCache) -> Any:
+    """Return the result of ``state``'s statement from ``option``'s region, or None to run it uncached."""
     statement = state.statement
     session = state.session
-    option = caching_option(statement)
-    if option is None:
-        return None
     if option.relationships_only and state.lazy_loaded_from is None:
         return None  # an eager load (selectin, subquery): the parent's entry holds it
     cache = _cache_of(session)
@@ -254,7 +253,7 @@ def _early_hit(session: Session, cache: SessionCache, region: Region, statement:
                 return None
             value = region.peek(key.text, session, _versions_valid(region, tables), tables)
         else:  # entries have no versions to check, as in _shared()
-            value = region.peek(key.text, session, _always_valid)
+            value = region.peek(key.text, session)
         if value is None:
             return None
         _begin(session, bind_arguments)
@@ -342,10 +341,6 @@ def _shared(state: ORMExecuteState, cache: SessionCache, region: Region, key: An
         valid=_versions_valid(region, tables),
         tables=tables,
     )
-
-
-def _always_valid(value: Any, versions: Any) -> bool:
-    return True
 
 
 def _versions_valid(region: Region, tables: tuple[str, ...]):

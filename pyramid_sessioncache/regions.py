@@ -44,6 +44,11 @@ log = logging.getLogger(__name__)
 Validator = Callable[[Any, Any], bool]
 
 
+def always_valid(value: Any, versions: Any) -> bool:
+    """The :data:`Validator` of entries that carry no versions to check."""
+    return True
+
+
 def _backend_errors() -> tuple[type[BaseException], ...]:
     errors: list[type[BaseException]] = [OSError, EOFError, pickle.UnpicklingError]
     try:
@@ -171,7 +176,7 @@ class Region:
         )
 
     def _read(
-        self, namespace: Any, key: bytes, valid: Validator = lambda value, versions: True, tables: tuple = ()
+        self, namespace: Any, key: bytes, valid: Validator = always_valid, tables: tuple = ()
     ) -> tuple[Any, bool] | None:
         versions = None
         try:
@@ -272,7 +277,7 @@ class Region:
         session: Any = None,
         expire: int | None = None,
         store: Callable[[Any], bool] = lambda value: True,
-        valid: Validator = lambda value, versions: True,
+        valid: Validator = always_valid,
         tables: tuple = (),
     ) -> tuple[Any, bool]:
         """Return ``(value, hit)``: the stored value, or ``create()`` stored.
@@ -316,7 +321,7 @@ class Region:
             except BACKEND_ERRORS as exc:
                 self._failed(exc, "unlocking")
 
-    def peek(self, key: str, session: Any, valid: Validator, tables: tuple = ()) -> Any:
+    def peek(self, key: str, session: Any, valid: Validator = always_valid, tables: tuple = ()) -> Any:
         """Return the fresh value that ``valid`` accepts under ``key``, or None; never waits, never creates.
 
         ``valid`` and ``tables`` are as for :meth:`get_or_create`.

@@ -67,19 +67,11 @@ def cached_query(
 ) -> Any:
     """Run ``query`` through the cache region ``region``, on ``request.dbsession``.
 
-    :param query: a 2.0 ``select()``, executed on ``request.dbsession`` and
-        returned as its ``Result`` (``.scalars()``, ``.one()``, ``.all()``);
-        or a legacy ``Query``, returned with the caching option applied
-        (``.one()``, ``.all()``, iteration).
-    :param region: a configured region name; default
-        ``sessioncache.default_region``.
-    :param cache_key: a readable prefix for the entry's key.
-    :param expire: seconds to keep a new entry, instead of the region's.
-
-    Raises :class:`~pyramid_sessioncache.UnknownRegionError` for an unknown
-    region and :class:`~pyramid_sessioncache.NotCacheableError` for anything
-    but a SELECT, before anything is executed.  See
-    :func:`pyramid_sessioncache.cached_query`.
+    :func:`pyramid_sessioncache.cached_query` on the request's Session (a
+    legacy ``Query`` keeps its own); ``region`` defaults to
+    ``sessioncache.default_region``.  Raises
+    :class:`~pyramid_sessioncache.UnknownRegionError` or
+    :class:`~pyramid_sessioncache.NotCacheableError` before anything is executed.
     """
     session = query.session if isinstance(query, Query) else request.dbsession
     return orm.cached_query(session, query, region, cache_key, expire)
