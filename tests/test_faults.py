@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
-from pyramid_sessioncache import FromCache, SessionCache
+from pyramid_sessioncache import FromCache, SessionCache, cached_query
 
 from .conftest import SECRET, _server_package
 from .models import Person
@@ -52,14 +52,17 @@ def redis_server():
         server.stop()
 
 
-def test_backend_down_then_back(engine, sql, redis_server, caplog):
+@pytest.mark.parametrize("how", ["FromCache option", "cached_query()"])
+def test_backend_down_then_back(engine, sql, redis_server, caplog, how):
     cache = SessionCache({"redis": {"type": "ext:redis", "url": redis_server.url}}, retry_after=0.3, secret=SECRET)
     Session = sessionmaker(bind=engine, info=cache.session_info())
-    stmt = select(Person.name).where(Person.id == 1).options(FromCache("redis"))
+    stmt = select(Person.name).where(Person.id == 1)
 
     def name() -> str:
         with Session() as session:
-            return session.execute(stmt).scalar_one()
+            if how == "cached_query()":
+                return cached_query(session, stmt, "redis").scalar_one()
+            return session.execute(stmt.options(FromCache("redis"))).scalar_one()
 
     assert name() == "person 1" and name() == "person 1"
     assert sql.count == 1
