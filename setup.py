@@ -14,7 +14,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["pyramid_sessioncache", "pyramid_sessioncache.*", "demo", "demo.*"]),
     include_package_data=True,
-    package_data={"demo": ["templates/*.jinja2", "static/*"], "pyramid_sessioncache": ["templates/*.dbtmako"]},
+    package_data={
+        "demo": ["templates/*.jinja2", "static/*"],
+        "pyramid_sessioncache": ["py.typed"],
+        "pyramid_sessioncache.addon": ["templates/*.dbtmako"],
+    },
     install_requires=[
         "pyramid>=2.0",
         "pyramid_tm>=2.5",
@@ -45,7 +49,7 @@ setup(
         "paste.app_factory": ["main = demo:main"],
         "console_scripts": ["sessioncache-demo-seed = demo.seed:main"],
         "beaker.backends": [
-            "ext:local_session = pyramid_sessioncache.local:ScopedSessionNamespace",
+            "ext:local_session = pyramid_sessioncache.storage.backends.local_session:ScopedSessionNamespace",
         ],
     },
     classifiers=[

@@ -8,23 +8,34 @@ then, in a view::
 
     people = request.cached_query(select(Person).where(Person.name == name)).scalars().all()
 
-The caching engine (``FromCache``, ``RelationshipCache``, ``SessionCache``,
-``cached_query(session, ...)``, ``ScopedSessionNamespace``) also works in
-any SQLAlchemy program.
+The package has two layers and the Pyramid add-on on top:
+
+- ``engine/``: the caching engine (:class:`SessionCache`, :class:`FromCache`,
+  :class:`RelationshipCache`, :func:`cached_query`, keys, the ORM hook,
+  invalidation).  It needs no Pyramid and works in any SQLAlchemy program.
+- ``storage/``: cache regions and their Beaker backends
+  (:class:`ScopedSessionNamespace` for ``ext:local_session``, bounded
+  memory, signed Redis).  It knows nothing of queries.
+- ``addon/``: ``includeme``, settings, ``request.dbsession``,
+  ``request.cached_query()``, the toolbar panel: the only code that
+  imports Pyramid.  Its public names here are imported on first use, so
+  the engine works where Pyramid is not installed.
+
+Importing the package installs nothing: the engine's Session listeners are
+installed, once per process, when the first :class:`SessionCache` or
+caching option is made.
 """
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import Any
 
-from pyramid.exceptions import ConfigurationError
-from pyramid.interfaces import PHASE3_CONFIG, IRequestExtensions
-from pyramid.util import InstancePropertyHelper
-from sqlalchemy import engine_from_config
-from sqlalchemy.orm import sessionmaker
-
-from . import orm, signing
-from .cache import SessionCache, cache_of
+from .engine.cache import SessionCache, cache_of
+from .engine.early import cached_query
+from .engine.entries import cache_parameters, invalidate, invalidate_all, invalidate_region
+from .engine.invalidation.writes import invalidate_tables
+from .engine.options import FromCache, RelationshipCache
 from .errors import (
     NoRegionsError,
     NotCacheableError,
@@ -32,16 +43,9 @@ from .errors import (
     UnknownRegionError,
     UnpicklableResultError,
 )
-from .interfaces import IDBSessionFactory, ISessionCache
-from .invalidation import cache_parameters, invalidate, invalidate_all, invalidate_region, invalidate_tables
-from .local import ScopedSessionNamespace
-from .options import FromCache, RelationshipCache
-from .orm import cached_query
-from .regions import CacheRegions, Region
-from .request import RequestCache
-from .request import cached_query as request_cached_query
-from .session import Session, dbsession
-from .settings import Settings, parse_settings
+from .storage import signing
+from .storage.backends.local_session import ScopedSessionNamespace
+from .storage.region import CacheRegions, Region
 
 __all__ = [
     "CacheRegions",
@@ -69,67 +73,26 @@ __all__ = [
     "invalidate_region",
     "invalidate_tables",
     "parse_settings",
+    "request_cached_query",
     "signing",
 ]
 
-orm.install()
+#: The public names of the Pyramid add-on, imported when first used.
+_ADDON_NAMES = {
+    "RequestCache": "pyramid_sessioncache.addon.request",
+    "Session": "pyramid_sessioncache.addon.session",
+    "Settings": "pyramid_sessioncache.addon.settings",
+    "parse_settings": "pyramid_sessioncache.addon.settings",
+    "get_engine": "pyramid_sessioncache.addon",
+    "get_session_cache": "pyramid_sessioncache.addon",
+    "includeme": "pyramid_sessioncache.addon",
+}
 
 
-def get_session_cache(registry: Any) -> SessionCache:
-    """Return the :class:`SessionCache` of the application owning ``registry``."""
-    return registry.getUtility(ISessionCache)
-
-
-def get_engine(registry: Any) -> Any:
-    """Return the engine built from the ``sqlalchemy.*`` settings (None without ``sqlalchemy.url``)."""
-    return registry.getUtility(IDBSessionFactory).kw.get("bind")
-
-
-def includeme(config: Any) -> None:
-    """Set up caching from the settings of ``config``.
-
-    Reads ``cache.*`` (regions), ``sessioncache.*`` (add-on options) and
-    ``sqlalchemy.*`` (the engine), and adds ``request.dbsession``,
-    ``request.cached_query()`` and ``request.sessioncache``.  Includes
-    ``pyramid_tm``.  A bad setting raises
-    :class:`pyramid.exceptions.ConfigurationError` naming it.
-    """
-    config.include("pyramid_tm")
-    settings = parse_settings(config.registry.settings)
-    try:
-        cache = SessionCache(
-            settings.regions, settings.default_region, settings.invalidation, settings.retry_after, settings.secret
-        )
-    except Exception as exc:  # Beaker reports bad options in many ways
-        raise ConfigurationError(f"cannot build the cache regions from the cache.* settings: {exc}") from exc
-    factory = sessionmaker(bind=_engine(config.registry.settings), info=cache.session_info())
-
-    def register() -> None:
-        config.registry.registerUtility(cache, ISessionCache)
-        config.registry.registerUtility(factory, IDBSessionFactory)
-
-    config.action(ISessionCache, register)
-    config.add_request_method(request_cached_query, "cached_query")
-    config.add_request_method(RequestCache, "sessioncache", reify=True)
-    # An application that defines request.dbsession (as the cookiecutter
-    # does) keeps its own: ours is added last, and only if none exists.
-    config.action(
-        ("pyramid_sessioncache", "dbsession"), _add_dbsession, args=(config.registry,), order=PHASE3_CONFIG + 1
-    )
-
-
-def _engine(settings: Any) -> Any:
-    if not settings.get("sqlalchemy.url"):
-        return None
-    try:
-        return engine_from_config(settings, "sqlalchemy.")
-    except Exception as exc:
-        raise ConfigurationError(f"invalid setting sqlalchemy.url = {settings['sqlalchemy.url']!r}: {exc}") from exc
-
-
-def _add_dbsession(registry: Any) -> None:
-    extensions = registry.queryUtility(IRequestExtensions)
-    if "dbsession" in extensions.descriptors or "dbsession" in extensions.methods:
-        return
-    name, prop = InstancePropertyHelper.make_property(dbsession, name="dbsession", reify=True)
-    extensions.descriptors[name] = prop
+def __getattr__(name: str) -> Any:
+    if name == "request_cached_query":
+        return import_module("pyramid_sessioncache.addon.request").cached_query
+    module = _ADDON_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pyramid_sessioncache' has no attribute {name!r}")
+    return getattr(import_module(module), name)

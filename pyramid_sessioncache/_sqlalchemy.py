@@ -1,7 +1,8 @@
 """The private SQLAlchemy names the add-on relies on, in one place.
 
 Each function says why it needs what it touches.  All of it is checked
-against SQLAlchemy 2.0 and 2.1 by the test suite.
+against SQLAlchemy 2.0 (2.0.x, the oldest supported series, run by CI) and
+2.1 (2.1.9) by the test suite.
 """
 
 from __future__ import annotations
@@ -9,6 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.orm import Query
+from sqlalchemy.orm.path_registry import RootRegistry
+
+#: The empty loader path, as it appears in a statement's cache key (2.0, 2.1):
+#: ``keys.py`` recognises compile options that only name the API.
+ROOT_PATH = RootRegistry
+
+
+def cache_key(statement: Any) -> Any:
+    """SQLAlchemy's own cache key of ``statement`` (a ``CacheKey``), or None.
+
+    ``_generate_cache_key()`` is what SQLAlchemy's compiled cache and its
+    dogpile example key on; there is no public spelling of it (2.0, 2.1).
+    """
+    return statement._generate_cache_key()
 
 
 def add_loaded(session: Any, state: Any, identity_key: Any) -> None:
@@ -32,7 +47,7 @@ def load_path(mapper: Any) -> Any:
     The ORM sets ``state.load_options`` and ``state.load_path`` on every
     object it loads, so that the object's own lazy loads carry the query's
     propagating options (``RelationshipCache`` among them); ``rows.py``
-    does the same.  The path is the object's mapper alone
+    does the same (``engine/hydrate.py``).  The path is the object's mapper alone
     (``Mapper._path_registry``): path-specific options of the original
     query that reach deeper than one level do not follow a cached object.
     """

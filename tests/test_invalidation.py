@@ -195,7 +195,7 @@ def test_manual_mode_never_invalidates(engine, region_options):
 def test_tables_are_found_in_joins_subqueries_and_ctes():
     from sqlalchemy import exists
 
-    from pyramid_sessioncache.invalidation import statement_tables
+    from pyramid_sessioncache.engine.invalidation.reads import statement_tables
 
     from .models import City
 

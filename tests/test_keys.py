@@ -13,7 +13,7 @@ from sqlalchemy.orm import selectinload, sessionmaker
 from sqlalchemy.sql.expression import ColumnElement
 
 from pyramid_sessioncache import FromCache, NotCacheableError, cache_parameters
-from pyramid_sessioncache.keys import KeyMaker
+from pyramid_sessioncache.engine.keys import KeyMaker
 
 from .models import Person
 

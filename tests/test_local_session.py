@@ -17,7 +17,7 @@ from pyramid_sessioncache import (
     cache_parameters,
     cached_query,
 )
-from pyramid_sessioncache.local import INFO_KEY
+from pyramid_sessioncache.storage.backends.local_session import INFO_KEY
 
 from .models import Address, Person
 
@@ -131,7 +131,7 @@ def test_writes_in_the_session_drop_it(Session, sql, scalars):
 
 def test_namespace_registered_through_beaker_entry_point():
     names = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="beaker.backends")}
-    assert names["ext:local_session"] == "pyramid_sessioncache.local:ScopedSessionNamespace"
+    assert names["ext:local_session"] == "pyramid_sessioncache.storage.backends.local_session:ScopedSessionNamespace"
 
 
 def test_create_session_container_on_todays_beaker(engine, cache):
@@ -221,6 +221,6 @@ def test_each_lookup_is_logged_at_debug(Session, scalars, caplog):
     with caplog.at_level(logging.DEBUG, logger="pyramid_sessioncache"), Session() as session:
         scalars(session, named("person 9")).one()
         scalars(session, named("person 9")).one()
-    messages = [r.getMessage() for r in caplog.records if r.name == "pyramid_sessioncache.orm"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "pyramid_sessioncache.engine.lookup"]
     assert [m.split(":")[0] for m in messages] == ["cache miss", "cache hit"]
     assert all("region local key " in m for m in messages)

@@ -12,8 +12,8 @@ from webtest import TestApp
 
 import pyramid_sessioncache
 from pyramid_sessioncache import NotCacheableError, UnknownRegionError
-from pyramid_sessioncache.interfaces import IDBSessionFactory
-from pyramid_sessioncache.local import INFO_KEY
+from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
+from pyramid_sessioncache.storage.backends.local_session import INFO_KEY
 
 from .conftest import SQLCounter
 from .models import Person

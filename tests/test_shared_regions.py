@@ -8,8 +8,9 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import joinedload, selectinload, subqueryload
 
-from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cache_parameters, stats
-from pyramid_sessioncache.rows import CachedRows
+from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cache_parameters
+from pyramid_sessioncache.engine import stats
+from pyramid_sessioncache.engine.values import CachedRows
 
 from .conftest import SECRET
 from .models import Address, Person

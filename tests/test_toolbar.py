@@ -24,7 +24,7 @@ def test_panel_lists_lookups(db_url):
             "sqlalchemy.url": db_url,
             "cache.regions": "short_term",
             "debugtoolbar.hosts": "127.0.0.1",
-            "debugtoolbar.includes": "pyramid_sessioncache.toolbar",
+            "debugtoolbar.includes": "pyramid_sessioncache.addon.toolbar",
         }
     )
     config.include("pyramid_debugtoolbar")

@@ -10,14 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from ..storage.region import CacheRegions, Region
+from . import info
+from .invalidation.reads import ALL_TABLES, ShapeTables
 from .keys import EntryKey, KeyMaker
-from .regions import CacheRegions, Region
 from .stats import Stats
-
-#: The ``Session.info`` key holding a Session's :class:`SessionCache`.
-INFO_KEY = "sessioncache"
-#: The pseudo-table every entry depends on: bumping it invalidates them all.
-ALL_TABLES = "*"
 
 
 class SessionCache:
@@ -61,8 +58,11 @@ class SessionCache:
             self.regions[self.default_region]  # an unknown name raises here
         self.keys = KeyMaker()
         self.stats = Stats()
-        #: Statement shape -> the tables its results were found to read.
-        self.tables_read: dict[str, frozenset[str]] = {}
+        #: What each statement shape was found to read.
+        self.tables_read = ShapeTables()
+        from .hook import install  # here: the hook module needs this one
+
+        install()
 
     def __repr__(self) -> str:
         return f"<SessionCache regions={list(self.regions)} default={self.default_region!r}>"
@@ -76,7 +76,7 @@ class SessionCache:
 
     def session_info(self) -> dict[str, Any]:
         """Return an ``info`` dictionary for ``sessionmaker(info=...)``."""
-        return {INFO_KEY: self}
+        return {info.CACHE: self}
 
     def key(
         self, statement: Any, parameters: Any, execution_options: Any, bind: Any, label: str | None = None
@@ -103,9 +103,9 @@ class SessionCache:
 
 def cache_of(session: Any) -> SessionCache | None:
     """Return the :class:`SessionCache` a Session caches into, or None."""
-    info = session.info
-    cache = info.get(INFO_KEY)
+    found = session.info
+    cache = found.get(info.CACHE)
     if cache is None:
-        helper = getattr(info.get("request"), "sessioncache", None)
+        helper = getattr(found.get("request"), "sessioncache", None)
         cache = getattr(helper, "cache", None)
     return cache

@@ -26,10 +26,13 @@ from typing import Any
 
 from beaker.cache import Cache
 
-from . import _beaker, local
-from .errors import UnknownRegionError, UnpicklableResultError
-from .local import ScopedSessionNamespace
-from .memory import DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
+from .. import _beaker
+from ..errors import UnknownRegionError, UnpicklableResultError
+from . import api
+from .backends import local_session
+from .backends.local_session import ScopedSessionNamespace
+from .backends.memory import DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
+from .backends.redis import RedisVersionsNamespace, SignedRedisNamespaceManager
 
 #: Types whose values cross the network: signed, and checked before unpickling.
 SIGNED_TYPES = frozenset({"ext:redis"})
@@ -119,18 +122,21 @@ class Region:
                     f"cache region {name!r} is {self.type}: its values are unpickled only after their "
                     "signature checks, so it needs a secret (sessioncache.secret)"
                 )
-            namespace = _beaker.SignedRedisNamespaceManager(self.namespace_name, secret=secret, **nsargs)
+            namespace = SignedRedisNamespaceManager(self.namespace_name, secret=secret, **nsargs)
             self._shared = _beaker.cache_on(namespace, self.expire)
         elif self.type == "memory":
             self._shared = _beaker.cache_on(BoundedMemoryNamespace(self.namespace_name, max_items), self.expire)
         else:
             self._shared = None if self.is_local else self._cache(nsargs)
-        # Version tokens of the tables entries depend on (see invalidation.py),
-        # kept beside the entries, in the same backend.
+        # Version tokens kept beside the entries, in the same backend (see
+        # engine/invalidation): named values, read several at once.
         if self.is_local:
             self._versions = None
         elif self.type == "memory":
             self._versions = _beaker.cache_on(BoundedMemoryNamespace(f"{self.namespace_name}.versions", None), None)
+        elif self.type in SIGNED_TYPES:
+            versions = RedisVersionsNamespace(f"{self.namespace_name}.versions", **nsargs)
+            self._versions = _beaker.cache_on(versions, None)
         else:
             self._versions = Cache(f"{self.namespace_name}.versions", type=self.type, **nsargs)
 
@@ -180,9 +186,9 @@ class Region:
     ) -> tuple[Any, bool] | None:
         versions = None
         try:
-            if tables and isinstance(namespace, _beaker.SignedRedisNamespaceManager):
-                # The entry and its tables' versions in one round trip.
-                stored, versions = _beaker.get_with(namespace, key, self._versions.namespace, map(_encode, tables))
+            if tables and isinstance(namespace, SignedRedisNamespaceManager):
+                # The entry and its versions in one round trip.
+                stored, versions = namespace.get_with_versions(key, self._versions.namespace, map(_encode, tables))
             else:
                 namespace.acquire_read_lock()
                 try:
@@ -248,7 +254,7 @@ class Region:
         if self._down():
             return None
         try:
-            return tuple(_beaker.read_many(self._versions.namespace, [_encode(name) for name in names]))
+            return tuple(api.read_many(self._versions.namespace, [_encode(name) for name in names]))
         except BACKEND_ERRORS as exc:
             self._failed(exc, "reading table versions")
             return None
@@ -265,7 +271,7 @@ class Region:
             return
         token = uuid.uuid4().hex
         try:
-            _beaker.write_many(self._versions.namespace, {_encode(name): token for name in names})
+            api.write_many(self._versions.namespace, {_encode(name): token for name in names})
         except BACKEND_ERRORS as exc:
             self._pending |= names
             self._failed(exc, "invalidating tables " + ", ".join(sorted(names)))
@@ -329,7 +335,7 @@ class Region:
         if self.is_local:
             # The Session's own dictionary, read directly: no namespace
             # object, no lock (one Session is one thread); Beaker's format.
-            namespaces = session.info.get(local.INFO_KEY)
+            namespaces = session.info.get(local_session.INFO_KEY)
             stored = None if namespaces is None else namespaces.get(self.namespace_name, _NOTHING).get(_encode(key))
             found = None if stored is None else _unpack(stored, valid, None)
         else:

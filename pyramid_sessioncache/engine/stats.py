@@ -6,8 +6,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-#: ``session.info`` key of the Session's recent look-ups.
-INFO_KEY = "sessioncache.lookups"
+from . import info
+
 #: How many look-ups a Session remembers.
 MAX_LOOKUPS = 500
 
@@ -55,7 +55,7 @@ def record(stats: Stats, session: Any, region: str, hit: bool, key: str) -> None
 
 def lookups(session: Any) -> deque:
     """Return the recent look-ups of ``session``, oldest first."""
-    found = session.info.get(INFO_KEY)
+    found = session.info.get(info.LOOKUPS)
     if found is None:
-        found = session.info[INFO_KEY] = deque(maxlen=MAX_LOOKUPS)
+        found = session.info[info.LOOKUPS] = deque(maxlen=MAX_LOOKUPS)
     return found

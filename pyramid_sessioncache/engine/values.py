@@ -1,4 +1,4 @@
-"""Turning ORM results into values a cache can keep, and back.
+"""The values a cache keeps: ORM results as a Session's objects, or as plain data.
 
 Two kinds of values:
 
@@ -11,11 +11,7 @@ Two kinds of values:
 A :class:`CachedRows` is taken from a *fresh* Session on the same
 connection, so it holds what the database returned inside the current
 transaction, not what the caller's Session has in memory.  A hit turns it
-into objects of the caller's Session as a query would: an object already
-in the identity map is reused and only its unloaded attributes are filled,
-so pending changes are never overwritten; a new object is made persistent
-and clean, and gets the ``load`` event (with ``context=None``, as
-``Session.merge()`` does) so ``@reconstructor`` methods run.
+into objects of the caller's Session (see ``hydrate.py``).
 """
 
 from __future__ import annotations
@@ -24,9 +20,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy.engine import FrozenResult, Result
-from sqlalchemy.orm import Session, attributes, instrumentation
+from sqlalchemy.orm import Session, attributes
 
-from . import _sqlalchemy
+from .. import _sqlalchemy
 
 #: ``session.info`` flag of the Sessions that load values to cache; the ORM
 #: hook leaves their queries alone.
@@ -147,28 +143,6 @@ class CachedRows:
             found.update((cls, key) for key, value in zip(keys, relationships, strict=True) if value is not NOT_LOADED)
         return found
 
-    def result(self, session: Session, load_options: tuple = ()) -> Result:
-        """Return a Result whose objects belong to ``session``.
-
-        ``load_options`` are the propagating loader options of the query,
-        given to each new object as the ORM would.
-        """
-        flags = self.entity_columns
-        if not any(flags):  # plain values only: the stored tuples serve as they are
-            return self.shell.with_new_rows(self.rows)()
-        objects = _hydrate(session, self.classes, self.objects, load_options)
-        if flags == (True,):  # one entity per row, the commonest
-            rows = [(None if index is None else objects[index],) for (index,) in self.rows]
-        else:
-            rows = [
-                tuple(
-                    objects[value] if flag and value is not None else value
-                    for value, flag in zip(row, flags, strict=True)
-                )
-                for row in self.rows
-            ]
-        return self.shell.with_new_rows(rows)()
-
 
 class _Snapshot:
     """Collects the objects of a result, each once, with their loaded state."""
@@ -215,101 +189,3 @@ class _Snapshot:
             return self.ref(value)
         members = value.values() if isinstance(value, dict) else value
         return [self.ref(member) for member in members]
-
-
-class _Plan:
-    """What hydrating objects of one class needs, worked out once per hit."""
-
-    __slots__ = (
-        "manager",
-        "columns",
-        "column_set",
-        "relationships",
-        "relationship_set",
-        "impls",
-        "expire",
-        "load_event",
-        "load_path",
-    )
-
-    def __init__(self, cls: type, columns: tuple, relationships: tuple) -> None:
-        self.manager = manager = instrumentation.manager_of_class(cls)
-        mapper = manager.mapper
-        self.columns = columns
-        self.column_set = frozenset(columns)
-        self.relationships = relationships
-        self.relationship_set = frozenset(relationships)
-        self.impls = tuple(_sqlalchemy.attribute_impl(manager, key) for key in relationships)
-        # Columns the class has now but the entry does not know (a model
-        # changed since it was stored): expired, so they load on access.
-        self.expire = [prop.key for prop in mapper.column_attrs if prop.key not in columns]
-        self.load_event = bool(manager.dispatch.load)
-        self.load_path = _sqlalchemy.load_path(mapper)
-
-
-def _hydrate(session: Session, classes: list, records: list, load_options: tuple) -> list[Any]:
-    plans = [_Plan(*layout) for layout in classes]
-    notify = bool(session.dispatch.loaded_as_persistent) or any(plan.load_event for plan in plans)
-    lookup = session.identity_map.get
-    objects: list[Any] = []
-    append = objects.append
-    fill: list[tuple] = []
-    created: list[Any] = []
-    for class_index, identity_key, values, held, complete in records:
-        plan = plans[class_index]
-        obj = lookup(identity_key)
-        if obj is None:
-            obj = plan.manager.new_instance()
-            state = attributes.instance_state(obj)
-            _sqlalchemy.add_loaded(session, state, identity_key)
-            loaded = obj.__dict__
-            if plan.expire or not complete:
-                missing = plan.expire.copy()
-                for key, value in zip(plan.columns, values, strict=True):
-                    if value is NOT_LOADED:
-                        missing.append(key)
-                    else:
-                        loaded[key] = value
-                _sqlalchemy.expire_missing(state, missing)
-            else:
-                loaded.update(zip(plan.columns, values, strict=True))
-            if load_options:  # as the ORM gives them (see _sqlalchemy.propagate_options)
-                state.load_options = load_options
-                state.load_path = plan.load_path
-            if notify:
-                created.append((state, plan))
-        else:
-            loaded = obj.__dict__
-            if not plan.column_set.issubset(loaded):  # expired or unloaded: fill as a query would
-                unloaded = [
-                    key
-                    for key, value in zip(plan.columns, values, strict=True)
-                    if key not in loaded and value is not NOT_LOADED
-                ]
-                for key, value in zip(plan.columns, values, strict=True):
-                    if key in unloaded:
-                        loaded[key] = value
-                _sqlalchemy.commit_loaded(attributes.instance_state(obj), unloaded)
-            if plan.relationship_set.issubset(loaded):
-                append(obj)
-                continue
-            state = attributes.instance_state(obj)
-        if held.count(NOT_LOADED) != len(held):  # it holds something: a relationship to set
-            fill.append((state, loaded, plan.impls, held))
-        append(obj)
-    for state, loaded, impls, held in fill:
-        for impl, value in zip(impls, held, strict=True):
-            if value is NOT_LOADED or impl.key in loaded:
-                continue  # not in the entry, or loaded (and maybe changed) in this session
-            if value.__class__ is list:
-                value = [objects[i] for i in value]
-            elif value is not None:
-                value = objects[value]
-            impl.set_committed_value(state, loaded, value)
-    for state, plan in created:
-        if plan.load_event:
-            state.manager.dispatch.load(state, None)
-    if created and session.dispatch.loaded_as_persistent:
-        for state, _ in created:
-            session.dispatch.loaded_as_persistent(session, state)
-    return objects

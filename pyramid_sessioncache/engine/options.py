@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy.orm.interfaces import UserDefinedOption
 
-from . import _sqlalchemy
+from .. import _sqlalchemy
 
 
 class FromCache(UserDefinedOption):
@@ -26,6 +26,7 @@ class FromCache(UserDefinedOption):
     """
 
     propagate_to_loaders = False
+    _listening = False
     #: Whether the option caches relationship loads only (not the statement it is given to).
     relationships_only = False
 
@@ -33,6 +34,8 @@ class FromCache(UserDefinedOption):
         self.region = region
         self.cache_key = cache_key
         self.expire = expire
+        if not FromCache._listening:  # a caching option means nothing without the ORM hook
+            _listen()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(region={self.region!r}, cache_key={self.cache_key!r}, expire={self.expire!r})"
@@ -91,6 +94,13 @@ class RelationshipCache(FromCache):
             if option is not None:
                 return option
         return None
+
+
+def _listen() -> None:
+    from .hook import install  # not at the top: the hook reads these options
+
+    install()
+    FromCache._listening = True
 
 
 def caching_option(statement: Any) -> FromCache | None:

@@ -34,9 +34,10 @@ from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from sqlalchemy.orm import Mapper, MapperProperty
-from sqlalchemy.orm.path_registry import RootRegistry  # the empty loader path, 2.0 and 2.1
 from sqlalchemy.sql.expression import TableClause
 from sqlalchemy.sql.selectable import SelectLabelStyle
+
+from .. import _sqlalchemy
 
 #: Execution options that never change the rows a statement returns.
 NEUTRAL_OPTIONS = frozenset({"compiled_cache", "logging_token", "autoflush", "max_row_buffer"})
@@ -142,7 +143,7 @@ def _api_only(options: Any) -> bool:
         return False
     for name, value in zip(pairs[::2], pairs[1::2], strict=True):
         if name == "_current_path":
-            if not (isinstance(value, tuple) and RootRegistry in value):
+            if not (isinstance(value, tuple) and _sqlalchemy.ROOT_PATH in value):
                 return False
         elif (name, value) not in _API_ONLY_COMPILE_OPTIONS:
             return False
@@ -239,7 +240,7 @@ class KeyMaker:
         never replaces the parameters, so it cannot make two different
         results share a key.
         """
-        cache_key = statement._generate_cache_key()
+        cache_key = _sqlalchemy.cache_key(statement)
         if cache_key is None:
             return None
         structure = self.structure(cache_key)

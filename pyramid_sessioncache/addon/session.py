@@ -16,8 +16,8 @@ import zope.sqlalchemy
 from pyramid.threadlocal import get_current_request
 from sqlalchemy.orm import scoped_session
 
-from . import local
-from .errors import SessionCacheError
+from ..errors import SessionCacheError
+from ..storage.backends import local_session
 from .interfaces import IDBSessionFactory
 
 
@@ -60,4 +60,4 @@ def dbsession(request: Any) -> Any:
 def close(session: Any) -> None:
     """Close ``session`` and forget its local cache."""
     session.close()
-    local.drop(session)
+    local_session.drop(session)

@@ -18,7 +18,7 @@ from typing import Any
 from pyramid.exceptions import ConfigurationError
 from pyramid.settings import aslist, falsey, truthy
 
-from .regions import SIGNED_TYPES
+from ..storage.region import SIGNED_TYPES
 
 #: Region types whose namespace lives outside the process and so needs a URL.
 URL_TYPES = frozenset({"ext:redis", "ext:rediscluster", "ext:memcached", "ext:database", "ext:mongodb"})

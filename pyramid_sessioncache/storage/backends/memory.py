@@ -50,6 +50,16 @@ class LRUDict:
     def __len__(self) -> int:
         return len(self._data)
 
+    def get_many(self, keys: Any) -> list:
+        """Return the values of ``keys`` (None where missing), under one lock."""
+        with self._lock:
+            return [self._data.get(key) for key in keys]
+
+    def set_many(self, values: Any) -> None:
+        """Store every key and value of ``values``, under one lock."""
+        for key, value in values.items():
+            self[key] = value
+
     def keys(self) -> list:
         with self._lock:
             return list(self._data)
@@ -65,3 +75,11 @@ class BoundedMemoryNamespace(AbstractDictionaryNSManager):
     def __init__(self, namespace: str, max_items: int | None = DEFAULT_MAX_ITEMS, **kw: Any) -> None:
         AbstractDictionaryNSManager.__init__(self, namespace)
         self.dictionary = LRUDict(max_items)
+
+    def get_many(self, keys: Any) -> list:
+        """Return the values of ``keys`` (None where missing), in one read."""
+        return self.dictionary.get_many(keys)
+
+    def set_many(self, values: Any) -> None:
+        """Store every key and value of ``values``."""
+        self.dictionary.set_many(values)

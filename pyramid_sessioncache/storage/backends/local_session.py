@@ -1,7 +1,7 @@
 """The ``ext:local_session`` Beaker namespace: cache storage on a Session.
 
 Values are kept in the Session's ``info`` dictionary, so they live exactly
-as long as the Session's current transaction (see ``orm.py``, which drops
+as long as the Session's current transaction (the engine's hook drops
 them when the transaction ends) and can never be seen by another Session.
 A hit therefore hands back the very objects of the Session's identity map.
 
@@ -17,7 +17,7 @@ from typing import Any
 
 from beaker.container import AbstractDictionaryNSManager
 
-from .errors import SessionCacheError
+from ...errors import SessionCacheError
 
 #: Where a Session keeps its local cache: ``session.info[INFO_KEY]`` maps a
 #: namespace name to a dictionary of entries.
@@ -56,7 +56,7 @@ class ScopedSessionNamespace(AbstractDictionaryNSManager):
         Works on Beaker >= 1.13, whose ``beaker.cache.clsmap`` no longer
         accepts item assignment.
         """
-        from ._beaker import register_backend
+        from ..._beaker import register_backend
 
         container = type(
             "ScopedSessionNamespace_" + beaker_name.replace(":", "_"),

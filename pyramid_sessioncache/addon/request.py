@@ -6,8 +6,10 @@ from typing import Any
 
 from sqlalchemy.orm import Query
 
-from . import invalidation, orm, stats
-from .cache import SessionCache
+from ..engine import entries, stats
+from ..engine.cache import SessionCache
+from ..engine.early import cached_query as engine_cached_query
+from ..engine.invalidation import writes
 from .interfaces import ISessionCache
 
 
@@ -30,15 +32,15 @@ class RequestCache:
 
     def cache_parameters(self, query: Any, region: str | None = None, **kw: Any):
         """Return ``(beaker_cache, key)`` for ``query``, as :func:`~pyramid_sessioncache.cache_parameters`."""
-        return invalidation.cache_parameters(query, self._session(query), region, **kw)
+        return entries.cache_parameters(query, self._session(query), region, **kw)
 
     def invalidate(self, query: Any, region: str | None = None, **kw: Any) -> None:
         """Forget the cached result of ``query`` in ``region`` (default: its option's, or the default)."""
-        invalidation.invalidate(query, self._session(query), region, **kw)
+        entries.invalidate(query, self._session(query), region, **kw)
 
     def invalidate_region(self, name: str | None = None) -> None:
         """Forget every entry of region ``name`` (default: the default region)."""
-        invalidation.invalidate_region(self.cache, name, self.request.dbsession)
+        entries.invalidate_region(self.cache, name, self.request.dbsession)
 
     def mark_changed(self, *tables: str) -> None:
         """Say that SQL the add-on cannot see wrote ``tables`` (all tables if none).
@@ -52,11 +54,11 @@ class RequestCache:
 
         session = self.request.dbsession
         zope.sqlalchemy.mark_changed(session, transaction_manager=self.request.tm)
-        invalidation.invalidate_tables(session, *tables)
+        writes.invalidate_tables(session, *tables)
 
     def invalidate_all(self) -> None:
         """Forget every entry of every region."""
-        invalidation.invalidate_all(self.cache, self.request.dbsession)
+        entries.invalidate_all(self.cache, self.request.dbsession)
 
     def _session(self, query: Any) -> Any:
         return query.session if isinstance(query, Query) else self.request.dbsession
@@ -74,4 +76,4 @@ def cached_query(
     :class:`~pyramid_sessioncache.NotCacheableError` before anything is executed.
     """
     session = query.session if isinstance(query, Query) else request.dbsession
-    return orm.cached_query(session, query, region, cache_key, expire)
+    return engine_cached_query(session, query, region, cache_key, expire)

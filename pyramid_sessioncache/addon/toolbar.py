@@ -3,7 +3,7 @@
 Add it to the toolbar in the ini file::
 
     pyramid.includes = pyramid_debugtoolbar
-    debugtoolbar.includes = pyramid_sessioncache.toolbar
+    debugtoolbar.includes = pyramid_sessioncache.addon.toolbar
 """
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ from typing import Any
 
 from pyramid_debugtoolbar.panels import DebugPanel
 
-from . import stats
+from ..engine import stats
 
 
 class SessionCacheDebugPanel(DebugPanel):
     """The region, outcome and key of every cache look-up of the request's ``dbsession``."""
 
     name = "sessioncache"
-    template = "pyramid_sessioncache:templates/toolbar.dbtmako"
+    template = "pyramid_sessioncache.addon:templates/toolbar.dbtmako"
     title = "Cached queries"
     nav_title = "Cache"
 
@@ -43,5 +43,5 @@ class SessionCacheDebugPanel(DebugPanel):
 
 
 def includeme(config: Any) -> None:
-    """Register the panel (``debugtoolbar.includes = pyramid_sessioncache.toolbar``)."""
+    """Register the panel (``debugtoolbar.includes = pyramid_sessioncache.addon.toolbar``)."""
     config.add_debugtoolbar_panel(SessionCacheDebugPanel)

@@ -1,0 +1,101 @@
+"""Finding where a query's result is stored, and forgetting it: explicit invalidation.
+
+A query is named the way it runs: a legacy ``Query`` (which knows its
+Session), or a ``select()`` with the Session given.  A ``Query`` and the
+equivalent ``select()`` share their key, so either reaches the entry the
+other stored.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from beaker.cache import Cache
+from sqlalchemy.orm import Query
+from sqlalchemy.sql import Executable
+
+from .. import _sqlalchemy
+from ..errors import NoRegionsError, NotCacheableError
+from .cache import SessionCache, cache_of
+from .options import statement_option
+
+
+def _statement(query: Any, session: Any) -> tuple[Any, Any, Any]:
+    if isinstance(query, Query):
+        statement, parameters = _sqlalchemy.query_statement(query)
+        return statement, parameters, session or query.session
+    if isinstance(query, Executable) and getattr(query, "is_select", False):
+        if session is None:
+            raise TypeError("a select() needs the Session it runs in: pass session=")
+        return query, None, session
+    raise NotCacheableError(f"expected a select() or a Query, got {query!r}")
+
+
+def _cache(session: Any) -> SessionCache:
+    cache = cache_of(session)
+    if cache is None:
+        raise NoRegionsError("this Session has no cache regions")
+    return cache
+
+
+def _locate(query, session, region, cache_key, parameters, execution_options):
+    statement, query_parameters, session = _statement(query, session)
+    option = statement_option(statement)
+    cache = _cache(session)
+    chosen = cache.region(region or (option.region if option else None))
+    if cache_key is None and option is not None:
+        cache_key = option.cache_key
+    options = {**statement.get_execution_options(), **(execution_options or {})}
+    bind = session.get_bind(clause=statement)
+    key = cache.key(statement, parameters or query_parameters, options, bind, cache_key)
+    if key is None:
+        raise NotCacheableError(f"this statement has no cache key (it is never cached): {statement}")
+    return cache, chosen, session, key.text
+
+
+def cache_parameters(
+    query: Any,
+    session: Any = None,
+    region: str | None = None,
+    cache_key: str | None = None,
+    parameters: Any = None,
+    execution_options: Any = None,
+) -> tuple[Cache, str]:
+    """Return ``(beaker_cache, key)``: where ``query``'s result is stored.
+
+    ``beaker_cache.get(key)`` then reads the stored value.  The region and
+    ``cache_key`` default to those of the query's ``FromCache`` option, then
+    to the default region.  For a ``select()``, pass the ``session``.
+
+    Raises :class:`~pyramid_sessioncache.NotCacheableError` for a statement
+    that cannot be keyed.
+    """
+    _, chosen, session, key = _locate(query, session, region, cache_key, parameters, execution_options)
+    return chosen.cache_for(session), key
+
+
+def invalidate(
+    query: Any,
+    session: Any = None,
+    region: str | None = None,
+    cache_key: str | None = None,
+    parameters: Any = None,
+    execution_options: Any = None,
+) -> None:
+    """Forget the cached result of ``query`` (arguments as for :func:`cache_parameters`)."""
+    cache, chosen, session, key = _locate(query, session, region, cache_key, parameters, execution_options)
+    chosen.remove(key, session)
+    cache.stats.region(chosen.name).invalidations += 1
+
+
+def invalidate_region(cache: SessionCache, name: str | None = None, session: Any = None) -> None:
+    """Forget every entry of region ``name`` (of ``session``, for a local region)."""
+    region = cache.region(name)
+    region.clear(session)
+    cache.stats.region(region.name).invalidations += 1
+
+
+def invalidate_all(cache: SessionCache, session: Any = None) -> None:
+    """Forget every entry of every region of ``cache``."""
+    for name in cache.regions:
+        invalidate_region(cache, name, session)

@@ -1,0 +1,190 @@
+"""The ORM entrance: a ``do_orm_execute`` listener, and the Session events that keep caches right.
+
+One ``do_orm_execute`` listener on :class:`sqlalchemy.orm.Session` serves
+every Session of the process; it does nothing for statements without a
+:class:`~pyramid_sessioncache.FromCache` or matching
+:class:`~pyramid_sessioncache.RelationshipCache` option, and finds the
+regions of the Session that runs the statement in ``session.info`` (see
+``cache.py``).  Other Session events drop the Session's local cache when
+what it holds may no longer be what a query would return, and record the
+tables a transaction writes (see ``invalidation/writes.py``).
+
+Nothing is installed at import: :func:`install` runs when the first
+:class:`~pyramid_sessioncache.SessionCache` or caching option is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import ORMExecuteState, Session
+
+from .. import _sqlalchemy
+from ..errors import NotCacheableError
+from ..storage.backends import local_session
+from . import info, loader, lookup
+from .cache import SessionCache
+from .invalidation import reads, versions, writes
+from .lookup import Lookup
+from .options import FromCache, caching_option, statement_option
+from .values import CachedRows, LocalResult
+
+#: Whether :func:`install` has run in this process.
+installed = False
+#: ``do_orm_execute`` listeners known to leave SELECT statements alone (see
+#: :func:`leaves_selects_alone`).
+_SELECT_SAFE: set[Any] = set()
+
+
+def install() -> None:
+    """Install the add-on's Session listeners, once per process."""
+    global installed
+    if installed or event.contains(Session, "do_orm_execute", _do_orm_execute):
+        installed = True
+        return
+    installed = True
+    event.listen(Session, "do_orm_execute", _do_orm_execute)
+    event.listen(Session, "after_flush", _flushed)
+    event.listen(Session, "after_commit", writes.commit_written)
+    event.listen(Session, "after_transaction_end", _transaction_ended)
+    event.listen(Session, "after_soft_rollback", _drop_local)
+
+
+def trust_listener(listener: Callable[..., Any]) -> None:
+    """Declare that ``listener``, a ``do_orm_execute`` listener, never changes a SELECT.
+
+    :func:`~pyramid_sessioncache.cached_query` serves hits before
+    ``Session.execute()`` only on Sessions whose listeners all leave SELECTs
+    alone; the Pyramid add-on declares zope.sqlalchemy's, which only marks
+    the Session changed after ORM DML.
+    """
+    _SELECT_SAFE.add(getattr(listener, "__func__", listener))
+
+
+def leaves_selects_alone(listener: Any) -> bool:
+    """Whether ``listener`` (from ``session.dispatch.do_orm_execute``) never changes a SELECT."""
+    return listener is _do_orm_execute or getattr(listener, "__func__", listener) in _SELECT_SAFE
+
+
+def _drop_local(session: Session, *args: Any) -> None:
+    local_session.drop(session)
+
+
+def _flushed(session: Session, flush_context: Any) -> None:
+    writes.written(session).update(writes.flushed_tables(session))
+    _drop_local(session)
+
+
+def _transaction_ended(session: Session, transaction: Any) -> None:
+    _drop_local(session)
+    if transaction.parent is None:
+        # Committed writes were published by after_commit; these are rolled back.
+        writes.forget(session)
+
+
+def _write(state: ORMExecuteState) -> None:
+    if statement_option(state.statement, relationships=True) is not None:
+        raise NotCacheableError(f"only SELECT statements can be cached, not {type(state.statement).__name__}")
+    # A write through the Session may change what any cached query of this
+    # Session returns; text() may be anything, so it counts too.
+    writes.written(state.session).update(writes.dml_tables(state))
+    _drop_local(state.session)
+
+
+def _do_orm_execute(state: ORMExecuteState) -> Any:
+    statement = state.statement
+    if not statement.is_select:
+        _write(state)
+        return None
+    session = state.session
+    if info.LOADER in session.info:
+        session.info[info.LOADER_TABLES] |= reads.statement_tables(statement)
+        return None
+    option = caching_option(statement)
+    if option is None:
+        return None
+    if not _sqlalchemy.later_listeners(state):
+        return _cached(state, option)
+    # The application's listeners that come after this one may still change
+    # the statement (with_loader_criteria per tenant, say): run them now, so
+    # that what is keyed and stored is what would run.  They have run, so
+    # the ORM must not run them again after this listener: return a result.
+    result = _sqlalchemy.run_later_listeners(state)
+    if result is None:
+        option = caching_option(state.statement)  # they may have changed it
+        result = None if option is None else _cached(state, option)
+    return state.invoke_statement() if result is None else result
+
+
+def _cached(state: ORMExecuteState, option: FromCache) -> Any:
+    """Return the result of ``state``'s statement from ``option``'s region, or None to run it uncached."""
+    statement = state.statement
+    session = state.session
+    if option.relationships_only and state.lazy_loaded_from is None:
+        return None  # an eager load (selectin, subquery): the parent's entry holds it
+    cache = lookup.cache_for(session)
+    region = cache.region(option.region)
+    if _sqlalchemy.is_column_load(statement):
+        return None
+    options = _sqlalchemy.execution_options(state)
+    found = lookup.decide(cache, region, session, statement, state.parameters, options, state.bind_arguments, option)
+    if found is None:
+        return None
+    if region.is_local:
+        value, hit = region.get_or_create(
+            found.key.text,
+            lambda: LocalResult(state.invoke_statement().freeze()),
+            session,
+            option.expire,
+            valid=found.valid,
+        )
+        result = value.result()
+    else:
+        value, hit = _shared(state, cache, found, region, option.expire)
+        result = lookup.objects_of(session, region, found.key.text, value, statement)
+    lookup.record(cache, session, region, hit, found.key)
+    return result
+
+
+def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: Any, expire: int | None):
+    session = state.session
+    lookup.begin(session, state.bind_arguments)
+
+    def connection() -> Any:
+        return session.connection(bind_arguments=state.bind_arguments)
+
+    key = found.key
+    if cache.invalidation != "auto":
+        return region.get_or_create(key.text, lambda: loader.load(state, connection()), session, expire)
+
+    tables = found.tables
+    if tables is None:
+        tables = cache.tables_read.learn(key.shape, reads.statement_tables(state.statement))
+    verdict = {"store": True}
+
+    def create() -> CachedRows:
+        now = region.versions(tables)  # before the query: see invalidation/__init__.py
+        value = loader.load(state, connection())
+        if now is None:  # the backend failed: nothing to tag the result with
+            verdict["store"] = False
+        elif not value.tables <= frozenset(tables):
+            # Eager loads read tables the statement does not name; versions
+            # were not read for them in time, so keep this one result only.
+            cache.tables_read.learn(key.shape, value.tables.union(tables))
+            verdict["store"] = False
+        elif loader.reads_a_snapshot(connection()):
+            verdict["store"] = False
+        value.tables, value.versions = tables, now
+        return value
+
+    return region.get_or_create(
+        key.text,
+        create,
+        session,
+        expire,
+        store=lambda value: verdict["store"],
+        valid=versions.valid(region, tables),
+        tables=tables,
+    )

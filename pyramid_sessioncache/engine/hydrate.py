@@ -1,0 +1,163 @@
+"""Turning a shared entry back into objects of the caller's Session, as a query would.
+
+An object already in the identity map is reused and only its unloaded
+attributes are filled, so pending changes are never overwritten; a new
+object is made persistent and clean, and gets the ``load`` event (with
+``context=None``, as ``Session.merge()`` does) so ``@reconstructor``
+methods run.  Relationships the entry holds are set once every object of
+the result exists, since they may refer to each other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.engine import Result
+from sqlalchemy.orm import Session, attributes, instrumentation
+
+from .. import _sqlalchemy
+from .values import NOT_LOADED, CachedRows
+
+
+def result(value: CachedRows, session: Session, load_options: tuple = ()) -> Result:
+    """Return ``value`` as a Result whose objects belong to ``session``.
+
+    ``load_options`` are the propagating loader options of the query,
+    given to each new object as the ORM would.
+    """
+    flags = value.entity_columns
+    if not any(flags):  # plain values only: the stored tuples serve as they are
+        return value.shell.with_new_rows(value.rows)()
+    objects = objects_of(session, value.classes, value.objects, load_options)
+    if flags == (True,):  # one entity per row, the commonest
+        rows = [(None if index is None else objects[index],) for (index,) in value.rows]
+    else:
+        rows = [
+            tuple(objects[item] if flag and item is not None else item for item, flag in zip(row, flags, strict=True))
+            for row in value.rows
+        ]
+    return value.shell.with_new_rows(rows)()
+
+
+class _Plan:
+    """What hydrating objects of one class needs, worked out once per hit."""
+
+    __slots__ = (
+        "manager",
+        "columns",
+        "column_set",
+        "relationship_set",
+        "impls",
+        "expire",
+        "load_event",
+        "load_path",
+    )
+
+    def __init__(self, cls: type, columns: tuple, relationships: tuple) -> None:
+        self.manager = manager = instrumentation.manager_of_class(cls)
+        mapper = manager.mapper
+        self.columns = columns
+        self.column_set = frozenset(columns)
+        self.relationship_set = frozenset(relationships)
+        self.impls = tuple(_sqlalchemy.attribute_impl(manager, key) for key in relationships)
+        # Columns the class has now but the entry does not know (a model
+        # changed since it was stored): expired, so they load on access.
+        self.expire = [prop.key for prop in mapper.column_attrs if prop.key not in columns]
+        self.load_event = bool(manager.dispatch.load)
+        self.load_path = _sqlalchemy.load_path(mapper)
+
+
+def objects_of(session: Session, classes: list, records: list, load_options: tuple) -> list[Any]:
+    """Return the objects ``records`` describe, as objects of ``session``, in order."""
+    plans = [_Plan(*layout) for layout in classes]
+    notify = bool(session.dispatch.loaded_as_persistent) or any(plan.load_event for plan in plans)
+    in_session = session.identity_map.get
+    objects: list[Any] = []
+    to_relate: list[tuple] = []
+    created: list[tuple] = []
+    for class_index, identity_key, values, held, complete in records:
+        plan = plans[class_index]
+        obj = in_session(identity_key)
+        if obj is None:
+            obj = plan.manager.new_instance()
+            state = _make_persistent(session, obj, plan, identity_key, values, complete, load_options)
+            if notify:
+                created.append((state, plan))
+        else:
+            state = _fill_unloaded(obj, plan, values)
+        if state is not None and held.count(NOT_LOADED) != len(held):
+            to_relate.append((state, plan.impls, held))
+        objects.append(obj)
+    _set_relationships(to_relate, objects)
+    _send_load_events(session, created)
+    return objects
+
+
+def _make_persistent(
+    session: Session, obj: Any, plan: _Plan, identity_key: Any, values: tuple, complete: bool, load_options: tuple
+) -> Any:
+    """Make the new ``obj`` a clean persistent object of ``session`` holding ``values``; return its state."""
+    state = attributes.instance_state(obj)
+    _sqlalchemy.add_loaded(session, state, identity_key)
+    loaded = obj.__dict__
+    if plan.expire or not complete:
+        missing = plan.expire.copy()
+        for key, value in zip(plan.columns, values, strict=True):
+            if value is NOT_LOADED:
+                missing.append(key)
+            else:
+                loaded[key] = value
+        _sqlalchemy.expire_missing(state, missing)
+    else:
+        loaded.update(zip(plan.columns, values, strict=True))
+    if load_options:  # as the ORM gives them (see _sqlalchemy.load_path)
+        state.load_options = load_options
+        state.load_path = plan.load_path
+    return state
+
+
+def _fill_unloaded(obj: Any, plan: _Plan, values: tuple) -> Any:
+    """Fill the columns the Session's own ``obj`` has not loaded, as a query would.
+
+    Loaded columns, changed or not, are left alone.  Returns the object's
+    state when some relationship it has not loaded may come from the
+    entry, else None.
+    """
+    loaded = obj.__dict__
+    if not plan.column_set.issubset(loaded):  # expired or unloaded
+        unloaded = [
+            key
+            for key, value in zip(plan.columns, values, strict=True)
+            if key not in loaded and value is not NOT_LOADED
+        ]
+        for key, value in zip(plan.columns, values, strict=True):
+            if key in unloaded:
+                loaded[key] = value
+        _sqlalchemy.commit_loaded(attributes.instance_state(obj), unloaded)
+    if plan.relationship_set.issubset(loaded):
+        return None
+    return attributes.instance_state(obj)
+
+
+def _set_relationships(to_relate: list[tuple], objects: list[Any]) -> None:
+    """Set the relationships the entry holds, where the objects have not loaded them."""
+    for state, impls, held in to_relate:
+        loaded = state.dict
+        for impl, value in zip(impls, held, strict=True):
+            if value is NOT_LOADED or impl.key in loaded:
+                continue  # not in the entry, or loaded (and maybe changed) in this session
+            if value.__class__ is list:
+                value = [objects[i] for i in value]
+            elif value is not None:
+                value = objects[value]
+            impl.set_committed_value(state, loaded, value)
+
+
+def _send_load_events(session: Session, created: list[tuple]) -> None:
+    """Send the ``load`` and ``loaded_as_persistent`` events of the new objects, as a query would."""
+    for state, plan in created:
+        if plan.load_event:
+            state.manager.dispatch.load(state, None)
+    if created and session.dispatch.loaded_as_persistent:
+        for state, _ in created:
+            session.dispatch.loaded_as_persistent(session, state)

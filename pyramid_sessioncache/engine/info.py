@@ -1,0 +1,33 @@
+"""The keys the add-on keeps in ``Session.info``, in one place.
+
+A Session carries the add-on's state for the length of its transaction or
+its life; every key starts with ``"sessioncache"`` (:func:`own_key`), so a
+throw-away loader Session can be given a copy of the caller's ``info``
+without them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..storage.backends.local_session import INFO_KEY as LOCAL
+
+__all__ = ["CACHE", "LOADER", "LOADER_TABLES", "LOCAL", "LOOKUPS", "WRITTEN", "own_key"]
+
+#: The :class:`~pyramid_sessioncache.SessionCache` a Session caches into.
+CACHE = "sessioncache"
+#: The Session's recent look-ups (a bounded deque of ``Lookup``).
+LOOKUPS = "sessioncache.lookups"
+#: The tables the current transaction wrote: a set, present as soon as it
+#: wrote anything, even when which tables is unknown.
+WRITTEN = "sessioncache.written"
+#: Flags the throw-away Sessions that load values to cache; the ORM hook
+#: leaves their statements alone.
+LOADER = "sessioncache.loader"
+#: On a loader Session: the tables its statements read.
+LOADER_TABLES = "sessioncache.loader.tables"
+
+
+def own_key(key: Any) -> bool:
+    """Whether ``key`` of a ``Session.info`` is one of the add-on's."""
+    return isinstance(key, str) and key.startswith(CACHE)

@@ -1,0 +1,23 @@
+"""Versions: checking that a shared entry is still what its tables hold."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...storage.region import Region, Validator
+
+
+def valid(region: Region, tables: tuple[str, ...]) -> Validator:
+    """Return the validator of entries that read ``tables`` in ``region``.
+
+    An entry is valid while the versions of the tables it read are those
+    it was stored with; ``now`` are those versions when the backend read
+    them with the entry (Redis), else None and they are read here.
+    """
+
+    def check(value: Any, now: Any) -> bool:
+        if now is None or value.tables != tables:
+            now = region.versions(value.tables)
+        return now == value.versions
+
+    return check

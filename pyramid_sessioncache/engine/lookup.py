@@ -1,0 +1,152 @@
+"""The one decision both entrances share: whether, under which key and how to check a look-up.
+
+A cached statement reaches the cache by two entrances: the ORM hook
+(``hook.py``, a ``do_orm_execute`` listener) and
+:func:`~pyramid_sessioncache.cached_query`, which reads a hit before
+``Session.execute()`` (``early.py``).  Both ask :func:`decide` what to
+do, so they cannot disagree on the key, the bypass rules, the autoflush
+or which entries are valid; and both hand hits back with
+:func:`objects_of` and count them with :func:`record`.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, NamedTuple
+
+from sqlalchemy.orm import Session
+
+from .. import _sqlalchemy
+from ..errors import NoRegionsError
+from ..storage.backends import local_session
+from ..storage.region import Region, Validator, always_valid
+from . import hydrate, stats
+from .cache import SessionCache, cache_of
+from .invalidation import versions, writes
+from .keys import BYPASS_OPTIONS, EntryKey
+from .options import FromCache
+from .values import CachedRows, LocalResult
+
+log = logging.getLogger(__name__)
+
+
+class Lookup(NamedTuple):
+    """How to look a statement up: its key, and what makes an entry valid.
+
+    ``tables`` are the tables the statement's shape reads (sorted, with the
+    pseudo-table ``*``) for a shared region under automatic invalidation,
+    None when they are not known yet (the shape has never been loaded), and
+    ``()`` when entries carry no versions.  ``valid`` is the
+    :data:`~pyramid_sessioncache.storage.region.Validator` of entries, None
+    while ``tables`` is.
+    """
+
+    key: EntryKey
+    tables: tuple[str, ...] | None
+    valid: Validator | None
+
+
+def cache_for(session: Session) -> SessionCache:
+    """Return the cache ``session`` caches into; :class:`~pyramid_sessioncache.NoRegionsError` if none."""
+    cache = cache_of(session)
+    if cache is None:
+        raise NoRegionsError(
+            "this Session has no cache regions: make it with "
+            "sessionmaker(info=session_cache.session_info()), or through pyramid_sessioncache"
+        )
+    return cache
+
+
+def bypassed(options: Any) -> bool:
+    """Whether execution ``options`` ask for rows that must not come from a cache.
+
+    Streamed results cannot be kept, and ``populate_existing`` asks for
+    fresh rows.
+    """
+    if not BYPASS_OPTIONS.isdisjoint(options) and any(options.get(name) for name in BYPASS_OPTIONS):
+        return True
+    return "_sa_orm_load_options" in options and _sqlalchemy.legacy_bypass(options)
+
+
+def decide(
+    cache: SessionCache,
+    region: Region,
+    session: Session,
+    statement: Any,
+    parameters: Any,
+    options: Any,
+    bind_arguments: dict,
+    option: FromCache,
+) -> Lookup | None:
+    """Return how to look ``statement`` up in ``region``, or None when it must run uncached.
+
+    Autoflushes first, as the query would: a look-up must not ignore the
+    Session's pending inserts, updates and deletes.
+    """
+    if not region.enabled or bypassed(options):
+        return None
+    _sqlalchemy.autoflush(session, options)
+    if not region.is_local and writes.has_written(session):
+        # What this transaction wrote is in no shared entry: until it ends,
+        # the Session reads around shared regions and stores nothing there.
+        return None
+    key = cache.key(statement, parameters, options, session.get_bind(**bind_arguments), option.cache_key)
+    if key is None:
+        log.debug("uncached: statement cannot be keyed (region %s)", region.name)
+        return None
+    if region.is_local:
+        return Lookup(key, (), _current_in(session))
+    if cache.invalidation != "auto":
+        return Lookup(key, (), always_valid)
+    tables = cache.tables_read.get(key.shape)
+    return Lookup(key, tables, None if tables is None else versions.valid(region, tables))
+
+
+def _current_in(session: Session) -> Validator:
+    return lambda value, versions: value.current(session)
+
+
+def record(cache: SessionCache, session: Session, region: Region, hit: bool, key: EntryKey) -> None:
+    """Count a look-up, remember it on ``session`` and log it at DEBUG."""
+    stats.record(cache.stats, session, region.name, hit, key.text)
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("cache %s: region %s key %s", "hit" if hit else "miss", region.name, key.text)
+
+
+def begin(session: Session, bind_arguments: dict) -> None:
+    """Begin the Session's transaction on the statement's bind, as the query would have.
+
+    Whatever joins on ``after_begin`` (zope.sqlalchemy, so that pyramid_tm
+    commits changes made to the objects of a hit) must see it.
+    """
+    if session.dispatch.after_begin:
+        session.connection(bind_arguments=bind_arguments)
+
+
+def objects_of(session: Session, region: Region, key: str, value: CachedRows, statement: Any) -> Any:
+    """Return ``value`` as a Result of ``session``'s objects.
+
+    A region hands back the same stored value until it changes (Redis
+    too: see ``storage/backends/redis.py``); the objects built from it are
+    remembered with the Session's local cache (and dropped with it), so
+    hitting the same entry again in one Session costs what a local hit
+    costs.
+    """
+    if not any(value.entity_columns):  # plain rows: nothing to build twice
+        return hydrate.result(value, session, propagating(statement))
+    built = local_session.entries(session).setdefault(region.namespace_name + ".objects", {})
+    seen = built.get(key)
+    if seen is None or seen[0] is not value:
+        # First use in this Session (most requests have no second): just build.
+        built[key] = (value, None)
+        return hydrate.result(value, session, propagating(statement))
+    if seen[1] is not None and seen[1].current(session):
+        return seen[1].result()
+    objects = LocalResult(hydrate.result(value, session, propagating(statement)).freeze())
+    built[key] = (value, objects)
+    return objects.result()
+
+
+def propagating(statement: Any) -> tuple:
+    """The loader options of ``statement`` that its objects carry to their own loads."""
+    return tuple(opt for opt in _sqlalchemy.statement_options(statement) if opt.propagate_to_loaders)

@@ -1,0 +1,1 @@
+"""The Beaker namespaces the add-on provides or extends, one module each."""
