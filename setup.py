@@ -40,6 +40,7 @@ setup(
             "pgserver",
             "psycopg[binary]",
             "ruff",
+            "mypy",
             "pyramid_jinja2",
             "pyramid_debugtoolbar",
             "selenium",

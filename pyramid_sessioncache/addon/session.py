@@ -10,7 +10,7 @@ defines one), and is removed when the request finishes.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import zope.sqlalchemy
 from pyramid.threadlocal import get_current_request
@@ -35,7 +35,7 @@ def _request_session() -> Any:
 
 
 #: A ``scoped_session`` registry scoped to the current Pyramid request.
-Session = scoped_session(_request_session, scopefunc=_request)
+Session: scoped_session[Any] = scoped_session(cast(Any, _request_session), scopefunc=_request)
 
 
 def _remove(request: Any) -> None:

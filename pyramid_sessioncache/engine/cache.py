@@ -72,7 +72,7 @@ class SessionCache:
 
         Raises :class:`~pyramid_sessioncache.UnknownRegionError`.
         """
-        return self.regions[name or self.default_region]
+        return self.regions[str(name or self.default_region)]
 
     def session_info(self) -> dict[str, Any]:
         """Return an ``info`` dictionary for ``sessionmaker(info=...)``."""

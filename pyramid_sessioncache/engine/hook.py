@@ -24,6 +24,7 @@ from sqlalchemy.orm import ORMExecuteState, Session
 from .. import _sqlalchemy
 from ..errors import NotCacheableError
 from ..storage.backends import local_session
+from ..storage.region import always_valid
 from . import info, loader, lookup
 from .cache import SessionCache
 from .invalidation import reads, versions, writes
@@ -138,7 +139,7 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
             lambda: LocalResult(state.invoke_statement().freeze()),
             session,
             option.expire,
-            valid=found.valid,
+            valid=found.valid or always_valid,
         )
         result = value.result()
     else:

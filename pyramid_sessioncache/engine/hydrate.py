@@ -54,7 +54,8 @@ class _Plan:
     )
 
     def __init__(self, cls: type, columns: tuple, relationships: tuple) -> None:
-        self.manager = manager = instrumentation.manager_of_class(cls)
+        self.manager: Any = instrumentation.manager_of_class(cls)
+        manager = self.manager
         mapper = manager.mapper
         self.columns = columns
         self.column_set = frozenset(columns)

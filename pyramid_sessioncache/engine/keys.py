@@ -61,7 +61,7 @@ _API_ONLY_COMPILE_OPTIONS = frozenset(
 )
 
 _MEMO_SIZE = 2000
-_UNSEEN = object()
+_UNSEEN: Any = object()
 
 
 class Unkeyable(Exception):
@@ -121,6 +121,7 @@ def _code_text(code: types.CodeType) -> str:
 
 def _plain(value: Any) -> Any:
     # str/int subclasses such as quoted_name or IntEnum: keep the base value.
+    base: Any
     for base in (bool, int, float, str, bytes):
         if isinstance(value, base):
             return base(value)

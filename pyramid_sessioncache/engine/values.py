@@ -57,7 +57,7 @@ class LocalResult(Sequence):
                 return False
         return True
 
-    def __getitem__(self, index):  # type: ignore[override]
+    def __getitem__(self, index):
         return self._items[index]
 
     def __len__(self) -> int:
@@ -137,7 +137,7 @@ class CachedRows:
 
     def loaded_relationships(self) -> set[tuple[type, str]]:
         """Return ``(class, key)`` of every relationship some cached object holds."""
-        found = set()
+        found: set[tuple[type, str]] = set()
         for class_index, _, _, relationships, _ in self.objects:
             cls, _, keys = self.classes[class_index]
             found.update((cls, key) for key, value in zip(keys, relationships, strict=True) if value is not NOT_LOADED)
@@ -177,7 +177,7 @@ class _Snapshot:
         complete = all(key in loaded for key in columns)
         props = state.mapper.relationships
         held = tuple(
-            self._held(loaded[key], props[key].uselist) if key in loaded else NOT_LOADED for key in relationships
+            self._held(loaded[key], bool(props[key].uselist)) if key in loaded else NOT_LOADED for key in relationships
         )
         self.objects[position] = (class_index, state.key, values, held, complete)
         return position

@@ -130,6 +130,7 @@ class Region:
             self._shared = None if self.is_local else self._cache(nsargs)
         # Version tokens kept beside the entries, in the same backend (see
         # engine/invalidation): named values, read several at once.
+        self._versions: Any
         if self.is_local:
             self._versions = None
         elif self.type == "memory":
