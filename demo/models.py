@@ -7,7 +7,9 @@ The domain of SQLAlchemy's old ``examples/beaker_caching``: a
 
 This module is the one definition of that domain in the repository: the
 add-on's tests import these classes too (``tests/models.py`` adds only what
-they need beyond it).
+they need beyond it).  ``benchmarks/model.py`` and
+``examples/local_session_caching.py`` keep models of their own; their
+docstrings say why.
 """
 
 from __future__ import annotations
