@@ -12,6 +12,17 @@ their purchases, which only the report reads:
 - :func:`report_once`: the same statement, built once and reused.
 
 This module imports nothing from ``pyramid_sessioncache``.
+
+Its tables are its own, not :mod:`demo.models` (which the tests share),
+because they model a different thing: customers of a shop.  A person has
+an email, an address holds its city and postal code as plain columns (no
+``PostalCode`` -> ``City`` -> ``Country`` tables: the page reads an
+address's city without a lazy load and the report groups by
+``Address.city`` without a join), and purchases exist only here.  The README's
+*Performance* figures were measured on this shape.  And importing
+``demo.models`` imports the ``demo`` package, which imports
+``pyramid_sessioncache``: ``wsgi_overhead.py`` times an application in a
+process that must never have imported it.
 """
 
 from __future__ import annotations

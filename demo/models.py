@@ -4,12 +4,18 @@ The domain of SQLAlchemy's old ``examples/beaker_caching``: a
 :class:`Person` has many :class:`Address` rows; an address is in a
 :class:`PostalCode`, which is in a :class:`City`, which is in a
 :class:`Country`.
+
+This module is the one definition of that domain in the repository: the
+add-on's tests import these classes too (``tests/models.py`` adds only what
+they need beyond it).  ``benchmarks/model.py`` and
+``examples/local_session_caching.py`` keep models of their own; their
+docstrings say why.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import ForeignKey, MetaData, String
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, reconstructor, relationship
 
 #: The longest name a person may have (the edit form enforces it too).
 NAME_MAX_LENGTH = 100
@@ -109,6 +115,17 @@ class Person(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(NAME_MAX_LENGTH), index=True)
     addresses: Mapped[list[Address]] = relationship(back_populates="person", order_by=Address.id)
+
+    #: True on a person the ORM loaded (from the database, or from a cache
+    #: region's copy), False on one made with ``Person(...)``.
+    loaded_by_orm = False
+
+    @reconstructor
+    def _loaded(self) -> None:
+        # SQLAlchemy calls a reconstructor, not __init__, on each object it
+        # loads.  A cache hit must do the same, so the add-on's tests check
+        # this flag on objects served from every region.
+        self.loaded_by_orm = True
 
     def __repr__(self) -> str:
         return f"Person({self.id!r}, {self.name!r})"

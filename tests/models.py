@@ -1,14 +1,23 @@
-"""The mapped classes the tests cache: the seed's domain, trimmed."""
+"""The mapped classes the tests cache: the demo's models, and tags.
+
+The seed's domain (:class:`Person`, :class:`Address`, :class:`PostalCode`,
+:class:`City`, :class:`Country`) is defined once, in :mod:`demo.models`;
+the tests import it from there.  This module adds only what the tests need
+beyond it: a many-to-many relationship, so that writes to an association
+table are seen to invalidate.  :class:`Tag`, the ``person_tag`` table and
+``Person.tags`` join the demo's ``Base`` (its MetaData and registry) when
+this module is imported; the demo's own tests run in the same process and
+see them too, and never read them.
+"""
 
 from __future__ import annotations
 
 from sqlalchemy import Column, ForeignKey, String, Table
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, reconstructor, relationship
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
+from demo.models import Address, Base, City, Country, Person, PostalCode
 
-class Base(DeclarativeBase):
-    pass
-
+__all__ = ["Address", "Base", "City", "Country", "Person", "PostalCode", "Tag", "person_tag", "seed"]
 
 person_tag = Table(
     "person_tag",
@@ -18,55 +27,31 @@ person_tag = Table(
 )
 
 
-class Country(Base):
-    __tablename__ = "country"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(100))
-
-
-class City(Base):
-    __tablename__ = "city"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(100))
-    country_id: Mapped[int] = mapped_column(ForeignKey("country.id"))
-    country: Mapped[Country] = relationship()
-
-
-class Person(Base):
-    __tablename__ = "person"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    name: Mapped[str] = mapped_column(String(100), index=True)
-    addresses: Mapped[list[Address]] = relationship(back_populates="person", order_by="Address.id")
-    tags: Mapped[list[Tag]] = relationship(secondary=person_tag, order_by="Tag.id")
-
-    @reconstructor
-    def _on_load(self) -> None:
-        self.loaded_by_orm = True
-
-    def __repr__(self) -> str:
-        return f"<Person {self.id} {self.name!r}>"
-
-
-class Address(Base):
-    __tablename__ = "address"
-    id: Mapped[int] = mapped_column(primary_key=True)
-    person_id: Mapped[int] = mapped_column(ForeignKey("person.id"))
-    street: Mapped[str] = mapped_column(String(200))
-    city_id: Mapped[int] = mapped_column(ForeignKey("city.id"))
-    person: Mapped[Person] = relationship(back_populates="addresses")
-    city: Mapped[City] = relationship()
-
-
 class Tag(Base):
+    """A label; a :class:`Person` has any number of them, through ``person_tag``."""
+
     __tablename__ = "tag"
+
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(50))
 
 
+# Declarative adds a relationship set on a mapped class to its mapper.
+Person.tags = relationship(Tag, secondary=person_tag, order_by=Tag.id)
+
+
 def seed(session, people: int = 20) -> None:
-    """Fill an empty database: ``people`` people with two addresses each."""
+    """Fill an empty database, committed: ``people`` people with two addresses and some tags each.
+
+    Person ``i`` is named ``"person i"``; its addresses are ``2i - 1``
+    (``"i Main St"``, postal code 1 in City 1) and ``2i`` (``"i High St"``,
+    postal code 2 in City 2); its tags are the first ``i % 3 + 1`` of three.
+    Both cities are in one country.
+    """
     country = Country(id=1, name="Country")
-    cities = [City(id=i, name=f"City {i}", country=country) for i in (1, 2)]
+    postal_codes = [
+        PostalCode(id=i, code=f"{i:05d}", city=City(id=i, name=f"City {i}", country=country)) for i in (1, 2)
+    ]
     tags = [Tag(id=i, name=f"tag {i}") for i in (1, 2, 3)]
     for i in range(1, people + 1):
         session.add(
@@ -74,8 +59,8 @@ def seed(session, people: int = 20) -> None:
                 id=i,
                 name=f"person {i}",
                 addresses=[
-                    Address(street=f"{i} Main St", city=cities[0]),
-                    Address(street=f"{i} High St", city=cities[1]),
+                    Address(id=2 * i - 1, street=f"{i} Main St", postal_code=postal_codes[0]),
+                    Address(id=2 * i, street=f"{i} High St", postal_code=postal_codes[1]),
                 ],
                 tags=tags[: i % 3 + 1],
             )

@@ -92,7 +92,7 @@ def test_relationship_lazy_loads_are_invalidated(Session, region):
 
     streets(), streets()
     with Session() as session:
-        session.add(Address(person_id=4, street="new street", city_id=1))
+        session.add(Address(person_id=4, street="new street", postal_code_id=1))
         session.commit()
     assert streets() == ["4 Main St", "4 High St", "new street"]
 
@@ -197,16 +197,20 @@ def test_tables_are_found_in_joins_subqueries_and_ctes():
 
     from pyramid_sessioncache.engine.invalidation.reads import statement_tables
 
-    from .models import City
+    from .models import City, PostalCode
 
     moved = select(Address.person_id).where(Address.street.like("%High%")).cte("moved")
     stmt = (
         select(Person.name)
         .join(moved, moved.c.person_id == Person.id)
         .where(exists().where(person_tag.c.person_id == Person.id))
-        .where(Person.id.in_(select(Address.person_id).join(City).where(City.name == "x").scalar_subquery()))
+        .where(
+            Person.id.in_(
+                select(Address.person_id).join(PostalCode).join(City).where(City.name == "x").scalar_subquery()
+            )
+        )
     )
-    assert statement_tables(stmt) == {"person", "address", "person_tag", "city"}
+    assert statement_tables(stmt) == {"person", "address", "person_tag", "postal_code", "city"}
 
 
 @pytest.mark.parametrize("loader", ["joinedload", "subqueryload"])

@@ -13,7 +13,7 @@ from pyramid_sessioncache.engine import stats
 from pyramid_sessioncache.engine.values import CachedRows
 
 from .conftest import SECRET
-from .models import Address, Person
+from .models import Address, Person, PostalCode
 
 
 @pytest.fixture
@@ -90,7 +90,11 @@ def test_eager_loaded_children_come_from_the_cache(Session, sql, region):
 
 
 def test_relationship_cache_serves_lazy_loads(Session, sql, region):
-    option = RelationshipCache(Person.addresses, region).and_(RelationshipCache(Address.city, region))
+    option = (
+        RelationshipCache(Person.addresses, region)
+        .and_(RelationshipCache(Address.postal_code, region))
+        .and_(RelationshipCache(PostalCode.city, region))
+    )
     stmt = select(Person).where(Person.id == 2).options(option)
     with Session() as first:
         person = first.scalars(stmt).one()
@@ -98,7 +102,7 @@ def test_relationship_cache_serves_lazy_loads(Session, sql, region):
     sql.reset()
     with Session() as second:
         person = second.scalars(stmt).one()
-        assert sql.count == 1  # the person; its addresses and their cities are cached
+        assert sql.count == 1  # the person; its addresses, their postal codes and cities are cached
         assert [a.city.name for a in person.addresses] == ["City 1", "City 2"]
         assert sql.count == 1
 
@@ -262,10 +266,10 @@ def test_deferred_and_expired_columns(Session, sql, region):
 def test_many_to_one_relationships_come_back(Session, sql, region):
     from sqlalchemy.orm import joinedload
 
-    from .models import Address
-
     stmt = select(Address).where(Address.id.in_([1, 2])).order_by(Address.id)
-    stmt = stmt.options(FromCache(region), joinedload(Address.person), joinedload(Address.city))
+    stmt = stmt.options(
+        FromCache(region), joinedload(Address.person), joinedload(Address.postal_code).joinedload(PostalCode.city)
+    )
     for _ in range(2):
         with Session() as session:
             session.scalars(stmt).all()
