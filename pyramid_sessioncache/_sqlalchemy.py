@@ -230,3 +230,23 @@ def bind_arguments(statement: Any) -> dict:
     """
     subject = statement._propagate_attrs.get("plugin_subject")
     return {"clause": statement, "mapper": subject.mapper if subject else None}
+
+
+def mapped_metadata() -> list[Any]:
+    """The ``MetaData`` of the tables of every mapped class in the process.
+
+    The ORM keeps its registries in ``sqlalchemy.orm.mapper._all_registries()``
+    (2.0, 2.1); there is no public list of them.  ``invalidation/schema.py``
+    reads the foreign keys of those tables.
+    """
+    from sqlalchemy.orm.mapper import _all_registries
+
+    found: dict[int, Any] = {}
+    for registry in _all_registries():
+        found.setdefault(id(registry.metadata), registry.metadata)
+        for mapper in registry.mappers:
+            for table in mapper.tables:
+                metadata = getattr(table, "metadata", None)
+                if metadata is not None:
+                    found.setdefault(id(metadata), metadata)
+    return list(found.values())

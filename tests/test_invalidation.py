@@ -155,18 +155,23 @@ def test_savepoint_rolled_back(Session, region):
     assert rows[6] == "kept" and rows[7] == "person 7"
 
 
-def test_raw_sql_needs_the_explicit_api(Session, region):
+def test_raw_sql_is_seen_on_the_connection(Session, region):
     stmt = names(region)
     read(Session, stmt)
     with Session() as session:
         session.connection().execute(text("UPDATE person SET name = 'raw' WHERE id = 8"))
         session.commit()
-    assert dict(read(Session, stmt)[0])[8] == "person 8"  # unseen: the documented limit
+    assert dict(read(Session, stmt)[0])[8] == "raw"
+
+
+def test_declared_writes_are_published_at_commit(Session, region):
+    stmt = names(region)
+    read(Session, stmt)
     with Session() as session:
-        session.connection().execute(text("UPDATE person SET name = 'raw' WHERE id = 8"))
+        session.connection().execute(text("UPDATE person SET name = 'declared' WHERE id = 8"))
         invalidate_tables(session, "person")
         session.commit()
-    assert dict(read(Session, stmt)[0])[8] == "raw"
+    assert dict(read(Session, stmt)[0])[8] == "declared"
 
 
 def test_invalidate_tables_outside_a_session(Session, cache, region):

@@ -7,12 +7,14 @@ it through the request they carry (``session.info["request"]``).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ..storage.region import CacheRegions, Region
 from . import info
-from .invalidation.reads import ALL_TABLES, ShapeTables
+from .invalidation.reads import ALL_TABLES, ShapeTables, version_name
+from .invalidation.schema import closure
 from .keys import EntryKey, KeyMaker
 from .stats import Stats
 
@@ -30,6 +32,9 @@ class SessionCache:
         (its queries go to the database) before it is tried again.
     :param secret: the key that signs values stored in Redis; required by
         ``ext:redis`` regions, the same in every process that shares them.
+    :param writes_also: what a write to a table also changes that the
+        schema does not say (a trigger, a view on SQLite): table name ->
+        the tables it also writes, e.g. ``{"order": ["audit_log"]}``.
 
     Outside Pyramid, hand it to your Sessions::
 
@@ -44,6 +49,7 @@ class SessionCache:
         invalidation: str = "auto",
         retry_after: float = 5.0,
         secret: str | bytes | None = None,
+        writes_also: Mapping[str, Iterable[str]] | None = None,
     ):
         if invalidation not in ("auto", "manual"):
             raise ValueError(f"invalidation must be 'auto' or 'manual', not {invalidation!r}")
@@ -60,9 +66,12 @@ class SessionCache:
         self.stats = Stats()
         #: What each statement shape was found to read.
         self.tables_read = ShapeTables()
+        #: Declared dependencies: version name -> what a write to it also changes.
+        self.writes_also = _dependencies(writes_also or {})
         from .hook import install  # here: the hook module needs this one
 
         install()
+        _live.add(self)
 
     def __repr__(self) -> str:
         return f"<SessionCache regions={list(self.regions)} default={self.default_region!r}>"
@@ -97,8 +106,41 @@ class SessionCache:
         use :func:`pyramid_sessioncache.invalidate_tables` with the Session,
         so that it happens when the transaction commits.
         """
+        self.publish(frozenset(map(version_name, tables)) or frozenset({ALL_TABLES}))
+
+    def publish(self, tables: frozenset[str], again: bool = False) -> None:
+        """Invalidate the entries of the shared regions that read ``tables`` (version names).
+
+        With automatic invalidation only; what ``writes_also`` declares a
+        write to those tables changes is invalidated too.  ``again``: the
+        same commit published a second time (see ``invalidation/writes.py``),
+        not counted in the statistics.
+        """
+        if self.invalidation != "auto":
+            return
+        names = sorted(closure(tables, self.writes_also))
         for region in self.shared_regions:
-            region.bump(tables or (ALL_TABLES,))
+            region.bump(names)
+            if not again:
+                self.stats.region(region.name).invalidations += 1
+
+
+_live: weakref.WeakSet[SessionCache] = weakref.WeakSet()
+
+
+def live_caches() -> list[SessionCache]:
+    """Every :class:`SessionCache` alive in this process: each hears of every committed write."""
+    return list(_live)
+
+
+def _dependencies(declared: Mapping[str, Iterable[str]]) -> dict[str, frozenset[str]]:
+    dependencies: dict[str, frozenset[str]] = {}
+    for table, also in declared.items():
+        names = [also] if isinstance(also, str) else list(also)
+        if not isinstance(table, str) or not table.strip() or not all(isinstance(n, str) and n.strip() for n in names):
+            raise ValueError(f"writes_also maps a table name to table names, not {table!r}: {also!r}")
+        dependencies[version_name(table.strip())] = frozenset(version_name(name.strip()) for name in names)
+    return dependencies
 
 
 def cache_of(session: Any) -> SessionCache | None:

@@ -47,10 +47,12 @@ def install() -> None:
         return
     installed = True
     event.listen(Session, "do_orm_execute", _do_orm_execute)
-    event.listen(Session, "after_flush", _flushed)
-    event.listen(Session, "after_commit", writes.commit_written)
+    event.listen(Session, "after_begin", writes.session_began)
+    event.listen(Session, "after_flush", _drop_local)
+    event.listen(Session, "after_commit", writes.committed)
     event.listen(Session, "after_transaction_end", _transaction_ended)
     event.listen(Session, "after_soft_rollback", _drop_local)
+    writes.install()
 
 
 def trust_listener(listener: Callable[..., Any]) -> None:
@@ -73,31 +75,19 @@ def _drop_local(session: Session, *args: Any) -> None:
     local_session.drop(session)
 
 
-def _flushed(session: Session, flush_context: Any) -> None:
-    writes.written(session).update(writes.flushed_tables(session))
-    _drop_local(session)
-
-
 def _transaction_ended(session: Session, transaction: Any) -> None:
     _drop_local(session)
     if transaction.parent is None:
-        # Committed writes were published by after_commit; these are rolled back.
+        # A commit published its writes (after_commit); these were rolled back.
         writes.forget(session)
-
-
-def _write(state: ORMExecuteState) -> None:
-    if statement_option(state.statement, relationships=True) is not None:
-        raise NotCacheableError(f"only SELECT statements can be cached, not {type(state.statement).__name__}")
-    # A write through the Session may change what any cached query of this
-    # Session returns; text() may be anything, so it counts too.
-    writes.written(state.session).update(writes.dml_tables(state))
-    _drop_local(state.session)
 
 
 def _do_orm_execute(state: ORMExecuteState) -> Any:
     statement = state.statement
     if not statement.is_select:
-        _write(state)
+        # What it writes, the connection sees (invalidation/writes.py).
+        if statement_option(statement, relationships=True) is not None:
+            raise NotCacheableError(f"only SELECT statements can be cached, not {type(statement).__name__}")
         return None
     session = state.session
     if info.LOADER in session.info:
@@ -166,7 +156,7 @@ def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: 
     verdict = {"store": True}
 
     def create() -> CachedRows:
-        now = region.versions(tables)  # before the query: see invalidation/__init__.py
+        now = region.versions(tables, create=True)  # before the query: see invalidation/__init__.py
         value = loader.load(state, connection())
         if now is None:  # the backend failed: nothing to tag the result with
             verdict["store"] = False

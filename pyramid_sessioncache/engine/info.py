@@ -12,7 +12,7 @@ from typing import Any
 
 from ..storage.backends.local_session import INFO_KEY as LOCAL
 
-__all__ = ["CACHE", "LOADER", "LOADER_TABLES", "LOCAL", "LOOKUPS", "WRITTEN", "own_key"]
+__all__ = ["CACHE", "DECLARED", "LOADER", "LOADER_TABLES", "LOCAL", "LOOKUPS", "WRITTEN", "own_key"]
 
 #: The :class:`~pyramid_sessioncache.SessionCache` a Session caches into.
 CACHE = "sessioncache"
@@ -21,6 +21,9 @@ LOOKUPS = "sessioncache.lookups"
 #: The tables the current transaction wrote: a set, present as soon as it
 #: wrote anything, even when which tables is unknown.
 WRITTEN = "sessioncache.written"
+#: The tables the current transaction declared written
+#: (:func:`~pyramid_sessioncache.invalidate_tables`): published at commit.
+DECLARED = "sessioncache.declared"
 #: Flags the throw-away Sessions that load values to cache; the ORM hook
 #: leaves their statements alone.
 LOADER = "sessioncache.loader"

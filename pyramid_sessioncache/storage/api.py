@@ -24,6 +24,9 @@ class ManyKeys(Protocol):
     def set_many(self, values: Mapping[bytes, Any]) -> None:
         """Store every key and value of ``values``."""
 
+    def add_many(self, values: Mapping[bytes, Any]) -> None:
+        """Store the keys of ``values`` that have no value, leaving the others as they are."""
+
 
 def read_many(namespace: Any, keys: Sequence[bytes]) -> list[Any]:
     """Return the values of ``keys`` in ``namespace`` (None where missing), in one read if it can."""
@@ -47,6 +50,21 @@ def write_many(namespace: Any, values: Mapping[bytes, Any]) -> None:
     try:
         for key, value in values.items():
             namespace[key] = value
+    finally:
+        namespace.release_write_lock()
+
+
+def add_many(namespace: Any, values: Mapping[bytes, Any]) -> None:
+    """Store the keys of ``values`` that ``namespace`` has no value for; atomically where it can."""
+    add = getattr(namespace, "add_many", None)
+    if add is not None:
+        add(values)
+        return
+    namespace.acquire_write_lock()
+    try:
+        for key, value in values.items():
+            if not namespace.has_key(key):
+                namespace[key] = value
     finally:
         namespace.release_write_lock()
 

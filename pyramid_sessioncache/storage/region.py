@@ -247,18 +247,29 @@ class Region:
             return
         self.cache_for(session).clear()
 
-    def versions(self, names: tuple[str, ...]) -> tuple | None:
-        """Return the current version tokens of ``names`` (None for never bumped), in one read.
+    def versions(self, names: tuple[str, ...], create: bool = False) -> tuple | None:
+        """Return the current version tokens of ``names``, in one read; None for a name that has none.
 
-        Returns None itself when the backend fails.
+        With ``create``, names that have none get one first, as for an entry
+        about to be stored: an entry records only versions that exist, so
+        one whose version disappears later (evicted, deleted) is never
+        valid again.  Returns None itself when the backend fails.
         """
         if self._down():
             return None
+        namespace = self._versions.namespace
+        keys = [_encode(name) for name in names]
         try:
-            return tuple(api.read_many(self._versions.namespace, [_encode(name) for name in names]))
+            found = tuple(api.read_many(namespace, keys))
+            if create and None in found:
+                api.add_many(
+                    namespace, {key: uuid.uuid4().hex for key, now in zip(keys, found, strict=True) if now is None}
+                )
+                found = tuple(api.read_many(namespace, keys))  # another process may have been first
         except BACKEND_ERRORS as exc:
             self._failed(exc, "reading table versions")
             return None
+        return None if create and None in found else found
 
     def bump(self, names: Iterable[str]) -> None:
         """Give ``names`` a new version token, so entries that saw the old one are invalid.

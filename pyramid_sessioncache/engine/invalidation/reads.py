@@ -14,21 +14,27 @@ from sqlalchemy.sql.expression import TableClause
 ALL_TABLES = "*"
 
 
-def table_name(table: Any) -> str:
-    """The name a table's version is kept under: its schema-qualified name."""
-    return table.fullname
+def version_name(table: Any) -> str:
+    """The name a table's version is kept under: its bare name, in lower case.
+
+    Reads and writes must agree on it whatever spelled the table: a
+    ``Table``, SQL text in any case, with or without a schema.  Tables of
+    one name in two schemas share a version: a write to one invalidates
+    what read the other, which costs misses, never stale data.
+    """
+    return (table if isinstance(table, str) else table.name).lower()
 
 
 def _tables_under(element: Any) -> set[str]:
     names: set[str] = set()
     for node in visitors.iterate(element):
         if isinstance(node, TableClause):
-            names.add(table_name(node))
+            names.add(version_name(node))
         table = getattr(node, "table", None)
         while table is not None and not isinstance(table, TableClause):
             table = getattr(table, "element", None)
         if table is not None:
-            names.add(table_name(table))
+            names.add(version_name(table))
     return names
 
 
@@ -39,7 +45,7 @@ def statement_tables(statement: Any) -> frozenset[str]:
 
 def mapper_tables(mapper: Any) -> set[str]:
     """Return the names of the tables a mapped class is stored in."""
-    return {table_name(table) for table in mapper.tables}
+    return {version_name(table) for table in mapper.tables}
 
 
 def record_tables(value: Any) -> set[str]:
@@ -50,7 +56,7 @@ def record_tables(value: Any) -> set[str]:
     for cls, key in value.loaded_relationships():
         secondary = attributes.manager_of_class(cls).mapper.relationships[key].secondary
         if secondary is not None:
-            names.add(table_name(secondary))
+            names.add(version_name(secondary))
     return names
 
 

@@ -10,14 +10,15 @@ from ...storage.region import Region, Validator
 def valid(region: Region, tables: tuple[str, ...]) -> Validator:
     """Return the validator of entries that read ``tables`` in ``region``.
 
-    An entry is valid while the versions of the tables it read are those
-    it was stored with; ``now`` are those versions when the backend read
-    them with the entry (Redis), else None and they are read here.
+    An entry is valid while every version of the tables it read is there
+    and is the one it was stored with: a version that disappeared (evicted,
+    deleted) never matches.  ``now`` are those versions when the backend
+    read them with the entry (Redis), else None and they are read here.
     """
 
     def check(value: Any, now: Any) -> bool:
         if now is None or value.tables != tables:
             now = region.versions(value.tables)
-        return now == value.versions
+        return now is not None and now == value.versions and None not in now
 
     return check

@@ -1,60 +1,211 @@
-"""What a transaction wrote, and publishing it when the transaction commits."""
+"""What a transaction wrote, seen where it happens: on the connection.
+
+Once the first :class:`~pyramid_sessioncache.SessionCache` is made, every
+Connection of every engine in the process reports each statement it runs
+(``after_cursor_execute``).  What a statement writes (``statements.py``),
+and what the database changes because of it (``schema.py``), is marked in
+that connection's transaction, whoever issued it: an ORM flush, the bulk
+API, ``session.execute(update(...))``, ``session.connection().execute()``,
+``text()`` or ``exec_driver_sql()``, a Session that carries no cache.
+
+- A savepoint keeps its marks apart: rolled back, they are forgotten;
+  released, they join the enclosing transaction's.
+- At commit, the marks are published to every cache of the process
+  (each bumps the versions of those tables in its shared regions) just
+  before the database commits, and again once it has: when the
+  connection next begins or goes back to its pool, which a Session's
+  commit does before it returns.  The second bump voids what a reader
+  stored in between from rows read before the commit became visible.
+- A rollback forgets them.  A write the database committed by itself
+  (an autocommit connection, SQL outside any transaction) is published
+  at once.
+
+The Session the connection works for (``after_begin``) is told too: a
+transaction that has written reads around shared regions until it ends,
+and its local cache is dropped.  :func:`invalidate_tables` declares writes
+no connection sees; they are published when the Session commits.
+"""
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy.orm import attributes
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.pool import Pool
 
+from ...storage.backends import local_session
 from .. import info
-from ..cache import cache_of
-from .reads import ALL_TABLES, mapper_tables, statement_tables, table_name
+from ..cache import live_caches
+from . import schema
+from .reads import ALL_TABLES
+from .statements import NOTHING, written_tables
+
+#: ``Connection.info`` (kept with the DBAPI connection) keys.
+_MARKS = "sessioncache.marks"
+_OWNER = "sessioncache.owner"
 
 
-def _relationship_tables(prop: Any) -> set[str]:
-    if prop.secondary is not None:
-        return {table_name(prop.secondary)}
-    return mapper_tables(prop.mapper) if prop.uselist else set()
+class _Marks:
+    """The tables a connection's transaction wrote, per savepoint, and those it committed."""
+
+    __slots__ = ("levels", "committed")
+
+    def __init__(self) -> None:
+        #: ``[name, tables]`` per open transaction level, the outermost first.
+        self.levels: list[list[Any]] = [[None, set()]]
+        #: Published before the database committed; to publish again after.
+        self.committed: set[str] = set()
+
+    def pending(self) -> set[str]:
+        """Everything the open transaction wrote, savepoints included."""
+        return set().union(*(tables for _, tables in self.levels))
 
 
-def flushed_tables(session: Any) -> set[str]:
-    """Return the tables a flush about to be written writes (call from ``after_flush``).
+def install() -> None:
+    """Listen to every engine's connections and every pool, once per process."""
+    if event.contains(Engine, "after_cursor_execute", _executed):
+        return
+    event.listen(Engine, "after_cursor_execute", _executed)
+    event.listen(Engine, "begin", _begun)
+    event.listen(Engine, "begin_twophase", lambda conn, xid: _begun(conn))
+    event.listen(Engine, "commit", _committing)
+    event.listen(Engine, "commit_twophase", lambda conn, xid, is_prepared: _committing(conn))
+    event.listen(Engine, "rollback", _rolled_back)
+    event.listen(Engine, "rollback_twophase", lambda conn, xid, is_prepared: _rolled_back(conn))
+    event.listen(Engine, "savepoint", _savepoint)
+    event.listen(Engine, "rollback_savepoint", _rolled_back_to)
+    event.listen(Engine, "release_savepoint", _released)
+    event.listen(Pool, "checkin", _checked_in)
 
-    Inserted and deleted objects write their mapper's tables, and deleted
-    ones the association tables and one-to-many children they hold.  A
-    changed object writes its tables if a column changed, and the tables
-    behind any relationship whose membership changed.
+
+def publish(tables: Iterable[str], again: bool = False) -> None:
+    """Invalidate, in every cache of the process, the entries that read ``tables``.
+
+    ``again``: the second publication of a commit's writes (not counted).
     """
-    names: set[str] = set()
-    for obj in session.new:
-        state = attributes.instance_state(obj)
-        names |= mapper_tables(state.mapper)
-        for prop in state.mapper.relationships:
-            if state.attrs[prop.key].history.has_changes():
-                names |= _relationship_tables(prop)
-    for obj in session.deleted:
-        mapper = attributes.instance_state(obj).mapper
-        names |= mapper_tables(mapper)
-        for prop in mapper.relationships:
-            names |= _relationship_tables(prop)
-    for obj in session.dirty:
-        state = attributes.instance_state(obj)
-        if session.is_modified(obj, include_collections=False):
-            names |= mapper_tables(state.mapper)
-        for prop in state.mapper.relationships:
-            if state.attrs[prop.key].history.has_changes():
-                names |= _relationship_tables(prop)
-    return names
+    tables = frozenset(tables)
+    if tables:
+        for cache in live_caches():
+            cache.publish(tables, again)
 
 
-def dml_tables(orm_execute_state: Any) -> set[str]:
-    """Return the tables an ORM ``insert()``/``update()``/``delete()`` execution writes."""
-    names: set[str] = set()
-    if orm_execute_state.is_update or orm_execute_state.is_delete or orm_execute_state.is_insert:
-        names |= statement_tables(orm_execute_state.statement.table)
-        if orm_execute_state.bind_mapper is not None:
-            names |= mapper_tables(orm_execute_state.bind_mapper)
-    return names
+def _marks(conn: Any) -> _Marks:
+    found = conn.info.get(_MARKS)
+    if found is None:
+        found = conn.info[_MARKS] = _Marks()
+    return found
+
+
+def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+    tables = written_tables(context, statement)
+    if tables is NOTHING or not tables:
+        return
+    tables = schema.also_written(conn, tables)
+    owner = conn.info.get(_OWNER)
+    session = owner() if owner is not None else None
+    if session is not None:
+        written(session).update(tables)
+        local_session.drop(session)
+    if _in_transaction(conn.connection.dbapi_connection):
+        _marks(conn).levels[-1][1].update(tables)
+    else:  # the database committed it already
+        publish(tables)
+
+
+def _in_transaction(dbapi_connection: Any) -> bool:
+    """Whether the DBAPI connection has a transaction open (True when it cannot tell)."""
+    status = getattr(dbapi_connection, "in_transaction", None)  # sqlite3
+    if isinstance(status, bool):
+        return status
+    transaction_status = getattr(getattr(dbapi_connection, "info", None), "transaction_status", None)
+    if transaction_status is not None:  # psycopg 3: IDLE is 0
+        return int(transaction_status) != 0
+    get_status = getattr(dbapi_connection, "get_transaction_status", None)
+    if get_status is not None:  # psycopg2: TRANSACTION_STATUS_IDLE is 0
+        return get_status() != 0
+    return getattr(dbapi_connection, "autocommit", False) is not True
+
+
+def _begun(conn: Any) -> None:
+    _publish_committed(conn.info)
+    conn.info.pop(_MARKS, None)
+
+
+def _committing(conn: Any) -> None:
+    marks = conn.info.get(_MARKS)
+    if marks is None:
+        return
+    tables = marks.pending()
+    marks.levels = [[None, set()]]
+    if tables:
+        marks.committed |= tables
+        publish(tables)
+
+
+def _rolled_back(conn: Any) -> None:
+    marks = conn.info.get(_MARKS)
+    if marks is not None:
+        marks.levels = [[None, set()]]
+
+
+def _savepoint(conn: Any, name: str) -> None:
+    _marks(conn).levels.append([name, set()])
+
+
+def _rolled_back_to(conn: Any, name: str, context: Any) -> None:
+    marks = conn.info.get(_MARKS)
+    if marks is not None:
+        del marks.levels[_level(marks, name) :]
+
+
+def _released(conn: Any, name: str, context: Any) -> None:
+    marks = conn.info.get(_MARKS)
+    if marks is not None:
+        index = _level(marks, name)
+        released = set().union(*(tables for _, tables in marks.levels[index:]))
+        del marks.levels[index:]
+        marks.levels[-1][1].update(released)
+
+
+def _level(marks: _Marks, name: str) -> int:
+    # SQLAlchemy names its savepoints after the ``savepoint`` event (which
+    # gets None): a name not found is the innermost savepoint's.
+    for index in range(len(marks.levels) - 1, 0, -1):
+        if marks.levels[index][0] == name:
+            return index
+    return max(len(marks.levels) - 1, 1)
+
+
+def _checked_in(dbapi_connection: Any, connection_record: Any) -> None:
+    if connection_record is None:
+        return
+    found = connection_record.info
+    found.pop(_OWNER, None)
+    _publish_committed(found)
+    marks = found.pop(_MARKS, None)
+    if marks is not None:
+        # Written but neither committed nor rolled back through SQLAlchemy:
+        # the pool's reset decided; publishing costs misses, never stale data.
+        publish(marks.pending())
+
+
+def _publish_committed(conn_info: dict) -> None:
+    marks = conn_info.get(_MARKS)
+    if marks is not None and marks.committed:
+        committed, marks.committed = marks.committed, set()
+        publish(committed, again=True)
+
+
+# The Session side ------------------------------------------------------------
+
+
+def session_began(session: Any, transaction: Any, connection: Any) -> None:
+    """``after_begin``: the connection now works for ``session`` (loader Sessions aside)."""
+    if info.LOADER not in session.info:
+        connection.info[_OWNER] = weakref.ref(session)
 
 
 def written(session: Any) -> set[str]:
@@ -73,29 +224,29 @@ def has_written(session: Any) -> bool:
 def invalidate_tables(session: Any, *tables: str) -> None:
     """Invalidate the entries that read ``tables`` when ``session``'s transaction commits.
 
-    For writes the add-on cannot see: SQL run through ``text()`` or
-    ``session.connection()``.  With no table, every entry of every shared
-    region.  Like zope.sqlalchemy's ``mark_changed()``, call it after such
-    a write; in a Pyramid request, ``request.sessioncache.mark_changed()``
-    does both.  A Session that has written reads around the shared regions
+    For writes no connection of the process sees: another program's, or a
+    table changed behind the database's back.  With no table, every entry
+    of every shared region.  Like zope.sqlalchemy's ``mark_changed()``,
+    call it after such a write; in a Pyramid request,
+    ``request.sessioncache.mark_changed()`` does both.  The Session's local
+    cache is dropped now, and the Session reads around the shared regions
     until its transaction ends.
     """
-    written(session).update(tables or (ALL_TABLES,))
+    declared = tables or (ALL_TABLES,)
+    written(session).update(declared)
+    session.info.setdefault(info.DECLARED, set()).update(declared)
+    local_session.drop(session)
+
+
+def committed(session: Any) -> None:
+    """``after_commit``: publish what the Session declared; forget what it wrote."""
+    session.info.pop(info.WRITTEN, None)
+    declared = session.info.pop(info.DECLARED, None)
+    if declared:
+        publish(declared)
 
 
 def forget(session: Any) -> None:
-    """Forget what the Session's transaction wrote (it rolled back)."""
+    """Forget what the Session's transaction wrote and declared (it ended without committing)."""
     session.info.pop(info.WRITTEN, None)
-
-
-def commit_written(session: Any) -> None:
-    """Publish the writes of a committed transaction: bump the versions of its tables."""
-    tables = session.info.pop(info.WRITTEN, None)
-    if not tables:
-        return
-    cache = cache_of(session)
-    if cache is None or cache.invalidation != "auto":
-        return
-    for region in cache.shared_regions:
-        region.bump(sorted(tables))
-        cache.stats.region(region.name).invalidations += 1
+    session.info.pop(info.DECLARED, None)

@@ -60,6 +60,12 @@ class LRUDict:
         for key, value in values.items():
             self[key] = value
 
+    def add_many(self, values: Any) -> None:
+        """Store the keys of ``values`` that have no value, under one lock."""
+        with self._lock:
+            for key, value in values.items():
+                self._data.setdefault(key, value)
+
     def keys(self) -> list:
         with self._lock:
             return list(self._data)
@@ -83,3 +89,7 @@ class BoundedMemoryNamespace(AbstractDictionaryNSManager):
     def set_many(self, values: Any) -> None:
         """Store every key and value of ``values``."""
         self.dictionary.set_many(values)
+
+    def add_many(self, values: Any) -> None:
+        """Store the keys of ``values`` that have no value."""
+        self.dictionary.add_many(values)

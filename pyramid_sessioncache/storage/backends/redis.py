@@ -26,6 +26,13 @@ class RedisVersionsNamespace(RedisNamespaceManager):
         """Store ``values``, in one ``MSET``."""
         self.client.mset({_beaker.redis_key(self, key): value for key, value in values.items()})
 
+    def add_many(self, values: Mapping[bytes, Any]) -> None:
+        """Store the keys of ``values`` that have no value (``SET NX``), in one round trip."""
+        pipeline = self.client.pipeline(transaction=False)
+        for key, value in values.items():
+            pipeline.set(_beaker.redis_key(self, key), value, nx=True)
+        pipeline.execute()
+
 
 class SignedRedisNamespaceManager(RedisNamespaceManager):
     """Beaker's Redis namespace, with every value signed (HMAC-SHA256) before it is stored.

@@ -1,0 +1,126 @@
+"""What else a write changes: foreign-key cascades and views, from the schema.
+
+A write to a table also changes, as far as a cache can tell, the tables
+whose foreign keys to it ``CASCADE``, ``SET NULL`` or ``SET DEFAULT`` on
+delete or update, and the views (and materialized views) that read it,
+transitively.  Those come from the ``MetaData`` of the mapped classes and,
+on PostgreSQL, from the database's own catalog (a schema built by
+migrations may declare actions the models do not).  Triggers and anything
+else are declared: ``SessionCache(writes_also=...)``, the
+``sessioncache.writes_also`` setting.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ... import _sqlalchemy
+from .reads import ALL_TABLES, version_name
+
+log = logging.getLogger(__name__)
+
+#: Foreign-key actions by which the database writes the referring table.
+_ACTIONS = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
+
+#: (parent, dependent): a write to ``parent`` changes ``dependent``.  Cascading
+#: foreign keys, and views over tables or views (a materialized view changes
+#: when it is refreshed, which is a write to it).
+POSTGRESQL_DEPENDENTS = """
+SELECT p.relname, c.relname
+FROM pg_constraint k
+JOIN pg_class c ON c.oid = k.conrelid
+JOIN pg_class p ON p.oid = k.confrelid
+WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
+UNION
+SELECT t.relname, v.relname
+FROM pg_depend d
+JOIN pg_rewrite r ON r.oid = d.objid
+JOIN pg_class v ON v.oid = r.ev_class
+JOIN pg_class t ON t.oid = d.refobjid
+WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+  AND v.relkind = 'v' AND t.oid <> v.oid
+"""
+
+
+def closure(tables: Iterable[str], edges: Mapping[str, Iterable[str]]) -> frozenset[str]:
+    """Return ``tables`` and everything ``edges`` (name -> dependents) reaches from them."""
+    found = set(tables)
+    todo = list(found)
+    while todo:
+        for dependent in edges.get(todo.pop(), ()):
+            if dependent not in found:
+                found.add(dependent)
+                todo.append(dependent)
+    return frozenset(found)
+
+
+def metadata_edges(metadatas: Iterable[Any]) -> dict[str, set[str]]:
+    """Return parent -> dependents for the cascading foreign keys of the tables of ``metadatas``."""
+    edges: dict[str, set[str]] = {}
+    for metadata in metadatas:
+        for table in metadata.tables.values():
+            for key in table.foreign_keys:
+                actions = {(key.ondelete or "").upper(), (key.onupdate or "").upper()}
+                if actions & _ACTIONS:
+                    parent = version_name(key.column.table)
+                    edges.setdefault(parent, set()).add(version_name(table))
+    return edges
+
+
+class _Schema:
+    """The dependents known in this process: from mapped classes, and per PostgreSQL engine."""
+
+    def __init__(self) -> None:
+        self._mapped: tuple[tuple[int, ...], dict[str, set[str]]] = ((), {})
+        self._catalogs: weakref.WeakKeyDictionary[Any, dict[str, set[str]]] = weakref.WeakKeyDictionary()
+
+    def mapped_edges(self) -> dict[str, set[str]]:
+        metadatas = _sqlalchemy.mapped_metadata()
+        seen = tuple(len(metadata.tables) for metadata in metadatas)  # new tables mean new edges
+        if seen != self._mapped[0]:
+            self._mapped = (seen, metadata_edges(metadatas))
+        return self._mapped[1]
+
+    def catalog_edges(self, conn: Any) -> dict[str, set[str]]:
+        if conn.dialect.name != "postgresql":
+            return {}
+        engine = conn.engine
+        edges = self._catalogs.get(engine)
+        if edges is None:
+            edges = self._catalogs[engine] = self._read_catalog(conn)
+        return edges
+
+    @staticmethod
+    def _read_catalog(conn: Any) -> dict[str, set[str]]:
+        edges: dict[str, set[str]] = {}
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute(POSTGRESQL_DEPENDENTS)
+            for parent, dependent in cursor.fetchall():
+                edges.setdefault(version_name(parent), set()).add(version_name(dependent))
+        finally:
+            cursor.close()
+        return edges
+
+
+_schema = _Schema()
+
+
+def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
+    """Return ``tables`` written on ``conn`` and what the database changes because of them."""
+    if ALL_TABLES in tables:
+        return tables
+    found = closure(tables, _schema.mapped_edges())
+    catalog = _schema.catalog_edges(conn)
+    if catalog:
+        found = closure(found, catalog)
+        found = closure(found, _schema.mapped_edges())
+    return found
+
+
+def forget_catalog(engine: Any) -> None:
+    """Read the catalog of ``engine`` again at its next write (after a migration, say)."""
+    _schema._catalogs.pop(engine, None)

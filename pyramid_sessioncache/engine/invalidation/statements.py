@@ -1,0 +1,152 @@
+"""What an executed statement writes: the tables of compiled DML, of DML in CTEs, of raw SQL.
+
+:func:`written_tables` looks at what a Connection actually ran
+(``after_cursor_execute``): a compiled ``insert()``/``update()``/``delete()``
+names its table; a SELECT may hold DML in its CTEs; SQL given as text
+(``text()``, ``exec_driver_sql()``) is read for the tables it writes.  When
+SQL that may write cannot be read, it writes :data:`~.reads.ALL_TABLES`.
+Names are version names (:func:`~.reads.version_name`): bare, lower case.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from typing import Any
+
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.dml import UpdateBase
+from sqlalchemy.sql.elements import TextClause
+
+from .reads import ALL_TABLES, version_name
+
+#: What a statement that writes nothing writes.
+NOTHING: frozenset[str] = frozenset()
+#: What SQL that may write, but cannot be read, writes.
+EVERYTHING = frozenset({ALL_TABLES})
+
+
+def written_tables(context: Any, statement: str) -> frozenset[str]:
+    """Return the version names of the tables a statement that just ran wrote.
+
+    ``context`` is its ``ExecutionContext``, ``statement`` the SQL sent.
+    """
+    compiled = context.compiled
+    if compiled is None or getattr(compiled, "statement", None) is None:
+        return sql_tables(statement)  # exec_driver_sql()
+    element = compiled.statement
+    if isinstance(element, TextClause):
+        return sql_tables(statement)
+    if context.isddl:
+        return sql_tables(statement)
+    if context.isinsert or context.isupdate or context.isdelete or element.is_select:
+        return _element_tables(element)
+    return sql_tables(statement)
+
+
+def _element_tables(element: Any) -> frozenset[str]:
+    # Compiled statements are cached and run again: remember what each writes.
+    try:
+        return _ELEMENTS[element]
+    except KeyError:
+        pass
+    except TypeError:  # not hashable: work it out every time
+        return _dml_under(element)
+    found = _ELEMENTS[element] = _dml_under(element)
+    if len(_ELEMENTS) > 5000:
+        _ELEMENTS.clear()
+    return found
+
+
+_ELEMENTS: dict[Any, frozenset[str]] = {}
+
+
+def _dml_under(element: Any) -> frozenset[str]:
+    names: set[str] = set()
+    if isinstance(element, UpdateBase):
+        names.add(version_name(element.table))
+    for node in visitors.iterate(element):
+        if isinstance(node, UpdateBase):
+            table = getattr(node, "table", None)
+            if table is None or not hasattr(table, "name"):
+                return EVERYTHING
+            names.add(version_name(table))
+        elif isinstance(node, TextClause) and sql_tables(node.text) != NOTHING:
+            names |= sql_tables(node.text)
+    return frozenset(names)
+
+
+# Reading SQL text ------------------------------------------------------------
+
+_STRINGS = re.compile(r"'(?:[^']|'')*'|\$(\w*)\$.*?\$\1\$", re.S)
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
+_NAME = r'(?:"(?:[^"]|"")+"|`[^`]+`|\[[^\]]+\]|[\w$]+)'
+_QUALIFIED = rf"{_NAME}(?:\s*\.\s*{_NAME})*"
+_TARGETS = re.compile(
+    r"\b(?:"
+    rf"insert\s+(?:or\s+\w+\s+)?into\s+(?P<insert>{_QUALIFIED})"
+    rf"|replace\s+into\s+(?P<replace>{_QUALIFIED})"
+    rf"|update\s+(?:or\s+\w+\s+)?(?:only\s+)?(?P<update>{_QUALIFIED})\s+(?:(?:as\s+)?{_NAME}\s+)?set\b"
+    rf"|delete\s+from\s+(?:only\s+)?(?P<delete>{_QUALIFIED})"
+    rf"|merge\s+into\s+(?P<merge>{_QUALIFIED})"
+    rf"|truncate\s+(?:table\s+)?(?:only\s+)?(?P<truncate>{_QUALIFIED}(?:\s*,\s*{_QUALIFIED})*)"
+    rf"|(?:drop|alter)\s+(?:materialized\s+)?(?:table|view)\s+(?:if\s+exists\s+)?(?:only\s+)?(?P<ddl>{_QUALIFIED}(?:\s*,\s*{_QUALIFIED})*)"
+    rf"|create\s+(?:or\s+replace\s+)?(?:materialized\s+)?view\s+(?:if\s+not\s+exists\s+)?(?P<view>{_QUALIFIED})"
+    rf"|refresh\s+materialized\s+view\s+(?:concurrently\s+)?(?P<refresh>{_QUALIFIED})"
+    r")",
+    re.I,
+)
+# Words that make SQL a write whatever else it says; what follows them is read by _TARGETS.
+_WRITES = re.compile(r"\b(?:insert|update|delete|merge|truncate|drop|alter|refresh|copy|call|do|execute)\b", re.I)
+# Uses of those words that write nothing.
+_HARMLESS = re.compile(
+    r"\bfor\s+(?:no\s+key\s+)?update\b|\bon\s+(?:update|delete)\b|\bdo\s+(?:update\s+set|nothing)\b"
+    r"|\bthen\s+(?:update|delete|insert)\b|\bdrop\s+(?:index|trigger|function|sequence|type|schema)\b|\balter\s+(?:index|sequence|role|user|database)\b",
+    re.I,
+)
+# SQL that starts with one of these writes no rows.
+_READS = frozenset(
+    {"select", "with", "values", "show", "explain", "pragma", "set", "reset", "begin", "start", "commit", "end",
+     "rollback", "savepoint", "release", "listen", "unlisten", "notify", "create", "analyze", "vacuum", "declare",
+     "fetch", "close", "prepare", "deallocate", "discard", "lock", "comment", "grant", "revoke", "table"}
+)  # fmt: skip
+
+
+@lru_cache(maxsize=2048)
+def sql_tables(sql: str) -> frozenset[str]:
+    """Return the version names of the tables the SQL text ``sql`` writes.
+
+    :data:`NOTHING` for SQL that writes no rows (a SELECT, a PRAGMA, a
+    ``CREATE INDEX``); :data:`EVERYTHING` when it may write and its targets
+    cannot be told (a procedure call, ``COPY``, a statement not understood).
+    """
+    text = _COMMENTS.sub(" ", _STRINGS.sub("''", sql)).strip().rstrip(";")
+    words = text.split(None, 1)
+    if not words:
+        return NOTHING
+    first = words[0].lower().lstrip("(")
+    names: set[str] = set()
+    for match in _TARGETS.finditer(text):
+        for group in match.groupdict().values():
+            if group:
+                names.update(_version_names(group))
+    remaining = _TARGETS.sub(" ", _HARMLESS.sub(" ", text))
+    if _WRITES.search(remaining) or (first not in _READS and not names):
+        return EVERYTHING  # a write whose targets were not all read
+    if first == "create" and not names:
+        return NOTHING  # CREATE TABLE, INDEX, TRIGGER...: no rows change
+    return frozenset(names)
+
+
+def _version_names(listed: str) -> list[str]:
+    names = []
+    for qualified in re.findall(_QUALIFIED, listed):
+        parts = re.findall(_NAME, qualified)
+        names.append(version_name(_unquote(parts[-1])))
+    return names
+
+
+def _unquote(name: str) -> str:
+    if name[:1] in '"`[':
+        return name[1:-1].replace('""', '"')
+    return name
