@@ -48,7 +48,10 @@ setup(
     },
     entry_points={
         "paste.app_factory": ["main = demo:main"],
-        "console_scripts": ["sessioncache-demo-seed = demo.seed:main"],
+        "console_scripts": [
+            "sessioncache-demo-seed = demo.seed:main",
+            "sessioncache-invalidate = pyramid_sessioncache.addon.scripts:invalidate",
+        ],
         "beaker.backends": [
             "ext:local_session = pyramid_sessioncache.storage.backends.local_session:ScopedSessionNamespace",
         ],

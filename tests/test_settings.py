@@ -63,6 +63,10 @@ def test_region_defaults_apply_to_every_region(tmp_path):
         ("cache.short_term.type", "ext:sqla", "ext:database"),
         ("sessioncache.secret", None, "its values are signed"),
         ("sessioncache.secret", "short", "at least 16 characters"),
+        ("sessioncache.writes_also", "order audit_log", "one 'table: table, table' per line"),
+        ("sessioncache.writes_also", "order:", "one 'table: table, table' per line"),
+        ("sessioncache.writes_also", "\n  order: audit; drop table x", "cannot read"),
+        ("sessioncache.writes_also", "  ", "at least one"),
     ],
 )
 def test_bad_settings_name_key_and_value(key, value, message):
@@ -77,6 +81,23 @@ def test_bad_settings_name_key_and_value(key, value, message):
     assert message in str(raised.value)
     if value is not None:
         assert repr(value) in str(raised.value)
+
+
+def test_declared_writes_parse():
+    settings = parse_settings(
+        {**GOOD, "sessioncache.writes_also": "\n order: audit_log, order_total\n person: summary\n"}
+    )
+    assert dict(settings.writes_also) == {"order": ("audit_log", "order_total"), "person": ("summary",)}
+    assert dict(parse_settings(GOOD).writes_also) == {}
+
+
+def test_declared_writes_given_as_python_values_are_checked():
+    from pyramid_sessioncache import SessionCache
+
+    with pytest.raises(ValueError, match="writes_also"):
+        SessionCache({"l": {"type": "ext:local_session"}}, writes_also={"order": [""]})
+    cache = SessionCache({"l": {"type": "ext:local_session"}}, writes_also={"Order": "Audit_Log"})
+    assert cache.writes_also == {"order": frozenset({"audit_log"})}
 
 
 def test_file_region_needs_a_directory():

@@ -53,7 +53,12 @@ def includeme(config: Any) -> None:
     settings = parse_settings(config.registry.settings)
     try:
         cache = SessionCache(
-            settings.regions, settings.default_region, settings.invalidation, settings.retry_after, settings.secret
+            settings.regions,
+            settings.default_region,
+            settings.invalidation,
+            settings.retry_after,
+            settings.secret,
+            writes_also=settings.writes_also,
         )
     except Exception as exc:  # Beaker reports bad options in many ways
         raise ConfigurationError(f"cannot build the cache regions from the cache.* settings: {exc}") from exc

@@ -10,8 +10,9 @@ start-up, into a frozen :class:`Settings`; a bad value raises
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
@@ -114,6 +115,25 @@ def _invalidation(value: str) -> str:
     return value
 
 
+_TABLE = r"[A-Za-z_][\w$]*(?:\.[A-Za-z_][\w$]*)?"
+_DEPENDENCY = re.compile(rf"^\s*({_TABLE})\s*:\s*({_TABLE}(?:[\s,]+{_TABLE})*)\s*,?\s*$")
+
+
+def _writes_also(value: str) -> Mapping[str, tuple[str, ...]]:
+    declared: dict[str, tuple[str, ...]] = {}
+    for line in value.strip().splitlines():
+        if not line.strip():
+            continue
+        match = _DEPENDENCY.match(line)
+        if match is None:
+            raise ValueError(f"cannot read {line.strip()!r}: write one 'table: table, table' per line")
+        table, also = match.groups()
+        declared[table] = declared.get(table, ()) + tuple(name for name in re.split(r"[\s,]+", also) if name)
+    if not declared:
+        raise ValueError("must name at least one 'table: table, table'")
+    return MappingProxyType(declared)
+
+
 #: The add-on's own options: name -> converter.
 ADDON_OPTIONS: Mapping[str, Callable[[str], Any]] = MappingProxyType(
     {
@@ -121,6 +141,7 @@ ADDON_OPTIONS: Mapping[str, Callable[[str], Any]] = MappingProxyType(
         "invalidation": _invalidation,
         "retry_after": _positive_float,
         "secret": _secret,
+        "writes_also": _writes_also,
     }
 )
 
@@ -138,6 +159,9 @@ class Settings:
     invalidation: str = "auto"
     retry_after: float = 5.0
     secret: str | None = None
+    #: What a write to a table also changes that the schema does not say
+    #: (``sessioncache.writes_also``): table -> tables.
+    writes_also: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
 
 
 def _fail(key: str, value: Any, why: str) -> ConfigurationError:
@@ -218,6 +242,7 @@ def parse_settings(settings: Mapping[str, Any]) -> Settings:
         invalidation=addon.pop("invalidation", "auto"),
         retry_after=addon.pop("retry_after", 5.0),
         secret=addon.pop("secret", None),
+        writes_also=addon.pop("writes_also", MappingProxyType({})),
     )
 
 

@@ -158,6 +158,11 @@ class Region:
             return self._shared.namespace
         return ScopedSessionNamespace(self.namespace_name, session=session)
 
+    @property
+    def unpublished(self) -> frozenset[str]:
+        """Version names a bump could not write yet (the backend failed); written before the next use."""
+        return frozenset(self._pending)
+
     def _down(self) -> bool:
         return bool(self._down_until) and time.monotonic() < self._down_until
 

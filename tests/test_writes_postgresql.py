@@ -1,0 +1,160 @@
+"""On PostgreSQL: what the catalog says a write changes, and DML inside a SELECT.
+
+The schema here is made by SQL, as migrations would make it: the mapped
+classes declare no foreign-key actions and no view, the catalog does.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, make_url, select, text, update
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from pyramid_sessioncache import FromCache, SessionCache
+
+from .conftest import SECRET, SQLCounter
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class PgParent(Base):
+    __tablename__ = "pg_parent"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class PgChild(Base):
+    """Its table's foreign key cascades in the database; the model says nothing of it."""
+
+    __tablename__ = "pg_child"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    parent_id: Mapped[int] = mapped_column(Integer)
+    name: Mapped[str] = mapped_column(String(50))
+
+
+class PgSummary(Base):
+    __table__ = Table("pg_summary", MetaData(), Column("id", Integer, primary_key=True), Column("children", Integer))
+
+
+SCHEMA = """
+CREATE TABLE pg_parent (id integer PRIMARY KEY, name varchar(50));
+CREATE TABLE pg_child (id integer PRIMARY KEY, name varchar(50),
+                       parent_id integer REFERENCES pg_parent (id) ON DELETE CASCADE ON UPDATE CASCADE);
+CREATE VIEW pg_inner AS SELECT parent_id, count(*) AS n FROM pg_child GROUP BY parent_id;
+CREATE VIEW pg_summary AS SELECT p.id, coalesce(i.n, 0)::integer AS children
+    FROM pg_parent p LEFT JOIN pg_inner i ON i.parent_id = p.id;
+INSERT INTO pg_parent VALUES (1, 'one'), (2, 'two'), (3, 'three');
+INSERT INTO pg_child VALUES (1, 'a', 1), (2, 'b', 1), (3, 'c', 2), (4, 'd', 3);
+"""
+
+
+@pytest.fixture
+def pg(postgres_url):
+    name = f"w_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    engine = create_engine(make_url(postgres_url).set(database=name))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(SCHEMA)
+    yield engine
+    engine.dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE {name}"))
+    admin.dispose()
+
+
+@pytest.fixture
+def PgSession(pg, region_options, region):
+    cache = SessionCache(region_options, default_region=region, secret=SECRET)
+    return sessionmaker(bind=pg, info=cache.session_info())
+
+
+QUERIES = {
+    "children": select(PgChild.id, PgChild.parent_id, PgChild.name).order_by(PgChild.id),
+    "summary": select(PgSummary.id, PgSummary.children).order_by(PgSummary.id),
+}
+
+
+def cached(PgSession, region, stmt):
+    with PgSession() as session:
+        return [tuple(row) for row in session.execute(stmt.options(FromCache(region))).all()]
+
+
+def uncached(engine, stmt):
+    with Session(engine) as session:
+        return [tuple(row) for row in session.execute(stmt).all()]
+
+
+def _delete_parent(PgSession, engine):
+    with PgSession() as session:
+        session.delete(session.get(PgParent, 1))
+        session.commit()
+
+
+def _key_change(PgSession, engine):
+    with PgSession() as session:
+        session.execute(update(PgParent).where(PgParent.id == 2).values(id=20))
+        session.commit()
+
+
+def _child_through_a_view(PgSession, engine):
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO pg_child VALUES (9, 'new', 3)"))
+
+
+def _dml_in_a_cte(PgSession, engine):
+    renamed = update(PgChild).where(PgChild.id == 4).values(name="cte").returning(PgChild.id).cte("renamed")
+    with PgSession() as session:
+        assert session.execute(select(renamed.c.id)).all() == [(4,)]
+        session.commit()
+
+
+def _text_cte(PgSession, engine):
+    with PgSession() as session:
+        session.execute(text("WITH gone AS (DELETE FROM pg_child WHERE id = 3 RETURNING id) SELECT count(*) FROM gone"))
+        session.commit()
+
+
+CASES = {
+    "ON DELETE CASCADE from the catalog": ("children", _delete_parent),
+    "ON UPDATE CASCADE from the catalog": ("children", _key_change),
+    "a view over a view, from the catalog": ("summary", _child_through_a_view),
+    "a view, through a cascade": ("summary", _delete_parent),
+    "DML in a CTE of a select()": ("children", _dml_in_a_cte),
+    "DML in a CTE of text()": ("children", _text_cte),
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_a_committed_write_is_never_served_stale(PgSession, pg, region, case):
+    query, write = CASES[case]
+    stmt = QUERIES[query]
+    cached(PgSession, region, stmt)
+    cached(PgSession, region, stmt)
+    sql = SQLCounter(pg)
+    assert cached(PgSession, region, stmt) == uncached(pg, stmt)
+    assert sql.count == 1  # a hit, then the uncached run
+    before = uncached(pg, stmt)
+    write(PgSession, pg)
+    after = uncached(pg, stmt)
+    assert after != before
+    assert cached(PgSession, region, stmt) == after
+
+
+def test_a_rolled_back_cte_write_reaches_nobody(PgSession, pg, region):
+    stmt = QUERIES["children"]
+    cached(PgSession, region, stmt)
+    committed = uncached(pg, stmt)
+    renamed = update(PgChild).values(name="uncommitted").returning(PgChild.id).cte("renamed")
+    with PgSession() as session:
+        session.execute(select(renamed.c.id)).all()
+        inside = [tuple(row) for row in session.execute(stmt.options(FromCache(region))).all()]
+        session.rollback()
+    assert inside != committed
+    for _ in range(2):
+        assert cached(PgSession, region, stmt) == committed
