@@ -250,3 +250,22 @@ def mapped_metadata() -> list[Any]:
                 if metadata is not None:
                     found.setdefault(id(metadata), metadata)
     return list(found.values())
+
+
+def at_top(compiler: Any) -> bool:
+    """Whether ``compiler`` is rendering the statement itself, not a part nested in it.
+
+    ``SQLCompiler.stack`` (2.0, 2.1) holds an entry per SELECT being
+    rendered: ``invalidation/reads.py`` treats text given as a whole
+    statement as opaque.
+    """
+    return not compiler.stack
+
+
+def custom_compiled(element: Any) -> bool:
+    """Whether ``element``'s class is rendered by a ``@compiles`` function.
+
+    ``sqlalchemy.ext.compiler.compiles`` marks each class it serves with
+    ``_compiler_dispatcher`` (2.0, 2.1): such SQL may read anything.
+    """
+    return any("_compiler_dispatcher" in vars(klass) for klass in type(element).__mro__)

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..storage.region import CacheRegions, Region
 from . import info
-from .invalidation.reads import ALL_TABLES, ShapeTables, version_name
+from .invalidation.reads import ALL_TABLES, ANY_TABLE, ShapeTables, version_name
 from .invalidation.schema import closure
 from .keys import EntryKey, KeyMaker
 from .stats import Stats
@@ -118,7 +118,7 @@ class SessionCache:
         """
         if self.invalidation != "auto":
             return
-        names = sorted(closure(tables, self.writes_also))
+        names = sorted(closure(tables, self.writes_also) | {ANY_TABLE})
         for region in self.shared_regions:
             region.bump(names)
             if not again:

@@ -91,7 +91,6 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
         return None
     session = state.session
     if info.LOADER in session.info:
-        session.info[info.LOADER_TABLES] |= reads.statement_tables(statement)
         return None
     option = caching_option(statement)
     if option is None:
@@ -156,18 +155,22 @@ def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: 
     verdict = {"store": True}
 
     def create() -> CachedRows:
-        now = region.versions(tables, create=True)  # before the query: see invalidation/__init__.py
-        value = loader.load(state, connection())
-        if now is None:  # the backend failed: nothing to tag the result with
+        known = tables
+        for _ in range(2):
+            now = region.versions(known, create=True)  # before the query: see invalidation/__init__.py
+            value = loader.load(state, connection())
+            if value.tables <= frozenset(known):
+                break
+            # It read tables its statement does not name (eager loads, column
+            # properties, criteria): their versions were not read before the
+            # query, so this result cannot be stored.  Now they are known:
+            # read their versions and load once more, to store that.
+            known = cache.tables_read.learn(key.shape, value.tables.union(known))
+        else:
             verdict["store"] = False
-        elif not value.tables <= frozenset(tables):
-            # Eager loads read tables the statement does not name; versions
-            # were not read for them in time, so keep this one result only.
-            cache.tables_read.learn(key.shape, value.tables.union(tables))
-            verdict["store"] = False
-        elif loader.reads_a_snapshot(connection()):
-            verdict["store"] = False
-        value.tables, value.versions = tables, now
+        if now is None or loader.reads_a_snapshot(connection()):
+            verdict["store"] = False  # a failed backend, or rows from an older snapshot
+        value.tables, value.versions = known, now
         return value
 
     return region.get_or_create(

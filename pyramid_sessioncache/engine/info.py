@@ -12,7 +12,7 @@ from typing import Any
 
 from ..storage.backends.local_session import INFO_KEY as LOCAL
 
-__all__ = ["CACHE", "DECLARED", "LOADER", "LOADER_TABLES", "LOCAL", "LOOKUPS", "WRITTEN", "own_key"]
+__all__ = ["CACHE", "DECLARED", "LOADER", "LOCAL", "LOOKUPS", "WRITTEN", "own_key"]
 
 #: The :class:`~pyramid_sessioncache.SessionCache` a Session caches into.
 CACHE = "sessioncache"
@@ -27,8 +27,6 @@ DECLARED = "sessioncache.declared"
 #: Flags the throw-away Sessions that load values to cache; the ORM hook
 #: leaves their statements alone.
 LOADER = "sessioncache.loader"
-#: On a loader Session: the tables its statements read.
-LOADER_TABLES = "sessioncache.loader.tables"
 
 
 def own_key(key: Any) -> bool:

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from sqlalchemy import event
 from sqlalchemy.orm import ORMExecuteState, Session
 
 from .. import _sqlalchemy
 from . import info
-from .invalidation.reads import record_tables, statement_tables
+from .invalidation.reads import executed_tables, record_tables, statement_tables
 from .values import CachedRows
 
 #: Isolation levels whose snapshot may predate the versions a query reads.
@@ -20,25 +21,33 @@ def load(state: ORMExecuteState, connection: Any) -> CachedRows:
 
     The fresh Session's objects hold exactly what the database returned in
     the caller's transaction, whatever the caller's Session has in memory.
-    The value records the tables the load read.
+    The value records the tables the load read: those of every statement
+    executed on the connection while it ran (eager loads, column
+    properties, loader criteria...), and those of the objects it built.
     """
     # The statement has been through the caller's listeners: it runs
     # without them.  The relationship loads it makes go through those on the
     # Session class, with the caller's info as they would have seen it (the
     # add-on's own keys stay behind).
     loader_info = {key: value for key, value in state.session.info.items() if not info.own_key(key)}
-    loader_info.update({info.LOADER: True, info.LOADER_TABLES: set()})
+    loader_info[info.LOADER] = True
     loader = Session(bind=connection, info=loader_info, autoflush=False, expire_on_commit=False)
+    read: set[str] = set()
+
+    def executing(conn: Any, cursor: Any, statement: Any, parameters: Any, context: Any, executemany: bool) -> None:
+        read.update(executed_tables(context.compiled))
+
+    event.listen(connection, "before_cursor_execute", executing)
     try:
         result = _sqlalchemy.execute_without_listeners(
             loader, state.statement, state.parameters, state.local_execution_options
         )
         value = CachedRows.from_result(result)
-        read = loader.info[info.LOADER_TABLES] | statement_tables(state.statement)
-        value.tables = frozenset(read | record_tables(value))
-        return value
     finally:
+        event.remove(connection, "before_cursor_execute", executing)
         loader.close()
+    value.tables = frozenset(read | statement_tables(state.statement) | record_tables(value))
+    return value
 
 
 def reads_a_snapshot(connection: Any) -> bool:

@@ -1,17 +1,35 @@
-"""What an entry read: the tables of a statement, of a loaded result, of a statement shape."""
+"""What an entry read: the tables of what a load executed, of a result, of a statement shape.
+
+The tables a load read are those of every statement it executed, as the
+database received them (:func:`executed_tables`): the statement's FROMs
+and joins, and the tables that mapper column properties, expressions and
+loader criteria carried by options, eager loads and polymorphic loads
+bring in.  SQL given as text (a textual FROM, a ``literal_column`` holding
+a subquery) and table-valued functions read tables nobody can name: such a
+result depends on :data:`ANY_TABLE`, which every committed write bumps.
+"""
 
 from __future__ import annotations
 
+import re
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy.orm import attributes
 from sqlalchemy.sql import visitors
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import TableClause
+from sqlalchemy.sql.functions import FunctionElement
+
+from ... import _sqlalchemy
 
 #: The pseudo-table every entry depends on: bumping it invalidates them all.
 ALL_TABLES = "*"
+#: The pseudo-table of results whose tables cannot all be named: every
+#: committed write bumps it.
+ANY_TABLE = "?"
 
 
 def version_name(table: Any) -> str:
@@ -41,6 +59,95 @@ def _tables_under(element: Any) -> set[str]:
 def statement_tables(statement: Any) -> frozenset[str]:
     """Return the names of the tables ``statement`` reads: FROMs, joins, subqueries, CTEs."""
     return frozenset(_tables_under(statement))
+
+
+# What a compiled statement rendered --------------------------------------------
+
+#: Text that may read a table.  Other text (``DISTINCT``, ``id > 5``) reads nothing it does not name.
+_READS_SQL = re.compile(r"\b(?:select|from|join|table)\b", re.I)
+#: Functions that may stand as a FROM and read no table.
+PURE_TABLE_FUNCTIONS = frozenset(
+    {"generate_series", "generate_subscripts", "unnest", "json_each", "json_each_text", "json_tree", "jsonb_each",
+     "jsonb_each_text", "json_array_elements", "json_array_elements_text", "jsonb_array_elements",
+     "jsonb_array_elements_text", "json_to_recordset", "jsonb_to_recordset", "regexp_split_to_table"}
+)  # fmt: skip
+
+
+class _Recording:
+    """Mixed in before a dialect's compiler: notes every table it renders, and text it cannot read."""
+
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        self.read_tables: set[str] = set()
+        self.opaque = False
+        super().__init__(*args, **kw)
+
+    def visit_table(self, table: Any, **kw: Any) -> Any:
+        self.read_tables.add(version_name(table))
+        return super().visit_table(table, **kw)  # type: ignore[misc]
+
+    def visit_textclause(self, textclause: Any, **kw: Any) -> Any:
+        # A whole statement or a FROM is opaque whatever it says; a fragment
+        # elsewhere only if it may hold a subquery.
+        if _sqlalchemy.at_top(self) or kw.get("asfrom") or _READS_SQL.search(textclause.text):
+            self.opaque = True
+        return super().visit_textclause(textclause, **kw)  # type: ignore[misc]
+
+    def visit_column(self, column: Any, **kw: Any) -> Any:
+        if column.is_literal and _READS_SQL.search(str(column.name)):
+            self.opaque = True
+        return super().visit_column(column, **kw)  # type: ignore[misc]
+
+    def visit_function(self, func: Any, **kw: Any) -> Any:
+        if kw.get("asfrom") and func.name.lower() not in PURE_TABLE_FUNCTIONS:
+            self.opaque = True
+        return super().visit_function(func, **kw)  # type: ignore[misc]
+
+    def visit_table_valued_alias(self, element: Any, **kw: Any) -> Any:
+        inner = element.element
+        while not isinstance(inner, FunctionElement) and getattr(inner, "element", None) is not None:
+            inner = inner.element
+        if not isinstance(inner, FunctionElement) or inner.name.lower() not in PURE_TABLE_FUNCTIONS:
+            self.opaque = True
+        return super().visit_table_valued_alias(element, **kw)  # type: ignore[misc]
+
+
+_RECORDERS: dict[type, type] = {}
+_EXECUTED: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
+_ANY = frozenset({ANY_TABLE})
+
+
+def executed_tables(compiled: Any) -> frozenset[str]:
+    """Return the version names of the tables a compiled statement reads, or ``{ANY_TABLE}``.
+
+    The statement is compiled once more by a recording subclass of its
+    dialect's compiler, which notes every table the SQL names; the answer
+    is remembered per ``Compiled``, which the engine reuses for every
+    execution of a shape.
+    """
+    if not isinstance(compiled, SQLCompiler):
+        return _ANY  # no compiled form (exec_driver_sql), or not a statement compiler
+    found = _EXECUTED.get(compiled)
+    if found is None:
+        dialect = compiled.dialect
+        recorder_class = _RECORDERS.get(dialect.statement_compiler)
+        if recorder_class is None:
+            compiler_class = dialect.statement_compiler
+            recorder_class = type(f"Recording{compiler_class.__name__}", (_Recording, compiler_class), {})
+            _RECORDERS[compiler_class] = recorder_class
+        try:
+            recorder = recorder_class(
+                dialect, compiled.statement, column_keys=compiled.column_keys, for_executemany=compiled.for_executemany
+            )
+            found = _ANY if recorder.opaque or _custom(compiled.statement) else frozenset(recorder.read_tables)
+        except Exception:  # what cannot be compiled again cannot be known
+            found = _ANY
+        _EXECUTED[compiled] = found
+    return found
+
+
+def _custom(element: Any) -> bool:
+    # A @compiles construct renders what it likes: what it reads cannot be seen.
+    return any(_sqlalchemy.custom_compiled(node) for node in visitors.iterate(element))
 
 
 def mapper_tables(mapper: Any) -> set[str]:

@@ -71,8 +71,8 @@ def _dml_under(element: Any) -> frozenset[str]:
             if table is None or not hasattr(table, "name"):
                 return EVERYTHING
             names.add(version_name(table))
-        elif isinstance(node, TextClause) and sql_tables(node.text) != NOTHING:
-            names |= sql_tables(node.text)
+        elif isinstance(node, TextClause):
+            names |= _tables_in(node.text, whole=False)  # a fragment of text in a statement
     return frozenset(names)
 
 
@@ -120,6 +120,13 @@ def sql_tables(sql: str) -> frozenset[str]:
     ``CREATE INDEX``); :data:`EVERYTHING` when it may write and its targets
     cannot be told (a procedure call, ``COPY``, a statement not understood).
     """
+    return _tables_in(sql, whole=True)
+
+
+def _tables_in(sql: str, whole: bool) -> frozenset[str]:
+    # ``whole``: a statement of its own, which writes unless it starts as a
+    # read; else a fragment of one (a textual FROM or WHERE), which writes
+    # only what its write words say.
     text = _COMMENTS.sub(" ", _STRINGS.sub("''", sql)).strip().rstrip(";")
     words = text.split(None, 1)
     if not words:
@@ -131,10 +138,8 @@ def sql_tables(sql: str) -> frozenset[str]:
             if group:
                 names.update(_version_names(group))
     remaining = _TARGETS.sub(" ", _HARMLESS.sub(" ", text))
-    if _WRITES.search(remaining) or (first not in _READS and not names):
+    if _WRITES.search(remaining) or (whole and first not in _READS and not names):
         return EVERYTHING  # a write whose targets were not all read
-    if first == "create" and not names:
-        return NOTHING  # CREATE TABLE, INDEX, TRIGGER...: no rows change
     return frozenset(names)
 
 
