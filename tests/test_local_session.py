@@ -224,3 +224,29 @@ def test_each_lookup_is_logged_at_debug(Session, scalars, caplog):
     messages = [r.getMessage() for r in caplog.records if r.name == "pyramid_sessioncache.engine.lookup"]
     assert [m.split(":")[0] for m in messages] == ["cache miss", "cache hit"]
     assert all("region local key " in m for m in messages)
+
+
+def test_a_write_on_the_sessions_connection_drops_the_local_cache(Session, sql, scalars):
+    with Session() as session:
+        assert scalars(session, named("person 3")).one().id == 3
+        session.connection().execute(update(Person).where(Person.id == 3).values(name="moved"))
+        assert scalars(session, named("person 3")).one_or_none() is None
+        assert sql.count == 3  # the first read, the update, the read again
+
+
+def test_declared_writes_drop_the_local_cache(Session, engine, sql, scalars):
+    with Session() as session:
+        first = scalars(session, named("person 4")).all()
+        # A write this process cannot see (another connection's, outside SQLAlchemy):
+        raw = engine.raw_connection()
+        try:
+            raw.cursor().execute("UPDATE person SET name = 'elsewhere' WHERE id = 4")
+            raw.commit()
+        finally:
+            raw.close()
+        from pyramid_sessioncache import invalidate_tables
+
+        invalidate_tables(session, "person")
+        sql.reset()
+        assert first and scalars(session, named("person 4")).all() == []
+        assert sql.count == 1
