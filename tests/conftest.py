@@ -6,6 +6,7 @@ import importlib
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -112,6 +113,23 @@ def redis_url() -> Iterator[str]:
     finally:
         server.shutdown()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_database(postgres_url) -> Iterator[str]:
+    """The URL of a PostgreSQL database of this test's own, dropped after it."""
+    from sqlalchemy import make_url, text
+
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    try:
+        yield make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+        admin.dispose()
 
 
 @pytest.fixture(scope="session")

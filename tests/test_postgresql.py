@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
-from sqlalchemy import create_engine, make_url, select, text
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
@@ -16,13 +14,9 @@ from .models import Person
 
 
 @pytest.fixture
-def pg_engine(postgres_url):
+def pg_engine(pg_database):
     """A database of its own, seeded, with a copy of ``person`` in schema ``other``."""
-    name = f"t_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    engine = create_engine(make_url(postgres_url).set(database=name))
+    engine = create_engine(pg_database)
     models.Base.metadata.create_all(engine)
     with sessionmaker(engine)() as session:
         models.seed(session)
@@ -32,9 +26,6 @@ def pg_engine(postgres_url):
         conn.execute(text("INSERT INTO other.person VALUES (1, 'someone else')"))
     yield engine
     engine.dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE {name}"))
-    admin.dispose()
 
 
 @pytest.fixture

@@ -6,10 +6,8 @@ classes declare no foreign-key actions and no view, the catalog does.
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, make_url, select, text, update
+from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
@@ -53,19 +51,12 @@ INSERT INTO pg_child VALUES (1, 'a', 1), (2, 'b', 1), (3, 'c', 2), (4, 'd', 3);
 
 
 @pytest.fixture
-def pg(postgres_url):
-    name = f"w_{uuid.uuid4().hex[:10]}"
-    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f"CREATE DATABASE {name}"))
-    engine = create_engine(make_url(postgres_url).set(database=name))
+def pg(pg_database):
+    engine = create_engine(pg_database)
     with engine.begin() as conn:
         conn.exec_driver_sql(SCHEMA)
     yield engine
     engine.dispose()
-    with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE {name}"))
-    admin.dispose()
 
 
 @pytest.fixture
