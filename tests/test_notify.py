@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -236,6 +238,25 @@ def test_a_rolled_back_savepoint_sends_nothing(installed, listen):
     heard.nothing()
 
 
+def test_what_arrived_while_a_callback_ran_comes_in_one_call(installed):
+    heard = Heard()
+    release = threading.Event()
+
+    def on_tables(tables: frozenset[str]) -> None:
+        heard.on_tables(tables)
+        release.wait(WAIT)
+
+    with Listener(installed.dsn, on_tables, heard.on_lost, channel=installed.channel, poll=0.05) as listener:
+        assert listener.wait_connected(WAIT)
+        installed.write("INSERT INTO marker DEFAULT VALUES")
+        assert heard.until("marker") == [frozenset({"marker"})]  # its callback now waits
+        installed.write("INSERT INTO person VALUES (3, 'three')")
+        installed.write("INSERT INTO address VALUES (1, 3, 'three@example.org')")
+        installed.write("INSERT INTO tag VALUES (1)")
+        release.set()
+        assert heard.until("person", "address", "tag") == [frozenset({"person", "address", "tag"})]
+
+
 def test_every_listener_hears(installed, listen):
     (_, first), (_, second) = listen(), listen()
     installed.write("DELETE FROM person WHERE id = 1")
@@ -251,15 +272,18 @@ def test_names_are_lower_case_version_names(db, listen):
     assert heard.until("mixed%case") == [frozenset({"mixed%case"})]
 
 
-def test_a_partition_also_notifies_its_ancestors(db, listen):
+def test_a_partition_or_child_table_also_notifies_its_ancestors(db, listen):
     db.sql(f"""
         CREATE TABLE {db.schema}.reading (at date, value int) PARTITION BY RANGE (at);
         CREATE TABLE {db.schema}.reading_2024 PARTITION OF {db.schema}.reading
             FOR VALUES FROM ('2024-01-01') TO ('2025-01-01') PARTITION BY RANGE (at);
         CREATE TABLE {db.schema}.reading_2024_h1 PARTITION OF {db.schema}.reading_2024
             FOR VALUES FROM ('2024-01-01') TO ('2024-07-01');
+        CREATE TABLE {db.schema}.animal (name text);
+        CREATE TABLE {db.schema}.cat (lives int) INHERITS ({db.schema}.animal);
+        CREATE TABLE {db.schema}.kitten () INHERITS ({db.schema}.cat, {db.schema}.animal);
     """)
-    assert {"reading", "reading_2024", "reading_2024_h1"} <= set(db.install())
+    assert {"reading", "reading_2024", "reading_2024_h1", "animal", "cat", "kitten"} <= set(db.install())
     _, heard = listen()
     # Queries of the parent read the partition's rows: the partition's write names it too.
     db.write("INSERT INTO reading_2024_h1 VALUES ('2024-02-01', 1)")
@@ -270,6 +294,11 @@ def test_a_partition_also_notifies_its_ancestors(db, listen):
     # ...but TRUNCATE goes down the tree and fires every partition's.
     db.write("TRUNCATE reading")
     assert heard.until("reading") == [frozenset({"reading", "reading_2024", "reading_2024_h1"})]
+    # SELECT FROM animal reads the cats too.
+    db.write("INSERT INTO cat VALUES ('Tom', 9)")
+    assert heard.until("cat") == [frozenset({"cat", "animal"})]
+    db.write("INSERT INTO kitten VALUES ('Tim', 9)")
+    assert heard.until("kitten") == [frozenset({"kitten", "cat", "animal"})]
 
 
 def test_an_empty_or_star_payload_names_every_table(installed, listen):
@@ -414,6 +443,51 @@ def test_a_killed_connection_is_made_again_and_on_lost_runs_once(installed, list
     assert heard.lost == 1
 
 
+def test_the_delay_before_listening_again_doubles_and_starts_again_after_a_connection_that_held(
+    installed, listen, caplog
+):
+    listener, heard = listen(retry=(0.1, 0.3))
+
+    def kill() -> str:
+        pid = listener.backend_pid
+        caplog.clear()
+        installed.sql(f"SELECT pg_terminate_backend({pid})")
+        assert heard.wait_for(lambda heard: listener.connected and listener.backend_pid not in (None, pid))
+        (warning,) = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+        return warning.rpartition(" in ")[2]
+
+    with caplog.at_level(logging.WARNING, logger="pyramid_sessioncache"):
+        time.sleep(0.35)  # the connection held longer than the longest delay
+        assert kill() == "0.1 s"
+        assert kill() == "0.2 s"  # lost again at once: wait longer
+        assert kill() == "0.3 s"  # the longest
+        time.sleep(0.35)
+        assert kill() == "0.1 s"
+    assert heard.lost == 4
+
+
+def test_a_callback_that_does_not_return_delays_stop_with_a_warning(installed, caplog):
+    heard = Heard()
+    release = threading.Event()
+
+    def on_tables(tables: frozenset[str]) -> None:
+        heard.on_tables(tables)
+        release.wait(WAIT)
+
+    listener = Listener(installed.dsn, on_tables, heard.on_lost, channel=installed.channel, poll=0.05).start()
+    try:
+        assert listener.wait_connected(WAIT)
+        installed.write("INSERT INTO tag VALUES (1)")
+        heard.until("tag")  # the callback now holds the thread
+        with caplog.at_level(logging.WARNING, logger="pyramid_sessioncache"):
+            listener.stop(timeout=0.2)
+        assert any("did not stop within 0.2 s" in record.getMessage() for record in caplog.records)
+    finally:
+        release.set()
+        listener.stop()
+    assert not listener.connected
+
+
 def test_a_database_that_appears_later_is_listened_to_then_on_lost_runs(db, postgres_url, listen):
     name = f"later_{uuid.uuid4().hex[:10]}"
     failed = threading.Event()
@@ -516,3 +590,28 @@ def test_dsn_of_gives_libpq_what_the_engine_connects_to():
     assert psycopg.conninfo.conninfo_to_dict(dsn_of(url))["password"] == "s3cret"
     with pytest.raises(ValueError, match="needs PostgreSQL, not sqlite"):
         dsn_of("sqlite:///x.sqlite")
+
+
+def test_without_psycopg_the_module_imports_and_the_listener_says_what_to_install():
+    code = """
+import importlib.abc, sys
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "psycopg":
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked by the test)")
+
+sys.meta_path.insert(0, Absent())
+from pyramid_sessioncache.engine.invalidation.notify import Listener, dsn_of
+print(dsn_of("postgresql+psycopg://app@db/shop"))
+try:
+    Listener("", print, print).start()
+except ImportError as exc:
+    print(exc)
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "postgresql://app@db/shop",
+        'the sessioncache Listener needs psycopg 3.2 or later: pip install "psycopg[binary]"',
+    ]

@@ -71,7 +71,7 @@ Usage (the triggers once, at deployment; the listener in every process)::
     with engine.begin() as connection:
         install_triggers(connection)
 
-    listener = Listener(dsn_of(engine), cache.publish, lambda: cache.invalidate_tables())
+    listener = Listener(dsn_of(engine), cache.publish, cache.invalidate_tables)
     listener.start()
 
 The listener needs psycopg 3.2 or later (``pip install "psycopg[binary]"``),
@@ -121,6 +121,9 @@ END
 #: ``pg_trigger.tgtype`` of a statement-level AFTER INSERT, DELETE, UPDATE
 #: and TRUNCATE trigger (``TRIGGER_TYPE_*`` in PostgreSQL's ``pg_trigger.h``).
 _TRIGGER_TYPE = 4 | 8 | 16 | 32
+
+#: How many more reads of what already arrived may join a batch.
+_DRAIN_READS = 100
 
 _SCHEMA_EXISTS = text("SELECT 1 FROM pg_namespace WHERE nspname = :schema")
 
@@ -427,32 +430,40 @@ class Listener:
         missed = False  # notifications may have been missed since start()
         while not self._stopping.is_set():
             since = None
+            problem: str = "the connection ended"
+            unexpected: Exception | None = None
             try:
                 with self._connect(psycopg) as conn:
+                    if conn.info.server_version >= 140000:
+                        # An idle listener is what it should be: keep a server-wide
+                        # idle_session_timeout from closing it every so often.
+                        conn.execute("SET idle_session_timeout = 0")
                     conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.channel)))
                     since = time.monotonic()
                     self._backend_pid = conn.info.backend_pid
                     self._connected.set()
                     if missed:
                         self._call(self.on_lost)
-                    self._receive(conn)
+                    self._receive(conn)  # returns once stop() was called
             except psycopg.Error as error:
-                if self._stopping.is_set():
-                    break
-                log.warning(
-                    "sessioncache listener on %r: %s; listening again in %.1f s",
-                    self.channel,
-                    _first_line(error),
-                    delay,
-                )
-            except Exception:
-                log.exception("sessioncache listener on %r failed; listening again in %.1f s", self.channel, delay)
+                problem = _first_line(error)
+            except Exception as error:  # a bug: say where, and carry on
+                problem, unexpected = f"{type(error).__name__}: {error}", error
             finally:
                 self._connected.clear()
                 self._backend_pid = None
+            if self._stopping.is_set():
+                break
             missed = True
             if since is not None and time.monotonic() - since >= self.retry[1]:
                 delay = self.retry[0]  # a connection that held: not a failing server
+            log.warning(
+                "sessioncache listener on %r: %s; listening again in %.1f s",
+                self.channel,
+                problem,
+                delay,
+                exc_info=unexpected,
+            )
             if self._stopping.wait(delay):
                 break
             delay = min(delay * 2, self.retry[1])
@@ -468,20 +479,16 @@ class Listener:
             "keepalives_count": 3,
         }
         params.update(psycopg.conninfo.conninfo_to_dict(self.dsn))
-        conn = psycopg.connect(**params, autocommit=True)
-        if conn.info.server_version >= 140000:
-            # An idle listener is what it should be: keep a server-wide
-            # idle_session_timeout from closing it every so often.
-            conn.execute("SET idle_session_timeout = 0")
-        return conn
+        return psycopg.connect(**params, autocommit=True)
 
     def _receive(self, conn: psycopg.Connection) -> None:
         while not self._stopping.is_set():
             names = {notify.payload for notify in conn.notifies(timeout=self.poll, stop_after=1)}
             if not names:
                 continue
-            # The rest of a commit's notifications, and any others already here.
-            for _ in range(100):
+            # The rest of a commit's notifications, and any others already here
+            # (a bounded number of reads: a steady stream must not starve the callback).
+            for _ in range(_DRAIN_READS):
                 more = {notify.payload for notify in conn.notifies(timeout=0)}
                 if not more:
                     break
