@@ -14,11 +14,14 @@ when the writing transaction commits, once per table and transaction
 however many statements wrote it, and a rolled-back transaction (or
 savepoint) sends nothing.  Payloads are bare table names, lower-cased
 by the listener, as :func:`~.reads.version_name` spells them.  A write
-that names a partition (or a table that ``INHERITS``) also notifies the
-names of its ancestors, whose queries return its rows; ``TRUNCATE`` of a
-partitioned table fires the triggers of its partitions too.  A
-notification whose payload is empty or ``*`` (``NOTIFY sessioncache`` in
-``psql``) names every table (:data:`~.reads.ALL_TABLES`).
+to a table also notifies the other names its rows show under, those an
+entry may have read them by: the ancestors of a partition (or of a
+table that ``INHERITS``), and the views over the table or them,
+transitively.  The database's own writes fire the triggers of the tables
+they change: a foreign key's ``ON DELETE CASCADE``, a ``TRUNCATE`` of a
+partitioned table, a write through an updatable view.  A notification
+whose payload is empty or ``*`` (``NOTIFY sessioncache`` in ``psql``)
+names every table (:data:`~.reads.ALL_TABLES`).
 
 What it costs.
 
@@ -26,7 +29,11 @@ What it costs.
 - At commit, PostgreSQL serializes the commits of all transactions that
   notified, database-wide, on one lock held until the commit record is
   flushed: writers that committed in parallel now commit one after the
-  other.  ``benchmarks/notify_window.py`` measures it.
+  other, and group commit no longer helps them.  Measured with
+  ``benchmarks/notify_window.py`` (4 writers, each on a table of its
+  own): 3600-3900 commits a second without the triggers, 2200-2600 with
+  them; in a run where the disk flushed slower, 1500 against 500.  A
+  single writer's commit costs about the same.
 - One connection per listening process, idle between notifications.
 - With shared regions, every listening process bumps the versions of
   every table written: one listener is enough for them, more multiply
@@ -35,10 +42,10 @@ What it costs.
 Limits.
 
 - Tables (and partitions) created after :func:`install_triggers` notify
-  nothing until it runs again; so do partitions attached since.
-  Materialized views cannot have triggers (``REFRESH`` notifies nothing),
-  nor can views: writes through an updatable view fire the triggers of
-  its base table.  Foreign tables are left alone.
+  nothing until it runs again, and what a table notifies is what it
+  showed under then: run it again after creating a view or attaching a
+  partition.  ``REFRESH MATERIALIZED VIEW`` notifies nothing (a
+  materialized view can have no trigger).  Foreign tables are left alone.
 - A write that names a partitioned (or inheritance) parent notifies the
   parent's name only (``TRUNCATE`` aside), not the partitions': an entry
   that read a partition by its own name is not invalidated by it.
@@ -58,13 +65,16 @@ Limits.
 
 The window.  Between a commit and the listener's callback, entries read
 before the commit may still be served.  Measured with
-``benchmarks/notify_window.py`` (PostgreSQL 16 on the same host, Unix
-socket, 2 cores, 300 commits per row, from the writer's ``commit()``
-call to the callback in another process): p50 0.3 ms, p99 1.2 ms idle;
-p50 0.5 ms, p99 2.4 ms with a second listener process and a writer
-committing 200 times a second.  A lost connection widens the window to
-the time it takes to notice and listen again; ``on_lost`` then covers
-everything missed meanwhile.
+``benchmarks/notify_window.py``: PostgreSQL 16.2 (``pgserver``) on the
+same host, Unix socket, 2 cores shared with other work (load average
+about 4), 300 commits per row, from the writer's call to ``commit()`` to
+the callback in another process: p50 0.4-0.8 ms, p99 about 5 ms, at
+worst 8 ms, idle; with 2 listening processes and a writer committing
+200 times a second besides, p50 0.6-0.7 ms, p99 5-6 ms, at worst 22 ms.
+From the return of ``commit()``, p50 is under 0.1 ms and p99 about
+2 ms: the callback often runs before the writer sees its commit return.
+A lost connection widens the window to the time it takes to notice and
+listen again; ``on_lost`` then covers everything missed meanwhile.
 
 Usage (the triggers once, at deployment; the listener in every process)::
 
@@ -106,8 +116,8 @@ TRIGGER = "sessioncache_notify"
 #: A channel is an identifier: at most ``NAMEDATALEN - 1`` bytes.
 _MAX_CHANNEL_BYTES = 63
 
-#: The function: the channel is the trigger's first argument, the names of
-#: the table's ancestors (a partition's parents) are the others.
+#: The function: the channel is the trigger's first argument, the other
+#: names the table's rows show under (its ancestors, views) are the others.
 _FUNCTION_BODY = """
 BEGIN
     PERFORM pg_notify(TG_ARGV[0], TG_TABLE_NAME);
@@ -134,11 +144,20 @@ FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = :schema AND c.relkind IN ('r', 'p')
 """)
 
-#: Every table's direct parents: partitions and ``INHERITS``.
-_PARENTS = text("""
+#: Where a relation's rows show under another name: ``(relation, oid, name)``.
+#: Its direct parents (a partition's, or a table's that ``INHERITS``), and
+#: the plain views that read it (a materialized view changes at REFRESH only).
+_SHOWN_IN = text("""
 SELECT i.inhrelid, i.inhparent, p.relname
 FROM pg_inherits i JOIN pg_class p ON p.oid = i.inhparent
 WHERE p.relkind IN ('r', 'p')
+UNION
+SELECT d.refobjid, v.oid, v.relname
+FROM pg_depend d
+JOIN pg_rewrite r ON r.oid = d.objid
+JOIN pg_class v ON v.oid = r.ev_class
+WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+  AND v.relkind = 'v' AND d.refobjid <> v.oid
 """)
 
 #: The triggers of ours on the tables of a schema, and what they are.
@@ -239,23 +258,26 @@ def _check(connection: Connection, schema: str, channel: str) -> None:
 
 
 def _tables(connection: Connection, schema: str) -> dict[str, tuple[str, ...]]:
-    """The tables of ``schema``: name -> the names of its ancestors, sorted."""
+    """The tables of ``schema``: name -> the other names its rows show under, sorted.
+
+    Those of its ancestors and of the views over it or them, transitively.
+    """
     tables = {oid: name for oid, name in connection.execute(_TABLES, {"schema": schema})}
-    parents: dict[int, list[tuple[int, str]]] = {}
-    for child, parent, name in connection.execute(_PARENTS):
-        parents.setdefault(child, []).append((parent, name))
+    shown_in: dict[int, list[tuple[int, str]]] = {}
+    for relation, oid, name in connection.execute(_SHOWN_IN):
+        shown_in.setdefault(relation, []).append((oid, name))
     found = {}
     for oid, name in tables.items():
-        ancestors: set[str] = set()
+        names: set[str] = set()
         todo, seen = [oid], {oid}
         while todo:
-            for parent, parent_name in parents.get(todo.pop(), ()):
-                if parent not in seen:
-                    seen.add(parent)
-                    todo.append(parent)
-                    ancestors.add(parent_name)
-        ancestors.discard(name)
-        found[name] = tuple(sorted(ancestors))
+            for other, other_name in shown_in.get(todo.pop(), ()):
+                if other not in seen:
+                    seen.add(other)
+                    todo.append(other)
+                    names.add(other_name)
+        names.discard(name)
+        found[name] = tuple(sorted(names))
     return found
 
 
