@@ -54,8 +54,8 @@ Limits.
   ``twophase=True``) of a write to a table that has one fails.
 - PostgreSQL queues notifications until every listener has read them
   (8 GB by default): a listener that stays connected but stops reading
-  (a frozen process) lets the queue grow, and when it is full, every
-  commit that notifies fails.  ``pg_notification_queue_usage()``
+  (a frozen process, a callback that never returns) lets the queue
+  grow, and when it is full, every commit that notifies fails.  ``pg_notification_queue_usage()``
   shows how full it is.
 - A connection pooler in transaction mode (PgBouncer's default) does not
   keep ``LISTEN``: the listener needs a session of its own, direct or
@@ -191,8 +191,8 @@ def install_triggers(connection: Connection, schema: str = "public", channel: st
     OR DELETE OR TRUNCATE``.  Idempotent: a table whose trigger is already
     as it should be is left alone (no lock taken on it), so running it
     again, at every deployment say, changes nothing; run it again after
-    creating tables.  A table has one such trigger: installing with
-    another channel moves it to that channel.
+    creating a table or a view, or attaching a partition.  A table has
+    one such trigger: installing with another channel moves it there.
 
     Run it in a transaction, which it does not commit::
 
@@ -211,8 +211,8 @@ def install_triggers(connection: Connection, schema: str = "public", channel: st
     _ensure_function(connection, schema)
     present = {name: args for name, args, sound, ours in _triggers(connection, schema) if sound and ours}
     function = f"{_identifier(schema)}.{_identifier(TRIGGER)}"
-    for name, ancestors in sorted(tables.items()):
-        args = (channel, *ancestors)
+    for name, shown_in in sorted(tables.items()):
+        args = (channel, *shown_in)
         if present.get(name) == args:
             continue
         table = f"{_identifier(schema)}.{_identifier(name)}"
@@ -340,8 +340,8 @@ class Listener:
     """Listen to a channel in a thread of its own; report the tables written, and losses.
 
     ``on_tables(names)`` is called with the lower-cased names of the tables
-    that committed transactions wrote, those that arrived together in one
-    call.  ``on_lost()`` is called when notifications may have been missed:
+    that committed transactions wrote (and of the views and parents their
+    rows show in), those that arrived together in one call.  ``on_lost()`` is called when notifications may have been missed:
     after the connection was lost (or the first attempt to connect failed),
     once ``LISTEN`` is in place again, so that what commits after it is
     notified and what committed before is covered by ``on_lost``.  Both
