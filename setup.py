@@ -51,6 +51,7 @@ setup(
         "console_scripts": [
             "sessioncache-demo-seed = demo.seed:main",
             "sessioncache-invalidate = pyramid_sessioncache.addon.scripts:invalidate",
+            "sessioncache-notify = pyramid_sessioncache.addon.scripts:notify",
         ],
         "beaker.backends": [
             "ext:local_session = pyramid_sessioncache.storage.backends.local_session:ScopedSessionNamespace",

@@ -28,8 +28,9 @@ def rename(request):
     return {"renamed": found.id}
 
 
-def make_app(db_url: str, region: dict) -> object:
+def make_app(db_url: str, region: dict, **extra: str) -> object:
     settings = {
+        **extra,
         "sqlalchemy.url": db_url,
         "cache.regions": "local_session, shared",
         "cache.local_session.type": "ext:local_session",

@@ -40,9 +40,9 @@ def shared_region(request, tmp_path):
 class Process:
     """tests/serve.py in a process of its own."""
 
-    def __init__(self, db_url: str, region: dict) -> None:
+    def __init__(self, db_url: str, region: dict, **settings: str) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.serve", db_url, json.dumps(region)],
+            [sys.executable, "-m", "tests.serve", db_url, json.dumps(region), json.dumps(settings)],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,

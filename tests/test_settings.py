@@ -137,3 +137,13 @@ def test_two_apps_keep_their_own_regions():
     one.region("a").put("k", "first")
     assert two.region("a").get("k") is None
     assert one.region("a").get("k") == "first"
+
+
+def test_postgresql_notify_needs_postgresql(tmp_path):
+    config = Configurator(
+        settings={"sqlalchemy.url": f"sqlite:///{tmp_path / 'x.sqlite'}", "sessioncache.postgresql_notify": "true"}
+    )
+    with pytest.raises(ConfigurationError, match="sessioncache.postgresql_notify"):
+        config.include("pyramid_sessioncache")
+    with pytest.raises(ConfigurationError, match="true or false"):
+        parse_settings({"sessioncache.postgresql_notify": "sometimes"})

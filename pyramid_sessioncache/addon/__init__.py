@@ -62,7 +62,14 @@ def includeme(config: Any) -> None:
         )
     except Exception as exc:  # Beaker reports bad options in many ways
         raise ConfigurationError(f"cannot build the cache regions from the cache.* settings: {exc}") from exc
-    factory = sessionmaker(bind=_engine(config.registry.settings), info=cache.session_info())
+    engine = _engine(config.registry.settings)
+    if settings.postgresql_notify:
+        if engine is None or engine.dialect.name != "postgresql":
+            raise ConfigurationError(
+                "invalid setting sessioncache.postgresql_notify = true: it needs sqlalchemy.url on PostgreSQL"
+            )
+        cache.listen(engine)
+    factory = sessionmaker(bind=engine, info=cache.session_info())
 
     def register() -> None:
         config.registry.registerUtility(cache, ISessionCache)

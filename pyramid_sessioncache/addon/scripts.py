@@ -60,3 +60,35 @@ def invalidate(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"{name}: skipped ({region.type} lives inside each application process)")
     return 1 if failed else 0
+
+
+def notify(argv: Sequence[str] | None = None) -> int:
+    """The ``sessioncache-notify`` command: install or remove PostgreSQL's notification triggers."""
+    from sqlalchemy import engine_from_config
+
+    from ..engine.invalidation import notify as postgresql
+
+    parser = argparse.ArgumentParser(
+        prog="sessioncache-notify",
+        description="Install (or remove) the statement triggers that tell every process with "
+        "sessioncache.postgresql_notify = true of each committed write, whoever makes it.",
+    )
+    parser.add_argument("action", choices=["install", "remove"])
+    parser.add_argument("config_uri", help="the application's ini file (its sqlalchemy.url)")
+    parser.add_argument("--schema", default="public", help="the schema whose tables get triggers (default: public)")
+    parser.add_argument("--app", default="main", help="the app section's name (default: main)")
+    args = parser.parse_args(argv)
+    setup_logging(args.config_uri)
+    engine = engine_from_config(get_appsettings(args.config_uri, name=args.app), "sqlalchemy.")
+    try:
+        with engine.begin() as connection:
+            change = postgresql.install_triggers if args.action == "install" else postgresql.remove_triggers
+            tables = change(connection, args.schema)
+    except ValueError as exc:
+        print(f"sessioncache-notify: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        engine.dispose()
+    done = "installed on" if args.action == "install" else "removed from"
+    print(f"triggers {done} {len(tables)} table(s) of schema {args.schema}: {', '.join(tables)}")
+    return 0

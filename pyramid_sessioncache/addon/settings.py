@@ -142,6 +142,7 @@ ADDON_OPTIONS: Mapping[str, Callable[[str], Any]] = MappingProxyType(
         "retry_after": _positive_float,
         "secret": _secret,
         "writes_also": _writes_also,
+        "postgresql_notify": _boolean,
     }
 )
 
@@ -162,6 +163,8 @@ class Settings:
     #: What a write to a table also changes that the schema does not say
     #: (``sessioncache.writes_also``): table -> tables.
     writes_also: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+    #: Listen for every committed write on PostgreSQL (``sessioncache.postgresql_notify``).
+    postgresql_notify: bool = False
 
 
 def _fail(key: str, value: Any, why: str) -> ConfigurationError:
@@ -243,6 +246,7 @@ def parse_settings(settings: Mapping[str, Any]) -> Settings:
         retry_after=addon.pop("retry_after", 5.0),
         secret=addon.pop("secret", None),
         writes_also=addon.pop("writes_also", MappingProxyType({})),
+        postgresql_notify=addon.pop("postgresql_notify", False),
     )
 
 

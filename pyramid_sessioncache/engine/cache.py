@@ -68,6 +68,8 @@ class SessionCache:
         self.tables_read = ShapeTables()
         #: Declared dependencies: version name -> what a write to it also changes.
         self.writes_also = _dependencies(writes_also or {})
+        #: The PostgreSQL listeners :meth:`listen` started.
+        self.listeners: list[Any] = []
         from .hook import install  # here: the hook module needs this one
 
         install()
@@ -107,6 +109,31 @@ class SessionCache:
         so that it happens when the transaction commits.
         """
         self.publish(frozenset(map(version_name, tables)) or frozenset({ALL_TABLES}))
+
+    def listen(self, engine: Any, channel: str = "sessioncache") -> Any:
+        """Hear every committed write of any client to ``engine``'s PostgreSQL database.
+
+        Starts, and returns, a :class:`~pyramid_sessioncache.engine.invalidation.notify.Listener`
+        that invalidates what read the tables written, in every cache of the
+        process, and everything when it lost its connection (it may have
+        missed writes).  The database needs the triggers first
+        (``sessioncache-notify install``).  Stop it with :meth:`close`.
+        """
+        from .invalidation import notify, writes
+
+        listener = notify.Listener(
+            notify.dsn_of(engine),
+            writes.publish,
+            lambda: writes.publish({ALL_TABLES}),
+            channel=channel,
+        )
+        self.listeners.append(listener.start())
+        return listener
+
+    def close(self) -> None:
+        """Stop the listeners :meth:`listen` started."""
+        while self.listeners:
+            self.listeners.pop().stop()
 
     def publish(self, tables: frozenset[str], again: bool = False) -> None:
         """Invalidate the entries of the shared regions that read ``tables`` (version names).
