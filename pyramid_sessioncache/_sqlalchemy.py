@@ -269,3 +269,44 @@ def custom_compiled(element: Any) -> bool:
     ``_compiler_dispatcher`` (2.0, 2.1): such SQL may read anything.
     """
     return any("_compiler_dispatcher" in vars(klass) for klass in type(element).__mro__)
+
+
+def after_dbapi_commit(connection: Any, callback: Any) -> None:
+    """Run ``callback`` as soon as the database has committed ``connection``'s transaction.
+
+    ``ConnectionEvents.commit`` fires before the DBAPI commit, and no event
+    fires after it (2.0, 2.1).  What ``Connection._commit_impl`` calls
+    next is the dialect's ``do_commit()``, given the pool's proxy of the
+    DBAPI connection (``Connection.connection``): the engine's dialect
+    gets, once, a ``do_commit`` of its own (an instance attribute) that
+    runs the original, then the callbacks waiting for that connection,
+    even if the commit failed (a callback only invalidates).
+    """
+    dialect = connection.dialect
+    waiting = dialect.__dict__.get("_sessioncache_after_commit")
+    if waiting is None:
+        waiting = {}
+        original = dialect.do_commit
+
+        def do_commit(proxied_connection: Any) -> None:
+            try:
+                original(proxied_connection)
+            finally:
+                for run in waiting.pop(id(proxied_connection), ()):
+                    run()
+
+        dialect.do_commit = do_commit
+        dialect._sessioncache_after_commit = waiting
+    waiting.setdefault(id(connection.connection), []).append(callback)
+
+
+def known_function(func: Any) -> bool:
+    """Whether ``func`` is one of SQLAlchemy's own generic functions (``func.count``, ``func.now``...).
+
+    Those are ``GenericFunction`` subclasses registered in
+    ``sqlalchemy.sql.functions._registry`` (2.0, 2.1): SQL functions of
+    the database, which read no table.
+    """
+    from sqlalchemy.sql.functions import _registry
+
+    return type(func).__name__.lower() in _registry["_default"] or func.name.lower() in _registry["_default"]

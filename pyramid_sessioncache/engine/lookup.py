@@ -86,11 +86,13 @@ def decide(
     if not region.enabled or bypassed(options):
         return None
     _sqlalchemy.autoflush(session, options)
-    if not region.is_local and writes.has_written(session):
+    bind = session.get_bind(**bind_arguments)
+    if not region.is_local and (writes.has_written(session) or writes.has_written_on(bind)):
         # What this transaction wrote is in no shared entry: until it ends,
         # the Session reads around shared regions and stores nothing there.
+        # (A Session bound to a Connection joins what it wrote before.)
         return None
-    key = cache.key(statement, parameters, options, session.get_bind(**bind_arguments), option.cache_key)
+    key = cache.key(statement, parameters, options, bind, option.cache_key)
     if key is None:
         log.debug("uncached: statement cannot be keyed (region %s)", region.name)
         return None
@@ -119,8 +121,10 @@ def begin(session: Session, bind_arguments: dict) -> None:
     Whatever joins on ``after_begin`` (zope.sqlalchemy, so that pyramid_tm
     commits changes made to the objects of a hit) must see it.
     """
-    if session.dispatch.after_begin:
-        session.connection(bind_arguments=bind_arguments)
+    for listener in session.dispatch.after_begin:
+        if listener is not writes.session_began:  # the add-on's own needs no transaction
+            session.connection(bind_arguments=bind_arguments)
+            return
 
 
 def objects_of(session: Session, region: Region, key: str, value: CachedRows, statement: Any) -> Any:

@@ -279,19 +279,20 @@ class Region:
     def bump(self, names: Iterable[str]) -> None:
         """Give ``names`` a new version token, so entries that saw the old one are invalid.
 
-        When the backend fails, the names are kept and bumped before this
-        process uses the region again.
+        Tried even while the region is skipped for reads after a failure:
+        a commit must reach every process that shares the backend as soon
+        as it answers.  When it fails, the names are kept and bumped with
+        the next bump, or before this process uses the region again.
         """
-        names = set(names)
-        if self._down():
-            self._pending |= names
-            return
+        names = set(names) | self._pending
         token = uuid.uuid4().hex
         try:
             api.write_many(self._versions.namespace, {_encode(name): token for name in names})
         except BACKEND_ERRORS as exc:
-            self._pending |= names
+            self._pending = names
             self._failed(exc, "invalidating tables " + ", ".join(sorted(names)))
+        else:
+            self._pending = set()
 
     def get_or_create(
         self,

@@ -36,11 +36,15 @@ def version_name(table: Any) -> str:
     """The name a table's version is kept under: its bare name, in lower case.
 
     Reads and writes must agree on it whatever spelled the table: a
-    ``Table``, SQL text in any case, with or without a schema.  Tables of
+    ``Table``, SQL text in any case, a name with or without a schema
+    (``"main.person"`` is ``person``).  Tables of
     one name in two schemas share a version: a write to one invalidates
     what read the other, which costs misses, never stale data.
     """
-    return (table if isinstance(table, str) else table.name).lower()
+    name = table if isinstance(table, str) else table.name
+    # What follows the last dot, whichever side spelled it: a quoted name
+    # holding a dot ("a.b") reads like schema a, table b in SQL text.
+    return name.rpartition(".")[2].strip('"`[]').lower()
 
 
 def _tables_under(element: Any) -> set[str]:
@@ -65,6 +69,20 @@ def statement_tables(statement: Any) -> frozenset[str]:
 
 #: Text that may read a table.  Other text (``DISTINCT``, ``id > 5``) reads nothing it does not name.
 _READS_SQL = re.compile(r"\b(?:select|from|join|table)\b", re.I)
+#: Functions known to read no table: SQL's own, and those SQLAlchemy knows
+#: (``func.count``, ``func.coalesce``...).  Any other function may be one of
+#: the database's own that reads a table (a user-defined function), so a
+#: result that calls one depends on :data:`ANY_TABLE`.
+PURE_FUNCTIONS = frozenset(
+    {"abs", "avg", "bool_and", "bool_or", "ceil", "ceiling", "char_length", "character_length", "coalesce",
+     "concat", "concat_ws", "count", "date", "date_part", "date_trunc", "datetime", "every", "extract", "floor",
+     "greatest", "group_concat", "ifnull", "instr", "json_extract", "json_object", "jsonb_build_object", "least",
+     "left", "length", "lower", "ltrim", "max", "md5", "min", "mod", "now", "nullif", "octet_length", "position",
+     "power", "replace", "right", "round", "rtrim", "sign", "sqrt", "strftime", "string_agg", "substr",
+     "substring", "sum", "to_char", "total", "trim", "trunc", "upper", "array_agg", "json_agg", "jsonb_agg",
+     "row_number", "rank", "dense_rank", "lag", "lead", "first_value", "last_value", "ntile", "random", "julianday",
+     "cast", "typeof", "hex", "quote", "printf", "format", "split_part", "regexp_replace", "lpad", "rpad"}
+)  # fmt: skip
 #: Functions that may stand as a FROM and read no table.
 PURE_TABLE_FUNCTIONS = frozenset(
     {"generate_series", "generate_subscripts", "unnest", "json_each", "json_each_text", "json_tree", "jsonb_each",
@@ -98,8 +116,12 @@ class _Recording:
         return super().visit_column(column, **kw)  # type: ignore[misc]
 
     def visit_function(self, func: Any, **kw: Any) -> Any:
-        if kw.get("asfrom") and func.name.lower() not in PURE_TABLE_FUNCTIONS:
-            self.opaque = True
+        name = func.name.lower()
+        if kw.get("asfrom"):
+            if name not in PURE_TABLE_FUNCTIONS:
+                self.opaque = True
+        elif name not in PURE_FUNCTIONS and not _sqlalchemy.known_function(func):
+            self.opaque = True  # a function of the database's own may read any table
         return super().visit_function(func, **kw)  # type: ignore[misc]
 
     def visit_table_valued_alias(self, element: Any, **kw: Any) -> Any:

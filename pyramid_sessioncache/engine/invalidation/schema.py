@@ -25,10 +25,22 @@ log = logging.getLogger(__name__)
 #: Foreign-key actions by which the database writes the referring table.
 _ACTIONS = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
 
-#: (parent, dependent): a write to ``parent`` changes ``dependent``.  Cascading
-#: foreign keys, and views over tables or views (a materialized view changes
-#: when it is refreshed, which is a write to it).
+#: (parent, dependent): a write to ``parent`` changes ``dependent``.  A
+#: partition and its parent (either way: each shows the other's rows),
+#: cascading foreign keys, views over tables or views, and a view's tables
+#: (a write through an updatable view writes them).  A materialized view
+#: changes when it is refreshed, which is a write to it.
 POSTGRESQL_DEPENDENTS = """
+SELECT p.relname, c.relname
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+JOIN pg_class p ON p.oid = i.inhparent
+UNION
+SELECT c.relname, p.relname
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+JOIN pg_class p ON p.oid = i.inhparent
+UNION
 SELECT p.relname, c.relname
 FROM pg_constraint k
 JOIN pg_class c ON c.oid = k.conrelid
@@ -36,6 +48,14 @@ JOIN pg_class p ON p.oid = k.confrelid
 WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
 UNION
 SELECT t.relname, v.relname
+FROM pg_depend d
+JOIN pg_rewrite r ON r.oid = d.objid
+JOIN pg_class v ON v.oid = r.ev_class
+JOIN pg_class t ON t.oid = d.refobjid
+WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+  AND v.relkind = 'v' AND t.oid <> v.oid
+UNION
+SELECT v.relname, t.relname
 FROM pg_depend d
 JOIN pg_rewrite r ON r.oid = d.objid
 JOIN pg_class v ON v.oid = r.ev_class
@@ -61,11 +81,13 @@ def metadata_edges(metadatas: Iterable[Any]) -> dict[str, set[str]]:
     """Return parent -> dependents for the cascading foreign keys of the tables of ``metadatas``."""
     edges: dict[str, set[str]] = {}
     for metadata in metadatas:
-        for table in metadata.tables.values():
-            for key in table.foreign_keys:
+        for table in list(metadata.tables.values()):
+            for key in list(table.foreign_keys):
                 actions = {(key.ondelete or "").upper(), (key.onupdate or "").upper()}
                 if actions & _ACTIONS:
-                    parent = version_name(key.column.table)
+                    # The referred table by name: resolving key.column raises
+                    # for a table that is not in the MetaData.
+                    parent = version_name(key.target_fullname.rpartition(".")[0])
                     edges.setdefault(parent, set()).add(version_name(table))
     return edges
 
@@ -76,9 +98,14 @@ class _Schema:
     def __init__(self) -> None:
         self._mapped: tuple[tuple[int, ...], dict[str, set[str]]] = ((), {})
         self._catalogs: weakref.WeakKeyDictionary[Any, dict[str, set[str]]] = weakref.WeakKeyDictionary()
+        #: MetaData of the tables written by compiled statements (Core tables too).
+        self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def note(self, metadata: Any) -> None:
+        self._seen.add(metadata)
 
     def mapped_edges(self) -> dict[str, set[str]]:
-        metadatas = _sqlalchemy.mapped_metadata()
+        metadatas = list({id(m): m for m in [*_sqlalchemy.mapped_metadata(), *self._seen]}.values())
         seen = tuple(len(metadata.tables) for metadata in metadatas)  # new tables mean new edges
         if seen != self._mapped[0]:
             self._mapped = (seen, metadata_edges(metadatas))
@@ -119,6 +146,13 @@ def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
         found = closure(found, catalog)
         found = closure(found, _schema.mapped_edges())
     return found
+
+
+def note(table: Any) -> None:
+    """Know the foreign keys of the ``MetaData`` of ``table``, a table written (mapped or not)."""
+    metadata = getattr(table, "metadata", None)
+    if metadata is not None:
+        _schema.note(metadata)
 
 
 def forget_catalog(engine: Any) -> None:

@@ -17,7 +17,9 @@ from typing import Any
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.expression import TableClause
 
+from . import schema
 from .reads import ALL_TABLES, version_name
 
 #: What a statement that writes nothing writes.
@@ -63,23 +65,42 @@ _ELEMENTS: dict[Any, frozenset[str]] = {}
 
 def _dml_under(element: Any) -> frozenset[str]:
     names: set[str] = set()
-    if isinstance(element, UpdateBase):
-        names.add(version_name(element.table))
     for node in visitors.iterate(element):
         if isinstance(node, UpdateBase):
-            table = getattr(node, "table", None)
-            if table is None or not hasattr(table, "name"):
+            table = _target(getattr(node, "table", None))
+            if table is None:
                 return EVERYTHING
+            schema.note(table)
             names.add(version_name(table))
         elif isinstance(node, TextClause):
             names |= _tables_in(node.text, whole=False)  # a fragment of text in a statement
     return frozenset(names)
 
 
+def _target(table: Any) -> Any:
+    # The table a DML statement writes, through aliases (update(aliased(...))).
+    while table is not None and not isinstance(table, TableClause):
+        table = getattr(table, "element", None)
+    return table
+
+
+def is_ddl(context: Any, statement: str) -> bool:
+    """Whether a statement that ran changes the schema (a migration, a view created)."""
+    return bool(context.isddl) or _DDL.match(statement) is not None
+
+
+_DDL = re.compile(r"\s*(?:create|alter|drop)\b", re.I)
+
+
 # Reading SQL text ------------------------------------------------------------
 
-_STRINGS = re.compile(r"'(?:[^']|'')*'|\$(\w*)\$.*?\$\1\$", re.S)
-_COMMENTS = re.compile(r"--[^\n]*|/\*.*?\*/", re.S)
+# Strings and comments, left to right: a quote inside a comment opens no
+# string, and a comment marker inside a string opens no comment.
+_NOISE = re.compile(
+    r"(?P<string>[eE]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|\$(?P<tag>\w*)\$.*?\$(?P=tag)\$)"
+    r"|(?P<comment>--[^\n]*|/\*.*?\*/)",
+    re.S,
+)
 _NAME = r'(?:"(?:[^"]|"")+"|`[^`]+`|\[[^\]]+\]|[\w$]+)'
 _QUALIFIED = rf"{_NAME}(?:\s*\.\s*{_NAME})*"
 _TARGETS = re.compile(
@@ -88,8 +109,8 @@ _TARGETS = re.compile(
     rf"|replace\s+into\s+(?P<replace>{_QUALIFIED})"
     rf"|update\s+(?:or\s+\w+\s+)?(?:only\s+)?(?P<update>{_QUALIFIED})\s+(?:(?:as\s+)?{_NAME}\s+)?set\b"
     rf"|delete\s+from\s+(?:only\s+)?(?P<delete>{_QUALIFIED})"
-    rf"|merge\s+into\s+(?P<merge>{_QUALIFIED})"
-    rf"|truncate\s+(?:table\s+)?(?:only\s+)?(?P<truncate>{_QUALIFIED}(?:\s*,\s*{_QUALIFIED})*)"
+    rf"|merge\s+into\s+(?:only\s+)?(?P<merge>{_QUALIFIED})"
+    rf"|truncate\s+(?:table\s+)?(?P<truncate>(?:only\s+)?{_QUALIFIED}(?:\s*,\s*(?:only\s+)?{_QUALIFIED})*)"
     rf"|(?:drop|alter)\s+(?:materialized\s+)?(?:table|view)\s+(?:if\s+exists\s+)?(?:only\s+)?(?P<ddl>{_QUALIFIED}(?:\s*,\s*{_QUALIFIED})*)"
     rf"|create\s+(?:or\s+replace\s+)?(?:materialized\s+)?view\s+(?:if\s+not\s+exists\s+)?(?P<view>{_QUALIFIED})"
     rf"|refresh\s+materialized\s+view\s+(?:concurrently\s+)?(?P<refresh>{_QUALIFIED})"
@@ -127,7 +148,7 @@ def _tables_in(sql: str, whole: bool) -> frozenset[str]:
     # ``whole``: a statement of its own, which writes unless it starts as a
     # read; else a fragment of one (a textual FROM or WHERE), which writes
     # only what its write words say.
-    text = _COMMENTS.sub(" ", _STRINGS.sub("''", sql)).strip().rstrip(";")
+    text = _NOISE.sub(lambda match: "''" if match.group("string") else " ", sql).strip().rstrip(";")
     words = text.split(None, 1)
     if not words:
         return NOTHING
@@ -140,12 +161,17 @@ def _tables_in(sql: str, whole: bool) -> frozenset[str]:
     remaining = _TARGETS.sub(" ", _HARMLESS.sub(" ", text))
     if _WRITES.search(remaining) or (whole and first not in _READS and not names):
         return EVERYTHING  # a write whose targets were not all read
+    if _TRUNCATE_CASCADE.search(text):
+        return EVERYTHING  # empties whatever refers to the tables, whatever the foreign keys say
     return frozenset(names)
+
+
+_TRUNCATE_CASCADE = re.compile(r"\btruncate\b[^;]*\bcascade\b", re.I)
 
 
 def _version_names(listed: str) -> list[str]:
     names = []
-    for qualified in re.findall(_QUALIFIED, listed):
+    for qualified in re.findall(_QUALIFIED, re.sub(r"(?i)\bonly\s+", " ", listed)):
         parts = re.findall(_NAME, qualified)
         names.append(version_name(_unquote(parts[-1])))
     return names

@@ -12,13 +12,18 @@ API, ``session.execute(update(...))``, ``session.connection().execute()``,
   released, they join the enclosing transaction's.
 - At commit, the marks are published to every cache of the process
   (each bumps the versions of those tables in its shared regions) just
-  before the database commits, and again once it has: when the
-  connection next begins or goes back to its pool, which a Session's
-  commit does before it returns.  The second bump voids what a reader
-  stored in between from rows read before the commit became visible.
+  before the database commits, and again as soon as it has (SQLAlchemy
+  has no event then: ``_sqlalchemy.after_dbapi_commit``).  The second
+  bump voids what a reader stored in between from rows read before the
+  commit became visible.  A two-phase commit is published again when
+  the connection next begins or goes back to its pool.
 - A rollback forgets them.  A write the database committed by itself
-  (an autocommit connection, SQL outside any transaction) is published
-  at once.
+  (an autocommit connection, SQL outside any transaction, a ``COMMIT``
+  sent as SQL) is published as soon as the driver says no transaction is
+  open.  A statement that fails part-way is marked too: the rows written
+  before the failure may be committed.
+- What cannot be worked out (an error while reading a statement) counts
+  as a write to every table.
 
 The Session the connection works for (``after_begin``) is told too: a
 transaction that has written reads around shared regions until it ends,
@@ -28,6 +33,7 @@ no connection sees; they are published when the Session commits.
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -36,12 +42,15 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.pool import Pool
 
+from ... import _sqlalchemy
 from ...storage.backends import local_session
 from .. import info
 from ..cache import live_caches
 from . import schema
-from .reads import ALL_TABLES
-from .statements import NOTHING, written_tables
+from .reads import ALL_TABLES, version_name
+from .statements import is_ddl, written_tables
+
+log = logging.getLogger(__name__)
 
 #: ``Connection.info`` (kept with the DBAPI connection) keys.
 _MARKS = "sessioncache.marks"
@@ -56,7 +65,7 @@ class _Marks:
     def __init__(self) -> None:
         #: ``[name, tables]`` per open transaction level, the outermost first.
         self.levels: list[list[Any]] = [[None, set()]]
-        #: Published before the database committed; to publish again after.
+        #: A two-phase commit's, published before the database committed; to publish again after.
         self.committed: set[str] = set()
 
     def pending(self) -> set[str]:
@@ -69,10 +78,11 @@ def install() -> None:
     if event.contains(Engine, "after_cursor_execute", _executed):
         return
     event.listen(Engine, "after_cursor_execute", _executed)
+    event.listen(Engine, "handle_error", _failed)
     event.listen(Engine, "begin", _begun)
     event.listen(Engine, "begin_twophase", lambda conn, xid: _begun(conn))
     event.listen(Engine, "commit", _committing)
-    event.listen(Engine, "commit_twophase", lambda conn, xid, is_prepared: _committing(conn))
+    event.listen(Engine, "commit_twophase", lambda conn, xid, is_prepared: _committing(conn, twophase=True))
     event.listen(Engine, "rollback", _rolled_back)
     event.listen(Engine, "rollback_twophase", lambda conn, xid, is_prepared: _rolled_back(conn))
     event.listen(Engine, "savepoint", _savepoint)
@@ -100,19 +110,60 @@ def _marks(conn: Any) -> _Marks:
 
 
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-    tables = written_tables(context, statement)
-    if tables is NOTHING or not tables:
+    try:
+        tables = written_tables(context, statement)
+        if tables:
+            if is_ddl(context, statement):
+                schema.forget_catalog(conn.engine)
+            tables = schema.also_written(conn, tables)
+    except Exception:  # never let the cache break a write, nor miss one
+        log.warning("could not tell what a statement writes; counting it as a write to every table", exc_info=True)
+        tables = frozenset({ALL_TABLES})
+    if tables:
+        _mark(conn, tables)
+    elif conn.info.get(_MARKS) is not None and not _in_transaction(conn.connection.dbapi_connection):
+        _ended_by_itself(conn)  # a COMMIT (or ROLLBACK) sent as SQL
+
+
+def _failed(context: Any) -> None:
+    # A statement that failed part-way (an executemany, UPDATE OR FAIL) may
+    # have written rows that the application still commits.
+    conn = context.connection
+    if conn is None or context.execution_context is None or conn.closed:
         return
-    tables = schema.also_written(conn, tables)
+    try:
+        tables = written_tables(context.execution_context, context.statement or "")
+    except Exception:
+        tables = frozenset({ALL_TABLES})
+    if tables:
+        _mark(conn, schema.also_written(conn, tables) if ALL_TABLES not in tables else tables)
+
+
+def _mark(conn: Any, tables: frozenset[str]) -> None:
     owner = conn.info.get(_OWNER)
     session = owner() if owner is not None else None
     if session is not None:
         written(session).update(tables)
         local_session.drop(session)
-    if _in_transaction(conn.connection.dbapi_connection):
+    try:
+        open_transaction = _in_transaction(conn.connection.dbapi_connection)
+    except Exception:  # an invalidated connection: whatever happened, say it
+        open_transaction = False
+    if open_transaction:
         _marks(conn).levels[-1][1].update(tables)
     else:  # the database committed it already
+        _ended_by_itself(conn)
         publish(tables)
+
+
+def _ended_by_itself(conn: Any) -> None:
+    # The driver's transaction ended without SQLAlchemy: publish what it had
+    # marked (a rollback sent as SQL costs misses, never stale data).
+    marks = conn.info.get(_MARKS)
+    if marks is not None:
+        pending = marks.pending()
+        marks.levels = [[None, set()]]
+        publish(pending)
 
 
 def _in_transaction(dbapi_connection: Any) -> bool:
@@ -134,15 +185,20 @@ def _begun(conn: Any) -> None:
     conn.info.pop(_MARKS, None)
 
 
-def _committing(conn: Any) -> None:
+def _committing(conn: Any, twophase: bool = False) -> None:
     marks = conn.info.get(_MARKS)
     if marks is None:
         return
     tables = marks.pending()
     marks.levels = [[None, set()]]
-    if tables:
-        marks.committed |= tables
-        publish(tables)
+    if not tables:
+        return
+    publish(tables)  # entries stored before now are void
+    if twophase:
+        marks.committed |= tables  # published again at the next begin or check-in
+    else:
+        # ...and those a reader stores while the database commits, too.
+        _sqlalchemy.after_dbapi_commit(conn, lambda: publish(tables, again=True))
 
 
 def _rolled_back(conn: Any) -> None:
@@ -203,9 +259,20 @@ def _publish_committed(conn_info: dict) -> None:
 
 
 def session_began(session: Any, transaction: Any, connection: Any) -> None:
-    """``after_begin``: the connection now works for ``session`` (loader Sessions aside)."""
-    if info.LOADER not in session.info:
-        connection.info[_OWNER] = weakref.ref(session)
+    """``after_begin``: the connection now works for ``session`` (loader Sessions aside).
+
+    What the connection's transaction already wrote (before the Session
+    joined it: the cookiecutter's test fixtures, a Session bound to a
+    Connection) counts as the Session's own writes.
+    """
+    if info.LOADER in session.info:
+        return
+    connection.info[_OWNER] = weakref.ref(session)
+    marks = connection.info.get(_MARKS)
+    if marks is not None:
+        pending = marks.pending()
+        if pending:
+            written(session).update(pending)
 
 
 def written(session: Any) -> set[str]:
@@ -221,6 +288,14 @@ def has_written(session: Any) -> bool:
     return info.WRITTEN in session.info
 
 
+def has_written_on(bind: Any) -> bool:
+    """Whether ``bind``, when it is a Connection, has written in its open transaction."""
+    if isinstance(bind, Engine):
+        return False
+    marks = bind.info.get(_MARKS) if not getattr(bind, "closed", True) else None
+    return marks is not None and any(tables for _, tables in marks.levels)
+
+
 def invalidate_tables(session: Any, *tables: str) -> None:
     """Invalidate the entries that read ``tables`` when ``session``'s transaction commits.
 
@@ -232,7 +307,7 @@ def invalidate_tables(session: Any, *tables: str) -> None:
     cache is dropped now, and the Session reads around the shared regions
     until its transaction ends.
     """
-    declared = tables or (ALL_TABLES,)
+    declared = {version_name(name) for name in tables} or {ALL_TABLES}
     written(session).update(declared)
     session.info.setdefault(info.DECLARED, set()).update(declared)
     local_session.drop(session)
