@@ -7,6 +7,7 @@ against SQLAlchemy 2.0 (2.0.x, the oldest supported series, run by CI) and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy.orm import Query
@@ -250,3 +251,37 @@ def mapped_metadata() -> list[Any]:
                 if metadata is not None:
                     found.setdefault(id(metadata), metadata)
     return list(found.values())
+
+
+def connect_arguments(pool: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The ``(args, kwargs)`` that ``pool`` passes to the DBAPI's ``connect()``, or None.
+
+    ``engine/identity.py`` needs the ``connect_args`` given to
+    ``create_engine()``: they can name another database than the URL does
+    (PostgreSQL's ``options="-c search_path=..."``), and SQLAlchemy keeps
+    them nowhere public.  ``create_engine()`` builds them once and closes
+    over them in the function it gives its pool, ``Pool._creator`` (a
+    private attribute): a closure named ``create_engine.<locals>.connect``
+    over ``cargs_tup`` and ``cparams`` (the dialect's arguments from the
+    URL, then ``connect_args``), in SQLAlchemy 2.0 (2.0.58) and 2.1 (2.1.9).
+
+    None for a pool that connects otherwise (``creator=``, ``pool=``), and
+    for anything not in that shape: the caller then treats the database as
+    one it cannot name, never as another engine's.
+    """
+    creator = getattr(pool, "_creator", None)
+    if (
+        getattr(creator, "__module__", None) != "sqlalchemy.engine.create"
+        or getattr(creator, "__qualname__", None) != "create_engine.<locals>.connect"
+    ):
+        return None
+    names = getattr(getattr(creator, "__code__", None), "co_freevars", ())
+    cells = getattr(creator, "__closure__", None) or ()
+    try:
+        found = {name: cell.cell_contents for name, cell in zip(names, cells, strict=True)}
+    except ValueError:  # an empty cell
+        return None
+    args, kwargs = found.get("cargs_tup"), found.get("cparams")
+    if not isinstance(args, (tuple, list)) or not isinstance(kwargs, Mapping):
+        return None
+    return tuple(args), dict(kwargs)
