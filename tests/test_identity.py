@@ -1,23 +1,74 @@
-"""Database identity: which data a bind reads, named so that another process names it alike."""
+"""Database identity: engines whose connections see different data never share an entry.
+
+Each end-to-end test reads the same query through one shared region from
+two engines that a URL cannot tell apart, and compares what each gets from
+the cache with what the same query returns uncached on that engine.
+"""
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, make_url
+from sqlalchemy import create_engine, make_url, select, text
+from sqlalchemy.orm import Session as PlainSession
+from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import QueuePool, StaticPool
 
-from pyramid_sessioncache import DatabaseNameError
+from pyramid_sessioncache import DatabaseNameError, FromCache, SessionCache
 from pyramid_sessioncache import _sqlalchemy as private
 from pyramid_sessioncache.engine.identity import NAME_OPTION, database_identity, portable_text
+from pyramid_sessioncache.engine.keys import KeyMaker
+
+from . import models
+from .conftest import SECRET, SQLCounter
+from .models import Person
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def cache(region_options, region):
+    # Manual invalidation: the writes that fill one database would otherwise
+    # invalidate, by table name, what another stored, and hide a shared key.
+    return SessionCache(region_options, default_region="local", invalidation="manual", secret=SECRET)
+
+
+def seeded(engine, people: int):
+    """``engine``, its tables created and ``people`` people in them."""
+    models.Base.metadata.create_all(engine)
+    with PlainSession(engine) as session:
+        models.seed(session, people=people)
+    return engine
+
+
+def names(session, region: str | None = None) -> list[str]:
+    stmt = select(Person).order_by(Person.id)
+    if region is not None:
+        stmt = stmt.options(FromCache(region))
+    return [person.name for person in session.scalars(stmt)]
+
+
+def assert_served_its_own_rows(engine, cache, region: str) -> list[str]:
+    """Check that ``engine`` gets from ``region`` what it reads uncached, and a hit the second time."""
+    Session = sessionmaker(engine, info=cache.session_info())
+    sql = SQLCounter(engine)
+    with Session() as session:
+        uncached = names(session)
+    with Session() as session:
+        assert names(session, region) == uncached
+    sql.reset()
+    with Session() as session:
+        assert names(session, region) == uncached
+    assert sql.count == 0, "the second cached read should have been a hit"
+    return uncached
 
 
 def other_process(code: str, env: dict | None = None) -> str:
@@ -46,6 +97,29 @@ def identity_elsewhere(url: str, connect_args: dict | None = None, env: dict | N
 
 
 # SQLite in memory, creator= engines ---------------------------------------------
+
+
+def test_two_sqlite_databases_in_memory_never_share_an_entry(cache, region):
+    engines = [seeded(create_engine("sqlite://"), people) for people in (3, 5)]
+    served = [assert_served_its_own_rows(engine, cache, region) for engine in engines]
+    assert served[0] != served[1]
+
+
+def test_a_disposed_database_in_memory_is_another_database(cache, region):
+    engine = seeded(create_engine("sqlite://"), 3)
+    assert_served_its_own_rows(engine, cache, region)
+    engine.dispose()  # the database in memory is gone with its connection
+    seeded(engine, 5)
+    assert len(assert_served_its_own_rows(engine, cache, region)) == 5
+
+
+def test_two_creator_engines_never_share_an_entry(cache, region, tmp_path):
+    paths = [tmp_path / f"{people}.sqlite" for people in (3, 5)]
+    engines = [create_engine("sqlite://", creator=lambda path=path: sqlite3.connect(path)) for path in paths]
+    for engine, people in zip(engines, (3, 5), strict=True):
+        seeded(engine, people)
+    served = [assert_served_its_own_rows(engine, cache, region) for engine in engines]
+    assert served[0] != served[1]
 
 
 @pytest.mark.parametrize(
@@ -110,6 +184,29 @@ def test_connect_arguments_that_cannot_be_read_are_process_local(caplog):
     with caplog.at_level("WARNING", logger="pyramid_sessioncache.engine.identity"):
         assert database_identity(engine).startswith("local:")
     assert "could not be read" in caplog.text
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork()")
+def test_a_forked_child_has_databases_in_memory_of_its_own(tmp_path):
+    in_memory = create_engine("sqlite://")
+    on_disk = seeded(create_engine(f"sqlite:///{tmp_path / 'db.sqlite'}"), 1)
+    maker = KeyMaker()
+    parent = [database_identity(in_memory), maker.bind(in_memory), database_identity(on_disk)]
+    reading, writing = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            found = [database_identity(in_memory), maker.bind(in_memory), database_identity(on_disk)]
+            os.write(writing, json.dumps(found).encode())
+        finally:
+            os._exit(0)
+    os.close(writing)
+    with os.fdopen(reading) as pipe:
+        child = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    assert child[0].startswith("local:") and child[0] != parent[0]
+    assert child[1] != parent[1] and child[1].startswith(child[0])
+    assert child[2] == parent[2]  # a file is the same file
 
 
 # SQLite files ------------------------------------------------------------------
@@ -205,6 +302,24 @@ def test_libpq_environment_variables_are_part_of_the_identity():
 # An explicit name --------------------------------------------------------------
 
 
+def test_an_explicit_name_makes_two_engines_share(cache, region, db_url):
+    path = make_url(db_url).database
+    named = {"sessioncache_database": "main"}
+    by_url = create_engine(db_url, execution_options=named)
+    by_creator = create_engine("sqlite://", creator=lambda: sqlite3.connect(path), execution_options=named)
+    assert database_identity(by_url) == database_identity(by_creator) == "name:main"
+    stored = assert_served_its_own_rows(by_url, cache, region)
+    sql = SQLCounter(by_creator)
+    with sessionmaker(by_creator, info=cache.session_info())() as session:
+        assert names(session, region) == stored
+    assert sql.count == 0, "the second engine has the same name: a hit"
+    unnamed = create_engine("sqlite://", creator=lambda: sqlite3.connect(path))
+    sql = SQLCounter(unnamed)
+    with sessionmaker(unnamed, info=cache.session_info())() as session:
+        assert names(session, region) == stored
+    assert sql.count == 1, "without the name, nothing says it is the same database"
+
+
 def test_an_explicit_name_on_a_copy_or_a_connection():
     engine = create_engine("sqlite://")
     assert database_identity(engine.execution_options(sessioncache_database="x")) == "name:x"
@@ -218,3 +333,98 @@ def test_an_explicit_name_must_be_a_string(name):
     engine = create_engine("sqlite://", execution_options={"sessioncache_database": name})
     with pytest.raises(DatabaseNameError, match="sessioncache_database"):
         database_identity(engine)
+
+
+# PostgreSQL: one URL, two search paths ----------------------------------------------
+
+TENANTS = {"tenant_a": "Ann", "tenant_b": "Bob"}
+
+
+def tenant_engine(url, tenant: str, **kw):
+    return create_engine(url, connect_args={"options": f"-c search_path={tenant}"}, **kw)
+
+
+@pytest.fixture
+def tenants(postgres_url):
+    """A database of its own with one schema per tenant, each holding one person; yields its URL."""
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    url = make_url(postgres_url).set(database=name)
+    for tenant, person in TENANTS.items():
+        engine = create_engine(url)
+        with engine.begin() as connection:
+            connection.execute(text(f"CREATE SCHEMA {tenant}"))
+        engine.dispose()
+        engine = tenant_engine(url, tenant)
+        models.Base.metadata.create_all(engine)
+        with PlainSession(engine) as session:
+            session.add(Person(id=1, name=f"{person} of {tenant}"))
+            session.commit()
+        engine.dispose()
+    yield url
+    with admin.connect() as connection:
+        connection.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+    admin.dispose()
+
+
+def test_one_url_with_two_search_paths_never_shares_an_entry(tenants, cache, region):
+    engines = {tenant: tenant_engine(tenants, tenant) for tenant in TENANTS}
+    assert engines["tenant_a"].url == engines["tenant_b"].url
+    try:
+        for tenant, person in TENANTS.items():
+            assert assert_served_its_own_rows(engines[tenant], cache, region) == [f"{person} of {tenant}"]
+    finally:
+        for engine in engines.values():
+            engine.dispose()
+
+
+def test_processes_with_the_same_url_and_connect_args_share(tenants, redis_url):
+    rendered = tenants.render_as_string(hide_password=False)
+    printed = other_process(
+        f"""
+        from sqlalchemy import create_engine, select
+        from sqlalchemy.orm import sessionmaker
+        from pyramid_sessioncache import FromCache, SessionCache
+        from pyramid_sessioncache.engine.identity import database_identity
+        from tests.models import Person
+
+        engine = create_engine({rendered!r}, connect_args={{"options": "-c search_path=tenant_a"}})
+        cache = SessionCache({{"redis": {{"type": "ext:redis", "url": {redis_url!r}}}}}, secret={SECRET!r})
+        with sessionmaker(engine, info=cache.session_info())() as session:
+            print(session.scalars(select(Person).order_by(Person.id).options(FromCache("redis"))).one().name)
+        print(database_identity(engine))
+        """
+    ).splitlines()
+    assert printed[0] == "Ann of tenant_a"
+    cache = SessionCache({"redis": {"type": "ext:redis", "url": redis_url}}, secret=SECRET)
+    engines = {tenant: tenant_engine(tenants, tenant) for tenant in TENANTS}
+    try:
+        assert printed[1] == database_identity(engines["tenant_a"]) != database_identity(engines["tenant_b"])
+        for tenant, expected_sql in (("tenant_a", 0), ("tenant_b", 1)):
+            sql = SQLCounter(engines[tenant])
+            with sessionmaker(engines[tenant], info=cache.session_info())() as session:
+                assert names(session, "redis") == [f"{TENANTS[tenant]} of {tenant}"]
+            assert sql.count == expected_sql, tenant
+    finally:
+        for engine in engines.values():
+            engine.dispose()
+
+
+def test_a_password_change_is_the_same_database(tenants):
+    cache = SessionCache({"memory": {"type": "memory"}})
+    engines = [
+        tenant_engine(tenants.set(password="first password"), "tenant_a"),
+        tenant_engine(tenants.set(password="second password"), "tenant_a"),  # trust authentication: both connect
+    ]
+    try:
+        assert database_identity(engines[0]) == database_identity(engines[1])
+        assert_served_its_own_rows(engines[0], cache, "memory")
+        sql = SQLCounter(engines[1])
+        with sessionmaker(engines[1], info=cache.session_info())() as session:
+            assert names(session, "memory") == ["Ann of tenant_a"]
+        assert sql.count == 0
+    finally:
+        for engine in engines:
+            engine.dispose()
