@@ -285,3 +285,27 @@ def connect_arguments(pool: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | Non
     if not isinstance(args, (tuple, list)) or not isinstance(kwargs, Mapping):
         return None
     return tuple(args), dict(kwargs)
+
+
+def transaction_connection(session: Any, bind: Any) -> Any:
+    """The ``Connection`` that ``session``'s transaction holds for ``bind``, or None.
+
+    A Session's statements run on that connection, with the execution
+    options it was given by ``session.connection(execution_options=...)``
+    (a ``schema_translate_map``), which ``Session.get_bind()`` does not
+    show.  The root ``SessionTransaction`` keeps its connections in the
+    private ``_connections``, keyed by the bind and by the connection (2.0,
+    2.1); a savepoint's holds only those it used itself.  SQLAlchemy 2.1.7
+    adds the public ``SessionTransaction.bound_connection()``, but it
+    resolves the bind again and raises when there is no connection, which
+    costs too much on the path of a cache hit; 2.0 has no public way.  The
+    root is found as ``Session.get_transaction()`` finds it, without the
+    call: this runs on every look-up.
+    """
+    transaction = session._transaction
+    if transaction is None:
+        return None
+    while transaction._parent is not None:
+        transaction = transaction._parent
+    entry = transaction._connections.get(bind)
+    return None if entry is None else entry[0]

@@ -17,12 +17,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, make_url, select, text
+from sqlalchemy import create_engine, event, make_url, select, text
 from sqlalchemy.orm import Session as PlainSession
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import QueuePool, StaticPool
 
-from pyramid_sessioncache import DatabaseNameError, FromCache, SessionCache
+from pyramid_sessioncache import DatabaseNameError, FromCache, SessionCache, cache_parameters
 from pyramid_sessioncache import _sqlalchemy as private
 from pyramid_sessioncache.engine.identity import NAME_OPTION, database_identity, portable_text
 from pyramid_sessioncache.engine.keys import KeyMaker
@@ -333,6 +333,56 @@ def test_an_explicit_name_must_be_a_string(name):
     engine = create_engine("sqlite://", execution_options={"sessioncache_database": name})
     with pytest.raises(DatabaseNameError, match="sessioncache_database"):
         database_identity(engine)
+
+
+# Options of the connection a statement runs on --------------------------------------
+
+
+@pytest.fixture
+def attached(tmp_path):
+    """A SQLite engine whose connections attach a second database as schema ``other``."""
+    other = tmp_path / "other.sqlite"
+    engine = create_engine(f"sqlite:///{tmp_path / 'main.sqlite'}")
+
+    @event.listens_for(engine, "connect")
+    def attach(dbapi_connection, record):
+        dbapi_connection.execute(f"ATTACH DATABASE '{other}' AS other")
+
+    seeded(engine, 3)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE other.person (id INTEGER PRIMARY KEY, name VARCHAR(100))")
+        connection.exec_driver_sql("INSERT INTO other.person VALUES (1, 'someone else')")
+    yield engine
+    engine.dispose()
+
+
+def test_options_given_to_the_session_connection_are_keyed(attached, cache, region):
+    Session = sessionmaker(attached, info=cache.session_info())
+    other = {"schema_translate_map": {None: "other"}}
+    stmt = select(Person).order_by(Person.id).options(FromCache(region))
+    with Session() as session:
+        assert names(session, region) == ["person 1", "person 2", "person 3"]
+        plain_key = cache_parameters(stmt, session=session)[1]
+    with Session() as session:
+        session.connection(execution_options=other)
+        assert names(session) == ["someone else"]
+        assert names(session, region) == ["someone else"]
+        beaker_cache, key = cache_parameters(stmt, session=session)
+        assert key != plain_key and beaker_cache.get(key) is not None  # where the look-up stored it
+        with session.begin_nested():  # a savepoint runs on the same connection
+            assert names(session, region) == ["someone else"]
+    with Session() as session:
+        assert names(session, region) == ["person 1", "person 2", "person 3"]
+
+
+def test_options_changed_on_a_bound_connection_are_keyed(attached, cache, region):
+    with attached.connect() as connection:
+        Session = sessionmaker(connection, info=cache.session_info())
+        with Session() as session:
+            assert names(session, region) == ["person 1", "person 2", "person 3"]
+        connection.execution_options(schema_translate_map={None: "other"})
+        with Session() as session:
+            assert names(session, region) == ["someone else"]
 
 
 # PostgreSQL: one URL, two search paths ----------------------------------------------
