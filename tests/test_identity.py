@@ -156,6 +156,18 @@ def test_engines_that_connect_by_themselves_are_process_local(tmp_path, caplog):
     assert "creator= function" in caplog.text and NAME_OPTION in caplog.text
 
 
+def test_an_engine_with_a_do_connect_listener_is_process_local(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'a.sqlite'}")
+
+    @event.listens_for(engine, "do_connect")
+    def elsewhere(dialect, record, args, kwargs):
+        args[0] = str(tmp_path / "b.sqlite")  # the URL no longer says where it connects
+
+    seeded(engine, 1)
+    assert (tmp_path / "b.sqlite").exists() and not (tmp_path / "a.sqlite").exists()
+    assert database_identity(engine).startswith("local:")
+
+
 @pytest.mark.parametrize("empty_cell", [False, True])
 def test_an_unexpected_creator_shape_is_process_local(empty_cell):
     other = None

@@ -24,7 +24,8 @@ The first rule that applies gives the identity:
 2. **Process-local**: a random token, one per connection pool, when
    nothing says which database the connections reach in a way another
    process could repeat: an engine made with ``creator=`` (or given a
-   ``pool=``), SQLite in memory in any spelling (``sqlite://``,
+   ``pool=``), one with a ``do_connect`` event listener (it may connect
+   with other arguments), SQLite in memory in any spelling (``sqlite://``,
    ``:memory:``, ``mode=memory``, ``file::memory:?cache=shared``,
    ``vfs=memdb``), a SQLite file that does not exist yet, and
    ``connect_args`` holding objects that have no stable text.  Entries
@@ -45,10 +46,11 @@ The first rule that applies gives the identity:
 
 What cannot be detected, and needs an explicit name when it makes two
 engines with the same URL and ``connect_args`` read different data: a
-``connect`` or ``do_connect`` event listener that runs ``SET search_path``
-or changes the connect arguments, a server-side default (``ALTER ROLE ...
-SET search_path``), a host name or a service file that resolves to
-another server in another process.
+``connect`` event listener that runs ``SET search_path`` (SQLAlchemy's
+own dialects listen to that event too, so a listener there says
+nothing), a server-side default (``ALTER ROLE ... SET search_path``), a
+host name, service file or DSN string that leads another process to
+another server.
 """
 
 from __future__ import annotations
@@ -192,6 +194,8 @@ def _portable_text(engine: Engine) -> str:
     arguments = _sqlalchemy.connect_arguments(engine.pool)
     if arguments is None:  # its URL may be a placeholder ("sqlite://"): it says nothing
         raise _ProcessLocal("it connects with a creator= function or a pool of its own")
+    if engine.dialect.dispatch.do_connect:
+        raise _ProcessLocal("a do_connect event listener may connect it with other arguments")
     args, kwargs = arguments
     url_kwargs = engine.dialect.create_connect_args(url)[1]
     parts: dict[str, Any] = {
