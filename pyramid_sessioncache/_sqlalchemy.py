@@ -287,25 +287,33 @@ def connect_arguments(pool: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | Non
     return tuple(args), dict(kwargs)
 
 
-def transaction_connection(session: Any, bind: Any) -> Any:
-    """The ``Connection`` that ``session``'s transaction holds for ``bind``, or None.
+def execution_bind(session: Any, bind_arguments: dict) -> Any:
+    """Return the bind a statement of ``session`` runs on, with the options it runs with.
 
-    A Session's statements run on that connection, with the execution
-    options it was given by ``session.connection(execution_options=...)``
-    (a ``schema_translate_map``), which ``Session.get_bind()`` does not
-    show.  The root ``SessionTransaction`` keeps its connections in the
-    private ``_connections``, keyed by the bind and by the connection (2.0,
-    2.1); a savepoint's holds only those it used itself.  SQLAlchemy 2.1.7
-    adds the public ``SessionTransaction.bound_connection()``, but it
-    resolves the bind again and raises when there is no connection, which
-    costs too much on the path of a cache hit; 2.0 has no public way.  The
-    root is found as ``Session.get_transaction()`` finds it, without the
-    call: this runs on every look-up.
+    ``session.get_bind(**bind_arguments)``, unless the Session's
+    transaction holds a ``Connection`` for that bind with execution options
+    of its own, given by ``session.connection(execution_options=...)`` (a
+    ``schema_translate_map``) or set on it since: the statement runs with
+    those, which ``get_bind()`` does not show, so that connection is
+    returned.
+
+    The root ``SessionTransaction`` keeps its connections in the private
+    ``_connections``, keyed by the bind and by the connection (2.0, 2.1);
+    a savepoint's holds only those it used itself.  A connection starts
+    with its engine's ``_execution_options`` object, and gets a new one
+    when options are set on it.  SQLAlchemy 2.1.7 adds the public
+    ``SessionTransaction.bound_connection()``, but it resolves the bind
+    again and raises when there is no connection; 2.0 has no public way.
+    This runs on every look-up, a hit included, so it reads attributes
+    rather than calling ``get_transaction()`` and ``get_execution_options()``.
     """
+    bind = session.get_bind(**bind_arguments)
     transaction = session._transaction
     if transaction is None:
-        return None
+        return bind
     while transaction._parent is not None:
         transaction = transaction._parent
     entry = transaction._connections.get(bind)
-    return None if entry is None else entry[0]
+    if entry is None or entry[0]._execution_options is bind._execution_options:
+        return bind
+    return entry[0]

@@ -90,7 +90,8 @@ def decide(
         # What this transaction wrote is in no shared entry: until it ends,
         # the Session reads around shared regions and stores nothing there.
         return None
-    key = cache.key(statement, parameters, options, bind_for(session, bind_arguments), option.cache_key)
+    bind = _sqlalchemy.execution_bind(session, bind_arguments)
+    key = cache.key(statement, parameters, options, bind, option.cache_key)
     if key is None:
         log.debug("uncached: statement cannot be keyed (region %s)", region.name)
         return None
@@ -100,21 +101,6 @@ def decide(
         return Lookup(key, (), always_valid)
     tables = cache.tables_read.get(key.shape)
     return Lookup(key, tables, None if tables is None else versions.valid(region, tables))
-
-
-def bind_for(session: Session, bind_arguments: dict) -> Any:
-    """Return what a statement of ``session`` runs on, as its key must see it.
-
-    ``session.get_bind()``, unless the Session's transaction holds a
-    connection for that bind with execution options of its own
-    (``session.connection(execution_options={"schema_translate_map": ...})``):
-    the statement runs with those, so that connection is what is keyed.
-    """
-    bind = session.get_bind(**bind_arguments)
-    connection = _sqlalchemy.transaction_connection(session, bind)
-    if connection is None or connection.get_execution_options() is bind.get_execution_options():
-        return bind
-    return connection
 
 
 def _current_in(session: Session) -> Validator:
