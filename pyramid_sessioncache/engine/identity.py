@@ -31,8 +31,8 @@ The first rule that applies gives the identity:
    ``connect_args`` holding objects that have no stable text.  Entries
    are shared by the engines of one pool (``engine.execution_options()``
    copies share their parent's) and by no other process.  A new pool
-   (``engine.dispose()``) or a forked child gets a new token: a database
-   in memory does not survive either.
+   (``engine.dispose()``) or a forked child gets a new token: after
+   either, a database in memory is no longer the one the token named.
 
 3. **Portable**: a digest of what the driver connects with: backend and
    driver, user, host, port, database, the URL's query (sorted), the
