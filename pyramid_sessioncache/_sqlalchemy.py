@@ -7,6 +7,7 @@ against SQLAlchemy 2.0 (2.0.x, the oldest supported series, run by CI) and
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from sqlalchemy.orm import Query
@@ -310,3 +311,69 @@ def known_function(func: Any) -> bool:
     from sqlalchemy.sql.functions import _registry
 
     return type(func).__name__.lower() in _registry["_default"] or func.name.lower() in _registry["_default"]
+
+
+def connect_arguments(pool: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """The ``(args, kwargs)`` that ``pool`` passes to the DBAPI's ``connect()``, or None.
+
+    ``engine/identity.py`` needs the ``connect_args`` given to
+    ``create_engine()``: they can name another database than the URL does
+    (PostgreSQL's ``options="-c search_path=..."``), and SQLAlchemy keeps
+    them nowhere public.  ``create_engine()`` builds them once and closes
+    over them in the function it gives its pool, ``Pool._creator`` (a
+    private attribute): a closure named ``create_engine.<locals>.connect``
+    over ``cargs_tup`` and ``cparams`` (the dialect's arguments from the
+    URL, then ``connect_args``), in SQLAlchemy 2.0 (2.0.58) and 2.1 (2.1.9).
+
+    None for a pool that connects otherwise (``creator=``, ``pool=``), and
+    for anything not in that shape: the caller then treats the database as
+    one it cannot name, never as another engine's.
+    """
+    creator = getattr(pool, "_creator", None)
+    if (
+        getattr(creator, "__module__", None) != "sqlalchemy.engine.create"
+        or getattr(creator, "__qualname__", None) != "create_engine.<locals>.connect"
+    ):
+        return None
+    names = getattr(getattr(creator, "__code__", None), "co_freevars", ())
+    cells = getattr(creator, "__closure__", None) or ()
+    try:
+        found = {name: cell.cell_contents for name, cell in zip(names, cells, strict=True)}
+    except ValueError:  # an empty cell
+        return None
+    args, kwargs = found.get("cargs_tup"), found.get("cparams")
+    if not isinstance(args, (tuple, list)) or not isinstance(kwargs, Mapping):
+        return None
+    return tuple(args), dict(kwargs)
+
+
+def execution_bind(session: Any, bind_arguments: dict) -> Any:
+    """Return the bind a statement of ``session`` runs on, with the options it runs with.
+
+    ``session.get_bind(**bind_arguments)``, unless the Session's
+    transaction holds a ``Connection`` for that bind with execution options
+    of its own, given by ``session.connection(execution_options=...)`` (a
+    ``schema_translate_map``) or set on it since: the statement runs with
+    those, which ``get_bind()`` does not show, so that connection is
+    returned.
+
+    The root ``SessionTransaction`` keeps its connections in the private
+    ``_connections``, keyed by the bind and by the connection (2.0, 2.1);
+    a savepoint's holds only those it used itself.  A connection starts
+    with its engine's ``_execution_options`` object, and gets a new one
+    when options are set on it.  SQLAlchemy 2.1.7 adds the public
+    ``SessionTransaction.bound_connection()``, but it resolves the bind
+    again and raises when there is no connection; 2.0 has no public way.
+    This runs on every look-up, a hit included, so it reads attributes
+    rather than calling ``get_transaction()`` and ``get_execution_options()``.
+    """
+    bind = session.get_bind(**bind_arguments)
+    transaction = session._transaction
+    if transaction is None:
+        return bind
+    while transaction._parent is not None:
+        transaction = transaction._parent
+    entry = transaction._connections.get(bind)
+    if entry is None or entry[0]._execution_options is bind._execution_options:
+        return bind
+    return entry[0]

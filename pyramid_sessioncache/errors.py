@@ -33,3 +33,14 @@ class NoRegionsError(SessionCacheError):
 
 class UnpicklableResultError(SessionCacheError, TypeError):
     """A result could not be stored in an out-of-process region."""
+
+
+class DatabaseNameError(SessionCacheError, ValueError):
+    """The ``sessioncache_database`` execution option of a bind is not a usable name."""
+
+    def __init__(self, name: object) -> None:
+        self.name = name
+        super().__init__(
+            f"the 'sessioncache_database' execution option must be a non-empty string naming the database, "
+            f"not {name!r}: give the same name to every engine that reads the same data"
+        )

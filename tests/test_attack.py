@@ -857,10 +857,6 @@ def test_raw_commit_statement(ASession, aengine, region):
 # 7. Tenants and databases ----------------------------------------------------------------
 
 
-@FAILS(
-    "two engines with one URL whose connections see different schemas (connect_args search_path) share keys: "
-    "keys.KeyMaker.bind() keys on the URL and execution options only"
-)
 def test_tenants_by_search_path_share_entries(pgdb, region_options, region):
     admin = create_engine(pgdb)
     with admin.begin() as conn:
@@ -884,7 +880,6 @@ def test_tenants_by_search_path_share_entries(pgdb, region_options, region):
             engine.dispose()
 
 
-@FAILS("two SQLite engines with one URL (creator=) share keys")
 def test_sqlite_creator_engines_share_entries(tmp_path, region_options, region):
     engines = {}
     for name in ("a", "b"):

@@ -3,7 +3,8 @@
 - ``cache.py``: :class:`~pyramid_sessioncache.SessionCache`, an
   application's regions as its Sessions see them.
 - ``options.py``: the ``FromCache`` and ``RelationshipCache`` ORM options.
-- ``keys.py``: cache keys of statements.
+- ``keys.py``: cache keys of statements; ``identity.py``: which database
+  a bind reads, the part of every key that a URL cannot give.
 - ``lookup.py``: the one decision both entrances share (key, bypass,
   autoflush, validity) and handing hits back.
 - ``hook.py``: the ORM entrance (a ``do_orm_execute`` listener) and the

@@ -46,7 +46,7 @@ def _locate(query, session, region, cache_key, parameters, execution_options):
     if cache_key is None and option is not None:
         cache_key = option.cache_key
     options = {**statement.get_execution_options(), **(execution_options or {})}
-    bind = session.get_bind(clause=statement)
+    bind = _sqlalchemy.execution_bind(session, _sqlalchemy.bind_arguments(statement))
     key = cache.key(statement, parameters or query_parameters, options, bind, cache_key)
     if key is None:
         raise NotCacheableError(f"this statement has no cache key (it is never cached): {statement}")

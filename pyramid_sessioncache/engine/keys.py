@@ -15,7 +15,9 @@ a digest of four parts:
   of ``in_()`` lists).  Values of types that have no stable text (arbitrary
   objects) make the statement unkeyable.
 - the public execution options (``schema_translate_map``, ...).
-- the bind: the engine's URL (password hidden) and its execution options.
+- the bind: the identity of the database it reads (``identity.py``; not
+  its URL, which two databases can share), and its own public execution
+  options, those of a ``Connection`` included.
 
 A statement that cannot be keyed gets ``None`` and runs uncached.  Unlike
 ``CacheKey.to_offline_string()`` used by SQLAlchemy's dogpile example, the
@@ -28,16 +30,21 @@ import datetime
 import decimal
 import enum
 import hashlib
+import os
 import types
 import uuid
+import weakref
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapper, MapperProperty
 from sqlalchemy.sql.expression import TableClause
 from sqlalchemy.sql.selectable import SelectLabelStyle
 
 from .. import _sqlalchemy
+from .identity import database_identity
 
 #: Execution options that never change the rows a statement returns.
 NEUTRAL_OPTIONS = frozenset({"compiled_cache", "logging_token", "autoflush", "max_row_buffer"})
@@ -192,7 +199,11 @@ class KeyMaker:
 
     def __init__(self) -> None:
         self._structures: dict[Any, str | None] = {}
-        self._binds: dict[Any, str] = {}
+        # bind -> (its execution options, its text), valid while the bind
+        # keeps those options (a Connection's change in place).  Emptied
+        # when any engine is disposed and in a forked child: see _watch().
+        self._binds: dict[Any, tuple[Any, str]] = {}
+        _watch(self)
 
     def structure(self, cache_key: Any) -> str | None:
         """Return the stable digest of a ``CacheKey``'s structure, or None."""
@@ -211,20 +222,26 @@ class KeyMaker:
         return digest
 
     def bind(self, bind: Any) -> str:
-        """Return a stable text naming the database ``bind`` reads from."""
+        """Return a stable text naming the database ``bind`` reads, and how it reads it.
+
+        ``bind`` is an ``Engine`` or the ``Connection`` a statement runs
+        on.  The text holds the :func:`~.identity.database_identity` of its
+        database and its public execution options (a
+        ``schema_translate_map``); it is computed once per bind, and again
+        when those options change or an engine is disposed.
+        """
+        options = bind.get_execution_options()
+        found = self._binds.get(bind)
+        if found is not None and found[0] is options:
+            return found[1]
         try:
-            return self._binds[bind]
-        except KeyError:
-            pass
-        engine = getattr(bind, "engine", bind)
-        try:
-            options = value_text(_normalized(dict(bind.get_execution_options())))
+            options_text = value_text(_normalized(_keyed_options(options)))
         except Unkeyable:
-            options = f"unkeyable:{id(bind)}"
-        text = f"{engine.url.render_as_string(hide_password=True)}|{options}"
+            options_text = f"unkeyable:{id(bind)}"
+        text = f"{database_identity(bind)}|{options_text}"
         if len(self._binds) >= _MEMO_SIZE:
             self._binds.clear()
-        self._binds[bind] = text
+        self._binds[bind] = (options, text)
         return text
 
     def key(
@@ -273,3 +290,31 @@ def _public(name: Any) -> bool:
     # SQLAlchemy's own options start with "_" or are not strings at all
     # (subqueryload's ("orig_query", loader) tuples).
     return isinstance(name, str) and not name.startswith("_") and name not in NEUTRAL_OPTIONS
+
+
+_makers: weakref.WeakSet[KeyMaker] = weakref.WeakSet()
+_watching = False
+
+
+def _watch(maker: KeyMaker) -> None:
+    """Empty ``maker``'s bind texts whenever the identity of a database may have changed.
+
+    ``engine.dispose()`` gives the engine a new pool, which for a database
+    in memory is a new, empty database, and a forked child keeps its
+    parent's pools but not its databases in memory: in both cases
+    ``identity.py`` gives the new pool a new process-local identity, so the
+    texts made with the old one must go.  Both are rare; every text is
+    forgotten, and made again on the next look-up.
+    """
+    global _watching
+    if not _watching:
+        event.listen(Engine, "engine_disposed", _forget_binds)
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=_forget_binds)
+        _watching = True
+    _makers.add(maker)
+
+
+def _forget_binds(*args: Any) -> None:
+    for maker in list(_makers):
+        maker._binds.clear()

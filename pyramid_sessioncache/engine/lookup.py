@@ -86,7 +86,7 @@ def decide(
     if not region.enabled or bypassed(options):
         return None
     _sqlalchemy.autoflush(session, options)
-    bind = session.get_bind(**bind_arguments)
+    bind = _sqlalchemy.execution_bind(session, bind_arguments)
     if not region.is_local and (writes.has_written(session) or writes.has_written_on(bind)):
         # What this transaction wrote is in no shared entry: until it ends,
         # the Session reads around shared regions and stores nothing there.
