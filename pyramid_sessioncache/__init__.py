@@ -37,6 +37,7 @@ from .engine.entries import cache_parameters, invalidate, invalidate_all, invali
 from .engine.invalidation.writes import invalidate_tables
 from .engine.options import FromCache, RelationshipCache
 from .errors import (
+    InvalidOptionError,
     NoRegionsError,
     NotCacheableError,
     SessionCacheError,
@@ -50,6 +51,7 @@ from .storage.region import CacheRegions, Region
 __all__ = [
     "CacheRegions",
     "FromCache",
+    "InvalidOptionError",
     "NoRegionsError",
     "NotCacheableError",
     "Region",

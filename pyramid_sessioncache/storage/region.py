@@ -27,8 +27,9 @@ from typing import Any
 from beaker.cache import Cache
 
 from .. import _beaker
-from ..errors import UnknownRegionError, UnpicklableResultError
+from ..errors import InvalidOptionError, UnknownRegionError, UnpicklableResultError
 from . import api
+from . import options as region_options
 from .backends import local_session
 from .backends.local_session import ScopedSessionNamespace
 from .backends.memory import DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
@@ -81,8 +82,9 @@ class Region:
     """One named cache region.
 
     :param name: the region's name, as in ``cache.regions``.
-    :param options: Beaker options (``type``, ``expire``, ``url``, ...),
-        already converted to Python values.
+    :param options: Beaker options (``type``, ``expire``, ``url``, ...), as
+        Python values; checked here (see ``options.py``), so a bad or unused
+        one raises :class:`~pyramid_sessioncache.InvalidOptionError`.
     :param token: a string unique to the owning :class:`CacheRegions`.
     :param retry_after: seconds a region whose backend failed is left alone
         before it is tried again.
@@ -96,7 +98,7 @@ class Region:
         retry_after: float = 5.0,
         secret: bytes | None = None,
     ) -> None:
-        nsargs = dict(options)
+        nsargs = region_options.checked_region(name, options)
         self.name = name
         self.retry_after = retry_after
         self._down_until = 0.0
@@ -118,9 +120,11 @@ class Region:
         self._nsargs = nsargs
         if self.type in SIGNED_TYPES:
             if not secret:
-                raise ValueError(
+                raise InvalidOptionError(
+                    "secret",
+                    None,
                     f"cache region {name!r} is {self.type}: its values are unpickled only after their "
-                    "signature checks, so it needs a secret (sessioncache.secret)"
+                    "signature checks, so it needs a secret (sessioncache.secret)",
                 )
             namespace = SignedRedisNamespaceManager(self.namespace_name, secret=secret, **nsargs)
             self._shared = _beaker.cache_on(namespace, self.expire)
@@ -405,6 +409,11 @@ class CacheRegions(Mapping[str, Region]):
     def __init__(
         self, regions: Mapping[str, Mapping[str, Any]], retry_after: float = 5.0, secret: bytes | None = None
     ) -> None:
+        retry_after = region_options.checked(region_options.REGIONS_OPTIONS, "retry_after", retry_after)
+        if secret is not None:
+            region_options.checked(region_options.REGIONS_OPTIONS, "secret", secret)
+        if not isinstance(regions, Mapping):
+            raise InvalidOptionError("regions", regions, "must map each region name to its options")
         token = uuid.uuid4().hex[:12]
         self._regions = {name: Region(name, options, token, retry_after, secret) for name, options in regions.items()}
 
