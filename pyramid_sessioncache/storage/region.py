@@ -107,6 +107,8 @@ class Region:
         self._pending: set[str] = set()
         self.type: str = nsargs.pop("type", "memory")
         self.expire: int | None = nsargs.pop("expire", None)
+        #: The longest lifetime the backend keeps an entry for.
+        self.max_expire = region_options.region_type(self.type).max_expire
         self.enabled: bool = nsargs.pop("enabled", True)
         max_items = nsargs.pop("max_items", DEFAULT_MAX_ITEMS)
         backend = _namespace_class(self.type)
@@ -243,7 +245,12 @@ class Region:
         return found[0]
 
     def put(self, key: str, value: Any, session: Any = None, expire: int | None = None) -> None:
-        """Store ``value`` under ``key`` for ``expire`` seconds (default: the region's)."""
+        """Store ``value`` under ``key`` for ``expire`` seconds (default: the region's).
+
+        Raises :class:`~pyramid_sessioncache.InvalidOptionError` for an
+        ``expire`` that is not a positive int within the backend's limit.
+        """
+        region_options.check_expire(expire, self.max_expire)
         self._write(self._namespace(session), _encode(key), value, expire or self.expire)
 
     def remove(self, key: str, session: Any = None) -> None:
@@ -315,8 +322,11 @@ class Region:
         ``valid(value, versions)`` rejects is never served; ``versions`` are
         the version tokens of ``tables`` when the backend could read them
         with the entry (Redis), else None.  ``store(value)`` may
-        refuse to store what ``create()`` returned.
+        refuse to store what ``create()`` returned.  A bad ``expire`` raises
+        :class:`~pyramid_sessioncache.InvalidOptionError` before anything runs.
         """
+        if expire is not None:
+            region_options.check_expire(expire, self.max_expire)
         if self.is_local:
             return self._local(key, create, session, expire, store, valid)
         if not self.available():
@@ -387,7 +397,10 @@ def _unpack(stored: Any, valid: Validator, versions: Any) -> tuple[Any, bool] | 
         return None
     if not valid(value, versions):
         return None
-    return value, expire is None or time.time() < stored_at + expire
+    try:
+        return value, expire is None or time.time() < stored_at + expire
+    except TypeError:  # not written by a region (they check expire): unusable, never fatal
+        return None
 
 
 def _encode(key: str) -> bytes:
