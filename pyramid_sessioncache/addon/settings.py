@@ -57,7 +57,7 @@ class Settings:
     default_region: str
     invalidation: str = "auto"
     retry_after: float = 5.0
-    secret: str | bytes | None = None
+    secret: str | bytes | None = field(default=None, repr=False)
     #: What a write to a table also changes that the schema does not say
     #: (``sessioncache.writes_also``): table -> tables.
     writes_also: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
