@@ -38,6 +38,7 @@ from .engine.invalidation.writes import invalidate_tables
 from .engine.options import FromCache, RelationshipCache
 from .errors import (
     DatabaseNameError,
+    InvalidOptionError,
     NoRegionsError,
     NotCacheableError,
     SessionCacheError,
@@ -52,6 +53,7 @@ __all__ = [
     "CacheRegions",
     "DatabaseNameError",
     "FromCache",
+    "InvalidOptionError",
     "NoRegionsError",
     "NotCacheableError",
     "Region",

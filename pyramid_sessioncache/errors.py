@@ -3,8 +3,15 @@
 Every error the add-on raises at a call site derives from
 :class:`SessionCacheError`, so an application can catch them all at once.
 Configuration mistakes found at start-up raise
-:class:`pyramid.exceptions.ConfigurationError` instead (see ``settings.py``).
+:class:`pyramid.exceptions.ConfigurationError` instead (see ``settings.py``),
+which wraps :class:`InvalidOptionError` for the options the engine checks.
 """
+
+from __future__ import annotations
+
+from typing import Any
+
+from .masking import shown
 
 
 class SessionCacheError(Exception):
@@ -14,7 +21,7 @@ class SessionCacheError(Exception):
 class UnknownRegionError(SessionCacheError, LookupError):
     """A cache region name that is not configured was asked for."""
 
-    def __init__(self, name: str, known: "list[str]") -> None:
+    def __init__(self, name: str, known: list[str]) -> None:
         self.name = name
         self.known = sorted(known)
         choices = ", ".join(self.known) or "none are configured"
@@ -44,3 +51,32 @@ class DatabaseNameError(SessionCacheError, ValueError):
             f"the 'sessioncache_database' execution option must be a non-empty string naming the database, "
             f"not {name!r}: give the same name to every engine that reads the same data"
         )
+
+
+class InvalidOptionError(SessionCacheError, ValueError, TypeError):
+    """An option has a value of the wrong type or out of range, or one nothing would use.
+
+    Raised where the option is given: ``SessionCache(...)`` and
+    ``CacheRegions(...)`` for region and cache options,
+    ``FromCache(...)``, ``RelationshipCache(...)`` and ``cached_query(...)``
+    for ``expire`` and ``cache_key``, before anything is executed or
+    stored.  It is a :class:`ValueError` and a :class:`TypeError`, the
+    exceptions a bad argument raises in Python.
+
+    Its message shows the value masked when the option may hold a secret
+    (see :mod:`pyramid_sessioncache.masking`); the value itself is not kept.
+
+    :param option: the option's name, e.g. ``"expire"``.
+    :param value: the value given.
+    :param reason: what is wrong, and what to give instead.
+    :param region: the name of the cache region the option belongs to, if any.
+    """
+
+    def __init__(self, option: str, value: Any, reason: str, region: str | None = None) -> None:
+        self.option = option
+        #: The value as the message shows it (masked if secret).
+        self.shown = shown(option, value)
+        self.reason = reason
+        self.region = region
+        where = f" of cache region {region!r}" if region is not None else ""
+        super().__init__(f"invalid option {option}{where} = {self.shown}: {reason}")

@@ -6,7 +6,7 @@ import pytest
 from pyramid.config import Configurator
 from pyramid.exceptions import ConfigurationError
 
-from pyramid_sessioncache import get_session_cache, parse_settings
+from pyramid_sessioncache import SessionCache, get_session_cache, parse_settings
 
 GOOD = {
     "cache.regions": "local_session, short_term, long_term",
@@ -79,8 +79,109 @@ def test_bad_settings_name_key_and_value(key, value, message):
         parse_settings(settings)
     assert key in str(raised.value)
     assert message in str(raised.value)
-    if value is not None:
+    if value is not None and key != "sessioncache.secret":
         assert repr(value) in str(raised.value)
+
+
+DIRECTORY = object()  # replaced by a temporary directory
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "message"),
+    [
+        ({"cache.short_term.expire": "100000000000000000000"}, "cache.short_term.expire", "at most 315360000"),
+        ({"cache.short_term.expire": "315360001"}, "cache.short_term.expire", "at most 315360000"),
+        ({"cache.long_term.expire": "315360001"}, "cache.long_term.expire", "at most 315360000"),
+        (
+            {
+                "cache.short_term.type": "file",
+                "cache.short_term.data_dir": DIRECTORY,
+                "cache.short_term.max_items": "50",
+            },
+            "cache.short_term.max_items",
+            "a region of type file does not use it (used by: memory)",
+        ),
+        ({"cache.local_session.max_items": "50"}, "cache.local_session.max_items", "does not use it"),
+        ({"cache.long_term.max_items": "50"}, "cache.long_term.max_items", "ext:redis does not use it"),
+        ({"cache.short_term.timeout": "5"}, "cache.short_term.timeout", "does not use it"),
+        ({"cache.long_term.username": "me"}, "cache.long_term.username", "does not use it"),
+        ({"cache.short_term.key_length": "250"}, "cache.short_term.key_length", "fixed length"),
+        ({"cache.lock_dir": DIRECTORY}, "cache.lock_dir", "no region uses it"),
+        (
+            {
+                "cache.short_term.type": "ext:memcached",
+                "cache.short_term.url": "127.0.0.1:1",
+                "cache.short_term.expire": "2678400",
+            },
+            "cache.short_term.expire",
+            "at most 2592000 seconds",
+        ),
+        ({"cache.regions": "x" * 101}, "cache.regions", "1 to 100 characters"),
+        ({"sessioncache.retry_after": "inf"}, "sessioncache.retry_after", "positive"),
+        ({"sessioncache.retry_after": "100000"}, "sessioncache.retry_after", "at most 86400"),
+        ({"cache.short_term.expire": -5}, "cache.short_term.expire", "positive"),
+        ({"cache.short_term.expire": 0}, "cache.short_term.expire", "positive"),
+        ({"cache.short_term.expire": 1.5}, "cache.short_term.expire", "an int"),
+        ({"cache.short_term.max_items": 0}, "cache.short_term.max_items", "positive"),
+        ({"cache.short_term.enabled": 1}, "cache.short_term.enabled", "True or False"),
+        ({"sessioncache.retry_after": 0}, "sessioncache.retry_after", "positive"),
+        ({"sessioncache.secret": b"k"}, "sessioncache.secret", "at least 16"),
+        ({"sessioncache.invalidation": None}, "sessioncache.invalidation", "'auto' or 'manual'"),
+    ],
+)
+def test_every_value_is_checked_as_the_engine_checks_it(tmp_path, changes, key, message):
+    """Values the ini used to let through, and Python values given to a Configurator in code."""
+    settings = {**GOOD, **{k: str(tmp_path) if v is DIRECTORY else v for k, v in changes.items()}}
+    with pytest.raises(ConfigurationError) as raised:
+        parse_settings(settings)
+    text = str(raised.value)
+    assert f"invalid setting {key} = " in text
+    assert message in text
+    value = settings[key]
+    if key == "sessioncache.secret":
+        assert "<hidden bytes of 1 characters>" in text
+    elif isinstance(value, str):
+        assert repr(value) in text
+    else:
+        assert f" = {value!r}:" in text
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_ini_and_python_refuse_the_same_values():
+    settings = {"cache.regions": "r", "cache.r.type": "file", "cache.r.data_dir": "/nowhere", "cache.r.max_items": "5"}
+    with pytest.raises(ConfigurationError, match="cache.r.max_items = '5': a region of type file does not use it"):
+        parse_settings(settings)
+    with pytest.raises(ValueError, match="max_items of cache region 'r' = 5: a region of type file does not use it"):
+        SessionCache({"r": {"type": "file", "data_dir": "/nowhere", "max_items": 5}})
+
+
+def test_a_default_applies_to_the_regions_whose_type_uses_it(tmp_path):
+    settings = parse_settings(
+        {"cache.regions": "m f", "cache.max_items": "5", "cache.f.type": "file", "cache.data_dir": str(tmp_path)}
+    )
+    assert dict(settings.regions["m"]) == {"type": "memory", "max_items": 5}
+    assert dict(settings.regions["f"]) == {"type": "file", "data_dir": str(tmp_path)}
+
+
+def test_a_default_is_named_when_a_region_refuses_it():
+    settings = {"cache.regions": "m", "cache.m.type": "ext:memcached", "cache.m.url": "127.0.0.1:1"}
+    with pytest.raises(ConfigurationError, match="cache.expire = '2678400': a region of type ext:memcached keeps"):
+        parse_settings({**settings, "cache.expire": "2678400"})
+
+
+def test_a_default_without_regions_is_an_error():
+    with pytest.raises(ConfigurationError, match="cache.expire = '60': no region uses it"):
+        parse_settings({"cache.expire": "60"})
+    assert dict(parse_settings({"cache.regions": "r", "cache.enabled": "off"}).regions["r"]) == {
+        "type": "memory",
+        "enabled": False,
+    }
+
+
+def test_include_checks_python_values_in_the_settings():
+    config = Configurator(settings={**GOOD, "cache.short_term.expire": -5})
+    with pytest.raises(ConfigurationError, match="cache.short_term.expire = -5: must be a positive"):
+        config.include("pyramid_sessioncache")
 
 
 def test_declared_writes_parse():
@@ -92,8 +193,6 @@ def test_declared_writes_parse():
 
 
 def test_declared_writes_given_as_python_values_are_checked():
-    from pyramid_sessioncache import SessionCache
-
     with pytest.raises(ValueError, match="writes_also"):
         SessionCache({"l": {"type": "ext:local_session"}}, writes_also={"order": [""]})
     cache = SessionCache({"l": {"type": "ext:local_session"}}, writes_also={"Order": "Audit_Log"})

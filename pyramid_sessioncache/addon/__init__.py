@@ -21,6 +21,7 @@ from zope.sqlalchemy.datamanager import ZopeTransactionEvents
 
 from ..engine import hook
 from ..engine.cache import SessionCache
+from ..masking import hide_url_passwords, shown
 from .interfaces import IDBSessionFactory, ISessionCache
 from .request import RequestCache, cached_query
 from .session import dbsession
@@ -61,7 +62,11 @@ def includeme(config: Any) -> None:
             writes_also=settings.writes_also,
         )
     except Exception as exc:  # Beaker reports bad options in many ways
-        raise ConfigurationError(f"cannot build the cache regions from the cache.* settings: {exc}") from exc
+        # Not chained: the original message may hold a URL with its password.
+        raise ConfigurationError(
+            f"cannot build the cache regions from the cache.* settings: "
+            f"{type(exc).__name__}: {hide_url_passwords(str(exc))}"
+        ) from None
     engine = _engine(config.registry.settings)
     if settings.postgresql_notify:
         if engine is None or engine.dialect.name != "postgresql":
@@ -91,7 +96,11 @@ def _engine(settings: Any) -> Any:
     try:
         return engine_from_config(settings, "sqlalchemy.")
     except Exception as exc:
-        raise ConfigurationError(f"invalid setting sqlalchemy.url = {settings['sqlalchemy.url']!r}: {exc}") from exc
+        # Not chained: a driver's message may hold the URL with its password.
+        raise ConfigurationError(
+            f"invalid setting sqlalchemy.url = {shown('sqlalchemy.url', settings['sqlalchemy.url'])}: "
+            f"{type(exc).__name__}: {hide_url_passwords(str(exc))}"
+        ) from None
 
 
 def _add_dbsession(registry: Any) -> None:

@@ -6,144 +6,45 @@ names them, ``cache.<option>`` sets a default for every region and
 options use the ``sessioncache.`` prefix.  Everything is parsed once, at
 start-up, into a frozen :class:`Settings`; a bad value raises
 :class:`pyramid.exceptions.ConfigurationError` naming the key and the value.
+
+The options, their converters from ini strings and their checks are the
+engine's (``storage/options.py`` for regions, ``engine/cache_options.py``
+for the cache): strings are converted here, then every value, string or
+not, goes through the checks ``SessionCache(...)`` runs, and their
+:class:`~pyramid_sessioncache.InvalidOptionError` becomes a
+``ConfigurationError`` naming the setting.  A value that may be a secret
+is masked in the message, as is the password of a URL (see ``masking.py``).
+A default (``cache.<option>``) applies to the regions whose type uses it;
+one that no region uses is an error, as is a region's own option that its
+type would ignore.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
 from pyramid.exceptions import ConfigurationError
-from pyramid.settings import aslist, falsey, truthy
+from pyramid.settings import aslist
 
+from ..engine.cache_options import CACHE_OPTIONS
+from ..errors import InvalidOptionError
+from ..masking import shown
+from ..storage import options as region_options
+from ..storage.options import LOCAL_TYPE, Option
 from ..storage.region import SIGNED_TYPES
-
-#: Region types whose namespace lives outside the process and so needs a URL.
-URL_TYPES = frozenset({"ext:redis", "ext:rediscluster", "ext:memcached", "ext:database", "ext:mongodb"})
-#: Region types that keep their data in files and so need a directory.
-DIRECTORY_TYPES = frozenset({"file", "dbm"})
-LOCAL_TYPE = "ext:local_session"
 
 DEFAULT_REGIONS = MappingProxyType({"local_session": MappingProxyType({"type": LOCAL_TYPE})})
 
-
-def _positive_int(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError("must be a positive whole number of seconds")
-    return number
-
-
-def _secret(value: str) -> str:
-    value = value.strip()
-    if len(value) < 16:
-        raise ValueError("must be at least 16 characters: a long random string, the same in every process")
-    return value
-
-
-def _positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError("must be a positive number of seconds")
-    return number
-
-
-def _boolean(value: str) -> bool:
-    word = value.strip().lower()
-    if word in truthy:
-        return True
-    if word in falsey:
-        return False
-    raise ValueError("must be true or false")
-
-
-def _region_type(value: str) -> str:
-    from beaker.cache import clsmap
-    from beaker.exceptions import InvalidCacheBackendError
-
-    value = value.strip()
-    if value == LOCAL_TYPE:
-        return value
-    try:
-        backend = clsmap[value]
-    except KeyError:
-        raise ValueError("unknown cache type") from None
-    if isinstance(backend, InvalidCacheBackendError):
-        raise ValueError(f"cache type is not usable here: {backend}")
-    if value == "ext:sqla":
-        raise ValueError("ext:sqla needs Python objects; use ext:database with a url")
-    return value
-
-
-def _text(value: str) -> str:
-    value = value.strip()
-    if not value:
-        raise ValueError("must not be empty")
-    return value
-
-
-#: Region options: name -> converter from the ini string.  Options not in
-#: this table are refused, so a typo stops start-up instead of being ignored.
-REGION_OPTIONS: Mapping[str, Callable[[str], Any]] = MappingProxyType(
-    {
-        "type": _region_type,
-        "expire": _positive_int,
-        "enabled": _boolean,
-        "url": _text,
-        "data_dir": _text,
-        "lock_dir": _text,
-        "key_length": _positive_int,
-        "max_items": _positive_int,
-        "timeout": _positive_int,
-        "memcache_module": _text,
-        "protocol": _text,
-        "username": _text,
-        "password": str,
-        "table_name": _text,
-        "schema_name": _text,
-    }
-)
-
-
-def _invalidation(value: str) -> str:
-    value = value.strip().lower()
-    if value not in ("auto", "manual"):
-        raise ValueError("must be auto or manual")
-    return value
-
-
-_TABLE = r"[A-Za-z_][\w$]*(?:\.[A-Za-z_][\w$]*)?"
-_DEPENDENCY = re.compile(rf"^\s*({_TABLE})\s*:\s*({_TABLE}(?:[\s,]+{_TABLE})*)\s*,?\s*$")
-
-
-def _writes_also(value: str) -> Mapping[str, tuple[str, ...]]:
-    declared: dict[str, tuple[str, ...]] = {}
-    for line in value.strip().splitlines():
-        if not line.strip():
-            continue
-        match = _DEPENDENCY.match(line)
-        if match is None:
-            raise ValueError(f"cannot read {line.strip()!r}: write one 'table: table, table' per line")
-        table, also = match.groups()
-        declared[table] = declared.get(table, ()) + tuple(name for name in re.split(r"[\s,]+", also) if name)
-    if not declared:
-        raise ValueError("must name at least one 'table: table, table'")
-    return MappingProxyType(declared)
-
-
-#: The add-on's own options: name -> converter.
-ADDON_OPTIONS: Mapping[str, Callable[[str], Any]] = MappingProxyType(
-    {
-        "default_region": _text,
-        "invalidation": _invalidation,
-        "retry_after": _positive_float,
-        "secret": _secret,
-        "writes_also": _writes_also,
-        "postgresql_notify": _boolean,
-    }
+#: Region options (``cache.*``): name -> how to read and check it; the
+#: table ``SessionCache(...)`` checks its Python values with.
+REGION_OPTIONS: Mapping[str, Option] = region_options.REGION_OPTIONS
+#: The add-on's own options (``sessioncache.*``), likewise: the cache's,
+#: and whether to listen for PostgreSQL's notifications.
+ADDON_OPTIONS: Mapping[str, Option] = MappingProxyType(
+    {**CACHE_OPTIONS, "postgresql_notify": region_options.REGION_OPTIONS["enabled"]}
 )
 
 
@@ -159,7 +60,7 @@ class Settings:
     default_region: str
     invalidation: str = "auto"
     retry_after: float = 5.0
-    secret: str | None = None
+    secret: str | bytes | None = field(default=None, repr=False)
     #: What a write to a table also changes that the schema does not say
     #: (``sessioncache.writes_also``): table -> tables.
     writes_also: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
@@ -168,20 +69,15 @@ class Settings:
 
 
 def _fail(key: str, value: Any, why: str) -> ConfigurationError:
-    return ConfigurationError(f"invalid setting {key} = {value!r}: {why}")
+    return ConfigurationError(f"invalid setting {key} = {shown(key, value)}: {why}")
 
 
-def _checked(table: Mapping[str, Callable[[str], Any]], key: str, option: str, raw: Any) -> Any:
-    convert = table.get(option)
-    if convert is None:
-        known = ", ".join(sorted(table))
-        raise _fail(key, raw, f"unknown option {option!r} (known: {known})")
-    if not isinstance(raw, str):
-        return raw
+def _setting(table: Mapping[str, Option], key: str, option: str, raw: Any) -> Any:
+    """The value of the setting ``key``: converted if a string, checked as the engine checks it."""
     try:
-        return convert(raw)
-    except ValueError as exc:
-        raise _fail(key, raw, str(exc) or "not a valid value") from None
+        return region_options.from_setting(table, option, raw)
+    except InvalidOptionError as exc:
+        raise ConfigurationError(f"invalid setting {key} = {exc.shown}: {exc.reason}") from None
 
 
 def parse_settings(settings: Mapping[str, Any]) -> Settings:
@@ -196,10 +92,15 @@ def parse_settings(settings: Mapping[str, Any]) -> Settings:
     for key, raw in settings.items():
         if key.startswith("sessioncache."):
             option = key[len("sessioncache.") :]
-            addon[option] = _checked(ADDON_OPTIONS, key, option, raw)
+            addon[option] = _setting(ADDON_OPTIONS, key, option, raw)
 
     names = aslist(settings.get("cache.regions", ""), flatten=True)
     names = [name.strip(",") for name in names if name.strip(",")]
+    for name in names:
+        try:
+            region_options.region_name(name)
+        except (TypeError, ValueError) as exc:
+            raise _fail("cache.regions", settings["cache.regions"], str(exc)) from None
     defaults: dict[str, Any] = {}
     per_region: dict[str, dict[str, Any]] = {name: {} for name in names}
     for key, raw in settings.items():
@@ -208,21 +109,20 @@ def parse_settings(settings: Mapping[str, Any]) -> Settings:
         rest = key[len("cache.") :]
         region, dot, option = rest.partition(".")
         if dot and region in per_region:
-            per_region[region][option] = _checked(REGION_OPTIONS, key, option, raw)
+            per_region[region][option] = _setting(REGION_OPTIONS, key, option, raw)
         elif not dot:
-            defaults[rest] = _checked(REGION_OPTIONS, key, rest, raw)
+            defaults[rest] = _setting(REGION_OPTIONS, key, rest, raw)
         else:
             raise _fail(key, raw, f"region {region!r} is not listed in cache.regions")
 
     if not names:
+        if defaults:
+            option = next(iter(defaults))
+            raise _fail(f"cache.{option}", settings[f"cache.{option}"], "no region uses it: cache.regions lists none")
         regions: Mapping[str, Mapping[str, Any]] = DEFAULT_REGIONS
     else:
-        regions = {}
-        for name in names:
-            options = {"type": "memory", **defaults, **per_region[name]}
-            _check_region(name, options)
-            regions[name] = MappingProxyType(options)
-        regions = MappingProxyType(regions)
+        regions = MappingProxyType({name: _region(name, defaults, per_region[name], settings) for name in names})
+        _check_defaults_used(defaults, regions, settings)
 
     signed = [name for name, options in regions.items() if options["type"] in SIGNED_TYPES]
     if signed and "secret" not in addon:
@@ -250,9 +150,29 @@ def parse_settings(settings: Mapping[str, Any]) -> Settings:
     )
 
 
-def _check_region(name: str, options: Mapping[str, Any]) -> None:
-    kind = options["type"]
-    if kind in URL_TYPES and "url" not in options:
-        raise _fail(f"cache.{name}.url", None, f"a region of type {kind} needs a url")
-    if kind in DIRECTORY_TYPES and "data_dir" not in options:
-        raise _fail(f"cache.{name}.data_dir", None, f"a region of type {kind} needs a data_dir")
+def _region(
+    name: str, defaults: Mapping[str, Any], own: Mapping[str, Any], settings: Mapping[str, Any]
+) -> Mapping[str, Any]:
+    """The checked options of region ``name``: its own, and the defaults its type uses."""
+    kind = own.get("type", defaults.get("type", "memory"))
+    options = {option: value for option, value in defaults.items() if region_options.uses(kind, option)}
+    options.update(own)
+    options["type"] = kind
+    try:
+        return MappingProxyType(region_options.checked_region(name, options))
+    except InvalidOptionError as exc:
+        given_here = exc.option in own or exc.option not in defaults
+        key = f"cache.{name}.{exc.option}" if given_here else f"cache.{exc.option}"
+        raise _fail(key, settings.get(key), exc.reason) from None  # the value as written
+
+
+def _check_defaults_used(
+    defaults: Mapping[str, Any], regions: Mapping[str, Mapping[str, Any]], settings: Mapping[str, Any]
+) -> None:
+    """A default (``cache.<option>``) that no region's type uses would be ignored: an error."""
+    for option in defaults:
+        if not any(region_options.uses(options["type"], option) for options in regions.values()):
+            kinds = ", ".join(sorted({options["type"] for options in regions.values()}))
+            raise _fail(
+                f"cache.{option}", settings[f"cache.{option}"], f"no region uses it (their types: {kinds}); remove it"
+            )

@@ -11,8 +11,11 @@ import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from ..errors import InvalidOptionError
+from ..storage.options import checked
 from ..storage.region import CacheRegions, Region
 from . import info
+from .cache_options import CACHE_OPTIONS
 from .invalidation.reads import ALL_TABLES, ANY_TABLE, ShapeTables, version_name
 from .invalidation.schema import closure
 from .keys import EntryKey, KeyMaker
@@ -29,12 +32,21 @@ class SessionCache:
     :param invalidation: ``"auto"`` (committed writes invalidate what read
         the written tables) or ``"manual"``.
     :param retry_after: seconds a region whose backend failed is skipped
-        (its queries go to the database) before it is tried again.
+        (its queries go to the database) before it is tried again; 5 by
+        default, at most a day.
     :param secret: the key that signs values stored in Redis; required by
-        ``ext:redis`` regions, the same in every process that shares them.
+        ``ext:redis`` regions, the same in every process that shares them;
+        at least 16 characters.
     :param writes_also: what a write to a table also changes that the
         schema does not say (a trigger, a view on SQLite): table name ->
         the tables it also writes, e.g. ``{"order": ["audit_log"]}``.
+
+    Every option is checked as the ini's ``sessioncache.*`` and ``cache.*``
+    settings are (see ``cache_options.py`` and ``storage/options.py``): a
+    bad value, or a region option its region type would ignore, raises
+    :class:`~pyramid_sessioncache.InvalidOptionError`.  ``retry_after`` and
+    ``secret`` belong to the regions: with ``regions`` a ready
+    :class:`~pyramid_sessioncache.CacheRegions`, give them to it.
 
     Outside Pyramid, hand it to your Sessions::
 
@@ -47,18 +59,25 @@ class SessionCache:
         regions: CacheRegions | Mapping[str, Mapping[str, Any]],
         default_region: str | None = None,
         invalidation: str = "auto",
-        retry_after: float = 5.0,
+        retry_after: float | None = None,
         secret: str | bytes | None = None,
         writes_also: Mapping[str, Iterable[str]] | None = None,
     ):
-        if invalidation not in ("auto", "manual"):
-            raise ValueError(f"invalidation must be 'auto' or 'manual', not {invalidation!r}")
         #: ``"auto"``: committed writes invalidate the entries that read the
         #: written tables; ``"manual"``: only explicit invalidation.
-        self.invalidation = invalidation
-        if isinstance(secret, str):
-            secret = secret.encode()
-        self.regions = regions if isinstance(regions, CacheRegions) else CacheRegions(regions, retry_after, secret)
+        self.invalidation = checked(CACHE_OPTIONS, "invalidation", invalidation)
+        if default_region is not None:
+            checked(CACHE_OPTIONS, "default_region", default_region)
+        declared = {} if writes_also is None else checked(CACHE_OPTIONS, "writes_also", writes_also)
+        if isinstance(regions, CacheRegions):
+            for name, value in (("retry_after", retry_after), ("secret", secret)):
+                if value is not None:
+                    raise InvalidOptionError(name, value, "given with ready CacheRegions: give it to CacheRegions(...)")
+            self.regions = regions
+        else:
+            if isinstance(secret, str):
+                secret = secret.encode()
+            self.regions = CacheRegions(regions, 5.0 if retry_after is None else retry_after, secret)
         self.default_region = default_region or next(iter(self.regions), None)
         if self.default_region is not None:
             self.regions[self.default_region]  # an unknown name raises here
@@ -67,7 +86,7 @@ class SessionCache:
         #: What each statement shape was found to read.
         self.tables_read = ShapeTables()
         #: Declared dependencies: version name -> what a write to it also changes.
-        self.writes_also = _dependencies(writes_also or {})
+        self.writes_also = _dependencies(declared)
         #: The PostgreSQL listeners :meth:`listen` started.
         self.listeners: list[Any] = []
         from .hook import install  # here: the hook module needs this one
@@ -160,14 +179,9 @@ def live_caches() -> list[SessionCache]:
     return list(_live)
 
 
-def _dependencies(declared: Mapping[str, Iterable[str]]) -> dict[str, frozenset[str]]:
-    dependencies: dict[str, frozenset[str]] = {}
-    for table, also in declared.items():
-        names = [also] if isinstance(also, str) else list(also)
-        if not isinstance(table, str) or not table.strip() or not all(isinstance(n, str) and n.strip() for n in names):
-            raise ValueError(f"writes_also maps a table name to table names, not {table!r}: {also!r}")
-        dependencies[version_name(table.strip())] = frozenset(version_name(name.strip()) for name in names)
-    return dependencies
+def _dependencies(declared: Mapping[str, tuple[str, ...]]) -> dict[str, frozenset[str]]:
+    # ``declared`` is checked (cache_options.py): table name -> table names, stripped.
+    return {version_name(table): frozenset(map(version_name, also)) for table, also in declared.items()}
 
 
 def cache_of(session: Any) -> SessionCache | None:

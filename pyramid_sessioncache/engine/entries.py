@@ -17,6 +17,7 @@ from sqlalchemy.sql import Executable
 from .. import _sqlalchemy
 from ..errors import NoRegionsError, NotCacheableError
 from .cache import SessionCache, cache_of
+from .cache_options import check_label
 from .options import statement_option
 
 
@@ -39,6 +40,7 @@ def _cache(session: Any) -> SessionCache:
 
 
 def _locate(query, session, region, cache_key, parameters, execution_options):
+    check_label(cache_key)
     statement, query_parameters, session = _statement(query, session)
     option = statement_option(statement)
     cache = _cache(session)

@@ -109,10 +109,15 @@ def _current_in(session: Session) -> Validator:
 
 
 def record(cache: SessionCache, session: Session, region: Region, hit: bool, key: EntryKey) -> None:
-    """Count a look-up, remember it on ``session`` and log it at DEBUG."""
+    """Count a look-up, remember it on ``session`` and log it at DEBUG.
+
+    The key starts with the caller's ``cache_key`` label: shown with
+    ``%r``, a newline in it (set on an option after its checks) stays on
+    one line.  Region names are checked when the region is made.
+    """
     stats.record(cache.stats, session, region.name, hit, key.text)
     if log.isEnabledFor(logging.DEBUG):
-        log.debug("cache %s: region %s key %s", "hit" if hit else "miss", region.name, key.text)
+        log.debug("cache %s: region %s key %r", "hit" if hit else "miss", region.name, key.text)
 
 
 def begin(session: Session, bind_arguments: dict) -> None:

@@ -7,6 +7,8 @@ from typing import Any
 from sqlalchemy.orm.interfaces import UserDefinedOption
 
 from .. import _sqlalchemy
+from ..storage.options import MAX_EXPIRE, check_expire
+from .cache_options import MAX_LABEL, check_label, check_region_argument
 
 
 class FromCache(UserDefinedOption):
@@ -14,10 +16,15 @@ class FromCache(UserDefinedOption):
 
     :param region: the name of a configured region; ``None`` means the
         application's default region (``sessioncache.default_region``).
-    :param cache_key: an optional readable prefix for the entry's key.  The
-        statement and its parameters are always part of the key as well.
+    :param cache_key: an optional readable prefix for the entry's key: a
+        printable string of at most 200 characters.  The statement and its
+        parameters are always part of the key as well.
     :param expire: seconds to keep a new entry, instead of the region's
-        ``expire``.
+        ``expire``: an ``int`` from 1 to ten years, or None.
+
+    A bad ``region``, ``cache_key`` or ``expire`` raises
+    :class:`~pyramid_sessioncache.InvalidOptionError` here, before any
+    query runs.
 
     Works on a 2.0 ``select()`` and on a legacy ``Query``::
 
@@ -31,6 +38,15 @@ class FromCache(UserDefinedOption):
     relationships_only = False
 
     def __init__(self, region: str | None = None, cache_key: str | None = None, expire: int | None = None):
+        # Made per call by cached_query(): a good value costs a type test, no call.
+        if region is not None and type(region) is not str:
+            check_region_argument(region)
+        if cache_key is not None and not (
+            type(cache_key) is str and len(cache_key) <= MAX_LABEL and cache_key.isprintable()
+        ):
+            check_label(cache_key)
+        if expire is not None and not (type(expire) is int and 0 < expire <= MAX_EXPIRE):
+            check_expire(expire)
         self.region = region
         self.cache_key = cache_key
         self.expire = expire
@@ -50,7 +66,8 @@ class RelationshipCache(FromCache):
     """Load the lazy loads of a relationship from a cache region.
 
     :param attribute: the relationship, e.g. ``Person.addresses``.
-    :param region: as for :class:`FromCache`.
+    :param region: as for :class:`FromCache`; so are ``cache_key`` and
+        ``expire``, checked as there.
 
     Chain several with :meth:`and_`; put the option on the query that loads
     the parents::

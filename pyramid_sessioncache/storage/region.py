@@ -27,8 +27,9 @@ from typing import Any
 from beaker.cache import Cache
 
 from .. import _beaker
-from ..errors import UnknownRegionError, UnpicklableResultError
+from ..errors import InvalidOptionError, UnknownRegionError, UnpicklableResultError
 from . import api
+from . import options as region_options
 from .backends import local_session
 from .backends.local_session import ScopedSessionNamespace
 from .backends.memory import DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
@@ -81,8 +82,9 @@ class Region:
     """One named cache region.
 
     :param name: the region's name, as in ``cache.regions``.
-    :param options: Beaker options (``type``, ``expire``, ``url``, ...),
-        already converted to Python values.
+    :param options: Beaker options (``type``, ``expire``, ``url``, ...), as
+        Python values; checked here (see ``options.py``), so a bad or unused
+        one raises :class:`~pyramid_sessioncache.InvalidOptionError`.
     :param token: a string unique to the owning :class:`CacheRegions`.
     :param retry_after: seconds a region whose backend failed is left alone
         before it is tried again.
@@ -96,7 +98,7 @@ class Region:
         retry_after: float = 5.0,
         secret: bytes | None = None,
     ) -> None:
-        nsargs = dict(options)
+        nsargs = region_options.checked_region(name, options)
         self.name = name
         self.retry_after = retry_after
         self._down_until = 0.0
@@ -105,6 +107,8 @@ class Region:
         self._pending: set[str] = set()
         self.type: str = nsargs.pop("type", "memory")
         self.expire: int | None = nsargs.pop("expire", None)
+        #: The longest lifetime the backend keeps an entry for.
+        self.max_expire = region_options.region_type(self.type).max_expire
         self.enabled: bool = nsargs.pop("enabled", True)
         max_items = nsargs.pop("max_items", DEFAULT_MAX_ITEMS)
         backend = _namespace_class(self.type)
@@ -118,9 +122,11 @@ class Region:
         self._nsargs = nsargs
         if self.type in SIGNED_TYPES:
             if not secret:
-                raise ValueError(
+                raise InvalidOptionError(
+                    "secret",
+                    None,
                     f"cache region {name!r} is {self.type}: its values are unpickled only after their "
-                    "signature checks, so it needs a secret (sessioncache.secret)"
+                    "signature checks, so it needs a secret (sessioncache.secret)",
                 )
             namespace = SignedRedisNamespaceManager(self.namespace_name, secret=secret, **nsargs)
             self._shared = _beaker.cache_on(namespace, self.expire)
@@ -239,7 +245,12 @@ class Region:
         return found[0]
 
     def put(self, key: str, value: Any, session: Any = None, expire: int | None = None) -> None:
-        """Store ``value`` under ``key`` for ``expire`` seconds (default: the region's)."""
+        """Store ``value`` under ``key`` for ``expire`` seconds (default: the region's).
+
+        Raises :class:`~pyramid_sessioncache.InvalidOptionError` for an
+        ``expire`` that is not a positive int within the backend's limit.
+        """
+        region_options.check_expire(expire, self.max_expire)
         self._write(self._namespace(session), _encode(key), value, expire or self.expire)
 
     def remove(self, key: str, session: Any = None) -> None:
@@ -312,8 +323,11 @@ class Region:
         ``valid(value, versions)`` rejects is never served; ``versions`` are
         the version tokens of ``tables`` when the backend could read them
         with the entry (Redis), else None.  ``store(value)`` may
-        refuse to store what ``create()`` returned.
+        refuse to store what ``create()`` returned.  A bad ``expire`` raises
+        :class:`~pyramid_sessioncache.InvalidOptionError` before anything runs.
         """
+        if expire is not None:
+            region_options.check_expire(expire, self.max_expire)
         if self.is_local:
             return self._local(key, create, session, expire, store, valid)
         if not self.available():
@@ -384,7 +398,10 @@ def _unpack(stored: Any, valid: Validator, versions: Any) -> tuple[Any, bool] | 
         return None
     if not valid(value, versions):
         return None
-    return value, expire is None or time.time() < stored_at + expire
+    try:
+        return value, expire is None or time.time() < stored_at + expire
+    except TypeError:  # not written by a region (they check expire): unusable, never fatal
+        return None
 
 
 def _encode(key: str) -> bytes:
@@ -406,6 +423,11 @@ class CacheRegions(Mapping[str, Region]):
     def __init__(
         self, regions: Mapping[str, Mapping[str, Any]], retry_after: float = 5.0, secret: bytes | None = None
     ) -> None:
+        retry_after = region_options.checked(region_options.REGIONS_OPTIONS, "retry_after", retry_after)
+        if secret is not None:
+            region_options.checked(region_options.REGIONS_OPTIONS, "secret", secret)
+        if not isinstance(regions, Mapping):
+            raise InvalidOptionError("regions", regions, "must map each region name to its options")
         token = uuid.uuid4().hex[:12]
         self._regions = {name: Region(name, options, token, retry_after, secret) for name, options in regions.items()}
 
