@@ -80,6 +80,11 @@ def decide(
 ) -> Lookup | None:
     """Return how to look ``statement`` up in ``region``, or None when it must run uncached.
 
+    Runs uncached: a disabled region, streamed or ``populate_existing``
+    loads, reads around shared regions after this transaction wrote, a
+    statement that cannot be keyed, and a locking read (``with_for_update()``
+    in any form: its locks must be taken, every time).
+
     Autoflushes first, as the query would: a look-up must not ignore the
     Session's pending inserts, updates and deletes.
     """
@@ -91,8 +96,8 @@ def decide(
         # the Session reads around shared regions and stores nothing there.
         return None
     key = cache.key(statement, parameters, options, session.get_bind(**bind_arguments), option.cache_key)
-    if key is None:
-        log.debug("uncached: statement cannot be keyed (region %s)", region.name)
+    if key is None:  # unkeyable, or a locking read (see keys.py)
+        log.debug("uncached: statement cannot be keyed or takes row locks (region %s)", region.name)
         return None
     if region.is_local:
         return Lookup(key, (), _current_in(session))
