@@ -126,7 +126,7 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
     if region.is_local:
         value, hit = region.get_or_create(
             found.key.text,
-            lambda: LocalResult(state.invoke_statement().freeze()),
+            lambda: LocalResult.from_result(state.invoke_statement()),
             session,
             option.expire,
             valid=found.valid or always_valid,

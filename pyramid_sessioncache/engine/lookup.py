@@ -147,7 +147,7 @@ def objects_of(session: Session, region: Region, key: str, value: CachedRows, st
         return hydrate.result(value, session, propagating(statement))
     if seen[1] is not None and seen[1].current(session):
         return seen[1].result()
-    objects = LocalResult(hydrate.result(value, session, propagating(statement)).freeze())
+    objects = LocalResult.from_result(hydrate.result(value, session, propagating(statement)))
     built[key] = (value, objects)
     return objects.result()
 
