@@ -12,7 +12,10 @@ from typing import Any
 from sqlalchemy.engine import FrozenResult, Result
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Query
+from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.orm.path_registry import RootRegistry
+from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.selectable import TextualSelect
 
 #: The empty loader path, as it appears in a statement's cache key (2.0, 2.1):
 #: ``keys.py`` recognises compile options that only name the API.
@@ -123,6 +126,23 @@ def require_unique(result: Result) -> Result:
     """
     result._unique_filter_state = (set(), _unique_required)
     return result
+
+
+def textual_sql(statement: Any) -> str | None:
+    """The SQL text ``statement`` runs when it is SQL text, else None.
+
+    SQL text is ``text(...)``, ``text(...).columns(...)`` (a
+    ``TextualSelect``) and ``select(...).from_statement(...)`` of either.
+    ``Select.from_statement()`` builds a ``FromStatement``, whose class is
+    in the ORM's private ``sqlalchemy.orm.context`` and whose ``element``
+    is the statement it was given (2.0, 2.1); ``Query.from_statement()``
+    runs one too.
+    """
+    if isinstance(statement, FromStatement):
+        statement = statement.element
+    if isinstance(statement, TextualSelect):
+        statement = statement.element
+    return statement.text if isinstance(statement, TextClause) else None
 
 
 def query_statement(query: Query) -> Any:

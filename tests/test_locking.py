@@ -121,6 +121,18 @@ def lock_fails(url, sql):
 PG_FORMS = {
     **{name: (build, "SELECT id FROM person WHERE id = 1 FOR UPDATE NOWAIT") for name, build in FORMS.items()},
     "a locking subquery": (FORMS["a locking subquery"], "SELECT id FROM address WHERE id = 1 FOR UPDATE NOWAIT"),
+    "from_statement(text(... FOR UPDATE))": (
+        lambda session: select(Person).from_statement(text("SELECT * FROM person WHERE id = 1 FOR UPDATE")),
+        "SELECT id FROM person WHERE id = 1 FOR UPDATE NOWAIT",
+    ),
+    "text(... FOR SHARE).columns()": (
+        lambda session: text("SELECT id, name FROM person WHERE id = 1 FOR SHARE").columns(Person.id, Person.name),
+        "SELECT id FROM person WHERE id = 1 FOR UPDATE NOWAIT",
+    ),
+    "text(... FOR NO KEY UPDATE)": (
+        lambda session: text("SELECT id, name FROM person WHERE id = 1 FOR NO KEY UPDATE"),
+        "SELECT id FROM person WHERE id = 1 FOR UPDATE NOWAIT",
+    ),
 }
 
 

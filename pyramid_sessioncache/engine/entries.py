@@ -17,6 +17,7 @@ from sqlalchemy.sql import Executable
 from .. import _sqlalchemy
 from ..errors import NoRegionsError, NotCacheableError
 from .cache import SessionCache, cache_of
+from .lookup import is_read
 from .options import statement_option
 
 
@@ -24,11 +25,11 @@ def _statement(query: Any, session: Any) -> tuple[Any, Any, Any]:
     if isinstance(query, Query):
         statement, parameters = _sqlalchemy.query_statement(query)
         return statement, parameters, session or query.session
-    if isinstance(query, Executable) and getattr(query, "is_select", False):
+    if isinstance(query, Executable) and is_read(query):
         if session is None:
             raise TypeError("a select() needs the Session it runs in: pass session=")
         return query, None, session
-    raise NotCacheableError(f"expected a select() or a Query, got {query!r}")
+    raise NotCacheableError(f"expected a select(), SQL text that reads or a Query, got {query!r}")
 
 
 def _cache(session: Any) -> SessionCache:

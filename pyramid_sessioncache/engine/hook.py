@@ -22,7 +22,6 @@ from sqlalchemy import event
 from sqlalchemy.orm import ORMExecuteState, Session
 
 from .. import _sqlalchemy
-from ..errors import NotCacheableError
 from ..storage.backends import local_session
 from ..storage.region import always_valid
 from . import info, loader, lookup
@@ -84,10 +83,10 @@ def _transaction_ended(session: Session, transaction: Any) -> None:
 
 def _do_orm_execute(state: ORMExecuteState) -> Any:
     statement = state.statement
-    if not statement.is_select:
+    if not lookup.is_read(statement):
         # What it writes, the connection sees (invalidation/writes.py).
         if statement_option(statement, relationships=True) is not None:
-            raise NotCacheableError(f"only SELECT statements can be cached, not {type(statement).__name__}")
+            raise lookup.not_a_read(statement)
         return None
     session = state.session
     if info.LOADER in session.info:
@@ -152,7 +151,7 @@ def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: 
 
     tables = found.tables
     if tables is None:
-        tables = cache.tables_read.learn(key.shape, reads.statement_tables(state.statement))
+        tables = cache.tables_read.learn(key.shape, _tables_read(state.statement))
     verdict = {"store": True}
 
     def create() -> CachedRows:
@@ -179,3 +178,15 @@ def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: 
         valid=versions.valid(region, tables),
         tables=tables,
     )
+
+
+def _tables_read(statement: Any) -> frozenset[str]:
+    """The tables ``statement`` reads, as far as the statement tells: every table, for SQL text.
+
+    What SQL text reads is not known, only the tables of the columns it
+    is given to: its entries depend on :data:`~.invalidation.reads.ALL_TABLES`.
+    """
+    read = reads.statement_tables(statement)
+    if _sqlalchemy.textual_sql(statement) is not None:
+        return read | {reads.ALL_TABLES}
+    return read

@@ -17,12 +17,13 @@ from typing import Any, NamedTuple
 from sqlalchemy.orm import Session
 
 from .. import _sqlalchemy
-from ..errors import NoRegionsError
+from ..errors import NoRegionsError, NotCacheableError
 from ..storage.backends import local_session
 from ..storage.region import Region, Validator, always_valid
 from . import hydrate, stats
 from .cache import SessionCache, cache_of
 from .invalidation import versions, writes
+from .invalidation.statements import sql_tables
 from .keys import BYPASS_OPTIONS, EntryKey
 from .options import FromCache
 from .values import CachedRows, LocalResult
@@ -55,6 +56,29 @@ def cache_for(session: Session) -> SessionCache:
             "sessionmaker(info=session_cache.session_info()), or through pyramid_sessioncache"
         )
     return cache
+
+
+def is_read(statement: Any) -> bool:
+    """Whether ``statement`` only reads rows, so that a cache may answer it.
+
+    A SELECT, or SQL text whose SQL writes no rows (``text()``,
+    ``text().columns()``, ``select().from_statement()`` of either): for
+    those, ``is_select`` tells nothing (False for ``from_statement(text())``,
+    True for an ``UPDATE ... RETURNING`` given ``.columns()``), so the SQL
+    is read (``invalidation/statements.py``).
+    """
+    sql = _sqlalchemy.textual_sql(statement)
+    if sql is None:
+        return bool(statement.is_select)
+    return not sql_tables(sql)
+
+
+def not_a_read(statement: Any) -> NotCacheableError:
+    """The error for a caching request on ``statement``, which :func:`is_read` refused."""
+    sql = _sqlalchemy.textual_sql(statement)
+    if sql is not None:
+        return NotCacheableError(f"only reads can be cached, and this SQL text may write rows: {sql}")
+    return NotCacheableError(f"only SELECT statements can be cached, not {type(statement).__name__}")
 
 
 def bypassed(options: Any) -> bool:
