@@ -79,6 +79,15 @@ def _transaction_ended(session: Session, transaction: Any) -> None:
     if transaction.parent is None:
         # A commit published its writes (after_commit); these were rolled back.
         writes.forget(session)
+        session.info.pop(info.SNAPSHOTS, None)
+
+
+def _reads_a_snapshot(session: Session, connection: Any) -> bool:
+    """``loader.reads_a_snapshot()``, remembered for the length of ``session``'s transaction."""
+    known = session.info.get(info.SNAPSHOTS)
+    if known is None:
+        known = session.info[info.SNAPSHOTS] = {}
+    return loader.reads_a_snapshot(connection, known)
 
 
 def _do_orm_execute(state: ORMExecuteState) -> Any:
@@ -146,15 +155,22 @@ def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: 
         return session.connection(bind_arguments=state.bind_arguments)
 
     key = found.key
+    verdict = {"store": True}
     if cache.invalidation != "auto":
-        return region.get_or_create(key.text, lambda: loader.load(state, connection()), session, expire)
+
+        def load() -> CachedRows:
+            # What an explicit invalidation removed, an older snapshot must not store again.
+            verdict["store"] = not _reads_a_snapshot(session, connection())
+            return loader.load(state, connection())
+
+        return region.get_or_create(key.text, load, session, expire, store=lambda value: verdict["store"])
 
     tables = found.tables
     if tables is None:
         tables = cache.tables_read.learn(key.shape, _tables_read(state.statement))
-    verdict = {"store": True}
 
     def create() -> CachedRows:
+        old_snapshot = _reads_a_snapshot(session, connection())  # before anything runs for this query
         now = region.versions(tables, create=True)  # before the query: see invalidation/__init__.py
         value = loader.load(state, connection())
         if now is None:  # the backend failed: nothing to tag the result with
@@ -164,7 +180,7 @@ def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: 
             # were not read for them in time, so keep this one result only.
             cache.tables_read.learn(key.shape, value.tables.union(tables))
             verdict["store"] = False
-        elif loader.reads_a_snapshot(connection()):
+        elif old_snapshot:
             verdict["store"] = False
         value.tables, value.versions = tables, now
         return value

@@ -109,13 +109,13 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
     if session is not None:
         written(session).update(tables)
         local_session.drop(session)
-    if _in_transaction(conn.connection.dbapi_connection):
+    if in_transaction(conn.connection.dbapi_connection):
         _marks(conn).levels[-1][1].update(tables)
     else:  # the database committed it already
         publish(tables)
 
 
-def _in_transaction(dbapi_connection: Any) -> bool:
+def in_transaction(dbapi_connection: Any) -> bool:
     """Whether the DBAPI connection has a transaction open (True when it cannot tell)."""
     status = getattr(dbapi_connection, "in_transaction", None)  # sqlite3
     if isinstance(status, bool):
