@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 from typing import Any, NamedTuple
 
+from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 from .. import _sqlalchemy
@@ -67,6 +68,8 @@ def is_read(statement: Any) -> bool:
     True for an ``UPDATE ... RETURNING`` given ``.columns()``), so the SQL
     is read (``invalidation/statements.py``).
     """
+    if statement.__class__ is Select:  # the commonest, answered first: every ORM execution asks
+        return True
     sql = _sqlalchemy.textual_sql(statement)
     if sql is None:
         return bool(statement.is_select)
