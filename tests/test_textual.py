@@ -240,5 +240,5 @@ def test_sql_text_that_writes_runs_uncached(Session, form):
 
 @pytest.mark.parametrize("form", sorted(WRITES))
 def test_sql_text_that_writes_has_no_entry(Session, form):
-    with Session() as session, pytest.raises(NotCacheableError):
+    with Session() as session, pytest.raises(NotCacheableError, match="may write"):
         cache_parameters(WRITES[form](), session=session)

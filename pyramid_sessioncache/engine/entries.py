@@ -17,7 +17,7 @@ from sqlalchemy.sql import Executable
 from .. import _sqlalchemy
 from ..errors import NoRegionsError, NotCacheableError
 from .cache import SessionCache, cache_of
-from .lookup import is_read
+from .lookup import is_read, not_a_read
 from .options import statement_option
 
 
@@ -25,7 +25,9 @@ def _statement(query: Any, session: Any) -> tuple[Any, Any, Any]:
     if isinstance(query, Query):
         statement, parameters = _sqlalchemy.query_statement(query)
         return statement, parameters, session or query.session
-    if isinstance(query, Executable) and is_read(query):
+    if isinstance(query, Executable):
+        if not is_read(query):
+            raise not_a_read(query)
         if session is None:
             raise TypeError("a select() needs the Session it runs in: pass session=")
         return query, None, session
