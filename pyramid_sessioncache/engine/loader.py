@@ -72,15 +72,17 @@ def reads_a_snapshot(connection: Any, known: dict[Any, bool] | None = None) -> b
     if connection.dialect.name == "sqlite":
         answer = _journal_mode(connection) == "wal"
     else:
-        answer = str(connection.get_isolation_level()).upper() in SNAPSHOT_LEVELS
+        try:
+            answer = str(connection.get_isolation_level()).upper() in SNAPSHOT_LEVELS
+        except NotImplementedError:  # a dialect that cannot tell: assume the worst
+            answer = True
     if known is not None:
         known[connection] = answer
     return answer
 
 
 def _journal_mode(connection: Any) -> str:
-    # Asked each time (a local read): a connection may change it.  On the
-    # DBAPI connection, so that it is not counted as the application's SQL.
+    # On the DBAPI connection: the add-on's own question, not the application's SQL.
     cursor = connection.connection.dbapi_connection.cursor()
     try:
         return str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower()
