@@ -10,8 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from sqlalchemy.engine import FrozenResult, Result
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Query
+from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.orm.path_registry import RootRegistry
+from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.selectable import TextualSelect
 
 #: The empty loader path, as it appears in a statement's cache key (2.0, 2.1):
 #: ``keys.py`` recognises compile options that only name the API.
@@ -72,6 +77,73 @@ def is_single_entity(frozen: Any) -> bool:
     also what ``Query._iter()`` reads.
     """
     return bool(frozen._attributes.get("is_single_entity"))
+
+
+#: What an ORM Result that requires ``.unique()`` raises when read without
+#: it: the message of ``sqlalchemy.orm.loading.instances()`` (2.0, 2.1).
+UNIQUE_REQUIRED = (
+    "The unique() method must be invoked on this Result, as it contains results "
+    "that include joined eager loads against collections"
+)
+
+
+def requires_unique(result: Result) -> bool:
+    """Whether an ORM ``result``, not read yet, demands ``.unique()`` (a joined eager load of a collection).
+
+    ``sqlalchemy.orm.loading.instances()`` sets the private
+    ``Result._unique_filter_state`` to ``(set(), require_unique)`` exactly
+    then (2.0, 2.1), a filter that raises on the first row; ``.unique()``
+    replaces it.  There is no public way to ask.
+    """
+    state = result._unique_filter_state
+    return state is not None and state[1] is not None
+
+
+def freeze_raw(result: Result) -> FrozenResult:
+    """Freeze every row of ``result`` as the database returned it, whatever its unique filter.
+
+    ``Result.freeze()`` reads a single entity's rows raw but a result of
+    several columns through its unique filter (``_allrows()``, 2.0, 2.1):
+    one that requires ``.unique()`` would raise there, before its caller
+    had a chance to call it.  The filter is dropped first, so both freeze
+    the same raw rows; :func:`require_unique` puts the requirement back
+    on each Result made from them.
+    """
+    result._unique_filter_state = None
+    return result.freeze()
+
+
+def _unique_required(row: Any) -> Any:
+    raise InvalidRequestError(UNIQUE_REQUIRED)
+
+
+def require_unique(result: Result) -> Result:
+    """Make ``result`` demand ``.unique()``, as the ORM result it was frozen from did; return it.
+
+    The filter ``loading.instances()`` installs, as the same private
+    ``_unique_filter_state`` (2.0, 2.1): ``.scalars()``, ``.mappings()``
+    and the like carry it over, and ``.unique()`` (the legacy ``Query``
+    calls it for every result of entities) replaces it.
+    """
+    result._unique_filter_state = (set(), _unique_required)
+    return result
+
+
+def textual_sql(statement: Any) -> str | None:
+    """The SQL text ``statement`` runs when it is SQL text, else None.
+
+    SQL text is ``text(...)``, ``text(...).columns(...)`` (a
+    ``TextualSelect``) and ``select(...).from_statement(...)`` of either.
+    ``Select.from_statement()`` builds a ``FromStatement``, whose class is
+    in the ORM's private ``sqlalchemy.orm.context`` and whose ``element``
+    is the statement it was given (2.0, 2.1); ``Query.from_statement()``
+    runs one too.
+    """
+    if isinstance(statement, FromStatement):
+        statement = statement.element
+    if isinstance(statement, TextualSelect):
+        statement = statement.element
+    return statement.text if isinstance(statement, TextClause) else None
 
 
 def query_statement(query: Query) -> Any:

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import create_engine, event
+from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import SessionCache
@@ -92,6 +92,14 @@ def region(request, region_options) -> str:
     return request.param
 
 
+@pytest.fixture(params=["local", "memory", "file", "redis"])
+def any_region(request, region_options) -> str:
+    """The name of every region in turn, ``ext:local_session`` included."""
+    if request.param == "redis":
+        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
+    return request.param
+
+
 def _server_package(name: str):
     """Import the package that ships a server; without it, skip, except in CI."""
     try:
@@ -143,3 +151,24 @@ def postgres_url() -> Iterator[str]:
     finally:
         server.cleanup()
         shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_url(postgres_url) -> Iterator[str]:
+    """A seeded PostgreSQL database of its own; yields its URL, drops it after."""
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    url = make_url(postgres_url).set(database=name).render_as_string(hide_password=False)
+    engine = create_engine(url)
+    models.Base.metadata.create_all(engine)
+    with sessionmaker(engine)() as session:
+        models.seed(session)
+    engine.dispose()
+    try:
+        yield url
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+        admin.dispose()

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache, cached_query
+from pyramid_sessioncache.storage.region import FORMAT
 
 from .conftest import SECRET, _server_package
 from .models import Person
@@ -81,7 +82,7 @@ def test_backend_down_then_back(engine, sql, redis_server, caplog, how):
     import redis
 
     # The entry that read the old name is still in Redis (the server saved it) ...
-    assert redis.Redis.from_url(redis_server.url).keys("beaker_cache:sessioncache.v1.redis:*")
+    assert redis.Redis.from_url(redis_server.url).keys(f"beaker_cache:sessioncache.{FORMAT}.redis:*")
     time.sleep(0.4)
     # ... but this process replays the invalidation it could not make before using it.
     assert name() == "written while down"

@@ -61,21 +61,6 @@ def test_shared_miss_runs_only_the_query_and_a_hit_runs_nothing(pg_session, pg_e
     assert [s.split()[0] for s in sql.statements] == ["UPDATE"]
 
 
-@pytest.mark.parametrize(("isolation", "second_sql"), [("READ COMMITTED", 0), ("REPEATABLE READ", 1)])
-def test_snapshot_isolation_is_never_stored(pg_engine, isolation, second_sql):
-    engine = pg_engine.execution_options(isolation_level=isolation)
-    cache = SessionCache({"memory": {"type": "memory"}})
-    Session = sessionmaker(bind=engine, info=cache.session_info())
-    sql = SQLCounter(pg_engine)
-    stmt = select(Person.name).where(Person.id == 2).options(FromCache("memory"))
-    with Session() as session:
-        assert session.execute(stmt).scalar_one() == "person 2"
-    sql.reset()
-    with Session() as session:
-        assert session.execute(stmt).scalar_one() == "person 2"
-    assert sql.count == second_sql
-
-
 def test_a_commit_elsewhere_invalidates(pg_session):
     stmt = select(Person.name).where(Person.id == 3).options(FromCache("memory"))
     with pg_session() as reader:

@@ -28,9 +28,11 @@ def cached_query(
 ) -> Any:
     """Run ``query`` through the cache region ``region`` of ``session``.
 
-    :param query: a 2.0 ``select()``, executed on ``session`` and returned
-        as its ``Result`` (``.scalars()``, ``.one()``, ``.all()``); or a
-        legacy ``Query`` (of ``session``), returned with the caching option
+    :param query: a 2.0 ``select()`` or SQL text that reads
+        (``select(...).from_statement(text(...))``, ``text(...).columns(...)``,
+        ``text(...)``), executed on ``session`` and returned as its
+        ``Result`` (``.scalars()``, ``.one()``, ``.all()``); or a legacy
+        ``Query`` (of ``session``), returned with the caching option
         applied (``.one()``, ``.all()``, iteration).
     :param region: a configured region name; default: the cache's default region.
     :param cache_key: a readable prefix for the entry's key.
@@ -42,7 +44,8 @@ def cached_query(
     :class:`~pyramid_sessioncache.UnknownRegionError` for an unknown region,
     :class:`~pyramid_sessioncache.NoRegionsError` for a Session that caches
     nowhere and :class:`~pyramid_sessioncache.NotCacheableError` for
-    anything but a SELECT, before anything is executed.
+    anything but a read (a SELECT, SQL text that writes no rows), before
+    anything is executed.
     """
     cache = lookup.cache_for(session)
     name = region or cache.default_region
@@ -56,11 +59,11 @@ def cached_query(
     option = FromCache(name, cache_key, expire)
     if isinstance(query, Query):
         return query.options(option)
-    if isinstance(query, Executable) and getattr(query, "is_select", False):
+    if isinstance(query, Executable) and lookup.is_read(query):
         result = _early_hit(session, cache, found, query, option)
         return session.execute(query.options(option)) if result is None else result
     if isinstance(query, Executable):
-        raise NotCacheableError(f"only SELECT statements can be cached, not {type(query).__name__}: {query}")
+        raise lookup.not_a_read(query)
     raise NotCacheableError(f"cached_query() expects a select() or a Query, got {query!r}")
 
 

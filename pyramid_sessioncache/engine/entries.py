@@ -18,6 +18,7 @@ from .. import _sqlalchemy
 from ..errors import NoRegionsError, NotCacheableError
 from .cache import SessionCache, cache_of
 from .cache_options import check_label
+from .lookup import is_read, not_a_read
 from .options import statement_option
 
 
@@ -25,11 +26,13 @@ def _statement(query: Any, session: Any) -> tuple[Any, Any, Any]:
     if isinstance(query, Query):
         statement, parameters = _sqlalchemy.query_statement(query)
         return statement, parameters, session or query.session
-    if isinstance(query, Executable) and getattr(query, "is_select", False):
+    if isinstance(query, Executable):
+        if not is_read(query):
+            raise not_a_read(query)
         if session is None:
             raise TypeError("a select() needs the Session it runs in: pass session=")
         return query, None, session
-    raise NotCacheableError(f"expected a select() or a Query, got {query!r}")
+    raise NotCacheableError(f"expected a select(), SQL text that reads or a Query, got {query!r}")
 
 
 def _cache(session: Any) -> SessionCache:

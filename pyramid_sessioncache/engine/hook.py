@@ -22,7 +22,6 @@ from sqlalchemy import event
 from sqlalchemy.orm import ORMExecuteState, Session
 
 from .. import _sqlalchemy
-from ..errors import NotCacheableError
 from ..storage.backends import local_session
 from ..storage.region import always_valid
 from . import info, loader, lookup
@@ -80,14 +79,23 @@ def _transaction_ended(session: Session, transaction: Any) -> None:
     if transaction.parent is None:
         # A commit published its writes (after_commit); these were rolled back.
         writes.forget(session)
+        session.info.pop(info.SNAPSHOTS, None)
+
+
+def _reads_a_snapshot(session: Session, connection: Any) -> bool:
+    """``loader.reads_a_snapshot()``, remembered for the length of ``session``'s transaction."""
+    known = session.info.get(info.SNAPSHOTS)
+    if known is None:
+        known = session.info[info.SNAPSHOTS] = {}
+    return loader.reads_a_snapshot(connection, known)
 
 
 def _do_orm_execute(state: ORMExecuteState) -> Any:
     statement = state.statement
-    if not statement.is_select:
+    if not lookup.is_read(statement):
         # What it writes, the connection sees (invalidation/writes.py).
         if statement_option(statement, relationships=True) is not None:
-            raise NotCacheableError(f"only SELECT statements can be cached, not {type(statement).__name__}")
+            raise lookup.not_a_read(statement)
         return None
     session = state.session
     if info.LOADER in session.info:
@@ -125,7 +133,7 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
     if region.is_local:
         value, hit = region.get_or_create(
             found.key.text,
-            lambda: LocalResult(state.invoke_statement().freeze()),
+            lambda: LocalResult.from_result(state.invoke_statement()),
             session,
             option.expire,
             valid=found.valid or always_valid,
@@ -146,15 +154,22 @@ def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: 
         return session.connection(bind_arguments=state.bind_arguments)
 
     key = found.key
+    verdict = {"store": True}
     if cache.invalidation != "auto":
-        return region.get_or_create(key.text, lambda: loader.load(state, connection()), session, expire)
+
+        def load() -> CachedRows:
+            # What an explicit invalidation removed, an older snapshot must not store again.
+            verdict["store"] = not _reads_a_snapshot(session, connection())
+            return loader.load(state, connection())
+
+        return region.get_or_create(key.text, load, session, expire, store=lambda value: verdict["store"])
 
     tables = found.tables
     if tables is None:
-        tables = cache.tables_read.learn(key.shape, reads.statement_tables(state.statement))
-    verdict = {"store": True}
+        tables = cache.tables_read.learn(key.shape, _tables_read(state.statement))
 
     def create() -> CachedRows:
+        old_snapshot = _reads_a_snapshot(session, connection())  # before anything runs for this query
         known = tables
         for _ in range(2):
             now = region.versions(known, create=True)  # before the query: see invalidation/__init__.py
@@ -168,7 +183,7 @@ def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: 
             known = cache.tables_read.learn(key.shape, value.tables.union(known))
         else:
             verdict["store"] = False
-        if now is None or loader.reads_a_snapshot(connection()):
+        if now is None or old_snapshot:
             verdict["store"] = False  # a failed backend, or rows from an older snapshot
         value.tables, value.versions = known, now
         return value
@@ -182,3 +197,16 @@ def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: 
         valid=versions.valid(region, tables),
         tables=tables,
     )
+
+
+def _tables_read(statement: Any) -> frozenset[str]:
+    """The tables ``statement`` reads, as far as the statement tells: every table, for SQL text.
+
+    What SQL text reads is not known, only the tables of the columns it
+    is given to: its entries depend on :data:`~.invalidation.reads.ANY_TABLE`,
+    which every committed write bumps.
+    """
+    read = reads.statement_tables(statement)
+    if _sqlalchemy.textual_sql(statement) is not None:
+        return read | {reads.ANY_TABLE}
+    return read

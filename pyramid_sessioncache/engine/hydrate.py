@@ -23,20 +23,25 @@ def result(value: CachedRows, session: Session, load_options: tuple = ()) -> Res
     """Return ``value`` as a Result whose objects belong to ``session``.
 
     ``load_options`` are the propagating loader options of the query,
-    given to each new object as the ORM would.
+    given to each new object as the ORM would.  The Result demands
+    ``.unique()`` when the query's did.
     """
     flags = value.entity_columns
     if not any(flags):  # plain values only: the stored tuples serve as they are
-        return value.shell.with_new_rows(value.rows)()
-    objects = objects_of(session, value.classes, value.objects, load_options)
-    if flags == (True,):  # one entity per row, the commonest
-        rows = [(None if index is None else objects[index],) for (index,) in value.rows]
+        result = value.shell.with_new_rows(value.rows)()
     else:
-        rows = [
-            tuple(objects[item] if flag and item is not None else item for item, flag in zip(row, flags, strict=True))
-            for row in value.rows
-        ]
-    return value.shell.with_new_rows(rows)()
+        objects = objects_of(session, value.classes, value.objects, load_options)
+        if flags == (True,):  # one entity per row, the commonest
+            rows = [(None if index is None else objects[index],) for (index,) in value.rows]
+        else:
+            rows = [
+                tuple(
+                    objects[item] if flag and item is not None else item for item, flag in zip(row, flags, strict=True)
+                )
+                for row in value.rows
+            ]
+        result = value.shell.with_new_rows(rows)()
+    return _sqlalchemy.require_unique(result) if value.requires_unique else result
 
 
 class _Plan:

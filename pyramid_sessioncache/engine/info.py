@@ -12,7 +12,7 @@ from typing import Any
 
 from ..storage.backends.local_session import INFO_KEY as LOCAL
 
-__all__ = ["CACHE", "DECLARED", "LOADER", "LOCAL", "LOOKUPS", "WRITTEN", "own_key"]
+__all__ = ["CACHE", "DECLARED", "LOADER", "LOCAL", "LOOKUPS", "SNAPSHOTS", "WRITTEN", "own_key"]
 
 #: The :class:`~pyramid_sessioncache.SessionCache` a Session caches into.
 CACHE = "sessioncache"
@@ -24,6 +24,10 @@ WRITTEN = "sessioncache.written"
 #: The tables the current transaction declared written
 #: (:func:`~pyramid_sessioncache.invalidate_tables`): published at commit.
 DECLARED = "sessioncache.declared"
+#: Whether the current transaction reads from the snapshot of its first
+#: statement, per Connection, once its database transaction has begun
+#: (see ``loader.reads_a_snapshot()``): dropped when the transaction ends.
+SNAPSHOTS = "sessioncache.snapshots"
 #: Flags the throw-away Sessions that load values to cache; the ORM hook
 #: leaves their statements alone.
 LOADER = "sessioncache.loader"

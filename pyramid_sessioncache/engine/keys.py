@@ -19,9 +19,14 @@ a digest of four parts:
   its URL, which two databases can share), and its own public execution
   options, those of a ``Connection`` included.
 
-A statement that cannot be keyed gets ``None`` and runs uncached.  Unlike
-``CacheKey.to_offline_string()`` used by SQLAlchemy's dogpile example, the
-loader options, execution options and bind are part of the key.
+A statement that cannot be keyed gets ``None`` and runs uncached.  So does
+a locking read (``with_for_update()`` anywhere in it, or ``FOR UPDATE``,
+``FOR SHARE``... in its SQL text, hints or suffixes): it is run for its
+locks as much as for its rows, and a cached result would lock nothing.
+Both are found in the one walk over a statement's structure, once per
+shape.  Unlike ``CacheKey.to_offline_string()`` used by SQLAlchemy's
+dogpile example, the loader options, execution options and bind are part
+of the key.
 """
 
 from __future__ import annotations
@@ -30,7 +35,9 @@ import datetime
 import decimal
 import enum
 import hashlib
+import logging
 import os
+import re
 import types
 import uuid
 import weakref
@@ -41,13 +48,13 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapper, MapperProperty
 from sqlalchemy.sql.expression import TableClause
-from sqlalchemy.sql.selectable import SelectLabelStyle
+from sqlalchemy.sql.selectable import ForUpdateArg, SelectLabelStyle
 
 from .. import _sqlalchemy
 from .identity import database_identity
 
 #: Execution options that never change the rows a statement returns.
-NEUTRAL_OPTIONS = frozenset({"compiled_cache", "logging_token", "autoflush", "max_row_buffer"})
+NEUTRAL_OPTIONS = frozenset({"compiled_cache", "logging_token", "autoflush", "max_row_buffer", "isolation_level"})
 
 #: Execution options under which a result must not come from the cache:
 #: streamed results, and loads meant to overwrite the identity map.
@@ -67,12 +74,27 @@ _API_ONLY_COMPILE_OPTIONS = frozenset(
     }
 )
 
+#: SQL that takes row locks, wherever a statement holds SQL text (``text()``,
+#: hints, suffixes): ``FOR [NO KEY] UPDATE``, ``FOR [KEY] SHARE``, MySQL's
+#: ``LOCK IN SHARE MODE``, SQL Server's locking table hints.
+LOCKING_SQL = re.compile(
+    r"\bfor\s+(?:no\s+key\s+)?update\b|\bfor\s+(?:key\s+)?share\b|\block\s+in\s+share\s+mode\b"
+    r"|\b(?:updlock|xlock|holdlock|tablockx)\b",
+    re.IGNORECASE,
+)
+
 _MEMO_SIZE = 2000
 _UNSEEN: Any = object()
+
+log = logging.getLogger(__name__)
 
 
 class Unkeyable(Exception):
     """Raised inside this module for what has no stable key text."""
+
+
+class Locking(Unkeyable):
+    """Raised inside this module for a statement that takes row locks: it must run every time."""
 
 
 def _qualified(obj: Any) -> str:
@@ -100,11 +122,19 @@ def _structure_text(element: Any, out: list[str]) -> None:
             out.append(",")
             previous = item if isinstance(item, str) else None
         out.append(")")
-    elif element is None or isinstance(element, (str, int, float, bytes)):
+    elif isinstance(element, str):
+        if LOCKING_SQL.search(element):
+            raise Locking(element)
+        out.append(repr(_plain(element)))
+    elif element is None or isinstance(element, (int, float, bytes)):
         out.append(repr(_plain(element)))
     elif isinstance(element, enum.Enum):
         out.append(f"{_qualified(type(element))}.{element.name}")
-    elif isinstance(element, (type, types.FunctionType, types.BuiltinFunctionType)):
+    elif isinstance(element, type):
+        if issubclass(element, ForUpdateArg):  # with_for_update(), at any depth
+            raise Locking(element)
+        out.append(_qualified(element))
+    elif isinstance(element, (types.FunctionType, types.BuiltinFunctionType)):
         out.append(_qualified(element))
     elif isinstance(element, types.CodeType):
         out.append(_code_text(element))
@@ -206,7 +236,10 @@ class KeyMaker:
         _watch(self)
 
     def structure(self, cache_key: Any) -> str | None:
-        """Return the stable digest of a ``CacheKey``'s structure, or None."""
+        """Return the stable digest of a ``CacheKey``'s structure, or None.
+
+        None when the structure has no stable text, or takes row locks.
+        """
         digest = self._structures.get(cache_key.key, _UNSEEN)
         if digest is not _UNSEEN:
             return digest
@@ -214,6 +247,9 @@ class KeyMaker:
         try:
             _structure_text(cache_key.key, out)
             digest = hashlib.blake2b("".join(out).encode(), digest_size=16).hexdigest()
+        except Locking:
+            log.debug("never cached: a statement shape that takes row locks")
+            digest = None
         except Unkeyable:
             digest = None
         if len(self._structures) >= _MEMO_SIZE:

@@ -10,9 +10,10 @@ from sqlalchemy.orm import ORMExecuteState, Session
 from .. import _sqlalchemy
 from . import info
 from .invalidation.reads import executed_tables, record_tables, statement_tables
+from .invalidation.writes import in_transaction
 from .values import CachedRows
 
-#: Isolation levels whose snapshot may predate the versions a query reads.
+#: Isolation levels at which a transaction reads from the snapshot of its first statement.
 SNAPSHOT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT"})
 
 
@@ -50,15 +51,49 @@ def load(state: ORMExecuteState, connection: Any) -> CachedRows:
     return value
 
 
-def reads_a_snapshot(connection: Any) -> bool:
-    """Whether ``connection``'s transaction may read from a snapshot older than now.
+def reads_a_snapshot(connection: Any, known: dict[Any, bool] | None = None) -> bool:
+    """Whether the next query on ``connection`` may read from a snapshot older than now.
 
-    Under REPEATABLE READ or SERIALIZABLE a transaction reads from a
-    snapshot that can be older than the versions read just now; storing
-    its result could tag old rows with new versions.  pysqlite starts no
-    transaction for a SELECT, so SQLite reads the latest data regardless.
+    Asked before a miss reads the versions of its tables, with nothing run
+    on the connection in between: a result read from an older snapshot,
+    tagged with those versions, would be served as current after the
+    commits the snapshot does not show.
+
+    - The database transaction has not begun (the driver says so): the
+      query begins it, and its snapshot is taken then, after the versions
+      were read, whatever the isolation level.
+    - Begun, on SQLite: a read transaction in WAL mode keeps the snapshot
+      of its first read; in the rollback-journal modes, what it has read
+      is locked against writers, so nothing it reads is older than now.
+    - Begun elsewhere: the transaction's own level, asked of the database
+      (``Connection.get_isolation_level()``, which sees ``SET TRANSACTION``
+      sent as SQL too); at REPEATABLE READ, SERIALIZABLE or SNAPSHOT the
+      transaction keeps the snapshot of its first statement.
+
+    Once the database transaction has begun the answer holds until it
+    ends: ``known``, a dictionary kept as long as the transaction, keeps
+    it per Connection, so that the database is asked once.
     """
-    if connection.dialect.name == "sqlite":
+    if not in_transaction(connection.connection.dbapi_connection):
         return False
-    level = connection.get_execution_options().get("isolation_level") or connection.default_isolation_level
-    return str(level).upper() in SNAPSHOT_LEVELS
+    if known is not None and connection in known:
+        return known[connection]
+    if connection.dialect.name == "sqlite":
+        answer = _journal_mode(connection) == "wal"
+    else:
+        try:
+            answer = str(connection.get_isolation_level()).upper() in SNAPSHOT_LEVELS
+        except NotImplementedError:  # a dialect that cannot tell: assume the worst
+            answer = True
+    if known is not None:
+        known[connection] = answer
+    return answer
+
+
+def _journal_mode(connection: Any) -> str:
+    # On the DBAPI connection: the add-on's own question, not the application's SQL.
+    cursor = connection.connection.dbapi_connection.cursor()
+    try:
+        return str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+    finally:
+        cursor.close()

@@ -14,15 +14,17 @@ from __future__ import annotations
 import logging
 from typing import Any, NamedTuple
 
+from sqlalchemy import Select
 from sqlalchemy.orm import Session
 
 from .. import _sqlalchemy
-from ..errors import NoRegionsError
+from ..errors import NoRegionsError, NotCacheableError
 from ..storage.backends import local_session
 from ..storage.region import Region, Validator, always_valid
 from . import hydrate, stats
 from .cache import SessionCache, cache_of
 from .invalidation import versions, writes
+from .invalidation.statements import sql_tables
 from .keys import BYPASS_OPTIONS, EntryKey
 from .options import FromCache
 from .values import CachedRows, LocalResult
@@ -57,6 +59,31 @@ def cache_for(session: Session) -> SessionCache:
     return cache
 
 
+def is_read(statement: Any) -> bool:
+    """Whether ``statement`` only reads rows, so that a cache may answer it.
+
+    A SELECT, or SQL text whose SQL writes no rows (``text()``,
+    ``text().columns()``, ``select().from_statement()`` of either): for
+    those, ``is_select`` tells nothing (False for ``from_statement(text())``,
+    True for an ``UPDATE ... RETURNING`` given ``.columns()``), so the SQL
+    is read (``invalidation/statements.py``).
+    """
+    if statement.__class__ is Select:  # the commonest, answered first: every ORM execution asks
+        return True
+    sql = _sqlalchemy.textual_sql(statement)
+    if sql is None:
+        return bool(statement.is_select)
+    return not sql_tables(sql)
+
+
+def not_a_read(statement: Any) -> NotCacheableError:
+    """The error for a caching request on ``statement``, which :func:`is_read` refused."""
+    sql = _sqlalchemy.textual_sql(statement)
+    if sql is not None:
+        return NotCacheableError(f"only reads can be cached, and this SQL text may write rows: {sql}")
+    return NotCacheableError(f"only SELECT statements can be cached, not {type(statement).__name__}")
+
+
 def bypassed(options: Any) -> bool:
     """Whether execution ``options`` ask for rows that must not come from a cache.
 
@@ -80,6 +107,11 @@ def decide(
 ) -> Lookup | None:
     """Return how to look ``statement`` up in ``region``, or None when it must run uncached.
 
+    Runs uncached: a disabled region, streamed or ``populate_existing``
+    loads, reads around shared regions after this transaction wrote, a
+    statement that cannot be keyed, and a locking read (``with_for_update()``
+    in any form: its locks must be taken, every time).
+
     Autoflushes first, as the query would: a look-up must not ignore the
     Session's pending inserts, updates and deletes.
     """
@@ -93,8 +125,8 @@ def decide(
         # (A Session bound to a Connection joins what it wrote before.)
         return None
     key = cache.key(statement, parameters, options, bind, option.cache_key)
-    if key is None:
-        log.debug("uncached: statement cannot be keyed (region %s)", region.name)
+    if key is None:  # unkeyable, or a locking read (see keys.py)
+        log.debug("uncached: statement cannot be keyed or takes row locks (region %s)", region.name)
         return None
     if region.is_local:
         return Lookup(key, (), _current_in(session))
@@ -151,7 +183,7 @@ def objects_of(session: Session, region: Region, key: str, value: CachedRows, st
         return hydrate.result(value, session, propagating(statement))
     if seen[1] is not None and seen[1].current(session):
         return seen[1].result()
-    objects = LocalResult(hydrate.result(value, session, propagating(statement)).freeze())
+    objects = LocalResult.from_result(hydrate.result(value, session, propagating(statement)))
     built[key] = (value, objects)
     return objects.result()
 

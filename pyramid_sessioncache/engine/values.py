@@ -37,13 +37,21 @@ class LocalResult(Sequence):
     ``person10 is cache.get(key)[0]`` holds.
     """
 
-    __slots__ = ("frozen", "_items", "_states")
+    __slots__ = ("frozen", "requires_unique", "_items", "_states")
 
-    def __init__(self, frozen: FrozenResult) -> None:
+    def __init__(self, frozen: FrozenResult, requires_unique: bool = False) -> None:
         self.frozen = frozen
+        #: Whether the result demands ``.unique()``, as the query's did.
+        self.requires_unique = requires_unique
         rows = frozen().all()
         self._items = [row[0] for row in rows] if _sqlalchemy.is_single_entity(frozen) else rows
         self._states = tuple(attributes.instance_state(value) for row in rows for value in row if _is_entity(value))
+
+    @classmethod
+    def from_result(cls, result: Result) -> LocalResult:
+        """Keep ``result``, an ORM Result not read yet: its rows, and whether it demands ``.unique()``."""
+        requires_unique = _sqlalchemy.requires_unique(result)
+        return cls(_sqlalchemy.freeze_raw(result), requires_unique)
 
     def current(self, session: Session) -> bool:
         """Whether every object is still in ``session``, none of it expired.
@@ -64,8 +72,9 @@ class LocalResult(Sequence):
         return len(self._items)
 
     def result(self) -> Result:
-        """Return a new Result over the stored rows."""
-        return self.frozen()
+        """Return a new Result over the stored rows, demanding ``.unique()`` where the query's did."""
+        result = self.frozen()
+        return _sqlalchemy.require_unique(result) if self.requires_unique else result
 
 
 def _is_entity(value: Any) -> bool:
@@ -95,14 +104,18 @@ class CachedRows:
     ``complete`` saying it had every column), a relationship holding an
     object index, a list of them, or None.
     ``rows`` are tuples where the columns flagged in ``entity_columns``
-    hold an object index (or None).  ``tables`` names the tables the result
-    was read from and ``versions`` their version tokens when it was read
-    (see ``invalidation.py``).
+    hold an object index (or None): every row the database returned, the
+    repeats of a joined eager load included, and ``requires_unique`` says
+    whether the query's result demanded ``.unique()``.  ``tables`` names
+    the tables the result was read from and ``versions`` their version
+    tokens when it was read (see ``invalidation.py``).
     """
 
-    __slots__ = ("shell", "entity_columns", "classes", "objects", "rows", "tables", "versions")
+    __slots__ = ("shell", "entity_columns", "classes", "objects", "rows", "tables", "versions", "requires_unique")
 
-    def __init__(self, shell, entity_columns, classes, objects, rows, tables=(), versions=()):
+    def __init__(
+        self, shell, entity_columns, classes, objects, rows, tables=(), versions=(), requires_unique: bool = False
+    ):
         self.shell = shell
         self.entity_columns = entity_columns
         self.classes = classes
@@ -110,6 +123,7 @@ class CachedRows:
         self.rows = rows
         self.tables = tables
         self.versions = versions
+        self.requires_unique = requires_unique
 
     def __getstate__(self):
         return tuple(getattr(self, name) for name in self.__slots__)
@@ -120,8 +134,9 @@ class CachedRows:
 
     @classmethod
     def from_result(cls, result: Result) -> CachedRows:
-        """Snapshot ``result``, whose objects belong to a throw-away Session."""
-        frozen = result.freeze()
+        """Snapshot ``result``, whose objects belong to a throw-away Session, before it is read."""
+        requires_unique = _sqlalchemy.requires_unique(result)
+        frozen = _sqlalchemy.freeze_raw(result)
         rows = [tuple(row) for row in frozen()]
         width = len(rows[0]) if rows else 0
         entity_columns = tuple(any(_is_entity(row[i]) for row in rows) for i in range(width))
@@ -133,7 +148,14 @@ class CachedRows:
             )
             for row in rows
         ]
-        return cls(frozen.with_new_rows([]), entity_columns, snapshot.classes, snapshot.objects, plain_rows)
+        return cls(
+            frozen.with_new_rows([]),
+            entity_columns,
+            snapshot.classes,
+            snapshot.objects,
+            plain_rows,
+            requires_unique=requires_unique,
+        )
 
     def loaded_relationships(self) -> set[tuple[type, str]]:
         """Return ``(class, key)`` of every relationship some cached object holds."""

@@ -121,7 +121,7 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
         tables = frozenset({ALL_TABLES})
     if tables:
         _mark(conn, tables)
-    elif conn.info.get(_MARKS) is not None and not _in_transaction(conn.connection.dbapi_connection):
+    elif conn.info.get(_MARKS) is not None and not in_transaction(conn.connection.dbapi_connection):
         _ended_by_itself(conn)  # a COMMIT (or ROLLBACK) sent as SQL
 
 
@@ -146,7 +146,7 @@ def _mark(conn: Any, tables: frozenset[str]) -> None:
         written(session).update(tables)
         local_session.drop(session)
     try:
-        open_transaction = _in_transaction(conn.connection.dbapi_connection)
+        open_transaction = in_transaction(conn.connection.dbapi_connection)
     except Exception:  # an invalidated connection: whatever happened, say it
         open_transaction = False
     if open_transaction:
@@ -166,7 +166,7 @@ def _ended_by_itself(conn: Any) -> None:
         publish(pending)
 
 
-def _in_transaction(dbapi_connection: Any) -> bool:
+def in_transaction(dbapi_connection: Any) -> bool:
     """Whether the DBAPI connection has a transaction open (True when it cannot tell)."""
     status = getattr(dbapi_connection, "in_transaction", None)  # sqlite3
     if isinstance(status, bool):
