@@ -52,7 +52,8 @@ def cache_for(session: Session) -> SessionCache:
     if cache is None:
         raise NoRegionsError(
             "this Session has no cache regions: make it with "
-            "sessionmaker(info=session_cache.session_info()), or through pyramid_sessioncache"
+            "sessionmaker(info=session_cache.session_info()), or use it as request.dbsession "
+            "of an application that includes pyramid_sessioncache"
         )
     return cache
 
@@ -86,11 +87,12 @@ def decide(
     if not region.enabled or bypassed(options):
         return None
     _sqlalchemy.autoflush(session, options)
-    if not region.is_local and writes.has_written(session):
+    bind = session.get_bind(**bind_arguments)
+    if not region.is_local and writes.has_written(session, bind):
         # What this transaction wrote is in no shared entry: until it ends,
         # the Session reads around shared regions and stores nothing there.
         return None
-    key = cache.key(statement, parameters, options, session.get_bind(**bind_arguments), option.cache_key)
+    key = cache.key(statement, parameters, options, bind, option.cache_key)
     if key is None:
         log.debug("uncached: statement cannot be keyed (region %s)", region.name)
         return None

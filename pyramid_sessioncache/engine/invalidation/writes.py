@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import Pool
 
 from ...storage.backends import local_session
@@ -216,9 +216,21 @@ def written(session: Any) -> set[str]:
     return found
 
 
-def has_written(session: Any) -> bool:
-    """Whether the Session's current transaction wrote anything."""
-    return info.WRITTEN in session.info
+def has_written(session: Any, bind: Any = None) -> bool:
+    """Whether the Session's current transaction wrote anything.
+
+    ``bind``: the Connection or Engine the Session runs a statement on.  A
+    Session bound to a Connection whose transaction has written (a test's
+    outer transaction, rolled back at its end; a savepoint an earlier
+    ``Session.commit()`` released into it) counts as having written, even
+    before its own transaction begins: none of it is committed.
+    """
+    if info.WRITTEN in session.info:
+        return True
+    if not isinstance(bind, Connection) or bind.closed or bind.invalidated:
+        return False
+    marks = bind.info.get(_MARKS)
+    return marks is not None and any(tables for _, tables in marks.levels)
 
 
 def invalidate_tables(session: Any, *tables: str) -> None:
