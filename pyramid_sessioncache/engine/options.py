@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm.interfaces import UserDefinedOption
 
 from .. import _sqlalchemy
+
+if TYPE_CHECKING:
+    from .cache import SessionCache
 
 
 class FromCache(UserDefinedOption):
@@ -18,6 +21,11 @@ class FromCache(UserDefinedOption):
         statement and its parameters are always part of the key as well.
     :param expire: seconds to keep a new entry, instead of the region's
         ``expire``.
+    :param cache: the :class:`~pyramid_sessioncache.SessionCache` to cache
+        into, instead of the one the Session carries (see
+        :func:`~pyramid_sessioncache.cache_of`).  ``request.cached_query()``
+        passes the application's, so that any Session used as
+        ``request.dbsession`` caches.  It is not part of the key.
 
     Works on a 2.0 ``select()`` and on a legacy ``Query``::
 
@@ -30,10 +38,18 @@ class FromCache(UserDefinedOption):
     #: Whether the option caches relationship loads only (not the statement it is given to).
     relationships_only = False
 
-    def __init__(self, region: str | None = None, cache_key: str | None = None, expire: int | None = None):
+    def __init__(
+        self,
+        region: str | None = None,
+        cache_key: str | None = None,
+        expire: int | None = None,
+        *,
+        cache: SessionCache | None = None,
+    ):
         self.region = region
         self.cache_key = cache_key
         self.expire = expire
+        self.cache = cache
         if not FromCache._listening:  # a caching option means nothing without the ORM hook
             _listen()
 
