@@ -43,6 +43,7 @@ setup(
             "mypy",
             "pyramid_jinja2",
             "pyramid_debugtoolbar",
+            "pyramid_retry",
             "selenium",
         ],
     },
