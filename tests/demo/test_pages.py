@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from demo.views import PAGE_SIZE
+from sessioncache_demo.views import PAGE_SIZE
 
 #: The statement of the person page's cached query (SQLite's paramstyle).
 PERSON_BY_ID = re.compile(r"FROM person\s+WHERE person\.id = \?", re.IGNORECASE)
