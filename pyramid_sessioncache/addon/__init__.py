@@ -39,7 +39,7 @@ def get_engine(registry: Any) -> Any:
 
     The bind of the factory handed over with
     ``config.set_sessioncache_session_factory()`` (see
-    :func:`set_session_factory`), else of the one the add-on built from
+    :func:`~pyramid_sessioncache.addon.set_session_factory`), else of the one the add-on built from
     ``sqlalchemy.*`` for its own ``request.dbsession``; None when the
     application defines ``request.dbsession`` and handed nothing over.
     """
@@ -62,7 +62,7 @@ def set_session_factory(config: Any, factory: sessionmaker) -> None:
 
     Every Session the factory makes from then on carries the application's
     cache in its ``info`` (so it caches in views, scripts and test fixtures
-    alike), :func:`get_engine` returns its engine, and the add-on builds no
+    alike), :func:`~pyramid_sessioncache.get_engine` returns its engine, and the add-on builds no
     engine of its own: one connection pool, the application's (with the
     starter's ``dbengine`` test hook, the test engine).  If the application
     defines no ``request.dbsession``, the add-on's is made by this factory.

@@ -27,7 +27,7 @@ class RequestCache:
 
     @property
     def lookups(self) -> list:
-        """The cache look-ups of this request's ``dbsession`` so far (:class:`~pyramid_sessioncache.stats.Lookup`)."""
+        """The cache look-ups of this request's ``dbsession`` so far (:class:`~pyramid_sessioncache.engine.stats.Lookup`)."""
         return list(stats.lookups(self.request.dbsession))
 
     def cache_parameters(self, query: Any, region: str | None = None, **kw: Any):

@@ -25,7 +25,7 @@ from .stats import Stats
 class SessionCache:
     """The regions of an application and the means to key queries into them.
 
-    :param regions: a :class:`~pyramid_sessioncache.regions.CacheRegions`, or
+    :param regions: a :class:`~pyramid_sessioncache.CacheRegions`, or
         a mapping of region name to Beaker options to build one from.
     :param default_region: the region used when a query names none; the
         first region by default.
@@ -169,7 +169,7 @@ def cache_of(session: Any) -> SessionCache | None:
 
     In order: ``session.info["sessioncache"]``, the cache of the request in
     ``session.info["request"]``, then what a finder registered with
-    :func:`add_cache_finder` returns.
+    :func:`~pyramid_sessioncache.engine.cache.add_cache_finder` returns.
     """
     found = session.info
     cache = found.get(info.CACHE)

@@ -1,7 +1,7 @@
-"""The early entrance: :func:`cached_query`, which serves a hit before ``Session.execute()``.
+"""The early entrance: :func:`~pyramid_sessioncache.cached_query`, which serves a hit before ``Session.execute()``.
 
 ``Session.execute()`` returning a stored result, with nothing else,
-already costs more than a local look-up; :func:`cached_query` reads a
+already costs more than a local look-up; :func:`~pyramid_sessioncache.cached_query` reads a
 plain hit first, with the decision the ORM hook makes (``lookup.py``),
 and leaves everything else (misses, entries to regenerate, shapes whose
 tables are not known yet) to the ORM hook.

@@ -22,7 +22,7 @@ API, ``session.execute(update(...))``, ``session.connection().execute()``,
 
 The Session the connection works for (``after_begin``) is told too: a
 transaction that has written reads around shared regions until it ends,
-and its local cache is dropped.  :func:`invalidate_tables` declares writes
+and its local cache is dropped.  :func:`~pyramid_sessioncache.invalidate_tables` declares writes
 no connection sees; they are published when the Session commits.
 """
 
