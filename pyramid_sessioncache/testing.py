@@ -136,6 +136,7 @@ class LookupCounter:
     def __init__(self, cache: SessionCache) -> None:
         self.cache = cache
         self._start: dict[str, RegionStats] = {}
+        self._end: dict[str, RegionStats] | None = None
         self.reset()
 
     def __repr__(self) -> str:
@@ -146,15 +147,20 @@ class LookupCounter:
         return self
 
     def __exit__(self, *exc_info: Any) -> None:
-        pass
+        self._end = {name: self._now(name) for name in self.cache.regions}
 
     def reset(self) -> None:
-        """Count from now on."""
+        """Count from now on (after a ``with`` block too: it counts again until the next one ends)."""
         self._start = {name: self._now(name) for name in self.cache.regions}
+        self._end = None
 
     def region(self, name: str) -> RegionStats:
-        """Return the hits, misses and invalidations of region ``name`` since the counter started."""
-        now, start = self._now(name), self._start.get(name, RegionStats())
+        """Return the hits, misses and invalidations of region ``name`` since the counter started.
+
+        Until the ``with`` block ends, if it is used as a context manager.
+        """
+        now = self._now(name) if self._end is None else self._end.get(name, RegionStats())
+        start = self._start.get(name, RegionStats())
         return RegionStats(now.hits - start.hits, now.misses - start.misses, now.invalidations - start.invalidations)
 
     @property

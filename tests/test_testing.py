@@ -68,8 +68,14 @@ def test_lookup_counter_counts_every_session_of_a_cache(Session, cache):
     assert seen.region("local").misses == 2
     assert seen.region("memory").invalidations == 1
     assert repr(seen) == "<LookupCounter hits=2 misses=2>"
+    with Session() as session:  # after the block: not counted
+        cached_query(session, named("person 1"), "memory").all()
+    assert (seen.hits, seen.misses) == (2, 2)
     seen.reset()
     assert (seen.hits, seen.misses) == (0, 0)
+    with Session() as session:  # reset() counts from now on: stored after the block, a hit
+        cached_query(session, named("person 1"), "memory").all()
+    assert (seen.hits, seen.misses) == (1, 0)
 
 
 def test_clear_empties_the_shared_regions(Session, cache, sql):
