@@ -113,3 +113,10 @@ def test_the_finder_answers_for_the_request_dbsession_only(db_url, engine):
         assert request_session_cache(session) is get_session_cache(app.registry)
         assert request_session_cache(other) is None
     other.close()
+
+
+def test_an_engine_that_cannot_be_built_stops_start_up(db_url):
+    config = Configurator(settings={"sqlalchemy.url": db_url, "sqlalchemy.pool_size": "many", **SETTINGS})
+    config.include("pyramid_sessioncache")  # the URL is fine; the engine is built when the add-on needs it
+    with pytest.raises(ConfigurationError, match="invalid setting sqlalchemy.url"):
+        config.commit()

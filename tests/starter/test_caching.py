@@ -188,3 +188,12 @@ def test_the_sql_counter_of_a_dummy_request_test(dummy_config, dummy_request, db
         dbsession.scalars(select(models.MyModel)).all()
     assert sql.count == 1
     assert lookups(dummy_request) == []
+
+
+def test_request_sessioncache_finds_and_forgets_entries(app_request):
+    query = select(models.MyModel).where(models.MyModel.name == "alpha")
+    app_request.cached_query(query, region="short_term").scalar_one()
+    beaker_cache, key = app_request.sessioncache.cache_parameters(query, region="short_term")
+    assert beaker_cache.has_key(key)
+    app_request.sessioncache.invalidate(query, region="short_term")
+    assert not beaker_cache.has_key(key)
