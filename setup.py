@@ -12,10 +12,11 @@ setup(
     long_description_content_type="text/markdown",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["pyramid_sessioncache", "pyramid_sessioncache.*", "demo", "demo.*"]),
-    include_package_data=True,
+    packages=find_packages(include=["pyramid_sessioncache", "pyramid_sessioncache.*"]),
+    # Package data is listed here, not in MANIFEST.in: MANIFEST.in (the
+    # sdist's extra files: tests, demo, docs) must not leak into the wheel.
+    include_package_data=False,
     package_data={
-        "demo": ["templates/*.jinja2", "static/*"],
         "pyramid_sessioncache": ["py.typed"],
         "pyramid_sessioncache.addon": ["templates/*.dbtmako"],
     },
@@ -29,8 +30,11 @@ setup(
     ],
     extras_require={
         "redis": ["redis>=4"],
-        "demo": ["pyramid_jinja2", "pyramid_debugtoolbar", "waitress"],
+        "docs": ["sphinx>=8", "pylons-sphinx-themes", "myst-parser"],
         "testing": [
+            # test_packaging builds the wheel without build isolation
+            "build",
+            "wheel",
             "pytest",
             "pytest-cov",
             "WebTest",
@@ -43,13 +47,14 @@ setup(
             "mypy",
             "pyramid_jinja2",
             "pyramid_debugtoolbar",
+            "pyramid_retry",
+            # The demo (./demo, not published): install it beside, pip install -e '.[testing]' -e ./demo
+            "sessioncache_demo",
             "selenium",
         ],
     },
     entry_points={
-        "paste.app_factory": ["main = demo:main"],
         "console_scripts": [
-            "sessioncache-demo-seed = demo.seed:main",
             "sessioncache-invalidate = pyramid_sessioncache.addon.scripts:invalidate",
             "sessioncache-notify = pyramid_sessioncache.addon.scripts:notify",
         ],

@@ -13,14 +13,14 @@ their purchases, which only the report reads:
 
 This module imports nothing from ``pyramid_sessioncache``.
 
-Its tables are its own, not :mod:`demo.models` (which the tests share),
+Its tables are its own, not :mod:`sessioncache_demo.models` (which the tests share),
 because they model a different thing: customers of a shop.  A person has
 an email, an address holds its city and postal code as plain columns (no
 ``PostalCode`` -> ``City`` -> ``Country`` tables: the page reads an
 address's city without a lazy load and the report groups by
-``Address.city`` without a join), and purchases exist only here.  The README's
+``Address.city`` without a join), and purchases exist only here.  The docs'
 *Performance* figures were measured on this shape.  And importing
-``demo.models`` imports the ``demo`` package, which imports
+``sessioncache_demo.models`` imports the ``sessioncache_demo`` package, which imports
 ``pyramid_sessioncache``: ``wsgi_overhead.py`` times an application in a
 process that must never have imported it.
 """
@@ -176,7 +176,7 @@ def report_once(sizes: Sizes, options: tuple = ()):
     """:func:`report`, built once per set of options and reused, as a module-level statement is.
 
     SQLAlchemy memoizes a statement's cache key, so a reused statement
-    skips the floor's cost (see the README's advice on building statements
+    skips the floor's cost (see the docs' Performance advice on building statements
     once).  The options are told apart by class and region.
     """
     signature = (sizes, tuple((type(option), getattr(option, "region", None)) for option in options))

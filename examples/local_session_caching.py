@@ -4,10 +4,10 @@ Run it with ``python examples/local_session_caching.py``.  No Pyramid here:
 a plain ``scoped_session``, a Beaker region of type ``ext:local_session``
 kept on the Session, and a ``FromCache`` query.  It prints the SQL it runs.
 
-Its two classes are its own, not :mod:`demo.models` (the definition the
-demo and the tests share), on purpose: the script must run from a clone
-with only the library installed, and the demo is to be a distribution of
-its own.  The demo's ``Address`` also needs a ``PostalCode``, ``City`` and
+Its two classes are its own, not :mod:`sessioncache_demo.models` (the
+definition the demo and the tests share), on purpose: the script must run
+from a clone with only the library installed, and the demo is a
+distribution of its own.  The demo's ``Address`` also needs a ``PostalCode``, ``City`` and
 ``Country`` before one row can be inserted, which the old example's
 scenario never involved.  So it stays one file to read from top to bottom.
 """

@@ -1,7 +1,7 @@
 """The mapped classes the tests cache: the demo's models, and tags.
 
 The seed's domain (:class:`Person`, :class:`Address`, :class:`PostalCode`,
-:class:`City`, :class:`Country`) is defined once, in :mod:`demo.models`;
+:class:`City`, :class:`Country`) is defined once, in :mod:`sessioncache_demo.models`;
 the tests import it from there.  This module adds only what the tests need
 beyond it: a many-to-many relationship, so that writes to an association
 table are seen to invalidate.  :class:`Tag`, the ``person_tag`` table and
@@ -12,10 +12,9 @@ see them too, and never read them.
 
 from __future__ import annotations
 
+from sessioncache_demo.models import Address, Base, City, Country, Person, PostalCode
 from sqlalchemy import Column, ForeignKey, String, Table
 from sqlalchemy.orm import Mapped, mapped_column, relationship
-
-from demo.models import Address, Base, City, Country, Person, PostalCode
 
 __all__ = ["Address", "Base", "City", "Country", "Person", "PostalCode", "Tag", "person_tag", "seed"]
 

@@ -1111,7 +1111,7 @@ def test_sessioncache_invalidate_script(aengine, tmp_path, redis_url):
 
     ini = tmp_path / "app.ini"
     ini.write_text(
-        "[app:main]\nuse = egg:pyramid_sessioncache\n"
+        "[app:main]\nuse = egg:sessioncache_demo\n"
         f"sqlalchemy.url = {aengine.url}\n"
         "cache.regions = shared\ncache.shared.type = ext:redis\n"
         f"cache.shared.url = {redis_url}\nsessioncache.secret = {SECRET}\n"

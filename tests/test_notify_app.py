@@ -55,7 +55,7 @@ def test_a_write_by_another_client_reaches_every_listening_process(notified_db, 
     url = notified_db
     ini = tmp_path / "app.ini"
     escaped = url.replace("%", "%%")  # ini interpolation
-    ini.write_text(f"[app:main]\nuse = egg:pyramid_sessioncache\nsqlalchemy.url = {escaped}\n")
+    ini.write_text(f"[app:main]\nuse = egg:sessioncache_demo\nsqlalchemy.url = {escaped}\n")
     command = Path(sys.executable).with_name("sessioncache-notify")
     done = subprocess.run([str(command), "install", str(ini)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

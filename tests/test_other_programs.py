@@ -20,7 +20,7 @@ from .conftest import SECRET
 
 INI = """
 [app:main]
-use = egg:pyramid_sessioncache
+use = egg:sessioncache_demo
 sqlalchemy.url = sqlite:///{here}/app.sqlite
 cache.regions = local_session, short_term, long_term
 cache.type = file
@@ -62,7 +62,7 @@ def ini(tmp_path) -> Path:
 def web(ini):
     app = get_app(str(ini))
     yield webtest.TestApp(app)
-    from demo import engine_of
+    from sessioncache_demo import engine_of
 
     engine_of(app.registry).dispose()
 
@@ -100,7 +100,7 @@ def test_sessioncache_invalidate_for_writes_nobody_saw(web, ini, tmp_path):
 def test_sessioncache_invalidate_reports_a_backend_that_fails(tmp_path):
     ini = tmp_path / "redis.ini"
     ini.write_text(
-        "[app:main]\nuse = egg:pyramid_sessioncache\n"
+        "[app:main]\nuse = egg:sessioncache_demo\n"
         "cache.regions = shared\ncache.shared.type = ext:redis\n"
         "cache.shared.url = redis://127.0.0.1:1/0?socket_connect_timeout=0.2\n"
         f"sessioncache.secret = {SECRET}\n"

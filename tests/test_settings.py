@@ -242,7 +242,8 @@ def test_postgresql_notify_needs_postgresql(tmp_path):
     config = Configurator(
         settings={"sqlalchemy.url": f"sqlite:///{tmp_path / 'x.sqlite'}", "sessioncache.postgresql_notify": "true"}
     )
+    config.include("pyramid_sessioncache")
     with pytest.raises(ConfigurationError, match="sessioncache.postgresql_notify"):
-        config.include("pyramid_sessioncache")
+        config.commit()  # once the application's engine is known
     with pytest.raises(ConfigurationError, match="true or false"):
         parse_settings({"sessioncache.postgresql_notify": "sometimes"})

@@ -14,13 +14,15 @@ from typing import Any
 
 from pyramid.exceptions import ConfigurationError
 from pyramid.interfaces import PHASE3_CONFIG, IRequestExtensions
+from pyramid.threadlocal import get_current_request
 from pyramid.util import InstancePropertyHelper
 from sqlalchemy import engine_from_config
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 from zope.sqlalchemy.datamanager import ZopeTransactionEvents
 
-from ..engine import hook
-from ..engine.cache import SessionCache
+from ..engine import hook, info
+from ..engine.cache import SessionCache, add_cache_finder
 from ..masking import hide_url_passwords, shown
 from .interfaces import IDBSessionFactory, ISessionCache
 from .request import RequestCache, cached_query
@@ -34,23 +36,69 @@ def get_session_cache(registry: Any) -> SessionCache:
 
 
 def get_engine(registry: Any) -> Any:
-    """Return the engine built from the ``sqlalchemy.*`` settings (None without ``sqlalchemy.url``)."""
-    return registry.getUtility(IDBSessionFactory).kw.get("bind")
+    """Return the engine of the application's Sessions as the add-on knows it, or None.
+
+    The bind of the factory handed over with
+    ``config.set_sessioncache_session_factory()`` (see
+    :func:`~pyramid_sessioncache.addon.set_session_factory`), else of the one the add-on built from
+    ``sqlalchemy.*`` for its own ``request.dbsession``; None when the
+    application defines ``request.dbsession`` and handed nothing over.
+    """
+    factory = registry.queryUtility(IDBSessionFactory)
+    return None if factory is None else factory.kw.get("bind")
+
+
+def set_session_factory(config: Any, factory: sessionmaker) -> None:
+    """Hand the application's ``sessionmaker`` over to the add-on.
+
+    The config directive ``config.set_sessioncache_session_factory(factory)``.
+    Call it where the application makes its factory, e.g. in the
+    ``includeme`` of a pyramid-cookiecutter-starter project's
+    ``models/__init__.py``::
+
+        session_factory = get_session_factory(dbengine)
+        config.registry["dbsession_factory"] = session_factory
+        config.include("pyramid_sessioncache")
+        config.set_sessioncache_session_factory(session_factory)
+
+    Every Session the factory makes from then on carries the application's
+    cache in its ``info`` (so it caches in views, scripts and test fixtures
+    alike), :func:`~pyramid_sessioncache.get_engine` returns its engine, and the add-on builds no
+    engine of its own: one connection pool, the application's (with the
+    starter's ``dbengine`` test hook, the test engine).  If the application
+    defines no ``request.dbsession``, the add-on's is made by this factory.
+    """
+    if not isinstance(factory, sessionmaker):
+        raise ConfigurationError(
+            f"set_sessioncache_session_factory() expects a sqlalchemy.orm.sessionmaker, got {factory!r}"
+        )
+
+    def register() -> None:
+        cache = config.registry.getUtility(ISessionCache)
+        factory.configure(info={**(factory.kw.get("info") or {}), info.CACHE: cache})
+        config.registry.registerUtility(factory, IDBSessionFactory)
+
+    config.action(IDBSessionFactory, register, introspectables=())
 
 
 def includeme(config: Any) -> None:
     """Set up caching from the settings of ``config``.
 
-    Reads ``cache.*`` (regions), ``sessioncache.*`` (add-on options) and
-    ``sqlalchemy.*`` (the engine), and adds ``request.dbsession``,
-    ``request.cached_query()`` and ``request.sessioncache``.  Includes
-    ``pyramid_tm``.  A bad setting raises
+    Reads ``cache.*`` (regions) and ``sessioncache.*`` (add-on options),
+    and adds ``request.cached_query()``, ``request.sessioncache`` and the
+    directive ``config.set_sessioncache_session_factory()``.  Includes
+    ``pyramid_tm``.  When the application defines no ``request.dbsession``
+    of its own, adds one, made by the factory handed over, or else by one
+    built from ``sqlalchemy.*``.  A bad setting raises
     :class:`pyramid.exceptions.ConfigurationError` naming it.
     """
     config.include("pyramid_tm")
     # zope.sqlalchemy's do_orm_execute listener only marks the Session
     # changed after ORM DML: cached_query() may serve hits before it.
     hook.trust_listener(ZopeTransactionEvents.do_orm_execute)
+    # Any Session used as request.dbsession caches into the request's
+    # application, whatever its info holds (the starter's test fixtures).
+    add_cache_finder(request_session_cache)
     settings = parse_settings(config.registry.settings)
     try:
         cache = SessionCache(
@@ -67,20 +115,13 @@ def includeme(config: Any) -> None:
             f"cannot build the cache regions from the cache.* settings: "
             f"{type(exc).__name__}: {hide_url_passwords(str(exc))}"
         ) from None
-    engine = _engine(config.registry.settings)
-    if settings.postgresql_notify:
-        if engine is None or engine.dialect.name != "postgresql":
-            raise ConfigurationError(
-                "invalid setting sessioncache.postgresql_notify = true: it needs sqlalchemy.url on PostgreSQL"
-            )
-        cache.listen(engine)
-    factory = sessionmaker(bind=engine, info=cache.session_info())
+    _check_engine_url(config.registry.settings)
 
     def register() -> None:
         config.registry.registerUtility(cache, ISessionCache)
-        config.registry.registerUtility(factory, IDBSessionFactory)
 
     config.action(ISessionCache, register)
+    config.add_directive("set_sessioncache_session_factory", set_session_factory)
     config.add_request_method(cached_query, "cached_query")
     config.add_request_method(RequestCache, "sessioncache", reify=True)
     # An application that defines request.dbsession (as the cookiecutter
@@ -88,6 +129,53 @@ def includeme(config: Any) -> None:
     config.action(
         ("pyramid_sessioncache", "dbsession"), _add_dbsession, args=(config.registry,), order=PHASE3_CONFIG + 1
     )
+    if settings.postgresql_notify:
+        config.action(
+            ("pyramid_sessioncache", "listen"), _listen, args=(config.registry, cache), order=PHASE3_CONFIG + 2
+        )
+
+
+def _listen(registry: Any, cache: SessionCache) -> None:
+    # Once request.dbsession's factory is known, the application's or ours.
+    engine = get_engine(registry)
+    if engine is None or engine.dialect.name != "postgresql":
+        raise ConfigurationError(
+            "invalid setting sessioncache.postgresql_notify = true: it needs the application's engine "
+            "(sqlalchemy.url, or config.set_sessioncache_session_factory()) on PostgreSQL"
+        )
+    cache.listen(engine)
+
+
+def request_session_cache(session: Any) -> SessionCache | None:
+    """Return the cache of the current request's application if ``session`` is its ``request.dbsession``.
+
+    The add-on's cache finder (see
+    :func:`pyramid_sessioncache.engine.cache.add_cache_finder`): a Session
+    that carries no cache in its ``info``, such as the one
+    pyramid-cookiecutter-starter's test fixtures make with
+    ``info={"request": None}`` and put in ``request.dbsession``, caches
+    into the application of the request it serves.
+    """
+    request = get_current_request()
+    if request is None or getattr(request, "__dict__", {}).get("dbsession") is not session:
+        return None
+    return request.registry.queryUtility(ISessionCache)
+
+
+def _check_engine_url(settings: Any) -> None:
+    # Checked now, so that a bad URL stops start-up at config.include();
+    # the engine itself is built only if the add-on makes request.dbsession.
+    url = settings.get("sqlalchemy.url")
+    if not url:
+        return
+    try:
+        make_url(url).get_dialect()
+    except Exception as exc:
+        # Not chained: a driver's message may hold the URL with its password.
+        raise ConfigurationError(
+            f"invalid setting sqlalchemy.url = {shown('sqlalchemy.url', url)}: "
+            f"{type(exc).__name__}: {hide_url_passwords(str(exc))}"
+        ) from None
 
 
 def _engine(settings: Any) -> Any:
@@ -106,6 +194,10 @@ def _engine(settings: Any) -> Any:
 def _add_dbsession(registry: Any) -> None:
     extensions = registry.queryUtility(IRequestExtensions)
     if "dbsession" in extensions.descriptors or "dbsession" in extensions.methods:
-        return
+        return  # the application's own; it caches through request_session_cache or its factory
+    if registry.queryUtility(IDBSessionFactory) is None:
+        cache = registry.getUtility(ISessionCache)
+        factory = sessionmaker(bind=_engine(registry.settings), info=cache.session_info())
+        registry.registerUtility(factory, IDBSessionFactory)
     name, prop = InstancePropertyHelper.make_property(dbsession, name="dbsession", reify=True)
     extensions.descriptors[name] = prop

@@ -8,4 +8,4 @@ class ISessionCache(Interface):
 
 
 class IDBSessionFactory(Interface):
-    """The ``sessionmaker`` behind ``request.dbsession``."""
+    """The application's ``sessionmaker``: handed over, or built for the add-on's ``request.dbsession``."""

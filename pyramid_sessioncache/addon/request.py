@@ -27,16 +27,16 @@ class RequestCache:
 
     @property
     def lookups(self) -> list:
-        """The cache look-ups of this request's ``dbsession`` so far (:class:`~pyramid_sessioncache.stats.Lookup`)."""
+        """The cache look-ups of this request's ``dbsession`` so far (:class:`~pyramid_sessioncache.engine.stats.Lookup`)."""
         return list(stats.lookups(self.request.dbsession))
 
     def cache_parameters(self, query: Any, region: str | None = None, **kw: Any):
         """Return ``(beaker_cache, key)`` for ``query``, as :func:`~pyramid_sessioncache.cache_parameters`."""
-        return entries.cache_parameters(query, self._session(query), region, **kw)
+        return entries.cache_parameters(query, self._session(query), region, cache=self.cache, **kw)
 
     def invalidate(self, query: Any, region: str | None = None, **kw: Any) -> None:
         """Forget the cached result of ``query`` in ``region`` (default: its option's, or the default)."""
-        entries.invalidate(query, self._session(query), region, **kw)
+        entries.invalidate(query, self._session(query), region, cache=self.cache, **kw)
 
     def invalidate_region(self, name: str | None = None) -> None:
         """Forget every entry of region ``name`` (default: the default region)."""
@@ -70,10 +70,12 @@ def cached_query(
     """Run ``query`` through the cache region ``region``, on ``request.dbsession``.
 
     :func:`pyramid_sessioncache.cached_query` on the request's Session (a
-    legacy ``Query`` keeps its own); ``region`` defaults to
+    legacy ``Query`` keeps its own), into the application's cache
+    (``request.sessioncache.cache``), whatever Session serves as
+    ``request.dbsession``; ``region`` defaults to
     ``sessioncache.default_region``.  Raises
     :class:`~pyramid_sessioncache.UnknownRegionError` or
     :class:`~pyramid_sessioncache.NotCacheableError` before anything is executed.
     """
     session = query.session if isinstance(query, Query) else request.dbsession
-    return engine_cached_query(session, query, region, cache_key, expire)
+    return engine_cached_query(session, query, region, cache_key, expire, cache=request.sessioncache.cache)

@@ -2,7 +2,7 @@
 
 ``request.dbsession`` is a Session per request, joined to the request's
 transaction (``request.tm``) through zope.sqlalchemy, and closed when the
-request finishes, error or not.  :data:`Session` is a ``scoped_session``
+request finishes, error or not.  :data:`~pyramid_sessioncache.Session` is a ``scoped_session``
 for code in the style of ``meta.Session``: scoped to the current request,
 it hands out that request's ``dbsession`` (the application's own, when it
 defines one), and is removed when the request finishes.

@@ -2,13 +2,16 @@
 
 A Session caches into the ``SessionCache`` found in its ``info``
 (``session.info["sessioncache"]``); Sessions made by the Pyramid add-on find
-it through the request they carry (``session.info["request"]``).
+it through the request they carry (``session.info["request"]``).  A Session
+that carries neither is asked of the finders registered with
+:func:`add_cache_finder` (the Pyramid add-on's: the current request's
+application, for the Session that is its ``request.dbsession``).
 """
 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from ..errors import InvalidOptionError
@@ -25,7 +28,7 @@ from .stats import Stats
 class SessionCache:
     """The regions of an application and the means to key queries into them.
 
-    :param regions: a :class:`~pyramid_sessioncache.regions.CacheRegions`, or
+    :param regions: a :class:`~pyramid_sessioncache.CacheRegions`, or
         a mapping of region name to Beaker options to build one from.
     :param default_region: the region used when a query names none; the
         first region by default.
@@ -184,11 +187,39 @@ def _dependencies(declared: Mapping[str, tuple[str, ...]]) -> dict[str, frozense
     return {version_name(table): frozenset(map(version_name, also)) for table, also in declared.items()}
 
 
+#: Called in turn with a Session that carries no cache; the first that
+#: returns a :class:`SessionCache` gives the Session's.
+_finders: list[Callable[[Any], SessionCache | None]] = []
+
+
+def add_cache_finder(finder: Callable[[Any], SessionCache | None]) -> None:
+    """Let ``finder(session)`` name the cache of Sessions that carry none in their ``info``.
+
+    For frameworks: the Pyramid add-on registers one that returns the
+    application's cache for the Session that is the current request's
+    ``dbsession``.  A finder must not keep state of its own (two
+    applications can share a process) and returns None when it does not
+    know.  Registering the same finder twice is harmless.
+    """
+    if finder not in _finders:
+        _finders.append(finder)
+
+
 def cache_of(session: Any) -> SessionCache | None:
-    """Return the :class:`SessionCache` a Session caches into, or None."""
+    """Return the :class:`SessionCache` a Session caches into, or None.
+
+    In order: ``session.info["sessioncache"]``, the cache of the request in
+    ``session.info["request"]``, then what a finder registered with
+    :func:`~pyramid_sessioncache.engine.cache.add_cache_finder` returns.
+    """
     found = session.info
     cache = found.get(info.CACHE)
     if cache is None:
         helper = getattr(found.get("request"), "sessioncache", None)
         cache = getattr(helper, "cache", None)
+        if cache is None:
+            for finder in _finders:
+                cache = finder(session)
+                if cache is not None:
+                    break
     return cache

@@ -1,7 +1,7 @@
-"""The early entrance: :func:`cached_query`, which serves a hit before ``Session.execute()``.
+"""The early entrance: :func:`~pyramid_sessioncache.cached_query`, which serves a hit before ``Session.execute()``.
 
 ``Session.execute()`` returning a stored result, with nothing else,
-already costs more than a local look-up; :func:`cached_query` reads a
+already costs more than a local look-up; :func:`~pyramid_sessioncache.cached_query` reads a
 plain hit first, with the decision the ORM hook makes (``lookup.py``),
 and leaves everything else (misses, entries to regenerate, shapes whose
 tables are not known yet) to the ORM hook.
@@ -24,7 +24,13 @@ from .options import FromCache, statement_option
 
 
 def cached_query(
-    session: Session, query: Any, region: str | None = None, cache_key: str | None = None, expire: int | None = None
+    session: Session,
+    query: Any,
+    region: str | None = None,
+    cache_key: str | None = None,
+    expire: int | None = None,
+    *,
+    cache: SessionCache | None = None,
 ) -> Any:
     """Run ``query`` through the cache region ``region`` of ``session``.
 
@@ -37,6 +43,9 @@ def cached_query(
     :param region: a configured region name; default: the cache's default region.
     :param cache_key: a readable prefix for the entry's key.
     :param expire: seconds to keep a new entry, instead of the region's.
+    :param cache: the :class:`~pyramid_sessioncache.SessionCache` to use;
+        default: the one ``session`` carries
+        (:func:`~pyramid_sessioncache.cache_of`).
 
     The same as ``session.execute(query.options(FromCache(region, ...)))``,
     except that a hit is served before the Session's execution machinery
@@ -47,7 +56,8 @@ def cached_query(
     anything but a read (a SELECT, SQL text that writes no rows), before
     anything is executed.
     """
-    cache = lookup.cache_for(session)
+    if cache is None:
+        cache = lookup.cache_for(session)
     name = region or cache.default_region
     found = cache.region(name)
     given = statement_option(query)
@@ -56,7 +66,7 @@ def cached_query(
             f"cached_query() got a statement that has a caching option already, {given!r}: "
             "name the region in one place, the statement's option or cached_query()"
         )
-    option = FromCache(name, cache_key, expire)
+    option = FromCache(name, cache_key, expire, cache=cache)
     if isinstance(query, Query):
         return query.options(option)
     if isinstance(query, Executable) and lookup.is_read(query):

@@ -38,15 +38,19 @@ def _statement(query: Any, session: Any) -> tuple[Any, Any, Any]:
 def _cache(session: Any) -> SessionCache:
     cache = cache_of(session)
     if cache is None:
-        raise NoRegionsError("this Session has no cache regions")
+        raise NoRegionsError(
+            "this Session has no cache regions: pass cache=, or make it with "
+            "sessionmaker(info=session_cache.session_info())"
+        )
     return cache
 
 
-def _locate(query, session, region, cache_key, parameters, execution_options):
+def _locate(query, session, region, cache_key, parameters, execution_options, cache=None):
     check_label(cache_key)
     statement, query_parameters, session = _statement(query, session)
     option = statement_option(statement)
-    cache = _cache(session)
+    if cache is None:
+        cache = option.cache if option is not None and option.cache is not None else _cache(session)
     chosen = cache.region(region or (option.region if option else None))
     if cache_key is None and option is not None:
         cache_key = option.cache_key
@@ -65,17 +69,21 @@ def cache_parameters(
     cache_key: str | None = None,
     parameters: Any = None,
     execution_options: Any = None,
+    *,
+    cache: SessionCache | None = None,
 ) -> tuple[Cache, str]:
     """Return ``(beaker_cache, key)``: where ``query``'s result is stored.
 
     ``beaker_cache.get(key)`` then reads the stored value.  The region and
     ``cache_key`` default to those of the query's ``FromCache`` option, then
     to the default region.  For a ``select()``, pass the ``session``.
+    ``cache``: the :class:`~pyramid_sessioncache.SessionCache`, when the
+    Session carries none (default: the option's, then the Session's).
 
     Raises :class:`~pyramid_sessioncache.NotCacheableError` for a statement
     that cannot be keyed.
     """
-    _, chosen, session, key = _locate(query, session, region, cache_key, parameters, execution_options)
+    _, chosen, session, key = _locate(query, session, region, cache_key, parameters, execution_options, cache)
     return chosen.cache_for(session), key
 
 
@@ -86,9 +94,11 @@ def invalidate(
     cache_key: str | None = None,
     parameters: Any = None,
     execution_options: Any = None,
+    *,
+    cache: SessionCache | None = None,
 ) -> None:
     """Forget the cached result of ``query`` (arguments as for :func:`cache_parameters`)."""
-    cache, chosen, session, key = _locate(query, session, region, cache_key, parameters, execution_options)
+    cache, chosen, session, key = _locate(query, session, region, cache_key, parameters, execution_options, cache)
     chosen.remove(key, session)
     cache.stats.region(chosen.name).invalidations += 1
 

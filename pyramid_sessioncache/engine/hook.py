@@ -122,7 +122,7 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
     session = state.session
     if option.relationships_only and state.lazy_loaded_from is None:
         return None  # an eager load (selectin, subquery): the parent's entry holds it
-    cache = lookup.cache_for(session)
+    cache = option.cache if option.cache is not None else lookup.cache_for(session)
     region = cache.region(option.region)
     if _sqlalchemy.is_column_load(statement):
         return None

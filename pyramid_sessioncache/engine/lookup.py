@@ -54,7 +54,8 @@ def cache_for(session: Session) -> SessionCache:
     if cache is None:
         raise NoRegionsError(
             "this Session has no cache regions: make it with "
-            "sessionmaker(info=session_cache.session_info()), or through pyramid_sessioncache"
+            "sessionmaker(info=session_cache.session_info()), or use it as request.dbsession "
+            "of an application that includes pyramid_sessioncache"
         )
     return cache
 
@@ -119,7 +120,7 @@ def decide(
         return None
     _sqlalchemy.autoflush(session, options)
     bind = _sqlalchemy.execution_bind(session, bind_arguments)
-    if not region.is_local and (writes.has_written(session) or writes.has_written_on(bind)):
+    if not region.is_local and writes.has_written(session, bind):
         # What this transaction wrote is in no shared entry: until it ends,
         # the Session reads around shared regions and stores nothing there.
         # (A Session bound to a Connection joins what it wrote before.)

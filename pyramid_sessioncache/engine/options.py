@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.orm.interfaces import UserDefinedOption
 
 from .. import _sqlalchemy
 from ..storage.options import MAX_EXPIRE, check_expire
 from .cache_options import MAX_LABEL, check_label, check_region_argument
+
+if TYPE_CHECKING:
+    from .cache import SessionCache
 
 
 class FromCache(UserDefinedOption):
@@ -21,6 +24,11 @@ class FromCache(UserDefinedOption):
         parameters are always part of the key as well.
     :param expire: seconds to keep a new entry, instead of the region's
         ``expire``: an ``int`` from 1 to ten years, or None.
+    :param cache: the :class:`~pyramid_sessioncache.SessionCache` to cache
+        into, instead of the one the Session carries (see
+        :func:`~pyramid_sessioncache.cache_of`).  ``request.cached_query()``
+        passes the application's, so that any Session used as
+        ``request.dbsession`` caches.  It is not part of the key.
 
     A bad ``region``, ``cache_key`` or ``expire`` raises
     :class:`~pyramid_sessioncache.InvalidOptionError` here, before any
@@ -37,7 +45,14 @@ class FromCache(UserDefinedOption):
     #: Whether the option caches relationship loads only (not the statement it is given to).
     relationships_only = False
 
-    def __init__(self, region: str | None = None, cache_key: str | None = None, expire: int | None = None):
+    def __init__(
+        self,
+        region: str | None = None,
+        cache_key: str | None = None,
+        expire: int | None = None,
+        *,
+        cache: SessionCache | None = None,
+    ):
         # Made per call by cached_query(): a good value costs a type test, no call.
         if region is not None and type(region) is not str:
             check_region_argument(region)
@@ -50,6 +65,7 @@ class FromCache(UserDefinedOption):
         self.region = region
         self.cache_key = cache_key
         self.expire = expire
+        self.cache = cache
         if not FromCache._listening:  # a caching option means nothing without the ORM hook
             _listen()
 

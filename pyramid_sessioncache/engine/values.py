@@ -91,6 +91,7 @@ class _NotLoaded:
         return "NOT_LOADED"
 
 
+#: Stands for an attribute value the loaded object did not have.
 NOT_LOADED = _NotLoaded()
 
 

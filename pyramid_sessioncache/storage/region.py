@@ -12,7 +12,7 @@ dictionary of its own, not Beaker's module-global one) or to a Session
 :class:`CacheRegions`: two applications in one process never see each
 other's entries.  Out-of-process namespaces are named after the region
 alone, so every process of an application shares them.  Failures of a
-backend are contained here (see :meth:`Region.available`).
+backend are contained here (see :meth:`~pyramid_sessioncache.Region.available`).
 """
 
 from __future__ import annotations

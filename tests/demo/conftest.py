@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import sessioncache_demo as demo
 import webtest
+from sessioncache_demo.models import Person
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-import demo
-from demo.models import Person
 from pyramid_sessioncache import get_session_cache, invalidate_all
 
 from ..conftest import SQLCounter

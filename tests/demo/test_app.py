@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import configparser
 import shutil
 from pathlib import Path
 
 import pytest
+import sessioncache_demo as demo
 import webtest
 from pyramid.exceptions import ConfigurationError
 from pyramid.paster import get_app, get_appsettings
+from sessioncache_demo.models import Person
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
-
-import demo
-from demo.models import Person
 
 from .conftest import demo_settings
 
@@ -104,3 +104,33 @@ def test_ini_files_show_the_redis_variant():
         text = (ROOT / ini).read_text()
         assert "#cache.long_term.type = ext:redis" in text
         assert "#cache.long_term.url = redis://127.0.0.1:6379/0" in text
+
+
+def test_production_ini_differs_from_development_ini_as_the_docs_say():
+    """docs/demo.md lists the differences: the toolbar, template reloading, the interface, log levels."""
+
+    def read(name):
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(ROOT / name)
+        return {
+            (section, key): value.strip() for section in parser.sections() for key, value in parser[section].items()
+        }
+
+    development, production = read("development.ini"), read("production.ini")
+    differing = {key for key in development.keys() | production.keys() if development.get(key) != production.get(key)}
+    assert differing == {
+        ("app:main", "pyramid.includes"),
+        ("app:main", "debugtoolbar.hosts"),
+        ("app:main", "debugtoolbar.includes"),
+        ("app:main", "pyramid.reload_templates"),
+        ("server:main", "listen"),
+        ("logger_root", "level"),
+        ("logger_sessioncache_demo", "level"),
+        ("logger_pyramid_sessioncache", "level"),
+    }
+    assert production[("app:main", "use")] == development[("app:main", "use")] == "egg:sessioncache_demo"
+    assert production[("server:main", "listen")] == "*:6543"
+    assert {production[(section, "level")] for section in ("logger_root", "logger_sessioncache_demo")} == {"WARN"}
+    documented = (ROOT / "docs" / "demo.md").read_text()
+    for said in ("pyramid_debugtoolbar", "pyramid.reload_templates = false", "listen = *:6543", "WARN"):
+        assert said in documented

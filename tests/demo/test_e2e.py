@@ -11,8 +11,7 @@ import threading
 from pathlib import Path
 
 import pytest
-
-import demo
+import sessioncache_demo as demo
 
 from .conftest import demo_settings
 

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from demo.models import NAME_MAX_LENGTH
+from sessioncache_demo.models import NAME_MAX_LENGTH
 
 
 def row_name(page, person_id: int) -> str:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from demo.views import PAGE_SIZE
+from sessioncache_demo.views import PAGE_SIZE
 
 #: The statement of the person page's cached query (SQLite's paramstyle).
 PERSON_BY_ID = re.compile(r"FROM person\s+WHERE person\.id = \?", re.IGNORECASE)
@@ -52,6 +51,9 @@ def test_person_page_runs_its_query_twice_for_one_statement(testapp, sql):
     assert panel_lookups(page) == {"local_session": (1, 1)}
     # The panel counts what the engine listener saw (query, addresses, list page).
     assert panel_sql_count(page) == sql.count == 3
+    # The page says so: the pair is one of its three.
+    assert page.html.select_one("#page-sql").text == "3"
+    assert "this pair's one, then two uncached queries" in page.html.select_one("#page-sql-note").text
 
 
 def test_person_page_local_cache_ends_with_the_request(testapp, sql):

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from sessioncache_demo import seed
+from sessioncache_demo.models import Address, City, Country, Person, PostalCode
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session, selectinload
-
-from demo import seed
-from demo.models import Address, City, Country, Person, PostalCode
 
 
 @pytest.fixture
@@ -82,7 +81,7 @@ def test_reset_starts_again(engine):
 @pytest.fixture
 def ini(tmp_path):
     path = tmp_path / "seed.ini"
-    path.write_text(f"[app:main]\nuse = egg:pyramid_sessioncache\nsqlalchemy.url = sqlite:///{tmp_path}/cli.sqlite\n")
+    path.write_text(f"[app:main]\nuse = egg:sessioncache_demo\nsqlalchemy.url = sqlite:///{tmp_path}/cli.sqlite\n")
     return path
 
 

@@ -27,7 +27,7 @@ API, ``session.execute(update(...))``, ``session.connection().execute()``,
 
 The Session the connection works for (``after_begin``) is told too: a
 transaction that has written reads around shared regions until it ends,
-and its local cache is dropped.  :func:`invalidate_tables` declares writes
+and its local cache is dropped.  :func:`~pyramid_sessioncache.invalidate_tables` declares writes
 no connection sees; they are published when the Session commits.
 """
 
@@ -39,7 +39,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import Pool
 
 from ... import _sqlalchemy
@@ -283,16 +283,20 @@ def written(session: Any) -> set[str]:
     return found
 
 
-def has_written(session: Any) -> bool:
-    """Whether the Session's current transaction wrote anything."""
-    return info.WRITTEN in session.info
+def has_written(session: Any, bind: Any = None) -> bool:
+    """Whether the Session's current transaction wrote anything.
 
-
-def has_written_on(bind: Any) -> bool:
-    """Whether ``bind``, when it is a Connection, has written in its open transaction."""
-    if isinstance(bind, Engine):
+    ``bind``: the Connection or Engine the Session runs a statement on.  A
+    Session bound to a Connection whose transaction has written (a test's
+    outer transaction, rolled back at its end; a savepoint an earlier
+    ``Session.commit()`` released into it) counts as having written, even
+    before its own transaction begins: none of it is committed.
+    """
+    if info.WRITTEN in session.info:
+        return True
+    if not isinstance(bind, Connection) or bind.closed or bind.invalidated:
         return False
-    marks = bind.info.get(_MARKS) if not getattr(bind, "closed", True) else None
+    marks = bind.info.get(_MARKS)
     return marks is not None and any(tables for _, tables in marks.levels)
 
 

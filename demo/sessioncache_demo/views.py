@@ -52,7 +52,8 @@ def person(request: Any) -> dict:
     """One person, loaded twice in this request through ``local_session``.
 
     The second load is served from the request's Session: one SQL statement
-    for the two, and both give the very same object.
+    for the two, and both give the very same object.  The page sends two
+    more, uncached: the person's addresses and their place in the list.
     """
     person_id = _person_id(request)
     query = select(Person).where(Person.id == person_id)

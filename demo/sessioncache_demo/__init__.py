@@ -27,7 +27,7 @@ from . import seed, sqlcount
 REGIONS = ("local_session", "short_term", "long_term")
 
 #: Cache settings used when the settings name no regions, so that
-#: ``demo.main({}, **{"sqlalchemy.url": url})`` is enough.
+#: ``sessioncache_demo.main({}, **{"sqlalchemy.url": url})`` is enough.
 DEFAULT_CACHE_SETTINGS = {
     "cache.regions": ", ".join(REGIONS),
     "cache.type": "memory",
@@ -41,7 +41,7 @@ DEFAULT_CACHE_SETTINGS = {
 def main(global_config: Any, **settings: Any) -> Any:
     """Return the demo's WSGI application.
 
-    The ``paste.app_factory`` behind ``use = egg:pyramid_sessioncache``.
+    The ``paste.app_factory`` behind ``use = egg:sessioncache_demo``.
     Needs ``sqlalchemy.url``; ``cache.*`` settings default to
     :data:`DEFAULT_CACHE_SETTINGS`.  ``demo.people`` (default 300) is how
     many people to seed into an empty database at start-up.
@@ -54,7 +54,7 @@ def main(global_config: Any, **settings: Any) -> Any:
     settings.setdefault("jinja2.undefined", "strict")
     with Configurator(settings=settings) as config:
         config.include("pyramid_jinja2")
-        config.add_jinja2_search_path("demo:templates")
+        config.add_jinja2_search_path("sessioncache_demo:templates")
         config.include("pyramid_sessioncache")
         config.include(".sqlcount")
         config.include(".panel")
