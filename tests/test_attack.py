@@ -656,8 +656,8 @@ def pgengine(pgdb):
 
 
 @pytest.fixture
-def pgcache(region_options, region):
-    return SessionCache(region_options, default_region=region, secret=SECRET)
+def pgcache(acache):
+    return acache
 
 
 @pytest.fixture

@@ -31,37 +31,30 @@ _ACTIONS = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
 #: (a write through an updatable view writes them).  A materialized view
 #: changes when it is refreshed, which is a write to it.
 POSTGRESQL_DEPENDENTS = """
-SELECT p.relname, c.relname
-FROM pg_inherits i
-JOIN pg_class c ON c.oid = i.inhrelid
-JOIN pg_class p ON p.oid = i.inhparent
-UNION
-SELECT c.relname, p.relname
-FROM pg_inherits i
-JOIN pg_class c ON c.oid = i.inhrelid
-JOIN pg_class p ON p.oid = i.inhparent
+WITH inherits AS (
+    SELECT p.relname AS parent, c.relname AS child
+    FROM pg_inherits i
+    JOIN pg_class c ON c.oid = i.inhrelid
+    JOIN pg_class p ON p.oid = i.inhparent
+), views AS (
+    SELECT t.relname AS base, v.relname AS view
+    FROM pg_depend d
+    JOIN pg_rewrite r ON r.oid = d.objid
+    JOIN pg_class v ON v.oid = r.ev_class
+    JOIN pg_class t ON t.oid = d.refobjid
+    WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+      AND v.relkind = 'v' AND t.oid <> v.oid
+)
+SELECT parent, child FROM inherits
+UNION SELECT child, parent FROM inherits
+UNION SELECT base, view FROM views
+UNION SELECT view, base FROM views
 UNION
 SELECT p.relname, c.relname
 FROM pg_constraint k
 JOIN pg_class c ON c.oid = k.conrelid
 JOIN pg_class p ON p.oid = k.confrelid
 WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
-UNION
-SELECT t.relname, v.relname
-FROM pg_depend d
-JOIN pg_rewrite r ON r.oid = d.objid
-JOIN pg_class v ON v.oid = r.ev_class
-JOIN pg_class t ON t.oid = d.refobjid
-WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
-  AND v.relkind = 'v' AND t.oid <> v.oid
-UNION
-SELECT v.relname, t.relname
-FROM pg_depend d
-JOIN pg_rewrite r ON r.oid = d.objid
-JOIN pg_class v ON v.oid = r.ev_class
-JOIN pg_class t ON t.oid = d.refobjid
-WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
-  AND v.relkind = 'v' AND t.oid <> v.oid
 """
 
 
