@@ -81,7 +81,7 @@ def test_backend_down_then_back(engine, sql, redis_server, caplog, how):
     import redis
 
     # The entry that read the old name is still in Redis (the server saved it) ...
-    assert redis.Redis.from_url(redis_server.url).keys("beaker_cache:sessioncache.v1.redis:*")
+    assert redis.Redis.from_url(redis_server.url).keys("beaker_cache:sessioncache.v2.redis:*")
     time.sleep(0.4)
     # ... but this process replays the invalidation it could not make before using it.
     assert name() == "written while down"

@@ -39,7 +39,7 @@ SIGNED_TYPES = frozenset({"ext:redis"})
 
 #: Bumped when the format of stored values changes, so that processes
 #: running different versions never read each other's entries.
-FORMAT = "v1"
+FORMAT = "v2"
 
 log = logging.getLogger(__name__)
 
