@@ -19,11 +19,13 @@ def options(kind: str, tmp_path, redis_url: str | None = None) -> dict[str, Any]
 
 
 class Backend:
-    """Raw access to the entries of one region."""
+    """Raw access to the entries and table versions of one region."""
 
     def __init__(self, region: Region) -> None:
         self.region = region
         self.entries = region.cache_for().namespace
+        assert region.tokens is not None
+        self.versions = region.tokens.namespace
 
     @staticmethod
     def _key(key: str | bytes) -> bytes:
@@ -36,3 +38,11 @@ class Backend:
     def set_entry(self, key: str | bytes, data: bytes | str) -> None:
         """Overwrite the entry ``key`` with ``data``."""
         self.entries.client.set(self.entries._format_key(self._key(key)), data)
+
+    def version(self, table: str) -> bytes | None:
+        """The stored bytes of ``table``'s version."""
+        return self.versions.client.get(self.versions._format_key(self._key(table)))
+
+    def set_version(self, table: str, data: bytes | str) -> None:
+        """Overwrite ``table``'s version with ``data``."""
+        self.versions.client.set(self.versions._format_key(self._key(table)), data)

@@ -90,6 +90,8 @@ def test_a_planted_pickle_runs_nothing_and_reads_as_a_miss(engine, sql, signed_c
     for payload in (OpensAFile, RunsACommand):
         for place, plant in (
             ("entry", lambda data: backend.set_entry(key, data)),
+            ("person's version", lambda data: backend.set_version("person", data)),
+            ("the version of every table", lambda data: backend.set_version("?", data)),
             ("an entry read through Beaker's API", lambda data: backend.set_entry(key + "x", data)),
         ):
             marker = tmp_path / f"{payload.__name__} in {place}"

@@ -28,11 +28,11 @@ from beaker.cache import Cache
 
 from .. import _beaker
 from ..errors import UnknownRegionError, UnpicklableResultError
-from . import api
 from .backends import local_session
 from .backends.local_session import ScopedSessionNamespace
 from .backends.memory import DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
 from .backends.redis import RedisVersionsNamespace, SignedRedisNamespaceManager
+from .versions import Versions
 
 #: Types whose values cross the network: signed, and checked before unpickling.
 SIGNED_TYPES = frozenset({"ext:redis"})
@@ -128,18 +128,20 @@ class Region:
             self._shared = _beaker.cache_on(BoundedMemoryNamespace(self.namespace_name, max_items), self.expire)
         else:
             self._shared = None if self.is_local else self._cache(nsargs)
-        # Version tokens kept beside the entries, in the same backend (see
-        # engine/invalidation): named values, read several at once.
-        self._versions: Any
+        # Table versions kept beside the entries, in the same backend (see
+        # versions.py): named values, read several at once.
+        versions_name = f"{self.namespace_name}.versions"
+        #: The region's table versions (None for ``ext:local_session``).
+        self.tokens: Versions | None
         if self.is_local:
-            self._versions = None
+            self.tokens = None
         elif self.type == "memory":
-            self._versions = _beaker.cache_on(BoundedMemoryNamespace(f"{self.namespace_name}.versions", None), None)
+            self.tokens = Versions(BoundedMemoryNamespace(versions_name, None), versions_name, None)
         elif self.type in SIGNED_TYPES:
-            versions = RedisVersionsNamespace(f"{self.namespace_name}.versions", **nsargs)
-            self._versions = _beaker.cache_on(versions, None)
+            self.tokens = Versions(RedisVersionsNamespace(versions_name, **nsargs), versions_name, secret)
         else:
-            self._versions = Cache(f"{self.namespace_name}.versions", type=self.type, **nsargs)
+            versions = Cache(versions_name, type=self.type, **nsargs).namespace
+            self.tokens = Versions(versions, versions_name, secret)
 
     def __repr__(self) -> str:
         return f"<Region {self.name!r} type={self.type!r} expire={self.expire!r}>"
@@ -194,7 +196,9 @@ class Region:
         try:
             if tables and isinstance(namespace, SignedRedisNamespaceManager):
                 # The entry and its versions in one round trip.
-                stored, versions = namespace.get_with_versions(key, self._versions.namespace, map(_encode, tables))
+                assert self.tokens is not None
+                stored, raw = namespace.get_with_versions(key, self.tokens.namespace, map(_encode, tables))
+                versions = self.tokens.check(tables, raw)
             else:
                 namespace.acquire_read_lock()
                 try:
@@ -206,7 +210,20 @@ class Region:
         except BACKEND_ERRORS as exc:
             self._failed(exc, "reading")
             return None
-        return _unpack(stored, valid, versions)
+        return self._unpack(stored, valid, versions)
+
+    def _unpack(self, stored: Any, valid: Validator, versions: Any) -> tuple[Any, bool] | None:
+        """``(value, fresh)`` from an entry in Beaker's stored format, or None if unusable."""
+        try:
+            stored_at, expire, value = stored
+            if not valid(value, versions):
+                return None
+            return value, expire is None or time.time() < stored_at + expire
+        except (TypeError, ValueError, AttributeError) as exc:
+            # Signed by this application, but not what this code stores (an
+            # entry put there through Beaker's API, say): a miss.
+            log.debug("cache region %r: ignored an entry it cannot use (%s)", self.name, exc)
+            return None
 
     def _write(self, namespace: Any, key: bytes, value: Any, expire: int | None) -> None:
         if self.out_of_process:
@@ -255,40 +272,39 @@ class Region:
     def versions(self, names: tuple[str, ...], create: bool = False) -> tuple | None:
         """Return the current version tokens of ``names``, in one read; None for a name that has none.
 
-        With ``create``, names that have none get one first, as for an entry
-        about to be stored: an entry records only versions that exist, so
-        one whose version disappears later (evicted, deleted) is never
-        valid again.  Returns None itself when the backend fails.
+        None also stands for a version that cannot be used: unreadable,
+        not signed for this region and name, or older than one this
+        process has seen (see ``versions.py``).  With ``create``, names
+        that have none get one first, as for an entry about to be stored:
+        an entry records only versions that exist, so one whose version
+        disappears later (evicted, deleted) is never valid again.  Returns
+        None itself when the backend fails, or when ``create`` could not
+        make every version usable.
         """
-        if self._down():
+        if self._down() or self.tokens is None:
             return None
-        namespace = self._versions.namespace
-        keys = [_encode(name) for name in names]
         try:
-            found = tuple(api.read_many(namespace, keys))
-            if create and None in found:
-                api.add_many(
-                    namespace, {key: uuid.uuid4().hex for key, now in zip(keys, found, strict=True) if now is None}
-                )
-                found = tuple(api.read_many(namespace, keys))  # another process may have been first
+            if create:
+                return self.tokens.create(names)
+            return self.tokens.read(names)
         except BACKEND_ERRORS as exc:
             self._failed(exc, "reading table versions")
             return None
-        return None if create and None in found else found
 
     def bump(self, names: Iterable[str]) -> None:
-        """Give ``names`` a new version token, so entries that saw the old one are invalid.
+        """Give ``names`` new version tokens, so entries that saw the old ones are invalid.
 
         When the backend fails, the names are kept and bumped before this
         process uses the region again.
         """
         names = set(names)
+        if self.tokens is None:
+            return
         if self._down():
             self._pending |= names
             return
-        token = uuid.uuid4().hex
         try:
-            api.write_many(self._versions.namespace, {_encode(name): token for name in names})
+            self.tokens.bump(names)
         except BACKEND_ERRORS as exc:
             self._pending |= names
             self._failed(exc, "invalidating tables " + ", ".join(sorted(names)))
@@ -354,7 +370,7 @@ class Region:
             # object, no lock (one Session is one thread); Beaker's format.
             namespaces = session.info.get(local_session.INFO_KEY)
             stored = None if namespaces is None else namespaces.get(self.namespace_name, _NOTHING).get(_encode(key))
-            found = None if stored is None else _unpack(stored, valid, None)
+            found = None if stored is None else self._unpack(stored, valid, None)
         else:
             found = self._read(self._namespace(session), _encode(key), valid, tables) if self.available() else None
         return found[0] if found is not None and found[1] else None
@@ -373,17 +389,6 @@ class Region:
 
 
 _NOTHING: dict = {}
-
-
-def _unpack(stored: Any, valid: Validator, versions: Any) -> tuple[Any, bool] | None:
-    """``(value, fresh)`` from an entry in Beaker's stored format, or None if unusable."""
-    try:
-        stored_at, expire, value = stored
-    except (TypeError, ValueError):
-        return None
-    if not valid(value, versions):
-        return None
-    return value, expire is None or time.time() < stored_at + expire
 
 
 def _encode(key: str) -> bytes:

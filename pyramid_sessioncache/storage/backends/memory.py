@@ -14,6 +14,8 @@ from typing import Any
 
 from beaker.container import AbstractDictionaryNSManager
 
+from .. import api
+
 #: Entries a ``memory`` region keeps unless ``max_items`` says otherwise.
 DEFAULT_MAX_ITEMS = 10_000
 
@@ -66,6 +68,18 @@ class LRUDict:
             for key, value in values.items():
                 self._data.setdefault(key, value)
 
+    def raise_many(self, values: Any) -> dict:
+        """:func:`~pyramid_sessioncache.storage.api.raise_many`, under one lock."""
+        refused = {}
+        with self._lock:
+            for key, value in values.items():
+                held = self._data.get(key)
+                if held is not None and api.counter_of(held) >= api.counter_of(value):
+                    refused[key] = held
+                else:
+                    self._data[key] = value
+        return refused
+
     def keys(self) -> list:
         with self._lock:
             return list(self._data)
@@ -93,3 +107,7 @@ class BoundedMemoryNamespace(AbstractDictionaryNSManager):
     def add_many(self, values: Any) -> None:
         """Store the keys of ``values`` that have no value."""
         self.dictionary.add_many(values)
+
+    def raise_many(self, values: Any) -> dict:
+        """Store values whose counter is higher than the one held (see ``api.raise_many``)."""
+        return self.dictionary.raise_many(values)

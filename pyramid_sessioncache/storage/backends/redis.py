@@ -22,13 +22,40 @@ from .. import signing
 log = logging.getLogger(__name__)
 
 
+#: ``raise_many`` in one round trip: per key, SET unless the string held
+#: starts with a counter at least as high (see ``api.counter_of``); a key of
+#: another type is overwritten.  Returns the keys refused and what they hold.
+_RAISE = """
+local refused = {}
+for i, key in ipairs(KEYS) do
+  local new = ARGV[i]
+  local kind = redis.call('TYPE', key).ok
+  local keep = false
+  if kind == 'string' then
+    local held = redis.call('GET', key)
+    local digits = string.match(held, '^(%d+):')
+    if digits and #digits <= 15 then
+      keep = tonumber(digits) >= tonumber(string.match(new, '^(%d+):'))
+    end
+    if keep then
+      refused[#refused + 1] = key
+      refused[#refused + 1] = held
+    end
+  end
+  if not keep then
+    redis.call('SET', key, new)
+  end
+end
+return refused
+"""
+
+
 class RedisVersionsNamespace(RedisNamespaceManager):
-    """Beaker's Redis namespace, reading and writing several plain-text values at once."""
+    """Beaker's Redis namespace, reading and writing several raw values at once."""
 
     def get_many(self, keys: Sequence[bytes]) -> list[Any]:
-        """Return the values of ``keys`` (None where missing), in one ``MGET``."""
-        raw = self.client.mget([_beaker.redis_key(self, key) for key in keys])
-        return [None if value is None else value.decode() for value in raw]
+        """Return the values of ``keys`` (bytes; None where missing or not a string), in one ``MGET``."""
+        return self.client.mget([_beaker.redis_key(self, key) for key in keys])
 
     def set_many(self, values: Mapping[bytes, Any]) -> None:
         """Store ``values``, in one ``MSET``."""
@@ -40,6 +67,19 @@ class RedisVersionsNamespace(RedisNamespaceManager):
         for key, value in values.items():
             pipeline.set(_beaker.redis_key(self, key), value, nx=True)
         pipeline.execute()
+
+    def raise_many(self, values: Mapping[bytes, Any]) -> dict[bytes, Any]:
+        """Store the values whose counter is above the one held, atomically, in one round trip (a Lua script)."""
+        script = getattr(self, "_raise", None)
+        if script is None:
+            script = self._raise = self.client.register_script(_RAISE)
+        keys = {_beaker.redis_key(self, key): key for key in values}
+        answer = script(keys=list(keys), args=list(values.values()))
+        refused = {}
+        for i in range(0, len(answer), 2):
+            name = answer[i].decode() if isinstance(answer[i], bytes) else answer[i]
+            refused[keys[name]] = answer[i + 1]
+        return refused
 
 
 class SignedRedisNamespaceManager(RedisNamespaceManager):
@@ -70,15 +110,15 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
 
     def get_with_versions(
         self, key: bytes, versions: RedisVersionsNamespace, names: Iterable[bytes]
-    ) -> tuple[Any, tuple]:
-        """Read the entry ``key`` and the values of ``names`` in ``versions``, in one ``MGET``.
+    ) -> tuple[Any, list[Any]]:
+        """Read the entry ``key`` and the raw values of ``names`` in ``versions``, in one ``MGET``.
 
         Both namespaces belong to one region, so one server.  Raises
         ``KeyError`` when the entry is missing or unusable.
         """
         keys = [_beaker.redis_key(self, key), *(_beaker.redis_key(versions, name) for name in names)]
         entry, *raw = self.client.mget(keys)
-        return self.decode(key, entry), tuple(None if value is None else value.decode() for value in raw)
+        return self.decode(key, entry), raw
 
     def decode(self, key: Any, entry: bytes | None) -> Any:
         """Return the value stored as ``entry`` under ``key``; ``KeyError`` if none or unusable."""
