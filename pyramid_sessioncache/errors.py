@@ -33,3 +33,18 @@ class NoRegionsError(SessionCacheError):
 
 class UnpicklableResultError(SessionCacheError, TypeError):
     """A result could not be stored in an out-of-process region."""
+
+
+class UnsafeRegionError(SessionCacheError, ValueError):
+    """A cache region is configured in a way that would let others run code in, or read, the application.
+
+    Raised when the regions are built (at start-up).
+    """
+
+
+class MissingSecretError(UnsafeRegionError):
+    """A region that keeps its values outside the process has no secret to sign them with."""
+
+
+class SharedDirectoryError(UnsafeRegionError):
+    """A region's ``data_dir`` or ``lock_dir`` can be written by other users."""

@@ -1,21 +1,25 @@
 """What somebody who can write to a region's backend does: read and write its raw bytes.
 
-No mocks: the bytes go to the real Redis server, where the region reads them.
+No mocks: the bytes go to the real Redis server and the real files, where
+the region reads them.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pyramid_sessioncache import Region
 
 #: The out-of-process region types, whose values are signed.
-SIGNED_TYPES = ("redis",)
+SIGNED_TYPES = ("file", "redis")
 
 
 def options(kind: str, tmp_path, redis_url: str | None = None) -> dict[str, Any]:
-    """The options of a region of ``kind`` (``redis``)."""
-    return {"type": "ext:redis", "url": redis_url}
+    """The options of a region of ``kind`` (``file``, ``redis``) in ``tmp_path``."""
+    if kind == "redis":
+        return {"type": "ext:redis", "url": redis_url}
+    return {"type": kind, "data_dir": str(tmp_path / f"{kind}-data"), "lock_dir": str(tmp_path / f"{kind}-locks")}
 
 
 class Backend:
@@ -31,18 +35,40 @@ class Backend:
     def _key(key: str | bytes) -> bytes:
         return key.encode("ascii", "backslashreplace") if isinstance(key, str) else key
 
+    def _get(self, namespace: Any, key: bytes) -> bytes | None:
+        kind = self.region.type
+        if kind == "ext:redis":
+            return namespace.client.get(namespace._format_key(key))
+        try:
+            with open(namespace.path(key), "rb") as file:
+                return file.read()
+        except FileNotFoundError:
+            return None
+
+    def _set(self, namespace: Any, key: bytes, data: bytes | str) -> None:
+        kind = self.region.type
+        if isinstance(data, str):
+            data = data.encode()
+        if kind == "ext:redis":
+            namespace.client.set(namespace._format_key(key), data)
+        else:
+            path = namespace.path(key)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as file:
+                file.write(data)
+
     def entry(self, key: str | bytes) -> bytes | None:
         """The stored bytes of the entry ``key``."""
-        return self.entries.client.get(self.entries._format_key(self._key(key)))
+        return self._get(self.entries, self._key(key))
 
     def set_entry(self, key: str | bytes, data: bytes | str) -> None:
         """Overwrite the entry ``key`` with ``data``."""
-        self.entries.client.set(self.entries._format_key(self._key(key)), data)
+        self._set(self.entries, self._key(key), data)
 
     def version(self, table: str) -> bytes | None:
         """The stored bytes of ``table``'s version."""
-        return self.versions.client.get(self.versions._format_key(self._key(table)))
+        return self._get(self.versions, self._key(table))
 
     def set_version(self, table: str, data: bytes | str) -> None:
         """Overwrite ``table``'s version with ``data``."""
-        self.versions.client.set(self.versions._format_key(self._key(table)), data)
+        self._set(self.versions, self._key(table), data)

@@ -185,7 +185,7 @@ def test_invalidate_tables_outside_a_session(Session, cache, region):
 
 
 def test_manual_mode_never_invalidates(engine, region_options):
-    cache = SessionCache(region_options, invalidation="manual")
+    cache = SessionCache(region_options, invalidation="manual", secret=SECRET)
     Session = sessionmaker(bind=engine, info=cache.session_info())
     stmt = names("memory")
     read(Session, stmt)

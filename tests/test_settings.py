@@ -41,7 +41,13 @@ def test_defaults_without_regions():
 
 def test_region_defaults_apply_to_every_region(tmp_path):
     settings = parse_settings(
-        {"cache.regions": "a b", "cache.type": "file", "cache.data_dir": str(tmp_path), "cache.b.type": "memory"}
+        {
+            "cache.regions": "a b",
+            "cache.type": "file",
+            "cache.data_dir": str(tmp_path),
+            "cache.b.type": "memory",
+            "sessioncache.secret": "a secret, long enough",
+        }
     )
     assert settings.regions["a"] == {"type": "file", "data_dir": str(tmp_path)}
     assert settings.regions["b"]["type"] == "memory"

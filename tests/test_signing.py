@@ -221,9 +221,26 @@ def test_signatures_bind_the_format_the_place_and_the_deadline():
 
 
 def test_a_redis_region_needs_a_secret(redis_url):
-    with pytest.raises(ValueError, match="needs a secret"):
+    from pyramid_sessioncache.errors import MissingSecretError
+
+    with pytest.raises(MissingSecretError, match="needs a secret"):
         SessionCache({"redis": {"type": "ext:redis", "url": redis_url}})
     assert redis.Redis.from_url(redis_url).ping()
+
+
+def test_every_out_of_process_type_needs_a_secret(tmp_path, kind, request):
+    from pyramid.exceptions import ConfigurationError
+
+    from pyramid_sessioncache import parse_settings
+    from pyramid_sessioncache.errors import MissingSecretError
+
+    url = request.getfixturevalue("redis_url") if kind == "redis" else None
+    region = options(kind, tmp_path, url)
+    with pytest.raises(MissingSecretError, match="sessioncache.secret"):
+        SessionCache({"r": region})
+    ini = {"cache.regions": "r", **{f"cache.r.{name}": value for name, value in region.items()}}
+    with pytest.raises(ConfigurationError, match="sessioncache.secret"):
+        parse_settings(ini)
 
 
 def test_the_same_bytes_are_checked_and_unpickled_once(engine, sql, redis_url, monkeypatch):

@@ -201,7 +201,12 @@ def test_an_entry_records_only_versions_that_exist(engine, sql, region_of):
     cached(Session)
     cached(Session)
     token = backend.version("person")
-    backend.versions.client.delete(backend.versions._format_key(b"person"))
+    if cache.region("shared").type == "ext:redis":
+        backend.versions.client.delete(backend.versions._format_key(b"person"))
+    else:
+        import os
+
+        os.unlink(backend.versions.path(b"person"))
     sql.reset()
     cached(Session)
     assert sql.count == 1

@@ -11,8 +11,11 @@ dictionary of its own, not Beaker's module-global one) or to a Session
 (``ext:local_session``), and are named with a token unique to each
 :class:`CacheRegions`: two applications in one process never see each
 other's entries.  Out-of-process namespaces are named after the region
-alone, so every process of an application shares them.  Failures of a
-backend are contained here (see :meth:`Region.available`).
+alone, so every process of an application shares them; ``ext:redis`` and
+``file`` are the add-on's own, which sign what they write for its place
+and unpickle nothing whose signature does not check.  Failures of a
+backend are contained here (see :meth:`Region.available`); table versions
+are in ``versions.py``.
 """
 
 from __future__ import annotations
@@ -27,15 +30,18 @@ from typing import Any
 from beaker.cache import Cache
 
 from .. import _beaker
-from ..errors import UnknownRegionError, UnpicklableResultError
+from ..errors import MissingSecretError, UnknownRegionError, UnpicklableResultError
 from .backends import local_session
+from .backends.directories import private_directory
+from .backends.file import FileNamespace, SignedFileNamespace
 from .backends.local_session import ScopedSessionNamespace
 from .backends.memory import DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
 from .backends.redis import RedisVersionsNamespace, SignedRedisNamespaceManager
 from .versions import Versions
 
-#: Types whose values cross the network: signed, and checked before unpickling.
-SIGNED_TYPES = frozenset({"ext:redis"})
+#: Types whose values leave the process: signed for their place, and
+#: checked before they are unpickled.  They need ``sessioncache.secret``.
+SIGNED_TYPES = frozenset({"ext:redis", "file"})
 
 #: Bumped when the format of stored values changes, so that processes
 #: running different versions never read each other's entries.
@@ -107,6 +113,7 @@ class Region:
         self.expire: int | None = nsargs.pop("expire", None)
         self.enabled: bool = nsargs.pop("enabled", True)
         max_items = nsargs.pop("max_items", DEFAULT_MAX_ITEMS)
+        allow_shared_dir = nsargs.pop("allow_shared_dir", False)
         backend = _namespace_class(self.type)
         self.is_local = isinstance(backend, type) and issubclass(backend, ScopedSessionNamespace)
         #: True when values leave the process (and so are pickled).
@@ -115,14 +122,21 @@ class Region:
             self.namespace_name = f"sessioncache.{FORMAT}.{name}"
         else:
             self.namespace_name = f"sessioncache.{FORMAT}.{token}.{name}"
+        if self.type == "file":
+            self._private_directories(nsargs, allow_shared_dir)
         self._nsargs = nsargs
-        if self.type in SIGNED_TYPES:
-            if not secret:
-                raise ValueError(
-                    f"cache region {name!r} is {self.type}: its values are unpickled only after their "
-                    "signature checks, so it needs a secret (sessioncache.secret)"
-                )
+        if self.type in SIGNED_TYPES and not secret:
+            raise MissingSecretError(
+                f"cache region {name!r} is {self.type}: its values are unpickled only after their "
+                "signature checks, so it needs a secret (sessioncache.secret)"
+            )
+        if self.type == "ext:redis":
+            assert secret is not None
             namespace = SignedRedisNamespaceManager(self.namespace_name, secret=secret, **nsargs)
+            self._shared = _beaker.cache_on(namespace, self.expire)
+        elif self.type == "file":
+            assert secret is not None
+            namespace = SignedFileNamespace(self.namespace_name, secret=secret, **nsargs)
             self._shared = _beaker.cache_on(namespace, self.expire)
         elif self.type == "memory":
             self._shared = _beaker.cache_on(BoundedMemoryNamespace(self.namespace_name, max_items), self.expire)
@@ -137,11 +151,23 @@ class Region:
             self.tokens = None
         elif self.type == "memory":
             self.tokens = Versions(BoundedMemoryNamespace(versions_name, None), versions_name, None)
-        elif self.type in SIGNED_TYPES:
+        elif self.type == "ext:redis":
             self.tokens = Versions(RedisVersionsNamespace(versions_name, **nsargs), versions_name, secret)
+        elif self.type == "file":
+            self.tokens = Versions(FileNamespace(versions_name, **nsargs), versions_name, secret)
         else:
             versions = Cache(versions_name, type=self.type, **nsargs).namespace
             self.tokens = Versions(versions, versions_name, secret)
+
+    def _private_directories(self, nsargs: dict[str, Any], allow_shared: bool) -> None:
+        """Check (and create) the directories of a ``file`` region; see ``backends/directories.py``."""
+        if "data_dir" not in nsargs:
+            raise ValueError(f"cache region {self.name!r} is {self.type}: it needs a data_dir")
+        for option in ("data_dir", "lock_dir"):
+            if option in nsargs:
+                nsargs[option] = private_directory(
+                    nsargs[option], f"cache.{self.name}.{option}", allow_shared, f"cache.{self.name}.allow_shared_dir"
+                )
 
     def __repr__(self) -> str:
         return f"<Region {self.name!r} type={self.type!r} expire={self.expire!r}>"
