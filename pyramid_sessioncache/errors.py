@@ -42,6 +42,10 @@ class UnsafeRegionError(SessionCacheError, ValueError):
     """
 
 
+class UnsignedBackendError(UnsafeRegionError):
+    """A region's backend type unpickles what it reads before any signature could be checked."""
+
+
 class MissingSecretError(UnsafeRegionError):
     """A region that keeps its values outside the process has no secret to sign them with."""
 

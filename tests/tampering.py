@@ -1,7 +1,7 @@
 """What somebody who can write to a region's backend does: read and write its raw bytes.
 
-No mocks: the bytes go to the real Redis server and the real files, where
-the region reads them.
+No mocks: the bytes go to the real Redis server, the real files and the
+real ``dbm`` database, where the region reads them.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from typing import Any
 from pyramid_sessioncache import Region
 
 #: The out-of-process region types, whose values are signed.
-SIGNED_TYPES = ("file", "redis")
+SIGNED_TYPES = ("file", "dbm", "redis")
 
 
 def options(kind: str, tmp_path, redis_url: str | None = None) -> dict[str, Any]:
-    """The options of a region of ``kind`` (``file``, ``redis``) in ``tmp_path``."""
+    """The options of a region of ``kind`` (``file``, ``dbm``, ``redis``) in ``tmp_path``."""
     if kind == "redis":
         return {"type": "ext:redis", "url": redis_url}
     return {"type": kind, "data_dir": str(tmp_path / f"{kind}-data"), "lock_dir": str(tmp_path / f"{kind}-locks")}
@@ -39,11 +39,17 @@ class Backend:
         kind = self.region.type
         if kind == "ext:redis":
             return namespace.client.get(namespace._format_key(key))
+        if kind == "file":
+            try:
+                with open(namespace.path(key), "rb") as file:
+                    return file.read()
+            except FileNotFoundError:
+                return None
+        namespace.acquire_read_lock()
         try:
-            with open(namespace.path(key), "rb") as file:
-                return file.read()
-        except FileNotFoundError:
-            return None
+            return namespace.db.get(key)
+        finally:
+            namespace.release_read_lock()
 
     def _set(self, namespace: Any, key: bytes, data: bytes | str) -> None:
         kind = self.region.type
@@ -51,11 +57,17 @@ class Backend:
             data = data.encode()
         if kind == "ext:redis":
             namespace.client.set(namespace._format_key(key), data)
-        else:
+        elif kind == "file":
             path = namespace.path(key)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "wb") as file:
                 file.write(data)
+        else:
+            namespace.acquire_write_lock()
+            try:
+                namespace.db[key] = data
+            finally:
+                namespace.release_write_lock()
 
     def entry(self, key: str | bytes) -> bytes | None:
         """The stored bytes of the entry ``key``."""

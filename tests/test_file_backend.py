@@ -250,6 +250,7 @@ def test_file_locks_exclude_each_other_and_leave_nothing(tmp_path):
     assert os.listdir(tmp_path / "locks") == []
 
 
-def test_a_region_of_files_needs_a_data_dir():
-    with pytest.raises(ValueError, match="cache region 'f' is file: it needs a data_dir"):
-        SessionCache({"f": {"type": "file"}}, secret=SECRET)
+@pytest.mark.parametrize("kind", ["file", "dbm"])
+def test_a_region_of_files_needs_a_data_dir(kind):
+    with pytest.raises(ValueError, match=f"cache region 'f' is {kind}: it needs a data_dir"):
+        SessionCache({"f": {"type": kind}}, secret=SECRET)

@@ -243,6 +243,25 @@ def test_every_out_of_process_type_needs_a_secret(tmp_path, kind, request):
         parse_settings(ini)
 
 
+@pytest.mark.parametrize("kind", ["ext:memcached", "ext:database", "ext:mongodb", "ext:rediscluster"])
+def test_beaker_types_that_unpickle_unchecked_are_refused(kind):
+    from pyramid_sessioncache.errors import UnsignedBackendError
+
+    with pytest.raises(UnsignedBackendError, match=f"cache.r.type = '{kind}'.*unpickles"):
+        SessionCache({"r": {"type": kind, "url": "anything://"}}, secret=SECRET)
+
+
+def test_the_add_on_refuses_them_at_start_up(tmp_path):
+    from pyramid.config import Configurator
+    from pyramid.exceptions import ConfigurationError
+
+    url = f"sqlite:///{tmp_path / 'cache.sqlite'}"
+    settings = {"cache.regions": "r", "cache.r.type": "ext:database", "cache.r.url": url}
+    config = Configurator(settings={**settings, "sessioncache.secret": SECRET})
+    with pytest.raises(ConfigurationError, match="cache.r.type = 'ext:database'.*run code"):
+        config.include("pyramid_sessioncache")
+
+
 def test_the_same_bytes_are_checked_and_unpickled_once(engine, sql, redis_url, monkeypatch):
     cache = SessionCache({"redis": {"type": "ext:redis", "url": redis_url}}, secret=SECRET)
     calls = []

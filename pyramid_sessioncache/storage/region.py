@@ -11,11 +11,13 @@ dictionary of its own, not Beaker's module-global one) or to a Session
 (``ext:local_session``), and are named with a token unique to each
 :class:`CacheRegions`: two applications in one process never see each
 other's entries.  Out-of-process namespaces are named after the region
-alone, so every process of an application shares them; ``ext:redis`` and
-``file`` are the add-on's own, which sign what they write for its place
-and unpickle nothing whose signature does not check.  Failures of a
-backend are contained here (see :meth:`Region.available`); table versions
-are in ``versions.py``.
+alone, so every process of an application shares them; they are the
+add-on's own (``ext:redis``, ``file``, ``dbm``), which sign what they write
+for its place and unpickle nothing whose signature does not check.
+Beaker's other types unpickle what they read before anything could check
+it, and are refused (:data:`REFUSED_TYPES`).  Failures of a backend are
+contained here (see :meth:`Region.available`); table versions are in
+``versions.py``.
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ from typing import Any
 from beaker.cache import Cache
 
 from .. import _beaker
-from ..errors import MissingSecretError, UnknownRegionError, UnpicklableResultError
+from ..errors import MissingSecretError, UnknownRegionError, UnpicklableResultError, UnsignedBackendError
 from .backends import local_session
+from .backends.dbm import DBMNamespace, SignedDBMNamespace
 from .backends.directories import private_directory
 from .backends.file import FileNamespace, SignedFileNamespace
 from .backends.local_session import ScopedSessionNamespace
@@ -41,7 +44,11 @@ from .versions import Versions
 
 #: Types whose values leave the process: signed for their place, and
 #: checked before they are unpickled.  They need ``sessioncache.secret``.
-SIGNED_TYPES = frozenset({"ext:redis", "file"})
+SIGNED_TYPES = frozenset({"ext:redis", "file", "dbm"})
+#: Beaker's types whose namespaces unpickle what they read before anything
+#: could check it: whoever can write to the server could run code in every
+#: process that reads it.
+REFUSED_TYPES = frozenset({"ext:memcached", "ext:database", "ext:mongodb", "ext:rediscluster", "ext:google"})
 
 #: Bumped when the format of stored values changes, so that processes
 #: running different versions never read each other's entries.
@@ -114,18 +121,18 @@ class Region:
         self.enabled: bool = nsargs.pop("enabled", True)
         max_items = nsargs.pop("max_items", DEFAULT_MAX_ITEMS)
         allow_shared_dir = nsargs.pop("allow_shared_dir", False)
-        backend = _namespace_class(self.type)
+        backend = self._checked_type()
         self.is_local = isinstance(backend, type) and issubclass(backend, ScopedSessionNamespace)
-        #: True when values leave the process (and so are pickled).
+        #: True when values leave the process (and so are pickled and signed).
         self.out_of_process = not (self.is_local or self.type == "memory")
         if self.out_of_process:
             self.namespace_name = f"sessioncache.{FORMAT}.{name}"
         else:
             self.namespace_name = f"sessioncache.{FORMAT}.{token}.{name}"
-        if self.type == "file":
+        if self.type in ("file", "dbm"):
             self._private_directories(nsargs, allow_shared_dir)
         self._nsargs = nsargs
-        if self.type in SIGNED_TYPES and not secret:
+        if self.out_of_process and not secret:
             raise MissingSecretError(
                 f"cache region {name!r} is {self.type}: its values are unpickled only after their "
                 "signature checks, so it needs a secret (sessioncache.secret)"
@@ -138,10 +145,14 @@ class Region:
             assert secret is not None
             namespace = SignedFileNamespace(self.namespace_name, secret=secret, **nsargs)
             self._shared = _beaker.cache_on(namespace, self.expire)
+        elif self.type == "dbm":
+            assert secret is not None
+            namespace = SignedDBMNamespace(self.namespace_name, secret=secret, **nsargs)
+            self._shared = _beaker.cache_on(namespace, self.expire)
         elif self.type == "memory":
             self._shared = _beaker.cache_on(BoundedMemoryNamespace(self.namespace_name, max_items), self.expire)
         else:
-            self._shared = None if self.is_local else self._cache(nsargs)
+            self._shared = None
         # Table versions kept beside the entries, in the same backend (see
         # versions.py): named values, read several at once.
         versions_name = f"{self.namespace_name}.versions"
@@ -156,11 +167,30 @@ class Region:
         elif self.type == "file":
             self.tokens = Versions(FileNamespace(versions_name, **nsargs), versions_name, secret)
         else:
-            versions = Cache(versions_name, type=self.type, **nsargs).namespace
-            self.tokens = Versions(versions, versions_name, secret)
+            self.tokens = Versions(DBMNamespace(versions_name, **nsargs), versions_name, secret)
+
+    def _checked_type(self) -> Any:
+        """The namespace class of this region's type; refuse a type that would unpickle unchecked data."""
+        if self.type in REFUSED_TYPES:
+            raise UnsignedBackendError(
+                f"invalid setting cache.{self.name}.type = {self.type!r}: Beaker's {self.type} namespace "
+                "unpickles what it reads before anything could check it, so whoever can write to that server "
+                "could run code in this application; use ext:redis, file or dbm (signed with "
+                "sessioncache.secret) or memory"
+            )
+        backend = _namespace_class(self.type)
+        in_process = self.type == "memory" or (
+            isinstance(backend, type) and issubclass(backend, ScopedSessionNamespace)
+        )
+        if not in_process and self.type not in SIGNED_TYPES:
+            raise UnsignedBackendError(
+                f"invalid setting cache.{self.name}.type = {self.type!r}: its namespace keeps values outside the "
+                "process and pyramid_sessioncache cannot sign them; use ext:redis, file, dbm or memory"
+            )
+        return backend
 
     def _private_directories(self, nsargs: dict[str, Any], allow_shared: bool) -> None:
-        """Check (and create) the directories of a ``file`` region; see ``backends/directories.py``."""
+        """Check (and create) the directories of a ``file`` or ``dbm`` region; see ``backends/directories.py``."""
         if "data_dir" not in nsargs:
             raise ValueError(f"cache region {self.name!r} is {self.type}: it needs a data_dir")
         for option in ("data_dir", "lock_dir"):
