@@ -213,6 +213,15 @@ def test_beaker_cache_reads_and_writes_what_the_region_does(data_dir):
     assert region.get("after") == 1
 
 
+def test_a_region_too_large_to_read_is_not_read(data_dir, caplog):
+    region = file_cache(data_dir, max_entry_bytes=1000).region("f")
+    region.put("small", "x" * 100)
+    path = region.cache_for().namespace.path(b"small")
+    with open(path, "ab") as file:
+        file.write(b"x" * 10_000)  # somebody makes it huge
+    assert region.get("small") is None
+
+
 def test_file_locks_exclude_each_other_and_leave_nothing(tmp_path):
     path = str(tmp_path / "locks" / "one.lock")
     counter = tmp_path / "counter"

@@ -97,6 +97,8 @@ REGION_OPTIONS: Mapping[str, Callable[[str], Any]] = MappingProxyType(
         "lock_dir": _text,
         "key_length": _positive_int,
         "max_items": _positive_int,
+        "max_bytes": _positive_int,
+        "max_entry_bytes": _positive_int,
         "allow_shared_dir": _boolean,
         "timeout": _positive_int,
         "memcache_module": _text,

@@ -147,7 +147,9 @@ def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: 
 
     key = found.key
     if cache.invalidation != "auto":
-        return region.get_or_create(key.text, lambda: loader.load(state, connection()), session, expire)
+        return region.get_or_create(
+            key.text, lambda: loader.load(state, connection()), session, expire, label=key.shape
+        )
 
     tables = found.tables
     if tables is None:
@@ -181,4 +183,5 @@ def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: 
         store=lambda value: verdict["store"],
         valid=versions.valid(region, tables),
         tables=tables,
+        label=key.shape,
     )

@@ -6,18 +6,21 @@ of queries or requests.  Entries use Beaker's own stored format,
 what a region wrote, while a look-up costs one backend read (Beaker's
 ``Cache.get`` makes two: ``EXISTS`` then ``GET`` on Redis).
 
-In-process namespaces belong to their region (``memory``: a bounded
-dictionary of its own, not Beaker's module-global one) or to a Session
-(``ext:local_session``), and are named with a token unique to each
-:class:`CacheRegions`: two applications in one process never see each
-other's entries.  Out-of-process namespaces are named after the region
-alone, so every process of an application shares them; they are the
-add-on's own (``ext:redis``, ``file``, ``dbm``), which sign what they write
-for its place and unpickle nothing whose signature does not check.
-Beaker's other types unpickle what they read before anything could check
-it, and are refused (:data:`REFUSED_TYPES`).  Failures of a backend are
-contained here (see :meth:`Region.available`); table versions are in
-``versions.py``.
+In-process namespaces belong to their region (``memory``: a dictionary of
+its own bounded in entries and bytes, not Beaker's module-global one) or
+to a Session (``ext:local_session``, bounded per Session), and are named
+with a token unique to each :class:`CacheRegions`: two applications in one
+process never see each other's entries.  Out-of-process namespaces are
+named after the region alone, so every process of an application shares
+them; they are the add-on's own (``ext:redis``, ``file``, ``dbm``), which
+sign what they write for its place and unpickle nothing whose signature
+does not check.  Beaker's other types unpickle what they read before
+anything could check it, and are refused (:data:`REFUSED_TYPES`).
+
+A value is pickled once when it is stored: for its size (a value larger
+than ``max_entry_bytes`` is not stored), and, out of the process, as what
+is signed and written.  Failures of a backend are contained here (see
+:meth:`Region.available`); table versions are in ``versions.py``.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from .backends.dbm import DBMNamespace, SignedDBMNamespace
 from .backends.directories import private_directory
 from .backends.file import FileNamespace, SignedFileNamespace
 from .backends.local_session import ScopedSessionNamespace
-from .backends.memory import DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
+from .backends.memory import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
 from .backends.redis import RedisVersionsNamespace, SignedRedisNamespaceManager
 from .versions import Versions
 
@@ -49,6 +52,8 @@ SIGNED_TYPES = frozenset({"ext:redis", "file", "dbm"})
 #: could check it: whoever can write to the server could run code in every
 #: process that reads it.
 REFUSED_TYPES = frozenset({"ext:memcached", "ext:database", "ext:mongodb", "ext:rediscluster", "ext:google"})
+#: The largest entry a region stores unless ``max_entry_bytes`` says otherwise (bytes of its pickle).
+DEFAULT_MAX_ENTRY_BYTES = 1024 * 1024
 
 #: Bumped when the format of stored values changes, so that processes
 #: running different versions never read each other's entries.
@@ -94,11 +99,21 @@ class Region:
     """One named cache region.
 
     :param name: the region's name, as in ``cache.regions``.
-    :param options: Beaker options (``type``, ``expire``, ``url``, ...),
-        already converted to Python values.
+    :param options: Beaker options (``type``, ``expire``, ``url``,
+        ``data_dir``...), already converted to Python values, and the
+        add-on's own: ``enabled``, ``max_items``, ``max_bytes``,
+        ``max_entry_bytes``, ``allow_shared_dir``.
     :param token: a string unique to the owning :class:`CacheRegions`.
     :param retry_after: seconds a region whose backend failed is left alone
         before it is tried again.
+    :param secret: the key that signs what out-of-process regions store.
+
+    Raises :class:`~pyramid_sessioncache.errors.UnsignedBackendError` for a
+    type whose namespace would unpickle unchecked data,
+    :class:`~pyramid_sessioncache.errors.MissingSecretError` for an
+    out-of-process region without ``secret``, and
+    :class:`~pyramid_sessioncache.errors.SharedDirectoryError` for a
+    ``data_dir`` or ``lock_dir`` that other users can write.
     """
 
     def __init__(
@@ -119,12 +134,20 @@ class Region:
         self.type: str = nsargs.pop("type", "memory")
         self.expire: int | None = nsargs.pop("expire", None)
         self.enabled: bool = nsargs.pop("enabled", True)
-        max_items = nsargs.pop("max_items", DEFAULT_MAX_ITEMS)
+        #: The largest value stored, in bytes of its pickle (``ext:local_session``: not measured).
+        self.max_entry_bytes: int = nsargs.pop("max_entry_bytes", DEFAULT_MAX_ENTRY_BYTES)
+        max_items = nsargs.pop("max_items", None)
+        max_bytes = nsargs.pop("max_bytes", DEFAULT_MAX_BYTES)
         allow_shared_dir = nsargs.pop("allow_shared_dir", False)
-        backend = self._checked_type()
+        backend = self._checked_type(secret)
         self.is_local = isinstance(backend, type) and issubclass(backend, ScopedSessionNamespace)
         #: True when values leave the process (and so are pickled and signed).
         self.out_of_process = not (self.is_local or self.type == "memory")
+        if self.out_of_process and not secret:
+            raise MissingSecretError(
+                f"cache region {name!r} is {self.type}: its values are unpickled only after their "
+                "signature checks, so it needs a secret (sessioncache.secret)"
+            )
         if self.out_of_process:
             self.namespace_name = f"sessioncache.{FORMAT}.{name}"
         else:
@@ -132,44 +155,16 @@ class Region:
         if self.type in ("file", "dbm"):
             self._private_directories(nsargs, allow_shared_dir)
         self._nsargs = nsargs
-        if self.out_of_process and not secret:
-            raise MissingSecretError(
-                f"cache region {name!r} is {self.type}: its values are unpickled only after their "
-                "signature checks, so it needs a secret (sessioncache.secret)"
-            )
-        if self.type == "ext:redis":
-            assert secret is not None
-            namespace = SignedRedisNamespaceManager(self.namespace_name, secret=secret, **nsargs)
-            self._shared = _beaker.cache_on(namespace, self.expire)
-        elif self.type == "file":
-            assert secret is not None
-            namespace = SignedFileNamespace(self.namespace_name, secret=secret, **nsargs)
-            self._shared = _beaker.cache_on(namespace, self.expire)
-        elif self.type == "dbm":
-            assert secret is not None
-            namespace = SignedDBMNamespace(self.namespace_name, secret=secret, **nsargs)
-            self._shared = _beaker.cache_on(namespace, self.expire)
-        elif self.type == "memory":
-            self._shared = _beaker.cache_on(BoundedMemoryNamespace(self.namespace_name, max_items), self.expire)
-        else:
-            self._shared = None
-        # Table versions kept beside the entries, in the same backend (see
-        # versions.py): named values, read several at once.
-        versions_name = f"{self.namespace_name}.versions"
+        self._too_large: set[Any] = set()
         #: The region's table versions (None for ``ext:local_session``).
-        self.tokens: Versions | None
+        self.tokens: Versions | None = None
+        self._shared: Any = None
         if self.is_local:
-            self.tokens = None
-        elif self.type == "memory":
-            self.tokens = Versions(BoundedMemoryNamespace(versions_name, None), versions_name, None)
-        elif self.type == "ext:redis":
-            self.tokens = Versions(RedisVersionsNamespace(versions_name, **nsargs), versions_name, secret)
-        elif self.type == "file":
-            self.tokens = Versions(FileNamespace(versions_name, **nsargs), versions_name, secret)
+            self._nsargs["max_items"] = max_items or local_session.DEFAULT_MAX_ITEMS
         else:
-            self.tokens = Versions(DBMNamespace(versions_name, **nsargs), versions_name, secret)
+            self._shared, self.tokens = self._backend(nsargs, secret, max_items, max_bytes)
 
-    def _checked_type(self) -> Any:
+    def _checked_type(self, secret: bytes | None) -> Any:
         """The namespace class of this region's type; refuse a type that would unpickle unchecked data."""
         if self.type in REFUSED_TYPES:
             raise UnsignedBackendError(
@@ -199,22 +194,43 @@ class Region:
                     nsargs[option], f"cache.{self.name}.{option}", allow_shared, f"cache.{self.name}.allow_shared_dir"
                 )
 
+    def _backend(
+        self, nsargs: dict[str, Any], secret: bytes | None, max_items: int | None, max_bytes: int | None
+    ) -> tuple[Cache, Versions]:
+        """The Beaker ``Cache`` of a shared region's entries, and its table versions."""
+        versions_name = f"{self.namespace_name}.versions"
+        entries: Any
+        versions: Any
+        if self.type == "memory":
+            entries = BoundedMemoryNamespace(self.namespace_name, max_items or DEFAULT_MAX_ITEMS, max_bytes)
+            versions = BoundedMemoryNamespace(versions_name, None, None)
+            return _beaker.cache_on(entries, self.expire), Versions(versions, versions_name, None)
+        assert secret is not None
+        signed = {"secret": secret, "max_bytes": self.max_entry_bytes, **nsargs}
+        if self.type == "ext:redis":
+            entries = SignedRedisNamespaceManager(self.namespace_name, **signed)
+            versions = RedisVersionsNamespace(versions_name, **nsargs)
+        elif self.type == "file":
+            entries = SignedFileNamespace(self.namespace_name, **signed)
+            versions = FileNamespace(versions_name, **nsargs)
+        else:
+            entries = SignedDBMNamespace(self.namespace_name, **signed)
+            versions = DBMNamespace(versions_name, **nsargs)
+        return _beaker.cache_on(entries, self.expire), Versions(versions, versions_name, secret)
+
     def __repr__(self) -> str:
         return f"<Region {self.name!r} type={self.type!r} expire={self.expire!r}>"
-
-    def _cache(self, nsargs: Mapping[str, Any]) -> Cache:
-        return Cache(self.namespace_name, type=self.type, expire=self.expire, **nsargs)
 
     def cache_for(self, session: Any = None) -> Cache:
         """Return the Beaker ``Cache`` of this region (bound to ``session`` if local)."""
         if self._shared is not None:
             return self._shared
-        return self._cache({**self._nsargs, "session": session})
+        return Cache(self.namespace_name, type=self.type, expire=self.expire, session=session, **self._nsargs)
 
     def _namespace(self, session: Any) -> Any:
         if self._shared is not None:
             return self._shared.namespace
-        return ScopedSessionNamespace(self.namespace_name, session=session)
+        return ScopedSessionNamespace(self.namespace_name, session=session, max_items=self._nsargs["max_items"])
 
     @property
     def unpublished(self) -> frozenset[str]:
@@ -281,28 +297,52 @@ class Region:
             log.debug("cache region %r: ignored an entry it cannot use (%s)", self.name, exc)
             return None
 
-    def _write(self, namespace: Any, key: bytes, value: Any, expire: int | None) -> None:
-        if self.out_of_process:
-            # Check first: a backend that fails half-way through pickling
-            # (Beaker's file namespace rewrites one file per namespace) would
-            # lose the region's other entries.
+    def _write(self, namespace: Any, key: bytes, value: Any, expire: int | None, label: Any = None) -> None:
+        stored = (time.time(), expire, value)
+        payload = None
+        if not self.is_local:
+            # Pickled once: its size, and what leaves the process.
             try:
-                pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+                payload = pickle.dumps(stored, pickle.HIGHEST_PROTOCOL)
             except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                raise UnpicklableResultError(
-                    f"cannot store a value in cache region {self.name!r} "
-                    f"(type {self.type}): it cannot be pickled: {exc}"
-                ) from exc
+                if self.out_of_process:
+                    raise UnpicklableResultError(
+                        f"cannot store a value in cache region {self.name!r} "
+                        f"(type {self.type}): it cannot be pickled: {exc}"
+                    ) from exc
+                self._refuse(label, f"it cannot be pickled to measure its size ({exc})")
+                return
+            if len(payload) > self.max_entry_bytes:
+                self._refuse(label, f"{len(payload)} bytes is more than max_entry_bytes = {self.max_entry_bytes}")
+                return
         if self._down():
             return
         try:
             namespace.acquire_write_lock()
             try:
-                namespace.set_value(key, (time.time(), expire, value), expiretime=expire)
+                if payload is None:
+                    namespace.set_value(key, stored, expiretime=expire)
+                elif self.out_of_process:
+                    namespace.set_pickled(key, payload, expire, stored)
+                else:
+                    namespace.set_sized(key, stored, len(payload))
             finally:
                 namespace.release_write_lock()
         except BACKEND_ERRORS as exc:
             self._failed(exc, "writing")
+
+    def _refuse(self, label: Any, why: str) -> None:
+        """Log, once per ``label`` (a kind of key), that a value was not stored."""
+        if label in self._too_large or len(self._too_large) >= 1000:
+            log.debug("cache region %r did not store a value of %s: %s", self.name, label, why)
+            return
+        self._too_large.add(label)
+        log.warning(
+            "cache region %r did not store a value%s: %s; such values run uncached (logged once per kind of query)",
+            self.name,
+            "" if label is None else f" of {label}",
+            why,
+        )
 
     def get(self, key: str, session: Any = None, default: Any = None) -> Any:
         """Return the fresh value stored under ``key``, or ``default``."""
@@ -312,7 +352,10 @@ class Region:
         return found[0]
 
     def put(self, key: str, value: Any, session: Any = None, expire: int | None = None) -> None:
-        """Store ``value`` under ``key`` for ``expire`` seconds (default: the region's)."""
+        """Store ``value`` under ``key`` for ``expire`` seconds (default: the region's).
+
+        A value larger than ``max_entry_bytes`` is not stored (and logged).
+        """
         self._write(self._namespace(session), _encode(key), value, expire or self.expire)
 
     def remove(self, key: str, session: Any = None) -> None:
@@ -374,6 +417,7 @@ class Region:
         store: Callable[[Any], bool] = lambda value: True,
         valid: Validator = always_valid,
         tables: tuple = (),
+        label: Any = None,
     ) -> tuple[Any, bool]:
         """Return ``(value, hit)``: the stored value, or ``create()`` stored.
 
@@ -383,7 +427,9 @@ class Region:
         ``valid(value, versions)`` rejects is never served; ``versions`` are
         the version tokens of ``tables`` when the backend could read them
         with the entry (Redis), else None.  ``store(value)`` may
-        refuse to store what ``create()`` returned.
+        refuse to store what ``create()`` returned.  ``label`` says what
+        kind of value ``key`` holds (a statement's shape): a value too large
+        to store is logged once per label.
         """
         if self.is_local:
             return self._local(key, create, session, expire, store, valid)
@@ -395,7 +441,7 @@ class Region:
         if found is not None and found[1]:
             return found[0], True
         if self._down():  # a failing backend: no lock
-            return self._create(namespace, bkey, create, expire, store), False
+            return self._create(namespace, bkey, create, expire, store, label), False
         lock = namespace.get_creation_lock(bkey)
         try:
             if found is not None and not lock.acquire(wait=False):
@@ -409,7 +455,7 @@ class Region:
             again = self._read(namespace, bkey, valid)
             if again is not None and again[1]:
                 return again[0], True
-            return self._create(namespace, bkey, create, expire, store), False
+            return self._create(namespace, bkey, create, expire, store, label), False
         finally:
             try:
                 lock.release()
@@ -425,10 +471,19 @@ class Region:
             # The Session's own dictionary, read directly: no namespace
             # object, no lock (one Session is one thread); Beaker's format.
             namespaces = session.info.get(local_session.INFO_KEY)
-            stored = None if namespaces is None else namespaces.get(self.namespace_name, _NOTHING).get(_encode(key))
-            found = None if stored is None else self._unpack(stored, valid, None)
-        else:
-            found = self._read(self._namespace(session), _encode(key), valid, tables) if self.available() else None
+            entries = None if namespaces is None else namespaces.get(self.namespace_name)
+            if entries is None:
+                return None
+            bkey = _encode(key)
+            stored = entries.get(bkey)
+            if stored is None:
+                return None
+            found = self._unpack(stored, valid, None)
+            if found is not None and found[1]:
+                entries.move_to_end(bkey)  # least recently used goes first
+                return found[0]
+            return None
+        found = self._read(self._namespace(session), _encode(key), valid, tables) if self.available() else None
         return found[0] if found is not None and found[1] else None
 
     def _local(self, key: str, create, session: Any, expire: int | None, store, valid) -> tuple[Any, bool]:
@@ -437,14 +492,11 @@ class Region:
             return value, True
         return self._create(self._namespace(session), _encode(key), create, expire, store), False
 
-    def _create(self, namespace, bkey, create, expire, store) -> Any:
+    def _create(self, namespace, bkey, create, expire, store, label=None) -> Any:
         value = create()
         if store(value):
-            self._write(namespace, bkey, value, expire or self.expire)
+            self._write(namespace, bkey, value, expire or self.expire, label)
         return value
-
-
-_NOTHING: dict = {}
 
 
 def _encode(key: str) -> bytes:

@@ -21,7 +21,6 @@ from .. import signing
 
 log = logging.getLogger(__name__)
 
-
 #: ``raise_many`` in one round trip: per key, SET unless the string held
 #: starts with a counter at least as high (see ``api.counter_of``); a key of
 #: another type is overwritten.  Returns the keys refused and what they hold.
@@ -86,6 +85,8 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
     """Beaker's Redis namespace, with every value signed (HMAC-SHA256) for its key before it is stored.
 
     :param secret: the application's secret.
+    :param max_bytes: the region's ``max_entry_bytes``: a longer value is
+        a miss without being checked.
 
     A value is unpickled only after its signature checks, so an entry
     written by anyone without the secret (tampered, of another application)
@@ -100,9 +101,11 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
     #: How many decoded values a namespace remembers.
     REMEMBERED = 128
 
-    def __init__(self, namespace: str, url: Any, secret: bytes, **kw: Any) -> None:
+    def __init__(self, namespace: str, url: Any, secret: bytes, max_bytes: int = 1024 * 1024, **kw: Any) -> None:
         super().__init__(namespace, url, **kw)
         self.codec = signing.Codec(secret, namespace, log)
+        #: Values longer than this (bytes) are not checked: nothing of ours is that long.
+        self.max_bytes = max_bytes + signing.HEADER
         self._decoded: dict[bytes, tuple[bytes, bytes, Any]] = {}
 
     def __getitem__(self, key: Any) -> Any:
@@ -127,6 +130,11 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
         known = self._decoded.get(signing.signature(entry))
         if known is not None and known[1] == entry and known[0] == key:
             return known[2]
+        if len(entry) > self.max_bytes:
+            self.codec.complain(
+                "size", "ignored an entry of cache namespace %r larger than the region allows", self.namespace
+            )
+            raise KeyError(key)
         value = self.codec.decode(key, entry)
         self._remember(key, entry, value)
         return value
