@@ -36,11 +36,14 @@ Design (what a backend that anybody else can write to must not defeat):
   bumping at once both end with a version whose counter is at least as
   high as what either proposed, newer than anything an entry stored
   before either bump.  When the backend holds a higher counter (another
-  process bumped more often, or this one just started), the bump reads
-  it, checks its signature and proposes one above it; a forged counter
-  that claims to be higher is simply written over.  Several refusals in a
-  row (heavy contention) end with a plain write: every write is a new
-  nonce, so that is still correct, at worst a few more misses.
+  process bumped more often, or this one just started), the bump checks
+  its signature and proposes one above it, once.  If that is refused
+  too, the counter held rose between two reads that both followed this
+  commit: another process wrote a new token after it, which invalidates
+  everything this bump would, so the bump stops there.  No bump ever
+  writes below a counter it was shown, so no process sees a version go
+  back because of contention.  A forged counter that claims to be higher
+  is simply written over.
 - **Creating.**  An entry records only versions that exist: before a
   miss's query, missing versions are added (``SET NX``, counter
   ``highest seen + 1``) and unusable ones (garbage, bad signature,
@@ -70,8 +73,6 @@ from . import api
 
 #: Part of every token's signed message: a change of format reads as invalid.
 FORMAT = b"sessioncache versions 1"
-#: How many refused compare-and-sets a bump tries before it writes anyway.
-ATTEMPTS = 3
 #: How many checked tokens a region remembers.
 REMEMBERED = 4096
 #: No token is longer (a counter of 15 digits, a nonce, a signature).
@@ -244,28 +245,27 @@ class Versions:
         """
         proposals = {name: self.highest.get(name, 0) + 1 for name in names}
         by_key = {_encode(name): name for name in proposals}
-        for _ in range(ATTEMPTS):
+        for attempt in range(2):
             tokens = {_encode(name): self.new(name, counter) for name, counter in proposals.items()}
-            refused = api.raise_many(self.namespace, tokens)
-            refused_names = {by_key[key]: held for key, held in refused.items()}
+            refused = {by_key[key]: held for key, held in api.raise_many(self.namespace, tokens).items()}
             for name, counter in proposals.items():
-                if name not in refused_names:
+                if name not in refused:
                     self._saw(name, counter)
-            if not refused_names:
-                return
             proposals, forced = {}, {}
-            for name, held in refused_names.items():
+            for name, held in refused.items():
                 known = self._verify(name, held)
                 if known is None:  # a forged counter: not a reason to stay below it
                     forced[name] = self.highest.get(name, 0) + 1
-                else:
-                    self._saw(name, known[0])
-                    proposals[name] = max(known[0], self.highest.get(name, 0)) + 1
+                    continue
+                self._saw(name, known[0])
+                if attempt == 0:
+                    proposals[name] = known[0] + 1
+                # else: a token written since the first attempt, so after the
+                # commit this bump is for, already invalidates what it would.
             if forced:
                 self._write(forced)
             if not proposals:
                 return
-        self._write(proposals)
 
     def _write(self, counters: dict[str, int]) -> None:
         api.write_many(self.namespace, {_encode(name): self.new(name, counter) for name, counter in counters.items()})
