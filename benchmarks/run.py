@@ -22,10 +22,12 @@ What it does, in one process (and a few child processes, see below):
    for what each row means).
 3. Times whole requests through a Pyramid application that includes the
    add-on, on SQLite (``wsgi.py``).
-4. Times a cookiecutter-style application without and with
+4. Times a hit of a ``file`` region holding 100, 1,000 and 10,000
+   entries, beside Beaker's own ``file`` namespace (``file_region.py``).
+5. Times a cookiecutter-style application without and with
    ``config.include('pyramid_sessioncache')``, on views that cache nothing,
    each in a process of its own, interleaved (``wsgi_overhead.py``).
-5. Stops every server, removes every temporary file, and prints below the
+6. Stops every server, removes every temporary file, and prints below the
    tables the ratios the project's targets are about, each marked PASS or
    FAIL (or ``info`` where no target applies).
 
@@ -52,7 +54,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/run.py` from anywhere
 
-from benchmarks import dogpile_example, model, queries, servers, wsgi  # noqa: E402
+from benchmarks import dogpile_example, file_region, model, queries, servers, wsgi  # noqa: E402
 from benchmarks.timing import QUICK, SLICE_S, Budget, Timing, cell  # noqa: E402
 from benchmarks.wsgi_overhead import VIEWS  # noqa: E402
 
@@ -109,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             results = queries.run(name, version, url, sizes, budget, redis_url, dogpile)
             databases.append(results)
             print(_query_table(results), flush=True)
+
+        progress("file region: a hit, by the number of entries")
+        sizes_of_files = file_region.QUICK_SIZES if args.quick else file_region.SIZES
+        print(_file_table(file_region.run(sizes_of_files, budget), sizes_of_files), flush=True)
 
         progress("Pyramid requests")
         requests = wsgi.run(sqlite_url, sizes, budget)
@@ -231,6 +237,18 @@ def _request_table(requests) -> str:
     for path, label in wsgi.ROWS:
         timing, statements = requests[path]
         lines.append(label.ljust(LABEL) + cell(timing, COLUMN) + f"{statements:16.1f}")
+    return "\n".join(lines)
+
+
+def _file_table(results, sizes) -> str:
+    lines = [
+        "",
+        "file region: one hit (Region.get of a 20-row value), by the number of entries the region holds,",
+        "median [p90] us (Beaker's own file namespace loads the whole region on every read)",
+        " " * LABEL + "".join(f"{size:,} entries".rjust(COLUMN) for size in sizes),
+    ]
+    for row, label in file_region.ROWS:
+        lines.append(label.ljust(LABEL) + "".join(cell(results.get((row, size)), COLUMN) for size in sizes))
     return "\n".join(lines)
 
 

@@ -80,3 +80,22 @@ class InvalidOptionError(SessionCacheError, ValueError, TypeError):
         self.region = region
         where = f" of cache region {region!r}" if region is not None else ""
         super().__init__(f"invalid option {option}{where} = {self.shown}: {reason}")
+
+
+class UnsafeRegionError(SessionCacheError, ValueError):
+    """A cache region is configured in a way that would let others run code in, or read, the application.
+
+    Raised when the regions are built (at start-up).
+    """
+
+
+class UnsignedBackendError(UnsafeRegionError):
+    """A region's backend type unpickles what it reads before any signature could be checked."""
+
+
+class MissingSecretError(UnsafeRegionError):
+    """A region that keeps its values outside the process has no secret to sign them with."""
+
+
+class SharedDirectoryError(UnsafeRegionError):
+    """A region's ``data_dir`` or ``lock_dir`` can be written by other users."""

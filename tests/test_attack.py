@@ -51,10 +51,6 @@ def region(request, region_options) -> str:
     return request.param
 
 
-def FAILS(reason):
-    return pytest.mark.xfail(reason="CONFIRMED FAILURE: " + reason, strict=True)
-
-
 # Models ----------------------------------------------------------------------
 
 
@@ -1207,10 +1203,6 @@ def test_an_unresolvable_cascading_foreign_key_breaks_every_write(tmp_path):
     assert with_cache.stdout.strip() == "ok", with_cache.stderr[-300:]
 
 
-@FAILS(
-    "a Redis that restarts from its last RDB snapshot brings back old version tokens with the entries stored "
-    "under them: versions are compared, never ordered, so the stale entry is valid again"
-)
 def test_redis_restarted_from_an_older_snapshot(aengine):
     import os
     import shutil

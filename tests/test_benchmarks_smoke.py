@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine
 
-from benchmarks import model, queries, wsgi
+from benchmarks import file_region, model, queries, wsgi
 
 from .conftest import IN_CI, _server_package
 
@@ -51,6 +51,9 @@ def test_run_quick_prints_every_table():
     for _variant, label in queries.VARIANTS:
         assert label in out
     for _path, label in wsgi.ROWS:
+        assert label in out
+    assert "file region: one hit" in out and "1,000 entries" in out
+    for _row, label in file_region.ROWS:
         assert label in out
     assert "config.include('pyramid_sessioncache')" in out
     assert "\nTargets" in out and "include overhead, page of 50" in out

@@ -15,6 +15,7 @@ from pyramid_sessioncache import (
     UnpicklableResultError,
 )
 
+from .conftest import SECRET
 from .models import Person
 
 
@@ -75,7 +76,7 @@ def test_unpicklable_result_for_an_out_of_process_region(tmp_path, region_option
     with sessionmaker(bind=engine)() as session:
         session.add(Gadget(id=1, payload="anything"))
         session.commit()
-    cache = SessionCache(region_options)
+    cache = SessionCache(region_options, secret=SECRET)
     cache.region("file").put("neighbour", "kept")
     with sessionmaker(bind=engine, info=cache.session_info())() as session:
         with pytest.raises(UnpicklableResultError, match="region 'file'.*cannot be pickled"):

@@ -41,7 +41,13 @@ def test_defaults_without_regions():
 
 def test_region_defaults_apply_to_every_region(tmp_path):
     settings = parse_settings(
-        {"cache.regions": "a b", "cache.type": "file", "cache.data_dir": str(tmp_path), "cache.b.type": "memory"}
+        {
+            "cache.regions": "a b",
+            "cache.type": "file",
+            "cache.data_dir": str(tmp_path),
+            "cache.b.type": "memory",
+            "sessioncache.secret": "a secret, long enough",
+        }
     )
     assert settings.regions["a"] == {"type": "file", "data_dir": str(tmp_path)}
     assert settings.regions["b"]["type"] == "memory"
@@ -99,9 +105,9 @@ DIRECTORY = object()  # replaced by a temporary directory
                 "cache.short_term.max_items": "50",
             },
             "cache.short_term.max_items",
-            "a region of type file does not use it (used by: memory)",
+            "a region of type file does not use it (used by: ext:local_session, memory)",
         ),
-        ({"cache.local_session.max_items": "50"}, "cache.local_session.max_items", "does not use it"),
+        ({"cache.local_session.max_bytes": "50"}, "cache.local_session.max_bytes", "does not use it"),
         ({"cache.long_term.max_items": "50"}, "cache.long_term.max_items", "ext:redis does not use it"),
         ({"cache.short_term.timeout": "5"}, "cache.short_term.timeout", "does not use it"),
         ({"cache.long_term.username": "me"}, "cache.long_term.username", "does not use it"),
@@ -157,7 +163,13 @@ def test_the_ini_and_python_refuse_the_same_values():
 
 def test_a_default_applies_to_the_regions_whose_type_uses_it(tmp_path):
     settings = parse_settings(
-        {"cache.regions": "m f", "cache.max_items": "5", "cache.f.type": "file", "cache.data_dir": str(tmp_path)}
+        {
+            "cache.regions": "m f",
+            "cache.max_items": "5",
+            "cache.f.type": "file",
+            "cache.data_dir": str(tmp_path),
+            "sessioncache.secret": "a long random secret",
+        }
     )
     assert dict(settings.regions["m"]) == {"type": "memory", "max_items": 5}
     assert dict(settings.regions["f"]) == {"type": "file", "data_dir": str(tmp_path)}

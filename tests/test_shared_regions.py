@@ -16,6 +16,16 @@ from .conftest import SECRET
 from .models import Address, Person, PostalCode
 
 
+@pytest.fixture(params=["memory", "file", "dbm", "redis"])
+def region(request, region_options, tmp_path) -> str:
+    """The name of each shared region in turn (``dbm`` too, here); ``redis`` starts the real server."""
+    if request.param == "redis":
+        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
+    elif request.param == "dbm":
+        region_options["dbm"] = {"type": "dbm", "data_dir": str(tmp_path / "dbm")}
+    return request.param
+
+
 @pytest.fixture
 def cache(region_options, region):
     return SessionCache(region_options, default_region="local", secret=SECRET)

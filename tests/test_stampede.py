@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -77,3 +78,21 @@ def test_redis_region_regenerates_once(engine, slow_sql, redis_url):
     stmt = select(Person.name).where(Person.id == 2).options(FromCache("r"))
     results = run_together(Session, stmt)
     assert len(slow_sql) == 1 and all(rows == [("person 2",)] for rows in results)
+
+
+def test_file_region_regenerates_once_and_leaves_no_lock_file(engine, slow_sql, tmp_path):
+    # An expired file entry is gone when read, as from Redis: every caller
+    # waits for the one that regenerates, on a lock file that is removed after.
+    locks = tmp_path / "locks"
+    region = {"type": "file", "data_dir": str(tmp_path / "data"), "lock_dir": str(locks), "expire": 1}
+    cache = SessionCache({"r": region}, secret=SECRET)
+    Session = sessionmaker(bind=engine, info=cache.session_info())
+    stmt = select(Person.name).where(Person.id == 3).options(FromCache("r"))
+    results = run_together(Session, stmt)
+    assert len(slow_sql) == 1 and all(rows == [("person 3",)] for rows in results)
+
+    time.sleep(1.1)
+    slow_sql.clear()
+    results = run_together(Session, stmt)
+    assert len(slow_sql) == 1 and all(rows == [("person 3",)] for rows in results)
+    assert [files for _, _, files in os.walk(locks) if files] == []

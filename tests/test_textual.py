@@ -44,11 +44,14 @@ def entrance(request):
     return request.param
 
 
+#: The shared regions: their entries carry the tables they depend on
+#: (``ext:local_session`` entries last one transaction and carry none).
+shared_regions = pytest.mark.parametrize("any_region", ["memory", "file", "redis"], indirect=True)
+
+
 @pytest.fixture
 def shared_region(any_region):
-    """Each shared region in turn: their entries carry the tables they depend on."""
-    if any_region == "local":
-        pytest.skip("ext:local_session entries last one transaction and carry no tables")
+    """The region the test runs on, one of :data:`shared_regions`."""
     return any_region
 
 
@@ -157,6 +160,7 @@ def test_uncached_textual_reads_keep_the_local_cache(Session, sql):
         assert sql.count == 0
 
 
+@shared_regions
 def test_a_textual_entry_depends_on_every_table(Session, shared_region):
     statement = select(Person).from_statement(text(BY_NAME).bindparams(name="person 2"))
     statement = statement.options(FromCache(shared_region))
@@ -169,6 +173,7 @@ def test_a_textual_entry_depends_on_every_table(Session, shared_region):
 JOINED = "SELECT person.* FROM person JOIN address ON address.person_id = person.id WHERE address.street = :street"
 
 
+@shared_regions
 def test_a_commit_to_a_table_the_text_names_invalidates(Session, shared_region):
     statement = select(Person).from_statement(text(JOINED).bindparams(street="2 Main St"))
     statement = statement.options(FromCache(shared_region))
@@ -181,6 +186,7 @@ def test_a_commit_to_a_table_the_text_names_invalidates(Session, shared_region):
         assert [p.name for p in session.scalars(statement)] == ["renamed"]
 
 
+@shared_regions
 def test_a_commit_to_a_table_only_the_sql_reads_invalidates(Session, shared_region):
     statement = select(Person).from_statement(text(JOINED).bindparams(street="2 Main St"))
     statement = statement.options(FromCache(shared_region))

@@ -162,7 +162,9 @@ def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: 
             verdict["store"] = not _reads_a_snapshot(session, connection())
             return loader.load(state, connection())
 
-        return region.get_or_create(key.text, load, session, expire, store=lambda value: verdict["store"])
+        return region.get_or_create(
+            key.text, load, session, expire, store=lambda value: verdict["store"], label=key.shape
+        )
 
     tables = found.tables
     if tables is None:
@@ -196,6 +198,7 @@ def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: 
         store=lambda value: verdict["store"],
         valid=versions.valid(region, tables),
         tables=tables,
+        label=key.shape,
     )
 
 

@@ -170,9 +170,9 @@ def objects_of(session: Session, region: Region, key: str, value: CachedRows, st
 
     A region hands back the same stored value until it changes (Redis
     too: see ``storage/backends/redis.py``); the objects built from it are
-    remembered with the Session's local cache (and dropped with it), so
-    hitting the same entry again in one Session costs what a local hit
-    costs.
+    remembered with the Session's local cache (and dropped with it, and
+    bounded like it), so hitting the same entry again in one Session costs
+    what a local hit costs.
     """
     if not any(value.entity_columns):  # plain rows: nothing to build twice
         return hydrate.result(value, session, propagating(statement))
@@ -180,6 +180,8 @@ def objects_of(session: Session, region: Region, key: str, value: CachedRows, st
     seen = built.get(key)
     if seen is None or seen[0] is not value:
         # First use in this Session (most requests have no second): just build.
+        if len(built) >= local_session.DEFAULT_MAX_ITEMS:
+            del built[next(iter(built))]  # the oldest: a Session keeps a bounded number
         built[key] = (value, None)
         return hydrate.result(value, session, propagating(statement))
     if seen[1] is not None and seen[1].current(session):

@@ -1,10 +1,15 @@
 """Storage: cache regions over Beaker namespaces.  It knows nothing of queries or requests.
 
-- ``region.py``: a named region (its options, its failures, its version
-  tokens) and the regions of one application.
+- ``region.py``: a named region (its options, its failures, its size
+  limits) and the regions of one application; which backend types are
+  allowed, and which are refused because they unpickle unchecked data.
+- ``versions.py``: table versions, signed, counted, never going back.
 - ``api.py``: what storage asks of a backend beyond Beaker's namespaces.
-- ``signing.py``: signed pickles, checked before they are unpickled.
-- ``backends/``: ``local_session`` (entries on a SQLAlchemy Session),
-  ``memory`` (bounded, per region) and ``redis`` (signed entries, versions
-  read with them).
+- ``signing.py``: signed pickles, bound to their place and checked before
+  they are unpickled.
+- ``backends/``: ``local_session`` (entries on a SQLAlchemy Session,
+  bounded per Session), ``memory`` (bounded in entries and bytes, per
+  region), ``redis`` (signed entries, versions read with them), ``file``
+  (one signed file per entry) and ``dbm`` (signed); ``locks`` and
+  ``directories`` for the last two.
 """

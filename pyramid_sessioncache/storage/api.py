@@ -6,6 +6,11 @@ A region stores through a Beaker ``NamespaceManager`` (``[key]``,
 one key at a time; table versions are read and written several at once,
 so a backend that can do that in one operation (a dictionary under one
 lock, Redis's ``MGET``/``MSET``) implements :class:`ManyKeys`.
+
+Table versions are plain strings (or their bytes) that start with a
+counter, ``"<counter>:..."`` (see ``versions.py``); :func:`raise_many`
+replaces a version only by one with a higher counter, atomically, which is
+how two processes bumping a table at once both end above what either read.
 """
 
 from __future__ import annotations
@@ -26,6 +31,13 @@ class ManyKeys(Protocol):
 
     def add_many(self, values: Mapping[bytes, Any]) -> None:
         """Store the keys of ``values`` that have no value, leaving the others as they are."""
+
+    def raise_many(self, values: Mapping[bytes, Any]) -> dict[bytes, Any]:
+        """Store each of ``values`` unless its key holds a counter at least as high (see :func:`counter_of`).
+
+        Atomically per key.  Returns what the keys that were not written
+        hold.
+        """
 
 
 def read_many(namespace: Any, keys: Sequence[bytes]) -> list[Any]:
@@ -67,6 +79,45 @@ def add_many(namespace: Any, values: Mapping[bytes, Any]) -> None:
                 namespace[key] = value
     finally:
         namespace.release_write_lock()
+
+
+def raise_many(namespace: Any, values: Mapping[bytes, Any]) -> dict[bytes, Any]:
+    """Store each of ``values`` in ``namespace`` unless its key holds a counter at least as high.
+
+    Returns ``{key: value held}`` for the keys left as they were; under the
+    namespace's write lock where it has no ``raise_many`` of its own.
+    """
+    native = getattr(namespace, "raise_many", None)
+    if native is not None:
+        return native(values)
+    refused: dict[bytes, Any] = {}
+    namespace.acquire_write_lock()
+    try:
+        for key, value in values.items():
+            held = _get(namespace, key)
+            if held is not None and counter_of(held) >= counter_of(value):
+                refused[key] = held
+            else:
+                namespace[key] = value
+    finally:
+        namespace.release_write_lock()
+    return refused
+
+
+def counter_of(value: Any) -> int:
+    """The counter a version value starts with (``b"12:..."``: 12), or -1 when it has none.
+
+    Read without checking the value's signature: a forged value may claim
+    any counter, so a caller checks what :func:`raise_many` refused.
+    """
+    if isinstance(value, str):
+        value = value.encode("ascii", "replace")
+    if not isinstance(value, bytes):
+        return -1
+    digits, colon, _ = value.partition(b":")
+    if not colon or not digits.isdigit() or len(digits) > 15:
+        return -1
+    return int(digits)
 
 
 def _get(namespace: Any, key: bytes) -> Any:

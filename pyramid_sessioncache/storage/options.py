@@ -200,6 +200,9 @@ REGION_OPTIONS: Mapping[str, Option] = MappingProxyType(
         "expire": Option(_int, _seconds),
         "enabled": Option(_boolean, _bool),
         "max_items": Option(_int, _positive_int),
+        "max_bytes": Option(_int, _positive_int),
+        "max_entry_bytes": Option(_int, _positive_int),
+        "allow_shared_dir": Option(_boolean, _bool),
         "url": Option(_stripped, _url),
         "data_dir": Option(_stripped, _directory),
         "lock_dir": Option(_stripped, _directory),
@@ -224,19 +227,21 @@ NOT_USED: Mapping[str, str] = MappingProxyType(
     }
 )
 
-_DIRECTORIES = frozenset({"data_dir", "lock_dir"})
+_DIRECTORIES = frozenset({"data_dir", "lock_dir", "allow_shared_dir"})
+#: Every region type that stores pickled values measures them.
+_MEASURED = frozenset({"max_entry_bytes"})
 
 #: What each region type uses.  A type registered by another package (a
 #: ``beaker.backends`` entry point) gets every option Beaker passes on to
 #: its namespace, but not ``max_items``, which is this package's own.
 REGION_TYPES: Mapping[str, RegionType] = MappingProxyType(
     {
-        "memory": RegionType(frozenset({"max_items"})),
-        LOCAL_TYPE: RegionType(frozenset()),
-        "file": RegionType(_DIRECTORIES, frozenset({"data_dir"})),
-        "dbm": RegionType(_DIRECTORIES, frozenset({"data_dir"})),
+        "memory": RegionType(frozenset({"max_items", "max_bytes"}) | _MEASURED),
+        LOCAL_TYPE: RegionType(frozenset({"max_items"})),
+        "file": RegionType(_DIRECTORIES | _MEASURED, frozenset({"data_dir"})),
+        "dbm": RegionType(_DIRECTORIES | _MEASURED, frozenset({"data_dir"})),
         # A Redis password goes in the URL: redis://:password@host:6379/0.
-        "ext:redis": RegionType(frozenset({"url", "timeout"}), frozenset({"url"})),
+        "ext:redis": RegionType(frozenset({"url", "timeout"}) | _MEASURED, frozenset({"url"})),
         "ext:rediscluster": RegionType(frozenset({"url", "timeout", "username", "password"}), frozenset({"url"})),
         "ext:memcached": RegionType(
             frozenset({"url", "memcache_module"}) | _DIRECTORIES, frozenset({"url"}), MEMCACHED_MAX_EXPIRE
@@ -245,7 +250,9 @@ REGION_TYPES: Mapping[str, RegionType] = MappingProxyType(
         "ext:mongodb": RegionType(frozenset({"url"}), frozenset({"url"})),
     }
 )
-_OTHER_TYPE = RegionType(frozenset(REGION_OPTIONS) - COMMON_OPTIONS - {"max_items"})
+_OTHER_TYPE = RegionType(
+    frozenset(REGION_OPTIONS) - COMMON_OPTIONS - {"max_items", "max_bytes", "max_entry_bytes", "allow_shared_dir"}
+)
 
 #: Options of a whole set of regions (:class:`~pyramid_sessioncache.CacheRegions`).
 REGIONS_OPTIONS: Mapping[str, Option] = MappingProxyType(

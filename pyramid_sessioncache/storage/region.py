@@ -6,13 +6,21 @@ of queries or requests.  Entries use Beaker's own stored format,
 what a region wrote, while a look-up costs one backend read (Beaker's
 ``Cache.get`` makes two: ``EXISTS`` then ``GET`` on Redis).
 
-In-process namespaces belong to their region (``memory``: a bounded
-dictionary of its own, not Beaker's module-global one) or to a Session
-(``ext:local_session``), and are named with a token unique to each
-:class:`CacheRegions`: two applications in one process never see each
-other's entries.  Out-of-process namespaces are named after the region
-alone, so every process of an application shares them.  Failures of a
-backend are contained here (see :meth:`~pyramid_sessioncache.Region.available`).
+In-process namespaces belong to their region (``memory``: a dictionary of
+its own bounded in entries and bytes, not Beaker's module-global one) or
+to a Session (``ext:local_session``, bounded per Session), and are named
+with a token unique to each :class:`CacheRegions`: two applications in one
+process never see each other's entries.  Out-of-process namespaces are
+named after the region alone, so every process of an application shares
+them; they are the add-on's own (``ext:redis``, ``file``, ``dbm``), which
+sign what they write for its place and unpickle nothing whose signature
+does not check.  Beaker's other types unpickle what they read before
+anything could check it, and are refused (:data:`REFUSED_TYPES`).
+
+A value is pickled once when it is stored: for its size (a value larger
+than ``max_entry_bytes`` is not stored), and, out of the process, as what
+is signed and written.  Failures of a backend are contained here (see
+:meth:`Region.available`); table versions are in ``versions.py``.
 """
 
 from __future__ import annotations
@@ -27,16 +35,32 @@ from typing import Any
 from beaker.cache import Cache
 
 from .. import _beaker
-from ..errors import InvalidOptionError, UnknownRegionError, UnpicklableResultError
-from . import api
+from ..errors import (
+    InvalidOptionError,
+    MissingSecretError,
+    UnknownRegionError,
+    UnpicklableResultError,
+    UnsignedBackendError,
+)
 from . import options as region_options
 from .backends import local_session
+from .backends.dbm import DBMNamespace, SignedDBMNamespace
+from .backends.directories import private_directory
+from .backends.file import FileNamespace, SignedFileNamespace
 from .backends.local_session import ScopedSessionNamespace
-from .backends.memory import DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
+from .backends.memory import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
 from .backends.redis import RedisVersionsNamespace, SignedRedisNamespaceManager
+from .versions import Versions
 
-#: Types whose values cross the network: signed, and checked before unpickling.
-SIGNED_TYPES = frozenset({"ext:redis"})
+#: Types whose values leave the process: signed for their place, and
+#: checked before they are unpickled.  They need ``sessioncache.secret``.
+SIGNED_TYPES = frozenset({"ext:redis", "file", "dbm"})
+#: Beaker's types whose namespaces unpickle what they read before anything
+#: could check it: whoever can write to the server could run code in every
+#: process that reads it.
+REFUSED_TYPES = frozenset({"ext:memcached", "ext:database", "ext:mongodb", "ext:rediscluster", "ext:google"})
+#: The largest entry a region stores unless ``max_entry_bytes`` says otherwise (bytes of its pickle).
+DEFAULT_MAX_ENTRY_BYTES = 1024 * 1024
 
 #: Bumped when the format of stored values changes, so that processes
 #: running different versions never read each other's entries.
@@ -82,12 +106,22 @@ class Region:
     """One named cache region.
 
     :param name: the region's name, as in ``cache.regions``.
-    :param options: Beaker options (``type``, ``expire``, ``url``, ...), as
-        Python values; checked here (see ``options.py``), so a bad or unused
-        one raises :class:`~pyramid_sessioncache.InvalidOptionError`.
+    :param options: Beaker options (``type``, ``expire``, ``url``,
+        ``data_dir``...) and the add-on's own (``enabled``, ``max_items``,
+        ``max_bytes``, ``max_entry_bytes``, ``allow_shared_dir``), as Python
+        values; checked here (see ``options.py``), so a bad or unused one
+        raises :class:`~pyramid_sessioncache.InvalidOptionError`.
     :param token: a string unique to the owning :class:`CacheRegions`.
     :param retry_after: seconds a region whose backend failed is left alone
         before it is tried again.
+    :param secret: the key that signs what out-of-process regions store.
+
+    Raises :class:`~pyramid_sessioncache.errors.UnsignedBackendError` for a
+    type whose namespace would unpickle unchecked data,
+    :class:`~pyramid_sessioncache.errors.MissingSecretError` for an
+    out-of-process region without ``secret``, and
+    :class:`~pyramid_sessioncache.errors.SharedDirectoryError` for a
+    ``data_dir`` or ``lock_dir`` that other users can write.
     """
 
     def __init__(
@@ -110,59 +144,103 @@ class Region:
         #: The longest lifetime the backend keeps an entry for.
         self.max_expire = region_options.region_type(self.type).max_expire
         self.enabled: bool = nsargs.pop("enabled", True)
-        max_items = nsargs.pop("max_items", DEFAULT_MAX_ITEMS)
-        backend = _namespace_class(self.type)
+        #: The largest value stored, in bytes of its pickle (``ext:local_session``: not measured).
+        self.max_entry_bytes: int = nsargs.pop("max_entry_bytes", DEFAULT_MAX_ENTRY_BYTES)
+        max_items = nsargs.pop("max_items", None)
+        max_bytes = nsargs.pop("max_bytes", DEFAULT_MAX_BYTES)
+        allow_shared_dir = nsargs.pop("allow_shared_dir", False)
+        backend = self._checked_type(secret)
         self.is_local = isinstance(backend, type) and issubclass(backend, ScopedSessionNamespace)
-        #: True when values leave the process (and so are pickled).
+        #: True when values leave the process (and so are pickled and signed).
         self.out_of_process = not (self.is_local or self.type == "memory")
+        if self.out_of_process and not secret:
+            raise MissingSecretError(
+                f"cache region {name!r} is {self.type}: its values are unpickled only after their "
+                "signature checks, so it needs a secret (sessioncache.secret)"
+            )
         if self.out_of_process:
             self.namespace_name = f"sessioncache.{FORMAT}.{name}"
         else:
             self.namespace_name = f"sessioncache.{FORMAT}.{token}.{name}"
+        if self.type in ("file", "dbm"):
+            self._private_directories(nsargs, allow_shared_dir)
         self._nsargs = nsargs
-        if self.type in SIGNED_TYPES:
-            if not secret:
-                raise InvalidOptionError(
-                    "secret",
-                    None,
-                    f"cache region {name!r} is {self.type}: its values are unpickled only after their "
-                    "signature checks, so it needs a secret (sessioncache.secret)",
-                )
-            namespace = SignedRedisNamespaceManager(self.namespace_name, secret=secret, **nsargs)
-            self._shared = _beaker.cache_on(namespace, self.expire)
-        elif self.type == "memory":
-            self._shared = _beaker.cache_on(BoundedMemoryNamespace(self.namespace_name, max_items), self.expire)
-        else:
-            self._shared = None if self.is_local else self._cache(nsargs)
-        # Version tokens kept beside the entries, in the same backend (see
-        # engine/invalidation): named values, read several at once.
-        self._versions: Any
+        self._too_large: set[Any] = set()
+        #: The region's table versions (None for ``ext:local_session``).
+        self.tokens: Versions | None = None
+        self._shared: Any = None
         if self.is_local:
-            self._versions = None
-        elif self.type == "memory":
-            self._versions = _beaker.cache_on(BoundedMemoryNamespace(f"{self.namespace_name}.versions", None), None)
-        elif self.type in SIGNED_TYPES:
-            versions = RedisVersionsNamespace(f"{self.namespace_name}.versions", **nsargs)
-            self._versions = _beaker.cache_on(versions, None)
+            self._nsargs["max_items"] = max_items or local_session.DEFAULT_MAX_ITEMS
         else:
-            self._versions = Cache(f"{self.namespace_name}.versions", type=self.type, **nsargs)
+            self._shared, self.tokens = self._backend(nsargs, secret, max_items, max_bytes)
+
+    def _checked_type(self, secret: bytes | None) -> Any:
+        """The namespace class of this region's type; refuse a type that would unpickle unchecked data."""
+        if self.type in REFUSED_TYPES:
+            raise UnsignedBackendError(
+                f"invalid setting cache.{self.name}.type = {self.type!r}: Beaker's {self.type} namespace "
+                "unpickles what it reads before anything could check it, so whoever can write to that server "
+                "could run code in this application; use ext:redis, file or dbm (signed with "
+                "sessioncache.secret) or memory"
+            )
+        backend = _namespace_class(self.type)
+        in_process = self.type == "memory" or (
+            isinstance(backend, type) and issubclass(backend, ScopedSessionNamespace)
+        )
+        if not in_process and self.type not in SIGNED_TYPES:
+            raise UnsignedBackendError(
+                f"invalid setting cache.{self.name}.type = {self.type!r}: its namespace keeps values outside the "
+                "process and pyramid_sessioncache cannot sign them; use ext:redis, file, dbm or memory"
+            )
+        return backend
+
+    def _private_directories(self, nsargs: dict[str, Any], allow_shared: bool) -> None:
+        """Check (and create) the directories of a ``file`` or ``dbm`` region; see ``backends/directories.py``."""
+        if "data_dir" not in nsargs:
+            raise ValueError(f"cache region {self.name!r} is {self.type}: it needs a data_dir")
+        for option in ("data_dir", "lock_dir"):
+            if option in nsargs:
+                nsargs[option] = private_directory(
+                    nsargs[option], f"cache.{self.name}.{option}", allow_shared, f"cache.{self.name}.allow_shared_dir"
+                )
+
+    def _backend(
+        self, nsargs: dict[str, Any], secret: bytes | None, max_items: int | None, max_bytes: int | None
+    ) -> tuple[Cache, Versions]:
+        """The Beaker ``Cache`` of a shared region's entries, and its table versions."""
+        versions_name = f"{self.namespace_name}.versions"
+        entries: Any
+        versions: Any
+        if self.type == "memory":
+            entries = BoundedMemoryNamespace(self.namespace_name, max_items or DEFAULT_MAX_ITEMS, max_bytes)
+            versions = BoundedMemoryNamespace(versions_name, None, None)
+            return _beaker.cache_on(entries, self.expire), Versions(versions, versions_name, None)
+        assert secret is not None
+        signed = {"secret": secret, "max_bytes": self.max_entry_bytes, **nsargs}
+        if self.type == "ext:redis":
+            entries = SignedRedisNamespaceManager(self.namespace_name, **signed)
+            versions = RedisVersionsNamespace(versions_name, **nsargs)
+        elif self.type == "file":
+            entries = SignedFileNamespace(self.namespace_name, **signed)
+            versions = FileNamespace(versions_name, **nsargs)
+        else:
+            entries = SignedDBMNamespace(self.namespace_name, **signed)
+            versions = DBMNamespace(versions_name, **nsargs)
+        return _beaker.cache_on(entries, self.expire), Versions(versions, versions_name, secret)
 
     def __repr__(self) -> str:
         return f"<Region {self.name!r} type={self.type!r} expire={self.expire!r}>"
-
-    def _cache(self, nsargs: Mapping[str, Any]) -> Cache:
-        return Cache(self.namespace_name, type=self.type, expire=self.expire, **nsargs)
 
     def cache_for(self, session: Any = None) -> Cache:
         """Return the Beaker ``Cache`` of this region (bound to ``session`` if local)."""
         if self._shared is not None:
             return self._shared
-        return self._cache({**self._nsargs, "session": session})
+        return Cache(self.namespace_name, type=self.type, expire=self.expire, session=session, **self._nsargs)
 
     def _namespace(self, session: Any) -> Any:
         if self._shared is not None:
             return self._shared.namespace
-        return ScopedSessionNamespace(self.namespace_name, session=session)
+        return ScopedSessionNamespace(self.namespace_name, session=session, max_items=self._nsargs["max_items"])
 
     @property
     def unpublished(self) -> frozenset[str]:
@@ -183,8 +261,12 @@ class Region:
         return True
 
     def _failed(self, exc: BaseException, doing: str) -> None:
+        # One warning per outage: a bump is tried at every commit even while
+        # the region is skipped, and each failure would say the same again.
+        level = logging.DEBUG if self._down() else logging.WARNING
         self._down_until = time.monotonic() + self.retry_after
-        log.warning(
+        log.log(
+            level,
             "cache region %r (%s) failed while %s: %s; queries go to the database, retrying in %ss",
             self.name,
             self.type,
@@ -200,7 +282,9 @@ class Region:
         try:
             if tables and isinstance(namespace, SignedRedisNamespaceManager):
                 # The entry and its versions in one round trip.
-                stored, versions = namespace.get_with_versions(key, self._versions.namespace, map(_encode, tables))
+                assert self.tokens is not None
+                stored, raw = namespace.get_with_versions(key, self.tokens.namespace, map(_encode, tables))
+                versions = self.tokens.check(tables, raw)
             else:
                 namespace.acquire_read_lock()
                 try:
@@ -212,30 +296,67 @@ class Region:
         except BACKEND_ERRORS as exc:
             self._failed(exc, "reading")
             return None
-        return _unpack(stored, valid, versions)
+        return self._unpack(stored, valid, versions)
 
-    def _write(self, namespace: Any, key: bytes, value: Any, expire: int | None) -> None:
-        if self.out_of_process:
-            # Check first: a backend that fails half-way through pickling
-            # (Beaker's file namespace rewrites one file per namespace) would
-            # lose the region's other entries.
+    def _unpack(self, stored: Any, valid: Validator, versions: Any) -> tuple[Any, bool] | None:
+        """``(value, fresh)`` from an entry in Beaker's stored format, or None if unusable."""
+        try:
+            stored_at, expire, value = stored
+            if not valid(value, versions):
+                return None
+            return value, expire is None or time.time() < stored_at + expire
+        except (TypeError, ValueError, AttributeError) as exc:
+            # Signed by this application, but not what this code stores (an
+            # entry put there through Beaker's API, say): a miss.
+            log.debug("cache region %r: ignored an entry it cannot use (%s)", self.name, exc)
+            return None
+
+    def _write(self, namespace: Any, key: bytes, value: Any, expire: int | None, label: Any = None) -> None:
+        stored = (time.time(), expire, value)
+        payload = None
+        if not self.is_local:
+            # Pickled once: its size, and what leaves the process.
             try:
-                pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
+                payload = pickle.dumps(stored, pickle.HIGHEST_PROTOCOL)
             except (pickle.PicklingError, TypeError, AttributeError) as exc:
-                raise UnpicklableResultError(
-                    f"cannot store a value in cache region {self.name!r} "
-                    f"(type {self.type}): it cannot be pickled: {exc}"
-                ) from exc
+                if self.out_of_process:
+                    raise UnpicklableResultError(
+                        f"cannot store a value in cache region {self.name!r} "
+                        f"(type {self.type}): it cannot be pickled: {exc}"
+                    ) from exc
+                self._refuse(label, f"it cannot be pickled to measure its size ({exc})")
+                return
+            if len(payload) > self.max_entry_bytes:
+                self._refuse(label, f"{len(payload)} bytes is more than max_entry_bytes = {self.max_entry_bytes}")
+                return
         if self._down():
             return
         try:
             namespace.acquire_write_lock()
             try:
-                namespace.set_value(key, (time.time(), expire, value), expiretime=expire)
+                if payload is None:
+                    namespace.set_value(key, stored, expiretime=expire)
+                elif self.out_of_process:
+                    namespace.set_pickled(key, payload, expire, stored)
+                else:
+                    namespace.set_sized(key, stored, len(payload))
             finally:
                 namespace.release_write_lock()
         except BACKEND_ERRORS as exc:
             self._failed(exc, "writing")
+
+    def _refuse(self, label: Any, why: str) -> None:
+        """Log, once per ``label`` (a kind of key), that a value was not stored."""
+        if label in self._too_large or len(self._too_large) >= 1000:
+            log.debug("cache region %r did not store a value of %s: %s", self.name, label, why)
+            return
+        self._too_large.add(label)
+        log.warning(
+            "cache region %r did not store a value%s: %s; such values run uncached (logged once per kind of query)",
+            self.name,
+            "" if label is None else f" of {label}",
+            why,
+        )
 
     def get(self, key: str, session: Any = None, default: Any = None) -> Any:
         """Return the fresh value stored under ``key``, or ``default``."""
@@ -247,6 +368,7 @@ class Region:
     def put(self, key: str, value: Any, session: Any = None, expire: int | None = None) -> None:
         """Store ``value`` under ``key`` for ``expire`` seconds (default: the region's).
 
+        A value larger than ``max_entry_bytes`` is not stored (and logged).
         Raises :class:`~pyramid_sessioncache.InvalidOptionError` for an
         ``expire`` that is not a positive int within the backend's limit.
         """
@@ -266,29 +388,27 @@ class Region:
     def versions(self, names: tuple[str, ...], create: bool = False) -> tuple | None:
         """Return the current version tokens of ``names``, in one read; None for a name that has none.
 
-        With ``create``, names that have none get one first, as for an entry
-        about to be stored: an entry records only versions that exist, so
-        one whose version disappears later (evicted, deleted) is never
-        valid again.  Returns None itself when the backend fails.
+        None also stands for a version that cannot be used: unreadable,
+        not signed for this region and name, or older than one this
+        process has seen (see ``versions.py``).  With ``create``, names
+        that have none get one first, as for an entry about to be stored:
+        an entry records only versions that exist, so one whose version
+        disappears later (evicted, deleted) is never valid again.  Returns
+        None itself when the backend fails, or when ``create`` could not
+        make every version usable.
         """
-        if self._down():
+        if self._down() or self.tokens is None:
             return None
-        namespace = self._versions.namespace
-        keys = [_encode(name) for name in names]
         try:
-            found = tuple(api.read_many(namespace, keys))
-            if create and None in found:
-                api.add_many(
-                    namespace, {key: uuid.uuid4().hex for key, now in zip(keys, found, strict=True) if now is None}
-                )
-                found = tuple(api.read_many(namespace, keys))  # another process may have been first
+            if create:
+                return self.tokens.create(names)
+            return self.tokens.read(names)
         except BACKEND_ERRORS as exc:
             self._failed(exc, "reading table versions")
             return None
-        return None if create and None in found else found
 
     def bump(self, names: Iterable[str]) -> None:
-        """Give ``names`` a new version token, so entries that saw the old one are invalid.
+        """Give ``names`` new version tokens, so entries that saw the old ones are invalid.
 
         Tried even while the region is skipped for reads after a failure:
         a commit must reach every process that shares the backend as soon
@@ -296,9 +416,10 @@ class Region:
         the next bump, or before this process uses the region again.
         """
         names = set(names) | self._pending
-        token = uuid.uuid4().hex
+        if self.tokens is None:
+            return
         try:
-            api.write_many(self._versions.namespace, {_encode(name): token for name in names})
+            self.tokens.bump(names)
         except BACKEND_ERRORS as exc:
             self._pending = names
             self._failed(exc, "invalidating tables " + ", ".join(sorted(names)))
@@ -314,6 +435,7 @@ class Region:
         store: Callable[[Any], bool] = lambda value: True,
         valid: Validator = always_valid,
         tables: tuple = (),
+        label: Any = None,
     ) -> tuple[Any, bool]:
         """Return ``(value, hit)``: the stored value, or ``create()`` stored.
 
@@ -323,7 +445,9 @@ class Region:
         ``valid(value, versions)`` rejects is never served; ``versions`` are
         the version tokens of ``tables`` when the backend could read them
         with the entry (Redis), else None.  ``store(value)`` may
-        refuse to store what ``create()`` returned.  A bad ``expire`` raises
+        refuse to store what ``create()`` returned.  ``label`` says what
+        kind of value ``key`` holds (a statement's shape): a value too large
+        to store is logged once per label.  A bad ``expire`` raises
         :class:`~pyramid_sessioncache.InvalidOptionError` before anything runs.
         """
         if expire is not None:
@@ -338,7 +462,7 @@ class Region:
         if found is not None and found[1]:
             return found[0], True
         if self._down():  # a failing backend: no lock
-            return self._create(namespace, bkey, create, expire, store), False
+            return self._create(namespace, bkey, create, expire, store, label), False
         lock = namespace.get_creation_lock(bkey)
         try:
             if found is not None and not lock.acquire(wait=False):
@@ -352,7 +476,7 @@ class Region:
             again = self._read(namespace, bkey, valid)
             if again is not None and again[1]:
                 return again[0], True
-            return self._create(namespace, bkey, create, expire, store), False
+            return self._create(namespace, bkey, create, expire, store, label), False
         finally:
             try:
                 lock.release()
@@ -368,10 +492,19 @@ class Region:
             # The Session's own dictionary, read directly: no namespace
             # object, no lock (one Session is one thread); Beaker's format.
             namespaces = session.info.get(local_session.INFO_KEY)
-            stored = None if namespaces is None else namespaces.get(self.namespace_name, _NOTHING).get(_encode(key))
-            found = None if stored is None else _unpack(stored, valid, None)
-        else:
-            found = self._read(self._namespace(session), _encode(key), valid, tables) if self.available() else None
+            entries = None if namespaces is None else namespaces.get(self.namespace_name)
+            if entries is None:
+                return None
+            bkey = _encode(key)
+            stored = entries.get(bkey)
+            if stored is None:
+                return None
+            found = self._unpack(stored, valid, None)
+            if found is not None and found[1]:
+                entries.move_to_end(bkey)  # least recently used goes first
+                return found[0]
+            return None
+        found = self._read(self._namespace(session), _encode(key), valid, tables) if self.available() else None
         return found[0] if found is not None and found[1] else None
 
     def _local(self, key: str, create, session: Any, expire: int | None, store, valid) -> tuple[Any, bool]:
@@ -380,28 +513,11 @@ class Region:
             return value, True
         return self._create(self._namespace(session), _encode(key), create, expire, store), False
 
-    def _create(self, namespace, bkey, create, expire, store) -> Any:
+    def _create(self, namespace, bkey, create, expire, store, label=None) -> Any:
         value = create()
         if store(value):
-            self._write(namespace, bkey, value, expire or self.expire)
+            self._write(namespace, bkey, value, expire or self.expire, label)
         return value
-
-
-_NOTHING: dict = {}
-
-
-def _unpack(stored: Any, valid: Validator, versions: Any) -> tuple[Any, bool] | None:
-    """``(value, fresh)`` from an entry in Beaker's stored format, or None if unusable."""
-    try:
-        stored_at, expire, value = stored
-    except (TypeError, ValueError):
-        return None
-    if not valid(value, versions):
-        return None
-    try:
-        return value, expire is None or time.time() < stored_at + expire
-    except TypeError:  # not written by a region (they check expire): unusable, never fatal
-        return None
 
 
 def _encode(key: str) -> bytes:

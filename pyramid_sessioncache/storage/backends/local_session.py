@@ -4,6 +4,9 @@ Values are kept in the Session's ``info`` dictionary, so they live exactly
 as long as the Session's current transaction (the engine's hook drops
 them when the transaction ends) and can never be seen by another Session.
 A hit therefore hands back the very objects of the Session's identity map.
+A Session keeps at most ``max_items`` entries per namespace (the least
+recently used go first), so a request that runs a flood of distinct
+queries cannot hold on to all their objects.
 
 This is the namespace of SQLAlchemy's old ``examples/beaker_caching``
 (``local_session_caching.py``), kept compatible with its
@@ -12,6 +15,7 @@ This is the namespace of SQLAlchemy's old ``examples/beaker_caching``
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +26,26 @@ from ...errors import SessionCacheError
 #: Where a Session keeps its local cache: ``session.info[INFO_KEY]`` maps a
 #: namespace name to a dictionary of entries.
 INFO_KEY = "sessioncache.local"
+#: Entries a Session keeps per namespace unless ``max_items`` says otherwise.
+DEFAULT_MAX_ITEMS = 1000
+
+
+class SessionEntries(OrderedDict):
+    """The entries of one namespace on one Session: at most ``max_items``, least recently used out first.
+
+    One Session is used by one thread at a time: no lock.  A reader that
+    serves a hit calls ``move_to_end(key)``.
+    """
+
+    def __init__(self, max_items: int = DEFAULT_MAX_ITEMS) -> None:
+        super().__init__()
+        self.max_items = max_items
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        OrderedDict.__setitem__(self, key, value)
+        self.move_to_end(key)
+        if len(self) > self.max_items:
+            self.popitem(last=False)
 
 
 class ScopedSessionNamespace(AbstractDictionaryNSManager):
@@ -42,9 +66,17 @@ class ScopedSessionNamespace(AbstractDictionaryNSManager):
     #: The ``scoped_session`` used when no Session is bound.
     scoped_session: Callable[[], Any] | None = None
 
-    def __init__(self, namespace: str, session: Any = None, scoped_session: Any = None, **kw: Any):
+    def __init__(
+        self,
+        namespace: str,
+        session: Any = None,
+        scoped_session: Any = None,
+        max_items: int = DEFAULT_MAX_ITEMS,
+        **kw: Any,
+    ):
         AbstractDictionaryNSManager.__init__(self, namespace)
         self.session = session
+        self.max_items = max_items
         if scoped_session is not None:
             self.scoped_session = scoped_session
 
@@ -78,12 +110,21 @@ class ScopedSessionNamespace(AbstractDictionaryNSManager):
                     "name, scoped_session), or use the namespace through a cached query"
                 )
             session = self.scoped_session()
-        return entries(session).setdefault(self.namespace, {})
+        return namespace_entries(session, self.namespace, self.max_items)
 
 
 def entries(session: Any) -> dict:
     """Return the dictionary of local namespaces kept on ``session``."""
     return session.info.setdefault(INFO_KEY, {})
+
+
+def namespace_entries(session: Any, namespace: str, max_items: int = DEFAULT_MAX_ITEMS) -> SessionEntries:
+    """Return the entries of ``namespace`` kept on ``session`` (at most ``max_items``), made on first use."""
+    namespaces = entries(session)
+    found = namespaces.get(namespace)
+    if found is None:
+        found = namespaces[namespace] = SessionEntries(max_items)
+    return found
 
 
 def drop(session: Any) -> None:

@@ -1,0 +1,206 @@
+"""The ``dbm`` backend: a region in one database of Python's ``dbm``, every value signed.
+
+Beaker's own ``dbm`` namespace unpickles what it reads before anything
+could check it.  This one shares a database between processes the way
+Beaker's does (a file lock per database: readers share it, a writer holds
+it alone; the database is opened and closed around each access), and:
+
+- signs every entry for its namespace and key (``signing.py``) and
+  unpickles it only after the signature checks;
+- creates the database files 0600 and its directories 0700, in a
+  ``data_dir`` that only this user can write (checked at start-up);
+- locks the creation of an entry with a :class:`~.locks.FileLock`, which
+  leaves no file behind (Beaker's leaves one per key).
+
+What it cannot change: the whole region is one database, which keeps the
+space of entries it replaced, and with ``dbm.dumb`` (the only ``dbm`` of
+Pythons built without gdbm or ndbm) opening it reads its whole index, so a
+hit costs more as the region grows.  Expired entries stay until they are
+written again.  Prefer ``file``, which has none of these limits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dbm
+import hashlib
+import logging
+import os
+import pickle
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from beaker.container import OpenResourceNamespaceManager
+from beaker.synchronization import file_synchronizer
+
+from .. import api, signing
+from .directories import FILE_MODE, make_directory
+from .locks import FileLock
+
+log = logging.getLogger(__name__)
+
+#: What the ``dbm`` modules may add to a database's name.
+_SUFFIXES = ("", ".db", ".dat", ".dir", ".bak", ".pag")
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+class DBMNamespace(OpenResourceNamespaceManager):
+    """Raw values in a ``dbm`` database at ``<data_dir>/sessioncache-dbm/<namespace hash>``.
+
+    :param namespace: the namespace's name.
+    :param data_dir: a directory only this user can write (checked by the region).
+    :param lock_dir: where lock files go (default: ``<data_dir>/sessioncache-locks``).
+    :param max_bytes: values larger than this are not used.
+    """
+
+    def __init__(
+        self, namespace: str, data_dir: str, lock_dir: str | None = None, max_bytes: int = 4096, **kw: Any
+    ) -> None:
+        digest = _digest(namespace.encode("utf-8", "surrogateescape"))
+        directory = os.path.join(data_dir, "sessioncache-dbm")
+        make_directory(directory)
+        self.file = os.path.join(directory, digest)
+        self.lock_directory = os.path.join(lock_dir or os.path.join(data_dir, "sessioncache-locks"), digest)
+        make_directory(self.lock_directory)
+        self.max_bytes = max_bytes
+        self.db: Any = None
+        super().__init__(namespace)
+        self.acquire_write_lock()  # creates the database
+        self.release_write_lock()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.namespace!r} in {self.file!r}>"
+
+    def get_access_lock(self) -> Any:
+        # Named after the database's path: Beaker shares synchronizers by name.
+        return file_synchronizer(identifier=f"sessioncache-dbm/{self.file}", lock_dir=self.lock_directory)
+
+    def get_creation_lock(self, key: bytes) -> FileLock:
+        """The lock one creator of ``key``'s value holds while the others wait (its file is removed after)."""
+        return FileLock(os.path.join(self.lock_directory, _digest(_key(key)) + ".lock"))
+
+    def do_open(self, flags: str, replace: bool) -> None:
+        try:
+            self.db = dbm.open(self.file, "r" if flags == "r" else "c", FILE_MODE)  # noqa: SIM115 - closed by do_close
+        except Exception:  # missing (removed by another process): create it
+            self.db = dbm.open(self.file, "c", FILE_MODE)  # noqa: SIM115
+
+    def do_close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    def do_remove(self) -> None:
+        for suffix in _SUFFIXES:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.file + suffix)
+
+    def _raw(self, key: bytes) -> bytes | None:
+        try:
+            value = self.db[key]
+        except KeyError:
+            return None
+        return value if len(value) <= self.max_bytes else b""
+
+    def __contains__(self, key: Any) -> bool:
+        return _key(key) in self.db
+
+    def __delitem__(self, key: Any) -> None:
+        del self.db[_key(key)]
+
+    def keys(self) -> list:
+        return list(self.db.keys())
+
+    # ManyKeys: raw values (table versions), each operation under one lock.
+
+    def get_many(self, keys: Sequence[bytes]) -> list[Any]:
+        """Return the raw values of ``keys`` (None where missing)."""
+        self.acquire_read_lock()
+        try:
+            return [self._raw(key) for key in keys]
+        finally:
+            self.release_read_lock()
+
+    def set_many(self, values: Mapping[bytes, Any]) -> None:
+        """Store every key and value of ``values``."""
+        self.acquire_write_lock()
+        try:
+            for key, value in values.items():
+                self.db[key] = value
+        finally:
+            self.release_write_lock()
+
+    def add_many(self, values: Mapping[bytes, Any]) -> None:
+        """Store the keys of ``values`` that have no value."""
+        self.acquire_write_lock()
+        try:
+            for key, value in values.items():
+                if key not in self.db:
+                    self.db[key] = value
+        finally:
+            self.release_write_lock()
+
+    def raise_many(self, values: Mapping[bytes, Any]) -> dict[bytes, Any]:
+        """:func:`~pyramid_sessioncache.storage.api.raise_many`, under the database's write lock."""
+        refused = {}
+        self.acquire_write_lock()
+        try:
+            for key, value in values.items():
+                held = self._raw(key)
+                if held is not None and api.counter_of(held) >= api.counter_of(value):
+                    refused[key] = held
+                else:
+                    self.db[key] = value
+        finally:
+            self.release_write_lock()
+        return refused
+
+
+class SignedDBMNamespace(DBMNamespace):
+    """The entries of a ``dbm`` region: Beaker's stored format, pickled and signed.
+
+    :param secret: the application's secret.
+    :param max_bytes: the region's ``max_entry_bytes``.
+
+    Other parameters are :class:`DBMNamespace`'s.
+    """
+
+    def __init__(
+        self,
+        namespace: str,
+        data_dir: str,
+        secret: bytes,
+        lock_dir: str | None = None,
+        max_bytes: int = 1024 * 1024,
+        **kw: Any,
+    ) -> None:
+        super().__init__(namespace, data_dir, lock_dir, max_bytes + signing.HEADER)
+        self.codec = signing.Codec(secret, namespace, log)
+
+    def __getitem__(self, key: Any) -> Any:
+        key = _key(key)
+        data = self._raw(key)
+        if data is None:
+            raise KeyError(key)
+        return self.codec.decode(key, data)
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.set_value(key, value)
+
+    def set_value(self, key: Any, value: Any, expiretime: int | None = None) -> None:
+        """Pickle, sign and store ``value`` (Beaker's API; the caller holds the write lock)."""
+        self.set_pickled(key, pickle.dumps(value, pickle.HIGHEST_PROTOCOL), expiretime)
+
+    def set_pickled(self, key: Any, payload: bytes, expiretime: int | None = None, value: Any = None) -> None:
+        """Sign and store ``payload`` (a pickle); the caller holds the write lock."""
+        key = _key(key)
+        self.db[key] = self.codec.encode(key, payload, expiretime, time.time())
+
+
+def _key(key: Any) -> bytes:
+    # Beaker's Cache encodes keys this way before a namespace sees them.
+    return key.encode("ascii", "backslashreplace") if isinstance(key, str) else key
