@@ -172,11 +172,12 @@ def objects_of(session: Session, region: Region, key: str, value: CachedRows, st
     too: see ``storage/backends/redis.py``); the objects built from it are
     remembered with the Session's local cache (and dropped with it), so
     hitting the same entry again in one Session costs what a local hit
-    costs.
+    costs.  At most :data:`~pyramid_sessioncache.storage.backends.local_session.DEFAULT_MAX_ITEMS`
+    are remembered per region and Session, the least recently used out first.
     """
     if not any(value.entity_columns):  # plain rows: nothing to build twice
         return hydrate.result(value, session, propagating(statement))
-    built = local_session.entries(session).setdefault(region.namespace_name + ".objects", {})
+    built = local_session.namespace(session, region.namespace_name + ".objects", local_session.DEFAULT_MAX_ITEMS)
     seen = built.get(key)
     if seen is None or seen[0] is not value:
         # First use in this Session (most requests have no second): just build.

@@ -232,7 +232,7 @@ _DIRECTORIES = frozenset({"data_dir", "lock_dir"})
 REGION_TYPES: Mapping[str, RegionType] = MappingProxyType(
     {
         "memory": RegionType(frozenset({"max_items"})),
-        LOCAL_TYPE: RegionType(frozenset()),
+        LOCAL_TYPE: RegionType(frozenset({"max_items"})),
         "file": RegionType(_DIRECTORIES, frozenset({"data_dir"})),
         "dbm": RegionType(_DIRECTORIES, frozenset({"data_dir"})),
         # A Redis password goes in the URL: redis://:password@host:6379/0.

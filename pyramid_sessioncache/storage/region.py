@@ -110,9 +110,14 @@ class Region:
         #: The longest lifetime the backend keeps an entry for.
         self.max_expire = region_options.region_type(self.type).max_expire
         self.enabled: bool = nsargs.pop("enabled", True)
-        max_items = nsargs.pop("max_items", DEFAULT_MAX_ITEMS)
         backend = _namespace_class(self.type)
         self.is_local = isinstance(backend, type) and issubclass(backend, ScopedSessionNamespace)
+        #: The most entries the region keeps (per Session, for a local region).
+        self.max_items: int = nsargs.pop(
+            "max_items", local_session.DEFAULT_MAX_ITEMS if self.is_local else DEFAULT_MAX_ITEMS
+        )
+        if self.is_local:  # for Beaker's Cache too (cache_for)
+            nsargs["max_items"] = self.max_items
         #: True when values leave the process (and so are pickled).
         self.out_of_process = not (self.is_local or self.type == "memory")
         if self.out_of_process:
@@ -131,7 +136,7 @@ class Region:
             namespace = SignedRedisNamespaceManager(self.namespace_name, secret=secret, **nsargs)
             self._shared = _beaker.cache_on(namespace, self.expire)
         elif self.type == "memory":
-            self._shared = _beaker.cache_on(BoundedMemoryNamespace(self.namespace_name, max_items), self.expire)
+            self._shared = _beaker.cache_on(BoundedMemoryNamespace(self.namespace_name, self.max_items), self.expire)
         else:
             self._shared = None if self.is_local else self._cache(nsargs)
         # Version tokens kept beside the entries, in the same backend (see
@@ -162,7 +167,7 @@ class Region:
     def _namespace(self, session: Any) -> Any:
         if self._shared is not None:
             return self._shared.namespace
-        return ScopedSessionNamespace(self.namespace_name, session=session)
+        return ScopedSessionNamespace(self.namespace_name, session=session, max_items=self.max_items)
 
     @property
     def unpublished(self) -> frozenset[str]:

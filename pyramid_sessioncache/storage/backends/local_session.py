@@ -12,12 +12,19 @@ This is the namespace of SQLAlchemy's old ``examples/beaker_caching``
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from beaker.container import AbstractDictionaryNSManager
 
 from ...errors import SessionCacheError
+
+#: Entries a Session keeps per ``ext:local_session`` region unless
+#: ``max_items`` says otherwise: enough for any page, few enough that a
+#: long transaction of distinct queries (a batch job) does not make every
+#: garbage collection walk thousands of results.
+DEFAULT_MAX_ITEMS = 1000
 
 #: Where a Session keeps its local cache: ``session.info[INFO_KEY]`` maps a
 #: namespace name to a dictionary of entries.
@@ -31,7 +38,8 @@ class ScopedSessionNamespace(AbstractDictionaryNSManager):
     Session is found, in this order, from ``session`` (a Session this
     namespace is bound to), then ``scoped_session`` (called to get the
     current Session).  Within pyramid_sessioncache the ORM hook binds the
-    namespace to the Session that runs the query.
+    namespace to the Session that runs the query.  A Session keeps at most
+    ``max_items`` entries in the namespace, the least recently used out first.
 
     Example, as in SQLAlchemy's old beaker_caching example::
 
@@ -42,9 +50,17 @@ class ScopedSessionNamespace(AbstractDictionaryNSManager):
     #: The ``scoped_session`` used when no Session is bound.
     scoped_session: Callable[[], Any] | None = None
 
-    def __init__(self, namespace: str, session: Any = None, scoped_session: Any = None, **kw: Any):
+    def __init__(
+        self,
+        namespace: str,
+        session: Any = None,
+        scoped_session: Any = None,
+        max_items: int = DEFAULT_MAX_ITEMS,
+        **kw: Any,
+    ):
         AbstractDictionaryNSManager.__init__(self, namespace)
         self.session = session
+        self.max_items = max_items
         if scoped_session is not None:
             self.scoped_session = scoped_session
 
@@ -78,7 +94,41 @@ class ScopedSessionNamespace(AbstractDictionaryNSManager):
                     "name, scoped_session), or use the namespace through a cached query"
                 )
             session = self.scoped_session()
-        return entries(session).setdefault(self.namespace, {})
+        return namespace(session, self.namespace, self.max_items)
+
+
+class LocalEntries(OrderedDict):
+    """The entries of one namespace on one Session: at most ``max_items``, least recently used out first.
+
+    No lock: a Session is used by one thread at a time.
+    """
+
+    def __init__(self, max_items: int = DEFAULT_MAX_ITEMS) -> None:
+        super().__init__()
+        self.max_items = max_items
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        OrderedDict.__setitem__(self, key, value)
+        self.move_to_end(key)
+        if len(self) > self.max_items:
+            self.popitem(last=False)
+
+    def get(self, key: Any, default: Any = None) -> Any:
+        """Return the entry under ``key`` (now the most recently used), or ``default``."""
+        value = OrderedDict.get(self, key, self)
+        if value is self:
+            return default
+        self.move_to_end(key)
+        return value
+
+
+def namespace(session: Any, name: str, max_items: int = DEFAULT_MAX_ITEMS) -> LocalEntries:
+    """Return the entries of the namespace ``name`` on ``session``, made the first time."""
+    namespaces = entries(session)
+    found = namespaces.get(name)
+    if found is None:
+        found = namespaces[name] = LocalEntries(max_items)
+    return found
 
 
 def entries(session: Any) -> dict:
