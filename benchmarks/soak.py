@@ -13,7 +13,8 @@ of :data:`MIX`:
 
 - hits on every region: one person among a hot set of 20;
 - misses with fresh parameters on every region, each storing a new entry
-  (a ``memory`` region evicts past ``max_items``);
+  (a ``memory`` region evicts past ``max_items``; ``file``, one block in
+  :data:`FILE_MISSES`);
 - a page of distinct queries in one request through ``ext:local_session``
   (each stored, half read again);
 - a write (a person's email), which pyramid_tm commits and which
@@ -63,6 +64,10 @@ QUICK_SIZES = model.Sizes(people=60, addresses=3, purchases=1)
 HOT = 20
 #: Distinct queries of the ``/local`` page.
 LOCAL_QUERIES = 20
+#: One block in this many stores a new ``file`` entry: Beaker's file
+#: namespace keeps a region's entries in one file, read and rewritten whole,
+#: so its requests cost more with every entry it holds, whatever the add-on.
+FILE_MISSES = 10
 #: Entries the ``memory`` region keeps: reached within a full run.
 MEMORY_ITEMS = 5000
 
@@ -124,7 +129,11 @@ def mix(regions: list[str], people: int):
     def block(index: int) -> list[tuple[str, str]]:
         hot = index % HOT + 1
         paths = [("GET", f"/person/{region}/hot/{hot}/-") for region in regions for _ in range(3)]
-        paths += [("GET", f"/person/{region}/fresh/{index % people + 1}/{index}") for region in regions]
+        paths += [
+            ("GET", f"/person/{region}/fresh/{index % people + 1}/{index}")
+            for region in regions
+            if region != "file" or index % FILE_MISSES == 0
+        ]
         paths.append(("GET", f"/local/{index}"))
         if index % 4 == 0:
             paths.append(("POST", f"/write/{HOT + 1 + index % (people - HOT)}/{index}"))

@@ -178,7 +178,7 @@ def objects_of(session: Session, region: Region, key: str, value: CachedRows, st
     if not any(value.entity_columns):  # plain rows: nothing to build twice
         return hydrate.result(value, session, propagating(statement))
     built = local_session.namespace(session, region.namespace_name + ".objects", local_session.DEFAULT_MAX_ITEMS)
-    seen = built.get(key)
+    seen = local_session.read(built, key)
     if seen is None or seen[0] is not value:
         # First use in this Session (most requests have no second): just build.
         built[key] = (value, None)

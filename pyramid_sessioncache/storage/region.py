@@ -373,7 +373,8 @@ class Region:
             # The Session's own dictionary, read directly: no namespace
             # object, no lock (one Session is one thread); Beaker's format.
             namespaces = session.info.get(local_session.INFO_KEY)
-            stored = None if namespaces is None else namespaces.get(self.namespace_name, _NOTHING).get(_encode(key))
+            entries = None if namespaces is None else namespaces.get(self.namespace_name)
+            stored = None if entries is None else local_session.read(entries, _encode(key))
             found = None if stored is None else _unpack(stored, valid, None)
         else:
             found = self._read(self._namespace(session), _encode(key), valid, tables) if self.available() else None
@@ -390,9 +391,6 @@ class Region:
         if store(value):
             self._write(namespace, bkey, value, expire or self.expire)
         return value
-
-
-_NOTHING: dict = {}
 
 
 def _unpack(stored: Any, valid: Validator, versions: Any) -> tuple[Any, bool] | None:

@@ -115,11 +115,20 @@ class LocalEntries(OrderedDict):
 
     def get(self, key: Any, default: Any = None) -> Any:
         """Return the entry under ``key`` (now the most recently used), or ``default``."""
-        value = OrderedDict.get(self, key, self)
-        if value is self:
-            return default
-        self.move_to_end(key)
-        return value
+        value = read(self, key)
+        return default if value is None else value
+
+
+def read(entries: OrderedDict, key: Any) -> Any:
+    """Return the entry under ``key`` in ``entries`` (now the most recently used), or None.
+
+    A function, not a method, for the hit paths: ``OrderedDict.get`` and
+    ``move_to_end`` are C calls, a Python method around them costs more.
+    """
+    value = OrderedDict.get(entries, key)
+    if value is not None:
+        entries.move_to_end(key)
+    return value
 
 
 def namespace(session: Any, name: str, max_items: int = DEFAULT_MAX_ITEMS) -> LocalEntries:
