@@ -113,6 +113,35 @@ def freeze_raw(result: Result) -> FrozenResult:
     return result.freeze()
 
 
+def detached(frozen: FrozenResult) -> FrozenResult:
+    """Return a copy of ``frozen`` that holds its rows and column names, nothing of the query that made it.
+
+    An ORM result's metadata (``SimpleResultMetaData``) keeps
+    ``_create_unique_filters``, a closure of ``sqlalchemy.orm.loading.instances()``
+    over the ``QueryContext``: the Session that ran the query, its ``info``
+    (a Pyramid request, through the caller's), its identity map and
+    connection.  A cached value holding it keeps all of that alive as long
+    as the entry lives, with the listeners of that Session.  Pickling drops
+    it (``SimpleResultMetaData.__getstate__`` keeps the keys, the
+    translated indexes and the ambiguous keys), so the metadata is copied
+    the way pickling does, and every region holds what file and Redis
+    regions hold: ``.unique()`` on a hit then hashes each row, as it does
+    on a row read from a pickled region.  ``_attributes``, an
+    ``immutabledict`` of flags (``is_single_entity``, ``filtered``), is
+    kept.  Checked against SQLAlchemy 2.0 (2.0.x) and 2.1 (2.1.9), whose
+    ``FrozenResult`` and ``SimpleResultMetaData`` are the same in this.
+    """
+    metadata: Any = frozen.metadata
+    copy = metadata.__class__.__new__(metadata.__class__)
+    copy.__setstate__(metadata.__getstate__())
+    result = FrozenResult.__new__(FrozenResult)
+    result.metadata = copy
+    result._attributes = frozen._attributes
+    result._source_supports_scalars = frozen._source_supports_scalars
+    result.data = frozen.data
+    return result
+
+
 def _unique_required(row: Any) -> Any:
     raise InvalidRequestError(UNIQUE_REQUIRED)
 

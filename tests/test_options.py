@@ -181,6 +181,7 @@ REDIS_URL = "redis://127.0.0.1:1/0"  # never connected to: the options are refus
         ({"type": "memory", "key_length": 250}, "key_length", "fixed length"),
         ({"type": "file", "data_dir": DIRECTORY, "max_items": 50}, "max_items", "type file does not use it"),
         ({"type": "ext:local_session", "max_bytes": 50}, "max_bytes", "does not use it"),
+        ({"type": "ext:local_session", "max_items": 0}, "max_items", "positive"),
         ({"type": "ext:redis", "url": REDIS_URL, "max_items": 50}, "max_items", "does not use it"),
         ({"type": "ext:redis", "url": REDIS_URL, "timeout": 10**20}, "timeout", "at most"),
         ({"type": "ext:redis", "url": REDIS_URL, "password": "a password, long"}, "password", "does not use it"),

@@ -108,6 +108,7 @@ DIRECTORY = object()  # replaced by a temporary directory
             "a region of type file does not use it (used by: ext:local_session, memory)",
         ),
         ({"cache.local_session.max_bytes": "50"}, "cache.local_session.max_bytes", "does not use it"),
+        ({"cache.local_session.max_items": "0"}, "cache.local_session.max_items", "positive"),
         ({"cache.long_term.max_items": "50"}, "cache.long_term.max_items", "ext:redis does not use it"),
         ({"cache.short_term.timeout": "5"}, "cache.short_term.timeout", "does not use it"),
         ({"cache.long_term.username": "me"}, "cache.long_term.username", "does not use it"),

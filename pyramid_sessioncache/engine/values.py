@@ -32,6 +32,9 @@ LOADER_FLAG = "sessioncache.loader"
 class LocalResult(Sequence):
     """A result kept on its own Session: reading it returns the same objects.
 
+    It holds the rows (the Session's objects) and their states, not the
+    query that loaded them (see :func:`~pyramid_sessioncache._sqlalchemy.detached`).
+
     Indexing it gives what ``Query.all()`` gives: entities for a
     single-entity query, rows otherwise, so the old beaker_caching example's
     ``person10 is cache.get(key)[0]`` holds.
@@ -51,7 +54,7 @@ class LocalResult(Sequence):
     def from_result(cls, result: Result) -> LocalResult:
         """Keep ``result``, an ORM Result not read yet: its rows, and whether it demands ``.unique()``."""
         requires_unique = _sqlalchemy.requires_unique(result)
-        return cls(_sqlalchemy.freeze_raw(result), requires_unique)
+        return cls(_sqlalchemy.detached(_sqlalchemy.freeze_raw(result)), requires_unique)
 
     def current(self, session: Session) -> bool:
         """Whether every object is still in ``session``, none of it expired.
@@ -150,7 +153,7 @@ class CachedRows:
             for row in rows
         ]
         return cls(
-            frozen.with_new_rows([]),
+            _sqlalchemy.detached(frozen.with_new_rows([])),
             entity_columns,
             snapshot.classes,
             snapshot.objects,

@@ -23,11 +23,15 @@ from beaker.container import AbstractDictionaryNSManager
 
 from ...errors import SessionCacheError
 
+#: Entries a Session keeps per ``ext:local_session`` region unless
+#: ``max_items`` says otherwise: enough for any page, few enough that a
+#: long transaction of distinct queries (a batch job) does not make every
+#: garbage collection walk thousands of results.
+DEFAULT_MAX_ITEMS = 1000
+
 #: Where a Session keeps its local cache: ``session.info[INFO_KEY]`` maps a
 #: namespace name to a dictionary of entries.
 INFO_KEY = "sessioncache.local"
-#: Entries a Session keeps per namespace unless ``max_items`` says otherwise.
-DEFAULT_MAX_ITEMS = 1000
 
 
 class SessionEntries(OrderedDict):
@@ -55,7 +59,8 @@ class ScopedSessionNamespace(AbstractDictionaryNSManager):
     Session is found, in this order, from ``session`` (a Session this
     namespace is bound to), then ``scoped_session`` (called to get the
     current Session).  Within pyramid_sessioncache the ORM hook binds the
-    namespace to the Session that runs the query.
+    namespace to the Session that runs the query.  A Session keeps at most
+    ``max_items`` entries in the namespace, the least recently used out first.
 
     Example, as in SQLAlchemy's old beaker_caching example::
 
