@@ -18,15 +18,18 @@ import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
 import waitress
+from pyramid.exceptions import ConfigurationError
 from sqlalchemy import event
 
-from pyramid_sessioncache import get_engine
+from pyramid_sessioncache import CacheRegions, InvalidOptionError, Region, get_engine, parse_settings
 
 from .app import make_app
+from .conftest import SECRET
 
 ROOT = Path(__file__).parent.parent
 #: Seconds the slow query takes.
@@ -183,3 +186,96 @@ def test_waiters_hold_no_pooled_connection(db_url, tmp_path):
     # before, each waiter had begun its transaction and held one (8).  (The
     # first load of a statement's shape may run it twice: see hook.py.)
     assert seen_by_the_query and set(seen_by_the_query) == {1}
+
+
+# -- one process: the option, and each backend's lock ----------------------------------------
+
+
+def test_lock_timeout_is_an_option_of_shared_regions_only(tmp_path):
+    settings = parse_settings({"cache.regions": "a", "cache.a.lock_timeout": "2.5"})
+    assert settings.regions["a"]["lock_timeout"] == 2.5
+    assert CacheRegions({"a": {"type": "memory"}})["a"].lock_timeout == 10  # the default
+    assert CacheRegions({"a": {"type": "memory", "lock_timeout": 1}})["a"].lock_timeout == 1.0
+    for bad in ("0", "-1", "nan", "3601", "soon"):
+        with pytest.raises(ConfigurationError, match=f"cache.a.lock_timeout = '{bad}'"):
+            parse_settings({"cache.regions": "a", "cache.a.lock_timeout": bad})
+    for bad in (0, -1, float("inf"), "2", True, None):
+        with pytest.raises(InvalidOptionError, match="lock_timeout of cache region 'a'"):
+            CacheRegions({"a": {"type": "memory", "lock_timeout": bad}})
+    with pytest.raises(ConfigurationError, match="ext:local_session does not use it"):
+        parse_settings({"cache.regions": "a", "cache.a.type": "ext:local_session", "cache.a.lock_timeout": "2"})
+
+
+@pytest.fixture(params=["memory", "file", "redis"])
+def one_region(request, tmp_path) -> Region:
+    options: dict = {"type": "memory"}
+    if request.param == "file":
+        options = {"type": "file", "data_dir": str(tmp_path / "cache"), "lock_dir": str(tmp_path / "locks")}
+    elif request.param == "redis":
+        options = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
+    regions = CacheRegions({"r": {**options, "lock_timeout": 1}}, secret=SECRET.encode())
+    return regions["r"]
+
+
+def in_threads(count: int, work) -> list:
+    """Run ``work()`` in ``count`` threads at once; what each returned or raised, and after how long."""
+    barrier = threading.Barrier(count, timeout=10)
+    results: list = []
+
+    def run() -> None:
+        barrier.wait()
+        start = time.monotonic()
+        try:
+            outcome = work()
+        except Exception as exc:
+            outcome = exc
+        results.append((outcome, time.monotonic() - start))
+
+    threads = [threading.Thread(target=run) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    return results
+
+
+def test_a_stuck_regenerator_holds_waiters_for_lock_timeout_only(one_region):
+    key = f"stuck-{uuid.uuid4().hex}"
+    release = threading.Event()
+    calls: list[str] = []
+
+    def create() -> str:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 1:
+            release.wait(4)  # the first regenerator is stuck past the waiters
+        return "value"
+
+    try:
+        results = in_threads(5, lambda: one_region.get_or_create(key, create))
+    finally:
+        release.set()
+    # Four waiters waited lock_timeout (1 s) and ran create() themselves;
+    # 3 s allows for scheduling.  Before, they waited for the stuck one (10 s).
+    waiters = sorted(results, key=lambda result: result[1])[:4]
+    assert all(outcome == ("value", False) for outcome, _ in waiters), results
+    assert all(0.9 < seconds < 3 for _, seconds in waiters), results
+
+
+def test_after_a_failed_regeneration_one_caller_retries_under_the_lock_the_others_run_alone(one_region):
+    key = f"failing-{uuid.uuid4().hex}"
+    running = {"now": 0, "most_under_lock": 0}
+    guard = threading.Lock()
+
+    def create() -> str:
+        with guard:
+            running["now"] += 1
+        time.sleep(0.3)
+        with guard:
+            running["now"] -= 1
+        raise RuntimeError("failing on purpose")
+
+    results = in_threads(8, lambda: one_region.get_or_create(key, create))
+    assert all(isinstance(outcome, RuntimeError) for outcome, _ in results)
+    # The first fails after 0.3 s, then the 7 others run at once: 0.6 s,
+    # given five times that.  Before, they failed one after another (2.4 s).
+    assert max(seconds for _, seconds in results) < 1.5, results
