@@ -33,8 +33,8 @@ def rename(request):
 
 
 def slow(request):
-    """Person 1's name through the slow SQL function ``slow()``, from the shared region."""
-    stmt = select(Person.name, func.slow(Person.id)).where(Person.id == 1)
+    """A person's name (``?id=``, 1 by default) through the slow SQL function ``slow()``, from the shared region."""
+    stmt = select(Person.name, func.slow(Person.id)).where(Person.id == int(request.params.get("id", "1")))
     return {"name": request.cached_query(stmt, region="shared").one()[0]}
 
 
@@ -47,8 +47,10 @@ def slow_engine(db_url: str, settings: dict) -> object:
     """An engine whose connections have ``slow(x)``: returns ``x`` after ``test.query_seconds``.
 
     Before sleeping it appends this process's id to ``test.started_file``
-    (if set); after, it fails if ``test.fail_file`` exists, so that a
-    test can make every regeneration fail, or find the process that runs it.
+    (if set); after, it fails if ``test.fail_file`` exists, or once if
+    ``test.fail_once_file`` exists (the call that removes it fails), so
+    that a test can make regenerations fail, or find the process that
+    runs one.
     """
     engine = create_engine(
         db_url,
@@ -60,6 +62,7 @@ def slow_engine(db_url: str, settings: dict) -> object:
     )
     seconds = float(settings["test.query_seconds"])
     started, failing = settings.get("test.started_file"), settings.get("test.fail_file")
+    failing_once = settings.get("test.fail_once_file")
 
     def slow_function(value):
         if started:
@@ -68,6 +71,13 @@ def slow_engine(db_url: str, settings: dict) -> object:
         time.sleep(seconds)
         if failing and os.path.exists(failing):
             raise RuntimeError("failing on purpose")
+        if failing_once:
+            try:
+                os.remove(failing_once)  # one caller of all processes succeeds
+            except FileNotFoundError:
+                pass
+            else:
+                raise RuntimeError("failing once on purpose")
         return value
 
     @event.listens_for(engine, "connect")

