@@ -104,6 +104,9 @@ def test_a_killed_regenerator_delays_the_others_by_at_most_lock_timeout(db_url, 
     holder = Server(db_url, region, **{"test.query_seconds": "60", "test.started_file": str(started)})
     other = Server(db_url, region, **{"test.query_seconds": str(QUERY)})
     try:
+        # The other process loads the query's shape first (another person):
+        # its first load of a shape may run the query twice (see hook.py).
+        assert timed_get(other.base + "/slow?id=2")[1] == 200
         threading.Thread(target=timed_get, args=(holder.base + "/slow",), daemon=True).start()
         deadline = time.monotonic() + 20
         while not started.exists() and time.monotonic() < deadline:
@@ -111,18 +114,18 @@ def test_a_killed_regenerator_delays_the_others_by_at_most_lock_timeout(db_url, 
         assert started.exists(), "the holder never ran its query"
         holder.process.send_signal(signal.SIGKILL)  # while it holds the creation lock
         holder.process.wait(timeout=10)
-        results = together([other.base + "/slow"] * (2 * THREADS) + [other.base + "/plain"])
+        # One waitress thread each: a page that uses no cache, and the others on the entry.
+        results = together([other.base + "/slow"] * (THREADS - 1) + [other.base + "/plain"])
     finally:
         holder.stop()
         other.stop()
-    assert [status for _, status in results] == [200] * (2 * THREADS + 1)
-    # At most lock_timeout of waiting, then the query, twice over for the
-    # requests queued behind the first 8 (one waitress thread each), plus
-    # 2 s for two processes starting threads on a loaded machine.  Before
-    # bounded waits, Beaker's Redis lock lived 900 s: every request hit
-    # the client's timeout (30 s).
+    assert [status for _, status in results] == [200] * THREADS
+    # At most lock_timeout of waiting, then the query, with 1 s more for a
+    # loaded machine.  Before bounded waits, Beaker's Redis lock lived
+    # 900 s: every request, the uncached page too, hit the client's
+    # timeout (30 s).
     worst = max(seconds for seconds, _ in results)
-    assert worst < lock_timeout + 2 * QUERY + 2, results
+    assert worst < lock_timeout + QUERY + 1, results
 
 
 def test_a_failing_regeneration_is_not_retried_by_each_waiter_in_turn(db_url, shared_region, tmp_path):
@@ -254,10 +257,12 @@ def test_a_stuck_regenerator_holds_waiters_for_lock_timeout_only(one_region):
         results = in_threads(5, lambda: one_region.get_or_create(key, create))
     finally:
         release.set()
-    # Four waiters waited lock_timeout (1 s) and ran create() themselves;
-    # 3 s allows for scheduling.  Before, they waited for the stuck one (10 s).
+    # Four waiters waited lock_timeout (1 s), then ran create() themselves
+    # (on Redis, the stuck holder's lock has expired by then: one of them
+    # takes it over and stores, and another may read that); 3 s allows for
+    # scheduling.  Before, they waited for the stuck one (4 s).
     waiters = sorted(results, key=lambda result: result[1])[:4]
-    assert all(outcome == ("value", False) for outcome, _ in waiters), results
+    assert all(outcome[0] == "value" for outcome, _ in waiters), results
     assert all(0.9 < seconds < 3 for _, seconds in waiters), results
 
 
