@@ -134,8 +134,8 @@ def processes(db_url: str, region: dict, settings: dict, count: int = 2) -> Iter
 
     The first load of a statement shape in a process may run it twice
     (its tables are learned: see ``engine/hook.py``); a request for
-    another person (``?id=2``) does that first, so that the figures count
-    what a stampede costs.
+    another person (``?id=2``, ``?id=3``: an entry of its own, not a hit)
+    does that first, so that the figures count what a stampede costs.
     """
     started: list[Server] = []
     starting: list = []
@@ -150,8 +150,8 @@ def processes(db_url: str, region: dict, settings: dict, count: int = 2) -> Iter
         started.extend(starting)
         if len(started) != count:
             raise RuntimeError("a server process did not start")
-        for server in started:
-            request(server.base + "/slow?id=2")
+        for person, server in enumerate(started, start=2):
+            request(server.base + f"/slow?id={person}")  # another entry each: each process loads it
         yield started
     finally:
         for server in started:
