@@ -388,7 +388,7 @@ class Region:
                 # The regeneration ended without an entry, or took too long:
                 # one caller at a time retries under the lock, the others run alone.
                 if ended:
-                    log.info("cache region %r: regeneration failed; running the query without waiting", self.name)
+                    log.info("cache region %r: a regeneration ended without an entry; running the query", self.name)
                 else:
                     log.warning(
                         "cache region %r: waited %ss for an entry being regenerated; running the query",
