@@ -284,3 +284,31 @@ def test_after_a_failed_regeneration_one_caller_retries_under_the_lock_the_other
     # The first fails after 0.3 s, then the 7 others run at once: 0.6 s,
     # given five times that.  Before, they failed one after another (2.4 s).
     assert max(seconds for _, seconds in results) < 1.5, results
+
+
+def test_other_backends_wait_on_beakers_lock_for_lock_timeout_only(tmp_path):
+    # ext:database (on SQLite) has no lock of ours: Beaker's, tried without waiting.
+    options = {"type": "ext:database", "url": f"sqlite:///{tmp_path / 'cache.sqlite'}", "lock_dir": str(tmp_path)}
+    region = CacheRegions({"r": {**options, "lock_timeout": 0.5}})["r"]
+    taken, done = threading.Event(), threading.Event()
+
+    def regenerating() -> None:  # another caller, in another thread, holds the lock
+        held = region._locks(region._namespace(None), b"key")
+        assert held.acquire(0)
+        taken.set()
+        done.wait(10)
+        held.release()
+
+    thread = threading.Thread(target=regenerating)
+    thread.start()
+    try:
+        assert taken.wait(10)
+        start = time.monotonic()
+        assert region.get_or_create("key", lambda: "mine") == ("mine", False)
+        # 0.5 s of waiting; 2 s allows for scheduling (before: no bound at all).
+        assert 0.4 < time.monotonic() - start < 2
+    finally:
+        done.set()
+        thread.join(10)
+    assert region.get_or_create("key", lambda: "again") == ("again", False)  # nothing was stored: alone
+    assert region.get_or_create("key", lambda: "never") == ("again", True)
