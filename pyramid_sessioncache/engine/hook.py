@@ -148,7 +148,17 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
 
 def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: Any, expire: int | None):
     session = state.session
-    lookup.begin(session, state.bind_arguments)
+    # The transaction begins when the query runs (``connection()``), or
+    # after a hit: never while waiting for another request's query, which
+    # would hold a pooled connection for nothing.
+    value, hit = _look_up(state, cache, found, region, expire)
+    if hit:
+        lookup.begin(session, state.bind_arguments)
+    return value, hit
+
+
+def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: Any, expire: int | None):
+    session = state.session
 
     def connection() -> Any:
         return session.connection(bind_arguments=state.bind_arguments)

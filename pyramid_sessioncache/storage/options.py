@@ -34,6 +34,8 @@ MAX_EXPIRE = 10 * 365 * 24 * 3600
 MEMCACHED_MAX_EXPIRE = 30 * 24 * 3600
 #: The longest ``retry_after``, in seconds: a day.
 MAX_RETRY_AFTER = 24 * 3600.0
+#: The longest ``lock_timeout``, in seconds: an hour.
+MAX_LOCK_TIMEOUT = 3600.0
 #: The shortest ``secret``, in characters.
 MIN_SECRET = 16
 #: The longest region name.
@@ -184,6 +186,17 @@ def _retry_after(value: Any) -> float:
     return float(value)
 
 
+def _lock_timeout(value: Any) -> float:
+    if type(value) not in (int, float):
+        raise TypeError(f"must be a number of seconds, not a {_name_of(value)}")
+    if not (math.isfinite(value) and 0 < value <= MAX_LOCK_TIMEOUT):
+        raise ValueError(
+            f"must be a positive number of seconds, at most {MAX_LOCK_TIMEOUT:g}: how long a request waits "
+            "for another that regenerates the same entry before it runs the query itself"
+        )
+    return float(value)
+
+
 def _secret(value: Any) -> str | bytes:
     if not isinstance(value, (str, bytes)):
         raise TypeError(f"must be a string (or bytes), not a {_name_of(value)}")
@@ -203,6 +216,7 @@ REGION_OPTIONS: Mapping[str, Option] = MappingProxyType(
         "max_bytes": Option(_int, _positive_int),
         "max_entry_bytes": Option(_int, _positive_int),
         "allow_shared_dir": Option(_boolean, _bool),
+        "lock_timeout": Option(_number, _lock_timeout),
         "url": Option(_stripped, _url),
         "data_dir": Option(_stripped, _directory),
         "lock_dir": Option(_stripped, _directory),
@@ -230,24 +244,30 @@ NOT_USED: Mapping[str, str] = MappingProxyType(
 _DIRECTORIES = frozenset({"data_dir", "lock_dir", "allow_shared_dir"})
 #: Every region type that stores pickled values measures them.
 _MEASURED = frozenset({"max_entry_bytes"})
+#: Options of every region that other requests share (see ``locks.py``).
+_SHARED = frozenset({"lock_timeout"})
 
 #: What each region type uses.  A type registered by another package (a
 #: ``beaker.backends`` entry point) gets every option Beaker passes on to
 #: its namespace, but not ``max_items``, which is this package's own.
 REGION_TYPES: Mapping[str, RegionType] = MappingProxyType(
     {
-        "memory": RegionType(frozenset({"max_items", "max_bytes"}) | _MEASURED),
+        "memory": RegionType(frozenset({"max_items", "max_bytes"}) | _MEASURED | _SHARED),
         LOCAL_TYPE: RegionType(frozenset({"max_items"})),
-        "file": RegionType(_DIRECTORIES | _MEASURED, frozenset({"data_dir"})),
-        "dbm": RegionType(_DIRECTORIES | _MEASURED, frozenset({"data_dir"})),
+        "file": RegionType(_DIRECTORIES | _MEASURED | _SHARED, frozenset({"data_dir"})),
+        "dbm": RegionType(_DIRECTORIES | _MEASURED | _SHARED, frozenset({"data_dir"})),
         # A Redis password goes in the URL: redis://:password@host:6379/0.
-        "ext:redis": RegionType(frozenset({"url", "timeout"}) | _MEASURED, frozenset({"url"})),
-        "ext:rediscluster": RegionType(frozenset({"url", "timeout", "username", "password"}), frozenset({"url"})),
-        "ext:memcached": RegionType(
-            frozenset({"url", "memcache_module"}) | _DIRECTORIES, frozenset({"url"}), MEMCACHED_MAX_EXPIRE
+        "ext:redis": RegionType(frozenset({"url", "timeout"}) | _MEASURED | _SHARED, frozenset({"url"})),
+        "ext:rediscluster": RegionType(
+            frozenset({"url", "timeout", "username", "password"}) | _SHARED, frozenset({"url"})
         ),
-        "ext:database": RegionType(frozenset({"url", "table_name", "schema_name"}) | _DIRECTORIES, frozenset({"url"})),
-        "ext:mongodb": RegionType(frozenset({"url"}), frozenset({"url"})),
+        "ext:memcached": RegionType(
+            frozenset({"url", "memcache_module"}) | _DIRECTORIES | _SHARED, frozenset({"url"}), MEMCACHED_MAX_EXPIRE
+        ),
+        "ext:database": RegionType(
+            frozenset({"url", "table_name", "schema_name"}) | _DIRECTORIES | _SHARED, frozenset({"url"})
+        ),
+        "ext:mongodb": RegionType(frozenset({"url"}) | _SHARED, frozenset({"url"})),
     }
 )
 _OTHER_TYPE = RegionType(

@@ -26,6 +26,7 @@ is signed and written.  Failures of a backend are contained here (see
 from __future__ import annotations
 
 import logging
+import math
 import pickle
 import time
 import uuid
@@ -42,6 +43,7 @@ from ..errors import (
     UnpicklableResultError,
     UnsignedBackendError,
 )
+from . import locks
 from . import options as region_options
 from .backends import local_session
 from .backends.dbm import DBMNamespace, SignedDBMNamespace
@@ -149,6 +151,9 @@ class Region:
         max_items = nsargs.pop("max_items", None)
         max_bytes = nsargs.pop("max_bytes", DEFAULT_MAX_BYTES)
         allow_shared_dir = nsargs.pop("allow_shared_dir", False)
+        #: Seconds a request waits for another that regenerates an entry (see ``locks.py``).
+        self.lock_timeout: float = nsargs.pop("lock_timeout", locks.DEFAULT_LOCK_TIMEOUT)
+        self._locks = locks.locks_for(self.type, nsargs, self.lock_timeout)
         backend = self._checked_type(secret)
         self.is_local = isinstance(backend, type) and issubclass(backend, ScopedSessionNamespace)
         #: True when values leave the process (and so are pickled and signed).
@@ -439,16 +444,19 @@ class Region:
     ) -> tuple[Any, bool]:
         """Return ``(value, hit)``: the stored value, or ``create()`` stored.
 
-        When the value has expired, one caller regenerates it under
-        Beaker's creation lock while the others are served the previous
-        value; when there is none, the others wait for it.  A value that
-        ``valid(value, versions)`` rejects is never served; ``versions`` are
-        the version tokens of ``tables`` when the backend could read them
-        with the entry (Redis), else None.  ``store(value)`` may
-        refuse to store what ``create()`` returned.  ``label`` says what
-        kind of value ``key`` holds (a statement's shape): a value too large
-        to store is logged once per label.  A bad ``expire`` raises
-        :class:`~pyramid_sessioncache.InvalidOptionError` before anything runs.
+        When the value has expired, one caller regenerates it under the
+        entry's creation lock while the others are served the previous
+        value; when there is none, the others wait for it, at most
+        ``lock_timeout`` seconds, then run ``create()`` themselves (see
+        ``locks.py``, which also says what happens when the regenerator
+        fails).  A value that ``valid(value, versions)`` rejects is never
+        served; ``versions`` are the version tokens of ``tables`` when the
+        backend could read them with the entry (Redis), else None.
+        ``store(value)`` may refuse to store what ``create()`` returned.  A
+        bad ``expire`` raises :class:`~pyramid_sessioncache.InvalidOptionError`
+        before anything runs.  ``label`` says what kind of value ``key``
+        holds (a statement's shape): a value too large to store is logged
+        once per label.
         """
         if expire is not None:
             region_options.check_expire(expire, self.max_expire)
@@ -463,12 +471,15 @@ class Region:
             return found[0], True
         if self._down():  # a failing backend: no lock
             return self._create(namespace, bkey, create, expire, store, label), False
-        lock = namespace.get_creation_lock(bkey)
         try:
-            if found is not None and not lock.acquire(wait=False):
-                return found[0], True
-            if found is None:
-                lock.acquire()
+            lock = self._locks(namespace, bkey)
+            if found is not None:
+                if not lock.acquire(0):
+                    return found[0], True
+            else:
+                waited = self._wait(lock, namespace, bkey, valid, tables)
+                if waited is not _LOCKED:
+                    return waited if waited is not _ALONE else (create(), False)
         except BACKEND_ERRORS as exc:
             self._failed(exc, "locking")
             return create(), False
@@ -476,12 +487,40 @@ class Region:
             again = self._read(namespace, bkey, valid)
             if again is not None and again[1]:
                 return again[0], True
-            return self._create(namespace, bkey, create, expire, store, label), False
+            return self._create(namespace, bkey, create, expire, store, label, notify=True), False
         finally:
             try:
                 lock.release()
             except BACKEND_ERRORS as exc:
                 self._failed(exc, "unlocking")
+
+    def _wait(self, lock: locks.CreationLock, namespace: Any, bkey: bytes, valid: Validator, tables: tuple) -> Any:
+        """Wait for ``lock`` or for the entry: ``_LOCKED``, ``(value, True)``, or ``_ALONE`` (run uncached)."""
+        notice_key = bkey + _NOTICE
+        before = self._read(namespace, notice_key)
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            if lock.acquire(min(locks.POLL, max(deadline - time.monotonic(), 0))):
+                return _LOCKED
+            found = self._read(namespace, bkey, valid, tables)
+            if found is not None and found[1]:
+                return found[0], True
+            if self._down():  # the backend failed while we waited
+                return _ALONE
+            notice = self._read(namespace, notice_key)
+            ended = notice is not None and (before is None or notice[0] != before[0])
+            if ended or time.monotonic() >= deadline:
+                # The regeneration ended without an entry, or took too long:
+                # one caller at a time retries under the lock, the others run alone.
+                if ended:
+                    log.info("cache region %r: a regeneration ended without an entry; running the query", self.name)
+                else:
+                    log.warning(
+                        "cache region %r: waited %ss for an entry being regenerated; running the query",
+                        self.name,
+                        self.lock_timeout,
+                    )
+                return _LOCKED if lock.acquire(0) else _ALONE
 
     def peek(self, key: str, session: Any, valid: Validator = always_valid, tables: tuple = ()) -> Any:
         """Return the fresh value that ``valid`` accepts under ``key``, or None; never waits, never creates.
@@ -513,11 +552,27 @@ class Region:
             return value, True
         return self._create(self._namespace(session), _encode(key), create, expire, store), False
 
-    def _create(self, namespace, bkey, create, expire, store, label=None) -> Any:
-        value = create()
-        if store(value):
-            self._write(namespace, bkey, value, expire or self.expire, label)
-        return value
+    def _create(self, namespace, bkey, create, expire, store, label=None, notify: bool = False) -> Any:
+        """``create()``, stored if ``store`` accepts it; with ``notify``, tell waiters when nothing is stored."""
+        stored = False
+        try:
+            value = create()
+            if store(value):
+                self._write(namespace, bkey, value, expire or self.expire, label)
+                stored = not self._down()
+            return value
+        finally:
+            if notify and not stored and not self._down():
+                # Before the lock is released: the waiters stop waiting (see locks.py).
+                self._write(namespace, bkey + _NOTICE, uuid.uuid4().hex, max(1, math.ceil(self.lock_timeout)))
+
+
+_NOTHING: dict = {}
+#: Appended to an entry's key: the key of the notice that its regeneration ended without an entry.
+_NOTICE = b"\x00regeneration-ended"
+#: What :meth:`Region._wait` returns when the caller holds the lock, or must run the query alone.
+_LOCKED = object()
+_ALONE = object()
 
 
 def _encode(key: str) -> bytes:
