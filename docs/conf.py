@@ -37,7 +37,7 @@ nitpicky = True
 nitpick_ignore_regex = [
     (r"py:.*", r"(sqlalchemy|pyramid|beaker|zope|transaction|redis|webob|pyramid_debugtoolbar)(\..*)?"),
     # The standard library, as annotations show it.
-    (r"py:.*", r"(collections|typing|datetime|weakref|threading|re|types)\..*"),
+    (r"py:.*", r"(collections|typing|datetime|weakref|threading|re|types|logging)\..*"),
     (r"py:class", r"(dict|list|tuple|set|frozenset|type)\[.*"),
 ]
 

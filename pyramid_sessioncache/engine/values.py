@@ -33,7 +33,7 @@ class LocalResult(Sequence):
     """A result kept on its own Session: reading it returns the same objects.
 
     It holds the rows (the Session's objects) and their states, not the
-    query that loaded them (see :func:`~pyramid_sessioncache._sqlalchemy.detached`).
+    query that loaded them (see ``_sqlalchemy.detached()``).
 
     Indexing it gives what ``Query.all()`` gives: entities for a
     single-entity query, rows otherwise, so the old beaker_caching example's

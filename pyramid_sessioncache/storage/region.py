@@ -20,7 +20,7 @@ anything could check it, and are refused (:data:`REFUSED_TYPES`).
 A value is pickled once when it is stored: for its size (a value larger
 than ``max_entry_bytes`` is not stored), and, out of the process, as what
 is signed and written.  Failures of a backend are contained here (see
-:meth:`Region.available`); table versions are in ``versions.py``.
+:meth:`~pyramid_sessioncache.Region.available`); table versions are in ``versions.py``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ while doing so: a process that was waiting on the file being removed
 notices (the path no longer names the file it locked) and starts again
 on a new file.
 
-It is a creation lock as Beaker's ``Value`` and :class:`~..region.Region`
+It is a creation lock as Beaker's ``Value`` and :class:`~pyramid_sessioncache.Region`
 use it: ``acquire(wait=False)`` returns False at once if another thread or
 process holds it; ``acquire()`` waits; ``release()``.  ``flock`` locks
 belong to an open file, so two threads of one process exclude each other
