@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         print(_overhead_table(overhead, overhead_budget, groups), flush=True)
         progress("stopping the servers")
 
-    checks = _checks(databases, overhead)
+    checks = _checks(databases, overhead, requests)
     print(_checks_text(checks, args.quick))
     print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {_load()} at the end")
     return 0
@@ -284,7 +284,7 @@ def _ratio(a: Timing | None, b: Timing | None) -> float | None:
     return a.median_us / b.median_us
 
 
-def _checks(databases, overhead) -> list[Check]:
+def _checks(databases, overhead, requests=None) -> list[Check]:
     checks: list[Check] = []
 
     def at_most(text, ratio, limit, verdict=True):
@@ -353,6 +353,23 @@ def _checks(databases, overhead) -> list[Check]:
                     # 1/100 of running it, no hit can pass: the figure is info.
                     verdict=ceiling is not None and ceiling >= 100,
                 )
+    if requests is not None:
+        for query, limit in (("point", 1.5), ("page", 1.5)):
+            at_most(
+                f"SQLite, new Pyramid request, {SHORT[query] if query == 'point' else 'page of 50'}: "
+                "memory hit / the same hit on a plain Session",
+                _ratio(requests[f"/{query}/memory/1"][0], requests[wsgi.PLAIN + query][0]),
+                limit,
+                verdict=query == "point",
+            )
+        for query, limit in (("point", 1.5), ("page", 2)):
+            faster(
+                f"SQLite, new Pyramid request, {SHORT[query]}: memory hit vs uncached",
+                requests[f"/{query}/uncached/1"][0],
+                requests[f"/{query}/memory/1"][0],
+                limit,
+                verdict=query == "page",
+            )
     for view in VIEWS:
         percent = overhead[view].percent
         checks.append(
