@@ -22,10 +22,15 @@ What it does, in one process (and a few child processes, see below):
    for what each row means).
 3. Times whole requests through a Pyramid application that includes the
    add-on, on SQLite (``wsgi.py``).
-4. Times a cookiecutter-style application without and with
+4. At scale, on the SQLite database (``scale.py``): pages of 10, 100 and
+   1000 people hit on a new Session, per object; a memory region of
+   100,000 entries against one of 100 (hit time, memory per entry); a
+   95/5 read/write mix of requests, cached and uncached (hit ratio, mean
+   request time).  Each table says what limits it.
+5. Times a cookiecutter-style application without and with
    ``config.include('pyramid_sessioncache')``, on views that cache nothing,
    each in a process of its own, interleaved (``wsgi_overhead.py``).
-5. Stops every server, removes every temporary file, and prints below the
+6. Stops every server, removes every temporary file, and prints below the
    tables the ratios the project's targets are about, each marked PASS or
    FAIL (or ``info`` where no target applies).
 
@@ -52,8 +57,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/run.py` from anywhere
 
-from benchmarks import dogpile_example, model, queries, servers, wsgi  # noqa: E402
-from benchmarks.timing import QUICK, SLICE_S, Budget, Timing, cell  # noqa: E402
+from benchmarks import dogpile_example, model, queries, scale, servers, wsgi  # noqa: E402
+from benchmarks.timing import QUICK, SLICE_S, Budget, Timing, cell, number  # noqa: E402
 from benchmarks.wsgi_overhead import VIEWS  # noqa: E402
 
 QUICK_SIZES = model.Sizes(people=60, addresses=3, purchases=2)
@@ -113,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         progress("Pyramid requests")
         requests = wsgi.run(sqlite_url, sizes, budget)
         print(_request_table(requests), flush=True)
+        progress("at scale: big pages, a big region, a read/write mix")
+        print(_pages_table(scale.pages(sqlite_url, sizes, budget)), flush=True)
+        print(_region_table(scale.big_region(sqlite_url, sizes, budget, quick=args.quick)), flush=True)
+        print(_mix_table(scale.mix(sqlite_url, sizes, quick=args.quick)), flush=True)
         progress("include overhead, in child processes")
         overhead_budget, groups = (QUICK, 1) if args.quick else (OVERHEAD_BUDGET, OVERHEAD_GROUPS)
         overhead = wsgi.overhead(sqlite_url, sizes, overhead_budget, groups)
@@ -231,6 +240,52 @@ def _request_table(requests) -> str:
     for path, label in wsgi.ROWS:
         timing, statements = requests[path]
         lines.append(label.ljust(LABEL) + cell(timing, COLUMN) + f"{statements:16.1f}")
+    return "\n".join(lines)
+
+
+def _pages_table(pages) -> str:
+    lines = [
+        "",
+        "Pages of people (SQLite, no relationships): a memory hit on a new Session, median [p90] us;",
+        "per object: (hit - floor) / objects. Limit: building each ORM object afresh in the new Session",
+        " " * LABEL + "hit".rjust(COLUMN) + "floor".rjust(COLUMN) + "per object".rjust(14),
+    ]
+    for n, (hit, floor) in pages.items():
+        per_object = (hit.median_us - floor.median_us) / n
+        lines.append(f"page of {n}".ljust(LABEL) + cell(hit, COLUMN) + cell(floor, COLUMN) + f"{per_object:11.2f} us")
+    return "\n".join(lines)
+
+
+def _region_table(figures) -> str:
+    lines = [
+        "",
+        "A memory region holding many entries (SQLite): a point lookup hit on a new Session, median [p90] us;",
+        "memory: bytes held per entry after filling (tracemalloc): key, value, the region's bookkeeping.",
+        "Limit: the entries hold one stored point lookup (100,000 misses would take minutes); memory measured on",
+        f"the first {scale.MEASURED_ENTRIES:,} entries, each with a copy of its own; the rest share one value",
+        " " * LABEL + "hit".rjust(COLUMN) + "memory per entry".rjust(20),
+    ]
+    for figure in figures:
+        memory = f"{figure.bytes_per_entry / 1024:.2f} KiB"
+        lines.append(f"{figure.entries:,} entries".ljust(LABEL) + cell(figure.hit, COLUMN) + memory.rjust(20))
+    return "\n".join(lines)
+
+
+def _mix_table(figures) -> str:
+    cached, uncached = figures["cached"], figures["uncached"]
+    lines = [
+        "",
+        f"A read/write mix through Pyramid (SQLite, {cached.requests} requests: 95% reads, half point lookups, "
+        f"half pages of 50 of {scale.MIX_PAGES};",
+        "5% writes, each an ORM update of one person; sessioncache.invalidation = auto). Mean us per request,",
+        "cached run then uncached run. Limit: a write makes every cached read of its table stale (table versions)",
+        " " * LABEL + "mean".rjust(COLUMN) + "hit ratio".rjust(14),
+    ]
+    for label, figure in (("memory region", cached), ("no cache", uncached)):
+        ratio = "" if label == "no cache" or figure.hit_ratio is None else f"{figure.hit_ratio:.0%}"
+        lines.append(label.ljust(LABEL) + f"{number(figure.mean_us)}".rjust(COLUMN) + ratio.rjust(14))
+    if uncached.mean_us:
+        lines.append(f"the cached run takes {cached.mean_us / uncached.mean_us:.2f}x the time of the uncached run")
     return "\n".join(lines)
 
 
