@@ -24,10 +24,15 @@ What it does, in one process (and a few child processes, see below):
    add-on, on SQLite (``wsgi.py``).
 4. Times a hit of a ``file`` region holding 100, 1,000 and 10,000
    entries, beside Beaker's own ``file`` namespace (``file_region.py``).
-5. Times a cookiecutter-style application without and with
+5. At scale, on the SQLite database (``scale.py``): pages of 10, 100 and
+   1000 people hit on a new Session, per object; a memory region of
+   100,000 entries against one of 100 (hit time, memory per entry); a
+   95/5 read/write mix of requests, cached and uncached (hit ratio, mean
+   request time).  Each table says what limits it.
+6. Times a cookiecutter-style application without and with
    ``config.include('pyramid_sessioncache')``, on views that cache nothing,
    each in a process of its own, interleaved (``wsgi_overhead.py``).
-6. Stops every server, removes every temporary file, and prints below the
+7. Stops every server, removes every temporary file, and prints below the
    tables the ratios the project's targets are about, each marked PASS or
    FAIL (or ``info`` where no target applies).
 
@@ -54,8 +59,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/run.py` from anywhere
 
-from benchmarks import dogpile_example, file_region, model, queries, servers, wsgi  # noqa: E402
-from benchmarks.timing import QUICK, SLICE_S, Budget, Timing, cell  # noqa: E402
+from benchmarks import dogpile_example, file_region, model, queries, scale, servers, wsgi  # noqa: E402
+from benchmarks.timing import QUICK, SLICE_S, Budget, Timing, cell, number  # noqa: E402
 from benchmarks.wsgi_overhead import VIEWS  # noqa: E402
 
 QUICK_SIZES = model.Sizes(people=60, addresses=3, purchases=2)
@@ -119,13 +124,17 @@ def main(argv: list[str] | None = None) -> int:
         progress("Pyramid requests")
         requests = wsgi.run(sqlite_url, sizes, budget)
         print(_request_table(requests), flush=True)
+        progress("at scale: big pages, a big region, a read/write mix")
+        print(_pages_table(scale.pages(sqlite_url, sizes, budget)), flush=True)
+        print(_region_table(scale.big_region(sqlite_url, sizes, budget, quick=args.quick)), flush=True)
+        print(_mix_table(scale.mix(sqlite_url, sizes, quick=args.quick)), flush=True)
         progress("include overhead, in child processes")
         overhead_budget, groups = (QUICK, 1) if args.quick else (OVERHEAD_BUDGET, OVERHEAD_GROUPS)
         overhead = wsgi.overhead(sqlite_url, sizes, overhead_budget, groups)
         print(_overhead_table(overhead, overhead_budget, groups), flush=True)
         progress("stopping the servers")
 
-    checks = _checks(databases, overhead)
+    checks = _checks(databases, overhead, requests)
     print(_checks_text(checks, args.quick))
     print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {_load()} at the end")
     return 0
@@ -252,6 +261,52 @@ def _file_table(results, sizes) -> str:
     return "\n".join(lines)
 
 
+def _pages_table(pages) -> str:
+    lines = [
+        "",
+        "Pages of people (SQLite, no relationships): a memory hit on a new Session, median [p90] us;",
+        "per object: (hit - floor) / objects. Limit: building each ORM object afresh in the new Session",
+        " " * LABEL + "hit".rjust(COLUMN) + "floor".rjust(COLUMN) + "per object".rjust(14),
+    ]
+    for n, (hit, floor) in pages.items():
+        per_object = (hit.median_us - floor.median_us) / n
+        lines.append(f"page of {n}".ljust(LABEL) + cell(hit, COLUMN) + cell(floor, COLUMN) + f"{per_object:11.2f} us")
+    return "\n".join(lines)
+
+
+def _region_table(figures) -> str:
+    lines = [
+        "",
+        "A memory region holding many entries (SQLite): a point lookup hit on a new Session, median [p90] us;",
+        "memory: bytes held per entry after filling (tracemalloc): key, value, the region's bookkeeping.",
+        "Limit: the entries hold one stored point lookup (100,000 misses would take minutes); memory measured on",
+        f"the first {scale.MEASURED_ENTRIES:,} entries, each with a copy of its own; the rest share one value",
+        " " * LABEL + "hit".rjust(COLUMN) + "memory per entry".rjust(20),
+    ]
+    for figure in figures:
+        memory = f"{figure.bytes_per_entry / 1024:.2f} KiB"
+        lines.append(f"{figure.entries:,} entries".ljust(LABEL) + cell(figure.hit, COLUMN) + memory.rjust(20))
+    return "\n".join(lines)
+
+
+def _mix_table(figures) -> str:
+    cached, uncached = figures["cached"], figures["uncached"]
+    lines = [
+        "",
+        f"A read/write mix through Pyramid (SQLite, {cached.requests} requests: 95% reads, half point lookups, "
+        f"half pages of 50 of {scale.MIX_PAGES};",
+        "5% writes, each an ORM update of one person; sessioncache.invalidation = auto). Mean us per request,",
+        "cached run then uncached run. Limit: a write makes every cached read of its table stale (table versions)",
+        " " * LABEL + "mean".rjust(COLUMN) + "hit ratio".rjust(14),
+    ]
+    for label, figure in (("memory region", cached), ("no cache", uncached)):
+        ratio = "" if label == "no cache" or figure.hit_ratio is None else f"{figure.hit_ratio:.0%}"
+        lines.append(label.ljust(LABEL) + f"{number(figure.mean_us)}".rjust(COLUMN) + ratio.rjust(14))
+    if uncached.mean_us:
+        lines.append(f"the cached run takes {cached.mean_us / uncached.mean_us:.2f}x the time of the uncached run")
+    return "\n".join(lines)
+
+
 SHORT = {"point": "point lookup", "page": "page of 50", "report": "report", "report_once": "report built once"}
 #: The same-session hit rows compared with the floor (Redis and the bound row: info only).
 SAME_SESSION_HITS = {
@@ -302,7 +357,7 @@ def _ratio(a: Timing | None, b: Timing | None) -> float | None:
     return a.median_us / b.median_us
 
 
-def _checks(databases, overhead) -> list[Check]:
+def _checks(databases, overhead, requests=None) -> list[Check]:
     checks: list[Check] = []
 
     def at_most(text, ratio, limit, verdict=True):
@@ -371,6 +426,23 @@ def _checks(databases, overhead) -> list[Check]:
                     # 1/100 of running it, no hit can pass: the figure is info.
                     verdict=ceiling is not None and ceiling >= 100,
                 )
+    if requests is not None:
+        for query, limit in (("point", 1.5), ("page", 1.5)):
+            at_most(
+                f"SQLite, new Pyramid request, {SHORT[query] if query == 'point' else 'page of 50'}: "
+                "memory hit / the same hit on a plain Session",
+                _ratio(requests[f"/{query}/memory/1"][0], requests[wsgi.PLAIN + query][0]),
+                limit,
+                verdict=query == "point",
+            )
+        for query, limit in (("point", 1.5), ("page", 2)):
+            faster(
+                f"SQLite, new Pyramid request, {SHORT[query]}: memory hit vs uncached",
+                requests[f"/{query}/uncached/1"][0],
+                requests[f"/{query}/memory/1"][0],
+                limit,
+                verdict=query == "page",
+            )
     for view in VIEWS:
         percent = overhead[view].percent
         checks.append(

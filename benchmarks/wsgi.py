@@ -6,9 +6,12 @@ benchmark's SQLite database; each request is a ``webob.Request.blank`` sent
 straight to the WSGI application (no network, no server), through the
 router, pyramid_tm and the add-on's ``request.dbsession``.
 
-Rows (:data:`ROWS`): a view that touches no database; the page of 50 people
+Rows (:data:`ROWS`): a view that touches no database; the point lookup,
+uncached and from ``memory``, beside the same ``memory`` hit on a new
+plain Session of the application's factory (no request: what a request
+adds to a hit); the page of 50 people
 with their addresses, rendered as text, uncached, from ``local_session`` and
-from ``memory``; and the same with the page loaded twice in the request (as
+from ``memory`` (and that hit on a plain Session); and the same with the page loaded twice in the request (as
 a layout and its body might), where ``local_session`` serves the second
 load.  ``local_session`` lives as long as the request's Session, so loaded
 once per request it is always a miss: that row shows what a miss costs.
@@ -38,20 +41,39 @@ from pyramid.response import Response
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
+from pyramid_sessioncache import cached_query
+from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
+
 from . import model
 from .timing import SLICE_S, Budget, Timing, measure_many
 from .wsgi_overhead import VIEWS, render_people, request
 
+#: Rows whose "path" starts with this are no request: the same hit on a new
+#: plain Session of the application's factory (``cached_query(session, ...)``),
+#: made and closed per call, to compare a request's hit with.
+PLAIN = "plain Session: "
+
 #: (path, label)
 ROWS = (
     ("/nodb", "no database"),
+    ("/point/uncached/1", "point lookup, uncached"),
+    ("/point/memory/1", "point lookup, memory region (a hit)"),
+    (PLAIN + "point", "  the same hit, plain Session"),
     ("/page/uncached/1", "page of 50, uncached"),
     ("/page/local/1", "page of 50, local_session (a miss)"),
     ("/page/memory/1", "page of 50, memory region (a hit)"),
+    (PLAIN + "page", "  the same hit, plain Session"),
     ("/page/uncached/2", "page of 50 twice, uncached"),
     ("/page/local/2", "page of 50 twice, local_session"),
     ("/page/memory/2", "page of 50 twice, memory region"),
 )
+
+
+def render(people, query: str) -> Response:
+    """The page of 50 with each person's addresses; the point lookup's person alone (no lazy load)."""
+    if query == "page":
+        return render_people(people)
+    return Response("\n".join(f"{person.name} <{person.email}>" for person in people), content_type="text/plain")
 
 
 def make_app(url: str, sizes: model.Sizes):
@@ -71,18 +93,19 @@ def make_app(url: str, sizes: model.Sizes):
 
         def page(request):
             how = request.matchdict["how"]
+            query = model.point if request.matchdict["query"] == "point" else model.page
             for _ in range(int(request.matchdict["times"])):
-                stmt = model.page(sizes)
+                stmt = query(sizes)
                 if how == "uncached":
                     result = request.dbsession.execute(stmt)
                 else:
                     result = request.cached_query(stmt, region=how)
                 people = result.scalars().all()
-            return render_people(people)
+            return render(people, request.matchdict["query"])
 
         config.add_route("nodb", "/nodb")
         config.add_view(nodb, route_name="nodb")
-        config.add_route("page", "/page/{how}/{times}")
+        config.add_route("page", "/{query:point|page}/{how}/{times}")
         config.add_view(page, route_name="page")
         return config.make_wsgi_app()
 
@@ -90,7 +113,19 @@ def make_app(url: str, sizes: model.Sizes):
 def run(url: str, sizes: model.Sizes, budget: Budget) -> dict[str, tuple[Timing, float]]:
     """Time every row, interleaved; return path -> (timing, SQL statements per request)."""
     app = make_app(url, sizes)
+    factory = app.registry.getUtility(IDBSessionFactory)
     statements = [0]
+
+    def plain(query):
+        with factory() as session:
+            people = cached_query(session, query(sizes), region="memory").scalars().all()
+            render(people, "point" if query is model.point else "page")
+
+    def call(path: str):
+        if path.startswith(PLAIN):
+            query = model.point if path == PLAIN + "point" else model.page
+            return lambda: plain(query)
+        return lambda: request(app, path)
 
     def count(*args) -> None:
         statements[0] += 1
@@ -98,13 +133,13 @@ def run(url: str, sizes: model.Sizes, budget: Budget) -> dict[str, tuple[Timing,
     # The add-on builds its engine from sqlalchemy.url: count on every engine.
     event.listen(Engine, "before_cursor_execute", count)
     try:
-        timings = measure_many({path: lambda path=path: request(app, path) for path, _label in ROWS}, budget)
+        timings = measure_many({path: call(path) for path, _label in ROWS}, budget)
         results = {}
         for path, _label in ROWS:
             statements[0] = 0
             checks = 3
             for _ in range(checks):
-                request(app, path)
+                call(path)()
             results[path] = (timings[path], statements[0] / checks)
         return results
     finally:

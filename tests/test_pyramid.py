@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import pytest
+import transaction
 import zope.sqlalchemy
 from pyramid.config import Configurator
 from pyramid.httpexceptions import HTTPInternalServerError
-from sqlalchemy import select, text, update
+from pyramid.request import Request
+from sqlalchemy import event, select, text, update
 from sqlalchemy.orm import sessionmaker
 from webtest import TestApp
 
 import pyramid_sessioncache
 from pyramid_sessioncache import NotCacheableError, UnknownRegionError
 from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
+from pyramid_sessioncache.addon.session import dbsession
+from pyramid_sessioncache.addon.transaction import EVENTS, register
 from pyramid_sessioncache.storage.backends.local_session import INFO_KEY
 
 from .conftest import SQLCounter
@@ -266,3 +270,66 @@ def test_raw_sql_with_mark_changed_commits_and_invalidates(app):
     web.get("/raw/person 11", params={"mark": "1"})
     assert web.get("/shared/person 11").json == {"names": []}
     assert web.get("/shared/raw").json == {"names": ["raw"]}
+
+
+class CheckoutCounter:
+    """Counts the connections an engine's pool hands out."""
+
+    def __init__(self, engine) -> None:
+        self.count = 0
+        event.listen(engine, "checkout", self._checkout)
+
+    def _checkout(self, dbapi_connection, connection_record, connection_proxy) -> None:
+        self.count += 1
+
+
+def test_a_shared_hit_in_a_request_checks_out_no_connection(app):
+    web = TestApp(app)
+    checkouts = CheckoutCounter(app.registry.getUtility(IDBSessionFactory).kw["bind"])
+    assert web.get("/shared/person 12").json == {"names": ["person 12"]}
+    assert checkouts.count == 1  # the miss
+    assert web.get("/shared/person 12").json == {"names": ["person 12"]}
+    assert checkouts.count == 1  # the hit: none
+
+
+def test_a_change_to_an_object_of_a_connectionless_hit_is_committed(app, app_sql):
+    web = TestApp(app)
+    checkouts = CheckoutCounter(app.registry.getUtility(IDBSessionFactory).kw["bind"])
+    assert web.get("/shared/person 13").json == {"names": ["person 13"]}
+    web.get("/rename/person 13", params={"to": "Thirteen"})  # a hit, then a change, committed by pyramid_tm
+    assert checkouts.count == 2  # the miss, then the rename's flush: the hit itself took none
+    assert web.get("/shared/Thirteen").json == {"names": ["Thirteen"]}
+
+
+def test_request_sessions_get_no_listeners_of_their_own(app):
+    request = Request.blank("/")
+    request.registry = app.registry
+    request.tm = transaction.TransactionManager()
+    session = dbsession(request)
+    factory = app.registry.getUtility(IDBSessionFactory)
+    assert list(session.dispatch.after_begin) == list(factory().dispatch.after_begin)
+    joins = [listener for listener in session.dispatch.after_begin if hasattr(listener, "__self__")]
+    assert [listener.__self__ for listener in joins] == [EVENTS]  # the factory's, not zope's per Session
+    register(factory)  # a second time: no second set
+    assert sum(1 for listener in factory().dispatch.after_begin if listener == EVENTS.after_begin) == 1
+
+
+def test_a_session_of_the_factory_outside_a_request_joins_nothing(app):
+    manager = transaction.TransactionManager()
+    manager.begin()
+    session = app.registry.getUtility(IDBSessionFactory)()
+    session.add(Person(id=200, name="script"))
+    session.flush()
+    assert manager.get()._resources == []  # not joined: the script commits itself
+    session.commit()
+    manager.abort()
+    with app.registry.getUtility(IDBSessionFactory)() as fresh:
+        assert fresh.get(Person, 200).name == "script"
+
+
+def test_request_sessions_join_the_manager_of_tm_manager_hook(db_url):
+    app = make_app(db_url, **{"tm.manager_hook": "pyramid_tm.explicit_manager"})
+    web = TestApp(app)
+    assert web.get("/shared/person 14").json == {"names": ["person 14"]}
+    web.get("/rename/person 14", params={"to": "Fourteen"})  # joined to the request's own manager
+    assert web.get("/shared/Fourteen").json == {"names": ["Fourteen"]}

@@ -21,13 +21,15 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 from zope.sqlalchemy.datamanager import ZopeTransactionEvents
 
-from ..engine import hook, info
+from ..engine import hook, info, lookup
 from ..engine.cache import SessionCache, add_cache_finder
 from ..masking import hide_url_passwords, shown
 from .interfaces import IDBSessionFactory, ISessionCache
 from .request import RequestCache, cached_query
 from .session import dbsession
 from .settings import parse_settings
+from .transaction import RequestTransactionEvents, flush_before_commit
+from .transaction import register as register_transaction_events
 
 
 def get_session_cache(registry: Any) -> SessionCache:
@@ -96,6 +98,9 @@ def includeme(config: Any) -> None:
     # zope.sqlalchemy's do_orm_execute listener only marks the Session
     # changed after ORM DML: cached_query() may serve hits before it.
     hook.trust_listener(ZopeTransactionEvents.do_orm_execute)
+    hook.trust_listener(RequestTransactionEvents.do_orm_execute)
+    # A hit in request.dbsession joins pyramid_tm's transaction without a connection.
+    lookup.join_without_transaction(RequestTransactionEvents.after_begin, flush_before_commit)
     # Any Session used as request.dbsession caches into the request's
     # application, whatever its info holds (the starter's test fixtures).
     add_cache_finder(request_session_cache)
@@ -199,5 +204,7 @@ def _add_dbsession(registry: Any) -> None:
         cache = registry.getUtility(ISessionCache)
         factory = sessionmaker(bind=_engine(registry.settings), info=cache.session_info())
         registry.registerUtility(factory, IDBSessionFactory)
+    # Once per factory, instead of seven listeners on every request's Session.
+    register_transaction_events(registry.getUtility(IDBSessionFactory))
     name, prop = InstancePropertyHelper.make_property(dbsession, name="dbsession", reify=True)
     extensions.descriptors[name] = prop

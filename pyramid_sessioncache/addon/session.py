@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-import zope.sqlalchemy
 from pyramid.threadlocal import get_current_request
 from sqlalchemy.orm import scoped_session
 
 from ..errors import SessionCacheError
 from ..storage.backends import local_session
 from .interfaces import IDBSessionFactory
+from .transaction import TRANSACTION_MANAGER
 
 
 def _request() -> Any:
@@ -45,14 +45,16 @@ def _remove(request: Any) -> None:
 def dbsession(request: Any) -> Any:
     """Return a new Session for ``request``, joined to ``request.tm``.
 
-    Registered as the reified request property ``request.dbsession``
-    unless the application registers its own.
+    It joins through listeners registered once on the factory (see
+    ``transaction.py``), not seven of its own, so that it costs little
+    until used.  Registered as the reified request property
+    ``request.dbsession`` unless the application registers its own.
     """
     factory = request.registry.queryUtility(IDBSessionFactory)
     if factory is None or factory.kw.get("bind") is None:
         raise SessionCacheError("request.dbsession needs an engine: set sqlalchemy.url in the settings")
-    session = factory(info={"request": request})
-    zope.sqlalchemy.register(session, transaction_manager=request.tm)
+    # The factory's listeners (transaction.py) join it to request.tm.
+    session = factory(info={"request": request, TRANSACTION_MANAGER: request.tm})
     request.add_finished_callback(lambda request: close(session))
     return session
 

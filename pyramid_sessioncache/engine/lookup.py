@@ -12,6 +12,7 @@ or which entries are valid; and both hand hits back with
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from sqlalchemy import Select
@@ -153,16 +154,43 @@ def record(cache: SessionCache, session: Session, region: Region, hit: bool, key
         log.debug("cache %s: region %s key %r", "hit" if hit else "miss", region.name, key.text)
 
 
+#: ``after_begin`` listener functions -> what a hit calls instead: see :func:`join_without_transaction`.
+_JOINS: dict[Any, Callable[[Session], None]] = {}
+
+
+def join_without_transaction(listener: Any, join: Callable[[Session], None]) -> None:
+    """Declare that a hit may call ``join(session)`` instead of beginning a transaction for ``listener``.
+
+    A shared hit begins the Session's transaction, checking a connection
+    out of the pool, so that ``after_begin`` listeners (a transaction
+    join: zope.sqlalchemy) see it.  When every such listener of the
+    Session is declared here, the hit calls their ``join`` instead, and
+    leaves the database alone.  The Pyramid add-on declares its own
+    zope.sqlalchemy listener (``addon/transaction.py``), whose ``join``
+    has the Session flushed before pyramid_tm commits.
+    """
+    _JOINS[getattr(listener, "__func__", listener)] = join
+
+
 def begin(session: Session, bind_arguments: dict) -> None:
     """Begin the Session's transaction on the statement's bind, as the query would have.
 
     Whatever joins on ``after_begin`` (zope.sqlalchemy, so that pyramid_tm
-    commits changes made to the objects of a hit) must see it.
+    commits changes made to the objects of a hit) must see it; unless
+    every such listener has a ``join`` that needs no transaction (see
+    :func:`join_without_transaction`): then those are called instead.
     """
+    joins = []
     for listener in session.dispatch.after_begin:
-        if listener is not writes.session_began:  # the add-on's own needs no transaction
+        if listener is writes.session_began:  # the add-on's own needs no transaction
+            continue
+        join = _JOINS.get(getattr(listener, "__func__", listener))
+        if join is None:
             session.connection(bind_arguments=bind_arguments)
             return
+        joins.append(join)
+    for join in joins:
+        join(session)
 
 
 def objects_of(session: Session, region: Region, key: str, value: CachedRows, statement: Any) -> Any:

@@ -1,0 +1,144 @@
+"""How ``request.dbsession`` joins the request's transaction: zope.sqlalchemy, registered once.
+
+``zope.sqlalchemy.register(session)`` adds seven listeners to every new
+Session, which costs most of what making ``request.dbsession`` costs.
+Here the same listeners are registered once, on the session factory
+(:func:`register`), and each Session says which transaction manager it
+joins in its ``info`` (:data:`TRANSACTION_MANAGER`, the request's
+``request.tm``): a Session without one, such as one a script makes with
+the same factory, is left alone.
+
+A cache hit needs no connection, nor even a Session transaction: instead
+of beginning one (see
+:func:`pyramid_sessioncache.engine.lookup.join_without_transaction`), a
+hit asks for the Session to be flushed before the request's transaction
+commits (:func:`flush_before_commit`).  A flush that finds changes made to
+the objects of a hit begins the Session's transaction, which joins
+pyramid_tm's through the listeners here, before it commits; a request that
+only read from the cache never touches the database, and its transaction
+has nothing to commit.  One difference with a joined Session: a savepoint
+of the request's transaction (``request.tm.savepoint()``) taken before the
+Session joins does not cover it, so rolling back to it does not undo
+changes made to the objects of a hit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import event
+from zope.sqlalchemy.datamanager import (
+    STATUS_ACTIVE,
+    ZopeTransactionEvents,
+    join_transaction,
+    mark_changed,
+)
+
+#: The ``info`` key of a Session holding the transaction manager it joins.
+TRANSACTION_MANAGER = "pyramid_sessioncache.transaction_manager"
+
+_FLUSHED_BEFORE = "pyramid_sessioncache.flushed_before"
+
+_EVENTS = (
+    "after_begin",
+    "after_attach",
+    "after_flush",
+    "after_bulk_update",
+    "after_bulk_delete",
+    "before_commit",
+    "do_orm_execute",
+)
+
+
+def manager_of(session: Any) -> Any:
+    """Return the transaction manager ``session`` joins (its ``info``), or None."""
+    return session.info.get(TRANSACTION_MANAGER)
+
+
+class RequestTransactionEvents(ZopeTransactionEvents):
+    """zope.sqlalchemy's listeners, for the transaction manager each Session names.
+
+    The methods of :class:`zope.sqlalchemy.datamanager.ZopeTransactionEvents`,
+    reading the transaction manager from the Session's ``info`` instead of
+    the instance: one instance serves every Session of a factory, whatever
+    request (and manager: ``tm.manager_hook``) it belongs to.  A Session
+    that names no manager joins nothing.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(initial_state=STATUS_ACTIVE, transaction_manager=None, keep_session=False)
+
+    def after_begin(self, session: Any, transaction: Any, connection: Any) -> None:
+        self.join_transaction(session)
+
+    def after_attach(self, session: Any, instance: Any) -> None:
+        self.join_transaction(session)
+
+    def after_flush(self, session: Any, flush_context: Any) -> None:
+        self.mark_changed(session)
+
+    def after_bulk_update(self, update_context: Any) -> None:
+        self.mark_changed(update_context.session)
+
+    def after_bulk_delete(self, delete_context: Any) -> None:
+        self.mark_changed(delete_context.session)
+
+    def before_commit(self, session: Any) -> None:
+        manager = manager_of(session)
+        if manager is not None:  # zope.sqlalchemy's own check, with its own message
+            ZopeTransactionEvents(transaction_manager=manager).before_commit(session)
+
+    def do_orm_execute(self, execute_state: Any) -> None:
+        if execute_state.is_orm_statement and (
+            execute_state.is_update or execute_state.is_insert or execute_state.is_delete
+        ):
+            self.mark_changed(execute_state.session)
+
+    def mark_changed(self, session: Any) -> None:
+        """Mark ``session`` as changed in its transaction manager's transaction (see zope.sqlalchemy)."""
+        manager = manager_of(session)
+        if manager is not None:
+            mark_changed(session, manager, self.keep_session)
+
+    def join_transaction(self, session: Any) -> None:
+        """Join ``session`` to its transaction manager's transaction (see zope.sqlalchemy)."""
+        manager = manager_of(session)
+        if manager is not None:
+            join_transaction(session, self.initial_state, manager, self.keep_session)
+
+
+def flush_before_commit(session: Any) -> None:
+    """Have ``session`` flushed before the transaction it would join commits; once per transaction.
+
+    What a cache hit calls instead of beginning the Session's transaction
+    (see the module docstring).  Does nothing for a Session that names no
+    transaction manager.
+    """
+    manager = manager_of(session)
+    if manager is None:
+        return
+    current = manager.get()
+    if session.info.get(_FLUSHED_BEFORE) is not current:
+        session.info[_FLUSHED_BEFORE] = current
+        current.addBeforeCommitHook(_flush, (session,))
+
+
+def _flush(session: Any) -> None:
+    # The transaction is still active: a flush with changes joins it.
+    session.flush()
+
+
+#: The one set of listeners: it holds no state of its own.
+EVENTS = RequestTransactionEvents()
+
+
+def register(factory: Any) -> RequestTransactionEvents:
+    """Register :data:`EVENTS` on ``factory`` (a ``sessionmaker``), once; return them.
+
+    Sessions the factory makes then join the transaction manager named in
+    their ``info`` under :data:`TRANSACTION_MANAGER`, and only those.
+    """
+    if not event.contains(factory, "after_begin", EVENTS.after_begin):
+        for name in _EVENTS:
+            event.listen(factory, name, getattr(EVENTS, name))
+    return EVENTS

@@ -1,0 +1,96 @@
+"""request.dbsession joined to pyramid_tm's transaction by listeners on its factory (addon/transaction.py)."""
+
+from __future__ import annotations
+
+import pytest
+import transaction
+from pyramid.request import Request
+from sqlalchemy import delete, select, update
+
+from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
+from pyramid_sessioncache.addon.session import dbsession
+from pyramid_sessioncache.addon.transaction import EVENTS, TRANSACTION_MANAGER, flush_before_commit
+
+from .models import Person
+from .test_pyramid import make_app
+
+
+@pytest.fixture
+def app(db_url):
+    return make_app(db_url)
+
+
+@pytest.fixture
+def factory(app):
+    return app.registry.getUtility(IDBSessionFactory)
+
+
+def request_session(app):
+    request = Request.blank("/")
+    request.registry = app.registry
+    request.tm = transaction.TransactionManager(explicit=True)
+    request.tm.begin()
+    return request, dbsession(request)
+
+
+def names(factory):
+    with factory() as session:
+        return set(session.scalars(select(Person.name)))
+
+
+def test_orm_bulk_update_and_delete_are_committed_by_the_manager(app, factory):
+    request, session = request_session(app)
+    session.execute(update(Person).where(Person.name == "person 1").values(name="one"))
+    session.execute(delete(Person).where(Person.name == "person 2"))
+    request.tm.commit()
+    found = names(factory)
+    assert "one" in found and "person 1" not in found and "person 2" not in found
+
+
+def test_a_request_without_writes_commits_nothing(app, factory):
+    request, session = request_session(app)
+    session.scalars(select(Person)).all()
+    person = session.scalars(select(Person).where(Person.name == "person 3")).one()
+    session.expunge(person)
+    person.name = "not saved"
+    request.tm.commit()
+    assert "not saved" not in names(factory)
+
+
+def test_commit_outside_the_manager_is_refused(app):
+    request, session = request_session(app)
+    session.add(Person(id=300, name="refused"))
+    with pytest.raises(AssertionError, match="transaction manager"):
+        session.commit()
+    request.tm.abort()
+
+
+def test_an_aborted_request_discards_changes_to_objects_of_a_hit(app, factory):
+    request, session = request_session(app)
+    person = session.scalars(select(Person).where(Person.name == "person 4")).one()
+    flush_before_commit(session)
+    person.name = "aborted"
+    request.tm.abort()
+    assert "aborted" not in names(factory)
+
+
+def test_flush_before_commit_once_per_transaction(app, factory):
+    request, session = request_session(app)
+    flush_before_commit(session)
+    flush_before_commit(session)
+    assert len(list(request.tm.get().getBeforeCommitHooks())) == 1
+    request.tm.commit()
+    request.tm.begin()
+    flush_before_commit(session)
+    assert len(list(request.tm.get().getBeforeCommitHooks())) == 1
+    request.tm.abort()
+
+
+def test_sessions_naming_no_manager_are_left_alone(factory):
+    with factory() as session:
+        assert TRANSACTION_MANAGER not in session.info
+        flush_before_commit(session)  # nothing to join
+        EVENTS.mark_changed(session)
+        session.execute(update(Person).where(Person.name == "person 5").values(name="five"))
+        session.commit()  # no manager: its own commit is allowed
+    assert "five" in names(factory)
