@@ -489,6 +489,47 @@ def test_a_pure_hit_then_mark_changed_alone_commits_nothing_and_breaks_nothing(a
     assert_clean(app)
 
 
+def test_a_pure_hit_then_sessioncache_mark_changed_invalidates(app, db_url, mode):
+    web = TestApp(app)
+    prepared(web, "person 15")
+
+    def view(request, name):
+        get(request, name)
+        request.sessioncache.mark_changed("person")
+
+    scenario(view)
+    web.get("/run/person 15")
+    before = len(app.checkouts)
+    web.get("/warm/person 15")  # invalidated: a miss, which runs the query
+    if mode != "uncached":
+        assert len(app.checkouts) - before == 1
+    assert_clean(app)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_hit_in_a_response_callback_after_pyramid_tm_ended(db_url, mode):
+    """After pyramid_tm committed (explicit manager): a hit has no transaction to join."""
+    app = make_app(db_url, mode, **{"tm.manager_hook": "pyramid_tm.explicit_manager"})
+    web = TestApp(app)
+    prepared(web, "person 16")
+    outcome = []
+
+    def late(request, response):
+        try:
+            outcome.append(get(request, request.matchdict["name"]).name)
+        except Exception as exc:
+            outcome.append(type(exc).__name__)
+
+    scenario(lambda request, name: request.add_response_callback(late))
+    web.get("/run/person 16")
+    # zope.sqlalchemy's join asks the explicit manager for a transaction: NoTransaction, in every mode.
+    assert outcome == ["NoTransaction"]
+    # The add-on's request.dbsession is closed when the request finishes; the starter-style one of
+    # "plain" is not, and its hit checked a connection out before the join failed: it stays out.
+    assert app.engine.pool.checkedout() == (1 if mode == "plain" else 0)
+    app.engine.dispose()
+
+
 # --- the view's own commit / rollback / abort -------------------------------------------------------------
 
 
@@ -696,13 +737,12 @@ def test_a_session_of_the_factory_outside_a_request_joins_nothing_and_commits_it
     web = TestApp(app)
     prepared(web, "person 8")
     factory = app.registry.getUtility(IDBSessionFactory)
-    with transaction.manager:
-        with factory() as session:
-            person = session.execute(by_name("person 8").options(_from_cache("short_term"))).scalars().one()
-            person.name = "script"
-            assert transaction.get()._resources == []
-            assert list(transaction.get().getBeforeCommitHooks()) == []
-            session.commit()
+    with transaction.manager, factory() as session:
+        person = session.execute(by_name("person 8").options(_from_cache("short_term"))).scalars().one()
+        person.name = "script"
+        assert transaction.get()._resources == []
+        assert list(transaction.get().getBeforeCommitHooks()) == []
+        session.commit()
     assert names(db_url)[8] == "script"
     assert_clean(app)
 
