@@ -530,6 +530,25 @@ def test_a_hit_in_a_response_callback_after_pyramid_tm_ended(db_url, mode):
     app.engine.dispose()
 
 
+def test_a_hit_then_an_orm_savepoint_rolled_back(app, db_url, mode):
+    web = TestApp(app)
+    prepared(web, "person 17")
+
+    def view(request, name):
+        person = get(request, name)
+        person.name = "kept"
+        with request.dbsession.begin_nested() as nested:
+            person.addresses[0].street = "rolled back street"
+            request.dbsession.flush()
+            nested.rollback()
+
+    scenario(view)
+    web.get("/run/person 17")
+    assert names(db_url)[17] == "kept"
+    assert streets(db_url)[33] == "17 Main St"
+    assert_clean(app)
+
+
 # --- the view's own commit / rollback / abort -------------------------------------------------------------
 
 
@@ -706,6 +725,34 @@ def test_a_retried_request_commits_only_the_last_attempt(db_url, mode):
     found = names(db_url)
     assert len(attempts) == 2 and attempts[0] is not attempts[1]
     assert found[6] == "attempt 2" and 601 not in found and found[602] == "row"
+    assert_clean(app)
+    app.engine.dispose()
+
+
+@pytest.mark.parametrize("mode", ["addon", "plain"])
+def test_a_stale_hit_changed_at_commit_is_retried_like_zope_sqlalchemys(db_url, mode):
+    """Another program deletes the row of a hit: the UPDATE at commit matches no row (StaleDataError)."""
+    app = make_app(db_url, mode, **{"retry.attempts": "3"})
+    web = TestApp(app)
+    prepared(web, "person 18")
+    attempts = []
+
+    def view(request, name):
+        attempts.append(1)
+        person = get(request, name)
+        if len(attempts) == 1:
+            other = create_engine(db_url)
+            with other.begin() as conn:
+                conn.execute(Address.__table__.delete().where(Address.person_id == 18))
+                conn.execute(Person.__table__.delete().where(Person.id == 18))
+            other.dispose()
+        person.name = "stale"
+
+    scenario(view)
+    with pytest.raises(Exception, match="No row was found|expected to update 1 row"):
+        web.get("/run/person 18")
+    assert len(attempts) >= 2  # zope.sqlalchemy says a StaleDataError may be retried: it was
+    assert 18 not in names(db_url)
     assert_clean(app)
     app.engine.dispose()
 
