@@ -601,21 +601,30 @@ def test_the_views_own_session_rollback_discards_the_change(db_url, mode):
         "uncached",
     ],
 )
-def test_an_aborted_transaction_does_not_carry_changes_into_the_next(db_url, mode):
-    app = make_app(db_url, mode, **{"tm.manager_hook": "pyramid_tm.explicit_manager"})
+@pytest.mark.parametrize("manager_hook", ["pyramid_tm.explicit_manager", None])
+@pytest.mark.parametrize("then", ["add", "another hit"])
+def test_an_aborted_transaction_does_not_carry_changes_into_the_next(db_url, mode, manager_hook, then):
+    settings = {"tm.manager_hook": manager_hook} if manager_hook else {}
+    app = make_app(db_url, mode, **settings)
     web = TestApp(app)
     prepared(web, "person 1")
+    prepared(web, "person 2")
 
     def view(request, name):
         get(request, name).name = "aborted by the view"
         request.tm.abort()
-        request.tm.begin()
-        request.dbsession.add(Person(id=502, name="after the abort"))  # what the view does next
+        if request.tm.explicit:
+            request.tm.begin()
+        # what the view does next, in the transaction pyramid_tm commits
+        if then == "add":
+            request.dbsession.add(Person(id=502, name="after the abort"))
+        else:
+            get(request, "person 2").name = "after the abort"
 
     scenario(view)
     web.get("/run/person 1")
     found = names(db_url)
-    assert found[502] == "after the abort"
+    assert found[502 if then == "add" else 2] == "after the abort"
     assert found[1] == "person 1"
     assert_clean(app)
     app.engine.dispose()
@@ -909,3 +918,160 @@ def test_concurrent_requests_each_hitting_and_changing(app, db_url, mode):
     found = names(db_url)
     assert all(found[i].startswith(f"person {i} by ") for i in range(1, 9))
     assert app.engine.pool.checkedout() == 0
+
+
+# --- every shared backend, every way to ask for a hit -------------------------------------------------------
+
+
+@pytest.fixture(params=["memory", "file", "redis"])
+def backend_settings(request, tmp_path):
+    if request.param == "memory":
+        return {}
+    if request.param == "file":
+        return {
+            "cache.short_term.type": "file",
+            "cache.short_term.data_dir": str(tmp_path / "cache"),
+            "cache.short_term.lock_dir": str(tmp_path / "locks"),
+            "sessioncache.secret": "a test secret, long enough",
+        }
+    return {
+        "cache.short_term.type": "ext:redis",
+        "cache.short_term.url": request.getfixturevalue("redis_url"),
+        "sessioncache.secret": "a test secret, long enough",
+    }
+
+
+@pytest.mark.parametrize("how", ["cached_query", "FromCache", "scoped Session", "RelationshipCache"])
+def test_every_backend_and_api_a_pure_hit_takes_no_connection_and_a_change_commits(db_url, backend_settings, how):
+    import pyramid_sessioncache
+    from pyramid_sessioncache import FromCache, RelationshipCache
+
+    app = make_app(db_url, "addon", **backend_settings)
+    web = TestApp(app)
+    key = f"person {len(how)}"  # one row per way, so that redis entries of other cases do not matter
+
+    def fetch(request, name):
+        if how == "cached_query":
+            return request.cached_query(by_name(name), region="short_term").scalars().one()
+        stmt = by_name(name).options(FromCache("short_term"))
+        if how == "RelationshipCache":
+            stmt = stmt.options(RelationshipCache(Person.addresses, "short_term"))
+        session = pyramid_sessioncache.Session() if how == "scoped Session" else request.dbsession
+        return session.scalars(stmt).one()
+
+    def warm_view(request, name):
+        person = fetch(request, name)
+        return {"street": person.addresses[0].street}
+
+    scenario(warm_view)
+    web.get(f"/run/{key}")
+    web.get(f"/run/{key}")  # the relationship's entry too
+    before = len(app.checkouts)
+    assert web.get(f"/run/{key}").json == {"street": f"{len(how)} Main St"}
+    if how == "RelationshipCache":
+        assert len(app.checkouts) == before  # both hits: no connection
+    else:
+        assert len(app.checkouts) == before + 1  # the lazy load of addresses only
+
+    def change(request, name):
+        person = fetch(request, name)
+        person.name = f"{how} changed"
+        person.addresses[0].street = f"{how} street"
+
+    scenario(change)
+    web.get(f"/run/{key}")
+    person_id = len(how)
+    assert names(db_url)[person_id] == f"{how} changed"
+    assert streets(db_url)[2 * person_id - 1] == f"{how} street"
+    scenario(lambda request, name: {"n": len(fetch_all(request, name))})
+    assert web.get(f"/run/{key}").json == {"n": 0}  # invalidated
+    assert_clean(app)
+    app.engine.dispose()
+
+
+def fetch_all(request, name):
+    return request.cached_query(by_name(name), region="short_term").scalars().all()
+
+
+@pytest.mark.parametrize("mode", ["addon", "plain"])
+def test_a_real_threaded_server_with_a_small_pool(db_url, mode):
+    """waitress, 8 threads, a pool of 2 connections, no overflow: hits and changes at once."""
+    import json
+    import urllib.request
+
+    from webtest.http import StopableWSGIServer
+
+    app = make_app(
+        db_url,
+        mode,
+        **{"sqlalchemy.pool_size": "2", "sqlalchemy.max_overflow": "0", "sqlalchemy.pool_timeout": "20"},
+    )
+    assert app.engine.pool.size() == 2
+    web = TestApp(app)
+    for i in range(1, 9):
+        prepared(web, f"person {i}")
+
+    def view(request, name):
+        person = get(request, name)
+        if request.params.get("change"):
+            person.name = f"{name} {request.params['change']}"
+        return {"name": person.name}
+
+    scenario(view)
+    server = StopableWSGIServer.create(app, threads=8)
+    errors = []
+
+    def client(i):
+        try:
+            for round_ in range(3):
+                change = "" if (i + round_) % 2 else f"?change={round_}"
+                name = f"person%20{i}"
+                with urllib.request.urlopen(f"{server.application_url}run/{name}{change}", timeout=60) as response:
+                    json.loads(response.read())
+                if change:
+                    # renamed: put it back, through a request too, for the next round's hit
+                    scenario_name = f"person%20{i}%20{round_}"
+                    url = f"{server.application_url}run/{scenario_name}?restore=1"
+                    with urllib.request.urlopen(url, timeout=60) as response:
+                        json.loads(response.read())
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    def restoring_view(request, name):
+        if request.params.get("restore"):
+            person = request.dbsession.scalars(by_name(name)).one()
+            person.name = name.rsplit(" ", 1)[0]
+            return {"name": person.name}
+        return view(request, name)
+
+    scenario(restoring_view)
+    try:
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(1, 9)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        server.shutdown()
+    assert errors == []
+    assert all(names(db_url)[i] == f"person {i}" for i in range(1, 9))
+    assert app.engine.pool.checkedout() == 0
+    app.engine.dispose()
+
+
+def never(request):
+    return False
+
+
+def test_a_hit_where_pyramid_tm_is_not_active_leaves_nothing_behind(db_url):
+    """tm.activate_hook says no (static files, health checks): a pure hit must not hold a connection."""
+    app = make_app(db_url, "addon", **{"tm.activate_hook": f"{__name__}.never"})
+    web = TestApp(app)
+    prepared(web, "person 3")
+    scenario(lambda request, name: {"name": get(request, name).name})
+    before = len(app.checkouts)
+    assert web.get("/run/person 3").json == {"name": "person 3"}
+    assert len(app.checkouts) == before
+    assert app.engine.pool.checkedout() == 0
+    transaction.manager.abort()  # what the thread's next pyramid_tm begin() would do
+    app.engine.dispose()
