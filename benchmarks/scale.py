@@ -28,6 +28,7 @@ Run by ``run.py`` on the benchmark's SQLite database (``model.create``):
 from __future__ import annotations
 
 import gc
+import itertools
 import pickle
 import random
 import time
@@ -208,42 +209,60 @@ def _mix_app(url: str, sizes: model.Sizes):
         return config.make_wsgi_app()
 
 
-def mix_paths(sizes: model.Sizes, count: int) -> list[str]:
-    """The seeded sequence of request paths (``{how}`` left to fill in)."""
+def mix_paths(sizes: model.Sizes, count: int, access: str = "uniform") -> list[str]:
+    """The seeded sequence of request paths (``{how}`` left to fill in).
+
+    ``access`` says how reads pick their person and page: ``uniform``, or
+    ``skewed`` (Zipf, s = 1: the n-th most read is read 1/n as often as the
+    first, as the pages of a site tend to be).  Writes pick uniformly.
+    """
     rng = random.Random(95)
+    people = range(1, sizes.people + 1)
+    pages = range(MIX_PAGES)
+    if access == "skewed":
+        person_weights = list(itertools.accumulate(1 / rank for rank in people))
+        page_weights = list(itertools.accumulate(1 / (rank + 1) for rank in pages))
+    else:
+        person_weights = page_weights = None
     paths = []
     for i in range(count):
         draw = rng.random()
-        person = rng.randint(1, sizes.people)
         if draw < 0.05:
-            paths.append(f"/{{how}}/rename/{person}?v={i}")
+            paths.append(f"/{{how}}/rename/{rng.randint(1, sizes.people)}?v={i}")
         elif draw < 0.525:
+            person = rng.choices(people, cum_weights=person_weights)[0]
             paths.append(f"/{{how}}/point/{person}")
         else:
-            paths.append(f"/{{how}}/page/{rng.randrange(MIX_PAGES)}")
+            paths.append(f"/{{how}}/page/{rng.choices(pages, cum_weights=page_weights)[0]}")
     return paths
 
 
-def mix(url: str, sizes: model.Sizes, quick: bool = False) -> dict[str, MixFigures]:
-    """Run the read/write mix through the cache, then uncached; how -> figures.
+#: How the reads of the mix pick what they read (see :func:`mix_paths`).
+ACCESS = ("uniform", "skewed")
 
-    One run after the other (interleaving them would double the writes
-    each sees); each starts with an untimed tenth of the sequence.
+
+def mix(url: str, sizes: model.Sizes, quick: bool = False) -> dict[tuple[str, str], MixFigures]:
+    """Run the read/write mix through the cache, then uncached, for each of :data:`ACCESS`.
+
+    Returns (access, how) -> figures.  One run after the other
+    (interleaving them would double the writes each sees); each starts
+    with an untimed tenth of its sequence.
     """
     app = _mix_app(url, sizes)
     stats = app.registry.getUtility(ISessionCache).stats.region("memory")
-    paths = mix_paths(sizes, QUICK_MIX_REQUESTS if quick else MIX_REQUESTS)
     out = {}
-    for how in ("cached", "uncached"):
-        for path in paths[: len(paths) // 10]:
-            _get(app, path.format(how=how))
-        hits, misses = stats.hits, stats.misses
-        gc.collect()
-        start = time.perf_counter_ns()
-        for path in paths:
-            _get(app, path.format(how=how))
-        mean_us = (time.perf_counter_ns() - start) / len(paths) / 1000
-        out[how] = MixFigures(len(paths), mean_us, stats.hits - hits, stats.misses - misses)
+    for access in ACCESS:
+        paths = mix_paths(sizes, QUICK_MIX_REQUESTS if quick else MIX_REQUESTS, access)
+        for how in ("cached", "uncached"):
+            for path in paths[: len(paths) // 10]:
+                _get(app, path.format(how=how))
+            hits, misses = stats.hits, stats.misses
+            gc.collect()
+            start = time.perf_counter_ns()
+            for path in paths:
+                _get(app, path.format(how=how))
+            mean_us = (time.perf_counter_ns() - start) / len(paths) / 1000
+            out[(access, how)] = MixFigures(len(paths), mean_us, stats.hits - hits, stats.misses - misses)
     return out
 
 

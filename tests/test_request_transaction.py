@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import transaction
 from pyramid.request import Request
-from sqlalchemy import delete, select, update
+from sqlalchemy import delete, event, select, update
 
 from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
 from pyramid_sessioncache.addon.session import dbsession
-from pyramid_sessioncache.addon.transaction import EVENTS, TRANSACTION_MANAGER, flush_before_commit
+from pyramid_sessioncache.addon.transaction import EVENTS, TRANSACTION_MANAGER, join
 
 from .models import Person
 from .test_pyramid import make_app
@@ -23,6 +23,20 @@ def app(db_url):
 @pytest.fixture
 def factory(app):
     return app.registry.getUtility(IDBSessionFactory)
+
+
+@pytest.fixture
+def checkouts(factory):
+    """The connections checked out of the factory's pool while the test runs."""
+    seen: list = []
+
+    def checkout(*args):
+        seen.append(args[0])
+
+    pool = factory.kw["bind"].pool
+    event.listen(pool, "checkout", checkout)
+    yield seen
+    event.remove(pool, "checkout", checkout)
 
 
 def request_session(app):
@@ -68,28 +82,28 @@ def test_commit_outside_the_manager_is_refused(app):
 def test_an_aborted_request_discards_changes_to_objects_of_a_hit(app, factory):
     request, session = request_session(app)
     person = session.scalars(select(Person).where(Person.name == "person 4")).one()
-    flush_before_commit(session)
+    join(session)
     person.name = "aborted"
     request.tm.abort()
     assert "aborted" not in names(factory)
 
 
-def test_flush_before_commit_once_per_transaction(app, factory):
+def test_a_join_checks_out_no_connection_and_joins_once(app, factory, checkouts):
     request, session = request_session(app)
-    flush_before_commit(session)
-    flush_before_commit(session)
-    assert len(list(request.tm.get().getBeforeCommitHooks())) == 1
+    join(session)
+    join(session)
+    resources = request.tm.get()._resources
+    assert [type(r).__name__ for r in resources] == ["SessionDataManager"]
+    assert session.in_transaction() and not checkouts
     request.tm.commit()
-    request.tm.begin()
-    flush_before_commit(session)
-    assert len(list(request.tm.get().getBeforeCommitHooks())) == 1
-    request.tm.abort()
+    assert not checkouts
 
 
 def test_sessions_naming_no_manager_are_left_alone(factory):
     with factory() as session:
         assert TRANSACTION_MANAGER not in session.info
-        flush_before_commit(session)  # nothing to join
+        join(session)  # nothing to join
+        assert not session.in_transaction()
         EVENTS.mark_changed(session)
         session.execute(update(Person).where(Person.name == "person 5").values(name="five"))
         session.commit()  # no manager: its own commit is allowed

@@ -28,7 +28,8 @@ from .interfaces import IDBSessionFactory, ISessionCache
 from .request import RequestCache, cached_query
 from .session import dbsession
 from .settings import parse_settings
-from .transaction import RequestTransactionEvents, flush_before_commit
+from .transaction import RequestTransactionEvents
+from .transaction import join as join_request_transaction
 from .transaction import register as register_transaction_events
 
 
@@ -100,7 +101,7 @@ def includeme(config: Any) -> None:
     hook.trust_listener(ZopeTransactionEvents.do_orm_execute)
     hook.trust_listener(RequestTransactionEvents.do_orm_execute)
     # A hit in request.dbsession joins pyramid_tm's transaction without a connection.
-    lookup.join_without_transaction(RequestTransactionEvents.after_begin, flush_before_commit)
+    lookup.join_without_connection(RequestTransactionEvents.after_begin, join_request_transaction)
     # Any Session used as request.dbsession caches into the request's
     # application, whatever its info holds (the starter's test fixtures).
     add_cache_finder(request_session_cache)

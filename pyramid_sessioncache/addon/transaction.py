@@ -8,18 +8,15 @@ joins in its ``info`` (:data:`TRANSACTION_MANAGER`, the request's
 ``request.tm``): a Session without one, such as one a script makes with
 the same factory, is left alone.
 
-A cache hit needs no connection, nor even a Session transaction: instead
-of beginning one (see
-:func:`pyramid_sessioncache.engine.lookup.join_without_transaction`), a
-hit asks for the Session to be flushed before the request's transaction
-commits (:func:`flush_before_commit`).  A flush that finds changes made to
-the objects of a hit begins the Session's transaction, which joins
-pyramid_tm's through the listeners here, before it commits; a request that
-only read from the cache never touches the database, and its transaction
-has nothing to commit.  One difference with a joined Session: a savepoint
-of the request's transaction (``request.tm.savepoint()``) taken before the
-Session joins does not cover it, so rolling back to it does not undo
-changes made to the objects of a hit.
+A cache hit needs no connection: instead of beginning the Session's
+transaction on a connection (see
+:func:`pyramid_sessioncache.engine.lookup.join_without_connection`), a hit
+joins the Session to the request's transaction (:func:`join`), as
+zope.sqlalchemy does at ``after_begin``.  The Session's own transaction
+then exists without a connection, so savepoints, ``abort()`` and the flush
+at commit cover changes made to the objects of a hit exactly as they cover
+a Session that ran a query; a request that only read from the cache checks
+out no connection, and its transaction has nothing to commit.
 """
 
 from __future__ import annotations
@@ -36,8 +33,6 @@ from zope.sqlalchemy.datamanager import (
 
 #: The ``info`` key of a Session holding the transaction manager it joins.
 TRANSACTION_MANAGER = "pyramid_sessioncache.transaction_manager"
-
-_FLUSHED_BEFORE = "pyramid_sessioncache.flushed_before"
 
 _EVENTS = (
     "after_begin",
@@ -107,25 +102,16 @@ class RequestTransactionEvents(ZopeTransactionEvents):
             join_transaction(session, self.initial_state, manager, self.keep_session)
 
 
-def flush_before_commit(session: Any) -> None:
-    """Have ``session`` flushed before the transaction it would join commits; once per transaction.
+def join(session: Any) -> None:
+    """Join ``session`` to the transaction of the manager it names, without a connection.
 
     What a cache hit calls instead of beginning the Session's transaction
-    (see the module docstring).  Does nothing for a Session that names no
-    transaction manager.
+    on a connection (see the module docstring): zope.sqlalchemy's join,
+    which begins the Session's transaction (in SQLAlchemy 2, one that
+    checks out no connection until a statement needs it).  Does nothing
+    for a Session that names no transaction manager, or that has joined.
     """
-    manager = manager_of(session)
-    if manager is None:
-        return
-    current = manager.get()
-    if session.info.get(_FLUSHED_BEFORE) is not current:
-        session.info[_FLUSHED_BEFORE] = current
-        current.addBeforeCommitHook(_flush, (session,))
-
-
-def _flush(session: Any) -> None:
-    # The transaction is still active: a flush with changes joins it.
-    session.flush()
+    EVENTS.join_transaction(session)
 
 
 #: The one set of listeners: it holds no state of its own.

@@ -154,20 +154,20 @@ def record(cache: SessionCache, session: Session, region: Region, hit: bool, key
         log.debug("cache %s: region %s key %r", "hit" if hit else "miss", region.name, key.text)
 
 
-#: ``after_begin`` listener functions -> what a hit calls instead: see :func:`join_without_transaction`.
+#: ``after_begin`` listener functions -> what a hit calls instead: see :func:`join_without_connection`.
 _JOINS: dict[Any, Callable[[Session], None]] = {}
 
 
-def join_without_transaction(listener: Any, join: Callable[[Session], None]) -> None:
+def join_without_connection(listener: Any, join: Callable[[Session], None]) -> None:
     """Declare that a hit may call ``join(session)`` instead of beginning a transaction for ``listener``.
 
-    A shared hit begins the Session's transaction, checking a connection
-    out of the pool, so that ``after_begin`` listeners (a transaction
-    join: zope.sqlalchemy) see it.  When every such listener of the
-    Session is declared here, the hit calls their ``join`` instead, and
-    leaves the database alone.  The Pyramid add-on declares its own
-    zope.sqlalchemy listener (``addon/transaction.py``), whose ``join``
-    has the Session flushed before pyramid_tm commits.
+    A shared hit begins the Session's transaction on the statement's bind,
+    checking a connection out of the pool, so that ``after_begin``
+    listeners (a transaction join: zope.sqlalchemy) see it.  When every
+    such listener of the Session is declared here, the hit calls their
+    ``join`` instead, and leaves the database alone.  The Pyramid add-on
+    declares its own zope.sqlalchemy listener (``addon/transaction.py``),
+    whose ``join`` joins the request's transaction without a connection.
     """
     _JOINS[getattr(listener, "__func__", listener)] = join
 
@@ -177,8 +177,8 @@ def begin(session: Session, bind_arguments: dict) -> None:
 
     Whatever joins on ``after_begin`` (zope.sqlalchemy, so that pyramid_tm
     commits changes made to the objects of a hit) must see it; unless
-    every such listener has a ``join`` that needs no transaction (see
-    :func:`join_without_transaction`): then those are called instead.
+    every such listener has a ``join`` that needs no connection (see
+    :func:`join_without_connection`): then those are called instead.
     """
     joins = []
     for listener in session.dispatch.after_begin:
