@@ -11,7 +11,8 @@ import pytest
 from sqlalchemy import event, select
 from sqlalchemy.orm import selectinload, sessionmaker
 
-from pyramid_sessioncache import SessionCache, cached_query
+from pyramid_sessioncache import FromCache, SessionCache, cached_query
+from pyramid_sessioncache.engine import lookup
 
 from .conftest import SECRET
 from .models import Person
@@ -107,3 +108,22 @@ def test_manual_invalidation_mode(engine, region_options, region, sql):
         with Session() as session:
             cached_query(session, named("person 8"), region).scalars().one()
     assert sql.count == 1
+
+
+def test_a_miss_hands_its_decision_to_that_statement_only(Session, cache, region):
+    """cached_query() hands the ORM hook its decision for the statement it executes, and for no other.
+
+    Another statement executed with that decision (an execution option,
+    which relationship loads inherit) is looked up under its own key.
+    """
+    with Session() as session:
+        assert one(session, named("person 6")).name == "person 6"  # stored under its own key
+        statement = named("person 6").options(FromCache(region))
+        options = statement.get_execution_options()
+        bind_arguments = {"clause": statement, "mapper": None}
+        decided = lookup.decide(
+            cache, cache.region(region), session, statement, None, options, bind_arguments, FromCache(region)
+        )
+        other = named("person 7").options(FromCache(region))
+        found = session.execute(other, execution_options={lookup.DECIDED: (statement, decided)}).scalars().one()
+        assert found.name == "person 7"

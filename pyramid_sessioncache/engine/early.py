@@ -70,36 +70,45 @@ def cached_query(
     if isinstance(query, Query):
         return query.options(option)
     if isinstance(query, Executable) and lookup.is_read(query):
-        result = _early_hit(session, cache, found, query, option)
-        return session.execute(query.options(option)) if result is None else result
+        result, decided = _early_hit(session, cache, found, query, option)
+        if result is not None:
+            return result
+        statement = query.options(option)
+        if decided is None:
+            return session.execute(statement)
+        # The ORM hook need not decide again (and key the statement again).
+        return session.execute(statement, execution_options={lookup.DECIDED: (statement, decided)})
     if isinstance(query, Executable):
         raise lookup.not_a_read(query)
     raise NotCacheableError(f"cached_query() expects a select() or a Query, got {query!r}")
 
 
-def _early_hit(session: Session, cache: SessionCache, region: Region, statement: Any, option: FromCache) -> Any:
-    """Return a hit read before ``Session.execute()`` runs, or None to let the ORM hook decide.
+def _early_hit(
+    session: Session, cache: SessionCache, region: Region, statement: Any, option: FromCache
+) -> tuple[Any, lookup.Lookup | None]:
+    """Return a hit read before ``Session.execute()`` runs, or None to let the ORM hook decide; and the decision.
 
     What can be seen before an execution: the caller gives a statement
     alone, so only listeners that leave SELECTs alone may be installed, and
-    no Session-wide execution option may apply.
+    no Session-wide execution option may apply.  The decision, when one
+    was made for a look-up that missed, is handed to the ORM hook.
     """
     if not all(map(leaves_selects_alone, session.dispatch.do_orm_execute)):
-        return None
+        return None, None
     if getattr(session, "execution_options", None):
-        return None
+        return None, None
     bind_arguments = _sqlalchemy.bind_arguments(statement)
     options = statement.get_execution_options()
     found = lookup.decide(cache, region, session, statement, None, options, bind_arguments, option)
     if found is None or found.valid is None:  # uncached, or a shape whose tables are not known yet
-        return None
+        return None, found
     value = region.peek(found.key.text, session, found.valid, found.tables or ())
     if value is None:
-        return None
+        return None, found
     if region.is_local:
         result = value.result()
     else:
         lookup.begin(session, bind_arguments)
         result = lookup.objects_of(session, region, found.key.text, value, statement)
     lookup.record(cache, session, region, True, found.key)
-    return result
+    return result, found

@@ -52,6 +52,7 @@ def install() -> None:
     event.listen(Session, "after_transaction_end", _transaction_ended)
     event.listen(Session, "after_soft_rollback", _drop_local)
     writes.install()
+    loader.install()
 
 
 def trust_listener(listener: Callable[..., Any]) -> None:
@@ -126,8 +127,14 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
     region = cache.region(option.region)
     if _sqlalchemy.is_column_load(statement):
         return None
-    options = _sqlalchemy.execution_options(state)
-    found = lookup.decide(cache, region, session, statement, state.parameters, options, state.bind_arguments, option)
+    decided = state.local_execution_options.get(lookup.DECIDED)
+    if decided is not None and decided[0] is statement:  # cached_query() missed, deciding as here
+        found = decided[1]
+    else:
+        options = _sqlalchemy.execution_options(state)
+        found = lookup.decide(
+            cache, region, session, statement, state.parameters, options, state.bind_arguments, option
+        )
     if found is None:
         return None
     if region.is_local:
@@ -185,7 +192,7 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
         known = tables
         for _ in range(2):
             now = region.versions(known, create=True)  # before the query: see invalidation/__init__.py
-            value = loader.load(state, connection())
+            value = loader.load(state, connection(), named=frozenset(known))
             if value.tables <= frozenset(known):
                 break
             # It read tables its statement does not name (eager loads, column

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from sqlalchemy.orm import ORMExecuteState, Session
 
 from .. import _sqlalchemy
@@ -17,14 +18,37 @@ from .values import CachedRows
 SNAPSHOT_LEVELS = frozenset({"REPEATABLE READ", "SERIALIZABLE", "SNAPSHOT"})
 
 
-def load(state: ORMExecuteState, connection: Any) -> CachedRows:
+#: Connection -> the tables its statements read, while a load runs on it.
+_READING: dict[Any, set[str]] = {}
+
+
+def install() -> None:
+    """Listen to the statements of every engine's connections, once per process.
+
+    Once rather than per load: adding and removing a listener on the
+    connection cost a load more than reading the tables of what it ran.
+    """
+    if not event.contains(Engine, "before_cursor_execute", _executing):
+        event.listen(Engine, "before_cursor_execute", _executing)
+
+
+def _executing(conn: Any, cursor: Any, statement: Any, parameters: Any, context: Any, executemany: bool) -> None:
+    if _READING:  # nothing to do unless a load is running
+        read = _READING.get(conn)
+        if read is not None:
+            read.update(executed_tables(context.compiled))
+
+
+def load(state: ORMExecuteState, connection: Any, named: frozenset[str] | None = None) -> CachedRows:
     """Run the statement of ``state`` in a fresh Session on the caller's ``connection``.
 
     The fresh Session's objects hold exactly what the database returned in
     the caller's transaction, whatever the caller's Session has in memory.
     The value records the tables the load read: those of every statement
     executed on the connection while it ran (eager loads, column
-    properties, loader criteria...), and those of the objects it built.
+    properties, loader criteria...), those of the objects it built, and
+    ``named``: those the statement names, which the caller may know
+    already for its shape (default: read from the statement).
     """
     # The statement has been through the caller's listeners: it runs
     # without them.  The relationship loads it makes go through those on the
@@ -34,20 +58,23 @@ def load(state: ORMExecuteState, connection: Any) -> CachedRows:
     loader_info[info.LOADER] = True
     loader = Session(bind=connection, info=loader_info, autoflush=False, expire_on_commit=False)
     read: set[str] = set()
-
-    def executing(conn: Any, cursor: Any, statement: Any, parameters: Any, context: Any, executemany: bool) -> None:
-        read.update(executed_tables(context.compiled))
-
-    event.listen(connection, "before_cursor_execute", executing)
+    outer = _READING.get(connection)  # a load within a load (a listener's query): both record
+    _READING[connection] = read  # see install(), which the ORM hook's install() calls
     try:
         result = _sqlalchemy.execute_without_listeners(
             loader, state.statement, state.parameters, state.local_execution_options
         )
         value = CachedRows.from_result(result)
     finally:
-        event.remove(connection, "before_cursor_execute", executing)
+        if outer is None:
+            del _READING[connection]
+        else:
+            outer.update(read)
+            _READING[connection] = outer
         loader.close()
-    value.tables = frozenset(read | statement_tables(state.statement) | record_tables(value))
+    if named is None:
+        named = statement_tables(state.statement)
+    value.tables = frozenset(read | named | record_tables(value))
     return value
 
 

@@ -49,6 +49,12 @@ class Lookup(NamedTuple):
     valid: Validator | None
 
 
+#: The execution option by which :func:`~pyramid_sessioncache.cached_query`
+#: hands the ORM hook the decision it made for a statement that missed:
+#: ``(statement, Lookup)``, used only for that very statement object.
+DECIDED = "_sessioncache_decided"
+
+
 def cache_for(session: Session) -> SessionCache:
     """Return the cache ``session`` caches into; :class:`~pyramid_sessioncache.NoRegionsError` if none."""
     cache = cache_of(session)
