@@ -51,6 +51,8 @@ from .backends.directories import private_directory
 from .backends.file import FileNamespace, SignedFileNamespace
 from .backends.local_session import ScopedSessionNamespace
 from .backends.memory import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
+from .backends.near import DEFAULT_MAX_ITEMS as NEAR_MAX_ITEMS
+from .backends.near import NearCache
 from .backends.redis import RedisVersionsNamespace, SignedRedisNamespaceManager
 from .versions import Versions
 
@@ -151,6 +153,12 @@ class Region:
         max_items = nsargs.pop("max_items", None)
         max_bytes = nsargs.pop("max_bytes", DEFAULT_MAX_BYTES)
         allow_shared_dir = nsargs.pop("allow_shared_dir", False)
+        near: bool = nsargs.pop("near", False)
+        near_max_items: int | None = nsargs.pop("near_max_items", None)
+        if near_max_items is not None and not near:
+            raise InvalidOptionError(
+                "near_max_items", near_max_items, "it bounds the near cache: set near = true too, or remove it", name
+            )
         #: Seconds a request waits for another that regenerates an entry (see ``locks.py``).
         self.lock_timeout: float = nsargs.pop("lock_timeout", locks.DEFAULT_LOCK_TIMEOUT)
         self._locks = locks.locks_for(self.type, nsargs, self.lock_timeout)
@@ -173,11 +181,27 @@ class Region:
         self._too_large: set[Any] = set()
         #: The region's table versions (None for ``ext:local_session``).
         self.tokens: Versions | None = None
+        #: The region's near cache (``ext:redis`` with ``near = true``), else None: see ``backends/near.py``.
+        self.near: NearCache | None = None
         self._shared: Any = None
         if self.is_local:
             self._nsargs["max_items"] = max_items or local_session.DEFAULT_MAX_ITEMS
         else:
             self._shared, self.tokens = self._backend(nsargs, secret, max_items, max_bytes)
+        if near:
+            self._near(near_max_items or NEAR_MAX_ITEMS)
+
+    def _near(self, max_items: int) -> None:
+        """Give the region's Redis namespaces a near cache of their own (see ``backends/near.py``)."""
+        assert self._shared is not None and self.tokens is not None
+        entries, versions = self._shared.namespace, self.tokens.namespace
+        prefixes = (_beaker.redis_key(entries, b""), _beaker.redis_key(versions, b""))
+        self.near = entries.near = versions.near = NearCache(entries.client, prefixes, max_items, self.name)
+
+    def close(self) -> None:
+        """Stop what the region runs in the background (a near cache's listening thread); harmless if none."""
+        if self.near is not None:
+            self.near.close()
 
     def _checked_type(self, secret: bytes | None) -> Any:
         """The namespace class of this region's type; refuse a type that would unpickle unchecked data."""
@@ -288,8 +312,10 @@ class Region:
             if tables and isinstance(namespace, SignedRedisNamespaceManager):
                 # The entry and its versions in one round trip.
                 assert self.tokens is not None
-                stored, raw = namespace.get_with_versions(key, self.tokens.namespace, map(_encode, tables))
-                versions = self.tokens.check(tables, raw)
+                tokens = self.tokens
+                stored, versions = namespace.get_with_versions(
+                    key, tokens.namespace, map(_encode, tables), lambda raw: tokens.check(tables, raw)
+                )
             else:
                 namespace.acquire_read_lock()
                 try:
