@@ -156,6 +156,8 @@ def test_near_options_in_the_ini():
 def test_near_max_items_needs_near(fresh):
     with pytest.raises(InvalidOptionError, match="set near = true too"):
         regions(fresh.url, near=False, near_max_items=5)
+    with pytest.raises(InvalidOptionError, match="near_max_bytes .* = 5: it bounds the near cache"):
+        regions(fresh.url, near=False, near_max_bytes=5)
     with pytest.raises(InvalidOptionError, match="must be True or False"):
         regions(fresh.url, near="yes")
 
@@ -286,6 +288,43 @@ def test_keys_are_bounded(fresh):
         assert len(region.near) == 3
     finally:
         region.close()
+
+
+def test_bytes_are_bounded(fresh):
+    region = regions(fresh.url, near_max_bytes=5000)["r"]
+    try:
+        assert region.near.wait_live(5)
+        for i in range(10):
+            region.put(f"k{i}", "x" * 1000)
+            assert held(fresh, lambda i=i: region.get(f"k{i}"))
+            assert region.near.bytes <= 5000
+        assert 2 <= len(region.near) <= 4
+        region.put("large", "x" * 6000)  # more than the bound: read from Redis every time
+        for _ in range(2):
+            before = fresh.commands()
+            assert region.get("large") == "x" * 6000
+            assert fresh.sent(before) == {"mget": 1}
+    finally:
+        region.close()
+
+
+def test_two_applications_in_one_process_drop_each_others_keys_at_once(fresh):
+    first, second = regions(fresh.url)["r"], regions(fresh.url)["r"]
+    try:
+        for region in (first, second):
+            assert region.near.wait_live(5)
+        first.put("k", "one")
+        assert held(fresh, lambda: second.get("k"))
+        for region in (first, second):
+            region.near.heard = lambda keys: None  # only the synchronous drops of our own writes
+        first.put("k", "two")
+        assert second.get("k") == "two"
+        first.bump(["t"])
+        first.clear()
+        assert len(second.near) == 0
+    finally:
+        first.close()
+        second.close()
 
 
 def test_nothing_is_shared_between_regions_or_databases(fresh):

@@ -228,6 +228,7 @@ REGION_OPTIONS: Mapping[str, Option] = MappingProxyType(
         "schema_name": Option(_stripped, _text),
         "near": Option(_boolean, _bool),
         "near_max_items": Option(_int, _positive_int),
+        "near_max_bytes": Option(_int, _positive_int),
     }
 )
 
@@ -260,7 +261,8 @@ REGION_TYPES: Mapping[str, RegionType] = MappingProxyType(
         "dbm": RegionType(_DIRECTORIES | _MEASURED | _SHARED, frozenset({"data_dir"})),
         # A Redis password goes in the URL: redis://:password@host:6379/0.
         "ext:redis": RegionType(
-            frozenset({"url", "timeout", "near", "near_max_items"}) | _MEASURED | _SHARED, frozenset({"url"})
+            frozenset({"url", "timeout", "near", "near_max_items", "near_max_bytes"}) | _MEASURED | _SHARED,
+            frozenset({"url"}),
         ),
         "ext:rediscluster": RegionType(
             frozenset({"url", "timeout", "username", "password"}) | _SHARED, frozenset({"url"})
@@ -277,7 +279,7 @@ REGION_TYPES: Mapping[str, RegionType] = MappingProxyType(
 _OTHER_TYPE = RegionType(
     frozenset(REGION_OPTIONS)
     - COMMON_OPTIONS
-    - {"max_items", "max_bytes", "max_entry_bytes", "allow_shared_dir", "near", "near_max_items"}
+    - {"max_items", "max_bytes", "max_entry_bytes", "allow_shared_dir", "near", "near_max_items", "near_max_bytes"}
 )
 
 #: Options of a whole set of regions (:class:`~pyramid_sessioncache.CacheRegions`).

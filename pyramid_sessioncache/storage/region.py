@@ -46,13 +46,12 @@ from ..errors import (
 from . import locks
 from . import options as region_options
 from .backends import local_session
+from .backends import near as near_cache
 from .backends.dbm import DBMNamespace, SignedDBMNamespace
 from .backends.directories import private_directory
 from .backends.file import FileNamespace, SignedFileNamespace
 from .backends.local_session import ScopedSessionNamespace
 from .backends.memory import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
-from .backends.near import DEFAULT_MAX_ITEMS as NEAR_MAX_ITEMS
-from .backends.near import NearCache
 from .backends.redis import RedisVersionsNamespace, SignedRedisNamespaceManager
 from .versions import Versions
 
@@ -154,11 +153,14 @@ class Region:
         max_bytes = nsargs.pop("max_bytes", DEFAULT_MAX_BYTES)
         allow_shared_dir = nsargs.pop("allow_shared_dir", False)
         near: bool = nsargs.pop("near", False)
-        near_max_items: int | None = nsargs.pop("near_max_items", None)
-        if near_max_items is not None and not near:
-            raise InvalidOptionError(
-                "near_max_items", near_max_items, "it bounds the near cache: set near = true too, or remove it", name
-            )
+        near_bounds = {
+            option: nsargs.pop(option) for option in ("near_max_items", "near_max_bytes") if option in nsargs
+        }
+        for option, value in near_bounds.items():
+            if not near:
+                raise InvalidOptionError(
+                    option, value, "it bounds the near cache: set near = true too, or remove it", name
+                )
         #: Seconds a request waits for another that regenerates an entry (see ``locks.py``).
         self.lock_timeout: float = nsargs.pop("lock_timeout", locks.DEFAULT_LOCK_TIMEOUT)
         self._locks = locks.locks_for(self.type, nsargs, self.lock_timeout)
@@ -182,21 +184,25 @@ class Region:
         #: The region's table versions (None for ``ext:local_session``).
         self.tokens: Versions | None = None
         #: The region's near cache (``ext:redis`` with ``near = true``), else None: see ``backends/near.py``.
-        self.near: NearCache | None = None
+        self.near: near_cache.NearCache | None = None
         self._shared: Any = None
         if self.is_local:
             self._nsargs["max_items"] = max_items or local_session.DEFAULT_MAX_ITEMS
         else:
             self._shared, self.tokens = self._backend(nsargs, secret, max_items, max_bytes)
         if near:
-            self._near(near_max_items or NEAR_MAX_ITEMS)
+            self._near(
+                near_bounds.get("near_max_items", near_cache.DEFAULT_MAX_ITEMS),
+                near_bounds.get("near_max_bytes", near_cache.DEFAULT_MAX_BYTES),
+            )
 
-    def _near(self, max_items: int) -> None:
+    def _near(self, max_items: int, max_bytes: int) -> None:
         """Give the region's Redis namespaces a near cache of their own (see ``backends/near.py``)."""
         assert self._shared is not None and self.tokens is not None
         entries, versions = self._shared.namespace, self.tokens.namespace
         prefixes = (_beaker.redis_key(entries, b""), _beaker.redis_key(versions, b""))
-        self.near = entries.near = versions.near = NearCache(entries.client, prefixes, max_items, self.name)
+        near = near_cache.NearCache(entries.client, prefixes, max_items, max_bytes, self.name)
+        self.near = entries.near = versions.near = near
 
     def close(self) -> None:
         """Stop what the region runs in the background (a near cache's listening thread); harmless if none."""

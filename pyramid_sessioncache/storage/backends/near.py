@@ -57,6 +57,8 @@ log = logging.getLogger(__name__)
 
 #: Keys a near cache holds unless ``near_max_items`` says otherwise.
 DEFAULT_MAX_ITEMS = 10_000
+#: Bytes (as read from Redis) a near cache holds unless ``near_max_bytes`` says otherwise.
+DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 #: The channel Redis sends invalidations on (RESP2, with ``REDIRECT``).
 CHANNEL = "__redis__:invalidate"
 #: Idle seconds after which the connection is asked for a ``PING``; it must answer within as long again.
@@ -84,6 +86,8 @@ class NearCache:
         database), in RESP2.
     :param prefixes: the prefixes of the region's keys (entries, versions).
     :param max_items: most keys held.
+    :param max_bytes: most bytes held, counted as the length of what Redis
+        sent for each key (the objects take a few times more).
     :param name: the region's name, for the log.
 
     Keys are the full Redis keys (``str``).  The listening thread starts
@@ -91,11 +95,19 @@ class NearCache:
     """
 
     def __init__(
-        self, client: Any, prefixes: Sequence[str], max_items: int = DEFAULT_MAX_ITEMS, name: str = ""
+        self,
+        client: Any,
+        prefixes: Sequence[str],
+        max_items: int = DEFAULT_MAX_ITEMS,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        name: str = "",
     ) -> None:
         self.client = client
         self.prefixes = tuple(prefixes)
         self.max_items = max_items
+        self.max_bytes = max_bytes
+        #: Bytes held, as counted by :meth:`put_many`.
+        self.bytes = 0
         self.name = name
         #: Whether keys may be served: the connection is subscribed and nothing was missed since everything was dropped.
         self.live = False
@@ -105,10 +117,14 @@ class NearCache:
         self.messages = 0
         self._generation = 0
         self._counters = [0] * BUCKETS
-        self._held: OrderedDict[str, tuple[Any, float]] = OrderedDict()
+        self._held: OrderedDict[str, tuple[Any, float, int]] = OrderedDict()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # The near caches of this process over the same keys (two applications
+        # configuring one region name on one server): our writes drop theirs too.
+        self._siblings = _siblings.setdefault((id(client), self.prefixes), weakref.WeakSet())
+        self._siblings.add(self)
         _all.add(self)
         self.start()
 
@@ -137,7 +153,7 @@ class NearCache:
                 if item is None:
                     return None
                 if item[1] <= now:
-                    del held[key]
+                    self._pop(key)
                     return None
                 held.move_to_end(key)
                 values.append(item[0])
@@ -151,14 +167,16 @@ class NearCache:
         with self._lock:
             return Stamp(self._generation, tuple(counters[hash(key) % BUCKETS] for key in keys))
 
-    def put_many(self, stamp: Stamp | None, keys: Sequence[str], items: Sequence[tuple[Any, float] | None]) -> bool:
-        """Store ``items[i]``, a ``(value, deadline)`` (or None: not stored), under ``keys[i]``, if ``stamp`` still holds.
+    def put_many(
+        self, stamp: Stamp | None, keys: Sequence[str], items: Sequence[tuple[Any, float, int] | None]
+    ) -> bool:
+        """Store ``items[i]``, a ``(value, deadline, size)`` (or None: not stored), under ``keys[i]``, if ``stamp`` holds.
 
         ``stamp`` is what :meth:`stamp` returned for ``keys`` before they
         were read.  Returns whether they were stored: not if anything was
         invalidated or dropped since then.  ``deadline`` is a time (as
         :func:`time.time`) after which the value is not served
-        (``math.inf``: never).
+        (``math.inf``: never); ``size`` the bytes it counts for.
         """
         if stamp is None:
             return False
@@ -170,12 +188,19 @@ class NearCache:
             if any(counters[hash(key) % BUCKETS] != seen for key, seen in zip(keys, stamp.counters, strict=True)):
                 return False
             for key, item in zip(keys, items, strict=True):
-                if item is not None:
+                if item is not None and item[2] <= self.max_bytes:
+                    self._pop(key)
                     held[key] = item
-                    held.move_to_end(key)
-            while len(held) > self.max_items:
-                held.popitem(last=False)
+                    self.bytes += item[2]
+            while len(held) > self.max_items or self.bytes > self.max_bytes:
+                _, (_, _, size) = held.popitem(last=False)
+                self.bytes -= size
         return True
+
+    def _pop(self, key: str) -> None:
+        item = self._held.pop(key, None)
+        if item is not None:
+            self.bytes -= item[2]
 
     # -- invalidating
 
@@ -188,7 +213,18 @@ class NearCache:
                 if isinstance(key, bytes):
                     key = key.decode("utf-8", "surrogateescape")
                 counters[hash(key) % BUCKETS] += 1
-                held.pop(key, None)
+                if key in held:
+                    self._pop(key)
+
+    def written(self, keys: Sequence[str]) -> None:
+        """Our own write of ``keys`` was answered: :meth:`invalidate` them here and in sibling near caches."""
+        for near in list(self._siblings):
+            near.invalidate(keys)
+
+    def written_all(self) -> None:
+        """Our own write of unknown keys (a region cleared) was answered: drop everything here and in siblings."""
+        for near in list(self._siblings):
+            near.invalidate_all()
 
     def heard(self, keys: Any) -> None:
         """Apply what Redis sent on :data:`CHANNEL`: the keys that changed, or None for every key (a flush)."""
@@ -206,6 +242,7 @@ class NearCache:
     def _drop(self) -> None:
         self._generation += 1
         self._held.clear()
+        self.bytes = 0
 
     def _went_live(self, connection_id: int) -> None:
         with self._lock:
@@ -266,6 +303,7 @@ class NearCache:
 
 
 _all: weakref.WeakSet[NearCache] = weakref.WeakSet()
+_siblings: dict[tuple[int, tuple[str, ...]], weakref.WeakSet[NearCache]] = {}
 
 
 _starting = threading.Lock()
@@ -278,6 +316,10 @@ def _after_fork() -> None:
     global _starting
     _starting = threading.Lock()
     for near in list(_all):
+        closed = near._stop.is_set()
+        near._stop = threading.Event()
+        if closed:
+            near._stop.set()
         near._lock = threading.Lock()
         near.live = False
         near.connection_id = None
@@ -294,10 +336,9 @@ def _connect(client: Any, prefixes: Sequence[str]) -> tuple[Any, int]:
     pool = client.connection_pool
     options = dict(pool.connection_kwargs)
     options["protocol"] = 2  # invalidations as pub/sub messages on CHANNEL
-    options.setdefault("socket_timeout", 2.0)
-    options.setdefault("socket_connect_timeout", 2.0)
-    if options.get("socket_timeout") is None:
-        options["socket_timeout"] = 2.0
+    for timeout in ("socket_timeout", "socket_connect_timeout"):  # never a read or connect that hangs
+        if options.get(timeout) is None:
+            options[timeout] = 2.0
     connection = pool.connection_class(**options)
     try:
         connection.connect()

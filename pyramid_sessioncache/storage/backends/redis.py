@@ -63,7 +63,7 @@ class RedisVersionsNamespace(RedisNamespaceManager):
 
     def _written(self, keys: Iterable[bytes]) -> None:
         if self.near is not None:
-            self.near.invalidate([_beaker.redis_key(self, key) for key in keys])
+            self.near.written([_beaker.redis_key(self, key) for key in keys])
 
     def get_many(self, keys: Sequence[bytes]) -> list[Any]:
         """Return the values of ``keys`` (bytes; None where missing or not a string), in one ``MGET``."""
@@ -174,9 +174,10 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
         value = self.decode(key, entry)
         tokens = check(raw) if check is not None else ()
         if stamp is not None:
-            items: list[tuple[Any, float] | None] = [(value, deadline_of(signing.deadline(entry)))]
+            items: list[tuple[Any, float, int] | None] = [(value, deadline_of(signing.deadline(entry)), len(entry))]
             items += [
-                (held_raw, math.inf) if token is not None else None for held_raw, token in zip(raw, tokens, strict=True)
+                (version, math.inf, len(version)) if token is not None else None
+                for version, token in zip(raw, tokens, strict=True)
             ]
             near.put_many(stamp, keys, items)
         return value, tokens
@@ -220,14 +221,14 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
                 self.client.set(_beaker.redis_key(self, key), data)
         finally:
             if self.near is not None:
-                self.near.invalidate([_beaker.redis_key(self, key)])
+                self.near.written([_beaker.redis_key(self, key)])
 
     def __delitem__(self, key: Any) -> None:
         try:
             super().__delitem__(key)
         finally:
             if self.near is not None:
-                self.near.invalidate([_beaker.redis_key(self, key)])
+                self.near.written([_beaker.redis_key(self, key)])
 
     def do_remove(self) -> None:
         """Delete every entry of the namespace (Beaker's ``Cache.clear()``)."""
@@ -235,4 +236,4 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
             super().do_remove()
         finally:
             if self.near is not None:
-                self.near.invalidate_all()
+                self.near.written_all()
