@@ -397,6 +397,19 @@ def test_a_killed_pubsub_client_reconnects_and_drops_everything(near_region, fre
     assert len(near) == 0
 
 
+def test_a_silent_connection_is_declared_lost(near_region, fresh):
+    """A server that stops answering (paused, or a network gone quiet) is noticed by the health check."""
+    near = near_region.near
+    near_region.put("k", "value")
+    assert held(fresh, lambda: near_region.get("k"))
+    fresh.server.execute_command("CLIENT", "PAUSE", "4000", "ALL")  # no reply to anything, no connection closed
+    # The listener's PING (after 1 s of silence) goes unanswered for 1 s more.
+    assert until(lambda: not near.live, 3.9)
+    assert len(near) == 0
+    assert until(lambda: near.live, 10)  # back once the server answers again
+    assert near_region.get("k") == "value"
+
+
 def test_a_forked_child_starts_empty_and_listens_for_itself(near_region, fresh):
     near_region.put("k", "parent")
     assert held(fresh, lambda: near_region.get("k")) and len(near_region.near) == 1
