@@ -297,7 +297,7 @@ def test_bytes_are_bounded(fresh):
         for i in range(10):
             region.put(f"k{i}", "x" * 1000)
             assert held(fresh, lambda i=i: region.get(f"k{i}"))
-            assert region.near.bytes <= 5000
+            assert region.near.held_bytes <= 5000
         assert 2 <= len(region.near) <= 4
         region.put("large", "x" * 6000)  # more than the bound: read from Redis every time
         for _ in range(2):

@@ -107,7 +107,7 @@ class NearCache:
         self.max_items = max_items
         self.max_bytes = max_bytes
         #: Bytes held, as counted by :meth:`put_many`.
-        self.bytes = 0
+        self.held_bytes = 0
         self.name = name
         #: Whether keys may be served: the connection is subscribed and nothing was missed since everything was dropped.
         self.live = False
@@ -175,7 +175,7 @@ class NearCache:
         ``stamp`` is what :meth:`stamp` returned for ``keys`` before they
         were read.  Returns whether they were stored: not if anything was
         invalidated or dropped since then.  ``deadline`` is a time (as
-        :func:`time.time`) after which the value is not served
+        ``time.time()``) after which the value is not served
         (``math.inf``: never); ``size`` the bytes it counts for.
         """
         if stamp is None:
@@ -191,16 +191,16 @@ class NearCache:
                 if item is not None and item[2] <= self.max_bytes:
                     self._pop(key)
                     held[key] = item
-                    self.bytes += item[2]
-            while len(held) > self.max_items or self.bytes > self.max_bytes:
+                    self.held_bytes += item[2]
+            while len(held) > self.max_items or self.held_bytes > self.max_bytes:
                 _, (_, _, size) = held.popitem(last=False)
-                self.bytes -= size
+                self.held_bytes -= size
         return True
 
     def _pop(self, key: str) -> None:
         item = self._held.pop(key, None)
         if item is not None:
-            self.bytes -= item[2]
+            self.held_bytes -= item[2]
 
     # -- invalidating
 
@@ -242,7 +242,7 @@ class NearCache:
     def _drop(self) -> None:
         self._generation += 1
         self._held.clear()
-        self.bytes = 0
+        self.held_bytes = 0
 
     def _went_live(self, connection_id: int) -> None:
         with self._lock:
@@ -425,5 +425,5 @@ def _serve(ref: weakref.ref[NearCache], stop: threading.Event, connection: Any) 
 
 
 def deadline_of(expire_at: float) -> float:
-    """The deadline to keep a value until, from a signed deadline (0: none, so :data:`math.inf`)."""
+    """The deadline to keep a value until, from a signed deadline (0: none, so ``math.inf``)."""
     return expire_at if expire_at > 0 else math.inf
