@@ -254,6 +254,42 @@ def test_a_reply_read_before_an_invalidation_is_not_stored_after_it(near_region,
     assert near_region.get("k") == "new"
 
 
+def test_a_version_read_before_a_commit_elsewhere_is_not_stored_after_it(near_region, writer, fresh, monkeypatch):
+    """The same race on a table's version: the entry must not be served once the commit's bump was heard."""
+    near = near_region.near
+    heard = near.messages
+    near_region.bump(["t"])
+
+    def load(rows):
+        # The versions recorded with the rows (the engine reads them before its query).
+        return lambda: (rows, near_region.versions(("t",)))
+
+    def valid(value, now):
+        return now is not None and now == value[1]
+
+    def read(rows):
+        value, hit = near_region.get_or_create("k", load(rows), valid=valid, tables=("t",))
+        return value[0], hit
+
+    assert read("old rows") == ("old rows", False)
+    assert until(lambda: near.messages >= heard + 2)  # the broadcasts of our own bump and entry
+    client = near_region.cache_for().namespace.client
+    real_mget = client.mget
+
+    def late_mget(keys, *args):
+        reply = real_mget(keys, *args)  # the entry and the version it recorded
+        before = near.messages
+        writer.bump(["t"])  # a commit elsewhere
+        assert until(lambda: near.messages > before)
+        return reply
+
+    monkeypatch.setattr(client, "mget", late_mget)
+    assert read("new rows") == ("old rows", True)  # it was current when read
+    monkeypatch.setattr(client, "mget", real_mget)
+    assert read("new rows") == ("new rows", False)
+    assert read("newer rows") == ("new rows", True)
+
+
 def test_flushall_drops_everything(near_region, fresh):
     near_region.put("a", 1)
     near_region.put("b", 2)
