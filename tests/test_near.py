@@ -292,6 +292,42 @@ def test_a_version_read_before_a_commit_elsewhere_is_not_stored_after_it(near_re
     assert read("newer rows") == ("new rows", True)
 
 
+def test_an_evicted_version_is_not_served_after_the_window(near_region, fresh):
+    """A version that disappears (evicted under maxmemory, deleted) never matches, near cache or not."""
+    near = near_region.near
+    near_region.bump(["t"])
+
+    def create():
+        return ("rows", near_region.versions(("t",)))
+
+    def valid(value, now):
+        return now is not None and None not in now and now == value[1]
+
+    def read():
+        return near_region.get_or_create("k", create, valid=valid, tables=("t",))
+
+    read()
+    assert held(fresh, read) and read()[1]
+    admin = fresh.server
+    version_key = near.prefixes[1] + "t"
+    saved = {name: admin.config_get(name)[name] for name in ("maxmemory", "maxmemory-policy")}
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    admin.config_set("maxmemory", admin.info("memory")["used_memory"] + 200_000)
+    try:
+        # Near hits do not touch the version in Redis: to its LRU, it is cold.
+        for i in range(2000):
+            if not admin.exists(version_key):
+                break
+            admin.set(f"filler:{i}", "x" * 1000)
+        assert not admin.exists(version_key)
+        assert until(lambda: version_key not in near._held)
+    finally:
+        for name, value in saved.items():
+            admin.config_set(name, value)
+    value, hit = read()
+    assert not hit
+
+
 def test_flushall_drops_everything(near_region, fresh):
     near_region.put("a", 1)
     near_region.put("b", 2)
