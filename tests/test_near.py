@@ -9,6 +9,7 @@ query.
 
 from __future__ import annotations
 
+import gc
 import os
 import select as io_select
 import shutil
@@ -483,6 +484,30 @@ def test_a_silent_connection_is_declared_lost(near_region, fresh):
     assert len(near) == 0
     assert until(lambda: near.live, 10)  # back once the server answers again
     assert near_region.get("k") == "value"
+
+
+def test_a_server_that_cannot_be_reached_serves_nothing_from_the_process(tmp_path, caplog):
+    region = regions(f"unix://{tmp_path / 'no-redis.sock'}")["r"]
+    try:
+        assert not region.near.wait_live(0.5)
+        assert region.near.get_many(["anything"]) is None and region.near.stamp(["anything"]) is None
+        assert "cannot connect to Redis" in caplog.text
+    finally:
+        region.close()
+    assert region.near._thread is None and not region.near.live
+
+
+def test_the_listening_thread_ends_with_its_region(fresh):
+    made = regions(fresh.url)
+    near = made["r"].near
+    assert near.wait_live(5) and "live=True" in repr(near)
+    thread = near._thread
+    connection_id = near.connection_id
+    del made, near
+    gc.collect()
+    thread.join(5)
+    assert not thread.is_alive()
+    assert until(lambda: all(client["id"] != str(connection_id) for client in fresh.server.client_list()))
 
 
 def test_a_forked_child_starts_empty_and_listens_for_itself(near_region, fresh):
