@@ -649,3 +649,29 @@ def test_a_commit_in_another_process_is_never_served_after_the_window(engine, db
         for _ in range(20):  # and it stays gone
             assert cached_names(Session) == expected
             time.sleep(0.005)
+
+
+def test_a_pyramid_application_with_a_near_region(db_url, fresh):
+    from webtest import TestApp
+
+    from pyramid_sessioncache import get_session_cache
+
+    from .app import make_app
+
+    app = make_app(db_url, {"type": "ext:redis", "url": fresh.url, "near": "true", "near_max_items": "100"})
+    cache = get_session_cache(app.registry)
+    near = cache.region("shared").near
+    try:
+        assert near is not None and near.max_items == 100 and near.wait_live(5)
+        web = TestApp(app)
+        first = web.get("/names").json
+        assert first["2"] == "person 2"
+        assert held(fresh, lambda: web.get("/names"))
+        before = fresh.commands()
+        assert web.get("/names").json == first
+        assert fresh.sent(before) == {}  # a whole request served without Redis
+        near.heard = lambda keys: None  # only our own commit's synchronous drops
+        web.post("/people/2/rename", {"name": "renamed by a request"})
+        assert web.get("/names").json == {**first, "2": "renamed by a request"}
+    finally:
+        cache.close()
