@@ -177,10 +177,11 @@ def test_a_near_hit_sends_nothing_to_redis(near_region, fresh):
     near_region.put("k", "value")
     assert near_region.get("k") == "value"  # read from Redis, stored here
     assert held(fresh, lambda: near_region.get("k"))
-    before = fresh.commands()
+    before, hits = fresh.commands(), near_region.near.hits
     for _ in range(5):
         assert near_region.get("k") == "value"
     assert fresh.sent(before) == {}
+    assert near_region.near.hits == hits + 5
 
 
 def test_own_writes_are_seen_before_the_call_returns(near_region, fresh):
@@ -248,7 +249,9 @@ def test_a_reply_read_before_an_invalidation_is_not_stored_after_it(near_region,
         return reply
 
     monkeypatch.setattr(client, "mget", late_mget)
+    refused = near.refused
     assert near_region.get("k") == "old"  # served once: it was current when read
+    assert near.refused == refused + 1
     monkeypatch.setattr(client, "mget", real_mget)
     assert until(lambda: near.messages > heard + 1)  # heard everything: only the race refused "old"
     before = fresh.commands()

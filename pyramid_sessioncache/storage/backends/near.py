@@ -115,6 +115,10 @@ class NearCache:
         self.connection_id: int | None = None
         #: Invalidation messages heard from Redis.
         self.messages = 0
+        #: Reads served from the process.
+        self.hits = 0
+        #: Replies not stored because an invalidation or a drop came between their read and their store.
+        self.refused = 0
         self._generation = 0
         self._counters = [0] * BUCKETS
         self._held: OrderedDict[str, tuple[Any, float, int]] = OrderedDict()
@@ -157,6 +161,7 @@ class NearCache:
                     return None
                 held.move_to_end(key)
                 values.append(item[0])
+            self.hits += 1
         return values
 
     def stamp(self, keys: Iterable[str]) -> Stamp | None:
@@ -183,9 +188,12 @@ class NearCache:
         counters = self._counters
         held = self._held
         with self._lock:
-            if not self.live or stamp.generation != self._generation:
-                return False
-            if any(counters[hash(key) % BUCKETS] != seen for key, seen in zip(keys, stamp.counters, strict=True)):
+            if (
+                not self.live
+                or stamp.generation != self._generation
+                or any(counters[hash(key) % BUCKETS] != seen for key, seen in zip(keys, stamp.counters, strict=True))
+            ):
+                self.refused += 1
                 return False
             for key, item in zip(keys, items, strict=True):
                 if item is not None and item[2] <= self.max_bytes:
