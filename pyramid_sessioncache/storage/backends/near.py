@@ -254,6 +254,8 @@ class NearCache:
 
     def _went_live(self, connection_id: int) -> None:
         with self._lock:
+            if self._stop.is_set():  # closed while connecting: it stays closed
+                return
             self._drop()
             self.connection_id = connection_id
             self.live = True
