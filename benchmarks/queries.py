@@ -13,8 +13,9 @@ does), executes it and fetches its objects or rows (``.scalars().all()``,
 - *floor*: building the statement (with its caching option) and computing
   SQLAlchemy's cache key, ``stmt._generate_cache_key()``; nothing runs.  No
   cache look-up can cost less than that, because every cache keys on it.
-- *local_session*, *memory*, *redis*: the add-on's regions
-  (``ext:local_session``, ``memory``, ``ext:redis``), through
+- *local_session*, *memory*, *redis*, *redis near*: the add-on's regions
+  (``ext:local_session``, ``memory``, ``ext:redis``, ``ext:redis`` with
+  ``near = true``, whose hits are served from the process), through
   ``cached_query(session, statement, region)``, which is what
   ``request.cached_query`` runs: it reads a hit before ``Session.execute()``.
   One more row runs the ``ext:local_session`` hit through the ``FromCache``
@@ -60,6 +61,8 @@ VARIANTS = (
     ("memory_new", "memory hit, new session"),
     ("redis_same", "redis hit, same session"),
     ("redis_new", "redis hit, new session"),
+    ("near_same", "redis near hit, same session"),
+    ("near_new", "redis near hit, new session"),
     ("dogpile_memory_same", "dogpile example (memory), same"),
     ("dogpile_memory_new", "dogpile example (memory), new"),
     ("dogpile_redis_same", "dogpile example (redis), same"),
@@ -116,7 +119,10 @@ class _Runner:
         regions = {"local": {"type": "ext:local_session"}, "memory": {"type": "memory"}}
         if redis_url:
             regions["redis"] = {"type": "ext:redis", "url": redis_url}
+            regions["near"] = {"type": "ext:redis", "url": redis_url, "near": True}
         self.cache = SessionCache(regions, secret="benchmark secret, not for production")
+        if redis_url and not self.cache.region("near").near.wait_live(10):
+            raise RuntimeError("the near cache did not subscribe to Redis's invalidations within 10 s")
         self.cached = sessionmaker(bind=engine, info=self.cache.session_info())
         self.plain = sessionmaker(bind=engine)
         self.redis = bool(redis_url)
@@ -124,6 +130,12 @@ class _Runner:
         self.dogpile_sessions = dogpile.sessionmaker(engine) if dogpile else None
 
     def run(self) -> DatabaseResults:
+        try:
+            return self._run()
+        finally:
+            self.cache.close()
+
+    def _run(self) -> DatabaseResults:
         for query, (_title, build, fetch, touch) in model.QUERIES.items():
             with contextlib.ExitStack() as stack:
                 rows = {}
@@ -152,8 +164,8 @@ class _Runner:
         kind, _, session = variant.rpartition("_")
         if kind == "uncached":
             factory, options_factory = self.plain, tuple
-        elif kind in ("local", "memory", "redis"):
-            if kind == "redis" and not self.redis:
+        elif kind in ("local", "memory", "redis", "near"):
+            if kind in ("redis", "near") and not self.redis:
                 return None
             factory, options_factory = _CachedQuery.factory(self.cached, kind), tuple
         elif kind == "localoption":

@@ -394,6 +394,11 @@ def _checks(databases, overhead, requests=None) -> list[Check]:
                     limit,
                     verdict=variant not in ("redis_same", "bound_same"),
                 )
+        at_most(
+            f"{name}, same session, point lookup: redis near hit / memory hit",
+            _ratio(db.get("near_same", "point"), db.get("memory_same", "point")),
+            1.5,
+        )
         for region in ("memory", "redis"):
             faster(
                 f"{name}, new session, page of 50: {region} hit vs dogpile ({region})",

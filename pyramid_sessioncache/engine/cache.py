@@ -153,9 +153,11 @@ class SessionCache:
         return listener
 
     def close(self) -> None:
-        """Stop the listeners :meth:`listen` started."""
+        """Stop the listeners :meth:`listen` started, and the near caches' listening threads (Redis regions)."""
         while self.listeners:
             self.listeners.pop().stop()
+        for region in self.shared_regions:
+            region.close()
 
     def publish(self, tables: frozenset[str], again: bool = False) -> None:
         """Invalidate the entries of the shared regions that read ``tables`` (version names).

@@ -226,6 +226,9 @@ REGION_OPTIONS: Mapping[str, Option] = MappingProxyType(
         "password": Option(_as_is, _text),
         "table_name": Option(_stripped, _text),
         "schema_name": Option(_stripped, _text),
+        "near": Option(_boolean, _bool),
+        "near_max_items": Option(_int, _positive_int),
+        "near_max_bytes": Option(_int, _positive_int),
     }
 )
 
@@ -257,7 +260,10 @@ REGION_TYPES: Mapping[str, RegionType] = MappingProxyType(
         "file": RegionType(_DIRECTORIES | _MEASURED | _SHARED, frozenset({"data_dir"})),
         "dbm": RegionType(_DIRECTORIES | _MEASURED | _SHARED, frozenset({"data_dir"})),
         # A Redis password goes in the URL: redis://:password@host:6379/0.
-        "ext:redis": RegionType(frozenset({"url", "timeout"}) | _MEASURED | _SHARED, frozenset({"url"})),
+        "ext:redis": RegionType(
+            frozenset({"url", "timeout", "near", "near_max_items", "near_max_bytes"}) | _MEASURED | _SHARED,
+            frozenset({"url"}),
+        ),
         "ext:rediscluster": RegionType(
             frozenset({"url", "timeout", "username", "password"}) | _SHARED, frozenset({"url"})
         ),
@@ -271,7 +277,9 @@ REGION_TYPES: Mapping[str, RegionType] = MappingProxyType(
     }
 )
 _OTHER_TYPE = RegionType(
-    frozenset(REGION_OPTIONS) - COMMON_OPTIONS - {"max_items", "max_bytes", "max_entry_bytes", "allow_shared_dir"}
+    frozenset(REGION_OPTIONS)
+    - COMMON_OPTIONS
+    - {"max_items", "max_bytes", "max_entry_bytes", "allow_shared_dir", "near", "near_max_items", "near_max_bytes"}
 )
 
 #: Options of a whole set of regions (:class:`~pyramid_sessioncache.CacheRegions`).

