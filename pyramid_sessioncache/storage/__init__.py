@@ -11,5 +11,5 @@
   bounded per Session), ``memory`` (bounded in entries and bytes, per
   region), ``redis`` (signed entries, versions read with them), ``file``
   (one signed file per entry) and ``dbm`` (signed); ``signed`` (the
-  signed entries both keep), ``locks`` and ``directories`` for the last two.
+  signed entries both keep), ``filelock`` and ``directories`` for the last two.
 """

@@ -9,7 +9,7 @@ it alone; the database is opened and closed around each access), and:
   unpickles it only after the signature checks;
 - creates the database files 0600 and its directories 0700, in a
   ``data_dir`` that only this user can write (checked at start-up);
-- locks the creation of an entry with a :class:`~.locks.FileLock`, which
+- locks the creation of an entry with a :class:`~.filelock.FileLock`, which
   leaves no file behind (Beaker's leaves one per key).
 
 What it cannot change: the whole region is one database, which keeps the
@@ -35,7 +35,7 @@ from beaker.synchronization import file_synchronizer
 from .. import api
 from ..signing import key_bytes
 from .directories import FILE_MODE, make_directory
-from .locks import FileLock
+from .filelock import FileLock
 from .signed import SignedNamespace
 
 log = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ it), and leaves a lock file per key behind.  This one:
   the region (one of its 256 subdirectories: expired entries, temporary
   files and lock files left by a process that died) every
   :attr:`FileNamespace.SWEEP_EVERY` writes;
-- locks the creation of an entry (stampede) with a :class:`~.locks.FileLock`,
+- locks the creation of an entry (stampede) with a :class:`~.filelock.FileLock`,
   whose file is removed when it is let go.
 
 :class:`FileNamespace` holds raw values (table versions, see
@@ -47,7 +47,7 @@ from beaker.container import NamespaceManager
 from .. import api, signing
 from ..signing import key_bytes
 from .directories import make_directory
-from .locks import FileLock, remove_abandoned
+from .filelock import FileLock, remove_abandoned
 from .signed import SignedNamespace
 
 log = logging.getLogger(__name__)
