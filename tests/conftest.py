@@ -100,6 +100,14 @@ def any_region(request, region_options) -> str:
     return request.param
 
 
+@pytest.fixture(params=["file", "redis"])
+def shared_region(request, tmp_path) -> dict:
+    """The options of each region several server processes share, in turn: ``file``, then ``ext:redis``."""
+    if request.param == "redis":
+        return {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
+    return {"type": "file", "data_dir": str(tmp_path / "cache"), "lock_dir": str(tmp_path / "locks")}
+
+
 def _server_package(name: str):
     """Import the package that ships a server; without it, skip, except in CI."""
     try:
