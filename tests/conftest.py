@@ -108,6 +108,12 @@ def shared_region(request, tmp_path) -> dict:
     return {"type": "file", "data_dir": str(tmp_path / "cache"), "lock_dir": str(tmp_path / "locks")}
 
 
+@pytest.fixture(params=["FromCache option", "cached_query()"])
+def entrance(request) -> str:
+    """Each way into the cache in turn: a ``FromCache`` option, then ``cached_query()``."""
+    return request.param
+
+
 def _server_package(name: str):
     """Import the package that ships a server; without it, skip, except in CI."""
     try:
