@@ -179,14 +179,24 @@ def test_a_stuck_regenerator_holds_waiters_for_lock_timeout_only(one_region):
     release = threading.Event()
     calls: list[str] = []
 
+    finished: list[int] = []
+
     def create() -> str:
         calls.append(threading.current_thread().name)
         if len(calls) == 1:
             release.wait(4)  # the first regenerator is stuck past the waiters
         return "value"
 
+    def get() -> str:
+        try:
+            return one_region.get_or_create(key, create)
+        finally:
+            finished.append(1)
+            if len(finished) == 4:  # the waiters are done: the stuck one need not sit out its 4 s
+                release.set()
+
     try:
-        results = in_threads(5, lambda: one_region.get_or_create(key, create))
+        results = in_threads(5, get)
     finally:
         release.set()
     # Four waiters waited lock_timeout (1 s), then ran create() themselves
