@@ -40,16 +40,24 @@ class SQLCounter:
         self.statements.clear()
 
 
-@pytest.fixture
-def db_url(tmp_path) -> str:
-    """A seeded SQLite file of its own."""
-    url = f"sqlite:///{tmp_path / 'test.sqlite'}"
-    engine = create_engine(url)
+@pytest.fixture(scope="session")
+def seeded_sqlite(tmp_path_factory) -> str:
+    """The path of a SQLite file with the schema and ``models.seed()``'s rows, made once: never opened by a test."""
+    path = tmp_path_factory.mktemp("seeded") / "seeded.sqlite"
+    engine = create_engine(f"sqlite:///{path}")
     models.Base.metadata.create_all(engine)
     with sessionmaker(engine)() as session:
         models.seed(session)
     engine.dispose()
-    return url
+    return str(path)
+
+
+@pytest.fixture
+def db_url(tmp_path, seeded_sqlite) -> str:
+    """A seeded SQLite file of its own: a copy of :func:`seeded_sqlite` (a copy costs far less than seeding)."""
+    path = tmp_path / "test.sqlite"
+    shutil.copyfile(seeded_sqlite, path)
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture
