@@ -39,16 +39,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,6 +54,7 @@ from sqlalchemy.orm import sessionmaker  # noqa: E402
 
 from benchmarks import servers  # noqa: E402
 from tests import models  # noqa: E402
+from tests.processes import ServerProcess, burst, timed_request  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 THREADS = 8
@@ -70,66 +66,18 @@ def progress(message: str) -> None:
     print(f"... {message}", file=sys.stderr, flush=True)
 
 
-class Server:
-    """``tests/serve.py`` in a process of its own."""
-
-    def __init__(self, db_url: str, region: dict, settings: dict) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.serve", db_url, json.dumps(region), json.dumps(settings), str(THREADS)],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,  # the tracebacks of the failing scenarios
-            text=True,
-        )
-        port = self.process.stdout.readline().strip()
-        if not port:
-            raise RuntimeError("a server process did not start")
-        self.base = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+def start_server(db_url: str, region: dict, settings: dict) -> ServerProcess:
+    """``tests/serve.py`` in a process of its own, its failing requests' tracebacks dropped."""
+    return ServerProcess(db_url, region, settings, threads=THREADS, quiet=True)
 
 
 def request(url: str, data: bytes | None = None) -> tuple[float, int]:
     """``(seconds, status)`` of one request; status 0 when it got no answer."""
-    start = time.monotonic()
-    try:
-        with urllib.request.urlopen(url, data=data, timeout=CLIENT_TIMEOUT) as response:
-            response.read()
-            status = response.status
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-    except OSError:
-        status = 0
-    return time.monotonic() - start, status
-
-
-def burst(urls: list[str]) -> list[tuple[float, int]]:
-    """Every URL at once, a thread each."""
-    results: list = [(CLIENT_TIMEOUT, 0)] * len(urls)
-    barrier = threading.Barrier(len(urls))
-
-    def run(index: int) -> None:
-        barrier.wait()
-        results[index] = request(urls[index])
-
-    threads = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(len(urls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(CLIENT_TIMEOUT + 10)
-    return results
+    return timed_request(url, data, timeout=CLIENT_TIMEOUT)
 
 
 @contextlib.contextmanager
-def processes(db_url: str, region: dict, settings: dict, count: int = 2) -> Iterator[list[Server]]:
+def processes(db_url: str, region: dict, settings: dict, count: int = 2) -> Iterator[list[ServerProcess]]:
     """``count`` server processes, started together, each past its first load of the query's shape.
 
     The first load of a statement shape in a process may run it twice
@@ -137,11 +85,12 @@ def processes(db_url: str, region: dict, settings: dict, count: int = 2) -> Iter
     another person (``?id=2``, ``?id=3``: an entry of its own, not a hit)
     does that first, so that the figures count what a stampede costs.
     """
-    started: list[Server] = []
+    started: list[ServerProcess] = []
     starting: list = []
     try:
         threads = [
-            threading.Thread(target=lambda: starting.append(Server(db_url, region, settings))) for _ in range(count)
+            threading.Thread(target=lambda: starting.append(start_server(db_url, region, settings)))
+            for _ in range(count)
         ]
         for thread in threads:
             thread.start()
@@ -177,20 +126,15 @@ def scenario(name: str, db_url: str, region: dict, folder: Path, args: argparse.
     if name == "holder killed":
         with processes(db_url, region, settings, count=1) as (other,):
             holding = started.with_name("holding")
-            holder = Server(
+            holder = start_server(
                 db_url, region, {**settings, "test.query_seconds": "600", "test.started_file": str(holding)}
             )
             try:
-                threading.Thread(target=request, args=(holder.base + "/slow",), daemon=True).start()
-                deadline = time.monotonic() + 30
-                while not holding.exists() and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                holder.process.send_signal(signal.SIGKILL)  # in its query, holding the creation lock
-                holder.process.wait(timeout=10)
+                holder.kill_in_query("/slow", holding, timeout=30)  # in its query, holding the creation lock
             finally:
                 holder.stop()
             before = executions(started)
-            results = burst([other.base + "/slow"] * args.requests)
+            results = burst([other.base + "/slow"] * args.requests, timeout=CLIENT_TIMEOUT)
         return executions(started) - before, sum(status != 200 for _, status in results), max(r[0] for r in results)
     with processes(db_url, region, settings) as (one, two):
         if name in ("table written", "TTL passed"):
@@ -204,7 +148,9 @@ def scenario(name: str, db_url: str, region: dict, folder: Path, args: argparse.
             flag.touch()  # after the warm-up requests
         before = executions(started)
         half = args.requests // 2
-        results = burst([one.base + "/slow"] * half + [two.base + "/slow"] * (args.requests - half))
+        results = burst(
+            [one.base + "/slow"] * half + [two.base + "/slow"] * (args.requests - half), timeout=CLIENT_TIMEOUT
+        )
     return executions(started) - before, sum(status != 200 for _, status in results), max(r[0] for r in results)
 
 

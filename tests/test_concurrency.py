@@ -3,20 +3,15 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import threading
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
-import pytest
 import waitress
 
 from .app import make_app
-
-ROOT = Path(__file__).parent.parent
+from .processes import ServerProcess
 
 
 def get(base: str, path: str) -> dict:
@@ -30,35 +25,8 @@ def post(base: str, path: str, **params) -> dict:
         return json.load(response)
 
 
-@pytest.fixture(params=["file", "redis"])
-def shared_region(request, tmp_path):
-    if request.param == "redis":
-        return {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
-    return {"type": "file", "data_dir": str(tmp_path / "cache"), "lock_dir": str(tmp_path / "locks")}
-
-
-class Process:
-    """tests/serve.py in a process of its own."""
-
-    def __init__(self, db_url: str, region: dict, **settings: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.serve", db_url, json.dumps(region), json.dumps(settings)],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        port = self.process.stdout.readline().strip()
-        assert port, "the server process did not start"
-        self.base = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        self.process.stdin.close()
-        self.process.wait(timeout=20)
-
-
 def test_a_write_in_one_process_is_seen_by_the_next_request_of_another(db_url, shared_region):
-    one, two = Process(db_url, shared_region), Process(db_url, shared_region)
+    one, two = ServerProcess(db_url, shared_region), ServerProcess(db_url, shared_region)
     try:
         for _ in range(3):  # both processes have the list cached
             assert get(one.base, "/names")["1"] == "person 1"

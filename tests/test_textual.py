@@ -39,11 +39,6 @@ def cache(region_options, any_region):
     return SessionCache(region_options, default_region=any_region, secret=SECRET)
 
 
-@pytest.fixture(params=["FromCache option", "cached_query()"])
-def entrance(request):
-    return request.param
-
-
 #: The shared regions: their entries carry the tables they depend on
 #: (``ext:local_session`` entries last one transaction and carry none).
 shared_regions = pytest.mark.parametrize("any_region", ["memory", "file", "redis"], indirect=True)
@@ -173,30 +168,30 @@ def test_a_textual_entry_depends_on_every_table(Session, shared_region):
 JOINED = "SELECT person.* FROM person JOIN address ON address.person_id = person.id WHERE address.street = :street"
 
 
+def _rename_person_2(session):
+    session.get(Person, 2).name = "renamed"
+
+
+def _move_address_3(session):
+    session.get(Address, 3).street = "moved"
+
+
 @shared_regions
-def test_a_commit_to_a_table_the_text_names_invalidates(Session, shared_region):
+@pytest.mark.parametrize(
+    "write, names",
+    [(_rename_person_2, ["renamed"]), (_move_address_3, [])],
+    ids=["a table the text names and returns", "a table only the SQL reads"],
+)
+def test_a_commit_to_a_table_of_the_text_invalidates(Session, shared_region, write, names):
     statement = select(Person).from_statement(text(JOINED).bindparams(street="2 Main St"))
     statement = statement.options(FromCache(shared_region))
     with Session() as session:
         assert [p.name for p in session.scalars(statement)] == ["person 2"]
     with Session() as session:
-        session.get(Person, 2).name = "renamed"
+        write(session)
         session.commit()
     with Session() as session:
-        assert [p.name for p in session.scalars(statement)] == ["renamed"]
-
-
-@shared_regions
-def test_a_commit_to_a_table_only_the_sql_reads_invalidates(Session, shared_region):
-    statement = select(Person).from_statement(text(JOINED).bindparams(street="2 Main St"))
-    statement = statement.options(FromCache(shared_region))
-    with Session() as session:
-        assert [p.name for p in session.scalars(statement)] == ["person 2"]
-    with Session() as session:
-        session.get(Address, 3).street = "moved"
-        session.commit()
-    with Session() as session:
-        assert [p.name for p in session.scalars(statement)] == []
+        assert [p.name for p in session.scalars(statement)] == names
 
 
 # SQL text that writes ----------------------------------------------------------------

@@ -10,16 +10,9 @@ took instead (many times more, or the client's timeout).
 
 from __future__ import annotations
 
-import json
-import signal
-import subprocess
-import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 import uuid
-from pathlib import Path
 
 import pytest
 import waitress
@@ -30,70 +23,12 @@ from pyramid_sessioncache import CacheRegions, InvalidOptionError, Region, get_e
 
 from .app import make_app
 from .conftest import SECRET
+from .processes import ServerProcess, burst, timed_request
 
-ROOT = Path(__file__).parent.parent
 #: Seconds the slow query takes.
 QUERY = 0.5
 #: Waitress threads per server process, as in the issue.
 THREADS = 8
-#: Seconds a client waits for an answer: far beyond every bound below.
-CLIENT_TIMEOUT = 30
-
-
-@pytest.fixture(params=["file", "redis"])
-def shared_region(request, tmp_path):
-    if request.param == "redis":
-        return {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
-    return {"type": "file", "data_dir": str(tmp_path / "cache"), "lock_dir": str(tmp_path / "locks")}
-
-
-class Server:
-    """tests/serve.py in a process of its own, with the slow route."""
-
-    def __init__(self, db_url: str, region: dict, **settings: str) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.serve", db_url, json.dumps(region), json.dumps(settings), str(THREADS)],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        port = self.process.stdout.readline().strip()
-        assert port, "the server process did not start"
-        self.base = f"http://127.0.0.1:{port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.stdin.close()
-            self.process.wait(timeout=20)
-
-
-def timed_get(url: str) -> tuple[float, int]:
-    """``(seconds, status)`` of one GET; status 0 when the client gave up."""
-    start = time.monotonic()
-    try:
-        with urllib.request.urlopen(url, timeout=CLIENT_TIMEOUT) as response:
-            status = response.status
-    except urllib.error.HTTPError as exc:
-        status = exc.code
-    except OSError:
-        status = 0
-    return time.monotonic() - start, status
-
-
-def together(urls: list[str]) -> list[tuple[float, int]]:
-    """GET every URL at once, each from a thread of its own; their ``(seconds, status)``."""
-    results: list = [None] * len(urls)
-
-    def get(index: int) -> None:
-        results[index] = timed_get(urls[index])
-
-    threads = [threading.Thread(target=get, args=(index,)) for index in range(len(urls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=CLIENT_TIMEOUT + 10)
-    return results
 
 
 def test_a_killed_regenerator_delays_the_others_by_at_most_lock_timeout(db_url, shared_region, tmp_path):
@@ -101,21 +36,18 @@ def test_a_killed_regenerator_delays_the_others_by_at_most_lock_timeout(db_url, 
     started = tmp_path / "started"
     region = {**shared_region, "lock_timeout": str(lock_timeout)}
     # The holder's query would take a minute: it is killed long before.
-    holder = Server(db_url, region, **{"test.query_seconds": "60", "test.started_file": str(started)})
-    other = Server(db_url, region, **{"test.query_seconds": str(QUERY)})
+    holder = ServerProcess(
+        db_url, region, {"test.query_seconds": "60", "test.started_file": str(started)}, threads=THREADS
+    )
+    other = ServerProcess(db_url, region, {"test.query_seconds": str(QUERY)}, threads=THREADS)
     try:
         # The other process loads the query's shape first (another person):
         # its first load of a shape may run the query twice (see hook.py).
-        assert timed_get(other.base + "/slow?id=2")[1] == 200
-        threading.Thread(target=timed_get, args=(holder.base + "/slow",), daemon=True).start()
-        deadline = time.monotonic() + 20
-        while not started.exists() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert started.exists(), "the holder never ran its query"
-        holder.process.send_signal(signal.SIGKILL)  # while it holds the creation lock
-        holder.process.wait(timeout=10)
+        assert timed_request(other.base + "/slow?id=2")[1] == 200
+        # Killed while it holds the creation lock.
+        assert holder.kill_in_query("/slow", started), "the holder never ran its query"
         # One waitress thread each: a page that uses no cache, and the others on the entry.
-        results = together([other.base + "/slow"] * (THREADS - 1) + [other.base + "/plain"])
+        results = burst([other.base + "/slow"] * (THREADS - 1) + [other.base + "/plain"])
     finally:
         holder.stop()
         other.stop()
@@ -132,9 +64,9 @@ def test_a_failing_regeneration_is_not_retried_by_each_waiter_in_turn(db_url, sh
     failing = tmp_path / "failing"
     failing.touch()
     settings = {"test.query_seconds": str(QUERY), "test.fail_file": str(failing)}
-    servers = [Server(db_url, shared_region, **settings) for _ in range(2)]
+    servers = [ServerProcess(db_url, shared_region, settings, threads=THREADS) for _ in range(2)]
     try:
-        results = together([server.base + "/slow" for server in servers for _ in range(THREADS)])
+        results = burst([server.base + "/slow" for server in servers for _ in range(THREADS)])
     finally:
         for server in servers:
             server.stop()
@@ -181,7 +113,7 @@ def test_waiters_hold_no_pooled_connection(db_url, tmp_path):
             threading.Timer(0.9, lambda: seen_by_the_query.append(checked_out["now"])).start()
 
     try:
-        results = together([base + "/slow"] * THREADS)
+        results = burst([base + "/slow"] * THREADS)
     finally:
         server.close()
     assert [status for _, status in results] == [200] * THREADS
@@ -247,14 +179,24 @@ def test_a_stuck_regenerator_holds_waiters_for_lock_timeout_only(one_region):
     release = threading.Event()
     calls: list[str] = []
 
+    finished: list[int] = []
+
     def create() -> str:
         calls.append(threading.current_thread().name)
         if len(calls) == 1:
             release.wait(4)  # the first regenerator is stuck past the waiters
         return "value"
 
+    def get() -> str:
+        try:
+            return one_region.get_or_create(key, create)
+        finally:
+            finished.append(1)
+            if len(finished) == 4:  # the waiters are done: the stuck one need not sit out its 4 s
+                release.set()
+
     try:
-        results = in_threads(5, lambda: one_region.get_or_create(key, create))
+        results = in_threads(5, get)
     finally:
         release.set()
     # Four waiters waited lock_timeout (1 s), then ran create() themselves

@@ -10,6 +10,6 @@
 - ``backends/``: ``local_session`` (entries on a SQLAlchemy Session,
   bounded per Session), ``memory`` (bounded in entries and bytes, per
   region), ``redis`` (signed entries, versions read with them), ``file``
-  (one signed file per entry) and ``dbm`` (signed); ``locks`` and
-  ``directories`` for the last two.
+  (one signed file per entry) and ``dbm`` (signed); ``signed`` (the
+  signed entries both keep), ``filelock`` and ``directories`` for the last two.
 """

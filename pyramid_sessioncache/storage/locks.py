@@ -39,7 +39,7 @@ import time
 import weakref
 from typing import Any, Protocol
 
-from .backends.locks import FileLock
+from .backends.filelock import FileLock
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ class FileLocks:
 
 
 class _FileLock(_Polled):
-    # The file namespace's own lock (backends/locks.py): private files,
+    # The file namespace's own lock (backends/filelock.py): private files,
     # removed on release, so no lock file is left behind per entry.
     def __init__(self, path: str) -> None:
         self._lock = FileLock(path)

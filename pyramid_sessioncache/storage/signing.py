@@ -44,8 +44,11 @@ def _field(data: bytes) -> bytes:
     return len(data).to_bytes(4, "big") + data
 
 
-def _key(key: bytes | str) -> bytes:
-    # Beaker's Cache encodes keys this way before a namespace sees them.
+def key_bytes(key: bytes | str) -> bytes:
+    """Return ``key`` as the bytes a namespace stores it under.
+
+    Beaker's ``Cache`` encodes keys this way before a namespace sees them.
+    """
     return key.encode("ascii", "backslashreplace") if isinstance(key, str) else key
 
 
@@ -69,7 +72,7 @@ class Signer:
 
     def _mac(self, key: bytes | str, head: bytes, payload: bytes | memoryview) -> bytes:
         mac = self._base.copy()
-        mac.update(_field(_key(key)))
+        mac.update(_field(key_bytes(key)))
         mac.update(head)
         mac.update(payload)
         return mac.digest()
@@ -150,7 +153,7 @@ class Codec:
 
     def decode(self, key: bytes | str, data: bytes) -> Any:
         """Return the value stored as ``data`` under ``key``; ``KeyError`` if it cannot be used."""
-        key = _key(key)
+        key = key_bytes(key)
         payload = self.signer.open(key, data)
         if payload is None:
             self.complain(

@@ -9,7 +9,7 @@ it alone; the database is opened and closed around each access), and:
   unpickles it only after the signature checks;
 - creates the database files 0600 and its directories 0700, in a
   ``data_dir`` that only this user can write (checked at start-up);
-- locks the creation of an entry with a :class:`~.locks.FileLock`, which
+- locks the creation of an entry with a :class:`~.filelock.FileLock`, which
   leaves no file behind (Beaker's leaves one per key).
 
 What it cannot change: the whole region is one database, which keeps the
@@ -26,17 +26,17 @@ import dbm
 import hashlib
 import logging
 import os
-import pickle
-import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from beaker.container import OpenResourceNamespaceManager
 from beaker.synchronization import file_synchronizer
 
-from .. import api, signing
+from .. import api
+from ..signing import key_bytes
 from .directories import FILE_MODE, make_directory
-from .locks import FileLock
+from .filelock import FileLock
+from .signed import SignedNamespace
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class DBMNamespace(OpenResourceNamespaceManager):
 
     def get_creation_lock(self, key: bytes) -> FileLock:
         """The lock one creator of ``key``'s value holds while the others wait (its file is removed after)."""
-        return FileLock(os.path.join(self.lock_directory, _digest(_key(key)) + ".lock"))
+        return FileLock(os.path.join(self.lock_directory, _digest(key_bytes(key)) + ".lock"))
 
     def do_open(self, flags: str, replace: bool) -> None:
         try:
@@ -107,10 +107,10 @@ class DBMNamespace(OpenResourceNamespaceManager):
         return value if len(value) <= self.max_bytes else b""
 
     def __contains__(self, key: Any) -> bool:
-        return _key(key) in self.db
+        return key_bytes(key) in self.db
 
     def __delitem__(self, key: Any) -> None:
-        del self.db[_key(key)]
+        del self.db[key_bytes(key)]
 
     def keys(self) -> list:
         return list(self.db.keys())
@@ -160,47 +160,21 @@ class DBMNamespace(OpenResourceNamespaceManager):
         return refused
 
 
-class SignedDBMNamespace(DBMNamespace):
+class SignedDBMNamespace(SignedNamespace, DBMNamespace):
     """The entries of a ``dbm`` region: Beaker's stored format, pickled and signed.
 
-    :param secret: the application's secret.
-    :param max_bytes: the region's ``max_entry_bytes``.
-
-    Other parameters are :class:`DBMNamespace`'s.
+    Parameters are :class:`~.signed.SignedNamespace`'s.  Whoever calls
+    ``set_value()`` or ``set_pickled()`` holds the database's write lock
+    (Beaker's ``Value`` does).
     """
 
-    def __init__(
-        self,
-        namespace: str,
-        data_dir: str,
-        secret: bytes,
-        lock_dir: str | None = None,
-        max_bytes: int = 1024 * 1024,
-        **kw: Any,
-    ) -> None:
-        super().__init__(namespace, data_dir, lock_dir, max_bytes + signing.HEADER)
-        self.codec = signing.Codec(secret, namespace, log)
+    log = log
 
-    def __getitem__(self, key: Any) -> Any:
-        key = _key(key)
+    def _signed(self, key: bytes) -> bytes:
         data = self._raw(key)
         if data is None:
             raise KeyError(key)
-        return self.codec.decode(key, data)
+        return data
 
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.set_value(key, value)
-
-    def set_value(self, key: Any, value: Any, expiretime: int | None = None) -> None:
-        """Pickle, sign and store ``value`` (Beaker's API; the caller holds the write lock)."""
-        self.set_pickled(key, pickle.dumps(value, pickle.HIGHEST_PROTOCOL), expiretime)
-
-    def set_pickled(self, key: Any, payload: bytes, expiretime: int | None = None, value: Any = None) -> None:
-        """Sign and store ``payload`` (a pickle); the caller holds the write lock."""
-        key = _key(key)
-        self.db[key] = self.codec.encode(key, payload, expiretime, time.time())
-
-
-def _key(key: Any) -> bytes:
-    # Beaker's Cache encodes keys this way before a namespace sees them.
-    return key.encode("ascii", "backslashreplace") if isinstance(key, str) else key
+    def _store(self, key: bytes, data: bytes) -> None:
+        self.db[key] = data

@@ -19,7 +19,7 @@ it), and leaves a lock file per key behind.  This one:
   the region (one of its 256 subdirectories: expired entries, temporary
   files and lock files left by a process that died) every
   :attr:`FileNamespace.SWEEP_EVERY` writes;
-- locks the creation of an entry (stampede) with a :class:`~.locks.FileLock`,
+- locks the creation of an entry (stampede) with a :class:`~.filelock.FileLock`,
   whose file is removed when it is let go.
 
 :class:`FileNamespace` holds raw values (table versions, see
@@ -34,7 +34,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import pickle
 import random
 import shutil
 import tempfile
@@ -46,8 +45,10 @@ from typing import Any
 from beaker.container import NamespaceManager
 
 from .. import api, signing
+from ..signing import key_bytes
 from .directories import make_directory
-from .locks import FileLock, remove_abandoned
+from .filelock import FileLock, remove_abandoned
+from .signed import SignedNamespace
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +86,26 @@ def _read(path: str, limit: int) -> tuple[bytes, os.stat_result] | None:
         return data, status
     finally:
         os.close(descriptor)
+
+
+def _temporary(directory: str, data: bytes) -> str:
+    """Write ``data`` to a new temporary file (mode 0600) of ``directory``, created if missing; return its path.
+
+    Temporary files end in ``.tmp``: a sweep removes those a process that died left behind.
+    """
+    try:
+        descriptor, temporary = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)
+    except FileNotFoundError:
+        make_directory(directory)
+        descriptor, temporary = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    return temporary
 
 
 class FileNamespace(NamespaceManager):
@@ -126,15 +147,8 @@ class FileNamespace(NamespaceManager):
 
     def _replace(self, path: str, data: bytes) -> None:
         """Write ``path`` whole: a temporary file, then ``os.replace()``."""
-        directory = os.path.dirname(path)
+        temporary = _temporary(os.path.dirname(path), data)
         try:
-            descriptor, temporary = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)  # mode 0600
-        except FileNotFoundError:
-            make_directory(directory)
-            descriptor, temporary = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(data)
             os.replace(temporary, path)
         except BaseException:
             with contextlib.suppress(OSError):
@@ -146,15 +160,8 @@ class FileNamespace(NamespaceManager):
 
     def _add(self, path: str, data: bytes) -> None:
         """Write ``path`` whole unless it exists (a hard link fails on an existing name)."""
-        directory = os.path.dirname(path)
+        temporary = _temporary(os.path.dirname(path), data)
         try:
-            descriptor, temporary = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)
-        except FileNotFoundError:
-            make_directory(directory)
-            descriptor, temporary = tempfile.mkstemp(prefix=".", suffix=".tmp", dir=directory)
-        try:
-            with os.fdopen(descriptor, "wb") as file:
-                file.write(data)
             with contextlib.suppress(FileExistsError):
                 os.link(temporary, path)
         finally:
@@ -201,11 +208,11 @@ class FileNamespace(NamespaceManager):
             lock.release()
 
     def __contains__(self, key: Any) -> bool:
-        return os.path.exists(self.path(_key(key)))
+        return os.path.exists(self.path(key_bytes(key)))
 
     def __delitem__(self, key: Any) -> None:
         try:
-            os.unlink(self.path(_key(key)))
+            os.unlink(self.path(key_bytes(key)))
         except FileNotFoundError:
             raise KeyError(key) from None
 
@@ -265,30 +272,16 @@ class FileNamespace(NamespaceManager):
         return removed
 
 
-class SignedFileNamespace(FileNamespace):
+class SignedFileNamespace(SignedNamespace, FileNamespace):
     """The entries of a ``file`` region: Beaker's stored format, pickled and signed, one file each.
 
-    :param secret: the application's secret.
-    :param max_bytes: the region's ``max_entry_bytes``: larger files are
-        not read.
-
-    Other parameters are :class:`FileNamespace`'s.
+    Parameters are :class:`~.signed.SignedNamespace`'s: a file larger than
+    the region's ``max_entry_bytes`` is not read.
     """
 
-    def __init__(
-        self,
-        namespace: str,
-        data_dir: str,
-        secret: bytes,
-        lock_dir: str | None = None,
-        max_bytes: int = 1024 * 1024,
-        **kw: Any,
-    ) -> None:
-        super().__init__(namespace, data_dir, lock_dir, max_bytes + signing.HEADER)
-        self.codec = signing.Codec(secret, namespace, log)
+    log = log
 
-    def __getitem__(self, key: Any) -> Any:
-        key = _key(key)
+    def _signed(self, key: bytes) -> bytes:
         path = self.path(key)
         try:
             found = _read(path, self.max_bytes)
@@ -309,24 +302,10 @@ class SignedFileNamespace(FileNamespace):
                 if (now.st_dev, now.st_ino) == (status.st_dev, status.st_ino):
                     os.unlink(path)
             raise KeyError(key)
-        return self.codec.decode(key, data)
+        return data
 
-    def __setitem__(self, key: Any, value: Any) -> None:
-        self.set_value(key, value)
-
-    def set_value(self, key: Any, value: Any, expiretime: int | None = None) -> None:
-        """Pickle, sign and store ``value`` (Beaker's API)."""
-        self.set_pickled(key, pickle.dumps(value, pickle.HIGHEST_PROTOCOL), expiretime)
-
-    def set_pickled(self, key: Any, payload: bytes, expiretime: int | None = None, value: Any = None) -> None:
-        """Sign and store ``payload`` (a pickle) for ``expiretime`` seconds (None: no expiry)."""
-        key = _key(key)
-        self._replace(self.path(key), self.codec.encode(key, payload, expiretime, time.time()))
-
-
-def _key(key: Any) -> bytes:
-    # Beaker's Cache encodes keys this way before a namespace sees them.
-    return key.encode("ascii", "backslashreplace") if isinstance(key, str) else key
+    def _store(self, key: bytes, data: bytes) -> None:
+        self._replace(self.path(key), data)
 
 
 def _bytes(value: Any) -> bytes:

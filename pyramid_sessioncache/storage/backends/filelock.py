@@ -1,4 +1,4 @@
-"""Locks between processes that leave no file behind.
+"""File locks between processes that leave no file behind (the ``file`` and ``dbm`` backends' creation locks).
 
 Beaker's ``FileSynchronizer`` keeps one lock file per key for ever: a
 region that has seen a million keys has a million lock files.  A
