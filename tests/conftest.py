@@ -14,7 +14,6 @@ from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import SessionCache
-from pyramid_sessioncache.engine.invalidation import statements
 
 from . import models
 
@@ -39,21 +38,6 @@ class SQLCounter:
 
     def reset(self) -> None:
         self.statements.clear()
-
-
-@pytest.fixture(autouse=True)
-def _forget_what_statements_wrote() -> Iterator[None]:
-    """After each test, forget the statements whose written tables were memoized.
-
-    ``statements._ELEMENTS`` keeps up to 5000 executed statements, and a
-    statement keeps its options, and a ``FromCache`` option its
-    ``SessionCache``: every test's caches would stay alive, and each commit
-    of a later test publishes its writes to every live cache (version files
-    written in each ``file`` region).  One application has one cache; a
-    test suite makes hundreds.
-    """
-    yield
-    statements._ELEMENTS.clear()
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ from sqlalchemy.orm import sessionmaker
 from pyramid_sessioncache import InvalidOptionError, SessionCache, cached_query, parse_settings
 from pyramid_sessioncache.storage.region import CacheRegions
 
-from .conftest import SECRET, SQLCounter, _server_package
+from .conftest import SECRET, SQLCounter, _server_package, stop_redis
 from .models import Person
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ def server() -> Iterator[Server]:
     try:
         yield Server(server)
     finally:
-        server.shutdown()
+        stop_redis(server)
         shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -11,6 +11,7 @@ Names are version names (:func:`~.reads.version_name`): bare, lower case.
 from __future__ import annotations
 
 import re
+import weakref
 from functools import lru_cache
 from typing import Any
 
@@ -42,25 +43,21 @@ def written_tables(context: Any, statement: str) -> frozenset[str]:
     if context.isddl:
         return sql_tables(statement)
     if context.isinsert or context.isupdate or context.isdelete or element.is_select:
-        return _element_tables(element)
+        return _compiled_tables(compiled)
     return sql_tables(statement)
 
 
-def _element_tables(element: Any) -> frozenset[str]:
-    # Compiled statements are cached and run again: remember what each writes.
-    try:
-        return _ELEMENTS[element]
-    except KeyError:
-        pass
-    except TypeError:  # not hashable: work it out every time
-        return _dml_under(element)
-    found = _ELEMENTS[element] = _dml_under(element)
-    if len(_ELEMENTS) > 5000:
-        _ELEMENTS.clear()
+def _compiled_tables(compiled: Any) -> frozenset[str]:
+    # Compiled statements are cached and run again: remember what each
+    # writes for as long as the engine keeps it (a weak key: no statement,
+    # nor the options and caches it holds, is kept alive by this).
+    found = _WRITTEN.get(compiled)
+    if found is None:
+        found = _WRITTEN[compiled] = _dml_under(compiled.statement)
     return found
 
 
-_ELEMENTS: dict[Any, frozenset[str]] = {}
+_WRITTEN: weakref.WeakKeyDictionary[Any, frozenset[str]] = weakref.WeakKeyDictionary()
 
 
 def _dml_under(element: Any) -> frozenset[str]:
