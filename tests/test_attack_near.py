@@ -517,3 +517,63 @@ def test_a_crash_restored_from_an_older_snapshot_in_a_reader_that_never_saw_the_
         process.kill()
         process.wait(10)
         shutil.rmtree(directory, ignore_errors=True)
+
+
+SIBLING_URLS = [
+    pytest.param("", id="same-url"),
+    pytest.param("?db=0", id="same-db-spelt-out"),
+    pytest.param("?socket_timeout=5", id="other-url-options"),
+]
+SIBLING_BUG = (
+    "near caches of one process are siblings only when they share the redis client object "
+    "(near._siblings keyed by (id(client), prefixes)); Beaker makes one client per URL string, so the same "
+    "region on the same server and database, spelt differently (?db=0, ?socket_timeout=...) is not dropped "
+    "synchronously by another application's region.clear()/invalidate_region(): it serves the old entry "
+    "until the broadcast arrives, though the docs promise the drop before the call returns"
+)
+
+
+@pytest.mark.parametrize("how", ["commit", "invalidate_region"])
+@pytest.mark.parametrize("suffix", SIBLING_URLS)
+def test_a_change_by_another_application_of_the_process_is_seen_at_once(request, engine, db_url, fresh, suffix, how):
+    """docs/backends.md: a commit in the same process is seen before it returns, by every other
+    application of the process that configures the same region on the same server.
+
+    The broadcast is switched off in the reader (as test_near.py does) so that only the synchronous
+    drop counts: with it, the reader would be right only after the window.
+    """
+    if how == "invalidate_region" and suffix:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=SIBLING_BUG))
+    writer_app = SessionCache({"redis": {"type": "ext:redis", "url": fresh.url, "near": True}}, default_region="redis", secret=SECRET)
+    reader_app = SessionCache(
+        {"redis": {"type": "ext:redis", "url": fresh.url + suffix, "near": True}}, default_region="redis", secret=SECRET
+    )
+    try:
+        for app in (writer_app, reader_app):
+            assert app.region("redis").near.wait_live(5)
+        Writer = sessionmaker(bind=engine, info=writer_app.session_info())
+        Reader = sessionmaker(bind=engine, info=reader_app.session_info())
+        assert cached_names(Reader) == uncached(engine)
+        near = reader_app.region("redis").near
+        for _ in range(100):
+            cached_names(Reader)
+            if near.hits > 3:
+                break
+        assert near.hits > 3  # served from the process
+        near.heard = lambda keys: None  # the broadcast still on its way
+        if how == "commit":
+            with Writer() as session:
+                session.get(Person, 3).name = "renamed by the other application"
+                session.commit()
+        else:  # a write no listener saw (another program), then the region invalidated explicitly
+            with sqlite3.connect(db_url.removeprefix("sqlite:///")) as raw:
+                raw.execute("UPDATE person SET name = 'renamed by the other application' WHERE id = 3")
+            from pyramid_sessioncache import invalidate_region
+
+            invalidate_region(writer_app, "redis")
+        expected = uncached(engine)
+        assert "renamed by the other application" in expected
+        assert cached_names(Reader) == expected
+    finally:
+        writer_app.close()
+        reader_app.close()
