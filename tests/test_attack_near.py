@@ -601,3 +601,128 @@ def test_swapdb_never_leaves_entries_redis_no_longer_holds(fresh):
     finally:
         near.close()
         fresh.server.flushall()
+
+
+def test_an_invalidation_of_another_key_of_the_same_bucket_refuses_the_store_only(fresh, monkeypatch):
+    """A read of key A in flight while key B of A's bucket is invalidated: A is served right, not stored."""
+    from pyramid_sessioncache import _beaker
+    from pyramid_sessioncache.storage.backends import near as near_module
+
+    region = regions(fresh.url)["r"]
+    writer = regions(fresh.url, near=False)["r"]
+    try:
+        n = region.near
+        assert n.wait_live(5)
+        namespace = region.cache_for().namespace
+
+        def bucket(name):
+            return hash(_beaker.redis_key(namespace, name.encode())) % near_module.BUCKETS
+
+        target = bucket("a")
+        other = next(f"b{i}" for i in range(200_000) if bucket(f"b{i}") == target)
+        region.put("a", "a value")
+        writer.put(other, "b old")
+        client = namespace.client
+        real_mget = client.mget
+
+        def late_mget(keys, *args):
+            reply = real_mget(keys, *args)
+            heard = n.messages
+            writer.put(other, "b new")
+            assert until(lambda: n.messages > heard)
+            return reply
+
+        assert until(lambda: n.messages >= 2)
+        monkeypatch.setattr(client, "mget", late_mget)
+        refused = n.refused
+        assert region.get("a") == "a value"
+        monkeypatch.setattr(client, "mget", real_mget)
+        assert n.refused == refused + 1
+        warm(region, "a")
+        assert region.get("a") == "a value" and region.get(other) == "b new"
+    finally:
+        region.close()
+
+
+def test_bounds_hold_and_add_up_under_many_keys_and_invalidations(fresh):
+    region = regions(fresh.url, near_max_items=40, near_max_bytes=20_000)["r"]
+    writer = regions(fresh.url, near=False)["r"]
+    try:
+        n = region.near
+        assert n.wait_live(5)
+        for i in range(300):
+            writer.put(f"k{i}", "x" * (i * 7 % 1500))
+        for round in range(3):
+            for i in range(300):
+                region.get(f"k{i}")
+                if i % 17 == round:
+                    writer.put(f"k{i}", "y" * (i % 300))
+                assert len(n) <= 40 and n.held_bytes <= 20_000
+        with n._lock:
+            assert n.held_bytes == sum(item[2] for item in n._held.values())
+        for i in range(300):  # everything served is what Redis holds
+            assert until(lambda i=i: region.get(f"k{i}") == writer.get(f"k{i}"))
+    finally:
+        region.close()
+
+
+FORKED = """
+import os, sys, time
+sys.path.insert(0, sys.argv[1])
+from pyramid_sessioncache.storage.region import CacheRegions
+url, secret = sys.argv[2], sys.argv[3].encode()
+near = CacheRegions({"r": {"type": "ext:redis", "url": url, "near": True}}, secret=secret)["r"]
+plain = CacheRegions({"r": {"type": "ext:redis", "url": url}}, secret=secret)["r"]
+assert near.near.wait_live(5)
+near.put("k", "parent")
+for _ in range(50):
+    near.get("k")
+    time.sleep(0.005)
+assert len(near.near) == 1
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(read)
+    out = []
+    out.append(near.get("k"))                  # nothing inherited is served; Redis says "parent"
+    plain.put("k", "changed before the child listens")
+    out.append(near.get("k"))
+    deadline = time.monotonic() + 5
+    while not near.near.live and time.monotonic() < deadline:
+        near.get("k"); time.sleep(0.01)
+    for _ in range(50):
+        near.get("k"); time.sleep(0.005)       # held again in the child
+    plain.put("k", "changed while the child listens")
+    deadline = time.monotonic() + 3
+    while near.get("k") != "changed while the child listens" and time.monotonic() < deadline:
+        time.sleep(0.005)
+    out.append(near.get("k"))
+    os.write(write, repr(out).encode())
+    os._exit(0)
+os.close(write)
+data = b""
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    chunk = os.read(read, 4096)
+    if not chunk:
+        break
+    data += chunk
+os.waitpid(pid, 0)
+print(data.decode())
+print("parent", near.get("k"))
+near.close()
+"""
+
+
+def test_a_prefork_child_serves_nothing_inherited_and_listens_for_itself(fresh):
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(FORKED), str(ROOT), fresh.url, SECRET],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    child, parent = done.stdout.splitlines()
+    assert child == repr(["parent", "changed before the child listens", "changed while the child listens"])
+    assert parent == "parent changed while the child listens"
