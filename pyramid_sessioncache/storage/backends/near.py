@@ -125,9 +125,12 @@ class NearCache:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        #: The keys whose change says that a namespace of the region was cleared (see :data:`CLEARED`).
+        self.cleared_keys = frozenset(prefix + CLEARED for prefix in self.prefixes)
         # The near caches of this process over the same keys (two applications
-        # configuring one region name on one server): our writes drop theirs too.
-        self._siblings = _siblings.setdefault((id(client), self.prefixes), weakref.WeakSet())
+        # configuring one region name on one server, however their URLs are
+        # spelt): our writes drop theirs too.
+        self._siblings = _siblings.setdefault((server_of(client), self.prefixes), weakref.WeakSet())
         self._siblings.add(self)
         _all.add(self)
         self.start()
@@ -230,7 +233,11 @@ class NearCache:
             near.invalidate(keys)
 
     def written_all(self) -> None:
-        """Our own write of unknown keys (a region cleared) was answered: drop everything here and in siblings."""
+        """Our own write of unknown keys (a region cleared) was answered: drop everything here and in siblings.
+
+        Other processes hear of it by the region's cleared key (see
+        :data:`CLEARED`), which the namespace writes.
+        """
         for near in list(self._siblings):
             near.invalidate_all()
 
@@ -239,8 +246,13 @@ class NearCache:
         self.messages += 1
         if keys is None:  # FLUSHALL, FLUSHDB
             self.invalidate_all()
+            return
+        keys = keys if isinstance(keys, list) else [keys]
+        cleared = self.cleared_keys
+        if any((key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else key) in cleared for key in keys):
+            self.invalidate_all()  # the region was cleared, in this process or another
         else:
-            self.invalidate(keys if isinstance(keys, list) else [keys])
+            self.invalidate(keys)
 
     def invalidate_all(self) -> None:
         """Drop every key, and refuse what every reader that began before read."""
@@ -313,7 +325,31 @@ class NearCache:
 
 
 _all: weakref.WeakSet[NearCache] = weakref.WeakSet()
-_siblings: dict[tuple[int, tuple[str, ...]], weakref.WeakSet[NearCache]] = {}
+_siblings: dict[tuple[tuple[Any, ...], tuple[str, ...]], weakref.WeakSet[NearCache]] = {}
+
+#: Appended to a namespace's prefix: the key a clear writes after deleting the
+#: entries, so that every process drops everything it holds, also what Redis no
+#: longer does (after ``SWAPDB``, which Redis does not broadcast).  No entry key
+#: has a NUL in it (keys are printable labels and digests).
+CLEARED = "\x00cleared"
+#: Seconds the cleared key lives: it is its change that is heard, not its value.
+CLEARED_LIFETIME = 60
+
+
+def server_of(client: Any) -> tuple[Any, ...]:
+    """The Redis server and database ``client`` talks to: host, port or socket, database number, user.
+
+    Two URLs of one server that differ in their options (a timeout, a
+    spelt-out ``db=0``) name the same keys.
+    """
+    kwargs = client.connection_pool.connection_kwargs
+    return (
+        kwargs.get("host"),
+        kwargs.get("port"),
+        kwargs.get("path"),
+        int(kwargs.get("db") or 0),
+        kwargs.get("username"),
+    )
 
 
 _starting = threading.Lock()

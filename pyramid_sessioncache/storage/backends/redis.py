@@ -23,7 +23,7 @@ from beaker.ext.redisnm import RedisNamespaceManager
 
 from ... import _beaker
 from .. import signing
-from .near import NearCache, deadline_of
+from .near import CLEARED, CLEARED_LIFETIME, NearCache, deadline_of
 
 log = logging.getLogger(__name__)
 
@@ -231,9 +231,14 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
                 self.near.written([_beaker.redis_key(self, key)])
 
     def do_remove(self) -> None:
-        """Delete every entry of the namespace (Beaker's ``Cache.clear()``)."""
+        """Delete every entry of the namespace (Beaker's ``Cache.clear()``), and say so to every near cache.
+
+        With or without a near cache here: other processes may have one
+        (see :data:`~.near.CLEARED`).
+        """
         try:
             super().do_remove()
+            self.client.set(_beaker.redis_key(self, b"") + CLEARED, b"", ex=CLEARED_LIFETIME)
         finally:
             if self.near is not None:
                 self.near.written_all()
