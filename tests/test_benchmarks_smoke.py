@@ -106,7 +106,8 @@ def test_near_window_quick():
     lines = out.splitlines()
     header = lines.index(next(line for line in lines if line.startswith("reader processes ")))
     rows = [line.split() for line in lines[header + 1 : header + 5]]
-    assert [row[:2] for row in rows] == [["2", "idle"], ["2", "50"], ["4", "idle"], ["4", "50"]]
+    assert [row[:2] for row in rows] == [["2", "idle"], ["2", "50"], ["2,", "busy"], ["2,", "busy"]]
+    assert [row[2] for row in rows[2:]] == ["idle", "50"]
     # p50, p90, p99 and max from the call to bump(), then p50 and p99 from its return (maybe negative).
     figures = [[float(figure) for figure in row[-6:]] for row in rows]
     assert all(min(row[:4]) >= 0 for row in figures)
