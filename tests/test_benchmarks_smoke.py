@@ -67,6 +67,12 @@ def test_run_quick_prints_every_table():
     assert "not a pure hit" not in out
 
 
+def test_hit_steps_quick():
+    out = run("hit_steps.py", "--quick", timeout=55)
+    assert "+ the entry's key" in out
+    assert "local: hit / floor" in out and "memory: hit / floor" in out
+
+
 def test_profile_hits_quick():
     out = run("profile_hits.py", "--quick", "--top", "5", timeout=55)
     assert "== new session, page of 50, memory region" in out
