@@ -35,15 +35,12 @@ stderr, the tables to stdout.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
 import platform
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Any
@@ -51,17 +48,23 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/notify_window.py` from anywhere
 
 from benchmarks import servers  # noqa: E402
+from benchmarks.windows import (  # noqa: E402
+    TIMEOUT,
+    figures,
+    installed,
+    load_average,
+    machine,
+    processes,
+    progress,
+    steady_load,
+    title,
+    window_table,
+)
 
 WRITERS = 4
 COST_ROUNDS = 3
 WARMUP = 10
-#: The longest a commit may stay unheard before the run is declared broken.
-TIMEOUT = 10.0
 CHANNEL = "sessioncache"
-
-
-def progress(message: str) -> None:
-    print(f"... {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -125,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             engine.dispose()
         progress("stopping PostgreSQL")
-    print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {_load_average()} at the end")
+    print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {load_average()} at the end")
     return 0
 
 
@@ -149,22 +152,10 @@ def _window(dsn: str, listeners: int, rate: float, commits: int) -> list[tuple[f
     """The window of each commit, in milliseconds: from the call to ``commit()``, and from its return."""
     import psycopg
 
-    context = multiprocessing.get_context("spawn")
-    stop = context.Event()
-    pipes, processes = [], []
-    for _ in range(listeners):
-        ours, theirs = context.Pipe(duplex=False)
-        process = context.Process(target=_listen, args=(dsn, theirs, stop), daemon=True)
-        process.start()
-        pipes.append(ours)
-        processes.append(process)
-    try:
-        for pipe in pipes:
-            said = pipe.recv() if pipe.poll(60) else "nothing within 60 s"
-            if said != "ready":
-                raise SystemExit(f"a listener process did not start listening: {said}")
+    failure = "a listener process did not start listening"
+    with processes(listeners, _listen, lambda pipe, stop: (dsn, pipe, stop), failure) as pipes:
         windows = []
-        with _load(dsn, rate), psycopg.connect(dsn) as writer:
+        with steady_load(rate, lambda: _committing(dsn)), psycopg.connect(dsn) as writer:
             for commit in range(WARMUP + commits):
                 writer.execute("UPDATE measured SET n = %s WHERE id = 1", [commit])
                 before = time.monotonic_ns()
@@ -180,46 +171,20 @@ def _window(dsn: str, listeners: int, rate: float, commits: int) -> list[tuple[f
                 if commit >= WARMUP:
                     windows.append(((max(heard) - before) / 1e6, (max(heard) - after) / 1e6))
         return windows
-    finally:
-        stop.set()
-        for process in processes:
-            process.join(TIMEOUT)
-            if process.is_alive():
-                process.kill()
 
 
 @contextmanager
-def _load(dsn: str, rate: float) -> Iterator[None]:
-    """A thread committing single-row updates of ``load`` at ``rate`` a second (none at 0)."""
-    if not rate:
-        yield
-        return
+def _committing(dsn: str) -> Iterator[Callable[[], None]]:
+    """The write of the load: commit a single-row update of ``load``."""
     import psycopg
 
-    done = threading.Event()
-    failures: list[BaseException] = []
+    with psycopg.connect(dsn) as conn:
 
-    def write() -> None:
-        try:
-            with psycopg.connect(dsn) as conn:
-                began = time.monotonic()
-                commit = 0
-                while not done.wait(max(0.0, began + commit / rate - time.monotonic())):
-                    conn.execute("UPDATE load SET n = n + 1 WHERE id = 1")
-                    conn.commit()
-                    commit += 1
-        except BaseException as exc:  # reported by the measuring thread
-            failures.append(exc)
+        def commit() -> None:
+            conn.execute("UPDATE load SET n = n + 1 WHERE id = 1")
+            conn.commit()
 
-    thread = threading.Thread(target=write, name="load", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join(TIMEOUT)
-    if failures:
-        raise failures[0]
+        yield commit
 
 
 # The cost ------------------------------------------------------------------------
@@ -264,34 +229,13 @@ def _cost(dsn: str, commits: int, seconds: float) -> tuple[list[float], float]:
 # The report ------------------------------------------------------------------------
 
 
-def _percentile(values: list[float], percent: float) -> float:
-    """The nearest-rank percentile of ``values``."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * percent // 100))
-    return ordered[int(rank) - 1]
-
-
-def _figures(values: list[float]) -> str:
-    return "".join(f"{_percentile(values, p):>8.2f}" for p in (50, 90, 99, 100))
-
-
 def _window_table(rows: list[tuple[int, str, list[tuple[float, float]]]], commits: int) -> str:
-    lines = [
-        "",
+    intro = [
         f"The window: from another client's commit() to the listener's callback, ms ({commits} commits per row;",
         "with 2 listener processes, the later of the two).  The commit becomes visible between the call and",
         "the return: the window is at most the first figures; the callback may even come before the return.",
-        f"{'':<38}{'from the call to commit()':>32}{'from its return':>20}",
-        f"{'listener processes':<20}{'load':<18}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'p50':>10}{'p99':>10}",
     ]
-    for listeners, load, windows in rows:
-        from_call = [window for window, _ in windows]
-        from_return = [window for _, window in windows]
-        lines.append(
-            f"{listeners:<20}{load:<18}{_figures(from_call)}"
-            f"{_percentile(from_return, 50):>10.2f}{_percentile(from_return, 99):>10.2f}"
-        )
-    return "\n".join(lines)
+    return window_table(intro, "commit()", "listener processes", rows)
 
 
 def _cost_table(rows: dict[str, tuple[list[float], list[float]]], seconds: float, rounds: int) -> str:
@@ -304,31 +248,15 @@ def _cost_table(rows: dict[str, tuple[list[float], list[float]]], seconds: float
         f"{'':<20}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'commits/s':>12}",
     ]
     for label, (latencies, throughputs) in rows.items():
-        lines.append(f"{label:<20}{_figures(latencies)}{sum(throughputs) / len(throughputs):>12.0f}")
+        lines.append(f"{label:<20}{figures(latencies)}{sum(throughputs) / len(throughputs):>12.0f}")
     return "\n".join(lines)
 
 
-def _load_average() -> str:
-    try:
-        return " ".join(f"{figure:.2f}" for figure in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
 def _header(args: argparse.Namespace, version: str, settings: dict[str, str]) -> str:
-    def installed(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    cores = os.cpu_count()
     return "\n".join(
         [
-            "pyramid_sessioncache: PostgreSQL notification mode"
-            + ("  (--quick: a few commits; the figures mean nothing)" * args.quick),
-            f"machine: {platform.machine()}, {cores} cores, {platform.system()} {platform.release()}, "
-            f"load average {_load_average()} at the start",
+            title("PostgreSQL notification mode", args.quick),
+            machine(),
             f"versions: Python {platform.python_version()}, psycopg {installed('psycopg')}, "
             f"PostgreSQL server {version} (pgserver, Unix socket, same host), "
             + ", ".join(f"{name}={value}" for name, value in settings.items()),
