@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -21,6 +25,7 @@ from pyramid_sessioncache.storage.region import CacheRegions
 from .conftest import SECRET, _server_package, stop_redis
 from .models import Person
 
+ROOT = Path(__file__).resolve().parent.parent
 #: Commands that are not reads or writes of the cache: the counting itself, and the listener's health checks.
 NOT_COUNTED = {"info", "ping"}
 
@@ -88,3 +93,19 @@ def until(condition, timeout: float) -> bool:
 
 def names(session) -> list[str]:
     return session.execute(select(Person.name).where(Person.id <= 3).order_by(Person.id)).scalars().all()
+
+
+def run_script(source: str, *args: str) -> str:
+    """Run ``source`` (indented Python) in another interpreter with ``args``; return what it printed.
+
+    The test fails with the script's stderr if it does not exit with 0.
+    """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(source), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout

@@ -14,9 +14,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import tempfile
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -30,7 +28,7 @@ from pyramid_sessioncache import SessionCache, cached_query
 from . import near_server
 from .conftest import SECRET, _server_package
 from .models import Person
-from .near_server import names, redis_fixtures, regions
+from .near_server import names, redis_fixtures, regions, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 #: Longest an invalidation may take to be applied here before a test fails (the window is milliseconds).
@@ -318,14 +316,7 @@ def test_reader_threads_converge_after_commits_in_another_process(engine, db_url
     for thread in threads:
         thread.start()
     try:
-        done = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(WRITER), db_url, fresh.url, SECRET, "threaded", "30"],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
+        run_script(WRITER, db_url, fresh.url, SECRET, "threaded", "30")
     finally:
         time.sleep(0.05)
         stop.set()
@@ -367,14 +358,7 @@ def test_invalidate_region_in_another_process_after_a_write_behind_the_cache(eng
         raw.execute("UPDATE person SET name = 'behind the cache' WHERE id = 1")
     expected = uncached(engine)
     assert "behind the cache" in expected
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(INVALIDATOR), fresh.url, SECRET],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    run_script(INVALIDATOR, fresh.url, SECRET)
     assert until(lambda: cached_names(Session) == expected), cached_names(Session)
     assert stays(lambda: cached_names(Session) == expected)
 
@@ -395,14 +379,7 @@ def test_textual_query_any_table_version_through_the_near_cache(engine, db_url, 
     assert cached() == plain()
     for _ in range(30):
         cached()
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(WRITER), db_url, fresh.url, SECRET, "texted", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
+    run_script(WRITER, db_url, fresh.url, SECRET, "texted", "1")
     expected = plain()
     assert "texted 0" in expected
     assert until(lambda: cached() == expected), cached()
@@ -686,14 +663,6 @@ near.close()
 
 
 def test_a_prefork_child_serves_nothing_inherited_and_listens_for_itself(fresh):
-    done = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(FORKED), str(ROOT), fresh.url, SECRET],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr
-    child, parent = done.stdout.splitlines()
+    child, parent = run_script(FORKED, str(ROOT), fresh.url, SECRET).splitlines()
     assert child == repr(["parent", "changed before the child listens", "changed while the child listens"])
     assert parent == "parent changed while the child listens"

@@ -13,9 +13,6 @@ import gc
 import os
 import select as io_select
 import signal
-import subprocess
-import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -31,7 +28,7 @@ from pyramid_sessioncache.storage.region import CacheRegions
 from . import near_server
 from .conftest import SECRET, SQLCounter
 from .models import Person
-from .near_server import Server, names, redis_fixtures, regions
+from .near_server import Server, names, redis_fixtures, regions, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 #: How long another process's write may stay unseen here before a test fails (the window is milliseconds).
@@ -604,14 +601,7 @@ def test_a_commit_in_another_process_is_never_served_after_the_window(engine, db
         assert held(fresh, lambda: cached_names(Session))  # served from the near cache
         stale = cached_names(Session)
         assert name not in stale
-        done = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(WRITER), db_url, fresh.url, SECRET, name],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
+        run_script(WRITER, db_url, fresh.url, SECRET, name)
         with sessionmaker(bind=engine)() as plain:
             expected = names(plain)
         assert name in expected
