@@ -121,12 +121,25 @@ def mode(request):
 
 
 @pytest.fixture
-def app(db_url, mode):
+def make(db_url, mode):
+    """Make the application of ``mode`` with more settings: ``make(**settings)``; disposed of after the test."""
+    made = []
+
+    def make(**settings):
+        app = make_app(db_url, mode, **settings)
+        made.append(app)
+        return app
+
     SCENARIO.clear()
-    app = make_app(db_url, mode)
-    yield app
+    yield make
     SCENARIO.clear()
-    app.engine.dispose()
+    for app in made:
+        app.engine.dispose()
+
+
+@pytest.fixture
+def app(make):
+    return make()
 
 
 def names(db_url):
@@ -159,17 +172,19 @@ def scenario(view):
     SCENARIO["view"] = view
 
 
-def prepared(web, name):
-    """Warm the shared entry for ``name`` (a miss, stored), so that /run/{name} hits."""
-    web.get(f"/warm/{name}")
+def warmed(app, *names):
+    """A WebTest client of ``app``, the shared entry of each of ``names`` warmed (a miss, stored): /run/{name} hits."""
+    web = TestApp(app)
+    for name in names:
+        web.get(f"/warm/{name}")
+    return web
 
 
 # --- commit and abort ----------------------------------------------------------------------------------------
 
 
 def test_a_change_to_a_hit_is_committed_and_invalidates(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 1")
+    web = warmed(app, "person 1")
 
     def view(request, name):
         get(request, name).name = "renamed 1"
@@ -187,8 +202,7 @@ def test_a_change_to_a_hit_is_committed_and_invalidates(app, db_url, mode):
 
 @pytest.mark.parametrize("mode", ["addon"])  # the add-on's promise only
 def test_a_pure_hit_request_checks_out_nothing_and_commits_nothing(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 2")
+    web = warmed(app, "person 2")
     scenario(lambda request, name: {"name": get(request, name).name})
     before = len(app.checkouts)
     for _ in range(3):
@@ -198,8 +212,7 @@ def test_a_pure_hit_request_checks_out_nothing_and_commits_nothing(app, db_url, 
 
 
 def test_an_exception_aborts_changes_to_a_hit(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 3")
+    web = warmed(app, "person 3")
 
     def view(request, name):
         get(request, name).name = "aborted"
@@ -216,8 +229,7 @@ def test_an_exception_aborts_changes_to_a_hit(app, db_url, mode):
 
 
 def test_an_exception_after_a_flushed_change_aborts_it(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 4")
+    web = warmed(app, "person 4")
 
     def view(request, name):
         get(request, name).name = "flushed then aborted"
@@ -232,8 +244,7 @@ def test_an_exception_after_a_flushed_change_aborts_it(app, db_url, mode):
 
 @pytest.mark.parametrize("when", ["before the hit", "after the hit"])
 def test_doom_discards_changes_to_a_hit(app, db_url, mode, when):
-    web = TestApp(app)
-    prepared(web, "person 5")
+    web = warmed(app, "person 5")
 
     def view(request, name):
         if when == "before the hit":
@@ -250,11 +261,9 @@ def test_doom_discards_changes_to_a_hit(app, db_url, mode, when):
     assert_clean(app)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_commit_veto_discards_changes_to_a_hit(db_url, mode):
-    app = make_app(db_url, mode, **{"tm.commit_veto": "pyramid_tm.default_commit_veto"})
-    web = TestApp(app)
-    prepared(web, "person 6")
+def test_commit_veto_discards_changes_to_a_hit(make, db_url, mode):
+    app = make(**{"tm.commit_veto": "pyramid_tm.default_commit_veto"})
+    web = warmed(app, "person 6")
 
     def view(request, name):
         get(request, name).name = "vetoed"
@@ -265,14 +274,11 @@ def test_commit_veto_discards_changes_to_a_hit(db_url, mode):
     web.get("/run/person 6", status=400)
     assert names(db_url)[6] == "person 6"
     assert_clean(app)
-    app.engine.dispose()
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_explicit_manager_commits_changes_to_a_hit(db_url, mode):
-    app = make_app(db_url, mode, **{"tm.manager_hook": "pyramid_tm.explicit_manager"})
-    web = TestApp(app)
-    prepared(web, "person 7")
+def test_explicit_manager_commits_changes_to_a_hit(make, db_url, mode):
+    app = make(**{"tm.manager_hook": "pyramid_tm.explicit_manager"})
+    web = warmed(app, "person 7")
 
     def view(request, name):
         get(request, name).name = "explicit"
@@ -281,24 +287,13 @@ def test_explicit_manager_commits_changes_to_a_hit(db_url, mode):
     web.get("/run/person 7")
     assert names(db_url)[7] == "explicit"
     assert app.engine.pool.checkedout() == 0
-    app.engine.dispose()
 
 
 # --- savepoints ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "addon",
-        "plain",
-        "uncached",
-    ],
-)
-def test_rolling_back_to_a_savepoint_taken_before_a_hit_discards_the_change(db_url, mode):
-    app = make_app(db_url, mode)
-    web = TestApp(app)
-    prepared(web, "person 8")
+def test_rolling_back_to_a_savepoint_taken_before_a_hit_discards_the_change(app, db_url, mode):
+    web = warmed(app, "person 8")
 
     def view(request, name):
         savepoint = request.tm.savepoint()
@@ -309,21 +304,10 @@ def test_rolling_back_to_a_savepoint_taken_before_a_hit_discards_the_change(db_u
     web.get("/run/person 8")
     assert names(db_url)[8] == "person 8"
     assert_clean(app)
-    app.engine.dispose()
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "addon",
-        "plain",
-        "uncached",
-    ],
-)
-def test_rolling_back_to_a_savepoint_taken_after_a_hit_discards_the_later_change(db_url, mode):
-    app = make_app(db_url, mode)
-    web = TestApp(app)
-    prepared(web, "person 9")
+def test_rolling_back_to_a_savepoint_taken_after_a_hit_discards_the_later_change(app, db_url, mode):
+    web = warmed(app, "person 9")
 
     def view(request, name):
         person = get(request, name)
@@ -341,16 +325,13 @@ def test_rolling_back_to_a_savepoint_taken_after_a_hit_discards_the_later_change
         assert mode != "addon"  # the refused savepoint failed the transaction: nothing committed
     assert names(db_url)[9] == "person 9"
     assert_clean(app)
-    app.engine.dispose()
 
 
 # --- several queries, ORM writes --------------------------------------------------------------------------
 
 
 def test_two_hits_and_a_miss_between_them_all_commit(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 10")
-    prepared(web, "person 11")
+    web = warmed(app, "person 10", "person 11")
 
     def view(request, name):
         first = get(request, "person 10")
@@ -368,8 +349,7 @@ def test_two_hits_and_a_miss_between_them_all_commit(app, db_url, mode):
 
 
 def test_a_hit_then_an_orm_bulk_update(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 13")
+    web = warmed(app, "person 13")
 
     def view(request, name):
         get(request, name).name = "thirteen"
@@ -383,8 +363,7 @@ def test_a_hit_then_an_orm_bulk_update(app, db_url, mode):
 
 
 def test_a_hit_then_delete_and_add(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 15")
+    web = warmed(app, "person 15")
 
     def view(request, name):
         person = get(request, name)
@@ -401,10 +380,9 @@ def test_a_hit_then_delete_and_add(app, db_url, mode):
 
 
 def test_a_hit_then_delete_alone(app, db_url, mode):
-    web = TestApp(app)
     with app.engine.begin() as conn:  # no addresses: person.addresses has no delete cascade
         conn.execute(Address.__table__.delete().where(Address.person_id == 16))
-    prepared(web, "person 16")
+    web = warmed(app, "person 16")
     scenario(lambda request, name: request.dbsession.delete(get(request, name)))
     web.get("/run/person 16")
     assert 16 not in names(db_url)
@@ -412,8 +390,7 @@ def test_a_hit_then_delete_alone(app, db_url, mode):
 
 
 def test_a_hit_then_add_alone(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 17")
+    web = warmed(app, "person 17")
 
     def view(request, name):
         get(request, name)
@@ -426,8 +403,7 @@ def test_a_hit_then_add_alone(app, db_url, mode):
 
 
 def test_a_lazy_load_from_a_hit_then_a_change_to_the_loaded_object(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 18")
+    web = warmed(app, "person 18")
 
     def view(request, name):
         person = get(request, name)
@@ -441,8 +417,7 @@ def test_a_lazy_load_from_a_hit_then_a_change_to_the_loaded_object(app, db_url, 
 
 
 def test_a_hit_then_raw_sql_marked_changed_with_zope_sqlalchemy(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 12")
+    web = warmed(app, "person 12")
 
     def view(request, name):
         get(request, name).name = "orm twelve"
@@ -457,8 +432,7 @@ def test_a_hit_then_raw_sql_marked_changed_with_zope_sqlalchemy(app, db_url, mod
 
 
 def test_a_pure_hit_then_mark_changed_alone_commits_nothing_and_breaks_nothing(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 14")
+    web = warmed(app, "person 14")
 
     def view(request, name):
         get(request, name)
@@ -471,8 +445,7 @@ def test_a_pure_hit_then_mark_changed_alone_commits_nothing_and_breaks_nothing(a
 
 
 def test_a_pure_hit_then_sessioncache_mark_changed_invalidates(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 15")
+    web = warmed(app, "person 15")
 
     def view(request, name):
         get(request, name)
@@ -487,12 +460,10 @@ def test_a_pure_hit_then_sessioncache_mark_changed_invalidates(app, db_url, mode
     assert_clean(app)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_hit_in_a_response_callback_after_pyramid_tm_ended(db_url, mode):
+def test_a_hit_in_a_response_callback_after_pyramid_tm_ended(make, db_url, mode):
     """After pyramid_tm committed (explicit manager): a hit has no transaction to join."""
-    app = make_app(db_url, mode, **{"tm.manager_hook": "pyramid_tm.explicit_manager"})
-    web = TestApp(app)
-    prepared(web, "person 16")
+    app = make(**{"tm.manager_hook": "pyramid_tm.explicit_manager"})
+    web = warmed(app, "person 16")
     outcome = []
 
     def late(request, response):
@@ -508,12 +479,10 @@ def test_a_hit_in_a_response_callback_after_pyramid_tm_ended(db_url, mode):
     # The add-on's request.dbsession is closed when the request finishes; the starter-style one of
     # "plain" is not, and its hit checked a connection out before the join failed: it stays out.
     assert app.engine.pool.checkedout() == (1 if mode == "plain" else 0)
-    app.engine.dispose()
 
 
 def test_a_hit_then_an_orm_savepoint_rolled_back(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 17")
+    web = warmed(app, "person 17")
 
     def view(request, name):
         person = get(request, name)
@@ -534,8 +503,7 @@ def test_a_hit_then_an_orm_savepoint_rolled_back(app, db_url, mode):
 
 
 def test_the_views_own_session_commit_is_refused_and_pyramid_tm_commits(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 19")
+    web = warmed(app, "person 19")
 
     def view(request, name):
         get(request, name).name = "self-committed"
@@ -551,11 +519,8 @@ def test_the_views_own_session_commit_is_refused_and_pyramid_tm_commits(app, db_
     assert_clean(app)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_the_views_own_session_rollback_discards_the_change(db_url, mode):
-    app = make_app(db_url, mode)
-    web = TestApp(app)
-    prepared(web, "person 20")
+def test_the_views_own_session_rollback_discards_the_change(app, db_url, mode):
+    web = warmed(app, "person 20")
 
     def view(request, name):
         get(request, name).name = "rolled back by the view"
@@ -565,25 +530,14 @@ def test_the_views_own_session_rollback_discards_the_change(db_url, mode):
     web.get("/run/person 20", expect_errors=True)
     assert names(db_url)[20] == "person 20"
     assert_clean(app)
-    app.engine.dispose()
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "addon",
-        "plain",
-        "uncached",
-    ],
-)
 @pytest.mark.parametrize("manager_hook", ["pyramid_tm.explicit_manager", None])
 @pytest.mark.parametrize("then", ["add", "another hit"])
-def test_an_aborted_transaction_does_not_carry_changes_into_the_next(db_url, mode, manager_hook, then):
+def test_an_aborted_transaction_does_not_carry_changes_into_the_next(make, db_url, mode, manager_hook, then):
     settings = {"tm.manager_hook": manager_hook} if manager_hook else {}
-    app = make_app(db_url, mode, **settings)
-    web = TestApp(app)
-    prepared(web, "person 1")
-    prepared(web, "person 2")
+    app = make(**settings)
+    web = warmed(app, "person 1", "person 2")
 
     def view(request, name):
         get(request, name).name = "aborted by the view"
@@ -602,21 +556,10 @@ def test_an_aborted_transaction_does_not_carry_changes_into_the_next(db_url, mod
     assert found[502 if then == "add" else 2] == "after the abort"
     assert found[1] == "person 1"
     assert_clean(app)
-    app.engine.dispose()
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "addon",
-        "plain",
-        "uncached",
-    ],
-)
-def test_a_change_made_by_a_later_before_commit_hook_is_committed(db_url, mode):
-    app = make_app(db_url, mode)
-    web = TestApp(app)
-    prepared(web, "person 2")
+def test_a_change_made_by_a_later_before_commit_hook_is_committed(app, db_url, mode):
+    web = warmed(app, "person 2")
 
     def view(request, name):
         person = get(request, name)
@@ -630,12 +573,10 @@ def test_a_change_made_by_a_later_before_commit_hook_is_committed(db_url, mode):
     web.get("/run/person 2")
     assert names(db_url)[2] == "touched at commit"
     assert_clean(app)
-    app.engine.dispose()
 
 
 def test_a_change_made_by_an_earlier_before_commit_hook_is_committed(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 3")
+    web = warmed(app, "person 3")
 
     def view(request, name):
         holder = {}
@@ -652,8 +593,7 @@ def test_a_change_made_by_an_earlier_before_commit_hook_is_committed(app, db_url
 
 
 def test_a_flush_error_at_commit_is_the_requests_error_and_leaves_the_db_clean(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 4")
+    web = warmed(app, "person 4")
 
     def view(request, name):
         person = get(request, name)
@@ -672,8 +612,7 @@ def test_a_flush_error_at_commit_is_the_requests_error_and_leaves_the_db_clean(a
 
 
 def test_a_flush_error_at_commit_of_a_pure_hit_change(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 5")
+    web = warmed(app, "person 5")
     scenario(lambda request, name: setattr(get(request, name), "name", None))
     with pytest.raises(Exception, match="NOT NULL|IntegrityError"):
         web.get("/run/person 5")
@@ -684,11 +623,9 @@ def test_a_flush_error_at_commit_of_a_pure_hit_change(app, db_url, mode):
 # --- retries (pyramid_retry) ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_retried_request_commits_only_the_last_attempt(db_url, mode):
-    app = make_app(db_url, mode, **{"retry.attempts": "3"})
-    web = TestApp(app)
-    prepared(web, "person 6")
+def test_a_retried_request_commits_only_the_last_attempt(make, db_url, mode):
+    app = make(**{"retry.attempts": "3"})
+    web = warmed(app, "person 6")
     attempts = []
 
     def view(request, name):
@@ -705,15 +642,13 @@ def test_a_retried_request_commits_only_the_last_attempt(db_url, mode):
     assert len(attempts) == 2 and attempts[0] is not attempts[1]
     assert found[6] == "attempt 2" and 601 not in found and found[602] == "row"
     assert_clean(app)
-    app.engine.dispose()
 
 
 @pytest.mark.parametrize("mode", ["addon", "plain"])
-def test_a_stale_hit_changed_at_commit_is_retried_like_zope_sqlalchemys(db_url, mode):
+def test_a_stale_hit_changed_at_commit_is_retried_like_zope_sqlalchemys(make, db_url, mode):
     """Another program deletes the row of a hit: the UPDATE at commit matches no row (StaleDataError)."""
-    app = make_app(db_url, mode, **{"retry.attempts": "3"})
-    web = TestApp(app)
-    prepared(web, "person 18")
+    app = make(**{"retry.attempts": "3"})
+    web = warmed(app, "person 18")
     attempts = []
 
     def view(request, name):
@@ -733,15 +668,13 @@ def test_a_stale_hit_changed_at_commit_is_retried_like_zope_sqlalchemys(db_url, 
     assert len(attempts) >= 2  # zope.sqlalchemy says a StaleDataError may be retried: it was
     assert 18 not in names(db_url)
     assert_clean(app)
-    app.engine.dispose()
 
 
 # --- outside requests -------------------------------------------------------------------------------------
 
 
 def test_a_script_with_the_request_of_prepare_commits_through_its_tm(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 7")
+    warmed(app, "person 7")
     env = prepare(registry=app.registry)
     try:
         request = env["request"]
@@ -759,8 +692,7 @@ def test_a_script_with_the_request_of_prepare_commits_through_its_tm(app, db_url
 
 @pytest.mark.parametrize("mode", ["addon", "uncached"])  # "plain": the application's factory has no add-on listeners
 def test_a_session_of_the_factory_outside_a_request_joins_nothing_and_commits_itself(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 8")
+    warmed(app, "person 8")
     factory = app.registry.getUtility(IDBSessionFactory)
     with transaction.manager, factory() as session:
         person = session.execute(by_name("person 8").options(_from_cache("short_term"))).scalars().one()
@@ -779,8 +711,7 @@ def _from_cache(region):
 
 
 def test_the_request_session_used_after_the_request(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 9")
+    web = warmed(app, "person 9")
     kept = []
 
     def view(request, name):
@@ -840,8 +771,7 @@ def test_the_starters_factory_handed_over(db_url, own_dbsession):
     config.add_view(run, route_name="run", renderer="json")
     app = config.make_wsgi_app()
     app.engine = factory.kw["bind"]
-    web = TestApp(app)
-    prepared(web, "person 10")
+    web = warmed(app, "person 10")
     scenario(lambda request, name: setattr(get(request, name), "name", "handed over"))
     web.get("/run/person 10")
     assert names(db_url)[10] == "handed over"
@@ -860,9 +790,7 @@ def test_the_starters_factory_handed_over(db_url, own_dbsession):
 
 
 def test_concurrent_requests_each_hitting_and_changing(app, db_url, mode):
-    web = TestApp(app)
-    for i in range(1, 9):
-        prepared(web, f"person {i}")
+    warmed(app, *(f"person {i}" for i in range(1, 9)))
 
     def view(request, name):
         person = get(request, name)
@@ -976,9 +904,7 @@ def test_a_real_threaded_server_with_a_small_pool(db_url, mode):
         **{"sqlalchemy.pool_size": "2", "sqlalchemy.max_overflow": "0", "sqlalchemy.pool_timeout": "20"},
     )
     assert app.engine.pool.size() == 2
-    web = TestApp(app)
-    for i in range(1, 9):
-        prepared(web, f"person {i}")
+    warmed(app, *(f"person {i}" for i in range(1, 9)))
 
     def view(request, name):
         person = get(request, name)
@@ -1035,8 +961,7 @@ def never(request):
 def test_a_hit_where_pyramid_tm_is_not_active_leaves_nothing_behind(db_url):
     """tm.activate_hook says no (static files, health checks): a pure hit must not hold a connection."""
     app = make_app(db_url, "addon", **{"tm.activate_hook": f"{__name__}.never"})
-    web = TestApp(app)
-    prepared(web, "person 3")
+    web = warmed(app, "person 3")
     scenario(lambda request, name: {"name": get(request, name).name})
     before = len(app.checkouts)
     assert web.get("/run/person 3").json == {"name": "person 3"}
