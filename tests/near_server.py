@@ -52,10 +52,13 @@ class Server:
 
 
 def redis_fixtures(prefix: str):
-    """The fixtures ``server`` (one Redis server for the test module) and ``fresh`` (that server, flushed).
+    """The fixtures of a test module with a Redis server of its own.
 
-    ``prefix`` names the temporary folder of the server.  Assign both in the
-    test module, under these names: ``server, fresh = redis_fixtures(...)``.
+    ``server`` (one Redis server for the test module), ``fresh`` (that
+    server, flushed), ``near_region`` (a region with a live near cache on
+    it) and ``writer`` (the same region without one).  ``prefix`` names the
+    temporary folder of the server.  Assign them in the test module, under
+    these names: ``server, fresh, near_region, writer = redis_fixtures(...)``.
     """
 
     @pytest.fixture(scope="module")
@@ -74,7 +77,20 @@ def redis_fixtures(prefix: str):
         server.server.flushall()
         return server
 
-    return server, fresh
+    @pytest.fixture
+    def near_region(fresh):
+        """A region with a near cache, listening; closed after the test."""
+        region = regions(fresh.url)["r"]
+        assert region.near is not None and region.near.wait_live(5)
+        yield region
+        region.close()
+
+    @pytest.fixture
+    def writer(fresh):
+        """The same region without a near cache: the writes of another client."""
+        return regions(fresh.url, near=False)["r"]
+
+    return server, fresh, near_region, writer
 
 
 def regions(url: str, near: bool = True, **options) -> CacheRegions:

@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WINDOW = 3.0
 
 
-server, fresh = redis_fixtures("sessioncache-attack-near-")
+server, fresh, near_region, writer = redis_fixtures("sessioncache-attack-near-")
 
 
 def until(condition, timeout: float = WINDOW) -> bool:
@@ -63,20 +63,14 @@ def warm(region, key: str) -> None:
 # -- storage level: other clients, flushes, databases, clear, close
 
 
-def test_another_clients_clear_drops_near_entries(fresh):
-    near = regions(fresh.url)["r"]
-    other = regions(fresh.url, near=False)["r"]
-    try:
-        assert near.near.wait_live(5)
-        near.put("a", "old a")
-        near.put("b", "old b")
-        warm(near, "a")
-        warm(near, "b")
-        other.clear()  # region.clear() / invalidate_region() from another client
-        assert until(lambda: near.get("a") is None and near.get("b") is None)
-        assert stays(lambda: near.get("a") is None and near.get("b") is None)
-    finally:
-        near.close()
+def test_another_clients_clear_drops_near_entries(near_region, writer, fresh):
+    near_region.put("a", "old a")
+    near_region.put("b", "old b")
+    warm(near_region, "a")
+    warm(near_region, "b")
+    writer.clear()  # region.clear() / invalidate_region() from another client
+    assert until(lambda: near_region.get("a") is None and near_region.get("b") is None)
+    assert stays(lambda: near_region.get("a") is None and near_region.get("b") is None)
 
 
 def test_flushdb_of_its_database_drops_and_of_another_is_harmless(fresh):
@@ -137,56 +131,44 @@ def test_after_close_reads_go_to_redis_and_see_other_writes(fresh):
     assert region.get("k") == "newer"
 
 
-def test_versions_and_pseudo_tables_are_tracked(fresh):
+def test_versions_and_pseudo_tables_are_tracked(near_region, writer, fresh):
     """Every key a hit depends on is under a tracked prefix: the ``*`` and ``?`` pseudo-tables too."""
-    near = regions(fresh.url)["r"]
-    writer = regions(fresh.url, near=False)["r"]
-    try:
-        assert near.near.wait_live(5)
-        tables = ("*", "?", "person")
-        near.bump(list(tables))
+    tables = ("*", "?", "person")
+    near_region.bump(list(tables))
 
-        def create():
-            return ("rows", near.versions(tables))
+    def create():
+        return ("rows", near_region.versions(tables))
 
-        def valid(value, now):
-            return now is not None and None not in now and now == value[1]
+    def valid(value, now):
+        return now is not None and None not in now and now == value[1]
 
-        for bumped in tables:
-            assert near.get_or_create("k", create, valid=valid, tables=tables)[0][0] == "rows"
-            for _ in range(50):  # until the entry and its versions are all held
-                near.get_or_create("k", create, valid=valid, tables=tables)
-                if len(near.near) == 1 + len(tables):
-                    break
-                time.sleep(0.005)
-            assert len(near.near) == 1 + len(tables)
-            writer.bump([bumped])
-            assert until(lambda: len(near.near) <= len(tables)), f"bump of {bumped!r} not heard"
-            assert near.get_or_create("k", lambda: ("new", None), valid=valid, tables=tables)[1] is False
-            near.remove("k")
-    finally:
-        near.close()
+    for bumped in tables:
+        assert near_region.get_or_create("k", create, valid=valid, tables=tables)[0][0] == "rows"
+        for _ in range(50):  # until the entry and its versions are all held
+            near_region.get_or_create("k", create, valid=valid, tables=tables)
+            if len(near_region.near) == 1 + len(tables):
+                break
+            time.sleep(0.005)
+        assert len(near_region.near) == 1 + len(tables)
+        writer.bump([bumped])
+        assert until(lambda: len(near_region.near) <= len(tables)), f"bump of {bumped!r} not heard"
+        assert near_region.get_or_create("k", lambda: ("new", None), valid=valid, tables=tables)[1] is False
+        near_region.remove("k")
 
 
-def test_listener_killed_while_another_client_writes_never_stays_stale(fresh):
+def test_listener_killed_while_another_client_writes_never_stays_stale(near_region, writer, fresh):
     """Invalidations sent while the listener is gone are lost: everything held must go with them."""
-    near = regions(fresh.url)["r"]
-    writer = regions(fresh.url, near=False)["r"]
-    try:
-        n = near.near
-        assert n.wait_live(5)
-        for round in range(5):
-            writer.put("k", f"old {round}")
-            assert until(lambda round=round: near.get("k") == f"old {round}")
-            warm(near, "k")
-            killed = n.connection_id
-            fresh.server.client_kill_filter(_type="pubsub")
-            writer.put("k", f"new {round}")  # likely while nobody listens
-            assert until(lambda killed=killed: n.live and n.connection_id != killed, 5)
-            assert until(lambda round=round: near.get("k") == f"new {round}")
-            assert stays(lambda round=round: near.get("k") == f"new {round}")
-    finally:
-        near.close()
+    n = near_region.near
+    for round in range(5):
+        writer.put("k", f"old {round}")
+        assert until(lambda round=round: near_region.get("k") == f"old {round}")
+        warm(near_region, "k")
+        killed = n.connection_id
+        fresh.server.client_kill_filter(_type="pubsub")
+        writer.put("k", f"new {round}")  # likely while nobody listens
+        assert until(lambda killed=killed: n.live and n.connection_id != killed, 5)
+        assert until(lambda round=round: near_region.get("k") == f"new {round}")
+        assert stays(lambda round=round: near_region.get("k") == f"new {round}")
 
 
 # -- a restart of Redis on the same socket
@@ -531,62 +513,54 @@ def test_a_change_by_another_application_of_the_process_is_seen_at_once(engine, 
         reader_app.close()
 
 
-def test_swapdb_never_leaves_entries_redis_no_longer_holds(fresh):
+def test_swapdb_never_leaves_entries_redis_no_longer_holds(near_region, writer, fresh):
     """An operator swaps in an empty database (an atomic cache reset), then clears the region for good measure."""
-    near = regions(fresh.url)["r"]
-    plain = regions(fresh.url, near=False)["r"]
     try:
-        assert near.near.wait_live(5)
-        near.put("k", "before the swap")
-        warm(near, "k")
+        near_region.put("k", "before the swap")
+        warm(near_region, "k")
         fresh.server.execute_command("SWAPDB", 0, 1)  # db 1 was empty: db 0 is empty now
-        assert plain.get("k") is None
-        plain.clear()
-        assert until(lambda: near.get("k") is None), near.get("k")
+        assert writer.get("k") is None
+        writer.clear()
+        assert until(lambda: near_region.get("k") is None), near_region.get("k")
     finally:
-        near.close()
         fresh.server.flushall()
 
 
-def test_an_invalidation_of_another_key_of_the_same_bucket_refuses_the_store_only(fresh, monkeypatch):
+def test_an_invalidation_of_another_key_of_the_same_bucket_refuses_the_store_only(
+    near_region, writer, fresh, monkeypatch
+):
     """A read of key A in flight while key B of A's bucket is invalidated: A is served right, not stored."""
     from pyramid_sessioncache import _beaker
     from pyramid_sessioncache.storage.backends import near as near_module
 
-    region = regions(fresh.url)["r"]
-    writer = regions(fresh.url, near=False)["r"]
-    try:
-        n = region.near
-        assert n.wait_live(5)
-        namespace = region.cache_for().namespace
+    n = near_region.near
+    namespace = near_region.cache_for().namespace
 
-        def bucket(name):
-            return hash(_beaker.redis_key(namespace, name.encode())) % near_module.BUCKETS
+    def bucket(name):
+        return hash(_beaker.redis_key(namespace, name.encode())) % near_module.BUCKETS
 
-        target = bucket("a")
-        other = next(f"b{i}" for i in range(200_000) if bucket(f"b{i}") == target)
-        region.put("a", "a value")
-        writer.put(other, "b old")
-        client = namespace.client
-        real_mget = client.mget
+    target = bucket("a")
+    other = next(f"b{i}" for i in range(200_000) if bucket(f"b{i}") == target)
+    near_region.put("a", "a value")
+    writer.put(other, "b old")
+    client = namespace.client
+    real_mget = client.mget
 
-        def late_mget(keys, *args):
-            reply = real_mget(keys, *args)
-            heard = n.messages
-            writer.put(other, "b new")
-            assert until(lambda: n.messages > heard)
-            return reply
+    def late_mget(keys, *args):
+        reply = real_mget(keys, *args)
+        heard = n.messages
+        writer.put(other, "b new")
+        assert until(lambda: n.messages > heard)
+        return reply
 
-        assert until(lambda: n.messages >= 2)
-        monkeypatch.setattr(client, "mget", late_mget)
-        refused = n.refused
-        assert region.get("a") == "a value"
-        monkeypatch.setattr(client, "mget", real_mget)
-        assert n.refused == refused + 1
-        warm(region, "a")
-        assert region.get("a") == "a value" and region.get(other) == "b new"
-    finally:
-        region.close()
+    assert until(lambda: n.messages >= 2)
+    monkeypatch.setattr(client, "mget", late_mget)
+    refused = n.refused
+    assert near_region.get("a") == "a value"
+    monkeypatch.setattr(client, "mget", real_mget)
+    assert n.refused == refused + 1
+    warm(near_region, "a")
+    assert near_region.get("a") == "a value" and near_region.get(other) == "b new"
 
 
 def test_bounds_hold_and_add_up_under_many_keys_and_invalidations(fresh):

@@ -35,22 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 WINDOW = 2.0
 
 
-server, fresh = redis_fixtures("sessioncache-near-")
-
-
-@pytest.fixture
-def near_region(fresh):
-    made = regions(fresh.url)
-    region = made["r"]
-    assert region.near is not None and region.near.wait_live(5)
-    yield region
-    region.close()
-
-
-@pytest.fixture
-def writer(fresh):
-    """The same region without a near cache: the writes of another client."""
-    return regions(fresh.url, near=False)["r"]
+server, fresh, near_region, writer = redis_fixtures("sessioncache-near-")
 
 
 def settled(server: Server) -> None:
