@@ -180,6 +180,13 @@ def warmed(app, *names):
     return web
 
 
+def run_view(app, name, view, **kwargs):
+    """Warm the shared entry of ``name``, then request /run/{name}, which runs ``view``: WebTest's response."""
+    web = warmed(app, name)
+    scenario(view)
+    return web.get(f"/run/{name}", **kwargs)
+
+
 # --- commit and abort ----------------------------------------------------------------------------------------
 
 
@@ -229,23 +236,18 @@ def test_an_exception_aborts_changes_to_a_hit(app, db_url, mode):
 
 
 def test_an_exception_after_a_flushed_change_aborts_it(app, db_url, mode):
-    web = warmed(app, "person 4")
-
     def view(request, name):
         get(request, name).name = "flushed then aborted"
         request.dbsession.flush()
         raise Boom()
 
-    scenario(view)
-    web.get("/run/person 4", status=500)
+    run_view(app, "person 4", view, status=500)
     assert names(db_url)[4] == "person 4"
     assert_clean(app)
 
 
 @pytest.mark.parametrize("when", ["before the hit", "after the hit"])
 def test_doom_discards_changes_to_a_hit(app, db_url, mode, when):
-    web = warmed(app, "person 5")
-
     def view(request, name):
         if when == "before the hit":
             request.tm.doom()
@@ -255,36 +257,31 @@ def test_doom_discards_changes_to_a_hit(app, db_url, mode, when):
             request.tm.doom()
         return {"name": person.name}
 
-    scenario(view)
-    assert web.get("/run/person 5").json == {"name": "doomed"}
+    assert run_view(app, "person 5", view).json == {"name": "doomed"}
     assert names(db_url)[5] == "person 5"
     assert_clean(app)
 
 
 def test_commit_veto_discards_changes_to_a_hit(make, db_url, mode):
     app = make(**{"tm.commit_veto": "pyramid_tm.default_commit_veto"})
-    web = warmed(app, "person 6")
 
     def view(request, name):
         get(request, name).name = "vetoed"
         request.response.status = 400
         return {}
 
-    scenario(view)
-    web.get("/run/person 6", status=400)
+    run_view(app, "person 6", view, status=400)
     assert names(db_url)[6] == "person 6"
     assert_clean(app)
 
 
 def test_explicit_manager_commits_changes_to_a_hit(make, db_url, mode):
     app = make(**{"tm.manager_hook": "pyramid_tm.explicit_manager"})
-    web = warmed(app, "person 7")
 
     def view(request, name):
         get(request, name).name = "explicit"
 
-    scenario(view)
-    web.get("/run/person 7")
+    run_view(app, "person 7", view)
     assert names(db_url)[7] == "explicit"
     assert app.engine.pool.checkedout() == 0
 
@@ -293,15 +290,12 @@ def test_explicit_manager_commits_changes_to_a_hit(make, db_url, mode):
 
 
 def test_rolling_back_to_a_savepoint_taken_before_a_hit_discards_the_change(app, db_url, mode):
-    web = warmed(app, "person 8")
-
     def view(request, name):
         savepoint = request.tm.savepoint()
         get(request, name).name = "rolled back"
         savepoint.rollback()
 
-    scenario(view)
-    web.get("/run/person 8")
+    run_view(app, "person 8", view)
     assert names(db_url)[8] == "person 8"
     assert_clean(app)
 
@@ -349,22 +343,17 @@ def test_two_hits_and_a_miss_between_them_all_commit(app, db_url, mode):
 
 
 def test_a_hit_then_an_orm_bulk_update(app, db_url, mode):
-    web = warmed(app, "person 13")
-
     def view(request, name):
         get(request, name).name = "thirteen"
         request.dbsession.execute(update(Person).where(Person.id == 14).values(name="fourteen"))
 
-    scenario(view)
-    web.get("/run/person 13")
+    run_view(app, "person 13", view)
     found = names(db_url)
     assert (found[13], found[14]) == ("thirteen", "fourteen")
     assert_clean(app)
 
 
 def test_a_hit_then_delete_and_add(app, db_url, mode):
-    web = warmed(app, "person 15")
-
     def view(request, name):
         person = get(request, name)
         for address in person.addresses:  # a lazy load: joins the transaction
@@ -372,8 +361,7 @@ def test_a_hit_then_delete_and_add(app, db_url, mode):
         request.dbsession.delete(person)
         request.dbsession.add(Person(id=500, name="new"))
 
-    scenario(view)
-    web.get("/run/person 15")
+    run_view(app, "person 15", view)
     found = names(db_url)
     assert 15 not in found and found[500] == "new"
     assert_clean(app)
@@ -390,56 +378,44 @@ def test_a_hit_then_delete_alone(app, db_url, mode):
 
 
 def test_a_hit_then_add_alone(app, db_url, mode):
-    web = warmed(app, "person 17")
-
     def view(request, name):
         get(request, name)
         request.dbsession.add(Person(id=501, name="added"))
 
-    scenario(view)
-    web.get("/run/person 17")
+    run_view(app, "person 17", view)
     assert names(db_url)[501] == "added"
     assert_clean(app)
 
 
 def test_a_lazy_load_from_a_hit_then_a_change_to_the_loaded_object(app, db_url, mode):
-    web = warmed(app, "person 18")
-
     def view(request, name):
         person = get(request, name)
         person.addresses[0].street = "lazy street"
         return {"street": str(person.addresses[0])}
 
-    scenario(view)
-    assert web.get("/run/person 18").json["street"].startswith("lazy street")
+    assert run_view(app, "person 18", view).json["street"].startswith("lazy street")
     assert streets(db_url)[35] == "lazy street"
     assert_clean(app)
 
 
 def test_a_hit_then_raw_sql_marked_changed_with_zope_sqlalchemy(app, db_url, mode):
-    web = warmed(app, "person 12")
-
     def view(request, name):
         get(request, name).name = "orm twelve"
         request.dbsession.connection().execute(text("UPDATE person SET name = 'raw thirteen' WHERE id = 13"))
         zope.sqlalchemy.mark_changed(request.dbsession, transaction_manager=request.tm)
 
-    scenario(view)
-    web.get("/run/person 12")
+    run_view(app, "person 12", view)
     found = names(db_url)
     assert (found[12], found[13]) == ("orm twelve", "raw thirteen")
     assert_clean(app)
 
 
 def test_a_pure_hit_then_mark_changed_alone_commits_nothing_and_breaks_nothing(app, db_url, mode):
-    web = warmed(app, "person 14")
-
     def view(request, name):
         get(request, name)
         zope.sqlalchemy.mark_changed(request.dbsession, transaction_manager=request.tm)
 
-    scenario(view)
-    web.get("/run/person 14")
+    run_view(app, "person 14", view)
     assert names(db_url)[14] == "person 14"
     assert_clean(app)
 
@@ -482,8 +458,6 @@ def test_a_hit_in_a_response_callback_after_pyramid_tm_ended(make, db_url, mode)
 
 
 def test_a_hit_then_an_orm_savepoint_rolled_back(app, db_url, mode):
-    web = warmed(app, "person 17")
-
     def view(request, name):
         person = get(request, name)
         person.name = "kept"
@@ -492,8 +466,7 @@ def test_a_hit_then_an_orm_savepoint_rolled_back(app, db_url, mode):
             request.dbsession.flush()
             nested.rollback()
 
-    scenario(view)
-    web.get("/run/person 17")
+    run_view(app, "person 17", view)
     assert names(db_url)[17] == "kept"
     assert streets(db_url)[33] == "17 Main St"
     assert_clean(app)
@@ -503,8 +476,6 @@ def test_a_hit_then_an_orm_savepoint_rolled_back(app, db_url, mode):
 
 
 def test_the_views_own_session_commit_is_refused_and_pyramid_tm_commits(app, db_url, mode):
-    web = warmed(app, "person 19")
-
     def view(request, name):
         get(request, name).name = "self-committed"
         try:
@@ -513,21 +484,17 @@ def test_the_views_own_session_commit_is_refused_and_pyramid_tm_commits(app, db_
             return {"refused": "transaction manager" in str(exc)}
         return {"refused": False}
 
-    scenario(view)
-    assert web.get("/run/person 19").json == {"refused": True}
+    assert run_view(app, "person 19", view).json == {"refused": True}
     assert names(db_url)[19] == "self-committed"  # the view caught the refusal: pyramid_tm commits the change
     assert_clean(app)
 
 
 def test_the_views_own_session_rollback_discards_the_change(app, db_url, mode):
-    web = warmed(app, "person 20")
-
     def view(request, name):
         get(request, name).name = "rolled back by the view"
         request.dbsession.rollback()
 
-    scenario(view)
-    web.get("/run/person 20", expect_errors=True)
+    run_view(app, "person 20", view, expect_errors=True)
     assert names(db_url)[20] == "person 20"
     assert_clean(app)
 
@@ -559,8 +526,6 @@ def test_an_aborted_transaction_does_not_carry_changes_into_the_next(make, db_ur
 
 
 def test_a_change_made_by_a_later_before_commit_hook_is_committed(app, db_url, mode):
-    web = warmed(app, "person 2")
-
     def view(request, name):
         person = get(request, name)
 
@@ -569,22 +534,18 @@ def test_a_change_made_by_a_later_before_commit_hook_is_committed(app, db_url, m
 
         request.tm.get().addBeforeCommitHook(touch)
 
-    scenario(view)
-    web.get("/run/person 2")
+    run_view(app, "person 2", view)
     assert names(db_url)[2] == "touched at commit"
     assert_clean(app)
 
 
 def test_a_change_made_by_an_earlier_before_commit_hook_is_committed(app, db_url, mode):
-    web = warmed(app, "person 3")
-
     def view(request, name):
         holder = {}
         request.tm.get().addBeforeCommitHook(lambda: setattr(holder["person"], "name", "touched early"))
         holder["person"] = get(request, name)
 
-    scenario(view)
-    web.get("/run/person 3")
+    run_view(app, "person 3", view)
     assert names(db_url)[3] == "touched early"
     assert_clean(app)
 
