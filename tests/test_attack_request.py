@@ -142,22 +142,22 @@ def app(make):
     return make()
 
 
-def names(db_url):
+def in_database(db_url, key, value):
+    """``{key: value}`` of every row, read on a connection of its own (what was committed)."""
     engine = create_engine(db_url)
     try:
         with engine.connect() as conn:
-            return {row.id: row.name for row in conn.execute(select(Person.id, Person.name))}
+            return {row[0]: row[1] for row in conn.execute(select(key, value))}
     finally:
         engine.dispose()
+
+
+def names(db_url):
+    return in_database(db_url, Person.id, Person.name)
 
 
 def streets(db_url):
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            return {row.id: row.street for row in conn.execute(select(Address.id, Address.street))}
-    finally:
-        engine.dispose()
+    return in_database(db_url, Address.id, Address.street)
 
 
 def assert_clean(app):
