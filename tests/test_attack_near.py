@@ -17,6 +17,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -211,11 +212,46 @@ def _pings(client) -> bool:
         return False
 
 
-def test_a_restarted_server_on_the_same_socket_never_serves_old_near_entries(tmp_path):
-    directory = tempfile.mkdtemp(prefix="snr-")
-    socket = os.path.join(directory, "r.sock")
-    process = _start_redis(socket, directory)
-    url = f"unix://{socket}"
+class Crashable:
+    """A redis-server of the test's own, on a socket in a temporary folder: it can be killed and started again."""
+
+    def __init__(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="snr-")
+        self.socket = os.path.join(self.directory, "r.sock")
+        self.url = f"unix://{self.socket}"
+        self.process = _start_redis(self.socket, self.directory)
+
+    def save(self) -> None:
+        """Take a snapshot (``dump.rdb``), what a restart loads."""
+        import redis
+
+        admin = redis.Redis(unix_socket_path=self.socket)
+        admin.save()
+        admin.close()
+
+    def crash_and_restart(self) -> None:
+        """SIGKILL, then a new server on the same socket: empty, or the last snapshot's state."""
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+        self.process = _start_redis(self.socket, self.directory)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@pytest.fixture
+def crashable() -> Iterator[Crashable]:
+    server = Crashable()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_restarted_server_on_the_same_socket_never_serves_old_near_entries(tmp_path, crashable):
+    url = crashable.url
     near = regions(url)["r"]
     writer = regions(url, near=False)["r"]
     near.retry_after = writer.retry_after = 0.1
@@ -224,9 +260,7 @@ def test_a_restarted_server_on_the_same_socket_never_serves_old_near_entries(tmp
         writer.put("k", "before restart")
         assert until(lambda: near.get("k") == "before restart")
         warm(near, "k")
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
-        process = _start_redis(socket, directory)  # empty: no persistence
+        crashable.crash_and_restart()  # empty: no persistence
         writer.put("k", "after restart")  # may fail once (the writer's pooled connection is dead)
         if not until(lambda: writer.get("k") == "after restart", 2):
             writer.put("k", "after restart")
@@ -234,9 +268,6 @@ def test_a_restarted_server_on_the_same_socket_never_serves_old_near_entries(tmp
         assert stays(lambda: near.get("k") == "after restart")
     finally:
         near.close()
-        process.kill()
-        process.wait(10)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 # -- the engine: other processes, threads
@@ -367,12 +398,9 @@ def test_textual_query_any_table_version_through_the_near_cache(engine, db_url, 
     assert until(lambda: cached() == expected), cached()
 
 
-def test_a_restart_from_an_older_snapshot_never_serves_what_a_commit_changed(engine, tmp_path):
+def test_a_restart_from_an_older_snapshot_never_serves_what_a_commit_changed(engine, tmp_path, crashable):
     """Redis killed and restarted from an RDB taken before a commit: neither the near copy nor Redis's old entry."""
-    directory = tempfile.mkdtemp(prefix="snr-")
-    socket = os.path.join(directory, "r.sock")
-    process = _start_redis(socket, directory)
-    url = f"unix://{socket}"
+    url = crashable.url
     cache = SessionCache(
         {"redis": {"type": "ext:redis", "url": url, "near": True}}, default_region="redis", secret=SECRET
     )
@@ -383,11 +411,7 @@ def test_a_restart_from_an_older_snapshot_never_serves_what_a_commit_changed(eng
     try:
         assert near.wait_live(5)
         assert cached_names(Session) == uncached(engine)
-        import redis
-
-        admin = redis.Redis(unix_socket_path=socket)
-        admin.save()  # the snapshot: the entry and the versions before the commit
-        admin.close()
+        crashable.save()  # the snapshot: the entry and the versions before the commit
         with Session() as session:
             session.get(Person, 1).name = "after the snapshot"
             session.commit()
@@ -396,9 +420,7 @@ def test_a_restart_from_an_older_snapshot_never_serves_what_a_commit_changed(eng
         assert cached_names(Session) == expected
         for _ in range(30):
             cached_names(Session)  # held in the near cache
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
-        process = _start_redis(socket, directory)  # loads dump.rdb: the state before the commit
+        crashable.crash_and_restart()  # loads dump.rdb: the state before the commit
         assert until(lambda: near.live, 10)
         for _ in range(50):
             got = cached_names(Session)
@@ -406,23 +428,17 @@ def test_a_restart_from_an_older_snapshot_never_serves_what_a_commit_changed(eng
             time.sleep(0.005)
     finally:
         cache.close()
-        process.kill()
-        process.wait(10)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.mark.parametrize("near", [True, False], ids=["near", "plain"])
-def test_a_crash_restored_from_an_older_snapshot_in_a_reader_that_never_saw_the_commit(engine, near):
+def test_a_crash_restored_from_an_older_snapshot_in_a_reader_that_never_saw_the_commit(engine, near, crashable):
     """Another process commits; Redis crashes and comes back from an RDB taken before the commit.
 
     The reader (its own SessionCache: its own memory of versions seen)
     had only read before the commit.  Not specific to the near cache: the
     same holds with a plain Redis region (both parametrised).
     """
-    directory = tempfile.mkdtemp(prefix="snr-")
-    socket = os.path.join(directory, "r.sock")
-    process = _start_redis(socket, directory)
-    url = f"unix://{socket}"
+    url = crashable.url
     reader_cache = SessionCache(
         {"redis": {"type": "ext:redis", "url": url, "near": near}}, default_region="redis", secret=SECRET
     )
@@ -435,18 +451,12 @@ def test_a_crash_restored_from_an_older_snapshot_in_a_reader_that_never_saw_the_
         if near:
             assert reader_cache.region("redis").near.wait_live(5)
         assert cached_names(Reader) == uncached(engine)
-        import redis
-
-        admin = redis.Redis(unix_socket_path=socket)
-        admin.save()
-        admin.close()
+        crashable.save()
         with Writer() as session:
             session.get(Person, 1).name = "committed before the crash"
             session.commit()
         expected = uncached(engine)
-        process.send_signal(signal.SIGKILL)
-        process.wait(10)
-        process = _start_redis(socket, directory)
+        crashable.crash_and_restart()
         if near:
             assert until(lambda: reader_cache.region("redis").near.live, 10)
         time.sleep(0.3)  # past retry_after
@@ -455,9 +465,6 @@ def test_a_crash_restored_from_an_older_snapshot_in_a_reader_that_never_saw_the_
     finally:
         reader_cache.close()
         writer_cache.close()
-        process.kill()
-        process.wait(10)
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 SIBLING_URLS = [
