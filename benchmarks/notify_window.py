@@ -35,33 +35,24 @@ stderr, the tables to stdout.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
-import os
 import platform
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from importlib import metadata
 from multiprocessing.connection import Connection as Pipe
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `python benchmarks/notify_window.py` from anywhere
 
-from benchmarks import servers  # noqa: E402
+from benchmarks import servers, windows  # noqa: E402
 
 WRITERS = 4
 COST_ROUNDS = 3
 WARMUP = 10
-#: The longest a commit may stay unheard before the run is declared broken.
-TIMEOUT = 10.0
 CHANNEL = "sessioncache"
-
-
-def progress(message: str) -> None:
-    print(f"... {message}", file=sys.stderr, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         args.commits, args.load_rate, args.cost_seconds = 20, 50.0, 0.3
     started = time.monotonic()
 
-    progress("starting PostgreSQL")
+    windows.progress("starting PostgreSQL")
     with servers.postgresql_url() as (url, version):
         from sqlalchemy import create_engine
 
@@ -98,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             print(_header(args, version, settings), flush=True)
 
-            progress("the cost of the triggers")
+            windows.progress("the cost of the triggers")
             rounds = 1 if args.quick else COST_ROUNDS
             cost: dict[str, tuple[list[float], list[float]]] = {"without triggers": ([], []), "with triggers": ([], [])}
             for _ in range(rounds):  # interleaved, so that a machine's drift weighs on both
@@ -116,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             for listeners in (1, 2):
                 for rate in (0.0, args.load_rate):
                     load = f"{rate:.0f} commits/s" if rate else "idle"
-                    progress(f"the window: {listeners} listener process(es), {load}")
+                    windows.progress(f"the window: {listeners} listener process(es), {load}")
                     rows.append((listeners, load, _window(dsn, listeners, rate, args.commits)))
             print(_window_table(rows, args.commits), flush=True)
             print(_cost_table(cost, args.cost_seconds, rounds), flush=True)
@@ -124,8 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 remove_triggers(conn, channel=CHANNEL)
         finally:
             engine.dispose()
-        progress("stopping PostgreSQL")
-    print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {_load_average()} at the end")
+        windows.progress("stopping PostgreSQL")
+    print(f"\ntotal time: {time.monotonic() - started:.0f} s; load average {windows.load_average()} at the end")
     return 0
 
 
@@ -141,7 +132,7 @@ def _listen(dsn: str, pipe: Pipe, stop: Any) -> None:
             pipe.send(time.monotonic_ns())
 
     with Listener(dsn, on_tables, lambda: pipe.send("lost"), channel=CHANNEL) as listener:
-        pipe.send("ready" if listener.wait_connected(TIMEOUT) else "not connected")
+        pipe.send("ready" if listener.wait_connected(windows.TIMEOUT) else "not connected")
         stop.wait()
 
 
@@ -149,22 +140,10 @@ def _window(dsn: str, listeners: int, rate: float, commits: int) -> list[tuple[f
     """The window of each commit, in milliseconds: from the call to ``commit()``, and from its return."""
     import psycopg
 
-    context = multiprocessing.get_context("spawn")
-    stop = context.Event()
-    pipes, processes = [], []
-    for _ in range(listeners):
-        ours, theirs = context.Pipe(duplex=False)
-        process = context.Process(target=_listen, args=(dsn, theirs, stop), daemon=True)
-        process.start()
-        pipes.append(ours)
-        processes.append(process)
-    try:
-        for pipe in pipes:
-            said = pipe.recv() if pipe.poll(60) else "nothing within 60 s"
-            if said != "ready":
-                raise SystemExit(f"a listener process did not start listening: {said}")
-        windows = []
-        with _load(dsn, rate), psycopg.connect(dsn) as writer:
+    failure = "a listener process did not start listening"
+    with windows.processes(listeners, _listen, lambda pipe, stop: (dsn, pipe, stop), failure) as pipes:
+        measured = []
+        with windows.steady_load(rate, lambda: _committing(dsn)), psycopg.connect(dsn) as writer:
             for commit in range(WARMUP + commits):
                 writer.execute("UPDATE measured SET n = %s WHERE id = 1", [commit])
                 before = time.monotonic_ns()
@@ -172,54 +151,28 @@ def _window(dsn: str, listeners: int, rate: float, commits: int) -> list[tuple[f
                 after = time.monotonic_ns()
                 heard = []
                 for pipe in pipes:
-                    if not pipe.poll(TIMEOUT):
-                        raise SystemExit(f"a commit was not heard within {TIMEOUT} s")
+                    if not pipe.poll(windows.TIMEOUT):
+                        raise SystemExit(f"a commit was not heard within {windows.TIMEOUT} s")
                     heard.append(pipe.recv())
                 if any(not isinstance(at, int) for at in heard):
                     raise SystemExit(f"a listener lost its connection: {heard}")
                 if commit >= WARMUP:
-                    windows.append(((max(heard) - before) / 1e6, (max(heard) - after) / 1e6))
-        return windows
-    finally:
-        stop.set()
-        for process in processes:
-            process.join(TIMEOUT)
-            if process.is_alive():
-                process.kill()
+                    measured.append(((max(heard) - before) / 1e6, (max(heard) - after) / 1e6))
+        return measured
 
 
 @contextmanager
-def _load(dsn: str, rate: float) -> Iterator[None]:
-    """A thread committing single-row updates of ``load`` at ``rate`` a second (none at 0)."""
-    if not rate:
-        yield
-        return
+def _committing(dsn: str) -> Iterator[Callable[[], None]]:
+    """The write of the load: commit a single-row update of ``load``."""
     import psycopg
 
-    done = threading.Event()
-    failures: list[BaseException] = []
+    with psycopg.connect(dsn) as conn:
 
-    def write() -> None:
-        try:
-            with psycopg.connect(dsn) as conn:
-                began = time.monotonic()
-                commit = 0
-                while not done.wait(max(0.0, began + commit / rate - time.monotonic())):
-                    conn.execute("UPDATE load SET n = n + 1 WHERE id = 1")
-                    conn.commit()
-                    commit += 1
-        except BaseException as exc:  # reported by the measuring thread
-            failures.append(exc)
+        def commit() -> None:
+            conn.execute("UPDATE load SET n = n + 1 WHERE id = 1")
+            conn.commit()
 
-    thread = threading.Thread(target=write, name="load", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join(TIMEOUT)
-    if failures:
-        raise failures[0]
+        yield commit
 
 
 # The cost ------------------------------------------------------------------------
@@ -257,41 +210,20 @@ def _cost(dsn: str, commits: int, seconds: float) -> tuple[list[float], float]:
     time.sleep(seconds)
     done.set()
     for thread in threads:
-        thread.join(TIMEOUT)
+        thread.join(windows.TIMEOUT)
     return latencies, sum(counts) / (time.monotonic() - began)
 
 
 # The report ------------------------------------------------------------------------
 
 
-def _percentile(values: list[float], percent: float) -> float:
-    """The nearest-rank percentile of ``values``."""
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * percent // 100))
-    return ordered[int(rank) - 1]
-
-
-def _figures(values: list[float]) -> str:
-    return "".join(f"{_percentile(values, p):>8.2f}" for p in (50, 90, 99, 100))
-
-
 def _window_table(rows: list[tuple[int, str, list[tuple[float, float]]]], commits: int) -> str:
-    lines = [
-        "",
+    intro = [
         f"The window: from another client's commit() to the listener's callback, ms ({commits} commits per row;",
         "with 2 listener processes, the later of the two).  The commit becomes visible between the call and",
         "the return: the window is at most the first figures; the callback may even come before the return.",
-        f"{'':<38}{'from the call to commit()':>32}{'from its return':>20}",
-        f"{'listener processes':<20}{'load':<18}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'p50':>10}{'p99':>10}",
     ]
-    for listeners, load, windows in rows:
-        from_call = [window for window, _ in windows]
-        from_return = [window for _, window in windows]
-        lines.append(
-            f"{listeners:<20}{load:<18}{_figures(from_call)}"
-            f"{_percentile(from_return, 50):>10.2f}{_percentile(from_return, 99):>10.2f}"
-        )
-    return "\n".join(lines)
+    return windows.window_table(intro, "commit()", "listener processes", rows)
 
 
 def _cost_table(rows: dict[str, tuple[list[float], list[float]]], seconds: float, rounds: int) -> str:
@@ -304,32 +236,16 @@ def _cost_table(rows: dict[str, tuple[list[float], list[float]]], seconds: float
         f"{'':<20}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}{'commits/s':>12}",
     ]
     for label, (latencies, throughputs) in rows.items():
-        lines.append(f"{label:<20}{_figures(latencies)}{sum(throughputs) / len(throughputs):>12.0f}")
+        lines.append(f"{label:<20}{windows.figures(latencies)}{sum(throughputs) / len(throughputs):>12.0f}")
     return "\n".join(lines)
 
 
-def _load_average() -> str:
-    try:
-        return " ".join(f"{figure:.2f}" for figure in os.getloadavg())
-    except OSError:
-        return "unknown"
-
-
 def _header(args: argparse.Namespace, version: str, settings: dict[str, str]) -> str:
-    def installed(name: str) -> str:
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return "not installed"
-
-    cores = os.cpu_count()
     return "\n".join(
         [
-            "pyramid_sessioncache: PostgreSQL notification mode"
-            + ("  (--quick: a few commits; the figures mean nothing)" * args.quick),
-            f"machine: {platform.machine()}, {cores} cores, {platform.system()} {platform.release()}, "
-            f"load average {_load_average()} at the start",
-            f"versions: Python {platform.python_version()}, psycopg {installed('psycopg')}, "
+            windows.title("PostgreSQL notification mode", args.quick),
+            windows.machine(),
+            f"versions: Python {platform.python_version()}, psycopg {windows.installed('psycopg')}, "
             f"PostgreSQL server {version} (pgserver, Unix socket, same host), "
             + ", ".join(f"{name}={value}" for name, value in settings.items()),
             f"load: a thread committing one-row updates of another table at {args.load_rate:g} a second, "

@@ -121,30 +121,43 @@ def mode(request):
 
 
 @pytest.fixture
-def app(db_url, mode):
+def make(db_url, mode):
+    """Make the application of ``mode`` with more settings: ``make(**settings)``; disposed of after the test."""
+    made = []
+
+    def make(**settings):
+        app = make_app(db_url, mode, **settings)
+        made.append(app)
+        return app
+
     SCENARIO.clear()
-    app = make_app(db_url, mode)
-    yield app
+    yield make
     SCENARIO.clear()
-    app.engine.dispose()
+    for app in made:
+        app.engine.dispose()
+
+
+@pytest.fixture
+def app(make):
+    return make()
+
+
+def in_database(db_url, key, value):
+    """``{key: value}`` of every row, read on a connection of its own (what was committed)."""
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            return {row[0]: row[1] for row in conn.execute(select(key, value))}
+    finally:
+        engine.dispose()
 
 
 def names(db_url):
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            return {row.id: row.name for row in conn.execute(select(Person.id, Person.name))}
-    finally:
-        engine.dispose()
+    return in_database(db_url, Person.id, Person.name)
 
 
 def streets(db_url):
-    engine = create_engine(db_url)
-    try:
-        with engine.connect() as conn:
-            return {row.id: row.street for row in conn.execute(select(Address.id, Address.street))}
-    finally:
-        engine.dispose()
+    return in_database(db_url, Address.id, Address.street)
 
 
 def assert_clean(app):
@@ -159,17 +172,26 @@ def scenario(view):
     SCENARIO["view"] = view
 
 
-def prepared(web, name):
-    """Warm the shared entry for ``name`` (a miss, stored), so that /run/{name} hits."""
-    web.get(f"/warm/{name}")
+def warmed(app, *names):
+    """A WebTest client of ``app``, the shared entry of each of ``names`` warmed (a miss, stored): /run/{name} hits."""
+    web = TestApp(app)
+    for name in names:
+        web.get(f"/warm/{name}")
+    return web
+
+
+def run_view(app, name, view, **kwargs):
+    """Warm the shared entry of ``name``, then request /run/{name}, which runs ``view``: WebTest's response."""
+    web = warmed(app, name)
+    scenario(view)
+    return web.get(f"/run/{name}", **kwargs)
 
 
 # --- commit and abort ----------------------------------------------------------------------------------------
 
 
 def test_a_change_to_a_hit_is_committed_and_invalidates(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 1")
+    web = warmed(app, "person 1")
 
     def view(request, name):
         get(request, name).name = "renamed 1"
@@ -187,8 +209,7 @@ def test_a_change_to_a_hit_is_committed_and_invalidates(app, db_url, mode):
 
 @pytest.mark.parametrize("mode", ["addon"])  # the add-on's promise only
 def test_a_pure_hit_request_checks_out_nothing_and_commits_nothing(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 2")
+    web = warmed(app, "person 2")
     scenario(lambda request, name: {"name": get(request, name).name})
     before = len(app.checkouts)
     for _ in range(3):
@@ -198,8 +219,7 @@ def test_a_pure_hit_request_checks_out_nothing_and_commits_nothing(app, db_url, 
 
 
 def test_an_exception_aborts_changes_to_a_hit(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 3")
+    web = warmed(app, "person 3")
 
     def view(request, name):
         get(request, name).name = "aborted"
@@ -216,25 +236,18 @@ def test_an_exception_aborts_changes_to_a_hit(app, db_url, mode):
 
 
 def test_an_exception_after_a_flushed_change_aborts_it(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 4")
-
     def view(request, name):
         get(request, name).name = "flushed then aborted"
         request.dbsession.flush()
         raise Boom()
 
-    scenario(view)
-    web.get("/run/person 4", status=500)
+    run_view(app, "person 4", view, status=500)
     assert names(db_url)[4] == "person 4"
     assert_clean(app)
 
 
 @pytest.mark.parametrize("when", ["before the hit", "after the hit"])
 def test_doom_discards_changes_to_a_hit(app, db_url, mode, when):
-    web = TestApp(app)
-    prepared(web, "person 5")
-
     def view(request, name):
         if when == "before the hit":
             request.tm.doom()
@@ -244,86 +257,51 @@ def test_doom_discards_changes_to_a_hit(app, db_url, mode, when):
             request.tm.doom()
         return {"name": person.name}
 
-    scenario(view)
-    assert web.get("/run/person 5").json == {"name": "doomed"}
+    assert run_view(app, "person 5", view).json == {"name": "doomed"}
     assert names(db_url)[5] == "person 5"
     assert_clean(app)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_commit_veto_discards_changes_to_a_hit(db_url, mode):
-    app = make_app(db_url, mode, **{"tm.commit_veto": "pyramid_tm.default_commit_veto"})
-    web = TestApp(app)
-    prepared(web, "person 6")
+def test_commit_veto_discards_changes_to_a_hit(make, db_url, mode):
+    app = make(**{"tm.commit_veto": "pyramid_tm.default_commit_veto"})
 
     def view(request, name):
         get(request, name).name = "vetoed"
         request.response.status = 400
         return {}
 
-    scenario(view)
-    web.get("/run/person 6", status=400)
+    run_view(app, "person 6", view, status=400)
     assert names(db_url)[6] == "person 6"
     assert_clean(app)
-    app.engine.dispose()
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_explicit_manager_commits_changes_to_a_hit(db_url, mode):
-    app = make_app(db_url, mode, **{"tm.manager_hook": "pyramid_tm.explicit_manager"})
-    web = TestApp(app)
-    prepared(web, "person 7")
+def test_explicit_manager_commits_changes_to_a_hit(make, db_url, mode):
+    app = make(**{"tm.manager_hook": "pyramid_tm.explicit_manager"})
 
     def view(request, name):
         get(request, name).name = "explicit"
 
-    scenario(view)
-    web.get("/run/person 7")
+    run_view(app, "person 7", view)
     assert names(db_url)[7] == "explicit"
     assert app.engine.pool.checkedout() == 0
-    app.engine.dispose()
 
 
 # --- savepoints ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "addon",
-        "plain",
-        "uncached",
-    ],
-)
-def test_rolling_back_to_a_savepoint_taken_before_a_hit_discards_the_change(db_url, mode):
-    app = make_app(db_url, mode)
-    web = TestApp(app)
-    prepared(web, "person 8")
-
+def test_rolling_back_to_a_savepoint_taken_before_a_hit_discards_the_change(app, db_url, mode):
     def view(request, name):
         savepoint = request.tm.savepoint()
         get(request, name).name = "rolled back"
         savepoint.rollback()
 
-    scenario(view)
-    web.get("/run/person 8")
+    run_view(app, "person 8", view)
     assert names(db_url)[8] == "person 8"
     assert_clean(app)
-    app.engine.dispose()
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "addon",
-        "plain",
-        "uncached",
-    ],
-)
-def test_rolling_back_to_a_savepoint_taken_after_a_hit_discards_the_later_change(db_url, mode):
-    app = make_app(db_url, mode)
-    web = TestApp(app)
-    prepared(web, "person 9")
+def test_rolling_back_to_a_savepoint_taken_after_a_hit_discards_the_later_change(app, db_url, mode):
+    web = warmed(app, "person 9")
 
     def view(request, name):
         person = get(request, name)
@@ -341,16 +319,13 @@ def test_rolling_back_to_a_savepoint_taken_after_a_hit_discards_the_later_change
         assert mode != "addon"  # the refused savepoint failed the transaction: nothing committed
     assert names(db_url)[9] == "person 9"
     assert_clean(app)
-    app.engine.dispose()
 
 
 # --- several queries, ORM writes --------------------------------------------------------------------------
 
 
 def test_two_hits_and_a_miss_between_them_all_commit(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 10")
-    prepared(web, "person 11")
+    web = warmed(app, "person 10", "person 11")
 
     def view(request, name):
         first = get(request, "person 10")
@@ -368,24 +343,17 @@ def test_two_hits_and_a_miss_between_them_all_commit(app, db_url, mode):
 
 
 def test_a_hit_then_an_orm_bulk_update(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 13")
-
     def view(request, name):
         get(request, name).name = "thirteen"
         request.dbsession.execute(update(Person).where(Person.id == 14).values(name="fourteen"))
 
-    scenario(view)
-    web.get("/run/person 13")
+    run_view(app, "person 13", view)
     found = names(db_url)
     assert (found[13], found[14]) == ("thirteen", "fourteen")
     assert_clean(app)
 
 
 def test_a_hit_then_delete_and_add(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 15")
-
     def view(request, name):
         person = get(request, name)
         for address in person.addresses:  # a lazy load: joins the transaction
@@ -393,18 +361,16 @@ def test_a_hit_then_delete_and_add(app, db_url, mode):
         request.dbsession.delete(person)
         request.dbsession.add(Person(id=500, name="new"))
 
-    scenario(view)
-    web.get("/run/person 15")
+    run_view(app, "person 15", view)
     found = names(db_url)
     assert 15 not in found and found[500] == "new"
     assert_clean(app)
 
 
 def test_a_hit_then_delete_alone(app, db_url, mode):
-    web = TestApp(app)
     with app.engine.begin() as conn:  # no addresses: person.addresses has no delete cascade
         conn.execute(Address.__table__.delete().where(Address.person_id == 16))
-    prepared(web, "person 16")
+    web = warmed(app, "person 16")
     scenario(lambda request, name: request.dbsession.delete(get(request, name)))
     web.get("/run/person 16")
     assert 16 not in names(db_url)
@@ -412,67 +378,50 @@ def test_a_hit_then_delete_alone(app, db_url, mode):
 
 
 def test_a_hit_then_add_alone(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 17")
-
     def view(request, name):
         get(request, name)
         request.dbsession.add(Person(id=501, name="added"))
 
-    scenario(view)
-    web.get("/run/person 17")
+    run_view(app, "person 17", view)
     assert names(db_url)[501] == "added"
     assert_clean(app)
 
 
 def test_a_lazy_load_from_a_hit_then_a_change_to_the_loaded_object(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 18")
-
     def view(request, name):
         person = get(request, name)
         person.addresses[0].street = "lazy street"
         return {"street": str(person.addresses[0])}
 
-    scenario(view)
-    assert web.get("/run/person 18").json["street"].startswith("lazy street")
+    assert run_view(app, "person 18", view).json["street"].startswith("lazy street")
     assert streets(db_url)[35] == "lazy street"
     assert_clean(app)
 
 
 def test_a_hit_then_raw_sql_marked_changed_with_zope_sqlalchemy(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 12")
-
     def view(request, name):
         get(request, name).name = "orm twelve"
         request.dbsession.connection().execute(text("UPDATE person SET name = 'raw thirteen' WHERE id = 13"))
         zope.sqlalchemy.mark_changed(request.dbsession, transaction_manager=request.tm)
 
-    scenario(view)
-    web.get("/run/person 12")
+    run_view(app, "person 12", view)
     found = names(db_url)
     assert (found[12], found[13]) == ("orm twelve", "raw thirteen")
     assert_clean(app)
 
 
 def test_a_pure_hit_then_mark_changed_alone_commits_nothing_and_breaks_nothing(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 14")
-
     def view(request, name):
         get(request, name)
         zope.sqlalchemy.mark_changed(request.dbsession, transaction_manager=request.tm)
 
-    scenario(view)
-    web.get("/run/person 14")
+    run_view(app, "person 14", view)
     assert names(db_url)[14] == "person 14"
     assert_clean(app)
 
 
 def test_a_pure_hit_then_sessioncache_mark_changed_invalidates(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 15")
+    web = warmed(app, "person 15")
 
     def view(request, name):
         get(request, name)
@@ -487,12 +436,10 @@ def test_a_pure_hit_then_sessioncache_mark_changed_invalidates(app, db_url, mode
     assert_clean(app)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_hit_in_a_response_callback_after_pyramid_tm_ended(db_url, mode):
+def test_a_hit_in_a_response_callback_after_pyramid_tm_ended(make, db_url, mode):
     """After pyramid_tm committed (explicit manager): a hit has no transaction to join."""
-    app = make_app(db_url, mode, **{"tm.manager_hook": "pyramid_tm.explicit_manager"})
-    web = TestApp(app)
-    prepared(web, "person 16")
+    app = make(**{"tm.manager_hook": "pyramid_tm.explicit_manager"})
+    web = warmed(app, "person 16")
     outcome = []
 
     def late(request, response):
@@ -508,13 +455,9 @@ def test_a_hit_in_a_response_callback_after_pyramid_tm_ended(db_url, mode):
     # The add-on's request.dbsession is closed when the request finishes; the starter-style one of
     # "plain" is not, and its hit checked a connection out before the join failed: it stays out.
     assert app.engine.pool.checkedout() == (1 if mode == "plain" else 0)
-    app.engine.dispose()
 
 
 def test_a_hit_then_an_orm_savepoint_rolled_back(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 17")
-
     def view(request, name):
         person = get(request, name)
         person.name = "kept"
@@ -523,8 +466,7 @@ def test_a_hit_then_an_orm_savepoint_rolled_back(app, db_url, mode):
             request.dbsession.flush()
             nested.rollback()
 
-    scenario(view)
-    web.get("/run/person 17")
+    run_view(app, "person 17", view)
     assert names(db_url)[17] == "kept"
     assert streets(db_url)[33] == "17 Main St"
     assert_clean(app)
@@ -534,9 +476,6 @@ def test_a_hit_then_an_orm_savepoint_rolled_back(app, db_url, mode):
 
 
 def test_the_views_own_session_commit_is_refused_and_pyramid_tm_commits(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 19")
-
     def view(request, name):
         get(request, name).name = "self-committed"
         try:
@@ -545,45 +484,27 @@ def test_the_views_own_session_commit_is_refused_and_pyramid_tm_commits(app, db_
             return {"refused": "transaction manager" in str(exc)}
         return {"refused": False}
 
-    scenario(view)
-    assert web.get("/run/person 19").json == {"refused": True}
+    assert run_view(app, "person 19", view).json == {"refused": True}
     assert names(db_url)[19] == "self-committed"  # the view caught the refusal: pyramid_tm commits the change
     assert_clean(app)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_the_views_own_session_rollback_discards_the_change(db_url, mode):
-    app = make_app(db_url, mode)
-    web = TestApp(app)
-    prepared(web, "person 20")
-
+def test_the_views_own_session_rollback_discards_the_change(app, db_url, mode):
     def view(request, name):
         get(request, name).name = "rolled back by the view"
         request.dbsession.rollback()
 
-    scenario(view)
-    web.get("/run/person 20", expect_errors=True)
+    run_view(app, "person 20", view, expect_errors=True)
     assert names(db_url)[20] == "person 20"
     assert_clean(app)
-    app.engine.dispose()
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "addon",
-        "plain",
-        "uncached",
-    ],
-)
 @pytest.mark.parametrize("manager_hook", ["pyramid_tm.explicit_manager", None])
 @pytest.mark.parametrize("then", ["add", "another hit"])
-def test_an_aborted_transaction_does_not_carry_changes_into_the_next(db_url, mode, manager_hook, then):
+def test_an_aborted_transaction_does_not_carry_changes_into_the_next(make, db_url, mode, manager_hook, then):
     settings = {"tm.manager_hook": manager_hook} if manager_hook else {}
-    app = make_app(db_url, mode, **settings)
-    web = TestApp(app)
-    prepared(web, "person 1")
-    prepared(web, "person 2")
+    app = make(**settings)
+    web = warmed(app, "person 1", "person 2")
 
     def view(request, name):
         get(request, name).name = "aborted by the view"
@@ -602,22 +523,9 @@ def test_an_aborted_transaction_does_not_carry_changes_into_the_next(db_url, mod
     assert found[502 if then == "add" else 2] == "after the abort"
     assert found[1] == "person 1"
     assert_clean(app)
-    app.engine.dispose()
 
 
-@pytest.mark.parametrize(
-    "mode",
-    [
-        "addon",
-        "plain",
-        "uncached",
-    ],
-)
-def test_a_change_made_by_a_later_before_commit_hook_is_committed(db_url, mode):
-    app = make_app(db_url, mode)
-    web = TestApp(app)
-    prepared(web, "person 2")
-
+def test_a_change_made_by_a_later_before_commit_hook_is_committed(app, db_url, mode):
     def view(request, name):
         person = get(request, name)
 
@@ -626,24 +534,18 @@ def test_a_change_made_by_a_later_before_commit_hook_is_committed(db_url, mode):
 
         request.tm.get().addBeforeCommitHook(touch)
 
-    scenario(view)
-    web.get("/run/person 2")
+    run_view(app, "person 2", view)
     assert names(db_url)[2] == "touched at commit"
     assert_clean(app)
-    app.engine.dispose()
 
 
 def test_a_change_made_by_an_earlier_before_commit_hook_is_committed(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 3")
-
     def view(request, name):
         holder = {}
         request.tm.get().addBeforeCommitHook(lambda: setattr(holder["person"], "name", "touched early"))
         holder["person"] = get(request, name)
 
-    scenario(view)
-    web.get("/run/person 3")
+    run_view(app, "person 3", view)
     assert names(db_url)[3] == "touched early"
     assert_clean(app)
 
@@ -652,8 +554,7 @@ def test_a_change_made_by_an_earlier_before_commit_hook_is_committed(app, db_url
 
 
 def test_a_flush_error_at_commit_is_the_requests_error_and_leaves_the_db_clean(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 4")
+    web = warmed(app, "person 4")
 
     def view(request, name):
         person = get(request, name)
@@ -672,8 +573,7 @@ def test_a_flush_error_at_commit_is_the_requests_error_and_leaves_the_db_clean(a
 
 
 def test_a_flush_error_at_commit_of_a_pure_hit_change(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 5")
+    web = warmed(app, "person 5")
     scenario(lambda request, name: setattr(get(request, name), "name", None))
     with pytest.raises(Exception, match="NOT NULL|IntegrityError"):
         web.get("/run/person 5")
@@ -684,11 +584,9 @@ def test_a_flush_error_at_commit_of_a_pure_hit_change(app, db_url, mode):
 # --- retries (pyramid_retry) ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_a_retried_request_commits_only_the_last_attempt(db_url, mode):
-    app = make_app(db_url, mode, **{"retry.attempts": "3"})
-    web = TestApp(app)
-    prepared(web, "person 6")
+def test_a_retried_request_commits_only_the_last_attempt(make, db_url, mode):
+    app = make(**{"retry.attempts": "3"})
+    web = warmed(app, "person 6")
     attempts = []
 
     def view(request, name):
@@ -705,15 +603,13 @@ def test_a_retried_request_commits_only_the_last_attempt(db_url, mode):
     assert len(attempts) == 2 and attempts[0] is not attempts[1]
     assert found[6] == "attempt 2" and 601 not in found and found[602] == "row"
     assert_clean(app)
-    app.engine.dispose()
 
 
 @pytest.mark.parametrize("mode", ["addon", "plain"])
-def test_a_stale_hit_changed_at_commit_is_retried_like_zope_sqlalchemys(db_url, mode):
+def test_a_stale_hit_changed_at_commit_is_retried_like_zope_sqlalchemys(make, db_url, mode):
     """Another program deletes the row of a hit: the UPDATE at commit matches no row (StaleDataError)."""
-    app = make_app(db_url, mode, **{"retry.attempts": "3"})
-    web = TestApp(app)
-    prepared(web, "person 18")
+    app = make(**{"retry.attempts": "3"})
+    web = warmed(app, "person 18")
     attempts = []
 
     def view(request, name):
@@ -733,15 +629,13 @@ def test_a_stale_hit_changed_at_commit_is_retried_like_zope_sqlalchemys(db_url, 
     assert len(attempts) >= 2  # zope.sqlalchemy says a StaleDataError may be retried: it was
     assert 18 not in names(db_url)
     assert_clean(app)
-    app.engine.dispose()
 
 
 # --- outside requests -------------------------------------------------------------------------------------
 
 
 def test_a_script_with_the_request_of_prepare_commits_through_its_tm(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 7")
+    warmed(app, "person 7")
     env = prepare(registry=app.registry)
     try:
         request = env["request"]
@@ -759,8 +653,7 @@ def test_a_script_with_the_request_of_prepare_commits_through_its_tm(app, db_url
 
 @pytest.mark.parametrize("mode", ["addon", "uncached"])  # "plain": the application's factory has no add-on listeners
 def test_a_session_of_the_factory_outside_a_request_joins_nothing_and_commits_itself(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 8")
+    warmed(app, "person 8")
     factory = app.registry.getUtility(IDBSessionFactory)
     with transaction.manager, factory() as session:
         person = session.execute(by_name("person 8").options(_from_cache("short_term"))).scalars().one()
@@ -779,8 +672,7 @@ def _from_cache(region):
 
 
 def test_the_request_session_used_after_the_request(app, db_url, mode):
-    web = TestApp(app)
-    prepared(web, "person 9")
+    web = warmed(app, "person 9")
     kept = []
 
     def view(request, name):
@@ -840,8 +732,7 @@ def test_the_starters_factory_handed_over(db_url, own_dbsession):
     config.add_view(run, route_name="run", renderer="json")
     app = config.make_wsgi_app()
     app.engine = factory.kw["bind"]
-    web = TestApp(app)
-    prepared(web, "person 10")
+    web = warmed(app, "person 10")
     scenario(lambda request, name: setattr(get(request, name), "name", "handed over"))
     web.get("/run/person 10")
     assert names(db_url)[10] == "handed over"
@@ -860,9 +751,7 @@ def test_the_starters_factory_handed_over(db_url, own_dbsession):
 
 
 def test_concurrent_requests_each_hitting_and_changing(app, db_url, mode):
-    web = TestApp(app)
-    for i in range(1, 9):
-        prepared(web, f"person {i}")
+    warmed(app, *(f"person {i}" for i in range(1, 9)))
 
     def view(request, name):
         person = get(request, name)
@@ -976,9 +865,7 @@ def test_a_real_threaded_server_with_a_small_pool(db_url, mode):
         **{"sqlalchemy.pool_size": "2", "sqlalchemy.max_overflow": "0", "sqlalchemy.pool_timeout": "20"},
     )
     assert app.engine.pool.size() == 2
-    web = TestApp(app)
-    for i in range(1, 9):
-        prepared(web, f"person {i}")
+    warmed(app, *(f"person {i}" for i in range(1, 9)))
 
     def view(request, name):
         person = get(request, name)
@@ -1035,8 +922,7 @@ def never(request):
 def test_a_hit_where_pyramid_tm_is_not_active_leaves_nothing_behind(db_url):
     """tm.activate_hook says no (static files, health checks): a pure hit must not hold a connection."""
     app = make_app(db_url, "addon", **{"tm.activate_hook": f"{__name__}.never"})
-    web = TestApp(app)
-    prepared(web, "person 3")
+    web = warmed(app, "person 3")
     scenario(lambda request, name: {"name": get(request, name).name})
     before = len(app.checkouts)
     assert web.get("/run/person 3").json == {"name": "person 3"}

