@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 import transaction
 from pyramid.request import Request
-from sqlalchemy import delete, event, select, update
+from sqlalchemy import create_engine, delete, event, select, update
+from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
 from pyramid_sessioncache.addon.session import dbsession
-from pyramid_sessioncache.addon.transaction import EVENTS, TRANSACTION_MANAGER, join
+from pyramid_sessioncache.addon.transaction import (
+    EVENTS,
+    TRANSACTION_MANAGER,
+    RequestTransactionEvents,
+    join,
+    register,
+)
 
 from .models import Person
 from .test_pyramid import make_app
@@ -108,3 +117,29 @@ def test_sessions_naming_no_manager_are_left_alone(factory):
         session.execute(update(Person).where(Person.name == "person 5").values(name="five"))
         session.commit()  # no manager: its own commit is allowed
     assert "five" in names(factory)
+
+
+def test_every_new_factory_gets_the_listeners_even_at_a_dead_ones_address(db_url):
+    """SQLAlchemy keys a factory's listeners by its id() and keeps the key after it is gone.
+
+    ``event.contains()`` then says that a new factory made at the address of
+    a dead one has them: its Sessions would join nothing, and pyramid_tm
+    would commit none of their changes (seen as flaky lost writes).
+    """
+    engine = create_engine(db_url)
+    try:
+        addresses = set()
+        for _ in range(50):
+            factory = sessionmaker(bind=engine)
+            register(factory)
+            session = factory()
+            assert any(
+                getattr(listener, "__func__", None) is RequestTransactionEvents.after_begin
+                for listener in session.dispatch.after_begin
+            )
+            addresses.add(id(factory))
+            del factory, session
+            gc.collect()
+        assert len(addresses) < 50  # addresses were reused: the case was met
+    finally:
+        engine.dispose()

@@ -21,6 +21,7 @@ out no connection, and its transaction has nothing to commit.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from sqlalchemy import event
@@ -118,13 +119,22 @@ def join(session: Any) -> None:
 EVENTS = RequestTransactionEvents()
 
 
+#: The session factories :func:`register` has registered :data:`EVENTS` on.
+_REGISTERED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def register(factory: Any) -> RequestTransactionEvents:
     """Register :data:`EVENTS` on ``factory`` (a ``sessionmaker``), once; return them.
 
     Sessions the factory makes then join the transaction manager named in
     their ``info`` under :data:`TRANSACTION_MANAGER`, and only those.
+    Whether it was done is remembered here, not asked of
+    ``event.contains()``: SQLAlchemy keys a factory's listeners by its
+    ``id()`` and keeps the key after the factory is gone, so a new factory
+    at the address of a dead one would seem to have them.
     """
-    if not event.contains(factory, "after_begin", EVENTS.after_begin):
+    if factory not in _REGISTERED:
         for name in _EVENTS:
             event.listen(factory, name, getattr(EVENTS, name))
+        _REGISTERED.add(factory)
     return EVENTS
