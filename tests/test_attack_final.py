@@ -27,7 +27,7 @@ import threading
 import pytest
 import transaction
 from pyramid.config import Configurator
-from sqlalchemy import create_engine, delete, insert, select, text, update
+from sqlalchemy import create_engine, delete, event, insert, select, text, update
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session as PlainSession
 from sqlalchemy.orm import scoped_session, selectinload, sessionmaker
@@ -249,3 +249,278 @@ def test_tm_annotate_user_and_a_hit_commit_the_change(db_url):
         assert web.get("/names").json == {"names": ["annotated", "person 2"]}
     finally:
         app.registry.getUtility(IDBSessionFactory).kw["bind"].dispose()
+
+
+# --- 2. what a statement writes, memoized per Compiled -----------------------------------------------------------
+
+ENGINES = {
+    "compiled cache": {},
+    "query_cache_size=0": {"query_cache_size": 0},
+    "compiled_cache=None": {"execution_options": {"compiled_cache": None}},
+}
+
+PEOPLE = select(Person.id, Person.name).order_by(Person.id)
+STREETS = select(Address.id, Address.street).where(Address.id <= 6).order_by(Address.id)
+
+
+def _orm_flush(session, n):
+    session.get(Person, 1).name = f"flush {n}"
+
+
+def _core_update(session, n):
+    session.execute(update(Person).where(Person.id == 2).values(name=f"core {n}"))
+
+
+def _executemany_insert(session, n):
+    session.connection().execute(
+        insert(Person.__table__), [{"id": 1000 + 10 * n + i, "name": f"many {n} {i}"} for i in range(3)]
+    )
+
+
+def _update_returning(session, n):
+    session.execute(update(Person).where(Person.id == 3).values(name=f"returning {n}").returning(Person.id)).all()
+
+
+def _delete_returning(session, n):
+    session.execute(delete(Person).where(Person.id >= 1000).returning(Person.id)).all()
+
+
+def _text_executemany(session, n):
+    session.execute(
+        text("UPDATE person SET name = :name WHERE id = :id"),
+        [{"id": 4, "name": f"text {n}"}, {"id": 5, "name": f"text {n}"}],
+    )
+
+
+def _orm_bulk_update(session, n):
+    session.execute(update(Person), [{"id": 6, "name": f"bulk {n}"}, {"id": 7, "name": f"bulk {n}"}])
+
+
+def _orm_bulk_insert(session, n):
+    session.execute(insert(Person), [{"id": 2000 + 10 * n + i, "name": f"orm many {n} {i}"} for i in range(2)])
+
+
+def _upsert(session, n):
+    statement = sqlite_insert(Person.__table__).values(id=8, name=f"upsert {n}")
+    session.execute(statement.on_conflict_do_update(index_elements=["id"], set_={"name": statement.excluded.name}))
+
+
+def _orm_upsert_returning(session, n):
+    statement = sqlite_insert(Person).values(id=9, name=f"orm upsert {n}")
+    statement = statement.on_conflict_do_update(index_elements=["id"], set_={"name": statement.excluded.name})
+    session.scalars(statement.returning(Person), execution_options={"populate_existing": True}).all()
+
+
+def _insert_from_cte(session, n):
+    source = select(Person.id + 3000 + 100 * n, Person.name).where(Person.id <= 2).cte("source")
+    session.execute(insert(Person.__table__).from_select(["id", "name"], select(source)))
+
+
+def _driver_sql(session, n):
+    session.connection().exec_driver_sql(f"UPDATE address SET street = 'driver {n}' WHERE id = 1")
+
+
+def _update_other_table_by_subquery(session, n):
+    session.execute(
+        update(Address)
+        .where(Address.person_id == select(Person.id).where(Person.id == 2).scalar_subquery())
+        .values(street=f"sub {n}")
+    )
+
+
+WRITES = [
+    _orm_flush,
+    _core_update,
+    _executemany_insert,
+    _update_returning,
+    _delete_returning,
+    _text_executemany,
+    _orm_bulk_update,
+    _orm_bulk_insert,
+    _upsert,
+    _orm_upsert_returning,
+    _insert_from_cte,
+    _driver_sql,
+    _update_other_table_by_subquery,
+]
+
+
+@pytest.mark.parametrize("engine_kind", list(ENGINES))
+def test_every_write_invalidates_whatever_compiled_cache_the_engine_has(db_url, region_options, region, engine_kind):
+    engine = create_engine(db_url, **ENGINES[engine_kind])
+    try:
+        cache = SessionCache(region_options, default_region=region, secret=SECRET)
+        factory = sessionmaker(bind=engine, info=cache.session_info())
+        plain = sessionmaker(bind=engine)
+        sent = []
+        event.listen(engine, "before_cursor_execute", lambda *args: sent.append(args[2]))
+
+        def cached(statement):
+            with factory() as session:
+                return cached_query(session, statement, region).all()
+
+        def uncached(statement):
+            with plain() as session:
+                return session.execute(statement).all()
+
+        for n in range(2):  # twice: the second run of each statement finds its Compiled memoized
+            for write in WRITES:
+                for statement in (PEOPLE, STREETS):
+                    assert cached(statement) == uncached(statement)
+                    sent.clear()
+                    assert cached(statement) == uncached(statement)  # a hit
+                    assert len(sent) == 1  # the uncached read alone
+                with factory() as session:
+                    write(session, n)
+                    session.commit()
+                for statement in (PEOPLE, STREETS):
+                    assert cached(statement) == uncached(statement), (write.__name__, n)
+    finally:
+        engine.dispose()
+
+
+# --- 3. the decision handed over (lookup.DECIDED) ----------------------------------------------------------------
+
+
+@pytest.fixture
+def two_databases(tmp_path, seeded_sqlite):
+    """Two seeded SQLite files, the second with other names: ``(engine1, engine2)``."""
+    import shutil
+
+    engines = []
+    for i in (1, 2):
+        path = tmp_path / f"db{i}.sqlite"
+        shutil.copyfile(seeded_sqlite, path)
+        if i == 2:
+            write_behind_the_cache(f"sqlite:///{path}", "UPDATE person SET name = 'db2 ' || name")
+            write_behind_the_cache(f"sqlite:///{path}", "UPDATE address SET street = 'db2 ' || street")
+        engines.append(create_engine(f"sqlite:///{path}"))
+    yield engines
+    for engine in engines:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("how", ["cached_query", "FromCache", "legacy Query"])
+def test_binds_per_mapper_to_two_databases_key_each_database(two_databases, region_options, region, how):
+    one, two = two_databases
+    cache = SessionCache(region_options, default_region=region, secret=SECRET)
+    people = select(Person.name).where(Person.id <= 2).order_by(Person.id)
+    streets = select(Address.street).where(Address.id <= 2).order_by(Address.id)
+
+    def run(session, statement, cached):
+        if how == "legacy Query":
+            entity, column = (Person, Person.name) if statement is people else (Address, Address.street)
+            query = session.query(column).filter(entity.id <= 2).order_by(entity.id)
+            query = cached_query(session, query, region) if cached else query
+            return [row[0] for row in query.all()]
+        if not cached:
+            return session.scalars(statement).all()
+        if how == "cached_query":
+            return cached_query(session, statement, region).scalars().all()
+        return session.scalars(statement.options(FromCache(region))).all()
+
+    layouts = [{Person: one, Address: two}, {Person: two, Address: one}]
+    for _ in range(2):  # a miss, then hits
+        for binds in layouts:
+            with PlainSession(binds=binds, info=cache.session_info()) as session:
+                got = (run(session, people, True), run(session, streets, True))
+            with PlainSession(binds=binds) as session:
+                assert got == (run(session, people, False), run(session, streets, False))
+
+
+def test_session_level_execution_options_and_bypasses(engine, region_options, region):
+    cache = SessionCache(region_options, default_region=region, secret=SECRET)
+    factory = sessionmaker(bind=engine, info=cache.session_info(), autoflush=False)
+    sent = []
+    event.listen(engine, "before_cursor_execute", lambda *args: sent.append(args[2]))
+    by_id = select(Person).where(Person.id == 1)
+    with factory() as session:
+        person = cached_query(session, by_id, region).scalars().one()
+        person.name = "dirty, not flushed"
+        # A hit hands back the Session's own object, as an uncached query would.
+        assert cached_query(session, by_id, region).scalars().one().name == "dirty, not flushed"
+        assert session.scalars(by_id).one().name == "dirty, not flushed"
+        # populate_existing asks for the database's rows: never a cached one.
+        sent.clear()
+        fresh = cached_query(session, by_id.execution_options(populate_existing=True), region).scalars().one()
+        assert fresh.name == "person 1" and len(sent) == 1
+        # yield_per streams: never cached.
+        sent.clear()
+        streamed = cached_query(session, select(Person.name).execution_options(yield_per=5), region).scalars().all()
+        assert len(streamed) == 20 and len(sent) == 1
+        # A locking read takes its locks every time.
+        for _ in range(2):
+            sent.clear()
+            cached_query(session, by_id.with_for_update(), region).scalars().one()
+            assert len(sent) == 1
+        # Legacy Query with populate_existing() and yield_per().
+        sent.clear()
+        cached_query(session, session.query(Person).filter(Person.id == 1).populate_existing(), region).one()
+        cached_query(session, session.query(Person.name).yield_per(5), region).all()
+        assert len(sent) == 2
+
+
+def test_no_autoflush_block_then_flush_reads_around_the_cache(engine, region_options, region):
+    cache = SessionCache(region_options, default_region=region, secret=SECRET)
+    factory = sessionmaker(bind=engine, info=cache.session_info())
+    names_ = select(Person.name).where(Person.id <= 2).order_by(Person.id)
+    with factory() as session:
+        cached_query(session, names_, region).scalars().all()  # warmed
+    with factory() as session:
+        with session.no_autoflush:
+            session.get(Person, 1).name = "pending"
+            cached = cached_query(session, names_, region).scalars().all()
+            assert cached == session.scalars(names_).all() == ["person 1", "person 2"]
+            # An option that turns autoflush off, under the same block, too.
+            assert cached_query(session, names_.execution_options(autoflush=False), region).scalars().all() == cached
+        # Out of the block: the decision autoflushes, the write is seen, the cache is read around.
+        assert cached_query(session, names_, region).scalars().all() == ["pending", "person 2"]
+        assert session.scalars(names_.options(FromCache(region))).all() == ["pending", "person 2"]
+        session.rollback()
+        assert cached_query(session, names_, region).scalars().all() == ["person 1", "person 2"]
+
+
+def test_an_autoflush_that_writes_to_the_table_read_after_the_early_decision(engine, region_options, region):
+    """A listener flushes more (a before_flush listener adds an object): the early decision's flush wrote it."""
+    cache = SessionCache(region_options, default_region=region, secret=SECRET)
+    factory = sessionmaker(bind=engine, info=cache.session_info())
+    everyone = select(Person.name).order_by(Person.id)
+    with factory() as session:
+        cached_query(session, everyone, region).scalars().all()
+
+    @event.listens_for(factory, "before_flush")
+    def add_one_more(session, context, instances):
+        if session.new and not session.info.get("added"):
+            session.info["added"] = True
+            session.add(Person(id=501, name="added by a listener"))
+
+    with factory() as session:
+        session.add(Address(id=900, street="pending street", person_id=1, postal_code_id=1))  # another table
+        got = cached_query(session, everyone, region).scalars().all()
+        assert "added by a listener" in got
+        assert got == session.scalars(everyone).all()
+        session.commit()
+    with factory() as session:
+        assert cached_query(session, everyone, region).scalars().all()[-1] == "added by a listener"
+
+
+def test_selectin_loads_of_a_handed_decision(engine, region_options, region):
+    cache = SessionCache(region_options, default_region=region, secret=SECRET)
+    factory = sessionmaker(bind=engine, info=cache.session_info())
+    statement = select(Person).where(Person.id <= 3).options(selectinload(Person.addresses)).order_by(Person.id)
+
+    def streets(people):
+        return [[a.street for a in p.addresses] for p in people]
+
+    with PlainSession(engine) as session:
+        expected = streets(session.scalars(statement).all())
+    for _ in range(2):
+        with factory() as session:
+            assert streets(cached_query(session, statement, region).scalars().all()) == expected
+    with factory() as session:
+        session.execute(update(Address).where(Address.id == 1).values(street="changed"))
+        session.commit()
+    with PlainSession(engine) as session:
+        expected = streets(session.scalars(statement).all())
+    with factory() as session:
+        assert streets(cached_query(session, statement, region).scalars().all()) == expected
