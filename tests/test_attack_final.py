@@ -642,3 +642,48 @@ def test_keys_longer_than_beakers_key_length_are_invalidated_in_the_near_cache(r
         assert writer["long"].get(long_a) is None and writer["long"].get(long_b) == "b new"
     finally:
         region.close()
+
+
+@pytest.mark.parametrize("how", ["cached_query", "FromCache"])
+def test_session_wide_execution_options_bypass_as_statement_ones(engine, region_options, region, how):
+    cache = SessionCache(region_options, default_region=region, secret=SECRET)
+    warm = sessionmaker(bind=engine, info=cache.session_info())
+    fresh = sessionmaker(bind=engine, info=cache.session_info(), execution_options={"populate_existing": True})
+    by_id = select(Person).where(Person.id == 1)
+    sent = []
+    event.listen(engine, "before_cursor_execute", lambda *args: sent.append(args[2]))
+
+    def run(session):
+        if how == "cached_query":
+            return cached_query(session, by_id, region).scalars().one()
+        return session.scalars(by_id.options(FromCache(region))).one()
+
+    with warm() as session:
+        run(session)
+    # Another program renames person 1 (nothing invalidates): a cached read is stale, populate_existing is not.
+    write_behind_the_cache(engine.url.database and f"sqlite:///{engine.url.database}", "UPDATE person SET name = 'x'")
+    with fresh() as session:
+        sent.clear()
+        assert run(session).name == "x"
+        assert len(sent) == 1
+
+
+def test_a_session_made_before_register_joins_its_manager_after(db_url, engine):
+    from pyramid_sessioncache.addon.transaction import TRANSACTION_MANAGER, register
+
+    cache = SessionCache({"shared": {"type": "memory"}}, default_region="shared", secret=SECRET)
+    factory = sessionmaker(bind=engine, info=cache.session_info())
+    manager = transaction.TransactionManager(explicit=True)
+    session = factory(info={TRANSACTION_MANAGER: manager})  # before register()
+    register(factory)
+    with manager:
+        person = cached_query(session, select(Person).where(Person.id == 1), "shared").scalars().one()
+        person.name = "joined late"
+    session.close()
+    assert committed_names(db_url)[1] == "joined late"
+    with manager:  # a hit now
+        person = cached_query(session, select(Person).where(Person.id == 1), "shared").scalars().one()
+        assert person.name == "joined late"
+        person.name = "hit and joined"
+    session.close()
+    assert committed_names(db_url)[1] == "hit and joined"
