@@ -35,7 +35,6 @@ from webtest import TestApp
 
 from pyramid_sessioncache import FromCache, SessionCache, cached_query, get_session_cache
 from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
-from pyramid_sessioncache.engine.cache import cache_of
 from pyramid_sessioncache.storage.region import CacheRegions
 
 from .conftest import SECRET
@@ -232,8 +231,6 @@ def test_a_scoped_session_of_the_factory_in_threads_with_and_without_a_manager(d
 
 
 def test_tm_annotate_user_and_a_hit_commit_the_change(db_url):
-    from pyramid.authorization import ACLHelper  # noqa: F401 - pyramid's security is there
-
     config = Configurator(settings={"sqlalchemy.url": db_url, **APP_SETTINGS, "tm.annotate_user": "true"})
     config.include("pyramid_sessioncache")
     config.add_route("rename", "/rename/{name}")
@@ -645,7 +642,7 @@ def test_keys_longer_than_beakers_key_length_are_invalidated_in_the_near_cache(r
 
 
 @pytest.mark.parametrize("how", ["cached_query", "FromCache"])
-def test_session_wide_execution_options_bypass_as_statement_ones(engine, region_options, region, how):
+def test_session_wide_execution_options_bypass_as_statement_ones(db_url, engine, region_options, region, how):
     cache = SessionCache(region_options, default_region=region, secret=SECRET)
     warm = sessionmaker(bind=engine, info=cache.session_info())
     fresh = sessionmaker(bind=engine, info=cache.session_info(), execution_options={"populate_existing": True})
@@ -661,7 +658,7 @@ def test_session_wide_execution_options_bypass_as_statement_ones(engine, region_
     with warm() as session:
         run(session)
     # Another program renames person 1 (nothing invalidates): a cached read is stale, populate_existing is not.
-    write_behind_the_cache(engine.url.database and f"sqlite:///{engine.url.database}", "UPDATE person SET name = 'x'")
+    write_behind_the_cache(db_url, "UPDATE person SET name = 'x'")
     with fresh() as session:
         sent.clear()
         assert run(session).name == "x"
