@@ -684,3 +684,77 @@ def test_a_session_made_before_register_joins_its_manager_after(db_url, engine):
         person.name = "hit and joined"
     session.close()
     assert committed_names(db_url)[1] == "hit and joined"
+
+
+# --- 2b. on PostgreSQL: DML in CTEs, through an updatable view, upserts and RETURNING batches, run again ---------
+
+
+@pytest.mark.parametrize("engine_kind", ["compiled cache", "query_cache_size=0"])
+def test_postgresql_writes_in_ctes_views_and_batches_invalidate_every_time(
+    pg_database, region_options, region, engine_kind
+):
+    from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam
+    from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+    from .test_writes_postgresql import SCHEMA, PgChild, PgSummary
+
+    engine = create_engine(pg_database, **ENGINES[engine_kind])
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(SCHEMA)
+            conn.exec_driver_sql("CREATE VIEW pg_child_v AS SELECT id, name, parent_id FROM pg_child")
+        view = Table(
+            "pg_child_v", MetaData(), Column("id", Integer), Column("name", String(50)), Column("parent_id", Integer)
+        )
+        cache = SessionCache(region_options, default_region=region, secret=SECRET)
+        factory = sessionmaker(bind=engine, info=cache.session_info())
+        queries = [
+            select(PgChild.id, PgChild.parent_id, PgChild.name).order_by(PgChild.id),
+            select(PgSummary.id, PgSummary.children).order_by(PgSummary.id),
+        ]
+
+        def cte_update(session, n):
+            renamed = (
+                update(PgChild)
+                .where(PgChild.id == bindparam("target"))
+                .values(name=bindparam("new"))
+                .returning(PgChild.id)
+                .cte("renamed")
+            )
+            session.execute(select(renamed.c.id), {"target": 4, "new": f"cte {n}"}).all()
+
+        def cte_insert(session, n):
+            added = pg_insert(PgChild).values(id=100 + n, name="in cte", parent_id=2).returning(PgChild.id).cte("added")
+            session.execute(select(added.c.id)).all()
+
+        def through_the_view(session, n):
+            session.execute(update(view).where(view.c.id == 1).values(name=f"view {n}"))
+
+        def upsert_batch_returning(session, n):
+            statement = pg_insert(PgChild.__table__)
+            statement = statement.on_conflict_do_update(index_elements=["id"], set_={"name": statement.excluded.name})
+            session.execute(
+                statement.returning(PgChild.id),
+                [{"id": i, "name": f"upsert {n}", "parent_id": 3} for i in (2, 200 + n, 300 + n)],
+            ).all()
+
+        def text_cte_delete(session, n):
+            session.execute(
+                text("WITH gone AS (DELETE FROM pg_child WHERE id = :id RETURNING id) SELECT 1"), {"id": 200 + n}
+            )
+
+        for n in range(2):  # the second run of each statement finds its Compiled memoized
+            for write in (cte_update, cte_insert, through_the_view, upsert_batch_returning, text_cte_delete):
+                for query in queries:
+                    with factory() as session:
+                        session.execute(query.options(FromCache(region))).all()  # warmed
+                with factory() as session:
+                    write(session, n)
+                    session.commit()
+                for query in queries:
+                    with factory() as session:
+                        cached = [tuple(row) for row in session.execute(query.options(FromCache(region))).all()]
+                    with PlainSession(engine) as session:
+                        assert cached == [tuple(row) for row in session.execute(query).all()], (write.__name__, n)
+    finally:
+        engine.dispose()
