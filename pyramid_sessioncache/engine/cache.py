@@ -210,15 +210,18 @@ def add_cache_finder(finder: Callable[[Any], SessionCache | None]) -> None:
 def cache_of(session: Any) -> SessionCache | None:
     """Return the :class:`SessionCache` a Session caches into, or None.
 
-    In order: ``session.info["sessioncache"]``, the cache of the request in
-    ``session.info["request"]``, then what a finder registered with
-    :func:`~pyramid_sessioncache.engine.cache.add_cache_finder` returns.
+    In order: the cache of the request in ``session.info["request"]`` (its
+    application's), ``session.info["sessioncache"]``, then what a finder
+    registered with :func:`~pyramid_sessioncache.engine.cache.add_cache_finder`
+    returns.  The request comes first: a session factory handed to two
+    applications carries the cache of one of them in its ``info``, while a
+    Session made for a request serves that request's application.
     """
     found = session.info
-    cache = found.get(info.CACHE)
+    helper = getattr(found.get("request"), "sessioncache", None)
+    cache = getattr(helper, "cache", None)
     if cache is None:
-        helper = getattr(found.get("request"), "sessioncache", None)
-        cache = getattr(helper, "cache", None)
+        cache = found.get(info.CACHE)
         if cache is None:
             for finder in _finders:
                 cache = finder(session)

@@ -237,8 +237,23 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
         (see :data:`~.near.CLEARED`).
         """
         try:
-            super().do_remove()
-            self.client.set(_beaker.redis_key(self, b"") + CLEARED, b"", ex=CLEARED_LIFETIME)
+            prefix = _beaker.redis_key(self, b"")
+            keys: list[Any] = []
+            # The namespace escaped: Beaker's KEYS pattern takes a region
+            # named "a[1]" for a pattern, and matches none of its keys.
+            for key in self.client.scan_iter(match=_glob_escaped(prefix) + "*", count=1000):
+                keys.append(key)
+                if len(keys) >= 1000:
+                    self.client.delete(*keys)
+                    keys.clear()
+            if keys:
+                self.client.delete(*keys)
+            self.client.set(prefix + CLEARED, b"", ex=CLEARED_LIFETIME)
         finally:
             if self.near is not None:
                 self.near.written_all()
+
+
+def _glob_escaped(text: str) -> str:
+    """``text`` as a Redis ``MATCH`` pattern that matches itself only."""
+    return "".join("\\" + char if char in "*?[]\\" else char for char in text)
