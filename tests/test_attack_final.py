@@ -21,6 +21,7 @@ find a bug are ``xfail(strict=True)`` with the bug as reason.
 
 from __future__ import annotations
 
+import inspect
 import sqlite3
 import threading
 
@@ -624,6 +625,10 @@ def test_keys_longer_than_beakers_key_length_are_invalidated_in_the_near_cache(r
         region.close()
 
 
+@pytest.mark.skipif(
+    "execution_options" not in inspect.signature(PlainSession.__init__).parameters,
+    reason="Session-wide execution options are new in SQLAlchemy 2.1",
+)
 @pytest.mark.parametrize("how", ["cached_query", "FromCache"])
 def test_session_wide_execution_options_bypass_as_statement_ones(db_url, engine, region_options, region, how):
     cache = SessionCache(region_options, default_region=region, secret=SECRET)
