@@ -97,7 +97,7 @@ def regions(url: str, near: bool = True, **options) -> CacheRegions:
     return CacheRegions({"r": {"type": "ext:redis", "url": url, "near": near, **options}}, secret=SECRET.encode())
 
 
-def until(condition, timeout: float) -> bool:
+def until(condition, timeout: float = 5.0) -> bool:
     """Whether ``condition()`` comes true within ``timeout`` seconds (polled)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -40,6 +40,7 @@ from pyramid_sessioncache.storage.region import CacheRegions
 
 from .conftest import SECRET
 from .models import Address, Person
+from .near_server import until
 
 # --- helpers ---------------------------------------------------------------------------------------------------
 
@@ -93,9 +94,10 @@ def _invalidate_view(request):
     return {}
 
 
-def make_app(db_url, factory=None, **settings):
+def make_app(db_url, factory=None, includes=1, **settings):
     config = Configurator(settings={"sqlalchemy.url": db_url, **APP_SETTINGS, **settings})
-    config.include("pyramid_sessioncache")
+    for _ in range(includes):
+        config.include("pyramid_sessioncache")
     if factory is not None:
         config.set_sessioncache_session_factory(factory)
     config.add_route("names", "/names")
@@ -142,14 +144,7 @@ def test_two_applications_with_their_own_factories_commit_each_request(db_url):
 
 
 def test_including_the_add_on_twice_registers_the_listeners_once_and_commits_once(db_url):
-    config = Configurator(settings={"sqlalchemy.url": db_url, **APP_SETTINGS})
-    config.include("pyramid_sessioncache")
-    config.include("pyramid_sessioncache")
-    config.add_route("rename", "/rename/{name}")
-    config.add_view(_rename_view, route_name="rename", renderer="json")
-    config.add_route("names", "/names")
-    config.add_view(_names_view, route_name="names", renderer="json")
-    app = config.make_wsgi_app()
+    app = make_app(db_url, includes=2)
     factory = app.registry.getUtility(IDBSessionFactory)
     try:
         web = TestApp(app)
@@ -225,13 +220,7 @@ def test_a_scoped_session_of_the_factory_in_threads_with_and_without_a_manager(d
 
 
 def test_tm_annotate_user_and_a_hit_commit_the_change(db_url):
-    config = Configurator(settings={"sqlalchemy.url": db_url, **APP_SETTINGS, "tm.annotate_user": "true"})
-    config.include("pyramid_sessioncache")
-    config.add_route("rename", "/rename/{name}")
-    config.add_view(_rename_view, route_name="rename", renderer="json")
-    config.add_route("names", "/names")
-    config.add_view(_names_view, route_name="names", renderer="json")
-    app = config.make_wsgi_app()
+    app = make_app(db_url, **{"tm.annotate_user": "true"})
     try:
         web = TestApp(app)
         web.get("/rename/warm")
@@ -526,20 +515,9 @@ def redis_regions(url, names, near=True):
     )
 
 
-def _until(condition, timeout=5.0):
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.005)
-    return condition()
-
-
 def _warm(region, key):
     # Read until the near cache holds the key (it stores what it read once it is live).
-    return _until(lambda: region.get(key) is not None and any(k.endswith(key) for k in region.near._held))
+    return until(lambda: region.get(key) is not None and any(k.endswith(key) for k in region.near._held))
 
 
 @pytest.mark.parametrize("other", ["ab", "a:x", "a.versions", "a*"])
@@ -556,10 +534,10 @@ def test_a_clear_of_a_region_whose_name_prefixes_anothers_leaves_neither_stale(r
         for cleared in ("a", other):
             writer[cleared].clear()
             for name in ("a", other):
-                assert _until(lambda name=name: near[name].get("k") == writer[name].get("k")), (cleared, name)
+                assert until(lambda name=name: near[name].get("k") == writer[name].get("k")), (cleared, name)
             writer[cleared].put("k", f"{cleared} new")
             for name in ("a", other):
-                assert _until(lambda name=name: near[name].get("k") == writer[name].get("k")), (cleared, name)
+                assert until(lambda name=name: near[name].get("k") == writer[name].get("k")), (cleared, name)
         # This process clears: its own near caches drop at once.
         for cleared in ("a", other):
             near[cleared].clear()
@@ -611,10 +589,10 @@ def test_keys_longer_than_beakers_key_length_are_invalidated_in_the_near_cache(r
         writer["long"].clear()
         writer["long"].put(long_a, "a old")
         writer["long"].put(long_b, "b old")
-        assert _until(lambda: region.get(long_a) == "a old" and len(region.near) >= 1)
+        assert until(lambda: region.get(long_a) == "a old" and len(region.near) >= 1)
         assert region.get(long_b) == "b old"
         writer["long"].put(long_a, "a new")  # another process
-        assert _until(lambda: region.get(long_a) == "a new")
+        assert until(lambda: region.get(long_a) == "a new")
         assert region.get(long_b) == "b old"
         region.put(long_b, "b new")  # this process: at once
         assert region.get(long_b) == "b new"

@@ -74,10 +74,9 @@ def cached_query(
         if result is not None:
             return result
         statement = query.options(option)
-        if decided is None:
-            return session.execute(statement)
-        # The ORM hook need not decide again (and key the statement again).
-        return session.execute(statement, execution_options={lookup.DECIDED: (statement, decided)})
+        # A decision made is handed to the ORM hook, which need not decide (and key) again.
+        handed = {} if decided is None else {lookup.DECIDED: (statement, decided)}
+        return session.execute(statement, execution_options=handed)
     if isinstance(query, Executable):
         raise lookup.not_a_read(query)
     raise NotCacheableError(f"cached_query() expects a select() or a Query, got {query!r}")
