@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy.engine import FrozenResult, Result
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Query
+from sqlalchemy.orm.collections import InstrumentedList
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.orm.path_registry import RootRegistry
 from sqlalchemy.sql.elements import TextClause
@@ -254,6 +255,27 @@ def is_column_load(statement: Any) -> bool:
     """``ORMExecuteState.is_column_load``: a refresh or an unexpire of an object's columns."""
     options = _orm_compile_options(statement)
     return bool(options is not None and options._for_refresh_state)
+
+
+def set_loaded(impl: Any, state: Any, dict_: Any, value: Any) -> None:
+    """Set relationship ``impl`` of a new ``state`` to ``value`` as loaded from the database.
+
+    What ``impl.set_committed_value()`` does (2.0, 2.1), less what a new
+    state has nothing of: committed history, expired keys and loader
+    callables to clear, pending collection changes.  A plain list
+    collection is filled at once; any other collection class takes its
+    members through its own appender, without events, as the ORM's does.
+    """
+    if not impl.collection:
+        dict_[impl.key] = value
+        return
+    adapter, collection = impl._initialize_collection(state)  # sends init_collection, as the ORM does
+    if value:
+        if type(collection) is InstrumentedList:
+            list.extend(collection, value)
+        else:
+            adapter.append_multiple_without_event(value)
+    dict_[impl.key] = collection
 
 
 def attribute_impl(manager: Any, key: str) -> Any:

@@ -84,7 +84,8 @@ def objects_of(session: Session, classes: list, records: list, load_options: tup
     for class_index, identity_key, values, held, complete in records:
         plan = plans[class_index]
         obj = in_session(identity_key)
-        if obj is None:
+        new = obj is None
+        if new:
             obj = plan.manager.new_instance()
             state = _make_persistent(session, obj, plan, identity_key, values, complete, load_options)
             if notify:
@@ -92,7 +93,7 @@ def objects_of(session: Session, classes: list, records: list, load_options: tup
         else:
             state = _fill_unloaded(obj, plan, values)
         if state is not None and held.count(NOT_LOADED) != len(held):
-            to_relate.append((state, plan.impls, held))
+            to_relate.append((state, new, plan.impls, held))
         objects.append(obj)
     _set_relationships(to_relate, objects)
     _send_load_events(session, created)
@@ -146,8 +147,14 @@ def _fill_unloaded(obj: Any, plan: _Plan, values: tuple) -> Any:
 
 
 def _set_relationships(to_relate: list[tuple], objects: list[Any]) -> None:
-    """Set the relationships the entry holds, where the objects have not loaded them."""
-    for state, impls, held in to_relate:
+    """Set the relationships the entry holds, where the objects have not loaded them.
+
+    An object made by this hit has no history, expiry or pending changes
+    to reconcile, so its relationships are set as the loader sets them on a
+    new object (``_sqlalchemy.set_loaded``); the Session's own objects go
+    through ``set_committed_value()``.
+    """
+    for state, new, impls, held in to_relate:
         loaded = state.dict
         for impl, value in zip(impls, held, strict=True):
             if value is NOT_LOADED or impl.key in loaded:
@@ -156,7 +163,10 @@ def _set_relationships(to_relate: list[tuple], objects: list[Any]) -> None:
                 value = [objects[i] for i in value]
             elif value is not None:
                 value = objects[value]
-            impl.set_committed_value(state, loaded, value)
+            if new:
+                _sqlalchemy.set_loaded(impl, state, loaded, value)
+            else:
+                impl.set_committed_value(state, loaded, value)
 
 
 def _send_load_events(session: Session, created: list[tuple]) -> None:
