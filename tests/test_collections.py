@@ -183,3 +183,24 @@ def test_a_collection_the_session_loaded_is_left_as_it_is(factory):
         shelf.as_set.add(extra)  # loads the collection, then changes it
         session.scalars(page(FromCache("memory"))).all()
         assert extra in shelf.as_set and len(shelf.as_set) == 4
+
+
+def test_a_property_mapped_after_a_hit_is_loaded_by_the_next_hit(factory):
+    """Hits remember how to build each class (``hydrate._plan``): a column mapped since then loads, never reads None."""
+    from sqlalchemy import func
+    from sqlalchemy.orm import column_property
+
+    class Tagged(Base):
+        __table__ = Base.metadata.tables["book"].to_metadata(type(Base.metadata)(), name="book")
+
+    statement = lambda: select(Tagged).order_by(Tagged.id)  # noqa: E731
+    with factory() as session:
+        session.scalars(statement().options(FromCache("memory"))).all()  # stores
+    with factory() as session:
+        assert [book.title for book in session.scalars(statement().options(FromCache("memory")))]  # a hit
+    Tagged.title_length = column_property(func.length(Tagged.__table__.c.title))
+    with factory() as session:
+        uncached = [(book.id, book.title_length) for book in session.scalars(statement())]
+    with factory() as session:
+        cached = [(book.id, book.title_length) for book in session.scalars(statement().options(FromCache("memory")))]
+    assert uncached == cached and all(length for _, length in cached)

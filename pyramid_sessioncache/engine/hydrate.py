@@ -45,7 +45,7 @@ def result(value: CachedRows, session: Session, load_options: tuple = ()) -> Res
 
 
 class _Plan:
-    """What hydrating objects of one class needs, worked out once per hit."""
+    """What hydrating objects of one class needs, worked out once per mapping (see :func:`_plan`)."""
 
     __slots__ = (
         "manager",
@@ -54,7 +54,7 @@ class _Plan:
         "relationship_set",
         "impls",
         "expire",
-        "load_event",
+        "column_attrs",
         "load_path",
     )
 
@@ -69,14 +69,32 @@ class _Plan:
         # Columns the class has now but the entry does not know (a model
         # changed since it was stored): expired, so they load on access.
         self.expire = [prop.key for prop in mapper.column_attrs if prop.key not in columns]
-        self.load_event = bool(manager.dispatch.load)
+        self.column_attrs = mapper.column_attrs
         self.load_path = _sqlalchemy.load_path(mapper)
+
+
+#: The ``info`` key of a class manager holding its plans: (column keys, relationship keys) -> plan.
+_PLANS = "pyramid_sessioncache.plans"
+
+
+def _plan(cls: type, columns: tuple, relationships: tuple) -> _Plan:
+    """The plan for objects of ``cls`` stored with these keys, made once while the mapping stays the same.
+
+    Kept in the class manager's ``info``, which SQLAlchemy empties when
+    the class is unmapped; a mapper whose properties changed (a new
+    ``column_attrs``) gets a new plan.
+    """
+    plans = instrumentation.manager_of_class(cls).info.setdefault(_PLANS, {})
+    plan = plans.get((columns, relationships))
+    if plan is None or plan.column_attrs is not plan.manager.mapper.column_attrs:
+        plan = plans[(columns, relationships)] = _Plan(cls, columns, relationships)
+    return plan
 
 
 def objects_of(session: Session, classes: list, records: list, load_options: tuple) -> list[Any]:
     """Return the objects ``records`` describe, as objects of ``session``, in order."""
-    plans = [_Plan(*layout) for layout in classes]
-    notify = bool(session.dispatch.loaded_as_persistent) or any(plan.load_event for plan in plans)
+    plans = [_plan(*layout) for layout in classes]
+    notify = bool(session.dispatch.loaded_as_persistent) or any(plan.manager.dispatch.load for plan in plans)
     in_session = session.identity_map.get
     objects: list[Any] = []
     to_relate: list[tuple] = []
@@ -172,7 +190,7 @@ def _set_relationships(to_relate: list[tuple], objects: list[Any]) -> None:
 def _send_load_events(session: Session, created: list[tuple]) -> None:
     """Send the ``load`` and ``loaded_as_persistent`` events of the new objects, as a query would."""
     for state, plan in created:
-        if plan.load_event:
+        if plan.manager.dispatch.load:
             state.manager.dispatch.load(state, None)
     if created and session.dispatch.loaded_as_persistent:
         for state, _ in created:
