@@ -16,7 +16,7 @@ from sqlalchemy.engine import Result
 from sqlalchemy.orm import Session, attributes, instrumentation
 
 from .. import _sqlalchemy
-from .values import NOT_LOADED, CachedRows
+from .values import NOT_LOADED, CachedRows, private_copy
 
 
 def result(value: CachedRows, session: Session, load_options: tuple = ()) -> Result:
@@ -24,21 +24,33 @@ def result(value: CachedRows, session: Session, load_options: tuple = ()) -> Res
 
     ``load_options`` are the propagating loader options of the query,
     given to each new object as the ORM would.  The Result demands
-    ``.unique()`` when the query's did.
+    ``.unique()`` when the query's did.  Values that could be changed in
+    place reach the caller as copies of its own (see
+    :meth:`CachedRows.changeable`).
     """
     flags = value.entity_columns
+    changeable_objects, changeable_rows = value.changeable()
+    rows = value.rows
+    if changeable_rows:
+        rows = [private_copy(row) if i in changeable_rows else row for i, row in enumerate(rows)]
     if not any(flags):  # plain values only: the stored tuples serve as they are
-        result = value.shell.with_new_rows(value.rows)()
+        result = value.shell.with_new_rows(rows)()
     else:
-        objects = objects_of(session, value.classes, value.objects, load_options)
+        records = value.objects
+        if changeable_objects:
+            records = [
+                (*record[:2], private_copy(record[2]), *record[3:]) if i in changeable_objects else record
+                for i, record in enumerate(records)
+            ]
+        objects = objects_of(session, value.classes, records, load_options)
         if flags == (True,):  # one entity per row, the commonest
-            rows = [(None if index is None else objects[index],) for (index,) in value.rows]
+            rows = [(None if index is None else objects[index],) for (index,) in rows]
         else:
             rows = [
                 tuple(
                     objects[item] if flag and item is not None else item for item, flag in zip(row, flags, strict=True)
                 )
-                for row in value.rows
+                for row in rows
             ]
         result = value.shell.with_new_rows(rows)()
     return _sqlalchemy.require_unique(result) if value.requires_unique else result

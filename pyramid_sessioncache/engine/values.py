@@ -16,11 +16,18 @@ into objects of the caller's Session (see ``hydrate.py``).
 
 from __future__ import annotations
 
+import hashlib
+import pickle
 from collections.abc import Sequence
+from datetime import date, datetime, time, timedelta
+from decimal import Decimal
+from enum import Enum
 from typing import Any
+from uuid import UUID
 
 from sqlalchemy.engine import FrozenResult, Result
-from sqlalchemy.orm import Session, attributes
+from sqlalchemy.orm import Session, attributes, class_mapper
+from sqlalchemy.sql.expression import ColumnClause
 
 from .. import _sqlalchemy
 
@@ -115,26 +122,74 @@ class CachedRows:
     tokens when it was read (see ``invalidation.py``).
     """
 
-    __slots__ = ("shell", "entity_columns", "classes", "objects", "rows", "tables", "versions", "requires_unique")
+    #: What is stored (pickled); :meth:`changeable` is worked out again after unpickling.
+    _FIELDS = (
+        "shell",
+        "entity_columns",
+        "classes",
+        "mappings",
+        "objects",
+        "rows",
+        "tables",
+        "versions",
+        "requires_unique",
+    )
+    __slots__ = (*_FIELDS, "_changeable")
 
     def __init__(
-        self, shell, entity_columns, classes, objects, rows, tables=(), versions=(), requires_unique: bool = False
+        self,
+        shell,
+        entity_columns,
+        classes,
+        objects,
+        rows,
+        tables=(),
+        versions=(),
+        requires_unique: bool = False,
+        mappings: tuple[str, ...] | None = None,
     ):
         self.shell = shell
         self.entity_columns = entity_columns
         self.classes = classes
+        #: Per class, how it was mapped when the value was stored (:func:`mapping_text`).
+        self.mappings = (
+            tuple(mapping_text(class_mapper(cls)) for cls, _, _ in classes) if mappings is None else mappings
+        )
         self.objects = objects
         self.rows = rows
         self.tables = tables
         self.versions = versions
         self.requires_unique = requires_unique
+        self._changeable: tuple[frozenset[int], frozenset[int]] | None = None
 
     def __getstate__(self):
-        return tuple(getattr(self, name) for name in self.__slots__)
+        return tuple(getattr(self, name) for name in self._FIELDS)
 
     def __setstate__(self, state):
-        for name, value in zip(self.__slots__, state, strict=True):
+        for name, value in zip(self._FIELDS, state, strict=True):
             setattr(self, name, value)
+        self._changeable = None
+        for (cls, _, _), stored in zip(self.classes, self.mappings, strict=True):
+            if mapping_text(class_mapper(cls)) != stored:
+                # Stored by code that mapped the class otherwise (the
+                # previous deploy): what it holds may not fit the class now.
+                # Unpickling fails, and the regions read that as a miss.
+                raise StaleMappingError(f"{cls.__qualname__} is mapped otherwise than when this entry was stored")
+
+    def changeable(self) -> tuple[frozenset[int], frozenset[int]]:
+        """The indexes of the objects, and of the rows, holding a value its holder could change in place.
+
+        A region may hand the same stored value to every hit (memory,
+        Redis): a JSON ``dict``, a ``list`` or a ``MutableDict`` must then
+        reach each caller as a copy of its own (see :func:`private_copy`),
+        or a change one request makes in place, committed or not, would
+        reach the cache and every later hit.  Worked out once per value.
+        """
+        if self._changeable is None:
+            objects = frozenset(i for i, record in enumerate(self.objects) if _changeable(record[2]))
+            rows = frozenset(i for i, row in enumerate(self.rows) if _changeable(row))
+            self._changeable = (objects, rows)
+        return self._changeable
 
     @classmethod
     def from_result(cls, result: Result) -> CachedRows:
@@ -168,6 +223,74 @@ class CachedRows:
             cls, _, keys = self.classes[class_index]
             found.update((cls, key) for key, value in zip(keys, relationships, strict=True) if value is not NOT_LOADED)
         return found
+
+
+#: Types whose values nobody can change in place (their subclasses may hold more).
+_IMMUTABLE = frozenset(
+    {type(None), bool, int, float, complex, str, bytes, Decimal, date, datetime, time, timedelta, UUID, _NotLoaded}
+)
+
+
+def _changeable(values: tuple) -> bool:
+    """Whether any of ``values`` could be changed in place (anything not known to be immutable)."""
+    for value in values:
+        kind = type(value)
+        if kind in _IMMUTABLE or isinstance(value, Enum):
+            continue
+        if (kind is tuple or kind is frozenset) and not _changeable(value):
+            continue
+        return True
+    return False
+
+
+def private_copy(values: tuple) -> tuple:
+    """A copy of ``values`` that shares nothing with them: what unpickling the stored entry would give.
+
+    Every value of a shared region pickles (it was pickled when stored),
+    so this copies what ``copy.deepcopy`` may not, and the way the
+    value's class wants (``MutableDict`` leaves its parents behind).
+    """
+    return pickle.loads(pickle.dumps(values, pickle.HIGHEST_PROTOCOL))
+
+
+class StaleMappingError(ValueError):
+    """Raised when unpickling a value stored while a class of it was mapped otherwise."""
+
+
+#: The ``info`` key of a class manager holding its mapping text, with the ``column_attrs`` it was made from.
+_MAPPING = "pyramid_sessioncache.mapping"
+
+
+def mapping_text(mapper: Any) -> str:
+    """A short text that differs whenever ``mapper`` maps rows to objects otherwise.
+
+    It covers each column attribute (its key, and the name and type of
+    each of its columns) and each relationship (its key, the class it
+    targets, whether it holds a collection): what a stored value's
+    objects were built with.  Kept in the class manager's ``info`` while
+    the mapper's ``column_attrs`` stay the same object.
+    """
+    info = mapper.class_manager.info
+    column_attrs = mapper.column_attrs
+    found = info.get(_MAPPING)
+    if found is not None and found[0] is column_attrs:
+        return found[1]
+    parts = [f"{prop.key}=" + ",".join(_column_text(column) for column in prop.columns) for prop in column_attrs]
+    parts += [f"{prop.key}->{_qualified(prop.mapper.class_)}:{prop.uselist}" for prop in mapper.relationships]
+    text = hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()
+    info[_MAPPING] = (column_attrs, text)
+    return text
+
+
+def _column_text(column: Any) -> str:
+    # A column's name; an expression (a column_property's labelled
+    # subquery, named anonymously per process) by its kind.  Then its type.
+    name = column.name if isinstance(column, ColumnClause) else type(column).__name__
+    return f"{name}:{_qualified(type(column.type))}"
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
 
 
 class _Snapshot:
