@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 
 #: ``Connection.info`` (kept with the DBAPI connection) keys.
 _MARKS = "sessioncache.marks"
-_OWNER = "sessioncache.owner"
+_OWNERS = "sessioncache.owners"
 
 
 class _Marks:
@@ -135,14 +135,17 @@ def _failed(context: Any) -> None:
         tables = written_tables(context.execution_context, context.statement or "")
     except Exception:
         tables = frozenset({ALL_TABLES})
+    if tables and ALL_TABLES not in tables:
+        try:
+            tables = schema.also_written(conn, tables)
+        except Exception:  # the failed statement's own error must reach the caller, not one of ours
+            tables = frozenset({ALL_TABLES})
     if tables:
-        _mark(conn, schema.also_written(conn, tables) if ALL_TABLES not in tables else tables)
+        _mark(conn, tables)
 
 
 def _mark(conn: Any, tables: frozenset[str]) -> None:
-    owner = conn.info.get(_OWNER)
-    session = owner() if owner is not None else None
-    if session is not None:
+    for session in list(conn.info.get(_OWNERS, ())):
         written(session).update(tables)
         local_session.drop(session)
     try:
@@ -183,6 +186,7 @@ def in_transaction(dbapi_connection: Any) -> bool:
 def _begun(conn: Any) -> None:
     _publish_committed(conn.info)
     conn.info.pop(_MARKS, None)
+    conn.info.pop(_OWNERS, None)  # a new transaction: the Sessions of the last one are done with it
 
 
 def _committing(conn: Any, twophase: bool = False) -> None:
@@ -239,7 +243,7 @@ def _checked_in(dbapi_connection: Any, connection_record: Any) -> None:
     if connection_record is None:
         return
     found = connection_record.info
-    found.pop(_OWNER, None)
+    found.pop(_OWNERS, None)
     _publish_committed(found)
     marks = found.pop(_MARKS, None)
     if marks is not None:
@@ -259,15 +263,20 @@ def _publish_committed(conn_info: dict) -> None:
 
 
 def session_began(session: Any, transaction: Any, connection: Any) -> None:
-    """``after_begin``: the connection now works for ``session`` (loader Sessions aside).
+    """``after_begin``: the connection now works for ``session`` too (loader Sessions aside).
 
+    Every Session whose transaction uses the connection is told of each
+    write on it, whoever makes it (two Sessions may share a Connection).
     What the connection's transaction already wrote (before the Session
     joined it: the cookiecutter's test fixtures, a Session bound to a
     Connection) counts as the Session's own writes.
     """
     if info.LOADER in session.info:
         return
-    connection.info[_OWNER] = weakref.ref(session)
+    owners = connection.info.get(_OWNERS)
+    if owners is None:
+        owners = connection.info[_OWNERS] = weakref.WeakSet()
+    owners.add(session)
     marks = connection.info.get(_MARKS)
     if marks is not None:
         pending = marks.pending()
