@@ -12,7 +12,7 @@ from typing import Any
 
 from sqlalchemy.engine import FrozenResult, Result
 from sqlalchemy.exc import InvalidRequestError
-from sqlalchemy.orm import Query
+from sqlalchemy.orm import Query, Session
 from sqlalchemy.orm.collections import InstrumentedList
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.orm.path_registry import RootRegistry
@@ -468,6 +468,31 @@ def connect_arguments(pool: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | Non
     if not isinstance(args, (tuple, list)) or not isinstance(kwargs, Mapping):
         return None
     return tuple(args), dict(kwargs)
+
+
+def entity_binds(session: Any) -> tuple:
+    """The binds of ``Session(binds={mapper or table: bind})``, or () for a Session without.
+
+    The Session keeps them in the private ``__binds`` (2.0), or in
+    ``binds`` (2.1); the public ``Session.get_bind()`` resolves one mapper
+    at a time.
+    """
+    binds = _binds(session)
+    return tuple(binds.values()) if binds else ()
+
+
+def _binds(session: Any) -> Any:
+    found = getattr(session, "_Session__binds", None)
+    return found if found is not None else getattr(session, "binds", None)
+
+
+def routes_binds(session: Any) -> bool:
+    """Whether ``session`` may run the loads of one statement on several binds.
+
+    A Session with binds per mapper or table, or one whose class has a
+    ``get_bind()`` of its own (routing, sharding).
+    """
+    return bool(_binds(session)) or type(session).get_bind is not Session.get_bind
 
 
 def execution_bind(session: Any, bind_arguments: dict) -> Any:

@@ -14,6 +14,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from .. import _sqlalchemy
 from ..errors import InvalidOptionError
 from ..storage.options import checked
 from ..storage.region import CacheRegions, Region
@@ -112,10 +113,22 @@ class SessionCache:
         return {info.CACHE: self}
 
     def key(
-        self, statement: Any, parameters: Any, execution_options: Any, bind: Any, label: str | None = None
+        self,
+        statement: Any,
+        parameters: Any,
+        execution_options: Any,
+        bind: Any,
+        label: str | None = None,
+        session: Any = None,
     ) -> EntryKey | None:
-        """Return the cache key of ``statement``, or None when it cannot be keyed."""
-        return self.keys.key(statement, parameters, execution_options, bind, label)
+        """Return the cache key of ``statement``, or None when it cannot be keyed.
+
+        ``bind`` is what the statement runs on; a ``session`` with binds
+        per mapper or table (``Session(binds=...)``) adds the databases of
+        those, which its eager loads read.
+        """
+        others = _sqlalchemy.entity_binds(session) if session is not None else ()
+        return self.keys.key(statement, parameters, execution_options, bind, label, others)
 
     @property
     def shared_regions(self) -> list[Region]:

@@ -56,7 +56,7 @@ def _locate(query, session, region, cache_key, parameters, execution_options, ca
         cache_key = option.cache_key
     options = {**statement.get_execution_options(), **(execution_options or {})}
     bind = _sqlalchemy.execution_bind(session, _sqlalchemy.bind_arguments(statement))
-    key = cache.key(statement, parameters or query_parameters, options, bind, cache_key)
+    key = cache.key(statement, parameters or query_parameters, options, bind, cache_key, session)
     if key is None:
         raise NotCacheableError(f"this statement has no cache key (it is never cached): {statement}")
     return cache, chosen, session, key.text

@@ -287,12 +287,14 @@ class KeyMaker:
         execution_options: Mapping[str, Any],
         bind: Any,
         label: str | None = None,
+        others: tuple = (),
     ) -> EntryKey | None:
         """Return the cache key of ``statement`` run with these arguments, or None.
 
         ``label`` (a ``FromCache`` ``cache_key``) is a readable prefix; it
         never replaces the parameters, so it cannot make two different
-        results share a key.
+        results share a key.  ``others`` are more binds the statement's
+        loads may read (a Session's binds per mapper).
         """
         cache_key = _sqlalchemy.cache_key(statement)
         if cache_key is None:
@@ -301,6 +303,8 @@ class KeyMaker:
         if structure is None:
             return None
         parts = [structure, self.bind(bind)]
+        if others:
+            parts.append("binds:" + ",".join(sorted({self.bind(other) for other in others})))
         try:
             for bindparam in cache_key.bindparams:
                 if parameters and bindparam.key in parameters:

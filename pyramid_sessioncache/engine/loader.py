@@ -56,8 +56,12 @@ def load(state: ORMExecuteState, connection: Any, named: frozenset[str] | None =
     # add-on's own keys stay behind).
     loader_info = {key: value for key, value in state.session.info.items() if not info.own_key(key)}
     loader_info[info.LOADER] = True
-    loader = Session(bind=connection, info=loader_info, autoflush=False, expire_on_commit=False)
     read: set[str] = set()
+    options = {"info": loader_info, "autoflush": False, "expire_on_commit": False}
+    if _sqlalchemy.routes_binds(state.session):
+        loader: Session = _RoutedLoader(state.session, connection, read, **options)
+    else:
+        loader = Session(bind=connection, **options)
     outer = _READING.get(connection)  # a load within a load (a listener's query): both record
     _READING[connection] = read  # see install(), which the ORM hook's install() calls
     try:
@@ -72,10 +76,43 @@ def load(state: ORMExecuteState, connection: Any, named: frozenset[str] | None =
             outer.update(read)
             _READING[connection] = outer
         loader.close()
+        if isinstance(loader, _RoutedLoader):
+            loader.stop_reading()
     if named is None:
         named = statement_tables(state.statement)
     value.tables = frozenset(read | named | record_tables(value))
     return value
+
+
+class _RoutedLoader(Session):
+    """A loader for a Session whose loads may run on several binds (``Session(binds=...)``, routing).
+
+    Each statement runs where the caller's Session would run it, on the
+    caller's connection for that bind (``Session.connection()``, which
+    asks the caller's ``get_bind()``): an eager load of a class bound to
+    another database reads that database, in the caller's transaction.
+    The tables read on those connections are recorded with the load's.
+    """
+
+    def __init__(self, caller: Session, connection: Any, read: set[str], **options: Any) -> None:
+        super().__init__(bind=connection, **options)
+        self._caller = caller
+        self._read = read
+        self._others: list[Any] = []
+
+    def get_bind(self, mapper: Any = None, *, clause: Any = None, bind: Any = None, **kw: Any) -> Any:
+        if bind is not None:
+            return bind
+        connection = self._caller.connection(bind_arguments={"mapper": mapper, "clause": clause, **kw})
+        if connection not in _READING:
+            _READING[connection] = self._read
+            self._others.append(connection)
+        return connection
+
+    def stop_reading(self) -> None:
+        """Stop recording the tables read on the other connections."""
+        for connection in self._others:
+            _READING.pop(connection, None)
 
 
 def reads_a_snapshot(connection: Any, known: dict[Any, bool] | None = None) -> bool:

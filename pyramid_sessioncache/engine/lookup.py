@@ -132,7 +132,7 @@ def decide(
         # the Session reads around shared regions and stores nothing there.
         # (A Session bound to a Connection joins what it wrote before.)
         return None
-    key = cache.key(statement, parameters, options, bind, option.cache_key)
+    key = cache.key(statement, parameters, options, bind, option.cache_key, session)
     if key is None:  # unkeyable, or a locking read (see keys.py)
         log.debug("uncached: statement cannot be keyed or takes row locks (region %s)", region.name)
         return None
