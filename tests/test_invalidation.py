@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import sqlite3
+
 import pytest
 from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.orm import selectinload, sessionmaker
 
-from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cached_query, invalidate_tables
+from pyramid_sessioncache import (
+    FromCache,
+    InvalidOptionError,
+    RelationshipCache,
+    SessionCache,
+    cached_query,
+    invalidate_tables,
+)
 
 from .conftest import SECRET
 from .models import Address, Person, Tag, person_tag
@@ -182,6 +191,45 @@ def test_invalidate_tables_outside_a_session(Session, cache, region):
         session.commit()
     cache.invalidate_tables()  # everything
     assert dict(read(Session, stmt)[0])[9] == "cron"
+
+
+def _behind_the_cache(engine, sql: str) -> None:
+    """A write by another program: no connection of this process sees it."""
+    connection = sqlite3.connect(engine.url.database)
+    with connection:
+        connection.execute(sql)
+    connection.close()
+
+
+@pytest.mark.parametrize("declared", [Person, Person.__table__, "person", " Person ", "main.person"])
+def test_invalidate_tables_takes_names_tables_and_mapped_classes(Session, cache, engine, region, declared):
+    stmt = names(region)
+    read(Session, stmt)
+    _behind_the_cache(engine, "UPDATE person SET name = 'behind' WHERE id = 4")
+    assert dict(read(Session, stmt)[0])[4] == "person 4"  # unseen: still served
+    cache.invalidate_tables(declared)
+    assert dict(read(Session, stmt)[0])[4] == "behind"
+
+
+@pytest.mark.parametrize(
+    "declared",
+    ["", "  ", "person, address", "person address", Person.name, Person.__table__.c.id, 3, None, Person(id=1)],
+    ids=["empty", "blank", "two names with a comma", "two names", "attribute", "column", "int", "None", "instance"],
+)
+def test_invalidate_tables_refuses_what_names_no_table(Session, cache, engine, region, declared):
+    stmt = names(region)
+    read(Session, stmt)
+    with pytest.raises(InvalidOptionError, match="table"):
+        cache.invalidate_tables(declared)
+    with Session() as session, pytest.raises(InvalidOptionError, match="table"):
+        invalidate_tables(session, "person", declared)
+    _behind_the_cache(engine, "UPDATE person SET name = 'behind' WHERE id = 4")
+    assert dict(read(Session, stmt)[0])[4] == "person 4"  # nothing was invalidated by the refused calls
+
+
+def test_writes_also_names_its_tables_in_one_string_as_the_ini_does(region_options):
+    cache = SessionCache(region_options, secret=SECRET, writes_also={"person": "audit, log"})
+    assert cache.writes_also["person"] == frozenset({"audit", "log"})
 
 
 def test_manual_mode_never_invalidates(engine, region_options):

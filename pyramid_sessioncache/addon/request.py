@@ -42,8 +42,10 @@ class RequestCache:
         """Forget every entry of region ``name`` (default: the default region)."""
         entries.invalidate_region(self.cache, name, self.request.dbsession)
 
-    def mark_changed(self, *tables: str) -> None:
+    def mark_changed(self, *tables: Any) -> None:
         """Say that SQL the add-on cannot see wrote ``tables`` (all tables if none).
+
+        ``tables``: table names, ``Table`` objects or mapped classes.
 
         Call it after ``text()`` DML or ``dbsession.connection().execute(...)``:
         it is zope.sqlalchemy's ``mark_changed()`` (so pyramid_tm commits the

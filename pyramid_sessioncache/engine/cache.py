@@ -20,7 +20,7 @@ from ..storage.options import checked
 from ..storage.region import CacheRegions, Region
 from . import info
 from .cache_options import CACHE_OPTIONS
-from .invalidation.reads import ALL_TABLES, ANY_TABLE, ShapeTables, version_name
+from .invalidation.reads import ALL_TABLES, ANY_TABLE, ShapeTables, declared_tables, version_name
 from .invalidation.schema import closure
 from .keys import EntryKey, KeyMaker
 from .stats import Stats
@@ -135,15 +135,17 @@ class SessionCache:
         """The regions whose entries outlive a Session."""
         return [region for region in self.regions.values() if not region.is_local]
 
-    def invalidate_tables(self, *tables: str) -> None:
+    def invalidate_tables(self, *tables: Any) -> None:
         """Invalidate, now and in every process, the entries that read ``tables``.
 
+        ``tables`` are table names, ``Table`` objects or mapped classes;
+        anything else raises :class:`~pyramid_sessioncache.InvalidOptionError`.
         With no table, every entry of every shared region.  For writes made
         outside any Session (a migration, a cron job); inside a transaction,
         use :func:`pyramid_sessioncache.invalidate_tables` with the Session,
         so that it happens when the transaction commits.
         """
-        self.publish(frozenset(map(version_name, tables)) or frozenset({ALL_TABLES}))
+        self.publish(declared_tables(tables) or frozenset({ALL_TABLES}))
 
     def listen(self, engine: Any, channel: str = "sessioncache") -> Any:
         """Hear every committed write of any client to ``engine``'s PostgreSQL database.

@@ -53,10 +53,14 @@ def _read_writes_also(text: str) -> Mapping[str, tuple[str, ...]]:
         if match is None:
             raise ValueError(f"cannot read {line.strip()!r}: write one 'table: table, table' per line")
         table, also = match.groups()
-        declared[table] = declared.get(table, ()) + tuple(name for name in re.split(r"[\s,]+", also) if name)
+        declared[table] = declared.get(table, ()) + tuple(_names(also))
     if not declared:
         raise ValueError("must name at least one 'table: table, table'")
     return MappingProxyType(declared)
+
+
+def _names(text: str) -> list[str]:
+    return [name for name in re.split(r"[\s,]+", text) if name] or [text]
 
 
 def _writes_also(value: Any) -> Mapping[str, tuple[str, ...]]:
@@ -64,7 +68,8 @@ def _writes_also(value: Any) -> Mapping[str, tuple[str, ...]]:
         raise TypeError(f"writes_also maps a table name to table names, not a {type(value).__name__}")
     declared: dict[str, tuple[str, ...]] = {}
     for table, also in value.items():
-        names = [also] if isinstance(also, str) else list(also) if isinstance(also, Iterable) else [also]
+        # A string names its tables as the ini does: "audit, log".
+        names = _names(also) if isinstance(also, str) else list(also) if isinstance(also, Iterable) else [also]
         if not isinstance(table, str) or not table.strip() or not all(isinstance(n, str) and n.strip() for n in names):
             raise ValueError(f"writes_also maps a table name to table names, not {table!r}: {also!r}")
         declared[table.strip()] = tuple(name.strip() for name in names)

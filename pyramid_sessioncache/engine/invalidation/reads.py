@@ -17,13 +17,15 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy.orm import attributes
+from sqlalchemy import inspect
+from sqlalchemy.orm import Mapper, attributes
 from sqlalchemy.sql import visitors
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.expression import TableClause
 from sqlalchemy.sql.functions import FunctionElement
 
 from ... import _sqlalchemy
+from ...errors import InvalidOptionError
 
 #: The pseudo-table every entry depends on: bumping it invalidates them all.
 ALL_TABLES = "*"
@@ -45,6 +47,33 @@ def version_name(table: Any) -> str:
     # What follows the last dot, whichever side spelled it: a quoted name
     # holding a dot ("a.b") reads like schema a, table b in SQL text.
     return name.rpartition(".")[2].strip('"`[]').lower()
+
+
+def declared_tables(tables: Iterable[Any]) -> frozenset[str]:
+    """The version names of ``tables``, as an explicit invalidation names them.
+
+    Each is a table name (``"person"``, ``"main.person"``), a ``Table``,
+    or a mapped class (all the tables it is stored in).  Anything else, an
+    empty name, or several names in one string raises
+    :class:`~pyramid_sessioncache.InvalidOptionError`: an invalidation that
+    named no table would invalidate nothing, silently.
+    """
+    names: set[str] = set()
+    for table in tables:
+        if isinstance(table, str):
+            name = table.strip()
+            if not name or any(char.isspace() or char == "," for char in name):
+                raise InvalidOptionError("tables", table, "give one table name per argument")
+            names.add(version_name(name))
+        elif isinstance(table, TableClause):
+            names.add(version_name(table))
+        else:
+            found = inspect(table, raiseerr=False)  # a mapped class (or its mapper): a Mapper
+            mapper = found.mapper if getattr(found, "is_aliased_class", False) else found
+            if not isinstance(mapper, Mapper):
+                raise InvalidOptionError("tables", table, "give a table name, a Table or a mapped class")
+            names |= mapper_tables(mapper)
+    return frozenset(names)
 
 
 def _tables_under(element: Any) -> set[str]:

@@ -47,7 +47,7 @@ from ...storage.backends import local_session
 from .. import info
 from ..cache import live_caches
 from . import schema
-from .reads import ALL_TABLES, version_name
+from .reads import ALL_TABLES, declared_tables
 from .statements import is_ddl, written_tables
 
 log = logging.getLogger(__name__)
@@ -309,18 +309,20 @@ def has_written(session: Any, bind: Any = None) -> bool:
     return marks is not None and any(tables for _, tables in marks.levels)
 
 
-def invalidate_tables(session: Any, *tables: str) -> None:
+def invalidate_tables(session: Any, *tables: Any) -> None:
     """Invalidate the entries that read ``tables`` when ``session``'s transaction commits.
 
     For writes no connection of the process sees: another program's, or a
-    table changed behind the database's back.  With no table, every entry
+    table changed behind the database's back.  ``tables`` are table
+    names, ``Table`` objects or mapped classes; anything else raises
+    :class:`~pyramid_sessioncache.InvalidOptionError`.  With no table, every entry
     of every shared region.  Like zope.sqlalchemy's ``mark_changed()``,
     call it after such a write; in a Pyramid request,
     ``request.sessioncache.mark_changed()`` does both.  The Session's local
     cache is dropped now, and the Session reads around the shared regions
     until its transaction ends.
     """
-    declared = {version_name(name) for name in tables} or {ALL_TABLES}
+    declared = set(declared_tables(tables)) or {ALL_TABLES}
     written(session).update(declared)
     session.info.setdefault(info.DECLARED, set()).update(declared)
     local_session.drop(session)
