@@ -57,7 +57,7 @@ def load(state: ORMExecuteState, connection: Any, named: frozenset[str] | None =
     loader_info = {key: value for key, value in state.session.info.items() if not info.own_key(key)}
     loader_info[info.LOADER] = True
     read: set[str] = set()
-    options = {"info": loader_info, "autoflush": False, "expire_on_commit": False}
+    options: dict[str, Any] = {"info": loader_info, "autoflush": False, "expire_on_commit": False}
     if _sqlalchemy.routes_binds(state.session):
         loader: Session = _RoutedLoader(state.session, connection, read, **options)
     else:
