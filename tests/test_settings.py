@@ -260,3 +260,22 @@ def test_postgresql_notify_needs_postgresql(tmp_path):
         config.commit()  # once the application's engine is known
     with pytest.raises(ConfigurationError, match="true or false"):
         parse_settings({"sessioncache.postgresql_notify": "sometimes"})
+
+
+@pytest.mark.parametrize("order", ["long.term, long", "long, long.term"])
+def test_a_region_name_may_hold_dots_as_with_pyramid_beaker(order):
+    """``cache.long.term.expire`` is region long.term's, whichever of long and long.term is listed first."""
+    parsed = parse_settings(
+        {
+            "cache.regions": order,
+            "cache.long.term.expire": "60",
+            "cache.long.term.max_items": "5",
+            "cache.long.expire": "7",
+        }
+    )
+    assert dict(parsed.regions["long.term"]) == {"type": "memory", "expire": 60, "max_items": 5}
+    assert dict(parsed.regions["long"]) == {"type": "memory", "expire": 7}
+    with pytest.raises(ConfigurationError, match="cache.long.term.expier = '60': unknown option 'expier'"):
+        parse_settings({"cache.regions": order, "cache.long.term.expier": "60"})
+    with pytest.raises(ConfigurationError, match="cache.longer.expire = '60': region 'longer' is not listed"):
+        parse_settings({"cache.regions": order, "cache.longer.expire": "60"})

@@ -2,8 +2,10 @@
 
 Regions follow pyramid_beaker's ``cache.`` convention: ``cache.regions``
 names them, ``cache.<option>`` sets a default for every region and
-``cache.<region>.<option>`` sets one region's value.  The add-on's own
-options use the ``sessioncache.`` prefix.  Everything is parsed once, at
+``cache.<region>.<option>`` sets one region's value.  A region's name
+may hold dots, as with pyramid_beaker: a key belongs to the longest
+listed name it starts with.  The add-on's own options use the
+``sessioncache.`` prefix.  Everything is parsed once, at
 start-up, into a frozen :class:`Settings`; a bad value raises
 :class:`pyramid.exceptions.ConfigurationError` naming the key and the value.
 
@@ -103,17 +105,23 @@ def parse_settings(settings: Mapping[str, Any]) -> Settings:
             raise _fail("cache.regions", settings["cache.regions"], str(exc)) from None
     defaults: dict[str, Any] = {}
     per_region: dict[str, dict[str, Any]] = {name: {} for name in names}
+    # Longest first: a region may be named with dots, as pyramid_beaker
+    # allows (``cache.long.term.expire`` is region long.term's expire, even
+    # when a region called long is listed too).
+    by_length = sorted(names, key=len, reverse=True)
     for key, raw in settings.items():
         if not key.startswith("cache.") or key == "cache.regions":
             continue
         rest = key[len("cache.") :]
-        region, dot, option = rest.partition(".")
-        if dot and region in per_region:
+        region = next((name for name in by_length if rest.startswith(f"{name}.")), None)
+        if region is not None:
+            option = rest[len(region) + 1 :]
             per_region[region][option] = _setting(REGION_OPTIONS, key, option, raw)
-        elif not dot:
+        elif "." not in rest:
             defaults[rest] = _setting(REGION_OPTIONS, key, rest, raw)
         else:
-            raise _fail(key, raw, f"region {region!r} is not listed in cache.regions")
+            unknown = rest.partition(".")[0]
+            raise _fail(key, raw, f"region {unknown!r} is not listed in cache.regions")
 
     if not names:
         if defaults:
