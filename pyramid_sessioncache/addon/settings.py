@@ -33,7 +33,7 @@ from pyramid.settings import aslist
 
 from ..engine.cache_options import CACHE_OPTIONS
 from ..errors import InvalidOptionError
-from ..masking import shown
+from ..masking import hide_url_passwords, shown
 from ..storage import options as region_options
 from ..storage.options import LOCAL_TYPE, Option
 from ..storage.region import SIGNED_TYPES
@@ -72,6 +72,21 @@ class Settings:
 
 def _fail(key: str, value: Any, why: str) -> ConfigurationError:
     return ConfigurationError(f"invalid setting {key} = {shown(key, value)}: {why}")
+
+
+def invalid_option(exc: InvalidOptionError, settings: Mapping[str, Any]) -> ConfigurationError:
+    """The ``ConfigurationError`` naming the setting of ``exc``, an option refused by ``SessionCache(...)``.
+
+    A region's option is ``cache.<region>.<option>``, or the default
+    ``cache.<option>`` if only that is set; any other is ``sessioncache.<option>``.
+    """
+    if exc.region is None:
+        key = f"sessioncache.{exc.option}"
+    else:
+        key = f"cache.{exc.region}.{exc.option}"
+        if key not in settings and f"cache.{exc.option}" in settings:
+            key = f"cache.{exc.option}"
+    return ConfigurationError(f"invalid setting {key} = {exc.shown}: {hide_url_passwords(exc.reason)}")
 
 
 def _setting(table: Mapping[str, Option], key: str, option: str, raw: Any) -> Any:
