@@ -6,6 +6,7 @@ And the ``dbm`` backend's damaged files and removed directories.
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import threading
 import time
@@ -316,3 +317,17 @@ def test_a_dbm_database_damaged_before_start_up_is_made_again(engine, sql, data_
     Session = sessionmaker(bind=engine, info=dbm_cache(data_dir, lock_dir).session_info())
     assert _counts(Session, sql)[1:] == [0, 0]
 
+
+def test_dbm_directories_removed_while_running_are_made_again_private(engine, sql, data_dir, lock_dir):
+    """A temporary-files cleaner removes data_dir and lock_dir: pages are answered, then caching resumes."""
+    cache = dbm_cache(data_dir, lock_dir)
+    Session = sessionmaker(bind=engine, info=cache.session_info())
+    assert _counts(Session, sql, 4)[1:] == [0, 0]
+    shutil.rmtree(data_dir)
+    shutil.rmtree(lock_dir)
+    counts = _counts(Session, sql, 4)
+    assert counts[0] == 1 and counts[-1] == 0, counts
+    namespace = cache.region("f").cache_for().namespace
+    made = [data_dir, os.path.dirname(namespace.file), lock_dir, namespace.lock_directory]
+    for path in made:  # as at start-up (Beaker's access lock makes its own below them)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700, path

@@ -11,6 +11,8 @@ it alone; the database is opened and closed around each access), and:
   ``data_dir`` that only this user can write (checked at start-up);
 - locks the creation of an entry with a :class:`~.filelock.FileLock`, which
   leaves no file behind (Beaker's leaves one per key);
+- makes its directories again if they are removed while it runs (a
+  temporary-files cleaner);
 - treats a database it cannot read (an index ``dbm.dumb`` cannot parse
   after a crash or a full disk) as a failure of its backend, an
   ``OSError``: the region answers from the database, logs a warning, and
@@ -100,6 +102,20 @@ class DBMNamespace(OpenResourceNamespaceManager):
         """The lock one creator of ``key``'s value holds while the others wait (its file is removed after)."""
         return FileLock(os.path.join(self.lock_directory, _digest(key_bytes(key)) + ".lock"))
 
+    def acquire_read_lock(self) -> None:
+        self._lock_directory()
+        super().acquire_read_lock()
+
+    def acquire_write_lock(self, wait: bool = True, replace: bool = False) -> Any:
+        self._lock_directory()
+        return super().acquire_write_lock(wait, replace)
+
+    def _lock_directory(self) -> None:
+        # Removed while running (a temporary-files cleaner): made again
+        # here, mode 0700, before Beaker's lock makes it with the umask's.
+        if not os.path.isdir(self.lock_directory):
+            make_directory(self.lock_directory)
+
     def do_open(self, flags: str, replace: bool) -> None:
         try:
             try:
@@ -107,7 +123,9 @@ class DBMNamespace(OpenResourceNamespaceManager):
             except Exception:
                 if not self._missing():
                     raise
-                # Never made, or removed by another process: made again.
+                # Never made, or removed (by another process, or with its
+                # directory by a temporary-files cleaner): made again.
+                make_directory(os.path.dirname(self.file))
                 self.db = dbm.open(self.file, "c", FILE_MODE)  # noqa: SIM115
         except OSError as exc:
             if not isinstance(exc, FileNotFoundError):
