@@ -1,8 +1,12 @@
-"""The ``file`` backend: one private signed file per entry, no lock files left, a hit that does not grow."""
+"""The ``file`` backend: one private signed file per entry, no lock files left, a hit that does not grow.
+
+And the ``dbm`` backend's damaged files and removed directories.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import threading
 import time
@@ -263,3 +267,67 @@ def test_file_locks_exclude_each_other_and_leave_nothing(tmp_path):
 def test_a_region_of_files_needs_a_data_dir(kind):
     with pytest.raises(ValueError, match="data_dir"):
         SessionCache({"f": {"type": kind}}, secret=SECRET)
+
+
+# -- dbm: damaged files, removed directories ------------------------------------------------
+
+
+def dbm_cache(data_dir, lock_dir) -> SessionCache:
+    region = {"type": "dbm", "data_dir": data_dir, "lock_dir": lock_dir}
+    return SessionCache({"f": region}, secret=SECRET, retry_after=0.1)
+
+
+def _counts(Session, sql, person_id: int = 3) -> list[int]:
+    """Read ``person_id`` three times, ``retry_after`` apart; return the statements each read ran."""
+    counts = []
+    for _ in range(3):
+        sql.reset()
+        with Session() as session:
+            assert session.execute(by_id(person_id)).all() == [(f"person {person_id}",)]
+        counts.append(sql.count)
+        time.sleep(0.15)
+    return counts
+
+
+@pytest.mark.parametrize("damage", [b"\x00\x01not an index\n", b"'k', (0, 1)\n'half a line", b"1, (0, 1)\n"])
+@pytest.mark.parametrize("which", ["entries", "versions"])
+def test_a_damaged_dbm_database_is_a_miss_then_made_again(engine, sql, data_dir, lock_dir, caplog, damage, which):
+    """An index dbm.dumb cannot read: answered from the database with a warning, never an error; then cached again."""
+    cache = dbm_cache(data_dir, lock_dir)
+    Session = sessionmaker(bind=engine, info=cache.session_info())
+    with Session() as session:
+        session.execute(by_id(3)).all()  # stored
+    region = cache.region("f")
+    namespace = region.cache_for().namespace if which == "entries" else region.tokens.namespace
+    with open(namespace.file + ".dir", "wb") as file:
+        file.write(damage)
+    with caplog.at_level("WARNING", logger="pyramid_sessioncache"):
+        assert _counts(Session, sql) == [1, 1, 0]  # a miss, stored in new files once retried, a hit
+    assert "cannot be read" in caplog.text and "its files are removed" in caplog.text
+    for path in files_under(data_dir):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+
+
+def test_a_dbm_database_damaged_before_start_up_is_made_again(engine, sql, data_dir, lock_dir):
+    dbm_cache(data_dir, lock_dir).close()
+    for path in files_under(data_dir):
+        if path.endswith(".dir"):
+            with open(path, "wb") as file:
+                file.write(b"'k', (0, 1)\n'half a line")
+    Session = sessionmaker(bind=engine, info=dbm_cache(data_dir, lock_dir).session_info())
+    assert _counts(Session, sql)[1:] == [0, 0]
+
+
+def test_dbm_directories_removed_while_running_are_made_again_private(engine, sql, data_dir, lock_dir):
+    """A temporary-files cleaner removes data_dir and lock_dir: pages are answered, then caching resumes."""
+    cache = dbm_cache(data_dir, lock_dir)
+    Session = sessionmaker(bind=engine, info=cache.session_info())
+    assert _counts(Session, sql, 4)[1:] == [0, 0]
+    shutil.rmtree(data_dir)
+    shutil.rmtree(lock_dir)
+    counts = _counts(Session, sql, 4)
+    assert counts[0] == 1 and counts[-1] == 0, counts
+    namespace = cache.region("f").cache_for().namespace
+    made = [data_dir, os.path.dirname(namespace.file), lock_dir, namespace.lock_directory]
+    for path in made:  # as at start-up (Beaker's access lock makes its own below them)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o700, path

@@ -161,6 +161,21 @@ def test_a_negative_expire_never_switches_a_redis_region_off(engine, sql, redis_
         assert sql.count == expected
 
 
+def test_a_redis_url_with_options_redis_py_knows_is_accepted_and_caches(engine, sql, redis_url):
+    """The URL check refuses only what redis-py cannot use: its own options and a database pass, and work."""
+    url = f"{redis_url}?db=3&socket_timeout=2&socket_connect_timeout=2&client_name=sessioncache"
+    cache = SessionCache({"redis": {"type": "ext:redis", "url": url}}, secret=SECRET)
+    Session = sessionmaker(bind=engine, info=cache.session_info())
+    try:
+        for expected in (1, 0):
+            sql.reset()
+            with Session() as session:
+                assert cached_query(session, by_id(8), "redis").scalars().one().id == 8
+            assert sql.count == expected
+    finally:
+        cache.close()
+
+
 DIRECTORY = object()  # replaced by a temporary directory
 REDIS_URL = "redis://127.0.0.1:1/0"  # never connected to: the options are refused first
 
@@ -193,6 +208,9 @@ REDIS_URL = "redis://127.0.0.1:1/0"  # never connected to: the options are refus
         ({"type": "ext:redis", "url": 6379}, "url", "must be a URL"),
         ({"type": "file", "data_dir": ""}, "data_dir", "must not be empty"),
         ({"type": "file", "data_dir": b"/tmp"}, "data_dir", "must be a string"),
+        ({"type": "ext:redis", "url": "redis://127.0.0.1:6379/1O"}, "url", "not a whole number"),
+        ({"type": "ext:redis", "url": REDIS_URL + "?sockettimeout=1"}, "url", "did you mean socket_timeout"),
+        ({"type": "ext:redis", "url": "tcp://127.0.0.1:6379/0"}, "url", "starts with redis://"),
     ],
 )
 def test_bad_region_options_given_in_python(tmp_path, options, option, message):

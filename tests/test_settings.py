@@ -73,6 +73,15 @@ def test_region_defaults_apply_to_every_region(tmp_path):
         ("sessioncache.writes_also", "order:", "one 'table: table, table' per line"),
         ("sessioncache.writes_also", "\n  order: audit; drop table x", "cannot read"),
         ("sessioncache.writes_also", "  ", "at least one"),
+        ("cache.long_term.url", "redis://127.0.0.1:notaport/0", "the port is not usable"),
+        ("cache.long_term.url", "redis://127.0.0.1:0/0", "the port must be from 1 to 65535"),
+        ("cache.long_term.url", "http://127.0.0.1:6379/0", "starts with redis://, rediss:// or unix://"),
+        ("cache.long_term.url", "redis://127.0.0.1:6379/0?socket_timeout=abc", "'socket_timeout'"),
+        ("cache.long_term.url", "redis://127.0.0.1:6379/1O", "'1O' is not a whole number"),
+        ("cache.long_term.url", "redis://127.0.0.1:6379/0?db=-1", "0 or more"),
+        ("cache.long_term.url", "redis://127.0.0.1:6379/0?sockettimeout=0.5", "did you mean socket_timeout?"),
+        ("cache.long_term.url", "redis://127.0.0.1:6379/0?protocol=7", "protocol must be"),
+        ("cache.long_term.url", "unix://", "needs the path of the socket"),
     ],
 )
 def test_bad_settings_name_key_and_value(key, value, message):
@@ -260,3 +269,40 @@ def test_postgresql_notify_needs_postgresql(tmp_path):
         config.commit()  # once the application's engine is known
     with pytest.raises(ConfigurationError, match="true or false"):
         parse_settings({"sessioncache.postgresql_notify": "sometimes"})
+
+
+def test_a_bad_redis_url_stops_include_naming_the_setting_with_its_password_hidden():
+    """Refused at start-up, never connected to; the password is not in the message."""
+    settings = {**GOOD, "cache.long_term.url": "redis://:hunter2-password@127.0.0.1:6379/0?sockettimeout=1"}
+    with pytest.raises(ConfigurationError) as raised:
+        Configurator(settings=settings).include("pyramid_sessioncache")
+    message = str(raised.value)
+    assert "invalid setting cache.long_term.url = 'redis://:***@127.0.0.1:6379/0?sockettimeout=1'" in message
+    assert "'sockettimeout' (did you mean socket_timeout?)" in message
+    assert "hunter2" not in message
+
+
+def test_an_option_only_the_built_region_checks_is_named_as_a_setting():
+    """``near_max_items`` without ``near`` is refused by the region itself: the error still names the setting."""
+    settings = {**GOOD, "cache.long_term.near_max_items": "5"}
+    with pytest.raises(ConfigurationError, match=r"invalid setting cache.long_term.near_max_items = 5: .*near = true"):
+        Configurator(settings=settings).include("pyramid_sessioncache")
+
+
+@pytest.mark.parametrize("order", ["long.term, long", "long, long.term"])
+def test_a_region_name_may_hold_dots_as_with_pyramid_beaker(order):
+    """``cache.long.term.expire`` is region long.term's, whichever of long and long.term is listed first."""
+    parsed = parse_settings(
+        {
+            "cache.regions": order,
+            "cache.long.term.expire": "60",
+            "cache.long.term.max_items": "5",
+            "cache.long.expire": "7",
+        }
+    )
+    assert dict(parsed.regions["long.term"]) == {"type": "memory", "expire": 60, "max_items": 5}
+    assert dict(parsed.regions["long"]) == {"type": "memory", "expire": 7}
+    with pytest.raises(ConfigurationError, match="cache.long.term.expier = '60': unknown option 'expier'"):
+        parse_settings({"cache.regions": order, "cache.long.term.expier": "60"})
+    with pytest.raises(ConfigurationError, match="cache.longer.expire = '60': region 'longer' is not listed"):
+        parse_settings({"cache.regions": order, "cache.longer.expire": "60"})

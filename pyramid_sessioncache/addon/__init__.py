@@ -23,11 +23,12 @@ from zope.sqlalchemy.datamanager import ZopeTransactionEvents
 
 from ..engine import hook, info, lookup
 from ..engine.cache import SessionCache, add_cache_finder
+from ..errors import InvalidOptionError
 from ..masking import hide_url_passwords, shown
 from .interfaces import IDBSessionFactory, ISessionCache
 from .request import RequestCache, cached_query
 from .session import dbsession
-from .settings import parse_settings
+from .settings import invalid_option, parse_settings
 from .transaction import RequestTransactionEvents
 from .transaction import join as join_request_transaction
 from .transaction import register as register_transaction_events
@@ -115,6 +116,8 @@ def includeme(config: Any) -> None:
             settings.secret,
             writes_also=settings.writes_also,
         )
+    except InvalidOptionError as exc:  # an option only the built region could check
+        raise invalid_option(exc, config.registry.settings) from None
     except Exception as exc:  # Beaker reports bad options in many ways
         # Not chained: the original message may hold a URL with its password.
         raise ConfigurationError(

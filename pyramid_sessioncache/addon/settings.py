@@ -2,8 +2,10 @@
 
 Regions follow pyramid_beaker's ``cache.`` convention: ``cache.regions``
 names them, ``cache.<option>`` sets a default for every region and
-``cache.<region>.<option>`` sets one region's value.  The add-on's own
-options use the ``sessioncache.`` prefix.  Everything is parsed once, at
+``cache.<region>.<option>`` sets one region's value.  A region's name
+may hold dots, as with pyramid_beaker: a key belongs to the longest
+listed name it starts with.  The add-on's own options use the
+``sessioncache.`` prefix.  Everything is parsed once, at
 start-up, into a frozen :class:`Settings`; a bad value raises
 :class:`pyramid.exceptions.ConfigurationError` naming the key and the value.
 
@@ -31,7 +33,7 @@ from pyramid.settings import aslist
 
 from ..engine.cache_options import CACHE_OPTIONS
 from ..errors import InvalidOptionError
-from ..masking import shown
+from ..masking import hide_url_passwords, shown
 from ..storage import options as region_options
 from ..storage.options import LOCAL_TYPE, Option
 from ..storage.region import SIGNED_TYPES
@@ -72,6 +74,21 @@ def _fail(key: str, value: Any, why: str) -> ConfigurationError:
     return ConfigurationError(f"invalid setting {key} = {shown(key, value)}: {why}")
 
 
+def invalid_option(exc: InvalidOptionError, settings: Mapping[str, Any]) -> ConfigurationError:
+    """The ``ConfigurationError`` naming the setting of ``exc``, an option refused by ``SessionCache(...)``.
+
+    A region's option is ``cache.<region>.<option>``, or the default
+    ``cache.<option>`` if only that is set; any other is ``sessioncache.<option>``.
+    """
+    if exc.region is None:
+        key = f"sessioncache.{exc.option}"
+    else:
+        key = f"cache.{exc.region}.{exc.option}"
+        if key not in settings and f"cache.{exc.option}" in settings:
+            key = f"cache.{exc.option}"
+    return ConfigurationError(f"invalid setting {key} = {exc.shown}: {hide_url_passwords(exc.reason)}")
+
+
 def _setting(table: Mapping[str, Option], key: str, option: str, raw: Any) -> Any:
     """The value of the setting ``key``: converted if a string, checked as the engine checks it."""
     try:
@@ -103,17 +120,23 @@ def parse_settings(settings: Mapping[str, Any]) -> Settings:
             raise _fail("cache.regions", settings["cache.regions"], str(exc)) from None
     defaults: dict[str, Any] = {}
     per_region: dict[str, dict[str, Any]] = {name: {} for name in names}
+    # Longest first: a region may be named with dots, as pyramid_beaker
+    # allows (``cache.long.term.expire`` is region long.term's expire, even
+    # when a region called long is listed too).
+    by_length = sorted(names, key=len, reverse=True)
     for key, raw in settings.items():
         if not key.startswith("cache.") or key == "cache.regions":
             continue
         rest = key[len("cache.") :]
-        region, dot, option = rest.partition(".")
-        if dot and region in per_region:
+        region = next((name for name in by_length if rest.startswith(f"{name}.")), None)
+        if region is not None:
+            option = rest[len(region) + 1 :]
             per_region[region][option] = _setting(REGION_OPTIONS, key, option, raw)
-        elif not dot:
+        elif "." not in rest:
             defaults[rest] = _setting(REGION_OPTIONS, key, rest, raw)
         else:
-            raise _fail(key, raw, f"region {region!r} is not listed in cache.regions")
+            unknown = rest.partition(".")[0]
+            raise _fail(key, raw, f"region {unknown!r} is not listed in cache.regions")
 
     if not names:
         if defaults:

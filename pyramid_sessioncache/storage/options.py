@@ -16,14 +16,18 @@ add-on turns it into a ``ConfigurationError`` naming the setting.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NamedTuple
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from .. import _beaker
 from ..errors import InvalidOptionError
+from ..masking import hide_url_passwords
 
 #: The longest ``expire`` (and ``timeout``) of any entry, in seconds: ten
 #: years.  Far longer than any cache needs (leave ``expire`` out for entries
@@ -42,6 +46,8 @@ MIN_SECRET = 16
 MAX_REGION_NAME = 100
 
 LOCAL_TYPE = "ext:local_session"
+#: The schemes of the URLs redis-py connects to.
+REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 
 class Option(NamedTuple):
@@ -153,6 +159,67 @@ def _url(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, bytes)):
         raise TypeError(f"must be a URL (a string), or a client object where Beaker takes one; not a {_name_of(value)}")
     return _text(value) if isinstance(value, str) else value
+
+
+def _redis_url(url: str) -> str:
+    """Return ``url`` if redis-py can use it as Beaker will give it (``redis.Redis.from_url(url)``).
+
+    Checked without connecting, so that start-up stops on a URL that would
+    fail every request: a scheme redis-py refuses, a bad port, a database
+    that is not a whole number (redis-py silently uses database 0 for
+    ``/1O``), a query value it cannot convert, an option it does not know
+    (it passes those to the connection, which raises ``TypeError`` at the
+    first connection).  Raises ``ValueError`` saying which.
+    """
+    try:
+        import redis
+        from redis.connection import URL_QUERY_ARGUMENT_PARSERS
+    except ImportError:  # pragma: no cover - the type check refuses ext:redis without redis-py
+        return url
+    parts = urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ValueError("a Redis URL starts with redis://, rediss:// or unix://")
+    try:
+        port = parts.port
+    except ValueError as exc:  # not a number, or out of range
+        raise ValueError(f"the port is not usable: {exc}") from None
+    if port == 0:
+        raise ValueError("the port must be from 1 to 65535")
+    if parts.scheme == "unix" and not parts.path:
+        raise ValueError("a unix:// URL needs the path of the socket: unix:///run/redis/redis.sock")
+    query = parse_qs(parts.query)
+    database = unquote(parts.path).replace("/", "")  # as redis-py reads it
+    if parts.scheme != "unix" and database and "db" not in query and not database.isdigit():
+        raise ValueError(
+            f"the database {database!r} is not a whole number (redis-py would use database 0): "
+            "redis://host:6379/0, or ?db=0"
+        )
+    try:
+        pool = redis.ConnectionPool.from_url(url)
+    except ValueError as exc:  # a query value it cannot convert
+        raise ValueError(f"redis-py cannot use it: {hide_url_passwords(str(exc))}") from None
+    db = pool.connection_kwargs.get("db", 0)
+    if type(db) is not int or db < 0:
+        raise ValueError("the database must be a whole number, 0 or more")
+    try:
+        # Builds what redis-py would connect with (nothing is sent): an
+        # option it does not know fails here, not at the first request.
+        pool.connection_class(**pool.connection_kwargs)
+    except TypeError as exc:
+        found = re.search(r"keyword argument '([^']+)'", str(exc))
+        unknown = f"{found[1]!r}{_did_you_mean(found[1], sorted(URL_QUERY_ARGUMENT_PARSERS))}" if found else "in it"
+        raise ValueError(
+            f"redis-py knows no option {unknown}: it would fail at the first connection; "
+            "remove the option or correct its name"
+        ) from None
+    except Exception as exc:  # redis-py refuses a value: never a request's problem later
+        raise ValueError(f"redis-py cannot use it: {type(exc).__name__}: {hide_url_passwords(str(exc))}") from None
+    return url
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def _memcache_module(value: Any) -> str:
@@ -374,6 +441,12 @@ def checked_region(name: Any, options: Any) -> dict[str, Any]:
                 name,
             )
         result[option] = checked(REGION_OPTIONS, option, value, name)
+    url = result.get("url")
+    if kind == "ext:redis" and isinstance(url, str):  # else a client object Beaker uses as it is
+        try:
+            _redis_url(url)
+        except ValueError as exc:
+            raise InvalidOptionError("url", url, str(exc), name) from None
     missing = sorted(found.requires - result.keys())
     if missing:
         raise InvalidOptionError(missing[0], None, f"a region of type {kind} needs a {missing[0]}", name)

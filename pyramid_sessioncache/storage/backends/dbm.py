@@ -10,7 +10,13 @@ it alone; the database is opened and closed around each access), and:
 - creates the database files 0600 and its directories 0700, in a
   ``data_dir`` that only this user can write (checked at start-up);
 - locks the creation of an entry with a :class:`~.filelock.FileLock`, which
-  leaves no file behind (Beaker's leaves one per key).
+  leaves no file behind (Beaker's leaves one per key);
+- makes its directories again if they are removed while it runs (a
+  temporary-files cleaner);
+- treats a database it cannot read (an index ``dbm.dumb`` cannot parse
+  after a crash or a full disk) as a failure of its backend, an
+  ``OSError``: the region answers from the database, logs a warning, and
+  the damaged files are removed, to be made again when it is next tried.
 
 What it cannot change: the whole region is one database, which keeps the
 space of entries it replaced, and with ``dbm.dumb`` (the only ``dbm`` of
@@ -44,6 +50,15 @@ log = logging.getLogger(__name__)
 _SUFFIXES = ("", ".db", ".dat", ".dir", ".bak", ".pag")
 
 
+class DamagedDatabaseError(OSError):
+    """A ``dbm`` database's files cannot be read (a crash while its index was written, a full disk).
+
+    An ``OSError``, so the region treats it as any failure of its backend:
+    the query is answered from the database, a warning is logged, and the
+    region is tried again after ``retry_after``, on new files.
+    """
+
+
 def _digest(data: bytes) -> str:
     return hashlib.blake2b(data, digest_size=16).hexdigest()
 
@@ -68,8 +83,12 @@ class DBMNamespace(OpenResourceNamespaceManager):
         make_directory(self.lock_directory)
         self.max_bytes = max_bytes
         self.db: Any = None
+        self._remove_on_close = False
         super().__init__(namespace)
-        self.acquire_write_lock()  # creates the database
+        try:
+            self.acquire_write_lock()  # creates the database
+        except DamagedDatabaseError:  # its files are removed: made again now
+            self.acquire_write_lock()
         self.release_write_lock()
 
     def __repr__(self) -> str:
@@ -83,27 +102,82 @@ class DBMNamespace(OpenResourceNamespaceManager):
         """The lock one creator of ``key``'s value holds while the others wait (its file is removed after)."""
         return FileLock(os.path.join(self.lock_directory, _digest(key_bytes(key)) + ".lock"))
 
+    def acquire_read_lock(self) -> None:
+        self._lock_directory()
+        super().acquire_read_lock()
+
+    def acquire_write_lock(self, wait: bool = True, replace: bool = False) -> Any:
+        self._lock_directory()
+        return super().acquire_write_lock(wait, replace)
+
+    def _lock_directory(self) -> None:
+        # Removed while running (a temporary-files cleaner): made again
+        # here, mode 0700, before Beaker's lock makes it with the umask's.
+        if not os.path.isdir(self.lock_directory):
+            make_directory(self.lock_directory)
+
     def do_open(self, flags: str, replace: bool) -> None:
         try:
-            self.db = dbm.open(self.file, "r" if flags == "r" else "c", FILE_MODE)  # noqa: SIM115 - closed by do_close
-        except Exception:  # missing (removed by another process): create it
-            self.db = dbm.open(self.file, "c", FILE_MODE)  # noqa: SIM115
+            try:
+                self.db = dbm.open(self.file, "r" if flags == "r" else "c", FILE_MODE)  # noqa: SIM115 - closed by do_close
+            except Exception:
+                if not self._missing():
+                    raise
+                # Never made, or removed (by another process, or with its
+                # directory by a temporary-files cleaner): made again.
+                make_directory(os.path.dirname(self.file))
+                self.db = dbm.open(self.file, "c", FILE_MODE)  # noqa: SIM115
+        except OSError as exc:
+            if not isinstance(exc, FileNotFoundError):
+                raise  # the disk, not the database (full, permissions): a backend failure
+            raise self._damaged(exc) from None
+        except Exception as exc:  # dbm.error, or dbm.dumb's SyntaxError or ValueError on its index
+            raise self._damaged(exc) from None
 
     def do_close(self) -> None:
         if self.db is not None:
-            self.db.close()
-            self.db = None
+            try:
+                self.db.close()
+            finally:
+                self.db = None
+                if self._remove_on_close:
+                    self._remove_on_close = False
+                    self.do_remove()
 
     def do_remove(self) -> None:
         for suffix in _SUFFIXES:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.file + suffix)
 
+    def _missing(self) -> bool:
+        """Whether none of the database's files exist."""
+        return not any(os.path.exists(self.file + suffix) for suffix in _SUFFIXES)
+
+    def _damaged(self, exc: BaseException) -> DamagedDatabaseError:
+        """Remove the files of the database that raised ``exc`` (now, or once closed); return the error to raise.
+
+        The next open makes a new, empty database: the region's entries
+        and versions are lost, which costs misses, never stale rows (a
+        missing version never matches).
+        """
+        if self.db is None:
+            self.do_remove()
+        else:
+            self._remove_on_close = True
+        return DamagedDatabaseError(
+            f"dbm database {self.file!r} cannot be read ({type(exc).__name__}: {exc}); "
+            "its files are removed, to be made again"
+        )
+
     def _raw(self, key: bytes) -> bytes | None:
         try:
             value = self.db[key]
         except KeyError:
             return None
+        except OSError:
+            raise
+        except Exception as exc:  # an index entry dbm.dumb cannot use
+            raise self._damaged(exc) from None
         return value if len(value) <= self.max_bytes else b""
 
     def __contains__(self, key: Any) -> bool:
