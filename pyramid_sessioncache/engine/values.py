@@ -246,11 +246,16 @@ def _changeable(values: tuple) -> bool:
 def private_copy(values: tuple) -> tuple:
     """A copy of ``values`` that shares nothing with them: what unpickling the stored entry would give.
 
-    Every value of a shared region pickles (it was pickled when stored),
-    so this copies what ``copy.deepcopy`` may not, and the way the
+    A pickle round trip copies what ``copy.deepcopy`` may not, the way the
     value's class wants (``MutableDict`` leaves its parents behind).
+    Values that do not pickle are returned as they are: no region stores
+    them (``memory`` refuses them, the others raise), so they belong to
+    the one caller whose miss loaded them.
     """
-    return pickle.loads(pickle.dumps(values, pickle.HIGHEST_PROTOCOL))
+    try:
+        return pickle.loads(pickle.dumps(values, pickle.HIGHEST_PROTOCOL))
+    except Exception:
+        return values
 
 
 class StaleMappingError(ValueError):
