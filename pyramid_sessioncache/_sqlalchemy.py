@@ -66,6 +66,17 @@ def commit_loaded(state: Any, keys: Any) -> None:
     state._commit(state.dict, keys)
 
 
+def give_loaders(state: Any, loaders: dict) -> None:
+    """Give a new ``state`` the per-object loaders a query's options gave the object it was stored from.
+
+    The ORM keeps them in ``state.callables`` (``LoadLazyAttribute`` for
+    ``raiseload()``, ``LoadDeferredColumns`` for
+    ``defer(raiseload=True)``), set per row by
+    ``InstanceState._instance_level_callable_processor`` (2.0, 2.1).
+    """
+    state.callables = dict(loaders)
+
+
 def expire_missing(state: Any, keys: Any) -> None:
     """Mark column ``keys`` that a cached row lacks as expired, so they load on access."""
     state._expire_attributes(state.dict, keys)

@@ -29,19 +29,10 @@ def result(value: CachedRows, session: Session, load_options: tuple = ()) -> Res
     :meth:`CachedRows.changeable`).
     """
     flags = value.entity_columns
-    changeable_objects, changeable_rows = value.changeable()
-    rows = value.rows
-    if changeable_rows:
-        rows = [private_copy(row) if i in changeable_rows else row for i, row in enumerate(rows)]
+    rows, records = _own_copies(value)
     if not any(flags):  # plain values only: the stored tuples serve as they are
         result = value.shell.with_new_rows(rows)()
     else:
-        records = value.objects
-        if changeable_objects:
-            records = [
-                (*record[:2], private_copy(record[2]), *record[3:]) if i in changeable_objects else record
-                for i, record in enumerate(records)
-            ]
         objects = objects_of(session, value.classes, records, load_options)
         if flags == (True,):  # one entity per row, the commonest
             rows = [(None if index is None else objects[index],) for (index,) in rows]
@@ -54,6 +45,25 @@ def result(value: CachedRows, session: Session, load_options: tuple = ()) -> Res
             ]
         result = value.shell.with_new_rows(rows)()
     return _sqlalchemy.require_unique(result) if value.requires_unique else result
+
+
+def _own_copies(value: CachedRows) -> tuple[list, list]:
+    """The rows and object records of ``value``, those that hold changeable values copied.
+
+    Copied together, in one round trip, so that a value a row shares with
+    an object (``select(Doc, Doc.data)``) is still one value.
+    """
+    changeable_objects, changeable_rows = value.changeable()
+    if not (changeable_objects or changeable_rows):
+        return value.rows, value.objects
+    rows, records = list(value.rows), list(value.objects)
+    row_indexes, record_indexes = sorted(changeable_rows), sorted(changeable_objects)
+    copied_rows, copied_values = private_copy(([rows[i] for i in row_indexes], [records[i][2] for i in record_indexes]))
+    for i, row in zip(row_indexes, copied_rows, strict=True):
+        rows[i] = row
+    for i, values in zip(record_indexes, copied_values, strict=True):
+        records[i] = (*records[i][:2], values, *records[i][3:])
+    return rows, records
 
 
 class _Plan:
@@ -111,54 +121,73 @@ def objects_of(session: Session, classes: list, records: list, load_options: tup
     objects: list[Any] = []
     to_relate: list[tuple] = []
     created: list[tuple] = []
-    for class_index, identity_key, values, held, complete in records:
+    refilled: list[tuple] = []
+    for class_index, identity_key, values, held, complete, loaders in records:
         plan = plans[class_index]
         obj = in_session(identity_key)
         new = obj is None
         if new:
             obj = plan.manager.new_instance()
-            state = _make_persistent(session, obj, plan, identity_key, values, complete, load_options)
+            state = _make_persistent(session, obj, plan, identity_key, values, complete, load_options, loaders)
             if notify:
                 created.append((state, plan))
         else:
-            state = _fill_unloaded(obj, plan, values)
+            state = _fill_unloaded(obj, plan, values, refilled)
         if state is not None and held.count(NOT_LOADED) != len(held):
             to_relate.append((state, new, plan.impls, held))
         objects.append(obj)
     _set_relationships(to_relate, objects)
     _send_load_events(session, created)
+    for state, keys in refilled:  # as the ORM refreshes expired attributes of an object it holds
+        state.manager.dispatch.refresh(state, None, keys)
     return objects
 
 
 def _make_persistent(
-    session: Session, obj: Any, plan: _Plan, identity_key: Any, values: tuple, complete: bool, load_options: tuple
+    session: Session,
+    obj: Any,
+    plan: _Plan,
+    identity_key: Any,
+    values: tuple,
+    complete: bool,
+    load_options: tuple,
+    loaders: dict | None,
 ) -> Any:
-    """Make the new ``obj`` a clean persistent object of ``session`` holding ``values``; return its state."""
+    """Make the new ``obj`` a clean persistent object of ``session`` holding ``values``; return its state.
+
+    Columns the entry lacks are expired (they load on access), except
+    those the query's options gave a loader of the object's own
+    (``raiseload()``, ``defer(raiseload=True)``): ``loaders``, given to the
+    object as the query gave them, answer for those.
+    """
     state = attributes.instance_state(obj)
     _sqlalchemy.add_loaded(session, state, identity_key)
     loaded = obj.__dict__
     if plan.expire or not complete:
         missing = plan.expire.copy()
         for key, value in zip(plan.columns, values, strict=True):
-            if value is NOT_LOADED:
-                missing.append(key)
-            else:
+            if value is not NOT_LOADED:
                 loaded[key] = value
+            elif loaders is None or key not in loaders:
+                missing.append(key)
         _sqlalchemy.expire_missing(state, missing)
     else:
         loaded.update(zip(plan.columns, values, strict=True))
+    if loaders is not None:
+        _sqlalchemy.give_loaders(state, loaders)
     if load_options:  # as the ORM gives them (see _sqlalchemy.load_path)
         state.load_options = load_options
         state.load_path = plan.load_path
     return state
 
 
-def _fill_unloaded(obj: Any, plan: _Plan, values: tuple) -> Any:
+def _fill_unloaded(obj: Any, plan: _Plan, values: tuple, refilled: list[tuple]) -> Any:
     """Fill the columns the Session's own ``obj`` has not loaded, as a query would.
 
-    Loaded columns, changed or not, are left alone.  Returns the object's
-    state when some relationship it has not loaded may come from the
-    entry, else None.
+    Loaded columns, changed or not, are left alone; ``(state, keys)`` is
+    added to ``refilled`` when the class listens for ``refresh`` (mutable
+    types do, to follow their values).  Returns the object's state when
+    some relationship it has not loaded may come from the entry, else None.
     """
     loaded = obj.__dict__
     if not plan.column_set.issubset(loaded):  # expired or unloaded
@@ -170,7 +199,10 @@ def _fill_unloaded(obj: Any, plan: _Plan, values: tuple) -> Any:
         for key, value in zip(plan.columns, values, strict=True):
             if key in unloaded:
                 loaded[key] = value
-        _sqlalchemy.commit_loaded(attributes.instance_state(obj), unloaded)
+        state = attributes.instance_state(obj)
+        _sqlalchemy.commit_loaded(state, unloaded)
+        if unloaded and plan.manager.dispatch.refresh:
+            refilled.append((state, set(unloaded)))
     if plan.relationship_set.issubset(loaded):
         return None
     return attributes.instance_state(obj)

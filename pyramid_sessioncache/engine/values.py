@@ -110,10 +110,13 @@ class CachedRows:
 
     ``classes`` lists, per mapped class, ``(class, column_keys,
     relationship_keys)``; ``objects`` lists ``(class_index, identity_key,
-    values, relationships, complete)``, the values and relationships aligned
-    with their class's keys (:data:`NOT_LOADED` where the object had none,
-    ``complete`` saying it had every column), a relationship holding an
-    object index, a list of them, or None.
+    values, relationships, complete, loaders)``, the values and
+    relationships aligned with their class's keys (:data:`NOT_LOADED` where
+    the object had none, ``complete`` saying it had every column), a
+    relationship holding an object index, a list of them, or None;
+    ``loaders`` are the loaders the query's options gave the object for
+    what it did not load (``raiseload()``, ``defer(..., raiseload=True)``),
+    key -> loader, or None.
     ``rows`` are tuples where the columns flagged in ``entity_columns``
     hold an object index (or None): every row the database returned, the
     repeats of a joined eager load included, and ``requires_unique`` says
@@ -219,7 +222,7 @@ class CachedRows:
     def loaded_relationships(self) -> set[tuple[type, str]]:
         """Return ``(class, key)`` of every relationship some cached object holds."""
         found: set[tuple[type, str]] = set()
-        for class_index, _, _, relationships, _ in self.objects:
+        for class_index, _, _, relationships, _, _ in self.objects:
             cls, _, keys = self.classes[class_index]
             found.update((cls, key) for key, value in zip(keys, relationships, strict=True) if value is not NOT_LOADED)
         return found
@@ -282,16 +285,24 @@ def mapping_text(mapper: Any) -> str:
         return found[1]
     parts = [f"{prop.key}=" + ",".join(_column_text(column) for column in prop.columns) for prop in column_attrs]
     parts += [f"{prop.key}->{_qualified(prop.mapper.class_)}:{prop.uselist}" for prop in mapper.relationships]
-    text = hashlib.blake2b("|".join(parts).encode(), digest_size=8).hexdigest()
+    # Sorted: the order of attributes (and of backrefs, which follows the
+    # order modules were imported in) changes nothing an entry holds.
+    text = hashlib.blake2b("|".join(sorted(parts)).encode(), digest_size=8).hexdigest()
     info[_MAPPING] = (column_attrs, text)
     return text
 
 
 def _column_text(column: Any) -> str:
     # A column's name; an expression (a column_property's labelled
-    # subquery, named anonymously per process) by its kind.  Then its type.
+    # subquery, named anonymously per process) by its kind.  Then its type
+    # and the Python type of its values (Numeric(asdecimal=False) gives
+    # floats, Enum(enum_class) its members); a length, say, changes neither.
     name = column.name if isinstance(column, ColumnClause) else type(column).__name__
-    return f"{name}:{_qualified(type(column.type))}"
+    try:
+        python_type = _qualified(column.type.python_type)
+    except (NotImplementedError, AttributeError):
+        python_type = "?"
+    return f"{name}:{_qualified(type(column.type))}:{python_type}"
 
 
 def _qualified(cls: type) -> str:
@@ -306,6 +317,7 @@ class _Snapshot:
         self.objects: list[tuple] = []
         self._class_index: dict[type, int] = {}
         self._index: dict[int, int] = {}
+        self._loaders: dict[int, tuple[Any, bool]] = {}
 
     def _layout(self, cls: type, mapper: Any) -> int:
         position = self._class_index.get(cls)
@@ -333,8 +345,22 @@ class _Snapshot:
         held = tuple(
             self._held(loaded[key], bool(props[key].uselist)) if key in loaded else NOT_LOADED for key in relationships
         )
-        self.objects[position] = (class_index, state.key, values, held, complete)
+        loaders = {key: loader for key, loader in state.callables.items() if self._keeps(loader)} or None
+        self.objects[position] = (class_index, state.key, values, held, complete, loaders)
         return position
+
+    def _keeps(self, loader: Any) -> bool:
+        # An object's own loader (the ORM gives every object of a query the
+        # same one per attribute): kept if it pickles, as the entry must.
+        found = self._loaders.get(id(loader))
+        if found is None:
+            try:
+                pickle.dumps(loader, pickle.HIGHEST_PROTOCOL)
+                found = (loader, True)
+            except Exception:
+                found = (loader, False)
+            self._loaders[id(loader)] = found
+        return found[1]
 
     def _held(self, value: Any, collection: bool) -> Any:
         if value is None:
