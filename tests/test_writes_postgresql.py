@@ -7,7 +7,7 @@ classes declare no foreign-key actions and no view, the catalog does.
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, select, text, update
+from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, make_url, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
@@ -149,3 +149,54 @@ def test_a_rolled_back_cte_write_reaches_nobody(PgSession, pg, region):
     assert inside != committed
     for _ in range(2):
         assert cached(PgSession, region, stmt) == committed
+
+
+# Catalogs kept per database, what they cannot name -----------------------------------
+
+
+def _hit(PgSession, engine, region, stmt):
+    """Whether ``stmt`` is served from the cache, sending no SQL, with what the database holds."""
+    truth = uncached(engine, stmt)
+    sql = SQLCounter(engine)
+    served = cached(PgSession, region, stmt)
+    return served == truth and sql.count == 0
+
+
+def _role(name, grants):
+    return (
+        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{name}') THEN "
+        f"CREATE ROLE {name} LOGIN; END IF; END $$; {grants}"
+    )
+
+
+through_view = Table("pg_through", MetaData(), Column("id", Integer), Column("name", String))
+
+
+@pytest.mark.parametrize("through", ["another engine", "an execution_options() copy", "another user's engine"])
+def test_a_view_created_through_another_engine_is_known(PgSession, pg, region, through):
+    _delete_parent(PgSession, pg)  # the application's engine has written: its catalog is read
+    ddl = "CREATE VIEW pg_through AS SELECT id, name FROM pg_parent"
+    if through == "an execution_options() copy":
+        migration = pg.execution_options(isolation_level="AUTOCOMMIT")  # another Engine, the same pool
+    elif through == "another engine":
+        migration = create_engine(pg.url)  # alembic's, in this process
+    else:  # a migration role that owns the schema, the application's a role of its own
+        with pg.begin() as conn:
+            conn.exec_driver_sql(
+                _role(
+                    "pgw_migrator",
+                    "GRANT CREATE ON SCHEMA public TO pgw_migrator; GRANT SELECT ON pg_parent TO pgw_migrator;",
+                )
+            )
+        migration = create_engine(make_url(pg.url).set(username="pgw_migrator", password=None))
+    with migration.begin() as conn:
+        conn.exec_driver_sql(ddl)
+    if through != "an execution_options() copy":
+        migration.dispose()
+    stmt = select(through_view.c.id, through_view.c.name).order_by(through_view.c.id)
+    cached(PgSession, region, stmt)
+    assert _hit(PgSession, pg, region, stmt)
+    with PgSession() as session:
+        session.execute(update(PgParent).where(PgParent.id == 2).values(name="renamed"))
+        session.commit()
+    assert cached(PgSession, region, stmt) == uncached(pg, stmt) == [(2, "renamed"), (3, "three")]

@@ -8,6 +8,12 @@ on PostgreSQL, from the database's own catalog (a schema built by
 migrations may declare actions the models do not).  Triggers and anything
 else are declared: ``SessionCache(writes_also=...)``, the
 ``sessioncache.writes_also`` setting.
+
+The catalog of a database is read once, at the first write that needs
+it, and kept per database (:func:`~..identity.database_identity`), for
+every engine on it.  DDL run by any connection of the process forgets
+every catalog: the DDL may have been run as another user, whose engine
+names the database otherwise.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ... import _sqlalchemy
+from ..identity import database_identity
 from .reads import ALL_TABLES, version_name
 
 log = logging.getLogger(__name__)
@@ -57,6 +64,9 @@ JOIN pg_class p ON p.oid = k.confrelid
 WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
 """
 
+#: Databases whose catalog is kept at most; past it, the oldest read is read again when needed.
+_MAX_CATALOGS = 64
+
 
 def closure(tables: Iterable[str], edges: Mapping[str, Iterable[str]]) -> frozenset[str]:
     """Return ``tables`` and everything ``edges`` (name -> dependents) reaches from them."""
@@ -86,11 +96,12 @@ def metadata_edges(metadatas: Iterable[Any]) -> dict[str, set[str]]:
 
 
 class _Schema:
-    """The dependents known in this process: from mapped classes, and per PostgreSQL engine."""
+    """The dependents known in this process: from ``MetaData``, and per PostgreSQL database."""
 
     def __init__(self) -> None:
         self._mapped: tuple[tuple[int, ...], dict[str, set[str]]] = ((), {})
-        self._catalogs: weakref.WeakKeyDictionary[Any, dict[str, set[str]]] = weakref.WeakKeyDictionary()
+        #: database identity -> what its catalog says, oldest read first.
+        self._catalogs: dict[str, dict[str, set[str]]] = {}
         #: MetaData of the tables written by compiled statements (Core tables too).
         self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
 
@@ -107,11 +118,17 @@ class _Schema:
     def catalog_edges(self, conn: Any) -> dict[str, set[str]]:
         if conn.dialect.name != "postgresql":
             return {}
-        engine = conn.engine
-        edges = self._catalogs.get(engine)
+        database = database_identity(conn)
+        edges = self._catalogs.get(database)
         if edges is None:
-            edges = self._catalogs[engine] = self._read_catalog(conn)
+            edges = self._read_catalog(conn)
+            while len(self._catalogs) >= _MAX_CATALOGS:
+                del self._catalogs[next(iter(self._catalogs))]
+            self._catalogs[database] = edges
         return edges
+
+    def forget(self) -> None:
+        self._catalogs.clear()
 
     @staticmethod
     def _read_catalog(conn: Any) -> dict[str, set[str]]:
@@ -148,6 +165,13 @@ def note(table: Any) -> None:
         _schema.note(metadata)
 
 
-def forget_catalog(engine: Any) -> None:
-    """Read the catalog of ``engine`` again at its next write (after a migration, say)."""
-    _schema._catalogs.pop(engine, None)
+def forget_catalog(engine: Any = None) -> None:
+    """Read the catalogs again when next needed (after a migration, say).
+
+    Every database's, whatever ``engine`` (kept for callers that name
+    the engine that ran the DDL): the engine that ran it may name its
+    database otherwise than the engines that read it (another user), and
+    DDL is rare enough that reading a catalog again costs nothing that
+    matters.
+    """
+    _schema.forget()
