@@ -3,11 +3,11 @@
 A write to a table also changes, as far as a cache can tell, the tables
 whose foreign keys to it ``CASCADE``, ``SET NULL`` or ``SET DEFAULT`` on
 delete or update, and the views (and materialized views) that read it,
-transitively.  Those come from the ``MetaData`` of the mapped classes and,
-on PostgreSQL, from the database's own catalog (a schema built by
-migrations may declare actions the models do not).  Triggers and anything
-else are declared: ``SessionCache(writes_also=...)``, the
-``sessioncache.writes_also`` setting.
+transitively.  Those come from the ``MetaData`` of the tables this
+process maps, writes or reads and, on PostgreSQL, from the database's own
+catalog (a schema built by migrations may declare actions the models do
+not).  Triggers and anything else are declared:
+``SessionCache(writes_also=...)``, the ``sessioncache.writes_also`` setting.
 
 The catalog of a database is read once, at the first write that needs
 it, and kept per database (:func:`~..identity.database_identity`), for
@@ -25,7 +25,7 @@ from typing import Any
 
 from ... import _sqlalchemy
 from ..identity import database_identity
-from .reads import ALL_TABLES, version_name
+from . import reads
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,8 @@ def metadata_edges(metadatas: Iterable[Any]) -> dict[str, set[str]]:
                 if actions & _ACTIONS:
                     # The referred table by name: resolving key.column raises
                     # for a table that is not in the MetaData.
-                    parent = version_name(key.target_fullname.rpartition(".")[0])
-                    edges.setdefault(parent, set()).add(version_name(table))
+                    parent = reads.version_name(key.target_fullname.rpartition(".")[0])
+                    edges.setdefault(parent, set()).add(reads.version_name(table))
     return edges
 
 
@@ -102,7 +102,7 @@ class _Schema:
         self._mapped: tuple[tuple[int, ...], dict[str, set[str]]] = ((), {})
         #: database identity -> what its catalog says, oldest read first.
         self._catalogs: dict[str, dict[str, set[str]]] = {}
-        #: MetaData of the tables written by compiled statements (Core tables too).
+        #: MetaData of the tables compiled statements wrote or read (Core tables too).
         self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def note(self, metadata: Any) -> None:
@@ -137,7 +137,7 @@ class _Schema:
         try:
             cursor.execute(POSTGRESQL_DEPENDENTS)
             for parent, dependent in cursor.fetchall():
-                edges.setdefault(version_name(parent), set()).add(version_name(dependent))
+                edges.setdefault(reads.version_name(parent), set()).add(reads.version_name(dependent))
         finally:
             cursor.close()
         return edges
@@ -148,7 +148,7 @@ _schema = _Schema()
 
 def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     """Return ``tables`` written on ``conn`` and what the database changes because of them."""
-    if ALL_TABLES in tables:
+    if reads.ALL_TABLES in tables:
         return tables
     found = closure(tables, _schema.mapped_edges())
     catalog = _schema.catalog_edges(conn)
@@ -159,7 +159,7 @@ def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
 
 
 def note(table: Any) -> None:
-    """Know the foreign keys of the ``MetaData`` of ``table``, a table written (mapped or not)."""
+    """Know the foreign keys of the ``MetaData`` of ``table``, a table written or read (mapped or not)."""
     metadata = getattr(table, "metadata", None)
     if metadata is not None:
         _schema.note(metadata)
