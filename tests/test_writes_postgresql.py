@@ -200,3 +200,24 @@ def test_a_view_created_through_another_engine_is_known(PgSession, pg, region, t
         session.execute(update(PgParent).where(PgParent.id == 2).values(name="renamed"))
         session.commit()
     assert cached(PgSession, region, stmt) == uncached(pg, stmt) == [(2, "renamed"), (3, "three")]
+
+
+def test_a_view_over_a_declared_trigger_target(pg, region_options, region):
+    # What the trigger writes is declared; the view over it, the catalog says.
+    with pg.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE pg_audit (id serial PRIMARY KEY, what varchar(50));"
+            "CREATE VIEW pg_audit_count AS SELECT count(*)::integer AS n FROM pg_audit;"
+            "CREATE FUNCTION pg_audit_parent() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN INSERT INTO pg_audit (what) VALUES (NEW.name); RETURN NEW; END $$;"
+            "CREATE TRIGGER pg_audit_parent AFTER UPDATE ON pg_parent FOR EACH ROW EXECUTE FUNCTION pg_audit_parent();"
+        )
+    cache = SessionCache(region_options, default_region=region, secret=SECRET, writes_also={"pg_parent": ["pg_audit"]})
+    Sess = sessionmaker(bind=pg, info=cache.session_info())
+    stmt = select(Table("pg_audit_count", MetaData(), Column("n", Integer)).c.n)
+    cached(Sess, region, stmt)
+    assert _hit(Sess, pg, region, stmt)
+    with Sess() as session:
+        session.execute(update(PgParent).where(PgParent.id == 1).values(name="audited"))
+        session.commit()
+    assert cached(Sess, region, stmt) == uncached(pg, stmt) == [(1,)]

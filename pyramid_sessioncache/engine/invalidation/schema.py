@@ -7,7 +7,9 @@ transitively.  Those come from the ``MetaData`` of the tables this
 process maps, writes or reads and, on PostgreSQL, from the database's own
 catalog (a schema built by migrations may declare actions the models do
 not).  Triggers and anything else are declared:
-``SessionCache(writes_also=...)``, the ``sessioncache.writes_also`` setting.
+``SessionCache(writes_also=...)``, the ``sessioncache.writes_also`` setting;
+:meth:`~pyramid_sessioncache.SessionCache.publish` closes what they
+declare over the same dependencies.
 
 The catalog of a database is read once, at the first write that needs
 it, and kept per database (:func:`~..identity.database_identity`), for
@@ -68,15 +70,17 @@ WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN 
 _MAX_CATALOGS = 64
 
 
-def closure(tables: Iterable[str], edges: Mapping[str, Iterable[str]]) -> frozenset[str]:
-    """Return ``tables`` and everything ``edges`` (name -> dependents) reaches from them."""
+def closure(tables: Iterable[str], *edges: Mapping[str, Iterable[str]]) -> frozenset[str]:
+    """Return ``tables`` and everything the ``edges`` (each: name -> dependents) reach from them."""
     found = set(tables)
     todo = list(found)
     while todo:
-        for dependent in edges.get(todo.pop(), ()):
-            if dependent not in found:
-                found.add(dependent)
-                todo.append(dependent)
+        table = todo.pop()
+        for each in edges:
+            for dependent in each.get(table, ()):
+                if dependent not in found:
+                    found.add(dependent)
+                    todo.append(dependent)
     return frozenset(found)
 
 
@@ -127,6 +131,9 @@ class _Schema:
             self._catalogs[database] = edges
         return edges
 
+    def known_edges(self) -> list[Mapping[str, Iterable[str]]]:
+        return [self.mapped_edges(), *list(self._catalogs.values())]
+
     def forget(self) -> None:
         self._catalogs.clear()
 
@@ -153,9 +160,23 @@ def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     found = closure(tables, _schema.mapped_edges())
     catalog = _schema.catalog_edges(conn)
     if catalog:
-        found = closure(found, catalog)
-        found = closure(found, _schema.mapped_edges())
+        found = closure(found, catalog, _schema.mapped_edges())
     return found
+
+
+def also_changed(tables: frozenset[str], declared: Mapping[str, Iterable[str]]) -> frozenset[str]:
+    """Return ``tables`` and what they change, by ``declared`` dependencies and every schema known.
+
+    For :meth:`~pyramid_sessioncache.SessionCache.publish`: a table a
+    trigger writes (declared) has cascades and views of its own, and a
+    declared table may be reached through a cascade.  The catalogs of
+    every database the process has read count: version names are shared
+    between databases, so a dependency of one costs the others misses,
+    never stale data.
+    """
+    if reads.ALL_TABLES in tables:
+        return tables
+    return closure(tables, declared, *_schema.known_edges())
 
 
 def note(table: Any) -> None:
