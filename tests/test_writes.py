@@ -328,3 +328,34 @@ def test_a_missing_version_never_revives_an_entry(wengine, region_options, redis
     sql = SQLCounter(wengine)
     assert cached(WSession, "redis", stmt) == uncached(wengine, stmt)
     assert sql.count == 1
+
+
+def test_a_cascade_into_a_core_table_only_read(WSession, wengine, region):
+    # A reporting module's Table, in a MetaData of its own that no class maps
+    # and this process never writes: its foreign key says the database
+    # deletes its rows with their parent's.
+    with wengine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE w_note (id INTEGER PRIMARY KEY, "
+            "parent_id INTEGER REFERENCES w_parent (id) ON DELETE CASCADE, body VARCHAR(50))"
+        )
+        conn.exec_driver_sql("INSERT INTO w_note VALUES (1, 1, 'one'), (2, 2, 'two')")
+    notes = Table(
+        "w_note",
+        MetaData(),
+        Column("id", Integer, primary_key=True),
+        Column("parent_id", ForeignKey(Parent.id, ondelete="CASCADE")),
+        Column("body", String(50)),
+    )
+    stmt = select(notes.c.id, notes.c.parent_id, notes.c.body).order_by(notes.c.id)
+    warm(WSession, wengine, region, stmt)
+    before = uncached(wengine, stmt)
+    with WSession() as session:
+        session.execute(sql_delete(Parent).where(Parent.id == 1))
+        session.commit()
+    after = uncached(wengine, stmt)
+    assert after == [(2, 2, "two")] != before
+    assert cached(WSession, region, stmt) == after
+    sql = SQLCounter(wengine)
+    assert cached(WSession, region, stmt) == after
+    assert sql.count == 0  # stored again: a hit

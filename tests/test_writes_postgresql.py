@@ -7,7 +7,7 @@ classes declare no foreign-key actions and no view, the catalog does.
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, select, text, update
+from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, make_url, select, text, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
@@ -149,3 +149,154 @@ def test_a_rolled_back_cte_write_reaches_nobody(PgSession, pg, region):
     assert inside != committed
     for _ in range(2):
         assert cached(PgSession, region, stmt) == committed
+
+
+# Catalogs kept per database, what they cannot name -----------------------------------
+
+
+def _hit(PgSession, engine, region, stmt):
+    """Whether ``stmt`` is served from the cache, sending no SQL, with what the database holds."""
+    truth = uncached(engine, stmt)
+    sql = SQLCounter(engine)
+    served = cached(PgSession, region, stmt)
+    return served == truth and sql.count == 0
+
+
+def _role(name, grants):
+    return (
+        f"DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{name}') THEN "
+        f"CREATE ROLE {name} LOGIN; END IF; END $$; {grants}"
+    )
+
+
+through_view = Table("pg_through", MetaData(), Column("id", Integer), Column("name", String))
+
+
+@pytest.mark.parametrize("through", ["another engine", "an execution_options() copy", "another user's engine"])
+def test_a_view_created_through_another_engine_is_known(PgSession, pg, region, through):
+    _delete_parent(PgSession, pg)  # the application's engine has written: its catalog is read
+    ddl = "CREATE VIEW pg_through AS SELECT id, name FROM pg_parent"
+    if through == "an execution_options() copy":
+        migration = pg.execution_options(isolation_level="AUTOCOMMIT")  # another Engine, the same pool
+    elif through == "another engine":
+        migration = create_engine(pg.url)  # alembic's, in this process
+    else:  # a migration role that owns the schema, the application's a role of its own
+        with pg.begin() as conn:
+            conn.exec_driver_sql(
+                _role(
+                    "pgw_migrator",
+                    "GRANT CREATE ON SCHEMA public TO pgw_migrator; GRANT SELECT ON pg_parent TO pgw_migrator;",
+                )
+            )
+        migration = create_engine(make_url(pg.url).set(username="pgw_migrator", password=None))
+    with migration.begin() as conn:
+        conn.exec_driver_sql(ddl)
+    if through != "an execution_options() copy":
+        migration.dispose()
+    stmt = select(through_view.c.id, through_view.c.name).order_by(through_view.c.id)
+    cached(PgSession, region, stmt)
+    assert _hit(PgSession, pg, region, stmt)
+    with PgSession() as session:
+        session.execute(update(PgParent).where(PgParent.id == 2).values(name="renamed"))
+        session.commit()
+    assert cached(PgSession, region, stmt) == uncached(pg, stmt) == [(2, "renamed"), (3, "three")]
+
+
+def test_a_view_over_a_declared_trigger_target(pg, region_options, region):
+    # What the trigger writes is declared; the view over it, the catalog says.
+    with pg.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE pg_audit (id serial PRIMARY KEY, what varchar(50));"
+            "CREATE VIEW pg_audit_count AS SELECT count(*)::integer AS n FROM pg_audit;"
+            "CREATE FUNCTION pg_audit_parent() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN INSERT INTO pg_audit (what) VALUES (NEW.name); RETURN NEW; END $$;"
+            "CREATE TRIGGER pg_audit_parent AFTER UPDATE ON pg_parent FOR EACH ROW EXECUTE FUNCTION pg_audit_parent();"
+        )
+    cache = SessionCache(region_options, default_region=region, secret=SECRET, writes_also={"pg_parent": ["pg_audit"]})
+    Sess = sessionmaker(bind=pg, info=cache.session_info())
+    stmt = select(Table("pg_audit_count", MetaData(), Column("n", Integer)).c.n)
+    cached(Sess, region, stmt)
+    assert _hit(Sess, pg, region, stmt)
+    with Sess() as session:
+        session.execute(update(PgParent).where(PgParent.id == 1).values(name="audited"))
+        session.commit()
+    assert cached(Sess, region, stmt) == uncached(pg, stmt) == [(1,)]
+
+
+FUNCTIONS = """
+CREATE TABLE pg_tag (id integer PRIMARY KEY, parent_id integer);
+INSERT INTO pg_tag VALUES (1, 1), (2, 1), (3, 2);
+CREATE FUNCTION pg_tags_of(p integer) RETURNS bigint LANGUAGE sql STABLE
+    AS 'SELECT count(*) FROM pg_tag WHERE parent_id = p';
+CREATE VIEW pg_counted AS SELECT id, pg_tags_of(id)::integer AS tags FROM pg_parent;
+CREATE VIEW pg_counted_again AS SELECT id, tags FROM pg_counted;
+"""
+
+counted = Table("pg_counted", MetaData(), Column("id", Integer), Column("tags", Integer))
+counted_again = Table("pg_counted_again", MetaData(), Column("id", Integer), Column("tags", Integer))
+
+
+@pytest.mark.parametrize("view", [counted, counted_again], ids=["calling it", "over one calling it"])
+def test_a_view_calling_a_function_of_the_database_depends_on_every_table(PgSession, pg, region, view):
+    # The function reads pg_tag; the catalog records that the view calls
+    # it, not what it reads.
+    with pg.begin() as conn:
+        conn.exec_driver_sql(FUNCTIONS)
+    stmt = select(view.c.id, view.c.tags).order_by(view.c.id)
+    cached(PgSession, region, stmt)
+    assert _hit(PgSession, pg, region, stmt)
+    before = uncached(pg, stmt)
+    with PgSession() as session:
+        session.execute(text("INSERT INTO pg_tag VALUES (4, 3)"))
+        session.commit()
+    after = uncached(pg, stmt)
+    assert after != before
+    assert cached(PgSession, region, stmt) == after
+    assert _hit(PgSession, pg, region, stmt)
+
+
+def test_a_view_of_catalog_functions_only_keeps_its_entries(PgSession, pg, region):
+    # pg_summary calls coalesce() and a cast, PostgreSQL's own: a write to a
+    # table it does not read leaves its entries valid.
+    with pg.begin() as conn:
+        conn.exec_driver_sql(FUNCTIONS + "CREATE TABLE pg_other (id integer PRIMARY KEY)")
+    stmt = QUERIES["summary"]
+    cached(PgSession, region, stmt)
+    with PgSession() as session:
+        session.execute(text("INSERT INTO pg_other VALUES (1)"))
+        session.commit()
+    assert _hit(PgSession, pg, region, stmt)
+
+
+@pytest.mark.parametrize("policy", ["a subquery", "a function of the database"])
+def test_a_row_level_security_policy_reading_another_table(pg, region_options, region, policy):
+    # A role the policy applies to (the owner, a superuser here, bypasses it).
+    using = (
+        "EXISTS (SELECT 1 FROM pg_grant g WHERE g.parent_id = pg_parent.id)"
+        if policy == "a subquery"
+        else "pg_granted(id)"
+    )
+    with pg.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE pg_grant (parent_id integer PRIMARY KEY); INSERT INTO pg_grant VALUES (1), (2);"
+            "CREATE FUNCTION pg_granted(p integer) RETURNS boolean LANGUAGE sql STABLE "
+            "    AS 'SELECT EXISTS (SELECT 1 FROM pg_grant WHERE parent_id = p)';"
+            f"ALTER TABLE pg_parent ENABLE ROW LEVEL SECURITY; CREATE POLICY pg_visible ON pg_parent USING ({using});"
+            + _role("pgw_reader", "GRANT SELECT, INSERT ON pg_parent, pg_grant TO pgw_reader;")
+        )
+    reader = create_engine(make_url(pg.url).set(username="pgw_reader", password=None))
+    try:
+        cache = SessionCache(region_options, default_region=region, secret=SECRET)
+        Reader = sessionmaker(bind=reader, info=cache.session_info())
+        stmt = select(PgParent.id, PgParent.name).order_by(PgParent.id)
+        cached(Reader, region, stmt)
+        assert _hit(Reader, reader, region, stmt)
+        with Reader() as session:
+            session.execute(text("INSERT INTO pg_grant VALUES (3)"))
+            session.commit()
+        after = uncached(reader, stmt)
+        assert len(after) == 3
+        assert cached(Reader, region, stmt) == after
+        assert _hit(Reader, reader, region, stmt)
+    finally:
+        reader.dispose()

@@ -21,7 +21,7 @@ from ..storage.region import CacheRegions, Region
 from . import info
 from .cache_options import CACHE_OPTIONS
 from .invalidation.reads import ALL_TABLES, ANY_TABLE, ShapeTables, declared_tables, version_name
-from .invalidation.schema import closure
+from .invalidation.schema import also_changed
 from .keys import EntryKey, KeyMaker
 from .stats import Stats
 
@@ -178,13 +178,15 @@ class SessionCache:
         """Invalidate the entries of the shared regions that read ``tables`` (version names).
 
         With automatic invalidation only; what ``writes_also`` declares a
-        write to those tables changes is invalidated too.  ``again``: the
+        write to those tables changes is invalidated too, and what the
+        schema says those change in turn (cascades and views of a
+        trigger's table: see ``invalidation/schema.py``).  ``again``: the
         same commit published a second time (see ``invalidation/writes.py``),
         not counted in the statistics.
         """
         if self.invalidation != "auto":
             return
-        names = sorted(closure(tables, self.writes_also) | {ANY_TABLE})
+        names = sorted(also_changed(tables, self.writes_also) | {ANY_TABLE})
         for region in self.shared_regions:
             region.bump(names)
             if not again:

@@ -26,7 +26,7 @@ from ..storage.backends import local_session
 from ..storage.region import always_valid
 from . import info, loader, lookup
 from .cache import SessionCache
-from .invalidation import reads, versions, writes
+from .invalidation import reads, schema, versions, writes
 from .lookup import Lookup
 from .options import FromCache, caching_option, statement_option
 from .values import CachedRows, LocalResult
@@ -193,12 +193,15 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
         for _ in range(2):
             now = region.versions(known, create=True)  # before the query: see invalidation/__init__.py
             value = loader.load(state, connection(), named=frozenset(known))
+            # A view calling a function of the database's own reads any table.
+            value.tables = schema.depends_on(connection(), value.tables)
             if value.tables <= frozenset(known):
                 break
             # It read tables its statement does not name (eager loads, column
-            # properties, criteria): their versions were not read before the
-            # query, so this result cannot be stored.  Now they are known:
-            # read their versions and load once more, to store that.
+            # properties, criteria, a view's function): their versions were
+            # not read before the query, so this result cannot be stored.
+            # Now they are known: read their versions and load once more, to
+            # store that.
             known = cache.tables_read.learn(key.shape, value.tables.union(known))
         else:
             verdict["store"] = False

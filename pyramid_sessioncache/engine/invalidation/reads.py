@@ -26,6 +26,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from ... import _sqlalchemy
 from ...errors import InvalidOptionError
+from . import schema
 
 #: The pseudo-table every entry depends on: bumping it invalidates them all.
 ALL_TABLES = "*"
@@ -130,6 +131,7 @@ class _Recording:
 
     def visit_table(self, table: Any, **kw: Any) -> Any:
         self.read_tables.add(version_name(table))
+        schema.note(table)  # its foreign keys may cascade into it
         return super().visit_table(table, **kw)  # type: ignore[misc]
 
     def visit_textclause(self, textclause: Any, **kw: Any) -> Any:

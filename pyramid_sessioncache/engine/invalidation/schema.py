@@ -1,13 +1,26 @@
-"""What else a write changes: foreign-key cascades and views, from the schema.
+"""What else a write changes, and what a read depends on: cascades, views, policies, from the schema.
 
 A write to a table also changes, as far as a cache can tell, the tables
 whose foreign keys to it ``CASCADE``, ``SET NULL`` or ``SET DEFAULT`` on
-delete or update, and the views (and materialized views) that read it,
-transitively.  Those come from the ``MetaData`` of the mapped classes and,
-on PostgreSQL, from the database's own catalog (a schema built by
-migrations may declare actions the models do not).  Triggers and anything
-else are declared: ``SessionCache(writes_also=...)``, the
-``sessioncache.writes_also`` setting.
+delete or update, the views that read it, and the tables whose
+row-level security policies read it, transitively.  Those come from the
+``MetaData`` of the tables this process maps, writes or reads and, on
+PostgreSQL, from the database's own catalog (a schema built by migrations
+may declare actions the models do not).  Triggers and anything else are
+declared: ``SessionCache(writes_also=...)``, the ``sessioncache.writes_also``
+setting; :meth:`~pyramid_sessioncache.SessionCache.publish` closes what
+they declare over the same dependencies.
+
+Some relations read tables the catalog cannot name: a view that calls a
+function of the database's own (its body may read any table), a table
+whose row-level security policy does.  A result that read one of them
+depends on :data:`~.reads.ANY_TABLE`, as SQL text does (:func:`depends_on`).
+
+The catalog of a database is read once, at the first write or miss that
+needs it, and kept per database (:func:`~..identity.database_identity`),
+for every engine on it.  DDL run by any connection of the process
+forgets every catalog: the DDL may have been run as another user, whose
+engine names the database otherwise.
 """
 
 from __future__ import annotations
@@ -18,17 +31,21 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ... import _sqlalchemy
-from .reads import ALL_TABLES, version_name
+from ..identity import database_identity
+from . import reads
 
 log = logging.getLogger(__name__)
 
 #: Foreign-key actions by which the database writes the referring table.
 _ACTIONS = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
 
-#: (parent, dependent): a write to ``parent`` changes ``dependent``.  A
-#: partition and its parent (either way: each shows the other's rows),
-#: cascading foreign keys, views over tables or views, and a view's tables
-#: (a write through an updatable view writes them).  A materialized view
+#: (parent, dependent, shows): a write to ``parent`` changes ``dependent``;
+#: ``shows`` when ``dependent`` reads ``parent``'s rows.  A partition and
+#: its parent (either way: a write to one changes what the other shows;
+#: the parent shows the partition's rows), cascading foreign keys, views
+#: over tables or views,
+#: a view's tables (a write through an updatable view writes them), and
+#: the tables a row-level security policy reads.  A materialized view
 #: changes when it is refreshed, which is a write to it.
 POSTGRESQL_DEPENDENTS = """
 WITH inherits AS (
@@ -44,29 +61,70 @@ WITH inherits AS (
     JOIN pg_class t ON t.oid = d.refobjid
     WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
       AND v.relkind = 'v' AND t.oid <> v.oid
+), policies AS (
+    SELECT t.relname AS base, c.relname AS policed
+    FROM pg_depend d
+    JOIN pg_policy p ON p.oid = d.objid
+    JOIN pg_class c ON c.oid = p.polrelid
+    JOIN pg_class t ON t.oid = d.refobjid
+    WHERE d.classid = 'pg_policy'::regclass AND d.refclassid = 'pg_class'::regclass AND t.oid <> c.oid
 )
-SELECT parent, child FROM inherits
-UNION SELECT child, parent FROM inherits
-UNION SELECT base, view FROM views
-UNION SELECT view, base FROM views
+SELECT parent, child, false FROM inherits
+UNION SELECT child, parent, true FROM inherits
+UNION SELECT base, view, true FROM views
+UNION SELECT view, base, false FROM views
+UNION SELECT base, policed, true FROM policies
 UNION
-SELECT p.relname, c.relname
+SELECT p.relname, c.relname, false
 FROM pg_constraint k
 JOIN pg_class c ON c.oid = k.conrelid
 JOIN pg_class p ON p.oid = k.confrelid
 WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN ('c', 'n', 'd'))
 """
 
+#: The views and the tables with row-level security whose query or policy
+#: calls a function or an operator of the database's own (outside
+#: ``pg_catalog`` and ``information_schema``): its body may read any
+#: table, which the catalog does not record.  A materialized view is not
+#: one: what it shows changes when it is refreshed, a write to it.
+POSTGRESQL_OPAQUE = """
+WITH users AS (
+    SELECT r.ev_class AS rel, d.refclassid, d.refobjid
+    FROM pg_rewrite r
+    JOIN pg_class v ON v.oid = r.ev_class
+    JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+    WHERE v.relkind = 'v'
+    UNION ALL
+    SELECT p.polrelid, d.refclassid, d.refobjid
+    FROM pg_policy p
+    JOIN pg_class c ON c.oid = p.polrelid
+    JOIN pg_depend d ON d.classid = 'pg_policy'::regclass AND d.objid = p.oid
+    WHERE c.relrowsecurity
+)
+SELECT DISTINCT c.relname
+FROM users u
+JOIN pg_class c ON c.oid = u.rel
+LEFT JOIN pg_proc f ON u.refclassid = 'pg_proc'::regclass AND f.oid = u.refobjid
+LEFT JOIN pg_operator o ON u.refclassid = 'pg_operator'::regclass AND o.oid = u.refobjid
+JOIN pg_namespace n ON n.oid = coalesce(f.pronamespace, o.oprnamespace)
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
 
-def closure(tables: Iterable[str], edges: Mapping[str, Iterable[str]]) -> frozenset[str]:
-    """Return ``tables`` and everything ``edges`` (name -> dependents) reaches from them."""
+#: Databases whose catalog is kept at most; past it, the oldest read is read again when needed.
+_MAX_CATALOGS = 64
+
+
+def closure(tables: Iterable[str], *edges: Mapping[str, Iterable[str]]) -> frozenset[str]:
+    """Return ``tables`` and everything the ``edges`` (each: name -> dependents) reach from them."""
     found = set(tables)
     todo = list(found)
     while todo:
-        for dependent in edges.get(todo.pop(), ()):
-            if dependent not in found:
-                found.add(dependent)
-                todo.append(dependent)
+        table = todo.pop()
+        for each in edges:
+            for dependent in each.get(table, ()):
+                if dependent not in found:
+                    found.add(dependent)
+                    todo.append(dependent)
     return frozenset(found)
 
 
@@ -80,18 +138,35 @@ def metadata_edges(metadatas: Iterable[Any]) -> dict[str, set[str]]:
                 if actions & _ACTIONS:
                     # The referred table by name: resolving key.column raises
                     # for a table that is not in the MetaData.
-                    parent = version_name(key.target_fullname.rpartition(".")[0])
-                    edges.setdefault(parent, set()).add(version_name(table))
+                    parent = reads.version_name(key.target_fullname.rpartition(".")[0])
+                    edges.setdefault(parent, set()).add(reads.version_name(table))
     return edges
 
 
+class Catalog:
+    """What a PostgreSQL database's catalog says, in version names.
+
+    :attr:`edges`: a write to a relation changes these others.
+    :attr:`opaque`: relations that read tables the catalog cannot name,
+    and those that show their rows (views over them, their parents).
+    """
+
+    def __init__(self, edges: dict[str, set[str]], opaque: frozenset[str]) -> None:
+        self.edges = edges
+        self.opaque = opaque
+
+
+_NO_CATALOG = Catalog({}, frozenset())
+
+
 class _Schema:
-    """The dependents known in this process: from mapped classes, and per PostgreSQL engine."""
+    """The dependents known in this process: from ``MetaData``, and per PostgreSQL database."""
 
     def __init__(self) -> None:
         self._mapped: tuple[tuple[int, ...], dict[str, set[str]]] = ((), {})
-        self._catalogs: weakref.WeakKeyDictionary[Any, dict[str, set[str]]] = weakref.WeakKeyDictionary()
-        #: MetaData of the tables written by compiled statements (Core tables too).
+        #: database identity -> its catalog, oldest read first.
+        self._catalogs: dict[str, Catalog] = {}
+        #: MetaData of the tables compiled statements wrote or read (Core tables too).
         self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def note(self, metadata: Any) -> None:
@@ -104,26 +179,41 @@ class _Schema:
             self._mapped = (seen, metadata_edges(metadatas))
         return self._mapped[1]
 
-    def catalog_edges(self, conn: Any) -> dict[str, set[str]]:
+    def catalog(self, conn: Any) -> Catalog:
         if conn.dialect.name != "postgresql":
-            return {}
-        engine = conn.engine
-        edges = self._catalogs.get(engine)
-        if edges is None:
-            edges = self._catalogs[engine] = self._read_catalog(conn)
-        return edges
+            return _NO_CATALOG
+        database = database_identity(conn)
+        found = self._catalogs.get(database)
+        if found is None:
+            found = self._read_catalog(conn)
+            while len(self._catalogs) >= _MAX_CATALOGS:
+                del self._catalogs[next(iter(self._catalogs))]
+            self._catalogs[database] = found
+        return found
+
+    def known_edges(self) -> list[Mapping[str, Iterable[str]]]:
+        return [self.mapped_edges(), *(catalog.edges for catalog in list(self._catalogs.values()))]
+
+    def forget(self) -> None:
+        self._catalogs.clear()
 
     @staticmethod
-    def _read_catalog(conn: Any) -> dict[str, set[str]]:
+    def _read_catalog(conn: Any) -> Catalog:
         edges: dict[str, set[str]] = {}
+        shows: dict[str, set[str]] = {}
         cursor = conn.connection.dbapi_connection.cursor()
         try:
             cursor.execute(POSTGRESQL_DEPENDENTS)
-            for parent, dependent in cursor.fetchall():
-                edges.setdefault(version_name(parent), set()).add(version_name(dependent))
+            for parent, dependent, shown in cursor.fetchall():
+                parent, dependent = reads.version_name(parent), reads.version_name(dependent)
+                edges.setdefault(parent, set()).add(dependent)
+                if shown:
+                    shows.setdefault(parent, set()).add(dependent)
+            cursor.execute(POSTGRESQL_OPAQUE)
+            opaque = closure((reads.version_name(name) for (name,) in cursor.fetchall()), shows)
         finally:
             cursor.close()
-        return edges
+        return Catalog(edges, opaque)
 
 
 _schema = _Schema()
@@ -131,23 +221,58 @@ _schema = _Schema()
 
 def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     """Return ``tables`` written on ``conn`` and what the database changes because of them."""
-    if ALL_TABLES in tables:
+    if reads.ALL_TABLES in tables:
         return tables
     found = closure(tables, _schema.mapped_edges())
-    catalog = _schema.catalog_edges(conn)
+    catalog = _schema.catalog(conn).edges
     if catalog:
-        found = closure(found, catalog)
-        found = closure(found, _schema.mapped_edges())
+        found = closure(found, catalog, _schema.mapped_edges())
     return found
 
 
+def also_changed(tables: frozenset[str], declared: Mapping[str, Iterable[str]]) -> frozenset[str]:
+    """Return ``tables`` and what they change, by ``declared`` dependencies and every schema known.
+
+    For :meth:`~pyramid_sessioncache.SessionCache.publish`: a table a
+    trigger writes (declared) has cascades and views of its own, and a
+    declared table may be reached through a cascade.  The catalogs of
+    every database the process has read count: version names are shared
+    between databases, so a dependency of one costs the others misses,
+    never stale data.
+    """
+    if reads.ALL_TABLES in tables:
+        return tables
+    return closure(tables, declared, *_schema.known_edges())
+
+
+def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
+    """Return what a result that read ``tables`` on ``conn`` depends on.
+
+    ``tables`` with :data:`~.reads.ANY_TABLE` when one of them reads
+    tables the catalog cannot name (a view calling a function of the
+    database's own, a table whose row-level security policy does): every
+    committed write bumps it, as for SQL text.
+    """
+    opaque = _schema.catalog(conn).opaque
+    if opaque and not opaque.isdisjoint(tables):
+        return tables | {reads.ANY_TABLE}
+    return tables
+
+
 def note(table: Any) -> None:
-    """Know the foreign keys of the ``MetaData`` of ``table``, a table written (mapped or not)."""
+    """Know the foreign keys of the ``MetaData`` of ``table``, a table written or read (mapped or not)."""
     metadata = getattr(table, "metadata", None)
     if metadata is not None:
         _schema.note(metadata)
 
 
-def forget_catalog(engine: Any) -> None:
-    """Read the catalog of ``engine`` again at its next write (after a migration, say)."""
-    _schema._catalogs.pop(engine, None)
+def forget_catalog(engine: Any = None) -> None:
+    """Read the catalogs again when next needed (after a migration, say).
+
+    Every database's, whatever ``engine`` (kept for callers that name
+    the engine that ran the DDL): the engine that ran it may name its
+    database otherwise than the engines that read it (another user), and
+    DDL is rare enough that reading a catalog again costs nothing that
+    matters.
+    """
+    _schema.forget()
