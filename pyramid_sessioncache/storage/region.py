@@ -96,6 +96,22 @@ def _backend_errors() -> tuple[type[BaseException], ...]:
 BACKEND_ERRORS = _backend_errors()
 
 
+def _timeouts() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [TimeoutError]
+    try:
+        import redis
+    except ImportError:  # pragma: no cover - redis is optional
+        pass
+    else:
+        errors.append(redis.TimeoutError)
+    return tuple(errors)
+
+
+#: Backend errors of a backend that did not answer in time: a bump that
+#: timed out is not followed by a delete that would make a commit wait twice.
+TIMEOUTS = _timeouts()
+
+
 def _namespace_class(kind: str) -> Any:
     if kind == "ext:local_session":
         try:
@@ -449,8 +465,12 @@ class Region:
 
         Tried even while the region is skipped for reads after a failure:
         a commit must reach every process that shares the backend as soon
-        as it answers.  When it fails, the names are kept and bumped with
-        the next bump, or before this process uses the region again.
+        as it answers.  When the new versions cannot be written, the old
+        ones are deleted, so that no process serves an entry that read them
+        (an entry whose version is missing is never valid).  When that
+        fails too (the backend is unreachable, or timed out), the names are
+        kept and bumped with the next bump, or before this process uses the
+        region again.
         """
         names = set(names) | self._pending
         if self.tokens is None:
@@ -458,10 +478,31 @@ class Region:
         try:
             self.tokens.bump(names)
         except BACKEND_ERRORS as exc:
-            self._pending = names
-            self._failed(exc, "invalidating tables " + ", ".join(sorted(names)))
+            discarded = not isinstance(exc, TIMEOUTS) and self._discarded(names)
+            self._pending = set() if discarded else names
+            self._failed(
+                exc,
+                "invalidating tables "
+                + ", ".join(sorted(names))
+                + (" (their versions were deleted instead)" if discarded else " (kept to invalidate later)"),
+            )
         else:
             self._pending = set()
+
+    def _discarded(self, names: set[str]) -> bool:
+        """Delete the versions of ``names``, whose bump failed; return whether they are gone.
+
+        A backend that refuses writes may still delete (Redis at
+        ``maxmemory`` refuses ``SET``, never ``DEL``): then no process
+        serves an entry that read them, whether it saw the failure or not,
+        and the next entry stored makes new ones (see ``versions.py``).
+        """
+        assert self.tokens is not None
+        try:
+            self.tokens.discard(names)
+        except BACKEND_ERRORS:
+            return False  # unreachable altogether: bumped when it answers again
+        return True
 
     def get_or_create(
         self,
