@@ -311,19 +311,21 @@ class Region:
             return not self._pending
         return True
 
-    def _failed(self, exc: BaseException, doing: str) -> None:
+    def _failed(self, exc: BaseException, doing: str, unexpected: bool = False) -> None:
         # One warning per outage: a bump is tried at every commit even while
         # the region is skipped, and each failure would say the same again.
         level = logging.DEBUG if self._down() else logging.WARNING
         self._down_until = time.monotonic() + self.retry_after
         log.log(
             level,
-            "cache region %r (%s) failed while %s: %s; queries go to the database, retrying in %ss",
+            "cache region %r (%s) failed %swhile %s: %s; queries go to the database, retrying in %ss",
             self.name,
             self.type,
+            f"unexpectedly ({type(exc).__name__}) " if unexpected else "",
             doing,
             exc,
             self.retry_after,
+            exc_info=exc if unexpected else None,
         )
 
     def _read(
@@ -470,21 +472,29 @@ class Region:
         (an entry whose version is missing is never valid).  When that
         fails too (the backend is unreachable, or timed out), the names are
         kept and bumped with the next bump, or before this process uses the
-        region again.
+        region again.  Never raises: whatever fails is logged, and the
+        region is skipped for ``retry_after`` seconds.
         """
         names = set(names) | self._pending
         if self.tokens is None:
             return
         try:
             self.tokens.bump(names)
-        except BACKEND_ERRORS as exc:
+        except Exception as exc:
+            # A bump runs once the database has committed (and every cache of
+            # the process hears every commit): nothing here may raise into the
+            # commit, not even a fault that is no backend's failure (a
+            # misconfigured client, a bug), which is logged with its traceback
+            # and kept pending: the region is skipped until the bump is written.
+            expected = isinstance(exc, BACKEND_ERRORS)
             discarded = not isinstance(exc, TIMEOUTS) and self._discarded(names)
-            self._pending = set() if discarded else names
+            self._pending = set() if discarded and expected else names
             self._failed(
                 exc,
                 "invalidating tables "
                 + ", ".join(sorted(names))
                 + (" (their versions were deleted instead)" if discarded else " (kept to invalidate later)"),
+                unexpected=not expected,
             )
         else:
             self._pending = set()
@@ -500,8 +510,8 @@ class Region:
         assert self.tokens is not None
         try:
             self.tokens.discard(names)
-        except BACKEND_ERRORS:
-            return False  # unreachable altogether: bumped when it answers again
+        except Exception:  # unreachable altogether (or broken): bumped when it answers again
+            return False
         return True
 
     def get_or_create(
