@@ -160,6 +160,21 @@ def test_a_bump_to_an_unreachable_redis_is_kept_and_written_when_it_answers(redi
     assert after is not None and after != before
 
 
+def test_a_kept_bump_refused_for_memory_when_the_backend_returns_leaves_the_region_skipped(redis_server):
+    """Down, then back but full: the kept bump deletes the versions instead, and the region is still not used."""
+    region = CacheRegions({"r": {"type": "ext:redis", "url": redis_server.url}}, 0.2, SECRET.encode())["r"]
+    region.versions(("person",), create=True)
+    redis_server.stop()
+    region.bump(["person"])
+    redis_server.start()
+    redis_server.server.config_set("maxmemory-policy", "noeviction")
+    redis_server.server.config_set("maxmemory", 1)
+    time.sleep(0.3)
+    assert not region.available()  # it failed again, even if nothing is left to replay
+    assert region.unpublished == frozenset() and Backend(region).version("person") is None
+    redis_server.server.config_set("maxmemory", 0)
+
+
 WRITER = """
     import sys
     from sqlalchemy import create_engine

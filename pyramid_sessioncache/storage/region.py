@@ -308,7 +308,9 @@ class Region:
         if self._pending:
             pending, self._pending = self._pending, set()
             self.bump(pending)
-            return not self._pending
+            # Failed, it may still have deleted the versions instead: then
+            # nothing is pending, but the region is skipped all the same.
+            return not self._pending and not self._down()
         return True
 
     def _failed(self, exc: BaseException, doing: str, unexpected: bool = False) -> None:
