@@ -275,9 +275,10 @@ def test_a_bump_that_fails_unexpectedly_never_fails_another_applications_commit(
             assert session.get(Person, 1).name == "committed"
         assert version_name(Person.__table__) in region.unpublished  # kept, to be written when it works
         assert not region.available()  # and skipped meanwhile
-        (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+        # (Caches that earlier tests left to the garbage collector may warn too: their servers are gone.)
+        (warning,) = [r for r in caplog.records if r.levelno == logging.WARNING and "TypeError" in r.getMessage()]
         message = warning.getMessage()
-        assert "'redis'" in message and "TypeError" in message and "sockettimeout" in message
+        assert "'redis'" in message and "sockettimeout" in message
         assert warning.exc_info is not None  # a fault, not an outage: its traceback says where
     finally:
         _repair(region)
