@@ -491,13 +491,11 @@ class Region:
             expected = isinstance(exc, BACKEND_ERRORS)
             discarded = not isinstance(exc, TIMEOUTS) and self._discarded(names)
             self._pending = set() if discarded and expected else names
-            self._failed(
-                exc,
-                "invalidating tables "
-                + ", ".join(sorted(names))
-                + (" (their versions were deleted instead)" if discarded else " (kept to invalidate later)"),
-                unexpected=not expected,
-            )
+            if self._pending:
+                outcome = " (their versions were deleted; kept to invalidate again)" if discarded else " (kept)"
+            else:
+                outcome = " (their versions were deleted instead)"
+            self._failed(exc, "invalidating tables " + ", ".join(sorted(names)) + outcome, unexpected=not expected)
         else:
             self._pending = set()
 
