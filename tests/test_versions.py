@@ -229,3 +229,14 @@ def test_memory_regions_keep_their_versions_unchecked(engine, sql):
     assert cached(Session) == uncached(Session)
     sql.reset()
     assert cached(Session) == uncached(Session) and sql.count == 1
+
+
+def test_discarded_versions_are_missing_for_every_process_then_made_anew(region_of):
+    # What a bump that cannot be written falls back to (see test_faults.py):
+    # deleting, one key at a time or in one DEL; a name without a version is no error.
+    writer, reader = region_of().region("shared"), region_of().region("shared")
+    (before,) = reader.versions(("person",), create=True)
+    writer.tokens.discard(["person", "never versioned"])
+    assert reader.versions(("person", "never versioned")) == (None, None)
+    (after,) = reader.versions(("person",), create=True)
+    assert after is not None and after != before

@@ -11,10 +11,13 @@ Table versions are plain strings (or their bytes) that start with a
 counter, ``"<counter>:..."`` (see ``versions.py``); :func:`raise_many`
 replaces a version only by one with a higher counter, atomically, which is
 how two processes bumping a table at once both end above what either read.
+:func:`delete_many` removes versions: what is left when a new one cannot be
+written (a Redis at ``maxmemory`` refuses every write but ``DEL``).
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
@@ -77,6 +80,25 @@ def add_many(namespace: Any, values: Mapping[bytes, Any]) -> None:
         for key, value in values.items():
             if not namespace.has_key(key):
                 namespace[key] = value
+    finally:
+        namespace.release_write_lock()
+
+
+def delete_many(namespace: Any, keys: Sequence[bytes]) -> None:
+    """Remove ``keys`` (those that exist) from ``namespace``, in one write if it can.
+
+    A namespace does it in one operation with a ``delete_many(keys)`` of its
+    own; otherwise one key at a time, under its write lock.
+    """
+    native = getattr(namespace, "delete_many", None)
+    if native is not None:
+        native(keys)
+        return
+    namespace.acquire_write_lock()
+    try:
+        for key in keys:
+            with contextlib.suppress(KeyError):  # nothing to delete
+                del namespace[key]
     finally:
         namespace.release_write_lock()
 

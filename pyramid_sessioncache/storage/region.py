@@ -96,6 +96,22 @@ def _backend_errors() -> tuple[type[BaseException], ...]:
 BACKEND_ERRORS = _backend_errors()
 
 
+def _timeouts() -> tuple[type[BaseException], ...]:
+    errors: list[type[BaseException]] = [TimeoutError]
+    try:
+        import redis
+    except ImportError:  # pragma: no cover - redis is optional
+        pass
+    else:
+        errors.append(redis.TimeoutError)
+    return tuple(errors)
+
+
+#: Backend errors of a backend that did not answer in time: a bump that
+#: timed out is not followed by a delete that would make a commit wait twice.
+TIMEOUTS = _timeouts()
+
+
 def _namespace_class(kind: str) -> Any:
     if kind == "ext:local_session":
         try:
@@ -292,22 +308,26 @@ class Region:
         if self._pending:
             pending, self._pending = self._pending, set()
             self.bump(pending)
-            return not self._pending
+            # Failed, it may still have deleted the versions instead: then
+            # nothing is pending, but the region is skipped all the same.
+            return not self._pending and not self._down()
         return True
 
-    def _failed(self, exc: BaseException, doing: str) -> None:
+    def _failed(self, exc: BaseException, doing: str, unexpected: bool = False) -> None:
         # One warning per outage: a bump is tried at every commit even while
         # the region is skipped, and each failure would say the same again.
         level = logging.DEBUG if self._down() else logging.WARNING
         self._down_until = time.monotonic() + self.retry_after
         log.log(
             level,
-            "cache region %r (%s) failed while %s: %s; queries go to the database, retrying in %ss",
+            "cache region %r (%s) failed %swhile %s: %s; queries go to the database, retrying in %ss",
             self.name,
             self.type,
+            f"unexpectedly ({type(exc).__name__}) " if unexpected else "",
             doing,
             exc,
             self.retry_after,
+            exc_info=exc if unexpected else None,
         )
 
     def _read(
@@ -449,19 +469,50 @@ class Region:
 
         Tried even while the region is skipped for reads after a failure:
         a commit must reach every process that shares the backend as soon
-        as it answers.  When it fails, the names are kept and bumped with
-        the next bump, or before this process uses the region again.
+        as it answers.  When the new versions cannot be written, the old
+        ones are deleted, so that no process serves an entry that read them
+        (an entry whose version is missing is never valid).  When that
+        fails too (the backend is unreachable, or timed out), the names are
+        kept and bumped with the next bump, or before this process uses the
+        region again.  Never raises: whatever fails is logged, and the
+        region is skipped for ``retry_after`` seconds.
         """
         names = set(names) | self._pending
         if self.tokens is None:
             return
         try:
             self.tokens.bump(names)
-        except BACKEND_ERRORS as exc:
-            self._pending = names
-            self._failed(exc, "invalidating tables " + ", ".join(sorted(names)))
+        except Exception as exc:
+            # A bump runs once the database has committed (and every cache of
+            # the process hears every commit): nothing here may raise into the
+            # commit, not even a fault that is no backend's failure (a
+            # misconfigured client, a bug), which is logged with its traceback
+            # and kept pending: the region is skipped until the bump is written.
+            expected = isinstance(exc, BACKEND_ERRORS)
+            discarded = not isinstance(exc, TIMEOUTS) and self._discarded(names)
+            self._pending = set() if discarded and expected else names
+            if self._pending:
+                outcome = " (their versions were deleted; kept to invalidate again)" if discarded else " (kept)"
+            else:
+                outcome = " (their versions were deleted instead)"
+            self._failed(exc, "invalidating tables " + ", ".join(sorted(names)) + outcome, unexpected=not expected)
         else:
             self._pending = set()
+
+    def _discarded(self, names: set[str]) -> bool:
+        """Delete the versions of ``names``, whose bump failed; return whether they are gone.
+
+        A backend that refuses writes may still delete (Redis at
+        ``maxmemory`` refuses ``SET``, never ``DEL``): then no process
+        serves an entry that read them, whether it saw the failure or not,
+        and the next entry stored makes new ones (see ``versions.py``).
+        """
+        assert self.tokens is not None
+        try:
+            self.tokens.discard(names)
+        except Exception:  # unreachable altogether (or broken): bumped when it answers again
+            return False
+        return True
 
     def get_or_create(
         self,

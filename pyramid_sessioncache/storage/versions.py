@@ -43,7 +43,9 @@ Design (what a backend that anybody else can write to must not defeat):
   everything this bump would, so the bump stops there.  No bump ever
   writes below a counter it was shown, so no process sees a version go
   back because of contention.  A forged counter that claims to be higher
-  is simply written over.
+  is simply written over.  A bump the backend refuses (Redis at
+  ``maxmemory`` refuses writes but not ``DEL``) deletes the versions
+  instead: an entry whose version is missing is never valid.
 - **Creating.**  An entry records only versions that exist: before a
   miss's query, missing versions are added (``SET NX``, counter
   ``highest seen + 1``) and unusable ones (garbage, bad signature,
@@ -266,6 +268,16 @@ class Versions:
                 self._write(forced)
             if not proposals:
                 return
+
+    def discard(self, names: Sequence[str] | set[str]) -> None:
+        """Remove the versions of ``names``, so that no entry that recorded them is ever valid again.
+
+        What a bump that cannot be written falls back to: a backend may
+        refuse every write yet still delete (Redis at ``maxmemory``).  A
+        missing version never matches, and the next entry stored for a name
+        gives it a new token (see :meth:`create`).  Backend errors propagate.
+        """
+        api.delete_many(self.namespace, [_encode(name) for name in names])
 
     def _write(self, counters: dict[str, int]) -> None:
         api.write_many(self.namespace, {_encode(name): self.new(name, counter) for name, counter in counters.items()})

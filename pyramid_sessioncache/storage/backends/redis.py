@@ -86,6 +86,15 @@ class RedisVersionsNamespace(RedisNamespaceManager):
         finally:
             self._written(values)
 
+    def delete_many(self, keys: Sequence[bytes]) -> None:
+        """Delete ``keys``, in one ``DEL`` (which Redis runs even at ``maxmemory``, when it refuses every write)."""
+        if not keys:
+            return
+        try:
+            self.client.delete(*(_beaker.redis_key(self, key) for key in keys))
+        finally:
+            self._written(keys)
+
     def raise_many(self, values: Mapping[bytes, Any]) -> dict[bytes, Any]:
         """Store the values whose counter is above the one held, atomically, in one round trip (a Lua script)."""
         script = getattr(self, "_raise", None)
