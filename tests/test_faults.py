@@ -6,7 +6,6 @@ import logging
 import os
 import socket
 import tempfile
-import threading
 import time
 
 import pytest
@@ -224,22 +223,6 @@ def test_a_commit_elsewhere_while_redis_is_full_is_never_served_stale_and_cachin
         assert sql.count == 1  # caching resumed by itself
     finally:
         cache.close()
-
-
-def test_a_bump_that_times_out_is_kept_without_waiting_for_a_delete_too(own_redis):
-    """A Redis that does not answer in time (busy: ``DEBUG SLEEP``): one timeout per commit, not two."""
-    url = own_redis.url + "?socket_timeout=0.3"
-    region = CacheRegions({"r": {"type": "ext:redis", "url": url}}, 0.2, SECRET.encode())["r"]
-    region.versions(("person",), create=True)
-    deletes = own_redis.info("commandstats").get("cmdstat_del", {}).get("calls", 0)
-    busy = threading.Thread(target=own_redis.execute_command, args=("DEBUG", "SLEEP", "1"))
-    busy.start()
-    time.sleep(0.1)
-    region.bump(["person"])
-    busy.join()
-    assert region.unpublished == {"person"}
-    # No delete was sent after the timeout (Redis runs what it was sent once it wakes).
-    assert own_redis.info("commandstats").get("cmdstat_del", {}).get("calls", 0) == deletes
 
 
 # -- a fault that is no backend's failure, in a bump: never raised into a commit -----------

@@ -96,22 +96,6 @@ def _backend_errors() -> tuple[type[BaseException], ...]:
 BACKEND_ERRORS = _backend_errors()
 
 
-def _timeouts() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = [TimeoutError]
-    try:
-        import redis
-    except ImportError:  # pragma: no cover - redis is optional
-        pass
-    else:
-        errors.append(redis.TimeoutError)
-    return tuple(errors)
-
-
-#: Backend errors of a backend that did not answer in time: a bump that
-#: timed out is not followed by a delete that would make a commit wait twice.
-TIMEOUTS = _timeouts()
-
-
 def _namespace_class(kind: str) -> Any:
     if kind == "ext:local_session":
         try:
@@ -472,7 +456,7 @@ class Region:
         as it answers.  When the new versions cannot be written, the old
         ones are deleted, so that no process serves an entry that read them
         (an entry whose version is missing is never valid).  When that
-        fails too (the backend is unreachable, or timed out), the names are
+        fails too (the backend is unreachable), the names are
         kept and bumped with the next bump, or before this process uses the
         region again.  Never raises: whatever fails is logged, and the
         region is skipped for ``retry_after`` seconds.
@@ -489,7 +473,7 @@ class Region:
             # misconfigured client, a bug), which is logged with its traceback
             # and kept pending: the region is skipped until the bump is written.
             expected = isinstance(exc, BACKEND_ERRORS)
-            discarded = not isinstance(exc, TIMEOUTS) and self._discarded(names)
+            discarded = self._discarded(names)
             self._pending = set() if discarded and expected else names
             if self._pending:
                 outcome = " (their versions were deleted; kept to invalidate again)" if discarded else " (kept)"
