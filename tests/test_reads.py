@@ -64,6 +64,42 @@ class Parent(Base):
     expr: Mapped[int | None] = query_expression()
 
 
+# A relationship whose secondary is a join of three tables (SQLAlchemy's "composite secondary join").
+class Holder(Base):
+    __tablename__ = "r_holder"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    link_id: Mapped[int] = mapped_column(ForeignKey("r_link.id"))
+    target = relationship(
+        "Target",
+        secondary=lambda: Link.__table__.join(Target.__table__, Link.target_id == Target.id).join(
+            Pin.__table__, Pin.target_id == Target.id
+        ),
+        primaryjoin="and_(Holder.link_id == Link.id, Holder.id == Pin.holder_id)",
+        secondaryjoin="Target.id == Link.target_id",
+        uselist=False,
+        viewonly=True,
+    )
+
+
+class Link(Base):
+    __tablename__ = "r_link"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    target_id: Mapped[int] = mapped_column(ForeignKey("r_target.id"))
+
+
+class Pin(Base):
+    __tablename__ = "r_pin"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    holder_id: Mapped[int] = mapped_column(ForeignKey("r_holder.id"))
+    target_id: Mapped[int] = mapped_column(ForeignKey("r_target.id"))
+
+
+class Target(Base):
+    __tablename__ = "r_target"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(20))
+
+
 @pytest.fixture
 def rengine(tmp_path):
     engine = create_engine(f"sqlite:///{tmp_path / 'reads.sqlite'}")
@@ -72,6 +108,10 @@ def rengine(tmp_path):
         conn.execute(insert(Parent), [{"id": i, "name": f"parent {i}"} for i in (1, 2, 3)])
         conn.execute(insert(Child), [{"id": i, "parent_id": 1 + i % 2, "name": f"child {i}"} for i in range(1, 5)])
         conn.execute(insert(Note), [{"id": 1, "text": "one"}])
+        conn.execute(insert(Target), [{"id": 1, "name": "target one"}, {"id": 2, "name": "target two"}])
+        conn.execute(insert(Link), [{"id": 1, "target_id": 1}])
+        conn.execute(insert(Holder), [{"id": 1, "link_id": 1}])
+        conn.execute(insert(Pin), [{"id": 1, "holder_id": 1, "target_id": 1}])
     yield engine
     engine.dispose()
 
@@ -192,3 +232,22 @@ def test_the_shape_memo_forgets_one_shape_at_a_time():
     assert shapes.get("a") == ("*", "a")  # used: now the most recent
     shapes.learn("d", ["d"])
     assert shapes.get("b") is None and shapes.get("a") is not None and len(shapes) == 3
+
+
+@pytest.mark.parametrize("loader", [joinedload, selectinload])
+def test_a_relationship_through_a_composite_secondary_join(RSession, rengine, region, loader):
+    stmt = select(Holder).options(loader(Holder.target))
+
+    def targets(Session_, region=None):
+        with Session_() as session:
+            query = stmt if region is None else stmt.options(FromCache(region))
+            return [(h.id, h.target.name if h.target else None) for h in session.scalars(query).unique().all()]
+
+    uncached = sessionmaker(bind=rengine)
+    assert targets(RSession, region) == targets(uncached) == [(1, "target one")]
+    sql = SQLCounter(rengine)
+    assert targets(RSession, region) == [(1, "target one")]
+    assert sql.count == 0, "a hit"
+    with rengine.begin() as conn:  # a table only the secondary join reads
+        conn.exec_driver_sql("UPDATE r_link SET target_id = 2 WHERE id = 1")
+    assert targets(RSession, region) == targets(uncached) == [(1, None)]

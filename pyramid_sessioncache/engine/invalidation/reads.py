@@ -184,8 +184,8 @@ def record_tables(value: Any) -> set[str]:
         names |= mapper_tables(attributes.manager_of_class(cls).mapper)
     for cls, key in value.loaded_relationships():
         secondary = attributes.manager_of_class(cls).mapper.relationships[key].secondary
-        if secondary is not None:
-            names.add(version_name(secondary))
+        if secondary is not None:  # a Table, or a join of several ("composite secondary join")
+            names |= _tables_under(secondary)
     return names
 
 
