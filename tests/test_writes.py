@@ -290,6 +290,9 @@ WRITTEN = {
     "WITH \"a--b\" AS (SELECT 1) UPDATE person SET name = 'x'": {"person"},
     'SELECT 1 AS "update", \'delete\' AS "a;b"': set(),
     "SELECT [x/*] FROM t; UPDATE person SET name = '*/'": {"person"},
+    # Brackets quote a name (SQLite) or subscript a value (PostgreSQL): either way, the write is seen.
+    "WITH a AS (SELECT [owner's name] FROM t) UPDATE person SET name = 'x'": {"person"},
+    "WITH a AS (SELECT data['k]'] FROM t) UPDATE person SET name = 'x' WHERE name <> ''": {"person"},
     # Schema changes: every entry whose reads are unknown, and the tables they name.
     "CREATE POLICY hide ON person USING (id <> 2)": {ANY_TABLE, "person"},
     "DROP POLICY hide ON person": {ANY_TABLE, "person"},

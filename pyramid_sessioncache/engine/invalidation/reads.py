@@ -139,7 +139,9 @@ class _Recording:
         # literal_column()) may read tables it does not name: a subquery, a
         # function of the database's own.  Tables it names after IN (SQLite's
         # "x IN t") are read.
-        cleaned = sqltext.clean(sql)
+        return any(self._read_by_reading(cleaned) for cleaned in sqltext.readings(sql))
+
+    def _read_by_reading(self, cleaned: sqltext.Cleaned) -> bool:
         if _READS_SQL.search(cleaned.text):
             return True
         for match in _CALL.finditer(cleaned.text):

@@ -8,6 +8,11 @@ name"``, ```a--b```, ``[x/*y]``) opens nothing, and a word inside any of
 them (``'delete'``, ``"update"``) is no keyword.  :func:`clean` reads the
 text once, left to right, and hands back SQL in which each of them is a
 neutral token.
+
+Square brackets quote a name in SQLite and SQL Server, and subscript an
+array or a ``jsonb`` value in PostgreSQL (``data['a]']``): the text does
+not say which, so :func:`readings` gives both readings, and callers take
+what either finds (a write, a table read).
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ _NOISE = re.compile(
     r'|(?P<quoted>"(?:[^"]|"")*"|`(?:[^`]|``)*`|\[[^\]]*\])',
     re.S,
 )
+# The same, square brackets being SQL (PostgreSQL's subscripts).
+_NOISE_WITHOUT_BRACKETS = re.compile(_NOISE.pattern.replace(r"|\[[^\]]*\]", ""), re.S)
 #: A name in :attr:`Cleaned.text`: a word, or a quoted identifier's token.
 NAME = r'(?:"\d+"|[\w$]+)'
 #: A name with its schema (and database) before it.
@@ -50,10 +57,30 @@ class Cleaned(NamedTuple):
         """The names a :data:`QUALIFIED` match spells, schema first."""
         return [self.name(token) for token in re.findall(NAME, qualified)]
 
+    def statements(self) -> list[str]:
+        """The statements of :attr:`text`: a ``;`` in a string, a comment or a name separates nothing."""
+        parts = (part.strip() for part in self.text.split(";"))
+        return [part for part in parts if part]
+
 
 @lru_cache(maxsize=2048)
-def clean(sql: str) -> Cleaned:
-    """Return ``sql`` as :class:`Cleaned` text."""
+def readings(sql: str) -> tuple[Cleaned, ...]:
+    """Return the ways ``sql`` may be read: :func:`clean`'s, and one where square brackets are SQL.
+
+    The second only when a bracketed span holds a quote or a comment
+    marker: otherwise both readings see the same strings and comments.
+    """
+    if not any(_OPENS.search(span) for span in _BRACKETED.findall(sql)):
+        return (clean(sql),)
+    return clean(sql), clean(sql, brackets=False)
+
+
+_BRACKETED = re.compile(r"\[[^\]]*\]")
+_OPENS = re.compile(r"['\"`$]|--|/\*")
+
+
+def clean(sql: str, brackets: bool = True) -> Cleaned:
+    """Return ``sql`` as :class:`Cleaned` text; ``brackets``: whether ``[...]`` quotes a name."""
     quoted: list[str] = []
 
     def token(match: re.Match[str]) -> str:
@@ -69,4 +96,5 @@ def clean(sql: str) -> Cleaned:
         quoted.append(inner)
         return f'"{len(quoted) - 1}"'
 
-    return Cleaned(_NOISE.sub(token, sql), tuple(quoted))
+    noise = _NOISE if brackets else _NOISE_WITHOUT_BRACKETS
+    return Cleaned(noise.sub(token, sql), tuple(quoted))

@@ -87,7 +87,9 @@ def _target(table: Any) -> Any:
 
 def is_ddl(context: Any, statement: str) -> bool:
     """Whether a statement that ran changes the schema (a migration, a view created, a grant)."""
-    return bool(context.isddl) or any(_first_word(part) in _SCHEMA_CHANGES for part in _statements(statement))
+    return bool(context.isddl) or any(
+        _first_word(part) in _SCHEMA_CHANGES for cleaned in sqltext.readings(statement) for part in cleaned.statements()
+    )
 
 
 # Reading SQL text ------------------------------------------------------------
@@ -152,13 +154,13 @@ def sql_tables(sql: str) -> frozenset[str]:
     change writes :data:`~.reads.ANY_TABLE` and the tables it names (see
     :func:`_schema_change`).  Each statement of several is read.
     """
-    cleaned = sqltext.clean(sql)
     found: set[str] = set()
-    for part in _statements(sql):
-        tables = _tables_in(cleaned, part, whole=True)
-        if ALL_TABLES in tables:
-            return EVERYTHING
-        found |= tables
+    for cleaned in sqltext.readings(sql):
+        for part in cleaned.statements():
+            tables = _tables_in(cleaned, part, whole=True)
+            if ALL_TABLES in tables:
+                return EVERYTHING
+            found |= tables
     return frozenset(found)
 
 
@@ -167,16 +169,10 @@ def fragment_tables(sql: str) -> frozenset[str]:
 
     Only what its write words say: a fragment is no statement of its own.
     """
-    cleaned = sqltext.clean(sql)
-    return _tables_in(cleaned, cleaned.text.strip(), whole=False)
-
-
-@lru_cache(maxsize=2048)
-def _statements(sql: str) -> tuple[str, ...]:
-    # The statements of SQL text, once its strings, comments and quoted
-    # identifiers are tokens: a ";" inside those separates nothing.
-    parts = (part.strip() for part in sqltext.clean(sql).text.split(";"))
-    return tuple(part for part in parts if part)
+    found: set[str] = set()
+    for cleaned in sqltext.readings(sql):
+        found |= _tables_in(cleaned, cleaned.text.strip(), whole=False)
+    return EVERYTHING if ALL_TABLES in found else frozenset(found)
 
 
 def _first_word(text: str) -> str:
