@@ -17,6 +17,7 @@ from sqlalchemy.orm.collections import InstrumentedList
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.orm.path_registry import RootRegistry
 from sqlalchemy.sql.elements import TextClause
+from sqlalchemy.sql.functions import GenericFunction
 from sqlalchemy.sql.selectable import TextualSelect
 
 #: The empty loader path, as it appears in a statement's cache key (2.0, 2.1):
@@ -438,13 +439,31 @@ def after_dbapi_commit(connection: Any, callback: Any) -> None:
 def known_function(func: Any) -> bool:
     """Whether ``func`` is one of SQLAlchemy's own generic functions (``func.count``, ``func.now``...).
 
-    Those are ``GenericFunction`` subclasses registered in
-    ``sqlalchemy.sql.functions._registry`` (2.0, 2.1): SQL functions of
-    the database, which read no table.
+    Those are ``GenericFunction`` subclasses that SQLAlchemy defines
+    (``sqlalchemy.sql.functions``, 2.0, 2.1): SQL functions of the
+    database, which read no table.  A subclass the application declares
+    (to type the result of a function of its database) registers in the
+    same ``sqlalchemy.sql.functions._registry``, and is not one of them:
+    it may read anything.
+    """
+    return isinstance(func, GenericFunction) and _defined_by_sqlalchemy(type(func))
+
+
+def known_function_name(name: str) -> bool:
+    """Whether SQL calling ``name`` calls one of SQLAlchemy's own generic functions.
+
+    ``func.<name>`` looks ``name`` up, in lower case, in the private
+    ``sqlalchemy.sql.functions._registry["_default"]`` (2.0, 2.1); the
+    class found must be SQLAlchemy's own (see :func:`known_function`).
     """
     from sqlalchemy.sql.functions import _registry
 
-    return type(func).__name__.lower() in _registry["_default"] or func.name.lower() in _registry["_default"]
+    found = _registry["_default"].get(name.lower())
+    return found is not None and _defined_by_sqlalchemy(found)
+
+
+def _defined_by_sqlalchemy(cls: type) -> bool:
+    return cls.__module__ == "sqlalchemy" or cls.__module__.startswith("sqlalchemy.")
 
 
 def connect_arguments(pool: Any) -> tuple[tuple[Any, ...], dict[str, Any]] | None:

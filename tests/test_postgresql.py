@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import create_engine, select, text
+from sqlalchemy import Integer, create_engine, func, literal_column, select, text
 from sqlalchemy.orm import sessionmaker
+from sqlalchemy.sql.functions import GenericFunction
 
 from pyramid_sessioncache import FromCache, SessionCache
 
@@ -70,3 +71,47 @@ def test_a_commit_elsewhere_invalidates(pg_session):
         writer.commit()
     with pg_session() as reader:
         assert reader.execute(stmt).scalar_one() == "changed"
+
+
+# Functions of the database that read a table ------------------------------------------
+
+ADDRESS_COUNT = """CREATE FUNCTION address_count(p integer) RETURNS bigint LANGUAGE sql STABLE
+AS 'SELECT count(*) FROM address WHERE person_id = p'"""
+
+
+class address_count(GenericFunction):
+    """The application's declaration of a function of its database, the documented way to type its result."""
+
+    type = Integer()
+    inherit_cache = True
+
+
+CALLS = {
+    "a GenericFunction the application declares": select(Person.id, address_count(Person.id)).order_by(Person.id),
+    "text() in WHERE": select(Person.id).where(text("address_count(person.id) > 2")).order_by(Person.id),
+    "literal_column()": select(Person.id, literal_column("address_count(person.id)")).order_by(Person.id),
+    "a function in a schema": select(Person.id, func.public.address_count(Person.id)).order_by(Person.id),
+}
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_a_function_reading_another_table_is_invalidated_by_its_writes(pg_session, pg_engine, call):
+    with pg_engine.begin() as conn:
+        conn.exec_driver_sql(ADDRESS_COUNT)
+    stmt = CALLS[call]
+    with sessionmaker(pg_engine)() as plain:
+        before = plain.execute(stmt).all()
+    with pg_session() as session:
+        assert session.execute(stmt.options(FromCache("memory"))).all() == before
+    sql = SQLCounter(pg_engine)
+    with pg_session() as session:
+        assert session.execute(stmt.options(FromCache("memory"))).all() == before
+    assert sql.count == 0, "a hit"
+    with pg_session() as session:  # a write to the table the function reads, and to no table the query names
+        session.execute(text("INSERT INTO address VALUES (100, 1, 'one more', 1)"))
+        session.commit()
+    with sessionmaker(pg_engine)() as plain:
+        after = plain.execute(stmt).all()
+    assert after != before
+    with pg_session() as session:
+        assert session.execute(stmt.options(FromCache("memory"))).all() == after

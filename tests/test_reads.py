@@ -8,7 +8,18 @@ uncached run of the same query.
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import ForeignKey, String, column, create_engine, event, func, insert, select, text
+from sqlalchemy import (
+    ForeignKey,
+    String,
+    column,
+    create_engine,
+    event,
+    func,
+    insert,
+    literal_column,
+    select,
+    text,
+)
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -23,9 +34,10 @@ from sqlalchemy.orm import (
     with_expression,
     with_loader_criteria,
 )
+from sqlalchemy.sql.functions import GenericFunction
 
-from pyramid_sessioncache import FromCache, SessionCache
-from pyramid_sessioncache.engine.invalidation.reads import ShapeTables
+from pyramid_sessioncache import FromCache, SessionCache, cache_parameters
+from pyramid_sessioncache.engine.invalidation.reads import ANY_TABLE, ShapeTables
 
 from .conftest import SECRET, SQLCounter
 
@@ -64,14 +76,67 @@ class Parent(Base):
     expr: Mapped[int | None] = query_expression()
 
 
+class Vip(Base):
+    """A table of one column: SQLite reads it in ``x IN r_vip``."""
+
+    __tablename__ = "r_vip"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+# A relationship whose secondary is a join of three tables (SQLAlchemy's "composite secondary join").
+class Holder(Base):
+    __tablename__ = "r_holder"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    link_id: Mapped[int] = mapped_column(ForeignKey("r_link.id"))
+    target = relationship(
+        "Target",
+        secondary=lambda: Link.__table__.join(Target.__table__, Link.target_id == Target.id).join(
+            Pin.__table__, Pin.target_id == Target.id
+        ),
+        primaryjoin="and_(Holder.link_id == Link.id, Holder.id == Pin.holder_id)",
+        secondaryjoin="Target.id == Link.target_id",
+        uselist=False,
+        viewonly=True,
+    )
+
+
+class Link(Base):
+    __tablename__ = "r_link"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    target_id: Mapped[int] = mapped_column(ForeignKey("r_target.id"))
+
+
+class Pin(Base):
+    __tablename__ = "r_pin"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    holder_id: Mapped[int] = mapped_column(ForeignKey("r_holder.id"))
+    target_id: Mapped[int] = mapped_column(ForeignKey("r_target.id"))
+
+
+class Target(Base):
+    __tablename__ = "r_target"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(20))
+
+
+def shout(value):
+    return value.upper()
+
+
 @pytest.fixture
 def rengine(tmp_path):
     engine = create_engine(f"sqlite:///{tmp_path / 'reads.sqlite'}")
+    event.listen(engine, "connect", lambda dbapi, record: dbapi.create_function("r_shout", 1, shout))
     Base.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(insert(Parent), [{"id": i, "name": f"parent {i}"} for i in (1, 2, 3)])
         conn.execute(insert(Child), [{"id": i, "parent_id": 1 + i % 2, "name": f"child {i}"} for i in range(1, 5)])
         conn.execute(insert(Note), [{"id": 1, "text": "one"}])
+        conn.execute(insert(Vip), [{"id": 1}])
+        conn.execute(insert(Target), [{"id": 1, "name": "target one"}, {"id": 2, "name": "target two"}])
+        conn.execute(insert(Link), [{"id": 1, "target_id": 1}])
+        conn.execute(insert(Holder), [{"id": 1, "link_id": 1}])
+        conn.execute(insert(Pin), [{"id": 1, "holder_id": 1, "target_id": 1}])
     yield engine
     engine.dispose()
 
@@ -129,6 +194,8 @@ QUERIES = {
     ),
     "subqueryload": (select(Parent).order_by(Parent.id).options(subqueryload(Parent.children)), "child"),
     "a textual FROM": (select(column("id"), column("name")).select_from(text("r_child")).order_by(text("id")), "child"),
+    "a textual WHERE: x IN table": (select(Parent.id, Parent.name).where(text("r_parent.id IN r_vip")), "vip"),
+    "a textual WHERE: x IN quoted table": (select(Parent.id).where(text('r_parent.id IN main."r_vip"')), "vip"),
 }
 
 WRITES = {
@@ -136,6 +203,7 @@ WRITES = {
     "child for 3": "INSERT INTO r_child (id, parent_id, name) VALUES (11, 3, 'late')",
     "note": "INSERT INTO r_note (id, text) VALUES (2, 'two')",
     "block": "INSERT INTO r_block (id, parent_id) VALUES (1, 1)",
+    "vip": "INSERT INTO r_vip (id) VALUES (2)",
 }
 
 
@@ -192,3 +260,56 @@ def test_the_shape_memo_forgets_one_shape_at_a_time():
     assert shapes.get("a") == ("*", "a")  # used: now the most recent
     shapes.learn("d", ["d"])
     assert shapes.get("b") is None and shapes.get("a") is not None and len(shapes) == 3
+
+
+class r_shout(GenericFunction):
+    """A function of the application's database (``rengine`` defines it), declared to type its result."""
+
+    type = String()
+    inherit_cache = True
+
+
+#: Statements and whether their entries depend on every table (:data:`ANY_TABLE`).
+FRAGMENTS = {
+    "text(), a comparison": (select(Parent.id).where(text("r_parent.name = :n").bindparams(n="parent 1")), False),
+    "text(), a built-in function": (select(Parent.id).where(text("lower(r_parent.name) = 'parent 1'")), False),
+    "text(), IN a list": (select(Parent.id).where(text("r_parent.id IN (1, 2)")), False),
+    "text(), a cast": (select(Parent.id).where(text("CAST(r_parent.id AS varchar(10)) = '1'")), False),
+    "text(), words in strings": (select(Parent.id).where(text("r_parent.name <> 'f(x) from y'")), False),
+    "literal_column(), a number": (select(Parent.id, literal_column("1")), False),
+    "literal_column(), count(*)": (select(literal_column("count(*)")).select_from(Parent), False),
+    "func.count()": (select(func.count(Parent.id)), False),
+    "text(), a function of the database": (select(Parent.id).where(text("r_shout(r_parent.name) = 'PARENT 1'")), True),
+    "literal_column(), a function of the database": (select(Parent.id, literal_column("r_shout(r_parent.name)")), True),
+    "a GenericFunction the application declares": (select(Parent.id, r_shout(Parent.name)), True),
+    "text(), a quoted function name": (select(Parent.id).where(text("\"r_shout\"(r_parent.name) = 'PARENT 1'")), True),
+}
+
+
+@pytest.mark.parametrize("case", FRAGMENTS)
+def test_sql_text_depends_on_every_table_only_when_it_may_read_one(RSession, rengine, region, case):
+    stmt, opaque = FRAGMENTS[case]
+    stmt = stmt.options(FromCache(region))
+    with RSession() as session:
+        session.execute(stmt).all()
+        beaker_cache, key = cache_parameters(stmt, session=session)
+    assert (ANY_TABLE in beaker_cache.get(key).tables) is opaque
+
+
+@pytest.mark.parametrize("loader", [joinedload, selectinload])
+def test_a_relationship_through_a_composite_secondary_join(RSession, rengine, region, loader):
+    stmt = select(Holder).options(loader(Holder.target))
+
+    def targets(Session_, region=None):
+        with Session_() as session:
+            query = stmt if region is None else stmt.options(FromCache(region))
+            return [(h.id, h.target.name if h.target else None) for h in session.scalars(query).unique().all()]
+
+    uncached = sessionmaker(bind=rengine)
+    assert targets(RSession, region) == targets(uncached) == [(1, "target one")]
+    sql = SQLCounter(rengine)
+    assert targets(RSession, region) == [(1, "target one")]
+    assert sql.count == 0, "a hit"
+    with rengine.begin() as conn:  # a table only the secondary join reads
+        conn.exec_driver_sql("UPDATE r_link SET target_id = 2 WHERE id = 1")
+    assert targets(RSession, region) == targets(uncached) == [(1, None)]

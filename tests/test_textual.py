@@ -207,6 +207,10 @@ WRITES = {
     "text(WITH ... UPDATE ... RETURNING)": lambda: text(
         "WITH t AS (SELECT 1) UPDATE person SET name = 'changed' WHERE id = 1 RETURNING id, name"
     ).columns(Person.id, Person.name),
+    'text(WITH "quoted\'s" ... UPDATE ... RETURNING)': lambda: text(
+        "WITH \"quoted's\" AS (SELECT 1 AS id) UPDATE person SET name = 'changed' "
+        'WHERE id IN (SELECT id FROM "quoted\'s") RETURNING id, name'
+    ).columns(Person.id, Person.name),
 }
 
 
@@ -238,3 +242,20 @@ def test_sql_text_that_writes_runs_uncached(Session, form):
 def test_sql_text_that_writes_has_no_entry(Session, form):
     with Session() as session, pytest.raises(NotCacheableError, match="may write"):
         cache_parameters(WRITES[form](), session=session)
+
+
+SCHEMA_CHANGES = [
+    "CREATE VIEW person_names AS SELECT name FROM person",
+    "CREATE TABLE scratch AS SELECT id FROM person",
+    "DROP INDEX IF EXISTS no_such_index",
+]
+
+
+@pytest.mark.parametrize("ddl", SCHEMA_CHANGES)
+def test_sql_text_that_changes_the_schema_is_never_cached(Session, sql, any_region, entrance, ddl):
+    with Session() as session, pytest.raises(NotCacheableError, match="writ"):
+        if entrance == "cached_query()":
+            cached_query(session, text(ddl), any_region)
+        else:
+            session.execute(text(ddl).options(FromCache(any_region)))
+    assert sql.count == 0  # raised before anything ran

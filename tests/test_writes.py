@@ -14,6 +14,8 @@ from sqlalchemy import update as sql_update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
+from pyramid_sessioncache.engine.invalidation.reads import ALL_TABLES, ANY_TABLE
+from pyramid_sessioncache.engine.invalidation.statements import sql_tables
 
 from .conftest import SECRET, SQLCounter
 
@@ -220,6 +222,27 @@ def _released_savepoint(WSession, engine):
         session.commit()
 
 
+def _text_after_a_quoted_apostrophe(WSession, engine):
+    # The apostrophe is part of a name, not a string: the UPDATE after it is SQL.
+    sql = "WITH \"ids'\" AS (SELECT 4 AS id) UPDATE w_child SET name = 'quoted' WHERE id IN (SELECT id FROM \"ids'\")"
+    with WSession() as session:
+        session.execute(text(sql))
+        session.commit()
+
+
+def _driver_sql_after_quoted_dashes(WSession, engine):
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            'WITH x AS (SELECT name AS "a--b" FROM w_child) UPDATE "w_child" SET name = \'dashes\' WHERE id = 5'
+        )
+
+
+def _bracketed_and_backquoted_names(WSession, engine):
+    with engine.begin() as conn:
+        conn.exec_driver_sql("UPDATE [w_child] SET name = 'bracketed' WHERE id = 6 AND name <> '[x'")
+        conn.exec_driver_sql("UPDATE `w_child` SET name = 'it''s' WHERE id = 7 AND name <> '`'")
+
+
 #: (query, write): each write changes what its query returns.
 CASES = {
     "ON DELETE CASCADE": ("children", _orm_delete),
@@ -239,6 +262,9 @@ CASES = {
     "autocommit": ("children", _autocommit),
     "executemany": ("children", _executemany),
     "released savepoint": ("children", _released_savepoint),
+    "text(), after an apostrophe in a quoted name": ("children", _text_after_a_quoted_apostrophe),
+    "exec_driver_sql(), after -- in a quoted name": ("children", _driver_sql_after_quoted_dashes),
+    "[bracketed] and `backquoted` names": ("children", _bracketed_and_backquoted_names),
 }
 
 
@@ -252,6 +278,42 @@ def test_a_committed_write_is_never_served_stale(WSession, wengine, region, case
     after = uncached(wengine, stmt)
     assert after != before, "the case must change what the query returns"
     assert cached(WSession, region, stmt) == after
+
+
+#: SQL text, and the version names of what it writes.
+WRITTEN = {
+    'UPDATE "My Table" SET x = 1': {"my table"},
+    'DELETE FROM public."We""ird" WHERE a = 1': {'we"ird'},
+    "INSERT INTO `my``t` VALUES (1)": {"my`t"},
+    "UPDATE [odd name] SET x = 1": {"odd name"},
+    'WITH "ids\'" AS (SELECT 1 AS id) DELETE FROM person WHERE id IN (SELECT id FROM "ids\'")': {"person"},
+    "WITH \"a--b\" AS (SELECT 1) UPDATE person SET name = 'x'": {"person"},
+    'SELECT 1 AS "update", \'delete\' AS "a;b"': set(),
+    "SELECT [x/*] FROM t; UPDATE person SET name = '*/'": {"person"},
+    # Brackets quote a name (SQLite) or subscript a value (PostgreSQL): either way, the write is seen.
+    "WITH a AS (SELECT [owner's name] FROM t) UPDATE person SET name = 'x'": {"person"},
+    "WITH a AS (SELECT data['k]'] FROM t) UPDATE person SET name = 'x' WHERE name <> ''": {"person"},
+    # Schema changes: every entry whose reads are unknown, and the tables they name.
+    "CREATE POLICY hide ON person USING (id <> 2)": {ANY_TABLE, "person"},
+    "DROP POLICY hide ON person": {ANY_TABLE, "person"},
+    "CREATE TEMP TABLE IF NOT EXISTS scratch (id int)": {ANY_TABLE, "scratch"},
+    "CREATE INDEX person_name ON person (name)": {ANY_TABLE, "person"},
+    "ALTER TABLE person ENABLE ROW LEVEL SECURITY; CREATE POLICY p ON person USING (true)": {ANY_TABLE, "person"},
+    "SELECT 1; CREATE VIEW v AS SELECT * FROM person": {ANY_TABLE, "v"},
+    "COMMENT ON TABLE person IS 'people'": {ANY_TABLE},
+    # ...or every table, when what they change cannot be told from their text.
+    "CREATE OR REPLACE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'": {ALL_TABLES},
+    "CREATE TYPE mood AS ENUM ('sad', 'ok')": {ALL_TABLES},
+    "GRANT SELECT ON person TO reader": {ALL_TABLES},
+    "REVOKE SELECT ON person FROM reader": {ALL_TABLES},
+    "ALTER ROLE reader SET search_path = other": {ALL_TABLES},
+    "DROP TABLE person CASCADE": {ALL_TABLES},
+}
+
+
+@pytest.mark.parametrize("sql", WRITTEN)
+def test_what_sql_text_writes(sql):
+    assert sql_tables(sql) == frozenset(WRITTEN[sql])
 
 
 def _rolled_back(how):

@@ -4,9 +4,11 @@ The tables a load read are those of every statement it executed, as the
 database received them (:func:`executed_tables`): the statement's FROMs
 and joins, and the tables that mapper column properties, expressions and
 loader criteria carried by options, eager loads and polymorphic loads
-bring in.  SQL given as text (a textual FROM, a ``literal_column`` holding
-a subquery) and table-valued functions read tables nobody can name: such a
-result depends on :data:`ANY_TABLE`, which every committed write bumps.
+bring in.  SQL given as text (a textual FROM, a ``text()`` fragment or a
+``literal_column`` holding a subquery or calling a function), functions
+that are not SQL's or SQLAlchemy's own and table-valued functions read
+tables nobody can name: such a result depends on :data:`ANY_TABLE`, which
+every committed write bumps.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from sqlalchemy.sql.functions import FunctionElement
 
 from ... import _sqlalchemy
 from ...errors import InvalidOptionError
-from . import schema
+from . import schema, sqltext
 
 #: The pseudo-table every entry depends on: bumping it invalidates them all.
 ALL_TABLES = "*"
@@ -99,6 +101,18 @@ def statement_tables(statement: Any) -> frozenset[str]:
 
 #: Text that may read a table.  Other text (``DISTINCT``, ``id > 5``) reads nothing it does not name.
 _READS_SQL = re.compile(r"\b(?:select|from|join|table)\b", re.I)
+#: A name followed by "(" in SQL text: a function called, or a type given its length after "::" or AS.
+_CALL = re.compile(rf"(?P<type>::\s*|\bas\s+)?(?P<name>{sqltext.QUALIFIED})\s*\(", re.I)
+#: Words of SQL that may stand before "(" and call no function.
+_NOT_CALLS = frozenset(
+    {"in", "exists", "any", "all", "some", "values", "and", "or", "not", "as", "on", "using", "over", "filter",
+     "within", "group", "is", "then", "else", "when", "case", "between", "like", "ilike", "similar", "to", "row",
+     "array", "interval", "distinct", "by", "where", "having", "limit", "offset", "set", "escape", "lateral",
+     "into", "returning", "overlaps", "collate", "nulls", "first", "last", "asc", "desc", "with", "only",
+     "default", "null", "true", "false", "tuple", "glob", "regexp", "match"}
+)  # fmt: skip
+#: A table after IN, without parentheses (SQLite: ``x IN t`` reads ``t``).
+_IN_TABLE = re.compile(rf"\bin\s+(?P<table>{sqltext.QUALIFIED})(?![\w$\"]|\s*[.(])", re.I)
 #: Functions known to read no table: SQL's own, and those SQLAlchemy knows
 #: (``func.count``, ``func.coalesce``...).  Any other function may be one of
 #: the database's own that reads a table (a user-defined function), so a
@@ -121,6 +135,10 @@ PURE_TABLE_FUNCTIONS = frozenset(
 )  # fmt: skip
 
 
+def _pure_function(name: str) -> bool:
+    return name.lower() in PURE_FUNCTIONS or _sqlalchemy.known_function_name(name)
+
+
 class _Recording:
     """Mixed in before a dialect's compiler: notes every table it renders, and text it cannot read."""
 
@@ -136,23 +154,43 @@ class _Recording:
 
     def visit_textclause(self, textclause: Any, **kw: Any) -> Any:
         # A whole statement or a FROM is opaque whatever it says; a fragment
-        # elsewhere only if it may hold a subquery.
-        if _sqlalchemy.at_top(self) or kw.get("asfrom") or _READS_SQL.search(textclause.text):
+        # elsewhere only if it may read tables (see _read_by_text()).
+        if _sqlalchemy.at_top(self) or kw.get("asfrom") or self._read_by_text(textclause.text):
             self.opaque = True
         return super().visit_textclause(textclause, **kw)  # type: ignore[misc]
 
     def visit_column(self, column: Any, **kw: Any) -> Any:
-        if column.is_literal and _READS_SQL.search(str(column.name)):
+        if column.is_literal and self._read_by_text(str(column.name)):
             self.opaque = True
         return super().visit_column(column, **kw)  # type: ignore[misc]
+
+    def _read_by_text(self, sql: str) -> bool:
+        # Whether a fragment of SQL text (a WHERE given as text(), a
+        # literal_column()) may read tables it does not name: a subquery, a
+        # function of the database's own.  Tables it names after IN (SQLite's
+        # "x IN t") are read.
+        return any(self._read_by_reading(cleaned) for cleaned in sqltext.readings(sql))
+
+    def _read_by_reading(self, cleaned: sqltext.Cleaned) -> bool:
+        if _READS_SQL.search(cleaned.text):
+            return True
+        for match in _CALL.finditer(cleaned.text):
+            names = cleaned.names(match.group("name"))
+            if match.group("type") or (len(names) == 1 and names[0].lower() in _NOT_CALLS):
+                continue
+            if len(names) > 1 or match.group("name").startswith('"') or not _pure_function(names[0]):
+                return True
+        for match in _IN_TABLE.finditer(cleaned.text):
+            self.read_tables.add(version_name(cleaned.names(match.group("table"))[-1]))
+        return False
 
     def visit_function(self, func: Any, **kw: Any) -> Any:
         name = func.name.lower()
         if kw.get("asfrom"):
             if name not in PURE_TABLE_FUNCTIONS:
                 self.opaque = True
-        elif name not in PURE_FUNCTIONS and not _sqlalchemy.known_function(func):
-            self.opaque = True  # a function of the database's own may read any table
+        elif getattr(func, "packagenames", ()) or not (name in PURE_FUNCTIONS or _sqlalchemy.known_function(func)):
+            self.opaque = True  # a function of the database's own (in a schema of its own) may read any table
         return super().visit_function(func, **kw)  # type: ignore[misc]
 
     def visit_table_valued_alias(self, element: Any, **kw: Any) -> Any:
@@ -215,8 +253,8 @@ def record_tables(value: Any) -> set[str]:
         names |= mapper_tables(attributes.manager_of_class(cls).mapper)
     for cls, key in value.loaded_relationships():
         secondary = attributes.manager_of_class(cls).mapper.relationships[key].secondary
-        if secondary is not None:
-            names.add(version_name(secondary))
+        if secondary is not None:  # a Table, or a join of several ("composite secondary join")
+            names |= _tables_under(secondary)
     return names
 
 

@@ -3,8 +3,12 @@
 :func:`written_tables` looks at what a Connection actually ran
 (``after_cursor_execute``): a compiled ``insert()``/``update()``/``delete()``
 names its table; a SELECT may hold DML in its CTEs; SQL given as text
-(``text()``, ``exec_driver_sql()``) is read for the tables it writes.  When
-SQL that may write cannot be read, it writes :data:`~.reads.ALL_TABLES`.
+(``text()``, ``exec_driver_sql()``) is read for the tables it writes
+(``sqltext.py`` tells its strings, comments and quoted identifiers from
+its SQL).  When SQL that may write cannot be read, it writes
+:data:`~.reads.ALL_TABLES`.  A schema change (``CREATE``, ``ALTER``,
+``DROP``, ``GRANT``...) writes :data:`~.reads.ANY_TABLE` and the tables it
+names, or every table when what it changes cannot be told.
 Names are version names (:func:`~.reads.version_name`): bare, lower case.
 """
 
@@ -20,8 +24,8 @@ from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.expression import TableClause
 
-from . import schema
-from .reads import ALL_TABLES, version_name
+from . import schema, sqltext
+from .reads import ALL_TABLES, ANY_TABLE, version_name
 
 #: What a statement that writes nothing writes.
 NOTHING: frozenset[str] = frozenset()
@@ -70,7 +74,7 @@ def _dml_under(element: Any) -> frozenset[str]:
             schema.note(table)
             names.add(version_name(table))
         elif isinstance(node, TextClause):
-            names |= _tables_in(node.text, whole=False)  # a fragment of text in a statement
+            names |= fragment_tables(node.text)
     return frozenset(names)
 
 
@@ -82,24 +86,16 @@ def _target(table: Any) -> Any:
 
 
 def is_ddl(context: Any, statement: str) -> bool:
-    """Whether a statement that ran changes the schema (a migration, a view created)."""
-    return bool(context.isddl) or _DDL.match(statement) is not None
-
-
-_DDL = re.compile(r"\s*(?:create|alter|drop)\b", re.I)
+    """Whether a statement that ran changes the schema (a migration, a view created, a grant)."""
+    return bool(context.isddl) or any(
+        _first_word(part) in _SCHEMA_CHANGES for cleaned in sqltext.readings(statement) for part in cleaned.statements()
+    )
 
 
 # Reading SQL text ------------------------------------------------------------
 
-# Strings and comments, left to right: a quote inside a comment opens no
-# string, and a comment marker inside a string opens no comment.
-_NOISE = re.compile(
-    r"(?P<string>[eE]'(?:[^'\\]|\\.|'')*'|'(?:[^']|'')*'|\$(?P<tag>\w*)\$.*?\$(?P=tag)\$)"
-    r"|(?P<comment>--[^\n]*|/\*.*?\*/)",
-    re.S,
-)
-_NAME = r'(?:"(?:[^"]|"")+"|`[^`]+`|\[[^\]]+\]|[\w$]+)'
-_QUALIFIED = rf"{_NAME}(?:\s*\.\s*{_NAME})*"
+_NAME = sqltext.NAME
+_QUALIFIED = sqltext.QUALIFIED
 _TARGETS = re.compile(
     r"\b(?:"
     rf"insert\s+(?:or\s+\w+\s+)?into\s+(?P<insert>{_QUALIFIED})"
@@ -109,7 +105,7 @@ _TARGETS = re.compile(
     rf"|merge\s+into\s+(?:only\s+)?(?P<merge>{_QUALIFIED})"
     rf"|truncate\s+(?:table\s+)?(?P<truncate>(?:only\s+)?{_QUALIFIED}(?:\s*,\s*(?:only\s+)?{_QUALIFIED})*)"
     rf"|(?:drop|alter)\s+(?:materialized\s+)?(?:table|view)\s+(?:if\s+exists\s+)?(?:only\s+)?(?P<ddl>{_QUALIFIED}(?:\s*,\s*{_QUALIFIED})*)"
-    rf"|create\s+(?:or\s+replace\s+)?(?:materialized\s+)?view\s+(?:if\s+not\s+exists\s+)?(?P<view>{_QUALIFIED})"
+    rf"|create\s+(?:or\s+replace\s+)?(?:(?:temp|temporary|recursive)\s+)?(?:materialized\s+)?view\s+(?:if\s+not\s+exists\s+)?(?P<view>{_QUALIFIED})"
     rf"|refresh\s+materialized\s+view\s+(?:concurrently\s+)?(?P<refresh>{_QUALIFIED})"
     r")",
     re.I,
@@ -125,36 +121,79 @@ _HARMLESS = re.compile(
 # SQL that starts with one of these writes no rows.
 _READS = frozenset(
     {"select", "with", "values", "show", "explain", "pragma", "set", "reset", "begin", "start", "commit", "end",
-     "rollback", "savepoint", "release", "listen", "unlisten", "notify", "create", "analyze", "vacuum", "declare",
-     "fetch", "close", "prepare", "deallocate", "discard", "lock", "comment", "grant", "revoke", "table"}
+     "rollback", "savepoint", "release", "listen", "unlisten", "notify", "analyze", "vacuum", "declare",
+     "fetch", "close", "prepare", "deallocate", "discard", "lock", "table"}
 )  # fmt: skip
+# SQL that starts with one of these changes the schema: see _schema_change().
+_SCHEMA_CHANGES = frozenset({"create", "alter", "drop", "grant", "revoke", "comment", "security", "import"})
+# What a CREATE, ALTER or DROP may say before the kind of object it changes.
+_MODIFIERS = frozenset(
+    {"or", "replace", "global", "local", "temp", "temporary", "unlogged", "materialized", "recursive", "unique",
+     "constraint", "foreign", "virtual"}
+)  # fmt: skip
+# Objects that change what reads of the tables they name return, and nothing else.
+_TABLE_OBJECTS = frozenset({"table", "view", "index", "policy", "trigger", "sequence", "statistics"})
+_CREATED_TABLE = re.compile(
+    rf"^create\s+(?:(?:global|local)\s+)?(?:(?:temp|temporary|unlogged)\s+)?(?:virtual\s+)?table\s+"
+    rf"(?:if\s+not\s+exists\s+)?(?P<table>{_QUALIFIED})",
+    re.I,
+)
+# The table a policy, a trigger or an index is on.
+_ON_TABLE = re.compile(rf"\bon\s+(?:table\s+)?(?:only\s+)?(?P<table>{_QUALIFIED})", re.I)
+_CASCADE = re.compile(r"\bcascade\b", re.I)
+_ANY = frozenset({ANY_TABLE})
 
 
 @lru_cache(maxsize=2048)
 def sql_tables(sql: str) -> frozenset[str]:
     """Return the version names of the tables the SQL text ``sql`` writes.
 
-    :data:`NOTHING` for SQL that writes no rows (a SELECT, a PRAGMA, a
-    ``CREATE INDEX``); :data:`EVERYTHING` when it may write and its targets
-    cannot be told (a procedure call, ``COPY``, a statement not understood).
+    :data:`NOTHING` for SQL that writes no rows (a SELECT, a PRAGMA);
+    :data:`EVERYTHING` when it may write and its targets cannot be told (a
+    procedure call, ``COPY``, a statement not understood).  A schema
+    change writes :data:`~.reads.ANY_TABLE` and the tables it names (see
+    :func:`_schema_change`).  Each statement of several is read.
     """
-    return _tables_in(sql, whole=True)
+    found: set[str] = set()
+    for cleaned in sqltext.readings(sql):
+        for part in cleaned.statements():
+            tables = _tables_in(cleaned, part, whole=True)
+            if ALL_TABLES in tables:
+                return EVERYTHING
+            found |= tables
+    return frozenset(found)
 
 
-def _tables_in(sql: str, whole: bool) -> frozenset[str]:
+def fragment_tables(sql: str) -> frozenset[str]:
+    """Return what SQL text that is part of a statement (a textual FROM or WHERE) writes.
+
+    Only what its write words say: a fragment is no statement of its own.
+    """
+    found: set[str] = set()
+    for cleaned in sqltext.readings(sql):
+        found |= _tables_in(cleaned, cleaned.text.strip(), whole=False)
+    return EVERYTHING if ALL_TABLES in found else frozenset(found)
+
+
+def _first_word(text: str) -> str:
+    words = text.split(None, 1)
+    return words[0].lower().lstrip("(") if words else ""
+
+
+def _tables_in(cleaned: sqltext.Cleaned, text: str, whole: bool) -> frozenset[str]:
     # ``whole``: a statement of its own, which writes unless it starts as a
     # read; else a fragment of one (a textual FROM or WHERE), which writes
     # only what its write words say.
-    text = _NOISE.sub(lambda match: "''" if match.group("string") else " ", sql).strip().rstrip(";")
-    words = text.split(None, 1)
-    if not words:
+    first = _first_word(text)
+    if not first:
         return NOTHING
-    first = words[0].lower().lstrip("(")
     names: set[str] = set()
     for match in _TARGETS.finditer(text):
         for group in match.groupdict().values():
             if group:
-                names.update(_version_names(group))
+                names.update(_version_names(cleaned, group))
+    if whole and first in _SCHEMA_CHANGES:
+        return _schema_change(cleaned, text, first, names)
     remaining = _TARGETS.sub(" ", _HARMLESS.sub(" ", text))
     if _WRITES.search(remaining) or (whole and first not in _READS and not names):
         return EVERYTHING  # a write whose targets were not all read
@@ -163,18 +202,35 @@ def _tables_in(sql: str, whole: bool) -> frozenset[str]:
     return frozenset(names)
 
 
+def _schema_change(cleaned: sqltext.Cleaned, text: str, first: str, names: set[str]) -> frozenset[str]:
+    # A schema change writes no rows, but may change what reads return: a
+    # function replaced (called by a query, a view or a policy), a policy
+    # created, a privilege revoked, a column's type altered.  Entries whose
+    # reads are unknown depend on ANY_TABLE, which it writes; tables it
+    # names are written too.  What may change reads of tables it does not
+    # name (a function, a type, a role, a grant, a DROP ... CASCADE) writes
+    # every table: schema changes are rare, stale rows are not an option.
+    if first == "comment":
+        return _ANY  # read only through functions, on which an entry depends on ANY_TABLE
+    if first not in ("create", "alter", "drop"):
+        return EVERYTHING
+    kind = next((word for word in text.lower().split()[1:] if word not in _MODIFIERS), "")
+    if kind not in _TABLE_OBJECTS or (first != "create" and _CASCADE.search(text)):
+        return EVERYTHING
+    created = _CREATED_TABLE.match(text)
+    if created:
+        names.update(_version_names(cleaned, created.group("table")))
+    if kind in ("policy", "trigger", "index"):
+        for match in _ON_TABLE.finditer(text):
+            names.update(_version_names(cleaned, match.group("table")))
+    return frozenset({ANY_TABLE, *names})
+
+
 _TRUNCATE_CASCADE = re.compile(r"\btruncate\b[^;]*\bcascade\b", re.I)
 
 
-def _version_names(listed: str) -> list[str]:
+def _version_names(cleaned: sqltext.Cleaned, listed: str) -> list[str]:
     names = []
     for qualified in re.findall(_QUALIFIED, re.sub(r"(?i)\bonly\s+", " ", listed)):
-        parts = re.findall(_NAME, qualified)
-        names.append(version_name(_unquote(parts[-1])))
+        names.append(version_name(cleaned.names(qualified)[-1]))
     return names
-
-
-def _unquote(name: str) -> str:
-    if name[:1] in '"`[':
-        return name[1:-1].replace('""', '"')
-    return name
