@@ -308,6 +308,16 @@ WRITTEN = {
     "REVOKE SELECT ON person FROM reader": {ALL_TABLES},
     "ALTER ROLE reader SET search_path = other": {ALL_TABLES},
     "DROP TABLE person CASCADE": {ALL_TABLES},
+    # PostgreSQL nests comments; a word ending in e is no E'' string; a $ in a name opens no dollar quote.
+    "WITH x AS (SELECT 1 /* a /* b */ ' */ AS k) UPDATE person SET name = 'x'": {"person"},
+    "WITH x AS (SELECT name'C:\\' AS p) UPDATE person SET name = 'x'": {"person"},
+    "WITH x AS (SELECT 1 WHERE 'a_' LIKE 'a\\_' ESCAPE'\\') UPDATE person SET name = 'x'": {"person"},
+    "WITH x AS (SELECT 1 AS a$b$) UPDATE person SET name = 'x' WHERE 1 = 1 OR 2 = $1": {"person"},
+    "SELECT $body$ UPDATE person SET name = 'x' $body$ AS quoted": set(),
+    # A backslash escapes a quote where standard_conforming_strings is off (and in MySQL).
+    "WITH s AS (SELECT 'a\\'b' AS k) UPDATE person SET name = 'x'": {"person"},
+    # SELECT ... INTO creates a table (PostgreSQL).
+    "SELECT * INTO TEMP copied FROM person": {ALL_TABLES},
 }
 
 

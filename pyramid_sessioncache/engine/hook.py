@@ -168,7 +168,8 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
     session = state.session
 
     def connection() -> Any:
-        return session.connection(bind_arguments=state.bind_arguments)
+        # A copy: Session.connection() pops an explicit "bind" from what it is given.
+        return session.connection(bind_arguments=dict(state.bind_arguments))
 
     key = found.key
     verdict = {"store": True}

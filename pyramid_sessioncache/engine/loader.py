@@ -59,7 +59,7 @@ def load(state: ORMExecuteState, connection: Any, named: frozenset[str] | None =
     read: set[str] = set()
     options: dict[str, Any] = {"info": loader_info, "autoflush": False, "expire_on_commit": False}
     if _sqlalchemy.routes_binds(state.session):
-        loader: Session = _RoutedLoader(state.session, connection, read, **options)
+        loader: Session = _RoutedLoader(state.session, connection, state.statement, read, **options)
     else:
         loader = Session(bind=connection, **options)
     outer = _READING.get(connection)  # a load within a load (a listener's query): both record
@@ -94,15 +94,19 @@ class _RoutedLoader(Session):
     The tables read on those connections are recorded with the load's.
     """
 
-    def __init__(self, caller: Session, connection: Any, read: set[str], **options: Any) -> None:
+    def __init__(self, caller: Session, connection: Any, statement: Any, read: set[str], **options: Any) -> None:
         super().__init__(bind=connection, **options)
         self._caller = caller
+        self._connection = connection
+        self._statement = statement
         self._read = read
         self._others: list[Any] = []
 
     def get_bind(self, mapper: Any = None, *, clause: Any = None, bind: Any = None, **kw: Any) -> Any:
         if bind is not None:
             return bind
+        if clause is self._statement:  # the statement itself: where the caller runs it (its bind_arguments too)
+            return self._connection
         connection = self._caller.connection(bind_arguments={"mapper": mapper, "clause": clause, **kw})
         if connection not in _READING:
             _READING[connection] = self._read

@@ -192,7 +192,7 @@ def begin(session: Session, bind_arguments: dict) -> None:
             continue
         join = _JOINS.get(getattr(listener, "__func__", listener))
         if join is None:
-            session.connection(bind_arguments=bind_arguments)
+            session.connection(bind_arguments=dict(bind_arguments))  # it pops "bind" from what it is given
             return
         joins.append(join)
     for join in joins:

@@ -112,7 +112,7 @@ _NOT_CALLS = frozenset(
      "default", "null", "true", "false", "tuple", "glob", "regexp", "match"}
 )  # fmt: skip
 #: A table after IN, without parentheses (SQLite: ``x IN t`` reads ``t``).
-_IN_TABLE = re.compile(rf"\bin\s+(?P<table>{sqltext.QUALIFIED})(?![\w$\"]|\s*[.(])", re.I)
+_IN_TABLE = re.compile(rf"\bin(?:\s+|(?=\"))(?P<table>{sqltext.QUALIFIED})(?![\w$\"]|\s*[.(])", re.I)
 #: Functions known to read no table: SQL's own, and those SQLAlchemy knows
 #: (``func.count``, ``func.coalesce``...).  Any other function may be one of
 #: the database's own that reads a table (a user-defined function), so a

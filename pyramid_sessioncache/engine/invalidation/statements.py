@@ -111,7 +111,8 @@ _TARGETS = re.compile(
     re.I,
 )
 # Words that make SQL a write whatever else it says; what follows them is read by _TARGETS.
-_WRITES = re.compile(r"\b(?:insert|update|delete|merge|truncate|drop|alter|refresh|copy|call|do|execute)\b", re.I)
+# An INTO left once those are read is PostgreSQL's SELECT ... INTO, which creates a table.
+_WRITES = re.compile(r"\b(?:insert|update|delete|merge|truncate|drop|alter|refresh|copy|call|do|execute|into)\b", re.I)
 # Uses of those words that write nothing.
 _HARMLESS = re.compile(
     r"\bfor\s+(?:no\s+key\s+)?update\b|\bon\s+(?:update|delete)\b|\bdo\s+(?:update\s+set|nothing)\b"
