@@ -92,20 +92,23 @@ def Session(engine, cache):
     return sessionmaker(bind=engine, info=cache.session_info())
 
 
+def use_region(request, region_options: dict, name: str) -> str:
+    """Return the region ``name``, made ready in ``region_options``: ``redis`` starts the real server."""
+    if name == "redis":
+        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
+    return name
+
+
 @pytest.fixture(params=["memory", "file", "redis"])
 def region(request, region_options) -> str:
     """The name of each shared region in turn; ``redis`` starts the real server."""
-    if request.param == "redis":
-        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
-    return request.param
+    return use_region(request, region_options, request.param)
 
 
 @pytest.fixture(params=["local", "memory", "file", "redis"])
 def any_region(request, region_options) -> str:
     """The name of every region in turn, ``ext:local_session`` included."""
-    if request.param == "redis":
-        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
-    return request.param
+    return use_region(request, region_options, request.param)
 
 
 @pytest.fixture(params=["file", "redis"])

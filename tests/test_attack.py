@@ -40,15 +40,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, aliased, mapped_col
 import pyramid_sessioncache
 from pyramid_sessioncache import FromCache, SessionCache
 
-from .conftest import SECRET
+from .conftest import SECRET, use_region
 
 
 @pytest.fixture(params=["memory", "redis"])
 def region(request, region_options) -> str:
     """The in-process and the out-of-process kind of shared region."""
-    if request.param == "redis":
-        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
-    return request.param
+    return use_region(request, region_options, request.param)
 
 
 # Models ----------------------------------------------------------------------

@@ -34,15 +34,13 @@ from sqlalchemy.sql.functions import GenericFunction
 
 from pyramid_sessioncache import FromCache, SessionCache
 
-from .conftest import SECRET
+from .conftest import SECRET, use_region
 
 
 @pytest.fixture(params=["memory", "redis"])
 def region(request, region_options) -> str:
     """The in-process and the out-of-process kind of shared region."""
-    if request.param == "redis":
-        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
-    return request.param
+    return use_region(request, region_options, request.param)
 
 
 # Models ----------------------------------------------------------------------
@@ -169,9 +167,9 @@ QUOTED_IDENTIFIER_SQL = [
 ]
 
 
-@pytest.mark.parametrize("sql", QUOTED_IDENTIFIER_SQL)
-@pytest.mark.parametrize("via", ["text", "driver"])
-def test_sqlite_text_write_after_a_quoted_identifier(SSession, sengine, region, sql, via):
+def text_writer(SSession, sengine, sql: str, via: str):
+    """A write of SQL text: through a Session's ``text()``, or the driver's ``exec_driver_sql()``."""
+
     def write():
         if via == "driver":
             with sengine.begin() as conn:
@@ -181,7 +179,13 @@ def test_sqlite_text_write_after_a_quoted_identifier(SSession, sengine, region, 
                 session.execute(text(sql))
                 session.commit()
 
-    served, truth = stale_after(SSession, sengine, region, PEOPLE, write)
+    return write
+
+
+@pytest.mark.parametrize("sql", QUOTED_IDENTIFIER_SQL)
+@pytest.mark.parametrize("via", ["text", "driver"])
+def test_sqlite_text_write_after_a_quoted_identifier(SSession, sengine, region, sql, via):
+    served, truth = stale_after(SSession, sengine, region, PEOPLE, text_writer(SSession, sengine, sql, via))
     assert served == truth
 
 

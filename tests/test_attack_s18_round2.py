@@ -152,13 +152,7 @@ SQLITE_HIDDEN_UPDATE = [
 @pytest.mark.parametrize("sql", SQLITE_HIDDEN_UPDATE)
 @pytest.mark.parametrize("via", ["text", "driver"])
 def test_sqlite_backslash_after_a_word_ending_in_e(SSession, sengine, region, sql, via):
-    def write():
-        if via == "driver":
-            with sengine.begin() as conn:
-                conn.exec_driver_sql(sql)
-        else:
-            _write_text(SSession, sql)()
-
+    write = invalidation.text_writer(SSession, sengine, sql, via)
     served, truth = stale_after(SSession, sengine, region, PEOPLE, write)
     assert served == truth
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker, with_loader_criteria
 
 from pyramid_sessioncache import FromCache, SessionCache, cached_query
 
-from .conftest import SECRET
+from .conftest import SECRET, use_region
 from .models import Person
 
 
@@ -29,9 +29,7 @@ def visible_to_tenant(state) -> None:
 
 @pytest.fixture(params=["local", "memory", "file", "redis"])
 def region(request, region_options) -> str:
-    if request.param == "redis":
-        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
-    return request.param
+    return use_region(request, region_options, request.param)
 
 
 @pytest.fixture(params=["sqlalchemy.orm.Session", "the factory's class", "sessionmaker"])

@@ -12,18 +12,16 @@ from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cac
 from pyramid_sessioncache.engine import stats
 from pyramid_sessioncache.engine.values import CachedRows
 
-from .conftest import SECRET
+from .conftest import SECRET, use_region
 from .models import Address, Person, PostalCode
 
 
 @pytest.fixture(params=["memory", "file", "dbm", "redis"])
 def region(request, region_options, tmp_path) -> str:
     """The name of each shared region in turn (``dbm`` too, here); ``redis`` starts the real server."""
-    if request.param == "redis":
-        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
-    elif request.param == "dbm":
+    if request.param == "dbm":
         region_options["dbm"] = {"type": "dbm", "data_dir": str(tmp_path / "dbm")}
-    return request.param
+    return use_region(request, region_options, request.param)
 
 
 @pytest.fixture
