@@ -313,7 +313,11 @@ WRITTEN = {
     "WITH x AS (SELECT name'C:\\' AS p) UPDATE person SET name = 'x'": {"person"},
     "WITH x AS (SELECT 1 WHERE 'a_' LIKE 'a\\_' ESCAPE'\\') UPDATE person SET name = 'x'": {"person"},
     "WITH x AS (SELECT 1 AS a$b$) UPDATE person SET name = 'x' WHERE 1 = 1 OR 2 = $1": {"person"},
-    "SELECT $body$ UPDATE person SET name = 'x' $body$ AS quoted": set(),
+    # $body$ quotes in PostgreSQL, and is a parameter in SQLite: the text is read both ways.
+    "SELECT $body$ UPDATE person SET name = 'x' $body$ AS quoted": {"person"},
+    # A unicode-escaped name (PostgreSQL), ended by a lone CR: comments too.
+    'DELETE FROM U&"per\\0073on" WHERE id = 3': {"person"},
+    "WITH x AS (SELECT 1 AS k) -- c\r, u AS (UPDATE person SET name = 'x' RETURNING id) SELECT id FROM u": {"person"},
     # A backslash escapes a quote where standard_conforming_strings is off (and in MySQL).
     "WITH s AS (SELECT 'a\\'b' AS k) UPDATE person SET name = 'x'": {"person"},
     # SELECT ... INTO creates a table (PostgreSQL).

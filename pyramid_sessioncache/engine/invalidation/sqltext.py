@@ -17,6 +17,7 @@ what either finds (a write, a table read).
 
 from __future__ import annotations
 
+import bisect
 import re
 from functools import lru_cache
 from typing import NamedTuple
@@ -53,47 +54,78 @@ class Cleaned(NamedTuple):
         return [part for part in parts if part]
 
 
+class Dialect(NamedTuple):
+    """How a database reads what SQL text leaves open (see :func:`readings`)."""
+
+    #: ``[...]`` quotes a name (SQLite, SQL Server), else it subscripts (PostgreSQL).
+    brackets: bool = True
+    #: A backslash escapes in every string (MySQL; PostgreSQL with
+    #: ``standard_conforming_strings`` off), not only in ``E'...'``.
+    backslashes: bool = False
+    #: Comments nest (PostgreSQL).
+    nested: bool = False
+    #: A backtick quotes a name (SQLite, MySQL), else it is an operator (PostgreSQL).
+    backticks: bool = True
+    #: ``$tag$`` opens a dollar-quoted string (PostgreSQL), else ``$`` is part of a name or parameter (SQLite).
+    dollars: bool = True
+
+
 @lru_cache(maxsize=2048)
 def readings(sql: str) -> tuple[Cleaned, ...]:
     """Return every way ``sql`` may be read, each once: callers take what any of them finds.
 
     What the text alone does not settle, the database's dialect and
-    settings do: square brackets quote a name (SQLite, SQL Server) or
-    subscript (PostgreSQL); a backslash escapes a quote (MySQL, PostgreSQL
-    with ``standard_conforming_strings`` off) or is a character; ``/*``
-    inside a comment nests (PostgreSQL) or not.  Each choice the text
-    raises doubles the readings.  Brackets are read both ways when one
-    holds what could hide SQL from the other reading: a quote, a comment
-    marker or a parenthesis (``ARRAY[(SELECT ...)]``).
+    settings do (see :class:`Dialect`); each choice the text raises
+    doubles the readings.  Brackets and backticks are read both ways when
+    what they would quote holds what could hide SQL from the other reading:
+    a quote, a comment marker or a parenthesis (``ARRAY[(SELECT ...)]``).
     """
-    found: dict[Cleaned, None] = {}
-    both = any(_OPENS.search(span) for span in _BRACKETED.findall(sql))
-    for brackets in (True, False) if both else (True,):
-        for backslashes in (False, True) if "\\" in sql else (False,):
-            for nested in (False, True) if "/*" in sql else (False,):
-                found.setdefault(clean(sql, brackets, backslashes, nested))
-    return tuple(found)
+    choices = {
+        "brackets": (True, False) if _may_hide(sql, "[", "]") else (True,),
+        "backslashes": (False, True) if "\\" in sql else (False,),
+        "nested": (False, True) if "/*" in sql else (False,),
+        "backticks": (True, False) if _may_hide(sql, "`", "`") else (True,),
+        "dollars": (True, False) if "$" in sql else (True,),
+    }
+    dialects = [Dialect()]
+    for name, values in choices.items():
+        dialects = [dialect._replace(**{name: value}) for dialect in dialects for value in values]
+    return tuple(dict.fromkeys(clean(sql, dialect) for dialect in dialects))
 
 
-_BRACKETED = re.compile(r"\[[^\]]*\]")
-_OPENS = re.compile(r"['\"`$(]|--|/\*")
+def _may_hide(sql: str, opening: str, closing: str) -> bool:
+    """Whether a span quoted by ``opening`` and ``closing`` holds what opens a string, comment or subquery.
+
+    Each span is looked at once (split, not searched from every opening):
+    text with many unclosed openings costs no more than other text.
+    """
+    if opening not in sql:
+        return False
+    if opening == closing:
+        spans = sql.split(opening)[1::2]
+    else:
+        spans = [piece.split(closing, 1)[0] for piece in sql.split(opening)[1:]]
+    return any(_OPENS.search(span) for span in spans)
+
+
+_OPENS = re.compile(r"['\"`$(\[;]|--|/\*")
 #: Where something other than plain SQL may begin.
 _SPECIAL = re.compile(r"['\"`$\[]|--|/\*")
-#: A dollar quote's opening: ``$$`` or ``$tag$`` (a tag never starts with a digit: ``$1`` is a parameter).
-_DOLLAR = re.compile(r"\$(?:[A-Za-z_]\w*)?\$")
+#: A dollar quote's opening and closing: ``$$`` or ``$tag$`` (a tag starts
+#: with a letter, any alphabet's, or ``_``: ``$1`` is a parameter).
+_DOLLAR = re.compile(r"\$(?:[^\W\d]\w*)?\$")
 
 
-def clean(sql: str, brackets: bool = True, backslashes: bool = False, nested: bool = False) -> Cleaned:
-    """Return ``sql`` as :class:`Cleaned` text, read left to right.
+def clean(sql: str, dialect: Dialect = Dialect()) -> Cleaned:  # noqa: B008 - a NamedTuple: immutable
+    """Return ``sql`` as :class:`Cleaned` text, read left to right as ``dialect`` reads it.
 
-    ``brackets``: whether ``[...]`` quotes a name; ``backslashes``:
-    whether a backslash escapes in every string (it always does in
-    PostgreSQL's ``E'...'``); ``nested``: whether comments nest.  A
-    string, comment or quoted name left open runs to the end (the
-    database refuses such SQL).
+    A string, comment or quoted name left open runs to the end (the
+    database refuses such SQL).  ``U&"..."`` is a quoted name and
+    ``U&'...'`` a string (PostgreSQL's Unicode escapes).
     """
     out: list[str] = []
     quoted: list[str] = []
+    dollars = _dollar_quotes(sql) if dialect.dollars and "$" in sql else {}
     at, end = 0, len(sql)
     while at < end:
         special = _SPECIAL.search(sql, at)
@@ -103,38 +135,71 @@ def clean(sql: str, brackets: bool = True, backslashes: bool = False, nested: bo
         start = special.start()
         out.append(sql[at:start])
         char = sql[start]
+        unicode = char in "'\"" and sql[max(start - 2, 0) : start] in ("U&", "u&") and not _in_word(sql, start - 2)
+        if unicode:
+            out[-1] = out[-1][:-2]  # the U& of U&"..." or U&'...'
         if char == "'":
             prefixed = start > 0 and sql[start - 1] in "eE" and not _in_word(sql, start - 1)
             if prefixed:
                 out[-1] = out[-1][:-1]  # the E of E'...'
-            at = _string_end(sql, start, backslashes or prefixed)
+            at = _string_end(sql, start, dialect.backslashes or prefixed)
             out.append("''")
         elif char == "$":
-            dollar = None if _in_word(sql, start) else _DOLLAR.match(sql, start)
-            tag = "" if dollar is None else dollar.group()
-            close = sql.find(tag, start + len(tag)) if tag else -1
+            close = _dollar_close(sql, start, dollars)
             if close < 0:  # a $ of a name or a parameter
                 out.append("$")
                 at = start + 1
             else:
                 out.append("''")
-                at = close + len(tag)
+                at = close
         elif char == "-":
-            line_end = sql.find("\n", start)
-            at = end if line_end < 0 else line_end
+            line_end = _LINE_END.search(sql, start)
+            at = end if line_end is None else line_end.start()
             out.append(" ")
         elif char == "/":
-            at = _comment_end(sql, start, nested)
+            at = _comment_end(sql, start, dialect.nested)
             out.append(" ")
-        elif char == "[" and not brackets:
-            out.append("[")
+        elif (char == "[" and not dialect.brackets) or (char == "`" and not dialect.backticks):
+            out.append(char)
             at = start + 1
         else:  # a quoted name: "...", `...` or [...]
             closing = "]" if char == "[" else char
             at, name = _quoted_end(sql, start, closing)
-            quoted.append(name)
+            quoted.append(_UNICODE_ESCAPE.sub(_unescaped, name) if unicode else name)
             out.append(f'"{len(quoted) - 1}"')
     return Cleaned("".join(out), tuple(quoted))
+
+
+_LINE_END = re.compile(r"[\r\n]")
+#: PostgreSQL's escapes in ``U&"..."``: ``\\``, ``\XXXX``, ``\+XXXXXX`` (a ``UESCAPE``
+#: clause choosing another escape character: see ``statements.py``).
+_UNICODE_ESCAPE = re.compile(r"\\(\\|[0-9A-Fa-f]{4}|\+[0-9A-Fa-f]{6})")
+
+
+def _unescaped(match: re.Match[str]) -> str:
+    code = match.group(1)
+    return "\\" if code == "\\" else chr(int(code.lstrip("+"), 16))
+
+
+def _dollar_quotes(sql: str) -> dict[str, list[int]]:
+    """Where each ``$tag$`` of ``sql`` stands, in order: found once, so that an unclosed tag costs no scan of its own."""
+    found: dict[str, list[int]] = {}
+    for match in _DOLLAR.finditer(sql):
+        found.setdefault(match.group(), []).append(match.start())
+    return found
+
+
+def _dollar_close(sql: str, start: int, dollars: dict[str, list[int]]) -> int:
+    """The end of the dollar-quoted string opened at ``start``, or -1 when none opens there."""
+    if _in_word(sql, start):
+        return -1
+    opening = _DOLLAR.match(sql, start)
+    if opening is None:
+        return -1
+    tag = opening.group()
+    places = dollars.get(tag, ())
+    index = bisect.bisect_left(places, opening.end())
+    return places[index] + len(tag) if index < len(places) else -1
 
 
 def _in_word(sql: str, index: int) -> bool:

@@ -155,6 +155,8 @@ def sql_tables(sql: str) -> frozenset[str]:
     change writes :data:`~.reads.ANY_TABLE` and the tables it names (see
     :func:`_schema_change`).  Each statement of several is read.
     """
+    if _UESCAPE.search(sql):
+        return EVERYTHING  # a name spelt with an escape character of its own: not read here
     found: set[str] = set()
     for cleaned in sqltext.readings(sql):
         for part in cleaned.statements():
@@ -227,6 +229,7 @@ def _schema_change(cleaned: sqltext.Cleaned, text: str, first: str, names: set[s
     return frozenset({ANY_TABLE, *names})
 
 
+_UESCAPE = re.compile(r"\buescape\b", re.I)
 _TRUNCATE_CASCADE = re.compile(r"\btruncate\b[^;]*\bcascade\b", re.I)
 
 
