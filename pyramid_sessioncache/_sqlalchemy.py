@@ -512,8 +512,10 @@ def entity_binds(session: Any) -> tuple:
 
 
 def _binds(session: Any) -> Any:
-    found = getattr(session, "_Session__binds", None)
-    return found if found is not None else getattr(session, "binds", None)
+    # Read from the instance's dictionary: no attribute lookup that fails
+    # (and raises inside getattr) on every key of every look-up.
+    found = session.__dict__
+    return found.get("_Session__binds") or found.get("binds")
 
 
 def routes_binds(session: Any) -> bool:
