@@ -320,6 +320,9 @@ WRITTEN = {
     "WITH x AS (SELECT 1 AS k) -- c\r, u AS (UPDATE person SET name = 'x' RETURNING id) SELECT id FROM u": {"person"},
     # A backslash escapes a quote where standard_conforming_strings is off (and in MySQL).
     "WITH s AS (SELECT 'a\\'b' AS k) UPDATE person SET name = 'x'": {"person"},
+    # PostgreSQL's "and descendant tables" star, in a list.
+    "TRUNCATE address *, person": {"address", "person"},
+    "TRUNCATE TABLE address * , person RESTART IDENTITY": {"address", "person"},
     # SELECT ... INTO creates a table (PostgreSQL).
     "SELECT * INTO TEMP copied FROM person": {ALL_TABLES},
 }

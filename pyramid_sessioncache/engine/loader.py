@@ -10,7 +10,8 @@ from sqlalchemy.orm import ORMExecuteState, Session
 
 from .. import _sqlalchemy
 from . import info
-from .invalidation.reads import executed_tables, record_tables, statement_tables
+from .invalidation import schema
+from .invalidation.reads import ANY_TABLE, executed_tables, record_tables, statement_tables
 from .invalidation.writes import in_transaction
 from .values import CachedRows
 
@@ -37,6 +38,8 @@ def _executing(conn: Any, cursor: Any, statement: Any, parameters: Any, context:
         read = _READING.get(conn)
         if read is not None:
             read.update(executed_tables(context.compiled))
+            if schema.calls_routines(conn, statement):  # a function of the database's own may read anything
+                read.add(ANY_TABLE)
 
 
 def load(state: ORMExecuteState, connection: Any, named: frozenset[str] | None = None) -> CachedRows:

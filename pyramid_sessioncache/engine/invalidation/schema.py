@@ -26,6 +26,7 @@ engine names the database otherwise.
 from __future__ import annotations
 
 import logging
+import re
 import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -44,9 +45,11 @@ _ACTIONS = frozenset({"CASCADE", "SET NULL", "SET DEFAULT"})
 #: its parent (either way: a write to one changes what the other shows;
 #: the parent shows the partition's rows), cascading foreign keys, views
 #: over tables or views,
-#: a view's tables (a write through an updatable view writes them), and
-#: the tables a row-level security policy reads.  A materialized view
-#: changes when it is refreshed, which is a write to it.
+#: a view's tables (a write through an updatable view writes them), the
+#: tables a row-level security policy reads, and the tables a rule on a
+#: table names (``CREATE RULE ... ON INSERT TO t DO ALSO UPDATE u``: a
+#: write to ``t`` may write them).  A materialized view changes when it is
+#: refreshed, which is a write to it.
 POSTGRESQL_DEPENDENTS = """
 WITH inherits AS (
     SELECT p.relname AS parent, c.relname AS child
@@ -61,6 +64,14 @@ WITH inherits AS (
     JOIN pg_class t ON t.oid = d.refobjid
     WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
       AND v.relkind = 'v' AND t.oid <> v.oid
+), rules AS (
+    SELECT v.relname AS ruled, t.relname AS named
+    FROM pg_depend d
+    JOIN pg_rewrite r ON r.oid = d.objid
+    JOIN pg_class v ON v.oid = r.ev_class
+    JOIN pg_class t ON t.oid = d.refobjid
+    WHERE d.classid = 'pg_rewrite'::regclass AND d.refclassid = 'pg_class'::regclass
+      AND v.relkind NOT IN ('v', 'm') AND t.oid <> v.oid
 ), policies AS (
     SELECT t.relname AS base, c.relname AS policed
     FROM pg_depend d
@@ -74,6 +85,7 @@ UNION SELECT child, parent, true FROM inherits
 UNION SELECT base, view, true FROM views
 UNION SELECT view, base, false FROM views
 UNION SELECT base, policed, true FROM policies
+UNION SELECT ruled, named, false FROM rules
 UNION
 SELECT p.relname, c.relname, false
 FROM pg_constraint k
@@ -108,6 +120,26 @@ LEFT JOIN pg_proc f ON u.refclassid = 'pg_proc'::regclass AND f.oid = u.refobjid
 LEFT JOIN pg_operator o ON u.refclassid = 'pg_operator'::regclass AND o.oid = u.refobjid
 JOIN pg_namespace n ON n.oid = coalesce(f.pronamespace, o.oprnamespace)
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+#: The functions and operators of the database's own (outside
+#: ``pg_catalog`` and ``information_schema``, not of an extension, not
+#: trigger functions): a statement that names one may read any table
+#: through it, whether called as ``f(x)``, in attribute notation
+#: (``person.f``) or as an operator (``a ### b``), and even when it
+#: overloads a built-in's name (``date(integer)``).
+POSTGRESQL_ROUTINES = """
+SELECT p.proname, false
+FROM pg_proc p
+JOIN pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND p.prorettype <> 'trigger'::regtype
+  AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
+UNION
+SELECT o.oprname, true
+FROM pg_operator o
+JOIN pg_namespace n ON n.oid = o.oprnamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_operator'::regclass AND e.objid = o.oid AND e.deptype = 'e')
 """
 
 #: Databases whose catalog is kept at most; past it, the oldest read is read again when needed.
@@ -149,11 +181,16 @@ class Catalog:
     :attr:`edges`: a write to a relation changes these others.
     :attr:`opaque`: relations that read tables the catalog cannot name,
     and those that show their rows (views over them, their parents).
+    :attr:`routines`: what finds, in SQL, the name of a function or an
+    operator of the database's own (:data:`POSTGRESQL_ROUTINES`), or None.
     """
 
-    def __init__(self, edges: dict[str, set[str]], opaque: frozenset[str]) -> None:
+    def __init__(
+        self, edges: dict[str, set[str]], opaque: frozenset[str], routines: re.Pattern[str] | None = None
+    ) -> None:
         self.edges = edges
         self.opaque = opaque
+        self.routines = routines
 
 
 _NO_CATALOG = Catalog({}, frozenset())
@@ -211,9 +248,11 @@ class _Schema:
                     shows.setdefault(parent, set()).add(dependent)
             cursor.execute(POSTGRESQL_OPAQUE)
             opaque = closure((reads.version_name(name) for (name,) in cursor.fetchall()), shows)
+            cursor.execute(POSTGRESQL_ROUTINES)
+            routines = _routines_pattern(cursor.fetchall())
         finally:
             cursor.close()
-        return Catalog(edges, opaque)
+        return Catalog(edges, opaque, routines)
 
 
 _schema = _Schema()
@@ -257,6 +296,29 @@ def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     if opaque and not opaque.isdisjoint(tables):
         return tables | {reads.ANY_TABLE}
     return tables
+
+
+def _routines_pattern(rows: list[tuple[str, bool]]) -> re.Pattern[str] | None:
+    # A function by its name as a word (any case: unquoted names fold), an
+    # operator by its symbols; the longest first.
+    names = sorted({name for name, operator in rows if not operator}, key=len, reverse=True)
+    operators = sorted({name for name, operator in rows if operator}, key=len, reverse=True)
+    parts = [rf"(?<![\w$]){re.escape(name)}(?![\w$])" for name in names] + [re.escape(op) for op in operators]
+    return re.compile("|".join(parts), re.I) if parts else None
+
+
+def calls_routines(conn: Any, sql: str) -> bool:
+    """Whether ``sql``, run on ``conn``, may call a function or an operator of the database's own.
+
+    Such a result depends on every table (:data:`~.reads.ANY_TABLE`): the
+    catalog records what a function's body reads no more than SQL text
+    does.  Only PostgreSQL's catalog is read; a name merely spelt like one
+    (a column, a string) costs misses, never stale rows.
+    """
+    if conn.dialect.name != "postgresql":
+        return False
+    routines = _schema.catalog(conn).routines
+    return routines is not None and routines.search(sql) is not None
 
 
 def note(table: Any) -> None:

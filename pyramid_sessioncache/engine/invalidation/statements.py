@@ -103,7 +103,7 @@ _TARGETS = re.compile(
     rf"|update\s+(?:or\s+\w+\s+)?(?:only\s+)?(?P<update>{_QUALIFIED})\s+(?:(?:as\s+)?{_NAME}\s+)?set\b"
     rf"|delete\s+from\s+(?:only\s+)?(?P<delete>{_QUALIFIED})"
     rf"|merge\s+into\s+(?:only\s+)?(?P<merge>{_QUALIFIED})"
-    rf"|truncate\s+(?:table\s+)?(?P<truncate>(?:only\s+)?{_QUALIFIED}(?:\s*,\s*(?:only\s+)?{_QUALIFIED})*)"
+    rf"|truncate\s+(?:table\s+)?(?P<truncate>(?:only\s+)?{_QUALIFIED}(?:\s*\*)?(?:\s*,\s*(?:only\s+)?{_QUALIFIED}(?:\s*\*)?)*)"
     rf"|(?:drop|alter)\s+(?:materialized\s+)?(?:table|view)\s+(?:if\s+exists\s+)?(?:only\s+)?(?P<ddl>{_QUALIFIED}(?:\s*,\s*{_QUALIFIED})*)"
     rf"|create\s+(?:or\s+replace\s+)?(?:(?:temp|temporary|recursive)\s+)?(?:materialized\s+)?view\s+(?:if\s+not\s+exists\s+)?(?P<view>{_QUALIFIED})"
     rf"|refresh\s+materialized\s+view\s+(?:concurrently\s+)?(?P<refresh>{_QUALIFIED})"
