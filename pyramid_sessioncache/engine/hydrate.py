@@ -26,7 +26,7 @@ def result(value: CachedRows, session: Session, load_options: tuple = ()) -> Res
     given to each new object as the ORM would.  The Result demands
     ``.unique()`` when the query's did.  Values that could be changed in
     place reach the caller as copies of its own (see
-    :meth:`CachedRows.changeable`).
+    ``CachedRows.changeable()``).
     """
     flags = value.entity_columns
     rows, records = _own_copies(value)

@@ -17,7 +17,7 @@ whose row-level security policy does.  A result that read one of them
 depends on :data:`~.reads.ANY_TABLE`, as SQL text does (:func:`depends_on`).
 
 The catalog of a database is read once, at the first write or miss that
-needs it, and kept per database (:func:`~..identity.database_identity`),
+needs it, and kept per database (:func:`~pyramid_sessioncache.engine.identity.database_identity`),
 for every engine on it.  DDL run by any connection of the process
 forgets every catalog: the DDL may have been run as another user, whose
 engine names the database otherwise.
@@ -178,10 +178,10 @@ def metadata_edges(metadatas: Iterable[Any]) -> dict[str, set[str]]:
 class Catalog:
     """What a PostgreSQL database's catalog says, in version names.
 
-    :attr:`edges`: a write to a relation changes these others.
-    :attr:`opaque`: relations that read tables the catalog cannot name,
+    ``edges``: a write to a relation changes these others.
+    ``opaque``: relations that read tables the catalog cannot name,
     and those that show their rows (views over them, their parents).
-    :attr:`routines`: what finds, in SQL, the name of a function or an
+    ``routines``: what finds, in SQL, the name of a function or an
     operator of the database's own (:data:`POSTGRESQL_ROUTINES`), or None.
     """
 

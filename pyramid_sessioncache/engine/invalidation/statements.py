@@ -153,7 +153,7 @@ def sql_tables(sql: str) -> frozenset[str]:
     :data:`EVERYTHING` when it may write and its targets cannot be told (a
     procedure call, ``COPY``, a statement not understood).  A schema
     change writes :data:`~.reads.ANY_TABLE` and the tables it names (see
-    :func:`_schema_change`).  Each statement of several is read.
+    ``_schema_change()``).  Each statement of several is read.
     """
     if _UESCAPE.search(sql):
         return EVERYTHING  # a name spelt with an escape character of its own: not read here
