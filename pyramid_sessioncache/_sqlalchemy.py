@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy.engine import FrozenResult, Result
+from sqlalchemy.engine import Connection, FrozenResult, Result
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Query, Session
 from sqlalchemy.orm.collections import InstrumentedList
@@ -525,6 +525,23 @@ def routes_binds(session: Any) -> bool:
     ``get_bind()`` of its own (routing, sharding).
     """
     return bool(_binds(session)) or type(session).get_bind is not Session.get_bind
+
+
+def transaction_connection(session: Any, bind: Any) -> Any:
+    """The ``Connection`` ``session``'s transaction holds for ``bind`` (or ``bind`` itself, a Connection), or None.
+
+    Read from the root ``SessionTransaction``'s private ``_connections``
+    (2.0, 2.1), as :func:`execution_bind` does.
+    """
+    if isinstance(bind, Connection):
+        return bind
+    transaction = session._transaction
+    if transaction is None:
+        return None
+    while transaction._parent is not None:
+        transaction = transaction._parent
+    entry = transaction._connections.get(bind)
+    return None if entry is None else entry[0]
 
 
 def execution_bind(session: Any, bind_arguments: dict) -> Any:

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 from zope.sqlalchemy.datamanager import ZopeTransactionEvents
 
-from ..engine import hook, info, lookup
+from ..engine import connection_state, hook, info, lookup
 from ..engine.cache import SessionCache, add_cache_finder
 from ..errors import InvalidOptionError
 from ..masking import hide_url_passwords, shown
@@ -101,6 +101,8 @@ def includeme(config: Any) -> None:
     # changed after ORM DML: cached_query() may serve hits before it.
     hook.trust_listener(ZopeTransactionEvents.do_orm_execute)
     hook.trust_listener(RequestTransactionEvents.do_orm_execute)
+    # zope.sqlalchemy's after_begin joins the transaction and sets nothing on the connection.
+    connection_state.quiet_at_begin(ZopeTransactionEvents.after_begin)
     # A hit in request.dbsession joins pyramid_tm's transaction without a connection.
     lookup.join_without_connection(RequestTransactionEvents.after_begin, join_request_transaction)
     # Any Session used as request.dbsession caches into the request's

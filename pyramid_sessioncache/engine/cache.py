@@ -120,15 +120,17 @@ class SessionCache:
         bind: Any,
         label: str | None = None,
         session: Any = None,
+        state: str = "",
     ) -> EntryKey | None:
         """Return the cache key of ``statement``, or None when it cannot be keyed.
 
         ``bind`` is what the statement runs on; a ``session`` with binds
         per mapper or table (``Session(binds=...)``) adds the databases of
-        those, which its eager loads read.
+        those, which its eager loads read; ``state``, the settings of the
+        connection (see ``connection_state.py``).
         """
         others = _sqlalchemy.entity_binds(session) if session is not None else ()
-        return self.keys.key(statement, parameters, execution_options, bind, label, others)
+        return self.keys.key(statement, parameters, execution_options, bind, label, others, state)
 
     @property
     def shared_regions(self) -> list[Region]:

@@ -16,6 +16,7 @@ from sqlalchemy.sql import Executable
 
 from .. import _sqlalchemy
 from ..errors import NoRegionsError, NotCacheableError
+from . import connection_state
 from .cache import SessionCache, cache_of
 from .cache_options import check_label
 from .lookup import is_read, not_a_read
@@ -56,7 +57,10 @@ def _locate(query, session, region, cache_key, parameters, execution_options, ca
         cache_key = option.cache_key
     options = {**statement.get_execution_options(), **(execution_options or {})}
     bind = _sqlalchemy.execution_bind(session, _sqlalchemy.bind_arguments(statement))
-    key = cache.key(statement, parameters or query_parameters, options, bind, cache_key, session)
+    state = connection_state.state_text(session, _sqlalchemy.bind_arguments(statement), bind)
+    if state is None:
+        raise NotCacheableError("the settings of this Session's connection cannot be told: it is never cached")
+    key = cache.key(statement, parameters or query_parameters, options, bind, cache_key, session, state)
     if key is None:
         raise NotCacheableError(f"this statement has no cache key (it is never cached): {statement}")
     return cache, chosen, session, key.text

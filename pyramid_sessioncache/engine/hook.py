@@ -24,7 +24,7 @@ from sqlalchemy.orm import ORMExecuteState, Session
 from .. import _sqlalchemy
 from ..storage.backends import local_session
 from ..storage.region import always_valid
-from . import info, loader, lookup
+from . import connection_state, info, loader, lookup
 from .cache import SessionCache
 from .invalidation import reads, schema, versions, writes
 from .lookup import Lookup
@@ -47,12 +47,14 @@ def install() -> None:
     installed = True
     event.listen(Session, "do_orm_execute", _do_orm_execute)
     event.listen(Session, "after_begin", writes.session_began)
+    connection_state.quiet_at_begin(writes.session_began)
     event.listen(Session, "after_flush", _drop_local)
     event.listen(Session, "after_commit", writes.committed)
     event.listen(Session, "after_transaction_end", _transaction_ended)
     event.listen(Session, "after_soft_rollback", _drop_local)
     writes.install()
     loader.install()
+    connection_state.install()
 
 
 def trust_listener(listener: Callable[..., Any]) -> None:
@@ -85,10 +87,31 @@ def _transaction_ended(session: Session, transaction: Any) -> None:
 
 def _reads_a_snapshot(session: Session, connection: Any) -> bool:
     """``loader.reads_a_snapshot()``, remembered for the length of ``session``'s transaction."""
+    return loader.reads_a_snapshot(connection, _known(session))
+
+
+def _must_not_store(session: Session, connection: Any) -> bool:
+    """Whether what a load on ``connection`` reads may be rows no committed state holds.
+
+    An older snapshot (:func:`_reads_a_snapshot`); another Session's
+    uncommitted writes on the same DBAPI connection (a ``StaticPool``'s
+    one connection, shared by every Session); a connection that reads
+    uncommitted rows (SQLite's ``read_uncommitted`` in shared-cache mode,
+    ``READ UNCOMMITTED``).  The result is still returned; it is not stored.
+    """
+    known = _known(session)
+    return (
+        loader.reads_a_snapshot(connection, known)
+        or writes.pending_on(connection)
+        or loader.reads_uncommitted(connection, known)
+    )
+
+
+def _known(session: Session) -> dict:
     known = session.info.get(info.SNAPSHOTS)
     if known is None:
         known = session.info[info.SNAPSHOTS] = {}
-    return loader.reads_a_snapshot(connection, known)
+    return known
 
 
 def _do_orm_execute(state: ORMExecuteState) -> Any:
@@ -177,7 +200,7 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
 
         def load() -> CachedRows:
             # What an explicit invalidation removed, an older snapshot must not store again.
-            verdict["store"] = not _reads_a_snapshot(session, connection())
+            verdict["store"] = not _must_not_store(session, connection())
             return loader.load(state, connection())
 
         return region.get_or_create(
@@ -189,7 +212,7 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
         tables = cache.tables_read.learn(key.shape, _tables_read(state.statement))
 
     def create() -> CachedRows:
-        old_snapshot = _reads_a_snapshot(session, connection())  # before anything runs for this query
+        old_snapshot = _must_not_store(session, connection())  # before anything runs for this query
         known = tables
         for _ in range(2):
             now = region.versions(known, create=True)  # before the query: see invalidation/__init__.py
@@ -207,7 +230,7 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
         else:
             verdict["store"] = False
         if now is None or old_snapshot:
-            verdict["store"] = False  # a failed backend, or rows from an older snapshot
+            verdict["store"] = False  # a failed backend, or rows no committed state holds
         value.tables, value.versions = known, now
         return value
 

@@ -288,13 +288,15 @@ class KeyMaker:
         bind: Any,
         label: str | None = None,
         others: tuple = (),
+        state: str = "",
     ) -> EntryKey | None:
         """Return the cache key of ``statement`` run with these arguments, or None.
 
         ``label`` (a ``FromCache`` ``cache_key``) is a readable prefix; it
         never replaces the parameters, so it cannot make two different
         results share a key.  ``others`` are more binds the statement's
-        loads may read (a Session's binds per mapper).
+        loads may read (a Session's binds per mapper); ``state``, the
+        settings of the connection it runs on.
         """
         cache_key = _sqlalchemy.cache_key(statement)
         if cache_key is None:
@@ -305,6 +307,8 @@ class KeyMaker:
         parts = [structure, self.bind(bind)]
         if others:
             parts.append("binds:" + ",".join(sorted({self.bind(other) for other in others})))
+        if state:
+            parts.append("settings:" + state)
         try:
             for bindparam in cache_key.bindparams:
                 if parameters and bindparam.key in parameters:

@@ -161,6 +161,36 @@ def reads_a_snapshot(connection: Any, known: dict[Any, bool] | None = None) -> b
     return answer
 
 
+def reads_uncommitted(connection: Any, known: dict[Any, Any] | None = None) -> bool:
+    """Whether queries on ``connection`` may read other transactions' uncommitted rows.
+
+    SQLite's ``PRAGMA read_uncommitted`` (it matters in shared-cache mode),
+    or a transaction at ``READ UNCOMMITTED`` where the database honours it
+    (PostgreSQL reads committed rows at that level).  Asked of the
+    database once per transaction, as :func:`reads_a_snapshot` is.
+    """
+    marker = (connection, "uncommitted")
+    if known is not None and marker in known:
+        return bool(known[marker])
+    dialect = connection.dialect.name
+    if dialect == "sqlite":
+        cursor = connection.connection.dbapi_connection.cursor()
+        try:
+            answer = bool(cursor.execute("PRAGMA read_uncommitted").fetchone()[0])
+        finally:
+            cursor.close()
+    elif dialect == "postgresql":
+        answer = False
+    else:
+        try:
+            answer = str(connection.get_isolation_level()).upper() == "READ UNCOMMITTED"
+        except NotImplementedError:
+            answer = False
+    if known is not None:
+        known[marker] = answer
+    return answer
+
+
 def _journal_mode(connection: Any) -> str:
     # On the DBAPI connection: the add-on's own question, not the application's SQL.
     cursor = connection.connection.dbapi_connection.cursor()

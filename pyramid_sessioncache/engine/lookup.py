@@ -22,7 +22,7 @@ from .. import _sqlalchemy
 from ..errors import NoRegionsError, NotCacheableError
 from ..storage.backends import local_session
 from ..storage.region import Region, Validator, always_valid
-from . import hydrate, stats
+from . import connection_state, hydrate, stats
 from .cache import SessionCache, cache_of
 from .invalidation import versions, writes
 from .invalidation.statements import sql_tables
@@ -132,7 +132,11 @@ def decide(
         # the Session reads around shared regions and stores nothing there.
         # (A Session bound to a Connection joins what it wrote before.)
         return None
-    key = cache.key(statement, parameters, options, bind, option.cache_key, session)
+    state = connection_state.state_text(session, bind_arguments, bind)
+    if state is None:  # settings of the connection that cannot be told (see connection_state.py)
+        log.debug("uncached: the connection's settings cannot be told (region %s)", region.name)
+        return None
+    key = cache.key(statement, parameters, options, bind, option.cache_key, session, state)
     if key is None:  # unkeyable, or a locking read (see keys.py)
         log.debug("uncached: statement cannot be keyed or takes row locks (region %s)", region.name)
         return None
@@ -176,6 +180,7 @@ def join_without_connection(listener: Any, join: Callable[[Session], None]) -> N
     whose ``join`` joins the request's transaction without a connection.
     """
     _JOINS[getattr(listener, "__func__", listener)] = join
+    connection_state.quiet_at_begin(listener)
 
 
 def begin(session: Session, bind_arguments: dict) -> None:

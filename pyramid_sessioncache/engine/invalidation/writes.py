@@ -185,6 +185,14 @@ def in_transaction(dbapi_connection: Any) -> bool:
 
 def _begun(conn: Any) -> None:
     _publish_committed(conn.info)
+    try:
+        open_transaction = in_transaction(conn.connection.dbapi_connection)
+    except Exception:  # an invalidated connection: it starts afresh
+        open_transaction = False
+    if open_transaction:
+        # Another Connection's transaction is open on this DBAPI connection
+        # (a StaticPool's one connection, shared): its marks and Sessions stay.
+        return
     conn.info.pop(_MARKS, None)
     conn.info.pop(_OWNERS, None)  # a new transaction: the Sessions of the last one are done with it
 
@@ -306,6 +314,17 @@ def has_written(session: Any, bind: Any = None) -> bool:
     if not isinstance(bind, Connection) or bind.closed or bind.invalidated:
         return False
     marks = bind.info.get(_MARKS)
+    return marks is not None and any(tables for _, tables in marks.levels)
+
+
+def pending_on(connection: Any) -> bool:
+    """Whether the transaction of ``connection``'s DBAPI connection has written, not yet committed.
+
+    Asked before a load that has not written itself (it would read around
+    the shared regions): marks there are another Session's, on the same
+    DBAPI connection (a ``StaticPool``), whose rows the load would see.
+    """
+    marks = connection.info.get(_MARKS)
     return marks is not None and any(tables for _, tables in marks.levels)
 
 
