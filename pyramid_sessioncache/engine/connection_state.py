@@ -35,18 +35,22 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
 from .. import _sqlalchemy
+from .invalidation import schema, sqltext
 
 #: ``Connection.info`` keys (kept with the DBAPI connection).
 _SESSION = "sessioncache.settings"
 _LOCAL = "sessioncache.local_settings"
 _UNKNOWN = "sessioncache.settings_unknown"
+_SAVEPOINTS = "sessioncache.setting_savepoints"
 
-#: A statement of SQL text that changes a setting: SET/RESET first, or a set_config() call.
-_CHANGES = re.compile(r"(?:^|;)\s*(?:set|reset)\b|\bset_config\s*\(", re.I)
-_SET = re.compile(r"^\s*set\s+(?:(?P<scope>session|local)\s+)?(?P<rest>.*)$", re.I | re.S)
+#: Words that change settings when they start a statement.
+_FIRST_WORDS = frozenset({"set", "reset", "discard"})
+_SET = re.compile(r"^set\s+(?:(?P<scope>session|local)\s+)?(?P<rest>.*)$", re.I | re.S)
 _TWO_WORDS = ("session authorization", "time zone", "transaction isolation")
-_SET_CONFIG = re.compile(r"set_config\s*\(\s*'(?P<name>[^']*)'", re.I)
-_LOCAL_CONFIG = re.compile(r"set_config\s*\([^)]*,\s*true\s*\)", re.I)
+#: set_config(), however spelt (quoted, in any case).
+_SET_CONFIG = re.compile(r"\bset_config\"?\s*\(", re.I)
+#: A set_config() call whose name and scope are literals: set_config('name', value, true|false).
+_LITERAL_CONFIG = re.compile(r"\bset_config\s*\(\s*'(?P<name>[^']*)'\s*,.*?,\s*(?P<local>true|false)\s*\)", re.I | re.S)
 
 #: Pools some of whose connections have session settings: their look-ups check out a connection first.
 _POOLS_WITH_SETTINGS: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -56,51 +60,127 @@ _MAX_SETTINGS = 64
 
 
 def install() -> None:
-    """Listen to every engine's statements and transactions, once per process."""
+    """Listen to every engine's statements, transactions and savepoints, once per process."""
     if not event.contains(Engine, "after_cursor_execute", _executed):
         event.listen(Engine, "after_cursor_execute", _executed)
         event.listen(Engine, "commit", _ended)
         event.listen(Engine, "rollback", _rolled_back)
+        event.listen(Engine, "savepoint", _savepoint)
+        event.listen(Engine, "rollback_savepoint", _rolled_back_to)
 
 
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-    if not _CHANGES.search(statement):
+    lowered = statement.lower()
+    # SET, RESET, set_config(), DISCARD; else a function of the database's own that changes settings.
+    changes = _changes(statement) if "set" in lowered or "discard" in lowered else []
+    if not changes and "(" in statement and _calls_a_setter(conn, statement):
+        changes = [(None, False)]
+    if not changes:
         return
     info = conn.info
-    name, local = _setting(statement)
-    value = f"{statement}|{parameters!r}"
     in_transaction = conn.in_transaction()
-    if local or in_transaction:
-        info.setdefault(_LOCAL, {})[name] = value
-    if not local:
-        settings = info.setdefault(_SESSION, {})
-        settings[name] = value
-        if in_transaction:
-            info.setdefault(_LOCAL, {})[("session", name)] = value  # undone by a rollback
-        _POOLS_WITH_SETTINGS.add(conn.engine.pool)
-        if len(settings) > _MAX_SETTINGS:
+    for name, local in changes:
+        if name is None:  # what it changes, or for how long, cannot be told
             info[_UNKNOWN] = True
+            continue
+        _apply(info, name, f"{statement}|{parameters!r}", local, in_transaction, conn)
 
 
-def _setting(statement: str) -> tuple[str, bool]:
-    """The name of the setting ``statement`` changes (its text when not understood), and whether only locally."""
-    found = _SET.match(statement)
-    if found is not None:
-        rest = found.group("rest").strip().lower()
-        name = next((words for words in _TWO_WORDS if rest.startswith(words)), rest.split(None, 1)[0] if rest else "")
-        return name, (found.group("scope") or "").lower() == "local"
-    config = _SET_CONFIG.search(statement)
-    if config is not None:
-        return config.group("name").lower(), _LOCAL_CONFIG.search(statement) is not None
-    return statement, False  # RESET, several statements: as a whole
+def _calls_a_setter(conn: Any, statement: str) -> bool:
+    try:
+        return schema.calls_setters(conn, statement)
+    except Exception:  # the catalog could not be read: assume the worst
+        return True
+
+
+def _changes(statement: str) -> list[tuple[str | None, bool]]:
+    """What ``statement`` changes, as ``(name, local)``; a name None when what or how long cannot be told."""
+    found: list[tuple[str | None, bool]] = []
+    for cleaned in sqltext.readings(statement):
+        for part in cleaned.statements():
+            words = part.split(None, 1)
+            if words and words[0].lower() in _FIRST_WORDS:
+                found.append(_statement_change(words[0].lower(), part))
+    calls = len(_SET_CONFIG.findall(statement))
+    if calls:
+        literal = list(_LITERAL_CONFIG.finditer(statement))
+        if len(literal) != calls:
+            found.append((None, False))  # a name or a scope given otherwise than as literals
+        else:
+            found += [(match.group("name").lower(), match.group("local").lower() == "true") for match in literal]
+    return found
+
+
+def _statement_change(word: str, text: str) -> tuple[str | None, bool]:
+    lowered = " ".join(text.lower().split())
+    if word == "discard":
+        return ("*all", False) if lowered.startswith("discard all") else ("*none", False)
+    if word == "reset":
+        rest = lowered[len("reset") :].strip()
+        return ("*all" if rest == "all" else "*reset " + _name_of(rest), False)
+    found = _SET.match(lowered)
+    if found is None:
+        return (None, False)
+    return _name_of(found.group("rest")), found.group("scope") == "local"
+
+
+def _name_of(rest: str) -> str:
+    return next((words for words in _TWO_WORDS if rest.startswith(words)), rest.split(None, 1)[0] if rest else "")
+
+
+def _apply(info: dict, name: str, value: str, local: bool, in_transaction: bool, conn: Any) -> None:
+    """Record one change in ``info``: the session's settings and the transaction's, as the database keeps them."""
+    session, local_settings = info.setdefault(_SESSION, {}), info.setdefault(_LOCAL, {})
+    if name == "*none":
+        return
+    if name == "*all" or name.startswith("*reset "):
+        target = None if name == "*all" else name[len("*reset ") :]
+        if target is None and not in_transaction:
+            info.pop(_UNKNOWN, None)  # every setting back to its default: known again
+        for settings in (session, local_settings):
+            for key in [k for k in settings if target is None or k == target or k == ("session", target)]:
+                del settings[key]
+        if in_transaction:
+            local_settings[("session", name)] = value  # undone by a rollback, like any change
+        return
+    if local:
+        local_settings[name] = value
+    else:
+        session[name] = value
+        local_settings.pop(name, None)
+        if in_transaction:
+            local_settings[("session", name)] = value  # undone by a rollback
+        _POOLS_WITH_SETTINGS.add(conn.engine.pool)
+        if len(session) > _MAX_SETTINGS:
+            info[_UNKNOWN] = True
+    _note_in_savepoint(info)
+
+
+def _note_in_savepoint(info: dict) -> None:
+    savepoints = info.get(_SAVEPOINTS)
+    if savepoints:
+        savepoints[-1] = True  # the innermost savepoint changed a setting
+
+
+def _savepoint(conn: Any, name: str) -> None:
+    conn.info.setdefault(_SAVEPOINTS, []).append(False)
+
+
+def _rolled_back_to(conn: Any, name: str, context: Any) -> None:
+    savepoints = conn.info.get(_SAVEPOINTS)
+    if savepoints and savepoints.pop():
+        # The database undid what the savepoint set; which values remain is not kept here.
+        conn.info[_UNKNOWN] = True
 
 
 def _ended(conn: Any) -> None:
     conn.info.pop(_LOCAL, None)
+    conn.info.pop(_SAVEPOINTS, None)
 
 
 def _rolled_back(conn: Any) -> None:
     local = conn.info.pop(_LOCAL, None)
+    conn.info.pop(_SAVEPOINTS, None)
     if local and any(isinstance(name, tuple) for name in local):
         # A session setting made in this transaction: PostgreSQL undoes it
         # at a rollback, other databases keep it.  Not told apart from here.

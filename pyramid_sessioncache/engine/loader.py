@@ -164,28 +164,28 @@ def reads_a_snapshot(connection: Any, known: dict[Any, bool] | None = None) -> b
 def reads_uncommitted(connection: Any, known: dict[Any, Any] | None = None) -> bool:
     """Whether queries on ``connection`` may read other transactions' uncommitted rows.
 
-    SQLite's ``PRAGMA read_uncommitted`` (it matters in shared-cache mode),
-    or a transaction at ``READ UNCOMMITTED`` where the database honours it
-    (PostgreSQL reads committed rows at that level).  Asked of the
-    database once per transaction, as :func:`reads_a_snapshot` is.
+    SQLite's ``PRAGMA read_uncommitted`` (it matters in shared-cache mode;
+    it can be turned on at any time, so it is asked before every load), or
+    a transaction at ``READ UNCOMMITTED`` where the database honours it
+    (PostgreSQL reads committed rows at that level; asked once per
+    transaction, in ``known``).
     """
-    marker = (connection, "uncommitted")
-    if known is not None and marker in known:
-        return bool(known[marker])
     dialect = connection.dialect.name
     if dialect == "sqlite":
         cursor = connection.connection.dbapi_connection.cursor()
         try:
-            answer = bool(cursor.execute("PRAGMA read_uncommitted").fetchone()[0])
+            return bool(cursor.execute("PRAGMA read_uncommitted").fetchone()[0])
         finally:
             cursor.close()
-    elif dialect == "postgresql":
+    if dialect == "postgresql":
+        return False
+    marker = (connection, "uncommitted")
+    if known is not None and marker in known:
+        return bool(known[marker])
+    try:
+        answer = str(connection.get_isolation_level()).upper() == "READ UNCOMMITTED"
+    except NotImplementedError:
         answer = False
-    else:
-        try:
-            answer = str(connection.get_isolation_level()).upper() == "READ UNCOMMITTED"
-        except NotImplementedError:
-            answer = False
     if known is not None:
         known[marker] = answer
     return answer

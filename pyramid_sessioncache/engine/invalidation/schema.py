@@ -129,13 +129,13 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
 #: (``person.f``) or as an operator (``a ### b``), and even when it
 #: overloads a built-in's name (``date(integer)``).
 POSTGRESQL_ROUTINES = """
-SELECT p.proname, false
+SELECT p.proname, false, coalesce(p.prosrc, '') ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M)'
 FROM pg_proc p
 JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND p.prorettype <> 'trigger'::regtype
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
 UNION
-SELECT o.oprname, true
+SELECT o.oprname, true, false
 FROM pg_operator o
 JOIN pg_namespace n ON n.oid = o.oprnamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -186,11 +186,16 @@ class Catalog:
     """
 
     def __init__(
-        self, edges: dict[str, set[str]], opaque: frozenset[str], routines: re.Pattern[str] | None = None
+        self,
+        edges: dict[str, set[str]],
+        opaque: frozenset[str],
+        routines: re.Pattern[str] | None = None,
+        setters: re.Pattern[str] | None = None,
     ) -> None:
         self.edges = edges
         self.opaque = opaque
         self.routines = routines
+        self.setters = setters
 
 
 _NO_CATALOG = Catalog({}, frozenset())
@@ -249,10 +254,12 @@ class _Schema:
             cursor.execute(POSTGRESQL_OPAQUE)
             opaque = closure((reads.version_name(name) for (name,) in cursor.fetchall()), shows)
             cursor.execute(POSTGRESQL_ROUTINES)
-            routines = _routines_pattern(cursor.fetchall())
+            rows = cursor.fetchall()
         finally:
             cursor.close()
-        return Catalog(edges, opaque, routines)
+        routines = _routines_pattern([(name, operator) for name, operator, _ in rows])
+        setters = _routines_pattern([(name, False) for name, operator, sets in rows if sets])
+        return Catalog(edges, opaque, routines, setters)
 
 
 _schema = _Schema()
@@ -319,6 +326,14 @@ def calls_routines(conn: Any, sql: str) -> bool:
         return False
     routines = _schema.catalog(conn).routines
     return routines is not None and routines.search(sql) is not None
+
+
+def calls_setters(conn: Any, sql: str) -> bool:
+    """Whether ``sql``, run on ``conn``, may call a function of the database's own that changes a setting."""
+    if conn.dialect.name != "postgresql":
+        return False
+    setters = _schema.catalog(conn).setters
+    return setters is not None and setters.search(sql) is not None
 
 
 def note(table: Any) -> None:
