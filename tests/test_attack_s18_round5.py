@@ -1348,6 +1348,40 @@ def test_a_world_writable_data_dir_at_start_up_is_refused_or_harmless(sengine, t
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _rolled_back_while_read(app, engine, name: str, child_id: int, label: str):
+    """A request flushes ``Child(child_id)``, waits while another reads the children, then fails (rolled back).
+
+    Returns what the read saw meanwhile, what a read after the rollback
+    gets, and how many SQL statements that read sent.
+    """
+    inside, release = threading.Event(), threading.Event()
+
+    def w_slow(s):
+        s.add(Child(id=child_id, parent_id=1, name=label))
+        s.flush()
+        inside.set()
+        release.wait(10)
+
+    WRITES[name] = w_slow
+    try:
+
+        def writer():
+            with contextlib.suppress(RuntimeError):
+                app.post(f"/w/{name}?fail=1")
+
+        t = threading.Thread(target=writer)
+        t.start()
+        assert inside.wait(10)
+        during = read(app, "children")
+        release.set()
+        t.join(10)
+        with SQLCounter(engine) as sql:
+            after = read(app, "children")
+        return during, after, sql.count
+    finally:
+        WRITES.pop(name, None)
+
+
 def test_sqlite_read_uncommitted_rows_of_a_rolled_back_request_never_stay_cached(tmp_path, shared_region):
     region = shared_region
     path = tmp_path / "shared.sqlite"
@@ -1360,36 +1394,11 @@ def test_sqlite_read_uncommitted_rows_of_a_rolled_back_request_never_stay_cached
         dbapi.execute("PRAGMA foreign_keys = ON")
 
     app = build_app(engine, region)
-    inside, release = threading.Event(), threading.Event()
-
-    def w_slow(s):
-        s.add(Child(id=600, parent_id=1, name="dirty"))
-        s.flush()
-        inside.set()
-        release.wait(10)
-
-    WRITES["slow_dirty"] = w_slow
-    try:
-
-        def writer():
-            with contextlib.suppress(RuntimeError):
-                app.post("/w/slow_dirty?fail=1")
-
-        t = threading.Thread(target=writer)
-        t.start()
-        assert inside.wait(10)
-        during = read(app, "children")
-        release.set()
-        t.join(10)
-        with SQLCounter(engine) as sql:
-            after = read(app, "children")
-        # cached: the rolled-back row 600, served with no SQL; uncached (a plain Session): without it
-        assert after == plain(engine, "children"), ("during", during, "SQL for the read after", sql.count)
-        assert [600, 1] not in after
-    finally:
-        WRITES.pop("slow_dirty", None)
-        release.set()
-        engine.dispose()
+    during, after, count = _rolled_back_while_read(app, engine, "slow_dirty", 600, "dirty")
+    # cached: the rolled-back row 600, served with no SQL; uncached (a plain Session): without it
+    assert after == plain(engine, "children"), ("during", during, "SQL for the read after", count)
+    assert [600, 1] not in after
+    engine.dispose()
 
 
 def w_upsert_sqlite(s):
@@ -1529,38 +1538,13 @@ def test_waitress_redis_eviction_reader_and_writer_never_stale(tmp_path, redis_u
 
 
 def test_pyramid_static_pool_memory_database_uncommitted_rows_of_a_request_in_flight(shared_region):
-    region = shared_region
     """SQLite in memory with StaticPool (one connection for every request): another request sees the flush."""
+    region = shared_region
     engine = make_sqlite()
     app = build_app(engine, region)
-    inside, release = threading.Event(), threading.Event()
-
-    def w_slow(s):
-        s.add(Child(id=700, parent_id=1, name="uncommitted"))
-        s.flush()
-        inside.set()
-        release.wait(10)
-
-    WRITES["slow_static"] = w_slow
-    try:
-
-        def writer():
-            with contextlib.suppress(RuntimeError):
-                app.post("/w/slow_static?fail=1")
-
-        t = threading.Thread(target=writer)
-        t.start()
-        assert inside.wait(10)
-        during = read(app, "children")
-        release.set()
-        t.join(10)
-        with SQLCounter(engine) as sql:
-            after = read(app, "children")
-        assert after == plain(engine, "children"), ("during", during, "SQL for the read after", sql.count)
-    finally:
-        WRITES.pop("slow_static", None)
-        release.set()
-        engine.dispose()
+    during, after, count = _rolled_back_while_read(app, engine, "slow_static", 700, "uncommitted")
+    assert after == plain(engine, "children"), ("during", during, "SQL for the read after", count)
+    engine.dispose()
 
 
 def test_pg_trigger_declared_in_the_ini_through_pyramid(pg_database, region):
