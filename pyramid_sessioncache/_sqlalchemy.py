@@ -565,12 +565,7 @@ def execution_bind(session: Any, bind_arguments: dict) -> Any:
     rather than calling ``get_transaction()`` and ``get_execution_options()``.
     """
     bind = session.get_bind(**bind_arguments)
-    transaction = session._transaction
-    if transaction is None:
+    connection = transaction_connection(session, bind)
+    if connection is None or connection._execution_options is bind._execution_options:
         return bind
-    while transaction._parent is not None:
-        transaction = transaction._parent
-    entry = transaction._connections.get(bind)
-    if entry is None or entry[0]._execution_options is bind._execution_options:
-        return bind
-    return entry[0]
+    return connection

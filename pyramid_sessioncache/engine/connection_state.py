@@ -195,7 +195,8 @@ def state_text(session: Any, bind_arguments: dict, bind: Any) -> str | None:
     """
     connection = _sqlalchemy.transaction_connection(session, bind)
     if connection is None:
-        if not (_sets_at_begin(session) or _pool_of(bind) in _POOLS_WITH_SETTINGS):
+        # The WeakSet is empty in most applications: asked before the listeners are walked.
+        if not ((_POOLS_WITH_SETTINGS and _pool_of(bind) in _POOLS_WITH_SETTINGS) or _sets_at_begin(session)):
             return ""
         connection = session.connection(bind_arguments=dict(bind_arguments))
     info = connection.info

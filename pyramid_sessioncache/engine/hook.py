@@ -85,15 +85,10 @@ def _transaction_ended(session: Session, transaction: Any) -> None:
         session.info.pop(info.SNAPSHOTS, None)
 
 
-def _reads_a_snapshot(session: Session, connection: Any) -> bool:
-    """``loader.reads_a_snapshot()``, remembered for the length of ``session``'s transaction."""
-    return loader.reads_a_snapshot(connection, _known(session))
-
-
 def _must_not_store(session: Session, connection: Any) -> bool:
     """Whether what a load on ``connection`` reads may be rows no committed state holds.
 
-    An older snapshot (:func:`_reads_a_snapshot`); another Session's
+    An older snapshot (``loader.reads_a_snapshot()``); another Session's
     uncommitted writes on the same DBAPI connection (a ``StaticPool``'s
     one connection, shared by every Session); a connection that reads
     uncommitted rows (SQLite's ``read_uncommitted`` in shared-cache mode,
@@ -108,6 +103,7 @@ def _must_not_store(session: Session, connection: Any) -> bool:
 
 
 def _known(session: Session) -> dict:
+    # What the database said of this transaction's connections, kept as long as the transaction.
     known = session.info.get(info.SNAPSHOTS)
     if known is None:
         known = session.info[info.SNAPSHOTS] = {}

@@ -150,7 +150,7 @@ def reads_a_snapshot(connection: Any, known: dict[Any, bool] | None = None) -> b
     if known is not None and connection in known:
         return known[connection]
     if connection.dialect.name == "sqlite":
-        answer = _journal_mode(connection) == "wal"
+        answer = str(_pragma(connection, "journal_mode")).lower() == "wal"
     else:
         try:
             answer = str(connection.get_isolation_level()).upper() in SNAPSHOT_LEVELS
@@ -172,11 +172,7 @@ def reads_uncommitted(connection: Any, known: dict[Any, Any] | None = None) -> b
     """
     dialect = connection.dialect.name
     if dialect == "sqlite":
-        cursor = connection.connection.dbapi_connection.cursor()
-        try:
-            return bool(cursor.execute("PRAGMA read_uncommitted").fetchone()[0])
-        finally:
-            cursor.close()
+        return bool(_pragma(connection, "read_uncommitted"))
     if dialect == "postgresql":
         return False
     marker = (connection, "uncommitted")
@@ -191,10 +187,10 @@ def reads_uncommitted(connection: Any, known: dict[Any, Any] | None = None) -> b
     return answer
 
 
-def _journal_mode(connection: Any) -> str:
+def _pragma(connection: Any, name: str) -> Any:
     # On the DBAPI connection: the add-on's own question, not the application's SQL.
     cursor = connection.connection.dbapi_connection.cursor()
     try:
-        return str(cursor.execute("PRAGMA journal_mode").fetchone()[0]).lower()
+        return cursor.execute(f"PRAGMA {name}").fetchone()[0]
     finally:
         cursor.close()

@@ -148,11 +148,7 @@ def _mark(conn: Any, tables: frozenset[str]) -> None:
     for session in list(conn.info.get(_OWNERS, ())):
         written(session).update(tables)
         local_session.drop(session)
-    try:
-        open_transaction = in_transaction(conn.connection.dbapi_connection)
-    except Exception:  # an invalidated connection: whatever happened, say it
-        open_transaction = False
-    if open_transaction:
+    if _transaction_open(conn):
         _marks(conn).levels[-1][1].update(tables)
     else:  # the database committed it already
         _ended_by_itself(conn)
@@ -167,6 +163,14 @@ def _ended_by_itself(conn: Any) -> None:
         pending = marks.pending()
         marks.levels = [[None, set()]]
         publish(pending)
+
+
+def _transaction_open(conn: Any) -> bool:
+    """Whether ``conn``'s DBAPI connection has a transaction open; False for an invalidated connection."""
+    try:
+        return in_transaction(conn.connection.dbapi_connection)
+    except Exception:
+        return False
 
 
 def in_transaction(dbapi_connection: Any) -> bool:
@@ -185,11 +189,7 @@ def in_transaction(dbapi_connection: Any) -> bool:
 
 def _begun(conn: Any) -> None:
     _publish_committed(conn.info)
-    try:
-        open_transaction = in_transaction(conn.connection.dbapi_connection)
-    except Exception:  # an invalidated connection: it starts afresh
-        open_transaction = False
-    if open_transaction:
+    if _transaction_open(conn):
         # Another Connection's transaction is open on this DBAPI connection
         # (a StaticPool's one connection, shared): its marks and Sessions stay.
         return
