@@ -7,7 +7,7 @@ against SQLAlchemy 2.0 (2.0.x, the oldest supported series, run by CI) and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from sqlalchemy.engine import Connection, FrozenResult, Result
@@ -34,19 +34,27 @@ def cache_key(statement: Any) -> Any:
     return statement._generate_cache_key()
 
 
-def add_loaded(session: Any, state: Any, identity_key: Any) -> None:
-    """Make a new ``state`` persistent in ``session`` as if a query loaded it.
+def loading_into(session: Any) -> Callable[[Any, Any], None]:
+    """Return ``add(state, identity_key)``, which makes a new ``state`` persistent in ``session`` as a query would.
 
     These are the steps ``sqlalchemy.orm.loading._instance`` takes for a row
     whose identity is not in the identity map yet (2.0, 2.1); the public
     alternatives, ``make_transient_to_detached()`` then ``Session.add()``,
     cascade through relationships and fire attach events, which costs more
-    than the query a cache hit replaces.
+    than the query a cache hit replaces.  Made once per hit, for every
+    object it builds.
     """
-    state.key = identity_key
-    state.identity_token = identity_key[2]
-    state.session_id = session.hash_key
-    session.identity_map._add_unpresent(state, identity_key)
+    session_id = session.hash_key
+    identity_map = session.identity_map
+    add_unpresent = identity_map._add_unpresent
+
+    def add(state: Any, identity_key: Any) -> None:
+        state.key = identity_key
+        state.identity_token = identity_key[2]
+        state.session_id = session_id
+        add_unpresent(state, identity_key)
+
+    return add
 
 
 def load_path(mapper: Any) -> Any:

@@ -118,6 +118,8 @@ def objects_of(session: Session, classes: list, records: list, load_options: tup
     plans = [_plan(*layout) for layout in classes]
     notify = bool(session.dispatch.loaded_as_persistent) or any(plan.manager.dispatch.load for plan in plans)
     in_session = session.identity_map.get
+    add_loaded = _sqlalchemy.loading_into(session)
+    instance_state = attributes.instance_state
     objects: list[Any] = []
     to_relate: list[tuple] = []
     created: list[tuple] = []
@@ -127,8 +129,17 @@ def objects_of(session: Session, classes: list, records: list, load_options: tup
         obj = in_session(identity_key)
         new = obj is None
         if new:
+            # A new object, made persistent and clean as the ORM's loader makes one (inlined: the hot path).
             obj = plan.manager.new_instance()
-            state = _make_persistent(session, obj, plan, identity_key, values, complete, load_options, loaders)
+            state = instance_state(obj)
+            add_loaded(state, identity_key)
+            if complete and not plan.expire and loaders is None:
+                obj.__dict__.update(zip(plan.columns, values, strict=True))
+            else:
+                _fill_new(state, obj.__dict__, plan, values, complete, loaders)
+            if load_options:  # as the ORM gives them (see _sqlalchemy.load_path)
+                state.load_options = load_options
+                state.load_path = plan.load_path
             if notify:
                 created.append((state, plan))
         else:
@@ -143,27 +154,17 @@ def objects_of(session: Session, classes: list, records: list, load_options: tup
     return objects
 
 
-def _make_persistent(
-    session: Session,
-    obj: Any,
-    plan: _Plan,
-    identity_key: Any,
-    values: tuple,
-    complete: bool,
-    load_options: tuple,
-    loaders: dict | None,
-) -> Any:
-    """Make the new ``obj`` a clean persistent object of ``session`` holding ``values``; return its state.
+def _fill_new(state: Any, loaded: dict, plan: _Plan, values: tuple, complete: bool, loaders: dict | None) -> None:
+    """Fill a new object from an entry that lacks some of its columns, or whose query gave it loaders.
 
     Columns the entry lacks are expired (they load on access), except
     those the query's options gave a loader of the object's own
     (``raiseload()``, ``defer(raiseload=True)``): ``loaders``, given to the
     object as the query gave them, answer for those.
     """
-    state = attributes.instance_state(obj)
-    _sqlalchemy.add_loaded(session, state, identity_key)
-    loaded = obj.__dict__
-    if plan.expire or not complete:
+    if complete and not plan.expire:
+        loaded.update(zip(plan.columns, values, strict=True))
+    else:
         missing = plan.expire.copy()
         for key, value in zip(plan.columns, values, strict=True):
             if value is not NOT_LOADED:
@@ -171,14 +172,8 @@ def _make_persistent(
             elif loaders is None or key not in loaders:
                 missing.append(key)
         _sqlalchemy.expire_missing(state, missing)
-    else:
-        loaded.update(zip(plan.columns, values, strict=True))
     if loaders is not None:
         _sqlalchemy.give_loaders(state, loaders)
-    if load_options:  # as the ORM gives them (see _sqlalchemy.load_path)
-        state.load_options = load_options
-        state.load_path = plan.load_path
-    return state
 
 
 def _fill_unloaded(obj: Any, plan: _Plan, values: tuple, refilled: list[tuple]) -> Any:
