@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from enum import Enum
+from itertools import repeat
 from typing import Any
 from uuid import UUID
 
@@ -315,18 +316,20 @@ class _Snapshot:
     def __init__(self) -> None:
         self.classes: list[tuple] = []
         self.objects: list[tuple] = []
-        self._class_index: dict[type, int] = {}
+        # class -> (its index in classes, column keys, relationship keys, whether each holds a collection)
+        self._layouts: dict[type, tuple[int, tuple, tuple, tuple]] = {}
         self._index: dict[int, int] = {}
         self._loaders: dict[int, tuple[Any, bool]] = {}
 
-    def _layout(self, cls: type, mapper: Any) -> int:
-        position = self._class_index.get(cls)
-        if position is None:
+    def _layout(self, cls: type, mapper: Any) -> tuple[int, tuple, tuple, tuple]:
+        layout = self._layouts.get(cls)
+        if layout is None:
             columns = tuple(prop.key for prop in mapper.column_attrs)
             relationships = tuple(prop.key for prop in mapper.relationships)
-            position = self._class_index[cls] = len(self.classes)
+            collections = tuple(bool(prop.uselist) for prop in mapper.relationships)
+            layout = self._layouts[cls] = (len(self.classes), columns, relationships, collections)
             self.classes.append((cls, columns, relationships))
-        return position
+        return layout
 
     def ref(self, obj: Any) -> int:
         """Return the index of ``obj``, recording it (and what it holds) the first time."""
@@ -336,16 +339,17 @@ class _Snapshot:
         position = self._index[id(obj)] = len(self.objects)
         self.objects.append(())  # reserved: what it holds may refer back to it
         state = attributes.instance_state(obj)
-        class_index = self._layout(type(obj), state.mapper)
-        _, columns, relationships = self.classes[class_index]
+        class_index, columns, relationships, collections = self._layout(type(obj), state.mapper)
         loaded = state.dict
-        values = tuple(loaded.get(key, NOT_LOADED) for key in columns)
-        complete = all(key in loaded for key in columns)
-        props = state.mapper.relationships
+        values = tuple(map(loaded.get, columns, repeat(NOT_LOADED)))
+        complete = all(map(loaded.__contains__, columns))
         held = tuple(
-            self._held(loaded[key], bool(props[key].uselist)) if key in loaded else NOT_LOADED for key in relationships
+            self._held(loaded[key], collection) if key in loaded else NOT_LOADED
+            for key, collection in zip(relationships, collections, strict=True)
         )
-        loaders = {key: loader for key, loader in state.callables.items() if self._keeps(loader)} or None
+        loaders = None
+        if state.callables:  # most objects have none
+            loaders = {key: loader for key, loader in state.callables.items() if self._keeps(loader)} or None
         self.objects[position] = (class_index, state.key, values, held, complete, loaders)
         return position
 
