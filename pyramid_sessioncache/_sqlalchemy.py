@@ -15,7 +15,7 @@ from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Query, Session
 from sqlalchemy.orm.collections import InstrumentedList
 from sqlalchemy.orm.context import FromStatement
-from sqlalchemy.orm.path_registry import RootRegistry
+from sqlalchemy.orm.path_registry import PathRegistry, RootRegistry
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.functions import GenericFunction
 from sqlalchemy.sql.selectable import TextualSelect
@@ -68,6 +68,17 @@ def load_path(mapper: Any) -> Any:
     query that reach deeper than one level do not follow a cached object.
     """
     return mapper._path_registry
+
+
+def reset_load_path(state: Any, load_options: tuple, path: Any) -> None:
+    """Give ``state`` the ``load_options`` and loader ``path`` of a hit's new objects (see :func:`load_path`).
+
+    With no options, the empty options and root path an object has before
+    any load sets them (``InstanceState``'s class attributes, 2.0, 2.1):
+    what a hit leaves on the objects it makes.
+    """
+    state.load_options = load_options
+    state.load_path = path if load_options else PathRegistry.root
 
 
 def commit_loaded(state: Any, keys: Any) -> None:

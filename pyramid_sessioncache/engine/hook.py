@@ -166,41 +166,51 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
         )
         result = value.result()
     else:
-        value, hit = _shared(state, cache, found, region, option.expire)
-        result = lookup.objects_of(session, region, found.key.text, value, statement)
+        value, hit, instances = _shared(state, cache, found, region, option.expire)
+        result = lookup.objects_of(session, region, found.key.text, value, statement, instances)
     lookup.record(cache, session, region, hit, found.key)
     return result
 
 
 def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: Any, expire: int | None):
+    """Return ``(value, hit, instances)``: ``instances``, the objects a miss loaded ``value`` from, else None."""
     session = state.session
     # The transaction begins when the query runs (``connection()``), or
     # after a hit: never while waiting for another request's query, which
     # would hold a pooled connection for nothing.
-    value, hit = _look_up(state, cache, found, region, expire)
+    made: dict[str, Any] = {}
+    value, hit = _look_up(state, cache, found, region, expire, made)
     if hit:
         lookup.begin(session, state.bind_arguments)
-    return value, hit
+    instances = made["instances"] if not hit and made.get("value") is value else None
+    return value, hit, instances
 
 
-def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: Any, expire: int | None):
+def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: Any, expire: int | None, made: dict):
+    """``region.get_or_create()`` of the statement's entry; ``made`` gets the value this call loaded, and its objects."""
     session = state.session
 
     def connection() -> Any:
         # A copy: Session.connection() pops an explicit "bind" from what it is given.
         return session.connection(bind_arguments=dict(state.bind_arguments))
 
+    def load(named: frozenset[str] | None = None) -> CachedRows:
+        instances: list[Any] = []
+        value = made["value"] = loader.load(state, connection(), named, instances)
+        made["instances"] = instances
+        return value
+
     key = found.key
     verdict = {"store": True}
     if cache.invalidation != "auto":
 
-        def load() -> CachedRows:
+        def load_once() -> CachedRows:
             # What an explicit invalidation removed, an older snapshot must not store again.
             verdict["store"] = not _must_not_store(session, connection())
-            return loader.load(state, connection())
+            return load()
 
         return region.get_or_create(
-            key.text, load, session, expire, store=lambda value: verdict["store"], label=key.shape
+            key.text, load_once, session, expire, store=lambda value: verdict["store"], label=key.shape
         )
 
     tables = found.tables
@@ -212,7 +222,7 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
         known = tables
         for _ in range(2):
             now = region.versions(known, create=True)  # before the query: see invalidation/__init__.py
-            value = loader.load(state, connection(), named=frozenset(known))
+            value = load(frozenset(known))
             # A view calling a function of the database's own reads any table.
             value.tables = schema.depends_on(connection(), value.tables)
             if value.tables <= frozenset(known):

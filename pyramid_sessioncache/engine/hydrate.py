@@ -19,21 +19,24 @@ from .. import _sqlalchemy
 from .values import NOT_LOADED, CachedRows, private_copy
 
 
-def result(value: CachedRows, session: Session, load_options: tuple = ()) -> Result:
+def result(value: CachedRows, session: Session, load_options: tuple = (), instances: list | None = None) -> Result:
     """Return ``value`` as a Result whose objects belong to ``session``.
 
     ``load_options`` are the propagating loader options of the query,
-    given to each new object as the ORM would.  The Result demands
-    ``.unique()`` when the query's did.  Values that could be changed in
-    place reach the caller as copies of its own (see
-    ``CachedRows.changeable()``).
+    given to each new object as the ORM would.  ``instances``: the objects
+    ``value`` was just made from, which the Session may take as they are
+    (see :func:`adopted`).  The Result demands ``.unique()`` when the
+    query's did.  Values that could be changed in place reach the caller
+    as copies of its own (see ``CachedRows.changeable()``).
     """
     flags = value.entity_columns
     rows, records = _own_copies(value)
     if not any(flags):  # plain values only: the stored tuples serve as they are
         result = value.shell.with_new_rows(rows)()
     else:
-        objects = objects_of(session, value.classes, records, load_options)
+        objects = None if instances is None else adopted(value, session, instances, load_options)
+        if objects is None:
+            objects = objects_of(session, value.classes, records, load_options)
         if flags == (True,):  # one entity per row, the commonest
             rows = [(None if index is None else objects[index],) for (index,) in rows]
         else:
@@ -45,6 +48,41 @@ def result(value: CachedRows, session: Session, load_options: tuple = ()) -> Res
             ]
         result = value.shell.with_new_rows(rows)()
     return _sqlalchemy.require_unique(result) if value.requires_unique else result
+
+
+def adopted(value: CachedRows, session: Session, instances: list, load_options: tuple) -> list[Any] | None:
+    """Make the objects a miss loaded (``instances``, detached) objects of ``session``; None when it cannot.
+
+    A miss loads its rows in a Session of its own (``loader.py``) and
+    snapshots them into ``value``: when the caller's Session holds none of
+    their identities, those very objects, detached when the loader closed,
+    are what the query would have given it (loaded as the database
+    returned them, with the query's loaders and options), so they join it
+    as they are instead of being built a second time.  Not when any value
+    could be changed in place: the region keeps the snapshot's values, and
+    a change the caller made in place would reach the cache; nor when some
+    object lacks a column of its class (deferred, or mapped since the
+    statement was compiled), which a hit expires so that it loads on access.
+    """
+    changeable_objects, changeable_rows = value.changeable()
+    if changeable_objects or changeable_rows or len(instances) != len(value.objects):
+        return None
+    plans = [_plan(*layout) for layout in value.classes]
+    if not all(record[4] for record in value.objects) or any(plan.expire for plan in plans):
+        return None
+    states = [attributes.instance_state(obj) for obj in instances]
+    identity_map = session.identity_map
+    for state, record in zip(states, value.objects, strict=True):
+        if state.session_id is not None or state.key != record[1] or record[1] in identity_map:
+            return None  # the Session holds one of them already: filled as any hit (objects_of)
+    add_loaded = _sqlalchemy.loading_into(session)
+    for state, record in zip(states, value.objects, strict=True):
+        add_loaded(state, state.key)
+        _sqlalchemy.reset_load_path(state, load_options, plans[record[0]].load_path)
+    if session.dispatch.loaded_as_persistent:
+        for state in states:
+            session.dispatch.loaded_as_persistent(session, state)
+    return instances
 
 
 def _own_copies(value: CachedRows) -> tuple[list, list]:

@@ -42,7 +42,9 @@ def _executing(conn: Any, cursor: Any, statement: Any, parameters: Any, context:
                 read.add(ANY_TABLE)
 
 
-def load(state: ORMExecuteState, connection: Any, named: frozenset[str] | None = None) -> CachedRows:
+def load(
+    state: ORMExecuteState, connection: Any, named: frozenset[str] | None = None, instances: list | None = None
+) -> CachedRows:
     """Run the statement of ``state`` in a fresh Session on the caller's ``connection``.
 
     The fresh Session's objects hold exactly what the database returned in
@@ -52,6 +54,8 @@ def load(state: ORMExecuteState, connection: Any, named: frozenset[str] | None =
     properties, loader criteria...), those of the objects it built, and
     ``named``: those the statement names, which the caller may know
     already for its shape (default: read from the statement).
+    ``instances`` receives the objects built, detached (see
+    ``CachedRows.from_result()``).
     """
     # The statement has been through the caller's listeners: it runs
     # without them.  The relationship loads it makes go through those on the
@@ -71,7 +75,7 @@ def load(state: ORMExecuteState, connection: Any, named: frozenset[str] | None =
         result = _sqlalchemy.execute_without_listeners(
             loader, state.statement, state.parameters, state.local_execution_options
         )
-        value = CachedRows.from_result(result)
+        value = CachedRows.from_result(result, instances)
     finally:
         if outer is None:
             del _READING[connection]

@@ -204,14 +204,17 @@ def begin(session: Session, bind_arguments: dict) -> None:
         join(session)
 
 
-def objects_of(session: Session, region: Region, key: str, value: CachedRows, statement: Any) -> Any:
+def objects_of(
+    session: Session, region: Region, key: str, value: CachedRows, statement: Any, instances: list | None = None
+) -> Any:
     """Return ``value`` as a Result of ``session``'s objects.
 
     A region hands back the same stored value until it changes (Redis
     too: see ``storage/backends/redis.py``); the objects built from it are
     remembered with the Session's local cache (and dropped with it, and
     bounded like it), so hitting the same entry again in one Session costs
-    what a local hit costs.
+    what a local hit costs.  ``instances``: the objects a miss just made
+    ``value`` from (see ``hydrate.adopted()``).
     """
     if not any(value.entity_columns):  # plain rows: nothing to build twice
         return hydrate.result(value, session, propagating(statement))
@@ -222,7 +225,7 @@ def objects_of(session: Session, region: Region, key: str, value: CachedRows, st
         if len(built) >= local_session.DEFAULT_MAX_ITEMS:
             del built[next(iter(built))]  # the oldest: a Session keeps a bounded number
         built[key] = (value, None)
-        return hydrate.result(value, session, propagating(statement))
+        return hydrate.result(value, session, propagating(statement), instances)
     if seen[1] is not None and seen[1].current(session):
         return seen[1].result()
     objects = LocalResult.from_result(hydrate.result(value, session, propagating(statement)))

@@ -196,8 +196,12 @@ class CachedRows:
         return self._changeable
 
     @classmethod
-    def from_result(cls, result: Result) -> CachedRows:
-        """Snapshot ``result``, whose objects belong to a throw-away Session, before it is read."""
+    def from_result(cls, result: Result, instances: list | None = None) -> CachedRows:
+        """Snapshot ``result``, whose objects belong to a throw-away Session, before it is read.
+
+        ``instances``, if given, receives the objects themselves, in the
+        order of :attr:`objects` (see ``hydrate.adopted()``).
+        """
         requires_unique = _sqlalchemy.requires_unique(result)
         frozen = _sqlalchemy.freeze_raw(result)
         rows = [tuple(row) for row in frozen()]
@@ -211,6 +215,8 @@ class CachedRows:
             )
             for row in rows
         ]
+        if instances is not None:
+            instances.extend(snapshot.instances)
         return cls(
             _sqlalchemy.detached(frozen.with_new_rows([])),
             entity_columns,
@@ -316,6 +322,8 @@ class _Snapshot:
     def __init__(self) -> None:
         self.classes: list[tuple] = []
         self.objects: list[tuple] = []
+        #: The objects themselves, in the order of ``objects``.
+        self.instances: list[Any] = []
         # class -> (its index in classes, column keys, relationship keys, whether each holds a collection)
         self._layouts: dict[type, tuple[int, tuple, tuple, tuple]] = {}
         self._index: dict[int, int] = {}
@@ -338,6 +346,7 @@ class _Snapshot:
             return position
         position = self._index[id(obj)] = len(self.objects)
         self.objects.append(())  # reserved: what it holds may refer back to it
+        self.instances.append(obj)
         state = attributes.instance_state(obj)
         class_index, columns, relationships, collections = self._layout(type(obj), state.mapper)
         loaded = state.dict
