@@ -129,7 +129,7 @@ def test_every_new_factory_gets_the_listeners_even_at_a_dead_ones_address(db_url
     engine = create_engine(db_url)
     try:
         addresses = set()
-        for _ in range(50):
+        for made in range(1, 51):
             factory = sessionmaker(bind=engine)
             register(factory)
             session = factory()
@@ -139,7 +139,9 @@ def test_every_new_factory_gets_the_listeners_even_at_a_dead_ones_address(db_url
             )
             addresses.add(id(factory))
             del factory, session
-            gc.collect()
-        assert len(addresses) < 50  # addresses were reused: the case was met
+            gc.collect()  # a full collection costs ~0.4 s late in the suite: stop once the case was met
+            if made - len(addresses) >= 3:
+                break
+        assert made - len(addresses) >= 3  # addresses were reused: the case was met
     finally:
         engine.dispose()
