@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import re
 import weakref
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import event
@@ -72,9 +73,9 @@ def install() -> None:
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
     lowered = statement.lower()
     # SET, RESET, set_config(), DISCARD; else a function of the database's own that changes settings.
-    changes = _changes(statement) if "set" in lowered or "discard" in lowered else []
+    changes = _changes(statement) if "set" in lowered or "discard" in lowered else ()
     if not changes and "(" in statement and _calls_a_setter(conn, statement):
-        changes = [(None, False)]
+        changes = ((None, False),)
     if not changes:
         return
     info = conn.info
@@ -93,8 +94,13 @@ def _calls_a_setter(conn: Any, statement: str) -> bool:
         return True
 
 
-def _changes(statement: str) -> list[tuple[str | None, bool]]:
-    """What ``statement`` changes, as ``(name, local)``; a name None when what or how long cannot be told."""
+@lru_cache(maxsize=2048)
+def _changes(statement: str) -> tuple[tuple[str | None, bool], ...]:
+    """What ``statement`` changes, as ``(name, local)``; a name None when what or how long cannot be told.
+
+    Remembered per text: every ``LIMIT ... OFFSET`` query, or one naming an
+    ``asset`` column, would otherwise be read again on each execution.
+    """
     found: list[tuple[str | None, bool]] = []
     for cleaned in sqltext.readings(statement):
         for part in cleaned.statements():
@@ -108,7 +114,7 @@ def _changes(statement: str) -> list[tuple[str | None, bool]]:
             found.append((None, False))  # a name or a scope given otherwise than as literals
         else:
             found += [(match.group("name").lower(), match.group("local").lower() == "true") for match in literal]
-    return found
+    return tuple(found)
 
 
 def _statement_change(word: str, text: str) -> tuple[str | None, bool]:
