@@ -20,6 +20,10 @@ does), executes it and fetches its objects or rows (``.scalars().all()``,
   ``request.cached_query`` runs: it reads a hit before ``Session.execute()``.
   One more row runs the ``ext:local_session`` hit through the ``FromCache``
   option and ``Session.execute()``.
+- *memory miss*: the entry removed before each call (``Region.clear()``
+  of a ``memory`` region holding that one entry), so that each call loads
+  the rows, stores them and gives them to the Session: what a miss costs
+  beside an uncached query.
 - *bound*: the least any ``do_orm_execute`` cache can cost: a listener
   that returns a stored ``FrozenResult`` from a dictionary keyed by
   SQLAlchemy's cache key, nothing else (no region, no checks: not a usable
@@ -59,6 +63,7 @@ VARIANTS = (
     ("localoption_same", "  the same, by FromCache option"),
     ("memory_same", "memory hit, same session"),
     ("memory_new", "memory hit, new session"),
+    ("miss_new", "memory miss, new session"),
     ("redis_same", "redis hit, same session"),
     ("redis_new", "redis hit, new session"),
     ("near_same", "redis near hit, same session"),
@@ -116,7 +121,7 @@ class _Runner:
         self.sizes = sizes
         self.budget = budget
         self.sql = SQLCounter(engine)
-        regions = {"local": {"type": "ext:local_session"}, "memory": {"type": "memory"}}
+        regions = {"local": {"type": "ext:local_session"}, "memory": {"type": "memory"}, "miss": {"type": "memory"}}
         if redis_url:
             regions["redis"] = {"type": "ext:redis", "url": redis_url}
             regions["near"] = {"type": "ext:redis", "url": redis_url, "near": True}
@@ -151,7 +156,7 @@ class _Runner:
                         continue
                     self.sql.count = 0
                     check()
-                    if self.sql.count and not variant.startswith("uncached"):
+                    if self.sql.count and not variant.startswith(("uncached", "miss")):
                         self.results.emitted_sql[(variant, query)] = self.sql.count
         return self.results
 
@@ -168,6 +173,8 @@ class _Runner:
             if kind in ("redis", "near") and not self.redis:
                 return None
             factory, options_factory = _CachedQuery.factory(self.cached, kind), tuple
+        elif kind == "miss":
+            factory, options_factory = _CachedQuery.factory(self.cached, kind, self.cache.region(kind)), tuple
         elif kind == "localoption":
             factory, options_factory = self.cached, _ours("local")
         elif kind == "bound":
@@ -220,20 +227,25 @@ def _bound(sessionmaker):
 class _CachedQuery:
     """A Session stand-in whose ``execute(statement)`` is ``cached_query(session, statement, region)``."""
 
-    def __init__(self, session, region: str) -> None:
+    def __init__(self, session, region: str, emptied=None) -> None:
         self.session = session
         self.region = region
+        self.emptied = emptied
 
     @classmethod
-    def factory(cls, sessionmaker, region: str):
+    def factory(cls, sessionmaker, region: str, emptied=None):
+        """Sessions of ``sessionmaker`` that run ``cached_query`` on ``region``; ``emptied`` (a region) is cleared first."""
+
         @contextlib.contextmanager
         def new():
             with sessionmaker() as session:
-                yield cls(session, region)
+                yield cls(session, region, emptied)
 
         return new
 
     def execute(self, statement):
+        if self.emptied is not None:
+            self.emptied.clear()
         return cached_query(self.session, statement, self.region)
 
 

@@ -194,9 +194,9 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
         # A copy: Session.connection() pops an explicit "bind" from what it is given.
         return session.connection(bind_arguments=dict(state.bind_arguments))
 
-    def load(named: frozenset[str] | None = None) -> CachedRows:
+    def load(named: frozenset[str] | None = None, conn: Any = None) -> CachedRows:
         instances: list[Any] = []
-        value = made["value"] = loader.load(state, connection(), named, instances)
+        value = made["value"] = loader.load(state, connection() if conn is None else conn, named, instances)
         made["instances"] = instances
         return value
 
@@ -206,8 +206,9 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
 
         def load_once() -> CachedRows:
             # What an explicit invalidation removed, an older snapshot must not store again.
-            verdict["store"] = not _must_not_store(session, connection())
-            return load()
+            conn = connection()
+            verdict["store"] = not _must_not_store(session, conn)
+            return load(conn=conn)
 
         return region.get_or_create(
             key.text, load_once, session, expire, store=lambda value: verdict["store"], label=key.shape
@@ -218,13 +219,14 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
         tables = cache.tables_read.learn(key.shape, _tables_read(state.statement))
 
     def create() -> CachedRows:
-        old_snapshot = _must_not_store(session, connection())  # before anything runs for this query
+        conn = connection()
+        old_snapshot = _must_not_store(session, conn)  # before anything runs for this query
         known = tables
         for _ in range(2):
             now = region.versions(known, create=True)  # before the query: see invalidation/__init__.py
-            value = load(frozenset(known))
+            value = load(frozenset(known), conn)
             # A view calling a function of the database's own reads any table.
-            value.tables = schema.depends_on(connection(), value.tables)
+            value.tables = schema.depends_on(conn, value.tables)
             if value.tables <= frozenset(known):
                 break
             # It read tables its statement does not name (eager loads, column
