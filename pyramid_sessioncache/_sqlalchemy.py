@@ -78,9 +78,33 @@ def give_loaders(state: Any, loaders: dict) -> None:
     state.callables = dict(loaders)
 
 
+def give_unloaded_loaders(state: Any, loaders: dict) -> None:
+    """Give the Session's own ``state`` the ``loaders`` of what it has not loaded, as a query's row does.
+
+    For an object already in the identity map, ``loading._populate_partial``
+    runs the "new" populators of the keys in ``state.unloaded``, which set
+    ``state.callables[key]`` (``_instance_level_callable_processor``,
+    starting a dictionary of the state's own), and leaves loaded and
+    changed attributes alone (2.0, 2.1).
+    """
+    unloaded = state.unloaded
+    keys = [key for key in loaders if key in unloaded]
+    if keys:
+        if "callables" not in state.__dict__:
+            state.callables = {}
+        for key in keys:
+            state.callables[key] = loaders[key]
+
+
 def expire_missing(state: Any, keys: Any) -> None:
-    """Mark column ``keys`` that a cached row lacks as expired, so they load on access."""
-    state._expire_attributes(state.dict, keys)
+    """Mark column ``keys`` that a cached row lacks as expired, so they load on access.
+
+    Except those with a loader of their own (a ``deferred()`` column's):
+    a query leaves them unloaded, not expired (``no_loader=True``, what
+    ``InstanceState._expire_attributes`` offers for this, 2.0, 2.1), and an
+    object with expired attributes is one a local hit refuses.
+    """
+    state._expire_attributes(state.dict, keys, no_loader=True)
 
 
 def is_single_entity(frozen: Any) -> bool:

@@ -132,14 +132,15 @@ def objects_of(session: Session, classes: list, records: list, load_options: tup
             if notify:
                 created.append((state, plan))
         else:
-            state = _fill_unloaded(obj, plan, values, refilled)
+            state = _fill_unloaded(obj, plan, values, loaders, refilled)
         if state is not None and held.count(NOT_LOADED) != len(held):
             to_relate.append((state, new, plan.impls, held))
         objects.append(obj)
     _set_relationships(to_relate, objects)
     _send_load_events(session, created)
-    for state, keys in refilled:  # as the ORM refreshes expired attributes of an object it holds
+    for state, keys, others in refilled:  # as the ORM refreshes expired attributes of an object it holds
         state.manager.dispatch.refresh(state, None, keys)
+        _sqlalchemy.commit_loaded(state, others)
     return objects
 
 
@@ -181,15 +182,22 @@ def _make_persistent(
     return state
 
 
-def _fill_unloaded(obj: Any, plan: _Plan, values: tuple, refilled: list[tuple]) -> Any:
+def _fill_unloaded(obj: Any, plan: _Plan, values: tuple, loaders: dict | None, refilled: list[tuple]) -> Any:
     """Fill the columns the Session's own ``obj`` has not loaded, as a query would.
 
-    Loaded columns, changed or not, are left alone; ``(state, keys)`` is
-    added to ``refilled`` when the class listens for ``refresh`` (mutable
-    types do, to follow their values).  Returns the object's state when
-    some relationship it has not loaded may come from the entry, else None.
+    Loaded columns, changed or not, are left alone; ``(state, keys,
+    unloaded)`` is added to ``refilled`` when the class listens for
+    ``refresh`` (mutable types and composites do, to follow their
+    values).  What it has not loaded and the
+    entry does not hold either gets the entry's ``loaders``, as the query
+    gives its loaders (``raiseload()``, ``load_only()``) to the objects
+    the Session holds: what the query would raise for raises.  Returns the
+    object's state when some relationship it has not loaded may come from
+    the entry, else None.
     """
     loaded = obj.__dict__
+    if loaders is not None:
+        _sqlalchemy.give_unloaded_loaders(attributes.instance_state(obj), loaders)
     if not plan.column_set.issubset(loaded):  # expired or unloaded
         unloaded = [
             key
@@ -202,7 +210,9 @@ def _fill_unloaded(obj: Any, plan: _Plan, values: tuple, refilled: list[tuple]) 
         state = attributes.instance_state(obj)
         _sqlalchemy.commit_loaded(state, unloaded)
         if unloaded and plan.manager.dispatch.refresh:
-            refilled.append((state, set(unloaded)))
+            # What the event fills as well (a composite()'s value) is
+            # loaded after it, as the ORM commits every key it had unloaded.
+            refilled.append((state, set(unloaded), state.unloaded))
     if plan.relationship_set.issubset(loaded):
         return None
     return attributes.instance_state(obj)

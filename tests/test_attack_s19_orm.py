@@ -1,0 +1,211 @@
+"""Session 19 (adversarial): the read side of the ORM, cached against uncached.
+
+Each case runs one sequence of queries twice on equivalent fresh Sessions,
+once uncached and once through a region (its entries made by another
+Session first, so that the queries are hits), and compares what the
+objects hold afterwards: values, what is loaded, unloaded or expired, what
+each attribute gives on access (or raises) and the SQL it costs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from sqlalchemy import Column, ForeignKey, Integer, String, Text, create_engine, inspect, select
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    composite,
+    defer,
+    deferred,
+    load_only,
+    mapped_column,
+    raiseload,
+    relationship,
+    sessionmaker,
+)
+
+from pyramid_sessioncache import FromCache, SessionCache
+
+from .conftest import SECRET, SQLCounter
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+@dataclasses.dataclass
+class Point:
+    x: int
+    y: int
+
+
+class S19Child(Base):
+    __tablename__ = "s19_child"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    parent_id: Mapped[int] = mapped_column(ForeignKey("s19_parent.id"))
+    name: Mapped[str] = mapped_column(String(50))
+    parent = relationship("S19Parent", back_populates="children")
+
+
+class S19Parent(Base):
+    __tablename__ = "s19_parent"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    x: Mapped[int] = mapped_column(Integer)
+    y: Mapped[int] = mapped_column(Integer)
+    point = composite(Point, "x", "y")
+    note = deferred(Column(Text))
+    secret: Mapped[str] = mapped_column(Text, deferred=True, deferred_raiseload=True)
+    children = relationship(S19Child, back_populates="parent", order_by=S19Child.id)
+
+
+@pytest.fixture
+def s19_engine(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 's19.sqlite'}")
+    Base.metadata.create_all(engine)
+    with sessionmaker(engine)() as session:
+        for i in (1, 2, 3):
+            session.add(
+                S19Parent(
+                    id=i,
+                    name=f"p{i}",
+                    x=i,
+                    y=-i,
+                    note=f"note {i}",
+                    secret="s",
+                    children=[S19Child(id=10 * i + j, name=f"c{i}{j}") for j in range(i % 3)],
+                )
+            )
+        session.commit()
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def s19_sessions(s19_engine):
+    """(plain sessionmaker, caching sessionmaker, SQL counter)."""
+    cache = SessionCache(
+        {"local": {"type": "ext:local_session"}, "memory": {"type": "memory", "expire": 600}},
+        default_region="local",
+        secret=SECRET,
+    )
+    return sessionmaker(s19_engine), sessionmaker(s19_engine, info=cache.session_info()), SQLCounter(s19_engine)
+
+
+def _entities(rows):
+    found = []
+    for row in rows:
+        for value in row:
+            if isinstance(value, Base) and all(value is not seen for seen in found):
+                found.append(value)
+    return found
+
+
+def _states(objects):
+    return [
+        (
+            type(obj).__name__,
+            inspect(obj).identity,
+            sorted(inspect(obj).unloaded),
+            sorted(inspect(obj).expired_attributes),
+        )
+        for obj in objects
+    ]
+
+
+def _touch(objects, sql):
+    """What reading every attribute of ``objects`` gives: (key, value or exception, SQL statements)."""
+    seen = []
+    for obj in objects:
+        for attr in inspect(obj).mapper.attrs:
+            sql.reset()
+            try:
+                value = getattr(obj, attr.key)
+                value = [repr(v.id) for v in value] if isinstance(value, list) else repr(getattr(value, "id", value))
+            except Exception as exc:
+                value = type(exc).__name__
+            seen.append((attr.key, value, sql.count))
+    return seen
+
+
+def _run(Session, sql, statements, option=()):
+    """Run ``statements`` in order in one new Session; what the last one's objects hold, then give on access."""
+    with Session() as session:
+        kept = []
+        for statement in statements:
+            rows = session.execute(statement.options(*option)).unique().all()
+            kept.append(rows)
+        objects = _entities(rows)
+        held = _states(objects)
+        return held, _touch(objects, sql)
+
+
+def _compare(s19_sessions, statements, region="memory"):
+    plain, caching, sql = s19_sessions
+    for statement in statements:  # the entries, made by another Session
+        _run(caching, sql, [statement], (FromCache(region),))
+    uncached = _run(plain, sql, statements)
+    assert _run(caching, sql, statements, (FromCache(region),)) == uncached
+
+
+PARENTS = select(S19Parent).order_by(S19Parent.id)
+
+
+# 1. Loaders a query's options give, on objects the Session already holds -------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        pytest.param((raiseload("*"),), id="raiseload-star"),
+        pytest.param((load_only(S19Parent.name, raiseload=True),), id="load_only-raiseload"),
+        pytest.param((defer(S19Parent.x, raiseload=True), defer(S19Parent.note, raiseload=True)), id="defer-raiseload"),
+        pytest.param((load_only(S19Parent.name),), id="load_only"),
+    ],
+)
+def test_a_hit_gives_its_loaders_to_objects_the_session_holds(s19_sessions, options):
+    """The Session loaded the objects first: the cached query's loaders still apply to what they have not loaded.
+
+    Uncached, an object already in the identity map takes the query's
+    per-object loaders for what it has not loaded (``raiseload`` raises);
+    a shared hit left them out, and the attribute loaded silently.
+    """
+    _compare(s19_sessions, [select(S19Parent).where(S19Parent.id == 1), PARENTS.options(*options)])
+
+
+# 2. Loaded state: unloaded is not expired ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("region", ["memory", "local"])
+def test_deferred_columns_of_a_shared_hit_are_unloaded_not_expired(s19_sessions, region):
+    """A deferred() column a hit lacks is unloaded, as uncached: not expired.
+
+    Expired, it made every object of the hit one that ``ext:local_session``
+    refuses (a local look-up over them missed every time, SQL each run).
+    """
+    plain, caching, sql = s19_sessions
+    _compare(s19_sessions, [PARENTS])
+    with caching() as session:
+        held = session.execute(PARENTS.options(FromCache("memory"))).scalars().all()
+        assert all(not inspect(obj).expired_attributes for obj in held)
+        session.execute(PARENTS.options(FromCache("local"))).scalars().all()
+        sql.reset()
+        assert session.execute(PARENTS.options(FromCache("local"))).scalars().all() == held
+        assert sql.count == 0
+
+
+def test_an_expired_object_refilled_by_a_hit_keeps_its_composite_loaded(s19_sessions):
+    """A hit refilling an expired object: what its ``refresh`` event fills (a composite) is loaded, as uncached."""
+    plain, caching, sql = s19_sessions
+
+    def expired_then_read(Session, option):
+        with Session() as session:
+            obj = session.get(S19Parent, 1)
+            session.expire(obj)
+            session.execute(PARENTS.options(*option)).scalars().all()
+            return _states([obj]), _touch([obj], sql)
+
+    _run(caching, sql, [PARENTS], (FromCache("memory"),))
+    assert expired_then_read(caching, (FromCache("memory"),)) == expired_then_read(plain, ())
