@@ -15,7 +15,7 @@ from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Query, Session
 from sqlalchemy.orm.collections import InstrumentedList
 from sqlalchemy.orm.context import FromStatement
-from sqlalchemy.orm.path_registry import RootRegistry
+from sqlalchemy.orm.path_registry import PathRegistry, RootRegistry
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.functions import GenericFunction
 from sqlalchemy.sql.selectable import TextualSelect
@@ -53,13 +53,29 @@ def load_path(mapper: Any) -> Any:
     """The loader path to give objects of ``mapper`` built from a cached row.
 
     The ORM sets ``state.load_options`` and ``state.load_path`` on every
-    object it loads, so that the object's own lazy loads carry the query's
-    propagating options (``RelationshipCache`` among them); ``rows.py``
-    does the same (``engine/hydrate.py``).  The path is the object's mapper alone
-    (``Mapper._path_registry``): path-specific options of the original
-    query that reach deeper than one level do not follow a cached object.
+    object it loads, so that the object's own loads (lazy loads, deferred
+    columns) carry the query's propagating options (``RelationshipCache``
+    among them), matched against that path; ``engine/hydrate.py`` does the
+    same.  An object the query selected has the path of its mapper
+    (``Mapper._path_registry``, what ``state.mapper`` gives too); one
+    reached through a relationship (an eager load) has its own, kept with
+    the entry (:func:`path_text`).
     """
     return mapper._path_registry
+
+
+def path_text(path: Any) -> list:
+    """``path`` (a ``PathRegistry``) as plain data that pickles: ``(class, key)`` pairs.
+
+    What ``InstanceState.__getstate__`` keeps of an object's
+    ``load_path``: ``PathRegistry.serialize()`` (2.0, 2.1).
+    """
+    return path.serialize()
+
+
+def path_of(text: list) -> Any:
+    """The ``PathRegistry`` :func:`path_text` gave ``text`` for, as ``InstanceState.__setstate__`` rebuilds it."""
+    return PathRegistry.deserialize(text)
 
 
 def commit_loaded(state: Any, keys: Any) -> None:

@@ -19,10 +19,13 @@ from sqlalchemy.orm import (
     composite,
     defer,
     deferred,
+    joinedload,
     load_only,
     mapped_column,
+    query_expression,
     raiseload,
     relationship,
+    selectinload,
     sessionmaker,
 )
 
@@ -41,12 +44,21 @@ class Point:
     y: int
 
 
+class S19Toy(Base):
+    __tablename__ = "s19_toy"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    child_id: Mapped[int] = mapped_column(ForeignKey("s19_child.id"))
+    name: Mapped[str] = mapped_column(String(50))
+    colour: Mapped[str] = mapped_column(String(50))
+
+
 class S19Child(Base):
     __tablename__ = "s19_child"
     id: Mapped[int] = mapped_column(primary_key=True)
     parent_id: Mapped[int] = mapped_column(ForeignKey("s19_parent.id"))
     name: Mapped[str] = mapped_column(String(50))
     parent = relationship("S19Parent", back_populates="children")
+    toys = relationship(S19Toy, order_by=S19Toy.id)
 
 
 class S19Parent(Base):
@@ -58,6 +70,7 @@ class S19Parent(Base):
     point = composite(Point, "x", "y")
     note = deferred(Column(Text))
     secret: Mapped[str] = mapped_column(Text, deferred=True, deferred_raiseload=True)
+    expr = query_expression()
     children = relationship(S19Child, back_populates="parent", order_by=S19Child.id)
 
 
@@ -75,7 +88,10 @@ def s19_engine(tmp_path):
                     y=-i,
                     note=f"note {i}",
                     secret="s",
-                    children=[S19Child(id=10 * i + j, name=f"c{i}{j}") for j in range(i % 3)],
+                    children=[
+                        S19Child(id=10 * i + j, name=f"c{i}{j}", toys=[S19Toy(id=100 * i + j, name="t", colour="red")])
+                        for j in range(i % 3)
+                    ],
                 )
             )
         session.commit()
@@ -209,3 +225,41 @@ def test_an_expired_object_refilled_by_a_hit_keeps_its_composite_loaded(s19_sess
 
     _run(caching, sql, [PARENTS], (FromCache("memory"),))
     assert expired_then_read(caching, (FromCache("memory"),)) == expired_then_read(plain, ())
+
+
+# 3. The loader path of eager-loaded objects ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        pytest.param(
+            select(S19Child).options(joinedload(S19Child.parent).load_only(S19Parent.name)).order_by(S19Child.id),
+            id="joined-load_only-then-a-deferred-column",
+        ),
+        pytest.param(
+            PARENTS.options(selectinload(S19Parent.children).defaultload(S19Child.toys).load_only(S19Toy.name)),
+            id="selectin-then-a-lazy-load-with-its-options",
+        ),
+    ],
+)
+def test_objects_a_hit_loaded_eagerly_keep_their_loader_path(s19_sessions, statement):
+    """An object a query loaded through a relationship keeps that path: its own loads take the options aimed there.
+
+    Given the path of its class alone, a parent loaded with
+    ``joinedload(...).load_only(...)`` raised an AssertionError when a column
+    it had not loaded was read, and options aimed at its relationships
+    were not applied (the toys loaded every column).
+    """
+    plain, caching, sql = s19_sessions
+
+    def loaded(Session, option):
+        with Session() as session:
+            rows = session.execute(statement.options(*option)).scalars().all()
+            objects = _entities([(row,) for row in rows])
+            reached = objects + [toy for obj in objects for child in getattr(obj, "children", ()) for toy in child.toys]
+            reached += [obj.parent for obj in objects if isinstance(obj, S19Child)]
+            return _states(reached), _touch(reached, sql)
+
+    _run(caching, sql, [statement], (FromCache("memory"),))
+    assert loaded(caching, (FromCache("memory"),)) == loaded(plain, ())

@@ -122,13 +122,19 @@ def objects_of(session: Session, classes: list, records: list, load_options: tup
     to_relate: list[tuple] = []
     created: list[tuple] = []
     refilled: list[tuple] = []
-    for class_index, identity_key, values, held, complete, loaders in records:
+    paths: dict[int, tuple] = {}  # the objects reached through one path share its text
+    for class_index, identity_key, values, held, complete, loaders, path in records:
         plan = plans[class_index]
         obj = in_session(identity_key)
         new = obj is None
         if new:
             obj = plan.manager.new_instance()
             state = _make_persistent(session, obj, plan, identity_key, values, complete, load_options, loaders)
+            if path is not None and load_options:  # reached through a relationship: its own path
+                found = paths.get(id(path))
+                if found is None:
+                    found = paths[id(path)] = (path, _sqlalchemy.path_of(path))
+                state.load_path = found[1]
             if notify:
                 created.append((state, plan))
         else:

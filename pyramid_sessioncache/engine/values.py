@@ -110,13 +110,15 @@ class CachedRows:
 
     ``classes`` lists, per mapped class, ``(class, column_keys,
     relationship_keys)``; ``objects`` lists ``(class_index, identity_key,
-    values, relationships, complete, loaders)``, the values and
+    values, relationships, complete, loaders, path)``, the values and
     relationships aligned with their class's keys (:data:`NOT_LOADED` where
     the object had none, ``complete`` saying it had every column), a
     relationship holding an object index, a list of them, or None;
     ``loaders`` are the loaders the query's options gave the object for
     what it did not load (``raiseload()``, ``defer(..., raiseload=True)``),
-    key -> loader, or None.
+    key -> loader, or None; ``path``, the loader path through which the
+    query reached the object (an eager load's), serialized, or None for
+    the path of its own class (see ``hydrate.py``).
     ``rows`` are tuples where the columns flagged in ``entity_columns``
     hold an object index (or None): every row the database returned, the
     repeats of a joined eager load included, and ``requires_unique`` says
@@ -222,7 +224,7 @@ class CachedRows:
     def loaded_relationships(self) -> set[tuple[type, str]]:
         """Return ``(class, key)`` of every relationship some cached object holds."""
         found: set[tuple[type, str]] = set()
-        for class_index, _, _, relationships, _, _ in self.objects:
+        for class_index, _, _, relationships, *_ in self.objects:
             cls, _, keys = self.classes[class_index]
             found.update((cls, key) for key, value in zip(keys, relationships, strict=True) if value is not NOT_LOADED)
         return found
@@ -318,6 +320,7 @@ class _Snapshot:
         self._class_index: dict[type, int] = {}
         self._index: dict[int, int] = {}
         self._loaders: dict[int, tuple[Any, bool]] = {}
+        self._paths: dict[int, tuple[Any, list]] = {}
 
     def _layout(self, cls: type, mapper: Any) -> int:
         position = self._class_index.get(cls)
@@ -346,8 +349,18 @@ class _Snapshot:
             self._held(loaded[key], bool(props[key].uselist)) if key in loaded else NOT_LOADED for key in relationships
         )
         loaders = {key: loader for key, loader in state.callables.items() if self._keeps(loader)} or None
-        self.objects[position] = (class_index, state.key, values, held, complete, loaders)
+        path = state.load_path
+        path = None if path is _sqlalchemy.load_path(state.mapper) else self._path_text(path)
+        self.objects[position] = (class_index, state.key, values, held, complete, loaders, path)
         return position
+
+    def _path_text(self, path: Any) -> list:
+        # One text per path, shared by the objects reached through it (and
+        # by their unpickled copies: pickle keeps one object once).
+        found = self._paths.get(id(path))
+        if found is None:
+            found = self._paths[id(path)] = (path, _sqlalchemy.path_text(path))
+        return found[1]
 
     def _keeps(self, loader: Any) -> bool:
         # An object's own loader (the ORM gives every object of a query the
