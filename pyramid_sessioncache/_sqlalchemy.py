@@ -195,6 +195,46 @@ def detached(frozen: FrozenResult) -> FrozenResult:
     return result
 
 
+def unique_filters(frozen: FrozenResult, result: Result) -> list | None:
+    """The ORM's functions by which ``.unique()`` tells apart the values of each column of ``result``.
+
+    ``id`` for an entity (objects are told apart by identity, whatever
+    their ``__eq__``), None (hash the value), or a function of the ORM's
+    for a type whose values may not hash (JSON).  ``frozen`` is
+    ``result`` frozen: its metadata holds them, as the private
+    ``_unique_filters`` list (2.0), or ``_create_unique_filters(result)``,
+    a function of the query that made them (2.1); neither survives
+    :func:`detached`.
+    """
+    metadata: Any = frozen.metadata
+    create = getattr(metadata, "_create_unique_filters", None)
+    if create is not None:
+        return list(create(result))
+    filters = getattr(metadata, "_unique_filters", None)
+    return None if filters is None else list(filters)
+
+
+def set_unique_filters(frozen: FrozenResult, filters: list | None) -> None:
+    """Make the Results of ``frozen`` unique their columns by ``filters``, as :func:`unique_filters` gave them."""
+    metadata: Any = frozen.metadata
+    if hasattr(metadata, "_create_unique_filters"):
+        metadata._create_unique_filters = None if filters is None else _Filters(filters)
+    else:
+        metadata._unique_filters = filters
+
+
+class _Filters:
+    # What 2.1's _create_unique_filters(result) returns, without a closure
+    # (a stored value keeps none: it could hold what a query saw).
+    __slots__ = ("filters",)
+
+    def __init__(self, filters: list) -> None:
+        self.filters = filters
+
+    def __call__(self, result: Any) -> list:
+        return self.filters
+
+
 def _unique_required(row: Any) -> Any:
     raise InvalidRequestError(UNIQUE_REQUIRED)
 

@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from sqlalchemy import Column, ForeignKey, Integer, String, Text, create_engine, inspect, select
+from sqlalchemy import JSON, Column, ForeignKey, Integer, String, Text, create_engine, inspect, select
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
+    MappedAsDataclass,
     composite,
     defer,
     deferred,
@@ -263,3 +264,92 @@ def test_objects_a_hit_loaded_eagerly_keep_their_loader_path(s19_sessions, state
 
     _run(caching, sql, [statement], (FromCache("memory"),))
     assert loaded(caching, (FromCache("memory"),)) == loaded(plain, ())
+
+
+# 4. .unique() tells objects apart by identity, as the ORM does --------------------------------------------
+
+
+class DataclassBase(MappedAsDataclass, DeclarativeBase):
+    pass
+
+
+class S19Card(DataclassBase):
+    """``MappedAsDataclass``: ``__eq__`` by value, so ``__hash__`` is None: instances are unhashable."""
+
+    __tablename__ = "s19_card"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    data: Mapped[dict] = mapped_column(JSON)
+    marks: Mapped[list[S19Mark]] = relationship(default_factory=list, order_by="S19Mark.id")
+
+
+class S19Mark(DataclassBase):
+    __tablename__ = "s19_mark"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    card_id: Mapped[int] = mapped_column(ForeignKey("s19_card.id"), default=None)
+
+
+class S19Named(Base):
+    """Equal (and hashed alike) by name: two rows of one name are two objects all the same."""
+
+    __tablename__ = "s19_named"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+
+    def __eq__(self, other):
+        return isinstance(other, S19Named) and other.name == self.name
+
+    def __hash__(self):
+        return hash(self.name)
+
+
+CARDS = select(S19Card).order_by(S19Card.id)
+READS = {
+    "unique-scalars": lambda session, option: session.execute(CARDS.options(*option)).unique().scalars().all(),
+    "joined-unique": lambda session, option: (
+        session.execute(CARDS.options(joinedload(S19Card.marks), *option)).unique().scalars().all()
+    ),
+    "entity-and-column": lambda session, option: (
+        session.execute(select(S19Card, S19Card.name).order_by(S19Card.id).options(*option)).unique().all()
+    ),
+    "legacy-query": lambda session, option: session.query(S19Card).options(*option).order_by(S19Card.id).all(),
+    "legacy-query-json": lambda session, option: (
+        session.query(S19Card, S19Card.data).options(*option).order_by(S19Card.id).all()
+    ),
+    "json-unique": lambda session, option: (
+        session.execute(select(S19Card.data).order_by(S19Card.id).options(*option)).unique().all()
+    ),
+    "equal-by-name": lambda session, option: (
+        session.execute(select(S19Named).order_by(S19Named.id).options(*option)).unique().scalars().all()
+    ),
+}
+
+
+@pytest.mark.parametrize("region", ["local", "memory", "file"])
+@pytest.mark.parametrize("read", list(READS))
+def test_unique_tells_objects_apart_by_identity(s19_engine, cache, read, region):
+    """``.unique()`` on a hit uniques as uncached: objects by identity, a JSON value as the ORM says.
+
+    A hit's rows were hashed by value: a dataclass's objects (unhashable)
+    raised TypeError, even from a legacy ``Query`` (which uniques every
+    result of entities), and two objects equal by value were made one.
+    """
+    DataclassBase.metadata.create_all(s19_engine)
+    with sessionmaker(s19_engine)() as session:
+        session.add_all([S19Card(id=1, name="same", data={"a": 1}, marks=[S19Mark(id=1), S19Mark(id=2)])])
+        session.add_all([S19Card(id=2, name="same", data={"a": 1}), S19Named(id=1, name="n"), S19Named(id=2, name="n")])
+        session.commit()
+    caching = sessionmaker(s19_engine, info=cache.session_info())
+
+    def outcome(Session, option):
+        with Session() as session:
+            try:
+                rows = [row if hasattr(row, "_mapping") else (row,) for row in READS[read](session, option)]
+            except Exception as exc:
+                return type(exc).__name__
+            ids = [[v.id if isinstance(v, (Base, DataclassBase)) else v for v in row] for row in rows]
+            return [row[0] if len(row) == 1 else row for row in ids]
+
+    expected = outcome(sessionmaker(s19_engine), ())
+    assert outcome(caching, (FromCache(region),)) == expected  # a miss
+    assert outcome(caching, (FromCache(region),)) == expected  # a hit (shared regions)

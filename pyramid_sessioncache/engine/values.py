@@ -26,6 +26,7 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy.engine import FrozenResult, Result
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, attributes, class_mapper
 from sqlalchemy.sql.expression import ColumnClause
 
@@ -59,9 +60,16 @@ class LocalResult(Sequence):
 
     @classmethod
     def from_result(cls, result: Result) -> LocalResult:
-        """Keep ``result``, an ORM Result not read yet: its rows, and whether it demands ``.unique()``."""
+        """Keep ``result``, an ORM Result not read yet: its rows, and whether it demands ``.unique()``.
+
+        Its Results unique their rows as the ORM's does (objects by
+        identity: see ``_sqlalchemy.unique_filters()``).
+        """
         requires_unique = _sqlalchemy.requires_unique(result)
-        return cls(_sqlalchemy.detached(_sqlalchemy.freeze_raw(result)), requires_unique)
+        frozen = _sqlalchemy.freeze_raw(result)
+        kept = _sqlalchemy.detached(frozen)
+        _unique_as_stored(kept, unique_kinds(frozen, result))
+        return cls(kept, requires_unique)
 
     def current(self, session: Session) -> bool:
         """Whether every object is still in ``session``, none of it expired.
@@ -138,6 +146,7 @@ class CachedRows:
         "tables",
         "versions",
         "requires_unique",
+        "uniques",
     )
     __slots__ = (*_FIELDS, "_changeable")
 
@@ -152,6 +161,7 @@ class CachedRows:
         versions=(),
         requires_unique: bool = False,
         mappings: tuple[str, ...] | None = None,
+        uniques: tuple | None = None,
     ):
         self.shell = shell
         self.entity_columns = entity_columns
@@ -165,7 +175,10 @@ class CachedRows:
         self.tables = tables
         self.versions = versions
         self.requires_unique = requires_unique
+        #: How ``.unique()`` tells each column's values apart (:func:`unique_kinds`), or None.
+        self.uniques = uniques
         self._changeable: tuple[frozenset[int], frozenset[int]] | None = None
+        _unique_as_stored(shell, uniques)
 
     def __getstate__(self):
         return tuple(getattr(self, name) for name in self._FIELDS)
@@ -174,6 +187,7 @@ class CachedRows:
         for name, value in zip(self._FIELDS, state, strict=True):
             setattr(self, name, value)
         self._changeable = None
+        _unique_as_stored(self.shell, self.uniques)
         for (cls, _, _), stored in zip(self.classes, self.mappings, strict=True):
             if mapping_text(class_mapper(cls)) != stored:
                 # Stored by code that mapped the class otherwise (the
@@ -201,6 +215,7 @@ class CachedRows:
         """Snapshot ``result``, whose objects belong to a throw-away Session, before it is read."""
         requires_unique = _sqlalchemy.requires_unique(result)
         frozen = _sqlalchemy.freeze_raw(result)
+        uniques = unique_kinds(frozen, result)
         rows = [tuple(row) for row in frozen()]
         width = len(rows[0]) if rows else 0
         entity_columns = tuple(any(_is_entity(row[i]) for row in rows) for i in range(width))
@@ -219,6 +234,7 @@ class CachedRows:
             snapshot.objects,
             plain_rows,
             requires_unique=requires_unique,
+            uniques=uniques,
         )
 
     def loaded_relationships(self) -> set[tuple[type, str]]:
@@ -228,6 +244,79 @@ class CachedRows:
             cls, _, keys = self.classes[class_index]
             found.update((cls, key) for key, value in zip(keys, relationships, strict=True) if value is not NOT_LOADED)
         return found
+
+
+def unique_kinds(frozen: FrozenResult, result: Result) -> tuple | None:
+    """How ``.unique()`` tells apart the values of each column of ``result`` (``frozen``), as plain data that pickles.
+
+    A stored result's rows are unique'd as the ORM's are (objects by
+    identity, whatever their ``__eq__``), but the ORM's functions do not
+    survive ``_sqlalchemy.detached()``: each is described by
+    :func:`_unique_kind`, and made again by :func:`_unique_filter`.
+    """
+    filters = _sqlalchemy.unique_filters(frozen, result)
+    return None if filters is None else tuple(map(_unique_kind, filters))
+
+
+def _unique_kind(unique_filter: Any) -> Any:
+    """What the ORM's ``unique_filter`` of a column does.
+
+    None (values hash), ``"id"`` (entities: by identity), ``"hash-or-id"``
+    (the legacy ``Query``'s, for values that may not hash), or
+    ``("raise", message, hashable_first)``: the ORM refuses to unique
+    values of that type, or those that do not hash.  Found by trying it
+    on a value that hashes and on one that does not.
+    """
+    if unique_filter is None or unique_filter is id:
+        return None if unique_filter is None else "id"
+    try:
+        unique_filter(0)
+    except InvalidRequestError as exc:
+        return ("raise", str(exc), False)
+    try:
+        unique_filter([])
+    except InvalidRequestError as exc:
+        return ("raise", str(exc), True)
+    return "hash-or-id"
+
+
+def _unique_filter(kind: Any) -> Any:
+    """The function :func:`_unique_kind` described as ``kind``."""
+    if kind is None or kind == "id":
+        return None if kind is None else id
+    if kind == "hash-or-id":
+        return _hash_or_id
+    return _Refuse(*kind[1:])
+
+
+def _hash_or_id(value: Any) -> Any:
+    try:
+        return hash(value)
+    except TypeError:
+        return id(value)
+
+
+class _Refuse:
+    """A ``.unique()`` filter raising the ORM's error for values it cannot unique (a class: stored values hold no closure)."""
+
+    __slots__ = ("message", "hashable_first")
+
+    def __init__(self, message: str, hashable_first: bool) -> None:
+        self.message = message
+        self.hashable_first = hashable_first
+
+    def __call__(self, value: Any) -> Any:
+        if self.hashable_first:
+            try:
+                return hash(value)
+            except TypeError:
+                pass
+        raise InvalidRequestError(self.message)
+
+
+def _unique_as_stored(shell: FrozenResult, uniques: tuple | None) -> None:
+    # On every value made or unpickled: the metadata's own filters do not pickle.
+    _sqlalchemy.set_unique_filters(shell, None if uniques is None else [_unique_filter(kind) for kind in uniques])
 
 
 #: Types whose values nobody can change in place (their subclasses may hold more).
