@@ -312,6 +312,12 @@ READS = {
     "entity-and-column": lambda session, option: (
         session.execute(select(S19Card, S19Card.name).order_by(S19Card.id).options(*option)).unique().all()
     ),
+    "columns-unique": lambda session, option: (
+        session.execute(select(S19Card.name, S19Card).order_by(S19Card.id).options(*option))
+        .columns(1, 0)
+        .unique()
+        .all()
+    ),
     "legacy-query": lambda session, option: session.query(S19Card).options(*option).order_by(S19Card.id).all(),
     "legacy-query-json": lambda session, option: (
         session.query(S19Card, S19Card.data).options(*option).order_by(S19Card.id).all()
