@@ -16,6 +16,7 @@ from sqlalchemy.orm import Query, Session
 from sqlalchemy.orm.collections import InstrumentedList
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.orm.path_registry import PathRegistry, RootRegistry
+from sqlalchemy.orm.strategies import _NO_EXTRA_CRITERIA
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.functions import GenericFunction
 from sqlalchemy.sql.selectable import TextualSelect
@@ -110,6 +111,17 @@ def give_unloaded_loaders(state: Any, loaders: dict) -> None:
             state.callables = {}
         for key in keys:
             state.callables[key] = loaders[key]
+
+
+def loses_when_pickled(loader: Any) -> bool:
+    """Whether an object's ``loader`` (from ``state.callables``) pickles without what it holds.
+
+    A lazy load given criteria (``lazyload(A.b.and_(...))``) keeps them in
+    ``_LoadLazyAttribute.extra_criteria``, which its ``__getstate__``
+    replaces by none (``strategies._NO_EXTRA_CRITERIA``), with a warning
+    (2.0, 2.1): the copy loads every row.
+    """
+    return getattr(loader, "extra_criteria", _NO_EXTRA_CRITERIA) is not _NO_EXTRA_CRITERIA
 
 
 def expire_missing(state: Any, keys: Any) -> None:

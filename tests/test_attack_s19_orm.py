@@ -21,6 +21,7 @@ from sqlalchemy.orm import (
     defer,
     deferred,
     joinedload,
+    lazyload,
     load_only,
     mapped_column,
     query_expression,
@@ -30,9 +31,9 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
-from pyramid_sessioncache import FromCache, SessionCache
+from pyramid_sessioncache import FromCache
 
-from .conftest import SECRET, SQLCounter
+from .conftest import SQLCounter
 
 
 class Base(DeclarativeBase):
@@ -101,13 +102,8 @@ def s19_engine(tmp_path):
 
 
 @pytest.fixture
-def s19_sessions(s19_engine):
+def s19_sessions(s19_engine, cache):
     """(plain sessionmaker, caching sessionmaker, SQL counter)."""
-    cache = SessionCache(
-        {"local": {"type": "ext:local_session"}, "memory": {"type": "memory", "expire": 600}},
-        default_region="local",
-        secret=SECRET,
-    )
     return sessionmaker(s19_engine), sessionmaker(s19_engine, info=cache.session_info()), SQLCounter(s19_engine)
 
 
@@ -359,3 +355,20 @@ def test_unique_tells_objects_apart_by_identity(s19_engine, cache, read, region)
     expected = outcome(sessionmaker(s19_engine), ())
     assert outcome(caching, (FromCache(region),)) == expected  # a miss
     assert outcome(caching, (FromCache(region),)) == expected  # a hit (shared regions)
+
+
+# 5. Loaders that do not survive pickling -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("region", ["memory", "file"])
+@pytest.mark.parametrize("held", [False, True], ids=["new-objects", "objects-the-session-holds"])
+def test_a_lazy_load_with_criteria_never_loses_them(s19_sessions, region, held):
+    """``lazyload(rel.and_(...))``: each object's lazy load keeps the criteria, from every region.
+
+    The ORM drops them when it pickles an object's lazy loader (with a
+    warning): from a file or Redis region, the lazy load returned every
+    row, those the criteria leave out included.  Such a result is not
+    stored where values are pickled.
+    """
+    statement = PARENTS.options(lazyload(S19Parent.children.and_(S19Child.id > 20)))
+    _compare(s19_sessions, ([PARENTS] if held else []) + [statement], region)

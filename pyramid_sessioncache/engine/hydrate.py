@@ -130,7 +130,7 @@ def objects_of(session: Session, classes: list, records: list, load_options: tup
         if new:
             obj = plan.manager.new_instance()
             state = _make_persistent(session, obj, plan, identity_key, values, complete, load_options, loaders)
-            if path is not None and load_options:  # reached through a relationship: its own path
+            if path is not None:  # reached through a relationship: its own path
                 found = paths.get(id(path))
                 if found is None:
                     found = paths[id(path)] = (path, _sqlalchemy.path_of(path))
@@ -184,7 +184,9 @@ def _make_persistent(
         _sqlalchemy.give_loaders(state, loaders)
     if load_options:  # as the ORM gives them (see _sqlalchemy.load_path)
         state.load_options = load_options
-        state.load_path = plan.load_path
+    # Always, as the ORM sets it: a loader another query gives this object
+    # later (a lazy load with .and_() criteria) looks its relationship up there.
+    state.load_path = plan.load_path
     return state
 
 

@@ -148,7 +148,7 @@ class CachedRows:
         "requires_unique",
         "uniques",
     )
-    __slots__ = (*_FIELDS, "_changeable")
+    __slots__ = (*_FIELDS, "_changeable", "storable")
 
     def __init__(
         self,
@@ -177,6 +177,10 @@ class CachedRows:
         self.requires_unique = requires_unique
         #: How ``.unique()`` tells each column's values apart (:func:`unique_kinds`), or None.
         self.uniques = uniques
+        #: Whether a copy of the value (a region's) would serve what it does: False
+        #: when its objects hold loaders that pickling loses; such a value is
+        #: returned, never stored.
+        self.storable = True
         self._changeable: tuple[frozenset[int], frozenset[int]] | None = None
         _unique_as_stored(shell, uniques)
 
@@ -187,6 +191,7 @@ class CachedRows:
         for name, value in zip(self._FIELDS, state, strict=True):
             setattr(self, name, value)
         self._changeable = None
+        self.storable = True
         _unique_as_stored(self.shell, self.uniques)
         for (cls, _, _), stored in zip(self.classes, self.mappings, strict=True):
             if mapping_text(class_mapper(cls)) != stored:
@@ -227,7 +232,7 @@ class CachedRows:
             )
             for row in rows
         ]
-        return cls(
+        value = cls(
             _sqlalchemy.detached(frozen.with_new_rows([])),
             entity_columns,
             snapshot.classes,
@@ -236,6 +241,8 @@ class CachedRows:
             requires_unique=requires_unique,
             uniques=uniques,
         )
+        value.storable = snapshot.storable
+        return value
 
     def loaded_relationships(self) -> set[tuple[type, str]]:
         """Return ``(class, key)`` of every relationship some cached object holds."""
@@ -410,6 +417,8 @@ class _Snapshot:
         self._index: dict[int, int] = {}
         self._loaders: dict[int, tuple[Any, bool]] = {}
         self._paths: dict[int, tuple[Any, list]] = {}
+        #: False when an object holds what a stored copy would lose (see ``_keeps``).
+        self.storable = True
 
     def _layout(self, cls: type, mapper: Any) -> int:
         position = self._class_index.get(cls)
@@ -454,13 +463,20 @@ class _Snapshot:
     def _keeps(self, loader: Any) -> bool:
         # An object's own loader (the ORM gives every object of a query the
         # same one per attribute): kept if it pickles, as the entry must.
+        # One that pickles without what it holds (a lazy load's .and_()
+        # criteria) is kept too, and the value is never stored: its copy
+        # would load other rows.
         found = self._loaders.get(id(loader))
         if found is None:
-            try:
-                pickle.dumps(loader, pickle.HIGHEST_PROTOCOL)
+            if _sqlalchemy.loses_when_pickled(loader):
+                self.storable = False
                 found = (loader, True)
-            except Exception:
-                found = (loader, False)
+            else:
+                try:
+                    pickle.dumps(loader, pickle.HIGHEST_PROTOCOL)
+                    found = (loader, True)
+                except Exception:
+                    found = (loader, False)
             self._loaders[id(loader)] = found
         return found[1]
 
