@@ -195,11 +195,10 @@ def _fill_unloaded(obj: Any, plan: _Plan, values: tuple, loaders: dict | None, r
 
     Loaded columns, changed or not, are left alone; ``(state, keys,
     unloaded)`` is added to ``refilled`` when the class listens for
-    ``refresh`` (mutable types and composites do, to follow their
-    values).  What it has not loaded and the
-    entry does not hold either gets the entry's ``loaders``, as the query
-    gives its loaders (``raiseload()``, ``load_only()``) to the objects
-    the Session holds: what the query would raise for raises.  Returns the
+    ``refresh`` (mutable types and composites do, to follow their values).
+    What it has not loaded gets the entry's ``loaders``, as a query gives
+    its loaders (``raiseload()``, ``load_only()``) to the objects the
+    Session holds: what the query would raise for raises.  Returns the
     object's state when some relationship it has not loaded may come from
     the entry, else None.
     """

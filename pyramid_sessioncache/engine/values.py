@@ -447,8 +447,8 @@ class _Snapshot:
             self._held(loaded[key], bool(props[key].uselist)) if key in loaded else NOT_LOADED for key in relationships
         )
         loaders = {key: loader for key, loader in state.callables.items() if self._keeps(loader)} or None
-        path = state.load_path
-        path = None if path is _sqlalchemy.load_path(state.mapper) else self._path_text(path)
+        load_path = state.load_path
+        path = None if load_path is _sqlalchemy.load_path(state.mapper) else self._path_text(load_path)
         self.objects[position] = (class_index, state.key, values, held, complete, loaders, path)
         return position
 
