@@ -191,8 +191,7 @@ def test_a_hit_gives_its_loaders_to_objects_the_session_holds(s19_sessions, opti
 # 2. Loaded state: unloaded is not expired ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("region", ["memory", "local"])
-def test_deferred_columns_of_a_shared_hit_are_unloaded_not_expired(s19_sessions, region):
+def test_deferred_columns_of_a_shared_hit_are_unloaded_not_expired(s19_sessions):
     """A deferred() column a hit lacks is unloaded, as uncached: not expired.
 
     Expired, it made every object of the hit one that ``ext:local_session``
