@@ -371,3 +371,34 @@ def test_a_lazy_load_with_criteria_never_loses_them(s19_sessions, region, held):
     """
     statement = PARENTS.options(lazyload(S19Parent.children.and_(S19Child.id > 20)))
     _compare(s19_sessions, ([PARENTS] if held else []) + [statement], region)
+
+
+# 6. Found, not fixed -------------------------------------------------------------------------------------
+
+
+class S19Refreshed(Base):
+    """A class whose every query overwrites what the Session holds (``always_refresh``, a legacy mapper flag)."""
+
+    __tablename__ = "s19_refreshed"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    __mapper_args__ = {"always_refresh": True}
+
+
+@pytest.mark.xfail(strict=True, reason="a shared hit keeps pending changes: always_refresh is not honoured")
+def test_always_refresh_overwrites_pending_changes_as_uncached(s19_engine, cache):
+    """Uncached, a query of an ``always_refresh`` class overwrites the Session's pending change; a shared hit keeps it."""
+    with sessionmaker(s19_engine)() as session:
+        session.add(S19Refreshed(id=1, name="stored"))
+        session.commit()
+    caching = sessionmaker(s19_engine, info=cache.session_info(), autoflush=False)
+
+    def name_after_query(Session, option):
+        with Session() as session:
+            obj = session.get(S19Refreshed, 1)
+            obj.name = "pending"
+            session.execute(select(S19Refreshed).options(*option)).scalars().all()
+            return obj.name
+
+    uncached = name_after_query(sessionmaker(s19_engine, autoflush=False), ())
+    assert name_after_query(caching, (FromCache("memory"),)) == uncached == "stored"
