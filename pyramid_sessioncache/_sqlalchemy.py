@@ -16,6 +16,7 @@ from sqlalchemy.orm import Query, Session
 from sqlalchemy.orm.collections import InstrumentedList
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.orm.path_registry import PathRegistry, RootRegistry
+from sqlalchemy.orm.strategies import _NO_EXTRA_CRITERIA
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.functions import GenericFunction
 from sqlalchemy.sql.selectable import TextualSelect
@@ -61,24 +62,29 @@ def load_path(mapper: Any) -> Any:
     """The loader path to give objects of ``mapper`` built from a cached row.
 
     The ORM sets ``state.load_options`` and ``state.load_path`` on every
-    object it loads, so that the object's own lazy loads carry the query's
-    propagating options (``RelationshipCache`` among them); ``rows.py``
-    does the same (``engine/hydrate.py``).  The path is the object's mapper alone
-    (``Mapper._path_registry``): path-specific options of the original
-    query that reach deeper than one level do not follow a cached object.
+    object it loads, so that the object's own loads (lazy loads, deferred
+    columns) carry the query's propagating options (``RelationshipCache``
+    among them), matched against that path; ``engine/hydrate.py`` does the
+    same.  An object the query selected has the path of its mapper
+    (``Mapper._path_registry``, what ``state.mapper`` gives too); one
+    reached through a relationship (an eager load) has its own, kept with
+    the entry (:func:`path_text`).
     """
     return mapper._path_registry
 
 
-def reset_load_path(state: Any, load_options: tuple, path: Any) -> None:
-    """Give ``state`` the ``load_options`` and loader ``path`` of a hit's new objects (see :func:`load_path`).
+def path_text(path: Any) -> list:
+    """``path`` (a ``PathRegistry``) as plain data that pickles: ``(class, key)`` pairs.
 
-    With no options, the empty options and root path an object has before
-    any load sets them (``InstanceState``'s class attributes, 2.0, 2.1):
-    what a hit leaves on the objects it makes.
+    What ``InstanceState.__getstate__`` keeps of an object's
+    ``load_path``: ``PathRegistry.serialize()`` (2.0, 2.1).
     """
-    state.load_options = load_options
-    state.load_path = path if load_options else PathRegistry.root
+    return path.serialize()
+
+
+def path_of(text: list) -> Any:
+    """The ``PathRegistry`` :func:`path_text` gave ``text`` for, as ``InstanceState.__setstate__`` rebuilds it."""
+    return PathRegistry.deserialize(text)
 
 
 def commit_loaded(state: Any, keys: Any) -> None:
@@ -97,9 +103,44 @@ def give_loaders(state: Any, loaders: dict) -> None:
     state.callables = dict(loaders)
 
 
+def give_unloaded_loaders(state: Any, loaders: dict) -> None:
+    """Give the Session's own ``state`` the ``loaders`` of what it has not loaded, as a query's row does.
+
+    For an object already in the identity map, ``loading._populate_partial``
+    runs the "new" populators of the keys in ``state.unloaded``, which set
+    ``state.callables[key]`` (``_instance_level_callable_processor``,
+    starting a dictionary of the state's own), and leaves loaded and
+    changed attributes alone (2.0, 2.1).
+    """
+    unloaded = state.unloaded
+    keys = [key for key in loaders if key in unloaded]
+    if keys:
+        if "callables" not in state.__dict__:
+            state.callables = {}
+        for key in keys:
+            state.callables[key] = loaders[key]
+
+
+def loses_when_pickled(loader: Any) -> bool:
+    """Whether an object's ``loader`` (from ``state.callables``) pickles without what it holds.
+
+    A lazy load given criteria (``lazyload(A.b.and_(...))``) keeps them in
+    ``_LoadLazyAttribute.extra_criteria``, which its ``__getstate__``
+    replaces by none (``strategies._NO_EXTRA_CRITERIA``), with a warning
+    (2.0, 2.1): the copy loads every row.
+    """
+    return getattr(loader, "extra_criteria", _NO_EXTRA_CRITERIA) is not _NO_EXTRA_CRITERIA
+
+
 def expire_missing(state: Any, keys: Any) -> None:
-    """Mark column ``keys`` that a cached row lacks as expired, so they load on access."""
-    state._expire_attributes(state.dict, keys)
+    """Mark column ``keys`` that a cached row lacks as expired, so they load on access.
+
+    Except those with a loader of their own (a ``deferred()`` column's):
+    a query leaves them unloaded, not expired (``no_loader=True``, what
+    ``InstanceState._expire_attributes`` offers for this, 2.0, 2.1), and an
+    object with expired attributes is one a local hit refuses.
+    """
+    state._expire_attributes(state.dict, keys, no_loader=True)
 
 
 def is_single_entity(frozen: Any) -> bool:
@@ -172,6 +213,46 @@ def detached(frozen: FrozenResult) -> FrozenResult:
     result._source_supports_scalars = frozen._source_supports_scalars
     result.data = frozen.data
     return result
+
+
+def unique_filters(frozen: FrozenResult, result: Result) -> list | None:
+    """The ORM's functions by which ``.unique()`` tells apart the values of each column of ``result``.
+
+    ``id`` for an entity (objects are told apart by identity, whatever
+    their ``__eq__``), None (hash the value), or a function of the ORM's
+    for a type whose values may not hash (JSON).  ``frozen`` is
+    ``result`` frozen: its metadata holds them, as the private
+    ``_unique_filters`` list (2.0), or ``_create_unique_filters(result)``,
+    a function of the query that made them (2.1); neither survives
+    :func:`detached`.
+    """
+    metadata: Any = frozen.metadata
+    create = getattr(metadata, "_create_unique_filters", None)
+    if create is not None:
+        return list(create(result))
+    filters = getattr(metadata, "_unique_filters", None)
+    return None if filters is None else list(filters)
+
+
+def set_unique_filters(frozen: FrozenResult, filters: list | None) -> None:
+    """Make the Results of ``frozen`` unique their columns by ``filters``, as :func:`unique_filters` gave them."""
+    metadata: Any = frozen.metadata
+    if hasattr(metadata, "_create_unique_filters"):
+        metadata._create_unique_filters = None if filters is None else _Filters(filters)
+    else:
+        metadata._unique_filters = filters
+
+
+class _Filters:
+    # What 2.1's _create_unique_filters(result) returns, without a closure
+    # (a stored value keeps none: it could hold what a query saw).
+    __slots__ = ("filters",)
+
+    def __init__(self, filters: list) -> None:
+        self.filters = filters
+
+    def __call__(self, result: Any) -> list:
+        return self.filters
 
 
 def _unique_required(row: Any) -> Any:

@@ -74,7 +74,7 @@ def test_pending_changes_never_reach_the_shared_region(Session, cache, region):
         first.rollback()
     assert isinstance(value, CachedRows)
     ((cls, columns, _),) = value.classes
-    assert [values[columns.index("name")] for _, _, values, _, _, _ in value.objects] == ["person 5"]
+    assert [values[columns.index("name")] for _, _, values, *_ in value.objects] == ["person 5"]
 
 
 def test_eager_loaded_children_come_from_the_cache(Session, sql, region):

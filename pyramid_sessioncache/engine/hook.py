@@ -208,7 +208,9 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
             # What an explicit invalidation removed, an older snapshot must not store again.
             conn = connection()
             verdict["store"] = not _must_not_store(session, conn)
-            return load(conn=conn)
+            value = load(conn=conn)
+            verdict["store"] = verdict["store"] and value.storable
+            return value
 
         return region.get_or_create(
             key.text, load_once, session, expire, store=lambda value: verdict["store"], label=key.shape
@@ -237,8 +239,9 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
             known = cache.tables_read.learn(key.shape, value.tables.union(known))
         else:
             verdict["store"] = False
-        if now is None or old_snapshot:
-            verdict["store"] = False  # a failed backend, or rows no committed state holds
+        if now is None or old_snapshot or not value.storable:
+            # A failed backend, rows no committed state holds, or loaders a copy would lose.
+            verdict["store"] = False
         value.tables, value.versions = known, now
         return value
 

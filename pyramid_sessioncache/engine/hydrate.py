@@ -76,9 +76,11 @@ def adopted(value: CachedRows, session: Session, instances: list, load_options: 
         if state.session_id is not None or state.key != record[1] or record[1] in identity_map:
             return None  # the Session holds one of them already: filled as any hit (objects_of)
     add_loaded = _sqlalchemy.loading_into(session)
-    for state, record in zip(states, value.objects, strict=True):
+    for state in states:
         add_loaded(state, state.key)
-        _sqlalchemy.reset_load_path(state, load_options, plans[record[0]].load_path)
+        # The path they were loaded by is the one a hit gives them (see
+        # CachedRows); the options, those a hit gives, whatever the loader's.
+        state.load_options = load_options
     if session.dispatch.loaded_as_persistent:
         for state in states:
             session.dispatch.loaded_as_persistent(session, state)
@@ -162,7 +164,8 @@ def objects_of(session: Session, classes: list, records: list, load_options: tup
     to_relate: list[tuple] = []
     created: list[tuple] = []
     refilled: list[tuple] = []
-    for class_index, identity_key, values, held, complete, loaders in records:
+    paths: dict[int, tuple] = {}  # the objects reached through one path share its text
+    for class_index, identity_key, values, held, complete, loaders, path in records:
         plan = plans[class_index]
         obj = in_session(identity_key)
         new = obj is None
@@ -177,18 +180,27 @@ def objects_of(session: Session, classes: list, records: list, load_options: tup
                 _fill_new(state, obj.__dict__, plan, values, complete, loaders)
             if load_options:  # as the ORM gives them (see _sqlalchemy.load_path)
                 state.load_options = load_options
+            # Always, as the ORM sets it: a loader another query gives this object
+            # later (a lazy load with .and_() criteria) looks its relationship up there.
+            if path is None:
                 state.load_path = plan.load_path
+            else:  # reached through a relationship: its own path
+                found = paths.get(id(path))
+                if found is None:
+                    found = paths[id(path)] = (path, _sqlalchemy.path_of(path))
+                state.load_path = found[1]
             if notify:
                 created.append((state, plan))
         else:
-            state = _fill_unloaded(obj, plan, values, refilled)
+            state = _fill_unloaded(obj, plan, values, loaders, refilled)
         if state is not None and held.count(NOT_LOADED) != len(held):
             to_relate.append((state, new, plan.impls, held))
         objects.append(obj)
     _set_relationships(to_relate, objects)
     _send_load_events(session, created)
-    for state, keys in refilled:  # as the ORM refreshes expired attributes of an object it holds
+    for state, keys, others in refilled:  # as the ORM refreshes expired attributes of an object it holds
         state.manager.dispatch.refresh(state, None, keys)
+        _sqlalchemy.commit_loaded(state, others)
     return objects
 
 
@@ -214,15 +226,21 @@ def _fill_new(state: Any, loaded: dict, plan: _Plan, values: tuple, complete: bo
         _sqlalchemy.give_loaders(state, loaders)
 
 
-def _fill_unloaded(obj: Any, plan: _Plan, values: tuple, refilled: list[tuple]) -> Any:
+def _fill_unloaded(obj: Any, plan: _Plan, values: tuple, loaders: dict | None, refilled: list[tuple]) -> Any:
     """Fill the columns the Session's own ``obj`` has not loaded, as a query would.
 
-    Loaded columns, changed or not, are left alone; ``(state, keys)`` is
-    added to ``refilled`` when the class listens for ``refresh`` (mutable
-    types do, to follow their values).  Returns the object's state when
-    some relationship it has not loaded may come from the entry, else None.
+    Loaded columns, changed or not, are left alone; ``(state, keys,
+    unloaded)`` is added to ``refilled`` when the class listens for
+    ``refresh`` (mutable types and composites do, to follow their values).
+    What it has not loaded gets the entry's ``loaders``, as a query gives
+    its loaders (``raiseload()``, ``load_only()``) to the objects the
+    Session holds: what the query would raise for raises.  Returns the
+    object's state when some relationship it has not loaded may come from
+    the entry, else None.
     """
     loaded = obj.__dict__
+    if loaders is not None:
+        _sqlalchemy.give_unloaded_loaders(attributes.instance_state(obj), loaders)
     if not plan.column_set.issubset(loaded):  # expired or unloaded
         unloaded = [
             key
@@ -235,7 +253,9 @@ def _fill_unloaded(obj: Any, plan: _Plan, values: tuple, refilled: list[tuple]) 
         state = attributes.instance_state(obj)
         _sqlalchemy.commit_loaded(state, unloaded)
         if unloaded and plan.manager.dispatch.refresh:
-            refilled.append((state, set(unloaded)))
+            # What the event fills as well (a composite()'s value) is
+            # loaded after it, as the ORM commits every key it had unloaded.
+            refilled.append((state, set(unloaded), state.unloaded))
     if plan.relationship_set.issubset(loaded):
         return None
     return attributes.instance_state(obj)

@@ -27,6 +27,7 @@ from typing import Any
 from uuid import UUID
 
 from sqlalchemy.engine import FrozenResult, Result
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, attributes, class_mapper
 from sqlalchemy.sql.expression import ColumnClause
 
@@ -60,9 +61,16 @@ class LocalResult(Sequence):
 
     @classmethod
     def from_result(cls, result: Result) -> LocalResult:
-        """Keep ``result``, an ORM Result not read yet: its rows, and whether it demands ``.unique()``."""
+        """Keep ``result``, an ORM Result not read yet: its rows, and whether it demands ``.unique()``.
+
+        Its Results unique their rows as the ORM's does (objects by
+        identity: see ``_sqlalchemy.unique_filters()``).
+        """
         requires_unique = _sqlalchemy.requires_unique(result)
-        return cls(_sqlalchemy.detached(_sqlalchemy.freeze_raw(result)), requires_unique)
+        frozen = _sqlalchemy.freeze_raw(result)
+        kept = _sqlalchemy.detached(frozen)
+        _unique_as_stored(kept, unique_kinds(frozen, result))
+        return cls(kept, requires_unique)
 
     def current(self, session: Session) -> bool:
         """Whether every object is still in ``session``, none of it expired.
@@ -111,13 +119,15 @@ class CachedRows:
 
     ``classes`` lists, per mapped class, ``(class, column_keys,
     relationship_keys)``; ``objects`` lists ``(class_index, identity_key,
-    values, relationships, complete, loaders)``, the values and
+    values, relationships, complete, loaders, path)``, the values and
     relationships aligned with their class's keys (:data:`NOT_LOADED` where
     the object had none, ``complete`` saying it had every column), a
     relationship holding an object index, a list of them, or None;
     ``loaders`` are the loaders the query's options gave the object for
     what it did not load (``raiseload()``, ``defer(..., raiseload=True)``),
-    key -> loader, or None.
+    key -> loader, or None; ``path``, the loader path through which the
+    query reached the object (an eager load's), serialized, or None for
+    the path of its own class (see ``hydrate.py``).
     ``rows`` are tuples where the columns flagged in ``entity_columns``
     hold an object index (or None): every row the database returned, the
     repeats of a joined eager load included, and ``requires_unique`` says
@@ -137,8 +147,9 @@ class CachedRows:
         "tables",
         "versions",
         "requires_unique",
+        "uniques",
     )
-    __slots__ = (*_FIELDS, "_changeable")
+    __slots__ = (*_FIELDS, "_changeable", "storable")
 
     def __init__(
         self,
@@ -151,6 +162,7 @@ class CachedRows:
         versions=(),
         requires_unique: bool = False,
         mappings: tuple[str, ...] | None = None,
+        uniques: tuple | None = None,
     ):
         self.shell = shell
         self.entity_columns = entity_columns
@@ -164,7 +176,14 @@ class CachedRows:
         self.tables = tables
         self.versions = versions
         self.requires_unique = requires_unique
+        #: How ``.unique()`` tells each column's values apart (:func:`unique_kinds`), or None.
+        self.uniques = uniques
+        #: Whether a copy of the value (a region's) would serve what it does: False
+        #: when its objects hold loaders that pickling loses; such a value is
+        #: returned, never stored.
+        self.storable = True
         self._changeable: tuple[frozenset[int], frozenset[int]] | None = None
+        _unique_as_stored(shell, uniques)
 
     def __getstate__(self):
         return tuple(getattr(self, name) for name in self._FIELDS)
@@ -173,6 +192,8 @@ class CachedRows:
         for name, value in zip(self._FIELDS, state, strict=True):
             setattr(self, name, value)
         self._changeable = None
+        self.storable = True
+        _unique_as_stored(self.shell, self.uniques)
         for (cls, _, _), stored in zip(self.classes, self.mappings, strict=True):
             if mapping_text(class_mapper(cls)) != stored:
                 # Stored by code that mapped the class otherwise (the
@@ -204,6 +225,7 @@ class CachedRows:
         """
         requires_unique = _sqlalchemy.requires_unique(result)
         frozen = _sqlalchemy.freeze_raw(result)
+        uniques = unique_kinds(frozen, result)
         rows = [tuple(row) for row in frozen()]
         width = len(rows[0]) if rows else 0
         entity_columns = tuple(any(_is_entity(row[i]) for row in rows) for i in range(width))
@@ -217,22 +239,98 @@ class CachedRows:
         ]
         if instances is not None:
             instances.extend(snapshot.instances)
-        return cls(
+        value = cls(
             _sqlalchemy.detached(frozen.with_new_rows([])),
             entity_columns,
             snapshot.classes,
             snapshot.objects,
             plain_rows,
             requires_unique=requires_unique,
+            uniques=uniques,
         )
+        value.storable = snapshot.storable
+        return value
 
     def loaded_relationships(self) -> set[tuple[type, str]]:
         """Return ``(class, key)`` of every relationship some cached object holds."""
         found: set[tuple[type, str]] = set()
-        for class_index, _, _, relationships, _, _ in self.objects:
+        for class_index, _, _, relationships, *_ in self.objects:
             cls, _, keys = self.classes[class_index]
             found.update((cls, key) for key, value in zip(keys, relationships, strict=True) if value is not NOT_LOADED)
         return found
+
+
+def unique_kinds(frozen: FrozenResult, result: Result) -> tuple | None:
+    """How ``.unique()`` tells apart the values of each column of ``result`` (``frozen``), as plain data that pickles.
+
+    A stored result's rows are unique'd as the ORM's are (objects by
+    identity, whatever their ``__eq__``), but the ORM's functions do not
+    survive ``_sqlalchemy.detached()``: each is described by
+    :func:`_unique_kind`, and made again by :func:`_unique_filter`.
+    """
+    filters = _sqlalchemy.unique_filters(frozen, result)
+    return None if filters is None else tuple(map(_unique_kind, filters))
+
+
+def _unique_kind(unique_filter: Any) -> Any:
+    """What the ORM's ``unique_filter`` of a column does.
+
+    None (values hash), ``"id"`` (entities: by identity), ``"hash-or-id"``
+    (the legacy ``Query``'s, for values that may not hash), or
+    ``("raise", message, hashable_first)``: the ORM refuses to unique
+    values of that type, or those that do not hash.  Found by trying it
+    on a value that hashes and on one that does not.
+    """
+    if unique_filter is None or unique_filter is id:
+        return None if unique_filter is None else "id"
+    try:
+        unique_filter(0)
+    except InvalidRequestError as exc:
+        return ("raise", str(exc), False)
+    try:
+        unique_filter([])
+    except InvalidRequestError as exc:
+        return ("raise", str(exc), True)
+    return "hash-or-id"
+
+
+def _unique_filter(kind: Any) -> Any:
+    """The function :func:`_unique_kind` described as ``kind``."""
+    if kind is None or kind == "id":
+        return None if kind is None else id
+    if kind == "hash-or-id":
+        return _hash_or_id
+    return _Refuse(*kind[1:])
+
+
+def _hash_or_id(value: Any) -> Any:
+    try:
+        return hash(value)
+    except TypeError:
+        return id(value)
+
+
+class _Refuse:
+    """A ``.unique()`` filter raising the ORM's error for values it cannot unique (a class: stored values hold no closure)."""
+
+    __slots__ = ("message", "hashable_first")
+
+    def __init__(self, message: str, hashable_first: bool) -> None:
+        self.message = message
+        self.hashable_first = hashable_first
+
+    def __call__(self, value: Any) -> Any:
+        if self.hashable_first:
+            try:
+                return hash(value)
+            except TypeError:
+                pass
+        raise InvalidRequestError(self.message)
+
+
+def _unique_as_stored(shell: FrozenResult, uniques: tuple | None) -> None:
+    # On every value made or unpickled: the metadata's own filters do not pickle.
+    _sqlalchemy.set_unique_filters(shell, None if uniques is None else [_unique_filter(kind) for kind in uniques])
 
 
 #: Types whose values nobody can change in place (their subclasses may hold more).
@@ -328,6 +426,9 @@ class _Snapshot:
         self._layouts: dict[type, tuple[int, tuple, tuple, tuple]] = {}
         self._index: dict[int, int] = {}
         self._loaders: dict[int, tuple[Any, bool]] = {}
+        self._paths: dict[int, tuple[Any, list]] = {}
+        #: False when an object holds what a stored copy would lose (see ``_keeps``).
+        self.storable = True
 
     def _layout(self, cls: type, mapper: Any) -> tuple[int, tuple, tuple, tuple]:
         layout = self._layouts.get(cls)
@@ -359,19 +460,36 @@ class _Snapshot:
         loaders = None
         if state.callables:  # most objects have none
             loaders = {key: loader for key, loader in state.callables.items() if self._keeps(loader)} or None
-        self.objects[position] = (class_index, state.key, values, held, complete, loaders)
+        load_path = state.load_path
+        path = None if load_path is _sqlalchemy.load_path(state.mapper) else self._path_text(load_path)
+        self.objects[position] = (class_index, state.key, values, held, complete, loaders, path)
         return position
+
+    def _path_text(self, path: Any) -> list:
+        # One text per path, shared by the objects reached through it (and
+        # by their unpickled copies: pickle keeps one object once).
+        found = self._paths.get(id(path))
+        if found is None:
+            found = self._paths[id(path)] = (path, _sqlalchemy.path_text(path))
+        return found[1]
 
     def _keeps(self, loader: Any) -> bool:
         # An object's own loader (the ORM gives every object of a query the
         # same one per attribute): kept if it pickles, as the entry must.
+        # One that pickles without what it holds (a lazy load's .and_()
+        # criteria) is kept too, and the value is never stored: its copy
+        # would load other rows.
         found = self._loaders.get(id(loader))
         if found is None:
-            try:
-                pickle.dumps(loader, pickle.HIGHEST_PROTOCOL)
+            if _sqlalchemy.loses_when_pickled(loader):
+                self.storable = False
                 found = (loader, True)
-            except Exception:
-                found = (loader, False)
+            else:
+                try:
+                    pickle.dumps(loader, pickle.HIGHEST_PROTOCOL)
+                    found = (loader, True)
+                except Exception:
+                    found = (loader, False)
             self._loaders[id(loader)] = found
         return found[1]
 

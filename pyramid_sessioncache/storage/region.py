@@ -67,7 +67,7 @@ DEFAULT_MAX_ENTRY_BYTES = 1024 * 1024
 
 #: Bumped when the format of stored values changes, so that processes
 #: running different versions never read each other's entries.
-FORMAT = "v2"
+FORMAT = "v3"
 
 log = logging.getLogger(__name__)
 
