@@ -63,7 +63,7 @@ class RequestCache:
         entries.invalidate_all(self.cache, self.request.dbsession)
 
     def _session(self, query: Any) -> Any:
-        return query.session if isinstance(query, Query) else self.request.dbsession
+        return in_request(self.request, query)[1]
 
 
 def cached_query(
@@ -72,12 +72,27 @@ def cached_query(
     """Run ``query`` through the cache region ``region``, on ``request.dbsession``.
 
     :func:`pyramid_sessioncache.cached_query` on the request's Session (a
-    legacy ``Query`` keeps its own), into the application's cache
+    legacy ``Query`` keeps its own; one made without a Session gets the
+    request's), into the application's cache
     (``request.sessioncache.cache``), whatever Session serves as
     ``request.dbsession``; ``region`` defaults to
     ``sessioncache.default_region``.  Raises
     :class:`~pyramid_sessioncache.UnknownRegionError` or
     :class:`~pyramid_sessioncache.NotCacheableError` before anything is executed.
     """
-    session = query.session if isinstance(query, Query) else request.dbsession
+    query, session = in_request(request, query)
     return engine_cached_query(session, query, region, cache_key, expire, cache=request.sessioncache.cache)
+
+
+def in_request(request: Any, query: Any) -> tuple[Any, Any]:
+    """Return ``query`` and the Session it runs in: a legacy ``Query``'s own, else ``request.dbsession``.
+
+    A ``Query`` made without a Session (``Query(Person)``) is bound to
+    ``request.dbsession``, as a ``select()`` is: it is keyed for a
+    Session's bind and connection, and there is no other to key it for.
+    """
+    if not isinstance(query, Query):
+        return query, request.dbsession
+    if query.session is None:
+        query = query.with_session(request.dbsession)
+    return query, query.session

@@ -26,6 +26,9 @@ from .options import statement_option
 def _statement(query: Any, session: Any) -> tuple[Any, Any, Any]:
     if isinstance(query, Query):
         statement, parameters = _sqlalchemy.query_statement(query)
+        if session is None and query.session is None:
+            # Keyed for the Session's bind and connection: none, none to key for.
+            raise TypeError("a Query made without a Session needs the Session it runs in: pass session=")
         return statement, parameters, session or query.session
     if isinstance(query, Executable):
         if not is_read(query):

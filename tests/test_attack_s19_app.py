@@ -1,0 +1,90 @@
+"""Attacks on the request lifecycle around request.dbsession's cache hits (session 19, the application side).
+
+A real Pyramid application (WebTest, a SQLite file, ``config.include("pyramid_sessioncache")``,
+pyramid_tm) runs the view each test sets; what was committed is read on a connection of its own.
+"""
+
+from __future__ import annotations
+
+import pytest
+from pyramid.config import Configurator
+from sqlalchemy import select
+from sqlalchemy.orm import Query
+from webtest import TestApp
+
+import pyramid_sessioncache
+from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
+
+from .models import Person
+
+#: The view each test runs at /run: set by the test itself.
+VIEW: dict = {}
+
+
+def run(request):
+    found = VIEW["view"](request)
+    return found if found is not None else {}
+
+
+@pytest.fixture
+def make(db_url):
+    """Make the application, with more settings: ``make(**settings)``; disposed of after the test."""
+    made = []
+
+    def make(**settings):
+        config = Configurator(
+            settings={
+                "sqlalchemy.url": db_url,
+                "cache.regions": "local_session, shared",
+                "cache.local_session.type": "ext:local_session",
+                "cache.shared.type": "memory",
+                "cache.shared.expire": "60",
+                **settings,
+            }
+        )
+        config.include("pyramid_sessioncache")
+        config.add_route("run", "/run")
+        config.add_view(run, route_name="run", renderer="json")
+        app = config.make_wsgi_app()
+        made.append(app.registry.getUtility(IDBSessionFactory).kw["bind"])
+        return TestApp(app)
+
+    VIEW.clear()
+    yield make
+    VIEW.clear()
+    for engine in made:
+        engine.dispose()
+
+
+def person_1():
+    return select(Person).where(Person.id == 1)
+
+
+# --- legacy Query made without a Session ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["invalidate", "cache_parameters", "cached_query"])
+def test_a_query_made_without_a_session_runs_in_the_requests(make, call):
+    """``Query(Person)`` has no Session: request.sessioncache raised AttributeError ('NoneType' ... 'get_bind')."""
+    web = make()
+
+    def view(request):
+        stored = request.cached_query(request.dbsession.query(Person), region="shared").all()
+        if call == "invalidate":
+            request.sessioncache.invalidate(Query(Person), region="shared")
+            beaker_cache, key = request.sessioncache.cache_parameters(request.dbsession.query(Person), region="shared")
+            return {"gone": not beaker_cache.has_key(key)}
+        if call == "cache_parameters":
+            beaker_cache, key = request.sessioncache.cache_parameters(Query(Person), region="shared")
+            return {"gone": beaker_cache.get(key) is None, "n": len(stored)}
+        return {"n": len(request.cached_query(Query(Person), region="shared").all())}
+
+    VIEW["view"] = view
+    expected = {"invalidate": {"gone": True}, "cache_parameters": {"gone": False, "n": 20}, "cached_query": {"n": 20}}
+    assert web.get("/run").json == expected[call]
+
+
+def test_the_engines_functions_ask_for_the_session_of_a_query_made_without_one(Session):
+    with pytest.raises(TypeError, match="made without a Session .* pass session="):
+        pyramid_sessioncache.cache_parameters(Query(Person), region="memory")
+    pyramid_sessioncache.invalidate(Query(Person), Session(), region="memory")
