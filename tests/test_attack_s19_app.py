@@ -6,6 +6,8 @@ pyramid_tm) runs the view each test sets; what was committed is read on a connec
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from pyramid.config import Configurator
 from sqlalchemy import select
@@ -16,6 +18,7 @@ import pyramid_sessioncache
 from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
 
 from .models import Person
+from .test_attack_request import names
 
 #: The view each test runs at /run: set by the test itself.
 VIEW: dict = {}
@@ -88,3 +91,40 @@ def test_the_engines_functions_ask_for_the_session_of_a_query_made_without_one(S
     with pytest.raises(TypeError, match="made without a Session .* pass session="):
         pyramid_sessioncache.cache_parameters(Query(Person), region="memory")
     pyramid_sessioncache.invalidate(Query(Person), Session(), region="memory")
+
+
+# --- explicit invalidation and the request's commit ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["invalidate", "invalidate_region", "invalidate_all"])
+def test_an_invalidation_before_the_commit_is_not_undone_by_a_concurrent_read(make, db_url, how):
+    """Manual invalidation: the view renames person 1 and invalidates; another request reads before the commit.
+
+    It missed, read the committed row ("person 1") and stored it: after the commit that entry was
+    served until it expired, though the view had invalidated it.
+    """
+    web = make(**{"sessioncache.invalidation": "manual"})
+    invalidated, committed = threading.Event(), threading.Event()
+
+    def view(request):
+        if not request.params.get("write"):
+            return {"name": request.cached_query(person_1(), region="shared").scalars().one().name}
+        request.cached_query(person_1(), region="shared").scalars().one().name = "renamed"
+        request.dbsession.flush()
+        if how == "invalidate":
+            request.sessioncache.invalidate(person_1(), region="shared")
+        else:
+            getattr(request.sessioncache, how)(*(["shared"] if how == "invalidate_region" else []))
+        invalidated.set()
+        committed.wait(5)
+
+    VIEW["view"] = view
+    assert web.get("/run").json == {"name": "person 1"}
+    writer = threading.Thread(target=web.get, args=("/run?write=1",))
+    writer.start()
+    assert invalidated.wait(5)
+    assert web.get("/run").json == {"name": "person 1"}  # not committed yet: stored again
+    committed.set()
+    writer.join(5)
+    assert names(db_url)[1] == "renamed"
+    assert web.get("/run").json == {"name": "renamed"}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy.orm import Query
+from transaction.interfaces import NoTransaction
 
 from ..engine import entries, stats
 from ..engine.cache import SessionCache
@@ -35,12 +37,17 @@ class RequestCache:
         return entries.cache_parameters(query, self._session(query), region, cache=self.cache, **kw)
 
     def invalidate(self, query: Any, region: str | None = None, **kw: Any) -> None:
-        """Forget the cached result of ``query`` in ``region`` (default: its option's, or the default)."""
-        entries.invalidate(query, self._session(query), region, cache=self.cache, **kw)
+        """Forget the cached result of ``query`` in ``region`` (default: its option's, or the default).
+
+        Forgotten now, and, from a shared region, again when the request's
+        transaction commits: a request that read the rows in between may
+        have stored them as they were before this one's changes.
+        """
+        self._again_at_commit(entries.invalidate(query, self._session(query), region, cache=self.cache, **kw))
 
     def invalidate_region(self, name: str | None = None) -> None:
-        """Forget every entry of region ``name`` (default: the default region)."""
-        entries.invalidate_region(self.cache, name, self.request.dbsession)
+        """Forget every entry of region ``name`` (default: the default region), now and at commit (see :meth:`invalidate`)."""
+        self._again_at_commit(entries.invalidate_region(self.cache, name, self.request.dbsession))
 
     def mark_changed(self, *tables: Any) -> None:
         """Say that SQL the add-on cannot see wrote ``tables`` (all tables if none).
@@ -59,11 +66,26 @@ class RequestCache:
         writes.invalidate_tables(session, *tables)
 
     def invalidate_all(self) -> None:
-        """Forget every entry of every region."""
-        entries.invalidate_all(self.cache, self.request.dbsession)
+        """Forget every entry of every region, now and at commit (see :meth:`invalidate`)."""
+        for name in self.cache.regions:
+            self.invalidate_region(name)
 
     def _session(self, query: Any) -> Any:
         return in_request(self.request, query)[1]
+
+    def _again_at_commit(self, forget: Callable[[], None] | None) -> None:
+        if forget is None:
+            return
+        try:
+            current = self.request.tm.get()
+        except NoTransaction:  # an explicit manager between transactions: nothing left to commit
+            return
+        current.addAfterCommitHook(_forget_if_committed, (forget,))
+
+
+def _forget_if_committed(committed: bool, forget: Callable[[], None]) -> None:
+    if committed:
+        forget()
 
 
 def cached_query(
