@@ -128,3 +128,20 @@ def test_an_invalidation_before_the_commit_is_not_undone_by_a_concurrent_read(ma
     writer.join(5)
     assert names(db_url)[1] == "renamed"
     assert web.get("/run").json == {"name": "renamed"}
+
+
+def test_an_invalidation_after_the_explicit_managers_commit_is_done_at_once(make):
+    """A response callback runs after pyramid_tm's commit: no transaction to wait for, none begun."""
+    web = make(**{"tm.manager_hook": "pyramid_tm.explicit_manager"})
+
+    def late(request, response):
+        request.sessioncache.invalidate(person_1(), region="shared")
+        beaker_cache, key = request.sessioncache.cache_parameters(person_1(), region="shared")
+        response.headers["X-Gone"] = str(not beaker_cache.has_key(key))
+
+    def view(request):
+        request.add_response_callback(late)
+        return {"name": request.cached_query(person_1(), region="shared").scalars().one().name}
+
+    VIEW["view"] = view
+    assert web.get("/run").headers["X-Gone"] == "True"
