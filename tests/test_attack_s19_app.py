@@ -145,3 +145,33 @@ def test_an_invalidation_after_the_explicit_managers_commit_is_done_at_once(make
 
     VIEW["view"] = view
     assert web.get("/run").headers["X-Gone"] == "True"
+
+
+# --- pyramid_sessioncache.Session, in the style of meta.Session ------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["configure", "arguments"])
+@pytest.mark.parametrize("in_request", [True, False])
+def test_the_scoped_session_says_it_is_made_by_the_applications_factory(make, call, in_request):
+    """Seed-style ``Session.configure(bind=engine)`` / ``Session(autoflush=False)``.
+
+    They raised ``AttributeError: 'function' object has no attribute 'configure'``, ``TypeError:
+    _request_session() got an unexpected keyword argument``, or, outside a request, that no request
+    is active: none says that the Session is ``request.dbsession``, made by the application's factory.
+    """
+
+    def use():
+        with pytest.raises(pyramid_sessioncache.SessionCacheError, match="request.dbsession.*factory") as caught:
+            if call == "configure":
+                pyramid_sessioncache.Session.configure(autoflush=False)
+            else:
+                pyramid_sessioncache.Session(autoflush=False)
+        return {"said": str(caught.value)}
+
+    web = make()
+    if not in_request:
+        use()
+        return
+    VIEW["view"] = lambda request: use()
+    assert "autoflush" in web.get("/run").json["said"]
+    assert not pyramid_sessioncache.Session.registry.registry

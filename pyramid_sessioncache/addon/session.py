@@ -34,8 +34,36 @@ def _request_session() -> Any:
     return request.dbsession
 
 
+def _made_elsewhere(what: str, arguments: Any) -> SessionCacheError:
+    return SessionCacheError(
+        f"pyramid_sessioncache.Session {what} ({', '.join(sorted(arguments))}): it hands out request.dbsession, "
+        "made by the application's session factory: set those there (sqlalchemy.* settings, or the "
+        "sessionmaker given to config.set_sessioncache_session_factory())"
+    )
+
+
+class RequestScopedSession(scoped_session):
+    """A ``scoped_session`` whose Session is the current request's ``request.dbsession``.
+
+    That Session is made by the application's session factory: code in
+    the style of ``meta.Session`` that configures the registry's factory
+    (``Session.configure(bind=engine)``) or passes arguments for a new
+    Session (``Session(autoflush=False)``) would be ignored, and is told
+    so, by name, instead of failing on the registry's internals.
+    """
+
+    def __call__(self, **kw: Any) -> Any:
+        if kw:
+            raise _made_elsewhere("takes no arguments", kw)
+        return super().__call__()
+
+    def configure(self, **kwargs: Any) -> None:
+        """Refused: configure the application's session factory instead."""
+        raise _made_elsewhere("has no factory to configure", kwargs)
+
+
 #: A ``scoped_session`` registry scoped to the current Pyramid request.
-Session: scoped_session[Any] = scoped_session(cast(Any, _request_session), scopefunc=_request)
+Session: scoped_session[Any] = RequestScopedSession(cast(Any, _request_session), scopefunc=_request)
 
 
 def _remove(request: Any) -> None:
