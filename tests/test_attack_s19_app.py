@@ -9,9 +9,11 @@ from __future__ import annotations
 import threading
 
 import pytest
+import transaction
+import zope.sqlalchemy
 from pyramid.config import Configurator
-from sqlalchemy import select
-from sqlalchemy.orm import Query
+from sqlalchemy import create_engine, select
+from sqlalchemy.orm import Query, sessionmaker
 from webtest import TestApp
 
 import pyramid_sessioncache
@@ -31,10 +33,13 @@ def run(request):
 
 @pytest.fixture
 def make(db_url):
-    """Make the application, with more settings: ``make(**settings)``; disposed of after the test."""
+    """Make the application, with more settings: ``make(**settings)``; disposed of after the test.
+
+    With ``own_dbsession``, ``request.dbsession`` is the application's own: ``environ["app.dbsession"]``.
+    """
     made = []
 
-    def make(**settings):
+    def make(own_dbsession=False, **settings):
         config = Configurator(
             settings={
                 "sqlalchemy.url": db_url,
@@ -46,10 +51,14 @@ def make(db_url):
             }
         )
         config.include("pyramid_sessioncache")
+        if own_dbsession:  # pyramid-cookiecutter-starter's, as its functional tests set it
+            config.add_request_method(lambda request: request.environ["app.dbsession"], "dbsession", reify=True)
         config.add_route("run", "/run")
         config.add_view(run, route_name="run", renderer="json")
         app = config.make_wsgi_app()
-        made.append(app.registry.getUtility(IDBSessionFactory).kw["bind"])
+        factory = app.registry.queryUtility(IDBSessionFactory)
+        if factory is not None:
+            made.append(factory.kw["bind"])
         return TestApp(app)
 
     VIEW.clear()
@@ -175,3 +184,39 @@ def test_the_scoped_session_says_it_is_made_by_the_applications_factory(make, ca
     VIEW["view"] = lambda request: use()
     assert "autoflush" in web.get("/run").json["said"]
     assert not pyramid_sessioncache.Session.registry.registry
+
+
+def test_a_test_fixtures_own_session_outlives_each_request_that_used_the_scoped_session(make, db_url):
+    """pyramid-cookiecutter-starter's functional tests: one ``app.dbsession`` for every request of a test.
+
+    It is joined to the test's doomed transaction manager, which the test aborts at its end. The
+    end-of-request ``Session.remove()`` closed it: the rows the test had flushed were rolled back after
+    the first request, and its objects detached.
+    """
+    web = make(own_dbsession=True)
+    engine = create_engine(db_url)
+    tm = transaction.TransactionManager(explicit=True)
+    tm.begin()
+    tm.doom()
+    session = sessionmaker(bind=engine)(info={"request": None})
+    zope.sqlalchemy.register(session, transaction_manager=tm)
+    person = Person(id=900, name="the test's")
+    session.add(person)
+    session.flush()
+
+    def view(request):
+        scoped = pyramid_sessioncache.Session()
+        found = scoped.scalars(select(Person).options(pyramid_sessioncache.FromCache("local_session"))).all()
+        return {"same": scoped is request.dbsession, "n": len(found)}
+
+    VIEW["view"] = view
+    environ = {"tm.active": True, "tm.manager": tm, "app.dbsession": session}
+    try:
+        for _ in range(2):
+            assert web.get("/run", extra_environ=environ).json == {"same": True, "n": 21}
+            assert not pyramid_sessioncache.Session.registry.registry
+        assert person in session and session.get(Person, 900).name == "the test's"
+    finally:
+        tm.abort()
+        engine.dispose()
+    assert 900 not in names(db_url)

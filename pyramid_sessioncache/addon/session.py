@@ -5,7 +5,8 @@ transaction (``request.tm``) through zope.sqlalchemy, and closed when the
 request finishes, error or not.  :data:`~pyramid_sessioncache.Session` is a ``scoped_session``
 for code in the style of ``meta.Session``: scoped to the current request,
 it hands out that request's ``dbsession`` (the application's own, when it
-defines one), and is removed when the request finishes.
+defines one), and forgets it when the request finishes; the add-on closes
+only the Sessions it made.
 """
 
 from __future__ import annotations
@@ -67,7 +68,12 @@ Session: scoped_session[Any] = RequestScopedSession(cast(Any, _request_session),
 
 
 def _remove(request: Any) -> None:
-    Session.remove()
+    # Forgotten, not closed: the add-on's own request.dbsession is closed by
+    # its own callback (see dbsession()); an application's own is the
+    # application's to end.  A test fixture's, shared by the requests of a
+    # test in a transaction the test aborts (pyramid-cookiecutter-starter's
+    # app.dbsession), lost the rows the test had flushed when it was closed.
+    Session.registry.clear()
 
 
 def dbsession(request: Any) -> Any:
