@@ -12,7 +12,7 @@ import pytest
 import transaction
 import zope.sqlalchemy
 from pyramid.config import Configurator
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Query, sessionmaker
 from webtest import TestApp
 
@@ -35,11 +35,11 @@ def run(request):
 def make(db_url):
     """Make the application, with more settings: ``make(**settings)``; disposed of after the test.
 
-    With ``own_dbsession``, ``request.dbsession`` is the application's own: ``environ["app.dbsession"]``.
+    ``dbsession``: the application's own ``request.dbsession`` (a request method), if any.
     """
     made = []
 
-    def make(own_dbsession=False, **settings):
+    def make(dbsession=None, **settings):
         config = Configurator(
             settings={
                 "sqlalchemy.url": db_url,
@@ -51,8 +51,8 @@ def make(db_url):
             }
         )
         config.include("pyramid_sessioncache")
-        if own_dbsession:  # pyramid-cookiecutter-starter's, as its functional tests set it
-            config.add_request_method(lambda request: request.environ["app.dbsession"], "dbsession", reify=True)
+        if dbsession is not None:
+            config.add_request_method(dbsession, "dbsession", reify=True)
         config.add_route("run", "/run")
         config.add_view(run, route_name="run", renderer="json")
         app = config.make_wsgi_app()
@@ -193,7 +193,7 @@ def test_a_test_fixtures_own_session_outlives_each_request_that_used_the_scoped_
     end-of-request ``Session.remove()`` closed it: the rows the test had flushed were rolled back after
     the first request, and its objects detached.
     """
-    web = make(own_dbsession=True)
+    web = make(dbsession=lambda request: request.environ["app.dbsession"])  # the starter's, in its tests
     engine = create_engine(db_url)
     tm = transaction.TransactionManager(explicit=True)
     tm.begin()
@@ -220,3 +220,32 @@ def test_a_test_fixtures_own_session_outlives_each_request_that_used_the_scoped_
         tm.abort()
         engine.dispose()
     assert 900 not in names(db_url)
+
+
+def test_mark_changed_joins_an_applications_session_as_it_was_registered(make, db_url):
+    """The application registered its Session with ``keep_session=True``; the view marks it changed first.
+
+    zope.sqlalchemy's plain ``mark_changed()`` joined it with ``keep_session=False``: it was closed at
+    commit, and what the view had loaded was detached.
+    """
+    engine = create_engine(db_url)
+    made = []
+
+    def dbsession(request):
+        session = sessionmaker(bind=engine)(info={"request": request})
+        zope.sqlalchemy.register(session, transaction_manager=request.tm, keep_session=True)
+        made.append(session)
+        return session
+
+    def view(request):
+        request.sessioncache.mark_changed(Person)
+        request.dbsession.execute(text("UPDATE person SET name = 'raw' WHERE id = 1"))
+        made.append(request.dbsession.get(Person, 2))
+
+    VIEW["view"] = view
+    try:
+        make(dbsession=dbsession).get("/run")
+        session, person = made
+        assert person in session and names(db_url)[1] == "raw"
+    finally:
+        engine.dispose()

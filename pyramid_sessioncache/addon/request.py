@@ -13,6 +13,7 @@ from ..engine.cache import SessionCache
 from ..engine.early import cached_query as engine_cached_query
 from ..engine.invalidation import writes
 from .interfaces import ISessionCache
+from .transaction import mark_changed_as_registered
 
 
 class RequestCache:
@@ -56,13 +57,13 @@ class RequestCache:
 
         Call it after ``text()`` DML or ``dbsession.connection().execute(...)``:
         it is zope.sqlalchemy's ``mark_changed()`` (so pyramid_tm commits the
-        work) plus :func:`~pyramid_sessioncache.invalidate_tables` (so the
+        work; with the Session's own registration, see
+        :func:`~pyramid_sessioncache.addon.transaction.mark_changed_as_registered`)
+        plus :func:`~pyramid_sessioncache.invalidate_tables` (so the
         entries that read those tables are invalid once it commits).
         """
-        import zope.sqlalchemy
-
         session = self.request.dbsession
-        zope.sqlalchemy.mark_changed(session, transaction_manager=self.request.tm)
+        mark_changed_as_registered(session, self.request.tm)
         writes.invalidate_tables(session, *tables)
 
     def invalidate_all(self) -> None:
