@@ -249,3 +249,26 @@ def test_mark_changed_joins_an_applications_session_as_it_was_registered(make, d
         assert person in session and names(db_url)[1] == "raw"
     finally:
         engine.dispose()
+
+
+# --- the end of the request -------------------------------------------------------------------------------
+
+
+def test_a_finished_callback_that_reads_after_the_sessions_close_leaves_no_connection_out(make):
+    """request.dbsession was closed by the first finished callback; an audit callback registered after it
+    reopened it with a miss, and its connection stayed checked out until the thread's next request."""
+    web = make()
+    seen = []
+
+    def audit(request):
+        seen.append(request.cached_query(person_1(), region="shared").scalars().one().name)
+
+    def view(request):
+        assert not request.dbsession.in_transaction()  # made first: its closing callback comes before audit
+        request.add_finished_callback(audit)
+
+    VIEW["view"] = view
+    web.get("/run")
+    engine = web.app.registry.getUtility(IDBSessionFactory).kw["bind"]
+    assert seen == ["person 1"] and engine.pool.checkedout() == 0
+    transaction.manager.abort()  # the one audit joined after pyramid_tm's commit: what the next request's begin() does

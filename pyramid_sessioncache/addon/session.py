@@ -89,8 +89,30 @@ def dbsession(request: Any) -> Any:
         raise SessionCacheError("request.dbsession needs an engine: set sqlalchemy.url in the settings")
     # The factory's listeners (transaction.py) join it to request.tm.
     session = factory(info={"request": request, TRANSACTION_MANAGER: request.tm})
-    request.add_finished_callback(lambda request: close(session))
+    request.add_finished_callback(_closer(session))
     return session
+
+
+def _closer(session: Any) -> Any:
+    """The finished callback that closes ``session``: after those registered once it was made.
+
+    Those run after it, and one that uses the Session (an audit log, say)
+    would open it again, with a connection nobody returns to the pool
+    until the thread's next transaction begins.  It puts itself back at
+    the end of the queue once, not each time: two callbacks doing so would
+    wait for each other for ever.
+    """
+    deferred = False
+
+    def close_last(request: Any) -> None:
+        nonlocal deferred
+        if request.finished_callbacks and not deferred:
+            deferred = True
+            request.add_finished_callback(close_last)
+            return
+        close(session)
+
+    return close_last
 
 
 def close(session: Any) -> None:
