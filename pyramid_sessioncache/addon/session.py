@@ -5,7 +5,8 @@ transaction (``request.tm``) through zope.sqlalchemy, and closed when the
 request finishes, error or not.  :data:`~pyramid_sessioncache.Session` is a ``scoped_session``
 for code in the style of ``meta.Session``: scoped to the current request,
 it hands out that request's ``dbsession`` (the application's own, when it
-defines one), and is removed when the request finishes.
+defines one), and forgets it when the request finishes; the add-on closes
+only the Sessions it made.
 """
 
 from __future__ import annotations
@@ -34,8 +35,51 @@ def _request_session() -> Any:
     return request.dbsession
 
 
+def _made_elsewhere(what: str, arguments: Any) -> SessionCacheError:
+    return SessionCacheError(
+        f"pyramid_sessioncache.Session {what} ({', '.join(sorted(arguments))}): it hands out request.dbsession, "
+        "made by the application's session factory: set those there (sqlalchemy.* settings, or the "
+        "sessionmaker given to config.set_sessioncache_session_factory())"
+    )
+
+
+class RequestScopedSession(scoped_session):
+    """A ``scoped_session`` whose Session is the current request's ``request.dbsession``.
+
+    That Session is made by the application's session factory: code in
+    the style of ``meta.Session`` that configures the registry's factory
+    (``Session.configure(bind=engine)``) or passes arguments for a new
+    Session (``Session(autoflush=False)``) would be ignored, and is told
+    so, by name, instead of failing on the registry's internals.
+    """
+
+    def __call__(self, **kw: Any) -> Any:
+        if kw:
+            raise _made_elsewhere("takes no arguments", kw)
+        return super().__call__()
+
+    def configure(self, **kwargs: Any) -> None:
+        """Refused: configure the application's session factory instead."""
+        raise _made_elsewhere("has no factory to configure", kwargs)
+
+    def remove(self) -> None:
+        """Forget the current request's Session, and drop its local cache; called when the request finishes.
+
+        Forgotten, not closed: the add-on's own ``request.dbsession`` is
+        closed by its own finished callback, after the others (see
+        ``dbsession()``); an application's own is the application's to
+        end.  A test fixture's, shared by the requests of a test in a
+        transaction the test aborts (pyramid-cookiecutter-starter's
+        ``app.dbsession``), lost the rows the test had flushed when it was
+        closed here.
+        """
+        if self.registry.has():
+            local_session.drop(self.registry())
+        self.registry.clear()
+
+
 #: A ``scoped_session`` registry scoped to the current Pyramid request.
-Session: scoped_session[Any] = scoped_session(cast(Any, _request_session), scopefunc=_request)
+Session: scoped_session[Any] = RequestScopedSession(cast(Any, _request_session), scopefunc=_request)
 
 
 def _remove(request: Any) -> None:
@@ -55,8 +99,30 @@ def dbsession(request: Any) -> Any:
         raise SessionCacheError("request.dbsession needs an engine: set sqlalchemy.url in the settings")
     # The factory's listeners (transaction.py) join it to request.tm.
     session = factory(info={"request": request, TRANSACTION_MANAGER: request.tm})
-    request.add_finished_callback(lambda request: close(session))
+    request.add_finished_callback(_closer(session))
     return session
+
+
+def _closer(session: Any) -> Any:
+    """The finished callback that closes ``session``: after those registered once it was made.
+
+    Those run after it, and one that uses the Session (an audit log, say)
+    would open it again, with a connection nobody returns to the pool
+    until the thread's next transaction begins.  It puts itself back at
+    the end of the queue once, not each time: two callbacks doing so would
+    wait for each other for ever.
+    """
+    deferred = False
+
+    def close_last(request: Any) -> None:
+        nonlocal deferred
+        if request.finished_callbacks and not deferred:
+            deferred = True
+            request.add_finished_callback(close_last)
+            return
+        close(session)
+
+    return close_last
 
 
 def close(session: Any) -> None:

@@ -115,6 +115,29 @@ def join(session: Any) -> None:
     EVENTS.join_transaction(session)
 
 
+def mark_changed_as_registered(session: Any, manager: Any) -> None:
+    """Mark ``session`` changed in its transaction, joining it the way the Session joins by itself.
+
+    A Session that names its manager (:data:`TRANSACTION_MANAGER`) joins
+    that one's transaction; one registered with ``zope.sqlalchemy.register()``
+    (the application's own ``request.dbsession``) joins through that
+    registration's "developer interface", with its manager and its
+    ``keep_session``: zope.sqlalchemy's plain ``mark_changed()`` would
+    join with ``keep_session=False``, and the Session of an application that
+    asked to keep it would be closed at commit, its objects detached.  Any
+    other joins ``manager``'s transaction, as the plain one does.
+    """
+    if manager_of(session) is not None:
+        EVENTS.mark_changed(session)
+        return
+    for listener in session.dispatch.after_flush:
+        registered = getattr(listener, "__self__", None)
+        if isinstance(registered, ZopeTransactionEvents) and not isinstance(registered, RequestTransactionEvents):
+            registered.mark_changed(session)
+            return
+    mark_changed(session, manager)
+
+
 #: The one set of listeners: it holds no state of its own.
 EVENTS = RequestTransactionEvents()
 

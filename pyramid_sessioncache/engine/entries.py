@@ -8,6 +8,8 @@ other stored.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 from beaker.cache import Cache
@@ -16,6 +18,7 @@ from sqlalchemy.sql import Executable
 
 from .. import _sqlalchemy
 from ..errors import NoRegionsError, NotCacheableError
+from ..storage.region import Region
 from . import connection_state
 from .cache import SessionCache, cache_of
 from .cache_options import check_label
@@ -26,6 +29,9 @@ from .options import statement_option
 def _statement(query: Any, session: Any) -> tuple[Any, Any, Any]:
     if isinstance(query, Query):
         statement, parameters = _sqlalchemy.query_statement(query)
+        if session is None and query.session is None:
+            # Keyed for the Session's bind and connection: none, none to key for.
+            raise TypeError("a Query made without a Session needs the Session it runs in: pass session=")
         return statement, parameters, session or query.session
     if isinstance(query, Executable):
         if not is_read(query):
@@ -100,18 +106,41 @@ def invalidate(
     execution_options: Any = None,
     *,
     cache: SessionCache | None = None,
-) -> None:
-    """Forget the cached result of ``query`` (arguments as for :func:`cache_parameters`)."""
+) -> Callable[[], None] | None:
+    """Forget the cached result of ``query`` (arguments as for :func:`cache_parameters`).
+
+    Returns, for a shared region, a function that forgets it again (see
+    :func:`again`); None for a local region.
+    """
     cache, chosen, session, key = _locate(query, session, region, cache_key, parameters, execution_options, cache)
     chosen.remove(key, session)
     cache.stats.region(chosen.name).invalidations += 1
+    return again(chosen, chosen.remove, key)
 
 
-def invalidate_region(cache: SessionCache, name: str | None = None, session: Any = None) -> None:
-    """Forget every entry of region ``name`` (of ``session``, for a local region)."""
+def again(region: Region, forget: Callable[..., None], *args: Any) -> Callable[[], None] | None:
+    """Return ``forget(*args)`` to call again once the invalidating transaction commits; None for a local ``region``.
+
+    An entry forgotten before the transaction that changed its rows
+    commits may be stored again in between, with the rows as they were,
+    by another request that reads them (under manual invalidation nothing
+    else would ever forget it): forgetting it again after the commit
+    closes that window.  A local region's entries end with the Session's
+    transaction anyway.
+    """
+    return None if region.is_local else functools.partial(forget, *args)
+
+
+def invalidate_region(cache: SessionCache, name: str | None = None, session: Any = None) -> Callable[[], None] | None:
+    """Forget every entry of region ``name`` (of ``session``, for a local region).
+
+    Returns, for a shared region, a function that forgets them again (see
+    :func:`again`); None for a local region.
+    """
     region = cache.region(name)
     region.clear(session)
     cache.stats.region(region.name).invalidations += 1
+    return again(region, region.clear)
 
 
 def invalidate_all(cache: SessionCache, session: Any = None) -> None:
