@@ -76,6 +76,8 @@ def load(
             loader, state.statement, state.parameters, state.local_execution_options
         )
         value = CachedRows.from_result(result, instances)
+        if instances and _kept_to_itself(loader, loader_info):
+            instances.clear()  # the caller's Session builds its own, and their listeners act on it
     finally:
         if outer is None:
             del _READING[connection]
@@ -89,6 +91,23 @@ def load(
         named = statement_tables(state.statement)
     value.tables = frozenset(read | named | record_tables(value))
     return value
+
+
+def _kept_to_itself(loader: Session, given: dict) -> bool:
+    """Whether ``load`` listeners (reconstructors...) left something in ``loader`` that the caller's Session would have had.
+
+    The loader's objects are its own while they load: a listener adding
+    an object to ``object_session(target)``, changing or deleting one, or
+    setting a key of its ``info`` does so in the loader, which is then
+    closed.  Run uncached, all of that would have happened in the caller's
+    Session; so then the objects are not handed over (``hydrate.adopted()``)
+    and the caller's Session builds its own, sending their ``load`` events
+    with them in it, as before objects were handed over.
+    """
+    if loader.new or loader.dirty or loader.deleted:
+        return True
+    info = loader.info
+    return len(info) != len(given) or any(info.get(key, given) is not value for key, value in given.items())
 
 
 class _RoutedLoader(Session):
