@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import event, select
+from sqlalchemy import event, orm, select
 from sqlalchemy.orm import object_session
 
 from pyramid_sessioncache import FromCache
@@ -38,3 +38,28 @@ def test_a_load_listener_acting_on_the_objects_session_acts_on_the_callers(Sessi
         assert seen[1] == seen[0] and seen[2] == seen[0]
     finally:
         event.remove(Person, "load", listener)
+
+
+def test_the_callers_objects_get_the_lifecycle_events_of_an_uncached_load(Session, region):
+    """A listener on every Session sees the objects a query gives enter the caller's Session once, and never leave it."""
+    seen: list = []
+
+    def entered(session, instance):
+        seen.append(("entered", instance))
+
+    def left(session, instance):
+        seen.append(("left", instance))
+
+    statement = select(Person).where(Person.id.in_([3, 4])).order_by(Person.id)
+    event.listen(orm.Session, "loaded_as_persistent", entered)
+    event.listen(orm.Session, "persistent_to_detached", left)
+    try:
+        pictures = []
+        for options in ((), (FromCache(region),), (FromCache(region),)):  # uncached, a miss, a hit
+            with Session() as session:
+                people = session.scalars(statement.options(*options)).all()
+                pictures.append(sorted(name for name, instance in seen if any(instance is p for p in people)))
+    finally:
+        event.remove(orm.Session, "loaded_as_persistent", entered)
+        event.remove(orm.Session, "persistent_to_detached", left)
+    assert pictures == [["entered", "entered"]] * 3

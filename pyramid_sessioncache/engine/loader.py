@@ -94,16 +94,21 @@ def load(
 
 
 def _kept_to_itself(loader: Session, given: dict) -> bool:
-    """Whether ``load`` listeners (reconstructors...) left something in ``loader`` that the caller's Session would have had.
+    """Whether the objects of ``loader`` must stay its own, rather than be handed to the caller's Session.
 
-    The loader's objects are its own while they load: a listener adding
-    an object to ``object_session(target)``, changing or deleting one, or
-    setting a key of its ``info`` does so in the loader, which is then
-    closed.  Run uncached, all of that would have happened in the caller's
-    Session; so then the objects are not handed over (``hydrate.adopted()``)
-    and the caller's Session builds its own, sending their ``load`` events
-    with them in it, as before objects were handed over.
+    The loader's objects are its own while they load: a ``load`` listener
+    (a reconstructor...) adding an object to ``object_session(target)``,
+    changing or deleting one, or setting a key of its ``info`` does so in
+    the loader, which is then closed; and the application's listeners for
+    ``loaded_as_persistent`` or ``persistent_to_detached`` on every Session
+    would see the very objects the caller gets enter the loader and leave
+    it.  Run uncached, none of that happens outside the caller's Session:
+    then the caller's Session builds objects of its own from the entry
+    (``hydrate.objects_of()``), whose ``load`` events act on it, as before
+    objects were handed over.
     """
+    if loader.dispatch.loaded_as_persistent or loader.dispatch.persistent_to_detached:
+        return True
     if loader.new or loader.dirty or loader.deleted:
         return True
     info = loader.info
