@@ -63,3 +63,21 @@ def test_the_callers_objects_get_the_lifecycle_events_of_an_uncached_load(Sessio
         event.remove(orm.Session, "loaded_as_persistent", entered)
         event.remove(orm.Session, "persistent_to_detached", left)
     assert pictures == [["entered", "entered"]] * 3
+
+
+def _shouts(target, context):
+    target.name = target.name.upper()  # a load listener normalising a column: the ORM keeps it as loaded
+
+
+def test_what_a_load_listener_sets_is_loaded_not_changed(Session, region):
+    statement = select(Person).where(Person.id.in_([5, 6])).order_by(Person.id)
+    event.listen(Person, "load", _shouts)
+    try:
+        seen = []
+        for options in ((), (FromCache(region),), (FromCache(region),)):  # uncached, a miss, a hit
+            with Session() as session:
+                people = session.scalars(statement.options(*options)).all()
+                seen.append(([person.name for person in people], len(session.dirty)))
+    finally:
+        event.remove(Person, "load", _shouts)
+    assert seen == [(["PERSON 5", "PERSON 6"], 0)] * 3
