@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import event, orm, select
+from sqlalchemy import event, inspect, orm, select
 from sqlalchemy.orm import object_session
 
 from pyramid_sessioncache import FromCache
 
-from .models import Person, Tag
+from .models import Country, Person, Tag
 
 
 @pytest.fixture(params=["memory", "file"])
@@ -81,3 +81,21 @@ def test_what_a_load_listener_sets_is_loaded_not_changed(Session, region):
     finally:
         event.remove(Person, "load", _shouts)
     assert seen == [(["PERSON 5", "PERSON 6"], 0)] * 3
+
+
+def _looks_up(target, context):
+    target.country = object_session(target).get(Country, 1)  # a listener keeping an object of the Session
+
+
+def test_objects_a_load_listener_reads_belong_to_the_callers_session(Session, region):
+    statement = select(Person).where(Person.id.in_([7, 8])).order_by(Person.id)
+    event.listen(Person, "load", _looks_up)
+    try:
+        seen = []
+        for options in ((), (FromCache(region),), (FromCache(region),)):  # uncached, a miss, a hit
+            with Session() as session:
+                people = session.scalars(statement.options(*options)).all()
+                seen.append([inspect(person.country).session is session for person in people])
+    finally:
+        event.remove(Person, "load", _looks_up)
+    assert seen == [[True, True]] * 3

@@ -76,7 +76,7 @@ def load(
             loader, state.statement, state.parameters, state.local_execution_options
         )
         value = CachedRows.from_result(result, instances)
-        if instances and _kept_to_itself(loader, loader_info):
+        if instances and _kept_to_itself(loader, instances, loader_info):
             instances.clear()  # the caller's Session builds its own, and their listeners act on it
     finally:
         if outer is None:
@@ -93,23 +93,25 @@ def load(
     return value
 
 
-def _kept_to_itself(loader: Session, given: dict) -> bool:
-    """Whether the objects of ``loader`` must stay its own, rather than be handed to the caller's Session.
+def _kept_to_itself(loader: Session, handed: list, given: dict) -> bool:
+    """Whether the objects of ``loader`` must stay its own, rather than be ``handed`` to the caller's Session.
 
     The loader's objects are its own while they load: a ``load`` listener
     (a reconstructor...) adding an object to ``object_session(target)``,
     changing or deleting one, or setting a key of its ``info`` does so in
-    the loader, which is then closed; and the application's listeners for
-    ``loaded_as_persistent`` or ``persistent_to_detached`` on every Session
-    would see the very objects the caller gets enter the loader and leave
-    it.  Run uncached, none of that happens outside the caller's Session:
-    then the caller's Session builds objects of its own from the entry
-    (``hydrate.objects_of()``), whose ``load`` events act on it, as before
-    objects were handed over.
+    the loader, which is then closed; an object it reads there and keeps
+    on the target is the loader's, detached with it (the loader then
+    holds more objects than it hands over); and the application's
+    listeners for ``loaded_as_persistent`` or ``persistent_to_detached``
+    on every Session would see the very objects the caller gets enter the
+    loader and leave it.  Run uncached, all of that happens in the
+    caller's Session: then the caller's Session builds objects of its own
+    from the entry (``hydrate.objects_of()``), whose ``load`` events act
+    on it, as before objects were handed over.
     """
     if loader.dispatch.loaded_as_persistent or loader.dispatch.persistent_to_detached:
         return True
-    if loader.new or loader.dirty or loader.deleted:
+    if loader.new or loader.dirty or loader.deleted or len(loader.identity_map) != len(handed):
         return True
     info = loader.info
     return len(info) != len(given) or any(info.get(key, given) is not value for key, value in given.items())
