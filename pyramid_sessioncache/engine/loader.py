@@ -61,8 +61,8 @@ def load(
     # without them.  The relationship loads it makes go through those on the
     # Session class, with the caller's info as they would have seen it (the
     # add-on's own keys stay behind).
-    loader_info = {key: value for key, value in state.session.info.items() if not info.own_key(key)}
-    loader_info[info.LOADER] = True
+    given = {key: value for key, value in state.session.info.items() if not info.own_key(key)}
+    loader_info = {**given, info.LOADER: True}
     read: set[str] = set()
     options: dict[str, Any] = {"info": loader_info, "autoflush": False, "expire_on_commit": False}
     if _sqlalchemy.routes_binds(state.session):
@@ -76,7 +76,7 @@ def load(
             loader, state.statement, state.parameters, state.local_execution_options
         )
         value = CachedRows.from_result(result, instances)
-        if instances and _kept_to_itself(loader, instances, loader_info):
+        if instances and _kept_to_itself(loader, instances, given):
             instances.clear()  # the caller's Session builds its own, and their listeners act on it
     finally:
         if outer is None:
@@ -96,6 +96,8 @@ def load(
 def _kept_to_itself(loader: Session, handed: list, given: dict) -> bool:
     """Whether the objects of ``loader`` must stay its own, rather than be ``handed`` to the caller's Session.
 
+    ``given``: the caller's ``info`` the loader was given (the add-on's keys aside).
+
     The loader's objects are its own while they load: a ``load`` listener
     (a reconstructor...) adding an object to ``object_session(target)``,
     changing or deleting one, or setting a key of its ``info`` does so in
@@ -113,8 +115,9 @@ def _kept_to_itself(loader: Session, handed: list, given: dict) -> bool:
         return True
     if loader.new or loader.dirty or loader.deleted or len(loader.identity_map) != len(handed):
         return True
-    info = loader.info
-    return len(info) != len(given) or any(info.get(key, given) is not value for key, value in given.items())
+    # The add-on's own keys (the loader's flag, what its transaction did) aside: the application's.
+    left = {key: value for key, value in loader.info.items() if not info.own_key(key)}
+    return len(left) != len(given) or any(left.get(key, left) is not value for key, value in given.items())
 
 
 class _RoutedLoader(Session):
