@@ -92,6 +92,16 @@ def commit_loaded(state: Any, keys: Any) -> None:
     state._commit(state.dict, keys)
 
 
+def commit_all_loaded(state: Any, session: Any) -> None:
+    """Mark every attribute of ``state`` as loaded, as the ORM does after a new object's ``load`` event changed it.
+
+    ``sqlalchemy.orm.loading._instance`` commits a state that its ``load``
+    listeners modified (2.0, 2.1): what a reconstructor sets is what was
+    loaded, and the object is not dirty.
+    """
+    state._commit_all(state.dict, session.identity_map)
+
+
 def give_loaders(state: Any, loaders: dict) -> None:
     """Give a new ``state`` the per-object loaders a query's options gave the object it was stored from.
 

@@ -289,6 +289,8 @@ def _send_load_events(session: Session, created: list[tuple]) -> None:
     for state, plan in created:
         if plan.manager.dispatch.load:
             state.manager.dispatch.load(state, None)
+            if state.modified:  # what a listener set counts as loaded, as the ORM has it
+                _sqlalchemy.commit_all_loaded(state, session)
     if created and session.dispatch.loaded_as_persistent:
         for state, _ in created:
             session.dispatch.loaded_as_persistent(session, state)

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
-from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm import ORMExecuteState, Session, instrumentation
 
 from .. import _sqlalchemy
 from . import info
@@ -61,8 +61,8 @@ def load(
     # without them.  The relationship loads it makes go through those on the
     # Session class, with the caller's info as they would have seen it (the
     # add-on's own keys stay behind).
-    loader_info = {key: value for key, value in state.session.info.items() if not info.own_key(key)}
-    loader_info[info.LOADER] = True
+    given = {key: value for key, value in state.session.info.items() if not info.own_key(key)}
+    loader_info = {**given, info.LOADER: True}
     read: set[str] = set()
     options: dict[str, Any] = {"info": loader_info, "autoflush": False, "expire_on_commit": False}
     if _sqlalchemy.routes_binds(state.session):
@@ -76,6 +76,8 @@ def load(
             loader, state.statement, state.parameters, state.local_execution_options
         )
         value = CachedRows.from_result(result, instances)
+        if instances and _kept_to_itself(loader, instances, given):
+            instances.clear()  # the caller's Session builds its own, and their listeners act on it
     finally:
         if outer is None:
             del _READING[connection]
@@ -89,6 +91,35 @@ def load(
         named = statement_tables(state.statement)
     value.tables = frozenset(read | named | record_tables(value))
     return value
+
+
+def _kept_to_itself(loader: Session, handed: list, given: dict) -> bool:
+    """Whether the objects of ``loader`` must stay its own, rather than be ``handed`` to the caller's Session.
+
+    ``given``: the caller's ``info`` the loader was given (the add-on's keys aside).
+
+    The loader's objects are its own while they load.  A ``load`` listener
+    of their class (a reconstructor too) ran with the loader as their
+    Session, and may have kept it (``object_session(target)``,
+    ``context.session``), added or read objects there, or noted in its
+    ``info``: all in a Session then closed.  The application's listeners
+    for ``loaded_as_persistent`` or ``persistent_to_detached`` on every
+    Session would see the very objects the caller gets enter the loader
+    and leave it.  And whatever else left the loader holding more than it
+    hands over, or with changes or ``info`` of its own, means the same.
+    Run uncached, all of that happens in the caller's Session: so then the
+    caller's Session builds objects of its own from the entry
+    (``hydrate.objects_of()``), whose ``load`` events act on it.
+    """
+    if loader.dispatch.loaded_as_persistent or loader.dispatch.persistent_to_detached:
+        return True
+    if any(instrumentation.manager_of_class(cls).dispatch.load for cls in {type(obj) for obj in handed}):
+        return True
+    if loader.new or loader.dirty or loader.deleted or len(loader.identity_map) != len(handed):
+        return True
+    # The add-on's own keys (the loader's flag, what its transaction did) aside: the application's.
+    left = {key: value for key, value in loader.info.items() if not info.own_key(key)}
+    return len(left) != len(given) or any(left.get(key, left) is not value for key, value in given.items())
 
 
 class _RoutedLoader(Session):
