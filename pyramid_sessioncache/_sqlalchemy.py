@@ -7,9 +7,11 @@ against SQLAlchemy 2.0 (2.0.x, the oldest supported series, run by CI) and
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from sqlalchemy import event, inspect
 from sqlalchemy.engine import Connection, FrozenResult, Result
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Query, Session
@@ -476,6 +478,46 @@ def bind_arguments(statement: Any) -> dict:
     """
     subject = statement._propagate_attrs.get("plugin_subject")
     return {"clause": statement, "mapper": subject.mapper if subject else None}
+
+
+#: The mappers of the process configured with ``always_refresh=True`` (see :func:`watch_always_refresh`).
+ALWAYS_REFRESHED: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def watch_always_refresh() -> None:
+    """Keep :data:`ALWAYS_REFRESHED`: every mapper mapped now, and each one configured from now on.
+
+    ``always_refresh`` (a legacy ``Mapper`` argument) makes every query of
+    the class overwrite what the Session holds, pending changes included,
+    as ``populate_existing()`` does; the set is empty in most applications,
+    so that look-ups pay nothing for it.
+    """
+    from sqlalchemy.orm import Mapper
+    from sqlalchemy.orm.mapper import _all_registries
+
+    if not event.contains(Mapper, "mapper_configured", _configured):
+        event.listen(Mapper, "mapper_configured", _configured)
+    for registry in _all_registries():
+        for mapper in registry.mappers:
+            _configured(mapper, mapper.class_)
+
+
+def _configured(mapper: Any, cls: Any) -> None:
+    if mapper.always_refresh:
+        ALWAYS_REFRESHED.add(mapper)
+
+
+def loads_always_refreshed(statement: Any) -> bool:
+    """Whether ``statement`` selects an entity whose mapper is in :data:`ALWAYS_REFRESHED` (ask only when it is not empty)."""
+    subject = statement._propagate_attrs.get("plugin_subject")
+    if subject is not None and subject.mapper in ALWAYS_REFRESHED:
+        return True
+    for description in getattr(statement, "column_descriptions", ()):
+        entity = description.get("entity")
+        mapper = getattr(inspect(entity), "mapper", None) if entity is not None else None
+        if mapper is not None and mapper in ALWAYS_REFRESHED:
+            return True
+    return False
 
 
 def mapped_metadata() -> list[Any]:

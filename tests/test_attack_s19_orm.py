@@ -373,7 +373,7 @@ def test_a_lazy_load_with_criteria_never_loses_them(s19_sessions, region, held):
     _compare(s19_sessions, ([PARENTS] if held else []) + [statement], region)
 
 
-# 6. Found, not fixed -------------------------------------------------------------------------------------
+# 6. always_refresh ---------------------------------------------------------------------------------------
 
 
 class S19Refreshed(Base):
@@ -382,23 +382,43 @@ class S19Refreshed(Base):
     __tablename__ = "s19_refreshed"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(50))
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("s19_owner.id"))
     __mapper_args__ = {"always_refresh": True}
 
 
-@pytest.mark.xfail(strict=True, reason="a shared hit keeps pending changes: always_refresh is not honoured")
-def test_always_refresh_overwrites_pending_changes_as_uncached(s19_engine, cache):
-    """Uncached, a query of an ``always_refresh`` class overwrites the Session's pending change; a shared hit keeps it."""
+class S19Owner(Base):
+    __tablename__ = "s19_owner"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    refreshed = relationship(S19Refreshed, order_by=S19Refreshed.id)
+
+
+@pytest.mark.parametrize("region", ["local", "memory", "file"])
+@pytest.mark.parametrize("how", ["the class itself", "loaded eagerly through another"])
+def test_always_refresh_overwrites_pending_changes_as_uncached(s19_engine, cache, region, how):
+    """Uncached, a query reaching an ``always_refresh`` class overwrites the Session's pending change: so does a cached one.
+
+    Such a query runs uncached (as ``populate_existing()`` does), and what
+    reached such objects is never stored.
+    """
     with sessionmaker(s19_engine)() as session:
-        session.add(S19Refreshed(id=1, name="stored"))
+        session.add(S19Owner(id=1, refreshed=[S19Refreshed(id=1, name="stored")]))
         session.commit()
     caching = sessionmaker(s19_engine, info=cache.session_info(), autoflush=False)
+    if how == "the class itself":
+        statement = select(S19Refreshed).where(S19Refreshed.id == 1)
+    else:
+        statement = select(S19Owner).where(S19Owner.id == 1).options(selectinload(S19Owner.refreshed))
 
     def name_after_query(Session, option):
         with Session() as session:
             obj = session.get(S19Refreshed, 1)
             obj.name = "pending"
-            session.execute(select(S19Refreshed).options(*option)).scalars().all()
+            session.execute(statement.options(*option)).scalars().all()
+            obj.name = "pending again"
+            session.execute(statement.options(*option)).scalars().all()  # a second time: a hit, if stored
             return obj.name
 
     uncached = name_after_query(sessionmaker(s19_engine, autoflush=False), ())
-    assert name_after_query(caching, (FromCache("memory"),)) == uncached == "stored"
+    assert uncached == "stored"
+    for _ in range(2):
+        assert name_after_query(caching, (FromCache(region),)) == uncached

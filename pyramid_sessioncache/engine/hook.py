@@ -55,6 +55,7 @@ def install() -> None:
     writes.install()
     loader.install()
     connection_state.install()
+    _sqlalchemy.watch_always_refresh()
 
 
 def trust_listener(listener: Callable[..., Any]) -> None:
@@ -163,13 +164,30 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
             session,
             option.expire,
             valid=found.valid or always_valid,
+            store=lambda value: not _holds_always_refreshed(session),
         )
         result = value.result()
     else:
         value, hit, instances = _shared(state, cache, found, region, option.expire)
+        if not hit and _sqlalchemy.ALWAYS_REFRESHED and value.refreshes_always():
+            # It reached objects of an always_refresh class, which the query
+            # overwrites in the Session, pending changes and all: run it so.
+            return None
         result = lookup.objects_of(session, region, found.key.text, value, statement, instances)
     lookup.record(cache, session, region, hit, found.key)
     return result
+
+
+def _holds_always_refreshed(session: Session) -> bool:
+    """Whether ``session`` holds an object of a class mapped with ``always_refresh`` (none do, in most applications).
+
+    Every query that reaches such an object overwrites it in the Session
+    (an eager load too): a local entry kept after one would serve it as
+    it is now, pending changes and all.
+    """
+    if not _sqlalchemy.ALWAYS_REFRESHED:
+        return False
+    return any(state.mapper.always_refresh for state in session.identity_map.all_states())
 
 
 def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: Any, expire: int | None):

@@ -116,7 +116,7 @@ def decide(
     """Return how to look ``statement`` up in ``region``, or None when it must run uncached.
 
     Runs uncached: a disabled region, streamed or ``populate_existing``
-    loads, reads around shared regions after this transaction wrote, a
+    loads (or of a class mapped with ``always_refresh``), reads around shared regions after this transaction wrote, a
     statement that cannot be keyed, and a locking read (``with_for_update()``
     in any form: its locks must be taken, every time).
 
@@ -125,6 +125,8 @@ def decide(
     """
     if not region.enabled or bypassed(options):
         return None
+    if _sqlalchemy.ALWAYS_REFRESHED and _sqlalchemy.loads_always_refreshed(statement):
+        return None  # it overwrites what the Session holds, as populate_existing does
     _sqlalchemy.autoflush(session, options)
     bind = _sqlalchemy.execution_bind(session, bind_arguments)
     if not region.is_local and writes.has_written(session, bind):

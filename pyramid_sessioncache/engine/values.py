@@ -251,6 +251,10 @@ class CachedRows:
         value.storable = snapshot.storable
         return value
 
+    def refreshes_always(self) -> bool:
+        """Whether some object is of a class mapped with ``always_refresh`` (its queries overwrite the Session's)."""
+        return any(class_mapper(cls).always_refresh for cls, _, _ in self.classes)
+
     def loaded_relationships(self) -> set[tuple[type, str]]:
         """Return ``(class, key)`` of every relationship some cached object holds."""
         found: set[tuple[type, str]] = set()
@@ -437,6 +441,8 @@ class _Snapshot:
             relationships = tuple(prop.key for prop in mapper.relationships)
             collections = tuple(bool(prop.uselist) for prop in mapper.relationships)
             layout = self._layouts[cls] = (len(self.classes), columns, relationships, collections)
+            if mapper.always_refresh:  # every query overwrites its objects: no hit may serve them
+                self.storable = False
             self.classes.append((cls, columns, relationships))
         return layout
 
