@@ -1,0 +1,72 @@
+"""Session 19, final review (adversarial): ``always_refresh``, misses handing over their objects, the request's Session.
+
+Each test is a defect found by attacking the changes merged that day,
+fixed with it.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import ForeignKey, String, create_engine, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship, sessionmaker
+
+from pyramid_sessioncache import FromCache, SessionCache
+
+from .conftest import SECRET, SQLCounter
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class FinalOwner(Base):
+    __tablename__ = "final_owner"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    items = relationship("FinalItem", order_by="FinalItem.id")
+
+
+class FinalItem(Base):
+    __tablename__ = "final_item"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("final_owner.id"))
+    name: Mapped[str] = mapped_column(String(20))
+    kind: Mapped[str] = mapped_column(String(20))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "item"}
+
+
+class FinalRefreshedItem(FinalItem):
+    """A subclass mapped with ``always_refresh``: a query of its base reaches it."""
+
+    __mapper_args__ = {"polymorphic_identity": "refreshed", "always_refresh": True}
+
+
+@pytest.fixture
+def final_engine(tmp_path):
+    engine = create_engine(f"sqlite:///{tmp_path / 'final.sqlite'}")
+    Base.metadata.create_all(engine)
+    with sessionmaker(engine)() as session:
+        session.add(FinalOwner(id=1, items=[FinalItem(id=1, name="a"), FinalRefreshedItem(id=2, name="b")]))
+        session.commit()
+    yield engine
+    engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        pytest.param(select(FinalItem).order_by(FinalItem.id), id="a subclass of the queried class"),
+        pytest.param(select(FinalOwner).options(joinedload(FinalOwner.items)), id="an eager load"),
+    ],
+)
+def test_a_query_reaching_always_refresh_objects_runs_once(final_engine, tmp_path, statement):
+    """Such a query runs uncached, once, as uncached: its miss's load was thrown away and the query run again, each time."""
+    cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
+    sql = SQLCounter(final_engine)
+    Session = sessionmaker(final_engine, info=cache.session_info())
+    counts = []
+    for _ in range(3):
+        with Session() as session:
+            sql.reset()
+            session.execute(statement.options(FromCache("memory"))).unique().scalars().all()
+            counts.append(sql.count)
+    assert counts[1:] == [1, 1]
