@@ -7,12 +7,15 @@ fixed with it.
 from __future__ import annotations
 
 import pytest
+from pyramid.config import Configurator
 from sqlalchemy import ForeignKey, String, create_engine, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship, sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
+from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
 
 from .conftest import SECRET, SQLCounter
+from .models import Person
 
 
 class Base(DeclarativeBase):
@@ -70,3 +73,33 @@ def test_a_query_reaching_always_refresh_objects_runs_once(final_engine, tmp_pat
             session.execute(statement.options(FromCache("memory"))).unique().scalars().all()
             counts.append(sql.count)
     assert counts[1:] == [1, 1]
+
+
+def _late_reader(request):
+    """A view whose finished callback adds another, which reads through ``request.dbsession``."""
+
+    def read(request):
+        request.dbsession.scalars(select(Person.name)).all()
+
+    request.dbsession.scalars(select(Person.id)).all()
+    request.add_finished_callback(lambda request: request.add_finished_callback(read))
+    return {}
+
+
+def test_a_finished_callback_added_by_another_leaves_no_connection_out(db_url):
+    """``request.dbsession`` is closed after it: it was closed before it, which took a connection nobody returned."""
+    from webtest import TestApp
+
+    config = Configurator(
+        settings={"sqlalchemy.url": db_url, "cache.regions": "local", "cache.local.type": "ext:local_session"}
+    )
+    config.include("pyramid_sessioncache")
+    config.add_route("late", "/late")
+    config.add_view(_late_reader, route_name="late", renderer="json")
+    app = config.make_wsgi_app()
+    engine = app.registry.queryUtility(IDBSessionFactory).kw["bind"]
+    try:
+        TestApp(app).get("/late")
+        assert engine.pool.checkedout() == 0
+    finally:
+        engine.dispose()
