@@ -142,3 +142,36 @@ def test_a_read_in_a_finished_callback_leaves_no_transaction_holding_the_session
         event.remove(Session, "after_begin", keep)
         transaction.manager.abort()
         engine.dispose()
+
+
+def _polite(request):
+    """A view whose finished callback puts itself back at the end of the queue while others remain, as the closer does."""
+    ran = request.registry["ran"]
+
+    def polite(request):
+        ran.append(1)
+        if request.finished_callbacks:
+            request.add_finished_callback(polite)
+
+    request.add_finished_callback(polite)
+    request.dbsession.scalars(select(Person.id)).all()
+    return {}
+
+
+def test_a_callback_waiting_for_the_others_as_the_closer_does_lets_it_close(db_url):
+    """Neither waits for the other for ever: the closer waits for a callback once only."""
+    from webtest import TestApp
+
+    config = Configurator(settings={"sqlalchemy.url": db_url})
+    config.include("pyramid_sessioncache")
+    config.add_route("polite", "/polite")
+    config.add_view(_polite, route_name="polite", renderer="json")
+    config.registry["ran"] = ran = []
+    app = config.make_wsgi_app()
+    engine = app.registry.queryUtility(IDBSessionFactory).kw["bind"]
+    try:
+        TestApp(app).get("/polite")
+        assert engine.pool.checkedout() == 0
+        assert len(ran) == 3
+    finally:
+        engine.dispose()
