@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 from pyramid.config import Configurator
-from sqlalchemy import ForeignKey, String, create_engine, event, select
+from sqlalchemy import ForeignKey, String, create_engine, event, func, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, joinedload, mapped_column, relationship, sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
@@ -175,3 +175,23 @@ def test_a_callback_waiting_for_the_others_as_the_closer_does_lets_it_close(db_u
         assert len(ran) == 3
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("region", ["local", "memory"])
+@pytest.mark.parametrize(
+    "statement",
+    [
+        pytest.param(select(FinalRefreshedItem.name).order_by(FinalRefreshedItem.id), id="a column"),
+        pytest.param(select(func.count()).select_from(FinalRefreshedItem), id="a count"),
+    ],
+)
+def test_a_query_of_columns_of_an_always_refresh_class_is_cached(final_engine, statement, region):
+    """It loads no object, so overwrites none: it ran uncached, every time."""
+    cache = SessionCache({"local": {"type": "ext:local_session"}, "memory": {"type": "memory"}}, secret=SECRET)
+    sql = SQLCounter(final_engine)
+    Session = sessionmaker(final_engine, info=cache.session_info())
+    with Session() as session:
+        first = session.execute(statement.options(FromCache(region))).all()
+        sql.reset()
+        assert session.execute(statement.options(FromCache(region))).all() == first
+        assert sql.count == 0
