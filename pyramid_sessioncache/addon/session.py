@@ -11,17 +11,15 @@ only the Sessions it made.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any, cast
 
 from pyramid.threadlocal import get_current_request
 from sqlalchemy.orm import scoped_session
-from transaction.interfaces import NoTransaction
 
 from ..errors import SessionCacheError
 from ..storage.backends import local_session
 from .interfaces import IDBSessionFactory
-from .transaction import TRANSACTION_MANAGER, manager_of
+from .transaction import TRANSACTION_MANAGER
 
 
 def _request() -> Any:
@@ -130,17 +128,6 @@ def _closer(session: Any) -> Any:
 
 
 def close(session: Any) -> None:
-    """Close ``session`` and forget its local cache.
-
-    A Session still in a transaction once the request finished was used
-    after pyramid_tm ended its own (a finished callback's read): that
-    joined a new transaction of ``request.tm``, which nobody ends, and
-    which would hold the Session, and its request, until the thread's next
-    request.  Aborted here, as that request's ``begin()`` would.
-    """
-    manager = manager_of(session)
-    if manager is not None and session.in_transaction():
-        with contextlib.suppress(NoTransaction):  # an explicit manager, with no transaction to join
-            manager.abort()
+    """Close ``session`` and forget its local cache."""
     session.close()
     local_session.drop(session)
