@@ -142,7 +142,7 @@ def decide(
     if key is None:  # unkeyable, or a locking read (see keys.py)
         log.debug("uncached: statement cannot be keyed or takes row locks (region %s)", region.name)
         return None
-    if key.shape in cache.refreshed_shapes:  # it reached always_refresh objects (see hook.py)
+    if cache.refreshed_shapes and key.shape in cache.refreshed_shapes:  # it reached always_refresh objects (hook.py)
         return None
     if region.is_local:
         return Lookup(key, (), _current_in(session))
