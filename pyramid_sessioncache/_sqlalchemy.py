@@ -14,7 +14,7 @@ from typing import Any
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Connection, FrozenResult, Result
 from sqlalchemy.exc import InvalidRequestError
-from sqlalchemy.orm import Query, Session
+from sqlalchemy.orm import Bundle, Query, Session
 from sqlalchemy.orm.collections import InstrumentedList
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.orm.path_registry import PathRegistry, RootRegistry
@@ -508,13 +508,24 @@ def _configured(mapper: Any, cls: Any) -> None:
 
 
 def loads_always_refreshed(statement: Any) -> bool:
-    """Whether ``statement`` selects an entity whose mapper is in :data:`ALWAYS_REFRESHED` (ask only when it is not empty)."""
-    subject = statement._propagate_attrs.get("plugin_subject")
-    if subject is not None and subject.mapper in ALWAYS_REFRESHED:
-        return True
-    for description in getattr(statement, "column_descriptions", ()):
+    """Whether ``statement`` loads objects of a mapper in :data:`ALWAYS_REFRESHED` (ask only when it is not empty).
+
+    Only objects are overwritten: ``select(Item.name)`` or a count over
+    such a class loads none, and is cached as any other.  A ``Bundle``
+    counts as the entity it reads from.
+    """
+    descriptions = getattr(statement, "column_descriptions", None)
+    if descriptions is None:
+        subject = statement._propagate_attrs.get("plugin_subject")
+        return subject is not None and subject.mapper in ALWAYS_REFRESHED
+    for description in descriptions:
         entity = description.get("entity")
-        mapper = getattr(inspect(entity), "mapper", None) if entity is not None else None
+        if entity is None:
+            continue
+        expr = description.get("expr")
+        if expr is not entity and not isinstance(expr, Bundle):  # a column of it: no object loaded
+            continue
+        mapper = getattr(inspect(entity), "mapper", None)
         if mapper is not None and mapper in ALWAYS_REFRESHED:
             return True
     return False

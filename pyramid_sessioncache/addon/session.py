@@ -109,15 +109,17 @@ def _closer(session: Any) -> Any:
     Those run after it, and one that uses the Session (an audit log, say)
     would open it again, with a connection nobody returns to the pool
     until the thread's next transaction begins.  It puts itself back at
-    the end of the queue once, not each time: two callbacks doing so would
-    wait for each other for ever.
+    the end of the queue as long as callbacks it has not waited for yet
+    remain (one may add another, which may use the Session), not for
+    those it waited for already: a callback that puts itself back too
+    would wait for it for ever.
     """
-    deferred = False
+    waited: dict[int, Any] = {}  # the callbacks themselves held, so that no other takes one's id
 
     def close_last(request: Any) -> None:
-        nonlocal deferred
-        if request.finished_callbacks and not deferred:
-            deferred = True
+        remaining = {id(callback): callback for callback in request.finished_callbacks}
+        if not remaining.keys() <= waited.keys():
+            waited.update(remaining)
             request.add_finished_callback(close_last)
             return
         close(session)

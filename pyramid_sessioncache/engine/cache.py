@@ -89,6 +89,10 @@ class SessionCache:
         self.stats = Stats()
         #: What each statement shape was found to read.
         self.tables_read = ShapeTables()
+        #: The statement shapes found to reach objects of a class mapped with
+        #: ``always_refresh`` (an eager load, a subclass): they run uncached
+        #: from then on, instead of loading a miss thrown away each time.
+        self.refreshed_shapes: set[str] = set()
         #: Declared dependencies: version name -> what a write to it also changes.
         self.writes_also = _dependencies(declared)
         #: The PostgreSQL listeners :meth:`listen` started.

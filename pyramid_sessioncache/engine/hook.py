@@ -171,11 +171,24 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
         value, hit, instances = _shared(state, cache, found, region, option.expire)
         if not hit and _sqlalchemy.ALWAYS_REFRESHED and value.refreshes_always():
             # It reached objects of an always_refresh class, which the query
-            # overwrites in the Session, pending changes and all: run it so.
+            # overwrites in the Session, pending changes and all: run it so,
+            # and this shape from now on, instead of a load thrown away each time.
+            _refreshes(cache, found.key.shape)
             return None
         result = lookup.objects_of(session, region, found.key.text, value, statement, instances)
     lookup.record(cache, session, region, hit, found.key)
     return result
+
+
+def _refreshes(cache: SessionCache, shape: str) -> None:
+    """Remember that ``shape`` reaches objects of an ``always_refresh`` class (a bounded number of shapes)."""
+    if len(cache.refreshed_shapes) >= _REFRESHED_SHAPES:
+        cache.refreshed_shapes.clear()  # relearnt, one miss each
+    cache.refreshed_shapes.add(shape)
+
+
+#: How many shapes :func:`_refreshes` remembers.
+_REFRESHED_SHAPES = 2000
 
 
 def _holds_always_refreshed(session: Session) -> bool:

@@ -116,7 +116,7 @@ def decide(
     """Return how to look ``statement`` up in ``region``, or None when it must run uncached.
 
     Runs uncached: a disabled region, streamed or ``populate_existing``
-    loads (or of a class mapped with ``always_refresh``), reads around shared regions after this transaction wrote, a
+    loads (or reaching a class mapped with ``always_refresh``), reads around shared regions after this transaction wrote, a
     statement that cannot be keyed, and a locking read (``with_for_update()``
     in any form: its locks must be taken, every time).
 
@@ -141,6 +141,8 @@ def decide(
     key = cache.key(statement, parameters, options, bind, option.cache_key, session, state)
     if key is None:  # unkeyable, or a locking read (see keys.py)
         log.debug("uncached: statement cannot be keyed or takes row locks (region %s)", region.name)
+        return None
+    if cache.refreshed_shapes and key.shape in cache.refreshed_shapes:  # it reached always_refresh objects (hook.py)
         return None
     if region.is_local:
         return Lookup(key, (), _current_in(session))
