@@ -58,7 +58,7 @@ class RequestCache:
         Call it after ``text()`` DML or ``dbsession.connection().execute(...)``:
         it is zope.sqlalchemy's ``mark_changed()`` (so pyramid_tm commits the
         work; with the Session's own registration, see
-        :func:`~pyramid_sessioncache.addon.transaction.mark_changed_as_registered`)
+        ``addon/transaction.py``'s ``mark_changed_as_registered()``)
         plus :func:`~pyramid_sessioncache.invalidate_tables` (so the
         entries that read those tables are invalid once it commits).
         """

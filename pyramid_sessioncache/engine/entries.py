@@ -110,7 +110,7 @@ def invalidate(
     """Forget the cached result of ``query`` (arguments as for :func:`cache_parameters`).
 
     Returns, for a shared region, a function that forgets it again (see
-    :func:`again`); None for a local region.
+    ``again()``); None for a local region.
     """
     cache, chosen, session, key = _locate(query, session, region, cache_key, parameters, execution_options, cache)
     chosen.remove(key, session)
@@ -135,7 +135,7 @@ def invalidate_region(cache: SessionCache, name: str | None = None, session: Any
     """Forget every entry of region ``name`` (of ``session``, for a local region).
 
     Returns, for a shared region, a function that forgets them again (see
-    :func:`again`); None for a local region.
+    ``again()``); None for a local region.
     """
     region = cache.region(name)
     region.clear(session)

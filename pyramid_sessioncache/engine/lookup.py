@@ -116,9 +116,10 @@ def decide(
     """Return how to look ``statement`` up in ``region``, or None when it must run uncached.
 
     Runs uncached: a disabled region, streamed or ``populate_existing``
-    loads (or reaching a class mapped with ``always_refresh``), reads around shared regions after this transaction wrote, a
-    statement that cannot be keyed, and a locking read (``with_for_update()``
-    in any form: its locks must be taken, every time).
+    loads (or loads reaching a class mapped with ``always_refresh``),
+    reads around shared regions after this transaction wrote, a statement
+    that cannot be keyed, and a locking read (``with_for_update()`` in any
+    form: its locks must be taken, every time).
 
     Autoflushes first, as the query would: a look-up must not ignore the
     Session's pending inserts, updates and deletes.

@@ -221,7 +221,7 @@ class CachedRows:
         """Snapshot ``result``, whose objects belong to a throw-away Session, before it is read.
 
         ``instances``, if given, receives the objects themselves, in the
-        order of :attr:`objects` (see ``hydrate.adopted()``).
+        order of ``objects`` (see ``hydrate.adopted()``).
         """
         requires_unique = _sqlalchemy.requires_unique(result)
         frozen = _sqlalchemy.freeze_raw(result)
@@ -270,7 +270,7 @@ def unique_kinds(frozen: FrozenResult, result: Result) -> tuple | None:
     A stored result's rows are unique'd as the ORM's are (objects by
     identity, whatever their ``__eq__``), but the ORM's functions do not
     survive ``_sqlalchemy.detached()``: each is described by
-    :func:`_unique_kind`, and made again by :func:`_unique_filter`.
+    ``_unique_kind()``, and made again by ``_unique_filter()``.
     """
     filters = _sqlalchemy.unique_filters(frozen, result)
     return None if filters is None else tuple(map(_unique_kind, filters))
@@ -299,7 +299,7 @@ def _unique_kind(unique_filter: Any) -> Any:
 
 
 def _unique_filter(kind: Any) -> Any:
-    """The function :func:`_unique_kind` described as ``kind``."""
+    """The function ``_unique_kind()`` described as ``kind``."""
     if kind is None or kind == "id":
         return None if kind is None else id
     if kind == "hash-or-id":
