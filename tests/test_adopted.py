@@ -30,7 +30,7 @@ from sqlalchemy.orm import (
 
 from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache
 
-from .conftest import SECRET, SQLCounter
+from .conftest import SECRET
 
 
 class Base(DeclarativeBase):
@@ -75,11 +75,6 @@ def engine(tmp_path):
         session.commit()
     yield engine
     engine.dispose()
-
-
-@pytest.fixture
-def sql(engine) -> SQLCounter:
-    return SQLCounter(engine)
 
 
 @pytest.fixture
