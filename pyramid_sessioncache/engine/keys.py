@@ -315,6 +315,16 @@ class KeyMaker:
                     parts.append(value_text(parameters[bindparam.key]))
                 else:
                     parts.append(value_text(bindparam.effective_value))
+            if parameters:
+                # Parameters are matched to a statement's bound values by
+                # their compiled names too: ``{"id_1": 2}`` replaces the
+                # value of ``Person.id == 1``, whose key is anonymous.
+                # Those names are only known once compiled, so every
+                # parameter that names no bound value is keyed by name.
+                named = {bindparam.key for bindparam in cache_key.bindparams}
+                unmatched = {name: value for name, value in parameters.items() if name not in named}
+                if unmatched:
+                    parts.append("parameters:" + value_text(unmatched))
             for name in execution_options:
                 if _public(name):
                     parts.append(value_text(_normalized(_keyed_options(execution_options))))
