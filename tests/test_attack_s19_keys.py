@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import enum
+
 from sqlalchemy import select
 
 from pyramid_sessioncache import FromCache
 
 from .models import Person
+
+
+class Bits(enum.IntFlag):
+    A = 1
+    B = 2
 
 
 def ids(session, stmt, parameters=None):
@@ -23,3 +30,11 @@ def test_execute_parameters_named_as_compiled_anonymous_binds(Session):
     with Session() as s:
         assert ids(s, stmt, {"id_1": 3}) == [3]
         assert ids(s, stmt) == [1]
+
+
+def test_flag_pseudo_members_are_told_apart(Session):
+    # Bits(0) and Bits(4) are both nameless (``name`` is None).
+    with Session() as s:
+        assert ids(s, select(Person).where(Person.id == Bits(0))) == []
+        assert ids(s, select(Person).where(Person.id == Bits(4))) == [4]
+        assert ids(s, select(Person).where(Person.id == Bits.A | Bits.B)) == [3]

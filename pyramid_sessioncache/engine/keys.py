@@ -129,7 +129,7 @@ def _structure_text(element: Any, out: list[str]) -> None:
     elif element is None or isinstance(element, (int, float, bytes)):
         out.append(repr(_plain(element)))
     elif isinstance(element, enum.Enum):
-        out.append(f"{_qualified(type(element))}.{element.name}")
+        out.append(_enum_text(element))
     elif isinstance(element, type):
         if issubclass(element, ForUpdateArg):  # with_for_update(), at any depth
             raise Locking(element)
@@ -146,6 +146,16 @@ def _structure_text(element: Any, out: list[str]) -> None:
         out.append(f"table:{getattr(element, 'schema', None)}.{element.name}")
     else:
         raise Unkeyable(element)
+
+
+def _enum_text(member: enum.Enum) -> str:
+    # A member's name tells it apart, except a Flag's: combinations and
+    # unknown bits are pseudo-members, nameless (Bits(0), Bits(4)) or
+    # named after their parts in one Python and not another.  A Flag's
+    # value is an int: it says which one.
+    if isinstance(member, enum.Flag):
+        return f"{_qualified(type(member))}:{int(member.value)}"
+    return f"{_qualified(type(member))}.{member.name}"
 
 
 def _code_text(code: types.CodeType) -> str:
@@ -196,7 +206,7 @@ def value_text(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return repr(value)
     if isinstance(value, enum.Enum):
-        return f"{_qualified(type(value))}.{value.name}"
+        return _enum_text(value)
     if isinstance(value, _PLAIN):
         return f"{type(value).__name__}:{value!r}"
     if isinstance(value, (list, tuple)):
