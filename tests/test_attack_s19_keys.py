@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import enum
+import os
+import subprocess
+import sys
 
 from sqlalchemy import select
 
@@ -38,3 +41,27 @@ def test_flag_pseudo_members_are_told_apart(Session):
         assert ids(s, select(Person).where(Person.id == Bits(0))) == []
         assert ids(s, select(Person).where(Person.id == Bits(4))) == [4]
         assert ids(s, select(Person).where(Person.id == Bits.A | Bits.B)) == [3]
+
+
+def test_types_with_several_arguments_key_alike_in_every_process():
+    # A type's arguments come in the order of a set of names: hash
+    # randomization changes it between processes.
+    program = (
+        "from sqlalchemy import Column, MetaData, Numeric, String, Table, select\n"
+        "from pyramid_sessioncache.engine.keys import KeyMaker\n"
+        "t = Table('priced', MetaData(), Column('amount', Numeric(10, 2)), Column('s', String(5, collation='x')))\n"
+        "print(KeyMaker().structure(select(t.c.amount, t.c.s).where(t.c.amount > 1)._generate_cache_key()))\n"
+    )
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", program],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            timeout=60,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in range(1, 6)
+    }
+    assert len(keys) == 1, keys

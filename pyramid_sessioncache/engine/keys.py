@@ -49,6 +49,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapper, MapperProperty
 from sqlalchemy.sql.expression import TableClause
 from sqlalchemy.sql.selectable import ForUpdateArg, SelectLabelStyle
+from sqlalchemy.types import TypeEngine
 
 from .. import _sqlalchemy
 from .identity import database_identity
@@ -103,6 +104,8 @@ def _qualified(obj: Any) -> str:
 
 def _structure_text(element: Any, out: list[str]) -> None:
     if isinstance(element, tuple):
+        if element and isinstance(element[0], type) and issubclass(element[0], TypeEngine):
+            element = _type_key(element)
         out.append("(")
         previous = None
         skip = False
@@ -156,6 +159,17 @@ def _enum_text(member: enum.Enum) -> str:
     if isinstance(member, enum.Flag):
         return f"{_qualified(type(member))}:{int(member.value)}"
     return f"{_qualified(type(member))}.{member.name}"
+
+
+def _type_key(key: tuple) -> tuple:
+    # A type's key is its class and its (argument, value) pairs in the
+    # order of a set of argument names, which changes between processes
+    # (hash randomization): Numeric(10, 2) is keyed (precision, scale) in
+    # one and (scale, precision) in another, and no entry was shared.
+    pairs = key[1:]
+    if all(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) for pair in pairs):
+        return (key[0], *sorted(pairs, key=lambda pair: pair[0]))
+    return key
 
 
 def _code_text(code: types.CodeType) -> str:
