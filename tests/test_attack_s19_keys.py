@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 
-from sqlalchemy import select
+from sqlalchemy import Boolean, Column, Integer, MetaData, String, Table, TypeDecorator, select
 
-from pyramid_sessioncache import FromCache
+from pyramid_sessioncache import FromCache, cache_parameters
 
 from .models import Person
 
@@ -65,3 +65,42 @@ def test_types_with_several_arguments_key_alike_in_every_process():
         for seed in range(1, 6)
     }
     assert len(keys) == 1, keys
+
+
+def test_tables_of_one_name_with_other_columns(Session):
+    # SQLAlchemy keys a Table by the object: a second Table of the same
+    # name (another MetaData, a partial reflection) selects other columns.
+    narrow = Table("person", MetaData(), Column("id", Integer, primary_key=True))
+    retyped = Table("person", MetaData(), Column("id", Boolean, primary_key=True), Column("name", String))
+    stmt = select(Person.__table__).where(Person.__table__.c.id == 1)
+    with Session() as s:
+        wide = s.execute(stmt.options(FromCache("memory"))).all()
+        assert s.execute(select(narrow).where(narrow.c.id == 1).options(FromCache("memory"))).all() == [(1,)]
+        assert s.execute(select(retyped).where(retyped.c.id == 1).options(FromCache("memory"))).first()[0] is True
+        assert s.execute(stmt.options(FromCache("memory"))).all() == wide
+
+
+def test_quoting_of_a_name_is_part_of_the_key(Session):
+    # On PostgreSQL "Person" and Person (folded to person) are two tables.
+    quoted = Table("Person", MetaData(), Column("id", Integer), quote=True)
+    folded = Table("Person", MetaData(), Column("id", Integer), quote=False)
+    with Session() as s:
+        assert cache_parameters(select(quoted), session=s)[1] != cache_parameters(select(folded), session=s)[1]
+
+
+class Shifted(TypeDecorator):
+    impl = Integer
+    cache_ok = False  # SQLAlchemy cannot tell Shifted(0) from Shifted(1), nor can a key
+
+    def __init__(self, by):
+        super().__init__()
+        self.by = by
+
+    def process_bind_param(self, value, dialect):
+        return value + self.by
+
+
+def test_table_with_a_column_of_an_uncacheable_type_is_still_cached(Session):
+    legacy = Table("person", MetaData(), Column("id", Shifted(0), primary_key=True))
+    with Session() as s:
+        assert cache_parameters(select(legacy), session=s)[1]

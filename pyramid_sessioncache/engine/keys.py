@@ -8,8 +8,10 @@ a digest of four parts:
   (``statement._generate_cache_key()``), which covers the SQL, the
   entities and the ORM loader options.  That key holds ``Mapper`` and
   ``Table`` objects whose ``repr()`` includes memory addresses, so it is
-  rewritten here into a stable text (class paths, table names); the text is
-  memoized per structure, so a statement shape is described once.
+  rewritten here into a stable text (class paths; table names, with their
+  columns and types, since SQLAlchemy tells two Tables of one name apart
+  by the object only); the text is memoized per structure, so a statement
+  shape is described once.
 - every bound value, in statement order: ``execute()`` parameters first,
   then the values bound in the statement (``LIMIT``/``OFFSET``, the members
   of ``in_()`` lists).  Values of types that have no stable text (arbitrary
@@ -129,6 +131,9 @@ def _structure_text(element: Any, out: list[str]) -> None:
         if LOCKING_SQL.search(element):
             raise Locking(element)
         out.append(repr(_plain(element)))
+        quote = getattr(element, "quote", None)
+        if quote is not None:  # a quoted_name: quote=True and False name two tables on PostgreSQL
+            out.append(f"quote={quote}")
     elif element is None or isinstance(element, (int, float, bytes)):
         out.append(repr(_plain(element)))
     elif isinstance(element, enum.Enum):
@@ -139,6 +144,8 @@ def _structure_text(element: Any, out: list[str]) -> None:
         out.append(_qualified(element))
     elif isinstance(element, (types.FunctionType, types.BuiltinFunctionType)):
         out.append(_qualified(element))
+    elif isinstance(element, types.ModuleType):  # PickleType's pickler
+        out.append(f"module:{element.__name__}")
     elif isinstance(element, types.CodeType):
         out.append(_code_text(element))
     elif isinstance(element, Mapper):
@@ -146,9 +153,29 @@ def _structure_text(element: Any, out: list[str]) -> None:
     elif isinstance(element, MapperProperty):
         out.append(f"property:{_qualified(element.parent.class_)}.{element.key}")
     elif isinstance(element, TableClause):
-        out.append(f"table:{getattr(element, 'schema', None)}.{element.name}")
+        _table_text(element, out)
     else:
         raise Unkeyable(element)
+
+
+def _table_text(table: TableClause, out: list[str]) -> None:
+    # SQLAlchemy keys a Table by the object itself: two Tables of one name
+    # (two MetaData, a partial reflection next to the model's) are told
+    # apart there, and here only by what they hold.  A statement selecting
+    # a whole table gets its columns from the Table at compile time, so
+    # its columns and their types are part of its text.
+    out.append("table:")
+    _structure_text((table.schema, table.name), out)
+    out.append("(")
+    for column in table.columns:
+        type_key = _sqlalchemy.type_cache_key(column.type)
+        if type_key is _sqlalchemy.NO_CACHE:
+            # A type whose instances cannot be told apart (cache_ok not
+            # True): its class, rather than no key for every query of
+            # the table.
+            type_key = (type(column.type),)
+        _structure_text((column.key, column.name, type_key), out)
+    out.append(")")
 
 
 def _enum_text(member: enum.Enum) -> str:
