@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import enum
 import os
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from sqlalchemy import Boolean, Column, Integer, MetaData, String, Table, TypeDecorator, select
 
 from pyramid_sessioncache import FromCache, cache_parameters
+from pyramid_sessioncache.engine.keys import value_text
 
 from .models import Person
 
@@ -104,3 +106,27 @@ def test_table_with_a_column_of_an_uncacheable_type_is_still_cached(Session):
     legacy = Table("person", MetaData(), Column("id", Shifted(0), primary_key=True))
     with Session() as s:
         assert cache_parameters(select(legacy), session=s)[1]
+
+
+class Offset(datetime.tzinfo):
+    """A time zone with no ``__repr__``: its repr is its memory address, which the next one may reuse."""
+
+    def __init__(self, hours):
+        self.hours = hours
+
+    def utcoffset(self, dt):
+        return datetime.timedelta(hours=self.hours)
+
+    def tzname(self, dt):
+        return None
+
+    def dst(self, dt):
+        return datetime.timedelta(0)
+
+
+def test_aware_datetimes_with_a_tzinfo_without_repr():
+    texts = set()
+    for hours in range(5):
+        texts.add(value_text(datetime.datetime(2020, 1, 1, tzinfo=Offset(hours))))  # freed: its address is reused
+    assert len(texts) == 5
+    assert value_text(datetime.time(1, tzinfo=Offset(1))) != value_text(datetime.time(1, tzinfo=Offset(2)))

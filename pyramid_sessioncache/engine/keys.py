@@ -87,6 +87,7 @@ LOCKING_SQL = re.compile(
 )
 
 _MEMO_SIZE = 2000
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _UNSEEN: Any = object()
 
 log = logging.getLogger(__name__)
@@ -248,6 +249,8 @@ def value_text(value: Any) -> str:
         return repr(value)
     if isinstance(value, enum.Enum):
         return _enum_text(value)
+    if isinstance(value, (datetime.datetime, datetime.time)) and value.tzinfo is not None:
+        return _aware_text(value)
     if isinstance(value, _PLAIN):
         return f"{type(value).__name__}:{value!r}"
     if isinstance(value, (list, tuple)):
@@ -257,6 +260,19 @@ def value_text(value: Any) -> str:
     if isinstance(value, Mapping):
         return "{" + ",".join(sorted(f"{value_text(k)}:{value_text(v)}" for k, v in value.items())) + "}"
     raise Unkeyable(value)
+
+
+def _aware_text(value: datetime.datetime | datetime.time) -> str:
+    # The repr of a tzinfo class that has no __repr__ of its own holds a
+    # memory address, which the next such object may reuse with another
+    # offset: two instants would share a key.  Its offset and name say
+    # what the database is sent; the repr is kept only when stable.
+    tz = value.tzinfo
+    zone = repr(tz)
+    if _ADDRESS.search(zone):
+        zone = _qualified(type(tz))
+    naive = value.replace(tzinfo=None)
+    return f"{type(value).__name__}:{naive!r}@{zone}:{value.utcoffset()!r}:{value.tzname()!r}"
 
 
 def _normalized(options: dict[str, Any]) -> dict[str, Any]:
