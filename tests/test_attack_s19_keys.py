@@ -8,9 +8,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 from sqlalchemy import Boolean, Column, Integer, MetaData, String, Table, TypeDecorator, select
 
-from pyramid_sessioncache import FromCache, cache_parameters
+from pyramid_sessioncache import FromCache, NotCacheableError, cache_parameters
 from pyramid_sessioncache.engine.keys import value_text
 
 from .models import Person
@@ -130,3 +131,12 @@ def test_aware_datetimes_with_a_tzinfo_without_repr():
         texts.add(value_text(datetime.datetime(2020, 1, 1, tzinfo=Offset(hours))))  # freed: its address is reused
     assert len(texts) == 5
     assert value_text(datetime.time(1, tzinfo=Offset(1))) != value_text(datetime.time(1, tzinfo=Offset(2)))
+
+
+class Code(str):
+    __repr__ = object.__repr__  # a memory address
+
+
+def test_value_whose_repr_is_an_address_is_unkeyable(Session):
+    with Session() as s, pytest.raises(NotCacheableError):
+        cache_parameters(select(Person).where(Person.name == Code("a")), session=s)

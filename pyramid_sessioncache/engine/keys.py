@@ -252,7 +252,10 @@ def value_text(value: Any) -> str:
     if isinstance(value, (datetime.datetime, datetime.time)) and value.tzinfo is not None:
         return _aware_text(value)
     if isinstance(value, _PLAIN):
-        return f"{type(value).__name__}:{value!r}"
+        text = f"{type(value).__name__}:{value!r}"
+        if _ADDRESS.search(text):  # a subclass's repr with an address: not stable, and reused
+            raise Unkeyable(value)
+        return text
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(value_text(item) for item in value) + "]"
     if isinstance(value, (set, frozenset)):
