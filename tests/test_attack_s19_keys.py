@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 import pytest
-from sqlalchemy import Boolean, Column, Integer, MetaData, String, Table, TypeDecorator, select
+from sqlalchemy import Boolean, Column, Integer, MetaData, String, Table, TypeDecorator, func, select
+from sqlalchemy.orm import aliased
 
 from pyramid_sessioncache import FromCache, NotCacheableError, cache_parameters
 from pyramid_sessioncache.engine.keys import value_text
@@ -140,3 +141,16 @@ class Code(str):
 def test_value_whose_repr_is_an_address_is_unkeyable(Session):
     with Session() as s, pytest.raises(NotCacheableError):
         cache_parameters(select(Person).where(Person.name == Code("a")), session=s)
+
+
+def test_query_and_select_of_columns_name_their_fields_apart(Session):
+    # Two columns "id": a Query's row fields are ("id", "id"), a select()'s
+    # ("id", "id_1"); a hit hands back those of whichever stored the entry.
+    other = aliased(Person)
+    with Session() as s:
+        query = s.query(Person.id, other.id).join(other, other.id == Person.id).filter(Person.id == 1)
+        assert query.options(FromCache("memory")).all()[0]._fields == ("id", "id")
+        stmt = select(Person.id, other.id).join(other, other.id == Person.id).where(Person.id == 1)
+        assert s.execute(stmt.options(FromCache("memory"))).one().id_1 == 1
+        assert s.execute(select(func.count(Person.id)).options(FromCache("memory"))).one().count > 0
+        assert s.query(func.count(Person.id)).options(FromCache("memory")).one()._fields == ()

@@ -105,7 +105,7 @@ def _qualified(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
-def _structure_text(element: Any, out: list[str]) -> None:
+def _structure_text(element: Any, out: list[str], merge_labels: bool = True) -> None:
     if isinstance(element, tuple):
         if element and isinstance(element[0], type) and issubclass(element[0], TypeEngine):
             element = _type_key(element)
@@ -119,12 +119,12 @@ def _structure_text(element: Any, out: list[str]) -> None:
             if isinstance(item, str) and item == "_with_options" and element[index + 1 : index + 2] == ((),):
                 skip = True  # options that are all ours: the same as no options
                 continue
-            if previous == "_label_style" and item in _DEFAULT_LABELS:
+            if previous == "_label_style" and merge_labels and item in _DEFAULT_LABELS:
                 out.append("labels")
             elif previous == "_compile_options" and _api_only(item):
                 out.append("compile")
             else:
-                _structure_text(item, out)
+                _structure_text(item, out, merge_labels)
             out.append(",")
             previous = item if isinstance(item, str) else None
         out.append(")")
@@ -198,6 +198,19 @@ def _type_key(key: tuple) -> tuple:
     if all(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) for pair in pairs):
         return (key[0], *sorted(pairs, key=lambda pair: pair[0]))
     return key
+
+
+def _entities_only(statement: Any) -> bool:
+    # A legacy Query and a select() of the same entities return the same
+    # rows; of columns or expressions, rows whose fields are named apart
+    # (a Query's count(), unlabelled, has no name; a select()'s is
+    # "count"; two columns "id" are ("id", "id") and ("id", "id_1")), and
+    # a hit hands back the fields of the one that stored the entry.
+    try:
+        descriptions = statement.column_descriptions
+    except Exception:  # a statement that has none (a union, textual SQL): its own label style
+        return False
+    return all(d.get("entity") is not None and d.get("expr") is d.get("entity") for d in descriptions)
 
 
 def _code_text(code: types.CodeType) -> str:
@@ -305,17 +318,19 @@ class KeyMaker:
         self._binds: dict[Any, tuple[Any, str]] = {}
         _watch(self)
 
-    def structure(self, cache_key: Any) -> str | None:
+    def structure(self, cache_key: Any, statement: Any = None) -> str | None:
         """Return the stable digest of a ``CacheKey``'s structure, or None.
 
         None when the structure has no stable text, or takes row locks.
+        ``statement``, the statement keyed, tells whether a legacy
+        ``Query`` and a ``select()`` of that shape return the same rows.
         """
         digest = self._structures.get(cache_key.key, _UNSEEN)
         if digest is not _UNSEEN:
             return digest
         out: list[str] = []
         try:
-            _structure_text(cache_key.key, out)
+            _structure_text(cache_key.key, out, statement is None or _entities_only(statement))
             digest = hashlib.blake2b("".join(out).encode(), digest_size=16).hexdigest()
         except Locking:
             log.debug("never cached: a statement shape that takes row locks")
@@ -371,7 +386,7 @@ class KeyMaker:
         cache_key = _sqlalchemy.cache_key(statement)
         if cache_key is None:
             return None
-        structure = self.structure(cache_key)
+        structure = self.structure(cache_key, statement)
         if structure is None:
             return None
         parts = [structure, self.bind(bind)]
