@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import datetime
 import enum
+import gc
 import os
 import subprocess
 import sys
 
 import pytest
-from sqlalchemy import Boolean, Column, Integer, MetaData, String, Table, TypeDecorator, func, select
+from sqlalchemy import Boolean, Column, Integer, MetaData, String, Table, TypeDecorator, create_engine, func, select
 from sqlalchemy.orm import aliased
 
 from pyramid_sessioncache import FromCache, NotCacheableError, cache_parameters
-from pyramid_sessioncache.engine.keys import value_text
+from pyramid_sessioncache.engine.keys import KeyMaker, value_text
 
 from .models import Person
 
@@ -154,3 +155,21 @@ def test_query_and_select_of_columns_name_their_fields_apart(Session):
         assert s.execute(stmt.options(FromCache("memory"))).one().id_1 == 1
         assert s.execute(select(func.count(Person.id)).options(FromCache("memory"))).one().count > 0
         assert s.query(func.count(Person.id)).options(FromCache("memory")).one()._fields == ()
+
+
+class Tenant:
+    """An execution option's value with no stable text, read by a listener of the application's."""
+
+    def __init__(self, number):
+        self.number = number
+
+
+def test_binds_with_unkeyable_options_never_share_a_text(engine):
+    maker = KeyMaker()
+    texts = set()
+    for number in range(20):
+        with engine.connect() as connection:
+            texts.add(maker.bind(connection.execution_options(tenant=Tenant(number))))
+        create_engine("sqlite://").dispose()  # any engine disposed: the texts are forgotten
+        gc.collect()  # the connection's address may be the next one's
+    assert len(texts) == 20

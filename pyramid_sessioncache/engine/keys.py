@@ -40,6 +40,7 @@ import hashlib
 import logging
 import os
 import re
+import secrets
 import types
 import uuid
 import weakref
@@ -358,7 +359,11 @@ class KeyMaker:
         try:
             options_text = value_text(_normalized(_keyed_options(options)))
         except Unkeyable:
-            options_text = f"unkeyable:{id(bind)}"
+            # Options with no stable text (an object a listener reads):
+            # entries of this bind alone, while it keeps these options.  A
+            # token rather than id(bind): once this text is forgotten, the
+            # next bind may get the same address, with other options.
+            options_text = f"unkeyable:{secrets.token_hex(16)}"
         text = f"{database_identity(bind)}|{options_text}"
         if len(self._binds) >= _MEMO_SIZE:
             self._binds.clear()
