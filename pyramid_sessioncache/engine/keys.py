@@ -167,7 +167,7 @@ def _table_text(table: TableClause, out: list[str]) -> None:
     # a whole table gets its columns from the Table at compile time, so
     # its columns and their types are part of its text.
     out.append("table:")
-    _structure_text((table.schema, table.name), out)
+    _structure_text((getattr(table, "schema", None), table.name), out)
     out.append("(")
     for column in table.columns:
         type_key = _sqlalchemy.type_cache_key(column.type)
