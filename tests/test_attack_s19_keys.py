@@ -10,11 +10,12 @@ import subprocess
 import sys
 
 import pytest
+import sqlalchemy
 from sqlalchemy import Boolean, Column, Integer, MetaData, String, Table, TypeDecorator, create_engine, func, select
 from sqlalchemy.orm import aliased
 
 from pyramid_sessioncache import FromCache, NotCacheableError, cache_parameters
-from pyramid_sessioncache.engine.keys import KeyMaker, value_text
+from pyramid_sessioncache.engine.keys import KeyMaker, _code_text, value_text
 
 from .models import Person
 
@@ -173,3 +174,11 @@ def test_binds_with_unkeyable_options_never_share_a_text(engine):
         create_engine("sqlite://").dispose()  # any engine disposed: the texts are forgotten
         gc.collect()  # the connection's address may be the next one's
     assert len(texts) == 20
+
+
+def test_code_is_keyed_by_its_import_path_not_its_installation():
+    # The ORM's lazy loads are lambda statements keyed by their code: two
+    # virtualenvs (or two releases of an app) at other paths share keys.
+    text = _code_text(select.__code__)
+    assert ":sqlalchemy/sql/_selectable_constructors.py:" in text
+    assert sys.prefix not in text and os.path.dirname(sqlalchemy.__file__) not in text

@@ -36,11 +36,13 @@ from __future__ import annotations
 import datetime
 import decimal
 import enum
+import functools
 import hashlib
 import logging
 import os
 import re
 import secrets
+import sys
 import types
 import uuid
 import weakref
@@ -219,7 +221,20 @@ def _code_text(code: types.CodeType) -> str:
     # object: where it is, and what it does, constants included.
     consts = ",".join(_code_text(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts)
     name = getattr(code, "co_qualname", code.co_name)  # co_qualname: Python 3.11+
-    return f"code:{code.co_filename}:{code.co_firstlineno}:{name}:{code.co_code.hex()}:{code.co_names}:{consts}"
+    return f"code:{_code_path(code.co_filename)}:{code.co_firstlineno}:{name}:{code.co_code.hex()}:{code.co_names}:{consts}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _code_path(filename: str) -> str:
+    # A module's file as its import path names it ("sqlalchemy/orm/
+    # strategies.py" for the ORM's lazy loads), not where it is installed:
+    # processes of two virtualenvs, or two releases of an app, share keys.
+    absolute = os.path.abspath(filename)
+    for entry in sorted((os.path.abspath(entry or ".") for entry in sys.path), key=len, reverse=True):
+        prefix = os.path.join(entry, "")
+        if absolute.startswith(prefix):
+            return absolute[len(prefix) :]
+    return filename
 
 
 def _plain(value: Any) -> Any:
