@@ -19,6 +19,7 @@ from sqlalchemy.orm.collections import InstrumentedList
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.orm.path_registry import PathRegistry, RootRegistry
 from sqlalchemy.orm.strategies import _NO_EXTRA_CRITERIA
+from sqlalchemy.sql import cache_key as cache_key_module
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.functions import GenericFunction
 from sqlalchemy.sql.selectable import TextualSelect
@@ -35,6 +36,23 @@ def cache_key(statement: Any) -> Any:
     dogpile example key on; there is no public spelling of it (2.0, 2.1).
     """
     return statement._generate_cache_key()
+
+
+#: What ``type_cache_key()`` returns for a type whose instances cannot be
+#: told apart (a ``TypeDecorator`` with ``cache_ok = False``; 2.0, 2.1).
+NO_CACHE = cache_key_module.NO_CACHE
+
+
+def type_cache_key(type_: Any) -> Any:
+    """The part of SQLAlchemy's cache key that describes a column type.
+
+    A ``Table`` is in a statement's cache key as the object itself, not
+    as its columns; ``keys.py`` describes its columns by name and by this
+    key of their types, as SQLAlchemy describes a column it keys
+    (``ColumnClause._gen_cache_key``, 2.0, 2.1): ``_static_cache_key``
+    has no public spelling.
+    """
+    return type_._static_cache_key
 
 
 def loading_into(session: Any) -> Callable[[Any, Any], None]:

@@ -8,8 +8,10 @@ a digest of four parts:
   (``statement._generate_cache_key()``), which covers the SQL, the
   entities and the ORM loader options.  That key holds ``Mapper`` and
   ``Table`` objects whose ``repr()`` includes memory addresses, so it is
-  rewritten here into a stable text (class paths, table names); the text is
-  memoized per structure, so a statement shape is described once.
+  rewritten here into a stable text (class paths; table names, with their
+  columns and types, since SQLAlchemy tells two Tables of one name apart
+  by the object only); the text is memoized per structure, so a statement
+  shape is described once.
 - every bound value, in statement order: ``execute()`` parameters first,
   then the values bound in the statement (``LIMIT``/``OFFSET``, the members
   of ``in_()`` lists).  Values of types that have no stable text (arbitrary
@@ -34,10 +36,13 @@ from __future__ import annotations
 import datetime
 import decimal
 import enum
+import functools
 import hashlib
 import logging
 import os
 import re
+import secrets
+import sys
 import types
 import uuid
 import weakref
@@ -49,6 +54,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapper, MapperProperty
 from sqlalchemy.sql.expression import TableClause
 from sqlalchemy.sql.selectable import ForUpdateArg, SelectLabelStyle
+from sqlalchemy.types import TypeEngine
 
 from .. import _sqlalchemy
 from .identity import database_identity
@@ -84,6 +90,7 @@ LOCKING_SQL = re.compile(
 )
 
 _MEMO_SIZE = 2000
+_ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _UNSEEN: Any = object()
 
 log = logging.getLogger(__name__)
@@ -101,8 +108,10 @@ def _qualified(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
-def _structure_text(element: Any, out: list[str]) -> None:
+def _structure_text(element: Any, out: list[str], merge_labels: bool = True) -> None:
     if isinstance(element, tuple):
+        if element and isinstance(element[0], type) and issubclass(element[0], TypeEngine):
+            element = _type_key(element)
         out.append("(")
         previous = None
         skip = False
@@ -113,12 +122,12 @@ def _structure_text(element: Any, out: list[str]) -> None:
             if isinstance(item, str) and item == "_with_options" and element[index + 1 : index + 2] == ((),):
                 skip = True  # options that are all ours: the same as no options
                 continue
-            if previous == "_label_style" and item in _DEFAULT_LABELS:
+            if previous == "_label_style" and merge_labels and item in _DEFAULT_LABELS:
                 out.append("labels")
             elif previous == "_compile_options" and _api_only(item):
                 out.append("compile")
             else:
-                _structure_text(item, out)
+                _structure_text(item, out, merge_labels)
             out.append(",")
             previous = item if isinstance(item, str) else None
         out.append(")")
@@ -126,16 +135,21 @@ def _structure_text(element: Any, out: list[str]) -> None:
         if LOCKING_SQL.search(element):
             raise Locking(element)
         out.append(repr(_plain(element)))
+        quote = getattr(element, "quote", None)
+        if quote is not None:  # a quoted_name: quote=True and False name two tables on PostgreSQL
+            out.append(f"quote={quote}")
     elif element is None or isinstance(element, (int, float, bytes)):
         out.append(repr(_plain(element)))
     elif isinstance(element, enum.Enum):
-        out.append(f"{_qualified(type(element))}.{element.name}")
+        out.append(_enum_text(element))
     elif isinstance(element, type):
         if issubclass(element, ForUpdateArg):  # with_for_update(), at any depth
             raise Locking(element)
         out.append(_qualified(element))
     elif isinstance(element, (types.FunctionType, types.BuiltinFunctionType)):
         out.append(_qualified(element))
+    elif isinstance(element, types.ModuleType):  # PickleType's pickler
+        out.append(f"module:{element.__name__}")
     elif isinstance(element, types.CodeType):
         out.append(_code_text(element))
     elif isinstance(element, Mapper):
@@ -143,9 +157,63 @@ def _structure_text(element: Any, out: list[str]) -> None:
     elif isinstance(element, MapperProperty):
         out.append(f"property:{_qualified(element.parent.class_)}.{element.key}")
     elif isinstance(element, TableClause):
-        out.append(f"table:{getattr(element, 'schema', None)}.{element.name}")
+        _table_text(element, out)
     else:
         raise Unkeyable(element)
+
+
+def _table_text(table: TableClause, out: list[str]) -> None:
+    # SQLAlchemy keys a Table by the object itself: two Tables of one name
+    # (two MetaData, a partial reflection next to the model's) are told
+    # apart there, and here only by what they hold.  A statement selecting
+    # a whole table gets its columns from the Table at compile time, so
+    # its columns and their types are part of its text.
+    out.append("table:")
+    _structure_text((getattr(table, "schema", None), table.name), out)
+    out.append("(")
+    for column in table.columns:
+        type_key = _sqlalchemy.type_cache_key(column.type)
+        if type_key is _sqlalchemy.NO_CACHE:
+            # A type whose instances cannot be told apart (cache_ok not
+            # True): its class, rather than no key for every query of
+            # the table.
+            type_key = (type(column.type),)
+        _structure_text((column.key, column.name, type_key), out)
+    out.append(")")
+
+
+def _enum_text(member: enum.Enum) -> str:
+    # A member's name tells it apart, except a Flag's: combinations and
+    # unknown bits are pseudo-members, nameless (Bits(0), Bits(4)) or
+    # named after their parts in one Python and not another.  A Flag's
+    # value is an int: it says which one.
+    if isinstance(member, enum.Flag):
+        return f"{_qualified(type(member))}:{int(member.value)}"
+    return f"{_qualified(type(member))}.{member.name}"
+
+
+def _type_key(key: tuple) -> tuple:
+    # A type's key is its class and its (argument, value) pairs in the
+    # order of a set of argument names, which changes between processes
+    # (hash randomization): Numeric(10, 2) is keyed (precision, scale) in
+    # one and (scale, precision) in another, and no entry was shared.
+    pairs = key[1:]
+    if all(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) for pair in pairs):
+        return (key[0], *sorted(pairs, key=lambda pair: pair[0]))
+    return key
+
+
+def _entities_only(statement: Any) -> bool:
+    # A legacy Query and a select() of the same entities return the same
+    # rows; of columns or expressions, rows whose fields are named apart
+    # (a Query's count(), unlabelled, has no name; a select()'s is
+    # "count"; two columns "id" are ("id", "id") and ("id", "id_1")), and
+    # a hit hands back the fields of the one that stored the entry.
+    try:
+        descriptions = statement.column_descriptions
+    except Exception:  # a statement that has none (a union, textual SQL): its own label style
+        return False
+    return all(d.get("entity") is not None and d.get("expr") is d.get("entity") for d in descriptions)
 
 
 def _code_text(code: types.CodeType) -> str:
@@ -153,7 +221,20 @@ def _code_text(code: types.CodeType) -> str:
     # object: where it is, and what it does, constants included.
     consts = ",".join(_code_text(c) if isinstance(c, types.CodeType) else repr(c) for c in code.co_consts)
     name = getattr(code, "co_qualname", code.co_name)  # co_qualname: Python 3.11+
-    return f"code:{code.co_filename}:{code.co_firstlineno}:{name}:{code.co_code.hex()}:{code.co_names}:{consts}"
+    return f"code:{_code_path(code.co_filename)}:{code.co_firstlineno}:{name}:{code.co_code.hex()}:{code.co_names}:{consts}"
+
+
+@functools.lru_cache(maxsize=1024)
+def _code_path(filename: str) -> str:
+    # A module's file as its import path names it ("sqlalchemy/orm/
+    # strategies.py" for the ORM's lazy loads), not where it is installed:
+    # processes of two virtualenvs, or two releases of an app, share keys.
+    absolute = os.path.abspath(filename)
+    for entry in sorted((os.path.abspath(entry or ".") for entry in sys.path), key=len, reverse=True):
+        prefix = os.path.join(entry, "")
+        if absolute.startswith(prefix):
+            return absolute[len(prefix) :]
+    return filename
 
 
 def _plain(value: Any) -> Any:
@@ -196,9 +277,14 @@ def value_text(value: Any) -> str:
     if value is None or isinstance(value, bool):
         return repr(value)
     if isinstance(value, enum.Enum):
-        return f"{_qualified(type(value))}.{value.name}"
+        return _enum_text(value)
+    if isinstance(value, (datetime.datetime, datetime.time)) and value.tzinfo is not None:
+        return _aware_text(value)
     if isinstance(value, _PLAIN):
-        return f"{type(value).__name__}:{value!r}"
+        text = f"{type(value).__name__}:{value!r}"
+        if _ADDRESS.search(text):  # a subclass's repr with an address: not stable, and reused
+            raise Unkeyable(value)
+        return text
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(value_text(item) for item in value) + "]"
     if isinstance(value, (set, frozenset)):
@@ -206,6 +292,19 @@ def value_text(value: Any) -> str:
     if isinstance(value, Mapping):
         return "{" + ",".join(sorted(f"{value_text(k)}:{value_text(v)}" for k, v in value.items())) + "}"
     raise Unkeyable(value)
+
+
+def _aware_text(value: datetime.datetime | datetime.time) -> str:
+    # The repr of a tzinfo class that has no __repr__ of its own holds a
+    # memory address, which the next such object may reuse with another
+    # offset: two instants would share a key.  Its offset and name say
+    # what the database is sent; the repr is kept only when stable.
+    tz = value.tzinfo
+    zone = repr(tz)
+    if _ADDRESS.search(zone):
+        zone = _qualified(type(tz))
+    naive = value.replace(tzinfo=None)
+    return f"{type(value).__name__}:{naive!r}@{zone}:{value.utcoffset()!r}:{value.tzname()!r}"
 
 
 def _normalized(options: dict[str, Any]) -> dict[str, Any]:
@@ -235,17 +334,19 @@ class KeyMaker:
         self._binds: dict[Any, tuple[Any, str]] = {}
         _watch(self)
 
-    def structure(self, cache_key: Any) -> str | None:
+    def structure(self, cache_key: Any, statement: Any = None) -> str | None:
         """Return the stable digest of a ``CacheKey``'s structure, or None.
 
         None when the structure has no stable text, or takes row locks.
+        ``statement``, the statement keyed, tells whether a legacy
+        ``Query`` and a ``select()`` of that shape return the same rows.
         """
         digest = self._structures.get(cache_key.key, _UNSEEN)
         if digest is not _UNSEEN:
             return digest
         out: list[str] = []
         try:
-            _structure_text(cache_key.key, out)
+            _structure_text(cache_key.key, out, statement is None or _entities_only(statement))
             digest = hashlib.blake2b("".join(out).encode(), digest_size=16).hexdigest()
         except Locking:
             log.debug("never cached: a statement shape that takes row locks")
@@ -273,7 +374,11 @@ class KeyMaker:
         try:
             options_text = value_text(_normalized(_keyed_options(options)))
         except Unkeyable:
-            options_text = f"unkeyable:{id(bind)}"
+            # Options with no stable text (an object a listener reads):
+            # entries of this bind alone, while it keeps these options.  A
+            # token rather than id(bind): once this text is forgotten, the
+            # next bind may get the same address, with other options.
+            options_text = f"unkeyable:{secrets.token_hex(16)}"
         text = f"{database_identity(bind)}|{options_text}"
         if len(self._binds) >= _MEMO_SIZE:
             self._binds.clear()
@@ -301,7 +406,7 @@ class KeyMaker:
         cache_key = _sqlalchemy.cache_key(statement)
         if cache_key is None:
             return None
-        structure = self.structure(cache_key)
+        structure = self.structure(cache_key, statement)
         if structure is None:
             return None
         parts = [structure, self.bind(bind)]
@@ -315,6 +420,16 @@ class KeyMaker:
                     parts.append(value_text(parameters[bindparam.key]))
                 else:
                     parts.append(value_text(bindparam.effective_value))
+            if parameters:
+                # Parameters are matched to a statement's bound values by
+                # their compiled names too: ``{"id_1": 2}`` replaces the
+                # value of ``Person.id == 1``, whose key is anonymous.
+                # Those names are only known once compiled, so every
+                # parameter that names no bound value is keyed by name.
+                named = {bindparam.key for bindparam in cache_key.bindparams}
+                unmatched = {name: value for name, value in parameters.items() if name not in named}
+                if unmatched:
+                    parts.append("parameters:" + value_text(unmatched))
             for name in execution_options:
                 if _public(name):
                     parts.append(value_text(_normalized(_keyed_options(execution_options))))
