@@ -12,7 +12,7 @@ import sys
 import pytest
 import sqlalchemy
 from sqlalchemy import Boolean, Column, Integer, MetaData, String, Table, TypeDecorator, create_engine, func, select
-from sqlalchemy.orm import aliased
+from sqlalchemy.orm import aliased, column_property, registry, relationship
 
 from pyramid_sessioncache import FromCache, NotCacheableError, cache_parameters
 from pyramid_sessioncache.engine.keys import KeyMaker, _code_text, value_text
@@ -182,3 +182,89 @@ def test_code_is_keyed_by_its_import_path_not_its_installation():
     text = _code_text(select.__code__)
     assert ":sqlalchemy/sql/_selectable_constructors.py:" in text
     assert sys.prefix not in text and os.path.dirname(sqlalchemy.__file__) not in text
+
+
+def _mapped_person(**properties):
+    """A class of one path every time (a class factory), mapped to ``person`` with ``properties``."""
+    cls = type("FactoryPerson", (), {"__module__": __name__})
+    registry().map_imperatively(cls, Person.__table__, properties=properties)
+    return cls
+
+
+def test_classes_of_one_path_mapped_otherwise(Session):
+    # A statement's cache key names the mapper by its class; what it
+    # loads (a column_property's SQL, its bound values, the tables) comes
+    # from the mapper: two classes of one path are keyed by their mapping.
+    # (Such classes cannot be pickled: only ext:local_session holds them.)
+    table = Person.__table__
+    doubled = _mapped_person(score=column_property(table.c.id * 2))
+    tripled = _mapped_person(score=column_property(table.c.id * 3))
+    named = _mapped_person(score=column_property(table.c.name + "!"))
+    with Session() as s:
+        for _ in range(2):  # misses, then hits
+            for cls, expected in ((doubled, 4), (tripled, 6), (named, "person 2!")):
+                person = s.execute(select(cls).where(cls.id == 2).options(FromCache("local"))).scalar_one()
+                assert (type(person), person.score) == (cls, expected)
+
+
+@pytest.mark.parametrize("region", ["memory", "file"])
+def test_a_release_that_maps_a_class_otherwise(Session, region, monkeypatch):
+    # A rolling deploy: the old release stored entries of a class whose
+    # column_property the new one computes otherwise, under one path.
+    for factor in (2, 3, 2):
+        release = _mapped_person(score=column_property(Person.__table__.c.id * factor))
+        monkeypatch.setattr(sys.modules[__name__], "FactoryPerson", release, raising=False)
+        for _ in range(2):
+            with Session() as s:
+                stmt = select(release).where(release.id == 2).options(FromCache(region))
+                assert s.execute(stmt).scalar_one().score == 2 * factor
+
+
+def test_relationships_joined_otherwise_are_keyed_apart(Session):
+    from .models import Address
+
+    main = _mapped_person(
+        streets=relationship(
+            Address,
+            primaryjoin=lambda: (Address.person_id == Person.__table__.c.id) & Address.street.like("%Main%"),
+            lazy="selectin",
+            viewonly=True,
+        )
+    )
+    high = _mapped_person(
+        streets=relationship(
+            Address,
+            primaryjoin=lambda: (Address.person_id == Person.__table__.c.id) & Address.street.like("%High%"),
+            lazy="selectin",
+            viewonly=True,
+        )
+    )
+    with Session() as s:
+        for _ in range(2):
+            for cls, expected in ((main, ["3 Main St"]), (high, ["3 High St"])):
+                person = s.execute(select(cls).where(cls.id == 3).options(FromCache("local"))).scalar_one()
+                assert [a.street for a in person.streets] == expected
+
+
+def test_a_mapping_key_is_the_same_in_every_process():
+    # Relationships (backrefs among them) are listed in import order, and
+    # hash randomization changes set orders: neither may change the key.
+    program = (
+        "from sqlalchemy import select\n"
+        "from pyramid_sessioncache.engine.keys import KeyMaker\n"
+        "from tests.models import Person\n"
+        "print(KeyMaker().structure(select(Person)._generate_cache_key()))\n"
+    )
+    keys = {
+        subprocess.run(
+            [sys.executable, "-c", program],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            timeout=60,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in range(1, 4)
+    }
+    assert len(keys) == 1 and "None" not in keys, keys

@@ -52,12 +52,13 @@ from typing import Any, NamedTuple
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapper, MapperProperty
-from sqlalchemy.sql.expression import TableClause
+from sqlalchemy.sql.expression import ColumnClause, TableClause
 from sqlalchemy.sql.selectable import ForUpdateArg, SelectLabelStyle
 from sqlalchemy.types import TypeEngine
 
 from .. import _sqlalchemy
 from .identity import database_identity
+from .values import mapping_text
 
 #: Execution options that never change the rows a statement returns.
 NEUTRAL_OPTIONS = frozenset({"compiled_cache", "logging_token", "autoflush", "max_row_buffer", "isolation_level"})
@@ -108,7 +109,8 @@ def _qualified(obj: Any) -> str:
     return f"{obj.__module__}.{obj.__qualname__}"
 
 
-def _structure_text(element: Any, out: list[str], merge_labels: bool = True) -> None:
+def _structure_text(element: Any, out: list[str], merge_labels: bool = True, mappers: bool = True) -> None:
+    # mappers=False: a Mapper by its class path alone (inside a mapper's own text).
     if isinstance(element, tuple):
         if element and isinstance(element[0], type) and issubclass(element[0], TypeEngine):
             element = _type_key(element)
@@ -127,7 +129,7 @@ def _structure_text(element: Any, out: list[str], merge_labels: bool = True) -> 
             elif previous == "_compile_options" and _api_only(item):
                 out.append("compile")
             else:
-                _structure_text(item, out, merge_labels)
+                _structure_text(item, out, merge_labels, mappers)
             out.append(",")
             previous = item if isinstance(item, str) else None
         out.append(")")
@@ -153,13 +155,72 @@ def _structure_text(element: Any, out: list[str], merge_labels: bool = True) -> 
     elif isinstance(element, types.CodeType):
         out.append(_code_text(element))
     elif isinstance(element, Mapper):
-        out.append(f"mapper:{_qualified(element.class_)}")
+        out.append(_mapper_text(element) if mappers else f"mapper:{_qualified(element.class_)}")
     elif isinstance(element, MapperProperty):
-        out.append(f"property:{_qualified(element.parent.class_)}.{element.key}")
+        out.append(f"property:{_mapper_text(element.parent) if mappers else _qualified(element.parent.class_)}")
+        out.append(f".{element.key}")
     elif isinstance(element, TableClause):
         _table_text(element, out)
     else:
         raise Unkeyable(element)
+
+
+#: The ``info`` key of a class manager holding its mapper's key text, with the ``column_attrs`` it was made from.
+_MAPPER_TEXT = "pyramid_sessioncache.key_text"
+
+
+def _mapper_text(mapper: Mapper) -> str:
+    # A statement's cache key names the mapper, not what it maps: the
+    # columns an entity loads, and the SQL of its column_property
+    # expressions, come from the mapper at compile time.  Two classes of
+    # one path (a class factory; type() in a loop) or two releases of one
+    # class (a rolling deploy that changed a column_property) read other
+    # rows under the same name, so the mapping is in the key: its tables,
+    # its attributes (``values.mapping_text``), the SQL structure and the
+    # bound values of each expression mapped, how each relationship joins,
+    # orders and loads, and its polymorphic identity.  Mappers inside
+    # those expressions are named by their class path only (no recursion).
+    info = mapper.class_manager.info
+    column_attrs = mapper.column_attrs
+    found = info.get(_MAPPER_TEXT)
+    if found is None or found[0] is not column_attrs:
+        out = [mapping_text(mapper)]
+        try:
+            for table in mapper.tables:
+                _structure_text((getattr(table, "schema", None), table.name), out)
+            parts = []
+            for prop in column_attrs:
+                parts.append(_expressions_text(prop.key, [c for c in prop.columns if not isinstance(c, ColumnClause)]))
+            for relationship in mapper.relationships:
+                # How it loads, and what: an eager load stores its
+                # collections, in the relationship's order.
+                joins = [relationship.primaryjoin, relationship.secondaryjoin, *(relationship.order_by or ())]
+                parts.append(f"{relationship.lazy}:" + _expressions_text(relationship.key, joins))
+            # Sorted: backrefs are added in the order modules were imported in.
+            out.extend(sorted(parts))
+            _structure_text((mapper.polymorphic_identity,), out, mappers=False)
+            digest: str | None = hashlib.blake2b("".join(out).encode(), digest_size=8).hexdigest()
+        except Unkeyable:
+            digest = None
+        found = (column_attrs, digest)
+        info[_MAPPER_TEXT] = found
+    if found[1] is None:
+        raise Unkeyable(mapper)
+    return f"mapper:{_qualified(mapper.class_)}:{found[1]}"
+
+
+def _expressions_text(name: str, expressions: list[Any]) -> str:
+    out = [name]
+    for expression in expressions:
+        if expression is None:
+            out.append("-")
+            continue
+        expression_key = expression._generate_cache_key()
+        if expression_key is None:
+            raise Unkeyable(expression)
+        _structure_text(expression_key.key, out, mappers=False)
+        out.extend(value_text(bind.effective_value) for bind in expression_key.bindparams)
+    return "".join(out)
 
 
 def _table_text(table: TableClause, out: list[str]) -> None:
