@@ -511,13 +511,22 @@ def watch_always_refresh() -> None:
     so that look-ups pay nothing for it.
     """
     from sqlalchemy.orm import Mapper
-    from sqlalchemy.orm.mapper import _all_registries
 
     if not event.contains(Mapper, "mapper_configured", _configured):
         event.listen(Mapper, "mapper_configured", _configured)
-    for registry in _all_registries():
-        for mapper in registry.mappers:
-            _configured(mapper, mapper.class_)
+    for mapper in mappers():
+        _configured(mapper, mapper.class_)
+
+
+def mappers() -> list[Any]:
+    """Every mapper of the process.
+
+    The ORM keeps its registries in ``sqlalchemy.orm.mapper._all_registries()``
+    (2.0, 2.1); there is no public list of them.
+    """
+    from sqlalchemy.orm.mapper import _all_registries
+
+    return [mapper for registry in _all_registries() for mapper in registry.mappers]
 
 
 def _configured(mapper: Any, cls: Any) -> None:
@@ -550,22 +559,20 @@ def loads_always_refreshed(statement: Any) -> bool:
 
 
 def mapped_metadata() -> list[Any]:
-    """The ``MetaData`` of the tables of every mapped class in the process.
+    """The ``MetaData`` of the tables of every mapped class in the process (see :func:`mappers`).
 
-    The ORM keeps its registries in ``sqlalchemy.orm.mapper._all_registries()``
-    (2.0, 2.1); there is no public list of them.  ``invalidation/schema.py``
-    reads the foreign keys of those tables.
+    ``invalidation/schema.py`` reads the foreign keys of those tables.
     """
     from sqlalchemy.orm.mapper import _all_registries
 
     found: dict[int, Any] = {}
     for registry in _all_registries():
         found.setdefault(id(registry.metadata), registry.metadata)
-        for mapper in registry.mappers:
-            for table in mapper.tables:
-                metadata = getattr(table, "metadata", None)
-                if metadata is not None:
-                    found.setdefault(id(metadata), metadata)
+    for mapper in mappers():
+        for table in mapper.tables:
+            metadata = getattr(table, "metadata", None)
+            if metadata is not None:
+                found.setdefault(id(metadata), metadata)
     return list(found.values())
 
 

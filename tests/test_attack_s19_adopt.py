@@ -40,6 +40,18 @@ def _normalises(target, context):
     target.name = target.name.upper()
 
 
+def _counts(target, context):
+    target.name += " (read)"  # not idempotent: applied twice, it shows
+
+
+def _decodes(target, context):
+    target.name = target.name.removeprefix("encoded:")
+    if target.name.startswith("person"):
+        target.name = (
+            "person" + target.name.removeprefix("person")[::-1]
+        )  # its inverse is itself: applied twice, undone
+
+
 def _keeps_its_session(target, context):
     target.loaded_by = object_session(target)
 
@@ -54,6 +66,8 @@ LISTENERS = {
         _normalises,
         lambda session, people: ([p.name for p in people], len(session.dirty)),
     ),
+    "changes a column, not idempotently": (_counts, lambda session, people: [p.name for p in people]),
+    "decodes a column": (_decodes, lambda session, people: ([p.name for p in people], len(session.dirty))),
 }
 
 
@@ -96,3 +110,76 @@ def test_the_callers_objects_get_the_lifecycle_events_of_an_uncached_load(Sessio
         event.remove(orm.Session, "loaded_as_persistent", entered)
         event.remove(orm.Session, "persistent_to_detached", left)
     assert pictures == [["entered", "entered"]] * 3
+
+
+def test_a_load_listener_that_changes_columns_acts_once_on_a_hit(Session, sql, region):
+    # An entry holds its objects as loaded, before their class's load
+    # listeners ran: a hit sends the load event, and they run once.  The
+    # first load of a class with such listeners runs once more uncached
+    # (the listeners had run before the add-on watched them).
+    from .models import PostalCode
+
+    def _stamps(target, context):
+        target.code = target.code + "-x"
+
+    statement = select(PostalCode).where(PostalCode.id == 1).options(FromCache(region))
+    event.listen(PostalCode, "load", _stamps)
+    try:
+        seen = []
+        for _ in range(4):
+            with Session() as session:
+                sql.reset()
+                code = session.scalars(statement).one().code
+                seen.append((code, sql.count, len(session.dirty)))
+    finally:
+        event.remove(PostalCode, "load", _stamps)
+    assert [code for code, _, _ in seen] == ["00001-x"] * 4
+    assert [dirty for _, _, dirty in seen] == [0] * 4
+    assert seen[-1][1] == 0  # a hit
+
+
+def test_the_first_load_of_a_listened_class_runs_uncached_once(Session, sql):
+    from .models import City
+
+    def _titles(target, context):
+        target.name = target.name.title() + "!"
+
+    statement = select(City).where(City.id == 2).options(FromCache("memory"))
+    event.listen(City, "load", _titles)
+    try:
+        counts = []
+        for _ in range(3):
+            with Session() as session:
+                sql.reset()
+                assert session.scalars(statement).one().name == "City 2!"
+                counts.append(sql.count)
+    finally:
+        event.remove(City, "load", _titles)
+    assert counts == [2, 1, 0]  # the miss and its uncached run; a miss that stores; a hit
+
+
+def test_a_listener_inserted_before_the_add_ons_later_acts_once_too(Session, region):
+    from .models import PostalCode
+
+    def _stamps(target, context):
+        target.code = target.code + "-x"
+
+    def _marks(target, context):
+        target.code = target.code + "-y"
+
+    statement = select(PostalCode).where(PostalCode.id == 2)
+    event.listen(PostalCode, "load", _stamps)
+    try:
+        with Session() as session:  # the add-on watches the class
+            session.scalars(statement.options(FromCache(region))).one()
+        event.listen(PostalCode, "load", _marks, insert=True)  # runs first, before the add-on's copy
+        try:
+            codes = []
+            for options in ((), (FromCache(region),), (FromCache(region),), (FromCache(region),)):
+                with Session() as session:
+                    codes.append(session.scalars(statement.options(*options)).one().code)
+        finally:
+            event.remove(PostalCode, "load", _marks)
+    finally:
+        event.remove(PostalCode, "load", _stamps)
+    assert codes == ["00002-y-x"] * 4

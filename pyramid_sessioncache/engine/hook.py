@@ -24,7 +24,7 @@ from sqlalchemy.orm import ORMExecuteState, Session
 from .. import _sqlalchemy
 from ..storage.backends import local_session
 from ..storage.region import always_valid
-from . import connection_state, info, loader, lookup
+from . import as_loaded, connection_state, info, loader, lookup
 from .cache import SessionCache
 from .invalidation import reads, schema, versions, writes
 from .lookup import Lookup
@@ -56,6 +56,7 @@ def install() -> None:
     loader.install()
     connection_state.install()
     _sqlalchemy.watch_always_refresh()
+    as_loaded.install()
 
 
 def trust_listener(listener: Callable[..., Any]) -> None:
@@ -169,6 +170,8 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
         result = value.result()
     else:
         value, hit, instances = _shared(state, cache, found, region, option.expire)
+        if not value.servable:  # its objects are as load listeners made them: run uncached (as_loaded.py)
+            return None
         if not hit and _sqlalchemy.ALWAYS_REFRESHED and value.refreshes_always():
             # It reached objects of an always_refresh class, which the query
             # overwrites in the Session, pending changes and all: run it so,

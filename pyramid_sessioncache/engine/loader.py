@@ -9,7 +9,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.orm import ORMExecuteState, Session, instrumentation
 
 from .. import _sqlalchemy
-from . import info
+from . import as_loaded, info
 from .invalidation import schema
 from .invalidation.reads import ANY_TABLE, executed_tables, record_tables, statement_tables
 from .invalidation.writes import in_transaction
@@ -113,7 +113,7 @@ def _kept_to_itself(loader: Session, handed: list, given: dict) -> bool:
     """
     if loader.dispatch.loaded_as_persistent or loader.dispatch.persistent_to_detached:
         return True
-    if any(instrumentation.manager_of_class(cls).dispatch.load for cls in {type(obj) for obj in handed}):
+    if any(as_loaded.listened(instrumentation.manager_of_class(cls)) for cls in {type(obj) for obj in handed}):
         return True
     if loader.new or loader.dirty or loader.deleted or len(loader.identity_map) != len(handed):
         return True

@@ -32,6 +32,7 @@ from sqlalchemy.orm import Session, attributes, class_mapper
 from sqlalchemy.sql.expression import ColumnClause
 
 from .. import _sqlalchemy
+from . import as_loaded
 
 #: ``session.info`` flag of the Sessions that load values to cache; the ORM
 #: hook leaves their queries alone.
@@ -149,7 +150,7 @@ class CachedRows:
         "requires_unique",
         "uniques",
     )
-    __slots__ = (*_FIELDS, "_changeable", "storable")
+    __slots__ = (*_FIELDS, "_changeable", "storable", "servable")
 
     def __init__(
         self,
@@ -182,6 +183,11 @@ class CachedRows:
         #: when its objects hold loaders that pickling loses; such a value is
         #: returned, never stored.
         self.storable = True
+        #: Whether its objects hold what was loaded: False when ``load``
+        #: listeners changed them before they were copied (``as_loaded.py``);
+        #: a hit's load event would change them again.  Such a value is
+        #: neither stored nor served: its query runs uncached.
+        self.servable = True
         self._changeable: tuple[frozenset[int], frozenset[int]] | None = None
         _unique_as_stored(shell, uniques)
 
@@ -192,7 +198,7 @@ class CachedRows:
         for name, value in zip(self._FIELDS, state, strict=True):
             setattr(self, name, value)
         self._changeable = None
-        self.storable = True
+        self.storable = self.servable = True
         _unique_as_stored(self.shell, self.uniques)
         for (cls, _, _), stored in zip(self.classes, self.mappings, strict=True):
             if mapping_text(class_mapper(cls)) != stored:
@@ -248,7 +254,8 @@ class CachedRows:
             requires_unique=requires_unique,
             uniques=uniques,
         )
-        value.storable = snapshot.storable
+        value.storable = snapshot.storable and snapshot.servable
+        value.servable = snapshot.servable
         return value
 
     def refreshes_always(self) -> bool:
@@ -426,21 +433,29 @@ class _Snapshot:
         self.objects: list[tuple] = []
         #: The objects themselves, in the order of ``objects``.
         self.instances: list[Any] = []
-        # class -> (its index in classes, column keys, relationship keys, whether each holds a collection)
-        self._layouts: dict[type, tuple[int, tuple, tuple, tuple]] = {}
+        # class -> (its index in classes, column keys, relationship keys,
+        # whether each holds a collection, whether load listeners may change its objects)
+        self._layouts: dict[type, tuple[int, tuple, tuple, tuple, bool]] = {}
         self._index: dict[int, int] = {}
         self._loaders: dict[int, tuple[Any, bool]] = {}
         self._paths: dict[int, tuple[Any, list]] = {}
         #: False when an object holds what a stored copy would lose (see ``_keeps``).
         self.storable = True
+        #: False when an object holds what ``load`` listeners made of it (see ``_layout``).
+        self.servable = True
 
-    def _layout(self, cls: type, mapper: Any) -> tuple[int, tuple, tuple, tuple]:
+    def _layout(self, cls: type, mapper: Any) -> tuple[int, tuple, tuple, tuple, bool]:
         layout = self._layouts.get(cls)
         if layout is None:
             columns = tuple(prop.key for prop in mapper.column_attrs)
             relationships = tuple(prop.key for prop in mapper.relationships)
             collections = tuple(bool(prop.uselist) for prop in mapper.relationships)
-            layout = self._layouts[cls] = (len(self.classes), columns, relationships, collections)
+            # A hit sends its objects the load event: the entry holds them as
+            # loaded, before the class's listeners changed them (as_loaded.py).
+            listened = as_loaded.listened(mapper.class_manager)
+            if listened and not as_loaded.watch(mapper.class_manager):
+                self.servable = False
+            layout = self._layouts[cls] = (len(self.classes), columns, relationships, collections, listened)
             if mapper.always_refresh:  # every query overwrites its objects: no hit may serve them
                 self.storable = False
             self.classes.append((cls, columns, relationships))
@@ -455,10 +470,16 @@ class _Snapshot:
         self.objects.append(())  # reserved: what it holds may refer back to it
         self.instances.append(obj)
         state = attributes.instance_state(obj)
-        class_index, columns, relationships, collections = self._layout(type(obj), state.mapper)
+        class_index, columns, relationships, collections, listened = self._layout(type(obj), state.mapper)
         loaded = state.dict
-        values = tuple(map(loaded.get, columns, repeat(NOT_LOADED)))
-        complete = all(map(loaded.__contains__, columns))
+        columns_loaded = loaded
+        if listened:
+            columns_loaded = as_loaded.values_of(state)
+            if columns_loaded is None:  # not loaded by a loader, or before its class was watched
+                self.servable = False
+                columns_loaded = loaded
+        values = tuple(map(columns_loaded.get, columns, repeat(NOT_LOADED)))
+        complete = all(map(columns_loaded.__contains__, columns))
         held = tuple(
             self._held(loaded[key], collection) if key in loaded else NOT_LOADED
             for key, collection in zip(relationships, collections, strict=True)

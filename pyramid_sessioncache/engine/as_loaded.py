@@ -1,0 +1,88 @@
+"""Objects as the database gave them, before ``load`` listeners changed them.
+
+A ``load`` listener (a reconstructor too) may change what was loaded: it
+decodes a column, counts a visit.  A hit builds objects from an entry and
+sends them the ``load`` event, as a query does; an entry of what the
+listeners had made would be changed twice (a decoded column decoded
+again).  So a loader Session keeps, for the objects of classes with such
+listeners, their values as loaded: a listener of ours (:func:`watch`),
+first among the class's, copies them before the others run.
+
+It is added to the classes that have such listeners once their mappers
+are configured (:func:`install`), and to a class given one later the
+first time an entry would hold objects of it: that entry, taken after the
+listeners ran, is neither stored nor served.  Classes without listeners
+get none (the ORM calls ``load`` listeners only on classes that have
+some: most have none, and their loads cost nothing more).
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import Mapper
+
+from .. import _sqlalchemy
+from . import info
+
+#: The loader's ``info`` key: InstanceState -> a copy of its ``__dict__`` before the ``load`` listeners ran.
+AS_LOADED = "sessioncache.as_loaded"
+
+_lock = threading.Lock()
+
+
+def install() -> None:
+    """Watch every class with ``load`` listeners now, and after each configuration of mappers (once per process).
+
+    After it, rather than as each mapper is configured: extensions add
+    their listeners then (``Mutable`` in its own ``mapper_configured``).
+    """
+    if not event.contains(Mapper, "after_configured", _watch_listened):
+        event.listen(Mapper, "after_configured", _watch_listened)
+    _watch_listened()
+
+
+def _watch_listened() -> None:
+    for mapper in _sqlalchemy.mappers():
+        if listened(mapper.class_manager):
+            watch(mapper.class_manager)
+
+
+def watch(manager: Any) -> bool:
+    """Keep what loaders load of ``manager``'s class from now on; whether it was kept already.
+
+    Our listener must run first: one the application inserts before it
+    later (``insert=True``) puts it back in front.
+    """
+    for listener in manager.dispatch.load:
+        if listener is _keep:
+            return True
+        break
+    with _lock:
+        cls = manager.class_
+        if event.contains(cls, "load", _keep):
+            event.remove(cls, "load", _keep)
+        event.listen(cls, "load", _keep, raw=True, insert=True)
+    return False
+
+
+def listened(manager: Any) -> bool:
+    """Whether ``load`` listeners other than ours (a reconstructor too) act on the objects of ``manager``'s class."""
+    return any(listener is not _keep for listener in manager.dispatch.load)
+
+
+def values_of(state: Any) -> dict | None:
+    """What ``state``'s object held as loaded by a loader Session, or None (not kept)."""
+    session = state.session
+    if session is None:
+        return None
+    return session.info.get(AS_LOADED, {}).get(state)
+
+
+def _keep(state: Any, context: Any) -> None:
+    if context is not None:  # None: a hit's own load event
+        session_info = context.session.info
+        if session_info.get(info.LOADER):
+            session_info.setdefault(AS_LOADED, {})[state] = dict(state.dict)
