@@ -472,12 +472,13 @@ class _Snapshot:
         state = attributes.instance_state(obj)
         class_index, columns, relationships, collections, listened = self._layout(type(obj), state.mapper)
         loaded = state.dict
-        columns_loaded = loaded
+        columns_loaded: dict[str, Any] = loaded
         if listened:
-            columns_loaded = as_loaded.values_of(state)
-            if columns_loaded is None:  # not loaded by a loader, or before its class was watched
+            kept = as_loaded.values_of(state)
+            if kept is None:  # not loaded by a loader, or before its class was watched
                 self.servable = False
-                columns_loaded = loaded
+            else:
+                columns_loaded = kept
         values = tuple(map(columns_loaded.get, columns, repeat(NOT_LOADED)))
         complete = all(map(columns_loaded.__contains__, columns))
         held = tuple(
