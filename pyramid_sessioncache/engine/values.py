@@ -150,7 +150,7 @@ class CachedRows:
         "requires_unique",
         "uniques",
     )
-    __slots__ = (*_FIELDS, "_changeable", "storable", "servable")
+    __slots__ = (*_FIELDS, "_changeable", "storable", "servable", "_relationships")
 
     def __init__(
         self,
@@ -189,6 +189,7 @@ class CachedRows:
         #: neither stored nor served: its query runs uncached.
         self.servable = True
         self._changeable: tuple[frozenset[int], frozenset[int]] | None = None
+        self._relationships: set[tuple[type, str]] | None = None  # known when just loaded
         _unique_as_stored(shell, uniques)
 
     def __getstate__(self):
@@ -198,6 +199,7 @@ class CachedRows:
         for name, value in zip(self._FIELDS, state, strict=True):
             setattr(self, name, value)
         self._changeable = None
+        self._relationships = None
         self.storable = self.servable = True
         _unique_as_stored(self.shell, self.uniques)
         for (cls, _, _), stored in zip(self.classes, self.mappings, strict=True):
@@ -256,6 +258,7 @@ class CachedRows:
         )
         value.storable = snapshot.storable and snapshot.servable
         value.servable = snapshot.servable
+        value._relationships = snapshot.loaded_relationships()
         return value
 
     def refreshes_always(self) -> bool:
@@ -264,6 +267,8 @@ class CachedRows:
 
     def loaded_relationships(self) -> set[tuple[type, str]]:
         """Return ``(class, key)`` of every relationship some cached object holds."""
+        if self._relationships is not None:
+            return self._relationships
         found: set[tuple[type, str]] = set()
         for class_index, _, _, relationships, *_ in self.objects:
             cls, _, keys = self.classes[class_index]
@@ -425,6 +430,9 @@ def _qualified(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+_instance_state = attributes.instance_state
+
+
 class _Snapshot:
     """Collects the objects of a result, each once, with their loaded state."""
 
@@ -433,9 +441,10 @@ class _Snapshot:
         self.objects: list[tuple] = []
         #: The objects themselves, in the order of ``objects``.
         self.instances: list[Any] = []
-        # class -> (its index in classes, column keys, relationship keys,
-        # whether each holds a collection, whether load listeners may change its objects)
-        self._layouts: dict[type, tuple[int, tuple, tuple, tuple, bool]] = {}
+        # class -> (its index in classes, column keys, relationship keys, whether each
+        # holds a collection, whether load listeners may change its objects, the
+        # loader path of the objects a query selects, the relationships some object holds)
+        self._layouts: dict[type, tuple[int, tuple, tuple, tuple, bool, Any, set[str]]] = {}
         self._index: dict[int, int] = {}
         self._loaders: dict[int, tuple[Any, bool]] = {}
         self._paths: dict[int, tuple[Any, list]] = {}
@@ -444,7 +453,7 @@ class _Snapshot:
         #: False when an object holds what ``load`` listeners made of it (see ``_layout``).
         self.servable = True
 
-    def _layout(self, cls: type, mapper: Any) -> tuple[int, tuple, tuple, tuple, bool]:
+    def _layout(self, cls: type, mapper: Any) -> tuple[int, tuple, tuple, tuple, bool, Any, set[str]]:
         layout = self._layouts.get(cls)
         if layout is None:
             columns = tuple(prop.key for prop in mapper.column_attrs)
@@ -455,7 +464,9 @@ class _Snapshot:
             listened = as_loaded.listened(mapper.class_manager)
             if listened and not as_loaded.watch(mapper.class_manager):
                 self.servable = False
-            layout = self._layouts[cls] = (len(self.classes), columns, relationships, collections, listened)
+            root = _sqlalchemy.load_path(mapper)
+            layout = (len(self.classes), columns, relationships, collections, listened, root, set())
+            self._layouts[cls] = layout
             if mapper.always_refresh:  # every query overwrites its objects: no hit may serve them
                 self.storable = False
             self.classes.append((cls, columns, relationships))
@@ -463,15 +474,19 @@ class _Snapshot:
 
     def ref(self, obj: Any) -> int:
         """Return the index of ``obj``, recording it (and what it holds) the first time."""
-        position = self._index.get(id(obj))
+        # Once per object of every miss: written for speed.
+        index = self._index
+        position = index.get(id(obj))
         if position is not None:
             return position
-        position = self._index[id(obj)] = len(self.objects)
-        self.objects.append(())  # reserved: what it holds may refer back to it
+        objects = self.objects
+        position = index[id(obj)] = len(objects)
+        objects.append(())  # reserved: what it holds may refer back to it
         self.instances.append(obj)
-        state = attributes.instance_state(obj)
-        class_index, columns, relationships, collections, listened = self._layout(type(obj), state.mapper)
-        loaded = state.dict
+        state = _instance_state(obj)
+        layout = self._layouts.get(type(obj)) or self._layout(type(obj), state.mapper)
+        class_index, columns, relationships, collections, listened, root, held_keys = layout
+        loaded = obj.__dict__  # state.dict, without its two calls
         columns_loaded: dict[str, Any] = loaded
         if listened:
             kept = as_loaded.values_of(state)
@@ -481,17 +496,34 @@ class _Snapshot:
                 columns_loaded = kept
         values = tuple(map(columns_loaded.get, columns, repeat(NOT_LOADED)))
         complete = all(map(columns_loaded.__contains__, columns))
-        held = tuple(
-            self._held(loaded[key], collection) if key in loaded else NOT_LOADED
-            for key, collection in zip(relationships, collections, strict=True)
-        )
+        held: tuple = ()
+        if relationships:
+            ref = self.ref
+            found: list[Any] = []
+            for key, collection in zip(relationships, collections, strict=True):
+                value = loaded.get(key, NOT_LOADED)
+                if value is NOT_LOADED:
+                    found.append(value)
+                    continue
+                held_keys.add(key)
+                if value is None:
+                    found.append(None)
+                elif not collection:
+                    found.append(ref(value))
+                else:
+                    found.append([ref(member) for member in (value.values() if isinstance(value, dict) else value)])
+            held = tuple(found)
         loaders = None
         if state.callables:  # most objects have none
             loaders = {key: loader for key, loader in state.callables.items() if self._keeps(loader)} or None
         load_path = state.load_path
-        path = None if load_path is _sqlalchemy.load_path(state.mapper) else self._path_text(load_path)
-        self.objects[position] = (class_index, state.key, values, held, complete, loaders, path)
+        path = None if load_path is root else self._path_text(load_path)
+        objects[position] = (class_index, state.key, values, held, complete, loaders, path)
         return position
+
+    def loaded_relationships(self) -> set[tuple[type, str]]:
+        """``(class, key)`` of every relationship some recorded object holds."""
+        return {(cls, key) for cls, layout in self._layouts.items() for key in layout[6]}
 
     def _path_text(self, path: Any) -> list:
         # One text per path, shared by the objects reached through it (and
@@ -520,11 +552,3 @@ class _Snapshot:
                     found = (loader, False)
             self._loaders[id(loader)] = found
         return found[1]
-
-    def _held(self, value: Any, collection: bool) -> Any:
-        if value is None:
-            return None
-        if not collection:
-            return self.ref(value)
-        members = value.values() if isinstance(value, dict) else value
-        return [self.ref(member) for member in members]
