@@ -112,10 +112,6 @@ def _reads_when_finished(request):
     return {}
 
 
-# Not fixed: aborting request.tm's transaction when the add-on closes the Session would abort a parent
-# request's, still running, for the Session of a subrequest (invoke_subrequest(use_tweens=False) shares the
-# thread's manager); what tells a transaction begun after pyramid_tm ended is private to `transaction`.
-@pytest.mark.xfail(strict=True, reason="found, not fixed: a late read joins a transaction of the thread nobody ends")
 def test_a_read_in_a_finished_callback_leaves_no_transaction_holding_the_session(db_url):
     """The read begins a transaction of ``request.tm`` (the thread's) that holds the Session until the thread's next request."""
     import gc
@@ -199,3 +195,89 @@ def test_a_query_of_columns_of_an_always_refresh_class_is_cached(final_engine, s
         sql.reset()
         assert session.execute(statement.options(FromCache(region))).all() == first
         assert sql.count == 0
+
+
+def _late_app(db_url, view, **settings):
+    config = Configurator(
+        settings={
+            "sqlalchemy.url": db_url,
+            "cache.regions": "memory",
+            "cache.memory.type": "memory",
+            "sessioncache.default_region": "memory",
+            **settings,
+        }
+    )
+    config.include("pyramid_sessioncache")
+    config.add_route("run", "/run")
+    config.add_view(view, route_name="run", renderer="json")
+    config.add_route("rename", "/rename")
+    config.add_view(_renames, route_name="rename", renderer="json")
+    return config.make_wsgi_app()
+
+
+def _renames(request):
+    stmt = select(Person).where(Person.id == 3)
+    result = request.dbsession.execute(stmt) if "uncached" in request.params else request.cached_query(stmt)
+    person = result.scalars().one()
+    person.name = request.params["to"]
+    return {}
+
+
+def _names(db_url):
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as connection:
+            return dict(connection.execute(select(Person.id, Person.name)).all())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_read_in_a_finished_callback_with_an_explicit_transaction_manager(db_url, cached):
+    """pyramid_tm's explicit manager has no transaction then: joining one raised ``NoTransaction`` in the callback."""
+    from webtest import TestApp
+
+    read = []
+
+    def view(request):
+        request.dbsession.scalars(select(Person.id)).all()
+
+        def late(request):
+            stmt = select(Person.name).where(Person.id == 2)
+            result = request.cached_query(stmt) if cached else request.dbsession.execute(stmt)
+            read.append(result.scalar_one())
+
+        request.add_finished_callback(late)
+        return {}
+
+    app = _late_app(db_url, view, **{"tm.manager_hook": "pyramid_tm.explicit_manager"})
+    engine = app.registry.queryUtility(IDBSessionFactory).kw["bind"]
+    try:
+        TestApp(app).get("/run")
+        TestApp(app).get("/run")
+        assert read == ["person 2", "person 2"]
+        assert engine.pool.checkedout() == 0
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("how", ["", "&uncached"])
+def test_a_subrequest_without_tweens_still_joins_the_transaction_of_its_parent(db_url, how):
+    """Its Session is made outside pyramid_tm's tween: it joins the transaction in progress, committed with the parent's."""
+    from pyramid.request import Request
+    from webtest import TestApp
+
+    def view(request):
+        request.dbsession.scalars(select(Person.id)).all()
+        request.invoke_subrequest(Request.blank("/rename?to=renamed+by+a+subrequest" + how), use_tweens=False)
+        return {}
+
+    app = _late_app(db_url, view)
+    engine = app.registry.queryUtility(IDBSessionFactory).kw["bind"]
+    try:
+        TestApp(app).get("/rename?to=warm")  # warms the entry: the subrequest's read is a hit
+        TestApp(app).get("/run")
+        assert engine.pool.checkedout() == 0
+    finally:
+        engine.dispose()
+    assert _names(db_url)[3] == "renamed by a subrequest"

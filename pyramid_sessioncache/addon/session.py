@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from typing import Any, cast
 
+from pyramid import threadlocal
 from pyramid.threadlocal import get_current_request
 from sqlalchemy.orm import scoped_session
 
 from ..errors import SessionCacheError
 from ..storage.backends import local_session
 from .interfaces import IDBSessionFactory
-from .transaction import TRANSACTION_MANAGER
+from .transaction import MANAGED_ENVIRON, TRANSACTION_MANAGER, in_managed_transaction
 
 
 def _request() -> Any:
@@ -98,9 +99,33 @@ def dbsession(request: Any) -> Any:
     if factory is None or factory.kw.get("bind") is None:
         raise SessionCacheError("request.dbsession needs an engine: set sqlalchemy.url in the settings")
     # The factory's listeners (transaction.py) join it to request.tm.
-    session = factory(info={"request": request, TRANSACTION_MANAGER: request.tm})
+    info = {"request": request, TRANSACTION_MANAGER: request.tm}
+    managed = managed_environ(request)
+    if managed is not None:  # within pyramid_tm's tween: joins nothing once it has ended
+        info[MANAGED_ENVIRON] = managed
+    session = factory(info=info)
     request.add_finished_callback(_closer(session))
     return session
+
+
+def managed_environ(request: Any) -> dict | None:
+    """The WSGI environ of the request whose pyramid_tm tween manages ``request``'s transaction, or None.
+
+    Its own (pyramid_tm marks it ``tm.active``); a subrequest's
+    (``invoke_subrequest(..., use_tweens=False)``) is its parent's, the
+    nearest enclosing request on Pyramid's stack of current requests
+    (``pyramid.threadlocal.manager``) that pyramid_tm marked.
+    """
+    environ = request.environ
+    if "tm.active" in environ:
+        return environ
+    for current in reversed(threadlocal.manager.stack):
+        enclosing = current.get("request")
+        if enclosing is not None and enclosing is not request:
+            outer = getattr(enclosing, "environ", None)
+            if outer is not None and "tm.active" in outer:
+                return outer
+    return None
 
 
 def _closer(session: Any) -> Any:
@@ -112,7 +137,9 @@ def _closer(session: Any) -> Any:
     the end of the queue as long as callbacks it has not waited for yet
     remain (one may add another, which may use the Session), not for
     those it waited for already: a callback that puts itself back too
-    would wait for it for ever.
+    would wait for it for ever.  A subrequest's Session, joined to its
+    parent's transaction, is closed as that transaction ends instead
+    (``transaction.in_managed_transaction()``).
     """
     waited: dict[int, Any] = {}  # the callbacks themselves held, so that no other takes one's id
 
@@ -122,7 +149,8 @@ def _closer(session: Any) -> Any:
             waited.update(remaining)
             request.add_finished_callback(close_last)
             return
-        close(session)
+        if not in_managed_transaction(session):  # a subrequest's: closed as its parent's transaction ends
+            close(session)
 
     return close_last
 

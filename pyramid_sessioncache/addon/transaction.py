@@ -25,6 +25,7 @@ import weakref
 from typing import Any
 
 from sqlalchemy import event
+from transaction.interfaces import NoTransaction
 from zope.sqlalchemy.datamanager import (
     STATUS_ACTIVE,
     ZopeTransactionEvents,
@@ -34,6 +35,10 @@ from zope.sqlalchemy.datamanager import (
 
 #: The ``info`` key of a Session holding the transaction manager it joins.
 TRANSACTION_MANAGER = "pyramid_sessioncache.transaction_manager"
+#: The ``info`` key of a Session made while pyramid_tm managed its request's
+#: transaction: the WSGI environ of the request whose tween does (its own;
+#: a subrequest's parent's), see :func:`request_ended`.
+MANAGED_ENVIRON = "pyramid_sessioncache.managed_environ"
 
 _EVENTS = (
     "after_begin",
@@ -97,10 +102,66 @@ class RequestTransactionEvents(ZopeTransactionEvents):
             mark_changed(session, manager, self.keep_session)
 
     def join_transaction(self, session: Any) -> None:
-        """Join ``session`` to its transaction manager's transaction (see zope.sqlalchemy)."""
+        """Join ``session`` to its transaction manager's transaction (see zope.sqlalchemy).
+
+        Once pyramid_tm has ended its request's transaction
+        (:func:`request_ended`), only a transaction in progress (an
+        application's ``with transaction.manager:``) is joined: a read in
+        a finished callback would begin a transaction of the thread's
+        manager that nobody ends, holding the Session, its request and a
+        connection until the thread's next request.  It runs outside any,
+        and the add-on closes the Session after the last finished callback.
+        """
         manager = manager_of(session)
-        if manager is not None:
+        if manager is not None and not (request_ended(session) and not in_progress(manager)):
             join_transaction(session, self.initial_state, manager, self.keep_session)
+
+
+def request_ended(session: Any) -> bool:
+    """Whether pyramid_tm has ended the transaction of the request ``session`` was made for.
+
+    pyramid_tm removes ``tm.active`` from the request's environ as it
+    commits or aborts.  A Session made outside pyramid_tm's tween (a
+    script's request; a request pyramid_tm's ``activate_hook`` declined)
+    is never "ended": it joins whatever transaction its manager has, as
+    zope.sqlalchemy does.
+    """
+    environ = session.info.get(MANAGED_ENVIRON)
+    return environ is not None and "tm.active" not in environ
+
+
+def in_managed_transaction(session: Any) -> bool:
+    """Whether the pyramid_tm transaction ``session`` was made in is still running.
+
+    So is a subrequest's (``invoke_subrequest(..., use_tweens=False)``)
+    as its subrequest finishes: it joined its parent's transaction, which
+    ends later.  zope.sqlalchemy closes it then, after committing the
+    changes it had not flushed (those made to the objects of a hit);
+    closed as the subrequest finished, it lost them.
+    """
+    environ = session.info.get(MANAGED_ENVIRON)
+    return environ is not None and "tm.active" in environ
+
+
+def in_progress(manager: Any) -> bool:
+    """Whether ``manager`` has a transaction in progress, without beginning one.
+
+    ``get()`` of a manager in explicit mode raises ``NoTransaction`` when
+    it has none, where an implicit one begins one: the question is asked
+    in explicit mode (``explicit`` is per thread for the thread's manager).
+    A manager without that mode is taken to have one.
+    """
+    explicit = getattr(manager, "explicit", None)
+    if explicit is None:
+        return True
+    try:
+        manager.explicit = True
+        manager.get()
+        return True
+    except NoTransaction:
+        return False
+    finally:
+        manager.explicit = explicit
 
 
 def join(session: Any) -> None:
