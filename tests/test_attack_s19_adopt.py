@@ -125,12 +125,7 @@ def test_a_load_listener_that_changes_columns_acts_once_on_a_hit(Session, sql, r
     statement = select(PostalCode).where(PostalCode.id == 1).options(FromCache(region))
     event.listen(PostalCode, "load", _stamps)
     try:
-        seen = []
-        for _ in range(4):
-            with Session() as session:
-                sql.reset()
-                code = session.scalars(statement).one().code
-                seen.append((code, sql.count, len(session.dirty)))
+        seen = _read_in_new_sessions(Session, sql, statement, "code", times=4)
     finally:
         event.remove(PostalCode, "load", _stamps)
     assert [code for code, _, _ in seen] == ["00001-x"] * 4
@@ -147,15 +142,22 @@ def test_the_first_load_of_a_listened_class_runs_uncached_once(Session, sql):
     statement = select(City).where(City.id == 2).options(FromCache("memory"))
     event.listen(City, "load", _titles)
     try:
-        counts = []
-        for _ in range(3):
-            with Session() as session:
-                sql.reset()
-                assert session.scalars(statement).one().name == "City 2!"
-                counts.append(sql.count)
+        seen = _read_in_new_sessions(Session, sql, statement, "name", times=3)
     finally:
         event.remove(City, "load", _titles)
-    assert counts == [2, 1, 0]  # the miss and its uncached run; a miss that stores; a hit
+    # The miss and its uncached run; a miss that stores; a hit.
+    assert seen == [("City 2!", 2, 0), ("City 2!", 1, 0), ("City 2!", 0, 0)]
+
+
+def _read_in_new_sessions(Session, sql, statement, attribute, times):
+    """``(the attribute of the one object, SQL statements, dirty objects)`` of ``statement`` run in new Sessions."""
+    seen = []
+    for _ in range(times):
+        with Session() as session:
+            sql.reset()
+            value = getattr(session.scalars(statement).one(), attribute)
+            seen.append((value, sql.count, len(session.dirty)))
+    return seen
 
 
 def test_a_listener_inserted_before_the_add_ons_later_acts_once_too(Session, region):
