@@ -217,10 +217,28 @@ def _expressions_text(name: str, expressions: list[Any]) -> str:
             continue
         expression_key = expression._generate_cache_key()
         if expression_key is None:
-            raise Unkeyable(expression)
+            out.append(_compiled_text(expression))
+            continue
         _structure_text(expression_key.key, out, mappers=False)
         out.extend(value_text(bind.effective_value) for bind in expression_key.bindparams)
     return "".join(out)
+
+
+def _compiled_text(expression: Any) -> str:
+    # An expression SQLAlchemy has no cache key for: a column of a type
+    # without ``cache_ok`` (the old recipes' GUID) in a relationship's join
+    # or a column_property.  SQLAlchemy runs statements naming it uncached,
+    # but keys a statement of the entity by its mapper alone: were the
+    # mapping unkeyable, every query of the class would run uncached.  Its
+    # SQL (compiled the same way in every process) and bound values say
+    # what it does.
+    try:
+        compiled = expression.compile()
+        return f"sql:{compiled.string}:{value_text(dict(compiled.params))}"
+    except Unkeyable:
+        raise
+    except Exception as exc:  # an element no default dialect compiles
+        raise Unkeyable(expression) from exc
 
 
 def _table_text(table: TableClause, out: list[str]) -> None:
