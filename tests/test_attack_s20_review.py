@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 import warnings
 
 import pytest
 from sqlalchemy import CHAR, JSON, Column, ForeignKey, Integer, String, TypeDecorator, create_engine, event, select
-from sqlalchemy.orm import DeclarativeBase, Mapper, column_property, registry, relationship, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapper, relationship, sessionmaker
 
-from pyramid_sessioncache import FromCache, SessionCache, cache_parameters
+from pyramid_sessioncache import FromCache, cache_parameters
+from pyramid_sessioncache.engine import as_loaded
 
-from .conftest import SECRET, SQLCounter
-from .models import Address, Person, PostalCode
+from .models import PostalCode
 
 
 class _Guid(TypeDecorator):
@@ -90,8 +89,10 @@ def test_a_load_listener_for_every_mapper_leaves_hits_alone(Session, sql):
                 counts.append(sql.count)
     finally:
         event.remove(Mapper, "load", audit)
-    assert counts[-1] == 0 and counts[0] == 1, counts
-    assert seen == ["PostalCode"] * 3  # once per load, a hit's included
+        if event.contains(Mapper, "load", as_loaded._keep):  # the add-on's, for every mapper: not for later tests
+            event.remove(Mapper, "load", as_loaded._keep)
+    assert counts == [2, 1, 0]  # a class given a listener: the miss and its uncached run; a miss that stores; a hit
+    assert seen == ["PostalCode"] * 5  # once per load, a hit's included
 
 
 @pytest.mark.parametrize("region", ["memory", "file"])

@@ -18,6 +18,8 @@ some: most have none, and their loads cost nothing more).
 
 from __future__ import annotations
 
+import copy
+import pickle
 import threading
 from typing import Any
 
@@ -25,7 +27,7 @@ from sqlalchemy import event
 from sqlalchemy.orm import Mapper
 
 from .. import _sqlalchemy
-from . import info
+from . import info, values
 
 #: The loader's ``info`` key: InstanceState -> a copy of its ``__dict__`` before the ``load`` listeners ran.
 AS_LOADED = "sessioncache.as_loaded"
@@ -54,17 +56,27 @@ def watch(manager: Any) -> bool:
     """Keep what loaders load of ``manager``'s class from now on; whether it was kept already.
 
     Our listener must run first: one the application inserts before it
-    later (``insert=True``) puts it back in front.
+    later (``insert=True``) puts it back in front.  A listener for every
+    mapper (``event.listen(Mapper, "load", ...)``) runs before those of
+    any one class: ours then joins those, in front of them.
     """
-    for listener in manager.dispatch.load:
-        if listener is _keep:
-            return True
-        break
+    if _first(manager):
+        return True
     with _lock:
         cls = manager.class_
         if event.contains(cls, "load", _keep):
             event.remove(cls, "load", _keep)
         event.listen(cls, "load", _keep, raw=True, insert=True)
+        if not _first(manager):
+            if event.contains(Mapper, "load", _keep):
+                event.remove(Mapper, "load", _keep)
+            event.listen(Mapper, "load", _keep, raw=True, insert=True)
+    return False
+
+
+def _first(manager: Any) -> bool:
+    for listener in manager.dispatch.load:
+        return listener is _keep
     return False
 
 
@@ -85,4 +97,28 @@ def _keep(state: Any, context: Any) -> None:
     if context is not None:  # None: a hit's own load event
         session_info = context.session.info
         if session_info.get(info.LOADER):
-            session_info.setdefault(AS_LOADED, {})[state] = dict(state.dict)
+            kept = session_info.get(AS_LOADED)
+            if kept is None:
+                kept = session_info[AS_LOADED] = {}
+            if state not in kept:  # the first of ours to run (a class's own, and every mapper's)
+                kept[state] = _copy(state)
+
+
+def _copy(state: Any) -> dict | None:
+    """A copy of ``state``'s values, sharing none that could be changed in place; None when one cannot be copied.
+
+    A listener may change a value in place (decode a field of a JSON
+    ``dict``): a copy sharing it would hold what the listener made of it.
+    """
+    loaded = dict(state.dict)
+    columns = state.mapper.column_attrs
+    for key, value in loaded.items():
+        if key in columns and values.may_change((value,)):
+            try:
+                loaded[key] = pickle.loads(pickle.dumps(value, pickle.HIGHEST_PROTOCOL))
+            except Exception:
+                try:
+                    loaded[key] = copy.deepcopy(value)
+                except Exception:  # nothing tells its value as loaded from what a listener made of it
+                    return None
+    return loaded

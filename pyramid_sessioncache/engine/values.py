@@ -217,8 +217,8 @@ class CachedRows:
         reach the cache and every later hit.  Worked out once per value.
         """
         if self._changeable is None:
-            objects = frozenset(i for i, record in enumerate(self.objects) if _changeable(record[2]))
-            rows = frozenset(i for i, row in enumerate(self.rows) if _changeable(row))
+            objects = frozenset(i for i, record in enumerate(self.objects) if may_change(record[2]))
+            rows = frozenset(i for i, row in enumerate(self.rows) if may_change(row))
             self._changeable = (objects, rows)
         return self._changeable
 
@@ -350,13 +350,13 @@ _IMMUTABLE = frozenset(
 )
 
 
-def _changeable(values: tuple) -> bool:
+def may_change(values: tuple) -> bool:
     """Whether any of ``values`` could be changed in place (anything not known to be immutable)."""
     for value in values:
         kind = type(value)
         if kind in _IMMUTABLE or isinstance(value, Enum):
             continue
-        if (kind is tuple or kind is frozenset) and not _changeable(value):
+        if (kind is tuple or kind is frozenset) and not may_change(value):
             continue
         return True
     return False
