@@ -2,16 +2,29 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import pytest
-from sqlalchemy import CHAR, JSON, Column, ForeignKey, Integer, String, TypeDecorator, create_engine, event, select
-from sqlalchemy.orm import DeclarativeBase, Mapper, relationship, sessionmaker
+from sqlalchemy import (
+    CHAR,
+    JSON,
+    Column,
+    ForeignKey,
+    Integer,
+    String,
+    Table,
+    TypeDecorator,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapper, column_property, registry, relationship, selectinload, sessionmaker
 
 from pyramid_sessioncache import FromCache, cache_parameters
 from pyramid_sessioncache.engine import as_loaded
 
-from .models import PostalCode
+from .models import Address, Person, PostalCode
 
 
 class _Guid(TypeDecorator):
@@ -43,12 +56,26 @@ class _Doc(_Base):
     data = Column(JSON)
 
 
+_staff = Table(
+    "s20_staff",
+    _Base.metadata,
+    Column("id", Integer, primary_key=True),
+    Column("kind", String(10)),
+    Column("name", String(20)),
+)
+
+
 @pytest.fixture
 def own_engine():
     engine = create_engine("sqlite://")
     _Base.metadata.create_all(engine)
     with sessionmaker(engine)() as session:
         session.add(_Doc(id=1, data={"secret": "enc:abc"}))
+        session.execute(
+            _staff.insert(),
+            [{"id": 1, "kind": "staff", "name": "a"}, {"id": 2, "kind": "engineer", "name": "b"}]
+            + [{"id": 3, "kind": "senior", "name": "c"}],
+        )
         session.commit()
     yield engine
     engine.dispose()
@@ -114,4 +141,88 @@ def test_a_load_listener_that_changes_a_value_in_place_acts_once(OwnSession, own
     finally:
         event.remove(_Doc, "load", decrypt)
     assert expected == {"secret": "cba"}
+    assert served == [expected] * 3
+
+
+def _release(monkeypatch, **classes):
+    """Classes of this module's paths, as the release being deployed maps them (stored entries pickle them by path)."""
+    for name, cls in classes.items():
+        cls.__module__, cls.__qualname__ = __name__, name
+        monkeypatch.setattr(sys.modules[__name__], name, cls, raising=False)
+
+
+@pytest.mark.parametrize("eager", ["mapped", "option", "wildcard"])
+def test_a_release_that_maps_an_eager_loaded_class_otherwise(Session, monkeypatch, eager):
+    # A query of S20Person loads its addresses (selectin, from the mapping
+    # or an option): the entry holds S20Address objects as their mapping
+    # loaded them.  The release that changed S20Address's column_property
+    # was served the old release's values: only S20Person's mapping was in
+    # the key (the wildcard option names no S20Address at all).
+    person, address = Person.__table__, Address.__table__
+    for factor in (2, 3, 2):
+        release_address = type("S20Address", (), {})
+        release_person = type("S20Person", (), {})
+        _release(monkeypatch, S20Address=release_address, S20Person=release_person)
+        mapper = registry()
+        mapper.map_imperatively(release_address, address, properties={"score": column_property(address.c.id * factor)})
+        lazy = "selectin" if eager == "mapped" else "select"
+        mapper.map_imperatively(
+            release_person,
+            person,
+            properties={"addresses": relationship(release_address, lazy=lazy, order_by=address.c.id, viewonly=True)},
+        )
+        options = {
+            "mapped": (),
+            "option": (selectinload(release_person.addresses),),
+            "wildcard": (selectinload("*"),),
+        }[eager]
+        statement = select(release_person).where(release_person.id == 1).options(*options, FromCache("memory"))
+        for _ in range(2):  # a miss, then a hit
+            with Session() as session:
+                people = session.scalars(statement).all()
+                assert [[a.score for a in p.__dict__["addresses"]] for p in people] == [[1 * factor, 2 * factor]]
+
+
+def test_a_release_that_adds_a_subclass(OwnSession, monkeypatch):
+    # Single-table inheritance: a query of S20Engineer reads the rows of its
+    # identity and of its subclasses'.  The release that added S20Senior
+    # was served the old release's rows (S20Engineer's own mapping is the
+    # same in both).
+    for with_senior in (False, True, False):
+        staff = type("S20Staff", (), {})
+        engineer = type("S20Engineer", (staff,), {})
+        senior = type("S20Senior", (engineer,), {})
+        _release(monkeypatch, S20Staff=staff, S20Engineer=engineer, S20Senior=senior)
+        mapper = registry()
+        mapper.map_imperatively(staff, _staff, polymorphic_on=_staff.c.kind, polymorphic_identity="staff")
+        mapper.map_imperatively(engineer, inherits=staff, polymorphic_identity="engineer")
+        if with_senior:
+            mapper.map_imperatively(senior, inherits=engineer, polymorphic_identity="senior")
+        statement = select(engineer).order_by(_staff.c.id).options(FromCache("memory"))
+        for _ in range(2):
+            with OwnSession() as session:
+                names = [e.name for e in session.scalars(statement)]
+                assert names == (["b", "c"] if with_senior else ["b"])
+
+
+def test_a_value_a_row_shares_with_its_object_is_changed_once_too(OwnSession, own_engine):
+    # select(_Doc, _Doc.data): the row's value is the object's (one value,
+    # which the listener decodes once).  The entry keeps it as loaded, once.
+    def decrypt(target, context):
+        target.data["secret"] = target.data["secret"].removeprefix("enc:")[::-1]
+
+    statement = select(_Doc, _Doc.data).where(_Doc.id == 1)
+    event.listen(_Doc, "load", decrypt)
+    try:
+        with sessionmaker(own_engine)() as session:
+            doc, data = session.execute(statement).one()
+            expected = (doc.data, data, data is doc.data)
+        served = []
+        for _ in range(3):
+            with OwnSession() as session:
+                doc, data = session.execute(statement.options(FromCache("memory"))).one()
+                served.append((doc.data, data, data is doc.data))
+    finally:
+        event.remove(_Doc, "load", decrypt)
+    assert expected == ({"secret": "cba"}, {"secret": "cba"}, True)
     assert served == [expected] * 3

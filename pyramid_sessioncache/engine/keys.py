@@ -165,8 +165,15 @@ def _structure_text(element: Any, out: list[str], merge_labels: bool = True, map
         raise Unkeyable(element)
 
 
-#: The ``info`` key of a class manager holding its mapper's key text, with the ``column_attrs`` it was made from.
+#: The ``info`` keys of a class manager holding its mapper's own text, with
+#: the ``column_attrs`` it was made from, and the digest of the mappings
+#: its objects are loaded with (see :func:`_mapper_text`).
+_OWN_TEXT = "pyramid_sessioncache.own_key_text"
 _MAPPER_TEXT = "pyramid_sessioncache.key_text"
+
+#: Bumped whenever mappers are configured: a mapper's descendants and
+#: relationships may have changed, and with them the mappings it reaches.
+_configurations = 0
 
 
 def _mapper_text(mapper: Mapper) -> str:
@@ -175,38 +182,81 @@ def _mapper_text(mapper: Mapper) -> str:
     # expressions, come from the mapper at compile time.  Two classes of
     # one path (a class factory; type() in a loop) or two releases of one
     # class (a rolling deploy that changed a column_property) read other
-    # rows under the same name, so the mapping is in the key: its tables,
-    # its attributes (``values.mapping_text``), the SQL structure and the
-    # bound values of each expression mapped, how each relationship joins,
-    # orders and loads, and its polymorphic identity.  Mappers inside
-    # those expressions are named by their class path only (no recursion).
+    # rows under the same name, so the mapping is in the key.  Not its
+    # own alone: a query of it loads objects of its subclasses (polymorphic
+    # loading, a subclass added by the next release), and those of the
+    # classes its relationships reach (eager loads, whether the mapping or
+    # an option asks for them, "*" included): every mapping it reaches
+    # goes in (:func:`_own_text`).  Worked out once per mapper, again
+    # when mappers are configured or a mapping reached changes.
     info = mapper.class_manager.info
-    column_attrs = mapper.column_attrs
     found = info.get(_MAPPER_TEXT)
-    if found is None or found[0] is not column_attrs:
-        out = [mapping_text(mapper)]
+    if (
+        found is None
+        or found[0] != _configurations
+        or not all(reached.column_attrs is column_attrs for reached, column_attrs in found[1])
+    ):
+        reached = _reached(mapper)
         try:
-            for table in mapper.tables:
-                _structure_text((getattr(table, "schema", None), table.name), out)
-            parts = []
-            for prop in column_attrs:
-                parts.append(_expressions_text(prop.key, [c for c in prop.columns if not isinstance(c, ColumnClause)]))
-            for relationship in mapper.relationships:
-                # How it loads, and what: an eager load stores its
-                # collections, in the relationship's order.
-                joins = [relationship.primaryjoin, relationship.secondaryjoin, *(relationship.order_by or ())]
-                parts.append(f"{relationship.lazy}:" + _expressions_text(relationship.key, joins))
-            # Sorted: backrefs are added in the order modules were imported in.
-            out.extend(sorted(parts))
-            _structure_text((mapper.polymorphic_identity,), out, mappers=False)
-            digest: str | None = hashlib.blake2b("".join(out).encode(), digest_size=8).hexdigest()
+            texts = sorted(_own_text(other) for other in reached)
+            digest: str | None = hashlib.blake2b("\x1f".join(texts).encode(), digest_size=8).hexdigest()
         except Unkeyable:
             digest = None
-        found = (column_attrs, digest)
+        found = (_configurations, tuple((other, other.column_attrs) for other in reached), digest)
         info[_MAPPER_TEXT] = found
-    if found[1] is None:
+    if found[2] is None:
         raise Unkeyable(mapper)
-    return f"mapper:{_qualified(mapper.class_)}:{found[1]}"
+    return f"mapper:{_qualified(mapper.class_)}:{found[2]}"
+
+
+def _reached(mapper: Mapper) -> list[Mapper]:
+    """``mapper``, its subclasses, the mappers its relationships reach, and theirs, each once."""
+    seen: dict[Mapper, None] = {}
+    pending = [mapper]
+    while pending:
+        current = pending.pop()
+        for other in current.self_and_descendants:
+            if other not in seen:
+                seen[other] = None
+                pending.extend(relationship.mapper for relationship in other.relationships)
+    return list(seen)
+
+
+def _own_text(mapper: Mapper) -> str:
+    # What one mapper loads: its tables, its attributes
+    # (``values.mapping_text``) and how each column is loaded, the SQL
+    # structure and the bound values of each expression mapped, how each
+    # relationship joins, orders and loads, and how it loads its
+    # subclasses.  Mappers inside those expressions are named by their
+    # class path only (their own texts are in the key beside it).
+    info = mapper.class_manager.info
+    column_attrs = mapper.column_attrs
+    found = info.get(_OWN_TEXT)
+    if found is not None and found[0] is column_attrs:
+        return found[1]
+    out = [_qualified(mapper.class_), mapping_text(mapper)]
+    for table in mapper.tables:
+        _structure_text((getattr(table, "schema", None), table.name), out)
+    parts = []
+    for prop in column_attrs:
+        strategy: list[str] = []
+        _structure_text(prop.strategy_key, strategy, mappers=False)  # deferred, raiseload
+        expressions = [c for c in prop.columns if not isinstance(c, ColumnClause)]
+        parts.append("".join(strategy) + _expressions_text(prop.key, expressions))
+    for relationship in mapper.relationships:
+        # How it loads, and what: an eager load stores its
+        # collections, in the relationship's order.
+        joins = [relationship.primaryjoin, relationship.secondaryjoin, *(relationship.order_by or ())]
+        parts.append(f"{relationship.lazy}:" + _expressions_text(relationship.key, joins))
+    # Sorted: backrefs are added in the order modules were imported in.
+    out.extend(sorted(parts))
+    polymorphic_on = mapper.polymorphic_on
+    out.append(_expressions_text("polymorphic_on", [polymorphic_on]))
+    loads = sorted(_qualified(other.class_) for other in mapper.with_polymorphic_mappers)
+    _structure_text((mapper.polymorphic_identity, mapper.polymorphic_load, *loads), out, mappers=False)
+    text = "".join(out)
+    info[_OWN_TEXT] = (column_attrs, text)
+    return text
 
 
 def _expressions_text(name: str, expressions: list[Any]) -> str:
@@ -547,6 +597,7 @@ def _watch(maker: KeyMaker) -> None:
     global _watching
     if not _watching:
         event.listen(Engine, "engine_disposed", _forget_binds)
+        event.listen(Mapper, "after_configured", _mappers_configured)
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=_forget_binds)
         _watching = True
@@ -556,3 +607,11 @@ def _watch(maker: KeyMaker) -> None:
 def _forget_binds(*args: Any) -> None:
     for maker in list(_makers):
         maker._binds.clear()
+
+
+def _mappers_configured() -> None:
+    """Have every mapper's key text made again: mappers were added, and with them subclasses and relationships."""
+    global _configurations
+    _configurations += 1
+    for maker in list(_makers):
+        maker._structures.clear()
