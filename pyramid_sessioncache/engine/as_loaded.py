@@ -31,6 +31,8 @@ from . import info, values
 
 #: The loader's ``info`` key: InstanceState -> a copy of its ``__dict__`` before the ``load`` listeners ran.
 AS_LOADED = "sessioncache.as_loaded"
+#: The loader's ``info`` key: ``id(value) -> (value, its copy)``, of what :data:`AS_LOADED` holds copied.
+COPIES = "sessioncache.as_loaded.copies"
 
 _lock = threading.Lock()
 
@@ -101,24 +103,36 @@ def _keep(state: Any, context: Any) -> None:
             if kept is None:
                 kept = session_info[AS_LOADED] = {}
             if state not in kept:  # the first of ours to run (a class's own, and every mapper's)
-                kept[state] = _copy(state)
+                kept[state] = _copy(state, session_info.setdefault(COPIES, {}))
 
 
-def _copy(state: Any) -> dict | None:
+def _copy(state: Any, copies: dict[int, tuple[Any, Any]]) -> dict | None:
     """A copy of ``state``'s values, sharing none that could be changed in place; None when one cannot be copied.
 
     A listener may change a value in place (decode a field of a JSON
     ``dict``): a copy sharing it would hold what the listener made of it.
+    ``copies`` (``id(value) -> (value, its copy)``) keeps one copy of a
+    value, which a row may hold too (``select(Doc, Doc.data)``).
     """
     loaded = dict(state.dict)
     columns = state.mapper.column_attrs
     for key, value in loaded.items():
         if key in columns and values.may_change((value,)):
-            try:
-                loaded[key] = pickle.loads(pickle.dumps(value, pickle.HIGHEST_PROTOCOL))
-            except Exception:
+            found = copies.get(id(value))
+            if found is None or found[0] is not value:
                 try:
-                    loaded[key] = copy.deepcopy(value)
-                except Exception:  # nothing tells its value as loaded from what a listener made of it
-                    return None
+                    found = (value, pickle.loads(pickle.dumps(value, pickle.HIGHEST_PROTOCOL)))
+                except Exception:
+                    try:
+                        found = (value, copy.deepcopy(value))
+                    except Exception:  # nothing tells its value as loaded from what a listener made of it
+                        return None
+                copies[id(value)] = found
+            loaded[key] = found[1]
     return loaded
+
+
+def copies_of(state: Any) -> dict[int, tuple[Any, Any]]:
+    """The copies :func:`values_of` holds, of the values loaded with ``state``: ``id(value) -> (value, its copy)``."""
+    session = state.session
+    return {} if session is None else session.info.get(COPIES, {})

@@ -243,6 +243,10 @@ class CachedRows:
             )
             for row in rows
         ]
+        if snapshot.copies:
+            # A value a row shares with an object (select(Doc, Doc.data)) is
+            # its copy as loaded, as the object's is: one value again on a hit.
+            plain_rows = [snapshot.as_loaded(row, entity_columns) for row in plain_rows]
         if instances is not None:
             instances.extend(snapshot.instances)
         value = cls(
@@ -443,6 +447,8 @@ class _Snapshot:
         self.storable = True
         #: False when an object holds what ``load`` listeners made of it (see ``_layout``).
         self.servable = True
+        #: The copies of values as loaded its objects hold: ``id(value) -> (value, copy)`` (``as_loaded.py``).
+        self.copies: dict[int, tuple[Any, Any]] = {}
 
     def _layout(self, cls: type, mapper: Any) -> tuple[int, tuple, tuple, tuple, bool]:
         layout = self._layouts.get(cls)
@@ -479,6 +485,8 @@ class _Snapshot:
                 self.servable = False
             else:
                 columns_loaded = kept
+                if not self.copies:
+                    self.copies = as_loaded.copies_of(state)
         values = tuple(map(columns_loaded.get, columns, repeat(NOT_LOADED)))
         complete = all(map(columns_loaded.__contains__, columns))
         held = tuple(
@@ -492,6 +500,15 @@ class _Snapshot:
         path = None if load_path is _sqlalchemy.load_path(state.mapper) else self._path_text(load_path)
         self.objects[position] = (class_index, state.key, values, held, complete, loaders, path)
         return position
+
+    def as_loaded(self, row: tuple, entity_columns: tuple) -> tuple:
+        """``row`` with each value an object holds a copy of as loaded replaced by that copy."""
+        copies = self.copies
+        out = []
+        for value, flag in zip(row, entity_columns, strict=True):
+            found = None if flag else copies.get(id(value))
+            out.append(found[1] if found is not None and found[0] is value else value)
+        return tuple(out)
 
     def _path_text(self, path: Any) -> list:
         # One text per path, shared by the objects reached through it (and
