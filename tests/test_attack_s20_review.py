@@ -17,6 +17,7 @@ from sqlalchemy import (
     TypeDecorator,
     create_engine,
     event,
+    inspect,
     select,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapper, column_property, registry, relationship, selectinload, sessionmaker
@@ -24,6 +25,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapper, column_property, registry, r
 from pyramid_sessioncache import FromCache, cache_parameters
 from pyramid_sessioncache.engine import as_loaded
 
+from .conftest import SQLCounter
 from .models import Address, Person, PostalCode
 
 
@@ -56,6 +58,21 @@ class _Doc(_Base):
     data = Column(JSON)
 
 
+class _Employee(_Base):
+    __tablename__ = "s20_employee"
+    id = Column(Integer, primary_key=True)
+    kind = Column(String(10))
+    name = Column(String(20))
+    __mapper_args__ = {"polymorphic_on": kind, "polymorphic_identity": "employee"}
+
+
+class _Engineer(_Employee):
+    __tablename__ = "s20_engineer"
+    id = Column(ForeignKey("s20_employee.id"), primary_key=True)
+    language = Column(String(20))
+    __mapper_args__ = {"polymorphic_identity": "engineer", "polymorphic_load": "selectin"}
+
+
 _staff = Table(
     "s20_staff",
     _Base.metadata,
@@ -71,6 +88,7 @@ def own_engine():
     _Base.metadata.create_all(engine)
     with sessionmaker(engine)() as session:
         session.add(_Doc(id=1, data={"secret": "enc:abc"}))
+        session.add_all([_Employee(id=1, name="ann"), _Engineer(id=2, name="bob", language="python")])
         session.execute(
             _staff.insert(),
             [{"id": 1, "kind": "staff", "name": "a"}, {"id": 2, "kind": "engineer", "name": "b"}]
@@ -225,4 +243,34 @@ def test_a_value_a_row_shares_with_its_object_is_changed_once_too(OwnSession, ow
     finally:
         event.remove(_Doc, "load", decrypt)
     assert expected == ({"secret": "cba"}, {"secret": "cba"}, True)
+    assert served == [expected] * 3
+
+
+def test_columns_loaded_after_the_load_event_are_kept_too(OwnSession, own_engine):
+    # polymorphic_load="selectin": an _Engineer's own columns load in a
+    # second query, after its load event (and the add-on's copy).  The
+    # entry lacked them: every hit gave an _Engineer whose language was
+    # unloaded, one more query on access, where the uncached query had it.
+    def titles(target, context):
+        target.name = target.name.title()
+
+    statement = select(_Employee).order_by(_Employee.id)
+    event.listen(_Employee, "load", titles, propagate=True)
+    try:
+        with sessionmaker(own_engine)() as session:
+            expected = [
+                (e.name, e.__dict__.get("language"), set(inspect(e).unloaded)) for e in session.scalars(statement)
+            ]
+        sql = SQLCounter(own_engine)
+        served = []
+        for _ in range(3):
+            with OwnSession() as session:
+                employees = session.scalars(statement.options(FromCache("memory"))).all()
+                sql.reset()
+                served.append([(e.name, e.__dict__.get("language"), set(inspect(e).unloaded)) for e in employees])
+                assert [e.language for e in employees if isinstance(e, _Engineer)] == ["python"]
+                assert sql.count == 0
+    finally:
+        event.remove(_Employee, "load", titles)
+    assert expected == [("Ann", None, set()), ("Bob", "python", set())]
     assert served == [expected] * 3

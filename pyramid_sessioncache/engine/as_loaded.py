@@ -33,6 +33,8 @@ from . import info, values
 AS_LOADED = "sessioncache.as_loaded"
 #: The loader's ``info`` key: ``id(value) -> (value, its copy)``, of what :data:`AS_LOADED` holds copied.
 COPIES = "sessioncache.as_loaded.copies"
+#: The loader's ``info`` key: InstanceState -> the keys loaded into it after its ``load`` event.
+REFRESHED = "sessioncache.as_loaded.refreshed"
 
 _lock = threading.Lock()
 
@@ -69,10 +71,14 @@ def watch(manager: Any) -> bool:
         if event.contains(cls, "load", _keep):
             event.remove(cls, "load", _keep)
         event.listen(cls, "load", _keep, raw=True, insert=True)
+        if not event.contains(cls, "refresh", _refreshed):
+            event.listen(cls, "refresh", _refreshed, raw=True)
         if not _first(manager):
             if event.contains(Mapper, "load", _keep):
                 event.remove(Mapper, "load", _keep)
             event.listen(Mapper, "load", _keep, raw=True, insert=True)
+            if not event.contains(Mapper, "refresh", _refreshed):
+                event.listen(Mapper, "refresh", _refreshed, raw=True)
     return False
 
 
@@ -88,11 +94,20 @@ def listened(manager: Any) -> bool:
 
 
 def values_of(state: Any) -> dict | None:
-    """What ``state``'s object held as loaded by a loader Session, or None (not kept)."""
+    """What ``state``'s object held as loaded by a loader Session, or None (not kept).
+
+    With the values of the columns loaded into it after its ``load``
+    event, as they are now (see :func:`_refreshed`).
+    """
     session = state.session
     if session is None:
         return None
-    return session.info.get(AS_LOADED, {}).get(state)
+    kept = session.info.get(AS_LOADED, {}).get(state)
+    refreshed = session.info.get(REFRESHED, {}).get(state)
+    if kept is None or not refreshed:
+        return kept
+    loaded = state.dict
+    return {**{key: loaded[key] for key in refreshed if key in loaded}, **kept}
 
 
 def _keep(state: Any, context: Any) -> None:
@@ -130,6 +145,20 @@ def _copy(state: Any, copies: dict[int, tuple[Any, Any]]) -> dict | None:
                 copies[id(value)] = found
             loaded[key] = found[1]
     return loaded
+
+
+def _refreshed(state: Any, context: Any, keys: Any) -> None:
+    # Columns a later query of the load filled in (a joined subclass's, by
+    # polymorphic_load="selectin"; an undeferred column): the load
+    # listeners had run, so they hold what the database gave, after
+    # whatever refresh listeners made of them, which a hit does not send.
+    if context is not None:
+        session_info = context.session.info
+        if session_info.get(info.LOADER) and state in session_info.get(AS_LOADED, ()):
+            if keys is None:  # every column loaded again: its load listeners' work undone
+                session_info[AS_LOADED][state] = None
+            else:
+                session_info.setdefault(REFRESHED, {}).setdefault(state, set()).update(keys)
 
 
 def copies_of(state: Any) -> dict[int, tuple[Any, Any]]:
