@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import warnings
 
@@ -17,10 +19,20 @@ from sqlalchemy import (
     TypeDecorator,
     create_engine,
     event,
+    func,
     inspect,
     select,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapper, column_property, registry, relationship, selectinload, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapper,
+    backref,
+    column_property,
+    registry,
+    relationship,
+    selectinload,
+    sessionmaker,
+)
 
 from pyramid_sessioncache import FromCache, cache_parameters
 from pyramid_sessioncache.engine import as_loaded
@@ -50,6 +62,14 @@ class _Pet(_Base):
     __tablename__ = "s20_pet"
     id = Column(Integer, primary_key=True)
     owner_id = Column(_Guid, ForeignKey("s20_owner.id"))
+    name = Column(String(20))
+    owner = relationship(_Owner, backref=backref("pets_by_name", order_by=name.desc(), viewonly=True), viewonly=True)
+
+
+# An anonymous label (a scalar subquery's), named per process otherwise.
+_Owner.pet_count = column_property(
+    select(func.count(_Pet.id)).where(_Pet.owner_id == _Owner.id).correlate_except(_Pet).scalar_subquery()
+)
 
 
 class _Doc(_Base):
@@ -274,3 +294,32 @@ def test_columns_loaded_after_the_load_event_are_kept_too(OwnSession, own_engine
         event.remove(_Employee, "load", titles)
     assert expected == [("Ann", None, set()), ("Bob", "python", set())]
     assert served == [expected] * 3
+
+
+def test_mapping_keys_are_the_same_in_every_process():
+    # Subclasses, related classes (backrefs among them, added in import
+    # order), a scalar subquery's anonymous label, a type without cache_ok:
+    # none may change a key from one process to the next.
+    program = (
+        "import warnings\n"
+        "warnings.simplefilter('ignore')\n"
+        "from sqlalchemy import select\n"
+        "from pyramid_sessioncache.engine.keys import KeyMaker\n"
+        "from tests.test_attack_s20_review import _Employee, _Engineer, _Owner, _Pet\n"
+        "maker = KeyMaker()\n"
+        "for cls in (_Employee, _Engineer, _Owner, _Pet):\n"
+        "    print(maker.structure(select(cls)._generate_cache_key()))\n"
+    )
+    outputs = {
+        subprocess.run(
+            [sys.executable, "-c", program],
+            env={**os.environ, "PYTHONHASHSEED": str(seed)},
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            timeout=60,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in range(1, 4)
+    }
+    assert len(outputs) == 1 and "None" not in outputs.pop()

@@ -165,9 +165,9 @@ def _structure_text(element: Any, out: list[str], merge_labels: bool = True, map
         raise Unkeyable(element)
 
 
-#: The ``info`` keys of a class manager holding its mapper's own text, with
-#: the ``column_attrs`` it was made from, and the digest of the mappings
-#: its objects are loaded with (see :func:`_mapper_text`).
+#: The ``info`` keys of a class manager holding its mapper's own digest,
+#: with the ``column_attrs`` and configuration it was made from, and the
+#: digest of the mappings its objects are loaded with (see :func:`_mapper_text`).
 _OWN_TEXT = "pyramid_sessioncache.own_key_text"
 _MAPPER_TEXT = "pyramid_sessioncache.key_text"
 
@@ -198,8 +198,10 @@ def _mapper_text(mapper: Mapper) -> str:
     ):
         reached = _reached(mapper)
         try:
+            # Each mapping's own digest, sorted: a model of many related
+            # classes hashes a short text per class, not their mappings.
             texts = sorted(_own_text(other) for other in reached)
-            digest: str | None = hashlib.blake2b("\x1f".join(texts).encode(), digest_size=8).hexdigest()
+            digest: str | None = hashlib.blake2b(",".join(texts).encode(), digest_size=8).hexdigest()
         except Unkeyable:
             digest = None
         found = (_configurations, tuple((other, other.column_attrs) for other in reached), digest)
@@ -223,7 +225,7 @@ def _reached(mapper: Mapper) -> list[Mapper]:
 
 
 def _own_text(mapper: Mapper) -> str:
-    # What one mapper loads: its tables, its attributes
+    # The digest of what one mapper loads: its tables, its attributes
     # (``values.mapping_text``) and how each column is loaded, the SQL
     # structure and the bound values of each expression mapped, how each
     # relationship joins, orders and loads, and how it loads its
@@ -232,8 +234,8 @@ def _own_text(mapper: Mapper) -> str:
     info = mapper.class_manager.info
     column_attrs = mapper.column_attrs
     found = info.get(_OWN_TEXT)
-    if found is not None and found[0] is column_attrs:
-        return found[1]
+    if found is not None and found[0] is column_attrs and found[1] == _configurations:  # subclasses: see below
+        return found[2]
     out = [_qualified(mapper.class_), mapping_text(mapper)]
     for table in mapper.tables:
         _structure_text((getattr(table, "schema", None), table.name), out)
@@ -254,8 +256,8 @@ def _own_text(mapper: Mapper) -> str:
     out.append(_expressions_text("polymorphic_on", [polymorphic_on]))
     loads = sorted(_qualified(other.class_) for other in mapper.with_polymorphic_mappers)
     _structure_text((mapper.polymorphic_identity, mapper.polymorphic_load, *loads), out, mappers=False)
-    text = "".join(out)
-    info[_OWN_TEXT] = (column_attrs, text)
+    text = hashlib.blake2b("".join(out).encode(), digest_size=16).hexdigest()
+    info[_OWN_TEXT] = (column_attrs, _configurations, text)
     return text
 
 
