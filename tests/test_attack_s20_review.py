@@ -28,6 +28,7 @@ from sqlalchemy.orm import (
     Mapper,
     backref,
     column_property,
+    deferred,
     registry,
     relationship,
     selectinload,
@@ -78,6 +79,12 @@ class _Doc(_Base):
     data = Column(JSON)
 
 
+class _Note(_Base):
+    __tablename__ = "s20_note"
+    id = Column(Integer, primary_key=True)
+    body = deferred(Column(String(20)))
+
+
 class _Employee(_Base):
     __tablename__ = "s20_employee"
     id = Column(Integer, primary_key=True)
@@ -108,6 +115,7 @@ def own_engine():
     _Base.metadata.create_all(engine)
     with sessionmaker(engine)() as session:
         session.add(_Doc(id=1, data={"secret": "enc:abc"}))
+        session.add(_Note(id=1, body="cba"))
         session.add_all([_Employee(id=1, name="ann"), _Engineer(id=2, name="bob", language="python")])
         session.execute(
             _staff.insert(),
@@ -323,3 +331,53 @@ def test_mapping_keys_are_the_same_in_every_process():
         for seed in range(1, 4)
     }
     assert len(outputs) == 1 and "None" not in outputs.pop()
+
+
+def _served_as_uncached(session_factory, engine, statement, picture):
+    """``picture`` of what ``statement`` gives uncached, then of what it gives cached three times (a miss, hits)."""
+    with sessionmaker(engine)() as session:
+        expected = picture(session.scalars(statement).all())
+    served = []
+    for _ in range(3):
+        with session_factory() as session:
+            served.append(picture(session.scalars(statement.options(FromCache("memory"))).all()))
+    return expected, served
+
+
+def test_a_deferred_column_a_load_listener_reads_and_changes_is_changed_once(OwnSession, own_engine):
+    # The listener's read loads the column (a refresh, during the load
+    # event), then it changes it: what was loaded then is not as loaded.
+    def decode(target, context):
+        target.body = target.body[::-1] + "!"
+
+    event.listen(_Note, "load", decode, restore_load_context=True)
+    try:
+        expected, served = _served_as_uncached(OwnSession, own_engine, select(_Note), lambda ns: [n.body for n in ns])
+    finally:
+        event.remove(_Note, "load", decode)
+    assert expected == ["abc!"]
+    assert served == [expected] * 3
+
+
+def test_a_refresh_listener_of_columns_loaded_after_the_load_event(OwnSession, own_engine):
+    # A hit sends new objects no refresh event: a column a refresh listener
+    # changed is not kept as the database gave it (it loads on access).
+    def titles(target, context):
+        target.name = target.name.title()
+
+    def shouts(target, context, keys):
+        if "language" in keys:
+            target.language = target.language.upper()
+
+    statement = select(_Employee).order_by(_Employee.id)
+    event.listen(_Employee, "load", titles, propagate=True)
+    event.listen(_Engineer, "refresh", shouts)
+    try:
+        expected, served = _served_as_uncached(
+            OwnSession, own_engine, statement, lambda es: [(e.name, getattr(e, "language", None)) for e in es]
+        )
+    finally:
+        event.remove(_Engineer, "refresh", shouts)
+        event.remove(_Employee, "load", titles)
+    assert expected == [("Ann", None), ("Bob", "PYTHON")]
+    assert served == [expected] * 3

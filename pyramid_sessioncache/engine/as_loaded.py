@@ -33,7 +33,7 @@ from . import info, values
 AS_LOADED = "sessioncache.as_loaded"
 #: The loader's ``info`` key: ``id(value) -> (value, its copy)``, of what :data:`AS_LOADED` holds copied.
 COPIES = "sessioncache.as_loaded.copies"
-#: The loader's ``info`` key: InstanceState -> the keys loaded into it after its ``load`` event.
+#: The loader's ``info`` key: InstanceState -> {key: value as loaded} of the columns loaded into it after its ``load`` event.
 REFRESHED = "sessioncache.as_loaded.refreshed"
 
 _lock = threading.Lock()
@@ -72,13 +72,13 @@ def watch(manager: Any) -> bool:
             event.remove(cls, "load", _keep)
         event.listen(cls, "load", _keep, raw=True, insert=True)
         if not event.contains(cls, "refresh", _refreshed):
-            event.listen(cls, "refresh", _refreshed, raw=True)
+            event.listen(cls, "refresh", _refreshed, raw=True, insert=True)
         if not _first(manager):
             if event.contains(Mapper, "load", _keep):
                 event.remove(Mapper, "load", _keep)
             event.listen(Mapper, "load", _keep, raw=True, insert=True)
             if not event.contains(Mapper, "refresh", _refreshed):
-                event.listen(Mapper, "refresh", _refreshed, raw=True)
+                event.listen(Mapper, "refresh", _refreshed, raw=True, insert=True)
     return False
 
 
@@ -96,8 +96,9 @@ def listened(manager: Any) -> bool:
 def values_of(state: Any) -> dict | None:
     """What ``state``'s object held as loaded by a loader Session, or None (not kept).
 
-    With the values of the columns loaded into it after its ``load``
-    event, as they are now (see :func:`_refreshed`).
+    With the columns loaded into it after its ``load`` event that nothing
+    changed since (see :func:`_refreshed`): one a listener or a
+    ``refresh`` listener changed is left out, loaded again on access.
     """
     session = state.session
     if session is None:
@@ -107,7 +108,21 @@ def values_of(state: Any) -> dict | None:
     if kept is None or not refreshed:
         return kept
     loaded = state.dict
-    return {**{key: loaded[key] for key in refreshed if key in loaded}, **kept}
+    later = {key: loaded[key] for key, value in refreshed.items() if key in loaded and _same(loaded[key], value)}
+    return {**later, **kept}
+
+
+def _same(value: Any, other: Any) -> bool:
+    if value is other:
+        return True
+    try:
+        return type(value) is type(other) and bool(value == other)
+    except Exception:  # an == that does not answer (an array's)
+        return False
+
+
+#: Stands for a value :func:`_refreshed` could not copy: never the same as any.
+_CHANGED: Any = object()
 
 
 def _keep(state: Any, context: Any) -> None:
@@ -136,29 +151,43 @@ def _copy(state: Any, copies: dict[int, tuple[Any, Any]]) -> dict | None:
             found = copies.get(id(value))
             if found is None or found[0] is not value:
                 try:
-                    found = (value, pickle.loads(pickle.dumps(value, pickle.HIGHEST_PROTOCOL)))
-                except Exception:
-                    try:
-                        found = (value, copy.deepcopy(value))
-                    except Exception:  # nothing tells its value as loaded from what a listener made of it
-                        return None
+                    found = (value, _copied(value))
+                except Exception:  # nothing tells its value as loaded from what a listener made of it
+                    return None
                 copies[id(value)] = found
             loaded[key] = found[1]
     return loaded
 
 
+def _copied(value: Any) -> Any:
+    """``value``, or a copy of it sharing nothing when it could be changed in place; raises when it cannot be copied."""
+    if not values.may_change((value,)):
+        return value
+    try:
+        return pickle.loads(pickle.dumps(value, pickle.HIGHEST_PROTOCOL))
+    except Exception:
+        return copy.deepcopy(value)
+
+
 def _refreshed(state: Any, context: Any, keys: Any) -> None:
-    # Columns a later query of the load filled in (a joined subclass's, by
-    # polymorphic_load="selectin"; an undeferred column): the load
-    # listeners had run, so they hold what the database gave, after
-    # whatever refresh listeners made of them, which a hit does not send.
+    # Columns a later query filled in (a joined subclass's, loaded by
+    # polymorphic_load="selectin" after the load event; a deferred column
+    # a listener read): kept as the database gave them (this runs first),
+    # for values_of() to tell whether anything changed them since.
     if context is not None:
         session_info = context.session.info
-        if session_info.get(info.LOADER) and state in session_info.get(AS_LOADED, ()):
+        if session_info.get(info.LOADER) and session_info.get(AS_LOADED, {}).get(state) is not None:
             if keys is None:  # every column loaded again: its load listeners' work undone
                 session_info[AS_LOADED][state] = None
-            else:
-                session_info.setdefault(REFRESHED, {}).setdefault(state, set()).update(keys)
+                return
+            refreshed = session_info.setdefault(REFRESHED, {}).setdefault(state, {})
+            loaded = state.dict
+            for key in keys:
+                if key in loaded and key not in refreshed:
+                    try:
+                        refreshed[key] = _copied(loaded[key])
+                    except Exception:
+                        refreshed[key] = _CHANGED
 
 
 def copies_of(state: Any) -> dict[int, tuple[Any, Any]]:
