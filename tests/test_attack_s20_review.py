@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from sqlalchemy import (
     String,
     Table,
     TypeDecorator,
+    bindparam,
     create_engine,
     event,
     func,
@@ -35,7 +37,7 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
-from pyramid_sessioncache import FromCache, cache_parameters
+from pyramid_sessioncache import FromCache, NotCacheableError, cache_parameters
 from pyramid_sessioncache.engine import as_loaded
 
 from .conftest import SQLCounter
@@ -381,3 +383,23 @@ def test_a_refresh_listener_of_columns_loaded_after_the_load_event(OwnSession, o
         event.remove(_Employee, "load", titles)
     assert expected == [("Ann", None), ("Bob", "PYTHON")]
     assert served == [expected] * 3
+
+
+def test_a_mapping_with_a_value_of_each_execution_is_not_cached(Session, monkeypatch):
+    # bindparam(callable_=...) in a column_property: each execution binds
+    # a new value.  The mapping's text, made once, held the first, and
+    # every hit served the value of the execution that stored the entry.
+    ticks = itertools.count(1)
+    table = Person.__table__
+    cls = type("S20Ticking", (), {})
+    _release(monkeypatch, S20Ticking=cls)
+    tick = bindparam("tick", callable_=lambda: next(ticks), type_=Integer)
+    registry().map_imperatively(cls, table, properties={"tick": column_property(table.c.id + tick)})
+    statement = select(cls).where(cls.id == 1).options(FromCache("memory"))
+    served = []
+    for _ in range(2):
+        with Session() as session:
+            served.append(session.scalars(statement).one().tick)
+    assert served[0] != served[1]
+    with Session() as session, pytest.raises(NotCacheableError):
+        cache_parameters(statement, session=session)

@@ -271,6 +271,10 @@ def _expressions_text(name: str, expressions: list[Any]) -> str:
         if expression_key is None:
             out.append(_compiled_text(expression))
             continue
+        if any(bind.callable is not None for bind in expression_key.bindparams):
+            # bindparam(callable_=...): a value of each execution, where
+            # the mapping's text is made once.
+            raise Unkeyable(expression)
         _structure_text(expression_key.key, out, mappers=False)
         out.extend(value_text(bind.effective_value) for bind in expression_key.bindparams)
     return "".join(out)
@@ -286,6 +290,8 @@ def _compiled_text(expression: Any) -> str:
     # what it does.
     try:
         compiled = expression.compile()
+        if any(bind.callable is not None for bind in compiled.binds.values()):
+            raise Unkeyable(expression)
         return f"sql:{compiled.string}:{value_text(dict(compiled.params))}"
     except Unkeyable:
         raise
