@@ -6,7 +6,11 @@ sends them the ``load`` event, as a query does; an entry of what the
 listeners had made would be changed twice (a decoded column decoded
 again).  So a loader Session keeps, for the objects of classes with such
 listeners, their values as loaded: a listener of ours (:func:`watch`),
-first among the class's, copies them before the others run.
+first among the class's (and among those for every mapper, when there
+are some), copies them before the others run, values that could be
+changed in place included.  Columns a later query of the same load fills
+in (a joined subclass's, with ``polymorphic_load="selectin"``) are kept
+as the ``refresh`` event gives them, if nothing changed them since.
 
 It is added to the classes that have such listeners once their mappers
 are configured (:func:`install`), and to a class given one later the
