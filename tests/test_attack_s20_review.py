@@ -403,3 +403,24 @@ def test_a_mapping_with_a_value_of_each_execution_is_not_cached(Session, monkeyp
     assert served[0] != served[1]
     with Session() as session, pytest.raises(NotCacheableError):
         cache_parameters(statement, session=session)
+
+
+def test_relationships_loaded_by_an_inner_join_are_keyed_apart(Session):
+    # lazy="joined", innerjoin=True: a query of the class leaves out the
+    # people without a matching address.  Two classes of one path that
+    # differ only there shared a key: one was served the other's rows.
+    person, address = Person.__table__, Address.__table__
+    main_street = (address.c.person_id == person.c.id) & address.c.street.like("1 %")
+
+    def mapped(**loading):
+        cls = type("S20Joined", (), {"__module__": __name__})
+        relation = relationship(Address, primaryjoin=main_street, viewonly=True, lazy="joined", **loading)
+        registry().map_imperatively(cls, person, properties={"main": relation})
+        return cls
+
+    with Session() as session:
+        counts = [
+            len(session.scalars(select(cls).options(FromCache("local"))).unique().all())
+            for cls in (mapped(), mapped(innerjoin=True))
+        ]
+    assert counts == [20, 1]

@@ -242,14 +242,18 @@ def _own_text(mapper: Mapper) -> str:
     parts = []
     for prop in column_attrs:
         strategy: list[str] = []
-        _structure_text(prop.strategy_key, strategy, mappers=False)  # deferred, raiseload
+        _structure_text((prop.strategy_key, prop.group), strategy, mappers=False)  # deferred, raiseload, its group
         expressions = [c for c in prop.columns if not isinstance(c, ColumnClause)]
         parts.append("".join(strategy) + _expressions_text(prop.key, expressions))
     for relationship in mapper.relationships:
-        # How it loads, and what: an eager load stores its
-        # collections, in the relationship's order.
+        # How it loads, and what: an eager load stores its collections, in
+        # the relationship's order, to the depth it is told; an inner join
+        # leaves out the parents that have none.
+        strategy = []
+        loading = (relationship.lazy, relationship.innerjoin, relationship.join_depth)
+        _structure_text((*loading, relationship.distinct_target_key, relationship.omit_join), strategy, mappers=False)
         joins = [relationship.primaryjoin, relationship.secondaryjoin, *(relationship.order_by or ())]
-        parts.append(f"{relationship.lazy}:" + _expressions_text(relationship.key, joins))
+        parts.append("".join(strategy) + _expressions_text(relationship.key, joins))
     # Sorted: backrefs are added in the order modules were imported in.
     out.extend(sorted(parts))
     polymorphic_on = mapper.polymorphic_on
