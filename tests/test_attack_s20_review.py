@@ -424,3 +424,20 @@ def test_relationships_loaded_by_an_inner_join_are_keyed_apart(Session):
             for cls in (mapped(), mapped(innerjoin=True))
         ]
     assert counts == [20, 1]
+
+
+def test_classes_told_apart_by_their_primary_key_are_keyed_apart(Session):
+    # primary_key=...: the same table and columns, other identities (one
+    # object per name, not per id).  Two classes of one path that differed
+    # only there shared a key, and one was handed the other's objects.
+    person = Person.__table__
+
+    def mapped(*primary_key):
+        cls = type("S20Identified", (), {"__module__": __name__})
+        registry().map_imperatively(cls, person, primary_key=list(primary_key))
+        return cls
+
+    with Session() as session:
+        for cls in (mapped(person.c.id), mapped(person.c.name)):
+            people = session.scalars(select(cls).where(person.c.id < 3).options(FromCache("local"))).all()
+            assert {type(p) for p in people} == {cls}

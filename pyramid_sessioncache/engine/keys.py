@@ -239,6 +239,8 @@ def _own_text(mapper: Mapper) -> str:
     out = [_qualified(mapper.class_), mapping_text(mapper)]
     for table in mapper.tables:
         _structure_text((getattr(table, "schema", None), table.name), out)
+    # Its identity: which columns tell its objects apart (primary_key=...).
+    _structure_text(tuple(column.name for column in mapper.primary_key), out)
     parts = []
     for prop in column_attrs:
         strategy: list[str] = []
