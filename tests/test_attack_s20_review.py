@@ -19,12 +19,14 @@ from sqlalchemy import (
     Table,
     TypeDecorator,
     bindparam,
+    column,
     create_engine,
     event,
     func,
     inspect,
     select,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapper,
@@ -70,6 +72,7 @@ class _Pet(_Base):
 
 
 # An anonymous label (a scalar subquery's), named per process otherwise.
+_Owner.shout = column_property(_Owner.name.op("||")("!"))  # a custom operator
 _Owner.pet_count = column_property(
     select(func.count(_Pet.id)).where(_Pet.owner_id == _Owner.id).correlate_except(_Pet).scalar_subquery()
 )
@@ -441,3 +444,22 @@ def test_classes_told_apart_by_their_primary_key_are_keyed_apart(Session):
         for cls in (mapped(person.c.id), mapped(person.c.name)):
             people = session.scalars(select(cls).where(person.c.id < 3).options(FromCache("local"))).all()
             assert {type(p) for p in people} == {cls}
+
+
+def test_custom_operators_are_keyed(Session):
+    # Column.op() and JSONB's ->> (.astext) are custom_op objects in a
+    # cache key: a class mapping one (a column_property, a relationship's
+    # join) had become unkeyable, every query of it uncached.
+    person = Person.__table__
+    cls = type("S20Shouting", (), {"__module__": __name__})
+    registry().map_imperatively(cls, person, properties={"shout": column_property(person.c.name.op("||")("!"))})
+    with Session() as session:
+        for _ in range(2):
+            shouted = session.scalars(select(cls).where(cls.id == 1).options(FromCache("local"))).one().shout
+            assert shouted == "person 1!"
+        keys = {
+            cache_parameters(select(Person).where(Person.name.op(name)("person 1*")), session=session)[1]
+            for name in ("GLOB", "LIKE")
+        }
+        assert len(keys) == 2
+        cache_parameters(select(Person).where(column("data", JSONB)["k"].astext == "v"), session=session)

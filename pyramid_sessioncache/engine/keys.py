@@ -53,6 +53,7 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Mapper, MapperProperty
 from sqlalchemy.sql.expression import ColumnClause, TableClause
+from sqlalchemy.sql.operators import custom_op
 from sqlalchemy.sql.selectable import ForUpdateArg, SelectLabelStyle
 from sqlalchemy.types import TypeEngine
 
@@ -161,8 +162,33 @@ def _structure_text(element: Any, out: list[str], merge_labels: bool = True, map
         out.append(f".{element.key}")
     elif isinstance(element, TableClause):
         _table_text(element, out)
+    elif isinstance(element, custom_op):
+        _structure_text(_operator_key(element), out, merge_labels, mappers)
     else:
         raise Unkeyable(element)
+
+
+def _operator_key(operator: custom_op) -> tuple:
+    # A custom operator (Column.op("~"), JSONB's ->> of .astext) is in a
+    # cache key as the object itself, which SQLAlchemy compares by these
+    # attributes; its return type as a column's is (see _table_text).
+    return_type = operator.return_type
+    type_key = None
+    if return_type is not None:
+        type_key = _sqlalchemy.type_cache_key(return_type)
+        if type_key is _sqlalchemy.NO_CACHE:
+            type_key = (type(return_type),)
+    return (
+        "op",
+        type(operator),
+        operator.opstring,
+        operator.precedence,
+        operator.is_comparison,
+        operator.natural_self_precedent,
+        operator.eager_grouping,
+        type_key,
+        getattr(operator, "operator_class", None),  # 2.1
+    )
 
 
 #: The ``info`` keys of a class manager holding its mapper's own digest,
