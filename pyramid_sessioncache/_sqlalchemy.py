@@ -168,9 +168,12 @@ def expire_missing(state: Any, keys: Any) -> None:
     Except those with a loader of their own (a ``deferred()`` column's):
     a query leaves them unloaded, not expired (``no_loader=True``, what
     ``InstanceState._expire_attributes`` offers for this, 2.0, 2.1), and an
-    object with expired attributes is one a local hit refuses.
+    object with expired attributes is one a local hit refuses.  A column
+    property the class does not instrument (``ConcreteBase``'s ``type``
+    on the base) has nothing to expire.
     """
-    state._expire_attributes(state.dict, keys, no_loader=True)
+    manager = state.manager
+    state._expire_attributes(state.dict, [key for key in keys if key in manager], no_loader=True)
 
 
 def is_single_entity(frozen: Any) -> bool:

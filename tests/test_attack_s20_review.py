@@ -27,6 +27,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.declarative import ConcreteBase
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapper,
@@ -90,6 +91,21 @@ class _Note(_Base):
     body = deferred(Column(String(20)))
 
 
+class _Shape(ConcreteBase, _Base):
+    __tablename__ = "s20_shape"
+    id = Column(Integer, primary_key=True)
+    name = Column(String(20))
+    __mapper_args__ = {"polymorphic_identity": "shape", "concrete": True}
+
+
+class _Circle(_Shape):
+    __tablename__ = "s20_circle"
+    id = Column(Integer, primary_key=True)
+    name = Column(String(20))
+    radius = Column(Integer)
+    __mapper_args__ = {"polymorphic_identity": "circle", "concrete": True}
+
+
 class _Employee(_Base):
     __tablename__ = "s20_employee"
     id = Column(Integer, primary_key=True)
@@ -121,6 +137,7 @@ def own_engine():
     with sessionmaker(engine)() as session:
         session.add(_Doc(id=1, data={"secret": "enc:abc"}))
         session.add(_Note(id=1, body="cba"))
+        session.add_all([_Shape(id=1, name="blob"), _Circle(id=2, name="ring", radius=3)])
         session.add_all([_Employee(id=1, name="ann"), _Engineer(id=2, name="bob", language="python")])
         session.execute(
             _staff.insert(),
@@ -463,3 +480,21 @@ def test_custom_operators_are_keyed(Session):
         }
         assert len(keys) == 2
         cache_parameters(select(Person).where(column("data", JSONB)["k"].astext == "v"), session=session)
+
+
+@pytest.mark.parametrize("region", ["memory", "file"])
+def test_concrete_inheritance_from_a_shared_region(OwnSession, own_engine, region):
+    # ConcreteBase maps the union's "type" column on the base without
+    # instrumenting it: a hit expired it as a column the entry lacked,
+    # and raised KeyError.
+    statement = select(_Shape).order_by(_Shape.id)
+
+    def picture(shapes):
+        return [(type(s).__name__, s.name, getattr(s, "radius", None), sorted(inspect(s).unloaded)) for s in shapes]
+
+    with sessionmaker(own_engine)() as session:
+        expected = picture(session.scalars(statement))
+    for _ in range(2):
+        with OwnSession() as session:
+            assert picture(session.scalars(statement.options(FromCache(region)))) == expected
+    assert [name for name, *_ in expected] == ["_Shape", "_Circle"]
