@@ -184,8 +184,9 @@ def test_a_load_listener_for_every_mapper_leaves_hits_alone(Session, sql):
                 counts.append(sql.count)
     finally:
         event.remove(Mapper, "load", audit)
-        if event.contains(Mapper, "load", as_loaded._keep):  # the add-on's, for every mapper: not for later tests
-            event.remove(Mapper, "load", as_loaded._keep)
+        for name, listener in (("load", as_loaded._keep), ("refresh", as_loaded._refreshed)):
+            if event.contains(Mapper, name, listener):  # the add-on's, for every mapper: not for later tests
+                event.remove(Mapper, name, listener)
     assert counts == [2, 1, 0]  # a class given a listener: the miss and its uncached run; a miss that stores; a hit
     assert seen == ["PostalCode"] * 5  # once per load, a hit's included
 
