@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Connection, FrozenResult, Result
-from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.exc import InvalidRequestError, SAWarning
 from sqlalchemy.orm import Bundle, Query, Session
 from sqlalchemy.orm.collections import InstrumentedList
 from sqlalchemy.orm.context import FromStatement
@@ -50,9 +50,14 @@ def type_cache_key(type_: Any) -> Any:
     as its columns; ``keys.py`` describes its columns by name and by this
     key of their types, as SQLAlchemy describes a column it keys
     (``ColumnClause._gen_cache_key``, 2.0, 2.1): ``_static_cache_key``
-    has no public spelling.
+    has no public spelling.  A type without ``cache_ok`` has none: SQLAlchemy
+    warns, and where warnings are errors (``-W error``), that warning is
+    the answer, not the query's failure.
     """
-    return type_._static_cache_key
+    try:
+        return type_._static_cache_key
+    except SAWarning:
+        return NO_CACHE
 
 
 def loading_into(session: Any) -> Callable[[Any, Any], None]:

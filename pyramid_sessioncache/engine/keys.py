@@ -51,6 +51,7 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SAWarning
 from sqlalchemy.orm import Mapper, MapperProperty
 from sqlalchemy.sql.expression import ColumnClause, TableClause
 from sqlalchemy.sql.operators import custom_op
@@ -299,7 +300,10 @@ def _expressions_text(name: str, expressions: list[Any]) -> str:
         if expression is None:
             out.append("-")
             continue
-        expression_key = expression._generate_cache_key()
+        try:
+            expression_key = expression._generate_cache_key()
+        except SAWarning:  # no cache key, where warnings are errors (see _sqlalchemy.type_cache_key)
+            expression_key = None
         if expression_key is None:
             out.append(_compiled_text(expression))
             continue
