@@ -6,7 +6,6 @@ import itertools
 import os
 import subprocess
 import sys
-import warnings
 
 import pytest
 from sqlalchemy import (
