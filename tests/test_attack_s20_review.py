@@ -499,3 +499,29 @@ def test_concrete_inheritance_from_a_shared_region(OwnSession, own_engine, regio
         with OwnSession() as session:
             assert picture(session.scalars(statement.options(FromCache(region)))) == expected
     assert [name for name, *_ in expected] == ["_Shape", "_Circle"]
+
+
+@pytest.mark.parametrize("region", ["memory", "file"])
+def test_an_expired_column_of_the_callers_object_is_filled_as_a_query_fills_it(OwnSession, own_engine, region):
+    # A query fills what an object of the Session has not loaded from the
+    # row, and sends it no load event: the listener does not decode it.
+    def decrypt(target, context):
+        target.data["secret"] = target.data["secret"].removeprefix("enc:")[::-1]
+
+    def picture(session_factory, options):
+        with session_factory() as session:
+            doc = session.get(_Doc, 1)
+            session.expire(doc, ["data"])
+            session.scalars(select(_Doc).options(*options)).all()
+            return doc.__dict__.get("data")
+
+    event.listen(_Doc, "load", decrypt)
+    try:
+        with OwnSession() as session:  # an entry, stored
+            session.scalars(select(_Doc).options(FromCache(region))).all()
+        expected = picture(sessionmaker(own_engine), ())
+        served = [picture(OwnSession, (FromCache(region),)) for _ in range(2)]
+    finally:
+        event.remove(_Doc, "load", decrypt)
+    assert expected == {"secret": "enc:abc"}
+    assert served == [expected] * 2
