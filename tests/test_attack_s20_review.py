@@ -33,6 +33,7 @@ from sqlalchemy.orm import (
     backref,
     column_property,
     deferred,
+    joinedload,
     registry,
     relationship,
     selectinload,
@@ -525,3 +526,34 @@ def test_an_expired_column_of_the_callers_object_is_filled_as_a_query_fills_it(O
         event.remove(_Doc, "load", decrypt)
     assert expected == {"secret": "enc:abc"}
     assert served == [expected] * 2
+
+
+@pytest.mark.parametrize("region", ["memory", "file"])
+def test_a_load_listener_that_changes_another_object_acts_once(Session, engine, region):
+    # A PostalCode listener renames its City (a class with no listener of
+    # its own): the entry held the City renamed, and the hit renamed it
+    # again.  Uncached, the rename is a pending change of the City.
+    from .models import City
+
+    def tags_its_city(target, context):
+        if "city" in target.__dict__:
+            target.city.name += "+"
+
+    statement = select(PostalCode).order_by(PostalCode.id).options(joinedload(PostalCode.city))
+
+    def picture(session, options):
+        codes = session.scalars(statement.options(*options)).unique().all()
+        return [c.city.name for c in codes], sorted(c.name for c in session.dirty if isinstance(c, City))
+
+    event.listen(PostalCode, "load", tags_its_city)
+    try:
+        with sessionmaker(engine)() as session:
+            expected = picture(session, ())
+        served = []
+        for _ in range(3):
+            with Session() as session:
+                served.append(picture(session, (FromCache(region),)))
+    finally:
+        event.remove(PostalCode, "load", tags_its_city)
+    assert expected == (["City 1+", "City 2+"], ["City 1+", "City 2+"])
+    assert served == [expected] * 3

@@ -487,6 +487,11 @@ class _Snapshot:
                 columns_loaded = kept
                 if not self.copies:
                     self.copies = as_loaded.copies_of(state)
+        if state.committed_state:
+            # Changed since its own load, in the loader: by another object's
+            # load listener (a PostalCode's renaming its City).  A hit sends
+            # that listener the load event again.
+            columns_loaded = self._before_changes(state, columns_loaded, relationships, listened)
         values = tuple(map(columns_loaded.get, columns, repeat(NOT_LOADED)))
         complete = all(map(columns_loaded.__contains__, columns))
         held = tuple(
@@ -500,6 +505,30 @@ class _Snapshot:
         path = None if load_path is _sqlalchemy.load_path(state.mapper) else self._path_text(load_path)
         self.objects[position] = (class_index, state.key, values, held, complete, loaders, path)
         return position
+
+    def _before_changes(self, state: Any, columns_loaded: dict, relationships: tuple, listened: bool) -> dict:
+        """The columns of ``state``'s object as loaded: ``columns_loaded``, with what its changes replaced.
+
+        The entry holds the object as loaded, changes aside, and the hit
+        makes them again, leaving it changed (pending) as the query did.
+        A change it cannot undo (a relationship's, a value changed in
+        place) makes the value unservable.  The columns of a ``listened``
+        object are kept as loaded already (``as_loaded.py``).
+        """
+        loaded = state.dict
+        values = columns_loaded if listened else dict(columns_loaded)
+        for key, old in state.committed_state.items():
+            if key in relationships:
+                self.servable = False
+            elif listened:
+                continue
+            elif old is attributes.NO_VALUE:  # not loaded before the change
+                values.pop(key, None)
+            elif old is loaded.get(key) and may_change((old,)):  # changed in place: its value as loaded is lost
+                self.servable = False
+            else:
+                values[key] = old
+        return values
 
     def as_loaded(self, row: tuple, entity_columns: tuple) -> tuple:
         """``row`` with each value an object holds a copy of as loaded replaced by that copy."""
