@@ -528,12 +528,17 @@ def test_an_expired_column_of_the_callers_object_is_filled_as_a_query_fills_it(O
     assert served == [expected] * 2
 
 
+@pytest.mark.parametrize("city_listened", [False, True])
 @pytest.mark.parametrize("region", ["memory", "file"])
-def test_a_load_listener_that_changes_another_object_acts_once(Session, engine, region):
-    # A PostalCode listener renames its City (a class with no listener of
-    # its own): the entry held the City renamed, and the hit renamed it
-    # again.  Uncached, the rename is a pending change of the City.
+def test_a_load_listener_that_changes_another_object_acts_once(Session, engine, region, city_listened):
+    # A PostalCode listener renames its City: the entry held the City
+    # renamed, and the hit renamed it again.  Uncached, the rename is a
+    # pending change of the City, which a hit's load event of the City
+    # (a listener of its own) committed: it was never flushed.
     from .models import City
+
+    def notes(target, context):
+        pass
 
     def tags_its_city(target, context):
         if "city" in target.__dict__:
@@ -546,6 +551,8 @@ def test_a_load_listener_that_changes_another_object_acts_once(Session, engine, 
         return [c.city.name for c in codes], sorted(c.name for c in session.dirty if isinstance(c, City))
 
     event.listen(PostalCode, "load", tags_its_city)
+    if city_listened:
+        event.listen(City, "load", notes)
     try:
         with sessionmaker(engine)() as session:
             expected = picture(session, ())
@@ -555,5 +562,7 @@ def test_a_load_listener_that_changes_another_object_acts_once(Session, engine, 
                 served.append(picture(session, (FromCache(region),)))
     finally:
         event.remove(PostalCode, "load", tags_its_city)
+        if city_listened:
+            event.remove(City, "load", notes)
     assert expected == (["City 1+", "City 2+"], ["City 1+", "City 2+"])
     assert served == [expected] * 3

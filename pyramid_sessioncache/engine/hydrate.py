@@ -288,9 +288,15 @@ def _send_load_events(session: Session, created: list[tuple]) -> None:
     """Send the ``load`` and ``loaded_as_persistent`` events of the new objects, as a query would."""
     for state, plan in created:
         if plan.manager.dispatch.load:
+            # What another object's listener changed before (a PostalCode's
+            # renaming its City) stays a pending change, as the query leaves it.
+            pending = set(state.committed_state)
             state.manager.dispatch.load(state, None)
             if state.modified:  # what a listener set counts as loaded, as the ORM has it
-                _sqlalchemy.commit_all_loaded(state, session)
+                if not pending:
+                    _sqlalchemy.commit_all_loaded(state, session)
+                else:
+                    _sqlalchemy.commit_loaded(state, [key for key in state.committed_state if key not in pending])
     if created and session.dispatch.loaded_as_persistent:
         for state, _ in created:
             session.dispatch.loaded_as_persistent(session, state)
