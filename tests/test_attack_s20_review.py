@@ -566,3 +566,34 @@ def test_a_load_listener_that_changes_another_object_acts_once(Session, engine, 
             event.remove(City, "load", notes)
     assert expected == (["City 1+", "City 2+"], ["City 1+", "City 2+"])
     assert served == [expected] * 3
+
+
+@pytest.mark.parametrize("region", ["memory", "file"])
+def test_a_load_listener_reading_a_joined_object_sees_it_as_its_listeners_left_it(Session, engine, region):
+    # The ORM sends a joined eager load's City its load event before its
+    # PostalCode's: the PostalCode's listener reads the City's name as the
+    # City's listener made it.  A hit sent them in the order of the
+    # entry, parents first, and the label held the name as loaded.
+    from .models import City
+
+    def shouts(target, context):
+        target.name = target.name.upper()
+
+    def labels(target, context):
+        target.label = f"{target.code} in {target.city.name}"
+
+    statement = select(PostalCode).order_by(PostalCode.id).options(joinedload(PostalCode.city))
+    event.listen(City, "load", shouts)
+    event.listen(PostalCode, "load", labels)
+    try:
+        with sessionmaker(engine)() as session:
+            expected = [c.label for c in session.scalars(statement).unique()]
+        served = []
+        for _ in range(3):
+            with Session() as session:
+                served.append([c.label for c in session.scalars(statement.options(FromCache(region))).unique()])
+    finally:
+        event.remove(PostalCode, "load", labels)
+        event.remove(City, "load", shouts)
+    assert expected == ["00001 in CITY 1", "00002 in CITY 2"]
+    assert served == [expected] * 3
