@@ -156,7 +156,8 @@ def _plan(cls: type, columns: tuple, relationships: tuple) -> _Plan:
 def objects_of(session: Session, classes: list, records: list, load_options: tuple) -> list[Any]:
     """Return the objects ``records`` describe, as objects of ``session``, in order."""
     plans = [_plan(*layout) for layout in classes]
-    notify = bool(session.dispatch.loaded_as_persistent) or any(plan.manager.dispatch.load for plan in plans)
+    listened = any(plan.manager.dispatch.load for plan in plans)
+    notify = listened or bool(session.dispatch.loaded_as_persistent)
     in_session = session.identity_map.get
     add_loaded = _sqlalchemy.loading_into(session)
     instance_state = attributes.instance_state
@@ -197,7 +198,7 @@ def objects_of(session: Session, classes: list, records: list, load_options: tup
             to_relate.append((state, new, plan.impls, held))
         objects.append(obj)
     _set_relationships(to_relate, objects)
-    _send_load_events(session, _children_first(created, records))
+    _send_load_events(session, _children_first(created, records) if listened else created)
     for state, keys, others in refilled:  # as the ORM refreshes expired attributes of an object it holds
         state.manager.dispatch.refresh(state, None, keys)
         _sqlalchemy.commit_loaded(state, others)
