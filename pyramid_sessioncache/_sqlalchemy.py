@@ -13,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Connection, FrozenResult, Result
-from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.exc import InvalidRequestError, SAWarning
 from sqlalchemy.orm import Bundle, Query, Session
 from sqlalchemy.orm.collections import InstrumentedList
 from sqlalchemy.orm.context import FromStatement
@@ -50,9 +50,14 @@ def type_cache_key(type_: Any) -> Any:
     as its columns; ``keys.py`` describes its columns by name and by this
     key of their types, as SQLAlchemy describes a column it keys
     (``ColumnClause._gen_cache_key``, 2.0, 2.1): ``_static_cache_key``
-    has no public spelling.
+    has no public spelling.  A type without ``cache_ok`` has none: SQLAlchemy
+    warns, and where warnings are errors (``-W error``), that warning is
+    the answer, not the query's failure.
     """
-    return type_._static_cache_key
+    try:
+        return type_._static_cache_key
+    except SAWarning:
+        return NO_CACHE
 
 
 def loading_into(session: Any) -> Callable[[Any, Any], None]:
@@ -168,9 +173,12 @@ def expire_missing(state: Any, keys: Any) -> None:
     Except those with a loader of their own (a ``deferred()`` column's):
     a query leaves them unloaded, not expired (``no_loader=True``, what
     ``InstanceState._expire_attributes`` offers for this, 2.0, 2.1), and an
-    object with expired attributes is one a local hit refuses.
+    object with expired attributes is one a local hit refuses.  A column
+    property the class does not instrument (``ConcreteBase``'s ``type``
+    on the base) has nothing to expire.
     """
-    state._expire_attributes(state.dict, keys, no_loader=True)
+    manager = state.manager
+    state._expire_attributes(state.dict, [key for key in keys if key in manager], no_loader=True)
 
 
 def is_single_entity(frozen: Any) -> bool:

@@ -156,7 +156,8 @@ def _plan(cls: type, columns: tuple, relationships: tuple) -> _Plan:
 def objects_of(session: Session, classes: list, records: list, load_options: tuple) -> list[Any]:
     """Return the objects ``records`` describe, as objects of ``session``, in order."""
     plans = [_plan(*layout) for layout in classes]
-    notify = bool(session.dispatch.loaded_as_persistent) or any(plan.manager.dispatch.load for plan in plans)
+    listened = any(plan.manager.dispatch.load for plan in plans)
+    notify = listened or bool(session.dispatch.loaded_as_persistent)
     in_session = session.identity_map.get
     add_loaded = _sqlalchemy.loading_into(session)
     instance_state = attributes.instance_state
@@ -190,14 +191,14 @@ def objects_of(session: Session, classes: list, records: list, load_options: tup
                     found = paths[id(path)] = (path, _sqlalchemy.path_of(path))
                 state.load_path = found[1]
             if notify:
-                created.append((state, plan))
+                created.append((state, plan, len(objects)))
         else:
             state = _fill_unloaded(obj, plan, values, loaders, refilled)
         if state is not None and held.count(NOT_LOADED) != len(held):
             to_relate.append((state, new, plan.impls, held))
         objects.append(obj)
     _set_relationships(to_relate, objects)
-    _send_load_events(session, created)
+    _send_load_events(session, _children_first(created, records) if listened else created)
     for state, keys, others in refilled:  # as the ORM refreshes expired attributes of an object it holds
         state.manager.dispatch.refresh(state, None, keys)
         _sqlalchemy.commit_loaded(state, others)
@@ -284,13 +285,49 @@ def _set_relationships(to_relate: list[tuple], objects: list[Any]) -> None:
                 impl.set_committed_value(state, loaded, value)
 
 
+def _children_first(created: list[tuple], records: list) -> list[tuple]:
+    """``created`` (``(state, plan, index)``), each object after those its relationships hold.
+
+    The ORM sends the objects of a joined eager load their ``load`` event
+    before their parent's, whose listeners may read what theirs made of
+    them (a PostalCode's label of its City's name).
+    """
+    if len(created) < 2:
+        return created
+    position = {item[2]: item for item in created}
+    done: set[int] = set()
+    order: list[tuple] = []
+    for _, _, start in created:
+        stack = [(start, False)]
+        while stack:
+            index, expanded = stack.pop()
+            if expanded:
+                order.append(position[index])
+                continue
+            if index in done:
+                continue
+            done.add(index)
+            stack.append((index, True))
+            for held in reversed(records[index][3]):
+                for child in reversed(held) if held.__class__ is list else (held,):
+                    if child.__class__ is int and child in position and child not in done:
+                        stack.append((child, False))
+    return order
+
+
 def _send_load_events(session: Session, created: list[tuple]) -> None:
     """Send the ``load`` and ``loaded_as_persistent`` events of the new objects, as a query would."""
-    for state, plan in created:
+    for state, plan, _ in created:
         if plan.manager.dispatch.load:
+            # What another object's listener changed before (a PostalCode's
+            # renaming its City) stays a pending change, as the query leaves it.
+            pending = set(state.committed_state)
             state.manager.dispatch.load(state, None)
             if state.modified:  # what a listener set counts as loaded, as the ORM has it
-                _sqlalchemy.commit_all_loaded(state, session)
+                if not pending:
+                    _sqlalchemy.commit_all_loaded(state, session)
+                else:
+                    _sqlalchemy.commit_loaded(state, [key for key in state.committed_state if key not in pending])
     if created and session.dispatch.loaded_as_persistent:
-        for state, _ in created:
+        for state, _, _ in sorted(created, key=lambda item: item[2]):  # in the order of the rows, as the ORM's
             session.dispatch.loaded_as_persistent(session, state)

@@ -51,8 +51,10 @@ from typing import Any, NamedTuple
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SAWarning
 from sqlalchemy.orm import Mapper, MapperProperty
 from sqlalchemy.sql.expression import ColumnClause, TableClause
+from sqlalchemy.sql.operators import custom_op
 from sqlalchemy.sql.selectable import ForUpdateArg, SelectLabelStyle
 from sqlalchemy.types import TypeEngine
 
@@ -161,12 +163,44 @@ def _structure_text(element: Any, out: list[str], merge_labels: bool = True, map
         out.append(f".{element.key}")
     elif isinstance(element, TableClause):
         _table_text(element, out)
+    elif isinstance(element, custom_op):
+        _structure_text(_operator_key(element), out, merge_labels, mappers)
     else:
         raise Unkeyable(element)
 
 
-#: The ``info`` key of a class manager holding its mapper's key text, with the ``column_attrs`` it was made from.
+def _operator_key(operator: custom_op) -> tuple:
+    # A custom operator (Column.op("~"), JSONB's ->> of .astext) is in a
+    # cache key as the object itself, which SQLAlchemy compares by these
+    # attributes; its return type as a column's is (see _table_text).
+    return_type = operator.return_type
+    type_key = None
+    if return_type is not None:
+        type_key = _sqlalchemy.type_cache_key(return_type)
+        if type_key is _sqlalchemy.NO_CACHE:
+            type_key = (type(return_type),)
+    return (
+        "op",
+        type(operator),
+        operator.opstring,
+        operator.precedence,
+        operator.is_comparison,
+        operator.natural_self_precedent,
+        operator.eager_grouping,
+        type_key,
+        getattr(operator, "operator_class", None),  # 2.1
+    )
+
+
+#: The ``info`` keys of a class manager holding its mapper's own digest,
+#: with the ``column_attrs`` and configuration it was made from, and the
+#: digest of the mappings its objects are loaded with (see :func:`_mapper_text`).
+_OWN_TEXT = "pyramid_sessioncache.own_key_text"
 _MAPPER_TEXT = "pyramid_sessioncache.key_text"
+
+#: Bumped whenever mappers are configured: a mapper's descendants and
+#: relationships may have changed, and with them the mappings it reaches.
+_configurations = 0
 
 
 def _mapper_text(mapper: Mapper) -> str:
@@ -175,38 +209,89 @@ def _mapper_text(mapper: Mapper) -> str:
     # expressions, come from the mapper at compile time.  Two classes of
     # one path (a class factory; type() in a loop) or two releases of one
     # class (a rolling deploy that changed a column_property) read other
-    # rows under the same name, so the mapping is in the key: its tables,
-    # its attributes (``values.mapping_text``), the SQL structure and the
-    # bound values of each expression mapped, how each relationship joins,
-    # orders and loads, and its polymorphic identity.  Mappers inside
-    # those expressions are named by their class path only (no recursion).
+    # rows under the same name, so the mapping is in the key.  Not its
+    # own alone: a query of it loads objects of its subclasses (polymorphic
+    # loading, a subclass added by the next release), and those of the
+    # classes its relationships reach (eager loads, whether the mapping or
+    # an option asks for them, "*" included): every mapping it reaches
+    # goes in (:func:`_own_text`).  Worked out once per mapper, again
+    # when mappers are configured or a mapping reached changes.
     info = mapper.class_manager.info
-    column_attrs = mapper.column_attrs
     found = info.get(_MAPPER_TEXT)
-    if found is None or found[0] is not column_attrs:
-        out = [mapping_text(mapper)]
+    if (
+        found is None
+        or found[0] != _configurations
+        or not all(reached.column_attrs is column_attrs for reached, column_attrs in found[1])
+    ):
+        reached = _reached(mapper)
         try:
-            for table in mapper.tables:
-                _structure_text((getattr(table, "schema", None), table.name), out)
-            parts = []
-            for prop in column_attrs:
-                parts.append(_expressions_text(prop.key, [c for c in prop.columns if not isinstance(c, ColumnClause)]))
-            for relationship in mapper.relationships:
-                # How it loads, and what: an eager load stores its
-                # collections, in the relationship's order.
-                joins = [relationship.primaryjoin, relationship.secondaryjoin, *(relationship.order_by or ())]
-                parts.append(f"{relationship.lazy}:" + _expressions_text(relationship.key, joins))
-            # Sorted: backrefs are added in the order modules were imported in.
-            out.extend(sorted(parts))
-            _structure_text((mapper.polymorphic_identity,), out, mappers=False)
-            digest: str | None = hashlib.blake2b("".join(out).encode(), digest_size=8).hexdigest()
+            # Each mapping's own digest, sorted: a model of many related
+            # classes hashes a short text per class, not their mappings.
+            texts = sorted(_own_text(other) for other in reached)
+            digest: str | None = hashlib.blake2b(",".join(texts).encode(), digest_size=8).hexdigest()
         except Unkeyable:
             digest = None
-        found = (column_attrs, digest)
+        found = (_configurations, tuple((other, other.column_attrs) for other in reached), digest)
         info[_MAPPER_TEXT] = found
-    if found[1] is None:
+    if found[2] is None:
         raise Unkeyable(mapper)
-    return f"mapper:{_qualified(mapper.class_)}:{found[1]}"
+    return f"mapper:{_qualified(mapper.class_)}:{found[2]}"
+
+
+def _reached(mapper: Mapper) -> list[Mapper]:
+    """``mapper``, its subclasses, the mappers its relationships reach, and theirs, each once."""
+    seen: dict[Mapper, None] = {}
+    pending = [mapper]
+    while pending:
+        current = pending.pop()
+        for other in current.self_and_descendants:
+            if other not in seen:
+                seen[other] = None
+                pending.extend(relationship.mapper for relationship in other.relationships)
+    return list(seen)
+
+
+def _own_text(mapper: Mapper) -> str:
+    # The digest of what one mapper loads: its tables, its attributes
+    # (``values.mapping_text``) and how each column is loaded, the SQL
+    # structure and the bound values of each expression mapped, how each
+    # relationship joins, orders and loads, and how it loads its
+    # subclasses.  Mappers inside those expressions are named by their
+    # class path only (their own texts are in the key beside it).
+    info = mapper.class_manager.info
+    column_attrs = mapper.column_attrs
+    found = info.get(_OWN_TEXT)
+    if found is not None and found[0] is column_attrs and found[1] == _configurations:  # subclasses: see below
+        return found[2]
+    out = [_qualified(mapper.class_), mapping_text(mapper)]
+    for table in mapper.tables:
+        _structure_text((getattr(table, "schema", None), table.name), out)
+    # Its identity: which columns tell its objects apart (primary_key=...).
+    _structure_text(tuple(column.name for column in mapper.primary_key), out)
+    parts = []
+    for prop in column_attrs:
+        strategy: list[str] = []
+        _structure_text((prop.strategy_key, prop.group), strategy, mappers=False)  # deferred, raiseload, its group
+        expressions = [c for c in prop.columns if not isinstance(c, ColumnClause)]
+        parts.append("".join(strategy) + _expressions_text(prop.key, expressions))
+    for relationship in mapper.relationships:
+        # How it loads, and what: an eager load stores its collections, in
+        # the relationship's order, to the depth it is told; an inner join
+        # leaves out the parents that have none.
+        strategy = []
+        loading = (relationship.lazy, relationship.innerjoin, relationship.join_depth)
+        _structure_text((*loading, relationship.distinct_target_key, relationship.omit_join), strategy, mappers=False)
+        joins = [relationship.primaryjoin, relationship.secondaryjoin, *(relationship.order_by or ())]
+        parts.append("".join(strategy) + _expressions_text(relationship.key, joins))
+    # Sorted: backrefs are added in the order modules were imported in.
+    out.extend(sorted(parts))
+    polymorphic_on = mapper.polymorphic_on
+    out.append(_expressions_text("polymorphic_on", [polymorphic_on]))
+    loads = sorted(_qualified(other.class_) for other in mapper.with_polymorphic_mappers)
+    _structure_text((mapper.polymorphic_identity, mapper.polymorphic_load, *loads), out, mappers=False)
+    text = hashlib.blake2b("".join(out).encode(), digest_size=16).hexdigest()
+    info[_OWN_TEXT] = (column_attrs, _configurations, text)
+    return text
 
 
 def _expressions_text(name: str, expressions: list[Any]) -> str:
@@ -215,12 +300,39 @@ def _expressions_text(name: str, expressions: list[Any]) -> str:
         if expression is None:
             out.append("-")
             continue
-        expression_key = expression._generate_cache_key()
+        try:
+            expression_key = expression._generate_cache_key()
+        except SAWarning:  # no cache key, where warnings are errors (see _sqlalchemy.type_cache_key)
+            expression_key = None
         if expression_key is None:
+            out.append(_compiled_text(expression))
+            continue
+        if any(bind.callable is not None for bind in expression_key.bindparams):
+            # bindparam(callable_=...): a value of each execution, where
+            # the mapping's text is made once.
             raise Unkeyable(expression)
         _structure_text(expression_key.key, out, mappers=False)
         out.extend(value_text(bind.effective_value) for bind in expression_key.bindparams)
     return "".join(out)
+
+
+def _compiled_text(expression: Any) -> str:
+    # An expression SQLAlchemy has no cache key for: a column of a type
+    # without ``cache_ok`` (the old recipes' GUID) in a relationship's join
+    # or a column_property.  SQLAlchemy runs statements naming it uncached,
+    # but keys a statement of the entity by its mapper alone: were the
+    # mapping unkeyable, every query of the class would run uncached.  Its
+    # SQL (compiled the same way in every process) and bound values say
+    # what it does.
+    try:
+        compiled = expression.compile()
+        if any(bind.callable is not None for bind in compiled.binds.values()):
+            raise Unkeyable(expression)
+        return f"sql:{compiled.string}:{value_text(dict(compiled.params))}"
+    except Unkeyable:
+        raise
+    except Exception as exc:  # an element no default dialect compiles
+        raise Unkeyable(expression) from exc
 
 
 def _table_text(table: TableClause, out: list[str]) -> None:
@@ -529,6 +641,7 @@ def _watch(maker: KeyMaker) -> None:
     global _watching
     if not _watching:
         event.listen(Engine, "engine_disposed", _forget_binds)
+        event.listen(Mapper, "after_configured", _mappers_configured)
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=_forget_binds)
         _watching = True
@@ -538,3 +651,11 @@ def _watch(maker: KeyMaker) -> None:
 def _forget_binds(*args: Any) -> None:
     for maker in list(_makers):
         maker._binds.clear()
+
+
+def _mappers_configured() -> None:
+    """Have every mapper's key text made again: mappers were added, and with them subclasses and relationships."""
+    global _configurations
+    _configurations += 1
+    for maker in list(_makers):
+        maker._structures.clear()

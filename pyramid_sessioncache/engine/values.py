@@ -219,8 +219,8 @@ class CachedRows:
         reach the cache and every later hit.  Worked out once per value.
         """
         if self._changeable is None:
-            objects = frozenset(i for i, record in enumerate(self.objects) if _changeable(record[2]))
-            rows = frozenset(i for i, row in enumerate(self.rows) if _changeable(row))
+            objects = frozenset(i for i, record in enumerate(self.objects) if may_change(record[2]))
+            rows = frozenset(i for i, row in enumerate(self.rows) if may_change(row))
             self._changeable = (objects, rows)
         return self._changeable
 
@@ -245,6 +245,10 @@ class CachedRows:
             )
             for row in rows
         ]
+        if snapshot.copies:
+            # A value a row shares with an object (select(Doc, Doc.data)) is
+            # its copy as loaded, as the object's is: one value again on a hit.
+            plain_rows = [snapshot.as_loaded(row, entity_columns) for row in plain_rows]
         if instances is not None:
             instances.extend(snapshot.instances)
         value = cls(
@@ -355,13 +359,13 @@ _IMMUTABLE = frozenset(
 )
 
 
-def _changeable(values: tuple) -> bool:
+def may_change(values: tuple) -> bool:
     """Whether any of ``values`` could be changed in place (anything not known to be immutable)."""
     for value in values:
         kind = type(value)
         if kind in _IMMUTABLE or isinstance(value, Enum):
             continue
-        if (kind is tuple or kind is frozenset) and not _changeable(value):
+        if (kind is tuple or kind is frozenset) and not may_change(value):
             continue
         return True
     return False
@@ -452,6 +456,8 @@ class _Snapshot:
         self.storable = True
         #: False when an object holds what ``load`` listeners made of it (see ``_layout``).
         self.servable = True
+        #: The copies of values as loaded its objects hold: ``id(value) -> (value, copy)`` (``as_loaded.py``).
+        self.copies: dict[int, tuple[Any, Any]] = {}
 
     def _layout(self, cls: type, mapper: Any) -> tuple[int, tuple, tuple, tuple, bool, Any, set[str]]:
         layout = self._layouts.get(cls)
@@ -494,6 +500,13 @@ class _Snapshot:
                 self.servable = False
             else:
                 columns_loaded = kept
+                if not self.copies:
+                    self.copies = as_loaded.copies_of(state)
+        if state.committed_state:
+            # Changed since its own load, in the loader: by another object's
+            # load listener (a PostalCode's renaming its City).  A hit sends
+            # that listener the load event again.
+            columns_loaded = self._before_changes(state, columns_loaded, relationships, listened)
         values = tuple(map(columns_loaded.get, columns, repeat(NOT_LOADED)))
         complete = all(map(columns_loaded.__contains__, columns))
         held: tuple = ()
@@ -524,6 +537,39 @@ class _Snapshot:
     def loaded_relationships(self) -> set[tuple[type, str]]:
         """``(class, key)`` of every relationship some recorded object holds."""
         return {(cls, key) for cls, layout in self._layouts.items() for key in layout[6]}
+
+    def _before_changes(self, state: Any, columns_loaded: dict, relationships: tuple, listened: bool) -> dict:
+        """The columns of ``state``'s object as loaded: ``columns_loaded``, with what its changes replaced.
+
+        The entry holds the object as loaded, changes aside, and the hit
+        makes them again, leaving it changed (pending) as the query did.
+        A change it cannot undo (a relationship's, a value changed in
+        place) makes the value unservable.  The columns of a ``listened``
+        object are kept as loaded already (``as_loaded.py``).
+        """
+        loaded = state.dict
+        values = columns_loaded if listened else dict(columns_loaded)
+        for key, old in state.committed_state.items():
+            if key in relationships:
+                self.servable = False
+            elif listened:
+                continue
+            elif old is attributes.NO_VALUE:  # not loaded before the change
+                values.pop(key, None)
+            elif old is loaded.get(key) and may_change((old,)):  # changed in place: its value as loaded is lost
+                self.servable = False
+            else:
+                values[key] = old
+        return values
+
+    def as_loaded(self, row: tuple, entity_columns: tuple) -> tuple:
+        """``row`` with each value an object holds a copy of as loaded replaced by that copy."""
+        copies = self.copies
+        out = []
+        for value, flag in zip(row, entity_columns, strict=True):
+            found = None if flag else copies.get(id(value))
+            out.append(found[1] if found is not None and found[0] is value else value)
+        return tuple(out)
 
     def _path_text(self, path: Any) -> list:
         # One text per path, shared by the objects reached through it (and
