@@ -215,3 +215,22 @@ def pg_url(postgres_url) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
         admin.dispose()
+
+
+@pytest.fixture
+def two_phase_url() -> Iterator[str]:
+    """A PostgreSQL server of its own that allows prepared transactions (a restart is needed); its libpq URI."""
+    import psycopg
+
+    pgserver = _server_package("pgserver")
+    directory = tempfile.mkdtemp(prefix="sessioncache-pg2pc-")
+    server = pgserver.get_server(directory, cleanup_mode="stop")
+    try:
+        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET max_prepared_transactions = 2")
+        server.cleanup()
+        server = pgserver.get_server(directory, cleanup_mode="stop")
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(directory, ignore_errors=True)

@@ -6,6 +6,14 @@ statement: ``SET search_path`` (a schema per tenant), ``SET ROLE`` and
 A statement executed after ``SET LOCAL search_path TO tenant_b`` must not
 be served the entry stored under ``tenant_a``.
 
+A temporary table (or view, or sequence) shows under its name on its
+connection only: ``pg_temp`` comes first in every ``search_path``, so
+``CREATE TEMPORARY TABLE person`` makes ``person`` another table there,
+and there alone.  A connection that made a temporary relation keys its
+look-ups under a token of its own from then on (until ``DISCARD ALL`` or
+``DISCARD TEMP`` drops them): no other connection is served what it read,
+and it is served nothing another stored.
+
 Every statement a connection of the process runs is seen
 (``after_cursor_execute``); those that change a setting (``SET``,
 ``RESET``, ``set_config(...)``) are kept per DBAPI connection: the
@@ -28,6 +36,7 @@ session settings.  Settings made when the connection is opened (a
 from __future__ import annotations
 
 import re
+import secrets
 import weakref
 from functools import lru_cache
 from typing import Any
@@ -43,6 +52,7 @@ _SESSION = "sessioncache.settings"
 _LOCAL = "sessioncache.local_settings"
 _UNKNOWN = "sessioncache.settings_unknown"
 _SAVEPOINTS = "sessioncache.setting_savepoints"
+_TEMPORARY = "sessioncache.temporary"
 
 #: Words that change settings when they start a statement.
 _FIRST_WORDS = frozenset({"set", "reset", "discard"})
@@ -52,6 +62,16 @@ _TWO_WORDS = ("session authorization", "time zone", "transaction isolation")
 _SET_CONFIG = re.compile(r"\bset_config\"?\s*\(", re.I)
 #: A set_config() call whose name and scope are literals: set_config('name', value, true|false).
 _LITERAL_CONFIG = re.compile(r"\bset_config\s*\(\s*'(?P<name>[^']*)'\s*,.*?,\s*(?P<local>true|false)\s*\)", re.I | re.S)
+
+#: A statement that makes a temporary relation, in :class:`~.invalidation.sqltext.Cleaned` text:
+#: ``CREATE [GLOBAL|LOCAL] TEMP[ORARY] ...``, ``SELECT ... INTO TEMP``, or
+#: anything created in ``pg_temp`` by name (a view over a temporary table
+#: is temporary too, but that table made its connection's look-ups apart already).
+_TEMPORARY_SQL = re.compile(
+    r"^create\b[^;]*?\b(?:temp|temporary)\s+(?:unlogged\s+)?(?:recursive\s+)?(?:table|view|sequence)\b"
+    r"|\binto\s+(?:temp|temporary)\b|\bpg_temp\w*\s*\.",
+    re.I,
+)
 
 #: Pools some of whose connections have session settings: their look-ups check out a connection first.
 _POOLS_WITH_SETTINGS: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -72,6 +92,8 @@ def install() -> None:
 
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
     lowered = statement.lower()
+    if "temp" in lowered:
+        _note_temporary(conn, statement)
     # SET, RESET, set_config(), DISCARD; else a function of the database's own that changes settings.
     changes = _changes(statement) if "set" in lowered or "discard" in lowered else ()
     if not changes and "(" in statement and _calls_a_setter(conn, statement):
@@ -85,6 +107,35 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
             info[_UNKNOWN] = True
             continue
         _apply(info, name, f"{statement}|{parameters!r}", local, in_transaction, conn)
+
+
+def _note_temporary(conn: Any, statement: str) -> None:
+    """Key ``conn``'s look-ups apart if ``statement`` made a temporary relation, or drop that if it dropped them all."""
+    found = _temporary(statement)
+    if found == "made" and _TEMPORARY not in conn.info:
+        # Kept even if its transaction rolls back: the token costs misses only.
+        conn.info[_TEMPORARY] = secrets.token_hex(8)
+        _POOLS_WITH_SETTINGS.add(conn.engine.pool)
+    elif found == "dropped":
+        conn.info.pop(_TEMPORARY, None)
+
+
+@lru_cache(maxsize=2048)
+def _temporary(statement: str) -> str | None:
+    """``"made"`` if ``statement`` may make a temporary relation, ``"dropped"`` if it drops every one, else None."""
+    for cleaned in sqltext.readings(statement):
+        for part in cleaned.statements():
+            if _TEMPORARY_SQL.search(part) or any(
+                cleaned.name(match.group(1)).lower().startswith("pg_temp") for match in _QUOTED_SCHEMA.finditer(part)
+            ):
+                return "made"
+    if " ".join(statement.lower().replace(";", " ").split()) in ("discard all", "discard temp", "discard temporary"):
+        return "dropped"
+    return None
+
+
+#: A quoted name before a dot: a schema (``"pg_temp".person``).
+_QUOTED_SCHEMA = re.compile(r'("\d+")\s*\.')
 
 
 def _calls_a_setter(conn: Any, statement: str) -> bool:
@@ -209,6 +260,8 @@ def state_text(session: Any, bind_arguments: dict, bind: Any) -> str | None:
     if info.get(_UNKNOWN):
         return None
     settings = {**info.get(_SESSION, {}), **{k: v for k, v in info.get(_LOCAL, {}).items() if not isinstance(k, tuple)}}
+    if _TEMPORARY in info:  # what its temporary relations shadow: this connection's alone
+        settings["*temporary"] = info[_TEMPORARY]
     return "|".join(f"{name}={settings[name]}" for name in sorted(settings)) if settings else ""
 
 
