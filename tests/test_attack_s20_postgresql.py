@@ -8,8 +8,9 @@ schema is ``test_writes_postgresql``'s (``pg_parent``, ``pg_child``...).
 
 from __future__ import annotations
 
+import psycopg
 import pytest
-from sqlalchemy import create_engine, select
+from sqlalchemy import create_engine, select, update
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import SessionCache
@@ -54,3 +55,62 @@ def test_a_temporary_table_keeps_its_rows_to_its_connection(pg, region_options, 
         assert uncached(own, PARENTS) == [(1, "temporary")]
     finally:
         own.dispose()
+
+
+# 2. Two-phase commit sent as SQL: the commit happens at COMMIT PREPARED --------------------
+
+
+@pytest.fixture
+def pg2pc(two_phase_url):
+    """An engine on a server that allows prepared transactions, with ``pg_parent``."""
+    engine = create_engine(two_phase_url.replace("postgresql://", "postgresql+psycopg://", 1))
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE TABLE pg_parent (id integer PRIMARY KEY, name varchar(50));"
+            "INSERT INTO pg_parent VALUES (1, 'one'), (2, 'two'), (3, 'three')"
+        )
+    yield engine
+    engine.dispose()
+
+
+def _commit_prepared(engine, gid):
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.exec_driver_sql(f"COMMIT PREPARED '{gid}'")
+
+
+@pytest.mark.parametrize("committer", ["the same connection", "another connection"])
+def test_a_write_prepared_by_sql_is_published_when_committed(pg2pc, region_options, region, committer):
+    cache = SessionCache(region_options, default_region=region, secret=SECRET)
+    Sess = sessionmaker(bind=pg2pc, info=cache.session_info())
+    cached(Sess, region, PARENTS)
+    with pg2pc.connect() as conn:
+        conn.execute(update(PgParent.__table__).where(PgParent.id == 1).values(name="prepared"))
+        conn.exec_driver_sql("PREPARE TRANSACTION 'pg-s20'")
+        conn.rollback()  # SQLAlchemy's transaction: the prepared one is the server's now
+        # Until it commits, readers see the rows before it, and may store them.
+        assert cached(Sess, region, PARENTS) == uncached(pg2pc, PARENTS) == [(1, "one"), (2, "two"), (3, "three")]
+        if committer == "the same connection":
+            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("COMMIT PREPARED 'pg-s20'")
+    if committer == "another connection":
+        _commit_prepared(pg2pc, "pg-s20")
+    assert uncached(pg2pc, PARENTS)[0] == (1, "prepared")
+    assert cached(Sess, region, PARENTS) == uncached(pg2pc, PARENTS)
+
+
+def test_a_prepared_transaction_recovered_by_another_process_is_published(pg2pc, two_phase_url, region_options, region):
+    # Another process prepared a write, then died; this one commits it
+    # (zope's two-phase commit recovered with Connection.commit_prepared()).
+    cache = SessionCache(region_options, default_region=region, secret=SECRET)
+    Sess = sessionmaker(bind=pg2pc, info=cache.session_info())
+    cached(Sess, region, PARENTS)
+    died = psycopg.connect(two_phase_url)
+    died.tpc_begin("pg-s20-died")
+    died.execute("UPDATE pg_parent SET name = 'recovered' WHERE id = 1")
+    died.tpc_prepare()
+    died.close()  # the prepared transaction stays, the server's
+    assert cached(Sess, region, PARENTS) == uncached(pg2pc, PARENTS) == [(1, "one"), (2, "two"), (3, "three")]
+    with pg2pc.connect() as recovering:
+        assert "pg-s20-died" in recovering.recover_twophase()
+        recovering.commit_prepared("pg-s20-died", recover=True)
+    assert uncached(pg2pc, PARENTS)[0] == (1, "recovered")
+    assert cached(Sess, region, PARENTS) == uncached(pg2pc, PARENTS)

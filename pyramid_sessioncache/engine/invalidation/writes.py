@@ -16,7 +16,12 @@ API, ``session.execute(update(...))``, ``session.connection().execute()``,
   has no event then: ``_sqlalchemy.after_dbapi_commit``).  The second
   bump voids what a reader stored in between from rows read before the
   commit became visible.  A two-phase commit is published again when
-  the connection next begins or goes back to its pool.
+  the connection next begins or goes back to its pool, and as soon as
+  the database has committed it.  A prepared transaction commits apart
+  from the one that prepared it (``COMMIT PREPARED`` sent as SQL,
+  ``Connection.commit_prepared()``, perhaps by another process after a
+  crash): its writes, kept by transaction id when it was prepared, are
+  published when it commits, or every table when they are not known here.
 - A rollback forgets them.  A write the database committed by itself
   (an autocommit connection, SQL outside any transaction, a ``COMMIT``
   sent as SQL) is published as soon as the driver says no transaction is
@@ -34,8 +39,11 @@ no connection sees; they are published when the Session commits.
 from __future__ import annotations
 
 import logging
+import re
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import event
@@ -46,7 +54,7 @@ from ... import _sqlalchemy
 from ...storage.backends import local_session
 from .. import info
 from ..cache import live_caches
-from . import schema
+from . import schema, sqltext
 from .reads import ALL_TABLES, declared_tables
 from .statements import is_ddl, written_tables
 
@@ -55,6 +63,16 @@ log = logging.getLogger(__name__)
 #: ``Connection.info`` (kept with the DBAPI connection) keys.
 _MARKS = "sessioncache.marks"
 _OWNERS = "sessioncache.owners"
+
+#: What each prepared transaction of the process wrote, by transaction id,
+#: until it commits or rolls back; the oldest are forgotten past
+#: :data:`_MAX_PREPARED` (a commit of an unknown one publishes every table).
+_PREPARED: OrderedDict[str, frozenset[str]] = OrderedDict()
+_MAX_PREPARED = 1024
+#: What may be ``PREPARE TRANSACTION``, ``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` sent as SQL.
+_PREPARED_WORD = re.compile(r"prepare", re.I)
+#: The transaction id of one (a string constant).
+_GID = re.compile(r"\b(?:transaction|prepared)\s+'((?:[^']|'')*)'", re.I)
 
 
 class _Marks:
@@ -81,6 +99,8 @@ def install() -> None:
     event.listen(Engine, "handle_error", _failed)
     event.listen(Engine, "begin", _begun)
     event.listen(Engine, "begin_twophase", lambda conn, xid: _begun(conn))
+    event.listen(Engine, "prepare_twophase", _prepared)
+    event.listen(Engine, "engine_connect", _connected)
     event.listen(Engine, "commit", _committing)
     event.listen(Engine, "commit_twophase", lambda conn, xid, is_prepared: _committing(conn, twophase=True))
     event.listen(Engine, "rollback", _rolled_back)
@@ -110,6 +130,8 @@ def _marks(conn: Any) -> _Marks:
 
 
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+    if _PREPARED_WORD.search(statement):
+        _two_phase_sql(conn, statement)
     try:
         tables = written_tables(context, statement)
         if tables:
@@ -123,6 +145,67 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
         _mark(conn, tables)
     elif conn.info.get(_MARKS) is not None and not in_transaction(conn.connection.dbapi_connection):
         _ended_by_itself(conn)  # a COMMIT (or ROLLBACK) sent as SQL
+
+
+def _connected(conn: Any) -> None:
+    _sqlalchemy.after_twophase_commit(conn.dialect, _twophase_committed)
+
+
+def _remember_prepared(gid: str | None, tables: Iterable[str]) -> None:
+    if gid is None:
+        return  # its COMMIT PREPARED will not be known: every table then
+    _PREPARED[gid] = frozenset(tables)
+    _PREPARED.move_to_end(gid)
+    while len(_PREPARED) > _MAX_PREPARED:
+        _PREPARED.popitem(last=False)
+
+
+def _prepared(conn: Any, xid: Any) -> None:
+    """``prepare_twophase``: remember what the transaction wrote, for whoever commits it."""
+    marks = conn.info.get(_MARKS)
+    _remember_prepared(str(xid), marks.pending() if marks is not None else ())
+
+
+def _twophase_committed(conn: Any, xid: Any, is_prepared: bool, recover: bool) -> None:
+    """The database committed a two-phase transaction: publish what it wrote, again if it was published before."""
+    known = _PREPARED.pop(str(xid), None)
+    marks = conn.info.get(_MARKS)
+    committed: set[str] = set()
+    if marks is not None:
+        committed, marks.committed = marks.committed, set()
+    if committed:  # its own TwoPhaseTransaction: published before the commit already
+        publish(committed | (known or set()), again=True)
+    elif known is not None:
+        publish(known)
+    elif is_prepared and recover:  # prepared by another process, or forgotten: it may have written anything
+        publish({ALL_TABLES})
+
+
+@lru_cache(maxsize=256)
+def _two_phase(statement: str) -> tuple[str, str | None] | None:
+    """``(what, transaction id)`` of ``PREPARE TRANSACTION``, ``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` SQL."""
+    for cleaned in sqltext.readings(statement):
+        for part in cleaned.statements():
+            words = " ".join(part.lower().split()[:2])
+            if words in ("prepare transaction", "commit prepared", "rollback prepared"):
+                gids = _GID.findall(statement)
+                return words, gids[0].replace("''", "'") if len(gids) == 1 else None
+    return None
+
+
+def _two_phase_sql(conn: Any, statement: str) -> None:
+    found = _two_phase(statement)
+    if found is None:
+        return
+    what, gid = found
+    if what == "prepare transaction":  # the server's now: published when it commits
+        marks = conn.info.get(_MARKS)
+        _remember_prepared(gid, marks.pending() if marks is not None else ())
+    elif what == "commit prepared":  # committed by now (never inside a transaction block)
+        known = _PREPARED.pop(gid, None) if gid is not None else None
+        publish({ALL_TABLES} if known is None else known)
+    elif gid is not None:
+        _PREPARED.pop(gid, None)
 
 
 def _failed(context: Any) -> None:
