@@ -8,12 +8,15 @@ schema is ``test_writes_postgresql``'s (``pg_parent``, ``pg_child``...).
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
-from sqlalchemy import create_engine, select, update
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, select, update
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import SessionCache
+from pyramid_sessioncache.engine.invalidation.notify import dsn_of, install_triggers
 
 from . import test_writes_postgresql
 from .conftest import SECRET
@@ -114,3 +117,35 @@ def test_a_prepared_transaction_recovered_by_another_process_is_published(pg2pc,
         recovering.commit_prepared("pg-s20-died", recover=True)
     assert uncached(pg2pc, PARENTS)[0] == (1, "recovered")
     assert cached(Sess, region, PARENTS) == uncached(pg2pc, PARENTS)
+
+
+# 3. The PostgreSQL listener: a table whose name holds a dot ------------------------------
+
+
+def test_a_notification_of_a_table_whose_name_holds_a_dot(pg, region_options, region):
+    # Another program writes "ledger.2024" (a table's name, not schema
+    # ledger's table 2024); its entries read it by that name.
+    with pg.begin() as conn:
+        conn.exec_driver_sql(
+            'CREATE TABLE "ledger.2024" (id integer PRIMARY KEY, amount integer); INSERT INTO "ledger.2024" VALUES (1, 10)'
+        )
+        install_triggers(conn)
+    cache = SessionCache(region_options, default_region=region, secret=SECRET)
+    Sess = sessionmaker(bind=pg, info=cache.session_info())
+    ledger = Table("ledger.2024", MetaData(), Column("id", Integer, primary_key=True), Column("amount", Integer))
+    amounts = select(ledger.c.id, ledger.c.amount)
+    listener = cache.listen(pg)
+    try:
+        assert listener.wait_connected(10)
+        assert cached(Sess, region, amounts) == [(1, 10)]
+        assert cached(Sess, region, PARENTS)[0] == (1, "one")
+        with psycopg.connect(dsn_of(pg)) as other:  # commits at the end of the block
+            other.execute('UPDATE "ledger.2024" SET amount = 20')
+            other.execute("UPDATE pg_parent SET name = 'heard' WHERE id = 1")
+        deadline = time.monotonic() + 10
+        while cached(Sess, region, PARENTS)[0] != (1, "heard") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert cached(Sess, region, PARENTS)[0] == (1, "heard")  # the commit's notifications were handled
+        assert cached(Sess, region, amounts) == uncached(pg, amounts) == [(1, 20)]
+    finally:
+        cache.close()

@@ -12,8 +12,9 @@ what read them (:meth:`~pyramid_sessioncache.SessionCache.publish`).
 What it sees.  NOTIFY is transactional: notifications are delivered only
 when the writing transaction commits, once per table and transaction
 however many statements wrote it, and a rolled-back transaction (or
-savepoint) sends nothing.  Payloads are bare table names, lower-cased
-by the listener, as :func:`~.reads.version_name` spells them.  A write
+savepoint) sends nothing.  Payloads are bare table names, which the
+listener hands on as :func:`~.reads.version_name` spells them (lower
+case; what follows a dot the name holds).  A write
 to a table also notifies the other names its rows show under, those an
 entry may have read them by: the ancestors of a partition (or of a
 table that ``INHERITS``), and the views over the table or them,
@@ -100,7 +101,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
-from .reads import ALL_TABLES
+from .reads import ALL_TABLES, version_name
 
 if TYPE_CHECKING:
     import psycopg
@@ -339,7 +340,7 @@ def dsn_of(engine_or_url: Engine | URL | str) -> str:
 class Listener:
     """Listen to a channel in a thread of its own; report the tables written, and losses.
 
-    ``on_tables(names)`` is called with the lower-cased names of the tables
+    ``on_tables(names)`` is called with the version names of the tables
     that committed transactions wrote (and of the views and parents their
     rows show in), those that arrived together in one call.  ``on_lost()`` is called when notifications may have been missed:
     after the connection was lost (or the first attempt to connect failed),
@@ -515,7 +516,8 @@ class Listener:
                 if not more:
                     break
                 names |= more
-            self._call(self.on_tables, frozenset(name.lower() or ALL_TABLES for name in names))
+            # As reads and writes spell them: a table named "ledger.2024" is "2024".
+            self._call(self.on_tables, frozenset(version_name(name) or ALL_TABLES for name in names))
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
         try:
