@@ -12,18 +12,20 @@ import time
 
 import psycopg
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, select, update
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, select, text, update
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import SessionCache
 from pyramid_sessioncache.engine.invalidation.notify import dsn_of, install_triggers
+from pyramid_sessioncache.engine.invalidation.schema import forget_catalog
 
 from . import test_writes_postgresql
 from .conftest import SECRET
 from .test_writes_postgresql import PgParent, cached, uncached
 
-#: Its fixture: a database whose schema migrations made.
+#: Its fixtures: a database whose schema migrations made, and Sessions caching on it.
 pg = test_writes_postgresql.pg
+PgSession = test_writes_postgresql.PgSession
 PARENTS = select(PgParent.id, PgParent.name).order_by(PgParent.id)
 
 
@@ -149,3 +151,43 @@ def test_a_notification_of_a_table_whose_name_holds_a_dot(pg, region_options, re
         assert cached(Sess, region, amounts) == uncached(pg, amounts) == [(1, 20)]
     finally:
         cache.close()
+
+
+# 4. DDL that takes a table's rows out of its parent --------------------------------------------
+
+reading = Table("s20_reading", MetaData(), Column("id", Integer), Column("v", Integer))
+HIERARCHIES = """
+CREATE TABLE s20_reading (id int, v int) PARTITION BY RANGE (id);
+CREATE TABLE s20_reading_old PARTITION OF s20_reading FOR VALUES FROM (0) TO (100);
+CREATE TABLE s20_reading_new PARTITION OF s20_reading FOR VALUES FROM (100) TO (200);
+INSERT INTO s20_reading VALUES (1, 1), (150, 2);
+CREATE TABLE s20_animal (id int, v int);
+CREATE TABLE s20_dog (bark text) INHERITS (s20_animal);
+INSERT INTO s20_animal VALUES (1, 1);
+INSERT INTO s20_dog VALUES (2, 2, 'woof');
+"""
+animal = Table("s20_animal", MetaData(), Column("id", Integer), Column("v", Integer))
+
+
+@pytest.mark.parametrize(
+    "parent, ddl",
+    [
+        (reading, "DROP TABLE s20_reading_old"),
+        (animal, "DROP TABLE s20_dog"),
+        (animal, "ALTER TABLE s20_dog NO INHERIT s20_animal"),
+    ],
+    ids=["a partition dropped", "a child table dropped", "NO INHERIT"],
+)
+@pytest.mark.parametrize("catalog", ["read", "not read yet"])
+def test_ddl_that_unlinks_a_child_invalidates_its_parent(pg, PgSession, region, parent, ddl, catalog):
+    with pg.begin() as conn:
+        conn.exec_driver_sql(HIERARCHIES)
+    stmt = select(parent.c.id, parent.c.v).order_by(parent.c.id)
+    assert cached(PgSession, region, stmt) == uncached(pg, stmt)
+    if catalog == "not read yet":  # by this process: a migration's, the entries another's
+        forget_catalog()
+    with PgSession() as session:  # a migration run by the application
+        session.execute(text(ddl))
+        session.commit()
+    assert len(uncached(pg, stmt)) == 1
+    assert cached(PgSession, region, stmt) == uncached(pg, stmt)

@@ -265,6 +265,11 @@ class _Schema:
 _schema = _Schema()
 
 
+def read_catalog(conn: Any) -> None:
+    """Read the catalog of ``conn``'s database now, unless it is known: a schema change is about to run."""
+    _schema.catalog(conn)
+
+
 def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     """Return ``tables`` written on ``conn`` and what the database changes because of them."""
     if reads.ALL_TABLES in tables:

@@ -49,6 +49,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import Pool
+from sqlalchemy.sql.elements import TextClause
 
 from ... import _sqlalchemy
 from ...storage.backends import local_session
@@ -96,6 +97,7 @@ def install() -> None:
     if event.contains(Engine, "after_cursor_execute", _executed):
         return
     event.listen(Engine, "after_cursor_execute", _executed)
+    event.listen(Engine, "before_cursor_execute", _executing)
     event.listen(Engine, "handle_error", _failed)
     event.listen(Engine, "begin", _begun)
     event.listen(Engine, "begin_twophase", lambda conn, xid: _begun(conn))
@@ -129,14 +131,38 @@ def _marks(conn: Any) -> _Marks:
     return found
 
 
+#: SQL text that may change the schema so as to unlink a table from what showed its rows.
+_UNLINKS = re.compile(r"\b(?:drop|alter)\b", re.I)
+
+
+def _executing(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+    # DROP TABLE of a partition or a child, ALTER TABLE ... NO INHERIT: once
+    # it has run, the catalog no longer says which parent showed the rows it
+    # took away.  Have the catalog of before it at hand (read now if it is not).
+    if conn.dialect.name != "postgresql":
+        return
+    compiled = context.compiled
+    if not context.isddl and compiled is not None and not isinstance(getattr(compiled, "statement", None), TextClause):
+        return  # a compiled SELECT or DML: no schema change
+    if context.isddl or _UNLINKS.search(statement):
+        try:
+            schema.read_catalog(conn)
+        except Exception:  # the statement's own error, if any, must reach the caller
+            log.warning("could not read the catalog before a schema change", exc_info=True)
+
+
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
     if _PREPARED_WORD.search(statement):
         _two_phase_sql(conn, statement)
     try:
         tables = written_tables(context, statement)
-        if tables:
-            if is_ddl(context, statement):
-                schema.forget_catalog(conn.engine)
+        if tables and is_ddl(context, statement):
+            # What the tables it names showed under before it ran (a partition
+            # dropped, NO INHERIT: its parent no longer shows its rows), and after.
+            before = schema.also_written(conn, tables)
+            schema.forget_catalog(conn.engine)
+            tables = before | schema.also_written(conn, tables)
+        elif tables:
             tables = schema.also_written(conn, tables)
     except Exception:  # never let the cache break a write, nor miss one
         log.warning("could not tell what a statement writes; counting it as a write to every table", exc_info=True)
