@@ -12,7 +12,7 @@ import time
 
 import psycopg
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, select, text, update
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, select, text, update
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import SessionCache
@@ -191,3 +191,37 @@ def test_ddl_that_unlinks_a_child_invalidates_its_parent(pg, PgSession, region, 
         session.commit()
     assert len(uncached(pg, stmt)) == 1
     assert cached(PgSession, region, stmt) == uncached(pg, stmt)
+
+
+# 5. A snapshot taken by the first of a miss's two loads ---------------------------------------
+
+
+def test_a_miss_that_loads_twice_at_repeatable_read_stores_nothing_older(pg, region_options, region):
+    # The first miss of a view calling a function loads twice (it reads
+    # tables its statement does not name: their versions are read, then it
+    # loads again).  At REPEATABLE READ the second load reads the snapshot
+    # of the first: a commit in between is bumped in the versions it
+    # stores with, and missing from its rows.
+    with pg.begin() as conn:
+        conn.exec_driver_sql(test_writes_postgresql.FUNCTIONS)
+    counted = test_writes_postgresql.counted
+    stmt = select(counted.c.id, counted.c.tags).order_by(counted.c.id)
+    repeatable = create_engine(pg.url, isolation_level="REPEATABLE READ")
+    cache = SessionCache(region_options, default_region=region, secret=SECRET)
+    Sess = sessionmaker(bind=repeatable, info=cache.session_info())
+    writes = []
+
+    @event.listens_for(repeatable, "after_cursor_execute")
+    def another_commits(conn, cursor, statement, parameters, context, executemany):
+        if "pg_counted" in statement and not writes:  # the first load has its snapshot
+            writes.append(statement)
+            with pg.begin() as other:
+                other.execute(text("INSERT INTO pg_tag VALUES (4, 1)"))
+
+    try:
+        assert cached(Sess, region, stmt) == [(1, 2), (2, 1), (3, 0)]  # as of its snapshot
+        assert writes
+        assert uncached(pg, stmt) == [(1, 3), (2, 1), (3, 0)]
+        assert cached(Sess, region, stmt) == uncached(pg, stmt)
+    finally:
+        repeatable.dispose()

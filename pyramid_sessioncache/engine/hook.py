@@ -255,7 +255,11 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
         conn = connection()
         old_snapshot = _must_not_store(session, conn)  # before anything runs for this query
         known = tables
-        for _ in range(2):
+        for attempt in range(2):
+            if attempt:
+                # The first load began the transaction: at REPEATABLE READ the
+                # second reads its snapshot, older than the versions read now.
+                old_snapshot = old_snapshot or _must_not_store(session, conn)
             now = region.versions(known, create=True)  # before the query: see invalidation/__init__.py
             value = load(frozenset(known), conn)
             # A view calling a function of the database's own reads any table.
