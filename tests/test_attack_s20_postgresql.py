@@ -225,3 +225,17 @@ def test_a_miss_that_loads_twice_at_repeatable_read_stores_nothing_older(pg, reg
         assert cached(Sess, region, stmt) == uncached(pg, stmt)
     finally:
         repeatable.dispose()
+
+
+# 6. A commit sent as SQL that begins the next transaction at once ----------------------------
+
+
+@pytest.mark.parametrize("sql", ["COMMIT AND CHAIN", "END AND CHAIN", "commit work and chain", "COMMIT; BEGIN"])
+def test_a_commit_and_chain_sent_as_sql_is_published(pg, PgSession, region, sql):
+    cached(PgSession, region, PARENTS)
+    with pg.connect() as conn:
+        conn.execute(update(PgParent.__table__).where(PgParent.id == 1).values(name="chained"))
+        conn.exec_driver_sql(sql)  # committed; a new transaction is open
+        conn.rollback()  # which writes nothing
+    assert uncached(pg, PARENTS)[0] == (1, "chained")
+    assert cached(PgSession, region, PARENTS) == uncached(pg, PARENTS)

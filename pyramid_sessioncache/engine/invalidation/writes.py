@@ -171,6 +171,40 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
         _mark(conn, tables)
     elif conn.info.get(_MARKS) is not None and not in_transaction(conn.connection.dbapi_connection):
         _ended_by_itself(conn)  # a COMMIT (or ROLLBACK) sent as SQL
+    if _COMMIT_WORD.search(statement) and _textual(context) and _commits(statement) and _transaction_open(conn):
+        _committed_within(conn, tables)
+
+
+#: What may be a COMMIT (or END) sent as SQL.
+_COMMIT_WORD = re.compile(r"\b(?:commit|end)\b", re.I)
+
+
+def _textual(context: Any) -> bool:
+    compiled = context.compiled
+    return compiled is None or isinstance(getattr(compiled, "statement", None), TextClause)
+
+
+@lru_cache(maxsize=256)
+def _commits(statement: str) -> bool:
+    """Whether SQL text holds a ``COMMIT`` or ``END`` statement (``COMMIT PREPARED`` aside)."""
+    for cleaned in sqltext.readings(statement):
+        for part in cleaned.statements():
+            words = part.lower().split()
+            if words[0] in ("commit", "end") and words[1:2] != ["prepared"]:
+                return True
+    return False
+
+
+def _committed_within(conn: Any, tables: frozenset[str]) -> None:
+    # A COMMIT sent as SQL after which a transaction is open again (COMMIT
+    # AND CHAIN, "...; COMMIT; BEGIN; ..."): what was marked before it is
+    # committed, whatever SQLAlchemy does next.  The statement's own tables
+    # may come after the COMMIT: published now and kept for the next end.
+    marks = conn.info.get(_MARKS)
+    if marks is not None:
+        pending = marks.pending()
+        marks.levels = [[None, set(tables)]]
+        publish(pending)
 
 
 def _connected(conn: Any) -> None:
