@@ -239,3 +239,29 @@ def test_a_commit_and_chain_sent_as_sql_is_published(pg, PgSession, region, sql)
         conn.rollback()  # which writes nothing
     assert uncached(pg, PARENTS)[0] == (1, "chained")
     assert cached(PgSession, region, PARENTS) == uncached(pg, PARENTS)
+
+
+# 7. Names longer than PostgreSQL keeps ----------------------------------------------------------
+
+#: PostgreSQL keeps the first 63 bytes of a name: the catalog, triggers and psql spell it so.
+LONG = "pg_child_of_a_parent_whose_rows_cascade_and_whose_name_is_long_enough_to_be_cut"
+long_child = Table(LONG, MetaData(), Column("id", Integer, primary_key=True), Column("parent_id", Integer))
+
+
+def test_a_name_longer_than_postgresql_keeps_is_one_table(pg, PgSession, region):
+    assert len(LONG) > 63
+    with pg.begin() as conn:
+        conn.exec_driver_sql(
+            f"CREATE TABLE {LONG} (id integer PRIMARY KEY, parent_id integer REFERENCES pg_parent ON DELETE CASCADE);"
+            f"INSERT INTO {LONG} VALUES (1, 1), (2, 2)"
+        )
+    stmt = select(long_child.c.id, long_child.c.parent_id).order_by(long_child.c.id)
+    assert cached(PgSession, region, stmt) == [(1, 1), (2, 2)]
+    with PgSession() as session:  # the catalog's cascade names the child by its first 63 bytes
+        session.delete(session.get(PgParent, 1))
+        session.commit()
+    assert cached(PgSession, region, stmt) == uncached(pg, stmt) == [(2, 2)]
+    with PgSession() as session:  # as psql and the catalog spell it
+        session.execute(text(f"DELETE FROM {LONG[:63]}"))
+        session.commit()
+    assert cached(PgSession, region, stmt) == uncached(pg, stmt) == []

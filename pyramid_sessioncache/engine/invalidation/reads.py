@@ -32,6 +32,9 @@ from . import schema, sqltext
 
 #: The pseudo-table every entry depends on: bumping it invalidates them all.
 ALL_TABLES = "*"
+#: How much of a name PostgreSQL keeps (``NAMEDATALEN - 1`` bytes): names that
+#: begin alike for that long share a version elsewhere too (misses, never stale data).
+NAME_BYTES = 63
 #: The pseudo-table of results whose tables cannot all be named: every
 #: committed write bumps it.
 ANY_TABLE = "?"
@@ -42,14 +45,20 @@ def version_name(table: Any) -> str:
 
     Reads and writes must agree on it whatever spelled the table: a
     ``Table``, SQL text in any case, a name with or without a schema
-    (``"main.person"`` is ``person``).  Tables of
+    (``"main.person"`` is ``person``), as long as PostgreSQL keeps it
+    (its first 63 bytes).  Tables of
     one name in two schemas share a version: a write to one invalidates
     what read the other, which costs misses, never stale data.
     """
     name = table if isinstance(table, str) else table.name
     # What follows the last dot, whichever side spelled it: a quoted name
     # holding a dot ("a.b") reads like schema a, table b in SQL text.
-    return name.rpartition(".")[2].strip('"`[]').lower()
+    name = name.rpartition(".")[2].strip('"`[]').lower()
+    if len(name) > NAME_BYTES or (not name.isascii() and len(name.encode()) > NAME_BYTES):
+        # PostgreSQL keeps a name's first 63 bytes (a whole character): its
+        # catalog and triggers name the table so, whoever spelled it longer.
+        name = name.encode()[:NAME_BYTES].decode("utf-8", "ignore")
+    return name
 
 
 def declared_tables(tables: Iterable[Any]) -> frozenset[str]:
