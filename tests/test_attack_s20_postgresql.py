@@ -62,6 +62,29 @@ def test_a_temporary_table_keeps_its_rows_to_its_connection(pg, region_options, 
         own.dispose()
 
 
+@pytest.mark.parametrize("discard", ["DISCARD TEMP, rolled back", "DISCARD ALL"])
+def test_a_discard_that_drops_temporary_tables(pg, region_options, region, discard):
+    own = create_engine(pg.url, pool_size=1, max_overflow=0)
+    try:
+        cache = SessionCache(region_options, default_region=region, secret=SECRET)
+        Own = sessionmaker(bind=own, info=cache.session_info())
+        Other = sessionmaker(bind=pg, info=cache.session_info())
+        with own.begin() as conn:
+            conn.exec_driver_sql(TEMPORARY["CREATE TEMPORARY TABLE"])
+        if discard == "DISCARD ALL":
+            with own.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+                conn.exec_driver_sql("DISCARD ALL")
+        else:
+            with own.connect() as conn:
+                conn.exec_driver_sql("DISCARD TEMP")
+                conn.rollback()
+        for Sess, engine in [(Other, pg), (Own, own), (Other, pg), (Own, own)]:
+            assert cached(Sess, region, PARENTS) == uncached(engine, PARENTS)
+        assert len(uncached(own, PARENTS)) == (3 if discard == "DISCARD ALL" else 1)
+    finally:
+        own.dispose()
+
+
 # 2. Two-phase commit sent as SQL: the commit happens at COMMIT PREPARED --------------------
 
 

@@ -46,6 +46,7 @@ from sqlalchemy.engine import Engine
 
 from .. import _sqlalchemy
 from .invalidation import schema, sqltext
+from .invalidation.writes import in_transaction
 
 #: ``Connection.info`` keys (kept with the DBAPI connection).
 _SESSION = "sessioncache.settings"
@@ -116,8 +117,8 @@ def _note_temporary(conn: Any, statement: str) -> None:
         # Kept even if its transaction rolls back: the token costs misses only.
         conn.info[_TEMPORARY] = secrets.token_hex(8)
         _POOLS_WITH_SETTINGS.add(conn.engine.pool)
-    elif found == "dropped":
-        conn.info.pop(_TEMPORARY, None)
+    elif found == "dropped" and not in_transaction(conn.connection.dbapi_connection):
+        conn.info.pop(_TEMPORARY, None)  # a DISCARD TEMP in a transaction may yet roll back
 
 
 @lru_cache(maxsize=2048)
