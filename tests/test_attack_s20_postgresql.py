@@ -14,11 +14,13 @@ import psycopg
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, select, text, update
 from sqlalchemy.orm import sessionmaker
+from sqlalchemy.pool import NullPool
 
 from pyramid_sessioncache import SessionCache
 from pyramid_sessioncache.engine.invalidation.notify import dsn_of, install_triggers
 from pyramid_sessioncache.engine.invalidation.schema import forget_catalog
 
+from . import test_attack_s18_round6 as round6
 from . import test_writes_postgresql
 from .conftest import SECRET
 from .test_writes_postgresql import PgParent, cached, uncached
@@ -26,6 +28,8 @@ from .test_writes_postgresql import PgParent, cached, uncached
 #: Its fixtures: a database whose schema migrations made, and Sessions caching on it.
 pg = test_writes_postgresql.pg
 PgSession = test_writes_postgresql.PgSession
+#: Schemas public, tenant_a and tenant_b, each with its ``item``.
+tenants = round6.tenants
 PARENTS = select(PgParent.id, PgParent.name).order_by(PgParent.id)
 
 
@@ -288,3 +292,33 @@ def test_a_name_longer_than_postgresql_keeps_is_one_table(pg, PgSession, region)
         session.execute(text(f"DELETE FROM {LONG[:63]}"))
         session.commit()
     assert cached(PgSession, region, stmt) == uncached(pg, stmt) == []
+
+
+# 8. One setting under two names ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "first, then",
+    [
+        ("SET search_path TO tenant_a", "SET SCHEMA 'tenant_b'"),
+        ("SET search_path TO tenant_a", 'SET "search_path" TO tenant_b'),
+        ("SET search_path TO tenant_a", "SELECT set_config('Search_Path', 'tenant_b', false)"),
+        ("SET search_path TO tenant_a", "SET search_path=tenant_b"),
+    ],
+    ids=["SET SCHEMA", "a quoted name", "set_config() of another case", "no space before ="],
+)
+def test_one_setting_under_two_names_in_either_order(tenants, first, then):
+    # The same two statements, in the other order, leave the other tenant in force.
+    engine = create_engine(tenants, poolclass=NullPool)
+    Session = sessionmaker(engine, info=round6._cache().session_info())
+    try:
+        with Session() as session:
+            for statement in (first, then):
+                session.connection().exec_driver_sql(statement)
+            assert round6._prime(session) == list(session.scalars(round6.ITEMS)) == ["of b"]
+        with Session() as session:
+            for statement in (then, first):
+                session.connection().exec_driver_sql(statement)
+            assert list(session.scalars(round6.CACHED)) == list(session.scalars(round6.ITEMS)) == ["of a"]
+    finally:
+        engine.dispose()

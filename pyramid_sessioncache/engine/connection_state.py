@@ -58,7 +58,7 @@ _TEMPORARY = "sessioncache.temporary"
 #: Words that change settings when they start a statement.
 _FIRST_WORDS = frozenset({"set", "reset", "discard"})
 _SET = re.compile(r"^set\s+(?:(?P<scope>session|local)\s+)?(?P<rest>.*)$", re.I | re.S)
-_TWO_WORDS = ("session authorization", "time zone", "transaction isolation")
+_TWO_WORDS = ("session authorization", "time zone", "transaction isolation", "xml option")
 #: set_config(), however spelt (quoted, in any case).
 _SET_CONFIG = re.compile(r"\bset_config\"?\s*\(", re.I)
 #: A set_config() call whose name and scope are literals: set_config('name', value, true|false).
@@ -158,7 +158,7 @@ def _changes(statement: str) -> tuple[tuple[str | None, bool], ...]:
         for part in cleaned.statements():
             words = part.split(None, 1)
             if words and words[0].lower() in _FIRST_WORDS:
-                found.append(_statement_change(words[0].lower(), part))
+                found.append(_statement_change(words[0].lower(), part, cleaned))
     calls = len(_SET_CONFIG.findall(statement))
     if calls:
         literal = list(_LITERAL_CONFIG.finditer(statement))
@@ -169,21 +169,42 @@ def _changes(statement: str) -> tuple[tuple[str | None, bool], ...]:
     return tuple(found)
 
 
-def _statement_change(word: str, text: str) -> tuple[str | None, bool]:
+def _statement_change(word: str, text: str, cleaned: sqltext.Cleaned) -> tuple[str | None, bool]:
     lowered = " ".join(text.lower().split())
     if word == "discard":
         return ("*all", False) if lowered.startswith("discard all") else ("*none", False)
     if word == "reset":
         rest = lowered[len("reset") :].strip()
-        return ("*all" if rest == "all" else "*reset " + _name_of(rest), False)
+        return ("*all" if rest == "all" else "*reset " + _name_of(rest, cleaned), False)
     found = _SET.match(lowered)
     if found is None:
         return (None, False)
-    return _name_of(found.group("rest")), found.group("scope") == "local"
+    return _name_of(found.group("rest"), cleaned), found.group("scope") == "local"
 
 
-def _name_of(rest: str) -> str:
-    return next((words for words in _TWO_WORDS if rest.startswith(words)), rest.split(None, 1)[0] if rest else "")
+#: The one name of a setting PostgreSQL also takes under another: the last
+#: change of either is what is in force, so they must be one setting here.
+_ALIASES = {
+    "schema": "search_path",
+    "time zone": "timezone",
+    "names": "client_encoding",
+    "xml option": "xmloption",
+    "transaction isolation": "transaction_isolation",
+    "session authorization": "session_authorization",
+    "authorization": "session_authorization",  # SET SESSION AUTHORIZATION, its SESSION read as the scope
+}
+#: A setting's name: a quoted name's token, or what comes before a space or "=" (``SET search_path=a``).
+_SETTING = re.compile(r'"\d+"|[^\s=]+')
+
+
+def _name_of(rest: str, cleaned: sqltext.Cleaned) -> str:
+    name = next((words for words in _TWO_WORDS if rest.startswith(words)), None)
+    if name is None:
+        found = _SETTING.match(rest)
+        name = "" if found is None else found.group()
+        if name.startswith('"'):  # a setting's name is read in any case, quoted or not
+            name = cleaned.name(name).lower()
+    return _ALIASES.get(name, name)
 
 
 def _apply(info: dict, name: str, value: str, local: bool, in_transaction: bool, conn: Any) -> None:
