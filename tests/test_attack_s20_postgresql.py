@@ -322,3 +322,34 @@ def test_one_setting_under_two_names_in_either_order(tenants, first, then):
             assert list(session.scalars(round6.CACHED)) == list(session.scalars(round6.ITEMS)) == ["of a"]
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "switch",
+    [
+        "DO $$ BEGIN SET search_path TO tenant_b; END $$",
+        "DO $$ BEGIN EXECUTE 'SET search_path TO tenant_b'; END $$",
+        "DO LANGUAGE plpgsql $body$ BEGIN RESET search_path; SET LOCAL search_path = tenant_b; END $body$",
+    ],
+    ids=["SET", "EXECUTE 'SET'", "SET LOCAL"],
+)
+def test_a_setting_changed_in_a_do_block(tenants, switch):
+    engine = create_engine(tenants, pool_size=1, max_overflow=0)  # one connection: its settings stay
+    other = create_engine(tenants, pool_size=1, max_overflow=0)
+    cache = round6._cache()
+    Session = sessionmaker(engine, info=cache.session_info())
+    Other = sessionmaker(other, info=cache.session_info())
+    try:
+        for Sess in (Session, Other):
+            with Sess() as session:
+                session.connection().exec_driver_sql("SET search_path TO tenant_a")
+                session.commit()
+        with Session() as session:
+            session.connection().exec_driver_sql(switch)
+            session.commit()
+        for Sess in (Session, Other, Session, Other):
+            with Sess() as session:
+                assert round6._prime(session) == list(session.scalars(round6.ITEMS))
+    finally:
+        engine.dispose()
+        other.dispose()

@@ -59,6 +59,8 @@ _TEMPORARY = "sessioncache.temporary"
 _FIRST_WORDS = frozenset({"set", "reset", "discard"})
 _SET = re.compile(r"^set\s+(?:(?P<scope>session|local)\s+)?(?P<rest>.*)$", re.I | re.S)
 _TWO_WORDS = ("session authorization", "time zone", "transaction isolation", "xml option")
+#: A SET, RESET or DISCARD that starts a statement of a ``DO`` block's code, or of a string it EXECUTEs.
+_SET_IN_BODY = re.compile(r"(?:^|[;']|\$|\b(?:begin|then|else|loop))\s*(?:set|reset|discard)\b", re.I)
 #: set_config(), however spelt (quoted, in any case).
 _SET_CONFIG = re.compile(r"\bset_config\"?\s*\(", re.I)
 #: A set_config() call whose name and scope are literals: set_config('name', value, true|false).
@@ -159,6 +161,8 @@ def _changes(statement: str) -> tuple[tuple[str | None, bool], ...]:
             words = part.split(None, 1)
             if words and words[0].lower() in _FIRST_WORDS:
                 found.append(_statement_change(words[0].lower(), part, cleaned))
+            elif words and words[0].lower() == "do" and _SET_IN_BODY.search(statement):
+                found.append((None, False))  # an anonymous block's SET: which, and for how long, is its code's
     calls = len(_SET_CONFIG.findall(statement))
     if calls:
         literal = list(_LITERAL_CONFIG.finditer(statement))
