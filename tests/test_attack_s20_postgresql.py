@@ -12,7 +12,7 @@ import time
 
 import psycopg
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, select, text, update
+from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, event, select, text, update
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -353,3 +353,30 @@ def test_a_setting_changed_in_a_do_block(tenants, switch):
     finally:
         engine.dispose()
         other.dispose()
+
+
+# 9. The system catalog, read as tables ----------------------------------------------------------------
+
+pg_tables = Table("pg_tables", MetaData(), Column("schemaname", String), Column("tablename", String))
+info_tables = Table(
+    "tables", MetaData(), Column("table_schema", String), Column("table_name", String), schema="information_schema"
+)
+
+
+@pytest.mark.parametrize(
+    "stmt",
+    [
+        select(pg_tables.c.tablename).where(pg_tables.c.schemaname == "public").order_by(pg_tables.c.tablename),
+        select(info_tables.c.table_name)
+        .where(info_tables.c.table_schema == "public")
+        .order_by(info_tables.c.table_name),
+    ],
+    ids=["pg_catalog.pg_tables", "information_schema.tables"],
+)
+def test_a_read_of_the_catalog_sees_the_schema_changes_of_the_process(pg, PgSession, region, stmt):
+    assert cached(PgSession, region, stmt) == uncached(pg, stmt)
+    with PgSession() as session:  # a migration run by the application
+        session.execute(text("CREATE TABLE pg_new (id integer)"))
+        session.commit()
+    assert ("pg_new",) in uncached(pg, stmt)
+    assert cached(PgSession, region, stmt) == uncached(pg, stmt)

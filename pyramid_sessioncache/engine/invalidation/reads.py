@@ -108,6 +108,8 @@ def statement_tables(statement: Any) -> frozenset[str]:
 
 # What a compiled statement rendered --------------------------------------------
 
+#: Schemas whose tables a schema change writes (PostgreSQL's catalog, SQL's ``information_schema``).
+SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
 #: Text that may read a table.  Other text (``DISTINCT``, ``id > 5``) reads nothing it does not name.
 _READS_SQL = re.compile(r"\b(?:select|from|join|table)\b", re.I)
 #: A name followed by "(" in SQL text: a function called, or a type given its length after "::" or AS.
@@ -158,6 +160,8 @@ class _Recording:
 
     def visit_table(self, table: Any, **kw: Any) -> Any:
         self.read_tables.add(version_name(table))
+        if str(getattr(table, "schema", None) or "").lower() in SYSTEM_SCHEMAS:
+            self.opaque = True  # the catalog, written by schema changes: ANY_TABLE
         schema.note(table)  # its foreign keys may cascade into it
         return super().visit_table(table, **kw)  # type: ignore[misc]
 

@@ -98,7 +98,10 @@ WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN 
 #: calls a function or an operator of the database's own (outside
 #: ``pg_catalog`` and ``information_schema``): its body may read any
 #: table, which the catalog does not record.  A materialized view is not
-#: one: what it shows changes when it is refreshed, a write to it.
+#: one: what it shows changes when it is refreshed, a write to it.  And the
+#: system catalog's own tables and views (``pg_class``, ``pg_tables``),
+#: found first on every search path: a schema change writes them, and
+#: bumps :data:`~.reads.ANY_TABLE` only.
 POSTGRESQL_OPAQUE = """
 WITH users AS (
     SELECT r.ev_class AS rel, d.refclassid, d.refobjid
@@ -120,6 +123,8 @@ LEFT JOIN pg_proc f ON u.refclassid = 'pg_proc'::regclass AND f.oid = u.refobjid
 LEFT JOIN pg_operator o ON u.refclassid = 'pg_operator'::regclass AND o.oid = u.refobjid
 JOIN pg_namespace n ON n.oid = coalesce(f.pronamespace, o.oprnamespace)
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+UNION
+SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relkind IN ('r', 'v')
 """
 
 #: The functions and operators of the database's own (outside
