@@ -12,7 +12,20 @@ import time
 
 import psycopg
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, event, select, text, update
+from sqlalchemy import (
+    Column,
+    Integer,
+    MetaData,
+    Sequence,
+    String,
+    Table,
+    create_engine,
+    event,
+    func,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -22,7 +35,7 @@ from pyramid_sessioncache.engine.invalidation.schema import forget_catalog
 
 from . import test_attack_s18_round6 as round6
 from . import test_writes_postgresql
-from .conftest import SECRET
+from .conftest import SECRET, SQLCounter
 from .test_writes_postgresql import PgParent, cached, uncached
 
 #: Its fixtures: a database whose schema migrations made, and Sessions caching on it.
@@ -380,3 +393,26 @@ def test_a_read_of_the_catalog_sees_the_schema_changes_of_the_process(pg, PgSess
         session.commit()
     assert ("pg_new",) in uncached(pg, stmt)
     assert cached(PgSession, region, stmt) == uncached(pg, stmt)
+
+
+# 10. SELECTs run for what they do -----------------------------------------------------------------------
+
+EFFECTS = {
+    "Sequence.next_value()": select(Sequence("pg_s20_seq").next_value()),
+    "func.nextval()": select(func.nextval("pg_s20_seq")),
+    "nextval() in text()": text("SELECT nextval('pg_s20_seq')").columns(nextval=Integer),
+    "func.setval()": select(func.setval("pg_s20_seq", 5)),
+    "an advisory lock": select(func.pg_try_advisory_xact_lock(20)),
+    "set_config()": select(func.set_config("app.tenant", "b", False)),
+}
+
+
+@pytest.mark.parametrize("stmt", EFFECTS.values(), ids=EFFECTS.keys())
+def test_a_select_run_for_its_effect_runs_every_time(pg, PgSession, region, stmt):
+    # A sequence advanced, a lock taken, a setting made: a hit does none of it.
+    with pg.begin() as conn:
+        conn.exec_driver_sql("CREATE SEQUENCE pg_s20_seq")
+    sql = SQLCounter(pg)
+    for _ in range(3):
+        cached(PgSession, region, stmt)
+    assert sql.count == 3
