@@ -8,6 +8,7 @@ schema is ``test_writes_postgresql``'s (``pg_parent``, ``pg_child``...).
 
 from __future__ import annotations
 
+import threading
 import time
 
 import psycopg
@@ -30,7 +31,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
 from pyramid_sessioncache import SessionCache
-from pyramid_sessioncache.engine.invalidation.notify import dsn_of, install_triggers
+from pyramid_sessioncache.engine.invalidation.notify import Listener, dsn_of, install_triggers
 from pyramid_sessioncache.engine.invalidation.schema import forget_catalog
 
 from . import test_attack_s18_round6 as round6
@@ -416,3 +417,29 @@ def test_a_select_run_for_its_effect_runs_every_time(pg, PgSession, region, stmt
     for _ in range(3):
         cached(PgSession, region, stmt)
     assert sql.count == 3
+
+
+# 11. The listener's first connection ---------------------------------------------------------------
+
+
+def test_listen_returns_once_listening(pg, region_options):
+    # The application serves once listen() returned: a write committed then is heard.
+    with pg.begin() as conn:
+        install_triggers(conn)
+    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
+    try:
+        assert cache.listen(pg).connected
+    finally:
+        cache.close()
+
+
+def test_a_listener_that_was_not_listening_when_started_returned_covers_what_it_missed(pg):
+    # start() gave up waiting: what committed before LISTEN was not heard.
+    lost = threading.Event()
+    listener = Listener(dsn_of(pg), lambda tables: None, lost.set, application_name="s20-late")
+    try:
+        listener.start(wait=0)
+        assert listener.wait_connected(10)
+        assert lost.wait(10)
+    finally:
+        listener.stop()

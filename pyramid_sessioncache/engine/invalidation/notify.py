@@ -390,6 +390,10 @@ class Listener:
         self.poll = poll
         self.retry = retry
         self._stopping = threading.Event()
+        # Set when start() stopped waiting before LISTEN was in place: the first
+        # connection then calls on_lost, as a connection made again does.
+        self._late = False
+        self._first = threading.Lock()
         self._connected = threading.Event()
         self._thread: threading.Thread | None = None
         self._backend_pid: int | None = None
@@ -412,9 +416,15 @@ class Listener:
         """Wait until ``LISTEN`` is in place; return whether it is (False after ``timeout`` seconds)."""
         return self._connected.wait(timeout)
 
-    def start(self) -> Listener:
+    def start(self, wait: float | None = None) -> Listener:
         """Start listening in a daemon thread; return the listener.
 
+        :param wait: seconds to wait until ``LISTEN`` is in place.  If it is
+            not by then, ``on_lost`` is called once it is: what committed
+            in between, while the caller went on (serving requests that
+            store entries), was not heard.  None: return at once, and treat
+            the first connection as the start (the caller waits with
+            :meth:`wait_connected` before it reads anything).
         :raises RuntimeError: it was started already.
         """
         if self._thread is not None:
@@ -422,6 +432,9 @@ class Listener:
         _psycopg()  # a missing driver fails here, not in the thread
         self._thread = threading.Thread(target=self._run, name=f"sessioncache-listener:{self.channel}", daemon=True)
         self._thread.start()
+        if wait is not None and not self._connected.wait(wait):
+            with self._first:
+                self._late = not self._connected.is_set()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -464,7 +477,9 @@ class Listener:
                     conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.channel)))
                     since = time.monotonic()
                     self._backend_pid = conn.info.backend_pid
-                    self._connected.set()
+                    with self._first:
+                        self._connected.set()
+                        missed, self._late = missed or self._late, False
                     if missed:
                         self._call(self.on_lost)
                     self._receive(conn)  # returns once stop() was called
