@@ -152,7 +152,7 @@ def _executing(conn: Any, cursor: Any, statement: str, parameters: Any, context:
 
 
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-    if _PREPARED_WORD.search(statement):
+    if _PREPARED_WORD.search(statement) and _textual(context):
         _two_phase_sql(conn, statement)
     try:
         tables = written_tables(context, statement)
