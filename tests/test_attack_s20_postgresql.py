@@ -27,6 +27,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -443,3 +444,47 @@ def test_a_listener_that_was_not_listening_when_started_returned_covers_what_it_
         assert lost.wait(10)
     finally:
         listener.stop()
+
+
+# 12. A hot standby replays the primary's commits after they were published ---------------------------
+
+
+def test_a_read_of_a_standby_that_has_not_replayed_a_commit_is_not_stored(pg_standby, region_options, region):
+    # Writes go to the primary, reads to its replica (a routing Session, a
+    # read-only engine): a commit is published before the standby shows it.
+    primary, standby = (create_engine(url) for url in pg_standby)
+    try:
+        with primary.begin() as conn:
+            conn.exec_driver_sql(test_writes_postgresql.SCHEMA)
+        cache = SessionCache(region_options, default_region=region, secret=SECRET)
+        Writer = sessionmaker(bind=primary, info=cache.session_info())
+        Reader = sessionmaker(bind=standby, info=cache.session_info())
+        _replayed(standby, lambda rows: len(rows) == 3)
+        assert cached(Reader, region, PARENTS) == uncached(standby, PARENTS)
+        with standby.connect() as conn:
+            conn.exec_driver_sql("SELECT pg_wal_replay_pause()")
+        try:
+            with Writer() as session:
+                session.execute(update(PgParent).where(PgParent.id == 1).values(name="replayed"))
+                session.commit()
+            assert cached(Reader, region, PARENTS) == uncached(standby, PARENTS)  # as of the standby: not yet
+        finally:
+            with standby.connect() as conn:
+                conn.exec_driver_sql("SELECT pg_wal_replay_resume()")
+        _replayed(standby, lambda rows: rows[0] == (1, "replayed"))
+        assert cached(Reader, region, PARENTS) == uncached(standby, PARENTS)
+    finally:
+        primary.dispose()
+        standby.dispose()
+
+
+def _replayed(engine, condition):
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            if condition(uncached(engine, PARENTS)):
+                return
+        except ProgrammingError:  # no table yet
+            pass
+        assert time.monotonic() < deadline, "the standby did not replay"
+        time.sleep(0.05)
