@@ -488,3 +488,24 @@ def _replayed(engine, condition):
             pass
         assert time.monotonic() < deadline, "the standby did not replay"
         time.sleep(0.05)
+
+
+my_tables = Table("pg_my_tables", MetaData(), Column("name", String))
+
+
+@pytest.mark.parametrize(
+    "over",
+    ["SELECT tablename::text AS name FROM pg_tables WHERE schemaname = 'public'",
+     "SELECT relname::text AS name FROM pg_class WHERE relnamespace = 'public'::regnamespace AND relkind = 'r'"],
+    ids=["pg_tables", "pg_class"],
+)  # fmt: skip
+def test_a_view_over_the_catalog_sees_the_schema_changes_of_the_process(pg, PgSession, region, over):
+    with pg.begin() as conn:
+        conn.exec_driver_sql(f"CREATE VIEW pg_my_tables AS {over}")
+    stmt = select(my_tables.c.name).order_by(my_tables.c.name)
+    assert cached(PgSession, region, stmt) == uncached(pg, stmt)
+    with PgSession() as session:
+        session.execute(text("CREATE TABLE pg_new (id integer)"))
+        session.commit()
+    assert ("pg_new",) in uncached(pg, stmt)
+    assert cached(PgSession, region, stmt) == uncached(pg, stmt)

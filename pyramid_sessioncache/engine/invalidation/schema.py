@@ -101,7 +101,9 @@ WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN 
 #: one: what it shows changes when it is refreshed, a write to it.  And the
 #: system catalog's own tables and views (``pg_class``, ``pg_tables``),
 #: found first on every search path: a schema change writes them, and
-#: bumps :data:`~.reads.ANY_TABLE` only.
+#: bumps :data:`~.reads.ANY_TABLE` only; a view over the catalog's own
+#: tables too, which ``pg_depend`` does not link to them (they are pinned,
+#: below OID 12000: their numbers are found in the view's query tree).
 POSTGRESQL_OPAQUE = """
 WITH users AS (
     SELECT r.ev_class AS rel, d.refclassid, d.refobjid
@@ -125,6 +127,11 @@ JOIN pg_namespace n ON n.oid = coalesce(f.pronamespace, o.oprnamespace)
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
 UNION
 SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relkind IN ('r', 'v')
+UNION
+SELECT v.relname
+FROM pg_rewrite r
+JOIN pg_class v ON v.oid = r.ev_class
+WHERE v.relkind = 'v' AND r.ev_action::text ~ ':relid ([0-9]{1,4}|1[01][0-9]{3})\\M'
 """
 
 #: The functions and operators of the database's own (outside
