@@ -139,15 +139,18 @@ WHERE v.relkind = 'v' AND r.ev_action::text ~ ':relid ([0-9]{1,4}|1[01][0-9]{3})
 #: trigger functions): a statement that names one may read any table
 #: through it, whether called as ``f(x)``, in attribute notation
 #: (``person.f``) or as an operator (``a ### b``), and even when it
-#: overloads a built-in's name (``date(integer)``).
+#: overloads a built-in's name (``date(integer)``).  With each, whether
+#: its source changes a setting, and its source (an operator's: its
+#: function's name), to find those that call one that does.
 POSTGRESQL_ROUTINES = """
-SELECT p.proname, false, coalesce(p.prosrc, '') ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M)'
+SELECT p.proname, false, coalesce(p.prosrc, '') ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M)',
+       coalesce(p.prosrc, '')
 FROM pg_proc p
 JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND p.prorettype <> 'trigger'::regtype
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
 UNION
-SELECT o.oprname, true, false
+SELECT o.oprname, true, false, o.oprcode::text
 FROM pg_operator o
 JOIN pg_namespace n ON n.oid = o.oprnamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -269,9 +272,8 @@ class _Schema:
             rows = cursor.fetchall()
         finally:
             cursor.close()
-        routines = _routines_pattern([(name, operator) for name, operator, _ in rows])
-        setters = _routines_pattern([(name, False) for name, operator, sets in rows if sets])
-        return Catalog(edges, opaque, routines, setters)
+        routines = _routines_pattern([(name, operator) for name, operator, _, _ in rows])
+        return Catalog(edges, opaque, routines, _routines_pattern(_setters(rows)))
 
 
 _schema = _Schema()
@@ -320,6 +322,23 @@ def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     if opaque and not opaque.isdisjoint(tables):
         return tables | {reads.ANY_TABLE}
     return tables
+
+
+def _setters(rows: list[tuple[str, bool, bool, str]]) -> list[tuple[str, bool]]:
+    """The routines of ``rows`` that change a setting, or call one that does (at any depth)."""
+    found = {(name, operator) for name, operator, sets, _ in rows if sets}
+    while True:
+        calls = _routines_pattern([(name, False) for name, operator in found if not operator])
+        if calls is None:
+            return sorted(found)
+        more = {
+            (name, operator)
+            for name, operator, _, source in rows
+            if (name, operator) not in found and calls.search(source)
+        }
+        if not more:
+            return sorted(found)
+        found |= more
 
 
 def _routines_pattern(rows: list[tuple[str, bool]]) -> re.Pattern[str] | None:
