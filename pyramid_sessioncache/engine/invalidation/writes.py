@@ -184,7 +184,7 @@ def _textual(context: Any) -> bool:
     return compiled is None or isinstance(getattr(compiled, "statement", None), TextClause)
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=2048)
 def _commits(statement: str) -> bool:
     """Whether SQL text holds a ``COMMIT`` or ``END`` statement (``COMMIT PREPARED`` aside)."""
     for cleaned in sqltext.readings(statement):
@@ -241,7 +241,7 @@ def _twophase_committed(conn: Any, xid: Any, is_prepared: bool, recover: bool) -
         publish({ALL_TABLES})
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=2048)
 def _two_phase(statement: str) -> tuple[str, str | None] | None:
     """``(what, transaction id)`` of ``PREPARE TRANSACTION``, ``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` SQL."""
     for cleaned in sqltext.readings(statement):
