@@ -1,9 +1,14 @@
 """Attack s20, PostgreSQL: a cached read that returns what the same query, uncached, would not.
 
 Each test sets up a case where the database shows a query's rows otherwise
-than the cache believed: a connection of its own, a commit that happens
-apart from its transaction, a name the listener spells otherwise.  The
-schema is ``test_writes_postgresql``'s (``pg_parent``, ``pg_child``...).
+than the cache believed: a connection's own temporary tables, a commit
+that happens apart from its transaction (prepared, chained), a name
+spelt otherwise (a dot, 63 bytes, a setting's alias), a schema change
+whose effect the catalog no longer shows afterwards, a snapshot or a
+standby older than the versions read, a statement run for its effect, a
+setting changed where the SQL reader does not look.  The schema is
+``test_writes_postgresql``'s (``pg_parent``, ``pg_child``...); tenants
+are ``test_attack_s18_round6``'s.
 """
 
 from __future__ import annotations
