@@ -544,3 +544,51 @@ def test_a_function_that_calls_a_function_that_sets(tenants):
     finally:
         engine.dispose()
         other.dispose()
+
+
+@pytest.mark.parametrize("undo", ["a rollback", "a savepoint rolled back"])
+def test_a_schema_change_rolled_back_leaves_the_catalog_as_it_was(pg, PgSession, region, undo):
+    # The catalog read again after the DROP, inside its transaction, no
+    # longer links the partition to its parent: the DROP is undone, and the
+    # partition's writes must reach what read the parent again.
+    with pg.begin() as conn:
+        conn.exec_driver_sql(HIERARCHIES)
+    stmt = select(reading.c.id, reading.c.v).order_by(reading.c.id)
+    with PgSession() as session:  # a migration that fails
+        if undo == "a rollback":
+            session.execute(text("DROP TABLE s20_reading_old"))
+            session.rollback()
+        else:
+            savepoint = session.begin_nested()
+            session.execute(text("DROP TABLE s20_reading_old"))
+            savepoint.rollback()
+            session.commit()
+    assert cached(PgSession, region, stmt) == uncached(pg, stmt) == [(1, 1), (150, 2)]
+    with PgSession() as session:  # the partition, by its own name
+        session.execute(text("UPDATE s20_reading_old SET v = 10 WHERE id = 1"))
+        session.commit()
+    assert cached(PgSession, region, stmt) == uncached(pg, stmt) == [(1, 10), (150, 2)]
+
+
+newer = Table("pg_newer", MetaData(), Column("id", Integer), Column("name", String))
+
+
+def test_a_catalog_read_while_a_schema_change_is_not_committed_is_read_again(pg, PgSession, region):
+    # A migration creates a view; before it commits, another connection of
+    # the process writes, and reads the catalog as committed: without it.
+    migration = pg.connect()
+    try:
+        migration.begin()
+        migration.exec_driver_sql("CREATE VIEW pg_newer AS SELECT id, name FROM pg_parent")
+        with PgSession() as session:
+            session.execute(text("UPDATE pg_child SET name = name WHERE id = 1"))
+            session.commit()
+        migration.commit()
+    finally:
+        migration.close()
+    stmt = select(newer.c.id, newer.c.name).order_by(newer.c.id)
+    assert cached(PgSession, region, stmt) == uncached(pg, stmt)
+    with PgSession() as session:
+        session.execute(update(PgParent).where(PgParent.id == 1).values(name="through the view"))
+        session.commit()
+    assert cached(PgSession, region, stmt) == uncached(pg, stmt)

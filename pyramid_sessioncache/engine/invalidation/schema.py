@@ -239,6 +239,13 @@ class _Schema:
     def catalog(self, conn: Any) -> Catalog:
         if conn.dialect.name != "postgresql":
             return _NO_CATALOG
+        if conn.info.get(_CHANGING):
+            # Its transaction changed the schema: what it reads of the catalog
+            # is its own until it ends (others see the catalog as committed).
+            own = conn.info.get(_OWN_CATALOG)
+            if own is None:
+                own = conn.info[_OWN_CATALOG] = self._read_catalog(conn)
+            return own
         database = database_identity(conn)
         found = self._catalogs.get(database)
         if found is None:
@@ -377,6 +384,34 @@ def note(table: Any) -> None:
     metadata = getattr(table, "metadata", None)
     if metadata is not None:
         _schema.note(metadata)
+
+
+#: ``Connection.info`` keys: the connection's open transaction changed the
+#: schema, and the catalog as that transaction sees it.
+_CHANGING = "sessioncache.schema_changing"
+_OWN_CATALOG = "sessioncache.own_catalog"
+
+
+def schema_changed(conn: Any, in_transaction: bool) -> None:
+    """DDL ran on ``conn``: every catalog is read again; ``conn``'s own until its transaction ends.
+
+    Read inside a transaction that changed the schema, the catalog shows
+    what is not committed, and may never be (a migration rolled back): it
+    is not kept for the connections of others.
+    """
+    _schema.forget()
+    conn.info.pop(_OWN_CATALOG, None)
+    if in_transaction and conn.dialect.name == "postgresql":
+        conn.info[_CHANGING] = True
+
+
+def schema_settled(conn_info: dict, ended: bool) -> None:
+    """A transaction (``ended``) or a savepoint of a connection that changed the schema committed or rolled back."""
+    if conn_info.get(_CHANGING):
+        conn_info.pop(_OWN_CATALOG, None)
+        if ended:
+            del conn_info[_CHANGING]
+            _schema.forget()  # committed: read as others see it now
 
 
 def forget_catalog(engine: Any = None) -> None:

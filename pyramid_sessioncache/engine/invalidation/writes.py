@@ -56,7 +56,7 @@ from ...storage.backends import local_session
 from .. import info
 from ..cache import live_caches
 from . import schema, sqltext
-from .reads import ALL_TABLES, declared_tables
+from .reads import ALL_TABLES, ANY_TABLE, declared_tables
 from .statements import is_ddl, written_tables
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
             # What the tables it names showed under before it ran (a partition
             # dropped, NO INHERIT: its parent no longer shows its rows), and after.
             before = schema.also_written(conn, tables)
-            schema.forget_catalog(conn.engine)
+            schema.schema_changed(conn, _transaction_open(conn))
             tables = before | schema.also_written(conn, tables)
         elif tables:
             tables = schema.also_written(conn, tables)
@@ -234,7 +234,7 @@ def _twophase_committed(conn: Any, xid: Any, is_prepared: bool, recover: bool) -
     if marks is not None:
         committed, marks.committed = marks.committed, set()
     if committed:  # its own TwoPhaseTransaction: published before the commit already
-        publish(committed | (known or set()), again=True)
+        _committed_again(committed | (known or set()))
     elif known is not None:
         publish(known)
     elif is_prepared and recover:  # prepared by another process, or forgotten: it may have written anything
@@ -301,6 +301,7 @@ def _mark(conn: Any, tables: frozenset[str]) -> None:
 def _ended_by_itself(conn: Any) -> None:
     # The driver's transaction ended without SQLAlchemy: publish what it had
     # marked (a rollback sent as SQL costs misses, never stale data).
+    schema.schema_settled(conn.info, ended=True)
     marks = conn.info.get(_MARKS)
     if marks is not None:
         pending = marks.pending()
@@ -341,6 +342,7 @@ def _begun(conn: Any) -> None:
 
 
 def _committing(conn: Any, twophase: bool = False) -> None:
+    schema.schema_settled(conn.info, ended=True)
     marks = conn.info.get(_MARKS)
     if marks is None:
         return
@@ -353,10 +355,20 @@ def _committing(conn: Any, twophase: bool = False) -> None:
         marks.committed |= tables  # published again at the next begin or check-in
     else:
         # ...and those a reader stores while the database commits, too.
-        _sqlalchemy.after_dbapi_commit(conn, lambda: publish(tables, again=True))
+        _sqlalchemy.after_dbapi_commit(conn, lambda: _committed_again(tables))
+
+
+def _committed_again(tables: set[str]) -> None:
+    """Publish a commit's writes once more, now that the database has committed them."""
+    publish(tables, again=True)
+    if ANY_TABLE in tables or ALL_TABLES in tables:
+        # It changed the schema (or may have): catalogs read by others
+        # before the commit show the schema of before.
+        schema.forget_catalog()
 
 
 def _rolled_back(conn: Any) -> None:
+    schema.schema_settled(conn.info, ended=True)
     marks = conn.info.get(_MARKS)
     if marks is not None:
         marks.levels = [[None, set()]]
@@ -367,6 +379,7 @@ def _savepoint(conn: Any, name: str) -> None:
 
 
 def _rolled_back_to(conn: Any, name: str, context: Any) -> None:
+    schema.schema_settled(conn.info, ended=False)
     marks = conn.info.get(_MARKS)
     if marks is not None:
         del marks.levels[_level(marks, name) :]
@@ -395,6 +408,7 @@ def _checked_in(dbapi_connection: Any, connection_record: Any) -> None:
         return
     found = connection_record.info
     found.pop(_OWNERS, None)
+    schema.schema_settled(found, ended=True)
     _publish_committed(found)
     marks = found.pop(_MARKS, None)
     if marks is not None:
@@ -407,7 +421,7 @@ def _publish_committed(conn_info: dict) -> None:
     marks = conn_info.get(_MARKS)
     if marks is not None and marks.committed:
         committed, marks.committed = marks.committed, set()
-        publish(committed, again=True)
+        _committed_again(committed)
 
 
 # The Session side ------------------------------------------------------------
