@@ -592,3 +592,19 @@ def test_a_catalog_read_while_a_schema_change_is_not_committed_is_read_again(pg,
         session.execute(update(PgParent).where(PgParent.id == 1).values(name="through the view"))
         session.commit()
     assert cached(PgSession, region, stmt) == uncached(pg, stmt)
+
+
+def test_the_listener_connects_where_the_engine_does(pg, region_options):
+    # The server's socket given as a connect argument, not in the URL: a
+    # listener built from the URL alone listens elsewhere (or nowhere).
+    host = pg.url.query["host"]
+    engine = create_engine(pg.url.difference_update_query(["host"]), connect_args={"host": host})
+    with engine.begin() as conn:
+        install_triggers(conn)
+    assert psycopg.conninfo.conninfo_to_dict(dsn_of(engine))["host"] == host
+    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
+    try:
+        assert cache.listen(engine).connected
+    finally:
+        cache.close()
+        engine.dispose()

@@ -101,6 +101,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
+from ... import _sqlalchemy
 from .reads import ALL_TABLES, version_name
 
 if TYPE_CHECKING:
@@ -327,14 +328,45 @@ def dsn_of(engine_or_url: Engine | URL | str) -> str:
 
     ``postgresql+psycopg://user@host/db`` becomes ``postgresql://user@host/db``,
     password and query (``?host=/run/postgresql``) kept, for
-    :class:`Listener`, whatever driver the engine uses.
+    :class:`Listener`, whatever driver the engine uses.  Of an engine, the
+    libpq parameters its ``connect_args`` add (``host``, ``sslmode``...)
+    join the query: the listener connects where the engine does.
 
     :raises ValueError: the URL is not PostgreSQL's.
     """
     url = engine_or_url.url if isinstance(engine_or_url, Engine) else make_url(engine_or_url)
     if url.get_backend_name() != "postgresql":
         raise ValueError(f"a notification listener needs PostgreSQL, not {url.get_backend_name()}")
+    if isinstance(engine_or_url, Engine):
+        url = url.update_query_dict(_connect_args(engine_or_url))
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+#: libpq's connection parameters: those of an engine's ``connect_args`` that say where and how it connects.
+_LIBPQ = frozenset(
+    {"host", "hostaddr", "port", "dbname", "user", "password", "passfile", "channel_binding", "connect_timeout",
+     "client_encoding", "options", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+     "tcp_user_timeout", "sslmode", "sslcompression", "sslcert", "sslkey", "sslpassword", "sslcertmode",
+     "sslrootcert", "sslcrl", "sslcrldir", "sslsni", "requirepeer", "ssl_min_protocol_version",
+     "ssl_max_protocol_version", "gssencmode", "krbsrvname", "gsslib", "gssdelegation", "service",
+     "target_session_attrs", "load_balance_hosts", "require_auth"}
+)  # fmt: skip
+
+
+def _connect_args(engine: Engine) -> dict[str, str]:
+    """What the engine's ``connect_args`` add to its URL, as libpq parameters (the server's socket, say)."""
+    arguments = _sqlalchemy.connect_arguments(engine.pool)
+    if arguments is None:
+        return {}
+    from_url = engine.dialect.create_connect_args(engine.url)[1]
+    return {
+        name: str(value)
+        for name, value in arguments[1].items()
+        if name in _LIBPQ
+        and isinstance(value, (str, int))
+        and not isinstance(value, bool)
+        and from_url.get(name) != value
+    }
 
 
 class Listener:
