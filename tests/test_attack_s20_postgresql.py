@@ -608,3 +608,18 @@ def test_the_listener_connects_where_the_engine_does(pg, region_options):
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_a_table_created_by_explain_analyze_is_a_schema_change(pg, PgSession, region):
+    # EXPLAIN ANALYZE runs what it explains: here a table that comes first on
+    # the search path ("$user", then public), where pg_parent is read.
+    with pg.begin() as conn:
+        conn.exec_driver_sql("CREATE SCHEMA postgres")
+    assert cached(PgSession, region, PARENTS) == uncached(pg, PARENTS)
+    with PgSession() as session:
+        session.execute(
+            text("EXPLAIN ANALYZE CREATE TABLE postgres.pg_parent AS SELECT 1 AS id, 'shadowing'::varchar AS name")
+        ).all()
+        session.commit()
+    assert uncached(pg, PARENTS) == [(1, "shadowing")]
+    assert cached(PgSession, region, PARENTS) == uncached(pg, PARENTS)
