@@ -61,6 +61,8 @@ TEMPORARY = {
     "INSERT INTO pg_parent VALUES (1, 'temporary')",
     'CREATE TABLE "pg_temp".name': "CREATE TABLE \"pg_temp\".pg_parent AS SELECT 1 AS id, 'temporary' AS name",
     "SELECT INTO TEMP": "SELECT 1 AS id, 'temporary'::varchar AS name INTO TEMP pg_parent",
+    "EXPLAIN ANALYZE CREATE TEMP TABLE AS": "EXPLAIN ANALYZE CREATE TEMP TABLE pg_parent AS SELECT 1 AS id, "
+    "'temporary'::varchar AS name",
 }
 
 

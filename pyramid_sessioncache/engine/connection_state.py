@@ -67,11 +67,11 @@ _SET_CONFIG = re.compile(r"\bset_config\"?\s*\(", re.I)
 _LITERAL_CONFIG = re.compile(r"\bset_config\s*\(\s*'(?P<name>[^']*)'\s*,.*?,\s*(?P<local>true|false)\s*\)", re.I | re.S)
 
 #: A statement that makes a temporary relation, in :class:`~.invalidation.sqltext.Cleaned` text:
-#: ``CREATE [GLOBAL|LOCAL] TEMP[ORARY] ...``, ``SELECT ... INTO TEMP``, or
+#: ``CREATE [GLOBAL|LOCAL] TEMP[ORARY] ...`` (``EXPLAIN ANALYZE`` runs one too), ``SELECT ... INTO TEMP``, or
 #: anything created in ``pg_temp`` by name (a view over a temporary table
 #: is temporary too, but that table made its connection's look-ups apart already).
 _TEMPORARY_SQL = re.compile(
-    r"^create\b[^;]*?\b(?:temp|temporary)\s+(?:unlogged\s+)?(?:recursive\s+)?(?:table|view|sequence)\b"
+    r"\bcreate\b[^;]*?\b(?:temp|temporary)\s+(?:unlogged\s+)?(?:recursive\s+)?(?:table|view|sequence)\b"
     r"|\binto\s+(?:temp|temporary)\b|\bpg_temp\w*\s*\.",
     re.I,
 )
