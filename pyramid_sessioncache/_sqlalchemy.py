@@ -632,6 +632,28 @@ def after_dbapi_commit(connection: Any, callback: Any) -> None:
     waiting.setdefault(id(connection.connection), []).append(callback)
 
 
+def after_twophase_commit(dialect: Any, callback: Any) -> None:
+    """Run ``callback(connection, xid, is_prepared, recover)`` after each two-phase commit by ``dialect``.
+
+    ``ConnectionEvents.commit_twophase`` fires before the commit, and not
+    at all for ``Connection.commit_prepared()`` (a prepared transaction
+    committed apart from its ``TwoPhaseTransaction``: recovered after a
+    crash).  Both call the dialect's ``do_commit_twophase()`` (2.0, 2.1):
+    the dialect gets, once, one of its own (an instance attribute) that
+    runs the original, then ``callback``, only if the commit succeeded.
+    """
+    if "_sessioncache_twophase" in dialect.__dict__:
+        return
+    original = dialect.do_commit_twophase
+
+    def do_commit_twophase(connection: Any, xid: Any, is_prepared: bool = True, recover: bool = False) -> None:
+        original(connection, xid, is_prepared=is_prepared, recover=recover)
+        callback(connection, xid, is_prepared, recover)
+
+    dialect.do_commit_twophase = do_commit_twophase
+    dialect._sessioncache_twophase = True
+
+
 def known_function(func: Any) -> bool:
     """Whether ``func`` is one of SQLAlchemy's own generic functions (``func.count``, ``func.now``...).
 

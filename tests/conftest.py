@@ -215,3 +215,58 @@ def pg_url(postgres_url) -> Iterator[str]:
         with admin.connect() as conn:
             conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
         admin.dispose()
+
+
+@pytest.fixture
+def two_phase_url() -> Iterator[str]:
+    """A PostgreSQL server of its own that allows prepared transactions (a restart is needed); its libpq URI."""
+    import psycopg
+
+    pgserver = _server_package("pgserver")
+    directory = tempfile.mkdtemp(prefix="sessioncache-pg2pc-")
+    server = pgserver.get_server(directory, cleanup_mode="stop")
+    try:
+        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET max_prepared_transactions = 2")
+        server.cleanup()
+        server = pgserver.get_server(directory, cleanup_mode="stop")
+        yield server.get_uri()
+    finally:
+        server.cleanup()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def pg_standby() -> Iterator[tuple[str, str]]:
+    """A PostgreSQL server of its own and a hot standby streaming from it: their SQLAlchemy URLs."""
+    from urllib.parse import parse_qs, urlparse
+
+    pgserver = _server_package("pgserver")
+    from pgserver import _commands
+
+    directory = tempfile.mkdtemp(prefix="sessioncache-pgprimary-")
+    parent = tempfile.mkdtemp(prefix="sessioncache-pgstandby-")
+    os.chmod(parent, 0o777)  # pg_basebackup runs as the server's own user
+    standby_data = os.path.join(parent, "data")
+    primary = pgserver.get_server(directory, cleanup_mode="stop")
+    standby = None
+    try:
+        uri = primary.get_uri()
+        socket = parse_qs(urlparse(uri).query)["host"][0]
+        user = {"user": primary.system_user} if primary.system_user else {}
+        _commands.pg_basebackup(["-D", standby_data, "-R", "-X", "stream", "-h", socket, "-U", "postgres"], **user)
+        for copied in (".s.PGSQL.5432.lock", ".handle_pids.json", "log"):  # the primary's, in its data folder
+            if os.path.exists(os.path.join(standby_data, copied)):
+                os.remove(os.path.join(standby_data, copied))
+        standby = pgserver.get_server(standby_data, cleanup_mode="stop")
+        as_sqlalchemy = "postgresql+psycopg://"
+        yield (
+            uri.replace("postgresql://", as_sqlalchemy, 1),
+            standby.get_uri().replace("postgresql://", as_sqlalchemy, 1),
+        )
+    finally:
+        if standby is not None:
+            standby.cleanup()
+        primary.cleanup()
+        shutil.rmtree(directory, ignore_errors=True)
+        shutil.rmtree(parent, ignore_errors=True)

@@ -11,10 +11,8 @@ write proves that the listener was listening all along.
 from __future__ import annotations
 
 import logging
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -33,8 +31,6 @@ from pyramid_sessioncache.engine.invalidation.notify import (
     install_triggers,
     remove_triggers,
 )
-
-from .conftest import _server_package
 
 WAIT = 10.0
 #: How long a test waits to see that nothing arrives.
@@ -402,23 +398,6 @@ def test_install_refuses_what_would_not_work(db, tmp_path):
     sqlite.dispose()
     with pytest.raises(ValueError, match="1 to 63 bytes"):
         Listener(db.dsn, print, print, channel="é" * 32)
-
-
-@pytest.fixture
-def two_phase_url() -> Iterator[str]:
-    """A server of its own that allows prepared transactions (a restart is needed)."""
-    pgserver = _server_package("pgserver")
-    directory = tempfile.mkdtemp(prefix="sessioncache-pg2pc-")
-    server = pgserver.get_server(directory, cleanup_mode="stop")
-    try:
-        with psycopg.connect(server.get_uri(), autocommit=True) as conn:
-            conn.execute("ALTER SYSTEM SET max_prepared_transactions = 2")
-        server.cleanup()
-        server = pgserver.get_server(directory, cleanup_mode="stop")
-        yield server.get_uri()
-    finally:
-        server.cleanup()
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_a_notifying_write_cannot_be_prepared_for_two_phase_commit(two_phase_url):

@@ -25,6 +25,9 @@ from .invalidation.schema import also_changed
 from .keys import EntryKey, KeyMaker
 from .stats import Stats
 
+#: Seconds :meth:`SessionCache.listen` waits for ``LISTEN`` to be in place.
+LISTEN_WAIT = 5.0
+
 
 class SessionCache:
     """The regions of an application and the means to key queries into them.
@@ -159,7 +162,9 @@ class SessionCache:
         Starts, and returns, a :class:`~pyramid_sessioncache.engine.invalidation.notify.Listener`
         that invalidates what read the tables written, in every cache of the
         process, and everything when it lost its connection (it may have
-        missed writes).  The database needs the triggers first
+        missed writes).  Returns once ``LISTEN`` is in place (up to
+        :data:`LISTEN_WAIT` seconds; if it is not by then, everything is
+        invalidated once it is).  The database needs the triggers first
         (``sessioncache-notify install``).  Stop it with :meth:`close`.
         """
         from .invalidation import notify, writes
@@ -170,7 +175,10 @@ class SessionCache:
             lambda: writes.publish({ALL_TABLES}),
             channel=channel,
         )
-        self.listeners.append(listener.start())
+        # Wait for LISTEN before returning (before the application serves,
+        # in Pyramid); if it is not in place by then, what commits meanwhile
+        # is covered by invalidating everything once it is.
+        self.listeners.append(listener.start(wait=LISTEN_WAIT))
         return listener
 
     def close(self) -> None:

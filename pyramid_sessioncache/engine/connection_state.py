@@ -6,6 +6,14 @@ statement: ``SET search_path`` (a schema per tenant), ``SET ROLE`` and
 A statement executed after ``SET LOCAL search_path TO tenant_b`` must not
 be served the entry stored under ``tenant_a``.
 
+A temporary table (or view, or sequence) shows under its name on its
+connection only: ``pg_temp`` comes first in every ``search_path``, so
+``CREATE TEMPORARY TABLE person`` makes ``person`` another table there,
+and there alone.  A connection that made a temporary relation keys its
+look-ups under a token of its own from then on (until ``DISCARD ALL`` or
+``DISCARD TEMP`` drops them): no other connection is served what it read,
+and it is served nothing another stored.
+
 Every statement a connection of the process runs is seen
 (``after_cursor_execute``); those that change a setting (``SET``,
 ``RESET``, ``set_config(...)``) are kept per DBAPI connection: the
@@ -28,6 +36,7 @@ session settings.  Settings made when the connection is opened (a
 from __future__ import annotations
 
 import re
+import secrets
 import weakref
 from functools import lru_cache
 from typing import Any
@@ -37,21 +46,35 @@ from sqlalchemy.engine import Engine
 
 from .. import _sqlalchemy
 from .invalidation import schema, sqltext
+from .invalidation.writes import in_transaction
 
 #: ``Connection.info`` keys (kept with the DBAPI connection).
 _SESSION = "sessioncache.settings"
 _LOCAL = "sessioncache.local_settings"
 _UNKNOWN = "sessioncache.settings_unknown"
 _SAVEPOINTS = "sessioncache.setting_savepoints"
+_TEMPORARY = "sessioncache.temporary"
 
 #: Words that change settings when they start a statement.
 _FIRST_WORDS = frozenset({"set", "reset", "discard"})
 _SET = re.compile(r"^set\s+(?:(?P<scope>session|local)\s+)?(?P<rest>.*)$", re.I | re.S)
-_TWO_WORDS = ("session authorization", "time zone", "transaction isolation")
+_TWO_WORDS = ("session authorization", "time zone", "transaction isolation", "xml option")
+#: A SET, RESET or DISCARD that starts a statement of a ``DO`` block's code, or of a string it EXECUTEs.
+_SET_IN_BODY = re.compile(r"(?:^|[;']|\$|\b(?:begin|then|else|loop))\s*(?:set|reset|discard)\b", re.I)
 #: set_config(), however spelt (quoted, in any case).
 _SET_CONFIG = re.compile(r"\bset_config\"?\s*\(", re.I)
 #: A set_config() call whose name and scope are literals: set_config('name', value, true|false).
 _LITERAL_CONFIG = re.compile(r"\bset_config\s*\(\s*'(?P<name>[^']*)'\s*,.*?,\s*(?P<local>true|false)\s*\)", re.I | re.S)
+
+#: A statement that makes a temporary relation, in :class:`~.invalidation.sqltext.Cleaned` text:
+#: ``CREATE [GLOBAL|LOCAL] TEMP[ORARY] ...`` (``EXPLAIN ANALYZE`` runs one too), ``SELECT ... INTO TEMP``, or
+#: anything created in ``pg_temp`` by name (a view over a temporary table
+#: is temporary too, but that table made its connection's look-ups apart already).
+_TEMPORARY_SQL = re.compile(
+    r"\bcreate\b[^;]*?\b(?:temp|temporary)\s+(?:unlogged\s+)?(?:recursive\s+)?(?:table|view|sequence)\b"
+    r"|\binto\s+(?:temp|temporary)\b|\bpg_temp\w*\s*\.",
+    re.I,
+)
 
 #: Pools some of whose connections have session settings: their look-ups check out a connection first.
 _POOLS_WITH_SETTINGS: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -72,6 +95,8 @@ def install() -> None:
 
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
     lowered = statement.lower()
+    if "temp" in lowered:
+        _note_temporary(conn, statement)
     # SET, RESET, set_config(), DISCARD; else a function of the database's own that changes settings.
     changes = _changes(statement) if "set" in lowered or "discard" in lowered else ()
     if not changes and "(" in statement and _calls_a_setter(conn, statement):
@@ -85,6 +110,35 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
             info[_UNKNOWN] = True
             continue
         _apply(info, name, f"{statement}|{parameters!r}", local, in_transaction, conn)
+
+
+def _note_temporary(conn: Any, statement: str) -> None:
+    """Key ``conn``'s look-ups apart if ``statement`` made a temporary relation, or drop that if it dropped them all."""
+    found = _temporary(statement)
+    if found == "made" and _TEMPORARY not in conn.info:
+        # Kept even if its transaction rolls back: the token costs misses only.
+        conn.info[_TEMPORARY] = secrets.token_hex(8)
+        _POOLS_WITH_SETTINGS.add(conn.engine.pool)
+    elif found == "dropped" and not in_transaction(conn.connection.dbapi_connection):
+        conn.info.pop(_TEMPORARY, None)  # a DISCARD TEMP in a transaction may yet roll back
+
+
+@lru_cache(maxsize=2048)
+def _temporary(statement: str) -> str | None:
+    """``"made"`` if ``statement`` may make a temporary relation, ``"dropped"`` if it drops every one, else None."""
+    for cleaned in sqltext.readings(statement):
+        for part in cleaned.statements():
+            if _TEMPORARY_SQL.search(part) or any(
+                cleaned.name(match.group(1)).lower().startswith("pg_temp") for match in _QUOTED_SCHEMA.finditer(part)
+            ):
+                return "made"
+    if " ".join(statement.lower().replace(";", " ").split()) in ("discard all", "discard temp", "discard temporary"):
+        return "dropped"
+    return None
+
+
+#: A quoted name before a dot: a schema (``"pg_temp".person``).
+_QUOTED_SCHEMA = re.compile(r'("\d+")\s*\.')
 
 
 def _calls_a_setter(conn: Any, statement: str) -> bool:
@@ -106,7 +160,9 @@ def _changes(statement: str) -> tuple[tuple[str | None, bool], ...]:
         for part in cleaned.statements():
             words = part.split(None, 1)
             if words and words[0].lower() in _FIRST_WORDS:
-                found.append(_statement_change(words[0].lower(), part))
+                found.append(_statement_change(words[0].lower(), part, cleaned))
+            elif words and words[0].lower() == "do" and _SET_IN_BODY.search(statement):
+                found.append((None, False))  # an anonymous block's SET: which, and for how long, is its code's
     calls = len(_SET_CONFIG.findall(statement))
     if calls:
         literal = list(_LITERAL_CONFIG.finditer(statement))
@@ -117,21 +173,42 @@ def _changes(statement: str) -> tuple[tuple[str | None, bool], ...]:
     return tuple(found)
 
 
-def _statement_change(word: str, text: str) -> tuple[str | None, bool]:
+def _statement_change(word: str, text: str, cleaned: sqltext.Cleaned) -> tuple[str | None, bool]:
     lowered = " ".join(text.lower().split())
     if word == "discard":
         return ("*all", False) if lowered.startswith("discard all") else ("*none", False)
     if word == "reset":
         rest = lowered[len("reset") :].strip()
-        return ("*all" if rest == "all" else "*reset " + _name_of(rest), False)
+        return ("*all" if rest == "all" else "*reset " + _name_of(rest, cleaned), False)
     found = _SET.match(lowered)
     if found is None:
         return (None, False)
-    return _name_of(found.group("rest")), found.group("scope") == "local"
+    return _name_of(found.group("rest"), cleaned), found.group("scope") == "local"
 
 
-def _name_of(rest: str) -> str:
-    return next((words for words in _TWO_WORDS if rest.startswith(words)), rest.split(None, 1)[0] if rest else "")
+#: The one name of a setting PostgreSQL also takes under another: the last
+#: change of either is what is in force, so they must be one setting here.
+_ALIASES = {
+    "schema": "search_path",
+    "time zone": "timezone",
+    "names": "client_encoding",
+    "xml option": "xmloption",
+    "transaction isolation": "transaction_isolation",
+    "session authorization": "session_authorization",
+    "authorization": "session_authorization",  # SET SESSION AUTHORIZATION, its SESSION read as the scope
+}
+#: A setting's name: a quoted name's token, or what comes before a space or "=" (``SET search_path=a``).
+_SETTING = re.compile(r'"\d+"|[^\s=]+')
+
+
+def _name_of(rest: str, cleaned: sqltext.Cleaned) -> str:
+    name = next((words for words in _TWO_WORDS if rest.startswith(words)), None)
+    if name is None:
+        found = _SETTING.match(rest)
+        name = "" if found is None else found.group()
+        if name.startswith('"'):  # a setting's name is read in any case, quoted or not
+            name = cleaned.name(name).lower()
+    return _ALIASES.get(name, name)
 
 
 def _apply(info: dict, name: str, value: str, local: bool, in_transaction: bool, conn: Any) -> None:
@@ -209,6 +286,8 @@ def state_text(session: Any, bind_arguments: dict, bind: Any) -> str | None:
     if info.get(_UNKNOWN):
         return None
     settings = {**info.get(_SESSION, {}), **{k: v for k, v in info.get(_LOCAL, {}).items() if not isinstance(k, tuple)}}
+    if _TEMPORARY in info:  # what its temporary relations shadow: this connection's alone
+        settings["*temporary"] = info[_TEMPORARY]
     return "|".join(f"{name}={settings[name]}" for name in sorted(settings)) if settings else ""
 
 

@@ -243,7 +243,7 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
             conn = connection()
             verdict["store"] = not _must_not_store(session, conn)
             value = load(conn=conn)
-            verdict["store"] = verdict["store"] and value.storable
+            verdict["store"] = verdict["store"] and value.storable and not loader.reads_a_standby(conn)
             return value
 
         return region.get_or_create(
@@ -258,7 +258,11 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
         conn = connection()
         old_snapshot = _must_not_store(session, conn)  # before anything runs for this query
         known = tables
-        for _ in range(2):
+        for attempt in range(2):
+            if attempt:
+                # The first load began the transaction: at REPEATABLE READ the
+                # second reads its snapshot, older than the versions read now.
+                old_snapshot = old_snapshot or _must_not_store(session, conn)
             now = region.versions(known, create=True)  # before the query: see invalidation/__init__.py
             value = load(frozenset(known), conn)
             # A view calling a function of the database's own reads any table.
@@ -273,8 +277,9 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
             known = cache.tables_read.learn(key.shape, value.tables.union(known))
         else:
             verdict["store"] = False
-        if now is None or old_snapshot or not value.storable:
-            # A failed backend, rows no committed state holds, or loaders a copy would lose.
+        if now is None or old_snapshot or not value.storable or loader.reads_a_standby(conn):
+            # A failed backend, rows no committed state holds (or not yet, on
+            # a standby), or loaders a copy would lose.
             verdict["store"] = False
         value.tables, value.versions = known, now
         return value

@@ -24,7 +24,10 @@ a digest of four parts:
 A statement that cannot be keyed gets ``None`` and runs uncached.  So does
 a locking read (``with_for_update()`` anywhere in it, or ``FOR UPDATE``,
 ``FOR SHARE``... in its SQL text, hints or suffixes): it is run for its
-locks as much as for its rows, and a cached result would lock nothing.
+locks as much as for its rows, and a cached result would lock nothing;
+and a statement that calls a function for its effect (``nextval()``,
+``Sequence.next_value()``, an advisory lock, ``set_config()``: see
+:data:`EFFECT_FUNCTIONS`), which a hit would not have.
 Both are found in the one walk over a statement's structure, once per
 shape.  Unlike ``CacheKey.to_offline_string()`` used by SQLAlchemy's
 dogpile example, the loader options, execution options and bind are part
@@ -54,6 +57,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SAWarning
 from sqlalchemy.orm import Mapper, MapperProperty
 from sqlalchemy.sql.expression import ColumnClause, TableClause
+from sqlalchemy.sql.functions import next_value
 from sqlalchemy.sql.operators import custom_op
 from sqlalchemy.sql.selectable import ForUpdateArg, SelectLabelStyle
 from sqlalchemy.types import TypeEngine
@@ -92,6 +96,19 @@ LOCKING_SQL = re.compile(
     re.IGNORECASE,
 )
 
+#: Functions called for what they do as much as for what they return: a
+#: sequence advanced, a lock taken, a setting made, a notification sent.
+#: A hit would do none of it, so a statement that calls one runs every time.
+EFFECT_FUNCTIONS = frozenset(
+    {"nextval", "setval", "set_config", "pg_notify", "txid_current", "pg_current_xact_id", "lo_create", "lo_import",
+     "lo_unlink", "lo_put", "lo_from_bytea", "pg_advisory_lock", "pg_advisory_lock_shared", "pg_advisory_xact_lock",
+     "pg_advisory_xact_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
+     "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared", "pg_advisory_unlock",
+     "pg_advisory_unlock_shared", "pg_advisory_unlock_all", "pg_cancel_backend", "pg_terminate_backend"}
+)  # fmt: skip
+#: A call of one of them in SQL text.
+EFFECT_SQL = re.compile(rf"\b(?:{'|'.join(sorted(EFFECT_FUNCTIONS))})\s*\(", re.IGNORECASE)
+
 _MEMO_SIZE = 2000
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _UNSEEN: Any = object()
@@ -105,6 +122,10 @@ class Unkeyable(Exception):
 
 class Locking(Unkeyable):
     """Raised inside this module for a statement that takes row locks: it must run every time."""
+
+
+class Effect(Locking):
+    """Raised inside this module for a statement that calls a function for its effect: it must run every time."""
 
 
 def _qualified(obj: Any) -> str:
@@ -138,6 +159,8 @@ def _structure_text(element: Any, out: list[str], merge_labels: bool = True, map
     elif isinstance(element, str):
         if LOCKING_SQL.search(element):
             raise Locking(element)
+        if element.lower() in EFFECT_FUNCTIONS or ("(" in element and EFFECT_SQL.search(element)):
+            raise Effect(element)  # a function's name, or SQL text calling one
         out.append(repr(_plain(element)))
         quote = getattr(element, "quote", None)
         if quote is not None:  # a quoted_name: quote=True and False name two tables on PostgreSQL
@@ -149,6 +172,8 @@ def _structure_text(element: Any, out: list[str], merge_labels: bool = True, map
     elif isinstance(element, type):
         if issubclass(element, ForUpdateArg):  # with_for_update(), at any depth
             raise Locking(element)
+        if issubclass(element, next_value):  # Sequence.next_value()
+            raise Effect(element)
         out.append(_qualified(element))
     elif isinstance(element, (types.FunctionType, types.BuiltinFunctionType)):
         out.append(_qualified(element))
@@ -522,7 +547,7 @@ class KeyMaker:
             _structure_text(cache_key.key, out, statement is None or _entities_only(statement))
             digest = hashlib.blake2b("".join(out).encode(), digest_size=16).hexdigest()
         except Locking:
-            log.debug("never cached: a statement shape that takes row locks")
+            log.debug("never cached: a statement shape that takes locks or calls a function for its effect")
             digest = None
         except Unkeyable:
             digest = None

@@ -196,6 +196,48 @@ def reads_a_snapshot(connection: Any, known: dict[Any, bool] | None = None) -> b
     return answer
 
 
+#: ``Connection.info`` (kept with the DBAPI connection): whether the server said it is a standby.
+_STANDBY = "sessioncache.standby"
+
+
+def reads_a_standby(connection: Any) -> bool:
+    """Whether ``connection`` reads a PostgreSQL hot standby, which shows a commit only once it has replayed it.
+
+    A commit is published when the primary commits: a standby that has
+    not replayed it yet returns the rows before it, which would be stored
+    under the versions that commit bumped.  So nothing read on a standby
+    is stored (its reads may still be served entries stored from the
+    primary, which are no older).  Asked after the load (the question may
+    be a query, which must not take a ``REPEATABLE READ`` snapshot before
+    the versions are read): the server's ``in_hot_standby`` (PostgreSQL
+    14+, reported at connection time and on promotion), else
+    ``pg_is_in_recovery()``, once per DBAPI connection.
+    """
+    if connection.dialect.name != "postgresql":
+        return False
+    dbapi_connection = connection.connection.dbapi_connection
+    reported = _parameter_status(dbapi_connection, "in_hot_standby")
+    if reported is not None:
+        return str(reported).lower() == "on"
+    found = connection.info.get(_STANDBY)
+    if found is None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT pg_is_in_recovery()")
+            found = connection.info[_STANDBY] = bool(cursor.fetchone()[0])
+        finally:
+            cursor.close()
+    return found
+
+
+def _parameter_status(dbapi_connection: Any, name: str) -> Any:
+    info = getattr(dbapi_connection, "info", None)  # psycopg 3
+    if info is not None and hasattr(info, "parameter_status"):
+        return info.parameter_status(name)
+    get = getattr(dbapi_connection, "get_parameter_status", None)  # psycopg2
+    return get(name) if get is not None else None
+
+
 def reads_uncommitted(connection: Any, known: dict[Any, Any] | None = None) -> bool:
     """Whether queries on ``connection`` may read other transactions' uncommitted rows.
 

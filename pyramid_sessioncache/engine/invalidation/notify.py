@@ -12,8 +12,9 @@ what read them (:meth:`~pyramid_sessioncache.SessionCache.publish`).
 What it sees.  NOTIFY is transactional: notifications are delivered only
 when the writing transaction commits, once per table and transaction
 however many statements wrote it, and a rolled-back transaction (or
-savepoint) sends nothing.  Payloads are bare table names, lower-cased
-by the listener, as :func:`~.reads.version_name` spells them.  A write
+savepoint) sends nothing.  Payloads are bare table names, which the
+listener hands on as :func:`~.reads.version_name` spells them (lower
+case; what follows a dot the name holds).  A write
 to a table also notifies the other names its rows show under, those an
 entry may have read them by: the ancestors of a partition (or of a
 table that ``INHERITS``), and the views over the table or them,
@@ -100,7 +101,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 
-from .reads import ALL_TABLES
+from ... import _sqlalchemy
+from .reads import ALL_TABLES, version_name
 
 if TYPE_CHECKING:
     import psycopg
@@ -326,20 +328,51 @@ def dsn_of(engine_or_url: Engine | URL | str) -> str:
 
     ``postgresql+psycopg://user@host/db`` becomes ``postgresql://user@host/db``,
     password and query (``?host=/run/postgresql``) kept, for
-    :class:`Listener`, whatever driver the engine uses.
+    :class:`Listener`, whatever driver the engine uses.  Of an engine, the
+    libpq parameters its ``connect_args`` add (``host``, ``sslmode``...)
+    join the query: the listener connects where the engine does.
 
     :raises ValueError: the URL is not PostgreSQL's.
     """
     url = engine_or_url.url if isinstance(engine_or_url, Engine) else make_url(engine_or_url)
     if url.get_backend_name() != "postgresql":
         raise ValueError(f"a notification listener needs PostgreSQL, not {url.get_backend_name()}")
+    if isinstance(engine_or_url, Engine):
+        url = url.update_query_dict(_connect_args(engine_or_url))
     return url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+#: libpq's connection parameters: those of an engine's ``connect_args`` that say where and how it connects.
+_LIBPQ = frozenset(
+    {"host", "hostaddr", "port", "dbname", "user", "password", "passfile", "channel_binding", "connect_timeout",
+     "client_encoding", "options", "keepalives", "keepalives_idle", "keepalives_interval", "keepalives_count",
+     "tcp_user_timeout", "sslmode", "sslcompression", "sslcert", "sslkey", "sslpassword", "sslcertmode",
+     "sslrootcert", "sslcrl", "sslcrldir", "sslsni", "requirepeer", "ssl_min_protocol_version",
+     "ssl_max_protocol_version", "gssencmode", "krbsrvname", "gsslib", "gssdelegation", "service",
+     "target_session_attrs", "load_balance_hosts", "require_auth"}
+)  # fmt: skip
+
+
+def _connect_args(engine: Engine) -> dict[str, str]:
+    """What the engine's ``connect_args`` add to its URL, as libpq parameters (the server's socket, say)."""
+    arguments = _sqlalchemy.connect_arguments(engine.pool)
+    if arguments is None:
+        return {}
+    from_url = engine.dialect.create_connect_args(engine.url)[1]
+    return {
+        name: str(value)
+        for name, value in arguments[1].items()
+        if name in _LIBPQ
+        and isinstance(value, (str, int))
+        and not isinstance(value, bool)
+        and from_url.get(name) != value
+    }
 
 
 class Listener:
     """Listen to a channel in a thread of its own; report the tables written, and losses.
 
-    ``on_tables(names)`` is called with the lower-cased names of the tables
+    ``on_tables(names)`` is called with the version names of the tables
     that committed transactions wrote (and of the views and parents their
     rows show in), those that arrived together in one call.  ``on_lost()`` is called when notifications may have been missed:
     after the connection was lost (or the first attempt to connect failed),
@@ -389,6 +422,10 @@ class Listener:
         self.poll = poll
         self.retry = retry
         self._stopping = threading.Event()
+        # Set when start() stopped waiting before LISTEN was in place: the first
+        # connection then calls on_lost, as a connection made again does.
+        self._late = False
+        self._first = threading.Lock()
         self._connected = threading.Event()
         self._thread: threading.Thread | None = None
         self._backend_pid: int | None = None
@@ -411,9 +448,15 @@ class Listener:
         """Wait until ``LISTEN`` is in place; return whether it is (False after ``timeout`` seconds)."""
         return self._connected.wait(timeout)
 
-    def start(self) -> Listener:
+    def start(self, wait: float | None = None) -> Listener:
         """Start listening in a daemon thread; return the listener.
 
+        :param wait: seconds to wait until ``LISTEN`` is in place.  If it is
+            not by then, ``on_lost`` is called once it is: what committed
+            in between, while the caller went on (serving requests that
+            store entries), was not heard.  None: return at once, and treat
+            the first connection as the start (the caller waits with
+            :meth:`wait_connected` before it reads anything).
         :raises RuntimeError: it was started already.
         """
         if self._thread is not None:
@@ -421,6 +464,9 @@ class Listener:
         _psycopg()  # a missing driver fails here, not in the thread
         self._thread = threading.Thread(target=self._run, name=f"sessioncache-listener:{self.channel}", daemon=True)
         self._thread.start()
+        if wait is not None and not self._connected.wait(wait):
+            with self._first:
+                self._late = not self._connected.is_set()
         return self
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -463,7 +509,9 @@ class Listener:
                     conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(self.channel)))
                     since = time.monotonic()
                     self._backend_pid = conn.info.backend_pid
-                    self._connected.set()
+                    with self._first:
+                        self._connected.set()
+                        missed, self._late = missed or self._late, False
                     if missed:
                         self._call(self.on_lost)
                     self._receive(conn)  # returns once stop() was called
@@ -515,7 +563,8 @@ class Listener:
                 if not more:
                     break
                 names |= more
-            self._call(self.on_tables, frozenset(name.lower() or ALL_TABLES for name in names))
+            # As reads and writes spell them: a table named "ledger.2024" is "2024".
+            self._call(self.on_tables, frozenset(version_name(name) or ALL_TABLES for name in names))
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
         try:

@@ -32,6 +32,9 @@ from . import schema, sqltext
 
 #: The pseudo-table every entry depends on: bumping it invalidates them all.
 ALL_TABLES = "*"
+#: How much of a name PostgreSQL keeps (``NAMEDATALEN - 1`` bytes): names that
+#: begin alike for that long share a version elsewhere too (misses, never stale data).
+NAME_BYTES = 63
 #: The pseudo-table of results whose tables cannot all be named: every
 #: committed write bumps it.
 ANY_TABLE = "?"
@@ -42,14 +45,20 @@ def version_name(table: Any) -> str:
 
     Reads and writes must agree on it whatever spelled the table: a
     ``Table``, SQL text in any case, a name with or without a schema
-    (``"main.person"`` is ``person``).  Tables of
+    (``"main.person"`` is ``person``), as long as PostgreSQL keeps it
+    (its first 63 bytes).  Tables of
     one name in two schemas share a version: a write to one invalidates
     what read the other, which costs misses, never stale data.
     """
     name = table if isinstance(table, str) else table.name
     # What follows the last dot, whichever side spelled it: a quoted name
     # holding a dot ("a.b") reads like schema a, table b in SQL text.
-    return name.rpartition(".")[2].strip('"`[]').lower()
+    name = name.rpartition(".")[2].strip('"`[]').lower()
+    if len(name) > NAME_BYTES or (not name.isascii() and len(name.encode()) > NAME_BYTES):
+        # PostgreSQL keeps a name's first 63 bytes (a whole character): its
+        # catalog and triggers name the table so, whoever spelled it longer.
+        name = name.encode()[:NAME_BYTES].decode("utf-8", "ignore")
+    return name
 
 
 def declared_tables(tables: Iterable[Any]) -> frozenset[str]:
@@ -99,6 +108,8 @@ def statement_tables(statement: Any) -> frozenset[str]:
 
 # What a compiled statement rendered --------------------------------------------
 
+#: Schemas whose tables a schema change writes (PostgreSQL's catalog, SQL's ``information_schema``).
+SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
 #: Text that may read a table.  Other text (``DISTINCT``, ``id > 5``) reads nothing it does not name.
 _READS_SQL = re.compile(r"\b(?:select|from|join|table)\b", re.I)
 #: A name followed by "(" in SQL text: a function called, or a type given its length after "::" or AS.
@@ -149,6 +160,8 @@ class _Recording:
 
     def visit_table(self, table: Any, **kw: Any) -> Any:
         self.read_tables.add(version_name(table))
+        if str(getattr(table, "schema", None) or "").lower() in SYSTEM_SCHEMAS:
+            self.opaque = True  # the catalog, written by schema changes: ANY_TABLE
         schema.note(table)  # its foreign keys may cascade into it
         return super().visit_table(table, **kw)  # type: ignore[misc]
 

@@ -98,7 +98,12 @@ WHERE k.contype = 'f' AND (k.confdeltype IN ('c', 'n', 'd') OR k.confupdtype IN 
 #: calls a function or an operator of the database's own (outside
 #: ``pg_catalog`` and ``information_schema``): its body may read any
 #: table, which the catalog does not record.  A materialized view is not
-#: one: what it shows changes when it is refreshed, a write to it.
+#: one: what it shows changes when it is refreshed, a write to it.  And the
+#: system catalog's own tables and views (``pg_class``, ``pg_tables``),
+#: found first on every search path: a schema change writes them, and
+#: bumps :data:`~.reads.ANY_TABLE` only; a view over the catalog's own
+#: tables too, which ``pg_depend`` does not link to them (they are pinned,
+#: below OID 12000: their numbers are found in the view's query tree).
 POSTGRESQL_OPAQUE = """
 WITH users AS (
     SELECT r.ev_class AS rel, d.refclassid, d.refobjid
@@ -120,6 +125,13 @@ LEFT JOIN pg_proc f ON u.refclassid = 'pg_proc'::regclass AND f.oid = u.refobjid
 LEFT JOIN pg_operator o ON u.refclassid = 'pg_operator'::regclass AND o.oid = u.refobjid
 JOIN pg_namespace n ON n.oid = coalesce(f.pronamespace, o.oprnamespace)
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+UNION
+SELECT c.relname FROM pg_class c WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relkind IN ('r', 'v')
+UNION
+SELECT v.relname
+FROM pg_rewrite r
+JOIN pg_class v ON v.oid = r.ev_class
+WHERE v.relkind = 'v' AND r.ev_action::text ~ ':relid ([0-9]{1,4}|1[01][0-9]{3})\\M'
 """
 
 #: The functions and operators of the database's own (outside
@@ -127,15 +139,18 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
 #: trigger functions): a statement that names one may read any table
 #: through it, whether called as ``f(x)``, in attribute notation
 #: (``person.f``) or as an operator (``a ### b``), and even when it
-#: overloads a built-in's name (``date(integer)``).
+#: overloads a built-in's name (``date(integer)``).  With each, whether
+#: its source changes a setting, and its source (an operator's: its
+#: function's name), to find those that call one that does.
 POSTGRESQL_ROUTINES = """
-SELECT p.proname, false, coalesce(p.prosrc, '') ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M)'
+SELECT p.proname, false, coalesce(p.prosrc, '') ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M)',
+       coalesce(p.prosrc, '')
 FROM pg_proc p
 JOIN pg_namespace n ON n.oid = p.pronamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND p.prorettype <> 'trigger'::regtype
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
 UNION
-SELECT o.oprname, true, false
+SELECT o.oprname, true, false, o.oprcode::text
 FROM pg_operator o
 JOIN pg_namespace n ON n.oid = o.oprnamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -224,6 +239,13 @@ class _Schema:
     def catalog(self, conn: Any) -> Catalog:
         if conn.dialect.name != "postgresql":
             return _NO_CATALOG
+        if conn.info.get(_CHANGING):
+            # Its transaction changed the schema: what it reads of the catalog
+            # is its own until it ends (others see the catalog as committed).
+            own = conn.info.get(_OWN_CATALOG)
+            if own is None:
+                own = conn.info[_OWN_CATALOG] = self._read_catalog(conn)
+            return own
         database = database_identity(conn)
         found = self._catalogs.get(database)
         if found is None:
@@ -257,12 +279,16 @@ class _Schema:
             rows = cursor.fetchall()
         finally:
             cursor.close()
-        routines = _routines_pattern([(name, operator) for name, operator, _ in rows])
-        setters = _routines_pattern([(name, False) for name, operator, sets in rows if sets])
-        return Catalog(edges, opaque, routines, setters)
+        routines = _routines_pattern([(name, operator) for name, operator, _, _ in rows])
+        return Catalog(edges, opaque, routines, _routines_pattern(_setters(rows)))
 
 
 _schema = _Schema()
+
+
+def read_catalog(conn: Any) -> None:
+    """Read the catalog of ``conn``'s database now, unless it is known: a schema change is about to run."""
+    _schema.catalog(conn)
 
 
 def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
@@ -305,6 +331,23 @@ def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     return tables
 
 
+def _setters(rows: list[tuple[str, bool, bool, str]]) -> list[tuple[str, bool]]:
+    """The routines of ``rows`` that change a setting, or call one that does (at any depth)."""
+    found = {(name, operator) for name, operator, sets, _ in rows if sets}
+    while True:
+        calls = _routines_pattern([(name, False) for name, operator in found if not operator])
+        if calls is None:
+            return sorted(found)
+        more = {
+            (name, operator)
+            for name, operator, _, source in rows
+            if (name, operator) not in found and calls.search(source)
+        }
+        if not more:
+            return sorted(found)
+        found |= more
+
+
 def _routines_pattern(rows: list[tuple[str, bool]]) -> re.Pattern[str] | None:
     # A function by its name as a word (any case: unquoted names fold), an
     # operator by its symbols; the longest first.
@@ -341,6 +384,34 @@ def note(table: Any) -> None:
     metadata = getattr(table, "metadata", None)
     if metadata is not None:
         _schema.note(metadata)
+
+
+#: ``Connection.info`` keys: the connection's open transaction changed the
+#: schema, and the catalog as that transaction sees it.
+_CHANGING = "sessioncache.schema_changing"
+_OWN_CATALOG = "sessioncache.own_catalog"
+
+
+def schema_changed(conn: Any, in_transaction: bool) -> None:
+    """DDL ran on ``conn``: every catalog is read again; ``conn``'s own until its transaction ends.
+
+    Read inside a transaction that changed the schema, the catalog shows
+    what is not committed, and may never be (a migration rolled back): it
+    is not kept for the connections of others.
+    """
+    _schema.forget()
+    conn.info.pop(_OWN_CATALOG, None)
+    if in_transaction and conn.dialect.name == "postgresql":
+        conn.info[_CHANGING] = True
+
+
+def schema_settled(conn_info: dict, ended: bool) -> None:
+    """A transaction (``ended``) or a savepoint of a connection that changed the schema committed or rolled back."""
+    if conn_info.get(_CHANGING):
+        conn_info.pop(_OWN_CATALOG, None)
+        if ended:
+            del conn_info[_CHANGING]
+            _schema.forget()  # committed: read as others see it now
 
 
 def forget_catalog(engine: Any = None) -> None:

@@ -88,8 +88,21 @@ def _target(table: Any) -> Any:
 def is_ddl(context: Any, statement: str) -> bool:
     """Whether a statement that ran changes the schema (a migration, a view created, a grant)."""
     return bool(context.isddl) or any(
-        _first_word(part) in _SCHEMA_CHANGES for cleaned in sqltext.readings(statement) for part in cleaned.statements()
+        _first_word(_explained(part)) in _SCHEMA_CHANGES
+        for cleaned in sqltext.readings(statement)
+        for part in cleaned.statements()
     )
+
+
+#: What comes before the statement ``EXPLAIN`` explains: ``ANALYZE`` runs it
+#: (``EXPLAIN ANALYZE CREATE TABLE ... AS`` creates the table).
+_EXPLAIN = re.compile(r"^explain\s+(?:\([^)]*\)\s*|(?:analy[sz]e|verbose)\s+)*", re.I)
+
+
+def _explained(text: str) -> str:
+    """The statement an ``EXPLAIN`` explains, or ``text`` itself."""
+    found = _EXPLAIN.match(text)
+    return text[found.end() :] if found else text
 
 
 # Reading SQL text ------------------------------------------------------------
@@ -187,6 +200,8 @@ def _tables_in(cleaned: sqltext.Cleaned, text: str, whole: bool) -> frozenset[st
     # ``whole``: a statement of its own, which writes unless it starts as a
     # read; else a fragment of one (a textual FROM or WHERE), which writes
     # only what its write words say.
+    if whole:
+        text = _explained(text)  # what EXPLAIN ANALYZE runs: it writes what that writes
     first = _first_word(text)
     if not first:
         return NOTHING

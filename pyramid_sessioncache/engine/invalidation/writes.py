@@ -16,7 +16,12 @@ API, ``session.execute(update(...))``, ``session.connection().execute()``,
   has no event then: ``_sqlalchemy.after_dbapi_commit``).  The second
   bump voids what a reader stored in between from rows read before the
   commit became visible.  A two-phase commit is published again when
-  the connection next begins or goes back to its pool.
+  the connection next begins or goes back to its pool, and as soon as
+  the database has committed it.  A prepared transaction commits apart
+  from the one that prepared it (``COMMIT PREPARED`` sent as SQL,
+  ``Connection.commit_prepared()``, perhaps by another process after a
+  crash): its writes, kept by transaction id when it was prepared, are
+  published when it commits, or every table when they are not known here.
 - A rollback forgets them.  A write the database committed by itself
   (an autocommit connection, SQL outside any transaction, a ``COMMIT``
   sent as SQL) is published as soon as the driver says no transaction is
@@ -34,20 +39,24 @@ no connection sees; they are published when the Session commits.
 from __future__ import annotations
 
 import logging
+import re
 import weakref
+from collections import OrderedDict
 from collections.abc import Iterable
+from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import Pool
+from sqlalchemy.sql.elements import TextClause
 
 from ... import _sqlalchemy
 from ...storage.backends import local_session
 from .. import info
 from ..cache import live_caches
-from . import schema
-from .reads import ALL_TABLES, declared_tables
+from . import schema, sqltext
+from .reads import ALL_TABLES, ANY_TABLE, declared_tables
 from .statements import is_ddl, written_tables
 
 log = logging.getLogger(__name__)
@@ -55,6 +64,16 @@ log = logging.getLogger(__name__)
 #: ``Connection.info`` (kept with the DBAPI connection) keys.
 _MARKS = "sessioncache.marks"
 _OWNERS = "sessioncache.owners"
+
+#: What each prepared transaction of the process wrote, by transaction id,
+#: until it commits or rolls back; the oldest are forgotten past
+#: :data:`_MAX_PREPARED` (a commit of an unknown one publishes every table).
+_PREPARED: OrderedDict[str, frozenset[str]] = OrderedDict()
+_MAX_PREPARED = 1024
+#: What may be ``PREPARE TRANSACTION``, ``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` sent as SQL.
+_PREPARED_WORD = re.compile(r"prepare", re.I)
+#: The transaction id of one (a string constant).
+_GID = re.compile(r"\b(?:transaction|prepared)\s+'((?:[^']|'')*)'", re.I)
 
 
 class _Marks:
@@ -78,9 +97,12 @@ def install() -> None:
     if event.contains(Engine, "after_cursor_execute", _executed):
         return
     event.listen(Engine, "after_cursor_execute", _executed)
+    event.listen(Engine, "before_cursor_execute", _executing)
     event.listen(Engine, "handle_error", _failed)
     event.listen(Engine, "begin", _begun)
     event.listen(Engine, "begin_twophase", lambda conn, xid: _begun(conn))
+    event.listen(Engine, "prepare_twophase", _prepared)
+    event.listen(Engine, "engine_connect", _connected)
     event.listen(Engine, "commit", _committing)
     event.listen(Engine, "commit_twophase", lambda conn, xid, is_prepared: _committing(conn, twophase=True))
     event.listen(Engine, "rollback", _rolled_back)
@@ -109,12 +131,38 @@ def _marks(conn: Any) -> _Marks:
     return found
 
 
+#: SQL text that may change the schema so as to unlink a table from what showed its rows.
+_UNLINKS = re.compile(r"\b(?:drop|alter)\b", re.I)
+
+
+def _executing(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+    # DROP TABLE of a partition or a child, ALTER TABLE ... NO INHERIT: once
+    # it has run, the catalog no longer says which parent showed the rows it
+    # took away.  Have the catalog of before it at hand (read now if it is not).
+    if conn.dialect.name != "postgresql":
+        return
+    compiled = context.compiled
+    if not context.isddl and compiled is not None and not isinstance(getattr(compiled, "statement", None), TextClause):
+        return  # a compiled SELECT or DML: no schema change
+    if context.isddl or _UNLINKS.search(statement):
+        try:
+            schema.read_catalog(conn)
+        except Exception:  # the statement's own error, if any, must reach the caller
+            log.warning("could not read the catalog before a schema change", exc_info=True)
+
+
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+    if _PREPARED_WORD.search(statement) and _textual(context):
+        _two_phase_sql(conn, statement)
     try:
         tables = written_tables(context, statement)
-        if tables:
-            if is_ddl(context, statement):
-                schema.forget_catalog(conn.engine)
+        if tables and is_ddl(context, statement):
+            # What the tables it names showed under before it ran (a partition
+            # dropped, NO INHERIT: its parent no longer shows its rows), and after.
+            before = schema.also_written(conn, tables)
+            schema.schema_changed(conn, _transaction_open(conn))
+            tables = before | schema.also_written(conn, tables)
+        elif tables:
             tables = schema.also_written(conn, tables)
     except Exception:  # never let the cache break a write, nor miss one
         log.warning("could not tell what a statement writes; counting it as a write to every table", exc_info=True)
@@ -123,6 +171,101 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
         _mark(conn, tables)
     elif conn.info.get(_MARKS) is not None and not in_transaction(conn.connection.dbapi_connection):
         _ended_by_itself(conn)  # a COMMIT (or ROLLBACK) sent as SQL
+    if _COMMIT_WORD.search(statement) and _textual(context) and _commits(statement) and _transaction_open(conn):
+        _committed_within(conn, tables)
+
+
+#: What may be a COMMIT (or END) sent as SQL.
+_COMMIT_WORD = re.compile(r"\b(?:commit|end)\b", re.I)
+
+
+def _textual(context: Any) -> bool:
+    compiled = context.compiled
+    return compiled is None or isinstance(getattr(compiled, "statement", None), TextClause)
+
+
+@lru_cache(maxsize=2048)
+def _commits(statement: str) -> bool:
+    """Whether SQL text holds a ``COMMIT`` or ``END`` statement (``COMMIT PREPARED`` aside)."""
+    for cleaned in sqltext.readings(statement):
+        for part in cleaned.statements():
+            words = part.lower().split()
+            if words[0] in ("commit", "end") and words[1:2] != ["prepared"]:
+                return True
+    return False
+
+
+def _committed_within(conn: Any, tables: frozenset[str]) -> None:
+    # A COMMIT sent as SQL after which a transaction is open again (COMMIT
+    # AND CHAIN, "...; COMMIT; BEGIN; ..."): what was marked before it is
+    # committed, whatever SQLAlchemy does next.  The statement's own tables
+    # may come after the COMMIT: published now and kept for the next end.
+    marks = conn.info.get(_MARKS)
+    if marks is not None:
+        pending = marks.pending()
+        marks.levels = [[None, set(tables)]]
+        publish(pending)
+
+
+def _connected(conn: Any) -> None:
+    _sqlalchemy.after_twophase_commit(conn.dialect, _twophase_committed)
+
+
+def _remember_prepared(gid: str | None, tables: Iterable[str]) -> None:
+    if gid is None:
+        return  # its COMMIT PREPARED will not be known: every table then
+    _PREPARED[gid] = frozenset(tables)
+    _PREPARED.move_to_end(gid)
+    while len(_PREPARED) > _MAX_PREPARED:
+        _PREPARED.popitem(last=False)
+
+
+def _prepared(conn: Any, xid: Any) -> None:
+    """``prepare_twophase``: remember what the transaction wrote, for whoever commits it."""
+    marks = conn.info.get(_MARKS)
+    _remember_prepared(str(xid), marks.pending() if marks is not None else ())
+
+
+def _twophase_committed(conn: Any, xid: Any, is_prepared: bool, recover: bool) -> None:
+    """The database committed a two-phase transaction: publish what it wrote, again if it was published before."""
+    known = _PREPARED.pop(str(xid), None)
+    marks = conn.info.get(_MARKS)
+    committed: set[str] = set()
+    if marks is not None:
+        committed, marks.committed = marks.committed, set()
+    if committed:  # its own TwoPhaseTransaction: published before the commit already
+        _committed_again(committed | (known or set()))
+    elif known is not None:
+        publish(known)
+    elif is_prepared and recover:  # prepared by another process, or forgotten: it may have written anything
+        publish({ALL_TABLES})
+
+
+@lru_cache(maxsize=2048)
+def _two_phase(statement: str) -> tuple[str, str | None] | None:
+    """``(what, transaction id)`` of ``PREPARE TRANSACTION``, ``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` SQL."""
+    for cleaned in sqltext.readings(statement):
+        for part in cleaned.statements():
+            words = " ".join(part.lower().split()[:2])
+            if words in ("prepare transaction", "commit prepared", "rollback prepared"):
+                gids = _GID.findall(statement)
+                return words, gids[0].replace("''", "'") if len(gids) == 1 else None
+    return None
+
+
+def _two_phase_sql(conn: Any, statement: str) -> None:
+    found = _two_phase(statement)
+    if found is None:
+        return
+    what, gid = found
+    if what == "prepare transaction":  # the server's now: published when it commits
+        marks = conn.info.get(_MARKS)
+        _remember_prepared(gid, marks.pending() if marks is not None else ())
+    elif what == "commit prepared":  # committed by now (never inside a transaction block)
+        known = _PREPARED.pop(gid, None) if gid is not None else None
+        publish({ALL_TABLES} if known is None else known)
+    elif gid is not None:
+        _PREPARED.pop(gid, None)
 
 
 def _failed(context: Any) -> None:
@@ -158,6 +301,7 @@ def _mark(conn: Any, tables: frozenset[str]) -> None:
 def _ended_by_itself(conn: Any) -> None:
     # The driver's transaction ended without SQLAlchemy: publish what it had
     # marked (a rollback sent as SQL costs misses, never stale data).
+    schema.schema_settled(conn.info, ended=True)
     marks = conn.info.get(_MARKS)
     if marks is not None:
         pending = marks.pending()
@@ -198,6 +342,7 @@ def _begun(conn: Any) -> None:
 
 
 def _committing(conn: Any, twophase: bool = False) -> None:
+    schema.schema_settled(conn.info, ended=True)
     marks = conn.info.get(_MARKS)
     if marks is None:
         return
@@ -210,10 +355,20 @@ def _committing(conn: Any, twophase: bool = False) -> None:
         marks.committed |= tables  # published again at the next begin or check-in
     else:
         # ...and those a reader stores while the database commits, too.
-        _sqlalchemy.after_dbapi_commit(conn, lambda: publish(tables, again=True))
+        _sqlalchemy.after_dbapi_commit(conn, lambda: _committed_again(tables))
+
+
+def _committed_again(tables: set[str]) -> None:
+    """Publish a commit's writes once more, now that the database has committed them."""
+    publish(tables, again=True)
+    if ANY_TABLE in tables or ALL_TABLES in tables:
+        # It changed the schema (or may have): catalogs read by others
+        # before the commit show the schema of before.
+        schema.forget_catalog()
 
 
 def _rolled_back(conn: Any) -> None:
+    schema.schema_settled(conn.info, ended=True)
     marks = conn.info.get(_MARKS)
     if marks is not None:
         marks.levels = [[None, set()]]
@@ -224,6 +379,7 @@ def _savepoint(conn: Any, name: str) -> None:
 
 
 def _rolled_back_to(conn: Any, name: str, context: Any) -> None:
+    schema.schema_settled(conn.info, ended=False)
     marks = conn.info.get(_MARKS)
     if marks is not None:
         del marks.levels[_level(marks, name) :]
@@ -252,6 +408,7 @@ def _checked_in(dbapi_connection: Any, connection_record: Any) -> None:
         return
     found = connection_record.info
     found.pop(_OWNERS, None)
+    schema.schema_settled(found, ended=True)
     _publish_committed(found)
     marks = found.pop(_MARKS, None)
     if marks is not None:
@@ -264,7 +421,7 @@ def _publish_committed(conn_info: dict) -> None:
     marks = conn_info.get(_MARKS)
     if marks is not None and marks.committed:
         committed, marks.committed = marks.committed, set()
-        publish(committed, again=True)
+        _committed_again(committed)
 
 
 # The Session side ------------------------------------------------------------
