@@ -10,6 +10,7 @@ application, for the Session that is its ``request.dbsession``).
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -95,6 +96,11 @@ class SessionCache:
         self.refreshed_shapes: set[str] = set()
         #: Declared dependencies: version name -> what a write to it also changes.
         self.writes_also = _dependencies(declared)
+        #: How many commits of the process published writes (automatic
+        #: invalidation only): an ``ext:local_session`` entry stored before
+        #: the latest is void (see ``lookup.py``).
+        self.commits = 0
+        self._commits_lock = threading.Lock()
         #: The PostgreSQL listeners :meth:`listen` started.
         self.listeners: list[Any] = []
         from .hook import install  # here: the hook module needs this one
@@ -181,7 +187,7 @@ class SessionCache:
             region.close()
 
     def publish(self, tables: frozenset[str], again: bool = False) -> None:
-        """Invalidate the entries of the shared regions that read ``tables`` (version names).
+        """Invalidate the entries of the shared regions that read ``tables`` (version names), and local entries.
 
         With automatic invalidation only; what ``writes_also`` declares a
         write to those tables changes is invalidated too, and what the
@@ -192,6 +198,8 @@ class SessionCache:
         """
         if self.invalidation != "auto":
             return
+        with self._commits_lock:  # two threads' += could leave it at the older count
+            self.commits += 1
         names = sorted(also_changed(tables, self.writes_also) | {ANY_TABLE})
         for region in self.shared_regions:
             region.bump(names)

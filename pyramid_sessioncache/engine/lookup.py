@@ -146,15 +146,19 @@ def decide(
     if cache.refreshed_shapes and key.shape in cache.refreshed_shapes:  # it reached always_refresh objects (hook.py)
         return None
     if region.is_local:
-        return Lookup(key, (), _current_in(session))
+        return Lookup(key, (), _current_in(session, cache))
     if cache.invalidation != "auto":
         return Lookup(key, (), always_valid)
     tables = cache.tables_read.get(key.shape)
     return Lookup(key, tables, None if tables is None else versions.valid(region, tables))
 
 
-def _current_in(session: Session) -> Validator:
-    return lambda value, versions: value.current(session)
+def _current_in(session: Session, cache: SessionCache) -> Validator:
+    # A local entry is void once a commit of the process published writes
+    # since its query: another Session's commit changes what the same query
+    # reads now (READ COMMITTED, pysqlite), whether or not this one's
+    # transaction has ended.  Commits of other processes are not seen here.
+    return lambda value, versions: value.current(session) and value.commits in (None, cache.commits)
 
 
 def record(cache: SessionCache, session: Session, region: Region, hit: bool, key: EntryKey) -> None:

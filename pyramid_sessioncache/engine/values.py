@@ -49,12 +49,16 @@ class LocalResult(Sequence):
     ``person10 is cache.get(key)[0]`` holds.
     """
 
-    __slots__ = ("frozen", "requires_unique", "_items", "_states")
+    __slots__ = ("commits", "frozen", "requires_unique", "_items", "_states")
 
     def __init__(self, frozen: FrozenResult, requires_unique: bool = False) -> None:
         self.frozen = frozen
         #: Whether the result demands ``.unique()``, as the query's did.
         self.requires_unique = requires_unique
+        #: The cache's :attr:`~pyramid_sessioncache.SessionCache.commits` read
+        #: before the query of an ``ext:local_session`` entry ran; None for
+        #: the objects of a shared entry, which its versions keep current.
+        self.commits: int | None = None
         rows = frozen().all()
         self._items = [row[0] for row in rows] if _sqlalchemy.is_single_entity(frozen) else rows
         self._states = tuple(attributes.instance_state(value) for row in rows for value in row if _is_entity(value))

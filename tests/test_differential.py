@@ -1,0 +1,759 @@
+"""A seeded differential fuzzer: every cached read returns what the same read returns uncached.
+
+Two *worlds* run one random sequence of operations, step by step, each on a
+database of its own made alike: in the cached world every read goes through
+the cache (``FromCache``, ``cached_query()``, ``RelationshipCache``, in
+``ext:local_session`` and a shared region), in the plain world the same read
+runs on Sessions that cache nothing.  Each world has two Sessions, ``a`` and
+``b`` (in the cached world, with a region shared by files or Redis, two
+:class:`~pyramid_sessioncache.SessionCache` instances over one storage, as two
+processes would have), and reads in Sessions made for one read.  After every
+step the worlds must agree: the rows of the read (values, number, order when
+ordered), the state of the objects it returned and of every object the test
+holds (loaded attributes and their values, relationships' contents, what is
+expired or deferred), and the exception raised, if any.  Writes come by
+every path (ORM unit of work, Core, ORM bulk ``update()``, ``text()``,
+executemany, foreign-key cascades), with savepoints, commits, rollbacks,
+``expire_all()`` and ``close()`` in between; so a read in ``b`` that showed
+``a``'s uncommitted rows, or missed its committed ones, differs from the
+plain world.
+
+The sequence is drawn from ``random.Random(seed)``: a failure names its seed
+and step, and runs again alike.  What the fuzzer found is kept below it as
+plain tests.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from sqlalchemy import (
+    Column,
+    ForeignKey,
+    Integer,
+    String,
+    Table,
+    Text,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    inspect,
+    make_url,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    column_property,
+    defer,
+    joinedload,
+    load_only,
+    mapped_column,
+    relationship,
+    selectinload,
+    sessionmaker,
+    undefer,
+)
+from sqlalchemy.orm.attributes import instance_state
+
+from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cached_query
+
+from .conftest import SECRET
+
+
+class Base(DeclarativeBase):
+    """The fuzzer's own models, on a MetaData of their own."""
+
+
+book_genre = Table(
+    "fz_book_genre",
+    Base.metadata,
+    Column("book_id", ForeignKey("fz_book.id", ondelete="CASCADE"), primary_key=True),
+    Column("genre_id", ForeignKey("fz_genre.id", ondelete="CASCADE"), primary_key=True),
+)
+
+
+class Author(Base):
+    """An author; authors form a tree (``parent``), deleted with their parent by the database."""
+
+    __tablename__ = "fz_author"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    bio: Mapped[str | None] = mapped_column(Text, deferred=True)
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("fz_author.id", ondelete="CASCADE"))
+    parent: Mapped[Author | None] = relationship(remote_side=[id], back_populates="children")
+    children: Mapped[list[Author]] = relationship(
+        back_populates="parent", order_by="Author.id", cascade="all, delete-orphan", passive_deletes=True
+    )
+    books: Mapped[list[Book]] = relationship(
+        back_populates="author", order_by="Book.id", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class Book(Base):
+    """A book of one author, in any number of genres."""
+
+    __tablename__ = "fz_book"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    title: Mapped[str] = mapped_column(String(50))
+    pages: Mapped[int] = mapped_column(Integer)
+    author_id: Mapped[int] = mapped_column(ForeignKey("fz_author.id", ondelete="CASCADE"))
+    author: Mapped[Author] = relationship(back_populates="books")
+    genres: Mapped[list[Genre]] = relationship(secondary=book_genre, order_by="Genre.id", back_populates="books")
+
+
+class Genre(Base):
+    """A genre; many books, many genres."""
+
+    __tablename__ = "fz_genre"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    books: Mapped[list[Book]] = relationship(secondary=book_genre, order_by="Book.id", back_populates="genres")
+
+
+class Employee(Base):
+    """The base of a joined-inheritance pair."""
+
+    __tablename__ = "fz_employee"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(50))
+    kind: Mapped[str] = mapped_column(String(20))
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "employee"}
+
+
+class Manager(Employee):
+    """An employee with a budget, in a table of its own."""
+
+    __tablename__ = "fz_manager"
+
+    id: Mapped[int] = mapped_column(ForeignKey("fz_employee.id", ondelete="CASCADE"), primary_key=True)
+    budget: Mapped[int] = mapped_column(Integer)
+    __mapper_args__ = {"polymorphic_identity": "manager"}
+
+
+# An aggregate of another table, loaded with every author.
+Author.book_count = column_property(
+    select(func.count(Book.id)).where(Book.author_id == Author.id).correlate_except(Book).scalar_subquery()
+)
+
+AUTHORS, BOOKS, GENRES, EMPLOYEES = 8, 16, 4, 6
+
+
+def seed_db(engine) -> None:
+    """Create the tables and fill them, alike in every database."""
+    Base.metadata.drop_all(engine)
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            insert(Author),
+            [
+                {"id": i, "name": f"author {i}", "bio": f"bio {i}", "parent_id": None if i <= 3 else (i - 1) // 2}
+                for i in range(1, AUTHORS + 1)
+            ],
+        )
+        conn.execute(
+            insert(Book),
+            [
+                {"id": i, "title": f"book {i}", "pages": 10 * i, "author_id": (i - 1) % AUTHORS + 1}
+                for i in range(1, BOOKS + 1)
+            ],
+        )
+        conn.execute(insert(Genre), [{"id": i, "name": f"genre {i}"} for i in range(1, GENRES + 1)])
+        conn.execute(
+            insert(book_genre),
+            [{"book_id": b, "genre_id": g} for b in range(1, BOOKS + 1) for g in range(1, GENRES + 1) if (b + g) % 3],
+        )
+        conn.execute(
+            insert(Employee.__table__),
+            [{"id": i, "name": f"employee {i}", "kind": "manager" if i % 2 else "employee"} for i in range(1, 7)],
+        )
+        conn.execute(insert(Manager.__table__), [{"id": i, "budget": 100 * i} for i in range(1, 7, 2)])
+
+
+def sqlite_engine(path) -> Any:
+    """An engine on the SQLite file ``path`` that enforces foreign keys (their cascades are tested)."""
+    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 2})
+    event.listen(engine, "connect", lambda dbapi, record: dbapi.execute("PRAGMA foreign_keys=ON"))
+    return engine
+
+
+# -- the reads ---------------------------------------------------------------------------------------------------
+
+
+def _reads() -> list[tuple[str, Any]]:
+    """The reads, each ``(name, build(rng) -> (statement, unique))``: one draw per read, the same in both worlds."""
+
+    def authors_by_name(rng):
+        low = rng.randint(0, AUTHORS)
+        return select(Author).where(Author.id > low).order_by(Author.id).limit(rng.choice([2, 5, 50])), False
+
+    def author_by_id(rng):
+        return select(Author).where(Author.id == rng.randint(1, AUTHORS + 3)), False
+
+    def authors_with_books(rng):
+        loader = rng.choice([selectinload, joinedload])
+        stmt = select(Author).options(loader(Author.books)).order_by(Author.id)
+        return stmt.where(Author.id <= rng.randint(1, AUTHORS + 2)), loader is joinedload
+
+    def authors_with_bio(rng):
+        opt = rng.choice([undefer(Author.bio), defer(Author.name), load_only(Author.name)])
+        return select(Author).options(opt).where(Author.id.in_(rng.sample(range(1, AUTHORS + 3), 3))), False
+
+    def authors_deep(rng):
+        stmt = select(Author).options(selectinload(Author.children).selectinload(Author.books))
+        return stmt.where(Author.parent_id.is_(None)).order_by(Author.id), False
+
+    def books_with_author(rng):
+        stmt = select(Book).options(joinedload(Book.author), selectinload(Book.genres)).order_by(Book.id)
+        return stmt.where(Book.pages >= rng.randint(0, 150)).limit(rng.choice([3, 100])), False
+
+    def books_of_genre(rng):
+        stmt = select(Book).join(Book.genres).where(Genre.id == rng.randint(1, GENRES + 1))
+        return stmt.order_by(Book.id), False
+
+    def genre_with_books(rng):
+        return select(Genre).options(selectinload(Genre.books)).order_by(Genre.id), False
+
+    def book_columns(rng):
+        stmt = select(Book.id, Book.title, Book.pages).where(Book.author_id == rng.randint(1, AUTHORS))
+        return stmt.order_by(Book.id), False
+
+    def counts(rng):
+        stmt = select(Author.name, func.count(Book.id), func.sum(Book.pages)).join(Book, isouter=True)
+        return stmt.group_by(Author.id, Author.name).order_by(Author.id), False
+
+    def total(rng):
+        return select(func.count()).select_from(rng.choice([Book, Author, Genre, Employee])), False
+
+    def entity_and_column(rng):
+        return select(Book, Author.name).join(Book.author).order_by(Book.id).limit(rng.randint(1, 20)), False
+
+    def employees(rng):
+        return select(rng.choice([Employee, Manager])).order_by(Employee.id), False
+
+    def book_count_column(rng):
+        return select(Author.id, Author.book_count).order_by(Author.id), False
+
+    def text_read(rng):
+        stmt = text("SELECT id, title FROM fz_book WHERE pages > :p ORDER BY id").bindparams(p=rng.randint(0, 150))
+        return stmt, False
+
+    def from_text(rng):
+        sql = text("SELECT * FROM fz_genre WHERE id <= :g ORDER BY id").bindparams(g=rng.randint(1, GENRES))
+        return select(Genre).from_statement(sql), False
+
+    return [(f.__name__, f) for f in list(locals().values()) if callable(f)]
+
+
+READS = _reads()
+
+
+# -- what is compared --------------------------------------------------------------------------------------------
+
+
+def ident(obj) -> Any:
+    """An object's name in both worlds: its class and primary key, or its id while it has none."""
+    state = instance_state(obj)
+    if state.key is not None:
+        return (type(obj).__name__, state.key[1])
+    return (type(obj).__name__, "transient", obj.__dict__.get("id"))
+
+
+def plain(value) -> Any:
+    """``value`` with mapped objects replaced by their names."""
+    if hasattr(value, "_sa_instance_state"):
+        return ident(value)
+    if isinstance(value, tuple | list):
+        return tuple(plain(v) for v in value)
+    return value
+
+
+def snapshot(obj) -> tuple:
+    """What the ORM holds of ``obj``: its status, loaded attributes and their values, loaded relationships."""
+    state = instance_state(obj)
+    mapper = state.mapper
+    values = {}
+    for attr in mapper.attrs:
+        key = attr.key
+        if key not in state.dict:
+            values[key] = "<unloaded>"
+            continue
+        value = state.dict[key]
+        if hasattr(attr, "direction"):
+            value = plain(list(value)) if isinstance(value, list) else plain(value)
+        values[key] = value
+    status = next(s for s in ("persistent", "pending", "deleted", "detached", "transient") if getattr(state, s))
+    return (
+        ident(obj),
+        status,
+        tuple(sorted(values.items())),
+        tuple(sorted(state.expired_attributes)),
+        state.modified,
+    )
+
+
+def held_snapshot(held: list) -> list:
+    seen = {}
+    for obj in held:
+        seen.setdefault(id(obj), obj)
+    return sorted((snapshot(o) for o in seen.values()), key=repr)
+
+
+# -- the worlds --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class World:
+    """A database, its engine and the Sessions that run the operations; ``cached`` says how reads are made."""
+
+    engine: Any
+    makers: dict[str, Any]
+    cached: bool
+    regions: list[str]
+    sessions: dict[str, Any] = field(default_factory=dict)
+    held: dict[str, list] = field(default_factory=dict)
+    dirty: dict[str, bool] = field(default_factory=dict)
+    savepoints: dict[str, list] = field(default_factory=dict)
+
+    def session(self, name: str):
+        if name not in self.sessions:
+            self.sessions[name] = self.makers[name]()
+            self.held[name] = []
+            self.dirty[name] = False
+            self.savepoints[name] = []
+        return self.sessions[name]
+
+    def close_all(self) -> None:
+        for session in self.sessions.values():
+            session.close()
+        self.sessions.clear()
+
+
+class Step:
+    """One operation, drawn once and run in each world."""
+
+    def __init__(self, rng: random.Random, number: int):
+        self.number = number
+        self.who = rng.choice("aab")
+        self.other = "b" if self.who == "a" else "a"
+        self.kind = rng.choices(
+            ["read", "fresh_read", "lazy", "write", "savepoint", "commit", "rollback", "expire", "close"],
+            [30, 8, 6, 25, 4, 8, 3, 3, 2],
+        )[0]
+        self.read = rng.choice(READS)
+        self.region = rng.random()
+        self.entrance = rng.choice(["option", "cached_query"])
+        self.draw = rng.random()
+        self.seed = rng.randrange(1 << 30)
+        self.write = rng.choice(WRITES)
+        self.writes = [rng.choice(WRITES) for _ in range(rng.randint(1, 3))]
+        self.release = rng.random() < 0.5
+
+    def __repr__(self) -> str:
+        detail = {
+            "read": self.read[0],
+            "fresh_read": self.read[0],
+            "write": self.write.__name__,
+            "savepoint": [w.__name__ for w in self.writes],
+        }.get(self.kind, "")
+        return f"step {self.number}: {self.who}.{self.kind} {detail} ({self.entrance}, {self.region:.2f})"
+
+
+def run_read(world: World, session, step: Step, held: list) -> tuple:
+    _, build = step.read
+    stmt, unique = build(random.Random(step.seed))
+    region = world.regions[int(step.region * len(world.regions))] if world.regions else None
+    is_text = not hasattr(stmt, "options")
+    entrance = step.entrance
+    if is_text and entrance == "option":
+        entrance = "cached_query"
+    if not world.cached:
+        result = session.execute(stmt)
+    elif entrance == "option":
+        result = session.execute(stmt.options(FromCache(region)))
+    else:
+        result = cached_query(session, stmt, region=region)
+    if unique:
+        result = result.unique()
+    rows = [tuple(row) for row in result.all()]
+    for row in rows:
+        held.extend(v for v in row if hasattr(v, "_sa_instance_state"))
+    objects = [snapshot(v) for row in rows for v in row if hasattr(v, "_sa_instance_state")]
+    return ("rows", plain(rows), objects)
+
+
+def run_lazy(world: World, session, step: Step, held: list) -> tuple:
+    """Load parents with their relationships lazy, then touch one: ``RelationshipCache`` in the cached world."""
+    rng = random.Random(step.seed)
+    cls, attr = rng.choice(
+        [(Author, Author.books), (Author, Author.children), (Author, Author.parent), (Book, Book.genres), (Book, Book.author)]
+    )
+    stmt = select(cls).where(cls.id == rng.randint(1, 6))
+    region = world.regions[int(step.region * len(world.regions))] if world.regions else None
+    if world.cached:
+        stmt = stmt.options(RelationshipCache(attr, region), FromCache(region))
+    obj = session.scalars(stmt).first()
+    if obj is None:
+        return ("lazy", None)
+    held.append(obj)
+    value = getattr(obj, attr.key)
+    related = list(value) if isinstance(value, list) else [value]
+    held.extend(r for r in related if r is not None)
+    return ("lazy", plain(value), [snapshot(r) for r in related if r is not None])
+
+
+# -- the writes: each ``write(session, rng)`` -----------------------------------------------------------------------
+
+
+def orm_add_book(session, rng):
+    author = session.get(Author, rng.randint(1, AUTHORS + 2))
+    if author is not None:
+        author.books.append(Book(id=rng.randint(100, 400), title=f"new {rng.randint(0, 99)}", pages=rng.randint(1, 200)))
+
+
+def orm_add_author(session, rng):
+    session.add(Author(id=rng.randint(100, 400), name=f"new author {rng.randint(0, 9)}", parent_id=rng.randint(1, 3)))
+
+
+def orm_update(session, rng):
+    obj = session.get(rng.choice([Author, Book, Genre, Manager]), rng.randint(1, 8))
+    if isinstance(obj, Author):
+        obj.name = f"renamed {rng.randint(0, 99)}"
+        if rng.random() < 0.3:
+            obj.bio = "changed bio"
+    elif isinstance(obj, Book):
+        obj.pages = rng.randint(1, 300)
+    elif isinstance(obj, Genre):
+        obj.name = f"genre {rng.randint(0, 99)}"
+    elif isinstance(obj, Manager):
+        obj.budget = rng.randint(1, 999)
+        obj.name = f"manager {rng.randint(0, 9)}"
+
+
+def orm_delete(session, rng):
+    obj = session.get(rng.choice([Author, Book, Genre, Employee]), rng.randint(1, 8))
+    if obj is not None:
+        session.delete(obj)
+
+
+def orm_move_book(session, rng):
+    book = session.get(Book, rng.randint(1, BOOKS))
+    if book is not None:
+        book.author_id = rng.randint(1, AUTHORS)
+
+
+def orm_tag(session, rng):
+    book, genre = session.get(Book, rng.randint(1, BOOKS)), session.get(Genre, rng.randint(1, GENRES))
+    if book is not None and genre is not None:
+        if genre in book.genres:
+            book.genres.remove(genre)
+        else:
+            book.genres.append(genre)
+
+
+def core_insert_book(session, rng):
+    session.execute(
+        insert(Book.__table__).values(id=rng.randint(500, 900), title="core", pages=rng.randint(1, 99), author_id=rng.randint(1, AUTHORS))
+    )
+
+
+def core_update_on_connection(session, rng):
+    session.connection().execute(
+        update(Book.__table__).where(Book.__table__.c.author_id == rng.randint(1, AUTHORS)).values(pages=rng.randint(1, 300))
+    )
+
+
+def core_delete(session, rng):
+    table = rng.choice([Book.__table__, book_genre, Author.__table__])
+    session.execute(delete(table).where(list(table.primary_key.columns)[0] == rng.randint(1, 8)))
+
+
+def bulk_orm_update(session, rng):
+    sync = rng.choice(["auto", "fetch", "evaluate", False])
+    session.execute(
+        update(Author).where(Author.id <= rng.randint(1, AUTHORS)).values(name=f"bulk {rng.randint(0, 9)}"),
+        execution_options={"synchronize_session": sync},
+    )
+
+
+def bulk_orm_delete(session, rng):
+    session.execute(
+        delete(Book).where(Book.pages > rng.randint(50, 200)), execution_options={"synchronize_session": rng.choice(["auto", "fetch", False])}
+    )
+
+
+def bulk_by_primary_key(session, rng):
+    session.execute(update(Book), [{"id": i, "pages": rng.randint(1, 99)} for i in rng.sample(range(1, BOOKS + 1), 3)])
+
+
+def text_dml(session, rng):
+    sql = rng.choice(
+        [
+            "UPDATE fz_book SET pages = pages + 1 WHERE id = :x",
+            "DELETE FROM fz_book_genre WHERE book_id = :x",
+            "UPDATE fz_manager SET budget = budget + 7 WHERE id = :x",
+            "DELETE FROM fz_author WHERE id = :x",
+            "UPDATE fz_author SET bio = 'text bio' WHERE id = :x",
+        ]
+    )
+    session.execute(text(sql), {"x": rng.randint(1, 8)})
+
+
+def executemany_insert(session, rng):
+    base = rng.randint(1000, 5000)
+    session.execute(insert(Genre), [{"id": base + i, "name": f"many {i}"} for i in range(rng.randint(1, 3))])
+
+
+def text_executemany(session, rng):
+    session.execute(
+        text("INSERT INTO fz_book_genre (book_id, genre_id) VALUES (:b, :g)"),
+        [{"b": rng.randint(1, BOOKS), "g": rng.randint(1, GENRES)} for _ in range(2)],
+    )
+
+
+WRITES = [
+    orm_add_book,
+    orm_add_author,
+    orm_update,
+    orm_update,
+    orm_delete,
+    orm_move_book,
+    orm_tag,
+    core_insert_book,
+    core_update_on_connection,
+    core_delete,
+    bulk_orm_update,
+    bulk_orm_delete,
+    bulk_by_primary_key,
+    text_dml,
+    executemany_insert,
+    text_executemany,
+]
+
+
+# -- running a step ---------------------------------------------------------------------------------------------
+
+
+def end_other_writer(world: World, step: Step) -> None:
+    """Commit the other Session if it wrote: one writer at a time (SQLite locks, PostgreSQL row locks)."""
+    if world.dirty.get(step.other):
+        session = world.sessions[step.other]
+        try:
+            session.commit()
+        except Exception:
+            session.rollback()
+        world.dirty[step.other] = False
+        world.savepoints[step.other] = []
+
+
+def guarded(session, func) -> Any:
+    """Run ``func()``; an error becomes its name, and the Session's transaction is rolled back as an app would."""
+    try:
+        return func()
+    except Exception as error:  # both worlds must fail alike
+        if session is not None:
+            session.rollback()
+        return ("error", type(error).__name__)
+
+
+def run_step(world: World, step: Step) -> Any:
+    session = world.session(step.who)
+    held = world.held[step.who]
+    rng = random.Random(step.seed)
+    if step.kind == "read":
+        outcome = guarded(session, lambda: run_read(world, session, step, held))
+        if outcome[0] == "error":
+            world.dirty[step.who] = False
+    elif step.kind == "lazy":
+        outcome = guarded(session, lambda: run_lazy(world, session, step, held))
+        if outcome[0] == "error":
+            world.dirty[step.who] = False
+    elif step.kind == "fresh_read":
+        # a Session of its own, as a new request would have; in the cached world, with ``b``'s cache
+        with world.makers["b"]() as fresh:
+            outcome = guarded(fresh, lambda: run_read(world, fresh, step, []))
+    elif step.kind == "write":
+        end_other_writer(world, step)
+        world.dirty[step.who] = True
+
+        def write():
+            step.write(session, rng)
+            if step.draw < 0.5:
+                session.flush()
+            return ("wrote",)
+
+        outcome = guarded(session, write)
+        if outcome[0] == "error":
+            world.dirty[step.who] = False
+    elif step.kind == "savepoint":
+        end_other_writer(world, step)
+        world.dirty[step.who] = True
+
+        def savepoint():
+            if world.engine.dialect.name == "sqlite":
+                session.flush()
+                session.execute(text("UPDATE fz_genre SET name = name WHERE id = 0"))  # BEGIN on pysqlite first
+            nested = session.begin_nested()
+            for write in step.writes:
+                write(session, rng)
+            read = run_read(world, session, step, held)
+            if step.release:
+                nested.commit()
+            else:
+                nested.rollback()
+            return ("savepoint", read)
+
+        outcome = guarded(session, savepoint)
+        if outcome[0] == "error":
+            world.dirty[step.who] = False
+    elif step.kind == "commit":
+        outcome = guarded(session, session.commit)
+        world.dirty[step.who] = False
+    elif step.kind == "rollback":
+        session.rollback()
+        world.dirty[step.who] = False
+        outcome = None
+    elif step.kind == "expire":
+        session.expire_all()
+        outcome = None
+    else:
+        session.close()
+        held.clear()
+        world.dirty[step.who] = False
+        outcome = None
+    return outcome
+
+
+def state_of(world: World) -> dict:
+    return {name: held_snapshot(world.held[name]) for name in sorted(world.sessions)}
+
+
+def draw_steps(seed: int, steps: int) -> list[Step]:
+    """The scenario of ``seed``: ``steps`` operations."""
+    rng = random.Random(seed)
+    return [Step(rng, number) for number in range(steps)]
+
+
+def run_scenario(seed: int, steps: list[Step], cached: World, plain_world: World) -> None:
+    history = []
+    try:
+        for step in steps:
+            history.append(step)
+            got, expected = run_step(cached, step), run_step(plain_world, step)
+            context = f"seed {seed}, " + "\n".join(map(repr, history[-12:]))
+            assert got == expected, context
+            assert state_of(cached) == state_of(plain_world), context
+    finally:
+        cached.close_all()
+        plain_world.close_all()
+
+
+# -- the scenarios -----------------------------------------------------------------------------------------------
+
+
+def build_worlds(kind: str, cached_engine, plain_engine, tmp_path, request) -> tuple[World, World]:
+    regions: dict[str, dict] = {"local": {"type": "ext:local_session"}}
+    if kind == "memory":
+        regions["shared"] = {"type": "memory", "expire": 600}
+    elif kind == "file":
+        regions["shared"] = {"type": "file", "data_dir": str(tmp_path / "cache"), "lock_dir": str(tmp_path / "locks")}
+    elif kind == "redis":
+        regions["shared"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
+    first = SessionCache(regions, default_region="local", secret=SECRET)
+    # two processes over one storage; a memory region is the process's own
+    second = first if kind in ("local", "memory") else SessionCache(regions, default_region="local", secret=SECRET)
+    makers = {
+        "a": sessionmaker(cached_engine, info=first.session_info()),
+        "b": sessionmaker(cached_engine, info=second.session_info()),
+    }
+    cached = World(cached_engine, makers, True, list(regions))
+    plain_makers = {"a": sessionmaker(plain_engine), "b": sessionmaker(plain_engine)}
+    return cached, World(plain_engine, plain_makers, False, [])
+
+
+SEEDS = [
+    *((seed, "local") for seed in range(0, 4)),
+    *((seed, "memory") for seed in range(10, 16)),
+    *((seed, "file") for seed in range(20, 22)),
+    *((seed, "redis") for seed in range(30, 33)),
+]
+STEPS = 120
+
+
+@pytest.mark.parametrize(("seed", "kind"), SEEDS, ids=[f"{kind}-{seed}" for seed, kind in SEEDS])
+def test_cached_reads_equal_uncached_reads_sqlite(seed, kind, tmp_path, request):
+    template = tmp_path / "template.sqlite"
+    engine = sqlite_engine(template)
+    seed_db(engine)
+    engine.dispose()
+    shutil.copyfile(template, tmp_path / "cached.sqlite")
+    shutil.copyfile(template, tmp_path / "plain.sqlite")
+    cached_engine, plain_engine = sqlite_engine(tmp_path / "cached.sqlite"), sqlite_engine(tmp_path / "plain.sqlite")
+    try:
+        run_scenario(seed, draw_steps(seed, STEPS), *build_worlds(kind, cached_engine, plain_engine, tmp_path, request))
+    finally:
+        cached_engine.dispose()
+        plain_engine.dispose()
+
+
+PG_SEEDS = [(40, "memory"), (41, "redis")]
+
+
+@pytest.mark.parametrize(("seed", "kind"), PG_SEEDS, ids=[f"pg-{kind}-{seed}" for seed, kind in PG_SEEDS])
+def test_cached_reads_equal_uncached_reads_postgresql(seed, kind, postgres_url, tmp_path, request):
+    admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
+    names = [f"fz_{uuid.uuid4().hex[:10]}" for _ in range(2)]
+    with admin.connect() as conn:
+        for name in names:
+            conn.execute(text(f"CREATE DATABASE {name}"))
+    engines = [create_engine(make_url(postgres_url).set(database=name)) for name in names]
+    try:
+        for engine in engines:
+            seed_db(engine)
+        run_scenario(seed, draw_steps(seed, STEPS), *build_worlds(kind, engines[0], engines[1], tmp_path, request))
+    finally:
+        for engine in engines:
+            engine.dispose()
+        with admin.connect() as conn:
+            for name in names:
+                conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
+        admin.dispose()
+
+
+# -- what the fuzzer found ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def fz_engine(tmp_path):
+    """A SQLite file with the fuzzer's models, seeded."""
+    engine = sqlite_engine(tmp_path / "found.sqlite")
+    seed_db(engine)
+    yield engine
+    engine.dispose()
+
+
+def test_a_local_entry_is_invalid_once_another_session_commits_a_write(fz_engine):
+    # seed 0: a Session's local entry outlived another Session's commit to
+    # its tables; the same read uncached (pysqlite, READ COMMITTED) shows it
+    cache = SessionCache({"local": {"type": "ext:local_session"}}, secret=SECRET)
+    Session = sessionmaker(fz_engine, info=cache.session_info())
+    counts = select(Author.id, func.count(Book.id)).join(Book).group_by(Author.id).where(Author.id == 7)
+    with Session() as reader, Session() as writer:
+        assert cached_query(reader, counts).all() == [(7, 2)]
+        writer.add(Book(id=100, title="new", pages=1, author_id=7))
+        writer.commit()
+        assert reader.execute(counts).all() == [(7, 3)]
+        assert cached_query(reader, counts).all() == [(7, 3)]
