@@ -65,7 +65,7 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.orm.attributes import instance_state
 
-from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cached_query
+from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cached_query, invalidate_tables
 
 from .conftest import SECRET
 
@@ -197,20 +197,20 @@ def _reads() -> list[tuple[str, Any]]:
     """The reads, each ``(name, build(rng) -> (statement, unique))``: one draw per read, the same in both worlds."""
 
     def authors_by_name(rng):
-        low = rng.randint(0, AUTHORS)
-        return select(Author).where(Author.id > low).order_by(Author.id).limit(rng.choice([2, 5, 50])), False
+        low = rng.choice([0, 4])
+        return select(Author).where(Author.id > low).order_by(Author.id).limit(rng.choice([2, 50])), False
 
     def author_by_id(rng):
-        return select(Author).where(Author.id == rng.randint(1, AUTHORS + 3)), False
+        return select(Author).where(Author.id == rng.choice([1, 4, 7, 9])), False
 
     def authors_with_books(rng):
         loader = rng.choice([selectinload, joinedload])
         stmt = select(Author).options(loader(Author.books)).order_by(Author.id)
-        return stmt.where(Author.id <= rng.randint(1, AUTHORS + 2)), loader is joinedload
+        return stmt.where(Author.id <= rng.choice([3, 10])), loader is joinedload
 
     def authors_with_bio(rng):
         opt = rng.choice([undefer(Author.bio), defer(Author.name), load_only(Author.name)])
-        return select(Author).options(opt).where(Author.id.in_(rng.sample(range(1, AUTHORS + 3), 3))), False
+        return select(Author).options(opt).where(Author.id.in_(rng.choice([[1, 2, 3], [4, 7, 9]]))), False
 
     def authors_deep(rng):
         stmt = select(Author).options(selectinload(Author.children).selectinload(Author.books))
@@ -218,17 +218,17 @@ def _reads() -> list[tuple[str, Any]]:
 
     def books_with_author(rng):
         stmt = select(Book).options(joinedload(Book.author), selectinload(Book.genres)).order_by(Book.id)
-        return stmt.where(Book.pages >= rng.randint(0, 150)).limit(rng.choice([3, 100])), False
+        return stmt.where(Book.pages >= rng.choice([0, 100])).limit(rng.choice([3, 100])), False
 
     def books_of_genre(rng):
-        stmt = select(Book).join(Book.genres).where(Genre.id == rng.randint(1, GENRES + 1))
+        stmt = select(Book).join(Book.genres).where(Genre.id == rng.choice([1, 2]))
         return stmt.order_by(Book.id), False
 
     def genre_with_books(rng):
         return select(Genre).options(selectinload(Genre.books)).order_by(Genre.id), False
 
     def book_columns(rng):
-        stmt = select(Book.id, Book.title, Book.pages).where(Book.author_id == rng.randint(1, AUTHORS))
+        stmt = select(Book.id, Book.title, Book.pages).where(Book.author_id == rng.choice([1, 7]))
         return stmt.order_by(Book.id), False
 
     def counts(rng):
@@ -239,7 +239,7 @@ def _reads() -> list[tuple[str, Any]]:
         return select(func.count()).select_from(rng.choice([Book, Author, Genre, Employee])), False
 
     def entity_and_column(rng):
-        return select(Book, Author.name).join(Book.author).order_by(Book.id).limit(rng.randint(1, 20)), False
+        return select(Book, Author.name).join(Book.author).order_by(Book.id).limit(rng.choice([5, 20])), False
 
     def employees(rng):
         return select(rng.choice([Employee, Manager])).order_by(Employee.id), False
@@ -248,11 +248,11 @@ def _reads() -> list[tuple[str, Any]]:
         return select(Author.id, Author.book_count).order_by(Author.id), False
 
     def text_read(rng):
-        stmt = text("SELECT id, title FROM fz_book WHERE pages > :p ORDER BY id").bindparams(p=rng.randint(0, 150))
+        stmt = text("SELECT id, title FROM fz_book WHERE pages > :p ORDER BY id").bindparams(p=rng.choice([0, 100]))
         return stmt, False
 
     def from_text(rng):
-        sql = text("SELECT * FROM fz_genre WHERE id <= :g ORDER BY id").bindparams(g=rng.randint(1, GENRES))
+        sql = text("SELECT * FROM fz_genre WHERE id <= :g ORDER BY id").bindparams(g=rng.choice([2, 4]))
         return select(Genre).from_statement(sql), False
 
     return [(f.__name__, f) for f in list(locals().values()) if callable(f)]
@@ -351,7 +351,7 @@ class Step:
         self.other = "b" if self.who == "a" else "a"
         self.kind = rng.choices(
             ["read", "fresh_read", "lazy", "write", "savepoint", "commit", "rollback", "expire", "close"],
-            [30, 8, 6, 25, 4, 8, 3, 3, 2],
+            [35, 15, 8, 12, 3, 10, 3, 3, 3],
         )[0]
         self.read = rng.choice(READS)
         self.region = rng.random()
@@ -401,7 +401,7 @@ def run_lazy(world: World, session, step: Step, held: list) -> tuple:
     cls, attr = rng.choice(
         [(Author, Author.books), (Author, Author.children), (Author, Author.parent), (Book, Book.genres), (Book, Book.author)]
     )
-    stmt = select(cls).where(cls.id == rng.randint(1, 6))
+    stmt = select(cls).where(cls.id == rng.choice([1, 2, 5]))
     region = world.regions[int(step.region * len(world.regions))] if world.regions else None
     if world.cached:
         stmt = stmt.options(RelationshipCache(attr, region), FromCache(region))
@@ -644,7 +644,16 @@ def state_of(world: World) -> dict:
 def draw_steps(seed: int, steps: int) -> list[Step]:
     """The scenario of ``seed``: ``steps`` operations."""
     rng = random.Random(seed)
-    return [Step(rng, number) for number in range(steps)]
+    drawn: list[Step] = []
+    for number in range(steps):
+        step = Step(rng, number)
+        if drawn and rng.random() < 0.5:  # the same read again: hits are what is tested
+            again = rng.choice(drawn[-4:])
+            step.read, step.seed, step.region, step.entrance = again.read, again.seed, again.region, again.entrance
+            if rng.random() < 0.5:
+                step.who, step.other = again.who, again.other
+        drawn.append(step)
+    return drawn
 
 
 def run_scenario(seed: int, steps: list[Step], cached: World, plain_world: World) -> None:
@@ -757,3 +766,40 @@ def test_a_local_entry_is_invalid_once_another_session_commits_a_write(fz_engine
         writer.commit()
         assert reader.execute(counts).all() == [(7, 3)]
         assert cached_query(reader, counts).all() == [(7, 3)]
+
+
+def genre_names(session) -> list[str]:
+    return cached_query(session, select(Genre.name).order_by(Genre.id), region="memory").scalars().all()
+
+
+def test_a_released_savepoint_keeps_its_session_reading_around_shared_regions(fz_engine):
+    # seed 13: releasing a savepoint (SQLAlchemy's ``after_commit`` fires for
+    # it) made the Session forget it had written, and the shared region
+    # served it rows without its own uncommitted writes
+    cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
+    Session = sessionmaker(fz_engine, info=cache.session_info())
+    with Session() as session:
+        assert genre_names(session) == ["genre 1", "genre 2", "genre 3", "genre 4"]
+        session.execute(update(Genre).where(Genre.id == 1).values(name="first"))
+        with session.begin_nested():
+            session.execute(update(Genre).where(Genre.id == 2).values(name="second"))
+        assert genre_names(session) == ["first", "second", "genre 3", "genre 4"]
+        session.rollback()
+        assert genre_names(session) == ["genre 1", "genre 2", "genre 3", "genre 4"]
+
+
+def test_tables_declared_in_a_released_savepoint_are_published_when_the_transaction_commits(fz_engine):
+    # the same cause: what ``invalidate_tables()`` declared was published at
+    # the savepoint's release, then forgotten; a reader in between stored
+    # the old rows again, served after the commit
+    cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
+    Session = sessionmaker(fz_engine, info=cache.session_info())
+    with Session() as writer, Session() as reader:
+        writer.execute(update(Book).where(Book.id == 1).values(pages=1))  # pysqlite begins
+        with writer.begin_nested():
+            cursor = writer.connection().connection.driver_connection.cursor()
+            cursor.execute("UPDATE fz_genre SET name = 'unseen' WHERE id = 2")  # no listener sees it
+            invalidate_tables(writer, "fz_genre")
+        assert genre_names(reader) == ["genre 1", "genre 2", "genre 3", "genre 4"]
+        writer.commit()
+        assert genre_names(reader) == ["genre 1", "unseen", "genre 3", "genre 4"]

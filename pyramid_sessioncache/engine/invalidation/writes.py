@@ -348,7 +348,14 @@ def invalidate_tables(session: Any, *tables: Any) -> None:
 
 
 def committed(session: Any) -> None:
-    """``after_commit``: publish what the Session declared; forget what it wrote."""
+    """``after_commit``: publish what the Session declared; forget what it wrote.
+
+    SQLAlchemy sends ``after_commit`` for a savepoint's release too: nothing
+    is committed then, and what the transaction wrote and declared is kept
+    for its real end.
+    """
+    if session.in_nested_transaction():  # the committing savepoint is still the Session's transaction
+        return
     session.info.pop(info.WRITTEN, None)
     declared = session.info.pop(info.DECLARED, None)
     if declared:
