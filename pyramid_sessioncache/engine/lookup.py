@@ -200,6 +200,9 @@ def begin(session: Session, bind_arguments: dict) -> None:
     every such listener has a ``join`` that needs no connection (see
     :func:`join_without_connection`): then those are called instead.
     """
+    # The Session's transaction, at least: ``rollback()`` expires what it
+    # loaded, and a commit elsewhere is then read again, as after the query.
+    _sqlalchemy.autobegin(session)
     joins = []
     for listener in session.dispatch.after_begin:
         if listener is writes.session_began:  # the add-on's own needs no transaction
