@@ -53,14 +53,22 @@ from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     column_property,
+    contains_eager,
     defer,
     joinedload,
+    lazyload,
     load_only,
     mapped_column,
+    query_expression,
+    raiseload,
     relationship,
     selectinload,
     sessionmaker,
+    subqueryload,
     undefer,
+    with_expression,
+    with_loader_criteria,
+    with_polymorphic,
 )
 from sqlalchemy.orm.attributes import instance_state
 
@@ -110,6 +118,8 @@ class Book(Base):
     author_id: Mapped[int] = mapped_column(ForeignKey("fz_author.id", ondelete="CASCADE"))
     author: Mapped[Author] = relationship(back_populates="books")
     genres: Mapped[list[Genre]] = relationship(secondary=book_genre, order_by="Genre.id", back_populates="books")
+    #: Filled by ``with_expression()`` only.
+    score: Mapped[int | None] = query_expression()
 
 
 class Genre(Base):
@@ -254,6 +264,39 @@ def _reads() -> list[tuple[str, Any]]:
         sql = text("SELECT * FROM fz_genre WHERE id <= :g ORDER BY id").bindparams(g=rng.choice([2, 4]))
         return select(Genre).from_statement(sql), False
 
+    def criteria_on_eager_load(rng):
+        crit = with_loader_criteria(Book, Book.pages > rng.choice([50, 100]))
+        return select(Author).options(selectinload(Author.books), crit).order_by(Author.id), False
+
+    def contained(rng):
+        stmt = select(Book).join(Book.author).options(contains_eager(Book.author))
+        return stmt.where(Author.id <= rng.choice([2, 5])).order_by(Book.id), False
+
+    def subquery_loaded(rng):
+        stmt = select(Author).options(subqueryload(Author.books).selectinload(Book.genres))
+        return stmt.where(Author.id >= rng.choice([1, 6])).order_by(Author.id), False
+
+    def expression(rng):
+        stmt = select(Book).options(with_expression(Book.score, Book.pages * rng.choice([2, 3])))
+        return stmt.where(Book.id <= 6).order_by(Book.id), False
+
+    def polymorphic(rng):
+        every = with_polymorphic(Employee, "*")
+        return select(every).where(every.id >= rng.choice([1, 3])).order_by(every.id), False
+
+    def parents(rng):
+        loader = rng.choice([joinedload, selectinload, lazyload])
+        return select(Author).options(loader(Author.parent)).order_by(Author.id), False
+
+    def raising(rng):
+        return select(Book).options(raiseload(Book.author)).where(Book.id <= rng.choice([2, 4])).order_by(Book.id), False
+
+    def get(rng):
+        return ("get", rng.choice([Author, Book, Genre, Employee, Manager]), rng.choice([1, 2, 3, 9])), False
+
+    def legacy_query(rng):
+        return ("query", rng.choice([1, 4])), False
+
     return [(f.__name__, f) for f in list(locals().values()) if callable(f)]
 
 
@@ -370,6 +413,7 @@ class Step:
         self.write = rng.choice(WRITES)
         self.writes = [rng.choice(WRITES) for _ in range(rng.randint(1, 3))]
         self.release = rng.random() < 0.5
+        self.no_autoflush = rng.random() < 0.15
 
     def __repr__(self) -> str:
         detail = {
@@ -385,10 +429,33 @@ def run_read(world: World, session, step: Step, held: list) -> tuple:
     _, build = step.read
     stmt, unique = build(random.Random(step.seed))
     region = world.regions[int(step.region * len(world.regions))] if world.regions else None
+    if isinstance(stmt, tuple):
+        return run_call(world, session, stmt, region, held)
     is_text = not hasattr(stmt, "options")
     entrance = step.entrance
     if is_text and entrance == "option":
         entrance = "cached_query"
+    if step.no_autoflush:
+        with session.no_autoflush:
+            return rows_of(world, session, stmt, unique, region, entrance, held)
+    return rows_of(world, session, stmt, unique, region, entrance, held)
+
+
+def run_call(world: World, session, call: tuple, region: str | None, held: list) -> tuple:
+    """The reads that are not a statement executed: ``Session.get()``, a legacy ``Query``."""
+    options = [FromCache(region)] if world.cached else []
+    if call[0] == "get":
+        found = session.get(call[1], call[2], options=options)
+        rows = [(found,)] if found is not None else []
+    else:
+        query = session.query(Author).filter(Author.id >= call[1]).options(selectinload(Author.books), *options)
+        rows = [(obj,) for obj in query.order_by(Author.id).all()]
+    for row in rows:
+        held.extend(row)
+    return ("rows", plain(rows), [snapshot(v) for row in rows for v in row])
+
+
+def rows_of(world: World, session, stmt, unique: bool, region, entrance: str, held: list) -> tuple:
     if not world.cached:
         result = session.execute(stmt)
     elif entrance == "option":
@@ -546,7 +613,51 @@ def text_executemany(session, rng):
     )
 
 
+def orm_merge(session, rng):
+    session.merge(Author(id=rng.choice([1, 2, 150]), name=f"merged {rng.randint(0, 9)}"))
+
+
+def bulk_insert_mappings(session, rng):
+    base = rng.randint(2000, 3000)
+    session.bulk_insert_mappings(Genre, [{"id": base + i, "name": "bulk mapping"} for i in range(2)])
+
+
+def bulk_save_objects(session, rng):
+    session.bulk_save_objects([Book(id=rng.randint(3000, 3500), title="saved", pages=5, author_id=rng.randint(1, 3))])
+
+
+def upsert(session, rng):
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    stmt = dialect_insert(Genre).values(id=rng.choice([1, 2, 77]), name=f"upserted {rng.randint(0, 9)}")
+    session.execute(stmt.on_conflict_do_update(index_elements=["id"], set_={"name": stmt.excluded.name}))
+
+
+def insert_from_select(session, rng):
+    base = rng.randint(4000, 5000)
+    rows = select(Genre.id + base, Genre.name).where(Genre.id <= 2)
+    session.execute(insert(Genre).from_select(["id", "name"], rows))
+
+
+def update_returning(session, rng):
+    stmt = update(Book).where(Book.author_id == rng.randint(1, 4)).values(pages=Book.pages + 1).returning(Book.id)
+    session.execute(stmt).all()
+
+
+def driver_sql(session, rng):
+    session.connection().exec_driver_sql(f"UPDATE fz_genre SET name = 'driver {rng.randint(0, 9)}' WHERE id = 2")
+
+
 WRITES = [
+    orm_merge,
+    bulk_insert_mappings,
+    bulk_save_objects,
+    upsert,
+    insert_from_select,
+    update_returning,
+    driver_sql,
     orm_add_book,
     orm_add_author,
     orm_update,
@@ -649,7 +760,19 @@ def run_step(world: World, step: Step) -> Any:
         world.dirty[step.who] = False
         outcome = None
     elif step.kind == "expire":
-        session.expire_all()
+        target = session.get(rng.choice([Author, Book]), rng.choice([1, 2, 4]))
+        what = rng.choice(["all", "one", "attribute", "refresh", "expunge"])
+        if what == "all" or target is None:
+            session.expire_all()
+        elif what == "one":
+            session.expire(target)
+        elif what == "attribute":
+            session.expire(target, [rng.choice(["name", "books"]) if isinstance(target, Author) else "pages"])
+        elif what == "refresh":
+            outcome = guarded(session, lambda: session.refresh(target))
+            return ("refresh", outcome)
+        else:
+            session.expunge(target)
         outcome = None
     else:
         session.close()
