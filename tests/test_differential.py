@@ -425,12 +425,20 @@ class Step:
         self.writes = [rng.choice(WRITES) for _ in range(rng.randint(1, 3))]
         self.release = rng.random() < 0.5
         self.no_autoflush = rng.random() < 0.15
+        self.outsider = rng.choice([None, None, None, None, "session", "engine"])
+
+    @classmethod
+    def ending(cls, name: str) -> Step:
+        """A step whose ``other`` Session is ``name``: for :func:`end_other_writer`."""
+        step = cls.__new__(cls)
+        step.other = name
+        return step
 
     def __repr__(self) -> str:
         detail = {
             "read": self.read[0],
             "fresh_read": self.read[0],
-            "write": self.write.__name__,
+            "write": self.write.__name__ + (f" by {self.outsider}" if self.outsider else ""),
             "savepoint": [w.__name__ for w in self.writes],
         }.get(self.kind, "")
         return f"step {self.number}: {self.who}.{self.kind} {detail} ({self.entrance}, {self.region:.2f})"
@@ -688,6 +696,22 @@ WRITES = [
 ]
 
 
+def engine_write(engine, rng) -> tuple:
+    """A write on a Connection of the engine, no Session at all, committed."""
+    book, author = Book.__table__, Author.__table__
+    stmt = rng.choice(
+        [
+            update(book).where(book.c.id == rng.randint(1, BOOKS)).values(pages=rng.randint(1, 300)),
+            update(author).where(author.c.id == rng.randint(1, AUTHORS)).values(name="engine"),
+            delete(book_genre).where(book_genre.c.book_id == rng.randint(1, BOOKS)),
+            delete(author).where(author.c.id == rng.randint(4, AUTHORS)),
+        ]
+    )
+    with engine.begin() as conn:
+        conn.execute(stmt)
+    return ("wrote",)
+
+
 # -- running a step ---------------------------------------------------------------------------------------------
 
 
@@ -729,6 +753,23 @@ def run_step(world: World, step: Step) -> Any:
         # a Session of its own, as a new request would have; in the cached world, with ``b``'s cache
         with world.makers["b"]() as fresh:
             outcome = guarded(fresh, lambda: run_read(world, fresh, step, []))
+    elif step.kind == "write" and step.outsider is not None:
+        # a write by another program of the process, committed at once
+        for name in "ab":
+            if world.dirty.get(name):
+                end_other_writer(world, Step.ending(name))
+        if step.outsider == "session":
+            writer = world.makers["c"]()
+
+            def outside():
+                with writer:
+                    step.write(writer, rng)
+                    writer.commit()
+                return ("wrote",)
+
+            outcome = guarded(writer, outside)
+        else:
+            outcome = guarded(None, lambda: engine_write(world.engine, rng))
     elif step.kind == "write":
         end_other_writer(world, step)
         world.dirty[step.who] = True
@@ -840,7 +881,7 @@ def run_scenario(seed: int, steps: list[Step], cached: World, plain_world: World
 # -- the scenarios -----------------------------------------------------------------------------------------------
 
 
-def build_worlds(kind: str, cached_engine, plain_engine, tmp_path, request) -> tuple[World, World]:
+def build_worlds(seed: int, kind: str, cached_engine, plain_engine, tmp_path, request) -> tuple[World, World]:
     regions: dict[str, dict] = {"local": {"type": "ext:local_session"}}
     if kind == "memory":
         regions["shared"] = {"type": "memory", "expire": 600}
@@ -848,15 +889,23 @@ def build_worlds(kind: str, cached_engine, plain_engine, tmp_path, request) -> t
         regions["shared"] = {"type": "file", "data_dir": str(tmp_path / "cache"), "lock_dir": str(tmp_path / "locks")}
     elif kind == "redis":
         regions["shared"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
+    elif kind == "near":
+        regions["shared"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url"), "near": True}
     first = SessionCache(regions, default_region="local", secret=SECRET)
-    # two processes over one storage; a memory region is the process's own
-    second = first if kind in ("local", "memory") else SessionCache(regions, default_region="local", secret=SECRET)
+    # Two processes over one storage; a memory region is the process's own.
+    # A near cache hears other processes' commits within a window (see
+    # docs/backends.md): one process only, here.
+    alone = kind in ("local", "memory", "near")
+    second = first if alone else SessionCache(regions, default_region="local", secret=SECRET)
+    # Session settings vary with the seed, alike in both worlds.
+    settings = {"expire_on_commit": seed % 3 != 0, "autoflush": seed % 4 != 1}
     makers = {
-        "a": sessionmaker(cached_engine, info=first.session_info()),
-        "b": sessionmaker(cached_engine, info=second.session_info()),
+        "a": sessionmaker(cached_engine, info=first.session_info(), **settings),
+        "b": sessionmaker(cached_engine, info=second.session_info(), **settings),
+        "c": sessionmaker(cached_engine),  # caches nothing: a script's, writing to the same database
     }
     cached = World(cached_engine, makers, True, list(regions))
-    plain_makers = {"a": sessionmaker(plain_engine), "b": sessionmaker(plain_engine)}
+    plain_makers = {name: sessionmaker(plain_engine, **settings) for name in "abc"}
     return cached, World(plain_engine, plain_makers, False, [])
 
 
@@ -879,7 +928,7 @@ def test_cached_reads_equal_uncached_reads_sqlite(seed, kind, tmp_path, request)
     shutil.copyfile(template, tmp_path / "plain.sqlite")
     cached_engine, plain_engine = sqlite_engine(tmp_path / "cached.sqlite"), sqlite_engine(tmp_path / "plain.sqlite")
     try:
-        run_scenario(seed, draw_steps(seed, STEPS), *build_worlds(kind, cached_engine, plain_engine, tmp_path, request))
+        run_scenario(seed, draw_steps(seed, STEPS), *build_worlds(seed, kind, cached_engine, plain_engine, tmp_path, request))
     finally:
         cached_engine.dispose()
         plain_engine.dispose()
@@ -899,7 +948,7 @@ def test_cached_reads_equal_uncached_reads_postgresql(seed, kind, postgres_url, 
     try:
         for engine in engines:
             seed_db(engine)
-        run_scenario(seed, draw_steps(seed, STEPS), *build_worlds(kind, engines[0], engines[1], tmp_path, request))
+        run_scenario(seed, draw_steps(seed, STEPS), *build_worlds(seed, kind, engines[0], engines[1], tmp_path, request))
     finally:
         for engine in engines:
             engine.dispose()
