@@ -25,9 +25,11 @@ plain tests.
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import shutil
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -408,13 +410,19 @@ class World:
 class Step:
     """One operation, drawn once and run in each world."""
 
-    def __init__(self, rng: random.Random, number: int):
+    #: How often each kind of step comes: writes often, or mostly reads (more hits).
+    PROFILES = (
+        [35, 15, 8, 12, 3, 10, 3, 3, 3],
+        [45, 20, 10, 4, 1, 4, 1, 3, 1],
+    )
+
+    def __init__(self, rng: random.Random, number: int, profile: int = 0):
         self.number = number
         self.who = rng.choice("aab")
         self.other = "b" if self.who == "a" else "a"
         self.kind = rng.choices(
             ["read", "fresh_read", "lazy", "write", "savepoint", "commit", "rollback", "expire", "close"],
-            [35, 15, 8, 12, 3, 10, 3, 3, 3],
+            self.PROFILES[profile],
         )[0]
         self.read = rng.choice(READS)
         self.region = rng.random()
@@ -843,7 +851,7 @@ def draw_steps(seed: int, steps: int) -> list[Step]:
     rng = random.Random(seed)
     drawn: list[Step] = []
     for number in range(steps):
-        step = Step(rng, number)
+        step = Step(rng, number, seed % 2)
         if drawn and rng.random() < 0.5:  # the same read again: hits are what is tested
             again = rng.choice(drawn[-4:])
             step.read, step.seed, step.region, step.entrance = again.read, again.seed, again.region, again.entrance
@@ -863,25 +871,113 @@ def state_difference(got: dict, expected: dict) -> str:
     return "\n".join(lines)
 
 
-def run_scenario(seed: int, steps: list[Step], cached: World, plain_world: World) -> None:
+def run_scenario(seed: int, steps: list[Step], cached: World, plain: PlainProcess, url: str) -> None:
+    """Run ``steps`` in the cached world and, in ``plain``'s process, in the plain world on ``url``; both must agree."""
     history = []
+    plain.start(seed, url, [step.number for step in steps])
     try:
         for step in steps:
             history.append(step)
-            got, expected = run_step(cached, step), run_step(plain_world, step)
+            got = run_step(cached, step)
+            expected, expected_state = plain.step(step.number)
             context = f"seed {seed}, failed at {step!r}, after:\n" + "\n".join(map(repr, history[-12:-1]))
             assert got == expected, context
-            got_state, expected_state = state_of(cached), state_of(plain_world)
+            got_state = state_of(cached)
             assert got_state == expected_state, context + "\n" + state_difference(got_state, expected_state)
     finally:
         cached.close_all()
-        plain_world.close_all()
+        plain.stop()
+
+
+class PlainProcess:
+    """The plain world, in a process of its own: one that made no :class:`~pyramid_sessioncache.SessionCache`.
+
+    Every ``SessionCache`` of a process hears every write of the process
+    (that is how writes by any Session are seen), and version names are
+    bare table names: the plain world's writes, the same as the cached
+    world's, would invalidate the cached world's entries too and hide the
+    writes it missed.  In another process, they reach no cache.
+    """
+
+    def __init__(self) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=serve_plain_world, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+
+    def _ask(self, *message) -> Any:
+        self.conn.send(message)
+        if not self.conn.poll(60):
+            raise TimeoutError("the plain world's process did not answer")
+        answer = self.conn.recv()
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def start(self, seed: int, url: str, numbers: list[int]) -> None:
+        self._ask("start", seed, url, numbers)
+
+    def step(self, number: int) -> tuple:
+        return self._ask("step", number)
+
+    def stop(self) -> None:
+        self._ask("stop")
+
+    def close(self) -> None:
+        self.conn.send(("exit",))
+        self.process.join(10)
+        self.conn.close()
+
+
+def engine_for(url: str) -> Any:
+    return sqlite_engine(url.removeprefix("sqlite:///")) if url.startswith("sqlite") else create_engine(url)
+
+
+def plain_world(seed: int, engine) -> World:
+    """The world whose Sessions cache nothing, with the Session settings of ``seed``."""
+    makers = {name: sessionmaker(engine, **session_settings(seed)) for name in "abc"}
+    return World(engine, makers, False, [])
+
+
+def serve_plain_world(conn) -> None:
+    """The plain world's process: run the steps it is asked for, answer with their outcome and the state after."""
+    from pyramid_sessioncache.engine.cache import live_caches
+
+    world = steps = None
+    while True:
+        message = conn.recv()
+        try:
+            if message[0] == "exit":
+                return
+            if message[0] == "start":
+                _, seed, url, numbers = message
+                drawn = draw_steps(seed, max(numbers) + 1)
+                steps = {number: drawn[number] for number in numbers}
+                world = plain_world(seed, engine_for(url))
+                answer = None
+            elif message[0] == "step":
+                assert not live_caches(), "the plain world's process must hold no cache"
+                answer = (run_step(world, steps[message[1]]), state_of(world))
+            else:
+                world.close_all()
+                world.engine.dispose()
+                answer = None
+        except Exception as error:  # reported to the test
+            answer = error
+        conn.send(answer)
+
+
+def session_settings(seed: int) -> dict:
+    """Session settings that vary with the seed, alike in both worlds."""
+    return {"expire_on_commit": seed % 3 != 0, "autoflush": seed % 4 != 1}
 
 
 # -- the scenarios -----------------------------------------------------------------------------------------------
 
 
-def build_worlds(seed: int, kind: str, cached_engine, plain_engine, tmp_path, request) -> tuple[World, World]:
+def cached_world(seed: int, kind: str, engine, tmp_path, request) -> World:
+    """The world whose Sessions ``a`` and ``b`` cache, in ``local`` and a ``shared`` region of ``kind``."""
     regions: dict[str, dict] = {"local": {"type": "ext:local_session"}}
     if kind == "memory":
         regions["shared"] = {"type": "memory", "expire": 600}
@@ -897,16 +993,23 @@ def build_worlds(seed: int, kind: str, cached_engine, plain_engine, tmp_path, re
     # docs/backends.md): one process only, here.
     alone = kind in ("local", "memory", "near")
     second = first if alone else SessionCache(regions, default_region="local", secret=SECRET)
-    # Session settings vary with the seed, alike in both worlds.
-    settings = {"expire_on_commit": seed % 3 != 0, "autoflush": seed % 4 != 1}
+    settings = session_settings(seed)
     makers = {
-        "a": sessionmaker(cached_engine, info=first.session_info(), **settings),
-        "b": sessionmaker(cached_engine, info=second.session_info(), **settings),
-        "c": sessionmaker(cached_engine),  # caches nothing: a script's, writing to the same database
+        "a": sessionmaker(engine, info=first.session_info(), **settings),
+        "b": sessionmaker(engine, info=second.session_info(), **settings),
+        "c": sessionmaker(engine, **settings),  # caches nothing: a script's, writing to the same database
     }
-    cached = World(cached_engine, makers, True, list(regions))
-    plain_makers = {name: sessionmaker(plain_engine, **settings) for name in "abc"}
-    return cached, World(plain_engine, plain_makers, False, [])
+    return World(engine, makers, True, list(regions))
+
+
+@pytest.fixture(scope="module")
+def plain_process() -> Iterator[PlainProcess]:
+    """The process of the plain world, for the module's scenarios."""
+    process = PlainProcess()
+    try:
+        yield process
+    finally:
+        process.close()
 
 
 SEEDS = [
@@ -919,39 +1022,43 @@ STEPS = 120
 
 
 @pytest.mark.parametrize(("seed", "kind"), SEEDS, ids=[f"{kind}-{seed}" for seed, kind in SEEDS])
-def test_cached_reads_equal_uncached_reads_sqlite(seed, kind, tmp_path, request):
+def test_cached_reads_equal_uncached_reads_sqlite(seed, kind, tmp_path, request, plain_process):
     template = tmp_path / "template.sqlite"
     engine = sqlite_engine(template)
     seed_db(engine)
     engine.dispose()
     shutil.copyfile(template, tmp_path / "cached.sqlite")
     shutil.copyfile(template, tmp_path / "plain.sqlite")
-    cached_engine, plain_engine = sqlite_engine(tmp_path / "cached.sqlite"), sqlite_engine(tmp_path / "plain.sqlite")
+    cached_engine = sqlite_engine(tmp_path / "cached.sqlite")
     try:
-        run_scenario(seed, draw_steps(seed, STEPS), *build_worlds(seed, kind, cached_engine, plain_engine, tmp_path, request))
+        world = cached_world(seed, kind, cached_engine, tmp_path, request)
+        run_scenario(seed, draw_steps(seed, STEPS), world, plain_process, f"sqlite:///{tmp_path / 'plain.sqlite'}")
     finally:
         cached_engine.dispose()
-        plain_engine.dispose()
 
 
 PG_SEEDS = [(40, "memory"), (41, "redis")]
 
 
 @pytest.mark.parametrize(("seed", "kind"), PG_SEEDS, ids=[f"pg-{kind}-{seed}" for seed, kind in PG_SEEDS])
-def test_cached_reads_equal_uncached_reads_postgresql(seed, kind, postgres_url, tmp_path, request):
+def test_cached_reads_equal_uncached_reads_postgresql(seed, kind, postgres_url, tmp_path, request, plain_process):
     admin = create_engine(postgres_url, isolation_level="AUTOCOMMIT")
     names = [f"fz_{uuid.uuid4().hex[:10]}" for _ in range(2)]
     with admin.connect() as conn:
         for name in names:
             conn.execute(text(f"CREATE DATABASE {name}"))
-    engines = [create_engine(make_url(postgres_url).set(database=name)) for name in names]
+    urls = [make_url(postgres_url).set(database=name).render_as_string(hide_password=False) for name in names]
+    engine = create_engine(urls[0])
     try:
-        for engine in engines:
-            seed_db(engine)
-        run_scenario(seed, draw_steps(seed, STEPS), *build_worlds(seed, kind, engines[0], engines[1], tmp_path, request))
+        seed_db(engine)
+        plain_seeding = create_engine(urls[1])
+        seed_db(plain_seeding)
+        plain_seeding.dispose()
+        run_scenario(
+            seed, draw_steps(seed, STEPS), cached_world(seed, kind, engine, tmp_path, request), plain_process, urls[1]
+        )
     finally:
-        for engine in engines:
-            engine.dispose()
+        engine.dispose()
         with admin.connect() as conn:
             for name in names:
                 conn.execute(text(f"DROP DATABASE {name} WITH (FORCE)"))
