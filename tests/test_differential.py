@@ -31,13 +31,17 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import pytest
 from sqlalchemy import (
+    JSON,
     Column,
     ForeignKey,
     Integer,
+    MetaData,
+    Numeric,
     String,
     Table,
     Text,
@@ -51,6 +55,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.ext.mutable import MutableDict
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -99,6 +104,8 @@ class Author(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(50))
     bio: Mapped[str | None] = mapped_column(Text, deferred=True)
+    #: Changed in place (a ``MutableDict``): each hit must get a copy of its own.
+    meta: Mapped[dict] = mapped_column(MutableDict.as_mutable(JSON), default=dict)
     parent_id: Mapped[int | None] = mapped_column(ForeignKey("fz_author.id", ondelete="CASCADE"))
     parent: Mapped[Author | None] = relationship(remote_side=[id], back_populates="children")
     children: Mapped[list[Author]] = relationship(
@@ -117,6 +124,7 @@ class Book(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     title: Mapped[str] = mapped_column(String(50))
     pages: Mapped[int] = mapped_column(Integer)
+    price: Mapped[Decimal] = mapped_column(Numeric(8, 2), default=Decimal("9.99"))
     author_id: Mapped[int] = mapped_column(ForeignKey("fz_author.id", ondelete="CASCADE"))
     author: Mapped[Author] = relationship(back_populates="books")
     genres: Mapped[list[Genre]] = relationship(secondary=book_genre, order_by="Genre.id", back_populates="books")
@@ -163,11 +171,51 @@ Author.book_count = column_property(
 AUTHORS, BOOKS, GENRES, EMPLOYEES = 8, 16, 4, 6
 
 
+#: A view of long books, and a trigger: a new book marks its author's bio.
+#: On SQLite, the cache must be told (``writes_also``); PostgreSQL's catalog
+#: says what reads the view, not what the trigger writes.
+long_book = Table(
+    "fz_long_book",
+    MetaData(),
+    Column("id", Integer, primary_key=True),
+    Column("title", String(50)),
+    Column("author_id", Integer),
+)
+WRITES_ALSO = {
+    "sqlite": {"fz_book": ["fz_author", "fz_long_book"]},
+    "postgresql": {"fz_book": ["fz_author"]},
+}
+
+
+def create_view_and_trigger(conn) -> None:
+    conn.execute(text("CREATE VIEW fz_long_book AS SELECT id, title, author_id FROM fz_book WHERE pages > 100"))
+    if conn.dialect.name == "sqlite":
+        conn.execute(
+            text(
+                "CREATE TRIGGER fz_new_book AFTER INSERT ON fz_book BEGIN "
+                "UPDATE fz_author SET bio = 'has book ' || NEW.id WHERE id = NEW.author_id; END"
+            )
+        )
+    else:
+        conn.execute(
+            text(
+                "CREATE FUNCTION fz_new_book() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+                "UPDATE fz_author SET bio = 'has book ' || NEW.id WHERE id = NEW.author_id; RETURN NEW; END $$"
+            )
+        )
+        conn.execute(
+            text("CREATE TRIGGER fz_new_book AFTER INSERT ON fz_book FOR EACH ROW EXECUTE FUNCTION fz_new_book()")
+        )
+
+
 def seed_db(engine) -> None:
-    """Create the tables and fill them, alike in every database."""
+    """Create the tables, the view and the trigger, and fill them, alike in every database."""
+    with engine.begin() as conn:
+        conn.execute(text("DROP VIEW IF EXISTS fz_long_book"))
     Base.metadata.drop_all(engine)
     Base.metadata.create_all(engine)
     with engine.begin() as conn:
+        create_view_and_trigger(conn)
         conn.execute(
             insert(Author),
             [
@@ -294,6 +342,20 @@ def _reads() -> list[tuple[str, Any]]:
         return select(Book).options(raiseload(Book.author)).where(Book.id <= rng.choice([2, 4])).order_by(
             Book.id
         ), False
+
+    def long_books(rng):
+        return select(long_book).where(long_book.c.author_id <= rng.choice([3, 8])).order_by(long_book.c.id), False
+
+    def authors_of_long_books(rng):
+        stmt = select(Author).join(long_book, long_book.c.author_id == Author.id).options(undefer(Author.bio))
+        return stmt.distinct().order_by(Author.id), False
+
+    def prices(rng):
+        stmt = select(Book.author_id, func.sum(Book.price), func.max(Book.price)).group_by(Book.author_id)
+        return stmt.order_by(Book.author_id), False
+
+    def by_meta(rng):
+        return select(Author).options(undefer(Author.bio)).where(Author.id.in_(rng.choice([[], [1, 5]]))), False
 
     def get(rng):
         return ("get", rng.choice([Author, Book, Genre, Employee, Manager]), rng.choice([1, 2, 3, 9])), False
@@ -640,6 +702,18 @@ def text_executemany(session, rng):
     )
 
 
+def mutate_meta(session, rng):
+    author = session.get(Author, rng.randint(1, 4))
+    if author is not None:
+        author.meta[rng.choice(["x", "y"])] = rng.randint(0, 9)  # in place
+
+
+def reprice(session, rng):
+    book = session.get(Book, rng.randint(1, BOOKS))
+    if book is not None:
+        book.price = Decimal(rng.randint(100, 999)) / 100
+
+
 def orm_merge(session, rng):
     session.merge(Author(id=rng.choice([1, 2, 150]), name=f"merged {rng.randint(0, 9)}"))
 
@@ -678,6 +752,8 @@ def driver_sql(session, rng):
 
 
 WRITES = [
+    mutate_meta,
+    reprice,
     orm_merge,
     bulk_insert_mappings,
     bulk_save_objects,
@@ -987,12 +1063,13 @@ def cached_world(seed: int, kind: str, engine, tmp_path, request) -> World:
         regions["shared"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
     elif kind == "near":
         regions["shared"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url"), "near": True}
-    first = SessionCache(regions, default_region="local", secret=SECRET)
+    also = WRITES_ALSO[engine.dialect.name]
+    first = SessionCache(regions, default_region="local", secret=SECRET, writes_also=also)
     # Two processes over one storage; a memory region is the process's own.
     # A near cache hears other processes' commits within a window (see
     # docs/backends.md): one process only, here.
     alone = kind in ("local", "memory", "near")
-    second = first if alone else SessionCache(regions, default_region="local", secret=SECRET)
+    second = first if alone else SessionCache(regions, default_region="local", secret=SECRET, writes_also=also)
     settings = session_settings(seed)
     makers = {
         "a": sessionmaker(engine, info=first.session_info(), **settings),
