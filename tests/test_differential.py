@@ -29,6 +29,7 @@ import multiprocessing
 import random
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -45,14 +46,17 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    bindparam,
     create_engine,
     delete,
     event,
+    exists,
     func,
     insert,
     make_url,
     select,
     text,
+    union,
     update,
 )
 from sqlalchemy.ext.mutable import MutableDict
@@ -78,6 +82,7 @@ from sqlalchemy.orm import (
     with_polymorphic,
 )
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.sql.selectable import CompoundSelect
 
 from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cached_query, invalidate_tables
 
@@ -357,6 +362,32 @@ def _reads() -> list[tuple[str, Any]]:
     def by_meta(rng):
         return select(Author).options(undefer(Author.bio)).where(Author.id.in_(rng.choice([[], [1, 5]]))), False
 
+    def bound_at_execution(rng):
+        stmt = select(Book).where(Book.author_id == bindparam("who")).order_by(Book.id)
+        return ("params", stmt, {"who": rng.choice([1, 2, 7])}), False
+
+    def exists_books(rng):
+        long = exists().where(Book.author_id == Author.id, Book.pages > rng.choice([50, 120]))
+        return select(Author.id, Author.name).where(long).order_by(Author.id), False
+
+    def union_of_ids(rng):
+        short = select(Book.id).where(Book.pages < rng.choice([40, 90]))
+        return union(short, select(Book.id).where(Book.author_id == 1)).order_by("id"), False
+
+    def counted_cte(rng):
+        counted = select(Book.author_id, func.count().label("n")).group_by(Book.author_id).cte("counted")
+        stmt = select(Author.name, counted.c.n).join(counted, counted.c.author_id == Author.id)
+        return stmt.where(counted.c.n >= rng.choice([1, 2])).order_by(Author.id), False
+
+    def descendants(rng):
+        tree = select(Author.id).where(Author.id == rng.choice([1, 2])).cte("tree", recursive=True)
+        tree = tree.union_all(select(Author.id).where(Author.parent_id == tree.c.id))
+        return select(Author).where(Author.id.in_(select(tree.c.id))).order_by(Author.id), False
+
+    def in_subquery(rng):
+        writers = select(Book.author_id).where(Book.pages > rng.choice([60, 150]))
+        return select(Author).where(Author.id.in_(writers)).order_by(Author.id), False
+
     def get(rng):
         return ("get", rng.choice([Author, Book, Genre, Employee, Manager]), rng.choice([1, 2, 3, 9])), False
 
@@ -518,9 +549,13 @@ def run_read(world: World, session, step: Step, held: list) -> tuple:
     _, build = step.read
     stmt, unique = build(random.Random(step.seed))
     region = world.regions[int(step.region * len(world.regions))] if world.regions else None
+    if isinstance(stmt, tuple) and stmt[0] == "params":
+        options = [FromCache(region)] if world.cached else []
+        result = session.execute(stmt[1].options(*options), stmt[2])
+        return rows_of_result(result, unique, held)
     if isinstance(stmt, tuple):
         return run_call(world, session, stmt, region, held)
-    is_text = not hasattr(stmt, "options")
+    is_text = not hasattr(stmt, "options") or isinstance(stmt, CompoundSelect)
     entrance = step.entrance
     if is_text and entrance == "option":
         entrance = "cached_query"
@@ -551,6 +586,10 @@ def rows_of(world: World, session, stmt, unique: bool, region, entrance: str, he
         result = session.execute(stmt.options(FromCache(region)))
     else:
         result = cached_query(session, stmt, region=region)
+    return rows_of_result(result, unique, held)
+
+
+def rows_of_result(result, unique: bool, held: list) -> tuple:
     if unique:
         result = result.unique()
     rows = [tuple(row) for row in result.all()]
@@ -595,6 +634,12 @@ def orm_add_book(session, rng):
         author.books.append(
             Book(id=rng.randint(100, 400), title=f"new {rng.randint(0, 99)}", pages=rng.randint(1, 200))
         )
+
+
+def orm_add_book_by_backref(session, rng):
+    author = session.get(Author, rng.randint(1, 4))
+    if author is not None:  # queued on author.books, not loaded
+        session.add(Book(id=rng.randint(6000, 6100), title="backref", pages=rng.randint(1, 200), author=author))
 
 
 def orm_add_author(session, rng):
@@ -752,6 +797,7 @@ def driver_sql(session, rng):
 
 
 WRITES = [
+    orm_add_book_by_backref,
     mutate_meta,
     reprice,
     orm_merge,
@@ -822,6 +868,14 @@ def guarded(session, func) -> Any:
 
 
 def run_step(world: World, step: Step) -> Any:
+    """Run ``step`` in ``world``: its outcome, and the kinds of warning it gave (as errors in neither world)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        outcome = _run_step(world, step)
+    return outcome, tuple(sorted({warning.category.__name__ for warning in caught}))
+
+
+def _run_step(world: World, step: Step) -> Any:
     session = world.session(step.who)
     held = world.held[step.who]
     rng = random.Random(step.seed)
