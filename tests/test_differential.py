@@ -82,6 +82,7 @@ from sqlalchemy.orm import (
     with_polymorphic,
 )
 from sqlalchemy.orm.attributes import instance_state
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
 from sqlalchemy.sql.selectable import CompoundSelect
 
 from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cached_query, invalidate_tables
@@ -476,6 +477,7 @@ class World:
     makers: dict[str, Any]
     cached: bool
     regions: list[str]
+    kind: str = "local"
     sessions: dict[str, Any] = field(default_factory=dict)
     held: dict[str, list] = field(default_factory=dict)
     dirty: dict[str, bool] = field(default_factory=dict)
@@ -991,6 +993,18 @@ def draw_steps(seed: int, steps: int) -> list[Step]:
     return drawn
 
 
+def outcome_difference(got: Any, expected: Any) -> str:
+    """What differs between two outcomes of a step, cached world first: rows, then objects."""
+    if not (
+        isinstance(got[0], tuple) and isinstance(expected[0], tuple) and got[0][:1] == expected[0][:1] == ("rows",)
+    ):
+        return f"cached: {got}\nuncached: {expected}"
+    lines = [] if got[0][1] == expected[0][1] else [f"rows cached: {got[0][1]}", f"rows uncached: {expected[0][1]}"]
+    lines += [f"cached: {s}" for s in got[0][2] if s not in expected[0][2]]
+    lines += [f"uncached: {s}" for s in expected[0][2] if s not in got[0][2]]
+    return "\n".join(lines + [f"warnings: {got[1]} / {expected[1]}"])
+
+
 def state_difference(got: dict, expected: dict) -> str:
     """The objects whose state differs, cached world first."""
     lines = []
@@ -1004,14 +1018,14 @@ def state_difference(got: dict, expected: dict) -> str:
 def run_scenario(seed: int, steps: list[Step], cached: World, plain: PlainProcess, url: str) -> None:
     """Run ``steps`` in the cached world and, in ``plain``'s process, in the plain world on ``url``; both must agree."""
     history = []
-    plain.start(seed, url, [step.number for step in steps])
+    plain.start(seed, url, [step.number for step in steps], cached.kind)
     try:
         for step in steps:
             history.append(step)
             got = run_step(cached, step)
             expected, expected_state = plain.step(step.number)
             context = f"seed {seed}, failed at {step!r}, after:\n" + "\n".join(map(repr, history[-12:-1]))
-            assert got == expected, context
+            assert got == expected, context + "\n" + outcome_difference(got, expected)
             got_state = state_of(cached)
             assert got_state == expected_state, context + "\n" + state_difference(got_state, expected_state)
     finally:
@@ -1045,8 +1059,8 @@ class PlainProcess:
             raise answer
         return answer
 
-    def start(self, seed: int, url: str, numbers: list[int]) -> None:
-        self._ask("start", seed, url, numbers)
+    def start(self, seed: int, url: str, numbers: list[int], kind: str) -> None:
+        self._ask("start", seed, url, numbers, kind)
 
     def step(self, number: int) -> tuple:
         return self._ask("step", number)
@@ -1061,13 +1075,21 @@ class PlainProcess:
 
 
 def engine_for(url: str) -> Any:
-    return sqlite_engine(url.removeprefix("sqlite:///")) if url.startswith("sqlite") else create_engine(url)
+    """The engine of ``url``; ``"static"``: a SQLite database in memory, one connection for all (``StaticPool``), seeded."""
+    if url == "static":
+        engine = create_engine("sqlite://", poolclass=StaticPool, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", lambda dbapi, record: dbapi.execute("PRAGMA foreign_keys=ON"))
+        seed_db(engine)
+        return engine
+    if url.startswith("sqlite"):
+        return sqlite_engine(url.removeprefix("sqlite:///"))
+    return create_engine(url)
 
 
-def plain_world(seed: int, engine) -> World:
+def plain_world(seed: int, engine, kind: str) -> World:
     """The world whose Sessions cache nothing, with the Session settings of ``seed``."""
     makers = {name: sessionmaker(engine, **session_settings(seed)) for name in "abc"}
-    return World(engine, makers, False, [])
+    return World(engine, makers, False, [], kind=kind)
 
 
 def serve_plain_world(conn) -> None:
@@ -1081,10 +1103,10 @@ def serve_plain_world(conn) -> None:
             if message[0] == "exit":
                 return
             if message[0] == "start":
-                _, seed, url, numbers = message
+                _, seed, url, numbers, kind = message
                 drawn = draw_steps(seed, max(numbers) + 1)
                 steps = {number: drawn[number] for number in numbers}
-                world = plain_world(seed, engine_for(url))
+                world = plain_world(seed, engine_for(url), kind)
                 answer = None
             elif message[0] == "step":
                 assert not live_caches(), "the plain world's process must hold no cache"
@@ -1117,12 +1139,14 @@ def cached_world(seed: int, kind: str, engine, tmp_path, request) -> World:
         regions["shared"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
     elif kind == "near":
         regions["shared"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url"), "near": True}
+    elif kind == "static":
+        regions["shared"] = {"type": "memory", "expire": 600}
     also = WRITES_ALSO[engine.dialect.name]
     first = SessionCache(regions, default_region="local", secret=SECRET, writes_also=also)
     # Two processes over one storage; a memory region is the process's own.
     # A near cache hears other processes' commits within a window (see
     # docs/backends.md): one process only, here.
-    alone = kind in ("local", "memory", "near")
+    alone = kind in ("local", "memory", "near", "static")
     second = first if alone else SessionCache(regions, default_region="local", secret=SECRET, writes_also=also)
     settings = session_settings(seed)
     makers = {
@@ -1130,7 +1154,7 @@ def cached_world(seed: int, kind: str, engine, tmp_path, request) -> World:
         "b": sessionmaker(engine, info=second.session_info(), **settings),
         "c": sessionmaker(engine, **settings),  # caches nothing: a script's, writing to the same database
     }
-    return World(engine, makers, True, list(regions))
+    return World(engine, makers, True, list(regions), kind=kind)
 
 
 @pytest.fixture(scope="module")
@@ -1148,22 +1172,32 @@ SEEDS = [
     *((seed, "memory") for seed in range(10, 16)),
     *((seed, "file") for seed in range(20, 22)),
     *((seed, "redis") for seed in range(30, 33)),
+    *((seed, "static") for seed in range(50, 52)),
 ]
 STEPS = 120
 
 
 @pytest.mark.parametrize(("seed", "kind"), SEEDS, ids=[f"{kind}-{seed}" for seed, kind in SEEDS])
 def test_cached_reads_equal_uncached_reads_sqlite(seed, kind, tmp_path, request, plain_process):
-    template = tmp_path / "template.sqlite"
-    engine = sqlite_engine(template)
-    seed_db(engine)
-    engine.dispose()
-    shutil.copyfile(template, tmp_path / "cached.sqlite")
-    shutil.copyfile(template, tmp_path / "plain.sqlite")
-    cached_engine = sqlite_engine(tmp_path / "cached.sqlite")
+    if kind == "static":
+        cached_engine, url = engine_for("static"), "static"
+    else:
+        template = tmp_path / "template.sqlite"
+        engine = sqlite_engine(template)
+        seed_db(engine)
+        engine.dispose()
+        shutil.copyfile(template, tmp_path / "cached.sqlite")
+        shutil.copyfile(template, tmp_path / "plain.sqlite")
+        url = f"sqlite:///{tmp_path / 'plain.sqlite'}"
+        cached_engine = sqlite_engine(tmp_path / "cached.sqlite")
     try:
-        world = cached_world(seed, kind, cached_engine, tmp_path, request)
-        run_scenario(seed, draw_steps(seed, STEPS), world, plain_process, f"sqlite:///{tmp_path / 'plain.sqlite'}")
+        run_scenario(
+            seed,
+            draw_steps(seed, STEPS),
+            cached_world(seed, kind, cached_engine, tmp_path, request),
+            plain_process,
+            url,
+        )
     finally:
         cached_engine.dispose()
 
@@ -1305,3 +1339,29 @@ def test_a_local_hit_is_a_miss_once_an_object_its_eager_load_reached_is_expired(
         session.expire(book)
         cached_query(session, genres).scalars().all()
         assert "title" in instance_state(book).dict
+
+
+@pytest.mark.parametrize("pool", [StaticPool, SingletonThreadPool])
+def test_a_shared_hit_is_not_served_over_a_connection_holding_another_sessions_writes(pool):
+    # seed 50: with one DBAPI connection for every Session (SQLite in
+    # memory), a Session sees another's uncommitted writes, and a hit
+    # served it the rows from before them
+    engine = create_engine("sqlite://", poolclass=pool, connect_args={"check_same_thread": False})
+    seed_db(engine)
+    cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
+    Session = sessionmaker(engine, info=cache.session_info())
+    pages = select(Book.pages).where(Book.id == 2)
+    try:
+        with Session() as reader:
+            assert cached_query(reader, pages, region="memory").scalar_one() == 20  # stored
+        # (closing a Session rolls the one connection back: the readers stay open)
+        with Session() as writer, Session() as first, Session() as second, Session() as third:
+            writer.execute(update(Book).where(Book.id == 2).values(pages=21))
+            assert first.execute(pages).scalar_one() == 21  # the query sees it
+            assert cached_query(second, pages, region="memory").scalar_one() == 21  # its first statement
+            assert third.execute(pages.options(FromCache("memory"))).scalar_one() == 21
+            writer.rollback()
+        with Session() as reader:
+            assert cached_query(reader, pages, region="memory").scalar_one() == 20
+    finally:
+        engine.dispose()

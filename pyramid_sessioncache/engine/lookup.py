@@ -130,10 +130,11 @@ def decide(
         return None  # it overwrites what the Session holds, as populate_existing does
     _sqlalchemy.autoflush(session, options)
     bind = _sqlalchemy.execution_bind(session, bind_arguments)
-    if not region.is_local and writes.has_written(session, bind):
+    if not region.is_local and (writes.has_written(session, bind) or writes.pending_in_pool(bind)):
         # What this transaction wrote is in no shared entry: until it ends,
         # the Session reads around shared regions and stores nothing there.
-        # (A Session bound to a Connection joins what it wrote before.)
+        # (A Session bound to a Connection joins what it wrote before; one
+        # whose pool hands every Session one connection sees what others wrote.)
         return None
     state = connection_state.state_text(session, bind_arguments, bind)
     if state is None:  # settings of the connection that cannot be told (see connection_state.py)

@@ -40,7 +40,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.pool import Pool
+from sqlalchemy.pool import Pool, SingletonThreadPool, StaticPool
 
 from ... import _sqlalchemy
 from ...storage.backends import local_session
@@ -60,7 +60,7 @@ _OWNERS = "sessioncache.owners"
 class _Marks:
     """The tables a connection's transaction wrote, per savepoint, and those it committed."""
 
-    __slots__ = ("levels", "committed")
+    __slots__ = ("levels", "committed", "__weakref__")
 
     def __init__(self) -> None:
         #: ``[name, tables]`` per open transaction level, the outermost first.
@@ -106,7 +106,31 @@ def _marks(conn: Any) -> _Marks:
     found = conn.info.get(_MARKS)
     if found is None:
         found = conn.info[_MARKS] = _Marks()
+        pool = conn.engine.pool
+        if isinstance(pool, SHARING_POOLS):
+            _sharing.setdefault(pool, weakref.WeakSet()).add(found)
     return found
+
+
+#: Pools that hand the same DBAPI connection to every checkout (of a
+#: thread): every Session of the engine reads what another's open
+#: transaction wrote (SQLite in memory).
+SHARING_POOLS = (StaticPool, SingletonThreadPool)
+#: Such pools -> the marks of their connections.
+_sharing: weakref.WeakKeyDictionary[Any, weakref.WeakSet[_Marks]] = weakref.WeakKeyDictionary()
+
+
+def pending_in_pool(engine: Any) -> bool:
+    """Whether ``engine`` hands every Session a connection whose open transaction has written (see :data:`SHARING_POOLS`).
+
+    Such a Session's query sees those uncommitted rows, before it has
+    begun anything: no shared entry holds them.  Other pools give each
+    Session a connection of its own, whose writes :func:`has_written` sees.
+    """
+    if not _sharing or not isinstance(engine, Engine):  # a Connection: has_written() reads its own marks
+        return False
+    found = _sharing.get(engine.pool)
+    return found is not None and any(tables for marks in found for _, tables in marks.levels)
 
 
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
