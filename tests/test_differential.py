@@ -1365,3 +1365,25 @@ def test_a_shared_hit_is_not_served_over_a_connection_holding_another_sessions_w
             assert cached_query(reader, pages, region="memory").scalar_one() == 20
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize("pool", [StaticPool, SingletonThreadPool])
+def test_a_local_entry_is_void_once_another_session_writes_on_the_one_connection(pool):
+    # the same cause, ext:local_session: another Session's write, then its
+    # rollback, change what the query reads on the one connection at once
+    engine = create_engine("sqlite://", poolclass=pool, connect_args={"check_same_thread": False})
+    seed_db(engine)
+    cache = SessionCache({"local": {"type": "ext:local_session"}}, secret=SECRET)
+    Session = sessionmaker(engine, info=cache.session_info())
+    pages = select(Book.pages).where(Book.id == 2)
+    try:
+        with Session() as reader, Session() as writer:
+            assert cached_query(reader, pages).scalar_one() == 20
+            writer.execute(update(Book).where(Book.id == 2).values(pages=21))
+            assert reader.execute(pages).scalar_one() == 21  # the query sees it
+            assert cached_query(reader, pages).scalar_one() == 21
+            writer.rollback()
+            assert reader.execute(pages).scalar_one() == 20
+            assert cached_query(reader, pages).scalar_one() == 20
+    finally:
+        engine.dispose()

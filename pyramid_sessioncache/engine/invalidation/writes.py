@@ -172,6 +172,7 @@ def _mark(conn: Any, tables: frozenset[str]) -> None:
     for session in list(conn.info.get(_OWNERS, ())):
         written(session).update(tables)
         local_session.drop(session)
+    _seen_by_every_session(conn)
     if _transaction_open(conn):
         _marks(conn).levels[-1][1].update(tables)
     else:  # the database committed it already
@@ -240,7 +241,18 @@ def _committing(conn: Any, twophase: bool = False) -> None:
 def _rolled_back(conn: Any) -> None:
     marks = conn.info.get(_MARKS)
     if marks is not None:
+        if marks.pending():
+            _seen_by_every_session(conn)
         marks.levels = [[None, set()]]
+
+
+def _seen_by_every_session(conn: Any) -> None:
+    # On a connection every Session of the engine shares, a write (or its
+    # rollback) changes what they all read now, whatever their transaction:
+    # their local entries are void (shared regions: see pending_in_pool()).
+    if isinstance(conn.engine.pool, SHARING_POOLS):
+        for cache in live_caches():
+            cache.void_local_entries()
 
 
 def _savepoint(conn: Any, name: str) -> None:
@@ -250,7 +262,10 @@ def _savepoint(conn: Any, name: str) -> None:
 def _rolled_back_to(conn: Any, name: str, context: Any) -> None:
     marks = conn.info.get(_MARKS)
     if marks is not None:
-        del marks.levels[_level(marks, name) :]
+        index = _level(marks, name)
+        if any(tables for _, tables in marks.levels[index:]):
+            _seen_by_every_session(conn)
+        del marks.levels[index:]
 
 
 def _released(conn: Any, name: str, context: Any) -> None:
