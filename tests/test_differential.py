@@ -1169,12 +1169,13 @@ def plain_process() -> Iterator[PlainProcess]:
 
 SEEDS = [
     *((seed, "local") for seed in range(0, 4)),
-    *((seed, "memory") for seed in range(10, 16)),
-    *((seed, "file") for seed in range(20, 22)),
+    *((seed, "memory") for seed in range(10, 18)),
+    *((seed, "file") for seed in range(20, 23)),
     *((seed, "redis") for seed in range(30, 33)),
-    *((seed, "static") for seed in range(50, 52)),
+    *((seed, "near") for seed in range(35, 37)),
+    *((seed, "static") for seed in range(50, 53)),
 ]
-STEPS = 120
+STEPS = 140
 
 
 @pytest.mark.parametrize(("seed", "kind"), SEEDS, ids=[f"{kind}-{seed}" for seed, kind in SEEDS])
@@ -1202,7 +1203,7 @@ def test_cached_reads_equal_uncached_reads_sqlite(seed, kind, tmp_path, request,
         cached_engine.dispose()
 
 
-PG_SEEDS = [(40, "memory"), (41, "redis")]
+PG_SEEDS = [(40, "memory"), (41, "redis"), (42, "file")]
 
 
 @pytest.mark.parametrize(("seed", "kind"), PG_SEEDS, ids=[f"pg-{kind}-{seed}" for seed, kind in PG_SEEDS])
