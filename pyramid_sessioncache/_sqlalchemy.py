@@ -347,6 +347,17 @@ def legacy_bypass(execution_options: Any) -> bool:
     return bool(getattr(load_options, "_populate_existing", False) or getattr(load_options, "_yield_per", None))
 
 
+def autobegin(session: Any) -> None:
+    """Begin ``session``'s transaction as a query would, without a connection: what ``rollback()`` then expires.
+
+    ``Session._autobegin_t()`` is what ``Session.execute()`` calls on its
+    way to a connection (2.0, 2.1); ``Session.begin()`` would begin it as
+    explicit, which a later ``with session.begin():`` refuses.  It raises
+    as the query would on a Session made with ``autobegin=False``.
+    """
+    session._autobegin_t()
+
+
 def autoflush(session: Any, execution_options: Any) -> None:
     """Flush pending changes as the ORM does before running a query.
 

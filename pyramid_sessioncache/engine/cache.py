@@ -10,6 +10,7 @@ application, for the Session that is its ``request.dbsession``).
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -98,6 +99,12 @@ class SessionCache:
         self.refreshed_shapes: set[str] = set()
         #: Declared dependencies: version name -> what a write to it also changes.
         self.writes_also = _dependencies(declared)
+        #: How many commits of the process published writes (automatic
+        #: invalidation only), and other changes every Session may see (see
+        #: :meth:`void_local_entries`): an ``ext:local_session`` entry
+        #: stored before the latest is void (see ``lookup.py``).
+        self.commits = 0
+        self._commits_lock = threading.Lock()
         #: The PostgreSQL listeners :meth:`listen` started.
         self.listeners: list[Any] = []
         from .hook import install  # here: the hook module needs this one
@@ -189,7 +196,7 @@ class SessionCache:
             region.close()
 
     def publish(self, tables: frozenset[str], again: bool = False) -> None:
-        """Invalidate the entries of the shared regions that read ``tables`` (version names).
+        """Invalidate the entries of the shared regions that read ``tables`` (version names), and local entries.
 
         With automatic invalidation only; what ``writes_also`` declares a
         write to those tables changes is invalidated too, and what the
@@ -200,11 +207,22 @@ class SessionCache:
         """
         if self.invalidation != "auto":
             return
+        self.void_local_entries()
         names = sorted(also_changed(tables, self.writes_also) | {ANY_TABLE})
         for region in self.shared_regions:
             region.bump(names)
             if not again:
                 self.stats.region(region.name).invalidations += 1
+
+    def void_local_entries(self) -> None:
+        """Make every ``ext:local_session`` entry stored until now a miss, in every Session.
+
+        Called at each commit that publishes writes, and when a write or
+        rollback changes what every Session of an engine reads at once (one
+        DBAPI connection shared by all: see ``invalidation/writes.py``).
+        """
+        with self._commits_lock:  # two threads' += could leave it at the older count
+            self.commits += 1
 
 
 _live: weakref.WeakSet[SessionCache] = weakref.WeakSet()

@@ -161,7 +161,7 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
     if region.is_local:
         value, hit = region.get_or_create(
             found.key.text,
-            lambda: LocalResult.from_result(state.invoke_statement()),
+            lambda: _local_load(state, cache),
             session,
             option.expire,
             valid=found.valid or always_valid,
@@ -181,6 +181,19 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
         result = lookup.objects_of(session, region, found.key.text, value, statement, instances)
     lookup.record(cache, session, region, hit, found.key)
     return result
+
+
+def _local_load(state: ORMExecuteState, cache: SessionCache) -> LocalResult:
+    """Run ``state``'s statement for an ``ext:local_session`` entry, tagged with the commits of the process so far.
+
+    Read before the query runs: a commit that publishes while it runs (or
+    just before the database commits) voids the entry, whatever rows the
+    query saw.
+    """
+    commits = cache.commits
+    value = LocalResult.from_result(state.invoke_statement())
+    value.commits = commits
+    return value
 
 
 def _refreshes(cache: SessionCache, shape: str) -> None:

@@ -130,10 +130,11 @@ def decide(
         return None  # it overwrites what the Session holds, as populate_existing does
     _sqlalchemy.autoflush(session, options)
     bind = _sqlalchemy.execution_bind(session, bind_arguments)
-    if not region.is_local and writes.has_written(session, bind):
+    if not region.is_local and (writes.has_written(session, bind) or writes.pending_in_pool(bind)):
         # What this transaction wrote is in no shared entry: until it ends,
         # the Session reads around shared regions and stores nothing there.
-        # (A Session bound to a Connection joins what it wrote before.)
+        # (A Session bound to a Connection joins what it wrote before; one
+        # whose pool hands every Session one connection sees what others wrote.)
         return None
     state = connection_state.state_text(session, bind_arguments, bind)
     if state is None:  # settings of the connection that cannot be told (see connection_state.py)
@@ -146,15 +147,19 @@ def decide(
     if cache.refreshed_shapes and key.shape in cache.refreshed_shapes:  # it reached always_refresh objects (hook.py)
         return None
     if region.is_local:
-        return Lookup(key, (), _current_in(session))
+        return Lookup(key, (), _current_in(session, cache))
     if cache.invalidation != "auto":
         return Lookup(key, (), always_valid)
     tables = cache.tables_read.get(key.shape)
     return Lookup(key, tables, None if tables is None else versions.valid(region, tables))
 
 
-def _current_in(session: Session) -> Validator:
-    return lambda value, versions: value.current(session)
+def _current_in(session: Session, cache: SessionCache) -> Validator:
+    # A local entry is void once a commit of the process published writes
+    # since its query: another Session's commit changes what the same query
+    # reads now (READ COMMITTED, pysqlite), whether or not this one's
+    # transaction has ended.  Commits of other processes are not seen here.
+    return lambda value, versions: value.current(session) and value.commits in (None, cache.commits)
 
 
 def record(cache: SessionCache, session: Session, region: Region, hit: bool, key: EntryKey) -> None:
@@ -196,6 +201,9 @@ def begin(session: Session, bind_arguments: dict) -> None:
     every such listener has a ``join`` that needs no connection (see
     :func:`join_without_connection`): then those are called instead.
     """
+    # The Session's transaction, at least: ``rollback()`` expires what it
+    # loaded, and a commit elsewhere is then read again, as after the query.
+    _sqlalchemy.autobegin(session)
     joins = []
     for listener in session.dispatch.after_begin:
         if listener is writes.session_began:  # the add-on's own needs no transaction

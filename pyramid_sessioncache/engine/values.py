@@ -50,15 +50,19 @@ class LocalResult(Sequence):
     ``person10 is cache.get(key)[0]`` holds.
     """
 
-    __slots__ = ("frozen", "requires_unique", "_items", "_states")
+    __slots__ = ("commits", "frozen", "requires_unique", "_items", "_states")
 
     def __init__(self, frozen: FrozenResult, requires_unique: bool = False) -> None:
         self.frozen = frozen
         #: Whether the result demands ``.unique()``, as the query's did.
         self.requires_unique = requires_unique
+        #: The cache's :attr:`~pyramid_sessioncache.SessionCache.commits` read
+        #: before the query of an ``ext:local_session`` entry ran; None for
+        #: the objects of a shared entry, which its versions keep current.
+        self.commits: int | None = None
         rows = frozen().all()
         self._items = [row[0] for row in rows] if _sqlalchemy.is_single_entity(frozen) else rows
-        self._states = tuple(attributes.instance_state(value) for row in rows for value in row if _is_entity(value))
+        self._states = _reached(attributes.instance_state(value) for row in rows for value in row if _is_entity(value))
 
     @classmethod
     def from_result(cls, result: Result) -> LocalResult:
@@ -95,6 +99,43 @@ class LocalResult(Sequence):
         """Return a new Result over the stored rows, demanding ``.unique()`` where the query's did."""
         result = self.frozen()
         return _sqlalchemy.require_unique(result) if self.requires_unique else result
+
+
+#: How many relationships deep :func:`_reached` follows: eager loads of eager loads.
+REACHED_DEPTH = 3
+
+
+def _reached(states: Any) -> tuple:
+    """``states`` and the states of the objects their loaded relationships hold, :data:`REACHED_DEPTH` deep.
+
+    A local hit checks them all: the query's eager loads would refresh
+    such an object once expired (and no longer hold one expunged), so a
+    hit must not serve it as it is.  Relationships loaded otherwise are
+    followed too, which costs a miss at worst.
+    """
+    found = {id(state): state for state in states}
+    layer = list(found.values())
+    for _ in range(REACHED_DEPTH):
+        following = []
+        for state in layer:
+            loaded = state.dict
+            for prop in state.mapper.relationships:
+                value = loaded.get(prop.key)
+                if value is None:
+                    continue
+                if not prop.uselist:
+                    value = (value,)
+                elif isinstance(value, dict):  # attribute_keyed_dict() and the like
+                    value = value.values()
+                for related in value:
+                    related_state = attributes.instance_state(related)
+                    if id(related_state) not in found:
+                        found[id(related_state)] = related_state
+                        following.append(related_state)
+        if not following:
+            break
+        layer = following
+    return tuple(found.values())
 
 
 def _is_entity(value: Any) -> bool:

@@ -48,7 +48,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.pool import Pool
+from sqlalchemy.pool import Pool, SingletonThreadPool, StaticPool
 from sqlalchemy.sql.elements import TextClause
 
 from ... import _sqlalchemy
@@ -79,7 +79,7 @@ _GID = re.compile(r"\b(?:transaction|prepared)\s+'((?:[^']|'')*)'", re.I)
 class _Marks:
     """The tables a connection's transaction wrote, per savepoint, and those it committed."""
 
-    __slots__ = ("levels", "committed")
+    __slots__ = ("levels", "committed", "__weakref__")
 
     def __init__(self) -> None:
         #: ``[name, tables]`` per open transaction level, the outermost first.
@@ -128,6 +128,9 @@ def _marks(conn: Any) -> _Marks:
     found = conn.info.get(_MARKS)
     if found is None:
         found = conn.info[_MARKS] = _Marks()
+        pool = conn.engine.pool
+        if isinstance(pool, SHARING_POOLS):
+            _sharing.setdefault(pool, weakref.WeakSet()).add(found)
     return found
 
 
@@ -149,6 +152,27 @@ def _executing(conn: Any, cursor: Any, statement: str, parameters: Any, context:
             schema.read_catalog(conn)
         except Exception:  # the statement's own error, if any, must reach the caller
             log.warning("could not read the catalog before a schema change", exc_info=True)
+
+
+#: Pools that hand the same DBAPI connection to every checkout (of a
+#: thread): every Session of the engine reads what another's open
+#: transaction wrote (SQLite in memory).
+SHARING_POOLS = (StaticPool, SingletonThreadPool)
+#: Such pools -> the marks of their connections.
+_sharing: weakref.WeakKeyDictionary[Any, weakref.WeakSet[_Marks]] = weakref.WeakKeyDictionary()
+
+
+def pending_in_pool(engine: Any) -> bool:
+    """Whether ``engine`` hands every Session a connection whose open transaction has written (see :data:`SHARING_POOLS`).
+
+    Such a Session's query sees those uncommitted rows, before it has
+    begun anything: no shared entry holds them.  Other pools give each
+    Session a connection of its own, whose writes :func:`has_written` sees.
+    """
+    if not _sharing or not isinstance(engine, Engine):  # a Connection: has_written() reads its own marks
+        return False
+    found = _sharing.get(engine.pool)
+    return found is not None and any(tables for marks in found for _, tables in marks.levels)
 
 
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
@@ -291,6 +315,7 @@ def _mark(conn: Any, tables: frozenset[str]) -> None:
     for session in list(conn.info.get(_OWNERS, ())):
         written(session).update(tables)
         local_session.drop(session)
+    _seen_by_every_session(conn)
     if _transaction_open(conn):
         _marks(conn).levels[-1][1].update(tables)
     else:  # the database committed it already
@@ -371,7 +396,18 @@ def _rolled_back(conn: Any) -> None:
     schema.schema_settled(conn.info, ended=True)
     marks = conn.info.get(_MARKS)
     if marks is not None:
+        if marks.pending():
+            _seen_by_every_session(conn)
         marks.levels = [[None, set()]]
+
+
+def _seen_by_every_session(conn: Any) -> None:
+    # On a connection every Session of the engine shares, a write (or its
+    # rollback) changes what they all read now, whatever their transaction:
+    # their local entries are void (shared regions: see pending_in_pool()).
+    if isinstance(conn.engine.pool, SHARING_POOLS):
+        for cache in live_caches():
+            cache.void_local_entries()
 
 
 def _savepoint(conn: Any, name: str) -> None:
@@ -382,7 +418,10 @@ def _rolled_back_to(conn: Any, name: str, context: Any) -> None:
     schema.schema_settled(conn.info, ended=False)
     marks = conn.info.get(_MARKS)
     if marks is not None:
-        del marks.levels[_level(marks, name) :]
+        index = _level(marks, name)
+        if any(tables for _, tables in marks.levels[index:]):
+            _seen_by_every_session(conn)
+        del marks.levels[index:]
 
 
 def _released(conn: Any, name: str, context: Any) -> None:
@@ -505,7 +544,14 @@ def invalidate_tables(session: Any, *tables: Any) -> None:
 
 
 def committed(session: Any) -> None:
-    """``after_commit``: publish what the Session declared; forget what it wrote."""
+    """``after_commit``: publish what the Session declared; forget what it wrote.
+
+    SQLAlchemy sends ``after_commit`` for a savepoint's release too: nothing
+    is committed then, and what the transaction wrote and declared is kept
+    for its real end.
+    """
+    if session.in_nested_transaction():  # the committing savepoint is still the Session's transaction
+        return
     session.info.pop(info.WRITTEN, None)
     declared = session.info.pop(info.DECLARED, None)
     if declared:
