@@ -6,7 +6,6 @@ import datetime
 import enum
 import gc
 import os
-import subprocess
 import sys
 
 import pytest
@@ -17,6 +16,7 @@ from sqlalchemy.orm import aliased, column_property, registry, relationship
 from pyramid_sessioncache import FromCache, NotCacheableError, cache_parameters
 from pyramid_sessioncache.engine.keys import KeyMaker, _code_text, value_text
 
+from .hash_seeds import printed_by_processes
 from .models import Person
 
 
@@ -49,22 +49,6 @@ def test_flag_pseudo_members_are_told_apart(Session):
         assert ids(s, select(Person).where(Person.id == Bits.A | Bits.B)) == [3]
 
 
-def _printed_by_processes(program: str, seeds: int) -> set[str]:
-    """What ``program`` prints, run by one process per hash seed (``PYTHONHASHSEED`` 1, 2...)."""
-    return {
-        subprocess.run(
-            [sys.executable, "-c", program],
-            env={**os.environ, "PYTHONHASHSEED": str(seed)},
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-            timeout=60,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        for seed in range(1, seeds + 1)
-    }
-
-
 def test_types_with_several_arguments_key_alike_in_every_process():
     # A type's arguments come in the order of a set of names: hash
     # randomization changes it between processes.
@@ -74,7 +58,7 @@ def test_types_with_several_arguments_key_alike_in_every_process():
         "t = Table('priced', MetaData(), Column('amount', Numeric(10, 2)), Column('s', String(5, collation='x')))\n"
         "print(KeyMaker().structure(select(t.c.amount, t.c.s).where(t.c.amount > 1)._generate_cache_key()))\n"
     )
-    keys = _printed_by_processes(program, seeds=5)
+    keys = printed_by_processes(program, seeds=5)
     assert len(keys) == 1, keys
 
 
@@ -254,5 +238,5 @@ def test_a_mapping_key_is_the_same_in_every_process():
         "from tests.models import Person\n"
         "print(KeyMaker().structure(select(Person)._generate_cache_key()))\n"
     )
-    keys = _printed_by_processes(program, seeds=3)
+    keys = printed_by_processes(program, seeds=3)
     assert len(keys) == 1 and "None" not in keys, keys

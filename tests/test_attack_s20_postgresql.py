@@ -356,6 +356,11 @@ def test_one_setting_under_two_names_in_either_order(tenants, first, then):
     ids=["SET", "EXECUTE 'SET'", "SET LOCAL"],
 )
 def test_a_setting_changed_in_a_do_block(tenants, switch):
+    _switched_then_read(tenants, switch)
+
+
+def _switched_then_read(tenants, switch):
+    """Two pools of one connection each on tenant_a; ``switch`` runs on the first: reads of both stay their tenant's."""
     engine = create_engine(tenants, pool_size=1, max_overflow=0)  # one connection: its settings stay
     other = create_engine(tenants, pool_size=1, max_overflow=0)
     cache = round6._cache()
@@ -520,32 +525,18 @@ def test_a_view_over_the_catalog_sees_the_schema_changes_of_the_process(pg, PgSe
 
 def test_a_function_that_calls_a_function_that_sets(tenants):
     # use_tenant_for_good() sets the search path; enter_for_good() only calls it.
-    engine = create_engine(tenants, pool_size=1, max_overflow=0)  # one connection: its settings stay
-    with engine.begin() as conn:
-        conn.exec_driver_sql(
-            "CREATE FUNCTION public.use_tenant_for_good(t text) RETURNS void LANGUAGE sql AS "
-            "$f$ SELECT pg_catalog.set_config('search_path', 'tenant_' || t, false) $f$;"
-            "CREATE FUNCTION public.enter_for_good(t text) RETURNS void LANGUAGE plpgsql AS "
-            "$f$ BEGIN PERFORM public.use_tenant_for_good(t); END $f$"
-        )
-    other = create_engine(tenants, pool_size=1, max_overflow=0)
-    cache = round6._cache()
-    Session = sessionmaker(engine, info=cache.session_info())
-    Other = sessionmaker(other, info=cache.session_info())
+    engine = create_engine(tenants)
     try:
-        for Sess in (Session, Other):
-            with Sess() as session:
-                session.connection().exec_driver_sql("SET search_path TO tenant_a")
-                session.commit()
-        with Session() as session:
-            session.connection().exec_driver_sql("SELECT public.enter_for_good('b')")
-            session.commit()
-        for Sess in (Session, Other, Session, Other):
-            with Sess() as session:
-                assert round6._prime(session) == list(session.scalars(round6.ITEMS))
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE FUNCTION public.use_tenant_for_good(t text) RETURNS void LANGUAGE sql AS "
+                "$f$ SELECT pg_catalog.set_config('search_path', 'tenant_' || t, false) $f$;"
+                "CREATE FUNCTION public.enter_for_good(t text) RETURNS void LANGUAGE plpgsql AS "
+                "$f$ BEGIN PERFORM public.use_tenant_for_good(t); END $f$"
+            )
     finally:
         engine.dispose()
-        other.dispose()
+    _switched_then_read(tenants, "SELECT public.enter_for_good('b')")
 
 
 @pytest.mark.parametrize("undo", ["a rollback", "a savepoint rolled back"])

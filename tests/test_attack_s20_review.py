@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
-import subprocess
 import sys
 
 import pytest
@@ -44,6 +42,7 @@ from pyramid_sessioncache import FromCache, NotCacheableError, cache_parameters
 from pyramid_sessioncache.engine import as_loaded
 
 from .conftest import SQLCounter
+from .hash_seeds import printed_by_processes
 from .models import Address, Person, PostalCode
 
 
@@ -342,18 +341,7 @@ def test_mapping_keys_are_the_same_in_every_process():
         "for cls in (_Employee, _Engineer, _Owner, _Pet):\n"
         "    print(maker.structure(select(cls)._generate_cache_key()))\n"
     )
-    outputs = {
-        subprocess.run(
-            [sys.executable, "-c", program],
-            env={**os.environ, "PYTHONHASHSEED": str(seed)},
-            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-            timeout=60,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        for seed in range(1, 4)
-    }
+    outputs = printed_by_processes(program, seeds=3)
     assert len(outputs) == 1 and "None" not in outputs.pop()
 
 
