@@ -100,7 +100,9 @@ def dbsession(request: Any) -> Any:
         raise SessionCacheError("request.dbsession needs an engine: set sqlalchemy.url in the settings")
     # The factory's listeners (transaction.py) join it to request.tm.
     info = {"request": request, TRANSACTION_MANAGER: request.tm}
-    managed = managed_environ(request)
+    # Made after pyramid_tm ended (first used by a finished callback), it
+    # is no longer in the environ: the request said so as it began.
+    managed = managed_environ(request) or request.environ.get(MANAGED_ENVIRON)
     if managed is not None:  # within pyramid_tm's tween: joins nothing once it has ended
         info[MANAGED_ENVIRON] = managed
     session = factory(info=info)
@@ -126,6 +128,18 @@ def managed_environ(request: Any) -> dict | None:
             if outer is not None and "tm.active" in outer:
                 return outer
     return None
+
+
+def note_managed_environ(event: Any) -> None:
+    """Note in a new request's environ the environ of the request whose pyramid_tm tween manages it (a subscriber).
+
+    ``NewRequest`` is sent under every tween, pyramid_tm's included: a
+    Session first made after pyramid_tm ended the request's transaction
+    (by a finished callback) reads it there, as pyramid_tm took its own
+    mark away.  None for a request pyramid_tm does not manage.
+    """
+    request = event.request
+    request.environ[MANAGED_ENVIRON] = managed_environ(request)
 
 
 def _closer(session: Any) -> Any:

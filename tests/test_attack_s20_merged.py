@@ -1,0 +1,53 @@
+"""Session 20, review of the day's merged fixes (adversarial): the request's Session after pyramid_tm, the fuzzer's, PostgreSQL's.
+
+Each test is a defect found by attacking the changes merged that day,
+fixed with it.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select
+
+from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
+
+from .models import Person
+from .test_attack_s19_final import _late_app
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_session_first_made_in_a_finished_callback_joins_no_ended_transaction(db_url, explicit):
+    """The view never used ``request.dbsession``: made after pyramid_tm ended, it joined the thread's next transaction.
+
+    With the explicit manager the read raised ``NoTransaction``; with the
+    thread's it began a transaction nobody ended, holding the Session.
+    """
+    import gc
+    import weakref
+
+    import transaction
+    from webtest import TestApp
+
+    read = []
+    sessions = []
+
+    def view(request):
+        def late(request):
+            sessions.append(weakref.ref(request.dbsession))
+            read.append(request.dbsession.execute(select(Person.name).where(Person.id == 2)).scalar_one())
+
+        request.add_finished_callback(late)
+        return {}
+
+    settings = {"tm.manager_hook": "pyramid_tm.explicit_manager"} if explicit else {}
+    app = _late_app(db_url, view, **settings)
+    engine = app.registry.queryUtility(IDBSessionFactory).kw["bind"]
+    try:
+        TestApp(app).get("/run")
+        gc.collect()
+        assert read == ["person 2"]
+        assert engine.pool.checkedout() == 0
+        assert [ref() for ref in sessions] == [None]
+    finally:
+        transaction.manager.abort()
+        engine.dispose()
