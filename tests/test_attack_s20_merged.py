@@ -51,3 +51,36 @@ def test_a_session_first_made_in_a_finished_callback_joins_no_ended_transaction(
     finally:
         transaction.manager.abort()
         engine.dispose()
+
+
+def test_a_subrequest_session_that_could_not_join_is_closed(db_url):
+    """With the explicit manager a subrequest's ``request.tm`` is a manager of its own, with no transaction.
+
+    Its Session's read raises ``NoTransaction`` after checking a
+    connection out, and it joins nothing: left to its parent's
+    transaction, which never closes it, it kept the connection out.
+    """
+    from pyramid.request import Request
+    from webtest import TestApp
+
+    raised = []
+
+    def view(request):
+        if "sub" in request.params:
+            request.dbsession.execute(select(Person.name)).all()
+            return {}
+        request.dbsession.scalars(select(Person.id)).all()
+        try:
+            request.invoke_subrequest(Request.blank("/run?sub=1"), use_tweens=False)
+        except Exception as exc:
+            raised.append(type(exc).__name__)
+        return {}
+
+    app = _late_app(db_url, view, **{"tm.manager_hook": "pyramid_tm.explicit_manager"})
+    engine = app.registry.queryUtility(IDBSessionFactory).kw["bind"]
+    try:
+        TestApp(app).get("/run")
+        assert raised == ["NoTransaction"]
+        assert engine.pool.checkedout() == 0
+    finally:
+        engine.dispose()

@@ -20,7 +20,7 @@ from sqlalchemy.orm import scoped_session
 from ..errors import SessionCacheError
 from ..storage.backends import local_session
 from .interfaces import IDBSessionFactory
-from .transaction import MANAGED_ENVIRON, TRANSACTION_MANAGER, in_managed_transaction
+from .transaction import MANAGED_ENVIRON, TRANSACTION_MANAGER, in_managed_transaction, joined
 
 
 def _request() -> Any:
@@ -153,7 +153,8 @@ def _closer(session: Any) -> Any:
     those it waited for already: a callback that puts itself back too
     would wait for it for ever.  A subrequest's Session, joined to its
     parent's transaction, is closed as that transaction ends instead
-    (``transaction.in_managed_transaction()``).
+    (``transaction.in_managed_transaction()``), unless it never joined it
+    (``transaction.joined()``).
     """
     waited: dict[int, Any] = {}  # the callbacks themselves held, so that no other takes one's id
 
@@ -163,7 +164,8 @@ def _closer(session: Any) -> Any:
             waited.update(remaining)
             request.add_finished_callback(close_last)
             return
-        if not in_managed_transaction(session):  # a subrequest's: closed as its parent's transaction ends
+        # A subrequest's, joined to its parent's transaction, is closed as that ends.
+        if not (in_managed_transaction(session) and joined(session)):
             close(session)
 
     return close_last
