@@ -7,10 +7,13 @@ fixed with it.
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import String, create_engine, func, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from pyramid_sessioncache import FromCache, SessionCache
 from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
 
+from .conftest import SECRET, SQLCounter
 from .models import Person
 from .test_attack_s19_final import _late_app
 
@@ -84,3 +87,66 @@ def test_a_subrequest_session_that_could_not_join_is_closed(db_url):
         assert engine.pool.checkedout() == 0
     finally:
         engine.dispose()
+
+
+class _NamedBase(DeclarativeBase):
+    pass
+
+
+class _Setval(_NamedBase):
+    """A table and columns named like functions called for their effect, or like locking hints."""
+
+    __tablename__ = "setval"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    nextval: Mapped[int] = mapped_column(default=0)
+    updlock: Mapped[str] = mapped_column(String(10), default="x")
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        pytest.param(select(_Setval), id="the class"),
+        pytest.param(select(_Setval.id, _Setval.nextval), id="columns"),
+        pytest.param(select(_Setval.id.label("pg_advisory_lock")), id="a label"),
+    ],
+)
+def test_names_like_effect_functions_or_locks_are_cached(tmp_path, statement):
+    """Only a call runs every time: every query of a table, column or label so named ran uncached."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'named.sqlite'}")
+    _NamedBase.metadata.create_all(engine)
+    with sessionmaker(engine)() as session:
+        session.add(_Setval(id=1))
+        session.commit()
+    cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
+    Session = sessionmaker(engine, info=cache.session_info())
+    sql = SQLCounter(engine)
+    counts = []
+    try:
+        for _ in range(2):
+            with Session() as session:
+                sql.reset()
+                session.execute(statement.options(FromCache("memory"))).all()
+                counts.append(sql.count)
+    finally:
+        engine.dispose()
+    assert counts == [1, 0]
+
+
+def test_a_call_of_an_effect_function_still_runs_every_time(tmp_path):
+    """What the names above no longer do, a call still does: ``func.setval()`` of the same table's column."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'named.sqlite'}")
+    _NamedBase.metadata.create_all(engine)
+    engine.raw_connection().driver_connection.create_function("setval", 1, lambda value: value)
+    cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
+    Session = sessionmaker(engine, info=cache.session_info())
+    sql = SQLCounter(engine)
+    counts = []
+    try:
+        for _ in range(2):
+            with Session() as session:
+                sql.reset()
+                session.execute(select(func.setval(_Setval.nextval)).options(FromCache("memory"))).all()
+                counts.append(sql.count)
+    finally:
+        engine.dispose()
+    assert counts == [1, 1]
