@@ -13,9 +13,13 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from pyramid_sessioncache import FromCache, SessionCache
 from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
 
+from . import test_attack_s18_round6 as round6
 from .conftest import SECRET, SQLCounter
 from .models import Person
 from .test_attack_s19_final import _late_app
+
+#: Schemas public, tenant_a and tenant_b, each with its ``item`` (PostgreSQL).
+tenants = round6.tenants
 
 
 @pytest.mark.parametrize("explicit", [False, True])
@@ -150,3 +154,39 @@ def test_a_call_of_an_effect_function_still_runs_every_time(tmp_path):
     finally:
         engine.dispose()
     assert counts == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "ended_by, expected, hit",
+    [
+        ("a rollback", ["of public"], True),
+        ("a commit", ["of a"], True),
+        # Committed by SQL text, which SQLAlchemy does not see: its rollback then undoes nothing.
+        ("COMMIT, then a rollback", ["of a"], False),
+    ],
+)
+def test_a_setting_made_in_a_transaction_rolled_back_leaves_its_connection_cached(tenants, ended_by, expected, hit):
+    """PostgreSQL undoes a session setting its transaction made when it rolls back, as if never made.
+
+    The connection's settings were marked unknown instead, for the rest of
+    its life in the pool: every look-up it served ran uncached (a tenant
+    switch, ``SET search_path``, in a request that failed, and its pooled
+    connection never cached again).  After a commit the setting stays.
+    """
+    engine = create_engine(tenants, pool_size=1, max_overflow=0)  # one connection: its settings stay
+    Session = sessionmaker(engine, info=round6._cache().session_info())
+    sql = SQLCounter(engine)
+    try:
+        with Session() as session:
+            session.connection().exec_driver_sql("SET search_path TO tenant_a")
+            assert list(session.scalars(round6.ITEMS)) == ["of a"]
+            if ended_by.startswith("COMMIT"):
+                session.connection().exec_driver_sql("COMMIT")
+            session.commit() if ended_by == "a commit" else session.rollback()
+        with Session() as session:
+            assert round6._prime(session) == list(session.scalars(round6.ITEMS)) == expected
+            sql.reset()
+            assert list(session.scalars(round6.CACHED)) == expected
+            assert sql.count == (0 if hit else 1)
+    finally:
+        engine.dispose()

@@ -54,6 +54,12 @@ _LOCAL = "sessioncache.local_settings"
 _UNKNOWN = "sessioncache.settings_unknown"
 _SAVEPOINTS = "sessioncache.setting_savepoints"
 _TEMPORARY = "sessioncache.temporary"
+#: The session settings before the open transaction changed one (PostgreSQL):
+#: what its rollback leaves in force.
+_BEFORE = "sessioncache.settings_before"
+#: A word that may end a transaction, in SQL text: the database's settings
+#: then no longer follow SQLAlchemy's rollback.
+_ENDS_SQL = re.compile(r"\b(?:commit|end|prepare|rollback|abort)\b")
 
 #: Words that change settings when they start a statement.
 _FIRST_WORDS = frozenset({"set", "reset", "discard"})
@@ -88,6 +94,7 @@ def install() -> None:
     if not event.contains(Engine, "after_cursor_execute", _executed):
         event.listen(Engine, "after_cursor_execute", _executed)
         event.listen(Engine, "commit", _ended)
+        event.listen(Engine, "begin", _began)
         event.listen(Engine, "rollback", _rolled_back)
         event.listen(Engine, "savepoint", _savepoint)
         event.listen(Engine, "rollback_savepoint", _rolled_back_to)
@@ -95,6 +102,8 @@ def install() -> None:
 
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
     lowered = statement.lower()
+    if _BEFORE in conn.info and (_ENDS_SQL.search(lowered) or not in_transaction_of(conn)):
+        del conn.info[_BEFORE]  # the changes may have been committed: a rollback leaves them unknown
     if "temp" in lowered:
         _note_temporary(conn, statement)
     # SET, RESET, set_config(), DISCARD; else a function of the database's own that changes settings.
@@ -216,6 +225,11 @@ def _apply(info: dict, name: str, value: str, local: bool, in_transaction: bool,
     session, local_settings = info.setdefault(_SESSION, {}), info.setdefault(_LOCAL, {})
     if name == "*none":
         return
+    first = in_transaction and not local and not any(isinstance(key, tuple) for key in local_settings)
+    if first and conn.dialect.name == "postgresql" and in_transaction_of(conn):
+        # The transaction's first change of the session's settings: what a
+        # rollback brings back, where the database surely undoes it.
+        info[_BEFORE] = dict(session)
     if name == "*all" or name.startswith("*reset "):
         target = None if name == "*all" else name[len("*reset ") :]
         if target is None and not in_transaction:
@@ -256,17 +270,33 @@ def _rolled_back_to(conn: Any, name: str, context: Any) -> None:
         conn.info[_UNKNOWN] = True
 
 
+def in_transaction_of(conn: Any) -> bool:
+    """Whether ``conn``'s DBAPI connection has a transaction open (not in autocommit, where a rollback undoes nothing)."""
+    return in_transaction(conn.connection.dbapi_connection)
+
+
+def _began(conn: Any) -> None:
+    conn.info.pop(_BEFORE, None)  # of a transaction that ended unseen
+
+
 def _ended(conn: Any) -> None:
     conn.info.pop(_LOCAL, None)
     conn.info.pop(_SAVEPOINTS, None)
+    conn.info.pop(_BEFORE, None)
 
 
 def _rolled_back(conn: Any) -> None:
     local = conn.info.pop(_LOCAL, None)
     conn.info.pop(_SAVEPOINTS, None)
+    before = conn.info.pop(_BEFORE, None)
     if local and any(isinstance(name, tuple) for name in local):
+        if before is not None:
+            # PostgreSQL undid every session setting the transaction made.
+            conn.info[_SESSION] = before
+            return
         # A session setting made in this transaction: PostgreSQL undoes it
-        # at a rollback, other databases keep it.  Not told apart from here.
+        # at a rollback, other databases keep it; or it may have been
+        # committed by SQL text.  Not told apart from here.
         conn.info[_UNKNOWN] = True
 
 
