@@ -14,6 +14,7 @@ from pyramid_sessioncache import FromCache, SessionCache
 from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
 
 from . import test_attack_s18_round6 as round6
+from . import test_writes_postgresql
 from .conftest import SECRET, SQLCounter
 from .models import Person
 from .test_attack_s19_final import _late_app
@@ -190,3 +191,47 @@ def test_a_setting_made_in_a_transaction_rolled_back_leaves_its_connection_cache
             assert sql.count == (0 if hit else 1)
     finally:
         engine.dispose()
+
+
+#: The PostgreSQL fixtures of the temporary-table attacks.
+pg = test_writes_postgresql.pg
+
+
+@pytest.mark.parametrize(
+    "make, end, apart",
+    [
+        (" ON COMMIT DROP", "commit", False),
+        ("", "rollback", False),
+        (" ON COMMIT DROP", "rollback", False),
+        ("", "commit", True),  # the table stays: its connection's look-ups stay apart
+    ],
+)
+def test_a_temporary_table_its_transaction_ended_unpins_its_connection(pg, region_options, make, end, apart):
+    """A temporary table gone with its transaction (dropped at commit, or rolled back) no longer keys its connection apart.
+
+    The token stayed for the connection's life in the pool: none of its
+    look-ups was ever served what another connection stored.
+    """
+    from .test_attack_s20_postgresql import PARENTS
+    from .test_writes_postgresql import cached, uncached
+
+    own = create_engine(pg.url, pool_size=1, max_overflow=0)  # its one connection, every time
+    try:
+        cache = SessionCache(region_options, default_region="memory", secret=SECRET)
+        Own = sessionmaker(bind=own, info=cache.session_info())
+        Other = sessionmaker(bind=pg, info=cache.session_info())
+        with Own() as session:
+            session.connection().exec_driver_sql(
+                f"CREATE TEMPORARY TABLE pg_parent (id integer PRIMARY KEY, name varchar(50)){make};"
+                "INSERT INTO pg_parent VALUES (1, 'temporary')"
+            )
+            assert [tuple(row) for row in session.execute(PARENTS)] == [(1, "temporary")]
+            session.commit() if end == "commit" else session.rollback()
+        for _ in range(3):  # learnt, stored
+            assert cached(Other, "memory", PARENTS) == uncached(pg, PARENTS)
+        sql = SQLCounter(own)
+        assert cached(Own, "memory", PARENTS) == uncached(own, PARENTS)
+        assert sql.count == (2 if apart else 1)  # its own look-up ran, or was a hit; then the uncached read
+        assert (uncached(own, PARENTS) == [(1, "temporary")]) is apart
+    finally:
+        own.dispose()
