@@ -7,11 +7,12 @@ fixed with it.
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import String, create_engine, func, select
+from sqlalchemy import String, create_engine, func, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
 from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
+from pyramid_sessioncache.engine.invalidation import writes
 
 from . import test_attack_s18_round6 as round6
 from . import test_writes_postgresql
@@ -235,3 +236,63 @@ def test_a_temporary_table_its_transaction_ended_unpins_its_connection(pg, regio
         assert (uncached(own, PARENTS) == [(1, "temporary")]) is apart
     finally:
         own.dispose()
+
+
+def test_look_ups_while_new_threads_write_on_a_singleton_thread_pool(db_url):
+    """Each thread's connection of a ``SingletonThreadPool`` adds its marks as it first writes.
+
+    Another thread's look-up in a shared region, reading them all
+    (``writes.pending_in_pool()``), raised ``RuntimeError: Set changed size
+    during iteration``: the query failed.  Threads switched as often as can
+    be, for a few seconds at most.
+    """
+    import sys
+    import threading
+    import time
+
+    from sqlalchemy.pool import SingletonThreadPool
+
+    engine = create_engine(db_url, poolclass=SingletonThreadPool, pool_size=500, connect_args={"timeout": 30})
+    cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
+    Session = sessionmaker(engine, info=cache.session_info())
+    errors: list[str] = []
+    stop = time.monotonic() + 4
+    statement = select(Person.name).where(Person.id == 1).options(FromCache("memory"))
+
+    def write() -> None:
+        try:
+            with Session() as session:
+                session.execute(update(Person).where(Person.id == 2).values(name="person 2"))
+                session.commit()
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    def read() -> None:
+        # What every shared look-up on the engine asks first (lookup.decide()), asked as often as can be.
+        with Session() as session:
+            session.execute(statement).all()
+        while time.monotonic() < stop and not errors:
+            try:
+                writes.pending_in_pool(engine)
+            except Exception as exc:
+                errors.append(repr(exc))
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    readers = [threading.Thread(target=read) for _ in range(2)]
+    try:
+        for thread in readers:
+            thread.start()
+        while time.monotonic() < stop and not errors:
+            writers = [threading.Thread(target=write) for _ in range(10)]
+            for thread in writers:
+                thread.start()
+            for thread in writers:
+                thread.join()
+    finally:
+        stop = 0
+        for thread in readers:
+            thread.join()
+        sys.setswitchinterval(interval)
+        engine.dispose()
+    assert errors == []
