@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from pyramid.exceptions import ConfigurationError
-from pyramid.interfaces import PHASE3_CONFIG, IRequestExtensions
+from pyramid.interfaces import PHASE3_CONFIG, INewRequest, IRequestExtensions
 from pyramid.threadlocal import get_current_request
 from pyramid.util import InstancePropertyHelper
 from sqlalchemy import engine_from_config
@@ -27,7 +27,7 @@ from ..errors import InvalidOptionError
 from ..masking import hide_url_passwords, shown
 from .interfaces import IDBSessionFactory, ISessionCache
 from .request import RequestCache, cached_query
-from .session import dbsession
+from .session import dbsession, note_managed_environ
 from .settings import invalid_option, parse_settings
 from .transaction import RequestTransactionEvents
 from .transaction import join as join_request_transaction
@@ -212,5 +212,7 @@ def _add_dbsession(registry: Any) -> None:
         registry.registerUtility(factory, IDBSessionFactory)
     # Once per factory, instead of seven listeners on every request's Session.
     register_transaction_events(registry.getUtility(IDBSessionFactory))
+    # Tells a Session first made after pyramid_tm ended that it did.
+    registry.registerHandler(note_managed_environ, (INewRequest,))
     name, prop = InstancePropertyHelper.make_property(dbsession, name="dbsession", reify=True)
     extensions.descriptors[name] = prop

@@ -20,7 +20,7 @@ from sqlalchemy.orm import scoped_session
 from ..errors import SessionCacheError
 from ..storage.backends import local_session
 from .interfaces import IDBSessionFactory
-from .transaction import MANAGED_ENVIRON, TRANSACTION_MANAGER, in_managed_transaction
+from .transaction import MANAGED_ENVIRON, TRANSACTION_MANAGER, in_managed_transaction, joined
 
 
 def _request() -> Any:
@@ -100,7 +100,9 @@ def dbsession(request: Any) -> Any:
         raise SessionCacheError("request.dbsession needs an engine: set sqlalchemy.url in the settings")
     # The factory's listeners (transaction.py) join it to request.tm.
     info = {"request": request, TRANSACTION_MANAGER: request.tm}
-    managed = managed_environ(request)
+    # Made after pyramid_tm ended (first used by a finished callback), it
+    # is no longer in the environ: the request said so as it began.
+    managed = managed_environ(request) or request.environ.get(MANAGED_ENVIRON)
     if managed is not None:  # within pyramid_tm's tween: joins nothing once it has ended
         info[MANAGED_ENVIRON] = managed
     session = factory(info=info)
@@ -128,6 +130,18 @@ def managed_environ(request: Any) -> dict | None:
     return None
 
 
+def note_managed_environ(event: Any) -> None:
+    """Note in a new request's environ the environ of the request whose pyramid_tm tween manages it (a subscriber).
+
+    ``NewRequest`` is sent under every tween, pyramid_tm's included: a
+    Session first made after pyramid_tm ended the request's transaction
+    (by a finished callback) reads it there, as pyramid_tm took its own
+    mark away.  None for a request pyramid_tm does not manage.
+    """
+    request = event.request
+    request.environ[MANAGED_ENVIRON] = managed_environ(request)
+
+
 def _closer(session: Any) -> Any:
     """The finished callback that closes ``session``: after those registered once it was made.
 
@@ -139,7 +153,8 @@ def _closer(session: Any) -> Any:
     those it waited for already: a callback that puts itself back too
     would wait for it for ever.  A subrequest's Session, joined to its
     parent's transaction, is closed as that transaction ends instead
-    (``transaction.in_managed_transaction()``).
+    (``transaction.in_managed_transaction()``), unless it never joined it
+    (``transaction.joined()``).
     """
     waited: dict[int, Any] = {}  # the callbacks themselves held, so that no other takes one's id
 
@@ -149,7 +164,8 @@ def _closer(session: Any) -> Any:
             waited.update(remaining)
             request.add_finished_callback(close_last)
             return
-        if not in_managed_transaction(session):  # a subrequest's: closed as its parent's transaction ends
+        # A subrequest's, joined to its parent's transaction, is closed as that ends.
+        if not (in_managed_transaction(session) and joined(session)):
             close(session)
 
     return close_last

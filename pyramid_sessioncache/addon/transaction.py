@@ -27,6 +27,7 @@ from typing import Any
 from sqlalchemy import event
 from transaction.interfaces import NoTransaction
 from zope.sqlalchemy.datamanager import (
+    _SESSION_STATE,
     STATUS_ACTIVE,
     ZopeTransactionEvents,
     join_transaction,
@@ -141,6 +142,18 @@ def in_managed_transaction(session: Any) -> bool:
     """
     environ = session.info.get(MANAGED_ENVIRON)
     return environ is not None and "tm.active" in environ
+
+
+def joined(session: Any) -> bool:
+    """Whether ``session`` is joined to a transaction that has not ended (zope.sqlalchemy closes it when it does).
+
+    zope.sqlalchemy keeps a joined Session's state in the private
+    ``_SESSION_STATE`` (zope.sqlalchemy 1.x to 3.x), set as it joins and
+    removed as the transaction ends: there is no public question.  A
+    Session whose join failed (``NoTransaction`` from a subrequest's own
+    explicit manager) has a connection and no transaction to close it.
+    """
+    return _SESSION_STATE.get(session) is not None
 
 
 def in_progress(manager: Any) -> bool:

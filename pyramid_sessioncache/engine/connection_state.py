@@ -54,6 +54,16 @@ _LOCAL = "sessioncache.local_settings"
 _UNKNOWN = "sessioncache.settings_unknown"
 _SAVEPOINTS = "sessioncache.setting_savepoints"
 _TEMPORARY = "sessioncache.temporary"
+#: How the open transaction that made the connection's first temporary
+#: relation undoes it: ``"commit"`` (``ON COMMIT DROP`` alone), or
+#: ``"rollback"``; absent when the token outlives any transaction.
+_TEMPORARY_UNTIL = "sessioncache.temporary_until"
+#: The session settings before the open transaction changed one (PostgreSQL):
+#: what its rollback leaves in force.
+_BEFORE = "sessioncache.settings_before"
+#: A word that may end a transaction, in SQL text: the database's settings
+#: then no longer follow SQLAlchemy's rollback.
+_ENDS_SQL = re.compile(r"\b(?:commit|end|prepare|rollback|abort)\b")
 
 #: Words that change settings when they start a statement.
 _FIRST_WORDS = frozenset({"set", "reset", "discard"})
@@ -88,6 +98,7 @@ def install() -> None:
     if not event.contains(Engine, "after_cursor_execute", _executed):
         event.listen(Engine, "after_cursor_execute", _executed)
         event.listen(Engine, "commit", _ended)
+        event.listen(Engine, "begin", _began)
         event.listen(Engine, "rollback", _rolled_back)
         event.listen(Engine, "savepoint", _savepoint)
         event.listen(Engine, "rollback_savepoint", _rolled_back_to)
@@ -95,6 +106,13 @@ def install() -> None:
 
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
     lowered = statement.lower()
+    if (_BEFORE in conn.info or _TEMPORARY_UNTIL in conn.info) and (
+        _ENDS_SQL.search(lowered) or not in_transaction_of(conn)
+    ):
+        # The transaction may have been committed by SQL text: what its end
+        # undoes is no longer known (settings unknown; temporary token kept).
+        conn.info.pop(_BEFORE, None)
+        conn.info.pop(_TEMPORARY_UNTIL, None)
     if "temp" in lowered:
         _note_temporary(conn, statement)
     # SET, RESET, set_config(), DISCARD; else a function of the database's own that changes settings.
@@ -115,27 +133,48 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
 def _note_temporary(conn: Any, statement: str) -> None:
     """Key ``conn``'s look-ups apart if ``statement`` made a temporary relation, or drop that if it dropped them all."""
     found = _temporary(statement)
-    if found == "made" and _TEMPORARY not in conn.info:
-        # Kept even if its transaction rolls back: the token costs misses only.
-        conn.info[_TEMPORARY] = secrets.token_hex(8)
-        _POOLS_WITH_SETTINGS.add(conn.engine.pool)
+    info = conn.info
+    if found in ("made", "made until commit"):
+        if _TEMPORARY not in info:
+            info[_TEMPORARY] = secrets.token_hex(8)
+            _POOLS_WITH_SETTINGS.add(conn.engine.pool)
+            if in_transaction_of(conn):  # dropped by its rollback too: the token with it (see _ended)
+                info[_TEMPORARY_UNTIL] = "commit" if found == "made until commit" else "rollback"
+        elif found == "made" and info.get(_TEMPORARY_UNTIL) == "commit":
+            info[_TEMPORARY_UNTIL] = "rollback"  # one that outlives its commit
     elif found == "dropped" and not in_transaction(conn.connection.dbapi_connection):
         conn.info.pop(_TEMPORARY, None)  # a DISCARD TEMP in a transaction may yet roll back
 
 
 @lru_cache(maxsize=2048)
 def _temporary(statement: str) -> str | None:
-    """``"made"`` if ``statement`` may make a temporary relation, ``"dropped"`` if it drops every one, else None."""
+    """``"made"`` if ``statement`` may make a temporary relation, ``"dropped"`` if it drops every one, else None.
+
+    ``"made until commit"`` if every one it may make is a table dropped
+    at commit (``ON COMMIT DROP``).
+    """
+    until_commit = False
     for cleaned in sqltext.readings(statement):
         for part in cleaned.statements():
-            if _TEMPORARY_SQL.search(part) or any(
+            quoted = any(
                 cleaned.name(match.group(1)).lower().startswith("pg_temp") for match in _QUOTED_SCHEMA.finditer(part)
-            ):
+            )
+            if quoted:
                 return "made"
+            found = _TEMPORARY_SQL.findall(part)
+            if len(found) == 1 and found[0].lower().endswith("table") and _ON_COMMIT_DROP.search(part):
+                until_commit = True
+            elif found:
+                return "made"
+    if until_commit:
+        return "made until commit"
     if " ".join(statement.lower().replace(";", " ").split()) in ("discard all", "discard temp", "discard temporary"):
         return "dropped"
     return None
 
+
+#: A temporary table its transaction's end drops.
+_ON_COMMIT_DROP = re.compile(r"\bon\s+commit\s+drop\b", re.I)
 
 #: A quoted name before a dot: a schema (``"pg_temp".person``).
 _QUOTED_SCHEMA = re.compile(r'("\d+")\s*\.')
@@ -216,6 +255,11 @@ def _apply(info: dict, name: str, value: str, local: bool, in_transaction: bool,
     session, local_settings = info.setdefault(_SESSION, {}), info.setdefault(_LOCAL, {})
     if name == "*none":
         return
+    first = in_transaction and not local and not any(isinstance(key, tuple) for key in local_settings)
+    if first and conn.dialect.name == "postgresql" and in_transaction_of(conn):
+        # The transaction's first change of the session's settings: what a
+        # rollback brings back, where the database surely undoes it.
+        info[_BEFORE] = dict(session)
     if name == "*all" or name.startswith("*reset "):
         target = None if name == "*all" else name[len("*reset ") :]
         if target is None and not in_transaction:
@@ -256,17 +300,38 @@ def _rolled_back_to(conn: Any, name: str, context: Any) -> None:
         conn.info[_UNKNOWN] = True
 
 
+def in_transaction_of(conn: Any) -> bool:
+    """Whether ``conn``'s DBAPI connection has a transaction open (not in autocommit, where a rollback undoes nothing)."""
+    return in_transaction(conn.connection.dbapi_connection)
+
+
+def _began(conn: Any) -> None:
+    conn.info.pop(_BEFORE, None)  # of a transaction that ended unseen
+    conn.info.pop(_TEMPORARY_UNTIL, None)  # its temporary relations kept, as far as is known here
+
+
 def _ended(conn: Any) -> None:
     conn.info.pop(_LOCAL, None)
     conn.info.pop(_SAVEPOINTS, None)
+    conn.info.pop(_BEFORE, None)
+    if conn.info.pop(_TEMPORARY_UNTIL, None) == "commit":  # its temporary tables dropped at commit
+        conn.info.pop(_TEMPORARY, None)
 
 
 def _rolled_back(conn: Any) -> None:
     local = conn.info.pop(_LOCAL, None)
     conn.info.pop(_SAVEPOINTS, None)
+    before = conn.info.pop(_BEFORE, None)
+    if conn.info.pop(_TEMPORARY_UNTIL, None) is not None:  # the temporary relations it made: undone
+        conn.info.pop(_TEMPORARY, None)
     if local and any(isinstance(name, tuple) for name in local):
+        if before is not None:
+            # PostgreSQL undid every session setting the transaction made.
+            conn.info[_SESSION] = before
+            return
         # A session setting made in this transaction: PostgreSQL undoes it
-        # at a rollback, other databases keep it.  Not told apart from here.
+        # at a rollback, other databases keep it; or it may have been
+        # committed by SQL text.  Not told apart from here.
         conn.info[_UNKNOWN] = True
 
 

@@ -56,9 +56,10 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SAWarning
 from sqlalchemy.orm import Mapper, MapperProperty
-from sqlalchemy.sql.expression import ColumnClause, TableClause
+from sqlalchemy.sql.expression import ColumnClause, Label, TableClause
 from sqlalchemy.sql.functions import next_value
 from sqlalchemy.sql.operators import custom_op
+from sqlalchemy.sql.schema import Column
 from sqlalchemy.sql.selectable import ForUpdateArg, SelectLabelStyle
 from sqlalchemy.types import TypeEngine
 
@@ -149,6 +150,10 @@ def _structure_text(element: Any, out: list[str], merge_labels: bool = True, map
                 continue
             if previous == "_label_style" and merge_labels and item in _DEFAULT_LABELS:
                 out.append("labels")
+            elif isinstance(item, str) and (
+                (previous == "name" and _names_a_column(element)) or (previous == "proxy_key" and len(element) == 2)
+            ):
+                _name_text(item, out)  # a column's or label's name; an ORM annotation's attribute name
             elif previous == "_compile_options" and _api_only(item):
                 out.append("compile")
             else:
@@ -290,9 +295,9 @@ def _own_text(mapper: Mapper) -> str:
         return found[2]
     out = [_qualified(mapper.class_), mapping_text(mapper)]
     for table in mapper.tables:
-        _structure_text((getattr(table, "schema", None), table.name), out)
+        _names_text((getattr(table, "schema", None), table.name), out)
     # Its identity: which columns tell its objects apart (primary_key=...).
-    _structure_text(tuple(column.name for column in mapper.primary_key), out)
+    _names_text(tuple(column.name for column in mapper.primary_key), out)
     parts = []
     for prop in column_attrs:
         strategy: list[str] = []
@@ -367,7 +372,8 @@ def _table_text(table: TableClause, out: list[str]) -> None:
     # a whole table gets its columns from the Table at compile time, so
     # its columns and their types are part of its text.
     out.append("table:")
-    _structure_text((getattr(table, "schema", None), table.name), out)
+    # Its names as _structure_text() would key the tuple (schema, name).
+    _names_text((getattr(table, "schema", None), table.name), out)
     out.append("(")
     for column in table.columns:
         type_key = _sqlalchemy.type_cache_key(column.type)
@@ -376,8 +382,43 @@ def _table_text(table: TableClause, out: list[str]) -> None:
             # True): its class, rather than no key for every query of
             # the table.
             type_key = (type(column.type),)
-        _structure_text((column.key, column.name, type_key), out)
+        _names_text((column.key, column.name), out, close=False)
+        _structure_text(type_key, out)
+        out.append(",)")
     out.append(")")
+
+
+#: Classes whose ``name`` in a cache key is an identifier, rendered quoted
+#: where needed, never SQL: a column or label named ``nextval`` or
+#: ``updlock`` calls and locks nothing (``literal_column()``, whose name
+#: is SQL, is a plain ``ColumnClause``, not one of them).
+_IDENTIFIER_NAMED = (Column, Label)
+
+
+def _names_a_column(element: tuple) -> bool:
+    # A cache key's tuple for an element is (id, class, name, value, ...).
+    cls = element[1] if len(element) > 1 else None
+    return isinstance(cls, type) and issubclass(cls, _IDENTIFIER_NAMED)
+
+
+def _name_text(name: Any, out: list[str]) -> None:
+    # A table's, column's or label's name: keyed as any string, but never
+    # read as SQL for locks or effects (a table named setval was never cached).
+    out.append(repr(_plain(name)))
+    quote = getattr(name, "quote", None)
+    if quote is not None:  # a quoted_name: quote=True and False name two tables on PostgreSQL
+        out.append(f"quote={quote}")
+
+
+def _names_text(names: tuple, out: list[str], close: bool = True) -> None:
+    # The tuple ``names`` (None or names) as _structure_text() keys one,
+    # its closing parenthesis left off with close=False.
+    out.append("(")
+    for name in names:
+        _name_text(name, out)
+        out.append(",")
+    if close:
+        out.append(")")
 
 
 def _enum_text(member: enum.Enum) -> str:

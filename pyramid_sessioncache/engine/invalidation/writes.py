@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -130,7 +131,8 @@ def _marks(conn: Any) -> _Marks:
         found = conn.info[_MARKS] = _Marks()
         pool = conn.engine.pool
         if isinstance(pool, SHARING_POOLS):
-            _sharing.setdefault(pool, weakref.WeakSet()).add(found)
+            with _sharing_lock:
+                _sharing.setdefault(pool, weakref.WeakSet()).add(found)
     return found
 
 
@@ -160,6 +162,10 @@ def _executing(conn: Any, cursor: Any, statement: str, parameters: Any, context:
 SHARING_POOLS = (StaticPool, SingletonThreadPool)
 #: Such pools -> the marks of their connections.
 _sharing: weakref.WeakKeyDictionary[Any, weakref.WeakSet[_Marks]] = weakref.WeakKeyDictionary()
+#: Held to add to, or to copy, a pool's marks: a SingletonThreadPool's
+#: threads each add their connection's while others' look-ups read them
+#: ("Set changed size during iteration" made the query raise).
+_sharing_lock = threading.Lock()
 
 
 def pending_in_pool(engine: Any) -> bool:
@@ -171,8 +177,9 @@ def pending_in_pool(engine: Any) -> bool:
     """
     if not _sharing or not isinstance(engine, Engine):  # a Connection: has_written() reads its own marks
         return False
-    found = _sharing.get(engine.pool)
-    return found is not None and any(tables for marks in found for _, tables in marks.levels)
+    with _sharing_lock:
+        found = tuple(_sharing.get(engine.pool, ()))
+    return any(tables for marks in found for _, tables in list(marks.levels))
 
 
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
