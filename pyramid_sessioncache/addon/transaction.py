@@ -38,7 +38,7 @@ from zope.sqlalchemy.datamanager import (
 TRANSACTION_MANAGER = "pyramid_sessioncache.transaction_manager"
 #: The ``info`` key of a Session made while pyramid_tm managed its request's
 #: transaction: the WSGI environ of the request whose tween does (its own;
-#: a subrequest's parent's), see :func:`request_ended`.
+#: a subrequest's parent's), see ``request_ended()``.
 MANAGED_ENVIRON = "pyramid_sessioncache.managed_environ"
 
 _EVENTS = (
@@ -106,7 +106,7 @@ class RequestTransactionEvents(ZopeTransactionEvents):
         """Join ``session`` to its transaction manager's transaction (see zope.sqlalchemy).
 
         Once pyramid_tm has ended its request's transaction
-        (:func:`request_ended`), only a transaction in progress (an
+        (``request_ended()``), only a transaction in progress (an
         application's ``with transaction.manager:``) is joined: a read in
         a finished callback would begin a transaction of the thread's
         manager that nobody ends, holding the Session, its request and a

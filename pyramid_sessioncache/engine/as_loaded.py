@@ -101,7 +101,7 @@ def values_of(state: Any) -> dict | None:
     """What ``state``'s object held as loaded by a loader Session, or None (not kept).
 
     With the columns loaded into it after its ``load`` event that nothing
-    changed since (see :func:`_refreshed`): one a listener or a
+    changed since (see ``_refreshed()``): one a listener or a
     ``refresh`` listener changed is left out, loaded again on access.
     """
     session = state.session
@@ -125,7 +125,7 @@ def _same(value: Any, other: Any) -> bool:
         return False
 
 
-#: Stands for a value :func:`_refreshed` could not copy: never the same as any.
+#: Stands for a value ``_refreshed()`` could not copy: never the same as any.
 _CHANGED: Any = object()
 
 

@@ -26,7 +26,7 @@ from .invalidation.schema import also_changed
 from .keys import EntryKey, KeyMaker
 from .stats import Stats
 
-#: Seconds :meth:`SessionCache.listen` waits for ``LISTEN`` to be in place.
+#: Seconds ``SessionCache.listen()`` waits for ``LISTEN`` to be in place.
 LISTEN_WAIT = 5.0
 
 
@@ -170,7 +170,7 @@ class SessionCache:
         that invalidates what read the tables written, in every cache of the
         process, and everything when it lost its connection (it may have
         missed writes).  Returns once ``LISTEN`` is in place (up to
-        :data:`LISTEN_WAIT` seconds; if it is not by then, everything is
+        ``LISTEN_WAIT`` seconds; if it is not by then, everything is
         invalidated once it is).  The database needs the triggers first
         (``sessioncache-notify install``).  Stop it with :meth:`close`.
         """

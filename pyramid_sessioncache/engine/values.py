@@ -101,7 +101,7 @@ class LocalResult(Sequence):
         return _sqlalchemy.require_unique(result) if self.requires_unique else result
 
 
-#: How many relationships deep :func:`_reached` follows: eager loads of eager loads.
+#: How many relationships deep ``_reached()`` follows: eager loads of eager loads.
 REACHED_DEPTH = 3
 
 
