@@ -11,6 +11,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import sqlalchemy
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Connection, FrozenResult, Result
 from sqlalchemy.exc import InvalidRequestError, SAWarning
@@ -358,8 +359,13 @@ def autobegin(session: Any) -> None:
     session._autobegin_t()
 
 
-def autoflush(session: Any, execution_options: Any) -> None:
-    """Flush pending changes as the ORM does before running a query.
+#: Whether ``Session.execute()`` autoflushes before a Core statement (a
+#: ``select()`` of a Table): SQLAlchemy 2.1 does, 2.0 only before ORM ones.
+AUTOFLUSHES_CORE = tuple(int(part) for part in sqlalchemy.__version__.split(".")[:2]) >= (2, 1)
+
+
+def autoflush(session: Any, execution_options: Any, statement: Any = None) -> None:
+    """Flush pending changes as the ORM does before running ``statement``.
 
     ``do_orm_execute`` listeners run *before* the ORM's autoflush, so a
     cache look-up must flush first or it would serve results that ignore
@@ -367,9 +373,17 @@ def autoflush(session: Any, execution_options: Any) -> None:
     ``ORMCompileState.orm_pre_session_exec`` (2.0, 2.1): the ``autoflush``
     execution option, a legacy ``Query.autoflush(False)`` (private load
     options), then ``Session._autoflush()``, which honours ``no_autoflush``
-    and adds the ORM's "Query-invoked autoflush" note to errors.
+    and adds the ORM's "Query-invoked autoflush" note to errors.  Before
+    a Core statement, only where ``Session.execute()`` would (2.1; see
+    :data:`AUTOFLUSHES_CORE`).
     """
     if not execution_options.get("autoflush", True):
+        return
+    if (
+        not AUTOFLUSHES_CORE
+        and statement is not None
+        and statement._propagate_attrs.get("compile_state_plugin") != "orm"
+    ):
         return
     load_options = execution_options.get("_sa_orm_load_options")
     if load_options is not None and not getattr(load_options, "_autoflush", True):

@@ -128,7 +128,7 @@ def decide(
         return None
     if _sqlalchemy.ALWAYS_REFRESHED and _sqlalchemy.loads_always_refreshed(statement):
         return None  # it overwrites what the Session holds, as populate_existing does
-    _sqlalchemy.autoflush(session, options)
+    _sqlalchemy.autoflush(session, options, statement)
     bind = _sqlalchemy.execution_bind(session, bind_arguments)
     if not region.is_local and (writes.has_written(session, bind) or writes.pending_in_pool(bind)):
         # What this transaction wrote is in no shared entry: until it ends,
