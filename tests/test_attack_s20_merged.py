@@ -123,6 +123,11 @@ def test_names_like_effect_functions_or_locks_are_cached(tmp_path, statement):
     with sessionmaker(engine)() as session:
         session.add(_Setval(id=1))
         session.commit()
+    assert _statements_per_run(engine, statement) == [1, 0]
+
+
+def _statements_per_run(engine, statement):
+    """SQL statements each of two runs of ``statement`` from a ``memory`` region sends, each in a new Session."""
     cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
     Session = sessionmaker(engine, info=cache.session_info())
     sql = SQLCounter(engine)
@@ -135,7 +140,7 @@ def test_names_like_effect_functions_or_locks_are_cached(tmp_path, statement):
                 counts.append(sql.count)
     finally:
         engine.dispose()
-    assert counts == [1, 0]
+    return counts
 
 
 def test_a_call_of_an_effect_function_still_runs_every_time(tmp_path):
@@ -143,19 +148,7 @@ def test_a_call_of_an_effect_function_still_runs_every_time(tmp_path):
     engine = create_engine(f"sqlite:///{tmp_path / 'named.sqlite'}")
     _NamedBase.metadata.create_all(engine)
     engine.raw_connection().driver_connection.create_function("setval", 1, lambda value: value)
-    cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
-    Session = sessionmaker(engine, info=cache.session_info())
-    sql = SQLCounter(engine)
-    counts = []
-    try:
-        for _ in range(2):
-            with Session() as session:
-                sql.reset()
-                session.execute(select(func.setval(_Setval.nextval)).options(FromCache("memory"))).all()
-                counts.append(sql.count)
-    finally:
-        engine.dispose()
-    assert counts == [1, 1]
+    assert _statements_per_run(engine, select(func.setval(_Setval.nextval))) == [1, 1]
 
 
 @pytest.mark.parametrize(
