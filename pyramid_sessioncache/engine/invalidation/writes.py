@@ -183,7 +183,8 @@ def pending_in_pool(engine: Any) -> bool:
 
 
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
-    if _PREPARED_WORD.search(statement) and _textual(context):
+    textual = _textual(context)  # asked first: the SQL of a compiled statement is never searched for words
+    if textual and _PREPARED_WORD.search(statement):
         _two_phase_sql(conn, statement)
     try:
         tables = written_tables(context, statement)
@@ -202,7 +203,7 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
         _mark(conn, tables)
     elif conn.info.get(_MARKS) is not None and not in_transaction(conn.connection.dbapi_connection):
         _ended_by_itself(conn)  # a COMMIT (or ROLLBACK) sent as SQL
-    if _COMMIT_WORD.search(statement) and _textual(context) and _commits(statement) and _transaction_open(conn):
+    if textual and _COMMIT_WORD.search(statement) and _commits(statement) and _transaction_open(conn):
         _committed_within(conn, tables)
 
 
