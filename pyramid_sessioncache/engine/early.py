@@ -109,5 +109,7 @@ def _early_hit(
     else:
         lookup.begin(session, bind_arguments)
         result = lookup.objects_of(session, region, found.key.text, value, statement)
+        if result is None:  # only the query can say what it gives this Session
+            return None, found
     lookup.record(cache, session, region, True, found.key)
     return result, found

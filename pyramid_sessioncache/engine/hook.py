@@ -179,6 +179,8 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
             _refreshes(cache, found.key.shape)
             return None
         result = lookup.objects_of(session, region, found.key.text, value, statement, instances)
+        if result is None:  # only the query can say what it gives this Session: run uncached
+            return None
     lookup.record(cache, session, region, hit, found.key)
     return result
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.engine import Result
-from sqlalchemy.orm import Session, attributes, instrumentation
+from sqlalchemy.orm import MANYTOONE, Session, attributes, instrumentation
+from sqlalchemy.orm.exc import UnmappedColumnError
 
 from .. import _sqlalchemy
 from .values import NOT_LOADED, CachedRows, private_copy
@@ -118,6 +119,7 @@ class _Plan:
         "expire",
         "column_attrs",
         "load_path",
+        "many_to_one",
     )
 
     def __init__(self, cls: type, columns: tuple, relationships: tuple) -> None:
@@ -133,6 +135,56 @@ class _Plan:
         self.expire = [prop.key for prop in mapper.column_attrs if prop.key not in columns]
         self.column_attrs = mapper.column_attrs
         self.load_path = _sqlalchemy.load_path(mapper)
+        #: ``(index, key, ((column key, index in columns or None), ...))`` of each many-to-one relationship.
+        self.many_to_one = tuple(
+            (index, key, _local_columns(mapper, key, columns))
+            for index, key in enumerate(relationships)
+            if mapper.get_property(key).direction is MANYTOONE
+        )
+
+
+def _local_columns(mapper: Any, key: str, columns: tuple) -> tuple:
+    """The column keys (and their places among ``columns``) that say which object many-to-one ``key`` holds."""
+    found = []
+    for column in mapper.get_property(key).local_columns:
+        try:
+            name = mapper.get_property_by_column(column).key
+        except UnmappedColumnError:
+            continue  # no attribute of the object holds it
+        found.append((name, columns.index(name) if name in columns else None))
+    return tuple(found)
+
+
+class HeldObjectDiffers(Exception):
+    """An object the Session holds says otherwise than the entry which object a relationship holds.
+
+    Its foreign key differs from the entry's row (it was loaded before a
+    commit changed it, or changed since without a flush), and the
+    relationship is not loaded: what the query would give depends on its
+    loader (``selectinload()`` follows the object's key, ``joinedload()``
+    takes the row), so only the query can say.  The hit is not served.
+    """
+
+
+def _held_agree(in_session: Any, plans: list, records: list) -> bool:
+    """Whether every object the Session holds agrees with the entry on the many-to-ones the entry would fill."""
+    for class_index, identity_key, values, held, _complete, _loaders, _path in records:
+        plan = plans[class_index]
+        if not plan.many_to_one:
+            continue
+        obj = in_session(identity_key)
+        if obj is None:
+            continue
+        loaded = obj.__dict__
+        for index, key, columns in plan.many_to_one:
+            if held[index] is NOT_LOADED or key in loaded:
+                continue  # not in the entry, or loaded: left as it is
+            for column, position in columns:
+                if column not in loaded:
+                    continue  # filled from the entry, as the query refreshes it
+                if position is None or values[position] is NOT_LOADED or loaded[column] != values[position]:
+                    return False
+    return True
 
 
 #: The ``info`` key of a class manager holding its plans: (column keys, relationship keys) -> plan.
@@ -154,11 +206,17 @@ def _plan(cls: type, columns: tuple, relationships: tuple) -> _Plan:
 
 
 def objects_of(session: Session, classes: list, records: list, load_options: tuple) -> list[Any]:
-    """Return the objects ``records`` describe, as objects of ``session``, in order."""
+    """Return the objects ``records`` describe, as objects of ``session``, in order.
+
+    Raises :class:`HeldObjectDiffers`, having changed nothing, when an
+    object the Session holds disagrees with the entry on a many-to-one.
+    """
     plans = [_plan(*layout) for layout in classes]
+    in_session = session.identity_map.get
+    if session.identity_map and any(plan.many_to_one for plan in plans) and not _held_agree(in_session, plans, records):
+        raise HeldObjectDiffers
     listened = any(plan.manager.dispatch.load for plan in plans)
     notify = listened or bool(session.dispatch.loaded_as_persistent)
-    in_session = session.identity_map.get
     add_loaded = _sqlalchemy.loading_into(session)
     instance_state = attributes.instance_state
     objects: list[Any] = []

@@ -228,9 +228,24 @@ def objects_of(
     bounded like it), so hitting the same entry again in one Session costs
     what a local hit costs.  ``instances``: the objects a miss just made
     ``value`` from (see ``hydrate.adopted()``).
+
+    Returns None, having changed nothing, when the Session holds an object
+    that disagrees with the entry on which object one of its many-to-one
+    relationships holds (see ``hydrate.HeldObjectDiffers``): the statement
+    must run uncached.
     """
     if not any(value.entity_columns):  # plain rows: nothing to build twice
         return hydrate.result(value, session, propagating(statement))
+    try:
+        return _objects_of(session, region, key, value, statement, instances)
+    except hydrate.HeldObjectDiffers:
+        log.debug("uncached: an object of the Session disagrees with the entry (region %s)", region.name)
+        return None
+
+
+def _objects_of(
+    session: Session, region: Region, key: str, value: CachedRows, statement: Any, instances: list | None
+) -> Any:
     built = local_session.entries(session).setdefault(region.namespace_name + ".objects", {})
     seen = built.get(key)
     if seen is None or seen[0] is not value:
