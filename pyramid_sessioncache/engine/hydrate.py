@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.engine import Result
-from sqlalchemy.orm import MANYTOONE, Session, attributes, instrumentation
+from sqlalchemy.orm import Session, attributes, instrumentation
 from sqlalchemy.orm.exc import UnmappedColumnError
 
 from .. import _sqlalchemy
@@ -119,7 +119,7 @@ class _Plan:
         "expire",
         "column_attrs",
         "load_path",
-        "many_to_one",
+        "joined_by",
     )
 
     def __init__(self, cls: type, columns: tuple, relationships: tuple) -> None:
@@ -135,16 +135,15 @@ class _Plan:
         self.expire = [prop.key for prop in mapper.column_attrs if prop.key not in columns]
         self.column_attrs = mapper.column_attrs
         self.load_path = _sqlalchemy.load_path(mapper)
-        #: ``(index, key, ((column key, index in columns or None), ...))`` of each many-to-one relationship.
-        self.many_to_one = tuple(
-            (index, key, _local_columns(mapper, key, columns))
-            for index, key in enumerate(relationships)
-            if mapper.get_property(key).direction is MANYTOONE
+        #: ``(index, key, ((column key, index in columns or None), ...))`` of each relationship: the
+        #: object's own columns its join names (a many-to-one's foreign key, a collection's key).
+        self.joined_by = tuple(
+            (index, key, _local_columns(mapper, key, columns)) for index, key in enumerate(relationships)
         )
 
 
 def _local_columns(mapper: Any, key: str, columns: tuple) -> tuple:
-    """The column keys (and their places among ``columns``) that say which object many-to-one ``key`` holds."""
+    """The column keys (and their places among ``columns``) that say which objects relationship ``key`` holds."""
     found = []
     for column in mapper.get_property(key).local_columns:
         try:
@@ -156,27 +155,29 @@ def _local_columns(mapper: Any, key: str, columns: tuple) -> tuple:
 
 
 class HeldObjectDiffers(Exception):
-    """An object the Session holds says otherwise than the entry which object a relationship holds.
+    """An object the Session holds says otherwise than the entry which objects a relationship holds.
 
-    Its foreign key differs from the entry's row (it was loaded before a
-    commit changed it, or changed since without a flush), and the
-    relationship is not loaded: what the query would give depends on its
-    loader (``selectinload()`` follows the object's key, ``joinedload()``
-    takes the row), so only the query can say.  The hit is not served.
+    A column its relationship joins by (a many-to-one's foreign key, the
+    column a collection is keyed by) differs from the entry's row (it was
+    loaded before a commit changed it, or changed since without a flush),
+    and the relationship is not loaded: what the query would give depends
+    on its loader (``selectinload()`` and ``immediateload()`` follow the
+    object's value, ``joinedload()`` takes the row), so only the query can
+    say.  The hit is not served.
     """
 
 
 def _held_agree(in_session: Any, plans: list, records: list) -> bool:
-    """Whether every object the Session holds agrees with the entry on the many-to-ones the entry would fill."""
+    """Whether every object the Session holds agrees with the entry on the relationships the entry would fill."""
     for class_index, identity_key, values, held, _complete, _loaders, _path in records:
         plan = plans[class_index]
-        if not plan.many_to_one:
+        if not plan.joined_by:
             continue
         obj = in_session(identity_key)
         if obj is None:
             continue
         loaded = obj.__dict__
-        for index, key, columns in plan.many_to_one:
+        for index, key, columns in plan.joined_by:
             if held[index] is NOT_LOADED or key in loaded:
                 continue  # not in the entry, or loaded: left as it is
             for column, position in columns:
@@ -209,11 +210,11 @@ def objects_of(session: Session, classes: list, records: list, load_options: tup
     """Return the objects ``records`` describe, as objects of ``session``, in order.
 
     Raises :class:`HeldObjectDiffers`, having changed nothing, when an
-    object the Session holds disagrees with the entry on a many-to-one.
+    object the Session holds disagrees with the entry on a relationship.
     """
     plans = [_plan(*layout) for layout in classes]
     in_session = session.identity_map.get
-    if session.identity_map and any(plan.many_to_one for plan in plans) and not _held_agree(in_session, plans, records):
+    if session.identity_map and any(plan.joined_by for plan in plans) and not _held_agree(in_session, plans, records):
         raise HeldObjectDiffers
     listened = any(plan.manager.dispatch.load for plan in plans)
     notify = listened or bool(session.dispatch.loaded_as_persistent)

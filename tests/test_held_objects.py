@@ -1,0 +1,108 @@
+"""A shared hit gives the objects a Session already holds what the same query, run uncached, gives them.
+
+Each case runs one read twice, on a fresh copy of one SQLite file: through
+a shared region (the entry stored by another Session first) and uncached;
+the objects the Session holds must end alike.  What a loader gives a held
+object may follow that object's own values (a lazy load, ``immediateload()``)
+rather than the row's, so a held object whose values disagree with the
+entry's row must not be served from it.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import String, create_engine, insert, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, immediateload, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm.attributes import instance_state
+
+from pyramid_sessioncache import SessionCache, cached_query
+
+from .conftest import SECRET, SQLCounter
+
+
+class Base(DeclarativeBase):
+    """Models of their own, on a MetaData of their own."""
+
+
+class Team(Base):
+    """A team, whose members name it by its code (not its primary key)."""
+
+    __tablename__ = "ho_team"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code: Mapped[str] = mapped_column(String(10), unique=True)
+    members: Mapped[list[Member]] = relationship(
+        primaryjoin="Team.code == foreign(Member.team_code)", order_by="Member.id", viewonly=True
+    )
+
+
+class Member(Base):
+    """A member of the team whose code it holds."""
+
+    __tablename__ = "ho_member"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    team_code: Mapped[str | None] = mapped_column(String(10))
+
+
+@pytest.fixture
+def ho_engine(tmp_path):
+    """A SQLite file with team 1 (code x, member 1) and member 2 of code y, no team."""
+    engine = create_engine(f"sqlite:///{tmp_path / 'held.sqlite'}")
+    Base.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.execute(insert(Team), [{"id": 1, "code": "x"}])
+        conn.execute(insert(Member), [{"id": 1, "team_code": "x"}, {"id": 2, "team_code": "y"}])
+    yield engine
+    engine.dispose()
+
+
+def _members_of_a_held_team(engine, cached: bool, change) -> tuple:
+    """Team 1 held, then ``change(Session, team)``: the member ids ``select(Team)`` gives it, and the SQL it cost."""
+    cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
+    Session = sessionmaker(engine, info=cache.session_info(), autoflush=False)
+    teams = select(Team).options(immediateload(Team.members))
+    sql = SQLCounter(engine)
+    with Session() as other:  # as seeded, whatever an earlier call did
+        other.get(Team, 1).code = "x"
+        other.commit()
+    with Session() as session:
+        team = session.get(Team, 1)
+        change(Session, team)
+        with Session() as other:
+            cached_query(other, teams, region="memory").all()  # stored
+        sql.reset()
+        if cached:
+            cached_query(session, teams, region="memory").all()
+        else:
+            session.execute(teams).all()
+        return [member.id for member in instance_state(team).dict["members"]], sql.count
+
+
+def _committed_elsewhere(Session, team) -> None:
+    with Session() as other:
+        other.get(Team, 1).code = "y"
+        other.commit()
+
+
+def _changed_without_a_flush(Session, team) -> None:
+    team.code = "y"
+
+
+def _unchanged(Session, team) -> None:
+    pass
+
+
+@pytest.mark.parametrize("change", [_committed_elsewhere, _changed_without_a_flush], ids=["stale", "dirty"])
+def test_a_held_objects_collection_keyed_by_another_column_is_what_the_query_gives(ho_engine, change):
+    # immediateload() loads team 1's members by the code the Session's
+    # object holds; the entry's row holds the other code: a one-to-many
+    # was given the entry's members (only many-to-ones were compared)
+    cached, _ = _members_of_a_held_team(ho_engine, True, change)
+    uncached, _ = _members_of_a_held_team(ho_engine, False, change)
+    assert cached == uncached
+
+
+def test_a_held_object_that_agrees_on_a_collections_column_is_served(ho_engine):
+    members, statements = _members_of_a_held_team(ho_engine, True, _unchanged)
+    assert (members, statements) == ([1], 0)
