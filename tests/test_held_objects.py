@@ -12,7 +12,15 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import String, create_engine, insert, select
-from sqlalchemy.orm import DeclarativeBase, Mapped, immediateload, mapped_column, relationship, sessionmaker
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    immediateload,
+    mapped_column,
+    relationship,
+    selectinload,
+    sessionmaker,
+)
 from sqlalchemy.orm.attributes import instance_state
 
 from pyramid_sessioncache import SessionCache, cached_query
@@ -106,3 +114,27 @@ def test_a_held_objects_collection_keyed_by_another_column_is_what_the_query_giv
 def test_a_held_object_that_agrees_on_a_collections_column_is_served(ho_engine):
     members, statements = _members_of_a_held_team(ho_engine, True, _unchanged)
     assert (members, statements) == ([1], 0)
+
+
+@pytest.mark.parametrize("region", ["local", "memory"])
+def test_a_relationship_expired_on_a_held_object_is_loaded_again_by_a_hit(ho_engine, region):
+    # expire(team, ["members"]) drops the collection without marking it
+    # expired (only columns are): the result a Session keeps (ext:local_session,
+    # or the objects a shared entry made on its second hit) was served again
+    # with the collection unloaded, where the query's selectinload() loads it
+    def members_loaded(cached: bool) -> bool:
+        cache = SessionCache({"local": {"type": "ext:local_session"}, "memory": {"type": "memory"}}, secret=SECRET)
+        Session = sessionmaker(ho_engine, info=cache.session_info())
+        teams = select(Team).options(selectinload(Team.members))
+        with Session() as session:
+            team, member = session.get(Team, 1), session.get(Member, 1)
+            for _ in range(2):
+                cached_query(session, teams, region=region).all()  # kept by the Session
+            session.expire(team, ["members"])
+            if cached:
+                cached_query(session, teams, region=region).all()
+            else:
+                session.execute(teams).all()
+            return "members" in instance_state(team).dict and member in session
+
+    assert members_loaded(cached=True) == members_loaded(cached=False) is True
