@@ -11,7 +11,7 @@ entry's row must not be served from it.
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import String, create_engine, insert, select
+from sqlalchemy import ForeignKey, String, create_engine, delete, insert, select
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -45,22 +45,26 @@ class Team(Base):
 
 
 class Member(Base):
-    """A member of the team whose code it holds."""
+    """A member of the team whose code it holds; and of a team by its key (foreign keys are not enforced)."""
 
     __tablename__ = "ho_member"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     team_code: Mapped[str | None] = mapped_column(String(10))
+    team_id: Mapped[int | None] = mapped_column(ForeignKey("ho_team.id"))
+    team: Mapped[Team | None] = relationship()
 
 
 @pytest.fixture
 def ho_engine(tmp_path):
-    """A SQLite file with team 1 (code x, member 1) and member 2 of code y, no team."""
+    """A SQLite file with team 1 (code x) and its member 1, and member 2 of code y, no team."""
     engine = create_engine(f"sqlite:///{tmp_path / 'held.sqlite'}")
     Base.metadata.create_all(engine)
     with engine.begin() as conn:
         conn.execute(insert(Team), [{"id": 1, "code": "x"}])
-        conn.execute(insert(Member), [{"id": 1, "team_code": "x"}, {"id": 2, "team_code": "y"}])
+        conn.execute(
+            insert(Member), [{"id": 1, "team_code": "x", "team_id": 1}, {"id": 2, "team_code": "y", "team_id": None}]
+        )
     yield engine
     engine.dispose()
 
@@ -138,3 +142,33 @@ def test_a_relationship_expired_on_a_held_object_is_loaded_again_by_a_hit(ho_eng
             return "members" in instance_state(team).dict and member in session
 
     assert members_loaded(cached=True) == members_loaded(cached=False) is True
+
+
+@pytest.mark.parametrize("held", ["member", "team only"])
+def test_a_held_object_a_dangling_key_names_is_what_the_query_gives(ho_engine, held):
+    # another Session deleted team 1 (SQLite enforces no foreign key):
+    # the entry's row says member 1 has no team, but immediateload() (a
+    # lazy load by primary key) takes team 1 from the identity map when the
+    # Session holds it, whether it holds member 1 or makes it
+    def team_of_member(cached: bool):
+        cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
+        Session = sessionmaker(ho_engine, info=cache.session_info())
+        members = select(Member).options(immediateload(Member.team)).order_by(Member.id)
+        with Session() as other:  # as seeded, whatever an earlier call did
+            other.merge(Team(id=1, code="x"))
+            other.commit()
+        with Session() as session:
+            kept = [session.get(Team, 1), session.get(Member, 1) if held == "member" else None]
+            with Session() as other:
+                other.execute(delete(Team).where(Team.id == 1))
+                other.commit()
+            with Session() as other:
+                cached_query(other, members, region="memory").all()  # stored
+            if cached:
+                member = cached_query(session, members, region="memory").scalars().first()
+            else:
+                member = session.execute(members).scalars().first()
+            team = instance_state(member).dict.get("team", "unloaded")
+            return None if team is None else getattr(team, "id", team), kept[0] in session
+
+    assert team_of_member(cached=True) == team_of_member(cached=False) == (1, True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy.engine import Result
-from sqlalchemy.orm import Session, attributes, instrumentation
+from sqlalchemy.orm import MANYTOONE, Session, attributes, instrumentation
 from sqlalchemy.orm.exc import UnmappedColumnError
 
 from .. import _sqlalchemy
@@ -76,6 +76,8 @@ def adopted(value: CachedRows, session: Session, instances: list, load_options: 
     for state, record in zip(states, value.objects, strict=True):
         if state.session_id is not None or state.key != record[1] or record[1] in identity_map:
             return None  # the Session holds one of them already: filled as any hit (objects_of)
+    if identity_map and not _held_agree(identity_map.get, plans, value.objects):
+        return None  # an object it holds is named otherwise (objects_of says so)
     add_loaded = _sqlalchemy.loading_into(session)
     for state in states:
         add_loaded(state, state.key)
@@ -120,6 +122,7 @@ class _Plan:
         "column_attrs",
         "load_path",
         "joined_by",
+        "named",
     )
 
     def __init__(self, cls: type, columns: tuple, relationships: tuple) -> None:
@@ -140,6 +143,13 @@ class _Plan:
         self.joined_by = tuple(
             (index, key, _local_columns(mapper, key, columns)) for index, key in enumerate(relationships)
         )
+        #: ``(index, key, target mapper, (index in columns of each value of its primary key, ...))`` of
+        #: each many-to-one whose foreign key names its target by primary key.
+        self.named = tuple(
+            (index, key, *found)
+            for index, key in enumerate(relationships)
+            if (found := _target_key(mapper, key, columns)) is not None
+        )
 
 
 def _local_columns(mapper: Any, key: str, columns: tuple) -> tuple:
@@ -154,6 +164,37 @@ def _local_columns(mapper: Any, key: str, columns: tuple) -> tuple:
     return tuple(found)
 
 
+def _target_key(mapper: Any, key: str, columns: tuple) -> tuple | None:
+    """The mapper many-to-one ``key`` holds, and the places among ``columns`` of its primary key's values.
+
+    None when ``key`` is not a many-to-one whose foreign key is the whole
+    primary key of its target (one joined otherwise loads by a query).
+    """
+    prop = mapper.get_property(key)
+    if prop.direction is not MANYTOONE:
+        return None
+    target = prop.mapper
+    try:
+        local_of = {
+            target.get_property_by_column(remote).key: mapper.get_property_by_column(local).key
+            for local, remote in prop.local_remote_pairs
+        }
+        names = [local_of.get(target.get_property_by_column(column).key) for column in target.primary_key]
+    except UnmappedColumnError:
+        return None
+    if not all(name in columns for name in names):
+        return None
+    return target, tuple(columns.index(name) for name in names)
+
+
+def _names_held(in_session: Any, target: Any, values: tuple, positions: tuple, token: Any) -> bool:
+    """Whether the foreign key at ``positions`` of ``values`` names an object the Session holds."""
+    primary_key = [values[position] for position in positions]
+    if any(value is None or value is NOT_LOADED for value in primary_key):
+        return False
+    return in_session(target.identity_key_from_primary_key(primary_key, token)) is not None
+
+
 class HeldObjectDiffers(Exception):
     """An object the Session holds says otherwise than the entry which objects a relationship holds.
 
@@ -163,28 +204,40 @@ class HeldObjectDiffers(Exception):
     and the relationship is not loaded: what the query would give depends
     on its loader (``selectinload()`` and ``immediateload()`` follow the
     object's value, ``joinedload()`` takes the row), so only the query can
-    say.  The hit is not served.
+    say.  Or a many-to-one the entry leaves empty names by its foreign key
+    an object the Session holds (deleted since, or a key no constraint
+    enforces): a lazy load by primary key (``immediateload()``) takes that
+    object from the identity map.  The hit is not served.
     """
 
 
 def _held_agree(in_session: Any, plans: list, records: list) -> bool:
-    """Whether every object the Session holds agrees with the entry on the relationships the entry would fill."""
+    """Whether what the Session holds agrees with the entry on the relationships the entry would fill.
+
+    See :class:`HeldObjectDiffers`.
+    """
     for class_index, identity_key, values, held, _complete, _loaders, _path in records:
         plan = plans[class_index]
         if not plan.joined_by:
             continue
         obj = in_session(identity_key)
-        if obj is None:
-            continue
-        loaded = obj.__dict__
-        for index, key, columns in plan.joined_by:
-            if held[index] is NOT_LOADED or key in loaded:
-                continue  # not in the entry, or loaded: left as it is
-            for column, position in columns:
-                if column not in loaded:
-                    continue  # filled from the entry, as the query refreshes it
-                if position is None or values[position] is NOT_LOADED or loaded[column] != values[position]:
-                    return False
+        loaded = {} if obj is None else obj.__dict__
+        if obj is not None:
+            for index, key, columns in plan.joined_by:
+                if held[index] is NOT_LOADED or key in loaded:
+                    continue  # not in the entry, or loaded: left as it is
+                for column, position in columns:
+                    if column not in loaded:
+                        continue  # filled from the entry, as the query refreshes it
+                    if position is None or values[position] is NOT_LOADED or loaded[column] != values[position]:
+                        return False
+        for index, key, target, positions in plan.named:
+            if (
+                held[index] is None
+                and key not in loaded
+                and _names_held(in_session, target, values, positions, identity_key[2])
+            ):
+                return False
     return True
 
 
