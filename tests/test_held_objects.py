@@ -16,6 +16,7 @@ from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     immediateload,
+    joinedload,
     mapped_column,
     relationship,
     selectinload,
@@ -172,3 +173,40 @@ def test_a_held_object_a_dangling_key_names_is_what_the_query_gives(ho_engine, h
             return None if team is None else getattr(team, "id", team), kept[0] in session
 
     assert team_of_member(cached=True) == team_of_member(cached=False) == (1, True)
+
+
+class NoTruth:
+    """A value like ``pandas.NA``: what comparing it gives has no truth value."""
+
+    def __eq__(self, other):
+        return self
+
+    def __ne__(self, other):
+        return self
+
+    def __bool__(self):
+        raise TypeError("the truth value of NoTruth is ambiguous")
+
+    __hash__ = object.__hash__
+
+
+def test_a_held_foreign_key_that_compares_to_no_truth_value_runs_the_query(ho_engine):
+    # the held member's team_id, changed without a flush, compared with the
+    # entry's raised TypeError out of cached_query(), where the query
+    # (joinedload() takes the row) runs
+    def team_of_member(cached: bool):
+        cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
+        Session = sessionmaker(ho_engine, info=cache.session_info(), autoflush=False)
+        members = select(Member).options(joinedload(Member.team)).order_by(Member.id)
+        with Session() as other:
+            cached_query(other, members, region="memory").all()  # stored
+        with Session() as session:
+            member = session.get(Member, 1)
+            member.team_id = NoTruth()
+            if cached:
+                cached_query(session, members, region="memory").all()
+            else:
+                session.execute(members).all()
+            return member.team.id
+
+    assert team_of_member(cached=True) == team_of_member(cached=False) == 1

@@ -195,6 +195,14 @@ def _names_held(in_session: Any, target: Any, values: tuple, positions: tuple, t
     return in_session(target.identity_key_from_primary_key(primary_key, token)) is not None
 
 
+def _differ(held: Any, stored: Any) -> bool:
+    """Whether a held value differs from the entry's; so too when comparing them gives no answer (``pandas.NA``)."""
+    try:
+        return bool(held != stored)
+    except Exception:  # only the query can say
+        return True
+
+
 class HeldObjectDiffers(Exception):
     """An object the Session holds says otherwise than the entry which objects a relationship holds.
 
@@ -229,7 +237,7 @@ def _held_agree(in_session: Any, plans: list, records: list) -> bool:
                 for column, position in columns:
                     if column not in loaded:
                         continue  # filled from the entry, as the query refreshes it
-                    if position is None or values[position] is NOT_LOADED or loaded[column] != values[position]:
+                    if position is None or values[position] is NOT_LOADED or _differ(loaded[column], values[position]):
                         return False
         for index, key, target, positions in plan.named:
             if (
