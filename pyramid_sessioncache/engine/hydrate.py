@@ -76,6 +76,8 @@ def adopted(value: CachedRows, session: Session, instances: list, load_options: 
     for state, record in zip(states, value.objects, strict=True):
         if state.session_id is not None or state.key != record[1] or record[1] in identity_map:
             return None  # the Session holds one of them already: filled as any hit (objects_of)
+    if identity_map and not _held_agree(identity_map.get, plans, value.objects):
+        return None  # an object it holds is named otherwise (objects_of says so)
     add_loaded = _sqlalchemy.loading_into(session)
     for state in states:
         add_loaded(state, state.key)
@@ -119,7 +121,8 @@ class _Plan:
         "expire",
         "column_attrs",
         "load_path",
-        "many_to_one",
+        "joined_by",
+        "named",
     )
 
     def __init__(self, cls: type, columns: tuple, relationships: tuple) -> None:
@@ -135,16 +138,22 @@ class _Plan:
         self.expire = [prop.key for prop in mapper.column_attrs if prop.key not in columns]
         self.column_attrs = mapper.column_attrs
         self.load_path = _sqlalchemy.load_path(mapper)
-        #: ``(index, key, ((column key, index in columns or None), ...))`` of each many-to-one relationship.
-        self.many_to_one = tuple(
-            (index, key, _local_columns(mapper, key, columns))
+        #: ``(index, key, ((column key, index in columns or None), ...))`` of each relationship: the
+        #: object's own columns its join names (a many-to-one's foreign key, a collection's key).
+        self.joined_by = tuple(
+            (index, key, _local_columns(mapper, key, columns)) for index, key in enumerate(relationships)
+        )
+        #: ``(index, key, target mapper, (index in columns of each value of its primary key, ...))`` of
+        #: each many-to-one whose foreign key names its target by primary key.
+        self.named = tuple(
+            (index, key, *found)
             for index, key in enumerate(relationships)
-            if mapper.get_property(key).direction is MANYTOONE
+            if (found := _target_key(mapper, key, columns)) is not None
         )
 
 
 def _local_columns(mapper: Any, key: str, columns: tuple) -> tuple:
-    """The column keys (and their places among ``columns``) that say which object many-to-one ``key`` holds."""
+    """The column keys (and their places among ``columns``) that say which objects relationship ``key`` holds."""
     found = []
     for column in mapper.get_property(key).local_columns:
         try:
@@ -155,35 +164,88 @@ def _local_columns(mapper: Any, key: str, columns: tuple) -> tuple:
     return tuple(found)
 
 
-class HeldObjectDiffers(Exception):
-    """An object the Session holds says otherwise than the entry which object a relationship holds.
+def _target_key(mapper: Any, key: str, columns: tuple) -> tuple | None:
+    """The mapper many-to-one ``key`` holds, and the places among ``columns`` of its primary key's values.
 
-    Its foreign key differs from the entry's row (it was loaded before a
-    commit changed it, or changed since without a flush), and the
-    relationship is not loaded: what the query would give depends on its
-    loader (``selectinload()`` follows the object's key, ``joinedload()``
-    takes the row), so only the query can say.  The hit is not served.
+    None when ``key`` is not a many-to-one whose foreign key is the whole
+    primary key of its target (one joined otherwise loads by a query).
+    """
+    prop = mapper.get_property(key)
+    if prop.direction is not MANYTOONE:
+        return None
+    target = prop.mapper
+    try:
+        local_of = {
+            target.get_property_by_column(remote).key: mapper.get_property_by_column(local).key
+            for local, remote in prop.local_remote_pairs
+        }
+        names = [local_of.get(target.get_property_by_column(column).key) for column in target.primary_key]
+    except UnmappedColumnError:
+        return None
+    if not all(name in columns for name in names):
+        return None
+    return target, tuple(columns.index(name) for name in names)
+
+
+def _names_held(in_session: Any, target: Any, values: tuple, positions: tuple, token: Any) -> bool:
+    """Whether the foreign key at ``positions`` of ``values`` names an object the Session holds."""
+    primary_key = [values[position] for position in positions]
+    if any(value is None or value is NOT_LOADED for value in primary_key):
+        return False
+    return in_session(target.identity_key_from_primary_key(primary_key, token)) is not None
+
+
+def _differ(held: Any, stored: Any) -> bool:
+    """Whether a held value differs from the entry's; so too when comparing them gives no answer (``pandas.NA``)."""
+    try:
+        return bool(held != stored)
+    except Exception:  # only the query can say
+        return True
+
+
+class HeldObjectDiffers(Exception):
+    """An object the Session holds says otherwise than the entry which objects a relationship holds.
+
+    A column its relationship joins by (a many-to-one's foreign key, the
+    column a collection is keyed by) differs from the entry's row (it was
+    loaded before a commit changed it, or changed since without a flush),
+    and the relationship is not loaded: what the query would give depends
+    on its loader (``selectinload()`` and ``immediateload()`` follow the
+    object's value, ``joinedload()`` takes the row), so only the query can
+    say.  Or a many-to-one the entry leaves empty names by its foreign key
+    an object the Session holds (deleted since, or a key no constraint
+    enforces): a lazy load by primary key (``immediateload()``) takes that
+    object from the identity map.  The hit is not served.
     """
 
 
 def _held_agree(in_session: Any, plans: list, records: list) -> bool:
-    """Whether every object the Session holds agrees with the entry on the many-to-ones the entry would fill."""
+    """Whether what the Session holds agrees with the entry on the relationships the entry would fill.
+
+    See :class:`HeldObjectDiffers`.
+    """
     for class_index, identity_key, values, held, _complete, _loaders, _path in records:
         plan = plans[class_index]
-        if not plan.many_to_one:
+        if not plan.joined_by:
             continue
         obj = in_session(identity_key)
-        if obj is None:
-            continue
-        loaded = obj.__dict__
-        for index, key, columns in plan.many_to_one:
-            if held[index] is NOT_LOADED or key in loaded:
-                continue  # not in the entry, or loaded: left as it is
-            for column, position in columns:
-                if column not in loaded:
-                    continue  # filled from the entry, as the query refreshes it
-                if position is None or values[position] is NOT_LOADED or loaded[column] != values[position]:
-                    return False
+        loaded = {} if obj is None else obj.__dict__
+        if obj is not None:
+            for index, key, columns in plan.joined_by:
+                if held[index] is NOT_LOADED or key in loaded:
+                    continue  # not in the entry, or loaded: left as it is
+                for column, position in columns:
+                    if column not in loaded:
+                        continue  # filled from the entry, as the query refreshes it
+                    if position is None or values[position] is NOT_LOADED or _differ(loaded[column], values[position]):
+                        return False
+        for index, key, target, positions in plan.named:
+            if (
+                held[index] is None
+                and key not in loaded
+                and _names_held(in_session, target, values, positions, identity_key[2])
+            ):
+                return False
     return True
 
 
@@ -209,11 +271,11 @@ def objects_of(session: Session, classes: list, records: list, load_options: tup
     """Return the objects ``records`` describe, as objects of ``session``, in order.
 
     Raises :class:`HeldObjectDiffers`, having changed nothing, when an
-    object the Session holds disagrees with the entry on a many-to-one.
+    object the Session holds disagrees with the entry on a relationship.
     """
     plans = [_plan(*layout) for layout in classes]
     in_session = session.identity_map.get
-    if session.identity_map and any(plan.many_to_one for plan in plans) and not _held_agree(in_session, plans, records):
+    if session.identity_map and any(plan.joined_by for plan in plans) and not _held_agree(in_session, plans, records):
         raise HeldObjectDiffers
     listened = any(plan.manager.dispatch.load for plan in plans)
     notify = listened or bool(session.dispatch.loaded_as_persistent)

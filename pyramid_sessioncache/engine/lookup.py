@@ -230,9 +230,9 @@ def objects_of(
     ``value`` from (see ``hydrate.adopted()``).
 
     Returns None, having changed nothing, when the Session holds an object
-    that disagrees with the entry on which object one of its many-to-one
-    relationships holds (see ``hydrate.HeldObjectDiffers``): the statement
-    must run uncached.
+    that disagrees with the entry on which objects one of its relationships
+    holds (see ``hydrate.HeldObjectDiffers``): the statement must run
+    uncached.
     """
     if not any(value.entity_columns):  # plain rows: nothing to build twice
         return hydrate.result(value, session, propagating(statement))

@@ -81,12 +81,19 @@ class LocalResult(Sequence):
         """Whether every object is still in ``session``, none of it expired.
 
         Checked on each hit, rather than by listening to every expiry and
-        expunge of every Session in the process.
+        expunge of every Session in the process.  A relationship an object
+        held is expired too once no longer loaded: ``expire(obj, ["rel"])``
+        marks only columns expired, and the query's loader would load it.
         """
         session_id = session.hash_key
-        for state in self._states:  # noqa: SIM110 - no generator: this runs on every local hit
+        for state, relationships in self._states:  # no generator: this runs on every local hit
             if state.session_id != session_id or state.expired_attributes:
                 return False
+            if relationships:
+                loaded = state.dict
+                for key in relationships:
+                    if key not in loaded:
+                        return False
         return True
 
     def __getitem__(self, index):
@@ -111,7 +118,8 @@ def _reached(states: Any) -> tuple:
     A local hit checks them all: the query's eager loads would refresh
     such an object once expired (and no longer hold one expunged), so a
     hit must not serve it as it is.  Relationships loaded otherwise are
-    followed too, which costs a miss at worst.
+    followed too, which costs a miss at worst.  Returns ``(state, keys)``
+    pairs, ``keys`` the relationships each had loaded.
     """
     found = {id(state): state for state in states}
     layer = list(found.values())
@@ -135,7 +143,10 @@ def _reached(states: Any) -> tuple:
         if not following:
             break
         layer = following
-    return tuple(found.values())
+    return tuple(
+        (state, tuple(prop.key for prop in state.mapper.relationships if prop.key in state.dict))
+        for state in found.values()
+    )
 
 
 def _is_entity(value: Any) -> bool:
