@@ -1,0 +1,37 @@
+"""Session 21, a sweep of the differential fuzzer over many more seeds: each test is a defect it found.
+
+Each compares a cached read with the same read uncached, on a SQLite file.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import inspect, select
+from sqlalchemy.orm import joinedload, selectinload
+
+from pyramid_sessioncache import FromCache
+
+from .models import Person
+
+
+@pytest.mark.parametrize("loader", [selectinload, joinedload])
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_local_hit_loads_again_a_relationship_expired_since_it_was_stored(Session, loader, cached):
+    """``session.expire(obj, ["rel"])`` unloads a relationship without marking it expired.
+
+    The query's eager load fills it again; a local hit served the stored
+    objects as they are, the relationship left unloaded (seed 1731).
+    """
+    stmt = select(Person).options(loader(Person.addresses)).where(Person.id <= 2).order_by(Person.id)
+    if cached:
+        stmt = stmt.options(FromCache("local"))
+    with Session() as session:
+        person = session.execute(stmt).unique().scalars().all()[0]
+        addresses = list(person.addresses)  # held, as an application may: still in the Session
+        session.expire(person, ["addresses"])
+        assert "addresses" not in person.__dict__
+        people = session.execute(stmt).unique().scalars().all()
+        assert people[0] is person
+        assert "addresses" in person.__dict__
+        assert person.addresses == addresses
+        assert "addresses" in inspect(people[1]).dict
