@@ -15,18 +15,20 @@ from .models import Person
 
 
 @pytest.mark.parametrize("loader", [selectinload, joinedload])
-@pytest.mark.parametrize("cached", [False, True])
-def test_a_local_hit_loads_again_a_relationship_expired_since_it_was_stored(Session, loader, cached):
+@pytest.mark.parametrize("region", [None, "local", "memory"])
+def test_a_hit_loads_again_a_relationship_expired_since_it_was_stored(Session, loader, region):
     """``session.expire(obj, ["rel"])`` unloads a relationship without marking it expired.
 
-    The query's eager load fills it again; a local hit served the stored
-    objects as they are, the relationship left unloaded (seed 1731).
+    The query's eager load fills it again; a local hit (or a shared one
+    the Session had built objects for) served the stored objects as they
+    are, the relationship left unloaded (seed 1731).
     """
     stmt = select(Person).options(loader(Person.addresses)).where(Person.id <= 2).order_by(Person.id)
-    if cached:
-        stmt = stmt.options(FromCache("local"))
+    if region is not None:
+        stmt = stmt.options(FromCache(region))
     with Session() as session:
         person = session.execute(stmt).unique().scalars().all()[0]
+        session.execute(stmt).unique().scalars().all()  # a shared hit builds the Session's objects once
         addresses = list(person.addresses)  # held, as an application may: still in the Session
         session.expire(person, ["addresses"])
         assert "addresses" not in person.__dict__
