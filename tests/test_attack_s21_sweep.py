@@ -6,8 +6,9 @@ Each compares a cached read with the same read uncached, on a SQLite file.
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import inspect, select
-from sqlalchemy.orm import joinedload, selectinload
+from sqlalchemy import create_engine, inspect, select
+from sqlalchemy.orm import joinedload, selectinload, sessionmaker
+from sqlalchemy.pool import StaticPool
 
 from pyramid_sessioncache import FromCache
 
@@ -37,3 +38,34 @@ def test_a_hit_loads_again_a_relationship_expired_since_it_was_stored(Session, l
         assert "addresses" in person.__dict__
         assert person.addresses == addresses
         assert "addresses" in inspect(people[1]).dict
+
+
+@pytest.mark.parametrize("region", [None, "memory"])
+def test_a_commit_after_a_shared_hit_commits_the_one_connection_of_a_static_pool(db_url, cache, region):
+    """On a ``StaticPool`` every Session shares one DBAPI connection: committing one commits what another wrote.
+
+    Uncached, the read began Session ``a``'s transaction on the connection,
+    so ``a.commit()`` committed ``b``'s flushed write, and ``b``'s rollback
+    then had nothing left to undo.  A shared hit began no connection: the
+    commit sent nothing, the rollback undid the write (seed 5343).
+    """
+    engine = create_engine(db_url, poolclass=StaticPool)
+    Session = sessionmaker(engine, info=cache.session_info())
+    stmt = select(Person).where(Person.id == 2)
+    if region is not None:
+        stmt = stmt.options(FromCache(region))
+    try:
+        with Session() as warm:
+            warm.execute(stmt).scalars().all()
+        a, b = Session(), Session()
+        assert [person.name for person in a.execute(stmt).scalars()] == ["person 2"]
+        b.get(Person, 3).name = "renamed"
+        b.flush()
+        a.commit()
+        b.rollback()
+        a.close()
+        b.close()
+        with engine.connect() as conn:
+            assert conn.execute(select(Person.name).where(Person.id == 3)).scalar_one() == "renamed"
+    finally:
+        engine.dispose()
