@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import create_engine, inspect, select
 from sqlalchemy.orm import joinedload, selectinload, sessionmaker
-from sqlalchemy.pool import StaticPool
+from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from pyramid_sessioncache import FromCache
 
@@ -40,8 +40,9 @@ def test_a_hit_loads_again_a_relationship_expired_since_it_was_stored(Session, l
         assert "addresses" in inspect(people[1]).dict
 
 
+@pytest.mark.parametrize("pool", [StaticPool, SingletonThreadPool])
 @pytest.mark.parametrize("region", [None, "memory"])
-def test_a_commit_after_a_shared_hit_commits_the_one_connection_of_a_static_pool(db_url, cache, region):
+def test_a_commit_after_a_shared_hit_commits_the_one_connection_of_a_static_pool(db_url, cache, region, pool):
     """On a ``StaticPool`` every Session shares one DBAPI connection: committing one commits what another wrote.
 
     Uncached, the read began Session ``a``'s transaction on the connection,
@@ -49,7 +50,7 @@ def test_a_commit_after_a_shared_hit_commits_the_one_connection_of_a_static_pool
     then had nothing left to undo.  A shared hit began no connection: the
     commit sent nothing, the rollback undid the write (seed 5343).
     """
-    engine = create_engine(db_url, poolclass=StaticPool)
+    engine = create_engine(db_url, poolclass=pool)
     Session = sessionmaker(engine, info=cache.session_info())
     stmt = select(Person).where(Person.id == 2)
     if region is not None:
