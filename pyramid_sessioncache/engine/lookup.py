@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from sqlalchemy import Select
+from sqlalchemy import Engine, Select
 from sqlalchemy.orm import Session
 
 from .. import _sqlalchemy
@@ -199,11 +199,20 @@ def begin(session: Session, bind_arguments: dict) -> None:
     Whatever joins on ``after_begin`` (zope.sqlalchemy, so that pyramid_tm
     commits changes made to the objects of a hit) must see it; unless
     every such listener has a ``join`` that needs no connection (see
-    :func:`join_without_connection`): then those are called instead.
+    :func:`join_without_connection`): then those are called instead.  On
+    an engine whose pool hands every Session one connection (``StaticPool``,
+    ``SingletonThreadPool``), the Session takes it, as the query would.
     """
     # The Session's transaction, at least: ``rollback()`` expires what it
     # loaded, and a commit elsewhere is then read again, as after the query.
     _sqlalchemy.autobegin(session)
+    bind = _sqlalchemy.execution_bind(session, bind_arguments)
+    if isinstance(bind, Engine) and isinstance(bind.pool, writes.SHARING_POOLS):
+        # Its one DBAPI connection is every Session's (of the thread): this
+        # Session's commit or rollback ends that connection's transaction,
+        # other Sessions' writes in it included, as it would after the query.
+        session.connection(bind_arguments=dict(bind_arguments))
+        return
     joins = []
     for listener in session.dispatch.after_begin:
         if listener is writes.session_began:  # the add-on's own needs no transaction

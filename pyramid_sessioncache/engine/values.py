@@ -78,22 +78,19 @@ class LocalResult(Sequence):
         return cls(kept, requires_unique)
 
     def current(self, session: Session) -> bool:
-        """Whether every object is still in ``session``, none of it expired.
+        """Whether every object is still in ``session``, none of it expired, its relationships still loaded.
 
         Checked on each hit, rather than by listening to every expiry and
-        expunge of every Session in the process.  A relationship an object
-        held is expired too once no longer loaded: ``expire(obj, ["rel"])``
-        marks only columns expired, and the query's loader would load it.
+        expunge of every Session in the process.  ``session.expire(obj,
+        ["rel"])`` unloads a relationship without marking it expired: the
+        query's eager load would load it again.
         """
         session_id = session.hash_key
-        for state, relationships in self._states:  # no generator: this runs on every local hit
+        for state, related in self._states:
             if state.session_id != session_id or state.expired_attributes:
                 return False
-            if relationships:
-                loaded = state.dict
-                for key in relationships:
-                    if key not in loaded:
-                        return False
+            if related and not state.dict.keys() >= related:
+                return False
         return True
 
     def __getitem__(self, index):
@@ -113,20 +110,25 @@ REACHED_DEPTH = 3
 
 
 def _reached(states: Any) -> tuple:
-    """``states`` and the states of the objects their loaded relationships hold, :data:`REACHED_DEPTH` deep.
+    """``(state, related)`` of ``states`` and of the objects their loaded relationships hold, :data:`REACHED_DEPTH` deep.
 
-    A local hit checks them all: the query's eager loads would refresh
-    such an object once expired (and no longer hold one expunged), so a
-    hit must not serve it as it is.  Relationships loaded otherwise are
-    followed too, which costs a miss at worst.  Returns ``(state, keys)``
-    pairs, ``keys`` the relationships each had loaded.
+    ``related``: the keys of the relationships the state had loaded (None
+    for none, or past the depth).  A local hit checks them all: the
+    query's eager loads would refresh such an object once expired (and no
+    longer hold one expunged), and load again a relationship it no longer
+    has, so a hit must not serve it as it is.  Relationships loaded
+    otherwise are followed too, which costs a miss at worst.
     """
     found = {id(state): state for state in states}
+    relationships: dict[int, frozenset[str]] = {}
     layer = list(found.values())
     for _ in range(REACHED_DEPTH):
         following = []
         for state in layer:
             loaded = state.dict
+            keys = frozenset(prop.key for prop in state.mapper.relationships if prop.key in loaded)
+            if keys:
+                relationships[id(state)] = keys
             for prop in state.mapper.relationships:
                 value = loaded.get(prop.key)
                 if value is None:
@@ -143,10 +145,7 @@ def _reached(states: Any) -> tuple:
         if not following:
             break
         layer = following
-    return tuple(
-        (state, tuple(prop.key for prop in state.mapper.relationships if prop.key in state.dict))
-        for state in found.values()
-    )
+    return tuple((state, relationships.get(key)) for key, state in found.items())
 
 
 def _is_entity(value: Any) -> bool:
