@@ -6,13 +6,13 @@ Each compares a cached read with the same read uncached, on a SQLite file.
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import create_engine, inspect, select
+from sqlalchemy import create_engine, inspect, select, update
 from sqlalchemy.orm import joinedload, selectinload, sessionmaker
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from pyramid_sessioncache import FromCache
 
-from .models import Person
+from .models import Address, Person
 
 
 @pytest.mark.parametrize("loader", [selectinload, joinedload])
@@ -70,3 +70,39 @@ def test_a_commit_after_a_shared_hit_commits_the_one_connection_of_a_static_pool
             assert conn.execute(select(Person.name).where(Person.id == 3)).scalar_one() == "renamed"
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "region",
+    [
+        None,
+        pytest.param(
+            "local",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="a local entry checks the objects its rows reach through loaded relationships, not every "
+                "object its joined rows refreshed: one outside a stale collection is served expired (seed 5607)",
+            ),
+        ),
+    ],
+)
+def test_a_local_hit_refreshes_an_object_the_joined_rows_hold_outside_a_stale_collection(engine, Session, region):
+    """A joined eager load refreshes every object its rows hold, even one a stale loaded collection lacks.
+
+    Person 1's addresses were loaded before another program moved address
+    3 to it: the collection stays as loaded, but the joined rows hold
+    address 3, whose expired attribute the query loads again.
+    """
+    stmt = select(Person).options(joinedload(Person.addresses)).where(Person.id == 1)
+    if region is not None:
+        stmt = stmt.options(FromCache(region))
+    with Session() as session:
+        person = session.get(Person, 1)
+        assert [address.id for address in person.addresses] == [1, 2]
+        moved = session.get(Address, 3)
+        with engine.begin() as conn:
+            conn.execute(update(Address).where(Address.id == 3).values(person_id=1))
+        session.execute(stmt).unique().scalars().all()
+        session.expire(moved, ["street"])
+        session.execute(stmt).unique().scalars().all()
+        assert "street" in moved.__dict__
