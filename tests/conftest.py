@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import create_engine, event, make_url, text
 from sqlalchemy.orm import sessionmaker
 
-from pyramid_sessioncache import SessionCache
+from pyramid_sessioncache import SessionCache, cached_query
 
 from . import models
 
@@ -38,6 +38,26 @@ class SQLCounter:
 
     def reset(self) -> None:
         self.statements.clear()
+
+
+def read_holding(engine, statement, hold, observe, cached: bool):
+    """What ``observe(held)`` says after ``statement`` is read, cached or not, in a Session holding ``held``.
+
+    Another Session stores ``statement``'s entry in a ``memory`` region
+    first; ``hold(session)`` returns an object it loaded and changed
+    without a flush (autoflush off), so that it disagrees with the entry.
+    """
+    cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
+    Session = sessionmaker(engine, info=cache.session_info(), autoflush=False)
+    with Session() as other:
+        cached_query(other, statement, region="memory").all()  # stored
+    with Session() as session:
+        held = hold(session)
+        if cached:
+            cached_query(session, statement, region="memory").all()
+        else:
+            session.execute(statement).all()
+        return observe(held)
 
 
 @pytest.fixture(scope="session")

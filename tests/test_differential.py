@@ -87,7 +87,7 @@ from sqlalchemy.sql.selectable import CompoundSelect
 
 from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cached_query, invalidate_tables
 
-from .conftest import SECRET, SQLCounter
+from .conftest import SECRET, SQLCounter, read_holding
 
 
 class Base(DeclarativeBase):
@@ -1454,23 +1454,20 @@ def test_a_shared_hit_gives_a_held_objects_many_to_one_as_the_query_would(fz_eng
 def test_a_held_object_changed_without_a_flush_gets_its_many_to_one_as_the_query_gives_it(fz_engine):
     # the same disagreement made by the Session itself, autoflush off: the
     # held object's pending parent_id is not the entry's
-    def read(cached: bool):
-        cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
-        Session = sessionmaker(fz_engine, info=cache.session_info(), autoflush=False)
-        parents = select(Author).options(selectinload(Author.parent)).order_by(Author.id)
-        with Session() as other:
-            cached_query(other, parents, region="memory").scalars().all()  # stored
-        with Session() as session:
-            held = session.get(Author, 3)
-            held.parent_id = 1
-            if cached:
-                cached_query(session, parents, region="memory").scalars().all()
-            else:
-                session.execute(parents).scalars().all()
-            found = held.__dict__.get("parent", "unloaded")
-            return None if found is None else getattr(found, "id", found)
+    parents = select(Author).options(selectinload(Author.parent)).order_by(Author.id)
 
-    assert read(cached=True) == read(cached=False)
+    def hold(session):
+        held = session.get(Author, 3)
+        held.parent_id = 1
+        return held
+
+    def parent(held):
+        found = held.__dict__.get("parent", "unloaded")
+        return None if found is None else getattr(found, "id", found)
+
+    assert read_holding(fz_engine, parents, hold, parent, cached=True) == read_holding(
+        fz_engine, parents, hold, parent, cached=False
+    )
 
 
 def test_a_held_object_that_agrees_with_the_entry_is_served_from_it(fz_engine, sql_of_fz):

@@ -27,7 +27,7 @@ from sqlalchemy.orm.attributes import instance_state
 
 from pyramid_sessioncache import SessionCache, cached_query
 
-from .conftest import SECRET, SQLCounter
+from .conftest import SECRET, SQLCounter, read_holding
 
 
 class Base(DeclarativeBase):
@@ -213,20 +213,15 @@ def test_a_held_foreign_key_that_compares_to_no_truth_value_runs_the_query(ho_en
     # the held member's team_id, changed without a flush, compared with the
     # entry's raised TypeError out of cached_query(), where the query
     # (joinedload() takes the row) runs
+    members = select(Member).options(joinedload(Member.team)).order_by(Member.id)
+
+    def hold(session):
+        member = session.get(Member, 1)
+        member.team_id = NoTruth()
+        return member
+
     def team_of_member(cached: bool):
-        cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
-        Session = sessionmaker(ho_engine, info=cache.session_info(), autoflush=False)
-        members = select(Member).options(joinedload(Member.team)).order_by(Member.id)
-        with Session() as other:
-            cached_query(other, members, region="memory").all()  # stored
-        with Session() as session:
-            member = session.get(Member, 1)
-            member.team_id = NoTruth()
-            if cached:
-                cached_query(session, members, region="memory").all()
-            else:
-                session.execute(members).all()
-            return member.team.id
+        return read_holding(ho_engine, members, hold, lambda member: member.team.id, cached)
 
     assert team_of_member(cached=True) == team_of_member(cached=False) == 1
 
