@@ -107,7 +107,7 @@ def _early_hit(
     if region.is_local:
         result = value.result()
     else:
-        lookup.begin(session, bind_arguments)
+        lookup.begin(session, bind_arguments, found.bind)
         result = lookup.objects_of(session, region, found.key.text, value, statement)
         if result is None:  # only the query can say what it gives this Session
             return None, found

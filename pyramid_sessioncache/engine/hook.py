@@ -230,7 +230,7 @@ def _shared(state: ORMExecuteState, cache: SessionCache, found: Lookup, region: 
     made: dict[str, Any] = {}
     value, hit = _look_up(state, cache, found, region, expire, made)
     if hit:
-        lookup.begin(session, state.bind_arguments)
+        lookup.begin(session, state.bind_arguments, found.bind)
     instances = made["instances"] if not hit and made.get("value") is value else None
     return value, hit, instances
 

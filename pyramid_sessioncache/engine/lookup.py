@@ -41,12 +41,14 @@ class Lookup(NamedTuple):
     None when they are not known yet (the shape has never been loaded), and
     ``()`` when entries carry no versions.  ``valid`` is the
     :data:`~pyramid_sessioncache.storage.region.Validator` of entries, None
-    while ``tables`` is.
+    while ``tables`` is.  ``bind``: the Engine or Connection the statement
+    runs on.
     """
 
     key: EntryKey
     tables: tuple[str, ...] | None
     valid: Validator | None
+    bind: Any
 
 
 #: The execution option by which :func:`~pyramid_sessioncache.cached_query`
@@ -147,11 +149,11 @@ def decide(
     if cache.refreshed_shapes and key.shape in cache.refreshed_shapes:  # it reached always_refresh objects (hook.py)
         return None
     if region.is_local:
-        return Lookup(key, (), _current_in(session, cache))
+        return Lookup(key, (), _current_in(session, cache), bind)
     if cache.invalidation != "auto":
-        return Lookup(key, (), always_valid)
+        return Lookup(key, (), always_valid, bind)
     tables = cache.tables_read.get(key.shape)
-    return Lookup(key, tables, None if tables is None else versions.valid(region, tables))
+    return Lookup(key, tables, None if tables is None else versions.valid(region, tables), bind)
 
 
 def _current_in(session: Session, cache: SessionCache) -> Validator:
@@ -193,8 +195,8 @@ def join_without_connection(listener: Any, join: Callable[[Session], None]) -> N
     connection_state.quiet_at_begin(listener)
 
 
-def begin(session: Session, bind_arguments: dict) -> None:
-    """Begin the Session's transaction on the statement's bind, as the query would have.
+def begin(session: Session, bind_arguments: dict, bind: Any) -> None:
+    """Begin the Session's transaction on the statement's ``bind``, as the query would have.
 
     Whatever joins on ``after_begin`` (zope.sqlalchemy, so that pyramid_tm
     commits changes made to the objects of a hit) must see it; unless
@@ -206,7 +208,6 @@ def begin(session: Session, bind_arguments: dict) -> None:
     # The Session's transaction, at least: ``rollback()`` expires what it
     # loaded, and a commit elsewhere is then read again, as after the query.
     _sqlalchemy.autobegin(session)
-    bind = _sqlalchemy.execution_bind(session, bind_arguments)
     if isinstance(bind, Engine) and isinstance(bind.pool, writes.SHARING_POOLS):
         # Its one DBAPI connection is every Session's (of the thread): this
         # Session's commit or rollback ends that connection's transaction,

@@ -126,11 +126,12 @@ def _reached(states: Any) -> tuple:
         following = []
         for state in layer:
             loaded = state.dict
-            keys = frozenset(prop.key for prop in state.mapper.relationships if prop.key in loaded)
-            if keys:
-                relationships[id(state)] = keys
+            keys = []
             for prop in state.mapper.relationships:
-                value = loaded.get(prop.key)
+                if prop.key not in loaded:
+                    continue
+                keys.append(prop.key)
+                value = loaded[prop.key]
                 if value is None:
                     continue
                 if not prop.uselist:
@@ -142,6 +143,8 @@ def _reached(states: Any) -> tuple:
                     if id(related_state) not in found:
                         found[id(related_state)] = related_state
                         following.append(related_state)
+            if keys:
+                relationships[id(state)] = frozenset(keys)
         if not following:
             break
         layer = following
