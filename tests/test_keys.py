@@ -128,38 +128,3 @@ def test_key_maker_memory_is_bounded(engine):
     for i in range(2100):
         maker.key(select(Person).where(literal_column(f"{i}") == 1), None, {}, engine)
     assert len(maker._structures) <= 2000
-
-
-def test_a_remembered_key_is_the_key_made_afresh(engine, tmp_path):
-    # A key is remembered by the statement's shape, what it runs on and its
-    # values with their types: 1 and True are equal dictionary keys, and
-    # "1" (a str subclass) may compare equal to anything.
-    class Loose(str):
-        def __eq__(self, other):
-            return True
-
-        __hash__ = str.__hash__
-
-    other = create_engine(f"sqlite:///{tmp_path}/other.sqlite")
-    maker = KeyMaker()
-    calls = [
-        (value, bind, label, state)
-        for value in (1, True, 0, False, None, "1", b"1", Loose("1"), 1.0, -0.0, 0.0)
-        for bind in (engine, other)
-        for label in (None, "people")
-        for state in ("", "search_path=a")
-    ]
-    try:
-        for value, bind, label, state in calls * 2:  # the second round from what was remembered
-            stmt = select(Person.id).where(Person.id == bindparam("v", value, type_=Person.id.type))
-            made = KeyMaker().key(stmt, None, {}, bind, label, (), state)
-            assert maker.key(stmt, None, {}, bind, label, (), state) == made, (value, bind, label, state)
-    finally:
-        other.dispose()
-
-
-def test_remembered_keys_are_bounded(engine):
-    maker = KeyMaker()
-    for i in range(2100):
-        maker.key(select(Person).where(Person.id == i), None, {}, engine)
-    assert 0 < len(maker._keys) <= 2000

@@ -111,10 +111,6 @@ EFFECT_FUNCTIONS = frozenset(
 EFFECT_SQL = re.compile(rf"\b(?:{'|'.join(sorted(EFFECT_FUNCTIONS))})\s*\(", re.IGNORECASE)
 
 _MEMO_SIZE = 2000
-#: Bound values whose equality means the same key text: keys of statements
-#: holding only these are remembered (see ``KeyMaker.key``).  Not a float
-#: (``0.0 == -0.0``), nor anything a subclass could give an ``__eq__``.
-_MEMO_TYPES = frozenset({int, str, bool, bytes, type(None)})
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 _UNSEEN: Any = object()
 
@@ -575,8 +571,6 @@ class KeyMaker:
         # keeps those options (a Connection's change in place).  Emptied
         # when any engine is disposed and in a forked child: see _watch().
         self._binds: dict[Any, tuple[Any, str]] = {}
-        # What key() made, by everything it was made from (see _remembered).
-        self._keys: dict[tuple, EntryKey] = {}
         _watch(self)
 
     def structure(self, cache_key: Any, statement: Any = None) -> str | None:
@@ -651,38 +645,10 @@ class KeyMaker:
         cache_key = _sqlalchemy.cache_key(statement)
         if cache_key is None:
             return None
-        bind_text = self.bind(bind)
-        remembered = (
-            None
-            if parameters or others or any(map(_public, execution_options))
-            else _remembered(cache_key, bind_text, label, state)
-        )
-        if remembered is not None:
-            found = self._keys.get(remembered)
-            if found is not None:
-                return found
-        key = self._key(statement, cache_key, parameters, execution_options, bind_text, label, others, state)
-        if key is not None and remembered is not None:
-            if len(self._keys) >= _MEMO_SIZE:
-                self._keys.clear()
-            self._keys[remembered] = key
-        return key
-
-    def _key(
-        self,
-        statement: Any,
-        cache_key: Any,
-        parameters: Mapping[str, Any] | None,
-        execution_options: Mapping[str, Any],
-        bind_text: str,
-        label: str | None,
-        others: tuple,
-        state: str,
-    ) -> EntryKey | None:
         structure = self.structure(cache_key, statement)
         if structure is None:
             return None
-        parts = [structure, bind_text]
+        parts = [structure, self.bind(bind)]
         if others:
             parts.append("binds:" + ",".join(sorted({self.bind(other) for other in others})))
         if state:
@@ -711,25 +677,6 @@ class KeyMaker:
             return None
         digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=20).hexdigest()
         return EntryKey(f"{label}:{digest}" if label else digest, structure)
-
-
-def _remembered(cache_key: Any, *context: Any) -> tuple | None:
-    """What a key is remembered by: the statement's shape, ``context`` and its bound values with their types.
-
-    None when a bound value is not of :data:`_MEMO_TYPES`: two values
-    equal as dictionary keys would then share a key they may not share.
-    A remembered key is the same function of these as ``KeyMaker._key()``
-    is: its shape's text is forgotten with it (``_mappers_configured``).
-    """
-    values: list[Any] = []
-    for bindparam in cache_key.bindparams:
-        value = bindparam.effective_value
-        kind = type(value)
-        if kind not in _MEMO_TYPES:
-            return None
-        values.append(kind)
-        values.append(value)
-    return (cache_key.key, *context, *values)
 
 
 def _keyed_options(execution_options: Mapping[str, Any]) -> dict[str, Any]:
@@ -770,7 +717,6 @@ def _watch(maker: KeyMaker) -> None:
 def _forget_binds(*args: Any) -> None:
     for maker in list(_makers):
         maker._binds.clear()
-        maker._keys.clear()
 
 
 def _mappers_configured() -> None:
@@ -779,4 +725,3 @@ def _mappers_configured() -> None:
     _configurations += 1
     for maker in list(_makers):
         maker._structures.clear()
-        maker._keys.clear()
