@@ -212,8 +212,10 @@ _COMMIT_WORD = re.compile(r"\b(?:commit|end)\b", re.I)
 
 
 def _textual(context: Any) -> bool:
+    # SQL the application wrote: text(), exec_driver_sql(), and DDL(), which
+    # is compiled but holds any SQL (DDL("COMMIT AND CHAIN")).
     compiled = context.compiled
-    return compiled is None or isinstance(getattr(compiled, "statement", None), TextClause)
+    return compiled is None or context.isddl or isinstance(getattr(compiled, "statement", None), TextClause)
 
 
 @lru_cache(maxsize=2048)

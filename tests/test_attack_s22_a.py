@@ -1,0 +1,35 @@
+"""Attack s22 (A): transactions and the request's lifecycle, cached and uncached side by side.
+
+Each test runs a query cached and as a plain Session would, around a
+transaction that ends in a way the add-on might not see as it is: a commit
+sent as compiled DDL, a commit the database refuses, a savepoint, a
+two-phase commit, a request pyramid_tm or pyramid_retry ends otherwise.
+PostgreSQL cases use ``test_writes_postgresql``'s schema (``pg_parent``...).
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import DDL, select, update
+
+from . import test_writes_postgresql
+from .test_writes_postgresql import PgParent, cached, uncached
+
+pg = test_writes_postgresql.pg
+PgSession = test_writes_postgresql.PgSession
+PARENTS = select(PgParent.id, PgParent.name).order_by(PgParent.id)
+
+
+# 1. A commit sent as compiled DDL ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sql", ["COMMIT AND CHAIN", "COMMIT; BEGIN"])
+def test_a_commit_sent_as_ddl_that_begins_again_is_published(pg, PgSession, region, sql):
+    # DDL() is compiled, not SQL text, but its SQL is whatever the application wrote.
+    cached(PgSession, region, PARENTS)
+    with pg.connect() as conn:
+        conn.execute(update(PgParent.__table__).where(PgParent.id == 1).values(name="chained"))
+        conn.execute(DDL(sql))  # committed; a new transaction is open
+        conn.rollback()  # which writes nothing
+    assert uncached(pg, PARENTS)[0] == (1, "chained")
+    assert cached(PgSession, region, PARENTS) == uncached(pg, PARENTS)
