@@ -10,9 +10,14 @@ PostgreSQL cases use ``test_writes_postgresql``'s schema (``pg_parent``...).
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import DDL, select, update
+from sqlalchemy import DDL, select, text, update
+from sqlalchemy.orm import sessionmaker
+
+from pyramid_sessioncache import SessionCache, cached_query
 
 from . import test_writes_postgresql
+from .conftest import SECRET
+from .models import Person
 from .test_writes_postgresql import PgParent, cached, uncached
 
 pg = test_writes_postgresql.pg
@@ -33,3 +38,24 @@ def test_a_commit_sent_as_ddl_that_begins_again_is_published(pg, PgSession, regi
         conn.rollback()  # which writes nothing
     assert uncached(pg, PARENTS)[0] == (1, "chained")
     assert cached(PgSession, region, PARENTS) == uncached(pg, PARENTS)
+
+
+# 2. A savepoint rolled back by SQL text ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine_fixture, table", [("engine", Person.__table__), ("pg", PgParent.__table__)])
+def test_a_savepoint_rolled_back_by_sql_text_voids_local_entries(request, region_options, engine_fixture, table):
+    # "SAVEPOINT a; ...; ROLLBACK TO a" as SQL: the database undid the
+    # write, SQLAlchemy saw no savepoint end.  What the Session read in
+    # between is no longer what the same query reads.
+    engine = request.getfixturevalue(engine_fixture)
+    stmt = select(table.c.name).where(table.c.id == 1)
+    cache = SessionCache(region_options, default_region="local", secret=SECRET)
+    with sessionmaker(engine, info=cache.session_info())() as session:
+        before = session.execute(stmt).scalar_one()
+        session.execute(text("SAVEPOINT a"))
+        session.execute(update(table).where(table.c.id == 1).values(name="undone"))
+        assert cached_query(session, stmt, "local").scalar_one() == "undone"
+        session.execute(text("ROLLBACK TO SAVEPOINT a"))
+        assert session.execute(stmt).scalar_one() == before
+        assert cached_query(session, stmt, "local").scalar_one() == before

@@ -205,10 +205,17 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
         _ended_by_itself(conn)  # a COMMIT (or ROLLBACK) sent as SQL
     if textual and _COMMIT_WORD.search(statement) and _commits(statement) and _transaction_open(conn):
         _committed_within(conn, tables)
+    elif textual and _ROLLBACK_WORD.search(statement) and pending_on(conn) and _transaction_open(conn):
+        # A ROLLBACK TO SAVEPOINT sent as SQL undid writes SQLAlchemy saw no
+        # savepoint end for: they stay marked (misses at worst), and what the
+        # Sessions read since, over them, is no longer what they read now.
+        _read_again(conn)
 
 
 #: What may be a COMMIT (or END) sent as SQL.
 _COMMIT_WORD = re.compile(r"\b(?:commit|end)\b", re.I)
+#: What may be a ROLLBACK (TO SAVEPOINT) sent as SQL.
+_ROLLBACK_WORD = re.compile(r"\brollback\b", re.I)
 
 
 def _textual(context: Any) -> bool:
@@ -324,13 +331,20 @@ def _failed(context: Any) -> None:
 def _mark(conn: Any, tables: frozenset[str]) -> None:
     for session in list(conn.info.get(_OWNERS, ())):
         written(session).update(tables)
-        local_session.drop(session)
-    _seen_by_every_session(conn)
+    _read_again(conn)
     if _transaction_open(conn):
         _marks(conn).levels[-1][1].update(tables)
     else:  # the database committed it already
         _ended_by_itself(conn)
         publish(tables)
+
+
+def _read_again(conn: Any) -> None:
+    # What the database shows the Sessions working on ``conn`` changed:
+    # their local entries are void.
+    for session in list(conn.info.get(_OWNERS, ())):
+        local_session.drop(session)
+    _seen_by_every_session(conn)
 
 
 def _ended_by_itself(conn: Any) -> None:
