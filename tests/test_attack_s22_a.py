@@ -10,12 +10,12 @@ PostgreSQL cases use ``test_writes_postgresql``'s schema (``pg_parent``...).
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import DDL, select, text, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import DDL, create_engine, event, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
 
 from pyramid_sessioncache import SessionCache, cached_query
 
-from . import test_writes_postgresql
+from . import test_attack_s20_postgresql, test_writes_postgresql
 from .conftest import SECRET
 from .models import Person
 from .test_writes_postgresql import PgParent, cached, uncached
@@ -59,3 +59,57 @@ def test_a_savepoint_rolled_back_by_sql_text_voids_local_entries(request, region
         session.execute(text("ROLLBACK TO SAVEPOINT a"))
         assert session.execute(stmt).scalar_one() == before
         assert cached_query(session, stmt, "local").scalar_one() == before
+
+
+# 3. A Session's two-phase commit -----------------------------------------------------------------
+
+pg2pc = test_attack_s20_postgresql.pg2pc
+
+
+@pytest.mark.parametrize("reader", ["before PREPARE", "between PREPARE and COMMIT PREPARED"])
+def test_a_two_phase_session_commit_is_published(pg2pc, region_options, reader):
+    # Published before PREPARE, and again once COMMIT PREPARED has made it visible.
+    region = "memory"
+    cache = SessionCache(region_options, default_region=region, secret=SECRET)
+    Sess = sessionmaker(bind=pg2pc, info=cache.session_info())
+    writer = create_engine(pg2pc.url)
+    read = []
+
+    def another_request_reads(conn, *args):
+        read.append(cached(Sess, region, PARENTS))
+
+    event.listen(writer, "prepare_twophase" if reader == "before PREPARE" else "commit_twophase", another_request_reads)
+    try:
+        cached(Sess, region, PARENTS)
+        with sessionmaker(bind=writer, twophase=True, info=cache.session_info())() as session:
+            session.execute(update(PgParent).where(PgParent.id == 1).values(name="two-phase"))
+            session.commit()
+        assert read == [[(1, "one"), (2, "two"), (3, "three")]]
+        assert uncached(pg2pc, PARENTS)[0] == (1, "two-phase")
+        assert cached(Sess, region, PARENTS) == uncached(pg2pc, PARENTS)
+    finally:
+        writer.dispose()
+
+
+# 4. A savepoint of a Connection a Session is bound to ---------------------------------------------
+
+
+@pytest.mark.parametrize("end", ["savepoint rolled back", "outer transaction rolled back"])
+def test_a_rollback_on_a_sessions_connection_voids_its_local_entries(request, region_options, end):
+    # The Session is bound to a Connection (a test's outer transaction);
+    # the code that owns the Connection writes in a savepoint and rolls it
+    # back: what the Session read over that write is gone from the database.
+    engine = request.getfixturevalue("pg")
+    stmt = select(PgParent.name).where(PgParent.id == 1)
+    cache = SessionCache(region_options, default_region="local", secret=SECRET)
+    with engine.connect() as conn:
+        outer = conn.begin()
+        session = Session(bind=conn, info=cache.session_info())
+        before = cached_query(session, stmt, "local").scalar_one()
+        savepoint = conn.begin_nested()
+        conn.execute(update(PgParent.__table__).where(PgParent.id == 1).values(name="undone"))
+        assert cached_query(session, stmt, "local").scalar_one() == "undone"
+        (savepoint if end == "savepoint rolled back" else outer).rollback()
+        assert session.execute(stmt).scalar_one() == before
+        assert cached_query(session, stmt, "local").scalar_one() == before
+        session.close()

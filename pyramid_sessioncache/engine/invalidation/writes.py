@@ -421,7 +421,7 @@ def _rolled_back(conn: Any) -> None:
     marks = conn.info.get(_MARKS)
     if marks is not None:
         if marks.pending():
-            _seen_by_every_session(conn)
+            _read_again(conn)
         marks.levels = [[None, set()]]
 
 
@@ -444,7 +444,7 @@ def _rolled_back_to(conn: Any, name: str, context: Any) -> None:
     if marks is not None:
         index = _level(marks, name)
         if any(tables for _, tables in marks.levels[index:]):
-            _seen_by_every_session(conn)
+            _read_again(conn)
         del marks.levels[index:]
 
 
