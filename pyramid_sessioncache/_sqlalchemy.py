@@ -359,6 +359,16 @@ def autobegin(session: Any) -> None:
     session._autobegin_t()
 
 
+def transaction_connections(transaction: Any) -> list:
+    """The Connections a Session's ``transaction`` (a ``SessionTransaction``) works on.
+
+    ``SessionTransaction._connections`` maps each bind to ``(connection,
+    transaction, should_commit, autoclose)`` (2.0, 2.1): there is no public
+    list.  At ``after_commit`` it still holds them, not yet closed.
+    """
+    return [found[0] for found in transaction._connections.values()]
+
+
 #: Whether ``Session.execute()`` autoflushes before a Core statement (a
 #: ``select()`` of a Table): SQLAlchemy 2.1 does, 2.0 only before ORM ones.
 AUTOFLUSHES_CORE = tuple(int(part) for part in sqlalchemy.__version__.split(".")[:2]) >= (2, 1)

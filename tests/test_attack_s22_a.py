@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import DDL, create_engine, event, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pyramid_sessioncache import SessionCache, cached_query
+from pyramid_sessioncache import SessionCache, cached_query, invalidate_tables
 
 from . import test_attack_s20_postgresql, test_writes_postgresql
 from .conftest import SECRET
@@ -113,3 +113,32 @@ def test_a_rollback_on_a_sessions_connection_voids_its_local_entries(request, re
         assert session.execute(stmt).scalar_one() == before
         assert cached_query(session, stmt, "local").scalar_one() == before
         session.close()
+
+
+# 5. What a Session declared, when its commit is not the database's ----------------------------------
+
+
+@pytest.mark.parametrize("reads", [False, True], ids=["declared alone", "after a query"])
+def test_tables_declared_in_a_session_joined_to_an_outer_transaction_are_published_when_it_commits(
+    pg, region_options, reads
+):
+    # A Session bound to a Connection in a transaction (a script's
+    # ``engine.begin()``) commits nothing itself: what it declared written
+    # (SQL on the driver's cursor, such as psycopg's COPY) is committed with
+    # the outer transaction, and a reader in between stored the rows before it.
+    region = "memory"
+    cache = SessionCache(region_options, default_region=region, secret=SECRET)
+    Readers = sessionmaker(bind=pg, info=cache.session_info())
+    cached(Readers, region, PARENTS)
+    with pg.connect() as conn:
+        outer = conn.begin()
+        session = Session(bind=conn, info=cache.session_info())
+        if reads:
+            session.execute(select(PgParent.id)).all()
+        conn.connection.driver_connection.execute("UPDATE pg_parent SET name = 'declared' WHERE id = 1")
+        invalidate_tables(session, "pg_parent")
+        session.commit()  # joined to the outer transaction: nothing committed yet
+        assert cached(Readers, region, PARENTS) == uncached(pg, PARENTS) == [(1, "one"), (2, "two"), (3, "three")]
+        outer.commit()
+    assert uncached(pg, PARENTS)[0] == (1, "declared")
+    assert cached(Readers, region, PARENTS) == uncached(pg, PARENTS)

@@ -572,7 +572,9 @@ def committed(session: Any) -> None:
 
     SQLAlchemy sends ``after_commit`` for a savepoint's release too: nothing
     is committed then, and what the transaction wrote and declared is kept
-    for its real end.
+    for its real end.  Nor is anything committed by a Session joined to a
+    Connection's transaction (bound to one in ``engine.begin()``): what it
+    declared is marked on that Connection too, published when it commits.
     """
     if session.in_nested_transaction():  # the committing savepoint is still the Session's transaction
         return
@@ -580,6 +582,12 @@ def committed(session: Any) -> None:
     declared = session.info.pop(info.DECLARED, None)
     if declared:
         publish(declared)
+        connections = _sqlalchemy.transaction_connections(session.get_transaction())
+        if isinstance(session.bind, Connection):  # joined even if the Session ran nothing on it
+            connections.append(session.bind)
+        for conn in connections:
+            if not conn.closed and conn.in_transaction():  # committed by its own Connection's transaction, later
+                _mark(conn, frozenset(declared))
 
 
 def forget(session: Any) -> None:
