@@ -142,3 +142,25 @@ def test_tables_declared_in_a_session_joined_to_an_outer_transaction_are_publish
         outer.commit()
     assert uncached(pg, PARENTS)[0] == (1, "declared")
     assert cached(Readers, region, PARENTS) == uncached(pg, PARENTS)
+
+
+# 6. A commit on the driver's connection, then SQLAlchemy's rollback ---------------------------------
+
+
+@pytest.mark.parametrize("engine_fixture, table", [("engine", Person.__table__), ("pg", PgParent.__table__)])
+def test_writes_committed_on_the_driver_are_published_at_the_rollback_that_follows(
+    request, region_options, engine_fixture, table
+):
+    # The write went through SQLAlchemy (seen, marked); the commit through
+    # the DBAPI connection: SQLAlchemy's rollback then undoes nothing.
+    engine = request.getfixturevalue(engine_fixture)
+    stmt = select(table.c.id, table.c.name).where(table.c.id <= 3).order_by(table.c.id)
+    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
+    Sess = sessionmaker(bind=engine, info=cache.session_info())
+    cached(Sess, "memory", stmt)
+    with Sess() as session:
+        session.execute(update(table).where(table.c.id == 1).values(name="committed by the driver"))
+        session.connection().connection.driver_connection.commit()
+        session.rollback()
+    assert uncached(engine, stmt)[0] == (1, "committed by the driver")
+    assert cached(Sess, "memory", stmt) == uncached(engine, stmt)

@@ -421,6 +421,11 @@ def _rolled_back(conn: Any) -> None:
     marks = conn.info.get(_MARKS)
     if marks is not None:
         if marks.pending():
+            if not _transaction_open(conn):
+                # Ended before this rollback, which undoes nothing: committed
+                # on the driver's connection itself, perhaps.
+                _ended_by_itself(conn)
+                return
             _read_again(conn)
         marks.levels = [[None, set()]]
 
