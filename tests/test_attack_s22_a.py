@@ -18,7 +18,7 @@ from pyramid_sessioncache import SessionCache, cached_query, invalidate_tables
 from . import test_attack_s20_postgresql, test_writes_postgresql
 from .conftest import SECRET
 from .models import Person
-from .test_writes_postgresql import PgParent, cached, uncached
+from .test_writes_postgresql import PgChild, PgParent, cached, uncached
 
 pg = test_writes_postgresql.pg
 PgSession = test_writes_postgresql.PgSession
@@ -164,3 +164,34 @@ def test_writes_committed_on_the_driver_are_published_at_the_rollback_that_follo
         session.rollback()
     assert uncached(engine, stmt)[0] == (1, "committed by the driver")
     assert cached(Sess, "memory", stmt) == uncached(engine, stmt)
+
+
+# 7. A snapshot taken in a transaction begun after a COMMIT sent as SQL ---------------------------------
+
+
+def test_a_snapshot_begun_after_a_commit_sent_as_sql_stores_nothing(pg, region_options):
+    # The add-on asks the isolation level once per transaction; a COMMIT
+    # sent as SQL begins another, which may read an older snapshot: what
+    # it loads, stored under the versions of now, would be served to the
+    # next transaction run at that level, which would see the newer rows.
+    region = "memory"
+    cache = SessionCache(region_options, default_region=region, secret=SECRET)
+    Sess = sessionmaker(bind=create_engine(pg.url, pool_size=1, max_overflow=0), info=cache.session_info())
+    children = select(PgChild.id, PgChild.name).order_by(PgChild.id)
+    repeatable = text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    cached(Sess, region, children)  # its shape's tables known
+    try:
+        with Sess() as session:
+            session.execute(select(PgParent.id)).all()
+            cached_query(session, PARENTS, region).all()  # a miss in a begun READ COMMITTED transaction
+            session.execute(text("COMMIT"))
+            session.execute(repeatable)
+            session.execute(select(PgParent.id)).all()  # the snapshot
+            with pg.begin() as other:
+                other.execute(update(PgChild.__table__).where(PgChild.id == 1).values(name="after the snapshot"))
+            assert cached_query(session, children, region).all()[0] == (1, "a")  # as of its snapshot
+        with Sess() as session:  # a transaction at the same level, its snapshot taken after the write
+            session.execute(repeatable)
+            assert cached_query(session, children, region).all() == session.execute(children).all()
+    finally:
+        Sess.kw["bind"].dispose()

@@ -203,19 +203,31 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
         _mark(conn, tables)
     elif conn.info.get(_MARKS) is not None and not in_transaction(conn.connection.dbapi_connection):
         _ended_by_itself(conn)  # a COMMIT (or ROLLBACK) sent as SQL
-    if textual and _COMMIT_WORD.search(statement) and _commits(statement) and _transaction_open(conn):
-        _committed_within(conn, tables)
-    elif textual and _ROLLBACK_WORD.search(statement) and pending_on(conn) and _transaction_open(conn):
-        # A ROLLBACK TO SAVEPOINT sent as SQL undid writes SQLAlchemy saw no
-        # savepoint end for: they stay marked (misses at worst), and what the
-        # Sessions read since, over them, is no longer what they read now.
-        _read_again(conn)
+    if textual and _ENDS_WORD.search(statement):
+        _ended_by_sql(conn, statement, tables)
 
 
+#: What may end a transaction (or roll back to a savepoint) sent as SQL.
+_ENDS_WORD = re.compile(r"\b(?:commit|end|rollback|abort|prepare)\b", re.I)
 #: What may be a COMMIT (or END) sent as SQL.
 _COMMIT_WORD = re.compile(r"\b(?:commit|end)\b", re.I)
 #: What may be a ROLLBACK (TO SAVEPOINT) sent as SQL.
 _ROLLBACK_WORD = re.compile(r"\brollback\b", re.I)
+
+
+def _ended_by_sql(conn: Any, statement: str, tables: frozenset[str]) -> None:
+    # SQL text that may have ended the transaction behind SQLAlchemy's back.
+    for session in list(conn.info.get(_OWNERS, ())):
+        # What the database said of the transaction (its isolation level) is
+        # asked again: the next one, perhaps at another level, may have begun.
+        session.info.pop(info.SNAPSHOTS, None)
+    if _COMMIT_WORD.search(statement) and _commits(statement) and _transaction_open(conn):
+        _committed_within(conn, tables)
+    elif _ROLLBACK_WORD.search(statement) and pending_on(conn) and _transaction_open(conn):
+        # A ROLLBACK TO SAVEPOINT sent as SQL undid writes SQLAlchemy saw no
+        # savepoint end for: they stay marked (misses at worst), and what the
+        # Sessions read since, over them, is no longer what they read now.
+        _read_again(conn)
 
 
 def _textual(context: Any) -> bool:
