@@ -204,30 +204,13 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
     elif conn.info.get(_MARKS) is not None and not in_transaction(conn.connection.dbapi_connection):
         _ended_by_itself(conn)  # a COMMIT (or ROLLBACK) sent as SQL
     if textual and _ENDS_WORD.search(statement):
-        _ended_by_sql(conn, statement, tables)
+        ends = _ends(statement)
+        if ends:
+            _ended_by_sql(conn, ends, tables)
 
 
-#: What may end a transaction (or roll back to a savepoint) sent as SQL.
+#: What may end a transaction (or roll back to a savepoint) sent as SQL: see :func:`_ends`.
 _ENDS_WORD = re.compile(r"\b(?:commit|end|rollback|abort|prepare)\b", re.I)
-#: What may be a COMMIT (or END) sent as SQL.
-_COMMIT_WORD = re.compile(r"\b(?:commit|end)\b", re.I)
-#: What may be a ROLLBACK (TO SAVEPOINT) sent as SQL.
-_ROLLBACK_WORD = re.compile(r"\brollback\b", re.I)
-
-
-def _ended_by_sql(conn: Any, statement: str, tables: frozenset[str]) -> None:
-    # SQL text that may have ended the transaction behind SQLAlchemy's back.
-    for session in list(conn.info.get(_OWNERS, ())):
-        # What the database said of the transaction (its isolation level) is
-        # asked again: the next one, perhaps at another level, may have begun.
-        session.info.pop(info.SNAPSHOTS, None)
-    if _COMMIT_WORD.search(statement) and _commits(statement) and _transaction_open(conn):
-        _committed_within(conn, tables)
-    elif _ROLLBACK_WORD.search(statement) and pending_on(conn) and _transaction_open(conn):
-        # A ROLLBACK TO SAVEPOINT sent as SQL undid writes SQLAlchemy saw no
-        # savepoint end for: they stay marked (misses at worst), and what the
-        # Sessions read since, over them, is no longer what they read now.
-        _read_again(conn)
 
 
 def _textual(context: Any) -> bool:
@@ -238,14 +221,42 @@ def _textual(context: Any) -> bool:
 
 
 @lru_cache(maxsize=2048)
-def _commits(statement: str) -> bool:
-    """Whether SQL text holds a ``COMMIT`` or ``END`` statement (``COMMIT PREPARED`` aside)."""
+def _ends(statement: str) -> frozenset[str]:
+    """How SQL text ends its transaction: none, or some of ``"commit"``, ``"rollback"``, ``"prepare"``.
+
+    ``"commit"``: ``COMMIT``, ``END``; ``"rollback"``: ``ROLLBACK``,
+    ``ABORT``, ``ROLLBACK TO SAVEPOINT``; ``"prepare"``: ``PREPARE
+    TRANSACTION``.  ``COMMIT PREPARED`` and ``ROLLBACK PREPARED`` end
+    another transaction.
+    """
+    found = set()
     for cleaned in sqltext.readings(statement):
         for part in cleaned.statements():
             words = part.lower().split()
-            if words[0] in ("commit", "end") and words[1:2] != ["prepared"]:
-                return True
-    return False
+            if words[1:2] == ["prepared"]:
+                continue
+            if words[0] in ("commit", "end"):
+                found.add("commit")
+            elif words[0] in ("rollback", "abort"):
+                found.add("rollback")
+            elif words[:2] == ["prepare", "transaction"]:
+                found.add("prepare")
+    return frozenset(found)
+
+
+def _ended_by_sql(conn: Any, ends: frozenset[str], tables: frozenset[str]) -> None:
+    # SQL text that ended the transaction (or rolled back to a savepoint) behind SQLAlchemy's back.
+    for session in list(conn.info.get(_OWNERS, ())):
+        # What the database said of the transaction (its isolation level) is
+        # asked again: the next one, perhaps at another level, may have begun.
+        session.info.pop(info.SNAPSHOTS, None)
+    if "commit" in ends and _transaction_open(conn):
+        _committed_within(conn, tables)
+    elif "rollback" in ends and pending_on(conn) and _transaction_open(conn):
+        # A ROLLBACK TO SAVEPOINT undid writes SQLAlchemy saw no savepoint
+        # end for: they stay marked (misses at worst), and what the Sessions
+        # read since, over them, is no longer what they read now.
+        _read_again(conn)
 
 
 def _committed_within(conn: Any, tables: frozenset[str]) -> None:
