@@ -7,6 +7,7 @@ against SQLAlchemy 2.0 (2.0.x, the oldest supported series, run by CI) and
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -653,19 +654,31 @@ def after_dbapi_commit(connection: Any, callback: Any) -> None:
     dialect = connection.dialect
     waiting = dialect.__dict__.get("_sessioncache_after_commit")
     if waiting is None:
-        waiting = {}
-        original = dialect.do_commit
-
-        def do_commit(proxied_connection: Any) -> None:
-            try:
-                original(proxied_connection)
-            finally:
-                for run in waiting.pop(id(proxied_connection), ()):
-                    run()
-
-        dialect.do_commit = do_commit
-        dialect._sessioncache_after_commit = waiting
+        with _wrapping:  # two threads' first commits: one wrapper, or the other's callbacks never run
+            waiting = dialect.__dict__.get("_sessioncache_after_commit")
+            if waiting is None:
+                waiting = _wrap_do_commit(dialect)
     waiting.setdefault(id(connection.connection), []).append(callback)
+
+
+#: Held while a dialect's ``do_commit`` is wrapped (:func:`after_dbapi_commit`).
+_wrapping = threading.Lock()
+
+
+def _wrap_do_commit(dialect: Any) -> dict:
+    waiting: dict = {}
+    original = dialect.do_commit
+
+    def do_commit(proxied_connection: Any) -> None:
+        try:
+            original(proxied_connection)
+        finally:
+            for run in waiting.pop(id(proxied_connection), ()):
+                run()
+
+    dialect.do_commit = do_commit
+    dialect._sessioncache_after_commit = waiting
+    return waiting
 
 
 def after_twophase_commit(dialect: Any, callback: Any) -> None:

@@ -9,11 +9,14 @@ PostgreSQL cases use ``test_writes_postgresql``'s schema (``pg_parent``...).
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import pytest
 from sqlalchemy import DDL, create_engine, event, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pyramid_sessioncache import SessionCache, cached_query, invalidate_tables
+from pyramid_sessioncache import SessionCache, _sqlalchemy, cached_query, invalidate_tables
 
 from . import test_attack_s20_postgresql, test_writes_postgresql
 from .conftest import SECRET
@@ -195,3 +198,52 @@ def test_a_snapshot_begun_after_a_commit_sent_as_sql_stores_nothing(pg, region_o
             assert cached_query(session, children, region).all() == session.execute(children).all()
     finally:
         Sess.kw["bind"].dispose()
+
+
+# 8. Two threads' first commits on a new engine --------------------------------------------------------
+
+
+class _BothLookUp:
+    """A dialect's ``do_commit``, looked up by two threads at once: each waits (a little) for the other."""
+
+    def __init__(self, original):
+        self.original = original
+        self.barrier = threading.Barrier(2)
+
+    def __get__(self, dialect, owner=None):
+        if dialect is not None:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                self.barrier.wait(timeout=0.5)
+        return self.original.__get__(dialect, owner)
+
+
+def test_two_threads_first_commits_on_a_new_engine_both_publish_again_after_it(tmp_path):
+    # The second publication of a commit runs from the dialect's do_commit,
+    # wrapped once per engine by the first commit that writes: two threads
+    # doing that at once each wrapped it, and one's wrapper was dropped,
+    # with the publication of its commit (and, set in the other order, of
+    # every later commit of the engine).
+    engine = create_engine(f"sqlite:///{tmp_path / 'race.sqlite'}")
+    dialect_class = type("RacingDialect", (type(engine.dialect),), {})
+    dialect_class.do_commit = _BothLookUp(type(engine.dialect).do_commit)
+    engine.dialect.__class__ = dialect_class
+    ran = []
+    connections = [engine.connect(), engine.connect()]
+    for conn in connections:
+        conn.begin()
+    try:
+        threads = [
+            threading.Thread(target=_sqlalchemy.after_dbapi_commit, args=(conn, lambda n=n: ran.append(n)))
+            for n, conn in enumerate(connections)
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+        for conn in connections:
+            conn.commit()
+        assert sorted(ran) == [0, 1]
+    finally:
+        for conn in connections:
+            conn.close()
+        engine.dispose()
