@@ -10,6 +10,7 @@ PostgreSQL cases use ``test_writes_postgresql``'s schema (``pg_parent``...).
 from __future__ import annotations
 
 import contextlib
+import socket
 import threading
 
 import pytest
@@ -17,6 +18,7 @@ from sqlalchemy import DDL, create_engine, event, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pyramid_sessioncache import SessionCache, _sqlalchemy, cached_query, invalidate_tables
+from pyramid_sessioncache.storage.region import CacheRegions
 
 from . import test_attack_s20_postgresql, test_writes_postgresql
 from .conftest import SECRET
@@ -247,3 +249,31 @@ def test_two_threads_first_commits_on_a_new_engine_both_publish_again_after_it(t
         for conn in connections:
             conn.close()
         engine.dispose()
+
+
+# 9. Two commits' bumps while the shared backend hangs ---------------------------------------------------
+
+
+def test_two_threads_bumps_to_a_hung_backend_are_both_kept(region_options):
+    # Redis hangs (it accepts connections, answers nothing): two requests
+    # commit at once, and each commit's bump fails after the timeout.  Each
+    # kept its own names, over the other's: one commit's tables were never
+    # bumped once Redis answered, and other processes kept serving what it changed.
+    with socket.socket() as hung:
+        hung.bind(("127.0.0.1", 0))
+        hung.listen(16)
+        port = hung.getsockname()[1]
+        url = f"redis://127.0.0.1:{port}/0?socket_timeout=0.3&socket_connect_timeout=0.3"
+        region = CacheRegions({"r": {"type": "ext:redis", "url": url}}, 60, SECRET.encode())["r"]
+        start = threading.Barrier(2)
+
+        def commit(table):
+            start.wait(timeout=5)
+            region.bump([table])
+
+        threads = [threading.Thread(target=commit, args=(table,)) for table in ("person", "address")]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert region.unpublished == {"person", "address"}
