@@ -14,12 +14,15 @@ import socket
 import threading
 
 import pytest
+import transaction
 from sqlalchemy import DDL, create_engine, event, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
+from webtest import TestApp
 
 from pyramid_sessioncache import SessionCache, _sqlalchemy, cached_query, invalidate_tables
 from pyramid_sessioncache.storage.region import CacheRegions
 
+from . import test_attack_request as attack_request
 from . import test_attack_s20_postgresql, test_writes_postgresql
 from .conftest import SECRET
 from .models import Person
@@ -277,3 +280,28 @@ def test_two_threads_bumps_to_a_hung_backend_are_both_kept(region_options):
         for thread in threads:
             thread.join(timeout=10)
         assert region.unpublished == {"person", "address"}
+
+
+# 10. A request pyramid_retry runs again ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("region", ["local_session", "short_term"])
+def test_a_retried_request_sees_neither_the_first_attempts_entries_nor_its_writes(db_url, region):
+    app = attack_request.make_app(db_url, "addon", **{"retry.attempts": "3"})
+    stmt = select(Person.name).where(Person.id == 3)
+    seen = []
+
+    def view(request, name):
+        seen.append(request.cached_query(stmt, region=region).scalar_one())
+        if len(seen) == 1:
+            request.dbsession.execute(update(Person).where(Person.id == 3).values(name="never committed"))
+            seen.append(request.cached_query(stmt, region=region).scalar_one())
+            raise transaction.interfaces.TransientError("try again")
+
+    attack_request.scenario(view)
+    try:
+        TestApp(app).get("/run/x")
+    finally:
+        attack_request.SCENARIO.clear()
+        app.engine.dispose()
+    assert seen == ["person 3", "never committed", "person 3"]
