@@ -2,8 +2,11 @@
 
 Each test runs a query cached and as a plain Session would, around a
 transaction that ends in a way the add-on might not see as it is: a commit
-sent as compiled DDL, a commit the database refuses, a savepoint, a
-two-phase commit, a request pyramid_tm or pyramid_retry ends otherwise.
+sent as compiled DDL, a savepoint rolled back by SQL text or by the code
+owning a Session's Connection, a commit made on the driver's connection, a
+Session joined to an outer transaction, a two-phase commit, a snapshot
+begun after a COMMIT sent as SQL, a request pyramid_retry runs again; and
+two threads committing at once (a new engine; a hung shared backend).
 PostgreSQL cases use ``test_writes_postgresql``'s schema (``pg_parent``...).
 """
 
