@@ -308,3 +308,26 @@ def test_a_retried_request_sees_neither_the_first_attempts_entries_nor_its_write
         attack_request.SCENARIO.clear()
         app.engine.dispose()
     assert seen == ["person 3", "never committed", "person 3"]
+
+
+# 11. A Session bound to a Connection whose own code commits -------------------------------------------------
+
+
+@pytest.mark.parametrize("engine_fixture, table", [("engine", Person.__table__), ("pg", PgParent.__table__)])
+def test_a_session_bound_to_a_connection_committed_by_its_code_drops_its_local_entries_when_it_writes(
+    request, region_options, engine_fixture, table
+):
+    # The code owning the Connection commits (a data migration committing
+    # as it goes); the Session bound to it carries on in the Connection's
+    # next transaction, and its own Core UPDATE left its local entry as it was.
+    engine = request.getfixturevalue(engine_fixture)
+    stmt = select(table.c.name).where(table.c.id == 1)
+    cache = SessionCache(region_options, default_region="local", secret=SECRET)
+    with engine.connect() as conn:
+        session = Session(bind=conn, info=cache.session_info())
+        before = cached_query(session, stmt, "local").scalar_one()
+        conn.commit()
+        session.execute(update(table).where(table.c.id == 1).values(name="written"))
+        assert session.execute(stmt).scalar_one() == "written"
+        assert cached_query(session, stmt, "local").scalar_one() == "written" != before
+        session.close()

@@ -410,7 +410,9 @@ def _begun(conn: Any) -> None:
         # (a StaticPool's one connection, shared): its marks and Sessions stay.
         return
     conn.info.pop(_MARKS, None)
-    conn.info.pop(_OWNERS, None)  # a new transaction: the Sessions of the last one are done with it
+    # Its Sessions stay until it goes back to the pool (_checked_in): one bound
+    # to this Connection carries on in its next transaction, and must be told
+    # of the writes there (its own Core DML included).
 
 
 def _committing(conn: Any, twophase: bool = False) -> None:
