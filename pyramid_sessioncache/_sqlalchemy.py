@@ -365,8 +365,7 @@ def transaction_connections(transaction: Any) -> list:
 
     ``SessionTransaction._connections`` maps each bind to ``(connection,
     transaction, should_commit, autoclose)`` (2.0, 2.1): there is no public
-    list.  At ``after_commit`` it still holds them, not yet closed.
-    ``transaction`` None (a Session closed meanwhile): none.
+    list.  ``transaction`` None (a Session with none): none.
     """
     return [] if transaction is None else [found[0] for found in transaction._connections.values()]
 

@@ -129,9 +129,10 @@ def test_a_rollback_on_a_sessions_connection_voids_its_local_entries(request, re
 # 5. What a Session declared, when its commit is not the database's ----------------------------------
 
 
+@pytest.mark.parametrize("end", ["commit", "close"])
 @pytest.mark.parametrize("reads", [False, True], ids=["declared alone", "after a query"])
 def test_tables_declared_in_a_session_joined_to_an_outer_transaction_are_published_when_it_commits(
-    pg, region_options, reads
+    pg, region_options, reads, end
 ):
     # A Session bound to a Connection in a transaction (a script's
     # ``engine.begin()``) commits nothing itself: what it declared written
@@ -148,7 +149,7 @@ def test_tables_declared_in_a_session_joined_to_an_outer_transaction_are_publish
             session.execute(select(PgParent.id)).all()
         conn.connection.driver_connection.execute("UPDATE pg_parent SET name = 'declared' WHERE id = 1")
         invalidate_tables(session, "pg_parent")
-        session.commit()  # joined to the outer transaction: nothing committed yet
+        getattr(session, end)()  # joined to the outer transaction: nothing committed, nor rolled back, yet
         assert cached(Readers, region, PARENTS) == uncached(pg, PARENTS) == [(1, "one"), (2, "two"), (3, "three")]
         outer.commit()
     assert uncached(pg, PARENTS)[0] == (1, "declared")

@@ -589,12 +589,15 @@ def invalidate_tables(session: Any, *tables: Any) -> None:
     call it after such a write; in a Pyramid request,
     ``request.sessioncache.mark_changed()`` does both.  The Session's local
     cache is dropped now, and the Session reads around the shared regions
-    until its transaction ends.
+    until its transaction ends.  A Session joined to a Connection's
+    transaction (bound to one in ``engine.begin()``) leaves them to that
+    transaction too, which may commit after the Session is closed.
     """
     declared = set(declared_tables(tables)) or {ALL_TABLES}
     written(session).update(declared)
     session.info.setdefault(info.DECLARED, set()).update(declared)
     local_session.drop(session)
+    _left_to_connections(session, declared)
 
 
 def committed(session: Any) -> None:
@@ -602,9 +605,7 @@ def committed(session: Any) -> None:
 
     SQLAlchemy sends ``after_commit`` for a savepoint's release too: nothing
     is committed then, and what the transaction wrote and declared is kept
-    for its real end.  Nor is anything committed by a Session joined to a
-    Connection's transaction (bound to one in ``engine.begin()``): what it
-    declared is marked on that Connection too, published when it commits.
+    for its real end.
     """
     if session.in_nested_transaction():  # the committing savepoint is still the Session's transaction
         return
@@ -612,15 +613,22 @@ def committed(session: Any) -> None:
     declared = session.info.pop(info.DECLARED, None)
     if declared:
         publish(declared)
-        connections = _sqlalchemy.transaction_connections(session.get_transaction())
-        if isinstance(session.bind, Connection):  # joined even if the Session ran nothing on it
-            connections.append(session.bind)
-        for conn in connections:
-            if not conn.closed and conn.in_transaction():  # committed by its own Connection's transaction, later
-                _mark(conn, frozenset(declared))
 
 
 def forget(session: Any) -> None:
     """Forget what the Session's transaction wrote and declared (it ended without committing)."""
     session.info.pop(info.WRITTEN, None)
     session.info.pop(info.DECLARED, None)
+
+
+def _left_to_connections(session: Any, declared: set[str]) -> None:
+    # A Session joined to a Connection's transaction (bound to one in
+    # ``engine.begin()``) commits nothing itself, and may be closed without
+    # committing: what it declared is that transaction's, published when it
+    # commits, forgotten if it rolls back.
+    connections = _sqlalchemy.transaction_connections(session.get_transaction())
+    if isinstance(session.bind, Connection):  # joined even if the Session ran nothing on it yet
+        connections.append(session.bind)
+    for conn in connections:
+        if not conn.closed and conn.in_transaction():
+            _mark(conn, frozenset(declared))
