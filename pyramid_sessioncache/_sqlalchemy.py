@@ -7,6 +7,7 @@ against SQLAlchemy 2.0 (2.0.x, the oldest supported series, run by CI) and
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -359,6 +360,16 @@ def autobegin(session: Any) -> None:
     session._autobegin_t()
 
 
+def transaction_connections(transaction: Any) -> list:
+    """The Connections a Session's ``transaction`` (a ``SessionTransaction``) works on.
+
+    ``SessionTransaction._connections`` maps each bind to ``(connection,
+    transaction, should_commit, autoclose)`` (2.0, 2.1): there is no public
+    list.  ``transaction`` None (a Session with none): none.
+    """
+    return [] if transaction is None else [found[0] for found in transaction._connections.values()]
+
+
 #: Whether ``Session.execute()`` autoflushes before a Core statement (a
 #: ``select()`` of a Table): SQLAlchemy 2.1 does, 2.0 only before ORM ones.
 AUTOFLUSHES_CORE = tuple(int(part) for part in sqlalchemy.__version__.split(".")[:2]) >= (2, 1)
@@ -642,19 +653,31 @@ def after_dbapi_commit(connection: Any, callback: Any) -> None:
     dialect = connection.dialect
     waiting = dialect.__dict__.get("_sessioncache_after_commit")
     if waiting is None:
-        waiting = {}
-        original = dialect.do_commit
-
-        def do_commit(proxied_connection: Any) -> None:
-            try:
-                original(proxied_connection)
-            finally:
-                for run in waiting.pop(id(proxied_connection), ()):
-                    run()
-
-        dialect.do_commit = do_commit
-        dialect._sessioncache_after_commit = waiting
+        with _wrapping:  # two threads' first commits: one wrapper, or the other's callbacks never run
+            waiting = dialect.__dict__.get("_sessioncache_after_commit")
+            if waiting is None:
+                waiting = _wrap_do_commit(dialect)
     waiting.setdefault(id(connection.connection), []).append(callback)
+
+
+#: Held while a dialect's ``do_commit`` is wrapped (:func:`after_dbapi_commit`).
+_wrapping = threading.Lock()
+
+
+def _wrap_do_commit(dialect: Any) -> dict:
+    waiting: dict = {}
+    original = dialect.do_commit
+
+    def do_commit(proxied_connection: Any) -> None:
+        try:
+            original(proxied_connection)
+        finally:
+            for run in waiting.pop(id(proxied_connection), ()):
+                run()
+
+    dialect.do_commit = do_commit
+    dialect._sessioncache_after_commit = waiting
+    return waiting
 
 
 def after_twophase_commit(dialect: Any, callback: Any) -> None:

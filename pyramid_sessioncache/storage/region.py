@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import pickle
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -142,6 +143,8 @@ class Region:
         # Table versions a commit could not bump while the backend was down:
         # bumped before this process uses the region again.
         self._pending: set[str] = set()
+        # Held to take them or to keep more: two commits' bumps run at once.
+        self._pending_lock = threading.Lock()
         self.type: str = nsargs.pop("type", "memory")
         self.expire: int | None = nsargs.pop("expire", None)
         #: The longest lifetime the backend keeps an entry for.
@@ -290,8 +293,7 @@ class Region:
         if self._down():
             return False
         if self._pending:
-            pending, self._pending = self._pending, set()
-            self.bump(pending)
+            self.bump(())
             # Failed, it may still have deleted the versions instead: then
             # nothing is pending, but the region is skipped all the same.
             return not self._pending and not self._down()
@@ -461,9 +463,11 @@ class Region:
         region again.  Never raises: whatever fails is logged, and the
         region is skipped for ``retry_after`` seconds.
         """
-        names = set(names) | self._pending
         if self.tokens is None:
             return
+        with self._pending_lock:  # this bump carries them: another's, at once, neither drops nor loses them
+            names = set(names) | self._pending
+            self._pending = set()
         try:
             self.tokens.bump(names)
         except Exception as exc:
@@ -474,14 +478,14 @@ class Region:
             # and kept pending: the region is skipped until the bump is written.
             expected = isinstance(exc, BACKEND_ERRORS)
             discarded = self._discarded(names)
-            self._pending = set() if discarded and expected else names
-            if self._pending:
+            kept = set() if discarded and expected else names
+            with self._pending_lock:
+                self._pending |= kept
+            if kept:
                 outcome = " (their versions were deleted; kept to invalidate again)" if discarded else " (kept)"
             else:
                 outcome = " (their versions were deleted instead)"
             self._failed(exc, "invalidating tables " + ", ".join(sorted(names)) + outcome, unexpected=not expected)
-        else:
-            self._pending = set()
 
     def _discarded(self, names: set[str]) -> bool:
         """Delete the versions of ``names``, whose bump failed; return whether they are gone.

@@ -203,28 +203,60 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
         _mark(conn, tables)
     elif conn.info.get(_MARKS) is not None and not in_transaction(conn.connection.dbapi_connection):
         _ended_by_itself(conn)  # a COMMIT (or ROLLBACK) sent as SQL
-    if textual and _COMMIT_WORD.search(statement) and _commits(statement) and _transaction_open(conn):
-        _committed_within(conn, tables)
+    if textual and _ENDS_WORD.search(statement):
+        ends = _ends(statement)
+        if ends:
+            _ended_by_sql(conn, ends, tables)
 
 
-#: What may be a COMMIT (or END) sent as SQL.
-_COMMIT_WORD = re.compile(r"\b(?:commit|end)\b", re.I)
+#: What may end a transaction (or roll back to a savepoint) sent as SQL: see :func:`_ends`.
+_ENDS_WORD = re.compile(r"\b(?:commit|end|rollback|abort|prepare)\b", re.I)
 
 
 def _textual(context: Any) -> bool:
+    # SQL the application wrote: text(), exec_driver_sql(), and DDL(), which
+    # is compiled but holds any SQL (DDL("COMMIT AND CHAIN")).
     compiled = context.compiled
-    return compiled is None or isinstance(getattr(compiled, "statement", None), TextClause)
+    return compiled is None or context.isddl or isinstance(getattr(compiled, "statement", None), TextClause)
 
 
 @lru_cache(maxsize=2048)
-def _commits(statement: str) -> bool:
-    """Whether SQL text holds a ``COMMIT`` or ``END`` statement (``COMMIT PREPARED`` aside)."""
+def _ends(statement: str) -> frozenset[str]:
+    """How SQL text ends its transaction: none, or some of ``"commit"``, ``"rollback"``, ``"prepare"``.
+
+    ``"commit"``: ``COMMIT``, ``END``; ``"rollback"``: ``ROLLBACK``,
+    ``ABORT``, ``ROLLBACK TO SAVEPOINT``; ``"prepare"``: ``PREPARE
+    TRANSACTION``.  ``COMMIT PREPARED`` and ``ROLLBACK PREPARED`` end
+    another transaction.
+    """
+    found = set()
     for cleaned in sqltext.readings(statement):
         for part in cleaned.statements():
             words = part.lower().split()
-            if words[0] in ("commit", "end") and words[1:2] != ["prepared"]:
-                return True
-    return False
+            if words[1:2] == ["prepared"]:
+                continue
+            if words[0] in ("commit", "end"):
+                found.add("commit")
+            elif words[0] in ("rollback", "abort"):
+                found.add("rollback")
+            elif words[:2] == ["prepare", "transaction"]:
+                found.add("prepare")
+    return frozenset(found)
+
+
+def _ended_by_sql(conn: Any, ends: frozenset[str], tables: frozenset[str]) -> None:
+    # SQL text that ended the transaction (or rolled back to a savepoint) behind SQLAlchemy's back.
+    for session in list(conn.info.get(_OWNERS, ())):
+        # What the database said of the transaction (its isolation level) is
+        # asked again: the next one, perhaps at another level, may have begun.
+        session.info.pop(info.SNAPSHOTS, None)
+    if "commit" in ends and _transaction_open(conn):
+        _committed_within(conn, tables)
+    elif "rollback" in ends and pending_on(conn) and _transaction_open(conn):
+        # A ROLLBACK TO SAVEPOINT undid writes SQLAlchemy saw no savepoint
+        # end for: they stay marked (misses at worst), and what the Sessions
+        # read since, over them, is no longer what they read now.
+        _read_again(conn)
 
 
 def _committed_within(conn: Any, tables: frozenset[str]) -> None:
@@ -322,13 +354,20 @@ def _failed(context: Any) -> None:
 def _mark(conn: Any, tables: frozenset[str]) -> None:
     for session in list(conn.info.get(_OWNERS, ())):
         written(session).update(tables)
-        local_session.drop(session)
-    _seen_by_every_session(conn)
+    _read_again(conn)
     if _transaction_open(conn):
         _marks(conn).levels[-1][1].update(tables)
     else:  # the database committed it already
         _ended_by_itself(conn)
         publish(tables)
+
+
+def _read_again(conn: Any) -> None:
+    # What the database shows the Sessions working on ``conn`` changed:
+    # their local entries are void.
+    for session in list(conn.info.get(_OWNERS, ())):
+        local_session.drop(session)
+    _seen_by_every_session(conn)
 
 
 def _ended_by_itself(conn: Any) -> None:
@@ -371,7 +410,9 @@ def _begun(conn: Any) -> None:
         # (a StaticPool's one connection, shared): its marks and Sessions stay.
         return
     conn.info.pop(_MARKS, None)
-    conn.info.pop(_OWNERS, None)  # a new transaction: the Sessions of the last one are done with it
+    # Its Sessions stay until it goes back to the pool (_checked_in): one bound
+    # to this Connection carries on in its next transaction, and must be told
+    # of the writes there (its own Core DML included).
 
 
 def _committing(conn: Any, twophase: bool = False) -> None:
@@ -405,7 +446,12 @@ def _rolled_back(conn: Any) -> None:
     marks = conn.info.get(_MARKS)
     if marks is not None:
         if marks.pending():
-            _seen_by_every_session(conn)
+            if not _transaction_open(conn):
+                # Ended before this rollback, which undoes nothing: committed
+                # on the driver's connection itself, perhaps.
+                _ended_by_itself(conn)
+                return
+            _read_again(conn)
         marks.levels = [[None, set()]]
 
 
@@ -428,7 +474,7 @@ def _rolled_back_to(conn: Any, name: str, context: Any) -> None:
     if marks is not None:
         index = _level(marks, name)
         if any(tables for _, tables in marks.levels[index:]):
-            _seen_by_every_session(conn)
+            _read_again(conn)
         del marks.levels[index:]
 
 
@@ -543,12 +589,15 @@ def invalidate_tables(session: Any, *tables: Any) -> None:
     call it after such a write; in a Pyramid request,
     ``request.sessioncache.mark_changed()`` does both.  The Session's local
     cache is dropped now, and the Session reads around the shared regions
-    until its transaction ends.
+    until its transaction ends.  A Session joined to a Connection's
+    transaction (bound to one in ``engine.begin()``) leaves them to that
+    transaction too, which may commit after the Session is closed.
     """
     declared = set(declared_tables(tables)) or {ALL_TABLES}
     written(session).update(declared)
     session.info.setdefault(info.DECLARED, set()).update(declared)
     local_session.drop(session)
+    _left_to_connections(session, declared)
 
 
 def committed(session: Any) -> None:
@@ -570,3 +619,16 @@ def forget(session: Any) -> None:
     """Forget what the Session's transaction wrote and declared (it ended without committing)."""
     session.info.pop(info.WRITTEN, None)
     session.info.pop(info.DECLARED, None)
+
+
+def _left_to_connections(session: Any, declared: set[str]) -> None:
+    # A Session joined to a Connection's transaction (bound to one in
+    # ``engine.begin()``) commits nothing itself, and may be closed without
+    # committing: what it declared is that transaction's, published when it
+    # commits, forgotten if it rolls back.
+    connections = _sqlalchemy.transaction_connections(session.get_transaction())
+    if isinstance(session.bind, Connection):  # joined even if the Session ran nothing on it yet
+        connections.append(session.bind)
+    for conn in connections:
+        if not conn.closed and conn.in_transaction():
+            _mark(conn, frozenset(declared))
