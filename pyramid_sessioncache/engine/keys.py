@@ -523,6 +523,10 @@ def value_text(value: Any) -> str:
         text = f"{type(value).__name__}:{value!r}"
         if _ADDRESS.search(text):  # a subclass's repr with an address: not stable, and reused
             raise Unkeyable(value)
+        if type(value) not in _PLAIN_BASES:
+            # A subclass's repr may hide its value (a token masked for the
+            # logs): the value as its plain type shows it says which it is.
+            text += ":" + _plain_repr(value)
         return text
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(value_text(item) for item in value) + "]"
@@ -531,6 +535,16 @@ def value_text(value: Any) -> str:
     if isinstance(value, Mapping):
         return "{" + ",".join(sorted(f"{value_text(k)}:{value_text(v)}" for k, v in value.items())) + "}"
     raise Unkeyable(value)
+
+
+#: The types of :data:`_PLAIN`, each before those it is the base of (a ``datetime`` is a ``date``).
+_PLAIN_BASES = (datetime.datetime, *_PLAIN)
+
+
+def _plain_repr(value: Any) -> str:
+    """The repr of ``value``, an instance of a subclass of a :data:`_PLAIN` type, as that type makes it."""
+    base = next(base for base in _PLAIN_BASES if isinstance(value, base))
+    return base.__repr__(value)
 
 
 def _aware_text(value: datetime.datetime | datetime.time) -> str:
