@@ -6,7 +6,8 @@ a realistic sequence and asserts that both give the same rows.
 
 from __future__ import annotations
 
-from sqlalchemy import select
+import pytest
+from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, select, text
 from sqlalchemy.orm import Session as PlainSession
 
 from pyramid_sessioncache import FromCache
@@ -40,4 +41,67 @@ def test_a_value_whose_repr_hides_it_is_keyed_by_its_value(Session, engine):
     for name in ("person 1", "person 2"):
         stmt = select(Person.id).where(Person.name == Masked(name))
         cached, uncached = cached_and_uncached(Session, engine, stmt)
+        assert cached == uncached
+
+
+def on_two_connections(Session, prepare, stmt):
+    """``stmt``'s rows, cached then uncached, on each of two pooled connections ``prepare(session, i)`` set up.
+
+    Each connection is set up by a Session of its own, committed: the
+    Sessions that read afterwards have written nothing.
+    """
+    first, second = Session(), Session()
+    try:
+        for session in (first, second):
+            session.connection()  # two connections checked out at once
+        for number, session in enumerate((first, second)):
+            prepare(session, number)
+            session.commit()
+        return [
+            (session.execute(stmt.options(FromCache("memory"))).all(), session.execute(stmt).all())
+            for session in (first, second)
+        ]
+    finally:
+        first.close()
+        second.close()
+
+
+@pytest.fixture
+def tenant_files(tmp_path):
+    """Two SQLite files, each with an ``item`` table holding one row naming its tenant."""
+    paths = []
+    for tenant in ("a", "b"):
+        path = tmp_path / f"tenant_{tenant}.sqlite"
+        engine = create_engine(f"sqlite:///{path}")
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE item (id INTEGER PRIMARY KEY, name VARCHAR)")
+            conn.exec_driver_sql(f"INSERT INTO item VALUES (1, 'of {tenant}')")
+        engine.dispose()
+        paths.append(str(path))
+    return paths
+
+
+def test_a_database_attached_to_a_connection_keys_its_reads(Session, tenant_files):
+    """SQLite's ``ATTACH 'tenant_a.db' AS tenant`` shows a tenant's tables to one connection, as a search path does.
+
+    A connection that had attached tenant b was served the rows another,
+    attached to tenant a, stored under the same key.
+    """
+    item = Table("item", MetaData(), Column("id", Integer, primary_key=True), Column("name", String), schema="tenant")
+
+    def attach(session, number):
+        session.execute(text("ATTACH DATABASE :path AS tenant"), {"path": tenant_files[number]})
+
+    for cached, uncached in on_two_connections(Session, attach, select(item.c.name)):
+        assert cached == uncached
+
+
+def test_a_pragma_that_changes_what_a_connection_reads_keys_its_reads(Session):
+    """``PRAGMA case_sensitive_like = 1`` on one connection: its LIKE no longer matches across case."""
+
+    def case_sensitive(session, number):
+        session.execute(text(f"PRAGMA case_sensitive_like = {number}"))
+
+    stmt = select(Person.id).where(Person.name.like("PERSON 1"))
+    for cached, uncached in on_two_connections(Session, case_sensitive, stmt):
         assert cached == uncached
