@@ -7,7 +7,7 @@ a realistic sequence and asserts that both give the same rows.
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, select, text
+from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, create_engine, select, text
 from sqlalchemy.orm import Session as PlainSession
 
 from pyramid_sessioncache import FromCache
@@ -105,3 +105,21 @@ def test_a_pragma_that_changes_what_a_connection_reads_keys_its_reads(Session):
     stmt = select(Person.id).where(Person.name.like("PERSON 1"))
     for cached, uncached in on_two_connections(Session, case_sensitive, stmt):
         assert cached == uncached
+
+
+@pytest.mark.parametrize("region", ["local", "memory"])
+def test_values_given_by_params_are_keyed(Session, engine, region):
+    """``select(...).params(p=2)``: SQLAlchemy 2.1 keeps these values beside the bound ones, not in them.
+
+    Every ``.params()`` of one statement shared the key of its first, and
+    was served its rows: person 1's for ``p=2``.
+    """
+    base = select(Person.id, Person.name).where(Person.id == bindparam("p", 0))
+    with Session() as session:
+        for number in (1, 2):
+            cached = session.execute(base.params(p=number).options(FromCache(region))).all()
+            with PlainSession(engine) as plain:
+                assert cached == plain.execute(base.params(p=number)).all() == [(number, f"person {number}")]
+            assert session.execute(base.params(p=number).options(FromCache(region)), {"p": 3}).all() == [
+                (3, "person 3")
+            ]

@@ -13,7 +13,8 @@ a digest of four parts:
   by the object only); the text is memoized per structure, so a statement
   shape is described once.
 - every bound value, in statement order: ``execute()`` parameters first,
-  then the values bound in the statement (``LIMIT``/``OFFSET``, the members
+  then those the statement's ``.params()`` gave it, then the values bound in
+  the statement (``LIMIT``/``OFFSET``, the members
   of ``in_()`` lists).  Values of types that have no stable text (arbitrary
   objects) make the statement unkeyable.
 - the public execution options (``schema_translate_map``, ...).
@@ -662,6 +663,9 @@ class KeyMaker:
         structure = self.structure(cache_key, statement)
         if structure is None:
             return None
+        given = _sqlalchemy.statement_params(cache_key)
+        if given:
+            parameters = {**given, **(parameters or {})}
         parts = [structure, self.bind(bind)]
         if others:
             parts.append("binds:" + ",".join(sorted({self.bind(other) for other in others})))
