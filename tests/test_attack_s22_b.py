@@ -123,3 +123,26 @@ def test_values_given_by_params_are_keyed(Session, engine, region):
             assert session.execute(base.params(p=number).options(FromCache(region)), {"p": 3}).all() == [
                 (3, "person 3")
             ]
+
+
+@pytest.mark.parametrize(
+    "create",
+    [
+        "CREATE TABLE temp.person AS SELECT id, 'temporary' AS name FROM main.person",
+        "CREATE TABLE IF NOT EXISTS \"temp\" . person AS SELECT id, 'temporary' AS name FROM main.person",
+        "CREATE VIEW temp.person AS SELECT id, 'temporary' AS name FROM main.person",
+    ],
+)
+def test_a_table_created_in_sqlites_temp_schema_by_name_keeps_its_rows_to_its_connection(Session, create):
+    """``CREATE TABLE temp.person`` is SQLite's ``CREATE TEMP TABLE person``: it shadows ``person`` on one connection.
+
+    The other connection was served the rows of the temporary table, read
+    by the connection that made it.
+    """
+
+    def make(session, number):
+        if number:
+            session.execute(text(create))
+
+    for cached, uncached in on_two_connections(Session, make, select(Person.id, Person.name).where(Person.id == 1)):
+        assert cached == uncached

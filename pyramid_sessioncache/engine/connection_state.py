@@ -96,6 +96,7 @@ _LITERAL_CONFIG = re.compile(r"\bset_config\s*\(\s*'(?P<name>[^']*)'\s*,.*?,\s*(
 #: ``CREATE [GLOBAL|LOCAL] TEMP[ORARY] ...`` (``EXPLAIN ANALYZE`` runs one too), ``SELECT ... INTO TEMP``, or
 #: anything created in ``pg_temp`` by name (a view over a temporary table
 #: is temporary too, but that table made its connection's look-ups apart already).
+#: SQLite's ``temp`` schema named: see :data:`_CREATED_IN_SCHEMA`.
 _TEMPORARY_SQL = re.compile(
     r"\bcreate\b[^;]*?\b(?:temp|temporary)\s+(?:unlogged\s+)?(?:recursive\s+)?(?:table|view|sequence)\b"
     r"|\binto\s+(?:temp|temporary)\b|\bpg_temp\w*\s*\.",
@@ -176,7 +177,8 @@ def _temporary(statement: str) -> str | None:
             quoted = any(
                 cleaned.name(match.group(1)).lower().startswith("pg_temp") for match in _QUOTED_SCHEMA.finditer(part)
             )
-            if quoted:
+            created = _CREATED_IN_SCHEMA.search(part)
+            if quoted or (created and cleaned.name(created.group("schema")).lower() == "temp"):
                 return "made"
             found = _TEMPORARY_SQL.findall(part)
             if len(found) == 1 and found[0].lower().endswith("table") and _ON_COMMIT_DROP.search(part):
@@ -192,6 +194,11 @@ def _temporary(statement: str) -> str | None:
 
 #: A temporary table its transaction's end drops.
 _ON_COMMIT_DROP = re.compile(r"\bon\s+commit\s+drop\b", re.I)
+
+#: A table or view created in a schema named (SQLite's ``temp``: ``CREATE TABLE temp.person``).
+_CREATED_IN_SCHEMA = re.compile(
+    rf"\bcreate\b[^;]*?\b(?:table|view)\s+(?:if\s+not\s+exists\s+)?(?P<schema>{sqltext.NAME})\s*\.", re.I
+)
 
 #: A quoted name before a dot: a schema (``"pg_temp".person``).
 _QUOTED_SCHEMA = re.compile(r'("\d+")\s*\.')
