@@ -7,11 +7,13 @@ a realistic sequence and asserts that both give the same rows.
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, String, Table, bindparam, create_engine, select, text
+from sqlalchemy import Column, Integer, MetaData, Sequence, String, Table, bindparam, create_engine, func, select, text
 from sqlalchemy.orm import Session as PlainSession
+from sqlalchemy.orm import sessionmaker
 
-from pyramid_sessioncache import FromCache
+from pyramid_sessioncache import FromCache, SessionCache, cached_query
 
+from .conftest import SECRET
 from .models import Person
 
 
@@ -146,3 +148,28 @@ def test_a_table_created_in_sqlites_temp_schema_by_name_keeps_its_rows_to_its_co
 
     for cached, uncached in on_two_connections(Session, make, select(Person.id, Person.name).where(Person.id == 1)):
         assert cached == uncached
+
+
+@pytest.mark.parametrize(
+    "stmt",
+    [select(func.currval("numbers")), select(func.lastval()), text("SELECT currval('numbers')")],
+    ids=["currval", "lastval", "currval in text"],
+)
+def test_what_a_connection_drew_from_a_sequence_is_read_every_time(pg_database, stmt):
+    """``currval()`` and ``lastval()`` give the number this connection's last ``nextval()`` drew.
+
+    Drawing one is no write: nothing invalidated the first Session's
+    number, served to every later Session instead of its own.
+    """
+    engine = create_engine(pg_database)
+    try:
+        with engine.begin() as conn:
+            conn.execute(text("CREATE SEQUENCE numbers"))
+        cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET)
+        Session = sessionmaker(engine, info=cache.session_info())
+        for drawn in (1, 2):
+            with Session() as session:
+                assert session.execute(select(Sequence("numbers").next_value())).scalar() == drawn
+                assert cached_query(session, stmt, region="memory").scalar() == drawn
+    finally:
+        engine.dispose()
