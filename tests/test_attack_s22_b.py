@@ -6,6 +6,10 @@ a realistic sequence and asserts that both give the same rows.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Sequence, String, Table, bindparam, create_engine, func, select, text
 from sqlalchemy.orm import Session as PlainSession
@@ -44,6 +48,22 @@ def test_a_value_whose_repr_hides_it_is_keyed_by_its_value(Session, engine):
         stmt = select(Person.id).where(Person.name == Masked(name))
         cached, uncached = cached_and_uncached(Session, engine, stmt)
         assert cached == uncached
+
+
+def test_a_sqlalchemy_symbol_is_keyed_alike_in_every_process():
+    """``JSON.NULL`` is an ``int`` subclass whose value is a hash of its name: keyed by its value, no process shares a key."""
+    code = "from sqlalchemy import JSON; from pyramid_sessioncache.engine.keys import value_text; print(value_text(JSON.NULL))"
+    texts = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(texts) == 1
 
 
 def on_two_connections(Session, prepare, stmt):

@@ -526,9 +526,11 @@ def value_text(value: Any) -> str:
         text = f"{type(value).__name__}:{value!r}"
         if _ADDRESS.search(text):  # a subclass's repr with an address: not stable, and reused
             raise Unkeyable(value)
-        if type(value) not in _PLAIN_BASES:
+        if type(value) not in _PLAIN_BASES and not isinstance(value, int):
             # A subclass's repr may hide its value (a token masked for the
             # logs): the value as its plain type shows it says which it is.
+            # Not an int's: SQLAlchemy's symbols (JSON.NULL) are ints whose
+            # value is a hash, another in each process; their repr names them.
             text += ":" + _plain_repr(value)
         return text
     if isinstance(value, (list, tuple)):
