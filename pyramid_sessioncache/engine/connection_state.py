@@ -76,10 +76,13 @@ _CHANGING = ("set", "discard", "attach", "detach", "pragma")
 _ATTACH = re.compile(r"^attach\s+(?:database\s+)?.*\bas\s+(?P<name>\S+)$", re.S)
 _DETACH = re.compile(r"^detach\s+(?:database\s+)?(?P<name>\S+)$")
 _PRAGMA = re.compile(r"^pragma\s+(?P<name>[^\s=(]+)\s*(?P<value>[=(])?")
-#: Pragmas given an argument that read: their argument is what they describe.
-_READING_PRAGMAS = frozenset(
+#: Pragmas given a value that change nothing a query returns: those that read (their
+#: argument is what they describe), and the tuning an application sets on every connection.
+_NEUTRAL_PRAGMAS = frozenset(
     {"table_info", "table_xinfo", "table_list", "index_info", "index_xinfo", "index_list", "foreign_key_list",
-     "foreign_key_check", "integrity_check", "quick_check"}
+     "foreign_key_check", "integrity_check", "quick_check", "busy_timeout", "cache_size", "journal_mode",
+     "synchronous", "mmap_size", "temp_store", "wal_checkpoint", "wal_autocheckpoint", "optimize",
+     "incremental_vacuum"}
 )  # fmt: skip
 #: The settings of those statements (see :func:`_statement_change`), which a rollback leaves in force.
 _KEPT_AT_ROLLBACK = ("attach ", "pragma ", "*reset attach ")
@@ -258,8 +261,8 @@ def _sqlite_change(word: str, lowered: str, cleaned: sqltext.Cleaned) -> tuple[s
         if found is None:
             return (None, False)
         name = ".".join(cleaned.names(found.group("name"))).lower()
-        if not found.group("value") or name.rpartition(".")[2] in _READING_PRAGMAS:
-            return ("*none", False)  # a pragma read, not set
+        if not found.group("value") or name.rpartition(".")[2] in _NEUTRAL_PRAGMAS:
+            return ("*none", False)  # a pragma read, or one that changes no row
         return ("pragma " + name, False)
     found = (_ATTACH if word == "attach" else _DETACH).match(lowered)
     if found is None:
