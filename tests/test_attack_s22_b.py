@@ -193,3 +193,43 @@ def test_what_a_connection_drew_from_a_sequence_is_read_every_time(pg_database, 
                 assert cached_query(session, stmt, region="memory").scalar() == drawn
     finally:
         engine.dispose()
+
+
+WRITING_FUNCTIONS = """
+CREATE FUNCTION rename_person(i int, n text) RETURNS int LANGUAGE sql
+    AS $$ UPDATE person SET name = n WHERE id = i RETURNING id $$;
+CREATE FUNCTION archive(i int) RETURNS void LANGUAGE plpgsql
+    AS $$ BEGIN PERFORM rename_person(i, 'archived'); END $$;
+"""
+
+
+@pytest.mark.parametrize(
+    "call",
+    [select(func.rename_person(1, "renamed")), text("SELECT archive(1)")],
+    ids=["a function that writes", "a function that calls one"],
+)
+@pytest.mark.parametrize("region", ["memory", "redis"])
+def test_a_select_that_calls_a_function_that_writes_invalidates(pg_url, region_options, region, call, request):
+    """``SELECT rename_person(1, 'renamed')``: PostgreSQL runs the function's ``UPDATE``, in a SELECT.
+
+    Nothing was marked written: its commit left every entry of ``person``
+    as it was, served until it expired.
+    """
+    if region == "redis":
+        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
+    engine = create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(WRITING_FUNCTIONS)
+        Session = sessionmaker(engine, info=SessionCache(region_options, secret=SECRET).session_info())
+        stmt = select(Person.id, Person.name).where(Person.id <= 2).order_by(Person.id)
+        with Session() as session:
+            assert session.execute(stmt.options(FromCache(region))).all()[0] == (1, "person 1")
+        with Session() as session:
+            session.execute(call).all()
+            session.commit()
+        cached, uncached = cached_and_uncached(Session, engine, stmt, region)
+        assert cached == uncached
+        assert uncached[0] != (1, "person 1")
+    finally:
+        engine.dispose()
