@@ -233,3 +233,29 @@ def test_a_select_that_calls_a_function_that_writes_invalidates(pg_url, region_o
         assert uncached[0] != (1, "person 1")
     finally:
         engine.dispose()
+
+
+def test_a_table_renamed_to_a_name_read_further_down_the_search_path_invalidates(pg_database):
+    """``ALTER TABLE tenant.staging RENAME TO item``: ``item`` now names the tenant's table, before ``public.item``.
+
+    The schema change wrote ``staging`` (and what read SQL text), not
+    ``item``: what read ``public.item`` was served after the rename.
+    """
+    engine = create_engine(pg_database, connect_args={"options": "-csearch_path=tenant,public"})
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE SCHEMA tenant; CREATE TABLE public.item (id int, name text); "
+                "INSERT INTO public.item VALUES (1, 'public'); CREATE TABLE tenant.staging (id int, name text); "
+                "INSERT INTO tenant.staging VALUES (1, 'tenant')"
+            )
+        Session = sessionmaker(engine, info=SessionCache({"memory": {"type": "memory"}}, secret=SECRET).session_info())
+        item = Table("item", MetaData(), Column("id", Integer), Column("name", String))
+        with Session() as session:
+            assert session.execute(select(item.c.name).options(FromCache("memory"))).all() == [("public",)]
+        with Session() as session:
+            session.execute(text("ALTER TABLE tenant.staging RENAME TO item"))
+            session.commit()
+        assert cached_and_uncached(Session, engine, select(item.c.name)) == ([("tenant",)], [("tenant",)])
+    finally:
+        engine.dispose()
