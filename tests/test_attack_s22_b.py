@@ -17,7 +17,7 @@ from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache, cached_query
 
-from .conftest import SECRET
+from .conftest import SECRET, SQLCounter
 from .models import Person
 
 
@@ -257,5 +257,39 @@ def test_a_table_renamed_to_a_name_read_further_down_the_search_path_invalidates
             session.execute(text("ALTER TABLE tenant.staging RENAME TO item"))
             session.commit()
         assert cached_and_uncached(Session, engine, select(item.c.name)) == ([("tenant",)], [("tenant",)])
+    finally:
+        engine.dispose()
+
+
+READING_FUNCTIONS = """
+CREATE FUNCTION count_of(t text) RETURNS bigint LANGUAGE plpgsql
+    AS $$ DECLARE n bigint; BEGIN EXECUTE format('SELECT count(*) FROM %%I', t) INTO n; RETURN n; END $$;
+CREATE FUNCTION locked_name(i int) RETURNS text LANGUAGE sql
+    AS $$ SELECT name FROM person WHERE id = i FOR UPDATE $$;
+"""
+
+
+@pytest.mark.parametrize("call", ["SELECT count_of('person')", "SELECT locked_name(1)"])
+def test_a_function_that_only_reads_writes_nothing(pg_url, call):
+    """A dynamic read (``EXECUTE format('SELECT ...')``) or a locking read in a function is no write.
+
+    Counted as one, each request calling it would invalidate every entry
+    of every shared region when it commits.
+    """
+    engine = create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(READING_FUNCTIONS)
+        Session = sessionmaker(engine, info=SessionCache({"memory": {"type": "memory"}}, secret=SECRET).session_info())
+        stmt = select(Person.name).where(Person.id == 1).options(FromCache("memory"))
+        with Session() as session:
+            session.execute(stmt).all()
+        with Session() as session:
+            session.execute(text(call)).all()
+            session.commit()
+        sql = SQLCounter(engine)
+        with Session() as session:
+            assert session.execute(stmt).all() == [("person 1",)]
+        assert sql.count == 0
     finally:
         engine.dispose()

@@ -287,7 +287,7 @@ class _Schema:
             cursor.close()
         routines = _routines_pattern([(name, operator) for name, operator, _, _ in rows])
         setters = _calling(rows, {(name, operator) for name, operator, sets, _ in rows if sets})
-        writers = _calling(rows, {(name, operator) for name, operator, _, source in rows if _WRITES.search(source)})
+        writers = _calling(rows, {(name, operator) for name, operator, _, source in rows if _writes(source)})
         return Catalog(edges, opaque, routines, _routines_pattern(setters), _routines_pattern(writers, called=True))
 
 
@@ -339,8 +339,16 @@ def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     return tables
 
 
-#: What a routine's source may write by: DML, a procedure called, SQL run from a string.
-_WRITES = re.compile(r"\b(?:insert|update|delete|merge|truncate|copy|call|execute|refresh)\b", re.I)
+#: What a routine's source may write by: DML (in SQL run from a string too), a procedure called.
+#: Not ``EXECUTE`` alone: a dynamic read must not make every call write every table.
+_WRITES = re.compile(r"\b(?:insert|update|delete|merge|truncate|copy|call|refresh)\b", re.I)
+#: A locking read, which writes nothing.
+_LOCKS = re.compile(r"\bfor\s+(?:no\s+key\s+)?update\b", re.I)
+
+
+def _writes(source: str) -> bool:
+    """Whether a routine's ``source`` may write."""
+    return _WRITES.search(_LOCKS.sub(" ", source)) is not None
 
 
 def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool]]) -> list[tuple[str, bool]]:
