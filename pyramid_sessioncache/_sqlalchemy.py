@@ -40,6 +40,16 @@ def cache_key(statement: Any) -> Any:
     return statement._generate_cache_key()
 
 
+def statement_params(cache_key: Any) -> Mapping[str, Any]:
+    """The values ``select(...).params(p=2)`` gave the statement keyed by ``cache_key``.
+
+    2.1 keeps them apart from its bound values (``CacheKey.params``), and
+    ``execute()``'s parameters override them; 2.0 writes them into the
+    bound values themselves, and has no such field.
+    """
+    return getattr(cache_key, "params", None) or {}
+
+
 #: What ``type_cache_key()`` returns for a type whose instances cannot be
 #: told apart (a ``TypeDecorator`` with ``cache_ok = False``; 2.0, 2.1).
 NO_CACHE = cache_key_module.NO_CACHE

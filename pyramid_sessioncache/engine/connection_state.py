@@ -16,7 +16,8 @@ and it is served nothing another stored.
 
 Every statement a connection of the process runs is seen
 (``after_cursor_execute``); those that change a setting (``SET``,
-``RESET``, ``set_config(...)``) are kept per DBAPI connection: the
+``RESET``, ``set_config(...)``; SQLite's ``ATTACH``, ``DETACH`` and a
+``PRAGMA`` that sets) are kept per DBAPI connection: the
 session's settings as long as the connection lives, ``SET LOCAL`` (and
 every setting made inside a transaction) until the transaction ends.  A
 look-up on a connection with settings adds them to its key
@@ -66,7 +67,25 @@ _BEFORE = "sessioncache.settings_before"
 _ENDS_SQL = re.compile(r"\b(?:commit|end|prepare|rollback|abort)\b")
 
 #: Words that change settings when they start a statement.
-_FIRST_WORDS = frozenset({"set", "reset", "discard"})
+_FIRST_WORDS = frozenset({"set", "reset", "discard", "attach", "detach", "pragma"})
+#: What a statement that changes a setting holds ("reset" holds "set").
+_CHANGING = ("set", "discard", "attach", "detach", "pragma")
+#: SQLite's: a database attached under a schema name (``ATTACH 'tenant_a.db' AS tenant``)
+#: shows its tables to this connection alone, and a ``PRAGMA`` (``case_sensitive_like``) changes
+#: what its queries return; no rollback undoes either.
+_ATTACH = re.compile(r"^attach\s+(?:database\s+)?.*\bas\s+(?P<name>\S+)$", re.S)
+_DETACH = re.compile(r"^detach\s+(?:database\s+)?(?P<name>\S+)$")
+_PRAGMA = re.compile(r"^pragma\s+(?P<name>[^\s=(]+)\s*(?P<value>[=(])?")
+#: Pragmas given a value that change nothing a query returns: those that read (their
+#: argument is what they describe), and the tuning an application sets on every connection.
+_NEUTRAL_PRAGMAS = frozenset(
+    {"table_info", "table_xinfo", "table_list", "index_info", "index_xinfo", "index_list", "foreign_key_list",
+     "foreign_key_check", "integrity_check", "quick_check", "busy_timeout", "cache_size", "journal_mode",
+     "synchronous", "mmap_size", "temp_store", "wal_checkpoint", "wal_autocheckpoint", "optimize",
+     "incremental_vacuum"}
+)  # fmt: skip
+#: The settings of those statements (see :func:`_statement_change`), which a rollback leaves in force.
+_KEPT_AT_ROLLBACK = ("attach ", "pragma ", "*reset attach ")
 _SET = re.compile(r"^set\s+(?:(?P<scope>session|local)\s+)?(?P<rest>.*)$", re.I | re.S)
 _TWO_WORDS = ("session authorization", "time zone", "transaction isolation", "xml option")
 #: A SET, RESET or DISCARD that starts a statement of a ``DO`` block's code, or of a string it EXECUTEs.
@@ -80,6 +99,7 @@ _LITERAL_CONFIG = re.compile(r"\bset_config\s*\(\s*'(?P<name>[^']*)'\s*,.*?,\s*(
 #: ``CREATE [GLOBAL|LOCAL] TEMP[ORARY] ...`` (``EXPLAIN ANALYZE`` runs one too), ``SELECT ... INTO TEMP``, or
 #: anything created in ``pg_temp`` by name (a view over a temporary table
 #: is temporary too, but that table made its connection's look-ups apart already).
+#: SQLite's ``temp`` schema named: see :data:`_CREATED_IN_SCHEMA`.
 _TEMPORARY_SQL = re.compile(
     r"\bcreate\b[^;]*?\b(?:temp|temporary)\s+(?:unlogged\s+)?(?:recursive\s+)?(?:table|view|sequence)\b"
     r"|\binto\s+(?:temp|temporary)\b|\bpg_temp\w*\s*\.",
@@ -116,7 +136,7 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
     if "temp" in lowered:
         _note_temporary(conn, statement)
     # SET, RESET, set_config(), DISCARD; else a function of the database's own that changes settings.
-    changes = _changes(statement) if "set" in lowered or "discard" in lowered else ()
+    changes = _changes(statement) if any(word in lowered for word in _CHANGING) else ()
     if not changes and "(" in statement and _calls_a_setter(conn, statement):
         changes = ((None, False),)
     if not changes:
@@ -127,7 +147,8 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
         if name is None:  # what it changes, or for how long, cannot be told
             info[_UNKNOWN] = True
             continue
-        _apply(info, name, f"{statement}|{parameters!r}", local, in_transaction, conn)
+        undone = in_transaction and not name.startswith(_KEPT_AT_ROLLBACK)
+        _apply(info, name, f"{statement}|{parameters!r}", local, undone, conn)
 
 
 def _note_temporary(conn: Any, statement: str) -> None:
@@ -159,7 +180,8 @@ def _temporary(statement: str) -> str | None:
             quoted = any(
                 cleaned.name(match.group(1)).lower().startswith("pg_temp") for match in _QUOTED_SCHEMA.finditer(part)
             )
-            if quoted:
+            created = _CREATED_IN_SCHEMA.search(part)
+            if quoted or (created and cleaned.name(created.group("schema")).lower() == "temp"):
                 return "made"
             found = _TEMPORARY_SQL.findall(part)
             if len(found) == 1 and found[0].lower().endswith("table") and _ON_COMMIT_DROP.search(part):
@@ -175,6 +197,11 @@ def _temporary(statement: str) -> str | None:
 
 #: A temporary table its transaction's end drops.
 _ON_COMMIT_DROP = re.compile(r"\bon\s+commit\s+drop\b", re.I)
+
+#: A table or view created in a schema named (SQLite's ``temp``: ``CREATE TABLE temp.person``).
+_CREATED_IN_SCHEMA = re.compile(
+    rf"\bcreate\b[^;]*?\b(?:table|view)\s+(?:if\s+not\s+exists\s+)?(?P<schema>{sqltext.NAME})\s*\.", re.I
+)
 
 #: A quoted name before a dot: a schema (``"pg_temp".person``).
 _QUOTED_SCHEMA = re.compile(r'("\d+")\s*\.')
@@ -214,6 +241,8 @@ def _changes(statement: str) -> tuple[tuple[str | None, bool], ...]:
 
 def _statement_change(word: str, text: str, cleaned: sqltext.Cleaned) -> tuple[str | None, bool]:
     lowered = " ".join(text.lower().split())
+    if word in ("attach", "detach", "pragma"):
+        return _sqlite_change(word, lowered, cleaned)
     if word == "discard":
         return ("*all", False) if lowered.startswith("discard all") else ("*none", False)
     if word == "reset":
@@ -223,6 +252,23 @@ def _statement_change(word: str, text: str, cleaned: sqltext.Cleaned) -> tuple[s
     if found is None:
         return (None, False)
     return _name_of(found.group("rest"), cleaned), found.group("scope") == "local"
+
+
+def _sqlite_change(word: str, lowered: str, cleaned: sqltext.Cleaned) -> tuple[str | None, bool]:
+    # Schema names are read in any case, quoted or not.
+    if word == "pragma":
+        found = _PRAGMA.match(lowered)
+        if found is None:
+            return (None, False)
+        name = ".".join(cleaned.names(found.group("name"))).lower()
+        if not found.group("value") or name.rpartition(".")[2] in _NEUTRAL_PRAGMAS:
+            return ("*none", False)  # a pragma read, or one that changes no row
+        return ("pragma " + name, False)
+    found = (_ATTACH if word == "attach" else _DETACH).match(lowered)
+    if found is None:
+        return (None, False)
+    name = "attach " + cleaned.name(found.group("name")).lower()
+    return (name if word == "attach" else "*reset " + name), False
 
 
 #: The one name of a setting PostgreSQL also takes under another: the last

@@ -13,7 +13,8 @@ a digest of four parts:
   by the object only); the text is memoized per structure, so a statement
   shape is described once.
 - every bound value, in statement order: ``execute()`` parameters first,
-  then the values bound in the statement (``LIMIT``/``OFFSET``, the members
+  then those the statement's ``.params()`` gave it, then the values bound in
+  the statement (``LIMIT``/``OFFSET``, the members
   of ``in_()`` lists).  Values of types that have no stable text (arbitrary
   objects) make the statement unkeyable.
 - the public execution options (``schema_translate_map``, ...).
@@ -100,8 +101,10 @@ LOCKING_SQL = re.compile(
 #: Functions called for what they do as much as for what they return: a
 #: sequence advanced, a lock taken, a setting made, a notification sent.
 #: A hit would do none of it, so a statement that calls one runs every time.
+#: So does one that reads what its connection's own calls did (``currval()``,
+#: ``lastval()``: the number its last ``nextval()`` drew, which no write publishes).
 EFFECT_FUNCTIONS = frozenset(
-    {"nextval", "setval", "set_config", "pg_notify", "txid_current", "pg_current_xact_id", "lo_create", "lo_import",
+    {"nextval", "setval", "currval", "lastval", "set_config", "pg_notify", "txid_current", "pg_current_xact_id", "lo_create", "lo_import",
      "lo_unlink", "lo_put", "lo_from_bytea", "pg_advisory_lock", "pg_advisory_lock_shared", "pg_advisory_xact_lock",
      "pg_advisory_xact_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
      "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared", "pg_advisory_unlock",
@@ -523,6 +526,12 @@ def value_text(value: Any) -> str:
         text = f"{type(value).__name__}:{value!r}"
         if _ADDRESS.search(text):  # a subclass's repr with an address: not stable, and reused
             raise Unkeyable(value)
+        if type(value) not in _PLAIN_BASES and not isinstance(value, int):
+            # A subclass's repr may hide its value (a token masked for the
+            # logs): the value as its plain type shows it says which it is.
+            # Not an int's: SQLAlchemy's symbols (JSON.NULL) are ints whose
+            # value is a hash, another in each process; their repr names them.
+            text += ":" + _plain_repr(value)
         return text
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(value_text(item) for item in value) + "]"
@@ -531,6 +540,16 @@ def value_text(value: Any) -> str:
     if isinstance(value, Mapping):
         return "{" + ",".join(sorted(f"{value_text(k)}:{value_text(v)}" for k, v in value.items())) + "}"
     raise Unkeyable(value)
+
+
+#: The types of :data:`_PLAIN`, each before those it is the base of (a ``datetime`` is a ``date``).
+_PLAIN_BASES = (datetime.datetime, *_PLAIN)
+
+
+def _plain_repr(value: Any) -> str:
+    """The repr of ``value``, an instance of a subclass of a :data:`_PLAIN` type, as that type makes it."""
+    base = next(base for base in _PLAIN_BASES if isinstance(value, base))
+    return base.__repr__(value)
 
 
 def _aware_text(value: datetime.datetime | datetime.time) -> str:
@@ -648,6 +667,9 @@ class KeyMaker:
         structure = self.structure(cache_key, statement)
         if structure is None:
             return None
+        given = _sqlalchemy.statement_params(cache_key)
+        if given:
+            parameters = {**given, **(parameters or {})}
         parts = [structure, self.bind(bind)]
         if others:
             parts.append("binds:" + ",".join(sorted({self.bind(other) for other in others})))

@@ -15,6 +15,8 @@ Some relations read tables the catalog cannot name: a view that calls a
 function of the database's own (its body may read any table), a table
 whose row-level security policy does.  A result that read one of them
 depends on :data:`~.reads.ANY_TABLE`, as SQL text does (:func:`depends_on`).
+A function whose body writes may be called by a SELECT: such a statement
+writes every table (:func:`calls_writers`).
 
 The catalog of a database is read once, at the first write or miss that
 needs it, and kept per database (:func:`~pyramid_sessioncache.engine.identity.database_identity`),
@@ -197,7 +199,9 @@ class Catalog:
     ``opaque``: relations that read tables the catalog cannot name,
     and those that show their rows (views over them, their parents).
     ``routines``: what finds, in SQL, the name of a function or an
-    operator of the database's own (:data:`POSTGRESQL_ROUTINES`), or None.
+    operator of the database's own (:data:`POSTGRESQL_ROUTINES`), or None;
+    ``setters`` and ``writers``: a call of one that changes a setting, or
+    that writes (or of one that calls such a function).
     """
 
     def __init__(
@@ -206,11 +210,13 @@ class Catalog:
         opaque: frozenset[str],
         routines: re.Pattern[str] | None = None,
         setters: re.Pattern[str] | None = None,
+        writers: re.Pattern[str] | None = None,
     ) -> None:
         self.edges = edges
         self.opaque = opaque
         self.routines = routines
         self.setters = setters
+        self.writers = writers
 
 
 _NO_CATALOG = Catalog({}, frozenset())
@@ -280,7 +286,9 @@ class _Schema:
         finally:
             cursor.close()
         routines = _routines_pattern([(name, operator) for name, operator, _, _ in rows])
-        return Catalog(edges, opaque, routines, _routines_pattern(_setters(rows)))
+        setters = _calling(rows, {(name, operator) for name, operator, sets, _ in rows if sets})
+        writers = _calling(rows, {(name, operator) for name, operator, _, source in rows if _writes(source)})
+        return Catalog(edges, opaque, routines, _routines_pattern(setters), _routines_pattern(writers, called=True))
 
 
 _schema = _Schema()
@@ -331,9 +339,20 @@ def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     return tables
 
 
-def _setters(rows: list[tuple[str, bool, bool, str]]) -> list[tuple[str, bool]]:
-    """The routines of ``rows`` that change a setting, or call one that does (at any depth)."""
-    found = {(name, operator) for name, operator, sets, _ in rows if sets}
+#: What a routine's source may write by: DML (in SQL run from a string too), a procedure called.
+#: Not ``EXECUTE`` alone: a dynamic read must not make every call write every table.
+_WRITES = re.compile(r"\b(?:insert|update|delete|merge|truncate|copy|call|refresh)\b", re.I)
+#: A locking read, which writes nothing.
+_LOCKS = re.compile(r"\bfor\s+(?:no\s+key\s+)?update\b", re.I)
+
+
+def _writes(source: str) -> bool:
+    """Whether a routine's ``source`` may write."""
+    return _WRITES.search(_LOCKS.sub(" ", source)) is not None
+
+
+def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool]]) -> list[tuple[str, bool]]:
+    """The routines ``found`` among ``rows``, and those that call one of them (at any depth)."""
     while True:
         calls = _routines_pattern([(name, False) for name, operator in found if not operator])
         if calls is None:
@@ -348,12 +367,15 @@ def _setters(rows: list[tuple[str, bool, bool, str]]) -> list[tuple[str, bool]]:
         found |= more
 
 
-def _routines_pattern(rows: list[tuple[str, bool]]) -> re.Pattern[str] | None:
+def _routines_pattern(rows: list[tuple[str, bool]], called: bool = False) -> re.Pattern[str] | None:
     # A function by its name as a word (any case: unquoted names fold), an
-    # operator by its symbols; the longest first.
+    # operator by its symbols; the longest first.  ``called``: a function
+    # only by its name before "(", quoted or not (a column spelt like it
+    # calls nothing).
     names = sorted({name for name, operator in rows if not operator}, key=len, reverse=True)
     operators = sorted({name for name, operator in rows if operator}, key=len, reverse=True)
-    parts = [rf"(?<![\w$]){re.escape(name)}(?![\w$])" for name in names] + [re.escape(op) for op in operators]
+    end = r'"?\s*\(' if called else r"(?![\w$])"
+    parts = [rf"(?<![\w$]){re.escape(name)}{end}" for name in names] + [re.escape(op) for op in operators]
     return re.compile("|".join(parts), re.I) if parts else None
 
 
@@ -369,6 +391,18 @@ def calls_routines(conn: Any, sql: str) -> bool:
         return False
     routines = _schema.catalog(conn).routines
     return routines is not None and routines.search(sql) is not None
+
+
+def calls_writers(conn: Any, sql: str) -> bool:
+    """Whether ``sql``, run on ``conn``, may call a function of the database's own that writes.
+
+    What its body writes is not read here (SQL run from a string, a
+    procedure): such a statement, a SELECT included, writes every table.
+    """
+    if conn.dialect.name != "postgresql" or "(" not in sql:
+        return False
+    writers = _schema.catalog(conn).writers
+    return writers is not None and writers.search(sql) is not None
 
 
 def calls_setters(conn: Any, sql: str) -> bool:

@@ -120,6 +120,8 @@ _TARGETS = re.compile(
     rf"|(?:drop|alter)\s+(?:materialized\s+)?(?:table|view)\s+(?:if\s+exists\s+)?(?:only\s+)?(?P<ddl>{_QUALIFIED}(?:\s*,\s*{_QUALIFIED})*)"
     rf"|create\s+(?:or\s+replace\s+)?(?:(?:temp|temporary|recursive)\s+)?(?:materialized\s+)?view\s+(?:if\s+not\s+exists\s+)?(?P<view>{_QUALIFIED})"
     rf"|refresh\s+materialized\s+view\s+(?:concurrently\s+)?(?P<refresh>{_QUALIFIED})"
+    # A table or view renamed: what its new name showed before (another schema's, further down the search path).
+    rf"|rename\s+to\s+(?P<renamed>{_QUALIFIED})"
     r")",
     re.I,
 )
