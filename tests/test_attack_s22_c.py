@@ -14,7 +14,7 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import make_url, select
+from sqlalchemy import create_engine, make_url, select
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import SessionCache, cached_query
@@ -123,3 +123,41 @@ def test_a_commit_elsewhere_while_redis_refuses_writes_but_answers_reads_is_neve
             assert cached_query(session, stmt, region="r").scalar_one() == "committed elsewhere"
     finally:
         cache.close()
+
+
+# -- PostgreSQL LISTEN/NOTIFY ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("role", ["origin", "replica"])
+def test_another_clients_write_under_any_replication_role_is_heard(pg_url, role):
+    """A bulk load run with ``session_replication_role = replica`` (to skip foreign-key checks) writes too.
+
+    So does a logical-replication subscriber's apply worker, which runs as
+    ``replica``: triggers left at their default (``ENABLE``) do not fire
+    then, so a cached read of what it wrote stayed as it was for good.
+    """
+    import psycopg
+
+    from pyramid_sessioncache.engine.invalidation.notify import dsn_of, install_triggers
+
+    engine = create_engine(pg_url)
+    with engine.begin() as connection:
+        install_triggers(connection)
+    cache = SessionCache({"memory": {"type": "memory"}})
+    Session = sessionmaker(engine, info=cache.session_info())
+    stmt = select(Person.name).where(Person.id == 1)
+
+    def cached() -> str:
+        with Session() as session:
+            return cached_query(session, stmt, region="memory").scalar_one()
+
+    try:
+        cache.listen(engine)
+        assert cached() == "person 1"  # stored
+        with psycopg.connect(dsn_of(engine)) as other:
+            other.execute(f"SET session_replication_role = {role}")
+            other.execute("UPDATE person SET name = 'loaded' WHERE id = 1")
+        assert _until(lambda: cached() == "loaded", timeout=5.0), "the write was never heard"
+    finally:
+        cache.close()
+        engine.dispose()

@@ -3,7 +3,9 @@
 An opt-in mode for writes no connection of this process sees: ``psql``,
 another application, a program in another language, a raw DBAPI cursor.
 :func:`install_triggers` puts a statement-level ``AFTER INSERT OR UPDATE
-OR DELETE OR TRUNCATE`` trigger on every table of a schema; each calls
+OR DELETE OR TRUNCATE`` trigger on every table of a schema, enabled
+``ALWAYS`` (it fires under ``session_replication_role = replica`` too, as
+a bulk load or a logical-replication subscriber writes); each calls
 ``pg_notify(channel, table name)``.  A :class:`Listener` holds one
 connection that ``LISTEN``\\ s on the channel, in a thread of its own, and
 hands the names of the tables written to a callback, which invalidates
@@ -190,7 +192,7 @@ def install_triggers(connection: Connection, schema: str = "public", channel: st
     Creates the function ``<schema>.sessioncache_notify()`` and, on every
     ordinary and partitioned table of ``schema`` (partitions included), a
     trigger of that name, ``FOR EACH STATEMENT`` ``AFTER INSERT OR UPDATE
-    OR DELETE OR TRUNCATE``.  Idempotent: a table whose trigger is already
+    OR DELETE OR TRUNCATE``, enabled ``ALWAYS``.  Idempotent: a table whose trigger is already
     as it should be is left alone (no lock taken on it), so running it
     again, at every deployment say, changes nothing; run it again after
     creating a table or a view, or attaching a partition.  A table has
@@ -225,6 +227,9 @@ def install_triggers(connection: Connection, schema: str = "public", channel: st
             f" AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON {table}"
             f" FOR EACH STATEMENT EXECUTE FUNCTION {function}({', '.join(map(_literal, args))})",
         )
+        # Fired under session_replication_role = replica too: a bulk load
+        # that skips foreign-key checks, a logical-replication subscriber.
+        _ddl(connection, f"ALTER TABLE {table} ENABLE ALWAYS TRIGGER {_identifier(TRIGGER)}")
     return sorted(tables)
 
 
@@ -297,14 +302,15 @@ def _ensure_function(connection: Connection, schema: str) -> None:
 def _triggers(connection: Connection, schema: str) -> Iterator[tuple[str, tuple[str, ...], bool, bool]]:
     """``(table, args, sound, ours)`` for each trigger named ours on the tables of ``schema``.
 
-    ``sound``: of the right kind, enabled, without WHEN; ``ours``: it runs
-    the schema's function.
+    ``sound``: of the right kind, enabled always (whatever the
+    ``session_replication_role``), without WHEN; ``ours``: it runs the
+    schema's function.
     """
     rows = connection.execute(_TRIGGERS, {"schema": schema, "trigger": TRIGGER})
     for name, kind, enabled, unconditional, raw_args, ours in rows:
         # tgargs holds each argument followed by a NUL byte.
         args = tuple(arg.decode("utf-8", "replace") for arg in bytes(raw_args).split(b"\x00")[:-1])
-        sound = kind == _TRIGGER_TYPE and enabled in ("O", "A") and bool(unconditional)
+        sound = kind == _TRIGGER_TYPE and enabled == "A" and bool(unconditional)
         yield name, args, sound, bool(ours)
 
 
