@@ -161,3 +161,50 @@ def test_another_clients_write_under_any_replication_role_is_heard(pg_url, role)
     finally:
         cache.close()
         engine.dispose()
+
+
+def test_a_forked_worker_hears_another_clients_writes(pg_url):
+    """A preloading server (uwsgi's default, gunicorn --preload) forks workers after the listener started.
+
+    The listening thread stays in the parent: a worker never heard
+    another client's commit, and served what it cached before it for good.
+    """
+    import psycopg
+
+    from pyramid_sessioncache.engine.invalidation.notify import dsn_of, install_triggers
+
+    engine = create_engine(pg_url)
+    with engine.begin() as connection:
+        install_triggers(connection)
+    cache = SessionCache({"memory": {"type": "memory"}})
+    Session = sessionmaker(engine, info=cache.session_info())
+    stmt = select(Person.name).where(Person.id == 1)
+
+    def cached() -> str:
+        with Session() as session:
+            return cached_query(session, stmt, region="memory").scalar_one()
+
+    try:
+        cache.listen(engine)
+        pid = os.fork()
+        if pid == 0:  # the worker
+            status = 1
+            try:
+                engine.dispose(close=False)  # the parent's pooled connections are the parent's
+                if cached() == "person 1":  # stored
+                    with psycopg.connect(dsn_of(engine)) as other:
+                        other.execute("UPDATE person SET name = 'written elsewhere' WHERE id = 1")
+                    status = 0 if _until(lambda: cached() == "written elsewhere", timeout=5.0) else 2
+            finally:
+                os._exit(status)
+        deadline = time.monotonic() + 30
+        while (done := os.waitpid(pid, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if done[0] == 0:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the worker did not finish")
+        assert os.waitstatus_to_exitcode(done[1]) == 0, "the worker served the row as it was before the write"
+    finally:
+        cache.close()
+        engine.dispose()

@@ -94,8 +94,10 @@ whatever driver the engine uses.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -387,7 +389,9 @@ class Listener:
     run in the listener's thread, one at a time; an exception they raise
     is logged, and listening goes on.  A lost connection is logged as a
     warning, then made again after a delay that doubles from
-    ``retry[0]`` to ``retry[1]`` seconds while attempts fail.
+    ``retry[0]`` to ``retry[1]`` seconds while attempts fail.  In a
+    forked child (a preloading server's worker), a started listener
+    listens again on a connection of its own, then calls ``on_lost``.
 
     :param dsn: a libpq connection string or URI (see :func:`dsn_of`);
         its own parameters win over the listener's defaults (TCP
@@ -468,8 +472,8 @@ class Listener:
         if self._thread is not None:
             raise RuntimeError("this Listener was started already; make a new one")
         _psycopg()  # a missing driver fails here, not in the thread
-        self._thread = threading.Thread(target=self._run, name=f"sessioncache-listener:{self.channel}", daemon=True)
-        self._thread.start()
+        self._spawn()
+        _running.add(self)
         if wait is not None and not self._connected.wait(wait):
             with self._first:
                 self._late = not self._connected.is_set()
@@ -482,11 +486,30 @@ class Listener:
         an attempt to connect is under way.
         """
         self._stopping.set()
+        _running.discard(self)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():
                 log.warning("the sessioncache listener did not stop within %.1f s", timeout)
+
+    def _spawn(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"sessioncache-listener:{self.channel}", daemon=True)
+        self._thread.start()
+
+    def _forked(self) -> None:
+        """Listen again in a forked child, on a connection of its own; ``on_lost`` once ``LISTEN`` is in place.
+
+        The thread stayed in the parent, with its connection (whose socket
+        the child must leave alone), and what committed since the fork was
+        heard by the parent only.
+        """
+        self._stopping = threading.Event()
+        self._first = threading.Lock()
+        self._connected = threading.Event()
+        self._backend_pid = None
+        self._late = True
+        self._spawn()
 
     def __enter__(self) -> Listener:
         return self.start()
@@ -577,6 +600,21 @@ class Listener:
             callback(*args)
         except Exception:
             log.exception("sessioncache listener on %r: %r failed", self.channel, callback)
+
+
+#: The listeners started in this process and not stopped.
+_running: weakref.WeakSet[Listener] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    # A preloading server (uwsgi, gunicorn --preload) forks its workers after
+    # the application started listening: each worker listens for itself.
+    for listener in list(_running):
+        listener._forked()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _first_line(error: Exception) -> str:
