@@ -208,3 +208,40 @@ def test_a_forked_worker_hears_another_clients_writes(pg_url):
     finally:
         cache.close()
         engine.dispose()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a commit's bump that failed while Redis was down is kept by its process and written at that "
+    "process's next commit or use of the region only: a process that stays idle (or a script that "
+    "exits) never writes it, and every other process serves what that commit changed once Redis "
+    "(restarted with its data) answers again. A fix needs the kept bump retried in the background "
+    "(a thread per failing region, quiet while the outage lasts) or kept outside the process.",
+)
+def test_a_commit_during_an_outage_by_a_process_then_idle_is_never_served_stale_after_it(engine, db_url):
+    """Another process commits while Redis is down, then serves nothing; Redis comes back with its data."""
+    from .test_faults import RedisOnPort
+
+    server = RedisOnPort()
+    server.start()
+    cache = SessionCache({"r": {"type": "ext:redis", "url": server.url}}, retry_after=0.2, secret=SECRET)
+    Session = sessionmaker(engine, info=cache.session_info())
+    stmt = select(Person.name).where(Person.id == 1)
+    # The other process: its own regions (its commits reach no cache of this process).
+    elsewhere = CacheRegions({"r": {"type": "ext:redis", "url": server.url}}, retry_after=0.2, secret=SECRET.encode())
+    try:
+        with Session() as session:
+            assert cached_query(session, stmt, region="r").scalar_one() == "person 1"  # stored
+        server.stop()  # saves its data
+        with sqlite3.connect(make_url(db_url).database) as other:
+            other.execute("UPDATE person SET name = 'committed during the outage' WHERE id = 1")
+        elsewhere["r"].bump({version_name(Person.__table__), "*"})
+        assert elsewhere["r"].unpublished  # kept: Redis is down
+        server.start()
+        time.sleep(1.0)  # five times retry_after: the other process stays idle
+        with Session() as session:
+            assert cached_query(session, stmt, region="r").scalar_one() == "committed during the outage"
+    finally:
+        cache.close()
+        if server.server is not None:
+            server.stop()
