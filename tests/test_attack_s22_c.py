@@ -245,3 +245,38 @@ def test_a_commit_during_an_outage_by_a_process_then_idle_is_never_served_stale_
         cache.close()
         if server.server is not None:
             server.stop()
+
+
+# -- processes of two releases sharing a region ------------------------------------------
+
+
+def test_a_commit_in_a_process_of_the_previous_release_invalidates_the_new_releases_entries(
+    engine, db_url, redis_url, monkeypatch
+):
+    """A rolling deploy whose release changed the stored format (``FORMAT``): both kinds of process commit.
+
+    Entries of two formats live apart, as they must; their table versions
+    lived apart too, so the previous release's commits (its processes serve
+    until the deploy ends) never invalidated the new release's entries,
+    which kept the rows as they were after the deploy, until they expired.
+    """
+    from pyramid_sessioncache.storage import region as region_module
+
+    cache = SessionCache({"r": {"type": "ext:redis", "url": redis_url}}, secret=SECRET)
+    Session = sessionmaker(engine, info=cache.session_info())
+    stmt = select(Person.name).where(Person.id == 1)
+    with monkeypatch.context() as previous_release:
+        previous_release.setattr(region_module, "FORMAT", "v2")
+        old = CacheRegions({"r": {"type": "ext:redis", "url": redis_url}}, secret=SECRET.encode())["r"]
+    assert old.namespace_name != cache.region("r").namespace_name  # entries apart
+    try:
+        with Session() as session:
+            assert cached_query(session, stmt, region="r").scalar_one() == "person 1"  # stored
+        with sqlite3.connect(make_url(db_url).database) as other:  # a process of the previous release commits
+            other.execute("UPDATE person SET name = 'committed by the previous release' WHERE id = 1")
+        old.bump({version_name(Person.__table__), "*"})
+        assert not old.unpublished
+        with Session() as session:
+            assert cached_query(session, stmt, region="r").scalar_one() == "committed by the previous release"
+    finally:
+        cache.close()

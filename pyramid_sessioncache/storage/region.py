@@ -68,7 +68,8 @@ REFUSED_TYPES = frozenset({"ext:memcached", "ext:database", "ext:mongodb", "ext:
 DEFAULT_MAX_ENTRY_BYTES = 1024 * 1024
 
 #: Bumped when the format of stored values changes, so that processes
-#: running different versions never read each other's entries.
+#: running different versions never read each other's entries (they share
+#: their table versions: see ``Region._backend()``).
 FORMAT = "v3"
 
 log = logging.getLogger(__name__)
@@ -248,7 +249,13 @@ class Region:
         self, nsargs: dict[str, Any], secret: bytes | None, max_items: int | None, max_bytes: int | None
     ) -> tuple[Cache, Versions]:
         """The Beaker ``Cache`` of a shared region's entries, and its table versions."""
-        versions_name = f"{self.namespace_name}.versions"
+        # Out of the process, without FORMAT: processes of two releases (a
+        # rolling deploy that changed the stored format) keep their entries
+        # apart, but each one's commits must invalidate the other's entries.
+        # A token of a format the other cannot read is a miss there (versions.py).
+        versions_name = (
+            f"sessioncache.versions.{self.name}" if self.out_of_process else f"{self.namespace_name}.versions"
+        )
         entries: Any
         versions: Any
         if self.type == "memory":
