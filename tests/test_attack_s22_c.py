@@ -280,3 +280,74 @@ def test_a_commit_in_a_process_of_the_previous_release_invalidates_the_new_relea
             assert cached_query(session, stmt, region="r").scalar_one() == "committed by the previous release"
     finally:
         cache.close()
+
+
+# -- bounded memory ----------------------------------------------------------------------
+
+
+def test_a_flood_of_long_distinct_parameters_keeps_no_more_than_the_region_allows(engine):
+    """Each look-up of a query bound to a long text (a search box) must not keep that text once it is done.
+
+    The region keeps its entries within ``max_bytes``; the keys' memo kept
+    every bound value of the last 2000 look-ups besides, whatever its size:
+    2000 requests with a 1 MB parameter held 2 GB.
+    """
+    import gc
+    import tracemalloc
+
+    cache = SessionCache({"r": {"type": "memory", "max_bytes": 64 * 1024}})
+    Session = sessionmaker(engine, info=cache.session_info())
+
+    def flood(start: int, count: int) -> None:
+        for i in range(start, start + count):
+            text = f"{i:08d}" + "x" * 64 * 1024
+            with Session() as session:
+                assert cached_query(session, select(Person.id).where(Person.name == text), region="r").all() == []
+
+    flood(0, 20)  # warms every cache along the way
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        flood(20, 200)  # 13 MB of parameters
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert after - before < 2 * 1024 * 1024
+
+
+def test_a_flood_of_long_distinct_sql_texts_is_not_kept(db_url):
+    """A job that writes with SQL text built with its data inline (each statement new, 20 KiB).
+
+    What each SQL text writes or sets was remembered for the last 2048
+    texts, in several memos, each keeping the text whole: 2048 statements
+    of 1 MB held 2 GB.
+    """
+    import gc
+    import tracemalloc
+
+    SessionCache({"r": {"type": "memory"}})  # the add-on listens to every engine
+    engine = create_engine(db_url, connect_args={"cached_statements": 0})  # the driver keeps none
+
+    def flood(start: int, count: int) -> None:
+        with engine.connect() as connection:
+            for i in range(start, start + count):
+                filler = "x" * 20 * 1024
+                connection.exec_driver_sql(f"UPDATE person SET name = name WHERE id = {i} AND '{filler}' <> ''")
+            connection.rollback()
+
+    try:
+        flood(0, 10)
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before, _ = tracemalloc.get_traced_memory()
+            flood(10, 60)  # 1.2 MB of SQL
+            gc.collect()
+            after, _ = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert after - before < 256 * 1024
+    finally:
+        engine.dispose()

@@ -39,7 +39,6 @@ from __future__ import annotations
 import re
 import secrets
 import weakref
-from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import event
@@ -167,7 +166,7 @@ def _note_temporary(conn: Any, statement: str) -> None:
         conn.info.pop(_TEMPORARY, None)  # a DISCARD TEMP in a transaction may yet roll back
 
 
-@lru_cache(maxsize=2048)
+@sqltext.per_text
 def _temporary(statement: str) -> str | None:
     """``"made"`` if ``statement`` may make a temporary relation, ``"dropped"`` if it drops every one, else None.
 
@@ -214,7 +213,7 @@ def _calls_a_setter(conn: Any, statement: str) -> bool:
         return True
 
 
-@lru_cache(maxsize=2048)
+@sqltext.per_text
 def _changes(statement: str) -> tuple[tuple[str | None, bool], ...]:
     """What ``statement`` changes, as ``(name, local)``; a name None when what or how long cannot be told.
 

@@ -18,9 +18,41 @@ what either finds (a write, a table read).
 from __future__ import annotations
 
 import bisect
+import functools
 import re
-from functools import lru_cache
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple, TypeVar
+
+_T = TypeVar("_T")
+
+#: SQL texts longer than this are remembered one at a time (see :func:`per_text`).
+LONGEST_REMEMBERED = 16 * 1024
+
+
+def per_text(read: Callable[[str], _T]) -> Callable[[str], _T]:
+    """Remember what ``read(sql)`` returns for the last 2048 texts of at most ``LONGEST_REMEMBERED`` characters.
+
+    The memo keeps the texts themselves: a longer one is SQL made with its
+    data inline (a bulk ``INSERT`` built as a string), new each time, and
+    a flood of them would be kept whole, 2048 in each memo.  Of those,
+    only the last is remembered: its execution reads it once.
+    """
+    remembered = functools.lru_cache(maxsize=2048)(read)
+    last: list[tuple[str, _T] | None] = [None]
+
+    @functools.wraps(read)
+    def reading(sql: str) -> _T:
+        if len(sql) <= LONGEST_REMEMBERED:
+            return remembered(sql)
+        held = last[0]
+        if held is not None and held[0] == sql:
+            return held[1]
+        found = read(sql)
+        last[0] = (sql, found)
+        return found
+
+    return reading
+
 
 #: A name in :attr:`Cleaned.text`: a word, or a quoted identifier's token.
 NAME = r'(?:"\d+"|[\w$]+)'
@@ -70,7 +102,7 @@ class Dialect(NamedTuple):
     dollars: bool = True
 
 
-@lru_cache(maxsize=2048)
+@per_text
 def readings(sql: str) -> tuple[Cleaned, ...]:
     """Return every way ``sql`` may be read, each once: callers take what any of them finds.
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import re
 import weakref
-from functools import lru_cache
 from typing import Any
 
 from sqlalchemy.sql import visitors
@@ -160,7 +159,7 @@ _CASCADE = re.compile(r"\bcascade\b", re.I)
 _ANY = frozenset({ANY_TABLE})
 
 
-@lru_cache(maxsize=2048)
+@sqltext.per_text
 def sql_tables(sql: str) -> frozenset[str]:
     """Return the version names of the tables the SQL text ``sql`` writes.
 

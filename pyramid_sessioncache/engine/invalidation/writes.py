@@ -44,7 +44,6 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
-from functools import lru_cache
 from typing import Any
 
 from sqlalchemy import event
@@ -222,7 +221,7 @@ def _textual(context: Any) -> bool:
     return compiled is None or context.isddl or isinstance(getattr(compiled, "statement", None), TextClause)
 
 
-@lru_cache(maxsize=2048)
+@sqltext.per_text
 def _ends(statement: str) -> frozenset[str]:
     """How SQL text ends its transaction: none, or some of ``"commit"``, ``"rollback"``, ``"prepare"``.
 
@@ -307,7 +306,7 @@ def _twophase_committed(conn: Any, xid: Any, is_prepared: bool, recover: bool) -
         publish({ALL_TABLES})
 
 
-@lru_cache(maxsize=2048)
+@sqltext.per_text
 def _two_phase(statement: str) -> tuple[str, str | None] | None:
     """``(what, transaction id)`` of ``PREPARE TRANSACTION``, ``COMMIT PREPARED`` or ``ROLLBACK PREPARED`` SQL."""
     for cleaned in sqltext.readings(statement):
