@@ -351,3 +351,31 @@ def test_a_flood_of_long_distinct_sql_texts_is_not_kept(db_url):
         assert after - before < 256 * 1024
     finally:
         engine.dispose()
+
+
+def test_a_flood_of_large_redis_entries_keeps_a_bounded_part_of_them(own_redis):
+    """A Redis region remembers the values it decoded last, so as not to unpickle them again: not whole floods.
+
+    It remembered 128 of them whatever their size: 128 entries of 1 MiB
+    (a report page) kept 256 MiB and more, past any bound of the settings.
+    """
+    import gc
+    import tracemalloc
+
+    region = CacheRegions({"r": {"type": "ext:redis", "url": own_redis.url}}, secret=SECRET.encode())["r"]
+    large = "y" * 200 * 1024
+    for i in range(5):
+        region.put(f"k{i}", large + str(i))
+        region.get(f"k{i}")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        for i in range(5, 105):  # 20 MB of entries, each written then read
+            region.put(f"k{i}", large + str(i))
+            assert region.get(f"k{i}") == large + str(i)
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert after - before < 20 * 1024 * 1024

@@ -127,10 +127,14 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
     The last values read are remembered with the key and the exact bytes
     they came from: reading the same bytes under the same key again returns
     the same (immutable) value without checking or unpickling them again.
+    At most :attr:`REMEMBERED` of them, and :attr:`REMEMBERED_BYTES` bytes
+    as read: a flood of large entries is not kept past what regions allow.
     """
 
     #: How many decoded values a namespace remembers.
     REMEMBERED = 128
+    #: How many bytes (as read from Redis) of decoded values a namespace remembers.
+    REMEMBERED_BYTES = 8 * 1024 * 1024
     #: The region's near cache, if it has one (see ``near.py``).
     near: NearCache | None = None
 
@@ -140,6 +144,7 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
         #: Values longer than this (bytes) are not checked: nothing of ours is that long.
         self.max_bytes = max_bytes + signing.HEADER
         self._decoded: dict[bytes, tuple[bytes, bytes, Any]] = {}
+        self._decoded_bytes = 0
 
     def __getitem__(self, key: Any) -> Any:
         if self.near is not None:
@@ -208,9 +213,13 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
         return value
 
     def _remember(self, key: bytes, data: bytes, value: Any) -> None:
-        if len(self._decoded) >= self.REMEMBERED:
+        if len(self._decoded) >= self.REMEMBERED or self._decoded_bytes + len(data) > self.REMEMBERED_BYTES:
             self._decoded.clear()
+            self._decoded_bytes = 0
+            if len(data) > self.REMEMBERED_BYTES:
+                return
         self._decoded[signing.signature(data)] = (key, data, value)
+        self._decoded_bytes += len(data)
 
     def set_value(self, key: Any, value: Any, expiretime: int | None = None) -> None:
         """Pickle, sign and store ``value`` (Beaker's API)."""
