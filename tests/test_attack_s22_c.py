@@ -128,17 +128,11 @@ def test_a_commit_elsewhere_while_redis_refuses_writes_but_answers_reads_is_neve
 # -- PostgreSQL LISTEN/NOTIFY ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("role", ["origin", "replica"])
-def test_another_clients_write_under_any_replication_role_is_heard(pg_url, role):
-    """A bulk load run with ``session_replication_role = replica`` (to skip foreign-key checks) writes too.
-
-    So does a logical-replication subscriber's apply worker, which runs as
-    ``replica``: triggers left at their default (``ENABLE``) do not fire
-    then, so a cached read of what it wrote stayed as it was for good.
-    """
-    import psycopg
-
-    from pyramid_sessioncache.engine.invalidation.notify import dsn_of, install_triggers
+@pytest.fixture
+def notified(pg_url):
+    """``(engine, cache, cached)``: PostgreSQL with the notification triggers, a memory region, and
+    ``cached()``, person 1's name read through it."""
+    from pyramid_sessioncache.engine.invalidation.notify import install_triggers
 
     engine = create_engine(pg_url)
     with engine.begin() as connection:
@@ -151,6 +145,22 @@ def test_another_clients_write_under_any_replication_role_is_heard(pg_url, role)
         with Session() as session:
             return cached_query(session, stmt, region="memory").scalar_one()
 
+    return engine, cache, cached
+
+
+@pytest.mark.parametrize("role", ["origin", "replica"])
+def test_another_clients_write_under_any_replication_role_is_heard(notified, role):
+    """A bulk load run with ``session_replication_role = replica`` (to skip foreign-key checks) writes too.
+
+    So does a logical-replication subscriber's apply worker, which runs as
+    ``replica``: triggers left at their default (``ENABLE``) do not fire
+    then, so a cached read of what it wrote stayed as it was for good.
+    """
+    import psycopg
+
+    from pyramid_sessioncache.engine.invalidation.notify import dsn_of
+
+    engine, cache, cached = notified
     try:
         cache.listen(engine)
         assert cached() == "person 1"  # stored
@@ -163,7 +173,7 @@ def test_another_clients_write_under_any_replication_role_is_heard(pg_url, role)
         engine.dispose()
 
 
-def test_a_forked_worker_hears_another_clients_writes(pg_url):
+def test_a_forked_worker_hears_another_clients_writes(notified):
     """A preloading server (uwsgi's default, gunicorn --preload) forks workers after the listener started.
 
     The listening thread stays in the parent: a worker never heard
@@ -171,19 +181,9 @@ def test_a_forked_worker_hears_another_clients_writes(pg_url):
     """
     import psycopg
 
-    from pyramid_sessioncache.engine.invalidation.notify import dsn_of, install_triggers
+    from pyramid_sessioncache.engine.invalidation.notify import dsn_of
 
-    engine = create_engine(pg_url)
-    with engine.begin() as connection:
-        install_triggers(connection)
-    cache = SessionCache({"memory": {"type": "memory"}})
-    Session = sessionmaker(engine, info=cache.session_info())
-    stmt = select(Person.name).where(Person.id == 1)
-
-    def cached() -> str:
-        with Session() as session:
-            return cached_query(session, stmt, region="memory").scalar_one()
-
+    engine, cache, cached = notified
     try:
         cache.listen(engine)
         pid = os.fork()
@@ -285,6 +285,23 @@ def test_a_commit_in_a_process_of_the_previous_release_invalidates_the_new_relea
 # -- bounded memory ----------------------------------------------------------------------
 
 
+def kept_by(run) -> int:
+    """Bytes still allocated after ``run()`` and a collection, that were not before it."""
+    import gc
+    import tracemalloc
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        run()
+        gc.collect()
+        after, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return after - before
+
+
 def test_a_flood_of_long_distinct_parameters_keeps_no_more_than_the_region_allows(engine):
     """Each look-up of a query bound to a long text (a search box) must not keep that text once it is done.
 
@@ -292,8 +309,6 @@ def test_a_flood_of_long_distinct_parameters_keeps_no_more_than_the_region_allow
     every bound value of the last 2000 look-ups besides, whatever its size:
     2000 requests with a 1 MB parameter held 2 GB.
     """
-    import gc
-    import tracemalloc
 
     cache = SessionCache({"r": {"type": "memory", "max_bytes": 64 * 1024}})
     Session = sessionmaker(engine, info=cache.session_info())
@@ -305,16 +320,7 @@ def test_a_flood_of_long_distinct_parameters_keeps_no_more_than_the_region_allow
                 assert cached_query(session, select(Person.id).where(Person.name == text), region="r").all() == []
 
     flood(0, 20)  # warms every cache along the way
-    gc.collect()
-    tracemalloc.start()
-    try:
-        before, _ = tracemalloc.get_traced_memory()
-        flood(20, 200)  # 13 MB of parameters
-        gc.collect()
-        after, _ = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-    assert after - before < 2 * 1024 * 1024
+    assert kept_by(lambda: flood(20, 200)) < 2 * 1024 * 1024  # 13 MB of parameters
 
 
 def test_a_flood_of_long_distinct_sql_texts_is_not_kept(db_url):
@@ -324,8 +330,6 @@ def test_a_flood_of_long_distinct_sql_texts_is_not_kept(db_url):
     texts, in several memos, each keeping the text whole: 2048 statements
     of 1 MB held 2 GB.
     """
-    import gc
-    import tracemalloc
 
     SessionCache({"r": {"type": "memory"}})  # the add-on listens to every engine
     engine = create_engine(db_url, connect_args={"cached_statements": 0})  # the driver keeps none
@@ -339,16 +343,7 @@ def test_a_flood_of_long_distinct_sql_texts_is_not_kept(db_url):
 
     try:
         flood(0, 10)
-        gc.collect()
-        tracemalloc.start()
-        try:
-            before, _ = tracemalloc.get_traced_memory()
-            flood(10, 60)  # 1.2 MB of SQL
-            gc.collect()
-            after, _ = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
-        assert after - before < 256 * 1024
+        assert kept_by(lambda: flood(10, 60)) < 256 * 1024  # 1.2 MB of SQL
     finally:
         engine.dispose()
 
