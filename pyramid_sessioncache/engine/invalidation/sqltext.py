@@ -21,15 +21,13 @@ import bisect
 import functools
 import re
 from collections.abc import Callable
-from typing import NamedTuple, TypeVar
-
-_T = TypeVar("_T")
+from typing import Any, NamedTuple
 
 #: SQL texts longer than this are remembered one at a time (see :func:`per_text`).
 LONGEST_REMEMBERED = 16 * 1024
 
 
-def per_text(read: Callable[[str], _T]) -> Callable[[str], _T]:
+def per_text(read: Callable[[str], Any]) -> Callable[[str], Any]:
     """Remember what ``read(sql)`` returns for the last 2048 texts of at most ``LONGEST_REMEMBERED`` characters.
 
     The memo keeps the texts themselves: a longer one is SQL made with its
@@ -38,10 +36,10 @@ def per_text(read: Callable[[str], _T]) -> Callable[[str], _T]:
     only the last is remembered: its execution reads it once.
     """
     remembered = functools.lru_cache(maxsize=2048)(read)
-    last: list[tuple[str, _T] | None] = [None]
+    last: list[tuple[str, Any] | None] = [None]
 
     @functools.wraps(read)
-    def reading(sql: str) -> _T:
+    def reading(sql: str) -> Any:
         if len(sql) <= LONGEST_REMEMBERED:
             return remembered(sql)
         held = last[0]
