@@ -67,8 +67,8 @@ _ENDS_SQL = re.compile(r"\b(?:commit|end|prepare|rollback|abort)\b")
 
 #: Words that change settings when they start a statement.
 _FIRST_WORDS = frozenset({"set", "reset", "discard", "attach", "detach", "pragma"})
-#: What a statement that changes a setting holds ("reset" holds "set").
-_CHANGING = ("set", "discard", "attach", "detach", "pragma")
+#: What a statement that changes a setting holds, lowered ("reset" holds "set").
+_CHANGING = re.compile("set|discard|attach|detach|pragma")
 #: SQLite's: a database attached under a schema name (``ATTACH 'tenant_a.db' AS tenant``)
 #: shows its tables to this connection alone, and a ``PRAGMA`` (``case_sensitive_like``) changes
 #: what its queries return; no rollback undoes either.
@@ -135,7 +135,7 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
     if "temp" in lowered:
         _note_temporary(conn, statement)
     # SET, RESET, set_config(), DISCARD; else a function of the database's own that changes settings.
-    changes = _changes(statement) if any(word in lowered for word in _CHANGING) else ()
+    changes = _changes(statement) if _CHANGING.search(lowered) else ()
     if not changes and "(" in statement and _calls_a_setter(conn, statement):
         changes = ((None, False),)
     if not changes:

@@ -431,13 +431,17 @@ class Listener:
         self.application_name = application_name
         self.poll = poll
         self.retry = retry
+        self._thread: threading.Thread | None = None
+        self._fresh(late=False)
+
+    def _fresh(self, late: bool) -> None:
+        """The state of a listener that has not connected yet; ``late``: call ``on_lost`` once it has."""
         self._stopping = threading.Event()
         # Set when start() stopped waiting before LISTEN was in place: the first
         # connection then calls on_lost, as a connection made again does.
-        self._late = False
+        self._late = late
         self._first = threading.Lock()
         self._connected = threading.Event()
-        self._thread: threading.Thread | None = None
         self._backend_pid: int | None = None
 
     def __repr__(self) -> str:
@@ -504,11 +508,7 @@ class Listener:
         the child must leave alone), and what committed since the fork was
         heard by the parent only.
         """
-        self._stopping = threading.Event()
-        self._first = threading.Lock()
-        self._connected = threading.Event()
-        self._backend_pid = None
-        self._late = True
+        self._fresh(late=True)
         self._spawn()
 
     def __enter__(self) -> Listener:
