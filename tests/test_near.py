@@ -360,6 +360,33 @@ def test_two_applications_in_one_process_drop_each_others_keys_at_once(fresh):
         second.close()
 
 
+def test_a_region_without_a_near_cache_drops_what_it_writes_in_one_with_at_once(fresh):
+    near, plain = regions(fresh.url)["r"], regions(fresh.url, near=False)["r"]
+    try:
+        assert near.near.wait_live(5)
+        plain.put("k", "one")
+        assert held(fresh, lambda: near.get("k"))
+        near.near.heard = lambda keys: None  # only the synchronous drops of the process's writes
+        plain.put("k", "two")
+        assert near.get("k") == "two"
+        plain.bump(["t"])
+        versions = plain.versions(("t",))
+
+        def valid(value, now):
+            return now == versions
+
+        assert near.get_or_create("e", lambda: "first", valid=valid, tables=("t",)) == ("first", False)
+        assert near.get_or_create("e", lambda: "again", valid=valid, tables=("t",)) == ("first", True)
+        assert len(near.near) == 3  # k, e and the version of t
+        plain.bump(["t"])  # drops the version held, so the entry is not valid any more
+        assert len(near.near) == 2
+        assert near.get_or_create("e", lambda: "second", valid=valid, tables=("t",)) == ("second", False)
+        plain.clear()
+        assert len(near.near) == 0 and near.get("k") is None
+    finally:
+        near.close()
+
+
 def test_nothing_is_shared_between_regions_or_databases(fresh):
     one = CacheRegions(
         {

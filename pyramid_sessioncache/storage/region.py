@@ -207,8 +207,7 @@ class Region:
         assert self._shared is not None and self.tokens is not None
         entries, versions = self._shared.namespace, self.tokens.namespace
         prefixes = (_beaker.redis_key(entries, b""), _beaker.redis_key(versions, b""))
-        near = near_cache.NearCache(entries.client, prefixes, max_items, max_bytes, self.name)
-        self.near = entries.near = versions.near = near
+        self.near = entries.near = near_cache.NearCache(entries.client, prefixes, max_items, max_bytes, self.name)
 
     def close(self) -> None:
         """Stop what the region runs in the background (a near cache's listening thread); harmless if none."""
@@ -267,6 +266,8 @@ class Region:
         if self.type == "ext:redis":
             entries = SignedRedisNamespaceManager(self.namespace_name, **signed)
             versions = RedisVersionsNamespace(versions_name, **nsargs)
+            prefixes = (_beaker.redis_key(entries, b""), _beaker.redis_key(versions, b""))
+            entries.nears = versions.nears = near_cache.siblings(entries.client, prefixes)
         elif self.type == "file":
             entries = SignedFileNamespace(self.namespace_name, **signed)
             versions = FileNamespace(versions_name, **nsargs)

@@ -127,11 +127,7 @@ class NearCache:
         self._thread: threading.Thread | None = None
         #: The keys whose change says that a namespace of the region was cleared (see :data:`CLEARED`).
         self.cleared_keys = frozenset(prefix + CLEARED for prefix in self.prefixes)
-        # The near caches of this process over the same keys (two applications
-        # configuring one region name on one server, however their URLs are
-        # spelt): our writes drop theirs too.
-        self._siblings = _siblings.setdefault((server_of(client), self.prefixes), weakref.WeakSet())
-        self._siblings.add(self)
+        siblings(client, self.prefixes).add(self)
         _all.add(self)
         self.start()
 
@@ -227,20 +223,6 @@ class NearCache:
                 if key in held:
                     self._pop(key)
 
-    def written(self, keys: Sequence[str]) -> None:
-        """Our own write of ``keys`` was answered: :meth:`invalidate` them here and in sibling near caches."""
-        for near in list(self._siblings):
-            near.invalidate(keys)
-
-    def written_all(self) -> None:
-        """Our own write of unknown keys (a region cleared) was answered: drop everything here and in siblings.
-
-        Other processes hear of it by the region's cleared key (see
-        :data:`CLEARED`), which the namespace writes.
-        """
-        for near in list(self._siblings):
-            near.invalidate_all()
-
     def heard(self, keys: Any) -> None:
         """Apply what Redis sent on :data:`CHANNEL`: the keys that changed, or None for every key (a flush)."""
         self.messages += 1
@@ -334,6 +316,33 @@ _siblings: dict[tuple[tuple[Any, ...], tuple[str, ...]], weakref.WeakSet[NearCac
 CLEARED = "\x00cleared"
 #: Seconds the cleared key lives: it is its change that is heard, not its value.
 CLEARED_LIFETIME = 60
+
+
+def siblings(client: Any, prefixes: Sequence[str]) -> weakref.WeakSet[NearCache]:
+    """The near caches of this process over ``prefixes`` on ``client``'s server, made now or later.
+
+    Every Redis namespace of the process writes through it (with a near
+    cache of its own or not: two applications may configure one region
+    name on one server, one of them near, however their URLs are spelt):
+    see :func:`written`.
+    """
+    return _siblings.setdefault((server_of(client), tuple(prefixes)), weakref.WeakSet())
+
+
+def written(nears: Iterable[NearCache], keys: Sequence[str]) -> None:
+    """Our own write of ``keys`` was answered: :meth:`~NearCache.invalidate` them in ``nears`` (see :func:`siblings`)."""
+    for near in list(nears):
+        near.invalidate(keys)
+
+
+def written_all(nears: Iterable[NearCache]) -> None:
+    """Our own write of unknown keys (a region cleared) was answered: drop everything in ``nears``.
+
+    Other processes hear of it by the region's cleared key (see
+    :data:`CLEARED`), which the namespace writes.
+    """
+    for near in list(nears):
+        near.invalidate_all()
 
 
 def server_of(client: Any) -> tuple[Any, ...]:

@@ -4,10 +4,12 @@ Single keys are read with ``MGET`` too: it answers nil for a key that holds
 another type (a list planted where an entry should be), where ``GET`` would
 raise ``WRONGTYPE``.
 
-A region with a near cache (``near.py``) gives both namespaces the same
-:class:`~.near.NearCache`: reads are served from it when it holds every key
-they need, and store what they read (once checked); every write of theirs
-invalidates its keys there before it returns.
+A region with a near cache (``near.py``) gives its entries' namespace a
+:class:`~.near.NearCache`: reads (of an entry and the versions it needs)
+are served from it when it holds every key they need, and store what they
+read (once checked).  Every write of a
+namespace, near or not, invalidates its keys in the process's near caches
+over them (:func:`~.near.siblings`) before it returns.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from beaker.ext.redisnm import RedisNamespaceManager
 
 from ... import _beaker
 from .. import signing
-from .near import CLEARED, CLEARED_LIFETIME, NearCache, deadline_of
+from .near import CLEARED, CLEARED_LIFETIME, NearCache, deadline_of, written, written_all
 
 log = logging.getLogger(__name__)
 
@@ -58,12 +60,11 @@ return refused
 class RedisVersionsNamespace(RedisNamespaceManager):
     """Beaker's Redis namespace, reading and writing several raw values at once."""
 
-    #: The region's near cache, if it has one: every write here invalidates its keys in it.
-    near: NearCache | None = None
+    #: The process's near caches over these keys (see :func:`~.near.siblings`): every write here invalidates its keys in them.
+    nears: Iterable[NearCache] = ()
 
     def _written(self, keys: Iterable[bytes]) -> None:
-        if self.near is not None:
-            self.near.written([_beaker.redis_key(self, key) for key in keys])
+        written(self.nears, [_beaker.redis_key(self, key) for key in keys])
 
     def get_many(self, keys: Sequence[bytes]) -> list[Any]:
         """Return the values of ``keys`` (bytes; None where missing or not a string), in one ``MGET``."""
@@ -137,6 +138,8 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
     REMEMBERED_BYTES = 8 * 1024 * 1024
     #: The region's near cache, if it has one (see ``near.py``).
     near: NearCache | None = None
+    #: The process's near caches over these keys (see :func:`~.near.siblings`): every write here invalidates its keys in them.
+    nears: Iterable[NearCache] = ()
 
     def __init__(self, namespace: str, url: Any, secret: bytes, max_bytes: int = 1024 * 1024, **kw: Any) -> None:
         super().__init__(namespace, url, **kw)
@@ -238,15 +241,13 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
             else:
                 self.client.set(_beaker.redis_key(self, key), data)
         finally:
-            if self.near is not None:
-                self.near.written([_beaker.redis_key(self, key)])
+            written(self.nears, [_beaker.redis_key(self, key)])
 
     def __delitem__(self, key: Any) -> None:
         try:
             super().__delitem__(key)
         finally:
-            if self.near is not None:
-                self.near.written([_beaker.redis_key(self, key)])
+            written(self.nears, [_beaker.redis_key(self, key)])
 
     def do_remove(self) -> None:
         """Delete every entry of the namespace (Beaker's ``Cache.clear()``), and say so to every near cache.
@@ -268,8 +269,7 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
                 self.client.delete(*keys)
             self.client.set(prefix + CLEARED, b"", ex=CLEARED_LIFETIME)
         finally:
-            if self.near is not None:
-                self.near.written_all()
+            written_all(self.nears)
 
 
 def _glob_escaped(text: str) -> str:
