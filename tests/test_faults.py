@@ -161,16 +161,16 @@ def test_a_bump_to_an_unreachable_redis_is_kept_and_written_when_it_answers(redi
 
 def test_a_kept_bump_refused_for_memory_when_the_backend_returns_leaves_the_region_skipped(redis_server):
     """Down, then back but full: the kept bump deletes the versions instead, and the region is still not used."""
-    region = CacheRegions({"r": {"type": "ext:redis", "url": redis_server.url}}, 0.2, SECRET.encode())["r"]
+    region = CacheRegions({"r": {"type": "ext:redis", "url": redis_server.url}}, 2.0, SECRET.encode())["r"]
     region.versions(("person",), create=True)
     redis_server.stop()
     region.bump(["person"])
     redis_server.start()
     redis_server.server.config_set("maxmemory-policy", "noeviction")
     redis_server.server.config_set("maxmemory", 1)
-    time.sleep(0.3)
+    assert until(lambda: not region.unpublished, timeout=10)  # retried by the region's thread
     assert not region.available()  # it failed again, even if nothing is left to replay
-    assert region.unpublished == frozenset() and Backend(region).version("person") is None
+    assert Backend(region).version("person") is None
     redis_server.server.config_set("maxmemory", 0)
 
 
@@ -266,6 +266,16 @@ def test_a_bump_that_fails_unexpectedly_never_fails_another_applications_commit(
     finally:
         _repair(region)
         broken.close()
+
+
+def test_a_closed_region_stops_retrying_its_kept_bumps(redis_server):
+    region = CacheRegions({"r": {"type": "ext:redis", "url": redis_server.url}}, 0.05, SECRET.encode())["r"]
+    redis_server.stop()
+    region.bump(["person"])
+    assert region._retrying is not None and region._retrying.is_alive()
+    region.close()
+    region._retrying.join(5)
+    assert not region._retrying.is_alive() and region.unpublished == {"person"}
 
 
 def test_a_bump_that_failed_unexpectedly_is_written_once_the_region_works(engine, own_redis):

@@ -189,7 +189,7 @@ class SessionCache:
         return listener
 
     def close(self) -> None:
-        """Stop the listeners :meth:`listen` started, and the near caches' listening threads (Redis regions)."""
+        """Stop the listeners :meth:`listen` started, the near caches' listening threads (Redis regions), and the retries of kept table invalidations."""
         while self.listeners:
             self.listeners.pop().stop()
         for region in self.shared_regions:

@@ -32,6 +32,7 @@ import pickle
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
@@ -143,11 +144,16 @@ class Region:
         self.retry_after = retry_after
         self._down_until = 0.0
         # Table versions a commit could not bump while the backend was down,
-        # each with the failure that kept it: bumped before this process uses
-        # the region again, and listed until a bump that took them is written.
+        # each with the failure that kept it: bumped again in the background
+        # (and before this process uses the region), and listed until a bump
+        # that took them is written.
         self._pending: dict[str, int] = {}
         self._failures = itertools.count(1)
         self._pending_lock = threading.Lock()
+        # The thread that bumps the kept names every retry_after seconds
+        # while there are any (see _retry_kept); set under _pending_lock.
+        self._retrying: threading.Thread | None = None
+        self._closed = threading.Event()
         self.type: str = nsargs.pop("type", "memory")
         self.expire: int | None = nsargs.pop("expire", None)
         #: The longest lifetime the backend keeps an entry for.
@@ -210,7 +216,8 @@ class Region:
         self.near = entries.near = near_cache.NearCache(entries.client, prefixes, max_items, max_bytes, self.name)
 
     def close(self) -> None:
-        """Stop what the region runs in the background (a near cache's listening thread); harmless if none."""
+        """Stop what the region runs in the background (a near cache's listening thread, retries); harmless if none."""
+        self._closed.set()
         if self.near is not None:
             self.near.close()
 
@@ -311,10 +318,11 @@ class Region:
             return not self._pending and not self._down()
         return True
 
-    def _failed(self, exc: BaseException, doing: str, unexpected: bool = False) -> None:
+    def _failed(self, exc: BaseException, doing: str, unexpected: bool = False, quiet: bool = False) -> None:
         # One warning per outage: a bump is tried at every commit even while
-        # the region is skipped, and each failure would say the same again.
-        level = logging.DEBUG if self._down() else logging.WARNING
+        # the region is skipped (and by the thread retrying kept bumps, which
+        # is ``quiet``), and each failure would say the same again.
+        level = logging.DEBUG if quiet or self._down() else logging.WARNING
         self._down_until = time.monotonic() + self.retry_after
         log.log(
             level,
@@ -470,11 +478,17 @@ class Region:
         as it answers.  When the new versions cannot be written, the old
         ones are deleted, so that no process serves an entry that read them
         (an entry whose version is missing is never valid).  When that
-        fails too (the backend is unreachable), the names are
-        kept and bumped with the next bump, or before this process uses the
-        region again.  Never raises: whatever fails is logged, and the
-        region is skipped for ``retry_after`` seconds.
+        fails too (the backend is unreachable), the names are kept and
+        bumped again every ``retry_after`` seconds by a thread of the
+        region's own until that is written (a process that stays idle
+        after the outage, a script that has ended its work, still tells
+        the others), and with every bump and use of the region meanwhile.
+        Never raises: whatever fails is logged, and the region is skipped
+        for ``retry_after`` seconds.
         """
+        self._bump(names, quiet=False)
+
+    def _bump(self, names: Iterable[str], quiet: bool) -> None:
         if self.tokens is None:
             return
         with self._pending_lock:
@@ -498,14 +512,34 @@ class Region:
             else:
                 self._keep(names)
                 outcome = " (their versions were deleted; kept to invalidate again)" if discarded else " (kept)"
-            self._failed(exc, "invalidating tables " + ", ".join(sorted(names)) + outcome, unexpected=not expected)
+            self._failed(
+                exc, "invalidating tables " + ", ".join(sorted(names)) + outcome, unexpected=not expected, quiet=quiet
+            )
         else:
             self._published(kept)
 
     def _keep(self, names: set[str]) -> None:
-        """List ``names`` as unpublished, by one more failure."""
+        """List ``names`` as unpublished, by one more failure, and have them bumped again in the background."""
         with self._pending_lock:
             self._pending.update(dict.fromkeys(names, next(self._failures)))
+            # Not alive: the thread of the parent, in a forked child.
+            if not self._closed.is_set() and (self._retrying is None or not self._retrying.is_alive()):
+                self._retrying = threading.Thread(
+                    target=_retry_kept,
+                    args=(weakref.ref(self), self._closed),
+                    name=f"sessioncache kept bumps {self.name}",
+                    daemon=True,
+                )
+                self._retrying.start()
+
+    def _retried(self) -> bool:
+        """Bump the kept names once more, quietly (the outage was logged); return whether some are still kept."""
+        self._bump((), quiet=True)
+        with self._pending_lock:
+            if self._pending:
+                return True
+            self._retrying = None  # under the lock: a failure from now on starts another thread
+            return False
 
     def _published(self, kept: dict[str, int]) -> None:
         """Unlist what was ``kept`` when a bump that has now been written began.
@@ -680,6 +714,26 @@ _ALONE = object()
 def _encode(key: str) -> bytes:
     # Beaker's Cache encodes keys this way; so must we, to share entries.
     return key.encode("ascii", "backslashreplace")
+
+
+def _retry_kept(ref: weakref.ref[Region], closed: threading.Event) -> None:
+    """The thread that bumps a region's kept names every ``retry_after`` seconds until none is left.
+
+    It holds the region weakly: a region nobody holds any more (its
+    application gone) is left alone, as is a closed one.
+    """
+    while True:
+        region = ref()
+        if region is None:
+            return
+        wait = region.retry_after
+        del region
+        if closed.wait(wait):
+            return
+        region = ref()
+        if region is None or not region._retried():
+            return
+        del region
 
 
 class CacheRegions(Mapping[str, Region]):
