@@ -28,6 +28,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import os
 import pickle
 import threading
 import time
@@ -154,6 +155,7 @@ class Region:
         # while there are any (see _retry_kept); set under _pending_lock.
         self._retrying: threading.Thread | None = None
         self._closed = threading.Event()
+        _all.add(self)
         self.type: str = nsargs.pop("type", "memory")
         self.expire: int | None = nsargs.pop("expire", None)
         #: The longest lifetime the backend keeps an entry for.
@@ -714,6 +716,23 @@ _ALONE = object()
 def _encode(key: str) -> bytes:
     # Beaker's Cache encodes keys this way; so must we, to share entries.
     return key.encode("ascii", "backslashreplace")
+
+
+#: Every region of the process, for :func:`_after_fork`.
+_all: weakref.WeakSet[Region] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    # A thread of the parent (a commit, the retrying thread) may have held a
+    # region's lock of kept names as the process forked: the child's would
+    # stay locked for ever.  The retrying thread stayed in the parent.
+    for region in list(_all):
+        region._pending_lock = threading.Lock()
+        region._retrying = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _retry_kept(ref: weakref.ref[Region], closed: threading.Event) -> None:
