@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 import threading
 import time
 import urllib.parse
 import urllib.request
 
 import waitress
+
+from pyramid_sessioncache import SessionCache
+from pyramid_sessioncache.engine.cache import live_caches
 
 from .app import make_app
 from .processes import ServerProcess
@@ -82,3 +86,34 @@ def test_no_read_after_a_write_returns_sees_the_old_value(db_url, redis_url):
         server.close()
     assert reads["count"] > 40
     assert stale == []
+
+
+def test_the_caches_a_commit_tells_are_read_while_another_thread_makes_caches():
+    """Each commit tells every live cache of the process; a cache made by another thread at that moment broke it.
+
+    Reading the weak set of live caches raised ``RuntimeError`` (set
+    changed size during iteration) out of the commit's publication, and
+    the caches it had not told yet kept serving what it changed.  About
+    one reading in ten thousand met a cache being made: the test reads
+    the set a hundred thousand times.
+    """
+    stop = threading.Event()
+
+    def make_caches() -> None:
+        made = []
+        while not stop.is_set():
+            made.append(SessionCache({"m": {"type": "memory"}}))
+            if len(made) > 20:
+                made.clear()  # those die, and leave the set too
+
+    maker = threading.Thread(target=make_caches, daemon=True)
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns as often as they can
+    try:
+        maker.start()
+        for _ in range(100_000):
+            live_caches()
+    finally:
+        stop.set()
+        maker.join(10)
+        sys.setswitchinterval(switching)

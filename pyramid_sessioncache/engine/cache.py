@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .. import _sqlalchemy
+from .._weak import members
 from ..errors import InvalidOptionError
 from ..storage.options import checked
 from ..storage.region import CacheRegions, Region
@@ -230,7 +231,7 @@ _live: weakref.WeakSet[SessionCache] = weakref.WeakSet()
 
 def live_caches() -> list[SessionCache]:
     """Every :class:`SessionCache` alive in this process: each hears of every committed write."""
-    return list(_live)
+    return members(_live)
 
 
 def _dependencies(declared: Mapping[str, tuple[str, ...]]) -> dict[str, frozenset[str]]:

@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from ... import _sqlalchemy
+from ..._weak import members
 from ..identity import database_identity
 from . import reads
 
@@ -236,7 +237,7 @@ class _Schema:
         self._seen.add(metadata)
 
     def mapped_edges(self) -> dict[str, set[str]]:
-        metadatas = list({id(m): m for m in [*_sqlalchemy.mapped_metadata(), *self._seen]}.values())
+        metadatas = list({id(m): m for m in [*_sqlalchemy.mapped_metadata(), *members(self._seen)]}.values())
         seen = tuple(len(metadata.tables) for metadata in metadatas)  # new tables mean new edges
         if seen != self._mapped[0]:
             self._mapped = (seen, metadata_edges(metadatas))

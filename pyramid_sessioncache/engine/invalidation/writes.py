@@ -52,6 +52,7 @@ from sqlalchemy.pool import Pool, SingletonThreadPool, StaticPool
 from sqlalchemy.sql.elements import TextClause
 
 from ... import _sqlalchemy
+from ..._weak import members
 from ...storage.backends import local_session
 from .. import info
 from ..cache import live_caches
@@ -247,7 +248,7 @@ def _ends(statement: str) -> frozenset[str]:
 
 def _ended_by_sql(conn: Any, ends: frozenset[str], tables: frozenset[str]) -> None:
     # SQL text that ended the transaction (or rolled back to a savepoint) behind SQLAlchemy's back.
-    for session in list(conn.info.get(_OWNERS, ())):
+    for session in members(conn.info.get(_OWNERS, ())):
         # What the database said of the transaction (its isolation level) is
         # asked again: the next one, perhaps at another level, may have begun.
         session.info.pop(info.SNAPSHOTS, None)
@@ -353,7 +354,7 @@ def _failed(context: Any) -> None:
 
 
 def _mark(conn: Any, tables: frozenset[str]) -> None:
-    for session in list(conn.info.get(_OWNERS, ())):
+    for session in members(conn.info.get(_OWNERS, ())):
         written(session).update(tables)
     _read_again(conn)
     if _transaction_open(conn):
@@ -366,7 +367,7 @@ def _mark(conn: Any, tables: frozenset[str]) -> None:
 def _read_again(conn: Any) -> None:
     # What the database shows the Sessions working on ``conn`` changed:
     # their local entries are void.
-    for session in list(conn.info.get(_OWNERS, ())):
+    for session in members(conn.info.get(_OWNERS, ())):
         local_session.drop(session)
     _seen_by_every_session(conn)
 

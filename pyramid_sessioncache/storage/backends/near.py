@@ -53,6 +53,8 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
+from ..._weak import members
+
 log = logging.getLogger(__name__)
 
 #: Keys a near cache holds unless ``near_max_items`` says otherwise.
@@ -331,7 +333,7 @@ def siblings(client: Any, prefixes: Sequence[str]) -> weakref.WeakSet[NearCache]
 
 def written(nears: Iterable[NearCache], keys: Sequence[str]) -> None:
     """Our own write of ``keys`` was answered: :meth:`~NearCache.invalidate` them in ``nears`` (see :func:`siblings`)."""
-    for near in list(nears):
+    for near in members(nears):
         near.invalidate(keys)
 
 
@@ -341,7 +343,7 @@ def written_all(nears: Iterable[NearCache]) -> None:
     Other processes hear of it by the region's cleared key (see
     :data:`CLEARED`), which the namespace writes.
     """
-    for near in list(nears):
+    for near in members(nears):
         near.invalidate_all()
 
 
