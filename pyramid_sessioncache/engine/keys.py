@@ -65,6 +65,7 @@ from sqlalchemy.sql.selectable import ForUpdateArg, SelectLabelStyle
 from sqlalchemy.types import TypeEngine
 
 from .. import _sqlalchemy
+from .._weak import members
 from .identity import database_identity
 from .values import mapping_text
 
@@ -737,7 +738,7 @@ def _watch(maker: KeyMaker) -> None:
 
 
 def _forget_binds(*args: Any) -> None:
-    for maker in list(_makers):
+    for maker in members(_makers):
         maker._binds.clear()
 
 
@@ -745,5 +746,5 @@ def _mappers_configured() -> None:
     """Have every mapper's key text made again: mappers were added, and with them subclasses and relationships."""
     global _configurations
     _configurations += 1
-    for maker in list(_makers):
+    for maker in members(_makers):
         maker._structures.clear()
