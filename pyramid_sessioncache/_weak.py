@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TypeVar
-
-T = TypeVar("T")
+from typing import Any
 
 
-def members(items: Iterable[T]) -> list[T]:
+def members(items: Iterable[Any]) -> list[Any]:
     """The members of ``items``, a ``weakref.WeakSet``, although other threads change it meanwhile.
 
     Reading a ``WeakSet`` raises ``RuntimeError`` ("Set changed size
