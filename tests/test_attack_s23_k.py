@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
+import pytest
 from sqlalchemy import create_engine, event, select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -23,6 +24,7 @@ from sqlalchemy.pool import StaticPool
 from pyramid_sessioncache import FromCache, SessionCache, _sqlalchemy
 from pyramid_sessioncache.engine import as_loaded
 from pyramid_sessioncache.engine.invalidation import writes
+from pyramid_sessioncache.storage.backends.filelock import FileLock
 from pyramid_sessioncache.storage.region import CacheRegions
 
 from . import models
@@ -162,3 +164,64 @@ def test_a_forked_child_reads_although_a_thread_was_reading_a_memory_region_at_t
     region.put("k", 1)
     dictionary = region._shared.namespace.dictionary
     _forked_while_held(dictionary._lock, lambda: region.get("k") == 1)
+
+
+def _blocked_on(path: str) -> bool:
+    """Whether a process waits for an ``flock`` on the file ``path`` (Linux's ``/proc/locks``)."""
+    inode = f":{os.stat(path).st_ino} "
+    with open("/proc/locks") as locks:
+        return any("->" in line and inode in line for line in locks)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/locks"), reason="needs Linux's /proc/locks")
+def test_a_file_lock_released_in_the_parent_lets_its_waiters_in_although_a_forked_child_inherited_it(tmp_path):
+    """A worker forked while a thread held a file lock must not keep it for ever from the threads waiting for it.
+
+    An ``flock`` belongs to the open file, which the child shares: a
+    release that only closed the holder's descriptor left it held until
+    the worker exited (a commit's bump waits on such a lock, ``versions.lock``).
+    """
+    path = str(tmp_path / "versions.lock")
+    held = FileLock(path)
+    got = threading.Event()
+
+    def wait_for_the_lock() -> None:
+        waiter = FileLock(path)
+        waiter.acquire()
+        got.set()
+        waiter.release()
+
+    reading, writing = os.pipe()
+    waiter = threading.Thread(target=wait_for_the_lock, daemon=True)
+    with _held_by_a_thread(held.acquire, held.release):
+        pid = os.fork()
+        if pid == 0:  # a worker that lives on, and does nothing with the lock
+            try:
+                os.close(writing)
+                os.read(reading, 1)
+            finally:
+                os._exit(0)
+        os.close(reading)
+        try:
+            waiter.start()
+            deadline = time.monotonic() + BOUND
+            while not _blocked_on(path):
+                assert time.monotonic() < deadline, "the waiter never waited for the lock"
+                time.sleep(0.01)
+        except BaseException:
+            os.close(writing)
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            raise
+    try:
+        assert got.wait(BOUND), "the lock stayed held by the forked child"
+    finally:
+        os.close(writing)  # the child exits
+        deadline = time.monotonic() + BOUND
+        while not os.waitpid(pid, os.WNOHANG)[0]:
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)
+        waiter.join(BOUND)
