@@ -1,4 +1,4 @@
-"""Thread locks that a forked child finds released.
+"""Thread locks (and events) that a forked child finds released.
 
 Pre-fork servers (``gunicorn --preload``, uWSGI without ``lazy-apps``,
 mod_wsgi daemon processes) import the application in a master process,
@@ -7,9 +7,10 @@ master held at the fork (a background thread of the add-on, a warm-up
 running queries) stays held for ever in the worker: the thread that would
 release it was not copied, and the worker hangs on its first use.
 
-The add-on makes its locks with :func:`lock`: a child process finds every
-one of them released, as CPython's own ``threading`` and ``logging``
-modules do with theirs.  What a lock guards is left as the fork found it;
+The add-on makes its locks with :func:`lock`, and its events (whose
+``set()`` and ``wait()`` take a lock of their own) with :func:`event`: a
+child process finds every one of them released, as CPython's own
+``threading`` and ``logging`` modules do with theirs.  What a lock guards is left as the fork found it;
 a module whose state is only valid in the parent (a thread, a connection)
 resets that itself (see ``storage/backends/near.py``, ``storage/region.py``
 and ``engine/invalidation/notify.py``).
@@ -22,7 +23,7 @@ import threading
 import weakref
 from typing import Any
 
-#: Every lock made by :func:`lock` and still in use.
+#: Every lock and event made here and still in use.
 _made: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
@@ -40,10 +41,20 @@ def lock() -> Any:
     return made
 
 
+def event() -> Any:
+    """Return a new ``threading.Event`` that a process forked while another thread set it or waited on it can use.
+
+    The child keeps its flag (set or not); nobody waits on it there.
+    """
+    made = threading.Event()
+    _made.add(made)
+    return made
+
+
 def _after_fork() -> None:
-    # A lock's _at_fork_reinit() (CPython 3.9+, private) is what threading
-    # and logging call on their own locks in a forked child: the lock,
-    # the same object, is released.
+    # _at_fork_reinit() (CPython 3.9+, private) is what threading and
+    # logging call on their own locks and events in a forked child: the
+    # same object, released (an event keeps its flag).
     for made in list(_made):
         made._at_fork_reinit()
 

@@ -225,3 +225,9 @@ def test_a_file_lock_released_in_the_parent_lets_its_waiters_in_although_a_forke
                 break
             time.sleep(0.01)
         waiter.join(BOUND)
+
+
+def test_a_forked_child_closes_a_region_although_its_retrying_thread_was_waking_at_the_fork():
+    """The thread retrying kept table invalidations waits on the region's event, which takes a lock of its own."""
+    region = _memory_region()
+    _forked_while_held(region._closed._cond, lambda: region.close() is None and region._closed.is_set())
