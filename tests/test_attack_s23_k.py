@@ -11,17 +11,21 @@ what a worker does that takes the lock: it must be done within a bound
 from __future__ import annotations
 
 import os
+import select
 import threading
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import create_engine, event, select
+from pyramid.config import Configurator
+from sqlalchemy import create_engine, event
+from sqlalchemy import select as sa_select
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
 
 from pyramid_sessioncache import FromCache, SessionCache, _sqlalchemy
+from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
 from pyramid_sessioncache.engine import as_loaded
 from pyramid_sessioncache.engine.invalidation import writes
 from pyramid_sessioncache.storage.backends.filelock import FileLock
@@ -106,7 +110,7 @@ def test_a_forked_child_reads_although_a_thread_held_the_shared_connections_mark
 
     def read() -> bool:
         with Session() as session:
-            return session.execute(select(Person.name).options(FromCache("m"))).scalars().all() == ["one"]
+            return session.execute(sa_select(Person.name).options(FromCache("m"))).scalars().all() == ["one"]
 
     _forked_while_held(writes._sharing_lock, read)
 
@@ -231,3 +235,54 @@ def test_a_forked_child_closes_a_region_although_its_retrying_thread_was_waking_
     """The thread retrying kept table invalidations waits on the region's event, which takes a lock of its own."""
     region = _memory_region()
     _forked_while_held(region._closed._cond, lambda: region.close() is None and region._closed.is_set())
+
+
+def test_a_forked_worker_never_uses_a_database_connection_the_master_pooled(pg_url):
+    """The engine the add-on makes for ``request.dbsession`` leaves the master's pooled connections to the master.
+
+    A master that ran queries (a warm-up) keeps a connection in the pool:
+    a worker that took it would share its server session, and the master
+    would then read the worker's uncommitted rows (and could cache them).
+    """
+    config = Configurator(
+        settings={
+            "sqlalchemy.url": pg_url,
+            "cache.regions": "local_session",
+            "cache.local_session.type": "ext:local_session",
+            "sessioncache.default_region": "local_session",
+        }
+    )
+    config.include("pyramid_sessioncache")
+    factory = config.make_wsgi_app().registry.getUtility(IDBSessionFactory)
+    with factory() as session:  # the warm-up: its connection goes back to the pool
+        original = session.get(Person, 1).name
+    to_child, written = os.pipe()
+    reading, from_child = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # a worker, in the middle of a request that wrote
+        try:
+            os.close(written)
+            os.close(reading)
+            session = factory()
+            session.get(Person, 1).name = "uncommitted"
+            session.flush()
+            os.write(from_child, b"w")
+            os.read(to_child, 1)
+        finally:
+            os._exit(0)
+    os.close(to_child)
+    os.close(from_child)
+    try:
+        assert select.select([reading], [], [], BOUND)[0], "the worker did not write"
+        with factory() as session:
+            assert session.execute(sa_select(Person.name).where(Person.id == 1)).scalar_one() == original
+    finally:
+        os.close(written)  # the worker ends
+        deadline = time.monotonic() + BOUND
+        while not os.waitpid(pid, os.WNOHANG)[0]:
+            if time.monotonic() > deadline:
+                os.kill(pid, 9)
+                os.waitpid(pid, 0)
+                break
+            time.sleep(0.01)
+        os.close(reading)
