@@ -10,10 +10,11 @@ release it was not copied, and the worker hangs on its first use.
 The add-on makes its locks with :func:`lock`, and its events (whose
 ``set()`` and ``wait()`` take a lock of their own) with :func:`event`: a
 child process finds every one of them released, as CPython's own
-``threading`` and ``logging`` modules do with theirs.  What a lock guards is left as the fork found it;
-a module whose state is only valid in the parent (a thread, a connection)
-resets that itself (see ``storage/backends/near.py``, ``storage/region.py``
-and ``engine/invalidation/notify.py``).
+``threading`` and ``logging`` modules do with theirs.  What a lock
+guards is left as the fork found it; a module whose state is only valid
+in the parent (a thread, a connection) resets that itself (see
+``storage/backends/near.py``, ``storage/region.py``,
+``engine/invalidation/notify.py`` and ``addon/__init__.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import os
 import threading
 import weakref
 from typing import Any
+
+from ._weak import members
 
 #: Every lock and event made here and still in use.
 _made: weakref.WeakSet[Any] = weakref.WeakSet()
@@ -55,7 +58,7 @@ def _after_fork() -> None:
     # _at_fork_reinit() (CPython 3.9+, private) is what threading and
     # logging call on their own locks and events in a forked child: the
     # same object, released (an event keeps its flag).
-    for made in list(_made):
+    for made in members(_made):
         made._at_fork_reinit()
 
 

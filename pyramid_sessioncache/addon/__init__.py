@@ -23,6 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 from zope.sqlalchemy.datamanager import ZopeTransactionEvents
 
+from .._weak import members
 from ..engine import connection_state, hook, info, lookup
 from ..engine.cache import SessionCache, add_cache_finder
 from ..errors import InvalidOptionError
@@ -215,7 +216,7 @@ def _after_fork() -> None:
     # ran queries): a worker that used one would share the master's server
     # session, transaction included.  SQLAlchemy's advice for a forked
     # child: a new pool, the old one left untouched for the parent.
-    for engine in list(_engines):
+    for engine in members(_engines):
         engine.dispose(close=False)
 
 
