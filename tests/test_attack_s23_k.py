@@ -5,7 +5,8 @@ their workers from a master that runs the application, and its threads
 (a warm-up, a scheduler, the add-on's own) may hold a lock at that moment.
 Each test holds one lock in another thread, forks, and has the child do
 what a worker does that takes the lock: it must be done within a bound
-(the child is killed if it hangs).
+(the child is killed if it hangs).  Last, what a worker shares with the
+master through the fork: an open lock file, a pooled database connection.
 """
 
 from __future__ import annotations
