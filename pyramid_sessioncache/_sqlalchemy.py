@@ -7,7 +7,6 @@ against SQLAlchemy 2.0 (2.0.x, the oldest supported series, run by CI) and
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,6 +24,8 @@ from sqlalchemy.sql import cache_key as cache_key_module
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.functions import GenericFunction
 from sqlalchemy.sql.selectable import TextualSelect
+
+from . import forks
 
 #: The empty loader path, as it appears in a statement's cache key (2.0, 2.1):
 #: ``keys.py`` recognises compile options that only name the API.
@@ -671,7 +672,7 @@ def after_dbapi_commit(connection: Any, callback: Any) -> None:
 
 
 #: Held while a dialect's ``do_commit`` is wrapped (:func:`after_dbapi_commit`).
-_wrapping = threading.Lock()
+_wrapping = forks.lock()
 
 
 def _wrap_do_commit(dialect: Any) -> dict:

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+import weakref
 from typing import Any
 
 from pyramid.exceptions import ConfigurationError
@@ -21,6 +23,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.orm import sessionmaker
 from zope.sqlalchemy.datamanager import ZopeTransactionEvents
 
+from .._weak import members
 from ..engine import connection_state, hook, info, lookup
 from ..engine.cache import SessionCache, add_cache_finder
 from ..errors import InvalidOptionError
@@ -193,13 +196,32 @@ def _engine(settings: Any) -> Any:
     if not settings.get("sqlalchemy.url"):
         return None
     try:
-        return engine_from_config(settings, "sqlalchemy.")
+        engine = engine_from_config(settings, "sqlalchemy.")
     except Exception as exc:
         # Not chained: a driver's message may hold the URL with its password.
         raise ConfigurationError(
             f"invalid setting sqlalchemy.url = {shown('sqlalchemy.url', settings['sqlalchemy.url'])}: "
             f"{type(exc).__name__}: {hide_url_passwords(str(exc))}"
         ) from None
+    _engines.add(engine)
+    return engine
+
+
+#: The engines the add-on made for ``request.dbsession``.
+_engines: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _after_fork() -> None:
+    # A preloading server's master may have pooled connections (a warm-up
+    # ran queries): a worker that used one would share the master's server
+    # session, transaction included.  SQLAlchemy's advice for a forked
+    # child: a new pool, the old one left untouched for the parent.
+    for engine in members(_engines):
+        engine.dispose(close=False)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
 
 
 def _add_dbsession(registry: Any) -> None:

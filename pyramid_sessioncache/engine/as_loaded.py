@@ -24,13 +24,12 @@ from __future__ import annotations
 
 import copy
 import pickle
-import threading
 from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.orm import Mapper
 
-from .. import _sqlalchemy
+from .. import _sqlalchemy, forks
 from . import info, values
 
 #: The loader's ``info`` key: InstanceState -> a copy of its ``__dict__`` before the ``load`` listeners ran.
@@ -40,7 +39,7 @@ COPIES = "sessioncache.as_loaded.copies"
 #: The loader's ``info`` key: InstanceState -> {key: value as loaded} of the columns loaded into it after its ``load`` event.
 REFRESHED = "sessioncache.as_loaded.refreshed"
 
-_lock = threading.Lock()
+_lock = forks.lock()
 
 
 def install() -> None:

@@ -10,12 +10,11 @@ application, for the Session that is its ``request.dbsession``).
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from .. import _sqlalchemy
+from .. import _sqlalchemy, forks
 from .._weak import members
 from ..errors import InvalidOptionError
 from ..storage.options import checked
@@ -105,7 +104,7 @@ class SessionCache:
         #: :meth:`void_local_entries`): an ``ext:local_session`` entry
         #: stored before the latest is void (see ``lookup.py``).
         self.commits = 0
-        self._commits_lock = threading.Lock()
+        self._commits_lock = forks.lock()
         #: The PostgreSQL listeners :meth:`listen` started.
         self.listeners: list[Any] = []
         from .hook import install  # here: the hook module needs this one

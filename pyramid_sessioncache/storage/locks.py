@@ -34,11 +34,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import threading
 import time
 import weakref
 from typing import Any, Protocol
 
+from .. import forks
 from .backends.filelock import FileLock
 
 log = logging.getLogger(__name__)
@@ -81,13 +81,13 @@ class ThreadLocks:
 
     def __init__(self) -> None:
         self._locks: weakref.WeakValueDictionary[bytes, Any] = weakref.WeakValueDictionary()
-        self._guard = threading.Lock()
+        self._guard = forks.lock()
 
     def __call__(self, namespace: Any, key: bytes) -> CreationLock:
         with self._guard:
             lock = self._locks.get(key)
             if lock is None:
-                lock = self._locks[key] = threading.Lock()
+                lock = self._locks[key] = forks.lock()
         return _ThreadLock(lock)
 
 

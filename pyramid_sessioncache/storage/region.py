@@ -39,7 +39,7 @@ from typing import Any
 
 from beaker.cache import Cache
 
-from .. import _beaker
+from .. import _beaker, forks
 from ..errors import (
     InvalidOptionError,
     MissingSecretError,
@@ -150,11 +150,11 @@ class Region:
         # that took them is written.
         self._pending: dict[str, int] = {}
         self._failures = itertools.count(1)
-        self._pending_lock = threading.Lock()
+        self._pending_lock = forks.lock()
         # The thread that bumps the kept names every retry_after seconds
         # while there are any (see _retry_kept); set under _pending_lock.
         self._retrying: threading.Thread | None = None
-        self._closed = threading.Event()
+        self._closed = forks.event()
         _all.add(self)
         self.type: str = nsargs.pop("type", "memory")
         self.expire: int | None = nsargs.pop("expire", None)
@@ -723,11 +723,9 @@ _all: weakref.WeakSet[Region] = weakref.WeakSet()
 
 
 def _after_fork() -> None:
-    # A thread of the parent (a commit, the retrying thread) may have held a
-    # region's lock of kept names as the process forked: the child's would
-    # stay locked for ever.  The retrying thread stayed in the parent.
+    # The retrying thread stayed in the parent (the region's locks are
+    # released in the child: see forks.py).
     for region in list(_all):
-        region._pending_lock = threading.Lock()
         region._retrying = None
 
 

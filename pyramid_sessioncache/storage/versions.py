@@ -67,10 +67,10 @@ import hashlib
 import hmac
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from typing import Any
 
+from .. import forks
 from . import api
 
 #: Part of every token's signed message: a change of format reads as invalid.
@@ -109,7 +109,7 @@ class Versions:
         # (name, exact value read) -> (counter, token): tokens already checked.
         self._known: dict[tuple[str, Any], tuple[int, str]] = {}
         self._complained: set[str] = set()
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
 
     def __repr__(self) -> str:
         return f"<Versions of {self.place!r}>"

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -51,7 +50,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import Pool, SingletonThreadPool, StaticPool
 from sqlalchemy.sql.elements import TextClause
 
-from ... import _sqlalchemy
+from ... import _sqlalchemy, forks
 from ..._weak import members
 from ...storage.backends import local_session
 from .. import info
@@ -165,7 +164,7 @@ _sharing: weakref.WeakKeyDictionary[Any, weakref.WeakSet[_Marks]] = weakref.Weak
 #: Held to add to, or to copy, a pool's marks: a SingletonThreadPool's
 #: threads each add their connection's while others' look-ups read them
 #: ("Set changed size during iteration" made the query raise).
-_sharing_lock = threading.Lock()
+_sharing_lock = forks.lock()
 
 
 def pending_in_pool(engine: Any) -> bool:

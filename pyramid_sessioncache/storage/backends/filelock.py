@@ -11,7 +11,8 @@ It is a creation lock as Beaker's ``Value`` and :class:`~pyramid_sessioncache.Re
 use it: ``acquire(wait=False)`` returns False at once if another thread or
 process holds it; ``acquire()`` waits; ``release()``.  ``flock`` locks
 belong to an open file, so two threads of one process exclude each other
-too.  Not reentrant.
+too, and a child forked while one was held shares it: :meth:`FileLock.release`
+unlocks the file for both.  Not reentrant.
 """
 
 from __future__ import annotations
@@ -74,7 +75,12 @@ class FileLock:
         except FileNotFoundError:  # pragma: no cover - only a holder removes it
             pass
         finally:
-            os.close(descriptor)  # closing lets the flock go
+            # Unlocked before it is closed: a process forked while this was
+            # held shares the open file, and would keep it locked for ever.
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_UN)
+            finally:
+                os.close(descriptor)
 
     @property
     def held(self) -> bool:

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import pickle
 import sys
-import threading
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
 from beaker.container import AbstractDictionaryNSManager
 
+from ... import forks
 from .. import api
 
 #: Entries a ``memory`` region keeps unless ``max_items`` says otherwise.
@@ -53,7 +53,7 @@ class LRUDict:
         self.bytes = 0
         self._data: OrderedDict = OrderedDict()
         self._sizes: dict[Any, int] = {}
-        self._lock = threading.Lock()
+        self._lock = forks.lock()
 
     def __getitem__(self, key: Any) -> Any:
         with self._lock:

@@ -53,6 +53,7 @@ from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple
 
+from ... import forks
 from ..._weak import members
 
 log = logging.getLogger(__name__)
@@ -124,8 +125,8 @@ class NearCache:
         self._generation = 0
         self._counters = [0] * BUCKETS
         self._held: OrderedDict[str, tuple[Any, float, int]] = OrderedDict()
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._lock = forks.lock()
+        self._stop = forks.event()
         self._thread: threading.Thread | None = None
         #: The keys whose change says that a namespace of the region was cleared (see :data:`CLEARED`).
         self.cleared_keys = frozenset(prefix + CLEARED for prefix in self.prefixes)
@@ -363,21 +364,14 @@ def server_of(client: Any) -> tuple[Any, ...]:
     )
 
 
-_starting = threading.Lock()
+_starting = forks.lock()
 
 
 def _after_fork() -> None:
     # This process has heard nothing since the fork, holds what the parent
     # held, and has no listening thread: it drops everything, and connects
-    # on its first read.
-    global _starting
-    _starting = threading.Lock()
+    # on its first read (its locks are released: see forks.py).
     for near in list(_all):
-        closed = near._stop.is_set()
-        near._stop = threading.Event()
-        if closed:
-            near._stop.set()
-        near._lock = threading.Lock()
         near.live = False
         near.connection_id = None
         near._drop()
