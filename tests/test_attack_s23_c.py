@@ -10,8 +10,12 @@ from __future__ import annotations
 import datetime
 
 import pytest
-from sqlalchemy import DateTime, String, Time, cast, literal, select
+from sqlalchemy import DateTime, String, Time, cast, create_engine, literal, select, text
+from sqlalchemy.orm import sessionmaker
 
+from pyramid_sessioncache import FromCache, SessionCache
+
+from .conftest import SECRET
 from .models import Person
 from .test_attack_s22_b import cached_and_uncached
 
@@ -58,3 +62,48 @@ def test_a_value_of_any_plain_type_whose_repr_hides_it_is_keyed_by_its_value(Ses
     for number in (1, 2):
         cached, uncached = cached_and_uncached(Session, engine, statement_of(number))
         assert cached == uncached
+
+
+WRITERS = """
+CREATE TABLE audit (id serial PRIMARY KEY, note text);
+CREATE FUNCTION rename_person(i int, n text) RETURNS int LANGUAGE sql
+    AS $$ UPDATE person SET name = n WHERE id = i RETURNING id $$;
+CREATE FUNCTION run_sql(q text) RETURNS void LANGUAGE plpgsql
+    AS $$ BEGIN EXECUTE q; END $$;
+"""
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "INSERT INTO audit (note) SELECT rename_person(1, 'renamed')::text",
+        "UPDATE audit SET note = rename_person(1, 'renamed')::text",
+        "SELECT run_sql('UPDATE person SET name = ''renamed'' WHERE id = 1')",
+    ],
+    ids=["INSERT calling a writer", "UPDATE calling a writer", "a function EXECUTEing its argument"],
+)
+def test_a_statement_that_calls_a_function_that_writes_invalidates(pg_url, call):
+    """A function of the database's own that writes, called by DML, or one that runs the SQL it is given.
+
+    Session 22 made a SELECT calling a writer write every table, not an
+    INSERT or UPDATE (it wrote its own table only), and no longer counted
+    ``EXECUTE`` as a write: ``EXECUTE q`` of a parameter writes whatever
+    the caller says.  The commit left every entry of ``person`` as it was.
+    """
+    engine = create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(WRITERS)
+            conn.exec_driver_sql("INSERT INTO audit (note) VALUES ('first')")
+        Session = sessionmaker(engine, info=SessionCache({"memory": {"type": "memory"}}, secret=SECRET).session_info())
+        stmt = select(Person.id, Person.name).where(Person.id <= 2).order_by(Person.id)
+        with Session() as session:
+            assert session.execute(stmt.options(FromCache("memory"))).all()[0] == (1, "person 1")
+        with Session() as session:
+            session.execute(text(call))
+            session.commit()
+        cached, uncached = cached_and_uncached(Session, engine, stmt)
+        assert cached == uncached
+        assert uncached[0] == (1, "renamed")
+    finally:
+        engine.dispose()

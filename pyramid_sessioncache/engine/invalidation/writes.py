@@ -187,8 +187,11 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
         _two_phase_sql(conn, statement)
     try:
         tables = written_tables(context, statement)
-        if not tables and schema.calls_writers(conn, statement):
-            tables = frozenset({ALL_TABLES})  # a function of the database's own that writes, called by a SELECT
+        if ALL_TABLES not in tables and schema.calls_writers(conn, statement):
+            # A function of the database's own that writes, called by a SELECT,
+            # or by DML (INSERT ... SELECT f(), UPDATE ... SET c = f()): it writes
+            # more than the statement's own table.
+            tables = frozenset({ALL_TABLES})
         if tables and is_ddl(context, statement):
             # What the tables it names showed under before it ran (a partition
             # dropped, NO INHERIT: its parent no longer shows its rows), and after.
