@@ -340,15 +340,19 @@ def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
 
 
 #: What a routine's source may write by: DML (in SQL run from a string too), a procedure called.
-#: Not ``EXECUTE`` alone: a dynamic read must not make every call write every table.
 _WRITES = re.compile(r"\b(?:insert|update|delete|merge|truncate|copy|call|refresh)\b", re.I)
+#: SQL run from a string that does not start as a ``SELECT`` written out
+#: (``EXECUTE q``, ``EXECUTE format('%s', q)``): what it writes is the
+#: caller's to say.  ``EXECUTE format('SELECT count(*) FROM %I', t)`` is a
+#: dynamic read, which must not make every call write every table.
+_DYNAMIC = re.compile(r"\bexecute\s+(?!(?:format\s*\(\s*)?(?:E?'|\$\w*\$)\s*\(*\s*select\b)", re.I)
 #: A locking read, which writes nothing.
 _LOCKS = re.compile(r"\bfor\s+(?:no\s+key\s+)?update\b", re.I)
 
 
 def _writes(source: str) -> bool:
     """Whether a routine's ``source`` may write."""
-    return _WRITES.search(_LOCKS.sub(" ", source)) is not None
+    return _WRITES.search(_LOCKS.sub(" ", source)) is not None or _DYNAMIC.search(source) is not None
 
 
 def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool]]) -> list[tuple[str, bool]]:
