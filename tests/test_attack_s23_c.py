@@ -10,7 +10,22 @@ from __future__ import annotations
 import datetime
 
 import pytest
-from sqlalchemy import DateTime, String, Time, cast, create_engine, literal, select, text
+from sqlalchemy import (
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Time,
+    cast,
+    create_engine,
+    func,
+    insert,
+    literal,
+    select,
+    text,
+)
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
@@ -105,5 +120,76 @@ def test_a_statement_that_calls_a_function_that_writes_invalidates(pg_url, call)
         cached, uncached = cached_and_uncached(Session, engine, stmt)
         assert cached == uncached
         assert uncached[0] == (1, "renamed")
+    finally:
+        engine.dispose()
+
+
+COUNTER = """
+CREATE TABLE counter (n int);
+INSERT INTO counter VALUES (0);
+CREATE FUNCTION bump() RETURNS int LANGUAGE sql AS $$ UPDATE counter SET n = n + 1 RETURNING n $$;
+CREATE TABLE audit (id serial PRIMARY KEY, note text);
+"""
+
+audit = Table("audit", MetaData(), Column("id", Integer, primary_key=True), Column("note", String))
+
+
+@pytest.mark.parametrize(
+    "stmt",
+    [select(func.bump()), select(insert(audit).values(note="x").returning(audit.c.id).cte().c.id)],
+    ids=["a function that writes", "DML in a CTE"],
+)
+@pytest.mark.parametrize("region", ["local", "memory"])
+def test_a_read_that_writes_runs_once_each_time_as_uncached(pg_url, region, stmt):
+    """A SELECT that writes (``SELECT bump()``, ``WITH i AS (INSERT ...) SELECT``) asked for through a cache.
+
+    A miss of a shared region ran it twice (the function of the database's
+    own read any table: loaded again to learn their versions), and
+    ``ext:local_session`` served it again in the same transaction, writing
+    nothing: an uncached run writes at every execution.
+    """
+    engine = create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(COUNTER)
+        options = {"memory": {"type": "memory"}, "local": {"type": "ext:local_session"}}
+        Session = sessionmaker(engine, info=SessionCache(options, secret=SECRET).session_info())
+        with Session() as session:
+            got = [session.execute(stmt.options(FromCache(region))).scalar() for _ in range(2)]
+            session.commit()
+        assert got == [1, 2]
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT (SELECT n FROM counter) + (SELECT count(*) FROM audit)")).scalar() == 2
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "stmt",
+    [select(func.bump()), select(insert(audit).values(note="x").returning(audit.c.id).cte().c.id)],
+    ids=["a function that writes", "DML in a CTE"],
+)
+@pytest.mark.parametrize("invalidation", ["auto", "manual"])
+def test_a_read_that_wrote_is_not_stored_for_a_rollback_to_leave_valid(pg_url, stmt, invalidation):
+    """A shared miss stored what a SELECT that writes returned, under the versions read before it ran.
+
+    Its transaction rolled back: no version moved, and the next execution
+    was a hit, which wrote nothing (no row in ``audit``, the counter at 0).
+    With ``invalidation = manual``, a commit left it stored as well.
+    """
+    engine = create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(COUNTER)
+        cache = SessionCache({"memory": {"type": "memory"}}, secret=SECRET, invalidation=invalidation)
+        Session = sessionmaker(engine, info=cache.session_info())
+        with Session() as session:
+            session.execute(stmt.options(FromCache("memory"))).scalar()
+            session.rollback()
+        with Session() as session:
+            session.execute(stmt.options(FromCache("memory"))).scalar()
+            session.commit()
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT (SELECT n FROM counter) + (SELECT count(*) FROM audit)")).scalar() == 1
     finally:
         engine.dispose()

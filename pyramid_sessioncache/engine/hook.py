@@ -258,7 +258,8 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
             conn = connection()
             verdict["store"] = not _must_not_store(session, conn)
             value = load(conn=conn)
-            verdict["store"] = verdict["store"] and value.storable and not loader.reads_a_standby(conn)
+            wrote = writes.pending_on(conn)  # a SELECT that writes: see create() below
+            verdict["store"] = verdict["store"] and value.storable and not wrote and not loader.reads_a_standby(conn)
             return value
 
         return region.get_or_create(
@@ -282,6 +283,13 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
             value = load(frozenset(known), conn)
             # A view calling a function of the database's own reads any table.
             value.tables = schema.depends_on(conn, value.tables)
+            if writes.pending_on(conn):
+                # It wrote (a function of the database's own that writes, DML
+                # in a CTE): rows no committed state holds, which a rollback
+                # would leave stored under current versions.  Not loaded
+                # again either: that would write twice.
+                old_snapshot = True
+                break
             if value.tables <= frozenset(known):
                 break
             # It read tables its statement does not name (eager loads, column
