@@ -15,6 +15,7 @@ from sqlalchemy import (
     DateTime,
     Integer,
     MetaData,
+    Sequence,
     String,
     Table,
     Time,
@@ -191,5 +192,33 @@ def test_a_read_that_wrote_is_not_stored_for_a_rollback_to_leave_valid(pg_url, s
             session.commit()
         with engine.connect() as conn:
             assert conn.execute(text("SELECT (SELECT n FROM counter) + (SELECT count(*) FROM audit)")).scalar() == 1
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("region", ["local", "memory"])
+def test_a_function_that_reads_what_its_connection_drew_is_read_every_time(pg_database, region):
+    """``my_currval()``, a function of the database's own, returns ``currval('numbers')``.
+
+    Session 22 ran ``currval()`` named in a statement every time, not one
+    a function calls: each Session was served the first number drawn, and
+    ``ext:local_session`` served a Session the number it drew before the last.
+    """
+    engine = create_engine(pg_database)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE SEQUENCE numbers; "
+                "CREATE FUNCTION my_currval() RETURNS bigint LANGUAGE sql AS $$ SELECT currval('numbers') $$"
+            )
+        options = {"memory": {"type": "memory"}, "local": {"type": "ext:local_session"}}
+        Session = sessionmaker(engine, info=SessionCache(options, secret=SECRET).session_info())
+        got = []
+        for _ in range(2):
+            with Session() as session:
+                for _ in range(2):
+                    drawn = session.execute(select(Sequence("numbers").next_value())).scalar()
+                    got.append((drawn, session.execute(select(func.my_currval()).options(FromCache(region))).scalar()))
+        assert got == [(number, number) for number in (1, 2, 3, 4)]
     finally:
         engine.dispose()

@@ -159,13 +159,14 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
     if found is None:
         return None
     if region.is_local:
+        loaded: dict[str, bool] = {}
         value, hit = region.get_or_create(
             found.key.text,
-            lambda: _local_load(state, cache),
+            lambda: _local_load(state, cache, loaded),
             session,
             option.expire,
             valid=found.valid or always_valid,
-            store=lambda value: not _holds_always_refreshed(session),
+            store=lambda value: not loaded.get("wrote") and not _holds_always_refreshed(session),
         )
         result = value.result()
     else:
@@ -185,15 +186,21 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
     return result
 
 
-def _local_load(state: ORMExecuteState, cache: SessionCache) -> LocalResult:
+def _local_load(state: ORMExecuteState, cache: SessionCache, loaded: dict[str, bool]) -> LocalResult:
     """Run ``state``'s statement for an ``ext:local_session`` entry, tagged with the commits of the process so far.
 
     Read before the query runs: a commit that publishes while it runs (or
     just before the database commits) voids the entry, whatever rows the
-    query saw.
+    query saw.  ``loaded["wrote"]``: whether the statement wrote (a
+    function of the database's own that writes, or that reads what its
+    connection drew from a sequence): such an entry is not kept, the next
+    execution must do it again.
     """
     commits = cache.commits
+    connection = state.session.connection(bind_arguments=dict(state.bind_arguments))
+    before = writes.writes_run(connection)
     value = LocalResult.from_result(state.invoke_statement())
+    loaded["wrote"] = writes.writes_run(connection) != before
     value.commits = commits
     return value
 

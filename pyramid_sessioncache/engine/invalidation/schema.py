@@ -35,6 +35,7 @@ from typing import Any
 
 from ... import _sqlalchemy
 from ..identity import database_identity
+from ..keys import EFFECT_SQL
 from . import reads
 
 log = logging.getLogger(__name__)
@@ -351,8 +352,16 @@ _LOCKS = re.compile(r"\bfor\s+(?:no\s+key\s+)?update\b", re.I)
 
 
 def _writes(source: str) -> bool:
-    """Whether a routine's ``source`` may write."""
-    return _WRITES.search(_LOCKS.sub(" ", source)) is not None or _DYNAMIC.search(source) is not None
+    """Whether a routine's ``source`` may write, or is run for its effect as much as for what it returns.
+
+    One that calls a function of :data:`~pyramid_sessioncache.engine.keys.EFFECT_FUNCTIONS`
+    (``nextval()``, ``currval()``, an advisory lock) counts as one that
+    writes: a statement calling it is stored nowhere, as one that calls
+    them by name runs uncached.
+    """
+    if _WRITES.search(_LOCKS.sub(" ", source)) or _DYNAMIC.search(source):
+        return True
+    return EFFECT_SQL.search(source) is not None
 
 
 def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool]]) -> list[tuple[str, bool]]:

@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 #: ``Connection.info`` (kept with the DBAPI connection) keys.
 _MARKS = "sessioncache.marks"
+#: How many statements that wrote the connection has run (see :func:`writes_run`).
+_WRITES_RUN = "sessioncache.writes_run"
 _OWNERS = "sessioncache.owners"
 
 #: What each prepared transaction of the process wrote, by transaction id,
@@ -356,6 +358,7 @@ def _failed(context: Any) -> None:
 
 
 def _mark(conn: Any, tables: frozenset[str]) -> None:
+    conn.info[_WRITES_RUN] = conn.info.get(_WRITES_RUN, 0) + 1
     for session in list(conn.info.get(_OWNERS, ())):
         written(session).update(tables)
     _read_again(conn)
@@ -580,6 +583,15 @@ def pending_on(connection: Any) -> bool:
     """
     marks = connection.info.get(_MARKS)
     return marks is not None and any(tables for _, tables in marks.levels)
+
+
+def writes_run(connection: Any) -> int:
+    """How many statements that wrote ``connection``'s DBAPI connection has run.
+
+    Read before and after a statement runs: whether it wrote (a SELECT
+    calling a function of the database's own that writes).
+    """
+    return connection.info.get(_WRITES_RUN, 0)
 
 
 def invalidate_tables(session: Any, *tables: Any) -> None:
