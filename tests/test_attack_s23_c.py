@@ -222,3 +222,72 @@ def test_a_function_that_reads_what_its_connection_drew_is_read_every_time(pg_da
         assert got == [(number, number) for number in (1, 2, 3, 4)]
     finally:
         engine.dispose()
+
+
+TEMPORARY_MAKER = """
+CREATE FUNCTION scratch() RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    CREATE TEMP TABLE person AS SELECT id, 'temporary' AS name FROM public.person;
+END $$
+"""
+
+
+def test_a_temporary_table_a_function_makes_keeps_its_rows_to_its_connection(pg_url):
+    """``SELECT scratch()``, whose body runs ``CREATE TEMP TABLE person``: ``person`` is another table on that connection.
+
+    The statement names no temporary table: the connection was keyed as
+    every other, and the other connection was served the temporary rows.
+    """
+    engine = create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(TEMPORARY_MAKER)
+        Session = sessionmaker(engine, info=SessionCache({"memory": {"type": "memory"}}, secret=SECRET).session_info())
+        stmt = select(Person.id, Person.name).where(Person.id == 1)
+        first, second = Session(), Session()
+        try:
+            for session in (first, second):
+                session.connection()  # two connections checked out at once
+            first.execute(text("SELECT scratch()")).all()
+            first.commit()
+            second.commit()
+            for session in (first, second):
+                assert session.execute(stmt.options(FromCache("memory"))).all() == session.execute(stmt).all()
+        finally:
+            first.close()
+            second.close()
+    finally:
+        engine.dispose()
+
+
+def test_a_setting_that_cannot_be_told_keeps_the_connection_uncached_in_its_next_transactions(pg_url):
+    """``SELECT set_config(:name, :value, false)``: which setting, the text does not say; its connection's settings are unknown.
+
+    Its look-ups run uncached, but only while the Session that made it
+    held the connection: the next transaction of a Session asked whether
+    the pool had connections with settings, was told no, and stored (and
+    was served) the rows every other connection reads.
+    """
+    engine = create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE SCHEMA tenant; CREATE TABLE tenant.person AS SELECT id, 'of the tenant' AS name FROM public.person"
+            )
+        Session = sessionmaker(engine, info=SessionCache({"memory": {"type": "memory"}}, secret=SECRET).session_info())
+        stmt = select(Person.id, Person.name).where(Person.id == 1)
+        first, second = Session(), Session()
+        try:
+            for session in (first, second):
+                session.connection()  # two connections checked out at once
+            second.execute(stmt.options(FromCache("memory"))).all()  # stored: public's row
+            first.execute(text("SELECT set_config(:name, :value, false)"), {"name": "search_path", "value": "tenant"})
+            first.commit()
+            second.commit()
+            for session in (first, second):
+                assert session.execute(stmt.options(FromCache("memory"))).all() == session.execute(stmt).all()
+        finally:
+            first.close()
+            second.close()
+    finally:
+        engine.dispose()

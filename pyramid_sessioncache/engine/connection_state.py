@@ -145,6 +145,7 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
     for name, local in changes:
         if name is None:  # what it changes, or for how long, cannot be told
             info[_UNKNOWN] = True
+            _POOLS_WITH_SETTINGS.add(conn.engine.pool)  # a Session's next transaction must see it too
             continue
         undone = in_transaction and not name.startswith(_KEPT_AT_ROLLBACK)
         _apply(info, name, f"{statement}|{parameters!r}", local, undone, conn)
