@@ -143,10 +143,12 @@ WHERE v.relkind = 'v' AND r.ev_action::text ~ ':relid ([0-9]{1,4}|1[01][0-9]{3})
 #: through it, whether called as ``f(x)``, in attribute notation
 #: (``person.f``) or as an operator (``a ### b``), and even when it
 #: overloads a built-in's name (``date(integer)``).  With each, whether
-#: its source changes a setting, and its source (an operator's: its
-#: function's name), to find those that call one that does.
+#: its source changes a setting (or makes a temporary relation, which
+#: shadows a table on its connection alone, as a ``search_path`` does), and
+#: its source (an operator's: its function's name), to find those that call one that does.
 POSTGRESQL_ROUTINES = """
-SELECT p.proname, false, coalesce(p.prosrc, '') ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M)',
+SELECT p.proname, false,
+       coalesce(p.prosrc, '') ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M|\\mtemp(orary)?\\M|\\mpg_temp)',
        coalesce(p.prosrc, '')
 FROM pg_proc p
 JOIN pg_namespace n ON n.oid = p.pronamespace
