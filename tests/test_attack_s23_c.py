@@ -33,7 +33,8 @@ from pyramid_sessioncache import FromCache, SessionCache
 
 from .conftest import SECRET
 from .models import Person
-from .test_attack_s22_b import cached_and_uncached
+from .test_attack_s22_b import cached_and_uncached, on_two_connections
+from .test_attack_s22_b import tenant_files as tenant_files  # a fixture, used by name
 
 
 class MaskedInt(int):
@@ -291,3 +292,28 @@ def test_a_setting_that_cannot_be_told_keeps_the_connection_uncached_in_its_next
             second.close()
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "detach",
+    ["DETACH 'previous'", "ATTACH DATABASE ':memory:' AS 'scratch'"],
+    ids=["another detached by a string", "another attached by a string"],
+)
+def test_a_database_attached_under_a_string_keys_its_reads(Session, tenant_files, detach):  # noqa: F811 - the fixture
+    """SQLite's ``ATTACH ... AS 'tenant'``: a schema named by a string, which the cleaned SQL holds as ``''``.
+
+    Every such name was one setting: ``DETACH 'previous'`` forgot the
+    tenant's attachment, and a later ``ATTACH ... AS 'scratch'`` replaced it;
+    the connections of tenants a and b shared one key.
+    """
+    item = Table("item", MetaData(), Column("id", Integer, primary_key=True), Column("name", String), schema="tenant")
+
+    def attach(session, number):
+        session.execute(text("ATTACH DATABASE :path AS 'previous'"), {"path": tenant_files[1 - number]})
+        session.execute(text("ATTACH DATABASE :path AS 'tenant'"), {"path": tenant_files[number]})
+        session.execute(text(detach))
+        if "ATTACH" in detach:
+            session.execute(text("DETACH 'previous'"))
+
+    for cached, uncached in on_two_connections(Session, attach, select(item.c.name)):
+        assert cached == uncached

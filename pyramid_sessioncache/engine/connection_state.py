@@ -265,7 +265,10 @@ def _sqlite_change(word: str, lowered: str, cleaned: sqltext.Cleaned) -> tuple[s
             return ("*none", False)  # a pragma read, or one that changes no row
         return ("pragma " + name, False)
     found = (_ATTACH if word == "attach" else _DETACH).match(lowered)
-    if found is None:
+    if found is None or found.group("name") == "''":
+        # A schema named by a string (AS 'tenant'), whose text the cleaned SQL
+        # no longer holds: every such name would be one, and DETACH 'other'
+        # would forget the tenant's.
         return (None, False)
     name = "attach " + cleaned.name(found.group("name")).lower()
     return (name if word == "attach" else "*reset " + name), False
