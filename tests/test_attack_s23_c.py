@@ -317,3 +317,38 @@ def test_a_database_attached_under_a_string_keys_its_reads(Session, tenant_files
 
     for cached, uncached in on_two_connections(Session, attach, select(item.c.name)):
         assert cached == uncached
+
+
+PARTITIONS = """
+CREATE TABLE measurement (taken date NOT NULL, value int) PARTITION BY RANGE (taken);
+CREATE TABLE measurement_2020 PARTITION OF measurement FOR VALUES FROM ('2020-01-01') TO ('2021-01-01');
+CREATE TABLE measurement_2026 PARTITION OF measurement FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+INSERT INTO measurement VALUES ('2020-06-01', 1), ('2026-06-01', 2);
+CREATE FUNCTION drop_old_partitions() RETURNS void LANGUAGE plpgsql AS $$
+BEGIN
+    DROP TABLE measurement_2020;
+END $$;
+"""
+
+
+def test_a_function_that_changes_the_schema_writes(pg_database):
+    """``SELECT drop_old_partitions()``, a maintenance function whose body drops a partition.
+
+    The rows of the partition left its parent; the function holds no DML,
+    so it was no writer, and what read the parent was served after the commit.
+    """
+    engine = create_engine(pg_database)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(PARTITIONS)
+        Session = sessionmaker(engine, info=SessionCache({"memory": {"type": "memory"}}, secret=SECRET).session_info())
+        measurement = Table("measurement", MetaData(), Column("taken", DateTime), Column("value", Integer))
+        stmt = select(measurement.c.value).order_by(measurement.c.value)
+        with Session() as session:
+            assert session.execute(stmt.options(FromCache("memory"))).all() == [(1,), (2,)]
+        with Session() as session:
+            session.execute(text("SELECT drop_old_partitions()")).all()
+            session.commit()
+        assert cached_and_uncached(Session, engine, stmt) == ([(2,)], [(2,)])
+    finally:
+        engine.dispose()

@@ -342,8 +342,14 @@ def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     return tables
 
 
-#: What a routine's source may write by: DML (in SQL run from a string too), a procedure called.
-_WRITES = re.compile(r"\b(?:insert|update|delete|merge|truncate|copy|call|refresh)\b", re.I)
+#: What a routine's source may write by: DML (in SQL run from a string too), a procedure called,
+#: a schema change (a partition dropped or detached takes its rows from its parent; a policy, a grant).
+_WRITES = re.compile(
+    r"\b(?:insert|update|delete|merge|truncate|copy|call|refresh|create|alter|drop|grant|revoke)\b", re.I
+)
+#: A temporary relation made (and dropped at commit), which shows on its connection
+#: alone (its connection is keyed apart: see :data:`POSTGRESQL_ROUTINES`).
+_TEMPORARY = re.compile(r"\bcreate\s+(?:(?:local|global)\s+)?temp(?:orary)?\b|\bon\s+commit\s+drop\b", re.I)
 #: SQL run from a string that does not start as a ``SELECT`` written out
 #: (``EXECUTE q``, ``EXECUTE format('%s', q)``): what it writes is the
 #: caller's to say.  ``EXECUTE format('SELECT count(*) FROM %I', t)`` is a
@@ -361,7 +367,7 @@ def _writes(source: str) -> bool:
     writes: a statement calling it is stored nowhere, as one that calls
     them by name runs uncached.
     """
-    if _WRITES.search(_LOCKS.sub(" ", source)) or _DYNAMIC.search(source):
+    if _WRITES.search(_TEMPORARY.sub(" ", _LOCKS.sub(" ", source))) or _DYNAMIC.search(source):
         return True
     return EFFECT_SQL.search(source) is not None
 
