@@ -31,7 +31,7 @@ from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
 
-from .conftest import SECRET
+from .conftest import SECRET, SQLCounter
 from .models import Person
 from .test_attack_s22_b import cached_and_uncached, on_two_connections
 from .test_attack_s22_b import tenant_files as tenant_files  # a fixture, used by name
@@ -350,5 +350,34 @@ def test_a_function_that_changes_the_schema_writes(pg_database):
             session.execute(text("SELECT drop_old_partitions()")).all()
             session.commit()
         assert cached_and_uncached(Session, engine, stmt) == ([(2,)], [(2,)])
+    finally:
+        engine.dispose()
+
+
+def test_an_insert_into_a_table_named_as_a_writer_writes_that_table_only(pg_url):
+    """``INSERT INTO audit (note)`` beside a function ``audit(text)`` that writes: the column list calls nothing.
+
+    Read as a call, each insert into ``audit`` would have written every
+    table, and each commit emptied every shared region of its entries.
+    """
+    engine = create_engine(pg_url)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TABLE audit (id serial PRIMARY KEY, note text); "
+                "CREATE FUNCTION audit(t text) RETURNS void LANGUAGE sql AS $$ INSERT INTO audit (note) VALUES (t) $$"
+            )
+        Session = sessionmaker(engine, info=SessionCache({"memory": {"type": "memory"}}, secret=SECRET).session_info())
+        stmt = select(Person.name).where(Person.id == 1).options(FromCache("memory"))
+        with Session() as session:
+            session.execute(stmt).all()
+        with Session() as session:
+            session.execute(text("INSERT INTO audit (note) VALUES ('x')"))
+            session.execute(insert(audit).values(note="y"))
+            session.commit()
+        sql = SQLCounter(engine)
+        with Session() as session:
+            assert session.execute(stmt).all() == [("person 1",)]
+        assert sql.count == 0
     finally:
         engine.dispose()

@@ -418,12 +418,18 @@ def calls_writers(conn: Any, sql: str) -> bool:
     """Whether ``sql``, run on ``conn``, may call a function of the database's own that writes.
 
     What its body writes is not read here (SQL run from a string, a
-    procedure): such a statement, a SELECT included, writes every table.
+    procedure): such a statement, a SELECT or DML, writes every table.  An
+    INSERT's column list is no call: ``INSERT INTO audit (note)`` calls no
+    function ``audit()``.
     """
     if conn.dialect.name != "postgresql" or "(" not in sql:
         return False
     writers = _schema.catalog(conn).writers
-    return writers is not None and writers.search(sql) is not None
+    return writers is not None and writers.search(_COLUMN_LISTS.sub(" ", sql)) is not None
+
+
+#: The table an INSERT names, before its column list.
+_COLUMN_LISTS = re.compile(r'\binto\s+[\w$."]+\s*\(', re.I)
 
 
 def calls_setters(conn: Any, sql: str) -> bool:
