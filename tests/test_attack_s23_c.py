@@ -381,3 +381,29 @@ def test_an_insert_into_a_table_named_as_a_writer_writes_that_table_only(pg_url)
         assert sql.count == 0
     finally:
         engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["SELECT \"currval\"('numbers')", "SELECT pg_catalog.\"currval\" ('numbers')", "SELECT \"nextval\"('numbers')"],
+)
+def test_an_effect_function_spelt_quoted_runs_every_time(pg_database, sql):
+    """``SELECT "currval"('numbers')`` is ``currval()``: a quoted name calls the same function.
+
+    The search for effect functions in SQL text wanted the name right
+    before its parenthesis: quoted, it was cached, and each Session was
+    served the number the first one drew.
+    """
+    engine = create_engine(pg_database)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE SEQUENCE numbers")
+        Session = sessionmaker(engine, info=SessionCache({"memory": {"type": "memory"}}, secret=SECRET).session_info())
+        got = []
+        for _ in range(2):
+            with Session() as session:
+                drawn = session.execute(select(Sequence("numbers").next_value())).scalar()
+                got.append(session.execute(text(sql).options(FromCache("memory"))).scalar() - drawn)
+        assert got == [0, 0] if "currval" in sql else got == [1, 1]
+    finally:
+        engine.dispose()

@@ -110,8 +110,8 @@ EFFECT_FUNCTIONS = frozenset(
      "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared", "pg_advisory_unlock",
      "pg_advisory_unlock_shared", "pg_advisory_unlock_all", "pg_cancel_backend", "pg_terminate_backend"}
 )  # fmt: skip
-#: A call of one of them in SQL text.
-EFFECT_SQL = re.compile(rf"\b(?:{'|'.join(sorted(EFFECT_FUNCTIONS))})\s*\(", re.IGNORECASE)
+#: A call of one of them in SQL text, its name quoted or not (``"currval"('numbers')``).
+EFFECT_SQL = re.compile(rf"\b(?:{'|'.join(sorted(EFFECT_FUNCTIONS))})\"?\s*\(", re.IGNORECASE)
 
 _MEMO_SIZE = 2000
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
