@@ -407,3 +407,26 @@ def test_an_effect_function_spelt_quoted_runs_every_time(pg_database, sql):
         assert got == [0, 0] if "currval" in sql else got == [1, 1]
     finally:
         engine.dispose()
+
+
+def test_what_a_sqlite_connection_inserted_last_is_read_every_time(Session, engine):
+    """``SELECT last_insert_rowid()`` gives the row id of its own connection's last INSERT, as ``lastval()`` does.
+
+    No write publishes what it returns: the other connection was served
+    the first connection's row id.
+    """
+    from .models import Tag
+
+    first, second = Session(), Session()
+    try:
+        for session in (first, second):
+            session.connection()  # two connections checked out at once
+        first.add(Tag(id=10, name="tag 10"))
+        first.commit()
+        second.commit()
+        for session in (first, second):
+            stmt = text("SELECT last_insert_rowid()")
+            assert session.execute(stmt.options(FromCache("memory"))).all() == session.execute(stmt).all()
+    finally:
+        first.close()
+        second.close()

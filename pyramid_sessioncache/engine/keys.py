@@ -102,9 +102,11 @@ LOCKING_SQL = re.compile(
 #: sequence advanced, a lock taken, a setting made, a notification sent.
 #: A hit would do none of it, so a statement that calls one runs every time.
 #: So does one that reads what its connection's own calls did (``currval()``,
-#: ``lastval()``: the number its last ``nextval()`` drew, which no write publishes).
+#: ``lastval()``: the number its last ``nextval()`` drew, which no write publishes;
+#: SQLite's ``last_insert_rowid()``), or which connection it is.
 EFFECT_FUNCTIONS = frozenset(
-    {"nextval", "setval", "currval", "lastval", "set_config", "pg_notify", "txid_current", "pg_current_xact_id", "lo_create", "lo_import",
+    {"nextval", "setval", "currval", "lastval", "last_insert_rowid", "total_changes", "pg_backend_pid",
+     "set_config", "pg_notify", "txid_current", "pg_current_xact_id", "lo_create", "lo_import",
      "lo_unlink", "lo_put", "lo_from_bytea", "pg_advisory_lock", "pg_advisory_lock_shared", "pg_advisory_xact_lock",
      "pg_advisory_xact_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
      "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared", "pg_advisory_unlock",
