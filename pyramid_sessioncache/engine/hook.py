@@ -264,8 +264,9 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
             # What an explicit invalidation removed, an older snapshot must not store again.
             conn = connection()
             verdict["store"] = not _must_not_store(session, conn)
+            before = writes.writes_run(conn)
             value = load(conn=conn)
-            wrote = writes.pending_on(conn)  # a SELECT that writes: see create() below
+            wrote = writes.writes_run(conn) != before  # a SELECT that writes: see create() below
             verdict["store"] = verdict["store"] and value.storable and not wrote and not loader.reads_a_standby(conn)
             return value
 
@@ -287,10 +288,11 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
                 # second reads its snapshot, older than the versions read now.
                 old_snapshot = old_snapshot or _must_not_store(session, conn)
             now = region.versions(known, create=True)  # before the query: see invalidation/__init__.py
+            before = writes.writes_run(conn)
             value = load(frozenset(known), conn)
             # A view calling a function of the database's own reads any table.
             value.tables = schema.depends_on(conn, value.tables)
-            if writes.pending_on(conn):
+            if writes.writes_run(conn) != before:
                 # It wrote (a function of the database's own that writes, DML
                 # in a CTE): rows no committed state holds, which a rollback
                 # would leave stored under current versions.  Not loaded
