@@ -354,7 +354,7 @@ _TEMPORARY = re.compile(r"\bcreate\s+(?:(?:local|global)\s+)?temp(?:orary)?\b|\b
 #: (``EXECUTE q``, ``EXECUTE format('%s', q)``): what it writes is the
 #: caller's to say.  ``EXECUTE format('SELECT count(*) FROM %I', t)`` is a
 #: dynamic read, which must not make every call write every table.
-_DYNAMIC = re.compile(r"\bexecute\s+(?!(?:format\s*\(\s*)?(?:E?'|\$\w*\$)\s*\(*\s*select\b)", re.I)
+_DYNAMIC = re.compile(r"\bexecute\b(?!\s*\(*\s*(?:format\s*\(\s*)?(?:E?'|\$\w*\$)\s*\(*\s*select\b)", re.I)
 #: A locking read, which writes nothing.
 _LOCKS = re.compile(r"\bfor\s+(?:no\s+key\s+)?update\b", re.I)
 
