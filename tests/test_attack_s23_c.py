@@ -432,3 +432,39 @@ def test_what_a_sqlite_connection_inserted_last_is_read_every_time(Session, engi
     finally:
         first.close()
         second.close()
+
+
+class MaskedTenant(str):
+    """A tenant's name that hides itself from the logs."""
+
+    def __repr__(self) -> str:
+        return "MaskedTenant('***')"
+
+
+def test_a_setting_made_with_a_value_whose_repr_hides_it_keys_by_the_value(pg_url):
+    """``SELECT set_config('app.tenant', :tenant, false)`` with a masked value: each tenant's setting is its own.
+
+    The setting was keyed by the statement and the repr of its
+    parameters: every tenant's connection had one key, and tenant b was
+    served what tenant a read.
+    """
+    engine = create_engine(pg_url)
+    try:
+        Session = sessionmaker(engine, info=SessionCache({"memory": {"type": "memory"}}, secret=SECRET).session_info())
+        stmt = select(func.current_setting("app.tenant"))
+        first, second = Session(), Session()
+        try:
+            for session in (first, second):
+                session.connection()  # two connections checked out at once
+            for session, tenant in ((first, "a"), (second, "b")):
+                session.execute(
+                    text("SELECT set_config('app.tenant', :tenant, false)"), {"tenant": MaskedTenant(tenant)}
+                )
+                session.commit()
+            for session in (first, second):
+                assert session.execute(stmt.options(FromCache("memory"))).all() == session.execute(stmt).all()
+        finally:
+            first.close()
+            second.close()
+    finally:
+        engine.dispose()
