@@ -162,6 +162,18 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_operator'::regclass AND e.objid = o.oid AND e.deptype = 'e')
 """
 
+#: The views and the functions of the database's own their query calls: a
+#: view over a function that writes writes when it is read.
+POSTGRESQL_VIEW_ROUTINES = """
+SELECT DISTINCT v.relname, f.proname
+FROM pg_rewrite r
+JOIN pg_class v ON v.oid = r.ev_class
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_proc'::regclass
+JOIN pg_proc f ON f.oid = d.refobjid
+JOIN pg_namespace n ON n.oid = f.pronamespace
+WHERE v.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
 #: Databases whose catalog is kept at most; past it, the oldest read is read again when needed.
 _MAX_CATALOGS = 64
 
@@ -204,7 +216,8 @@ class Catalog:
     ``routines``: what finds, in SQL, the name of a function or an
     operator of the database's own (:data:`POSTGRESQL_ROUTINES`), or None;
     ``setters`` and ``writers``: a call of one that changes a setting, or
-    that writes (or of one that calls such a function).
+    that writes (or of one that calls such a function; for ``writers``, a
+    view over one named too).
     """
 
     def __init__(
@@ -286,12 +299,19 @@ class _Schema:
             opaque = closure((reads.version_name(name) for (name,) in cursor.fetchall()), shows)
             cursor.execute(POSTGRESQL_ROUTINES)
             rows = cursor.fetchall()
+            cursor.execute(POSTGRESQL_VIEW_ROUTINES)
+            view_routines = cursor.fetchall()
         finally:
             cursor.close()
         routines = _routines_pattern([(name, operator) for name, operator, _, _ in rows])
         setters = _calling(rows, {(name, operator) for name, operator, sets, _ in rows if sets})
         writers = _calling(rows, {(name, operator) for name, operator, _, source in rows if _writes(source)})
-        return Catalog(edges, opaque, routines, _routines_pattern(setters), _routines_pattern(writers, called=True))
+        # A view over a function that writes, and a view over such a view, writes when it is read.
+        writing = {name for name, operator in writers if not operator}
+        views = closure((reads.version_name(view) for view, called in view_routines if called in writing), shows)
+        return Catalog(
+            edges, opaque, routines, _routines_pattern(setters), _routines_pattern(writers, called=True, views=views)
+        )
 
 
 _schema = _Schema()
@@ -388,15 +408,18 @@ def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool
         found |= more
 
 
-def _routines_pattern(rows: list[tuple[str, bool]], called: bool = False) -> re.Pattern[str] | None:
+def _routines_pattern(
+    rows: list[tuple[str, bool]], called: bool = False, views: Iterable[str] = ()
+) -> re.Pattern[str] | None:
     # A function by its name as a word (any case: unquoted names fold), an
     # operator by its symbols; the longest first.  ``called``: a function
     # only by its name before "(", quoted or not (a column spelt like it
-    # calls nothing).
+    # calls nothing).  ``views``: relations found by their name as a word.
     names = sorted({name for name, operator in rows if not operator}, key=len, reverse=True)
     operators = sorted({name for name, operator in rows if operator}, key=len, reverse=True)
     end = r'"?\s*\(' if called else r"(?![\w$])"
     parts = [rf"(?<![\w$]){re.escape(name)}{end}" for name in names] + [re.escape(op) for op in operators]
+    parts += [rf"(?<![\w$]){re.escape(view)}(?![\w$])" for view in sorted(views, key=len, reverse=True)]
     return re.compile("|".join(parts), re.I) if parts else None
 
 
@@ -420,9 +443,10 @@ def calls_writers(conn: Any, sql: str) -> bool:
     What its body writes is not read here (SQL run from a string, a
     procedure): such a statement, a SELECT or DML, writes every table.  An
     INSERT's column list is no call: ``INSERT INTO audit (note)`` calls no
-    function ``audit()``.
+    function ``audit()``.  A read of a view whose query calls one (an
+    audit-on-read view) calls it too.
     """
-    if conn.dialect.name != "postgresql" or "(" not in sql:
+    if conn.dialect.name != "postgresql":
         return False
     writers = _schema.catalog(conn).writers
     return writers is not None and writers.search(_COLUMN_LISTS.sub(" ", sql)) is not None
