@@ -499,3 +499,35 @@ def test_a_view_that_calls_a_function_that_writes_runs_every_time(pg_database, v
         assert got == [1, 2]
     finally:
         engine.dispose()
+
+
+def test_a_function_that_draws_from_a_sequence_writes_nothing(pg_database):
+    """``SELECT next_code()``, a function that calls ``nextval()``: its result is stored nowhere, and it writes nothing.
+
+    Counted as a writer, each call would have invalidated every entry of
+    every shared region at its commit.
+    """
+    engine = create_engine(pg_database)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE SEQUENCE codes; CREATE TABLE item (id int, name text); INSERT INTO item VALUES (1, 'one'); "
+                "CREATE FUNCTION next_code() RETURNS bigint LANGUAGE sql AS $$ SELECT nextval('codes') $$"
+            )
+        Session = sessionmaker(engine, info=SessionCache({"memory": {"type": "memory"}}, secret=SECRET).session_info())
+        item = Table("item", MetaData(), Column("id", Integer), Column("name", String))
+        stmt = select(item.c.name).options(FromCache("memory"))
+        with Session() as session:
+            session.execute(stmt).all()
+        codes = []
+        for _ in range(2):
+            with Session() as session:
+                codes.append(session.execute(select(func.next_code()).options(FromCache("memory"))).scalar())
+                session.commit()
+        assert codes == [1, 2]
+        sql = SQLCounter(engine)
+        with Session() as session:
+            assert session.execute(stmt).all() == [("one",)]
+        assert sql.count == 0
+    finally:
+        engine.dispose()

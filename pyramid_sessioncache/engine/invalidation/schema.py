@@ -217,7 +217,8 @@ class Catalog:
     operator of the database's own (:data:`POSTGRESQL_ROUTINES`), or None;
     ``setters`` and ``writers``: a call of one that changes a setting, or
     that writes (or of one that calls such a function; for ``writers``, a
-    view over one named too).
+    view over one named too); ``effects``: a call of one run for what it
+    does (it calls ``nextval()``, ``currval()``, an advisory lock...).
     """
 
     def __init__(
@@ -227,12 +228,14 @@ class Catalog:
         routines: re.Pattern[str] | None = None,
         setters: re.Pattern[str] | None = None,
         writers: re.Pattern[str] | None = None,
+        effects: re.Pattern[str] | None = None,
     ) -> None:
         self.edges = edges
         self.opaque = opaque
         self.routines = routines
         self.setters = setters
         self.writers = writers
+        self.effects = effects
 
 
 _NO_CATALOG = Catalog({}, frozenset())
@@ -305,12 +308,19 @@ class _Schema:
             cursor.close()
         routines = _routines_pattern([(name, operator) for name, operator, _, _ in rows])
         setters = _calling(rows, {(name, operator) for name, operator, sets, _ in rows if sets})
+        # Those that call a function of keys.EFFECT_FUNCTIONS (nextval(), currval(), a lock): run for what they do.
+        effects = _calling(rows, {(name, operator) for name, operator, _, source in rows if EFFECT_SQL.search(source)})
         writers = _calling(rows, {(name, operator) for name, operator, _, source in rows if _writes(source)})
         # A view over a function that writes, and a view over such a view, writes when it is read.
         writing = {name for name, operator in writers if not operator}
         views = closure((reads.version_name(view) for view, called in view_routines if called in writing), shows)
         return Catalog(
-            edges, opaque, routines, _routines_pattern(setters), _routines_pattern(writers, called=True, views=views)
+            edges,
+            opaque,
+            routines,
+            _routines_pattern(setters),
+            _routines_pattern(writers, called=True, views=views),
+            _routines_pattern(effects, called=True),
         )
 
 
@@ -380,16 +390,10 @@ _LOCKS = re.compile(r"\bfor\s+(?:no\s+key\s+)?update\b", re.I)
 
 
 def _writes(source: str) -> bool:
-    """Whether a routine's ``source`` may write, or is run for its effect as much as for what it returns.
-
-    One that calls a function of :data:`~pyramid_sessioncache.engine.keys.EFFECT_FUNCTIONS`
-    (``nextval()``, ``currval()``, an advisory lock) counts as one that
-    writes: a statement calling it is stored nowhere, as one that calls
-    them by name runs uncached.
-    """
-    if _WRITES.search(_TEMPORARY.sub(" ", _LOCKS.sub(" ", source))) or _DYNAMIC.search(source):
-        return True
-    return EFFECT_SQL.search(source) is not None
+    """Whether a routine's ``source`` may write."""
+    return (
+        _WRITES.search(_TEMPORARY.sub(" ", _LOCKS.sub(" ", source))) is not None or _DYNAMIC.search(source) is not None
+    )
 
 
 def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool]]) -> list[tuple[str, bool]]:
@@ -454,6 +458,20 @@ def calls_writers(conn: Any, sql: str) -> bool:
 
 #: The table an INSERT names, before its column list.
 _COLUMN_LISTS = re.compile(r'\binto\s+[\w$."]+\s*\(', re.I)
+
+
+def calls_effects(conn: Any, sql: str) -> bool:
+    """Whether ``sql``, run on ``conn``, may call a function of the database's own run for its effect.
+
+    One that calls a function of :data:`~pyramid_sessioncache.engine.keys.EFFECT_FUNCTIONS`
+    (``nextval()``, ``currval()``, an advisory lock), which a statement
+    naming them runs uncached for: such a call writes nothing, but its
+    result is stored nowhere either.
+    """
+    if conn.dialect.name != "postgresql" or "(" not in sql:
+        return False
+    effects = _schema.catalog(conn).effects
+    return effects is not None and effects.search(sql) is not None
 
 
 def calls_setters(conn: Any, sql: str) -> bool:

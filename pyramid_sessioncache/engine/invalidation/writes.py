@@ -63,7 +63,7 @@ log = logging.getLogger(__name__)
 
 #: ``Connection.info`` (kept with the DBAPI connection) keys.
 _MARKS = "sessioncache.marks"
-#: How many statements that wrote the connection has run (see :func:`writes_run`).
+#: How many statements that wrote the connection (or called a function for its effect) has run (see :func:`writes_run`).
 _WRITES_RUN = "sessioncache.writes_run"
 _OWNERS = "sessioncache.owners"
 
@@ -194,6 +194,9 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
             # or by DML (INSERT ... SELECT f(), UPDATE ... SET c = f()): it writes
             # more than the statement's own table.
             tables = frozenset({ALL_TABLES})
+        elif not tables and schema.calls_effects(conn, statement):
+            # One run for what it does (nextval(), a lock): no write, but what a hit would not do.
+            conn.info[_WRITES_RUN] = conn.info.get(_WRITES_RUN, 0) + 1
         if tables and is_ddl(context, statement):
             # What the tables it names showed under before it ran (a partition
             # dropped, NO INHERIT: its parent no longer shows its rows), and after.
@@ -586,10 +589,12 @@ def pending_on(connection: Any) -> bool:
 
 
 def writes_run(connection: Any) -> int:
-    """How many statements that wrote ``connection``'s DBAPI connection has run.
+    """How many statements that wrote ``connection``'s DBAPI connection has run, or that called a function for its effect.
 
     Read before and after a statement runs: whether it wrote (a SELECT
-    calling a function of the database's own that writes).
+    calling a function of the database's own that writes), or did what a
+    hit would not do (one calling ``nextval()`` or ``currval()``): its
+    result is stored nowhere.
     """
     return connection.info.get(_WRITES_RUN, 0)
 
