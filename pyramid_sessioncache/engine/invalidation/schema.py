@@ -261,7 +261,8 @@ class _Schema:
             self._mapped = (seen, metadata_edges(metadatas))
         return self._mapped[1]
 
-    def catalog(self, conn: Any) -> Catalog:
+    def catalog(self, conn: Any, read: bool = True) -> Catalog:
+        # read=False: the catalog known, none if it has not been read yet.
         if conn.dialect.name != "postgresql":
             return _NO_CATALOG
         if conn.info.get(_CHANGING):
@@ -274,6 +275,8 @@ class _Schema:
         database = database_identity(conn)
         found = self._catalogs.get(database)
         if found is None:
+            if not read:
+                return _NO_CATALOG
             found = self._read_catalog(conn)
             while len(self._catalogs) >= _MAX_CATALOGS:
                 del self._catalogs[next(iter(self._catalogs))]
@@ -452,7 +455,10 @@ def calls_writers(conn: Any, sql: str) -> bool:
     """
     if conn.dialect.name != "postgresql":
         return False
-    writers = _schema.catalog(conn).writers
+    # SQL that calls nothing may still read a view over a writer: asked of
+    # the catalog once it is known (the first write or miss reads it), never
+    # read for it, as every statement of every engine comes here.
+    writers = _schema.catalog(conn, read="(" in sql).writers
     return writers is not None and writers.search(_COLUMN_LISTS.sub(" ", sql)) is not None
 
 
