@@ -51,6 +51,13 @@ def statement_params(cache_key: Any) -> Mapping[str, Any]:
     return getattr(cache_key, "params", None) or {}
 
 
+#: The class of SQLAlchemy's named constants (``JSON.NULL``): an ``int``
+#: subclass whose value is the hash of its name, another in each process
+#: (``sqlalchemy.util.langhelpers.symbol``, exported as ``sqlalchemy.util.symbol``
+#: but not documented; 2.0, 2.1).  Its repr names it.
+SYMBOL = sqlalchemy.util.symbol
+
+
 #: What ``type_cache_key()`` returns for a type whose instances cannot be
 #: told apart (a ``TypeDecorator`` with ``cache_ok = False``; 2.0, 2.1).
 NO_CACHE = cache_key_module.NO_CACHE

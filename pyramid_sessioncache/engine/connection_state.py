@@ -47,6 +47,7 @@ from sqlalchemy.engine import Engine
 from .. import _sqlalchemy
 from .invalidation import schema, sqltext
 from .invalidation.writes import in_transaction
+from .keys import Unkeyable, value_text
 
 #: ``Connection.info`` keys (kept with the DBAPI connection).
 _SESSION = "sessioncache.settings"
@@ -142,12 +143,26 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
         return
     info = conn.info
     in_transaction = conn.in_transaction()
+    value = _setting_value(statement, parameters) if any(name != "*none" for name, _ in changes) else ""
     for name, local in changes:
-        if name is None:  # what it changes, or for how long, cannot be told
+        if name is None or value is None:  # what it changes, or for how long, or to what, cannot be told
             info[_UNKNOWN] = True
+            _POOLS_WITH_SETTINGS.add(conn.engine.pool)  # a Session's next transaction must see it too
             continue
         undone = in_transaction and not name.startswith(_KEPT_AT_ROLLBACK)
-        _apply(info, name, f"{statement}|{parameters!r}", local, undone, conn)
+        _apply(info, name, value, local, undone, conn)
+
+
+def _setting_value(statement: str, parameters: Any) -> str | None:
+    """What a statement that changes a setting sets, as key text; None when its parameters have none.
+
+    Its parameters as keys show them, not their repr, which may hide a
+    value (a tenant's name masked for the logs).
+    """
+    try:
+        return f"{statement}|{value_text(parameters)}"
+    except Unkeyable:
+        return None
 
 
 def _note_temporary(conn: Any, statement: str) -> None:
@@ -264,7 +279,10 @@ def _sqlite_change(word: str, lowered: str, cleaned: sqltext.Cleaned) -> tuple[s
             return ("*none", False)  # a pragma read, or one that changes no row
         return ("pragma " + name, False)
     found = (_ATTACH if word == "attach" else _DETACH).match(lowered)
-    if found is None:
+    if found is None or found.group("name") == "''":
+        # A schema named by a string (AS 'tenant'), whose text the cleaned SQL
+        # no longer holds: every such name would be one, and DETACH 'other'
+        # would forget the tenant's.
         return (None, False)
     name = "attach " + cleaned.name(found.group("name")).lower()
     return (name if word == "attach" else "*reset " + name), False

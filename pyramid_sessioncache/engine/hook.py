@@ -159,13 +159,14 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
     if found is None:
         return None
     if region.is_local:
+        loaded: dict[str, bool] = {}
         value, hit = region.get_or_create(
             found.key.text,
-            lambda: _local_load(state, cache),
+            lambda: _local_load(state, cache, loaded),
             session,
             option.expire,
             valid=found.valid or always_valid,
-            store=lambda value: not _holds_always_refreshed(session),
+            store=lambda value: not loaded.get("wrote") and not _holds_always_refreshed(session),
         )
         result = value.result()
     else:
@@ -185,15 +186,21 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
     return result
 
 
-def _local_load(state: ORMExecuteState, cache: SessionCache) -> LocalResult:
+def _local_load(state: ORMExecuteState, cache: SessionCache, loaded: dict[str, bool]) -> LocalResult:
     """Run ``state``'s statement for an ``ext:local_session`` entry, tagged with the commits of the process so far.
 
     Read before the query runs: a commit that publishes while it runs (or
     just before the database commits) voids the entry, whatever rows the
-    query saw.
+    query saw.  ``loaded["wrote"]``: whether the statement wrote (a
+    function of the database's own that writes, or that reads what its
+    connection drew from a sequence): such an entry is not kept, the next
+    execution must do it again.
     """
     commits = cache.commits
+    connection = state.session.connection(bind_arguments=dict(state.bind_arguments))
+    before = writes.writes_run(connection)
     value = LocalResult.from_result(state.invoke_statement())
+    loaded["wrote"] = writes.writes_run(connection) != before
     value.commits = commits
     return value
 
@@ -257,8 +264,10 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
             # What an explicit invalidation removed, an older snapshot must not store again.
             conn = connection()
             verdict["store"] = not _must_not_store(session, conn)
+            before = writes.writes_run(conn)
             value = load(conn=conn)
-            verdict["store"] = verdict["store"] and value.storable and not loader.reads_a_standby(conn)
+            wrote = writes.writes_run(conn) != before  # a SELECT that writes: see create() below
+            verdict["store"] = verdict["store"] and value.storable and not wrote and not loader.reads_a_standby(conn)
             return value
 
         return region.get_or_create(
@@ -279,9 +288,17 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
                 # second reads its snapshot, older than the versions read now.
                 old_snapshot = old_snapshot or _must_not_store(session, conn)
             now = region.versions(known, create=True)  # before the query: see invalidation/__init__.py
+            before = writes.writes_run(conn)
             value = load(frozenset(known), conn)
             # A view calling a function of the database's own reads any table.
             value.tables = schema.depends_on(conn, value.tables)
+            if writes.writes_run(conn) != before:
+                # It wrote (a function of the database's own that writes, DML
+                # in a CTE): rows no committed state holds, which a rollback
+                # would leave stored under current versions.  Not loaded
+                # again either: that would write twice.
+                old_snapshot = True
+                break
             if value.tables <= frozenset(known):
                 break
             # It read tables its statement does not name (eager loads, column

@@ -103,9 +103,11 @@ LOCKING_SQL = re.compile(
 #: sequence advanced, a lock taken, a setting made, a notification sent.
 #: A hit would do none of it, so a statement that calls one runs every time.
 #: So does one that reads what its connection's own calls did (``currval()``,
-#: ``lastval()``: the number its last ``nextval()`` drew, which no write publishes).
+#: ``lastval()``: the number its last ``nextval()`` drew, which no write publishes;
+#: SQLite's ``last_insert_rowid()``), or which connection it is.
 EFFECT_FUNCTIONS = frozenset(
-    {"nextval", "setval", "currval", "lastval", "set_config", "pg_notify", "txid_current", "pg_current_xact_id", "lo_create", "lo_import",
+    {"nextval", "setval", "currval", "lastval", "last_insert_rowid", "total_changes", "pg_backend_pid",
+     "set_config", "pg_notify", "txid_current", "pg_current_xact_id", "lo_create", "lo_import",
      "lo_unlink", "lo_put", "lo_from_bytea", "pg_advisory_lock", "pg_advisory_lock_shared", "pg_advisory_xact_lock",
      "pg_advisory_xact_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
      "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared", "pg_advisory_unlock",
@@ -527,11 +529,11 @@ def value_text(value: Any) -> str:
         text = f"{type(value).__name__}:{value!r}"
         if _ADDRESS.search(text):  # a subclass's repr with an address: not stable, and reused
             raise Unkeyable(value)
-        if type(value) not in _PLAIN_BASES and not isinstance(value, int):
-            # A subclass's repr may hide its value (a token masked for the
-            # logs): the value as its plain type shows it says which it is.
-            # Not an int's: SQLAlchemy's symbols (JSON.NULL) are ints whose
-            # value is a hash, another in each process; their repr names them.
+        if type(value) not in _PLAIN_BASES and not isinstance(value, _sqlalchemy.SYMBOL):
+            # A subclass's repr may hide its value (a token, an account
+            # number masked for the logs): the value as its plain type shows
+            # it says which it is.  Not a SQLAlchemy symbol's (JSON.NULL): an
+            # int whose value is a hash, another in each process; its repr names it.
             text += ":" + _plain_repr(value)
         return text
     if isinstance(value, (list, tuple)):
@@ -563,7 +565,8 @@ def _aware_text(value: datetime.datetime | datetime.time) -> str:
     if _ADDRESS.search(zone):
         zone = _qualified(type(tz))
     naive = value.replace(tzinfo=None)
-    return f"{type(value).__name__}:{naive!r}@{zone}:{value.utcoffset()!r}:{value.tzname()!r}"
+    # A subclass's repr may hide its value: the plain type's repr shows it.
+    return f"{type(value).__name__}:{_plain_repr(naive)}@{zone}:{value.utcoffset()!r}:{value.tzname()!r}"
 
 
 def _normalized(options: dict[str, Any]) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from typing import Any
 from ... import _sqlalchemy
 from ..._weak import members
 from ..identity import database_identity
+from ..keys import EFFECT_SQL
 from . import reads
 
 log = logging.getLogger(__name__)
@@ -143,10 +144,12 @@ WHERE v.relkind = 'v' AND r.ev_action::text ~ ':relid ([0-9]{1,4}|1[01][0-9]{3})
 #: through it, whether called as ``f(x)``, in attribute notation
 #: (``person.f``) or as an operator (``a ### b``), and even when it
 #: overloads a built-in's name (``date(integer)``).  With each, whether
-#: its source changes a setting, and its source (an operator's: its
-#: function's name), to find those that call one that does.
+#: its source changes a setting (or makes a temporary relation, which
+#: shadows a table on its connection alone, as a ``search_path`` does), and
+#: its source (an operator's: its function's name), to find those that call one that does.
 POSTGRESQL_ROUTINES = """
-SELECT p.proname, false, coalesce(p.prosrc, '') ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M)',
+SELECT p.proname, false,
+       coalesce(p.prosrc, '') ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M|\\mtemp(orary)?\\M|\\mpg_temp)',
        coalesce(p.prosrc, '')
 FROM pg_proc p
 JOIN pg_namespace n ON n.oid = p.pronamespace
@@ -158,6 +161,18 @@ FROM pg_operator o
 JOIN pg_namespace n ON n.oid = o.oprnamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_operator'::regclass AND e.objid = o.oid AND e.deptype = 'e')
+"""
+
+#: The views and the functions of the database's own their query calls: a
+#: view over a function that writes writes when it is read.
+POSTGRESQL_VIEW_ROUTINES = """
+SELECT DISTINCT v.relname, f.proname
+FROM pg_rewrite r
+JOIN pg_class v ON v.oid = r.ev_class
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_proc'::regclass
+JOIN pg_proc f ON f.oid = d.refobjid
+JOIN pg_namespace n ON n.oid = f.pronamespace
+WHERE v.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
 #: Databases whose catalog is kept at most; past it, the oldest read is read again when needed.
@@ -202,7 +217,9 @@ class Catalog:
     ``routines``: what finds, in SQL, the name of a function or an
     operator of the database's own (:data:`POSTGRESQL_ROUTINES`), or None;
     ``setters`` and ``writers``: a call of one that changes a setting, or
-    that writes (or of one that calls such a function).
+    that writes (or of one that calls such a function; for ``writers``, a
+    view over one named too); ``effects``: a call of one run for what it
+    does (it calls ``nextval()``, ``currval()``, an advisory lock...).
     """
 
     def __init__(
@@ -212,12 +229,14 @@ class Catalog:
         routines: re.Pattern[str] | None = None,
         setters: re.Pattern[str] | None = None,
         writers: re.Pattern[str] | None = None,
+        effects: re.Pattern[str] | None = None,
     ) -> None:
         self.edges = edges
         self.opaque = opaque
         self.routines = routines
         self.setters = setters
         self.writers = writers
+        self.effects = effects
 
 
 _NO_CATALOG = Catalog({}, frozenset())
@@ -243,7 +262,8 @@ class _Schema:
             self._mapped = (seen, metadata_edges(metadatas))
         return self._mapped[1]
 
-    def catalog(self, conn: Any) -> Catalog:
+    def catalog(self, conn: Any, read: bool = True) -> Catalog:
+        # read=False: the catalog known, none if it has not been read yet.
         if conn.dialect.name != "postgresql":
             return _NO_CATALOG
         if conn.info.get(_CHANGING):
@@ -256,6 +276,8 @@ class _Schema:
         database = database_identity(conn)
         found = self._catalogs.get(database)
         if found is None:
+            if not read:
+                return _NO_CATALOG
             found = self._read_catalog(conn)
             while len(self._catalogs) >= _MAX_CATALOGS:
                 del self._catalogs[next(iter(self._catalogs))]
@@ -284,12 +306,26 @@ class _Schema:
             opaque = closure((reads.version_name(name) for (name,) in cursor.fetchall()), shows)
             cursor.execute(POSTGRESQL_ROUTINES)
             rows = cursor.fetchall()
+            cursor.execute(POSTGRESQL_VIEW_ROUTINES)
+            view_routines = cursor.fetchall()
         finally:
             cursor.close()
         routines = _routines_pattern([(name, operator) for name, operator, _, _ in rows])
         setters = _calling(rows, {(name, operator) for name, operator, sets, _ in rows if sets})
+        # Those that call a function of keys.EFFECT_FUNCTIONS (nextval(), currval(), a lock): run for what they do.
+        effects = _calling(rows, {(name, operator) for name, operator, _, source in rows if EFFECT_SQL.search(source)})
         writers = _calling(rows, {(name, operator) for name, operator, _, source in rows if _writes(source)})
-        return Catalog(edges, opaque, routines, _routines_pattern(setters), _routines_pattern(writers, called=True))
+        # A view over a function that writes, and a view over such a view, writes when it is read.
+        writing = {name for name, operator in writers if not operator}
+        views = closure((reads.version_name(view) for view, called in view_routines if called in writing), shows)
+        return Catalog(
+            edges,
+            opaque,
+            routines,
+            _routines_pattern(setters),
+            _routines_pattern(writers, called=True, views=views),
+            _routines_pattern(effects, called=True),
+        )
 
 
 _schema = _Schema()
@@ -340,16 +376,28 @@ def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     return tables
 
 
-#: What a routine's source may write by: DML (in SQL run from a string too), a procedure called.
-#: Not ``EXECUTE`` alone: a dynamic read must not make every call write every table.
-_WRITES = re.compile(r"\b(?:insert|update|delete|merge|truncate|copy|call|refresh)\b", re.I)
+#: What a routine's source may write by: DML (in SQL run from a string too), a procedure called,
+#: a schema change (a partition dropped or detached takes its rows from its parent; a policy, a grant).
+_WRITES = re.compile(
+    r"\b(?:insert|update|delete|merge|truncate|copy|call|refresh|create|alter|drop|grant|revoke)\b", re.I
+)
+#: A temporary relation made (and dropped at commit), which shows on its connection
+#: alone (its connection is keyed apart: see :data:`POSTGRESQL_ROUTINES`).
+_TEMPORARY = re.compile(r"\bcreate\s+(?:(?:local|global)\s+)?temp(?:orary)?\b|\bon\s+commit\s+drop\b", re.I)
+#: SQL run from a string that does not start as a ``SELECT`` written out
+#: (``EXECUTE q``, ``EXECUTE format('%s', q)``): what it writes is the
+#: caller's to say.  ``EXECUTE format('SELECT count(*) FROM %I', t)`` is a
+#: dynamic read, which must not make every call write every table.
+_DYNAMIC = re.compile(r"\bexecute\b(?!\s*\(*\s*(?:format\s*\(\s*)?(?:E?'|\$\w*\$)\s*\(*\s*select\b)", re.I)
 #: A locking read, which writes nothing.
 _LOCKS = re.compile(r"\bfor\s+(?:no\s+key\s+)?update\b", re.I)
 
 
 def _writes(source: str) -> bool:
     """Whether a routine's ``source`` may write."""
-    return _WRITES.search(_LOCKS.sub(" ", source)) is not None
+    return (
+        _WRITES.search(_TEMPORARY.sub(" ", _LOCKS.sub(" ", source))) is not None or _DYNAMIC.search(source) is not None
+    )
 
 
 def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool]]) -> list[tuple[str, bool]]:
@@ -368,15 +416,18 @@ def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool
         found |= more
 
 
-def _routines_pattern(rows: list[tuple[str, bool]], called: bool = False) -> re.Pattern[str] | None:
+def _routines_pattern(
+    rows: list[tuple[str, bool]], called: bool = False, views: Iterable[str] = ()
+) -> re.Pattern[str] | None:
     # A function by its name as a word (any case: unquoted names fold), an
     # operator by its symbols; the longest first.  ``called``: a function
     # only by its name before "(", quoted or not (a column spelt like it
-    # calls nothing).
+    # calls nothing).  ``views``: relations found by their name as a word.
     names = sorted({name for name, operator in rows if not operator}, key=len, reverse=True)
     operators = sorted({name for name, operator in rows if operator}, key=len, reverse=True)
     end = r'"?\s*\(' if called else r"(?![\w$])"
     parts = [rf"(?<![\w$]){re.escape(name)}{end}" for name in names] + [re.escape(op) for op in operators]
+    parts += [rf"(?<![\w$]){re.escape(view)}(?![\w$])" for view in sorted(views, key=len, reverse=True)]
     return re.compile("|".join(parts), re.I) if parts else None
 
 
@@ -398,12 +449,36 @@ def calls_writers(conn: Any, sql: str) -> bool:
     """Whether ``sql``, run on ``conn``, may call a function of the database's own that writes.
 
     What its body writes is not read here (SQL run from a string, a
-    procedure): such a statement, a SELECT included, writes every table.
+    procedure): such a statement, a SELECT or DML, writes every table.  An
+    INSERT's column list is no call: ``INSERT INTO audit (note)`` calls no
+    function ``audit()``.  A read of a view whose query calls one (an
+    audit-on-read view) calls it too.
+    """
+    if conn.dialect.name != "postgresql":
+        return False
+    # SQL that calls nothing may still read a view over a writer: asked of
+    # the catalog once it is known (the first write or miss reads it), never
+    # read for it, as every statement of every engine comes here.
+    writers = _schema.catalog(conn, read="(" in sql).writers
+    return writers is not None and writers.search(_COLUMN_LISTS.sub(" ", sql)) is not None
+
+
+#: The table an INSERT names, before its column list.
+_COLUMN_LISTS = re.compile(r'\binto\s+[\w$."]+\s*\(', re.I)
+
+
+def calls_effects(conn: Any, sql: str) -> bool:
+    """Whether ``sql``, run on ``conn``, may call a function of the database's own run for its effect.
+
+    One that calls a function of :data:`~pyramid_sessioncache.engine.keys.EFFECT_FUNCTIONS`
+    (``nextval()``, ``currval()``, an advisory lock), which a statement
+    naming them runs uncached for: such a call writes nothing, but its
+    result is stored nowhere either.
     """
     if conn.dialect.name != "postgresql" or "(" not in sql:
         return False
-    writers = _schema.catalog(conn).writers
-    return writers is not None and writers.search(sql) is not None
+    effects = _schema.catalog(conn).effects
+    return effects is not None and effects.search(sql) is not None
 
 
 def calls_setters(conn: Any, sql: str) -> bool:

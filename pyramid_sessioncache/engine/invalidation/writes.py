@@ -63,6 +63,8 @@ log = logging.getLogger(__name__)
 
 #: ``Connection.info`` (kept with the DBAPI connection) keys.
 _MARKS = "sessioncache.marks"
+#: How many statements that wrote the connection (or called a function for its effect) has run (see :func:`writes_run`).
+_WRITES_RUN = "sessioncache.writes_run"
 _OWNERS = "sessioncache.owners"
 
 #: What each prepared transaction of the process wrote, by transaction id,
@@ -187,8 +189,14 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
         _two_phase_sql(conn, statement)
     try:
         tables = written_tables(context, statement)
-        if not tables and schema.calls_writers(conn, statement):
-            tables = frozenset({ALL_TABLES})  # a function of the database's own that writes, called by a SELECT
+        if ALL_TABLES not in tables and schema.calls_writers(conn, statement):
+            # A function of the database's own that writes, called by a SELECT,
+            # or by DML (INSERT ... SELECT f(), UPDATE ... SET c = f()): it writes
+            # more than the statement's own table.
+            tables = frozenset({ALL_TABLES})
+        elif not tables and schema.calls_effects(conn, statement):
+            # One run for what it does (nextval(), a lock): no write, but what a hit would not do.
+            conn.info[_WRITES_RUN] = conn.info.get(_WRITES_RUN, 0) + 1
         if tables and is_ddl(context, statement):
             # What the tables it names showed under before it ran (a partition
             # dropped, NO INHERIT: its parent no longer shows its rows), and after.
@@ -353,6 +361,7 @@ def _failed(context: Any) -> None:
 
 
 def _mark(conn: Any, tables: frozenset[str]) -> None:
+    conn.info[_WRITES_RUN] = conn.info.get(_WRITES_RUN, 0) + 1
     for session in members(conn.info.get(_OWNERS, ())):
         written(session).update(tables)
     _read_again(conn)
@@ -577,6 +586,17 @@ def pending_on(connection: Any) -> bool:
     """
     marks = connection.info.get(_MARKS)
     return marks is not None and any(tables for _, tables in marks.levels)
+
+
+def writes_run(connection: Any) -> int:
+    """How many statements that wrote ``connection``'s DBAPI connection has run, or that called a function for its effect.
+
+    Read before and after a statement runs: whether it wrote (a SELECT
+    calling a function of the database's own that writes), or did what a
+    hit would not do (one calling ``nextval()`` or ``currval()``): its
+    result is stored nowhere.
+    """
+    return connection.info.get(_WRITES_RUN, 0)
 
 
 def invalidate_tables(session: Any, *tables: Any) -> None:
