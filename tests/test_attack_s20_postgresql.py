@@ -36,7 +36,7 @@ from sqlalchemy.exc import ProgrammingError
 from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
-from pyramid_sessioncache import FromCache, SessionCache
+from pyramid_sessioncache import SessionCache
 from pyramid_sessioncache.engine.invalidation.notify import Listener, dsn_of, install_triggers
 from pyramid_sessioncache.engine.invalidation.schema import forget_catalog
 
@@ -430,32 +430,6 @@ def test_a_select_run_for_its_effect_runs_every_time(pg, PgSession, region, stmt
     for _ in range(3):
         cached(PgSession, region, stmt)
     assert sql.count == 3
-
-
-@pytest.mark.parametrize(
-    "sql",
-    [
-        """SELECT "nextval"('s20_quoted') AS n""",
-        """SELECT pg_catalog."nextval"('s20_quoted') AS n""",
-        """SELECT pg_catalog . nextval ('s20_quoted') AS n""",
-    ],
-    ids=["quoted", "qualified and quoted", "spaced"],
-)
-def test_a_call_of_an_effect_function_by_a_quoted_name_in_text_runs_every_time(pg_database, sql):
-    """``"nextval"(...)`` names the same function as ``nextval(...)``: a hit drew no number."""
-    engine = create_engine(pg_database)
-    try:
-        with engine.begin() as conn:
-            conn.exec_driver_sql("CREATE SEQUENCE s20_quoted")
-        cache = SessionCache({"memory": {"type": "memory"}}, default_region="memory", secret=SECRET)
-        Session = sessionmaker(engine, info=cache.session_info())
-        drawn = []
-        for _ in range(3):
-            with Session() as session:
-                drawn.append(session.execute(text(sql).options(FromCache("memory"))).scalar_one())
-        assert drawn == [1, 2, 3]
-    finally:
-        engine.dispose()
 
 
 # 11. The listener's first connection ---------------------------------------------------------------
