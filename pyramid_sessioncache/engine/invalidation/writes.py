@@ -24,8 +24,9 @@ API, ``session.execute(update(...))``, ``session.connection().execute()``,
   published when it commits, or every table when they are not known here.
 - A rollback forgets them.  A write the database committed by itself
   (an autocommit connection, SQL outside any transaction, a ``COMMIT``
-  sent as SQL) is published as soon as the driver says no transaction is
-  open.  A statement that fails part-way is marked too: the rows written
+  sent as SQL or on the driver's connection) is published as soon as the
+  driver says no transaction is open, at the latest before the next
+  statement.  A statement that fails part-way is marked too: the rows written
   before the failure may be committed.
 - What cannot be worked out (an error while reading a statement) counts
   as a write to every table.
@@ -141,6 +142,11 @@ _UNLINKS = re.compile(r"\b(?:drop|alter)\b", re.I)
 
 
 def _executing(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+    if pending_on(conn) and not _transaction_open(conn):
+        # Written, then committed on the driver's connection: this statement
+        # may begin the next transaction (psycopg; SQLite's DML), whose
+        # rollback must not forget what the last one committed.
+        _ended_by_itself(conn)
     # DROP TABLE of a partition or a child, ALTER TABLE ... NO INHERIT: once
     # it has run, the catalog no longer says which parent showed the rows it
     # took away.  Have the catalog of before it at hand (read now if it is not).

@@ -1,0 +1,52 @@
+"""Attack s23 (A): how a transaction ends, after the fixes of s22 (A), cached and uncached side by side.
+
+Each test runs a query cached and as a plain Session would, around a
+transaction that ends where the add-on does not look for it: a commit on
+the driver's connection followed by more statements, the ``END`` of a
+trigger's body read as SQL text, and a transaction a Session bound to a
+Connection carries on after, in a new snapshot.  PostgreSQL cases use
+``test_writes_postgresql``'s schema (``pg_parent``...).
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import sessionmaker
+
+from pyramid_sessioncache import SessionCache
+
+from . import test_writes_postgresql
+from .conftest import SECRET
+from .models import Person
+from .test_writes_postgresql import PgParent, cached, uncached
+
+pg = test_writes_postgresql.pg
+
+
+# 1. A commit on the driver's connection, more statements, then SQLAlchemy's rollback ---------------
+
+
+@pytest.mark.parametrize("then", ["a read", "a write"])
+@pytest.mark.parametrize("engine_fixture, table", [("engine", Person.__table__), ("pg", PgParent.__table__)])
+def test_writes_committed_on_the_driver_are_published_whatever_runs_before_the_rollback(
+    request, region_options, engine_fixture, table, then
+):
+    # s22 (A) published them at a rollback that came next.  A statement in
+    # between begins the next transaction (psycopg at any statement, pysqlite
+    # at DML): the rollback then undid that one, and forgot the committed write.
+    engine = request.getfixturevalue(engine_fixture)
+    stmt = select(table.c.id, table.c.name).where(table.c.id <= 3).order_by(table.c.id)
+    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
+    Sess = sessionmaker(bind=engine, info=cache.session_info())
+    cached(Sess, "memory", stmt)
+    with Sess() as session:
+        session.execute(update(table).where(table.c.id == 1).values(name="committed by the driver"))
+        session.connection().connection.driver_connection.commit()
+        if then == "a read":
+            session.execute(select(table.c.id)).all()
+        else:
+            session.execute(update(table).where(table.c.id == 2).values(name="rolled back"))
+        session.rollback()
+    assert uncached(engine, stmt)[0] == (1, "committed by the driver")
+    assert cached(Sess, "memory", stmt) == uncached(engine, stmt)
