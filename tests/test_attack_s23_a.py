@@ -11,14 +11,14 @@ Connection carries on after, in a new snapshot.  PostgreSQL cases use
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.orm import sessionmaker
 
 from pyramid_sessioncache import SessionCache
 
 from . import test_writes_postgresql
 from .conftest import SECRET
-from .models import Person
+from .models import Country, Person
 from .test_writes_postgresql import PgParent, cached, uncached
 
 pg = test_writes_postgresql.pg
@@ -49,4 +49,31 @@ def test_writes_committed_on_the_driver_are_published_whatever_runs_before_the_r
             session.execute(update(table).where(table.c.id == 2).values(name="rolled back"))
         session.rollback()
     assert uncached(engine, stmt)[0] == (1, "committed by the driver")
+    assert cached(Sess, "memory", stmt) == uncached(engine, stmt)
+
+
+# 2. The END of a trigger's body, in SQL text -----------------------------------------------------
+
+
+def test_the_end_of_a_triggers_body_commits_nothing(engine, region_options):
+    # A migration that updates rows and creates a SQLite trigger in one
+    # transaction: the END closing the trigger's body was read as a COMMIT
+    # sent as SQL, and what was written before it was published then, as
+    # committed, and not at the real commit; a reader in between stored the
+    # rows of before the write under the versions that followed it.
+    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
+    Sess = sessionmaker(bind=engine, info=cache.session_info())
+    stmt = select(Country.id, Country.name).order_by(Country.id)
+    cached(Sess, "memory", stmt)
+    with Sess() as session:
+        session.execute(update(Country).where(Country.id == 1).values(name="renamed"))
+        session.execute(
+            text(
+                "CREATE TRIGGER person_renamed AFTER UPDATE OF name ON person"
+                " BEGIN UPDATE address SET person_id = new.id WHERE person_id = old.id; END"
+            )
+        )
+        assert cached(Sess, "memory", stmt) == uncached(engine, stmt)  # another request, before the commit
+        session.commit()
+    assert uncached(engine, stmt)[0][1] == "renamed"
     assert cached(Sess, "memory", stmt) == uncached(engine, stmt)

@@ -228,6 +228,10 @@ def _textual(context: Any) -> bool:
     return compiled is None or context.isddl or isinstance(getattr(compiled, "statement", None), TextClause)
 
 
+#: A statement whose body, statements each ended by ``;``, its own ``END`` closes.
+_OPENS_BODY = re.compile(r"create\b.*\b(?:trigger\b.*\bbegin|begin\s+atomic)\b", re.I | re.S)
+
+
 @sqltext.per_text
 def _ends(statement: str) -> frozenset[str]:
     """How SQL text ends its transaction: none, or some of ``"commit"``, ``"rollback"``, ``"prepare"``.
@@ -235,15 +239,21 @@ def _ends(statement: str) -> frozenset[str]:
     ``"commit"``: ``COMMIT``, ``END``; ``"rollback"``: ``ROLLBACK``,
     ``ABORT``, ``ROLLBACK TO SAVEPOINT``; ``"prepare"``: ``PREPARE
     TRANSACTION``.  ``COMMIT PREPARED`` and ``ROLLBACK PREPARED`` end
-    another transaction.
+    another transaction.  The ``END`` that closes the body of a ``CREATE
+    TRIGGER`` (SQLite) or of ``BEGIN ATOMIC`` (PostgreSQL) ends nothing.
     """
     found = set()
     for cleaned in sqltext.readings(statement):
+        body = False
         for part in cleaned.statements():
             words = part.lower().split()
             if words[1:2] == ["prepared"]:
                 continue
-            if words[0] in ("commit", "end"):
+            if body and words[0] == "end":
+                body = False
+            elif _OPENS_BODY.match(part):
+                body = words[-1] != "end"  # BEGIN ATOMIC END: an empty body, closed already
+            elif words[0] in ("commit", "end"):
                 found.add("commit")
             elif words[0] in ("rollback", "abort"):
                 found.add("rollback")
