@@ -10,11 +10,12 @@ Connection carries on after, in a new snapshot.  PostgreSQL cases use
 
 from __future__ import annotations
 
+import psycopg
 import pytest
-from sqlalchemy import select, text, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import create_engine, select, text, update
+from sqlalchemy.orm import Session, sessionmaker
 
-from pyramid_sessioncache import SessionCache
+from pyramid_sessioncache import SessionCache, cached_query
 
 from . import test_writes_postgresql
 from .conftest import SECRET
@@ -77,3 +78,44 @@ def test_the_end_of_a_triggers_body_commits_nothing(engine, region_options):
         session.commit()
     assert uncached(engine, stmt)[0][1] == "renamed"
     assert cached(Sess, "memory", stmt) == uncached(engine, stmt)
+
+
+# 3. A Session bound to a Connection carries on in the Connection's next transaction -------------------
+
+
+def _write_elsewhere(engine, sql):
+    """Run ``sql`` as another program would: on a connection of its own, unseen by the add-on."""
+    url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(sql)
+
+
+ENDS = {
+    "Connection.commit()": lambda conn, session: conn.commit(),
+    "Connection.rollback()": lambda conn, session: conn.rollback(),
+    "COMMIT as SQL": lambda conn, session: session.execute(text("COMMIT")),
+    "ROLLBACK as SQL": lambda conn, session: session.execute(text("ROLLBACK")),
+}
+
+
+@pytest.mark.parametrize("end", list(ENDS))
+def test_a_sessions_local_entries_end_with_the_transaction_of_its_connection(pg, region_options, end):
+    # At REPEATABLE READ, what the Session reads is its transaction's
+    # snapshot.  The code owning the Connection ends the transaction (or
+    # SQL text does): the Session carries on in the next, whose snapshot
+    # shows what another program committed meanwhile.  Its local entries,
+    # dropped when its own transaction ends, were kept as they were.
+    engine = create_engine(pg.url, isolation_level="REPEATABLE READ")
+    cache = SessionCache(region_options, default_region="local", secret=SECRET)
+    stmt = select(PgParent.name).where(PgParent.id == 1)
+    try:
+        with engine.connect() as conn:
+            session = Session(bind=conn, info=cache.session_info())
+            assert cached_query(session, stmt, "local").scalar_one() == "one"
+            _write_elsewhere(pg, "UPDATE pg_parent SET name = 'written elsewhere' WHERE id = 1")
+            ENDS[end](conn, session)
+            assert session.execute(stmt).scalar_one() == "written elsewhere"
+            assert cached_query(session, stmt, "local").scalar_one() == "written elsewhere"
+            session.close()
+    finally:
+        engine.dispose()

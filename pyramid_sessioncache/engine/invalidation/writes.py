@@ -33,7 +33,8 @@ API, ``session.execute(update(...))``, ``session.connection().execute()``,
 
 The Session the connection works for (``after_begin``) is told too: a
 transaction that has written reads around shared regions until it ends,
-and its local cache is dropped.  :func:`~pyramid_sessioncache.invalidate_tables` declares writes
+and its local cache is dropped, as it is whenever the connection's
+transaction ends (a Session bound to a Connection carries on in the next).  :func:`~pyramid_sessioncache.invalidate_tables` declares writes
 no connection sees; they are published when the Session commits.
 """
 
@@ -264,10 +265,7 @@ def _ends(statement: str) -> frozenset[str]:
 
 def _ended_by_sql(conn: Any, ends: frozenset[str], tables: frozenset[str]) -> None:
     # SQL text that ended the transaction (or rolled back to a savepoint) behind SQLAlchemy's back.
-    for session in members(conn.info.get(_OWNERS, ())):
-        # What the database said of the transaction (its isolation level) is
-        # asked again: the next one, perhaps at another level, may have begun.
-        session.info.pop(info.SNAPSHOTS, None)
+    _transaction_over(conn)
     if "commit" in ends and _transaction_open(conn):
         _committed_within(conn, tables)
     elif "rollback" in ends and pending_on(conn) and _transaction_open(conn):
@@ -388,9 +386,21 @@ def _read_again(conn: Any) -> None:
     _seen_by_every_session(conn)
 
 
+def _transaction_over(conn: Any) -> None:
+    # The database transaction of the Sessions working on ``conn`` ended.
+    # One bound to the Connection carries on in the next, which shows what
+    # other processes committed meanwhile (a new snapshot): what it read is
+    # no longer what it reads now, and what the database said of the
+    # transaction (its isolation level) is asked again.
+    for session in members(conn.info.get(_OWNERS, ())):
+        local_session.drop(session)
+        session.info.pop(info.SNAPSHOTS, None)
+
+
 def _ended_by_itself(conn: Any) -> None:
     # The driver's transaction ended without SQLAlchemy: publish what it had
     # marked (a rollback sent as SQL costs misses, never stale data).
+    _transaction_over(conn)
     schema.schema_settled(conn.info, ended=True)
     marks = conn.info.get(_MARKS)
     if marks is not None:
@@ -434,6 +444,7 @@ def _begun(conn: Any) -> None:
 
 
 def _committing(conn: Any, twophase: bool = False) -> None:
+    _transaction_over(conn)
     schema.schema_settled(conn.info, ended=True)
     marks = conn.info.get(_MARKS)
     if marks is None:
@@ -460,6 +471,7 @@ def _committed_again(tables: set[str]) -> None:
 
 
 def _rolled_back(conn: Any) -> None:
+    _transaction_over(conn)
     schema.schema_settled(conn.info, ended=True)
     marks = conn.info.get(_MARKS)
     if marks is not None:
