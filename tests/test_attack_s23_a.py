@@ -119,3 +119,28 @@ def test_a_sessions_local_entries_end_with_the_transaction_of_its_connection(pg,
             session.close()
     finally:
         engine.dispose()
+
+
+def test_a_snapshot_begun_after_the_connections_commit_stores_nothing(pg, region_options):
+    # The add-on asks the isolation level once per transaction of the
+    # Session: the Connection's code commits, and the Session carries on in
+    # a transaction at REPEATABLE READ, whose snapshot predates a write made
+    # elsewhere; stored under the versions of now, its rows were served to
+    # the next transaction at that level, which sees the write.
+    region = "memory"
+    cache = SessionCache(region_options, default_region=region, secret=SECRET)
+    stmt = select(PgParent.id, PgParent.name).order_by(PgParent.id)
+    repeatable = text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    with pg.connect() as conn:
+        session = Session(bind=conn, info=cache.session_info())
+        session.execute(select(PgParent.id)).all()
+        cached_query(session, select(PgParent.id).where(PgParent.id == 2), region).all()  # asked: READ COMMITTED
+        conn.commit()
+        session.execute(repeatable)
+        session.execute(select(PgParent.id)).all()  # the snapshot
+        _write_elsewhere(pg, "UPDATE pg_parent SET name = 'after the snapshot' WHERE id = 1")
+        assert cached_query(session, stmt, region).all()[0] == (1, "one")  # as of its snapshot
+        session.close()
+    with sessionmaker(bind=pg, info=cache.session_info())() as session:
+        session.execute(repeatable)
+        assert cached_query(session, stmt, region).all() == session.execute(stmt).all()
