@@ -13,6 +13,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 from sqlalchemy import create_engine, select, text, update
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pyramid_sessioncache import SessionCache, cached_query
@@ -144,3 +145,40 @@ def test_a_snapshot_begun_after_the_connections_commit_stores_nothing(pg, region
     with sessionmaker(bind=pg, info=cache.session_info())() as session:
         session.execute(repeatable)
         assert cached_query(session, stmt, region).all() == session.execute(stmt).all()
+
+
+# 4. A rollback after the database dropped the connection ---------------------------------------------
+
+
+def _drop_the_connection(engine, session):
+    if engine.dialect.name == "sqlite":
+        session.connection().invalidate()  # what SQLAlchemy does on a disconnect error
+        return
+    pid = session.execute(text("SELECT pg_backend_pid()")).scalar_one()
+    with engine.connect() as admin:
+        admin.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})  # a restart, a failover
+    with pytest.raises(OperationalError):
+        session.execute(select(PgParent.id)).all()
+
+
+@pytest.mark.parametrize("engine_fixture, table", [("engine", Person.__table__), ("pg", PgParent.__table__)])
+def test_a_session_rolls_back_after_the_database_dropped_its_connection(request, region_options, engine_fixture, table):
+    # SQLAlchemy invalidates a connection the database dropped, and the
+    # application rolls back (pyramid_tm does) to carry on.  The add-on's
+    # rollback listeners read the Connection's info, which raises on an
+    # invalidated Connection: the rollback raised PendingRollbackError,
+    # where SQLAlchemy's own succeeds.
+    engine = request.getfixturevalue(engine_fixture)
+    stmt = select(table.c.id, table.c.name).where(table.c.id <= 3).order_by(table.c.id)
+    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
+    Sess = sessionmaker(bind=engine, info=cache.session_info())
+    cached(Sess, "memory", stmt)
+    with Sess() as session:
+        session.execute(update(table).where(table.c.id == 1).values(name="lost"))
+        session.begin_nested()
+        _drop_the_connection(engine, session)
+        session.rollback()
+        for region in ("local", "memory"):
+            assert cached_query(session, stmt, region).all() == session.execute(stmt).all()
+    assert uncached(engine, stmt)[0][1] != "lost"
+    assert cached(Sess, "memory", stmt) == uncached(engine, stmt)

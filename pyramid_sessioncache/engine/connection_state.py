@@ -339,6 +339,8 @@ def _savepoint(conn: Any, name: str) -> None:
 
 
 def _rolled_back_to(conn: Any, name: str, context: Any) -> None:
+    if conn.invalidated:  # see _rolled_back()
+        return
     savepoints = conn.info.get(_SAVEPOINTS)
     if savepoints and savepoints.pop():
         # The database undid what the savepoint set; which values remain is not kept here.
@@ -364,6 +366,11 @@ def _ended(conn: Any) -> None:
 
 
 def _rolled_back(conn: Any) -> None:
+    if conn.invalidated:
+        # Its DBAPI connection went (a disconnect), with its settings: the
+        # next one starts with none (the pool clears its info).  conn.info
+        # would raise, and the rollback with it.
+        return
     local = conn.info.pop(_LOCAL, None)
     conn.info.pop(_SAVEPOINTS, None)
     before = conn.info.pop(_BEFORE, None)

@@ -471,6 +471,11 @@ def _committed_again(tables: set[str]) -> None:
 
 
 def _rolled_back(conn: Any) -> None:
+    if conn.invalidated:
+        # Its DBAPI connection went, with the transaction (a disconnect),
+        # back to the pool: _checked_in() did what is to do; conn.info
+        # would raise, and the rollback with it.
+        return
     _transaction_over(conn)
     schema.schema_settled(conn.info, ended=True)
     marks = conn.info.get(_MARKS)
@@ -499,6 +504,8 @@ def _savepoint(conn: Any, name: str) -> None:
 
 
 def _rolled_back_to(conn: Any, name: str, context: Any) -> None:
+    if conn.invalidated:  # see _rolled_back()
+        return
     schema.schema_settled(conn.info, ended=False)
     marks = conn.info.get(_MARKS)
     if marks is not None:
