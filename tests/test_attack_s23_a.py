@@ -96,6 +96,7 @@ ENDS = {
     "Connection.rollback()": lambda conn, session: conn.rollback(),
     "COMMIT as SQL": lambda conn, session: session.execute(text("COMMIT")),
     "ROLLBACK as SQL": lambda conn, session: session.execute(text("ROLLBACK")),
+    "the connection dropped": lambda conn, session: (conn.invalidate(), conn.rollback()),
 }
 
 

@@ -537,7 +537,10 @@ def _checked_in(dbapi_connection: Any, connection_record: Any) -> None:
     if connection_record is None:
         return
     found = connection_record.info
-    found.pop(_OWNERS, None)
+    # Its transaction ended (the pool's reset, or lost with the DBAPI
+    # connection): so did what its Sessions read in it.
+    for session in members(found.pop(_OWNERS, ())):
+        local_session.drop(session)
     schema.schema_settled(found, ended=True)
     _publish_committed(found)
     marks = found.pop(_MARKS, None)
