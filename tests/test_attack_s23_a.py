@@ -13,7 +13,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 from sqlalchemy import create_engine, select, text, update
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from pyramid_sessioncache import SessionCache, cached_query
@@ -49,6 +49,33 @@ def test_writes_committed_on_the_driver_are_published_whatever_runs_before_the_r
             session.execute(select(table.c.id)).all()
         else:
             session.execute(update(table).where(table.c.id == 2).values(name="rolled back"))
+        session.rollback()
+    assert uncached(engine, stmt)[0] == (1, "committed by the driver")
+    assert cached(Sess, "memory", stmt) == uncached(engine, stmt)
+
+
+@pytest.mark.parametrize("end", ["rollback", "release, then rollback"])
+@pytest.mark.parametrize("engine_fixture, table", [("engine", Person.__table__), ("pg", PgParent.__table__)])
+def test_writes_of_a_savepoint_committed_on_the_driver_are_published(
+    request, region_options, engine_fixture, table, end
+):
+    # The commit ended the savepoint too: SQLAlchemy's rollback to it (or
+    # its release) fails, as it does uncached; what the savepoint wrote is
+    # committed, and was forgotten with the savepoint's marks.
+    engine = request.getfixturevalue(engine_fixture)
+    stmt = select(table.c.id, table.c.name).where(table.c.id <= 3).order_by(table.c.id)
+    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
+    Sess = sessionmaker(bind=engine, info=cache.session_info())
+    cached(Sess, "memory", stmt)
+    with Sess() as session:
+        savepoint = session.begin_nested()
+        session.execute(update(table).where(table.c.id == 1).values(name="committed by the driver"))
+        session.connection().connection.driver_connection.commit()
+        with pytest.raises(DBAPIError):  # no such savepoint
+            if end == "rollback":
+                session.rollback()
+            else:
+                savepoint.commit()
         session.rollback()
     assert uncached(engine, stmt)[0] == (1, "committed by the driver")
     assert cached(Sess, "memory", stmt) == uncached(engine, stmt)

@@ -506,6 +506,11 @@ def _savepoint(conn: Any, name: str) -> None:
 def _rolled_back_to(conn: Any, name: str, context: Any) -> None:
     if conn.invalidated:  # see _rolled_back()
         return
+    if pending_on(conn) and not _transaction_open(conn):
+        # Committed on the driver's connection, savepoint and all: this
+        # rollback undoes nothing (and fails).
+        _ended_by_itself(conn)
+        return
     schema.schema_settled(conn.info, ended=False)
     marks = conn.info.get(_MARKS)
     if marks is not None:
