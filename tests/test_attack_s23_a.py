@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import psycopg
 import pytest
-from sqlalchemy import create_engine, select, text, update
+from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, select, text, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -210,3 +210,52 @@ def test_a_session_rolls_back_after_the_database_dropped_its_connection(request,
             assert cached_query(session, stmt, region).all() == session.execute(stmt).all()
     assert uncached(engine, stmt)[0][1] != "lost"
     assert cached(Sess, "memory", stmt) == uncached(engine, stmt)
+
+
+# 5. SET LOCAL, when the transaction ends unseen ------------------------------------------------------
+
+items = Table("item", MetaData(), Column("id", Integer, primary_key=True), Column("name", String(20)))
+
+
+@pytest.fixture
+def tenants(pg_database):
+    """A PostgreSQL database with an ``item`` table in ``public`` and in ``tenant_b``, each naming its schema."""
+    engine = create_engine(pg_database)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE SCHEMA tenant_b")
+        for schema in ("public", "tenant_b"):
+            conn.exec_driver_sql(f"CREATE TABLE {schema}.item (id integer PRIMARY KEY, name varchar(20))")
+            conn.exec_driver_sql(f"INSERT INTO {schema}.item VALUES (1, '{schema}')")
+    yield engine
+    engine.dispose()
+
+
+SET_LOCAL_ENDS = {
+    "COMMIT as SQL": lambda session: session.execute(text("COMMIT")),
+    "COMMIT AND CHAIN as SQL": lambda session: session.execute(text("COMMIT AND CHAIN")),
+    "a commit on the driver's connection": lambda session: session.connection().connection.driver_connection.commit(),
+    "autocommit": None,
+}
+
+
+@pytest.mark.parametrize("end", list(SET_LOCAL_ENDS))
+def test_set_local_ends_with_the_transaction_however_it_ends(tenants, region_options, end):
+    # SET LOCAL search_path (a tenant per schema) is part of the keys of
+    # the look-ups that follow, until SQLAlchemy's commit or rollback.  The
+    # database forgets it at any end of the transaction (and an autocommit
+    # connection never had it): the next look-up stored the rows of the
+    # default schema under tenant_b's key, and served them to tenant_b.
+    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
+    Sess = sessionmaker(bind=tenants, info=cache.session_info())
+    stmt = select(items.c.name)
+    set_local = text("SET LOCAL search_path TO tenant_b")
+    with Sess() as session:
+        if end == "autocommit":
+            session.connection(execution_options={"isolation_level": "AUTOCOMMIT"})
+        session.execute(set_local)
+        if SET_LOCAL_ENDS[end] is not None:
+            SET_LOCAL_ENDS[end](session)
+        assert cached_query(session, stmt, "memory").all() == session.execute(stmt).all() == [("public",)]
+    with Sess() as session:
+        session.execute(set_local)
+        assert cached_query(session, stmt, "memory").all() == session.execute(stmt).all() == [("tenant_b",)]

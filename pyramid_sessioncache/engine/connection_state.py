@@ -46,7 +46,7 @@ from sqlalchemy.engine import Engine
 
 from .. import _sqlalchemy
 from .invalidation import schema, sqltext
-from .invalidation.writes import in_transaction
+from .invalidation.writes import in_transaction, transaction_ends
 
 #: ``Connection.info`` keys (kept with the DBAPI connection).
 _SESSION = "sessioncache.settings"
@@ -125,6 +125,8 @@ def install() -> None:
 
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
     lowered = statement.lower()
+    if _LOCAL in conn.info:
+        _transaction_ended_by(conn, statement if _ENDS_SQL.search(lowered) else None)
     if (_BEFORE in conn.info or _TEMPORARY_UNTIL in conn.info) and (
         _ENDS_SQL.search(lowered) or not in_transaction_of(conn)
     ):
@@ -148,6 +150,28 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
             continue
         undone = in_transaction and not name.startswith(_KEPT_AT_ROLLBACK)
         _apply(info, name, f"{statement}|{parameters!r}", local, undone, conn)
+
+
+def _transaction_ended_by(conn: Any, statement: str | None) -> None:
+    """Forget the ``SET LOCAL`` settings of a transaction that ended unseen by SQLAlchemy.
+
+    They end with the database transaction: a ``COMMIT`` sent as SQL
+    (``AND CHAIN`` too), a commit on the driver's connection, or none at
+    all (``SET LOCAL`` outside a transaction, on an autocommit connection,
+    sets nothing).  ``statement``: SQL text that may have ended it.  The
+    transaction's changes of the session's settings are left to its end
+    in SQLAlchemy (:func:`_rolled_back`).
+    """
+    ends = transaction_ends(statement) if statement is not None else frozenset()
+    local = conn.info[_LOCAL]
+    settings = [name for name in local if not isinstance(name, tuple)]
+    if not settings:
+        return
+    if "commit" in ends or not in_transaction_of(conn):
+        for name in settings:
+            del local[name]
+    elif "rollback" in ends:  # ROLLBACK TO SAVEPOINT, or AND CHAIN: which remain is not kept here
+        conn.info[_UNKNOWN] = True
 
 
 def _note_temporary(conn: Any, statement: str) -> None:
@@ -400,6 +424,8 @@ def state_text(session: Any, bind_arguments: dict, bind: Any) -> str | None:
             return ""
         connection = session.connection(bind_arguments=dict(bind_arguments))
     info = connection.info
+    if _LOCAL in info:
+        _transaction_ended_by(connection, None)  # on the driver's connection, since the last statement
     if info.get(_UNKNOWN):
         return None
     settings = {**info.get(_SESSION, {}), **{k: v for k, v in info.get(_LOCAL, {}).items() if not isinstance(k, tuple)}}

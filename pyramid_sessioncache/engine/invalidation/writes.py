@@ -213,12 +213,12 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
     elif conn.info.get(_MARKS) is not None and not in_transaction(conn.connection.dbapi_connection):
         _ended_by_itself(conn)  # a COMMIT (or ROLLBACK) sent as SQL
     if textual and _ENDS_WORD.search(statement):
-        ends = _ends(statement)
+        ends = transaction_ends(statement)
         if ends:
             _ended_by_sql(conn, ends, tables)
 
 
-#: What may end a transaction (or roll back to a savepoint) sent as SQL: see :func:`_ends`.
+#: What may end a transaction (or roll back to a savepoint) sent as SQL: see :func:`transaction_ends`.
 _ENDS_WORD = re.compile(r"\b(?:commit|end|rollback|abort|prepare)\b", re.I)
 
 
@@ -234,7 +234,7 @@ _OPENS_BODY = re.compile(r"create\b.*\b(?:trigger\b.*\bbegin|begin\s+atomic)\b",
 
 
 @sqltext.per_text
-def _ends(statement: str) -> frozenset[str]:
+def transaction_ends(statement: str) -> frozenset[str]:
     """How SQL text ends its transaction: none, or some of ``"commit"``, ``"rollback"``, ``"prepare"``.
 
     ``"commit"``: ``COMMIT``, ``END``; ``"rollback"``: ``ROLLBACK``,
