@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pyramid_sessioncache import SessionCache, cached_query
 
 from . import test_writes_postgresql
-from .conftest import SECRET
+from .conftest import SECRET, SQLCounter
 from .models import Country, Person
 from .test_writes_postgresql import PgParent, cached, uncached
 
@@ -259,3 +259,44 @@ def test_set_local_ends_with_the_transaction_however_it_ends(tenants, region_opt
     with Sess() as session:
         session.execute(set_local)
         assert cached_query(session, stmt, "memory").all() == session.execute(stmt).all() == [("tenant_b",)]
+
+
+SET_ENDS = {
+    "ROLLBACK as SQL": lambda session: session.execute(text("ROLLBACK")),
+    "a rollback on the driver's connection": lambda session: (
+        session.connection().connection.driver_connection.rollback()
+    ),
+}
+
+
+@pytest.mark.parametrize("end", list(SET_ENDS))
+def test_a_session_setting_a_rollback_undid_is_no_part_of_the_keys(tenants, region_options, end):
+    # PostgreSQL undoes a SET search_path at the rollback of its
+    # transaction; one that SQLAlchemy did not see left it in the keys of
+    # the look-ups that followed: the default schema's rows were stored
+    # under tenant_b's key, and served to tenant_b.
+    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
+    Sess = sessionmaker(bind=tenants, info=cache.session_info())
+    stmt = select(items.c.name)
+    set_path = text("SET search_path TO tenant_b")
+    with Sess() as session:
+        session.execute(set_path)
+        SET_ENDS[end](session)
+        assert cached_query(session, stmt, "memory").all() == session.execute(stmt).all() == [("public",)]
+        session.rollback()
+    with Sess() as session:
+        session.execute(set_path)
+        assert cached_query(session, stmt, "memory").all() == session.execute(stmt).all() == [("tenant_b",)]
+
+
+def test_a_session_setting_on_an_autocommit_connection_stays_cached(tenants, region_options):
+    # No rollback undoes it: the look-ups of the connection keep using the shared region.
+    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
+    Sess = sessionmaker(bind=tenants.execution_options(isolation_level="AUTOCOMMIT"), info=cache.session_info())
+    stmt = select(items.c.name)
+    sql = SQLCounter(tenants)
+    with Sess() as session:
+        session.execute(text("SET search_path TO tenant_b"))
+        for _ in range(2):
+            assert cached_query(session, stmt, "memory").all() == [("tenant_b",)]
+    assert sum("FROM item" in statement for statement in sql.statements) == 1  # the second look-up was a hit

@@ -143,7 +143,9 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
     if not changes:
         return
     info = conn.info
-    in_transaction = conn.in_transaction()
+    # The driver's word, not SQLAlchemy's: on an autocommit connection a
+    # setting is committed as it is made, and no rollback undoes it.
+    in_transaction = in_transaction_of(conn)
     for name, local in changes:
         if name is None:  # what it changes, or for how long, cannot be told
             info[_UNKNOWN] = True
@@ -153,25 +155,30 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
 
 
 def _transaction_ended_by(conn: Any, statement: str | None) -> None:
-    """Forget the ``SET LOCAL`` settings of a transaction that ended unseen by SQLAlchemy.
+    """Settle what the transaction set, if it ended unseen by SQLAlchemy.
 
-    They end with the database transaction: a ``COMMIT`` sent as SQL
-    (``AND CHAIN`` too), a commit on the driver's connection, or none at
-    all (``SET LOCAL`` outside a transaction, on an autocommit connection,
-    sets nothing).  ``statement``: SQL text that may have ended it.  The
-    transaction's changes of the session's settings are left to its end
-    in SQLAlchemy (:func:`_rolled_back`).
+    A ``COMMIT`` or ``ROLLBACK`` sent as SQL (``AND CHAIN`` too), or one
+    on the driver's connection (the driver then says no transaction is
+    open).  Its ``SET LOCAL`` settings end with it.  The changes it made to
+    the session's settings stay if it committed, are undone if it rolled
+    back (PostgreSQL), and are unknown when how it ended is.
+    ``statement``: SQL text that may have ended it.
     """
     ends = transaction_ends(statement) if statement is not None else frozenset()
-    local = conn.info[_LOCAL]
-    settings = [name for name in local if not isinstance(name, tuple)]
-    if not settings:
+    info = conn.info
+    local = info[_LOCAL]
+    if "commit" not in ends and in_transaction_of(conn):
+        if "rollback" in ends and local:  # ROLLBACK TO SAVEPOINT, or AND CHAIN: which remain is not kept here
+            info[_UNKNOWN] = True
         return
-    if "commit" in ends or not in_transaction_of(conn):
-        for name in settings:
-            del local[name]
-    elif "rollback" in ends:  # ROLLBACK TO SAVEPOINT, or AND CHAIN: which remain is not kept here
-        conn.info[_UNKNOWN] = True
+    del info[_LOCAL]
+    info.pop(_SAVEPOINTS, None)
+    if ends != {"commit"} and any(isinstance(name, tuple) for name in local):
+        before = info.get(_BEFORE)
+        if ends == {"rollback"} and before is not None:
+            info[_SESSION] = before  # PostgreSQL undid every session setting the transaction made
+        else:
+            info[_UNKNOWN] = True
 
 
 def _note_temporary(conn: Any, statement: str) -> None:
