@@ -2,10 +2,12 @@
 
 Each test runs a query cached and as a plain Session would, around a
 transaction that ends where the add-on does not look for it: a commit on
-the driver's connection followed by more statements, the ``END`` of a
-trigger's body read as SQL text, and a transaction a Session bound to a
-Connection carries on after, in a new snapshot.  PostgreSQL cases use
-``test_writes_postgresql``'s schema (``pg_parent``...).
+the driver's connection followed by more statements (or by a rollback to
+a savepoint it ended), the ``END`` of a trigger's body read as SQL text,
+a transaction a Session bound to a Connection carries on after in a new
+snapshot, a connection the database dropped, and settings of a tenant
+(``SET LOCAL``, ``SET``) that such an end took away.  PostgreSQL cases
+use ``test_writes_postgresql``'s schema (``pg_parent``...).
 """
 
 from __future__ import annotations
@@ -212,7 +214,7 @@ def test_a_session_rolls_back_after_the_database_dropped_its_connection(request,
     assert cached(Sess, "memory", stmt) == uncached(engine, stmt)
 
 
-# 5. SET LOCAL, when the transaction ends unseen ------------------------------------------------------
+# 5. Settings, when the transaction ends unseen ------------------------------------------------
 
 items = Table("item", MetaData(), Column("id", Integer, primary_key=True), Column("name", String(20)))
 
