@@ -302,3 +302,25 @@ def test_a_session_setting_on_an_autocommit_connection_stays_cached(tenants, reg
         for _ in range(2):
             assert cached_query(session, stmt, "memory").all() == [("tenant_b",)]
     assert sum("FROM item" in statement for statement in sql.statements) == 1  # the second look-up was a hit
+
+
+def test_a_case_end_in_sql_text_leaves_a_connection_whose_setting_was_rolled_back_cached(tenants, region_options):
+    # The word END (of CASE ... END) was taken for a transaction's end sent
+    # as SQL: what the rollback restores was forgotten, and the connection's
+    # settings marked unknown for the rest of its life in the pool.
+    engine = create_engine(tenants.url, pool_size=1, max_overflow=0)  # one connection: its settings stay
+    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
+    Sess = sessionmaker(bind=engine, info=cache.session_info())
+    stmt = select(items.c.name)
+    sql = SQLCounter(engine)
+    try:
+        with Sess() as session:
+            session.execute(text("SET search_path TO tenant_b"))
+            session.execute(text("SELECT CASE WHEN name = 'tenant_b' THEN 1 END FROM item")).all()
+            session.rollback()
+        with Sess() as session:
+            for _ in range(2):
+                assert cached_query(session, stmt, "memory").all() == session.execute(stmt).all() == [("public",)]
+    finally:
+        engine.dispose()
+    assert sum(statement.startswith("SELECT item.name") for statement in sql.statements) == 3  # one miss, two uncached

@@ -128,7 +128,7 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
     if _LOCAL in conn.info:
         _transaction_ended_by(conn, statement if _ENDS_SQL.search(lowered) else None)
     if (_BEFORE in conn.info or _TEMPORARY_UNTIL in conn.info) and (
-        _ENDS_SQL.search(lowered) or not in_transaction_of(conn)
+        (_ENDS_SQL.search(lowered) and transaction_ends(statement)) or not in_transaction_of(conn)
     ):
         # The transaction may have been committed by SQL text: what its end
         # undoes is no longer known (settings unknown; temporary token kept).
