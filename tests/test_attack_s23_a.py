@@ -6,7 +6,8 @@ the driver's connection followed by more statements (or by a rollback to
 a savepoint it ended), the ``END`` of a trigger's body read as SQL text,
 a transaction a Session bound to a Connection carries on after in a new
 snapshot, a connection the database dropped, and settings of a tenant
-(``SET LOCAL``, ``SET``) that such an end took away.  PostgreSQL cases
+(``SET LOCAL``, ``SET``) that such an end took away; and a commit sent
+by a construct of the application's own.  PostgreSQL cases
 use ``test_writes_postgresql``'s schema (``pg_parent``...).
 """
 
@@ -16,7 +17,9 @@ import psycopg
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, select, text, update
 from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.expression import ClauseElement, Executable
 
 from pyramid_sessioncache import SessionCache, cached_query
 
@@ -324,3 +327,33 @@ def test_a_case_end_in_sql_text_leaves_a_connection_whose_setting_was_rolled_bac
     finally:
         engine.dispose()
     assert sum(statement.startswith("SELECT item.name") for statement in sql.statements) == 3  # one miss, two uncached
+
+
+# 6. A commit sent by a construct of the application's own ---------------------------------------------
+
+
+class CommitAndChain(Executable, ClauseElement):
+    """``COMMIT AND CHAIN``, as an application would define it (SQLAlchemy has no construct for it)."""
+
+    inherit_cache = True
+
+
+@compiles(CommitAndChain)
+def _commit_and_chain(element, compiler, **kw):
+    return "COMMIT AND CHAIN"
+
+
+def test_a_commit_sent_by_a_construct_of_the_applications_own_is_published(pg, region_options):
+    # Compiled, like DDL() (s22), but rendered by the application's
+    # @compiles function: any SQL.  The writes before it were left marked
+    # as uncommitted, and the rollback of the chained transaction forgot them.
+    parents = select(PgParent.id, PgParent.name).order_by(PgParent.id)
+    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
+    Sess = sessionmaker(bind=pg, info=cache.session_info())
+    cached(Sess, "memory", parents)
+    with pg.connect() as conn:
+        conn.execute(update(PgParent.__table__).where(PgParent.id == 1).values(name="chained"))
+        conn.execute(CommitAndChain())
+        conn.rollback()
+    assert uncached(pg, parents)[0] == (1, "chained")
+    assert cached(Sess, "memory", parents) == uncached(pg, parents)

@@ -223,10 +223,23 @@ _ENDS_WORD = re.compile(r"\b(?:commit|end|rollback|abort|prepare)\b", re.I)
 
 
 def _textual(context: Any) -> bool:
-    # SQL the application wrote: text(), exec_driver_sql(), and DDL(), which
-    # is compiled but holds any SQL (DDL("COMMIT AND CHAIN")).
+    # SQL the application wrote: text(), exec_driver_sql(), and DDL() or a
+    # construct of its own rendered by a @compiles function, which are
+    # compiled but hold any SQL (DDL("COMMIT AND CHAIN")).
     compiled = context.compiled
-    return compiled is None or context.isddl or isinstance(getattr(compiled, "statement", None), TextClause)
+    if compiled is None or context.isddl:
+        return True
+    statement = getattr(compiled, "statement", None)
+    if isinstance(statement, TextClause):
+        return True
+    custom = _CUSTOM.get(type(statement))
+    if custom is None:
+        custom = _CUSTOM[type(statement)] = _sqlalchemy.custom_compiled(statement)
+    return custom
+
+
+#: Statement classes -> whether a ``@compiles`` function renders them (asked once per class).
+_CUSTOM: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
 
 
 #: A statement whose body, statements each ended by ``;``, its own ``END`` closes.
