@@ -46,7 +46,7 @@ from sqlalchemy.engine import Engine
 
 from .. import _sqlalchemy
 from .invalidation import schema, sqltext
-from .invalidation.writes import in_transaction
+from .invalidation.writes import in_transaction, transaction_ends
 from .keys import Unkeyable, value_text
 
 #: ``Connection.info`` keys (kept with the DBAPI connection).
@@ -126,8 +126,10 @@ def install() -> None:
 
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
     lowered = statement.lower()
+    if _LOCAL in conn.info:
+        _transaction_ended_by(conn, statement if _ENDS_SQL.search(lowered) else None)
     if (_BEFORE in conn.info or _TEMPORARY_UNTIL in conn.info) and (
-        _ENDS_SQL.search(lowered) or not in_transaction_of(conn)
+        (_ENDS_SQL.search(lowered) and transaction_ends(statement)) or not in_transaction_of(conn)
     ):
         # The transaction may have been committed by SQL text: what its end
         # undoes is no longer known (settings unknown; temporary token kept).
@@ -142,7 +144,9 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
     if not changes:
         return
     info = conn.info
-    in_transaction = conn.in_transaction()
+    # The driver's word, not SQLAlchemy's: on an autocommit connection a
+    # setting is committed as it is made, and no rollback undoes it.
+    in_transaction = in_transaction_of(conn)
     value = _setting_value(statement, parameters) if any(name != "*none" for name, _ in changes) else ""
     for name, local in changes:
         if name is None or value is None:  # what it changes, or for how long, or to what, cannot be told
@@ -163,6 +167,33 @@ def _setting_value(statement: str, parameters: Any) -> str | None:
         return f"{statement}|{value_text(parameters)}"
     except Unkeyable:
         return None
+
+
+def _transaction_ended_by(conn: Any, statement: str | None) -> None:
+    """Settle what the transaction set, if it ended unseen by SQLAlchemy.
+
+    A ``COMMIT`` or ``ROLLBACK`` sent as SQL (``AND CHAIN`` too), or one
+    on the driver's connection (the driver then says no transaction is
+    open).  Its ``SET LOCAL`` settings end with it.  The changes it made to
+    the session's settings stay if it committed, are undone if it rolled
+    back (PostgreSQL), and are unknown when how it ended is.
+    ``statement``: SQL text that may have ended it.
+    """
+    ends = transaction_ends(statement) if statement is not None else frozenset()
+    info = conn.info
+    local = info[_LOCAL]
+    if "commit" not in ends and in_transaction_of(conn):
+        if "rollback" in ends and local:  # ROLLBACK TO SAVEPOINT, or AND CHAIN: which remain is not kept here
+            info[_UNKNOWN] = True
+        return
+    del info[_LOCAL]
+    info.pop(_SAVEPOINTS, None)
+    if ends != {"commit"} and any(isinstance(name, tuple) for name in local):
+        before = info.get(_BEFORE)
+        if ends == {"rollback"} and before is not None:
+            info[_SESSION] = before  # PostgreSQL undid every session setting the transaction made
+        else:
+            info[_UNKNOWN] = True
 
 
 def _note_temporary(conn: Any, statement: str) -> None:
@@ -357,6 +388,8 @@ def _savepoint(conn: Any, name: str) -> None:
 
 
 def _rolled_back_to(conn: Any, name: str, context: Any) -> None:
+    if conn.invalidated:  # see _rolled_back()
+        return
     savepoints = conn.info.get(_SAVEPOINTS)
     if savepoints and savepoints.pop():
         # The database undid what the savepoint set; which values remain is not kept here.
@@ -382,6 +415,11 @@ def _ended(conn: Any) -> None:
 
 
 def _rolled_back(conn: Any) -> None:
+    if conn.invalidated:
+        # Its DBAPI connection went (a disconnect), with its settings: the
+        # next one starts with none (the pool clears its info).  conn.info
+        # would raise, and the rollback with it.
+        return
     local = conn.info.pop(_LOCAL, None)
     conn.info.pop(_SAVEPOINTS, None)
     before = conn.info.pop(_BEFORE, None)
@@ -411,6 +449,8 @@ def state_text(session: Any, bind_arguments: dict, bind: Any) -> str | None:
             return ""
         connection = session.connection(bind_arguments=dict(bind_arguments))
     info = connection.info
+    if _LOCAL in info:
+        _transaction_ended_by(connection, None)  # on the driver's connection, since the last statement
     if info.get(_UNKNOWN):
         return None
     settings = {**info.get(_SESSION, {}), **{k: v for k, v in info.get(_LOCAL, {}).items() if not isinstance(k, tuple)}}

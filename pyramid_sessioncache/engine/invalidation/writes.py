@@ -24,15 +24,17 @@ API, ``session.execute(update(...))``, ``session.connection().execute()``,
   published when it commits, or every table when they are not known here.
 - A rollback forgets them.  A write the database committed by itself
   (an autocommit connection, SQL outside any transaction, a ``COMMIT``
-  sent as SQL) is published as soon as the driver says no transaction is
-  open.  A statement that fails part-way is marked too: the rows written
+  sent as SQL or on the driver's connection) is published as soon as the
+  driver says no transaction is open, at the latest before the next
+  statement.  A statement that fails part-way is marked too: the rows written
   before the failure may be committed.
 - What cannot be worked out (an error while reading a statement) counts
   as a write to every table.
 
 The Session the connection works for (``after_begin``) is told too: a
 transaction that has written reads around shared regions until it ends,
-and its local cache is dropped.  :func:`~pyramid_sessioncache.invalidate_tables` declares writes
+and its local cache is dropped, as it is whenever the connection's
+transaction ends (a Session bound to a Connection carries on in the next).  :func:`~pyramid_sessioncache.invalidate_tables` declares writes
 no connection sees; they are published when the Session commits.
 """
 
@@ -142,6 +144,11 @@ _UNLINKS = re.compile(r"\b(?:drop|alter)\b", re.I)
 
 
 def _executing(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
+    if pending_on(conn) and not _transaction_open(conn):
+        # Written, then committed on the driver's connection: this statement
+        # may begin the next transaction (psycopg; SQLite's DML), whose
+        # rollback must not forget what the last one committed.
+        _ended_by_itself(conn)
     # DROP TABLE of a partition or a child, ALTER TABLE ... NO INHERIT: once
     # it has run, the catalog no longer says which parent showed the rows it
     # took away.  Have the catalog of before it at hand (read now if it is not).
@@ -213,38 +220,61 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
     elif conn.info.get(_MARKS) is not None and not in_transaction(conn.connection.dbapi_connection):
         _ended_by_itself(conn)  # a COMMIT (or ROLLBACK) sent as SQL
     if textual and _ENDS_WORD.search(statement):
-        ends = _ends(statement)
+        ends = transaction_ends(statement)
         if ends:
             _ended_by_sql(conn, ends, tables)
 
 
-#: What may end a transaction (or roll back to a savepoint) sent as SQL: see :func:`_ends`.
+#: What may end a transaction (or roll back to a savepoint) sent as SQL: see :func:`transaction_ends`.
 _ENDS_WORD = re.compile(r"\b(?:commit|end|rollback|abort|prepare)\b", re.I)
 
 
 def _textual(context: Any) -> bool:
-    # SQL the application wrote: text(), exec_driver_sql(), and DDL(), which
-    # is compiled but holds any SQL (DDL("COMMIT AND CHAIN")).
+    # SQL the application wrote: text(), exec_driver_sql(), and DDL() or a
+    # construct of its own rendered by a @compiles function, which are
+    # compiled but hold any SQL (DDL("COMMIT AND CHAIN")).
     compiled = context.compiled
-    return compiled is None or context.isddl or isinstance(getattr(compiled, "statement", None), TextClause)
+    if compiled is None or context.isddl:
+        return True
+    statement = getattr(compiled, "statement", None)
+    if isinstance(statement, TextClause):
+        return True
+    custom = _CUSTOM.get(type(statement))
+    if custom is None:
+        custom = _CUSTOM[type(statement)] = _sqlalchemy.custom_compiled(statement)
+    return custom
+
+
+#: Statement classes -> whether a ``@compiles`` function renders them (asked once per class).
+_CUSTOM: weakref.WeakKeyDictionary[type, bool] = weakref.WeakKeyDictionary()
+
+
+#: A statement whose body, statements each ended by ``;``, its own ``END`` closes.
+_OPENS_BODY = re.compile(r"create\b.*\b(?:trigger\b.*\bbegin|begin\s+atomic)\b", re.I | re.S)
 
 
 @sqltext.per_text
-def _ends(statement: str) -> frozenset[str]:
+def transaction_ends(statement: str) -> frozenset[str]:
     """How SQL text ends its transaction: none, or some of ``"commit"``, ``"rollback"``, ``"prepare"``.
 
     ``"commit"``: ``COMMIT``, ``END``; ``"rollback"``: ``ROLLBACK``,
     ``ABORT``, ``ROLLBACK TO SAVEPOINT``; ``"prepare"``: ``PREPARE
     TRANSACTION``.  ``COMMIT PREPARED`` and ``ROLLBACK PREPARED`` end
-    another transaction.
+    another transaction.  The ``END`` that closes the body of a ``CREATE
+    TRIGGER`` (SQLite) or of ``BEGIN ATOMIC`` (PostgreSQL) ends nothing.
     """
     found = set()
     for cleaned in sqltext.readings(statement):
+        body = False
         for part in cleaned.statements():
             words = part.lower().split()
             if words[1:2] == ["prepared"]:
                 continue
-            if words[0] in ("commit", "end"):
+            if body and words[0] == "end":
+                body = False
+            elif _OPENS_BODY.match(part):
+                body = words[-1] != "end"  # BEGIN ATOMIC END: an empty body, closed already
+            elif words[0] in ("commit", "end"):
                 found.add("commit")
             elif words[0] in ("rollback", "abort"):
                 found.add("rollback")
@@ -255,10 +285,7 @@ def _ends(statement: str) -> frozenset[str]:
 
 def _ended_by_sql(conn: Any, ends: frozenset[str], tables: frozenset[str]) -> None:
     # SQL text that ended the transaction (or rolled back to a savepoint) behind SQLAlchemy's back.
-    for session in members(conn.info.get(_OWNERS, ())):
-        # What the database said of the transaction (its isolation level) is
-        # asked again: the next one, perhaps at another level, may have begun.
-        session.info.pop(info.SNAPSHOTS, None)
+    _transaction_over(conn)
     if "commit" in ends and _transaction_open(conn):
         _committed_within(conn, tables)
     elif "rollback" in ends and pending_on(conn) and _transaction_open(conn):
@@ -380,9 +407,21 @@ def _read_again(conn: Any) -> None:
     _seen_by_every_session(conn)
 
 
+def _transaction_over(conn: Any) -> None:
+    # The database transaction of the Sessions working on ``conn`` ended.
+    # One bound to the Connection carries on in the next, which shows what
+    # other processes committed meanwhile (a new snapshot): what it read is
+    # no longer what it reads now, and what the database said of the
+    # transaction (its isolation level) is asked again.
+    for session in members(conn.info.get(_OWNERS, ())):
+        local_session.drop(session)
+        session.info.pop(info.SNAPSHOTS, None)
+
+
 def _ended_by_itself(conn: Any) -> None:
     # The driver's transaction ended without SQLAlchemy: publish what it had
     # marked (a rollback sent as SQL costs misses, never stale data).
+    _transaction_over(conn)
     schema.schema_settled(conn.info, ended=True)
     marks = conn.info.get(_MARKS)
     if marks is not None:
@@ -426,6 +465,7 @@ def _begun(conn: Any) -> None:
 
 
 def _committing(conn: Any, twophase: bool = False) -> None:
+    _transaction_over(conn)
     schema.schema_settled(conn.info, ended=True)
     marks = conn.info.get(_MARKS)
     if marks is None:
@@ -452,6 +492,12 @@ def _committed_again(tables: set[str]) -> None:
 
 
 def _rolled_back(conn: Any) -> None:
+    if conn.invalidated:
+        # Its DBAPI connection went, with the transaction (a disconnect),
+        # back to the pool: _checked_in() did what is to do; conn.info
+        # would raise, and the rollback with it.
+        return
+    _transaction_over(conn)
     schema.schema_settled(conn.info, ended=True)
     marks = conn.info.get(_MARKS)
     if marks is not None:
@@ -479,6 +525,13 @@ def _savepoint(conn: Any, name: str) -> None:
 
 
 def _rolled_back_to(conn: Any, name: str, context: Any) -> None:
+    if conn.invalidated:  # see _rolled_back()
+        return
+    if pending_on(conn) and not _transaction_open(conn):
+        # Committed on the driver's connection, savepoint and all: this
+        # rollback undoes nothing (and fails).
+        _ended_by_itself(conn)
+        return
     schema.schema_settled(conn.info, ended=False)
     marks = conn.info.get(_MARKS)
     if marks is not None:
@@ -510,7 +563,10 @@ def _checked_in(dbapi_connection: Any, connection_record: Any) -> None:
     if connection_record is None:
         return
     found = connection_record.info
-    found.pop(_OWNERS, None)
+    # Its transaction ended (the pool's reset, or lost with the DBAPI
+    # connection): so did what its Sessions read in it.
+    for session in members(found.pop(_OWNERS, ())):
+        local_session.drop(session)
     schema.schema_settled(found, ended=True)
     _publish_committed(found)
     marks = found.pop(_MARKS, None)
