@@ -31,6 +31,16 @@ from .test_writes_postgresql import PgParent, cached, uncached
 pg = test_writes_postgresql.pg
 
 
+def _stored(request, region_options, engine_fixture: str, table):
+    """The engine, a read of ``table``'s first rows stored in ``memory``, and a factory of Sessions caching there."""
+    engine = request.getfixturevalue(engine_fixture)
+    stmt = select(table.c.id, table.c.name).where(table.c.id <= 3).order_by(table.c.id)
+    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
+    Sess = sessionmaker(bind=engine, info=cache.session_info())
+    cached(Sess, "memory", stmt)
+    return engine, stmt, Sess
+
+
 # 1. A commit on the driver's connection, more statements, then SQLAlchemy's rollback ---------------
 
 
@@ -42,11 +52,7 @@ def test_writes_committed_on_the_driver_are_published_whatever_runs_before_the_r
     # s22 (A) published them at a rollback that came next.  A statement in
     # between begins the next transaction (psycopg at any statement, pysqlite
     # at DML): the rollback then undid that one, and forgot the committed write.
-    engine = request.getfixturevalue(engine_fixture)
-    stmt = select(table.c.id, table.c.name).where(table.c.id <= 3).order_by(table.c.id)
-    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
-    Sess = sessionmaker(bind=engine, info=cache.session_info())
-    cached(Sess, "memory", stmt)
+    engine, stmt, Sess = _stored(request, region_options, engine_fixture, table)
     with Sess() as session:
         session.execute(update(table).where(table.c.id == 1).values(name="committed by the driver"))
         session.connection().connection.driver_connection.commit()
@@ -67,11 +73,7 @@ def test_writes_of_a_savepoint_committed_on_the_driver_are_published(
     # The commit ended the savepoint too: SQLAlchemy's rollback to it (or
     # its release) fails, as it does uncached; what the savepoint wrote is
     # committed, and was forgotten with the savepoint's marks.
-    engine = request.getfixturevalue(engine_fixture)
-    stmt = select(table.c.id, table.c.name).where(table.c.id <= 3).order_by(table.c.id)
-    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
-    Sess = sessionmaker(bind=engine, info=cache.session_info())
-    cached(Sess, "memory", stmt)
+    engine, stmt, Sess = _stored(request, region_options, engine_fixture, table)
     with Sess() as session:
         savepoint = session.begin_nested()
         session.execute(update(table).where(table.c.id == 1).values(name="committed by the driver"))
@@ -201,11 +203,7 @@ def test_a_session_rolls_back_after_the_database_dropped_its_connection(request,
     # rollback listeners read the Connection's info, which raises on an
     # invalidated Connection: the rollback raised PendingRollbackError,
     # where SQLAlchemy's own succeeds.
-    engine = request.getfixturevalue(engine_fixture)
-    stmt = select(table.c.id, table.c.name).where(table.c.id <= 3).order_by(table.c.id)
-    cache = SessionCache(region_options, default_region="memory", secret=SECRET)
-    Sess = sessionmaker(bind=engine, info=cache.session_info())
-    cached(Sess, "memory", stmt)
+    engine, stmt, Sess = _stored(request, region_options, engine_fixture, table)
     with Sess() as session:
         session.execute(update(table).where(table.c.id == 1).values(name="lost"))
         session.begin_nested()

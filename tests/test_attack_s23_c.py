@@ -235,6 +235,25 @@ END $$
 """
 
 
+def _two_connections_agree(engine, act) -> None:
+    """Two Sessions on two connections at once: after ``act(first, second, stmt)`` and both commits,
+    each one's cached read of person 1 is its uncached read."""
+    Session = sessionmaker(engine, info=SessionCache({"memory": {"type": "memory"}}, secret=SECRET).session_info())
+    stmt = select(Person.id, Person.name).where(Person.id == 1)
+    first, second = Session(), Session()
+    try:
+        for session in (first, second):
+            session.connection()  # two connections checked out at once
+        act(first, second, stmt)
+        first.commit()
+        second.commit()
+        for session in (first, second):
+            assert session.execute(stmt.options(FromCache("memory"))).all() == session.execute(stmt).all()
+    finally:
+        first.close()
+        second.close()
+
+
 def test_a_temporary_table_a_function_makes_keeps_its_rows_to_its_connection(pg_url):
     """``SELECT scratch()``, whose body runs ``CREATE TEMP TABLE person``: ``person`` is another table on that connection.
 
@@ -245,20 +264,7 @@ def test_a_temporary_table_a_function_makes_keeps_its_rows_to_its_connection(pg_
     try:
         with engine.begin() as conn:
             conn.exec_driver_sql(TEMPORARY_MAKER)
-        Session = sessionmaker(engine, info=SessionCache({"memory": {"type": "memory"}}, secret=SECRET).session_info())
-        stmt = select(Person.id, Person.name).where(Person.id == 1)
-        first, second = Session(), Session()
-        try:
-            for session in (first, second):
-                session.connection()  # two connections checked out at once
-            first.execute(text("SELECT scratch()")).all()
-            first.commit()
-            second.commit()
-            for session in (first, second):
-                assert session.execute(stmt.options(FromCache("memory"))).all() == session.execute(stmt).all()
-        finally:
-            first.close()
-            second.close()
+        _two_connections_agree(engine, lambda first, second, stmt: first.execute(text("SELECT scratch()")).all())
     finally:
         engine.dispose()
 
@@ -277,21 +283,12 @@ def test_a_setting_that_cannot_be_told_keeps_the_connection_uncached_in_its_next
             conn.exec_driver_sql(
                 "CREATE SCHEMA tenant; CREATE TABLE tenant.person AS SELECT id, 'of the tenant' AS name FROM public.person"
             )
-        Session = sessionmaker(engine, info=SessionCache({"memory": {"type": "memory"}}, secret=SECRET).session_info())
-        stmt = select(Person.id, Person.name).where(Person.id == 1)
-        first, second = Session(), Session()
-        try:
-            for session in (first, second):
-                session.connection()  # two connections checked out at once
+
+        def act(first, second, stmt) -> None:
             second.execute(stmt.options(FromCache("memory"))).all()  # stored: public's row
             first.execute(text("SELECT set_config(:name, :value, false)"), {"name": "search_path", "value": "tenant"})
-            first.commit()
-            second.commit()
-            for session in (first, second):
-                assert session.execute(stmt.options(FromCache("memory"))).all() == session.execute(stmt).all()
-        finally:
-            first.close()
-            second.close()
+
+        _two_connections_agree(engine, act)
     finally:
         engine.dispose()
 

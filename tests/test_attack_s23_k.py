@@ -83,12 +83,33 @@ def _forked_while_held(lock: object, use: Callable[[], bool], acquire=None) -> N
     raise AssertionError("the child hung on the lock held at the fork")
 
 
+def _reap(pid: int) -> None:
+    """Wait for the child ``pid`` to exit, at most :data:`BOUND` seconds, then kill it."""
+    deadline = time.monotonic() + BOUND
+    while not os.waitpid(pid, os.WNOHANG)[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            return
+        time.sleep(0.01)
+
+
 def _commit_a_write(engine, Session) -> bool:
     engine.dispose(close=False)  # what a worker does with the connections it inherited
     with Session() as session:
         session.get(Person, 1).name = "forked"
         session.commit()
     return True
+
+
+def test_a_forked_child_bumps_although_a_thread_held_the_kept_names_lock_at_the_fork():
+    region = CacheRegions({"r": {"type": "memory"}}, 0.2)["r"]
+
+    def bump() -> bool:  # a commit
+        region.bump(["person"])
+        return region.versions(("person",)) != (None,)
+
+    _forked_while_held(region._pending_lock, bump)
 
 
 def test_a_forked_child_commits_although_a_thread_was_wrapping_a_dialects_commit_at_the_fork(engine, Session):
@@ -222,13 +243,7 @@ def test_a_file_lock_released_in_the_parent_lets_its_waiters_in_although_a_forke
         assert got.wait(BOUND), "the lock stayed held by the forked child"
     finally:
         os.close(writing)  # the child exits
-        deadline = time.monotonic() + BOUND
-        while not os.waitpid(pid, os.WNOHANG)[0]:
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-                break
-            time.sleep(0.01)
+        _reap(pid)
         waiter.join(BOUND)
 
 
@@ -279,11 +294,5 @@ def test_a_forked_worker_never_uses_a_database_connection_the_master_pooled(pg_u
             assert session.execute(sa_select(Person.name).where(Person.id == 1)).scalar_one() == original
     finally:
         os.close(written)  # the worker ends
-        deadline = time.monotonic() + BOUND
-        while not os.waitpid(pid, os.WNOHANG)[0]:
-            if time.monotonic() > deadline:
-                os.kill(pid, 9)
-                os.waitpid(pid, 0)
-                break
-            time.sleep(0.01)
+        _reap(pid)
         os.close(reading)

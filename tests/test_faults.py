@@ -278,28 +278,6 @@ def test_a_closed_region_stops_retrying_its_kept_bumps(redis_server):
     assert not region._retrying.is_alive() and region.unpublished == {"person"}
 
 
-def test_a_forked_child_bumps_although_a_thread_held_the_kept_names_lock_at_the_fork():
-    region = CacheRegions({"r": {"type": "memory"}}, 0.2)["r"]
-    with region._pending_lock:  # as a commit of another thread may hold it
-        pid = os.fork()
-        if pid == 0:  # the child: a commit bumps
-            try:
-                region.bump(["person"])
-                os._exit(0 if region.versions(("person",)) != (None,) else 1)
-            finally:
-                os._exit(2)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            assert os.waitstatus_to_exitcode(status) == 0
-            return
-        time.sleep(0.01)
-    os.kill(pid, 9)
-    os.waitpid(pid, 0)
-    raise AssertionError("the child hung on the lock held at the fork")
-
-
 def test_a_bump_that_failed_unexpectedly_is_written_once_the_region_works(engine, own_redis):
     """The failed region serves nothing until its kept bump is written; then another process sees the new version."""
     # Another client (Beaker shares one per URL) on the same database.
