@@ -81,7 +81,7 @@ def redis_fixtures(prefix: str):
     def near_region(fresh):
         """A region with a near cache, listening; closed after the test."""
         region = regions(fresh.url)["r"]
-        assert region.near is not None and region.near.wait_live(5)
+        assert region.near is not None and region.near.wait_live(30)
         yield region
         region.close()
 

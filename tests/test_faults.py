@@ -197,7 +197,7 @@ def test_a_commit_elsewhere_while_redis_is_full_is_never_served_stale_and_cachin
     options = {"type": "ext:redis", "url": own_redis.url, "near": near}
     cache = SessionCache({"redis": options}, retry_after=0.2, secret=SECRET)
     if near:
-        assert cache.region("redis").near.wait_live(5)
+        assert cache.region("redis").near.wait_live(30)
     Session = sessionmaker(engine, info=cache.session_info())
     stmt = select(Person.name).where(Person.id == 1).options(FromCache("redis"))
 
