@@ -491,7 +491,7 @@ def test_the_listening_thread_ends_with_its_region(fresh):
     connection_id = near.connection_id
     del made, near
     gc.collect()
-    thread.join(5)
+    thread.join(30)
     assert not thread.is_alive()
     assert until(lambda: all(client["id"] != str(connection_id) for client in fresh.server.client_list()))
 
