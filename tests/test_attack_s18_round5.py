@@ -1474,7 +1474,7 @@ def test_waitress_redis_eviction_reader_and_writer_never_stale(tmp_path, redis_u
     lock = threading.Lock()
 
     def get(path, data=None):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", data=data, timeout=10) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", data=data, timeout=60) as resp:
             return json.loads(resp.read())
 
     def reader():
@@ -1504,6 +1504,10 @@ def test_waitress_redis_eviction_reader_and_writer_never_stale(tmp_path, redis_u
     try:
         for t in threads:
             t.start()
+        # Full before the writes begin, however the machine shares its time between the threads.
+        deadline = time.monotonic() + 60
+        while int(r.info("stats")["evicted_keys"]) == evicted0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         for _ in range(40):
             with lock:
                 get("/w/move", data=b"")

@@ -19,13 +19,13 @@ from .processes import ServerProcess
 
 
 def get(base: str, path: str) -> dict:
-    with urllib.request.urlopen(base + urllib.parse.quote(path), timeout=10) as response:
+    with urllib.request.urlopen(base + urllib.parse.quote(path), timeout=60) as response:
         return json.load(response)
 
 
 def post(base: str, path: str, **params) -> dict:
     data = urllib.parse.urlencode(params).encode()
-    with urllib.request.urlopen(base + path, data=data, timeout=10) as response:
+    with urllib.request.urlopen(base + path, data=data, timeout=60) as response:
         return json.load(response)
 
 
