@@ -21,7 +21,7 @@ EXPIRE = 3
 
 
 def run_together(Session, stmt) -> list:
-    barrier = threading.Barrier(THREADS, timeout=10)
+    barrier = threading.Barrier(THREADS, timeout=60)
     results: list = []
     errors: list = []
 
