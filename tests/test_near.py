@@ -65,13 +65,13 @@ def held(server: Server, read) -> bool:
     so every broadcast sent before is applied first (:func:`settled`).
     """
     settled(server)
-    for _ in range(50):
+
+    def served() -> bool:
         before = server.commands()
         read()
-        if server.sent(before) == {}:
-            return True
-        time.sleep(0.005)
-    return False
+        return server.sent(before) == {}
+
+    return until(served)
 
 
 def until(condition, timeout: float = WINDOW) -> bool:
