@@ -42,7 +42,7 @@ def own_redis():
         stop_redis(server)
 
 
-def _until(condition, timeout: float = 10.0) -> bool:
+def _until(condition, timeout: float = 30.0) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
