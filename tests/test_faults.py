@@ -169,7 +169,7 @@ def test_a_kept_bump_refused_for_memory_when_the_backend_returns_leaves_the_regi
     redis_server.start()
     redis_server.server.config_set("maxmemory-policy", "noeviction")
     redis_server.server.config_set("maxmemory", 1)
-    assert until(lambda: not region.unpublished, timeout=10)  # retried by the region's thread
+    assert until(lambda: not region.unpublished, timeout=30)  # retried by the region's thread
     assert not region.available()  # it failed again, even if nothing is left to replay
     assert Backend(region).version("person") is None
     redis_server.server.config_set("maxmemory", 0)
@@ -275,7 +275,7 @@ def test_a_closed_region_stops_retrying_its_kept_bumps(redis_server):
     region.bump(["person"])
     assert region._retrying is not None and region._retrying.is_alive()
     region.close()
-    region._retrying.join(5)
+    region._retrying.join(30)
     assert not region._retrying.is_alive() and region.unpublished == {"person"}
 
 
@@ -289,7 +289,7 @@ def test_a_forked_child_bumps_although_a_thread_held_the_kept_names_lock_at_the_
                 os._exit(0 if region.versions(("person",)) != (None,) else 1)
             finally:
                 os._exit(2)
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
