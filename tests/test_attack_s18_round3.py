@@ -626,7 +626,7 @@ def _names_truth(engine):
     return {str(i): n for i, n in _fresh(engine, select(P.id, P.name).order_by(P.id))}
 
 
-def _resumes(web, sql, path, truth, seconds=3.0):
+def _resumes(web, sql, path, truth, seconds=30.0):  # polled: a loaded machine may take seconds
     deadline = time.monotonic() + seconds
     while True:
         assert web.get(path).json == truth

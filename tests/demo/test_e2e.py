@@ -18,8 +18,8 @@ from .conftest import demo_settings
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 IN_CI = os.environ.get("CI") == "true"
-#: Seconds any single wait may take.
-TIMEOUT = 15
+#: Seconds any single wait may take (a wait ends as soon as its condition holds; Chromium on a loaded machine is slow).
+TIMEOUT = 60
 
 
 def _need(condition: bool, reason: str) -> None:
