@@ -1172,6 +1172,8 @@ def cached_world(seed: int, kind: str, engine, tmp_path, request) -> World:
     # docs/backends.md): one process only, here.
     alone = kind in ("local", "memory", "near", "static")
     second = first if alone else SessionCache(regions, default_region="local", secret=SECRET, writes_also=also)
+    for cache in {first, second}:
+        request.addfinalizer(cache.close)  # a near cache's listening thread, a region's retries
     settings = session_settings(seed)
     makers = {
         "a": sessionmaker(engine, info=first.session_info(), **settings),

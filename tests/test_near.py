@@ -40,17 +40,21 @@ server, fresh, near_region, writer = redis_fixtures("sessioncache-near-")
 
 
 def settled(server: Server) -> None:
-    """Wait until every listening near cache of the process has applied the broadcasts sent before now.
+    """Wait until every near cache listening to ``server`` has applied the broadcasts sent before now.
 
     A broadcast of this process's own write may arrive after a read that
     stored: it drops what was stored.  Broadcasts arrive in order, so once
     a key written now is heard, every earlier one was.  (Near caches whose
-    ``heard`` a test replaced are left alone.)
+    ``heard`` a test replaced are left alone, and so are those of other
+    servers, which would never hear the key: an application another test
+    module left open made each call wait for the whole window.)
     """
     waiting = {
         near: near.messages
         for near in list(near_module._all)
-        if near.live and getattr(near.heard, "__func__", None) is near_module.NearCache.heard
+        if near.live
+        and near.client.connection_pool.connection_kwargs.get("path") == server.server.socket_file
+        and getattr(near.heard, "__func__", None) is near_module.NearCache.heard
     }
     for near in waiting:
         server.server.set(near.prefixes[0] + "\x00settled", b"")
