@@ -1,0 +1,92 @@
+"""Attack s24 (A): DESIGN.md's promises, black-box, through the public interface.
+
+Each test builds what a user builds (a Pyramid application with
+``config.include("pyramid_sessioncache")`` and WebTest, or the engine API
+the specification names) and checks one promise of it: the per-region
+counters (section 5, Observability), and errors that name the problem at
+the call site (section 5, Bad input).
+"""
+
+from __future__ import annotations
+
+import pytest
+from pyramid.config import Configurator
+from sqlalchemy import select, update
+from webtest import TestApp
+
+from pyramid_sessioncache import get_engine, get_session_cache
+
+from .conftest import SECRET, SQLCounter
+from .models import Person
+
+
+def person(request):
+    """Person ``id`` from region ``region`` (the default region if not given)."""
+    stmt = select(Person).where(Person.id == int(request.matchdict["id"]))
+    return {"name": request.cached_query(stmt, region=request.params.get("region")).scalar_one().name}
+
+
+def rename_then_read(request):
+    """Rename person ``id``, then read it cached: nothing read in a transaction that wrote is stored."""
+    request.dbsession.execute(update(Person).where(Person.id == int(request.matchdict["id"])).values(name="renamed"))
+    return person(request)
+
+
+def make_app(db_url: str, **settings: str):
+    """The application a user writes: the add-on included, its regions from the settings."""
+    with Configurator(settings={"sqlalchemy.url": db_url, **settings}) as config:
+        config.include("pyramid_sessioncache")
+        for name, view in (("person", person), ("rename_then_read", rename_then_read)):
+            config.add_route(name, f"/{name}/{{id}}")
+            config.add_view(view, route_name=name, renderer="json")
+        return config.make_wsgi_app()
+
+
+@pytest.fixture
+def regions(request, tmp_path) -> dict:
+    """Settings with one region of each type: ``local`` (ext:local_session), ``memory``, ``file`` and ``redis``."""
+    return {
+        "cache.regions": "local, memory, file, redis",
+        "cache.local.type": "ext:local_session",
+        "cache.memory.type": "memory",
+        "cache.file.type": "file",
+        "cache.file.data_dir": str(tmp_path / "cache"),
+        "cache.redis.type": "ext:redis",
+        "cache.redis.url": request.getfixturevalue("redis_url"),
+        "sessioncache.secret": SECRET,
+        "sessioncache.default_region": "memory",
+    }
+
+
+# 1. Observability: "per-region hit/miss/store/invalidate counters" ----------------------------
+
+
+@pytest.mark.parametrize("region", ["local", "memory", "file", "redis"])
+def test_each_region_counts_its_stores(db_url, regions, region):
+    # The counters had hits, misses and invalidations, and no stores: a
+    # miss that stored and one that could not store looked alike.
+    app = make_app(db_url, **regions)
+    web, counters = TestApp(app), get_session_cache(app.registry).stats.region(region)
+    sql = SQLCounter(get_engine(app.registry))
+    get_session_cache(app.registry).region(region).clear()  # Redis lives for the whole run
+
+    web.get(f"/person/3?region={region}")  # a miss, stored
+    web.get(f"/person/3?region={region}")  # a hit for shared regions; ext:local_session lives one request
+    stored_once = 2 if region == "local" else 1
+    assert (counters.misses, counters.stores) == (stored_once, stored_once)
+    assert counters.hits == 2 - stored_once
+    assert sql.count == stored_once
+
+    web.get(f"/rename_then_read/4?region={region}")  # read after a write in its transaction
+    if region == "local":  # the Session's own cache: it sees its own writes
+        assert counters.stores == stored_once + 1
+    else:  # never stored where another request could read it
+        assert counters.stores == stored_once
+    assert web.get(f"/person/4?region={region}").json == {"name": "renamed"}
+
+
+def test_a_value_too_large_to_store_is_not_counted_as_stored(db_url, regions):
+    app = make_app(db_url, **{**regions, "cache.memory.max_entry_bytes": "100"})
+    counters = get_session_cache(app.registry).stats.region("memory")
+    TestApp(app).get("/person/3?region=memory")
+    assert (counters.misses, counters.stores) == (1, 0)
