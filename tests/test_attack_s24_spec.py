@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import pytest
 from pyramid.config import Configurator
-from sqlalchemy import select, update
+from sqlalchemy import create_engine, select, update
+from sqlalchemy.orm import sessionmaker
 from webtest import TestApp
 
-from pyramid_sessioncache import get_engine, get_session_cache
+from pyramid_sessioncache import InvalidOptionError, RelationshipCache, get_engine, get_session_cache
 
 from .conftest import SECRET, SQLCounter
-from .models import Person
+from .models import Address, Person
 
 
 def person(request):
@@ -90,3 +91,30 @@ def test_a_value_too_large_to_store_is_not_counted_as_stored(db_url, regions):
     counters = get_session_cache(app.registry).stats.region("memory")
     TestApp(app).get("/person/3?region=memory")
     assert (counters.misses, counters.stores) == (1, 0)
+
+
+# 2. Bad input: "a clear exception naming the problem, raised at the call site" -------------------
+
+
+@pytest.mark.parametrize("attribute", [Person.name, Address.street, "addresses", None])
+def test_relationship_cache_of_something_not_a_relationship_names_it(attribute):
+    # Person.name (a column) was taken silently and cached nothing; the
+    # name of a relationship raised AttributeError: 'str' object has no
+    # attribute 'property'.
+    with pytest.raises(InvalidOptionError, match="attribute.*a relationship"):
+        RelationshipCache(attribute, "memory")
+
+
+def test_relationship_cache_of_a_relationship_still_caches_its_lazy_loads(db_url, regions):
+    # RelationshipCache accepts what it accepted: a relationship attribute.
+    engine = create_engine(db_url)
+    app = make_app(db_url, **regions)
+    Session = sessionmaker(engine, info=get_session_cache(app.registry).session_info())
+    option = RelationshipCache(Person.addresses, "memory").and_(RelationshipCache(Address.person, "memory"))
+    sql = SQLCounter(engine)
+    for _ in range(2):
+        with Session() as session:
+            found = session.scalars(select(Person).where(Person.id == 2).options(option)).one()
+            assert [address.street for address in found.addresses] == ["2 Main St", "2 High St"]
+    assert sql.count == 3  # the two people, one lazy load: the second one a hit
+    engine.dispose()
