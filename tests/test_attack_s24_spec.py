@@ -118,3 +118,49 @@ def test_relationship_cache_of_a_relationship_still_caches_its_lazy_loads(db_url
             assert [address.street for address in found.addresses] == ["2 Main St", "2 High St"]
     assert sql.count == 3  # the two people, one lazy load: the second one a hit
     engine.dispose()
+
+
+# 3. sessioncache.invalidation = manual: "only explicit invalidation and expire" ------------------
+
+
+def mark_changed(request):
+    """Rename person ``id`` by SQL the add-on is told of (``request.sessioncache.mark_changed``)."""
+    request.dbsession.connection().exec_driver_sql(
+        f"UPDATE person SET name = 'marked' WHERE id = {int(request.matchdict['id'])}"
+    )
+    request.sessioncache.mark_changed(*request.params.getall("table"))
+    return {}
+
+
+@pytest.mark.parametrize("region", ["memory", "file", "redis"])
+@pytest.mark.parametrize("how", ["mark_changed", "mark_changed()", "SessionCache.invalidate_tables"])
+def test_explicit_table_invalidation_works_with_manual_invalidation(db_url, regions, region, how):
+    # With invalidation = manual, the tables named to mark_changed(),
+    # invalidate_tables(session, ...) or SessionCache.invalidate_tables()
+    # invalidated nothing: the entry that read them kept serving the old row.
+    app = make_app(db_url, **{**regions, "sessioncache.invalidation": "manual"})
+    with Configurator(registry=app.registry) as config:
+        config.add_route("mark_changed", "/mark_changed/{id}")
+        config.add_view(mark_changed, route_name="mark_changed", renderer="json")
+    web, cache = TestApp(config.make_wsgi_app()), get_session_cache(app.registry)
+    cache.region(region).clear()
+    assert web.get(f"/person/5?region={region}").json == {"name": "person 5"}  # stored
+    if how == "SessionCache.invalidate_tables":  # a write outside the application, then the call
+        engine = create_engine(db_url)
+        with engine.begin() as conn:
+            conn.execute(update(Person).where(Person.id == 5).values(name="marked"))
+        engine.dispose()
+        cache.invalidate_tables(Person)
+    else:
+        web.get("/mark_changed/5", params={"table": "person"} if how == "mark_changed" else {})
+    assert web.get(f"/person/5?region={region}").json == {"name": "marked"}
+
+
+def test_manual_invalidation_still_ignores_writes_nobody_names(db_url, regions):
+    # What manual means: a committed write alone leaves the entries as they are.
+    app = make_app(db_url, **{**regions, "sessioncache.invalidation": "manual"})
+    web = TestApp(app)
+    get_session_cache(app.registry).region("memory").clear()
+    assert web.get("/person/6?region=memory").json == {"name": "person 6"}
+    web.get("/rename_then_read/6?region=memory")
+    assert web.get("/person/6?region=memory").json == {"name": "person 6"}
