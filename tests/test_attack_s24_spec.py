@@ -164,3 +164,61 @@ def test_manual_invalidation_still_ignores_writes_nobody_names(db_url, regions):
     assert web.get("/person/6?region=memory").json == {"name": "person 6"}
     web.get("/rename_then_read/6?region=memory")
     assert web.get("/person/6?region=memory").json == {"name": "person 6"}
+
+
+MANUAL_INI = """
+[app:main]
+use = egg:sessioncache_demo
+sqlalchemy.url = sqlite:///{here}/app.sqlite
+cache.regions = local_session, short_term, long_term
+cache.type = file
+cache.data_dir = {here}/cache
+cache.local_session.type = ext:local_session
+sessioncache.default_region = local_session
+sessioncache.invalidation = manual
+sessioncache.secret = {secret}
+demo.people = 30
+"""
+
+
+def test_sessioncache_invalidate_works_with_manual_invalidation(tmp_path, capsys):
+    # The command always built its cache with automatic invalidation: it
+    # bumped table versions that a manual application's entries never
+    # check, printed "invalidated", and the application served the old rows.
+    import sqlite3
+
+    from pyramid.paster import get_app
+    from sessioncache_demo import engine_of
+
+    from pyramid_sessioncache.addon.scripts import invalidate
+
+    ini = tmp_path / "app.ini"
+    ini.write_text(MANUAL_INI.format(here=tmp_path, secret=SECRET))
+    app = get_app(str(ini))
+    web = TestApp(app)
+
+    def first_name() -> str:
+        return web.get("/people", params={"page": 1}).html.select_one("a.name").text.strip()
+
+    before = first_name()
+    with sqlite3.connect(tmp_path / "app.sqlite") as db:  # another program
+        db.execute("UPDATE person SET name = 'Written Behind Its Back' WHERE id = 1")
+    assert first_name() == before  # served from short_term
+    assert invalidate([str(ini), "person"]) == 0
+    assert "short_term: invalidated every entry" in capsys.readouterr().out
+    assert first_name() == "Written Behind Its Back"
+    engine_of(app.registry).dispose()
+
+
+def test_sessioncache_invalidate_reports_a_backend_that_fails_with_manual_invalidation(tmp_path, capsys):
+    from pyramid_sessioncache.addon.scripts import invalidate
+
+    ini = tmp_path / "redis.ini"
+    ini.write_text(
+        "[app:main]\nuse = egg:sessioncache_demo\n"
+        "cache.regions = shared\ncache.shared.type = ext:redis\n"
+        "cache.shared.url = redis://127.0.0.1:1/0?socket_connect_timeout=0.2\n"
+        f"sessioncache.invalidation = manual\nsessioncache.secret = {SECRET}\n"
+    )
+    assert invalidate([str(ini)]) == 1
+    assert "shared: FAILED" in capsys.readouterr().err

@@ -108,6 +108,9 @@ class SessionCache:
         #: stored before the latest is void (see ``lookup.py``).
         self.commits = 0
         self._commits_lock = forks.lock()
+        #: The shared regions whose entries an explicit invalidation of
+        #: tables could not forget (manual invalidation; the backend did not answer).
+        self.not_forgotten: set[str] = set()
         #: The PostgreSQL listeners :meth:`listen` started.
         self.listeners: list[Any] = []
         from .hook import install  # here: the hook module needs this one
@@ -231,6 +234,9 @@ class SessionCache:
                 region.clear()
             except BACKEND_ERRORS as exc:  # at a commit: the database's is done, the caller's must not fail
                 log.warning("cache region %r: could not forget its entries (%s)", region.name, exc)
+                self.not_forgotten.add(region.name)
+            else:
+                self.not_forgotten.discard(region.name)
             self.stats.region(region.name).invalidations += 1
 
     def void_local_entries(self) -> None:
