@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 from pyramid.config import Configurator
+from pyramid.exceptions import ConfigurationError
 from sqlalchemy import create_engine, select, update
 from sqlalchemy.orm import sessionmaker
 from webtest import TestApp
@@ -222,3 +223,10 @@ def test_sessioncache_invalidate_reports_a_backend_that_fails_with_manual_invali
     )
     assert invalidate([str(ini)]) == 1
     assert "shared: FAILED" in capsys.readouterr().err
+
+
+def test_postgresql_notify_with_manual_invalidation_stops_start_up(db_url):
+    # Both were accepted: the listener then heard every other client's
+    # commit and invalidated nothing, silently.
+    with pytest.raises(ConfigurationError, match="invalid setting sessioncache.postgresql_notify = 'true'.*manual"):
+        make_app(db_url, **{"sessioncache.postgresql_notify": "true", "sessioncache.invalidation": "manual"})
