@@ -13,10 +13,10 @@ import pytest
 from pyramid.config import Configurator
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy import create_engine, select, update
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import sessionmaker, with_parent
 from webtest import TestApp
 
-from pyramid_sessioncache import InvalidOptionError, RelationshipCache, get_engine, get_session_cache
+from pyramid_sessioncache import FromCache, InvalidOptionError, RelationshipCache, get_engine, get_session_cache
 
 from .conftest import SECRET, SQLCounter
 from .models import Address, Person
@@ -230,3 +230,53 @@ def test_postgresql_notify_with_manual_invalidation_stops_start_up(db_url):
     # commit and invalidated nothing, silently.
     with pytest.raises(ConfigurationError, match="invalid setting sessioncache.postgresql_notify = 'true'.*manual"):
         make_app(db_url, **{"sessioncache.postgresql_notify": "true", "sessioncache.invalidation": "manual"})
+
+
+# 4. FromCache in every query form, on SQLite and PostgreSQL, in every region -----------------
+
+#: Each query form the specification names, given the caching options (none: uncached).
+FORMS = {
+    "Query.all": lambda s, o: [p.name for p in s.query(Person).filter(Person.id < 4).order_by(Person.id).options(*o)],
+    "Query.get": lambda s, o: s.query(Person).options(*o).get(2).name,
+    "Query page": lambda s, o: [p.name for p in s.query(Person).order_by(Person.id).options(*o)[1:3]],
+    "Session.get": lambda s, o: s.get(Person, 2, options=o).name,
+    "scalars": lambda s, o: [
+        p.name for p in s.scalars(select(Person).where(Person.id < 4).order_by(Person.id).options(*o))
+    ],
+    "one_or_none": lambda s, o: s.execute(select(Person).where(Person.id == 2).options(*o)).scalar_one_or_none().name,
+    "page": lambda s, o: [p.name for p in s.scalars(select(Person).order_by(Person.id).limit(2).offset(1).options(*o))],
+    "with_parent": lambda s, o: [
+        a.street
+        for a in s.scalars(
+            select(Address).where(with_parent(s.get(Person, 2), Person.addresses)).order_by(Address.id).options(*o)
+        )
+    ],
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+@pytest.mark.parametrize(
+    "url_fixture, region",
+    [("db_url", "local"), ("db_url", "memory"), ("db_url", "file"), ("db_url", "redis")]
+    + [("pg_url", "local"), ("pg_url", "redis")],
+)
+def test_every_query_form_hits_then_sees_another_sessions_commit(request, regions, url_fixture, region, form):
+    url = request.getfixturevalue(url_fixture)
+    engine = create_engine(url)
+    cache = get_session_cache(make_app(url, **regions).registry)
+    cache.region(region).clear()
+    Cached, Plain = sessionmaker(engine, info=cache.session_info()), sessionmaker(engine)
+    read, sql = FORMS[form], SQLCounter(engine)
+    with Cached() as session:
+        first = read(session, [FromCache(region)])
+        sql.reset()
+        assert read(session, [FromCache(region)]) == first
+        if form != "with_parent":  # its parent is loaded uncached
+            assert sql.count == 0  # the same Session: a hit in every region
+    with Plain() as session:
+        session.execute(update(Person).where(Person.id.in_([2, 3])).values(name=Person.name + " renamed"))
+        session.execute(update(Address).where(Address.id == 3).values(street="moved"))
+        session.commit()
+    with Cached() as session, Plain() as plain:
+        assert read(session, [FromCache(region)]) == read(plain, [])
+    engine.dispose()
