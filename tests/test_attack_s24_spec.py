@@ -118,6 +118,13 @@ def test_relationship_cache_of_something_not_a_relationship_names_it(attribute):
         RelationshipCache(attribute, "memory")
 
 
+@pytest.mark.parametrize("other", [FromCache("memory"), Person.addresses, None])
+def test_relationship_cache_chains_relationship_caches_only(other):
+    # and_(FromCache(...)) raised AttributeError: 'FromCache' object has no attribute '_relationships'.
+    with pytest.raises(InvalidOptionError, match="and_\\(\\) chains RelationshipCache options only"):
+        RelationshipCache(Person.addresses, "memory").and_(other)
+
+
 def test_relationship_cache_of_a_relationship_still_caches_its_lazy_loads(db_url, regions):
     # RelationshipCache accepts what it accepted: a relationship attribute.
     engine = create_engine(db_url)

@@ -120,7 +120,13 @@ class RelationshipCache(FromCache):
         return f"RelationshipCache({names})"
 
     def and_(self, option: RelationshipCache) -> RelationshipCache:
-        """Return a copy of this option that also caches ``option``'s relationships."""
+        """Return a copy of this option that also caches ``option``'s relationships.
+
+        ``option`` must be a :class:`RelationshipCache`; anything else raises
+        :class:`~pyramid_sessioncache.InvalidOptionError`.
+        """
+        if not isinstance(option, RelationshipCache):
+            raise InvalidOptionError("option", option, "and_() chains RelationshipCache options only")
         chained = RelationshipCache.__new__(RelationshipCache)
         chained.__dict__.update(self.__dict__)
         chained._relationships = {**self._relationships, **option._relationships}
