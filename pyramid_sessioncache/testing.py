@@ -155,13 +155,18 @@ class LookupCounter:
         self._end = None
 
     def region(self, name: str) -> RegionStats:
-        """Return the hits, misses and invalidations of region ``name`` since the counter started.
+        """Return the hits, misses, invalidations and stores of region ``name`` since the counter started.
 
         Until the ``with`` block ends, if it is used as a context manager.
         """
         now = self._now(name) if self._end is None else self._end.get(name, RegionStats())
         start = self._start.get(name, RegionStats())
-        return RegionStats(now.hits - start.hits, now.misses - start.misses, now.invalidations - start.invalidations)
+        return RegionStats(
+            now.hits - start.hits,
+            now.misses - start.misses,
+            now.invalidations - start.invalidations,
+            now.stores - start.stores,
+        )
 
     @property
     def hits(self) -> int:
@@ -175,7 +180,7 @@ class LookupCounter:
 
     def _now(self, name: str) -> RegionStats:
         counters = self.cache.stats.region(name)
-        return RegionStats(counters.hits, counters.misses, counters.invalidations)
+        return RegionStats(counters.hits, counters.misses, counters.invalidations, counters.stores)
 
 
 def _session(source: Any) -> Session:

@@ -42,17 +42,19 @@ def invalidate(argv: Sequence[str] | None = None) -> int:
     cache = SessionCache(
         settings.regions,
         settings.default_region,
-        "auto",
+        settings.invalidation,
         settings.retry_after,
         settings.secret,
         writes_also=settings.writes_also,
     )
     cache.invalidate_tables(*args.tables)
     what = ", ".join(args.tables) or "every table"
+    if settings.invalidation != "auto":  # the entries record no tables: every entry was forgotten
+        what = f"every entry (sessioncache.invalidation = {settings.invalidation})"
     failed = False
     for name, region in cache.regions.items():
         if region.out_of_process:
-            if region.unpublished:
+            if region.unpublished or name in cache.not_forgotten:
                 print(f"{name}: FAILED, the backend did not answer ({what})", file=sys.stderr)
                 failed = True
             else:

@@ -155,6 +155,13 @@ def parse_settings(settings: Mapping[str, Any]) -> Settings:
             f"region {signed[0]!r} is {regions[signed[0]]['type']}: its values are signed, "
             "set a long random secret, the same in every process",
         )
+    if addon.get("postgresql_notify") and addon.get("invalidation", "auto") != "auto":
+        raise _fail(
+            "sessioncache.postgresql_notify",
+            settings["sessioncache.postgresql_notify"],
+            f"it invalidates what other clients' commits change, which sessioncache.invalidation = "
+            f"{addon['invalidation']} never does: set sessioncache.invalidation = auto, or remove it",
+        )
     default_region = addon.pop("default_region", None) or next(iter(regions))
     if default_region not in regions:
         raise _fail(

@@ -10,6 +10,7 @@ application, for the Session that is its ``request.dbsession``).
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -18,13 +19,15 @@ from .. import _sqlalchemy, forks
 from .._weak import members
 from ..errors import InvalidOptionError
 from ..storage.options import checked
-from ..storage.region import CacheRegions, Region
+from ..storage.region import BACKEND_ERRORS, CacheRegions, Region
 from . import info
 from .cache_options import CACHE_OPTIONS
 from .invalidation.reads import ALL_TABLES, ANY_TABLE, ShapeTables, declared_tables, version_name
 from .invalidation.schema import also_changed
 from .keys import EntryKey, KeyMaker
 from .stats import Stats
+
+log = logging.getLogger(__name__)
 
 #: Seconds ``SessionCache.listen()`` waits for ``LISTEN`` to be in place.
 LISTEN_WAIT = 5.0
@@ -46,7 +49,7 @@ class SessionCache:
         ``ext:redis`` regions, the same in every process that shares them;
         at least 16 characters.
     :param writes_also: what a write to a table also changes that the
-        schema does not say (a trigger, a view on SQLite): table name ->
+        schema does not say (a trigger): table name ->
         the tables it also writes, e.g. ``{"order": ["audit_log"]}``.
 
     Every option is checked as the ini's ``sessioncache.*`` and ``cache.*``
@@ -105,6 +108,9 @@ class SessionCache:
         #: stored before the latest is void (see ``lookup.py``).
         self.commits = 0
         self._commits_lock = forks.lock()
+        #: The shared regions whose entries an explicit invalidation of
+        #: tables could not forget (manual invalidation; the backend did not answer).
+        self.not_forgotten: set[str] = set()
         #: The PostgreSQL listeners :meth:`listen` started.
         self.listeners: list[Any] = []
         from .hook import install  # here: the hook module needs this one
@@ -159,9 +165,10 @@ class SessionCache:
         With no table, every entry of every shared region.  For writes made
         outside any Session (a migration, a cron job); inside a transaction,
         use :func:`pyramid_sessioncache.invalidate_tables` with the Session,
-        so that it happens when the transaction commits.
+        so that it happens when the transaction commits.  With manual
+        invalidation too (see :meth:`publish`).
         """
-        self.publish(declared_tables(tables) or frozenset({ALL_TABLES}))
+        self.publish(declared_tables(tables) or frozenset({ALL_TABLES}), declared=True)
 
     def listen(self, engine: Any, channel: str = "sessioncache") -> Any:
         """Hear every committed write of any client to ``engine``'s PostgreSQL database.
@@ -195,17 +202,22 @@ class SessionCache:
         for region in self.shared_regions:
             region.close()
 
-    def publish(self, tables: frozenset[str], again: bool = False) -> None:
+    def publish(self, tables: frozenset[str], again: bool = False, declared: bool = False) -> None:
         """Invalidate the entries of the shared regions that read ``tables`` (version names), and local entries.
 
-        With automatic invalidation only; what ``writes_also`` declares a
-        write to those tables changes is invalidated too, and what the
-        schema says those change in turn (cascades and views of a
-        trigger's table: see ``invalidation/schema.py``).  ``again``: the
-        same commit published a second time (see ``invalidation/writes.py``),
-        not counted in the statistics.
+        What ``writes_also`` declares a write to those tables changes is
+        invalidated too, and what the schema says those change in turn
+        (cascades and views of a trigger's table: see
+        ``invalidation/schema.py``).  ``again``: the same commit published
+        a second time (see ``invalidation/writes.py``), not counted in the
+        statistics.  ``declared``: tables the application named
+        (:meth:`invalidate_tables`, :func:`~pyramid_sessioncache.invalidate_tables`),
+        the only ones invalidated with manual invalidation, whose entries
+        record no tables: every entry is forgotten then.
         """
         if self.invalidation != "auto":
+            if declared and not again:
+                self._forget_everything()
             return
         self.void_local_entries()
         names = sorted(also_changed(tables, self.writes_also) | {ANY_TABLE})
@@ -213,6 +225,19 @@ class SessionCache:
             region.bump(names)
             if not again:
                 self.stats.region(region.name).invalidations += 1
+
+    def _forget_everything(self) -> None:
+        """Forget every entry of every region (an explicit invalidation of tables, with manual invalidation)."""
+        self.void_local_entries()
+        for region in self.shared_regions:
+            try:
+                region.clear()
+            except BACKEND_ERRORS as exc:  # at a commit: the database's is done, the caller's must not fail
+                log.warning("cache region %r: could not forget its entries (%s)", region.name, exc)
+                self.not_forgotten.add(region.name)
+            else:
+                self.not_forgotten.discard(region.name)
+            self.stats.region(region.name).invalidations += 1
 
     def void_local_entries(self) -> None:
         """Make every ``ext:local_session`` entry stored until now a miss, in every Session.

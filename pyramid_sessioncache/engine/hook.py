@@ -15,6 +15,7 @@ Nothing is installed at import: :func:`install` runs when the first
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ from sqlalchemy.orm import ORMExecuteState, Session
 from .. import _sqlalchemy
 from ..storage.backends import local_session
 from ..storage.region import always_valid
-from . import as_loaded, connection_state, info, loader, lookup
+from . import as_loaded, connection_state, info, loader, lookup, stats
 from .cache import SessionCache
 from .invalidation import reads, schema, versions, writes
 from .lookup import Lookup
@@ -167,6 +168,7 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
             option.expire,
             valid=found.valid or always_valid,
             store=lambda value: not loaded.get("wrote") and not _holds_always_refreshed(session),
+            on_store=functools.partial(stats.stored, cache.stats, region.name),
         )
         result = value.result()
     else:
@@ -258,6 +260,7 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
 
     key = found.key
     verdict = {"store": True}
+    stored = functools.partial(stats.stored, cache.stats, region.name)
     if cache.invalidation != "auto":
 
         def load_once() -> CachedRows:
@@ -271,7 +274,7 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
             return value
 
         return region.get_or_create(
-            key.text, load_once, session, expire, store=lambda value: verdict["store"], label=key.shape
+            key.text, load_once, session, expire, store=lambda value: verdict["store"], label=key.shape, on_store=stored
         )
 
     tables = found.tables
@@ -325,6 +328,7 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
         valid=versions.valid(region, tables),
         tables=tables,
         label=key.shape,
+        on_store=stored,
     )
 
 

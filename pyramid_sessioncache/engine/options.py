@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.orm import QueryableAttribute, RelationshipProperty
 from sqlalchemy.orm.interfaces import UserDefinedOption
 
 from .. import _sqlalchemy
+from ..errors import InvalidOptionError
 from ..storage.options import MAX_EXPIRE, check_expire
 from .cache_options import MAX_LABEL, check_label, check_region_argument
 
@@ -81,7 +83,8 @@ class FromCache(UserDefinedOption):
 class RelationshipCache(FromCache):
     """Load the lazy loads of a relationship from a cache region.
 
-    :param attribute: the relationship, e.g. ``Person.addresses``.
+    :param attribute: the relationship, e.g. ``Person.addresses``; anything
+        else raises :class:`~pyramid_sessioncache.InvalidOptionError`.
     :param region: as for :class:`FromCache`; so are ``cache_key`` and
         ``expire``, checked as there.
 
@@ -103,8 +106,13 @@ class RelationshipCache(FromCache):
     def __init__(
         self, attribute: Any, region: str | None = None, cache_key: str | None = None, expire: int | None = None
     ):
+        prop = getattr(attribute, "property", None)
+        if not isinstance(prop, RelationshipProperty):
+            given = str(attribute) if isinstance(attribute, QueryableAttribute) else attribute  # Person.name
+            raise InvalidOptionError(
+                "attribute", given, "must be a relationship of a mapped class, such as Person.addresses"
+            )
         super().__init__(region, cache_key, expire)
-        prop = attribute.property
         self._relationships = {(prop.parent.class_, prop.key): self}
 
     def __repr__(self) -> str:
@@ -112,7 +120,13 @@ class RelationshipCache(FromCache):
         return f"RelationshipCache({names})"
 
     def and_(self, option: RelationshipCache) -> RelationshipCache:
-        """Return a copy of this option that also caches ``option``'s relationships."""
+        """Return a copy of this option that also caches ``option``'s relationships.
+
+        ``option`` must be a :class:`RelationshipCache`; anything else raises
+        :class:`~pyramid_sessioncache.InvalidOptionError`.
+        """
+        if not isinstance(option, RelationshipCache):
+            raise InvalidOptionError("option", option, "and_() chains RelationshipCache options only")
         chained = RelationshipCache.__new__(RelationshipCache)
         chained.__dict__.update(self.__dict__)
         chained._relationships = {**self._relationships, **option._relationships}

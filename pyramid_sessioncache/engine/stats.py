@@ -27,6 +27,8 @@ class RegionStats:
     hits: int = 0
     misses: int = 0
     invalidations: int = 0
+    #: Entries written (a miss whose result was stored).
+    stores: int = 0
 
 
 @dataclass
@@ -51,6 +53,11 @@ def record(stats: Stats, session: Any, region: str, hit: bool, key: str) -> None
     else:
         counters.misses += 1
     lookups(session).append(Lookup(region, hit, key))
+
+
+def stored(stats: Stats, region: str) -> None:
+    """Count an entry written to region ``region``."""
+    stats.region(region).stores += 1
 
 
 def lookups(session: Any) -> deque:

@@ -376,7 +376,8 @@ class Region:
             log.debug("cache region %r: ignored an entry it cannot use (%s)", self.name, exc)
             return None
 
-    def _write(self, namespace: Any, key: bytes, value: Any, expire: int | None, label: Any = None) -> None:
+    def _write(self, namespace: Any, key: bytes, value: Any, expire: int | None, label: Any = None) -> bool:
+        """Store ``value`` under ``key``; return whether it was written (not refused, the backend answering)."""
         stored = (time.time(), expire, value)
         payload = None
         if not self.is_local:
@@ -390,12 +391,12 @@ class Region:
                         f"(type {self.type}): it cannot be pickled: {exc}"
                     ) from exc
                 self._refuse(label, f"it cannot be pickled to measure its size ({exc})")
-                return
+                return False
             if len(payload) > self.max_entry_bytes:
                 self._refuse(label, f"{len(payload)} bytes is more than max_entry_bytes = {self.max_entry_bytes}")
-                return
+                return False
         if self._down():
-            return
+            return False
         try:
             namespace.acquire_write_lock()
             try:
@@ -409,6 +410,8 @@ class Region:
                 namespace.release_write_lock()
         except BACKEND_ERRORS as exc:
             self._failed(exc, "writing")
+            return False
+        return True
 
     def _refuse(self, label: Any, why: str) -> None:
         """Log, once per ``label`` (a kind of key), that a value was not stored."""
@@ -579,6 +582,7 @@ class Region:
         valid: Validator = always_valid,
         tables: tuple = (),
         label: Any = None,
+        on_store: Callable[[], None] | None = None,
     ) -> tuple[Any, bool]:
         """Return ``(value, hit)``: the stored value, or ``create()`` stored.
 
@@ -594,12 +598,13 @@ class Region:
         bad ``expire`` raises :class:`~pyramid_sessioncache.InvalidOptionError`
         before anything runs.  ``label`` says what kind of value ``key``
         holds (a statement's shape): a value too large to store is logged
-        once per label.
+        once per label.  ``on_store()`` is called once ``create()``'s value
+        is written.
         """
         if expire is not None:
             region_options.check_expire(expire, self.max_expire)
         if self.is_local:
-            return self._local(key, create, session, expire, store, valid)
+            return self._local(key, create, session, expire, store, valid, on_store)
         if not self.available():
             return create(), False
         namespace = self._namespace(session)
@@ -608,7 +613,7 @@ class Region:
         if found is not None and found[1]:
             return found[0], True
         if self._down():  # a failing backend: no lock
-            return self._create(namespace, bkey, create, expire, store, label), False
+            return self._create(namespace, bkey, create, expire, store, label, on_store=on_store), False
         try:
             lock = self._locks(namespace, bkey)
             if found is not None:
@@ -625,7 +630,7 @@ class Region:
             again = self._read(namespace, bkey, valid)
             if again is not None and again[1]:
                 return again[0], True
-            return self._create(namespace, bkey, create, expire, store, label, notify=True), False
+            return self._create(namespace, bkey, create, expire, store, label, notify=True, on_store=on_store), False
         finally:
             try:
                 lock.release()
@@ -684,19 +689,20 @@ class Region:
         found = self._read(self._namespace(session), _encode(key), valid, tables) if self.available() else None
         return found[0] if found is not None and found[1] else None
 
-    def _local(self, key: str, create, session: Any, expire: int | None, store, valid) -> tuple[Any, bool]:
+    def _local(self, key: str, create, session: Any, expire: int | None, store, valid, on_store) -> tuple[Any, bool]:
         value = self.peek(key, session, valid)
         if value is not None:
             return value, True
-        return self._create(self._namespace(session), _encode(key), create, expire, store), False
+        return self._create(self._namespace(session), _encode(key), create, expire, store, on_store=on_store), False
 
-    def _create(self, namespace, bkey, create, expire, store, label=None, notify: bool = False) -> Any:
+    def _create(self, namespace, bkey, create, expire, store, label=None, notify: bool = False, on_store=None) -> Any:
         """``create()``, stored if ``store`` accepts it; with ``notify``, tell waiters when nothing is stored."""
         stored = False
         try:
             value = create()
             if store(value):
-                self._write(namespace, bkey, value, expire or self.expire, label)
+                if self._write(namespace, bkey, value, expire or self.expire, label) and on_store is not None:
+                    on_store()
                 stored = not self._down()
             return value
         finally:

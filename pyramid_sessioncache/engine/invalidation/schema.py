@@ -6,7 +6,8 @@ delete or update, the views that read it, and the tables whose
 row-level security policies read it, transitively.  Those come from the
 ``MetaData`` of the tables this process maps, writes or reads and, on
 PostgreSQL, from the database's own catalog (a schema built by migrations
-may declare actions the models do not).  Triggers and anything else are
+may declare actions the models do not).  SQLite's catalog names its views,
+whose tables it cannot: a result that read one depends on every table.  Triggers and anything else are
 declared: ``SessionCache(writes_also=...)``, the ``sessioncache.writes_also``
 setting; :meth:`~pyramid_sessioncache.SessionCache.publish` closes what
 they declare over the same dependencies.
@@ -264,7 +265,7 @@ class _Schema:
 
     def catalog(self, conn: Any, read: bool = True) -> Catalog:
         # read=False: the catalog known, none if it has not been read yet.
-        if conn.dialect.name != "postgresql":
+        if conn.dialect.name not in _CATALOG_DIALECTS:
             return _NO_CATALOG
         if conn.info.get(_CHANGING):
             # Its transaction changed the schema: what it reads of the catalog
@@ -292,6 +293,8 @@ class _Schema:
 
     @staticmethod
     def _read_catalog(conn: Any) -> Catalog:
+        if conn.dialect.name == "sqlite":
+            return _sqlite_catalog(conn)
         edges: dict[str, set[str]] = {}
         shows: dict[str, set[str]] = {}
         cursor = conn.connection.dbapi_connection.cursor()
@@ -326,6 +329,32 @@ class _Schema:
             _routines_pattern(writers, called=True, views=views),
             _routines_pattern(effects, called=True),
         )
+
+
+#: The dialects whose catalog is read: PostgreSQL's, and SQLite's views.
+_CATALOG_DIALECTS = frozenset({"postgresql", "sqlite"})
+
+#: SQLite's views, temporary ones too.
+SQLITE_VIEWS = (
+    "SELECT name FROM sqlite_master WHERE type = 'view' UNION SELECT name FROM sqlite_temp_master WHERE type = 'view'"
+)
+
+
+def _sqlite_catalog(conn: Any) -> Catalog:
+    """What SQLite's catalog says: its views are opaque.
+
+    SQLite keeps a view's query as the text it was created with, which
+    names its tables however it likes: a result that read a view depends on
+    every table (as SQL text does), instead of on the view's name alone,
+    which no write ever bumps.
+    """
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        cursor.execute(SQLITE_VIEWS)
+        views = frozenset(reads.version_name(name) for (name,) in cursor.fetchall())
+    finally:
+        cursor.close()
+    return Catalog({}, views)
 
 
 _schema = _Schema()
@@ -511,7 +540,7 @@ def schema_changed(conn: Any, in_transaction: bool) -> None:
     """
     _schema.forget()
     conn.info.pop(_OWN_CATALOG, None)
-    if in_transaction and conn.dialect.name == "postgresql":
+    if in_transaction and conn.dialect.name in _CATALOG_DIALECTS:
         conn.info[_CHANGING] = True
 
 

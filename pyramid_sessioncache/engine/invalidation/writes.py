@@ -117,15 +117,16 @@ def install() -> None:
     event.listen(Pool, "checkin", _checked_in)
 
 
-def publish(tables: Iterable[str], again: bool = False) -> None:
+def publish(tables: Iterable[str], again: bool = False, declared: bool = False) -> None:
     """Invalidate, in every cache of the process, the entries that read ``tables``.
 
-    ``again``: the second publication of a commit's writes (not counted).
+    ``again``: the second publication of a commit's writes (not counted);
+    ``declared``: tables the application named (see ``SessionCache.publish()``).
     """
     tables = frozenset(tables)
     if tables:
         for cache in live_caches():
-            cache.publish(tables, again)
+            cache.publish(tables, again, declared)
 
 
 def _marks(conn: Any) -> _Marks:
@@ -689,7 +690,7 @@ def committed(session: Any) -> None:
     session.info.pop(info.WRITTEN, None)
     declared = session.info.pop(info.DECLARED, None)
     if declared:
-        publish(declared)
+        publish(declared, declared=True)
 
 
 def forget(session: Any) -> None:
