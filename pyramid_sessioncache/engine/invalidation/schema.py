@@ -246,7 +246,8 @@ class _Schema:
     """The dependents known in this process: from ``MetaData``, and per PostgreSQL database."""
 
     def __init__(self) -> None:
-        self._mapped: tuple[tuple[int, ...], dict[str, set[str]]] = ((), {})
+        #: (tables per MetaData, parent -> dependents, dependent -> parents) of the cascading foreign keys.
+        self._mapped: tuple[tuple[int, ...], dict[str, set[str]], dict[str, set[str]]] = ((), {}, {})
         #: database identity -> its catalog, oldest read first.
         self._catalogs: dict[str, Catalog] = {}
         #: MetaData of the tables compiled statements wrote or read (Core tables too).
@@ -256,11 +257,23 @@ class _Schema:
         self._seen.add(metadata)
 
     def mapped_edges(self) -> dict[str, set[str]]:
+        return self._mapped_graph()[1]
+
+    def cascading_into(self) -> dict[str, set[str]]:
+        """Dependent -> the tables whose writes its cascading foreign keys carry into it."""
+        return self._mapped_graph()[2]
+
+    def _mapped_graph(self) -> tuple[tuple[int, ...], dict[str, set[str]], dict[str, set[str]]]:
         metadatas = list({id(m): m for m in [*_sqlalchemy.mapped_metadata(), *members(self._seen)]}.values())
         seen = tuple(len(metadata.tables) for metadata in metadatas)  # new tables mean new edges
         if seen != self._mapped[0]:
-            self._mapped = (seen, metadata_edges(metadatas))
-        return self._mapped[1]
+            edges = metadata_edges(metadatas)
+            parents: dict[str, set[str]] = {}
+            for parent, dependents in edges.items():
+                for dependent in dependents:
+                    parents.setdefault(dependent, set()).add(parent)
+            self._mapped = (seen, edges, parents)
+        return self._mapped
 
     def catalog(self, conn: Any, read: bool = True) -> Catalog:
         # read=False: the catalog known, none if it has not been read yet.
@@ -365,11 +378,17 @@ def also_changed(tables: frozenset[str], declared: Mapping[str, Iterable[str]]) 
 def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     """Return what a result that read ``tables`` on ``conn`` depends on.
 
-    ``tables`` with :data:`~.reads.ANY_TABLE` when one of them reads
-    tables the catalog cannot name (a view calling a function of the
-    database's own, a table whose row-level security policy does): every
-    committed write bumps it, as for SQL text.
+    ``tables``, the tables whose writes a cascading foreign key of the
+    ``MetaData`` known here carries into them (transitively), and
+    :data:`~.reads.ANY_TABLE` when one of them reads tables the catalog
+    cannot name (a view calling a function of the database's own, a table
+    whose row-level security policy does): every committed write bumps it,
+    as for SQL text.  The process that writes the parent may not know the
+    foreign key (a script that maps the parent alone), and a database
+    without a catalog read here (SQLite) tells it nothing: the reader,
+    which read the referring table, does.
     """
+    tables = closure(tables, _schema.cascading_into())
     opaque = _schema.catalog(conn).opaque
     if opaque and not opaque.isdisjoint(tables):
         return tables | {reads.ANY_TABLE}

