@@ -13,7 +13,8 @@ import subprocess
 import sys
 import textwrap
 
-from sqlalchemy import ForeignKey, String, create_engine, event, select
+import pytest
+from sqlalchemy import ForeignKey, String, create_engine, delete, event, select, update
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
@@ -111,4 +112,77 @@ def test_a_cascade_into_a_table_a_writing_process_does_not_map_invalidates(tmp_p
     assert truth == [(2, "b")]
     with Sess() as session:
         assert _rows(session, notes, "shared") == truth
+    engine.dispose()
+
+
+# Foreign-key actions the database declares and the models do not (SQLite) ------------------------------
+
+#: A schema made by a migration: the database cascades, the models say nothing of it.
+_ACTIONS_DDL = """
+CREATE TABLE s24_owner (id INTEGER PRIMARY KEY, code VARCHAR(10) UNIQUE);
+CREATE TABLE s24_pet (
+    id INTEGER PRIMARY KEY,
+    owner_id INTEGER DEFAULT 2 REFERENCES s24_owner (id) ON DELETE {action},
+    owner_code VARCHAR(10) REFERENCES s24_owner (code) ON UPDATE CASCADE ON DELETE {action}
+);
+CREATE TABLE s24_toy (id INTEGER PRIMARY KEY, pet_id INTEGER REFERENCES s24_pet (id) ON DELETE CASCADE);
+INSERT INTO s24_owner VALUES (1, 'one'), (2, 'two');
+INSERT INTO s24_pet VALUES (1, 1, 'one'), (2, 2, 'two');
+INSERT INTO s24_toy VALUES (1, 1), (2, 2);
+"""
+
+
+class _Owner(_Base):
+    __tablename__ = "s24_owner"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code: Mapped[str] = mapped_column(String(10))
+
+
+class _Pet(_Base):
+    __tablename__ = "s24_pet"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("s24_owner.id"))
+    owner_code: Mapped[str | None] = mapped_column(ForeignKey("s24_owner.code"))
+
+
+class _Toy(_Base):
+    __tablename__ = "s24_toy"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pet_id: Mapped[int] = mapped_column(ForeignKey("s24_pet.id"))
+
+
+_PETS = select(_Pet.id, _Pet.owner_id, _Pet.owner_code).order_by(_Pet.id)
+_TOYS = select(_Toy.id, _Toy.pet_id).order_by(_Toy.id)
+
+
+@pytest.mark.parametrize(
+    "action, stmt, write",
+    [
+        ("CASCADE", _PETS, delete(_Owner).where(_Owner.id == 1)),
+        ("SET NULL", _PETS, delete(_Owner).where(_Owner.id == 1)),
+        ("SET DEFAULT", _PETS, delete(_Owner).where(_Owner.id == 1)),
+        ("CASCADE", _PETS, update(_Owner).where(_Owner.id == 1).values(code="uno")),
+        ("CASCADE", _TOYS, delete(_Owner).where(_Owner.id == 1)),
+    ],
+    ids=["on delete cascade", "on delete set null", "on delete set default", "on update cascade", "two levels"],
+)
+def test_a_foreign_key_action_the_sqlite_database_declares_invalidates(tmp_path, region, cache, action, stmt, write):
+    engine = _sqlite(tmp_path / "pets.sqlite")
+    with engine.begin() as conn:
+        conn.connection.executescript(_ACTIONS_DDL.format(action=action))
+    Sess = sessionmaker(engine, info=cache.session_info())
+    with Sess() as session:
+        _rows(session, stmt, region)
+    counter = SQLCounter(engine)
+    with Sess() as session:
+        before = _rows(session, stmt, region)
+    assert counter.count == 0
+    with Sess() as session:  # another request, whose Session carries the cache too
+        session.execute(write)
+        session.commit()
+    with Session(engine) as session:
+        truth = _rows(session, stmt)
+    assert truth != before
+    with Sess() as session:
+        assert _rows(session, stmt, region) == truth
     engine.dispose()

@@ -6,8 +6,11 @@ delete or update, the views that read it, and the tables whose
 row-level security policies read it, transitively.  Those come from the
 ``MetaData`` of the tables this process maps, writes or reads and, on
 PostgreSQL, from the database's own catalog (a schema built by migrations
-may declare actions the models do not).  Triggers and anything else are
-declared: ``SessionCache(writes_also=...)``, the ``sessioncache.writes_also``
+may declare actions the models do not) and, on SQLite, from the
+foreign keys of its main database.  A result that read a table depends on
+the tables whose writes the ``MetaData``'s cascades carry into it too: the
+process that writes them may not know those keys.  Triggers and anything
+else are declared: ``SessionCache(writes_also=...)``, the ``sessioncache.writes_also``
 setting; :meth:`~pyramid_sessioncache.SessionCache.publish` closes what
 they declare over the same dependencies.
 
@@ -175,6 +178,19 @@ JOIN pg_namespace n ON n.oid = f.pronamespace
 WHERE v.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
+#: What SQLite's schema says of foreign keys whose actions write the
+#: referring table: (parent, dependent), as for PostgreSQL's catalog.  A
+#: schema made by SQL (a migration) may declare actions the models do not.
+SQLITE_DEPENDENTS = """
+SELECT k."table", m.name
+FROM sqlite_master m JOIN pragma_foreign_key_list(m.name) k
+WHERE m.type = 'table' AND m.sql NOT LIKE 'CREATE VIRTUAL %'
+  AND (k.on_delete IN ('CASCADE', 'SET NULL', 'SET DEFAULT') OR k.on_update IN ('CASCADE', 'SET NULL', 'SET DEFAULT'))
+"""
+
+#: The dialects whose catalog is read.
+_CATALOGED = frozenset({"postgresql", "sqlite"})
+
 #: Databases whose catalog is kept at most; past it, the oldest read is read again when needed.
 _MAX_CATALOGS = 64
 
@@ -277,7 +293,7 @@ class _Schema:
 
     def catalog(self, conn: Any, read: bool = True) -> Catalog:
         # read=False: the catalog known, none if it has not been read yet.
-        if conn.dialect.name != "postgresql":
+        if conn.dialect.name not in _CATALOGED:
             return _NO_CATALOG
         if conn.info.get(_CHANGING):
             # Its transaction changed the schema: what it reads of the catalog
@@ -305,6 +321,8 @@ class _Schema:
 
     @staticmethod
     def _read_catalog(conn: Any) -> Catalog:
+        if conn.dialect.name == "sqlite":
+            return _Schema._read_sqlite_catalog(conn)
         edges: dict[str, set[str]] = {}
         shows: dict[str, set[str]] = {}
         cursor = conn.connection.dbapi_connection.cursor()
@@ -339,6 +357,18 @@ class _Schema:
             _routines_pattern(writers, called=True, views=views),
             _routines_pattern(effects, called=True),
         )
+
+    @staticmethod
+    def _read_sqlite_catalog(conn: Any) -> Catalog:
+        edges: dict[str, set[str]] = {}
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute(SQLITE_DEPENDENTS)
+            for parent, dependent in cursor.fetchall():
+                edges.setdefault(reads.version_name(parent), set()).add(reads.version_name(dependent))
+        finally:
+            cursor.close()
+        return Catalog(edges, frozenset())
 
 
 _schema = _Schema()
@@ -384,9 +414,9 @@ def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     cannot name (a view calling a function of the database's own, a table
     whose row-level security policy does): every committed write bumps it,
     as for SQL text.  The process that writes the parent may not know the
-    foreign key (a script that maps the parent alone), and a database
-    without a catalog read here (SQLite) tells it nothing: the reader,
-    which read the referring table, does.
+    foreign key (a script that maps the parent alone, while the database's
+    schema does not declare it): the reader, which read the referring
+    table, does.
     """
     tables = closure(tables, _schema.cascading_into())
     opaque = _schema.catalog(conn).opaque
@@ -530,7 +560,7 @@ def schema_changed(conn: Any, in_transaction: bool) -> None:
     """
     _schema.forget()
     conn.info.pop(_OWN_CATALOG, None)
-    if in_transaction and conn.dialect.name == "postgresql":
+    if in_transaction and conn.dialect.name in _CATALOGED:
         conn.info[_CHANGING] = True
 
 
