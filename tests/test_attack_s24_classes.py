@@ -14,7 +14,20 @@ import sys
 import textwrap
 
 import pytest
-from sqlalchemy import ForeignKey, String, create_engine, delete, event, select, update
+from sqlalchemy import (
+    Column,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    delete,
+    event,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
@@ -185,4 +198,156 @@ def test_a_foreign_key_action_the_sqlite_database_declares_invalidates(tmp_path,
     assert truth != before
     with Sess() as session:
         assert _rows(session, stmt, region) == truth
+    engine.dispose()
+
+
+# Triggers that write other tables, never declared ------------------------------------------------------
+
+#: A trigger that keeps a count of notes per folder, and one that renames the notes behind a view.
+_SQLITE_TRIGGERS = [
+    "CREATE TABLE s24_count (folder_id INTEGER PRIMARY KEY, n INTEGER NOT NULL)",
+    "INSERT INTO s24_count VALUES (1, 1), (2, 1)",
+    "CREATE TRIGGER s24_counted AFTER INSERT ON s24_note WHEN new.folder_id IS NOT NULL BEGIN "
+    "UPDATE s24_count SET n = n + 1 WHERE folder_id = new.folder_id; END",
+    "CREATE VIEW s24_note_view AS SELECT id, text FROM s24_note",
+    "CREATE TRIGGER s24_renamed INSTEAD OF UPDATE ON s24_note_view BEGIN "
+    "UPDATE s24_note SET text = new.text WHERE id = old.id; END",
+]
+
+_COUNT = Table("s24_count", MetaData(), Column("folder_id", Integer), Column("n", Integer))
+_COUNTS = select(_COUNT).order_by(_COUNT.c.folder_id)
+_VIEW = Table("s24_note_view", MetaData(), Column("id", Integer), Column("text", String))
+
+
+def _notes_engine(path):
+    engine = _sqlite(path)
+    _Base.metadata.create_all(engine, tables=[_Folder.__table__, _Note.__table__])
+    with Session(engine) as session:
+        session.add_all([_Folder(id=1), _Folder(id=2)])
+        session.add_all([_Note(id=1, folder_id=1, text="a"), _Note(id=2, folder_id=2, text="b")])
+        session.commit()
+    return engine
+
+
+@pytest.mark.parametrize(
+    "stmt, write",
+    [
+        (_COUNTS, insert(_Note).values(id=3, folder_id=1, text="c")),
+        (select(_Note.id, _Note.text).order_by(_Note.id), update(_VIEW).where(_VIEW.c.id == 1).values(text="z")),
+    ],
+    ids=["a trigger on a table", "an instead-of trigger on a view"],
+)
+def test_a_sqlite_trigger_that_writes_another_table_invalidates_it(tmp_path, region, cache, stmt, write):
+    engine = _notes_engine(tmp_path / "notes.sqlite")  # written: the schema is known, without the triggers
+    with engine.begin() as conn:  # a migration, in this process
+        for ddl in _SQLITE_TRIGGERS:
+            conn.exec_driver_sql(ddl)
+    Sess = sessionmaker(engine, info=cache.session_info())
+    with Sess() as session:
+        before = _rows(session, stmt, region)
+    counter = SQLCounter(engine)
+    with Sess() as session:
+        assert _rows(session, stmt, region) == before
+    assert counter.count == 0
+    with Sess() as session:
+        session.execute(write)
+        session.commit()
+    with Session(engine) as session:
+        truth = _rows(session, stmt)
+    assert truth != before
+    with Sess() as session:
+        assert _rows(session, stmt, region) == truth
+    engine.dispose()
+
+
+_PG_TRIGGERS = """
+CREATE SCHEMA s24_audit;
+CREATE TABLE s24_audit.s24_log (id serial PRIMARY KEY, what text);
+CREATE TABLE s24_count (folder_id integer PRIMARY KEY, n integer NOT NULL);
+INSERT INTO s24_count VALUES (1, 1), (2, 1);
+CREATE FUNCTION s24_audit.s24_log_it(what text) RETURNS void LANGUAGE sql AS
+    'INSERT INTO s24_audit.s24_log (what) VALUES (what)';
+CREATE FUNCTION s24_audit.s24_counted() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        UPDATE public.s24_count SET n = n + 1 WHERE folder_id = NEW.folder_id;
+    END IF;
+    PERFORM s24_audit.s24_log_it(TG_OP);
+    RETURN NULL;
+END $$;
+CREATE VIEW s24_note_view AS SELECT id, text FROM s24_note;
+CREATE FUNCTION s24_renamed() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN UPDATE s24_note SET text = NEW.text WHERE id = OLD.id; RETURN NEW; END $$;
+CREATE TRIGGER s24_renamed INSTEAD OF UPDATE ON s24_note_view FOR EACH ROW EXECUTE FUNCTION s24_renamed();
+"""
+
+_LOG = select(Table("s24_log", MetaData(), Column("id", Integer), Column("what", String), schema="s24_audit"))
+
+
+@pytest.mark.parametrize(
+    "stmt, write",
+    [
+        (_COUNTS, insert(_Note).values(id=3, folder_id=1, text="c")),
+        (_LOG, insert(_Note).values(id=3, folder_id=1, text="c")),
+        (select(_Note.id, _Note.text).order_by(_Note.id), update(_VIEW).where(_VIEW.c.id == 1).values(text="z")),
+    ],
+    ids=["a trigger on a table", "a function it calls, in another schema", "an instead-of trigger on a view"],
+)
+def test_a_postgresql_trigger_made_after_the_catalog_was_read_invalidates(pg_database, region, cache, stmt, write):
+    engine = create_engine(pg_database)
+    _Base.metadata.create_all(engine, tables=[_Folder.__table__, _Note.__table__])
+    Sess = sessionmaker(engine, info=cache.session_info())
+    with Sess() as session:  # a first write: the catalog is read, without the triggers
+        session.add_all([_Folder(id=1), _Folder(id=2)])
+        session.add_all([_Note(id=1, folder_id=1, text="a"), _Note(id=2, folder_id=2, text="b")])
+        session.commit()
+    migration = create_engine(pg_database)  # a migration's engine, in this process
+    with migration.begin() as conn:
+        conn.exec_driver_sql(_PG_TRIGGERS)
+        conn.exec_driver_sql(
+            "CREATE TRIGGER s24_counted AFTER INSERT OR DELETE ON s24_note "
+            "FOR EACH ROW EXECUTE FUNCTION s24_audit.s24_counted()"
+        )
+    migration.dispose()
+    with Sess() as session:
+        before = _rows(session, stmt, region)
+    counter = SQLCounter(engine)
+    with Sess() as session:
+        assert _rows(session, stmt, region) == before
+    assert counter.count == 0
+    with Sess() as session:
+        session.execute(write)
+        session.commit()
+    with Session(engine) as session:
+        truth = _rows(session, stmt)
+    assert truth != before
+    with Sess() as session:
+        assert _rows(session, stmt, region) == truth
+    engine.dispose()
+
+
+def test_a_postgresql_trigger_that_sets_its_rows_own_columns_writes_no_other_table(pg_database, region, cache):
+    """``SELECT ... INTO`` a variable and ``NEW.col := ...`` write nothing: entries of other tables stay hits."""
+    engine = create_engine(pg_database)
+    _Base.metadata.create_all(engine, tables=[_Folder.__table__, _Note.__table__])
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO s24_folder VALUES (1), (2);"
+            "CREATE FUNCTION s24_numbered() RETURNS trigger LANGUAGE plpgsql AS $$ DECLARE n integer; BEGIN "
+            "SELECT count(*) INTO STRICT n FROM s24_folder; NEW.text := NEW.text || n; RETURN NEW; END $$;"
+            "CREATE TRIGGER s24_numbered BEFORE INSERT ON s24_note FOR EACH ROW EXECUTE FUNCTION s24_numbered()"
+        )
+    Sess = sessionmaker(engine, info=cache.session_info())
+    folders = select(_Folder.id).order_by(_Folder.id)
+    with Sess() as session:
+        _rows(session, folders, region)
+    with Sess() as session:
+        session.add(_Note(id=1, folder_id=1, text="a"))
+        session.commit()
+    counter = SQLCounter(engine)
+    with Sess() as session:
+        assert _rows(session, folders, region) == [(1,), (2,)]
+    assert counter.count == 0
+    with Session(engine) as session:
+        assert session.scalars(select(_Note.text)).all() == ["a2"]
     engine.dispose()

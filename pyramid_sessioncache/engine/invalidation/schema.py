@@ -9,10 +9,13 @@ PostgreSQL, from the database's own catalog (a schema built by migrations
 may declare actions the models do not) and, on SQLite, from the
 foreign keys of its main database.  A result that read a table depends on
 the tables whose writes the ``MetaData``'s cascades carry into it too: the
-process that writes them may not know those keys.  Triggers and anything
-else are declared: ``SessionCache(writes_also=...)``, the ``sessioncache.writes_also``
-setting; :meth:`~pyramid_sessioncache.SessionCache.publish` closes what
-they declare over the same dependencies.
+process that writes them may not know those keys.  The tables the
+triggers of a PostgreSQL or SQLite database write (by the DML their
+source names, or every table when it cannot be told) are read from the
+schema too.  Anything else is declared: ``SessionCache(writes_also=...)``,
+the ``sessioncache.writes_also`` setting;
+:meth:`~pyramid_sessioncache.SessionCache.publish` closes what they
+declare over the same dependencies.
 
 Some relations read tables the catalog cannot name: a view that calls a
 function of the database's own (its body may read any table), a table
@@ -191,6 +194,27 @@ WHERE m.type = 'table' AND m.sql NOT LIKE 'CREATE VIRTUAL %'
 #: The dialects whose catalog is read.
 _CATALOGED = frozenset({"postgresql", "sqlite"})
 
+#: The enabled triggers (not those behind foreign keys) whose function is
+#: of the database's own (outside ``pg_catalog`` and
+#: ``information_schema``, not an extension's, as for
+#: :data:`POSTGRESQL_ROUTINES`): the relation each is on, and its
+#: function's language and source.  What the function writes, the
+#: database writes because of a write to the relation (see
+#: :func:`_trigger_writes`).
+POSTGRESQL_TRIGGERS = """
+SELECT c.relname, l.lanname, coalesce(p.prosrc, '')
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_proc p ON p.oid = t.tgfoid
+JOIN pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_language l ON l.oid = p.prolang
+WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
+"""
+
+#: SQLite's triggers: the table or view each is on, and its SQL.
+SQLITE_TRIGGERS = "SELECT tbl_name, sql FROM sqlite_master WHERE type = 'trigger'"
+
 #: Databases whose catalog is kept at most; past it, the oldest read is read again when needed.
 _MAX_CATALOGS = 64
 
@@ -339,6 +363,8 @@ class _Schema:
             rows = cursor.fetchall()
             cursor.execute(POSTGRESQL_VIEW_ROUTINES)
             view_routines = cursor.fetchall()
+            cursor.execute(POSTGRESQL_TRIGGERS)
+            triggers = cursor.fetchall()
         finally:
             cursor.close()
         routines = _routines_pattern([(name, operator) for name, operator, _, _ in rows])
@@ -346,6 +372,15 @@ class _Schema:
         # Those that call a function of keys.EFFECT_FUNCTIONS (nextval(), currval(), a lock): run for what they do.
         effects = _calling(rows, {(name, operator) for name, operator, _, source in rows if EFFECT_SQL.search(source)})
         writers = _calling(rows, {(name, operator) for name, operator, _, source in rows if _writes(source)})
+        calls_writers = _routines_pattern(writers, called=True)
+        for table, language, source in triggers:
+            if language != "plpgsql" or (calls_writers is not None and calls_writers.search(source)):
+                written = frozenset({reads.ALL_TABLES})  # C, another language, or a call of a function that writes
+            else:
+                written = _trigger_writes(
+                    _PLPGSQL_INTO.sub(lambda into: into.group(0) if into.group(1) else " ", source)
+                )
+            edges.setdefault(reads.version_name(table), set()).update(written)
         # A view over a function that writes, and a view over such a view, writes when it is read.
         writing = {name for name, operator in writers if not operator}
         views = closure((reads.version_name(view) for view, called in view_routines if called in writing), shows)
@@ -366,6 +401,11 @@ class _Schema:
             cursor.execute(SQLITE_DEPENDENTS)
             for parent, dependent in cursor.fetchall():
                 edges.setdefault(reads.version_name(parent), set()).add(reads.version_name(dependent))
+            cursor.execute(SQLITE_TRIGGERS)
+            for table, sql in cursor.fetchall():
+                body = _BODY.search(sql or "")
+                written = _trigger_writes(body.group(1)) if body else frozenset({reads.ALL_TABLES})
+                edges.setdefault(reads.version_name(table), set()).update(written)
         finally:
             cursor.close()
         return Catalog(edges, frozenset())
@@ -387,7 +427,7 @@ def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     catalog = _schema.catalog(conn).edges
     if catalog:
         found = closure(found, catalog, _schema.mapped_edges())
-    return found
+    return frozenset({reads.ALL_TABLES}) if reads.ALL_TABLES in found else found
 
 
 def also_changed(tables: frozenset[str], declared: Mapping[str, Iterable[str]]) -> frozenset[str]:
@@ -440,6 +480,26 @@ _TEMPORARY = re.compile(r"\bcreate\s+(?:(?:local|global)\s+)?temp(?:orary)?\b|\b
 _DYNAMIC = re.compile(r"\bexecute\b(?!\s*\(*\s*(?:format\s*\(\s*)?(?:E?'|\$\w*\$)\s*\(*\s*select\b)", re.I)
 #: A locking read, which writes nothing.
 _LOCKS = re.compile(r"\bfor\s+(?:no\s+key\s+)?update\b", re.I)
+
+
+#: PL/pgSQL's ``SELECT ... INTO`` (``RETURNING ... INTO``, ``FETCH ... INTO``)
+#: sets variables, where SQL's creates a table: only ``INSERT INTO`` and
+#: ``MERGE INTO`` write.
+_PLPGSQL_INTO = re.compile(r"\b(?:(insert|merge)\s+)?into\b", re.I)
+#: A SQLite trigger's body: what follows its first ``BEGIN`` (a ``BEGIN``
+#: spelt in its ``WHEN`` clause only adds words read as SQL: more tables).
+_BODY = re.compile(r"\bbegin\b(.*)", re.I | re.S)
+
+
+def _trigger_writes(source: str) -> frozenset[str]:
+    """The tables a trigger's body (SQLite) or function's source (PL/pgSQL) writes, by its DML.
+
+    :data:`~.reads.ALL_TABLES` when it may write tables it does not name
+    (``EXECUTE`` of a string, a procedure called, a write word not read).
+    """
+    from .statements import fragment_tables  # it imports reads, which imports this module
+
+    return frozenset(reads.version_name(name) for name in fragment_tables(source))
 
 
 def _writes(source: str) -> bool:
