@@ -351,3 +351,41 @@ def test_a_postgresql_trigger_that_sets_its_rows_own_columns_writes_no_other_tab
     with Session(engine) as session:
         assert session.scalars(select(_Note.text)).all() == ["a2"]
     engine.dispose()
+
+
+# Views on SQLite, never declared -----------------------------------------------------------------------
+
+_NOTE_VIEWS = [
+    "CREATE VIEW s24_folder_size AS SELECT folder_id, count(*) AS n FROM s24_note GROUP BY folder_id",
+    "CREATE VIEW s24_big_folder AS SELECT folder_id FROM s24_folder_size WHERE n > 1",
+]
+_SIZES = Table("s24_folder_size", MetaData(), Column("folder_id", Integer), Column("n", Integer))
+_BIG = Table("s24_big_folder", MetaData(), Column("folder_id", Integer))
+
+
+@pytest.mark.parametrize(
+    "stmt",
+    [select(_SIZES).order_by(_SIZES.c.folder_id), select(_BIG.c.folder_id)],
+    ids=["a view over a table", "a view over a view"],
+)
+def test_a_sqlite_view_shows_what_a_write_to_its_tables_changed(tmp_path, region, cache, stmt):
+    engine = _notes_engine(tmp_path / "notes.sqlite")
+    with engine.begin() as conn:
+        for ddl in _NOTE_VIEWS:
+            conn.exec_driver_sql(ddl)
+    Sess = sessionmaker(engine, info=cache.session_info())
+    with Sess() as session:
+        before = _rows(session, stmt, region)
+    counter = SQLCounter(engine)
+    with Sess() as session:
+        assert _rows(session, stmt, region) == before
+    assert counter.count == 0
+    with Sess() as session:
+        session.add(_Note(id=3, folder_id=1, text="c"))
+        session.commit()
+    with Session(engine) as session:
+        truth = _rows(session, stmt)
+    assert truth != before
+    with Sess() as session:
+        assert _rows(session, stmt, region) == truth
+    engine.dispose()

@@ -212,6 +212,11 @@ WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND n.nspname NOT IN ('pg_catalo
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
 """
 
+#: SQLite's views: its schema does not say what each reads (their SQL
+#: does, which is not read here), so a result that read one depends on
+#: every table, as SQL text does.
+SQLITE_VIEWS = "SELECT name FROM sqlite_master WHERE type = 'view'"
+
 #: SQLite's triggers: the table or view each is on, and its SQL.
 SQLITE_TRIGGERS = "SELECT tbl_name, sql FROM sqlite_master WHERE type = 'trigger'"
 
@@ -253,7 +258,8 @@ class Catalog:
 
     ``edges``: a write to a relation changes these others.
     ``opaque``: relations that read tables the catalog cannot name,
-    and those that show their rows (views over them, their parents).
+    and those that show their rows (views over them, their parents);
+    on SQLite, every view.
     ``routines``: what finds, in SQL, the name of a function or an
     operator of the database's own (:data:`POSTGRESQL_ROUTINES`), or None;
     ``setters`` and ``writers``: a call of one that changes a setting, or
@@ -406,9 +412,11 @@ class _Schema:
                 body = _BODY.search(sql or "")
                 written = _trigger_writes(body.group(1)) if body else frozenset({reads.ALL_TABLES})
                 edges.setdefault(reads.version_name(table), set()).update(written)
+            cursor.execute(SQLITE_VIEWS)
+            views = frozenset(reads.version_name(name) for (name,) in cursor.fetchall())
         finally:
             cursor.close()
-        return Catalog(edges, frozenset())
+        return Catalog(edges, views)
 
 
 _schema = _Schema()
@@ -452,7 +460,7 @@ def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     ``MetaData`` known here carries into them (transitively), and
     :data:`~.reads.ANY_TABLE` when one of them reads tables the catalog
     cannot name (a view calling a function of the database's own, a table
-    whose row-level security policy does): every committed write bumps it,
+    whose row-level security policy does, a view on SQLite): every committed write bumps it,
     as for SQL text.  The process that writes the parent may not know the
     foreign key (a script that maps the parent alone, while the database's
     schema does not declare it): the reader, which read the referring
