@@ -389,3 +389,26 @@ def test_a_sqlite_view_shows_what_a_write_to_its_tables_changed(tmp_path, region
     with Sess() as session:
         assert _rows(session, stmt, region) == truth
     engine.dispose()
+
+
+def test_a_sqlite_trigger_another_process_made_after_the_schema_was_read_invalidates(tmp_path, shared_region):
+    """A migration run as a command of its own, while the application serves: SQLite says its schema changed."""
+    path = tmp_path / "notes.sqlite"
+    cache = SessionCache({"shared": shared_region}, default_region="shared", secret=SECRET)
+    engine = _notes_engine(path)  # written: the schema is known, without the trigger
+    Sess = sessionmaker(engine, info=cache.session_info())
+    migration = "import sqlite3, sys\nwith sqlite3.connect(sys.argv[1]) as db:\n" + "".join(
+        f"    db.execute({ddl!r})\n" for ddl in _SQLITE_TRIGGERS[:3]
+    )
+    subprocess.run([sys.executable, "-c", migration, str(path)], check=True, timeout=60)
+    with Sess() as session:
+        before = _rows(session, _COUNTS, "shared")
+    with Sess() as session:
+        session.add(_Note(id=3, folder_id=1, text="c"))
+        session.commit()
+    with Session(engine) as session:
+        truth = _rows(session, _COUNTS)
+    assert truth != before
+    with Sess() as session:
+        assert _rows(session, _COUNTS, "shared") == truth
+    engine.dispose()

@@ -266,6 +266,7 @@ class Catalog:
     that writes (or of one that calls such a function; for ``writers``, a
     view over one named too); ``effects``: a call of one run for what it
     does (it calls ``nextval()``, ``currval()``, an advisory lock...).
+    ``version``: SQLite's ``schema_version`` when it was read, or None.
     """
 
     def __init__(
@@ -276,7 +277,9 @@ class Catalog:
         setters: re.Pattern[str] | None = None,
         writers: re.Pattern[str] | None = None,
         effects: re.Pattern[str] | None = None,
+        version: int | None = None,
     ) -> None:
+        self.version = version
         self.edges = edges
         self.opaque = opaque
         self.routines = routines
@@ -334,6 +337,8 @@ class _Schema:
             return own
         database = database_identity(conn)
         found = self._catalogs.get(database)
+        if found is not None and found.version is not None and found.version != _sqlite_schema_version(conn):
+            found = None  # another process changed the schema (a migration run as a command of its own)
         if found is None:
             if not read:
                 return _NO_CATALOG
@@ -402,6 +407,7 @@ class _Schema:
     @staticmethod
     def _read_sqlite_catalog(conn: Any) -> Catalog:
         edges: dict[str, set[str]] = {}
+        version = _sqlite_schema_version(conn)  # first: a change made while reading is seen next time
         cursor = conn.connection.dbapi_connection.cursor()
         try:
             cursor.execute(SQLITE_DEPENDENTS)
@@ -416,7 +422,17 @@ class _Schema:
             views = frozenset(reads.version_name(name) for (name,) in cursor.fetchall())
         finally:
             cursor.close()
-        return Catalog(edges, views)
+        return Catalog(edges, views, version=version)
+
+
+def _sqlite_schema_version(conn: Any) -> int:
+    """SQLite's count of the changes made to the schema of ``conn``'s main database, by any connection."""
+    cursor = conn.connection.dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA schema_version")
+        return cursor.fetchone()[0]
+    finally:
+        cursor.close()
 
 
 _schema = _Schema()
