@@ -128,6 +128,21 @@ def test_a_cascade_into_a_table_a_writing_process_does_not_map_invalidates(tmp_p
     engine.dispose()
 
 
+def test_the_first_miss_of_a_table_a_cascade_writes_runs_its_query_once(tmp_path, region, cache):
+    """The tables whose writes cascade into it are known before it runs: no second load to store it."""
+    engine = _notes_engine(tmp_path / "notes.sqlite")
+    Sess = sessionmaker(engine, info=cache.session_info())
+    notes = select(_Note.id, _Note.text).order_by(_Note.id)
+    counter = SQLCounter(engine)
+    with Sess() as session:
+        assert _rows(session, notes, region) == [(1, "a"), (2, "b")]
+    assert counter.count == 1
+    with Sess() as session:
+        _rows(session, notes, region)
+    assert counter.count == 1
+    engine.dispose()
+
+
 # Foreign-key actions the database declares and the models do not (SQLite) ------------------------------
 
 #: A schema made by a migration: the database cascades, the models say nothing of it.

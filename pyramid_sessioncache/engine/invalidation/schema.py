@@ -469,6 +469,11 @@ def also_changed(tables: frozenset[str], declared: Mapping[str, Iterable[str]]) 
     return closure(tables, declared, *_schema.known_edges())
 
 
+def cascading_into(tables: frozenset[str]) -> frozenset[str]:
+    """Return ``tables`` and those whose writes the cascading foreign keys of the ``MetaData`` known carry into them."""
+    return closure(tables, _schema.cascading_into())
+
+
 def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     """Return what a result that read ``tables`` on ``conn`` depends on.
 
@@ -482,7 +487,7 @@ def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     schema does not declare it): the reader, which read the referring
     table, does.
     """
-    tables = closure(tables, _schema.cascading_into())
+    tables = cascading_into(tables)
     opaque = _schema.catalog(conn).opaque
     if opaque and not opaque.isdisjoint(tables):
         return tables | {reads.ANY_TABLE}
