@@ -234,6 +234,13 @@ _COUNTS = select(_COUNT).order_by(_COUNT.c.folder_id)
 _VIEW = Table("s24_note_view", MetaData(), Column("id", Integer), Column("text", String))
 
 
+#: The first BEGIN of this trigger's text is in a string of its WHEN clause.
+_QUOTED_BEGIN = (
+    "CREATE TRIGGER s24_counted AFTER INSERT ON s24_note WHEN new.text <> 'begin' BEGIN "
+    "UPDATE s24_count SET n = n + 1 WHERE folder_id = new.folder_id; END"
+)
+
+
 def _notes_engine(path):
     engine = _sqlite(path)
     _Base.metadata.create_all(engine, tables=[_Folder.__table__, _Note.__table__])
@@ -245,17 +252,22 @@ def _notes_engine(path):
 
 
 @pytest.mark.parametrize(
-    "stmt, write",
+    "stmt, write, triggers",
     [
-        (_COUNTS, insert(_Note).values(id=3, folder_id=1, text="c")),
-        (select(_Note.id, _Note.text).order_by(_Note.id), update(_VIEW).where(_VIEW.c.id == 1).values(text="z")),
+        (_COUNTS, insert(_Note).values(id=3, folder_id=1, text="c"), _SQLITE_TRIGGERS),
+        (_COUNTS, insert(_Note).values(id=3, folder_id=1, text="c"), [*_SQLITE_TRIGGERS[:2], _QUOTED_BEGIN]),
+        (
+            select(_Note.id, _Note.text).order_by(_Note.id),
+            update(_VIEW).where(_VIEW.c.id == 1).values(text="z"),
+            _SQLITE_TRIGGERS,
+        ),
     ],
-    ids=["a trigger on a table", "an instead-of trigger on a view"],
+    ids=["a trigger on a table", "begin in a string of its when clause", "an instead-of trigger on a view"],
 )
-def test_a_sqlite_trigger_that_writes_another_table_invalidates_it(tmp_path, region, cache, stmt, write):
+def test_a_sqlite_trigger_that_writes_another_table_invalidates_it(tmp_path, region, cache, stmt, write, triggers):
     engine = _notes_engine(tmp_path / "notes.sqlite")  # written: the schema is known, without the triggers
     with engine.begin() as conn:  # a migration, in this process
-        for ddl in _SQLITE_TRIGGERS:
+        for ddl in triggers:
             conn.exec_driver_sql(ddl)
     Sess = sessionmaker(engine, info=cache.session_info())
     with Sess() as session:

@@ -406,6 +406,8 @@ class _Schema:
 
     @staticmethod
     def _read_sqlite_catalog(conn: Any) -> Catalog:
+        from .statements import trigger_tables  # it imports reads, which imports this module
+
         edges: dict[str, set[str]] = {}
         version = _sqlite_schema_version(conn)  # first: a change made while reading is seen next time
         cursor = conn.connection.dbapi_connection.cursor()
@@ -415,8 +417,7 @@ class _Schema:
                 edges.setdefault(reads.version_name(parent), set()).add(reads.version_name(dependent))
             cursor.execute(SQLITE_TRIGGERS)
             for table, sql in cursor.fetchall():
-                body = _BODY.search(sql or "")
-                written = _trigger_writes(body.group(1)) if body else frozenset({reads.ALL_TABLES})
+                written = {reads.version_name(name) for name in trigger_tables(sql or "")}
                 edges.setdefault(reads.version_name(table), set()).update(written)
             cursor.execute(SQLITE_VIEWS)
             views = frozenset(reads.version_name(name) for (name,) in cursor.fetchall())
@@ -515,13 +516,10 @@ _LOCKS = re.compile(r"\bfor\s+(?:no\s+key\s+)?update\b", re.I)
 #: sets variables, where SQL's creates a table: only ``INSERT INTO`` and
 #: ``MERGE INTO`` write.
 _PLPGSQL_INTO = re.compile(r"\b(?:(insert|merge)\s+)?into\b", re.I)
-#: A SQLite trigger's body: what follows its first ``BEGIN`` (a ``BEGIN``
-#: spelt in its ``WHEN`` clause only adds words read as SQL: more tables).
-_BODY = re.compile(r"\bbegin\b(.*)", re.I | re.S)
 
 
 def _trigger_writes(source: str) -> frozenset[str]:
-    """The tables a trigger's body (SQLite) or function's source (PL/pgSQL) writes, by its DML.
+    """The tables a trigger function's source (PL/pgSQL) writes, by its DML.
 
     :data:`~.reads.ALL_TABLES` when it may write tables it does not name
     (``EXECUTE`` of a string, a procedure called, a write word not read).
