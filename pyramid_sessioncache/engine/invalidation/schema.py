@@ -337,8 +337,6 @@ class _Schema:
             return own
         database = database_identity(conn)
         found = self._catalogs.get(database)
-        if found is not None and found.version is not None and found.version != _sqlite_schema_version(conn):
-            found = None  # another process changed the schema (a migration run as a command of its own)
         if found is None:
             if not read:
                 return _NO_CATALOG
@@ -347,6 +345,13 @@ class _Schema:
                 del self._catalogs[next(iter(self._catalogs))]
             self._catalogs[database] = found
         return found
+
+    def read_if_changed(self, conn: Any) -> None:
+        database = database_identity(conn)
+        found = self._catalogs.get(database)
+        if found is None or found.version != _sqlite_schema_version(conn):
+            self._catalogs.pop(database, None)
+            self.catalog(conn)
 
     def known_edges(self) -> list[Mapping[str, Iterable[str]]]:
         return [self.mapped_edges(), *(catalog.edges for catalog in list(self._catalogs.values()))]
@@ -442,6 +447,24 @@ _schema = _Schema()
 def read_catalog(conn: Any) -> None:
     """Read the catalog of ``conn``'s database now, unless it is known: a schema change is about to run."""
     _schema.catalog(conn)
+
+
+def transaction_begins(conn: Any) -> None:
+    """A transaction begins on ``conn``: on SQLite, read its schema now if it is not known or has changed.
+
+    Another process may have changed it (a migration run as a command of
+    its own): SQLite counts the changes (``schema_version``).  Read now,
+    before the transaction takes any lock: read at a write, inside a
+    transaction that wrote an attached database only, it would keep the
+    main database's file locked until the transaction ends, and no other
+    connection could commit there meanwhile.
+    """
+    if conn.dialect.name != "sqlite" or conn.info.get(_CHANGING):
+        return
+    try:
+        _schema.read_if_changed(conn)
+    except Exception:  # read when next needed, as before
+        log.debug("could not read the schema of %r as its transaction began", conn, exc_info=True)
 
 
 def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
