@@ -292,7 +292,7 @@ _NO_CATALOG = Catalog({}, frozenset())
 
 
 class _Schema:
-    """The dependents known in this process: from ``MetaData``, and per PostgreSQL database."""
+    """The dependents known in this process: from ``MetaData``, and per PostgreSQL or SQLite database."""
 
     def __init__(self) -> None:
         #: (tables per MetaData, parent -> dependents, dependent -> parents) of the cascading foreign keys.
@@ -505,11 +505,11 @@ def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     ``MetaData`` known here carries into them (transitively), and
     :data:`~.reads.ANY_TABLE` when one of them reads tables the catalog
     cannot name (a view calling a function of the database's own, a table
-    whose row-level security policy does, a view on SQLite): every committed write bumps it,
-    as for SQL text.  The process that writes the parent may not know the
-    foreign key (a script that maps the parent alone, while the database's
-    schema does not declare it): the reader, which read the referring
-    table, does.
+    whose row-level security policy does, a view on SQLite): every
+    committed write bumps it, as for SQL text.  The process that writes
+    the parent may not know the foreign key (a script that maps the parent
+    alone, while the database's schema does not declare it): the reader,
+    which read the referring table, does.
     """
     tables = cascading_into(tables)
     opaque = _schema.catalog(conn).opaque
