@@ -49,7 +49,8 @@ class SessionCache:
         ``ext:redis`` regions, the same in every process that shares them;
         at least 16 characters.
     :param writes_also: what a write to a table also changes that the
-        schema does not say (a trigger): table name ->
+        schema does not say (a trigger of a database other than PostgreSQL
+        and SQLite, whose triggers are read): table name ->
         the tables it also writes, e.g. ``{"order": ["audit_log"]}``.
 
     Every option is checked as the ini's ``sessioncache.*`` and ``cache.*``

@@ -337,9 +337,11 @@ def _tables_read(statement: Any) -> frozenset[str]:
 
     What SQL text reads is not known, only the tables of the columns it
     is given to: its entries depend on :data:`~.invalidation.reads.ANY_TABLE`,
-    which every committed write bumps.
+    which every committed write bumps.  The tables whose writes cascade
+    into them count too (see :func:`~.invalidation.schema.depends_on`):
+    known before the first load, they spare it a second one.
     """
-    read = reads.statement_tables(statement)
+    read = schema.cascading_into(reads.statement_tables(statement))
     if _sqlalchemy.textual_sql(statement) is not None:
         return read | {reads.ANY_TABLE}
     return read

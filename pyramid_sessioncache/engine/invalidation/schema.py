@@ -6,15 +6,21 @@ delete or update, the views that read it, and the tables whose
 row-level security policies read it, transitively.  Those come from the
 ``MetaData`` of the tables this process maps, writes or reads and, on
 PostgreSQL, from the database's own catalog (a schema built by migrations
-may declare actions the models do not).  SQLite's catalog names its views,
-whose tables it cannot: a result that read one depends on every table.  Triggers and anything else are
-declared: ``SessionCache(writes_also=...)``, the ``sessioncache.writes_also``
-setting; :meth:`~pyramid_sessioncache.SessionCache.publish` closes what
-they declare over the same dependencies.
+may declare actions the models do not) and, on SQLite, from the
+foreign keys of its main database.  A result that read a table depends on
+the tables whose writes the ``MetaData``'s cascades carry into it too: the
+process that writes them may not know those keys.  The tables the
+triggers of a PostgreSQL or SQLite database write (by the DML their
+source names, or every table when it cannot be told) are read from the
+schema too.  Anything else is declared: ``SessionCache(writes_also=...)``,
+the ``sessioncache.writes_also`` setting;
+:meth:`~pyramid_sessioncache.SessionCache.publish` closes what they
+declare over the same dependencies.
 
 Some relations read tables the catalog cannot name: a view that calls a
 function of the database's own (its body may read any table), a table
-whose row-level security policy does.  A result that read one of them
+whose row-level security policy does, any SQLite view (its schema keeps
+only its SQL).  A result that read one of them
 depends on :data:`~.reads.ANY_TABLE`, as SQL text does (:func:`depends_on`).
 A function whose body writes may be called by a SELECT: such a statement
 writes every table (:func:`calls_writers`).
@@ -176,6 +182,47 @@ JOIN pg_namespace n ON n.oid = f.pronamespace
 WHERE v.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
+#: What SQLite's schema says of foreign keys whose actions write the
+#: referring table: (parent, dependent), as for PostgreSQL's catalog.  A
+#: schema made by SQL (a migration) may declare actions the models do not.
+SQLITE_DEPENDENTS = """
+SELECT k."table", m.name
+FROM sqlite_master m JOIN pragma_foreign_key_list(m.name) k
+WHERE m.type = 'table' AND m.sql NOT LIKE 'CREATE VIRTUAL %'
+  AND (k.on_delete IN ('CASCADE', 'SET NULL', 'SET DEFAULT') OR k.on_update IN ('CASCADE', 'SET NULL', 'SET DEFAULT'))
+"""
+
+#: The dialects whose catalog is read.
+_CATALOGED = frozenset({"postgresql", "sqlite"})
+
+#: The enabled triggers (not those behind foreign keys) whose function is
+#: of the database's own (outside ``pg_catalog`` and
+#: ``information_schema``, not an extension's, as for
+#: :data:`POSTGRESQL_ROUTINES`): the relation each is on, and its
+#: function's language and source.  What the function writes, the
+#: database writes because of a write to the relation (see
+#: :func:`_trigger_writes`).
+POSTGRESQL_TRIGGERS = """
+SELECT c.relname, l.lanname, coalesce(p.prosrc, '')
+FROM pg_trigger t
+JOIN pg_class c ON c.oid = t.tgrelid
+JOIN pg_proc p ON p.oid = t.tgfoid
+JOIN pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_language l ON l.oid = p.prolang
+WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
+"""
+
+#: SQLite's views: its schema does not say what each reads (their SQL
+#: does, which is not read here), so a result that read one depends on
+#: every table, as SQL text does.  Temporary ones too.
+SQLITE_VIEWS = (
+    "SELECT name FROM sqlite_master WHERE type = 'view' UNION SELECT name FROM sqlite_temp_master WHERE type = 'view'"
+)
+
+#: SQLite's triggers: the table or view each is on, and its SQL.
+SQLITE_TRIGGERS = "SELECT tbl_name, sql FROM sqlite_master WHERE type = 'trigger'"
+
 #: Databases whose catalog is kept at most; past it, the oldest read is read again when needed.
 _MAX_CATALOGS = 64
 
@@ -214,13 +261,15 @@ class Catalog:
 
     ``edges``: a write to a relation changes these others.
     ``opaque``: relations that read tables the catalog cannot name,
-    and those that show their rows (views over them, their parents).
+    and those that show their rows (views over them, their parents);
+    on SQLite, every view.
     ``routines``: what finds, in SQL, the name of a function or an
     operator of the database's own (:data:`POSTGRESQL_ROUTINES`), or None;
     ``setters`` and ``writers``: a call of one that changes a setting, or
     that writes (or of one that calls such a function; for ``writers``, a
     view over one named too); ``effects``: a call of one run for what it
     does (it calls ``nextval()``, ``currval()``, an advisory lock...).
+    ``version``: SQLite's ``schema_version`` when it was read, or None.
     """
 
     def __init__(
@@ -231,7 +280,9 @@ class Catalog:
         setters: re.Pattern[str] | None = None,
         writers: re.Pattern[str] | None = None,
         effects: re.Pattern[str] | None = None,
+        version: int | None = None,
     ) -> None:
+        self.version = version
         self.edges = edges
         self.opaque = opaque
         self.routines = routines
@@ -244,10 +295,11 @@ _NO_CATALOG = Catalog({}, frozenset())
 
 
 class _Schema:
-    """The dependents known in this process: from ``MetaData``, and per PostgreSQL database."""
+    """The dependents known in this process: from ``MetaData``, and per PostgreSQL or SQLite database."""
 
     def __init__(self) -> None:
-        self._mapped: tuple[tuple[int, ...], dict[str, set[str]]] = ((), {})
+        #: (tables per MetaData, parent -> dependents, dependent -> parents) of the cascading foreign keys.
+        self._mapped: tuple[tuple[int, ...], dict[str, set[str]], dict[str, set[str]]] = ((), {}, {})
         #: database identity -> its catalog, oldest read first.
         self._catalogs: dict[str, Catalog] = {}
         #: MetaData of the tables compiled statements wrote or read (Core tables too).
@@ -257,15 +309,27 @@ class _Schema:
         self._seen.add(metadata)
 
     def mapped_edges(self) -> dict[str, set[str]]:
+        return self._mapped_graph()[1]
+
+    def cascading_into(self) -> dict[str, set[str]]:
+        """Dependent -> the tables whose writes its cascading foreign keys carry into it."""
+        return self._mapped_graph()[2]
+
+    def _mapped_graph(self) -> tuple[tuple[int, ...], dict[str, set[str]], dict[str, set[str]]]:
         metadatas = list({id(m): m for m in [*_sqlalchemy.mapped_metadata(), *members(self._seen)]}.values())
         seen = tuple(len(metadata.tables) for metadata in metadatas)  # new tables mean new edges
         if seen != self._mapped[0]:
-            self._mapped = (seen, metadata_edges(metadatas))
-        return self._mapped[1]
+            edges = metadata_edges(metadatas)
+            parents: dict[str, set[str]] = {}
+            for parent, dependents in edges.items():
+                for dependent in dependents:
+                    parents.setdefault(dependent, set()).add(parent)
+            self._mapped = (seen, edges, parents)
+        return self._mapped
 
     def catalog(self, conn: Any, read: bool = True) -> Catalog:
         # read=False: the catalog known, none if it has not been read yet.
-        if conn.dialect.name not in _CATALOG_DIALECTS:
+        if conn.dialect.name not in _CATALOGED:
             return _NO_CATALOG
         if conn.info.get(_CHANGING):
             # Its transaction changed the schema: what it reads of the catalog
@@ -285,6 +349,13 @@ class _Schema:
             self._catalogs[database] = found
         return found
 
+    def read_if_changed(self, conn: Any) -> None:
+        database = database_identity(conn)
+        found = self._catalogs.get(database)
+        if found is None or found.version != _sqlite_schema_version(conn):
+            self._catalogs.pop(database, None)
+            self.catalog(conn)
+
     def known_edges(self) -> list[Mapping[str, Iterable[str]]]:
         return [self.mapped_edges(), *(catalog.edges for catalog in list(self._catalogs.values()))]
 
@@ -294,7 +365,7 @@ class _Schema:
     @staticmethod
     def _read_catalog(conn: Any) -> Catalog:
         if conn.dialect.name == "sqlite":
-            return _sqlite_catalog(conn)
+            return _Schema._read_sqlite_catalog(conn)
         edges: dict[str, set[str]] = {}
         shows: dict[str, set[str]] = {}
         cursor = conn.connection.dbapi_connection.cursor()
@@ -311,6 +382,8 @@ class _Schema:
             rows = cursor.fetchall()
             cursor.execute(POSTGRESQL_VIEW_ROUTINES)
             view_routines = cursor.fetchall()
+            cursor.execute(POSTGRESQL_TRIGGERS)
+            triggers = cursor.fetchall()
         finally:
             cursor.close()
         routines = _routines_pattern([(name, operator) for name, operator, _, _ in rows])
@@ -318,6 +391,15 @@ class _Schema:
         # Those that call a function of keys.EFFECT_FUNCTIONS (nextval(), currval(), a lock): run for what they do.
         effects = _calling(rows, {(name, operator) for name, operator, _, source in rows if EFFECT_SQL.search(source)})
         writers = _calling(rows, {(name, operator) for name, operator, _, source in rows if _writes(source)})
+        calls_writers = _routines_pattern(writers, called=True)
+        for table, language, source in triggers:
+            if language != "plpgsql" or (calls_writers is not None and calls_writers.search(source)):
+                written = frozenset({reads.ALL_TABLES})  # C, another language, or a call of a function that writes
+            else:
+                written = _trigger_writes(
+                    _PLPGSQL_INTO.sub(lambda into: into.group(0) if into.group(1) else " ", source)
+                )
+            edges.setdefault(reads.version_name(table), set()).update(written)
         # A view over a function that writes, and a view over such a view, writes when it is read.
         writing = {name for name, operator in writers if not operator}
         views = closure((reads.version_name(view) for view, called in view_routines if called in writing), shows)
@@ -330,31 +412,36 @@ class _Schema:
             _routines_pattern(effects, called=True),
         )
 
+    @staticmethod
+    def _read_sqlite_catalog(conn: Any) -> Catalog:
+        from .statements import trigger_tables  # it imports reads, which imports this module
 
-#: The dialects whose catalog is read: PostgreSQL's, and SQLite's views.
-_CATALOG_DIALECTS = frozenset({"postgresql", "sqlite"})
+        edges: dict[str, set[str]] = {}
+        version = _sqlite_schema_version(conn)  # first: a change made while reading is seen next time
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute(SQLITE_DEPENDENTS)
+            for parent, dependent in cursor.fetchall():
+                edges.setdefault(reads.version_name(parent), set()).add(reads.version_name(dependent))
+            cursor.execute(SQLITE_TRIGGERS)
+            for table, sql in cursor.fetchall():
+                written = {reads.version_name(name) for name in trigger_tables(sql or "")}
+                edges.setdefault(reads.version_name(table), set()).update(written)
+            cursor.execute(SQLITE_VIEWS)
+            views = frozenset(reads.version_name(name) for (name,) in cursor.fetchall())
+        finally:
+            cursor.close()
+        return Catalog(edges, views, version=version)
 
-#: SQLite's views, temporary ones too.
-SQLITE_VIEWS = (
-    "SELECT name FROM sqlite_master WHERE type = 'view' UNION SELECT name FROM sqlite_temp_master WHERE type = 'view'"
-)
 
-
-def _sqlite_catalog(conn: Any) -> Catalog:
-    """What SQLite's catalog says: its views are opaque.
-
-    SQLite keeps a view's query as the text it was created with, which
-    names its tables however it likes: a result that read a view depends on
-    every table (as SQL text does), instead of on the view's name alone,
-    which no write ever bumps.
-    """
+def _sqlite_schema_version(conn: Any) -> int:
+    """SQLite's count of the changes made to the schema of ``conn``'s main database, by any connection."""
     cursor = conn.connection.dbapi_connection.cursor()
     try:
-        cursor.execute(SQLITE_VIEWS)
-        views = frozenset(reads.version_name(name) for (name,) in cursor.fetchall())
+        cursor.execute("PRAGMA schema_version")
+        return cursor.fetchone()[0]
     finally:
         cursor.close()
-    return Catalog({}, views)
 
 
 _schema = _Schema()
@@ -365,6 +452,24 @@ def read_catalog(conn: Any) -> None:
     _schema.catalog(conn)
 
 
+def transaction_begins(conn: Any) -> None:
+    """A transaction begins on ``conn``: on SQLite, read its schema now if it is not known or has changed.
+
+    Another process may have changed it (a migration run as a command of
+    its own): SQLite counts the changes (``schema_version``).  Read now,
+    before the transaction takes any lock: read at a write, inside a
+    transaction that wrote an attached database only, it would keep the
+    main database's file locked until the transaction ends, and no other
+    connection could commit there meanwhile.
+    """
+    if conn.dialect.name != "sqlite" or conn.info.get(_CHANGING):
+        return
+    try:
+        _schema.read_if_changed(conn)
+    except Exception:  # read when next needed, as before
+        log.debug("could not read the schema of %r as its transaction began", conn, exc_info=True)
+
+
 def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     """Return ``tables`` written on ``conn`` and what the database changes because of them."""
     if reads.ALL_TABLES in tables:
@@ -373,7 +478,7 @@ def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     catalog = _schema.catalog(conn).edges
     if catalog:
         found = closure(found, catalog, _schema.mapped_edges())
-    return found
+    return frozenset({reads.ALL_TABLES}) if reads.ALL_TABLES in found else found
 
 
 def also_changed(tables: frozenset[str], declared: Mapping[str, Iterable[str]]) -> frozenset[str]:
@@ -391,14 +496,25 @@ def also_changed(tables: frozenset[str], declared: Mapping[str, Iterable[str]]) 
     return closure(tables, declared, *_schema.known_edges())
 
 
+def cascading_into(tables: frozenset[str]) -> frozenset[str]:
+    """Return ``tables`` and those whose writes the cascading foreign keys of the ``MetaData`` known carry into them."""
+    return closure(tables, _schema.cascading_into())
+
+
 def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     """Return what a result that read ``tables`` on ``conn`` depends on.
 
-    ``tables`` with :data:`~.reads.ANY_TABLE` when one of them reads
-    tables the catalog cannot name (a view calling a function of the
-    database's own, a table whose row-level security policy does): every
-    committed write bumps it, as for SQL text.
+    ``tables``, the tables whose writes a cascading foreign key of the
+    ``MetaData`` known here carries into them (transitively), and
+    :data:`~.reads.ANY_TABLE` when one of them reads tables the catalog
+    cannot name (a view calling a function of the database's own, a table
+    whose row-level security policy does, a view on SQLite): every
+    committed write bumps it, as for SQL text.  The process that writes
+    the parent may not know the foreign key (a script that maps the parent
+    alone, while the database's schema does not declare it): the reader,
+    which read the referring table, does.
     """
+    tables = cascading_into(tables)
     opaque = _schema.catalog(conn).opaque
     if opaque and not opaque.isdisjoint(tables):
         return tables | {reads.ANY_TABLE}
@@ -420,6 +536,23 @@ _TEMPORARY = re.compile(r"\bcreate\s+(?:(?:local|global)\s+)?temp(?:orary)?\b|\b
 _DYNAMIC = re.compile(r"\bexecute\b(?!\s*\(*\s*(?:format\s*\(\s*)?(?:E?'|\$\w*\$)\s*\(*\s*select\b)", re.I)
 #: A locking read, which writes nothing.
 _LOCKS = re.compile(r"\bfor\s+(?:no\s+key\s+)?update\b", re.I)
+
+
+#: PL/pgSQL's ``SELECT ... INTO`` (``RETURNING ... INTO``, ``FETCH ... INTO``)
+#: sets variables, where SQL's creates a table: only ``INSERT INTO`` and
+#: ``MERGE INTO`` write.
+_PLPGSQL_INTO = re.compile(r"\b(?:(insert|merge)\s+)?into\b", re.I)
+
+
+def _trigger_writes(source: str) -> frozenset[str]:
+    """The tables a trigger function's source (PL/pgSQL) writes, by its DML.
+
+    :data:`~.reads.ALL_TABLES` when it may write tables it does not name
+    (``EXECUTE`` of a string, a procedure called, a write word not read).
+    """
+    from .statements import fragment_tables  # it imports reads, which imports this module
+
+    return frozenset(reads.version_name(name) for name in fragment_tables(source))
 
 
 def _writes(source: str) -> bool:
@@ -540,7 +673,7 @@ def schema_changed(conn: Any, in_transaction: bool) -> None:
     """
     _schema.forget()
     conn.info.pop(_OWN_CATALOG, None)
-    if in_transaction and conn.dialect.name in _CATALOG_DIALECTS:
+    if in_transaction and conn.dialect.name in _CATALOGED:
         conn.info[_CHANGING] = True
 
 

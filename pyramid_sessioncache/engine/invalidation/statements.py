@@ -192,6 +192,24 @@ def fragment_tables(sql: str) -> frozenset[str]:
     return EVERYTHING if ALL_TABLES in found else frozenset(found)
 
 
+def trigger_tables(sql: str) -> frozenset[str]:
+    """Return what a SQLite trigger writes, from its ``CREATE TRIGGER`` text: the DML of its body.
+
+    The body follows the first ``BEGIN`` that is a word of SQL (not in a
+    string, a quoted name or a comment of its ``WHEN`` clause).
+    """
+    found: set[str] = set()
+    for cleaned in sqltext.readings(sql):
+        body = _BEGIN.search(cleaned.text)
+        if body is None:
+            return EVERYTHING
+        found |= _tables_in(cleaned, cleaned.text[body.end() :], whole=False)
+    return EVERYTHING if ALL_TABLES in found else frozenset(found)
+
+
+_BEGIN = re.compile(r"\bbegin\b", re.I)
+
+
 def _first_word(text: str) -> str:
     words = text.split(None, 1)
     return words[0].lower().lstrip("(") if words else ""

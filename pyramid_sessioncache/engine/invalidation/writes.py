@@ -460,6 +460,7 @@ def _begun(conn: Any) -> None:
         # (a StaticPool's one connection, shared): its marks and Sessions stay.
         return
     conn.info.pop(_MARKS, None)
+    schema.transaction_begins(conn)
     # Its Sessions stay until it goes back to the pool (_checked_in): one bound
     # to this Connection carries on in its next transaction, and must be told
     # of the writes there (its own Core DML included).
