@@ -17,6 +17,7 @@ too.  What a sweep of many seeds found is kept below as plain tests.
 from __future__ import annotations
 
 import functools
+import multiprocessing
 import random
 import shutil
 import uuid
@@ -430,9 +431,88 @@ class S24Step(Step):
         self.read = rng.choice(READS + (S24_READS + S24_MORE_READS) * 2)
         self.write = rng.choice(WRITES + S24_WRITES * 2)
         self.writes = [rng.choice(WRITES + S24_WRITES * 2) for _ in range(rng.randint(1, 3))]
+        draw = rng.random()
+        if (self.outsider == "session" and draw < 0.5) or (self.outsider is None and draw < 0.1):
+            self.outsider = "process"  # another process over the same storage (file, Redis), else a Session
 
 
 draw_s24_steps = functools.partial(draw_steps, step_class=S24Step)
+
+
+class OutsiderProcess:
+    """Another process with a :class:`~pyramid_sessioncache.SessionCache` over the cached world's storage.
+
+    It writes and commits what a step asks for: its commits reach the
+    cached world through the backend alone (every cache of one process
+    hears the process's writes; another process hears nothing).
+    """
+
+    def __init__(self, seed: int, url: str, regions: dict, writes_also: dict) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=serve_outsider, args=(child,), daemon=True)
+        self.process.start()
+        child.close()
+        self._ask("start", seed, url, regions, writes_also)
+
+    def _ask(self, *message) -> Any:
+        self.conn.send(message)
+        if not self.conn.poll(60):
+            raise TimeoutError("the outsider process did not answer")
+        answer = self.conn.recv()
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    def write(self, step: Step) -> Any:
+        return self._ask("write", step.number)
+
+    def close(self) -> None:
+        self.conn.send(("exit",))
+        self.process.join(10)
+        self.conn.close()
+
+
+def serve_outsider(conn) -> None:
+    """The outsider process: run the writes of the steps it is asked for, each committed in a Session of its own."""
+    from sqlalchemy.orm import sessionmaker
+
+    from pyramid_sessioncache import SessionCache
+
+    from .conftest import SECRET
+    from .test_differential import engine_for, guarded, session_settings
+
+    makers = steps = None
+    while True:
+        message = conn.recv()
+        try:
+            if message[0] == "exit":
+                return
+            if message[0] == "start":
+                _, seed, url, regions, writes_also = message
+                cache = SessionCache(regions, default_region="local", secret=SECRET, writes_also=writes_also)
+                engine = engine_for(url)
+                maker = sessionmaker(engine, info=cache.session_info(), **session_settings(seed))
+                steps, makers = {}, (seed, maker)
+                answer = None
+            else:
+                seed, maker = makers
+                number = message[1]
+                if number not in steps:
+                    steps.update(enumerate(draw_s24_steps(seed, number + 50)))
+                step = steps[number]
+                writer = maker()
+
+                def outside(writer=writer, step=step):
+                    with writer:
+                        step.write(writer, random.Random(step.seed))
+                        writer.commit()
+                    return ("wrote",)
+
+                answer = guarded(writer, outside)
+        except Exception as error:  # reported to the test
+            answer = error
+        conn.send(answer)
 
 
 # -- the scenarios -----------------------------------------------------------------------------------------------
@@ -451,6 +531,30 @@ def plain_process() -> Iterator[PlainProcess]:
 STEPS = 140
 
 
+def outsider_for(world, seed: int, kind: str, url: str, tmp_path, request) -> OutsiderProcess | None:
+    """For a region shared between processes (``file``, ``redis``): another process writing, set as ``world``'s outsider."""
+    regions: dict[str, dict] = {"local": {"type": "ext:local_session"}}
+    if kind == "file":  # as cached_world() has it
+        regions["shared"] = {"type": "file", "data_dir": str(tmp_path / "cache"), "lock_dir": str(tmp_path / "locks")}
+    elif kind == "redis":
+        regions["shared"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
+    else:
+        return None
+    outsider = OutsiderProcess(seed, url, regions, S24_WRITES_ALSO[world.engine.dialect.name])
+    world.outsider = outsider.write
+    return outsider
+
+
+def run_world(seed: int, kind: str, engine, url: str, plain_url: str, tmp_path, request, plain_process, steps: int):
+    world = cached_world(seed, kind, engine, tmp_path, request, writes_also=S24_WRITES_ALSO)
+    outsider = outsider_for(world, seed, kind, url, tmp_path, request)
+    try:
+        run_scenario(seed, draw_s24_steps(seed, steps), world, plain_process, plain_url, draw=draw_s24_steps)
+    finally:
+        if outsider is not None:
+            outsider.close()
+
+
 def run_sqlite(seed: int, kind: str, tmp_path, request, plain_process, steps: int = STEPS) -> None:
     template = tmp_path / "template.sqlite"
     engine = sqlite_engine(template)
@@ -460,9 +564,8 @@ def run_sqlite(seed: int, kind: str, tmp_path, request, plain_process, steps: in
     shutil.copyfile(template, tmp_path / "plain.sqlite")
     cached_engine = sqlite_engine(tmp_path / "cached.sqlite")
     try:
-        world = cached_world(seed, kind, cached_engine, tmp_path, request, writes_also=S24_WRITES_ALSO)
-        url = f"sqlite:///{tmp_path / 'plain.sqlite'}"
-        run_scenario(seed, draw_s24_steps(seed, steps), world, plain_process, url, draw=draw_s24_steps)
+        url, plain_url = (f"sqlite:///{tmp_path / name}" for name in ("cached.sqlite", "plain.sqlite"))
+        run_world(seed, kind, cached_engine, url, plain_url, tmp_path, request, plain_process, steps)
     finally:
         cached_engine.dispose()
 
@@ -480,8 +583,7 @@ def run_postgresql(seed: int, kind: str, postgres_url, tmp_path, request, plain_
         plain_seeding = create_engine(urls[1])
         seed_reviews(plain_seeding)
         plain_seeding.dispose()
-        world = cached_world(seed, kind, engine, tmp_path, request, writes_also=S24_WRITES_ALSO)
-        run_scenario(seed, draw_s24_steps(seed, steps), world, plain_process, urls[1], draw=draw_s24_steps)
+        run_world(seed, kind, engine, urls[0], urls[1], tmp_path, request, plain_process, steps)
     finally:
         engine.dispose()
         with admin.connect() as conn:

@@ -492,6 +492,8 @@ class World:
     held: dict[str, list] = field(default_factory=dict)
     dirty: dict[str, bool] = field(default_factory=dict)
     savepoints: dict[str, list] = field(default_factory=dict)
+    #: ``outsider(step)``: run ``step``'s write in another process over the same storage, or None.
+    outsider: Any = None
 
     def session(self, name: str):
         if name not in self.sessions:
@@ -921,7 +923,10 @@ def _run_step(world: World, step: Step) -> Any:
         for name in "ab":
             if world.dirty.get(name):
                 end_other_writer(world, Step.ending(name))
-        if step.outsider == "session":
+        if step.outsider == "process" and world.outsider is not None:
+            # another process over the same storage: its commit reaches this one through the backend alone
+            outcome = world.outsider(step)
+        elif step.outsider in ("session", "process"):
             writer = world.makers["c"]()
 
             def outside():
@@ -933,6 +938,11 @@ def _run_step(world: World, step: Step) -> Any:
             outcome = guarded(writer, outside)
         else:
             outcome = guarded(None, lambda: engine_write(world.engine, rng))
+        if step.outsider == "process":
+            # what this process's Sessions read in their transactions is theirs (an ext:local_session
+            # entry hears another process's commit when its transaction ends): they end
+            for name in sorted(world.sessions):
+                guarded(world.sessions[name], world.sessions[name].commit)
     elif step.kind == "write":
         end_other_writer(world, step)
         world.dirty[step.who] = True
