@@ -408,7 +408,29 @@ def author_delete_cascades(session, rng):
     session.execute(text("DELETE FROM fz_author WHERE id = :x"), {"x": rng.randint(4, AUTHORS)})
 
 
+def review_query_update(session, rng):
+    query = session.query(Review).filter(Review.book_id == rng.randint(1, BOOKS))
+    query.update({"stars": rng.randint(0, 5)}, synchronize_session=rng.choice(["auto", "fetch", "evaluate", False]))
+
+
+def review_query_delete(session, rng):
+    query = session.query(Review).filter(Review.author_id == rng.randint(1, AUTHORS))
+    query.delete(synchronize_session=rng.choice(["auto", "fetch", False]))
+
+
+def review_insert_or_ignore(session, rng):
+    if session.get_bind().dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    rows = [{"id": rng.choice([3, 60, 61]), "author_id": 3, "stars": 4, "book_id": None}]
+    session.execute(dialect_insert(Review).on_conflict_do_nothing(), rows)
+
+
 S24_WRITES = [
+    review_query_update,
+    review_query_delete,
+    review_insert_or_ignore,
     review_rate,
     review_delete,
     review_add,
