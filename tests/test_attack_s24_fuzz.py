@@ -10,8 +10,17 @@ as a class.  Reads load relationships by every loader with
 ``RelationshipCache`` (a legacy ``Query`` too); writes use the ORM bulk API
 (``insert().returning()`` of entities, upserts with ``populate_existing``,
 bulk by primary key, ``update().returning()`` with each
-``synchronize_session``) and SQL text.  The fuzzer's own vocabulary is drawn
-too.  What a sweep of many seeds found is kept below as plain tests.
+``synchronize_session``, legacy ``Query.update()``/``delete()``) and SQL
+text, in the cached world's Sessions or, with a ``file`` or Redis region,
+in another process with a cache of its own over the same storage (its
+commits reach the cached world through the backend alone).  The fuzzer's
+own vocabulary is drawn too.
+
+Swept (200 steps each): 520 seeds on SQLite (``local``, ``memory``,
+``file``, ``redis``, ``near``) and 105 on PostgreSQL (``memory``,
+``file``, ``redis``).  One disagreement, left out of the vocabulary:
+``immediateload()`` onto an object the Session holds expired (see
+``reviews_of_book_loader``), bookkeeping rather than a value.
 """
 
 from __future__ import annotations
@@ -614,7 +623,7 @@ def run_postgresql(seed: int, kind: str, postgres_url, tmp_path, request, plain_
         admin.dispose()
 
 
-SEEDS = [(0, "local"), (1, "memory"), (2, "file"), (3, "redis")]
+SEEDS = [(0, "local"), (1, "memory"), (2, "file"), (3, "redis"), (6, "near")]
 
 
 @pytest.mark.parametrize(("seed", "kind"), SEEDS, ids=[f"{kind}-{seed}" for seed, kind in SEEDS])
@@ -630,6 +639,3 @@ def test_cached_reads_equal_uncached_reads_with_reviews_postgresql(
     seed, kind, postgres_url, tmp_path, request, plain_process
 ):
     run_postgresql(seed, kind, postgres_url, tmp_path, request, plain_process)
-
-
-# -- what the sweep found ----------------------------------------------------------------------------------------
