@@ -16,9 +16,9 @@ in another process with a cache of its own over the same storage (its
 commits reach the cached world through the backend alone).  The fuzzer's
 own vocabulary is drawn too.
 
-Swept (200 steps each): 520 seeds on SQLite (``local``, ``memory``,
-``file``, ``redis``, ``near``) and 105 on PostgreSQL (``memory``,
-``file``, ``redis``).  One disagreement, left out of the vocabulary:
+Swept: 570 seeds on SQLite (``local``, ``memory``, ``file``, ``redis``,
+``near``; 200 or 400 steps) and 135 on PostgreSQL (``memory``, ``file``,
+``redis``; 200 or 300 steps).  One disagreement, left out of the vocabulary:
 ``immediateload()`` onto an object the Session holds expired (see
 ``reviews_of_book_loader``), bookkeeping rather than a value.
 """
