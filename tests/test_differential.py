@@ -492,6 +492,8 @@ class World:
     held: dict[str, list] = field(default_factory=dict)
     dirty: dict[str, bool] = field(default_factory=dict)
     savepoints: dict[str, list] = field(default_factory=dict)
+    #: ``outsider(step)``: run ``step``'s write in another process over the same storage, or None.
+    outsider: Any = None
 
     def session(self, name: str):
         if name not in self.sessions:
@@ -561,6 +563,8 @@ def run_read(world: World, session, step: Step, held: list) -> tuple:
     _, build = step.read
     stmt, unique = build(random.Random(step.seed))
     region = world.regions[int(step.region * len(world.regions))] if world.regions else None
+    if isinstance(stmt, tuple) and stmt[0] == "call":  # a read of its own: ``call(world, session, region, held)``
+        return stmt[1](world, session, region, held)
     if isinstance(stmt, tuple) and stmt[0] == "params":
         options = [FromCache(region)] if world.cached else []
         result = session.execute(stmt[1].options(*options), stmt[2])
@@ -919,7 +923,10 @@ def _run_step(world: World, step: Step) -> Any:
         for name in "ab":
             if world.dirty.get(name):
                 end_other_writer(world, Step.ending(name))
-        if step.outsider == "session":
+        if step.outsider == "process" and world.outsider is not None:
+            # another process over the same storage: its commit reaches this one through the backend alone
+            outcome = world.outsider(step)
+        elif step.outsider in ("session", "process"):
             writer = world.makers["c"]()
 
             def outside():
@@ -931,6 +938,11 @@ def _run_step(world: World, step: Step) -> Any:
             outcome = guarded(writer, outside)
         else:
             outcome = guarded(None, lambda: engine_write(world.engine, rng))
+        if step.outsider == "process":
+            # what this process's Sessions read in their transactions is theirs (an ext:local_session
+            # entry hears another process's commit when its transaction ends): they end
+            for name in sorted(world.sessions):
+                guarded(world.sessions[name], world.sessions[name].commit)
     elif step.kind == "write":
         end_other_writer(world, step)
         world.dirty[step.who] = True
@@ -1002,12 +1014,12 @@ def state_of(world: World) -> dict:
     return {name: held_snapshot(world.sessions[name], world.held[name]) for name in sorted(world.sessions)}
 
 
-def draw_steps(seed: int, steps: int) -> list[Step]:
-    """The scenario of ``seed``: ``steps`` operations."""
+def draw_steps(seed: int, steps: int, step_class: type[Step] = Step) -> list[Step]:
+    """The scenario of ``seed``: ``steps`` operations (``step_class``: with another vocabulary)."""
     rng = random.Random(seed)
     drawn: list[Step] = []
     for number in range(steps):
-        step = Step(rng, number, seed % 2)
+        step = step_class(rng, number, seed % 2)
         if drawn and rng.random() < 0.5:  # the same read again: hits are what is tested
             again = rng.choice(drawn[-4:])
             step.read, step.seed, step.region, step.entrance = again.read, again.seed, again.region, again.entrance
@@ -1039,10 +1051,15 @@ def state_difference(got: dict, expected: dict) -> str:
     return "\n".join(lines)
 
 
-def run_scenario(seed: int, steps: list[Step], cached: World, plain: PlainProcess, url: str) -> None:
-    """Run ``steps`` in the cached world and, in ``plain``'s process, in the plain world on ``url``; both must agree."""
+def run_scenario(
+    seed: int, steps: list[Step], cached: World, plain: PlainProcess, url: str, draw: Any = draw_steps
+) -> None:
+    """Run ``steps`` in the cached world and, in ``plain``'s process, in the plain world on ``url``; both must agree.
+
+    ``draw``: what drew ``steps``, a function the plain world's process can import.
+    """
     history = []
-    plain.start(seed, url, [step.number for step in steps], cached.kind)
+    plain.start(seed, url, [step.number for step in steps], cached.kind, draw)
     try:
         for step in steps:
             history.append(step)
@@ -1083,8 +1100,8 @@ class PlainProcess:
             raise answer
         return answer
 
-    def start(self, seed: int, url: str, numbers: list[int], kind: str) -> None:
-        self._ask("start", seed, url, numbers, kind)
+    def start(self, seed: int, url: str, numbers: list[int], kind: str, draw: Any = None) -> None:
+        self._ask("start", seed, url, numbers, kind, draw or draw_steps)
 
     def step(self, number: int) -> tuple:
         return self._ask("step", number)
@@ -1127,8 +1144,8 @@ def serve_plain_world(conn) -> None:
             if message[0] == "exit":
                 return
             if message[0] == "start":
-                _, seed, url, numbers, kind = message
-                drawn = draw_steps(seed, max(numbers) + 1)
+                _, seed, url, numbers, kind, draw = message
+                drawn = draw(seed, max(numbers) + 1)
                 steps = {number: drawn[number] for number in numbers}
                 world = plain_world(seed, engine_for(url), kind)
                 answer = None
@@ -1152,8 +1169,11 @@ def session_settings(seed: int) -> dict:
 # -- the scenarios -----------------------------------------------------------------------------------------------
 
 
-def cached_world(seed: int, kind: str, engine, tmp_path, request) -> World:
-    """The world whose Sessions ``a`` and ``b`` cache, in ``local`` and a ``shared`` region of ``kind``."""
+def cached_world(seed: int, kind: str, engine, tmp_path, request, writes_also: dict | None = None) -> World:
+    """The world whose Sessions ``a`` and ``b`` cache, in ``local`` and a ``shared`` region of ``kind``.
+
+    ``writes_also``: the triggers' writes, by dialect (:data:`WRITES_ALSO` by default).
+    """
     regions: dict[str, dict] = {"local": {"type": "ext:local_session"}}
     if kind == "memory":
         regions["shared"] = {"type": "memory", "expire": 600}
@@ -1165,7 +1185,7 @@ def cached_world(seed: int, kind: str, engine, tmp_path, request) -> World:
         regions["shared"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url"), "near": True}
     elif kind == "static":
         regions["shared"] = {"type": "memory", "expire": 600}
-    also = WRITES_ALSO[engine.dialect.name]
+    also = (writes_also or WRITES_ALSO)[engine.dialect.name]
     first = SessionCache(regions, default_region="local", secret=SECRET, writes_also=also)
     # Two processes over one storage; a memory region is the process's own.
     # A near cache hears other processes' commits within a window (see
