@@ -48,6 +48,27 @@ def _rows(session, stmt, region=None):
     return [tuple(row) for row in session.execute(stmt).all()]
 
 
+def _served_fresh_after(engine, Sess, stmt, region, write) -> None:
+    """Cache ``stmt`` in ``region`` (a second read sends no SQL), commit ``write``: a cached read is then what an uncached one is."""
+    with Sess() as session:
+        before = _rows(session, stmt, region)
+    counter = SQLCounter(engine)
+    with Sess() as session:
+        assert _rows(session, stmt, region) == before
+    assert counter.count == 0
+    with Sess() as session:  # another request, whose Session carries the cache too
+        if callable(write):
+            write(session)
+        else:
+            session.execute(write)
+        session.commit()
+    with Session(engine) as session:
+        truth = _rows(session, stmt)
+    assert truth != before
+    with Sess() as session:
+        assert _rows(session, stmt, region) == truth
+
+
 # A cascade another process does not know of --------------------------------------------------------
 
 
@@ -199,20 +220,7 @@ def test_a_foreign_key_action_the_sqlite_database_declares_invalidates(tmp_path,
     with engine.begin() as conn:
         conn.connection.executescript(_ACTIONS_DDL.format(action=action))
     Sess = sessionmaker(engine, info=cache.session_info())
-    with Sess() as session:
-        _rows(session, stmt, region)
-    counter = SQLCounter(engine)
-    with Sess() as session:
-        before = _rows(session, stmt, region)
-    assert counter.count == 0
-    with Sess() as session:  # another request, whose Session carries the cache too
-        session.execute(write)
-        session.commit()
-    with Session(engine) as session:
-        truth = _rows(session, stmt)
-    assert truth != before
-    with Sess() as session:
-        assert _rows(session, stmt, region) == truth
+    _served_fresh_after(engine, Sess, stmt, region, write)
     engine.dispose()
 
 
@@ -270,20 +278,7 @@ def test_a_sqlite_trigger_that_writes_another_table_invalidates_it(tmp_path, reg
         for ddl in triggers:
             conn.exec_driver_sql(ddl)
     Sess = sessionmaker(engine, info=cache.session_info())
-    with Sess() as session:
-        before = _rows(session, stmt, region)
-    counter = SQLCounter(engine)
-    with Sess() as session:
-        assert _rows(session, stmt, region) == before
-    assert counter.count == 0
-    with Sess() as session:
-        session.execute(write)
-        session.commit()
-    with Session(engine) as session:
-        truth = _rows(session, stmt)
-    assert truth != before
-    with Sess() as session:
-        assert _rows(session, stmt, region) == truth
+    _served_fresh_after(engine, Sess, stmt, region, write)
     engine.dispose()
 
 
@@ -336,20 +331,7 @@ def test_a_postgresql_trigger_made_after_the_catalog_was_read_invalidates(pg_dat
             "FOR EACH ROW EXECUTE FUNCTION s24_audit.s24_counted()"
         )
     migration.dispose()
-    with Sess() as session:
-        before = _rows(session, stmt, region)
-    counter = SQLCounter(engine)
-    with Sess() as session:
-        assert _rows(session, stmt, region) == before
-    assert counter.count == 0
-    with Sess() as session:
-        session.execute(write)
-        session.commit()
-    with Session(engine) as session:
-        truth = _rows(session, stmt)
-    assert truth != before
-    with Sess() as session:
-        assert _rows(session, stmt, region) == truth
+    _served_fresh_after(engine, Sess, stmt, region, write)
     engine.dispose()
 
 
@@ -401,20 +383,7 @@ def test_a_sqlite_view_shows_what_a_write_to_its_tables_changed(tmp_path, region
         for ddl in _NOTE_VIEWS:
             conn.exec_driver_sql(ddl)
     Sess = sessionmaker(engine, info=cache.session_info())
-    with Sess() as session:
-        before = _rows(session, stmt, region)
-    counter = SQLCounter(engine)
-    with Sess() as session:
-        assert _rows(session, stmt, region) == before
-    assert counter.count == 0
-    with Sess() as session:
-        session.add(_Note(id=3, folder_id=1, text="c"))
-        session.commit()
-    with Session(engine) as session:
-        truth = _rows(session, stmt)
-    assert truth != before
-    with Sess() as session:
-        assert _rows(session, stmt, region) == truth
+    _served_fresh_after(engine, Sess, stmt, region, lambda session: session.add(_Note(id=3, folder_id=1, text="c")))
     engine.dispose()
 
 
