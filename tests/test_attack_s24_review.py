@@ -158,3 +158,29 @@ def test_a_trigger_chain_and_an_attached_cascade_invalidate_transitively(tmp_pat
     cached, truth = _stale_after_insert(engine)
     assert cached == truth
     engine.dispose()
+
+
+def test_a_trigger_another_process_adds_while_a_transaction_is_open_invalidates(tmp_path):
+    # schema_version was checked as the transaction began only: a trigger
+    # made after that, which its write fired, was not known when it committed.
+    path = tmp_path / "t.sqlite"
+    _make(path)
+    engine = create_engine(f"sqlite:///{path}")
+    cache = _cache()
+    Sess = sessionmaker(engine, info=cache.session_info())
+    with Sess() as session:
+        before = _rows(session, _COUNTS, "memory")
+    with Sess() as session:
+        session.execute(select(_ITEM)).all()  # its transaction began: the schema is read
+        db = sqlite3.connect(path)  # another process: a migration
+        db.execute(TRIGGER.format(temp=""))
+        db.commit()
+        db.close()
+        session.execute(insert(_ITEM).values(id=1))
+        session.commit()
+    with Session(engine) as session:
+        truth = _rows(session, _COUNTS)
+    assert truth != before
+    with Sess() as session:
+        assert _rows(session, _COUNTS, "memory") == truth
+    engine.dispose()
