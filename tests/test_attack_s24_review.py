@@ -184,3 +184,34 @@ def test_a_trigger_another_process_adds_while_a_transaction_is_open_invalidates(
     with Sess() as session:
         assert _rows(session, _COUNTS, "memory") == truth
     engine.dispose()
+
+
+_VIEW = Table("r24_view", MetaData(), Column("n", Integer))
+
+
+def test_a_view_another_process_creates_while_a_transaction_is_open_makes_its_reader_depend_on_every_table(tmp_path):
+    # A view read in a transaction that began before another process made
+    # it was not known to be a view: its entry depended on the view's name
+    # alone, which no write bumps.
+    path = tmp_path / "t.sqlite"
+    _make(path)
+    engine = create_engine(f"sqlite:///{path}")
+    cache = _cache()
+    Sess = sessionmaker(engine, info=cache.session_info())
+    stmt = select(_VIEW.c.n)
+    with Sess() as session:
+        session.execute(select(_ITEM)).all()  # its transaction began: the schema is read
+        db = sqlite3.connect(path)  # another process: a migration
+        db.execute("CREATE VIEW r24_view AS SELECT n FROM r24_count")
+        db.commit()
+        db.close()
+        before = _rows(session, stmt, "memory")
+    with Sess() as session:
+        session.execute(_COUNT.update().values(n=5))
+        session.commit()
+    with Session(engine) as session:
+        truth = _rows(session, stmt)
+    assert truth != before
+    with Sess() as session:
+        assert _rows(session, stmt, "memory") == truth
+    engine.dispose()

@@ -559,6 +559,14 @@ def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     which read the referring table, does.
     """
     tables = cascading_into(tables)
+    if conn.dialect.name == "sqlite" and not conn.info.get(_CHANGING):
+        # A view another process created since the transaction began (as it
+        # began, the schema was read) is one too.
+        try:
+            _schema.read_if_changed(conn)
+        except Exception:
+            log.debug("could not read the schema of %r; depending on every table", conn, exc_info=True)
+            return tables | {reads.ANY_TABLE}
     opaque = _schema.catalog(conn).opaque
     if opaque and not opaque.isdisjoint(tables):
         return tables | {reads.ANY_TABLE}
