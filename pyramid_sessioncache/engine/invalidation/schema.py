@@ -187,7 +187,7 @@ WHERE v.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 #: schema made by SQL (a migration) may declare actions the models do not.
 SQLITE_DEPENDENTS = """
 SELECT k."table", m.name
-FROM sqlite_master m JOIN pragma_foreign_key_list(m.name) k
+FROM {schema}.sqlite_master m JOIN pragma_foreign_key_list(m.name, {name}) k
 WHERE m.type = 'table' AND m.sql NOT LIKE 'CREATE VIRTUAL %'
   AND (k.on_delete IN ('CASCADE', 'SET NULL', 'SET DEFAULT') OR k.on_update IN ('CASCADE', 'SET NULL', 'SET DEFAULT'))
 """
@@ -215,13 +215,16 @@ WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND n.nspname NOT IN ('pg_catalo
 
 #: SQLite's views: its schema does not say what each reads (their SQL
 #: does, which is not read here), so a result that read one depends on
-#: every table, as SQL text does.  Temporary ones too.
-SQLITE_VIEWS = (
-    "SELECT name FROM sqlite_master WHERE type = 'view' UNION SELECT name FROM sqlite_temp_master WHERE type = 'view'"
-)
+#: every table, as SQL text does.
+SQLITE_VIEWS = "SELECT name FROM {schema}.sqlite_master WHERE type = 'view'"
 
 #: SQLite's triggers: the table or view each is on, and its SQL.
-SQLITE_TRIGGERS = "SELECT tbl_name, sql FROM sqlite_master WHERE type = 'trigger'"
+SQLITE_TRIGGERS = "SELECT tbl_name, sql FROM {schema}.sqlite_master WHERE type = 'trigger'"
+
+#: The databases a SQLite connection sees: ``main``, ``temp`` (its
+#: temporary triggers and views, kept in ``temp.sqlite_master``) and those
+#: attached; each query above is run on the schema of each.
+SQLITE_DATABASES = "PRAGMA database_list"
 
 #: Databases whose catalog is kept at most; past it, the oldest read is read again when needed.
 _MAX_CATALOGS = 64
@@ -269,7 +272,8 @@ class Catalog:
     that writes (or of one that calls such a function; for ``writers``, a
     view over one named too); ``effects``: a call of one run for what it
     does (it calls ``nextval()``, ``currval()``, an advisory lock...).
-    ``version``: SQLite's ``schema_version`` when it was read, or None.
+    ``version``: SQLite's ``schema_version`` of each database of the
+    connection it was read on (but ``temp``) when it was read, or None.
     """
 
     def __init__(
@@ -280,7 +284,7 @@ class Catalog:
         setters: re.Pattern[str] | None = None,
         writers: re.Pattern[str] | None = None,
         effects: re.Pattern[str] | None = None,
-        version: int | None = None,
+        version: tuple[tuple[str, int], ...] | None = None,
     ) -> None:
         self.version = version
         self.edges = edges
@@ -420,26 +424,41 @@ class _Schema:
         version = _sqlite_schema_version(conn)  # first: a change made while reading is seen next time
         cursor = conn.connection.dbapi_connection.cursor()
         try:
-            cursor.execute(SQLITE_DEPENDENTS)
-            for parent, dependent in cursor.fetchall():
-                edges.setdefault(reads.version_name(parent), set()).add(reads.version_name(dependent))
-            cursor.execute(SQLITE_TRIGGERS)
-            for table, sql in cursor.fetchall():
-                written = {reads.version_name(name) for name in trigger_tables(sql or "")}
-                edges.setdefault(reads.version_name(table), set()).update(written)
-            cursor.execute(SQLITE_VIEWS)
-            views = frozenset(reads.version_name(name) for (name,) in cursor.fetchall())
+            cursor.execute(SQLITE_DATABASES)
+            names = [row[1] for row in cursor.fetchall()]
+            found: set[str] = set()
+            for name in names:  # main, temp and the attached databases: a write to any of them runs their triggers
+                quoted = {"schema": '"' + name.replace('"', '""') + '"', "name": "'" + name.replace("'", "''") + "'"}
+                cursor.execute(SQLITE_DEPENDENTS.format(**quoted))
+                for parent, dependent in cursor.fetchall():
+                    edges.setdefault(reads.version_name(parent), set()).add(reads.version_name(dependent))
+                cursor.execute(SQLITE_TRIGGERS.format(**quoted))
+                for table, sql in cursor.fetchall():
+                    written = {reads.version_name(name) for name in trigger_tables(sql or "")}
+                    edges.setdefault(reads.version_name(table), set()).update(written)
+                cursor.execute(SQLITE_VIEWS.format(**quoted))
+                found.update(reads.version_name(view) for (view,) in cursor.fetchall())
+            views = frozenset(found)
         finally:
             cursor.close()
         return Catalog(edges, views, version=version)
 
 
-def _sqlite_schema_version(conn: Any) -> int:
-    """SQLite's count of the changes made to the schema of ``conn``'s main database, by any connection."""
+def _sqlite_schema_version(conn: Any) -> tuple[tuple[str, int], ...]:
+    """SQLite's count of the changes made, by any connection, to the schema of each database ``conn`` sees.
+
+    ``main`` and the attached databases (another process may change
+    theirs too); not ``temp``, which only ``conn`` changes, by DDL seen here.
+    """
     cursor = conn.connection.dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA schema_version")
-        return cursor.fetchone()[0]
+        cursor.execute("PRAGMA database_list")
+        names = [row[1] for row in cursor.fetchall() if row[1] != "temp"]
+        found = []
+        for name in names:
+            cursor.execute('PRAGMA "' + name.replace('"', '""') + '".schema_version')
+            found.append((name, cursor.fetchone()[0]))
+        return tuple(found)
     finally:
         cursor.close()
 
@@ -468,6 +487,31 @@ def transaction_begins(conn: Any) -> None:
         _schema.read_if_changed(conn)
     except Exception:  # read when next needed, as before
         log.debug("could not read the schema of %r as its transaction began", conn, exc_info=True)
+
+
+def written_at_commit(conn: Any, tables: set[str]) -> set[str]:
+    """Return ``tables``, written by ``conn``'s transaction, with what SQLite's schema says they change as it ends.
+
+    The schema was read as the transaction began: another process may have
+    changed it since (a trigger created), and the transaction's writes ran
+    under the new one.  Read again, now, if ``schema_version`` says so
+    (not for a transaction that changed the schema itself: what it sees is
+    not committed).  Every table when the schema cannot be read.
+    """
+    if not tables or conn.dialect.name != "sqlite" or conn.info.get(_CHANGING) or reads.ALL_TABLES in tables:
+        return tables
+    try:
+        database = database_identity(conn)
+        found = _schema._catalogs.get(database)
+        if found is not None and found.version == _sqlite_schema_version(conn):
+            return tables
+        _schema._catalogs.pop(database, None)
+        return set(also_written(conn, frozenset(tables)))
+    except Exception:
+        log.warning(
+            "could not read the schema of %r as it committed; counting a write to every table", conn, exc_info=True
+        )
+        return {reads.ALL_TABLES}
 
 
 def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
@@ -515,6 +559,14 @@ def depends_on(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     which read the referring table, does.
     """
     tables = cascading_into(tables)
+    if conn.dialect.name == "sqlite" and not conn.info.get(_CHANGING):
+        # A view another process created since the transaction began (as it
+        # began, the schema was read) is one too.
+        try:
+            _schema.read_if_changed(conn)
+        except Exception:
+            log.debug("could not read the schema of %r; depending on every table", conn, exc_info=True)
+            return tables | {reads.ANY_TABLE}
     opaque = _schema.catalog(conn).opaque
     if opaque and not opaque.isdisjoint(tables):
         return tables | {reads.ANY_TABLE}
