@@ -201,7 +201,7 @@ _CATALOGED = frozenset({"postgresql", "sqlite"})
 #: :data:`POSTGRESQL_ROUTINES`): the relation each is on, and its
 #: function's language and source.  What the function writes, the
 #: database writes because of a write to the relation (see
-#: :func:`_trigger_writes`).
+#: ``_trigger_writes()``).
 POSTGRESQL_TRIGGERS = """
 SELECT c.relname, l.lanname, coalesce(p.prosrc, '')
 FROM pg_trigger t
