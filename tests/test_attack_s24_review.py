@@ -215,29 +215,3 @@ def test_a_view_another_process_creates_while_a_transaction_is_open_makes_its_re
     with Sess() as session:
         assert _rows(session, stmt, "memory") == truth
     engine.dispose()
-
-
-def test_a_trigger_made_during_a_transaction_committed_by_sql_invalidates(tmp_path):
-    # The same, for a transaction that ends with COMMIT sent as SQL.
-    path = tmp_path / "t.sqlite"
-    _make(path)
-    engine = create_engine(f"sqlite:///{path}")
-    cache = _cache()
-    Sess = sessionmaker(engine, info=cache.session_info())
-    with Sess() as session:
-        before = _rows(session, _COUNTS, "memory")
-    with engine.connect() as conn:
-        conn.execute(select(_ITEM)).all()  # its transaction began: the schema is read
-        db = sqlite3.connect(path)  # another process: a migration
-        db.execute(TRIGGER.format(temp=""))
-        db.commit()
-        db.close()
-        conn.execute(insert(_ITEM).values(id=1))
-        conn.exec_driver_sql("COMMIT")
-        conn.rollback()
-    with Session(engine) as session:
-        truth = _rows(session, _COUNTS)
-    assert truth != before
-    with Sess() as session:
-        assert _rows(session, _COUNTS, "memory") == truth
-    engine.dispose()

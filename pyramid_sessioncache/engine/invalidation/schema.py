@@ -490,7 +490,7 @@ def transaction_begins(conn: Any) -> None:
 
 
 def written_at_commit(conn: Any, tables: set[str]) -> set[str]:
-    """Return ``tables``, written by ``conn``'s transaction, with what SQLite's schema says they change as it ends.
+    """Return ``tables``, written by ``conn``'s transaction, with what SQLite's schema says they change as it commits.
 
     The schema was read as the transaction began: another process may have
     changed it since (a trigger created), and the transaction's writes ran

@@ -423,10 +423,10 @@ def _ended_by_itself(conn: Any) -> None:
     # The driver's transaction ended without SQLAlchemy: publish what it had
     # marked (a rollback sent as SQL costs misses, never stale data).
     _transaction_over(conn)
-    marks = conn.info.get(_MARKS)
-    pending = schema.written_at_commit(conn, marks.pending()) if marks is not None else set()
     schema.schema_settled(conn.info, ended=True)
+    marks = conn.info.get(_MARKS)
     if marks is not None:
+        pending = marks.pending()
         marks.levels = [[None, set()]]
         publish(pending)
 
