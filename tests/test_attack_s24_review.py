@@ -161,8 +161,8 @@ def test_a_trigger_chain_and_an_attached_cascade_invalidate_transitively(tmp_pat
 
 
 def test_a_trigger_another_process_adds_while_a_transaction_is_open_invalidates(tmp_path):
-    # schema_version was checked as the transaction began only: a trigger
-    # made after that, which its write fired, was not known when it committed.
+    # A trigger made after the writing transaction began, which its write
+    # fires: the next transaction to begin finds the schema changed.
     path = tmp_path / "t.sqlite"
     _make(path)
     engine = create_engine(f"sqlite:///{path}")

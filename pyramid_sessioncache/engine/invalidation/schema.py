@@ -489,31 +489,6 @@ def transaction_begins(conn: Any) -> None:
         log.debug("could not read the schema of %r as its transaction began", conn, exc_info=True)
 
 
-def written_at_commit(conn: Any, tables: set[str]) -> set[str]:
-    """Return ``tables``, written by ``conn``'s transaction, with what SQLite's schema says they change as it commits.
-
-    The schema was read as the transaction began: another process may have
-    changed it since (a trigger created), and the transaction's writes ran
-    under the new one.  Read again, now, if ``schema_version`` says so
-    (not for a transaction that changed the schema itself: what it sees is
-    not committed).  Every table when the schema cannot be read.
-    """
-    if not tables or conn.dialect.name != "sqlite" or conn.info.get(_CHANGING) or reads.ALL_TABLES in tables:
-        return tables
-    try:
-        database = database_identity(conn)
-        found = _schema._catalogs.get(database)
-        if found is not None and found.version == _sqlite_schema_version(conn):
-            return tables
-        _schema._catalogs.pop(database, None)
-        return set(also_written(conn, frozenset(tables)))
-    except Exception:
-        log.warning(
-            "could not read the schema of %r as it committed; counting a write to every table", conn, exc_info=True
-        )
-        return {reads.ALL_TABLES}
-
-
 def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     """Return ``tables`` written on ``conn`` and what the database changes because of them."""
     if reads.ALL_TABLES in tables:

@@ -468,12 +468,11 @@ def _begun(conn: Any) -> None:
 
 def _committing(conn: Any, twophase: bool = False) -> None:
     _transaction_over(conn)
-    marks = conn.info.get(_MARKS)
-    # Before the schema is settled: a transaction that changed it reads none.
-    tables = schema.written_at_commit(conn, marks.pending()) if marks is not None else set()
     schema.schema_settled(conn.info, ended=True)
+    marks = conn.info.get(_MARKS)
     if marks is None:
         return
+    tables = marks.pending()
     marks.levels = [[None, set()]]
     if not tables:
         return
