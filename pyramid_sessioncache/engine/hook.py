@@ -15,7 +15,6 @@ Nothing is installed at import: :func:`install` runs when the first
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +24,7 @@ from sqlalchemy.orm import ORMExecuteState, Session
 from .. import _sqlalchemy
 from ..storage.backends import local_session
 from ..storage.region import always_valid
-from . import as_loaded, connection_state, info, loader, lookup, stats
+from . import as_loaded, connection_state, info, loader, lookup
 from .cache import SessionCache
 from .invalidation import reads, schema, versions, writes
 from .lookup import Lookup
@@ -168,7 +167,7 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
             option.expire,
             valid=found.valid or always_valid,
             store=lambda value: not loaded.get("wrote") and not _holds_always_refreshed(session),
-            on_store=functools.partial(stats.stored, cache.stats, region.name),
+            on_store=cache.stats.region(region.name).count_store,
         )
         result = value.result()
     else:
@@ -260,7 +259,7 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
 
     key = found.key
     verdict = {"store": True}
-    stored = functools.partial(stats.stored, cache.stats, region.name)
+    stored = cache.stats.region(region.name).count_store
     if cache.invalidation != "auto":
 
         def load_once() -> CachedRows:

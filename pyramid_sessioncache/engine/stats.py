@@ -30,6 +30,10 @@ class RegionStats:
     #: Entries written (a miss whose result was stored).
     stores: int = 0
 
+    def count_store(self) -> None:
+        """Count an entry written (the ``on_store`` of a region's look-up)."""
+        self.stores += 1
+
 
 @dataclass
 class Stats:
@@ -53,11 +57,6 @@ def record(stats: Stats, session: Any, region: str, hit: bool, key: str) -> None
     else:
         counters.misses += 1
     lookups(session).append(Lookup(region, hit, key))
-
-
-def stored(stats: Stats, region: str) -> None:
-    """Count an entry written to region ``region``."""
-    stats.region(region).stores += 1
 
 
 def lookups(session: Any) -> deque:

@@ -424,11 +424,9 @@ class _Schema:
         version = _sqlite_schema_version(conn)  # first: a change made while reading is seen next time
         cursor = conn.connection.dbapi_connection.cursor()
         try:
-            cursor.execute(SQLITE_DATABASES)
-            names = [row[1] for row in cursor.fetchall()]
             found: set[str] = set()
-            for name in names:  # main, temp and the attached databases: a write to any of them runs their triggers
-                quoted = {"schema": '"' + name.replace('"', '""') + '"', "name": "'" + name.replace("'", "''") + "'"}
+            for name in _sqlite_databases(cursor):  # main, temp, attached: a write to any runs their triggers
+                quoted = {"schema": _sqlite_name(name), "name": "'" + name.replace("'", "''") + "'"}
                 cursor.execute(SQLITE_DEPENDENTS.format(**quoted))
                 for parent, dependent in cursor.fetchall():
                     edges.setdefault(reads.version_name(parent), set()).add(reads.version_name(dependent))
@@ -452,15 +450,25 @@ def _sqlite_schema_version(conn: Any) -> tuple[tuple[str, int], ...]:
     """
     cursor = conn.connection.dbapi_connection.cursor()
     try:
-        cursor.execute("PRAGMA database_list")
-        names = [row[1] for row in cursor.fetchall() if row[1] != "temp"]
         found = []
-        for name in names:
-            cursor.execute('PRAGMA "' + name.replace('"', '""') + '".schema_version')
-            found.append((name, cursor.fetchone()[0]))
+        for name in _sqlite_databases(cursor):
+            if name != "temp":
+                cursor.execute(f"PRAGMA {_sqlite_name(name)}.schema_version")
+                found.append((name, cursor.fetchone()[0]))
         return tuple(found)
     finally:
         cursor.close()
+
+
+def _sqlite_databases(cursor: Any) -> list[str]:
+    """The names of the databases a SQLite connection sees: main, temp and the attached ones."""
+    cursor.execute(SQLITE_DATABASES)
+    return [row[1] for row in cursor.fetchall()]
+
+
+def _sqlite_name(name: str) -> str:
+    """``name`` quoted as a SQLite identifier."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 _schema = _Schema()
