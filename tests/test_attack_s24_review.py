@@ -35,14 +35,12 @@ def _cache():
 
 
 def _make(path, schema=""):
-    db = sqlite3.connect(path)
-    db.executescript(
+    _run(
+        path,
         f"CREATE TABLE {schema}r24_item (id INTEGER PRIMARY KEY);"
         f"CREATE TABLE {schema}r24_count (id INTEGER PRIMARY KEY, n INTEGER);"
-        f"INSERT INTO {schema}r24_count VALUES (1, 0);"
+        f"INSERT INTO {schema}r24_count VALUES (1, 0);",
     )
-    db.commit()
-    db.close()
 
 
 TRIGGER = (
@@ -66,6 +64,21 @@ def _stale_after_insert(engine, region="memory"):
         return _rows(session, _COUNTS, region), truth
 
 
+def _run(path, sql: str) -> None:
+    """Run ``sql`` (one or more statements) on the SQLite file ``path`` and commit, as another program would."""
+    db = sqlite3.connect(path)
+    db.executescript(sql)
+    db.commit()
+    db.close()
+
+
+def _attaching(main, aux):
+    """An engine on ``main`` whose every connection attaches ``aux`` as ``aux``."""
+    engine = create_engine(f"sqlite:///{main}")
+    event.listen(engine, "connect", lambda dbapi, record: dbapi.execute(f"ATTACH DATABASE '{aux}' AS aux"))
+    return engine
+
+
 def test_a_temporary_trigger_invalidates_what_it_writes(tmp_path):
     # A temporary trigger lives in sqlite_temp_master, not sqlite_master:
     # the catalog read only the latter, and the count stayed stale.
@@ -83,12 +96,8 @@ def test_a_trigger_of_an_attached_database_invalidates_what_it_writes(tmp_path):
     main, aux = tmp_path / "main.sqlite", tmp_path / "aux.sqlite"
     sqlite3.connect(main).close()
     _make(aux)
-    db = sqlite3.connect(aux)
-    db.execute(TRIGGER.format(temp=""))
-    db.commit()
-    db.close()
-    engine = create_engine(f"sqlite:///{main}")
-    event.listen(engine, "connect", lambda dbapi, record: dbapi.execute(f"ATTACH DATABASE '{aux}' AS aux"))
+    _run(aux, TRIGGER.format(temp=""))
+    engine = _attaching(main, aux)
     cached, truth = _stale_after_insert(engine)
     assert cached == truth
     engine.dispose()
@@ -130,10 +139,7 @@ def test_a_trigger_another_process_adds_to_an_attached_database_invalidates(tmp_
     with Sess() as session:  # a write: the schema is read, without the trigger
         session.execute(insert(_ITEM).values(id=100))
         session.commit()
-    db = sqlite3.connect(aux)  # another process
-    db.execute(TRIGGER.format(temp=""))
-    db.commit()
-    db.close()
+    _run(aux, TRIGGER.format(temp=""))  # another process
     cached, truth = _stale_after_insert(engine)
     assert cached == truth
     engine.dispose()
@@ -142,19 +148,16 @@ def test_a_trigger_another_process_adds_to_an_attached_database_invalidates(tmp_
 def test_a_trigger_chain_and_an_attached_cascade_invalidate_transitively(tmp_path):
     main, aux = tmp_path / "main.sqlite", tmp_path / "aux.sqlite"
     sqlite3.connect(main).close()
-    db = sqlite3.connect(aux)
-    db.executescript(
+    _run(
+        aux,
         "CREATE TABLE r24_item (id INTEGER PRIMARY KEY);"
         "CREATE TABLE r24_mid (id INTEGER PRIMARY KEY, n INTEGER);"
         "CREATE TABLE r24_count (id INTEGER PRIMARY KEY, n INTEGER);"
         "INSERT INTO r24_mid VALUES (1, 0); INSERT INTO r24_count VALUES (1, 0);"
         "CREATE TRIGGER r24_a AFTER INSERT ON r24_item BEGIN UPDATE r24_mid SET n = n + 1; END;"
-        'CREATE TRIGGER "R24 b" AFTER UPDATE ON "R24_MID" BEGIN UPDATE r24_count SET n = n + 1; END;'
+        'CREATE TRIGGER "R24 b" AFTER UPDATE ON "R24_MID" BEGIN UPDATE r24_count SET n = n + 1; END;',
     )
-    db.commit()
-    db.close()
-    engine = create_engine(f"sqlite:///{main}")
-    event.listen(engine, "connect", lambda dbapi, record: dbapi.execute(f"ATTACH DATABASE '{aux}' AS aux"))
+    engine = _attaching(main, aux)
     cached, truth = _stale_after_insert(engine)
     assert cached == truth
     engine.dispose()
@@ -172,10 +175,7 @@ def test_a_trigger_another_process_adds_while_a_transaction_is_open_invalidates(
         before = _rows(session, _COUNTS, "memory")
     with Sess() as session:
         session.execute(select(_ITEM)).all()  # its transaction began: the schema is read
-        db = sqlite3.connect(path)  # another process: a migration
-        db.execute(TRIGGER.format(temp=""))
-        db.commit()
-        db.close()
+        _run(path, TRIGGER.format(temp=""))  # another process: a migration
         session.execute(insert(_ITEM).values(id=1))
         session.commit()
     with Session(engine) as session:
@@ -201,10 +201,7 @@ def test_a_view_another_process_creates_while_a_transaction_is_open_makes_its_re
     stmt = select(_VIEW.c.n)
     with Sess() as session:
         session.execute(select(_ITEM)).all()  # its transaction began: the schema is read
-        db = sqlite3.connect(path)  # another process: a migration
-        db.execute("CREATE VIEW r24_view AS SELECT n FROM r24_count")
-        db.commit()
-        db.close()
+        _run(path, "CREATE VIEW r24_view AS SELECT n FROM r24_count")  # another process: a migration
         before = _rows(session, stmt, "memory")
     with Sess() as session:
         session.execute(_COUNT.update().values(n=5))
