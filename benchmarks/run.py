@@ -391,7 +391,8 @@ def _checks(databases, overhead, requests=None) -> list[Check]:
                 at_most(
                     f"{name}, same session, {title}: {what} / floor",
                     _ratio(db.get(variant, query), db.get("floor", query)),
-                    limit,
+                    # Issue 13 asks the point lookup's local_session hit for a margin.
+                    1.3 if (query, variant) == ("point", "local_same") else limit,
                     verdict=variant not in ("redis_same", "bound_same"),
                 )
         at_most(
