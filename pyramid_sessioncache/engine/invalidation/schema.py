@@ -272,8 +272,8 @@ class Catalog:
     that writes (or of one that calls such a function; for ``writers``, a
     view over one named too); ``effects``: a call of one run for what it
     does (it calls ``nextval()``, ``currval()``, an advisory lock...).
-    ``version``: SQLite's ``schema_version`` of each database of the
-    connection it was read on (but ``temp``) when it was read, or None.
+    ``version``: on SQLite, each database of the connection it was read
+    on, its file and its ``schema_version``, when it was read; or None.
     """
 
     def __init__(
@@ -284,7 +284,7 @@ class Catalog:
         setters: re.Pattern[str] | None = None,
         writers: re.Pattern[str] | None = None,
         effects: re.Pattern[str] | None = None,
-        version: tuple[tuple[str, int], ...] | None = None,
+        version: tuple[tuple[str, str, int], ...] | None = None,
     ) -> None:
         self.version = version
         self.edges = edges
@@ -304,10 +304,14 @@ class _Schema:
     def __init__(self) -> None:
         #: (tables per MetaData, parent -> dependents, dependent -> parents) of the cascading foreign keys.
         self._mapped: tuple[tuple[int, ...], dict[str, set[str]], dict[str, set[str]]] = ((), {}, {})
-        #: database identity -> its catalog, oldest read first.
-        self._catalogs: dict[str, Catalog] = {}
+        #: database identity (PostgreSQL), or it and the files a SQLite connection
+        #: attached under each name -> its catalog, oldest read first.
+        self._catalogs: dict[Any, Catalog] = {}
         #: MetaData of the tables compiled statements wrote or read (Core tables too).
         self._seen: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: How many times every catalog was forgotten: a SQLite connection's, held
+        #: in its ``info`` with the count of when it was read, is read again too.
+        self._forgotten = 0
 
     def note(self, metadata: Any) -> None:
         self._seen.add(metadata)
@@ -342,29 +346,58 @@ class _Schema:
             if own is None:
                 own = conn.info[_OWN_CATALOG] = self._read_catalog(conn)
             return own
+        if conn.dialect.name == "sqlite":
+            held = conn.info.get(_SQLITE_CATALOG)
+            if held is None or held[0] != self._forgotten:
+                if not read:
+                    return _NO_CATALOG
+                self.read_if_changed(conn)
+                held = conn.info[_SQLITE_CATALOG]
+            return held[1]
         database = database_identity(conn)
         found = self._catalogs.get(database)
         if found is None:
             if not read:
                 return _NO_CATALOG
             found = self._read_catalog(conn)
-            while len(self._catalogs) >= _MAX_CATALOGS:
-                del self._catalogs[next(iter(self._catalogs))]
-            self._catalogs[database] = found
+            self._keep(database, found)
         return found
 
     def read_if_changed(self, conn: Any) -> None:
-        database = database_identity(conn)
-        found = self._catalogs.get(database)
-        if found is None or found.version != _sqlite_schema_version(conn):
-            self._catalogs.pop(database, None)
-            self.catalog(conn)
+        """Check the schema of SQLite's ``conn`` (``schema_version``), and read what changed.
+
+        What a connection sees is its own: the databases it attached, and
+        its temporary triggers and views (``temp``), which no other
+        connection has.  A connection with no temporary objects shares the
+        catalog of the others that attached the same files under the same
+        names; one with them reads its own.
+        """
+        version = _sqlite_schema_version(conn)
+        held = conn.info.get(_SQLITE_CATALOG)
+        if held is not None and held[0] == self._forgotten and held[1].version == version:
+            return
+        if any(name == "temp" for name, _, _ in version):
+            found = _Schema._read_sqlite_catalog(conn, version)
+        else:
+            layout = (database_identity(conn), tuple((name, file) for name, file, _ in version))
+            found = self._catalogs.get(layout)
+            if found is None or found.version != version:
+                found = _Schema._read_sqlite_catalog(conn, version)
+                self._keep(layout, found)
+        conn.info[_SQLITE_CATALOG] = (self._forgotten, found)
+
+    def _keep(self, key: Any, catalog: Catalog) -> None:
+        self._catalogs.pop(key, None)
+        while len(self._catalogs) >= _MAX_CATALOGS:
+            del self._catalogs[next(iter(self._catalogs))]
+        self._catalogs[key] = catalog
 
     def known_edges(self) -> list[Mapping[str, Iterable[str]]]:
         return [self.mapped_edges(), *(catalog.edges for catalog in list(self._catalogs.values()))]
 
     def forget(self) -> None:
         self._catalogs.clear()
+        self._forgotten += 1  # and those connections hold (SQLite's)
 
     @staticmethod
     def _read_catalog(conn: Any) -> Catalog:
@@ -417,11 +450,12 @@ class _Schema:
         )
 
     @staticmethod
-    def _read_sqlite_catalog(conn: Any) -> Catalog:
+    def _read_sqlite_catalog(conn: Any, version: tuple[tuple[str, str, int], ...] | None = None) -> Catalog:
         from .statements import trigger_tables  # it imports reads, which imports this module
 
         edges: dict[str, set[str]] = {}
-        version = _sqlite_schema_version(conn)  # first: a change made while reading is seen next time
+        if version is None:
+            version = _sqlite_schema_version(conn)  # first: a change made while reading is seen next time
         cursor = conn.connection.dbapi_connection.cursor()
         try:
             found: set[str] = set()
@@ -442,19 +476,20 @@ class _Schema:
         return Catalog(edges, views, version=version)
 
 
-def _sqlite_schema_version(conn: Any) -> tuple[tuple[str, int], ...]:
-    """SQLite's count of the changes made, by any connection, to the schema of each database ``conn`` sees.
+def _sqlite_schema_version(conn: Any) -> tuple[tuple[str, str, int], ...]:
+    """SQLite's count of the changes made to the schema of each database ``conn`` sees, with its file.
 
-    ``main`` and the attached databases (another process may change
-    theirs too); not ``temp``, which only ``conn`` changes, by DDL seen here.
+    ``(name, file, schema_version)`` for ``main``, ``temp`` when the
+    connection has one (its temporary objects) and each attached
+    database: another process may change main's and the attached ones'.
     """
     cursor = conn.connection.dbapi_connection.cursor()
     try:
+        cursor.execute(SQLITE_DATABASES)
         found = []
-        for name in _sqlite_databases(cursor):
-            if name != "temp":
-                cursor.execute(f"PRAGMA {_sqlite_name(name)}.schema_version")
-                found.append((name, cursor.fetchone()[0]))
+        for _, name, file in cursor.fetchall():
+            cursor.execute(f"PRAGMA {_sqlite_name(name)}.schema_version")
+            found.append((name, file, cursor.fetchone()[0]))
         return tuple(found)
     finally:
         cursor.close()
@@ -697,6 +732,9 @@ def note(table: Any) -> None:
 #: schema, and the catalog as that transaction sees it.
 _CHANGING = "sessioncache.schema_changing"
 _OWN_CATALOG = "sessioncache.own_catalog"
+#: ``Connection.info`` key (kept with the DBAPI connection): the catalog of a
+#: SQLite connection as last checked, and ``_Schema._forgotten`` then.
+_SQLITE_CATALOG = "sessioncache.sqlite_catalog"
 
 
 def schema_changed(conn: Any, in_transaction: bool) -> None:
