@@ -508,6 +508,30 @@ def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     return frozenset({reads.ALL_TABLES}) if reads.ALL_TABLES in found else found
 
 
+def committed_writes(conn: Any, tables: Iterable[str]) -> frozenset[str]:
+    """Return ``tables``, just committed on ``conn``, and what the database changed because of them, as it is now.
+
+    On SQLite the schema is read as a transaction begins (SQLAlchemy's
+    begin), and SQLite's own transaction begins at the first write: a
+    trigger another process created in between fired, unknown when the
+    writes were marked.  Read once the commit has released every lock
+    (read inside the transaction, ``schema_version`` took a shared lock
+    on ``main`` that made the COMMIT of a write through an ATTACHed name
+    of the same file fail); every table when it cannot be read.
+    """
+    tables = frozenset(tables)
+    if not tables or conn.dialect.name != "sqlite" or reads.ALL_TABLES in tables:
+        return tables
+    try:
+        _schema.read_if_changed(conn)
+        return also_written(conn, tables)
+    except Exception:
+        log.warning(
+            "could not read the schema of %r after a commit; counting a write to every table", conn, exc_info=True
+        )
+        return frozenset({reads.ALL_TABLES})
+
+
 def also_changed(tables: frozenset[str], declared: Mapping[str, Iterable[str]]) -> frozenset[str]:
     """Return ``tables`` and what they change, by ``declared`` dependencies and every schema known.
 

@@ -1,0 +1,100 @@
+"""Attack s25 (review): the schema read for invalidation, and manual invalidation, attacked again.
+
+Each test compares what a cached read returns with what an uncached read
+of the same query returns, after a write another Session, connection or
+program commits.  Hits are proven by counting statements.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, insert, select
+from sqlalchemy.orm import Session, sessionmaker
+
+from pyramid_sessioncache import FromCache, SessionCache
+from pyramid_sessioncache.engine.invalidation.schema import forget_catalog
+
+from .conftest import SECRET
+
+_meta = MetaData()
+_ITEM = Table("s25_item", _meta, Column("id", Integer, primary_key=True))
+_COUNT = Table("s25_count", _meta, Column("id", Integer, primary_key=True), Column("n", Integer))
+_COUNTS = select(_COUNT.c.n).order_by(_COUNT.c.id)
+
+_TABLES = (
+    "CREATE TABLE s25_item (id INTEGER PRIMARY KEY);"
+    "CREATE TABLE s25_count (id INTEGER PRIMARY KEY, n INTEGER);"
+    "INSERT INTO s25_count VALUES (1, 0);"
+)
+_COUNTED = "CREATE TRIGGER s25_counted AFTER INSERT ON s25_item BEGIN UPDATE s25_count SET n = n + 1; END"
+
+
+@pytest.fixture(autouse=True)
+def _no_schema_known():
+    # What a publication is closed over includes every database's schema
+    # read in the process (version names are shared): another test's
+    # trigger between tables of the same names must not stand in for this one's.
+    forget_catalog()
+
+
+def _run(path, sql: str) -> None:
+    """Run ``sql`` on the SQLite file ``path`` and commit, as another program would."""
+    db = sqlite3.connect(path)
+    db.executescript(sql)
+    db.commit()
+    db.close()
+
+
+def _rows(session, stmt, region=None):
+    if region is not None:
+        stmt = stmt.options(FromCache(region))
+    return [tuple(row) for row in session.execute(stmt).all()]
+
+
+def _cache(**options):
+    return SessionCache({"memory": {"type": "memory"}}, secret=SECRET, **options)
+
+
+def _truth(engine, stmt):
+    with Session(engine) as session:
+        return _rows(session, stmt)
+
+
+# SQLite's schema, changed by another program while a transaction is open ---------------------------
+
+
+def _committed(session):
+    session.commit()
+
+
+def _committed_as_sql(session):
+    session.connection().exec_driver_sql("COMMIT")
+    session.commit()
+
+
+@pytest.mark.parametrize("commit", [_committed, _committed_as_sql], ids=["commit()", "COMMIT sent as SQL"])
+def test_a_trigger_another_program_adds_before_the_first_write_of_an_open_transaction_invalidates(tmp_path, commit):
+    # The schema was read as the transaction began (SQLAlchemy's begin,
+    # before SQLite's own, which the first write opens); a trigger created
+    # in between fired, and what it wrote was published only if some other
+    # connection happened to read the new schema first.  The s24 test of
+    # this scenario passed only after tests that had read a catalog with
+    # the same table names.
+    path = tmp_path / "t.sqlite"
+    _run(path, _TABLES)
+    engine = create_engine(f"sqlite:///{path}")
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    with Sess() as session:
+        before = _rows(session, _COUNTS, "memory")
+    with Sess() as session:
+        session.execute(select(_ITEM)).all()  # its transaction began: the schema is read
+        _run(path, _COUNTED)  # another program: a migration
+        session.execute(insert(_ITEM).values(id=1))
+        commit(session)
+    truth = _truth(engine, _COUNTS)
+    assert truth != before
+    with Sess() as session:
+        assert _rows(session, _COUNTS, "memory") == truth
+    engine.dispose()
