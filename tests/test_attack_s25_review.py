@@ -10,10 +10,10 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, insert, select
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pyramid_sessioncache import FromCache, SessionCache
+from pyramid_sessioncache import FromCache, SessionCache, invalidate_tables
 from pyramid_sessioncache.engine.invalidation.schema import forget_catalog
 
 from .conftest import SECRET
@@ -98,3 +98,38 @@ def test_a_trigger_another_program_adds_before_the_first_write_of_an_open_transa
     with Sess() as session:
         assert _rows(session, _COUNTS, "memory") == truth
     engine.dispose()
+
+
+# Manual invalidation ----------------------------------------------------------------------------------
+
+
+def test_manual_invalidation_voids_what_a_query_begun_before_the_commit_stores_after_it(
+    tmp_path, region_options, region
+):
+    # A query that read the rows before a commit stored them after the
+    # commit's explicit invalidation had forgotten every entry: the old
+    # rows were served until they expired.  Automatic invalidation reads
+    # versions before the query, and its entry is void.
+    path = tmp_path / "t.sqlite"
+    _run(path, "PRAGMA journal_mode=WAL;" + _TABLES)  # the reader's snapshot stays while the writer commits
+    reader, writer = create_engine(f"sqlite:///{path}"), create_engine(f"sqlite:///{path}")
+    cache = SessionCache(region_options, invalidation="manual", secret=SECRET)
+    Sess = sessionmaker(reader, info=cache.session_info())
+    pending = [True]
+
+    @event.listens_for(reader, "after_cursor_execute")
+    def meanwhile(conn, cursor, statement, parameters, context, executemany):
+        if pending and "s25_count" in statement:  # the query ran; its rows are not stored yet
+            pending.clear()
+            with sessionmaker(writer, info=cache.session_info())() as session:
+                session.execute(update(_COUNT).values(n=7))
+                invalidate_tables(session, _COUNT)
+                session.commit()
+
+    with Sess() as session:
+        assert _rows(session, _COUNTS, region) == [(0,)]  # read before the commit
+    assert _truth(reader, _COUNTS) == [(7,)]
+    with Sess() as session:
+        assert _rows(session, _COUNTS, region) == [(7,)]
+    reader.dispose()
+    writer.dispose()

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from .. import _sqlalchemy
 from ..errors import NoRegionsError, NotCacheableError
 from ..storage.backends import local_session
-from ..storage.region import Region, Validator, always_valid
+from ..storage.region import Region, Validator
 from . import connection_state, hydrate, stats
 from .cache import SessionCache, cache_of
 from .invalidation import versions, writes
@@ -151,7 +151,7 @@ def decide(
     if region.is_local:
         return Lookup(key, (), _current_in(session, cache), bind)
     if cache.invalidation != "auto":
-        return Lookup(key, (), always_valid, bind)
+        return Lookup(key, versions.MANUAL, versions.valid(region, versions.MANUAL), bind)
     tables = cache.tables_read.get(key.shape)
     return Lookup(key, tables, None if tables is None else versions.valid(region, tables), bind)
 
