@@ -100,6 +100,35 @@ def test_a_trigger_another_program_adds_before_the_first_write_of_an_open_transa
     engine.dispose()
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="SQLite's schema is kept per database, temp included, and checked by the schema_version of main and "
+    "the attached databases only: a temporary trigger of one connection is lost once another connection reads "
+    "the schema again (after another program changed it), and the writes of the first that fire it are published "
+    "without what it writes.  A fix: count temp's schema_version too in schema._sqlite_schema_version (being "
+    "reworked by the lead), or keep temp's edges per connection.",
+)
+def test_a_temporary_trigger_of_one_connection_survives_the_schema_read_again_on_another(tmp_path):
+    path = tmp_path / "t.sqlite"
+    _run(path, _TABLES)
+    engine = create_engine(f"sqlite:///{path}")
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    with engine.connect() as auditing:  # a connection that counts the items it inserts itself
+        auditing.exec_driver_sql(_COUNTED.replace("CREATE TRIGGER", "CREATE TEMP TRIGGER"))
+        auditing.commit()
+        _run(path, "CREATE INDEX s25_count_n ON s25_count (n)")  # another program: the schema is read again...
+        with Sess() as session:  # ...as the next transaction, of another connection, begins
+            before = _rows(session, _COUNTS, "memory")
+        with Sess(bind=auditing) as session:
+            session.execute(insert(_ITEM).values(id=1))
+            session.commit()
+    truth = _truth(engine, _COUNTS)
+    assert truth != before
+    with Sess() as session:
+        assert _rows(session, _COUNTS, "memory") == truth
+    engine.dispose()
+
+
 # Manual invalidation ----------------------------------------------------------------------------------
 
 
