@@ -74,8 +74,14 @@ def _committed_as_sql(session):
     session.commit()
 
 
-@pytest.mark.parametrize("commit", [_committed, _committed_as_sql], ids=["commit()", "COMMIT sent as SQL"])
-def test_a_trigger_another_program_adds_before_the_first_write_of_an_open_transaction_invalidates(tmp_path, commit):
+@pytest.mark.parametrize(
+    "commit, isolation",
+    [(_committed, None), (_committed_as_sql, None), (_committed, "AUTOCOMMIT")],
+    ids=["commit()", "COMMIT sent as SQL", "autocommit"],
+)
+def test_a_trigger_another_program_adds_before_the_first_write_of_an_open_transaction_invalidates(
+    tmp_path, commit, isolation
+):
     # The schema was read as the transaction began (SQLAlchemy's begin,
     # before SQLite's own, which the first write opens); a trigger created
     # in between fired, and what it wrote was published only if some other
@@ -84,7 +90,7 @@ def test_a_trigger_another_program_adds_before_the_first_write_of_an_open_transa
     # the same table names.
     path = tmp_path / "t.sqlite"
     _run(path, _TABLES)
-    engine = create_engine(f"sqlite:///{path}")
+    engine = create_engine(f"sqlite:///{path}", **({"isolation_level": isolation} if isolation else {}))
     Sess = sessionmaker(engine, info=_cache().session_info())
     with Sess() as session:
         before = _rows(session, _COUNTS, "memory")
