@@ -38,8 +38,9 @@ class Lookup(NamedTuple):
 
     ``tables`` are the tables the statement's shape reads (sorted, with the
     pseudo-table ``*``) for a shared region under automatic invalidation,
-    None when they are not known yet (the shape has never been loaded), and
-    ``()`` when entries carry no versions.  ``valid`` is the
+    None when they are not known yet (the shape has never been loaded),
+    :data:`~.invalidation.versions.MANUAL` under manual invalidation, and
+    ``()`` when entries carry no versions (a local region).  ``valid`` is the
     :data:`~pyramid_sessioncache.storage.region.Validator` of entries, None
     while ``tables`` is.  ``bind``: the Engine or Connection the statement
     runs on.
