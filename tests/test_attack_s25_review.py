@@ -135,6 +135,43 @@ def test_a_temporary_trigger_of_one_connection_survives_the_schema_read_again_on
     engine.dispose()
 
 
+# PostgreSQL's triggers ---------------------------------------------------------------------------------
+
+_LOG = Table("s25_log", _meta, Column("id", Integer))
+
+_AUDIT_ON_READ = """
+CREATE TABLE s25_item (id integer PRIMARY KEY);
+CREATE TABLE s25_log (id integer);
+CREATE FUNCTION s25_logged() RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO s25_log VALUES (1); RETURN 1; END $$;
+CREATE VIEW s25_audit AS SELECT s25_logged() AS logged;
+CREATE FUNCTION s25_item_added() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN PERFORM * FROM s25_audit; RETURN NULL; END $$;
+CREATE TRIGGER s25_item_added AFTER INSERT ON s25_item FOR EACH ROW EXECUTE FUNCTION s25_item_added();
+"""
+
+
+def test_a_postgresql_trigger_that_reads_a_view_calling_a_function_that_writes_writes_every_table(pg_database):
+    # A SELECT of such a view (an audit-on-read view) counted as a write to
+    # every table; a trigger function reading it wrote only what its own
+    # DML named (nothing here), and the log stayed stale.
+    engine = create_engine(pg_database)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(_AUDIT_ON_READ)
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    logged = select(_LOG.c.id)
+    with Sess() as session:
+        assert _rows(session, logged, "memory") == []
+    with Sess() as session:
+        session.execute(insert(_ITEM).values(id=1))
+        session.commit()
+    truth = _truth(engine, logged)
+    assert truth == [(1,)]
+    with Sess() as session:
+        assert _rows(session, logged, "memory") == truth
+    engine.dispose()
+
+
 # Manual invalidation ----------------------------------------------------------------------------------
 
 

@@ -395,24 +395,25 @@ class _Schema:
         # Those that call a function of keys.EFFECT_FUNCTIONS (nextval(), currval(), a lock): run for what they do.
         effects = _calling(rows, {(name, operator) for name, operator, _, source in rows if EFFECT_SQL.search(source)})
         writers = _calling(rows, {(name, operator) for name, operator, _, source in rows if _writes(source)})
-        calls_writers = _routines_pattern(writers, called=True)
+        # A view over a function that writes, and a view over such a view, writes when it is read.
+        writing = {name for name, operator in writers if not operator}
+        views = closure((reads.version_name(view) for view, called in view_routines if called in writing), shows)
+        calls_writers = _routines_pattern(writers, called=True, views=views)
         for table, language, source in triggers:
             if language != "plpgsql" or (calls_writers is not None and calls_writers.search(source)):
-                written = frozenset({reads.ALL_TABLES})  # C, another language, or a call of a function that writes
+                # C, another language, a call of a function that writes, a read of a view that calls one.
+                written = frozenset({reads.ALL_TABLES})
             else:
                 written = _trigger_writes(
                     _PLPGSQL_INTO.sub(lambda into: into.group(0) if into.group(1) else " ", source)
                 )
             edges.setdefault(reads.version_name(table), set()).update(written)
-        # A view over a function that writes, and a view over such a view, writes when it is read.
-        writing = {name for name, operator in writers if not operator}
-        views = closure((reads.version_name(view) for view, called in view_routines if called in writing), shows)
         return Catalog(
             edges,
             opaque,
             routines,
             _routines_pattern(setters),
-            _routines_pattern(writers, called=True, views=views),
+            calls_writers,
             _routines_pattern(effects, called=True),
         )
 
