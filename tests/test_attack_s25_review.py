@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, insert, select, update
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache, invalidate_tables
@@ -148,13 +148,19 @@ CREATE VIEW s25_audit AS SELECT s25_logged() AS logged;
 CREATE FUNCTION s25_item_added() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN PERFORM * FROM s25_audit; RETURN NULL; END $$;
 CREATE TRIGGER s25_item_added AFTER INSERT ON s25_item FOR EACH ROW EXECUTE FUNCTION s25_item_added();
+CREATE FUNCTION s25_audited() RETURNS integer LANGUAGE sql AS 'SELECT logged FROM s25_audit';
 """
 
 
-def test_a_postgresql_trigger_that_reads_a_view_calling_a_function_that_writes_writes_every_table(pg_database):
+@pytest.mark.parametrize(
+    "write",
+    [insert(_ITEM).values(id=1), text("SELECT s25_audited()")],
+    ids=["a trigger function", "a function a SELECT calls"],
+)
+def test_what_reads_a_postgresql_view_calling_a_function_that_writes_writes_every_table(pg_database, write):
     # A SELECT of such a view (an audit-on-read view) counted as a write to
-    # every table; a trigger function reading it wrote only what its own
-    # DML named (nothing here), and the log stayed stale.
+    # every table; a trigger function, or a function, reading it wrote only
+    # what its own DML named (nothing here), and the log stayed stale.
     engine = create_engine(pg_database)
     with engine.begin() as conn:
         conn.exec_driver_sql(_AUDIT_ON_READ)
@@ -163,7 +169,7 @@ def test_a_postgresql_trigger_that_reads_a_view_calling_a_function_that_writes_w
     with Sess() as session:
         assert _rows(session, logged, "memory") == []
     with Sess() as session:
-        session.execute(insert(_ITEM).values(id=1))
+        session.execute(write)
         session.commit()
     truth = _truth(engine, logged)
     assert truth == [(1,)]

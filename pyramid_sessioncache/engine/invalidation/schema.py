@@ -394,10 +394,7 @@ class _Schema:
         setters = _calling(rows, {(name, operator) for name, operator, sets, _ in rows if sets})
         # Those that call a function of keys.EFFECT_FUNCTIONS (nextval(), currval(), a lock): run for what they do.
         effects = _calling(rows, {(name, operator) for name, operator, _, source in rows if EFFECT_SQL.search(source)})
-        writers = _calling(rows, {(name, operator) for name, operator, _, source in rows if _writes(source)})
-        # A view over a function that writes, and a view over such a view, writes when it is read.
-        writing = {name for name, operator in writers if not operator}
-        views = closure((reads.version_name(view) for view, called in view_routines if called in writing), shows)
+        writers, views = _writers(rows, view_routines, shows)
         calls_writers = _routines_pattern(writers, called=True, views=views)
         for table, language, source in triggers:
             if language != "plpgsql" or (calls_writers is not None and calls_writers.search(source)):
@@ -636,6 +633,29 @@ def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool
         if not more:
             return sorted(found)
         found |= more
+
+
+def _writers(
+    rows: list[tuple[str, bool, bool, str]], view_routines: list[tuple[str, str]], shows: Mapping[str, Iterable[str]]
+) -> tuple[list[tuple[str, bool]], frozenset[str]]:
+    """The routines among ``rows`` that write, and the views whose read writes (version names).
+
+    A view over a function that writes writes when it is read, and so does
+    a view over such a view; a routine that reads one writes too, and so
+    does one that calls such a routine, at any depth.
+    """
+    found = {(name, operator) for name, operator, _, source in rows if _writes(source)}
+    while True:
+        writers = _calling(rows, found)
+        writing = {name for name, operator in writers if not operator}
+        views = closure((reads.version_name(view) for view, called in view_routines if called in writing), shows)
+        reading = _routines_pattern([], views=views)
+        more = {
+            (name, operator) for name, operator, _, source in rows if reading is not None and reading.search(source)
+        }
+        if more <= set(writers):
+            return writers, views
+        found = set(writers) | more
 
 
 def _routines_pattern(
