@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from pyramid_sessioncache import FromCache, SessionCache, invalidate_tables
 from pyramid_sessioncache.engine.invalidation.schema import forget_catalog
 
-from .conftest import SECRET
+from .conftest import SECRET, SQLCounter
 
 _meta = MetaData()
 _ITEM = Table("s25_item", _meta, Column("id", Integer, primary_key=True))
@@ -94,6 +94,10 @@ def test_a_trigger_another_program_adds_before_the_first_write_of_an_open_transa
     Sess = sessionmaker(engine, info=_cache().session_info())
     with Sess() as session:
         before = _rows(session, _COUNTS, "memory")
+    counter = SQLCounter(engine)
+    with Sess() as session:
+        assert _rows(session, _COUNTS, "memory") == before
+    assert counter.count == 0  # a hit
     with Sess() as session:
         session.execute(select(_ITEM)).all()  # its transaction began: the schema is read
         _run(path, _COUNTED)  # another program: a migration
@@ -199,6 +203,10 @@ def test_what_reads_a_postgresql_view_calling_a_function_that_writes_writes_ever
     logged = select(_LOG.c.id)
     with Sess() as session:
         assert _rows(session, logged, "memory") == []
+    counter = SQLCounter(engine)
+    with Sess() as session:
+        assert _rows(session, logged, "memory") == []
+    assert counter.count == 0  # a hit
     with Sess() as session:
         session.execute(write)
         session.commit()
@@ -240,5 +248,9 @@ def test_manual_invalidation_voids_what_a_query_begun_before_the_commit_stores_a
     assert _truth(reader, _COUNTS) == [(7,)]
     with Sess() as session:
         assert _rows(session, _COUNTS, region) == [(7,)]
+    counter = SQLCounter(reader)
+    with Sess() as session:  # stored again, and a hit
+        assert _rows(session, _COUNTS, region) == [(7,)]
+    assert counter.count == 0
     reader.dispose()
     writer.dispose()
