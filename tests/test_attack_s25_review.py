@@ -217,6 +217,41 @@ def test_what_reads_a_postgresql_view_calling_a_function_that_writes_writes_ever
     engine.dispose()
 
 
+_DDL_LOG = Table("s25_ddl_log", _meta, Column("id", Integer))
+
+_DDL_LOGGED = """
+CREATE TABLE s25_ddl_log (id integer);
+CREATE FUNCTION s25_log_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO s25_ddl_log VALUES (1); END $$;
+CREATE EVENT TRIGGER s25_log_ddl ON ddl_command_end EXECUTE FUNCTION s25_log_ddl();
+"""
+
+
+def test_what_a_postgresql_event_trigger_writes_at_a_schema_change_is_invalidated(pg_database):
+    # Event triggers (a DDL audit log) were not read: a schema change
+    # wrote every entry that depends on every table, and the tables it
+    # named, and the log stayed stale.
+    engine = create_engine(pg_database)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(_DDL_LOGGED)
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    logged = select(_DDL_LOG.c.id)
+    with Sess() as session:
+        assert _rows(session, logged, "memory") == []
+    counter = SQLCounter(engine)
+    with Sess() as session:
+        assert _rows(session, logged, "memory") == []
+    assert counter.count == 0  # a hit
+    with Sess() as session:
+        session.execute(text("CREATE TABLE s25_made (id integer)"))
+        session.commit()
+    truth = _truth(engine, logged)
+    assert truth == [(1,)]
+    with Sess() as session:
+        assert _rows(session, logged, "memory") == truth
+    engine.dispose()
+
+
 # Manual invalidation ----------------------------------------------------------------------------------
 
 

@@ -201,7 +201,9 @@ _CATALOGED = frozenset({"postgresql", "sqlite"})
 #: :data:`POSTGRESQL_ROUTINES`): the relation each is on, and its
 #: function's language and source.  What the function writes, the
 #: database writes because of a write to the relation (see
-#: ``_trigger_writes()``).
+#: ``_trigger_writes()``).  And the enabled event triggers, with no
+#: relation: what their function writes, a schema change writes (which
+#: writes :data:`~.reads.ANY_TABLE`: a DDL audit log).
 POSTGRESQL_TRIGGERS = """
 SELECT c.relname, l.lanname, coalesce(p.prosrc, '')
 FROM pg_trigger t
@@ -210,6 +212,14 @@ JOIN pg_proc p ON p.oid = t.tgfoid
 JOIN pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_language l ON l.oid = p.prolang
 WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
+UNION ALL
+SELECT NULL, l.lanname, coalesce(p.prosrc, '')
+FROM pg_event_trigger t
+JOIN pg_proc p ON p.oid = t.evtfoid
+JOIN pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_language l ON l.oid = p.prolang
+WHERE t.evtenabled <> 'D' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
 """
 
@@ -404,7 +414,7 @@ class _Schema:
                 written = _trigger_writes(
                     _PLPGSQL_INTO.sub(lambda into: into.group(0) if into.group(1) else " ", source)
                 )
-            edges.setdefault(reads.version_name(table), set()).update(written)
+            edges.setdefault(reads.ANY_TABLE if table is None else reads.version_name(table), set()).update(written)
         return Catalog(
             edges,
             opaque,
