@@ -10,7 +10,6 @@ application, for the Session that is its ``request.dbsession``).
 
 from __future__ import annotations
 
-import logging
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -19,15 +18,14 @@ from .. import _sqlalchemy, forks
 from .._weak import members
 from ..errors import InvalidOptionError
 from ..storage.options import checked
-from ..storage.region import BACKEND_ERRORS, CacheRegions, Region
+from ..storage.region import CacheRegions, Region
 from . import info
 from .cache_options import CACHE_OPTIONS
 from .invalidation.reads import ALL_TABLES, ANY_TABLE, ShapeTables, declared_tables, version_name
 from .invalidation.schema import also_changed
+from .invalidation.versions import MANUAL
 from .keys import EntryKey, KeyMaker
 from .stats import Stats
-
-log = logging.getLogger(__name__)
 
 #: Seconds ``SessionCache.listen()`` waits for ``LISTEN`` to be in place.
 LISTEN_WAIT = 5.0
@@ -109,9 +107,6 @@ class SessionCache:
         #: stored before the latest is void (see ``lookup.py``).
         self.commits = 0
         self._commits_lock = forks.lock()
-        #: The shared regions whose entries an explicit invalidation of
-        #: tables could not forget (manual invalidation; the backend did not answer).
-        self.not_forgotten: set[str] = set()
         #: The PostgreSQL listeners :meth:`listen` started.
         self.listeners: list[Any] = []
         from .hook import install  # here: the hook module needs this one
@@ -214,31 +209,19 @@ class SessionCache:
         statistics.  ``declared``: tables the application named
         (:meth:`invalidate_tables`, :func:`~pyramid_sessioncache.invalidate_tables`),
         the only ones invalidated with manual invalidation, whose entries
-        record no tables: every entry is forgotten then.
+        record the version of every table only: every entry is void then.
         """
-        if self.invalidation != "auto":
-            if declared and not again:
-                self._forget_everything()
+        if self.invalidation == "auto":
+            names = sorted(also_changed(tables, self.writes_also) | {ANY_TABLE})
+        elif declared and not again:
+            names = list(MANUAL)  # the one version manual entries record
+        else:
             return
         self.void_local_entries()
-        names = sorted(also_changed(tables, self.writes_also) | {ANY_TABLE})
         for region in self.shared_regions:
             region.bump(names)
             if not again:
                 self.stats.region(region.name).invalidations += 1
-
-    def _forget_everything(self) -> None:
-        """Forget every entry of every region (an explicit invalidation of tables, with manual invalidation)."""
-        self.void_local_entries()
-        for region in self.shared_regions:
-            try:
-                region.clear()
-            except BACKEND_ERRORS as exc:  # at a commit: the database's is done, the caller's must not fail
-                log.warning("cache region %r: could not forget its entries (%s)", region.name, exc)
-                self.not_forgotten.add(region.name)
-            else:
-                self.not_forgotten.discard(region.name)
-            self.stats.region(region.name).invalidations += 1
 
     def void_local_entries(self) -> None:
         """Make every ``ext:local_session`` entry stored until now a miss, in every Session.

@@ -266,14 +266,30 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
             # What an explicit invalidation removed, an older snapshot must not store again.
             conn = connection()
             verdict["store"] = not _must_not_store(session, conn)
+            now = region.versions(versions.MANUAL, create=True)  # before the query, as for create() below
             before = writes.writes_run(conn)
             value = load(conn=conn)
             wrote = writes.writes_run(conn) != before  # a SELECT that writes: see create() below
-            verdict["store"] = verdict["store"] and value.storable and not wrote and not loader.reads_a_standby(conn)
+            verdict["store"] = (
+                verdict["store"]
+                and now is not None
+                and value.storable
+                and not wrote
+                and not loader.reads_a_standby(conn)
+            )
+            value.tables, value.versions = versions.MANUAL, now
             return value
 
         return region.get_or_create(
-            key.text, load_once, session, expire, store=lambda value: verdict["store"], label=key.shape, on_store=stored
+            key.text,
+            load_once,
+            session,
+            expire,
+            store=lambda value: verdict["store"],
+            valid=found.valid,
+            tables=versions.MANUAL,
+            label=key.shape,
+            on_store=stored,
         )
 
     tables = found.tables

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from .. import _sqlalchemy
 from ..errors import NoRegionsError, NotCacheableError
 from ..storage.backends import local_session
-from ..storage.region import Region, Validator, always_valid
+from ..storage.region import Region, Validator
 from . import connection_state, hydrate, stats
 from .cache import SessionCache, cache_of
 from .invalidation import versions, writes
@@ -38,8 +38,9 @@ class Lookup(NamedTuple):
 
     ``tables`` are the tables the statement's shape reads (sorted, with the
     pseudo-table ``*``) for a shared region under automatic invalidation,
-    None when they are not known yet (the shape has never been loaded), and
-    ``()`` when entries carry no versions.  ``valid`` is the
+    None when they are not known yet (the shape has never been loaded),
+    :data:`~.invalidation.versions.MANUAL` under manual invalidation, and
+    ``()`` when entries carry no versions (a local region).  ``valid`` is the
     :data:`~pyramid_sessioncache.storage.region.Validator` of entries, None
     while ``tables`` is.  ``bind``: the Engine or Connection the statement
     runs on.
@@ -151,7 +152,7 @@ def decide(
     if region.is_local:
         return Lookup(key, (), _current_in(session, cache), bind)
     if cache.invalidation != "auto":
-        return Lookup(key, (), always_valid, bind)
+        return Lookup(key, versions.MANUAL, versions.valid(region, versions.MANUAL), bind)
     tables = cache.tables_read.get(key.shape)
     return Lookup(key, tables, None if tables is None else versions.valid(region, tables), bind)
 

@@ -201,7 +201,9 @@ _CATALOGED = frozenset({"postgresql", "sqlite"})
 #: :data:`POSTGRESQL_ROUTINES`): the relation each is on, and its
 #: function's language and source.  What the function writes, the
 #: database writes because of a write to the relation (see
-#: ``_trigger_writes()``).
+#: ``_trigger_writes()``).  And the enabled event triggers, with no
+#: relation: what their function writes, a schema change writes (which
+#: writes :data:`~.reads.ANY_TABLE`: a DDL audit log).
 POSTGRESQL_TRIGGERS = """
 SELECT c.relname, l.lanname, coalesce(p.prosrc, '')
 FROM pg_trigger t
@@ -210,6 +212,14 @@ JOIN pg_proc p ON p.oid = t.tgfoid
 JOIN pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_language l ON l.oid = p.prolang
 WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
+UNION ALL
+SELECT NULL, l.lanname, coalesce(p.prosrc, '')
+FROM pg_event_trigger t
+JOIN pg_proc p ON p.oid = t.evtfoid
+JOIN pg_namespace n ON n.oid = p.pronamespace
+JOIN pg_language l ON l.oid = p.prolang
+WHERE t.evtenabled <> 'D' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
 """
 
@@ -427,25 +437,23 @@ class _Schema:
         setters = _calling(rows, {(name, operator) for name, operator, sets, _ in rows if sets})
         # Those that call a function of keys.EFFECT_FUNCTIONS (nextval(), currval(), a lock): run for what they do.
         effects = _calling(rows, {(name, operator) for name, operator, _, source in rows if EFFECT_SQL.search(source)})
-        writers = _calling(rows, {(name, operator) for name, operator, _, source in rows if _writes(source)})
-        calls_writers = _routines_pattern(writers, called=True)
+        writers, views = _writers(rows, view_routines, shows)
+        calls_writers = _routines_pattern(writers, called=True, views=views)
         for table, language, source in triggers:
             if language != "plpgsql" or (calls_writers is not None and calls_writers.search(source)):
-                written = frozenset({reads.ALL_TABLES})  # C, another language, or a call of a function that writes
+                # C, another language, a call of a function that writes, a read of a view that calls one.
+                written = frozenset({reads.ALL_TABLES})
             else:
                 written = _trigger_writes(
                     _PLPGSQL_INTO.sub(lambda into: into.group(0) if into.group(1) else " ", source)
                 )
-            edges.setdefault(reads.version_name(table), set()).update(written)
-        # A view over a function that writes, and a view over such a view, writes when it is read.
-        writing = {name for name, operator in writers if not operator}
-        views = closure((reads.version_name(view) for view, called in view_routines if called in writing), shows)
+            edges.setdefault(reads.ANY_TABLE if table is None else reads.version_name(table), set()).update(written)
         return Catalog(
             edges,
             opaque,
             routines,
             _routines_pattern(setters),
-            _routines_pattern(writers, called=True, views=views),
+            calls_writers,
             _routines_pattern(effects, called=True),
         )
 
@@ -541,6 +549,30 @@ def also_written(conn: Any, tables: frozenset[str]) -> frozenset[str]:
     if catalog:
         found = closure(found, catalog, _schema.mapped_edges())
     return frozenset({reads.ALL_TABLES}) if reads.ALL_TABLES in found else found
+
+
+def committed_writes(conn: Any, tables: Iterable[str]) -> frozenset[str]:
+    """Return ``tables``, just committed on ``conn``, and what the database changed because of them, as it is now.
+
+    On SQLite the schema is read as a transaction begins (SQLAlchemy's
+    begin), and SQLite's own transaction begins at the first write: a
+    trigger another process created in between fired, unknown when the
+    writes were marked.  Read once the commit has released every lock
+    (read inside the transaction, ``schema_version`` took a shared lock
+    on ``main`` that made the COMMIT of a write through an ATTACHed name
+    of the same file fail); every table when it cannot be read.
+    """
+    tables = frozenset(tables)
+    if not tables or conn.dialect.name != "sqlite" or reads.ALL_TABLES in tables:
+        return tables
+    try:
+        _schema.read_if_changed(conn)
+        return also_written(conn, tables)
+    except Exception:
+        log.warning(
+            "could not read the schema of %r after a commit; counting a write to every table", conn, exc_info=True
+        )
+        return frozenset({reads.ALL_TABLES})
 
 
 def also_changed(tables: frozenset[str], declared: Mapping[str, Iterable[str]]) -> frozenset[str]:
@@ -646,6 +678,29 @@ def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool
         if not more:
             return sorted(found)
         found |= more
+
+
+def _writers(
+    rows: list[tuple[str, bool, bool, str]], view_routines: list[tuple[str, str]], shows: Mapping[str, Iterable[str]]
+) -> tuple[list[tuple[str, bool]], frozenset[str]]:
+    """The routines among ``rows`` that write, and the views whose read writes (version names).
+
+    A view over a function that writes writes when it is read, and so does
+    a view over such a view; a routine that reads one writes too, and so
+    does one that calls such a routine, at any depth.
+    """
+    found = {(name, operator) for name, operator, _, source in rows if _writes(source)}
+    while True:
+        writers = _calling(rows, found)
+        writing = {name for name, operator in writers if not operator}
+        views = closure((reads.version_name(view) for view, called in view_routines if called in writing), shows)
+        reading = _routines_pattern([], views=views)
+        more = {
+            (name, operator) for name, operator, _, source in rows if reading is not None and reading.search(source)
+        }
+        if more <= set(writers):
+            return writers, views
+        found = set(writers) | more
 
 
 def _routines_pattern(

@@ -5,6 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from ...storage.region import Region, Validator
+from .reads import ALL_TABLES
+
+#: The tables whose versions an entry records under manual invalidation:
+#: the version of every table, which only an explicit invalidation bumps.
+#: A query that read its rows before the commit that invalidated them
+#: read the version before too: what it stores after is void.
+MANUAL = (ALL_TABLES,)
 
 
 def valid(region: Region, tables: tuple[str, ...]) -> Validator:

@@ -397,7 +397,7 @@ def _mark(conn: Any, tables: frozenset[str]) -> None:
         _marks(conn).levels[-1][1].update(tables)
     else:  # the database committed it already
         _ended_by_itself(conn)
-        publish(tables)
+        publish(schema.committed_writes(conn, tables))
 
 
 def _read_again(conn: Any) -> None:
@@ -428,7 +428,7 @@ def _ended_by_itself(conn: Any) -> None:
     if marks is not None:
         pending = marks.pending()
         marks.levels = [[None, set()]]
-        publish(pending)
+        publish(schema.committed_writes(conn, pending))
 
 
 def _transaction_open(conn: Any) -> bool:
@@ -481,11 +481,18 @@ def _committing(conn: Any, twophase: bool = False) -> None:
         marks.committed |= tables  # published again at the next begin or check-in
     else:
         # ...and those a reader stores while the database commits, too.
-        _sqlalchemy.after_dbapi_commit(conn, lambda: _committed_again(tables))
+        _sqlalchemy.after_dbapi_commit(conn, lambda: _committed_again(tables, conn))
 
 
-def _committed_again(tables: set[str]) -> None:
-    """Publish a commit's writes once more, now that the database has committed them."""
+def _committed_again(tables: Iterable[str], conn: Any = None) -> None:
+    """Publish a commit's writes once more, now that the database has committed them.
+
+    With ``conn``, the connection that committed them, closed over its
+    database's schema as it is now (see ``schema.committed_writes()``),
+    unless the commit failed, leaving its transaction open.
+    """
+    if conn is not None and not _transaction_open(conn):
+        tables = schema.committed_writes(conn, tables)
     publish(tables, again=True)
     if ANY_TABLE in tables or ALL_TABLES in tables:
         # It changed the schema (or may have): catalogs read by others
