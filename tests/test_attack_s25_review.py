@@ -110,18 +110,6 @@ def test_a_trigger_another_program_adds_before_the_first_write_of_an_open_transa
     engine.dispose()
 
 
-_TEMPORARY = pytest.mark.xfail(
-    strict=True,
-    reason="SQLite's schema is kept per database, temp included, and checked by the schema_version of main and "
-    "the attached databases only: a temporary trigger or view of one connection is lost once another connection "
-    "reads the schema again (after another program changed it): the writes that fire the trigger are published "
-    "without what it writes, and a result read through the view depends on the view's name alone.  A fix: count "
-    "temp's schema_version too in schema._sqlite_schema_version (being reworked by the lead), or keep temp's "
-    "edges and views per connection.",
-)
-
-
-@_TEMPORARY
 def test_a_temporary_trigger_of_one_connection_survives_the_schema_read_again_on_another(tmp_path):
     path = tmp_path / "t.sqlite"
     _run(path, _TABLES)
@@ -143,10 +131,44 @@ def test_a_temporary_trigger_of_one_connection_survives_the_schema_read_again_on
     engine.dispose()
 
 
+_AUX_COUNTS = select(Table("s25_count", MetaData(), Column("n", Integer), schema="aux").c.n)
+_AUX_ITEM = Table("s25_item", MetaData(), Column("id", Integer, primary_key=True), schema="aux")
+
+
+def test_connections_attaching_different_files_under_one_name_keep_each_files_triggers(tmp_path):
+    # Two tenants' files, attached as "aux" by connections of one engine;
+    # the same number of schema changes in each, but only b's counts its items.
+    _run(tmp_path / "a.sqlite", _TABLES + "CREATE INDEX s25_count_n ON s25_count (n)")
+    _run(tmp_path / "b.sqlite", _TABLES + _COUNTED)
+    engine = create_engine(f"sqlite:///{tmp_path / 'main.sqlite'}")
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    with engine.connect() as a, engine.connect() as b, engine.connect() as reader:
+        versions = set()
+        for conn, name in ((a, "a"), (b, "b"), (reader, "b")):
+            conn.exec_driver_sql(f"ATTACH DATABASE '{tmp_path / name}.sqlite' AS aux")
+            versions.add(conn.exec_driver_sql("PRAGMA aux.schema_version").scalar())
+            conn.commit()  # the Sessions bound to it then begin and commit their own transactions
+        assert len(versions) == 1
+        with Sess(bind=a) as session:  # a's schema is read first
+            assert _rows(session, _AUX_COUNTS, "memory") == [(0,)]
+        with Sess(bind=reader) as session:
+            assert _rows(session, _AUX_COUNTS, "memory") == [(0,)]
+        with Sess(bind=b) as session:
+            session.execute(insert(_AUX_ITEM).values(id=1))  # b's trigger counts it
+            session.commit()
+        counter = SQLCounter(engine)
+        with Sess(bind=reader) as session:
+            assert _rows(session, _AUX_COUNTS) == [(1,)]
+            assert _rows(session, _AUX_COUNTS, "memory") == [(1,)]
+            counter.reset()
+            assert _rows(session, _AUX_COUNTS, "memory") == [(1,)]
+            assert counter.count == 0  # a hit
+    engine.dispose()
+
+
 _SHOWN = select(Table("s25_shown", MetaData(), Column("n", Integer)).c.n)
 
 
-@_TEMPORARY
 def test_a_temporary_view_of_one_connection_survives_the_schema_read_again_on_another(tmp_path):
     path = tmp_path / "t.sqlite"
     _run(path, _TABLES)

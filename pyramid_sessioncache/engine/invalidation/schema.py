@@ -386,13 +386,12 @@ class _Schema:
         held = conn.info.get(_SQLITE_CATALOG)
         if held is not None and held[0] == self._forgotten and held[1].version == version:
             return
-        if any(name == "temp" for name, _, _ in version):
+        layout = (database_identity(conn), tuple((name, file) for name, file, _ in version))
+        shared = not any(name == "temp" for name, _, _ in version)
+        found = self._catalogs.get(layout) if shared else None
+        if found is None or found.version != version:
             found = _Schema._read_sqlite_catalog(conn, version)
-        else:
-            layout = (database_identity(conn), tuple((name, file) for name, file, _ in version))
-            found = self._catalogs.get(layout)
-            if found is None or found.version != version:
-                found = _Schema._read_sqlite_catalog(conn, version)
+            if shared:
                 self._keep(layout, found)
         conn.info[_SQLITE_CATALOG] = (self._forgotten, found)
 
