@@ -218,11 +218,15 @@ def test_what_reads_a_postgresql_view_calling_a_function_that_writes_writes_ever
     # A SELECT of such a view (an audit-on-read view) counted as a write to
     # every table; a trigger function, or a function, reading it wrote only
     # what its own DML named (nothing here), and the log stayed stale.
-    engine = create_engine(pg_database)
+    _logged_fresh_after(pg_database, _AUDIT_ON_READ, select(_LOG.c.id), write)
+
+
+def _logged_fresh_after(url, schema_sql, logged, write):
+    """Make ``schema_sql``; ``logged``, empty, is cached (then a hit); ``write`` logs a row: it is served."""
+    engine = create_engine(url)
     with engine.begin() as conn:
-        conn.exec_driver_sql(_AUDIT_ON_READ)
+        conn.exec_driver_sql(schema_sql)
     Sess = sessionmaker(engine, info=_cache().session_info())
-    logged = select(_LOG.c.id)
     with Sess() as session:
         assert _rows(session, logged, "memory") == []
     counter = SQLCounter(engine)
@@ -253,25 +257,7 @@ def test_what_a_postgresql_event_trigger_writes_at_a_schema_change_is_invalidate
     # Event triggers (a DDL audit log) were not read: a schema change
     # wrote every entry that depends on every table, and the tables it
     # named, and the log stayed stale.
-    engine = create_engine(pg_database)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(_DDL_LOGGED)
-    Sess = sessionmaker(engine, info=_cache().session_info())
-    logged = select(_DDL_LOG.c.id)
-    with Sess() as session:
-        assert _rows(session, logged, "memory") == []
-    counter = SQLCounter(engine)
-    with Sess() as session:
-        assert _rows(session, logged, "memory") == []
-    assert counter.count == 0  # a hit
-    with Sess() as session:
-        session.execute(text("CREATE TABLE s25_made (id integer)"))
-        session.commit()
-    truth = _truth(engine, logged)
-    assert truth == [(1,)]
-    with Sess() as session:
-        assert _rows(session, logged, "memory") == truth
-    engine.dispose()
+    _logged_fresh_after(pg_database, _DDL_LOGGED, select(_DDL_LOG.c.id), text("CREATE TABLE s25_made (id integer)"))
 
 
 # Manual invalidation ----------------------------------------------------------------------------------
