@@ -322,6 +322,9 @@ class _Schema:
         #: How many times every catalog was forgotten: a SQLite connection's, held
         #: in its ``info`` with the count of when it was read, is read again too.
         self._forgotten = 0
+        #: The catalogs SQLite connections hold, their own ones too: what a
+        #: declared write is closed over (see known_edges()).
+        self._held: weakref.WeakSet[Catalog] = weakref.WeakSet()
 
     def note(self, metadata: Any) -> None:
         self._seen.add(metadata)
@@ -394,6 +397,7 @@ class _Schema:
             if shared:
                 self._keep(layout, found)
         conn.info[_SQLITE_CATALOG] = (self._forgotten, found)
+        self._held.add(found)
 
     def _keep(self, key: Any, catalog: Catalog) -> None:
         self._catalogs.pop(key, None)
@@ -402,7 +406,10 @@ class _Schema:
         self._catalogs[key] = catalog
 
     def known_edges(self) -> list[Mapping[str, Iterable[str]]]:
-        return [self.mapped_edges(), *(catalog.edges for catalog in list(self._catalogs.values()))]
+        # A catalog a connection holds alone (its temporary objects) counts too:
+        # its main database's triggers are every connection's.
+        catalogs = {id(catalog): catalog for catalog in [*list(self._catalogs.values()), *members(self._held)]}
+        return [self.mapped_edges(), *(catalog.edges for catalog in catalogs.values())]
 
     def forget(self) -> None:
         self._catalogs.clear()
