@@ -10,13 +10,13 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, select
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, insert, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
 from pyramid_sessioncache.engine.invalidation.schema import forget_catalog
 
-from .conftest import SECRET
+from .conftest import SECRET, SQLCounter
 
 _meta = MetaData()
 _ITEM = Table("s25s_item", _meta, Column("id", Integer, primary_key=True))
@@ -88,4 +88,41 @@ def test_a_declared_write_is_closed_over_the_triggers_read_by_connections_with_t
     assert truth == [(1,)]
     with Sess() as session:
         assert _rows(session, _COUNTS, "memory") == truth
+    engine.dispose()
+
+
+_AUX = MetaData(schema="aux")
+_AUX_ITEM = Table("s25s_item", _AUX, Column("id", Integer, primary_key=True))
+_AUX_COUNTS = select(Table("s25s_count", _AUX, Column("n", Integer)).c.n)
+
+
+def test_connections_attaching_a_database_in_memory_under_one_name_keep_each_ones_triggers(tmp_path):
+    # ATTACH ':memory:' gives each connection a database of its own, with
+    # no file: two connections attaching one under one name, with the same
+    # number of schema changes, shared one catalog, and the trigger of one
+    # was unknown to the other.
+    path = tmp_path / "main.sqlite"
+    _run(path, "")
+    engine = create_engine(f"sqlite:///{path}")
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    with engine.connect() as counting, engine.connect() as other:
+        for conn, extra in ((counting, _COUNTED), (other, "CREATE INDEX {schema}s25s_count_n ON s25s_count (n);")):
+            conn.exec_driver_sql("ATTACH DATABASE ':memory:' AS aux")
+            conn.connection.dbapi_connection.executescript((_TABLES + extra).format(schema="aux."))
+            conn.commit()
+        with Sess(bind=other) as session:  # other's schema is read first
+            session.execute(select(_AUX_ITEM)).all()
+        with Sess(bind=counting) as session:
+            assert _rows(session, _AUX_COUNTS, "memory") == [(0,)]
+        with Sess(bind=counting) as session:
+            session.execute(insert(_AUX_ITEM).values(id=1))  # its trigger counts it
+            session.commit()
+        truth = _truth(counting, _AUX_COUNTS)
+        assert truth == [(1,)]
+        counter = SQLCounter(engine)
+        with Sess(bind=counting) as session:
+            assert _rows(session, _AUX_COUNTS, "memory") == truth
+            counter.reset()
+            assert _rows(session, _AUX_COUNTS, "memory") == truth
+            assert counter.count == 0  # a hit
     engine.dispose()

@@ -383,14 +383,16 @@ class _Schema:
         its temporary triggers and views (``temp``), which no other
         connection has.  A connection with no temporary objects shares the
         catalog of the others that attached the same files under the same
-        names; one with them reads its own.
+        names; one with them, or with a database in memory or in a
+        temporary file (no file: ``ATTACH ':memory:'``, each connection's
+        own), reads its own.
         """
         version = _sqlite_schema_version(conn)
         held = conn.info.get(_SQLITE_CATALOG)
         if held is not None and held[0] == self._forgotten and held[1].version == version:
             return
         layout = (database_identity(conn), tuple((name, file) for name, file, _ in version))
-        shared = not any(name == "temp" for name, _, _ in version)
+        shared = all(file and name != "temp" for name, file, _ in version)
         found = self._catalogs.get(layout) if shared else None
         if found is None or found.version != version:
             found = _Schema._read_sqlite_catalog(conn, version)
