@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, insert, select
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache
@@ -125,4 +125,37 @@ def test_connections_attaching_a_database_in_memory_under_one_name_keep_each_one
             counter.reset()
             assert _rows(session, _AUX_COUNTS, "memory") == truth
             assert counter.count == 0  # a hit
+    engine.dispose()
+
+
+# Manual invalidation ----------------------------------------------------------------------------------
+
+
+def test_entries_stored_under_manual_invalidation_are_void_once_restarted_with_automatic(tmp_path, shared_region):
+    # A manual entry records the version of every table alone; restarted
+    # with automatic invalidation, the application's writes bump the
+    # versions of the tables written, which such an entry never recorded:
+    # it was served after every write until it expired.
+    path = tmp_path / "t.sqlite"
+    _run(path, _TABLES.format(schema=""))
+    engine = create_engine(f"sqlite:///{path}")
+    regions = {"shared": shared_region}
+    manual = SessionCache(regions, invalidation="manual", secret=SECRET)
+    with sessionmaker(engine, info=manual.session_info())() as session:
+        assert _rows(session, _COUNTS, "shared") == [(0,)]
+    manual.close()
+    auto = SessionCache(regions, secret=SECRET)  # the next start, configured otherwise
+    Sess = sessionmaker(engine, info=auto.session_info())
+    with Sess() as session:
+        session.execute(update(_COUNT).values(n=5))
+        session.commit()
+    truth = _truth(engine, _COUNTS)
+    assert truth == [(5,)]
+    counter = SQLCounter(engine)
+    with Sess() as session:
+        assert _rows(session, _COUNTS, "shared") == truth
+        counter.reset()
+        assert _rows(session, _COUNTS, "shared") == truth
+        assert counter.count == 0  # stored again, and a hit
+    auto.close()
     engine.dispose()
