@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, insert, select, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pyramid_sessioncache import FromCache, SessionCache, invalidate, invalidate_region
+from pyramid_sessioncache import FromCache, SessionCache, invalidate, invalidate_region, invalidate_tables
 from pyramid_sessioncache.engine.invalidation.schema import forget_catalog
 
 from .conftest import SECRET, SQLCounter
@@ -231,3 +231,34 @@ def test_a_query_invalidated_voids_what_a_query_begun_before_the_commit_stores_a
     with sessionmaker(reader, info=cache.session_info())() as session:
         assert _rows(session, _COUNTS, "file") == truth
     reader.dispose()
+
+
+@pytest.mark.parametrize("session_ends", ["closed", "committed, read before the transaction commits"])
+def test_manual_invalidation_declared_in_a_session_joined_to_a_connections_transaction(
+    tmp_path, region_options, region, session_ends
+):
+    # A Session bound to a Connection in engine.begin() (the cookiecutter's
+    # test fixtures, a script) leaves what it declares to that transaction;
+    # its commit was published as writes, which manual invalidation
+    # ignores: closed without committing, the invalidation was lost, and a
+    # read between the Session's commit and the transaction's stored the
+    # old rows for good.
+    path = tmp_path / "t.sqlite"
+    _run(path, _TABLES.format(schema=""))
+    engine = create_engine(f"sqlite:///{path}")
+    cache = SessionCache(region_options, invalidation="manual", secret=SECRET)
+    Sess = sessionmaker(engine, info=cache.session_info())
+    with Sess() as session:
+        assert _rows(session, _COUNTS, region) == [(0,)]
+    with engine.begin() as conn, Session(bind=conn, info=cache.session_info()) as session:
+        session.connection().exec_driver_sql("UPDATE s25s_count SET n = 9")
+        invalidate_tables(session, _COUNT)
+        if session_ends != "closed":
+            session.commit()
+            with Sess() as reader:  # the transaction has not committed: the old rows
+                assert _rows(reader, _COUNTS, region) == [(0,)]
+    truth = _truth(engine, _COUNTS)
+    assert truth == [(9,)]
+    with Sess() as session:
+        assert _rows(session, _COUNTS, region) == truth
+    engine.dispose()
