@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlite3
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, insert, select, update
+from sqlalchemy import Column, Integer, MetaData, Table, Text, create_engine, event, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache, invalidate, invalidate_region, invalidate_tables
@@ -261,4 +261,37 @@ def test_manual_invalidation_declared_in_a_session_joined_to_a_connections_trans
     assert truth == [(9,)]
     with Sess() as session:
         assert _rows(session, _COUNTS, region) == truth
+    engine.dispose()
+
+
+# PostgreSQL's event triggers and writers ---------------------------------------------------------------
+
+_DDL_LOG = Table("s25s_ddl_log", MetaData(), Column("tag", Text))
+_DDL_LOGGED = """
+CREATE TABLE s25s_ddl_log (tag text);
+CREATE TABLE s25s_item (id integer PRIMARY KEY);
+CREATE MATERIALIZED VIEW s25s_items AS SELECT count(*) AS n FROM s25s_item;
+CREATE FUNCTION s25s_log_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO s25s_ddl_log VALUES (tg_tag); END $$;
+CREATE EVENT TRIGGER s25s_log_ddl ON ddl_command_end EXECUTE FUNCTION s25s_log_ddl();
+"""
+
+
+def test_what_a_postgresql_event_trigger_writes_at_a_materialized_view_refresh_is_invalidated(pg_database):
+    # REFRESH MATERIALIZED VIEW fires event triggers, as DDL does; it was
+    # taken for a write to the view alone, and the DDL log stayed stale.
+    engine = create_engine(pg_database)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(_DDL_LOGGED)
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    logged = select(_DDL_LOG.c.tag).order_by(_DDL_LOG.c.tag)
+    with Sess() as session:
+        before = _rows(session, logged, "memory")
+    with Sess() as session:
+        session.execute(text("REFRESH MATERIALIZED VIEW s25s_items"))
+        session.commit()
+    truth = _truth(engine, logged)
+    assert truth == [*before, ("REFRESH MATERIALIZED VIEW",)]
+    with Sess() as session:
+        assert _rows(session, logged, "memory") == truth
     engine.dispose()

@@ -203,7 +203,9 @@ _CATALOGED = frozenset({"postgresql", "sqlite"})
 #: database writes because of a write to the relation (see
 #: ``_trigger_writes()``).  And the enabled event triggers, with no
 #: relation: what their function writes, a schema change writes (which
-#: writes :data:`~.reads.ANY_TABLE`: a DDL audit log).
+#: writes :data:`~.reads.ANY_TABLE`: a DDL audit log), and so does
+#: ``REFRESH MATERIALIZED VIEW``, which fires them too (a write to the
+#: view): with each materialized view as the relation.
 POSTGRESQL_TRIGGERS = """
 SELECT c.relname, l.lanname, coalesce(p.prosrc, '')
 FROM pg_trigger t
@@ -214,8 +216,9 @@ JOIN pg_language l ON l.oid = p.prolang
 WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
 UNION ALL
-SELECT NULL, l.lanname, coalesce(p.prosrc, '')
+SELECT m.relname, l.lanname, coalesce(p.prosrc, '')
 FROM pg_event_trigger t
+CROSS JOIN (SELECT NULL::name UNION ALL SELECT relname FROM pg_class WHERE relkind = 'm') m (relname)
 JOIN pg_proc p ON p.oid = t.evtfoid
 JOIN pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_language l ON l.oid = p.prolang
