@@ -14,6 +14,7 @@ from sqlalchemy import Column, Integer, MetaData, Table, Text, create_engine, ev
 from sqlalchemy.orm import Session, sessionmaker
 
 from pyramid_sessioncache import FromCache, SessionCache, invalidate, invalidate_region, invalidate_tables
+from pyramid_sessioncache.engine.invalidation import schema
 from pyramid_sessioncache.engine.invalidation.schema import forget_catalog
 
 from .conftest import SECRET, SQLCounter
@@ -294,4 +295,36 @@ def test_what_a_postgresql_event_trigger_writes_at_a_materialized_view_refresh_i
     assert truth == [*before, ("REFRESH MATERIALIZED VIEW",)]
     with Sess() as session:
         assert _rows(session, logged, "memory") == truth
+    engine.dispose()
+
+
+def test_a_postgresql_chain_of_functions_calling_each_other_costs_the_catalog_read_its_length_once(
+    pg_database, monkeypatch
+):
+    # Each round of looking for the callers of the writers found looked for
+    # every one found so far: a chain of K functions cost K rounds of K
+    # names (400 functions: 25 s to read the catalog, once per process and
+    # after every schema change).  Measured by the names looked for.
+    length = 60
+    chain = [
+        f"CREATE FUNCTION s25s_f{length}() RETURNS int LANGUAGE plpgsql AS $$ BEGIN DELETE FROM s25s_w; RETURN 1; END $$;"
+    ]
+    chain += [
+        f"CREATE FUNCTION s25s_f{i}() RETURNS int LANGUAGE sql AS 'SELECT s25s_f{i + 1}()';"
+        for i in reversed(range(length))
+    ]
+    engine = create_engine(pg_database)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE s25s_w (id integer);" + "".join(chain))
+    looked_for = []
+    patterns = schema._routines_pattern
+
+    def counting(rows, *args, **kwargs):
+        looked_for.append(len(rows))
+        return patterns(rows, *args, **kwargs)
+
+    monkeypatch.setattr(schema, "_routines_pattern", counting)
+    with engine.connect() as conn:
+        assert schema.calls_writers(conn, "SELECT s25s_f0()")  # the catalog read, and the chain's end found
+    assert sum(looked_for) < 5 * length
     engine.dispose()

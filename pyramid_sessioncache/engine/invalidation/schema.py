@@ -677,8 +677,13 @@ def _writes(source: str) -> bool:
 
 def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool]]) -> list[tuple[str, bool]]:
     """The routines ``found`` among ``rows``, and those that call one of them (at any depth)."""
+    found = set(found)
+    more = found
     while True:
-        calls = _routines_pattern([(name, False) for name, operator in found if not operator])
+        # Only those found last are looked for: a source calling one found
+        # before was found then (looking for every one found, a chain of
+        # routines calling each other cost its length times the catalog).
+        calls = _routines_pattern([(name, False) for name, operator in more if not operator])
         if calls is None:
             return sorted(found)
         more = {
