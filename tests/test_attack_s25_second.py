@@ -328,3 +328,28 @@ def test_a_postgresql_chain_of_functions_calling_each_other_costs_the_catalog_re
         assert schema.calls_writers(conn, "SELECT s25s_f0()")  # the catalog read, and the chain's end found
     assert sum(looked_for) < 5 * length
     engine.dispose()
+
+
+def test_connections_attaching_a_database_in_memory_under_one_name_are_not_served_each_others_rows(tmp_path):
+    # ATTACH ':memory:' AS aux, the same statement on two connections, keyed
+    # their look-ups alike: one was served the rows of the other's database.
+    path = tmp_path / "main.sqlite"
+    _run(path, "")
+    engine = create_engine(f"sqlite:///{path}")
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    with engine.connect() as first, engine.connect() as second:
+        for conn, n in ((first, 1), (second, 2)):
+            conn.exec_driver_sql("ATTACH DATABASE ':memory:' AS aux")
+            conn.exec_driver_sql(_TABLES.format(schema="aux.").split(";")[1])
+            conn.exec_driver_sql(f"INSERT INTO aux.s25s_count VALUES (1, {n})")
+            conn.commit()
+        with Sess(bind=first) as session:
+            assert _rows(session, _AUX_COUNTS, "memory") == [(1,)]
+        with Sess(bind=second) as session:
+            assert _rows(session, _AUX_COUNTS) == [(2,)]
+            assert _rows(session, _AUX_COUNTS, "memory") == [(2,)]
+        counter = SQLCounter(engine)
+        with Sess(bind=first) as session:
+            assert _rows(session, _AUX_COUNTS, "memory") == [(1,)]
+        assert counter.count == 0  # its own entry, a hit
+    engine.dispose()
