@@ -353,3 +353,34 @@ def test_connections_attaching_a_database_in_memory_under_one_name_are_not_serve
             assert _rows(session, _AUX_COUNTS, "memory") == [(1,)]
         assert counter.count == 0  # its own entry, a hit
     engine.dispose()
+
+
+_LOG = Table("s25s_log", MetaData(), Column("id", Integer))
+_AUDIT_BY_OPERATOR = """
+CREATE TABLE s25s_log (id integer);
+CREATE FUNCTION s25s_logged(a integer, b integer) RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO s25s_log VALUES (a); RETURN a + b; END $$;
+CREATE OPERATOR ### (LEFTARG = integer, RIGHTARG = integer, FUNCTION = s25s_logged);
+CREATE VIEW s25s_audit AS SELECT 1 ### 2 AS logged;
+"""
+
+
+def test_a_read_of_a_postgresql_view_whose_operator_writes_writes_every_table(pg_database):
+    # A view's functions were found by its dependencies on functions; one
+    # that calls a function of the database's own as an operator depends on
+    # the operator: its read was taken for a read, and the log stayed stale.
+    engine = create_engine(pg_database)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(_AUDIT_BY_OPERATOR)
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    logged = select(_LOG.c.id)
+    with Sess() as session:
+        assert _rows(session, logged, "memory") == []
+    with Sess() as session:
+        session.execute(text("SELECT logged FROM s25s_audit")).all()
+        session.commit()
+    truth = _truth(engine, logged)
+    assert truth == [(1,)]
+    with Sess() as session:
+        assert _rows(session, logged, "memory") == truth
+    engine.dispose()

@@ -170,15 +170,17 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_operator'::regclass AND e.objid = o.oid AND e.deptype = 'e')
 """
 
-#: The views and the functions of the database's own their query calls: a
-#: view over a function that writes writes when it is read.
+#: The views and the functions of the database's own their query calls,
+#: directly or as an operator's function: a view over a function that
+#: writes writes when it is read.
 POSTGRESQL_VIEW_ROUTINES = """
 SELECT DISTINCT v.relname, f.proname
 FROM pg_rewrite r
 JOIN pg_class v ON v.oid = r.ev_class
-JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_proc'::regclass
-JOIN pg_proc f ON f.oid = d.refobjid
-JOIN pg_namespace n ON n.oid = f.pronamespace
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
+JOIN pg_proc f ON f.oid = CASE WHEN d.refclassid = 'pg_proc'::regclass THEN d.refobjid ELSE o.oprcode END
+JOIN pg_namespace n ON n.oid = coalesce(o.oprnamespace, f.pronamespace)
 WHERE v.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
