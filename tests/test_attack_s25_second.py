@@ -362,13 +362,20 @@ CREATE FUNCTION s25s_logged(a integer, b integer) RETURNS integer LANGUAGE plpgs
 BEGIN INSERT INTO s25s_log VALUES (a); RETURN a + b; END $$;
 CREATE OPERATOR ### (LEFTARG = integer, RIGHTARG = integer, FUNCTION = s25s_logged);
 CREATE VIEW s25s_audit AS SELECT 1 ### 2 AS logged;
+CREATE FUNCTION s25s_audited() RETURNS integer LANGUAGE sql AS 'SELECT 1 ### 2';
 """
 
 
-def test_a_read_of_a_postgresql_view_whose_operator_writes_writes_every_table(pg_database):
-    # A view's functions were found by its dependencies on functions; one
-    # that calls a function of the database's own as an operator depends on
-    # the operator: its read was taken for a read, and the log stayed stale.
+@pytest.mark.parametrize(
+    "write",
+    ["SELECT logged FROM s25s_audit", "SELECT s25s_audited()"],
+    ids=["a view", "a function"],
+)
+def test_what_calls_a_postgresql_operator_whose_function_writes_writes_every_table(pg_database, write):
+    # A view's functions were found by its dependencies on functions, and
+    # the callers of a function that writes by its name: a view or a
+    # function calling it as an operator (a ### b) was taken for a reader,
+    # and the log stayed stale.
     engine = create_engine(pg_database)
     with engine.begin() as conn:
         conn.exec_driver_sql(_AUDIT_BY_OPERATOR)
@@ -377,7 +384,7 @@ def test_a_read_of_a_postgresql_view_whose_operator_writes_writes_every_table(pg
     with Sess() as session:
         assert _rows(session, logged, "memory") == []
     with Sess() as session:
-        session.execute(text("SELECT logged FROM s25s_audit")).all()
+        session.execute(text(write)).all()
         session.commit()
     truth = _truth(engine, logged)
     assert truth == [(1,)]

@@ -685,7 +685,8 @@ def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool
         # Only those found last are looked for: a source calling one found
         # before was found then (looking for every one found, a chain of
         # routines calling each other cost its length times the catalog).
-        calls = _routines_pattern([(name, False) for name, operator in more if not operator])
+        # An operator by its symbols: ``a ### b`` calls its function.
+        calls = _routines_pattern(list(more))
         if calls is None:
             return sorted(found)
         more = {
