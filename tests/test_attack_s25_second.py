@@ -13,7 +13,14 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, Text, create_engine, event, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from pyramid_sessioncache import FromCache, SessionCache, invalidate, invalidate_region, invalidate_tables
+from pyramid_sessioncache import (
+    FromCache,
+    SessionCache,
+    cached_query,
+    invalidate,
+    invalidate_region,
+    invalidate_tables,
+)
 from pyramid_sessioncache.engine.invalidation import schema
 from pyramid_sessioncache.engine.invalidation.schema import forget_catalog
 
@@ -126,6 +133,43 @@ def test_connections_attaching_a_database_in_memory_under_one_name_keep_each_one
             counter.reset()
             assert _rows(session, _AUX_COUNTS, "memory") == truth
             assert counter.count == 0  # a hit
+    engine.dispose()
+
+
+@pytest.mark.parametrize("entrance", ["FromCache option", "cached_query()"])
+@pytest.mark.parametrize("region", ["memory", "local"])
+def test_a_hit_sends_nothing_to_sqlite_not_even_a_schema_check(tmp_path, region, entrance):
+    # The schema is checked (PRAGMA schema_version) as a transaction begins,
+    # before a load and after a commit that wrote: never for a hit, which
+    # SQLCounter (SQLAlchemy's events) would not see; the driver does.
+    path = tmp_path / "t.sqlite"
+    _run(path, _TABLES.format(schema="") + _COUNTED.format(schema=""))
+    engine = create_engine(f"sqlite:///{path}")
+    sent: list[str] = []
+
+    @event.listens_for(engine, "connect")
+    def traced(dbapi_connection, record):
+        dbapi_connection.set_trace_callback(sent.append)
+
+    cache = SessionCache({"memory": {"type": "memory"}, "local": {"type": "ext:local_session"}}, secret=SECRET)
+    Sess = sessionmaker(engine, info=cache.session_info())
+
+    def read(session):
+        if entrance == "cached_query()":
+            return [tuple(row) for row in cached_query(session, _COUNTS, region=region).all()]
+        return _rows(session, _COUNTS, region)
+
+    with Sess() as session:
+        assert read(session) == [(0,)]
+        if region == "local":
+            sent.clear()
+            assert read(session) == [(0,)]
+            assert sent == []
+    if region == "memory":
+        sent.clear()
+        with Sess() as session:
+            assert read(session) == [(0,)]
+        assert sent == []
     engine.dispose()
 
 
