@@ -148,10 +148,11 @@ def _forget_region(region: Region, session: Any = None) -> None:
     # A shared region's version of every table, which every entry records,
     # is bumped too: a query that read the rows before, and stores them
     # after, stores a void entry (with manual invalidation, no commit would
-    # void it).
-    region.clear(session)
+    # void it).  First: a bump the backend refuses is retried until it is
+    # written, where a failed clear raises.
     if not region.is_local:
         region.bump(versions.MANUAL)
+    region.clear(session)
 
 
 def invalidate_all(cache: SessionCache, session: Any = None) -> None:
