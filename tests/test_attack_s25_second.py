@@ -435,3 +435,32 @@ def test_what_calls_a_postgresql_operator_whose_function_writes_writes_every_tab
     with Sess() as session:
         assert _rows(session, logged, "memory") == truth
     engine.dispose()
+
+
+_STANDARD_BODY = """
+CREATE TABLE s25s_log (id integer);
+CREATE FUNCTION s25s_logged() RETURNS integer LANGUAGE sql BEGIN ATOMIC INSERT INTO s25s_log VALUES (1); SELECT 1; END;
+CREATE FUNCTION s25s_audited() RETURNS integer LANGUAGE sql RETURN s25s_logged();
+"""
+
+
+@pytest.mark.parametrize("write", ["SELECT s25s_logged()", "SELECT s25s_audited()"], ids=["it", "its caller"])
+def test_a_postgresql_function_whose_body_is_in_sqls_standard_form_writes_what_it_names(pg_database, write):
+    # BEGIN ATOMIC ... END and RETURN bodies (PostgreSQL 14) leave prosrc
+    # empty: such a function, and its callers, were taken for readers, and
+    # the log it wrote stayed stale.
+    engine = create_engine(pg_database)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(_STANDARD_BODY)
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    logged = select(_LOG.c.id)
+    with Sess() as session:
+        assert _rows(session, logged, "memory") == []
+    with Sess() as session:
+        session.execute(text(write)).all()
+        session.commit()
+    truth = _truth(engine, logged)
+    assert truth == [(1,)]
+    with Sess() as session:
+        assert _rows(session, logged, "memory") == truth
+    engine.dispose()

@@ -154,12 +154,14 @@ WHERE v.relkind = 'v' AND r.ev_action::text ~ ':relid ([0-9]{1,4}|1[01][0-9]{3})
 #: its source changes a setting (or makes a temporary relation, which
 #: shadows a table on its connection alone, as a ``search_path`` does), and
 #: its source (an operator's: its function's name), to find those that call one that does.
+#: ``{source}``: what gives a function's source (see :func:`_routine_source`).
 POSTGRESQL_ROUTINES = """
 SELECT p.proname, false,
-       coalesce(p.prosrc, '') ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M|\\mtemp(orary)?\\M|\\mpg_temp)',
-       coalesce(p.prosrc, '')
+       s.source ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M|\\mtemp(orary)?\\M|\\mpg_temp)',
+       s.source
 FROM pg_proc p
 JOIN pg_namespace n ON n.oid = p.pronamespace
+CROSS JOIN LATERAL (SELECT {source} AS source) s
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND p.prorettype <> 'trigger'::regtype
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
 UNION
@@ -438,7 +440,7 @@ class _Schema:
                     shows.setdefault(parent, set()).add(dependent)
             cursor.execute(POSTGRESQL_OPAQUE)
             opaque = closure((reads.version_name(name) for (name,) in cursor.fetchall()), shows)
-            cursor.execute(POSTGRESQL_ROUTINES)
+            cursor.execute(POSTGRESQL_ROUTINES.format(source=_routine_source(conn)))
             rows = cursor.fetchall()
             cursor.execute(POSTGRESQL_VIEW_ROUTINES)
             view_routines = cursor.fetchall()
@@ -495,6 +497,18 @@ class _Schema:
         finally:
             cursor.close()
         return Catalog(edges, views, version=version)
+
+
+def _routine_source(conn: Any) -> str:
+    """The SQL that gives the source of the function ``p`` (``pg_proc``) on PostgreSQL's ``conn``.
+
+    ``prosrc``; but a body in SQL's standard form (``BEGIN ATOMIC ...
+    END``, ``RETURN ...``: PostgreSQL 14 and later) leaves it empty: that
+    body as the server prints it.
+    """
+    if (conn.dialect.server_version_info or (0,)) >= (14,):
+        return "CASE WHEN p.prosqlbody IS NULL THEN coalesce(p.prosrc, '') ELSE pg_get_function_sqlbody(p.oid) END"
+    return "coalesce(p.prosrc, '')"
 
 
 def _sqlite_schema_version(conn: Any) -> tuple[tuple[str, str, int], ...]:
