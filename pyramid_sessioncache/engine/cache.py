@@ -213,8 +213,10 @@ class SessionCache:
         """
         if self.invalidation == "auto":
             names = sorted(also_changed(tables, self.writes_also) | {ANY_TABLE})
-        elif declared and not again:
-            names = list(MANUAL)  # the one version manual entries record
+        elif declared:
+            # The one version manual entries record; again once the database has
+            # committed what a connection's transaction declared.
+            names = list(MANUAL)
         else:
             return
         self.void_local_entries()

@@ -148,6 +148,10 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
     # setting is committed as it is made, and no rollback undoes it.
     in_transaction = in_transaction_of(conn)
     value = _setting_value(statement, parameters) if any(name != "*none" for name, _ in changes) else ""
+    if value and any(name and name.startswith("attach ") for name, _ in changes) and _attached_its_own(conn):
+        # ATTACH ':memory:' (or ''): a database this connection alone sees,
+        # whatever another's same statement attached.
+        value += "|" + secrets.token_hex(8)
     for name, local in changes:
         if name is None or value is None:  # what it changes, or for how long, or to what, cannot be told
             info[_UNKNOWN] = True
@@ -155,6 +159,24 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
             continue
         undone = in_transaction and not name.startswith(_KEPT_AT_ROLLBACK)
         _apply(info, name, value, local, undone, conn)
+
+
+def _attached_its_own(conn: Any) -> bool:
+    """Whether SQLite's ``conn`` has attached a database no other connection sees: in memory, or a temporary file.
+
+    True when that cannot be read: keyed apart, its look-ups cost misses only.
+    """
+    if conn.dialect.name != "sqlite":
+        return False
+    try:
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute(schema.SQLITE_DATABASES)
+            return any(not file for _, name, file in cursor.fetchall() if name not in ("main", "temp"))
+        finally:
+            cursor.close()
+    except Exception:
+        return True
 
 
 def _setting_value(statement: str, parameters: Any) -> str | None:

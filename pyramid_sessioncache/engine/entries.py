@@ -22,6 +22,7 @@ from ..storage.region import Region
 from . import connection_state
 from .cache import SessionCache, cache_of
 from .cache_options import check_label
+from .invalidation import versions
 from .lookup import is_read, not_a_read
 from .options import statement_option
 
@@ -138,9 +139,20 @@ def invalidate_region(cache: SessionCache, name: str | None = None, session: Any
     ``again()``); None for a local region.
     """
     region = cache.region(name)
-    region.clear(session)
+    _forget_region(region, session)
     cache.stats.region(region.name).invalidations += 1
-    return again(region, region.clear)
+    return again(region, _forget_region, region)
+
+
+def _forget_region(region: Region, session: Any = None) -> None:
+    # A shared region's version of every table, which every entry records,
+    # is bumped too: a query that read the rows before, and stores them
+    # after, stores a void entry (with manual invalidation, no commit would
+    # void it).  First: a bump the backend refuses is retried until it is
+    # written, where a failed clear raises.
+    if not region.is_local:
+        region.bump(versions.MANUAL)
+    region.clear(session)
 
 
 def invalidate_all(cache: SessionCache, session: Any = None) -> None:

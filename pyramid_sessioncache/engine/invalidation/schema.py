@@ -154,12 +154,14 @@ WHERE v.relkind = 'v' AND r.ev_action::text ~ ':relid ([0-9]{1,4}|1[01][0-9]{3})
 #: its source changes a setting (or makes a temporary relation, which
 #: shadows a table on its connection alone, as a ``search_path`` does), and
 #: its source (an operator's: its function's name), to find those that call one that does.
+#: ``{source}``: what gives a function's source (see :func:`_routine_source`).
 POSTGRESQL_ROUTINES = """
 SELECT p.proname, false,
-       coalesce(p.prosrc, '') ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M|\\mtemp(orary)?\\M|\\mpg_temp)',
-       coalesce(p.prosrc, '')
+       s.source ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M|\\mtemp(orary)?\\M|\\mpg_temp)',
+       s.source
 FROM pg_proc p
 JOIN pg_namespace n ON n.oid = p.pronamespace
+CROSS JOIN LATERAL (SELECT {source} AS source) s
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND p.prorettype <> 'trigger'::regtype
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
 UNION
@@ -170,15 +172,17 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_operator'::regclass AND e.objid = o.oid AND e.deptype = 'e')
 """
 
-#: The views and the functions of the database's own their query calls: a
-#: view over a function that writes writes when it is read.
+#: The views and the functions of the database's own their query calls,
+#: directly or as an operator's function: a view over a function that
+#: writes writes when it is read.
 POSTGRESQL_VIEW_ROUTINES = """
 SELECT DISTINCT v.relname, f.proname
 FROM pg_rewrite r
 JOIN pg_class v ON v.oid = r.ev_class
-JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid AND d.refclassid = 'pg_proc'::regclass
-JOIN pg_proc f ON f.oid = d.refobjid
-JOIN pg_namespace n ON n.oid = f.pronamespace
+JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
+JOIN pg_proc f ON f.oid = CASE WHEN d.refclassid = 'pg_proc'::regclass THEN d.refobjid ELSE o.oprcode END
+JOIN pg_namespace n ON n.oid = coalesce(o.oprnamespace, f.pronamespace)
 WHERE v.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
@@ -203,7 +207,9 @@ _CATALOGED = frozenset({"postgresql", "sqlite"})
 #: database writes because of a write to the relation (see
 #: ``_trigger_writes()``).  And the enabled event triggers, with no
 #: relation: what their function writes, a schema change writes (which
-#: writes :data:`~.reads.ANY_TABLE`: a DDL audit log).
+#: writes :data:`~.reads.ANY_TABLE`: a DDL audit log), and so does
+#: ``REFRESH MATERIALIZED VIEW``, which fires them too (a write to the
+#: view): with each materialized view as the relation.
 POSTGRESQL_TRIGGERS = """
 SELECT c.relname, l.lanname, coalesce(p.prosrc, '')
 FROM pg_trigger t
@@ -214,8 +220,9 @@ JOIN pg_language l ON l.oid = p.prolang
 WHERE NOT t.tgisinternal AND t.tgenabled <> 'D' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
 UNION ALL
-SELECT NULL, l.lanname, coalesce(p.prosrc, '')
+SELECT m.relname, l.lanname, coalesce(p.prosrc, '')
 FROM pg_event_trigger t
+CROSS JOIN (SELECT NULL::name UNION ALL SELECT relname FROM pg_class WHERE relkind = 'm') m (relname)
 JOIN pg_proc p ON p.oid = t.evtfoid
 JOIN pg_namespace n ON n.oid = p.pronamespace
 JOIN pg_language l ON l.oid = p.prolang
@@ -322,6 +329,9 @@ class _Schema:
         #: How many times every catalog was forgotten: a SQLite connection's, held
         #: in its ``info`` with the count of when it was read, is read again too.
         self._forgotten = 0
+        #: The catalogs SQLite connections hold, their own ones too: what a
+        #: declared write is closed over (see known_edges()).
+        self._held: weakref.WeakSet[Catalog] = weakref.WeakSet()
 
     def note(self, metadata: Any) -> None:
         self._seen.add(metadata)
@@ -380,20 +390,23 @@ class _Schema:
         its temporary triggers and views (``temp``), which no other
         connection has.  A connection with no temporary objects shares the
         catalog of the others that attached the same files under the same
-        names; one with them reads its own.
+        names; one with them, or with a database in memory or in a
+        temporary file (no file: ``ATTACH ':memory:'``, each connection's
+        own), reads its own.
         """
         version = _sqlite_schema_version(conn)
         held = conn.info.get(_SQLITE_CATALOG)
         if held is not None and held[0] == self._forgotten and held[1].version == version:
             return
         layout = (database_identity(conn), tuple((name, file) for name, file, _ in version))
-        shared = not any(name == "temp" for name, _, _ in version)
+        shared = all(file and name != "temp" for name, file, _ in version)
         found = self._catalogs.get(layout) if shared else None
         if found is None or found.version != version:
             found = _Schema._read_sqlite_catalog(conn, version)
             if shared:
                 self._keep(layout, found)
         conn.info[_SQLITE_CATALOG] = (self._forgotten, found)
+        self._held.add(found)
 
     def _keep(self, key: Any, catalog: Catalog) -> None:
         self._catalogs.pop(key, None)
@@ -402,7 +415,10 @@ class _Schema:
         self._catalogs[key] = catalog
 
     def known_edges(self) -> list[Mapping[str, Iterable[str]]]:
-        return [self.mapped_edges(), *(catalog.edges for catalog in list(self._catalogs.values()))]
+        # A catalog a connection holds alone (its temporary objects) counts too:
+        # its main database's triggers are every connection's.
+        catalogs = {id(catalog): catalog for catalog in [*list(self._catalogs.values()), *members(self._held)]}
+        return [self.mapped_edges(), *(catalog.edges for catalog in catalogs.values())]
 
     def forget(self) -> None:
         self._catalogs.clear()
@@ -424,7 +440,7 @@ class _Schema:
                     shows.setdefault(parent, set()).add(dependent)
             cursor.execute(POSTGRESQL_OPAQUE)
             opaque = closure((reads.version_name(name) for (name,) in cursor.fetchall()), shows)
-            cursor.execute(POSTGRESQL_ROUTINES)
+            cursor.execute(POSTGRESQL_ROUTINES.format(source=_routine_source(conn)))
             rows = cursor.fetchall()
             cursor.execute(POSTGRESQL_VIEW_ROUTINES)
             view_routines = cursor.fetchall()
@@ -481,6 +497,18 @@ class _Schema:
         finally:
             cursor.close()
         return Catalog(edges, views, version=version)
+
+
+def _routine_source(conn: Any) -> str:
+    """The SQL that gives the source of the function ``p`` (``pg_proc``) on PostgreSQL's ``conn``.
+
+    ``prosrc``; but a body in SQL's standard form (``BEGIN ATOMIC ...
+    END``, ``RETURN ...``: PostgreSQL 14 and later) leaves it empty: that
+    body as the server prints it.
+    """
+    if (conn.dialect.server_version_info or (0,)) >= (14,):
+        return "CASE WHEN p.prosqlbody IS NULL THEN coalesce(p.prosrc, '') ELSE pg_get_function_sqlbody(p.oid) END"
+    return "coalesce(p.prosrc, '')"
 
 
 def _sqlite_schema_version(conn: Any) -> tuple[tuple[str, str, int], ...]:
@@ -665,8 +693,14 @@ def _writes(source: str) -> bool:
 
 def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool]]) -> list[tuple[str, bool]]:
     """The routines ``found`` among ``rows``, and those that call one of them (at any depth)."""
+    found = set(found)
+    more = found
     while True:
-        calls = _routines_pattern([(name, False) for name, operator in found if not operator])
+        # Only those found last are looked for: a source calling one found
+        # before was found then (looking for every one found, a chain of
+        # routines calling each other cost its length times the catalog).
+        # An operator by its symbols: ``a ### b`` calls its function.
+        calls = _routines_pattern(list(more))
         if calls is None:
             return sorted(found)
         more = {

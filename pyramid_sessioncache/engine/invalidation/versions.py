@@ -21,10 +21,17 @@ def valid(region: Region, tables: tuple[str, ...]) -> Validator:
     and is the one it was stored with: a version that disappeared (evicted,
     deleted) never matches.  ``now`` are those versions when the backend
     read them with the entry (Redis), else None and they are read here.
+    An entry that did not record the version of each of ``tables`` (one
+    stored under manual invalidation, which records :data:`MANUAL` alone,
+    before a restart with automatic invalidation) is not valid: no write
+    to them would void it.
     """
+    needed = frozenset(tables)
 
     def check(value: Any, now: Any) -> bool:
         if now is None or value.tables != tables:
+            if not needed.issubset(value.tables):
+                return False
             now = region.versions(value.tables)
         return now is not None and now == value.versions and None not in now
 

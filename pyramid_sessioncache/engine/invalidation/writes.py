@@ -69,6 +69,11 @@ _MARKS = "sessioncache.marks"
 _WRITES_RUN = "sessioncache.writes_run"
 _OWNERS = "sessioncache.owners"
 
+#: Marked with the tables the application names (see :func:`invalidate_tables`)
+#: in a connection's transaction: published as declared when it commits, which
+#: manual invalidation does not ignore.
+DECLARED = "!declared"
+
 #: What each prepared transaction of the process wrote, by transaction id,
 #: until it commits or rolls back; the oldest are forgotten past
 #: :data:`_MAX_PREPARED` (a commit of an unknown one publishes every table).
@@ -121,9 +126,12 @@ def publish(tables: Iterable[str], again: bool = False, declared: bool = False) 
     """Invalidate, in every cache of the process, the entries that read ``tables``.
 
     ``again``: the second publication of a commit's writes (not counted);
-    ``declared``: tables the application named (see ``SessionCache.publish()``).
+    ``declared``: tables the application named (see ``SessionCache.publish()``),
+    as are those published with :data:`DECLARED`.
     """
     tables = frozenset(tables)
+    if DECLARED in tables:
+        tables, declared = tables - {DECLARED}, True
     if tables:
         for cache in live_caches():
             cache.publish(tables, again, declared)
@@ -397,7 +405,7 @@ def _mark(conn: Any, tables: frozenset[str]) -> None:
         _marks(conn).levels[-1][1].update(tables)
     else:  # the database committed it already
         _ended_by_itself(conn)
-        publish(schema.committed_writes(conn, tables))
+        publish(_committed_writes(conn, tables))
 
 
 def _read_again(conn: Any) -> None:
@@ -428,7 +436,7 @@ def _ended_by_itself(conn: Any) -> None:
     if marks is not None:
         pending = marks.pending()
         marks.levels = [[None, set()]]
-        publish(schema.committed_writes(conn, pending))
+        publish(_committed_writes(conn, pending))
 
 
 def _transaction_open(conn: Any) -> bool:
@@ -492,12 +500,18 @@ def _committed_again(tables: Iterable[str], conn: Any = None) -> None:
     unless the commit failed, leaving its transaction open.
     """
     if conn is not None and not _transaction_open(conn):
-        tables = schema.committed_writes(conn, tables)
+        tables = _committed_writes(conn, tables)
     publish(tables, again=True)
     if ANY_TABLE in tables or ALL_TABLES in tables:
         # It changed the schema (or may have): catalogs read by others
         # before the commit show the schema of before.
         schema.forget_catalog()
+
+
+def _committed_writes(conn: Any, tables: Iterable[str]) -> frozenset[str]:
+    """``schema.committed_writes()``, which may count every table instead, keeping :data:`DECLARED`."""
+    tables = frozenset(tables)
+    return schema.committed_writes(conn, tables) | (tables & {DECLARED})
 
 
 def _rolled_back(conn: Any) -> None:
@@ -717,4 +731,4 @@ def _left_to_connections(session: Any, declared: set[str]) -> None:
         connections.append(session.bind)
     for conn in connections:
         if not conn.closed and conn.in_transaction():
-            _mark(conn, frozenset(declared))
+            _mark(conn, frozenset({*declared, DECLARED}))
