@@ -458,8 +458,19 @@ def test_a_listener_that_was_not_listening_when_started_returned_covers_what_it_
     # start() gave up waiting: what committed before LISTEN was not heard.
     lost = threading.Event()
     listener = Listener(dsn_of(pg), lambda tables: None, lost.set, application_name="s20-late")
+    # Its thread connects only once start() gave up: on a loaded machine it
+    # could otherwise be listening before start() looked, and rightly not late.
+    may_connect = threading.Event()
+    connect = listener._connect
+
+    def held_back(psycopg):
+        assert may_connect.wait(30)
+        return connect(psycopg)
+
+    listener._connect = held_back
     try:
         listener.start(wait=0)
+        may_connect.set()
         assert listener.wait_connected(30)
         assert lost.wait(30)
     finally:
