@@ -37,6 +37,8 @@ setup(
             "wheel",
             "pytest",
             "pytest-cov",
+            # The suite runs in four processes (addopts): serial, it takes over 15 minutes on two cores.
+            "pytest-xdist",
             "WebTest",
             "waitress",
             "redis>=4",

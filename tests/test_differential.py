@@ -25,9 +25,11 @@ plain tests.
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import random
 import shutil
+import threading
 import uuid
 import warnings
 from collections.abc import Iterator
@@ -895,11 +897,32 @@ def guarded(session, func) -> Any:
 
 
 def run_step(world: World, step: Step) -> Any:
-    """Run ``step`` in ``world``: its outcome, and the kinds of warning it gave (as errors in neither world)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        outcome = _run_step(world, step)
-    return outcome, tuple(sorted({warning.category.__name__ for warning in caught}))
+    """Run ``step`` in ``world``: its outcome, and the kinds of warning it gave (as errors in neither world).
+
+    Only the step's own warnings: ``catch_warnings`` sees every thread's
+    (a thread an earlier test of the process left running), and an automatic
+    garbage collection during the step would run the finalizers of earlier
+    tests' cycles in this thread (an unclosed socket's ``ResourceWarning``:
+    a step failed so once, in a loaded run).  Collection waits for the step's end.
+    """
+    caught: set[str] = set()
+    thread = threading.get_ident()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if threading.get_ident() == thread:
+            caught.add(category.__name__)
+
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            outcome = _run_step(world, step)
+    finally:
+        if collecting:
+            gc.enable()
+    return outcome, tuple(sorted(caught))
 
 
 def _run_step(world: World, step: Step) -> Any:
