@@ -154,7 +154,7 @@ WHERE v.relkind = 'v' AND r.ev_action::text ~ ':relid ([0-9]{1,4}|1[01][0-9]{3})
 #: its source changes a setting (or makes a temporary relation, which
 #: shadows a table on its connection alone, as a ``search_path`` does), and
 #: its source (an operator's: its function's name), to find those that call one that does.
-#: ``{source}``: what gives a function's source (see :func:`_routine_source`).
+#: ``{source}``: what gives a function's source (see ``_routine_source()``).
 POSTGRESQL_ROUTINES = """
 SELECT p.proname, false,
        s.source ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M|\\mtemp(orary)?\\M|\\mpg_temp)',

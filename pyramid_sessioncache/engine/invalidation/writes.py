@@ -69,7 +69,7 @@ _MARKS = "sessioncache.marks"
 _WRITES_RUN = "sessioncache.writes_run"
 _OWNERS = "sessioncache.owners"
 
-#: Marked with the tables the application names (see :func:`invalidate_tables`)
+#: Marked with the tables the application names (see :func:`~pyramid_sessioncache.invalidate_tables`)
 #: in a connection's transaction: published as declared when it commits, which
 #: manual invalidation does not ignore.
 DECLARED = "!declared"
