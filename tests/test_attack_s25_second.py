@@ -7,14 +7,11 @@ by counting statements.
 
 from __future__ import annotations
 
-import sqlite3
-
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, Text, create_engine, event, insert, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from pyramid_sessioncache import (
-    FromCache,
     SessionCache,
     cached_query,
     invalidate,
@@ -22,9 +19,16 @@ from pyramid_sessioncache import (
     invalidate_tables,
 )
 from pyramid_sessioncache.engine.invalidation import schema
-from pyramid_sessioncache.engine.invalidation.schema import forget_catalog
 
 from .conftest import SECRET, SQLCounter
+from .test_attack_s25_review import (  # the helpers of the first review, and its autouse fixture
+    _cache,
+    _logged_fresh_after,
+    _no_schema_known,  # noqa: F401
+    _rows,
+    _run,
+    _truth,
+)
 
 _meta = MetaData()
 _ITEM = Table("s25s_item", _meta, Column("id", Integer, primary_key=True))
@@ -37,37 +41,6 @@ _TABLES = (
     "INSERT INTO {schema}s25s_count VALUES (1, 0);"
 )
 _COUNTED = "CREATE TRIGGER {schema}s25s_counted AFTER INSERT ON s25s_item BEGIN UPDATE s25s_count SET n = n + 1; END;"
-
-
-@pytest.fixture(autouse=True)
-def _no_schema_known():
-    # A publication is closed over every schema read in the process (version
-    # names are shared): another test's trigger between tables of the same
-    # names must not stand in for this one's.
-    forget_catalog()
-
-
-def _run(path, sql: str) -> None:
-    """Run ``sql`` on the SQLite file ``path`` and commit, as another program would."""
-    db = sqlite3.connect(path)
-    db.executescript(sql)
-    db.commit()
-    db.close()
-
-
-def _rows(session, stmt, region=None):
-    if region is not None:
-        stmt = stmt.options(FromCache(region))
-    return [tuple(row) for row in session.execute(stmt).all()]
-
-
-def _cache(**options):
-    return SessionCache({"memory": {"type": "memory"}}, secret=SECRET, **options)
-
-
-def _truth(bind, stmt):
-    with Session(bind) as session:
-        return _rows(session, stmt)
 
 
 # SQLite: what a connection holds alone ----------------------------------------------------------------
@@ -420,21 +393,7 @@ def test_what_calls_a_postgresql_operator_whose_function_writes_writes_every_tab
     # the callers of a function that writes by its name: a view or a
     # function calling it as an operator (a ### b) was taken for a reader,
     # and the log stayed stale.
-    engine = create_engine(pg_database)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(_AUDIT_BY_OPERATOR)
-    Sess = sessionmaker(engine, info=_cache().session_info())
-    logged = select(_LOG.c.id)
-    with Sess() as session:
-        assert _rows(session, logged, "memory") == []
-    with Sess() as session:
-        session.execute(text(write)).all()
-        session.commit()
-    truth = _truth(engine, logged)
-    assert truth == [(1,)]
-    with Sess() as session:
-        assert _rows(session, logged, "memory") == truth
-    engine.dispose()
+    _logged_fresh_after(pg_database, _AUDIT_BY_OPERATOR, select(_LOG.c.id), text(write))
 
 
 _STANDARD_BODY = """
@@ -449,18 +408,4 @@ def test_a_postgresql_function_whose_body_is_in_sqls_standard_form_writes_what_i
     # BEGIN ATOMIC ... END and RETURN bodies (PostgreSQL 14) leave prosrc
     # empty: such a function, and its callers, were taken for readers, and
     # the log it wrote stayed stale.
-    engine = create_engine(pg_database)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(_STANDARD_BODY)
-    Sess = sessionmaker(engine, info=_cache().session_info())
-    logged = select(_LOG.c.id)
-    with Sess() as session:
-        assert _rows(session, logged, "memory") == []
-    with Sess() as session:
-        session.execute(text(write)).all()
-        session.commit()
-    truth = _truth(engine, logged)
-    assert truth == [(1,)]
-    with Sess() as session:
-        assert _rows(session, logged, "memory") == truth
-    engine.dispose()
+    _logged_fresh_after(pg_database, _STANDARD_BODY, select(_LOG.c.id), text(write))
