@@ -482,7 +482,7 @@ class _Schema:
         cursor = conn.connection.dbapi_connection.cursor()
         try:
             found: set[str] = set()
-            for name in _sqlite_databases(cursor):  # main, temp, attached: a write to any runs their triggers
+            for name, _ in _sqlite_databases(cursor):  # main, temp, attached: a write to any runs their triggers
                 quoted = {"schema": _sqlite_name(name), "name": "'" + name.replace("'", "''") + "'"}
                 cursor.execute(SQLITE_DEPENDENTS.format(**quoted))
                 for parent, dependent in cursor.fetchall():
@@ -520,9 +520,8 @@ def _sqlite_schema_version(conn: Any) -> tuple[tuple[str, str, int], ...]:
     """
     cursor = conn.connection.dbapi_connection.cursor()
     try:
-        cursor.execute(SQLITE_DATABASES)
         found = []
-        for _, name, file in cursor.fetchall():
+        for name, file in _sqlite_databases(cursor):
             cursor.execute(f"PRAGMA {_sqlite_name(name)}.schema_version")
             found.append((name, file, cursor.fetchone()[0]))
         return tuple(found)
@@ -530,10 +529,10 @@ def _sqlite_schema_version(conn: Any) -> tuple[tuple[str, str, int], ...]:
         cursor.close()
 
 
-def _sqlite_databases(cursor: Any) -> list[str]:
-    """The names of the databases a SQLite connection sees: main, temp and the attached ones."""
+def _sqlite_databases(cursor: Any) -> list[tuple[str, str]]:
+    """The databases a SQLite connection sees, main, temp and the attached ones: each one's name and file."""
     cursor.execute(SQLITE_DATABASES)
-    return [row[1] for row in cursor.fetchall()]
+    return [(name, file) for _, name, file in cursor.fetchall()]
 
 
 def _sqlite_name(name: str) -> str:

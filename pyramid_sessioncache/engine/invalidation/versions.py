@@ -26,12 +26,13 @@ def valid(region: Region, tables: tuple[str, ...]) -> Validator:
     before a restart with automatic invalidation) is not valid: no write
     to them would void it.
     """
-    needed = frozenset(tables)
 
     def check(value: Any, now: Any) -> bool:
-        if now is None or value.tables != tables:
-            if not needed.issubset(value.tables):
+        if value.tables != tables:  # rare: asked here only, off the common hit's path
+            if not set(tables).issubset(value.tables):
                 return False
+            now = None  # what was read with the entry is for other tables
+        if now is None:
             now = region.versions(value.tables)
         return now is not None and now == value.versions and None not in now
 
