@@ -58,6 +58,10 @@ Design (what a backend that anybody else can write to must not defeat):
 - **In-process regions** (``memory``): nobody else can write there; tokens
   are made the same way (with a key of the process's own) but read without
   checks.
+- **Entries' own versions.**  Beside tables, a name may be one entry's own
+  (:func:`entry_version`): under manual invalidation an entry records the
+  version of its key, which invalidating that one entry bumps.  One that
+  is gone reads as missing: never valid.
 """
 
 from __future__ import annotations
@@ -79,12 +83,24 @@ FORMAT = b"sessioncache versions 1"
 REMEMBERED = 4096
 #: No token is longer (a counter of 15 digits, a nonce, a signature).
 LONGEST = 96
+#: What begins the name of an entry's own version (see :func:`entry_version`).
+ENTRY = "entry."
 
 log = logging.getLogger(__name__)
 
 
 def _encode(name: str) -> bytes:
     return name.encode("ascii", "backslashreplace")
+
+
+def entry_version(key: str) -> str:
+    """The name of the version of the entry stored under ``key``, beside its region's table versions.
+
+    It holds a dot, which no table's version name does (the engine keeps
+    a table's name after its schema's dot), so an entry's version and a
+    table's never share a name.
+    """
+    return ENTRY + key
 
 
 class Versions:
