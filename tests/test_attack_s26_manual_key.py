@@ -11,6 +11,7 @@ of the same query, and proves hits by counting statements.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -23,6 +24,7 @@ from sqlalchemy.orm import sessionmaker
 from pyramid_sessioncache import SessionCache, invalidate
 from pyramid_sessioncache._beaker import redis_key
 from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
+from pyramid_sessioncache.storage import versions as storage_versions
 
 from .conftest import SECRET, SQLCounter
 from .models import Person
@@ -249,6 +251,85 @@ def test_automatic_invalidation_of_a_query_writes_no_version_of_its_own(tmp_path
         again = invalidate(_COUNTS, session, region)
     again()
     assert sorted(_versions_but_the_regions(cache, region, redis_url)) == held
+    engine.dispose()
+
+
+# Bounds ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["memory", "file"])
+def test_a_flood_of_distinct_queries_keeps_the_versions_of_entries_bounded(tmp_path, region_options, monkeypatch, name):
+    # One version per key stored or invalidated: a memory region keeps as
+    # many as twice its entries, and a process remembers the highest
+    # counter of a bounded number; table versions are kept.
+    monkeypatch.setattr(storage_versions, "REMEMBERED_ENTRIES", 50)
+    region_options["memory"]["max_items"] = 20
+    cache = _manual(region_options)
+    engine = create_engine(_database(tmp_path))
+    Sess = sessionmaker(engine, info=cache.session_info())
+
+    def distinct(n):
+        return select(_COUNT.c.n).where(_COUNT.c.id != -n)
+
+    with Sess() as session:
+        for n in range(300):
+            _rows(session, distinct(n), name)
+            invalidate(distinct(n + 1000), session, name)
+    tokens = cache.region(name).tokens
+    assert "*" in tokens.highest or tokens.trusted
+    assert len(tokens.highest) <= 51
+    if name == "memory":
+        assert len(tokens.namespace.dictionary) <= 2 * 20 + 1
+        assert b"*" in tokens.namespace.dictionary
+    # What is still there is served right, and invalidated right.
+    _run(engine.url.database, "UPDATE s25s_count SET n = 2")
+    with Sess() as session:
+        assert _rows(session, distinct(299), name) == [(0,)]  # nobody invalidated it: still a hit
+        invalidate(distinct(299), session, name)
+        assert _rows(session, distinct(299), name) == _truth(engine, distinct(299)) == [(2,)]
+    engine.dispose()
+
+
+def _stored_and_invalidated(tmp_path, cache, name):
+    """An engine whose ``_COUNTS`` entry is stored in ``name``, and whose ``_OTHERS`` was invalidated (never stored)."""
+    engine = create_engine(_database(tmp_path))
+    with sessionmaker(engine, info=cache.session_info())() as session:
+        _rows(session, _COUNTS, name)
+        again = invalidate(_OTHERS, session, name)
+    again()
+    return engine
+
+
+def test_entries_versions_expire_in_redis_and_tables_do_not(tmp_path, region_options, redis_url):
+    region_options["redis"] = {"type": "ext:redis", "url": redis_url, "expire": 60}
+    cache = _manual(region_options)
+    engine = _stored_and_invalidated(tmp_path, cache, "redis")
+    client = redis.Redis.from_url(redis_url)
+    prefix = redis_key(cache.region("redis").tokens.namespace, b"")
+    keys = [key.decode() for key in client.scan_iter(match=prefix + "*")]
+    own = [key for key in keys if key.startswith(prefix + "entry.")]
+    assert len(own) >= 2  # the stored entry's (added), the invalidated one's (bumped)
+    lifetime = cache.region("redis").entry_lifetime
+    assert all(0 < client.ttl(key) <= lifetime for key in own)
+    assert client.ttl(prefix + "*") == -1  # kept
+    engine.dispose()
+
+
+def test_a_sweep_removes_entries_versions_after_their_lifetime_and_the_entry_is_a_miss(tmp_path, region_options):
+    cache = _manual(region_options)
+    engine = _stored_and_invalidated(tmp_path, cache, "file")
+    namespace = cache.region("file").tokens.namespace
+    own = [path for path in Path(namespace.directory).glob("*/*") if path.name.endswith(".expiring")]
+    assert len(own) == 2
+    for path in own:
+        os.utime(path, (0, 0))  # written long ago
+    for _ in range(256):  # every subdirectory, once
+        namespace.sweep()
+    assert not [path for path in Path(namespace.directory).glob("*/*") if path.name.endswith(".expiring")]
+    assert Path(namespace.path(b"*")).exists()  # the version of every table is kept
+    counter = SQLCounter(engine)
+    assert _served_then_hit(engine, cache, "file") == [(0,)]
+    assert counter.count == 2  # the miss its version's removal cost, and the truth
     engine.dispose()
 
 
