@@ -81,13 +81,14 @@ class LRUDict:
             self.bytes += size - self._sizes.get(key, 0)
             self._sizes[key] = size
             self._set(key, value)
-            self._data.move_to_end(key)
             self._evict()
 
     def _set(self, key: Any, value: Any) -> None:
+        """Store ``value`` under ``key`` as the most recently used; the caller evicts."""
         if self._bounded is not None and key not in self._data and self._bounded(key):
             self._counted += 1
         self._data[key] = value
+        self._data.move_to_end(key)
 
     def _evict(self) -> None:
         """Drop the least recently used keys over the bounds (of those ``bounded`` counts, if given)."""
