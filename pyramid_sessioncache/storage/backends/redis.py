@@ -69,7 +69,7 @@ class RedisVersionsNamespace(RedisNamespaceManager):
     """Beaker's Redis namespace, reading and writing several raw values at once.
 
     Table versions are kept for good; entries' own versions
-    (:func:`~..versions.entry_version`) expire :attr:`entry_lifetime`
+    (:func:`~pyramid_sessioncache.storage.versions.entry_version`) expire :attr:`entry_lifetime`
     seconds after they were last written, so that their number follows
     the entries stored and invalidated in that time (one that expired
     reads as missing: its entries are misses).
