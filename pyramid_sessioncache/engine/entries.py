@@ -19,6 +19,7 @@ from sqlalchemy.sql import Executable
 from .. import _sqlalchemy
 from ..errors import NoRegionsError, NotCacheableError
 from ..storage.region import Region
+from ..storage.versions import entry_version
 from . import connection_state
 from .cache import SessionCache, cache_of
 from .cache_options import check_label
@@ -110,13 +111,27 @@ def invalidate(
 ) -> Callable[[], None] | None:
     """Forget the cached result of ``query`` (arguments as for :func:`cache_parameters`).
 
-    Returns, for a shared region, a function that forgets it again (see
-    ``again()``); None for a local region.
+    Under manual invalidation, the entry's own version in a shared region
+    is bumped too: what a query that read the rows before the commit
+    stores after it is void (the entry records that version, read with it
+    on every hit).  Returns, for a shared region, a function that does it
+    again (see ``again()``); None for a local region.
     """
     cache, chosen, session, key = _locate(query, session, region, cache_key, parameters, execution_options, cache)
-    chosen.remove(key, session)
+    # Under automatic invalidation, the entry's tables' versions void what
+    # a query that read before the commit stores after it; under manual
+    # invalidation, the entry's own version (see invalidation/versions.py).
+    own = (entry_version(key),) if cache.invalidation != "auto" and not chosen.is_local else ()
+    _forget_entry(chosen, key, own, session)
     cache.stats.region(chosen.name).invalidations += 1
-    return again(chosen, chosen.remove, key)
+    return again(chosen, _forget_entry, chosen, key, own)
+
+
+def _forget_entry(region: Region, key: str, names: tuple[str, ...], session: Any = None) -> None:
+    # As for a region (see _forget_region): the version first, then the entry.
+    if names:
+        region.bump(names)
+    region.remove(key, session)
 
 
 def again(region: Region, forget: Callable[..., None], *args: Any) -> Callable[[], None] | None:
@@ -126,8 +141,10 @@ def again(region: Region, forget: Callable[..., None], *args: Any) -> Callable[[
     commits may be stored again in between, with the rows as they were,
     by another request that reads them (under manual invalidation nothing
     else would ever forget it): forgetting it again after the commit
-    closes that window.  A local region's entries end with the Session's
-    transaction anyway.
+    closes that window for the queries that read after the first forget.
+    A query that read before it and stores after the second is voided by
+    the versions bumped with both (a region's, an entry's own).  A local
+    region's entries end with the Session's transaction anyway.
     """
     return None if region.is_local else functools.partial(forget, *args)
 

@@ -266,7 +266,7 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
             # What an explicit invalidation removed, an older snapshot must not store again.
             conn = connection()
             verdict["store"] = not _must_not_store(session, conn)
-            now = region.versions(versions.MANUAL, create=True)  # before the query, as for create() below
+            now = region.versions(found.tables, create=True)  # before the query, as for create() below
             before = writes.writes_run(conn)
             value = load(conn=conn)
             wrote = writes.writes_run(conn) != before  # a SELECT that writes: see create() below
@@ -277,7 +277,7 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
                 and not wrote
                 and not loader.reads_a_standby(conn)
             )
-            value.tables, value.versions = versions.MANUAL, now
+            value.tables, value.versions = found.tables, now
             return value
 
         return region.get_or_create(
@@ -287,7 +287,7 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
             expire,
             store=lambda value: verdict["store"],
             valid=found.valid,
-            tables=versions.MANUAL,
+            tables=found.tables,
             label=key.shape,
             on_store=stored,
         )

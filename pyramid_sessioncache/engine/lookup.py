@@ -39,7 +39,7 @@ class Lookup(NamedTuple):
     ``tables`` are the tables the statement's shape reads (sorted, with the
     pseudo-table ``*``) for a shared region under automatic invalidation,
     None when they are not known yet (the shape has never been loaded),
-    :data:`~.invalidation.versions.MANUAL` under manual invalidation, and
+    :func:`~.invalidation.versions.manual` ones under manual invalidation, and
     ``()`` when entries carry no versions (a local region).  ``valid`` is the
     :data:`~pyramid_sessioncache.storage.region.Validator` of entries, None
     while ``tables`` is.  ``bind``: the Engine or Connection the statement
@@ -152,7 +152,8 @@ def decide(
     if region.is_local:
         return Lookup(key, (), _current_in(session, cache), bind)
     if cache.invalidation != "auto":
-        return Lookup(key, versions.MANUAL, versions.valid(region, versions.MANUAL), bind)
+        tables = versions.manual(key.text)
+        return Lookup(key, tables, versions.valid(region, tables), bind)
     tables = cache.tables_read.get(key.shape)
     return Lookup(key, tables, None if tables is None else versions.valid(region, tables), bind)
 

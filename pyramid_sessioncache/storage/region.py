@@ -57,7 +57,7 @@ from .backends.file import FileNamespace, SignedFileNamespace
 from .backends.local_session import ScopedSessionNamespace
 from .backends.memory import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
 from .backends.redis import RedisVersionsNamespace, SignedRedisNamespaceManager
-from .versions import Versions
+from .versions import ENTRY_LIFETIME, Versions, is_entry_version
 
 #: Types whose values leave the process: signed for their place, and
 #: checked before they are unpickled.  They need ``sessioncache.secret``.
@@ -268,7 +268,10 @@ class Region:
         versions: Any
         if self.type == "memory":
             entries = BoundedMemoryNamespace(self.namespace_name, max_items or DEFAULT_MAX_ITEMS, max_bytes)
-            versions = BoundedMemoryNamespace(versions_name, None, None)
+            # Table versions are kept; entries' own are as many as the entries
+            # at most twice over (least recently written out first).
+            kept = 2 * (max_items or DEFAULT_MAX_ITEMS)
+            versions = BoundedMemoryNamespace(versions_name, kept, None, bounded=is_entry_version)
             return _beaker.cache_on(entries, self.expire), Versions(versions, versions_name, None)
         assert secret is not None
         signed = {"secret": secret, "max_bytes": self.max_entry_bytes, **nsargs}
@@ -277,13 +280,25 @@ class Region:
             versions = RedisVersionsNamespace(versions_name, **nsargs)
             prefixes = (_beaker.redis_key(entries, b""), _beaker.redis_key(versions, b""))
             entries.nears = versions.nears = near_cache.siblings(entries.client, prefixes)
+            versions.entry_lifetime = self.entry_lifetime
         elif self.type == "file":
             entries = SignedFileNamespace(self.namespace_name, **signed)
             versions = FileNamespace(versions_name, **nsargs)
+            versions.expiring, versions.lifetime = is_entry_version, self.entry_lifetime
         else:
             entries = SignedDBMNamespace(self.namespace_name, **signed)
             versions = DBMNamespace(versions_name, **nsargs)
         return _beaker.cache_on(entries, self.expire), Versions(versions, versions_name, secret)
+
+    @property
+    def entry_lifetime(self) -> int:
+        """Seconds an entry's own version is kept after it was last written, out of the process (see ``versions.py``).
+
+        :data:`~.versions.ENTRY_LIFETIME`, or the region's ``expire`` if
+        longer.  Shorter than an entry's own ``expire``, it costs that
+        entry a miss once its version is gone, never stale data.
+        """
+        return max(self.expire or 0, ENTRY_LIFETIME)
 
     def __repr__(self) -> str:
         return f"<Region {self.name!r} type={self.type!r} expire={self.expire!r}>"

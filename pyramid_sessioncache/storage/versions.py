@@ -58,6 +58,15 @@ Design (what a backend that anybody else can write to must not defeat):
 - **In-process regions** (``memory``): nobody else can write there; tokens
   are made the same way (with a key of the process's own) but read without
   checks.
+- **Entries' own versions.**  Beside tables, a name may be one entry's own
+  (:func:`entry_version`): under manual invalidation an entry records the
+  version of its key, which invalidating that one entry bumps.  There is
+  one per key stored or invalidated, so, unlike tables', their number
+  follows the application's data: each process remembers the highest
+  counter of at most :data:`REMEMBERED_ENTRIES` of them (a name it forgot
+  is as one it never saw, see above), and each backend keeps them as it
+  keeps entries (bounded in memory, expiring elsewhere: see each backend).
+  One that is gone reads as missing: never valid.
 """
 
 from __future__ import annotations
@@ -79,12 +88,37 @@ FORMAT = b"sessioncache versions 1"
 REMEMBERED = 4096
 #: No token is longer (a counter of 15 digits, a nonce, a signature).
 LONGEST = 96
+#: What begins the name of an entry's own version (see :func:`entry_version`).
+ENTRY = "entry."
+#: How many entries' own versions a process remembers the highest counter of.
+REMEMBERED_ENTRIES = 10_000
+#: Seconds an entry's own version is kept, out of the process, after it was
+#: last written: a day, or the region's ``expire`` if longer (see ``Region``).
+ENTRY_LIFETIME = 24 * 3600
 
 log = logging.getLogger(__name__)
 
 
 def _encode(name: str) -> bytes:
     return name.encode("ascii", "backslashreplace")
+
+
+def entry_version(key: str) -> str:
+    """The name of the version of the entry stored under ``key``, beside its region's table versions.
+
+    It holds a dot, which no table's version name does (the engine keeps
+    a table's name after its schema's dot), so an entry's version and a
+    table's never share a name.
+    """
+    return ENTRY + key
+
+
+def is_entry_version(key: bytes) -> bool:
+    """Whether ``key``, a key of a versions namespace, holds an entry's own version (:func:`entry_version`)."""
+    return key.startswith(_ENTRY_KEY)
+
+
+_ENTRY_KEY = _encode(ENTRY)
 
 
 class Versions:
@@ -104,8 +138,10 @@ class Versions:
         self.trusted = secret is None
         key = os.urandom(32) if secret is None else secret
         self._base = hmac.new(key, FORMAT + b"\0" + place.encode("utf-8", "surrogateescape") + b"\0", hashlib.sha256)
-        #: Table name -> the highest counter seen in this process.
+        #: Table name -> the highest counter seen in this process (of at
+        #: most :data:`REMEMBERED_ENTRIES` entries' own versions).
         self.highest: dict[str, int] = {}
+        self._entries = 0  # entries' versions in highest
         # (name, exact value read) -> (counter, token): tokens already checked.
         self._known: dict[tuple[str, Any], tuple[int, str]] = {}
         self._complained: set[str] = set()
@@ -286,5 +322,17 @@ class Versions:
 
     def _saw(self, name: str, counter: int) -> None:
         with self._lock:  # two threads must not put a lower counter over a higher one
-            if counter > self.highest.get(name, 0):
-                self.highest[name] = counter
+            highest = self.highest
+            if counter > highest.get(name, 0):
+                if name not in highest and name.startswith(ENTRY):
+                    self._entries += 1
+                    if self._entries > REMEMBERED_ENTRIES:
+                        self._forget_entries()
+                highest[name] = counter
+
+    def _forget_entries(self) -> None:
+        # Entries' versions, not tables': their number follows the data.
+        # Forgotten, one is as a version this process never saw.
+        for name in [name for name in self.highest if name.startswith(ENTRY)]:
+            del self.highest[name]
+        self._entries = 1

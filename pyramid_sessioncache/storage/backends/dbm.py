@@ -22,7 +22,8 @@ What it cannot change: the whole region is one database, which keeps the
 space of entries it replaced, and with ``dbm.dumb`` (the only ``dbm`` of
 Pythons built without gdbm or ndbm) opening it reads its whole index, so a
 hit costs more as the region grows.  Expired entries stay until they are
-written again.  Prefer ``file``, which has none of these limits.
+written again, and entries' own versions (manual invalidation, see
+``versions.py``) stay.  Prefer ``file``, which has none of these limits.
 """
 
 from __future__ import annotations

@@ -16,8 +16,8 @@ it), and leaves a lock file per key behind.  This one:
 - creates files 0600 and directories 0700, in a ``data_dir`` that only
   this user can write (checked at start-up, ``directories.py``);
 - removes an expired entry when it is read, and sweeps a bounded part of
-  the region (one of its 256 subdirectories: expired entries, temporary
-  files and lock files left by a process that died) every
+  the region (one of its 256 subdirectories: expired entries and values,
+  temporary files and lock files left by a process that died) every
   :attr:`FileNamespace.SWEEP_EVERY` writes;
 - locks the creation of an entry (stampede) with a :class:`~.filelock.FileLock`,
   whose file is removed when it is let go.
@@ -33,13 +33,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import random
 import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from beaker.container import NamespaceManager
@@ -56,6 +57,8 @@ log = logging.getLogger(__name__)
 SUBDIRECTORIES = 256
 #: Temporary files and lock files older than this (seconds) were left by a process that died.
 ABANDONED_AFTER = 60.0
+#: The end of the name of a file whose value expires (see :attr:`FileNamespace.expiring`).
+EXPIRING = ".expiring"
 
 
 def _digest(data: bytes) -> str:
@@ -120,6 +123,11 @@ class FileNamespace(NamespaceManager):
 
     #: A bounded sweep every this many writes (see :meth:`sweep`).
     SWEEP_EVERY = 32
+    #: Which raw values expire (a region's versions: entries' own, see
+    #: ``versions.py``): None for none.  Their files end in :data:`EXPIRING`.
+    expiring: Callable[[bytes], bool] | None = None
+    #: Seconds such a value is kept after it was last written: a sweep removes it after.
+    lifetime: float = math.inf
 
     def __init__(
         self, namespace: str, data_dir: str, lock_dir: str | None = None, max_bytes: int = 4096, **kw: Any
@@ -139,7 +147,8 @@ class FileNamespace(NamespaceManager):
     def path(self, key: bytes) -> str:
         """The file that holds ``key``'s value."""
         digest = _digest(key)
-        return os.path.join(self.directory, digest[:2], digest[2:])
+        path = os.path.join(self.directory, digest[:2], digest[2:])
+        return path + EXPIRING if self.expiring is not None and self.expiring(key) else path
 
     def get_creation_lock(self, key: bytes) -> FileLock:
         """The lock one creator of ``key``'s value holds while the others wait (its file is removed after)."""
@@ -154,9 +163,7 @@ class FileNamespace(NamespaceManager):
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
             raise
-        self._writes += 1
-        if self._writes % self.SWEEP_EVERY == 0:
-            self.sweep()
+        self._wrote()
 
     def _add(self, path: str, data: bytes) -> None:
         """Write ``path`` whole unless it exists (a hard link fails on an existing name)."""
@@ -167,6 +174,12 @@ class FileNamespace(NamespaceManager):
         finally:
             with contextlib.suppress(OSError):
                 os.unlink(temporary)
+        self._wrote()
+
+    def _wrote(self) -> None:
+        self._writes += 1
+        if self._writes % self.SWEEP_EVERY == 0:
+            self.sweep()
 
     def _raw(self, key: bytes) -> bytes | None:
         try:
@@ -257,6 +270,10 @@ class FileNamespace(NamespaceManager):
                 try:
                     if entry.name.endswith(".tmp"):
                         if entry.stat().st_mtime < now - ABANDONED_AFTER:
+                            os.unlink(entry.path)
+                            removed += 1
+                    elif entry.name.endswith(EXPIRING):
+                        if entry.stat().st_mtime < now - self.lifetime:
                             os.unlink(entry.path)
                             removed += 1
                     elif self._expired(entry.path, now):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import pickle
 import sys
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from beaker.container import AbstractDictionaryNSManager
@@ -44,15 +44,23 @@ class LRUDict:
     :param max_items: most entries kept (None: no bound).
     :param max_bytes: most bytes kept, as counted by :meth:`put` (None: no
         bound, and nothing is measured).
+    :param bounded: with ``max_items``, ``bounded(key)`` says whether a key
+        counts, and may be dropped; the others are kept whatever their
+        number (a region's table versions, beside its entries' own), and
+        ``max_bytes`` is not enforced.
     """
 
-    def __init__(self, max_items: int | None, max_bytes: int | None = None) -> None:
+    def __init__(
+        self, max_items: int | None, max_bytes: int | None = None, bounded: Callable[[Any], bool] | None = None
+    ) -> None:
         self.max_items = max_items
         self.max_bytes = max_bytes
         #: Bytes counted for the entries held.
         self.bytes = 0
         self._data: OrderedDict = OrderedDict()
         self._sizes: dict[Any, int] = {}
+        self._bounded = bounded
+        self._counted = 0  # keys held that bounded() counts
         self._lock = forks.lock()
 
     def __getitem__(self, key: Any) -> Any:
@@ -72,18 +80,38 @@ class LRUDict:
                 return
             self.bytes += size - self._sizes.get(key, 0)
             self._sizes[key] = size
-            self._data[key] = value
-            self._data.move_to_end(key)
-            data = self._data
-            while (self.max_items is not None and len(data) > self.max_items) or (
-                self.max_bytes is not None and self.bytes > self.max_bytes
-            ):
-                old, _ = data.popitem(last=False)
-                self.bytes -= self._sizes.pop(old, 0)
+            self._set(key, value)
+            self._evict()
+
+    def _set(self, key: Any, value: Any) -> None:
+        """Store ``value`` under ``key`` as the most recently used; the caller evicts."""
+        if self._bounded is not None and key not in self._data and self._bounded(key):
+            self._counted += 1
+        self._data[key] = value
+        self._data.move_to_end(key)
+
+    def _evict(self) -> None:
+        """Drop the least recently used keys over the bounds (of those ``bounded`` counts, if given)."""
+        data = self._data
+        if self._bounded is not None:
+            while self.max_items is not None and self._counted > self.max_items:
+                old = next(iter(data))
+                if self._bounded(old):
+                    self._pop(old)
+                else:
+                    data.move_to_end(old)  # kept: passed over until it is older than a counted one again
+            return
+        while (self.max_items is not None and len(data) > self.max_items) or (
+            self.max_bytes is not None and self.bytes > self.max_bytes
+        ):
+            old, _ = data.popitem(last=False)
+            self.bytes -= self._sizes.pop(old, 0)
 
     def _pop(self, key: Any) -> None:
         if self._data.pop(key, _MISSING) is not _MISSING:
             self.bytes -= self._sizes.pop(key, 0)
+            if self._bounded is not None and self._bounded(key):
+                self._counted -= 1
 
     def __delitem__(self, key: Any) -> None:
         with self._lock:
@@ -111,7 +139,9 @@ class LRUDict:
         """Store the keys of ``values`` that have no value, under one lock (not counted in bytes)."""
         with self._lock:
             for key, value in values.items():
-                self._data.setdefault(key, value)
+                if key not in self._data:
+                    self._set(key, value)
+            self._evict()
 
     def raise_many(self, values: Mapping) -> dict:
         """:func:`~pyramid_sessioncache.storage.api.raise_many`, under one lock (not counted in bytes)."""
@@ -122,7 +152,8 @@ class LRUDict:
                 if held is not None and api.counter_of(held) >= api.counter_of(value):
                     refused[key] = held
                 else:
-                    self._data[key] = value
+                    self._set(key, value)
+            self._evict()
         return refused
 
     def keys(self) -> list:
@@ -134,6 +165,7 @@ class LRUDict:
             self._data.clear()
             self._sizes.clear()
             self.bytes = 0
+            self._counted = 0
 
 
 _MISSING = object()
@@ -147,10 +179,11 @@ class BoundedMemoryNamespace(AbstractDictionaryNSManager):
         namespace: str,
         max_items: int | None = DEFAULT_MAX_ITEMS,
         max_bytes: int | None = DEFAULT_MAX_BYTES,
+        bounded: Callable[[Any], bool] | None = None,
         **kw: Any,
     ) -> None:
         AbstractDictionaryNSManager.__init__(self, namespace)
-        self.dictionary = LRUDict(max_items, max_bytes)
+        self.dictionary = LRUDict(max_items, max_bytes, bounded)
 
     def set_sized(self, key: bytes, value: Any, size: int) -> None:
         """Store ``value`` (in Beaker's stored format) counted as ``size`` bytes, measured by the caller."""

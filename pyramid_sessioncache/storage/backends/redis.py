@@ -25,17 +25,21 @@ from beaker.ext.redisnm import RedisNamespaceManager
 
 from ... import _beaker
 from .. import signing
+from ..versions import ENTRY_LIFETIME, is_entry_version
 from .near import CLEARED, CLEARED_LIFETIME, NearCache, deadline_of, written, written_all
 
 log = logging.getLogger(__name__)
 
 #: ``raise_many`` in one round trip: per key, SET unless the string held
 #: starts with a counter at least as high (see ``api.counter_of``); a key of
-#: another type is overwritten.  Returns the keys refused and what they hold.
+#: another type is overwritten.  ``ARGV[#KEYS + i]``, when given and not 0,
+#: is the lifetime of key ``i`` in seconds.  Returns the keys refused and
+#: what they hold.
 _RAISE = """
 local refused = {}
 for i, key in ipairs(KEYS) do
   local new = ARGV[i]
+  local lifetime = tonumber(ARGV[#KEYS + i] or '0')
   local kind = redis.call('TYPE', key).ok
   local keep = false
   if kind == 'string' then
@@ -50,7 +54,11 @@ for i, key in ipairs(KEYS) do
     end
   end
   if not keep then
-    redis.call('SET', key, new)
+    if lifetime > 0 then
+      redis.call('SET', key, new, 'EX', lifetime)
+    else
+      redis.call('SET', key, new)
+    end
   end
 end
 return refused
@@ -58,22 +66,40 @@ return refused
 
 
 class RedisVersionsNamespace(RedisNamespaceManager):
-    """Beaker's Redis namespace, reading and writing several raw values at once."""
+    """Beaker's Redis namespace, reading and writing several raw values at once.
+
+    Table versions are kept for good; entries' own versions
+    (:func:`~pyramid_sessioncache.storage.versions.entry_version`) expire :attr:`entry_lifetime`
+    seconds after they were last written, so that their number follows
+    the entries stored and invalidated in that time (one that expired
+    reads as missing: its entries are misses).
+    """
 
     #: The process's near caches over these keys (see :func:`~.near.siblings`): every write here invalidates its keys in them.
     nears: Iterable[NearCache] = ()
+    #: Seconds an entry's own version is kept after it was last written (set by its region).
+    entry_lifetime: int = ENTRY_LIFETIME
 
     def _written(self, keys: Iterable[bytes]) -> None:
         written(self.nears, [_beaker.redis_key(self, key) for key in keys])
+
+    def _lifetime(self, key: bytes) -> int | None:
+        return self.entry_lifetime if is_entry_version(key) else None
 
     def get_many(self, keys: Sequence[bytes]) -> list[Any]:
         """Return the values of ``keys`` (bytes; None where missing or not a string), in one ``MGET``."""
         return self.client.mget([_beaker.redis_key(self, key) for key in keys])
 
     def set_many(self, values: Mapping[bytes, Any]) -> None:
-        """Store ``values``, in one ``MSET``."""
+        """Store ``values``, in one ``MSET`` (one ``SET`` each, pipelined, when some expire)."""
         try:
-            self.client.mset({_beaker.redis_key(self, key): value for key, value in values.items()})
+            if any(map(is_entry_version, values)):
+                pipeline = self.client.pipeline(transaction=False)
+                for key, value in values.items():
+                    pipeline.set(_beaker.redis_key(self, key), value, ex=self._lifetime(key))
+                pipeline.execute()
+            else:
+                self.client.mset({_beaker.redis_key(self, key): value for key, value in values.items()})
         finally:
             self._written(values)
 
@@ -81,7 +107,7 @@ class RedisVersionsNamespace(RedisNamespaceManager):
         """Store the keys of ``values`` that have no value (``SET NX``), in one round trip."""
         pipeline = self.client.pipeline(transaction=False)
         for key, value in values.items():
-            pipeline.set(_beaker.redis_key(self, key), value, nx=True)
+            pipeline.set(_beaker.redis_key(self, key), value, nx=True, ex=self._lifetime(key))
         try:
             pipeline.execute()
         finally:
@@ -102,8 +128,11 @@ class RedisVersionsNamespace(RedisNamespaceManager):
         if script is None:
             script = self._raise = self.client.register_script(_RAISE)
         keys = {_beaker.redis_key(self, key): key for key in values}
+        args = list(values.values())
+        if any(map(is_entry_version, values)):
+            args += [self._lifetime(key) or 0 for key in values]
         try:
-            answer = script(keys=list(keys), args=list(values.values()))
+            answer = script(keys=list(keys), args=args)
         finally:
             self._written(values)
         refused = {}
