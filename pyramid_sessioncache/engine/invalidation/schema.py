@@ -319,7 +319,9 @@ class Catalog:
         Remembered per SQL text, which repeats (SQLAlchemy compiles a
         statement once), for this catalog only: a schema changed is a new
         catalog.  Every statement of every engine asks, and with thousands
-        of functions one search costs milliseconds.
+        of functions one search costs milliseconds.  Long texts (a batch of
+        rows inserted in one statement) are searched every time, so that
+        what is remembered stays small.
         """
         found = self._found.get((pattern, sql))
         if found is None:
@@ -327,14 +329,17 @@ class Catalog:
             if searched is None:
                 return False
             found = searched.search(_COLUMN_LISTS.sub(" ", sql) if pattern == "writers" else sql) is not None
-            if len(self._found) >= _FOUND_SIZE:
-                self._found.clear()
-            self._found[(pattern, sql)] = found
+            if len(sql) <= _FOUND_TEXT:
+                if len(self._found) >= _FOUND_SIZE:
+                    self._found.clear()
+                self._found[(pattern, sql)] = found
         return found
 
 
-#: How many (pattern, SQL text) answers a catalog remembers (see ``Catalog.calls()``).
+#: How many (pattern, SQL text) answers a catalog remembers, and for texts
+#: of at most how many characters (see ``Catalog.calls()``): a few MB at most.
 _FOUND_SIZE = 2000
+_FOUND_TEXT = 2000
 
 _NO_CATALOG = Catalog({}, frozenset())
 
