@@ -449,6 +449,17 @@ def _checks(databases, overhead, requests=None) -> list[Check]:
                 limit,
                 verdict=query == "point",
             )
+            # What the framework alone leaves of that budget: Pyramid and
+            # pyramid_tm around a view that touches no database, plus the
+            # plain Session's hit, as if the request's Session and its
+            # joining the transaction cost nothing.
+            nodb, plain = requests["/nodb"][0], requests[wsgi.PLAIN + query][0]
+            at_most(
+                "  the same, if the request's Session cost nothing: (no-database request + plain hit) / plain hit",
+                (nodb.median_us + plain.median_us) / plain.median_us,
+                limit,
+                verdict=False,
+            )
         for query, limit in (("point", 1.5), ("page", 2)):
             faster(
                 f"SQLite, new Pyramid request, {SHORT[query]}: memory hit vs uncached",
@@ -483,7 +494,8 @@ def _checks_text(checks: list[Check], quick: bool) -> str:
         "",
         "Targets" + (" (--quick: tiny data, the verdicts mean nothing)" if quick else ""),
         "  (info, no verdict: redis hit / floor, a Redis round trip is in it; the bound row, which is no cache;",
-        "   a report vs uncached, when the bound row alone costs more than 1/100 of running the query)",
+        "   a report vs uncached, when the bound row alone costs more than 1/100 of running the query;",
+        "   a request's hit as if its Session cost nothing: what Pyramid and pyramid_tm alone leave of a target)",
     ]
     for check in checks:
         if check.passed is None:

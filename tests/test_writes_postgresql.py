@@ -402,3 +402,31 @@ def test_a_table_created_in_this_process_is_read_from_the_catalog(PgSession, pg,
         session.delete(session.get(PgParent, 2))
         session.commit()
     assert cached(PgSession, region, stmt) == uncached(pg, stmt) == [(2, 3)]
+
+
+NOTE = """CREATE OR REPLACE FUNCTION pg_note() RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN {body} RETURN 1; END $$"""
+
+
+def test_what_a_catalog_found_in_a_statement_ends_with_the_catalog(PgSession, pg, region):
+    """The same SQL text, once its function writes, writes: what was found in it is remembered per catalog."""
+    with pg.begin() as conn:
+        conn.exec_driver_sql(NOTE.format(body=""))
+    stmt = QUERIES["children"]
+
+    def call_note():
+        with PgSession() as session:
+            assert session.execute(text("SELECT pg_note()")).scalar() == 1
+            session.commit()
+
+    cached(PgSession, region, stmt)
+    call_note()  # writes nothing: the entry stays
+    assert _hit(PgSession, pg, region, stmt)
+    with pg.begin() as conn:  # a migration of this process: the function now writes
+        conn.exec_driver_sql(NOTE.format(body="INSERT INTO pg_child VALUES (9, 'z', 1);"))
+    cached(PgSession, region, stmt)
+    assert _hit(PgSession, pg, region, stmt)
+    call_note()  # the very same SQL text
+    after = uncached(pg, stmt)
+    assert (9, 1, "z") in after
+    assert cached(PgSession, region, stmt) == after

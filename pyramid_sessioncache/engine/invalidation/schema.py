@@ -291,6 +291,7 @@ class Catalog:
     does (it calls ``nextval()``, ``currval()``, an advisory lock...).
     ``version``: on SQLite, each database of the connection it was read
     on, its file and its ``schema_version``, when it was read; or None.
+    :meth:`calls` remembers what each pattern found in a SQL text.
     """
 
     def __init__(
@@ -310,7 +311,35 @@ class Catalog:
         self.setters = setters
         self.writers = writers
         self.effects = effects
+        self._found: dict[tuple[str, str], bool] = {}
 
+    def calls(self, pattern: str, sql: str) -> bool:
+        """Whether ``pattern`` (``routines``, ``setters``, ``writers`` or ``effects``) finds a call in ``sql``.
+
+        Remembered per SQL text, which repeats (SQLAlchemy compiles a
+        statement once), for this catalog only: a schema changed is a new
+        catalog.  Every statement of every engine asks, and with thousands
+        of functions one search costs milliseconds.  Long texts (a batch of
+        rows inserted in one statement) are searched every time, so that
+        what is remembered stays small.
+        """
+        found = self._found.get((pattern, sql))
+        if found is None:
+            searched = getattr(self, pattern)
+            if searched is None:
+                return False
+            found = searched.search(_COLUMN_LISTS.sub(" ", sql) if pattern == "writers" else sql) is not None
+            if len(sql) <= _FOUND_TEXT:
+                if len(self._found) >= _FOUND_SIZE:
+                    self._found.clear()
+                self._found[(pattern, sql)] = found
+        return found
+
+
+#: How many (pattern, SQL text) answers a catalog remembers, and for texts
+#: of at most how many characters (see ``Catalog.calls()``): a few MB at most.
+_FOUND_SIZE = 2000
+_FOUND_TEXT = 2000
 
 _NO_CATALOG = Catalog({}, frozenset())
 
@@ -760,8 +789,7 @@ def calls_routines(conn: Any, sql: str) -> bool:
     """
     if conn.dialect.name != "postgresql":
         return False
-    routines = _schema.catalog(conn).routines
-    return routines is not None and routines.search(sql) is not None
+    return _schema.catalog(conn).calls("routines", sql)
 
 
 def calls_writers(conn: Any, sql: str) -> bool:
@@ -778,8 +806,7 @@ def calls_writers(conn: Any, sql: str) -> bool:
     # SQL that calls nothing may still read a view over a writer: asked of
     # the catalog once it is known (the first write or miss reads it), never
     # read for it, as every statement of every engine comes here.
-    writers = _schema.catalog(conn, read="(" in sql).writers
-    return writers is not None and writers.search(_COLUMN_LISTS.sub(" ", sql)) is not None
+    return _schema.catalog(conn, read="(" in sql).calls("writers", sql)
 
 
 #: The table an INSERT names, before its column list.
@@ -796,16 +823,14 @@ def calls_effects(conn: Any, sql: str) -> bool:
     """
     if conn.dialect.name != "postgresql" or "(" not in sql:
         return False
-    effects = _schema.catalog(conn).effects
-    return effects is not None and effects.search(sql) is not None
+    return _schema.catalog(conn).calls("effects", sql)
 
 
 def calls_setters(conn: Any, sql: str) -> bool:
     """Whether ``sql``, run on ``conn``, may call a function of the database's own that changes a setting."""
     if conn.dialect.name != "postgresql":
         return False
-    setters = _schema.catalog(conn).setters
-    return setters is not None and setters.search(sql) is not None
+    return _schema.catalog(conn).calls("setters", sql)
 
 
 def note(table: Any) -> None:
