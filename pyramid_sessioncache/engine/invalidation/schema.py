@@ -38,7 +38,7 @@ import logging
 import re
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from ... import _sqlalchemy
 from ..._weak import members
@@ -153,19 +153,26 @@ WHERE v.relkind = 'v' AND r.ev_action::text ~ ':relid ([0-9]{1,4}|1[01][0-9]{3})
 #: overloads a built-in's name (``date(integer)``).  With each, whether
 #: its source changes a setting (or makes a temporary relation, which
 #: shadows a table on its connection alone, as a ``search_path`` does), and
-#: its source (an operator's: its function's name), to find those that call one that does.
+#: its source (an operator's: its function's name; an aggregate's: the
+#: names of its state, final and other functions, which it calls), to find
+#: those that call one that does; and whether it can be called with one
+#: argument, in attribute notation (``person.f`` calls ``f(person)``).
 #: ``{source}``: what gives a function's source (see ``_routine_source()``).
 POSTGRESQL_ROUTINES = """
 SELECT p.proname, false,
        s.source ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M|\\mtemp(orary)?\\M|\\mpg_temp)',
-       s.source
+       s.source, p.pronargs >= 1 AND p.pronargs - p.pronargdefaults <= 1
 FROM pg_proc p
 JOIN pg_namespace n ON n.oid = p.pronamespace
-CROSS JOIN LATERAL (SELECT {source} AS source) s
+LEFT JOIN pg_aggregate a ON a.aggfnoid = p.oid
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN a.aggfnoid IS NULL THEN {source} ELSE concat_ws(' ', a.aggtransfn, a.aggfinalfn, a.aggcombinefn,
+           a.aggserialfn, a.aggdeserialfn, a.aggmtransfn, a.aggminvtransfn, a.aggmfinalfn) END AS source
+) s
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND p.prorettype <> 'trigger'::regtype
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
 UNION
-SELECT o.oprname, true, false, o.oprcode::text
+SELECT o.oprname, true, false, o.oprcode::text, false
 FROM pg_operator o
 JOIN pg_namespace n ON n.oid = o.oprnamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -184,6 +191,39 @@ LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.
 JOIN pg_proc f ON f.oid = CASE WHEN d.refclassid = 'pg_proc'::regclass THEN d.refobjid ELSE o.oprcode END
 JOIN pg_namespace n ON n.oid = coalesce(o.oprnamespace, f.pronamespace)
 WHERE v.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+#: The tables and the functions of the database's own a write to each may
+#: call, directly or as an operator's function, which its statement does
+#: not name: its columns' defaults (generated columns too) and its checks,
+#: and the defaults and checks of its columns' domains (a domain over a
+#: domain too).  An ``INSERT`` of the ORM calls a default that writes
+#: another table.
+POSTGRESQL_WRITE_ROUTINES = """
+WITH RECURSIVE domains AS (
+    SELECT a.attrelid AS rel, a.atttypid AS type
+    FROM pg_attribute a
+    JOIN pg_type t ON t.oid = a.atttypid
+    WHERE a.attnum > 0 AND NOT a.attisdropped AND t.typtype = 'd'
+    UNION
+    SELECT d.rel, t.typbasetype FROM domains d JOIN pg_type t ON t.oid = d.type WHERE t.typtype = 'd'
+), users AS (
+    SELECT adrelid AS rel, 'pg_attrdef'::regclass AS classid, oid AS objid FROM pg_attrdef
+    UNION ALL
+    SELECT conrelid, 'pg_constraint'::regclass, oid FROM pg_constraint WHERE contype = 'c' AND conrelid <> 0
+    UNION ALL
+    SELECT d.rel, 'pg_constraint'::regclass, k.oid FROM domains d JOIN pg_constraint k ON k.contypid = d.type
+    UNION ALL
+    SELECT d.rel, 'pg_type'::regclass, d.type FROM domains d
+)
+SELECT DISTINCT c.relname, f.proname
+FROM users u
+JOIN pg_class c ON c.oid = u.rel
+JOIN pg_depend d ON d.classid = u.classid AND d.objid = u.objid
+LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
+JOIN pg_proc f ON f.oid = CASE WHEN d.refclassid = 'pg_proc'::regclass THEN d.refobjid ELSE o.oprcode END
+JOIN pg_namespace n ON n.oid = coalesce(o.oprnamespace, f.pronamespace)
+WHERE c.relkind IN ('r', 'p', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
 #: What SQLite's schema says of foreign keys whose actions write the
@@ -441,19 +481,26 @@ class _Schema:
             cursor.execute(POSTGRESQL_OPAQUE)
             opaque = closure((reads.version_name(name) for (name,) in cursor.fetchall()), shows)
             cursor.execute(POSTGRESQL_ROUTINES.format(source=_routine_source(conn)))
-            rows = cursor.fetchall()
+            rows = [_Routine(*row) for row in cursor.fetchall()]
             cursor.execute(POSTGRESQL_VIEW_ROUTINES)
             view_routines = cursor.fetchall()
+            cursor.execute(POSTGRESQL_WRITE_ROUTINES)
+            write_routines = cursor.fetchall()
             cursor.execute(POSTGRESQL_TRIGGERS)
             triggers = cursor.fetchall()
         finally:
             cursor.close()
-        routines = _routines_pattern([(name, operator) for name, operator, _, _ in rows])
-        setters = _calling(rows, {(name, operator) for name, operator, sets, _ in rows if sets})
+        routines = _routines_pattern([row.called for row in rows])
+        setters = _calling(rows, {row.called for row in rows if row.sets})
         # Those that call a function of keys.EFFECT_FUNCTIONS (nextval(), currval(), a lock): run for what they do.
-        effects = _calling(rows, {(name, operator) for name, operator, _, source in rows if EFFECT_SQL.search(source)})
+        effects = _calling(rows, {row.called for row in rows if EFFECT_SQL.search(row.source)})
         writers, views = _writers(rows, view_routines, shows)
-        calls_writers = _routines_pattern(writers, called=True, views=views)
+        attributes = {row.name for row in rows if row.attribute}
+        calls_writers = _routines_pattern(writers, called=True, views=views, attributes=attributes)
+        writing = {name for name, operator in writers if not operator}
+        for table, called in write_routines:
+            if called in writing:  # what it writes is not read here
+                edges.setdefault(reads.version_name(table), set()).add(reads.ALL_TABLES)
         for table, language, source in triggers:
             if language != "plpgsql" or (calls_writers is not None and calls_writers.search(source)):
                 # C, another language, a call of a function that writes, a read of a view that calls one.
@@ -469,7 +516,7 @@ class _Schema:
             routines,
             _routines_pattern(setters),
             calls_writers,
-            _routines_pattern(effects, called=True),
+            _routines_pattern(effects, called=True, attributes=attributes),
         )
 
     @staticmethod
@@ -690,7 +737,24 @@ def _writes(source: str) -> bool:
     )
 
 
-def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool]]) -> list[tuple[str, bool]]:
+class _Routine(NamedTuple):
+    """A row of :data:`POSTGRESQL_ROUTINES`."""
+
+    name: str
+    operator: bool
+    #: Whether its source changes a setting.
+    sets: bool
+    source: str
+    #: Whether it can be called in attribute notation (``person.f``).
+    attribute: bool
+
+    @property
+    def called(self) -> tuple[str, bool]:
+        """How a statement calls it: by its name, or by its symbols."""
+        return self.name, self.operator
+
+
+def _calling(rows: list[_Routine], found: set[tuple[str, bool]]) -> list[tuple[str, bool]]:
     """The routines ``found`` among ``rows``, and those that call one of them (at any depth)."""
     found = set(found)
     more = found
@@ -702,18 +766,14 @@ def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool
         calls = _routines_pattern(list(more))
         if calls is None:
             return sorted(found)
-        more = {
-            (name, operator)
-            for name, operator, _, source in rows
-            if (name, operator) not in found and calls.search(source)
-        }
+        more = {row.called for row in rows if row.called not in found and calls.search(row.source)}
         if not more:
             return sorted(found)
         found |= more
 
 
 def _writers(
-    rows: list[tuple[str, bool, bool, str]], view_routines: list[tuple[str, str]], shows: Mapping[str, Iterable[str]]
+    rows: list[_Routine], view_routines: list[tuple[str, str]], shows: Mapping[str, Iterable[str]]
 ) -> tuple[list[tuple[str, bool]], frozenset[str]]:
     """The routines among ``rows`` that write, and the views whose read writes (version names).
 
@@ -721,31 +781,33 @@ def _writers(
     a view over such a view; a routine that reads one writes too, and so
     does one that calls such a routine, at any depth.
     """
-    found = {(name, operator) for name, operator, _, source in rows if _writes(source)}
+    found = {row.called for row in rows if _writes(row.source)}
     while True:
         writers = _calling(rows, found)
         writing = {name for name, operator in writers if not operator}
         views = closure((reads.version_name(view) for view, called in view_routines if called in writing), shows)
         reading = _routines_pattern([], views=views)
-        more = {
-            (name, operator) for name, operator, _, source in rows if reading is not None and reading.search(source)
-        }
+        more = {row.called for row in rows if reading is not None and reading.search(row.source)}
         if more <= set(writers):
             return writers, views
         found = set(writers) | more
 
 
 def _routines_pattern(
-    rows: list[tuple[str, bool]], called: bool = False, views: Iterable[str] = ()
+    rows: list[tuple[str, bool]], called: bool = False, views: Iterable[str] = (), attributes: Iterable[str] = ()
 ) -> re.Pattern[str] | None:
     # A function by its name as a word (any case: unquoted names fold), an
     # operator by its symbols; the longest first.  ``called``: a function
     # only by its name before "(", quoted or not (a column spelt like it
-    # calls nothing).  ``views``: relations found by their name as a word.
+    # calls nothing), or, if it is one of ``attributes``, after "." (``p.f``,
+    # ``(p)."f"``: attribute notation).  ``views``: relations found by their name as a word.
     names = sorted({name for name, operator in rows if not operator}, key=len, reverse=True)
     operators = sorted({name for name, operator in rows if operator}, key=len, reverse=True)
     end = r'"?\s*\(' if called else r"(?![\w$])"
     parts = [rf"(?<![\w$]){re.escape(name)}{end}" for name in names] + [re.escape(op) for op in operators]
+    if called:
+        attributes = set(attributes)
+        parts += [rf'\.\s*"?{re.escape(name)}"?(?![\w$])' for name in names if name in attributes]
     parts += [rf"(?<![\w$]){re.escape(view)}(?![\w$])" for view in sorted(views, key=len, reverse=True)]
     return re.compile("|".join(parts), re.I) if parts else None
 

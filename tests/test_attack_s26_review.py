@@ -1,0 +1,124 @@
+"""Attack s26 (review): s25's fixes attacked again, and PostgreSQL's writers no statement names.
+
+Each test compares what a cached read returns with what an uncached read
+of the same query returns, after a committed write.  Hits are proven by
+counting statements.
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, Table, select, text
+from sqlalchemy.orm import DeclarativeBase
+
+from .test_attack_s25_review import (  # the helpers of s25's review, and its autouse fixture
+    _logged_fresh_after,
+    _no_schema_known,  # noqa: F401
+)
+
+_LOG = Table("s26_log", MetaData(), Column("id", Integer))
+_LOGGED = select(_LOG.c.id)
+
+
+class _Base(DeclarativeBase):
+    pass
+
+
+class _Item(_Base):
+    """A row of ``s26_item``, mapped without the columns the database fills in."""
+
+    __tablename__ = "s26_item"
+    id = Column(Integer, primary_key=True)
+
+
+def _add_item(session) -> None:
+    session.add(_Item(id=1))
+    session.flush()
+
+
+# PostgreSQL: what a write to a table calls ------------------------------------------------------------
+
+_WRITER = """
+CREATE TABLE s26_log (id integer);
+CREATE FUNCTION s26_logged() RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO s26_log VALUES (1); RETURN 1; END $$;
+CREATE FUNCTION s26_logged(a integer, b integer) RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO s26_log VALUES (1); RETURN a + b; END $$;
+CREATE OPERATOR ### (LEFTARG = integer, RIGHTARG = integer, FUNCTION = s26_logged);
+"""
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        "CREATE TABLE s26_item (id integer PRIMARY KEY, stamp integer DEFAULT s26_logged())",
+        "CREATE TABLE s26_item (id integer PRIMARY KEY, stamp integer DEFAULT 1 ### 2)",
+        "CREATE TABLE s26_item (id integer PRIMARY KEY CHECK (s26_logged() > 0))",
+        "CREATE DOMAIN s26_stamp AS integer DEFAULT s26_logged();"
+        "CREATE TABLE s26_item (id integer PRIMARY KEY, stamp s26_stamp)",
+        "CREATE DOMAIN s26_id AS integer CHECK (s26_logged() > 0);CREATE TABLE s26_item (id s26_id PRIMARY KEY)",
+    ],
+    ids=["a column's default", "an operator in a default", "a check", "a domain's default", "a domain's check"],
+)
+def test_what_a_postgresql_insert_calls_through_its_tables_definition_is_invalidated(pg_database, item):
+    # The ORM's INSERT names the table and its mapped columns only: a
+    # default, or a check, that calls a function that writes another table
+    # wrote it unseen, and what read that table stayed stale.
+    _logged_fresh_after(pg_database, _WRITER + item, _LOGGED, _add_item)
+
+
+_AGGREGATES = """
+CREATE TABLE s26_log (id integer);
+CREATE TABLE s26_item (id integer PRIMARY KEY);
+INSERT INTO s26_item VALUES (1);
+CREATE FUNCTION s26_step(state integer, x integer) RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO s26_log VALUES (1); RETURN coalesce(state, 0) + x; END $$;
+CREATE FUNCTION s26_final(state integer) RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO s26_log VALUES (1); RETURN state; END $$;
+CREATE FUNCTION s26_add(state integer, x integer) RETURNS integer LANGUAGE sql AS 'SELECT coalesce(state, 0) + x';
+CREATE AGGREGATE s26_stepped(integer) (SFUNC = s26_step, STYPE = integer);
+CREATE AGGREGATE s26_finished(integer) (SFUNC = s26_add, STYPE = integer, FINALFUNC = s26_final);
+CREATE VIEW s26_totals AS SELECT s26_stepped(id) AS total FROM s26_item;
+CREATE FUNCTION s26_totalled() RETURNS integer LANGUAGE sql AS 'SELECT s26_finished(id) FROM s26_item';
+"""
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        "SELECT s26_stepped(id) FROM s26_item",
+        "SELECT s26_finished(id) FROM s26_item",
+        "SELECT total FROM s26_totals",
+        "SELECT s26_totalled()",
+    ],
+    ids=["its state function", "its final function", "a view over it", "a function calling it"],
+)
+def test_a_postgresql_aggregate_whose_support_function_writes_writes_every_table(pg_database, write):
+    # An aggregate's own source is empty (its functions are in
+    # pg_aggregate): it, and what calls it, were taken for readers, and
+    # what its state or final function wrote stayed stale.
+    _logged_fresh_after(pg_database, _AGGREGATES, _LOGGED, text(write))
+
+
+_AUDITED_PEOPLE = """
+CREATE TABLE s26_log (id integer);
+CREATE TABLE s26_person (id integer PRIMARY KEY);
+INSERT INTO s26_person VALUES (1);
+CREATE FUNCTION s26_audit(s26_person) RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO s26_log VALUES ($1.id); RETURN 1; END $$;
+"""
+
+
+@pytest.mark.parametrize(
+    "write",
+    [
+        "SELECT p.s26_audit FROM s26_person p",
+        "SELECT (p).s26_audit FROM s26_person p",
+        'SELECT s26_person."s26_audit" FROM s26_person',
+    ],
+    ids=["alias.f", "(alias).f", 'table."f"'],
+)
+def test_a_postgresql_function_that_writes_called_in_attribute_notation_writes_every_table(pg_database, write):
+    # f(person) may be called as person.f: only f( was looked for, and the
+    # log it wrote stayed stale.
+    _logged_fresh_after(pg_database, _AUDITED_PEOPLE, _LOGGED, text(write))
