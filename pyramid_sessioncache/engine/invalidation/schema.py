@@ -37,6 +37,7 @@ from __future__ import annotations
 import logging
 import re
 import weakref
+from collections import deque
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -369,9 +370,11 @@ class _Schema:
         #: How many times every catalog was forgotten: a SQLite connection's, held
         #: in its ``info`` with the count of when it was read, is read again too.
         self._forgotten = 0
-        #: The catalogs SQLite connections hold, their own ones too: what a
-        #: declared write is closed over (see known_edges()).
+        #: The catalogs SQLite connections hold, their own ones too, and the
+        #: last ones read (their connections may be closed since: a pool
+        #: disposed after a fork): what a declared write is closed over (see known_edges()).
         self._held: weakref.WeakSet[Catalog] = weakref.WeakSet()
+        self._read_last: deque[Catalog] = deque(maxlen=_MAX_CATALOGS)
 
     def note(self, metadata: Any) -> None:
         self._seen.add(metadata)
@@ -446,7 +449,9 @@ class _Schema:
             if shared:
                 self._keep(layout, found)
         conn.info[_SQLITE_CATALOG] = (self._forgotten, found)
-        self._held.add(found)
+        if found not in self._held:
+            self._held.add(found)
+            self._read_last.append(found)
 
     def _keep(self, key: Any, catalog: Catalog) -> None:
         self._catalogs.pop(key, None)
@@ -455,9 +460,11 @@ class _Schema:
         self._catalogs[key] = catalog
 
     def known_edges(self) -> list[Mapping[str, Iterable[str]]]:
-        # A catalog a connection holds alone (its temporary objects) counts too:
-        # its main database's triggers are every connection's.
-        catalogs = {id(catalog): catalog for catalog in [*list(self._catalogs.values()), *members(self._held)]}
+        # A catalog a connection holds alone (its temporary objects) counts too,
+        # even once that connection is closed: its main database's triggers are
+        # every connection's.
+        known = [*list(self._catalogs.values()), *members(self._held), *list(self._read_last)]
+        catalogs = {id(catalog): catalog for catalog in known}
         return [self.mapped_edges(), *(catalog.edges for catalog in catalogs.values())]
 
     def forget(self) -> None:
