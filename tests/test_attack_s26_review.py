@@ -7,6 +7,8 @@ counting statements.
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, select, text
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
@@ -170,4 +172,41 @@ def test_a_declared_write_is_closed_over_triggers_read_by_connections_with_tempo
         counter.reset()
         assert _rows(session, _COUNTS, "memory") == truth
         assert counter.count == 0  # stored again, and a hit
+    engine.dispose()
+
+
+# SQLite: databases a connection alone sees ----------------------------------------------------------------
+
+
+def test_threads_of_an_engine_in_memory_are_not_served_each_others_rows():
+    # sqlite:// gives each thread a connection of its own (SingletonThreadPool),
+    # and each connection a database of its own: the look-ups of every thread
+    # were keyed alike (one identity per pool), and one thread was served the
+    # rows of another's database.
+    engine = create_engine("sqlite://")
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    made, read = threading.Barrier(2), threading.Event()
+    found: dict[int, list] = {}
+    counter = SQLCounter(engine)
+
+    def work(n: int) -> None:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE s26_count (id INTEGER PRIMARY KEY, n INTEGER)")
+            conn.exec_driver_sql(f"INSERT INTO s26_count VALUES (1, {n})")
+        made.wait(timeout=10)  # both databases made: no schema change after the first read
+        if n == 2:
+            read.wait(timeout=10)
+        with Sess() as session:  # one thread at a time
+            found[n] = [_rows(session, _COUNTS), _rows(session, _COUNTS, "memory")]
+            counter.reset()
+            found[n] += [_rows(session, _COUNTS, "memory"), counter.count]
+        read.set()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in (1, 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    # Each thread: the truth, its own rows, then its own again from a hit.
+    assert found == {1: [[(1,)], [(1,)], [(1,)], 0], 2: [[(2,)], [(2,)], [(2,)], 0]}
     engine.dispose()
