@@ -64,8 +64,17 @@ CREATE OPERATOR ### (LEFTARG = integer, RIGHTARG = integer, FUNCTION = s26_logge
         "CREATE DOMAIN s26_stamp AS integer DEFAULT s26_logged();"
         "CREATE TABLE s26_item (id integer PRIMARY KEY, stamp s26_stamp)",
         "CREATE DOMAIN s26_id AS integer CHECK (s26_logged() > 0);CREATE TABLE s26_item (id s26_id PRIMARY KEY)",
+        "CREATE TABLE s26_item (id integer PRIMARY KEY);"
+        "CREATE RULE s26_logs AS ON INSERT TO s26_item DO ALSO SELECT s26_logged()",
     ],
-    ids=["a column's default", "an operator in a default", "a check", "a domain's default", "a domain's check"],
+    ids=[
+        "a column's default",
+        "an operator in a default",
+        "a check",
+        "a domain's default",
+        "a domain's check",
+        "a rule",
+    ],
 )
 def test_what_a_postgresql_insert_calls_through_its_tables_definition_is_invalidated(pg_database, item):
     # The ORM's INSERT names the table and its mapped columns only: a
@@ -129,6 +138,54 @@ def test_a_postgresql_function_that_writes_called_in_attribute_notation_writes_e
     # f(person) may be called as person.f: only f( was looked for, and the
     # log it wrote stayed stale.
     _logged_fresh_after(pg_database, _AUDITED_PEOPLE, _LOGGED, text(write))
+
+
+_CAST = """
+CREATE TYPE s26_t AS (a integer);
+CREATE FUNCTION s26_to(integer) RETURNS s26_t LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO s26_log VALUES (1); RETURN ROW($1); END $$;
+"""
+_CALLS = """
+CREATE FUNCTION s26_default(x integer DEFAULT s26_logged()) RETURNS integer LANGUAGE sql RETURN x;
+CREATE CAST (integer AS s26_t) WITH FUNCTION s26_to(integer);
+CREATE FUNCTION s26_cast() RETURNS integer LANGUAGE sql AS 'SELECT (CAST(1 AS s26_t)).a';
+"""
+
+
+@pytest.mark.parametrize(
+    "write",
+    ["SELECT s26_default()", "SELECT 1::s26_t", "SELECT s26_cast()"],
+    ids=["an argument's default", "a cast", "a function that casts"],
+)
+def test_what_a_postgresql_statement_calls_without_naming_it_writes_every_table(pg_database, write):
+    # A call that leaves out an argument evaluates its default, and a cast
+    # to a type calls its cast function: neither names the function that
+    # writes, and the log stayed stale.
+    _logged_fresh_after(pg_database, _WRITER + _CAST + _CALLS, _LOGGED, text(write))
+
+
+def test_a_postgresql_cast_applied_where_no_statement_names_it_writes_every_table(pg_database):
+    # An assignment (or implicit) cast is applied where a value of one type
+    # goes where another is wanted: INSERT INTO s26_item VALUES (1) calls
+    # s26_to().  No statement can be told free of it: each writes every
+    # table, and such a database's reads are never served from a shared region.
+    engine = create_engine(pg_database)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            _WRITER + _CAST + "CREATE CAST (integer AS s26_t) WITH FUNCTION s26_to(integer) AS ASSIGNMENT;"
+            "CREATE TABLE s26_item (v s26_t);"
+        )
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    with Sess() as session:
+        assert _rows(session, _LOGGED, "memory") == []
+    with Sess() as session:
+        session.execute(text("INSERT INTO s26_item VALUES (1)"))
+        session.commit()
+    truth = _truth(engine, _LOGGED)
+    assert truth == [(1,)]
+    with Sess() as session:
+        assert _rows(session, _LOGGED, "memory") == truth
+    engine.dispose()
 
 
 # SQLite: catalogs of connections with temporary objects, once those connections are gone -------------

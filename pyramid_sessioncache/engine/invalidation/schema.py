@@ -23,7 +23,10 @@ whose row-level security policy does, any SQLite view (its schema keeps
 only its SQL).  A result that read one of them
 depends on :data:`~.reads.ANY_TABLE`, as SQL text does (:func:`depends_on`).
 A function whose body writes may be called by a SELECT: such a statement
-writes every table (:func:`calls_writers`).
+writes every table (:func:`calls_writers`), and so does one that calls it
+unnamed, by what the catalog records: a write to a table whose default,
+check, rule or policy calls it, an aggregate whose state or final function
+it is, a cast (every statement, for a cast applied implicitly).
 
 The catalog of a database is read once, at the first write or miss that
 needs it, and kept per database (:func:`~pyramid_sessioncache.engine.identity.database_identity`),
@@ -38,7 +41,7 @@ import logging
 import re
 import weakref
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 from ... import _sqlalchemy
@@ -154,8 +157,9 @@ WHERE v.relkind = 'v' AND r.ev_action::text ~ ':relid ([0-9]{1,4}|1[01][0-9]{3})
 #: overloads a built-in's name (``date(integer)``).  With each, whether
 #: its source changes a setting (or makes a temporary relation, which
 #: shadows a table on its connection alone, as a ``search_path`` does), and
-#: its source (an operator's: its function's name; an aggregate's: the
-#: names of its state, final and other functions, which it calls), to find
+#: its source (with its arguments' defaults, which a call may evaluate; an
+#: operator's: its function's name; an aggregate's: the names of its state,
+#: final and other functions, which it calls), to find
 #: those that call one that does; and whether it can be called with one
 #: argument, in attribute notation (``person.f`` calls ``f(person)``).
 #: ``{source}``: what gives a function's source (see ``_routine_source()``).
@@ -167,8 +171,9 @@ FROM pg_proc p
 JOIN pg_namespace n ON n.oid = p.pronamespace
 LEFT JOIN pg_aggregate a ON a.aggfnoid = p.oid
 CROSS JOIN LATERAL (
-    SELECT CASE WHEN a.aggfnoid IS NULL THEN {source} ELSE concat_ws(' ', a.aggtransfn, a.aggfinalfn, a.aggcombinefn,
-           a.aggserialfn, a.aggdeserialfn, a.aggmtransfn, a.aggminvtransfn, a.aggmfinalfn) END AS source
+    SELECT CASE WHEN a.aggfnoid IS NULL THEN concat_ws(' ', {source}, pg_get_expr(p.proargdefaults, 0))
+           ELSE concat_ws(' ', a.aggtransfn, a.aggfinalfn, a.aggcombinefn, a.aggserialfn, a.aggdeserialfn,
+                          a.aggmtransfn, a.aggminvtransfn, a.aggmfinalfn) END AS source
 ) s
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND p.prorettype <> 'trigger'::regtype
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
@@ -194,12 +199,13 @@ JOIN pg_namespace n ON n.oid = coalesce(o.oprnamespace, f.pronamespace)
 WHERE v.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
-#: The tables and the functions of the database's own a write to each may
-#: call, directly or as an operator's function, which its statement does
-#: not name: its columns' defaults (generated columns too) and its checks,
-#: and the defaults and checks of its columns' domains (a domain over a
-#: domain too).  An ``INSERT`` of the ORM calls a default that writes
-#: another table.
+#: The tables (and views) and the functions of the database's own a write
+#: to each may call, directly or as an operator's function, which its
+#: statement does not name: its columns' defaults (generated columns too),
+#: its checks, its rules (``DO ALSO SELECT f()``) and its row-level
+#: security policies, and the defaults and checks of its columns' domains
+#: (a domain over a domain too).  An ``INSERT`` of the ORM calls a default
+#: that writes another table.
 POSTGRESQL_WRITE_ROUTINES = """
 WITH RECURSIVE domains AS (
     SELECT a.attrelid AS rel, a.atttypid AS type
@@ -216,6 +222,10 @@ WITH RECURSIVE domains AS (
     SELECT d.rel, 'pg_constraint'::regclass, k.oid FROM domains d JOIN pg_constraint k ON k.contypid = d.type
     UNION ALL
     SELECT d.rel, 'pg_type'::regclass, d.type FROM domains d
+    UNION ALL
+    SELECT ev_class, 'pg_rewrite'::regclass, oid FROM pg_rewrite WHERE rulename <> '_RETURN'
+    UNION ALL
+    SELECT polrelid, 'pg_policy'::regclass, oid FROM pg_policy
 )
 SELECT DISTINCT c.relname, f.proname
 FROM users u
@@ -224,7 +234,22 @@ JOIN pg_depend d ON d.classid = u.classid AND d.objid = u.objid
 LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
 JOIN pg_proc f ON f.oid = CASE WHEN d.refclassid = 'pg_proc'::regclass THEN d.refobjid ELSE o.oprcode END
 JOIN pg_namespace n ON n.oid = coalesce(o.oprnamespace, f.pronamespace)
-WHERE c.relkind IN ('r', 'p', 'f') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+WHERE c.relkind IN ('r', 'p', 'f', 'v') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+#: The casts whose function is of the database's own (not an
+#: extension's): the type each casts to, whether it is applied only when a
+#: statement says so (``1::money_t``, ``CAST(x AS money_t)``, ``money_t(x)``:
+#: it names the type), and its function.  An implicit or assignment cast
+#: is applied where no statement names it.
+POSTGRESQL_CASTS = """
+SELECT t.typname, k.castcontext = 'e', f.proname
+FROM pg_cast k
+JOIN pg_proc f ON f.oid = k.castfunc
+JOIN pg_namespace n ON n.oid = f.pronamespace
+JOIN pg_type t ON t.oid = k.casttarget
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_cast'::regclass AND e.objid = k.oid AND e.deptype = 'e')
 """
 
 #: What SQLite's schema says of foreign keys whose actions write the
@@ -493,6 +518,8 @@ class _Schema:
             view_routines = cursor.fetchall()
             cursor.execute(POSTGRESQL_WRITE_ROUTINES)
             write_routines = cursor.fetchall()
+            cursor.execute(POSTGRESQL_CASTS)
+            casts = cursor.fetchall()
             cursor.execute(POSTGRESQL_TRIGGERS)
             triggers = cursor.fetchall()
         finally:
@@ -501,10 +528,19 @@ class _Schema:
         setters = _calling(rows, {row.called for row in rows if row.sets})
         # Those that call a function of keys.EFFECT_FUNCTIONS (nextval(), currval(), a lock): run for what they do.
         effects = _calling(rows, {row.called for row in rows if EFFECT_SQL.search(row.source)})
-        writers, views = _writers(rows, view_routines, shows)
+        writers, views = _writers(rows, view_routines, shows, casts)
         attributes = {row.name for row in rows if row.attribute}
         calls_writers = _routines_pattern(writers, called=True, views=views, attributes=attributes)
         writing = {name for name, operator in writers if not operator}
+        if any(called in writing for _, explicit, called in casts if not explicit):
+            # Applied where no statement names it (an INSERT of an integer into
+            # a column of the type, a function's argument): every statement may.
+            log.warning(
+                "%r has an implicit or assignment cast whose function writes: every statement on it "
+                "counts as a write to every table, and none of its reads is served from a shared region",
+                database_identity(conn),
+            )
+            calls_writers = _EVERY_STATEMENT
         for table, called in write_routines:
             if called in writing:  # what it writes is not read here
                 edges.setdefault(reads.version_name(table), set()).add(reads.ALL_TABLES)
@@ -780,19 +816,25 @@ def _calling(rows: list[_Routine], found: set[tuple[str, bool]]) -> list[tuple[s
 
 
 def _writers(
-    rows: list[_Routine], view_routines: list[tuple[str, str]], shows: Mapping[str, Iterable[str]]
+    rows: list[_Routine],
+    view_routines: list[tuple[str, str]],
+    shows: Mapping[str, Iterable[str]],
+    casts: Sequence[tuple[str, bool, str]] = (),
 ) -> tuple[list[tuple[str, bool]], frozenset[str]]:
-    """The routines among ``rows`` that write, and the views whose read writes (version names).
+    """The routines among ``rows`` that write, and the names that call one: views whose read writes, types cast to.
 
     A view over a function that writes writes when it is read, and so does
-    a view over such a view; a routine that reads one writes too, and so
-    does one that calls such a routine, at any depth.
+    a view over such a view; so does an explicit cast (:data:`POSTGRESQL_CASTS`)
+    to a type whose cast function writes; a routine that reads such a view
+    or casts to such a type writes too, and so does one that calls such a
+    routine, at any depth.
     """
     found = {row.called for row in rows if _writes(row.source)}
     while True:
         writers = _calling(rows, found)
         writing = {name for name, operator in writers if not operator}
         views = closure((reads.version_name(view) for view, called in view_routines if called in writing), shows)
+        views |= {reads.version_name(cast) for cast, explicit, called in casts if explicit and called in writing}
         reading = _routines_pattern([], views=views)
         more = {row.called for row in rows if reading is not None and reading.search(row.source)}
         if more <= set(writers):
@@ -850,6 +892,9 @@ def calls_writers(conn: Any, sql: str) -> bool:
     writers = _schema.catalog(conn, read="(" in sql).writers
     return writers is not None and writers.search(_COLUMN_LISTS.sub(" ", sql)) is not None
 
+
+#: What every statement matches: a cast applied where no statement names it calls a function that writes.
+_EVERY_STATEMENT = re.compile("")
 
 #: The table an INSERT names, before its column list.
 _COLUMN_LISTS = re.compile(r'\binto\s+[\w$."]+\s*\(', re.I)
