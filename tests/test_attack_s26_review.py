@@ -8,9 +8,10 @@ counting statements.
 from __future__ import annotations
 
 import threading
+import uuid
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, select, text
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, make_url, select, text
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
 
 from .conftest import SQLCounter
@@ -186,6 +187,40 @@ def test_a_postgresql_cast_applied_where_no_statement_names_it_writes_every_tabl
     with Sess() as session:
         assert _rows(session, _LOGGED, "memory") == truth
     engine.dispose()
+
+
+_POLICED = """
+CREATE TABLE s26_item (id integer);
+INSERT INTO s26_item VALUES (1);
+ALTER TABLE s26_item ENABLE ROW LEVEL SECURITY;
+ALTER TABLE s26_item FORCE ROW LEVEL SECURITY;
+"""
+
+
+@pytest.mark.parametrize(
+    "policy, write",
+    [
+        ("USING (true) WITH CHECK (s26_logged() > 0)", "INSERT INTO s26_item VALUES (2)"),
+        ("USING (s26_logged() > 0)", "SELECT id FROM s26_item"),
+    ],
+    ids=["a write checked", "a read"],
+)
+def test_a_postgresql_row_level_security_policy_that_calls_a_function_that_writes(pg_database, policy, write):
+    # The policy applies to every statement of a user that is not the
+    # superuser: a write its check calls the function for, and a read its
+    # USING calls it for, wrote the log unseen, which stayed stale.
+    role = f"s26_{uuid.uuid4().hex[:8]}"
+    admin = create_engine(pg_database)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE ROLE {role} LOGIN; GRANT ALL ON SCHEMA public TO {role}; SET ROLE {role};")
+        conn.exec_driver_sql(_WRITER + _POLICED + f"CREATE POLICY s26_policy ON s26_item {policy}; RESET ROLE")
+    try:
+        url = make_url(pg_database).set(username=role).render_as_string(hide_password=False)
+        _logged_fresh_after(url, "SELECT 1", _LOGGED, text(write))
+    finally:
+        with admin.begin() as conn:
+            conn.exec_driver_sql(f"DROP OWNED BY {role}; DROP ROLE {role}")
+        admin.dispose()
 
 
 # SQLite: catalogs of connections with temporary objects, once those connections are gone -------------

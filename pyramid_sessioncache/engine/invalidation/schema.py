@@ -187,16 +187,26 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
 
 #: The views and the functions of the database's own their query calls,
 #: directly or as an operator's function: a view over a function that
-#: writes writes when it is read.
+#: writes writes when it is read.  And so does a table with row-level
+#: security whose policy calls one (``USING (audit() > 0)``).
 POSTGRESQL_VIEW_ROUTINES = """
+WITH users AS (
+    SELECT r.ev_class AS rel, 'pg_rewrite'::regclass AS classid, r.oid AS objid
+    FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class
+    WHERE v.relkind = 'v'
+    UNION ALL
+    SELECT p.polrelid, 'pg_policy'::regclass, p.oid
+    FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
+    WHERE c.relrowsecurity
+)
 SELECT DISTINCT v.relname, f.proname
-FROM pg_rewrite r
-JOIN pg_class v ON v.oid = r.ev_class
-JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+FROM users u
+JOIN pg_class v ON v.oid = u.rel
+JOIN pg_depend d ON d.classid = u.classid AND d.objid = u.objid
 LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
 JOIN pg_proc f ON f.oid = CASE WHEN d.refclassid = 'pg_proc'::regclass THEN d.refobjid ELSE o.oprcode END
 JOIN pg_namespace n ON n.oid = coalesce(o.oprnamespace, f.pronamespace)
-WHERE v.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
 
 #: The tables (and views) and the functions of the database's own a write
@@ -821,10 +831,11 @@ def _writers(
     shows: Mapping[str, Iterable[str]],
     casts: Sequence[tuple[str, bool, str]] = (),
 ) -> tuple[list[tuple[str, bool]], frozenset[str]]:
-    """The routines among ``rows`` that write, and the names that call one: views whose read writes, types cast to.
+    """The routines among ``rows`` that write, and the names that call one: relations whose read writes, types cast to.
 
-    A view over a function that writes writes when it is read, and so does
-    a view over such a view; so does an explicit cast (:data:`POSTGRESQL_CASTS`)
+    A view over a function that writes writes when it is read (a table whose
+    policy calls one too: ``view_routines``), and so does a view over such
+    a view; so does an explicit cast (:data:`POSTGRESQL_CASTS`)
     to a type whose cast function writes; a routine that reads such a view
     or casts to such a type writes too, and so does one that calls such a
     routine, at any depth.
