@@ -56,6 +56,9 @@ CREATE OPERATOR ### (LEFTARG = integer, RIGHTARG = integer, FUNCTION = s26_logge
 """
 
 
+_CHECKED = "CREATE DOMAIN s26_checked AS integer CHECK (s26_logged() > 0);"
+
+
 @pytest.mark.parametrize(
     "item",
     [
@@ -67,6 +70,10 @@ CREATE OPERATOR ### (LEFTARG = integer, RIGHTARG = integer, FUNCTION = s26_logge
         "CREATE DOMAIN s26_id AS integer CHECK (s26_logged() > 0);CREATE TABLE s26_item (id s26_id PRIMARY KEY)",
         "CREATE TABLE s26_item (id integer PRIMARY KEY);"
         "CREATE RULE s26_logs AS ON INSERT TO s26_item DO ALSO SELECT s26_logged()",
+        _CHECKED
+        + "CREATE TABLE s26_item (id integer PRIMARY KEY, ids s26_checked[] DEFAULT ARRAY[ceil(random())::integer])",
+        _CHECKED + "CREATE TYPE s26_pair AS (a s26_checked);"
+        "CREATE TABLE s26_item (id integer PRIMARY KEY, pair s26_pair DEFAULT ROW(ceil(random())::integer))",
     ],
     ids=[
         "a column's default",
@@ -75,6 +82,8 @@ CREATE OPERATOR ### (LEFTARG = integer, RIGHTARG = integer, FUNCTION = s26_logge
         "a domain's default",
         "a domain's check",
         "a rule",
+        "an array of a domain's",
+        "a composite type of a domain's",
     ],
 )
 def test_what_a_postgresql_insert_calls_through_its_tables_definition_is_invalidated(pg_database, item):
@@ -150,19 +159,20 @@ _CALLS = """
 CREATE FUNCTION s26_default(x integer DEFAULT s26_logged()) RETURNS integer LANGUAGE sql RETURN x;
 CREATE CAST (integer AS s26_t) WITH FUNCTION s26_to(integer);
 CREATE FUNCTION s26_cast() RETURNS integer LANGUAGE sql AS 'SELECT (CAST(1 AS s26_t)).a';
+CREATE FUNCTION s26_checking(x s26_checked) RETURNS integer LANGUAGE sql RETURN x;
 """
 
 
 @pytest.mark.parametrize(
     "write",
-    ["SELECT s26_default()", "SELECT 1::s26_t", "SELECT s26_cast()"],
-    ids=["an argument's default", "a cast", "a function that casts"],
+    ["SELECT s26_default()", "SELECT 1::s26_t", "SELECT s26_cast()", "SELECT 1::s26_checked", "SELECT s26_checking(1)"],
+    ids=["an argument's default", "a cast", "a function that casts", "a domain", "a function's argument of a domain"],
 )
 def test_what_a_postgresql_statement_calls_without_naming_it_writes_every_table(pg_database, write):
     # A call that leaves out an argument evaluates its default, and a cast
     # to a type calls its cast function: neither names the function that
     # writes, and the log stayed stale.
-    _logged_fresh_after(pg_database, _WRITER + _CAST + _CALLS, _LOGGED, text(write))
+    _logged_fresh_after(pg_database, _WRITER + _CHECKED + _CAST + _CALLS, _LOGGED, text(write))
 
 
 def test_a_postgresql_cast_applied_where_no_statement_names_it_writes_every_table(pg_database):

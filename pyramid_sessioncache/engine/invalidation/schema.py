@@ -26,7 +26,8 @@ A function whose body writes may be called by a SELECT: such a statement
 writes every table (:func:`calls_writers`), and so does one that calls it
 unnamed, by what the catalog records: a write to a table whose default,
 check, rule or policy calls it, an aggregate whose state or final function
-it is, a cast (every statement, for a cast applied implicitly).
+it is, a cast, a value made of a domain whose check calls it (a column, an
+argument, a cast of that type; every statement, for a cast applied implicitly).
 
 The catalog of a database is read once, at the first write or miss that
 needs it, and kept per database (:func:`~pyramid_sessioncache.engine.identity.database_identity`),
@@ -157,7 +158,8 @@ WHERE v.relkind = 'v' AND r.ev_action::text ~ ':relid ([0-9]{1,4}|1[01][0-9]{3})
 #: overloads a built-in's name (``date(integer)``).  With each, whether
 #: its source changes a setting (or makes a temporary relation, which
 #: shadows a table on its connection alone, as a ``search_path`` does), and
-#: its source (with its arguments' defaults, which a call may evaluate; an
+#: its source (with its arguments' defaults, which a call may evaluate, and
+#: its arguments' and result's types, which a call casts to; an
 #: operator's: its function's name; an aggregate's: the names of its state,
 #: final and other functions, which it calls), to find
 #: those that call one that does; and whether it can be called with one
@@ -166,14 +168,16 @@ WHERE v.relkind = 'v' AND r.ev_action::text ~ ':relid ([0-9]{1,4}|1[01][0-9]{3})
 POSTGRESQL_ROUTINES = """
 SELECT p.proname, false,
        s.source ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M|\\mtemp(orary)?\\M|\\mpg_temp)',
-       s.source, p.pronargs >= 1 AND p.pronargs - p.pronargdefaults <= 1
+       concat_ws(' ', s.source, s.types), p.pronargs >= 1 AND p.pronargs - p.pronargdefaults <= 1
 FROM pg_proc p
 JOIN pg_namespace n ON n.oid = p.pronamespace
 LEFT JOIN pg_aggregate a ON a.aggfnoid = p.oid
 CROSS JOIN LATERAL (
     SELECT CASE WHEN a.aggfnoid IS NULL THEN concat_ws(' ', {source}, pg_get_expr(p.proargdefaults, 0))
            ELSE concat_ws(' ', a.aggtransfn, a.aggfinalfn, a.aggcombinefn, a.aggserialfn, a.aggdeserialfn,
-                          a.aggmtransfn, a.aggminvtransfn, a.aggmfinalfn) END AS source
+                          a.aggmtransfn, a.aggminvtransfn, a.aggmfinalfn) END AS source,
+           (SELECT string_agg(format_type(t, NULL), ' ')
+            FROM unnest(coalesce(p.proallargtypes, p.proargtypes::oid[]) || p.prorettype) t) AS types
 ) s
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND p.prorettype <> 'trigger'::regtype
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
@@ -213,25 +217,13 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
 #: to each may call, directly or as an operator's function, which its
 #: statement does not name: its columns' defaults (generated columns too),
 #: its checks, its rules (``DO ALSO SELECT f()``) and its row-level
-#: security policies, and the defaults and checks of its columns' domains
-#: (a domain over a domain too).  An ``INSERT`` of the ORM calls a default
-#: that writes another table.
+#: security policies.  An ``INSERT`` of the ORM calls a default that writes
+#: another table.  (Its columns' types: :data:`POSTGRESQL_TYPE_ROUTINES`.)
 POSTGRESQL_WRITE_ROUTINES = """
-WITH RECURSIVE domains AS (
-    SELECT a.attrelid AS rel, a.atttypid AS type
-    FROM pg_attribute a
-    JOIN pg_type t ON t.oid = a.atttypid
-    WHERE a.attnum > 0 AND NOT a.attisdropped AND t.typtype = 'd'
-    UNION
-    SELECT d.rel, t.typbasetype FROM domains d JOIN pg_type t ON t.oid = d.type WHERE t.typtype = 'd'
-), users AS (
+WITH users AS (
     SELECT adrelid AS rel, 'pg_attrdef'::regclass AS classid, oid AS objid FROM pg_attrdef
     UNION ALL
     SELECT conrelid, 'pg_constraint'::regclass, oid FROM pg_constraint WHERE contype = 'c' AND conrelid <> 0
-    UNION ALL
-    SELECT d.rel, 'pg_constraint'::regclass, k.oid FROM domains d JOIN pg_constraint k ON k.contypid = d.type
-    UNION ALL
-    SELECT d.rel, 'pg_type'::regclass, d.type FROM domains d
     UNION ALL
     SELECT ev_class, 'pg_rewrite'::regclass, oid FROM pg_rewrite WHERE rulename <> '_RETURN'
     UNION ALL
@@ -245,6 +237,48 @@ LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.
 JOIN pg_proc f ON f.oid = CASE WHEN d.refclassid = 'pg_proc'::regclass THEN d.refobjid ELSE o.oprcode END
 JOIN pg_namespace n ON n.oid = coalesce(o.oprnamespace, f.pronamespace)
 WHERE c.relkind IN ('r', 'p', 'f', 'v') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+#: The types a value of which calls functions of the database's own as it is
+#: made (cast or coerced to it: ``1::checked``, an argument, a column
+#: written): a domain's default and checks, directly or as operators' functions,
+#: and a domain over such a type, an array of one, a composite type with
+#: an attribute of one.  Each type's name and each function's.
+POSTGRESQL_TYPE_ROUTINES = """
+WITH RECURSIVE calls (type, routine) AS (
+    SELECT u.type, f.proname
+    FROM (
+        SELECT t.oid AS type, 'pg_type'::regclass AS classid, t.oid AS objid FROM pg_type t WHERE t.typtype = 'd'
+        UNION ALL
+        SELECT k.contypid, 'pg_constraint'::regclass, k.oid FROM pg_constraint k WHERE k.contypid <> 0
+    ) u
+    JOIN pg_depend d ON d.classid = u.classid AND d.objid = u.objid
+    LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
+    JOIN pg_proc f ON f.oid = CASE WHEN d.refclassid = 'pg_proc'::regclass THEN d.refobjid ELSE o.oprcode END
+    JOIN pg_namespace n ON n.oid = coalesce(o.oprnamespace, f.pronamespace)
+    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+    UNION
+    SELECT t.oid, c.routine
+    FROM calls c
+    JOIN pg_type t ON (t.typtype = 'd' AND t.typbasetype = c.type) OR t.typelem = c.type
+      OR t.typrelid IN (
+        SELECT a.attrelid FROM pg_attribute a JOIN pg_class r ON r.oid = a.attrelid
+        WHERE a.atttypid = c.type AND r.relkind = 'c'
+      )
+)
+SELECT DISTINCT t.typname, c.routine FROM calls c JOIN pg_type t ON t.oid = c.type
+"""
+
+#: The tables (and views) and the types of their columns that are not the
+#: system's: a write to one makes values of the type (see
+#: :data:`POSTGRESQL_TYPE_ROUTINES`).
+POSTGRESQL_COLUMN_TYPES = """
+SELECT DISTINCT c.relname, t.typname
+FROM pg_attribute a
+JOIN pg_class c ON c.oid = a.attrelid
+JOIN pg_type t ON t.oid = a.atttypid
+WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'f', 'v')
+  AND t.typnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
 """
 
 #: The casts whose function is of the database's own (not an
@@ -530,6 +564,10 @@ class _Schema:
             write_routines = cursor.fetchall()
             cursor.execute(POSTGRESQL_CASTS)
             casts = cursor.fetchall()
+            cursor.execute(POSTGRESQL_TYPE_ROUTINES)
+            type_routines = cursor.fetchall()
+            cursor.execute(POSTGRESQL_COLUMN_TYPES)
+            column_types = cursor.fetchall()
             cursor.execute(POSTGRESQL_TRIGGERS)
             triggers = cursor.fetchall()
         finally:
@@ -538,7 +576,9 @@ class _Schema:
         setters = _calling(rows, {row.called for row in rows if row.sets})
         # Those that call a function of keys.EFFECT_FUNCTIONS (nextval(), currval(), a lock): run for what they do.
         effects = _calling(rows, {row.called for row in rows if EFFECT_SQL.search(row.source)})
-        writers, views = _writers(rows, view_routines, shows, casts)
+        # A statement that names the type calls the function: a domain's check, an explicit cast.
+        named_types = type_routines + [(name, called) for name, explicit, called in casts if explicit]
+        writers, views = _writers(rows, view_routines, shows, named_types)
         attributes = {row.name for row in rows if row.attribute}
         calls_writers = _routines_pattern(writers, called=True, views=views, attributes=attributes)
         writing = {name for name, operator in writers if not operator}
@@ -551,9 +591,13 @@ class _Schema:
                 database_identity(conn),
             )
             calls_writers = _EVERY_STATEMENT
-        for table, called in write_routines:
-            if called in writing:  # what it writes is not read here
-                edges.setdefault(reads.version_name(table), set()).add(reads.ALL_TABLES)
+        # A write to a table whose default, check, rule or policy calls one, or
+        # that makes a value of a type whose check does: what it writes is not read here.
+        writing_types = {name for name, called in type_routines if called in writing}
+        calling = {table for table, called in write_routines if called in writing}
+        calling |= {table for table, name in column_types if name in writing_types}
+        for table in calling:
+            edges.setdefault(reads.version_name(table), set()).add(reads.ALL_TABLES)
         for table, language, source in triggers:
             if language != "plpgsql" or (calls_writers is not None and calls_writers.search(source)):
                 # C, another language, a call of a function that writes, a read of a view that calls one.
@@ -829,23 +873,23 @@ def _writers(
     rows: list[_Routine],
     view_routines: list[tuple[str, str]],
     shows: Mapping[str, Iterable[str]],
-    casts: Sequence[tuple[str, bool, str]] = (),
+    types: Sequence[tuple[str, str]] = (),
 ) -> tuple[list[tuple[str, bool]], frozenset[str]]:
-    """The routines among ``rows`` that write, and the names that call one: relations whose read writes, types cast to.
+    """The routines among ``rows`` that write, and the names that call one: relations whose read writes, types.
 
     A view over a function that writes writes when it is read (a table whose
     policy calls one too: ``view_routines``), and so does a view over such
-    a view; so does an explicit cast (:data:`POSTGRESQL_CASTS`)
-    to a type whose cast function writes; a routine that reads such a view
-    or casts to such a type writes too, and so does one that calls such a
-    routine, at any depth.
+    a view; so does a value made of a type (a cast to it, an argument of
+    it) whose check or cast function writes (``types``: each type's name and
+    function's); a routine that reads such a view or makes such a value
+    writes too, and so does one that calls such a routine, at any depth.
     """
     found = {row.called for row in rows if _writes(row.source)}
     while True:
         writers = _calling(rows, found)
         writing = {name for name, operator in writers if not operator}
         views = closure((reads.version_name(view) for view, called in view_routines if called in writing), shows)
-        views |= {reads.version_name(cast) for cast, explicit, called in casts if explicit and called in writing}
+        views |= {reads.version_name(name) for name, called in types if called in writing}
         reading = _routines_pattern([], views=views)
         more = {row.called for row in rows if reading is not None and reading.search(row.source)}
         if more <= set(writers):
