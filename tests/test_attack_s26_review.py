@@ -312,3 +312,34 @@ def test_threads_of_an_engine_in_memory_are_not_served_each_others_rows():
     # Each thread: the truth, its own rows, then its own again from a hit.
     assert found == {1: [[(1,)], [(1,)], [(1,)], 0], 2: [[(2,)], [(2,)], [(2,)], 0]}
     engine.dispose()
+
+
+def test_connections_attaching_a_database_in_memory_as_they_open_are_not_served_each_others_rows(tmp_path):
+    # A connect listener attaches a scratch database in memory to each
+    # connection, unseen by the statements' events: the same query on two
+    # connections was keyed alike, and one was served the other's rows.
+    path = tmp_path / "main.sqlite"
+    _run(path, "")
+    engine = create_engine(f"sqlite:///{path}")
+
+    @event.listens_for(engine, "connect")
+    def scratch(dbapi_connection, record):
+        dbapi_connection.execute("ATTACH DATABASE ':memory:' AS aux")
+        dbapi_connection.execute("CREATE TABLE aux.s26_count (id INTEGER PRIMARY KEY, n INTEGER)")
+
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    aux_counts = select(Table("s26_count", MetaData(schema="aux"), Column("n", Integer)).c.n)
+    with engine.connect() as first, engine.connect() as second:
+        for conn, n in ((first, 1), (second, 2)):
+            conn.exec_driver_sql(f"INSERT INTO aux.s26_count VALUES (1, {n})")
+            conn.commit()
+        with Sess(bind=first) as session:
+            assert _rows(session, aux_counts, "memory") == [(1,)]
+        with Sess(bind=second) as session:
+            assert _rows(session, aux_counts) == [(2,)]
+            assert _rows(session, aux_counts, "memory") == [(2,)]
+        counter = SQLCounter(engine)
+        with Sess(bind=first) as session:
+            assert _rows(session, aux_counts, "memory") == [(1,)]
+        assert counter.count == 0  # its own entry, a hit
+    engine.dispose()

@@ -56,8 +56,8 @@ _LOCAL = "sessioncache.local_settings"
 _UNKNOWN = "sessioncache.settings_unknown"
 _SAVEPOINTS = "sessioncache.setting_savepoints"
 _TEMPORARY = "sessioncache.temporary"
-#: A token for a SQLite connection whose main database no other connection
-#: sees (in memory), else "": see :func:`_connected`.
+#: A token for a SQLite connection that had a database no other connection
+#: sees (in memory) when first used, else "": see :func:`_connected`.
 _OWN_DATABASE = "sessioncache.own_database"
 #: How the open transaction that made the connection's first temporary
 #: relation undoes it: ``"commit"`` (``ON COMMIT DROP`` alone), or
@@ -191,20 +191,22 @@ def _its_own_databases(conn: Any) -> set[str] | None:
 
 
 def _connected(conn: Any) -> None:
-    """A Connection is made: if SQLite's main database is its DBAPI connection's own, its look-ups are keyed apart.
+    """A Connection is made: if SQLite's DBAPI connection has a database of its own, its look-ups are keyed apart.
 
     ``sqlite://`` gives each thread a connection (``SingletonThreadPool``)
     and each connection a database in memory: one identity for the pool
     (see :func:`~.identity.database_identity`) would serve one thread the
-    rows of another's.  A ``StaticPool`` has one connection: nothing to
-    tell apart.  Asked once per DBAPI connection.
+    rows of another's.  So would a database in memory each connection
+    attaches as it opens (a ``connect`` listener: no statement event sees
+    it).  A ``StaticPool`` has one connection: nothing to tell apart.
+    Asked once per DBAPI connection.
     """
     info = conn.info
     if _OWN_DATABASE in info or conn.dialect.name != "sqlite":
         return
     pool = conn.engine.pool
     found = _its_own_databases(conn)
-    own = (found is None or "main" in found) and not isinstance(pool, StaticPool)
+    own = (found is None or bool(found - {"temp"})) and not isinstance(pool, StaticPool)
     info[_OWN_DATABASE] = secrets.token_hex(8) if own else ""
     if own:
         _POOLS_WITH_SETTINGS.add(pool)
@@ -509,7 +511,7 @@ def state_text(session: Any, bind_arguments: dict, bind: Any) -> str | None:
     settings = {**info.get(_SESSION, {}), **{k: v for k, v in info.get(_LOCAL, {}).items() if not isinstance(k, tuple)}}
     if _TEMPORARY in info:  # what its temporary relations shadow: this connection's alone
         settings["*temporary"] = info[_TEMPORARY]
-    if info.get(_OWN_DATABASE):  # its main database: this connection's alone
+    if info.get(_OWN_DATABASE):  # a database this connection alone sees
         settings["*database"] = info[_OWN_DATABASE]
     return "|".join(f"{name}={settings[name]}" for name in sorted(settings)) if settings else ""
 
