@@ -74,6 +74,13 @@ _CHECKED = "CREATE DOMAIN s26_checked AS integer CHECK (s26_logged() > 0);"
         + "CREATE TABLE s26_item (id integer PRIMARY KEY, ids s26_checked[] DEFAULT ARRAY[ceil(random())::integer])",
         _CHECKED + "CREATE TYPE s26_pair AS (a s26_checked);"
         "CREATE TABLE s26_item (id integer PRIMARY KEY, pair s26_pair DEFAULT ROW(ceil(random())::integer))",
+        "CREATE FUNCTION s26_nothing() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NULL; END $$;"
+        "CREATE TABLE s26_item (id integer PRIMARY KEY);"
+        "CREATE TRIGGER s26_when AFTER INSERT ON s26_item FOR EACH ROW WHEN (s26_logged() > 0)"
+        " EXECUTE FUNCTION s26_nothing()",
+        "CREATE FUNCTION s26_fixed(x integer) RETURNS integer LANGUAGE plpgsql IMMUTABLE AS $$"
+        " BEGIN RETURN s26_logged(); END $$;"
+        "CREATE TABLE s26_item (id integer PRIMARY KEY); CREATE INDEX ON s26_item ((s26_fixed(id)))",
     ],
     ids=[
         "a column's default",
@@ -84,6 +91,8 @@ _CHECKED = "CREATE DOMAIN s26_checked AS integer CHECK (s26_logged() > 0);"
         "a rule",
         "an array of a domain's",
         "a composite type of a domain's",
+        "a trigger's condition",
+        "an index's expression",
     ],
 )
 def test_what_a_postgresql_insert_calls_through_its_tables_definition_is_invalidated(pg_database, item):

@@ -216,8 +216,9 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
 #: The tables (and views) and the functions of the database's own a write
 #: to each may call, directly or as an operator's function, which its
 #: statement does not name: its columns' defaults (generated columns too),
-#: its checks, its rules (``DO ALSO SELECT f()``) and its row-level
-#: security policies.  An ``INSERT`` of the ORM calls a default that writes
+#: its checks, its rules (``DO ALSO SELECT f()``), its row-level security
+#: policies, its triggers' ``WHEN`` conditions and its indexes' expressions
+#: (an immutable function may call one that writes).  An ``INSERT`` of the ORM calls a default that writes
 #: another table.  (Its columns' types: :data:`POSTGRESQL_TYPE_ROUTINES`.)
 POSTGRESQL_WRITE_ROUTINES = """
 WITH users AS (
@@ -228,6 +229,10 @@ WITH users AS (
     SELECT ev_class, 'pg_rewrite'::regclass, oid FROM pg_rewrite WHERE rulename <> '_RETURN'
     UNION ALL
     SELECT polrelid, 'pg_policy'::regclass, oid FROM pg_policy
+    UNION ALL
+    SELECT tgrelid, 'pg_trigger'::regclass, oid FROM pg_trigger WHERE NOT tgisinternal AND tgenabled <> 'D'
+    UNION ALL
+    SELECT indrelid, 'pg_class'::regclass, indexrelid FROM pg_index
 )
 SELECT DISTINCT c.relname, f.proname
 FROM users u
