@@ -352,3 +352,29 @@ def test_connections_attaching_a_database_in_memory_as_they_open_are_not_served_
             assert _rows(session, aux_counts, "memory") == [(1,)]
         assert counter.count == 0  # its own entry, a hit
     engine.dispose()
+
+
+# PostgreSQL: a statement that names no function, as the catalog is to be read again ------------------
+
+
+def test_a_postgresql_view_over_a_writer_read_first_after_a_schema_change_writes_every_table(pg_database):
+    # A schema change (a migration, by any connection) makes every catalog
+    # be read again when next needed; a statement with no "(" did not read
+    # it, and was taken for calling no writer: the first one after the
+    # change wrote the log unseen.
+    engine = create_engine(pg_database)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(_WRITER + "CREATE VIEW s26_audit AS SELECT s26_logged() AS logged")
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    with Sess() as session:
+        assert _rows(session, _LOGGED, "memory") == []
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE s26_other (id integer)")
+    with Sess() as session:
+        session.execute(text("SELECT logged FROM s26_audit"))
+        session.commit()
+    truth = _truth(engine, _LOGGED)
+    assert truth == [(1,)]
+    with Sess() as session:
+        assert _rows(session, _LOGGED, "memory") == truth
+    engine.dispose()

@@ -472,8 +472,7 @@ class _Schema:
             self._mapped = (seen, edges, parents)
         return self._mapped
 
-    def catalog(self, conn: Any, read: bool = True) -> Catalog:
-        # read=False: the catalog known, none if it has not been read yet.
+    def catalog(self, conn: Any) -> Catalog:
         if conn.dialect.name not in _CATALOGED:
             return _NO_CATALOG
         if conn.info.get(_CHANGING):
@@ -486,16 +485,12 @@ class _Schema:
         if conn.dialect.name == "sqlite":
             held = conn.info.get(_SQLITE_CATALOG)
             if held is None or held[0] != self._forgotten:
-                if not read:
-                    return _NO_CATALOG
                 self.read_if_changed(conn)
                 held = conn.info[_SQLITE_CATALOG]
             return held[1]
         database = database_identity(conn)
         found = self._catalogs.get(database)
         if found is None:
-            if not read:
-                return _NO_CATALOG
             found = self._read_catalog(conn)
             self._keep(database, found)
         return found
@@ -946,10 +941,11 @@ def calls_writers(conn: Any, sql: str) -> bool:
     """
     if conn.dialect.name != "postgresql":
         return False
-    # SQL that calls nothing may still read a view over a writer: asked of
-    # the catalog once it is known (the first write or miss reads it), never
-    # read for it, as every statement of every engine comes here.
-    writers = _schema.catalog(conn, read="(" in sql).writers
+    # SQL that calls nothing may still read a view over a writer (or make a
+    # value of a type whose check writes): the catalog is read for it too,
+    # once per database and schema change (a migration makes every catalog
+    # be read again: the first statement after it may be such a read).
+    writers = _schema.catalog(conn).writers
     return writers is not None and writers.search(_COLUMN_LISTS.sub(" ", sql)) is not None
 
 
