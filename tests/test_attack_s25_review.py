@@ -222,7 +222,10 @@ def test_what_reads_a_postgresql_view_calling_a_function_that_writes_writes_ever
 
 
 def _logged_fresh_after(url, schema_sql, logged, write):
-    """Make ``schema_sql``; ``logged``, empty, is cached (then a hit); ``write`` logs a row: it is served."""
+    """Make ``schema_sql``; ``logged``, empty, is cached (then a hit); ``write`` logs a row: it is served.
+
+    ``write``: a statement the Session executes, or a function given the Session (an ORM flush).
+    """
     engine = create_engine(url)
     with engine.begin() as conn:
         conn.exec_driver_sql(schema_sql)
@@ -234,7 +237,7 @@ def _logged_fresh_after(url, schema_sql, logged, write):
         assert _rows(session, logged, "memory") == []
     assert counter.count == 0  # a hit
     with Sess() as session:
-        session.execute(write)
+        write(session) if callable(write) else session.execute(write)
         session.commit()
     truth = _truth(engine, logged)
     assert truth == [(1,)]

@@ -43,6 +43,7 @@ from typing import Any
 
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
+from sqlalchemy.pool import StaticPool
 
 from .. import _sqlalchemy
 from .invalidation import schema, sqltext
@@ -55,6 +56,9 @@ _LOCAL = "sessioncache.local_settings"
 _UNKNOWN = "sessioncache.settings_unknown"
 _SAVEPOINTS = "sessioncache.setting_savepoints"
 _TEMPORARY = "sessioncache.temporary"
+#: A token for a SQLite connection that had a database no other connection
+#: sees (in memory) when first used, else "": see :func:`_connected`.
+_OWN_DATABASE = "sessioncache.own_database"
 #: How the open transaction that made the connection's first temporary
 #: relation undoes it: ``"commit"`` (``ON COMMIT DROP`` alone), or
 #: ``"rollback"``; absent when the token outlives any transaction.
@@ -122,6 +126,7 @@ def install() -> None:
         event.listen(Engine, "rollback", _rolled_back)
         event.listen(Engine, "savepoint", _savepoint)
         event.listen(Engine, "rollback_savepoint", _rolled_back_to)
+        event.listen(Engine, "engine_connect", _connected)
 
 
 def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool) -> None:
@@ -168,15 +173,43 @@ def _attached_its_own(conn: Any) -> bool:
     """
     if conn.dialect.name != "sqlite":
         return False
+    found = _its_own_databases(conn)
+    return found is None or bool(found - {"main", "temp"})
+
+
+def _its_own_databases(conn: Any) -> set[str] | None:
+    """The names of the databases SQLite's ``conn`` alone sees (no file: in memory, or a temporary file); None if unknown."""
     try:
         cursor = conn.connection.dbapi_connection.cursor()
         try:
             cursor.execute(schema.SQLITE_DATABASES)
-            return any(not file for _, name, file in cursor.fetchall() if name not in ("main", "temp"))
+            return {name for _, name, file in cursor.fetchall() if not file}
         finally:
             cursor.close()
     except Exception:
-        return True
+        return None
+
+
+def _connected(conn: Any) -> None:
+    """A Connection is made: if SQLite's DBAPI connection has a database of its own, its look-ups are keyed apart.
+
+    ``sqlite://`` gives each thread a connection (``SingletonThreadPool``)
+    and each connection a database in memory: one identity for the pool
+    (see :func:`~.identity.database_identity`) would serve one thread the
+    rows of another's.  So would a database in memory each connection
+    attaches as it opens (a ``connect`` listener: no statement event sees
+    it).  A ``StaticPool`` has one connection: nothing to tell apart.
+    Asked once per DBAPI connection.
+    """
+    info = conn.info
+    if _OWN_DATABASE in info or conn.dialect.name != "sqlite":
+        return
+    pool = conn.engine.pool
+    found = _its_own_databases(conn)
+    own = (found is None or bool(found - {"temp"})) and not isinstance(pool, StaticPool)
+    info[_OWN_DATABASE] = secrets.token_hex(8) if own else ""
+    if own:
+        _POOLS_WITH_SETTINGS.add(pool)
 
 
 def _setting_value(statement: str, parameters: Any) -> str | None:
@@ -478,6 +511,8 @@ def state_text(session: Any, bind_arguments: dict, bind: Any) -> str | None:
     settings = {**info.get(_SESSION, {}), **{k: v for k, v in info.get(_LOCAL, {}).items() if not isinstance(k, tuple)}}
     if _TEMPORARY in info:  # what its temporary relations shadow: this connection's alone
         settings["*temporary"] = info[_TEMPORARY]
+    if info.get(_OWN_DATABASE):  # a database this connection alone sees
+        settings["*database"] = info[_OWN_DATABASE]
     return "|".join(f"{name}={settings[name]}" for name in sorted(settings)) if settings else ""
 
 

@@ -33,6 +33,9 @@ The first rule that applies gives the identity:
    copies share their parent's) and by no other process.  A new pool
    (``engine.dispose()``) or a forked child gets a new token: after
    either, a database in memory is no longer the one the token named.
+   Each connection of a pool in memory (``sqlite://`` gives each thread
+   its own) has a database of its own: its look-ups are keyed apart too
+   (see ``connection_state``).
 
 3. **Portable**: a digest of what the driver connects with: backend and
    driver, user, host, port, database, the URL's query (sorted), the

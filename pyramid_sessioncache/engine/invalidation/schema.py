@@ -23,7 +23,11 @@ whose row-level security policy does, any SQLite view (its schema keeps
 only its SQL).  A result that read one of them
 depends on :data:`~.reads.ANY_TABLE`, as SQL text does (:func:`depends_on`).
 A function whose body writes may be called by a SELECT: such a statement
-writes every table (:func:`calls_writers`).
+writes every table (:func:`calls_writers`), and so does one that calls it
+unnamed, by what the catalog records: a write to a table whose default,
+check, rule or policy calls it, an aggregate whose state or final function
+it is, a cast, a value made of a domain whose check calls it (a column, an
+argument, a cast of that type; every statement, for a cast applied implicitly).
 
 The catalog of a database is read once, at the first write or miss that
 needs it, and kept per database (:func:`~pyramid_sessioncache.engine.identity.database_identity`),
@@ -37,8 +41,9 @@ from __future__ import annotations
 import logging
 import re
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
 
 from ... import _sqlalchemy
 from ..._weak import members
@@ -153,19 +158,31 @@ WHERE v.relkind = 'v' AND r.ev_action::text ~ ':relid ([0-9]{1,4}|1[01][0-9]{3})
 #: overloads a built-in's name (``date(integer)``).  With each, whether
 #: its source changes a setting (or makes a temporary relation, which
 #: shadows a table on its connection alone, as a ``search_path`` does), and
-#: its source (an operator's: its function's name), to find those that call one that does.
+#: its source (with its arguments' defaults, which a call may evaluate, and
+#: its arguments' and result's types, which a call casts to; an
+#: operator's: its function's name; an aggregate's: the names of its state,
+#: final and other functions, which it calls), to find
+#: those that call one that does; and whether it can be called with one
+#: argument, in attribute notation (``person.f`` calls ``f(person)``).
 #: ``{source}``: what gives a function's source (see ``_routine_source()``).
 POSTGRESQL_ROUTINES = """
 SELECT p.proname, false,
        s.source ~* '(set_config|\\mset\\M|\\mreset\\M|\\mdiscard\\M|\\mtemp(orary)?\\M|\\mpg_temp)',
-       s.source
+       concat_ws(' ', s.source, s.types), p.pronargs >= 1 AND p.pronargs - p.pronargdefaults <= 1
 FROM pg_proc p
 JOIN pg_namespace n ON n.oid = p.pronamespace
-CROSS JOIN LATERAL (SELECT {source} AS source) s
+LEFT JOIN pg_aggregate a ON a.aggfnoid = p.oid
+CROSS JOIN LATERAL (
+    SELECT CASE WHEN a.aggfnoid IS NULL THEN concat_ws(' ', {source}, pg_get_expr(p.proargdefaults, 0))
+           ELSE concat_ws(' ', a.aggtransfn, a.aggfinalfn, a.aggcombinefn, a.aggserialfn, a.aggdeserialfn,
+                          a.aggmtransfn, a.aggminvtransfn, a.aggmfinalfn) END AS source,
+           (SELECT string_agg(format_type(t, NULL), ' ')
+            FROM unnest(coalesce(p.proallargtypes, p.proargtypes::oid[]) || p.prorettype) t) AS types
+) s
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND p.prorettype <> 'trigger'::regtype
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
 UNION
-SELECT o.oprname, true, false, o.oprcode::text
+SELECT o.oprname, true, false, o.oprcode::text, false
 FROM pg_operator o
 JOIN pg_namespace n ON n.oid = o.oprnamespace
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -174,16 +191,114 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
 
 #: The views and the functions of the database's own their query calls,
 #: directly or as an operator's function: a view over a function that
-#: writes writes when it is read.
+#: writes writes when it is read.  And so does a table with row-level
+#: security whose policy calls one (``USING (audit() > 0)``).
 POSTGRESQL_VIEW_ROUTINES = """
+WITH users AS (
+    SELECT r.ev_class AS rel, 'pg_rewrite'::regclass AS classid, r.oid AS objid
+    FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class
+    WHERE v.relkind = 'v'
+    UNION ALL
+    SELECT p.polrelid, 'pg_policy'::regclass, p.oid
+    FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
+    WHERE c.relrowsecurity
+)
 SELECT DISTINCT v.relname, f.proname
-FROM pg_rewrite r
-JOIN pg_class v ON v.oid = r.ev_class
-JOIN pg_depend d ON d.classid = 'pg_rewrite'::regclass AND d.objid = r.oid
+FROM users u
+JOIN pg_class v ON v.oid = u.rel
+JOIN pg_depend d ON d.classid = u.classid AND d.objid = u.objid
 LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
 JOIN pg_proc f ON f.oid = CASE WHEN d.refclassid = 'pg_proc'::regclass THEN d.refobjid ELSE o.oprcode END
 JOIN pg_namespace n ON n.oid = coalesce(o.oprnamespace, f.pronamespace)
-WHERE v.relkind = 'v' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+#: The tables (and views) and the functions of the database's own a write
+#: to each may call, directly or as an operator's function, which its
+#: statement does not name: its columns' defaults (generated columns too),
+#: its checks, its rules (``DO ALSO SELECT f()``), its row-level security
+#: policies, its triggers' ``WHEN`` conditions and its indexes' expressions
+#: (an immutable function may call one that writes).  An ``INSERT`` of the ORM calls a default that writes
+#: another table.  (Its columns' types: :data:`POSTGRESQL_TYPE_ROUTINES`.)
+POSTGRESQL_WRITE_ROUTINES = """
+WITH users AS (
+    SELECT adrelid AS rel, 'pg_attrdef'::regclass AS classid, oid AS objid FROM pg_attrdef
+    UNION ALL
+    SELECT conrelid, 'pg_constraint'::regclass, oid FROM pg_constraint WHERE contype = 'c' AND conrelid <> 0
+    UNION ALL
+    SELECT ev_class, 'pg_rewrite'::regclass, oid FROM pg_rewrite WHERE rulename <> '_RETURN'
+    UNION ALL
+    SELECT polrelid, 'pg_policy'::regclass, oid FROM pg_policy
+    UNION ALL
+    SELECT tgrelid, 'pg_trigger'::regclass, oid FROM pg_trigger WHERE NOT tgisinternal AND tgenabled <> 'D'
+    UNION ALL
+    SELECT indrelid, 'pg_class'::regclass, indexrelid FROM pg_index
+)
+SELECT DISTINCT c.relname, f.proname
+FROM users u
+JOIN pg_class c ON c.oid = u.rel
+JOIN pg_depend d ON d.classid = u.classid AND d.objid = u.objid
+LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
+JOIN pg_proc f ON f.oid = CASE WHEN d.refclassid = 'pg_proc'::regclass THEN d.refobjid ELSE o.oprcode END
+JOIN pg_namespace n ON n.oid = coalesce(o.oprnamespace, f.pronamespace)
+WHERE c.relkind IN ('r', 'p', 'f', 'v') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+
+#: The types a value of which calls functions of the database's own as it is
+#: made (cast or coerced to it: ``1::checked``, an argument, a column
+#: written): a domain's default and checks, directly or as operators' functions,
+#: and a domain over such a type, an array of one, a composite type with
+#: an attribute of one.  Each type's name and each function's.
+POSTGRESQL_TYPE_ROUTINES = """
+WITH RECURSIVE calls (type, routine) AS (
+    SELECT u.type, f.proname
+    FROM (
+        SELECT t.oid AS type, 'pg_type'::regclass AS classid, t.oid AS objid FROM pg_type t WHERE t.typtype = 'd'
+        UNION ALL
+        SELECT k.contypid, 'pg_constraint'::regclass, k.oid FROM pg_constraint k WHERE k.contypid <> 0
+    ) u
+    JOIN pg_depend d ON d.classid = u.classid AND d.objid = u.objid
+    LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
+    JOIN pg_proc f ON f.oid = CASE WHEN d.refclassid = 'pg_proc'::regclass THEN d.refobjid ELSE o.oprcode END
+    JOIN pg_namespace n ON n.oid = coalesce(o.oprnamespace, f.pronamespace)
+    WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+    UNION
+    SELECT t.oid, c.routine
+    FROM calls c
+    JOIN pg_type t ON (t.typtype = 'd' AND t.typbasetype = c.type) OR t.typelem = c.type
+      OR t.typrelid IN (
+        SELECT a.attrelid FROM pg_attribute a JOIN pg_class r ON r.oid = a.attrelid
+        WHERE a.atttypid = c.type AND r.relkind = 'c'
+      )
+)
+SELECT DISTINCT t.typname, c.routine FROM calls c JOIN pg_type t ON t.oid = c.type
+"""
+
+#: The tables (and views) and the types of their columns that are not the
+#: system's: a write to one makes values of the type (see
+#: :data:`POSTGRESQL_TYPE_ROUTINES`).
+POSTGRESQL_COLUMN_TYPES = """
+SELECT DISTINCT c.relname, t.typname
+FROM pg_attribute a
+JOIN pg_class c ON c.oid = a.attrelid
+JOIN pg_type t ON t.oid = a.atttypid
+WHERE a.attnum > 0 AND NOT a.attisdropped AND c.relkind IN ('r', 'p', 'f', 'v')
+  AND t.typnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace)
+"""
+
+#: The casts whose function is of the database's own (not an
+#: extension's): the type each casts to, whether it is applied only when a
+#: statement says so (``1::money_t``, ``CAST(x AS money_t)``, ``money_t(x)``:
+#: it names the type), and its function.  An implicit or assignment cast
+#: is applied where no statement names it.
+POSTGRESQL_CASTS = """
+SELECT t.typname, k.castcontext = 'e', f.proname
+FROM pg_cast k
+JOIN pg_proc f ON f.oid = k.castfunc
+JOIN pg_namespace n ON n.oid = f.pronamespace
+JOIN pg_type t ON t.oid = k.casttarget
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_cast'::regclass AND e.objid = k.oid AND e.deptype = 'e')
 """
 
 #: What SQLite's schema says of foreign keys whose actions write the
@@ -358,9 +473,11 @@ class _Schema:
         #: How many times every catalog was forgotten: a SQLite connection's, held
         #: in its ``info`` with the count of when it was read, is read again too.
         self._forgotten = 0
-        #: The catalogs SQLite connections hold, their own ones too: what a
-        #: declared write is closed over (see known_edges()).
+        #: The catalogs SQLite connections hold, their own ones too, and the
+        #: last ones read (their connections may be closed since: a pool
+        #: disposed after a fork): what a declared write is closed over (see known_edges()).
         self._held: weakref.WeakSet[Catalog] = weakref.WeakSet()
+        self._read_last: deque[Catalog] = deque(maxlen=_MAX_CATALOGS)
 
     def note(self, metadata: Any) -> None:
         self._seen.add(metadata)
@@ -384,8 +501,7 @@ class _Schema:
             self._mapped = (seen, edges, parents)
         return self._mapped
 
-    def catalog(self, conn: Any, read: bool = True) -> Catalog:
-        # read=False: the catalog known, none if it has not been read yet.
+    def catalog(self, conn: Any) -> Catalog:
         if conn.dialect.name not in _CATALOGED:
             return _NO_CATALOG
         if conn.info.get(_CHANGING):
@@ -398,16 +514,12 @@ class _Schema:
         if conn.dialect.name == "sqlite":
             held = conn.info.get(_SQLITE_CATALOG)
             if held is None or held[0] != self._forgotten:
-                if not read:
-                    return _NO_CATALOG
                 self.read_if_changed(conn)
                 held = conn.info[_SQLITE_CATALOG]
             return held[1]
         database = database_identity(conn)
         found = self._catalogs.get(database)
         if found is None:
-            if not read:
-                return _NO_CATALOG
             found = self._read_catalog(conn)
             self._keep(database, found)
         return found
@@ -435,7 +547,9 @@ class _Schema:
             if shared:
                 self._keep(layout, found)
         conn.info[_SQLITE_CATALOG] = (self._forgotten, found)
-        self._held.add(found)
+        if found not in self._held:
+            self._held.add(found)
+            self._read_last.append(found)
 
     def _keep(self, key: Any, catalog: Catalog) -> None:
         self._catalogs.pop(key, None)
@@ -444,9 +558,11 @@ class _Schema:
         self._catalogs[key] = catalog
 
     def known_edges(self) -> list[Mapping[str, Iterable[str]]]:
-        # A catalog a connection holds alone (its temporary objects) counts too:
-        # its main database's triggers are every connection's.
-        catalogs = {id(catalog): catalog for catalog in [*list(self._catalogs.values()), *members(self._held)]}
+        # A catalog a connection holds alone (its temporary objects) counts too,
+        # even once that connection is closed: its main database's triggers are
+        # every connection's.
+        known = [*list(self._catalogs.values()), *members(self._held), *list(self._read_last)]
+        catalogs = {id(catalog): catalog for catalog in known}
         return [self.mapped_edges(), *(catalog.edges for catalog in catalogs.values())]
 
     def forget(self) -> None:
@@ -470,19 +586,47 @@ class _Schema:
             cursor.execute(POSTGRESQL_OPAQUE)
             opaque = closure((reads.version_name(name) for (name,) in cursor.fetchall()), shows)
             cursor.execute(POSTGRESQL_ROUTINES.format(source=_routine_source(conn)))
-            rows = cursor.fetchall()
+            rows = [_Routine(*row) for row in cursor.fetchall()]
             cursor.execute(POSTGRESQL_VIEW_ROUTINES)
             view_routines = cursor.fetchall()
+            cursor.execute(POSTGRESQL_WRITE_ROUTINES)
+            write_routines = cursor.fetchall()
+            cursor.execute(POSTGRESQL_CASTS)
+            casts = cursor.fetchall()
+            cursor.execute(POSTGRESQL_TYPE_ROUTINES)
+            type_routines = cursor.fetchall()
+            cursor.execute(POSTGRESQL_COLUMN_TYPES)
+            column_types = cursor.fetchall()
             cursor.execute(POSTGRESQL_TRIGGERS)
             triggers = cursor.fetchall()
         finally:
             cursor.close()
-        routines = _routines_pattern([(name, operator) for name, operator, _, _ in rows])
-        setters = _calling(rows, {(name, operator) for name, operator, sets, _ in rows if sets})
+        routines = _routines_pattern([row.called for row in rows])
+        setters = _calling(rows, {row.called for row in rows if row.sets})
         # Those that call a function of keys.EFFECT_FUNCTIONS (nextval(), currval(), a lock): run for what they do.
-        effects = _calling(rows, {(name, operator) for name, operator, _, source in rows if EFFECT_SQL.search(source)})
-        writers, views = _writers(rows, view_routines, shows)
-        calls_writers = _routines_pattern(writers, called=True, views=views)
+        effects = _calling(rows, {row.called for row in rows if EFFECT_SQL.search(row.source)})
+        # A statement that names the type calls the function: a domain's check, an explicit cast.
+        named_types = type_routines + [(name, called) for name, explicit, called in casts if explicit]
+        writers, views = _writers(rows, view_routines, shows, named_types)
+        attributes = {row.name for row in rows if row.attribute}
+        calls_writers = _routines_pattern(writers, called=True, views=views, attributes=attributes)
+        writing = {name for name, operator in writers if not operator}
+        if any(called in writing for _, explicit, called in casts if not explicit):
+            # Applied where no statement names it (an INSERT of an integer into
+            # a column of the type, a function's argument): every statement may.
+            log.warning(
+                "%r has an implicit or assignment cast whose function writes: every statement on it "
+                "counts as a write to every table, and none of its reads is served from a shared region",
+                database_identity(conn),
+            )
+            calls_writers = _EVERY_STATEMENT
+        # A write to a table whose default, check, rule or policy calls one, or
+        # that makes a value of a type whose check does: what it writes is not read here.
+        writing_types = {name for name, called in type_routines if called in writing}
+        calling = {table for table, called in write_routines if called in writing}
+        calling |= {table for table, name in column_types if name in writing_types}
+        for table in calling:
+            edges.setdefault(reads.version_name(table), set()).add(reads.ALL_TABLES)
         for table, language, source in triggers:
             if language != "plpgsql" or (calls_writers is not None and calls_writers.search(source)):
                 # C, another language, a call of a function that writes, a read of a view that calls one.
@@ -498,7 +642,7 @@ class _Schema:
             routines,
             _routines_pattern(setters),
             calls_writers,
-            _routines_pattern(effects, called=True),
+            _routines_pattern(effects, called=True, attributes=attributes),
         )
 
     @staticmethod
@@ -719,7 +863,24 @@ def _writes(source: str) -> bool:
     )
 
 
-def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool]]) -> list[tuple[str, bool]]:
+class _Routine(NamedTuple):
+    """A row of :data:`POSTGRESQL_ROUTINES`."""
+
+    name: str
+    operator: bool
+    #: Whether its source changes a setting.
+    sets: bool
+    source: str
+    #: Whether it can be called in attribute notation (``person.f``).
+    attribute: bool
+
+    @property
+    def called(self) -> tuple[str, bool]:
+        """How a statement calls it: by its name, or by its symbols."""
+        return self.name, self.operator
+
+
+def _calling(rows: list[_Routine], found: set[tuple[str, bool]]) -> list[tuple[str, bool]]:
     """The routines ``found`` among ``rows``, and those that call one of them (at any depth)."""
     found = set(found)
     more = found
@@ -731,50 +892,55 @@ def _calling(rows: list[tuple[str, bool, bool, str]], found: set[tuple[str, bool
         calls = _routines_pattern(list(more))
         if calls is None:
             return sorted(found)
-        more = {
-            (name, operator)
-            for name, operator, _, source in rows
-            if (name, operator) not in found and calls.search(source)
-        }
+        more = {row.called for row in rows if row.called not in found and calls.search(row.source)}
         if not more:
             return sorted(found)
         found |= more
 
 
 def _writers(
-    rows: list[tuple[str, bool, bool, str]], view_routines: list[tuple[str, str]], shows: Mapping[str, Iterable[str]]
+    rows: list[_Routine],
+    view_routines: list[tuple[str, str]],
+    shows: Mapping[str, Iterable[str]],
+    types: Sequence[tuple[str, str]] = (),
 ) -> tuple[list[tuple[str, bool]], frozenset[str]]:
-    """The routines among ``rows`` that write, and the views whose read writes (version names).
+    """The routines among ``rows`` that write, and the names that call one: relations whose read writes, types.
 
-    A view over a function that writes writes when it is read, and so does
-    a view over such a view; a routine that reads one writes too, and so
-    does one that calls such a routine, at any depth.
+    A view over a function that writes writes when it is read (a table whose
+    policy calls one too: ``view_routines``), and so does a view over such
+    a view; so does a value made of a type (a cast to it, an argument of
+    it) whose check or cast function writes (``types``: each type's name and
+    function's); a routine that reads such a view or makes such a value
+    writes too, and so does one that calls such a routine, at any depth.
     """
-    found = {(name, operator) for name, operator, _, source in rows if _writes(source)}
+    found = {row.called for row in rows if _writes(row.source)}
     while True:
         writers = _calling(rows, found)
         writing = {name for name, operator in writers if not operator}
         views = closure((reads.version_name(view) for view, called in view_routines if called in writing), shows)
+        views |= {reads.version_name(name) for name, called in types if called in writing}
         reading = _routines_pattern([], views=views)
-        more = {
-            (name, operator) for name, operator, _, source in rows if reading is not None and reading.search(source)
-        }
+        more = {row.called for row in rows if reading is not None and reading.search(row.source)}
         if more <= set(writers):
             return writers, views
         found = set(writers) | more
 
 
 def _routines_pattern(
-    rows: list[tuple[str, bool]], called: bool = False, views: Iterable[str] = ()
+    rows: list[tuple[str, bool]], called: bool = False, views: Iterable[str] = (), attributes: Iterable[str] = ()
 ) -> re.Pattern[str] | None:
     # A function by its name as a word (any case: unquoted names fold), an
     # operator by its symbols; the longest first.  ``called``: a function
     # only by its name before "(", quoted or not (a column spelt like it
-    # calls nothing).  ``views``: relations found by their name as a word.
+    # calls nothing), or, if it is one of ``attributes``, after "." (``p.f``,
+    # ``(p)."f"``: attribute notation).  ``views``: relations found by their name as a word.
     names = sorted({name for name, operator in rows if not operator}, key=len, reverse=True)
     operators = sorted({name for name, operator in rows if operator}, key=len, reverse=True)
     end = r'"?\s*\(' if called else r"(?![\w$])"
     parts = [rf"(?<![\w$]){re.escape(name)}{end}" for name in names] + [re.escape(op) for op in operators]
+    if called:
+        attributes = set(attributes)
+        parts += [rf'\.\s*"?{re.escape(name)}"?(?![\w$])' for name in names if name in attributes]
     parts += [rf"(?<![\w$]){re.escape(view)}(?![\w$])" for view in sorted(views, key=len, reverse=True)]
     return re.compile("|".join(parts), re.I) if parts else None
 
@@ -803,11 +969,15 @@ def calls_writers(conn: Any, sql: str) -> bool:
     """
     if conn.dialect.name != "postgresql":
         return False
-    # SQL that calls nothing may still read a view over a writer: asked of
-    # the catalog once it is known (the first write or miss reads it), never
-    # read for it, as every statement of every engine comes here.
-    return _schema.catalog(conn, read="(" in sql).calls("writers", sql)
+    # SQL that calls nothing may still read a view over a writer (or make a
+    # value of a type whose check writes): the catalog is read for it too,
+    # once per database and schema change (a migration makes every catalog
+    # be read again: the first statement after it may be such a read).
+    return _schema.catalog(conn).calls("writers", sql)
 
+
+#: What every statement matches: a cast applied where no statement names it calls a function that writes.
+_EVERY_STATEMENT = re.compile("")
 
 #: The table an INSERT names, before its column list.
 _COLUMN_LISTS = re.compile(r'\binto\s+[\w$."]+\s*\(', re.I)
