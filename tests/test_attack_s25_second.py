@@ -350,21 +350,34 @@ def test_connections_attaching_a_database_in_memory_under_one_name_are_not_serve
     path = tmp_path / "main.sqlite"
     _run(path, "")
     engine = create_engine(f"sqlite:///{path}")
+
+    def attach(conn):
+        conn.exec_driver_sql("ATTACH DATABASE ':memory:' AS aux")
+        conn.exec_driver_sql(_TABLES.format(schema="aux.").split(";")[1])
+
+    _each_served_its_own(engine, _AUX_COUNTS, "INSERT INTO aux.s25s_count VALUES (1, {n})", attach)
+
+
+def _each_served_its_own(engine, counts, insert, prepare=lambda conn: None):
+    """Two connections of ``engine``, each ``prepare``d with a row of its own (``insert``, of ``n``): each is served its own.
+
+    ``counts`` reads the row: cached on the first, then on the second
+    (what it holds, then from the cache), then on the first again, a hit.
+    """
     Sess = sessionmaker(engine, info=_cache().session_info())
     with engine.connect() as first, engine.connect() as second:
         for conn, n in ((first, 1), (second, 2)):
-            conn.exec_driver_sql("ATTACH DATABASE ':memory:' AS aux")
-            conn.exec_driver_sql(_TABLES.format(schema="aux.").split(";")[1])
-            conn.exec_driver_sql(f"INSERT INTO aux.s25s_count VALUES (1, {n})")
+            prepare(conn)
+            conn.exec_driver_sql(insert.format(n=n))
             conn.commit()
         with Sess(bind=first) as session:
-            assert _rows(session, _AUX_COUNTS, "memory") == [(1,)]
+            assert _rows(session, counts, "memory") == [(1,)]
         with Sess(bind=second) as session:
-            assert _rows(session, _AUX_COUNTS) == [(2,)]
-            assert _rows(session, _AUX_COUNTS, "memory") == [(2,)]
+            assert _rows(session, counts) == [(2,)]
+            assert _rows(session, counts, "memory") == [(2,)]
         counter = SQLCounter(engine)
         with Sess(bind=first) as session:
-            assert _rows(session, _AUX_COUNTS, "memory") == [(1,)]
+            assert _rows(session, counts, "memory") == [(1,)]
         assert counter.count == 0  # its own entry, a hit
     engine.dispose()
 

@@ -23,6 +23,7 @@ from .test_attack_s25_review import (  # the helpers of s25's review, and its au
     _run,
     _truth,
 )
+from .test_attack_s25_second import _each_served_its_own
 
 _LOG = Table("s26_log", MetaData(), Column("id", Integer))
 _LOGGED = select(_LOG.c.id)
@@ -189,23 +190,11 @@ def test_a_postgresql_cast_applied_where_no_statement_names_it_writes_every_tabl
     # goes where another is wanted: INSERT INTO s26_item VALUES (1) calls
     # s26_to().  No statement can be told free of it: each writes every
     # table, and such a database's reads are never served from a shared region.
-    engine = create_engine(pg_database)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(
-            _WRITER + _CAST + "CREATE CAST (integer AS s26_t) WITH FUNCTION s26_to(integer) AS ASSIGNMENT;"
-            "CREATE TABLE s26_item (v s26_t);"
-        )
-    Sess = sessionmaker(engine, info=_cache().session_info())
-    with Sess() as session:
-        assert _rows(session, _LOGGED, "memory") == []
-    with Sess() as session:
-        session.execute(text("INSERT INTO s26_item VALUES (1)"))
-        session.commit()
-    truth = _truth(engine, _LOGGED)
-    assert truth == [(1,)]
-    with Sess() as session:
-        assert _rows(session, _LOGGED, "memory") == truth
-    engine.dispose()
+    schema_sql = (
+        _WRITER + _CAST + "CREATE CAST (integer AS s26_t) WITH FUNCTION s26_to(integer) AS ASSIGNMENT;"
+        "CREATE TABLE s26_item (v s26_t);"
+    )
+    _logged_fresh_after(pg_database, schema_sql, _LOGGED, text("INSERT INTO s26_item VALUES (1)"), served=False)
 
 
 _POLICED = """
@@ -336,22 +325,8 @@ def test_connections_attaching_a_database_in_memory_as_they_open_are_not_served_
         dbapi_connection.execute("ATTACH DATABASE ':memory:' AS aux")
         dbapi_connection.execute("CREATE TABLE aux.s26_count (id INTEGER PRIMARY KEY, n INTEGER)")
 
-    Sess = sessionmaker(engine, info=_cache().session_info())
     aux_counts = select(Table("s26_count", MetaData(schema="aux"), Column("n", Integer)).c.n)
-    with engine.connect() as first, engine.connect() as second:
-        for conn, n in ((first, 1), (second, 2)):
-            conn.exec_driver_sql(f"INSERT INTO aux.s26_count VALUES (1, {n})")
-            conn.commit()
-        with Sess(bind=first) as session:
-            assert _rows(session, aux_counts, "memory") == [(1,)]
-        with Sess(bind=second) as session:
-            assert _rows(session, aux_counts) == [(2,)]
-            assert _rows(session, aux_counts, "memory") == [(2,)]
-        counter = SQLCounter(engine)
-        with Sess(bind=first) as session:
-            assert _rows(session, aux_counts, "memory") == [(1,)]
-        assert counter.count == 0  # its own entry, a hit
-    engine.dispose()
+    _each_served_its_own(engine, aux_counts, "INSERT INTO aux.s26_count VALUES (1, {n})")
 
 
 # PostgreSQL: a statement that names no function, as the catalog is to be read again ------------------
@@ -362,19 +337,9 @@ def test_a_postgresql_view_over_a_writer_read_first_after_a_schema_change_writes
     # be read again when next needed; a statement with no "(" did not read
     # it, and was taken for calling no writer: the first one after the
     # change wrote the log unseen.
-    engine = create_engine(pg_database)
-    with engine.begin() as conn:
-        conn.exec_driver_sql(_WRITER + "CREATE VIEW s26_audit AS SELECT s26_logged() AS logged")
-    Sess = sessionmaker(engine, info=_cache().session_info())
-    with Sess() as session:
-        assert _rows(session, _LOGGED, "memory") == []
-    with engine.begin() as conn:
-        conn.exec_driver_sql("CREATE TABLE s26_other (id integer)")
-    with Sess() as session:
-        session.execute(text("SELECT logged FROM s26_audit"))
-        session.commit()
-    truth = _truth(engine, _LOGGED)
-    assert truth == [(1,)]
-    with Sess() as session:
-        assert _rows(session, _LOGGED, "memory") == truth
-    engine.dispose()
+    def migrate(engine):
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE s26_other (id integer)")
+
+    schema_sql = _WRITER + "CREATE VIEW s26_audit AS SELECT s26_logged() AS logged"
+    _logged_fresh_after(pg_database, schema_sql, _LOGGED, text("SELECT logged FROM s26_audit"), between=migrate)

@@ -152,8 +152,8 @@ def decide(
     if region.is_local:
         return Lookup(key, (), _current_in(session, cache), bind)
     if cache.invalidation != "auto":
-        tables = versions.manual(key.text)
-        return Lookup(key, tables, versions.valid(region, tables), bind)
+        manual = versions.manual(key.text)
+        return Lookup(key, manual, versions.valid(region, manual), bind)
     tables = cache.tables_read.get(key.shape)
     return Lookup(key, tables, None if tables is None else versions.valid(region, tables), bind)
 

@@ -189,11 +189,22 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_operator'::regclass AND e.objid = o.oid AND e.deptype = 'e')
 """
 
+#: The functions of the database's own that the objects of ``users`` (a
+#: relation, and the catalog row of what calls: ``classid``, ``objid``)
+#: call, directly or as an operator's function: the end of the two queries below.
+_CALLED_BY_USERS = """
+JOIN pg_depend d ON d.classid = u.classid AND d.objid = u.objid
+LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
+JOIN pg_proc f ON f.oid = CASE WHEN d.refclassid = 'pg_proc'::regclass THEN d.refobjid ELSE o.oprcode END
+JOIN pg_namespace n ON n.oid = coalesce(o.oprnamespace, f.pronamespace)
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')"""
+
 #: The views and the functions of the database's own their query calls,
 #: directly or as an operator's function: a view over a function that
 #: writes writes when it is read.  And so does a table with row-level
 #: security whose policy calls one (``USING (audit() > 0)``).
-POSTGRESQL_VIEW_ROUTINES = """
+POSTGRESQL_VIEW_ROUTINES = (
+    """
 WITH users AS (
     SELECT r.ev_class AS rel, 'pg_rewrite'::regclass AS classid, r.oid AS objid
     FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class
@@ -203,15 +214,12 @@ WITH users AS (
     FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
     WHERE c.relrowsecurity
 )
-SELECT DISTINCT v.relname, f.proname
+SELECT DISTINCT c.relname, f.proname
 FROM users u
-JOIN pg_class v ON v.oid = u.rel
-JOIN pg_depend d ON d.classid = u.classid AND d.objid = u.objid
-LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
-JOIN pg_proc f ON f.oid = CASE WHEN d.refclassid = 'pg_proc'::regclass THEN d.refobjid ELSE o.oprcode END
-JOIN pg_namespace n ON n.oid = coalesce(o.oprnamespace, f.pronamespace)
-WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+JOIN pg_class c ON c.oid = u.rel
 """
+    + _CALLED_BY_USERS
+)
 
 #: The tables (and views) and the functions of the database's own a write
 #: to each may call, directly or as an operator's function, which its
@@ -220,7 +228,8 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
 #: policies, its triggers' ``WHEN`` conditions and its indexes' expressions
 #: (an immutable function may call one that writes).  An ``INSERT`` of the ORM calls a default that writes
 #: another table.  (Its columns' types: :data:`POSTGRESQL_TYPE_ROUTINES`.)
-POSTGRESQL_WRITE_ROUTINES = """
+POSTGRESQL_WRITE_ROUTINES = (
+    """
 WITH users AS (
     SELECT adrelid AS rel, 'pg_attrdef'::regclass AS classid, oid AS objid FROM pg_attrdef
     UNION ALL
@@ -237,12 +246,11 @@ WITH users AS (
 SELECT DISTINCT c.relname, f.proname
 FROM users u
 JOIN pg_class c ON c.oid = u.rel
-JOIN pg_depend d ON d.classid = u.classid AND d.objid = u.objid
-LEFT JOIN pg_operator o ON d.refclassid = 'pg_operator'::regclass AND o.oid = d.refobjid
-JOIN pg_proc f ON f.oid = CASE WHEN d.refclassid = 'pg_proc'::regclass THEN d.refobjid ELSE o.oprcode END
-JOIN pg_namespace n ON n.oid = coalesce(o.oprnamespace, f.pronamespace)
-WHERE c.relkind IN ('r', 'p', 'f', 'v') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
 """
+    + _CALLED_BY_USERS
+    + """ AND c.relkind IN ('r', 'p', 'f', 'v')
+"""
+)
 
 #: The types a value of which calls functions of the database's own as it is
 #: made (cast or coerced to it: ``1::checked``, an argument, a column
