@@ -17,10 +17,12 @@ from sqlalchemy.pool import QueuePool
 from .conftest import SQLCounter
 from .test_attack_s25_review import (  # the helpers of s25's review, and its autouse fixture
     _cache,
+    _logged_fresh_after,
     _no_schema_known,  # noqa: F401
     _rows,
     _truth,
 )
+from .test_attack_s26_review import _CHECKED, _LOGGED, _WRITER, _add_item
 
 _COUNT = Table("s26t_count", MetaData(), Column("id", Integer, primary_key=True), Column("n", Integer))
 _COUNTS = select(_COUNT.c.n)
@@ -84,3 +86,44 @@ def test_connections_sharing_a_database_in_memory_are_keyed_alike():
     keep.close()
     engine.dispose()
     assert hit  # one database: one key
+
+
+# PostgreSQL: what a write to a table calls, through wrappers and nesting ----------------------------
+
+_FIXED = (
+    "CREATE FUNCTION s26_fixed(x integer) RETURNS integer LANGUAGE plpgsql IMMUTABLE AS $$"
+    " BEGIN RETURN s26_logged(); END $$;"
+)
+
+
+@pytest.mark.parametrize(
+    "item",
+    [
+        _FIXED
+        + "CREATE TABLE s26_item (id integer PRIMARY KEY, stamp integer GENERATED ALWAYS AS (s26_fixed(id)) STORED)",
+        _FIXED + "CREATE TABLE s26_item (id integer PRIMARY KEY, EXCLUDE USING btree ((s26_fixed(id)) WITH =))",
+        _FIXED
+        + "CREATE TABLE s26_item (id integer PRIMARY KEY); CREATE INDEX ON s26_item (id) WHERE s26_fixed(id) > 0",
+        _CHECKED + "CREATE DOMAIN s26_again AS s26_checked;"
+        "CREATE TABLE s26_item (id integer PRIMARY KEY, again s26_again DEFAULT ceil(random())::integer)",
+        _CHECKED + "CREATE TYPE s26_inner AS (a s26_checked); CREATE TYPE s26_outer AS (i s26_inner);"
+        "CREATE TABLE s26_item (id integer PRIMARY KEY, o s26_outer DEFAULT ROW(ROW(ceil(random())::integer)))",
+        _CHECKED + "CREATE TYPE s26_pair AS (a s26_checked);"
+        "CREATE TABLE s26_item (id integer PRIMARY KEY,"
+        " pairs s26_pair[] DEFAULT ARRAY[ROW(ceil(random())::integer)::s26_pair])",
+        "CREATE SCHEMA s26_other; CREATE FUNCTION s26_other.s26_hidden() RETURNS integer LANGUAGE plpgsql AS $$"
+        " BEGIN INSERT INTO public.s26_log VALUES (1); RETURN 1; END $$;"
+        "CREATE TABLE s26_item (id integer PRIMARY KEY, stamp integer DEFAULT s26_other.s26_hidden())",
+    ],
+    ids=[
+        "a generated column through an immutable wrapper",
+        "an exclusion constraint's expression",
+        "a partial index's predicate",
+        "a domain over a domain",
+        "a composite of a composite of a domain",
+        "an array of a composite of a domain",
+        "a default calling a function of another schema",
+    ],
+)
+def test_what_a_postgresql_insert_calls_through_wrappers_and_nesting_is_invalidated(pg_database, item):
+    _logged_fresh_after(pg_database, _WRITER + item, _LOGGED, _add_item)
