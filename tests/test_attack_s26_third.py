@@ -10,8 +10,8 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, select
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, select, text
+from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
 from .conftest import SQLCounter
@@ -127,3 +127,50 @@ _FIXED = (
 )
 def test_what_a_postgresql_insert_calls_through_wrappers_and_nesting_is_invalidated(pg_database, item):
     _logged_fresh_after(pg_database, _WRITER + item, _LOGGED, _add_item)
+
+
+# PostgreSQL: a remembered answer, and a function replaced to write ----------------------------------
+
+_QUIET = """
+CREATE TABLE s26_log (id integer);
+CREATE FUNCTION s26_quiet() RETURNS integer LANGUAGE sql AS 'SELECT 1';
+"""
+_LOUD = """
+CREATE OR REPLACE FUNCTION s26_quiet() RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO s26_log VALUES (1); RETURN 1; END $$
+"""
+_CALL_QUIET = text("SELECT s26_quiet()")
+
+
+def _replaced_rolled_back_then_redone(savepoint: bool):
+    def between(engine):
+        with Session(engine) as session:  # the text's answer remembered: it writes nothing
+            session.execute(_CALL_QUIET)
+            session.commit()
+        with engine.connect() as conn:
+            if savepoint:
+                outer = conn.begin()
+                inner = conn.begin_nested()
+                conn.exec_driver_sql(_LOUD)
+                conn.execute(_CALL_QUIET)  # its own catalog: it writes
+                inner.rollback()
+                conn.execute(_CALL_QUIET)  # rolled back: it writes nothing again
+                outer.rollback()
+            else:
+                conn.exec_driver_sql(_LOUD)
+                conn.rollback()
+        with Session(engine) as session:  # read again, as committed: it writes nothing
+            session.execute(_CALL_QUIET)
+            session.rollback()
+        with engine.begin() as conn:  # redone, committed
+            conn.exec_driver_sql(_LOUD)
+
+    return between
+
+
+@pytest.mark.parametrize("savepoint", [False, True], ids=["a transaction", "a savepoint"])
+def test_a_postgresql_function_replaced_to_write_after_a_rolled_back_replacement_writes(pg_database, savepoint):
+    # What a catalog's patterns found in the text is remembered with the
+    # catalog: the answer read while the replacement was rolled back (it
+    # writes nothing) must not outlive the replacement committed.
+    _logged_fresh_after(pg_database, _QUIET, _LOGGED, _CALL_QUIET, between=_replaced_rolled_back_then_redone(savepoint))
