@@ -10,9 +10,11 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from sqlalchemy import Column, Integer, MetaData, Table, create_engine, select, text
+from sqlalchemy import Column, Integer, MetaData, Table, create_engine, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
+
+from pyramid_sessioncache import FromCache, invalidate
 
 from .conftest import SQLCounter
 from .test_attack_s25_review import (  # the helpers of s25's review, and its autouse fixture
@@ -22,6 +24,9 @@ from .test_attack_s25_review import (  # the helpers of s25's review, and its au
     _rows,
     _truth,
 )
+from .test_attack_s25_second import _COUNT as _MANUAL_COUNT
+from .test_attack_s25_second import _COUNTS as _MANUAL_COUNTS
+from .test_attack_s26_manual_key import _database, _manual
 from .test_attack_s26_review import _CHECKED, _LOGGED, _WRITER, _add_item
 
 _COUNT = Table("s26t_count", MetaData(), Column("id", Integer, primary_key=True), Column("n", Integer))
@@ -174,3 +179,76 @@ def test_a_postgresql_function_replaced_to_write_after_a_rolled_back_replacement
     # catalog: the answer read while the replacement was rolled back (it
     # writes nothing) must not outlive the replacement committed.
     _logged_fresh_after(pg_database, _QUIET, _LOGGED, _CALL_QUIET, between=_replaced_rolled_back_then_redone(savepoint))
+
+
+# Manual invalidation: a label of odd characters -------------------------------------------------------
+
+_ODD_LABELS = ["é/../ü \\x *:%s{}", "é", "entry.é:", ("entry." + "ü" * 200)[:200]]
+
+
+@pytest.mark.parametrize("name", ["memory", "file", "redis"])
+def test_a_query_labelled_with_odd_characters_is_invalidated_by_its_label_alone(
+    tmp_path, request, region_options, name
+):
+    # The version of an entry is named after its key, which the label
+    # starts: labels of characters outside ASCII, or that look like a
+    # version's name, are invalidated each by its own.
+    if name == "redis":
+        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
+    cache = _manual(region_options)
+    engine = create_engine(_database(tmp_path))
+    Sess = sessionmaker(engine, info=cache.session_info())
+
+    def read(session, label):
+        stmt = _MANUAL_COUNTS.options(FromCache(name, cache_key=label))
+        return [tuple(row) for row in session.execute(stmt).all()]
+
+    with Sess() as session:
+        for label in _ODD_LABELS:
+            assert read(session, label) == [(0,)]
+    counter = SQLCounter(engine)
+    with Sess() as session:
+        for label in _ODD_LABELS:
+            assert read(session, label) == [(0,)]
+    assert counter.count == 0  # each a hit
+    for n, label in enumerate(_ODD_LABELS, 1):
+        with Sess() as session:
+            session.execute(update(_MANUAL_COUNT).values(n=n))
+            again = invalidate(_MANUAL_COUNTS, session, name, cache_key=label, cache=cache)
+            session.commit()
+        again()
+        truth = _truth(engine, _MANUAL_COUNTS)
+        assert truth == [(n,)]
+        with Sess() as session:
+            assert read(session, label) == truth
+            counter.reset()
+            assert read(session, label) == truth
+            assert counter.count == 0
+    engine.dispose()
+    cache.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="keys are encoded with backslashreplace (storage/region.py _encode): the labels 'é' and '\\\\xe9' give "
+    "one key for one query, and the entry's version, signed under each label's own name, does not check for "
+    "the other: read in turn, each is a miss (misses only: one query, one result; invalidating either voids both)",
+)
+def test_labels_that_encode_alike_are_each_a_hit(tmp_path, region_options):
+    cache = _manual(region_options)
+    engine = create_engine(_database(tmp_path))
+    Sess = sessionmaker(engine, info=cache.session_info())
+    labels = ["é", "\\xe9"]
+
+    def read_all():
+        with Sess() as session:
+            return [
+                [tuple(row) for row in session.execute(_MANUAL_COUNTS.options(FromCache("memory", cache_key=label)))]
+                for label in labels
+            ]
+
+    assert read_all() == [_truth(engine, _MANUAL_COUNTS)] * 2
+    counter = SQLCounter(engine)
+    assert read_all() == [[(0,)]] * 2
+    engine.dispose()
+    assert counter.count == 0  # each a hit
