@@ -15,6 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import QueuePool
 
 from pyramid_sessioncache import FromCache, invalidate
+from pyramid_sessioncache.storage import versions as storage_versions
 
 from .conftest import SQLCounter
 from .test_attack_s25_review import (  # the helpers of s25's review, and its autouse fixture
@@ -26,7 +27,7 @@ from .test_attack_s25_review import (  # the helpers of s25's review, and its au
 )
 from .test_attack_s25_second import _COUNT as _MANUAL_COUNT
 from .test_attack_s25_second import _COUNTS as _MANUAL_COUNTS
-from .test_attack_s26_manual_key import _database, _manual
+from .test_attack_s26_manual_key import _database, _manual, _race, _served_then_hit
 from .test_attack_s26_review import _CHECKED, _LOGGED, _WRITER, _add_item
 
 _COUNT = Table("s26t_count", MetaData(), Column("id", Integer, primary_key=True), Column("n", Integer))
@@ -252,3 +253,27 @@ def test_labels_that_encode_alike_are_each_a_hit(tmp_path, region_options):
     assert read_all() == [[(0,)]] * 2
     engine.dispose()
     assert counter.count == 0  # each a hit
+
+
+# Manual invalidation: versions of entries evicted and forgotten ---------------------------------------
+
+
+@pytest.mark.parametrize("name", ["memory", "file"])
+def test_an_entry_stored_after_a_racing_invalidation_stays_void_once_its_version_is_evicted_and_forgotten(
+    tmp_path, region_options, monkeypatch, name
+):
+    # The reader stores what it read before the writer's commit; then a
+    # flood of other queries evicts its version (memory) and makes the
+    # process forget every entry's counter: the entry must not come back.
+    monkeypatch.setattr(storage_versions, "REMEMBERED_ENTRIES", 3)
+    region_options["memory"]["max_items"] = 4
+    cache = _manual(region_options)
+    reader = _race(_database(tmp_path), cache, cache, name)
+    Sess = sessionmaker(reader, info=cache.session_info())
+    with Sess() as session:
+        for n in range(40):
+            stmt = select(_MANUAL_COUNT.c.n).where(_MANUAL_COUNT.c.id != -n - 1)
+            _rows(session, stmt, name)
+            invalidate(stmt, session, name, cache=cache)
+    assert _served_then_hit(reader, cache, name) == _truth(reader, _MANUAL_COUNTS) == [(7,)]
+    reader.dispose()
