@@ -277,3 +277,27 @@ def test_an_entry_stored_after_a_racing_invalidation_stays_void_once_its_version
             invalidate(stmt, session, name, cache=cache)
     assert _served_then_hit(reader, cache, name) == _truth(reader, _MANUAL_COUNTS) == [(7,)]
     reader.dispose()
+
+
+# SQLite: a connection in memory replaced by the pool ------------------------------------------------------
+
+
+def test_a_connection_in_memory_replaced_by_the_pool_is_not_served_the_rows_of_the_one_it_replaced():
+    # sqlite:// (one connection per thread, each its own database): a
+    # connection invalidated is replaced by a new one, with a new, empty
+    # database; what the old one stored must not be served on the new one.
+    engine = create_engine("sqlite://")
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    for n in (1, 2):
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE s26t_count (id INTEGER PRIMARY KEY, n INTEGER)")
+            conn.exec_driver_sql(f"INSERT INTO s26t_count VALUES (1, {n})")
+        with Sess() as session:
+            assert _rows(session, _COUNTS, "memory") == _truth(engine, _COUNTS) == [(n,)]
+        counter = SQLCounter(engine)
+        with Sess() as session:
+            assert _rows(session, _COUNTS, "memory") == [(n,)]
+        assert counter.count == 0  # a hit
+        with engine.connect() as conn:
+            conn.invalidate()  # the pool opens a new connection, a new database
+    engine.dispose()
