@@ -301,3 +301,27 @@ def test_a_connection_in_memory_replaced_by_the_pool_is_not_served_the_rows_of_t
         with engine.connect() as conn:
             conn.invalidate()  # the pool opens a new connection, a new database
     engine.dispose()
+
+
+# PostgreSQL: a writer named without its schema, and in a long text ------------------------------------
+
+_HIDDEN = """
+CREATE TABLE s26_log (id integer);
+CREATE SCHEMA s26_other;
+CREATE FUNCTION s26_other.s26_hidden() RETURNS integer LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO public.s26_log VALUES (1); RETURN 1; END $$;
+"""
+
+
+def _through_search_path(session):
+    session.execute(text("SET LOCAL search_path TO s26_other, public"))
+    session.execute(text("SELECT s26_hidden()"))
+
+
+def _in_a_long_text(session):
+    session.execute(text("SELECT s26_other.s26_hidden() WHERE 1 IN (" + ", ".join(["1"] * 1500) + ")"))
+
+
+@pytest.mark.parametrize("write", [_through_search_path, _in_a_long_text], ids=["search_path", "a long text"])
+def test_a_postgresql_writer_of_another_schema_writes_every_table(pg_database, write):
+    _logged_fresh_after(pg_database, _HIDDEN, _LOGGED, write)
