@@ -325,3 +325,25 @@ def _in_a_long_text(session):
 @pytest.mark.parametrize("write", [_through_search_path, _in_a_long_text], ids=["search_path", "a long text"])
 def test_a_postgresql_writer_of_another_schema_writes_every_table(pg_database, write):
     _logged_fresh_after(pg_database, _HIDDEN, _LOGGED, write)
+
+
+# Manual invalidation: two SessionCaches over one region ---------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["file", "redis"])
+def test_a_query_invalidated_through_another_sessioncache_voids_what_a_racing_reader_stores(
+    tmp_path, request, region_options, name
+):
+    # Two SessionCaches of one process over the same backend: the writer's
+    # bumps are in its own counters, and the reader's are another's.
+    if name == "redis":
+        region_options["redis"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url")}
+    cache, other = _manual(region_options), _manual(region_options)
+    try:
+        reader = _race(_database(tmp_path), cache, other, name)
+        assert _served_then_hit(reader, cache, name) == [(7,)]
+        assert _served_then_hit(reader, other, name) == [(7,)]
+        reader.dispose()
+    finally:
+        cache.close()
+        other.close()
