@@ -7,6 +7,7 @@ counting statements.
 
 from __future__ import annotations
 
+import sqlite3
 import uuid
 
 import pytest
@@ -27,6 +28,7 @@ from .test_attack_s25_review import (  # the helpers of s25's review, and its au
 )
 from .test_attack_s25_second import _COUNT as _MANUAL_COUNT
 from .test_attack_s25_second import _COUNTS as _MANUAL_COUNTS
+from .test_attack_s25_second import _each_served_its_own
 from .test_attack_s26_manual_key import _database, _manual, _race, _served_then_hit
 from .test_attack_s26_review import _CHECKED, _LOGGED, _WRITER, _add_item
 
@@ -347,3 +349,18 @@ def test_a_query_invalidated_through_another_sessioncache_voids_what_a_racing_re
     finally:
         cache.close()
         other.close()
+
+
+# SQLite: a main database in a temporary file, each connection's own ----------------------------------
+
+
+def test_connections_whose_main_database_is_a_temporary_file_are_not_served_each_others_rows():
+    # sqlite3.connect(""): each connection opens a private database in a
+    # temporary file (no file name in PRAGMA database_list), as a
+    # database in memory: each must be keyed apart.
+    engine = create_engine("sqlite://", creator=lambda: sqlite3.connect(""), poolclass=QueuePool)
+
+    def made(conn):
+        conn.exec_driver_sql("CREATE TABLE s26t_count (id INTEGER PRIMARY KEY, n INTEGER)")
+
+    _each_served_its_own(engine, _COUNTS, "INSERT INTO s26t_count VALUES (1, {n})", made)
