@@ -46,11 +46,14 @@ _COUNTED = "CREATE TRIGGER {schema}s25s_counted AFTER INSERT ON s25s_item BEGIN 
 # SQLite: what a connection holds alone ----------------------------------------------------------------
 
 
-def test_a_declared_write_is_closed_over_the_triggers_read_by_connections_with_temporary_objects(tmp_path):
+@pytest.mark.parametrize("disposed", [False, True], ids=["connections open", "pool disposed"])
+def test_a_declared_write_is_closed_over_the_triggers_read_by_connections_with_temporary_objects(tmp_path, disposed):
     # Every connection makes a temporary table as it opens (a scratch table
     # for bulk work): each holds a catalog of its own, which was kept out of
     # what a declared write is closed over; the count kept by the main
     # database's trigger stayed stale after invalidate_tables("s25s_item").
+    # And once the pool was disposed (after a fork, say), with the
+    # connections went the catalogs they held (s26's review).
     path = tmp_path / "t.sqlite"
     _run(path, _TABLES.format(schema="") + _COUNTED.format(schema=""))
     engine = create_engine(f"sqlite:///{path}")
@@ -63,12 +66,18 @@ def test_a_declared_write_is_closed_over_the_triggers_read_by_connections_with_t
     Sess = sessionmaker(engine, info=cache.session_info())
     with Sess() as session:
         assert _rows(session, _COUNTS, "memory") == [(0,)]
+    if disposed:
+        engine.dispose()
     _run(path, "INSERT INTO s25s_item VALUES (1)")  # another program; the application declares it
     cache.invalidate_tables("s25s_item")
     truth = _truth(engine, _COUNTS)
     assert truth == [(1,)]
+    counter = SQLCounter(engine)
     with Sess() as session:
         assert _rows(session, _COUNTS, "memory") == truth
+        counter.reset()
+        assert _rows(session, _COUNTS, "memory") == truth
+        assert counter.count == 0  # stored again, and a hit
     engine.dispose()
 
 

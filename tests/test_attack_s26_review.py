@@ -21,7 +21,6 @@ from .test_attack_s25_review import (  # the helpers of s25's review, and its au
     _no_schema_known,  # noqa: F401
     _rows,
     _run,
-    _truth,
 )
 from .test_attack_s25_second import _each_served_its_own
 
@@ -231,48 +230,7 @@ def test_a_postgresql_row_level_security_policy_that_calls_a_function_that_write
         admin.dispose()
 
 
-# SQLite: catalogs of connections with temporary objects, once those connections are gone -------------
-
-_TABLES = (
-    "CREATE TABLE s26_item (id INTEGER PRIMARY KEY);"
-    "CREATE TABLE s26_count (id INTEGER PRIMARY KEY, n INTEGER);"
-    "INSERT INTO s26_count VALUES (1, 0);"
-    "CREATE TRIGGER s26_counted AFTER INSERT ON s26_item BEGIN UPDATE s26_count SET n = n + 1; END;"
-)
 _COUNTS = select(Table("s26_count", MetaData(), Column("n", Integer)).c.n)
-
-
-def test_a_declared_write_is_closed_over_triggers_read_by_connections_with_temporary_objects_since_closed(tmp_path):
-    # Every connection makes a temporary table as it opens: each holds a
-    # catalog of its own, kept (weakly) for declared writes only while its
-    # connection lives.  Once the pool was disposed (after a fork, say),
-    # invalidate_tables("s26_item") no longer reached the count the main
-    # database's trigger keeps, which a connection without temporary
-    # objects would have kept known.
-    path = tmp_path / "t.sqlite"
-    _run(path, _TABLES)
-    engine = create_engine(f"sqlite:///{path}")
-
-    @event.listens_for(engine, "connect")
-    def scratch(dbapi_connection, record):
-        dbapi_connection.execute("CREATE TEMP TABLE s26_scratch (x)")
-
-    cache = _cache()
-    Sess = sessionmaker(engine, info=cache.session_info())
-    with Sess() as session:
-        assert _rows(session, _COUNTS, "memory") == [(0,)]
-    engine.dispose()  # its connections, and the catalogs they held, are gone
-    _run(path, "INSERT INTO s26_item VALUES (1)")  # another program; the application declares it
-    cache.invalidate_tables("s26_item")
-    truth = _truth(engine, _COUNTS)
-    assert truth == [(1,)]
-    counter = SQLCounter(engine)
-    with Sess() as session:
-        assert _rows(session, _COUNTS, "memory") == truth
-        counter.reset()
-        assert _rows(session, _COUNTS, "memory") == truth
-        assert counter.count == 0  # stored again, and a hit
-    engine.dispose()
 
 
 # SQLite: databases a connection alone sees ----------------------------------------------------------------
