@@ -11,6 +11,11 @@ Checked on Beaker 1.13 and 1.14 (1.14.1 by the test suite).
   namespace) is made without registering a type in that global registry.
 - Redis reads and writes several keys at once (``MGET``/``MSET``) on keys
   spelled as Beaker's ``RedisNamespaceManager._format_key`` spells them.
+- Beaker's ``Cache`` turns a string key into bytes in its private
+  ``_get_value`` (``get``, ``put``, ``remove``, ``in``: every access goes
+  through it) with ``backslashreplace``, which gives two strings the same
+  bytes.  The :class:`Cache` of a region does it there as regions do
+  (``storage/keys.py``), so that it reads what the region stored.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ import contextlib
 from typing import Any
 
 from beaker import cache as beaker_cache
+
+from .storage.keys import key_bytes
 
 
 def _load_entry_points() -> None:
@@ -45,14 +52,27 @@ def redis_key(namespace: Any, key: bytes) -> str:
     return namespace._format_key(key)
 
 
-def cache_on(namespace: Any, expire: int | None) -> beaker_cache.Cache:
-    """Return a Beaker ``Cache`` over an already built namespace manager.
+class Cache(beaker_cache.Cache):
+    """A Beaker ``Cache`` whose string keys are the bytes a region stores them under.
+
+    Beaker encodes a key with ``backslashreplace``, under which ``"é"`` and
+    the four characters ``"\\xe9"`` are one key; a region keeps them apart
+    (see ``storage/keys.py``), and so does this ``Cache``.
+    """
+
+    def _get_value(self, key: Any, **kw: Any) -> Any:
+        # Beaker 1.13, 1.14: bytes are used as they are.
+        return super()._get_value(key_bytes(key), **kw)
+
+
+def cache_on(namespace: Any, expire: int | None) -> Cache:
+    """Return a :class:`Cache` over an already built namespace manager.
 
     ``Cache.__init__`` only builds namespaces from a type name in the
     process-wide ``clsmap``; this sets the same attributes it sets
     (Beaker 1.13, 1.14) without registering anything globally.
     """
-    cache = beaker_cache.Cache.__new__(beaker_cache.Cache)
+    cache = Cache.__new__(Cache)
     cache.namespace_name = namespace.namespace
     cache.namespace = namespace
     cache.expiretime = expire

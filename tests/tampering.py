@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from pyramid_sessioncache import Region
+from pyramid_sessioncache.storage.keys import key_bytes
 
 #: The out-of-process region types, whose values are signed.
 SIGNED_TYPES = ("file", "dbm", "redis")
@@ -30,10 +31,6 @@ class Backend:
         self.entries = region.cache_for().namespace
         assert region.tokens is not None
         self.versions = region.tokens.namespace
-
-    @staticmethod
-    def _key(key: str | bytes) -> bytes:
-        return key.encode("ascii", "backslashreplace") if isinstance(key, str) else key
 
     def _get(self, namespace: Any, key: bytes) -> bytes | None:
         kind = self.region.type
@@ -71,16 +68,16 @@ class Backend:
 
     def entry(self, key: str | bytes) -> bytes | None:
         """The stored bytes of the entry ``key``."""
-        return self._get(self.entries, self._key(key))
+        return self._get(self.entries, key_bytes(key))
 
     def set_entry(self, key: str | bytes, data: bytes | str) -> None:
         """Overwrite the entry ``key`` with ``data``."""
-        self._set(self.entries, self._key(key), data)
+        self._set(self.entries, key_bytes(key), data)
 
     def version(self, table: str) -> bytes | None:
         """The stored bytes of ``table``'s version."""
-        return self._get(self.versions, self._key(table))
+        return self._get(self.versions, key_bytes(table))
 
     def set_version(self, table: str, data: bytes | str) -> None:
         """Overwrite ``table``'s version with ``data``."""
-        self._set(self.versions, self._key(table), data)
+        self._set(self.versions, key_bytes(table), data)

@@ -231,12 +231,6 @@ def test_a_query_labelled_with_odd_characters_is_invalidated_by_its_label_alone(
     cache.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="keys are encoded with backslashreplace (storage/region.py _encode): the labels 'é' and '\\\\xe9' give "
-    "one key for one query, and the entry's version, signed under each label's own name, does not check for "
-    "the other: read in turn, each is a miss (misses only: one key is one query, one result)",
-)
 def test_labels_that_encode_alike_are_each_a_hit(tmp_path, region_options):
     cache = _manual(region_options)
     engine = create_engine(_database(tmp_path))

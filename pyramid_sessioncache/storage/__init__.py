@@ -5,6 +5,7 @@
   allowed, and which are refused because they unpickle unchecked data.
 - ``versions.py``: table versions, signed, counted, never going back.
 - ``api.py``: what storage asks of a backend beyond Beaker's namespaces.
+- ``keys.py``: the bytes a key is stored under, which no other key's are.
 - ``signing.py``: signed pickles, bound to their place and checked before
   they are unpickled.
 - ``backends/``: ``local_session`` (entries on a SQLAlchemy Session,

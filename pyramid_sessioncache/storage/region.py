@@ -2,9 +2,11 @@
 
 A :class:`Region` stores opaque values under string keys; it knows nothing
 of queries or requests.  Entries use Beaker's own stored format,
-``(stored_time, expire, value)``, so ``beaker.cache.Cache.get(key)`` reads
-what a region wrote, while a look-up costs one backend read (Beaker's
-``Cache.get`` makes two: ``EXISTS`` then ``GET`` on Redis).
+``(stored_time, expire, value)``, so the Beaker ``Cache`` of
+:meth:`~pyramid_sessioncache.Region.cache_for` reads what a region wrote
+(its keys are encoded as the region's: see ``keys.py``), while a look-up
+costs one backend read (Beaker's ``Cache.get`` makes two: ``EXISTS`` then
+``GET`` on Redis).
 
 In-process namespaces belong to their region (``memory``: a dictionary of
 its own bounded in entries and bytes, not Beaker's module-global one) or
@@ -57,6 +59,7 @@ from .backends.file import FileNamespace, SignedFileNamespace
 from .backends.local_session import ScopedSessionNamespace
 from .backends.memory import DEFAULT_MAX_BYTES, DEFAULT_MAX_ITEMS, BoundedMemoryNamespace
 from .backends.redis import RedisVersionsNamespace, SignedRedisNamespaceManager
+from .keys import encode_key
 from .versions import ENTRY_LIFETIME, Versions, is_entry_version
 
 #: Types whose values leave the process: signed for their place, and
@@ -307,7 +310,7 @@ class Region:
         """Return the Beaker ``Cache`` of this region (bound to ``session`` if local)."""
         if self._shared is not None:
             return self._shared
-        return Cache(self.namespace_name, type=self.type, expire=self.expire, session=session, **self._nsargs)
+        return _beaker.Cache(self.namespace_name, type=self.type, expire=self.expire, session=session, **self._nsargs)
 
     def _namespace(self, session: Any) -> Any:
         if self._shared is not None:
@@ -363,7 +366,7 @@ class Region:
                 assert self.tokens is not None
                 tokens = self.tokens
                 stored, versions = namespace.get_with_versions(
-                    key, tokens.namespace, map(_encode, tables), lambda raw: tokens.check(tables, raw)
+                    key, tokens.namespace, map(encode_key, tables), lambda raw: tokens.check(tables, raw)
                 )
             else:
                 namespace.acquire_read_lock()
@@ -443,7 +446,7 @@ class Region:
 
     def get(self, key: str, session: Any = None, default: Any = None) -> Any:
         """Return the fresh value stored under ``key``, or ``default``."""
-        found = self._read(self._namespace(session), _encode(key))
+        found = self._read(self._namespace(session), encode_key(key))
         if found is None or not found[1]:
             return default
         return found[0]
@@ -456,7 +459,7 @@ class Region:
         ``expire`` that is not a positive int within the backend's limit.
         """
         region_options.check_expire(expire, self.max_expire)
-        self._write(self._namespace(session), _encode(key), value, expire or self.expire)
+        self._write(self._namespace(session), encode_key(key), value, expire or self.expire)
 
     def remove(self, key: str, session: Any = None) -> None:
         """Forget the value stored under ``key``."""
@@ -623,7 +626,7 @@ class Region:
         if not self.available():
             return create(), False
         namespace = self._namespace(session)
-        bkey = _encode(key)
+        bkey = encode_key(key)
         found = self._read(namespace, bkey, valid, tables)
         if found is not None and found[1]:
             return found[0], True
@@ -692,7 +695,7 @@ class Region:
             entries = None if namespaces is None else namespaces.get(self.namespace_name)
             if entries is None:
                 return None
-            bkey = _encode(key)
+            bkey = encode_key(key)
             stored = entries.get(bkey)
             if stored is None:
                 return None
@@ -701,14 +704,14 @@ class Region:
                 entries.move_to_end(bkey)  # least recently used goes first
                 return found[0]
             return None
-        found = self._read(self._namespace(session), _encode(key), valid, tables) if self.available() else None
+        found = self._read(self._namespace(session), encode_key(key), valid, tables) if self.available() else None
         return found[0] if found is not None and found[1] else None
 
     def _local(self, key: str, create, session: Any, expire: int | None, store, valid, on_store) -> tuple[Any, bool]:
         value = self.peek(key, session, valid)
         if value is not None:
             return value, True
-        return self._create(self._namespace(session), _encode(key), create, expire, store, on_store=on_store), False
+        return self._create(self._namespace(session), encode_key(key), create, expire, store, on_store=on_store), False
 
     def _create(self, namespace, bkey, create, expire, store, label=None, notify: bool = False, on_store=None) -> Any:
         """``create()``, stored if ``store`` accepts it; with ``notify``, tell waiters when nothing is stored."""
@@ -732,11 +735,6 @@ _NOTICE = b"\x00regeneration-ended"
 #: What :meth:`Region._wait` returns when the caller holds the lock, or must run the query alone.
 _LOCKED = object()
 _ALONE = object()
-
-
-def _encode(key: str) -> bytes:
-    # Beaker's Cache encodes keys this way; so must we, to share entries.
-    return key.encode("ascii", "backslashreplace")
 
 
 #: Every region of the process, for :func:`_after_fork`.

@@ -30,6 +30,8 @@ import pickle
 import struct
 from typing import Any
 
+from .keys import key_bytes
+
 #: Marks the format, so that a change of format reads as a miss.
 PREFIX = b"sc2:"
 _DIGEST = hashlib.sha256().digest_size
@@ -42,14 +44,6 @@ INVALID: Any = object()
 
 def _field(data: bytes) -> bytes:
     return len(data).to_bytes(4, "big") + data
-
-
-def key_bytes(key: bytes | str) -> bytes:
-    """Return ``key`` as the bytes a namespace stores it under.
-
-    Beaker's ``Cache`` encodes keys this way before a namespace sees them.
-    """
-    return key.encode("ascii", "backslashreplace") if isinstance(key, str) else key
 
 
 class Signer:

@@ -81,6 +81,7 @@ from typing import Any
 
 from .. import forks
 from . import api
+from .keys import encode_key
 
 #: Part of every token's signed message: a change of format reads as invalid.
 FORMAT = b"sessioncache versions 1"
@@ -99,10 +100,6 @@ ENTRY_LIFETIME = 24 * 3600
 log = logging.getLogger(__name__)
 
 
-def _encode(name: str) -> bytes:
-    return name.encode("ascii", "backslashreplace")
-
-
 def entry_version(key: str) -> str:
     """The name of the version of the entry stored under ``key``, beside its region's table versions.
 
@@ -118,7 +115,7 @@ def is_entry_version(key: bytes) -> bool:
     return key.startswith(_ENTRY_KEY)
 
 
-_ENTRY_KEY = _encode(ENTRY)
+_ENTRY_KEY = encode_key(ENTRY)
 
 
 class Versions:
@@ -245,7 +242,7 @@ class Versions:
 
         Backend errors propagate.
         """
-        return self.check(names, api.read_many(self.namespace, [_encode(name) for name in names]))
+        return self.check(names, api.read_many(self.namespace, [encode_key(name) for name in names]))
 
     def create(self, names: Sequence[str]) -> tuple[str, ...] | None:
         """Return the tokens of ``names`` for an entry about to be stored, making the missing and unusable ones.
@@ -255,7 +252,7 @@ class Versions:
         replaced by a bump.  Returns None if some are still unusable.
         Backend errors propagate.
         """
-        keys = [_encode(name) for name in names]
+        keys = [encode_key(name) for name in names]
         raw = api.read_many(self.namespace, keys)
         found = self.check(names, raw)
         if None not in found:
@@ -282,9 +279,9 @@ class Versions:
         Backend errors propagate.
         """
         proposals = {name: self.highest.get(name, 0) + 1 for name in names}
-        by_key = {_encode(name): name for name in proposals}
+        by_key = {encode_key(name): name for name in proposals}
         for attempt in range(2):
-            tokens = {_encode(name): self.new(name, counter) for name, counter in proposals.items()}
+            tokens = {encode_key(name): self.new(name, counter) for name, counter in proposals.items()}
             refused = {by_key[key]: held for key, held in api.raise_many(self.namespace, tokens).items()}
             for name, counter in proposals.items():
                 if name not in refused:
@@ -313,10 +310,12 @@ class Versions:
         missing version never matches, and the next entry stored for a name
         gives it a new token (see :meth:`create`).  Backend errors propagate.
         """
-        api.delete_many(self.namespace, [_encode(name) for name in names])
+        api.delete_many(self.namespace, [encode_key(name) for name in names])
 
     def _write(self, counters: dict[str, int]) -> None:
-        api.write_many(self.namespace, {_encode(name): self.new(name, counter) for name, counter in counters.items()})
+        api.write_many(
+            self.namespace, {encode_key(name): self.new(name, counter) for name, counter in counters.items()}
+        )
         for name, counter in counters.items():
             self._saw(name, counter)
 

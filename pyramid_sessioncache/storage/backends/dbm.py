@@ -40,7 +40,7 @@ from beaker.container import OpenResourceNamespaceManager
 from beaker.synchronization import file_synchronizer
 
 from .. import api
-from ..signing import key_bytes
+from ..keys import key_bytes
 from .directories import FILE_MODE, make_directory
 from .filelock import FileLock
 from .signed import SignedNamespace

@@ -46,7 +46,7 @@ from typing import Any
 from beaker.container import NamespaceManager
 
 from .. import api, signing
-from ..signing import key_bytes
+from ..keys import key_bytes
 from .directories import make_directory
 from .filelock import FileLock, remove_abandoned
 from .signed import SignedNamespace

@@ -24,6 +24,7 @@ from typing import Any
 from beaker.container import NamespaceManager
 
 from .. import signing
+from ..keys import key_bytes
 
 
 class SignedNamespace(NamespaceManager):
@@ -65,7 +66,7 @@ class SignedNamespace(NamespaceManager):
         raise NotImplementedError
 
     def __getitem__(self, key: Any) -> Any:
-        key = signing.key_bytes(key)
+        key = key_bytes(key)
         return self.codec.decode(key, self._signed(key))
 
     def __setitem__(self, key: Any, value: Any) -> None:
@@ -77,5 +78,5 @@ class SignedNamespace(NamespaceManager):
 
     def set_pickled(self, key: Any, payload: bytes, expiretime: int | None = None, value: Any = None) -> None:
         """Sign and store ``payload`` (a pickle) for ``expiretime`` seconds (None: no expiry)."""
-        key = signing.key_bytes(key)
+        key = key_bytes(key)
         self._store(key, self.codec.encode(key, payload, expiretime, time.time()))
