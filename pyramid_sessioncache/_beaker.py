@@ -14,7 +14,7 @@ Checked on Beaker 1.13 and 1.14 (1.14.1 by the test suite).
 - Beaker's ``Cache`` turns a string key into bytes in its private
   ``_get_value`` (``get``, ``put``, ``remove``, ``in``: every access goes
   through it) with ``backslashreplace``, which gives two strings the same
-  bytes.  The :class:`Cache` of a region does it there as regions do
+  bytes.  ``Cache``, the Beaker cache of a region, does it there as regions do
   (``storage/keys.py``), so that it reads what the region stored.
 """
 
