@@ -52,8 +52,8 @@ def _shared_in_memory():
 
 def test_connections_sharing_a_database_in_memory_are_invalidated_together():
     # file:NAME?mode=memory&cache=shared: every connection of the process
-    # sees one database, which has no file, so each is keyed apart.  A write
-    # committed on one connection must still void what another stored.
+    # sees one database, which has no file.  A write committed on one
+    # connection must void what another stored.
     engine, keep = _shared_in_memory()
     Sess = sessionmaker(engine, info=_cache().session_info())
     counter = SQLCounter(engine)
@@ -74,12 +74,6 @@ def test_connections_sharing_a_database_in_memory_are_invalidated_together():
     engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a SQLite database in memory shared by connections (file:NAME?mode=memory&cache=shared) has no file "
-    "in PRAGMA database_list, as a connection's own one has: connection_state._connected keys each connection "
-    "apart, so what one stored is a miss on the others (misses, never stale rows: invalidation is by table)",
-)
 def test_connections_sharing_a_database_in_memory_are_keyed_alike():
     engine, keep = _shared_in_memory()
     Sess = sessionmaker(engine, info=_cache().session_info())

@@ -36,6 +36,7 @@ session settings.  Settings made when the connection is opened (a
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import weakref
@@ -46,6 +47,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 
 from .. import _sqlalchemy
+from . import shared_memory
 from .invalidation import schema, sqltext
 from .invalidation.writes import in_transaction, transaction_ends
 from .keys import Unkeyable, value_text
@@ -57,8 +59,13 @@ _UNKNOWN = "sessioncache.settings_unknown"
 _SAVEPOINTS = "sessioncache.setting_savepoints"
 _TEMPORARY = "sessioncache.temporary"
 #: A token for a SQLite connection that had a database no other connection
-#: sees (in memory) when first used, else "": see :func:`_connected`.
+#: sees (in memory) when first used, or the token of the shared database in
+#: memory it opened (:mod:`.shared_memory`), else "": see :func:`_connected`.
 _OWN_DATABASE = "sessioncache.own_database"
+#: This process's part of every :data:`_OWN_DATABASE` token: a forked child's
+#: copy of a connection holds a copy of its database in memory, which then
+#: diverges from the parent's, and the token in its ``info`` is a copy too.
+_process = secrets.token_hex(8)
 #: How the open transaction that made the connection's first temporary
 #: relation undoes it: ``"commit"`` (``ON COMMIT DROP`` alone), or
 #: ``"rollback"``; absent when the token outlives any transaction.
@@ -198,8 +205,12 @@ def _connected(conn: Any) -> None:
     (see :func:`~.identity.database_identity`) would serve one thread the
     rows of another's.  So would a database in memory each connection
     attaches as it opens (a ``connect`` listener: no statement event sees
-    it).  A ``StaticPool`` has one connection: nothing to tell apart.
-    Asked once per DBAPI connection.
+    it).  A ``StaticPool`` has one connection: nothing to tell apart.  A
+    database in memory that connections share by name
+    (``file:NAME?mode=memory&cache=shared``) gives them one token while it
+    lives (see :mod:`.shared_memory`), unless a ``connect`` listener gave
+    a connection temporary tables (which would shadow the shared ones
+    there alone).  Asked once per DBAPI connection.
     """
     info = conn.info
     if _OWN_DATABASE in info or conn.dialect.name != "sqlite":
@@ -207,9 +218,30 @@ def _connected(conn: Any) -> None:
     pool = conn.engine.pool
     found = _its_own_databases(conn)
     own = (found is None or bool(found - {"temp"})) and not isinstance(pool, StaticPool)
-    info[_OWN_DATABASE] = secrets.token_hex(8) if own else ""
+    shared = None
+    if found is not None and found - {"temp"} == {"main"}:
+        name = shared_memory.shared_name(conn.engine)
+        if name is not None and _no_temporary_tables(conn):
+            shared = shared_memory.token(name, conn.connection.dbapi_connection, info)
+    if shared is not None:
+        info[_OWN_DATABASE] = shared
+        own = True  # even in a StaticPool: its connection may be replaced, and the database with it
+    else:
+        info[_OWN_DATABASE] = secrets.token_hex(8) if own else ""
     if own:
         _POOLS_WITH_SETTINGS.add(pool)
+
+
+def _no_temporary_tables(conn: Any) -> bool:
+    try:
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT count(*) FROM temp.sqlite_master")
+            return cursor.fetchone()[0] == 0
+        finally:
+            cursor.close()
+    except Exception:
+        return False
 
 
 def _setting_value(statement: str, parameters: Any) -> str | None:
@@ -511,8 +543,8 @@ def state_text(session: Any, bind_arguments: dict, bind: Any) -> str | None:
     settings = {**info.get(_SESSION, {}), **{k: v for k, v in info.get(_LOCAL, {}).items() if not isinstance(k, tuple)}}
     if _TEMPORARY in info:  # what its temporary relations shadow: this connection's alone
         settings["*temporary"] = info[_TEMPORARY]
-    if info.get(_OWN_DATABASE):  # a database this connection alone sees
-        settings["*database"] = info[_OWN_DATABASE]
+    if info.get(_OWN_DATABASE):  # a database this connection alone sees, or those that share it while it lives
+        settings["*database"] = f"{_process}:{info[_OWN_DATABASE]}"
     return "|".join(f"{name}={settings[name]}" for name in sorted(settings)) if settings else ""
 
 
@@ -533,3 +565,12 @@ def quiet_at_begin(listener: Any) -> None:
 def _sets_at_begin(session: Any) -> bool:
     """Whether an ``after_begin`` listener of ``session`` may change the connection's settings."""
     return any(getattr(listener, "__func__", listener) not in _QUIET for listener in session.dispatch.after_begin)
+
+
+def _forked() -> None:
+    global _process
+    _process = secrets.token_hex(8)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
