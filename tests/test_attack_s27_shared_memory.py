@@ -12,7 +12,9 @@ counting statements.
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import time
 import uuid
 
 import pytest
@@ -20,9 +22,10 @@ from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, s
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool, QueuePool, StaticPool
 
+from pyramid_sessioncache import FromCache, SessionCache
 from pyramid_sessioncache.engine import identity
 
-from .conftest import SQLCounter
+from .conftest import SECRET, SQLCounter
 from .test_attack_s25_review import _cache, _no_schema_known, _rows, _truth  # noqa: F401  (an autouse fixture)
 
 _COUNT = Table("s27m_count", MetaData(), Column("id", Integer, primary_key=True), Column("n", Integer))
@@ -287,3 +290,59 @@ def test_a_database_in_memory_attached_by_name_again_after_it_vanished_is_keyed_
             second.exec_driver_sql("DETACH other")
         new.close()
     engine.dispose()
+
+
+# A forked child: a copy of the database, which diverges ---------------------------------------------
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork() only")
+def test_a_forked_child_is_not_served_what_its_parent_stored_for_its_own_copy_of_the_database(tmp_path):
+    # Named alike in both processes (the identity the fork keeps), and one
+    # region in files both read: the child's copy of the database does not
+    # have the parent's later write, whose version it sees.
+    name = _name()
+    engine = _engine(
+        f"file:{name}?mode=memory&cache=shared", poolclass=QueuePool, execution_options={identity.NAME_OPTION: name}
+    )
+    cache = SessionCache({"f": {"type": "file", "data_dir": str(tmp_path / "data")}}, secret=SECRET)
+    Sess = sessionmaker(engine, info=cache.session_info())
+    cached = _COUNTS.options(FromCache("f"))
+    with engine.connect() as keep:
+        _fill(keep, 1)
+        with Sess() as session:
+            assert _rows(session, cached) == [(1,)]
+        ready, go = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.read(ready, 1)  # the parent wrote, and stored what it reads since
+                engine.dispose(close=False)  # what a worker does with the connections it inherited
+                with Sess() as session:
+                    served = _rows(session, cached)
+                os._exit(0 if served == _truth(engine, _COUNTS) == [(1,)] else 1)
+            finally:
+                os._exit(2)
+        try:
+            with Sess() as session:
+                session.execute(_COUNT.update().values(n=2))
+                session.commit()
+            with Sess() as session:
+                assert _rows(session, cached) == [(2,)]
+        finally:
+            os.write(go, b"x")
+            status = _reaped(pid)
+    engine.dispose()
+    assert status == 0
+
+
+def _reaped(pid: int) -> int | None:
+    """The exit code of the child ``pid``, within ten seconds (then killed: None)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.01)
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    return None
