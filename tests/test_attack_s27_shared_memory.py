@@ -139,17 +139,9 @@ def _closed_on_the_driver(engine) -> None:
     conn.invalidate()
 
 
-@pytest.mark.parametrize(
-    "pool, vanish",
-    [(NullPool, _returned), (QueuePool, _invalidated), (StaticPool, _invalidated), (QueuePool, _closed_on_the_driver)],
-    ids=["NullPool", "QueuePool, invalidated", "StaticPool, invalidated", "closed on the driver"],
-)
-@pytest.mark.parametrize("uri", [_SHARED[name] for name in _GONE], ids=_GONE)
-def test_a_database_in_memory_made_again_under_its_name_is_not_served_what_the_one_gone_stored(pool, vanish, uri):
-    uri = uri.format(name=_name())
+def _served_the_new_one(uri: str, engine, Sess, vanish) -> None:
+    """``engine`` reads ``uri`` (row 1); it vanishes, and another is made under its name (row 2), which must be read."""
     old = _raw(uri, 1)  # no listener sees this connection: nothing of ours holds the database but the engine's
-    engine = _engine(uri, poolclass=pool)
-    Sess = sessionmaker(engine, info=_cache().session_info())
     with Sess() as session:
         assert _rows(session, _COUNTS, "memory") == [(1,)]
     vanish(engine)
@@ -158,6 +150,18 @@ def test_a_database_in_memory_made_again_under_its_name_is_not_served_what_the_o
     with Sess() as session:
         assert _rows(session, _COUNTS, "memory") == _truth(engine, _COUNTS) == [(2,)]
     new.close()
+
+
+@pytest.mark.parametrize(
+    "pool, vanish",
+    [(NullPool, _returned), (QueuePool, _invalidated), (StaticPool, _invalidated), (QueuePool, _closed_on_the_driver)],
+    ids=["NullPool", "QueuePool, invalidated", "StaticPool, invalidated", "closed on the driver"],
+)
+@pytest.mark.parametrize("uri", [_SHARED[name] for name in _GONE], ids=_GONE)
+def test_a_database_in_memory_made_again_under_its_name_is_not_served_what_the_one_gone_stored(pool, vanish, uri):
+    uri = uri.format(name=_name())
+    engine = _engine(uri, poolclass=pool)
+    _served_the_new_one(uri, engine, sessionmaker(engine, info=_cache().session_info()), vanish)
     engine.dispose()
 
 
@@ -180,16 +184,9 @@ def test_a_connection_to_another_database_does_not_keep_a_vanished_ones_entries_
     engine = _engine(uri, poolclass=NullPool, execution_options={identity.NAME_OPTION: name})
     with elsewhere.connect() as held:
         _fill(held, 3)
-        old = _raw(uri, 1)
-        with Session(engine, info=cache.session_info()) as session:
-            assert _rows(session, _COUNTS, "memory") == [(1,)]
-        old.close()
-        new = _raw(uri, 2)
-        with Session(engine, info=cache.session_info()) as session:
-            assert _rows(session, _COUNTS, "memory") == _truth(engine, _COUNTS) == [(2,)]
+        _served_the_new_one(uri, engine, sessionmaker(engine, info=cache.session_info()), _returned)
         with Session(bind=held, info=cache.session_info()) as session:
             assert _rows(session, _COUNTS, "memory") == _uncached(held) == [(3,)]
-        new.close()
     engine.dispose()
     elsewhere.dispose()
 
@@ -205,9 +202,8 @@ _PRIVATE = {
 }
 
 
-@pytest.mark.parametrize("uri", list(_PRIVATE.values()), ids=list(_PRIVATE))
-def test_connections_each_with_a_database_in_memory_of_their_own_are_keyed_apart(uri):
-    engine = _engine(uri.format(name=_name()), poolclass=QueuePool)
+def _each_served_its_own(engine) -> None:
+    """Two connections of ``engine``, each with a database of its own holding another row, are each served theirs."""
     Sess = sessionmaker(engine, info=_cache().session_info())
     with engine.connect() as first, engine.connect() as second:
         _fill(first, 1)
@@ -217,6 +213,12 @@ def test_connections_each_with_a_database_in_memory_of_their_own_are_keyed_apart
         with Sess(bind=second) as session:
             assert _rows(session, _COUNTS, "memory") == _uncached(second) == [(2,)]
     engine.dispose()
+
+
+@pytest.mark.parametrize("uri", list(_PRIVATE.values()), ids=list(_PRIVATE))
+def test_connections_each_with_a_database_in_memory_of_their_own_are_keyed_apart(uri):
+    engine = _engine(uri.format(name=_name()), poolclass=QueuePool)
+    _each_served_its_own(engine)
 
 
 def test_connections_a_creator_opens_are_keyed_apart_whatever_the_url_says():
@@ -226,15 +228,7 @@ def test_connections_a_creator_opens_are_keyed_apart_whatever_the_url_says():
         creator=lambda: sqlite3.connect(":memory:", check_same_thread=False),
         poolclass=QueuePool,
     )
-    Sess = sessionmaker(engine, info=_cache().session_info())
-    with engine.connect() as first, engine.connect() as second:
-        _fill(first, 1)
-        _fill(second, 2)
-        with Sess(bind=first) as session:
-            assert _rows(session, _COUNTS, "memory") == [(1,)]
-        with Sess(bind=second) as session:
-            assert _rows(session, _COUNTS, "memory") == _uncached(second) == [(2,)]
-    engine.dispose()
+    _each_served_its_own(engine)
 
 
 # What a connection shows alone, over a shared database ---------------------------------------------
