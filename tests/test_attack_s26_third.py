@@ -7,6 +7,7 @@ counting statements.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import uuid
 
@@ -50,14 +51,23 @@ def _shared_in_memory():
     return engine, keep
 
 
+@contextlib.contextmanager
+def _two_connections_sharing_one():
+    """A sessionmaker caching in ``memory``, a SQLCounter, and two connections of one shared database in memory."""
+    engine, keep = _shared_in_memory()
+    try:
+        with engine.connect() as first, engine.connect() as second:
+            yield engine, sessionmaker(engine, info=_cache().session_info()), SQLCounter(engine), first, second
+    finally:
+        keep.close()
+        engine.dispose()
+
+
 def test_connections_sharing_a_database_in_memory_are_invalidated_together():
     # file:NAME?mode=memory&cache=shared: every connection of the process
-    # sees one database, which has no file, so each is keyed apart.  A write
-    # committed on one connection must still void what another stored.
-    engine, keep = _shared_in_memory()
-    Sess = sessionmaker(engine, info=_cache().session_info())
-    counter = SQLCounter(engine)
-    with engine.connect() as first, engine.connect() as second:
+    # sees one database, which has no file.  A write committed on one
+    # connection must void what another stored.
+    with _two_connections_sharing_one() as (engine, Sess, counter, first, second):
         with Sess(bind=first) as session:
             assert _rows(session, _COUNTS, "memory") == [(1,)]
         counter.reset()
@@ -70,30 +80,16 @@ def test_connections_sharing_a_database_in_memory_are_invalidated_together():
         assert _truth(engine, _COUNTS) == [(2,)]
         with Sess(bind=first) as session:
             assert _rows(session, _COUNTS, "memory") == [(2,)]  # not the stale 1
-    keep.close()
-    engine.dispose()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a SQLite database in memory shared by connections (file:NAME?mode=memory&cache=shared) has no file "
-    "in PRAGMA database_list, as a connection's own one has: connection_state._connected keys each connection "
-    "apart, so what one stored is a miss on the others (misses, never stale rows: invalidation is by table)",
-)
 def test_connections_sharing_a_database_in_memory_are_keyed_alike():
-    engine, keep = _shared_in_memory()
-    Sess = sessionmaker(engine, info=_cache().session_info())
-    counter = SQLCounter(engine)
-    with engine.connect() as first, engine.connect() as second:
+    with _two_connections_sharing_one() as (engine, Sess, counter, first, second):
         with Sess(bind=first) as session:
             assert _rows(session, _COUNTS, "memory") == [(1,)]
         counter.reset()
         with Sess(bind=second) as session:
             assert _rows(session, _COUNTS, "memory") == _truth(engine, _COUNTS)
-        hit = counter.count == 1  # the truth alone
-    keep.close()
-    engine.dispose()
-    assert hit  # one database: one key
+        assert counter.count == 1  # the truth alone: one database, one key
 
 
 # PostgreSQL: what a write to a table calls, through wrappers and nesting ----------------------------

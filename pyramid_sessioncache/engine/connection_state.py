@@ -36,6 +36,7 @@ session settings.  Settings made when the connection is opened (a
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import weakref
@@ -46,6 +47,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.pool import StaticPool
 
 from .. import _sqlalchemy
+from . import shared_memory
 from .invalidation import schema, sqltext
 from .invalidation.writes import in_transaction, transaction_ends
 from .keys import Unkeyable, value_text
@@ -57,8 +59,13 @@ _UNKNOWN = "sessioncache.settings_unknown"
 _SAVEPOINTS = "sessioncache.setting_savepoints"
 _TEMPORARY = "sessioncache.temporary"
 #: A token for a SQLite connection that had a database no other connection
-#: sees (in memory) when first used, else "": see :func:`_connected`.
+#: sees (in memory) when first used, or the token of the shared database in
+#: memory it opened (:mod:`.shared_memory`), else "": see :func:`_connected`.
 _OWN_DATABASE = "sessioncache.own_database"
+#: This process's part of every :data:`_OWN_DATABASE` token: a forked child's
+#: copy of a connection holds a copy of its database in memory, which then
+#: diverges from the parent's, and the token in its ``info`` is a copy too.
+_process = secrets.token_hex(8)
 #: How the open transaction that made the connection's first temporary
 #: relation undoes it: ``"commit"`` (``ON COMMIT DROP`` alone), or
 #: ``"rollback"``; absent when the token outlives any transaction.
@@ -113,6 +120,11 @@ _TEMPORARY_SQL = re.compile(
 #: Pools some of whose connections have session settings: their look-ups check out a connection first.
 _POOLS_WITH_SETTINGS: weakref.WeakSet[Any] = weakref.WeakSet()
 
+#: SQLite pools a connection of which was seen (:func:`_connected`): until then,
+#: whether their connections have databases of their own is not known, and a
+#: look-up checks out a connection first rather than key under none.
+_SQLITE_POOLS_SEEN: weakref.WeakSet[Any] = weakref.WeakSet()
+
 #: At most this many settings per connection are told apart; past it, its look-ups are not cached.
 _MAX_SETTINGS = 64
 
@@ -153,9 +165,15 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
     # setting is committed as it is made, and no rollback undoes it.
     in_transaction = in_transaction_of(conn)
     value = _setting_value(statement, parameters) if any(name != "*none" for name, _ in changes) else ""
-    if value and any(name and name.startswith("attach ") for name, _ in changes) and _attached_its_own(conn):
-        # ATTACH ':memory:' (or ''): a database this connection alone sees,
-        # whatever another's same statement attached.
+    if (
+        value
+        and any(name and name.startswith("attach ") for name, _ in changes)
+        and ("memdb" in value.lower() or _attached_its_own(conn))
+    ):
+        # ATTACH ':memory:' (or '', or 'file:x?vfs=memdb', which has a name
+        # as a file has): a database this connection alone sees, or one that
+        # vanishes with its last connection, whatever another's same
+        # statement attached.
         value += "|" + secrets.token_hex(8)
     for name, local in changes:
         if name is None or value is None:  # what it changes, or for how long, or to what, cannot be told
@@ -198,18 +216,56 @@ def _connected(conn: Any) -> None:
     (see :func:`~.identity.database_identity`) would serve one thread the
     rows of another's.  So would a database in memory each connection
     attaches as it opens (a ``connect`` listener: no statement event sees
-    it).  A ``StaticPool`` has one connection: nothing to tell apart.
-    Asked once per DBAPI connection.
+    it).  A ``StaticPool`` has one connection: nothing to tell apart.  A
+    database in memory that connections share by name
+    (``file:NAME?mode=memory&cache=shared``) gives them one token while it
+    lives (see :mod:`.shared_memory`), unless a ``connect`` listener gave
+    a connection temporary tables (which would shadow the shared ones
+    there alone).  Asked once per DBAPI connection.
     """
     info = conn.info
     if _OWN_DATABASE in info or conn.dialect.name != "sqlite":
         return
     pool = conn.engine.pool
+    _SQLITE_POOLS_SEEN.add(pool)
     found = _its_own_databases(conn)
-    own = (found is None or bool(found - {"temp"})) and not isinstance(pool, StaticPool)
-    info[_OWN_DATABASE] = secrets.token_hex(8) if own else ""
-    if own:
-        _POOLS_WITH_SETTINGS.add(pool)
+    shared = _shared_token(conn, found)
+    if shared is not None:  # even in a StaticPool: its connection may be replaced, and the database with it
+        info[_OWN_DATABASE] = shared
+    else:
+        # A memdb database has a name in PRAGMA database_list, as a file has.
+        own = found is None or bool(found - {"temp"}) or shared_memory.in_memdb(conn.engine)
+        own = own and not isinstance(pool, StaticPool)
+        info[_OWN_DATABASE] = secrets.token_hex(8) if own else ""
+        if not own:
+            return
+    _POOLS_WITH_SETTINGS.add(pool)
+
+
+def _shared_token(conn: Any, found: set[str] | None) -> str | None:
+    """The token of the shared database in memory ``conn`` has as its main one (see :mod:`.shared_memory`), or None.
+
+    None when it has any other database of its own (attached as it
+    opened), or temporary tables: what they show, it shows alone.
+    """
+    if found is None or found - {"main", "temp"}:
+        return None
+    name = shared_memory.shared_name(conn.engine)
+    if name is None or (not name[0] and "main" not in found) or not _no_temporary_tables(conn):
+        return None
+    return shared_memory.token(name, conn.connection.dbapi_connection, conn.info)
+
+
+def _no_temporary_tables(conn: Any) -> bool:
+    try:
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute("SELECT count(*) FROM temp.sqlite_master")
+            return cursor.fetchone()[0] == 0
+        finally:
+            cursor.close()
+    except Exception:
+        return False
 
 
 def _setting_value(statement: str, parameters: Any) -> str | None:
@@ -500,7 +556,12 @@ def state_text(session: Any, bind_arguments: dict, bind: Any) -> str | None:
     connection = _sqlalchemy.transaction_connection(session, bind)
     if connection is None:
         # The WeakSet is empty in most applications: asked before the listeners are walked.
-        if not ((_POOLS_WITH_SETTINGS and _pool_of(bind) in _POOLS_WITH_SETTINGS) or _sets_at_begin(session)):
+        pool = _pool_of(bind)
+        if not (
+            (_POOLS_WITH_SETTINGS and pool in _POOLS_WITH_SETTINGS)
+            or _unseen_sqlite(bind, pool)
+            or _sets_at_begin(session)
+        ):
             return ""
         connection = session.connection(bind_arguments=dict(bind_arguments))
     info = connection.info
@@ -511,9 +572,14 @@ def state_text(session: Any, bind_arguments: dict, bind: Any) -> str | None:
     settings = {**info.get(_SESSION, {}), **{k: v for k, v in info.get(_LOCAL, {}).items() if not isinstance(k, tuple)}}
     if _TEMPORARY in info:  # what its temporary relations shadow: this connection's alone
         settings["*temporary"] = info[_TEMPORARY]
-    if info.get(_OWN_DATABASE):  # a database this connection alone sees
-        settings["*database"] = info[_OWN_DATABASE]
+    if info.get(_OWN_DATABASE):  # a database this connection alone sees, or those that share it while it lives
+        settings["*database"] = f"{_process}:{info[_OWN_DATABASE]}"
     return "|".join(f"{name}={settings[name]}" for name in sorted(settings)) if settings else ""
+
+
+def _unseen_sqlite(bind: Any, pool: Any) -> bool:
+    dialect = getattr(getattr(bind, "engine", bind), "dialect", None)
+    return getattr(dialect, "name", None) == "sqlite" and pool not in _SQLITE_POOLS_SEEN
 
 
 def _pool_of(bind: Any) -> Any:
@@ -533,3 +599,12 @@ def quiet_at_begin(listener: Any) -> None:
 def _sets_at_begin(session: Any) -> bool:
     """Whether an ``after_begin`` listener of ``session`` may change the connection's settings."""
     return any(getattr(listener, "__func__", listener) not in _QUIET for listener in session.dispatch.after_begin)
+
+
+def _forked() -> None:
+    global _process
+    _process = secrets.token_hex(8)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forked)
