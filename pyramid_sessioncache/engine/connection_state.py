@@ -557,11 +557,11 @@ def state_text(session: Any, bind_arguments: dict, bind: Any) -> str | None:
     if connection is None:
         # The WeakSet is empty in most applications: asked before the listeners are walked.
         pool = _pool_of(bind)
-        if not (
-            (_POOLS_WITH_SETTINGS and pool in _POOLS_WITH_SETTINGS)
-            or _unseen_sqlite(bind, pool)
-            or _sets_at_begin(session)
-        ):
+        unseen = _unseen_sqlite(bind, pool)
+        if unseen and isinstance(bind, Engine):
+            with bind.connect():  # now seen (see _connected), and back in the pool: a waiter holds none
+                unseen = False
+        if not ((_POOLS_WITH_SETTINGS and pool in _POOLS_WITH_SETTINGS) or unseen or _sets_at_begin(session)):
             return ""
         connection = session.connection(bind_arguments=dict(bind_arguments))
     info = connection.info
