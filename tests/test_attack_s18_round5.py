@@ -12,6 +12,7 @@ import contextlib
 import gc
 import os
 import pickle
+import shutil
 import tempfile
 import threading
 import weakref
@@ -369,9 +370,20 @@ def persistent_region(request, tmp_path):
     return _region(request, tmp_path, request.param)
 
 
+@pytest.fixture(scope="module")
+def seeded_r5(tmp_path_factory) -> Path:
+    """A file :func:`make_sqlite` made once: never opened by a test (a copy costs far less than seeding)."""
+    path = tmp_path_factory.mktemp("r5") / "seeded.sqlite"
+    make_sqlite(path).dispose()
+    return path
+
+
 @pytest.fixture
-def sengine(tmp_path):
-    engine = make_sqlite(tmp_path / "r5.sqlite")
+def sengine(tmp_path, seeded_r5):
+    """An engine over a copy of :func:`seeded_r5`, as :func:`make_sqlite` makes it."""
+    path = tmp_path / "r5.sqlite"
+    shutil.copyfile(seeded_r5, path)
+    engine = fk_on(create_engine(f"sqlite:///{path}"))
     yield engine
     engine.dispose()
 
