@@ -9,6 +9,7 @@ by counting statements.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 
 import pytest
@@ -95,6 +96,16 @@ def _region(request, region_options, tmp_path, name: str) -> str:
     return use_region(request, region_options, name)
 
 
+@contextlib.contextmanager
+def _region_and_session(request, region_options, tmp_path, name: str):
+    """The region ``name`` of a new SessionCache (see :func:`_region`), and a Session to use it with."""
+    _region(request, region_options, tmp_path, name)
+    cache = SessionCache(region_options, secret=SECRET)
+    with sessionmaker(create_engine("sqlite://"))() as session:
+        yield cache.region(name), session
+    cache.close()
+
+
 # The encoding ---------------------------------------------------------------------------------------------
 
 
@@ -122,10 +133,7 @@ def test_plain_keys_are_stored_as_beaker_stores_them():
 
 @pytest.mark.parametrize("name", ["local", "memory", "file", "dbm", "redis", "near"])
 def test_a_region_keeps_keys_that_beaker_encodes_alike_apart(tmp_path, request, region_options, name):
-    _region(request, region_options, tmp_path, name)
-    cache = SessionCache(region_options, secret=SECRET)
-    region = cache.region(name)
-    with sessionmaker(create_engine("sqlite://"))() as session:
+    with _region_and_session(request, region_options, tmp_path, name) as (region, session):
         for first, second in _ALIKE:
             region.put(first, ("value of", first), session)
             assert region.get(second, session) is None
@@ -139,19 +147,14 @@ def test_a_region_keeps_keys_that_beaker_encodes_alike_apart(tmp_path, request, 
             assert region.get(first, session) is None
             assert region.get(second, session) == ("value of", second)
             assert second in beaker_cache and first not in beaker_cache
-    cache.close()
 
 
 @pytest.mark.parametrize("name", ["local", "memory", "file", "dbm", "redis", "near"])
 def test_a_region_reads_back_every_odd_key(tmp_path, request, region_options, name):
-    _region(request, region_options, tmp_path, name)
-    cache = SessionCache(region_options, secret=SECRET)
-    region = cache.region(name)
-    with sessionmaker(create_engine("sqlite://"))() as session:
+    with _region_and_session(request, region_options, tmp_path, name) as (region, session):
         for n, key in enumerate(_ODD):
             region.put(key, n, session)
         assert [region.get(key, session) for key in _ODD] == list(range(len(_ODD)))
-    cache.close()
 
 
 # Labels: hits, counted ------------------------------------------------------------------------------------
