@@ -551,7 +551,9 @@ def state_text(session: Any, bind_arguments: dict, bind: Any) -> str | None:
     """The settings the statement's connection runs with, as key text: "" for none, None when unknown.
 
     Begins the Session's transaction first when its settings would be made
-    then (see the module's docstring).
+    then (see the module's docstring).  The first look-up on a SQLite
+    engine's pool opens a connection and gives it back, to learn whether
+    its connections have databases of their own (:func:`_connected`).
     """
     connection = _sqlalchemy.transaction_connection(session, bind)
     if connection is None:
