@@ -196,12 +196,17 @@ def _attached_its_own(conn: Any) -> bool:
 
 
 def _its_own_databases(conn: Any) -> set[str] | None:
-    """The names of the databases SQLite's ``conn`` alone sees (no file: in memory, or a temporary file); None if unknown."""
+    """The names of the databases SQLite's ``conn`` alone sees (no file: in memory, or a temporary file); None if unknown.
+
+    A ``memdb`` database (``file:NAME?vfs=memdb``) has a name, as a file
+    has, but no file: SQLite names a file by its full path, which exists.
+    A ``memdb`` name that is a file's path is told apart by nothing here.
+    """
     try:
         cursor = conn.connection.dbapi_connection.cursor()
         try:
             cursor.execute(schema.SQLITE_DATABASES)
-            return {name for _, name, file in cursor.fetchall() if not file}
+            return {name for _, name, file in cursor.fetchall() if not (file and os.path.isfile(file))}
         finally:
             cursor.close()
     except Exception:
