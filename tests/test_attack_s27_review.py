@@ -335,3 +335,43 @@ def test_a_commit_by_a_process_of_the_release_before_invalidates_what_this_relea
     with Session(engine, info=cache.session_info()) as session:
         assert _rows(session, query) == _truth(engine, select(counts.c.n)) == [(2,)]
     engine.dispose()
+
+
+# A copy of a database each connection loads as it opens (deserialize) -------------------------------
+
+
+def _snapshot() -> bytes:
+    db = sqlite3.connect(":memory:")
+    db.execute(_MAKE)
+    db.execute("INSERT INTO s27r_count VALUES (1, 0)")
+    db.commit()
+    data = db.serialize()
+    db.close()
+    return data
+
+
+@pytest.mark.skipif(not hasattr(sqlite3.Connection, "deserialize"), reason="Python 3.11+")
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite:///{tmp}/main.sqlite", "sqlite:///file:{name}?mode=memory&cache=shared&uri=true", "sqlite://"],
+    ids=["a file", "a shared database in memory", "a database in memory"],
+)
+def test_a_copy_each_connection_loads_as_it_opens_is_its_own(tmp_path, url):
+    # Connection.deserialize() makes the main database a copy in memory
+    # (named "x" by SQLite), which each connection then changes alone.
+    engine = create_engine(url.format(tmp=tmp_path, name=_name()), poolclass=QueuePool)
+    snapshot = _snapshot()
+
+    @event.listens_for(engine, "connect")
+    def load(dbapi_connection, record):  # no statement event sees it
+        dbapi_connection.deserialize(snapshot)
+
+    Sess = sessionmaker(engine, info=_cache().session_info())
+    with engine.connect() as first, engine.connect() as second:
+        _fill(first, 1)
+        _fill(second, 2)
+        with Sess(bind=first) as session:
+            assert _rows(session, _COUNTS, "memory") == [(1,)]
+        with Sess(bind=second) as session:
+            assert _rows(session, _COUNTS, "memory") == _uncached(second) == [(2,)]
+    engine.dispose()
