@@ -196,12 +196,23 @@ def _attached_its_own(conn: Any) -> bool:
 
 
 def _its_own_databases(conn: Any) -> set[str] | None:
-    """The names of the databases SQLite's ``conn`` alone sees (no file: in memory, or a temporary file); None if unknown."""
+    """The names of the databases SQLite's ``conn`` alone sees (no file: in memory, or a temporary file); None if unknown.
+
+    A ``memdb`` database (``file:NAME?vfs=memdb``, or the copy
+    ``Connection.deserialize()`` makes, named ``"x"``) has a name, as a
+    file has, but no file: SQLite names a file by its full path, which
+    exists.  A ``memdb`` name that is a file's path is told apart by
+    nothing here.
+    """
     try:
         cursor = conn.connection.dbapi_connection.cursor()
         try:
             cursor.execute(schema.SQLITE_DATABASES)
-            return {name for _, name, file in cursor.fetchall() if not file}
+            return {
+                name
+                for _, name, file in cursor.fetchall()
+                if not (file and os.path.isabs(file) and os.path.isfile(file))
+            }
         finally:
             cursor.close()
     except Exception:
@@ -251,15 +262,23 @@ def _shared_token(conn: Any, found: set[str] | None) -> str | None:
     if found is None or found - {"main", "temp"}:
         return None
     name = shared_memory.shared_name(conn.engine)
-    if name is None or (not name[0] and "main" not in found) or not _no_temporary_tables(conn):
+    if name is None or not _as_opened(conn, name):
         return None
     return shared_memory.token(name, conn.connection.dbapi_connection, conn.info)
 
 
-def _no_temporary_tables(conn: Any) -> bool:
+def _as_opened(conn: Any, name: tuple[str, str]) -> bool:
+    """Whether ``conn``'s main database is the shared one ``name`` it opened, with no temporary tables.
+
+    ``Connection.deserialize()`` (in a ``connect`` listener) replaces it
+    with a copy of the connection's own, which SQLite names ``"x"``.
+    """
     try:
         cursor = conn.connection.dbapi_connection.cursor()
         try:
+            cursor.execute(schema.SQLITE_DATABASES)
+            if [file for _, database, file in cursor.fetchall() if database == "main"] != [name[1] if name[0] else ""]:
+                return False
             cursor.execute("SELECT count(*) FROM temp.sqlite_master")
             return cursor.fetchone()[0] == 0
         finally:

@@ -25,6 +25,7 @@ from beaker.ext.redisnm import RedisNamespaceManager
 
 from ... import _beaker
 from .. import signing
+from ..keys import key_bytes
 from ..versions import ENTRY_LIFETIME, is_entry_version
 from .near import CLEARED, CLEARED_LIFETIME, NearCache, deadline_of, written, written_all
 
@@ -210,17 +211,23 @@ class SignedRedisNamespaceManager(RedisNamespaceManager):
         """:meth:`get_with_versions` (or, with no ``check``, a read of the entry alone) through the near cache."""
         near = self.near
         assert near is not None
+        # Held with the key it was read for: Beaker spells a long key as the
+        # SHA-1 of its bytes, which is also how a 40-character key is
+        # spelled, and the near cache holds what it read by spelling.
+        own = key_bytes(key)
         held = near.get_many(keys)
-        if held is not None:
+        if held is not None and held[0][0] == own:
             # Checked again (a dictionary look-up per version): a version
             # must never go back, whoever serves it.
-            return held[0], (check(held[1:]) if check is not None else ())
+            return held[0][1], (check(held[1:]) if check is not None else ())
         stamp = near.stamp(keys)  # before the read: see near.py
         entry, *raw = self.client.mget(keys)
         value = self.decode(key, entry)
         tokens = check(raw) if check is not None else ()
         if stamp is not None:
-            items: list[tuple[Any, float, int] | None] = [(value, deadline_of(signing.deadline(entry)), len(entry))]
+            items: list[tuple[Any, float, int] | None] = [
+                ((own, value), deadline_of(signing.deadline(entry)), len(entry))
+            ]
             items += [
                 (version, math.inf, len(version)) if token is not None else None
                 for version, token in zip(raw, tokens, strict=True)
