@@ -572,7 +572,7 @@ def state_text(session: Any, bind_arguments: dict, bind: Any) -> str | None:
     Begins the Session's transaction first when its settings would be made
     then (see the module's docstring).  The first look-up on a SQLite
     engine's pool opens a connection and gives it back, to learn whether
-    its connections have databases of their own (:func:`_connected`).
+    its connections have databases of their own (see ``_connected``).
     """
     connection = _sqlalchemy.transaction_connection(session, bind)
     if connection is None:
