@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-import uuid
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, select, text
@@ -19,31 +18,18 @@ from pyramid_sessioncache import FromCache, SessionCache
 
 from .conftest import SECRET, SQLCounter
 from .test_attack_s25_review import _cache, _no_schema_known, _rows, _truth  # noqa: F401  (an autouse fixture)
+from .test_attack_s27_shared_memory import (
+    _COUNT,
+    _COUNTS,
+    _MAKE,
+    _each_served_its_own,
+    _engine,
+    _fill,
+    _name,
+    _uncached,
+)
 
-_COUNT = Table("s27r_count", MetaData(), Column("id", Integer, primary_key=True), Column("n", Integer))
-_COUNTS = select(_COUNT.c.n)
-_MAKE = "CREATE TABLE IF NOT EXISTS s27r_count (id INTEGER PRIMARY KEY, n INTEGER)"
-_AUX = select(text("n")).select_from(text("aux.s27r_count"))
-
-
-def _name() -> str:
-    return f"s27r_{uuid.uuid4().hex}"
-
-
-def _engine(uri: str, **options):
-    return create_engine(f"sqlite:///{uri}&uri=true", **options)
-
-
-def _fill(conn, n: int, schema: str = "main") -> None:
-    conn.exec_driver_sql(_MAKE.replace("s27r_count", f"{schema}.s27r_count"))
-    conn.exec_driver_sql(f"DELETE FROM {schema}.s27r_count")
-    conn.exec_driver_sql(f"INSERT INTO {schema}.s27r_count VALUES (1, {n})")
-    conn.commit()
-
-
-def _uncached(conn, stmt=_COUNTS):
-    with Session(bind=conn) as session:
-        return _rows(session, stmt)
+_AUX = select(text("n")).select_from(text("aux.s27m_count"))
 
 
 # A database in memory each connection attaches as it opens, with a name (memdb) -------------------
@@ -85,7 +71,7 @@ def test_a_file_each_connection_attaches_as_it_opens_is_shared_and_hits(tmp_path
     attached = tmp_path / "aux.sqlite"
     db = sqlite3.connect(attached)
     db.execute(_MAKE)
-    db.execute("INSERT INTO s27r_count VALUES (1, 4)")
+    db.execute("INSERT INTO s27m_count VALUES (1, 4)")
     db.commit()
     db.close()
     engine = create_engine(f"sqlite:///{tmp_path / 'main.sqlite'}", poolclass=QueuePool)
@@ -177,8 +163,8 @@ def test_a_temporary_table_made_by_a_statement_shadows_the_shared_one_on_its_con
     Sess = sessionmaker(engine, info=_cache().session_info())
     with engine.connect() as first, engine.connect() as second:
         _fill(second, 1)
-        first.exec_driver_sql("CREATE TEMP TABLE s27r_count (id INTEGER PRIMARY KEY, n INTEGER)")
-        first.exec_driver_sql("INSERT INTO temp.s27r_count VALUES (1, 9)")
+        first.exec_driver_sql("CREATE TEMP TABLE s27m_count (id INTEGER PRIMARY KEY, n INTEGER)")
+        first.exec_driver_sql("INSERT INTO temp.s27m_count VALUES (1, 9)")
         first.commit()
         with Sess(bind=first) as session:
             assert _rows(session, _COUNTS, "memory") == _uncached(first) == [(9,)]
@@ -215,7 +201,7 @@ def test_a_nullpool_kept_alive_by_a_connection_of_its_own_misses_and_reads_the_d
     for n in (1, 2, 3):
         held = sqlite3.connect(uri, uri=True)
         held.execute(_MAKE)
-        held.execute("INSERT INTO s27r_count VALUES (1, ?)", (n,))
+        held.execute("INSERT INTO s27m_count VALUES (1, ?)", (n,))
         held.commit()
         for _ in range(2):
             counter.reset()
@@ -276,7 +262,7 @@ def test_engine_dispose_while_another_engine_keeps_the_database_still_serves_its
     # All gone: made again, unseen, with another row.
     again = sqlite3.connect(uri, uri=True)
     again.execute(_MAKE)
-    again.execute("INSERT INTO s27r_count VALUES (1, 5)")
+    again.execute("INSERT INTO s27m_count VALUES (1, 5)")
     again.commit()
     with Sess() as session:
         assert _rows(session, _COUNTS, "memory") == _truth(engine, _COUNTS) == [(5,)]
@@ -343,7 +329,7 @@ def test_a_commit_by_a_process_of_the_release_before_invalidates_what_this_relea
 def _snapshot() -> bytes:
     db = sqlite3.connect(":memory:")
     db.execute(_MAKE)
-    db.execute("INSERT INTO s27r_count VALUES (1, 0)")
+    db.execute("INSERT INTO s27m_count VALUES (1, 0)")
     db.commit()
     data = db.serialize()
     db.close()
@@ -366,12 +352,4 @@ def test_a_copy_each_connection_loads_as_it_opens_is_its_own(tmp_path, url):
     def load(dbapi_connection, record):  # no statement event sees it
         dbapi_connection.deserialize(snapshot)
 
-    Sess = sessionmaker(engine, info=_cache().session_info())
-    with engine.connect() as first, engine.connect() as second:
-        _fill(first, 1)
-        _fill(second, 2)
-        with Sess(bind=first) as session:
-            assert _rows(session, _COUNTS, "memory") == [(1,)]
-        with Sess(bind=second) as session:
-            assert _rows(session, _COUNTS, "memory") == _uncached(second) == [(2,)]
-    engine.dispose()
+    _each_served_its_own(engine)

@@ -51,17 +51,17 @@ def _raw(uri: str, n: int) -> sqlite3.Connection:
     return db
 
 
-def _fill(conn, n: int) -> None:
-    """Give the database of SQLAlchemy's connection ``conn`` the one row ``n`` (a write the listeners see)."""
-    conn.exec_driver_sql(_MAKE)
-    conn.exec_driver_sql("DELETE FROM s27m_count")
-    conn.exec_driver_sql(f"INSERT INTO s27m_count VALUES (1, {n})")
+def _fill(conn, n: int, schema: str = "main") -> None:
+    """Give the database ``schema`` of SQLAlchemy's connection ``conn`` the one row ``n`` (a write the listeners see)."""
+    conn.exec_driver_sql(_MAKE.replace("s27m_count", f"{schema}.s27m_count"))
+    conn.exec_driver_sql(f"DELETE FROM {schema}.s27m_count")
+    conn.exec_driver_sql(f"INSERT INTO {schema}.s27m_count VALUES (1, {n})")
     conn.commit()
 
 
-def _uncached(conn):
+def _uncached(conn, stmt=_COUNTS):
     with Session(bind=conn) as session:
-        return _rows(session, _COUNTS)
+        return _rows(session, stmt)
 
 
 # Shared while it lives: the entries too ---------------------------------------------------------
