@@ -57,15 +57,16 @@ def test_cache_key_option_is_a_prefix_not_a_replacement(Session):
         assert a.startswith("by_name:") and b.startswith("by_name:") and a != b
 
 
-def test_execution_options_and_bind_are_part_of_the_key(Session, engine, cache):
+def test_execution_options_and_bind_are_part_of_the_key(Session, engine, cache, tmp_path):
     with Session() as s:
         plain = key(s, select(Person))
         translated = key(s, select(Person).execution_options(schema_translate_map={None: "other"}))
         assert plain != translated
         assert key(s, select(Person).execution_options(logging_token="x")) == plain
-    other_engine = create_engine("sqlite:///other.sqlite")
+    other_engine = create_engine(f"sqlite:///{tmp_path / 'other.sqlite'}")  # a look at its pool opens it
     with sessionmaker(bind=other_engine, info=cache.session_info())() as s:
         assert key(s, select(Person)) != plain
+    other_engine.dispose()
     with sessionmaker(
         bind=engine.execution_options(schema_translate_map={None: "x"}), info=cache.session_info()
     )() as s:
