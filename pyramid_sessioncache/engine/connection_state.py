@@ -165,15 +165,9 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
     # setting is committed as it is made, and no rollback undoes it.
     in_transaction = in_transaction_of(conn)
     value = _setting_value(statement, parameters) if any(name != "*none" for name, _ in changes) else ""
-    if (
-        value
-        and any(name and name.startswith("attach ") for name, _ in changes)
-        and ("memdb" in value.lower() or _attached_its_own(conn))
-    ):
-        # ATTACH ':memory:' (or '', or 'file:x?vfs=memdb', which has a name
-        # as a file has): a database this connection alone sees, or one that
-        # vanishes with its last connection, whatever another's same
-        # statement attached.
+    if value and any(name and name.startswith("attach ") for name, _ in changes) and _attached_its_own(conn):
+        # ATTACH ':memory:' (or '', or 'file:x?vfs=memdb'): a database this
+        # connection alone sees, whatever another's same statement attached.
         value += "|" + secrets.token_hex(8)
     for name, local in changes:
         if name is None or value is None:  # what it changes, or for how long, or to what, cannot be told
@@ -191,12 +185,25 @@ def _attached_its_own(conn: Any) -> bool:
     """
     if conn.dialect.name != "sqlite":
         return False
-    found = _its_own_databases(conn)
-    return found is None or bool(found - {"main", "temp"})
+    databases = _databases(conn)
+    return databases is None or bool(_its_own(databases) - {"main", "temp"})
 
 
-def _its_own_databases(conn: Any) -> set[str] | None:
-    """The names of the databases SQLite's ``conn`` alone sees (no file: in memory, or a temporary file); None if unknown.
+def _databases(conn: Any) -> list[tuple[str, str]] | None:
+    """The databases SQLite's ``conn`` sees (``PRAGMA database_list``), each one's name and file; None if unknown."""
+    try:
+        cursor = conn.connection.dbapi_connection.cursor()
+        try:
+            cursor.execute(schema.SQLITE_DATABASES)
+            return [(name, file) for _, name, file in cursor.fetchall()]
+        finally:
+            cursor.close()
+    except Exception:
+        return None
+
+
+def _its_own(databases: list[tuple[str, str]]) -> set[str]:
+    """The names of those of ``databases`` a connection alone sees: no file (in memory, or a temporary file).
 
     A ``memdb`` database (``file:NAME?vfs=memdb``, or the copy
     ``Connection.deserialize()`` makes, named ``"x"``) has a name, as a
@@ -204,19 +211,7 @@ def _its_own_databases(conn: Any) -> set[str] | None:
     exists.  A ``memdb`` name that is a file's path is told apart by
     nothing here.
     """
-    try:
-        cursor = conn.connection.dbapi_connection.cursor()
-        try:
-            cursor.execute(schema.SQLITE_DATABASES)
-            return {
-                name
-                for _, name, file in cursor.fetchall()
-                if not (file and os.path.isabs(file) and os.path.isfile(file))
-            }
-        finally:
-            cursor.close()
-    except Exception:
-        return None
+    return {name for name, file in databases if not (file and os.path.isabs(file) and os.path.isfile(file))}
 
 
 def _connected(conn: Any) -> None:
@@ -239,13 +234,12 @@ def _connected(conn: Any) -> None:
         return
     pool = conn.engine.pool
     _SQLITE_POOLS_SEEN.add(pool)
-    found = _its_own_databases(conn)
-    shared = _shared_token(conn, found)
+    databases = _databases(conn)
+    shared = _shared_token(conn, databases)
     if shared is not None:  # even in a StaticPool: its connection may be replaced, and the database with it
         info[_OWN_DATABASE] = shared
     else:
-        # A memdb database has a name in PRAGMA database_list, as a file has.
-        own = found is None or bool(found - {"temp"}) or shared_memory.in_memdb(conn.engine)
+        own = databases is None or bool(_its_own(databases) - {"temp"})
         own = own and not isinstance(pool, StaticPool)
         info[_OWN_DATABASE] = secrets.token_hex(8) if own else ""
         if not own:
@@ -253,38 +247,35 @@ def _connected(conn: Any) -> None:
     _POOLS_WITH_SETTINGS.add(pool)
 
 
-def _shared_token(conn: Any, found: set[str] | None) -> str | None:
+def _shared_token(conn: Any, databases: list[tuple[str, str]] | None) -> str | None:
     """The token of the shared database in memory ``conn`` has as its main one (see :mod:`.shared_memory`), or None.
 
     None when it has any other database of its own (attached as it
-    opened), or temporary tables: what they show, it shows alone.
+    opened), or temporary tables: what they show, it shows alone; and when
+    its main database is not the one it opened (``Connection.deserialize()``
+    in a ``connect`` listener replaces it with a copy, which SQLite names
+    ``"x"``).
     """
-    if found is None or found - {"main", "temp"}:
+    if databases is None or _its_own(databases) - {"main", "temp"}:
         return None
     name = shared_memory.shared_name(conn.engine)
-    if name is None or not _as_opened(conn, name):
+    main = [file for database, file in databases if database == "main"]
+    if name is None or main != [name[1] if name[0] else ""] or _has_temporary_tables(conn):
         return None
     return shared_memory.token(name, conn.connection.dbapi_connection, conn.info)
 
 
-def _as_opened(conn: Any, name: tuple[str, str]) -> bool:
-    """Whether ``conn``'s main database is the shared one ``name`` it opened, with no temporary tables.
-
-    ``Connection.deserialize()`` (in a ``connect`` listener) replaces it
-    with a copy of the connection's own, which SQLite names ``"x"``.
-    """
+def _has_temporary_tables(conn: Any) -> bool:
+    """Whether SQLite's ``conn`` has temporary tables; True if that cannot be read."""
     try:
         cursor = conn.connection.dbapi_connection.cursor()
         try:
-            cursor.execute(schema.SQLITE_DATABASES)
-            if [file for _, database, file in cursor.fetchall() if database == "main"] != [name[1] if name[0] else ""]:
-                return False
             cursor.execute("SELECT count(*) FROM temp.sqlite_master")
-            return cursor.fetchone()[0] == 0
+            return cursor.fetchone()[0] != 0
         finally:
             cursor.close()
     except Exception:
-        return False
+        return True
 
 
 def _setting_value(statement: str, parameters: Any) -> str | None:

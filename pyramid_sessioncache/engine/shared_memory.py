@@ -113,15 +113,6 @@ def shared_name(engine: Any) -> tuple[str, str] | None:
     return None
 
 
-def in_memdb(engine: Any) -> bool:
-    """Whether ``engine``'s connections open their main database with SQLite's ``memdb`` VFS (in memory).
-
-    Such a database has a name in ``PRAGMA database_list``, as a file has.
-    """
-    arguments = _sqlalchemy.connect_arguments(engine.pool)
-    return arguments is not None and any(isinstance(arg, str) and "vfs=memdb" in arg for arg in arguments[0])
-
-
 def token(name: tuple[str, str], dbapi_connection: Any, info: dict) -> str | None:
     """The key token of the shared database ``name`` that ``dbapi_connection`` has open; None if unknown.
 
