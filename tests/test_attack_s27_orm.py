@@ -997,17 +997,16 @@ def _stale_after_drop(engine, Sess, first, second):
     return cached, truth
 
 
-_STALE_REASON = (
-    "A Session that read an entity cached keeps the objects alive after the application dropped them "
-    "(shared regions: the objects a hit built, remembered per key in the Session by lookup._objects_of(); "
-    "ext:local_session: the entry's objects, which its namespace keeps after the entry is invalidated).  "
-    "After another Session commits a change to the row, the next cached read misses, runs its SQL, and the "
-    "ORM returns the still-alive object without refreshing it: the old value, where a plain Session (or the "
-    "same Session without the cache, whose objects were collected) reads the new one."
-)
+# A Session that read an entity cached kept its objects alive after the
+# application dropped them (shared regions: the objects a hit built,
+# remembered per key in the Session; ext:local_session: the entry's objects,
+# kept after the entry was void).  After another Session committed a change
+# to the row, the next read (cached or not) ran its SQL, and the ORM
+# returned the still-alive object without refreshing it: the old value,
+# where a plain Session reads the new one.  The objects of shared hits are
+# now remembered weakly, and void local entries dropped at the commit.
 
 
-@pytest.mark.xfail(strict=True, reason=_STALE_REASON)
 def test_a_miss_after_another_commit_returns_fresh_values_not_a_kept_object(engine, any_region, Sess):
     stmt = select(Engineer).where(Engineer.id == 2).options(FromCache(any_region))
     if any_region != "local":
@@ -1015,28 +1014,24 @@ def test_a_miss_after_another_commit_returns_fresh_values_not_a_kept_object(engi
             other.scalars(stmt).all()  # stored: the Session below hits it twice
     cached, truth = _stale_after_drop(engine, Sess, stmt, stmt)
     assert truth == "py"
-    assert cached == truth  # fails: "c", the value of the object the cache kept alive
+    assert cached == truth  # was "c", the value of the object the cache kept alive
 
 
-@pytest.mark.xfail(strict=True, reason=_STALE_REASON + "  Here the kept object came from another query's entry.")
 def test_a_miss_of_another_query_after_a_commit_returns_fresh_values(engine, shared, Sess):
     first = select(Employee).order_by(Employee.id).options(FromCache(shared))
     second = select(Engineer).where(Engineer.id == 2).options(FromCache(shared))
     with Sess() as other:
         other.scalars(first).all()
     cached, truth = _stale_after_drop(engine, Sess, first, second)
-    assert (cached, truth) == ("py", "py")  # fails: ("c", "py")
+    assert (cached, truth) == ("py", "py")  # was ("c", "py")
 
 
-@pytest.mark.xfail(
-    strict=True, reason=_STALE_REASON + "  Even an uncached read of the Session returns the kept object."
-)
 def test_an_uncached_read_after_a_hit_and_a_commit_returns_fresh_values(engine, shared, Sess):
     first = select(Engineer).where(Engineer.id == 2).options(FromCache(shared))
     with Sess() as other:
         other.scalars(first).all()
     cached, truth = _stale_after_drop(engine, Sess, first, select(Engineer).where(Engineer.id == 2))
-    assert (cached, truth) == ("py", "py")  # fails: ("c", "py")
+    assert (cached, truth) == ("py", "py")  # was ("c", "py")
 
 
 def test_without_the_cache_the_dropped_object_is_collected_and_read_fresh(engine, Sess):
@@ -1045,12 +1040,6 @@ def test_without_the_cache_the_dropped_object_is_collected_and_read_fresh(engine
     assert _stale_after_drop(engine, Sess, stmt, stmt) == ("py", "py")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=_STALE_REASON
-    + "  With with_expression(): a hit for Employee.id * 3 returns the object kept from the entry of Employee.id * 2, "
-    "expr 8 where the entry and an uncached read say 12.",
-)
 def test_with_expression_hits_after_dropped_objects(engine, shared, Sess):
     def expr(session, factor, cached):
         stmt = select(Employee).options(with_expression(Employee.expr, Employee.id * factor)).where(Employee.id == 4)
@@ -1063,4 +1052,4 @@ def test_with_expression_hits_after_dropped_objects(engine, shared, Sess):
     with Sess() as session:
         cached = [expr(session, factor, True) for factor in (2, 3, 2, 3)]
     assert uncached == [8, 12, 8, 12]
-    assert cached == uncached  # fails: [8, 12, 8, 8]
+    assert cached == uncached  # was [8, 12, 8, 8]: the object kept from the entry of id * 2

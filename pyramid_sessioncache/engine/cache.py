@@ -17,6 +17,7 @@ from typing import Any
 from .. import _sqlalchemy, forks
 from .._weak import members
 from ..errors import InvalidOptionError
+from ..storage.backends import local_session
 from ..storage.options import checked
 from ..storage.region import CacheRegions, Region
 from . import info
@@ -234,6 +235,9 @@ class SessionCache:
         """
         with self._commits_lock:  # two threads' += could leave it at the older count
             self.commits += 1
+        # Void entries would still keep their objects alive in their Sessions:
+        # dropped now (after the count moved: see engine/hook.py).
+        local_session.drop_everywhere()
 
 
 _live: weakref.WeakSet[SessionCache] = weakref.WeakSet()

@@ -169,6 +169,11 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
             store=lambda value: not loaded.get("wrote") and not _holds_always_refreshed(session),
             on_store=cache.stats.region(region.name).count_store,
         )
+        if not hit and value.commits != cache.commits:
+            # A commit published while it loaded: the entry is void, and the
+            # commit's drop of every Session's entries may have come before it
+            # was stored.  Dropped, so that it keeps no object alive.
+            local_session.drop(session)
         result = value.result()
     else:
         value, hit, instances = _shared(state, cache, found, region, option.expire)

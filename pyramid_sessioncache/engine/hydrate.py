@@ -17,7 +17,7 @@ from sqlalchemy.orm import MANYTOONE, Session, attributes, instrumentation
 from sqlalchemy.orm.exc import UnmappedColumnError
 
 from .. import _sqlalchemy
-from .values import NOT_LOADED, CachedRows, private_copy
+from .values import NOT_LOADED, CachedRows, current, private_copy, reached
 
 
 def result(value: CachedRows, session: Session, load_options: tuple = (), instances: list | None = None) -> Result:
@@ -30,25 +30,92 @@ def result(value: CachedRows, session: Session, load_options: tuple = (), instan
     query's did.  Values that could be changed in place reach the caller
     as copies of its own (see ``CachedRows.changeable()``).
     """
+    return hydrated(value, session, load_options, instances)[0]
+
+
+def hydrated(
+    value: CachedRows, session: Session, load_options: tuple = (), instances: list | None = None
+) -> tuple[Result, list]:
+    """:func:`result`, and the objects of ``session`` it made ``value.objects`` into, in their order."""
+    rows, records = _own_copies(value, objects=any(value.entity_columns))
+    if not any(value.entity_columns):
+        return _result(value, rows), []
+    objects = None if instances is None else adopted(value, session, instances, load_options)
+    if objects is None:
+        objects = objects_of(session, value.classes, records, load_options)
+    return result_over(value, objects, rows), objects
+
+
+def result_over(value: CachedRows, objects: list, rows: list | None = None) -> Result:
+    """Return ``value`` as a Result of ``objects``, the Session's objects that ``value.objects`` stand for.
+
+    ``rows``: ``value.rows`` with their changeable values copied, when
+    already copied (see :func:`hydrated`).
+    """
+    if rows is None:
+        rows = _own_copies(value, objects=False)[0]
     flags = value.entity_columns
-    rows, records = _own_copies(value)
-    if not any(flags):  # plain values only: the stored tuples serve as they are
-        result = value.shell.with_new_rows(rows)()
+    if flags == (True,):  # one entity per row, the commonest
+        rows = [(None if index is None else objects[index],) for (index,) in rows]
     else:
-        objects = None if instances is None else adopted(value, session, instances, load_options)
-        if objects is None:
-            objects = objects_of(session, value.classes, records, load_options)
-        if flags == (True,):  # one entity per row, the commonest
-            rows = [(None if index is None else objects[index],) for (index,) in rows]
-        else:
-            rows = [
-                tuple(
-                    objects[item] if flag and item is not None else item for item, flag in zip(row, flags, strict=True)
-                )
-                for row in rows
-            ]
-        result = value.shell.with_new_rows(rows)()
+        rows = [
+            tuple(objects[item] if flag and item is not None else item for item, flag in zip(row, flags, strict=True))
+            for row in rows
+        ]
+    return _result(value, rows)
+
+
+def _result(value: CachedRows, rows: list) -> Result:
+    result = value.shell.with_new_rows(rows)()
     return _sqlalchemy.require_unique(result) if value.requires_unique else result
+
+
+class HeldObjects:
+    """The objects a hit of a shared entry made in a Session, held weakly, for the Session's next hit of it.
+
+    Held strongly, they would stay in the Session's identity map after the
+    application let them go, and once another transaction changed their
+    rows, the Session's later queries (cached or not) would find them
+    there, stale: the ORM does not overwrite what it holds.  Held weakly
+    (their states keep no object), they serve the next hit only while
+    something else keeps them, as the identity map itself does.
+    """
+
+    __slots__ = ("_states", "_reached", "_row_states")
+
+    def __init__(self, value: CachedRows, objects: list) -> None:
+        self._states = [attributes.instance_state(obj) for obj in objects]
+        self._reached = reached(self._states)
+        #: One entity per row (the commonest): each row's state, to make rows in one pass.
+        self._row_states = (
+            [_NO_STATE if index is None else self._states[index] for (index,) in value.rows]
+            if value.entity_columns == (True,)
+            else None
+        )
+
+    def result(self, value: CachedRows, session: Session) -> Result | None:
+        """``value`` as a Result of the objects, if each is alive and current in ``session``; else None.
+
+        Current as a local entry's objects must be (``LocalResult.current()``).
+        """
+        # Taken (held) before they are checked: one that died has no Session
+        # any more (its state's weakref callback).
+        if self._row_states is None:
+            objects = [state.obj() for state in self._states]
+            return result_over(value, objects) if current(self._reached, session) else None
+        rows = [(state.obj(),) for state in self._row_states]
+        return _result(value, rows) if current(self._reached, session) else None
+
+
+class _NoState:
+    """Stands for the state of no object: the row of an outer join that found none."""
+
+    @staticmethod
+    def obj() -> None:
+        return None
+
+
+_NO_STATE = _NoState()
 
 
 def adopted(value: CachedRows, session: Session, instances: list, load_options: tuple) -> list[Any] | None:
@@ -90,13 +157,16 @@ def adopted(value: CachedRows, session: Session, instances: list, load_options: 
     return instances
 
 
-def _own_copies(value: CachedRows) -> tuple[list, list]:
+def _own_copies(value: CachedRows, objects: bool = True) -> tuple[list, list]:
     """The rows and object records of ``value``, those that hold changeable values copied.
 
     Copied together, in one round trip, so that a value a row shares with
-    an object (``select(Doc, Doc.data)``) is still one value.
+    an object (``select(Doc, Doc.data)``) is still one value.  Without
+    ``objects``, the records are left as they are: the caller has its objects.
     """
     changeable_objects, changeable_rows = value.changeable()
+    if not objects:
+        changeable_objects = frozenset()
     if not (changeable_objects or changeable_rows):
         return value.rows, value.objects
     rows, records = list(value.rows), list(value.objects)

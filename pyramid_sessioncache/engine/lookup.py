@@ -28,7 +28,7 @@ from .invalidation import versions, writes
 from .invalidation.statements import sql_tables
 from .keys import BYPASS_OPTIONS, EntryKey
 from .options import FromCache
-from .values import CachedRows, LocalResult
+from .values import CachedRows
 
 log = logging.getLogger(__name__)
 
@@ -236,10 +236,11 @@ def objects_of(
 
     A region hands back the same stored value until it changes (Redis
     too: see ``storage/backends/redis.py``); the objects built from it are
-    remembered with the Session's local cache (and dropped with it, and
-    bounded like it), so hitting the same entry again in one Session costs
-    what a local hit costs.  ``instances``: the objects a miss just made
-    ``value`` from (see ``hydrate.adopted()``).
+    remembered, weakly, with the Session's local cache (and dropped with
+    it, and bounded like it), so hitting the same entry again in one
+    Session, while the application holds its objects, costs about what a
+    local hit costs (see ``hydrate.HeldObjects``).  ``instances``: the
+    objects a miss just made ``value`` from (see ``hydrate.adopted()``).
 
     Returns None, having changed nothing, when the Session holds an object
     that disagrees with the entry on which objects one of its relationships
@@ -266,11 +267,12 @@ def _objects_of(
             del built[next(iter(built))]  # the oldest: a Session keeps a bounded number
         built[key] = (value, None)
         return hydrate.result(value, session, propagating(statement), instances)
-    if seen[1] is not None and seen[1].current(session):
-        return seen[1].result()
-    objects = LocalResult.from_result(hydrate.result(value, session, propagating(statement)))
-    built[key] = (value, objects)
-    return objects.result()
+    result = None if seen[1] is None else seen[1].result(value, session)
+    if result is not None:
+        return result
+    result, objects = hydrate.hydrated(value, session, propagating(statement))
+    built[key] = (value, hydrate.HeldObjects(value, objects))
+    return result
 
 
 def propagating(statement: Any) -> tuple:

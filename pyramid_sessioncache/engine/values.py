@@ -62,7 +62,7 @@ class LocalResult(Sequence):
         self.commits: int | None = None
         rows = frozen().all()
         self._items = [row[0] for row in rows] if _sqlalchemy.is_single_entity(frozen) else rows
-        self._states = _reached(attributes.instance_state(value) for row in rows for value in row if _is_entity(value))
+        self._states = reached(attributes.instance_state(value) for row in rows for value in row if _is_entity(value))
 
     @classmethod
     def from_result(cls, result: Result) -> LocalResult:
@@ -85,13 +85,7 @@ class LocalResult(Sequence):
         ["rel"])`` unloads a relationship without marking it expired: the
         query's eager load would load it again.
         """
-        session_id = session.hash_key
-        for state, related in self._states:
-            if state.session_id != session_id or state.expired_attributes:
-                return False
-            if related and not state.dict.keys() >= related:
-                return False
-        return True
+        return current(self._states, session)
 
     def __getitem__(self, index):
         return self._items[index]
@@ -105,11 +99,22 @@ class LocalResult(Sequence):
         return _sqlalchemy.require_unique(result) if self.requires_unique else result
 
 
-#: How many relationships deep ``_reached()`` follows: eager loads of eager loads.
+def current(states: tuple, session: Session) -> bool:
+    """Whether ``states``, as :func:`reached` gives them, are in ``session``, unexpired, their relationships loaded."""
+    session_id = session.hash_key
+    for state, related in states:
+        if state.session_id != session_id or state.expired_attributes:
+            return False
+        if related and not state.dict.keys() >= related:
+            return False
+    return True
+
+
+#: How many relationships deep ``reached()`` follows: eager loads of eager loads.
 REACHED_DEPTH = 3
 
 
-def _reached(states: Any) -> tuple:
+def reached(states: Any) -> tuple:
     """``(state, related)`` of ``states`` and of the objects their loaded relationships hold, :data:`REACHED_DEPTH` deep.
 
     ``related``: the keys of the relationships the state had loaded (None

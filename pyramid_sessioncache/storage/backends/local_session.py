@@ -15,12 +15,14 @@ This is the namespace of SQLAlchemy's old ``examples/beaker_caching``
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
 from beaker.container import AbstractDictionaryNSManager
 
+from ..._weak import members
 from ...errors import SessionCacheError
 
 #: Entries a Session keeps per ``ext:local_session`` region unless
@@ -118,9 +120,17 @@ class ScopedSessionNamespace(AbstractDictionaryNSManager):
         return namespace_entries(session, self.namespace, self.max_items)
 
 
+#: The Sessions that have kept entries (see :func:`drop_everywhere`).
+_keeping: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
 def entries(session: Any) -> dict:
     """Return the dictionary of local namespaces kept on ``session``."""
-    return session.info.setdefault(INFO_KEY, {})
+    found = session.info.get(INFO_KEY)
+    if found is None:
+        found = session.info[INFO_KEY] = {}
+        _keeping.add(session)
+    return found
 
 
 def namespace_entries(session: Any, namespace: str, max_items: int = DEFAULT_MAX_ITEMS) -> SessionEntries:
@@ -135,3 +145,19 @@ def namespace_entries(session: Any, namespace: str, max_items: int = DEFAULT_MAX
 def drop(session: Any) -> None:
     """Forget every ``ext:local_session`` entry kept on ``session``."""
     session.info.pop(INFO_KEY, None)
+
+
+def drop_everywhere() -> None:
+    """Forget the entries every Session of the process keeps, whatever thread uses it.
+
+    An entry holds its objects, and so keeps them in their Session's
+    identity map after the application let them go.  Once a commit makes
+    the entry void, such an object is stale: a later query of the Session,
+    cached or not, would find it there and, as the ORM does with the
+    objects it holds, not overwrite it with the rows it reads.  Without the
+    entry it would be gone, and read afresh.  Another thread may be reading
+    a Session's entries meanwhile: it keeps what it holds, and stores
+    nothing the commit made void (see ``engine/hook.py``).
+    """
+    for session in members(_keeping):
+        session.info.pop(INFO_KEY, None)
