@@ -26,7 +26,7 @@ from sqlalchemy.orm import (
 
 from pyramid_sessioncache import RelationshipCache, SessionCache, cached_query
 
-from .conftest import SECRET
+from .conftest import SECRET, use_region
 from .models import Address, Person
 
 POINT = select(Person).where(Person.id == 1)
@@ -350,6 +350,22 @@ def test_rows_sharing_a_json_value_with_a_held_object_read_as_uncached(engine, S
 @pytest.mark.parametrize("region", ["local", "memory"])
 def test_a_read_begun_after_a_commit_never_sees_what_it_replaced(engine, Session, region):
     """Threads: a writer commits names 0, 1, 2...; readers' local or shared reads begun after commit n read >= n."""
+    _readers_and_a_writer(engine, Session, region)
+
+
+@pytest.mark.parametrize("region", ["local", "memory"])
+def test_on_postgresql_read_committed_readers_in_one_long_transaction_read_fresh(pg_url, cache, region):
+    """The same on PostgreSQL, each reader in one transaction at READ COMMITTED: each statement sees earlier commits."""
+    from sqlalchemy import create_engine
+
+    pg = create_engine(pg_url, pool_size=10)
+    try:
+        _readers_and_a_writer(pg, sessionmaker(pg, info=cache.session_info()), region, long_transactions=True)
+    finally:
+        pg.dispose()
+
+
+def _readers_and_a_writer(engine, Session, region, long_transactions=False):
     import sys
     import time
 
@@ -373,6 +389,8 @@ def test_a_read_begun_after_a_commit_never_sees_what_it_replaced(engine, Session
                     if int(name) < before:
                         stale.append((int(name), before))
                         stop.set()
+                    if not long_transactions and step % 11 == 0:
+                        session.rollback()
                 except BaseException as error:  # noqa: BLE001 - reported by the test
                     errors.append(error)
                     stop.set()
@@ -401,3 +419,76 @@ def test_a_read_begun_after_a_commit_never_sees_what_it_replaced(engine, Session
         sys.setswitchinterval(interval)
     assert errors == []
     assert stale == []
+
+
+@pytest.fixture
+def redis_region(request, region_options):
+    """The real Redis region (asked for before ``Session``: the cache is made with it)."""
+    return use_region(request, region_options, "redis")
+
+
+@pytest.mark.parametrize("shape", ["point", "two_entities", "selectin", "address", "outer_none"])
+def test_redis_hits_keep_nothing_alive_and_plain_reads_are_fresh(redis_region, engine, Session, sql, shape):
+    with Session() as other:
+        _read(other, shape, redis_region)
+    with Session() as session:
+        refs = []
+        for _ in range(3):
+            refs.extend(_refs(_read(session, shape, redis_region)))
+        sql.reset()
+        rows = _read(session, shape, redis_region)
+        assert sql.count == 0  # a hit
+        del rows
+        gc.collect()
+        assert [ref() for ref in refs if ref() is not None] == []
+        _rename(engine)
+        _restreet(engine)
+        assert session.get(Person, 1).name == "renamed"
+        assert session.get(Address, 1).street == "moved"
+
+
+def _described(rows, held_ids):
+    """Rows as plain data: each entity by class, identity, loaded columns and whether it is one the application holds."""
+    out = []
+    for row in rows:
+        described = []
+        for value in row:
+            if hasattr(type(value), "_sa_class_manager"):
+                loaded = {k: v for k, v in vars(value).items() if not k.startswith("_") and isinstance(v, (int, str))}
+                described.append((type(value).__name__, sorted(loaded.items()), id(value) in held_ids))
+            else:
+                described.append(value)
+        out.append(tuple(described))
+    return out
+
+
+def _steps(session, shape, read):
+    held = None
+    seen = []
+    for step in range(4):
+        rows = read(session, shape)
+        if held is None:
+            held = rows  # the application holds the first read's rows only
+        seen.append(_described(rows, {id(v) for row in held for v in row}))
+        del rows
+        gc.collect()
+        if step == 1:
+            _rename(session.get_bind(), f"renamed {step}")
+    return seen
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+@pytest.mark.parametrize("region", ["local", "memory"])
+def test_each_read_gives_what_an_uncached_read_gives(engine, Session, shape, region):
+    def uncached(session, shape):
+        result = session.execute(SHAPES[shape]())
+        return (result.unique() if shape == "joined" else result).all()
+
+    with Session() as session:
+        plain = _steps(session, shape, uncached)
+    _rename(engine, "person 1")
+    with Session() as other:
+        _read(other, shape, region)
+    with Session() as session:
+        cached = _steps(session, shape, lambda s, shape: _read(s, shape, region))
+    assert cached == plain
