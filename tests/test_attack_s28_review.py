@@ -455,7 +455,8 @@ def _described(rows, held_ids):
         for value in row:
             if hasattr(type(value), "_sa_class_manager"):
                 loaded = {k: v for k, v in vars(value).items() if not k.startswith("_") and isinstance(v, (int, str))}
-                described.append((type(value).__name__, sorted(loaded.items()), id(value) in held_ids))
+                keys = sorted(k for k in vars(value) if not k.startswith("_"))
+                described.append((type(value).__name__, sorted(loaded.items()), keys, id(value) in held_ids))
             else:
                 described.append(value)
         out.append(tuple(described))
@@ -492,3 +493,115 @@ def test_each_read_gives_what_an_uncached_read_gives(engine, Session, shape, reg
     with Session() as session:
         cached = _steps(session, shape, lambda s, shape: _read(s, shape, region))
     assert cached == plain
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("region", ["local", "memory"])
+def test_a_pending_change_survives_the_drop_of_every_sessions_entries(engine, cache, cached, region):
+    """An object changed without a flush (autoflush off), let go by the application: the Session keeps it, and its change."""
+    Session = sessionmaker(engine, info=cache.session_info(), autoflush=False)
+    with Session() as other:
+        cached_query(other, POINT, region=region).all()
+    with Session() as session:
+        for _ in range(3):
+            person = (cached_query(session, POINT, region=region) if cached else session.execute(POINT)).scalar_one()
+        person.name = "changed here"
+        del person
+        gc.collect()
+        _restreet(engine)  # another transaction commits: every Session's local entries are dropped
+        gc.collect()
+        again = (cached_query(session, POINT, region=region) if cached else session.execute(POINT)).scalar_one()
+        assert again.name == "changed here"
+        assert session.get(Person, 1) is again
+        session.commit()
+    with PlainSession(engine) as check:
+        assert check.get(Person, 1).name == "changed here"
+
+
+class _InfoPausingTheDrops(dict):
+    """A Session's ``info`` (an application may give it any dict) whose local entries' drops wait for signals.
+
+    Stands for the thread switches that let another thread run around a
+    commit's drops of every Session's entries: after the first (before
+    the database commits), and between the second's count and its drop
+    (``SessionCache.void_local_entries()``).
+    """
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.armed = False
+        self.pops = 0
+        self.first_done = threading.Event()
+        self.after_first = threading.Event()
+        self.in_window = threading.Event()
+        self.go_on = threading.Event()
+        self.popped = threading.Event()
+
+    def pop(self, key, *default):
+        from pyramid_sessioncache.storage.backends import local_session
+
+        if not (self.armed and key == local_session.INFO_KEY):
+            return dict.pop(self, key, *default)
+        self.pops += 1
+        if self.pops == 2:
+            self.in_window.set()
+            assert self.go_on.wait(10)
+        try:
+            return dict.pop(self, key, *default)
+        finally:
+            if self.pops == 1:
+                self.first_done.set()
+                assert self.after_first.wait(10)
+            elif self.pops == 2:
+                self.popped.set()
+
+
+def test_a_local_load_begun_between_a_commits_count_and_its_drop_keeps_no_stale_object(engine, Session):
+    """A commit publishes twice: before the database commits, and after; each moves the count, then drops every Session's entries.
+
+    Between the two, this Session reads (the old row) and keeps a local
+    entry.  A local load that begins between the second count and its
+    drop reads the new count, and its query finds the object that void
+    entry still holds: the ORM does not overwrite it, so it has the old
+    name.  The drop comes while the query runs (here: between its rows),
+    and the entry is stored after it, under the new count: a valid entry
+    holding the old name, and keeping it alive for Session.get() too.  A
+    plain Session reads the new name once the commit returned.
+    """
+    from sqlalchemy import event
+
+    both = select(Person).where(Person.id.in_([1, 2])).order_by(Person.id)
+    with Session() as session:
+        info = session.info = _InfoPausingTheDrops(session.info)
+        cached_query(session, POINT, region="local").all()
+
+        def resolved(target, context) -> None:
+            # Person 2 is new to the Session: its load event comes after person 1's row was read.
+            if target.id == 2 and info.in_window.is_set() and not info.go_on.is_set():
+                info.go_on.set()
+                assert info.popped.wait(10)
+
+        info.armed = True
+        writer = threading.Thread(target=_rename, args=(engine,))
+        event.listen(Person, "load", resolved)
+        try:
+            writer.start()
+            assert info.first_done.wait(10)
+            cached_query(session, POINT, region="local").all()  # before the database commits: the old row, kept
+            gc.collect()
+            info.after_first.set()
+            assert info.in_window.wait(10)
+            rows = cached_query(session, both, region="local").scalars().all()
+            writer.join(10)
+        finally:
+            event.remove(Person, "load", resolved)
+            info.after_first.set()
+            info.go_on.set()
+        assert info.popped.is_set() and not writer.is_alive()
+        del rows  # read while the commit ran: either name is right
+        gc.collect()
+        after = cached_query(session, both, region="local").scalars().all()
+        assert [person.name for person in after] == ["renamed", "person 2"]
+        del after
+        gc.collect()
+        assert session.get(Person, 1).name == "renamed"
