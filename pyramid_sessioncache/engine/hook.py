@@ -159,7 +159,7 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
     if found is None:
         return None
     if region.is_local:
-        loaded: dict[str, bool] = {}
+        loaded: dict[str, Any] = {}
         value, hit = region.get_or_create(
             found.key.text,
             lambda: _local_load(state, cache, loaded),
@@ -169,10 +169,15 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
             store=lambda value: not loaded.get("wrote") and not _holds_always_refreshed(session),
             on_store=cache.stats.region(region.name).count_store,
         )
-        if not hit and value.commits != cache.commits:
+        if not hit and (value.commits != cache.commits or local_session.entries(session) is not loaded["entries"]):
             # A commit published while it loaded: the entry is void, and the
             # commit's drop of every Session's entries may have come before it
-            # was stored.  Dropped, so that it keeps no object alive.
+            # was stored.  Dropped, so that it keeps no object alive.  So too
+            # when the Session's entries were dropped while it loaded, the
+            # count having moved before it began (a commit's drop comes after
+            # its count, in its own thread): the query found the objects the
+            # void entries still held, as they were, and stored them under the
+            # new count.
             local_session.drop(session)
         result = value.result()
     else:
@@ -192,7 +197,7 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
     return result
 
 
-def _local_load(state: ORMExecuteState, cache: SessionCache, loaded: dict[str, bool]) -> LocalResult:
+def _local_load(state: ORMExecuteState, cache: SessionCache, loaded: dict[str, Any]) -> LocalResult:
     """Run ``state``'s statement for an ``ext:local_session`` entry, tagged with the commits of the process so far.
 
     Read before the query runs: a commit that publishes while it runs (or
@@ -203,6 +208,8 @@ def _local_load(state: ORMExecuteState, cache: SessionCache, loaded: dict[str, b
     execution must do it again.
     """
     commits = cache.commits
+    # The Session's entries as the query begins: see _cached().
+    loaded["entries"] = local_session.entries(state.session)
     connection = state.session.connection(bind_arguments=dict(state.bind_arguments))
     before = writes.writes_run(connection)
     value = LocalResult.from_result(state.invoke_statement())
