@@ -111,19 +111,13 @@ def test_after_a_commit_plain_reads_are_fresh(engine, Session, shape, region):
         assert session.get(Address, 1).street == "moved"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "with invalidation='manual', SessionCache.publish() returns before void_local_entries() for a commit"
-        " no one declared, so no commit drops local entries: an ext:local_session entry keeps its objects"
-        " alive for the rest of the transaction, and once another transaction of the process committed a"
-        " change to their row, the Session's plain reads (Session.get(), an uncached select) find the"
-        " object the application let go and return the old values; a plain Session reads the new ones"
-    ),
-)
-@pytest.mark.parametrize("read", ["get", "uncached"])
-def test_manual_invalidation_local_entry_keeps_a_stale_object_for_plain_reads(engine, read):
-    """The manual-invalidation twin of test_kept_alive's local case: the cached read may be stale (manual), plain reads not."""
+@pytest.mark.parametrize("read", ["get", "uncached", "cached"])
+def test_manual_invalidation_local_entry_keeps_no_stale_object_for_plain_reads(engine, read):
+    """The manual-invalidation twin of test_kept_alive's local case: a commit voids local entries in every mode.
+
+    It did not with ``invalidation="manual"``: the entry kept its objects
+    alive, and plain reads returned the old values.
+    """
     cache = SessionCache({"local": {"type": "ext:local_session"}}, invalidation="manual", secret=SECRET)
     Session = sessionmaker(engine, info=cache.session_info())
     with Session() as session:
@@ -132,8 +126,12 @@ def test_manual_invalidation_local_entry_keeps_a_stale_object_for_plain_reads(en
         gc.collect()
         _rename(engine)
         gc.collect()
-        found = session.get(Person, 1) if read == "get" else session.scalars(POINT).one()
-        assert found.name == "renamed"
+        reads = {
+            "get": lambda: session.get(Person, 1),
+            "uncached": lambda: session.scalars(POINT).one(),
+            "cached": lambda: cached_query(session, POINT, region="local").scalar_one(),
+        }
+        assert reads[read]().name == "renamed"
 
 
 def test_relationship_cache_lazy_load_kept_alive(engine, Session):
@@ -518,87 +516,68 @@ def test_a_pending_change_survives_the_drop_of_every_sessions_entries(engine, ca
         assert check.get(Person, 1).name == "changed here"
 
 
-class _InfoPausingTheDrops(dict):
-    """A Session's ``info`` (an application may give it any dict) whose local entries' drops wait for signals.
+def test_a_local_load_begun_between_a_commits_count_and_its_drop_keeps_no_stale_object(engine, Session, monkeypatch):
+    """A commit counts (``SessionCache.commits``), then drops every Session's entries; a local load may begin between.
 
-    Stands for the thread switches that let another thread run around a
-    commit's drops of every Session's entries: after the first (before
-    the database commits), and between the second's count and its drop
-    (``SessionCache.void_local_entries()``).
-    """
-
-    def __init__(self, *args, **kw):
-        super().__init__(*args, **kw)
-        self.armed = False
-        self.pops = 0
-        self.first_done = threading.Event()
-        self.after_first = threading.Event()
-        self.in_window = threading.Event()
-        self.go_on = threading.Event()
-        self.popped = threading.Event()
-
-    def pop(self, key, *default):
-        from pyramid_sessioncache.storage.backends import local_session
-
-        if not (self.armed and key == local_session.INFO_KEY):
-            return dict.pop(self, key, *default)
-        self.pops += 1
-        if self.pops == 2:
-            self.in_window.set()
-            assert self.go_on.wait(10)
-        try:
-            return dict.pop(self, key, *default)
-        finally:
-            if self.pops == 1:
-                self.first_done.set()
-                assert self.after_first.wait(10)
-            elif self.pops == 2:
-                self.popped.set()
-
-
-def test_a_local_load_begun_between_a_commits_count_and_its_drop_keeps_no_stale_object(engine, Session):
-    """A commit publishes twice: before the database commits, and after; each moves the count, then drops every Session's entries.
-
-    Between the two, this Session reads (the old row) and keeps a local
-    entry.  A local load that begins between the second count and its
-    drop reads the new count, and its query finds the object that void
-    entry still holds: the ORM does not overwrite it, so it has the old
-    name.  The drop comes while the query runs (here: between its rows),
-    and the entry is stored after it, under the new count: a valid entry
-    holding the old name, and keeping it alive for Session.get() too.  A
-    plain Session reads the new name once the commit returned.
+    This Session keeps a local entry of person 1.  Another thread commits
+    a new name; its publication after the database committed is held just
+    before the drop, and a local load of persons 1 and 2 begins: it reads
+    the new count, and its query finds the object the void entry still
+    holds, which the ORM does not overwrite (the old name).  The drop comes
+    while the query runs (between its rows), and the entry is stored
+    after it, under the new count: it must not be kept, nor keep the old
+    name alive for ``Session.get()``.  A plain Session reads the new name
+    once the commit returned.
     """
     from sqlalchemy import event
 
+    from pyramid_sessioncache.storage.backends import local_session
+
+    real_drop = local_session.drop_everywhere
+    drops = []
+    first_done, after_first = threading.Event(), threading.Event()
+    in_window, go_on, dropped = threading.Event(), threading.Event(), threading.Event()
+
+    def held_drop() -> None:
+        drops.append(threading.current_thread())
+        if len(drops) == 2:  # the publication after the database committed
+            in_window.set()
+            assert go_on.wait(10)
+        real_drop()
+        if len(drops) == 1:  # the publication before the database commits
+            first_done.set()
+            assert after_first.wait(10)
+        elif len(drops) == 2:
+            dropped.set()
+
     both = select(Person).where(Person.id.in_([1, 2])).order_by(Person.id)
     with Session() as session:
-        info = session.info = _InfoPausingTheDrops(session.info)
-        cached_query(session, POINT, region="local").all()
 
         def resolved(target, context) -> None:
             # Person 2 is new to the Session: its load event comes after person 1's row was read.
-            if target.id == 2 and info.in_window.is_set() and not info.go_on.is_set():
-                info.go_on.set()
-                assert info.popped.wait(10)
+            if target.id == 2 and in_window.is_set() and not go_on.is_set():
+                go_on.set()
+                assert dropped.wait(10)
 
-        info.armed = True
+        monkeypatch.setattr(local_session, "drop_everywhere", held_drop)
         writer = threading.Thread(target=_rename, args=(engine,))
         event.listen(Person, "load", resolved)
         try:
             writer.start()
-            assert info.first_done.wait(10)
+            assert first_done.wait(10)
             cached_query(session, POINT, region="local").all()  # before the database commits: the old row, kept
             gc.collect()
-            info.after_first.set()
-            assert info.in_window.wait(10)
+            after_first.set()
+            assert in_window.wait(10)
             rows = cached_query(session, both, region="local").scalars().all()
             writer.join(10)
         finally:
             event.remove(Person, "load", resolved)
-            info.after_first.set()
-            info.go_on.set()
-        assert info.popped.is_set() and not writer.is_alive()
-        del rows  # read while the commit ran: either name is right
+            after_first.set()
+            go_on.set()
+        assert dropped.is_set() and not writer.is_alive()
+        assert [person.name for person in rows] == ["person 1", "person 2"]  # the kept object, as it was
+        del rows
         gc.collect()
         after = cached_query(session, both, region="local").scalars().all()
         assert [person.name for person in after] == ["renamed", "person 2"]

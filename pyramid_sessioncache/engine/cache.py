@@ -200,7 +200,7 @@ class SessionCache:
             region.close()
 
     def publish(self, tables: frozenset[str], again: bool = False, declared: bool = False) -> None:
-        """Invalidate the entries of the shared regions that read ``tables`` (version names), and local entries.
+        """Invalidate the entries of the shared regions that read ``tables`` (version names), and every local entry.
 
         What ``writes_also`` declares a write to those tables changes is
         invalidated too, and what the schema says those change in turn
@@ -212,6 +212,10 @@ class SessionCache:
         the only ones invalidated with manual invalidation, whose entries
         record the version of every table only: every entry is void then.
         """
+        # Local entries, whatever the invalidation: another Session's commit
+        # changes what their queries read now, and their objects must not
+        # outlive it (see local_session.drop_everywhere()).
+        self.void_local_entries()
         if self.invalidation == "auto":
             names = sorted(also_changed(tables, self.writes_also) | {ANY_TABLE})
         elif declared:
@@ -220,7 +224,6 @@ class SessionCache:
             names = list(MANUAL)
         else:
             return
-        self.void_local_entries()
         for region in self.shared_regions:
             region.bump(names)
             if not again:

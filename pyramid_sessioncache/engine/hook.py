@@ -169,15 +169,14 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
             store=lambda value: not loaded.get("wrote") and not _holds_always_refreshed(session),
             on_store=cache.stats.region(region.name).count_store,
         )
-        if not hit and (value.commits != cache.commits or local_session.entries(session) is not loaded["entries"]):
+        if not hit and (value.commits != cache.commits or local_session.dropped_since(session, loaded["mark"])):
             # A commit published while it loaded: the entry is void, and the
             # commit's drop of every Session's entries may have come before it
-            # was stored.  Dropped, so that it keeps no object alive.  So too
-            # when the Session's entries were dropped while it loaded, the
-            # count having moved before it began (a commit's drop comes after
-            # its count, in its own thread): the query found the objects the
-            # void entries still held, as they were, and stored them under the
-            # new count.
+            # was stored.  So too when the entries were dropped while it
+            # loaded, the count having moved just before it began (a commit
+            # counts, then drops): the query found the objects the void
+            # entries still held, as they were, and stored them under the new
+            # count.  Dropped, so that it keeps no object alive.
             local_session.drop(session)
         result = value.result()
     else:
@@ -208,8 +207,7 @@ def _local_load(state: ORMExecuteState, cache: SessionCache, loaded: dict[str, A
     execution must do it again.
     """
     commits = cache.commits
-    # The Session's entries as the query begins: see _cached().
-    loaded["entries"] = local_session.entries(state.session)
+    loaded["mark"] = local_session.mark(state.session)  # see _cached()
     connection = state.session.connection(bind_arguments=dict(state.bind_arguments))
     before = writes.writes_run(connection)
     value = LocalResult.from_result(state.invoke_statement())

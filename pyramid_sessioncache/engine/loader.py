@@ -61,10 +61,7 @@ def load(
     # without them.  The relationship loads it makes go through those on the
     # Session class, with the caller's info as they would have seen it (the
     # add-on's own keys stay behind).
-    # A copy (in one step, no code of ours in between) first: a commit in another
-    # thread drops every Session's local entries from its info meanwhile
-    # (local_session.drop_everywhere()), which would break the iteration.
-    given = {key: value for key, value in state.session.info.copy().items() if not info.own_key(key)}
+    given = {key: value for key, value in state.session.info.items() if not info.own_key(key)}
     loader_info = {**given, info.LOADER: True}
     read: set[str] = set()
     options: dict[str, Any] = {"info": loader_info, "autoflush": False, "expire_on_commit": False}

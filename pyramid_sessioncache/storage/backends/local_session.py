@@ -15,6 +15,7 @@ This is the namespace of SQLAlchemy's old ``examples/beaker_caching``
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -120,15 +121,32 @@ class ScopedSessionNamespace(AbstractDictionaryNSManager):
         return namespace_entries(session, self.namespace, self.max_items)
 
 
+class Kept(dict):
+    """The local namespaces kept on one Session: namespace name -> its entries.
+
+    ``drops`` counts the times another thread emptied it (see
+    :func:`drop_everywhere`), which never changes the Session's ``info``
+    itself: the Session's own thread may be reading that.
+    """
+
+    __slots__ = ("drops",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.drops = 0
+
+
 #: The Sessions that have kept entries (see :func:`drop_everywhere`).
 _keeping: weakref.WeakSet[Any] = weakref.WeakSet()
+#: Held to drop every Session's entries, and to mark one's (see :func:`mark`).
+_dropping = threading.Lock()
 
 
-def entries(session: Any) -> dict:
-    """Return the dictionary of local namespaces kept on ``session``."""
+def entries(session: Any) -> Kept:
+    """Return the local namespaces kept on ``session``, made on first use."""
     found = session.info.get(INFO_KEY)
     if found is None:
-        found = session.info[INFO_KEY] = {}
+        found = session.info[INFO_KEY] = Kept()
         _keeping.add(session)
     return found
 
@@ -143,7 +161,7 @@ def namespace_entries(session: Any, namespace: str, max_items: int = DEFAULT_MAX
 
 
 def drop(session: Any) -> None:
-    """Forget every ``ext:local_session`` entry kept on ``session``."""
+    """Forget every ``ext:local_session`` entry kept on ``session``: from the thread using it."""
     session.info.pop(INFO_KEY, None)
 
 
@@ -156,8 +174,29 @@ def drop_everywhere() -> None:
     cached or not, would find it there and, as the ORM does with the
     objects it holds, not overwrite it with the rows it reads.  Without the
     entry it would be gone, and read afresh.  Another thread may be reading
-    a Session's entries meanwhile: it keeps what it holds, and stores
-    nothing the commit made void (see ``engine/hook.py``).
+    or filling a Session's entries meanwhile: it keeps what it holds, and
+    what it stores after a drop began it drops itself (see :func:`mark`).
     """
-    for session in members(_keeping):
-        session.info.pop(INFO_KEY, None)
+    with _dropping:
+        for session in members(_keeping):
+            found = session.info.get(INFO_KEY)
+            if found is not None:
+                found.drops += 1
+                found.clear()
+
+
+def mark(session: Any) -> tuple[Kept, int]:
+    """A mark of ``session``'s entries as they are now, for :func:`dropped_since`."""
+    with _dropping:  # never between a drop's count and its emptying
+        found = entries(session)
+        return found, found.drops
+
+
+def dropped_since(session: Any, marked: tuple[Kept, int]) -> bool:
+    """Whether ``session``'s entries were dropped, here or by another thread, since :func:`mark` gave ``marked``.
+
+    What the Session stored since may hold objects a void entry kept alive,
+    as they were.  A drop after this answer empties what was stored before it.
+    """
+    found, drops = marked
+    return session.info.get(INFO_KEY) is not found or found.drops != drops
