@@ -7,7 +7,9 @@ Session (``gc.collect()`` where the application lets go).
 from __future__ import annotations
 
 import gc
+import sys
 import threading
+import time
 import weakref
 
 import pytest
@@ -196,9 +198,6 @@ def test_a_commit_while_a_miss_copies_the_sessions_info_does_not_break_the_miss(
 
 def test_commits_in_one_thread_while_another_misses(engine, Session):
     """The same, with real threads: a reader missing and hitting while a writer commits."""
-    import sys
-    import time
-
     from .models import Tag
 
     errors: list[BaseException] = []
@@ -225,21 +224,25 @@ def test_commits_in_one_thread_while_another_misses(engine, Session):
                 other.commit()
             n += 1
 
+    _run_for([threading.Thread(target=reader), threading.Thread(target=writer)], 3, stop, switch=1e-6)
+    assert errors == []
+
+
+def _run_for(threads: list, seconds: float, stop: threading.Event, switch: float) -> None:
+    """Run ``threads`` (the writer last), switching every ``switch`` seconds, until ``seconds`` pass, ``stop`` is set or the writer ends."""
     interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
+    sys.setswitchinterval(switch)
     try:
-        threads = [threading.Thread(target=reader), threading.Thread(target=writer)]
         for thread in threads:
             thread.start()
-        deadline = time.monotonic() + 3
-        while time.monotonic() < deadline and not stop.is_set():
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline and not stop.is_set() and threads[-1].is_alive():
             time.sleep(0.02)
         stop.set()
         for thread in threads:
             thread.join()
     finally:
         sys.setswitchinterval(interval)
-    assert errors == []
 
 
 def _holding_only_a_child(session, cached: bool):
@@ -364,9 +367,6 @@ def test_on_postgresql_read_committed_readers_in_one_long_transaction_read_fresh
 
 
 def _readers_and_a_writer(engine, Session, region, long_transactions=False):
-    import sys
-    import time
-
     _rename(engine, "0")
     committed = [0]
     errors: list[BaseException] = []
@@ -400,21 +400,8 @@ def _readers_and_a_writer(engine, Session, region, long_transactions=False):
             _rename(engine, str(n))
             committed[0] = n
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-5)
-    try:
-        threads = [threading.Thread(target=reader, args=(every,)) for every in (2, 3, 5, 7)]
-        threads.append(threading.Thread(target=writer))
-        for thread in threads:
-            thread.start()
-        deadline = time.monotonic() + 4
-        while time.monotonic() < deadline and not stop.is_set() and threads[-1].is_alive():
-            time.sleep(0.02)
-        stop.set()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    threads = [threading.Thread(target=reader, args=(every,)) for every in (2, 3, 5, 7)]
+    _run_for([*threads, threading.Thread(target=writer)], 4, stop, switch=1e-5)
     assert errors == []
     assert stale == []
 
