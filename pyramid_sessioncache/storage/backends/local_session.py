@@ -15,7 +15,6 @@ This is the namespace of SQLAlchemy's old ``examples/beaker_caching``
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from typing import Any
 
 from beaker.container import AbstractDictionaryNSManager
 
+from ... import forks
 from ..._weak import members
 from ...errors import SessionCacheError
 
@@ -138,8 +138,9 @@ class Kept(dict):
 
 #: The Sessions that have kept entries (see :func:`drop_everywhere`).
 _keeping: weakref.WeakSet[Any] = weakref.WeakSet()
-#: Held to drop every Session's entries, and to mark one's (see :func:`mark`).
-_dropping = threading.Lock()
+#: Held to drop every Session's entries, and to mark one's (see :func:`mark`);
+#: a process forked while another thread held it finds it released.
+_dropping = forks.lock()
 
 
 def entries(session: Any) -> Kept:
