@@ -260,3 +260,66 @@ def test_manual_invalidation_an_undeclared_write_elsewhere_leaves_shared_entries
         assert sql.count == 0
         stats = cache.stats.region("memory")
         assert stats.invalidations == 0
+
+
+# A garbage collection while the lock of the drops is held ---------------------
+
+#: Loses a Session that wrote (in a reference cycle, never closed), then has a
+#: garbage collection run at each point in turn of drop_everywhere().
+_LOST_WHILE_DROPPING = """
+import gc, sys
+from sqlalchemy import create_engine, select, update
+from sqlalchemy.orm import sessionmaker
+from pyramid_sessioncache import SessionCache, cached_query
+from pyramid_sessioncache.storage.backends import local_session
+from tests.models import Person
+
+engine = create_engine(sys.argv[1])
+cache = SessionCache({"local": {"type": "ext:local_session"}}, secret=sys.argv[2])
+Session = sessionmaker(engine, info=cache.session_info())
+kept = Session()
+cached_query(kept, select(Person).where(Person.id == 1), region="local").all()
+under_the_lock = []
+lock = local_session._dropping
+held = getattr(lock, "_is_owned", None) or lock.locked  # an RLock, or a Lock
+gc.callbacks.append(lambda phase, info: phase == "start" and under_the_lock.append(held()))
+for allocations in range(16):
+    gc.collect()
+    gc.disable()
+    lost = Session()
+    lost.execute(update(Person).where(Person.id == 2).values(name="lost"))  # written, neither committed nor rolled back
+    lost.itself = lost  # a reference cycle: only the collector frees it
+    del lost
+    gc.set_threshold(gc.get_count()[0] + allocations)
+    gc.enable()
+    local_session.drop_everywhere()  # what every commit of the process does
+    gc.set_threshold(700)
+    gc.collect()
+print(any(under_the_lock))
+"""
+
+
+def test_a_garbage_collection_while_every_sessions_entries_are_dropped_does_not_deadlock_the_commit(db_url):
+    """A collection that runs while ``_dropping`` is held (any allocation in drop_everywhere() or mark() may start one).
+
+    If it finalizes the connection of a Session the application lost with
+    writes pending (an exception path that never closed it), the pool's
+    check-in publishes them (writes._checked_in()), which drops every
+    Session's entries again, in the same thread: with a plain Lock the thread
+    waits for itself for ever, and so does every other thread's commit and
+    local miss after it.
+    """
+    import subprocess
+    import sys
+
+    from .processes import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-c", _LOST_WHILE_DROPPING, db_url, SECRET],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "True"  # a collection did run under the lock
