@@ -44,6 +44,13 @@ def lock() -> Any:
     return made
 
 
+def rlock() -> Any:
+    """Return a new ``threading.RLock`` that a process forked while it was held finds released."""
+    made = threading.RLock()
+    _made.add(made)
+    return made
+
+
 def event() -> Any:
     """Return a new ``threading.Event`` that a process forked while another thread set it or waited on it can use.
 

@@ -138,8 +138,12 @@ class Kept(dict):
 
 #: The Sessions that have kept entries (see :func:`drop_everywhere`).
 _keeping: weakref.WeakSet[Any] = weakref.WeakSet()
-#: Held to drop every Session's entries, and to mark one's (see :func:`mark`).
-_dropping = forks.lock()
+#: Held to drop every Session's entries, and to mark one's (see :func:`mark`);
+#: a process forked while another thread held it finds it released.  Re-entrant:
+#: a garbage collection while it is held may finalize a lost Session's
+#: connection, whose unpublished writes its pool check-in publishes, which
+#: drops every Session's entries again, in the same thread.
+_dropping = forks.rlock()
 
 
 def entries(session: Any) -> Kept:
