@@ -29,7 +29,6 @@ from pyramid_sessioncache import FromCache, SessionCache, _sqlalchemy
 from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
 from pyramid_sessioncache.engine import as_loaded
 from pyramid_sessioncache.engine.invalidation import writes
-from pyramid_sessioncache.storage.backends import local_session
 from pyramid_sessioncache.storage.backends.filelock import FileLock
 from pyramid_sessioncache.storage.region import CacheRegions
 
@@ -119,10 +118,6 @@ def test_a_forked_child_commits_although_a_thread_was_wrapping_a_dialects_commit
 
 def test_a_forked_child_commits_although_a_thread_was_counting_a_commit_at_the_fork(engine, cache, Session):
     _forked_while_held(cache._commits_lock, lambda: _commit_a_write(engine, Session))
-
-
-def test_a_forked_child_commits_although_a_thread_was_dropping_local_entries_at_the_fork(engine, Session):
-    _forked_while_held(local_session._dropping, lambda: _commit_a_write(engine, Session))
 
 
 def test_a_forked_child_reads_although_a_thread_held_the_shared_connections_marks_at_the_fork():

@@ -61,7 +61,10 @@ def load(
     # without them.  The relationship loads it makes go through those on the
     # Session class, with the caller's info as they would have seen it (the
     # add-on's own keys stay behind).
-    given = {key: value for key, value in state.session.info.items() if not info.own_key(key)}
+    # Copied in one step first: on a connection every thread's Sessions share
+    # (StaticPool), another thread's write or commit changes this Session's
+    # info (writes.py), which would break an iteration.
+    given = {key: value for key, value in state.session.info.copy().items() if not info.own_key(key)}
     loader_info = {**given, info.LOADER: True}
     read: set[str] = set()
     options: dict[str, Any] = {"info": loader_info, "autoflush": False, "expire_on_commit": False}

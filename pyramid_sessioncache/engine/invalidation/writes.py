@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -52,7 +53,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.pool import Pool, SingletonThreadPool, StaticPool
 from sqlalchemy.sql.elements import TextClause
 
-from ... import _sqlalchemy, forks
+from ... import _sqlalchemy, collecting, forks
 from ..._weak import members
 from ...storage.backends import local_session
 from .. import info
@@ -591,12 +592,25 @@ def _checked_in(dbapi_connection: Any, connection_record: Any) -> None:
     for session in members(found.pop(_OWNERS, ())):
         local_session.drop(session)
     schema.schema_settled(found, ended=True)
-    _publish_committed(found)
     marks = found.pop(_MARKS, None)
-    if marks is not None:
+    if marks is None:
+        return
+    committed, pending = marks.committed, marks.pending()
+
+    def publishing() -> None:
+        if committed:
+            _committed_again(committed)
         # Written but neither committed nor rolled back through SQLAlchemy:
         # the pool's reset decided; publishing costs misses, never stale data.
-        publish(marks.pending())
+        publish(pending)
+
+    if collecting.in_collection():
+        # A lost connection finalized by a garbage collection, perhaps while
+        # this thread holds a lock publishing takes (a region's): published
+        # by a thread of its own, which waits for it.
+        threading.Thread(target=publishing, name="sessioncache-publish", daemon=True).start()
+    else:
+        publishing()
 
 
 def _publish_committed(conn_info: dict) -> None:
