@@ -28,6 +28,7 @@ from .conftest import SECRET
 from .models import Person, Tag
 from .processes import ROOT
 from .test_attack_s23_k import _commit_a_write, _forked_while_held
+from .test_attack_s28_review import ActsWhenAsked
 
 POINT = select(Person).where(Person.id == 1)
 
@@ -59,29 +60,6 @@ def test_a_forked_child_loads_a_local_entry_although_a_thread_was_dropping_at_th
 # Another thread's write on a connection every Session shares (StaticPool) ----
 
 
-class _WritesWhenAsked(str):
-    """An application's key of ``Session.info``: asked about, another Session writes on the shared connection.
-
-    It stands for a thread switch at that point: another thread's write
-    runs while this thread reads its Session's ``info``.
-    """
-
-    def __new__(cls, value, write):
-        made = super().__new__(cls, value)
-        made.write = write
-        made.armed = False
-        return made
-
-    def startswith(self, *args):
-        if self.armed:
-            self.armed = False
-            self.write()
-        return str.startswith(self, *args)
-
-    __hash__ = str.__hash__
-    __eq__ = str.__eq__
-
-
 @pytest.fixture
 def shared_connection(db_url):
     """An engine whose Sessions share one DBAPI connection, across threads (SQLite, StaticPool)."""
@@ -109,7 +87,7 @@ def test_a_write_on_the_shared_connection_while_a_miss_copies_the_sessions_info_
             other.execute(update(Tag).where(Tag.id == 1).values(name="written meanwhile"))
             other.commit()
 
-    key = _WritesWhenAsked("application key", write)
+    key = ActsWhenAsked("application key", write)
     with Session() as session:
         session.info[key] = "value"
         cached_query(session, POINT, region="memory").all()
@@ -303,14 +281,7 @@ def test_a_garbage_collection_while_every_sessions_entries_are_dropped_does_not_
     waits for itself for ever, and so does every other thread's commit and
     local miss after it.
     """
-    done = subprocess.run(
-        [sys.executable, "-c", _LOST_WHILE_DROPPING, db_url, SECRET],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = _child(_LOST_WHILE_DROPPING, db_url)
     assert done.stdout.strip() == "True"  # a collection did run under the lock
 
 
@@ -352,11 +323,17 @@ def test_a_garbage_collection_in_a_memory_regions_lock_does_not_deadlock(db_url)
     ever.  Now a check-in inside a collection publishes from a thread of
     its own.
     """
-    subprocess.run(
-        [sys.executable, "-c", _LOST_WHILE_COMMITTING, db_url, SECRET],
+    _child(_LOST_WHILE_COMMITTING, db_url)
+
+
+def _child(script: str, db_url: str) -> subprocess.CompletedProcess:
+    """Run ``script`` in a process of its own; one that hangs is killed, and the test fails."""
+    done = subprocess.run(
+        [sys.executable, "-c", script, db_url, SECRET],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=150,  # ~13 s alone; the suite runs it beside three other workers on two cores
-        check=True,
     )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done

@@ -153,23 +153,23 @@ def test_relationship_cache_lazy_load_kept_alive(engine, Session):
         assert session.get(Address, 1).street == "moved"
 
 
-class _CommitsWhenAsked(str):
-    """An application's key of ``Session.info``: asked about, it lets another transaction commit.
+class ActsWhenAsked(str):
+    """An application's key of ``Session.info``: the first time it is asked about once armed, ``act()`` runs.
 
     It stands for a thread switch at that point: another thread's commit
-    runs while this thread reads its Session's ``info``.
+    or write runs while this thread reads its Session's ``info``.
     """
 
-    def __new__(cls, value, engine):
+    def __new__(cls, value, act):
         made = super().__new__(cls, value)
-        made.engine = engine
+        made.act = act
         made.armed = False
         return made
 
     def startswith(self, *args):
         if self.armed:
             self.armed = False
-            _rename(self.engine, "renamed meanwhile")
+            self.act()
         return str.startswith(self, *args)
 
     __hash__ = str.__hash__
@@ -185,7 +185,7 @@ def test_a_commit_while_a_miss_copies_the_sessions_info_does_not_break_the_miss(
     """
     from .models import Tag
 
-    key = _CommitsWhenAsked("application key", engine)
+    key = ActsWhenAsked("application key", lambda: _rename(engine, "renamed meanwhile"))
     with Session() as session:
         session.info[key] = "value"
         cached_query(session, POINT, region="memory").all()
