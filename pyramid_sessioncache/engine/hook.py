@@ -169,14 +169,11 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
             store=lambda value: not loaded.get("wrote") and not _holds_always_refreshed(session),
             on_store=cache.stats.region(region.name).count_store,
         )
-        if not hit and (value.commits != cache.commits or local_session.dropped_since(session, loaded["mark"])):
-            # A commit published while it loaded: the entry is void, and the
-            # commit's drop of every Session's entries may have come before it
-            # was stored.  So too when the entries were dropped while it
-            # loaded, the count having moved just before it began (a commit
-            # counts, then drops): the query found the objects the void
-            # entries still held, as they were, and stored them under the new
-            # count.  Dropped, so that it keeps no object alive.
+        if not hit and local_session.dropped_since(session, loaded["mark"]):
+            # The Session's entries were dropped while it loaded (a commit
+            # counts, then drops): its query may have found the objects the
+            # void entries still held, as they were.  Dropped too, so that it
+            # keeps no object alive; a drop after this empties what it stored.
             local_session.drop(session)
         result = value.result()
     else:

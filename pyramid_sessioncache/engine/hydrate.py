@@ -37,8 +37,9 @@ def hydrated(
     value: CachedRows, session: Session, load_options: tuple = (), instances: list | None = None
 ) -> tuple[Result, list]:
     """:func:`result`, and the objects of ``session`` it made ``value.objects`` into, in their order."""
-    rows, records = _own_copies(value, objects=any(value.entity_columns))
-    if not any(value.entity_columns):
+    entities = any(value.entity_columns)
+    rows, records = _own_copies(value, objects=entities)
+    if not entities:
         return _result(value, rows), []
     objects = None if instances is None else adopted(value, session, instances, load_options)
     if objects is None:
