@@ -56,7 +56,7 @@ from typing import Any, NamedTuple
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import SAWarning
-from sqlalchemy.orm import Mapper, MapperProperty
+from sqlalchemy.orm import ClassManager, Mapper, MapperProperty
 from sqlalchemy.sql.expression import ColumnClause, Label, TableClause
 from sqlalchemy.sql.functions import next_value
 from sqlalchemy.sql.operators import custom_op
@@ -294,6 +294,11 @@ def _own_text(mapper: Mapper) -> str:
     # relationship joins, orders and loads, and how it loads its
     # subclasses.  Mappers inside those expressions are named by their
     # class path only (their own texts are in the key beside it).
+    if type(mapper.class_manager) is not ClassManager:
+        # Alternative instrumentation (sqlalchemy.ext.instrumentation): its
+        # objects keep their state and attributes where a hit's checks and
+        # copies do not look.  Never cached.
+        raise Unkeyable(mapper)
     info = mapper.class_manager.info
     column_attrs = mapper.column_attrs
     found = info.get(_OWN_TEXT)

@@ -23,7 +23,7 @@ from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from enum import Enum
 from itertools import repeat
-from typing import Any
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from sqlalchemy.engine import FrozenResult, Result
@@ -99,33 +99,49 @@ class LocalResult(Sequence):
         return _sqlalchemy.require_unique(result) if self.requires_unique else result
 
 
-def current(states: tuple, session: Session) -> bool:
-    """Whether ``states``, as :func:`reached` gives them, are in ``session``, unexpired, their relationships loaded."""
+def current(reached: Reached, session: Session) -> bool:
+    """Whether the objects :func:`reached` found are in ``session``, unexpired, their relationships loaded."""
     session_id = session.hash_key
-    for state, related in states:
+    for state in reached.states:
         if state.session_id != session_id or state.expired_attributes:
             return False
-        if related and not state.dict.keys() >= related:
+    instance_dict = attributes.instance_dict  # looked up now: alternative instrumentation replaces it
+    for state, keys in reached.loaded:
+        obj = state.obj()
+        if obj is None:
             return False
+        loaded = instance_dict(obj)
+        for key in keys:
+            if key not in loaded:
+                return False
     return True
+
+
+class Reached(NamedTuple):
+    """What :func:`current` checks of the objects a hit serves (see :func:`reached`)."""
+
+    #: The states of the objects, and of those their loaded relationships hold.
+    states: tuple
+    #: ``(state, keys)`` of each state that had relationships loaded: their keys.
+    loaded: tuple
 
 
 #: How many relationships deep ``reached()`` follows: eager loads of eager loads.
 REACHED_DEPTH = 3
 
 
-def reached(states: Any) -> tuple:
-    """``(state, related)`` of ``states`` and of the objects their loaded relationships hold, :data:`REACHED_DEPTH` deep.
+def reached(states: Any) -> Reached:
+    """``states`` and the states of the objects their loaded relationships hold, :data:`REACHED_DEPTH` deep.
 
-    ``related``: the keys of the relationships the state had loaded (None
-    for none, or past the depth).  A local hit checks them all: the
+    With them, the keys of the relationships each had loaded (none past
+    the depth).  A local hit checks them all: the
     query's eager loads would refresh such an object once expired (and no
     longer hold one expunged), and load again a relationship it no longer
     has, so a hit must not serve it as it is.  Relationships loaded
     otherwise are followed too, which costs a miss at worst.
     """
     found = {id(state): state for state in states}
-    relationships: dict[int, frozenset[str]] = {}
+    relationships: list[tuple[Any, tuple[str, ...]]] = []
     layer = list(found.values())
     for _ in range(REACHED_DEPTH):
         following = []
@@ -149,11 +165,11 @@ def reached(states: Any) -> tuple:
                         found[id(related_state)] = related_state
                         following.append(related_state)
             if keys:
-                relationships[id(state)] = frozenset(keys)
+                relationships.append((state, tuple(keys)))
         if not following:
             break
         layer = following
-    return tuple((state, relationships.get(key)) for key, state in found.items())
+    return Reached(tuple(found.values()), tuple(relationships))
 
 
 def _is_entity(value: Any) -> bool:
