@@ -185,6 +185,8 @@ def engine(tmp_path):
                 Node(id=1),
                 Node(id=2, parent_id=1),
                 Node(id=3, parent_id=2),
+                Node(id=4, parent_id=3),
+                Node(id=5, parent_id=4),
                 Animal(id=1, kind="animal", owner_id=1),
                 Dog(id=2, kind="dog", owner_id=2, toy_id=3),
             ]
@@ -284,7 +286,9 @@ def test_expiring_a_relationship_three_deep_makes_a_miss(engine, cache, region):
     reason="ext:local_session: reached() stops at REACHED_DEPTH=3, so a 4-deep eager chain's D.es, expired since, "
     "is served unloaded (d.es raises, lazy='raise') where the uncached read loads it again; and with joinedload an "
     "expired E (depth 4) is served expired where the uncached read refreshes it from the joined row "
-    "(pre-existing, documented as 'three relationships deep'; shared regions check every object built)",
+    "(pre-existing, documented as 'three relationships deep'; shared regions check every object built). "
+    "Also a tree read with selectinload(Node.children, recursion_depth=-1): node 4's children, expired, are served "
+    "unloaded",
 )
 @pytest.mark.parametrize(
     ("statement", "change"),
@@ -294,8 +298,12 @@ def test_expiring_a_relationship_three_deep_makes_a_miss(engine, cache, region):
             select(A).options(joinedload(A.bs).joinedload(B.cs).joinedload(C.ds).joinedload(D.es)).order_by(A.id),
             lambda s, objs: s.expire(_obj(s, E, 2)),
         ),
+        (
+            select(Node).where(Node.id == 1).options(selectinload(Node.children, recursion_depth=-1)),
+            lambda s, objs: s.expire(_obj(s, Node, 4), ["children"]),
+        ),
     ],
-    ids=["selectin-unloaded", "joined-expired"],
+    ids=["selectin-unloaded", "joined-expired", "tree-recursion"],
 )
 def test_a_change_four_relationships_deep_is_served_as_it_is(engine, cache, statement, change):
     sql = SQLCounter(engine)
