@@ -521,7 +521,7 @@ INSTRUMENTED = textwrap.dedent(
         selectinload, with_polymorphic,
     )
 
-    from pyramid_sessioncache import SessionCache, cached_query
+    from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cached_query
 
 
     class Managed(ClassManager):  # a ClassManager subclass, set directly
@@ -595,6 +595,14 @@ INSTRUMENTED = textwrap.dedent(
                 again = cached_query(session, query, region).unique().all()
                 assert again == first, (region, name)
                 assert statements, f"{region} {name}: runs uncached"
+        # The ORM hook: FromCache on a query, RelationshipCache on the lazy load of a relationship to such a class.
+        options = (FromCache(region), RelationshipCache(Owner.pets, region))
+        for _ in range(2):
+            with Session(engine, info=cache.session_info()) as session:
+                (owner,) = session.scalars(select(Owner).options(*options)).all()
+                statements.clear()
+                assert [pet.id for pet in owner.pets] == [1, 2]
+                assert statements, f"{region}: the lazy load runs uncached"
     print("ok")
     """
 )
