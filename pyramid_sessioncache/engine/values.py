@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import weakref
 from collections.abc import Sequence
 from datetime import date, datetime, time, timedelta
 from decimal import Decimal
@@ -29,6 +30,7 @@ from uuid import UUID
 from sqlalchemy.engine import FrozenResult, Result
 from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.orm import Session, attributes, class_mapper
+from sqlalchemy.orm.collections import InstrumentedDict, InstrumentedList, InstrumentedSet, collection_adapter
 from sqlalchemy.sql.expression import ColumnClause
 
 from .. import _sqlalchemy
@@ -100,19 +102,21 @@ class LocalResult(Sequence):
 
 
 def current(reached: Reached, session: Session) -> bool:
-    """Whether the objects :func:`reached` found are in ``session``, unexpired, their relationships loaded."""
+    """Whether the objects :func:`reached` found are in ``session``, unexpired, their relationships as they were."""
+    if not reached.complete:
+        return False
     session_id = session.hash_key
     for state in reached.states:
         if state.session_id != session_id or state.expired_attributes:
             return False
     instance_dict = attributes.instance_dict  # looked up now: alternative instrumentation replaces it
-    for state, keys in reached.loaded:
+    for state, held in reached.loaded:
         obj = state.obj()
         if obj is None:
             return False
         loaded = instance_dict(obj)
-        for key in keys:
-            if key not in loaded:
+        for key, was in held:
+            if loaded.get(key, _UNLOADED) is not was():
                 return False
     return True
 
@@ -122,54 +126,99 @@ class Reached(NamedTuple):
 
     #: The states of the objects, and of those their loaded relationships hold.
     states: tuple
-    #: ``(state, keys)`` of each state that had relationships loaded: their keys.
+    #: ``(state, ((key, was), ...))`` for each state that had relationships
+    #: loaded: ``was()`` gives what each held then, while it is alive.
     loaded: tuple
+    #: False when there were more than :data:`MAX_REACHED` objects: not checked, never current.
+    complete: bool = True
 
 
-#: How many relationships deep ``reached()`` follows: eager loads of eager loads.
-REACHED_DEPTH = 3
+#: How many objects ``reached()`` follows at most; past it, the objects are never current.
+MAX_REACHED = 10_000
 
 
 def reached(states: Any) -> Reached:
-    """``states`` and the states of the objects their loaded relationships hold, :data:`REACHED_DEPTH` deep.
+    """``states`` and the states of the objects their loaded relationships hold, however deep.
 
-    With them, the keys of the relationships each had loaded (none past
-    the depth).  A local hit checks them all: the
-    query's eager loads would refresh such an object once expired (and no
-    longer hold one expunged), and load again a relationship it no longer
-    has, so a hit must not serve it as it is.  Relationships loaded
-    otherwise are followed too, which costs a miss at worst.
+    With them, what each relationship loaded held then, weakly.  A local
+    hit checks them all: the query's eager loads (of eager loads, to any
+    depth: a tree read with ``recursion_depth=-1``) would refresh such an
+    object once expired (and no longer hold one expunged), and load again
+    a relationship it no longer has, or fill the objects a collection
+    loaded again since holds, so a hit must not serve it as it is.
+    Relationships loaded otherwise are followed too, which costs a miss at
+    worst.  More than :data:`MAX_REACHED` objects are not followed, and
+    never current.
     """
     found = {id(state): state for state in states}
-    relationships: list[tuple[Any, tuple[str, ...]]] = []
-    layer = list(found.values())
-    for _ in range(REACHED_DEPTH):
-        following = []
-        for state in layer:
-            loaded = state.dict
-            keys = []
-            for prop in state.mapper.relationships:
-                if prop.key not in loaded:
-                    continue
-                keys.append(prop.key)
-                value = loaded[prop.key]
-                if value is None:
-                    continue
-                if not prop.uselist:
-                    value = (value,)
-                elif isinstance(value, dict):  # attribute_keyed_dict() and the like
-                    value = value.values()
-                for related in value:
-                    related_state = attributes.instance_state(related)
-                    if id(related_state) not in found:
-                        found[id(related_state)] = related_state
-                        following.append(related_state)
-            if keys:
-                relationships.append((state, tuple(keys)))
-        if not following:
-            break
-        layer = following
+    relationships: list[tuple[Any, tuple]] = []
+    pending = list(found.values())
+    while pending:
+        state = pending.pop()
+        loaded = state.dict
+        held = []
+        for prop in populated_relationships(state.mapper):
+            value = loaded.get(prop.key, _UNLOADED)
+            if value is _UNLOADED:
+                continue
+            held.append((prop.key, _weak(value)))
+            if value is None:
+                continue
+            for related in members(value) if prop.uselist else (value,):
+                related_state = attributes.instance_state(related)
+                if id(related_state) not in found:
+                    found[id(related_state)] = related_state
+                    pending.append(related_state)
+        if held:
+            relationships.append((state, tuple(held)))
+        if len(found) > MAX_REACHED:
+            return Reached((), (), complete=False)
     return Reached(tuple(found.values()), tuple(relationships))
+
+
+def populated_relationships(mapper: Any) -> tuple:
+    """The relationships of ``mapper`` that a load fills in.
+
+    Not the ``dynamic`` and ``write_only`` ones: no load fills them, and
+    what their objects keep under their keys (pending changes, a marker
+    once flushed) is no collection.
+    """
+    return tuple(prop for prop in mapper.relationships if prop.lazy not in _NEVER_POPULATED)
+
+
+_NEVER_POPULATED = frozenset({"dynamic", "write_only"})
+
+
+def members(collection: Any) -> Any:
+    """The objects a loaded collection holds, whatever its class (a dict's values; a ``@collection.iterator``'s)."""
+    kind = type(collection)
+    if kind is InstrumentedList or kind is InstrumentedSet:
+        return collection
+    if kind is InstrumentedDict:
+        return collection.values()
+    return collection_adapter(collection)
+
+
+#: Stands for a key a dictionary does not hold.
+_UNLOADED = object()
+
+
+def _weak(value: Any) -> Any:
+    """A callable giving ``value`` back while it lives, without keeping it alive (None: None)."""
+    if value is None:
+        return _none
+    try:
+        return weakref.ref(value)
+    except TypeError:  # a collection class that takes no weak reference
+        return _never_the_same
+
+
+def _none() -> None:
+    return None
+
+
+def _never_the_same() -> object:
+    return object()
 
 
 def _is_entity(value: Any) -> bool:
@@ -538,8 +587,9 @@ class _Snapshot:
         layout = self._layouts.get(cls)
         if layout is None:
             columns = tuple(prop.key for prop in mapper.column_attrs)
-            relationships = tuple(prop.key for prop in mapper.relationships)
-            collections = tuple(bool(prop.uselist) for prop in mapper.relationships)
+            populated = populated_relationships(mapper)
+            relationships = tuple(prop.key for prop in populated)
+            collections = tuple(bool(prop.uselist) for prop in populated)
             # A hit sends its objects the load event: the entry holds them as
             # loaded, before the class's listeners changed them (as_loaded.py).
             listened = as_loaded.listened(mapper.class_manager)
@@ -599,7 +649,7 @@ class _Snapshot:
                 elif not collection:
                     found.append(ref(value))
                 else:
-                    found.append([ref(member) for member in (value.values() if isinstance(value, dict) else value)])
+                    found.append([ref(member) for member in members(value)])
             held = tuple(found)
         loaders = None
         if state.callables:  # most objects have none
