@@ -15,11 +15,13 @@ import sqlalchemy
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Connection, FrozenResult, Result
 from sqlalchemy.exc import InvalidRequestError, SAWarning
-from sqlalchemy.orm import Bundle, Query, Session
+from sqlalchemy.orm import Bundle, Load, Query, RelationshipProperty, Session, UserDefinedOption
 from sqlalchemy.orm.collections import InstrumentedList
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.orm.path_registry import PathRegistry, RootRegistry
 from sqlalchemy.orm.strategies import _NO_EXTRA_CRITERIA
+from sqlalchemy.orm.strategy_options import _WildcardLoad
+from sqlalchemy.orm.util import LoaderCriteriaOption
 from sqlalchemy.sql import cache_key as cache_key_module
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.functions import GenericFunction
@@ -434,6 +436,45 @@ def statement_options(statement: Any) -> tuple:
     for entities in getattr(statement, "_memoized_select_entities", ()):
         options += entities._with_options
     return options
+
+
+#: The ``lazy`` strategies that load a relationship with the query itself (``False`` is ``"joined"``).
+EAGER = frozenset({"joined", "selectin", "subquery", "immediate", False})
+
+
+def eager_relationship_keys(statement: Any) -> frozenset[str] | None:
+    """The keys of the relationships ``statement``'s loader options name, on any path; None when they may load any.
+
+    A superset of what its options load eagerly, read from the options'
+    private elements (2.0, 2.1): every relationship on the path of a
+    ``Load`` (``joinedload(A.bs).selectinload(B.cs)`` gives ``bs`` and
+    ``cs``, whatever each strategy is).  None for a wildcard that loads
+    eagerly (``selectinload("*")``), and for an option of a kind not known
+    here (it may load anything); ``raiseload("*")``, ``load_only()`` and
+    the add-on's and the application's own options (``UserDefinedOption``)
+    load nothing.  Relationships mapped to load eagerly
+    (:data:`EAGER`) are not in it.
+    """
+    keys: set[str] = set()
+    for option in statement_options(statement):
+        if isinstance(option, (UserDefinedOption, LoaderCriteriaOption)):
+            continue
+        if isinstance(option, _WildcardLoad):
+            if _loads_eagerly(option.strategy):
+                return None
+            continue
+        if type(option) is not Load:
+            return None
+        for element in option.context:
+            if element.is_token_strategy and _loads_eagerly(element.strategy):
+                return None
+            keys.update(prop.key for prop in element.path.path if isinstance(prop, RelationshipProperty))
+    return frozenset(keys)
+
+
+def _loads_eagerly(strategy: Any) -> bool:
+    # A strategy is a tuple of (name, value) pairs: (("lazy", "selectin"),); None for columns.
+    return strategy is not None and dict(strategy).get("lazy", True) in EAGER
 
 
 def _orm_compile_options(statement: Any) -> Any:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import ForeignKey, String, create_engine, inspect, select
+from sqlalchemy.ext.horizontal_shard import set_shard_id
 from sqlalchemy.orm import (
     DeclarativeBase,
     DynamicMapped,
@@ -30,14 +31,18 @@ from sqlalchemy.orm import (
     WriteOnlyMapped,
     aliased,
     attribute_keyed_dict,
+    defaultload,
     joinedload,
+    load_only,
     mapped_column,
+    raiseload,
     relationship,
     selectinload,
+    with_loader_criteria,
 )
 from sqlalchemy.orm.collections import collection
 
-from pyramid_sessioncache import SessionCache, cached_query
+from pyramid_sessioncache import FromCache, SessionCache, _sqlalchemy, cached_query
 from pyramid_sessioncache.engine import values
 
 from .conftest import SECRET, SQLCounter
@@ -174,6 +179,21 @@ class Item(_Base):
     holder_id: Mapped[int] = mapped_column(ForeignKey("s29r_holder.id"))
 
 
+class Box(_Base):
+    """A relationship mapped to load eagerly: every query of Box loads it, no option named."""
+
+    __tablename__ = "s29r_box"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    lids: Mapped[list[Lid]] = relationship(lazy="selectin", order_by="Lid.id")
+
+
+class Lid(_Base):
+    __tablename__ = "s29r_lid"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    box_id: Mapped[int] = mapped_column(ForeignKey("s29r_box.id"))
+    name: Mapped[str] = mapped_column(String(20))
+
+
 REGIONS = {"local": {"type": "ext:local_session"}, "memory": {"type": "memory"}}
 
 
@@ -200,6 +220,9 @@ def engine(tmp_path):
                 Tag(id=1, a_id=1, label="x"),
                 Tag(id=2, a_id=1, label="y"),
                 Shelf(id=1),
+                Box(id=1),
+                Lid(id=1, box_id=1, name="lid 1"),
+                Lid(id=2, box_id=1, name="lid 2"),
                 Node(id=1),
                 Node(id=2, parent_id=1),
                 Node(id=3, parent_id=2),
@@ -666,3 +689,48 @@ def test_write_only_and_dynamic_collections_changed_and_flushed(engine, cache, r
         for _ in range(2):
             assert cached_query(session, select(Holder), region).scalars().all() == [holder]
         assert sorted(item.id for item in holder.log) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    ("options", "keys"),
+    [
+        ((joinedload(A.bs).joinedload(B.cs),), {"bs", "cs"}),
+        ((defaultload(A.bs).selectinload(B.cs), selectinload(A.tags)), {"bs", "cs", "tags"}),
+        ((raiseload("*"), load_only(A.name)), set()),
+        ((FromCache("local"), with_loader_criteria(B, B.id > 1)), set()),
+        ((selectinload("*"),), None),
+        ((joinedload(A.bs).selectinload("*"),), None),
+        ((set_shard_id("x"),), None),
+    ],
+    ids=["chain", "default-path", "loads-nothing", "not-loaders", "wildcard", "wildcard-below", "unknown-option"],
+)
+def test_the_relationships_a_statement_may_load(options, keys):
+    """Every relationship a loader option names, on any path; None (all) for an eager wildcard or an unknown option."""
+    found = _sqlalchemy.eager_relationship_keys(select(A).options(*options))
+    assert found == (None if keys is None else frozenset(keys))
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_a_relationship_mapped_eager_is_checked_though_no_option_names_it(engine, cache, region):
+    """``Box.lids`` loads with every query of Box: a lid expired since makes a miss, refreshed as uncached."""
+    sql = SQLCounter(engine)
+    with Session(engine, info=cache.session_info()) as session:
+        cached_shape, uncached_shape, hit = compare(
+            session, cache, sql, select(Box), region, lambda s, objs: s.expire(objs[0].lids[1])
+        )
+        assert cached_shape == uncached_shape
+        assert not hit
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_a_relationship_the_query_does_not_load_is_not_checked(engine, cache, region):
+    """B 1's ``cs``, loaded by another query: the point lookup of B 1 leaves them alone, cached or not."""
+    sql = SQLCounter(engine)
+    with Session(engine, info=cache.session_info()) as session:
+        held = session.scalars(select(B).options(selectinload(B.cs))).all()  # the Session holds objects weakly
+        cached_shape, uncached_shape, hit = compare(
+            session, cache, sql, select(B).where(B.id == 1), region, lambda s, objs: s.expire(objs[0].cs[0])
+        )
+        assert cached_shape == uncached_shape
+        assert hit or region == "memory"  # compare() cannot tell a memory hit by its SQL
+        assert held[0].cs[0] in session

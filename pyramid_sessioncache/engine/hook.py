@@ -207,7 +207,7 @@ def _local_load(state: ORMExecuteState, cache: SessionCache, loaded: dict[str, A
     loaded["mark"] = local_session.mark(state.session)  # see _cached()
     connection = state.session.connection(bind_arguments=dict(state.bind_arguments))
     before = writes.writes_run(connection)
-    value = LocalResult.from_result(state.invoke_statement())
+    value = LocalResult.from_result(state.invoke_statement(), _sqlalchemy.eager_relationship_keys(state.statement))
     loaded["wrote"] = writes.writes_run(connection) != before
     value.commits = commits
     return value

@@ -84,9 +84,9 @@ class HeldObjects:
 
     __slots__ = ("_states", "_reached", "_row_states")
 
-    def __init__(self, value: CachedRows, objects: list) -> None:
+    def __init__(self, value: CachedRows, objects: list, follows: frozenset[str] | None = None) -> None:
         self._states = [attributes.instance_state(obj) for obj in objects]
-        self._reached = reached(self._states)
+        self._reached = reached(self._states, follows)  # follows: see values.reached()
         #: One entity per row (the commonest): each row's state, to make rows in one pass.
         self._row_states = (
             [_NO_STATE if index is None else self._states[index] for (index,) in value.rows]

@@ -271,7 +271,7 @@ def _objects_of(
     if result is not None:
         return result
     result, objects = hydrate.hydrated(value, session, propagating(statement))
-    built[key] = (value, hydrate.HeldObjects(value, objects))
+    built[key] = (value, hydrate.HeldObjects(value, objects, _sqlalchemy.eager_relationship_keys(statement)))
     return result
 
 

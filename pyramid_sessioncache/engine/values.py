@@ -54,7 +54,9 @@ class LocalResult(Sequence):
 
     __slots__ = ("commits", "frozen", "requires_unique", "_items", "_states")
 
-    def __init__(self, frozen: FrozenResult, requires_unique: bool = False) -> None:
+    def __init__(
+        self, frozen: FrozenResult, requires_unique: bool = False, follows: frozenset[str] | None = None
+    ) -> None:
         self.frozen = frozen
         #: Whether the result demands ``.unique()``, as the query's did.
         self.requires_unique = requires_unique
@@ -64,20 +66,22 @@ class LocalResult(Sequence):
         self.commits: int | None = None
         rows = frozen().all()
         self._items = [row[0] for row in rows] if _sqlalchemy.is_single_entity(frozen) else rows
-        self._states = reached(attributes.instance_state(value) for row in rows for value in row if _is_entity(value))
+        entities = (attributes.instance_state(value) for row in rows for value in row if _is_entity(value))
+        self._states = reached(entities, follows)
 
     @classmethod
-    def from_result(cls, result: Result) -> LocalResult:
+    def from_result(cls, result: Result, follows: frozenset[str] | None = None) -> LocalResult:
         """Keep ``result``, an ORM Result not read yet: its rows, and whether it demands ``.unique()``.
 
         Its Results unique their rows as the ORM's does (objects by
-        identity: see ``_sqlalchemy.unique_filters()``).
+        identity: see ``_sqlalchemy.unique_filters()``).  ``follows``: see
+        :func:`reached`.
         """
         requires_unique = _sqlalchemy.requires_unique(result)
         frozen = _sqlalchemy.freeze_raw(result)
         kept = _sqlalchemy.detached(frozen)
         _unique_as_stored(kept, unique_kinds(frozen, result))
-        return cls(kept, requires_unique)
+        return cls(kept, requires_unique, follows)
 
     def current(self, session: Session) -> bool:
         """Whether every object is still in ``session``, none of it expired, its relationships still loaded.
@@ -137,7 +141,7 @@ class Reached(NamedTuple):
 MAX_REACHED = 10_000
 
 
-def reached(states: Any) -> Reached:
+def reached(states: Any, follows: frozenset[str] | None = None) -> Reached:
     """``states`` and the states of the objects their loaded relationships hold, however deep.
 
     With them, what each relationship loaded held then, weakly.  A local
@@ -146,9 +150,14 @@ def reached(states: Any) -> Reached:
     object once expired (and no longer hold one expunged), and load again
     a relationship it no longer has, or fill the objects a collection
     loaded again since holds, so a hit must not serve it as it is.
-    Relationships loaded otherwise are followed too, which costs a miss at
-    worst.  More than :data:`MAX_REACHED` objects are not followed, and
-    never current.
+
+    ``follows``: the keys of the relationships the query's options name
+    (``_sqlalchemy.eager_relationship_keys()``), which with those mapped
+    to load eagerly are all it may load; None: every loaded relationship.
+    Others are the Session's business, not the query's: followed, a
+    point lookup of a post would walk, through its author, every post of
+    the author the Session holds.  More than :data:`MAX_REACHED` objects
+    are not followed, and never current.
     """
     found = {id(state): state for state in states}
     relationships: list[tuple[Any, tuple]] = []
@@ -158,6 +167,8 @@ def reached(states: Any) -> Reached:
         loaded = state.dict
         held = []
         for prop in populated_relationships(state.mapper):
+            if follows is not None and prop.key not in follows and prop.lazy not in _sqlalchemy.EAGER:
+                continue
             value = loaded.get(prop.key, _UNLOADED)
             if value is _UNLOADED:
                 continue
