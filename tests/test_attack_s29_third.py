@@ -11,17 +11,19 @@ the same Session state and compares the shapes of what each gives
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import ForeignKey, String, create_engine, select
+from sqlalchemy import ForeignKey, String, create_engine, event, select
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
     Session,
     contains_eager,
     joinedload,
+    lazyload,
     mapped_column,
     relationship,
     selectinload,
     subqueryload,
+    with_loader_criteria,
 )
 
 from pyramid_sessioncache import SessionCache
@@ -140,3 +142,49 @@ def test_joined_rows_refresh_an_object_removed_from_the_collection_without_a_flu
         cached_shape, uncached_shape, _ = compare(session, cache, sql, statement, region, change)
         assert cached_shape == uncached_shape
         assert held
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_a_listener_that_adds_a_joined_load_has_its_relationship_followed(engine, cache, region):
+    """A ``do_orm_execute`` listener adds ``joinedload(children)``: the hit follows ``children`` as if named.
+
+    Keys read from the statement before the listener ran would leave child
+    1 unchecked: the hit would serve it expired, where the joined rows of
+    the uncached query refresh it.
+    """
+
+    def eager_children(state):
+        if state.is_select and not state.is_relationship_load and not state.is_column_load:
+            state.statement = state.statement.options(joinedload(Parent.children))
+
+    sql = SQLCounter(engine)
+    with Session(engine, info=cache.session_info()) as session:
+        event.listen(session, "do_orm_execute", eager_children)
+        statement = select(Parent).order_by(Parent.id)
+        cached_shape, uncached_shape, hit = compare(
+            session, cache, sql, statement, region, lambda s, objs: s.expire(objs[0].children[0])
+        )
+        assert cached_shape == uncached_shape
+        assert not hit
+
+
+@pytest.mark.parametrize("region", [pytest.param("local", marks=PARTIAL_LOCAL), "memory"])
+def test_a_collection_loaded_under_loader_criteria_then_joined(engine, cache, region):
+    """The same, the collection made partial by ``with_loader_criteria`` (a soft-delete filter, say).
+
+    Parent 1's ``children`` loaded on access under the criteria (child 1
+    only), its ``favorite`` by another query without them.
+    """
+    sql = SQLCounter(engine)
+    with Session(engine, info=cache.session_info()) as session:
+        parent = session.scalars(
+            select(Parent)
+            .where(Parent.id == 1)
+            .options(lazyload(Parent.children), with_loader_criteria(Child, Child.id == 1, propagate_to_loaders=True))
+        ).one()
+        assert [child.id for child in parent.children] == [1]
+        session.scalars(select(Parent).options(selectinload(Parent.favorite))).all()
+        assert parent.favorite.id == 2
+        statement = select(Parent).options(joinedload(Parent.children)).order_by(Parent.id)
+        cached_shape, uncached_shape, _ = compare(session, cache, sql, statement, region, _expire_child_2)
+        assert cached_shape == uncached_shape
