@@ -26,7 +26,7 @@ from sqlalchemy.orm import (
     with_loader_criteria,
 )
 
-from pyramid_sessioncache import SessionCache
+from pyramid_sessioncache import SessionCache, cached_query
 
 from .conftest import SECRET, SQLCounter
 from .test_attack_s29_review import compare
@@ -188,3 +188,26 @@ def test_a_collection_loaded_under_loader_criteria_then_joined(engine, cache, re
         statement = select(Parent).options(joinedload(Parent.children)).order_by(Parent.id)
         cached_shape, uncached_shape, _ = compare(session, cache, sql, statement, region, _expire_child_2)
         assert cached_shape == uncached_shape
+
+
+@pytest.mark.parametrize("cached", [pytest.param(True, marks=PARTIAL_LOCAL), False], ids=["cached", "uncached"])
+def test_the_favorite_served_expired_fails_once_the_session_closes(engine, cache, cached):
+    """What the difference costs: child 2, read through ``favorite`` after the Session closed.
+
+    Uncached, the joined rows refreshed it: its name reads.  From the local
+    hit, it is still expired: ``DetachedInstanceError``.
+    """
+    with Session(engine, info=cache.session_info()) as session:
+        held = session.scalars(
+            select(Parent).options(selectinload(Parent.children.and_(Child.id == 1)), selectinload(Parent.favorite))
+        ).all()
+        statement = select(Parent).options(joinedload(Parent.children)).order_by(Parent.id)
+        for _ in range(2):
+            cached_query(session, statement, "local").unique().scalars().all()
+        session.expire(session.get(Child, 2))
+        if cached:
+            parents = cached_query(session, statement, "local").unique().scalars().all()
+        else:
+            parents = session.execute(statement).unique().scalars().all()
+    assert parents == held
+    assert parents[0].favorite.name == "c2"
