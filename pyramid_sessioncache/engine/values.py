@@ -154,10 +154,13 @@ def reached(states: Any, follows: frozenset[str] | None = None) -> Reached:
     ``follows``: the keys of the relationships the query's options name
     (``_sqlalchemy.eager_relationship_keys()``), which with those mapped
     to load eagerly are all it may load; None: every loaded relationship.
-    Others are the Session's business, not the query's: followed, a
-    point lookup of a post would walk, through its author, every post of
-    the author the Session holds.  More than :data:`MAX_REACHED` objects
-    are not followed, and never current.
+    Other collections are not followed: a point lookup of a post would
+    walk, through its author, every post of the author the Session
+    holds.  Other single objects are (one each): a joined eager load
+    refreshes every object its rows hold, even one its collection,
+    loaded before under other criteria, lacks, and the Session may hold
+    that one through another reference.  More than :data:`MAX_REACHED`
+    objects are not followed, and never current.
     """
     found = {id(state): state for state in states}
     relationships: list[tuple[Any, tuple]] = []
@@ -167,7 +170,7 @@ def reached(states: Any, follows: frozenset[str] | None = None) -> Reached:
         loaded = state.dict
         held = []
         for prop in populated_relationships(state.mapper):
-            if follows is not None and prop.key not in follows and prop.lazy not in _sqlalchemy.EAGER:
+            if follows is not None and prop.uselist and prop.key not in follows and prop.lazy not in _sqlalchemy.EAGER:
                 continue
             value = loaded.get(prop.key, _UNLOADED)
             if value is _UNLOADED:
