@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import gc
 import sqlite3
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from sqlalchemy import ForeignKey, String, create_engine, inspect, select
@@ -46,6 +43,7 @@ from pyramid_sessioncache import FromCache, SessionCache, _sqlalchemy, cached_qu
 from pyramid_sessioncache.engine import values
 
 from .conftest import SECRET, SQLCounter
+from .test_instrumentation import run_child
 
 
 class _Base(DeclarativeBase):
@@ -300,6 +298,14 @@ def compare(session, cache, sql, statement, region, change, *, scalars=True, exp
     return cached_shape, shape(flat(uncached)), hit
 
 
+def assert_a_miss_as_uncached(engine, cache, statement, region, change) -> None:
+    """:func:`compare` in a new Session: after ``change``, the cached read gives what the uncached one gives, by a miss."""
+    with Session(engine, info=cache.session_info()) as session:
+        cached_shape, uncached_shape, hit = compare(session, cache, SQLCounter(engine), statement, region, change)
+    assert cached_shape == uncached_shape
+    assert not hit
+
+
 CHAIN4 = select(A).options(selectinload(A.bs).selectinload(B.cs).selectinload(C.ds).selectinload(D.es)).order_by(A.id)
 CHAIN3 = select(A).options(selectinload(A.bs).selectinload(B.cs).selectinload(C.ds)).order_by(A.id)
 
@@ -313,13 +319,7 @@ def _obj(session, cls, ident):
 @pytest.mark.parametrize("region", REGIONS)
 def test_expiring_a_relationship_three_deep_makes_a_miss(engine, cache, region):
     """The depth-3 objects (C) are the last whose keys ``reached()`` records: unloading C.ds is seen."""
-    sql = SQLCounter(engine)
-    with Session(engine, info=cache.session_info()) as session:
-        cached_shape, uncached_shape, hit = compare(
-            session, cache, sql, CHAIN3, region, lambda s, objs: s.expire(_obj(s, C, 1), ["ds"])
-        )
-        assert cached_shape == uncached_shape
-        assert not hit
+    assert_a_miss_as_uncached(engine, cache, CHAIN3, region, lambda s, objs: s.expire(_obj(s, C, 1), ["ds"]))
 
 
 @pytest.mark.parametrize(
@@ -434,24 +434,12 @@ def test_self_referential_object_reached_twice(engine, cache, region):
 
 @pytest.mark.parametrize("region", REGIONS)
 def test_refresh_of_a_reached_object_unloads_its_relationships(engine, cache, region):
-    sql = SQLCounter(engine)
-    with Session(engine, info=cache.session_info()) as session:
-        cached_shape, uncached_shape, hit = compare(
-            session, cache, sql, CHAIN3, region, lambda s, objs: s.refresh(_obj(s, B, 1))
-        )
-        assert cached_shape == uncached_shape
-        assert not hit
+    assert_a_miss_as_uncached(engine, cache, CHAIN3, region, lambda s, objs: s.refresh(_obj(s, B, 1)))
 
 
 @pytest.mark.parametrize("region", REGIONS)
 def test_expunged_leaf_three_deep_makes_a_miss(engine, cache, region):
-    sql = SQLCounter(engine)
-    with Session(engine, info=cache.session_info()) as session:
-        cached_shape, uncached_shape, hit = compare(
-            session, cache, sql, CHAIN3, region, lambda s, objs: s.expunge(_obj(s, D, 2))
-        )
-        assert cached_shape == uncached_shape
-        assert not hit
+    assert_a_miss_as_uncached(engine, cache, CHAIN3, region, lambda s, objs: s.expunge(_obj(s, D, 2)))
 
 
 @pytest.mark.parametrize("region", REGIONS)
@@ -496,13 +484,7 @@ def test_subclass_relationship_expired_among_base_rows(engine, cache, region):
 def test_joinedload_aliased_entity_relationship_expired(engine, cache, region):
     a = aliased(A)
     statement = select(a).options(joinedload(a.bs).joinedload(B.cs)).order_by(a.id)
-    sql = SQLCounter(engine)
-    with Session(engine, info=cache.session_info()) as session:
-        cached_shape, uncached_shape, hit = compare(
-            session, cache, sql, statement, region, lambda s, objs: s.expire(_obj(s, B, 3), ["cs"])
-        )
-        assert cached_shape == uncached_shape
-        assert not hit
+    assert_a_miss_as_uncached(engine, cache, statement, region, lambda s, objs: s.expire(_obj(s, B, 3), ["cs"]))
 
 
 def test_shared_hit_again_after_the_related_objects_went_keeps_them_loaded(engine, cache):
@@ -638,11 +620,7 @@ INSTRUMENTED = textwrap.dedent(
 
 def test_alternative_instrumentation_anywhere_a_statement_reaches_runs_uncached():
     """A ClassManager subclass, a related class, an aliased(), with_polymorphic() or subclass of one: never cached."""
-    root = Path(__file__).resolve().parent.parent
-    done = subprocess.run(
-        [sys.executable, "-c", INSTRUMENTED], cwd=root, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    run_child(INSTRUMENTED)
 
 
 def test_a_deep_tree_is_still_a_local_hit_while_nothing_changed(engine, cache):
@@ -713,13 +691,7 @@ def test_the_relationships_a_statement_may_load(options, keys):
 @pytest.mark.parametrize("region", REGIONS)
 def test_a_relationship_mapped_eager_is_checked_though_no_option_names_it(engine, cache, region):
     """``Box.lids`` loads with every query of Box: a lid expired since makes a miss, refreshed as uncached."""
-    sql = SQLCounter(engine)
-    with Session(engine, info=cache.session_info()) as session:
-        cached_shape, uncached_shape, hit = compare(
-            session, cache, sql, select(Box), region, lambda s, objs: s.expire(objs[0].lids[1])
-        )
-        assert cached_shape == uncached_shape
-        assert not hit
+    assert_a_miss_as_uncached(engine, cache, select(Box), region, lambda s, objs: s.expire(objs[0].lids[1]))
 
 
 @pytest.mark.parametrize("region", REGIONS)

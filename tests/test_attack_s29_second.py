@@ -29,6 +29,10 @@ from pyramid_sessioncache import SessionCache, cached_query
 from pyramid_sessioncache.engine import values
 
 from .conftest import SECRET, SQLCounter
+from .test_attack_s29_review import (  # the first review's helpers
+    REGIONS,
+    shape,
+)
 
 
 class _Base(DeclarativeBase):
@@ -69,9 +73,6 @@ class Node(_Base):
     parent: Mapped[Node | None] = relationship(remote_side=[id], back_populates="children")
 
 
-REGIONS = {"local": {"type": "ext:local_session"}, "memory": {"type": "memory"}}
-
-
 @pytest.fixture
 def engine(tmp_path):
     engine = create_engine(f"sqlite:///{tmp_path / 's29s.sqlite'}")
@@ -90,29 +91,6 @@ def engine(tmp_path):
 @pytest.fixture
 def cache():
     return SessionCache(REGIONS, secret=SECRET)
-
-
-def shape(objs) -> list:
-    """Every object reached through loaded relationships: identity, loaded keys, expired keys."""
-    seen: dict[int, tuple] = {}
-    pending = list(objs)
-    while pending:
-        obj = pending.pop()
-        if obj is None or id(obj) in seen:
-            continue
-        state = inspect(obj)
-        seen[id(obj)] = (
-            type(obj).__name__,
-            state.identity,
-            tuple(sorted(k for k in state.dict if not k.startswith("_"))),
-            tuple(sorted(state.expired_attributes)),
-        )
-        for prop in state.mapper.relationships:
-            value = state.dict.get(prop.key)
-            if value is None:
-                continue
-            pending.extend(value if prop.uselist else (value,))
-    return sorted(seen.values(), key=repr)
 
 
 def reads(session, sql, region, statements) -> list[int]:

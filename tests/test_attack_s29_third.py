@@ -31,9 +31,10 @@ from sqlalchemy.orm import (
 from pyramid_sessioncache import SessionCache, cached_query
 
 from .conftest import SECRET, SQLCounter
-from .test_attack_s29_review import compare
-
-REGIONS = {"local": {"type": "ext:local_session"}, "memory": {"type": "memory"}}
+from .test_attack_s29_review import (  # the first review's helpers
+    REGIONS,
+    compare,
+)
 
 
 class _Base(DeclarativeBase):

@@ -101,9 +101,14 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_a_class_of_alternative_instrumentation_runs_uncached_and_others_stay_cached():
+def run_child(script: str) -> None:
+    """Run ``script`` in a Python process of its own, from the checkout; it must print ``ok`` alone."""
     root = Path(__file__).resolve().parent.parent
     done = subprocess.run(
-        [sys.executable, "-c", CHILD], cwd=root, capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=120, check=False
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_class_of_alternative_instrumentation_runs_uncached_and_others_stay_cached():
+    run_child(CHILD)
