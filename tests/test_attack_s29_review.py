@@ -41,6 +41,7 @@ from sqlalchemy.orm.collections import collection
 
 from pyramid_sessioncache import FromCache, SessionCache, _sqlalchemy, cached_query
 from pyramid_sessioncache.engine import values
+from pyramid_sessioncache.storage.backends import local_session
 
 from .conftest import SECRET, SQLCounter
 from .test_instrumentation import run_child
@@ -642,6 +643,13 @@ def test_past_the_most_objects_a_local_entry_is_never_a_hit(engine, cache, monke
         monkeypatch.setattr(values, "MAX_REACHED", most)
         with Session(engine, info=cache.session_info()) as session:
             (root,) = cached_query(session, statement, "local").scalars().all()
+            kept = [
+                entry
+                for namespace in local_session.entries(session).values()
+                for entry in namespace.values()
+                if isinstance(entry[-1], values.LocalResult)
+            ]
+            assert len(kept) == hit  # one it cannot check is not kept: it would hold its objects for nothing
             sql.reset()
             assert cached_query(session, statement, "local").scalars().all() == [root]
             assert (sql.count == 0) is hit

@@ -166,7 +166,7 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
             session,
             option.expire,
             valid=found.valid or always_valid,
-            store=lambda value: not loaded.get("wrote") and not _holds_always_refreshed(session),
+            store=lambda value: value.checked and not loaded.get("wrote") and not _holds_always_refreshed(session),
             on_store=cache.stats.region(region.name).count_store,
         )
         if not hit and local_session.dropped_since(session, loaded["mark"]):

@@ -93,6 +93,11 @@ class LocalResult(Sequence):
         """
         return current(self._states, session)
 
+    @property
+    def checked(self) -> bool:
+        """Whether a hit can check its objects (see :func:`reached`): one that cannot is not kept, never current."""
+        return self._states.complete
+
     def __getitem__(self, index):
         return self._items[index]
 
@@ -137,7 +142,7 @@ class Reached(NamedTuple):
     complete: bool = True
 
 
-#: How many objects ``reached()`` follows at most; past it, the objects are never current.
+#: How many objects ``reached()`` follows at most; past it, the objects are never current (and a local entry not kept).
 MAX_REACHED = 10_000
 
 
