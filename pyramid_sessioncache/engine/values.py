@@ -84,7 +84,7 @@ class LocalResult(Sequence):
         return cls(kept, requires_unique, follows)
 
     def current(self, session: Session) -> bool:
-        """Whether every object is still in ``session``, none of it expired, its relationships still loaded.
+        """Whether every object is still in ``session``, none of it expired, its relationships as they were.
 
         Checked on each hit, rather than by listening to every expiry and
         expunge of every Session in the process.  ``session.expire(obj,
@@ -174,8 +174,8 @@ def reached(states: Any, follows: frozenset[str] | None = None) -> Reached:
         state = pending.pop()
         loaded = state.dict
         held = []
-        for prop in populated_relationships(state.mapper):
-            if follows is not None and prop.uselist and prop.key not in follows and prop.lazy not in _sqlalchemy.EAGER:
+        for prop in state.mapper.relationships:
+            if not _followed(prop, follows):
                 continue
             value = loaded.get(prop.key, _UNLOADED)
             if value is _UNLOADED:
@@ -206,6 +206,13 @@ def populated_relationships(mapper: Any) -> tuple:
 
 
 _NEVER_POPULATED = frozenset({"dynamic", "write_only"})
+
+
+def _followed(prop: Any, follows: frozenset[str] | None) -> bool:
+    """Whether :func:`reached` follows ``prop``: populated, and a single object or a collection the query may load."""
+    if prop.lazy in _NEVER_POPULATED:
+        return False
+    return follows is None or not prop.uselist or prop.key in follows or prop.lazy in _sqlalchemy.EAGER
 
 
 def members(collection: Any) -> Any:
