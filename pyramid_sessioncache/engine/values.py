@@ -115,8 +115,12 @@ def current(reached: Reached, session: Session) -> bool:
     if not reached.complete:
         return False
     session_id = session.hash_key
+    left_expired = reached.left_expired
     for state in reached.states:
-        if state.session_id != session_id or state.expired_attributes:
+        if state.session_id != session_id:
+            return False
+        expired = state.expired_attributes
+        if expired and not expired <= left_expired.get(state, _NOTHING):
             return False
     instance_dict = attributes.instance_dict  # looked up now: alternative instrumentation replaces it
     for state, held in reached.loaded:
@@ -138,6 +142,10 @@ class Reached(NamedTuple):
     #: ``(state, ((key, was), ...))`` for each state that had relationships
     #: loaded: ``was()`` gives what each held then, while it is alive.
     loaded: tuple
+    #: ``{state: expired keys}`` of the states the load left with attributes
+    #: expired, those it does not load (a lazy relationship, a deferred
+    #: column, after ``expire_all()``): a query run again leaves them so.
+    left_expired: dict
     #: False when there were more than :data:`MAX_REACHED` objects: not checked, never current.
     complete: bool = True
 
@@ -169,9 +177,12 @@ def reached(states: Any, follows: frozenset[str] | None = None) -> Reached:
     """
     found = {id(state): state for state in states}
     relationships: list[tuple[Any, tuple]] = []
+    left_expired = {}
     pending = list(found.values())
     while pending:
         state = pending.pop()
+        if state.expired_attributes:
+            left_expired[state] = frozenset(state.expired_attributes)
         loaded = state.dict
         held = []
         for prop in state.mapper.relationships:
@@ -191,8 +202,8 @@ def reached(states: Any, follows: frozenset[str] | None = None) -> Reached:
         if held:
             relationships.append((state, tuple(held)))
         if len(found) > MAX_REACHED:
-            return Reached((), (), complete=False)
-    return Reached(tuple(found.values()), tuple(relationships))
+            return Reached((), (), {}, complete=False)
+    return Reached(tuple(found.values()), tuple(relationships), left_expired)
 
 
 def populated_relationships(mapper: Any) -> tuple:
@@ -227,6 +238,8 @@ def members(collection: Any) -> Any:
 
 #: Stands for a key a dictionary does not hold.
 _UNLOADED = object()
+#: No keys.
+_NOTHING: frozenset[str] = frozenset()
 
 
 def _weak(value: Any) -> Any:
