@@ -369,6 +369,17 @@ def legacy_bypass(execution_options: Any) -> bool:
     return bool(getattr(load_options, "_populate_existing", False) or getattr(load_options, "_yield_per", None))
 
 
+def populates_existing(execution_options: Any) -> bool:
+    """Whether an ORM execution overwrites the objects the Session holds (``populate_existing``, however asked).
+
+    The ORM gathers the option from the statement, the call and a legacy
+    ``Query`` into its private load options (``_sa_orm_load_options``)
+    before ``do_orm_execute`` listeners run (2.0, 2.1).
+    """
+    load_options = execution_options.get("_sa_orm_load_options")
+    return load_options is not None and bool(getattr(load_options, "_populate_existing", False))
+
+
 def autobegin(session: Any) -> None:
     """Begin ``session``'s transaction as a query would, without a connection: what ``rollback()`` then expires.
 
@@ -441,6 +452,10 @@ def statement_options(statement: Any) -> tuple:
 #: The ``lazy`` strategies that load a relationship with the query itself (``False`` is ``"joined"``).
 EAGER = frozenset({"joined", "selectin", "subquery", "immediate", False})
 
+#: The ``lazy`` strategies that read every related row of the parents' rows, even where a
+#: parent has the relationship loaded already (``contains_eager()`` is ``"joined"``).
+ROW_EAGER = frozenset({"joined", "subquery", False})
+
 
 def eager_relationship_keys(statement: Any) -> frozenset[str] | None:
     """The keys of the relationships ``statement``'s loader options name, on any path; None when they may load any.
@@ -455,26 +470,47 @@ def eager_relationship_keys(statement: Any) -> frozenset[str] | None:
     load nothing.  Relationships mapped to load eagerly
     (:data:`EAGER`) are not in it.
     """
+    return _relationship_keys(statement, EAGER, whole_path=True)
+
+
+def row_eager_relationship_keys(statement: Any) -> frozenset[str] | None:
+    """The keys of the relationships ``statement``'s options load from rows (:data:`ROW_EAGER`); None: maybe any.
+
+    Read as :func:`eager_relationship_keys` reads them, but only the
+    relationship each option sets a :data:`ROW_EAGER` strategy for
+    (``joinedload(A.bs).selectinload(B.cs)`` gives ``bs``).
+    Relationships mapped so are not in it.
+    """
+    return _relationship_keys(statement, ROW_EAGER, whole_path=False)
+
+
+def _relationship_keys(statement: Any, strategies: frozenset, whole_path: bool) -> frozenset[str] | None:
     keys: set[str] = set()
     for option in statement_options(statement):
         if isinstance(option, (UserDefinedOption, LoaderCriteriaOption)):
             continue
         if isinstance(option, _WildcardLoad):
-            if _loads_eagerly(option.strategy):
+            if _loads_with(option.strategy, strategies):
                 return None
             continue
         if type(option) is not Load:
             return None
         for element in option.context:
-            if element.is_token_strategy and _loads_eagerly(element.strategy):
-                return None
-            keys.update(prop.key for prop in element.path.path if isinstance(prop, RelationshipProperty))
+            if element.is_token_strategy:
+                if _loads_with(element.strategy, strategies):
+                    return None
+                continue
+            on_path = [prop.key for prop in element.path.path if isinstance(prop, RelationshipProperty)]
+            if whole_path:
+                keys.update(on_path)
+            elif on_path and _loads_with(element.strategy, strategies):
+                keys.add(on_path[-1])  # the path ends with the relationship's target: (A, A.bs, B)
     return frozenset(keys)
 
 
-def _loads_eagerly(strategy: Any) -> bool:
+def _loads_with(strategy: Any, strategies: frozenset) -> bool:
     # A strategy is a tuple of (name, value) pairs: (("lazy", "selectin"),); None for columns.
-    return strategy is not None and dict(strategy).get("lazy", True) in EAGER
+    return strategy is not None and dict(strategy).get("lazy", True) in strategies
 
 
 def _orm_compile_options(statement: Any) -> Any:

@@ -72,20 +72,7 @@ def test_a_commit_after_a_shared_hit_commits_the_one_connection_of_a_static_pool
         engine.dispose()
 
 
-@pytest.mark.parametrize(
-    "region",
-    [
-        None,
-        pytest.param(
-            "local",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="a local entry checks the objects its rows reach through loaded relationships, not every "
-                "object its joined rows refreshed: one outside a stale collection is served expired (seed 5607)",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("region", [None, "local", "memory"])
 def test_a_local_hit_refreshes_an_object_the_joined_rows_hold_outside_a_stale_collection(engine, Session, region):
     """A joined eager load refreshes every object its rows hold, even one a stale loaded collection lacks.
 

@@ -24,7 +24,7 @@ from sqlalchemy.orm import ORMExecuteState, Session
 from .. import _sqlalchemy
 from ..storage.backends import local_session
 from ..storage.region import always_valid
-from . import as_loaded, connection_state, info, loader, lookup
+from . import as_loaded, connection_state, eager_rows, info, loader, lookup
 from .cache import SessionCache
 from .invalidation import reads, schema, versions, writes
 from .lookup import Lookup
@@ -57,6 +57,7 @@ def install() -> None:
     connection_state.install()
     _sqlalchemy.watch_always_refresh()
     as_loaded.install()
+    eager_rows.install()
 
 
 def trust_listener(listener: Callable[..., Any]) -> None:
@@ -122,6 +123,10 @@ def _do_orm_execute(state: ORMExecuteState) -> Any:
     session = state.session
     if info.LOADER in session.info:
         return None
+    if _sqlalchemy.populates_existing(state.execution_options):
+        # It unloads what the Session's entries hold loaded and it does not
+        # (a column another query undeferred), without marking it expired.
+        local_session.drop(session)
     option = caching_option(statement)
     if option is None:
         return None
@@ -166,7 +171,7 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
             session,
             option.expire,
             valid=found.valid or always_valid,
-            store=lambda value: value.checked and not loaded.get("wrote") and not _holds_always_refreshed(session),
+            store=lambda value: loaded["keep"] and value.checked and not _holds_always_refreshed(session),
             on_store=cache.stats.region(region.name).count_store,
         )
         if not hit and local_session.dropped_since(session, loaded["mark"]):
@@ -198,17 +203,24 @@ def _local_load(state: ORMExecuteState, cache: SessionCache, loaded: dict[str, A
 
     Read before the query runs: a commit that publishes while it runs (or
     just before the database commits) voids the entry, whatever rows the
-    query saw.  ``loaded["wrote"]``: whether the statement wrote (a
+    query saw.  ``loaded["keep"]``: false when the statement wrote (a
     function of the database's own that writes, or that reads what its
-    connection drew from a sequence): such an entry is not kept, the next
-    execution must do it again.
+    connection drew from a sequence), so that the next execution must do
+    it again, or when its eager rows may have held objects its result
+    does not reach in a Session too large to watch (``eager_rows.py``):
+    such an entry is not kept.
     """
     commits = cache.commits
-    loaded["mark"] = local_session.mark(state.session)  # see _cached()
-    connection = state.session.connection(bind_arguments=dict(state.bind_arguments))
+    session = state.session
+    loaded["mark"] = local_session.mark(session)  # see _cached()
+    connection = session.connection(bind_arguments=dict(state.bind_arguments))
     before = writes.writes_run(connection)
-    value = LocalResult.from_result(state.invoke_statement(), _sqlalchemy.eager_relationship_keys(state.statement))
-    loaded["wrote"] = writes.writes_run(connection) != before
+    statement = state.statement
+    with eager_rows.watching(session, statement) as watch:
+        value = LocalResult.from_result(state.invoke_statement(), _sqlalchemy.eager_relationship_keys(statement))
+    if watch.found:
+        value.session_expired = eager_rows.expired(session)
+    loaded["keep"] = writes.writes_run(connection) == before and not (watch.found and value.session_expired is None)
     value.commits = commits
     return value
 

@@ -34,7 +34,7 @@ from sqlalchemy.orm.collections import InstrumentedDict, InstrumentedList, Instr
 from sqlalchemy.sql.expression import ColumnClause
 
 from .. import _sqlalchemy
-from . import as_loaded
+from . import as_loaded, eager_rows
 
 #: ``session.info`` flag of the Sessions that load values to cache; the ORM
 #: hook leaves their queries alone.
@@ -52,7 +52,7 @@ class LocalResult(Sequence):
     ``person10 is cache.get(key)[0]`` holds.
     """
 
-    __slots__ = ("commits", "frozen", "requires_unique", "_items", "_states")
+    __slots__ = ("commits", "frozen", "requires_unique", "session_expired", "_items", "_states")
 
     def __init__(
         self, frozen: FrozenResult, requires_unique: bool = False, follows: frozenset[str] | None = None
@@ -64,6 +64,11 @@ class LocalResult(Sequence):
         #: before the query of an ``ext:local_session`` entry ran; None for
         #: the objects of a shared entry, which its versions keep current.
         self.commits: int | None = None
+        #: What the Session held expired as the entry was stored, when its
+        #: eager rows may have held objects it does not reach (see
+        #: ``eager_rows.py``): a hit requires nothing expired since.  None:
+        #: they held none.
+        self.session_expired: dict | None = None
         rows = frozen().all()
         self._items = [row[0] for row in rows] if _sqlalchemy.is_single_entity(frozen) else rows
         entities = (attributes.instance_state(value) for row in rows for value in row if _is_entity(value))
@@ -89,9 +94,13 @@ class LocalResult(Sequence):
         Checked on each hit, rather than by listening to every expiry and
         expunge of every Session in the process.  ``session.expire(obj,
         ["rel"])`` unloads a relationship without marking it expired: the
-        query's eager load would load it again.
+        query's eager load would load it again.  Nor anything else, when
+        the query's eager rows may hold objects the result does not reach
+        (:attr:`session_expired`).
         """
-        return current(self._states, session)
+        if not current(self._states, session):
+            return False
+        return self.session_expired is None or eager_rows.none_expired_since(session, self.session_expired)
 
     @property
     def checked(self) -> bool:
@@ -120,8 +129,10 @@ def current(reached: Reached, session: Session) -> bool:
         if state.session_id != session_id:
             return False
         expired = state.expired_attributes
-        if expired and not expired <= left_expired.get(state, _NOTHING):
-            return False
+        if expired:
+            left = left_expired.get(state, _NOTHING)
+            if not expired <= left and _expired_since(state, expired, left):
+                return False
     instance_dict = attributes.instance_dict  # looked up now: alternative instrumentation replaces it
     for state, held in reached.loaded:
         obj = state.obj()
@@ -131,7 +142,22 @@ def current(reached: Reached, session: Session) -> bool:
         for key, was in held:
             if loaded.get(key, _UNLOADED) is not was():
                 return False
+    for state, keys in reached.present:
+        obj = state.obj()
+        if obj is None:
+            return False
+        loaded = instance_dict(obj)
+        for key in keys:
+            if key not in loaded:
+                return False
     return True
+
+
+def _expired_since(state: Any, expired: Any, left: frozenset[str]) -> bool:
+    # A key can stay in expired_attributes once loaded: a second path of one
+    # query to the object fills in a column the first deferred, and leaves it there.
+    loaded = state.dict
+    return any(key not in loaded and key not in left for key in expired)
 
 
 class Reached(NamedTuple):
@@ -146,6 +172,10 @@ class Reached(NamedTuple):
     #: expired, those it does not load (a lazy relationship, a deferred
     #: column, after ``expire_all()``): a query run again leaves them so.
     left_expired: dict
+    #: ``(state, keys)`` for each state with columns loaded that ``expire(obj,
+    #: [key])`` unloads without marking them expired (``query_expression()``):
+    #: the query would load them again.
+    present: tuple
     #: False when there were more than :data:`MAX_REACHED` objects: not checked, never current.
     complete: bool = True
 
@@ -178,14 +208,24 @@ def reached(states: Any, follows: frozenset[str] | None = None) -> Reached:
     found = {id(state): state for state in states}
     relationships: list[tuple[Any, tuple]] = []
     left_expired = {}
+    present = []
+    unmarked: dict[Any, tuple] = {}
     pending = list(found.values())
     while pending:
         state = pending.pop()
-        if state.expired_attributes:
-            left_expired[state] = frozenset(state.expired_attributes)
         loaded = state.dict
+        if state.expired_attributes:
+            left_expired[state] = frozenset(key for key in state.expired_attributes if key not in loaded)
+        mapper = state.mapper
+        columns = unmarked.get(mapper)
+        if columns is None:
+            columns = unmarked[mapper] = unmarked_columns(mapper)
+        if columns:
+            keys = tuple(key for key in columns if key in loaded)
+            if keys:
+                present.append((state, keys))
         held = []
-        for prop in state.mapper.relationships:
+        for prop in mapper.relationships:
             if not _followed(prop, follows):
                 continue
             value = loaded.get(prop.key, _UNLOADED)
@@ -202,8 +242,18 @@ def reached(states: Any, follows: frozenset[str] | None = None) -> Reached:
         if held:
             relationships.append((state, tuple(held)))
         if len(found) > MAX_REACHED:
-            return Reached((), (), {}, complete=False)
-    return Reached(tuple(found.values()), tuple(relationships), left_expired)
+            return Reached((), (), {}, (), complete=False)
+    return Reached(tuple(found.values()), tuple(relationships), left_expired, tuple(present))
+
+
+def unmarked_columns(mapper: Any) -> tuple:
+    """The keys of ``mapper``'s columns that ``session.expire(obj, [key])`` unloads without marking them expired.
+
+    Those without a loader of their own (``query_expression()``): the ORM
+    pops them from the object and leaves ``expired_attributes`` as it was.
+    """
+    manager = mapper.class_manager
+    return tuple(prop.key for prop in mapper.column_attrs if not manager[prop.key].impl.accepts_scalar_loader)
 
 
 def populated_relationships(mapper: Any) -> tuple:

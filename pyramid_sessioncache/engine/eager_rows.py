@@ -1,0 +1,122 @@
+"""Objects a query's eager rows refresh though its result does not reach them.
+
+A joined or subquery eager load reads the related rows of every parent
+row.  The ORM fills a relationship the parent lacks from them; one that a
+parent the Session held had loaded already, it leaves as it is, yet it
+still refreshes every object those rows hold (an expired attribute of one
+is loaded again).  Where that relationship is stale (another program added
+a related row since it was loaded, or it was loaded under other criteria),
+the rows hold an object it lacks.  A local hit checks the objects its
+result reaches (``values.reached()``): it would serve that one as it is,
+expired, where the query refreshes it.
+
+The ORM's ``refresh`` event names, for each object it found in the Session
+and filled in partly, the attributes it loads (``to_load``); a relationship
+loaded before is not among them.  While a local entry loads
+(:func:`watching`), a listener notes whether such an object had one loaded
+that the query reads from rows (:attr:`Watch.found`).  Such an entry is
+kept with what every object of the Session had expired then
+(:func:`expired`), and a hit on it requires that nothing was expired since
+(:func:`none_expired_since`): whatever objects the rows held are then as
+the query left them.  A Session of more than :data:`MAX_SCANNED` objects is
+not scanned: the entry is not kept.
+
+The listener is installed once per process (:func:`install`); outside a
+watched load it costs one look-up in the Session's ``info`` for each object
+a query fills in partly.  Objects a query loads anew send ``load``, not
+``refresh``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import event
+from sqlalchemy.orm import Mapper, Session
+
+from .. import _sqlalchemy
+
+#: ``session.info`` key of the :class:`Watch` of the local load running on the Session.
+WATCH = "sessioncache.eager_rows"
+#: How many objects a Session may hold for :func:`expired` and :func:`none_expired_since` to look at them all.
+MAX_SCANNED = 2_000
+
+
+class Watch:
+    """What :func:`watching` found: ``found`` once the rows may have held an object the result does not reach."""
+
+    __slots__ = ("found", "keys")
+
+    def __init__(self, keys: frozenset[str] | None) -> None:
+        #: The relationships the query's options load from rows (None: maybe any).
+        self.keys = keys
+        self.found = False
+
+
+def install() -> None:
+    """Listen to the ``refresh`` event of every mapped class, once per process."""
+    if not event.contains(Mapper, "refresh", _refreshed):
+        event.listen(Mapper, "refresh", _refreshed, raw=True)
+
+
+@contextmanager
+def watching(session: Session, statement: Any) -> Iterator[Watch]:
+    """Watch the loads ``statement`` runs on ``session`` (its eager loads' queries too) until the block ends.
+
+    A load watched inside another (a listener's query) tells the outer
+    one what it found: the outer entry holds what both refreshed.
+    """
+    watch = Watch(_sqlalchemy.row_eager_relationship_keys(statement))
+    info = session.info
+    outer = info.get(WATCH)
+    info[WATCH] = watch
+    try:
+        yield watch
+    finally:
+        if outer is None:
+            info.pop(WATCH, None)
+        else:
+            info[WATCH] = outer
+            outer.found = outer.found or watch.found
+
+
+def expired(session: Session) -> dict | None:
+    """``{state: expired keys}`` of the objects ``session`` holds with attributes expired; None past :data:`MAX_SCANNED`."""
+    identity_map = session.identity_map
+    if len(identity_map) > MAX_SCANNED:
+        return None
+    return {
+        state: frozenset(state.expired_attributes) for state in identity_map.all_states() if state.expired_attributes
+    }
+
+
+def none_expired_since(session: Session, before: dict) -> bool:
+    """Whether no object of ``session`` has an attribute expired that it had not in ``before`` (see :func:`expired`)."""
+    identity_map = session.identity_map
+    if len(identity_map) > MAX_SCANNED:
+        return False
+    for state in identity_map.all_states():
+        keys = state.expired_attributes
+        if keys and not keys <= before.get(state, _NOTHING):
+            return False
+    return True
+
+
+_NOTHING: frozenset[str] = frozenset()
+
+
+def _refreshed(state: Any, context: Any, to_load: Any) -> None:
+    if context is None:  # a shared hit's objects (hydrate.py): no query, no rows
+        return
+    watch = context.session.info.get(WATCH)
+    if watch is None or watch.found or to_load is None:  # None: every attribute (a refresh, populate_existing)
+        return
+    loaded = state.dict
+    keys = watch.keys
+    for prop in state.mapper.relationships:
+        key = prop.key
+        if key in loaded and key not in to_load and (keys is None or key in keys or prop.lazy in _sqlalchemy.ROW_EAGER):
+            watch.found = True
+            return

@@ -1,0 +1,141 @@
+"""Eager rows that refresh objects the result does not reach (``engine/eager_rows.py``).
+
+A joined or subquery eager load refreshes every object its related rows
+hold, even where the parent had the relationship loaded already and it
+lacks that object.  Each scenario runs uncached (``None``) and cached with
+the same assertions; the entries of such loads are still served while
+nothing in the Session was expired since (counted in SQL statements).
+"""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import joinedload, selectinload, subqueryload
+
+from pyramid_sessioncache import FromCache, _sqlalchemy
+from pyramid_sessioncache.engine import eager_rows
+
+from .models import Address, Person
+
+REGIONS = [None, "local", "memory"]
+
+
+def _cached(stmt, region):
+    return stmt if region is None else stmt.options(FromCache(region))
+
+
+@pytest.mark.parametrize("loader", [joinedload, subqueryload])
+@pytest.mark.parametrize("region", REGIONS)
+def test_an_object_the_rows_hold_outside_a_stale_collection_is_refreshed(engine, Session, region, loader):
+    """Address 3 moves to person 1 after person 1's addresses were loaded: the rows hold it, the collection does not."""
+    stmt = _cached(select(Person).options(loader(Person.addresses)).where(Person.id == 1), region)
+    with Session() as session:
+        person = session.get(Person, 1)
+        assert [address.id for address in person.addresses] == [1, 2]
+        moved = session.get(Address, 3)
+        with engine.begin() as conn:
+            conn.execute(update(Address).where(Address.id == 3).values(person_id=1))
+        session.execute(stmt).unique().scalars().all()
+        session.expire(moved, ["street"])
+        session.execute(stmt).unique().scalars().all()
+        assert "street" in moved.__dict__
+        assert [address.id for address in person.addresses] == [1, 2]  # stale, as the ORM leaves it
+
+
+@pytest.mark.parametrize("region", REGIONS)
+def test_the_object_a_stale_many_to_one_row_holds_is_refreshed(engine, Session, region):
+    """Address 1 moves to person 2 after its person was loaded: the joined row holds person 2, expired since."""
+    stmt = _cached(select(Address).options(joinedload(Address.person)).where(Address.id == 1), region)
+    with Session() as session:
+        address = session.get(Address, 1)
+        assert address.person.id == 1
+        other = session.get(Person, 2)
+        with engine.begin() as conn:
+            conn.execute(update(Address).where(Address.id == 1).values(person_id=2))
+        session.execute(stmt).scalars().all()
+        session.expire(other, ["name"])
+        session.execute(stmt).scalars().all()
+        assert "name" in other.__dict__
+        assert address.person.id == 1
+
+
+def _second_read(Session, sql, stmt, prepare, between=None):
+    """The statements of the second of two reads after ``prepare(session)``: 0 when the first was served.
+
+    What ``prepare`` returns is held until then (the Session holds its
+    objects weakly); ``between(session)`` runs between the reads.
+    """
+    with Session() as session:
+        held = prepare(session)  # noqa: F841
+        session.execute(stmt).unique().scalars().all()
+        if between is not None:
+            between(session)
+        sql.reset()
+        session.execute(stmt).unique().scalars().all()
+        return sql.count
+
+
+def _loaded_addresses(session):
+    person = session.get(Person, 1)
+    assert person.addresses
+    return person
+
+
+@pytest.mark.parametrize("loader", [joinedload, subqueryload])
+def test_an_entry_over_a_loaded_relationship_is_served_while_nothing_is_expired(Session, sql, loader):
+    stmt = select(Person).options(loader(Person.addresses), FromCache("local")).where(Person.id == 1)
+    assert _second_read(Session, sql, stmt, _loaded_addresses) == 0
+
+
+@pytest.mark.parametrize("loader", [joinedload, subqueryload])
+def test_an_entry_over_a_loaded_relationship_is_a_miss_once_any_object_is_expired(Session, sql, loader):
+    """Address 20 is in no row of person 1: the entry cannot tell, and runs its query again."""
+    stmt = select(Person).options(loader(Person.addresses), FromCache("local")).where(Person.id == 1)
+
+    def prepare(session):
+        return _loaded_addresses(session), session.get(Address, 20)
+
+    def between(session):
+        session.expire(session.get(Address, 20), ["street"])
+
+    assert _second_read(Session, sql, stmt, prepare, between) >= 1
+
+
+def test_an_entry_that_reads_no_rows_of_a_loaded_relationship_needs_no_watch(Session, sql):
+    """selectinload() leaves a loaded collection alone: expiring any other object changes nothing."""
+    stmt = select(Person).options(selectinload(Person.addresses), FromCache("local")).where(Person.id == 1)
+
+    def prepare(session):
+        return _loaded_addresses(session), session.get(Address, 20)
+
+    def between(session):
+        session.expire(session.get(Address, 20), ["street"])
+
+    assert _second_read(Session, sql, stmt, prepare, between) == 0
+
+
+def test_an_entry_over_a_loaded_relationship_in_a_session_too_large_to_watch_is_not_kept(Session, sql, monkeypatch):
+    monkeypatch.setattr(eager_rows, "MAX_SCANNED", 3)
+    stmt = select(Person).options(joinedload(Person.addresses), FromCache("local")).where(Person.id == 1)
+
+    def prepare(session):
+        return _loaded_addresses(session), session.get(Address, 20)
+
+    assert _second_read(Session, sql, stmt, prepare) == 1
+
+
+@pytest.mark.parametrize(
+    ("options", "keys"),
+    [
+        ((joinedload(Person.addresses).selectinload(Address.postal_code),), {"addresses"}),
+        ((selectinload(Person.addresses).joinedload(Address.postal_code),), {"postal_code"}),
+        ((selectinload(Person.addresses).subqueryload(Address.postal_code),), {"postal_code"}),
+        ((selectinload(Person.addresses),), set()),
+        ((joinedload("*"),), None),
+        ((selectinload("*"),), set()),
+    ],
+)
+def test_the_relationships_a_statement_loads_from_rows(options, keys):
+    found = _sqlalchemy.row_eager_relationship_keys(select(Person).options(*options))
+    assert found == (None if keys is None else frozenset(keys))
