@@ -97,20 +97,44 @@ def test_an_entry_over_a_loaded_relationship_is_a_miss_once_any_object_is_expire
         return _loaded_addresses(session), session.get(Address, 20)
 
     def between(session):
-        session.expire(session.get(Address, 20), ["street"])
+        session.expire(session.get(Address, 20))
+
+    assert _second_read(Session, sql, stmt, prepare, between) >= 1
+
+
+@pytest.mark.parametrize("loader", [joinedload, subqueryload])
+def test_an_entry_over_a_loaded_relationship_is_a_miss_once_another_object_is_loaded(Session, sql, loader):
+    """An object the rows held may have been let go and loaded again since, with a column deferred."""
+    stmt = select(Person).options(loader(Person.addresses), FromCache("local")).where(Person.id == 1)
+
+    def between(session):
+        between.held = session.get(Address, 20)
+
+    assert _second_read(Session, sql, stmt, _loaded_addresses, between) >= 1
+
+
+def test_expiring_part_of_any_object_drops_the_sessions_local_entries(Session, sql):
+    """``session.expire(obj, [key])`` unloads a relationship without marking it expired: every entry goes."""
+    stmt = select(Person).options(selectinload(Person.addresses), FromCache("local")).where(Person.id == 1)
+
+    def prepare(session):
+        return session.get(Address, 20)
+
+    def between(session):
+        session.expire(session.get(Address, 20), ["person"])
 
     assert _second_read(Session, sql, stmt, prepare, between) >= 1
 
 
 def test_an_entry_that_reads_no_rows_of_a_loaded_relationship_needs_no_watch(Session, sql):
-    """selectinload() leaves a loaded collection alone: expiring any other object changes nothing."""
+    """selectinload() leaves a loaded collection alone: expiring another object changes nothing."""
     stmt = select(Person).options(selectinload(Person.addresses), FromCache("local")).where(Person.id == 1)
 
     def prepare(session):
         return _loaded_addresses(session), session.get(Address, 20)
 
     def between(session):
-        session.expire(session.get(Address, 20), ["street"])
+        session.expire(session.get(Address, 20))  # the whole object: marked expired (a part drops every entry)
 
     assert _second_read(Session, sql, stmt, prepare, between) == 0
 

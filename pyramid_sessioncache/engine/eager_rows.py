@@ -14,11 +14,13 @@ The ORM's ``refresh`` event names, for each object it found in the Session
 and filled in partly, the attributes it loads (``to_load``); a relationship
 loaded before is not among them.  While a local entry loads
 (:func:`watching`), a listener notes whether such an object had one loaded
-that the query reads from rows (:attr:`Watch.found`).  Such an entry is
-kept with what every object of the Session had expired then
-(:func:`expired`), and a hit on it requires that nothing was expired since
-(:func:`none_expired_since`): whatever objects the rows held are then as
-the query left them.  A Session of more than :data:`MAX_SCANNED` objects is
+that the query reads from rows (``found`` of :class:`Watch`).  Such an entry is
+kept with the objects the Session held then, and what each had expired
+(:func:`expired`); a hit on it requires the same objects, none expired
+since (:func:`none_expired_since`): whatever objects the rows held are
+then as the query left them.  (An attribute unloaded without being marked
+expired, by ``session.expire(obj, [key])``, drops the Session's entries:
+see ``hook.py``.)  A Session of more than :data:`MAX_SCANNED` objects is
 not scanned: the entry is not kept.
 
 The listener is installed once per process (:func:`install`); outside a
@@ -83,25 +85,38 @@ def watching(session: Session, statement: Any) -> Iterator[Watch]:
 
 
 def expired(session: Session) -> dict | None:
-    """``{state: expired keys}`` of the objects ``session`` holds with attributes expired; None past :data:`MAX_SCANNED`."""
+    """``{state: its expired keys not loaded}`` of every object ``session`` holds; None past :data:`MAX_SCANNED`."""
     identity_map = session.identity_map
     if len(identity_map) > MAX_SCANNED:
         return None
-    return {
-        state: frozenset(state.expired_attributes) for state in identity_map.all_states() if state.expired_attributes
-    }
+    return {state: _expired(state) for state in identity_map.all_states()}
 
 
 def none_expired_since(session: Session, before: dict) -> bool:
-    """Whether no object of ``session`` has an attribute expired that it had not in ``before`` (see :func:`expired`)."""
+    """Whether ``session`` holds the objects it held in ``before`` (see :func:`expired`), none more, none expired since.
+
+    An object let go and loaded again since (by a query that deferred a
+    column the rows would fill in) is another state: not in ``before``.
+    """
     identity_map = session.identity_map
     if len(identity_map) > MAX_SCANNED:
         return False
     for state in identity_map.all_states():
+        left = before.get(state)
+        if left is None:
+            return False
         keys = state.expired_attributes
-        if keys and not keys <= before.get(state, _NOTHING):
+        if keys and not keys <= left and any(key not in state.dict and key not in left for key in keys):
             return False
     return True
+
+
+def _expired(state: Any) -> frozenset[str]:
+    keys = state.expired_attributes
+    if not keys:
+        return _NOTHING
+    loaded = state.dict
+    return frozenset(key for key in keys if key not in loaded)
 
 
 _NOTHING: frozenset[str] = frozenset()

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.orm import ORMExecuteState, Session
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 
 from .. import _sqlalchemy
 from ..storage.backends import local_session
@@ -58,6 +58,7 @@ def install() -> None:
     _sqlalchemy.watch_always_refresh()
     as_loaded.install()
     eager_rows.install()
+    event.listen(Mapper, "expire", _expired_partly, raw=True)
 
 
 def trust_listener(listener: Callable[..., Any]) -> None:
@@ -78,6 +79,21 @@ def leaves_selects_alone(listener: Any) -> bool:
 
 def _drop_local(session: Session, *args: Any) -> None:
     local_session.drop(session)
+
+
+def _expired_partly(state: Any, keys: Any) -> None:
+    """Drop the local entries of the Session of ``state``, some of whose ``keys`` were expired.
+
+    ``session.expire(obj, [key])`` unloads a relationship or a
+    ``query_expression()`` without marking it expired, where a query's
+    eager rows would load it again: in an object a hit's checks may not
+    reach.  Rare, so every entry goes.  A whole object expired (``keys``
+    None, as each one at a commit) is marked so, and checked.
+    """
+    if keys is not None:
+        session = state.session
+        if session is not None:
+            local_session.drop(session)
 
 
 def _transaction_ended(session: Session, transaction: Any) -> None:

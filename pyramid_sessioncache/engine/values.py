@@ -253,7 +253,8 @@ def unmarked_columns(mapper: Any) -> tuple:
     pops them from the object and leaves ``expired_attributes`` as it was.
     """
     manager = mapper.class_manager
-    return tuple(prop.key for prop in mapper.column_attrs if not manager[prop.key].impl.accepts_scalar_loader)
+    attributes = (manager.get(prop.key) for prop in mapper.column_attrs)  # a concrete union's discriminator has none
+    return tuple(attr.key for attr in attributes if attr is not None and not attr.impl.accepts_scalar_loader)
 
 
 def populated_relationships(mapper: Any) -> tuple:
