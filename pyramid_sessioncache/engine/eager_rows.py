@@ -40,8 +40,9 @@ from sqlalchemy.orm import Mapper, Session
 
 from .. import _sqlalchemy
 
-#: ``session.info`` key of the :class:`Watch` of the local load running on the Session.
-WATCH = "sessioncache.eager_rows"
+#: The :class:`Watch` of the local load running on each Session, by ``Session.hash_key``: empty
+#: most of the time, when the listener returns at once.  A Session is used by one thread at a time.
+_WATCHES: dict[int, Watch] = {}
 #: How many objects a Session may hold for :func:`expired` and :func:`none_expired_since` to look at them all.
 MAX_SCANNED = 2_000
 
@@ -71,16 +72,16 @@ def watching(session: Session, statement: Any) -> Iterator[Watch]:
     one what it found: the outer entry holds what both refreshed.
     """
     watch = Watch(_sqlalchemy.row_eager_relationship_keys(statement))
-    info = session.info
-    outer = info.get(WATCH)
-    info[WATCH] = watch
+    key = session.hash_key
+    outer = _WATCHES.get(key)
+    _WATCHES[key] = watch
     try:
         yield watch
     finally:
         if outer is None:
-            info.pop(WATCH, None)
+            del _WATCHES[key]
         else:
-            info[WATCH] = outer
+            _WATCHES[key] = outer
             outer.found = outer.found or watch.found
 
 
@@ -123,9 +124,9 @@ _NOTHING: frozenset[str] = frozenset()
 
 
 def _refreshed(state: Any, context: Any, to_load: Any) -> None:
-    if context is None:  # a shared hit's objects (hydrate.py): no query, no rows
+    if not _WATCHES or context is None:  # None: a shared hit's objects (hydrate.py), no query, no rows
         return
-    watch = context.session.info.get(WATCH)
+    watch = _WATCHES.get(context.session.hash_key)
     if watch is None or watch.found or to_load is None:  # None: every attribute (a refresh, populate_existing)
         return
     loaded = state.dict
