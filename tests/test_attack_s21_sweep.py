@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import create_engine, inspect, select, update
-from sqlalchemy.orm import joinedload, selectinload, sessionmaker
+from sqlalchemy.orm import joinedload, selectinload, sessionmaker, subqueryload
 from sqlalchemy.pool import SingletonThreadPool, StaticPool
 
 from pyramid_sessioncache import FromCache
@@ -72,15 +72,21 @@ def test_a_commit_after_a_shared_hit_commits_the_one_connection_of_a_static_pool
         engine.dispose()
 
 
+@pytest.mark.parametrize("expire", ["part", "whole"])
+@pytest.mark.parametrize("loader", [joinedload, subqueryload])
 @pytest.mark.parametrize("region", [None, "local", "memory"])
-def test_a_local_hit_refreshes_an_object_the_joined_rows_hold_outside_a_stale_collection(engine, Session, region):
-    """A joined eager load refreshes every object its rows hold, even one a stale loaded collection lacks.
+def test_a_local_hit_refreshes_an_object_the_joined_rows_hold_outside_a_stale_collection(
+    engine, Session, region, loader, expire
+):
+    """A joined (or subquery) eager load refreshes every object its rows hold, even one a stale collection lacks.
 
     Person 1's addresses were loaded before another program moved address
-    3 to it: the collection stays as loaded, but the joined rows hold
-    address 3, whose expired attribute the query loads again.
+    3 to it: the collection stays as loaded, but the rows hold address 3,
+    whose expired attributes the query loads again.  A part expired drops
+    the Session's local entries; the whole object, marked expired, is seen
+    by the entry's check of the Session (``eager_rows.py``).
     """
-    stmt = select(Person).options(joinedload(Person.addresses)).where(Person.id == 1)
+    stmt = select(Person).options(loader(Person.addresses)).where(Person.id == 1)
     if region is not None:
         stmt = stmt.options(FromCache(region))
     with Session() as session:
@@ -90,6 +96,7 @@ def test_a_local_hit_refreshes_an_object_the_joined_rows_hold_outside_a_stale_co
         with engine.begin() as conn:
             conn.execute(update(Address).where(Address.id == 3).values(person_id=1))
         session.execute(stmt).unique().scalars().all()
-        session.expire(moved, ["street"])
+        session.expire(moved, ["street"] if expire == "part" else None)
         session.execute(stmt).unique().scalars().all()
         assert "street" in moved.__dict__
+        assert [address.id for address in person.addresses] == [1, 2]  # stale, as the ORM leaves it

@@ -66,18 +66,27 @@ def test_a_deferred_column_the_load_leaves_unloaded_is_no_miss(Session, sql):
     assert _second_read(Session, sql, stmt, _read_then_expire_all(stmt)) == 0
 
 
+def _person_one(region):
+    stmt = select(Person).options(selectinload(Person.addresses)).where(Person.id == 1)
+    return stmt if region is None else stmt.options(FromCache(region))
+
+
+def _read_expire_all_read(session, stmt):
+    """Person 1, read, every object expired, read again: ``tags``, never loaded, left expired."""
+    (person,) = session.execute(stmt).unique().scalars().all()
+    session.expire_all()
+    session.execute(stmt).unique().scalars().all()
+    assert "tags" not in person.__dict__
+    return person
+
+
 @pytest.mark.parametrize("region", [None, "local"])
 @pytest.mark.parametrize("expired", ["name", "addresses"])
 def test_an_attribute_expired_after_the_load_is_loaded_again(Session, region, expired):
     """Left expired: ``tags``; expired after it: ``name`` (a column) or ``addresses`` (what the query loads)."""
-    stmt = select(Person).options(selectinload(Person.addresses)).where(Person.id == 1)
-    if region is not None:
-        stmt = stmt.options(FromCache(region))
+    stmt = _person_one(region)
     with Session() as session:
-        (person,) = session.execute(stmt).unique().scalars().all()
-        session.expire_all()
-        session.execute(stmt).unique().scalars().all()
-        assert "tags" not in person.__dict__
+        person = _read_expire_all_read(session, stmt)
         session.expire(person, [expired])
         session.execute(stmt).unique().scalars().all()
         assert expired in person.__dict__
@@ -87,13 +96,9 @@ def test_an_attribute_expired_after_the_load_is_loaded_again(Session, region, ex
 @pytest.mark.parametrize("region", [None, "local"])
 def test_a_relationship_left_expired_and_loaded_since_is_served_loaded(Session, sql, region):
     """``tags``, left expired by the load, loaded since: the query leaves it loaded, and so does a hit."""
-    stmt = select(Person).options(selectinload(Person.addresses)).where(Person.id == 1)
-    if region is not None:
-        stmt = stmt.options(FromCache(region))
+    stmt = _person_one(region)
     with Session() as session:
-        (person,) = session.execute(stmt).unique().scalars().all()
-        session.expire_all()
-        session.execute(stmt).unique().scalars().all()
+        person = _read_expire_all_read(session, stmt)
         tags = list(person.tags)
         sql.reset()
         session.execute(stmt).unique().scalars().all()
