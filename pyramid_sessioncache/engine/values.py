@@ -251,10 +251,19 @@ def unmarked_columns(mapper: Any) -> tuple:
 
     Those without a loader of their own (``query_expression()``): the ORM
     pops them from the object and leaves ``expired_attributes`` as it was.
+    Found once per mapper: every shared hit that builds objects asks.
     """
-    manager = mapper.class_manager
-    attributes = (manager.get(prop.key) for prop in mapper.column_attrs)  # a concrete union's discriminator has none
-    return tuple(attr.key for attr in attributes if attr is not None and not attr.impl.accepts_scalar_loader)
+    found = _UNMARKED.get(mapper)
+    if found is None:
+        manager = mapper.class_manager
+        attrs = (manager.get(prop.key) for prop in mapper.column_attrs)  # a concrete union's discriminator has none
+        found = _UNMARKED[mapper] = tuple(
+            attr.key for attr in attrs if attr is not None and not attr.impl.accepts_scalar_loader
+        )
+    return found
+
+
+_UNMARKED: weakref.WeakKeyDictionary[Any, tuple] = weakref.WeakKeyDictionary()
 
 
 def populated_relationships(mapper: Any) -> tuple:
