@@ -369,6 +369,17 @@ def legacy_bypass(execution_options: Any) -> bool:
     return bool(getattr(load_options, "_populate_existing", False) or getattr(load_options, "_yield_per", None))
 
 
+def query_session(context: Any) -> Any:
+    """The Session of the query a ``refresh`` event's ``context`` stands for; None when no query sent it.
+
+    A query passes its ``QueryContext``; a shared hit's objects
+    (``hydrate.py``) pass None, and reading a ``composite()`` whose columns
+    are loaded passes a marker of its own (``CompositeProperty._COMPOSITE_FGET``,
+    a bare ``object()``, 2.0 and 2.1), on any object, even one of no Session.
+    """
+    return getattr(context, "session", None)
+
+
 def populates_existing(execution_options: Any) -> bool:
     """Whether an ORM execution overwrites the objects the Session holds (``populate_existing``, however asked).
 

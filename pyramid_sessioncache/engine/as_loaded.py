@@ -177,8 +177,9 @@ def _refreshed(state: Any, context: Any, keys: Any) -> None:
     # polymorphic_load="selectin" after the load event; a deferred column
     # a listener read): kept as the database gave them (this runs first),
     # for values_of() to tell whether anything changed them since.
-    if context is not None:
-        session_info = context.session.info
+    session = _sqlalchemy.query_session(context)
+    if session is not None:
+        session_info = session.info
         if session_info.get(info.LOADER) and session_info.get(AS_LOADED, {}).get(state) is not None:
             if keys is None:  # every column loaded again: its load listeners' work undone
                 session_info[AS_LOADED][state] = None

@@ -124,9 +124,12 @@ _NOTHING: frozenset[str] = frozenset()
 
 
 def _refreshed(state: Any, context: Any, to_load: Any) -> None:
-    if not _WATCHES or context is None:  # None: a shared hit's objects (hydrate.py), no query, no rows
+    if not _WATCHES:
         return
-    watch = _WATCHES.get(context.session.hash_key)
+    session = _sqlalchemy.query_session(context)
+    if session is None:  # no query, no rows: a shared hit's objects, a composite built from its columns
+        return
+    watch = _WATCHES.get(session.hash_key)
     if watch is None or watch.found or to_load is None:  # None: every attribute (a refresh, populate_existing)
         return
     loaded = state.dict
