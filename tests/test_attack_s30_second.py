@@ -3,7 +3,7 @@
 baf10a2 serves an entry whose joined or subquery eager rows may hold
 objects its result does not reach (a stale loaded relationship) only while
 no object of the Session has an attribute *expired* since it was stored
-(``eager_rows.none_expired_since()``).  The ORM's partial population loads
+(``values.holds_as_snapshot()``).  The ORM's partial population loads
 every *unloaded* attribute of such an object, expired or not: an attribute
 can be unloaded without being marked expired (``session.expire(obj,
 ["rel"])`` of a relationship, of a ``query_expression()``; an object loaded
@@ -340,13 +340,13 @@ def test_a_tree_whose_stale_children_are_a_level_down(engine, cache):
 @pytest.mark.parametrize("region", [None, "local"])
 def test_a_session_at_the_scan_limit(engine, cache, region, grow, monkeypatch):
     """Stored with exactly MAX_SCANNED objects in the Session; it then holds ``grow`` more, and K 3 is expired."""
-    from pyramid_sessioncache.engine import eager_rows
+    from pyramid_sessioncache.engine import values
 
     stmt = _cached(select(P).where(P.id == 1).options(joinedload(P.kids)), region)
     with Session(engine, info=cache.session_info()) as session:
         p1, k3 = _k3_outside(session, engine)
         _read(session, stmt)  # K 3 refreshed: no new object
-        monkeypatch.setattr(eager_rows, "MAX_SCANNED", len(session.identity_map))
+        monkeypatch.setattr(values, "MAX_SCANNED", len(session.identity_map))
         session.expire(k3, ["label"])
         _read(session, stmt)  # stored again, at the limit
         others = [session.get(T, 1)] if grow else []

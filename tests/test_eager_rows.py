@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import joinedload, selectinload, subqueryload
 
 from pyramid_sessioncache import FromCache, _sqlalchemy
-from pyramid_sessioncache.engine import eager_rows
+from pyramid_sessioncache.engine import values
 
 from .models import Address, Person
 
@@ -122,7 +122,7 @@ def test_an_entry_that_reads_no_rows_of_a_loaded_relationship_needs_no_watch(Ses
 
 
 def test_an_entry_over_a_loaded_relationship_in_a_session_too_large_to_watch_is_not_kept(Session, sql, monkeypatch):
-    monkeypatch.setattr(eager_rows, "MAX_SCANNED", 3)
+    monkeypatch.setattr(values, "MAX_SCANNED", 3)
     stmt = select(Person).options(joinedload(Person.addresses), FromCache("local")).where(Person.id == 1)
 
     def prepare(session):

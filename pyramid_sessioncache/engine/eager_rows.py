@@ -16,12 +16,12 @@ loaded before is not among them.  While a local entry loads
 (:func:`watching`), a listener notes whether such an object had one loaded
 that the query reads from rows (``found`` of :class:`Watch`).  Such an entry is
 kept with the objects the Session held then, and what each had expired
-(:func:`expired`); a hit on it requires the same objects, none expired
-since (:func:`none_expired_since`): whatever objects the rows held are
-then as the query left them.  (An attribute unloaded without being marked
+(``values.session_snapshot()``); a hit on it requires the same objects,
+none expired since (``values.holds_as_snapshot()``): whatever objects the
+rows held are then as the query left them.  (An attribute unloaded without being marked
 expired, by ``session.expire(obj, [key])``, drops the Session's entries:
-see ``hook.py``.)  A Session of more than :data:`MAX_SCANNED` objects is
-not scanned: the entry is not kept.
+see ``hook.py``.)  A Session of more than ``values.MAX_SCANNED`` objects
+is not scanned: the entry is not kept.
 
 The listener is installed once per process (:func:`install`); outside a
 watched load it costs one look-up in the Session's ``info`` for each object
@@ -43,8 +43,6 @@ from .. import _sqlalchemy
 #: The :class:`Watch` of the local load running on each Session, by ``Session.hash_key``: empty
 #: most of the time, when the listener returns at once.  A Session is used by one thread at a time.
 _WATCHES: dict[int, Watch] = {}
-#: How many objects a Session may hold for :func:`expired` and :func:`none_expired_since` to look at them all.
-MAX_SCANNED = 2_000
 
 
 class Watch:
@@ -83,44 +81,6 @@ def watching(session: Session, statement: Any) -> Iterator[Watch]:
         else:
             _WATCHES[key] = outer
             outer.found = outer.found or watch.found
-
-
-def expired(session: Session) -> dict | None:
-    """``{state: its expired keys not loaded}`` of every object ``session`` holds; None past :data:`MAX_SCANNED`."""
-    identity_map = session.identity_map
-    if len(identity_map) > MAX_SCANNED:
-        return None
-    return {state: _expired(state) for state in identity_map.all_states()}
-
-
-def none_expired_since(session: Session, before: dict) -> bool:
-    """Whether ``session`` holds the objects it held in ``before`` (see :func:`expired`), none more, none expired since.
-
-    An object let go and loaded again since (by a query that deferred a
-    column the rows would fill in) is another state: not in ``before``.
-    """
-    identity_map = session.identity_map
-    if len(identity_map) > MAX_SCANNED:
-        return False
-    for state in identity_map.all_states():
-        left = before.get(state)
-        if left is None:
-            return False
-        keys = state.expired_attributes
-        if keys and not keys <= left and any(key not in state.dict and key not in left for key in keys):
-            return False
-    return True
-
-
-def _expired(state: Any) -> frozenset[str]:
-    keys = state.expired_attributes
-    if not keys:
-        return _NOTHING
-    loaded = state.dict
-    return frozenset(key for key in keys if key not in loaded)
-
-
-_NOTHING: frozenset[str] = frozenset()
 
 
 def _refreshed(state: Any, context: Any, to_load: Any) -> None:

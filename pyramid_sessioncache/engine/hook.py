@@ -24,7 +24,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from .. import _sqlalchemy
 from ..storage.backends import local_session
 from ..storage.region import always_valid
-from . import as_loaded, connection_state, eager_rows, info, loader, lookup
+from . import as_loaded, connection_state, eager_rows, info, loader, lookup, values
 from .cache import SessionCache
 from .invalidation import reads, schema, versions, writes
 from .lookup import Lookup
@@ -235,7 +235,7 @@ def _local_load(state: ORMExecuteState, cache: SessionCache, loaded: dict[str, A
     with eager_rows.watching(session, statement) as watch:
         value = LocalResult.from_result(state.invoke_statement(), _sqlalchemy.eager_relationship_keys(statement))
     if watch.found:
-        value.session_expired = eager_rows.expired(session)
+        value.session_expired = values.session_snapshot(session)
     loaded["keep"] = writes.writes_run(connection) == before and not (watch.found and value.session_expired is None)
     value.commits = commits
     return value

@@ -34,7 +34,7 @@ from sqlalchemy.orm.collections import InstrumentedDict, InstrumentedList, Instr
 from sqlalchemy.sql.expression import ColumnClause
 
 from .. import _sqlalchemy
-from . import as_loaded, eager_rows
+from . import as_loaded
 
 #: ``session.info`` flag of the Sessions that load values to cache; the ORM
 #: hook leaves their queries alone.
@@ -66,8 +66,8 @@ class LocalResult(Sequence):
         self.commits: int | None = None
         #: What the Session held expired as the entry was stored, when its
         #: eager rows may have held objects it does not reach (see
-        #: ``eager_rows.py``): a hit requires nothing expired since.  None:
-        #: they held none.
+        #: ``eager_rows.py``; :func:`session_snapshot`): a hit requires the
+        #: same objects, nothing expired since.  None: they held none.
         self.session_expired: dict | None = None
         rows = frozen().all()
         self._items = [row[0] for row in rows] if _sqlalchemy.is_single_entity(frozen) else rows
@@ -100,7 +100,7 @@ class LocalResult(Sequence):
         """
         if not current(self._states, session):
             return False
-        return self.session_expired is None or eager_rows.none_expired_since(session, self.session_expired)
+        return self.session_expired is None or holds_as_snapshot(session, self.session_expired)
 
     @property
     def checked(self) -> bool:
@@ -160,6 +160,46 @@ def _expired_since(state: Any, expired: Any, left: frozenset[str]) -> bool:
     return any(key not in loaded and key not in left for key in expired)
 
 
+def _left_expired(state: Any) -> frozenset[str]:
+    """The keys of ``state`` expired and not loaded (see :func:`_expired_since`)."""
+    keys = state.expired_attributes
+    if not keys:
+        return _NOTHING
+    loaded = state.dict
+    return frozenset(key for key in keys if key not in loaded)
+
+
+#: How many objects a Session may hold for :func:`session_snapshot` and :func:`holds_as_snapshot` to look at them all.
+MAX_SCANNED = 2_000
+
+
+def session_snapshot(session: Session) -> dict | None:
+    """``{state: its expired keys not loaded}`` of every object ``session`` holds; None past :data:`MAX_SCANNED`."""
+    identity_map = session.identity_map
+    if len(identity_map) > MAX_SCANNED:
+        return None
+    return {state: _left_expired(state) for state in identity_map.all_states()}
+
+
+def holds_as_snapshot(session: Session, before: dict) -> bool:
+    """Whether ``session`` holds the objects of ``before`` (:func:`session_snapshot`), none more, none expired since.
+
+    An object let go and loaded again since (by a query that deferred a
+    column the rows would fill in) is another state: not in ``before``.
+    """
+    identity_map = session.identity_map
+    if len(identity_map) > MAX_SCANNED:
+        return False
+    for state in identity_map.all_states():
+        left = before.get(state)
+        if left is None:
+            return False
+        expired = state.expired_attributes
+        if expired and not expired <= left and _expired_since(state, expired, left):
+            return False
+    return True
+
+
 class Reached(NamedTuple):
     """What :func:`current` checks of the objects a hit serves (see :func:`reached`)."""
 
@@ -215,7 +255,7 @@ def reached(states: Any, follows: frozenset[str] | None = None) -> Reached:
         state = pending.pop()
         loaded = state.dict
         if state.expired_attributes:
-            left_expired[state] = frozenset(key for key in state.expired_attributes if key not in loaded)
+            left_expired[state] = _left_expired(state)
         mapper = state.mapper
         columns = unmarked.get(mapper)
         if columns is None:
