@@ -29,6 +29,7 @@ transaction's first write (c4f3493, reverted) broke what the tests under
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import threading
 
@@ -174,96 +175,109 @@ def _write(session, kind: str) -> None:
         session.connection().exec_driver_sql("INSERT INTO s31_item (id, v) VALUES (10, 0)")
 
 
+@contextlib.contextmanager
+def _world(tmp_path, journal: str = "delete", begin: str | None = None, **options):
+    """``(path, engine, Sess, cache)`` over the test's database: ``Sess`` caches in every region; disposed at the end.
+
+    ``begin``: how SQLAlchemy's transaction begins SQLite's (see :func:`_raw_begin`), by default as pysqlite does.
+    """
+    path = _database(tmp_path, journal)
+    engine = create_engine(f"sqlite:///{path}", **options)
+    if begin is not None:
+        _raw_begin(engine, begin)
+    cache = _cache(tmp_path)
+    try:
+        yield path, engine, sessionmaker(engine, info=cache.session_info()), cache
+    finally:
+        engine.dispose()
+
+
+def _learn_layout(Sess) -> None:
+    """A first transaction on the connection: the add-on learns its databases."""
+    with Sess() as session:
+        session.execute(select(_ITEM)).all()
+
+
+def _served_fresh(engine, Sess, stmt, before=None, region: str = "memory") -> list[tuple]:
+    """Return the truth of ``stmt`` (changed from ``before``, if given), having checked that ``region`` serves it."""
+    truth = _truth(engine, stmt)
+    assert before is None or truth != before
+    with Sess() as session:
+        assert _rows(session, stmt, region) == truth
+    return truth
+
+
 # Checked as a transaction begins ------------------------------------------------------------
 
 
 @pytest.mark.parametrize("journal", ["delete", "wal"])
 def test_a_savepoints_first_write_waits_for_another_writer(tmp_path, journal):
-    # pysqlite's default mode: SAVEPOINT opens SQLite's transaction, so the
-    # first write finds it open and unchecked.
-    path = _database(tmp_path, journal)
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 5})
-    Sess = sessionmaker(engine, info=_cache(tmp_path).session_info())
-    with Sess() as session:  # the connection's layout is learnt
-        session.execute(select(_ITEM)).all()
-    try:
+    # pysqlite's default mode: SAVEPOINT opens SQLite's transaction, before the first write.
+    with _world(tmp_path, journal, connect_args={"timeout": 5}) as (path, engine, Sess, _):
+        _learn_layout(Sess)
         with _Writer(path), Sess() as session:
             with session.begin_nested():
                 _write(session, "orm flush")
             session.commit()
         assert _truth(engine, select(_ITEM.c.id).where(_ITEM.c.id == 10)) == [(10,)]
-    finally:
-        engine.dispose()
 
 
 @pytest.mark.parametrize("journal", ["delete", "wal"])
 def test_a_first_write_after_a_driver_begin_waits_for_another_writer(tmp_path, journal):
-    path = _database(tmp_path, journal)
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 5})
-    _raw_begin(engine, "raw BEGIN")
-    Sess = sessionmaker(engine, info=_cache(tmp_path).session_info())
-    with Sess() as session:
-        session.execute(select(_ITEM)).all()
-    try:
+    with _world(tmp_path, journal, "raw BEGIN", connect_args={"timeout": 5}) as (path, engine, Sess, _):
+        _learn_layout(Sess)
         with _Writer(path), Sess() as session:
             _write(session, "core executemany")
             session.commit()
         assert _truth(engine, select(_ITEM.c.id).where(_ITEM.c.id >= 10)) == [(10,), (11,)]
-    finally:
-        engine.dispose()
+
+
+def _one_connection(tmp_path, opened_by: str):
+    """A world of one pooled connection, failing at once on a lock; BEGIN as ``opened_by`` says."""
+    begin = "raw BEGIN" if opened_by == "raw BEGIN" else None
+    return _world(tmp_path, begin=begin, connect_args={"timeout": 0.2}, poolclass=QueuePool, pool_size=1)
+
+
+@contextlib.contextmanager
+def _opened_by(session, opened_by: str):
+    """A block of writes in the SQLite transaction a savepoint (released after it) or the driver's BEGIN opened."""
+    nested = session.begin_nested() if opened_by == "savepoint" else None
+    yield
+    if nested is not None:
+        nested.commit()  # pysqlite's default mode: SAVEPOINT opened SQLite's transaction, RELEASE commits it
 
 
 @pytest.mark.parametrize("where", ["attached", "temp"])
 @pytest.mark.parametrize("opened_by", ["savepoint", "raw BEGIN"])
 def test_a_write_beside_main_leaves_main_unlocked_when_the_database_came_later(tmp_path, where, opened_by):
-    path = _database(tmp_path)
     aux = str(tmp_path / "aux.sqlite")
     _other(aux, "CREATE TABLE s31_note (id INTEGER PRIMARY KEY)")
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.2}, poolclass=QueuePool, pool_size=1)
-    if opened_by == "raw BEGIN":
-        _raw_begin(engine, "raw BEGIN")
-    Sess = sessionmaker(engine, info=_cache(tmp_path).session_info())
-    with Sess() as session:  # the connection's layout is learnt: main alone
-        session.execute(select(_ITEM)).all()
-    with engine.connect() as conn:  # later in the connection's life, behind SQLAlchemy's back
-        if where == "attached":
-            conn.connection.dbapi_connection.execute(f"ATTACH DATABASE '{aux}' AS aux")
-        else:
-            conn.connection.dbapi_connection.execute("CREATE TEMP TABLE s31_tnote (id INTEGER PRIMARY KEY)")
-    note = _NOTE if where == "attached" else _TEMP_NOTE
-    try:
+    with _one_connection(tmp_path, opened_by) as (path, engine, Sess, _):
+        _learn_layout(Sess)  # main alone
+        with engine.connect() as conn:  # later in the connection's life, behind SQLAlchemy's back
+            if where == "attached":
+                conn.connection.dbapi_connection.execute(f"ATTACH DATABASE '{aux}' AS aux")
+            else:
+                conn.connection.dbapi_connection.execute("CREATE TEMP TABLE s31_tnote (id INTEGER PRIMARY KEY)")
+        note = _NOTE if where == "attached" else _TEMP_NOTE
         with Sess() as session:
-            nested = session.begin_nested() if opened_by == "savepoint" else None
-            session.execute(insert(note).values(id=1))
-            _other(path, "INSERT INTO s31_item (id, v) VALUES (7, 0)", timeout=0.2)  # raises if main is locked
-            if nested is not None:
-                nested.commit()
+            with _opened_by(session, opened_by):
+                session.execute(insert(note).values(id=1))
+                _other(path, "INSERT INTO s31_item (id, v) VALUES (7, 0)", timeout=0.2)  # raises if main is locked
             session.commit()
         assert _truth(engine, select(_ITEM.c.id).where(_ITEM.c.id == 7)) == [(7,)]
-    finally:
-        engine.dispose()
 
 
 @pytest.mark.parametrize("opened_by", ["savepoint", "raw BEGIN"])
 def test_a_write_through_mains_file_attached_later_commits(tmp_path, opened_by):
-    path = _database(tmp_path)
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 0.2}, poolclass=QueuePool, pool_size=1)
-    if opened_by == "raw BEGIN":
-        _raw_begin(engine, "raw BEGIN")
-    Sess = sessionmaker(engine, info=_cache(tmp_path).session_info())
-    with Sess() as session:  # the connection's layout is learnt: main alone
-        session.execute(select(_ITEM)).all()
-    with engine.connect() as conn:
-        conn.connection.dbapi_connection.execute(f"ATTACH DATABASE '{path}' AS alias")
-    try:
+    with _one_connection(tmp_path, opened_by) as (path, engine, Sess, _):
+        _learn_layout(Sess)  # main alone
+        with engine.connect() as conn:
+            conn.connection.dbapi_connection.execute(f"ATTACH DATABASE '{path}' AS alias")
         with Sess() as session:
-            nested = session.begin_nested() if opened_by == "savepoint" else None
-            session.execute(insert(_ALIAS_ITEM).values(id=8))
-            if nested is not None:
-                nested.commit()  # pysqlite's default mode: SAVEPOINT opened SQLite's transaction, RELEASE commits it
+            with _opened_by(session, opened_by):
+                session.execute(insert(_ALIAS_ITEM).values(id=8))
             session.commit()
-    finally:
-        engine.dispose()
     db = sqlite3.connect(path)
     try:
         assert db.execute("SELECT id FROM s31_item WHERE id = 8").fetchall() == [(8,)]
@@ -273,11 +287,7 @@ def test_a_write_through_mains_file_attached_later_commits(tmp_path, opened_by):
 
 @pytest.mark.parametrize("declared_by", ["SessionCache.invalidate_tables", "invalidate_tables(session)"])
 def test_a_declared_write_reaches_the_table_of_a_trigger_another_process_added(tmp_path, declared_by):
-    path = _database(tmp_path)
-    engine = create_engine(f"sqlite:///{path}")
-    cache = _cache(tmp_path)
-    Sess = sessionmaker(engine, info=cache.session_info())
-    try:
+    with _world(tmp_path) as (path, engine, Sess, cache):
         with Sess() as session:
             assert _rows(session, _COUNTS_ROWS, "memory") == [(1, 0)]
         _other(path, _TRIGGERS)  # a migration
@@ -290,12 +300,7 @@ def test_a_declared_write_reaches_the_table_of_a_trigger_another_process_added(t
             with Sess() as session:
                 invalidate_tables(session, _ITEM)
                 session.commit()
-        truth = _truth(engine, _COUNTS_ROWS)
-        assert truth == [(1, 1)]
-        with Sess() as session:
-            assert _rows(session, _COUNTS_ROWS, "memory") == truth
-    finally:
-        engine.dispose()
+        assert _served_fresh(engine, Sess, _COUNTS_ROWS) == [(1, 1)]
 
 
 # Invalidation after a migration of another process -------------------------------------------
@@ -304,10 +309,7 @@ def test_a_declared_write_reaches_the_table_of_a_trigger_another_process_added(t
 @pytest.mark.parametrize("kind", ["orm flush", "core executemany", "bulk update", "bulk delete", "driver sql"])
 @pytest.mark.parametrize("region", ["memory", "file"])
 def test_a_trigger_added_between_a_read_and_the_first_write_invalidates(tmp_path, kind, region):
-    path = _database(tmp_path)
-    engine = create_engine(f"sqlite:///{path}")
-    Sess = sessionmaker(engine, info=_cache(tmp_path).session_info())
-    try:
+    with _world(tmp_path) as (path, engine, Sess, _):
         with Sess() as session:
             before = _rows(session, _COUNTS_ROWS, region)
         with Sess() as session:
@@ -318,23 +320,14 @@ def test_a_trigger_added_between_a_read_and_the_first_write_invalidates(tmp_path
             # The Session's own view of the counts, cached locally or not.
             assert _rows(session, _COUNTS_ROWS, "local") == _rows(session, _COUNTS_ROWS) != local
             session.commit()
-        truth = _truth(engine, _COUNTS_ROWS)
-        assert truth != before
-        with Sess() as session:
-            assert _rows(session, _COUNTS_ROWS, region) == truth
-    finally:
-        engine.dispose()
+        _served_fresh(engine, Sess, _COUNTS_ROWS, before, region)
 
 
 @pytest.mark.parametrize("journal", ["delete", "wal"])
 def test_a_trigger_added_after_begin_sent_as_sql_invalidates_once_committed(tmp_path, journal):
     # Checked before BEGIN; the trigger comes before the first write, which
     # is not checked again: the check after the commit finds it.
-    path = _database(tmp_path, journal)
-    engine = create_engine(f"sqlite:///{path}")
-    _raw_begin(engine, "BEGIN")
-    Sess = sessionmaker(engine, info=_cache(tmp_path).session_info())
-    try:
+    with _world(tmp_path, journal, "BEGIN") as (path, engine, Sess, _):
         with Sess() as session:
             before = _rows(session, _COUNTS_ROWS, "memory")
         with Sess() as session:
@@ -342,37 +335,22 @@ def test_a_trigger_added_after_begin_sent_as_sql_invalidates_once_committed(tmp_
             _other(path, _TRIGGERS)
             _write(session, "orm flush")
             session.commit()
-        truth = _truth(engine, _COUNTS_ROWS)
-        assert truth != before
-        with Sess() as session:
-            assert _rows(session, _COUNTS_ROWS, "memory") == truth
-    finally:
-        engine.dispose()
+        _served_fresh(engine, Sess, _COUNTS_ROWS, before)
 
 
 @pytest.mark.parametrize("sent", ["BEGIN", "BEGIN IMMEDIATE", "raw BEGIN IMMEDIATE"])
 def test_a_write_after_begin_waits_for_another_writer(tmp_path, sent):
-    path = _database(tmp_path)
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 5})
-    _raw_begin(engine, sent)
-    Sess = sessionmaker(engine, info=_cache(tmp_path).session_info())
-    try:
-        with Sess() as session:
-            session.execute(select(_ITEM)).all()
+    with _world(tmp_path, begin=sent, connect_args={"timeout": 5}) as (path, engine, Sess, _):
+        _learn_layout(Sess)
         with _Writer(path), Sess() as session:
             with session.begin_nested():
                 _write(session, "orm flush")
             session.commit()
         assert _truth(engine, select(_ITEM.c.id).where(_ITEM.c.id == 10)) == [(10,)]
-    finally:
-        engine.dispose()
 
 
 def test_a_first_write_in_the_drivers_own_transaction_waits_for_another_writer(tmp_path):
-    path = _database(tmp_path)
-    engine = create_engine(f"sqlite:///{path}", connect_args={"timeout": 5})
-    Sess = sessionmaker(engine, info=_cache(tmp_path).session_info())
-    try:
+    with _world(tmp_path, connect_args={"timeout": 5}) as (path, engine, Sess, _):
         with Sess() as session:
             _rows(session, select(_ITEM), "memory")
         with _Writer(path), Sess() as session:
@@ -380,17 +358,12 @@ def test_a_first_write_in_the_drivers_own_transaction_waits_for_another_writer(t
             _write(session, "orm flush")
             session.commit()
         assert _truth(engine, select(_ITEM.c.id).where(_ITEM.c.id == 10)) == [(10,)]
-    finally:
-        engine.dispose()
 
 
 def test_a_cascade_another_process_adds_invalidates_the_children(tmp_path):
-    path = _database(tmp_path)
-    engine = create_engine(f"sqlite:///{path}")
-    event.listen(engine, "connect", lambda dbapi, record: dbapi.execute("PRAGMA foreign_keys = ON"))
-    Sess = sessionmaker(engine, info=_cache(tmp_path).session_info())
     children = select(_CHILD.c.id).order_by(_CHILD.c.id)
-    try:
+    with _world(tmp_path) as (path, engine, Sess, _):
+        event.listen(engine, "connect", lambda dbapi, record: dbapi.execute("PRAGMA foreign_keys = ON"))
         with Sess() as session:
             before = _rows(session, children, "memory")
         with Sess() as session:
@@ -398,20 +371,12 @@ def test_a_cascade_another_process_adds_invalidates_the_children(tmp_path):
             _other(path, _CASCADE)
             session.execute(delete(_ITEM).where(_ITEM.c.id == 1))
             session.commit()
-        truth = _truth(engine, children)
-        assert truth == [(3,)] != before
-        with Sess() as session:
-            assert _rows(session, children, "memory") == truth
-    finally:
-        engine.dispose()
+        assert _served_fresh(engine, Sess, children, before) == [(3,)]
 
 
 def test_a_view_and_trigger_another_process_adds_mid_transaction_invalidate_the_view(tmp_path):
-    path = _database(tmp_path)
-    engine = create_engine(f"sqlite:///{path}")
-    Sess = sessionmaker(engine, info=_cache(tmp_path).session_info())
     view = select(_VIEW.c.n)
-    try:
+    with _world(tmp_path) as (path, engine, Sess, _):
         with Sess() as session:
             session.execute(select(_ITEM)).all()
             _other(path, _TRIGGERS + "CREATE VIEW s31_view AS SELECT n FROM s31_counts;")
@@ -420,19 +385,11 @@ def test_a_view_and_trigger_another_process_adds_mid_transaction_invalidate_the_
             _rows(session, view, "memory")
             _write(session, "bulk update")
             session.commit()
-        truth = _truth(engine, view)
-        assert truth != before
-        with Sess() as session:
-            assert _rows(session, view, "memory") == truth
-    finally:
-        engine.dispose()
+        _served_fresh(engine, Sess, view, before)
 
 
 def test_a_trigger_added_before_a_savepoint_is_known_after_its_rollback(tmp_path):
-    path = _database(tmp_path)
-    engine = create_engine(f"sqlite:///{path}")
-    Sess = sessionmaker(engine, info=_cache(tmp_path).session_info())
-    try:
+    with _world(tmp_path) as (path, engine, Sess, _):
         with Sess() as session:
             before = _rows(session, _COUNTS_ROWS, "memory")
         with Sess() as session:
@@ -443,19 +400,11 @@ def test_a_trigger_added_before_a_savepoint_is_known_after_its_rollback(tmp_path
             nested.rollback()
             session.execute(insert(_ITEM).values(id=21, v=0))
             session.commit()
-        truth = _truth(engine, _COUNTS_ROWS)
-        assert truth == [(1, 1)] != before
-        with Sess() as session:
-            assert _rows(session, _COUNTS_ROWS, "memory") == truth
-    finally:
-        engine.dispose()
+        assert _served_fresh(engine, Sess, _COUNTS_ROWS, before) == [(1, 1)]
 
 
 def test_a_trigger_added_after_a_commit_sent_as_sql_is_known_at_the_next_write(tmp_path):
-    path = _database(tmp_path)
-    engine = create_engine(f"sqlite:///{path}")
-    Sess = sessionmaker(engine, info=_cache(tmp_path).session_info())
-    try:
+    with _world(tmp_path) as (path, engine, Sess, _):
         with Sess() as session:
             before = _rows(session, _COUNTS_ROWS, "memory")
         with Sess() as session:
@@ -464,19 +413,11 @@ def test_a_trigger_added_after_a_commit_sent_as_sql_is_known_at_the_next_write(t
             _other(path, _TRIGGERS)
             session.execute(insert(_ITEM).values(id=31, v=0))
             session.commit()
-        truth = _truth(engine, _COUNTS_ROWS)
-        assert truth == [(1, 1)] != before
-        with Sess() as session:
-            assert _rows(session, _COUNTS_ROWS, "memory") == truth
-    finally:
-        engine.dispose()
+        assert _served_fresh(engine, Sess, _COUNTS_ROWS, before) == [(1, 1)]
 
 
 def test_a_temporary_trigger_made_on_the_dbapi_connection_later_invalidates(tmp_path):
-    path = _database(tmp_path)
-    engine = create_engine(f"sqlite:///{path}", poolclass=QueuePool, pool_size=1)
-    Sess = sessionmaker(engine, info=_cache(tmp_path).session_info())
-    try:
+    with _world(tmp_path, poolclass=QueuePool, pool_size=1) as (path, engine, Sess, _):
         with Sess() as session:
             before = _rows(session, _COUNTS_ROWS, "memory")
         with engine.connect() as conn:  # behind SQLAlchemy's back, after the layout was learnt
@@ -491,17 +432,12 @@ def test_a_temporary_trigger_made_on_the_dbapi_connection_later_invalidates(tmp_
         assert truth == [(1, 1)] != before
         with Sess() as session:
             assert _rows(session, _COUNTS_ROWS, "memory") == truth
-    finally:
-        engine.dispose()
 
 
 def test_a_declared_write_in_a_transaction_that_read_reaches_a_trigger_another_process_added(tmp_path):
     # Declared on a connection in transaction: closed over the schema as it
     # is after the commit.
-    path = _database(tmp_path)
-    engine = create_engine(f"sqlite:///{path}")
-    Sess = sessionmaker(engine, info=_cache(tmp_path).session_info())
-    try:
+    with _world(tmp_path) as (path, engine, Sess, _):
         with Sess() as session:
             assert _rows(session, _COUNTS_ROWS, "memory") == [(1, 0)]
         _other(path, _TRIGGERS)
@@ -510,9 +446,4 @@ def test_a_declared_write_in_a_transaction_that_read_reaches_a_trigger_another_p
             _other(path, "INSERT INTO s31_item (id, v) VALUES (9, 0)")
             invalidate_tables(session, _ITEM)
             session.commit()
-        truth = _truth(engine, _COUNTS_ROWS)
-        assert truth == [(1, 1)]
-        with Sess() as session:
-            assert _rows(session, _COUNTS_ROWS, "memory") == truth
-    finally:
-        engine.dispose()
+        assert _served_fresh(engine, Sess, _COUNTS_ROWS) == [(1, 1)]
