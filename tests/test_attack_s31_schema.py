@@ -210,10 +210,20 @@ def _served_fresh(engine, Sess, stmt, before=None, region: str = "memory") -> li
 # Checked as a transaction begins ------------------------------------------------------------
 
 
-@pytest.mark.parametrize("journal", ["delete", "wal"])
-def test_a_savepoints_first_write_waits_for_another_writer(tmp_path, journal):
-    # pysqlite's default mode: SAVEPOINT opens SQLite's transaction, before the first write.
-    with _world(tmp_path, journal, connect_args={"timeout": 5}) as (path, engine, Sess, _):
+@pytest.mark.parametrize(
+    ("journal", "begin"),
+    [
+        ("delete", None),
+        ("wal", None),
+        ("delete", "BEGIN"),
+        ("delete", "BEGIN IMMEDIATE"),
+        ("delete", "raw BEGIN IMMEDIATE"),
+    ],
+)
+def test_a_savepoints_first_write_waits_for_another_writer(tmp_path, journal, begin):
+    # pysqlite's default mode (no BEGIN of its own): SAVEPOINT opens SQLite's
+    # transaction, before the first write.  With BEGIN sent, that opened it.
+    with _world(tmp_path, journal, begin, connect_args={"timeout": 5}) as (path, engine, Sess, _):
         _learn_layout(Sess)
         with _Writer(path), Sess() as session:
             with session.begin_nested():
@@ -336,17 +346,6 @@ def test_a_trigger_added_after_begin_sent_as_sql_invalidates_once_committed(tmp_
             _write(session, "orm flush")
             session.commit()
         _served_fresh(engine, Sess, _COUNTS_ROWS, before)
-
-
-@pytest.mark.parametrize("sent", ["BEGIN", "BEGIN IMMEDIATE", "raw BEGIN IMMEDIATE"])
-def test_a_write_after_begin_waits_for_another_writer(tmp_path, sent):
-    with _world(tmp_path, begin=sent, connect_args={"timeout": 5}) as (path, engine, Sess, _):
-        _learn_layout(Sess)
-        with _Writer(path), Sess() as session:
-            with session.begin_nested():
-                _write(session, "orm flush")
-            session.commit()
-        assert _truth(engine, select(_ITEM.c.id).where(_ITEM.c.id == 10)) == [(10,)]
 
 
 def test_a_first_write_in_the_drivers_own_transaction_waits_for_another_writer(tmp_path):
