@@ -23,7 +23,7 @@ from __future__ import annotations
 import gc
 
 import pytest
-from sqlalchemy import ForeignKey, String, create_engine, event, inspect, literal, select, update
+from sqlalchemy import ForeignKey, String, create_engine, inspect, literal, select, update
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -40,6 +40,7 @@ from sqlalchemy.orm import (
 )
 
 from pyramid_sessioncache import FromCache, SessionCache
+from pyramid_sessioncache.testing import SQLCounter
 
 from .conftest import SECRET
 
@@ -100,22 +101,6 @@ def engine(tmp_path):
 @pytest.fixture
 def cache():
     return SessionCache(REGIONS, secret=SECRET)
-
-
-class _Counter:
-    def __init__(self, engine) -> None:
-        self.count = 0
-        self.engine = engine
-
-    def __enter__(self):
-        event.listen(self.engine, "before_cursor_execute", self._count)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        event.remove(self.engine, "before_cursor_execute", self._count)
-
-    def _count(self, *args) -> None:
-        self.count += 1
 
 
 def _cached(statement, region):
@@ -182,7 +167,7 @@ def test_a_relationship_unloaded_on_an_object_the_rows_hold_outside_a_stale_coll
         _read(session, stmt)
         assert "t" in k3.__dict__
         assert [k.id for k in p1.kids] == [1, 2]
-        with _Counter(engine) as counter:
+        with SQLCounter(engine, transactions=True) as counter:
             assert k3.t.id == 2
         assert counter.count == 0
 
@@ -238,7 +223,7 @@ def test_an_object_the_rows_hold_loaded_again_with_a_deferred_column(engine, cac
         assert "label" not in inspect(k3).expired_attributes
         _read(session, stmt)
         assert [k.id for k in p1.kids] == [1, 2]
-        with _Counter(engine) as counter:
+        with SQLCounter(engine, transactions=True) as counter:
             assert k3.label == "k3"
         assert counter.count == 0  # uncached: the joined rows loaded it
 
@@ -351,7 +336,7 @@ def test_a_session_at_the_scan_limit(engine, cache, region, grow, monkeypatch):
         _read(session, stmt)  # stored again, at the limit
         others = [session.get(T, 1)] if grow else []
         session.expire(k3, ["label"])
-        with _Counter(engine) as counter:
+        with SQLCounter(engine, transactions=True) as counter:
             _read(session, stmt)
         assert "label" in k3.__dict__
         assert counter.count == 1
