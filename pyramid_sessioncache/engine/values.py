@@ -24,6 +24,7 @@ from datetime import date, datetime, time, timedelta
 from decimal import Decimal
 from enum import Enum
 from itertools import repeat
+from operator import itemgetter
 from typing import Any, NamedTuple
 from uuid import UUID
 
@@ -710,8 +711,9 @@ class _Snapshot:
         self.instances: list[Any] = []
         # class -> (its index in classes, column keys, relationship keys, whether each
         # holds a collection, whether load listeners may change its objects, the
-        # loader path of the objects a query selects, the relationships some object holds)
-        self._layouts: dict[type, tuple[int, tuple, tuple, tuple, bool, Any, set[str]]] = {}
+        # loader path of the objects a query selects, the relationships some object
+        # holds, a function of an object's dictionary giving its column values)
+        self._layouts: dict[type, tuple[int, tuple, tuple, tuple, bool, Any, set[str], Any]] = {}
         self._index: dict[int, int] = {}
         self._loaders: dict[int, tuple[Any, bool]] = {}
         self._paths: dict[int, tuple[Any, list]] = {}
@@ -722,7 +724,7 @@ class _Snapshot:
         #: The copies of values as loaded its objects hold: ``id(value) -> (value, copy)`` (``as_loaded.py``).
         self.copies: dict[int, tuple[Any, Any]] = {}
 
-    def _layout(self, cls: type, mapper: Any) -> tuple[int, tuple, tuple, tuple, bool, Any, set[str]]:
+    def _layout(self, cls: type, mapper: Any) -> tuple[int, tuple, tuple, tuple, bool, Any, set[str], Any]:
         layout = self._layouts.get(cls)
         if layout is None:
             columns = tuple(prop.key for prop in mapper.column_attrs)
@@ -735,7 +737,9 @@ class _Snapshot:
             if listened and not as_loaded.watch(mapper.class_manager):
                 self.servable = False
             root = _sqlalchemy.load_path(mapper)
-            layout = (len(self.classes), columns, relationships, collections, listened, root, set())
+            # All the columns, in one call; KeyError when one is missing.
+            values_of = itemgetter(*columns) if len(columns) > 1 else lambda loaded, key=columns[0]: (loaded[key],)
+            layout = (len(self.classes), columns, relationships, collections, listened, root, set(), values_of)
             self._layouts[cls] = layout
             if mapper.always_refresh:  # every query overwrites its objects: no hit may serve them
                 self.storable = False
@@ -755,7 +759,7 @@ class _Snapshot:
         self.instances.append(obj)
         state = _instance_state(obj)
         layout = self._layouts.get(type(obj)) or self._layout(type(obj), state.mapper)
-        class_index, columns, relationships, collections, listened, root, held_keys = layout
+        class_index, columns, relationships, collections, listened, root, held_keys, values_of = layout
         loaded = obj.__dict__  # state.dict, without its two calls
         columns_loaded: dict[str, Any] = loaded
         if listened:
@@ -771,8 +775,12 @@ class _Snapshot:
             # load listener (a PostalCode's renaming its City).  A hit sends
             # that listener the load event again.
             columns_loaded = self._before_changes(state, columns_loaded, relationships, listened)
-        values = tuple(map(columns_loaded.get, columns, repeat(NOT_LOADED)))
-        complete = all(map(columns_loaded.__contains__, columns))
+        try:
+            values = values_of(columns_loaded)
+            complete = True
+        except KeyError:  # deferred, expired or not loaded
+            values = tuple(map(columns_loaded.get, columns, repeat(NOT_LOADED)))
+            complete = False
         held: tuple = ()
         if relationships:
             ref = self.ref
