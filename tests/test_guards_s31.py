@@ -407,6 +407,38 @@ def test_a_relationship_cache_load_in_a_load_listener(
     assert cached_sql[2] == new_session_sql
 
 
+@pytest.mark.parametrize("region", ["memory", "file"])
+def test_how_often_a_load_listener_runs(fresh, cache, region):
+    """Once per object uncached and on a hit; twice on a shared region's miss, as docs/hits.md says.
+
+    The miss reads its rows into the add-on's own Session first (its
+    objects are the listener's too), then builds the caller's. A miss that
+    learns to run it once changes this test and the docs together.
+    """
+    calls: list[int] = []
+
+    def on_load(person, context):
+        calls.append(person.id)
+
+    engine = fresh()
+    Sess = sessionmaker(engine, info=cache.session_info())
+    statement = select(Person).where(Person.id <= 3).order_by(Person.id)
+    event.listen(Person, "load", on_load)
+    try:
+        counted = []
+        for read in ("uncached", "miss", "hit"):
+            calls.clear()
+            with Sess() as session:
+                if read == "uncached":
+                    session.execute(statement).scalars().all()
+                else:
+                    session.execute(statement.options(FromCache(region))).scalars().all()
+            counted.append(sorted(calls))
+    finally:
+        event.remove(Person, "load", on_load)
+    assert counted == [[1, 2, 3], [1, 1, 2, 2, 3, 3], [1, 2, 3]]
+
+
 # --- 7. PostgreSQL: a writer thread, four reader threads, one memory region -----------------------------
 
 
