@@ -10,10 +10,10 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from sqlalchemy import create_engine, event, make_url, text
+from sqlalchemy import create_engine, make_url, orm, text
 from sqlalchemy.orm import sessionmaker
 
-from pyramid_sessioncache import SessionCache, cached_query
+from pyramid_sessioncache import FromCache, SessionCache, cached_query, testing
 
 from . import models
 
@@ -22,22 +22,22 @@ IN_CI = os.environ.get("CI") == "true"
 SECRET = "a test secret, long enough"
 
 
-class SQLCounter:
-    """Counts the SQL statements an engine sends to the database."""
+def SQLCounter(engine) -> testing.SQLCounter:
+    """Count every statement ``engine`` sends from now on, transaction control included."""
+    return testing.SQLCounter(engine, transactions=True).start()
 
-    def __init__(self, engine) -> None:
-        self.statements: list[str] = []
-        event.listen(engine, "before_cursor_execute", self._count)
 
-    def _count(self, conn, cursor, statement, parameters, context, executemany) -> None:
-        self.statements.append(statement)
+def rows(session, statement, region: str | None = None) -> list[tuple]:
+    """The rows ``statement`` gives in ``session`` as plain tuples: read through ``region``, or uncached."""
+    if region is not None:
+        statement = statement.options(FromCache(region))
+    return [tuple(row) for row in session.execute(statement).all()]
 
-    @property
-    def count(self) -> int:
-        return len(self.statements)
 
-    def reset(self) -> None:
-        self.statements.clear()
+def truth(engine, statement) -> list[tuple]:
+    """The rows ``statement`` gives uncached, in a Session of its own: what a cached read must match."""
+    with orm.Session(engine) as session:
+        return rows(session, statement)
 
 
 def read_holding(engine, statement, hold, observe, cached: bool):

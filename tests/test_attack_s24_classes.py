@@ -30,9 +30,10 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from pyramid_sessioncache import FromCache, SessionCache
+from pyramid_sessioncache import SessionCache
 
 from .conftest import SECRET, SQLCounter
+from .conftest import rows as _rows
 from .processes import ROOT
 
 
@@ -40,12 +41,6 @@ def _sqlite(path):
     engine = create_engine(f"sqlite:///{path}")
     event.listen(engine, "connect", lambda dbapi, record: dbapi.execute("PRAGMA foreign_keys=ON"))
     return engine
-
-
-def _rows(session, stmt, region=None):
-    if region is not None:
-        stmt = stmt.options(FromCache(region))
-    return [tuple(row) for row in session.execute(stmt).all()]
 
 
 def _served_fresh_after(engine, Sess, stmt, region, write) -> None:

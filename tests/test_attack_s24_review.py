@@ -14,20 +14,15 @@ from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, i
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from pyramid_sessioncache import FromCache, SessionCache
+from pyramid_sessioncache import SessionCache
 
 from .conftest import SECRET
+from .conftest import rows as _rows
 
 _meta = MetaData()
 _ITEM = Table("r24_item", _meta, Column("id", Integer, primary_key=True))
 _COUNT = Table("r24_count", _meta, Column("id", Integer, primary_key=True), Column("n", Integer))
 _COUNTS = select(_COUNT.c.n).order_by(_COUNT.c.id)
-
-
-def _rows(session, stmt, region=None):
-    if region is not None:
-        stmt = stmt.options(FromCache(region))
-    return [tuple(row) for row in session.execute(stmt).all()]
 
 
 def _cache():

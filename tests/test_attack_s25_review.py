@@ -11,12 +11,14 @@ import sqlite3
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, create_engine, event, insert, select, text, update
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
-from pyramid_sessioncache import FromCache, SessionCache, invalidate_tables
+from pyramid_sessioncache import SessionCache, invalidate_tables
 from pyramid_sessioncache.engine.invalidation.schema import forget_catalog
 
 from .conftest import SECRET, SQLCounter
+from .conftest import rows as _rows
+from .conftest import truth as _truth
 
 _meta = MetaData()
 _ITEM = Table("s25_item", _meta, Column("id", Integer, primary_key=True))
@@ -47,19 +49,8 @@ def _run(path, sql: str) -> None:
     db.close()
 
 
-def _rows(session, stmt, region=None):
-    if region is not None:
-        stmt = stmt.options(FromCache(region))
-    return [tuple(row) for row in session.execute(stmt).all()]
-
-
 def _cache(**options):
     return SessionCache({"memory": {"type": "memory"}}, secret=SECRET, **options)
-
-
-def _truth(engine, stmt):
-    with Session(engine) as session:
-        return _rows(session, stmt)
 
 
 # SQLite's schema, changed by another program while a transaction is open ---------------------------

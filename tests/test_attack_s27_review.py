@@ -17,7 +17,9 @@ from sqlalchemy.pool import NullPool, QueuePool, SingletonThreadPool
 from pyramid_sessioncache import FromCache, SessionCache
 
 from .conftest import SECRET, SQLCounter
-from .test_attack_s25_review import _cache, _no_schema_known, _rows, _truth  # noqa: F401  (an autouse fixture)
+from .conftest import rows as _rows
+from .conftest import truth as _truth
+from .test_attack_s25_review import _cache, _no_schema_known  # noqa: F401  (an autouse fixture)
 from .test_attack_s27_shared_memory import (
     _COUNT,
     _COUNTS,

@@ -26,7 +26,9 @@ from pyramid_sessioncache import FromCache, SessionCache
 from pyramid_sessioncache.engine import identity
 
 from .conftest import SECRET, SQLCounter
-from .test_attack_s25_review import _cache, _no_schema_known, _rows, _truth  # noqa: F401  (an autouse fixture)
+from .conftest import rows as _rows
+from .conftest import truth as _truth
+from .test_attack_s25_review import _cache, _no_schema_known  # noqa: F401  (an autouse fixture)
 
 _COUNT = Table("s27m_count", MetaData(), Column("id", Integer, primary_key=True), Column("n", Integer))
 _COUNTS = select(_COUNT.c.n)

@@ -38,9 +38,11 @@ from sqlalchemy import Column, Integer, MetaData, Table, create_engine, delete, 
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import QueuePool
 
-from pyramid_sessioncache import SessionCache, cached_query, invalidate_tables
+from pyramid_sessioncache import SessionCache, invalidate_tables
 
 from .conftest import SECRET
+from .conftest import rows as _rows
+from .conftest import truth as _truth
 
 _meta = MetaData()
 _ITEM = Table("s31_item", _meta, Column("id", Integer, primary_key=True), Column("v", Integer))
@@ -110,17 +112,6 @@ def _cache(tmp_path) -> SessionCache:
         },
         secret=SECRET,
     )
-
-
-def _rows(session, stmt, region=None) -> list[tuple]:
-    if region is None:
-        return [tuple(row) for row in session.execute(stmt).all()]
-    return [tuple(row) for row in cached_query(session, stmt, region=region).all()]
-
-
-def _truth(engine, stmt) -> list[tuple]:
-    with Session(engine) as session:
-        return _rows(session, stmt)
 
 
 def _raw_begin(engine, sent: str) -> None:
