@@ -18,7 +18,7 @@ sends.  The uncached run of each case is checked on its own too.
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import ForeignKey, String, create_engine, event, inspect, literal, select
+from sqlalchemy import ForeignKey, String, create_engine, inspect, literal, select
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -40,7 +40,7 @@ from sqlalchemy.orm import (
 
 from pyramid_sessioncache import FromCache, SessionCache
 
-from .conftest import SECRET
+from .conftest import SECRET, SQLCounter
 
 
 class _Base(DeclarativeBase):
@@ -113,15 +113,6 @@ def engine(tmp_path):
         setup.commit()
     yield engine
     engine.dispose()
-
-
-class _Counter:
-    def __init__(self, engine) -> None:
-        self.count = 0
-        event.listen(engine, "before_cursor_execute", self._count)
-
-    def _count(self, *args) -> None:
-        self.count += 1
 
 
 def _state_of(session: Session) -> list:
@@ -200,13 +191,13 @@ def access(cls, ident, key):
         read()
         obj = _obj(session, cls, ident)
         loaded = key in inspect(obj).dict
-        counter = _Counter(session.get_bind())
+        counter = SQLCounter(session.get_bind())
         try:
             value = getattr(obj, key)
         except Exception as exc:  # raiseload
             value = type(exc).__name__
         finally:
-            event.remove(session.get_bind(), "before_cursor_execute", counter._count)
+            counter.stop()
         value = [b.id for b in value] if isinstance(value, list) else getattr(value, "id", value)
         return (key, loaded, value, counter.count)
 

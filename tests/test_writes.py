@@ -135,7 +135,7 @@ def warm(WSession, wengine, region, stmt) -> None:
     cached(WSession, region, stmt)
     sql = SQLCounter(wengine)
     assert cached(WSession, region, stmt) == uncached(wengine, stmt)
-    event.remove(wengine, "before_cursor_execute", sql._count)
+    sql.stop()
     assert sql.count == 1  # the uncached run's only
 
 
