@@ -5,8 +5,11 @@ And the ``dbm`` backend's damaged files and removed directories.
 
 from __future__ import annotations
 
+import contextlib
+import dbm
 import os
 import shutil
+import sqlite3
 import stat
 import threading
 import time
@@ -307,6 +310,42 @@ def test_a_damaged_dbm_database_is_a_miss_then_made_again(engine, sql, data_dir,
     assert "cannot be read" in caplog.text and "its files are removed" in caplog.text
     for path in files_under(data_dir):
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+
+
+def test_a_dbm_region_makes_its_databases_with_the_modules_it_knows(data_dir, lock_dir):
+    """Not with ``dbm.sqlite3``, which ``dbm.open()`` makes new databases with from Python 3.13 on."""
+    cache = dbm_cache(data_dir, lock_dir)
+    region = cache.region("f")
+    for namespace in (region.cache_for().namespace, region.tokens.namespace):
+        assert dbm.whichdb(namespace.file) in ("dbm.gnu", "dbm.ndbm", "dbm.dumb"), namespace.file
+    cache.close()
+
+
+def test_a_sqlite_database_where_a_dbm_region_keeps_its_own_is_a_miss_then_made_again(
+    engine, sql, data_dir, lock_dir, caplog
+):
+    """One ``dbm.sqlite3`` made (Python 3.13's ``dbm.open()``): removed with its ``-wal`` and ``-shm``, made anew."""
+    cache = dbm_cache(data_dir, lock_dir)
+    Session = sessionmaker(bind=engine, info=cache.session_info())
+    with Session() as session:
+        session.execute(by_id(3)).all()  # stored
+    namespace = cache.region("f").cache_for().namespace
+    for suffix in (".dat", ".dir", ".bak"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(namespace.file + suffix)
+    planted = sqlite3.connect(namespace.file)  # held open: its -wal and -shm stay
+    planted.execute("PRAGMA journal_mode = WAL")
+    planted.execute("CREATE TABLE Dict (key BLOB UNIQUE NOT NULL, value BLOB NOT NULL)")
+    planted.commit()
+    assert os.path.exists(namespace.file + "-wal") and os.path.exists(namespace.file + "-shm")
+    try:
+        with caplog.at_level("WARNING", logger="pyramid_sessioncache"):
+            assert _counts(Session, sql) == [1, 1, 0]  # a miss, stored in new files once retried, a hit
+    finally:
+        planted.close()
+    assert "cannot be read" in caplog.text
+    assert dbm.whichdb(namespace.file) in ("dbm.gnu", "dbm.ndbm", "dbm.dumb")
+    assert not any(os.path.exists(namespace.file + suffix) for suffix in ("-wal", "-shm"))
 
 
 def test_a_dbm_database_damaged_before_start_up_is_made_again(engine, sql, data_dir, lock_dir):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dbm
 import hashlib
+import importlib
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -47,8 +48,38 @@ from .signed import SignedNamespace
 
 log = logging.getLogger(__name__)
 
-#: What the ``dbm`` modules may add to a database's name.
-_SUFFIXES = ("", ".db", ".dat", ".dir", ".bak", ".pag")
+#: What the ``dbm`` modules may add to a database's name (and SQLite's, of a database not made here).
+_SUFFIXES = ("", ".db", ".dat", ".dir", ".bak", ".pag", "-wal", "-shm", "-journal")
+#: The ``dbm`` modules this backend makes and opens databases with, in the order
+#: ``dbm.open()`` chose a new one's before Python 3.13.  Not ``dbm.sqlite3``,
+#: which 3.13 tries first: its database keeps a ``-shm`` file mapped into the
+#: memory of every process that opens it, and one damaged (truncated) while
+#: mapped kills the process (SIGBUS) where the others raise an error.
+_MODULES = ("dbm.gnu", "dbm.ndbm", "dbm.dumb")
+
+
+def _module_for_new() -> Any:
+    """The first of :data:`_MODULES` this Python has (``dbm.dumb`` is in every Python)."""
+    for name in _MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError:  # built without gdbm or ndbm
+            continue
+    raise ImportError("no dbm module")  # pragma: no cover - dbm.dumb is pure Python
+
+
+def _open(path: str, flag: str) -> Any:
+    """Open the database at ``path`` (``flag``: ``"r"`` or ``"c"``), making a new one with :func:`_module_for_new`.
+
+    An existing database of another kind (``dbm.sqlite3``, a format this
+    Python cannot read) raises ``dbm.error``, as an unreadable one does.
+    """
+    kind = dbm.whichdb(path)
+    if kind is None and flag == "c":  # none there yet
+        return _module_for_new().open(path, "c", FILE_MODE)
+    if kind not in _MODULES:  # None: none there (flag "r"); "": not a database dbm knows
+        raise dbm.error[0](f"no dbm database of {', '.join(_MODULES)} at {path!r} (found: {kind!r})")
+    return importlib.import_module(kind).open(path, flag, FILE_MODE)
 
 
 class DamagedDatabaseError(OSError):
@@ -120,14 +151,14 @@ class DBMNamespace(OpenResourceNamespaceManager):
     def do_open(self, flags: str, replace: bool) -> None:
         try:
             try:
-                self.db = dbm.open(self.file, "r" if flags == "r" else "c", FILE_MODE)  # noqa: SIM115 - closed by do_close
+                self.db = _open(self.file, "r" if flags == "r" else "c")
             except Exception:
                 if not self._missing():
                     raise
                 # Never made, or removed (by another process, or with its
                 # directory by a temporary-files cleaner): made again.
                 make_directory(os.path.dirname(self.file))
-                self.db = dbm.open(self.file, "c", FILE_MODE)  # noqa: SIM115
+                self.db = _open(self.file, "c")
         except OSError as exc:
             if not isinstance(exc, FileNotFoundError):
                 raise  # the disk, not the database (full, permissions): a backend failure
