@@ -4,7 +4,7 @@ Each function says why it needs what it touches.  All of it is checked
 by the test suite against SQLAlchemy 2.0.53, the oldest release supported
 (run by CI with the oldest release of every dependency), and 2.1 (2.1.9).
 Older 2.0 releases lack ``strategies._NO_EXTRA_CRITERIA`` (2.0.53) and
-spell the closure :func:`connect_arguments` reads otherwise (2.0.48).
+spell the closure ``connect_arguments()`` reads otherwise (2.0.48).
 """
 
 from __future__ import annotations

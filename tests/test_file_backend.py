@@ -11,6 +11,7 @@ import os
 import shutil
 import sqlite3
 import stat
+import tempfile
 import threading
 import time
 
@@ -335,7 +336,7 @@ def test_a_sqlite_database_where_a_dbm_region_keeps_its_own_is_a_miss_then_made_
             os.unlink(namespace.file + suffix)
     planted = sqlite3.connect(namespace.file)  # held open: its -wal and -shm stay
     planted.execute("PRAGMA journal_mode = WAL")
-    planted.execute("CREATE TABLE Dict (key BLOB UNIQUE NOT NULL, value BLOB NOT NULL)")
+    planted.execute("CREATE TABLE IF NOT EXISTS Dict (key BLOB UNIQUE NOT NULL, value BLOB NOT NULL)")
     planted.commit()
     assert os.path.exists(namespace.file + "-wal") and os.path.exists(namespace.file + "-shm")
     try:
@@ -346,6 +347,62 @@ def test_a_sqlite_database_where_a_dbm_region_keeps_its_own_is_a_miss_then_made_
     assert "cannot be read" in caplog.text
     assert dbm.whichdb(namespace.file) in ("dbm.gnu", "dbm.ndbm", "dbm.dumb")
     assert not any(os.path.exists(namespace.file + suffix) for suffix in ("-wal", "-shm"))
+
+
+def _as_another_user(body) -> int:
+    """Run ``body()`` (it returns an exit code) where mode 000 means unreadable: in a child, as nobody, when root."""
+    if os.geteuid() != 0:
+        return body()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 99
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            code = body()
+        finally:
+            os._exit(code)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+@pytest.mark.parametrize("access", ["read", "write"])
+def test_a_dbm_index_the_process_cannot_read_is_a_backend_failure_and_is_kept(access):
+    """Not taken for a damaged database (``whichdb()`` says "none there" of what it cannot open) and removed."""
+    import ast  # noqa: F401 - what dbm.dumb imports, imported before the child is nobody
+    import dbm.dumb  # noqa: F401
+    import encodings.latin_1  # noqa: F401
+
+    from pyramid_sessioncache.storage.backends.dbm import DamagedDatabaseError, DBMNamespace
+
+    # pytest's own temporary directories are root's alone: nobody could not reach this one.
+    data_dir = tempfile.mkdtemp(prefix="sessioncache-dbm-", dir="/tmp")
+    if os.geteuid() == 0:
+        os.chown(data_dir, 65534, 65534)
+
+    def body() -> int:
+        namespace = DBMNamespace("ns", data_dir, os.path.join(data_dir, "locks"))
+        namespace.set_many({b"k": b"v"})
+        os.chmod(namespace.file + ".dir", 0)
+        try:
+            if access == "read":
+                namespace.get_many([b"k"])
+            else:
+                namespace.set_many({b"x": b"y"})
+        except DamagedDatabaseError:
+            return 1  # removed as damaged
+        except PermissionError:
+            pass
+        else:
+            return 2
+        if not os.path.exists(namespace.file + ".dir"):
+            return 3
+        os.chmod(namespace.file + ".dir", 0o600)
+        return 0 if namespace.get_many([b"k"]) == [b"v"] else 4
+
+    try:
+        assert _as_another_user(body) == 0
+    finally:
+        shutil.rmtree(data_dir)
 
 
 def test_a_dbm_database_damaged_before_start_up_is_made_again(engine, sql, data_dir, lock_dir):

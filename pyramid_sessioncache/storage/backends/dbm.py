@@ -68,6 +68,15 @@ def _module_for_new() -> Any:
     raise ImportError("no dbm module")  # pragma: no cover - dbm.dumb is pure Python
 
 
+def _raise_if_unreadable(path: str) -> None:
+    """Raise the ``OSError`` (``PermissionError``) of a file of the database at ``path`` this process cannot read."""
+    for suffix in _SUFFIXES:
+        try:
+            os.close(os.open(path + suffix, os.O_RDONLY))
+        except FileNotFoundError:
+            continue
+
+
 def _open(path: str, flag: str) -> Any:
     """Open the database at ``path`` (``flag``: ``"r"`` or ``"c"``), making a new one with :func:`_module_for_new`.
 
@@ -75,6 +84,10 @@ def _open(path: str, flag: str) -> Any:
     Python cannot read) raises ``dbm.error``, as an unreadable one does.
     """
     kind = dbm.whichdb(path)
+    if not kind:
+        # whichdb() answers None (no database) or "" also where it cannot
+        # read a file that is there: the disk's failure, not damage.
+        _raise_if_unreadable(path)
     if kind is None and flag == "c":  # none there yet
         return _module_for_new().open(path, "c", FILE_MODE)
     if kind not in _MODULES:  # None: none there (flag "r"); "": not a database dbm knows
