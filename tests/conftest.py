@@ -6,6 +6,7 @@ import importlib
 import os
 import shutil
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 
@@ -38,6 +39,29 @@ def truth(engine, statement) -> list[tuple]:
     """The rows ``statement`` gives uncached, in a Session of its own: what a cached read must match."""
     with orm.Session(engine) as session:
         return rows(session, statement)
+
+
+class ThreadServer:
+    """``app`` served by waitress on 127.0.0.1, on a port of its own, in a thread of this process, until :meth:`stop`.
+
+    WebTest's ``StopableWSGIServer``: stopped, it closes its channels before
+    its sockets, where waitress's ``close()`` under a running ``run()``
+    made its ``select()`` fail on a closed descriptor in the server's thread.
+    """
+
+    def __init__(self, app, threads: int = 4) -> None:
+        from webtest.http import StopableWSGIServer
+
+        self._server = StopableWSGIServer(app, host="127.0.0.1", port=0, threads=threads)
+        self.port: int = self._server.effective_port
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._thread = threading.Thread(target=self._server.run, name="test-waitress", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Close every connection and the socket, stop the request threads; wait for the server's thread."""
+        self._server.shutdown(debug=True)  # debug: leave waitress's logger as it is
+        self._thread.join(timeout=10)
 
 
 def read_holding(engine, statement, hold, observe, cached: bool):

@@ -17,7 +17,6 @@ import urllib.parse
 import urllib.request
 
 import pytest
-import waitress
 import zope.sqlalchemy
 from pyramid.config import Configurator
 from sqlalchemy import Column, Integer, MetaData, String, Table, literal_column, select, text, update
@@ -27,7 +26,7 @@ from pyramid_sessioncache import FromCache, NotCacheableError, cached_query
 from pyramid_sessioncache.engine.invalidation.statements import sql_tables
 
 from . import test_attack_s18_invalidation as invalidation
-from .conftest import use_region
+from .conftest import ThreadServer, use_region
 from .models import Person
 from .test_attack_s18_invalidation import PEOPLE, SAddress, SPerson, cached, counting, rows, stale_after, uncached
 
@@ -436,10 +435,8 @@ def _post(base, path, **params):
 def test_threads_text_writes_never_stale_never_uncommitted(request, db_url, region_options, kind):
     use_region(request, region_options, kind)
     region = {"type": "memory"} if kind == "memory" else region_options["redis"]
-    server = waitress.create_server(_app(db_url, region), host="127.0.0.1", port=0, threads=8)
-    base = f"http://127.0.0.1:{server.effective_port}"
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server = ThreadServer(_app(db_url, region), threads=8)
+    base = server.url
     committed = {"version": 0}
     bad: list[tuple] = []
     done = threading.Event()
@@ -474,7 +471,7 @@ def test_threads_text_writes_never_stale_never_uncommitted(request, db_url, regi
         done.set()
         for each in readers:
             each.join(timeout=30)
-        server.close()
+        server.stop()
     # The cache serves hits (no SQL on a second read), and ends on what a fresh Session reads.
     from sqlalchemy import create_engine, event
     from sqlalchemy.engine import Engine
@@ -484,9 +481,8 @@ def test_threads_text_writes_never_stale_never_uncommitted(request, db_url, regi
     def count(conn, cursor, statement, parameters, context, executemany):
         sent.append(statement)
 
-    server = waitress.create_server(_app(db_url, region), host="127.0.0.1", port=0, threads=2)
-    base = f"http://127.0.0.1:{server.effective_port}"
-    threading.Thread(target=server.run, daemon=True).start()
+    server = ThreadServer(_app(db_url, region), threads=2)
+    base = server.url
     try:
         for path in ("/text", "/orm"):
             first = _get(base, path)
@@ -497,7 +493,7 @@ def test_threads_text_writes_never_stale_never_uncommitted(request, db_url, regi
                 event.remove(Engine, "before_cursor_execute", count)
         assert [s for s in sent if "person" in s] == []
     finally:
-        server.close()
+        server.stop()
 
     engine = create_engine(db_url)
     truth = rows(Session(engine).execute(select(Person.name).where(Person.id == 2)))

@@ -56,7 +56,7 @@ from webtest import TestApp
 from pyramid_sessioncache import RelationshipCache
 from pyramid_sessioncache.testing import SQLCounter
 
-from .conftest import _server_package
+from .conftest import ThreadServer, _server_package
 
 SECRET = "a test secret, long enough"
 Base = declarative_base()
@@ -1473,7 +1473,6 @@ def test_waitress_redis_eviction_reader_and_writer_never_stale(tmp_path, redis_u
     import time
     import urllib.request
 
-    import waitress
     from redis import Redis
 
     engine = make_sqlite(tmp_path / "ev.sqlite")
@@ -1491,10 +1490,8 @@ def test_waitress_redis_eviction_reader_and_writer_never_stale(tmp_path, redis_u
 
     WRITES["move"] = w_move
     app = build_app(engine, {"type": "ext:redis", "url": redis_url, "expire": "600", "near": near}).app
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=6)
-    port = server.effective_port
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server = ThreadServer(app, threads=6)
+    port = server.port
     stale, errors, stop = [], [], threading.Event()
     states = [plain(engine, "n_children")]
     lock = threading.Lock()
@@ -1549,7 +1546,7 @@ def test_waitress_redis_eviction_reader_and_writer_never_stale(tmp_path, redis_u
         assert evicted > 0, "nothing was evicted: the test proved nothing"
     finally:
         stop.set()
-        server.close()
+        server.stop()
         r.config_set("maxmemory", old[0])
         r.config_set("maxmemory-policy", old[1])
         r.flushall()

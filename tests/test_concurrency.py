@@ -9,12 +9,11 @@ import time
 import urllib.parse
 import urllib.request
 
-import waitress
-
 from pyramid_sessioncache import SessionCache
 from pyramid_sessioncache.engine.cache import live_caches
 
 from .app import make_app
+from .conftest import ThreadServer
 from .processes import ServerProcess
 
 
@@ -48,10 +47,8 @@ def test_a_write_in_one_process_is_seen_by_the_next_request_of_another(db_url, s
 
 def test_no_read_after_a_write_returns_sees_the_old_value(db_url, redis_url):
     app = make_app(db_url, {"type": "ext:redis", "url": redis_url})
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=6)
-    base = f"http://127.0.0.1:{server.effective_port}"
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
+    server = ThreadServer(app, threads=6)
+    base = server.url
     committed = {"version": 0}
     stale: list[tuple[int, int]] = []
     done = threading.Event()
@@ -87,7 +84,7 @@ def test_no_read_after_a_write_returns_sees_the_old_value(db_url, redis_url):
         done.set()
         for thread_ in readers:
             thread_.join(timeout=30)
-        server.close()
+        server.stop()
     assert reads["count"] > 40
     assert stale == []
 

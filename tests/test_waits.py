@@ -15,14 +15,13 @@ import time
 import uuid
 
 import pytest
-import waitress
 from pyramid.exceptions import ConfigurationError
 from sqlalchemy import event
 
 from pyramid_sessioncache import CacheRegions, InvalidOptionError, Region, get_engine, parse_settings
 
 from .app import make_app
-from .conftest import SECRET
+from .conftest import SECRET, ThreadServer
 from .processes import ServerProcess, burst, timed_request
 
 #: Seconds the slow query takes.
@@ -102,9 +101,8 @@ def test_waiters_hold_no_pooled_connection(db_url, tmp_path):
         with lock:
             checked_out["now"] -= 1
 
-    server = waitress.create_server(app, host="127.0.0.1", port=0, threads=THREADS)
-    base = f"http://127.0.0.1:{server.effective_port}"
-    threading.Thread(target=server.run, daemon=True).start()
+    server = ThreadServer(app, threads=THREADS)
+    base = server.url
     seen_by_the_query: list[int] = []
 
     @event.listens_for(engine, "after_cursor_execute")
@@ -118,7 +116,7 @@ def test_waiters_hold_no_pooled_connection(db_url, tmp_path):
     try:
         results = burst([base + "/slow"] * THREADS)
     finally:
-        server.close()
+        server.stop()
     assert [status for _, status in results] == [200] * THREADS
     # While the one regenerator ran its query, it alone held a connection;
     # before, each waiter had begun its transaction and held one (8).  (The
