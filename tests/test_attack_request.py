@@ -34,6 +34,7 @@ from webtest import TestApp
 
 from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
 
+from .conftest import ThreadServer
 from .models import Address, Person
 
 SETTINGS = {
@@ -858,8 +859,6 @@ def test_a_real_threaded_server_with_a_small_pool(db_url, mode):
     import json
     import urllib.request
 
-    from webtest.http import StopableWSGIServer
-
     app = make_app(
         db_url,
         mode,
@@ -875,7 +874,7 @@ def test_a_real_threaded_server_with_a_small_pool(db_url, mode):
         return {"name": person.name}
 
     scenario(view)
-    server = StopableWSGIServer.create(app, threads=8)
+    server = ThreadServer(app, threads=8)
     errors = []
 
     def client(i):
@@ -883,12 +882,12 @@ def test_a_real_threaded_server_with_a_small_pool(db_url, mode):
             for round_ in range(3):
                 change = "" if (i + round_) % 2 else f"?change={round_}"
                 name = f"person%20{i}"
-                with urllib.request.urlopen(f"{server.application_url}run/{name}{change}", timeout=60) as response:
+                with urllib.request.urlopen(f"{server.url}/run/{name}{change}", timeout=60) as response:
                     json.loads(response.read())
                 if change:
                     # renamed: put it back, through a request too, for the next round's hit
                     scenario_name = f"person%20{i}%20{round_}"
-                    url = f"{server.application_url}run/{scenario_name}?restore=1"
+                    url = f"{server.url}/run/{scenario_name}?restore=1"
                     with urllib.request.urlopen(url, timeout=60) as response:
                         json.loads(response.read())
         except Exception as exc:  # reported below
@@ -909,7 +908,7 @@ def test_a_real_threaded_server_with_a_small_pool(db_url, mode):
         for thread in threads:
             thread.join()
     finally:
-        server.shutdown()
+        server.stop()
     assert errors == []
     assert all(names(db_url)[i] == f"person {i}" for i in range(1, 9))
     assert app.engine.pool.checkedout() == 0
