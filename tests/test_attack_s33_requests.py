@@ -21,13 +21,13 @@ from pyramid.config import Configurator
 from pyramid.httpexceptions import HTTPBadRequest
 from pyramid.request import Request
 from pyramid.response import Response
-from sqlalchemy import create_engine, event, select, text, update
+from sqlalchemy import create_engine, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session as PlainSession
 from webtest import TestApp
 
 import pyramid_sessioncache
-from pyramid_sessioncache.addon.interfaces import IDBSessionFactory
+from pyramid_sessioncache.addon.interfaces import IDBSessionFactory, ISessionCache
 
 from .conftest import SECRET, SQLCounter, ThreadServer, truth
 from .models import Person
@@ -122,7 +122,7 @@ def make(db_url, shared):
     yield make
     SCENARIO.clear()
     for app in made:
-        app.registry.getUtility(pyramid_sessioncache.addon.interfaces.ISessionCache).close()
+        app.registry.getUtility(ISessionCache).close()
         app.engine.dispose()
 
 
@@ -545,12 +545,19 @@ def test_a_finished_callback_writing_after_pyramid_tm_leaves_nothing_joined(make
     assert_clean(app)
 
 
-AFTER_FINISH = pytest.mark.xfail(strict=True, reason=(
-    "request.dbsession used once the request's finished callbacks have run (the add-on's _closer closed it) begins "
-    "a transaction that joins nothing (request_ended) and that nothing ends: its connection stays checked out until "
-    "the cyclic garbage collector frees the request"
-))
-NOT_CLOSED = ["cached hit", pytest.param("cached miss", marks=AFTER_FINISH), pytest.param("uncached", marks=AFTER_FINISH)]
+AFTER_FINISH = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "request.dbsession used once the request's finished callbacks have run (the add-on's _closer closed it) begins "
+        "a transaction that joins nothing (request_ended) and that nothing ends: its connection stays checked out until "
+        "the cyclic garbage collector frees the request"
+    ),
+)
+NOT_CLOSED = [
+    "cached hit",
+    pytest.param("cached miss", marks=AFTER_FINISH),
+    pytest.param("uncached", marks=AFTER_FINISH),
+]
 
 
 @pytest.mark.parametrize("how", NOT_CLOSED)
@@ -566,7 +573,9 @@ def test_a_before_retry_subscriber_using_the_session_leaves_nothing_checked_out(
 
     def before_retry(event):
         request = event.request
-        seen.append(shared_read(request, stmt)[0][0] if how != "uncached" else request.dbsession.execute(stmt).scalar_one())
+        seen.append(
+            shared_read(request, stmt)[0][0] if how != "uncached" else request.dbsession.execute(stmt).scalar_one()
+        )
 
     app.registry.registerHandler(before_retry, (IBeforeRetry,))
 
@@ -662,7 +671,7 @@ def test_no_request_begun_after_a_writers_response_reads_the_old_value(db_url, a
             assert served(app, stmt)[0] == truth(check, stmt)
         assert truth(check, stmts["one"]) == [("v40",)]
     finally:
-        app.registry.getUtility(pyramid_sessioncache.addon.interfaces.ISessionCache).close()
+        app.registry.getUtility(ISessionCache).close()
         app.engine.dispose()
 
 
@@ -683,7 +692,11 @@ def test_a_hit_after_the_explicit_managers_transaction_ended_by_hand(make, check
         request.dbsession.execute(name_of(1)).all()
         request.tm.commit()
         try:
-            found = request.cached_query(stmt, region="shared").scalar_one() if cached else request.dbsession.scalars(stmt).one()
+            found = (
+                request.cached_query(stmt, region="shared").scalar_one()
+                if cached
+                else request.dbsession.scalars(stmt).one()
+            )
             found.name = "after the end"
             outcome.append("served")
         except Exception as exc:
@@ -789,7 +802,9 @@ def test_a_streamed_response_reading_as_it_is_sent_leaves_nothing_checked_out(ma
         request.dbsession.execute(name_of(16)).scalar_one()
 
         def rows():
-            name = shared_read(request, stmt)[0][0] if how != "uncached" else request.dbsession.execute(stmt).scalar_one()
+            name = (
+                shared_read(request, stmt)[0][0] if how != "uncached" else request.dbsession.execute(stmt).scalar_one()
+            )
             yield name.encode()
 
         return Response(app_iter=rows())
@@ -803,11 +818,14 @@ def test_a_streamed_response_reading_as_it_is_sent_leaves_nothing_checked_out(ma
         gc.enable()
 
 
-SCOPED_FOR_EVER = pytest.mark.xfail(strict=True, reason=(
-    "pyramid_sessioncache.Session() first called once the request's finished callbacks have run (a BeforeRetry "
-    "subscriber) stores request -> Session in the module-global ScopedRegistry and registers _remove as a finished "
-    "callback that never runs: the request, its Session and its connection are kept for ever (the pool runs dry)"
-))
+SCOPED_FOR_EVER = pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "pyramid_sessioncache.Session() first called once the request's finished callbacks have run (a BeforeRetry "
+        "subscriber) stores request -> Session in the module-global ScopedRegistry and registers _remove as a finished "
+        "callback that never runs: the request, its Session and its connection are kept for ever (the pool runs dry)"
+    ),
+)
 
 
 @SCOPED_FOR_EVER
@@ -820,7 +838,9 @@ def test_the_scoped_session_used_in_a_before_retry_subscriber_is_not_kept_for_ev
     seen = []
 
     def before_retry(event):
-        seen.append(pyramid_sessioncache.Session().execute(stmt.options(pyramid_sessioncache.FromCache("shared"))).scalar_one())
+        seen.append(
+            pyramid_sessioncache.Session().execute(stmt.options(pyramid_sessioncache.FromCache("shared"))).scalar_one()
+        )
 
     def view(request):
         if not seen:
@@ -846,8 +866,14 @@ def test_retried_requests_whose_subscriber_uses_the_scoped_session_do_not_exhaus
     """A pool of one connection: every retried request's BeforeRetry read through ``pyramid_sessioncache.Session``."""
     from pyramid_retry import IBeforeRetry
 
-    app = make_memory(**{"retry.attempts": "2", "sqlalchemy.pool_size": "1", "sqlalchemy.max_overflow": "0",
-                  "sqlalchemy.pool_timeout": "1"})
+    app = make_memory(
+        **{
+            "retry.attempts": "2",
+            "sqlalchemy.pool_size": "1",
+            "sqlalchemy.max_overflow": "0",
+            "sqlalchemy.pool_timeout": "1",
+        }
+    )
     attempts = []
 
     def before_retry(event):
@@ -921,3 +947,189 @@ def test_each_attempt_of_a_retried_request_has_a_scoped_session_of_its_own(make,
     assert not pyramid_sessioncache.Session.registry.registry
     assert served(app, stmt)[0] == truth(check, stmt)
     assert_clean(app)
+
+
+@SCOPED_FOR_EVER
+def test_the_scoped_session_is_forgotten_when_an_earlier_finished_callback_fails(make_memory, check):
+    """An application's finished callback raises: Pyramid runs no later one, and ``Session.remove()`` was one of them."""
+    app = make_memory()
+
+    def failing(request):
+        raise RuntimeError("the audit service is down")
+
+    def view(request):
+        request.add_finished_callback(failing)
+        pyramid_sessioncache.Session().execute(name_of(1)).scalar_one()
+
+    scenario(view)
+    registry = pyramid_sessioncache.Session.registry.registry
+    before = set(registry)
+    try:
+        with pytest.raises(RuntimeError, match="audit"):
+            TestApp(app).get("/run")
+        gc.collect()
+        assert set(registry) == before  # "Session.remove() is called at the end of every request, error or not"
+    finally:
+        for request in set(registry) - before:
+            registry.pop(request).close()
+
+
+def test_a_subrequest_invoked_by_a_finished_callback_reads_and_writes_as_uncached(make, check):
+    """After pyramid_tm ended, a finished callback invokes a subrequest (no tweens) that writes: nothing stale, nothing held."""
+    app = make()
+    stmt = name_of(2)
+    assert served(app, stmt)[0] == [("person 2",)]
+    seen = []
+
+    def sub(request):
+        with request.tm:
+            request.cached_query(person(2), region="shared").scalar_one().name = "by a late subrequest"
+        seen.append(shared_read(request, stmt)[0][0])
+
+    def late(request):
+        request.invoke_subrequest(Request.blank("/sub"), use_tweens=False)
+
+    def view(request):
+        seen.append(shared_read(request, stmt)[0][0])
+        request.add_finished_callback(late)
+
+    scenario(view, sub=sub)
+    TestApp(app).get("/run")
+    assert seen == ["person 2", "by a late subrequest"]
+    assert served(app, stmt) == (truth(check, stmt), 0) and truth(check, stmt) == [("by a late subrequest",)]
+    assert_clean(app)
+
+
+def test_concurrent_readers_never_see_what_a_retried_attempt_wrote(db_url, any_shared, check):
+    """waitress: each write's first attempt writes, reads it through every region and fails; readers only see commits."""
+    import json
+
+    app = make_app(db_url, any_shared, **{"retry.attempts": "2"})
+    stmts = [name_of(1), select(Person.id, Person.name).where(Person.id <= 2).order_by(Person.id)]
+
+    def view(request):
+        if request.method == "POST":
+            name = request.params["name"]
+            first = request.environ["retry.attempt"] == 0
+            request.cached_query(person(1), region="shared").scalar_one().name = (
+                f"uncommitted {name}" if first else name
+            )
+            if first:
+                request.dbsession.flush()
+                for stmt in stmts:
+                    shared_read(request, stmt)
+                    request.cached_query(stmt).all()
+                raise transaction.interfaces.TransientError("again")
+            return {}
+        return {"names": [row[-1] for stmt in stmts for row in shared_read(request, stmt)]}
+
+    scenario(view)
+    server = ThreadServer(app, threads=5)
+    committed = [0]
+    bad: list = []
+    errors: list = []
+    stop = threading.Event()
+
+    def reader():
+        try:
+            while not stop.is_set():
+                before = committed[0]
+                with urllib.request.urlopen(f"{server.url}/run", timeout=10) as response:
+                    names = json.loads(response.read())["names"]
+                for name in (names[0], names[1]):
+                    if name.startswith("uncommitted") or (int(name[1:]) if name.startswith("v") else 0) < before:
+                        bad.append((before, name))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(repr(exc))
+
+    readers = [threading.Thread(target=reader) for _ in range(4)]
+    try:
+        for thread in readers:
+            thread.start()
+        for n in range(1, 31):
+            with urllib.request.urlopen(f"{server.url}/run", data=f"name=v{n}".encode(), timeout=10) as response:
+                response.read()
+            committed[0] = n
+    finally:
+        stop.set()
+        for thread in readers:
+            thread.join(timeout=20)
+        server.stop()
+    try:
+        assert not errors, errors[:3]
+        assert not bad, bad[:5]
+        for stmt in stmts:
+            assert served(app, stmt)[0] == truth(check, stmt)
+        assert truth(check, stmts[0]) == [("v30",)]
+    finally:
+        app.registry.getUtility(ISessionCache).close()
+        app.engine.dispose()
+
+
+# --- an application's own request.dbsession that outlives its requests --------------------------------------
+
+
+def commit_in_another_process(db_url, name):
+    """Rename person 1 in a process of its own (SQLAlchemy, committed): what another worker of the site does."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from sqlalchemy import create_engine, text\n"
+        "engine = create_engine(sys.argv[1])\n"
+        "with engine.begin() as conn: conn.execute(text('UPDATE person SET name = :n WHERE id = 1'), {'n': sys.argv[2]})\n"
+    )
+    subprocess.run([sys.executable, "-c", code, db_url, name], check=True, timeout=60)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "an application's own request.dbsession that outlives its request (a thread-local scoped_session registered "
+        "with zope.sqlalchemy keep_session=True: zope only expire_all()s a read-only one, its transaction never ends) "
+        "keeps its ext:local_session entries across requests: the next request on the thread is served a plain-row "
+        "entry of an earlier request, older than another process's commit its uncached query sees"
+    ),
+)
+def test_local_entries_do_not_outlive_the_request_with_an_apps_thread_local_session(db_url, check):
+    """The seed's ``meta.Session`` (thread-local) as request.dbsession, ``keep_session=True``: read-only requests."""
+    import zope.sqlalchemy
+    from sqlalchemy import engine_from_config
+    from sqlalchemy.orm import scoped_session, sessionmaker
+
+    settings = {
+        "sqlalchemy.url": db_url,
+        "cache.regions": "local_session",
+        "cache.local_session.type": "ext:local_session",
+        "sessioncache.default_region": "local_session",
+        "sessioncache.secret": SECRET,
+    }
+    config = Configurator(settings=settings)
+    config.include("pyramid_sessioncache")
+    engine = engine_from_config(settings, "sqlalchemy.")
+    factory = sessionmaker(bind=engine)
+    meta_session = scoped_session(factory)
+    zope.sqlalchemy.register(meta_session, keep_session=True)
+    config.set_sessioncache_session_factory(factory)
+    config.add_request_method(lambda request: meta_session(), "dbsession", reify=True)
+    stmt = name_of(1)
+
+    def view(request):
+        return {
+            "cached": request.cached_query(stmt).scalar_one(),
+            "uncached": request.dbsession.execute(stmt).scalar_one(),
+        }
+
+    config.add_route("read", "/read")
+    config.add_view(view, route_name="read", renderer="json")
+    web = TestApp(config.make_wsgi_app())
+    try:
+        assert web.get("/read").json == {"cached": "person 1", "uncached": "person 1"}
+        commit_in_another_process(db_url, "renamed by another worker")
+        assert truth(check, stmt) == [("renamed by another worker",)]
+        page = web.get("/read").json  # a new request: its local cache must start empty
+        assert page["uncached"] == "renamed by another worker"
+        assert page["cached"] == page["uncached"]
+    finally:
+        meta_session.remove()
+        engine.dispose()
