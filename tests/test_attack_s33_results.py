@@ -16,6 +16,7 @@ from __future__ import annotations
 import datetime
 import decimal
 import enum
+import gc
 
 import pytest
 from sqlalchemy import (
@@ -67,21 +68,25 @@ from pyramid_sessioncache import FromCache, SessionCache, cached_query
 from .conftest import SECRET, SQLCounter, truth, use_region
 from .models import Address, Person
 
-REGIONS = ["local", "memory", "file", "redis"]
+REGIONS = ["local", "memory", "file", "redis", "near"]
 
 
 @pytest.fixture(params=REGIONS)
 def reg(request) -> str:
-    """Each region in turn: ``ext:local_session``, ``memory``, ``file``, ``ext:redis``."""
+    """Each region in turn: ``ext:local_session``, ``memory``, ``file``, ``ext:redis``, ``ext:redis`` with a near cache."""
     return request.param
 
 
 @pytest.fixture
 def Sess(request, engine, reg, region_options):
     """A sessionmaker caching into a cache that has region ``reg`` (Redis started when asked for)."""
-    use_region(request, region_options, reg)
+    if reg == "near":
+        region_options["near"] = {"type": "ext:redis", "url": request.getfixturevalue("redis_url"), "near": True}
+    else:
+        use_region(request, region_options, reg)
     cache = SessionCache(region_options, default_region="local", secret=SECRET)
-    return sessionmaker(bind=engine, info=cache.session_info())
+    yield sessionmaker(bind=engine, info=cache.session_info())
+    cache.close()
 
 
 def _through(session, statement, region: str, entrance: str):
@@ -386,6 +391,7 @@ CHANGEABLE = {
         "memory",
         "file",
         "redis",
+        "near",
     ],
 )
 def test_a_value_changed_in_place_by_its_reader_is_not_what_the_next_hit_gives(extra, Sess, reg, shape):
@@ -878,3 +884,31 @@ def test_deferred_columns_column_properties_and_eager_loads_read_in_turn(extra, 
         expected = _read_in_turn(plain, order, None)
     with Sess(autoflush=autoflush) as session:
         assert _read_in_turn(session, order, reg) == expected
+
+
+HELD_SHAPES = {
+    "one entity": lambda: select(Person).where(Person.id <= 4).order_by(Person.id),
+    "entity and column": lambda: select(Person, Person.name).where(Person.id <= 4).order_by(Person.id),
+    "selectin collection": lambda: (
+        select(Person).options(selectinload(Person.addresses)).where(Person.id <= 4).order_by(Person.id)
+    ),
+    "joined many-to-one": lambda: select(Address).options(joinedload(Address.person)).where(Address.id <= 4),
+}
+
+
+@pytest.mark.parametrize("shape", HELD_SHAPES)
+def test_hits_while_the_caller_holds_some_of_the_objects_of_the_last_one(engine, Sess, reg, shape):
+    """Hits of one entry in one Session, the caller keeping only some objects of the last: every row, every time."""
+    statement = HELD_SHAPES[shape]()
+    expected = [tuple(_plain(v) for v in row) for row in truth(engine, statement)]
+    with Sess() as session:
+        kept = []
+        for keep in (0, 1, 2, None):
+            with SQLCounter(engine) as sql:
+                rows = session.execute(statement.options(FromCache(reg))).all()
+            assert [tuple(_plain(v) for v in row) for row in rows] == expected
+            assert keep == 0 or sql.count == 0, sql.statements  # hits after the first
+            kept = [] if keep is None else [rows[keep]]
+            del rows
+            gc.collect()
+        del kept
