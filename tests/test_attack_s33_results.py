@@ -35,6 +35,7 @@ from sqlalchemy import (
     bindparam,
     event,
     func,
+    lambda_stmt,
     literal_column,
     select,
     text,
@@ -912,3 +913,30 @@ def test_hits_while_the_caller_holds_some_of_the_objects_of_the_last_one(engine,
             del rows
             gc.collect()
         del kept
+
+
+def test_a_lambda_statement_is_keyed_by_what_its_closure_holds_now(engine, Sess, reg):
+    """``lambda_stmt()`` through ``cached_query()``: a bound closure value and an IN list of other lengths each give their rows."""
+
+    def below(limit):
+        statement = lambda_stmt(lambda: select(Person.id))
+        statement += lambda s: s.where(Person.id < limit)
+        return statement + (lambda s: s.order_by(Person.id))
+
+    def among(ids):
+        statement = lambda_stmt(lambda: select(Person.id))
+        statement += lambda s: s.where(Person.id.in_(ids))
+        return statement + (lambda s: s.order_by(Person.id))
+
+    with Sess() as session:
+        for _ in range(2):
+            assert [cached_query(session, below(n), reg).scalars().all() for n in (3, 5)] == [[1, 2], [1, 2, 3, 4]]
+            assert [cached_query(session, among(ids), reg).scalars().all() for ids in ([2], [3, 1], [4, 2, 3])] == [
+                [2],
+                [1, 3],
+                [2, 3, 4],
+            ]
+        with SQLCounter(engine) as sql:
+            cached_query(session, below(5), reg).scalars().all()
+            cached_query(session, among([3, 1]), reg).scalars().all()
+        assert sql.count == 0, sql.statements
