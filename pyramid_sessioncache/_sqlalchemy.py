@@ -254,6 +254,15 @@ def freeze_raw(result: Result) -> FrozenResult:
     return result.freeze()
 
 
+def holds_scalars(frozen: FrozenResult) -> bool:
+    """Whether each row ``frozen`` holds is the value itself (one entity or one column per row), not a tuple.
+
+    ``FrozenResult._source_supports_scalars``, set from the result frozen
+    (2.0, 2.1).
+    """
+    return bool(frozen._source_supports_scalars)
+
+
 def detached(frozen: FrozenResult) -> FrozenResult:
     """Return a copy of ``frozen`` that holds its rows and column names, nothing of the query that made it.
 

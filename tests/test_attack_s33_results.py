@@ -373,28 +373,7 @@ CHANGEABLE = {
 
 
 @pytest.mark.parametrize("shape", CHANGEABLE)
-@pytest.mark.parametrize(
-    "reg",
-    [
-        pytest.param(
-            "local",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "ext:local_session hands every hit the very column values its miss returned: a JSON dict, "
-                    "a PickleType value or a Bundle's dict that one caller changed in place is what the next hit "
-                    "of the same statement returns, where the query run again returns the database's value. "
-                    "LocalResult.result() (engine/values.py) serves frozen() rows without the private copies "
-                    "CachedRows.changeable()/hydrate._own_copies() give shared hits"
-                ),
-            ),
-        ),
-        "memory",
-        "file",
-        "redis",
-        "near",
-    ],
-)
+@pytest.mark.parametrize("reg", ["local", "memory", "file", "redis", "near"])
 def test_a_value_changed_in_place_by_its_reader_is_not_what_the_next_hit_gives(extra, Sess, reg, shape):
     """A non-entity column value the caller changed in place never reaches the next hit of the same statement."""
     make, change = CHANGEABLE[shape]

@@ -53,7 +53,7 @@ class LocalResult(Sequence):
     ``person10 is cache.get(key)[0]`` holds.
     """
 
-    __slots__ = ("commits", "frozen", "requires_unique", "session_expired", "_items", "_states")
+    __slots__ = ("commits", "frozen", "requires_unique", "session_expired", "_changeable", "_items", "_states")
 
     def __init__(
         self, frozen: FrozenResult, requires_unique: bool = False, follows: frozenset[str] | None = None
@@ -74,6 +74,8 @@ class LocalResult(Sequence):
         self._items = [row[0] for row in rows] if _sqlalchemy.is_single_entity(frozen) else rows
         entities = (attributes.instance_state(value) for row in rows for value in row if _is_entity(value))
         self._states = reached(entities, follows)
+        #: The indexes of the rows holding a value, not an object, that its reader could change in place.
+        self._changeable = [index for index, row in enumerate(_tuples(frozen)) if may_change(_plain(row))]
 
     @classmethod
     def from_result(cls, result: Result, follows: frozenset[str] | None = None) -> LocalResult:
@@ -115,9 +117,37 @@ class LocalResult(Sequence):
         return len(self._items)
 
     def result(self) -> Result:
-        """Return a new Result over the stored rows, demanding ``.unique()`` where the query's did."""
-        result = self.frozen()
+        """Return a new Result over the stored rows, demanding ``.unique()`` where the query's did.
+
+        Its objects are the Session's own, as the query's would be; a value
+        that is not an object (``select(Doc.data)``: a JSON ``dict``) is a
+        copy of its own, as the query would load it again: one its reader
+        changes in place must not reach the next hit.
+        """
+        frozen = self.frozen
+        if self._changeable:
+            frozen = frozen.with_new_rows(_private_rows(frozen, self._changeable))
+        result = frozen()
         return _sqlalchemy.require_unique(result) if self.requires_unique else result
+
+
+def _tuples(frozen: FrozenResult) -> list:
+    """The rows of ``frozen`` as tuples: a result of scalars (one entity, one column) holds the values themselves."""
+    return [(value,) for value in frozen.data] if _sqlalchemy.holds_scalars(frozen) else frozen.data
+
+
+def _plain(row: tuple) -> tuple:
+    """The values of ``row`` that are not objects of a Session."""
+    return tuple(value for value in row if not _is_entity(value))
+
+
+def _private_rows(frozen: FrozenResult, changeable: list[int]) -> list:
+    """The rows of ``frozen``, those at ``changeable`` with their values that are not objects copied, in one round trip."""
+    rows = list(_tuples(frozen))
+    for i, copied in zip(changeable, private_copy(tuple(_plain(rows[i]) for i in changeable)), strict=True):
+        values = iter(copied)
+        rows[i] = tuple(value if _is_entity(value) else next(values) for value in rows[i])
+    return [row[0] for row in rows] if _sqlalchemy.holds_scalars(frozen) else rows
 
 
 def current(reached: Reached, session: Session) -> bool:
