@@ -104,31 +104,6 @@ def _transaction_ended(session: Session, transaction: Any) -> None:
         session.info.pop(info.SNAPSHOTS, None)
 
 
-def _must_not_store(session: Session, connection: Any) -> bool:
-    """Whether what a load on ``connection`` reads may be rows no committed state holds.
-
-    An older snapshot (``loader.reads_a_snapshot()``); another Session's
-    uncommitted writes on the same DBAPI connection (a ``StaticPool``'s
-    one connection, shared by every Session); a connection that reads
-    uncommitted rows (SQLite's ``read_uncommitted`` in shared-cache mode,
-    ``READ UNCOMMITTED``).  The result is still returned; it is not stored.
-    """
-    known = _known(session)
-    return (
-        loader.reads_a_snapshot(connection, known)
-        or writes.pending_on(connection)
-        or loader.reads_uncommitted(connection, known)
-    )
-
-
-def _known(session: Session) -> dict:
-    # What the database said of this transaction's connections, kept as long as the transaction.
-    known = session.info.get(info.SNAPSHOTS)
-    if known is None:
-        known = session.info[info.SNAPSHOTS] = {}
-    return known
-
-
 def _do_orm_execute(state: ORMExecuteState) -> Any:
     statement = state.statement
     if not lookup.is_read(statement):
@@ -300,7 +275,7 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
         def load_once() -> CachedRows:
             # What an explicit invalidation removed, an older snapshot must not store again.
             conn = connection()
-            verdict["store"] = not _must_not_store(session, conn)
+            verdict["store"] = not loader.must_not_store(session, conn)
             now = region.versions(found.tables, create=True)  # before the query, as for create() below
             before = writes.writes_run(conn)
             value = load(conn=conn)
@@ -333,13 +308,13 @@ def _look_up(state: ORMExecuteState, cache: SessionCache, found: Lookup, region:
 
     def create() -> CachedRows:
         conn = connection()
-        old_snapshot = _must_not_store(session, conn)  # before anything runs for this query
+        old_snapshot = loader.must_not_store(session, conn)  # before anything runs for this query
         known = tables
         for attempt in range(2):
             if attempt:
                 # The first load began the transaction: at REPEATABLE READ the
                 # second reads its snapshot, older than the versions read now.
-                old_snapshot = old_snapshot or _must_not_store(session, conn)
+                old_snapshot = old_snapshot or loader.must_not_store(session, conn)
             now = region.versions(known, create=True)  # before the query: see invalidation/__init__.py
             before = writes.writes_run(conn)
             value = load(frozenset(known), conn)

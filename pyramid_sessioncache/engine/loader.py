@@ -10,7 +10,7 @@ from sqlalchemy.orm import ORMExecuteState, Session, instrumentation
 
 from .. import _sqlalchemy
 from . import as_loaded, info
-from .invalidation import schema
+from .invalidation import schema, writes
 from .invalidation.reads import ANY_TABLE, executed_tables, record_tables, statement_tables
 from .invalidation.writes import in_transaction
 from .values import CachedRows
@@ -81,6 +81,8 @@ def load(
         value = CachedRows.from_result(result, instances)
         if instances and _kept_to_itself(loader, instances, given):
             instances.clear()  # the caller's Session builds its own, and their listeners act on it
+        if isinstance(loader, _RoutedLoader) and not loader.others_committed():
+            value.storable = False
     finally:
         if outer is None:
             del _READING[connection]
@@ -142,6 +144,9 @@ class _RoutedLoader(Session):
         self._statement = statement
         self._read = read
         self._others: list[Any] = []
+        #: Each other connection a load ran on -> whether it was fit to store from
+        #: when first used, and how many writing statements it had run then.
+        self._used: dict[Any, tuple[bool, int]] = {}
 
     def get_bind(self, mapper: Any = None, *, clause: Any = None, bind: Any = None, **kw: Any) -> Any:
         if bind is not None:
@@ -149,15 +154,56 @@ class _RoutedLoader(Session):
         if clause is self._statement:  # the statement itself: where the caller runs it (its bind_arguments too)
             return self._connection
         connection = self._caller.connection(bind_arguments={"mapper": mapper, "clause": clause, **kw})
+        if connection is not self._connection and connection not in self._used:
+            # Asked before its first load runs there, as of the statement's own
+            # connection before the versions are read (they were read already).
+            self._used[connection] = (not must_not_store(self._caller, connection), writes.writes_run(connection))
         if connection not in _READING:
             _READING[connection] = self._read
             self._others.append(connection)
         return connection
 
+    def others_committed(self) -> bool:
+        """Whether what the loads on other connections than the statement's read is committed, and current.
+
+        An eager load of a class bound elsewhere runs on the caller's
+        connection for that bind, whose transaction may read an older
+        snapshot or rows it wrote itself, may have written while loading
+        (a function of the database's own), or may read a standby: each
+        makes the whole result unfit to store, as it would on the
+        statement's own connection (see ``hook.py``).
+        """
+        return all(
+            fit and writes.writes_run(connection) == run and not reads_a_standby(connection)
+            for connection, (fit, run) in self._used.items()
+        )
+
     def stop_reading(self) -> None:
         """Stop recording the tables read on the other connections."""
         for connection in self._others:
             _READING.pop(connection, None)
+
+
+def must_not_store(session: Session, connection: Any) -> bool:
+    """Whether what a load on ``connection`` reads may be rows no committed state holds.
+
+    An older snapshot (:func:`reads_a_snapshot`); another Session's
+    uncommitted writes on the same DBAPI connection (a ``StaticPool``'s
+    one connection, shared by every Session), or those of the transaction
+    of a Connection the Session is bound to; a connection that reads
+    uncommitted rows (SQLite's ``read_uncommitted`` in shared-cache mode,
+    ``READ UNCOMMITTED``).  The result is still returned; it is not stored.
+    """
+    known = _known(session)
+    return reads_a_snapshot(connection, known) or writes.pending_on(connection) or reads_uncommitted(connection, known)
+
+
+def _known(session: Session) -> dict:
+    # What the database said of this transaction's connections, kept as long as the transaction.
+    known = session.info.get(info.SNAPSHOTS)
+    if known is None:
+        known = session.info[info.SNAPSHOTS] = {}
+    return known
 
 
 def reads_a_snapshot(connection: Any, known: dict[Any, bool] | None = None) -> bool:
