@@ -254,6 +254,16 @@ def freeze_raw(result: Result) -> FrozenResult:
     return result.freeze()
 
 
+def raw_connect(engine: Any) -> Any:
+    """A new DBAPI connection to ``engine``'s database, made as its pool makes one, outside it: the caller closes it.
+
+    ``Pool._invoke_creator`` (2.0, 2.1): the engine's own connect function,
+    with its URL, ``connect_args`` and ``do_connect`` listeners; the pool's
+    ``connect`` listeners (session settings) do not run.
+    """
+    return engine.pool._invoke_creator(None)
+
+
 def holds_scalars(frozen: FrozenResult) -> bool:
     """Whether each row ``frozen`` holds is the value itself (one entity or one column per row), not a tuple.
 

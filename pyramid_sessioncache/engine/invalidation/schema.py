@@ -428,6 +428,8 @@ class Catalog:
         version: tuple[tuple[str, str, int], ...] | None = None,
     ) -> None:
         self.version = version
+        #: Whether it was read as committed now (not in a transaction's older snapshot): kept only then.
+        self.current = True
         self.edges = edges
         self.opaque = opaque
         self.routines = routines
@@ -465,6 +467,8 @@ _FOUND_SIZE = 2000
 _FOUND_TEXT = 2000
 
 _NO_CATALOG = Catalog({}, frozenset())
+#: How many times a catalog is read again when a migration committed while it was read.
+_READS = 3
 
 
 class _Schema:
@@ -528,8 +532,14 @@ class _Schema:
         database = database_identity(conn)
         found = self._catalogs.get(database)
         if found is None:
-            found = self._read_catalog(conn)
-            self._keep(database, found)
+            for _ in range(_READS):
+                forgotten = self._forgotten
+                found = self._read_catalog(conn)
+                if self._forgotten == forgotten and found.current:
+                    # No migration committed while it was read (forget() at its
+                    # commit): what it read holds for every connection.
+                    self._keep(database, found)
+                    break
         return found
 
     def read_if_changed(self, conn: Any) -> None:
@@ -579,11 +589,37 @@ class _Schema:
 
     @staticmethod
     def _read_catalog(conn: Any) -> Catalog:
+        """Read the catalog of ``conn``'s database: as its own transaction sees it, if it changed the schema; else as committed now.
+
+        On PostgreSQL, a query of the catalog in ``conn``'s transaction
+        would read its snapshot: at ``REPEATABLE READ`` one older than a
+        migration committed since, whose triggers fire all the same.  So it
+        is read on a connection of its own, made for it (outside the pool,
+        which may have none to spare) and closed.  If none can be made, it
+        is read on ``conn`` and used for that once (``Catalog.current``).
+        """
         if conn.dialect.name == "sqlite":
             return _Schema._read_sqlite_catalog(conn)
+        if conn.info.get(_CHANGING):
+            return _Schema._read_postgresql_catalog(conn, conn.connection.dbapi_connection)
+        try:
+            own = _sqlalchemy.raw_connect(conn.engine)
+        except Exception:
+            log.warning("could not connect to read the catalog of %r; read in the transaction", conn, exc_info=True)
+            catalog = _Schema._read_postgresql_catalog(conn, conn.connection.dbapi_connection)
+            catalog.current = False
+            return catalog
+        try:
+            return _Schema._read_postgresql_catalog(conn, own)
+        finally:
+            own.close()
+
+    @staticmethod
+    def _read_postgresql_catalog(conn: Any, dbapi_connection: Any) -> Catalog:
+        """Read the catalog of PostgreSQL's ``conn`` on ``dbapi_connection`` (its own, or one made for it)."""
         edges: dict[str, set[str]] = {}
         shows: dict[str, set[str]] = {}
-        cursor = conn.connection.dbapi_connection.cursor()
+        cursor = dbapi_connection.cursor()
         try:
             cursor.execute(POSTGRESQL_DEPENDENTS)
             for parent, dependent, shown in cursor.fetchall():
