@@ -15,7 +15,7 @@ import weakref
 from typing import Any
 
 from pyramid.exceptions import ConfigurationError
-from pyramid.interfaces import PHASE3_CONFIG, INewRequest, IRequestExtensions
+from pyramid.interfaces import PHASE3_CONFIG, INewRequest, INewResponse, IRequestExtensions
 from pyramid.threadlocal import get_current_request
 from pyramid.util import InstancePropertyHelper
 from sqlalchemy import engine_from_config
@@ -30,7 +30,7 @@ from ..errors import InvalidOptionError
 from ..masking import hide_url_passwords, shown
 from .interfaces import IDBSessionFactory, ISessionCache
 from .request import RequestCache, cached_query
-from .session import dbsession, note_managed_environ
+from .session import close_after_streaming, dbsession, drop_local_cache_when_finished, request_begins
 from .settings import invalid_option, parse_settings
 from .transaction import RequestTransactionEvents
 from .transaction import join as join_request_transaction
@@ -227,14 +227,17 @@ if hasattr(os, "register_at_fork"):
 def _add_dbsession(registry: Any) -> None:
     extensions = registry.queryUtility(IRequestExtensions)
     if "dbsession" in extensions.descriptors or "dbsession" in extensions.methods:
-        return  # the application's own; it caches through request_session_cache or its factory
+        # The application's own; it caches through request_session_cache or its factory.
+        registry.registerHandler(drop_local_cache_when_finished, (INewRequest,))
+        return
     if registry.queryUtility(IDBSessionFactory) is None:
         cache = registry.getUtility(ISessionCache)
         factory = sessionmaker(bind=_engine(registry.settings), info=cache.session_info())
         registry.registerUtility(factory, IDBSessionFactory)
     # Once per factory, instead of seven listeners on every request's Session.
     register_transaction_events(registry.getUtility(IDBSessionFactory))
-    # Tells a Session first made after pyramid_tm ended that it did.
-    registry.registerHandler(note_managed_environ, (INewRequest,))
+    # Tells a Session first made after pyramid_tm ended that it did; closes those used after their request.
+    registry.registerHandler(request_begins, (INewRequest,))
+    registry.registerHandler(close_after_streaming, (INewResponse,))
     name, prop = InstancePropertyHelper.make_property(dbsession, name="dbsession", reify=True)
     extensions.descriptors[name] = prop

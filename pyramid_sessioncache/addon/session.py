@@ -11,16 +11,26 @@ only the Sessions it made.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, cast
 
 from pyramid import threadlocal
 from pyramid.threadlocal import get_current_request
 from sqlalchemy.orm import scoped_session
+from sqlalchemy.util import ScopedRegistry
 
 from ..errors import SessionCacheError
 from ..storage.backends import local_session
 from .interfaces import IDBSessionFactory
-from .transaction import MANAGED_ENVIRON, TRANSACTION_MANAGER, in_managed_transaction, joined
+from .transaction import (
+    MANAGED_ENVIRON,
+    TRANSACTION_MANAGER,
+    forget_late,
+    in_managed_transaction,
+    joined,
+    note_late,
+    take_late,
+)
 
 
 def _request() -> Any:
@@ -28,6 +38,56 @@ def _request() -> Any:
     if request is None:
         raise SessionCacheError("pyramid_sessioncache.Session is scoped to a request, and no request is active")
     return request
+
+
+#: The key of ``request.__dict__`` under which :data:`Session` keeps the request's Session.
+_SCOPED = "pyramid_sessioncache.scoped_session"
+
+
+class _OnTheRequest(ScopedRegistry):
+    """:data:`Session`'s registry: the current request's Session, kept on the request itself.
+
+    ``scoped_session``'s own registry is a dict by request, for the whole
+    process: a request whose ``Session.remove()`` never ran (first asked
+    for once the finished callbacks had run, by a pyramid_retry
+    ``BeforeRetry`` subscriber; or after an earlier finished callback
+    raised, which makes Pyramid skip the rest) stayed there for ever, with
+    its Session and the connection that held.  Kept on the request, it
+    goes with the request.  ``registry`` holds, weakly, the requests that
+    hold one (what a test asks).
+    """
+
+    def __init__(self) -> None:
+        super().__init__(_request_session, _request)
+        self.registry: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def __call__(self) -> Any:
+        request = _request()
+        found = request.__dict__.get(_SCOPED)
+        if found is None:
+            found = self.createfunc()
+            self.set(found)
+        return found
+
+    def has(self) -> bool:
+        request = get_current_request()
+        return request is not None and _SCOPED in request.__dict__
+
+    def set(self, obj: Any) -> None:
+        request = _request()
+        request.__dict__[_SCOPED] = obj
+        self.registry.add(request)
+
+    def clear(self) -> None:
+        request = get_current_request()
+        if request is not None:
+            _forget(request)
+
+
+def _forget(request: Any) -> Any:
+    """Forget the Session :data:`Session` keeps on ``request``; return it, or None."""
+    Session.registry.registry.discard(request)
+    return request.__dict__.pop(_SCOPED, None)
 
 
 def _request_session() -> Any:
@@ -63,6 +123,10 @@ class RequestScopedSession(scoped_session):
         """Refused: configure the application's session factory instead."""
         raise _made_elsewhere("has no factory to configure", kwargs)
 
+    def __init__(self, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.registry = _OnTheRequest()
+
     def remove(self) -> None:
         """Forget the current request's Session, and drop its local cache; called when the request finishes.
 
@@ -74,9 +138,9 @@ class RequestScopedSession(scoped_session):
         ``app.dbsession``), lost the rows the test had flushed when it was
         closed here.
         """
-        if self.registry.has():
-            local_session.drop(self.registry())
-        self.registry.clear()
+        request = get_current_request()
+        if request is not None:
+            _remove(request)
 
 
 #: A ``scoped_session`` registry scoped to the current Pyramid request.
@@ -84,7 +148,10 @@ Session: scoped_session[Any] = RequestScopedSession(cast(Any, _request_session),
 
 
 def _remove(request: Any) -> None:
-    Session.remove()
+    """Forget the Session :data:`Session` keeps on ``request``, and drop its local cache (a finished callback)."""
+    session = _forget(request)
+    if session is not None:
+        local_session.drop(session)
 
 
 def dbsession(request: Any) -> Any:
@@ -130,6 +197,29 @@ def managed_environ(request: Any) -> dict | None:
     return None
 
 
+def request_begins(event: Any) -> None:
+    """A request begins (a subscriber): close this thread's Sessions used after their request ended; note its environ."""
+    close_late_sessions()
+    note_managed_environ(event)
+
+
+def close_late_sessions() -> None:
+    """Close the Sessions of this thread begun again once their request ended (``transaction.note_late()``).
+
+    Not those of a request still on Pyramid's stack (a finished callback
+    of it invoking a subrequest): it may still use its Session.
+    """
+    late = take_late()
+    if not late:
+        return
+    current = {id(entry.get("request")) for entry in threadlocal.manager.stack}
+    for session in late:
+        if id(session.info.get("request")) in current:
+            note_late(session)
+        else:
+            close(session)
+
+
 def note_managed_environ(event: Any) -> None:
     """Note in a new request's environ the environ of the request whose pyramid_tm tween manages it (a subscriber).
 
@@ -143,32 +233,111 @@ def note_managed_environ(event: Any) -> None:
 
 
 def _closer(session: Any) -> Any:
-    """The finished callback that closes ``session``: after those registered once it was made.
+    """The finished callback that closes ``session``: after every other (see :func:`_last`).
 
     Those run after it, and one that uses the Session (an audit log, say)
     would open it again, with a connection nobody returns to the pool
-    until the thread's next transaction begins.  It puts itself back at
-    the end of the queue as long as callbacks it has not waited for yet
-    remain (one may add another, which may use the Session), not for
-    those it waited for already: a callback that puts itself back too
-    would wait for it for ever.  A subrequest's Session, joined to its
-    parent's transaction, is closed as that transaction ends instead
-    (``transaction.in_managed_transaction()``), unless it never joined it
-    (``transaction.joined()``).
+    until the thread's next request begins.  A subrequest's Session,
+    joined to its parent's transaction, is closed as that transaction
+    ends instead (``transaction.in_managed_transaction()``), unless it
+    never joined it (``transaction.joined()``).
     """
-    waited: dict[int, Any] = {}  # the callbacks themselves held, so that no other takes one's id
 
-    def close_last(request: Any) -> None:
-        remaining = {id(callback): callback for callback in request.finished_callbacks}
-        if not remaining.keys() <= waited.keys():
-            waited.update(remaining)
-            request.add_finished_callback(close_last)
-            return
+    def close_unless_joined(request: Any) -> None:
         # A subrequest's, joined to its parent's transaction, is closed as that ends.
         if not (in_managed_transaction(session) and joined(session)):
             close(session)
 
-    return close_last
+    return _last(close_unless_joined)
+
+
+def _last(callback: Any) -> Any:
+    """``callback`` as a finished callback run after every other: those registered once it was, and those they add.
+
+    It puts itself back at the end of the queue as long as callbacks it
+    has not waited for yet remain (one may add another), not for those it
+    waited for already: a callback that puts itself back too would wait
+    for it for ever.
+    """
+    waited: dict[int, Any] = {}  # the callbacks themselves held, so that no other takes one's id
+
+    def last(request: Any) -> None:
+        remaining = {id(other): other for other in request.finished_callbacks}
+        if not remaining.keys() <= waited.keys():
+            waited.update(remaining)
+            request.add_finished_callback(last)
+            return
+        callback(request)
+
+    return last
+
+
+def close_after_streaming(event: Any) -> None:
+    """Have ``request.dbsession`` closed once a streamed response is sent, if the stream used it (a subscriber).
+
+    A response whose ``app_iter`` is not a list (a generator writing a
+    CSV export row by row) is read by the server after the request
+    finished and its Session was closed: a query there begins the
+    Session's transaction again, outside any, and its connection would
+    stay checked out until the thread's next request.  Such an
+    ``app_iter`` is wrapped so that, once the server has sent it
+    (``close()``), the Session is closed if it was used.  A file the server
+    sends itself (``wsgi.file_wrapper``) is left as it is.
+    """
+    request, response = event.request, event.response
+    session = request.__dict__.get("dbsession")
+    if session is None:
+        return
+    app_iter = response.app_iter
+    if isinstance(app_iter, (list, tuple)):
+        return
+    file_wrapper = request.environ.get("wsgi.file_wrapper")
+    if isinstance(file_wrapper, type) and isinstance(app_iter, file_wrapper):
+        return
+    length = response.content_length  # setting app_iter forgets it
+    response.app_iter = _ClosingSession(app_iter, session)
+    response.content_length = length
+
+
+class _ClosingSession:
+    """An ``app_iter`` that closes its request's Session, once sent, if it was used after the request finished."""
+
+    def __init__(self, app_iter: Any, session: Any) -> None:
+        self.app_iter = app_iter
+        self.session = session
+
+    def __iter__(self) -> Any:
+        return iter(self.app_iter)
+
+    def close(self) -> None:
+        try:
+            close_app_iter = getattr(self.app_iter, "close", None)
+            if close_app_iter is not None:
+                close_app_iter()
+        finally:
+            if forget_late(self.session):
+                close(self.session)
+
+
+def drop_local_cache_when_finished(event: Any) -> None:
+    """Have the local cache of the application's own ``request.dbsession`` dropped as the request finishes (a subscriber).
+
+    The add-on's own is closed then, which drops it.  An application's
+    own may outlive its request (a thread-local ``scoped_session``
+    registered with zope.sqlalchemy's ``keep_session=True``, whose
+    read-only transactions zope.sqlalchemy never ends), and its
+    ``ext:local_session`` entries with it: the next request of the thread
+    was served them, however old.  Dropped after every other finished
+    callback, which may use it.  A ``dbsession`` the application does not
+    reify is a new Session on every use: nothing to drop.
+    """
+    event.request.add_finished_callback(_last(_drop_local_cache))
+
+
+def _drop_local_cache(request: Any) -> None:
+    session = request.__dict__.get("dbsession")
+    if session is not None:
+        local_session.drop(session)
 
 
 def close(session: Any) -> None:

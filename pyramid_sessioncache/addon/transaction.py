@@ -21,6 +21,7 @@ out no connection, and its transaction has nothing to commit.
 
 from __future__ import annotations
 
+import threading
 import weakref
 from typing import Any
 
@@ -111,11 +112,59 @@ class RequestTransactionEvents(ZopeTransactionEvents):
         a finished callback would begin a transaction of the thread's
         manager that nobody ends, holding the Session, its request and a
         connection until the thread's next request.  It runs outside any,
-        and the add-on closes the Session after the last finished callback.
+        and the add-on closes the Session after the last finished callback;
+        used after that (a pyramid_retry ``BeforeRetry`` subscriber, a
+        streamed response), it is closed as the thread's next request
+        begins (:func:`note_late`).
         """
         manager = manager_of(session)
-        if manager is not None and not (request_ended(session) and not in_progress(manager)):
-            join_transaction(session, self.initial_state, manager, self.keep_session)
+        if manager is None:
+            return
+        if request_ended(session) and not in_progress(manager):
+            note_late(session)
+            return
+        join_transaction(session, self.initial_state, manager, self.keep_session)
+
+
+#: The Sessions of this thread begun again once their request ended (see :func:`note_late`).
+_late = threading.local()
+
+
+def note_late(session: Any) -> None:
+    """Remember ``session``, begun again once its request ended, to be closed as the thread's next request begins.
+
+    Nothing ends its transaction otherwise: its connection stayed checked
+    out until the garbage collector found the request.  zope.sqlalchemy
+    would join it to the thread's implicit transaction, which the next
+    ``begin()`` aborts: closed as the next request (a retried request's
+    next attempt) begins, it gives its connection back as soon, and
+    begins no transaction of the manager (an explicit one would refuse
+    the next ``begin()``).  See ``session.close_late_sessions()``.
+    """
+    sessions = getattr(_late, "sessions", None)
+    if sessions is None:
+        sessions = _late.sessions = []
+    if not any(noted is session for noted in sessions):
+        sessions.append(session)
+
+
+def take_late() -> list[Any]:
+    """Return the Sessions of this thread :func:`note_late` noted, and forget them."""
+    sessions = getattr(_late, "sessions", None)
+    if not sessions:
+        return []
+    _late.sessions = []
+    return sessions
+
+
+def forget_late(session: Any) -> bool:
+    """Forget ``session`` if :func:`note_late` noted it in this thread; return whether it had."""
+    sessions = getattr(_late, "sessions", None) or []
+    for index, noted in enumerate(sessions):
+        if noted is session:
+            del sessions[index]
+            return True
+    return False
 
 
 def request_ended(session: Any) -> bool:

@@ -131,7 +131,7 @@ class LocalResult(Sequence):
         return _sqlalchemy.require_unique(result) if self.requires_unique else result
 
 
-def _tuples(frozen: FrozenResult) -> list:
+def _tuples(frozen: FrozenResult) -> Sequence:
     """The rows of ``frozen`` as tuples: a result of scalars (one entity, one column) holds the values themselves."""
     return [(value,) for value in frozen.data] if _sqlalchemy.holds_scalars(frozen) else frozen.data
 

@@ -530,16 +530,17 @@ class _Schema:
                 held = conn.info[_SQLITE_CATALOG]
             return held[1]
         database = database_identity(conn)
-        found = self._catalogs.get(database)
-        if found is None:
-            for _ in range(_READS):
-                forgotten = self._forgotten
-                found = self._read_catalog(conn)
-                if self._forgotten == forgotten and found.current:
-                    # No migration committed while it was read (forget() at its
-                    # commit): what it read holds for every connection.
-                    self._keep(database, found)
-                    break
+        kept = self._catalogs.get(database)
+        if kept is not None:
+            return kept
+        for _ in range(_READS):
+            forgotten = self._forgotten
+            found = self._read_catalog(conn)
+            if self._forgotten == forgotten and found.current:
+                # No migration committed while it was read (forget() at its
+                # commit): what it read holds for every connection.
+                self._keep(database, found)
+                break
         return found
 
     def read_if_changed(self, conn: Any) -> None:
