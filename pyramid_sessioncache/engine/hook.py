@@ -24,7 +24,7 @@ from sqlalchemy.orm import Mapper, ORMExecuteState, Session
 from .. import _sqlalchemy
 from ..storage.backends import local_session
 from ..storage.region import always_valid
-from . import as_loaded, connection_state, eager_rows, info, loader, lookup, values
+from . import as_loaded, connection_state, eager_rows, found_by, info, loader, lookup, values
 from .cache import SessionCache
 from .invalidation import reads, schema, versions, writes
 from .lookup import Lookup
@@ -186,7 +186,7 @@ def _cached(state: ORMExecuteState, option: FromCache) -> Any:
         if result is None:  # only the query can say what it gives this Session: run uncached
             return None
     lookup.record(cache, session, region, hit, found.key)
-    return result
+    return found_by.keyed_like(result, value, statement)
 
 
 def _local_load(state: ORMExecuteState, cache: SessionCache, loaded: dict[str, Any]) -> LocalResult:

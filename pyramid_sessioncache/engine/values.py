@@ -53,7 +53,16 @@ class LocalResult(Sequence):
     ``person10 is cache.get(key)[0]`` holds.
     """
 
-    __slots__ = ("commits", "frozen", "requires_unique", "session_expired", "_changeable", "_items", "_states")
+    __slots__ = (
+        "commits",
+        "found_by",
+        "frozen",
+        "requires_unique",
+        "session_expired",
+        "_changeable",
+        "_items",
+        "_states",
+    )
 
     def __init__(
         self, frozen: FrozenResult, requires_unique: bool = False, follows: frozenset[str] | None = None
@@ -70,6 +79,8 @@ class LocalResult(Sequence):
         #: ``eager_rows.py``; :func:`session_snapshot`): a hit requires the
         #: same objects, nothing expired since.  None: they held none.
         self.session_expired: dict | None = None
+        #: The metadata of its Results for each statement shape (see ``found_by.py``).
+        self.found_by: dict[tuple, Any] = {}
         rows = frozen().all()
         self._items = [row[0] for row in rows] if _sqlalchemy.is_single_entity(frozen) else rows
         entities = (attributes.instance_state(value) for row in rows for value in row if _is_entity(value))
@@ -444,7 +455,7 @@ class CachedRows:
         "requires_unique",
         "uniques",
     )
-    __slots__ = (*_FIELDS, "_changeable", "storable", "servable", "_relationships")
+    __slots__ = (*_FIELDS, "_changeable", "storable", "servable", "found_by", "_relationships")
 
     def __init__(
         self,
@@ -484,6 +495,8 @@ class CachedRows:
         self.servable = True
         self._changeable: tuple[frozenset[int], frozenset[int]] | None = None
         self._relationships: set[tuple[type, str]] | None = None  # known when just loaded
+        #: The metadata of its Results for each statement shape (see ``found_by.py``); not stored.
+        self.found_by: dict[tuple, Any] = {}
         _unique_as_stored(shell, uniques)
 
     def __getstate__(self):
@@ -494,6 +507,7 @@ class CachedRows:
             setattr(self, name, value)
         self._changeable = None
         self._relationships = None
+        self.found_by = {}
         self.storable = self.servable = True
         _unique_as_stored(self.shell, self.uniques)
         for (cls, _, _), stored in zip(self.classes, self.mappings, strict=True):
