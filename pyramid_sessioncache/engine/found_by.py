@@ -17,8 +17,9 @@ from sqlalchemy.engine import Result
 
 from .. import _sqlalchemy
 
-#: (statement class, its selected columns) -> what each result column is found by (see ``column_objects()``).
-_OBJECTS: dict[tuple, list[tuple] | None] = {}
+#: (statement class, the ids of its selected columns) -> (those columns, what each
+#: result column is found by: see ``_sqlalchemy.column_objects()``).
+_OBJECTS: dict[tuple, tuple[tuple, list[tuple] | None]] = {}
 #: How many statement shapes :data:`_OBJECTS` keeps, and how many metadata a value keeps (one per statement shape).
 _MAX_SHAPES = 2000
 _MAX_PER_VALUE = 8
@@ -30,42 +31,40 @@ def keyed_like(result: Result, value: Any, statement: Any) -> Result:
     ``value.found_by`` keeps the metadata made for each statement shape,
     so that a hit pays for a look-up only.
     """
-    shape = _shape(statement)
-    if shape is None:
+    columns = _columns(statement)
+    if columns is None:
         return result
+    # By identity: each kept entry holds its columns, so no other object takes their ids.
+    shape = (type(statement), *map(id, columns))
     kept = value.found_by
-    metadata = kept.get(shape)
-    if metadata is None:
-        objects = _objects(statement, shape)
+    found = kept.get(shape)
+    if found is None:
+        objects = _objects(statement, shape, columns)
         metadata = None if objects is None else _sqlalchemy.found_by(result, objects)
         if metadata is None:
             return result
         if len(kept) >= _MAX_PER_VALUE:
             kept.clear()
-        kept[shape] = metadata
-    _sqlalchemy.set_metadata(result, metadata)
+        found = kept[shape] = (columns, metadata)
+    _sqlalchemy.set_metadata(result, found[1])
     return result
 
 
-def _shape(statement: Any) -> tuple | None:
-    # The objects themselves (compared by identity): equal statements made
-    # again from the same classes and columns share it.
+def _columns(statement: Any) -> tuple | None:
+    """What ``statement`` selects, as given (its raw columns, or a ``TextualSelect``'s), or None."""
     columns = getattr(statement, "_raw_columns", None)
     if columns is None:
         columns = getattr(statement, "column_args", None)
         if columns is None:
             return None
-    return (type(statement), *columns)
+    return tuple(columns)
 
 
-def _objects(statement: Any, shape: tuple) -> list[tuple] | None:
-    found = _OBJECTS.get(shape, _UNSEEN)
-    if found is _UNSEEN:
-        found = _sqlalchemy.column_objects(statement)
+def _objects(statement: Any, shape: tuple, columns: tuple) -> list[tuple] | None:
+    found = _OBJECTS.get(shape)
+    if found is None:
+        found = (columns, _sqlalchemy.column_objects(statement))
         if len(_OBJECTS) >= _MAX_SHAPES:
             _OBJECTS.clear()
         _OBJECTS[shape] = found
-    return found
-
-
-_UNSEEN: Any = object()
+    return found[1]
