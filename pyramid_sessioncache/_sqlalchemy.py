@@ -28,7 +28,7 @@ from sqlalchemy.orm.util import LoaderCriteriaOption
 from sqlalchemy.sql import cache_key as cache_key_module
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.functions import GenericFunction
-from sqlalchemy.sql.selectable import TextualSelect
+from sqlalchemy.sql.selectable import CompoundSelect, TextualSelect
 
 from . import forks
 
@@ -260,37 +260,62 @@ def raw_connect(engine: Any) -> Any:
     """A new DBAPI connection to ``engine``'s database, made as its pool makes one, outside it: the caller closes it.
 
     ``Pool._invoke_creator`` (2.0, 2.1): the engine's own connect function,
-    with its URL, ``connect_args`` and ``do_connect`` listeners; the pool's
-    ``connect`` listeners (session settings) do not run.
+    with its URL, ``connect_args`` and ``do_connect`` listeners, or the
+    application's ``creator``; one that takes the pool's connection record
+    gets a record of its own (its ``info``), as a new connection's would be.
+    The pool's ``connect`` listeners (session settings) do not run.
     """
-    return engine.pool._invoke_creator(None)
+    return engine.pool._invoke_creator(_Record())
+
+
+class _Record:
+    """What a connection made outside the pool has for the pool's connection record: an ``info`` of its own."""
+
+    def __init__(self) -> None:
+        self.info: dict = {}
+        self.dbapi_connection = None
 
 
 #: The ORM's compile state of a SELECT (renamed in 2.1).
 _SELECT_STATE: Any = vars(orm_context).get("_ORMSelectCompileState") or vars(orm_context)["ORMSelectCompileState"]
 
 
-def column_objects(statement: Any) -> list[tuple] | None:
+def selected_columns(statement: Any) -> tuple | None:
+    """What ``statement`` selects, as given: a ``select()``'s raw columns (a union's first select's), a ``TextualSelect``'s columns; or None."""
+    while isinstance(statement, CompoundSelect):
+        statement = statement.selects[0]
+    if isinstance(statement, TextualSelect):
+        return tuple(statement.column_args)
+    columns = getattr(statement, "_raw_columns", None)
+    return None if columns is None else tuple(columns)
+
+
+def column_objects(statement: Any) -> list[tuple] | dict[str, tuple] | None:
     """What each result column of ``statement`` is found by besides its name, as its uncached result finds it; or None.
 
     For a ``select()`` (of entities, attributes, aliases or Core columns)
     and ``select().from_statement()``: the ``_extra_entities`` of the
     ORM's entities, as ``Session.merge_frozen_result()`` gathers them
     (``_create_entities_collection()`` of ``ORMSelectCompileState``, 2.0;
-    ``_ORMSelectCompileState``, 2.1).
-    For ``text().columns(...)``: the columns it was given.  None for
-    anything else (a union, plain ``text()``): found by name only.
+    ``_ORMSelectCompileState``, 2.1), one per column.  A union's are its
+    first select's.  For ``text().columns(...)``: each column it was given,
+    by name (it may give fewer than the SQL returns).  None for anything
+    else (plain ``text()``): found by name only.
     """
+    while isinstance(statement, CompoundSelect):
+        statement = statement.selects[0]
     if isinstance(statement, TextualSelect):
-        return [(column,) for column in statement.column_args]
+        return {column.key: (column,) for column in statement.column_args}
     if getattr(statement, "_raw_columns", None) is None:
         return None
     entities = _SELECT_STATE._create_entities_collection(statement, legacy=False)._entities
     return [entity._extra_entities for entity in entities]
 
 
-def found_by(result: Result, objects: list[tuple]) -> Any:
+def found_by(result: Result, objects: list[tuple] | dict[str, tuple]) -> Any:
     """The metadata of ``result``, whose rows are found by name only, that finds each column by ``objects`` too; or None.
+
+    ``objects``: per column, or per name (see :func:`column_objects`).
 
     ``SimpleResultMetaData`` made with ``extra=`` as the ORM makes it,
     with the stored one's translation and ambiguous names, and its
@@ -298,7 +323,11 @@ def found_by(result: Result, objects: list[tuple]) -> Any:
     ``_create_unique_filters``, 2.1).  None when the columns do not match.
     """
     stored: Any = result._metadata
-    if type(stored) is not SimpleResultMetaData or len(objects) != len(stored._keys):
+    if type(stored) is not SimpleResultMetaData:
+        return None
+    if isinstance(objects, dict):  # by name
+        objects = [objects.get(key, ()) for key in stored._keys]
+    elif len(objects) != len(stored._keys):
         return None
     metadata: Any = SimpleResultMetaData(
         stored._keys,

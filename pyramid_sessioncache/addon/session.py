@@ -207,15 +207,17 @@ def close_late_sessions() -> None:
     """Close the Sessions of this thread begun again once their request ended (``transaction.note_late()``).
 
     Not those of a request still on Pyramid's stack (a finished callback
-    of it invoking a subrequest): it may still use its Session.
+    of it invoking a subrequest), nor of one whose response is being
+    streamed (the stream invoking one): they may still use their Session.
     """
     late = take_late()
     if not late:
         return
     current = {id(entry.get("request")) for entry in threadlocal.manager.stack}
     for session in late:
-        if id(session.info.get("request")) in current:
-            note_late(session)
+        request = session.info.get("request")
+        if id(request) in current or _STREAMING in getattr(request, "__dict__", ()):
+            note_late(session)  # still in use: its request's, or its response's (see close_after_streaming())
         else:
             close(session)
 
@@ -278,16 +280,15 @@ def close_after_streaming(event: Any) -> None:
     A response whose ``app_iter`` is not a list (a generator writing a
     CSV export row by row) is read by the server after the request
     finished and its Session was closed: a query there begins the
-    Session's transaction again, outside any, and its connection would
-    stay checked out until the thread's next request.  Such an
-    ``app_iter`` is wrapped so that, once the server has sent it
-    (``close()``), the Session is closed if it was used.  A file the server
-    sends itself (``wsgi.file_wrapper``) is left as it is.
+    Session's transaction again, outside any (even the first use of
+    ``request.dbsession``), and its connection would stay checked out
+    until the thread's next request.  Such an ``app_iter`` is wrapped so
+    that, once the server has sent it (``close()``), the Session is closed
+    if the stream used it; until then no other request of the thread (a
+    subrequest the stream invokes) closes it.  A file the server sends
+    itself (``wsgi.file_wrapper``) is left as it is.
     """
     request, response = event.request, event.response
-    session = request.__dict__.get("dbsession")
-    if session is None:
-        return
     app_iter = response.app_iter
     if isinstance(app_iter, (list, tuple)):
         return
@@ -295,16 +296,21 @@ def close_after_streaming(event: Any) -> None:
     if isinstance(file_wrapper, type) and isinstance(app_iter, file_wrapper):
         return
     length = response.content_length  # setting app_iter forgets it
-    response.app_iter = _ClosingSession(app_iter, session)
+    response.app_iter = _ClosingSession(app_iter, request)
     response.content_length = length
+    request.__dict__[_STREAMING] = True
+
+
+#: The key of ``request.__dict__`` marking a request whose response is being streamed.
+_STREAMING = "pyramid_sessioncache.streaming"
 
 
 class _ClosingSession:
     """An ``app_iter`` that closes its request's Session, once sent, if it was used after the request finished."""
 
-    def __init__(self, app_iter: Any, session: Any) -> None:
+    def __init__(self, app_iter: Any, request: Any) -> None:
         self.app_iter = app_iter
-        self.session = session
+        self.request = request
 
     def __iter__(self) -> Any:
         return iter(self.app_iter)
@@ -315,8 +321,10 @@ class _ClosingSession:
             if close_app_iter is not None:
                 close_app_iter()
         finally:
-            if forget_late(self.session):
-                close(self.session)
+            self.request.__dict__.pop(_STREAMING, None)
+            session = self.request.__dict__.get("dbsession")
+            if session is not None and forget_late(session):
+                close(session)
 
 
 def drop_local_cache_when_finished(event: Any) -> None:
@@ -331,7 +339,10 @@ def drop_local_cache_when_finished(event: Any) -> None:
     callback, which may use it.  A ``dbsession`` the application does not
     reify is a new Session on every use: nothing to drop.
     """
-    event.request.add_finished_callback(_last(_drop_local_cache))
+    request = event.request
+    if any(entry.get("request") not in (None, request) for entry in threadlocal.manager.stack):
+        return  # a subrequest: the Session is its parent's too, and dropped when that finishes
+    request.add_finished_callback(_last(_drop_local_cache))
 
 
 def _drop_local_cache(request: Any) -> None:

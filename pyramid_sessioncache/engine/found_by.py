@@ -17,54 +17,37 @@ from sqlalchemy.engine import Result
 
 from .. import _sqlalchemy
 
-#: (statement class, the ids of its selected columns) -> (those columns, what each
-#: result column is found by: see ``_sqlalchemy.column_objects()``).
-_OBJECTS: dict[tuple, tuple[tuple, list[tuple] | None]] = {}
-#: How many statement shapes :data:`_OBJECTS` keeps, and how many metadata a value keeps (one per statement shape).
-_MAX_SHAPES = 2000
-_MAX_PER_VALUE = 8
-
 
 def keyed_like(result: Result, value: Any, statement: Any) -> Result:
     """Return ``result``, made from ``value``, whose columns are found as ``statement``'s uncached result finds them.
 
-    ``value.found_by`` keeps the metadata made for each statement shape,
-    so that a hit pays for a look-up only.
+    ``value.found_by`` keeps the metadata made for the last statement
+    shape that read it, with that statement's columns: the next hit of a
+    statement made from the same objects (its classes, attributes and
+    columns) pays for a comparison only.  One per value, and nothing kept
+    elsewhere: statements made of new objects on every request (a label,
+    an ``aliased()``, a function) would otherwise keep all of them alive.
     """
-    columns = _columns(statement)
+    columns = _sqlalchemy.selected_columns(statement)
     if columns is None:
         return result
-    # By identity: each kept entry holds its columns, so no other object takes their ids.
-    shape = (type(statement), *map(id, columns))
     kept = value.found_by
-    found = kept.get(shape)
-    if found is None:
-        objects = _objects(statement, shape, columns)
-        metadata = None if objects is None else _sqlalchemy.found_by(result, objects)
-        if metadata is None:
-            return result
-        if len(kept) >= _MAX_PER_VALUE:
-            kept.clear()
-        found = kept[shape] = (columns, metadata)
-    _sqlalchemy.set_metadata(result, found[1])
+    if kept is not None and kept[0] is type(statement) and _same(kept[1], columns):
+        _sqlalchemy.set_metadata(result, kept[2])
+        return result
+    objects = _sqlalchemy.column_objects(statement)
+    metadata = None if objects is None else _sqlalchemy.found_by(result, objects)
+    if metadata is not None:
+        value.found_by = (type(statement), columns, metadata)
+        _sqlalchemy.set_metadata(result, metadata)
     return result
 
 
-def _columns(statement: Any) -> tuple | None:
-    """What ``statement`` selects, as given (its raw columns, or a ``TextualSelect``'s), or None."""
-    columns = getattr(statement, "_raw_columns", None)
-    if columns is None:
-        columns = getattr(statement, "column_args", None)
-        if columns is None:
-            return None
-    return tuple(columns)
+def _same(kept: tuple, columns: tuple) -> bool:
+    # By identity: SQLAlchemy's annotated elements compare equal to what
+    # they annotate (an ORM class's table to the Core table).
+    return len(kept) == len(columns) and all(map(_is, kept, columns))
 
 
-def _objects(statement: Any, shape: tuple, columns: tuple) -> list[tuple] | None:
-    found = _OBJECTS.get(shape)
-    if found is None:
-        found = (columns, _sqlalchemy.column_objects(statement))
-        if len(_OBJECTS) >= _MAX_SHAPES:
-            _OBJECTS.clear()
-        _OBJECTS[shape] = found
-    return found[1]
+def _is(a: Any, b: Any) -> bool:
+    return a is b

@@ -79,8 +79,8 @@ class LocalResult(Sequence):
         #: ``eager_rows.py``; :func:`session_snapshot`): a hit requires the
         #: same objects, nothing expired since.  None: they held none.
         self.session_expired: dict | None = None
-        #: The metadata of its Results for each statement shape (see ``found_by.py``).
-        self.found_by: dict[tuple, Any] = {}
+        #: The metadata of its Results for the last statement that read it (see ``found_by.py``).
+        self.found_by: tuple | None = None
         rows = frozen().all()
         self._items = [row[0] for row in rows] if _sqlalchemy.is_single_entity(frozen) else rows
         entities = (attributes.instance_state(value) for row in rows for value in row if _is_entity(value))
@@ -155,7 +155,11 @@ def _plain(row: tuple) -> tuple:
 def _private_rows(frozen: FrozenResult, changeable: list[int]) -> list:
     """The rows of ``frozen``, those at ``changeable`` with their values that are not objects copied, in one round trip."""
     rows = list(_tuples(frozen))
-    for i, copied in zip(changeable, private_copy(tuple(_plain(rows[i]) for i in changeable)), strict=True):
+    plain = tuple(_plain(rows[i]) for i in changeable)
+    copies = private_copy(plain)
+    if copies is plain:  # a value that does not pickle: the others are copied one by one
+        copies = tuple(tuple(private_copy((value,))[0] for value in values) for values in plain)
+    for i, copied in zip(changeable, copies, strict=True):
         values = iter(copied)
         rows[i] = tuple(value if _is_entity(value) else next(values) for value in rows[i])
     return [row[0] for row in rows] if _sqlalchemy.holds_scalars(frozen) else rows
@@ -495,8 +499,8 @@ class CachedRows:
         self.servable = True
         self._changeable: tuple[frozenset[int], frozenset[int]] | None = None
         self._relationships: set[tuple[type, str]] | None = None  # known when just loaded
-        #: The metadata of its Results for each statement shape (see ``found_by.py``); not stored.
-        self.found_by: dict[tuple, Any] = {}
+        #: The metadata of its Results for the last statement that read it (see ``found_by.py``); not stored.
+        self.found_by: tuple | None = None
         _unique_as_stored(shell, uniques)
 
     def __getstate__(self):
@@ -507,7 +511,7 @@ class CachedRows:
             setattr(self, name, value)
         self._changeable = None
         self._relationships = None
-        self.found_by = {}
+        self.found_by = None
         self.storable = self.servable = True
         _unique_as_stored(self.shell, self.uniques)
         for (cls, _, _), stored in zip(self.classes, self.mappings, strict=True):

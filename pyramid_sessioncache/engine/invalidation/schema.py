@@ -536,11 +536,11 @@ class _Schema:
         for _ in range(_READS):
             forgotten = self._forgotten
             found = self._read_catalog(conn)
-            if self._forgotten == forgotten and found.current:
-                # No migration committed while it was read (forget() at its
-                # commit): what it read holds for every connection.
+            if self._forgotten != forgotten:
+                continue  # a migration committed while it was read (forget() at its commit): again
+            if found.current:  # what it read holds for every connection
                 self._keep(database, found)
-                break
+            break
         return found
 
     def read_if_changed(self, conn: Any) -> None:
