@@ -25,6 +25,7 @@ from sqlalchemy.orm.context import FromStatement
 from sqlalchemy.orm.path_registry import PathRegistry, RootRegistry
 from sqlalchemy.orm.strategy_options import _WildcardLoad
 from sqlalchemy.orm.util import LoaderCriteriaOption
+from sqlalchemy.pool.base import _ConnectionRecord
 from sqlalchemy.sql import cache_key as cache_key_module
 from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.sql.functions import GenericFunction
@@ -261,19 +262,13 @@ def raw_connect(engine: Any) -> Any:
 
     ``Pool._invoke_creator`` (2.0, 2.1): the engine's own connect function,
     with its URL, ``connect_args`` and ``do_connect`` listeners, or the
-    application's ``creator``; one that takes the pool's connection record
-    gets a record of its own (its ``info``), as a new connection's would be.
-    The pool's ``connect`` listeners (session settings) do not run.
+    application's ``creator``, given a connection record of its own (the
+    private ``_ConnectionRecord``, made without connecting: its ``info``
+    and ``record_info``), as a new connection of the pool would be.  The
+    pool's ``connect`` listeners (session settings) do not run.
     """
-    return engine.pool._invoke_creator(_Record())
-
-
-class _Record:
-    """What a connection made outside the pool has for the pool's connection record: an ``info`` of its own."""
-
-    def __init__(self) -> None:
-        self.info: dict = {}
-        self.dbapi_connection = None
+    pool = engine.pool
+    return pool._invoke_creator(_ConnectionRecord(pool, connect=False))
 
 
 #: The ORM's compile state of a SELECT (renamed in 2.1).
@@ -298,14 +293,21 @@ def column_objects(statement: Any) -> list[tuple] | dict[str, tuple] | None:
     ORM's entities, as ``Session.merge_frozen_result()`` gathers them
     (``_create_entities_collection()`` of ``ORMSelectCompileState``, 2.0;
     ``_ORMSelectCompileState``, 2.1), one per column.  A union's are its
-    first select's.  For ``text().columns(...)``: each column it was given,
-    by name (it may give fewer than the SQL returns).  None for anything
-    else (plain ``text()``): found by name only.
+    first select's columns, as Core finds them (not its ORM attributes).
+    For ``text().columns(...)``: the columns it was given, by position
+    when given as columns (``TextualSelect.positional``, however many the
+    SQL returns), else by name.
+    None for anything else (plain ``text()``): found by name only.
     """
-    while isinstance(statement, CompoundSelect):
-        statement = statement.selects[0]
+    if isinstance(statement, CompoundSelect):
+        first = statement.selects[0]
+        while isinstance(first, CompoundSelect):
+            first = first.selects[0]
+        return [(column,) for column in first.selected_columns]
     if isinstance(statement, TextualSelect):
-        return {column.key: (column,) for column in statement.column_args}
+        if statement.positional:
+            return [(column,) for column in statement.column_args]
+        return {column.name: (column,) for column in statement.column_args}
     if getattr(statement, "_raw_columns", None) is None:
         return None
     entities = _SELECT_STATE._create_entities_collection(statement, legacy=False)._entities
@@ -320,15 +322,17 @@ def found_by(result: Result, objects: list[tuple] | dict[str, tuple]) -> Any:
     ``SimpleResultMetaData`` made with ``extra=`` as the ORM makes it,
     with the stored one's translation and ambiguous names, and its
     ``.unique()`` filters (``_unique_filters``, 2.0;
-    ``_create_unique_filters``, 2.1).  None when the columns do not match.
+    ``_create_unique_filters``, 2.1).  None for any other kind of metadata.
     """
     stored: Any = result._metadata
     if type(stored) is not SimpleResultMetaData:
         return None
-    if isinstance(objects, dict):  # by name
-        objects = [objects.get(key, ()) for key in stored._keys]
-    elif len(objects) != len(stored._keys):
-        return None
+    keys = stored._keys
+    if isinstance(objects, dict):
+        objects = [objects.get(key, ()) for key in keys]
+    elif len(objects) != len(keys):
+        # SQL text given fewer columns than it returns: by position still, as the cursor's.
+        objects = [*objects[: len(keys)], *[()] * (len(keys) - len(objects))]
     metadata: Any = SimpleResultMetaData(
         stored._keys,
         extra=objects,

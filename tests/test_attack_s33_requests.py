@@ -108,9 +108,8 @@ def shared(request, tmp_path) -> dict:
     return region_settings(request, request.param, tmp_path)
 
 
-@pytest.fixture
-def make(db_url, shared):
-    """``make(**settings)``: the application with ``shared`` as region "shared"; engines disposed of after."""
+def _apps(db_url, shared):
+    """``make(**settings)``: the application with ``shared`` as region "shared"; caches closed, engines disposed of after."""
     made = []
 
     def make(**settings):
@@ -127,25 +126,20 @@ def make(db_url, shared):
 
 
 @pytest.fixture
+def make(db_url, shared):
+    """``make(**settings)`` with each shared region in turn."""
+    yield from _apps(db_url, shared)
+
+
+@pytest.fixture
 def app(make):
     return make()
 
 
 @pytest.fixture
-def make_memory(db_url, tmp_path):
+def make_memory(db_url):
     """``make(**settings)`` with a ``memory`` shared region only: for what does not depend on the region."""
-    made = []
-
-    def make(**settings):
-        app = make_app(db_url, {"type": "memory", "expire": "60"}, **settings)
-        made.append(app)
-        return app
-
-    SCENARIO.clear()
-    yield make
-    SCENARIO.clear()
-    for app in made:
-        app.engine.dispose()
+    yield from _apps(db_url, {"type": "memory", "expire": "60"})
 
 
 @pytest.fixture

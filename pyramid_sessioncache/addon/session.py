@@ -306,14 +306,30 @@ _STREAMING = "pyramid_sessioncache.streaming"
 
 
 class _ClosingSession:
-    """An ``app_iter`` that closes its request's Session, once sent, if it was used after the request finished."""
+    """An ``app_iter`` that closes its request's Session, once sent, if it was used after the request finished.
+
+    Its own iterator, so that whoever iterates it and closes the iterator
+    (webob's ``AppIterRange`` for a Range request) closes it; and done
+    once it is exhausted too (a stream relaying another with ``yield
+    from``, which closes nothing it exhausted).
+    """
 
     def __init__(self, app_iter: Any, request: Any) -> None:
         self.app_iter = app_iter
-        self.request = request
+        self.request: Any = request
+        self._iterator: Any = None
 
     def __iter__(self) -> Any:
-        return iter(self.app_iter)
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = iter(self.app_iter)
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            self._done()
+            raise
 
     def close(self) -> None:
         try:
@@ -321,10 +337,16 @@ class _ClosingSession:
             if close_app_iter is not None:
                 close_app_iter()
         finally:
-            self.request.__dict__.pop(_STREAMING, None)
-            session = self.request.__dict__.get("dbsession")
-            if session is not None and forget_late(session):
-                close(session)
+            self._done()
+
+    def _done(self) -> None:
+        request, self.request = self.request, None
+        if request is None:
+            return
+        request.__dict__.pop(_STREAMING, None)
+        session = request.__dict__.get("dbsession")
+        if session is not None and forget_late(session):
+            close(session)
 
 
 def drop_local_cache_when_finished(event: Any) -> None:
@@ -340,9 +362,16 @@ def drop_local_cache_when_finished(event: Any) -> None:
     reify is a new Session on every use: nothing to drop.
     """
     request = event.request
-    if any(entry.get("request") not in (None, request) for entry in threadlocal.manager.stack):
-        return  # a subrequest: the Session is its parent's too, and dropped when that finishes
+    for entry in threadlocal.manager.stack:
+        enclosing = entry.get("request")
+        if enclosing is not None and enclosing is not request and _DROPS in enclosing.__dict__:
+            return  # a subrequest: the Session is its parent's too, and dropped when that finishes
+    request.__dict__[_DROPS] = True
     request.add_finished_callback(_last(_drop_local_cache))
+
+
+#: The key of ``request.__dict__`` marking a request that drops its Session's local cache when it finishes.
+_DROPS = "pyramid_sessioncache.drops_local_cache"
 
 
 def _drop_local_cache(request: Any) -> None:
@@ -352,6 +381,7 @@ def _drop_local_cache(request: Any) -> None:
 
 
 def close(session: Any) -> None:
-    """Close ``session`` and forget its local cache."""
+    """Close ``session`` and forget its local cache (and that it was used after its request)."""
     session.close()
     local_session.drop(session)
+    forget_late(session)

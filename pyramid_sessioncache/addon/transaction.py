@@ -139,13 +139,22 @@ def note_late(session: Any) -> None:
     ``begin()`` aborts: closed as the next request (a retried request's
     next attempt) begins, it gives its connection back as soon, and
     begins no transaction of the manager (an explicit one would refuse
-    the next ``begin()``).  See ``session.close_late_sessions()``.
+    the next ``begin()``).  Remembered weakly: one nothing else holds is
+    the collector's.  See ``session.close_late_sessions()``.
     """
     sessions = getattr(_late, "sessions", None)
     if sessions is None:
-        sessions = _late.sessions = []
-    if not any(noted is session for noted in sessions):
-        sessions.append(session)
+        sessions = _late.sessions = weakref.WeakSet()
+    sessions.add(session)
+
+
+def forget_late(session: Any) -> bool:
+    """Forget ``session`` if :func:`note_late` noted it in this thread; return whether it had."""
+    sessions = getattr(_late, "sessions", None)
+    if sessions is None or session not in sessions:
+        return False
+    sessions.discard(session)
+    return True
 
 
 def take_late() -> list[Any]:
@@ -153,18 +162,9 @@ def take_late() -> list[Any]:
     sessions = getattr(_late, "sessions", None)
     if not sessions:
         return []
-    _late.sessions = []
-    return sessions
-
-
-def forget_late(session: Any) -> bool:
-    """Forget ``session`` if :func:`note_late` noted it in this thread; return whether it had."""
-    sessions = getattr(_late, "sessions", None) or []
-    for index, noted in enumerate(sessions):
-        if noted is session:
-            del sessions[index]
-            return True
-    return False
+    taken = list(sessions)
+    sessions.clear()
+    return taken
 
 
 def request_ended(session: Any) -> bool:

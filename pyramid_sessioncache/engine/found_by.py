@@ -32,15 +32,41 @@ def keyed_like(result: Result, value: Any, statement: Any) -> Result:
     if columns is None:
         return result
     kept = value.found_by
-    if kept is not None and kept[0] is type(statement) and _same(kept[1], columns):
-        _sqlalchemy.set_metadata(result, kept[2])
+    if kept is not None and kept.kind is type(statement) and _same(kept.columns, columns):
+        _sqlalchemy.set_metadata(result, kept.metadata)
         return result
     objects = _sqlalchemy.column_objects(statement)
     metadata = None if objects is None else _sqlalchemy.found_by(result, objects)
     if metadata is not None:
-        value.found_by = (type(statement), columns, metadata)
+        value.found_by = Kept(type(statement), columns, metadata)
         _sqlalchemy.set_metadata(result, metadata)
     return result
+
+
+class Kept:
+    """The metadata made for a statement (its class and columns): not copied with the value that keeps it.
+
+    It holds the statement's own objects, which do not deep-copy (an
+    application's ``copy.deepcopy(session.info)``, local entries and all):
+    a copy of the value makes it again when read.
+    """
+
+    __slots__ = ("kind", "columns", "metadata")
+
+    def __init__(self, kind: type, columns: tuple, metadata: Any) -> None:
+        self.kind = kind
+        self.columns = columns
+        self.metadata = metadata
+
+    def __deepcopy__(self, memo: dict) -> None:
+        return None
+
+    def __reduce__(self) -> Any:
+        return (_nothing, ())
+
+
+def _nothing() -> None:
+    return None
 
 
 def _same(kept: tuple, columns: tuple) -> bool:

@@ -80,7 +80,7 @@ class LocalResult(Sequence):
         #: same objects, nothing expired since.  None: they held none.
         self.session_expired: dict | None = None
         #: The metadata of its Results for the last statement that read it (see ``found_by.py``).
-        self.found_by: tuple | None = None
+        self.found_by: Any = None
         rows = frozen().all()
         self._items = [row[0] for row in rows] if _sqlalchemy.is_single_entity(frozen) else rows
         entities = (attributes.instance_state(value) for row in rows for value in row if _is_entity(value))
@@ -500,7 +500,7 @@ class CachedRows:
         self._changeable: tuple[frozenset[int], frozenset[int]] | None = None
         self._relationships: set[tuple[type, str]] | None = None  # known when just loaded
         #: The metadata of its Results for the last statement that read it (see ``found_by.py``); not stored.
-        self.found_by: tuple | None = None
+        self.found_by: Any = None
         _unique_as_stored(shell, uniques)
 
     def __getstate__(self):
