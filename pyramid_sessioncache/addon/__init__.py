@@ -15,8 +15,9 @@ import weakref
 from typing import Any
 
 from pyramid.exceptions import ConfigurationError
-from pyramid.interfaces import PHASE3_CONFIG, INewRequest, INewResponse, IRequestExtensions
+from pyramid.interfaces import PHASE3_CONFIG, INewRequest, IRequestExtensions
 from pyramid.threadlocal import get_current_request
+from pyramid.tweens import INGRESS
 from pyramid.util import InstancePropertyHelper
 from sqlalchemy import engine_from_config
 from sqlalchemy.engine import make_url
@@ -30,7 +31,7 @@ from ..errors import InvalidOptionError
 from ..masking import hide_url_passwords, shown
 from .interfaces import IDBSessionFactory, ISessionCache
 from .request import RequestCache, cached_query
-from .session import close_after_streaming, dbsession, drop_local_cache_when_finished, request_begins
+from .session import TWEEN, dbsession, drops_local_cache, request_begins
 from .settings import invalid_option, parse_settings
 from .transaction import RequestTransactionEvents
 from .transaction import join as join_request_transaction
@@ -138,6 +139,8 @@ def includeme(config: Any) -> None:
     config.add_directive("set_sessioncache_session_factory", set_session_factory)
     config.add_request_method(cached_query, "cached_query")
     config.add_request_method(RequestCache, "sessioncache", reify=True)
+    # A streamed response closes the add-on's request.dbsession once sent (see _add_dbsession()).
+    config.add_tween("pyramid_sessioncache.addon.session.tween_factory", under=INGRESS)
     # An application that defines request.dbsession (as the cookiecutter
     # does) keeps its own: ours is added last, and only if none exists.
     config.action(
@@ -228,7 +231,7 @@ def _add_dbsession(registry: Any) -> None:
     extensions = registry.queryUtility(IRequestExtensions)
     if "dbsession" in extensions.descriptors or "dbsession" in extensions.methods:
         # The application's own; it caches through request_session_cache or its factory.
-        registry.registerHandler(drop_local_cache_when_finished, (INewRequest,))
+        drops_local_cache(extensions.descriptors)
         return
     if registry.queryUtility(IDBSessionFactory) is None:
         cache = registry.getUtility(ISessionCache)
@@ -238,6 +241,6 @@ def _add_dbsession(registry: Any) -> None:
     register_transaction_events(registry.getUtility(IDBSessionFactory))
     # Tells a Session first made after pyramid_tm ended that it did; closes those used after their request.
     registry.registerHandler(request_begins, (INewRequest,))
-    registry.registerHandler(close_after_streaming, (INewResponse,))
+    registry[TWEEN] = True
     name, prop = InstancePropertyHelper.make_property(dbsession, name="dbsession", reify=True)
     extensions.descriptors[name] = prop

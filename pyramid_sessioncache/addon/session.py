@@ -15,6 +15,7 @@ import weakref
 from typing import Any, cast
 
 from pyramid import threadlocal
+from pyramid.decorator import reify
 from pyramid.threadlocal import get_current_request
 from sqlalchemy.orm import scoped_session
 from sqlalchemy.util import ScopedRegistry
@@ -274,8 +275,31 @@ def _last(callback: Any) -> Any:
     return last
 
 
-def close_after_streaming(event: Any) -> None:
-    """Have ``request.dbsession`` closed once a streamed response is sent, if the stream used it (a subscriber).
+#: The registry key saying that :func:`tween_factory` closes the add-on's own Sessions after streaming.
+TWEEN = "pyramid_sessioncache.tween"
+
+
+def tween_factory(handler: Any, registry: Any) -> Any:
+    """The add-on's tween: a streamed response closes the add-on's own ``request.dbsession`` once sent.
+
+    See :func:`close_after_streaming`.  None for an application that makes
+    its own ``request.dbsession``.  A tween rather than a ``NewResponse``
+    subscriber, which would cost every request far more (zope.interface's
+    subscriber look-up).
+    """
+    if not registry.get(TWEEN):
+        return handler
+
+    def streams(request: Any) -> Any:
+        response = handler(request)
+        close_after_streaming(request, response)
+        return response
+
+    return streams
+
+
+def close_after_streaming(request: Any, response: Any) -> None:
+    """Have ``request.dbsession`` closed once a streamed ``response`` is sent, if the stream used it.
 
     A response whose ``app_iter`` is not a list (a generator writing a
     CSV export row by row) is read by the server after the request
@@ -288,7 +312,6 @@ def close_after_streaming(event: Any) -> None:
     subrequest the stream invokes) closes it.  A file the server sends
     itself (``wsgi.file_wrapper``) is left as it is.
     """
-    request, response = event.request, event.response
     app_iter = response.app_iter
     if isinstance(app_iter, (list, tuple)):
         return
@@ -349,29 +372,33 @@ class _ClosingSession:
             close(session)
 
 
-def drop_local_cache_when_finished(event: Any) -> None:
-    """Have the local cache of the application's own ``request.dbsession`` dropped as the request finishes (a subscriber).
+def drops_local_cache(descriptors: dict) -> None:
+    """Have the application's own reified ``request.dbsession`` drop its local cache as its request finishes.
 
     The add-on's own is closed then, which drops it.  An application's
     own may outlive its request (a thread-local ``scoped_session``
     registered with zope.sqlalchemy's ``keep_session=True``, whose
     read-only transactions zope.sqlalchemy never ends), and its
     ``ext:local_session`` entries with it: the next request of the thread
-    was served them, however old.  Dropped after every other finished
-    callback, which may use it.  A ``dbsession`` the application does not
-    reify is a new Session on every use: nothing to drop.
+    was served them, however old.  The application's function is wrapped,
+    so that a request that never makes its ``dbsession`` pays nothing; the
+    drop comes after every other finished callback, which may use it.  A
+    ``dbsession`` that is not reified (a new Session on every use) is left
+    as it is.  Each request that makes it drops it, a subrequest too (its
+    parent's next look-ups then miss).
     """
-    request = event.request
-    for entry in threadlocal.manager.stack:
-        enclosing = entry.get("request")
-        if enclosing is not None and enclosing is not request and _DROPS in enclosing.__dict__:
-            return  # a subrequest: the Session is its parent's too, and dropped when that finishes
-    request.__dict__[_DROPS] = True
-    request.add_finished_callback(_last(_drop_local_cache))
+    original = descriptors.get("dbsession")
+    if not isinstance(original, reify):
+        return
+    make = original.wrapped
 
+    def dbsession(request: Any) -> Any:
+        session = make(request)
+        request.add_finished_callback(_last(_drop_local_cache))
+        return session
 
-#: The key of ``request.__dict__`` marking a request that drops its Session's local cache when it finishes.
-_DROPS = "pyramid_sessioncache.drops_local_cache"
+    dbsession.__doc__ = make.__doc__
+    descriptors["dbsession"] = reify(dbsession)
 
 
 def _drop_local_cache(request: Any) -> None:
