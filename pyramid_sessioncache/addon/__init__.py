@@ -10,12 +10,13 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import weakref
 from typing import Any
 
 from pyramid.exceptions import ConfigurationError
-from pyramid.interfaces import PHASE3_CONFIG, INewRequest, IRequestExtensions
+from pyramid.interfaces import PHASE3_CONFIG, INewRequest, IRequestExtensions, IRequestFactory
 from pyramid.threadlocal import get_current_request
 from pyramid.tweens import INGRESS
 from pyramid.util import InstancePropertyHelper
@@ -229,9 +230,13 @@ if hasattr(os, "register_at_fork"):
 
 def _add_dbsession(registry: Any) -> None:
     extensions = registry.queryUtility(IRequestExtensions)
-    if "dbsession" in extensions.descriptors or "dbsession" in extensions.methods:
-        # The application's own; it caches through request_session_cache or its factory.
-        drops_local_cache(extensions.descriptors)
+    request_class = registry.queryUtility(IRequestFactory)
+    on_class = isinstance(request_class, type) and inspect.getattr_static(request_class, "dbsession", None) is not None
+    if "dbsession" in extensions.descriptors or "dbsession" in extensions.methods or on_class:
+        # The application's own (a request method, or its request class's); it caches
+        # through request_session_cache or its factory.
+        drops_local_cache(extensions.descriptors, request_class if on_class else None)
+        registry[TWEEN] = True
         return
     if registry.queryUtility(IDBSessionFactory) is None:
         cache = registry.getUtility(ISessionCache)

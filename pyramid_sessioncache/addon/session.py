@@ -11,11 +11,11 @@ only the Sessions it made.
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Any, cast
 
 from pyramid import threadlocal
-from pyramid.decorator import reify
 from pyramid.threadlocal import get_current_request
 from sqlalchemy.orm import scoped_session
 from sqlalchemy.util import ScopedRegistry
@@ -217,7 +217,7 @@ def close_late_sessions() -> None:
     current = {id(entry.get("request")) for entry in threadlocal.manager.stack}
     for session in late:
         request = session.info.get("request")
-        if id(request) in current or _STREAMING in getattr(request, "__dict__", ()):
+        if id(request) in current or _streaming(request):
             note_late(session)  # still in use: its request's, or its response's (see close_after_streaming())
         else:
             close(session)
@@ -275,17 +275,17 @@ def _last(callback: Any) -> Any:
     return last
 
 
-#: The registry key saying that :func:`tween_factory` closes the add-on's own Sessions after streaming.
+#: The registry key saying that :func:`tween_factory` looks after streamed responses (set by the add-on's includeme).
 TWEEN = "pyramid_sessioncache.tween"
 
 
 def tween_factory(handler: Any, registry: Any) -> Any:
-    """The add-on's tween: a streamed response closes the add-on's own ``request.dbsession`` once sent.
+    """The add-on's tween: what a streamed response needs of ``request.dbsession`` once sent.
 
-    See :func:`close_after_streaming`.  None for an application that makes
-    its own ``request.dbsession``.  A tween rather than a ``NewResponse``
-    subscriber, which would cost every request far more (zope.interface's
-    subscriber look-up).
+    The add-on's own is closed if the stream used it; an application's
+    own drops its local cache (see :func:`close_after_streaming`).  A
+    tween rather than a ``NewResponse`` subscriber, which would cost every
+    request far more (zope.interface's subscriber look-up).
     """
     if not registry.get(TWEEN):
         return handler
@@ -319,13 +319,24 @@ def close_after_streaming(request: Any, response: Any) -> None:
     if isinstance(file_wrapper, type) and isinstance(app_iter, file_wrapper):
         return
     length = response.content_length  # setting app_iter forgets it
-    response.app_iter = _ClosingSession(app_iter, request)
+    wrapped = response.app_iter = _ClosingSession(app_iter, request)
     response.content_length = length
-    request.__dict__[_STREAMING] = True
+    request.__dict__[_STREAMING] = weakref.ref(wrapped)
 
 
-#: The key of ``request.__dict__`` marking a request whose response is being streamed.
+#: The key of ``request.__dict__`` holding the streamed response's ``app_iter`` (weakly) while it is sent.
 _STREAMING = "pyramid_sessioncache.streaming"
+
+
+def _streaming(request: Any) -> bool:
+    """Whether ``request``'s response is being streamed: its ``app_iter`` is alive and not done.
+
+    Weakly: one the server dropped without closing it (wrapped again after
+    the tween, by a lazy ``encode_content()``, and cut short) no longer
+    keeps the Session from being closed as the thread's next request begins.
+    """
+    stream = getattr(request, "__dict__", {}).get(_STREAMING)
+    return stream is not None and stream() is not None
 
 
 class _ClosingSession:
@@ -367,42 +378,64 @@ class _ClosingSession:
         if request is None:
             return
         request.__dict__.pop(_STREAMING, None)
+        # The add-on's own, if the stream used it (begun again once the closer closed it,
+        # in this thread or in another that read the stream): closed.
         session = request.__dict__.get("dbsession")
-        if session is not None and forget_late(session):
+        ours = session is not None and TRANSACTION_MANAGER in session.info
+        if ours and (forget_late(session) or session.in_transaction()):
             close(session)
+        # An application's own (see drops_local_cache()): what the stream stored, dropped.
+        own = request.__dict__.get(_DROPS)
+        if own is not None:
+            local_session.drop(own)
 
 
-def drops_local_cache(descriptors: dict) -> None:
-    """Have the application's own reified ``request.dbsession`` drop its local cache as its request finishes.
+def drops_local_cache(descriptors: dict, request_class: Any = None) -> None:
+    """Have the application's own ``request.dbsession`` drop its local cache as each request that makes it finishes.
 
     The add-on's own is closed then, which drops it.  An application's
     own may outlive its request (a thread-local ``scoped_session``
     registered with zope.sqlalchemy's ``keep_session=True``, whose
     read-only transactions zope.sqlalchemy never ends), and its
     ``ext:local_session`` entries with it: the next request of the thread
-    was served them, however old.  The application's function is wrapped,
-    so that a request that never makes its ``dbsession`` pays nothing; the
-    drop comes after every other finished callback, which may use it.  A
-    ``dbsession`` that is not reified (a new Session on every use) is left
-    as it is.  Each request that makes it drops it, a subrequest too (its
-    parent's next look-ups then miss).
+    was served them, however old.  The application's descriptor (a
+    request method, reified or a property, or one its request class
+    defines) is wrapped, so that a request that never makes its Session
+    pays nothing; the drop comes after every other finished callback,
+    which may use it, and again once a streamed response is sent (see
+    :func:`close_after_streaming`).  Each request that makes it drops
+    it, a subrequest too (its parent's next look-ups then miss).
     """
     original = descriptors.get("dbsession")
-    if not isinstance(original, reify):
-        return
-    make = original.wrapped
+    if original is None and request_class is not None:
+        original = inspect.getattr_static(request_class, "dbsession", None)
+    if original is not None and hasattr(original, "__get__"):
+        descriptors["dbsession"] = _DropsLocalCache(original)
 
-    def dbsession(request: Any) -> Any:
-        session = make(request)
-        request.add_finished_callback(_last(_drop_local_cache))
+
+#: The key of ``request.__dict__`` holding the application's own Session a request made.
+_DROPS = "pyramid_sessioncache.drops_local_cache"
+
+
+class _DropsLocalCache:
+    """The application's ``request.dbsession`` descriptor, wrapped: see :func:`drops_local_cache`."""
+
+    def __init__(self, original: Any) -> None:
+        self.original = original
+        self.__doc__ = getattr(original, "__doc__", None)
+
+    def __get__(self, request: Any, cls: Any = None) -> Any:
+        if request is None:
+            return self
+        session = self.original.__get__(request, cls)
+        if _DROPS not in request.__dict__:
+            request.__dict__[_DROPS] = session
+            request.add_finished_callback(_last(_drop_local_cache))
         return session
-
-    dbsession.__doc__ = make.__doc__
-    descriptors["dbsession"] = reify(dbsession)
 
 
 def _drop_local_cache(request: Any) -> None:
-    session = request.__dict__.get("dbsession")
+    session = request.__dict__.get(_DROPS)
     if session is not None:
         local_session.drop(session)
 

@@ -115,7 +115,7 @@ class RequestTransactionEvents(ZopeTransactionEvents):
         and the add-on closes the Session after the last finished callback;
         used after that (a pyramid_retry ``BeforeRetry`` subscriber, a
         streamed response), it is closed as the thread's next request
-        begins (:func:`note_late`).
+        begins (``note_late()``).
         """
         manager = manager_of(session)
         if manager is None:
@@ -126,7 +126,7 @@ class RequestTransactionEvents(ZopeTransactionEvents):
         join_transaction(session, self.initial_state, manager, self.keep_session)
 
 
-#: The Sessions of this thread begun again once their request ended (see :func:`note_late`).
+#: The Sessions of this thread begun again once their request ended (see ``note_late()``).
 _late = threading.local()
 
 
@@ -149,7 +149,7 @@ def note_late(session: Any) -> None:
 
 
 def forget_late(session: Any) -> bool:
-    """Forget ``session`` if :func:`note_late` noted it in this thread; return whether it had."""
+    """Forget ``session`` if ``note_late()`` noted it in this thread; return whether it had."""
     sessions = getattr(_late, "sessions", None)
     if sessions is None or session not in sessions:
         return False
@@ -158,7 +158,7 @@ def forget_late(session: Any) -> bool:
 
 
 def take_late() -> list[Any]:
-    """Return the Sessions of this thread :func:`note_late` noted, and forget them."""
+    """Return the Sessions of this thread ``note_late()`` noted, and forget them."""
     sessions = getattr(_late, "sessions", None)
     if not sessions:
         return []
