@@ -1123,28 +1123,41 @@ def commit_in_another_process(db_url, name):
     subprocess.run([sys.executable, "-c", code, db_url, name], check=True, timeout=60)
 
 
-def test_local_entries_do_not_outlive_the_request_with_an_apps_thread_local_session(db_url, check):
-    """The seed's ``meta.Session`` (thread-local) as request.dbsession, ``keep_session=True``: read-only requests."""
+LOCAL_ONLY = {
+    "cache.regions": "local_session",
+    "cache.local_session.type": "ext:local_session",
+    "sessioncache.default_region": "local_session",
+    "sessioncache.secret": SECRET,
+}
+
+
+def thread_local_app(db_url, how="reify", commit_first=False):
+    """``(config, meta_session, engine)``: the add-on included, the seed's thread-local ``meta.Session`` as ``request.dbsession``.
+
+    Registered with zope.sqlalchemy's ``keep_session=True`` (it outlives each
+    request), its only region ``ext:local_session``; ``how``: ``"reify"`` or
+    ``"property"``; ``commit_first``: ``config.commit()`` before it is added.
+    """
     import zope.sqlalchemy
-    from sqlalchemy import engine_from_config
     from sqlalchemy.orm import scoped_session, sessionmaker
 
-    settings = {
-        "sqlalchemy.url": db_url,
-        "cache.regions": "local_session",
-        "cache.local_session.type": "ext:local_session",
-        "sessioncache.default_region": "local_session",
-        "sessioncache.secret": SECRET,
-    }
-    config = Configurator(settings=settings)
+    from pyramid_sessioncache.addon import get_engine
+
+    config = Configurator(settings={"sqlalchemy.url": db_url, **LOCAL_ONLY})
     config.include("pyramid_sessioncache")
-    engine = engine_from_config(settings, "sqlalchemy.")
+    if commit_first:
+        config.commit()
+    engine = get_engine(config.registry) if commit_first else create_engine(db_url)
     factory = sessionmaker(bind=engine)
     meta_session = scoped_session(factory)
     zope.sqlalchemy.register(meta_session, keep_session=True)
     config.set_sessioncache_session_factory(factory)
-    config.add_request_method(lambda request: meta_session(), "dbsession", reify=True)
-    stmt = name_of(1)
+    config.add_request_method(lambda request: meta_session(), "dbsession", **{how: True})
+    return config, meta_session, engine
+
+
+def cached_and_uncached(stmt):
+    """A view: ``stmt``'s one value read through the default region, and uncached."""
 
     def view(request):
         return {
@@ -1152,6 +1165,14 @@ def test_local_entries_do_not_outlive_the_request_with_an_apps_thread_local_sess
             "uncached": request.dbsession.execute(stmt).scalar_one(),
         }
 
+    return view
+
+
+def test_local_entries_do_not_outlive_the_request_with_an_apps_thread_local_session(db_url, check):
+    """The seed's ``meta.Session`` (thread-local) as request.dbsession, ``keep_session=True``: read-only requests."""
+    config, meta_session, engine = thread_local_app(db_url)
+    stmt = name_of(1)
+    view = cached_and_uncached(stmt)
     config.add_route("read", "/read")
     config.add_view(view, route_name="read", renderer="json")
     web = TestApp(config.make_wsgi_app())

@@ -51,7 +51,7 @@ def reg(request) -> str:
 
 @pytest.fixture
 def Sess(engine, reg, region_options):
-    """A sessionmaker caching into a fresh cache; the process-wide statement-shape memo emptied first."""
+    """A sessionmaker caching into a fresh cache."""
     cache = SessionCache(region_options, default_region="local", secret=SECRET)
     yield sessionmaker(bind=engine, info=cache.session_info())
     cache.close()

@@ -14,7 +14,6 @@ import pytest
 from pyramid.request import Request
 from pyramid.response import Response
 from sqlalchemy import Column, Integer, MetaData, String, Table, select, text, union_all
-from sqlalchemy import inspect as sa_inspect
 from sqlalchemy.orm import Bundle, aliased, sessionmaker
 from sqlalchemy.orm import Session as PlainSession
 from webtest import TestApp
@@ -23,7 +22,17 @@ from pyramid_sessioncache import SessionCache, cached_query
 
 from .conftest import SECRET, SQLCounter
 from .models import Address, Person
-from .test_attack_s33_requests import assert_clean, check, make_memory, name_of, scenario  # noqa: F401 (fixtures)
+from .test_attack_s33_requests import (  # noqa: F401 (fixtures)
+    assert_clean,
+    cached_and_uncached,
+    check,
+    commit_in_another_process,
+    make_memory,
+    name_of,
+    scenario,
+    thread_local_app,
+)
+from .test_attack_s33_review import Sess, ent, outcome, served  # noqa: F401 (fixtures)
 
 PERSON = Person.__table__
 ADDRESS = Address.__table__
@@ -45,41 +54,6 @@ _CTE = select(Person.id).where(Person.id <= 2).cte()
 def reg(request) -> str:
     """``ext:local_session``, ``memory``, then ``file`` (pickled: found_by is not stored)."""
     return request.param
-
-
-@pytest.fixture
-def Sess(engine, region_options):
-    """A sessionmaker caching into a fresh cache."""
-    cache = SessionCache(region_options, default_region="local", secret=SECRET)
-    yield sessionmaker(bind=engine, info=cache.session_info())
-    cache.close()
-
-
-def ent(obj):
-    """An ORM object as plain data: class and primary key."""
-    return None if obj is None else (type(obj).__name__, sa_inspect(obj).identity)
-
-
-def outcome(use, result):
-    """``use(result)``, or the KeyError it raised (NoSuchColumnError is one): the uncached and cached must agree."""
-    try:
-        return use(result)
-    except KeyError:
-        return "KeyError"
-
-
-def served(engine, Sess, reg, make, use):
-    """What ``use`` reads from ``make()``: uncached, and cached on the miss and two hits (no SQL)."""
-    with PlainSession(engine) as plain:
-        expected = outcome(use, plain.execute(make()))
-    got = []
-    with Sess() as session:
-        got.append(outcome(use, cached_query(session, make(), reg)))
-        with SQLCounter(engine) as sql:
-            got.append(outcome(use, cached_query(session, make(), reg)))
-            got.append(outcome(use, cached_query(session, make(), reg)))
-        assert sql.count == 0, sql.statements
-    return expected, got
 
 
 # --- Defects: found_by -------------------------------------------------------------------------------
@@ -319,36 +293,14 @@ def test_jobs_run_as_subrequests_of_a_script_do_not_read_each_others_local_entri
     import subprocess
     import sys
 
-    import zope.sqlalchemy
-    from pyramid.config import Configurator
     from pyramid.scripting import prepare
-    from sqlalchemy import engine_from_config
-    from sqlalchemy.orm import scoped_session
 
     from .conftest import truth
 
-    settings = {
-        "sqlalchemy.url": db_url,
-        "cache.regions": "local_session",
-        "cache.local_session.type": "ext:local_session",
-        "sessioncache.default_region": "local_session",
-        "sessioncache.secret": SECRET,
-    }
-    config = Configurator(settings=settings)
-    config.include("pyramid_sessioncache")
-    engine = engine_from_config(settings, "sqlalchemy.")
-    factory = sessionmaker(bind=engine)
-    meta_session = scoped_session(factory)
-    zope.sqlalchemy.register(meta_session, keep_session=True)
-    config.set_sessioncache_session_factory(factory)
-    config.add_request_method(lambda request: meta_session(), "dbsession", reify=True)
+    config, meta_session, engine = thread_local_app(db_url)
     stmt = name_of(1)
 
-    def job(request):
-        return {
-            "cached": request.cached_query(stmt).scalar_one(),
-            "uncached": request.dbsession.execute(stmt).scalar_one(),
-        }
+    job = cached_and_uncached(stmt)
 
     config.add_route("job", "/job")
     config.add_view(job, route_name="job", renderer="json")

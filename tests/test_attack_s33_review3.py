@@ -23,7 +23,16 @@ from pyramid.response import Response
 from webtest import TestApp
 
 from .conftest import SECRET, truth
-from .test_attack_s33_requests import assert_clean, check, make_memory, name_of, scenario  # noqa: F401 (fixtures)
+from .test_attack_s33_requests import (  # noqa: F401 (fixtures)
+    assert_clean,
+    cached_and_uncached,
+    check,
+    commit_in_another_process,
+    make_memory,
+    name_of,
+    scenario,
+    thread_local_app,
+)
 
 
 def _db_stream(request, n=3):
@@ -181,26 +190,10 @@ def test_local_entries_do_not_outlive_the_request_with_a_property_dbsession(db_u
     import subprocess
     import sys
 
-    import zope.sqlalchemy
-    from sqlalchemy import engine_from_config
-    from sqlalchemy.orm import scoped_session, sessionmaker
-
-    settings = _app_settings(db_url)
-    config = Configurator(settings=settings)
-    config.include("pyramid_sessioncache")
-    engine = engine_from_config(settings, "sqlalchemy.")
-    factory = sessionmaker(bind=engine)
-    meta_session = scoped_session(factory)
-    zope.sqlalchemy.register(meta_session, keep_session=True)
-    config.set_sessioncache_session_factory(factory)
-    config.add_request_method(lambda request: meta_session(), "dbsession", property=True)
+    config, meta_session, engine = thread_local_app(db_url, "property")
     stmt = name_of(1)
 
-    def view(request):
-        return {
-            "cached": request.cached_query(stmt).scalar_one(),
-            "uncached": request.dbsession.execute(stmt).scalar_one(),
-        }
+    view = cached_and_uncached(stmt)
 
     config.add_route("read", "/read")
     config.add_view(view, route_name="read", renderer="json")
@@ -311,36 +304,13 @@ def test_a_list_subclass_or_bytes_body_is_sent_as_is(make_memory):
         assert_clean(app)
 
 
-def _rename_in_another_process(db_url, name):
-    import subprocess
-    import sys
-
-    code = (
-        "import sys\nfrom sqlalchemy import create_engine, text\n"
-        "engine = create_engine(sys.argv[1])\n"
-        "with engine.begin() as c: c.execute(text('UPDATE person SET name = :n WHERE id = 1'), {'n': sys.argv[2]})\n"
-    )
-    subprocess.run([sys.executable, "-c", code, db_url, name], check=True, timeout=60)
-
-
 @pytest.mark.parametrize("made", ["in the view", "in the stream"])
 def test_local_entries_stored_by_a_stream_do_not_outlive_the_request_with_an_apps_thread_local_session(
     db_url, check, made
 ):
     """The seed's thread-local ``meta.Session`` as reified request.dbsession; a stream reads cached: the next request reads the truth."""
-    import zope.sqlalchemy
-    from sqlalchemy import engine_from_config
-    from sqlalchemy.orm import scoped_session, sessionmaker
 
-    settings = _app_settings(db_url)
-    config = Configurator(settings=settings)
-    config.include("pyramid_sessioncache")
-    engine = engine_from_config(settings, "sqlalchemy.")
-    factory = sessionmaker(bind=engine)
-    meta_session = scoped_session(factory)
-    zope.sqlalchemy.register(meta_session, keep_session=True)
-    config.set_sessioncache_session_factory(factory)
-    config.add_request_method(lambda request: meta_session(), "dbsession", reify=True)
+    config, meta_session, engine = thread_local_app(db_url, "reify")
     stmt = name_of(1)
 
     def stream(request):
@@ -352,11 +322,7 @@ def test_local_entries_stored_by_a_stream_do_not_outlive_the_request_with_an_app
 
         return Response(app_iter=body())
 
-    def view(request):
-        return {
-            "cached": request.cached_query(stmt).scalar_one(),
-            "uncached": request.dbsession.execute(stmt).scalar_one(),
-        }
+    view = cached_and_uncached(stmt)
 
     config.add_route("stream", "/stream")
     config.add_view(stream, route_name="stream")
@@ -365,7 +331,7 @@ def test_local_entries_stored_by_a_stream_do_not_outlive_the_request_with_an_app
     web = TestApp(config.make_wsgi_app())
     try:
         assert web.get("/stream").body == b"person 1"
-        _rename_in_another_process(db_url, "renamed")
+        commit_in_another_process(db_url, "renamed")
         assert truth(check, stmt) == [("renamed",)]
         page = web.get("/read").json
         assert page["uncached"] == "renamed"
@@ -511,34 +477,18 @@ def test_the_scoped_session_from_a_stream_says_no_request_is_active(make_memory)
 )
 def test_an_apps_dbsession_added_after_a_commit_drops_its_local_entries(db_url, check):
     """include, ``config.commit()``, then the seed's thread-local Session as reified dbsession: the next request reads the truth."""
-    import zope.sqlalchemy
-    from sqlalchemy.orm import scoped_session, sessionmaker
 
-    import pyramid_sessioncache.addon as addon
-
-    config = Configurator(settings=_app_settings(db_url))
-    config.include("pyramid_sessioncache")
-    config.commit()
-    engine = addon.get_engine(config.registry)
-    factory = sessionmaker(bind=engine)
-    meta_session = scoped_session(factory)
-    zope.sqlalchemy.register(meta_session, keep_session=True)
-    config.set_sessioncache_session_factory(factory)
-    config.add_request_method(lambda request: meta_session(), "dbsession", reify=True)
+    config, meta_session, engine = thread_local_app(db_url, commit_first=True)
     stmt = name_of(1)
 
-    def view(request):
-        return {
-            "cached": request.cached_query(stmt).scalar_one(),
-            "uncached": request.dbsession.execute(stmt).scalar_one(),
-        }
+    view = cached_and_uncached(stmt)
 
     config.add_route("read", "/read")
     config.add_view(view, route_name="read", renderer="json")
     web = TestApp(config.make_wsgi_app())
     try:
         assert web.get("/read").json == {"cached": "person 1", "uncached": "person 1"}
-        _rename_in_another_process(db_url, "renamed")
+        commit_in_another_process(db_url, "renamed")
         assert truth(check, stmt) == [("renamed",)]
         page = web.get("/read").json
         assert page["uncached"] == "renamed"
