@@ -275,10 +275,16 @@ def raw_connect(engine: Any) -> Any:
 _SELECT_STATE: Any = vars(orm_context).get("_ORMSelectCompileState") or vars(orm_context)["ORMSelectCompileState"]
 
 
-def selected_columns(statement: Any) -> tuple | None:
-    """What ``statement`` selects, as given: a ``select()``'s raw columns (a union's first select's), a ``TextualSelect``'s columns; or None."""
+def _first_select(statement: Any) -> Any:
+    """``statement``, or a union's (``CompoundSelect``) first select, however nested."""
     while isinstance(statement, CompoundSelect):
         statement = statement.selects[0]
+    return statement
+
+
+def selected_columns(statement: Any) -> tuple | None:
+    """What ``statement`` selects, as given: a ``select()``'s raw columns (a union's first select's), a ``TextualSelect``'s columns; or None."""
+    statement = _first_select(statement)
     if isinstance(statement, TextualSelect):
         return tuple(statement.column_args)
     columns = getattr(statement, "_raw_columns", None)
@@ -300,10 +306,7 @@ def column_objects(statement: Any) -> list[tuple] | dict[str, tuple] | None:
     None for anything else (plain ``text()``): found by name only.
     """
     if isinstance(statement, CompoundSelect):
-        first = statement.selects[0]
-        while isinstance(first, CompoundSelect):
-            first = first.selects[0]
-        return [(column,) for column in first.selected_columns]
+        return [(column,) for column in _first_select(statement).selected_columns]
     if isinstance(statement, TextualSelect):
         if statement.positional:
             return [(column,) for column in statement.column_args]

@@ -11,6 +11,7 @@ those of the statement that stored it (a new ``aliased()`` each time).
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 from sqlalchemy.engine import Result
@@ -72,8 +73,4 @@ def _nothing() -> None:
 def _same(kept: tuple, columns: tuple) -> bool:
     # By identity: SQLAlchemy's annotated elements compare equal to what
     # they annotate (an ORM class's table to the Core table).
-    return len(kept) == len(columns) and all(map(_is, kept, columns))
-
-
-def _is(a: Any, b: Any) -> bool:
-    return a is b
+    return len(kept) == len(columns) and all(map(operator.is_, kept, columns))
