@@ -151,7 +151,8 @@ def _app_settings(db_url):
     }
 
 
-def test_an_apps_request_class_reified_dbsession_is_kept(db_url):
+@pytest.mark.parametrize("when", ["before the include", "after the include and a commit"])
+def test_an_apps_request_class_reified_dbsession_is_kept(db_url, when):
     """``config.set_request_factory(MyRequest)`` whose class reifies ``dbsession``: the application's Session serves."""
     from sqlalchemy import create_engine
     from sqlalchemy.orm import sessionmaker
@@ -169,8 +170,12 @@ def test_an_apps_request_class_reified_dbsession_is_kept(db_url):
             return session
 
     config = Configurator(settings=_app_settings(db_url))
-    config.set_request_factory(AppRequest)
+    if when == "before the include":
+        config.set_request_factory(AppRequest)
     config.include("pyramid_sessioncache")
+    if when != "before the include":
+        config.commit()  # the add-on adds its own request.dbsession here
+        config.set_request_factory(AppRequest)
     config.add_route("read", "/read")
 
     def view(request):
@@ -469,12 +474,6 @@ def test_the_scoped_session_from_a_stream_says_no_request_is_active(make_memory)
     assert seen and "no request is active" in seen[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="_add_dbsession (addon/__init__.py) decides at the commit that runs it: an application that commits "
-    "(to call get_engine()) and then adds its own reified dbsession replaces the add-on's without "
-    "drops_local_cache(), and its thread-local Session serves the last request's local entries",
-)
 def test_an_apps_dbsession_added_after_a_commit_drops_its_local_entries(db_url, check):
     """include, ``config.commit()``, then the seed's thread-local Session as reified dbsession: the next request reads the truth."""
 

@@ -10,13 +10,12 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 import weakref
 from typing import Any
 
 from pyramid.exceptions import ConfigurationError
-from pyramid.interfaces import PHASE3_CONFIG, INewRequest, IRequestExtensions, IRequestFactory
+from pyramid.interfaces import PHASE3_CONFIG, INewRequest, IRequestExtensions
 from pyramid.threadlocal import get_current_request
 from pyramid.tweens import INGRESS
 from pyramid.util import InstancePropertyHelper
@@ -32,7 +31,7 @@ from ..errors import InvalidOptionError
 from ..masking import hide_url_passwords, shown
 from .interfaces import IDBSessionFactory, ISessionCache
 from .request import RequestCache, cached_query
-from .session import TWEEN, dbsession, drops_local_cache, request_begins
+from .session import OWN_DBSESSION, TWEEN, dbsession, keeps_apps_dbsession, request_begins
 from .settings import invalid_option, parse_settings
 from .transaction import RequestTransactionEvents
 from .transaction import join as join_request_transaction
@@ -229,13 +228,9 @@ if hasattr(os, "register_at_fork"):
 
 
 def _add_dbsession(registry: Any) -> None:
-    extensions = registry.queryUtility(IRequestExtensions)
-    request_class = registry.queryUtility(IRequestFactory)
-    on_class = isinstance(request_class, type) and inspect.getattr_static(request_class, "dbsession", None) is not None
-    if "dbsession" in extensions.descriptors or "dbsession" in extensions.methods or on_class:
+    if keeps_apps_dbsession(registry):
         # The application's own (a request method, or its request class's); it caches
         # through request_session_cache or its factory.
-        drops_local_cache(extensions.descriptors, request_class if on_class else None)
         registry[TWEEN] = True
         return
     if registry.queryUtility(IDBSessionFactory) is None:
@@ -248,4 +243,4 @@ def _add_dbsession(registry: Any) -> None:
     registry.registerHandler(request_begins, (INewRequest,))
     registry[TWEEN] = True
     name, prop = InstancePropertyHelper.make_property(dbsession, name="dbsession", reify=True)
-    extensions.descriptors[name] = prop
+    registry.queryUtility(IRequestExtensions).descriptors[name] = registry[OWN_DBSESSION] = prop

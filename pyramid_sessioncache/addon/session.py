@@ -16,6 +16,7 @@ import weakref
 from typing import Any, cast
 
 from pyramid import threadlocal
+from pyramid.interfaces import IRequestExtensions, IRequestFactory
 from pyramid.threadlocal import get_current_request
 from sqlalchemy.orm import scoped_session
 from sqlalchemy.util import ScopedRegistry
@@ -287,6 +288,7 @@ def tween_factory(handler: Any, registry: Any) -> Any:
     tween rather than a ``NewResponse`` subscriber, which would cost every
     request far more (zope.interface's subscriber look-up).
     """
+    keeps_apps_dbsession(registry)  # one added since the add-on's configuration ran (see there)
     if not registry.get(TWEEN):
         return handler
 
@@ -390,6 +392,37 @@ class _ClosingSession:
             local_session.drop(own)
 
 
+#: The registry key of the ``request.dbsession`` descriptor the add-on added, when it added one.
+OWN_DBSESSION = "pyramid_sessioncache.own_dbsession"
+
+
+def keeps_apps_dbsession(registry: Any) -> bool:
+    """Whether the application defines its own ``request.dbsession``; if so, have it drop its local cache.
+
+    A request method (reified or a property), or an attribute of its
+    request class, which :func:`drops_local_cache` wraps.  Asked as the
+    add-on's configuration runs, and again when the application is made
+    (:func:`tween_factory`): an application may add its own after a
+    ``config.commit()`` that followed the include (to read
+    ``get_engine()``), or set its request class then; its own replaces
+    the add-on's.
+    """
+    extensions = registry.queryUtility(IRequestExtensions)
+    descriptors = {} if extensions is None else extensions.descriptors
+    request_class = registry.queryUtility(IRequestFactory)
+    on_class = isinstance(request_class, type) and inspect.getattr_static(request_class, "dbsession", None) is not None
+    current = descriptors.get("dbsession")
+    if current is not None and current is registry.get(OWN_DBSESSION):
+        if not on_class:
+            return False
+        del descriptors["dbsession"]  # the request class's own, set after the add-on added its
+        current = None
+    if current is None and not on_class:
+        return extensions is not None and "dbsession" in extensions.methods
+    drops_local_cache(descriptors, request_class if on_class else None)
+    return True
+
+
 def drops_local_cache(descriptors: dict, request_class: Any = None) -> None:
     """Have the application's own ``request.dbsession`` drop its local cache as each request that makes it finishes.
 
@@ -407,6 +440,8 @@ def drops_local_cache(descriptors: dict, request_class: Any = None) -> None:
     it, a subrequest too (its parent's next look-ups then miss).
     """
     original = descriptors.get("dbsession")
+    if isinstance(original, _DropsLocalCache):
+        return
     if original is None and request_class is not None:
         original = inspect.getattr_static(request_class, "dbsession", None)
     if original is not None and hasattr(original, "__get__"):
