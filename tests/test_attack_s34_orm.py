@@ -155,7 +155,7 @@ Post.comment_count = column_property(
 #: The comment table as the database holds it: ON DELETE SET NULL, which the models do not say.
 COMMENT_DDL = (
     "CREATE TABLE s34_comment (id INTEGER PRIMARY KEY, "
-    "post_id INTEGER REFERENCES s34_post(id) ON DELETE {action}, body VARCHAR(20) NOT NULL)"
+    "post_id INTEGER REFERENCES s34_post(id) ON DELETE {action} ON UPDATE CASCADE, body VARCHAR(20) NOT NULL)"
 )
 
 
@@ -680,3 +680,110 @@ def test_get_with_populate_existing_after_a_commit_elsewhere(s34_engine, Sess, r
         again = s.get(Doc, 1, options=[FromCache(region)], populate_existing=True)
         assert again is doc
         assert (doc.price, doc.total, doc.version) == (4, 8, 2)
+
+
+@pytest.mark.parametrize("region", ["memory", "shared"])
+def test_a_database_only_on_update_cascade_is_seen_on_sqlite(sqlite_url, s34_engine, Sess, region):
+    """The schema says ON UPDATE CASCADE, the models do not: a post's new id reaches its comments."""
+    warm(Sess, s34_engine, COMMENTS, region, "id", "post_id")
+    with Sess() as s:
+        s.execute(delete(post_tag).where(post_tag.c.post_id == 2))
+        s.execute(update(Post).where(Post.id == 2).values(id=20))
+        s.commit()
+    expected = truth(s34_engine, COMMENTS, "id", "post_id")
+    assert expected == [(1, 1), (2, 1), (3, 20)]
+    with Sess() as s:
+        assert cached(s, COMMENTS, region, "id", "post_id") == expected
+
+
+# 10. A temporary trigger of one SQLite connection ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("region", ["memory", "shared"])
+@pytest.mark.parametrize("later", [False, True])
+def test_a_temporary_trigger_of_the_writing_connection_is_seen(s34_engine, Sess, region, later):
+    """``CREATE TEMP TRIGGER`` on one connection (doc -> stat); a write to docs there updates stat: seen."""
+    stats = select(Stat)
+    warm(Sess, s34_engine, stats, region, "id", "updates")
+    with s34_engine.connect() as conn:
+        conn.exec_driver_sql(
+            "CREATE TEMP TRIGGER s34_temp_count AFTER UPDATE ON main.s34_doc BEGIN "
+            "UPDATE s34_stat SET updates = updates + 1; END"
+        )
+        conn.commit()
+        if later:  # the connection goes back to the pool, and is taken again by a Session
+            conn.close()
+            with Sess() as s:
+                s.get(Doc, 1).title = "y"
+                s.commit()
+        else:
+            conn.execute(update(Doc).where(Doc.id == 1).values(title="y", version=Doc.version + 1))
+            conn.commit()
+    expected = truth(s34_engine, stats, "id", "updates")
+    assert expected == [(1, 1)]
+    with Sess() as s:
+        assert cached(s, stats, region, "id", "updates") == expected
+
+
+# 11. merge() and RelationshipCache ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("region", ["memory", "shared"])
+def test_merge_of_a_detached_doc_with_an_old_version_raises_as_uncached(s34_engine, Sess, region):
+    """A detached doc of version 1; another engine bumps it; ``merge(options=[FromCache])`` raises StaleDataError."""
+    warm(Sess, s34_engine, select(Doc).where(Doc.id == 1), region, "id")
+    with Sess() as s:
+        detached = s.get(Doc, 1, options=[FromCache(region)])
+    other = create_engine(s34_engine.url)
+    try:
+        with Session(other) as writer:
+            writer.get(Doc, 1).price = 9
+            writer.commit()
+    finally:
+        other.dispose()
+    with Sess() as s:
+        with pytest.raises(StaleDataError):
+            s.merge(detached, options=[FromCache(region)])
+
+
+@pytest.mark.parametrize("region", ["local", "memory", "shared"])
+def test_a_relationship_cache_under_per_request_criteria_keys_each_tenant_apart(s34_engine, cache, region):
+    """A listener hides tags per request (also in lazy loads); ``RelationshipCache(Post.tags)`` per request."""
+    Sessions = sessionmaker(s34_engine, info=cache.session_info())
+
+    @event.listens_for(Sessions, "do_orm_execute")
+    def _hide(state):
+        if state.is_select:
+            hidden = state.session.info["hidden"]
+            state.statement = state.statement.options(
+                with_loader_criteria(Tag, lambda cls: cls.name != hidden, include_aliases=True)
+            )
+
+    for hidden in ("tag1", "tag2", "tag1", "tag2"):
+        with Sessions(info={"hidden": hidden}) as s:
+            expected = [t.name for t in s.get(Post, 1).tags]
+        with Sessions(info={"hidden": hidden}) as s:
+            post = s.execute(POSTS.options(RelationshipCache(Post.tags, region))).scalars().first()
+            assert [t.name for t in post.tags] == expected
+            assert hidden not in expected
+
+
+def test_a_relationship_cache_lazy_load_after_another_process_writes_the_association_table(
+    sqlite_url, s34_engine, Sess, shared
+):
+    """``RelationshipCache(Post.tags, shared)``: another process tags post 1 through the association table."""
+
+    def tag_ids(session):
+        posts = session.execute(POSTS.options(RelationshipCache(Post.tags, "shared"))).scalars().all()
+        return [(p.id, [t.id for t in p.tags]) for p in posts]
+
+    with Sess() as s:
+        tag_ids(s)
+    counter = SQLCounter(s34_engine)
+    with Sess() as s:
+        assert tag_ids(s) == [(1, [1, 2]), (2, [3])]
+    lazy_loads = counter.count
+    in_another_process(sqlite_url, shared, "s.execute(insert(post_tag).values(post_id=1, tag_id=3))")
+    with Sess() as s:
+        assert tag_ids(s) == [(1, [1, 2, 3]), (2, [3])]
+    assert lazy_loads <= 4  # the posts, transaction control: the lazy loads were hits
