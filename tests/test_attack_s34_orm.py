@@ -446,6 +446,28 @@ def test_an_object_made_transient_and_added_again_is_not_served_as_persistent(Se
     assert results[True] == results[False] == (False, False, 1)
 
 
+@pytest.mark.parametrize("region", ["local", "memory", "shared"])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_the_copy_recipe_under_autoflush_off_leaves_the_original_row_to_the_query(s34_engine, cache, region, use_cache):
+    """``make_transient(doc); doc.id = None; session.add(doc)`` (a copy, pending): the query still gives row 1.
+
+    SQLAlchemy's recipe for copying a row, in a Session with
+    ``autoflush=False``: the read of the docs loads row 1 as a new
+    persistent object; the pending copy (no id yet) is no row of the query.
+    """
+    Sessions = sessionmaker(s34_engine, info=cache.session_info(), autoflush=False)
+    with Sessions() as s:
+        doc = s.execute(DOCS.options(FromCache(region))).scalars().first()
+        make_transient(doc)
+        doc.id = None
+        doc.title = "the copy"
+        s.add(doc)
+        statement = DOCS.options(FromCache(region)) if use_cache else DOCS
+        docs = s.execute(statement).scalars().all()
+        assert [(d.id, d.title) for d in docs] == [(1, "doc1"), (2, "doc2"), (3, "doc3")]
+        assert all(d is not doc and d not in s.new for d in docs)
+
+
 # 5. Database-only ON DELETE actions, passive_deletes -----------------------------------------------------------------
 
 
@@ -787,3 +809,81 @@ def test_a_relationship_cache_lazy_load_after_another_process_writes_the_associa
     with Sess() as s:
         assert tag_ids(s) == [(1, [1, 2, 3]), (2, [3])]
     assert lazy_loads <= 4  # the posts, transaction control: the lazy loads were hits
+
+
+# 12. Held objects refilled by a hit -----------------------------------------------------------------------------------
+
+
+def docs_and_flush(Sessions, region, writer, expire=None, pending=False) -> list:
+    """What a Session holding doc 1 sees after another engine's commit, and how its next flush ends.
+
+    Another Session stores the docs' entry (current: after the commit) so
+    that the Session's read through ``region`` is a hit.
+    """
+    seen = []
+    with Sessions() as s:
+        doc = s.execute(DOCS.options(FromCache(region)) if region else DOCS).scalars().first()
+        if expire is not None:
+            s.expire(doc, expire)
+        if pending:
+            doc.title = "pending"
+        with Session(writer) as w:
+            w.get(Doc, 1).qty = 3
+            w.commit()
+        if region and region != "local":
+            with Sessions() as other:
+                other.execute(DOCS.options(FromCache(region))).all()
+        with s.no_autoflush:
+            docs = s.execute(DOCS.options(FromCache(region)) if region else DOCS).scalars().all()
+        seen.append([(d.id, d.title, d.qty, d.total, d.version) for d in docs])
+        doc.title = "mine"
+        try:
+            s.commit()
+            seen.append("committed")
+        except StaleDataError:
+            seen.append("stale")
+    return seen
+
+
+@pytest.mark.parametrize("region", ["local", "memory", "shared"])
+@pytest.mark.parametrize(
+    "expire, pending", [(["version", "total"], False), (["version"], True), (None, False)], ids=["expired", "pending", "held"]
+)
+def test_a_held_doc_with_an_expired_version_is_refilled_as_uncached(sqlite_url, cache, region, expire, pending):
+    """Doc 1 held, its version (and generated total) expired or not, a pending change or not; another commit; read; flush."""
+    outcomes = []
+    for use in (None, region):
+        path = Path(sqlite_url.removeprefix("sqlite:///"))
+        copy = path.with_name(f"copy-{use}.sqlite")
+        copy.write_bytes(path.read_bytes())
+        engine, writer = create_engine(f"sqlite:///{copy}"), create_engine(f"sqlite:///{copy}")
+        try:
+            outcomes.append(docs_and_flush(sessionmaker(engine, info=cache.session_info()), use, writer, expire, pending))
+        finally:
+            engine.dispose()
+            writer.dispose()
+    assert outcomes[1] == outcomes[0]
+
+
+@pytest.mark.parametrize("region", ["local", "memory", "shared"])
+def test_expire_on_commit_off_a_generated_column_left_expired_by_a_flush(s34_engine, cache, region):
+    """``expire_on_commit=False``: a flush leaves ``total`` expired; after another commit, the read fills it as uncached."""
+    Sessions = sessionmaker(s34_engine, info=cache.session_info(), expire_on_commit=False)
+    with Sessions() as s:
+        doc = s.get(Doc, 1)
+        doc.price = 5
+        s.commit()
+        other = create_engine(s34_engine.url)
+        try:
+            with Session(other) as w:
+                w.get(Doc, 1).qty = 3
+                w.commit()
+        finally:
+            other.dispose()
+        with Sessions() as warmer:
+            warmer.execute(DOCS.options(FromCache(region))).all()
+        s.execute(DOCS.options(FromCache(region))).all()
+        assert (doc.price, doc.qty, doc.total, doc.version) == (5, 2, 15, 2)  # total refilled; the rest as held
+        doc.title = "mine"
+        with pytest.raises(StaleDataError):
+            s.commit()
