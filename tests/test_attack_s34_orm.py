@@ -23,6 +23,7 @@ from sqlalchemy import (
     Column,
     Computed,
     FetchedValue,
+    Identity,
     ForeignKey,
     Integer,
     String,
@@ -147,6 +148,48 @@ class Item(ItemBase):
     __mapper_args__ = {"eager_defaults": True}
 
 
+class Employee(Base):
+    """Joined-table inheritance under optimistic concurrency: the version lives on the base table."""
+
+    __tablename__ = "s34_employee"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(20))
+    name: Mapped[str] = mapped_column(String(20))
+    version: Mapped[int] = mapped_column(nullable=False)
+    __mapper_args__ = {"polymorphic_on": "kind", "polymorphic_identity": "employee", "version_id_col": version}
+
+
+class Engineer(Employee):
+    __tablename__ = "s34_engineer"
+    id: Mapped[int] = mapped_column(ForeignKey("s34_employee.id"), primary_key=True)
+    lang: Mapped[str] = mapped_column(String(20))
+    __mapper_args__ = {"polymorphic_identity": "engineer", "polymorphic_load": "selectin"}
+
+
+class Manager(Employee):
+    __tablename__ = "s34_manager"
+    id: Mapped[int] = mapped_column(ForeignKey("s34_employee.id"), primary_key=True)
+    level: Mapped[int]
+    __mapper_args__ = {"polymorphic_identity": "manager", "polymorphic_load": "inline"}
+
+
+class PgBase(DeclarativeBase):
+    pass
+
+
+class PgDoc(PgBase):
+    """PostgreSQL: an ``Identity()`` key, a generated column, a trigger's counter, ``xmin`` as the version."""
+
+    __tablename__ = "s34_pgdoc"
+    id: Mapped[int] = mapped_column(Identity(), primary_key=True)
+    title: Mapped[str] = mapped_column(String(40))
+    price: Mapped[int] = mapped_column(default=1)
+    total: Mapped[int | None] = mapped_column(Computed("price * 2", persisted=True))
+    touched: Mapped[int] = mapped_column(server_default="0", server_onupdate=FetchedValue())
+    xmin: Mapped[int] = mapped_column(system=True, server_default=FetchedValue())
+    __mapper_args__ = {"version_id_col": xmin, "version_id_generator": False, "eager_defaults": True}
+
+
 #: Posts count their comments: a correlated subquery over another table.
 Post.comment_count = column_property(
     select(func.count(Comment.id)).where(Comment.post_id == Post.id).correlate_except(Comment).scalar_subquery()
@@ -173,6 +216,7 @@ def make_schema(engine, action: str = "SET NULL") -> None:
         s.add_all([Comment(id=3, post_id=2, body="c3")])
         s.add_all([Node(id=1, name="root"), Node(id=2, parent_id=1, name="kid"), Node(id=3, parent_id=2, name="grandkid")])
         s.add(Stat(id=1, updates=0))
+        s.add_all([Engineer(id=1, name="e1", lang="py"), Manager(id=2, name="m2", level=1), Employee(id=3, name="x3")])
         s.commit()
 
 
@@ -466,6 +510,23 @@ def test_the_copy_recipe_under_autoflush_off_leaves_the_original_row_to_the_quer
         docs = s.execute(statement).scalars().all()
         assert [(d.id, d.title) for d in docs] == [(1, "doc1"), (2, "doc2"), (3, "doc3")]
         assert all(d is not doc and d not in s.new for d in docs)
+
+
+@pytest.mark.parametrize("region", ["local", "memory", "shared"])
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_session_get_of_an_identity_whose_object_was_made_transient_and_added_again(Sess, region, use_cache):
+    """``Session.get(Doc, 1)`` after ``make_transient(doc); add(doc)``: the identity map lacks it, the row is loaded.
+
+    Uncached, the row becomes a new persistent object (in the identity
+    map); the pending object stays pending.
+    """
+    with Sess() as s:
+        doc = s.get(Doc, 1, options=[FromCache(region)])
+        make_transient(doc)
+        s.add(doc)
+        with s.no_autoflush:
+            again = s.get(Doc, 1, options=[FromCache(region)] if use_cache else [])
+        assert (again is doc, again in s.new, again in s.identity_map.values()) == (False, False, True)
 
 
 # 5. Database-only ON DELETE actions, passive_deletes -----------------------------------------------------------------
@@ -887,3 +948,65 @@ def test_expire_on_commit_off_a_generated_column_left_expired_by_a_flush(s34_eng
         doc.title = "mine"
         with pytest.raises(StaleDataError):
             s.commit()
+
+
+# 13. PostgreSQL: Identity(), a generated column, a BEFORE trigger, xmin as the version -------------------------------
+
+
+PGDOCS = select(PgDoc).order_by(PgDoc.id)
+
+
+@pytest.fixture
+def pg_docs(pg_database):
+    engine = create_engine(pg_database)
+    PgBase.metadata.create_all(engine)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION s34_touch() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN NEW.touched := OLD.touched + 1; RETURN NEW; END $$"
+        )
+        conn.exec_driver_sql("CREATE TRIGGER s34_touch BEFORE UPDATE ON s34_pgdoc FOR EACH ROW EXECUTE FUNCTION s34_touch()")
+    with Session(engine) as s:
+        s.add_all([PgDoc(title=f"d{i}", price=i) for i in (1, 2, 3)])
+        s.commit()
+    yield engine
+    engine.dispose()
+
+
+PG_COLUMNS = ("id", "title", "price", "total", "touched", "xmin")
+
+
+def test_xmin_versions_identity_and_a_trigger_after_another_process_writes(pg_database, pg_docs, shared):
+    """Another process updates doc 1 and inserts one (Identity): served as uncached; a flush with xmin succeeds."""
+    cache = SessionCache({"shared": shared}, secret=SECRET)
+    Sessions = sessionmaker(pg_docs, info=cache.session_info())
+    warm(Sessions, pg_docs, PGDOCS, "shared", *PG_COLUMNS)
+    in_another_process(pg_database, shared, "s.get(PgDoc, 1).price = 7; s.add(PgDoc(title='new', price=5))")
+    expected = truth(pg_docs, PGDOCS, *PG_COLUMNS)
+    assert [row[:5] for row in expected] == [(1, "d1", 7, 14, 1), (2, "d2", 2, 4, 0), (3, "d3", 3, 6, 0), (4, "new", 5, 10, 0)]
+    with Sessions() as s:
+        assert cached(s, PGDOCS, "shared", *PG_COLUMNS) == expected
+        doc = s.execute(PGDOCS.options(FromCache("shared"))).scalars().first()
+        doc.title = "mine"
+        s.flush()  # eager_defaults: the trigger's counter and the new xmin come back
+        assert (doc.touched, doc.total) == (2, 14)
+        s.commit()
+
+
+@pytest.mark.parametrize("region", ["local", "memory", "shared"])
+def test_a_held_pg_doc_whose_xmin_moved_raises_at_flush_as_uncached(pg_docs, cache, region):
+    """A Session holds doc 1; another engine updates it (xmin moves); a cached read, a flush: StaleDataError."""
+    Sessions = sessionmaker(pg_docs, info=cache.session_info())
+    other = create_engine(pg_docs.url)
+    try:
+        with Sessions() as s:
+            doc = s.execute(PGDOCS.options(FromCache(region))).scalars().first()
+            with Session(other) as w:
+                w.get(PgDoc, 1).price = 7
+                w.commit()
+            assert s.execute(PGDOCS.options(FromCache(region))).scalars().first() is doc
+            doc.title = "mine"
+            with pytest.raises(StaleDataError):
+                s.flush()
+    finally:
+        other.dispose()
