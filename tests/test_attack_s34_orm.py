@@ -105,7 +105,7 @@ class Post(Base):
     tenant: Mapped[int]
     title: Mapped[str] = mapped_column(String(20))
     tags: Mapped[list[Tag]] = relationship(secondary=post_tag, order_by=Tag.id)
-    tag_names: AssociationProxy[list[str]] = association_proxy("tags", "name")
+    tag_names: AssociationProxy[list[str]] = association_proxy("tags", "name", creator=lambda name: Tag(name=name))
     comments: Mapped[list[Comment]] = relationship(order_by="Comment.id", lazy="raise", passive_deletes=True)
 
 
@@ -1010,3 +1010,41 @@ def test_a_held_pg_doc_whose_xmin_moved_raises_at_flush_as_uncached(pg_docs, cac
                 s.flush()
     finally:
         other.dispose()
+
+
+# 14. What a local entry keeps alive ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_attaching_an_object_of_an_identity_the_application_let_go(Sess, use_cache):
+    """Posts read (cached in ``ext:local_session`` or not) and let go; then a Post of id 2 is attached.
+
+    SQLAlchemy's identity map is weak: once the application lets the
+    objects go, ``make_transient_to_detached(post); session.add(post)``
+    attaches a post of id 2.  A local entry holding them must not turn
+    that into "Can't attach instance ...; another instance with key ...".
+    """
+    from sqlalchemy.orm import make_transient_to_detached
+
+    with Sess() as s:
+        statement = POSTS.options(FromCache("local")) if use_cache else POSTS
+        assert [p.id for p in s.execute(statement).scalars()] == [1, 2]
+        post = Post(id=2, tenant=2, title="mine")
+        make_transient_to_detached(post)
+        s.add(post)
+        assert s.get(Post, 2) is post
+
+
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_an_uncached_read_after_a_commit_in_another_process_sees_it(sqlite_url, s34_engine, Sess, shared, use_cache):
+    """Docs read once (through ``ext:local_session`` or not) and let go; another process commits; an uncached read.
+
+    Without the cache the Session holds no doc any more, and the uncached
+    read shows the committed title; a local entry keeping the objects alive
+    makes even that uncached read return the old title from the identity map.
+    """
+    with Sess() as s:
+        statement = DOCS.options(FromCache("local")) if use_cache else DOCS
+        assert [d.title for d in s.execute(statement).scalars()] == ["doc1", "doc2", "doc3"]
+        in_another_process(sqlite_url, shared, "s.get(Doc, 1).title = 'theirs'")
+        assert [d.title for d in s.execute(DOCS).scalars()] == ["theirs", "doc2", "doc3"]
