@@ -104,6 +104,8 @@ class Post(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     tenant: Mapped[int]
     title: Mapped[str] = mapped_column(String(20))
+    body: Mapped[str | None] = mapped_column(String(20), deferred=True, deferred_group="text")
+    summary: Mapped[str | None] = mapped_column(String(20), deferred=True, deferred_group="text")
     tags: Mapped[list[Tag]] = relationship(secondary=post_tag, order_by=Tag.id)
     tag_names: AssociationProxy[list[str]] = association_proxy("tags", "name", creator=lambda name: Tag(name=name))
     comments: Mapped[list[Comment]] = relationship(order_by="Comment.id", lazy="raise", passive_deletes=True)
@@ -190,6 +192,15 @@ class PgDoc(PgBase):
     __mapper_args__ = {"version_id_col": xmin, "version_id_generator": False, "eager_defaults": True}
 
 
+#: The comments of a post whose body starts with "c": a view-only relationship with a custom join.
+Post.c_comments = relationship(
+    Comment,
+    primaryjoin=lambda: (Comment.post_id == Post.id) & Comment.body.like("c%"),
+    viewonly=True,
+    order_by=lambda: Comment.id.desc(),
+    lazy="selectin",
+)
+
 #: Posts count their comments: a correlated subquery over another table.
 Post.comment_count = column_property(
     select(func.count(Comment.id)).where(Comment.post_id == Post.id).correlate_except(Comment).scalar_subquery()
@@ -211,7 +222,7 @@ def make_schema(engine, action: str = "SET NULL") -> None:
     with Session(engine) as s:
         s.add_all([Doc(id=i, title=f"doc{i}", price=i, qty=2) for i in (1, 2, 3)])
         tags = [Tag(id=i, name=f"tag{i}") for i in (1, 2, 3)]
-        s.add_all([Post(id=1, tenant=1, title="p1", tags=tags[:2]), Post(id=2, tenant=2, title="p2", tags=tags[2:])])
+        s.add_all([Post(id=1, tenant=1, title="p1", body="b1", summary="s1", tags=tags[:2]), Post(id=2, tenant=2, title="p2", tags=tags[2:])])
         s.add_all([Comment(id=1, post_id=1, body="c1"), Comment(id=2, post_id=1, body="c2")])
         s.add_all([Comment(id=3, post_id=2, body="c3")])
         s.add_all([Node(id=1, name="root"), Node(id=2, parent_id=1, name="kid"), Node(id=3, parent_id=2, name="grandkid")])
@@ -1048,3 +1059,119 @@ def test_an_uncached_read_after_a_commit_in_another_process_sees_it(sqlite_url, 
         assert [d.title for d in s.execute(statement).scalars()] == ["doc1", "doc2", "doc3"]
         in_another_process(sqlite_url, shared, "s.get(Doc, 1).title = 'theirs'")
         assert [d.title for d in s.execute(DOCS).scalars()] == ["theirs", "doc2", "doc3"]
+
+
+# 15. Deferred groups, a view-only join, inheritance under versions ----------------------------------------------------
+
+
+@pytest.mark.parametrize("region", ["local", "memory", "shared"])
+def test_undefer_group_over_posts_held_with_load_only(s34_engine, Sess, region):
+    """Posts held with ``load_only(title)``; another commit; a hit of ``undefer_group("text")`` fills them as uncached."""
+    from sqlalchemy.orm import load_only, undefer_group
+
+    grouped = POSTS.options(undefer_group("text"))
+    results = []
+    for use in (None, region):
+        with Sess() as s:
+            held = s.execute(POSTS.options(load_only(Post.title))).scalars().all()
+            with Session(create_engine(s34_engine.url)) as w:
+                w.execute(update(Post).where(Post.id == 1).values(title="T", body="B"))
+                w.commit()
+                w.get_bind().dispose()
+            if use is not None and use != "local":
+                with Sess() as warmer:
+                    warmer.execute(grouped.options(FromCache(use))).all()
+            got = s.execute(grouped.options(FromCache(use)) if use else grouped).scalars().all()
+            results.append([(p.id, p.title, p.body, p.summary) for p in got])
+            assert got[0] is held[0]
+            with Session(create_engine(s34_engine.url)) as w:  # back as it was, for the next round
+                w.execute(update(Post).where(Post.id == 1).values(title="p1", body="b1"))
+                w.commit()
+                w.get_bind().dispose()
+    assert results[1] == results[0] == [(1, "p1", "B", "s1"), (2, "p2", None, None)]
+
+
+@pytest.mark.parametrize("region", ["memory", "shared"])
+def test_a_view_only_relationship_with_a_custom_join_after_core_writes(s34_engine, Sess, region):
+    """``Post.c_comments`` (comments whose body starts with "c", newest first): a comment renamed, one added."""
+    warm(Sess, s34_engine, POSTS, region, "id")
+    with Sess() as s:
+        s.execute(update(Comment).where(Comment.id == 2).values(body="x2"))
+        s.execute(text("INSERT INTO s34_comment (id, post_id, body) VALUES (4, 1, 'c4')"))
+        s.commit()
+
+    def comments(session, statement):
+        return [(p.id, [c.id for c in p.c_comments]) for p in session.execute(statement).scalars()]
+
+    with Sess() as s:
+        expected = comments(s, POSTS)
+    with Sess() as s:
+        assert comments(s, POSTS.options(FromCache(region))) == expected == [(1, [4, 1]), (2, [3])]
+
+
+EMPLOYEES = select(Employee).order_by(Employee.id)
+
+
+def employees(session, region: str | None) -> list[tuple]:
+    statement = EMPLOYEES.options(FromCache(region)) if region else EMPLOYEES
+    return [
+        (type(e).__name__, e.id, e.name, e.version, getattr(e, "lang", None), getattr(e, "level", None))
+        for e in session.execute(statement).scalars()
+    ]
+
+
+@pytest.mark.parametrize("region", ["memory", "shared"])
+def test_a_subclass_only_change_in_another_process_bumps_the_base_version(sqlite_url, s34_engine, Sess, shared, region):
+    """Another process changes an engineer's ``lang`` (the ORM bumps the base table's version): served fresh."""
+    if region == "memory":
+        other = create_engine(sqlite_url)
+        try:
+            with Session(other) as w:
+                w.get(Employee, 1).lang = "go"
+                w.commit()
+        finally:
+            other.dispose()
+    else:
+        warm(Sess, s34_engine, EMPLOYEES, region, "id")
+        in_another_process(sqlite_url, shared, "s.get(Employee, 1).lang = 'go'")
+    with Session(s34_engine) as s:
+        expected = employees(s, None)
+    assert expected[0] == ("Engineer", 1, "e1", 2, "go", None)
+    with Sess() as s:
+        assert employees(s, region) == expected
+        s.get(Employee, 1).lang = "rust"
+        s.commit()
+
+
+@pytest.mark.parametrize("region", ["local", "memory", "shared"])
+def test_an_employee_whose_class_changes_in_another_engine_while_held(s34_engine, Sess, region):
+    """Engineer 1 becomes a manager (rows moved, ``kind`` changed) by another engine while a Session holds it."""
+
+    def move(w):
+        w.execute(delete(Engineer.__table__).where(Engineer.__table__.c.id == 1))
+        w.execute(insert(Manager.__table__).values(id=1, level=5))
+        table = Employee.__table__
+        w.execute(update(table).where(table.c.id == 1).values(kind="manager", version=table.c.version + 1))
+
+    results = []
+    for use in (None, region):
+        with Sess() as s:
+            employees(s, use)
+            s.commit()
+            other = create_engine(s34_engine.url)
+            try:
+                with Session(other) as w:
+                    move(w)
+                    w.commit()
+                if use not in (None, "local"):
+                    with Sess() as warmer:
+                        employees(warmer, use)
+                results.append(employees(s, use))
+                with Session(other) as w:  # back as it was
+                    w.execute(delete(Manager.__table__).where(Manager.__table__.c.id == 1))
+                    w.execute(insert(Engineer.__table__).values(id=1, lang="py"))
+                    w.execute(update(Employee.__table__).where(Employee.__table__.c.id == 1).values(kind="engineer", version=1))
+                    w.commit()
+            finally:
+                other.dispose()
+    assert results[1] == results[0]
