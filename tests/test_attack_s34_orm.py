@@ -1026,22 +1026,28 @@ def test_a_held_pg_doc_whose_xmin_moved_raises_at_flush_as_uncached(pg_docs, cac
 # 14. What a local entry keeps alive ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("how", ["detached from another Session", "make_transient_to_detached"])
 @pytest.mark.parametrize("use_cache", [False, True])
-def test_attaching_an_object_of_an_identity_the_application_let_go(Sess, use_cache):
+def test_attaching_an_object_of_an_identity_the_application_let_go(Sess, use_cache, how):
     """Posts read (cached in ``ext:local_session`` or not) and let go; then a Post of id 2 is attached.
 
     SQLAlchemy's identity map is weak: once the application lets the
-    objects go, ``make_transient_to_detached(post); session.add(post)``
-    attaches a post of id 2.  A local entry holding them must not turn
-    that into "Can't attach instance ...; another instance with key ...".
+    objects go, ``session.add(post)`` of a post of id 2 (detached from an
+    earlier Session, or made with ``make_transient_to_detached()``) works.
+    A local entry holding them must not turn that into "Can't attach
+    instance ...; another instance with key ... is already present".
     """
     from sqlalchemy.orm import make_transient_to_detached
 
+    if how == "make_transient_to_detached":
+        post = Post(id=2, tenant=2, title="mine")
+        make_transient_to_detached(post)
+    else:
+        with Session(Sess.kw["bind"]) as earlier:
+            post = earlier.get(Post, 2)
     with Sess() as s:
         statement = POSTS.options(FromCache("local")) if use_cache else POSTS
         assert [p.id for p in s.execute(statement).scalars()] == [1, 2]
-        post = Post(id=2, tenant=2, title="mine")
-        make_transient_to_detached(post)
         s.add(post)
         assert s.get(Post, 2) is post
 
