@@ -266,7 +266,12 @@ def shared(request, tmp_path) -> dict:
 
 
 @pytest.fixture
-def cache(shared) -> SessionCache:
+def cache(request, tmp_path) -> SessionCache:
+    """Regions ``local``, ``memory`` and ``shared``: the test's ``shared`` fixture if it asks for one, else a file."""
+    if "shared" in request.fixturenames:
+        shared = request.getfixturevalue("shared")
+    else:
+        shared = {"type": "file", "data_dir": str(tmp_path / "cache"), "lock_dir": str(tmp_path / "locks")}
     return SessionCache({"local": {"type": "ext:local_session"}, "memory": {"type": "memory"}, "shared": shared}, secret=SECRET)
 
 
