@@ -23,9 +23,8 @@ from sqlalchemy import (
     Column,
     Computed,
     FetchedValue,
-    Identity,
     ForeignKey,
-    Integer,
+    Identity,
     String,
     Table,
     create_engine,
@@ -55,7 +54,7 @@ from sqlalchemy.orm import (
 )
 from sqlalchemy.orm.exc import StaleDataError
 
-from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache, cached_query
+from pyramid_sessioncache import FromCache, RelationshipCache, SessionCache
 
 from .conftest import SECRET, SQLCounter
 
@@ -222,10 +221,17 @@ def make_schema(engine, action: str = "SET NULL") -> None:
     with Session(engine) as s:
         s.add_all([Doc(id=i, title=f"doc{i}", price=i, qty=2) for i in (1, 2, 3)])
         tags = [Tag(id=i, name=f"tag{i}") for i in (1, 2, 3)]
-        s.add_all([Post(id=1, tenant=1, title="p1", body="b1", summary="s1", tags=tags[:2]), Post(id=2, tenant=2, title="p2", tags=tags[2:])])
+        s.add_all(
+            [
+                Post(id=1, tenant=1, title="p1", body="b1", summary="s1", tags=tags[:2]),
+                Post(id=2, tenant=2, title="p2", tags=tags[2:]),
+            ]
+        )
         s.add_all([Comment(id=1, post_id=1, body="c1"), Comment(id=2, post_id=1, body="c2")])
         s.add_all([Comment(id=3, post_id=2, body="c3")])
-        s.add_all([Node(id=1, name="root"), Node(id=2, parent_id=1, name="kid"), Node(id=3, parent_id=2, name="grandkid")])
+        s.add_all(
+            [Node(id=1, name="root"), Node(id=2, parent_id=1, name="kid"), Node(id=3, parent_id=2, name="grandkid")]
+        )
         s.add(Stat(id=1, updates=0))
         s.add_all([Engineer(id=1, name="e1", lang="py"), Manager(id=2, name="m2", level=1), Employee(id=3, name="x3")])
         s.commit()
@@ -272,7 +278,9 @@ def cache(request, tmp_path) -> SessionCache:
         shared = request.getfixturevalue("shared")
     else:
         shared = {"type": "file", "data_dir": str(tmp_path / "cache"), "lock_dir": str(tmp_path / "locks")}
-    return SessionCache({"local": {"type": "ext:local_session"}, "memory": {"type": "memory"}, "shared": shared}, secret=SECRET)
+    return SessionCache(
+        {"local": {"type": "ext:local_session"}, "memory": {"type": "memory"}, "shared": shared}, secret=SECRET
+    )
 
 
 @pytest.fixture
@@ -476,7 +484,9 @@ def test_an_update_rolled_back_with_its_savepoint_by_core_is_not_served(Sess, s3
     with Sess() as s:
         cached(s, DOCS, region, "id", "title")
         nested = s.begin_nested()
-        s.execute(update(Doc).where(Doc.id == 1).values(title="inner"), execution_options={"synchronize_session": False})
+        s.execute(
+            update(Doc).where(Doc.id == 1).values(title="inner"), execution_options={"synchronize_session": False}
+        )
         inner = cached(s, DOCS.execution_options(populate_existing=True), region, "id", "title")
         assert inner[0] == (1, "inner")
         nested.rollback()
@@ -705,7 +715,7 @@ def test_lazy_raise_still_raises_on_objects_of_a_hit(s34_engine, Sess, region):
     with Sess() as s:
         post = s.execute(POSTS.options(FromCache(region))).scalars().first()
         with pytest.raises(Exception) as raised:
-            post.comments
+            _ = post.comments
         assert "lazy='raise'" in str(raised.value)
 
 
@@ -840,9 +850,8 @@ def test_merge_of_a_detached_doc_with_an_old_version_raises_as_uncached(s34_engi
             writer.commit()
     finally:
         other.dispose()
-    with Sess() as s:
-        with pytest.raises(StaleDataError):
-            s.merge(detached, options=[FromCache(region)])
+    with Sess() as s, pytest.raises(StaleDataError):
+        s.merge(detached, options=[FromCache(region)])
 
 
 @pytest.mark.parametrize("region", ["local", "memory", "shared"])
@@ -924,7 +933,9 @@ def docs_and_flush(Sessions, region, writer, expire=None, pending=False) -> list
 
 @pytest.mark.parametrize("region", ["local", "memory", "shared"])
 @pytest.mark.parametrize(
-    "expire, pending", [(["version", "total"], False), (["version"], True), (None, False)], ids=["expired", "pending", "held"]
+    "expire, pending",
+    [(["version", "total"], False), (["version"], True), (None, False)],
+    ids=["expired", "pending", "held"],
 )
 def test_a_held_doc_with_an_expired_version_is_refilled_as_uncached(sqlite_url, cache, region, expire, pending):
     """Doc 1 held, its version (and generated total) expired or not, a pending change or not; another commit; read; flush."""
@@ -935,7 +946,9 @@ def test_a_held_doc_with_an_expired_version_is_refilled_as_uncached(sqlite_url, 
         copy.write_bytes(path.read_bytes())
         engine, writer = create_engine(f"sqlite:///{copy}"), create_engine(f"sqlite:///{copy}")
         try:
-            outcomes.append(docs_and_flush(sessionmaker(engine, info=cache.session_info()), use, writer, expire, pending))
+            outcomes.append(
+                docs_and_flush(sessionmaker(engine, info=cache.session_info()), use, writer, expire, pending)
+            )
         finally:
             engine.dispose()
             writer.dispose()
@@ -981,7 +994,9 @@ def pg_docs(pg_database):
             "CREATE FUNCTION s34_touch() RETURNS trigger LANGUAGE plpgsql AS "
             "$$ BEGIN NEW.touched := OLD.touched + 1; RETURN NEW; END $$"
         )
-        conn.exec_driver_sql("CREATE TRIGGER s34_touch BEFORE UPDATE ON s34_pgdoc FOR EACH ROW EXECUTE FUNCTION s34_touch()")
+        conn.exec_driver_sql(
+            "CREATE TRIGGER s34_touch BEFORE UPDATE ON s34_pgdoc FOR EACH ROW EXECUTE FUNCTION s34_touch()"
+        )
     with Session(engine) as s:
         s.add_all([PgDoc(title=f"d{i}", price=i) for i in (1, 2, 3)])
         s.commit()
@@ -999,7 +1014,12 @@ def test_xmin_versions_identity_and_a_trigger_after_another_process_writes(pg_da
     warm(Sessions, pg_docs, PGDOCS, "shared", *PG_COLUMNS)
     in_another_process(pg_database, shared, "s.get(PgDoc, 1).price = 7; s.add(PgDoc(title='new', price=5))")
     expected = truth(pg_docs, PGDOCS, *PG_COLUMNS)
-    assert [row[:5] for row in expected] == [(1, "d1", 7, 14, 1), (2, "d2", 2, 4, 0), (3, "d3", 3, 6, 0), (4, "new", 5, 10, 0)]
+    assert [row[:5] for row in expected] == [
+        (1, "d1", 7, 14, 1),
+        (2, "d2", 2, 4, 0),
+        (3, "d3", 3, 6, 0),
+        (4, "new", 5, 10, 0),
+    ]
     with Sessions() as s:
         assert cached(s, PGDOCS, "shared", *PG_COLUMNS) == expected
         doc = s.execute(PGDOCS.options(FromCache("shared"))).scalars().first()
@@ -1181,7 +1201,11 @@ def test_an_employee_whose_class_changes_in_another_engine_while_held(s34_engine
                 with Session(other) as w:  # back as it was
                     w.execute(delete(Manager.__table__).where(Manager.__table__.c.id == 1))
                     w.execute(insert(Engineer.__table__).values(id=1, lang="py"))
-                    w.execute(update(Employee.__table__).where(Employee.__table__.c.id == 1).values(kind="engineer", version=1))
+                    w.execute(
+                        update(Employee.__table__)
+                        .where(Employee.__table__.c.id == 1)
+                        .values(kind="engineer", version=1)
+                    )
                     w.commit()
             finally:
                 other.dispose()
