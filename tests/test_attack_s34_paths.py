@@ -205,18 +205,64 @@ def test_sqlite_stat1_read_sees_analyze(sqlite_extra, regions, statement):
         engine.dispose()
 
 
-def test_sqlite_changes_of_one_connection_is_not_served_to_another(sqlite_extra, regions):
-    """``changes()`` says what the connection's own last statement did, like ``total_changes()``: never shared."""
+NOTE = Table("note", _META, Column("rowid", Integer), Column("body", String))
+
+
+def run_autocommit(url: str, sql: str) -> None:
+    """Run ``sql`` outside any transaction (VACUUM), on a fresh engine of this process."""
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.exec_driver_sql(sql)
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize("region", ["memory", "file"])
+def test_sqlite_vacuum_renumbers_rowids_a_cached_read_returned(sqlite_extra, regions, region):
+    """``VACUUM`` may change the rowids of a table without an INTEGER PRIMARY KEY (SQLite's documentation): it does here."""
+    engine = create_engine(sqlite_extra)
+    Sessions = sessionmaker(engine, info=regions.session_info())
+    statement = select(NOTE.c.rowid, NOTE.c.body).order_by(NOTE.c.body)
+    try:
+        with engine.begin() as conn:
+            conn.exec_driver_sql("CREATE TABLE note (body TEXT)")
+            conn.exec_driver_sql("INSERT INTO note VALUES ('a'), ('b'), ('c')")
+            conn.exec_driver_sql("DELETE FROM note WHERE body = 'a'")
+        with Sessions() as first:
+            assert cached(first, statement, region) == [(2, "b"), (3, "c")]
+        run_autocommit(sqlite_extra, "VACUUM")
+        with Sessions() as again:
+            served = cached(again, statement, region)
+        truth = uncached(sqlite_extra, statement)
+        assert truth == [(1, "b"), (2, "c")]
+        assert served == truth
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.parametrize(
+    "statement, mine",
+    [
+        (select(func.changes()), 3),
+        (select(Table("last_id", _META, Column("id", Integer)).c.id), 103),
+    ],
+    ids=["changes()", "a view over last_insert_rowid()"],
+)
+def test_what_one_sqlite_connection_did_is_not_served_to_another(sqlite_extra, regions, statement, mine):
+    """``changes()`` and ``last_insert_rowid()`` say what the connection's own statements did: never shared."""
+    with create_engine(sqlite_extra).begin() as conn:
+        conn.exec_driver_sql("CREATE VIEW last_id AS SELECT last_insert_rowid() AS id")
     one, two = create_engine(sqlite_extra), create_engine(sqlite_extra)
     try:
         with sessionmaker(one, info=regions.session_info())() as writer:
-            writer.execute(text("UPDATE person SET name = name WHERE id <= 3"))
+            writer.execute(text("INSERT INTO person (id, name) VALUES (101, 'a'), (102, 'b'), (103, 'c')"))
             writer.commit()
-            assert cached(writer, select(func.changes())) == [(3,)]
+            assert cached(writer, statement) == [(mine,)]
         with sessionmaker(two, info=regions.session_info())() as other:
-            truth = [tuple(row) for row in other.execute(select(func.changes())).all()]
+            truth = [tuple(row) for row in other.execute(statement).all()]
             assert truth == [(0,)]
-            assert cached(other, select(func.changes())) == truth
+            assert cached(other, statement) == truth
     finally:
         one.dispose()
         two.dispose()
@@ -380,6 +426,46 @@ def test_functions_run_for_their_effect_are_run_every_time(pg_sessions, call):
         second = cached(session, select(call))
         assert sql.count > 0, f"served from the cache: {first} again"
     assert first != second
+
+
+CTIDS = Table("person", MetaData(), Column("ctid", String), Column("id", Integer))
+
+
+def test_vacuum_full_moves_the_rows_a_cached_ctid_read_returned(pg_extra, pg_sessions):
+    """``VACUUM FULL`` rewrites the table: each row's ``ctid`` changes, though no DML ran."""
+    engine, Sessions = pg_sessions
+    statement = select(CTIDS.c.ctid, CTIDS.c.id).where(CTIDS.c.id <= 3).order_by(CTIDS.c.id)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM person_tag WHERE person_id <= 2")
+        conn.exec_driver_sql("DELETE FROM address WHERE person_id <= 2")
+        conn.exec_driver_sql("DELETE FROM person WHERE id <= 2")
+    with Sessions() as first:
+        before = cached(first, statement)
+    run_autocommit(pg_extra, "VACUUM FULL person")
+    with Sessions() as again:
+        served = cached(again, statement)
+    truth = uncached(pg_extra, statement)
+    assert truth != before  # the rows moved
+    assert served == truth
+
+
+WORD_STATS = Table("word_stats", _META, Column("word", String), Column("ndoc", Integer))
+
+
+@pytest.mark.parametrize("region", ["memory", "file"])
+def test_a_view_over_ts_stat_sees_a_write_to_the_table_its_query_string_reads(pg_extra, pg_sessions, region):
+    """``ts_stat('SELECT ... FROM doc')`` (PostgreSQL's own) runs a query given as a string: the catalog links no table."""
+    engine, Sessions = pg_sessions
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE doc (id serial PRIMARY KEY, body text)")
+        conn.exec_driver_sql("INSERT INTO doc (body) VALUES ('red fox'), ('red hen')")
+        conn.exec_driver_sql(
+            "CREATE VIEW word_stats AS SELECT word, ndoc FROM ts_stat('SELECT to_tsvector(''simple'', body) FROM doc')"
+        )
+    statement = select(WORD_STATS.c.word, WORD_STATS.c.ndoc).order_by(WORD_STATS.c.word)
+    served, truth = read_write_read(Sessions, pg_extra, statement, region, "INSERT INTO doc (body) VALUES ('blue fox')")
+    assert truth == [("blue", 1), ("fox", 2), ("hen", 1), ("red", 2)]
+    assert served == truth
 
 
 @pytest.mark.parametrize("region", ["memory", "file"])
