@@ -30,7 +30,9 @@ from sqlalchemy import (
     select,
     text,
     update,
+    event,
 )
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 from pyramid_sessioncache import SessionCache, cached_query
@@ -693,3 +695,66 @@ def test_a_commit_in_another_thread_voids_a_local_hit_the_session_holds(pg_url, 
             assert cached(session, statement, "local") == uncached(pg_url, statement) == [("moved",)]
     finally:
         engine.dispose()
+
+
+KIND_ITEM = """
+CREATE TABLE kind (code TEXT PRIMARY KEY, label TEXT) WITHOUT ROWID;
+CREATE TABLE item (
+    id INTEGER PRIMARY KEY, kind_code TEXT REFERENCES kind (code) ON DELETE CASCADE,
+    price INTEGER, total INTEGER GENERATED ALWAYS AS (price * 2) STORED
+);
+INSERT INTO kind VALUES ('a', 'A'), ('b', 'B');
+INSERT INTO item (id, kind_code, price) VALUES (1, 'a', 10), (2, 'b', 20);
+"""
+ITEM = Table("item", _META, Column("id", Integer, primary_key=True), Column("kind_code", String), Column("price", Integer), Column("total", Integer))
+
+
+@pytest.mark.parametrize(
+    "write, expected",
+    [
+        # REPLACE deletes the conflicting row: the foreign key (declared in SQL only) cascades into item.
+        (lambda conn: conn.exec_driver_sql("REPLACE INTO kind VALUES ('a', 'A2')"), [(2, "b", 40)]),
+        (
+            lambda conn: conn.execute(
+                sqlite_insert(ITEM).values(id=2, kind_code="b", price=5).on_conflict_do_update(
+                    index_elements=[ITEM.c.id], set_={"price": 7}
+                )
+            ),
+            [(1, "a", 20), (2, "b", 14)],
+        ),
+        (
+            lambda conn: conn.exec_driver_sql("INSERT OR REPLACE INTO item (id, kind_code, price) VALUES (2, 'b', 100)"),
+            [(1, "a", 20), (2, "b", 200)],
+        ),
+        (
+            lambda conn: conn.execute(text("UPDATE item SET price = price + 1 RETURNING id").columns(ITEM.c.id)).all(),
+            [(1, "a", 22), (2, "b", 42)],
+        ),
+    ],
+    ids=["REPLACE INTO a WITHOUT ROWID parent", "on_conflict_do_update()", "INSERT OR REPLACE", "UPDATE RETURNING as text().columns()"],
+)
+def test_sqlite_upserts_replaces_and_generated_columns(sqlite_extra, regions, write, expected):
+    """SQLite's conflict resolutions, a generated column, RETURNING as text, committed by another engine with foreign keys on."""
+    committed_elsewhere_script(sqlite_extra, KIND_ITEM)
+    engine = create_engine(sqlite_extra)
+    Sessions = sessionmaker(engine, info=regions.session_info())
+    statement = select(ITEM.c.id, ITEM.c.kind_code, ITEM.c.total).order_by(ITEM.c.id)
+    writer = create_engine(sqlite_extra)
+    event.listen(writer, "connect", lambda dbapi, record: dbapi.execute("PRAGMA foreign_keys = ON"))
+    try:
+        with Sessions() as first:
+            assert cached(first, statement, "file") == [(1, "a", 20), (2, "b", 40)]
+        with writer.begin() as conn:
+            write(conn)
+        with Sessions() as again:
+            served = cached(again, statement, "file")
+        assert uncached(sqlite_extra, statement) == expected
+        assert served == expected
+    finally:
+        engine.dispose()
+        writer.dispose()
+
+
+def committed_elsewhere_script(url: str, script: str) -> None:
+    """Run each statement of ``script`` in one committed transaction of a fresh engine."""
+    committed_elsewhere(url, *(part for part in script.split(";") if part.strip()))
