@@ -33,6 +33,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.orm import Session, sessionmaker
 
 from pyramid_sessioncache import SessionCache, cached_query
@@ -413,19 +414,61 @@ def test_pg_class_reltuples_read_sees_analyze(pg_extra, pg_sessions):
     assert served == truth
 
 
+LOCKED_PERSON = Table("locked_person", _META, Column("id", Integer), Column("name", String))
+
+
+def _row_locks(session) -> list[str]:
+    """The table-level modes the Session's transaction holds on ``person`` (a locking read takes RowShareLock)."""
+    return list(
+        session.execute(
+            text("SELECT mode FROM pg_locks WHERE pid = pg_backend_pid() AND relation = 'person'::regclass ORDER BY mode")
+        ).scalars()
+    )
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        text("SELECT id, name FROM person WHERE id = 1 FOR /* the row we change */ UPDATE"),
+        text("SELECT id, name FROM person WHERE id = 1 FOR -- the row we change\nUPDATE"),
+        select(PERSON.c.id).where(text("id IN (SELECT id FROM person WHERE id = 1 FOR /**/ NO KEY UPDATE)")),
+        select(LOCKED_PERSON.c.id, LOCKED_PERSON.c.name).where(LOCKED_PERSON.c.id == 1),
+    ],
+    ids=["FOR /* comment */ UPDATE", "FOR -- comment UPDATE", "a locking subquery in a text() fragment", "a view defined FOR UPDATE"],
+)
+@pytest.mark.parametrize("region", ["local", "memory"])
+def test_locking_reads_however_spelt_always_run(pg_sessions, statement, region):
+    """A read that takes row locks runs every time: a comment between FOR and UPDATE, or a view made FOR UPDATE, locks too."""
+    engine, Sessions = pg_sessions
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE VIEW locked_person AS SELECT id, name FROM person FOR UPDATE")
+    with Sessions() as session:
+        session.execute(statement).all()
+        assert "RowShareLock" in _row_locks(session)  # what the statement does uncached
+    with Sessions() as first:
+        cached(first, statement, region)
+        sql = SQLCounter(engine)
+        cached(first, statement, region)
+        assert sql.count > 0, "a locking read served from the cache"
+    with Sessions() as second:
+        cached(second, statement, region)
+        assert "RowShareLock" in _row_locks(second)
+
+
 @pytest.mark.parametrize(
     "call",
-    [func.lo_creat(-1), func.pg_export_snapshot()],
-    ids=["lo_creat (a large object made)", "pg_export_snapshot"],
+    [func.lo_creat(-1), func.pg_export_snapshot(), text("SELECT nextval /* draw one */ ('ticket')")],
+    ids=["lo_creat (a large object made)", "pg_export_snapshot", "nextval with a comment before its parenthesis"],
 )
 def test_functions_run_for_their_effect_are_run_every_time(pg_sessions, call):
     """``lo_creat()`` makes a large object and ``pg_export_snapshot()`` a snapshot: a hit would do neither."""
     engine, Sessions = pg_sessions
     with Sessions() as session:
-        first = cached(session, select(call))
+        statement = call if isinstance(call, TextClause) else select(call)
+        first = cached(session, statement)
         session.commit()
         sql = SQLCounter(engine)
-        second = cached(session, select(call))
+        second = cached(session, statement)
         assert sql.count > 0, f"served from the cache: {first} again"
     assert first != second
 
