@@ -473,6 +473,36 @@ def test_functions_run_for_their_effect_are_run_every_time(pg_sessions, call):
     assert first != second
 
 
+@pytest.mark.parametrize(
+    "call",
+    [
+        "SELECT rename_person()",  # seen: a function of the database's own that writes (the control)
+        "SELECT rename_person /* audit */ ()",
+        "SELECT rename_person -- audit\n()",
+    ],
+    ids=["plain call", "comment before the parenthesis", "line comment before the parenthesis"],
+)
+@pytest.mark.parametrize("region", ["memory", "file"])
+def test_a_select_calling_a_function_that_writes_is_a_write_however_spelt(pg_extra, pg_sessions, region, call):
+    """``SELECT f /* c */ ()`` calls ``f()`` as the database reads it: its write is published when the Session commits."""
+    engine, Sessions = pg_sessions
+    with engine.begin() as conn:
+        conn.exec_driver_sql(
+            "CREATE FUNCTION rename_person() RETURNS int LANGUAGE plpgsql AS "
+            "$$ BEGIN UPDATE person SET name = 'renamed' WHERE id = 1; RETURN 1; END $$"
+        )
+    statement = select(PERSON.c.name).where(PERSON.c.id == 1)
+    with Sessions() as first:
+        assert cached(first, statement, region) == [("person 1",)]
+    with Sessions() as writer:
+        writer.execute(text(call)).all()
+        writer.commit()
+    with Sessions() as again:
+        served = cached(again, statement, region)
+    assert uncached(pg_extra, statement) == [("renamed",)]
+    assert served == [("renamed",)]
+
+
 CTIDS = Table("person", MetaData(), Column("ctid", String), Column("id", Integer))
 
 
