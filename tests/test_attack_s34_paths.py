@@ -433,8 +433,15 @@ def _row_locks(session) -> list[str]:
         text("SELECT id, name FROM person WHERE id = 1 FOR -- the row we change\nUPDATE"),
         select(PERSON.c.id).where(text("id IN (SELECT id FROM person WHERE id = 1 FOR /**/ NO KEY UPDATE)")),
         select(LOCKED_PERSON.c.id, LOCKED_PERSON.c.name).where(LOCKED_PERSON.c.id == 1),
+        select(func.lock_person(1)),
     ],
-    ids=["FOR /* comment */ UPDATE", "FOR -- comment UPDATE", "a locking subquery in a text() fragment", "a view defined FOR UPDATE"],
+    ids=[
+        "FOR /* comment */ UPDATE",
+        "FOR -- comment UPDATE",
+        "a locking subquery in a text() fragment",
+        "a view defined FOR UPDATE",
+        "a function of the database's own that locks",
+    ],
 )
 @pytest.mark.parametrize("region", ["local", "memory"])
 def test_locking_reads_however_spelt_always_run(pg_sessions, statement, region):
@@ -442,6 +449,10 @@ def test_locking_reads_however_spelt_always_run(pg_sessions, statement, region):
     engine, Sessions = pg_sessions
     with engine.begin() as conn:
         conn.exec_driver_sql("CREATE VIEW locked_person AS SELECT id, name FROM person FOR UPDATE")
+        conn.exec_driver_sql(
+            "CREATE FUNCTION lock_person(int) RETURNS int LANGUAGE sql AS "
+            "$$ SELECT id FROM person WHERE id = $1 FOR UPDATE $$"
+        )
     with Sessions() as session:
         session.execute(statement).all()
         assert "RowShareLock" in _row_locks(session)  # what the statement does uncached
@@ -622,7 +633,13 @@ CREATE TABLE dog (id int, name text, bark text);
 INSERT INTO dog VALUES (2, 'rex', 'woof');
 CREATE TABLE merge_source (id int, v text);
 INSERT INTO merge_source VALUES (1, 'merged');
+CREATE TYPE mood AS ENUM ('sad', 'happy');
+CREATE TABLE feeling (id int, mood mood);
+INSERT INTO feeling VALUES (1, 'sad'), (2, 'happy');
+CREATE VIEW visible_animal WITH (security_barrier) AS SELECT id, name FROM animal WHERE id < 100;
 """
+FEELING = Table("feeling", _META, Column("id", Integer), Column("mood", String))
+VISIBLE_ANIMAL = Table("visible_animal", _META, Column("id", Integer), Column("name", String))
 READING = Table("reading", _META, Column("id", Integer), Column("v", String))
 READING_2024 = Table("reading_2024", _META, Column("id", Integer), Column("v", String))
 ANIMAL = Table("animal", _META, Column("id", Integer), Column("name", String))
@@ -656,8 +673,26 @@ ANIMAL = Table("animal", _META, Column("id", Integer), Column("name", String))
             ["ALTER TABLE animal RENAME TO animal_old", "CREATE TABLE animal (id int, name text)"],
             [],
         ),
+        (
+            select(FEELING.c.id, FEELING.c.mood).order_by(FEELING.c.id),
+            ["ALTER TYPE mood RENAME VALUE 'sad' TO 'blue'"],
+            [(1, "blue"), (2, "happy")],
+        ),
+        (
+            select(VISIBLE_ANIMAL.c.id, VISIBLE_ANIMAL.c.name).order_by(VISIBLE_ANIMAL.c.id),
+            ["UPDATE animal SET name = 'renamed' WHERE id = 1"],
+            [(1, "renamed")],
+        ),
     ],
-    ids=["attach partition", "inherit", "merge via partitioned parent", "default partition", "rename then recreate"],
+    ids=[
+        "attach partition",
+        "inherit",
+        "merge via partitioned parent",
+        "default partition",
+        "rename then recreate",
+        "enum value renamed",
+        "security_barrier view",
+    ],
 )
 def test_partition_and_inheritance_paths_invalidate(pg_extra, regions, statement, writes, expected):
     """Schema and DML paths that change what a parent or a partition shows, committed by another engine."""
