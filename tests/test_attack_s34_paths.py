@@ -25,16 +25,16 @@ from sqlalchemy import (
     Table,
     create_engine,
     delete,
+    event,
     func,
     insert,
     select,
     text,
     update,
-    event,
 )
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.sql.elements import TextClause
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.sql.elements import TextClause
 
 from pyramid_sessioncache import SessionCache, cached_query
 
@@ -54,7 +54,7 @@ WHO_AM_I = Table("who_am_i", _META, Column("pid", Integer))
 
 @pytest.fixture
 def regions(region_options) -> SessionCache:
-    """A cache with ``local`` (ext:local_session), ``memory`` and ``file`` regions; ``redis`` when a test asks."""
+    """A cache with ``local`` (ext:local_session), ``memory`` and ``file`` regions."""
     return SessionCache(region_options, default_region="memory", secret=SECRET)
 
 
@@ -373,7 +373,9 @@ def test_a_view_over_pg_backend_pid_is_not_served_to_another_connection(pg_extra
     ],
     ids=["pg_prepared_statements", "pg_cursors"],
 )
-def test_catalog_views_of_the_connections_own_objects_are_not_served_to_another(pg_extra, pg_sessions, regions, setup, statement):
+def test_catalog_views_of_the_connections_own_objects_are_not_served_to_another(
+    pg_extra, pg_sessions, regions, setup, statement
+):
     """``pg_prepared_statements`` and ``pg_cursors`` list what the connection itself prepared or declared."""
     engine, Sessions = pg_sessions
     other = create_engine(pg_extra)
@@ -421,7 +423,9 @@ def _row_locks(session) -> list[str]:
     """The table-level modes the Session's transaction holds on ``person`` (a locking read takes RowShareLock)."""
     return list(
         session.execute(
-            text("SELECT mode FROM pg_locks WHERE pid = pg_backend_pid() AND relation = 'person'::regclass ORDER BY mode")
+            text(
+                "SELECT mode FROM pg_locks WHERE pid = pg_backend_pid() AND relation = 'person'::regclass ORDER BY mode"
+            )
         ).scalars()
     )
 
@@ -583,9 +587,7 @@ def _raw_update(session) -> None:
 
 
 def _driver_update(session) -> None:
-    session.connection().connection.driver_connection.execute(
-        "UPDATE person SET name = 'never committed' WHERE id = 2"
-    )
+    session.connection().connection.driver_connection.execute("UPDATE person SET name = 'never committed' WHERE id = 2")
 
 
 def _copy_in(session) -> None:
@@ -595,7 +597,9 @@ def _copy_in(session) -> None:
 
 
 @pytest.mark.parametrize("region", ["memory", "redis"])
-@pytest.mark.parametrize("write", [_raw_update, _driver_update, _copy_in], ids=["dbapi cursor", "psycopg execute", "COPY FROM STDIN"])
+@pytest.mark.parametrize(
+    "write", [_raw_update, _driver_update, _copy_in], ids=["dbapi cursor", "psycopg execute", "COPY FROM STDIN"]
+)
 def test_rows_written_on_the_dbapi_connection_and_rolled_back_are_never_served(
     request, pg_extra, region_options, region, write
 ):
@@ -613,7 +617,9 @@ def test_rows_written_on_the_dbapi_connection_and_rolled_back_are_never_served(
             assert "never committed" in {name for _, name in inside}
             session.rollback()
         with Sessions() as fresh:
-            assert cached(fresh, statement, region) == uncached(pg_extra, statement) == [(2, "person 2"), (3, "person 3")]
+            assert (
+                cached(fresh, statement, region) == uncached(pg_extra, statement) == [(2, "person 2"), (3, "person 3")]
+            )
     finally:
         engine.dispose()
         cache.close()
@@ -665,7 +671,10 @@ ANIMAL = Table("animal", _META, Column("id", Integer), Column("name", String))
         ),
         (
             select(READING.c.id, READING.c.v).order_by(READING.c.id),
-            ["CREATE TABLE reading_late PARTITION OF reading DEFAULT", "INSERT INTO reading VALUES (9, '2030-01-01', 'late')"],
+            [
+                "CREATE TABLE reading_late PARTITION OF reading DEFAULT",
+                "INSERT INTO reading VALUES (9, '2030-01-01', 'late')",
+            ],
             [(1, "first"), (9, "late")],
         ),
         (
@@ -716,16 +725,18 @@ def _orm_bulk_insert(session) -> None:
 
 def _update_fetch(session) -> None:
     session.execute(
-        update(Person).where(Person.id.in_(select(Address.person_id).where(Address.street == "1 Main St"))).values(
-            name="moved"
-        ),
+        update(Person)
+        .where(Person.id.in_(select(Address.person_id).where(Address.street == "1 Main St")))
+        .values(name="moved"),
         execution_options={"synchronize_session": "fetch"},
     )
 
 
 def _update_evaluate(session) -> None:
     session.get(Person, 1)
-    session.execute(update(Person).where(Person.id == 1).values(name="moved"), execution_options={"synchronize_session": "evaluate"})
+    session.execute(
+        update(Person).where(Person.id == 1).values(name="moved"), execution_options={"synchronize_session": "evaluate"}
+    )
 
 
 def _delete_by_subquery(session) -> None:
@@ -749,7 +760,13 @@ def _driver_sql(session) -> None:
         (_delete_by_subquery, "symlink"),
         (_driver_sql, "uri"),
     ],
-    ids=["orm bulk insert", "update fetch subquery, file: uri", "update evaluate, hard link", "delete by subquery, symlink", "exec_driver_sql, file: uri"],
+    ids=[
+        "orm bulk insert",
+        "update fetch subquery, file: uri",
+        "update evaluate, hard link",
+        "delete by subquery, symlink",
+        "exec_driver_sql, file: uri",
+    ],
 )
 def test_orm_write_paths_through_another_engine_on_the_same_file(db_url, regions, tmp_path, write, url_of):
     """ORM bulk and Core DML paths, committed by another engine on the same SQLite file however it is named."""
@@ -814,7 +831,14 @@ CREATE TABLE item (
 INSERT INTO kind VALUES ('a', 'A'), ('b', 'B');
 INSERT INTO item (id, kind_code, price) VALUES (1, 'a', 10), (2, 'b', 20);
 """
-ITEM = Table("item", _META, Column("id", Integer, primary_key=True), Column("kind_code", String), Column("price", Integer), Column("total", Integer))
+ITEM = Table(
+    "item",
+    _META,
+    Column("id", Integer, primary_key=True),
+    Column("kind_code", String),
+    Column("price", Integer),
+    Column("total", Integer),
+)
 
 
 @pytest.mark.parametrize(
@@ -824,14 +848,16 @@ ITEM = Table("item", _META, Column("id", Integer, primary_key=True), Column("kin
         (lambda conn: conn.exec_driver_sql("REPLACE INTO kind VALUES ('a', 'A2')"), [(2, "b", 40)]),
         (
             lambda conn: conn.execute(
-                sqlite_insert(ITEM).values(id=2, kind_code="b", price=5).on_conflict_do_update(
-                    index_elements=[ITEM.c.id], set_={"price": 7}
-                )
+                sqlite_insert(ITEM)
+                .values(id=2, kind_code="b", price=5)
+                .on_conflict_do_update(index_elements=[ITEM.c.id], set_={"price": 7})
             ),
             [(1, "a", 20), (2, "b", 14)],
         ),
         (
-            lambda conn: conn.exec_driver_sql("INSERT OR REPLACE INTO item (id, kind_code, price) VALUES (2, 'b', 100)"),
+            lambda conn: conn.exec_driver_sql(
+                "INSERT OR REPLACE INTO item (id, kind_code, price) VALUES (2, 'b', 100)"
+            ),
             [(1, "a", 20), (2, "b", 200)],
         ),
         (
@@ -839,7 +865,12 @@ ITEM = Table("item", _META, Column("id", Integer, primary_key=True), Column("kin
             [(1, "a", 22), (2, "b", 42)],
         ),
     ],
-    ids=["REPLACE INTO a WITHOUT ROWID parent", "on_conflict_do_update()", "INSERT OR REPLACE", "UPDATE RETURNING as text().columns()"],
+    ids=[
+        "REPLACE INTO a WITHOUT ROWID parent",
+        "on_conflict_do_update()",
+        "INSERT OR REPLACE",
+        "UPDATE RETURNING as text().columns()",
+    ],
 )
 def test_sqlite_upserts_replaces_and_generated_columns(sqlite_extra, regions, write, expected):
     """SQLite's conflict resolutions, a generated column, RETURNING as text, committed by another engine with foreign keys on."""
