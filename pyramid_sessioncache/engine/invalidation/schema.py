@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 
 from ... import _sqlalchemy
 from ..._weak import members
+from .. import keys
 from ..identity import database_identity
 from ..keys import EFFECT_SQL
 from . import reads
@@ -307,6 +308,83 @@ JOIN pg_namespace n ON n.oid = f.pronamespace
 JOIN pg_type t ON t.oid = k.casttarget
 WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_cast'::regclass AND e.objid = k.oid AND e.deptype = 'e')
+"""
+
+#: PostgreSQL's own functions that return what no committed write changes:
+#: the connection's own objects and state (its cursors, prepared statements,
+#: memory, channels listened to, address), the server's live state (locks,
+#: activity, statistics counters, replication, WAL positions, files).  A read
+#: of a view that calls one is answered by no cache (see
+#: :data:`POSTGRESQL_NEVER_CACHED`), and so is a statement that calls one
+#: (:func:`calls_effects`); with them, those of
+#: :data:`~pyramid_sessioncache.engine.keys.EFFECT_FUNCTIONS` (``nextval()``,
+#: ``pg_backend_pid()``) and ``cursor_to_xml()``, which fetches from a cursor.
+POSTGRESQL_STATE_FUNCTIONS = frozenset(
+    {"pg_cursor", "pg_prepared_statement", "pg_prepared_xact", "pg_lock_status", "pg_blocking_pids",
+     "pg_safe_snapshot_blocking_pids", "pg_get_backend_memory_contexts", "pg_get_shmem_allocations",
+     "pg_get_replication_slots", "pg_hba_file_rules", "pg_ident_file_mappings", "pg_listening_channels",
+     "pg_notification_queue_usage", "pg_trigger_depth", "pg_my_temp_schema", "pg_sequence_last_value",
+     "pg_xact_status", "txid_status", "pg_xact_commit_timestamp", "txid_current_snapshot",
+     "txid_current_if_assigned", "pg_current_xact_id_if_assigned", "pg_is_in_recovery",
+     "pg_is_wal_replay_paused", "pg_get_wal_replay_pause_state", "pg_postmaster_start_time",
+     "pg_conf_load_time", "inet_client_addr", "inet_client_port", "inet_server_addr", "inet_server_port",
+     "cursor_to_xml", "cursor_to_xmlschema"}
+)  # fmt: skip
+#: Prefixes of the names of more of them: statistics (``pg_stat_get_activity()``),
+#: settings shown (``pg_show_all_settings()``), WAL positions, files listed or read.
+_STATE_PREFIXES = ("pg_stat_", "pg_show_", "pg_current_", "pg_last_", "pg_ls_", "pg_read_")
+
+#: PostgreSQL's own functions that run a query given as a string
+#: (``ts_stat('SELECT ... FROM doc')``) or read the tables, schemas or
+#: database named by their arguments: a view that calls one reads tables
+#: the catalog cannot name (:data:`~.reads.ANY_TABLE`).
+POSTGRESQL_QUERY_FUNCTIONS = frozenset(
+    {"ts_stat", "ts_rewrite", "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "table_to_xml",
+     "table_to_xmlschema", "table_to_xml_and_xmlschema", "schema_to_xml", "schema_to_xmlschema",
+     "schema_to_xml_and_xmlschema", "database_to_xml", "database_to_xmlschema", "database_to_xml_and_xmlschema"}
+)  # fmt: skip
+
+
+def _function_names(names: Iterable[str], prefixes: Iterable[str] = ()) -> str:
+    """Alternatives of a regular expression (PostgreSQL's and Python's): a name of ``names``, or one starting with a prefix."""
+    words = sorted(name.lower() for name in names if re.fullmatch(r"\w+", name))
+    words += [prefix + r"\w*" for prefix in prefixes if re.fullmatch(r"\w+", prefix)]
+    return "|".join(words)
+
+
+#: The relations whose reads a cache may never answer, with what makes each
+#: one so (NULL, or the name of PostgreSQL's own function it calls): the
+#: sequences (``SELECT last_value FROM person_id_seq``: ``nextval()``,
+#: ``setval()``, an INSERT's serial default advance one outside any
+#: transaction, and no write is published for it); the views whose query
+#: takes row locks (``FOR UPDATE``, ``FOR SHARE``, in a subquery too: a
+#: read must take them every time); and the views, and the tables whose
+#: row-level security policy reads, whose query calls PostgreSQL's own
+#: function ``{names}`` names (see :data:`POSTGRESQL_STATE_FUNCTIONS`, and
+#: :data:`POSTGRESQL_QUERY_FUNCTIONS`, which make a view read any table):
+#: ``pg_cursors``, a view over ``nextval()``.  The calls of pinned functions
+#: are not in ``pg_depend``: their numbers are found in the query tree.
+POSTGRESQL_NEVER_CACHED = """
+SELECT c.relname, NULL FROM pg_class c WHERE c.relkind = 'S'
+UNION
+SELECT v.relname, NULL
+FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class
+WHERE v.relkind = 'v' AND r.ev_type = '1' AND strpos(r.ev_action::text, '{{ROWMARKCLAUSE') > 0
+UNION
+SELECT c.relname, f.proname
+FROM (
+    SELECT r.ev_class AS rel, r.ev_action::text AS tree
+    FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class
+    WHERE v.relkind = 'v' AND r.ev_type = '1'
+    UNION ALL
+    SELECT p.polrelid, p.polqual::text
+    FROM pg_policy p JOIN pg_class t ON t.oid = p.polrelid
+    WHERE t.relrowsecurity AND p.polqual IS NOT NULL
+) u
+JOIN pg_class c ON c.oid = u.rel
+CROSS JOIN LATERAL regexp_matches(u.tree, ':(?:funcid|aggfnoid|winfnoid|opfuncid) ([0-9]+)', 'g') m
+JOIN pg_proc f ON f.oid = m[1]::oid
+WHERE f.pronamespace = 'pg_catalog'::regnamespace AND f.proname ~ '{names}'
 """
 
 #: What SQLite's schema says of foreign keys whose actions write the
@@ -644,12 +722,24 @@ class _Schema:
             column_types = cursor.fetchall()
             cursor.execute(POSTGRESQL_TRIGGERS)
             triggers = cursor.fetchall()
+            cursor.execute(POSTGRESQL_NEVER_CACHED.format(names=_NEVER_CACHED_CALLS))
+            never_cached = cursor.fetchall()
         finally:
             cursor.close()
+        # A view that runs a query given as a string (ts_stat()) reads any table.
+        opaque |= closure(
+            (reads.version_name(name) for name, called in never_cached if called in POSTGRESQL_QUERY_FUNCTIONS), shows
+        )
         routines = _routines_pattern([row.called for row in rows])
         setters = _calling(rows, {row.called for row in rows if row.sets})
-        # Those that call a function of keys.EFFECT_FUNCTIONS (nextval(), currval(), a lock): run for what they do.
-        effects = _calling(rows, {row.called for row in rows if EFFECT_SQL.search(row.source)})
+        # Those that call a function of keys.EFFECT_FUNCTIONS (nextval(), currval(), a lock), or
+        # that lock rows, or read a relation no cache answers for: run for what they do.
+        effects, never = _effects(
+            rows,
+            view_routines,
+            shows,
+            {name for name, called in never_cached if called not in POSTGRESQL_QUERY_FUNCTIONS},
+        )
         # A statement that names the type calls the function: a domain's check, an explicit cast.
         named_types = type_routines + [(name, called) for name, explicit, called in casts if explicit]
         writers, views = _writers(rows, view_routines, shows, named_types)
@@ -687,7 +777,7 @@ class _Schema:
             routines,
             _routines_pattern(setters),
             calls_writers,
-            _routines_pattern(effects, called=True, attributes=attributes),
+            _Either(_routines_pattern(effects, called=True, attributes=attributes), _STATE_CALLS, _Words(never)),
         )
 
     @staticmethod
@@ -971,6 +1061,94 @@ def _writers(
         found = set(writers) | more
 
 
+def _effects(
+    rows: list[_Routine],
+    view_routines: list[tuple[str, str]],
+    shows: Mapping[str, Iterable[str]],
+    relations: Iterable[str],
+) -> tuple[list[tuple[str, bool]], frozenset[str]]:
+    """The routines among ``rows`` run for their effect, and the relations a read of which is one (version names).
+
+    A routine whose source calls a function of
+    :data:`~pyramid_sessioncache.engine.keys.EFFECT_FUNCTIONS` or of
+    :data:`POSTGRESQL_STATE_FUNCTIONS`, or locks rows (``FOR UPDATE``: a
+    read must take its locks every time), or reads one of ``relations``
+    (found by :data:`POSTGRESQL_NEVER_CACHED`); a view over such a routine
+    (or a table whose policy calls one: ``view_routines``), and what shows
+    its rows (a view over it: ``shows``); a routine that calls or reads
+    one of those, at any depth.
+    """
+    found = {
+        row.called
+        for row in rows
+        if EFFECT_SQL.search(row.source) or keys.LOCKING_SQL.search(row.source) or _STATE_CALLS.search(row.source)
+    }
+    never = frozenset(reads.version_name(name) for name in relations)
+    while True:
+        effects = _calling(rows, found)
+        calling = {name for name, operator in effects if not operator}
+        never = closure(
+            never | {reads.version_name(view) for view, called in view_routines if called in calling}, shows
+        )
+        reading = _Words(never)
+        more = {row.called for row in rows if reading.search(row.source)}
+        if more <= set(effects):
+            return effects, never
+        found = set(effects) | more
+
+
+class _Words:
+    """Finds, in SQL text, one of ``names`` (relations, in version names) as a word, in any case.
+
+    By a set of names rather than one pattern: a database has a sequence
+    per serial column, and a pattern of thousands of names costs each
+    search milliseconds.  A name that is no plain word (a quoted ``"a b"``)
+    is found by a pattern.
+    """
+
+    def __init__(self, names: Iterable[str]) -> None:
+        self.names = frozenset(name.lower() for name in names)
+        odd = sorted((name for name in self.names if not _WORD.fullmatch(name)), key=len, reverse=True)
+        self.odd = re.compile("|".join(rf"(?<![\w$]){re.escape(name)}(?![\w$])" for name in odd), re.I) if odd else None
+
+    def search(self, text: str) -> Any:
+        if self.names:
+            for word in _WORD.findall(text):
+                if word.lower() in self.names:
+                    return word
+        return None if self.odd is None else self.odd.search(text)
+
+
+#: A word of SQL text, as a name is spelt unquoted (or quoted, without its quotes).
+_WORD = re.compile(r"[^\W\d][\w$]*")
+
+
+class _Either:
+    """Finds in a text what any of ``searchers`` (each with a ``search()``, or None) finds."""
+
+    def __init__(self, *searchers: Any) -> None:
+        self.searchers = [searcher for searcher in searchers if searcher is not None]
+
+    def search(self, text: str) -> Any:
+        for searcher in self.searchers:
+            found = searcher.search(text)
+            if found:
+                return found
+        return None
+
+
+#: What :data:`POSTGRESQL_NEVER_CACHED` looks for among the functions a view calls.
+_NEVER_CACHED_CALLS = (
+    "^(?:"
+    + _function_names(keys.EFFECT_FUNCTIONS | POSTGRESQL_STATE_FUNCTIONS | POSTGRESQL_QUERY_FUNCTIONS, _STATE_PREFIXES)
+    + ")$"
+)
+#: A call of a function of :data:`POSTGRESQL_STATE_FUNCTIONS` in SQL text, its name quoted or not.
+_STATE_CALLS = re.compile(
+    r'(?<![\w$])"?(?:' + _function_names(POSTGRESQL_STATE_FUNCTIONS, _STATE_PREFIXES) + r')"?\s*\(', re.I
+)
+
+
 def _routines_pattern(
     rows: list[tuple[str, bool]], called: bool = False, views: Iterable[str] = (), attributes: Iterable[str] = ()
 ) -> re.Pattern[str] | None:
@@ -1029,14 +1207,19 @@ _COLUMN_LISTS = re.compile(r'\binto\s+[\w$."]+\s*\(', re.I)
 
 
 def calls_effects(conn: Any, sql: str) -> bool:
-    """Whether ``sql``, run on ``conn``, may call a function of the database's own run for its effect.
+    """Whether ``sql``, run on ``conn``, may do what a hit would not, or read what no write publishes.
 
-    One that calls a function of :data:`~pyramid_sessioncache.engine.keys.EFFECT_FUNCTIONS`
-    (``nextval()``, ``currval()``, an advisory lock), which a statement
-    naming them runs uncached for: such a call writes nothing, but its
-    result is stored nowhere either.
+    Call a function of the database's own that calls a function of
+    :data:`~pyramid_sessioncache.engine.keys.EFFECT_FUNCTIONS` (``nextval()``,
+    ``currval()``, an advisory lock), which a statement naming them runs
+    uncached for, or that locks rows; call one of PostgreSQL's own of
+    :data:`POSTGRESQL_STATE_FUNCTIONS` (``pg_cursor()``); or read a
+    relation of :data:`POSTGRESQL_NEVER_CACHED` (a sequence, a view over
+    ``nextval()`` or ``pg_backend_pid()``, ``pg_cursors``, a view defined
+    ``FOR UPDATE``), by its name as a word.  Such a statement writes
+    nothing, but its result is stored nowhere either.
     """
-    if conn.dialect.name != "postgresql" or "(" not in sql:
+    if conn.dialect.name != "postgresql":
         return False
     return _schema.catalog(conn).calls("effects", sql)
 
