@@ -29,6 +29,11 @@ check, rule or policy calls it, an aggregate whose state or final function
 it is, a cast, a value made of a domain whose check calls it (a column, an
 argument, a cast of that type; every statement, for a cast applied implicitly).
 
+Some relations show what no write publishes: a sequence, a view that locks
+rows or calls a function run for its effect or showing live state
+(``nextval()``, ``pg_cursor()``: ``pg_cursors``).  A statement that names
+one is stored nowhere (:func:`calls_effects`).
+
 The catalog of a database is read once, at the first write or miss that
 needs it, and kept per database (:func:`~pyramid_sessioncache.engine.identity.database_identity`),
 for every engine on it.  DDL run by any connection of the process
@@ -313,12 +318,12 @@ WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
 #: PostgreSQL's own functions that return what no committed write changes:
 #: the connection's own objects and state (its cursors, prepared statements,
 #: memory, channels listened to, address), the server's live state (locks,
-#: activity, statistics counters, replication, WAL positions, files).  A read
-#: of a view that calls one is answered by no cache (see
-#: :data:`POSTGRESQL_NEVER_CACHED`), and so is a statement that calls one
-#: (:func:`calls_effects`); with them, those of
+#: activity, statistics counters, replication, WAL positions, files), and
+#: ``cursor_to_xml()``, which fetches from a cursor.  A statement that calls
+#: one is answered by no cache (:func:`calls_effects`), and neither is a read
+#: of a view that calls one, or one of
 #: :data:`~pyramid_sessioncache.engine.keys.EFFECT_FUNCTIONS` (``nextval()``,
-#: ``pg_backend_pid()``) and ``cursor_to_xml()``, which fetches from a cursor.
+#: ``pg_backend_pid()``): see :data:`POSTGRESQL_NEVER_CACHED`.
 POSTGRESQL_STATE_FUNCTIONS = frozenset(
     {"pg_cursor", "pg_prepared_statement", "pg_prepared_xact", "pg_lock_status", "pg_blocking_pids",
      "pg_safe_snapshot_blocking_pids", "pg_get_backend_memory_contexts", "pg_get_shmem_allocations",
@@ -489,7 +494,10 @@ class Catalog:
     ``setters`` and ``writers``: a call of one that changes a setting, or
     that writes (or of one that calls such a function; for ``writers``, a
     view over one named too); ``effects``: a call of one run for what it
-    does (it calls ``nextval()``, ``currval()``, an advisory lock...).
+    does (it calls ``nextval()``, ``currval()``, an advisory lock..., or
+    locks rows), of PostgreSQL's own of :data:`POSTGRESQL_STATE_FUNCTIONS`,
+    or a relation named whose reads no cache answers
+    (:data:`POSTGRESQL_NEVER_CACHED`: a sequence, ``pg_cursors``).
     ``version``: on SQLite, each database of the connection it was read
     on, its file and its ``schema_version``, when it was read; or None.
     :meth:`calls` remembers what each pattern found in a SQL text.
