@@ -69,8 +69,10 @@ _MARKS = "sessioncache.marks"
 #: How many statements that wrote the connection (or called a function for its effect) has run (see :func:`writes_run`).
 _WRITES_RUN = "sessioncache.writes_run"
 _OWNERS = "sessioncache.owners"
-#: SQLite's count of the rows its DBAPI connection had changed when its transaction began (see :func:`wrote_unseen`).
+#: When the transaction began: SQLite's count of the rows its DBAPI connection
+#: had changed, and :func:`writes_run` (see :func:`wrote_unseen`).
 _CHANGES = "sessioncache.changes_at_begin"
+_WRITES_AT_BEGIN = "sessioncache.writes_at_begin"
 
 #: Marked with the tables the application names (see :func:`~pyramid_sessioncache.invalidate_tables`)
 #: in a connection's transaction: published as declared when it commits, which
@@ -471,8 +473,9 @@ def _begun(conn: Any) -> None:
         # (a StaticPool's one connection, shared): its marks and Sessions stay.
         return
     conn.info.pop(_MARKS, None)
+    conn.info[_WRITES_AT_BEGIN] = conn.info.get(_WRITES_RUN, 0)  # see wrote_unseen()
     changes = getattr(conn.connection.dbapi_connection, "total_changes", None)
-    if changes is not None:  # sqlite3: see wrote_unseen()
+    if changes is not None:  # sqlite3
         conn.info[_CHANGES] = changes
     schema.transaction_begins(conn)
     # Its Sessions stay until it goes back to the pool (_checked_in): one bound
@@ -700,13 +703,20 @@ def wrote_unseen(connection: Any) -> bool:
     first write (asked on the driver's connection, so that no event
     counts it, and only once the transaction has begun).  Other
     databases: not known (False).
+
+    Only asked of a transaction in which no statement seen here wrote:
+    what those wrote, :func:`pending_on` and :func:`has_written` answer
+    for, and once one has written (and was rolled back to a savepoint,
+    as a test's fixture does) the database's answer no longer tells the
+    two apart.
     """
     dbapi_connection = connection.connection.dbapi_connection
-    if not in_transaction(dbapi_connection):
+    info = connection.info
+    if not in_transaction(dbapi_connection) or info.get(_WRITES_RUN, 0) != info.get(_WRITES_AT_BEGIN, 0):
         return False
     changes = getattr(dbapi_connection, "total_changes", None)
     if isinstance(changes, int):
-        return changes != connection.info.get(_CHANGES, changes)
+        return changes != info.get(_CHANGES, changes)
     if connection.dialect.name == "postgresql":
         return _transaction_id_assigned(dbapi_connection, connection.dialect.server_version_info or ())
     return False
