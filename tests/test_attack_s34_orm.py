@@ -561,14 +561,14 @@ def test_session_get_of_an_identity_whose_object_was_made_transient_and_added_ag
 COMMENTS = select(Comment).order_by(Comment.id)
 
 
-@pytest.mark.parametrize("region", ["memory", "shared"])
-@pytest.mark.parametrize("how", ["orm", "core", "other process"])
+@pytest.mark.parametrize(
+    "region, how",
+    [("memory", "orm"), ("memory", "core"), ("shared", "orm"), ("shared", "core"), ("shared", "other process")],
+)  # a memory region lives in one process: another's write reaches shared regions only
 def test_a_database_only_on_delete_set_null_is_seen_on_sqlite(sqlite_url, s34_engine, Sess, shared, region, how):
     """The schema says ON DELETE SET NULL, the models do not; deleting post 1 nulls its comments."""
     warm(Sess, s34_engine, COMMENTS, region, "id", "post_id")
     if how == "other process":
-        if region == "memory":
-            pytest.skip("a memory region lives in one process")
         in_another_process(sqlite_url, shared, "s.execute(delete(post_tag)); s.delete(s.get(Post, 1))")
     else:
         with Sess() as s:
@@ -1077,7 +1077,21 @@ def test_attaching_an_object_of_an_identity_the_application_let_go(Sess, use_cac
         assert s.get(Post, 2) is post
 
 
-@pytest.mark.parametrize("use_cache", [False, True])
+@pytest.mark.parametrize(
+    "use_cache",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="by design (docs/hits.md): a local entry holds its objects until the transaction ends, "
+                "and a commit of another process reaches it then; until then a read of their rows, cached or not, "
+                "returns the objects the Session holds, as when the application holds them",
+            ),
+        ),
+    ],
+)
 def test_an_uncached_read_after_a_commit_in_another_process_sees_it(sqlite_url, s34_engine, Sess, shared, use_cache):
     """Docs read once (through ``ext:local_session`` or not) and let go; another process commits; an uncached read.
 

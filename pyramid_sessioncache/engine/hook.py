@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.orm import Mapper, ORMExecuteState, Session
+from sqlalchemy.orm import Mapper, ORMExecuteState, Session, attributes
 
 from .. import _sqlalchemy
 from ..storage.backends import local_session
@@ -52,6 +52,7 @@ def install() -> None:
     event.listen(Session, "after_commit", writes.committed)
     event.listen(Session, "after_transaction_end", _transaction_ended)
     event.listen(Session, "after_soft_rollback", _drop_local)
+    event.listen(Session, "before_attach", _attaching)
     writes.install()
     loader.install()
     connection_state.install()
@@ -79,6 +80,23 @@ def leaves_selects_alone(listener: Any) -> bool:
 
 def _drop_local(session: Session, *args: Any) -> None:
     local_session.drop(session)
+
+
+def _attaching(session: Session, instance: Any) -> None:
+    """Drop the Session's local entries when an object of an identity they may keep alive is attached.
+
+    ``session.add()`` of an object detached from another Session (or made
+    with ``make_transient_to_detached()``) works in the ORM once the
+    application has let go of the Session's own object of that identity:
+    the identity map holds it weakly.  A local entry holding it would turn
+    that into "another instance with key ... is already present".  Without
+    the entries it goes, as the ORM would have let it go.
+    """
+    key = attributes.instance_state(instance).key
+    if key is not None and local_session.INFO_KEY in session.info:
+        present = session.identity_map.get(key)
+        if present is not None and present is not instance:
+            local_session.drop(session)
 
 
 def _expired_partly(state: Any, keys: Any) -> None:

@@ -67,6 +67,7 @@ from sqlalchemy.types import TypeEngine
 from .. import _sqlalchemy
 from .._weak import members
 from .identity import database_identity
+from .invalidation import sqltext
 from .values import mapping_text
 
 #: Execution options that never change the rows a statement returns.
@@ -111,10 +112,18 @@ EFFECT_FUNCTIONS = frozenset(
      "lo_unlink", "lo_put", "lo_from_bytea", "pg_advisory_lock", "pg_advisory_lock_shared", "pg_advisory_xact_lock",
      "pg_advisory_xact_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared",
      "pg_try_advisory_xact_lock", "pg_try_advisory_xact_lock_shared", "pg_advisory_unlock",
-     "pg_advisory_unlock_shared", "pg_advisory_unlock_all", "pg_cancel_backend", "pg_terminate_backend"}
+     "pg_advisory_unlock_shared", "pg_advisory_unlock_all", "pg_cancel_backend", "pg_terminate_backend",
+     "changes", "pg_export_snapshot", "pg_sequence_last_value", "lo_creat", "lo_open", "lo_close", "loread",
+     "lowrite", "lo_lseek", "lo_lseek64", "lo_tell", "lo_tell64", "lo_truncate", "lo_truncate64", "lo_export",
+     "lo_get"}
 )  # fmt: skip
 #: A call of one of them in SQL text, its name quoted or not (``"nextval"(...)`` is ``nextval(...)``).
 EFFECT_SQL = re.compile(rf"\b(?:{'|'.join(sorted(EFFECT_FUNCTIONS))})\"?\s*\(", re.IGNORECASE)
+#: SQL text that reads what its connection alone holds, changing it as it
+#: goes or answering for that connection only: a cursor's next rows
+#: (``FETCH``, ``MOVE``), a setting as it stands (``SHOW``; an isolation
+#: level given as an execution option is none of the key).  Run every time.
+CONNECTION_SQL = re.compile(r"^\s*(?:fetch|move|show)\b", re.IGNORECASE)
 
 _MEMO_SIZE = 2000
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
@@ -168,10 +177,7 @@ def _structure_text(element: Any, out: list[str], merge_labels: bool = True, map
             previous = item if isinstance(item, str) else None
         out.append(")")
     elif isinstance(element, str):
-        if LOCKING_SQL.search(element):
-            raise Locking(element)
-        if element.lower() in EFFECT_FUNCTIONS or ("(" in element and EFFECT_SQL.search(element)):
-            raise Effect(element)  # a function's name, or SQL text calling one
+        _check_sql(element)
         out.append(repr(_plain(element)))
         quote = getattr(element, "quote", None)
         if quote is not None:  # a quoted_name: quote=True and False name two tables on PostgreSQL
@@ -203,6 +209,23 @@ def _structure_text(element: Any, out: list[str], merge_labels: bool = True, map
         _structure_text(_operator_key(element), out, merge_labels, mappers)
     else:
         raise Unkeyable(element)
+
+
+def _check_sql(element: str) -> None:
+    # Raise Locking or Effect for a string of the structure (a name, or SQL
+    # text) that takes row locks or calls a function for its effect, as
+    # written or with its comments read as the database reads them
+    # (``FOR /* the row */ UPDATE``, ``nextval -- draw\n('s')``).
+    if LOCKING_SQL.search(element):
+        raise Locking(element)
+    if element.lower() in EFFECT_FUNCTIONS or ("(" in element and EFFECT_SQL.search(element)):
+        raise Effect(element)  # a function's name, or SQL text calling one
+    if "--" in element or "/*" in element:
+        for reading in sqltext.readings(element):
+            if LOCKING_SQL.search(reading.text):
+                raise Locking(element)
+            if EFFECT_SQL.search(reading.text):
+                raise Effect(element)
 
 
 def _operator_key(operator: custom_op) -> tuple:
@@ -613,6 +636,8 @@ class KeyMaker:
             return digest
         out: list[str] = []
         try:
+            if statement is not None:
+                _check_connection_sql(statement)
             _structure_text(cache_key.key, out, statement is None or _entities_only(statement))
             digest = hashlib.blake2b("".join(out).encode(), digest_size=16).hexdigest()
         except Locking:
@@ -708,6 +733,13 @@ class KeyMaker:
             return None
         digest = hashlib.blake2b("\x1f".join(parts).encode(), digest_size=20).hexdigest()
         return EntryKey(f"{label}:{digest}" if label else digest, structure)
+
+
+def _check_connection_sql(statement: Any) -> None:
+    # Raise Effect for SQL text that reads its connection's own state (see CONNECTION_SQL).
+    sql = _sqlalchemy.textual_sql(statement)
+    if sql is not None and any(CONNECTION_SQL.match(reading.text) for reading in sqltext.readings(sql)):
+        raise Effect(sql)
 
 
 def _keyed_options(execution_options: Mapping[str, Any]) -> dict[str, Any]:

@@ -192,10 +192,17 @@ def must_not_store(session: Session, connection: Any) -> bool:
     one connection, shared by every Session), or those of the transaction
     of a Connection the Session is bound to; a connection that reads
     uncommitted rows (SQLite's ``read_uncommitted`` in shared-cache mode,
-    ``READ UNCOMMITTED``).  The result is still returned; it is not stored.
+    ``READ UNCOMMITTED``); a transaction that wrote on the driver's own
+    connection (:func:`~.invalidation.writes.wrote_unseen`).  The result is
+    still returned; it is not stored.
     """
     known = _known(session)
-    return reads_a_snapshot(connection, known) or writes.pending_on(connection) or reads_uncommitted(connection, known)
+    return (
+        reads_a_snapshot(connection, known)
+        or writes.pending_on(connection)
+        or reads_uncommitted(connection, known)
+        or writes.wrote_unseen(connection)
+    )
 
 
 def _known(session: Session) -> dict:

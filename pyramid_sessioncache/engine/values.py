@@ -172,7 +172,7 @@ def current(reached: Reached, session: Session) -> bool:
     session_id = session.hash_key
     left_expired = reached.left_expired
     for state in reached.states:
-        if state.session_id != session_id:
+        if state.session_id != session_id or state.key is None:  # gone, or made pending again (make_transient())
             return False
         expired = state.expired_attributes
         if expired:

@@ -69,6 +69,10 @@ _MARKS = "sessioncache.marks"
 #: How many statements that wrote the connection (or called a function for its effect) has run (see :func:`writes_run`).
 _WRITES_RUN = "sessioncache.writes_run"
 _OWNERS = "sessioncache.owners"
+#: When the transaction began: SQLite's count of the rows its DBAPI connection
+#: had changed, and :func:`writes_run` (see :func:`wrote_unseen`).
+_CHANGES = "sessioncache.changes_at_begin"
+_WRITES_AT_BEGIN = "sessioncache.writes_at_begin"
 
 #: Marked with the tables the application names (see :func:`~pyramid_sessioncache.invalidate_tables`)
 #: in a connection's transaction: published as declared when it commits, which
@@ -469,6 +473,10 @@ def _begun(conn: Any) -> None:
         # (a StaticPool's one connection, shared): its marks and Sessions stay.
         return
     conn.info.pop(_MARKS, None)
+    conn.info[_WRITES_AT_BEGIN] = conn.info.get(_WRITES_RUN, 0)  # see wrote_unseen()
+    changes = getattr(conn.connection.dbapi_connection, "total_changes", None)
+    if changes is not None:  # sqlite3
+        conn.info[_CHANGES] = changes
     schema.transaction_begins(conn)
     # Its Sessions stay until it goes back to the pool (_checked_in): one bound
     # to this Connection carries on in its next transaction, and must be told
@@ -679,6 +687,59 @@ def pending_on(connection: Any) -> bool:
     """
     marks = connection.info.get(_MARKS)
     return marks is not None and any(tables for _, tables in marks.levels)
+
+
+def wrote_unseen(connection: Any) -> bool:
+    """Whether the transaction of ``connection``'s DBAPI connection may have written rows no statement seen here wrote.
+
+    SQL sent on the driver's own connection
+    (``session.connection().connection.cursor()``, psycopg's ``COPY ...
+    FROM STDIN``) sends no event of SQLAlchemy's: what it writes is
+    published by nobody, and a load in the same transaction reads it.
+    Such rows must not be stored, since a rollback leaves them in no
+    committed state.  The database tells: SQLite counts the rows each
+    connection changes (``total_changes``, compared with its count when
+    the transaction began); PostgreSQL gives a transaction an id at its
+    first write (asked on the driver's connection, so that no event
+    counts it, and only once the transaction has begun).  Other
+    databases: not known (False).
+
+    Only asked of a transaction in which no statement seen here wrote:
+    what those wrote, :func:`pending_on` and :func:`has_written` answer
+    for, and once one has written (and was rolled back to a savepoint,
+    as a test's fixture does) the database's answer no longer tells the
+    two apart.
+    """
+    dbapi_connection = connection.connection.dbapi_connection
+    info = connection.info
+    if not in_transaction(dbapi_connection) or info.get(_WRITES_RUN, 0) != info.get(_WRITES_AT_BEGIN, 0):
+        return False
+    changes = getattr(dbapi_connection, "total_changes", None)
+    if isinstance(changes, int):
+        return changes != info.get(_CHANGES, changes)
+    if connection.dialect.name == "postgresql":
+        return _transaction_id_assigned(dbapi_connection, connection.dialect.server_version_info or ())
+    return False
+
+
+def _transaction_id_assigned(dbapi_connection: Any, version: tuple) -> bool:
+    # An error would abort the application's transaction: the function is
+    # chosen by the server's version, and anything unexpected counts as a write.
+    if version >= (13,):
+        sql = "SELECT pg_current_xact_id_if_assigned() IS NOT NULL"
+    elif version >= (10,):
+        sql = "SELECT txid_current_if_assigned() IS NOT NULL"
+    else:
+        return True
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(sql)
+            return bool(cursor.fetchone()[0])
+        finally:
+            cursor.close()
+    except Exception:
+        return True
 
 
 def writes_run(connection: Any) -> int:
