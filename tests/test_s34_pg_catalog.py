@@ -84,8 +84,15 @@ def uncached(url: str, statement) -> list[tuple]:
         select(func.person_name(1)),
         select(TICKET_LOG.c.id),
         text("SELECT id FROM ticket_log"),
+        text("SELECT table_name FROM information_schema.tables WHERE table_name = 'person'"),
     ],
-    ids=["a plain view", "a function of its own that reads", "a table named like a sequence", "the same as text"],
+    ids=[
+        "a plain view",
+        "a function of its own that reads",
+        "a table named like a sequence",
+        "the same as text",
+        "information_schema.tables (calls pg_my_temp_schema())",
+    ],
 )
 def test_reads_beside_the_never_cached_ones_are_hits(pg, statement, region):
     """What reads no sequence, takes no lock and calls nothing run for its effect is served from the cache."""
@@ -108,6 +115,7 @@ def test_reads_beside_the_never_cached_ones_are_hits(pg, statement, region):
         text("SELECT last_value FROM ticket"),
         select(SHARE_LOCKED.c.id).order_by(SHARE_LOCKED.c.id),
         text("SELECT count(*) FROM pg_stat_activity"),
+        text("SELECT n_live_tup FROM pg_stat_user_tables WHERE relname = 'person'"),
         text("SELECT count(*) FROM pg_lock_status()"),
     ],
     ids=[
@@ -117,6 +125,7 @@ def test_reads_beside_the_never_cached_ones_are_hits(pg, statement, region):
         "a sequence read as text",
         "a view locking rows in a subquery",
         "pg_stat_activity",
+        "pg_stat_user_tables (a view over pg_stat_all_tables)",
         "pg_lock_status()",
     ],
 )

@@ -328,7 +328,7 @@ POSTGRESQL_STATE_FUNCTIONS = frozenset(
     {"pg_cursor", "pg_prepared_statement", "pg_prepared_xact", "pg_lock_status", "pg_blocking_pids",
      "pg_safe_snapshot_blocking_pids", "pg_get_backend_memory_contexts", "pg_get_shmem_allocations",
      "pg_get_replication_slots", "pg_hba_file_rules", "pg_ident_file_mappings", "pg_listening_channels",
-     "pg_notification_queue_usage", "pg_trigger_depth", "pg_my_temp_schema", "pg_sequence_last_value",
+     "pg_notification_queue_usage", "pg_trigger_depth", "pg_sequence_last_value",
      "pg_xact_status", "txid_status", "pg_xact_commit_timestamp", "txid_current_snapshot",
      "txid_current_if_assigned", "pg_current_xact_id_if_assigned", "pg_is_in_recovery",
      "pg_is_wal_replay_paused", "pg_get_wal_replay_pause_state", "pg_postmaster_start_time",
