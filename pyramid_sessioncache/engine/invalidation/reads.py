@@ -110,6 +110,24 @@ def statement_tables(statement: Any) -> frozenset[str]:
 
 #: Schemas whose tables a schema change writes (PostgreSQL's catalog, SQL's ``information_schema``).
 SYSTEM_SCHEMAS = frozenset({"pg_catalog", "information_schema"})
+#: SQLite's own tables, whatever the schema (``main``, ``temp``, an attached name): its
+#: schema table (``sqlite_master``, ``sqlite_schema``, ``sqlite_temp_master``...),
+#: ``sqlite_sequence`` (written at each INSERT into an ``AUTOINCREMENT`` table),
+#: ``sqlite_stat1``..``sqlite_stat4`` (written by ``ANALYZE``), and the pragmas read as
+#: tables (``pragma_user_version``, ``pragma_table_info``: eponymous virtual tables)
+#: and ``dbstat`` (the pages of every table, eponymous too).
+#: SQLite reserves names that begin ``sqlite_``; what writes them names no
+#: table of theirs, so a result that read one depends on :data:`ANY_TABLE`,
+#: as one that read PostgreSQL's catalog does.  Elsewhere a table spelt
+#: so costs misses, never stale rows.
+SQLITE_OWN_TABLES = re.compile(r"^(?:sqlite_|pragma_|dbstat$)")
+
+
+def sqlite_own_table(name: str) -> bool:
+    """Whether the version name ``name`` is one of SQLite's own tables (see :data:`SQLITE_OWN_TABLES`)."""
+    return SQLITE_OWN_TABLES.match(name) is not None
+
+
 #: Text that may read a table.  Other text (``DISTINCT``, ``id > 5``) reads nothing it does not name.
 _READS_SQL = re.compile(r"\b(?:select|from|join|table)\b", re.I)
 #: A name followed by "(" in SQL text: a function called, or a type given its length after "::" or AS.
@@ -159,9 +177,12 @@ class _Recording:
         super().__init__(*args, **kw)
 
     def visit_table(self, table: Any, **kw: Any) -> Any:
-        self.read_tables.add(version_name(table))
-        if str(getattr(table, "schema", None) or "").lower() in SYSTEM_SCHEMAS:
-            self.opaque = True  # the catalog, written by schema changes: ANY_TABLE
+        name = version_name(table)
+        self.read_tables.add(name)
+        if str(getattr(table, "schema", None) or "").lower() in SYSTEM_SCHEMAS or sqlite_own_table(name):
+            self.opaque = (
+                True  # the catalog, written by schema changes (SQLite's: by ANALYZE, AUTOINCREMENT): ANY_TABLE
+            )
         schema.note(table)  # its foreign keys may cascade into it
         return super().visit_table(table, **kw)  # type: ignore[misc]
 
@@ -194,7 +215,10 @@ class _Recording:
             if len(names) > 1 or match.group("name").startswith('"') or not _pure_function(names[0]):
                 return True
         for match in _IN_TABLE.finditer(cleaned.text):
-            self.read_tables.add(version_name(cleaned.names(match.group("table"))[-1]))
+            name = version_name(cleaned.names(match.group("table"))[-1])
+            if sqlite_own_table(name):
+                return True  # "x IN sqlite_master": see SQLITE_OWN_TABLES
+            self.read_tables.add(name)
         return False
 
     def visit_function(self, func: Any, **kw: Any) -> Any:

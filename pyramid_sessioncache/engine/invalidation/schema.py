@@ -20,8 +20,12 @@ declare over the same dependencies.
 Some relations read tables the catalog cannot name: a view that calls a
 function of the database's own (its body may read any table), a table
 whose row-level security policy does, any SQLite view (its schema keeps
-only its SQL).  A result that read one of them
+only its SQL) or virtual table (an FTS5 table's ``content='doc'`` shows
+``doc``'s rows).  A result that read one of them
 depends on :data:`~.reads.ANY_TABLE`, as SQL text does (:func:`depends_on`).
+A SQLite view whose SQL calls a function run for its effect
+(``last_insert_rowid()``) or reads a pragma is never stored, nor is a
+pragma read (:func:`calls_effects`).
 A function whose body writes may be called by a SELECT: such a statement
 writes every table (:func:`calls_writers`), and so does one that calls it
 unnamed, by what the catalog records: a write to a table whose default,
@@ -55,7 +59,7 @@ from ..._weak import members
 from .. import keys
 from ..identity import database_identity
 from ..keys import EFFECT_SQL
-from . import reads
+from . import reads, sqltext
 
 log = logging.getLogger(__name__)
 
@@ -436,10 +440,18 @@ WHERE t.evtenabled <> 'D' AND n.nspname NOT IN ('pg_catalog', 'information_schem
   AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass AND e.objid = p.oid AND e.deptype = 'e')
 """
 
-#: SQLite's views: its schema does not say what each reads (their SQL
-#: does, which is not read here), so a result that read one depends on
-#: every table, as SQL text does.
-SQLITE_VIEWS = "SELECT name FROM {schema}.sqlite_master WHERE type = 'view'"
+#: SQLite's views and virtual tables, with their SQL: its schema does not
+#: say what a view reads (its SQL does, which is not read for tables here),
+#: nor what a virtual table shows (an FTS5 table with ``content='doc'``
+#: shows the rows of ``doc``; another module may read anything), so a
+#: result that read one depends on every table, as SQL text does.  A view
+#: whose SQL calls a function of :data:`~..keys.EFFECT_FUNCTIONS`
+#: (``last_insert_rowid()``: what its connection did) or reads a pragma
+#: is never stored (see :func:`calls_effects`).
+SQLITE_OPAQUE = (
+    "SELECT name, type, coalesce(sql, '') FROM {schema}.sqlite_master"
+    " WHERE type = 'view' OR (type = 'table' AND sql LIKE 'CREATE VIRTUAL %')"
+)
 
 #: SQLite's triggers: the table or view each is on, and its SQL.
 SQLITE_TRIGGERS = "SELECT tbl_name, sql FROM {schema}.sqlite_master WHERE type = 'trigger'"
@@ -796,6 +808,7 @@ class _Schema:
         if version is None:
             version = _sqlite_schema_version(conn)  # first: a change made while reading is seen next time
         cursor = conn.connection.dbapi_connection.cursor()
+        view_sql: dict[str, str] = {}
         try:
             found: set[str] = set()
             for name, _ in _sqlite_databases(cursor):  # main, temp, attached: a write to any runs their triggers
@@ -807,12 +820,15 @@ class _Schema:
                 for table, sql in cursor.fetchall():
                     written = {reads.version_name(name) for name in trigger_tables(sql or "")}
                     edges.setdefault(reads.version_name(table), set()).update(written)
-                cursor.execute(SQLITE_VIEWS.format(**quoted))
-                found.update(reads.version_name(view) for (view,) in cursor.fetchall())
+                cursor.execute(SQLITE_OPAQUE.format(**quoted))
+                for relation, kind, sql in cursor.fetchall():
+                    found.add(reads.version_name(relation))
+                    if kind == "view":
+                        view_sql[reads.version_name(relation)] = sql
             views = frozenset(found)
         finally:
             cursor.close()
-        return Catalog(edges, views, version=version)
+        return Catalog(edges, views, effects=_sqlite_effect_views(view_sql), version=version)
 
 
 def _routine_source(conn: Any) -> str:
@@ -825,6 +841,57 @@ def _routine_source(conn: Any) -> str:
     if (conn.dialect.server_version_info or (0,)) >= (14,):
         return "CASE WHEN p.prosqlbody IS NULL THEN coalesce(p.prosrc, '') ELSE pg_get_function_sqlbody(p.oid) END"
     return "coalesce(p.prosrc, '')"
+
+
+def _sqlite_effect_views(view_sql: Mapping[str, str]) -> re.Pattern[str] | None:
+    """What finds, in SQL, the name of a SQLite view that must never be stored, or None.
+
+    A view whose SQL calls a function of :data:`~..keys.EFFECT_FUNCTIONS`
+    (``last_insert_rowid()``, ``changes()``: what its connection did) or
+    reads a pragma (:data:`_SQLITE_PRAGMA`), and a view whose SQL names
+    such a view, at any depth (a name spelt like one, in a string, costs
+    a query run, never a stale row).
+    """
+    found = {view for view, sql in view_sql.items() if EFFECT_SQL.search(sql) or _SQLITE_PRAGMA.search(sql)}
+    while found:
+        naming = _routines_pattern([], views=found)
+        more = {view for view, sql in view_sql.items() if view not in found and naming.search(sql)}
+        if not more:
+            return naming
+        found |= more
+    return None
+
+
+#: A pragma in SQLite's SQL: a ``PRAGMA`` statement, or one read as a table
+#: (``pragma_user_version``, ``pragma_table_info(...)``), its name quoted or not.
+_SQLITE_PRAGMA = re.compile(r"\bpragma(?:\b|_)", re.I)
+
+
+@sqltext.per_text
+def _sqlite_reads_pragmas(sql: str) -> bool:
+    """Whether SQLite's ``sql`` reads (or sets) a pragma: see :func:`calls_effects`."""
+    return _SQLITE_PRAGMA.search(sql) is not None
+
+
+def _sqlite_calls_effects(conn: Any, sql: str) -> bool:
+    """:func:`calls_effects` on SQLite: a pragma read, or a read of a view the catalog says never to store.
+
+    A pragma's value is never stored: it may change by what publishes no
+    write (``PRAGMA user_version = 7`` on another connection, a file's page
+    count after any write, ``VACUUM``), and some are the connection's own
+    (``data_version``, ``foreign_keys``), which another must not be served.
+    Running one again costs little; telling which of some eighty pragmas
+    persist in the file, and which are the connection's, would be a list to
+    keep true with every SQLite release.  A setting pragma stays a
+    connection setting (``connection_state.py``), not a write.
+    """
+    if _sqlite_reads_pragmas(sql):
+        return True
+    try:
+        return _schema.catalog(conn).calls("effects", sql)
+    except Exception:  # its schema cannot be read: store nothing
+        log.debug("could not read the schema of %r; storing nothing", conn, exc_info=True)
+        return True
 
 
 def _sqlite_schema_version(conn: Any) -> tuple[tuple[str, str, int], ...]:
@@ -1225,8 +1292,12 @@ def calls_effects(conn: Any, sql: str) -> bool:
     relation of :data:`POSTGRESQL_NEVER_CACHED` (a sequence, a view over
     ``nextval()`` or ``pg_backend_pid()``, ``pg_cursors``, a view defined
     ``FOR UPDATE``), by its name as a word.  Such a statement writes
-    nothing, but its result is stored nowhere either.
+    nothing, but its result is stored nowhere either.  On SQLite, a read
+    of a view whose SQL calls one (``last_insert_rowid()``), and any pragma
+    read (see ``_sqlite_calls_effects()``).
     """
+    if conn.dialect.name == "sqlite":
+        return _sqlite_calls_effects(conn, sql)
     if conn.dialect.name != "postgresql":
         return False
     return _schema.catalog(conn).calls("effects", sql)

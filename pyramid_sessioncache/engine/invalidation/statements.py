@@ -94,8 +94,9 @@ def is_ddl(context: Any, statement: str) -> bool:
 
 
 #: What comes before the statement ``EXPLAIN`` explains: ``ANALYZE`` runs it
-#: (``EXPLAIN ANALYZE CREATE TABLE ... AS`` creates the table).
-_EXPLAIN = re.compile(r"^explain\s+(?:\([^)]*\)\s*|(?:analy[sz]e|verbose)\s+)*", re.I)
+#: (``EXPLAIN ANALYZE CREATE TABLE ... AS`` creates the table); SQLite's
+#: ``EXPLAIN QUERY PLAN`` runs nothing, and reads as what it explains.
+_EXPLAIN = re.compile(r"^explain\s+(?:query\s+plan\s+)?(?:\([^)]*\)\s*|(?:analy[sz]e|verbose)\s+)*", re.I)
 
 
 def _explained(text: str) -> str:
@@ -133,12 +134,25 @@ _HARMLESS = re.compile(
     r"|\bthen\s+(?:update|delete|insert)\b|\bdrop\s+(?:index|trigger|function|sequence|type|schema)\b|\balter\s+(?:index|sequence|role|user|database)\b",
     re.I,
 )
-# SQL that starts with one of these writes no rows.
+# SQL that starts with one of these writes no rows.  A PRAGMA that sets
+# (``PRAGMA user_version = 7``) publishes nothing either: no read of a
+# pragma's value is ever stored (see schema.calls_effects()).
 _READS = frozenset(
     {"select", "with", "values", "show", "explain", "pragma", "set", "reset", "begin", "start", "commit", "end",
-     "rollback", "savepoint", "release", "listen", "unlisten", "notify", "analyze", "vacuum", "declare",
+     "rollback", "savepoint", "release", "listen", "unlisten", "notify", "declare",
      "fetch", "close", "prepare", "deallocate", "discard", "lock", "table"}
 )  # fmt: skip
+# Maintenance that writes no row an application wrote, but what reads return:
+# ANALYZE (``ANALYSE``) writes the planner's statistics (SQLite's
+# ``sqlite_stat1``..``sqlite_stat4``, PostgreSQL's ``pg_statistic`` and
+# ``pg_class.reltuples``), which only reads of the database's own tables show,
+# and those depend on ANY_TABLE (reads.SQLITE_OWN_TABLES, reads.SYSTEM_SCHEMAS);
+# so does SQLite's ``PRAGMA optimize``, which runs ANALYZE.  VACUUM may give
+# the rows of any table new rowids (SQLite: a table without an INTEGER PRIMARY
+# KEY; PostgreSQL's VACUUM FULL moves rows, and so their ctid): every table.
+_MAINTENANCE = {"analyze": ANY_TABLE, "analyse": ANY_TABLE, "vacuum": ALL_TABLES}
+# ``PRAGMA [schema.]optimize``, with or without its mask.
+_PRAGMA_OPTIMIZE = re.compile(rf"^pragma\s+(?:{_NAME}\s*\.\s*)?optimize\b", re.I)
 # SQL that starts with one of these changes the schema: see _schema_change().
 _SCHEMA_CHANGES = frozenset({"create", "alter", "drop", "grant", "revoke", "comment", "security", "import"})
 # What a CREATE, ALTER or DROP may say before the kind of object it changes.
@@ -224,6 +238,10 @@ def _tables_in(cleaned: sqltext.Cleaned, text: str, whole: bool) -> frozenset[st
     first = _first_word(text)
     if not first:
         return NOTHING
+    if whole and first in _MAINTENANCE:
+        return frozenset({_MAINTENANCE[first]})
+    if whole and first == "pragma" and _PRAGMA_OPTIMIZE.match(text):
+        return _ANY
     names: set[str] = set()
     for match in _TARGETS.finditer(text):
         for group in match.groupdict().values():
