@@ -591,3 +591,102 @@ def test_sqlite_temp_view_over_changing_table(db_url, regions):
             assert cached(s, statement) == [(2, "changed")]
     finally:
         engine.dispose()
+
+
+# 2b. Locking reads and effects spelt with comments, on PostgreSQL --------------------------------
+
+
+def _runs_every_time(engine, Sessions, sql, region="memory", setup=()) -> list[int]:
+    """How many statements other than transaction control each of two reads of ``sql`` sent."""
+    counts = []
+    for _ in range(2):
+        with Sessions() as session:
+            for each in setup:
+                session.execute(text(each))
+            counter = SQLCounter(engine)
+            cached(session, text(sql), region)
+            counts.append(len([s for s in counter.statements if s.strip().upper() not in ("BEGIN", "COMMIT", "ROLLBACK")]))
+            session.commit()
+    return counts
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT id FROM person WHERE id = 1 FOR /* outer /* nested */ still */ UPDATE",
+        "SELECT id FROM person WHERE id = 1 FOR--the row\nUPDATE",
+        "SELECT id FROM person WHERE id = 1 FOR/**/NO/**/KEY/**/UPDATE SKIP LOCKED",
+        "SELECT id FROM person WHERE id = 1 FOR /* x */ KEY SHARE",
+        "SELECT id FROM person WHERE id = 1 FOR UPDATE OF person NOWAIT",
+        "SELECT nextval /* a /* b */ c */ ('person_id_seq')",
+        "SELECT pg_catalog . /* q */ nextval ('person_id_seq')",
+    ],
+)
+def test_pg_locking_and_effects_with_comments_run_every_time(pg_sessions, sql):
+    """Run uncached every time, as the same read without its comments is (not refused as a write)."""
+    engine, Sessions = pg_sessions
+    assert _runs_every_time(engine, Sessions, sql) == [1, 1]
+
+
+def test_pg_execute_of_a_prepared_locking_statement_runs_every_time(pg_sessions):
+    """``EXECUTE`` runs a statement PREPAREd on the connection (here a locking read): never served from the cache."""
+    engine, Sessions = pg_sessions
+
+    @event.listens_for(engine, "connect")
+    def prepare(dbapi_connection, record):
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute("PREPARE lockit AS SELECT id FROM person WHERE id = 1 FOR UPDATE")
+        dbapi_connection.commit()
+
+    from pyramid_sessioncache.errors import NotCacheableError
+
+    try:
+        counts = _runs_every_time(engine, Sessions, "EXECUTE lockit")
+    except NotCacheableError:
+        return  # refused as SQL that may write: never served either
+    assert counts == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    ["/* c */ SHOW search_path", "-- c\nFETCH ALL FROM c", "show/**/search_path"],
+)
+def test_pg_connection_sql_with_leading_comments_runs_every_time(pg_sessions, sql):
+    engine, Sessions = pg_sessions
+    setup = ("DECLARE c CURSOR FOR SELECT id FROM person WHERE id < 3",) if "FETCH" in sql else ()
+    assert _runs_every_time(engine, Sessions, sql, setup=setup) == [1, 1]
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT id, name FROM person WHERE name <> $$ -- x $$ AND id < 3 ORDER BY id",
+        "SELECT id, name FROM person WHERE name <> E'\\' /* ' AND id < 3 ORDER BY id",
+        "SELECT id, name FROM person WHERE data_path <> '$.a--b' OR id < 3 ORDER BY id".replace(
+            "data_path", "name"),
+        "SELECT id AS fetch_id, name FROM person WHERE id < 3 ORDER BY id",
+    ],
+    ids=["dollar quoted comment", "E-string", "json path dashes", "alias fetch_id"],
+)
+def test_pg_ordinary_text_still_cached(pg_url, regions, sql):
+    assert _second_read_is_a_hit(pg_url, regions, text(sql)) == 0
+
+
+@pytest.mark.parametrize(
+    "seen",
+    ["PRAGMA user_version", "SELECT last_insert_rowid()", "PRAGMA foreign_keys"],
+)
+def test_sqlite_raw_write_then_a_seen_read_run_for_its_effect(db_url, regions, seen):
+    """A raw write, then a seen read that counts as run for its effect: the raw rows must not be stored."""
+    engine = create_engine(db_url)
+    Sessions = sessionmaker(engine, info=regions.session_info())
+
+    def before(session):
+        _raw_update(session)
+        session.execute(text(seen)).all()
+
+    try:
+        served, truth = _served_after_rollback(Sessions, db_url, before)
+        assert served == truth == SEEDED_2_3
+    finally:
+        engine.dispose()
