@@ -690,3 +690,82 @@ def test_sqlite_raw_write_then_a_seen_read_run_for_its_effect(db_url, regions, s
         assert served == truth == SEEDED_2_3
     finally:
         engine.dispose()
+
+
+def test_sqlite_raw_write_on_an_eager_loads_other_bind(db_url, regions, tmp_path, seeded_sqlite):
+    """Person on one file, Address on another: a raw write on Address's connection, read by a selectin load."""
+    import shutil
+
+    from sqlalchemy.orm import selectinload
+
+    from .models import Address
+
+    other = tmp_path / "other.sqlite"
+    shutil.copyfile(seeded_sqlite, other)
+    people, addresses = create_engine(db_url), create_engine(f"sqlite:///{other}")
+    Sessions = sessionmaker(binds={Person: people, Address: addresses}, info=regions.session_info())
+    statement = select(Person).where(Person.id == 2).options(selectinload(Person.addresses))
+
+    def streets(session):
+        (person,) = session.execute(statement.options(FromCache("memory"))).scalars().all()
+        return sorted(a.street for a in person.addresses)
+
+    try:
+        with Sessions() as session:
+            conn = session.connection(bind_arguments={"mapper": Address})
+            conn.connection.cursor().execute("UPDATE address SET street = 'never committed' WHERE id = 3")
+            assert "never committed" in streets(session)
+            session.rollback()
+        with Sessions() as fresh:
+            assert streets(fresh) == ["2 High St", "2 Main St"]
+    finally:
+        people.dispose()
+        addresses.dispose()
+
+
+def test_sqlite_raw_write_in_a_savepoint_released(db_url, regions):
+    """A raw write inside a SAVEPOINT that is released, then a read: the raw rows must not be stored."""
+    engine = create_engine(db_url)
+    _explicit_begin(engine)
+    Sessions = sessionmaker(engine, info=regions.session_info())
+
+    def before(session):
+        with session.begin_nested():
+            _raw_update(session)
+
+    try:
+        served, truth = _served_after_rollback(Sessions, db_url, before)
+        assert served == truth == SEEDED_2_3
+    finally:
+        engine.dispose()
+
+
+def test_pg_raw_write_in_a_pipeline(pg_url, pg_sessions):
+    """psycopg's pipeline mode: a raw write sent in a pipeline on the Session's connection must not be stored."""
+    engine, Sessions = pg_sessions
+
+    def before(session):
+        driver = session.connection().connection.driver_connection
+        with driver.pipeline():
+            driver.execute("UPDATE person SET name = 'never committed' WHERE id = 2")
+
+    served, truth = _served_after_rollback(Sessions, pg_url, before)
+    assert served == truth == SEEDED_2_3
+
+
+def test_pg_external_transaction_recipe_raw_write(pg_url, regions):
+    """The external-transaction test recipe on PostgreSQL: a raw write, rolled back with the outer transaction."""
+    engine = create_engine(pg_url)
+    try:
+        conn = engine.connect()
+        outer = conn.begin()
+        with Session(bind=conn, join_transaction_mode="create_savepoint", info=regions.session_info()) as session:
+            _raw_update(session)
+            cached(session, PEOPLE_2_3)
+        outer.rollback()
+        conn.close()
+        with sessionmaker(engine, info=regions.session_info())() as fresh:
+            served = cached(fresh, PEOPLE_2_3)
+        assert served == uncached(pg_url, PEOPLE_2_3) == SEEDED_2_3
+    finally:
+        engine.dispose()
