@@ -167,6 +167,26 @@ def test_sqlite_explicit_begin_raw_ddl_then_catalog_read(db_url, regions):
         engine.dispose()
 
 
+def test_sqlite_explicit_begin_raw_create_view_then_read_it(db_url, regions):
+    """A raw CREATE VIEW (no row changed) then a read of it, rolled back: a fresh read fails as it does uncached."""
+    from sqlalchemy.exc import OperationalError
+
+    engine = create_engine(db_url)
+    _explicit_begin(engine)
+    Sessions = sessionmaker(engine, info=regions.session_info())
+    statement = text("SELECT id, name FROM ghost_people WHERE id < 3 ORDER BY id")
+    try:
+        with Sessions() as session:
+            session.connection().connection.cursor().execute("CREATE VIEW ghost_people AS SELECT id, name FROM person")
+            cached(session, statement)
+            session.rollback()
+        with Sessions() as fresh:
+            with pytest.raises(OperationalError):
+                cached(fresh, statement)
+    finally:
+        engine.dispose()
+
+
 def test_sqlite_session_bound_to_connection_recipe(db_url, regions):
     """The external-transaction test recipe: a raw write in the Session, rolled back with the outer transaction."""
     engine = create_engine(db_url)
@@ -241,6 +261,9 @@ def audit_url(db_url):
         conn.exec_driver_sql('CREATE TABLE settings (id INTEGER PRIMARY KEY, "pragma" TEXT, pragma_level INTEGER)')
         conn.exec_driver_sql("INSERT INTO settings VALUES (1, 'x', 2)")
         conn.exec_driver_sql("CREATE VIEW person_names AS SELECT id, name FROM person")
+        conn.exec_driver_sql('CREATE VIEW setting_names AS SELECT id, "pragma" AS setting FROM settings')
+        conn.exec_driver_sql("CREATE TABLE changes (id INTEGER PRIMARY KEY, what TEXT)")
+        conn.exec_driver_sql("INSERT INTO changes VALUES (1, 'first')")
     engine.dispose()
     return db_url
 
@@ -267,8 +290,9 @@ def _second_read_is_a_hit(url, regions, statement, region="memory") -> int:
         select(func.count(AUDIT.c.id).label("changes")),
         select(PERSON.c.id).where(PERSON.c.id < 3).cte("changes").select(),
         select(PERSON.c.name.label("lo_get")).where(PERSON.c.id == 1),
+        select(Table("changes", MetaData(), Column("id", Integer), Column("what", String))),
     ],
-    ids=["column named changes", "label changes", "cte named changes", "label lo_get"],
+    ids=["column named changes", "label changes", "cte named changes", "label lo_get", "table named changes"],
 )
 def test_an_ordinary_read_naming_changes_is_still_cached(audit_url, regions, statement):
     """``changes`` joined EFFECT_FUNCTIONS: a column, label or CTE of that name is no call, and must still hit."""
@@ -293,8 +317,9 @@ def test_text_with_comments_or_dashes_in_strings_is_still_cached(audit_url, regi
     [
         text('SELECT "pragma", pragma_level FROM settings'),
         text("SELECT id, name FROM person_names WHERE id < 3 ORDER BY id"),
+        text("SELECT id, setting FROM setting_names"),
     ],
-    ids=["column named pragma", "ordinary view"],
+    ids=["column named pragma", "ordinary view", "view over a column named pragma"],
 )
 def test_sqlite_ordinary_reads_still_cached(audit_url, regions, statement):
     """A column named ``pragma`` or ``pragma_level`` is no pragma read; an ordinary view is no effect view."""
@@ -768,4 +793,55 @@ def test_pg_external_transaction_recipe_raw_write(pg_url, regions):
             served = cached(fresh, PEOPLE_2_3)
         assert served == uncached(pg_url, PEOPLE_2_3) == SEEDED_2_3
     finally:
+        engine.dispose()
+
+
+# 5. The add-on: an application's dbsession found when the application is made ----------------------
+
+
+@pytest.mark.parametrize("how", ["request method property", "request class property", "request class reify"])
+def test_apps_long_lived_dbsession_added_after_a_commit_drops_local_entries(db_url, how):
+    """After include + config.commit(), the app adds its thread-local Session as request.dbsession: next request reads the truth."""
+    import zope.sqlalchemy
+    from pyramid.config import Configurator
+    from pyramid.decorator import reify
+    from pyramid.request import Request
+    from sqlalchemy.orm import scoped_session
+    from webtest import TestApp
+
+    from pyramid_sessioncache.addon import get_engine
+
+    from .test_attack_s33_requests import LOCAL_ONLY, cached_and_uncached, commit_in_another_process, name_of
+
+    config = Configurator(settings={"sqlalchemy.url": db_url, **LOCAL_ONLY})
+    config.include("pyramid_sessioncache")
+    config.commit()
+    engine = get_engine(config.registry)
+    factory = sessionmaker(bind=engine)
+    meta_session = scoped_session(factory)
+    zope.sqlalchemy.register(meta_session, keep_session=True)
+    config.set_sessioncache_session_factory(factory)
+    if how == "request method property":
+        config.add_request_method(lambda request: meta_session(), "dbsession", property=True)
+    else:
+        decorate = property if how.endswith("property") else reify
+
+        class AppRequest(Request):
+            @decorate
+            def dbsession(self):
+                return meta_session()
+
+        config.set_request_factory(AppRequest)
+    stmt = name_of(1)
+    config.add_route("read", "/read")
+    config.add_view(cached_and_uncached(stmt), route_name="read", renderer="json")
+    web = TestApp(config.make_wsgi_app())
+    try:
+        assert web.get("/read").json == {"cached": "person 1", "uncached": "person 1"}
+        commit_in_another_process(db_url, "renamed by another worker")
+        page = web.get("/read").json
+        assert page["uncached"] == "renamed by another worker"
+        assert page["cached"] == page["uncached"]
+    finally:
+        meta_session.remove()
         engine.dispose()
