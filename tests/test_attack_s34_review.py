@@ -44,6 +44,7 @@ def uncached(url: str, statement) -> list[tuple]:
 
 
 PEOPLE_2_3 = select(PERSON.c.id, PERSON.c.name).where(PERSON.c.id.in_([2, 3])).order_by(PERSON.c.id)
+CHANGES_ALIAS = PERSON.alias("changes")
 SEEDED_2_3 = [(2, "person 2"), (3, "person 3")]
 
 
@@ -291,8 +292,11 @@ def _second_read_is_a_hit(url, regions, statement, region="memory") -> int:
         select(PERSON.c.id).where(PERSON.c.id < 3).cte("changes").select(),
         select(PERSON.c.name.label("lo_get")).where(PERSON.c.id == 1),
         select(Table("changes", MetaData(), Column("id", Integer), Column("what", String))),
+        select(CHANGES_ALIAS.c.id).where(CHANGES_ALIAS.c.id < 3),
+        select(PERSON.c.id).where(PERSON.c.id < 3).subquery("changes").select(),
     ],
-    ids=["column named changes", "label changes", "cte named changes", "label lo_get", "table named changes"],
+    ids=["column named changes", "label changes", "cte named changes", "label lo_get", "table named changes",
+         "alias named changes", "subquery named changes"],
 )
 def test_an_ordinary_read_naming_changes_is_still_cached(audit_url, regions, statement):
     """``changes`` joined EFFECT_FUNCTIONS: a column, label or CTE of that name is no call, and must still hit."""
@@ -845,3 +849,28 @@ def test_apps_long_lived_dbsession_added_after_a_commit_drops_local_entries(db_u
     finally:
         meta_session.remove()
         engine.dispose()
+
+
+def test_local_attaching_other_identities_or_merging_keeps_entries(engine, Session):
+    """Attaching a detached object of an identity the map does not hold, or merge(), costs no local entry."""
+    from sqlalchemy.orm import make_transient_to_detached
+
+    statement = select(Person).where(Person.id <= 3).order_by(Person.id)
+    with Session(autoflush=False) as session:
+        kept = session.execute(statement.options(FromCache("local"))).scalars().all()
+        stranger = Person(id=15, name="person 15")
+        make_transient_to_detached(stranger)
+        session.add(stranger)
+        copy = Person(id=1, name="person 1")
+        make_transient_to_detached(copy)
+        assert session.merge(copy, load=False) is kept[0]
+        sql = SQLCounter(engine)
+        again = session.execute(statement.options(FromCache("local"))).scalars().all()
+        assert again == kept
+        assert [s for s in sql.statements if "person" in s.lower()] == []
+
+
+def test_pg_nested_comment_mentioning_update_is_a_plain_read(pg_url, regions):
+    """PostgreSQL nests comments: ``/* a /* b */ update later */`` is one comment; the read is cached as without it."""
+    sql = "SELECT id, name FROM person WHERE id < 3 /* note /* inner */ update later */ ORDER BY id"
+    assert _second_read_is_a_hit(pg_url, regions, text(sql)) == 0
