@@ -181,9 +181,8 @@ def test_sqlite_explicit_begin_raw_create_view_then_read_it(db_url, regions):
             session.connection().connection.cursor().execute("CREATE VIEW ghost_people AS SELECT id, name FROM person")
             cached(session, statement)
             session.rollback()
-        with Sessions() as fresh:
-            with pytest.raises(OperationalError):
-                cached(fresh, statement)
+        with Sessions() as fresh, pytest.raises(OperationalError):
+            cached(fresh, statement)
     finally:
         engine.dispose()
 
@@ -295,8 +294,15 @@ def _second_read_is_a_hit(url, regions, statement, region="memory") -> int:
         select(CHANGES_ALIAS.c.id).where(CHANGES_ALIAS.c.id < 3),
         select(PERSON.c.id).where(PERSON.c.id < 3).subquery("changes").select(),
     ],
-    ids=["column named changes", "label changes", "cte named changes", "label lo_get", "table named changes",
-         "alias named changes", "subquery named changes"],
+    ids=[
+        "column named changes",
+        "label changes",
+        "cte named changes",
+        "label lo_get",
+        "table named changes",
+        "alias named changes",
+        "subquery named changes",
+    ],
 )
 def test_an_ordinary_read_naming_changes_is_still_cached(audit_url, regions, statement):
     """``changes`` joined EFFECT_FUNCTIONS: a column, label or CTE of that name is no call, and must still hit."""
@@ -346,8 +352,22 @@ def pg_sessions(pg_url, regions):
         "SELECT pg_advisory_xact_lock(7)",
         "UPDATE tag SET name = 'tag one' WHERE id = 1",
         "SELECT nextval('person_id_seq')",
+        "SELECT set_config('app.user', 'x', true)",
+        "SET LOCAL statement_timeout = 100000",
+        "LOCK TABLE tag IN SHARE MODE",
+        "NOTIFY chan",
+        "SELECT id FROM tag WHERE id = 1 FOR UPDATE",
     ],
-    ids=["advisory lock", "seen write elsewhere", "nextval"],
+    ids=[
+        "advisory lock",
+        "seen write elsewhere",
+        "nextval",
+        "set_config",
+        "set local",
+        "lock table",
+        "notify",
+        "for update",
+    ],
 )
 def test_pg_raw_write_then_a_seen_statement(pg_url, pg_sessions, after):
     """A raw write, then a seen statement that writes or runs for its effect: the raw rows must not be stored."""
@@ -446,10 +466,14 @@ def test_local_add_cascades_a_detached_object_of_a_kept_identity(Session):
 
     statement = select(Person).where(Person.id == 1)
     with Session() as session:
-        session.execute(statement.options(FromCache("local"))).scalars().all()  # the entry holds Person 1; the app lets go of it
+        session.execute(
+            statement.options(FromCache("local"))
+        ).scalars().all()  # the entry holds Person 1; the app lets go of it
         other = Person(id=1, name="person 1")
         make_transient_to_detached(other)
-        session.add(Address(id=999, street="cascade st", postal_code_id=1, person=other))  # uncached, the ORM accepts it
+        session.add(
+            Address(id=999, street="cascade st", postal_code_id=1, person=other)
+        )  # uncached, the ORM accepts it
         session.flush()
         assert session.get(Person, 1) is other
 
@@ -476,7 +500,9 @@ def test_local_deleted_and_flushed_is_not_served(Session):
         session.delete(person)
         session.flush()
         assert [tuple(r) for r in session.execute(statement.options(FromCache("local"))).all()] == [(1,)]
-        assert len(session.execute(select(Person).where(Person.id <= 2).options(FromCache("local"))).scalars().all()) == 1
+        assert (
+            len(session.execute(select(Person).where(Person.id <= 2).options(FromCache("local"))).scalars().all()) == 1
+        )
 
 
 # 4. SQLite catalog -------------------------------------------------------------------------------
@@ -523,8 +549,12 @@ def test_sqlite_attached_sqlite_master(db_url, regions, tmp_path):
 
 def test_sqlite_attached_sqlite_sequence(db_url, regions, tmp_path):
     aux = str(tmp_path / "aux.sqlite")
-    _committed(db_url, "CREATE TABLE aux.ticket (id INTEGER PRIMARY KEY AUTOINCREMENT, n TEXT)",
-               "INSERT INTO aux.ticket (n) VALUES ('a')", attach=aux)
+    _committed(
+        db_url,
+        "CREATE TABLE aux.ticket (id INTEGER PRIMARY KEY AUTOINCREMENT, n TEXT)",
+        "INSERT INTO aux.ticket (n) VALUES ('a')",
+        attach=aux,
+    )
     seq = Table("sqlite_sequence", MetaData(), Column("name", String), Column("seq", Integer), schema="aux")
     statement = select(seq.c.name, seq.c.seq)
     served, truth = _read_change_read(db_url, regions, statement, "INSERT INTO aux.ticket (n) VALUES ('b')", attach=aux)
@@ -556,8 +586,11 @@ def test_sqlite_attached_sqlite_sequence(db_url, regions, tmp_path):
             "ALTER TABLE person ADD COLUMN late TEXT",
         ),
         (
-            ["CREATE VIRTUAL TABLE doc USING fts5(body)", "INSERT INTO doc VALUES ('alpha')",
-             "CREATE VIEW doc_v AS SELECT rowid AS id, body FROM doc"],
+            [
+                "CREATE VIRTUAL TABLE doc USING fts5(body)",
+                "INSERT INTO doc VALUES ('alpha')",
+                "CREATE VIEW doc_v AS SELECT rowid AS id, body FROM doc",
+            ],
             "SELECT id, body FROM doc_v ORDER BY id",
             "INSERT INTO doc VALUES ('beta')",
         ),
@@ -567,8 +600,14 @@ def test_sqlite_attached_sqlite_sequence(db_url, regions, tmp_path):
             "VACUUM",
         ),
     ],
-    ids=["view last_insert_rowid", "view over pragma", "pragma with schema", "pragma_table_info schema",
-         "view over fts5", "without rowid vacuum"],
+    ids=[
+        "view last_insert_rowid",
+        "view over pragma",
+        "pragma with schema",
+        "pragma_table_info schema",
+        "view over fts5",
+        "without rowid vacuum",
+    ],
 )
 def test_sqlite_catalog_reads(db_url, regions, setup, statement, change):
     if setup:
@@ -634,7 +673,9 @@ def _runs_every_time(engine, Sessions, sql, region="memory", setup=()) -> list[i
                 session.execute(text(each))
             counter = SQLCounter(engine)
             cached(session, text(sql), region)
-            counts.append(len([s for s in counter.statements if s.strip().upper() not in ("BEGIN", "COMMIT", "ROLLBACK")]))
+            counts.append(
+                len([s for s in counter.statements if s.strip().upper() not in ("BEGIN", "COMMIT", "ROLLBACK")])
+            )
             session.commit()
     return counts
 
@@ -691,8 +732,7 @@ def test_pg_connection_sql_with_leading_comments_runs_every_time(pg_sessions, sq
     [
         "SELECT id, name FROM person WHERE name <> $$ -- x $$ AND id < 3 ORDER BY id",
         "SELECT id, name FROM person WHERE name <> E'\\' /* ' AND id < 3 ORDER BY id",
-        "SELECT id, name FROM person WHERE data_path <> '$.a--b' OR id < 3 ORDER BY id".replace(
-            "data_path", "name"),
+        "SELECT id, name FROM person WHERE data_path <> '$.a--b' OR id < 3 ORDER BY id".replace("data_path", "name"),
         "SELECT id AS fetch_id, name FROM person WHERE id < 3 ORDER BY id",
     ],
     ids=["dollar quoted comment", "E-string", "json path dashes", "alias fetch_id"],
@@ -703,7 +743,16 @@ def test_pg_ordinary_text_still_cached(pg_url, regions, sql):
 
 @pytest.mark.parametrize(
     "seen",
-    ["PRAGMA user_version", "SELECT last_insert_rowid()", "PRAGMA foreign_keys"],
+    [
+        "PRAGMA user_version",
+        "SELECT last_insert_rowid()",
+        "PRAGMA foreign_keys",
+        "SELECT name FROM pragma_table_info('person')",
+        "SELECT total_changes()",
+        "PRAGMA optimize",
+        "ANALYZE",
+        "PRAGMA cache_size = 4000",
+    ],
 )
 def test_sqlite_raw_write_then_a_seen_read_run_for_its_effect(db_url, regions, seen):
     """A raw write, then a seen read that counts as run for its effect: the raw rows must not be stored."""
@@ -712,7 +761,9 @@ def test_sqlite_raw_write_then_a_seen_read_run_for_its_effect(db_url, regions, s
 
     def before(session):
         _raw_update(session)
-        session.execute(text(seen)).all()
+        result = session.execute(text(seen))
+        if result.returns_rows:
+            result.all()
 
     try:
         served, truth = _served_after_rollback(Sessions, db_url, before)
