@@ -61,7 +61,7 @@ from sqlalchemy.sql.expression import ColumnClause, Label, TableClause
 from sqlalchemy.sql.functions import next_value
 from sqlalchemy.sql.operators import custom_op
 from sqlalchemy.sql.schema import Column
-from sqlalchemy.sql.selectable import ForUpdateArg, SelectLabelStyle
+from sqlalchemy.sql.selectable import AliasedReturnsRows, ForUpdateArg, SelectLabelStyle
 from sqlalchemy.types import TypeEngine
 
 from .. import _sqlalchemy
@@ -423,10 +423,11 @@ def _table_text(table: TableClause, out: list[str]) -> None:
 
 
 #: Classes whose ``name`` in a cache key is an identifier, rendered quoted
-#: where needed, never SQL: a column or label named ``nextval`` or
-#: ``updlock`` calls and locks nothing (``literal_column()``, whose name
-#: is SQL, is a plain ``ColumnClause``, not one of them).
-_IDENTIFIER_NAMED = (Column, Label)
+#: where needed, never SQL: a column, label, alias, subquery or CTE named
+#: ``nextval``, ``changes`` or ``updlock`` calls and locks nothing
+#: (``literal_column()``, whose name is SQL, is a plain ``ColumnClause``,
+#: not one of them).
+_IDENTIFIER_NAMED = (Column, Label, AliasedReturnsRows)
 
 
 def _names_a_column(element: tuple) -> bool:

@@ -852,7 +852,7 @@ def _sqlite_effect_views(view_sql: Mapping[str, str]) -> re.Pattern[str] | None:
     such a view, at any depth (a name spelt like one, in a string, costs
     a query run, never a stale row).
     """
-    found = {view for view, sql in view_sql.items() if EFFECT_SQL.search(sql) or _SQLITE_PRAGMA.search(sql)}
+    found = {view for view, sql in view_sql.items() if EFFECT_SQL.search(sql) or _sqlite_reads_pragmas(sql)}
     while found:
         naming = _routines_pattern([], views=found)
         more = {view for view, sql in view_sql.items() if view not in found and naming.search(sql)}
@@ -862,15 +862,21 @@ def _sqlite_effect_views(view_sql: Mapping[str, str]) -> re.Pattern[str] | None:
     return None
 
 
-#: A pragma in SQLite's SQL: a ``PRAGMA`` statement, or one read as a table
-#: (``pragma_user_version``, ``pragma_table_info(...)``), its name quoted or not.
-_SQLITE_PRAGMA = re.compile(r"\bpragma(?:\b|_)", re.I)
+#: A pragma in SQLite's SQL, read with its strings and quoted names set
+#: aside: a ``PRAGMA`` statement, or a pragma read as a table
+#: (``FROM pragma_user_version``, ``pragma_table_info(...)``).  A column
+#: named ``pragma`` or ``pragma_level`` is none.
+_SQLITE_PRAGMA = re.compile(
+    r"(?:^|;)\s*pragma\b|\b(?:from|join)\s+(?:[\w\"]+\s*\.\s*)?pragma_\w+|\bpragma_\w+\s*\(", re.I
+)
 
 
 @sqltext.per_text
 def _sqlite_reads_pragmas(sql: str) -> bool:
     """Whether SQLite's ``sql`` reads (or sets) a pragma: see :func:`calls_effects`."""
-    return _SQLITE_PRAGMA.search(sql) is not None
+    if "pragma" not in sql.lower():
+        return False
+    return any(_SQLITE_PRAGMA.search(reading.text) for reading in sqltext.readings(sql))
 
 
 def _sqlite_calls_effects(conn: Any, sql: str) -> bool:

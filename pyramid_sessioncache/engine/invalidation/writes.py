@@ -69,10 +69,12 @@ _MARKS = "sessioncache.marks"
 #: How many statements that wrote the connection (or called a function for its effect) has run (see :func:`writes_run`).
 _WRITES_RUN = "sessioncache.writes_run"
 _OWNERS = "sessioncache.owners"
-#: When the transaction began: SQLite's count of the rows its DBAPI connection
-#: had changed, and :func:`writes_run` (see :func:`wrote_unseen`).
+#: How many statements seen here wrote on the connection; and when the
+#: transaction began, that count and SQLite's count of the rows the DBAPI
+#: connection had changed (see :func:`wrote_unseen`).
+_WROTE_SEEN = "sessioncache.wrote_seen"
+_WROTE_AT_BEGIN = "sessioncache.wrote_at_begin"
 _CHANGES = "sessioncache.changes_at_begin"
-_WRITES_AT_BEGIN = "sessioncache.writes_at_begin"
 
 #: Marked with the tables the application names (see :func:`~pyramid_sessioncache.invalidate_tables`)
 #: in a connection's transaction: published as declared when it commits, which
@@ -229,6 +231,8 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
     except Exception:  # never let the cache break a write, nor miss one
         log.warning("could not tell what a statement writes; counting it as a write to every table", exc_info=True)
         tables = frozenset({ALL_TABLES})
+    if tables:
+        conn.info[_WROTE_SEEN] = conn.info.get(_WROTE_SEEN, 0) + 1  # see wrote_unseen()
     if tables:
         _mark(conn, tables)
     elif conn.info.get(_MARKS) is not None and not in_transaction(conn.connection.dbapi_connection):
@@ -473,10 +477,11 @@ def _begun(conn: Any) -> None:
         # (a StaticPool's one connection, shared): its marks and Sessions stay.
         return
     conn.info.pop(_MARKS, None)
-    conn.info[_WRITES_AT_BEGIN] = conn.info.get(_WRITES_RUN, 0)  # see wrote_unseen()
-    changes = getattr(conn.connection.dbapi_connection, "total_changes", None)
+    conn.info[_WROTE_AT_BEGIN] = conn.info.get(_WROTE_SEEN, 0)  # see wrote_unseen()
+    dbapi_connection = conn.connection.dbapi_connection
+    changes = getattr(dbapi_connection, "total_changes", None)
     if changes is not None:  # sqlite3
-        conn.info[_CHANGES] = changes
+        conn.info[_CHANGES] = (changes, _sqlite_schema_version(dbapi_connection))
     schema.transaction_begins(conn)
     # Its Sessions stay until it goes back to the pool (_checked_in): one bound
     # to this Connection carries on in its next transaction, and must be told
@@ -698,8 +703,9 @@ def wrote_unseen(connection: Any) -> bool:
     published by nobody, and a load in the same transaction reads it.
     Such rows must not be stored, since a rollback leaves them in no
     committed state.  The database tells: SQLite counts the rows each
-    connection changes (``total_changes``, compared with its count when
-    the transaction began); PostgreSQL gives a transaction an id at its
+    connection changes (``total_changes``) and the changes to its schema
+    (``PRAGMA schema_version``), compared with their counts when the
+    transaction began; PostgreSQL gives a transaction an id at its
     first write (asked on the driver's connection, so that no event
     counts it, and only once the transaction has begun).  Other
     databases: not known (False).
@@ -707,19 +713,34 @@ def wrote_unseen(connection: Any) -> bool:
     Only asked of a transaction in which no statement seen here wrote:
     what those wrote, :func:`pending_on` and :func:`has_written` answer
     for, and once one has written (and was rolled back to a savepoint,
-    as a test's fixture does) the database's answer no longer tells the
-    two apart.
+    as a test's fixture does) the database's answer no longer tells them
+    apart.  On PostgreSQL a row lock (``with_for_update()``) gives the
+    transaction its id too: a transaction that took one stores no miss
+    after it, which costs queries, never stale rows.
     """
     dbapi_connection = connection.connection.dbapi_connection
     info = connection.info
-    if not in_transaction(dbapi_connection) or info.get(_WRITES_RUN, 0) != info.get(_WRITES_AT_BEGIN, 0):
+    if not in_transaction(dbapi_connection) or info.get(_WROTE_SEEN, 0) != info.get(_WROTE_AT_BEGIN, 0):
         return False
     changes = getattr(dbapi_connection, "total_changes", None)
     if isinstance(changes, int):
-        return changes != info.get(_CHANGES, changes)
+        at_begin = info.get(_CHANGES)
+        return at_begin is not None and at_begin != (changes, _sqlite_schema_version(dbapi_connection))
     if connection.dialect.name == "postgresql":
         return _transaction_id_assigned(dbapi_connection, connection.dialect.server_version_info or ())
     return False
+
+
+def _sqlite_schema_version(dbapi_connection: Any) -> int | None:
+    # Raises nothing: DDL changes no row, so SQLite's count of its schema changes tells it.
+    try:
+        cursor = dbapi_connection.cursor()
+        try:
+            return cursor.execute("PRAGMA schema_version").fetchone()[0]
+        finally:
+            cursor.close()
+    except Exception:
+        return None
 
 
 def _transaction_id_assigned(dbapi_connection: Any, version: tuple) -> bool:
