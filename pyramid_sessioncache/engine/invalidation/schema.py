@@ -522,7 +522,7 @@ class Catalog:
         routines: re.Pattern[str] | None = None,
         setters: re.Pattern[str] | None = None,
         writers: re.Pattern[str] | None = None,
-        effects: re.Pattern[str] | None = None,
+        effects: re.Pattern[str] | _Either | None = None,
         version: tuple[tuple[str, str, int], ...] | None = None,
     ) -> None:
         self.version = version
@@ -855,6 +855,8 @@ def _sqlite_effect_views(view_sql: Mapping[str, str]) -> re.Pattern[str] | None:
     found = {view for view, sql in view_sql.items() if EFFECT_SQL.search(sql) or _sqlite_reads_pragmas(sql)}
     while found:
         naming = _routines_pattern([], views=found)
+        if naming is None:
+            return None
         more = {view for view, sql in view_sql.items() if view not in found and naming.search(sql)}
         if not more:
             return naming
