@@ -445,7 +445,7 @@ WHERE t.evtenabled <> 'D' AND n.nspname NOT IN ('pg_catalog', 'information_schem
 #: nor what a virtual table shows (an FTS5 table with ``content='doc'``
 #: shows the rows of ``doc``; another module may read anything), so a
 #: result that read one depends on every table, as SQL text does.  A view
-#: whose SQL calls a function of :data:`~..keys.EFFECT_FUNCTIONS`
+#: whose SQL calls a function of :data:`~pyramid_sessioncache.engine.keys.EFFECT_FUNCTIONS`
 #: (``last_insert_rowid()``: what its connection did) or reads a pragma
 #: is never stored (see :func:`calls_effects`).
 SQLITE_OPAQUE = (
@@ -522,7 +522,7 @@ class Catalog:
         routines: re.Pattern[str] | None = None,
         setters: re.Pattern[str] | None = None,
         writers: re.Pattern[str] | None = None,
-        effects: re.Pattern[str] | _Either | None = None,
+        effects: Any = None,  # a pattern, or several (_Either)
         version: tuple[tuple[str, str, int], ...] | None = None,
     ) -> None:
         self.version = version
@@ -846,7 +846,7 @@ def _routine_source(conn: Any) -> str:
 def _sqlite_effect_views(view_sql: Mapping[str, str]) -> re.Pattern[str] | None:
     """What finds, in SQL, the name of a SQLite view that must never be stored, or None.
 
-    A view whose SQL calls a function of :data:`~..keys.EFFECT_FUNCTIONS`
+    A view whose SQL calls a function of :data:`~pyramid_sessioncache.engine.keys.EFFECT_FUNCTIONS`
     (``last_insert_rowid()``, ``changes()``: what its connection did) or
     reads a pragma (:data:`_SQLITE_PRAGMA`), and a view whose SQL names
     such a view, at any depth (a name spelt like one, in a string, costs
