@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import BigInteger, Column, Integer, MetaData, String, Table, create_engine, func, select, text
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
-from pyramid_sessioncache import SessionCache, cached_query
+from pyramid_sessioncache import SessionCache
 
 from .conftest import SECRET, SQLCounter
+from .test_attack_s34_paths import cached, uncached
 
 _META = MetaData()
 NEXT_TICKET_AGAIN = Table("next_ticket_again", _META, Column("n", BigInteger))
@@ -61,19 +62,6 @@ def pg(pg_url, region_options):
     cache = SessionCache(region_options, default_region="memory", secret=SECRET)
     yield engine, sessionmaker(engine, info=cache.session_info())
     engine.dispose()
-
-
-def cached(session, statement, region: str = "memory") -> list[tuple]:
-    return [tuple(row) for row in cached_query(session, statement, region).all()]
-
-
-def uncached(url: str, statement) -> list[tuple]:
-    engine = create_engine(url)
-    try:
-        with Session(engine) as session:
-            return [tuple(row) for row in session.execute(statement).all()]
-    finally:
-        engine.dispose()
 
 
 @pytest.mark.parametrize("region", ["local", "memory"])

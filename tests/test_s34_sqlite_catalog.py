@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, select, text
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
-from pyramid_sessioncache import SessionCache, cached_query
+from pyramid_sessioncache import SessionCache
 from pyramid_sessioncache.engine.invalidation import reads
 from pyramid_sessioncache.engine.invalidation.statements import EVERYTHING, NOTHING, sql_tables
 
 from .conftest import SECRET, SQLCounter
+from .test_attack_s34_paths import cached, committed_elsewhere, uncached
 
 _META = MetaData()
 PERSON = Table("person", _META, Column("id", Integer), Column("name", String))
@@ -29,29 +30,6 @@ LAST_ID_TWICE = Table("last_id_twice", _META, Column("id", Integer))
 @pytest.fixture
 def regions(region_options) -> SessionCache:
     return SessionCache(region_options, default_region="memory", secret=SECRET)
-
-
-def cached(session, statement, region: str = "memory") -> list[tuple]:
-    return [tuple(row) for row in cached_query(session, statement, region).all()]
-
-
-def uncached(url: str, statement) -> list[tuple]:
-    engine = create_engine(url)
-    try:
-        with Session(engine) as session:
-            return [tuple(row) for row in session.execute(statement).all()]
-    finally:
-        engine.dispose()
-
-
-def committed_elsewhere(url: str, *sql: str) -> None:
-    engine = create_engine(url)
-    try:
-        with engine.begin() as conn:
-            for each in sql:
-                conn.exec_driver_sql(each)
-    finally:
-        engine.dispose()
 
 
 @pytest.mark.parametrize(
