@@ -481,7 +481,8 @@ def _begun(conn: Any) -> None:
     dbapi_connection = conn.connection.dbapi_connection
     changes = getattr(dbapi_connection, "total_changes", None)
     if changes is not None:  # sqlite3
-        conn.info[_CHANGES] = (changes, _sqlite_schema_version(dbapi_connection))
+        schema_version = _sqlite_schema_version(dbapi_connection) if _ddl_may_wait(dbapi_connection) else None
+        conn.info[_CHANGES] = (changes, schema_version)
     schema.transaction_begins(conn)
     # Its Sessions stay until it goes back to the pool (_checked_in): one bound
     # to this Connection carries on in its next transaction, and must be told
@@ -725,10 +726,30 @@ def wrote_unseen(connection: Any) -> bool:
     changes = getattr(dbapi_connection, "total_changes", None)
     if isinstance(changes, int):
         at_begin = info.get(_CHANGES)
-        return at_begin is not None and at_begin != (changes, _sqlite_schema_version(dbapi_connection))
+        if at_begin is None:
+            return False
+        return changes != at_begin[0] or (
+            at_begin[1] is not None and at_begin[1] != _sqlite_schema_version(dbapi_connection)
+        )
     if connection.dialect.name == "postgresql":
         return _transaction_id_assigned(dbapi_connection, connection.dialect.server_version_info or ())
     return False
+
+
+def _ddl_may_wait(dbapi_connection: Any) -> bool:
+    """Whether SQLite DDL sent on ``dbapi_connection`` may wait uncommitted in a transaction that changed no row.
+
+    sqlite3's own transaction control begins a transaction before DML
+    only: DDL before it commits at once, and DDL after it comes with
+    changed rows.  A transaction begun otherwise (``BEGIN`` sent by the
+    application, ``isolation_level=None``; Python 3.12's ``autocommit=False``)
+    may hold DDL alone, which only the schema's version tells (a query,
+    so asked of those connections only).
+    """
+    return (
+        getattr(dbapi_connection, "isolation_level", "") is None
+        or getattr(dbapi_connection, "autocommit", None) is False
+    )
 
 
 def _sqlite_schema_version(dbapi_connection: Any) -> int | None:
