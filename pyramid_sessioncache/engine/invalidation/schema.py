@@ -56,9 +56,8 @@ from typing import Any, NamedTuple
 
 from ... import _sqlalchemy
 from ..._weak import members
-from .. import keys
 from ..identity import database_identity
-from ..keys import EFFECT_SQL
+from ..keys import EFFECT_FUNCTIONS, EFFECT_SQL, LOCKING_SQL
 from . import reads, sqltext
 
 log = logging.getLogger(__name__)
@@ -652,7 +651,7 @@ class _Schema:
         temporary file (no file: ``ATTACH ':memory:'``, each connection's
         own), reads its own.
         """
-        version = _sqlite_schema_version(conn)
+        version = sqlite_schema_version(conn)
         held = conn.info.get(_SQLITE_CATALOG)
         if held is not None and held[0] == self._forgotten and held[1].version == version:
             return
@@ -806,7 +805,7 @@ class _Schema:
 
         edges: dict[str, set[str]] = {}
         if version is None:
-            version = _sqlite_schema_version(conn)  # first: a change made while reading is seen next time
+            version = sqlite_schema_version(conn)  # first: a change made while reading is seen next time
         cursor = conn.connection.dbapi_connection.cursor()
         view_sql: dict[str, str] = {}
         try:
@@ -902,7 +901,7 @@ def _sqlite_calls_effects(conn: Any, sql: str) -> bool:
         return True
 
 
-def _sqlite_schema_version(conn: Any) -> tuple[tuple[str, str, int], ...]:
+def sqlite_schema_version(conn: Any) -> tuple[tuple[str, str, int], ...]:
     """SQLite's count of the changes made to the schema of each database ``conn`` sees, with its file.
 
     ``(name, file, schema_version)`` for ``main``, ``temp`` when the
@@ -1164,7 +1163,7 @@ def _effects(
     found = {
         row.called
         for row in rows
-        if EFFECT_SQL.search(row.source) or keys.LOCKING_SQL.search(row.source) or _STATE_CALLS.search(row.source)
+        if EFFECT_SQL.search(row.source) or LOCKING_SQL.search(row.source) or _STATE_CALLS.search(row.source)
     }
     never = frozenset(reads.version_name(name) for name in relations)
     while True:
@@ -1223,7 +1222,7 @@ class _Either:
 #: What :data:`POSTGRESQL_NEVER_CACHED` looks for among the functions a view calls.
 _NEVER_CACHED_CALLS = (
     "^(?:"
-    + _function_names(keys.EFFECT_FUNCTIONS | POSTGRESQL_STATE_FUNCTIONS | POSTGRESQL_QUERY_FUNCTIONS, _STATE_PREFIXES)
+    + _function_names(EFFECT_FUNCTIONS | POSTGRESQL_STATE_FUNCTIONS | POSTGRESQL_QUERY_FUNCTIONS, _STATE_PREFIXES)
     + ")$"
 )
 #: A call of a function of :data:`POSTGRESQL_STATE_FUNCTIONS` in SQL text, its name quoted or not.

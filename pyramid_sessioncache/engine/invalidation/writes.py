@@ -233,7 +233,6 @@ def _executed(conn: Any, cursor: Any, statement: str, parameters: Any, context: 
         tables = frozenset({ALL_TABLES})
     if tables:
         conn.info[_WROTE_SEEN] = conn.info.get(_WROTE_SEEN, 0) + 1  # see wrote_unseen()
-    if tables:
         _mark(conn, tables)
     elif conn.info.get(_MARKS) is not None and not in_transaction(conn.connection.dbapi_connection):
         _ended_by_itself(conn)  # a COMMIT (or ROLLBACK) sent as SQL
@@ -481,7 +480,7 @@ def _begun(conn: Any) -> None:
     dbapi_connection = conn.connection.dbapi_connection
     changes = getattr(dbapi_connection, "total_changes", None)
     if changes is not None:  # sqlite3
-        schema_version = _sqlite_schema_version(dbapi_connection) if _ddl_may_wait(dbapi_connection) else None
+        schema_version = _schema_version(conn) if _ddl_may_wait(dbapi_connection) else None
         conn.info[_CHANGES] = (changes, schema_version)
     schema.transaction_begins(conn)
     # Its Sessions stay until it goes back to the pool (_checked_in): one bound
@@ -728,9 +727,7 @@ def wrote_unseen(connection: Any) -> bool:
         at_begin = info.get(_CHANGES)
         if at_begin is None:
             return False
-        return changes != at_begin[0] or (
-            at_begin[1] is not None and at_begin[1] != _sqlite_schema_version(dbapi_connection)
-        )
+        return changes != at_begin[0] or (at_begin[1] is not None and at_begin[1] != _schema_version(connection))
     if connection.dialect.name == "postgresql":
         return _transaction_id_assigned(dbapi_connection, connection.dialect.server_version_info or ())
     return False
@@ -752,14 +749,10 @@ def _ddl_may_wait(dbapi_connection: Any) -> bool:
     )
 
 
-def _sqlite_schema_version(dbapi_connection: Any) -> int | None:
-    # Raises nothing: DDL changes no row, so SQLite's count of its schema changes tells it.
+def _schema_version(conn: Any) -> Any:
+    # DDL changes no row: SQLite's counts of the changes to each schema tell it.  Raises nothing (None).
     try:
-        cursor = dbapi_connection.cursor()
-        try:
-            return cursor.execute("PRAGMA schema_version").fetchone()[0]
-        finally:
-            cursor.close()
+        return schema.sqlite_schema_version(conn)
     except Exception:
         return None
 
